@@ -1,0 +1,76 @@
+"""The attention core shared by every model in the zoo.
+
+    from zoo.attention import attend, Causal, Window, Segments
+    out = attend(q, k, v, mask=Causal() & Window(128, 0))
+
+See core.py (attend and the reference backend), masks.py (mask objects and block maps), bias.py
+(bias objects), backends.py (backend registry and selection), capture.py (attention-map capture).
+Modules built on attend() (MultiHeadAttention, AgentAttention, GATv2Conv, ...) are exported here too.
+"""
+from zoo.attention.masks import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    And,
+    BlockMap,
+    BlockSparse,
+    Causal,
+    Dense,
+    Full,
+    Mask,
+    Or,
+    Segments,
+    Window,
+    as_mask,
+)
+from zoo.attention.bias import AttentionBias
+from zoo.attention.backends import list_backends, register_backend, use_backend
+from zoo.attention.core import attend, attention_reference
+from zoo.attention.capture import AttentionRecord, capture_attention
+
+_LAZY = {
+    # name: module that defines it (imported on first access; keeps `import zoo.attention` light and lets
+    # modules that are still being written not break the core)
+    "MultiHeadAttention": "zoo.attention.modules",
+    "Mlp": "zoo.attention.modules",
+    "RotaryEmbedding": "zoo.attention.rope",
+    "Radial": "zoo.attention.radial",
+    "radial_block_mask": "zoo.attention.radial",
+    "AgentAttention": "zoo.attention.agent",
+    "GATv2Conv": "zoo.attention.graph",
+    "GATConv": "zoo.attention.graph",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'zoo.attention' has no attribute {name!r}")
+
+
+__all__ = [
+    "attend",
+    "attention_reference",
+    "Mask",
+    "Full",
+    "Causal",
+    "Window",
+    "Segments",
+    "Dense",
+    "BlockSparse",
+    "And",
+    "Or",
+    "as_mask",
+    "BlockMap",
+    "EMPTY",
+    "PARTIAL",
+    "FULL",
+    "AttentionBias",
+    "register_backend",
+    "use_backend",
+    "list_backends",
+    "capture_attention",
+    "AttentionRecord",
+]

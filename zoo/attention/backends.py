@@ -1,0 +1,245 @@
+"""Attention backends: a small registry with capability checks.
+
+Each backend is a pair of functions with the same arguments::
+
+    forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights) -> out | (out, weights)
+    supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights) -> None | "reason it cannot"
+
+``q`` (B, H, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv) are validated by ``attend``;
+``mask`` is always a :class:`~zoo.attention.masks.Mask` (``Full()`` when none was given); ``bias`` is
+None or a 4-D float tensor broadcastable to (B, H, Nq, Nk); ``scale`` a float; ``score`` "softmax" or
+"sigmoid".
+
+Which backend runs: the ``backend=`` argument of ``attend`` > the innermost ``use_backend(...)``
+context > the ``ZOO_ATTN_BACKEND`` environment variable > automatic (the highest-priority backend
+whose ``supports`` returns None and whose ``auto_devices`` include the tensors' device). A backend
+named explicitly that cannot run the call raises with its reason instead of silently falling back.
+
+Built in: "torch" (the reference, see core.py), "sdpa" (torch.nn.functional.scaled_dot_product_attention)
+and "triton" (zoo.kernels.flash_attention, CUDA; CPU tensors only when named explicitly and
+TRITON_INTERPRET=1). The CPU block-sparse path registers itself from zoo/attention/sparse.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from zoo.attention.masks import Causal, Full, Mask, Window
+
+__all__ = [
+    "Backend",
+    "register_backend",
+    "list_backends",
+    "get_backend",
+    "use_backend",
+    "select_backend",
+    "ENV_VAR",
+]
+
+ENV_VAR = "ZOO_ATTN_BACKEND"
+
+
+@dataclass
+class Backend:
+    name: str
+    forward: Callable
+    supports: Callable
+    priority: int = 0
+    auto_devices: frozenset = field(default_factory=lambda: frozenset({"cpu", "cuda"}))
+    description: str = ""
+
+
+_BACKENDS: dict[str, Backend] = {}
+_CONTEXT: list[str] = []
+
+
+def register_backend(
+    name: str,
+    forward: Callable,
+    supports: Callable,
+    priority: int = 0,
+    *,
+    auto_devices=("cpu", "cuda"),
+    description: str = "",
+) -> Backend:
+    """Register (or replace) a backend. Higher ``priority`` is tried first by automatic selection."""
+    backend = Backend(name, forward, supports, priority, frozenset(auto_devices), description)
+    _BACKENDS[name] = backend
+    return backend
+
+
+def list_backends() -> list[str]:
+    _load_optional_backends()
+    return sorted(_BACKENDS, key=lambda n: -_BACKENDS[n].priority)
+
+
+def get_backend(name: str) -> Backend:
+    _load_optional_backends()
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(list_backends())}")
+    return _BACKENDS[name]
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Run the ``attend`` calls inside the block on backend ``name`` (None restores automatic choice)."""
+    if name is not None:
+        get_backend(name)  # fail early on a typo
+    _CONTEXT.append(name or "auto")
+    try:
+        yield
+    finally:
+        _CONTEXT.pop()
+
+
+def requested_backend(argument: Optional[str]) -> Optional[str]:
+    """The backend asked for by argument > context > environment, or None for automatic."""
+    if argument is not None:
+        return None if argument == "auto" else argument
+    if _CONTEXT:
+        return None if _CONTEXT[-1] == "auto" else _CONTEXT[-1]
+    env = os.environ.get(ENV_VAR, "").strip()
+    return env if env and env != "auto" else None
+
+
+def select_backend(args: tuple, requested: Optional[str]) -> Backend:
+    """The backend that will run ``args`` = (q, k, v, mask, bias, scale, score, dropout_p, return_weights)."""
+    if requested is not None:
+        backend = get_backend(requested)
+        reason = backend.supports(*args)
+        if reason is not None:
+            raise ValueError(f"attention backend {requested!r} cannot run this call: {reason}")
+        return backend
+    device_type = args[0].device.type
+    for name in list_backends():
+        backend = _BACKENDS[name]
+        if device_type not in backend.auto_devices:
+            continue
+        if backend.supports(*args) is None:
+            return backend
+    raise RuntimeError("no attention backend supports this call (the 'torch' reference should)")  # pragma: no cover
+
+
+_OPTIONAL = ["zoo.attention.sparse"]
+_optional_loaded = False
+
+
+def _load_optional_backends() -> None:
+    """Backends defined in other modules register on import; import them once, quietly if absent."""
+    global _optional_loaded
+    if _optional_loaded:
+        return
+    _optional_loaded = True
+    for module in _OPTIONAL:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+# --------------------------------------------------------------------------------------------------
+# "sdpa": torch.nn.functional.scaled_dot_product_attention
+# --------------------------------------------------------------------------------------------------
+# Masks whose dense form has more cells than this are not handed to SDPA as a dense tensor.
+SDPA_DENSE_MASK_LIMIT = 1 << 28
+
+
+def _sdpa_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    if score != "softmax":
+        return f"score={score!r} (SDPA computes softmax attention only)"
+    if return_weights:
+        return "return_weights=True (SDPA does not return the attention probabilities)"
+    if not mask.is_full and not _sdpa_causal(mask, q.shape[2], k.shape[2]):
+        cells = mask.batch_size * mask.num_heads * q.shape[2] * k.shape[2]
+        if cells > SDPA_DENSE_MASK_LIMIT:
+            return f"mask {mask!r} would need a dense {cells}-cell boolean tensor"
+    return None
+
+
+def _sdpa_causal(mask: Mask, q_len: int, k_len: int) -> bool:
+    """SDPA's is_causal is top-left aligned: equal to ours only when Nq == Nk."""
+    return type(mask) is Causal and q_len == k_len
+
+
+def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    q_len, k_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if mask.is_full or _sdpa_causal(mask, q_len, k_len):
+        is_causal = not mask.is_full
+        if bias is not None and is_causal:
+            # SDPA refuses is_causal with an explicit mask: fold the causal mask into the bias.
+            allowed = mask.dense(q_len, k_len, q.device)
+            bias = torch.where(allowed, bias, float("-inf"))
+            is_causal = False
+        attn_mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        )
+    allowed = mask.dense(q_len, k_len, q.device)  # (Bm, Hm, Nq, Nk)
+    has_key = allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Nq, 1)
+    empty_rows = not bool(has_key.all())
+    if empty_rows:
+        # Rows with no allowed key: let them see everything (no NaN in forward or backward), zero them after.
+        allowed = allowed | ~has_key
+    if bias is None:
+        attn_mask = allowed
+    else:
+        attn_mask = torch.where(allowed, bias.to(q.dtype), float("-inf"))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False, scale=scale, enable_gqa=gqa
+    )
+    if empty_rows:
+        out = out.masked_fill(~has_key, 0.0)
+    return out
+
+
+register_backend(
+    "sdpa",
+    _sdpa_forward,
+    _sdpa_supports,
+    priority=10,
+    description="torch scaled_dot_product_attention (flash / memory-efficient / math kernels)",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# "triton": zoo.kernels.flash_attention (imported lazily: triton import costs time)
+# --------------------------------------------------------------------------------------------------
+def _triton_module():
+    return importlib.import_module("zoo.kernels.flash_attention")
+
+
+def _triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    try:
+        module = _triton_module()
+    except ImportError as error:  # triton missing on this platform
+        return f"zoo.kernels.flash_attention unavailable ({error})"
+    return module.triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+
+
+def _triton_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    return _triton_module().triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+
+
+register_backend(
+    "triton",
+    _triton_forward,
+    _triton_supports,
+    priority=100,
+    auto_devices=("cuda",),
+    description="block-sparse FlashAttention-2 Triton kernel (forward + backward)",
+)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

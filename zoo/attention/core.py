@@ -1,0 +1,256 @@
+"""``attend()``: the one attention call every model in the zoo makes, and its reference backend.
+
+    out = attend(q, k, v, mask=None, bias=None, *, scale=None, score="softmax", dropout_p=0.0,
+                 return_weights=False, backend=None)
+
+Letters: B batch, H query heads, Hkv key/value heads (H % Hkv == 0, grouped-query attention), G = H // Hkv
+query heads per key/value head, Nq/Nk query/key lengths, D head dim of q and k, Dv head dim of v,
+R a chunk of query rows.
+
+Scores:
+* ``"softmax"``: out_i = sum_j softmax_j(scale * q_i.k_j + bias_ij over allowed j) v_j. A query row
+  with no allowed key returns zeros (not NaN), with zero gradients.
+* ``"sigmoid"``: out_i = sum_j sigmoid(scale * q_i.k_j + bias_ij - log(Nk)) v_j over allowed j, no
+  normalisation -- sigmoid self-attention with the bias b = -log(n) recommended by Ramapuram et al.,
+  "Theory, Analysis, and Best Practices for Sigmoid Self-Attention" (ICLR 2025). Add ``log(Nk)`` to
+  ``bias`` for a plain sigmoid.
+
+The reference backend ("torch") works on any device with autograd. It processes the queries in chunks
+of R rows so that the working set is O(B * H * R * Nk) rather than O(B * H * Nq * Nk); when gradients
+are needed each chunk is recomputed in backward (activation checkpointing), so training memory is
+bounded the same way.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from zoo.attention import backends as _backends
+from zoo.attention.bias import AttentionBias, resolve_bias
+from zoo.attention.masks import Mask, as_mask
+
+__all__ = ["attend", "attention_reference", "SCORES"]
+
+SCORES = ("softmax", "sigmoid")
+
+# Number of score elements (B * H * R * Nk) a chunk may hold in the reference backend.
+CHUNK_ELEMENTS = int(os.environ.get("ZOO_ATTN_CHUNK_ELEMENTS", 1 << 23))
+
+
+def _is_tracing() -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+
+
+def _validate(q, k, v, score, dropout_p, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attend: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"attend: {name} must have 4 dims (batch, heads, length, head_dim), got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"attend: {name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attend: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attend: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (b, h, _, d), (bk, hk, nk, dk), (bv, hv, nv, _) = q.shape, k.shape, v.shape
+    if not (b == bk == bv):
+        raise ValueError(f"attend: batch sizes differ: q {b}, k {bk}, v {bv}")
+    if hk != hv or nk != nv:
+        raise ValueError(f"attend: k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and length")
+    if hk == 0 or h % hk != 0:
+        raise ValueError(
+            f"attend: query heads ({h}) must be a multiple of key/value heads ({hk}) for grouped-query attention"
+        )
+    if d != dk:
+        raise ValueError(f"attend: q head dim {d} != k head dim {dk}")
+    if min(q.shape) == 0 or min(k.shape) == 0:
+        raise ValueError(f"attend: empty input (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if score not in SCORES:
+        raise ValueError(f"attend: score must be one of {SCORES}, got {score!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"attend: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"attend: scale must be a positive finite number, got {scale!r}")
+
+
+def _check_finite(**tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"attend: {name} contains NaN or Inf values")
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Union[Mask, torch.Tensor, None] = None,
+    bias: Union[torch.Tensor, AttentionBias, None] = None,
+    *,
+    scale: Optional[float] = None,
+    score: str = "softmax",
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    backend: Optional[str] = None,
+):
+    """Attention of q over (k, v), restricted by ``mask`` and shifted by ``bias``.
+
+    Args:
+        q: (B, H, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv). H must be a multiple of Hkv.
+        mask: a mask object (Full, Causal, Window, Segments, Dense, BlockSparse, Radial, and their
+            ``&``/``|`` combinations), a bool tensor (True = may attend) or None.
+        bias: additive float tensor broadcastable to (B, H, Nq, Nk), or an AttentionBias object.
+        scale: score scale, default 1/sqrt(D).
+        score: "softmax" or "sigmoid" (see module docstring).
+        dropout_p: dropout on the attention probabilities (pass 0.0 in evaluation).
+        return_weights: also return the probabilities (B, H, Nq, Nk) (pre-dropout; reference backend).
+        backend: force a backend by name ("torch", "sdpa", "triton", ...); see zoo.attention.backends.
+
+    Returns:
+        (B, H, Nq, Dv) output, or (output, weights) when ``return_weights``.
+    """
+    _validate(q, k, v, score, dropout_p, scale)
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    mask = as_mask(mask)
+    mask.check_shape(q_len, k_len, batch, heads)
+    if mask.batch_size not in (1, batch):
+        raise ValueError(f"attend: mask batch dim {mask.batch_size} does not broadcast to batch {batch}")
+    if mask.num_heads not in (1, heads):
+        raise ValueError(f"attend: mask head dim {mask.num_heads} does not broadcast to {heads} heads")
+    bias_t = resolve_bias(bias, q_len, k_len, device=q.device, dtype=q.dtype)
+    if bias_t is not None:
+        if bias_t.shape[0] not in (1, batch) or bias_t.shape[1] not in (1, heads):
+            raise ValueError(
+                f"attend: bias of shape {tuple(bias_t.shape)} does not broadcast to ({batch}, {heads}, {q_len}, {k_len})"
+            )
+        if bias_t.device != q.device:
+            raise ValueError(f"attend: bias is on {bias_t.device} but q is on {q.device}")
+    if q.device.type == "cpu" and not _is_tracing():
+        _check_finite(q=q, k=k, v=v)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+    args = (q, k, v, mask, bias_t, scale, score, float(dropout_p), bool(return_weights))
+    requested = _backends.requested_backend(backend)
+    if return_weights and requested is None:
+        requested = "torch"
+    chosen = _backends.select_backend(args, requested)
+    return chosen.forward(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference backend ("torch")
+# --------------------------------------------------------------------------------------------------
+def _grouped(t: Optional[torch.Tensor], kv_heads: int, groups: int) -> Optional[torch.Tensor]:
+    """(Bx, Hx, R, Nk) with Hx in {1, H} -> (Bx, Hkv|1, G|1, R, Nk) matching the grouped score layout."""
+    if t is None:
+        return None
+    bx, hx, r, n = t.shape
+    if hx == 1:
+        return t.reshape(bx, 1, 1, r, n)
+    return t.reshape(bx, kv_heads, groups, r, n)
+
+
+def _rows(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias_rows: Optional[torch.Tensor],
+    allowed_rows: Optional[torch.Tensor],
+    scale: float,
+    score: str,
+    dropout_p: float,
+    want_weights: bool,
+):
+    """Attention for a chunk of query rows. q_rows (B, H, R, D) -> out (B, H, R, Dv) [, p (B, H, R, Nk)]."""
+    batch, heads, rows, head_dim = q_rows.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    q_g = q_rows.reshape(batch, kv_heads, groups * rows, head_dim)
+    s = torch.matmul(q_g, k.transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len)
+    compute_dtype = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else s.dtype
+    s = s.to(compute_dtype) * scale
+    if bias_rows is not None:
+        s = s + _grouped(bias_rows, kv_heads, groups).to(compute_dtype)
+    allowed = _grouped(allowed_rows, kv_heads, groups)
+    if score == "softmax":
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+        e = torch.exp(s - row_max)
+        denom = e.sum(dim=-1, keepdim=True)
+        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    else:
+        p = torch.sigmoid(s - math.log(k_len))
+        if allowed is not None:
+            p = p.masked_fill(~allowed, 0.0)
+    weights = p if want_weights else None
+    if dropout_p > 0.0:
+        p = F.dropout(p, p=dropout_p, training=True)
+    out = torch.matmul(p.to(v.dtype).view(batch, kv_heads, groups * rows, k_len), v)
+    out = out.view(batch, heads, rows, v.shape[-1])
+    if want_weights:
+        return out, weights.reshape(batch, heads, rows, k_len)
+    return out
+
+
+def attention_reference(q, k, v, mask: Mask, bias, scale, score, dropout_p, return_weights):
+    """The "torch" backend: exact attention in query chunks (autograd; bounded memory)."""
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    per_row = batch * heads * k_len
+    chunk = max(1, min(q_len, CHUNK_ELEMENTS // max(per_row, 1)))
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    # Checkpoint chunks only when there are several (one chunk: plain autograd is cheaper).
+    use_checkpoint = needs_grad and chunk < q_len and not return_weights and dropout_p == 0.0
+    outs, weights = [], []
+    for start in range(0, q_len, chunk):
+        stop = min(q_len, start + chunk)
+        allowed = None if mask.is_full else mask.dense(q_len, k_len, q.device, rows=(start, stop))
+        bias_rows = None
+        if bias is not None:
+            bias_rows = bias if bias.shape[-2] == 1 else bias[..., start:stop, :]
+            bias_rows = bias_rows.expand(bias_rows.shape[0], bias_rows.shape[1], stop - start, k_len)
+        q_rows = q[:, :, start:stop]
+        if use_checkpoint:
+            out = checkpoint(
+                _rows, q_rows, k, v, bias_rows, allowed, scale, score, 0.0, False, use_reentrant=False
+            )
+        else:
+            out = _rows(q_rows, k, v, bias_rows, allowed, scale, score, dropout_p, return_weights)
+        if return_weights:
+            out, w = out
+            weights.append(w)
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    if return_weights:
+        return out, (weights[0] if len(weights) == 1 else torch.cat(weights, dim=2))
+    return out
+
+
+def _torch_supports(*args):
+    return None
+
+
+_backends.register_backend(
+    "torch",
+    attention_reference,
+    _torch_supports,
+    priority=0,
+    description="reference: query-chunked PyTorch, any mask/bias/score, autograd, bounded memory",
+)

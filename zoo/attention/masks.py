@@ -1,0 +1,534 @@
+"""Attention masks as objects.
+
+A mask says WHICH (query, key) pairs may attend. Every mask answers two questions:
+
+* ``dense(q_len, k_len)`` -- the truth: a bool tensor broadcastable to (B, H, Nq, Nk), always 4-D
+  with size-1 batch/head dims where the mask does not depend on them. Used by the reference backend,
+  by SDPA (as a boolean mask) and by tests. ``rows=(start, stop)`` gives just those query rows, so the
+  chunked reference path never builds the whole Nq x Nk matrix.
+* ``block_map(q_len, k_len, block_q, block_k)`` -- a :class:`BlockMap`: for every (query tile,
+  key tile) whether it is EMPTY (skip), FULL (no element-wise masking needed) or PARTIAL. This is what
+  the block-sparse kernels iterate over (like FlexAttention's BlockMask). For structured masks
+  (Full, Causal, Window, Segments, BlockSparse and their combinations) it is computed from tile
+  coordinates and never materialises Nq x Nk. Results are cached per (shape, tiles, device).
+
+Masks combine with ``&`` (both allow) and ``|`` (either allows).
+
+Alignment when Nq != Nk: query i sits at key position ``i + (Nk - Nq)`` ("bottom-right", as in
+FlashAttention >= 2.1 and ``torch.nn.attention.bias.causal_lower_right``), so a query block attending
+to a KV cache behaves as the last rows of the square mask. For Nq == Nk this is the usual diagonal.
+
+Letters: B batch, H heads, Nq/Nk query/key lengths, QB/KB number of query/key tiles.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "EMPTY",
+    "PARTIAL",
+    "FULL",
+    "BlockMap",
+    "Mask",
+    "Full",
+    "Causal",
+    "Window",
+    "Segments",
+    "Dense",
+    "BlockSparse",
+    "And",
+    "Or",
+    "as_mask",
+]
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """Tile states of a mask: ``states`` int8 (Bm, Hm, QB, KB) with values EMPTY / PARTIAL / FULL.
+
+    Bm is 1 or the batch size and Hm is 1 or the number of heads (masks that do not depend on the
+    batch or head keep size 1). Tile (a, b) covers query rows [a*block_q, (a+1)*block_q) and key
+    columns [b*block_k, (b+1)*block_k), cropped to the sequence lengths. FULL means every in-range pair
+    of the tile is allowed; the kernels still bound-check the sequence ends themselves.
+    """
+
+    states: torch.Tensor
+    block_q: int
+    block_k: int
+    q_len: int
+    k_len: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.states.shape[-2:])  # type: ignore[return-value]
+
+    def kept(self) -> torch.Tensor:
+        """bool (Bm, Hm, QB, KB): tiles that must be visited (PARTIAL or FULL)."""
+        return self.states != EMPTY
+
+    def kept_fraction(self) -> float:
+        """Fraction of tiles visited (averaged over batch and heads)."""
+        return float(self.kept().float().mean())
+
+    def transposed(self) -> "BlockMap":
+        """Key-major map (for the backward pass: for each key tile, the query tiles that see it)."""
+        return BlockMap(self.states.transpose(-1, -2).contiguous(), self.block_k, self.block_q, self.k_len, self.q_len)
+
+    def to_dense(self) -> torch.Tensor:
+        """bool (Bm, Hm, Nq, Nk) with every kept tile on: an upper bound of the mask it came from."""
+        kept = self.kept()
+        dense = kept.repeat_interleave(self.block_q, dim=-2).repeat_interleave(self.block_k, dim=-1)
+        return dense[..., : self.q_len, : self.k_len]
+
+
+def _num_blocks(length: int, block: int) -> int:
+    return max(1, math.ceil(length / block))
+
+
+def _check_lengths(q_len: int, k_len: int) -> None:
+    if not (isinstance(q_len, int) and isinstance(k_len, int)) or q_len < 1 or k_len < 1:
+        raise ValueError(f"sequence lengths must be positive ints, got q_len={q_len!r}, k_len={k_len!r}")
+
+
+class Mask:
+    """Base class. Subclasses implement ``_dense_rows`` and ``_block_states``."""
+
+    #: True when the mask forbids nothing (lets backends skip masking altogether).
+    is_full: bool = False
+
+    def __init__(self) -> None:
+        self._block_cache: dict = {}
+
+    # ---- public API -------------------------------------------------------------------------
+    def dense(self, q_len: int, k_len: int, device=None, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """bool (Bm, Hm, R, Nk) for query rows ``rows`` (default all): True where attention is allowed."""
+        _check_lengths(q_len, k_len)
+        start, stop = (0, q_len) if rows is None else rows
+        if not (0 <= start < stop <= q_len):
+            raise ValueError(f"rows {rows} out of range for q_len={q_len}")
+        self.check_shape(q_len, k_len)
+        out = self._dense_rows(q_len, k_len, start, stop, device)
+        assert out.dim() == 4 and out.dtype == torch.bool, type(self).__name__
+        return out
+
+    def block_map(self, q_len: int, k_len: int, block_q: int, block_k: Optional[int] = None, device=None) -> BlockMap:
+        """Tile states at the given tile sizes (cached per shape, tile size and device)."""
+        _check_lengths(q_len, k_len)
+        block_k = block_q if block_k is None else block_k
+        if block_q < 1 or block_k < 1:
+            raise ValueError(f"block sizes must be >= 1, got {block_q}, {block_k}")
+        self.check_shape(q_len, k_len)
+        key = (q_len, k_len, block_q, block_k, str(device))
+        cache = self.__dict__.setdefault("_block_cache", {})
+        if key not in cache:
+            states = self._block_states(q_len, k_len, block_q, block_k, device).to(torch.int8)
+            assert states.dim() == 4, type(self).__name__
+            cache[key] = BlockMap(states.contiguous(), block_q, block_k, q_len, k_len)
+        return cache[key]
+
+    def check_shape(self, q_len: int, k_len: int, batch: Optional[int] = None, heads: Optional[int] = None) -> None:
+        """Raise ValueError when the mask cannot apply to this problem size (default: any size fits)."""
+
+    @property
+    def batch_size(self) -> int:
+        """1 when the mask does not depend on the batch, else the batch size it was built for."""
+        return 1
+
+    @property
+    def num_heads(self) -> int:
+        return 1
+
+    def __and__(self, other: "Mask") -> "Mask":
+        return And(self, as_mask(other))
+
+    def __or__(self, other: "Mask") -> "Mask":
+        return Or(self, as_mask(other))
+
+    # ---- to implement -------------------------------------------------------------------------
+    def _dense_rows(self, q_len, k_len, start, stop, device) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device) -> torch.Tensor:
+        """Default: reduce the dense mask (only for masks that are dense anyway)."""
+        dense = self.dense(q_len, k_len, device)
+        return _states_from_dense(dense, block_q, block_k)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _states_from_dense(dense: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """EMPTY/PARTIAL/FULL per tile of a dense bool (Bm, Hm, Nq, Nk); out-of-range cells count as allowed
+    for FULL and as forbidden for EMPTY."""
+    *lead, q_len, k_len = dense.shape
+    qb, kb = _num_blocks(q_len, block_q), _num_blocks(k_len, block_k)
+    pad = (0, kb * block_k - k_len, 0, qb * block_q - q_len)
+    tiles_any = torch.nn.functional.pad(dense, pad, value=False)
+    tiles_all = torch.nn.functional.pad(dense, pad, value=True)
+    tiles_any = tiles_any.reshape(*lead, qb, block_q, kb, block_k).any(dim=-1).any(dim=-2)
+    tiles_all = tiles_all.reshape(*lead, qb, block_q, kb, block_k).all(dim=-1).all(dim=-2)
+    states = torch.full(tiles_any.shape, PARTIAL, dtype=torch.int8, device=dense.device)
+    states[~tiles_any] = EMPTY
+    states[tiles_all] = FULL
+    return states
+
+
+def _tile_bounds(length: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last (inclusive, cropped) index of every tile."""
+    n = _num_blocks(length, block)
+    first = torch.arange(n, device=device) * block
+    last = torch.clamp(first + block - 1, max=length - 1)
+    return first, last
+
+
+class Full(Mask):
+    """Every query attends to every key."""
+
+    is_full = True
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        return torch.ones(1, 1, stop - start, k_len, dtype=torch.bool, device=device)
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        qb, kb = _num_blocks(q_len, block_q), _num_blocks(k_len, block_k)
+        return torch.full((1, 1, qb, kb), FULL, dtype=torch.int8, device=device)
+
+
+class Window(Mask):
+    """Band mask: query i (at key position p = i + Nk - Nq) sees keys j with p - left <= j <= p + right.
+
+    ``left`` / ``right`` of ``None`` mean unbounded. ``Window(None, 0)`` is causal; ``Window(w, 0)`` is
+    causal sliding-window attention (Mistral-style with window w + 1 keys); ``Window(r, r)`` is a
+    symmetric local window. Computed from indices in every backend.
+    """
+
+    def __init__(self, left: Optional[int] = None, right: Optional[int] = None) -> None:
+        super().__init__()
+        for name, value in (("left", left), ("right", right)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"Window {name} must be an int or None, got {value!r}")
+        if left is not None and right is not None and left + right < 0:
+            raise ValueError(f"Window(left={left}, right={right}) allows no key at all")
+        self.left = left
+        self.right = right
+
+    def offsets(self, q_len: int, k_len: int) -> tuple[float, float]:
+        """Allowed range of ``j - i`` as (lo, hi), bounds inclusive, +-inf when unbounded."""
+        shift = k_len - q_len
+        lo = -math.inf if self.left is None else shift - self.left
+        hi = math.inf if self.right is None else shift + self.right
+        return lo, hi
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        lo, hi = self.offsets(q_len, k_len)
+        i = torch.arange(start, stop, device=device)[:, None]
+        j = torch.arange(k_len, device=device)[None, :]
+        rel = j - i
+        allowed = torch.ones(stop - start, k_len, dtype=torch.bool, device=device)
+        if lo != -math.inf:
+            allowed &= rel >= lo
+        if hi != math.inf:
+            allowed &= rel <= hi
+        return allowed[None, None]
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        lo, hi = self.offsets(q_len, k_len)
+        q_first, q_last = _tile_bounds(q_len, block_q, device)
+        k_first, k_last = _tile_bounds(k_len, block_k, device)
+        # j - i over a tile spans [k_first - q_last, k_last - q_first].
+        rel_min = (k_first[None, :] - q_last[:, None]).double()
+        rel_max = (k_last[None, :] - q_first[:, None]).double()
+        empty = (rel_max < lo) | (rel_min > hi)
+        full = (rel_min >= lo) & (rel_max <= hi)
+        states = torch.full(empty.shape, PARTIAL, dtype=torch.int8, device=device)
+        states[empty] = EMPTY
+        states[full] = FULL
+        return states[None, None]
+
+    def __repr__(self) -> str:
+        return f"Window(left={self.left}, right={self.right})"
+
+
+class Causal(Window):
+    """Causal mask, bottom-right aligned when Nq != Nk (see module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(left=None, right=0)
+
+    def __repr__(self) -> str:
+        return "Causal()"
+
+
+class Segments(Mask):
+    """Tokens attend only inside their own segment (packed variable-length batches, 3D part attention).
+
+    ``ids``: int tensor (N,) or (B, N) of segment ids for the queries; ``kv_ids`` the same for the keys
+    (default: ``ids``, i.e. self-attention). A negative id marks padding: such a key is never attended
+    and such a query attends to nothing (its output row is zero).
+    The block map is exact for sorted ids (the packed-varlen case) and conservative (PARTIAL where
+    unsure, never wrong) otherwise.
+    """
+
+    def __init__(self, ids: torch.Tensor, kv_ids: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.q_ids = self._check_ids(ids, "ids")
+        self.kv_ids = self.q_ids if kv_ids is None else self._check_ids(kv_ids, "kv_ids")
+        if self.q_ids.shape[0] != self.kv_ids.shape[0] and 1 not in (self.q_ids.shape[0], self.kv_ids.shape[0]):
+            raise ValueError(
+                f"Segments: ids batch {self.q_ids.shape[0]} and kv_ids batch {self.kv_ids.shape[0]} differ"
+            )
+
+    @staticmethod
+    def _check_ids(ids, name) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise TypeError(f"Segments {name} must be an integer tensor, got {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise ValueError(f"Segments {name} must have shape (N,) or (B, N), got {tuple(ids.shape)}")
+        return ids.long()
+
+    @property
+    def batch_size(self) -> int:
+        return max(self.q_ids.shape[0], self.kv_ids.shape[0])
+
+    def check_shape(self, q_len, k_len, batch=None, heads=None):
+        if self.q_ids.shape[1] != q_len or self.kv_ids.shape[1] != k_len:
+            raise ValueError(
+                f"Segments ids have lengths (q={self.q_ids.shape[1]}, kv={self.kv_ids.shape[1]}) but attention "
+                f"has Nq={q_len}, Nk={k_len}"
+            )
+        if batch is not None and self.batch_size not in (1, batch):
+            raise ValueError(f"Segments ids have batch {self.batch_size} but attention has batch {batch}")
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        q = self.q_ids[:, start:stop].to(device)[:, :, None]
+        kv = self.kv_ids.to(device)[:, None, :]
+        return ((q == kv) & (q >= 0) & (kv >= 0))[:, None]
+
+    @staticmethod
+    def _tile_ranges(ids: torch.Tensor, block: int):
+        """Per tile: min and max of the non-negative ids, and whether the tile holds any (B, T)."""
+        b, n = ids.shape
+        t = _num_blocks(n, block)
+        padded = torch.nn.functional.pad(ids, (0, t * block - n), value=-1).reshape(b, t, block)
+        valid = padded >= 0
+        big = torch.iinfo(torch.long).max
+        lo = torch.where(valid, padded, torch.full_like(padded, big)).amin(-1)
+        hi = torch.where(valid, padded, torch.full_like(padded, -1)).amax(-1)
+        # A tile is "pure" when every in-range token is valid and all share one id.
+        in_range = torch.arange(t * block, device=ids.device).reshape(t, block) < n
+        all_valid = (valid | ~in_range[None]).all(-1)
+        pure = all_valid & (lo == hi)
+        return lo, hi, valid.any(-1), pure
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        q_lo, q_hi, q_any, q_pure = self._tile_ranges(self.q_ids.to(device), block_q)
+        k_lo, k_hi, k_any, k_pure = self._tile_ranges(self.kv_ids.to(device), block_k)
+        q_lo, q_hi, q_any, q_pure = (x[:, :, None] for x in (q_lo, q_hi, q_any, q_pure))
+        k_lo, k_hi, k_any, k_pure = (x[:, None, :] for x in (k_lo, k_hi, k_any, k_pure))
+        overlap = (q_lo <= k_hi) & (k_lo <= q_hi) & q_any & k_any
+        full = q_pure & k_pure & (q_lo == k_lo)
+        states = torch.full(overlap.shape, PARTIAL, dtype=torch.int8, device=device)
+        states[~overlap] = EMPTY
+        states[full] = FULL
+        return states[:, None]
+
+    def __repr__(self) -> str:
+        return f"Segments(batch={self.batch_size}, q_len={self.q_ids.shape[1]}, kv_len={self.kv_ids.shape[1]})"
+
+
+class Dense(Mask):
+    """An explicit bool mask broadcastable to (B, H, Nq, Nk); True = may attend."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(
+                "Dense mask must be a torch.bool tensor (True = may attend); "
+                f"got {type(mask).__name__} {getattr(mask, 'dtype', '')}. For an additive float mask pass it as bias="
+            )
+        if mask.dim() < 2 or mask.dim() > 4:
+            raise ValueError(f"Dense mask must have 2 to 4 dims (..., Nq, Nk), got shape {tuple(mask.shape)}")
+        while mask.dim() < 4:
+            mask = mask[None]
+        self.mask = mask
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.mask.shape[1]
+
+    def check_shape(self, q_len, k_len, batch=None, heads=None):
+        if tuple(self.mask.shape[-2:]) != (q_len, k_len):
+            raise ValueError(
+                f"Dense mask has shape {tuple(self.mask.shape)} but attention needs (..., {q_len}, {k_len})"
+            )
+        if batch is not None and self.mask.shape[0] not in (1, batch):
+            raise ValueError(f"Dense mask batch dim {self.mask.shape[0]} does not broadcast to batch {batch}")
+        if heads is not None and self.mask.shape[1] not in (1, heads):
+            raise ValueError(f"Dense mask head dim {self.mask.shape[1]} does not broadcast to {heads} heads")
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        return self.mask[..., start:stop, :].to(device)
+
+    def __repr__(self) -> str:
+        return f"Dense(shape={tuple(self.mask.shape)})"
+
+
+class BlockSparse(Mask):
+    """Tile-level mask: ``block_mask`` bool (QB, KB) or (B|1, H|1, QB, KB); a kept tile is fully on.
+
+    ``block_size`` is an int or (block_q, block_k). Its block map at the same tile size is the map
+    itself (kept tiles FULL); at another tile size it is derived from 2-D prefix sums over the map,
+    never from the token-level mask.
+    """
+
+    def __init__(self, block_mask: torch.Tensor, block_size) -> None:
+        super().__init__()
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+            raise TypeError(f"BlockSparse block_mask must be a bool tensor, got {getattr(block_mask, 'dtype', type(block_mask))}")
+        if block_mask.dim() == 2:
+            block_mask = block_mask[None, None]
+        if block_mask.dim() != 4:
+            raise ValueError(f"BlockSparse block_mask must be (QB, KB) or (B, H, QB, KB), got {tuple(block_mask.shape)}")
+        bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+        if bq < 1 or bk < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_mask = block_mask
+        self.block_q, self.block_k = int(bq), int(bk)
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_mask.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.block_mask.shape[1]
+
+    def check_shape(self, q_len, k_len, batch=None, heads=None):
+        need = (_num_blocks(q_len, self.block_q), _num_blocks(k_len, self.block_k))
+        if tuple(self.block_mask.shape[-2:]) != need:
+            raise ValueError(
+                f"BlockSparse map has {tuple(self.block_mask.shape[-2:])} tiles but Nq={q_len}, Nk={k_len} with "
+                f"blocks ({self.block_q}, {self.block_k}) need {need}"
+            )
+        if batch is not None and self.batch_size not in (1, batch):
+            raise ValueError(f"BlockSparse map batch dim {self.batch_size} does not broadcast to batch {batch}")
+        if heads is not None and self.num_heads not in (1, heads):
+            raise ValueError(f"BlockSparse map head dim {self.num_heads} does not broadcast to {heads} heads")
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        first_block, last_block = start // self.block_q, (stop - 1) // self.block_q
+        rows = self.block_mask[..., first_block : last_block + 1, :].to(device)
+        dense = rows.repeat_interleave(self.block_q, dim=-2).repeat_interleave(self.block_k, dim=-1)
+        offset = first_block * self.block_q
+        return dense[..., start - offset : stop - offset, :k_len]
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        src = self.block_mask.to(device)
+        if (block_q, block_k) == (self.block_q, self.block_k):
+            return torch.where(src, FULL, EMPTY).to(torch.int8)
+        # Source tiles overlapped by each requested tile, counted with a 2-D prefix sum.
+        csum = torch.nn.functional.pad(src.long().cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        q_first, q_last = _tile_bounds(q_len, block_q, device)
+        k_first, k_last = _tile_bounds(k_len, block_k, device)
+        r0, r1 = q_first // self.block_q, q_last // self.block_q + 1
+        c0, c1 = k_first // self.block_k, k_last // self.block_k + 1
+        kept = (
+            csum[..., r1[:, None], c1[None, :]]
+            - csum[..., r0[:, None], c1[None, :]]
+            - csum[..., r1[:, None], c0[None, :]]
+            + csum[..., r0[:, None], c0[None, :]]
+        )
+        total = (r1 - r0)[:, None] * (c1 - c0)[None, :]
+        states = torch.full(kept.shape, PARTIAL, dtype=torch.int8, device=device)
+        states[kept == 0] = EMPTY
+        states[kept == total] = FULL
+        return states
+
+    def __repr__(self) -> str:
+        return f"BlockSparse(tiles={tuple(self.block_mask.shape)}, block=({self.block_q}, {self.block_k}))"
+
+
+class _Combined(Mask):
+    def __init__(self, a: Mask, b: Mask) -> None:
+        super().__init__()
+        self.a, self.b = as_mask(a), as_mask(b)
+
+    @property
+    def batch_size(self) -> int:
+        return max(self.a.batch_size, self.b.batch_size)
+
+    @property
+    def num_heads(self) -> int:
+        return max(self.a.num_heads, self.b.num_heads)
+
+    def check_shape(self, q_len, k_len, batch=None, heads=None):
+        self.a.check_shape(q_len, k_len, batch, heads)
+        self.b.check_shape(q_len, k_len, batch, heads)
+
+    def __repr__(self) -> str:
+        op = "&" if isinstance(self, And) else "|"
+        return f"({self.a!r} {op} {self.b!r})"
+
+
+class And(_Combined):
+    """Allowed where both masks allow."""
+
+    @property
+    def is_full(self) -> bool:  # type: ignore[override]
+        return self.a.is_full and self.b.is_full
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        return self.a.dense(q_len, k_len, device, (start, stop)) & self.b.dense(q_len, k_len, device, (start, stop))
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        sa = self.a.block_map(q_len, k_len, block_q, block_k, device).states
+        sb = self.b.block_map(q_len, k_len, block_q, block_k, device).states
+        # EMPTY if either is empty, FULL only if both full: the minimum of the two states.
+        return torch.minimum(sa, sb)
+
+
+class Or(_Combined):
+    """Allowed where either mask allows."""
+
+    @property
+    def is_full(self) -> bool:  # type: ignore[override]
+        return self.a.is_full or self.b.is_full
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        return self.a.dense(q_len, k_len, device, (start, stop)) | self.b.dense(q_len, k_len, device, (start, stop))
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        sa = self.a.block_map(q_len, k_len, block_q, block_k, device).states
+        sb = self.b.block_map(q_len, k_len, block_q, block_k, device).states
+        # FULL if either is full, EMPTY only if both empty: the maximum of the two states.
+        return torch.maximum(sa, sb)
+
+
+def as_mask(mask) -> Mask:
+    """None -> Full(); a bool tensor -> Dense; a Mask unchanged; anything else is an error."""
+    if mask is None:
+        return Full()
+    if isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype == torch.bool:
+            return Dense(mask)
+        raise TypeError(
+            f"mask must be a zoo.attention mask object or a bool tensor, got a {mask.dtype} tensor; "
+            "pass additive float masks as bias="
+        )
+    raise TypeError(f"mask must be a zoo.attention mask object or a bool tensor, got {type(mask).__name__}")

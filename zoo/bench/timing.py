@@ -1,0 +1,103 @@
+"""Shared timing utilities for the benchmarks: interleaved medians, fixed threads, peak memory."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+__all__ = ["interleaved_medians", "machine_description", "peak_rss_mb_subprocess", "set_threads"]
+
+
+def set_threads(num_threads: int | None = None) -> int:
+    """Fix torch's intra-op threads (default: all cores of this machine) and return the number used."""
+    n = num_threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def _sync(device: str | None) -> None:
+    if device is not None and device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | None = None,
+    min_time: float = 0.0,
+) -> dict[str, float]:
+    """Median seconds of each callable, measured A B A B ... so machine noise hits all alike.
+
+    Each measurement calls the function once (or as many times as needed to exceed ``min_time`` and
+    divides). Returns {name: median seconds per call}.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    inner = {}
+    for name, fn in fns.items():
+        inner[name] = 1
+        if min_time > 0:
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            once = max(time.perf_counter() - start, 1e-6)
+            inner[name] = max(1, int(min_time / once))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def machine_description() -> str:
+    """One line naming the machine and versions, for benchmark tables."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, python {platform.python_version()}"
+    )
+
+
+def peak_rss_mb_subprocess(code: str, *, env: dict | None = None) -> float:
+    """Peak resident memory (MiB) of a fresh Python process running ``code`` (ru_maxrss of the child).
+
+    tracemalloc is blind to torch's allocator, so memory is compared process against process.
+    """
+    probe = code + "\nimport resource as _r\nprint('PEAK_RSS_KB=%d' % _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{result.stderr[-2000:]}")
+    for line in result.stdout.splitlines()[::-1]:
+        if line.startswith("PEAK_RSS_KB="):
+            return int(line.split("=", 1)[1]) / 1024
+    raise RuntimeError("memory probe printed no PEAK_RSS_KB line")

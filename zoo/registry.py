@@ -1,0 +1,189 @@
+"""Model registry: ``register_model`` / ``create_model`` / ``list_models`` (the timm pattern).
+
+A model family file (``zoo/tasks/<domain>/<family>.py``) registers one constructor per named
+configuration::
+
+    @register_model(task="vision", family="vit", default_cfg={"img_size": 224, ...})
+    def vit_tiny_patch16_224(**kwargs) -> nn.Module: ...
+
+Constructors take flat, typed, JSON-serialisable keyword arguments (DESIGN.md principle 2) so that a
+model can be rebuilt from the ``config.json`` written by :func:`zoo.save_pretrained`.
+Model families live in ``zoo.tasks``; they are imported lazily the first time the registry is queried,
+so ``import zoo`` stays light and the core never imports a task at import time.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch.nn as nn
+
+__all__ = [
+    "ModelEntry",
+    "UnknownModelError",
+    "register_model",
+    "create_model",
+    "list_models",
+    "get_model_entry",
+    "is_model",
+    "MODEL_MODULES",
+    "DEPRECATED_MODEL_NAMES",
+]
+
+# Task modules that register models; imported on first registry query.
+MODEL_MODULES: list[str] = [
+    "zoo.tasks.vision",
+    "zoo.tasks.graph",
+]
+
+# Renamed models: old name -> new name. create_model warns and forwards (public names are frozen).
+DEPRECATED_MODEL_NAMES: dict[str, str] = {}
+
+
+class UnknownModelError(KeyError):
+    """Raised by :func:`create_model` for a name that is not registered (lists close matches)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    constructor: Callable[..., nn.Module]
+    task: str
+    family: str
+    default_cfg: dict[str, Any] = field(default_factory=dict)
+    module: str = ""
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.task}/{self.family})"
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+_MODULES_IMPORTED = False
+
+
+def _import_model_modules() -> None:
+    global _MODULES_IMPORTED
+    if _MODULES_IMPORTED:
+        return
+    _MODULES_IMPORTED = True
+    for module in MODEL_MODULES:
+        importlib.import_module(module)
+
+
+def register_model(
+    fn: Callable[..., nn.Module] | None = None,
+    *,
+    task: str = "",
+    family: str = "",
+    default_cfg: dict[str, Any] | None = None,
+    name: str | None = None,
+):
+    """Register a model constructor under its function name (or ``name``).
+
+    Usable bare (``@register_model``) or with metadata (``@register_model(task="vision", family="vit")``).
+    Registering the same name twice from a different function is an error (it would silently shadow).
+    """
+
+    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        model_name = name or f.__name__
+        existing = _REGISTRY.get(model_name)
+        if existing is not None and existing.module != f.__module__:
+            raise ValueError(
+                f"model name {model_name!r} is already registered by {existing.module}; "
+                f"cannot register it again from {f.__module__}"
+            )
+        module_tail = f.__module__.rsplit(".", 1)[-1]
+        _REGISTRY[model_name] = ModelEntry(
+            name=model_name,
+            constructor=f,
+            task=task or (f.__module__.split(".")[2] if f.__module__.startswith("zoo.tasks.") else ""),
+            family=family or module_tail,
+            default_cfg=dict(default_cfg or {}),
+            module=f.__module__,
+        )
+        return f
+
+    if fn is not None:
+        return wrap(fn)
+    return wrap
+
+
+def list_models(pattern: str | Iterable[str] = "*", *, task: str | None = None, family: str | None = None) -> list[str]:
+    """Sorted registered names matching a shell-style ``pattern`` (or any of several patterns)."""
+    _import_model_modules()
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    names = []
+    for model_name, entry in _REGISTRY.items():
+        if task is not None and entry.task != task:
+            continue
+        if family is not None and entry.family != family:
+            continue
+        if any(fnmatch.fnmatchcase(model_name, p) for p in patterns):
+            names.append(model_name)
+    return sorted(names)
+
+
+def is_model(name: str) -> bool:
+    _import_model_modules()
+    return name in _REGISTRY or name in DEPRECATED_MODEL_NAMES
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    """The registry entry for ``name``; an unknown name raises with the closest registered names."""
+    _import_model_modules()
+    if name in DEPRECATED_MODEL_NAMES:
+        import warnings
+
+        new = DEPRECATED_MODEL_NAMES[name]
+        warnings.warn(f"model name {name!r} is deprecated; use {new!r}", FutureWarning, stacklevel=3)
+        name = new
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}.{hint} ({len(_REGISTRY)} models registered; see zoo.list_models() or `zoo list`)"
+        )
+    return _REGISTRY[name]
+
+
+def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: registered model name (see :func:`list_models`).
+        pretrained: ``False`` for random init; a directory or ``.safetensors`` file written by
+            :func:`zoo.save_pretrained` to load weights from; ``True`` for the checkpoint that this
+            project ships for ``name`` under ``checkpoints/`` (raises if none is shipped).
+        **overrides: constructor arguments (e.g. ``num_classes=10``, ``img_size=32``). When loading
+            weights whose classifier has a different number of classes, the head is re-initialised
+            and a message says so.
+    """
+    entry = get_model_entry(name)
+    if pretrained is False or pretrained is None:
+        return _construct(entry, overrides)
+    from zoo import hub
+
+    return hub.load_pretrained_into(entry, pretrained, overrides)
+
+
+def _construct(entry: ModelEntry, overrides: dict[str, Any]) -> nn.Module:
+    signature = inspect.signature(entry.constructor)
+    accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    if not accepts_var_kw:
+        unknown = sorted(set(overrides) - set(signature.parameters))
+        if unknown:
+            raise TypeError(
+                f"{entry.name}: unknown argument(s) {unknown}; accepted: {sorted(signature.parameters)}"
+            )
+    model = entry.constructor(**overrides)
+    # Remember how the model was built so save_pretrained can write config.json.
+    model.zoo_model_name = entry.name  # type: ignore[attr-defined]
+    model.zoo_model_args = dict(overrides)  # type: ignore[attr-defined]
+    return model
