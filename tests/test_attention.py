@@ -1,0 +1,322 @@
+"""attend() against a naive float64 reference: every mask type, bias, GQA, sigmoid, forward and
+gradients, awkward shapes, backend selection, and clear errors for bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import zoo.attention as za
+from zoo.attention import (
+    AttentionBias,
+    BlockSparse,
+    Causal,
+    Dense,
+    Full,
+    Segments,
+    Window,
+    attend,
+    capture_attention,
+    use_backend,
+)
+from zoo.attention import backends as zb
+from zoo.attention import core as zcore
+
+
+def naive_attention(q, k, v, allowed, bias, scale, score):
+    """float64, explicit: softmax (or sigmoid with -log Nk) over allowed keys; empty rows -> 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    s = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias.double()
+    allowed = allowed.expand_as(s)
+    if score == "softmax":
+        s = s.masked_fill(~allowed, -math.inf)
+        p = torch.softmax(s, dim=-1)
+        p = torch.where(allowed.any(-1, keepdim=True), p, torch.zeros_like(p))
+    else:
+        p = torch.sigmoid(s - math.log(k.shape[2])) * allowed
+    return p @ v
+
+
+def make_qkv(b, h, hkv, nq, nk, d, dv=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or d
+    q = torch.randn(b, h, nq, d, generator=g, dtype=dtype)
+    k = torch.randn(b, hkv, nk, d, generator=g, dtype=dtype)
+    v = torch.randn(b, hkv, nk, dv, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def random_block_sparse(nq, nk, block, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qb, kb = math.ceil(nq / block), math.ceil(nk / block)
+    return BlockSparse(torch.rand(qb, kb, generator=g) < density, block)
+
+
+def masks_for(nq, nk, batch):
+    g = torch.Generator().manual_seed(1)
+    ids_q = torch.sort(torch.randint(0, 3, (batch, nq), generator=g), dim=-1).values
+    ids_k = torch.sort(torch.randint(0, 3, (batch, nk), generator=g), dim=-1).values
+    ids_k[:, -1] = -1  # a padding key
+    return {
+        "full": None,
+        "causal": Causal(),
+        "window": Window(5, 2),
+        "segments": Segments(ids_q, ids_k),
+        "dense": Dense(torch.rand(nq, nk, generator=g) < 0.7),
+        "blocksparse": random_block_sparse(nq, nk, 16, 0.5),
+        "and": Causal() & Window(9, None),
+        "or": Window(1, 1) | Segments(ids_q, ids_k),
+    }
+
+
+SHAPES = [
+    # b, h, hkv, nq, nk, d
+    (1, 2, 2, 1, 7, 16),
+    (2, 4, 2, 7, 7, 32),
+    (1, 4, 1, 97, 130, 40),
+    (2, 2, 2, 130, 97, 64),
+    (1, 3, 3, 33, 33, 96),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask_name", ["full", "causal", "window", "segments", "dense", "blocksparse", "and", "or"])
+def test_forward_matches_float64_reference(backend, shape, mask_name):
+    b, h, hkv, nq, nk, d = shape
+    q, k, v = make_qkv(b, h, hkv, nq, nk, d)
+    mask = masks_for(nq, nk, b)[mask_name]
+    bias = torch.randn(1, h, nq, nk) * 0.5
+    out = attend(q, k, v, mask, bias, backend=backend)
+    allowed = za.as_mask(mask).dense(nq, nk)
+    expected = naive_attention(q, k, v, allowed, bias, 1 / math.sqrt(d), "softmax")
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mask_name", ["full", "causal", "segments", "blocksparse", "or"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_gradients_match_float64_reference(mask_name, score):
+    b, h, hkv, nq, nk, d = 2, 4, 2, 23, 31, 16
+    q, k, v = make_qkv(b, h, hkv, nq, nk, d, dv=24, dtype=torch.float64)
+    bias = torch.randn(b, 1, nq, nk, dtype=torch.float64)
+    mask = masks_for(nq, nk, b)[mask_name]
+    allowed = za.as_mask(mask).dense(nq, nk)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    out = attend(*inputs[:3], mask, inputs[3], score=score, backend="torch")
+    expected = naive_attention(*ref_inputs[:3], allowed, ref_inputs[3], 1 / math.sqrt(d), score)
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected)
+    for name, a, e in zip("qkv" + "b", inputs, ref_inputs):
+        torch.testing.assert_close(a.grad, e.grad, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_sigmoid_score_forward():
+    q, k, v = make_qkv(2, 4, 4, 13, 17, 32)
+    mask = Window(3, 3)
+    out = attend(q, k, v, mask, score="sigmoid")
+    expected = naive_attention(q, k, v, mask.dense(13, 17), None, 1 / math.sqrt(32), "sigmoid")
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_fully_masked_rows_are_zero_with_zero_grads(backend):
+    nq, nk = 6, 5
+    q, k, v = make_qkv(1, 2, 2, nq, nk, 16)
+    ids_q = torch.tensor([0, 0, 5, 1, -1, 1])  # id 5 and -1 have no key
+    ids_k = torch.tensor([0, 1, 1, 0, 2])
+    q.requires_grad_()
+    out = attend(q, k, v, Segments(ids_q, ids_k), backend=backend)
+    assert torch.isfinite(out).all()
+    assert out[0, :, 2].abs().max() == 0 and out[0, :, 4].abs().max() == 0
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert q.grad[0, :, 2].abs().max() == 0
+
+
+def test_causal_bottom_right_alignment_when_nq_differs():
+    # 3 queries against 5 keys: the queries are the last three positions of a causal 5x5 problem.
+    q, k, v = make_qkv(1, 1, 1, 3, 5, 8)
+    mask = Causal().dense(3, 5)[0, 0]
+    assert mask.tolist() == [
+        [True, True, True, False, False],
+        [True, True, True, True, False],
+        [True, True, True, True, True],
+    ]
+    out = attend(q, k, v, Causal())
+    q_full = torch.cat([torch.randn(1, 1, 2, 8), q], dim=2)
+    full = attend(q_full, k, v, Causal())
+    torch.testing.assert_close(out, full[:, :, 2:])
+
+
+def test_chunked_reference_equals_unchunked_and_checkpoints(monkeypatch):
+    q, k, v = make_qkv(1, 2, 2, 70, 50, 16, dtype=torch.float64)
+    bias = torch.randn(1, 2, 70, 50, dtype=torch.float64)
+    whole = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    out_whole = attend(*whole[:3], Window(4, 4), whole[3], backend="torch")
+    monkeypatch.setattr(zcore, "CHUNK_ELEMENTS", 2 * 50 * 8)  # 8 rows per chunk -> 9 chunks
+    chunked = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    out_chunked = attend(*chunked[:3], Window(4, 4), chunked[3], backend="torch")
+    torch.testing.assert_close(out_chunked, out_whole)
+    g = torch.randn_like(out_whole)
+    out_whole.backward(g)
+    out_chunked.backward(g)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_return_weights_are_probabilities():
+    q, k, v = make_qkv(2, 4, 2, 9, 11, 16)
+    out, w = attend(q, k, v, Causal(), return_weights=True)
+    assert w.shape == (2, 4, 9, 11)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 9))
+    assert (w[..., ~Causal().dense(9, 11)[0, 0]] == 0).all()
+    torch.testing.assert_close(out, attend(q, k, v, Causal(), backend="sdpa"), atol=1e-5, rtol=1e-5)
+
+
+def test_bool_tensor_mask_and_bias_broadcasting():
+    q, k, v = make_qkv(2, 4, 4, 8, 8, 16)
+    allowed = torch.rand(8, 8) < 0.6
+    allowed[:, 0] = True
+    bias_row = torch.randn(1, 1, 1, 8)  # broadcast over batch, heads and queries
+    out = attend(q, k, v, allowed, bias_row)
+    expected = naive_attention(q, k, v, allowed[None, None], bias_row.expand(1, 1, 8, 8), 0.25, "softmax")
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+class _TableBias(AttentionBias):
+    """A learned 1-D relative-position table: bias[h, i, j] = table[h, j - i + N - 1]."""
+
+    def __init__(self, heads, n):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(heads, 2 * n - 1))
+        idx = torch.arange(n)[None, :] - torch.arange(n)[:, None] + n - 1
+        self.register_buffer("index", idx, persistent=False)
+
+    def materialize(self, q_len, k_len, *, device=None, dtype=None):
+        return self.table[:, self.index][None]
+
+
+def test_bias_object_is_materialised_and_learns():
+    bias = _TableBias(2, 6)
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 8)
+    out = attend(q, k, v, bias=bias)
+    expected = naive_attention(q, k, v, torch.ones(1, 1, 6, 6, dtype=torch.bool), bias.materialize(6, 6), 8**-0.5, "softmax")
+    torch.testing.assert_close(out.double(), expected.detach(), atol=1e-5, rtol=1e-4)
+    out.sum().backward()
+    assert bias.table.grad is not None and bias.table.grad.abs().sum() > 0
+
+
+def test_backend_selection_order(monkeypatch):
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
+    calls = []
+
+    def spy_forward(*args):
+        calls.append("spy")
+        return zcore.attention_reference(*args)
+
+    zb.register_backend("spy", spy_forward, lambda *a: None, priority=-5)
+    try:
+        attend(q, k, v, backend="spy")
+        assert calls == ["spy"]
+        with use_backend("spy"):
+            attend(q, k, v)
+        assert calls == ["spy", "spy"]
+        monkeypatch.setenv(zb.ENV_VAR, "spy")
+        attend(q, k, v)
+        assert len(calls) == 3
+        with use_backend("torch"):  # context beats environment
+            attend(q, k, v)
+        assert len(calls) == 3
+        attend(q, k, v, backend="torch")  # argument beats environment
+        assert len(calls) == 3
+        monkeypatch.delenv(zb.ENV_VAR)
+        attend(q, k, v)  # automatic: sdpa outranks spy
+        assert len(calls) == 3
+    finally:
+        zb._BACKENDS.pop("spy")
+
+
+def test_automatic_choice_is_sdpa_for_softmax_and_torch_for_sigmoid():
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
+    args = (q, k, v, Full(), None, 1.0, "softmax", 0.0, False)
+    assert zb.select_backend(args, None).name in ("sdpa", "blocksparse")
+    args = (q, k, v, Full(), None, 1.0, "sigmoid", 0.0, False)
+    assert zb.select_backend(args, None).name != "sdpa"
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
+    with pytest.raises(ValueError, match="sdpa.*sigmoid"):
+        attend(q, k, v, score="sigmoid", backend="sdpa")
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        attend(q, k, v, backend="nope")
+
+
+def test_capture_records_weights_only_inside_context():
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
+    from zoo.attention.capture import is_capturing, record
+
+    with capture_attention() as maps:
+        assert is_capturing()
+        _, w = attend(q, k, v, return_weights=True)
+        record(None, w, name="layer0")
+    assert not is_capturing()
+    assert len(maps) == 1 and maps[0].name == "layer0" and maps[0].weights.shape == (1, 2, 4, 4)
+
+
+def test_dropout_changes_output_only_when_positive():
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 8)
+    torch.testing.assert_close(attend(q, k, v, dropout_p=0.0, backend="torch"), attend(q, k, v))
+    torch.manual_seed(0)
+    dropped = attend(q, k, v, dropout_p=0.5, backend="torch")
+    assert not torch.allclose(dropped, attend(q, k, v))
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda: (torch.randn(2, 4, 8), torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16)), "q must have 4 dims"),
+        (lambda: (torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), "multiple of key/value heads"),
+        (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 16)), "head dim"),
+        (lambda: (torch.randn(2, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), "batch sizes differ"),
+        (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 9, 16)), "must agree"),
+        (lambda: (torch.randn(1, 2, 8, 16).half(), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), "share a dtype"),
+        (lambda: (torch.ones(1, 2, 8, 16, dtype=torch.long),) * 3, "floating-point"),
+        (lambda: (torch.full((1, 2, 8, 16), float("nan")), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), "NaN"),
+    ],
+)
+def test_bad_tensors_raise_clear_errors(make, pattern):
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        attend(*make())
+
+
+def test_bad_masks_and_biases_raise_clear_errors():
+    q, k, v = make_qkv(2, 2, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match=r"Dense mask has shape"):
+        attend(q, k, v, torch.ones(8, 9, dtype=torch.bool))
+    with pytest.raises(TypeError, match="pass additive float masks as bias"):
+        attend(q, k, v, torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="Segments ids have lengths"):
+        attend(q, k, v, Segments(torch.zeros(7, dtype=torch.long)))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attend(q, k, v, bias=torch.zeros(1, 2, 8, 5))
+    with pytest.raises(ValueError, match=r"bias of shape \(3, 2, 8, 8\) does not broadcast"):
+        attend(q, k, v, bias=torch.zeros(3, 2, 8, 8))
+    with pytest.raises(ValueError, match="BlockSparse map"):
+        attend(q, k, v, BlockSparse(torch.ones(2, 2, dtype=torch.bool), 2))
+    with pytest.raises(ValueError, match="score must be"):
+        attend(q, k, v, score="relu")
+    with pytest.raises(ValueError, match="dropout_p"):
+        attend(q, k, v, dropout_p=1.5)
+    with pytest.raises(TypeError, match="mask must be"):
+        attend(q, k, v, mask="causal")
