@@ -87,9 +87,16 @@ def _validate(q, k, v, score, dropout_p, scale) -> None:
         raise ValueError(f"attend: scale must be a positive finite number, got {scale!r}")
 
 
-def _check_finite(**tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and not bool(torch.isfinite(t).all()):
+def _check_finite(**inputs) -> None:
+    """Raise naming the first input that holds NaN or Inf.
+
+    One fp32-accumulated sum per tensor (about a third of the cost of ``isfinite(t).all()``); only when a
+    sum is not finite is the tensor inspected element-wise (a finite tensor whose sum overflowed passes).
+    """
+    for name, t in inputs.items():
+        if math.isfinite(float(t.sum(dtype=torch.float32))):
+            continue
+        if not bool(torch.isfinite(t).all()):
             raise ValueError(f"attend: {name} contains NaN or Inf values")
 
 
@@ -139,7 +146,7 @@ def attend(
             )
         if bias_t.device != q.device:
             raise ValueError(f"attend: bias is on {bias_t.device} but q is on {q.device}")
-    if q.device.type == "cpu" and not _is_tracing():
+    if q.device.type == "cpu" and not _is_tracing():  # on CUDA a check would force a device sync
         _check_finite(q=q, k=k, v=v)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     args = (q, k, v, mask, bias_t, scale, score, float(dropout_p), bool(return_weights))
