@@ -94,7 +94,7 @@ def _check_finite(**inputs) -> None:
     sum is not finite is the tensor inspected element-wise (a finite tensor whose sum overflowed passes).
     """
     for name, t in inputs.items():
-        if math.isfinite(float(t.sum(dtype=torch.float32))):
+        if math.isfinite(float(t.detach().sum(dtype=torch.float32))):
             continue
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"attend: {name} contains NaN or Inf values")
