@@ -36,9 +36,16 @@ _LAZY = {
     "RotaryEmbedding": "zoo.attention.rope",
     "Radial": "zoo.attention.radial",
     "radial_block_mask": "zoo.attention.radial",
+    "radial_token_mask": "zoo.attention.radial",
+    "DenseWarmup": "zoo.attention.radial",
+    "block_sparse_attention": "zoo.attention.sparse",
     "AgentAttention": "zoo.attention.agent",
     "GATv2Conv": "zoo.attention.graph",
     "GATConv": "zoo.attention.graph",
+    "RelPosBiasTf": "zoo.attention.relpos",
+    "RelPosMlp": "zoo.attention.relpos",
+    "resize_rel_pos_table": "zoo.attention.relpos",
+    "segment_softmax": "zoo.attention.segment",
 }
 
 
@@ -73,4 +80,5 @@ __all__ = [
     "list_backends",
     "capture_attention",
     "AttentionRecord",
+    *_LAZY,
 ]

@@ -54,6 +54,9 @@ class Backend:
     priority: int = 0
     auto_devices: frozenset = field(default_factory=lambda: frozenset({"cpu", "cuda"}))
     description: str = ""
+    #: Extra check used only by automatic selection ("is it worth it here?"), on top of ``supports``
+    #: ("can it run this at all?"). None: automatic selection uses ``supports`` alone.
+    auto_supports: Optional[Callable] = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -68,9 +71,15 @@ def register_backend(
     *,
     auto_devices=("cpu", "cuda"),
     description: str = "",
+    auto_supports: Optional[Callable] = None,
 ) -> Backend:
-    """Register (or replace) a backend. Higher ``priority`` is tried first by automatic selection."""
-    backend = Backend(name, forward, supports, priority, frozenset(auto_devices), description)
+    """Register (or replace) a backend. Higher ``priority`` is tried first by automatic selection.
+
+    ``supports`` decides whether the backend can run a call at all (an explicit request is refused with
+    its reason); ``auto_supports``, when given, decides whether automatic selection should pick it (for
+    example only when a sparse mask skips enough tiles to beat the dense path).
+    """
+    backend = Backend(name, forward, supports, priority, frozenset(auto_devices), description, auto_supports)
     _BACKENDS[name] = backend
     return backend
 
@@ -122,7 +131,8 @@ def select_backend(args: tuple, requested: Optional[str]) -> Backend:
         backend = _BACKENDS[name]
         if device_type not in backend.auto_devices:
             continue
-        if backend.supports(*args) is None:
+        check = backend.auto_supports or backend.supports
+        if check(*args) is None:
             return backend
     raise RuntimeError("no attention backend supports this call (the 'torch' reference should)")  # pragma: no cover
 
@@ -170,8 +180,8 @@ def _sdpa_causal(mask: Mask, q_len: int, k_len: int) -> bool:
 
 
 def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
-    q_len, k_len = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
+    q_len, k_len = int(q.shape[2]), int(k.shape[2])
+    gqa = int(q.shape[1]) != int(k.shape[1])  # int(): traced sizes are 0-d tensors under jit.trace
     if mask.is_full or _sdpa_causal(mask, q_len, k_len):
         is_causal = not mask.is_full
         if bias is not None and is_causal:

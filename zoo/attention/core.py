@@ -217,7 +217,8 @@ def _rows(
 def attention_reference(q, k, v, mask: Mask, bias, scale, score, dropout_p, return_weights):
     """The "torch" backend: exact attention in query chunks (autograd; bounded memory)."""
     batch, heads, q_len, _ = q.shape
-    k_len = k.shape[2]
+    # int(): under ONNX/jit tracing the sizes are traced 0-d tensors; masks need Python ints.
+    q_len, k_len = int(q_len), int(k.shape[2])
     per_row = batch * heads * k_len
     chunk = max(1, min(q_len, CHUNK_ELEMENTS // max(per_row, 1)))
     needs_grad = torch.is_grad_enabled() and (

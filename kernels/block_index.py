@@ -1,0 +1,469 @@
+"""The kernel's view of a zoo.attention mask: tile lists to iterate over and an in-kernel predicate.
+
+Two things are derived from a :class:`zoo.attention.masks.Mask` before the block-sparse flash-attention
+kernels (kernels/flash_attention.py) run, and both are cached per mask object:
+
+1. **Tile lists** (:func:`tile_lists`, :class:`TileLists`), from the mask's ``BlockMap`` (int8 states
+   EMPTY/PARTIAL/FULL per (row tile, column tile)). For every row tile: the kept column tiles, PARTIAL
+   ones first then FULL ones (each group in ascending order), and the two counts. This is the CSR-like
+   layout of FlexAttention's BlockMask (``kv_num_blocks``/``kv_indices`` and ``full_kv_*``), packed into
+   one index tensor. The forward pass and the dQ pass use the query-major lists; the dK/dV pass uses the
+   lists of the *transposed* map (for every key tile, the query tiles that see it), so that the
+   backward pass is sparse too and needs no atomics. A FULL tile that touches a ragged sequence end
+   (Nq or Nk not a multiple of the tile) is demoted to PARTIAL here, so the kernels' FULL loop runs
+   with no bounds checks and no masking at all. Building the lists never touches Nq x Nk: it works on
+   the (QB, KB) tile map only, with no device synchronisation for ordinary sizes (the index width is
+   the number of column tiles; index tensors above 2**24 entries are trimmed to the widest row).
+
+2. **The in-kernel predicate** (:func:`lower_mask`, :class:`MaskProgram`): PARTIAL tiles evaluate the
+   mask element-wise inside the kernel. The mask tree is rewritten as an OR of at most three AND-terms
+   (disjunctive normal form) over five predicate *slots*, each computed from indices or small vectors:
+
+   ========  ===================================================================  ==================
+   slot      predicate for query row i, key column j                              reads
+   ========  ===================================================================  ==================
+   WIN0/1    lo <= j - i <= hi (Window/Causal; bottom-right aligned offsets)      two ints
+   SEG       q_ids[b, i] == kv_ids[b, j] and q_ids[b, i] >= 0 (Segments)          two id vectors
+   DENSE     mask[b, h, i, j] (Dense)                                             the bool tensor
+   BLK       block_mask[b, h, i // bq, j // bk] (BlockSparse, Radial)             the tile map
+   ========  ===================================================================  ==================
+
+   Windows inside one AND-term are intersected into one band; Dense masks inside one term are AND-ed;
+   BlockSparse maps with equal block sizes inside one term are AND-ed. So Causal, Window, Segments,
+   Dense, BlockSparse, Radial and combinations such as ``Segments & Causal``, ``Causal & Window``,
+   ``Window | BlockSparse``, ``(Window | Segments) & Causal`` are evaluated exactly in the kernel.
+   What does not fit (more than three terms, more than two distinct windows, two different Segments or
+   Dense masks, a mask class the kernel does not know) falls back to ONE dense boolean mask built with
+   ``mask.dense(Nq, Nk)`` and read through the DENSE slot: still exact, but O(Bm * Hm * Nq * Nk) memory.
+   :attr:`MaskProgram.exact_in_kernel` tells which path a mask took.
+
+Letters: B batch, H query heads, Bm/Hm batch/head dims of the mask (1 or B/H), R row tiles, C column
+tiles, W index width (= C), Nq/Nk query/key lengths.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from zoo.attention.masks import (
+    FULL,
+    PARTIAL,
+    And,
+    BlockMap,
+    BlockSparse,
+    Dense,
+    Full,
+    Mask,
+    Or,
+    Segments,
+    Window,
+)
+
+__all__ = [
+    "TileLists",
+    "tile_lists",
+    "kernel_tile_lists",
+    "MaskProgram",
+    "lower_mask",
+    "SLOT_WIN0",
+    "SLOT_WIN1",
+    "SLOT_SEG",
+    "SLOT_DENSE",
+    "SLOT_BLK",
+    "MAX_TERMS",
+]
+
+# Predicate slots: bit flags of an AND-term.
+SLOT_WIN0, SLOT_WIN1, SLOT_SEG, SLOT_DENSE, SLOT_BLK = 1, 2, 4, 8, 16
+MAX_TERMS = 3
+# Index tensors above this many entries are trimmed to the widest row (costs one device sync).
+_TRIM_ENTRIES = 1 << 24
+# Window offsets are passed as int32; "unbounded" becomes a value beyond any sequence length.
+_UNBOUNDED = 1 << 30
+
+
+# ------------------------------------------------------------------------------------------------
+# Tile lists
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileLists:
+    """Kept column tiles of every row tile.
+
+    ``counts`` int32 (Bm, Hm, R, 2): number of PARTIAL and of FULL column tiles of the row tile.
+    ``index`` int32 (Bm, Hm, R, W): their column-tile indices, the PARTIAL ones first, then the FULL
+    ones, each in ascending order; entries past the counts are unspecified.
+    ``block_rows`` / ``block_cols``: tile sizes along the rows / columns of this list (for the
+    transposed lists the rows are key tiles).
+    """
+
+    counts: torch.Tensor
+    index: torch.Tensor
+    block_rows: int
+    block_cols: int
+
+    @property
+    def num_row_tiles(self) -> int:
+        return self.index.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.index.shape[3]
+
+    def strides(self) -> tuple[int, int, int, int, int]:
+        """(counts batch, counts head, index batch, index head, index width) with 0 for broadcast dims."""
+        c, i = self.counts, self.index
+        return (
+            c.stride(0) if c.shape[0] > 1 else 0,
+            c.stride(1) if c.shape[1] > 1 else 0,
+            i.stride(0) if i.shape[0] > 1 else 0,
+            i.stride(1) if i.shape[1] > 1 else 0,
+            i.stride(2),
+        )
+
+    def visited(self) -> int:
+        """Number of (row tile, column tile) pairs visited, summed over the mask's batch and heads."""
+        return int(self.counts.sum())
+
+
+def tile_lists(states: torch.Tensor, ragged_rows: bool, ragged_cols: bool, block_rows: int, block_cols: int) -> TileLists:
+    """Build :class:`TileLists` from int8 tile states (Bm, Hm, R, C).
+
+    ``ragged_rows`` / ``ragged_cols``: the last row / column tile is cut by the sequence end; its FULL
+    tiles are demoted to PARTIAL so that the kernels' FULL path needs no bounds checks.
+    """
+    if states.dim() != 4 or states.dtype != torch.int8:
+        raise ValueError(f"tile states must be int8 (Bm, Hm, R, C), got {states.dtype} {tuple(states.shape)}")
+    states = states.clone()
+    if ragged_rows:
+        last = states[..., -1, :]
+        last[last == FULL] = PARTIAL
+    if ragged_cols:
+        last = states[..., :, -1]
+        last[last == FULL] = PARTIAL
+    partial = states == PARTIAL
+    full = states == FULL
+    counts = torch.stack([partial.sum(-1), full.sum(-1)], dim=-1).to(torch.int32)
+    # Sort key: PARTIAL -> 0, FULL -> 1, EMPTY -> 2; a stable sort keeps ascending column order per group.
+    order_key = torch.full_like(states, 2)
+    order_key[partial] = 0
+    order_key[full] = 1
+    index = torch.argsort(order_key, dim=-1, stable=True).to(torch.int32)
+    if index.numel() > _TRIM_ENTRIES:
+        # Large maps: keep only the columns some row uses (one device sync, once per cached mask).
+        width = max(1, int(counts.sum(-1).max()))
+        index = index[..., :width]
+    return TileLists(counts.contiguous(), index.contiguous(), block_rows, block_cols)
+
+
+_LIST_CACHE: "weakref.WeakKeyDictionary[Mask, dict]" = weakref.WeakKeyDictionary()
+
+
+def kernel_tile_lists(
+    mask: Mask, q_len: int, k_len: int, block_m: int, block_n: int, device, transposed: bool = False
+) -> TileLists:
+    """Tile lists of ``mask`` at tiles (block_m query rows, block_n keys), cached per mask object.
+
+    ``transposed=False``: rows are query tiles (forward pass, dQ pass). ``transposed=True``: rows are key
+    tiles and the lists name the query tiles that see each key tile (dK/dV pass).
+    """
+    key = (q_len, k_len, block_m, block_n, str(torch.device(device)), transposed)
+    per_mask = _LIST_CACHE.setdefault(mask, {})
+    lists = per_mask.get(key)
+    if lists is None:
+        bmap: BlockMap = mask.block_map(q_len, k_len, block_m, block_n, device=device)
+        states = bmap.states.to(device)
+        ragged_q, ragged_k = q_len % block_m != 0, k_len % block_n != 0
+        if transposed:
+            lists = tile_lists(states.transpose(-1, -2), ragged_k, ragged_q, block_n, block_m)
+        else:
+            lists = tile_lists(states, ragged_q, ragged_k, block_m, block_n)
+        per_mask[key] = lists
+    return lists
+
+
+# ------------------------------------------------------------------------------------------------
+# In-kernel predicate
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class MaskProgram:
+    """The element-wise predicate of a mask in kernel form: OR of up to three AND-terms over slots.
+
+    ``terms``: tuple of bit sets (SLOT_* flags); an empty tuple allows nothing, a term 0 allows every
+    in-range pair. ``windows``: [(lo, hi), (lo, hi)] bounds of ``j - i`` for WIN0/WIN1. ``seg``:
+    (q_ids (Bs, Nq) int32, kv_ids (Bs', Nk) int32). ``dense``: uint8 (Bm, Hm, Nq, Nk) view of the bool
+    mask. ``blk``: (uint8 (Bm, Hm, QBs, KBs) map, block_q, block_k). ``exact_in_kernel``: False when the
+    mask had to be materialised densely (see the module docstring).
+    """
+
+    terms: tuple
+    windows: list = field(default_factory=lambda: [(-_UNBOUNDED, _UNBOUNDED), (-_UNBOUNDED, _UNBOUNDED)])
+    seg: Optional[tuple] = None
+    dense: Optional[torch.Tensor] = None
+    blk: Optional[tuple] = None
+    exact_in_kernel: bool = True
+    description: str = ""
+
+    @property
+    def num_terms(self) -> int:
+        return len(self.terms)
+
+    def constexprs(self) -> dict:
+        """TERM0..2 and NUM_TERMS for the kernels."""
+        padded = list(self.terms) + [0] * (MAX_TERMS - len(self.terms))
+        return {"TERM0": padded[0], "TERM1": padded[1], "TERM2": padded[2], "NUM_TERMS": len(self.terms)}
+
+    def evaluate(self, q_len: int, k_len: int, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None):
+        """PyTorch reference of the in-kernel predicate: bool (Bm, Hm, R, C) for query ``rows`` and key
+        ``cols`` (default all), evaluated slot by slot exactly as the kernels do (for tests)."""
+        device = next((t.device for t in self._tensors()), torch.device("cpu"))
+        rows = torch.arange(q_len, device=device) if rows is None else rows.to(device)
+        cols = torch.arange(k_len, device=device) if cols is None else cols.to(device)
+        i, j = rows[:, None], cols[None, :]
+        inb = ((i < q_len) & (j < k_len))[None, None]
+        out = torch.zeros_like(inb)
+        for bits in self.terms:
+            ok = inb
+            for slot, (lo, hi) in ((SLOT_WIN0, self.windows[0]), (SLOT_WIN1, self.windows[1])):
+                if bits & slot:
+                    ok = ok & ((j - i) >= lo) & ((j - i) <= hi)
+            if bits & SLOT_SEG:
+                qi, ki = self.seg
+                qid = qi[:, rows.clamp(max=q_len - 1)][:, None, :, None]
+                kid = ki[:, cols.clamp(max=k_len - 1)][:, None, None, :]
+                ok = ok & (qid == kid) & (qid >= 0)
+            if bits & SLOT_DENSE:
+                d = self.dense[..., rows.clamp(max=q_len - 1), :][..., cols.clamp(max=k_len - 1)]
+                ok = ok & (d != 0)
+            if bits & SLOT_BLK:
+                m, bq, bk = self.blk
+                ok = ok & (m[..., (rows // bq).clamp(max=m.shape[-2] - 1), :][..., (cols // bk).clamp(max=m.shape[-1] - 1)] != 0)
+            out = out | ok
+        return out
+
+    def _tensors(self):
+        if self.seg is not None:
+            yield from self.seg
+        if self.dense is not None:
+            yield self.dense
+        if self.blk is not None:
+            yield self.blk[0]
+
+    def kernel_args(self, dummy: torch.Tensor) -> tuple:
+        """The 20 runtime mask arguments, in the kernels' order (``dummy`` fills unused pointer slots)."""
+        (lo0, hi0), (lo1, hi1) = self.windows
+        if self.seg is not None:
+            qi, ki = self.seg
+            seg = (qi, ki, qi.stride(0) if qi.shape[0] > 1 else 0, ki.stride(0) if ki.shape[0] > 1 else 0)
+        else:
+            seg = (dummy, dummy, 0, 0)
+        if self.dense is not None:
+            d = self.dense
+            dense = (d,) + tuple(d.stride(i) if d.shape[i] > 1 else 0 for i in range(4))
+        else:
+            dense = (dummy, 0, 0, 0, 0)
+        if self.blk is not None:
+            m, bq, bk = self.blk
+            blk = (m,) + tuple(m.stride(i) if m.shape[i] > 1 else 0 for i in range(4)) + (bq, bk)
+        else:
+            blk = (dummy, 0, 0, 0, 0, 1, 1)
+        return (lo0, hi0, lo1, hi1) + seg + dense + blk
+
+
+class _Fallback(Exception):
+    """The mask does not fit the kernel's slots: materialise it."""
+
+
+def _primitive(mask: Mask):
+    """Map a mask to a slot primitive, or None when it is not one the kernel knows."""
+    if isinstance(mask, (Window, Segments, Dense, BlockSparse)):
+        return mask
+    # Radial (zoo.attention.radial) is a BlockSparse map at its own block size.
+    if type(mask).__name__ == "Radial" and hasattr(mask, "block_mask") and hasattr(mask, "block_size"):
+        return BlockSparse(mask.block_mask, mask.block_size)
+    return None
+
+
+def _dnf(mask: Mask, limit: int = 16) -> list[list[Mask]]:
+    """OR-list of AND-lists of primitive masks ([[]] = everything allowed, [] = nothing)."""
+    if isinstance(mask, Full):
+        return [[]]
+    if isinstance(mask, And):
+        left, right = _dnf(mask.a, limit), _dnf(mask.b, limit)
+        out = [x + y for x in left for y in right]
+    elif isinstance(mask, Or):
+        out = _dnf(mask.a, limit) + _dnf(mask.b, limit)
+    else:
+        prim = _primitive(mask)
+        if prim is None:
+            raise _Fallback(f"{type(mask).__name__} has no in-kernel form")
+        return [[prim]]
+    if len(out) > limit:
+        raise _Fallback("too many OR-terms")
+    return out
+
+
+def _window_bounds(w: Window, q_len: int, k_len: int) -> tuple[int, int]:
+    lo, hi = w.offsets(q_len, k_len)
+    lo = -_UNBOUNDED if lo == -math.inf else int(lo)
+    hi = _UNBOUNDED if hi == math.inf else int(hi)
+    return max(lo, -_UNBOUNDED), min(hi, _UNBOUNDED)
+
+
+def _simplify_term(term: list[Mask], q_len: int, k_len: int):
+    """One AND-term -> dict of merged primitives (no tensor is built), or None when it allows nothing.
+
+    Keys: "win" (lo, hi) of the intersected band; "seg" the Segments mask; "dense" a tuple of Dense
+    masks to AND; "blk" a tuple of BlockSparse masks (equal block sizes) to AND.
+    """
+    out: dict = {}
+    lo, hi = -_UNBOUNDED, _UNBOUNDED
+    has_window = False
+    for m in term:
+        if isinstance(m, Window):
+            a, b = _window_bounds(m, q_len, k_len)
+            lo, hi, has_window = max(lo, a), min(hi, b), True
+        elif isinstance(m, Segments):
+            if "seg" in out and out["seg"] is not m:
+                raise _Fallback("two different Segments masks in one AND-term")
+            out["seg"] = m
+        elif isinstance(m, Dense):
+            out["dense"] = out.get("dense", ()) + (m,)
+        elif isinstance(m, BlockSparse):
+            prev = out.get("blk", ())
+            if prev and (prev[0].block_q, prev[0].block_k) != (m.block_q, m.block_k):
+                raise _Fallback("BlockSparse maps with different block sizes in one AND-term")
+            out["blk"] = prev + (m,)
+        else:  # pragma: no cover - _dnf only returns primitives
+            raise _Fallback(type(m).__name__)
+    if has_window:
+        if lo > hi:
+            return None
+        # j - i ranges over [-(Nq - 1), Nk - 1]: a band covering that range forbids nothing.
+        if not (lo <= -(q_len - 1) and hi >= k_len - 1):
+            out["win"] = (lo, hi)
+    return out
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _plan(mask: Mask, q_len: int, k_len: int):
+    """Slot assignment of ``mask`` without building any tensor; raises _Fallback when it does not fit.
+
+    Returns (term bit sets, windows, Segments or None, Dense tuple or None, BlockSparse tuple or None).
+    """
+    terms = [_simplify_term(t, q_len, k_len) for t in _dnf(mask)]
+    terms = [t for t in terms if t is not None]
+    if any(len(t) == 0 for t in terms):
+        return (0,), [], None, None, None
+    if len(terms) > MAX_TERMS:
+        raise _Fallback(f"{len(terms)} OR-terms (the kernel evaluates at most {MAX_TERMS})")
+    windows: list[tuple[int, int]] = []
+    seg = dense = blk = None
+    bits_per_term = []
+    for t in terms:
+        bits = 0
+        if "win" in t:
+            if t["win"] not in windows:
+                if len(windows) == 2:
+                    raise _Fallback("more than two distinct windows")
+                windows.append(t["win"])
+            bits |= SLOT_WIN0 if windows.index(t["win"]) == 0 else SLOT_WIN1
+        if "seg" in t:
+            if seg is not None and seg is not t["seg"]:
+                raise _Fallback("two different Segments masks")
+            seg, bits = t["seg"], bits | SLOT_SEG
+        if "dense" in t:
+            if dense is not None and not _same(dense, t["dense"]):
+                raise _Fallback("two different Dense masks")
+            dense, bits = t["dense"], bits | SLOT_DENSE
+        if "blk" in t:
+            if blk is not None and not _same(blk, t["blk"]):
+                raise _Fallback("two different BlockSparse maps")
+            blk, bits = t["blk"], bits | SLOT_BLK
+        bits_per_term.append(bits)
+    return tuple(bits_per_term), windows, seg, dense, blk
+
+
+def _build_program(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
+    bits, windows, seg, dense, blk = _plan(mask, q_len, k_len)
+    prog = MaskProgram(terms=bits)
+    for i, w in enumerate(windows):
+        prog.windows[i] = w
+    if seg is not None:
+        prog.seg = (_ids(seg.q_ids, device), _ids(seg.kv_ids, device))
+    if dense is not None:
+        allowed = dense[0].dense(q_len, k_len, device)
+        for m in dense[1:]:
+            allowed = allowed & m.dense(q_len, k_len, device)
+        prog.dense = _as_u8(allowed)
+    if blk is not None:
+        block_mask = blk[0].block_mask.to(device)
+        for m in blk[1:]:
+            block_mask = block_mask & m.block_mask.to(device)
+        prog.blk = (_as_u8(block_mask), blk[0].block_q, blk[0].block_k)
+    prog.description = " | ".join(_bits_name(b) for b in bits) if bits else "nothing allowed"
+    return prog
+
+
+def _bits_name(bits: int) -> str:
+    names = [n for n, f in (("WIN0", 1), ("WIN1", 2), ("SEG", 4), ("DENSE", 8), ("BLK", 16)) if bits & f]
+    return "&".join(names) or "TRUE"
+
+
+def _ids(ids: torch.Tensor, device) -> torch.Tensor:
+    ids = ids.to(device)
+    if ids.numel() and (int(ids.max()) > 2**31 - 1 or int(ids.min()) < -(2**31)):
+        raise ValueError("Segments ids must fit in int32 for the Triton kernel")
+    return ids.to(torch.int32).contiguous()
+
+
+def _as_u8(t: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8 view (same memory, strides kept; 0/1 values)."""
+    if t.dtype != torch.bool:
+        raise TypeError(f"expected a bool tensor, got {t.dtype}")
+    if t.dim() == 2:
+        t = t[None, None]
+    return t.view(torch.uint8)
+
+
+_PROGRAM_CACHE: "weakref.WeakKeyDictionary[Mask, dict]" = weakref.WeakKeyDictionary()
+
+
+def lower_mask(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
+    """The in-kernel predicate of ``mask`` for this problem size (cached per mask object and device)."""
+    key = (q_len, k_len, str(torch.device(device)))
+    per_mask = _PROGRAM_CACHE.setdefault(mask, {})
+    prog = per_mask.get(key)
+    if prog is None:
+        if mask.is_full:
+            prog = MaskProgram(terms=(0,), description="full mask")
+        else:
+            try:
+                prog = _build_program(mask, q_len, k_len, device)
+            except _Fallback as why:
+                dense = mask.dense(q_len, k_len, device)
+                prog = MaskProgram(
+                    terms=(SLOT_DENSE,),
+                    dense=_as_u8(dense),
+                    exact_in_kernel=False,
+                    description=f"materialised dense mask ({why})",
+                )
+        per_mask[key] = prog
+    return prog
+
+
+def needs_dense_fallback(mask: Mask, q_len: int, k_len: int) -> bool:
+    """True when :func:`lower_mask` would materialise ``mask`` densely (decided without building it)."""
+    if mask.is_full:
+        return False
+    try:
+        _plan(mask, q_len, k_len)
+    except _Fallback:
+        return True
+    return False

@@ -1,0 +1,328 @@
+"""Fused GATv2 edge softmax in Triton: forward and backward over a destination-sorted CSR graph.
+
+What: for every destination node i and head h,
+    s_ji = a_h . LeakyReLU(xs[j, h] + xd[i, h] + (W_e e_ji)_h)        over the incoming edges j -> i
+    out[i, h] = sum_j softmax_j(s_ji) * keep_jih / (1 - p) * xs[j, h]
+with an online (running max / running sum) softmax, so no [E, H, C] tensor exists in forward or
+backward: only the per-node log-sum-exp [Nd, H] is stored. The edge projection W_e e_ji (edge_dim D,
+small) is computed inside the kernel from edge_attr [E, D] and W_e [H*C, D].
+
+The score code is written out in both kernels (no @triton.jit helper): nested jit calls failed under
+the interpreter when other test modules had been collected first in the same pytest process.
+
+Programs: one per (block of BLOCK_N consecutive destination nodes, head). Each walks its nodes' CSR
+segments in tiles of BLOCK_E edges x BLOCK_C channels (C padded to a power of two).
+
+Backward (the FlashAttention-2 identity delta_i = g_i . out_i, computed in PyTorch): the same programs
+recompute s, alpha = exp(s - lse), t = g_i . xs_j and ds = alpha * (keep' * t - delta_i), then
+    dxd[i]  = sum_j ds * a * LeakyReLU'(z)            (owned by the program: plain store)
+    dxs[j] += ds * a * LeakyReLU'(z) + alpha' * g_i    (atomic add into an fp32 buffer)
+    da     += sum ds * LeakyReLU(z)                      (per-program partials, summed in PyTorch)
+    dW_e, de from dz (per-program partials / per-head buffers, summed in PyTorch).
+
+Source: the math of zoo/attention/segment.py (the CPU path, checked against PyG's GATv2Conv); the online
+softmax and the delta trick follow FlashAttention-2 (Dao 2023) and Triton's 06-fused-attention tutorial
+(read, not copied). ``gatv2_edge_softmax_ref`` below is the fp32 PyTorch reference.
+
+Caveats:
+* fp32 / fp16 (and bf16 on GPU) inputs; math in fp32; dxs is accumulated with fp32 atomics, so its
+  summation order (and the last bits) vary between runs on a GPU.
+* Under TRITON_INTERPRET=1 (CPU tensors, CI) bf16 is refused (the interpreter computes it wrongly),
+  and one autotune config is used. Out-of-bounds reads are silent in the interpreter: the launcher
+  checks every index bound first.
+* C <= 256 and edge_dim <= 64 (an unrolled loop).
+
+GPUs tested: none (this project's CI has no GPU); verified under the Triton 3.6 interpreter on CPU
+against the reference in fp32 and fp16 (tests/test_graph_kernel.py).
+
+Letters: E edges, Ns/Nd source/destination nodes, H heads, C channels per head, D edge features,
+BLOCK_N nodes per program, BLOCK_E edges per tile, BLOCK_C padded channels.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["gatv2_edge_softmax", "gatv2_edge_softmax_ref", "INTERPRET"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autotune configs
+# ----------------------------------------------------------------------------------------------------
+def _configs() -> list:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 4, "BLOCK_E": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_E": be}, num_warps=w, num_stages=1)
+        for bn in (1, 4, 16)
+        for be in (16, 32, 64)
+        for w in (2, 4)
+    ]
+
+
+_KEY = ["H", "C", "D", "HAS_EDGE", "HAS_KEEP"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _gatv2_fwd_kernel(
+    xs_ptr, xd_ptr, att_ptr, ea_ptr, we_ptr, rowptr_ptr, col_ptr, keep_ptr,
+    out_ptr, lse_ptr, s_ptr,
+    Nd, slope, keep_scale,
+    H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_EDGE: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    att_row = tl.load(att_ptr + h * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    for n in range(BLOCK_N):
+        i = pid * BLOCK_N + n
+        valid = i < Nd
+        i_safe = tl.minimum(i, Nd - 1)
+        start = tl.load(rowptr_ptr + i_safe)
+        end = tl.load(rowptr_ptr + i_safe + 1)
+        end = tl.where(valid, end, start)
+        xd_row = tl.load(xd_ptr + (i_safe.to(tl.int64) * H + h) * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        m = tl.full((), -1.0e30, tl.float32)
+        l = tl.zeros((), tl.float32)
+        acc = tl.zeros((BLOCK_C,), tl.float32)
+        for e0 in range(start, end, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            mask_e = offs_e < end
+            src = tl.load(col_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+            xs_tile = tl.load(xs_ptr + (src[:, None] * H + h) * C + offs_c[None, :],
+                              mask=mask_e[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            z = xs_tile + xd_row[None, :]
+            if HAS_EDGE:
+                for d in tl.static_range(D):
+                    e_d = tl.load(ea_ptr + offs_e * D + d, mask=mask_e, other=0.0).to(tl.float32)
+                    w_d = tl.load(we_ptr + (h * C + offs_c) * D + d, mask=mask_c, other=0.0).to(tl.float32)
+                    z += e_d[:, None] * w_d[None, :]
+            lz = tl.where(z > 0, z, z * slope)
+            s = tl.sum(lz * att_row[None, :], axis=1)  # scores [BLOCK_E]
+            s = tl.where(mask_e, s, -float("inf"))
+            if STORE_S:
+                tl.store(s_ptr + offs_e.to(tl.int64) * H + h, s, mask=mask_e)
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            rescale = tl.exp(m - m_new)
+            l = l * rescale + tl.sum(p, axis=0)
+            if HAS_KEEP:
+                k = tl.load(keep_ptr + offs_e.to(tl.int64) * H + h, mask=mask_e, other=0).to(tl.float32)
+                p = p * k * keep_scale
+            acc = acc * rescale + tl.sum(p[:, None] * xs_tile, axis=0)
+            m = m_new
+        has = l > 0
+        out = tl.where(has, acc / tl.where(has, l, 1.0), 0.0)
+        lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), -float("inf"))
+        tl.store(out_ptr + (i_safe.to(tl.int64) * H + h) * C + offs_c, out.to(out_ptr.dtype.element_ty),
+                 mask=mask_c & valid)
+        tl.store(lse_ptr + i_safe * H + h, lse, mask=valid)
+
+
+@triton.autotune(configs=_configs(), key=_KEY, reset_to_zero=["dxs_ptr", "datt_ptr", "dwe_ptr", "dea_ptr"])
+@triton.jit
+def _gatv2_bwd_kernel(
+    xs_ptr, xd_ptr, att_ptr, ea_ptr, we_ptr, rowptr_ptr, col_ptr, keep_ptr,
+    g_ptr, lse_ptr, delta_ptr,
+    dxs_ptr, dxd_ptr, datt_ptr, dwe_ptr, dea_ptr,
+    Nd, E, slope, keep_scale,
+    H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_EDGE: tl.constexpr, HAS_KEEP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    att_row = tl.load(att_ptr + h * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    datt_acc = tl.zeros((BLOCK_C,), tl.float32)
+    for n in range(BLOCK_N):
+        i = pid * BLOCK_N + n
+        valid = i < Nd
+        i_safe = tl.minimum(i, Nd - 1)
+        start = tl.load(rowptr_ptr + i_safe)
+        end = tl.load(rowptr_ptr + i_safe + 1)
+        end = tl.where(valid, end, start)
+        row_off = (i_safe.to(tl.int64) * H + h) * C
+        xd_row = tl.load(xd_ptr + row_off + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        g_row = tl.load(g_ptr + row_off + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + i_safe * H + h)
+        delta = tl.load(delta_ptr + i_safe * H + h)
+        dxd_acc = tl.zeros((BLOCK_C,), tl.float32)
+        for e0 in range(start, end, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            mask_e = offs_e < end
+            mask_ec = mask_e[:, None] & mask_c[None, :]
+            src = tl.load(col_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+            xs_offs = (src[:, None] * H + h) * C + offs_c[None, :]
+            xs_tile = tl.load(xs_ptr + xs_offs, mask=mask_ec, other=0.0).to(tl.float32)
+            z = xs_tile + xd_row[None, :]
+            if HAS_EDGE:
+                for d in tl.static_range(D):
+                    e_d = tl.load(ea_ptr + offs_e * D + d, mask=mask_e, other=0.0).to(tl.float32)
+                    w_d = tl.load(we_ptr + (h * C + offs_c) * D + d, mask=mask_c, other=0.0).to(tl.float32)
+                    z += e_d[:, None] * w_d[None, :]
+            lz = tl.where(z > 0, z, z * slope)
+            s = tl.sum(lz * att_row[None, :], axis=1)  # scores [BLOCK_E]
+            alpha = tl.where(mask_e, tl.exp(s - lse), 0.0)
+            t = tl.sum(xs_tile * g_row[None, :], axis=1)  # dL/d alpha_eff
+            if HAS_KEEP:
+                k = tl.load(keep_ptr + offs_e.to(tl.int64) * H + h, mask=mask_e, other=0).to(tl.float32) * keep_scale
+                a_eff = alpha * k
+                t = t * k
+            else:
+                a_eff = alpha
+            ds = alpha * (t - delta)
+            datt_acc += tl.sum(ds[:, None] * lz, axis=0)
+            dz = ds[:, None] * att_row[None, :] * tl.where(z > 0, 1.0, slope)
+            dz = tl.where(mask_ec, dz, 0.0)
+            dxd_acc += tl.sum(dz, axis=0)
+            if HAS_EDGE:
+                for d in tl.static_range(D):
+                    e_d = tl.load(ea_ptr + offs_e * D + d, mask=mask_e, other=0.0).to(tl.float32)
+                    # dW_e[h*C + c, d] += sum_e dz[e, c] * ea[e, d]   (per-program partial row block)
+                    part = tl.sum(dz * e_d[:, None], axis=0)
+                    tl.atomic_add(dwe_ptr + (h * C + offs_c) * D + d, part, mask=mask_c)
+                    # de[e, d] (head h's share) = sum_c dz[e, c] * W_e[h*C + c, d]
+                    w_d = tl.load(we_ptr + (h * C + offs_c) * D + d, mask=mask_c, other=0.0).to(tl.float32)
+                    tl.store(dea_ptr + (h * E + offs_e.to(tl.int64)) * D + d, tl.sum(dz * w_d[None, :], axis=1),
+                             mask=mask_e)
+            dxs_tile = dz + a_eff[:, None] * g_row[None, :]
+            tl.atomic_add(dxs_ptr + xs_offs, dxs_tile, mask=mask_ec)
+        tl.store(dxd_ptr + row_off + offs_c, dxd_acc, mask=mask_c & valid)
+    tl.atomic_add(datt_ptr + h * C + offs_c, datt_acc, mask=mask_c)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+def _check(xs, xd, att, csr, edge_attr, edge_weight, keep):
+    dev = xs.device
+    if dev.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"gatv2_edge_softmax: tensors are on {dev}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1 "
+            "set before importing zoo.kernels.edge_softmax, for CPU tensors)"
+        )
+    if xs.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"gatv2_edge_softmax: dtype {xs.dtype} is not supported (fp32, fp16, bf16)")
+    if xs.dtype == torch.bfloat16 and INTERPRET:
+        raise TypeError("gatv2_edge_softmax: bf16 is computed wrongly by the Triton interpreter; use fp32/fp16")
+    for name, t in (("x_dst", xd), ("att", att), ("edge_attr", edge_attr), ("edge_weight", edge_weight)):
+        if t is not None and (t.dtype != xs.dtype or t.device != dev):
+            raise TypeError(f"gatv2_edge_softmax: {name} is {t.dtype} on {t.device}, x_src is {xs.dtype} on {dev}")
+    H, C = xs.shape[1], xs.shape[2]
+    if C > 256:
+        raise ValueError(f"gatv2_edge_softmax: C={C} channels per head > 256 are not supported")
+    if edge_attr is not None and edge_attr.size(1) > 64:
+        raise ValueError(f"gatv2_edge_softmax: edge_dim={edge_attr.size(1)} > 64 is not supported")
+    if csr.num_edges >= 2**31 or csr.num_dst * H >= 2**31:
+        raise ValueError("gatv2_edge_softmax: E and Nd*H must stay below 2**31")
+    if keep is not None and keep.device != dev:
+        raise ValueError("gatv2_edge_softmax: keep-mask on another device")
+    # The interpreter does not fault on out-of-bounds reads: check the graph's index bounds here.
+    if csr.num_edges:
+        if int(csr.col.min()) < 0 or int(csr.col.max()) >= xs.size(0):
+            raise ValueError("gatv2_edge_softmax: a CSR source index is out of range")
+        if int(csr.rowptr[-1]) != csr.num_edges or int(csr.rowptr[0]) != 0:
+            raise ValueError("gatv2_edge_softmax: CSR rowptr does not span the edges")
+
+
+def _grid(Nd, H):
+    return lambda meta: (triton.cdiv(max(Nd, 1), meta["BLOCK_N"]), H)
+
+
+class _GATv2EdgeSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, xd, att, ea, we, csr, slope, keep, dropout, need_weights):
+        Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
+        D = 0 if ea is None else ea.shape[1]
+        xs, xd, att = xs.contiguous(), xd.contiguous(), att.contiguous()
+        ea = None if ea is None else ea.contiguous()
+        we = None if we is None else we.contiguous()
+        keep_i8 = None if keep is None else keep.to(torch.int8).contiguous()
+        out = torch.empty(Nd, H, C, dtype=xs.dtype, device=xs.device)
+        lse = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
+        s = torch.empty(csr.num_edges, H, dtype=torch.float32, device=xs.device) if need_weights else lse
+        dummy = att
+        kscale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
+        if Nd:
+            _gatv2_fwd_kernel[_grid(Nd, H)](
+                xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
+                csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
+                out, lse, s, Nd, float(slope), float(kscale),
+                H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
+                HAS_EDGE=ea is not None, HAS_KEEP=keep is not None, STORE_S=bool(need_weights),
+            )
+        ctx.save_for_backward(xs, xd, att, ea, we, keep_i8, out, lse)
+        ctx.csr, ctx.slope, ctx.kscale = csr, float(slope), float(kscale)
+        if not need_weights:
+            return out, None
+        alpha = torch.exp(s - lse[csr.row])
+        if keep is not None:
+            alpha = alpha * keep.to(alpha.dtype) * kscale
+        alpha = alpha.to(xs.dtype)
+        ctx.mark_non_differentiable(alpha)
+        return out, alpha
+
+    @staticmethod
+    def backward(ctx, g, _g_alpha):
+        xs, xd, att, ea, we, keep_i8, out, lse = ctx.saved_tensors
+        csr = ctx.csr
+        Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
+        D = 0 if ea is None else ea.shape[1]
+        g = g.contiguous()
+        delta = (g.float() * out.float()).sum(-1).contiguous()  # [Nd, H] = g_i . out_i
+        dxs = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device)
+        dxd = torch.zeros(xd.shape, dtype=torch.float32, device=xs.device)
+        datt = torch.zeros(H, C, dtype=torch.float32, device=xs.device)
+        dwe = torch.zeros(H * C, max(D, 1), dtype=torch.float32, device=xs.device)
+        dea = torch.zeros(H, csr.num_edges, max(D, 1), dtype=torch.float32, device=xs.device) if D else dwe
+        dummy = att
+        if Nd:
+            _gatv2_bwd_kernel[_grid(Nd, H)](
+                xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
+                csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
+                g, lse, delta, dxs, dxd, datt, dwe, dea,
+                Nd, csr.num_edges, ctx.slope, ctx.kscale,
+                H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
+                HAS_EDGE=ea is not None, HAS_KEEP=keep_i8 is not None,
+            )
+        return (
+            dxs.to(xs.dtype), dxd.to(xd.dtype), datt.to(att.dtype),
+            None if ea is None else dea.sum(0).to(ea.dtype),
+            None if we is None else dwe.to(we.dtype),
+            None, None, None, None, None,
+        )
+
+
+def gatv2_edge_softmax(xs_NHC, xd_NHC, att_HC, csr, *, edge_attr=None, edge_weight=None, negative_slope=0.2,
+                       keep: Optional[torch.Tensor] = None, dropout: float = 0.0, need_weights: bool = False):
+    """Fused GATv2 attention (see the module docstring); arguments and return as
+    :func:`zoo.attention.segment.gatv2_attention`: (out [Nd, H, C], alpha [E, H] in CSR order or None)."""
+    csr = csr.to(xs_NHC.device)
+    _check(xs_NHC, xd_NHC, att_HC, csr, edge_attr, edge_weight, keep)
+    return _GATv2EdgeSoftmax.apply(xs_NHC, xd_NHC, att_HC, edge_attr, edge_weight, csr, negative_slope, keep,
+                                   float(dropout), bool(need_weights))
+
+
+def gatv2_edge_softmax_ref(xs_NHC, xd_NHC, att_HC, csr, *, edge_attr=None, edge_weight=None, negative_slope=0.2,
+                           keep=None, dropout=0.0):
+    """fp32 PyTorch reference of the kernel (unfused, [E, H, C] tensors): (out, alpha)."""
+    from zoo.attention.segment import gatv2_attention_ref
+
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    return gatv2_attention_ref(f(xs_NHC), f(xd_NHC), f(att_HC), csr, edge_attr=f(edge_attr),
+                               edge_weight=f(edge_weight), negative_slope=negative_slope, keep=keep, dropout=dropout)

@@ -1,0 +1,1157 @@
+"""Block-sparse FlashAttention-2 in Triton: forward and backward, driven by zoo.attention block maps.
+
+What: exact attention ``softmax(scale * q k^T + bias)`` (or ``sigmoid(scale * q k^T + bias - log Nk)``)
+restricted by a zoo.attention mask, in O(N) memory, for training and inference:
+
+* q (B, H, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); H % Hkv == 0 (grouped-query attention: a
+  query head reads its key/value head through pointer arithmetic, nothing is copied); any Nq, Nk;
+  D and Dv up to 256, padded inside the kernel to the next power of two >= 16; fp16 / bf16 / fp32
+  inputs, fp32 accumulation (fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.
+  allow_tf32`` is set, matching PyTorch's own matmul precision).
+* Sparsity: each program walks only the tiles that the mask's block map (``Mask.block_map``) keeps,
+  from per-tile lists built once per (mask, shape, tile) by kernels/block_index.py. FULL tiles run
+  with no masking and no bounds checks; PARTIAL tiles evaluate the mask element-wise in the kernel
+  (Window/Causal from indices, Segments from id vectors, BlockSparse/Radial from the tile map, Dense
+  by loading mask tiles; And/Or trees up to three OR-terms; see block_index.py for what is exact
+  in-kernel and the dense fallback).
+* Additive bias of any shape broadcastable to (B, H, Nq, Nk) is read with stride-0 broadcasting (no
+  expanded copy); its gradient is reduced over the broadcast dimensions inside the dQ pass.
+* Outputs: ``out`` and, on request, the row log-sum-exp (natural log, -inf for rows with no allowed
+  key), so partial results over disjoint key sets can be merged (``merge_attention_states``).
+* Fully masked rows give zero output and zero gradients.
+
+Backward (FlashAttention-2, Dao 2023, Algorithm 2, split into two atomics-free passes as in the Triton
+tutorial 06-fused-attention): a preprocess computes ``delta = rowsum(dO * O)``; a **key-block-major**
+pass recomputes P for every (key tile, query tile that sees it) from the stored LSE and accumulates
+dK and dV in registers, looping over the G query heads of its key/value head (so GQA needs no
+atomics either) and over the *transposed* block map; a **query-block-major** pass recomputes P and
+dS and accumulates dQ, and, when the bias needs a gradient, writes dBias. When the bias is broadcast
+over batch or heads, one dQ program handles all the (batch, head) pairs that share a bias slice in
+sequence, so its dBias tile is a plain read-modify-write by a single program (no atomics).
+
+Sources (read, not copied): Tri Dao, "FlashAttention-2" (arXiv:2307.08691); Dao-AILab/flash-attention
+flash_attn/flash_attn_triton.py (bias broadcasting, dBias); Triton tutorial 06-fused-attention.py
+(two-pass backward, exp2 with a log2(e)-folded scale); PyTorch FlexAttention (block masks as
+partial/full tile lists).
+
+Caveats:
+* ``dropout_p > 0`` and ``return_weights`` are not implemented: :func:`triton_supports` says so and
+  ``attend`` falls back to another backend.
+* Row offsets inside one (batch, head) slice are 32-bit: Nq * stride(-2) and Nk * stride(-2) must stay
+  below 2**31 (checked by the launcher). Segment ids must fit in int32.
+* The LSE output carries no gradient (as in flash-attn).
+* When a bias gradient is needed and the bias is broadcast over batch/heads, the dQ pass has
+  (B*H)/(Bb*Hb) times fewer programs (each loops over the pairs sharing its bias slice).
+* Under ``TRITON_INTERPRET=1`` (CPU tensors) bf16 is computed wrongly by the interpreter, so it is
+  refused there; one autotune config is used.
+
+GPUs tested: none yet. Verified under the Triton 3.6 interpreter on CPU, and compiled offline for sm_80
+and sm_90 with Triton's bundled ptxas (:func:`compile_check`, ``python -m zoo.kernels.flash_attention``),
+which also checks that every pass has an autotune config within the shared memory of an A100 / H100.
+Run the GPU tests with ``pytest -m gpu tests/test_kernels_flash.py``.
+
+Letters: B batch, H query heads, Hkv key/value heads, G = H // Hkv, Nq/Nk query/key lengths, D head dim
+of q/k, Dv head dim of v, BM/BN query/key tile sizes, BD/BDV padded head dims.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from zoo.kernels.block_index import MaskProgram, kernel_tile_lists, lower_mask, needs_dense_fallback
+from zoo.attention.bias import resolve_bias
+from zoo.attention.masks import Mask, as_mask
+
+__all__ = [
+    "flash_attention",
+    "flash_attention_ref",
+    "merge_attention_states",
+    "triton_supports",
+    "triton_attention",
+    "MAX_HEAD_DIM",
+]
+
+MAX_HEAD_DIM = 256
+# Dense fallback masks above this many cells are refused by triton_supports (attend picks another backend).
+DENSE_FALLBACK_LIMIT = 1 << 28
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_MAX_OFFSET = 2**31 - 1
+
+# The interpreter is chosen when the module is imported (triton.jit reads TRITON_INTERPRET then).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Autotune configurations (tile sizes are chosen per head dim by _tiles(); autotuning picks warps and
+# pipeline stages. One config when interpreting: the interpreter cannot benchmark.)
+# ------------------------------------------------------------------------------------------------
+def _configs(kind: str) -> list:
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3), (4, 4))]
+    if kind == "bwd":
+        return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (4, 2), (8, 1), (8, 2))]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
+
+
+_FWD_KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SCORE", "HAS_BIAS", "NUM_TERMS"]
+_BWD_KEY = _FWD_KEY + ["HAS_DBIAS"]
+
+
+def _tiles(block_d: int, block_dv: int, dtype: torch.dtype, major: Optional[int], backward: bool) -> tuple[int, int]:
+    """(BM, BN) for a problem: a function of the padded head dims, the element size and the GPU generation.
+
+    Chosen so that every pass has at least one autotune config within the shared memory of an A100
+    (163 KB) and an H100 (227 KB); checked offline by :func:`compile_check`. ``major`` is the CUDA compute
+    capability major version, None for the interpreter.
+    """
+    if major is None:
+        return (32, 32)
+    row_bytes = max(block_d, block_dv) * (4 if dtype == torch.float32 else 2)
+    if backward:
+        # Both backward passes keep two (tile, BD) fp32 accumulators per program.
+        if row_bytes <= 128:
+            return (64, 64)
+        if row_bytes <= 256:
+            return (64, 64) if major >= 9 else (32, 64)
+        return (32, 64) if row_bytes <= 512 and major >= 9 else (32, 32)
+    if row_bytes <= 128:
+        return (128, 64)
+    if row_bytes <= 256:
+        return (128, 64) if dtype != torch.float32 else (64, 64)
+    if row_bytes <= 512:
+        return (64, 32)
+    return (32, 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# @triton.jit helpers
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_tile(ptrs, offs_r, n_r, offs_c, n_c, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
+    """Load a 2-D tile with bounds checks only along the dimensions that need them (zeros outside)."""
+    if CHECK_R:
+        if CHECK_C:
+            x = tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=offs_r[:, None] < n_r, other=0.0)
+    else:
+        if CHECK_C:
+            x = tl.load(ptrs, mask=offs_c[None, :] < n_c, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _mask_term(
+    rows, cols, inb, b, h,
+    win_lo0, win_hi0, win_lo1, win_hi1,
+    SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn,
+    BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    BITS: tl.constexpr,
+):
+    """AND of the predicate slots named by BITS (see block_index.py) over a [BM, BN] tile."""
+    ok = inb
+    if (BITS & 1) != 0:  # WIN0: lo <= j - i <= hi
+        rel = cols - rows
+        ok = ok & (rel >= win_lo0) & (rel <= win_hi0)
+    if (BITS & 2) != 0:  # WIN1
+        rel = cols - rows
+        ok = ok & (rel >= win_lo1) & (rel <= win_hi1)
+    if (BITS & 4) != 0:  # SEG: same non-negative segment id
+        qid = tl.load(SegQ + b * seg_q_sb + rows, mask=rows < Nq, other=-1)
+        kid = tl.load(SegK + b * seg_k_sb + cols, mask=cols < Nk, other=-2)
+        ok = ok & (qid == kid) & (qid >= 0)
+    if (BITS & 8) != 0:  # DENSE: load the mask tile
+        dn = tl.load(
+            DenseM + b * dn_sb + h * dn_sh + rows.to(tl.int64) * dn_sm + cols.to(tl.int64) * dn_sn,
+            mask=inb, other=0,
+        )
+        ok = ok & (dn != 0)
+    if (BITS & 16) != 0:  # BLK: look up the source tile map
+        bl = tl.load(BlkM + b * bl_sb + h * bl_sh + (rows // blk_bq) * bl_sm + (cols // blk_bk) * bl_sn, mask=inb, other=0)
+        ok = ok & (bl != 0)
+    return ok
+
+
+@triton.jit
+def _tile_mask(
+    offs_m, offs_n, b, h, Nq, Nk,
+    win_lo0, win_hi0, win_lo1, win_hi1,
+    SegQ, SegK, seg_q_sb, seg_k_sb,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn,
+    BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
+):
+    """bool [BM, BN]: pair (offs_m[i], offs_n[j]) is in range and allowed by the mask (OR of terms)."""
+    rows = offs_m[:, None]
+    cols = offs_n[None, :]
+    inb = (rows < Nq) & (cols < Nk)
+    if NUM_TERMS == 0:
+        keep = inb & (rows < 0)
+    else:
+        keep = _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                          Nq, Nk, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                          TERM0)
+        if NUM_TERMS > 1:
+            keep = keep | _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb,
+                                     seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm,
+                                     bl_sn, blk_bq, blk_bk, TERM1)
+        if NUM_TERMS > 2:
+            keep = keep | _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb,
+                                     seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm,
+                                     bl_sn, blk_bq, blk_bk, TERM2)
+    return keep
+
+
+@triton.jit
+def _scores(
+    q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
+    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
+):
+    """Scores [BM, BN] in kernel units (qk_scale * q.k + bias_scale * bias) and the keep mask (MASKED)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        bias = _load_tile(Bias_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                          offs_m, Nq, offs_n, Nk, MASKED, MASKED)
+        s += bias.to(tl.float32) * bias_scale
+    if MASKED:
+        keep = _tile_mask(offs_m, offs_n, b, h, Nq, Nk, win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb,
+                          seg_k_sb, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq,
+                          blk_bk, TERM0, TERM1, TERM2, NUM_TERMS)
+    else:
+        keep = s  # unused by the callers when not MASKED
+    return s, keep
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, n_blk, offs_m, offs_d, offs_dv, b, h,
+    K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
+    Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
+):
+    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = _load_tile(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d, D, MASKED, CHECK_D)
+    s, keep = _scores(q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
+                      win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                      DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                      MASKED, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
+    if SCORE == 0:
+        # Online softmax in base 2 (s is already multiplied by log2(e)).
+        if MASKED:
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    else:
+        p = tl.sigmoid(s + s_shift)
+        if MASKED:
+            p = tl.where(keep, p, 0.0)
+    v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, Nk, offs_dv, DV, MASKED, CHECK_DV)
+    acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=_FWD_KEY)
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Bias, Out, Lse, TileCnt, TileIdx,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_om,
+    cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
+    H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
+):
+    """One program: query tile pid_m of (batch b, head h). Grid (QB, B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // G
+    Q_bh = Q + b * stride_qb + h * stride_qh
+    K_bh = K + b * stride_kb + hk * stride_kh
+    V_bh = V + b * stride_vb + hk * stride_vh
+    Bias_bh = Bias + b * stride_bb + h * stride_bh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Nq, offs_d, D, True, CHECK_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    cnt_ptr = TileCnt + b * cnt_sb + h * cnt_sh + pid_m * 2
+    idx_ptr = TileIdx + b * idx_sb + h * idx_sh + pid_m * idx_w
+    n_partial = tl.load(cnt_ptr)
+    n_full = tl.load(cnt_ptr + 1)
+    for t in range(0, n_partial):
+        n_blk = tl.load(idx_ptr + t)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, n_blk, offs_m, offs_d, offs_dv, b, h,
+                                  K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
+                                  Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                  win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                  DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                  True, SCORE, HAS_BIAS, BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC,
+                                  TERM0, TERM1, TERM2, NUM_TERMS)
+    for t in range(n_partial, n_partial + n_full):
+        n_blk = tl.load(idx_ptr + t)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, n_blk, offs_m, offs_d, offs_dv, b, h,
+                                  K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
+                                  Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                  win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                  DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                  False, SCORE, HAS_BIAS, BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC,
+                                  TERM0, TERM1, TERM2, NUM_TERMS)
+
+    row_ok = offs_m < Nq
+    if SCORE == 0:
+        empty = l_i == 0.0
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # base 2
+        tl.store(Lse + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)
+    O_bh = Out + b * stride_ob + h * stride_oh
+    o_ptrs = O_bh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs("pre"), key=["BLOCK_M", "BLOCK_DV"])
+@triton.jit
+def _attn_bwd_preprocess(
+    Out, DO, Delta, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, H, Nq, DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] (fp32). Grid (cdiv(Nq, BM), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o = _load_tile(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+                   offs_m, Nq, offs_dv, DV, True, True)
+    do = _load_tile(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :],
+                    offs_m, Nq, offs_dv, DV, True, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
+
+
+@triton.jit
+def _probs_and_dscores(
+    q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn,
+    qk_scale, bias_scale, s_shift,
+    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
+):
+    """Recompute P [BM, BN] and dS = dL/d(scale * q.k + bias) for one tile."""
+    s, keep = _scores(q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
+                      win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                      DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                      MASKED, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if SCORE == 0:
+        if MASKED:
+            lse = tl.load(Lse_bh + offs_m, mask=offs_m < Nq, other=float("inf"))
+            delta = tl.load(Delta_bh + offs_m, mask=offs_m < Nq, other=0.0)
+            s = tl.where(keep, s, float("-inf"))
+        else:
+            lse = tl.load(Lse_bh + offs_m)
+            delta = tl.load(Delta_bh + offs_m)
+        # Rows with no allowed key stored LSE = -inf: make their P exactly zero.
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        p = tl.exp2(s - lse[:, None])
+        ds = p * (dp - delta[:, None])
+    else:
+        p = tl.sigmoid(s + s_shift)
+        if MASKED:
+            p = tl.where(keep, p, 0.0)
+        ds = dp * p * (1.0 - p)
+    return p, ds
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
+    Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
+    Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
+):
+    offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = _load_tile(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Nq, offs_d, D, MASKED, CHECK_D)
+    do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, Nq, offs_dv, DV, MASKED, CHECK_DV)
+    p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
+                               stride_bm, stride_bn, qk_scale, bias_scale, s_shift,
+                               win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                               DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                               MASKED, SCORE, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Bias, DO, Lse, Delta, DK, DVo, TileCnt, TileIdx,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
+    H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, sm_scale,
+    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr,
+    CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
+):
+    """One program: key tile pid_n of (batch b, kv head hk), all G query heads. Grid (KB, B * Hkv).
+
+    Walks the transposed tile lists (query tiles that see this key tile), so dK/dV are sparse and each
+    is written once by its owner (no atomics)."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    Hkv = H // G
+    b = (pid_bk // Hkv).to(tl.int64)
+    hk = (pid_bk % Hkv).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    K_bh = K + b * stride_kb + hk * stride_kh
+    V_bh = V + b * stride_vb + hk * stride_vh
+    k = _load_tile(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d, D, True, CHECK_D)
+    v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, Nk, offs_dv, DV, True, CHECK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        Q_bh = Q + b * stride_qb + h * stride_qh
+        DO_bh = DO + b * stride_dob + h * stride_doh
+        Bias_bh = Bias + b * stride_bb + h * stride_bh
+        Lse_bh = Lse + (b * H + h) * Nq
+        Delta_bh = Delta + (b * H + h) * Nq
+        cnt_ptr = TileCnt + b * cnt_sb + h * cnt_sh + pid_n * 2
+        idx_ptr = TileIdx + b * idx_sb + h * idx_sh + pid_n * idx_w
+        n_partial = tl.load(cnt_ptr)
+        n_full = tl.load(cnt_ptr + 1)
+        for t in range(0, n_partial):
+            m_blk = tl.load(idx_ptr + t)
+            dk, dv = _dkdv_tile(dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
+                                Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
+                                Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                True, SCORE, HAS_BIAS, BLOCK_M, CHECK_D, CHECK_DV, DOT_PREC,
+                                TERM0, TERM1, TERM2, NUM_TERMS)
+        for t in range(n_partial, n_partial + n_full):
+            m_blk = tl.load(idx_ptr + t)
+            dk, dv = _dkdv_tile(dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
+                                Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
+                                Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                False, SCORE, HAS_BIAS, BLOCK_M, CHECK_D, CHECK_DV, DOT_PREC,
+                                TERM0, TERM1, TERM2, NUM_TERMS)
+    dk = dk * sm_scale
+    row_ok = offs_n[:, None] < Nk
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=row_ok & (offs_d[None, :] < D))
+    tl.store(DVo + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+             dv.to(DVo.dtype.element_ty), mask=row_ok & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_tile(
+    dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
+    K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm,
+    Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr,
+    DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DB_ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
+    TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
+):
+    offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = _load_tile(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d, D, MASKED, CHECK_D)
+    v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, Nk, offs_dv, DV, MASKED, CHECK_DV)
+    p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
+                               stride_bm, stride_bn, qk_scale, bias_scale, s_shift,
+                               win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                               DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                               MASKED, SCORE, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    if HAS_DBIAS:
+        if DB_COLS:
+            if DB_ROWS:
+                # dBias (.., Nq, Nk): this tile of it is owned by this program.
+                ptrs = DB_bh + offs_m[:, None] * stride_dbm + offs_n[None, :]
+                if MASKED:
+                    ok = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+                    if DB_ACC:
+                        ds += tl.load(ptrs, mask=ok, other=0.0)
+                    tl.store(ptrs, ds, mask=ok)
+                else:
+                    if DB_ACC:
+                        ds += tl.load(ptrs)
+                    tl.store(ptrs, ds)
+            else:
+                # dBias (.., 1, Nk): per-query-tile partial sums in row pid_m, summed on the host.
+                col_sum = tl.sum(ds, 0)
+                ptrs = DB_bh + pid_m * stride_dbm + offs_n
+                if DB_ACC:
+                    col_sum += tl.load(ptrs, mask=offs_n < Nk, other=0.0)
+                tl.store(ptrs, col_sum, mask=offs_n < Nk)
+            if DB_ACC:
+                tl.debug_barrier()
+        else:
+            db_rows += tl.sum(ds, 1)
+    return dq, db_rows
+
+
+@triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["DBias"])
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Bias, DO, Lse, Delta, DQ, DBias, TileCnt, TileIdx,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm, stride_dbb, stride_dbh, stride_dbm,
+    cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
+    H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, sm_scale, B_LOOP, H_LOOP, H_OUT,
+    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DB_ROWS: tl.constexpr,
+    DB_COLS: tl.constexpr, DB_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
+):
+    """One program: query tile pid_m for B_LOOP x H_LOOP (batch, head) pairs that share one bias slice
+    (1 x 1 unless a broadcast bias needs its gradient). Grid (QB, (B / B_LOOP) * (H / H_LOOP))."""
+    pid_m = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    b_out = pid_o // H_OUT
+    h_out = pid_o % H_OUT
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    db_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for ib in range(0, B_LOOP):
+        for ih in range(0, H_LOOP):
+            b = (b_out * B_LOOP + ib).to(tl.int64)
+            h = (h_out * H_LOOP + ih).to(tl.int64)
+            hk = h // G
+            Q_bh = Q + b * stride_qb + h * stride_qh
+            K_bh = K + b * stride_kb + hk * stride_kh
+            V_bh = V + b * stride_vb + hk * stride_vh
+            DO_bh = DO + b * stride_dob + h * stride_doh
+            Bias_bh = Bias + b * stride_bb + h * stride_bh
+            DB_bh = DBias + b * stride_dbb + h * stride_dbh
+            Lse_bh = Lse + (b * H + h) * Nq
+            Delta_bh = Delta + (b * H + h) * Nq
+            q = _load_tile(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Nq, offs_d, D, True, CHECK_D)
+            do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, Nq, offs_dv, DV,
+                            True, CHECK_DV)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            cnt_ptr = TileCnt + b * cnt_sb + h * cnt_sh + pid_m * 2
+            idx_ptr = TileIdx + b * idx_sb + h * idx_sh + pid_m * idx_w
+            n_partial = tl.load(cnt_ptr)
+            n_full = tl.load(cnt_ptr + 1)
+            for t in range(0, n_partial):
+                n_blk = tl.load(idx_ptr + t)
+                dq, db_rows = _dq_tile(dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
+                                       K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
+                                       stride_bm, stride_bn, stride_dbm, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                       win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                       DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn,
+                                       blk_bq, blk_bk, True, SCORE, HAS_BIAS, HAS_DBIAS, DB_ROWS, DB_COLS, DB_ACC,
+                                       BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
+            for t in range(n_partial, n_partial + n_full):
+                n_blk = tl.load(idx_ptr + t)
+                dq, db_rows = _dq_tile(dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
+                                       K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
+                                       stride_bm, stride_bn, stride_dbm, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                       win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                       DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn,
+                                       blk_bq, blk_bk, False, SCORE, HAS_BIAS, HAS_DBIAS, DB_ROWS, DB_COLS, DB_ACC,
+                                       BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
+            dq = dq * sm_scale
+            tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
+    if HAS_DBIAS:
+        if not DB_COLS:
+            # dBias (.., Nq|1, 1): row sums over every key tile and every (batch, head) of this program.
+            DB_o = DBias + (b_out * B_LOOP).to(tl.int64) * stride_dbb + (h_out * H_LOOP).to(tl.int64) * stride_dbh
+            if DB_ROWS:
+                tl.store(DB_o + offs_m * stride_dbm, db_rows, mask=offs_m < Nq)
+            else:
+                tl.store(DB_o + pid_m * stride_dbm, tl.sum(db_rows, 0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """Everything about one call that is not a tensor input."""
+
+    mask: Mask
+    program: MaskProgram
+    scale: float
+    score: str
+    q_len: int
+    k_len: int
+    block_d: int
+    block_dv: int
+    fwd_tiles: tuple
+    bwd_tiles: tuple
+    dot_prec: str
+
+    @property
+    def score_id(self) -> int:
+        return 0 if self.score == "softmax" else 1
+
+    def units(self) -> tuple[float, float, float]:
+        """(qk_scale, bias_scale, s_shift): softmax works in base 2, sigmoid in natural units."""
+        if self.score == "softmax":
+            return self.scale * LOG2E, LOG2E, 0.0
+        return self.scale, 1.0, -math.log(self.k_len)
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _bias_strides(bias: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
+    if bias is None:
+        return (0, 0, 0, 0)
+    return tuple(bias.stride(i) if bias.shape[i] > 1 else 0 for i in range(4))
+
+
+def _bias_span(bias: torch.Tensor) -> int:
+    """Largest offset inside one (batch, head) slice of the bias (the kernel computes it in 32 bits)."""
+    _, _, sm, sn = _bias_strides(bias)
+    return (bias.shape[2] - 1) * sm + (bias.shape[3] - 1) * sn
+
+
+def _check_tensor(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"flash_attention: {name} must have a unit stride in its last dim, got strides {t.stride()}")
+    if t.shape[-2] * max(t.stride(-2), 1) > _MAX_OFFSET:
+        raise ValueError(
+            f"flash_attention: {name} of shape {tuple(t.shape)} with row stride {t.stride(-2)} exceeds the kernel's "
+            "32-bit in-slice offsets"
+        )
+
+
+def _mask_launch_args(plan: _Plan, device) -> tuple[tuple, dict]:
+    dummy = torch.zeros(1, dtype=torch.uint8, device=device)
+    return plan.program.kernel_args(dummy), plan.program.constexprs()
+
+
+def _forward(q, k, v, bias, plan: _Plan):
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    block_m, block_n = plan.fwd_tiles
+    lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device)
+    out = torch.empty(batch, heads, q_len, dv_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    bias_arg = bias if bias is not None else q
+    qk_scale, bias_scale, s_shift = plan.units()
+    mask_args, mask_meta = _mask_launch_args(plan, q.device)
+    grid = (lists.num_row_tiles, batch * heads)
+    _attn_fwd[grid](
+        q, k, v, bias_arg, out, lse, lists.counts, lists.index,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias),
+        out.stride(0), out.stride(1), out.stride(2), *lists.strides(),
+        heads, heads // kv_heads, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift,
+        *mask_args,
+        SCORE=plan.score_id, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, CHECK_D=head_dim != plan.block_d,
+        CHECK_DV=dv_dim != plan.block_dv, DOT_PREC=plan.dot_prec, **mask_meta,
+    )
+    return out, lse
+
+
+def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool):
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    groups = heads // kv_heads
+    d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
+    _check_tensor("grad_out", d_out)
+    block_m, block_n = plan.bwd_tiles
+    q_lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device)
+    k_lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device, transposed=True)
+    qk_scale, bias_scale, s_shift = plan.units()
+    mask_args, mask_meta = _mask_launch_args(plan, q.device)
+    common_meta = dict(
+        SCORE=plan.score_id, HAS_BIAS=bias is not None, HAS_DBIAS=bias_grad, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, CHECK_D=head_dim != plan.block_d,
+        CHECK_DV=dv_dim != plan.block_dv, DOT_PREC=plan.dot_prec, **mask_meta,
+    )
+
+    delta = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    if plan.score == "softmax":
+        _attn_bwd_preprocess[(triton.cdiv(q_len, block_m), batch * heads)](
+            out, d_out, delta, out.stride(0), out.stride(1), out.stride(2),
+            d_out.stride(0), d_out.stride(1), d_out.stride(2), heads, q_len, dv_dim,
+            BLOCK_M=block_m, BLOCK_DV=plan.block_dv,
+        )
+    else:
+        delta.zero_()  # unused by the sigmoid score
+
+    bias_arg = bias if bias is not None else q
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    _attn_bwd_dkdv[(k_lists.num_row_tiles, batch * kv_heads)](
+        q, k, v, bias_arg, d_out, lse, delta, dk, dv, k_lists.counts, k_lists.index,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias),
+        d_out.stride(0), d_out.stride(1), d_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        *k_lists.strides(),
+        heads, groups, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, plan.scale,
+        *mask_args, **common_meta,
+    )
+
+    dq = torch.empty_like(q)
+    b_loop = h_loop = 1
+    # Placeholders when no bias gradient (a real buffer: the autotuner zeroes DBias between trials).
+    dbias_buf, db_rows, db_cols = torch.zeros(1, dtype=torch.float32, device=q.device), True, True
+    if bias_grad:
+        bb, bh, br, bc = bias.shape
+        b_loop = batch if (bb == 1 and batch > 1) else 1
+        h_loop = heads if (bh == 1 and heads > 1) else 1
+        db_rows, db_cols = br == q_len, bc == k_len
+        # rows broadcast: one partial row per query tile, summed below.
+        rows = q_len if db_rows else q_lists.num_row_tiles
+        dbias_buf = torch.zeros(bb, bh, rows, bc, dtype=torch.float32, device=q.device)
+    db_strides = (
+        (dbias_buf.stride(0) if dbias_buf.shape[0] > 1 else 0, dbias_buf.stride(1) if dbias_buf.shape[1] > 1 else 0,
+         dbias_buf.stride(2))
+        if bias_grad else (0, 0, 0)
+    )
+    h_out = heads // h_loop
+    _attn_bwd_dq[(q_lists.num_row_tiles, (batch // b_loop) * h_out)](
+        q, k, v, bias_arg, d_out, lse, delta, dq, dbias_buf, q_lists.counts, q_lists.index,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias),
+        d_out.stride(0), d_out.stride(1), d_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), *db_strides,
+        *q_lists.strides(),
+        heads, groups, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, plan.scale,
+        b_loop, h_loop, h_out,
+        *mask_args, DB_ROWS=db_rows, DB_COLS=db_cols, DB_ACC=b_loop * h_loop > 1, **common_meta,
+    )
+    dbias = None
+    if bias_grad:
+        dbias = dbias_buf if db_rows else dbias_buf.sum(dim=2, keepdim=True)
+        dbias = dbias.to(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd.Function
+# ------------------------------------------------------------------------------------------------
+class _FlashAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, plan: _Plan):
+        out, lse = _forward(q, k, v, bias, plan)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_lse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _backward(q, k, v, bias, out, lse, d_out, ctx.plan, bias_grad)
+        return dq, dk, dv, dbias, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Public functions
+# ------------------------------------------------------------------------------------------------
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_inputs(q, k, v, score, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"flash_attention: {name} must be 4-D (batch, heads, length, head_dim), got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"flash_attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (b, h, nq, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
+    if min(q.shape) == 0 or min(k.shape) == 0 or min(v.shape) == 0:
+        raise ValueError(f"flash_attention: empty input q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (b == bk == bv):
+        raise ValueError(f"flash_attention: batch sizes differ: q {b}, k {bk}, v {bv}")
+    if hk != hv or nk != nv:
+        raise ValueError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and length")
+    if h % hk != 0:
+        raise ValueError(f"flash_attention: query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if d != dk:
+        raise ValueError(f"flash_attention: q head dim {d} != k head dim {dk}")
+    if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention: head dims up to {MAX_HEAD_DIM} are supported, got D={d}, Dv={dv}")
+    if score not in ("softmax", "sigmoid"):
+        raise ValueError(f"flash_attention: score must be 'softmax' or 'sigmoid', got {score!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"flash_attention: scale must be a positive finite number, got {scale!r}")
+
+
+def _check_block(name: str, value: Optional[int]) -> None:
+    if value is not None and (not isinstance(value, int) or value < 16 or value & (value - 1)):
+        raise ValueError(f"flash_attention: {name} must be a power of two >= 16, got {value!r}")
+
+
+def _make_plan(q, k, v, mask: Mask, scale: float, score: str, block_m=None, block_n=None) -> _Plan:
+    q_len, k_len = q.shape[2], k.shape[2]
+    block_d, block_dv = _pad_dim(q.shape[3]), _pad_dim(v.shape[3])
+    major = torch.cuda.get_device_capability(q.device)[0] if (q.device.type == "cuda" and not INTERPRET) else None
+    fwd = _tiles(block_d, block_dv, q.dtype, major, backward=False)
+    bwd = _tiles(block_d, block_dv, q.dtype, major, backward=True)
+    if block_m is not None or block_n is not None:
+        fwd = bwd = (block_m or fwd[0], block_n or fwd[1])
+    allow_tf32 = q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    dot_prec = "tf32" if (q.dtype != torch.float32 or allow_tf32) else "ieee"
+    program = lower_mask(mask, q_len, k_len, q.device)
+    return _Plan(mask, program, float(scale), score, q_len, k_len, block_d, block_dv, fwd, bwd, dot_prec)
+
+
+def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None):
+    _check_inputs(q, k, v, score, scale)
+    _check_block("block_m", block_m)
+    _check_block("block_n", block_n)
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(
+            f"flash_attention: tensors are on {q.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1 set "
+            "before zoo.kernels.flash_attention is imported, for CPU tensors)"
+        )
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    mask = as_mask(mask)
+    mask.check_shape(q_len, k_len, batch, heads)
+    if mask.batch_size not in (1, batch) or mask.num_heads not in (1, heads):
+        raise ValueError(
+            f"flash_attention: mask {mask!r} (batch {mask.batch_size}, heads {mask.num_heads}) does not broadcast "
+            f"to batch {batch}, heads {heads}"
+        )
+    bias = resolve_bias(bias, q_len, k_len, device=q.device, dtype=q.dtype)
+    if bias is not None:
+        if bias.shape[0] not in (1, batch) or bias.shape[1] not in (1, heads):
+            raise ValueError(f"flash_attention: bias {tuple(bias.shape)} does not broadcast to ({batch}, {heads}, "
+                             f"{q_len}, {k_len})")
+        if bias.device != q.device:
+            raise ValueError(f"flash_attention: bias is on {bias.device} but q is on {q.device}")
+        if bias.dtype not in _DTYPES:
+            raise TypeError(f"flash_attention: bias must be float16, bfloat16 or float32, got {bias.dtype}")
+        if _bias_span(bias) > _MAX_OFFSET:
+            raise ValueError(f"flash_attention: bias {tuple(bias.shape)} with strides {bias.stride()} exceeds the "
+                             "kernel's 32-bit in-slice offsets")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+    plan = _make_plan(q, k, v, mask, scale, score, block_m, block_n)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _FlashAttentionFn.apply(q, k, v, bias, plan)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask=None,
+    bias=None,
+    *,
+    scale: Optional[float] = None,
+    score: str = "softmax",
+    return_lse: bool = False,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+):
+    """Block-sparse flash attention (differentiable in q, k, v and bias).
+
+    Args:
+        q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv); fp16, bf16 or fp32, CUDA (or CPU under
+            TRITON_INTERPRET=1). H % Hkv == 0. D, Dv <= 256.
+        mask: a zoo.attention mask (Full, Causal, Window, Segments, Dense, BlockSparse, Radial, & and |
+            combinations), a bool tensor (True = may attend) or None.
+        bias: float tensor broadcastable to (B, H, Nq, Nk) or a zoo.attention.AttentionBias.
+        scale: default 1/sqrt(D).
+        score: "softmax" or "sigmoid" (sigmoid(scale * q.k + bias - log Nk), no normalisation).
+        return_lse: also return the row log-sum-exp (B, H, Nq) fp32 in natural log (softmax only; -inf for
+            rows with no allowed key; carries no gradient).
+        block_m, block_n: override the query/key tile sizes (powers of two >= 16; for tests and tuning).
+
+    Returns:
+        out (B, H, Nq, Dv) in the input dtype, or (out, lse).
+    """
+    if return_lse and score != "softmax":
+        raise ValueError("flash_attention: return_lse is defined for score='softmax' only")
+    out, lse = _run(q, k, v, mask, bias, scale, score, block_m, block_n)
+    if return_lse:
+        return out, lse * LN2
+    return out
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Merge softmax attention over two disjoint key sets from their outputs and natural-log LSEs.
+
+    out (B, H, N, Dv), lse (B, H, N). Returns (out, lse) of attention over the union (as FlashInfer's
+    merge_state / xFormers' merge_attentions). Rows empty in both stay zero with LSE -inf.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    wa = torch.exp(lse_a - safe).nan_to_num(0.0)[..., None]
+    wb = torch.exp(lse_b - safe).nan_to_num(0.0)[..., None]
+    out = out_a.float() * wa + out_b.float() * wb
+    return out.to(out_a.dtype), lse
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend hooks for zoo.attention (registered as "triton" in zoo/attention/backends.py)
+# ------------------------------------------------------------------------------------------------
+def triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights) -> Optional[str]:
+    """None when the kernel can run this attend() call, else the reason it cannot."""
+    if q.device.type != "cuda":
+        if not INTERPRET:
+            return (
+                "the Triton kernel needs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 was set before "
+                "zoo.kernels.flash_attention was imported)"
+            )
+        if q.dtype == torch.bfloat16:
+            return "bfloat16 is computed wrongly by the Triton interpreter (use float16/float32 on CPU)"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
+    if bias is not None and bias.dtype not in _DTYPES:
+        return f"bias dtype {bias.dtype}"
+    if bias is not None and bias.dtype == torch.bfloat16 and q.device.type != "cuda":
+        return "bfloat16 bias under the Triton interpreter"
+    if dropout_p > 0.0:
+        return "dropout_p > 0 is not implemented in the Triton kernel"
+    if return_weights:
+        return "return_weights=True (the kernel never materialises the attention matrix)"
+    if score not in ("softmax", "sigmoid"):
+        return f"score={score!r}"
+    if q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
+        return f"head dim > {MAX_HEAD_DIM} (D={q.shape[3]}, Dv={v.shape[3]})"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[2] * max(t.stride(2), t.shape[3]) > _MAX_OFFSET:
+            return f"{name} is too long for 32-bit in-slice offsets"
+    if bias is not None and _bias_span(bias) > _MAX_OFFSET:
+        return "bias slice too large for 32-bit in-slice offsets"
+    q_len, k_len = q.shape[2], k.shape[2]
+    if needs_dense_fallback(mask, q_len, k_len):
+        cells = mask.batch_size * mask.num_heads * q_len * k_len
+        if cells > DENSE_FALLBACK_LIMIT:
+            return f"mask {mask!r} has no in-kernel form and a dense copy would need {cells} cells"
+    return None
+
+
+def triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    """The "triton" backend's forward (arguments as validated by zoo.attention.attend)."""
+    reason = triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+    if reason is not None:
+        raise ValueError(f"triton backend cannot run this call: {reason}")
+    out, _ = _run(q, k, v, mask, bias, scale, score)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32 reference
+# ------------------------------------------------------------------------------------------------
+def flash_attention_ref(q, k, v, mask=None, bias=None, *, scale=None, score="softmax", return_lse=False):
+    """Plain PyTorch attention in fp32 (fp64 when given fp64), materialising Nq x Nk; differentiable.
+
+    Same semantics as :func:`flash_attention`: GQA by repeating k/v heads, bottom-right aligned masks,
+    rows with no allowed key give zeros and LSE -inf. For tests and as the definition of the kernel.
+    """
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    groups = heads // k.shape[1]
+    qf, kf, vf = q.to(dtype), k.to(dtype).repeat_interleave(groups, 1), v.to(dtype).repeat_interleave(groups, 1)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    bias = resolve_bias(bias, q_len, k_len, device=q.device, dtype=dtype)
+    if bias is not None:
+        s = s + bias.to(dtype)
+    allowed = as_mask(mask).dense(q_len, k_len, q.device).expand(batch, heads, q_len, k_len)
+    if score == "softmax":
+        s = s.masked_fill(~allowed, float("-inf"))
+        row_max = s.amax(dim=-1, keepdim=True).detach()
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        e = torch.exp(s - row_max)
+        denom = e.sum(dim=-1, keepdim=True)
+        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+        lse = (row_max + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
+    elif score == "sigmoid":
+        p = torch.sigmoid(s - math.log(k_len)).masked_fill(~allowed, 0.0)
+        lse = None
+    else:
+        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+    out = torch.matmul(p, vf)
+    if return_lse:
+        if lse is None:
+            raise ValueError("return_lse is defined for score='softmax' only")
+        return out, lse
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline GPU compile check (no GPU needed): python -m zoo.kernels.flash_attention --arch 80 90
+# ------------------------------------------------------------------------------------------------
+# Shared memory per block (bytes) by compute capability.
+_SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_PTR_ARGS = {"Q", "K", "V", "Out", "DO", "DK", "DVo", "DQ"}
+_F32_PTR_ARGS = {"Bias", "Lse", "Delta", "DBias"}
+_I32_PTR_ARGS = {"TileCnt", "TileIdx", "SegQ", "SegK"}
+_U8_PTR_ARGS = {"DenseM", "BlkM"}
+_FLOAT_ARGS = {"qk_scale", "bias_scale", "s_shift", "sm_scale"}
+
+
+def _compile(kernel, constexprs: dict, dtype: torch.dtype, arch: int, num_warps: int, num_stages: int) -> int:
+    """Compile one kernel specialisation for sm_<arch> with Triton's bundled ptxas; returns its shared memory."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn  # the autotuner's JITFunction
+    elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    signature = {}
+    for param in fn.params:
+        name = param.name
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _PTR_ARGS:
+            signature[name] = elem
+        elif name in _F32_PTR_ARGS:
+            signature[name] = "*fp32"
+        elif name in _I32_PTR_ARGS:
+            signature[name] = "*i32"
+        elif name in _U8_PTR_ARGS:
+            signature[name] = "*u8"
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    source = ASTSource(fn, signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return int(compiled.metadata.shared)
+
+
+def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: int = 64, score: str = "softmax",
+                  bias: bool = True, terms: tuple = (5, 8, 16), all_configs: bool = True) -> dict:
+    """Compile every pass (all autotune configs) for sm_<arch> without a GPU.
+
+    Returns {pass name: [(num_warps, num_stages, shared bytes), ...]} and raises RuntimeError when no
+    config of a pass fits the shared memory of that GPU generation. ``terms`` are the mask terms compiled
+    (default: WIN0&SEG | DENSE | BLK, the largest predicate). ``all_configs=False`` compiles only the
+    first (smallest) config of each pass. Needs the module imported without TRITON_INTERPRET=1.
+    """
+    if INTERPRET:
+        raise RuntimeError("compile_check needs zoo.kernels.flash_attention imported without TRITON_INTERPRET=1")
+    block = _pad_dim(head_dim)
+    padded = tuple(terms) + (0,) * (3 - len(terms))
+    mask_meta = dict(TERM0=padded[0], TERM1=padded[1], TERM2=padded[2], NUM_TERMS=len(terms))
+    common = dict(SCORE=0 if score == "softmax" else 1, HAS_BIAS=bias, BLOCK_D=block, BLOCK_DV=block,
+                  CHECK_D=head_dim != block, CHECK_DV=head_dim != block,
+                  DOT_PREC="ieee" if dtype == torch.float32 else "tf32", **mask_meta)
+    major = arch // 10
+    fm, fn_ = _tiles(block, block, dtype, major, backward=False)
+    bm, bn = _tiles(block, block, dtype, major, backward=True)
+    passes = {
+        "forward": (_attn_fwd, dict(common, BLOCK_M=fm, BLOCK_N=fn_), _configs("fwd")),
+        "backward dk/dv": (_attn_bwd_dkdv, dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=bias), _configs("bwd")),
+        # Launches specialise integer arguments equal to 1 (B_LOOP = H_LOOP = 1 without a broadcast bias
+        # gradient); the broadcast-bias variant keeps the (batch, head) loops.
+        "backward dq": (
+            _attn_bwd_dq,
+            dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=bias, DB_ROWS=True, DB_COLS=True, DB_ACC=False,
+                 B_LOOP=1, H_LOOP=1),
+            _configs("bwd"),
+        ),
+        "backward preprocess": (_attn_bwd_preprocess, dict(BLOCK_M=bm, BLOCK_DV=block), _configs("pre")),
+    }
+    if bias:
+        passes["backward dq, broadcast bias"] = (
+            _attn_bwd_dq,
+            dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=True, DB_ROWS=True, DB_COLS=True, DB_ACC=True),
+            _configs("bwd"),
+        )
+    limit = _SMEM_LIMIT.get(arch, min(_SMEM_LIMIT.values()))
+    report = {}
+    for name, (kernel, meta, configs) in passes.items():
+        rows = [(c.num_warps, c.num_stages, _compile(kernel, meta, dtype, arch, c.num_warps, c.num_stages))
+                for c in (configs if all_configs else configs[:1])]
+        report[name] = rows
+        if not any(shared <= limit for _, _, shared in rows):
+            raise RuntimeError(f"sm_{arch} {dtype} D={head_dim}: no config of the {name} pass fits {limit} bytes "
+                               f"of shared memory: {rows}")
+    return report
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compile the kernels for CUDA targets without a GPU.")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--dtype", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64])
+    args = parser.parse_args()
+    for arch in args.arch:
+        for dtype_name in args.dtype:
+            for head_dim in args.head_dim:
+                result = compile_check(arch, getattr(torch, dtype_name), head_dim)
+                summary = ", ".join(f"{k}: {min(s for _, _, s in v) // 1024}-{max(s for _, _, s in v) // 1024} KB"
+                                    for k, v in result.items())
+                print(f"sm_{arch} {dtype_name} D={head_dim}: ok ({summary})", flush=True)

@@ -1,0 +1,32 @@
+"""Shared pytest set-up for the whole suite (CPU only; `make test` runs it with pytest -n 2).
+
+* Triton kernels under TRITON_INTERPRET=1 when no GPU is present.
+* One torch thread per xdist worker (2 workers on 2 cores: more threads only oversubscribe the CPU).
+* Lightning's promotional tips off; Lightning's own deprecation noise filtered in pyproject.toml.
+* ``tiny_vit_overrides``: Hydra overrides giving a ViT small enough for few-second training runs.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("POSSIBLE_USER_WARNINGS", "off")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable is read when
+# triton.language is first imported, so it is set here, before any test module imports a kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+TINY_VIT = ["+model.embed_dim=16", "+model.depth=1", "+model.num_heads=2", "+model.mlp_ratio=2.0"]
+FAST_RUN = ["experiment=vit_digits", "debug=fast", "num_threads=1", *TINY_VIT]
+
+
+@pytest.fixture
+def tiny_vit_overrides() -> list[str]:
+    """Overrides for a fast vit_digits run: experiment + debug=fast + a one-block width-16 ViT."""
+    return list(FAST_RUN)

@@ -1,0 +1,210 @@
+"""zoo.kernels.block_index: tile lists (and their transposes) against brute force over the tile states,
+caching, and the in-kernel predicate program against ``mask.dense`` for every mask type and
+combination, without ever building Nq x Nk for structured masks. Pure PyTorch: no Triton needed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.attention import EMPTY, FULL, PARTIAL, BlockSparse, Causal, Dense, Full, Mask, Segments, Window
+from zoo.kernels.block_index import (
+    SLOT_BLK,
+    SLOT_DENSE,
+    SLOT_SEG,
+    SLOT_WIN0,
+    kernel_tile_lists,
+    lower_mask,
+    needs_dense_fallback,
+    tile_lists,
+)
+
+
+def _brute_lists(states: torch.Tensor, ragged_rows: bool, ragged_cols: bool):
+    """Per (b, h, row): (partial columns ascending, full columns ascending) after edge demotion."""
+    bm, hm, r, c = states.shape
+    out = {}
+    for b in range(bm):
+        for h in range(hm):
+            for i in range(r):
+                partial, full = [], []
+                for j in range(c):
+                    s = int(states[b, h, i, j])
+                    edge = (ragged_rows and i == r - 1) or (ragged_cols and j == c - 1)
+                    if s == FULL and edge:
+                        s = PARTIAL
+                    if s == PARTIAL:
+                        partial.append(j)
+                    elif s == FULL:
+                        full.append(j)
+                out[b, h, i] = (partial, full)
+    return out
+
+
+def _lists_as_dict(lists):
+    out = {}
+    bm, hm, r, _ = lists.index.shape
+    for b in range(bm):
+        for h in range(hm):
+            for i in range(r):
+                n_p, n_f = (int(x) for x in lists.counts[b, h, i])
+                row = lists.index[b, h, i].tolist()
+                out[b, h, i] = (row[:n_p], row[n_p : n_p + n_f])
+    return out
+
+
+@pytest.mark.parametrize("ragged", [(False, False), (True, False), (False, True), (True, True)])
+def test_tile_lists_match_brute_force(ragged):
+    g = torch.Generator().manual_seed(0)
+    states = torch.randint(0, 3, (2, 3, 5, 7), generator=g).to(torch.int8)
+    lists = tile_lists(states, *ragged, 32, 64)
+    assert lists.counts.dtype == lists.index.dtype == torch.int32
+    assert _lists_as_dict(lists) == _brute_lists(states, *ragged)
+    assert lists.block_rows == 32 and lists.block_cols == 64
+    # The input states are not modified by the demotion.
+    assert lists.visited() == int((states != EMPTY).sum())
+
+
+def test_tile_lists_trimmed_when_large(monkeypatch):
+    import zoo.kernels.block_index as bi
+
+    monkeypatch.setattr(bi, "_TRIM_ENTRIES", 10)
+    states = torch.zeros(1, 2, 4, 9, dtype=torch.int8)
+    states[0, 0, 1, [2, 5, 7]] = FULL
+    states[0, 1, 3, [0, 8]] = PARTIAL
+    lists = tile_lists(states, False, True, 16, 16)
+    assert lists.width == 3
+    assert _lists_as_dict(lists) == _brute_lists(states, False, True)
+
+
+def test_tile_lists_strides_broadcast():
+    states = torch.full((1, 1, 3, 4), FULL, dtype=torch.int8)
+    lists = tile_lists(states, False, False, 16, 16)
+    sb, sh, ib, ih, w = lists.strides()
+    assert (sb, sh, ib, ih, w) == (0, 0, 0, 0, 4)
+
+
+def test_kernel_tile_lists_transposed_and_cached():
+    q_len, k_len = 100, 70  # both ragged at tiles (32, 16)
+    mask = Window(10, 5)
+    fwd = kernel_tile_lists(mask, q_len, k_len, 32, 16, "cpu")
+    assert kernel_tile_lists(mask, q_len, k_len, 32, 16, "cpu") is fwd  # cached
+    assert kernel_tile_lists(mask, q_len, k_len, 16, 16, "cpu") is not fwd
+    bwd = kernel_tile_lists(mask, q_len, k_len, 32, 16, "cpu", transposed=True)
+    states = mask.block_map(q_len, k_len, 32, 16).states
+    assert _lists_as_dict(fwd) == _brute_lists(states, True, True)
+    assert _lists_as_dict(bwd) == _brute_lists(states.transpose(-1, -2), True, True)
+    assert bwd.block_rows == 16 and bwd.block_cols == 32
+    # Every kept tile really holds an allowed pair, every allowed pair lies in a kept tile.
+    dense = mask.dense(q_len, k_len)[0, 0]
+    for (b, h, i), (partial, full) in _lists_as_dict(fwd).items():
+        for j in range(k_len // 16 + 1):
+            tile = dense[i * 32 : (i + 1) * 32, j * 16 : (j + 1) * 16]
+            assert bool(tile.any()) == (j in partial or j in full)
+            if j in full:
+                assert bool(tile.all())
+
+
+def _masks(q_len: int, k_len: int):
+    g = torch.Generator().manual_seed(1)
+    ids_q = torch.sort(torch.randint(0, 4, (2, q_len), generator=g), dim=-1).values
+    ids_q[:, -3:] = -1  # padding queries: empty rows
+    ids_k = torch.randint(-1, 4, (2, k_len), generator=g)
+    seg = Segments(ids_q, ids_k)
+    dense = Dense(torch.rand(1, 2, q_len, k_len, generator=g) < 0.3)
+    blk = BlockSparse(torch.rand(1, 2, -(-q_len // 8), -(-k_len // 8), generator=g) < 0.4, 8)
+    blk2 = BlockSparse(torch.rand(-(-q_len // 8), -(-k_len // 8), generator=g) < 0.6, 8)
+    exotic = Window(1, 1) | Window(5, -4) | Window(-9, 12) | Window(30, -25)
+    return {
+        "full": (Full(), True),
+        "causal": (Causal(), True),
+        "window": (Window(6, 2), True),
+        "window_empty_rows": (Window(-3, 5), True),
+        "segments": (seg, True),
+        "dense": (dense, True),
+        "blocksparse": (blk, True),
+        "segments&causal": (seg & Causal(), True),
+        "causal&window": (Causal() & Window(7, None), True),
+        "window|blocksparse": (Window(2, 2) | blk, True),
+        "(window|segments)&causal": ((Window(4, 0) | seg) & Causal(), True),
+        "dense&causal": (dense & Causal(), True),
+        "blk&blk&window": (blk & blk2 & Window(10, 10), True),
+        "dense&dense|window": ((dense & Dense(torch.rand(q_len, k_len, generator=g) < 0.8)) | Window(0, 0), True),
+        "or_full": (Window(1, 1) | Full(), True),
+        "empty_window_term": ((Window(0, 0) & Window(-3, 5)) | Causal(), True),
+        "4_windows": (exotic, False),
+        "two_segments": (seg | Segments(ids_q.flip(-1), ids_k), False),
+    }
+
+
+@pytest.mark.parametrize("q_len,k_len", [(37, 53), (50, 20)])
+def test_program_matches_dense(q_len, k_len):
+    for name, (mask, exact) in _masks(q_len, k_len).items():
+        prog = lower_mask(mask, q_len, k_len, "cpu")
+        assert prog.exact_in_kernel == exact, name
+        assert needs_dense_fallback(mask, q_len, k_len) == (not exact), name
+        got = prog.evaluate(q_len, k_len)
+        want = mask.dense(q_len, k_len)
+        shape = torch.broadcast_shapes(got.shape, want.shape)
+        assert torch.equal(got.expand(shape), want.expand(shape)), name
+        assert lower_mask(mask, q_len, k_len, "cpu") is prog  # cached
+
+
+def test_program_slots():
+    q_len = k_len = 40
+    assert lower_mask(Causal(), q_len, k_len, "cpu").terms == (SLOT_WIN0,)
+    ids = torch.arange(40) // 10
+    assert lower_mask(Segments(ids) & Window(3, 3), q_len, k_len, "cpu").terms == (SLOT_WIN0 | SLOT_SEG,)
+    dense = Dense(torch.ones(40, 40, dtype=torch.bool))
+    assert lower_mask(dense, q_len, k_len, "cpu").terms == (SLOT_DENSE,)
+    blk = BlockSparse(torch.ones(5, 5, dtype=torch.bool), 8)
+    assert lower_mask(blk | Causal(), q_len, k_len, "cpu").terms == (SLOT_BLK, SLOT_WIN0)
+    # A window that covers every (i, j) forbids nothing: no element-wise test at all.
+    assert lower_mask(Window(100, 100), q_len, k_len, "cpu").terms == (0,)
+    # A term that allows nothing disappears; a mask that allows nothing has no term.
+    assert lower_mask(Window(0, 0) & Window(-3, 5), q_len, k_len, "cpu").terms == ()
+
+
+def test_radial_lowers_to_block_lookup():
+    from zoo.attention import Radial
+
+    mask = Radial(4, 24, block_size=16)
+    n = mask.seq_len
+    prog = lower_mask(mask, n, n, "cpu")
+    assert prog.exact_in_kernel and prog.terms == (SLOT_BLK,)
+    assert torch.equal(prog.evaluate(n, n)[0, 0], mask.dense(n, n)[0, 0])
+
+
+class _Unknown(Mask):
+    """A mask class the kernel has no slot for (falls back to a dense copy)."""
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        i = torch.arange(start, stop)[:, None]
+        j = torch.arange(k_len)[None, :]
+        return ((i * 7 + j * 3) % 5 != 0)[None, None]
+
+
+def test_unknown_mask_falls_back_to_dense():
+    mask = _Unknown() & Causal()
+    prog = lower_mask(mask, 20, 30, "cpu")
+    assert not prog.exact_in_kernel and prog.terms == (SLOT_DENSE,)
+    assert "materialised" in prog.description
+    assert torch.equal(prog.evaluate(20, 30), mask.dense(20, 30))
+
+
+def test_structured_masks_never_materialise(monkeypatch):
+    """Lists and programs for Window/Causal/Segments/BlockSparse combinations at 100k tokens without
+    building any Nq x Nk tensor (dense() is made to fail)."""
+
+    def boom(self, *args, **kwargs):
+        raise AssertionError(f"{type(self).__name__}.dense was called")
+
+    monkeypatch.setattr(Mask, "dense", boom)
+    n = 100_000
+    ids = torch.arange(n) // 3000
+    blk = BlockSparse(torch.rand(-(-n // 128), -(-n // 128)) < 0.1, 128)
+    for mask in (Causal() & Window(4096, 0), Segments(ids) & Causal(), Window(512, 512) | blk):
+        prog = lower_mask(mask, n, n, "cpu")
+        assert prog.exact_in_kernel and prog.dense is None
+        lists = kernel_tile_lists(mask, n, n, 128, 64, "cpu")
+        kernel_tile_lists(mask, n, n, 128, 64, "cpu", transposed=True)
+        assert lists.index.shape[-2:] == (-(-n // 128), -(-n // 64))

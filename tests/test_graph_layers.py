@@ -1,0 +1,326 @@
+"""GATv2Conv / GATConv against PyTorch Geometric (the trusted peer): strict state-dict loading, outputs,
+attention weights and gradients within 1e-5 in fp32 across the constructor arguments and PyG's edge
+cases; the fused segment softmax against its unfused reference (and float64 gradcheck); clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pyg_nn = pytest.importorskip("torch_geometric.nn")
+
+from zoo.attention import GATConv, GATv2Conv  # noqa: E402
+from zoo.attention.segment import (  # noqa: E402
+    build_csr,
+    gatv2_attention,
+    gatv2_attention_ref,
+    segment_softmax,
+    segment_softmax_aggregate,
+    segment_softmax_aggregate_ref,
+)
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _graph(num_nodes=12, num_edges=40, seed=0, loops=True, isolated=True):
+    g = torch.Generator().manual_seed(seed)
+    ei = torch.randint(0, num_nodes - (2 if isolated else 0), (2, num_edges), generator=g)
+    if loops:
+        ei[:, :3] = torch.tensor([[1, 2, 2], [1, 2, 2]])  # existing (and repeated) self loops
+    ei[:, 3:6] = torch.tensor([[4, 4, 4], [5, 5, 5]])  # multi-edges
+    return ei
+
+
+def _pair(cls_zoo, cls_pyg, *args, **kwargs):
+    torch.manual_seed(0)
+    peer = cls_pyg(*args, **kwargs)
+    ours = cls_zoo(*args, **kwargs)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    return ours, peer
+
+
+def _run(module, inputs, ei, edge_attr=None, **fw):
+    """Forward with attention weights and backward of a fixed random projection of the output."""
+    xs = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    ea = None if edge_attr is None else edge_attr.detach().clone().requires_grad_(True)
+    x = xs[0] if len(xs) == 1 else tuple(xs)
+    out, (ei_out, alpha) = module(x, ei, ea, return_attention_weights=True, **fw)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * w).sum().backward()
+    grads = [t.grad for t in xs if t is not None]
+    grads += [] if ea is None else [ea.grad]
+    grads += [None if p.grad is None else p.grad.clone() for _, p in sorted(module.named_parameters())]
+    module.zero_grad()
+    return out, ei_out, alpha, grads
+
+
+def _assert_same(ours, peer, inputs, ei, edge_attr=None, **fw):
+    o1, e1, a1, g1 = _run(ours, inputs, ei, edge_attr, **fw)
+    o2, e2, a2, g2 = _run(peer, inputs, ei, edge_attr, **fw)
+    torch.testing.assert_close(o1, o2, **TOL)
+    if isinstance(e1, torch.Tensor) and e1.layout != torch.strided:
+        torch.testing.assert_close(e1.to_dense(), e2.to_dense(), **TOL)
+    else:
+        assert torch.equal(e1, e2)
+    torch.testing.assert_close(a1, a2, **TOL)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL)
+
+
+GATV2_ARGS = [
+    dict(heads=1),
+    dict(heads=3),
+    dict(heads=2, concat=False),
+    dict(heads=2, share_weights=True),
+    dict(heads=2, residual=True, bias=False),
+    dict(heads=2, negative_slope=0.05),
+    dict(heads=2, add_self_loops=False),
+    dict(heads=2, edge_dim=3),
+    dict(heads=2, edge_dim=3, fill_value="add"),
+    dict(heads=2, edge_dim=3, fill_value="max", concat=False, residual=True),
+    dict(heads=2, edge_dim=3, fill_value="min"),
+    dict(heads=2, edge_dim=3, fill_value="mul"),
+    dict(heads=2, edge_dim=3, fill_value=0.5),
+    dict(heads=2, edge_dim=3, fill_value=torch.tensor([1.0, -1.0, 0.5])),
+    dict(heads=2, edge_dim=3, add_self_loops=False, share_weights=True),
+]
+
+
+@pytest.mark.parametrize("kwargs", GATV2_ARGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_gatv2_matches_pyg(kwargs):
+    ours, peer = _pair(GATv2Conv, pyg_nn.GATv2Conv, 6, 5, **kwargs)
+    assert list(ours.state_dict()) == list(peer.state_dict())
+    ei = _graph()
+    x = torch.randn(12, 6)
+    ea = torch.randn(ei.size(1), 3) if kwargs.get("edge_dim") else None
+    _assert_same(ours, peer, [x], ei, ea)
+
+
+@pytest.mark.parametrize("n_src,n_dst", [(7, 4), (4, 7)])
+@pytest.mark.parametrize("loops", [True, False])
+def test_gatv2_bipartite_matches_pyg(n_src, n_dst, loops):
+    # PyG 2.8 sizes the added loops by min(N_src, N_dst) (the trap of PyG issue 9635)
+    ours, peer = _pair(GATv2Conv, pyg_nn.GATv2Conv, (5, 3), 4, heads=2, add_self_loops=loops)
+    g = torch.Generator().manual_seed(3)
+    ei = torch.stack([torch.randint(0, n_src, (15,), generator=g), torch.randint(0, n_dst, (15,), generator=g)])
+    _assert_same(ours, peer, [torch.randn(n_src, 5), torch.randn(n_dst, 3)], ei)
+
+
+def test_gatv2_edge_cases_match_pyg():
+    ours, peer = _pair(GATv2Conv, pyg_nn.GATv2Conv, 4, 3, heads=2)
+    x = torch.randn(6, 4)
+    # empty edge set: only the added self loops
+    _assert_same(ours, peer, [x], torch.empty(2, 0, dtype=torch.long))
+    # only self loops in the input, all removed then re-added
+    _assert_same(ours, peer, [x], torch.tensor([[0, 1, 1], [0, 1, 1]]))
+    # without self loops and without edges: zeros (+ bias) like PyG
+    ours2, peer2 = _pair(GATv2Conv, pyg_nn.GATv2Conv, 4, 3, heads=2, add_self_loops=False)
+    _assert_same(ours2, peer2, [x], torch.empty(2, 0, dtype=torch.long))
+    # 1-D edge_attr with edge_dim=1
+    ours3, peer3 = _pair(GATv2Conv, pyg_nn.GATv2Conv, 4, 3, heads=2, edge_dim=1)
+    ei = _graph(6, 14)
+    _assert_same(ours3, peer3, [x], ei, torch.randn(ei.size(1)))
+
+
+def test_gatv2_sparse_adjacency_matches_pyg():
+    from torch_geometric.utils import to_torch_coo_tensor, to_torch_csc_tensor
+
+    ours, peer = _pair(GATv2Conv, pyg_nn.GATv2Conv, 8, 4, heads=2)
+    x = torch.randn(6, 8)
+    ei = torch.tensor([[0, 1, 2, 3, 4, 5, 5], [0, 0, 1, 1, 3, 2, 4]])
+    ref = ours(x, ei)
+    for adj_t in (to_torch_csc_tensor(ei, size=(6, 6)).t(), to_torch_coo_tensor(ei, size=(6, 6)).t()):
+        out, (adj, alpha) = ours(x, adj_t, return_attention_weights=True)
+        torch.testing.assert_close(out, ref, **TOL)
+        assert adj.layout == adj_t.layout and tuple(adj.shape) == (6, 6, 2)
+        peer_out, (peer_adj, _) = peer(x, adj_t, return_attention_weights=True)
+        torch.testing.assert_close(out, peer_out, **TOL)
+        torch.testing.assert_close(adj.to_dense(), peer_adj.to_dense(), **TOL)
+    # CSC layout too (transpose of a CSR adjacency)
+    csc_t = to_torch_coo_tensor(ei, size=(6, 6)).to_sparse_csr().t()
+    assert csc_t.layout == torch.sparse_csc
+    torch.testing.assert_close(ours(x, csc_t), ref, **TOL)
+    # bipartite sparse input
+    x2 = torch.randn(4, 8)
+    eib = torch.tensor([[0, 1, 2, 3, 5], [0, 0, 1, 3, 2]])
+    adj_b = to_torch_csc_tensor(eib, size=(6, 4)).t()
+    torch.testing.assert_close(ours((x, x2), adj_b), peer((x, x2), eib), **TOL)
+
+
+GAT_ARGS = [
+    dict(heads=1),
+    dict(heads=3, concat=False),
+    dict(heads=2, residual=True, bias=False),
+    dict(heads=2, add_self_loops=False),
+    dict(heads=2, edge_dim=3),
+    dict(heads=2, edge_dim=3, fill_value="max"),
+    dict(heads=2, edge_dim=3, fill_value=0.5, residual=True),
+]
+
+
+@pytest.mark.parametrize("kwargs", GAT_ARGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_gat_matches_pyg(kwargs):
+    ours, peer = _pair(GATConv, pyg_nn.GATConv, 6, 5, **kwargs)
+    ei = _graph()
+    ea = torch.randn(ei.size(1), 3) if kwargs.get("edge_dim") else None
+    _assert_same(ours, peer, [torch.randn(12, 6)], ei, ea)
+
+
+def test_gat_bipartite_and_size_match_pyg():
+    ours, peer = _pair(GATConv, pyg_nn.GATConv, (5, 3), 4, heads=2)
+    ei = torch.tensor([[0, 1, 6, 3, 2], [0, 0, 1, 3, 2]])
+    _assert_same(ours, peer, [torch.randn(7, 5), torch.randn(4, 3)], ei)
+    ours, peer = _pair(GATConv, pyg_nn.GATConv, 5, 4, heads=2)
+    _assert_same(ours, peer, [torch.randn(7, 5), None], ei)  # (x_src, None)
+    ours, peer = _pair(GATConv, pyg_nn.GATConv, 5, 4, heads=2, add_self_loops=False)
+    _assert_same(ours, peer, [torch.randn(7, 5), None], ei, size=(7, 5))
+
+
+def test_repr_and_state_dict_keys():
+    assert repr(GATv2Conv(8, 32, heads=2)) == "GATv2Conv(8, 32, heads=2)"
+    assert repr(GATConv((8, 4), 16)) == "GATConv((8, 4), 16, heads=1)"
+    shared = GATv2Conv(8, 4, share_weights=True)
+    assert {"lin_l.weight", "lin_r.weight", "lin_l.bias", "lin_r.bias"} <= set(shared.state_dict())
+    assert shared.lin_l is shared.lin_r
+
+
+# ------------------------------------------------------------------ fused segment softmax vs reference
+def _csr_problem(num_src=9, num_dst=7, num_edges=40, H=2, C=3, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ei = torch.stack([
+        torch.randint(0, num_src, (num_edges,), generator=g),
+        torch.randint(0, num_dst - 1, (num_edges,), generator=g),  # last destination isolated
+    ])
+    ei[1, :12] = 2  # one high-degree node (bigger than the tiny chunks below)
+    csr = build_csr(ei, num_src, num_dst)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_(True)  # noqa: E731
+    return csr, mk(num_src, H, C), mk(num_dst, H, C), mk(H, C), mk(num_edges, 4), mk(H * C, 4)
+
+
+@pytest.fixture
+def two_threads():
+    """The CPU path splits destination blocks over the intra-op thread count: exercise 2 workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("chunk", [1, 24, 1 << 20])
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_fused_gatv2_matches_reference(chunk, dropout, two_threads):
+    csr, xs, xd, att, ea, we = _csr_problem()
+    keep = None
+    if dropout:
+        keep = torch.rand(csr.num_edges, 2, generator=torch.Generator().manual_seed(5)) >= dropout
+    kw = dict(edge_attr=ea, edge_weight=we, negative_slope=0.1, keep=keep, dropout=dropout)
+    out, alpha = gatv2_attention(xs, xd, att, csr, need_weights=True, impl="torch", chunk_elements=chunk, **kw)
+    ref, ref_alpha = gatv2_attention_ref(xs, xd, att, csr, **kw)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(alpha, ref_alpha.detach())
+    assert out[-1].abs().max() == 0  # isolated destination -> zeros
+    w = torch.randn(out.shape, dtype=out.dtype)
+    grads = torch.autograd.grad((out * w).sum(), (xs, xd, att, ea, we))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (xs, xd, att, ea, we))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_gradcheck_float64():
+    csr, xs, xd, att, ea, we = _csr_problem(num_src=5, num_dst=4, num_edges=12, H=2, C=2)
+
+    def f(xs, xd, att, ea, we):
+        return gatv2_attention(xs, xd, att, csr, edge_attr=ea, edge_weight=we, impl="torch", chunk_elements=8)[0]
+
+    assert torch.autograd.gradcheck(f, (xs, xd, att, ea, we))
+
+    def g(s, v):
+        return segment_softmax_aggregate(s, v, csr, chunk_elements=8)[0]
+
+    s = torch.randn(csr.num_edges, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(g, (s, xs))
+
+
+def test_segment_softmax_aggregate_with_dropout_matches_reference():
+    csr, xs, *_ = _csr_problem()
+    s = torch.randn(csr.num_edges, 2, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(csr.num_edges, 2) >= 0.3
+    out, alpha = segment_softmax_aggregate(s, xs, csr, keep=keep, dropout=0.3, need_weights=True, chunk_elements=20)
+    ref, ref_alpha = segment_softmax_aggregate_ref(s, xs, csr, keep=keep, dropout=0.3)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(alpha, ref_alpha.detach())
+    w = torch.randn(out.shape, dtype=out.dtype)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (s, xs)), torch.autograd.grad((ref * w).sum(), (s, xs))):
+        torch.testing.assert_close(a, b)
+    # plain segment softmax sums to one per destination with edges
+    a = segment_softmax(s.detach(), csr.row, csr.num_dst)
+    sums = torch.zeros(csr.num_dst, 2, dtype=a.dtype).index_add_(0, csr.row, a)
+    has = torch.bincount(csr.row, minlength=csr.num_dst) > 0
+    torch.testing.assert_close(sums[has], torch.ones_like(sums[has]))
+
+
+def test_training_dropout_and_fp16():
+    conv = GATv2Conv(6, 4, heads=2, dropout=0.5).train()
+    x = torch.randn(12, 6, requires_grad=True)
+    out, (_, alpha) = conv(x, _graph(), return_attention_weights=True)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert (alpha == 0).any() and alpha.max() > 1.0  # dropped and rescaled coefficients
+    conv.eval()
+    half = GATv2Conv(6, 4, heads=2).eval()
+    ei = _graph()
+    ref = half(x.detach(), ei)
+    torch.testing.assert_close(half.half()(x.detach().half(), ei).float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_csr_is_cached_and_invalidated_by_inplace_change():
+    conv = GATv2Conv(6, 4, heads=2)
+    ei = _graph()
+    x = torch.randn(12, 6)
+    out = conv(x, ei)
+    graph = conv._graph_cache[2]
+    conv(x, ei)
+    assert conv._graph_cache[2] is graph
+    ei[0, 7] = (ei[0, 7] + 1) % 10
+    out2 = conv(x, ei)
+    assert conv._graph_cache[2] is not graph
+    assert not torch.allclose(out, out2)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda x, ei: (x, ei.clone().index_fill_(1, torch.tensor([0]), 12)), ValueError, "out of range"),
+        (lambda x, ei: (x, ei.clone().index_fill_(1, torch.tensor([0]), -1)), ValueError, "negative"),
+        (lambda x, ei: (x, ei.float()), TypeError, "integer"),
+        (lambda x, ei: (x, ei[0]), ValueError, r"\[2, E\]"),
+        (lambda x, ei: (x.clone().index_fill_(0, torch.tensor([3]), float("nan")), ei), ValueError, "NaN"),
+        (lambda x, ei: (x[:, :4], ei), ValueError, "features"),
+        (lambda x, ei: (x.long(), ei), TypeError, "floating"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(make, exc, match):
+    conv = GATv2Conv(6, 4, heads=2)
+    x, ei = make(torch.randn(12, 6), _graph())
+    with pytest.raises(exc, match=match):
+        conv(x, ei)
+
+
+def test_bad_edge_attr_and_constructor_args():
+    conv = GATv2Conv(6, 4, heads=2, edge_dim=3)
+    ei = _graph()
+    with pytest.raises(ValueError, match="edge_attr has 5 rows"):
+        conv(torch.randn(12, 6), ei, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="edge_dim"):
+        conv(torch.randn(12, 6), ei, torch.randn(ei.size(1), 2))
+    with pytest.raises(ValueError, match="edge_dim=None"):
+        GATv2Conv(6, 4)(torch.randn(12, 6), ei, torch.randn(ei.size(1), 3))
+    with pytest.raises(ValueError, match="fill_value"):
+        GATv2Conv(6, 4, fill_value="median")
+    with pytest.raises(ValueError, match="lazy"):
+        GATv2Conv(-1, 4)
+    with pytest.raises(ValueError, match="dropout"):
+        GATConv(6, 4, dropout=1.5)

@@ -1,0 +1,451 @@
+"""zoo.kernels.flash_attention: forward and every gradient (q, k, v, bias) against a float64 reference.
+
+Criterion (DESIGN.md): |kernel - float64| <= 2 * |PyTorch attention at the same precision - float64| + atol,
+per output, where "PyTorch attention" is attend(..., backend="torch") on the same low-precision inputs.
+The grid covers lengths 1, 7, 97, 130, 257 with Nq != Nk, head dims 16, 40, 64, 96 (and Dv != D), GQA,
+every mask type and combinations, random block maps at 20% and 50%, fully masked rows, bias broadcast
+along batch / heads / rows / columns, softmax and sigmoid, fp32 and fp16.
+
+On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here before the kernel
+module is imported when there is no GPU). GPU-only tests (bf16, speed) are marked ``gpu``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from zoo.attention import BlockSparse, Causal, Dense, Full, Segments, Window, attend  # noqa: E402
+from zoo.kernels import flash_attention as fa  # noqa: E402
+from zoo.kernels.flash_attention import (  # noqa: E402
+    flash_attention,
+    flash_attention_ref,
+    merge_attention_states,
+    triton_supports,
+)
+
+if not HAS_CUDA and not fa.INTERPRET:
+    pytest.skip("no CUDA and the kernel module was imported without TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# The interpreter converts loaded scalars with a NumPy deprecation warning on every loop bound.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def _inputs(b, h, hkv, nq, nk, d, dv=None, bias_shape=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+    q = torch.randn(b, h, nq, d, generator=g)
+    k = torch.randn(b, hkv, nk, d, generator=g)
+    v = torch.randn(b, hkv, nk, dv, generator=g)
+    bias = None if bias_shape is None else torch.randn(*bias_shape, generator=g)
+    cast = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), cast(bias)
+
+
+def _grads(fn, q, k, v, bias, grad_out_seed=1):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    bias_leaf = None if bias is None else bias.detach().clone().requires_grad_(True)
+    out = fn(*leaves, bias_leaf)
+    g = torch.Generator().manual_seed(grad_out_seed)
+    d_out = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    wrt = leaves + ([bias_leaf] if bias_leaf is not None else [])
+    grads = torch.autograd.grad(out, wrt, d_out)
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+def _check(q, k, v, mask, bias, *, score="softmax", block=None, grads=True):
+    """Kernel vs float64 reference, with PyTorch at the same precision as the yardstick."""
+    kw = {} if block is None else dict(block_m=block[0], block_n=block[1])
+
+    def ours(q_, k_, v_, b_):
+        return flash_attention(q_, k_, v_, mask, b_, score=score, **kw)
+
+    def torch_same_precision(q_, k_, v_, b_):
+        return attend(q_, k_, v_, mask, b_, score=score, backend="torch")
+
+    def truth(q_, k_, v_, b_):
+        return flash_attention_ref(q_, k_, v_, mask, b_, score=score)
+
+    names = ["out", "dq", "dk", "dv", "dbias"]
+    if grads:
+        got = _grads(ours, q, k, v, bias)
+        base = _grads(torch_same_precision, q, k, v, bias)
+        want = _grads(truth, *(None if t is None else t.double() for t in (q, k, v, bias)))
+    else:
+        got = [ours(q, k, v, bias)]
+        base = [torch_same_precision(q, k, v, bias)]
+        want = [truth(*(None if t is None else t.double() for t in (q, k, v, bias)))]
+    atol = ATOL[q.dtype]
+    for name, a, b_, w in zip(names, got, base, want):
+        assert a.shape == w.shape and a.dtype == (q.dtype if name != "dbias" else bias.dtype), name
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        err = (a.double() - w).abs().max().item()
+        err_torch = (b_.double() - w).abs().max().item()
+        scale = max(1.0, w.abs().max().item())
+        assert err <= 2 * err_torch + atol * scale, f"{name}: kernel err {err:.3g} vs torch err {err_torch:.3g}"
+    return got
+
+
+def _random_ids(n, segments, batch, seed, sort=True, pad=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, segments, (batch, n), generator=g)
+    if sort:
+        ids = torch.sort(ids, dim=-1).values
+    if pad:
+        ids[:, n - pad :] = -1
+    return ids
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes, head dims, GQA (forward + gradients, fp32)
+# ------------------------------------------------------------------------------------------------
+SHAPES = [
+    # (B, H, Hkv, Nq, Nk, D, Dv, mask)
+    pytest.param(1, 2, 1, 1, 7, 16, 16, lambda: Full(), id="nq1-nk7-d16-gqa"),
+    pytest.param(1, 2, 2, 7, 1, 40, 40, lambda: Causal(), id="nq7-nk1-d40-causal"),
+    pytest.param(1, 4, 2, 97, 130, 64, 64, lambda: Causal(), id="nq97-nk130-d64-gqa-causal"),
+    pytest.param(1, 2, 1, 130, 97, 96, 96, lambda: Window(20, 5), id="nq130-nk97-d96-window"),
+    pytest.param(1, 1, 1, 257, 130, 16, 16, lambda: Full(), id="nq257-nk130-d16"),
+    pytest.param(1, 2, 1, 130, 257, 40, 24, lambda: Causal(), id="nq130-nk257-d40-dv24-causal"),
+]
+
+
+@pytest.mark.parametrize("b,h,hkv,nq,nk,d,dv,mask_fn", SHAPES)
+def test_shapes_fp32(b, h, hkv, nq, nk, d, dv, mask_fn):
+    q, k, v, _ = _inputs(b, h, hkv, nq, nk, d, dv)
+    _check(q, k, v, mask_fn(), None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every mask type and combinations (with a broadcast bias that needs its gradient)
+# ------------------------------------------------------------------------------------------------
+def _mask_cases():
+    nq, nk = 97, 130
+    ids_q = _random_ids(nq, 4, 2, seed=3, pad=5)  # 5 padding queries: empty rows
+    ids_k = _random_ids(nk, 4, 2, seed=4, pad=7)
+    g = torch.Generator().manual_seed(5)
+    dense = torch.rand(2, 1, nq, nk, generator=g) < 0.3
+    dense[:, :, 10] = False  # a fully masked row
+    blk20 = torch.rand(2, 2, -(-nq // 32), -(-nk // 32), generator=g) < 0.2
+    blk20[..., 0, 0] = True
+    blk50 = torch.rand(1, 2, -(-nq // 16), -(-nk // 16), generator=g) < 0.5
+    return {
+        "window-empty-rows": lambda: Window(-3, 5),
+        "segments-varlen-cross": lambda: Segments(ids_q, ids_k),
+        "segments-unsorted": lambda: Segments(_random_ids(nq, 3, 1, 6, sort=False), _random_ids(nk, 3, 1, 7, sort=False)),
+        "dense-empty-row": lambda: Dense(dense),
+        "blocksparse-20pct-tile": lambda: BlockSparse(blk20, 32),
+        "blocksparse-50pct-subtile": lambda: BlockSparse(blk50, 16),
+        "segments&causal": lambda: Segments(ids_q, ids_k) & Causal(),
+        "causal&window": lambda: Causal() & Window(16, None),
+        "window|blocksparse": lambda: Window(3, 3) | BlockSparse(blk20, 32),
+        "(window|segments)&causal": lambda: (Window(8, 0) | Segments(ids_q, ids_k)) & Causal(),
+        "dense&causal": lambda: Dense(dense) & Causal(),
+        "4-windows-dense-fallback": lambda: Window(1, 1) | Window(9, -7) | Window(-20, 24) | Window(40, -35),
+    }
+
+
+MASK_CASES = _mask_cases()
+
+
+@pytest.mark.parametrize("name", list(MASK_CASES))
+def test_masks_fp32(name):
+    q, k, v, bias = _inputs(2, 2, 1, 97, 130, 32, bias_shape=(1, 2, 97, 130), seed=11)
+    _check(q, k, v, MASK_CASES[name](), bias)
+
+
+def test_radial_mask():
+    from zoo.attention import Radial
+
+    mask = Radial(4, 40, decay_factor=1.0, block_size=16, text_tokens=3)
+    n = mask.seq_len
+    q, k, v, _ = _inputs(1, 2, 1, n, n, 32, seed=12)
+    _check(q, k, v, mask, None)
+
+
+def test_block_sizes_override():
+    """Non-square tiles (16 x 64) against the same mask at default tiles."""
+    q, k, v, bias = _inputs(1, 2, 2, 97, 130, 40, bias_shape=(1, 1, 97, 130), seed=13)
+    _check(q, k, v, Window(30, 2), bias, block=(16, 64))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bias broadcasting and its gradient
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bias_shape",
+    [(2, 2, 57, 70), (1, 2, 57, 70), (2, 1, 57, 70), (1, 1, 57, 70), (2, 2, 1, 70), (1, 1, 57, 1), (1, 2, 1, 1)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_bias_broadcast(bias_shape):
+    q, k, v, bias = _inputs(2, 2, 1, 57, 70, 16, bias_shape=bias_shape, seed=14)
+    _check(q, k, v, Causal(), bias)
+
+
+def test_bias_is_read_without_copy():
+    """A stride-0 expanded bias gives the same result as its compact form (and its gradient reduces)."""
+    q, k, v, bias = _inputs(2, 2, 2, 40, 50, 16, bias_shape=(1, 2, 40, 50), seed=15)
+    compact = _grads(lambda q_, k_, v_, b_: flash_attention(q_, k_, v_, Causal(), b_), q, k, v, bias)
+    expanded = _grads(lambda q_, k_, v_, b_: flash_attention(q_, k_, v_, Causal(), b_.expand(2, 2, 40, 50)), q, k, v, bias)
+    for a, b_ in zip(compact, expanded):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sigmoid score
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mask_name,bias_shape",
+    [("full", (1, 2, 97, 130)), ("segments&causal", (2, 1, 1, 130)), ("blocksparse-50pct-subtile", None)],
+)
+def test_sigmoid(mask_name, bias_shape):
+    mask = Full() if mask_name == "full" else MASK_CASES[mask_name]()
+    q, k, v, bias = _inputs(2, 2, 1, 97, 130, 32, bias_shape=bias_shape, seed=16)
+    _check(q, k, v, mask, bias, score="sigmoid")
+
+
+# ------------------------------------------------------------------------------------------------
+# fp16
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mask_name,score,bias_shape,d",
+    [
+        ("causal", "softmax", (1, 2, 97, 130), 64),
+        ("segments&causal", "softmax", None, 40),
+        ("blocksparse-50pct-subtile", "softmax", (2, 1, 97, 130), 16),
+        ("window-empty-rows", "sigmoid", (1, 2, 1, 130), 96),
+    ],
+)
+def test_fp16(mask_name, score, bias_shape, d):
+    mask = Causal() if mask_name == "causal" else MASK_CASES[mask_name]()
+    q, k, v, bias = _inputs(2, 2, 1, 97, 130, d, bias_shape=bias_shape, dtype=torch.float16, seed=17)
+    _check(q, k, v, mask, bias, score=score)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fully masked rows: zero output, zero gradient
+# ------------------------------------------------------------------------------------------------
+def test_fully_masked_rows_are_zero():
+    ids = torch.tensor([0] * 20 + [1] * 20 + [-1] * 9)  # 9 padding tokens
+    q, k, v, bias = _inputs(1, 2, 1, 49, 49, 16, bias_shape=(1, 2, 49, 49), seed=18)
+    out, dq, dk, dv, dbias = _check(q, k, v, Segments(ids) & Causal(), bias)
+    assert (out[:, :, 40:] == 0).all() and (dq[:, :, 40:] == 0).all()
+    assert (dk[:, :, 40:] == 0).all() and (dv[:, :, 40:] == 0).all()
+    assert (dbias[:, :, 40:] == 0).all() and (dbias[:, :, :, 40:] == 0).all()
+    # A bias of -inf that removes every allowed key of a row gives zeros too.
+    bias2 = bias.clone()
+    bias2[:, :, 5] = float("-inf")
+    out2 = flash_attention(q, k, v, Causal(), bias2)
+    assert (out2[:, :, 5] == 0).all() and torch.isfinite(out2).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# LSE and merging partial results
+# ------------------------------------------------------------------------------------------------
+def test_lse_and_merge():
+    q, k, v, _ = _inputs(1, 2, 1, 40, 90, 32, seed=19)
+    out, lse = flash_attention(q, k, v, Causal(), return_lse=True)
+    want_out, want_lse = flash_attention_ref(q.double(), k.double(), v.double(), Causal(), return_lse=True)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    # Attention over keys [0, 60) and [60, 90) separately, merged == attention over all 90 (causal,
+    # bottom-right aligned: query i sees keys <= i + 50, so queries 0..9 see nothing in the second part).
+    ids = torch.arange(90, device=DEVICE)
+    first = Dense((ids[None, :] < 60).expand(40, 90)) & Causal()
+    second = Dense((ids[None, :] >= 60).expand(40, 90)) & Causal()
+    out_a, lse_a = flash_attention(q, k, v, first, return_lse=True)
+    out_b, lse_b = flash_attention(q, k, v, second, return_lse=True)
+    assert torch.equal(lse_b[:, :, :10], torch.full_like(lse_b[:, :, :10], -math.inf))
+    assert (out_b[:, :, :10] == 0).all() and torch.isfinite(lse_b[:, :, 10:]).all()
+    merged, merged_lse = merge_attention_states(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(merged, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_lse, lse, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# A seeded random walk through the cross product (lengths x head dims x GQA x masks x bias x score x dtype)
+# ------------------------------------------------------------------------------------------------
+def _random_mask(kind, nq, nk, g):
+    def ids(n, batch):
+        out = torch.sort(torch.randint(0, 3, (batch, n), generator=g), dim=-1).values
+        if n > 3:
+            out[:, n - max(1, n // 10) :] = -1  # padding tokens: empty rows / never-attended keys
+        return out
+
+    def blocks(block, density):
+        return BlockSparse(torch.rand(2, 1, -(-nq // block), -(-nk // block), generator=g) < density, block)
+
+    if kind == "window":
+        return Window(int(torch.randint(0, 40, (), generator=g)), int(torch.randint(0, 10, (), generator=g)))
+    if kind == "segments&causal":
+        return Segments(ids(nq, 2), ids(nk, 2)) & Causal()
+    if kind == "dense":
+        return Dense(torch.rand(1, 1, nq, nk, generator=g) < 0.4)
+    if kind == "blocksparse20":
+        return blocks(64, 0.2)
+    if kind == "blocksparse50|window":
+        return blocks(16, 0.5) | Window(2, 2)
+    return Causal()
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_grid(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    pick = lambda options: options[int(torch.randint(0, len(options), (), generator=g))]  # noqa: E731
+    nq, nk = pick([(1, 7), (7, 97), (97, 130), (130, 257), (257, 97), (130, 1), (257, 130)])
+    d = pick([16, 40, 64, 96])
+    h, hkv = pick([(2, 1), (4, 2), (2, 2)])
+    kind = pick(["window", "segments&causal", "dense", "blocksparse20", "blocksparse50|window", "causal"])
+    bias_shape = pick([None, (1, h, nq, nk), (2, 1, nq, nk), (1, 1, 1, nk), (2, h, nq, 1)])
+    score = pick(["softmax", "softmax", "sigmoid"])
+    dtype = pick([torch.float32, torch.float16])
+    q, k, v, bias = _inputs(2, h, hkv, nq, nk, d, bias_shape=bias_shape, dtype=dtype, seed=seed)
+    _check(q, k, v, _random_mask(kind, nq, nk, g), bias, score=score)
+
+
+# ------------------------------------------------------------------------------------------------
+# attend() integration, capability check, errors, layouts
+# ------------------------------------------------------------------------------------------------
+def test_attend_backend_triton():
+    q, k, v, bias = _inputs(2, 4, 2, 33, 65, 16, bias_shape=(1, 4, 33, 65), seed=20)
+    mask = Window(10, 0)
+    got = attend(q, k, v, mask, bias, backend="triton")
+    want = attend(q, k, v, mask, bias, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_supports_reasons():
+    q, k, v, _ = _inputs(1, 2, 2, 16, 16, 16)
+    args = (Full(), None, 0.25, "softmax")
+    assert triton_supports(q, k, v, *args, 0.0, False) is None
+    assert "dropout" in triton_supports(q, k, v, *args, 0.1, False)
+    assert "return_weights" in triton_supports(q, k, v, *args, 0.0, True)
+    big = torch.zeros(1, 1, 4, 272, device=DEVICE)
+    assert "head dim" in triton_supports(big, big, big, *args, 0.0, False)
+    if not HAS_CUDA:
+        assert "bfloat16" in triton_supports(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args, 0.0, False)
+    with pytest.raises(ValueError, match="dropout"):
+        attend(q, k, v, Causal(), dropout_p=0.5, backend="triton")
+
+
+def test_bad_input_errors():
+    q, k, v, _ = _inputs(1, 4, 2, 16, 24, 16)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        flash_attention(q, k[:, :1].expand(1, 3, 24, 16), v[:, :1].expand(1, 3, 24, 16))
+    with pytest.raises(ValueError, match="head dim"):
+        flash_attention(q, k[..., :8], v)
+    with pytest.raises(TypeError, match="share a dtype"):
+        flash_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="4-D"):
+        flash_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="power of two"):
+        flash_attention(q, k, v, block_m=24)
+    with pytest.raises(ValueError, match="return_lse"):
+        flash_attention(q, k, v, score="sigmoid", return_lse=True)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        flash_attention(q, k, v, bias=torch.zeros(1, 3, 16, 24, device=DEVICE))
+    with pytest.raises(ValueError, match="Segments ids"):
+        flash_attention(q, k, v, Segments(torch.zeros(16, dtype=torch.long)))
+
+
+def test_non_contiguous_layout():
+    """(B, N, H, D) tensors viewed as (B, H, N, D) are read through their strides."""
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(2, 33, 2, 16, generator=g).to(DEVICE).transpose(1, 2)
+    k = torch.randn(2, 45, 2, 16, generator=g).to(DEVICE).transpose(1, 2)
+    v = torch.randn(2, 45, 2, 16, generator=g).to(DEVICE).transpose(1, 2)
+    _check(q, k, v, Causal(), None)
+
+
+def test_compiles_for_sm90_without_gpu():
+    """The real (non-interpreted) kernels compile to sm_90 machine code with Triton's bundled ptxas and
+    fit the shared memory: catches GPU-only compile errors on CPU-only CI. Runs in a subprocess
+    because this process imported the kernels for the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch\n"
+        "from zoo.kernels.flash_attention import compile_check\n"
+        "report = compile_check(90, torch.float16, 40, all_configs=False)\n"
+        "assert len(report) == 5 and 'backward dk/dv' in report, report\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only
+# ------------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["segments&causal", "blocksparse-50pct-subtile", "window|blocksparse", "dense&causal"])
+def test_bf16_gpu(name):
+    q, k, v, bias = _inputs(2, 2, 1, 97, 130, 64, bias_shape=(1, 2, 97, 130), dtype=torch.bfloat16, seed=30)
+    _check(q, k, v, MASK_CASES[name](), bias)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_large_gpu(d):
+    q, k, v, bias = _inputs(2, 8, 2, 1000, 1537, d, bias_shape=(1, 8, 1000, 1537), dtype=torch.float16, seed=31)
+    _check(q, k, v, Causal() & Window(300, 0), bias)
+
+
+def _median_ms(fns, reps=10):
+    """Interleaved timing (A B A B ...) after warm-up: median milliseconds per function."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+@pytest.mark.gpu
+@gpu
+def test_speed_gpu():
+    """Dense forward within 2x of SDPA; 25% kept tiles at least 2x faster than dense (forward + backward)."""
+    b, h, n, d = 2, 16, 8192, 128
+    q, k, v, _ = _inputs(b, h, h, n, n, d, dtype=torch.bfloat16)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    nb = n // 128
+    sparse = BlockSparse(torch.rand(nb, nb, generator=g) < 0.25, 128)
+    ours = lambda: flash_attention(q, k, v)  # noqa: E731
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    with torch.no_grad():
+        t_ours, t_sdpa = _median_ms([ours, sdpa])
+    print(f"dense fwd: zoo-triton {t_ours:.2f} ms, sdpa {t_sdpa:.2f} ms, ratio {t_sdpa / t_ours:.2f}")
+    assert t_ours < 2.0 * t_sdpa
+    dense_fb = lambda: flash_attention(q, k, v).sum().backward()  # noqa: E731
+    sparse_fb = lambda: flash_attention(q, k, v, sparse).sum().backward()  # noqa: E731
+    t_dense, t_sparse = _median_ms([dense_fb, sparse_fb], reps=5)
+    print(f"fwd+bwd dense {t_dense:.2f} ms, 25% block-sparse {t_sparse:.2f} ms, ratio {t_dense / t_sparse:.2f}")
+    assert t_sparse * 2.0 < t_dense
+    assert math.isfinite(t_sparse)

@@ -1,0 +1,384 @@
+"""MultiHeadAttention and RoPE against trusted references.
+
+* a float64 hand-written multi-head attention (projections by weight slices, explicit softmax/sigmoid,
+  repeat_interleave for GQA) -- forward and parameter gradients;
+* torch.nn.MultiheadAttention (self attention, cross attention with other kdim/vdim, bool masks);
+* timm's Attention (state dict both ways) and AttentionRope with grouped-query heads;
+* RoPE: a complex-number float64 re-derivation of RoFormer / RoPE-ViT axial rotations, and the
+  relative-position property (scores depend only on position differences).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from zoo.attention import AttentionBias, Causal, capture_attention
+from zoo.attention.modules import Mlp, MultiHeadAttention
+from zoo.attention.rope import RotaryEmbedding
+
+timm = pytest.importorskip("timm")
+
+
+# --------------------------------------------------------------------------------------------------
+# float64 references
+# --------------------------------------------------------------------------------------------------
+def rope_reference(x, positions, mode, theta):
+    """Complex-number RoPE on float64: pairs (x_2i, x_2i+1) as complex numbers times exp(i * angle)."""
+    d = x.shape[-1]
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    if mode == "1d":
+        freqs = torch.tensor([theta ** (-2.0 * i / d) for i in range(d // 2)], dtype=torch.float64)
+        angle = positions.double()[..., None] * freqs
+    else:  # RoPE-ViT compute_axial_cis: D/4 frequencies theta^(-4i/D); column (x) pairs first, then rows (y)
+        freqs = torch.tensor([theta ** (-4.0 * i / d) for i in range(d // 4)], dtype=torch.float64)
+        rows, cols = positions.double()[..., 0], positions.double()[..., 1]
+        angle = torch.cat([cols[..., None] * freqs, rows[..., None] * freqs], dim=-1)
+    out = xc * torch.polar(torch.ones_like(angle), angle)
+    return torch.view_as_real(out).reshape(x.shape)
+
+
+def mha_reference(m, x, context=None, allowed=None, bias=None, score="softmax", rope_pos=None, weights_out=None):
+    """Multi-head attention written out in float64 from the module's parameters (functional: grads flow)."""
+    h, hkv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    x = x.double()
+    if m.is_cross:
+        ctx = context.double()
+        q = nn.functional.linear(x, m.q.weight.double(), None if m.q.bias is None else m.q.bias.double())
+        kv = nn.functional.linear(ctx, m.kv.weight.double(), None if m.kv.bias is None else m.kv.bias.double())
+        k, v = kv[..., : hkv * d], kv[..., hkv * d :]
+    else:
+        w = m.qkv.weight.double()
+        b = None if m.qkv.bias is None else m.qkv.bias.double()
+        qkv = nn.functional.linear(x, w, b)
+        q, k, v = qkv[..., : h * d], qkv[..., h * d : h * d + hkv * d], qkv[..., h * d + hkv * d :]
+    bsz, n, _ = q.shape
+    m_len = k.shape[1]
+    q = q.reshape(bsz, n, h, d).transpose(1, 2)
+    k = k.reshape(bsz, m_len, hkv, d).transpose(1, 2)
+    v = v.reshape(bsz, m_len, hkv, d).transpose(1, 2)
+    if isinstance(m.q_norm, nn.LayerNorm):
+        q = nn.functional.layer_norm(q, (d,), m.q_norm.weight.double(), m.q_norm.bias.double(), m.q_norm.eps)
+        k = nn.functional.layer_norm(k, (d,), m.k_norm.weight.double(), m.k_norm.bias.double(), m.k_norm.eps)
+    if rope_pos is not None:
+        p = m.num_prefix_tokens
+        q = torch.cat([q[:, :, :p], rope_reference(q[:, :, p:], rope_pos, m.rope.mode, m.rope.theta)], dim=2)
+        k = torch.cat([k[:, :, :p], rope_reference(k[:, :, p:], rope_pos, m.rope.mode, m.rope.theta)], dim=2)
+    k = k.repeat_interleave(h // hkv, dim=1)
+    v = v.repeat_interleave(h // hkv, dim=1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(d)
+    if bias is not None:
+        s = s + bias.double()
+    if score == "softmax":
+        if allowed is not None:
+            s = s.masked_fill(~allowed, -math.inf)
+        p = torch.softmax(s, dim=-1)
+    else:
+        p = torch.sigmoid(s - math.log(m_len))
+        if allowed is not None:
+            p = p * allowed
+    if weights_out is not None:
+        weights_out.append(p)
+    out = (p @ v).transpose(1, 2).reshape(bsz, n, h * d)
+    return nn.functional.linear(out, m.proj.weight.double(), None if m.proj.bias is None else m.proj.bias.double())
+
+
+class TableBias(AttentionBias):
+    """A learned (H, N, N) bias table: stands in for the relative-position bias objects."""
+
+    def __init__(self, heads, n):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(heads, n, n) * 0.5)
+
+    def materialize(self, q_len, k_len, *, device=None, dtype=None):
+        return self.table[:, :q_len, :k_len].unsqueeze(0).to(device=device, dtype=dtype)
+
+
+def _randomise(m):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return m
+
+
+# --------------------------------------------------------------------------------------------------
+# MultiHeadAttention vs the float64 reference
+# --------------------------------------------------------------------------------------------------
+CONFIGS = [
+    dict(dim=48, num_heads=4, qkv_bias=True),
+    dict(dim=48, num_heads=4, num_kv_heads=2),
+    dict(dim=48, num_heads=6, num_kv_heads=1, qkv_bias=True),
+    dict(dim=48, num_heads=4, qk_norm=True, proj_bias=False),
+    dict(dim=40, num_heads=2, head_dim=12, qkv_bias=True),
+    dict(dim=48, num_heads=4, score="sigmoid"),
+    dict(dim=48, num_heads=4, kv_dim=20, qkv_bias=True),
+    dict(dim=48, num_heads=4, kv_dim=20, num_kv_heads=2),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k != "dim"))
+def test_mha_matches_float64_reference(cfg):
+    torch.manual_seed(0)
+    m = _randomise(MultiHeadAttention(**cfg)).double()
+    x = torch.randn(2, 7, cfg["dim"], dtype=torch.float64)
+    context = torch.randn(2, 5, cfg["kv_dim"], dtype=torch.float64) if "kv_dim" in cfg else None
+    out = m(x, context)
+    ref = mha_reference(m, x, context, score=cfg.get("score", "softmax"))
+    assert out.shape == (2, 7, cfg["dim"])
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    # parameter gradients through attend() equal those of the reference
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad((out * grad_out).sum(), list(m.parameters()))
+    grads_ref = torch.autograd.grad((ref * grad_out).sum(), list(m.parameters()))
+    for (name, _), g, g_ref in zip(m.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=1e-9, msg=lambda s: f"grad of {name}: {s}")
+
+
+@pytest.mark.parametrize("cfg", [dict(qkv_bias=True), dict(num_kv_heads=2, qk_norm=True)])
+def test_num_queries_computes_the_first_rows_only(cfg):
+    torch.manual_seed(9)
+    m = _randomise(MultiHeadAttention(48, 4, **cfg)).double()
+    x = torch.randn(2, 9, 48, dtype=torch.float64)
+    out = m(x, num_queries=3)
+    assert out.shape == (2, 3, 48)
+    torch.testing.assert_close(out, mha_reference(m, x)[:, :3], atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="num_queries must be an int"):
+        m(x, num_queries=10)
+    with pytest.raises(ValueError, match="RoPE"):
+        MultiHeadAttention(48, 4, rope="1d")(x.float(), num_queries=2)
+
+
+def test_mha_mask_bias_and_rel_pos_bias_in_float32():
+    torch.manual_seed(1)
+    n = 9
+    rel = TableBias(4, n)
+    m = _randomise(MultiHeadAttention(32, 4, qkv_bias=True, rel_pos_bias=rel))
+    x = torch.randn(3, n, 32)
+    extra = torch.randn(3, 1, n, n)
+    out = m(x, mask=Causal(), bias=extra)
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    ref = mha_reference(m, x, allowed=allowed, bias=rel.table.unsqueeze(0) + extra)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    # the bias table is a parameter of the module and receives gradients
+    assert "rel_pos_bias.table" in m.state_dict()
+    out.sum().backward()
+    assert rel.table.grad is not None and rel.table.grad.abs().sum() > 0
+    # only the rel-pos bias: attend() materialises it
+    torch.testing.assert_close(m(x).double(), mha_reference(m, x, bias=rel.table.unsqueeze(0)), atol=2e-5, rtol=1e-5)
+
+
+def test_attention_dropout_only_in_training():
+    torch.manual_seed(2)
+    m = _randomise(MultiHeadAttention(32, 4, attn_drop=0.5))
+    x = torch.randn(2, 6, 32)
+    m.eval()
+    torch.testing.assert_close(m(x).double(), mha_reference(m, x), atol=2e-5, rtol=1e-5)
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(1)
+    b = m(x)
+    assert not torch.allclose(a, b), "attention dropout must act in training"
+
+
+def test_capture_records_attention_probabilities():
+    torch.manual_seed(3)
+    m = _randomise(MultiHeadAttention(32, 4, qkv_bias=True))
+    x = torch.randn(2, 5, 32)
+    with capture_attention() as maps:
+        out = m(x)
+    assert len(maps) == 1 and maps[0].weights.shape == (2, 4, 5, 5)
+    ref_weights = []
+    ref = mha_reference(m, x, weights_out=ref_weights)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(maps[0].weights.double(), ref_weights[0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        m(x)
+    assert len(maps) == 1, "nothing is recorded outside the context manager"
+
+
+# --------------------------------------------------------------------------------------------------
+# Peers: torch.nn.MultiheadAttention and timm
+# --------------------------------------------------------------------------------------------------
+def test_matches_torch_multihead_attention_self():
+    torch.manual_seed(4)
+    peer = nn.MultiheadAttention(48, 6, batch_first=True).eval()
+    _randomise(peer)
+    m = MultiHeadAttention(48, 6, qkv_bias=True).eval()
+    m.load_state_dict(
+        {
+            "qkv.weight": peer.in_proj_weight, "qkv.bias": peer.in_proj_bias,
+            "proj.weight": peer.out_proj.weight, "proj.bias": peer.out_proj.bias,
+        }
+    )
+    x = torch.randn(3, 11, 48)
+    ref, _ = peer(x, x, x, need_weights=False)
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    # torch's bool attn_mask marks *disallowed* pairs; ours marks allowed ones
+    disallowed = torch.rand(11, 11, generator=torch.Generator().manual_seed(0)) < 0.3
+    disallowed.fill_diagonal_(False)
+    ref_masked, _ = peer(x, x, x, attn_mask=disallowed, need_weights=False)
+    torch.testing.assert_close(m(x, mask=~disallowed), ref_masked, atol=1e-5, rtol=1e-5)
+
+
+def test_matches_torch_multihead_attention_cross():
+    torch.manual_seed(5)
+    peer = nn.MultiheadAttention(32, 4, kdim=20, vdim=20, batch_first=True).eval()
+    _randomise(peer)
+    m = MultiHeadAttention(32, 4, kv_dim=20, qkv_bias=True).eval()
+    bias_q, bias_k, bias_v = peer.in_proj_bias.chunk(3)
+    m.load_state_dict(
+        {
+            "q.weight": peer.q_proj_weight, "q.bias": bias_q,
+            "kv.weight": torch.cat([peer.k_proj_weight, peer.v_proj_weight]), "kv.bias": torch.cat([bias_k, bias_v]),
+            "proj.weight": peer.out_proj.weight, "proj.bias": peer.out_proj.bias,
+        }
+    )
+    x, ctx = torch.randn(2, 7, 32), torch.randn(2, 13, 20)
+    ref, _ = peer(x, ctx, ctx, need_weights=False)
+    torch.testing.assert_close(m(x, ctx), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_timm_attention_state_dict_both_ways(qk_norm):
+    from timm.layers import Attention, LayerNorm
+
+    torch.manual_seed(6)
+    peer = _randomise(Attention(64, 4, qkv_bias=True, qk_norm=qk_norm, norm_layer=LayerNorm)).eval()
+    m = MultiHeadAttention(64, 4, qkv_bias=True, qk_norm=qk_norm, norm_layer=LayerNorm).eval()
+    m.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(2, 10, 64)
+    torch.testing.assert_close(m(x), peer(x), atol=1e-5, rtol=1e-5)
+    peer2 = Attention(64, 4, qkv_bias=True, qk_norm=qk_norm, norm_layer=LayerNorm).eval()
+    peer2.load_state_dict(m.state_dict(), strict=True)
+    torch.testing.assert_close(peer2(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_matches_timm_attention_rope_unfused():
+    from timm.layers.attention import AttentionRope
+
+    torch.manual_seed(7)
+    peer = _randomise(AttentionRope(64, 8, num_kv_heads=2, qkv_fused=False, qkv_bias=True, num_prefix_tokens=0)).eval()
+    m = MultiHeadAttention(64, 8, num_kv_heads=2, qkv_bias=True).eval()
+    sd = peer.state_dict()
+    m.load_state_dict(
+        {
+            "qkv.weight": torch.cat([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]]),
+            "qkv.bias": torch.cat([sd["q_proj.bias"], sd["k_proj.bias"], sd["v_proj.bias"]]),
+            "proj.weight": sd["proj.weight"], "proj.bias": sd["proj.bias"],
+        }
+    )
+    assert m.qkv.weight.shape == (64 + 2 * 2 * 8, 64)
+    x = torch.randn(2, 9, 64)
+    torch.testing.assert_close(m(x), peer(x), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode,theta", [("1d", None), ("1d", 500.0), ("2d", None), ("2d", 10000.0)])
+def test_rope_matches_complex_reference(mode, theta):
+    d = 16
+    rope = RotaryEmbedding(d, mode, theta=theta)
+    x = torch.randn(2, 3, 12, d, dtype=torch.float64)
+    if mode == "1d":
+        pos = torch.arange(12)
+        default = rope(x)
+    else:
+        pos = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(12, 2)
+        default = rope(x, (3, 4))
+    ref = rope_reference(x, pos, mode, rope.theta)
+    torch.testing.assert_close(default, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(rope(x, pos.float()), ref, atol=1e-5, rtol=1e-5)
+    assert rope.theta == (theta or {"1d": 10000.0, "2d": 100.0}[mode])
+
+
+def test_rope_scores_depend_only_on_position_differences():
+    d = 32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, d, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, d, generator=g, dtype=torch.float64)
+
+    def score(rope, pq, pk):
+        return float((rope(q, pq) * rope(k, pk)).sum())
+
+    r1 = RotaryEmbedding(d, "1d")
+    base = score(r1, torch.tensor([3.0]), torch.tensor([10.0]))
+    for shift in (1.0, 17.0, 250.5):
+        assert score(r1, torch.tensor([3.0 + shift]), torch.tensor([10.0 + shift])) == pytest.approx(base, abs=1e-9)
+    assert abs(score(r1, torch.tensor([3.0]), torch.tensor([11.0])) - base) > 1e-6  # it is not position-blind
+
+    r2 = RotaryEmbedding(d, "2d")
+    base2 = score(r2, torch.tensor([[1.0, 2.0]]), torch.tensor([[4.0, 0.0]]))
+    for dr, dc in ((1.0, 0.0), (0.0, 5.0), (-3.0, 7.0)):
+        shifted = score(r2, torch.tensor([[1.0 + dr, 2.0 + dc]]), torch.tensor([[4.0 + dr, 0.0 + dc]]))
+        assert shifted == pytest.approx(base2, abs=1e-9)
+    # rows and columns are distinct axes
+    assert abs(score(r2, torch.tensor([[2.0, 1.0]]), torch.tensor([[0.0, 4.0]])) - base2) > 1e-6
+    # rotations keep norms
+    torch.testing.assert_close(r2(q, torch.tensor([[5.0, 6.0]])).norm(), q.norm())
+
+
+def test_mha_with_rope_and_prefix_tokens_matches_reference():
+    torch.manual_seed(8)
+    m = _randomise(MultiHeadAttention(64, 4, qkv_bias=True, rope="2d", num_prefix_tokens=1)).double()
+    x = torch.randn(2, 1 + 12, 64, dtype=torch.float64)
+    pos = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(12, 2)
+    ref = mha_reference(m, x, rope_pos=pos)
+    torch.testing.assert_close(m(x, positions=(3, 4)), ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(m(x, positions=pos.double()), ref, atol=1e-10, rtol=1e-10)
+    # per-sample positions (B, N, 2)
+    torch.testing.assert_close(m(x, positions=pos.double().expand(2, 12, 2)), ref, atol=1e-10, rtol=1e-10)
+    # 1D RoPE with default positions 0..N-1 and no prefix
+    m1 = _randomise(MultiHeadAttention(64, 4, rope="1d")).double()
+    torch.testing.assert_close(m1(x), mha_reference(m1, x, rope_pos=torch.arange(13)), atol=1e-10, rtol=1e-10)
+    # a non-square patch count needs explicit positions
+    with pytest.raises(ValueError, match="square grid"):
+        m(torch.randn(1, 1 + 6, 64, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------------
+# Mlp and bad inputs
+# --------------------------------------------------------------------------------------------------
+def test_mlp_matches_timm_mlp():
+    from timm.layers import Mlp as TimmMlp
+
+    peer = TimmMlp(16, 40).eval()
+    m = Mlp(16, 40).eval()
+    m.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(m(x), peer(x))
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = MultiHeadAttention(32, 4)
+    with pytest.raises(ValueError, match=r"shape \(B, N, 32\)"):
+        m(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=r"shape \(B, N, 32\)"):
+        m(torch.randn(5, 32))
+    with pytest.raises(ValueError, match="kv_dim"):
+        m(torch.randn(2, 5, 32), torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="no RoPE"):
+        m(torch.randn(2, 5, 32), positions=torch.arange(5))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        m(torch.full((1, 3, 32), float("nan")))
+    cross = MultiHeadAttention(32, 4, kv_dim=8)
+    with pytest.raises(ValueError, match="pass context"):
+        cross(torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="batch"):
+        cross(torch.randn(2, 5, 32), torch.randn(3, 4, 8))
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        MultiHeadAttention(32, 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="not divisible"):
+        MultiHeadAttention(30, 4)
+    with pytest.raises(ValueError, match="rope"):
+        MultiHeadAttention(32, 4, rope="3d")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        MultiHeadAttention(24, 4, rope="2d")  # head_dim 6
+    with pytest.raises(TypeError, match="AttentionBias"):
+        MultiHeadAttention(32, 4, rel_pos_bias=torch.zeros(4, 5, 5))
+    r = MultiHeadAttention(32, 4, rope="1d")
+    with pytest.raises(ValueError, match="positions must have shape"):
+        r(torch.randn(1, 5, 32), positions=torch.arange(4))

@@ -1,0 +1,221 @@
+"""Radial attention mask (zoo/attention/radial.py): hand-computed cases, the published densities, the
+O(n log n) growth, the block map against an independent quantisation of the token rule, the mask object
+inside attend(), and the dense warm-up schedule."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from zoo.attention import Dense, Full, attend, use_backend
+from zoo.attention.masks import EMPTY, FULL, _states_from_dense
+from zoo.attention.radial import DenseWarmup, Radial, radial_block_mask, radial_pair_rule, radial_token_mask
+
+
+# --------------------------------------------------------------------------------------------------
+# The rule, by hand
+# --------------------------------------------------------------------------------------------------
+def test_pair_rule_hunyuan_3840():
+    # T = 3840: P = 2**12 = 4096, L = 4096 / 2**bit_length(dist).
+    t = 3840
+    assert radial_pair_rule(0, t) == (True, t)  # dist <= 1: the whole frame
+    assert radial_pair_rule(1, t) == (True, t)
+    assert radial_pair_rule(2, t) == (True, 1024)  # L = 1024
+    assert radial_pair_rule(7, t) == (True, 512)  # L = 512
+    assert radial_pair_rule(16, t, 0.95) == (True, 128)  # L = 128: 128 * 0.95 < block -> block
+    assert radial_pair_rule(32, t) == (True, 128)  # L = 64: split 2, 32 even -> kept, band = block
+    assert radial_pair_rule(33, t)[0] is False  # odd distance dropped
+    assert radial_pair_rule(64, t)[0] is True and radial_pair_rule(66, t)[0] is False  # L = 32: split 4
+    assert radial_pair_rule(8, t, 0.2) == (True, 128)  # 256 * 0.2 = 51.2 -> block size 128
+    assert radial_pair_rule(2, t, 0.2) == (True, 204)  # floor(1024 * 0.2)
+
+
+def test_pair_rule_small_frames_apply_split_to_near_distances():
+    # T = 100: P = 128. dist 0: L = 128 kept; dist 1: L = 64 -> split 2 -> 1 % 2 != 0 -> dropped.
+    assert radial_pair_rule(0, 100)[0] is True
+    assert radial_pair_rule(1, 100)[0] is False
+    assert radial_pair_rule(2, 100)[0] is False  # L = 32, split 4
+    assert radial_pair_rule(16, 100)[0] is False  # g = 5, L = 4, split 32 -> 16 % 32 != 0
+    assert radial_pair_rule(0, 20)[0] is True  # P = 32, L = 32 < 128 but 0 % 4 == 0
+
+
+def test_hand_block_map_100_tokens():
+    # 3 frames x 100 tokens, block 128: S = 300, 3 blocks, border = 300 // 128 = 2 (row/col 2 all on).
+    # Only dist 0 pairs are kept (T < 128). Pair (0,0) at offset 0: columns 0..99 hold 100 > 128/3 rows -> block
+    # (0,0). Pair (1,1) at offset 100: 28 rows in the cropped 128 -> 28 <= 128/3 -> nothing (the rest spills).
+    # Pair (2,2) at offset 72, block offset 1: 56 rows > 42.7 -> block (1,1).
+    expected = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(radial_block_mask(3, 100, 1.0, False, 128), expected)
+    # Wan sink: pairs (i, 0) are whole. (1,0): 28 rows -> no; (2,0): 56 rows placed at block (1, 0) -> yes.
+    expected_sink = torch.tensor([[1, 0, 1], [1, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(radial_block_mask(3, 100, 1.0, True, 128), expected_sink)
+
+
+def test_hand_block_map_band():
+    # 4 frames x 256 tokens, block 64, decay 0.5: P = 512. dist 0, 1: whole pairs (4x4 blocks on).
+    # dist 2, 3: L = 128 (kept), band = max(128 * 0.5, 64) = 64: inside a pair, diagonal blocks are full,
+    # the adjacent ones keep columns c <= 42 of 64 dense (43/64 = 0.67 > 0.6) -> on, farther ones empty.
+    pair_near = torch.ones(4, 4, dtype=torch.bool)
+    pair_far = (torch.arange(4)[:, None] - torch.arange(4)[None, :]).abs() <= 1
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    for i in range(4):
+        for j in range(4):
+            expected[4 * i : 4 * i + 4, 4 * j : 4 * j + 4] = pair_near if abs(i - j) <= 1 else pair_far
+    assert torch.equal(radial_block_mask(4, 256, 0.5, False, 64), expected)
+
+
+@pytest.mark.parametrize(
+    "frames, tokens, decay, sink, reference",
+    [(18, 3840, 0.2, True, 0.287), (30, 3840, 0.95, False, 0.275), (128, 3600, 1.0, False, 0.109)],
+)
+def test_published_densities(frames, tokens, decay, sink, reference):
+    # REFERENCES.md (Wan 2.1, HunyuanVideo, HunyuanVideo at 4x length); the 3600 x 3600-block map in < 30 s.
+    start = time.perf_counter()
+    mask = Radial(frames, tokens, decay, sink)
+    density = mask.density()
+    assert time.perf_counter() - start < 30
+    assert round(density, 3) == reference
+    assert mask.block_mask.shape == (frames * tokens // 128,) * 2
+
+
+def test_kept_blocks_grow_as_n_log_n():
+    kept = []
+    frames = [8, 16, 32, 64, 128]
+    for f in frames:
+        m = radial_block_mask(f, 512, 1.0)
+        kept.append(int(m.sum()))
+    ratios = [b / a for a, b in zip(kept, kept[1:])]
+    # Quadratic growth would double-double (4x); n log n gives 2 * log(2F) / log(F) -> 2 from above.
+    assert all(r2 < r1 for r1, r2 in zip(ratios, ratios[1:])), ratios
+    assert ratios[-1] < 2.6, ratios
+    per_n_log_n = [k / (f * math.log2(f)) for k, f in zip(kept, frames)]
+    assert max(per_n_log_n) / min(per_n_log_n) < 1.7, per_n_log_n
+    densities = [k / (f * 4) ** 2 for k, f in zip(kept, frames)]
+    assert densities[-1] < 0.2 and all(b < a for a, b in zip(densities, densities[1:]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Block map vs an independent quantisation of the token-level rule
+# --------------------------------------------------------------------------------------------------
+def quantise_token_mask(token_mask, frames, tokens, block):
+    """Literal block quantisation of the token rule, pair by pair (issue 5, section 2)."""
+    s = frames * tokens
+    total = math.ceil(s / block)
+    out = torch.zeros(total, total, dtype=torch.bool)
+    out[s // block :] = True
+    out[:, s // block :] = True
+    nb = math.ceil(tokens / block)
+    for i in range(frames):
+        for j in range(frames):
+            pair = token_mask[i * tokens : (i + 1) * tokens, j * tokens : (j + 1) * tokens]
+            ro, co = (i * tokens) % block, (j * tokens) % block
+            padded = torch.zeros(ro + nb * block, co + nb * block, dtype=torch.bool)
+            padded[ro : ro + tokens, co : co + tokens] = pair
+            cropped = padded[: nb * block, : nb * block].reshape(nb, block, nb, block)
+            col_density = cropped.sum(1).double() / block  # (nb, nb, block)
+            nonzero = (col_density > 0).sum(-1)
+            dense = (col_density > 1 / 3).sum(-1)
+            blocks = (nonzero > 0) & (dense.double() / nonzero.clamp(min=1) > 0.6)
+            r0, c0 = (i * tokens) // block, (j * tokens) // block
+            out[r0 : r0 + nb, c0 : c0 + nb] |= blocks[: total - r0, : total - c0]
+    return out
+
+
+@pytest.mark.parametrize(
+    "frames, tokens, decay, sink, block",
+    [(5, 100, 1.0, False, 32), (6, 37, 0.5, True, 16), (4, 300, 0.2, True, 64), (9, 130, 0.95, False, 128),
+     (12, 50, 0.3, True, 8), (7, 64, 1.7, False, 48), (3, 1, 1.0, True, 4)],
+)
+def test_block_map_matches_quantised_token_mask(frames, tokens, decay, sink, block):
+    token_mask = radial_token_mask(frames, tokens, decay, sink, block)
+    expected = quantise_token_mask(token_mask, frames, tokens, block)
+    assert torch.equal(radial_block_mask(frames, tokens, decay, sink, block), expected)
+
+
+def test_token_mask_is_banded_and_symmetric_without_sink():
+    m = radial_token_mask(8, 200, 1.0, False, 64)
+    assert torch.equal(m, m.T)
+    # dist 2 (L = 64 -> band max(64, 64) = 64): inside the pair |p - p'| <= 64 exactly.
+    pair = m[0:200, 400:600]
+    offset = (torch.arange(200)[:, None] - torch.arange(200)[None, :]).abs()
+    assert torch.equal(pair, offset <= 64)
+    assert not m[0:200, 200 * 3 : 200 * 4].any()  # dist 3: L = 64 < 128, split 2 -> odd dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# The mask object
+# --------------------------------------------------------------------------------------------------
+def test_radial_mask_block_map_and_dense_form():
+    r = Radial(6, 40, 0.5, True, block_size=32, text_tokens=7)
+    n = r.seq_len
+    assert n == 247
+    published = radial_block_mask(6, 40, 0.5, True, 32, text_tokens=7)
+    bm = r.block_map(n, n, 32)
+    assert torch.equal(bm.states[0, 0], torch.where(published, FULL, EMPTY).to(torch.int8))
+    dense = r.dense(n, n)
+    assert dense.shape == (1, 1, n, n)
+    expanded = published.repeat_interleave(32, 0).repeat_interleave(32, 1)[:n, :n]
+    assert torch.equal(dense[0, 0], expanded)
+    assert dense[0, 0, 240:].all() and dense[0, 0, :, 240:].all()  # text rows / columns fully on
+    # Other tile sizes: derived without the dense form, equal to reducing it.
+    for bq, bk in ((16, 16), (64, 64), (48, 32), (100, 7)):
+        assert torch.equal(r.block_map(n, n, bq, bk).states, _states_from_dense(dense, bq, bk)), (bq, bk)
+    rows = r.dense(n, n, rows=(50, 90))
+    assert torch.equal(rows, dense[..., 50:90, :])
+
+
+def test_radial_mask_errors():
+    with pytest.raises(ValueError, match="num_frames"):
+        Radial(0, 10)
+    with pytest.raises(ValueError, match="decay_factor"):
+        Radial(4, 10, decay_factor=-1.0)
+    with pytest.raises(ValueError, match="block_size"):
+        radial_block_mask(4, 10, block_size=0)
+    r = Radial(4, 10, block_size=8)
+    with pytest.raises(ValueError, match="4 frames x 10 tokens"):
+        r.dense(41, 41)
+    q = torch.randn(1, 2, 41, 8)
+    with pytest.raises(ValueError, match="Radial mask"):
+        attend(q, q, q, r)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+def test_attend_with_radial_equals_its_dense_form(backend):
+    g = torch.Generator().manual_seed(0)
+    r = Radial(6, 24, 1.0, True, block_size=16, text_tokens=5)
+    n = r.seq_len
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    go = torch.randn(2, 2, n, 16, generator=g, dtype=torch.float64)
+    results = []
+    for mask, name in ((r, backend), (Dense(r.dense(n, n)), "torch")):
+        with use_backend(name):
+            out = attend(q, k, v, mask)
+        results.append([out, *torch.autograd.grad(out, (q, k, v), go)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense warm-up schedule
+# --------------------------------------------------------------------------------------------------
+def test_dense_warmup_schedule():
+    s = DenseWarmup(num_steps=10, dense_first_steps=2, dense_last_steps=1, dense_first_layers=3)
+    grid = [[s.is_dense(step, layer) for layer in range(5)] for step in range(10)]
+    for step in range(10):
+        for layer in range(5):
+            expected = step < 2 or step == 9 or layer < 3
+            assert grid[step][layer] == expected, (step, layer)
+    radial = Radial(4, 16, block_size=16)
+    assert isinstance(s.mask(0, 4, radial), Full)
+    assert s.mask(5, 4, radial) is radial
+    assert s.sparse_fraction(5) == pytest.approx((7 * 2) / 50)
+    # The published pipelines: dense_timesteps / dense_layers only.
+    published = DenseWarmup(num_steps=50, dense_first_steps=12, dense_first_layers=1)
+    assert published.is_dense(11, 5) and not published.is_dense(12, 5) and published.is_dense(40, 0)
+    assert not published.is_dense(49, 1)
+    with pytest.raises(ValueError, match="step"):
+        s.is_dense(10, 0)
+    with pytest.raises(ValueError, match="dense_last_steps"):
+        DenseWarmup(num_steps=10, dense_last_steps=-1)

@@ -1,0 +1,128 @@
+"""Relative-position bias objects (zoo/attention/relpos.py) against timm's (timm/layers/pos_embed_rel.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.attention import AttentionBias, attend
+from zoo.attention.relpos import (
+    RelPosBiasTf,
+    RelPosMlp,
+    log_coords,
+    rel_pos_index_mlp,
+    rel_pos_index_tf,
+    resize_rel_pos_table,
+)
+
+timm_rel = pytest.importorskip("timm.layers.pos_embed_rel")
+
+
+@pytest.mark.parametrize("window", [(3, 3), (4, 2), (1, 5)])
+def test_tf_table_matches_timm(window):
+    torch.manual_seed(0)
+    heads = 3
+    ours = RelPosBiasTf(window, heads)
+    peer = timm_rel.RelPosBiasTf(window, heads)
+    peer.load_state_dict(ours.state_dict(), strict=True)
+    n = window[0] * window[1]
+    bias = ours.materialize(n, n, device=torch.device("cpu"), dtype=torch.float32)
+    assert isinstance(ours, AttentionBias)
+    assert bias.shape == (1, heads, n, n)
+    torch.testing.assert_close(bias[0], peer.get_bias(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [(3, 3), (2, 4)])
+def test_mlp_bias_matches_timm(window):
+    torch.manual_seed(0)
+    heads = 4
+    ours = RelPosMlp(window, heads, hidden_dim=16).eval()
+    peer = timm_rel.RelPosMlp(window, heads, hidden_dim=16).eval()
+    peer.load_state_dict(ours.state_dict(), strict=True)
+    n = window[0] * window[1]
+    torch.testing.assert_close(ours.materialize(n, n), peer.get_bias(), rtol=1e-6, atol=1e-6)
+    # the buffers are non-persistent, as timm's: a state dict holds only the MLP
+    assert sorted(ours.state_dict()) == ["mlp.fc1.bias", "mlp.fc1.weight", "mlp.fc2.bias", "mlp.fc2.weight"]
+
+
+def test_index_and_coords_conventions():
+    # TF: key - query; MLP: query - key (so the two index tables are transposes of each other)
+    idx_tf, idx_mlp = rel_pos_index_tf((2, 3)), rel_pos_index_mlp((2, 3))
+    assert torch.equal(idx_tf, idx_mlp.T)
+    assert torch.equal(idx_mlp, timm_rel.gen_relative_position_index((2, 3)))
+    coords = log_coords((2, 3))
+    expected = timm_rel.gen_relative_log_coords((2, 3), mode="cr")
+    torch.testing.assert_close(coords, expected)
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [((2, 2), (4, 4)), ((4, 4), (7, 7)), ((7, 7), (4, 4)), ((3, 5), (6, 2)), ((7, 7), (12, 12))],
+)
+def test_resize_matches_timm(src, dst):
+    torch.manual_seed(0)
+    table = torch.randn(2, 2 * src[0] - 1, 2 * src[1] - 1)
+    ours = resize_rel_pos_table(table, dst)
+    peer = timm_rel.resize_rel_pos_bias_table(table, new_window_size=dst, new_bias_shape=(2, 2 * dst[0] - 1, 2 * dst[1] - 1))
+    assert ours.shape == (2, 2 * dst[0] - 1, 2 * dst[1] - 1)
+    torch.testing.assert_close(ours, peer, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_identity_and_errors():
+    table = torch.randn(2, 5, 5)
+    assert resize_rel_pos_table(table, (3, 3)) is table
+    with pytest.raises(ValueError, match="float tensor"):
+        resize_rel_pos_table(torch.randn(5, 5), (3, 3))
+    with pytest.raises(ValueError, match="odd"):
+        resize_rel_pos_table(torch.randn(2, 4, 4), (3, 3))
+    with pytest.raises(ValueError, match="window_size"):
+        resize_rel_pos_table(table, (0, 3))
+
+
+def test_set_window_size_and_state_dict_from_other_window():
+    torch.manual_seed(0)
+    small = RelPosBiasTf((2, 2), 2)
+    big = RelPosBiasTf((4, 4), 2)
+    big.load_state_dict(small.state_dict(), strict=True)  # resized on load
+    expected = resize_rel_pos_table(small.relative_position_bias_table.detach(), (4, 4))
+    torch.testing.assert_close(big.relative_position_bias_table.detach(), expected)
+    small.set_window_size(4)
+    torch.testing.assert_close(small.relative_position_bias_table.detach(), expected)
+    assert small.materialize(16, 16).shape == (1, 2, 16, 16)
+    mlp = RelPosMlp((2, 2), 2, hidden_dim=8)
+    before = mlp.state_dict()
+    mlp.set_window_size((3, 2))
+    assert mlp.materialize(6, 6).shape == (1, 2, 6, 6)
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+
+
+def test_wrong_length_raises():
+    bias = RelPosBiasTf((2, 2), 2)
+    with pytest.raises(ValueError, match="2x2 window"):
+        bias.materialize(5, 5)
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="2x2 window"):
+        attend(q, q, q, bias=bias)
+
+
+@pytest.mark.parametrize("cls", [RelPosBiasTf, RelPosMlp])
+def test_gradients_reach_parameters_through_attend(cls):
+    torch.manual_seed(0)
+    bias = cls((2, 3), 2).double().eval()  # eval: RelPosMlp has dropout
+    q, k, v = (torch.randn(3, 2, 6, 4, dtype=torch.float64) for _ in range(3))
+    params = [p for p in bias.parameters()]
+
+    out = attend(q, k, v, bias=bias, backend="torch")
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    # the gradient of the table/MLP matches finite differences (float64)
+    p0 = params[0]
+    direction = torch.randn_like(p0)
+    eps = 1e-6
+    with torch.no_grad():
+        p0 += eps * direction
+        plus = attend(q, k, v, bias=bias, backend="torch").square().sum()
+        p0 -= 2 * eps * direction
+        minus = attend(q, k, v, bias=bias, backend="torch").square().sum()
+        p0 += eps * direction
+    numeric = (plus - minus) / (2 * eps)
+    torch.testing.assert_close(numeric, (p0.grad * direction).sum(), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,278 @@
+"""The CPU block-sparse backend (zoo/attention/sparse.py) against a float64 reference: forward and the
+gradients of q, k, v and bias on awkward shapes, every mask type and combinations, random block maps,
+fully masked rows, GQA, softmax and sigmoid; automatic selection; work proportional to kept tiles."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import pytest
+import torch
+
+from zoo.attention import BlockSparse, Causal, Dense, Full, Segments, Window, attend, use_backend
+from zoo.attention import backends as zb
+from zoo.attention import sparse as zs
+from zoo.attention.radial import Radial
+from zoo.attention.sparse import block_sparse_attention
+
+
+def naive_attention(q, k, v, allowed, bias, scale, score):
+    """float64, explicit: softmax (or sigmoid with -log Nk) over allowed keys; rows without keys -> 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    s = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias.double()
+    allowed = allowed.expand_as(s)
+    if score == "softmax":
+        s = s.masked_fill(~allowed, -math.inf)
+        p = torch.softmax(s, dim=-1)
+        p = torch.where(allowed.any(-1, keepdim=True), p, torch.zeros_like(p))
+    else:
+        p = torch.sigmoid(s - math.log(k.shape[2])) * allowed
+    return p @ v
+
+
+def _rand(*shape, g, dtype=torch.float64):
+    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(True)
+
+
+def check(mask, b, h, hkv, nq, nk, d, dv=None, bias_shape=None, score="softmax", block_size=None, dtype=torch.float64,
+          tol=1e-10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or d
+    q, k, v = _rand(b, h, nq, d, g=g, dtype=dtype), _rand(b, hkv, nk, d, g=g, dtype=dtype), _rand(b, hkv, nk, dv, g=g, dtype=dtype)
+    bias = None if bias_shape is None else _rand(*bias_shape, g=g, dtype=dtype)
+    grad_out = torch.randn(b, h, nq, dv, generator=g, dtype=torch.float64)
+    inputs = [q, k, v] + ([bias] if bias is not None else [])
+    scale = 1 / math.sqrt(d)
+    from zoo.attention.masks import as_mask
+
+    allowed = as_mask(mask).dense(nq, nk)
+    ref = naive_attention(q, k, v, allowed, bias, scale, score)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    out = block_sparse_attention(q, k, v, mask, bias, score=score, block_size=block_size)
+    assert out.dtype == dtype and out.shape == (b, h, nq, dv)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    names = ["out", "dq", "dk", "dv", "dbias"]
+    for name, a, r in zip(names, [out, *grads], [ref, *ref_grads]):
+        assert a.shape == r.shape, name
+        err = float((a.detach().double() - r.detach()).abs().max())
+        assert err <= tol * max(1.0, float(r.detach().abs().max())), f"{name}: max error {err:.3g}"
+
+
+def _segments(b, nq, nk, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids_q = torch.sort(torch.randint(0, 3, (b, nq), generator=g), dim=-1).values
+    ids_k = torch.sort(torch.randint(0, 3, (b, nk), generator=g), dim=-1).values
+    ids_k[:, -1] = -1  # a padding key
+    return Segments(ids_q, ids_k)
+
+
+def _random_blocks(nq, nk, block, density, seed=0, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    shape = (*lead, math.ceil(nq / block), math.ceil(nk / block))
+    return BlockSparse(torch.rand(*shape, generator=g) < density, block)
+
+
+def masks_for(b, h, nq, nk):
+    g = torch.Generator().manual_seed(2)
+    return {
+        "full": Full(),
+        "causal": Causal(),
+        "window": Window(5, 2),
+        "window-left": Window(20, None),
+        "segments": _segments(b, nq, nk),
+        "dense": Dense(torch.rand(nq, nk, generator=g) < 0.3),
+        "dense-bh": Dense(torch.rand(b, h, nq, nk, generator=g) < 0.3),
+        "blocks20": _random_blocks(nq, nk, 16, 0.2),
+        "blocks50": _random_blocks(nq, nk, 16, 0.5, seed=3),
+        "blocks-per-head": _random_blocks(nq, nk, 8, 0.4, seed=4, lead=(1, h)),
+        "and": Causal() & Window(9, None),
+        "or": Window(1, 1) | _segments(b, nq, nk),
+        "and-blocks": _random_blocks(nq, nk, 32, 0.5, seed=5) & Window(40, 40),
+    }
+
+
+SHAPES = [
+    # b, h, hkv, nq, nk, d, dv
+    (1, 2, 2, 1, 7, 16, 16),
+    (2, 4, 2, 97, 130, 16, 24),
+    (1, 3, 1, 130, 97, 40, 40),
+    (2, 2, 2, 257, 257, 64, 64),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_every_mask_softmax(shape):
+    b, h, hkv, nq, nk, d, dv = shape
+    for name, mask in masks_for(b, h, nq, nk).items():
+        try:
+            check(mask, b, h, hkv, nq, nk, d, dv, block_size=32)
+        except AssertionError as error:
+            raise AssertionError(f"mask {name}: {error}") from None
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize(
+    "bias_shape", [(1, 4, 97, 130), (2, 1, 1, 130), (1, 1, 97, 1), (2, 4, 97, 130)], ids=["1H", "B1-keys", "rows", "BH"]
+)
+def test_bias_gradients_and_scores(score, bias_shape):
+    b, h, hkv, nq, nk, d = 2, 4, 2, 97, 130, 16
+    for name in ("window", "segments", "blocks20", "dense-bh", "or"):
+        mask = masks_for(b, h, nq, nk)[name]
+        try:
+            check(mask, b, h, hkv, nq, nk, d, bias_shape=bias_shape, score=score, block_size=(16, 32))
+        except AssertionError as error:
+            raise AssertionError(f"mask {name}: {error}") from None
+
+
+def test_default_tiles_and_radial():
+    r = Radial(5, 40, 1.0, True, block_size=16, text_tokens=3)
+    check(r, 1, 2, 1, r.seq_len, r.seq_len, 16, score="softmax")  # tiles: multiples of 16 (64)
+    check(r, 1, 2, 1, r.seq_len, r.seq_len, 16, score="sigmoid", block_size=16)
+    assert zs.choose_tiles(r, 203, 203) == (64, 64)
+    assert zs.choose_tiles(Radial(4, 256), 1024, 1024) == (128, 128)
+    assert zs.choose_tiles(Window(3, 3), 500, 500) == (zs.DEFAULT_TILE, zs.DEFAULT_TILE)
+    assert zs.choose_tiles(Causal() & _random_blocks(200, 200, 80, 0.5), 200, 200) == (80, 80)
+
+
+def test_fully_masked_rows_give_zero_output_and_gradients():
+    nq, nk = 70, 50
+    allowed = torch.rand(nq, nk, generator=torch.Generator().manual_seed(0)) < 0.4
+    allowed[3] = False
+    allowed[40:60] = False  # whole query tiles without keys as well
+    check(Dense(allowed), 1, 2, 2, nq, nk, 16, bias_shape=(1, 2, nq, nk), block_size=16)
+    check(Dense(allowed), 1, 2, 2, nq, nk, 16, score="sigmoid", block_size=16)
+    q = torch.randn(1, 2, nq, 16, requires_grad=True)
+    k = torch.randn(1, 2, nk, 16)
+    out = block_sparse_attention(q, k, k, Dense(allowed), block_size=16)
+    assert torch.isfinite(out).all() and (out[:, :, 3] == 0).all() and (out[:, :, 40:60] == 0).all()
+    out.sum().backward()
+    assert (q.grad[:, :, 3] == 0).all() and torch.isfinite(q.grad).all()
+
+
+def test_minus_inf_bias_rows_are_zero_like_the_reference():
+    nq = nk = 40
+    bias = torch.zeros(1, 1, nq, nk, dtype=torch.float64)
+    bias[..., 5, :] = -math.inf
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, nq, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ours = block_sparse_attention(q, k, v, Window(4, 4), bias, block_size=16)
+    ref = attend(q, k, v, Window(4, 4), bias, backend="torch")
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert (ours[:, :, 5] == 0).all()
+
+
+def test_float32_float16_and_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = 2, 4, 150, 32
+    qkv = torch.randn(b, n, 3, h, d, generator=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # non-contiguous views, as after a fused qkv projection
+    mask = Window(16, 16) | _random_blocks(n, n, 32, 0.3)
+    ref = naive_attention(q, k, v, mask.dense(n, n), None, d**-0.5, "softmax")
+    ours = block_sparse_attention(q, k, v, mask)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=2e-6)
+    half = block_sparse_attention(q.half(), k.half(), v.half(), mask)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), ref, rtol=5e-3, atol=5e-3)
+
+
+def test_tiles_visited_are_the_kept_tiles():
+    n, block = 300, 32
+    mask = _random_blocks(n, n, block, 0.25, seed=7)
+    plan = zs._plan(mask, None, 1, 2, 2, n, n, block, block, "cpu")
+    kept = mask.block_mask[0, 0]
+    for tile in plan[0].tiles:
+        row = tile.r0 // block
+        cols = torch.arange(tile.c0, tile.c1) if tile.cols is None else tile.cols
+        expected = (kept[row].nonzero()[:, 0, None] * block + torch.arange(block)).reshape(-1)
+        assert torch.equal(cols, expected[expected < n])
+        assert tile.spans == []  # BlockSparse at its own block: every kept tile FULL, no masking
+    assert {t.r0 // block for t in plan[0].tiles} == set(kept.any(-1).nonzero()[:, 0].tolist())
+    # A window: only the PARTIAL tiles carry element-wise masks.
+    plan = zs._plan(Window(70, 70), None, 1, 1, 1, n, n, block, block, "cpu")
+    states = Window(70, 70).block_map(n, n, block, block).states[0, 0]
+    for tile in plan[0].tiles:
+        masked = sum(width for _, width, _ in tile.spans)
+        partial = int((states[tile.r0 // block] == 1).sum())
+        assert partial * block - 32 <= masked <= partial * block
+
+
+def test_time_falls_with_kept_fraction():
+    torch.manual_seed(0)
+    n = 1024
+    q, k, v = (torch.randn(1, 4, n, 64) for _ in range(3))
+    sparse = _random_blocks(n, n, 128, 0.12, seed=1)
+    dense = BlockSparse(torch.ones(8, 8, dtype=torch.bool), 128)
+    times = {"sparse": [], "dense": []}
+    for _ in range(7):
+        for name, mask in (("sparse", sparse), ("dense", dense)):
+            start = time.perf_counter()
+            block_sparse_attention(q, k, v, mask)
+            times[name].append(time.perf_counter() - start)
+    ratio = statistics.median(times["sparse"]) / statistics.median(times["dense"])
+    kept = sparse.block_map(n, n, 128).kept_fraction()
+    assert kept < 0.2
+    assert ratio < 0.6, f"{kept:.0%} kept tiles took {ratio:.2f} of the dense time"
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend registration and automatic choice
+# --------------------------------------------------------------------------------------------------
+def _chosen(q, k, v, mask, bias=None, score="softmax", dropout_p=0.0, return_weights=False):
+    args = (q, k, v, mask, bias, q.shape[-1] ** -0.5, score, dropout_p, return_weights)
+    return zb.select_backend(args, zb.requested_backend(None)).name
+
+
+def test_automatic_choice_on_cpu():
+    n = 1024
+    q = torch.randn(1, 2, n, 32)
+    assert "blocksparse" in zb.list_backends()
+    assert _chosen(q, q, q, Window(64, 64)) == "blocksparse"
+    assert _chosen(q, q, q, _random_blocks(n, n, 128, 0.3)) == "blocksparse"
+    assert _chosen(q, q, q, Radial(16, 64, block_size=128)) == "blocksparse"
+    assert _chosen(q, q, q, Full()) == "sdpa"
+    assert _chosen(q, q, q, Causal()) == "sdpa"  # square causal: SDPA's causal kernel
+    assert _chosen(q, q, q, Window(600, 600)) == "sdpa"  # kept fraction above the threshold
+    assert _chosen(q, q, q, Window(64, 64), dropout_p=0.1) == "sdpa"
+    assert _chosen(q, q, q, Window(64, 64), score="sigmoid") == "blocksparse"
+    small = torch.randn(1, 2, 200, 32)
+    assert _chosen(small, small, small, Window(4, 4)) == "sdpa"  # below AUTO_MIN_CELLS
+    with use_backend("blocksparse"):  # forced: runs any mask, even dense ones
+        assert _chosen(small, small, small, Full()) == "blocksparse"
+        with pytest.raises(ValueError, match="dropout"):
+            _chosen(small, small, small, Full(), dropout_p=0.1)
+
+
+def test_attend_automatic_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = Window(40, 10)
+    assert _chosen(q, k, v, mask) == "blocksparse"
+    out = attend(q, k, v, mask)
+    ref = attend(q, k, v, mask, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # inference path (no autograd state kept)
+        torch.testing.assert_close(attend(q, k, v, mask), ref.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_bad_arguments():
+    q = torch.randn(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="block_size"):
+        block_sparse_attention(q, q, q, Causal(), block_size=0)
+    with pytest.raises(TypeError, match="bias"):
+        block_sparse_attention(q, q, q, Causal(), bias=torch.ones(10, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="heads"):
+        block_sparse_attention(q, torch.randn(1, 3, 10, 8), torch.randn(1, 3, 10, 8))
+    with pytest.raises(ValueError, match="Dense mask"):
+        block_sparse_attention(q, q, q, torch.ones(9, 10, dtype=torch.bool))

@@ -1,0 +1,376 @@
+"""Agent attention: softmax attention routed through a few pooled "agent" tokens.
+
+Paper: Han et al., "Agent Attention: On the Integration of Softmax and Linear Attention" (ECCV 2024,
+arXiv:2312.08874). Official code: LeapLabTHU/Agent-Attention @207ce3e,
+agent_transformer/models/agent_deit.py ``AgentAttention`` -- parameter names, shapes, init and the
+forward below follow it, so an official state dict loads unchanged and gives the same output.
+
+For tokens x (P prefix tokens -- the class token -- then L = Gh*Gw patch tokens on a grid):
+
+    q, k, v    = split(qkv(x))                                   per head
+    A          = AdaptiveAvgPool2d(sqrt(n))(q of the patch tokens)  n agent tokens, head-split like q
+    agent_v    = softmax(scale * A K^T + B1) V                    agent aggregation  (n x N)
+    out        = softmax(scale * Q A^T + B2) agent_v              agent broadcast    (N x n)
+    out[patch] += dwc(V[patch] as an image)                       3x3 depthwise conv (with bias)
+    y          = proj(out)
+
+Both softmax stages are :func:`zoo.attention.attend` calls with an additive bias, so every backend
+(reference, SDPA, Triton) serves them. The cost is O(N n) instead of O(N^2).
+
+Biases (learned, all initialised trunc-normal(0.02) as in the official code):
+
+* B1 (n x N): ``an_bias`` [H, n, 7, 7] resized bilinearly (``align_corners=False``, F.interpolate's
+  default) to the token grid, plus ``ah_bias`` [1, H, n, win, 1] + ``aw_bias`` [1, H, n, 1, win]; the
+  class-token column is ``ac_bias`` [1, H, n, 1].
+* B2 (N x n): ``na_bias`` resized the same way and transposed, plus ``ha_bias`` [1, H, win, 1, n] +
+  ``wa_bias`` [1, H, 1, win, n]; the class-token row is ``ca_bias`` [1, H, 1, n].
+
+Beyond the official module (which only runs at the square grid ``window x window`` it was built for):
+any token grid Gh x Gw, square or not. ``an_bias``/``na_bias`` are resized to (Gh, Gw) directly, and the
+row/column tables are resized along their axis with 1-D linear interpolation (``align_corners=False``);
+at Gh = Gw = window this is the identity, so the official result is unchanged. Agents are pooled from
+any grid (adaptive average pooling). When no gradient is needed the two bias tensors are cached per
+(grid, device, dtype) and rebuilt when a bias parameter changes (tracked through tensor version counters).
+The official code also re-interpolates the biases and repeats them per batch item on every call; here
+they are built once per call at most and broadcast over the batch.
+
+Letters: B batch, C model dim, H heads, D = C / H head dim, P prefix tokens (0 or 1), L = Gh*Gw patch
+tokens on a Gh x Gw grid, N = P + L tokens, n agents (a square number), p = sqrt(n), W the ``window``
+the row/column bias tables were built for.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.attention import capture as _capture
+from zoo.attention.core import attend
+
+__all__ = ["AgentAttention", "agent_biases", "adaptive_pool_matrix"]
+
+BIAS_NAMES = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias", "ac_bias", "ca_bias")
+
+
+def _is_tracing() -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+
+
+def _resize_1d(table: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Linearly resample ``table`` along ``dim`` to ``size`` (align_corners=False); identity when equal."""
+    if table.shape[dim] == size:
+        return table
+    ndim = table.dim()
+    dim = dim % ndim
+    perm = [i for i in range(ndim) if i != dim] + [dim]  # explicit non-negative perms (ONNX Transpose)
+    inverse = [perm.index(i) for i in range(ndim)]
+    moved = table.permute(perm)
+    lead = moved.shape[:-1]
+    out = F.interpolate(moved.reshape(1, -1, moved.shape[-1]), size=size, mode="linear", align_corners=False)
+    return out.reshape(*lead, size).permute(inverse)
+
+
+def adaptive_pool_matrix(grid: tuple[int, int], out_size: int, prefix: int = 0) -> torch.Tensor:
+    """(p*p, prefix + Gh*Gw) matrix M with M @ tokens == AdaptiveAvgPool2d(p) of the patch grid (prefix columns 0).
+
+    Bin i of an axis of length S covers [floor(i*S/p), ceil((i+1)*S/p)), as torch's adaptive pooling, so
+    the result is the same for any grid (smaller than p too). Used when exporting (ONNX has no general
+    adaptive pooling).
+    """
+    gh, gw = grid
+
+    def axis(size: int) -> torch.Tensor:
+        weights = torch.zeros(out_size, size, dtype=torch.float64)
+        for i in range(out_size):
+            start, stop = (i * size) // out_size, -((-(i + 1) * size) // out_size)
+            weights[i, start:stop] = 1.0 / (stop - start)
+        return weights
+
+    rows_ph, cols_pw = axis(gh), axis(gw)
+    pool = torch.einsum("ah,bw->abhw", rows_ph, cols_pw).reshape(out_size * out_size, gh * gw)
+    if prefix:
+        pool = torch.cat((torch.zeros(out_size * out_size, prefix, dtype=pool.dtype), pool), dim=1)
+    return pool.float()
+
+
+def agent_biases(
+    an_bias: torch.Tensor,
+    na_bias: torch.Tensor,
+    ah_bias: torch.Tensor,
+    aw_bias: torch.Tensor,
+    ha_bias: torch.Tensor,
+    wa_bias: torch.Tensor,
+    ac_bias: Optional[torch.Tensor],
+    ca_bias: Optional[torch.Tensor],
+    grid: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two additive biases of agent attention for a Gh x Gw token grid.
+
+    Returns:
+        B1 (1, H, n, P + L): agent aggregation bias (agents attend to tokens).
+        B2 (1, H, P + L, n): agent broadcast bias (tokens attend to agents).
+        P is 1 when ``ac_bias``/``ca_bias`` are given (class token first), else 0.
+    """
+    gh, gw = grid
+    heads, n = an_bias.shape[0], an_bias.shape[1]
+    an_1HnL = F.interpolate(an_bias, size=(gh, gw), mode="bilinear").reshape(1, heads, n, gh * gw)
+    na_1HnL = F.interpolate(na_bias, size=(gh, gw), mode="bilinear").reshape(1, heads, n, gh * gw)
+    rows_col_1HnL = (_resize_1d(ah_bias, gh, 3) + _resize_1d(aw_bias, gw, 4)).reshape(1, heads, n, gh * gw)
+    rows_col_1HLn = (_resize_1d(ha_bias, gh, 2) + _resize_1d(wa_bias, gw, 3)).reshape(1, heads, gh * gw, n)
+    b1 = an_1HnL + rows_col_1HnL
+    b2 = na_1HnL.transpose(-1, -2) + rows_col_1HLn
+    if ac_bias is not None:
+        b1 = torch.cat((ac_bias, b1), dim=-1)
+        b2 = torch.cat((ca_bias, b2), dim=-2)
+    return b1.contiguous(), b2.contiguous()
+
+
+class AgentAttention(nn.Module):
+    """Agent attention over P prefix tokens followed by a Gh x Gw grid of patch tokens.
+
+    Args:
+        dim: C, the token width.
+        num_heads: H (``dim`` must be divisible by it).
+        qkv_bias: bias in the fused q/k/v projection (the official DeiT models use True).
+        attn_drop: dropout on both attention probability maps (training only).
+        proj_drop: dropout after the output projection.
+        agent_num: n, the number of agent tokens; a square number (pooled to sqrt(n) x sqrt(n)).
+        window: W, the grid side the row/column bias tables are built for (official: img_size // patch).
+        num_prefix_tokens: 1 (a class token first, with its own bias row/column, as the official model)
+            or 0 (patch tokens only; ``ac_bias``/``ca_bias`` are then absent).
+        bias_grid: side of the ``an_bias``/``na_bias`` tables (7 in the official code).
+
+    State dict (official order): an_bias, na_bias, ah_bias, aw_bias, ha_bias, wa_bias, ac_bias, ca_bias,
+    qkv.{weight,bias}, proj.{weight,bias}, dwc.{weight,bias}.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        agent_num: int = 49,
+        window: int = 14,
+        num_prefix_tokens: int = 1,
+        bias_grid: int = 7,
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("agent_num", agent_num), ("window", window),
+                            ("bias_grid", bias_grid)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"AgentAttention: {name} must be a positive int, got {value!r}")
+        if dim % num_heads:
+            raise ValueError(f"AgentAttention: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        pool = math.isqrt(agent_num)
+        if pool * pool != agent_num:
+            raise ValueError(f"AgentAttention: agent_num must be a square number (agents form a grid), got {agent_num}")
+        if num_prefix_tokens not in (0, 1):
+            raise ValueError(f"AgentAttention: num_prefix_tokens must be 0 or 1, got {num_prefix_tokens!r}")
+        if not 0.0 <= attn_drop < 1.0:
+            raise ValueError(f"AgentAttention: attn_drop must be in [0, 1), got {attn_drop}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.agent_num = agent_num
+        self.pool_size = pool
+        self.window = window
+        self.num_prefix_tokens = num_prefix_tokens
+        self.attn_drop = float(attn_drop)
+
+        # Bias tables first: the official module registers them as its own parameters, which state_dict()
+        # lists before the submodules' (qkv, proj, dwc).
+        heads, n = num_heads, agent_num
+        self.an_bias = nn.Parameter(torch.zeros(heads, n, bias_grid, bias_grid))
+        self.na_bias = nn.Parameter(torch.zeros(heads, n, bias_grid, bias_grid))
+        self.ah_bias = nn.Parameter(torch.zeros(1, heads, n, window, 1))
+        self.aw_bias = nn.Parameter(torch.zeros(1, heads, n, 1, window))
+        self.ha_bias = nn.Parameter(torch.zeros(1, heads, window, 1, n))
+        self.wa_bias = nn.Parameter(torch.zeros(1, heads, 1, window, n))
+        if num_prefix_tokens:
+            self.ac_bias = nn.Parameter(torch.zeros(1, heads, n, 1))
+            self.ca_bias = nn.Parameter(torch.zeros(1, heads, 1, n))
+        else:
+            self.ac_bias = None
+            self.ca_bias = None
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self._bias_cache: dict = {}
+        self._pool_cache: dict = {}
+        self.reset_bias_parameters()
+
+    def reset_bias_parameters(self) -> None:
+        """trunc-normal(std 0.02) init of the bias tables (the official init)."""
+        for name in BIAS_NAMES:
+            param = getattr(self, name)
+            if param is not None:
+                nn.init.trunc_normal_(param, std=0.02)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, window={self.window}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}")
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): drop cached biases
+        self._bias_cache = {}
+        self._pool_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ biases
+    def _bias_params(self) -> list[Optional[torch.Tensor]]:
+        return [getattr(self, name) for name in BIAS_NAMES]
+
+    def biases(self, grid: tuple[int, int], dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B1 (1, H, n, N), B2 (1, H, N, n)) for a Gh x Gw grid, cached when no gradient is needed."""
+        params = self._bias_params()
+        dtype = dtype or self.an_bias.dtype
+        needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+        if needs_grad or _is_tracing():
+            b1, b2 = agent_biases(*params, grid=grid)
+            return b1.to(dtype), b2.to(dtype)
+        versions = tuple((p.data_ptr(), p._version) for p in params if p is not None)
+        key = (tuple(grid), dtype)
+        hit = self._bias_cache.get(key)
+        if hit is not None and hit[0] == versions:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            b1, b2 = agent_biases(*params, grid=grid)
+            b1, b2 = b1.to(dtype), b2.to(dtype)
+        if len(self._bias_cache) >= 8:  # a few sizes at a time; drop the oldest
+            self._bias_cache.pop(next(iter(self._bias_cache)))
+        self._bias_cache[key] = (versions, b1, b2)
+        return b1, b2
+
+    def pool_matrix(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """The (n, N) adaptive-average-pooling matrix of the patch grid (a constant), cached per grid."""
+        key = (tuple(grid), like.device, like.dtype)
+        pool = self._pool_cache.get(key)
+        if pool is None:
+            pool = adaptive_pool_matrix(grid, self.pool_size, self.num_prefix_tokens).to(like.device, like.dtype)
+            if len(self._pool_cache) >= 8:
+                self._pool_cache.pop(next(iter(self._pool_cache)))
+            self._pool_cache[key] = pool
+        return pool
+
+    # ------------------------------------------------------------------ forward
+    def _grid_of(self, n_tok: int, grid: Optional[Sequence[int]]) -> tuple[int, int]:
+        n_patch = n_tok - self.num_prefix_tokens
+        if grid is None:
+            side = math.isqrt(max(n_patch, 0))
+            if n_patch <= 0 or side * side != n_patch:
+                raise ValueError(
+                    f"AgentAttention: {n_tok} tokens minus {self.num_prefix_tokens} prefix tokens is not a square "
+                    f"grid; pass grid=(rows, cols)"
+                )
+            return side, side
+        gh, gw = int(grid[0]), int(grid[1])
+        if gh <= 0 or gw <= 0 or gh * gw != n_patch:
+            raise ValueError(
+                f"AgentAttention: grid {tuple(grid)} has {gh * gw} cells but the input has {n_patch} patch tokens "
+                f"({n_tok} tokens, {self.num_prefix_tokens} prefix)"
+            )
+        return gh, gw
+
+    def forward(
+        self,
+        x_BNC: torch.Tensor,
+        grid: Optional[Sequence[int]] = None,
+        num_queries: Optional[int] = None,
+    ) -> torch.Tensor:
+        """(B, N, C) tokens (prefix first, then the patch grid row-major) -> (B, N, C).
+
+        Args:
+            grid: (Gh, Gw) of the patch tokens; default a square grid.
+            num_queries: compute only the first ``num_queries`` output tokens (prefix tokens only, e.g. 1 for
+                the class token): agents, keys and values still come from every token; the broadcast stage
+                runs for those rows and the depthwise conv is skipped. Returns (B, num_queries, C).
+        """
+        if not isinstance(x_BNC, torch.Tensor) or x_BNC.dim() != 3 or x_BNC.shape[-1] != self.dim:
+            shape = tuple(x_BNC.shape) if isinstance(x_BNC, torch.Tensor) else type(x_BNC).__name__
+            raise ValueError(f"AgentAttention: input must have shape (B, N, {self.dim}), got {shape}")
+        batch, n_tok, dim = x_BNC.shape
+        gh, gw = self._grid_of(n_tok, grid)
+        prefix = self.num_prefix_tokens
+        if num_queries is not None and not (isinstance(num_queries, int) and 1 <= num_queries <= prefix):
+            raise ValueError(
+                f"AgentAttention: num_queries must be an int in [1, {prefix}] (prefix tokens only), got {num_queries!r}"
+            )
+        heads, head_dim, n_agent = self.num_heads, self.head_dim, self.agent_num
+
+        qkv_BN3C = self.qkv(x_BNC).view(batch, n_tok, 3, dim)
+        q_BNC, k_BNC, v_BNC = qkv_BN3C.unbind(2)
+        # Agents: adaptive average pooling of the patch queries on their grid, read through a strided
+        # (B, C, Gh, Gw) view of the fused qkv output (no copy). Exporters get the same pooling as one
+        # (n, N) @ (N, C) matmul (ONNX has no adaptive pooling for grids that p does not divide).
+        if _is_tracing():
+            a_BnC = torch.matmul(self.pool_matrix((gh, gw), q_BNC), q_BNC)
+        else:
+            q_BCGG = q_BNC[:, prefix:].reshape(batch, gh, gw, dim).permute(0, 3, 1, 2)
+            a_BCpp = F.adaptive_avg_pool2d(q_BCGG, self.pool_size)
+            a_BnC = a_BCpp.permute(0, 2, 3, 1).reshape(batch, n_agent, dim)
+        a_BHnD = a_BnC.reshape(batch, n_agent, heads, head_dim).transpose(1, 2)
+        k_BHND = k_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
+        v_BHND = v_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
+        b1_1HnN, b2_1HNn = self.biases((gh, gw), x_BNC.dtype)
+        dropout_p = self.attn_drop if self.training else 0.0
+
+        capturing = _capture.is_capturing()
+        if capturing:
+            agent_v_BHnD, agent_w = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale,
+                                           dropout_p=dropout_p, return_weights=True)
+        else:
+            agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, dropout_p=dropout_p)
+
+        n_out = n_tok if num_queries is None else num_queries
+        if num_queries is None:
+            q_BHND = q_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
+        else:
+            q_BHND = q_BNC[:, :num_queries].reshape(batch, num_queries, heads, head_dim).transpose(1, 2)
+            b2_1HNn = b2_1HNn[:, :, :num_queries]
+        if capturing:
+            out_BHND, broadcast_w = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale,
+                                           dropout_p=dropout_p, return_weights=True)
+            self._record(agent_w, broadcast_w, prefix, (gh, gw))
+        else:
+            out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, dropout_p=dropout_p)
+        out_BNHD = out_BHND.transpose(1, 2)
+        if _is_tracing():  # exporters may decompose attention into another output layout: never assume a view
+            out_BNHD = out_BNHD.clone(memory_format=torch.contiguous_format)
+        out_BNC = out_BNHD.reshape(batch, n_out, dim)
+
+        if num_queries is None:
+            # Depthwise 3x3 conv of the patch values as an image (channels-last view in and out).
+            v_BCGG = v_BNC[:, prefix:].reshape(batch, gh, gw, dim).permute(0, 3, 1, 2)
+            dwc_BLC = self.dwc(v_BCGG).permute(0, 2, 3, 1).reshape(batch, gh * gw, dim)
+            if prefix == 0:
+                out_BNC = out_BNC + dwc_BLC
+            elif _is_tracing() or (torch.is_grad_enabled() and (out_BNC.requires_grad or dwc_BLC.requires_grad)):
+                out_BNC = torch.cat((out_BNC[:, :prefix], out_BNC[:, prefix:] + dwc_BLC), dim=1)
+            else:
+                out_BNC[:, prefix:] += dwc_BLC  # no autograd: add in place
+        return self.proj_drop(self.proj(out_BNC))
+
+    def _record(self, agent_w: torch.Tensor, broadcast_w: torch.Tensor, prefix: int, grid: tuple[int, int]) -> None:
+        """While capturing: record the token-to-token map of the two stages, keep the agent maps.
+
+        out = P2 (agent_v) = P2 P1 V, so P2 @ P1 (B, H, N, N) is the effective attention of the tokens (without
+        the depthwise conv); it is recorded like any attention map (rollout works unchanged). The agent
+        aggregation map P1 (B, H, n, N) and broadcast map P2 (B, H, N, n) are kept on the module as
+        ``last_agent_attention`` / ``last_broadcast_attention`` (with ``last_grid``) for agent-to-patch pictures.
+        """
+        self.last_agent_attention = agent_w.detach()
+        self.last_broadcast_attention = broadcast_w.detach()
+        self.last_grid = grid
+        _capture.record(self, torch.matmul(broadcast_w.detach(), agent_w.detach()))

@@ -1,0 +1,551 @@
+"""Graph attention layers with PyTorch Geometric's API, on the zoo's fused segment softmax.
+
+* :class:`GATv2Conv` -- Brody, Alon, Yahav, "How Attentive are Graph Attention Networks?" (ICLR 2022,
+  arXiv:2105.14491): dynamic attention ``alpha_ji = softmax_j(a . LeakyReLU(W_s x_j + W_t x_i
+  (+ W_e e_ji)))``.
+* :class:`GATConv` -- Velickovic et al., "Graph Attention Networks" (ICLR 2018, arXiv:1710.10903):
+  static attention ``alpha_ji = softmax_j(LeakyReLU(a_s . W x_j + a_t . W x_i (+ a_e . W_e e_ji)))``.
+
+Both follow torch_geometric 2.8.1 (torch_geometric/nn/conv/gatv2_conv.py, gat_conv.py) argument for
+argument: constructor arguments, state-dict keys and shapes (a PyG state dict loads with strict=True and
+gives the same outputs, attention weights and gradients), self-loop handling (existing loops removed,
+one loop per node i < min(N_src, N_dst) appended, its edge features from ``fill_value``), the
+``return_attention_weights`` protocol, torch sparse adjacency input (``adj_t[dst, src]``, CSR/CSC/COO),
+and the repr. What differs is the computation: PyG materialises several [E, H, C] tensors and keeps them
+for backward; here the score, softmax and aggregation are fused per block of destination nodes and
+recomputed in backward (zoo/attention/segment.py on CPU, zoo/kernels/edge_softmax.py on CUDA), so
+memory is O(N H C + E H) instead of O(E H C). The destination-sorted CSR is built once per edge_index
+and cached on the module (keyed on the tensor object and its version counter).
+
+Letters: N nodes (Ns source, Nd destination), E edges, H heads, C channels per head, D edge features.
+
+Not supported (raise a clear error): lazy ``in_channels=-1``, torch_sparse ``SparseTensor`` input
+(pyg-lib/torch_sparse are not installed; use a torch sparse tensor), static graphs (3-D x).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from zoo.attention.segment import (
+    CSR,
+    build_csr,
+    check_edge_index,
+    gatv2_attention,
+    segment_softmax_aggregate,
+)
+
+__all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure"]
+
+_FILL_REDUCE = ("add", "sum", "mean", "min", "max", "mul")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Graph structure: edge_index / sparse adjacency -> validated, self loops, CSR by destination (cached)
+# ----------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class GraphStructure:
+    """A graph ready for the fused kernels: ``csr`` over the edges PyG would use (input edges minus
+    removed self loops, then the added loops), plus how to map edge features and attention back."""
+
+    csr: CSR
+    num_input_edges: int
+    kept: Optional[Tensor]  # input edge ids kept (self loops removed), None when nothing was removed
+    num_loops: int  # loops appended at the end, for nodes 0..num_loops-1
+    edge_index: Tensor  # [2, E'] the edges in PyG's order (kept input edges, then loops)
+    sparse_layout: Optional[torch.layout] = None  # layout of a sparse adjacency input
+    sparse_size: Optional[tuple] = None  # (Nd, Ns) of a sparse adjacency input
+
+
+def _sparse_to_edge_index(adj: Tensor) -> Tensor:
+    """``adj_t[dst, src]`` (CSR, CSC or COO) -> [2, E] (src, dst), sorted by (dst, src)."""
+    if adj.layout == torch.sparse_csr:
+        crow, col = adj.crow_indices(), adj.col_indices()
+        dst = torch.repeat_interleave(torch.arange(adj.size(0), device=adj.device), crow.diff())
+        src = col
+    elif adj.layout == torch.sparse_csc:
+        ccol, row = adj.ccol_indices(), adj.row_indices()
+        src = torch.repeat_interleave(torch.arange(adj.size(1), device=adj.device), ccol.diff())
+        dst = row
+    elif adj.layout == torch.sparse_coo:
+        idx = adj.coalesce().indices()
+        dst, src = idx[0], idx[1]
+    else:
+        raise TypeError(f"unsupported sparse layout {adj.layout} (use sparse CSR, CSC or COO)")
+    key = dst * max(1, adj.size(1)) + src
+    order = torch.argsort(key, stable=True)
+    return torch.stack([src[order], dst[order]]).long()
+
+
+def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool) -> GraphStructure:
+    """Validate ``edge_index`` ([2, E] integer tensor or torch sparse ``adj_t`` of size [Nd, Ns]) and
+    build the structure: remove + add self loops as PyG does, sort by destination."""
+    layout = size = None
+    if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
+        if edge_index.dim() != 2:
+            raise ValueError(
+                f"a sparse adjacency must be 2-D [num_dst, num_src], got size {tuple(edge_index.shape)}"
+            )
+        if tuple(edge_index.shape) != (num_dst, num_src):
+            raise ValueError(
+                f"sparse adjacency has size {tuple(edge_index.shape)} but the features give "
+                f"[num_dst={num_dst}, num_src={num_src}] (pass adj.t() as PyG does)"
+            )
+        layout, size = edge_index.layout, tuple(edge_index.shape)
+        edge_index = _sparse_to_edge_index(edge_index)
+    elif type(edge_index).__name__ == "SparseTensor":
+        raise TypeError("torch_sparse.SparseTensor is not supported; pass a torch sparse tensor (adj.t())")
+    edge_index = check_edge_index(edge_index, num_src, num_dst)
+    num_input = edge_index.size(1)
+    kept, num_loops = None, 0
+    if add_self_loops:
+        keep = edge_index[0] != edge_index[1]
+        if not bool(keep.all()):
+            kept = keep.nonzero().view(-1)
+            edge_index = edge_index[:, kept]
+        num_loops = min(num_src, num_dst)
+        loops = torch.arange(num_loops, device=edge_index.device).expand(2, -1)
+        edge_index = torch.cat([edge_index, loops], dim=1)
+    csr = build_csr(edge_index, num_src, num_dst, validate=False)
+    return GraphStructure(csr, num_input, kept, num_loops, edge_index, layout, size)
+
+
+def _loop_attr(edge_attr: Tensor, dst: Tensor, num_dst: int, num_loops: int, fill_value) -> Tensor:
+    """Edge features of the added self loops, as torch_geometric.utils.add_self_loops computes them
+    (reductions over each node's incoming edges; nodes without edges get 0)."""
+    shape = (num_loops,) + tuple(edge_attr.shape[1:])
+    if fill_value is None:
+        return edge_attr.new_ones(shape)
+    if isinstance(fill_value, (int, float)) and not isinstance(fill_value, bool):
+        return edge_attr.new_full(shape, float(fill_value))
+    if isinstance(fill_value, Tensor):
+        value = fill_value.to(edge_attr.device, edge_attr.dtype)
+        if value.dim() != edge_attr.dim():
+            value = value.unsqueeze(0)
+        return value.expand(shape).contiguous()
+    if isinstance(fill_value, str):
+        reduce = {"add": "sum", "sum": "sum", "mean": "mean", "min": "amin", "max": "amax", "mul": "prod"}
+        if fill_value not in reduce:
+            raise ValueError(f"fill_value must be a number, a tensor or one of {_FILL_REDUCE}, got {fill_value!r}")
+        n = max(num_dst, num_loops)
+        idx = dst.view(-1, *([1] * (edge_attr.dim() - 1))).expand_as(edge_attr)
+        base = edge_attr.new_ones((n,) + shape[1:]) if fill_value == "mul" else edge_attr.new_zeros((n,) + shape[1:])
+        out = base.scatter_reduce(0, idx, edge_attr, reduce[fill_value], include_self=False)
+        return out[:num_loops]
+    raise ValueError(f"fill_value must be a number, a tensor or one of {_FILL_REDUCE}, got {fill_value!r}")
+
+
+def _check_fill_value(fill_value) -> None:
+    if fill_value is None or isinstance(fill_value, (int, float, Tensor)):
+        return
+    if isinstance(fill_value, str) and fill_value in _FILL_REDUCE:
+        return
+    raise ValueError(f"fill_value must be a number, a tensor or one of {_FILL_REDUCE}, got {fill_value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared layer plumbing
+# ----------------------------------------------------------------------------------------------------
+def _glorot_(t: Tensor) -> None:
+    bound = math.sqrt(6.0 / (t.size(-2) + t.size(-1)))
+    with torch.no_grad():
+        t.uniform_(-bound, bound)
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """nn.Linear with PyG's Linear(weight_initializer='glorot') keys and initialisation."""
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    _glorot_(lin.weight)
+    if lin.bias is not None:
+        bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+        with torch.no_grad():
+            lin.bias.uniform_(-bound, bound)
+    return lin
+
+
+def _check_channels(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value == -1:
+        raise ValueError(f"{name}=-1 (lazy initialisation) is not supported: give the feature size")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _check_features(name: str, x, channels: int) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [num_nodes, {channels}], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.size(1) != channels:
+        raise ValueError(f"{name} has {x.size(1)} features, the layer expects {channels}")
+    if x.numel() and not bool(torch.isfinite(x.detach().sum(dtype=torch.float32))):
+        if not bool(torch.isfinite(x.detach()).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+    return x
+
+
+class _GraphAttentionBase(nn.Module):
+    """Input parsing, graph caching, edge features and the return protocol common to both layers."""
+
+    def _init_common(self, in_channels, out_channels, heads, concat, negative_slope, dropout,
+                     add_self_loops, edge_dim, fill_value, residual):
+        if isinstance(in_channels, (tuple, list)):
+            if len(in_channels) != 2:
+                raise ValueError(f"in_channels must be an int or a (source, target) pair, got {in_channels!r}")
+            _check_channels("in_channels[0]", in_channels[0])
+            _check_channels("in_channels[1]", in_channels[1])
+            in_channels = tuple(in_channels)
+        else:
+            _check_channels("in_channels", in_channels)
+        _check_channels("out_channels", out_channels)
+        _check_channels("heads", heads)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if edge_dim is not None:
+            _check_channels("edge_dim", edge_dim)
+        _check_fill_value(fill_value)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.heads = heads
+        self.concat = concat
+        self.negative_slope = float(negative_slope)
+        self.dropout = float(dropout)
+        self.add_self_loops = add_self_loops
+        self.edge_dim = edge_dim
+        self.fill_value = fill_value
+        self.residual = residual
+        self._graph_cache = None
+
+    @property
+    def _in_src(self) -> int:
+        return self.in_channels if isinstance(self.in_channels, int) else self.in_channels[0]
+
+    @property
+    def _in_dst(self) -> int:
+        return self.in_channels if isinstance(self.in_channels, int) else self.in_channels[1]
+
+    def _split_x(self, x, allow_none_dst: bool):
+        if isinstance(x, Tensor):
+            return _check_features("x", x, self._in_src), None, True
+        if isinstance(x, (tuple, list)) and len(x) == 2:
+            x_src = _check_features("x[0] (source features)", x[0], self._in_src)
+            if x[1] is None:
+                if not allow_none_dst:
+                    raise ValueError(f"{type(self).__name__} needs target features: x[1] is None")
+                return x_src, None, False
+            x_dst = _check_features("x[1] (target features)", x[1], self._in_dst)
+            return x_src, x_dst, False
+        raise TypeError(f"x must be a tensor or a (source, target) pair of tensors, got {type(x).__name__}")
+
+    def _graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
+        if not isinstance(edge_index, Tensor):
+            if type(edge_index).__name__ == "SparseTensor":
+                raise TypeError(
+                    "torch_sparse.SparseTensor is not supported; pass a torch sparse tensor (adj.t())"
+                )
+            raise TypeError(f"edge_index must be a torch.Tensor, got {type(edge_index).__name__}")
+        if edge_index.is_inference():  # no version counter: cannot tell in-place edits apart, do not cache
+            return graph_structure(edge_index, num_src, num_dst, self.add_self_loops)
+        version = edge_index._version if edge_index.layout == torch.strided else None
+        key = (num_src, num_dst, bool(self.add_self_loops), version)
+        cache = self._graph_cache
+        if cache is not None and cache[0] is edge_index and cache[1] == key:
+            return cache[2]
+        graph = graph_structure(edge_index, num_src, num_dst, self.add_self_loops)
+        self._graph_cache = (edge_index, key, graph)
+        return graph
+
+    def _edge_features(self, graph: GraphStructure, edge_attr) -> Optional[Tensor]:
+        """edge_attr [E] or [E, D] of the input edges -> [E', D] in CSR order (loops included)."""
+        if edge_attr is None:
+            return None
+        if not isinstance(edge_attr, Tensor) or not edge_attr.is_floating_point():
+            raise TypeError(
+                f"edge_attr must be a floating-point tensor, got "
+                f"{edge_attr.dtype if isinstance(edge_attr, Tensor) else type(edge_attr).__name__}"
+            )
+        if graph.sparse_layout is not None and self.add_self_loops:
+            raise ValueError(
+                "edge_attr with a sparse adjacency and add_self_loops=True is not supported (as in PyG): "
+                "pass a [2, E] edge_index"
+            )
+        if edge_attr.dim() == 1:
+            edge_attr = edge_attr.view(-1, 1)
+        if edge_attr.dim() != 2:
+            raise ValueError(f"edge_attr must be [E] or [E, D], got shape {tuple(edge_attr.shape)}")
+        if edge_attr.size(0) != graph.num_input_edges:
+            raise ValueError(
+                f"edge_attr has {edge_attr.size(0)} rows but edge_index has {graph.num_input_edges} edges"
+            )
+        if edge_attr.numel() and not bool(torch.isfinite(edge_attr.detach()).all()):
+            raise ValueError("edge_attr contains NaN or Inf values")
+        if self.edge_dim is not None and edge_attr.size(1) != self.edge_dim:
+            raise ValueError(f"edge_attr has {edge_attr.size(1)} features, edge_dim is {self.edge_dim}")
+        if graph.kept is not None:
+            edge_attr = edge_attr[graph.kept]
+        if graph.num_loops:
+            dst = graph.edge_index[1, : edge_attr.size(0)]
+            loops = _loop_attr(edge_attr, dst, graph.csr.num_dst, graph.num_loops, self.fill_value)
+            edge_attr = torch.cat([edge_attr, loops], dim=0)
+        return edge_attr[graph.csr.perm]
+
+    def _keep_mask(self, graph: GraphStructure, device) -> Optional[Tensor]:
+        if not (self.training and self.dropout > 0.0) or graph.csr.num_edges == 0:
+            return None
+        return torch.rand(graph.csr.num_edges, self.heads, device=device) >= self.dropout
+
+    def _finish(self, out_NHC: Tensor, res: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        out = out_NHC.reshape(out_NHC.size(0), -1) if self.concat else out_NHC.mean(dim=1)
+        if res is not None:
+            out = out + res
+        if bias is not None:
+            out = out + bias
+        return out
+
+    def _attention_result(self, graph: GraphStructure, alpha_csr: Tensor):
+        """alpha in CSR order -> PyG's (edge_index, alpha [E', H]) or (sparse adj, alpha)."""
+        alpha = torch.empty_like(alpha_csr)
+        alpha[graph.csr.perm] = alpha_csr
+        if graph.sparse_layout is None:
+            return graph.edge_index, alpha
+        # sparse adjacency adj[dst, src, h]: entries sorted by (dst, src) (by (src, dst) for CSC)
+        src, dst = graph.edge_index[0], graph.edge_index[1]
+        n_dst, n_src = graph.sparse_size
+        size = (n_dst, n_src, alpha.size(1))
+        if graph.sparse_layout == torch.sparse_csc:
+            order = torch.argsort(src * max(1, n_dst) + dst, stable=True)
+            ptr = torch.zeros(n_src + 1, dtype=torch.long, device=src.device)
+            torch.cumsum(torch.bincount(src, minlength=n_src), 0, out=ptr[1:])
+            values = alpha[order]
+            adj = torch.sparse_csc_tensor(ptr, dst[order], values, size)
+            return adj, values
+        order = torch.argsort(dst * max(1, n_src) + src, stable=True)
+        values = alpha[order]
+        if graph.sparse_layout == torch.sparse_csr:
+            ptr = torch.zeros(n_dst + 1, dtype=torch.long, device=src.device)
+            torch.cumsum(torch.bincount(dst, minlength=n_dst), 0, out=ptr[1:])
+            adj = torch.sparse_csr_tensor(ptr, src[order], values, size)
+        else:
+            idx = torch.stack([dst[order], src[order]])
+            adj = torch.sparse_coo_tensor(idx, values, size, is_coalesced=True)
+        return adj, values
+
+    def extra_repr(self) -> str:  # not used by __repr__, kept for nn.Module printing of children
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.in_channels}, {self.out_channels}, heads={self.heads})"
+
+
+# ----------------------------------------------------------------------------------------------------
+# GATv2
+# ----------------------------------------------------------------------------------------------------
+class GATv2Conv(_GraphAttentionBase):
+    """GATv2 layer, PyG-compatible (torch_geometric.nn.GATv2Conv), fused and memory-light.
+
+    Args (as PyG): in_channels (int or (source, target) pair), out_channels, heads=1, concat=True,
+    negative_slope=0.2, dropout=0.0 (on the attention coefficients), add_self_loops=True,
+    edge_dim=None, fill_value="mean" (self-loop edge features: a number, a tensor, or "add", "mean",
+    "min", "max", "mul"), bias=True, share_weights=False (lin_r is lin_l), residual=False.
+
+    forward(x | (x_src, x_dst), edge_index [2, E] or sparse adj_t [Nd, Ns], edge_attr=None,
+    return_attention_weights=None) -> out [Nd, H*C] (concat) or [Nd, C], or with
+    return_attention_weights set (to any value, as in PyG): (out, (edge_index_with_loops, alpha [E', H]))
+    or (out, (sparse attention [Nd, Ns, H], alpha)) for sparse input. alpha carries no gradient.
+    """
+
+    def __init__(
+        self,
+        in_channels: Union[int, tuple],
+        out_channels: int,
+        heads: int = 1,
+        concat: bool = True,
+        negative_slope: float = 0.2,
+        dropout: float = 0.0,
+        add_self_loops: bool = True,
+        edge_dim: Optional[int] = None,
+        fill_value: Union[float, Tensor, str] = "mean",
+        bias: bool = True,
+        share_weights: bool = False,
+        residual: bool = False,
+    ):
+        super().__init__()
+        self._init_common(in_channels, out_channels, heads, concat, negative_slope, dropout,
+                          add_self_loops, edge_dim, fill_value, residual)
+        self.share_weights = share_weights
+        HC = heads * out_channels
+        self.lin_l = _linear(self._in_src, HC, bias)
+        self.lin_r = self.lin_l if share_weights else _linear(self._in_dst, HC, bias)
+        self.att = nn.Parameter(torch.empty(1, heads, out_channels))
+        self.lin_edge = _linear(edge_dim, HC, False) if edge_dim is not None else None
+        total = out_channels * (heads if concat else 1)
+        self.res = _linear(self._in_dst, total, False) if residual else None
+        self.bias = nn.Parameter(torch.empty(total)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.lin_l, self.lin_r, self.lin_edge, self.res):
+            if lin is not None:
+                _glorot_(lin.weight)
+                if lin.bias is not None:
+                    bound = 1.0 / math.sqrt(lin.in_features)
+                    with torch.no_grad():
+                        lin.bias.uniform_(-bound, bound)
+        _glorot_(self.att)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x, edge_index, edge_attr: Optional[Tensor] = None, return_attention_weights=None):
+        H, C = self.heads, self.out_channels
+        x_src, x_dst, single = self._split_x(x, allow_none_dst=False)
+        res = None
+        if single:
+            if self.res is not None:
+                res = self.res(x_src)
+            xs_NHC = self.lin_l(x_src).view(-1, H, C)
+            xd_NHC = xs_NHC if self.share_weights else self.lin_r(x_src).view(-1, H, C)
+        else:
+            if self.res is not None:
+                res = self.res(x_dst)
+            xs_NHC = self.lin_l(x_src).view(-1, H, C)
+            xd_NHC = self.lin_r(x_dst).view(-1, H, C)
+        graph = self._graph(edge_index, xs_NHC.size(0), xd_NHC.size(0))
+        csr = graph.csr.to(xs_NHC.device)
+        ea = self._edge_features(graph, edge_attr)
+        if ea is not None and self.lin_edge is None:
+            raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
+        we = self.lin_edge.weight if ea is not None else None
+        need = return_attention_weights is not None  # PyG: returned whenever set, True or False
+        out_NHC, alpha = gatv2_attention(
+            xs_NHC, xd_NHC, self.att[0], csr, edge_attr=ea, edge_weight=we,
+            negative_slope=self.negative_slope, keep=self._keep_mask(graph, xs_NHC.device),
+            dropout=self.dropout, need_weights=need,
+        )
+        out = self._finish(out_NHC, res, self.bias)
+        if need:
+            return out, self._attention_result(graph, alpha)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# GAT
+# ----------------------------------------------------------------------------------------------------
+class GATConv(_GraphAttentionBase):
+    """GAT layer, PyG-compatible (torch_geometric.nn.GATConv), with the fused softmax-aggregation.
+
+    Args as PyG's GATConv: in_channels (int -> one ``lin``; pair -> ``lin_src``/``lin_dst``),
+    out_channels, heads=1, concat=True, negative_slope=0.2, dropout=0.0, add_self_loops=True,
+    edge_dim=None, fill_value="mean", bias=True, residual=False.
+    forward(x | (x_src, x_dst or None), edge_index, edge_attr=None, size=None,
+    return_attention_weights=None): as :class:`GATv2Conv`; ``size`` = (Ns, Nd) as in PyG.
+    The scores are [E, H] scalars (cheap); the softmax and the weighted sum of the [E, H, C] messages
+    are fused (zoo.attention.segment.segment_softmax_aggregate).
+    """
+
+    def __init__(
+        self,
+        in_channels: Union[int, tuple],
+        out_channels: int,
+        heads: int = 1,
+        concat: bool = True,
+        negative_slope: float = 0.2,
+        dropout: float = 0.0,
+        add_self_loops: bool = True,
+        edge_dim: Optional[int] = None,
+        fill_value: Union[float, Tensor, str] = "mean",
+        bias: bool = True,
+        residual: bool = False,
+    ):
+        super().__init__()
+        self._init_common(in_channels, out_channels, heads, concat, negative_slope, dropout,
+                          add_self_loops, edge_dim, fill_value, residual)
+        HC = heads * out_channels
+        if isinstance(in_channels, int):
+            self.lin = _linear(in_channels, HC, False)
+            self.lin_src = self.lin_dst = None
+        else:
+            self.lin = None
+            self.lin_src = _linear(in_channels[0], HC, False)
+            self.lin_dst = _linear(in_channels[1], HC, False)
+        self.att_src = nn.Parameter(torch.empty(1, heads, out_channels))
+        self.att_dst = nn.Parameter(torch.empty(1, heads, out_channels))
+        if edge_dim is not None:
+            self.lin_edge = _linear(edge_dim, HC, False)
+            self.att_edge = nn.Parameter(torch.empty(1, heads, out_channels))
+        else:
+            self.lin_edge = None
+            self.register_parameter("att_edge", None)
+        total = out_channels * (heads if concat else 1)
+        self.res = _linear(self._in_dst, total, False) if residual else None
+        self.bias = nn.Parameter(torch.empty(total)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.lin, self.lin_src, self.lin_dst, self.lin_edge, self.res):
+            if lin is not None:
+                _glorot_(lin.weight)
+        for p in (self.att_src, self.att_dst, self.att_edge):
+            if p is not None:
+                _glorot_(p)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x, edge_index, edge_attr: Optional[Tensor] = None, size=None,
+                return_attention_weights=None):
+        H, C = self.heads, self.out_channels
+        x_src, x_dst, single = self._split_x(x, allow_none_dst=True)
+        res = None
+        lin_src = self.lin if self.lin is not None else self.lin_src
+        lin_dst = self.lin if self.lin is not None else self.lin_dst
+        if single:
+            if self.res is not None:
+                res = self.res(x_src)
+            xs_NHC = lin_src(x_src).view(-1, H, C)
+            xd_NHC = xs_NHC if self.lin is not None else lin_dst(x_src).view(-1, H, C)
+        else:
+            if x_dst is not None and self.res is not None:
+                res = self.res(x_dst)
+            xs_NHC = lin_src(x_src).view(-1, H, C)
+            xd_NHC = None if x_dst is None else lin_dst(x_dst).view(-1, H, C)
+        num_src = xs_NHC.size(0)
+        num_dst = xd_NHC.size(0) if xd_NHC is not None else num_src
+        if size is not None:
+            if len(size) != 2:
+                raise ValueError(f"size must be (num_src, num_dst), got {size!r}")
+            if size[0] is not None and int(size[0]) != num_src:
+                raise ValueError(f"size[0]={size[0]} but x_src has {num_src} rows")
+            if size[1] is not None:
+                if xd_NHC is not None and int(size[1]) != num_dst:
+                    raise ValueError(f"size[1]={size[1]} but x_dst has {num_dst} rows")
+                num_dst = int(size[1])
+        graph = self._graph(edge_index, num_src, num_dst)
+        csr = graph.csr.to(xs_NHC.device)
+        a_src = (xs_NHC * self.att_src).sum(-1)  # [Ns, H]
+        s_EH = a_src[csr.col]
+        if xd_NHC is not None:
+            a_dst = (xd_NHC * self.att_dst).sum(-1)  # [Nd, H]
+            s_EH = s_EH + a_dst[csr.row]
+        ea = self._edge_features(graph, edge_attr)
+        if ea is not None and self.lin_edge is not None:
+            # a_e . (W_e e) without the [E, H, C] projection: fold att_edge into W_e -> [H, D]
+            w_HD = (self.lin_edge.weight.view(H, C, -1) * self.att_edge.view(H, C, 1)).sum(1)
+            s_EH = s_EH + ea @ w_HD.t()
+        s_EH = F.leaky_relu(s_EH, self.negative_slope)
+        need = return_attention_weights is not None
+        out_NHC, alpha = segment_softmax_aggregate(
+            s_EH, xs_NHC, csr, keep=self._keep_mask(graph, xs_NHC.device), dropout=self.dropout,
+            need_weights=need,
+        )
+        out = self._finish(out_NHC, res, self.bias)
+        if need:
+            return out, self._attention_result(graph, alpha)
+        return out

@@ -1,0 +1,292 @@
+"""Attention modules built on :func:`zoo.attention.attend`: MultiHeadAttention and a timm-style Mlp.
+
+MultiHeadAttention is the multi-head attention of Vaswani et al., "Attention Is All You Need" (NeurIPS
+2017), with the options later models added:
+
+* fused qkv projection with timm's parameter names and layout (``qkv``, ``q_norm``, ``k_norm``, ``proj``;
+  qkv rows are [q; k; v] with the heads contiguous inside each; timm/layers/attention.py ``Attention``),
+  so timm ViT state dicts load unchanged;
+* grouped-query attention (Ainslie et al., "GQA", EMNLP 2023): ``num_kv_heads`` < ``num_heads``; the fused
+  qkv then has rows [q (H*D); k (Hkv*D); v (Hkv*D)] and attend() serves the groups without copying k/v;
+* cross attention (``kv_dim`` given): separate ``q`` and ``kv`` projections, ``forward(x, context)``;
+* qk-norm (Dehghani et al., "Scaling Vision Transformers to 22 Billion Parameters", ICML 2023): a norm
+  over the head dim of q and k;
+* rotary position embeddings, 1D (RoFormer) or 2D axial (RoPE-ViT), see zoo/attention/rope.py;
+* a relative position bias (any :class:`zoo.attention.AttentionBias`, e.g. Swin/MaxViT tables);
+* sigmoid attention (Ramapuram et al., ICLR 2025) through ``score="sigmoid"``.
+
+Letters: B batch, N query tokens, M context (key) tokens, C model dim, H query heads, Hkv key/value heads,
+D head dim.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.attention import capture as _capture
+from zoo.attention.bias import AttentionBias
+from zoo.attention.core import attend
+from zoo.attention.masks import Mask
+from zoo.attention.rope import RotaryEmbedding
+
+__all__ = ["MultiHeadAttention", "Mlp"]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (self or cross) attention whose attention step is :func:`zoo.attention.attend`.
+
+    Args:
+        dim: C, width of the query input (and of the output).
+        num_heads: H query heads.
+        qkv_bias: bias in the q/k/v projections (timm ViT uses True).
+        qk_norm: normalise q and k over the head dim with ``norm_layer`` before attention.
+        attn_drop: dropout on the attention probabilities (training only).
+        proj_drop: dropout after the output projection.
+        num_kv_heads: Hkv key/value heads (grouped-query attention); default H.
+        kv_dim: width of the context for cross attention; None makes this a self-attention module with a
+            fused ``qkv`` projection, a number makes it cross attention with ``q`` and ``kv`` projections.
+        head_dim: D; default ``dim // num_heads``.
+        rope: None, "1d" or "2d" rotary position embedding on q and k.
+        rope_theta: RoPE frequency base (default 10000 for 1d, 100 for 2d).
+        rel_pos_bias: an AttentionBias module added to the scores (owned by this module: its parameters
+            are part of this module's state dict).
+        score: "softmax" or "sigmoid".
+        norm_layer: norm constructor for qk-norm, called as ``norm_layer(head_dim)``.
+        proj_bias: bias in the output projection.
+        num_prefix_tokens: leading tokens (class/register tokens) that RoPE leaves unrotated.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        num_kv_heads: Optional[int] = None,
+        kv_dim: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        rope: Optional[str] = None,
+        rope_theta: Optional[float] = None,
+        rel_pos_bias: Optional[AttentionBias] = None,
+        score: str = "softmax",
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        proj_bias: bool = True,
+        num_prefix_tokens: int = 0,
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MultiHeadAttention: {name} must be a positive int, got {value!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"MultiHeadAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(
+                    f"MultiHeadAttention: dim ({dim}) is not divisible by num_heads ({num_heads}); pass head_dim"
+                )
+            head_dim = dim // num_heads
+        if not isinstance(head_dim, int) or head_dim <= 0:
+            raise ValueError(f"MultiHeadAttention: head_dim must be a positive int, got {head_dim!r}")
+        if kv_dim is not None and (not isinstance(kv_dim, int) or kv_dim <= 0):
+            raise ValueError(f"MultiHeadAttention: kv_dim must be a positive int or None, got {kv_dim!r}")
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"MultiHeadAttention: score must be 'softmax' or 'sigmoid', got {score!r}")
+        if not 0.0 <= attn_drop < 1.0:
+            raise ValueError(f"MultiHeadAttention: attn_drop must be in [0, 1), got {attn_drop}")
+        if rel_pos_bias is not None and not isinstance(rel_pos_bias, AttentionBias):
+            raise TypeError(
+                f"MultiHeadAttention: rel_pos_bias must be a zoo.attention.AttentionBias, got {type(rel_pos_bias).__name__}"
+            )
+        if rope not in (None, "1d", "2d"):
+            raise ValueError(f"MultiHeadAttention: rope must be None, '1d' or '2d', got {rope!r}")
+
+        self.dim = dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.attn_dim = num_heads * head_dim
+        self.kv_attn_dim = num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.score = score
+        self.attn_drop = float(attn_drop)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.is_cross = kv_dim is not None
+        self.kv_dim = kv_dim if kv_dim is not None else dim
+
+        if self.is_cross:
+            self.q = nn.Linear(dim, self.attn_dim, bias=qkv_bias)
+            self.kv = nn.Linear(kv_dim, 2 * self.kv_attn_dim, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, self.attn_dim + 2 * self.kv_attn_dim, bias=qkv_bias)
+        self.q_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
+        self.rope = (
+            RotaryEmbedding(head_dim, rope, theta=rope_theta, num_prefix_tokens=num_prefix_tokens) if rope else None
+        )
+        self.rel_pos_bias = rel_pos_bias
+        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"head_dim={self.head_dim}"]
+        if self.num_kv_heads != self.num_heads:
+            parts.append(f"num_kv_heads={self.num_kv_heads}")
+        if self.is_cross:
+            parts.append(f"kv_dim={self.kv_dim}")
+        if self.score != "softmax":
+            parts.append(f"score={self.score!r}")
+        if self.attn_drop:
+            parts.append(f"attn_drop={self.attn_drop}")
+        return ", ".join(parts)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_input(self, name: str, t, width: int) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"MultiHeadAttention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 3 or t.shape[-1] != width:
+            raise ValueError(f"MultiHeadAttention: {name} must have shape (B, N, {width}), got {tuple(t.shape)}")
+        if t.shape[1] == 0:
+            raise ValueError(f"MultiHeadAttention: {name} has no tokens (shape {tuple(t.shape)})")
+
+    def project(self, x_BNC: torch.Tensor, context_BMC: Optional[torch.Tensor] = None, num_queries: Optional[int] = None):
+        """q (B, H, Nq, D), k and v (B, Hkv, M, D) after qk-norm (before RoPE).
+
+        ``num_queries`` (self attention only): only the first Nq tokens are projected to queries; keys and
+        values still come from every token (the q rows of the fused weight are applied to those tokens only).
+        """
+        batch, n_tok, _ = x_BNC.shape
+        if self.is_cross:
+            n_k = context_BMC.shape[1]
+            q_BHND = self.q(x_BNC).view(batch, n_tok, self.num_heads, self.head_dim).transpose(1, 2)
+            kv = self.kv(context_BMC).view(batch, n_k, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k_BHMD, v_BHMD = kv.unbind(0)
+        elif num_queries is not None:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            a = self.attn_dim
+            q_BNC = F.linear(x_BNC[:, :num_queries], weight[:a], None if bias is None else bias[:a])
+            kv = F.linear(x_BNC, weight[a:], None if bias is None else bias[a:])
+            kv = kv.view(batch, n_tok, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q_BHND = q_BNC.view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+            k_BHMD, v_BHMD = kv.unbind(0)
+        elif self.num_kv_heads == self.num_heads:
+            qkv = self.qkv(x_BNC).view(batch, n_tok, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q_BHND, k_BHMD, v_BHMD = qkv.unbind(0)
+        else:
+            qkv = self.qkv(x_BNC)
+            q_BNC, k_BMC, v_BMC = qkv.split((self.attn_dim, self.kv_attn_dim, self.kv_attn_dim), dim=-1)
+            q_BHND = q_BNC.reshape(batch, n_tok, self.num_heads, self.head_dim).transpose(1, 2)
+            k_BHMD = k_BMC.reshape(batch, n_tok, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v_BHMD = v_BMC.reshape(batch, n_tok, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return self.q_norm(q_BHND), self.k_norm(k_BHMD), v_BHMD
+
+    def _combined_bias(self, bias, n_q: int, n_k: int, like: torch.Tensor):
+        if self.rel_pos_bias is None:
+            return bias
+        if bias is None:
+            return self.rel_pos_bias  # attend() materialises it (one code path for the checks)
+        rel = self.rel_pos_bias.materialize(n_q, n_k, device=like.device, dtype=like.dtype)
+        if isinstance(bias, AttentionBias):
+            bias = bias.materialize(n_q, n_k, device=like.device, dtype=like.dtype)
+        return rel + bias
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x_BNC: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
+        mask: Union[Mask, torch.Tensor, None] = None,
+        bias: Union[torch.Tensor, AttentionBias, None] = None,
+        positions=None,
+        num_queries: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Attention of the tokens ``x_BNC`` over themselves (or over ``context`` (B, M, kv_dim)).
+
+        Args:
+            x_BNC: (B, N, dim) queries (and keys/values in self attention).
+            context: (B, M, kv_dim) keys/values for cross attention; required iff ``kv_dim`` was given.
+            mask: a zoo.attention mask or bool tensor (True = may attend), see attend().
+            bias: additive score bias (tensor broadcastable to (B, H, N, M) or AttentionBias), added to
+                ``rel_pos_bias`` when both are present.
+            positions: RoPE positions of the non-prefix tokens (see zoo/attention/rope.py); in cross
+                attention the same positions apply to queries and keys unless a pair (q_pos, k_pos) is given.
+
+        Returns:
+            (B, N, dim).
+        """
+        self._check_input("x", x_BNC, self.dim)
+        if self.is_cross:
+            if context is None:
+                raise ValueError("MultiHeadAttention: this is a cross-attention module (kv_dim given); pass context")
+            self._check_input("context", context, self.kv_dim)
+            if context.shape[0] != x_BNC.shape[0]:
+                raise ValueError(
+                    f"MultiHeadAttention: batch of x ({x_BNC.shape[0]}) and context ({context.shape[0]}) differ"
+                )
+        elif context is not None:
+            raise ValueError(
+                "MultiHeadAttention: context given to a self-attention module; build it with kv_dim=... for cross attention"
+            )
+        if num_queries is not None:
+            if self.is_cross:
+                raise ValueError("MultiHeadAttention: num_queries applies to self attention only")
+            if self.rope is not None:
+                raise ValueError("MultiHeadAttention: num_queries cannot be combined with RoPE")
+            if not isinstance(num_queries, int) or not 1 <= num_queries <= x_BNC.shape[1]:
+                raise ValueError(f"MultiHeadAttention: num_queries must be an int in [1, {x_BNC.shape[1]}], got {num_queries!r}")
+        q_BHND, k_BHMD, v_BHMD = self.project(x_BNC, context, num_queries)
+        batch, n_q = x_BNC.shape[0], q_BHND.shape[2]
+        if self.rope is not None:
+            q_pos, k_pos = positions, positions
+            if self.is_cross and isinstance(positions, tuple) and len(positions) == 2 and not isinstance(positions[0], int):
+                q_pos, k_pos = positions
+            q_BHND = self.rope(q_BHND, q_pos)
+            k_BHMD = self.rope(k_BHMD, k_pos)
+        elif positions is not None:
+            raise ValueError("MultiHeadAttention: positions given but this module has no RoPE (rope=None)")
+        n_k = k_BHMD.shape[2]
+        bias = self._combined_bias(bias, n_q, n_k, q_BHND)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if _capture.is_capturing():
+            out_BHND, weights = attend(
+                q_BHND, k_BHMD, v_BHMD, mask, bias, scale=self.scale, score=self.score, dropout_p=dropout_p,
+                return_weights=True,
+            )
+            _capture.record(self, weights)
+        else:
+            out_BHND = attend(q_BHND, k_BHMD, v_BHMD, mask, bias, scale=self.scale, score=self.score, dropout_p=dropout_p)
+        out_BNC = out_BHND.transpose(1, 2).reshape(batch, n_q, self.attn_dim)
+        return self.proj_drop(self.proj(out_BNC))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP of the transformer block (timm/layers/mlp.py ``Mlp`` names: fc1, act, fc2)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        bias: bool = True,
+        drop: float = 0.0,
+    ):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x_BNC)))))

@@ -1,0 +1,326 @@
+"""Radial attention: the O(n log n) static sparse mask for video diffusion transformers.
+
+Paper: Xingyang Li, Muyang Li, Tianle Cai, et al., "Radial Attention: O(n log n) Sparse Attention with
+Energy Decay for Long Video Generation", NeurIPS 2025 (arXiv:2506.19852).
+Reference generator: mit-han-lab/radial-attention, ``radial_attn/attn_mask.py`` at 72788d4 (Nov 2025),
+functions ``get_diagonal_split_mask``, ``get_window_width``, ``shrinkMaskStrict`` and
+``gen_log_mask_shrinked``. This module re-derives that rule (it is written out in issue 5, section 2) and
+reproduces the published block map bit for bit (checked against the published generator, run outside
+this repository, on 408 random frames / tokens / decay / sink / block / text-token cases), but computes it
+in closed form: the published code builds
+a tokens_per_frame x tokens_per_frame boolean matrix for every one of the num_frames**2 frame pairs
+(minutes for 128 frames of 3600 tokens); here a frame pair's block pattern is a function of its
+in-frame band width and of the two frames' offsets modulo the block size only, so each distinct pattern
+is computed once, from interval lengths, without any token-level matrix.
+
+The rule, tokens laid out frame-major (frame f holds tokens [f*T, (f+1)*T), T = tokens_per_frame,
+row-major inside the frame). Query frame i, key frame j, dist = |i - j|:
+
+* ``frame0_sink`` and j == 0 (Wan): the whole frame pair is on (attention sink on the first frame).
+* otherwise, with g = dist.bit_length() (0 for dist 0), P = 2 ** T.bit_length() and L = P / 2**g:
+  the pair is kept only if L >= 128 or dist % int(128 / L) == 0 (128 is a constant of the generator,
+  not the block size); inside a kept pair, token p of frame i sees token p' of frame j iff
+  |p - p'| <= w, with w = T when dist <= 1, else w = max(L * decay_factor, block_size).
+  The band shrinks by half each time the distance doubles: that is the "energy decay" and why the
+  number of kept entries grows as O(n log n) in the number of frames.
+* Block quantisation (what the kernels run): a frame pair's token mask is placed at row offset
+  (i*T) mod block and column offset (j*T) mod block of a zero array that is cropped to
+  ceil(T/block)*block rows and columns (spill-over is dropped); a block is kept iff, among its columns
+  holding at least one True, more than 60% have a column density (fraction of the block's rows that
+  are True) above 1/3. The pair's blocks are OR-ed into the global map at block offset
+  (i*T // block, j*T // block).
+* Block rows and columns with index >= S // block (S = num_frames * T: a trailing partial block and
+  any text tokens appended after the video) are fully on.
+
+Semantics of the :class:`Radial` mask object: a kept block lets all its query tokens see all its key
+tokens (the published attention is block-sparse FlashInfer / SpargeAttn over this map), so its dense
+form is the block map at ``block_size`` expanded to tokens, and its block map at ``block_size`` is the
+published map with every kept tile FULL (no element-wise masking in any kernel). At other tile sizes
+the map is derived from prefix sums over the published map (see :class:`~zoo.attention.masks.BlockSparse`).
+The un-quantised token rule is available as :func:`radial_token_mask` (small sizes; used by tests).
+
+Also here: :class:`DenseWarmup`, the schedule that keeps attention dense for the first denoising steps,
+the last steps and the first transformer layers (the published pipelines expose ``dense_timesteps`` and
+``dense_layers``; dense final steps are a common refinement), sparse elsewhere.
+
+Letters: F frames, T tokens per frame, S = F*T video tokens, N = S + text tokens, NB blocks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from zoo.attention.masks import BlockSparse, Full, Mask
+
+__all__ = ["Radial", "radial_block_mask", "radial_token_mask", "radial_pair_rule", "DenseWarmup"]
+
+# The generator's hard-coded split threshold (equal to its default block size, but a constant).
+_SPLIT_THRESHOLD = 128
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"Radial: {name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_args(num_frames, tokens_per_frame, decay_factor, block_size, text_tokens=0):
+    num_frames = _check_int("num_frames", num_frames, 1)
+    tokens_per_frame = _check_int("tokens_per_frame", tokens_per_frame, 1)
+    block_size = _check_int("block_size", block_size, 1)
+    text_tokens = _check_int("text_tokens", text_tokens, 0)
+    if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)) or not (
+        math.isfinite(decay_factor) and decay_factor > 0
+    ):
+        raise ValueError(f"Radial: decay_factor must be a positive finite number, got {decay_factor!r}")
+    return num_frames, tokens_per_frame, float(decay_factor), block_size, text_tokens
+
+
+def radial_pair_rule(dist: int, tokens_per_frame: int, decay_factor: float = 1.0, block_size: int = 128):
+    """(kept, band) for a non-sink frame pair at frame distance ``dist``.
+
+    ``kept`` says whether the pair survives the distance split; ``band`` is the largest |p - p'| allowed
+    inside the pair (an int, at most tokens_per_frame). Floating point is used exactly as the reference
+    generator uses it (powers of two are exact; ``L * decay_factor`` is rounded once, like there).
+    """
+    dist = abs(int(dist))
+    group = dist.bit_length()
+    decay_length = 2 ** tokens_per_frame.bit_length() / 2**group  # L
+    if decay_length >= _SPLIT_THRESHOLD:
+        kept = True
+    else:
+        kept = dist % int(_SPLIT_THRESHOLD / decay_length) == 0
+    if dist <= 1:
+        window = float(tokens_per_frame)
+    else:
+        window = max(decay_length * decay_factor, float(block_size))
+    return kept, min(int(math.floor(window)), tokens_per_frame)
+
+
+def radial_token_mask(
+    num_frames: int,
+    tokens_per_frame: int,
+    decay_factor: float = 1.0,
+    frame0_sink: bool = False,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """The token-level rule before block quantisation: bool (S, S). O(S^2) memory: small sizes only."""
+    num_frames, tpf, decay_factor, block_size, _ = _check_args(num_frames, tokens_per_frame, decay_factor, block_size)
+    s = num_frames * tpf
+    out = torch.zeros(s, s, dtype=torch.bool)
+    p = torch.arange(tpf)
+    offset_PP = (p[:, None] - p[None, :]).abs()
+    for i in range(num_frames):
+        for j in range(num_frames):
+            if frame0_sink and j == 0:
+                pair = torch.ones(tpf, tpf, dtype=torch.bool)
+            else:
+                kept, band = radial_pair_rule(i - j, tpf, decay_factor, block_size)
+                if not kept:
+                    continue
+                pair = offset_PP <= band
+            out[i * tpf : (i + 1) * tpf, j * tpf : (j + 1) * tpf] = pair
+    return out
+
+
+def _pair_blocks(tpf: int, block: int, row_offset: int, col_offset: int, band: int) -> np.ndarray:
+    """Block pattern (nb, nb) of one frame pair whose token mask is the band |p - p'| <= band.
+
+    Equivalent to placing the pair mask at (row_offset, col_offset) in a zero array, cropping it to
+    nb*block rows and columns, nb = ceil(tpf / block), and applying the 60% / one-third column-density
+    rule per block -- but from interval lengths: the number of True rows of block a in padded column c is
+    the length of [a*block - row_offset, (a+1)*block - 1 - row_offset] & [0, tpf-1] & [p'-band, p'+band]
+    with p' = c - col_offset (zero when p' is outside the frame).
+    """
+    nb = -(-tpf // block)
+    n = nb * block
+    a = np.arange(nb, dtype=np.int64)[:, None]  # block row
+    c = np.arange(n, dtype=np.int64)[None, :]  # padded column
+    pk = c - col_offset  # in-frame key index of the column
+    lo = np.maximum(np.maximum(a * block - row_offset, 0), pk - band)
+    hi = np.minimum(np.minimum((a + 1) * block - 1 - row_offset, tpf - 1), pk + band)
+    count = np.clip(hi - lo + 1, 0, None)
+    count[:, ((pk < 0) | (pk >= tpf))[0]] = 0
+    count = count.reshape(nb, nb, block)  # (block row, block col, column in block)
+    # Column density > 1/3  <=>  3 * count > block;  share of dense columns > 0.6  <=>  5 * dense > 3 * nonzero
+    # (the reference's float32 arithmetic gives the same answers: the margins exceed float32 rounding).
+    dense_cols = (3 * count > block).sum(-1)
+    nonzero_cols = (count > 0).sum(-1)
+    return (5 * dense_cols > 3 * nonzero_cols) & (nonzero_cols > 0)
+
+
+def radial_block_mask(
+    num_frames: int,
+    tokens_per_frame: int,
+    decay_factor: float = 1.0,
+    frame0_sink: bool = False,
+    block_size: int = 128,
+    *,
+    text_tokens: int = 0,
+) -> torch.BoolTensor:
+    """The published Radial Attention block map: bool (ceil(N/block), ceil(N/block)), N = S + text_tokens.
+
+    Wan 2.1 uses ``frame0_sink=True``, HunyuanVideo ``False``. Block rows/columns >= S // block (a trailing
+    partial block and the text tokens) are fully on. Each distinct (row offset, column offset, band)
+    pattern is computed once, so the 128-frame x 3600-token map (3600 x 3600 blocks) takes seconds.
+    """
+    num_frames, tpf, decay_factor, block, text_tokens = _check_args(
+        num_frames, tokens_per_frame, decay_factor, block_size, text_tokens
+    )
+    video = num_frames * tpf
+    total_blocks = -(-(video + text_tokens) // block)
+    border = video // block
+    out_NB = np.zeros((total_blocks, total_blocks), dtype=bool)
+    out_NB[border:, :] = True
+    out_NB[:, border:] = True
+    nb = -(-tpf // block)
+    # Per distance: kept?, band (sink pairs are handled separately).
+    rules = [radial_pair_rule(d, tpf, decay_factor, block) for d in range(num_frames)]
+    patterns: dict = {}
+    for i in range(num_frames):
+        row_offset, row_block = (i * tpf) % block, (i * tpf) // block
+        row_end = min(row_block + nb, total_blocks)
+        for j in range(num_frames):
+            if frame0_sink and j == 0:
+                band = tpf
+            else:
+                kept, band = rules[abs(i - j)]
+                if not kept:
+                    continue
+            col_offset, col_block = (j * tpf) % block, (j * tpf) // block
+            key = (row_offset, col_offset, band)
+            pattern = patterns.get(key)
+            if pattern is None:
+                pattern = patterns[key] = _pair_blocks(tpf, block, row_offset, col_offset, band)
+            col_end = min(col_block + nb, total_blocks)
+            out_NB[row_block:row_end, col_block:col_end] |= pattern[: row_end - row_block, : col_end - col_block]
+    return torch.from_numpy(out_NB)
+
+
+class Radial(Mask):
+    """Radial attention mask over ``num_frames * tokens_per_frame`` video tokens (+ ``text_tokens``).
+
+    Self-attention only (Nq = Nk = S + text_tokens). The block map at ``block_size`` is the published map
+    (:func:`radial_block_mask`), computed lazily once and cached; every kept tile is FULL. See the module
+    docstring for the rule and the semantics.
+    """
+
+    def __init__(
+        self,
+        num_frames: int,
+        tokens_per_frame: int,
+        decay_factor: float = 1.0,
+        frame0_sink: bool = False,
+        block_size: int = 128,
+        text_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        (self.num_frames, self.tokens_per_frame, self.decay_factor, self.block_size, self.text_tokens) = _check_args(
+            num_frames, tokens_per_frame, decay_factor, block_size, text_tokens
+        )
+        self.frame0_sink = bool(frame0_sink)
+        self._blocks: Optional[BlockSparse] = None
+
+    @property
+    def video_tokens(self) -> int:
+        return self.num_frames * self.tokens_per_frame
+
+    @property
+    def seq_len(self) -> int:
+        return self.video_tokens + self.text_tokens
+
+    @property
+    def block_mask(self) -> torch.Tensor:
+        """bool (NB, NB): the published block map at ``block_size`` (built on first use)."""
+        return self._block_sparse().block_mask[0, 0]
+
+    def density(self) -> float:
+        """Kept fraction of the video x video blocks (S // block)^2, the figure the paper reports."""
+        border = self.video_tokens // self.block_size
+        if border == 0:
+            return 1.0
+        return float(self.block_mask[:border, :border].float().mean())
+
+    def _block_sparse(self) -> BlockSparse:
+        if self._blocks is None:
+            blocks = radial_block_mask(
+                self.num_frames,
+                self.tokens_per_frame,
+                self.decay_factor,
+                self.frame0_sink,
+                self.block_size,
+                text_tokens=self.text_tokens,
+            )
+            self._blocks = BlockSparse(blocks, self.block_size)
+        return self._blocks
+
+    def check_shape(self, q_len, k_len, batch=None, heads=None):
+        if q_len != self.seq_len or k_len != self.seq_len:
+            raise ValueError(
+                f"Radial mask is for self-attention over {self.num_frames} frames x {self.tokens_per_frame} tokens"
+                f" + {self.text_tokens} text tokens = {self.seq_len} tokens, but attention has Nq={q_len}, Nk={k_len}"
+            )
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        return self._block_sparse().dense(q_len, k_len, device, rows=(start, stop))
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        return self._block_sparse().block_map(q_len, k_len, block_q, block_k, device).states
+
+    def __repr__(self) -> str:
+        return (
+            f"Radial(num_frames={self.num_frames}, tokens_per_frame={self.tokens_per_frame}, "
+            f"decay_factor={self.decay_factor}, frame0_sink={self.frame0_sink}, block_size={self.block_size}, "
+            f"text_tokens={self.text_tokens})"
+        )
+
+
+@dataclass(frozen=True)
+class DenseWarmup:
+    """When to run dense attention during diffusion sampling, sparse otherwise.
+
+    Dense for denoising steps ``step < dense_first_steps`` and ``step >= num_steps - dense_last_steps``,
+    and for transformer layers ``layer < dense_first_layers``; sparse elsewhere. The published Radial
+    pipelines (``--dense_timesteps``, ``--dense_layers``: ``numeral_timestep < dense_timestep or
+    layer_idx < dense_block``) are the case ``dense_last_steps=0``. Steps and layers count from 0.
+
+        schedule = DenseWarmup(num_steps=50, dense_first_steps=12, dense_first_layers=1)
+        mask = schedule.mask(step, layer, radial)   # Full() or radial
+    """
+
+    num_steps: int
+    dense_first_steps: int = 0
+    dense_last_steps: int = 0
+    dense_first_layers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "dense_first_steps", "dense_last_steps", "dense_first_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"DenseWarmup: {name} must be an int >= 0, got {value!r}")
+        if self.num_steps < 1:
+            raise ValueError(f"DenseWarmup: num_steps must be >= 1, got {self.num_steps}")
+
+    def is_dense(self, step: int, layer: int = 0) -> bool:
+        if not (isinstance(step, int) and 0 <= step < self.num_steps):
+            raise ValueError(f"DenseWarmup: step must be an int in [0, {self.num_steps}), got {step!r}")
+        if not (isinstance(layer, int) and layer >= 0):
+            raise ValueError(f"DenseWarmup: layer must be an int >= 0, got {layer!r}")
+        return (
+            step < self.dense_first_steps
+            or step >= self.num_steps - self.dense_last_steps
+            or layer < self.dense_first_layers
+        )
+
+    def mask(self, step: int, layer: int, sparse: Mask) -> Mask:
+        """``Full()`` where the schedule is dense, else ``sparse``."""
+        return Full() if self.is_dense(step, layer) else sparse
+
+    def sparse_fraction(self, num_layers: int) -> float:
+        """Share of (step, layer) attention calls that run sparse, for a model with ``num_layers`` layers."""
+        calls = [not self.is_dense(s, l) for s in range(self.num_steps) for l in range(num_layers)]
+        return sum(calls) / len(calls)

@@ -1,0 +1,613 @@
+"""Segment (edge) softmax: attention normalised over variable-size groups of keys, e.g. the incoming
+edges of each graph node, the kNN neighbours of a point, the members of a part.
+
+Letters: E edges (key-query pairs), Ns source (key/value) nodes, Nd destination (query) nodes, H heads,
+C channels per head, D edge-feature channels, c the edges of one block of destination nodes.
+
+The machinery, in the order it is used:
+
+* :class:`CSR` / :func:`build_csr` -- the edges sorted once by destination (stable), with ``rowptr``
+  [Nd+1], ``col`` (source of each sorted edge), ``row`` (its destination) and ``perm`` (sorted position
+  -> original edge position). :meth:`CSR.blocks` cuts the destination nodes into contiguous blocks of
+  at most ``max_edges`` incoming edges: a block holds every edge of its nodes, so each node's softmax
+  is complete inside one block (the Triton kernel uses one program per block of destination nodes in
+  the same way).
+* :func:`segment_softmax` -- plain softmax of [E, H] scores over edges that share a destination.
+* :func:`segment_softmax_aggregate` -- fused ``out_i = sum_j softmax_j(s_ij) v_j`` from given scores
+  (GAT's scalar scores, point/part attention): a custom autograd function that keeps only the
+  per-node log-sum-exp [Nd, H] and recomputes the [c, H, C] messages block by block in backward.
+* :func:`gatv2_attention` -- GATv2 fully fused: score ``s_ji = a . LeakyReLU(xs_j + xd_i (+ W_e e_ji))``,
+  softmax over each node's incoming edges and the weighted sum of ``xs_j``, block by block; backward
+  recomputes the scores and messages, so no [E, H, C] tensor is ever stored (PyG keeps several: the
+  memory problem of pyg-team/pytorch_geometric issues 527 and 8316). The edge projection W_e e_ji is
+  also computed per block.
+* :func:`gatv2_attention_ref` -- the unfused PyTorch formulation (materialises [E, H, C]); the
+  reference that tests compare the fused CPU path and the Triton kernel (zoo.kernels.edge_softmax)
+  against.
+
+Source: Brody, Alon, Yahav, "How Attentive are Graph Attention Networks?" (ICLR 2022), eq. 7; the
+online/recompute idea follows FlashAttention (Dao et al. 2022): keep the log-sum-exp, recompute the
+rest in backward. Gradients are exact (same formulas autograd would produce, reordered).
+
+CPU execution: the destination blocks are split into T contiguous groups (T = torch.get_num_threads())
+run by T Python threads with single-threaded torch ops (:func:`_run_blocks`); the groups write disjoint
+output rows, share the source-gradient buffer under a lock, and return small partials.
+
+Dropout on the attention coefficients is given as an explicit boolean keep-mask [E, H] (in CSR order),
+so the fused path and the reference can be run with the same mask; the mask is the only [E, H]-sized
+state kept for backward (besides the [Nd, H] log-sum-exp).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CSR",
+    "build_csr",
+    "check_edge_index",
+    "segment_softmax",
+    "segment_softmax_aggregate",
+    "segment_softmax_aggregate_ref",
+    "gatv2_attention",
+    "gatv2_attention_ref",
+    "CHUNK_ELEMENTS",
+]
+
+# Elements (c * H * C) of one block's [c, H, C] working tensors on the CPU path: 2**21 fp32 = 8 MiB each
+# (small enough for glibc to reuse heap memory between blocks instead of mmap + page faults).
+CHUNK_ELEMENTS = int(os.environ.get("ZOO_SEGMENT_CHUNK_ELEMENTS", 1 << 21))
+
+
+# ----------------------------------------------------------------------------------------------------
+# CSR by destination
+# ----------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class CSR:
+    """Edges sorted by destination. ``col[k]`` -> ``row[k]`` is the k-th sorted edge; it was edge
+    ``perm[k]`` of the input. ``rowptr[i]:rowptr[i+1]`` are the incoming edges of destination i."""
+
+    rowptr: Tensor  # [Nd+1] int64
+    col: Tensor  # [E] int64 source of each sorted edge
+    row: Tensor  # [E] int64 destination of each sorted edge (non-decreasing)
+    perm: Tensor  # [E] int64 sorted position -> input position
+    num_src: int
+    num_dst: int
+    _blocks: dict = field(default_factory=dict, repr=False)
+    _dev: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.col.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.col.device
+
+    def blocks(self, max_edges: int) -> list[tuple[int, int, int, int]]:
+        """Contiguous destination blocks ``(n0, n1, e0, e1)`` with at most ``max_edges`` edges each
+        (a node with more incoming edges than that gets a block of its own). Nodes without edges at
+        the end of the range are skipped. Cached per ``max_edges``."""
+        max_edges = max(1, int(max_edges))
+        if max_edges in self._blocks:
+            return self._blocks[max_edges]
+        rowptr = self.rowptr.cpu()
+        total = self.num_edges
+        out: list[tuple[int, int, int, int]] = []
+        n0 = 0
+        while total and n0 < self.num_dst:
+            e0 = int(rowptr[n0])
+            if e0 >= total:
+                break
+            # last node index n1 with rowptr[n1] <= e0 + max_edges
+            n1 = int(torch.searchsorted(rowptr, e0 + max_edges, right=True)) - 1
+            n1 = min(max(n1, n0 + 1), self.num_dst)
+            e1 = int(rowptr[n1])
+            if e1 == e0:  # a run of nodes without edges: skip to the next node with edges
+                n1 = int(torch.searchsorted(rowptr, e0, right=True)) - 1
+                n0 = max(n1, n0 + 1)
+                continue
+            out.append((n0, n1, e0, e1))
+            n0 = n1
+        self._blocks[max_edges] = out
+        return out
+
+    def to(self, device) -> "CSR":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        key = str(device)
+        if key not in self._dev:
+            self._dev[key] = CSR(
+                self.rowptr.to(device), self.col.to(device), self.row.to(device), self.perm.to(device),
+                self.num_src, self.num_dst,
+            )
+        return self._dev[key]
+
+
+def check_edge_index(edge_index, num_src: int, num_dst: int, *, where: str = "edge_index") -> Tensor:
+    """Validate a [2, E] integer edge index against the node counts; return it as int64.
+
+    Raises TypeError/ValueError naming the problem (wrong type/dtype/shape, negative or out-of-range
+    indices) instead of an index error deep inside torch."""
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor of shape [2, E], got {type(edge_index).__name__}")
+    if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
+        raise TypeError(f"{where} must be an integer (int64) tensor, got dtype {edge_index.dtype}")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"{where} must have shape [2, E], got {tuple(edge_index.shape)}")
+    edge_index = edge_index.long()
+    if edge_index.numel():
+        lo = int(edge_index.min())
+        if lo < 0:
+            raise ValueError(f"{where} contains negative node indices (min {lo})")
+        src_max, dst_max = (int(v) for v in edge_index.amax(dim=1))
+        if src_max >= num_src:
+            raise ValueError(
+                f"{where} source index {src_max} is out of range for {num_src} source nodes"
+            )
+        if dst_max >= num_dst:
+            raise ValueError(
+                f"{where} destination index {dst_max} is out of range for {num_dst} destination nodes"
+            )
+    return edge_index
+
+
+def build_csr(edge_index: Tensor, num_src: int, num_dst: int, *, validate: bool = True) -> CSR:
+    """Sort a [2, E] edge index (row 0 source, row 1 destination, PyG's flow "source_to_target") by
+    destination, stably (edges into the same node keep their input order)."""
+    if validate:
+        edge_index = check_edge_index(edge_index, num_src, num_dst)
+    src, dst = edge_index[0], edge_index[1]
+    dst_sorted, perm = torch.sort(dst, stable=True)
+    counts = torch.bincount(dst_sorted, minlength=num_dst)
+    rowptr = torch.zeros(num_dst + 1, dtype=torch.long, device=dst.device)
+    torch.cumsum(counts, 0, out=rowptr[1:])
+    return CSR(rowptr, src[perm].contiguous(), dst_sorted.contiguous(), perm, int(num_src), int(num_dst))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain segment softmax
+# ----------------------------------------------------------------------------------------------------
+def segment_softmax(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    """softmax of ``scores`` [E, *] over the entries that share ``index`` [E] (any order). Autograd
+    through plain ops; entries of a segment never see other segments."""
+    if scores.size(0) != index.numel():
+        raise ValueError(f"segment_softmax: {scores.size(0)} scores but {index.numel()} indices")
+    if scores.numel() == 0:
+        return scores.clone()
+    idx = index.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores)
+    shape = (num_segments,) + tuple(scores.shape[1:])
+    m = scores.new_full(shape, float("-inf")).scatter_reduce(0, idx, scores.detach(), "amax")
+    p = (scores - m.gather(0, idx)).exp()
+    s = scores.new_zeros(shape).scatter_add(0, idx, p)
+    return p / s.gather(0, idx)
+
+
+def _add_rows_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """``out.index_add_(0, index, src)``, run single-threaded for large rows on CPU.
+
+    torch 2.11's multi-threaded CPU index_add_/scatter_add_ walks every row once per thread slice of
+    the columns; on this project's 2-core machine it measured 60x slower than the serial loop for
+    [8192, 512] fp32 rows (128 ms vs 2 ms, /tmp micro-benchmark reproduced in docs/graph.md)."""
+    threads = torch.get_num_threads()
+    if out.is_cuda or threads == 1 or src.numel() < (1 << 14):
+        return out.index_add_(0, index, src)
+    torch.set_num_threads(1)
+    try:
+        return out.index_add_(0, index, src)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _block_max(s_cH: Tensor, dst_local: Tensor, n: int) -> Tensor:
+    idx = dst_local[:, None].expand_as(s_cH)
+    return s_cH.new_full((n, s_cH.size(1)), float("-inf")).scatter_reduce_(0, idx, s_cH, "amax")
+
+
+def _block_softmax(s_cH: Tensor, dst_local: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """softmax over the destination segments of one block; returns (alpha [c, H], lse [n, H])."""
+    m = _block_max(s_cH, dst_local, n)
+    p = (s_cH - m[dst_local]).exp_()
+    l = s_cH.new_zeros((n, s_cH.size(1))).index_add_(0, dst_local, p)
+    p.div_(l[dst_local])
+    return p, m + l.log()
+
+
+def _apply_keep(alpha: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
+    if keep is None:
+        return alpha
+    return alpha * keep.to(alpha.dtype) * (1.0 / (1.0 - p))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_keep(keep: Optional[Tensor], num_edges: int, heads: int, dropout: float) -> None:
+    if keep is None:
+        return
+    if keep.dtype != torch.bool or tuple(keep.shape) != (num_edges, heads):
+        raise ValueError(
+            f"dropout keep-mask must be a bool tensor of shape {(num_edges, heads)}, got "
+            f"{keep.dtype} {tuple(keep.shape)}"
+        )
+    if not 0.0 < dropout < 1.0:
+        raise ValueError(f"a dropout keep-mask needs 0 < dropout < 1, got {dropout}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused softmax + aggregation from given scores (GAT, point/part attention)
+# ----------------------------------------------------------------------------------------------------
+class _SegmentSoftmaxAggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s_EH, v_NHC, csr: CSR, keep, dropout, need_weights, chunk):
+        H, C = v_NHC.shape[1], v_NHC.shape[2]
+        cdt = _compute_dtype(v_NHC.dtype)
+        out = torch.zeros(csr.num_dst, H, C, dtype=cdt, device=v_NHC.device)
+        lse = torch.full((csr.num_dst, H), float("-inf"), dtype=cdt, device=v_NHC.device)
+        alpha_all = s_EH.new_zeros(s_EH.shape, dtype=cdt) if need_weights else None
+        for n0, n1, e0, e1 in csr.blocks(chunk // max(1, H * C)):
+            dl = csr.row[e0:e1] - n0
+            alpha, lse_b = _block_softmax(s_EH[e0:e1].to(cdt), dl, n1 - n0)
+            lse[n0:n1] = lse_b
+            alpha = _apply_keep(alpha, None if keep is None else keep[e0:e1], dropout)
+            if alpha_all is not None:
+                alpha_all[e0:e1] = alpha
+            msg = v_NHC.index_select(0, csr.col[e0:e1]).to(cdt).mul_(alpha[..., None])
+            _add_rows_(out[n0:n1], dl, msg)
+        ctx.save_for_backward(s_EH, v_NHC, lse, keep)
+        ctx.csr, ctx.dropout, ctx.chunk = csr, dropout, chunk
+        out = out.to(v_NHC.dtype)
+        if alpha_all is None:
+            return out, None
+        alpha_all = alpha_all.to(v_NHC.dtype)
+        ctx.mark_non_differentiable(alpha_all)
+        return out, alpha_all
+
+    @staticmethod
+    def backward(ctx, g_NHC, _g_alpha):
+        s_EH, v_NHC, lse, keep = ctx.saved_tensors
+        csr, dropout = ctx.csr, ctx.dropout
+        H, C = v_NHC.shape[1], v_NHC.shape[2]
+        cdt = _compute_dtype(v_NHC.dtype)
+        g_NHC = g_NHC.to(cdt)
+        need_s, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gs = torch.zeros(s_EH.shape, dtype=cdt, device=s_EH.device) if need_s else None
+        gv = torch.zeros(v_NHC.shape, dtype=cdt, device=v_NHC.device) if need_v else None
+        scale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
+        for n0, n1, e0, e1 in csr.blocks(ctx.chunk // max(1, H * C)):
+            dl = csr.row[e0:e1] - n0
+            col = csr.col[e0:e1]
+            alpha = (s_EH[e0:e1].to(cdt) - lse[csr.row[e0:e1]]).exp_()  # softmax, recomputed
+            kf = None if keep is None else keep[e0:e1].to(cdt) * scale
+            g_cHC = g_NHC.index_select(0, csr.row[e0:e1])
+            if gv is not None:
+                a_eff = alpha if kf is None else alpha * kf
+                _add_rows_(gv, col, g_cHC * a_eff[..., None])
+            if gs is not None:
+                t = (g_cHC * v_NHC.index_select(0, col).to(cdt)).sum(-1)  # dL/d alpha_eff
+                if kf is not None:
+                    t = t * kf
+                at = alpha * t
+                dsum = at.new_zeros((n1 - n0, H)).index_add_(0, dl, at)
+                gs[e0:e1] = at - alpha * dsum[dl]
+        return (
+            None if gs is None else gs.to(s_EH.dtype),
+            None if gv is None else gv.to(v_NHC.dtype),
+            None, None, None, None, None,
+        )
+
+
+def segment_softmax_aggregate(
+    s_EH: Tensor,
+    v_NHC: Tensor,
+    csr: CSR,
+    *,
+    keep: Optional[Tensor] = None,
+    dropout: float = 0.0,
+    need_weights: bool = False,
+    chunk_elements: Optional[int] = None,
+):
+    """``out_i = sum_{j -> i} softmax_j(s_ji) * keep_ji / (1 - dropout) * v_j`` for every destination i.
+
+    s_EH [E, H] scores in CSR order (``csr``'s sorted edges); v_NHC [Ns, H, C] values of the source
+    nodes. Returns (out [Nd, H, C], alpha [E, H] or None); destinations without edges get zeros."""
+    if s_EH.dim() != 2 or s_EH.size(0) != csr.num_edges:
+        raise ValueError(f"scores must be [E={csr.num_edges}, H], got {tuple(s_EH.shape)}")
+    if v_NHC.dim() != 3 or v_NHC.size(0) != csr.num_src or v_NHC.size(1) != s_EH.size(1):
+        raise ValueError(
+            f"values must be [Ns={csr.num_src}, H={s_EH.size(1)}, C], got {tuple(v_NHC.shape)}"
+        )
+    _check_keep(keep, csr.num_edges, s_EH.size(1), dropout)
+    return _SegmentSoftmaxAggregate.apply(
+        s_EH, v_NHC, csr, keep, float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS)
+    )
+
+
+def segment_softmax_aggregate_ref(s_EH, v_NHC, csr: CSR, *, keep=None, dropout=0.0):
+    """Unfused reference of :func:`segment_softmax_aggregate` (plain autograd, [E, H, C] messages)."""
+    alpha = segment_softmax(s_EH, csr.row, csr.num_dst)
+    alpha = _apply_keep(alpha, keep, dropout)
+    msg = v_NHC[csr.col] * alpha[..., None]
+    out = v_NHC.new_zeros(csr.num_dst, v_NHC.size(1), v_NHC.size(2)).index_add(0, csr.row, msg)
+    return out, alpha
+
+
+# ----------------------------------------------------------------------------------------------------
+# GATv2, fully fused
+# ----------------------------------------------------------------------------------------------------
+def _gatv2_block_z(xs_c, xd_NHC, ea_ED, we_FD, row, e0, e1, H, C, cdt):
+    """z = xs[col] + xd[row] (+ W_e e) for one block, [c, H, C] in the compute dtype (xs_c = xs[col])."""
+    z = xd_NHC.index_select(0, row).to(cdt)
+    z += xs_c
+    if ea_ED is not None:
+        z += (ea_ED[e0:e1].to(cdt) @ we_FD.to(cdt).t()).view(-1, H, C)
+    return z
+
+
+def _head_dot_matrix(att_HC: Tensor) -> Tensor:
+    """Block-diagonal [H*C, H] matrix W with W[h*C + c, h] = att[h, c]: z.view(c, H*C) @ W gives the
+    per-head dot products a_h . z_h as one GEMM (no [c, H, C] temporary, no strided bmm copy)."""
+    H, C = att_HC.shape
+    eye = torch.eye(H, dtype=att_HC.dtype, device=att_HC.device)
+    return (att_HC[:, :, None] * eye[:, None, :]).reshape(H * C, H)
+
+
+def _rowdot(a_cHC: Tensor, b_cHC: Tensor) -> Tensor:
+    """Per-edge, per-head dot product sum_c a[e, h, c] * b[e, h, c] -> [c, H] (batched GEMV)."""
+    c, H, C = a_cHC.shape
+    return torch.bmm(a_cHC.reshape(c * H, 1, C), b_cHC.reshape(c * H, C, 1)).view(c, H)
+
+
+def _split_blocks(blocks: list, parts: int) -> list:
+    """Cut a block list into ``parts`` contiguous groups of about equal edge counts."""
+    if parts <= 1 or len(blocks) <= 1:
+        return [blocks]
+    total = sum(e1 - e0 for _, _, e0, e1 in blocks)
+    groups, cur, acc = [], [], 0
+    for blk in blocks:
+        cur.append(blk)
+        acc += blk[3] - blk[2]
+        if acc >= total * (len(groups) + 1) / parts and len(groups) < parts - 1:
+            groups.append(cur)
+            cur = []
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _run_blocks(worker, blocks: list, device) -> list:
+    """Run ``worker(group)`` over groups of destination blocks.
+
+    On CPU with T > 1 intra-op threads, the blocks are split into T contiguous groups processed by T
+    Python threads, each running single-threaded torch ops (the ops release the GIL). A block's work
+    is ~15 tensor ops on a few MiB; as separate OpenMP parallel regions those pay a thread barrier
+    each, which dominated on this project's shared 2-core machine (CPU time 1.4 s single-threaded vs
+    4.6 s with 2 intra-op threads for one 200k-edge fwd+bwd). Results come back in group order."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or len(blocks) <= 1:
+        return [worker(blocks)]
+    groups = _split_blocks(blocks, threads)
+    from concurrent.futures import ThreadPoolExecutor
+
+    grad_mode = torch.is_grad_enabled()  # grad mode is thread-local: carry the caller's into the workers
+
+    def run(group):
+        torch.set_num_threads(1)
+        with torch.set_grad_enabled(grad_mode):
+            return worker(group)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(len(groups)) as pool:
+            return list(pool.map(run, groups))
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _GATv2Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, csr: CSR, slope, keep, dropout, need_weights,
+                chunk):
+        Nd, H, C = csr.num_dst, xs_NHC.shape[1], xs_NHC.shape[2]
+        cdt = _compute_dtype(xs_NHC.dtype)
+        dev = xs_NHC.device
+        w_att = _head_dot_matrix(att_HC.to(cdt))
+        out = torch.zeros(Nd, H, C, dtype=cdt, device=dev)
+        lse = torch.full((Nd, H), float("-inf"), dtype=cdt, device=dev)
+        alpha_all = torch.zeros(csr.num_edges, H, dtype=cdt, device=dev) if need_weights else None
+
+        def worker(blocks):  # writes disjoint rows of out / lse / alpha_all
+            for n0, n1, e0, e1 in blocks:
+                col, row = csr.col[e0:e1], csr.row[e0:e1]
+                dl = row - n0
+                xs_c = xs_NHC.index_select(0, col).to(cdt)
+                z = _gatv2_block_z(xs_c, xd_NHC, ea_ED, we_FD, row, e0, e1, H, C, cdt)
+                s = F.leaky_relu_(z, slope).view(-1, H * C) @ w_att  # [c, H] scores
+                del z
+                alpha, lse_b = _block_softmax(s, dl, n1 - n0)
+                lse[n0:n1] = lse_b
+                alpha = _apply_keep(alpha, None if keep is None else keep[e0:e1], dropout)
+                if alpha_all is not None:
+                    alpha_all[e0:e1] = alpha
+                out[n0:n1].index_add_(0, dl, xs_c.mul_(alpha[..., None]))
+
+        _run_blocks(worker, csr.blocks(chunk // max(1, H * C)), dev)
+        ctx.save_for_backward(xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, lse, keep)
+        ctx.csr, ctx.slope, ctx.dropout, ctx.chunk = csr, slope, dropout, chunk
+        out = out.to(xs_NHC.dtype)
+        if alpha_all is None:
+            return out, None
+        alpha_all = alpha_all.to(xs_NHC.dtype)
+        ctx.mark_non_differentiable(alpha_all)
+        return out, alpha_all
+
+    @staticmethod
+    def backward(ctx, g_NHC, _g_alpha):
+        xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, lse, keep = ctx.saved_tensors
+        csr, slope, dropout = ctx.csr, ctx.slope, ctx.dropout
+        H, C = xs_NHC.shape[1], xs_NHC.shape[2]
+        cdt = _compute_dtype(xs_NHC.dtype)
+        dev = xs_NHC.device
+        att = att_HC.to(cdt)
+        w_att = _head_dot_matrix(att)
+        att_neg = att * slope
+        g_NHC = g_NHC.to(cdt)  # may be an expanded view (e.g. from .sum()): index_select reads it as is
+        gxd = torch.zeros(xd_NHC.shape, dtype=cdt, device=dev)
+        gxs = torch.zeros(xs_NHC.shape, dtype=cdt, device=dev)
+        gxs_lock = threading.Lock()  # the block groups share gxs (one [Ns, H, C] buffer, not one per thread)
+        has_edge = ea_ED is not None
+        gea = torch.zeros(ea_ED.shape, dtype=cdt, device=dev) if has_edge and ctx.needs_input_grad[3] else None
+        kscale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
+        we_c = we_FD.to(cdt) if has_edge else None
+
+        def worker(blocks):
+            # gxd / gea rows are disjoint between groups; gxs is shared (locked); d att, d W_e are partials
+            gatt_HF = torch.zeros(H, H * C, dtype=cdt, device=dev)  # diagonal blocks are dL/d att
+            gwe = torch.zeros(we_FD.shape, dtype=cdt, device=dev) if has_edge else None
+            for n0, n1, e0, e1 in blocks:
+                col, row = csr.col[e0:e1], csr.row[e0:e1]
+                dl = row - n0
+                xs_c = xs_NHC.index_select(0, col).to(cdt)
+                g_c = g_NHC.index_select(0, row)
+                t = _rowdot(g_c, xs_c)  # dL/d alpha_eff [c, H]
+                z = _gatv2_block_z(xs_c, xd_NHC, ea_ED, we_FD, row, e0, e1, H, C, cdt)
+                del xs_c
+                pos = z > 0
+                lz_cF = F.leaky_relu_(z, slope).view(-1, H * C)  # in place: z is now LeakyReLU(z)
+                alpha = (lz_cF @ w_att).sub_(lse[row]).exp_()  # [c, H] softmax, recomputed
+                kf = None if keep is None else keep[e0:e1].to(cdt) * kscale
+                a_eff = alpha if kf is None else alpha * kf
+                if kf is not None:
+                    t = t * kf
+                at = alpha * t
+                dsum = at.new_zeros((n1 - n0, H)).index_add_(0, dl, at)
+                ds = at.sub_(alpha * dsum[dl])  # dL/ds [c, H]
+                gatt_HF.addmm_(ds.t(), lz_cF)
+                del lz_cF, z
+                dz = torch.where(pos, att, att_neg).mul_(ds[..., None])  # dL/dz [c, H, C]
+                del pos
+                gxd[n0:n1].index_add_(0, dl, dz)
+                if gwe is not None:
+                    dz_cF = dz.view(-1, H * C)
+                    gwe.addmm_(dz_cF.t(), ea_ED[e0:e1].to(cdt))
+                    if gea is not None:
+                        gea[e0:e1] = dz_cF @ we_c
+                dz.addcmul_(g_c, a_eff[..., None])  # + the value path: alpha_eff * g_i
+                del g_c
+                with gxs_lock:
+                    _add_rows_(gxs, col, dz)
+            return gatt_HF, gwe
+
+        parts = _run_blocks(worker, csr.blocks(ctx.chunk // max(1, H * C)), dev)
+        gatt_HF, gwe = parts[0]
+        for p_gatt, p_gwe in parts[1:]:
+            gatt_HF += p_gatt
+            if gwe is not None:
+                gwe += p_gwe
+        gatt = gatt_HF.view(H, H, C).diagonal(dim1=0, dim2=1).t()
+        return (
+            gxs.to(xs_NHC.dtype), gxd.to(xd_NHC.dtype), gatt.to(att_HC.dtype),
+            None if gea is None else gea.to(ea_ED.dtype),
+            None if gwe is None else gwe.to(we_FD.dtype),
+            None, None, None, None, None, None,
+        )
+
+
+def _check_gatv2_inputs(xs_NHC, xd_NHC, att_HC, csr, edge_attr, edge_weight):
+    if xs_NHC.dim() != 3 or xd_NHC.dim() != 3:
+        raise ValueError(
+            f"gatv2_attention: x_src/x_dst must be [N, H, C], got {tuple(xs_NHC.shape)}, {tuple(xd_NHC.shape)}"
+        )
+    if xs_NHC.shape[1:] != xd_NHC.shape[1:]:
+        raise ValueError(
+            f"gatv2_attention: x_src {tuple(xs_NHC.shape)} and x_dst {tuple(xd_NHC.shape)} differ in [H, C]"
+        )
+    if xs_NHC.size(0) != csr.num_src or xd_NHC.size(0) != csr.num_dst:
+        raise ValueError(
+            f"gatv2_attention: graph has {csr.num_src} source / {csr.num_dst} destination nodes, "
+            f"features have {xs_NHC.size(0)} / {xd_NHC.size(0)} rows"
+        )
+    H, C = xs_NHC.shape[1:]
+    if tuple(att_HC.shape) != (H, C):
+        raise ValueError(f"gatv2_attention: att must be [H={H}, C={C}], got {tuple(att_HC.shape)}")
+    if (edge_attr is None) != (edge_weight is None):
+        raise ValueError("gatv2_attention: edge_attr and edge_weight go together")
+    if edge_attr is not None:
+        if edge_attr.dim() != 2 or edge_attr.size(0) != csr.num_edges:
+            raise ValueError(
+                f"gatv2_attention: edge_attr must be [E={csr.num_edges}, D], got {tuple(edge_attr.shape)}"
+            )
+        if tuple(edge_weight.shape) != (H * C, edge_attr.size(1)):
+            raise ValueError(
+                f"gatv2_attention: edge_weight must be [{H * C}, {edge_attr.size(1)}], got "
+                f"{tuple(edge_weight.shape)}"
+            )
+
+
+def gatv2_attention(
+    xs_NHC: Tensor,
+    xd_NHC: Tensor,
+    att_HC: Tensor,
+    csr: CSR,
+    *,
+    edge_attr: Optional[Tensor] = None,
+    edge_weight: Optional[Tensor] = None,
+    negative_slope: float = 0.2,
+    keep: Optional[Tensor] = None,
+    dropout: float = 0.0,
+    need_weights: bool = False,
+    impl: str = "auto",
+    chunk_elements: Optional[int] = None,
+):
+    """Fused GATv2 attention over the edges of ``csr``.
+
+    ``out_i = sum_{j -> i} alpha_ji xs_j`` with ``alpha_ji = softmax_j(a . LeakyReLU(xs_j + xd_i +
+    W_e e_ji))`` (dropped with ``keep`` / (1 - dropout) when a keep-mask is given).
+
+    xs_NHC [Ns, H, C] projected source features (PyG's ``lin_l(x)``), xd_NHC [Nd, H, C] projected
+    destination features (``lin_r(x)``), att_HC [H, C]; edge_attr [E, D] in CSR order and edge_weight
+    [H*C, D] (``lin_edge.weight``) or both None. Returns (out [Nd, H, C], alpha [E, H] in CSR order or
+    None). alpha is returned without gradient. ``impl``: "auto" (the Triton kernel on CUDA tensors,
+    the chunked PyTorch path otherwise), "torch" or "triton" (also on CPU tensors under
+    TRITON_INTERPRET=1).
+    """
+    _check_gatv2_inputs(xs_NHC, xd_NHC, att_HC, csr, edge_attr, edge_weight)
+    _check_keep(keep, csr.num_edges, xs_NHC.size(1), dropout)
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"gatv2_attention: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "triton" or (impl == "auto" and xs_NHC.is_cuda):
+        from zoo.kernels.edge_softmax import gatv2_edge_softmax
+
+        return gatv2_edge_softmax(
+            xs_NHC, xd_NHC, att_HC, csr, edge_attr=edge_attr, edge_weight=edge_weight,
+            negative_slope=negative_slope, keep=keep, dropout=dropout, need_weights=need_weights,
+        )
+    return _GATv2Attention.apply(
+        xs_NHC, xd_NHC, att_HC, edge_attr, edge_weight, csr, float(negative_slope), keep, float(dropout),
+        bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS),
+    )
+
+
+def gatv2_attention_ref(
+    xs_NHC, xd_NHC, att_HC, csr: CSR, *, edge_attr=None, edge_weight=None, negative_slope=0.2, keep=None,
+    dropout=0.0,
+):
+    """Unfused GATv2 (materialises [E, H, C]): the reference for the fused paths. Same signature and
+    return as :func:`gatv2_attention` (alpha keeps its gradient here)."""
+    H, C = xs_NHC.shape[1:]
+    z = xs_NHC[csr.col] + xd_NHC[csr.row]
+    if edge_attr is not None:
+        z = z + (edge_attr @ edge_weight.t()).view(-1, H, C)
+    s = (F.leaky_relu(z, negative_slope) * att_HC).sum(-1)
+    alpha = segment_softmax(s, csr.row, csr.num_dst)
+    alpha = _apply_keep(alpha, keep, dropout)
+    out = xs_NHC.new_zeros(csr.num_dst, H, C).index_add(0, csr.row, xs_NHC[csr.col] * alpha[..., None])
+    return out, alpha
