@@ -1,35 +1,45 @@
 # Two commands do all set-up on a fresh machine (see README):
-#   make demo   create .venv, install, train the default ViT on the embedded digits, evaluate,
+#   make demo   create .venv, install, train the default ViT on the embedded digits, evaluate, predict,
 #               write a checkpoint and an attention-rollout PNG under outputs/demo
 #   make test   create .venv if needed and run the whole test suite (CPU; kernels under TRITON_INTERPRET=1)
+# Any pytest failure fails `make test`, including exit code 5 (no tests collected).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ZOO := $(VENV)/bin/zoo
 DEMO_DIR ?= outputs/demo
+DEMO_ARGS ?=
 PYTEST_WORKERS ?= 2
+TESTS ?= tests
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench public-names clean
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
 demo: venv
-	$(ZOO) train experiment=vit_digits run_dir=$(DEMO_DIR)
+	$(ZOO) train experiment=vit_digits run_dir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(ZOO) eval ckpt=$(DEMO_DIR)/checkpoints/last.ckpt
-	$(ZOO) viz rollout ckpt=$(DEMO_DIR)/checkpoints/last.ckpt out=$(DEMO_DIR)/attention_rollout.png
-	@echo "demo outputs in $(DEMO_DIR)"
+	$(ZOO) predict ckpt=$(DEMO_DIR)/released input=digits:0 input=digits:1 input=digits:2
+	$(ZOO) viz rollout ckpt=$(DEMO_DIR)/released image=digits:0 out=$(DEMO_DIR)/attention_rollout.png
+	@echo "demo outputs in $(DEMO_DIR): checkpoints/last.ckpt, released/ (safetensors + config.json), attention_rollout.png"
 
 test: venv
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 $(TESTS)
+
+test-fast: venv
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(TESTS)
 
 bench: venv
 	$(ZOO) bench attention
+
+public-names: venv
+	$(PY) -m tests.test_public_api --update
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info

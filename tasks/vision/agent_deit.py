@@ -1,0 +1,481 @@
+"""Agent-DeiT: DeiT/ViT with agent attention, state-dict compatible with the official code.
+
+Paper: Han et al., "Agent Attention: On the Integration of Softmax and Linear Attention" (ECCV 2024,
+arXiv:2312.08874); backbone: Touvron et al., "Training data-efficient image transformers & distillation
+through attention" (DeiT, ICML 2021). Official code: LeapLabTHU/Agent-Attention @207ce3e,
+agent_transformer/models/agent_deit.py (``VisionTransformer``, ``AgentBlock``, ``agent_deit_tiny/small/base``).
+
+The official model is timm's ViT with the first ``agent_layer`` blocks' attention replaced by
+:class:`zoo.attention.AgentAttention` (all 12 for tiny and small, the first 4 for base, ordinary
+attention after): LayerNorm eps 1e-6, class token, learned position embedding over class + patch tokens,
+class-token pooling. The state dict has exactly the official keys, shapes and order (272 tensors for
+tiny), so an official checkpoint's ``"model"`` entry loads with ``strict=True`` and gives the same logits.
+
+Beyond the official code:
+
+* any image size, square or not, at inference and training: the image is zero-padded on the right and
+  bottom to a multiple of the patch size, the position embedding is resized to the actual patch grid
+  (bilinear, align_corners=False, as the official ``resize_pos_embed``), and every agent block resizes its
+  biases to that grid and pools its agents from it (see zoo/attention/agent.py); in eval mode the resized
+  tensors are cached per grid;
+* the last block computes only the class token when the class token is pooled (the head reads nothing
+  else); the logits are unchanged (tested), about two thirds of a block is saved;
+* the timm methods forward_features, forward_head(pre_logits=...), reset_classifier,
+  set_grad_checkpointing, pretrained_head_keys, and gradient checkpointing per block.
+
+Letters: B batch, C embedding dim, Hi/Wi image height/width, Gh/Gw patch grid, L = Gh*Gw patch tokens,
+N = 1 + L tokens (class token first), K classes.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from zoo.attention import capture as _capture
+from zoo.attention.agent import AgentAttention
+from zoo.attention.modules import Mlp
+from zoo.registry import register_model
+from zoo.tasks.vision.vit import Block, DropPath, PatchEmbed
+
+__all__ = ["AgentBlock", "AgentVisionTransformer", "resize_pos_embed", "checkpoint_filter_fn"]
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+GLOBAL_POOLS = ("token", "avg")
+# Official stage rule: block i uses agent_num[STAGE_OF_PAIR[i // 2]].
+STAGE_OF_PAIR = {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _is_tracing() -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+
+
+def resize_pos_embed(pos_embed_1NC: torch.Tensor, new_grid: Sequence[int], old_grid: Sequence[int],
+                     num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resize a (1, P + Gh*Gw, C) position embedding to another grid: bilinear, align_corners=False.
+
+    The same operation as the official ``resize_pos_embed`` (F.interpolate(mode='bilinear')), for
+    non-square grids too; the P prefix rows are kept.
+    """
+    (new_h, new_w), (old_h, old_w) = (int(new_grid[0]), int(new_grid[1])), (int(old_grid[0]), int(old_grid[1]))
+    if pos_embed_1NC.shape[1] != num_prefix_tokens + old_h * old_w:
+        raise ValueError(
+            f"position embedding of shape {tuple(pos_embed_1NC.shape)} does not hold {num_prefix_tokens} prefix "
+            f"tokens and a {old_h}x{old_w} grid"
+        )
+    if (new_h, new_w) == (old_h, old_w):
+        return pos_embed_1NC
+    dim = pos_embed_1NC.shape[-1]
+    grid_1CGG = pos_embed_1NC[:, num_prefix_tokens:].reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
+    grid_1CGG = F.interpolate(grid_1CGG.float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
+    grid_1LC = grid_1CGG.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed_1NC.dtype)
+    return torch.cat((pos_embed_1NC[:, :num_prefix_tokens], grid_1LC), dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------------
+class AgentBlock(nn.Module):
+    """Pre-norm block with agent attention: x + attn(norm1(x), grid), then x + mlp(norm2(x)) (official names)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        agent_num: int = 49,
+        window: int = 14,
+        num_prefix_tokens: int = 1,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = AgentAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                                   agent_num=agent_num, window=window, num_prefix_tokens=num_prefix_tokens)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x_BNC: torch.Tensor, grid: tuple[int, int], num_queries: Optional[int] = None) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C); with ``num_queries`` only the first (prefix) tokens, (B, num_queries, C)."""
+        if num_queries is None:
+            x_BNC = x_BNC + self.drop_path(self.attn(self.norm1(x_BNC), grid))
+            return x_BNC + self.drop_path(self.mlp(self.norm2(x_BNC)))
+        x_BQC = x_BNC[:, :num_queries] + self.drop_path(self.attn(self.norm1(x_BNC), grid, num_queries=num_queries))
+        return x_BQC + self.drop_path(self.mlp(self.norm2(x_BQC)))
+
+
+class _PlainBlock(Block):
+    """The ordinary ViT block (zoo.tasks.vision.vit.Block) with the agent block's call signature."""
+
+    def forward(self, x_BNC: torch.Tensor, grid: tuple[int, int], num_queries: Optional[int] = None) -> torch.Tensor:
+        return super().forward(x_BNC, num_queries=num_queries)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+class AgentVisionTransformer(nn.Module):
+    """Agent-DeiT image classifier (official parameter names; any input size).
+
+    Args:
+        img_size: native image size (int or (H, W)): sets the position-embedding grid and the agent
+            blocks' ``window`` (official: img_size // patch_size); other sizes are accepted at run time.
+        patch_size: patch size (int).
+        in_chans: image channels. num_classes: K (0: no head, forward returns pooled features).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the ViT shape.
+        agent_num: agents per stage, a list of 4 square numbers (block i uses
+            agent_num[{0:0,1:1,2:2,3:2,4:2,5:3}[i // 2]], the official rule); an int means all stages.
+        agent_layer: blocks [0, agent_layer) use agent attention, the rest ordinary attention;
+            -1 (or 0) means every block (the official convention).
+        global_pool: "token" (class token, official) or "avg" (mean of the patch tokens after the final norm).
+        drop_rate, attn_drop_rate, drop_path_rate: dropout after position embedding / in MLPs and
+            projections (official ``drop_rate``), on attention probabilities, stochastic depth max.
+    """
+
+    def __init__(
+        self,
+        img_size: IntOrPair = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        agent_num: Union[int, Sequence[int]] = (49, 49, 49, 49),
+        agent_layer: int = -1,
+        global_pool: str = "token",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        for name, value in (("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim),
+                            ("depth", depth), ("num_heads", num_heads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        agents = [agent_num] * 4 if isinstance(agent_num, int) else list(agent_num)
+        if len(agents) != 4 or not all(isinstance(a, int) and a > 0 and math.isqrt(a) ** 2 == a for a in agents):
+            raise ValueError(f"agent_num must be a square number or a list of 4 of them, got {agent_num!r}")
+        if not isinstance(agent_layer, int) or agent_layer > depth:
+            raise ValueError(f"agent_layer must be an int <= depth ({depth}), got {agent_layer!r}")
+        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                           ("drop_path_rate", drop_path_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        size = _pair(img_size, "img_size")
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        agent_layer = agent_layer if agent_layer > 0 else depth
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.agent_layer = agent_layer
+        self.grad_checkpointing = False
+        self.class_token_last_block = True
+
+        self.patch_embed = PatchEmbed(size, patch_size, in_chans, embed_dim)
+        grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        # The official window is img_size // patch_size (square images); for a non-square native size the
+        # row/column tables get the longer side (they are resized to the actual grid in any case).
+        window = max(grid)
+        blocks = []
+        for i in range(depth):
+            if i < agent_layer:
+                blocks.append(AgentBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop=drop_rate,
+                                         attn_drop=attn_drop_rate, drop_path=rates[i],
+                                         agent_num=agents[STAGE_OF_PAIR[min(i // 2, 5)]], window=window))
+            else:
+                blocks.append(_PlainBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                          proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i]))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(0.0)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._pos_cache: dict = {}
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init / bookkeeping
+    def init_weights(self) -> None:
+        """The official init ('' mode): trunc-normal(0.02) pos_embed, class token and linears, zero biases,
+        unit LayerNorms; convs keep PyTorch's default; agent bias tables trunc-normal(0.02)."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._pos_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations."""
+        self.grad_checkpointing = bool(enable)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def pretrained_head_keys(self) -> list[str]:
+        """State-dict keys of the classifier (re-initialised when a checkpoint's class count differs)."""
+        return ["head.weight", "head.bias"]
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head with a fresh ``num_classes``-way linear (0: none); optionally change pooling."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        weight = self.pos_embed
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+            self.head.to(device=weight.device, dtype=weight.dtype)
+        self.head.train(self.training)
+
+    # ------------------------------------------------------------------ forward
+    def _check_image(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Agent-DeiT input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"Agent-DeiT input must be a 4-D image batch (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"Agent-DeiT input must be a floating-point tensor, got {x.dtype}")
+        b, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(f"Agent-DeiT expects {self.in_chans} input channels, got {c} (input shape {tuple(x.shape)})")
+        ph, pw = self.patch_embed.patch_size
+        if h < ph or w < pw:
+            raise ValueError(f"image {h}x{w} is smaller than the patch size {ph}x{pw}")
+        if b == 0:
+            raise ValueError("Agent-DeiT input batch is empty")
+        if x.device.type == "cpu" and not _is_tracing():
+            if not math.isfinite(float(x.detach().sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
+                raise ValueError("Agent-DeiT input image contains NaN or Inf pixels")
+
+    def _grid_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        native = self.patch_embed.grid_size
+        if grid == native:
+            return self.pos_embed
+        if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or _is_tracing():
+            return resize_pos_embed(self.pos_embed, grid, native)
+        key = (grid, self.pos_embed.data_ptr(), self.pos_embed._version)
+        hit = self._pos_cache.get(grid)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            resized = resize_pos_embed(self.pos_embed, grid, native)
+        if len(self._pos_cache) >= 8:
+            self._pos_cache.pop(next(iter(self._pos_cache)))
+        self._pos_cache[grid] = (key, resized)
+        return resized
+
+    def _embed(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images -> tokens (B, N, C) with class token and position embedding, and the patch grid (Gh, Gw)."""
+        self._check_image(x_BCHW)
+        ph, pw = self.patch_embed.patch_size
+        h, w = x_BCHW.shape[-2:]
+        pad_h, pad_w = (-h) % ph, (-w) % pw
+        if pad_h or pad_w:  # any size: zero-pad right/bottom to whole patches (timm's dynamic_img_pad)
+            x_BCHW = F.pad(x_BCHW, (0, pad_w, 0, pad_h))
+        x_BLC, grid = self.patch_embed(x_BCHW)
+        grid = (int(grid[0]), int(grid[1]))
+        x_BNC = torch.cat((self.cls_token.expand(x_BLC.shape[0], -1, -1), x_BLC), dim=1)
+        return self.pos_drop(x_BNC + self._grid_pos_embed(grid)), grid
+
+    def _run_blocks(self, x_BNC: torch.Tensor, blocks, grid: tuple[int, int]) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for block in blocks:
+                x_BNC = checkpoint(block, x_BNC, grid, use_reentrant=False)
+            return x_BNC
+        for block in blocks:
+            x_BNC = block(x_BNC, grid)
+        return x_BNC
+
+    def forward_features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images (B, in_chans, Hi, Wi) -> normalised tokens (B, N, C), class token first."""
+        x_BNC, grid = self._embed(x_BCHW)
+        return self.norm(self._run_blocks(x_BNC, self.blocks, grid))
+
+    def pool(self, x_BNC: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "token":
+            return x_BNC[:, 0]
+        return x_BNC[:, self.num_prefix_tokens:].mean(dim=1)
+
+    def forward_head(self, x_BNC: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, N, C) -> logits (B, K), or pooled features (B, C) with ``pre_logits``."""
+        x_BC = self.head_drop(self.pool(x_BNC))
+        return x_BC if pre_logits else self.head(x_BC)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images (B, in_chans, Hi, Wi) -> logits (B, K).
+
+        With class-token pooling the last block computes only the class token (the agents, keys and values
+        still come from every token), as ``forward_head(forward_features(x))`` would give; attention capture
+        and ``class_token_last_block = False`` run the full last block.
+        """
+        if self.global_pool == "token" and self.class_token_last_block and not _capture.is_capturing():
+            x_BNC, grid = self._embed(x_BCHW)
+            x_BNC = self._run_blocks(x_BNC, self.blocks[:-1], grid)
+            x_B1C = self.norm(self.blocks[-1](x_BNC, grid, num_queries=1))
+            return self.forward_head(x_B1C)
+        return self.forward_head(self.forward_features(x_BCHW))
+
+    # ------------------------------------------------------------------ weights
+    def load_official_state_dict(self, state_dict: dict[str, Any], strict: bool = True):
+        """Load an official Agent-DeiT checkpoint (``{"model": ...}`` or a bare state dict)."""
+        return self.load_state_dict(checkpoint_filter_fn(state_dict, self), strict=strict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight converter
+# --------------------------------------------------------------------------------------------------
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransformer) -> dict[str, torch.Tensor]:
+    """Adapt an official Agent-DeiT checkpoint to ``model``.
+
+    Handles the ``{"model": ...}`` wrapper of the official release (and ``state_dict``/``module.``
+    wrappers), a position embedding trained at another image size (resized bilinearly as the official
+    ``checkpoint_filter_fn``) and row/column bias tables (ah/aw/ha/wa) built for another ``window``
+    (resized along their axis with linear interpolation). ``an_bias``/``na_bias`` never change shape.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    for wrapper in ("model", "state_dict"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        target = own.get(key)
+        if key == "pos_embed" and target is not None and value.shape != target.shape:
+            side = math.isqrt(value.shape[1] - 1)
+            if side * side != value.shape[1] - 1:
+                raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not a class token plus a square grid")
+            value = resize_pos_embed(value, model.patch_embed.grid_size, (side, side))
+        elif target is not None and value.shape != target.shape and key.rsplit(".", 1)[-1] in (
+                "ah_bias", "aw_bias", "ha_bias", "wa_bias"):
+            axis = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}[key.rsplit(".", 1)[-1]]
+            from zoo.attention.agent import _resize_1d
+
+            value = _resize_1d(value, target.shape[axis], axis)
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered constructors
+# --------------------------------------------------------------------------------------------------
+def _cfg(img_size: int = 224, num_classes: int = 1000, in_chans: int = 3, mean=IMAGENET_DEFAULT_MEAN,
+         std=IMAGENET_DEFAULT_STD, **extra) -> dict[str, Any]:
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "num_classes": num_classes,
+        "mean": mean,
+        "std": std,
+        "interpolation": "bicubic",
+        "crop_pct": 0.9,
+        "classifier": "head",
+        "first_conv": "patch_embed.proj",
+        "paper": "arXiv:2312.08874",
+        "official": "LeapLabTHU/Agent-Attention agent_transformer/models/agent_deit.py",
+        **extra,
+    }
+
+
+def _create(model_args: dict[str, Any], overrides: dict[str, Any]) -> AgentVisionTransformer:
+    return AgentVisionTransformer(**{**model_args, **overrides})
+
+
+@register_model(task="vision", family="agent_deit", default_cfg=_cfg(32, 10))
+def agent_deit_debug(**kwargs) -> AgentVisionTransformer:
+    """Tiny Agent-DeiT for tests: 32 px, patch 4 (8x8 grid), dim 32, depth 2, 2 heads, 16 agents."""
+    return _create(dict(img_size=32, patch_size=4, num_classes=10, embed_dim=32, depth=2, num_heads=2,
+                        agent_num=[16, 16, 16, 16]), kwargs)
+
+
+@register_model(task="vision", family="agent_deit", default_cfg=_cfg(224))
+def agent_deit_tiny(**kwargs) -> AgentVisionTransformer:
+    """Agent-DeiT-T at 224 px (official ``agent_deit_tiny``): dim 192, depth 12, 3 heads, 49 agents, all agent blocks."""
+    return _create(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register_model(task="vision", family="agent_deit", default_cfg=_cfg(224))
+def agent_deit_small(**kwargs) -> AgentVisionTransformer:
+    """Agent-DeiT-S at 224 px (official ``agent_deit_small``): dim 384, depth 12, 6 heads, 49 agents."""
+    return _create(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+@register_model(task="vision", family="agent_deit", default_cfg=_cfg(224))
+def agent_deit_base(**kwargs) -> AgentVisionTransformer:
+    """Agent-DeiT-B at 224 px (official ``agent_deit_base``): dim 768, depth 12, 12 heads; agent attention in
+    the first 4 blocks, ordinary attention after (agent_layer=4)."""
+    return _create(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, agent_layer=4), kwargs)
+
+
+@register_model(task="vision", family="agent_deit", default_cfg=_cfg(8, 10, in_chans=1, mean=(0.5,), std=(0.5,)))
+def agent_deit_digits(**kwargs) -> AgentVisionTransformer:
+    """Small Agent-ViT for the 8x8 grayscale scikit-learn digits: patch 2 (a 4x4 grid of 16 tokens), 9 agents
+    (3x3, adaptive pooling with overlapping cells), dim 64, depth 4, 4 heads, MLP ratio 2.
+    Inputs: pixel / 16 normalised with mean 0.5, std 0.5. Trained: checkpoints/agent_digits/."""
+    return _create(dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
+                        mlp_ratio=2.0, agent_num=[9, 9, 9, 9]), kwargs)

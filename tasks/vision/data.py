@@ -1,0 +1,493 @@
+"""Image-classification data: the embedded digits (offline default), ImageFolder and CIFAR-10/100.
+
+Every source is a :class:`lightning.pytorch.LightningDataModule` with the same knobs (``img_size``,
+``in_chans``, ``mean``/``std``, ``augment``, batch sizes) and ``num_classes``/``class_names`` attributes,
+and nothing here ever downloads: real data sets are read from a local ``root`` and a missing file gives a
+message saying which file to put where.
+
+Embedded default -- scikit-learn's bundled handwritten digits (``sklearn.datasets.load_digits``: 1797
+grayscale 8x8 images, 10 classes, pixel values 0..16; the UCI "Optical Recognition of Handwritten Digits"
+test set, shipped inside the scikit-learn wheel). Splits (fixed, so every model card reports on the same
+images):
+
+* test: 360 images (20%), ``sklearn.model_selection.train_test_split(stratify=labels, random_state=0)``
+  over all 1797 images. This split never depends on configuration (``DIGITS_TEST_SEED`` is a constant).
+* validation: ``val_fraction`` of the remaining 1437 (stratified, ``seed``); 0 trains on all 1437 and
+  validates on the test split (the model cards say which).
+
+Pixels are scaled to [0, 1] (value / 16), resized to ``img_size`` if it is not 8 (bilinear, once, in
+memory), optionally replicated to ``in_chans=3``, and normalised with ``mean``/``std`` (default 0.5/0.5,
+as the ``vit_digits`` default_cfg). ``augment="shift"`` moves each training image by up to ``shift``
+pixels (zero padding = background); "affine" also rotates (up to ``rotate`` degrees) and scales (up to
+``1 +- scale``), bilinearly; "none" disables augmentation. Augmentation randomness is seeded per sample
+by ``(seed, epoch, index)``.
+
+Letters: B batch, C channels, H/W image height/width.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = [
+    "DIGITS_TEST_SEED",
+    "DIGITS_TEST_SIZE",
+    "digits_splits",
+    "EpochShuffleSampler",
+    "VisionDataModule",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "CIFARDataModule",
+    "load_image_file",
+    "IMAGE_EXTENSIONS",
+]
+
+DIGITS_TEST_SEED = 0
+DIGITS_TEST_SIZE = 360
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling and datasets
+# --------------------------------------------------------------------------------------------------
+class EpochShuffleSampler(DistributedSampler):
+    """``DistributedSampler`` whose permutation depends only on ``(seed, epoch)``, in one process or many.
+
+    Lightning calls ``set_epoch`` at every epoch start (and does not re-wrap a DistributedSampler under
+    DDP). The epoch is passed on to the dataset (``dataset.epoch``) so per-sample augmentation is seeded
+    by ``(seed, epoch, index)`` (:func:`_sample_rng`): a run resumed from a checkpoint sees exactly the
+    batches the uninterrupted run would have seen. (A plain shuffling DataLoader draws from the global
+    RNG, whose state a checkpoint does not hold.)
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: Optional[int] = None, rank: Optional[int] = None):
+        if num_replicas is None or rank is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            num_replicas = torch.distributed.get_world_size() if distributed else 1
+            rank = torch.distributed.get_rank() if distributed else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed), drop_last=False)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(int(epoch))
+        if hasattr(self.dataset, "epoch"):
+            self.dataset.epoch = int(epoch)
+
+
+class _sample_rng:
+    """Context: the global torch RNG seeded from ``(seed, epoch, index)``, restored afterwards."""
+
+    def __init__(self, seed: int, epoch: int, index: int):
+        self.seed = hash((seed, epoch, index)) % (2**63 - 1)
+
+    def __enter__(self):
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.random.set_rng_state(self.state)
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images in [0, 1] (N, C, H, W) + labels; optional random shift or affine warp; normalisation.
+
+    ``shift``: integer translation by up to ``shift`` pixels (zero padding). ``affine``: rotation by up to
+    ``rotate`` degrees, scaling by up to ``1 +- scale`` and translation by up to ``shift`` pixels, bilinear
+    (``F.affine_grid``/``F.grid_sample``, zeros outside), as the affine augmentations used for MNIST-style
+    digits (Simard et al., ICDAR 2003).
+    """
+
+    def __init__(self, images_NCHW: torch.Tensor, labels_N: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 shift: int = 0, seed: int = 0, affine: bool = False, rotate: float = 0.0, scale: float = 0.0):
+        self.images = images_NCHW
+        self.labels = labels_N
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.shift = int(shift)
+        self.affine, self.rotate, self.scale = bool(affine), float(rotate), float(scale)
+        self.seed, self.epoch = int(seed), 0
+
+    def _warp(self, image_CHW: torch.Tensor, index: int) -> torch.Tensor:
+        _, height, width = image_CHW.shape
+        with _sample_rng(self.seed, self.epoch, index):
+            u = torch.rand(4) * 2 - 1  # rotation, scale, dx, dy in [-1, 1]
+        angle = math.radians(self.rotate) * float(u[0])
+        zoom = 1.0 + self.scale * float(u[1])
+        dx, dy = self.shift * float(u[2]), self.shift * float(u[3])
+        cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom  # theta maps output -> input coordinates
+        theta = torch.tensor([[cos, -sin, -2 * dx / width], [sin, cos, -2 * dy / height]], dtype=image_CHW.dtype)
+        grid = F.affine_grid(theta[None], [1, *image_CHW.shape], align_corners=False)
+        return F.grid_sample(image_CHW[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image_CHW = self.images[index]
+        if self.affine:
+            image_CHW = self._warp(image_CHW, index)
+        elif self.shift > 0:
+            s = self.shift
+            with _sample_rng(self.seed, self.epoch, index):
+                dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            padded = F.pad(image_CHW, (s, s, s, s))
+            image_CHW = padded[:, dy : dy + image_CHW.shape[1], dx : dx + image_CHW.shape[2]]
+        return (image_CHW - self.mean) / self.std, self.labels[index]
+
+
+class _TransformedSubset(Dataset):
+    """A (subset of a) torchvision dataset with a transform seeded per sample by (seed, epoch, index)."""
+
+    def __init__(self, base: Dataset, indices: Optional[Sequence[int]], transform: Callable, seed: int = 0):
+        self.base, self.indices, self.transform = base, None if indices is None else list(indices), transform
+        self.seed, self.epoch = int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index if self.indices is None else self.indices[index]]
+        with _sample_rng(self.seed, self.epoch, index):
+            return self.transform(image), int(label)
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out) with ``fraction`` held out, stratified by label."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    if fraction <= 0:
+        return index, index[:0]
+    num_held, num_classes = int(np.ceil(fraction * len(labels))), len(np.unique(labels))
+    if num_held < num_classes or len(labels) - num_held < num_classes:
+        raise ValueError(
+            f"val_fraction={fraction} of {len(labels)} images holds out {num_held}, but a stratified split needs at "
+            f"least one image per class ({num_classes}) on each side; change val_fraction or add a val/ folder"
+        )
+    kept, held = train_test_split(index, test_size=fraction, stratify=labels, random_state=seed)
+    return np.sort(kept), np.sort(held)
+
+
+def digits_splits(val_fraction: float = 0.1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Indices into ``load_digits()`` for train / val / test (test fixed, see the module docstring)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    labels = load_digits().target
+    index = np.arange(len(labels))
+    rest, test = train_test_split(index, test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=DIGITS_TEST_SEED)
+    rest, test = np.sort(rest), np.sort(test)
+    kept, held = _stratified_split(labels[rest], val_fraction, seed)
+    return {"train": rest[kept], "val": rest[held], "test": test}
+
+
+def _check_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) == 1 and in_chans > 1:
+        mean = mean * in_chans
+    if len(std) == 1 and in_chans > 1:
+        std = std * in_chans
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(f"mean {mean} / std {std} must have 1 or in_chans={in_chans} values")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {std}")
+    return mean, std
+
+
+# --------------------------------------------------------------------------------------------------
+# Data modules
+# --------------------------------------------------------------------------------------------------
+class VisionDataModule(pl.LightningDataModule):
+    """Shared loaders; subclasses set ``self.train_set``/``val_set``/``test_set`` in ``setup``."""
+
+    num_classes: int = 0
+    class_names: list[str] = []
+    default_img_size: int = 32
+    default_in_chans: int = 3
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        img_size: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.5,),
+        augment: str = "none",
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_classes: Optional[int] = None,
+        drop_last: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or max(batch_size, 256)
+        self.num_workers = int(num_workers)
+        self.img_size = int(img_size or self.default_img_size)
+        self.in_chans = int(in_chans or self.default_in_chans)
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
+        self.mean, self.std = _check_stats(mean, std, self.in_chans)
+        self.augment = augment
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.expected_num_classes = num_classes
+        self.drop_last = bool(drop_last)
+        self.train_set = self.val_set = self.test_set = None
+
+    def _check_num_classes(self) -> None:
+        if self.expected_num_classes is not None and int(self.expected_num_classes) != self.num_classes:
+            raise ValueError(
+                f"data.num_classes={self.expected_num_classes} but {type(self).__name__} found {self.num_classes} classes "
+                f"({', '.join(self.class_names[:10])}{', ...' if self.num_classes > 10 else ''})"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """Preprocessing facts stored with released weights (zoo predict uses them)."""
+        return {
+            "img_size": self.img_size,
+            "in_chans": self.in_chans,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "class_names": list(self.class_names),
+            "num_classes": self.num_classes,
+        }
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochShuffleSampler(dataset, self.seed) if train else None,
+            num_workers=self.num_workers,
+            drop_last=train and self.drop_last and len(dataset) >= self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)
+
+
+class DigitsDataModule(VisionDataModule):
+    """scikit-learn's bundled 8x8 digits with the fixed held-out test split (module docstring)."""
+
+    num_classes = 10
+    class_names = [str(i) for i in range(10)]
+    default_img_size = 8
+    default_in_chans = 1
+
+    def __init__(self, *args, shift: int = 1, rotate: float = 10.0, scale: float = 0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.augment not in ("none", "shift", "affine"):
+            raise ValueError(f"DigitsDataModule: augment must be 'none', 'shift' or 'affine', got {self.augment!r}")
+        self.shift, self.rotate, self.scale = int(shift), float(rotate), float(scale)
+        self._check_num_classes()
+
+    def _images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+        if self.img_size != images.shape[-1]:
+            images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+            images = images.clamp_(0.0, 1.0)
+        if self.in_chans == 3:
+            images = images.expand(-1, 3, -1, -1).contiguous()
+        return images, torch.tensor(digits.target, dtype=torch.long)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        images, labels = self._images()
+        split = digits_splits(self.val_fraction, self.seed)
+        shift = self.shift * max(1, self.img_size // 8) if self.augment != "none" else 0
+        self.train_set = TensorImageDataset(images[split["train"]], labels[split["train"]], self.mean, self.std, shift, self.seed,
+                                            affine=self.augment == "affine", rotate=self.rotate, scale=self.scale)
+        val_index = split["val"] if len(split["val"]) else split["test"]
+        self.val_set = TensorImageDataset(images[val_index], labels[val_index], self.mean, self.std)
+        self.test_set = TensorImageDataset(images[split["test"]], labels[split["test"]], self.mean, self.std)
+
+
+def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augment: str) -> Callable:
+    from torchvision.transforms import v2 as T
+
+    steps: list[Any] = [T.ToImage()]
+    steps.append(T.Grayscale(1) if in_chans == 1 else T.RGB())
+    if train and augment == "standard":
+        steps += [T.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip()]
+    elif train and augment == "crop":  # CIFAR style: pad 4 (at 32 px) and random crop, flip
+        steps += [T.Resize(img_size, antialias=True), T.RandomCrop(img_size, padding=max(1, img_size // 8)), T.RandomHorizontalFlip()]
+    else:
+        steps += [T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
+    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+    return T.Compose(steps)
+
+
+class ImageFolderDataModule(VisionDataModule):
+    """Images in class folders under a local ``root``::
+
+        <root>/train/<class_name>/<image>.png   required
+        <root>/val/<class_name>/...             optional (else ``val_fraction`` of train, stratified)
+        <root>/test/<class_name>/...            optional (else the validation images)
+
+    ``augment``: "none", "standard" (random resized crop + flip) or "crop" (pad, random crop, flip).
+    """
+
+    def __init__(self, root: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.augment not in ("none", "standard", "crop"):
+            raise ValueError(f"ImageFolderDataModule: augment must be 'none', 'standard' or 'crop', got {self.augment!r}")
+        self.root = Path(os.path.expanduser(str(root)))
+        train_dir = self.root / "train"
+        if not train_dir.is_dir():
+            raise FileNotFoundError(
+                f"ImageFolder data: {train_dir} does not exist. Put the images as {self.root}/train/<class_name>/<image file> "
+                f"(optionally {self.root}/val/... and {self.root}/test/... in the same layout)."
+            )
+        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        if not classes:
+            raise FileNotFoundError(f"ImageFolder data: {train_dir} has no class sub-folders (expected {train_dir}/<class_name>/<image>)")
+        self.class_names = classes
+        self.num_classes = len(classes)
+        self._check_num_classes()
+
+    def _folder(self, split: str):
+        from torchvision.datasets import ImageFolder
+
+        directory = self.root / split
+        if not directory.is_dir():
+            return None
+        dataset = ImageFolder(str(directory))
+        if dataset.classes != self.class_names:
+            extra = sorted(set(dataset.classes) - set(self.class_names))
+            raise ValueError(f"ImageFolder data: {directory} has classes {extra} that {self.root / 'train'} lacks" if extra
+                             else f"ImageFolder data: {directory} lacks some classes of {self.root / 'train'}; give every split all class folders")
+        return dataset
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment)
+        eval_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, False, self.augment)
+        train = self._folder("train")
+        val = self._folder("val")
+        if val is None:
+            kept, held = _stratified_split(np.array(train.targets), self.val_fraction or 0.1, self.seed)
+            self.train_set = _TransformedSubset(train, kept, train_tf, self.seed)
+            self.val_set = _TransformedSubset(train, held, eval_tf)
+        else:
+            self.train_set = _TransformedSubset(train, None, train_tf, self.seed)
+            self.val_set = _TransformedSubset(val, None, eval_tf)
+        test = self._folder("test")
+        self.test_set = _TransformedSubset(test, None, eval_tf) if test is not None else self.val_set
+
+
+_CIFAR_FILES = {
+    10: ("cifar-10-batches-py", ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"],
+         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    100: ("cifar-100-python", ["train", "test", "meta"], "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}
+
+
+class CIFARDataModule(VisionDataModule):
+    """torchvision CIFAR-10 / CIFAR-100 read from a local ``root`` (never downloaded).
+
+    ``root`` must hold the extracted python version: ``<root>/cifar-10-batches-py/`` (data_batch_1..5,
+    test_batch, batches.meta) or ``<root>/cifar-100-python/`` (train, test, meta). Validation is
+    ``val_fraction`` of the 50 000 training images (stratified); test is the official test set.
+    """
+
+    default_img_size = 32
+    default_in_chans = 3
+
+    def __init__(self, root: str, variant: int = 10, *args, **kwargs):
+        kwargs.setdefault("mean", (0.4914, 0.4822, 0.4465) if int(variant) == 10 else (0.5071, 0.4865, 0.4409))
+        kwargs.setdefault("std", (0.2470, 0.2435, 0.2616) if int(variant) == 10 else (0.2673, 0.2564, 0.2762))
+        super().__init__(*args, **kwargs)
+        if int(variant) not in _CIFAR_FILES:
+            raise ValueError(f"CIFAR variant must be 10 or 100, got {variant!r}")
+        if self.augment not in ("none", "crop", "standard"):
+            raise ValueError(f"CIFARDataModule: augment must be 'none', 'crop' or 'standard', got {self.augment!r}")
+        self.variant = int(variant)
+        self.root = Path(os.path.expanduser(str(root)))
+        folder, files, url = _CIFAR_FILES[self.variant]
+        missing = [name for name in files if not (self.root / folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"CIFAR-{self.variant} not found: {self.root / folder} lacks {', '.join(missing)}. Nothing is downloaded: "
+                f"fetch {url} yourself and extract it into {self.root} (tar xzf {url.rsplit('/', 1)[-1]} -C {self.root}) "
+                f"so that {self.root / folder}/{files[0]} exists."
+            )
+        self.num_classes = self.variant
+        self.class_names = self._read_class_names(folder)
+        self._check_num_classes()
+
+    def _read_class_names(self, folder: str) -> list[str]:
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        cls = CIFAR10 if self.variant == 10 else CIFAR100
+        try:
+            dataset = cls(str(self.root), train=False, download=False)
+        except RuntimeError as error:  # torchvision's md5 check failed
+            raise FileNotFoundError(
+                f"CIFAR-{self.variant} under {self.root / folder} is incomplete or corrupt ({error}); re-extract "
+                f"{_CIFAR_FILES[self.variant][2].rsplit('/', 1)[-1]} into {self.root}"
+            ) from None
+        return list(dataset.classes)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        cls = CIFAR10 if self.variant == 10 else CIFAR100
+        train = cls(str(self.root), train=True, download=False)
+        test = cls(str(self.root), train=False, download=False)
+        train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment)
+        eval_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, False, self.augment)
+        kept, held = _stratified_split(np.array(train.targets), self.val_fraction, self.seed)
+        self.train_set = _TransformedSubset(train, kept, train_tf, self.seed)
+        self.val_set = _TransformedSubset(train, held, eval_tf) if len(held) else _TransformedSubset(test, None, eval_tf)
+        self.test_set = _TransformedSubset(test, None, eval_tf)
+
+
+# --------------------------------------------------------------------------------------------------
+# Single images (zoo predict)
+# --------------------------------------------------------------------------------------------------
+def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """One image file -> normalised (C, H, W) tensor, preprocessed like the evaluation split."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            picture = image.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path} is not a readable image: {error}") from None
+    mean, std = _check_stats(mean, std, in_chans)
+    return _image_transform(img_size, in_chans, mean, std, False, "none")(picture)

@@ -1,0 +1,179 @@
+"""Image classification LightningModule (the vision task of ``zoo train``).
+
+Receives a plain ``nn.Module`` (built by Hydra through ``zoo.create_model``) and trains it with the timm
+recipe pieces users expect, each a constructor argument (and a key of ``configs/task/classification.yaml``):
+
+* AdamW, linear warm-up + cosine decay per step, no weight decay on norms/biases (``zoo.train.ZooModule``);
+* label smoothing (Szegedy et al., CVPR 2016);
+* mixup (Zhang et al., ICLR 2018) and CutMix (Yun et al., ICCV 2019) on the batch, switching between them
+  with probability 0.5 when both are on, as timm's ``Mixup`` (timm/data/mixup.py): the batch is mixed
+  with its reverse, CutMix's lambda is corrected to the actual box area;
+* EMA of the weights (evaluation/export use the average), layer-wise lr decay for fine-tuning,
+  channels-last; gradient clipping and bf16 autocast are Trainer options (``trainer.gradient_clip_val``,
+  ``trainer.precision=bf16-mixed``, which autocasts on CPU too);
+* top-1 / top-5 accuracy (torchmetrics), logged as ``{train,val,test}/{loss,acc1,acc5}``.
+
+Fine-tuning: ``zoo train experiment=... model.pretrained=<released dir>`` loads the weights through
+``zoo.create_model``; a different class count re-initialises the head with a logged message.
+
+Letters: B batch, C channels, H/W image size, K classes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from zoo.train.module import ZooModule
+
+__all__ = ["ImageClassifier", "mix_batch", "soft_targets"]
+
+
+def soft_targets(labels_B: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """One-hot targets with label smoothing: 1 - s + s/K on the label, s/K elsewhere. (B, K)"""
+    off = smoothing / num_classes
+    targets_BK = torch.full((labels_B.shape[0], num_classes), off, device=labels_B.device)
+    return targets_BK.scatter_(1, labels_B[:, None], 1.0 - smoothing + off)
+
+
+def cutmix_box(height: int, width: int, lam: float, generator: Optional[torch.Generator] = None) -> tuple[int, int, int, int]:
+    """A box of area ~(1 - lam) H W at a uniform centre, clipped to the image: (y0, y1, x0, x1)."""
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy = int(torch.randint(0, height, (1,), generator=generator))
+    cx = int(torch.randint(0, width, (1,), generator=generator))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    return y0, y1, x0, x1
+
+
+def mix_batch(
+    x_BCHW: torch.Tensor,
+    targets_BK: torch.Tensor,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+    """Mix the batch with its reverse (timm's "batch" mode). Returns (x, targets, lam, kind), kind in
+    {"none", "mixup", "cutmix"}; ``lam`` is the weight of the original image in the targets."""
+    use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
+    if not (use_mixup or use_cutmix) or float(torch.rand(())) >= prob:
+        return x_BCHW, targets_BK, 1.0, "none"
+    cutmix = use_cutmix and (not use_mixup or float(torch.rand(())) < switch_prob)
+    alpha = cutmix_alpha if cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    flipped = x_BCHW.flip(0)
+    if cutmix:
+        height, width = x_BCHW.shape[-2:]
+        y0, y1, x0, x1 = cutmix_box(height, width, lam)
+        x_BCHW = x_BCHW.clone()
+        x_BCHW[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+        kind = "cutmix"
+    else:
+        x_BCHW = x_BCHW * lam + flipped * (1.0 - lam)
+        kind = "mixup"
+    targets_BK = targets_BK * lam + targets_BK.flip(0) * (1.0 - lam)
+    return x_BCHW, targets_BK, lam, kind
+
+
+class ImageClassifier(ZooModule):
+    """LightningModule for image classification; see the module docstring for the options."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: Optional[int] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: Sequence[float] = (0.9, 0.999),
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        layer_decay: Optional[float] = None,
+        ema_decay: float = 0.0,
+        channels_last: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__(
+            model, lr=lr, weight_decay=weight_decay, betas=betas, warmup_epochs=warmup_epochs,
+            min_lr_ratio=min_lr_ratio, layer_decay=layer_decay, ema_decay=ema_decay,
+            channels_last=channels_last, seed=seed,
+        )
+        model_classes = getattr(model, "num_classes", None)
+        if num_classes is None:
+            num_classes = model_classes
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int (or the model must have .num_classes), got {num_classes!r}")
+        if isinstance(model_classes, int) and model_classes != num_classes:
+            raise ValueError(f"the model has {model_classes} classes but the task was configured for num_classes={num_classes}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if mixup_alpha < 0 or cutmix_alpha < 0 or not 0.0 <= mix_prob <= 1.0:
+            raise ValueError(f"mixup_alpha/cutmix_alpha must be >= 0 and mix_prob in [0, 1]; got {mixup_alpha}, {cutmix_alpha}, {mix_prob}")
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["betas"] = [float(b) for b in betas]
+        self.record_model_spec()
+        self.num_classes = num_classes
+        self.label_smoothing = float(label_smoothing)
+        self.mixup_alpha, self.cutmix_alpha, self.mix_prob = float(mixup_alpha), float(cutmix_alpha), float(mix_prob)
+        top5 = min(5, num_classes)
+        self.metrics = nn.ModuleDict({
+            f"{stage}_acc{k}": MulticlassAccuracy(num_classes=num_classes, top_k=kk, average="micro")
+            for stage in ("train", "val", "test") for k, kk in ((1, 1), (5, top5))
+        })
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.eval_model(self.prepare_input(x_BCHW)) if not self.training else self.model(self.prepare_input(x_BCHW))
+
+    def training_step(self, batch, batch_idx):
+        x_BCHW, labels_B = batch
+        x_BCHW = self.prepare_input(x_BCHW)
+        self.last_autocast = torch.is_autocast_enabled(x_BCHW.device.type)
+        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+            targets_BK = soft_targets(labels_B, self.num_classes, self.label_smoothing)
+            x_BCHW, targets_BK, _, _ = mix_batch(x_BCHW, targets_BK, self.mixup_alpha, self.cutmix_alpha, self.mix_prob)
+            logits_BK = self.model(x_BCHW)
+            loss = torch.sum(-targets_BK * F.log_softmax(logits_BK.float(), dim=-1), dim=-1).mean()
+        else:
+            logits_BK = self.model(x_BCHW)
+            loss = F.cross_entropy(logits_BK.float(), labels_B, label_smoothing=self.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step} (lower the lr, or clip gradients)")
+        self.metrics["train_acc1"](logits_BK.detach(), labels_B)
+        batch_size = labels_B.shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log("train/acc1", self.metrics["train_acc1"], on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"] if self._trainer is not None and self.trainer.optimizers else 0.0,
+                 on_step=True, on_epoch=False, batch_size=batch_size)
+        return loss
+
+    def _evaluate(self, batch, stage: str):
+        x_BCHW, labels_B = batch
+        logits_BK = self.eval_model(self.prepare_input(x_BCHW))
+        loss = F.cross_entropy(logits_BK.float(), labels_B)
+        batch_size = labels_B.shape[0]
+        self.metrics[f"{stage}_acc1"](logits_BK, labels_B)
+        self.metrics[f"{stage}_acc5"](logits_BK, labels_B)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", on_epoch=True, sync_dist=True, batch_size=batch_size)
+        self.log(f"{stage}/acc1", self.metrics[f"{stage}_acc1"], prog_bar=stage == "val", on_epoch=True, batch_size=batch_size)
+        self.log(f"{stage}/acc5", self.metrics[f"{stage}_acc5"], on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x_BCHW = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.eval_model(self.prepare_input(x_BCHW)).float().softmax(-1)

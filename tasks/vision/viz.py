@@ -1,0 +1,350 @@
+"""Attention rollout pictures for ViT-style classifiers (``zoo viz rollout``).
+
+Attention rollout: Abnar & Zuidema, "Quantifying Attention Flow in Transformers" (ACL 2020,
+arXiv:2005.00928). Per layer l the head-averaged attention W_l (N x N) is mixed with the identity to
+account for the residual connection and renormalised, A_l = rownorm(W_l + I) (= 0.5 W_l + 0.5 I, rows of W
+sum to 1); the rollout of L layers is the product A_L ... A_2 A_1. The class token's row of the rollout,
+restricted to the patch tokens and reshaped to the patch grid, is the picture (for models without a class
+token, the mean of the patch tokens' rows).
+
+The attention weights come from :func:`zoo.attention.capture_attention` (one record per
+MultiHeadAttention call, in call order), so any model built from zoo attention modules works.
+
+    zoo viz rollout ckpt=<dir|model.safetensors|run.ckpt> [image=<file>|digits:<index>] [out=rollout.png]
+                    [model=<registered name>] [head_fusion=mean|max|min] [device=cpu]
+
+Letters: B batch, H heads, N tokens, P prefix tokens, Gh/Gw patch grid.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.attention import capture_attention
+
+__all__ = [
+    "attention_rollout",
+    "rollout_map",
+    "compute_rollout",
+    "load_model",
+    "load_image",
+    "save_rollout_png",
+    "rollout_main",
+]
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout
+# --------------------------------------------------------------------------------------------------
+def attention_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean", add_residual: bool = True) -> torch.Tensor:
+    """Roll attention out through the layers.
+
+    Args:
+        attentions: per layer, in forward order, attention probabilities (B, H, N, N).
+        head_fusion: how heads are combined: "mean" (the paper), "max" or "min".
+        add_residual: add the identity and renormalise rows (the paper's residual correction).
+
+    Returns:
+        (B, N, N) float64: row i is how much each input token flows into output token i.
+    """
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    if not attentions:
+        raise ValueError("no attention maps to roll out (was the model built from zoo attention modules?)")
+    first = attentions[0]
+    if first.dim() != 4 or first.shape[-1] != first.shape[-2]:
+        raise ValueError(f"attention maps must be square (B, H, N, N), got {tuple(first.shape)}")
+    batch, _, n, _ = first.shape
+    eye = torch.eye(n, dtype=torch.float64, device=first.device)
+    result = eye.expand(batch, n, n)
+    for layer, weights in enumerate(attentions):
+        if weights.shape[0] != batch or weights.shape[-2:] != (n, n):
+            raise ValueError(f"layer {layer}: attention of shape {tuple(weights.shape)} does not match (B={batch}, N={n})")
+        w = weights.detach().to(torch.float64)
+        if head_fusion == "mean":
+            a = w.mean(dim=1)
+        elif head_fusion == "max":
+            a = w.amax(dim=1)
+        else:
+            a = w.amin(dim=1)
+        if add_residual:
+            a = a + eye
+        a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        result = a @ result
+    return result
+
+
+def rollout_map(rollout_BNN: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int], has_class_token: bool = True) -> torch.Tensor:
+    """(B, Gh, Gw) map over the patches: the class token's rollout row (else the mean of the patch rows)."""
+    patches = rollout_BNN[:, :, num_prefix_tokens:]
+    if patches.shape[-1] != grid[0] * grid[1]:
+        raise ValueError(f"{patches.shape[-1]} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+    rows = patches[:, 0] if has_class_token else patches[:, num_prefix_tokens:].mean(dim=1)
+    return rows.reshape(-1, grid[0], grid[1])
+
+
+@torch.no_grad()
+def compute_rollout(model: nn.Module, images_BCHW: torch.Tensor, head_fusion: str = "mean"):
+    """Run ``model`` on images, capture its attention and return (logits (B, K), rollout maps (B, Gh, Gw))."""
+    model.eval()
+    with capture_attention(model) as records:
+        logits = model(images_BCHW)
+    if not records:
+        raise ValueError(f"{type(model).__name__} recorded no attention maps; it must use zoo.attention modules")
+    rollout = attention_rollout([r.weights for r in records], head_fusion=head_fusion)
+    ph, pw = model.patch_embed.patch_size
+    grid = (images_BCHW.shape[-2] // ph, images_BCHW.shape[-1] // pw)
+    maps = rollout_map(rollout, getattr(model, "num_prefix_tokens", 1), grid, getattr(model, "has_class_token", True))
+    return logits, maps
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a model and an image
+# --------------------------------------------------------------------------------------------------
+def _import_vision_models() -> None:
+    import zoo.tasks.vision.vit  # noqa: F401  registers the ViT names
+
+
+def _find_model_spec(hparams: Any) -> Optional[tuple[str, dict]]:
+    """Search Lightning hyper-parameters for a registered model name and its constructor arguments."""
+    import zoo
+
+    if isinstance(hparams, dict):
+        for key in ("model_name", "name", "model"):
+            value = hparams.get(key)
+            if isinstance(value, str) and zoo.is_model(value):
+                args = hparams.get("model_args") or hparams.get("model_kwargs") or {
+                    k: v for k, v in hparams.items() if k not in ("model_name", "name", "model", "_target_", "pretrained")
+                }
+                return value, dict(args) if isinstance(args, dict) else {}
+        for value in hparams.values():
+            found = _find_model_spec(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _load_lightning_ckpt(path: Path, model_name: Optional[str]) -> nn.Module:
+    import zoo
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt file, or one that needs unpickling of arbitrary objects
+        raise ValueError(f"cannot read Lightning checkpoint {path}: {error}") from error
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} has no 'state_dict'; is it a Lightning .ckpt?")
+    for prefix in ("model.", "net."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            break
+    else:  # keep only the model's keys (drop e.g. EMA copies or loss modules)
+        if any(k.startswith("model.") for k in state):
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    spec = (model_name, {}) if model_name else _find_model_spec(ckpt.get("hyper_parameters", {}))
+    if spec is None:
+        raise ValueError(f"{path}: cannot tell which model this checkpoint holds; pass model=<registered name>")
+    name, args = spec
+    model = zoo.create_model(name, **args)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: weights do not fit {name} {args}: {error}") from error
+    return model
+
+
+def load_model(ckpt: str, model_name: Optional[str] = None) -> nn.Module:
+    """A model from a released directory / .safetensors file (zoo.from_pretrained) or a Lightning .ckpt."""
+    import zoo
+
+    _import_vision_models()
+    path = Path(ckpt)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".ckpt":
+        return _load_lightning_ckpt(path, model_name)
+    if model_name is not None:
+        return zoo.create_model(model_name, pretrained=str(path))
+    return zoo.from_pretrained(str(path))
+
+
+def _model_cfg(model: nn.Module) -> dict:
+    """Preprocessing facts of the model: input size, mean, std (from the registry's default_cfg)."""
+    import zoo
+
+    cfg: dict = {}
+    name = getattr(model, "zoo_model_name", None)
+    if name is not None and zoo.is_model(name):
+        cfg.update(zoo.get_model_entry(name).default_cfg)
+    cfg.update(getattr(model, "pretrained_cfg", None) or {})
+    chans = model.in_chans
+    mean = tuple(cfg.get("mean", (0.5,) * chans))
+    std = tuple(cfg.get("std", (0.5,) * chans))
+    if len(mean) != chans:
+        mean, std = (float(np.mean(mean)),) * chans, (float(np.mean(std)),) * chans
+    return {"mean": mean, "std": std}
+
+
+def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, Optional[int]]:
+    """Image ``spec`` ("digits:<index>" or a file) -> (normalised (1, C, H, W) input, display image in [0, 1], label).
+
+    The image is resized to the model's image size (bilinear for the 8x8 digits, bicubic for files) and
+    normalised with the model's mean/std.
+    """
+    height, width = model.patch_embed.img_size
+    chans = model.in_chans
+    label: Optional[int] = None
+    if spec.startswith("digits:"):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        try:
+            index = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"image={spec!r}: expected digits:<index>, e.g. digits:0") from None
+        if not 0 <= index < len(digits.images):
+            raise ValueError(f"image={spec!r}: index out of range 0..{len(digits.images) - 1}")
+        pixels = torch.tensor(digits.images[index], dtype=torch.float32)[None, None] / 16.0  # (1, 1, 8, 8)
+        label = int(digits.target[index])
+        mode = "bilinear"
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if chans == 1 else "RGB")
+                array = np.asarray(im, dtype=np.float32) / 255.0
+        except OSError as error:
+            raise ValueError(f"cannot read image {path}: {error}") from error
+        pixels = torch.from_numpy(array).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)[None]
+        mode = "bicubic"
+    if pixels.shape[1] != chans:
+        pixels = pixels.mean(dim=1, keepdim=True).expand(1, chans, *pixels.shape[-2:])
+    if pixels.shape[-2:] != (height, width):
+        pixels = F.interpolate(pixels, size=(height, width), mode=mode, align_corners=False).clamp(0.0, 1.0)
+    display = pixels[0].permute(1, 2, 0).numpy().copy()
+    cfg = _model_cfg(model)
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels - mean) / std, display, label
+
+
+# --------------------------------------------------------------------------------------------------
+# Picture
+# --------------------------------------------------------------------------------------------------
+def save_rollout_png(
+    out: str,
+    display_HWC: np.ndarray,
+    map_GG: np.ndarray,
+    title: str,
+) -> Path:
+    """Write image | rollout heat map | overlay as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"out={out!r}: the picture is written as PNG; use a .png file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heat = np.asarray(map_GG, dtype=np.float64)
+    heat = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)
+    img = np.clip(display_HWC, 0.0, 1.0)
+    gray = img.shape[-1] == 1
+    img_show = img[..., 0] if gray else img
+    h, w = img.shape[:2]
+    heat_full = F.interpolate(torch.from_numpy(heat)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6))
+    axes[0].imshow(img_show, cmap="gray" if gray else None, vmin=0, vmax=1)
+    axes[0].set_title("input")
+    im = axes[1].imshow(heat, cmap="inferno", vmin=0, vmax=1)
+    axes[1].set_title(f"rollout ({heat.shape[0]}x{heat.shape[1]} patches)")
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
+    axes[2].imshow(img_show, cmap="gray" if gray else None, vmin=0, vmax=1)
+    axes[2].imshow(heat_full, cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+    axes[2].set_title("overlay")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+USAGE = """usage: zoo viz rollout ckpt=<dir|model.safetensors|run.ckpt> [image=digits:0|<file>] [out=rollout.png]
+                       [model=<registered name>] [head_fusion=mean|max|min] [device=cpu]
+
+Writes a PNG with the input image, the attention-rollout heat map (Abnar & Zuidema 2020) and their
+overlay, titled with the predicted class. ckpt: a directory or .safetensors written by zoo.save_pretrained,
+or a Lightning .ckpt from `zoo train` (model= names the model if the checkpoint does not).
+image: a picture file, or digits:<index> for an image of scikit-learn's bundled digits (default digits:0)."""
+
+_KEYS = ("ckpt", "image", "out", "model", "head_fusion", "device")
+
+
+def _parse(argv: Sequence[str]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for token in argv:
+        if "=" not in token:
+            raise ValueError(f"argument {token!r} is not key=value")
+        key, value = token.split("=", 1)
+        key = key.lstrip("-").replace("-", "_")
+        if key not in _KEYS:
+            raise ValueError(f"unknown argument {key!r}; accepted: {', '.join(_KEYS)}")
+        args[key] = value
+    if "ckpt" not in args:
+        raise ValueError("ckpt=<checkpoint> is required")
+    return args
+
+
+def rollout_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``zoo viz rollout key=value ...``; returns a process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        args = _parse(argv)
+        model = load_model(args["ckpt"], args.get("model"))
+        model.to(args.get("device", "cpu"))
+        x, display, label = load_image(args.get("image", "digits:0"), model)
+        logits, maps = compute_rollout(model, x.to(args.get("device", "cpu")), args.get("head_fusion", "mean"))
+        probs = logits.float().softmax(dim=-1)[0]
+        pred = int(probs.argmax())
+        title = f"predicted class {pred} (p={float(probs[pred]):.2f})"
+        if label is not None:
+            title += f", true class {label}"
+        path = save_rollout_png(args.get("out", "rollout.png"), display, maps[0].cpu().numpy(), title)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"zoo viz rollout: error: {error}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    summary = {"out": str(path), "predicted": pred, "probability": round(float(probs[pred]), 4)}
+    if label is not None:
+        summary["label"] = label
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(rollout_main())

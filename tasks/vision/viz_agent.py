@@ -1,0 +1,201 @@
+"""Agent-to-patch attention pictures for Agent-DeiT (``zoo viz agent``).
+
+In agent attention (Han et al., ECCV 2024, arXiv:2312.08874) each of the n agent tokens -- pooled from the
+queries of one cell of a sqrt(n) x sqrt(n) grid over the image -- first attends to every token (the agent
+aggregation softmax(A K^T + B1), (n x N)). This picture shows, for one block, that map of every agent over
+the patch grid, averaged over heads (or one head), laid out in the agents' own grid: the tile in row i,
+column j belongs to the agent pooled from region (i, j) of the image. Next to it: the input image and the
+mean over agents.
+
+The maps come from :func:`zoo.attention.capture_attention`: while capturing, every
+:class:`zoo.attention.AgentAttention` keeps ``last_agent_attention`` (B, H, n, N) and ``last_grid``.
+
+    zoo viz agent ckpt=<dir|model.safetensors|run.ckpt> [image=digits:0|<file>] [out=agent_attention.png]
+                  [layer=-1] [head=mean|<index>] [model=<registered name>] [device=cpu]
+    zoo viz agent model=<registered name> ...      (no ckpt: randomly initialised weights, for a quick look)
+
+Letters: B batch, H heads, n agents (p x p), N tokens, P prefix tokens, Gh/Gw patch grid.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.attention import capture_attention
+
+__all__ = ["agent_maps", "save_agent_png", "agent_main"]
+
+
+def _agent_modules(model: nn.Module) -> list[nn.Module]:
+    from zoo.attention.agent import AgentAttention
+
+    return [m for m in model.modules() if isinstance(m, AgentAttention)]
+
+
+def agent_maps(model: nn.Module, images_BCHW: torch.Tensor, layer: int = -1, head: Optional[int] = None):
+    """Run ``model`` and return (logits, maps (B, n, Gh, Gw), (Gh, Gw)) of agent attention block ``layer``.
+
+    ``layer`` indexes the model's AgentAttention modules (negative from the end); ``head`` selects one head
+    (default: the mean over heads). Each map is agent i's attention over the patch tokens (the class token's
+    share is left out), so a row sums to at most 1.
+    """
+    modules = _agent_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no AgentAttention module (is it an Agent-DeiT model?)")
+    if not -len(modules) <= layer < len(modules):
+        raise ValueError(f"layer={layer} is out of range: the model has {len(modules)} agent attention blocks")
+    module = modules[layer]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), capture_attention(model):
+            logits = model(images_BCHW)
+    finally:
+        model.train(was_training)
+    weights_BHnN = module.last_agent_attention
+    heads = weights_BHnN.shape[1]
+    if head is None:
+        weights_BnN = weights_BHnN.mean(dim=1)
+    elif -heads <= head < heads:
+        weights_BnN = weights_BHnN[:, head]
+    else:
+        raise ValueError(f"head={head} is out of range: block has {heads} heads")
+    gh, gw = module.last_grid
+    prefix = module.num_prefix_tokens
+    maps = weights_BnN[:, :, prefix:].reshape(weights_BnN.shape[0], weights_BnN.shape[1], gh, gw)
+    return logits, maps.float(), (gh, gw)
+
+
+def save_agent_png(out: str, display_HWC: np.ndarray, maps_nGG: np.ndarray, title: str) -> Path:
+    """Write input | mean agent map | mosaic of the n agent maps (in the agents' grid) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"out={out!r}: the picture is written as PNG; use a .png file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = maps_nGG.shape[0]
+    side = math.isqrt(n)
+    img = np.clip(display_HWC, 0.0, 1.0)
+    gray = img.shape[-1] == 1
+    img_show = img[..., 0] if gray else img
+    fig = plt.figure(figsize=(12.0, 4.6))
+    outer = fig.add_gridspec(1, 3, width_ratios=[1.0, 1.0, 1.6])
+    ax = fig.add_subplot(outer[0])
+    ax.imshow(img_show, cmap="gray" if gray else None, vmin=0, vmax=1)
+    ax.set_title("input")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax = fig.add_subplot(outer[1])
+    mean_map = maps_nGG.mean(axis=0)
+    h, w = img.shape[:2]
+    heat = F.interpolate(torch.from_numpy(mean_map)[None, None].double(), size=(h, w), mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+    ax.imshow(img_show, cmap="gray" if gray else None, vmin=0, vmax=1)
+    ax.imshow(heat, cmap="inferno", alpha=0.55)
+    ax.set_title("mean over agents")
+    ax.set_xticks([]), ax.set_yticks([])
+    inner = outer[2].subgridspec(side, side, wspace=0.05, hspace=0.05)
+    for i in range(n):
+        ax = fig.add_subplot(inner[i // side, i % side])
+        tile = maps_nGG[i]
+        ax.imshow((tile - tile.min()) / max(float(tile.max() - tile.min()), 1e-12), cmap="inferno", vmin=0, vmax=1)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.text(0.74, 0.93, f"each agent's attention over the patches ({side}x{side} agents)", ha="center")
+    fig.suptitle(title, x=0.3)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+USAGE = """usage: zoo viz agent ckpt=<dir|model.safetensors|run.ckpt> [image=digits:0|<file>] [out=agent_attention.png]
+                     [layer=-1] [head=mean|<index>] [model=<registered name>] [device=cpu]
+       zoo viz agent model=<registered Agent-DeiT name> ...   (random weights, no ckpt)
+
+Writes a PNG with the input, the mean agent-to-patch attention and one tile per agent (agent aggregation
+softmax(A K^T + B1) of block `layer` over the patch grid, averaged over heads unless head=<index>)."""
+
+_KEYS = ("ckpt", "image", "out", "model", "layer", "head", "device")
+
+
+def _parse(argv: Sequence[str]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for token in argv:
+        if "=" not in token:
+            raise ValueError(f"argument {token!r} is not key=value")
+        key, value = token.split("=", 1)
+        key = key.lstrip("-").replace("-", "_")
+        if key not in _KEYS:
+            raise ValueError(f"unknown argument {key!r}; accepted: {', '.join(_KEYS)}")
+        args[key] = value
+    if "ckpt" not in args and "model" not in args:
+        raise ValueError("ckpt=<checkpoint> (or model=<name> for random weights) is required")
+    return args
+
+
+def _int_arg(args: dict[str, str], key: str, default: Optional[int]) -> Optional[int]:
+    value = args.get(key)
+    if value is None or value == "mean":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not an integer") from None
+
+
+def agent_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``zoo viz agent key=value ...``; returns a process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        import zoo
+        import zoo.tasks.vision.agent_deit  # noqa: F401  registers the Agent-DeiT names
+        from zoo.tasks.vision.viz import load_image, load_model
+
+        args = _parse(argv)
+        if "ckpt" in args:
+            model = load_model(args["ckpt"], args.get("model"))
+            untrained = False
+        else:
+            model = zoo.create_model(args["model"])
+            untrained = True
+        device = args.get("device", "cpu")
+        model.to(device)
+        x, display, label = load_image(args.get("image", "digits:0"), model)
+        logits, maps, grid = agent_maps(model, x.to(device), _int_arg(args, "layer", -1), _int_arg(args, "head", None))
+        probs = logits.float().softmax(dim=-1)[0]
+        pred = int(probs.argmax())
+        title = f"predicted class {pred} (p={float(probs[pred]):.2f})"
+        if label is not None:
+            title += f", true class {label}"
+        if untrained:
+            title += " -- untrained weights"
+        path = save_agent_png(args.get("out", "agent_attention.png"), display, maps[0].cpu().numpy(), title)
+    except (ValueError, FileNotFoundError, TypeError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"zoo viz agent: error: {message}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    summary = {"out": str(path), "predicted": pred, "probability": round(float(probs[pred]), 4), "grid": list(grid)}
+    if label is not None:
+        summary["label"] = label
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(agent_main())

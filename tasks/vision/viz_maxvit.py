@@ -1,0 +1,300 @@
+"""Window (block) and grid attention pictures for MaxViT (``zoo viz maxvit``).
+
+MaxViT (Tu et al., ECCV 2022, arXiv:2204.01697) alternates two sparse attentions in every block: *block*
+attention inside non-overlapping Ph x Pw windows (local) and *grid* attention among the tokens of a
+Ph x Pw grid spread over the whole map with stride (H/Ph, W/Pw) (global, dilated). This picture shows, for
+one query position and one block per stage, where that query's attention goes in each of the two:
+one row per stage, columns = input image with the query marked | block attention | grid attention, each
+map the size of the stage's feature map (zero outside the query's partition), averaged over heads (or one
+head). The block map is a compact square around the query; the grid map is a sparse lattice across the
+image -- the paper's Figure 3 made from a real forward pass.
+
+The weights come from :func:`zoo.attention.capture_attention` (one record per partition attention call,
+(nP, heads, P, P)); the stage's map size comes from a forward pre-hook on each
+:class:`zoo.tasks.vision.maxvit.PartitionAttention` (maps of any size are padded to partition multiples;
+padded keys get no weight and padded positions are cropped from the picture).
+
+    zoo viz maxvit ckpt=<dir|model.safetensors|run.ckpt> [image=digits:0|<file>] [out=maxvit_attention.png]
+                   [query=<row>,<col>] [block=0] [head=mean|<index>] [model=<registered name>] [device=cpu]
+    zoo viz maxvit model=<registered name> ...   (no ckpt: randomly initialised weights, for a quick look)
+
+``query`` is a pixel of the model-sized input image (default: the centre); ``block`` picks the block of
+each stage (default 0, the first; negative counts from the end).
+
+Letters: B batch, H/W feature-map height/width (Hp/Wp padded), Ph/Pw partition size, P = Ph*Pw,
+nP partitions.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.attention import capture_attention
+
+__all__ = ["partition_attention_map", "maxvit_attention_maps", "save_maxvit_png", "maxvit_main"]
+
+
+def partition_attention_map(weights_PHQK: torch.Tensor, kind: str, size: tuple[int, int], hw: tuple[int, int], query: tuple[int, int], head: Optional[int] = None) -> torch.Tensor:
+    """The attention of the token at ``query`` (row, col of an (H, W) map) laid out on the map.
+
+    ``weights_PHQK``: one image's records (nP, heads, P, P) of a block or grid attention with partition
+    ``size`` over the map padded to multiples of it. Returns (H, W): the query's attention probabilities at
+    the positions of its partition's keys, zero elsewhere (head mean, or ``head``).
+    """
+    (h, w), (ph, pw) = hw, size
+    hp, wp = -(-h // ph) * ph, -(-w // pw) * pw
+    qy, qx = query
+    if not (0 <= qy < h and 0 <= qx < w):
+        raise ValueError(f"query {query} is outside the {h}x{w} map")
+    if kind == "block":
+        part = (qy // ph) * (wp // pw) + qx // pw
+        slot = (qy % ph) * pw + qx % pw
+    elif kind == "grid":
+        sy, sx = hp // ph, wp // pw
+        part = (qy % sy) * sx + qx % sx
+        slot = (qy // sy) * pw + qx // sx
+    else:
+        raise ValueError(f"kind must be 'block' or 'grid', got {kind!r}")
+    expected = (hp // ph) * (wp // pw)
+    if weights_PHQK.shape[0] != expected or weights_PHQK.shape[-1] != ph * pw:
+        raise ValueError(
+            f"weights of shape {tuple(weights_PHQK.shape)} do not fit a {kind} partition {size} of a {h}x{w} map "
+            f"({expected} partitions of {ph * pw} tokens)"
+        )
+    row_HK = weights_PHQK[part, :, slot, :].float()
+    row_K = row_HK.mean(0) if head is None else row_HK[head]
+    keys = row_K.view(ph, pw)
+    full = torch.zeros(hp, wp)
+    if kind == "block":
+        y0, x0 = (qy // ph) * ph, (qx // pw) * pw
+        full[y0 : y0 + ph, x0 : x0 + pw] = keys
+    else:
+        full[qy % sy :: sy, qx % sx :: sx] = keys
+    return full[:h, :w]
+
+
+def maxvit_attention_maps(model: nn.Module, images_1CHW: torch.Tensor, query: Optional[tuple[int, int]] = None,
+                          block: int = 0, head: Optional[int] = None):
+    """Run ``model`` on one image and return (logits, maps): per stage a dict with the block and grid maps.
+
+    ``query`` is a pixel (row, col) of the input (default: centre); on a stage's map it is the token whose
+    receptive-field centre is nearest (pixel * map_size / image_size).
+    """
+    from zoo.tasks.vision.maxvit import PartitionAttention
+
+    if images_1CHW.dim() != 4 or images_1CHW.shape[0] != 1:
+        raise ValueError(f"expected one image (1, C, H, W), got {tuple(images_1CHW.shape)}")
+    img_h, img_w = images_1CHW.shape[-2:]
+    qy, qx = (img_h // 2, img_w // 2) if query is None else query
+    if not (0 <= qy < img_h and 0 <= qx < img_w):
+        raise ValueError(f"query pixel {(qy, qx)} is outside the {img_h}x{img_w} image")
+    stages = list(model.stages)
+    chosen: dict[nn.Module, tuple[int, str]] = {}
+    for s, stage in enumerate(stages):
+        depth = len(stage.blocks)
+        if not -depth <= block < depth:
+            raise ValueError(f"block={block} is out of range for stage {s} with {depth} blocks")
+        blk = stage.blocks[block]
+        chosen[blk.attn_block] = (s, "block")
+        chosen[blk.attn_grid] = (s, "grid")
+    shapes: list[tuple[nn.Module, tuple[int, int]]] = []
+
+    def hook(module, args):
+        if module in chosen:
+            shapes.append((module, tuple(args[0].shape[1:3])))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, PartitionAttention)]
+    attn_of = {m.attn: m for m in chosen}
+    try:
+        with torch.no_grad(), capture_attention(model) as records:
+            logits = model(images_1CHW)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ours = [r for r in records if r.module in attn_of]
+    if len(ours) != len(shapes):
+        raise RuntimeError(f"captured {len(ours)} attention records for {len(shapes)} partition layers")
+    maps: dict[int, dict] = {}
+    for record, (layer, hw) in zip(ours, shapes):
+        stage, kind = chosen[layer]
+        if attn_of[record.module] is not layer:
+            raise RuntimeError("attention records and partition layers are out of order")
+        q = (min(hw[0] - 1, qy * hw[0] // img_h), min(hw[1] - 1, qx * hw[1] // img_w))
+        entry = maps.setdefault(stage, {"stage": stage, "hw": hw, "query": q})
+        entry[kind] = partition_attention_map(record.weights, kind, layer.partition_size, hw, q, head).numpy()
+        entry[f"{kind}_size"] = layer.partition_size
+    return logits, [maps[s] for s in sorted(maps)]
+
+
+def save_maxvit_png(out: str, display_HWC: np.ndarray, maps: list[dict], query: tuple[int, int], title: str) -> Path:
+    """Write the picture: one row per stage, columns image+query | block attention | grid attention."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"out={out!r}: the picture is written as PNG; give a .png path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = len(maps)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.6), squeeze=False)
+    image = display_HWC[..., 0] if display_HWC.shape[-1] == 1 else display_HWC
+    for r, entry in enumerate(maps):
+        h, w = entry["hw"]
+        ax = axes[r][0]
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+        ax.plot([query[1]], [query[0]], marker="+", color="red", markersize=12, mew=2)
+        ax.set_title(f"stage {entry['stage'] + 1}: {h}x{w} map", fontsize=9)
+        for c, kind in enumerate(("block", "grid"), start=1):
+            ax = axes[r][c]
+            ax.imshow(entry[kind], cmap="viridis", interpolation="nearest", vmin=0)
+            qy, qx = entry["query"]
+            ax.plot([qx], [qy], marker="s", markerfacecolor="none", markeredgecolor="red", markersize=6)
+            ph, pw = entry[f"{kind}_size"]
+            ax.set_title(f"{kind} attention ({ph}x{pw})", fontsize=9)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+USAGE = """usage: zoo viz maxvit [ckpt=<dir|model.safetensors|run.ckpt>] [model=<registered name>] [image=digits:0|<file>]
+                     [out=maxvit_attention.png] [query=<row>,<col>] [block=0] [head=mean|<index>] [device=cpu]
+Block and grid attention of one query pixel, one block per stage, of a MaxViT classifier.
+ckpt: released weights or a Lightning checkpoint; without it, model=<name> is built with random weights."""
+
+_KEYS = ("ckpt", "image", "out", "model", "query", "block", "head", "device")
+
+
+def _parse(argv: Sequence[str]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for token in argv:
+        if "=" not in token:
+            raise ValueError(f"argument {token!r} is not key=value")
+        key, value = token.split("=", 1)
+        key = key.lstrip("-").replace("-", "_")
+        if key not in _KEYS:
+            raise ValueError(f"unknown argument {key!r}; accepted: {', '.join(_KEYS)}")
+        args[key] = value
+    if "ckpt" not in args and "model" not in args:
+        raise ValueError("give ckpt=<checkpoint> or model=<registered name>")
+    return args
+
+
+def _load(args: dict[str, str]) -> nn.Module:
+    import zoo
+    from zoo.tasks.vision.viz import load_model
+
+    if "ckpt" in args:
+        model = load_model(args["ckpt"], args.get("model"))
+    else:
+        model = zoo.create_model(args["model"])
+    if not hasattr(model, "stages") or not hasattr(model, "window_size"):
+        raise ValueError(f"{getattr(model, 'zoo_model_name', type(model).__name__)} is not a MaxViT model")
+    return model.eval()
+
+
+def _image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, Optional[int]]:
+    """``digits:<index>`` or an image file -> (normalised (1, C, H, W) at the model's size, display, label)."""
+    import zoo
+
+    height, width = model.img_size
+    chans = model.in_chans
+    label = None
+    if spec.startswith("digits:"):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        try:
+            index = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"image={spec!r}: expected digits:<index>, e.g. digits:0") from None
+        if not 0 <= index < len(digits.images):
+            raise ValueError(f"image={spec!r}: index out of range 0..{len(digits.images) - 1}")
+        pixels = torch.tensor(digits.images[index], dtype=torch.float32)[None, None] / 16.0
+        label, mode = int(digits.target[index]), "bilinear"
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+        from PIL import Image
+
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("L" if chans == 1 else "RGB"), dtype=np.float32) / 255.0
+        pixels = torch.from_numpy(array).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)[None]
+        mode = "bicubic"
+    if pixels.shape[1] != chans:
+        pixels = pixels.mean(dim=1, keepdim=True).expand(1, chans, *pixels.shape[-2:])
+    if pixels.shape[-2:] != (height, width):
+        pixels = F.interpolate(pixels, size=(height, width), mode=mode, align_corners=False).clamp(0.0, 1.0)
+    display = pixels[0].permute(1, 2, 0).numpy().copy()
+    cfg = {}
+    name = getattr(model, "zoo_model_name", None)
+    if name is not None and zoo.is_model(name):
+        cfg = zoo.get_model_entry(name).default_cfg
+    mean = tuple(cfg.get("mean", (0.5,) * chans))
+    std = tuple(cfg.get("std", (0.5,) * chans))
+    if len(mean) != chans:
+        mean, std = (float(np.mean(mean)),) * chans, (float(np.mean(std)),) * chans
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels - mean_t) / std_t, display, label
+
+
+def maxvit_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``zoo viz maxvit key=value ...``; returns a process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        args = _parse(argv)
+        device = args.get("device", "cpu")
+        model = _load(args).to(device)
+        x, display, label = _image(args.get("image", "digits:0"), model)
+        query = None
+        if "query" in args:
+            try:
+                query = tuple(int(v) for v in args["query"].split(","))
+            except ValueError:
+                raise ValueError(f"query={args['query']!r}: expected <row>,<col>") from None
+            if len(query) != 2:
+                raise ValueError(f"query={args['query']!r}: expected <row>,<col>")
+        head_arg = args.get("head", "mean")
+        head = None if head_arg == "mean" else int(head_arg)
+        block = int(args.get("block", "0"))
+        logits, maps = maxvit_attention_maps(model, x.to(device), query, block, head)
+        probs = logits.float().softmax(dim=-1)[0]
+        pred = int(probs.argmax())
+        img_h, img_w = model.img_size
+        query = (img_h // 2, img_w // 2) if query is None else query
+        title = f"predicted class {pred} (p={float(probs[pred]):.2f})" + (f", true class {label}" if label is not None else "")
+        path = save_maxvit_png(args.get("out", "maxvit_attention.png"), display, maps, query, title)
+    except (ValueError, FileNotFoundError, TypeError, IndexError) as error:
+        print(f"zoo viz maxvit: error: {error}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    summary = {"out": str(path), "predicted": pred, "probability": round(float(probs[pred]), 4)}
+    if label is not None:
+        summary["label"] = label
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(maxvit_main())

@@ -1,0 +1,488 @@
+"""Agent attention and Agent-DeiT vs an independent re-derivation of the official forward.
+
+The reference below (``OfficialAgentDeiT``) is written from the semantics of the official code
+(LeapLabTHU/Agent-Attention @207ce3e, agent_transformer/models/agent_deit.py): explicit softmax, biases
+re-interpolated and repeated per batch item on every call, agents pooled with AdaptiveAvgPool2d, the class
+token handled by its own bias row/column, dwc added to the patch tokens only. It keeps the official
+parameter layout, so its random-init state dict loads into the zoo model with strict=True. It also serves
+as the "official-style" peer of the speed benchmark (zoo/bench/vision_agent.py loads it from this file).
+
+Beyond the official code the reference accepts a non-square grid (``grid=``), resizing the row/column tables
+with a bilinear resize whose other axis has size 1 (a different route to the same 1-D linear resize).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import zoo
+import zoo.tasks.vision.agent_deit as agent_deit  # registers agent_deit_* (until tasks/vision/__init__ imports it)
+from zoo.attention import capture_attention, use_backend
+from zoo.attention.agent import AgentAttention, adaptive_pool_matrix
+
+NAMES = ["agent_deit_debug", "agent_deit_digits", "agent_deit_tiny", "agent_deit_small", "agent_deit_base"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent reference (official semantics, plain PyTorch)
+# --------------------------------------------------------------------------------------------------
+class RefAgentAttention(nn.Module):
+    def __init__(self, dim, heads, agent_num, window):
+        super().__init__()
+        self.heads, self.agent_num, self.window = heads, agent_num, window
+        self.scale = (dim // heads) ** -0.5
+        # registration order of the official module: own bias parameters first in state_dict()
+        for name, shape in (("an_bias", (heads, agent_num, 7, 7)), ("na_bias", (heads, agent_num, 7, 7)),
+                            ("ah_bias", (1, heads, agent_num, window, 1)), ("aw_bias", (1, heads, agent_num, 1, window)),
+                            ("ha_bias", (1, heads, window, 1, agent_num)), ("wa_bias", (1, heads, 1, window, agent_num)),
+                            ("ac_bias", (1, heads, agent_num, 1)), ("ca_bias", (1, heads, 1, agent_num))):
+            setattr(self, name, nn.Parameter(torch.randn(shape) * 0.02))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    @staticmethod
+    def _axis_resize(t, size, axis):
+        """Linear resize of a 5-D table along ``axis`` via a 2-D bilinear resize with a unit other axis."""
+        if t.shape[axis] == size:
+            return t
+        moved = t.movedim(axis, -1)  # (..., S)
+        lead = moved.shape[:-1]
+        img = moved.reshape(1, -1, 1, moved.shape[-1])
+        out = F.interpolate(img, size=(1, size), mode="bilinear", align_corners=False)
+        return out.reshape(*lead, size).movedim(-1, axis)
+
+    def forward(self, x, grid=None):
+        b, n, c = x.shape
+        heads, agents = self.heads, self.agent_num
+        d = c // heads
+        if grid is None:
+            h = w = int(n ** 0.5)  # the official rule (n includes the class token)
+        else:
+            h, w = grid
+        q, k, v = self.qkv(x).reshape(b, n, 3, c).permute(2, 0, 1, 3)
+        side = int(agents ** 0.5)
+        agent = nn.AdaptiveAvgPool2d((side, side))(q[:, 1:].reshape(b, h, w, c).permute(0, 3, 1, 2))
+        agent = agent.reshape(b, c, -1).permute(0, 2, 1)
+        q = q.reshape(b, n, heads, d).permute(0, 2, 1, 3)
+        k = k.reshape(b, n, heads, d).permute(0, 2, 1, 3)
+        v = v.reshape(b, n, heads, d).permute(0, 2, 1, 3)
+        agent = agent.reshape(b, agents, heads, d).permute(0, 2, 1, 3)
+
+        pb1 = F.interpolate(self.an_bias, size=(h, w), mode="bilinear").reshape(1, heads, agents, -1).repeat(b, 1, 1, 1)
+        ah, aw = self._axis_resize(self.ah_bias, h, 3), self._axis_resize(self.aw_bias, w, 4)
+        pb2 = (ah + aw).reshape(1, heads, agents, -1).repeat(b, 1, 1, 1)
+        pb = torch.cat([self.ac_bias.repeat(b, 1, 1, 1), pb1 + pb2], dim=-1)
+        s1 = (agent * self.scale) @ k.transpose(-2, -1) + pb
+        p1 = torch.softmax(s1, dim=-1)
+        agent_v = p1 @ v
+
+        ab1 = F.interpolate(self.na_bias, size=(h, w), mode="bilinear").reshape(1, heads, agents, -1)
+        ab1 = ab1.permute(0, 1, 3, 2).repeat(b, 1, 1, 1)
+        ha, wa = self._axis_resize(self.ha_bias, h, 2), self._axis_resize(self.wa_bias, w, 3)
+        ab2 = (ha + wa).reshape(1, heads, -1, agents).repeat(b, 1, 1, 1)
+        ab = torch.cat([self.ca_bias.repeat(b, 1, 1, 1), ab1 + ab2], dim=-2)
+        s2 = (q * self.scale) @ agent.transpose(-2, -1) + ab
+        p2 = torch.softmax(s2, dim=-1)
+        out = (p2 @ agent_v).transpose(1, 2).reshape(b, n, c)
+        v_img = v[:, :, 1:, :].transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        out = torch.cat([out[:, :1], out[:, 1:] + self.dwc(v_img).permute(0, 2, 3, 1).reshape(b, n - 1, c)], dim=1)
+        return self.proj(out)
+
+
+class RefAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, grid=None):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+        p = torch.softmax(s, dim=-1)
+        return self.proj((p @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class RefMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, dim, heads, agent, agent_num, window):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RefAgentAttention(dim, heads, agent_num, window) if agent else RefAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = RefMlp(dim, 4 * dim)
+
+    def forward(self, x, grid=None):
+        x = x + self.attn(self.norm1(x), grid)
+        return x + self.mlp(self.norm2(x))
+
+
+class RefPatchEmbed(nn.Module):
+    def __init__(self, in_chans, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch, stride=patch)
+
+
+class OfficialAgentDeiT(nn.Module):
+    """Official-semantics Agent-DeiT (state dict in the official layout and order)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=192, depth=12,
+                 num_heads=3, agent_num=49, agent_layer=-1):
+        super().__init__()
+        grid = img_size // patch_size
+        agent_layer = agent_layer if agent_layer > 0 else depth
+        self.patch_size = patch_size
+        self.patch_embed = RefPatchEmbed(in_chans, embed_dim, patch_size)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, embed_dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            [RefBlock(embed_dim, num_heads, i < agent_layer, agent_num, grid) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, x, grid=None, pos_embed=None):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + (self.pos_embed if pos_embed is None else pos_embed)
+        for block in self.blocks:
+            x = block(x, grid)
+        return self.head(self.norm(x)[:, 0])
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> None:
+    """Give every parameter (LayerNorm, biases, tables) a non-trivial random value."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.5 if name.endswith("_bias") else 0.05
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def _pair_models(**cfg):
+    ref = OfficialAgentDeiT(**cfg)
+    _randomize(ref)
+    zoo_cfg = dict(cfg)
+    zoo_cfg["agent_num"] = [cfg.get("agent_num", 49)] * 4
+    ours = agent_deit.AgentVisionTransformer(**zoo_cfg)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref.eval(), ours.eval()
+
+
+SMALL = dict(img_size=32, patch_size=4, in_chans=3, num_classes=7, embed_dim=24, depth=3, num_heads=3, agent_num=16,
+             agent_layer=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# State-dict layout
+# --------------------------------------------------------------------------------------------------
+def test_tiny_state_dict_matches_official_layout():
+    with torch.device("meta"):
+        ours = zoo.create_model("agent_deit_tiny")
+        ref = OfficialAgentDeiT()
+    sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert len(sd) == 272
+    assert list(sd) == list(ref_sd)
+    assert all(sd[k].shape == ref_sd[k].shape for k in sd)
+    assert sd["blocks.0.attn.an_bias"].shape == (3, 49, 7, 7)
+    assert sd["blocks.0.attn.ah_bias"].shape == (1, 3, 49, 14, 1)
+    assert sd["blocks.11.attn.wa_bias"].shape == (1, 3, 1, 14, 49)
+    assert sd["blocks.5.attn.ca_bias"].shape == (1, 3, 1, 49)
+    assert list(sd)[:4] == ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    keys = list(sd)
+    assert keys.index("blocks.0.attn.ca_bias") < keys.index("blocks.0.attn.qkv.weight")
+
+
+def test_base_agent_layer_and_small_shapes():
+    with torch.device("meta"):
+        base = zoo.create_model("agent_deit_base")
+        ref = OfficialAgentDeiT(embed_dim=768, num_heads=12, agent_layer=4)
+        small = zoo.create_model("agent_deit_small")
+    sd = base.state_dict()
+    assert list(sd) == list(ref.state_dict())
+    assert all(f"blocks.{i}.attn.an_bias" in sd for i in range(4))
+    assert not any(f"blocks.{i}.attn.an_bias" in sd for i in range(4, 12))
+    assert sd["blocks.3.attn.dwc.weight"].shape == (768, 1, 3, 3)
+    assert small.state_dict()["blocks.0.attn.na_bias"].shape == (6, 49, 7, 7)
+    assert len(small.state_dict()) == 272
+
+
+def test_registered_names():
+    assert set(NAMES) <= set(zoo.list_models("agent_deit*"))
+    for name in NAMES:
+        entry = zoo.get_model_entry(name)
+        assert entry.task == "vision" and entry.family == "agent_deit"
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity with the official semantics
+# --------------------------------------------------------------------------------------------------
+def test_tiny_224_matches_official_reference():
+    torch.manual_seed(0)
+    ref, ours = _pair_models(embed_dim=192, depth=12, num_heads=3)  # agent_deit_tiny
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = ref(x)
+        assert (ours(x) - expected).abs().max().item() < 1e-4
+        assert (ours.forward_head(ours.forward_features(x)) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_small_config_with_plain_blocks_matches_reference(backend):
+    torch.manual_seed(1)
+    ref, ours = _pair_models(**SMALL)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), use_backend(backend):
+        assert torch.allclose(ours(x), ref(x), atol=1e-5, rtol=0)
+
+
+def test_gradients_match_reference():
+    torch.manual_seed(2)
+    ref, ours = _pair_models(**SMALL)
+    ref.train()
+    ours.train()
+    x = torch.randn(2, 3, 32, 32)
+    ref(x).square().sum().backward()
+    ours(x).square().sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Any image size
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(40, 24), (20, 36), (12, 12), (64, 64)])
+def test_other_sizes_match_reference_with_resized_tables(size):
+    torch.manual_seed(3)
+    ref, ours = _pair_models(**SMALL)
+    h, w = size
+    grid = (h // 4, w // 4)
+    x = torch.randn(2, 3, h, w)
+    pos = ref.pos_embed
+    grid_pos = pos[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    grid_pos = F.interpolate(grid_pos, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    pos = torch.cat([pos[:, :1], grid_pos], dim=1)
+    with torch.no_grad():
+        expected = ref(x, grid=grid, pos_embed=pos)
+        assert torch.allclose(ours(x), expected, atol=1e-5, rtol=0)
+        assert torch.allclose(ours(x), expected, atol=1e-5, rtol=0)  # second call: cached biases
+
+
+def test_unpadded_odd_size_150x100():
+    torch.manual_seed(4)
+    model = zoo.create_model("agent_deit_debug").eval()
+    x = torch.randn(2, 3, 150, 100)
+    with torch.no_grad():
+        out = model(x)
+        padded = model(F.pad(x, (0, 0, 0, 2)))  # 150 -> 152 rows: whole 4-px patches
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert torch.allclose(out, padded, atol=1e-6)
+    model.train()
+    model(x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_on_the_fly_resize_equals_converted_checkpoint():
+    torch.manual_seed(5)
+    small = zoo.create_model("agent_deit_debug").eval()
+    _randomize(small)
+    big = zoo.create_model("agent_deit_debug", img_size=48).eval()
+    big.load_official_state_dict({"model": small.state_dict()})
+    assert big.blocks[0].attn.ah_bias.shape[3] == 12
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(small(x), big(x), atol=1e-5)
+
+
+def test_bias_cache_follows_parameter_updates():
+    torch.manual_seed(6)
+    model = zoo.create_model("agent_deit_debug").eval()
+    x = torch.randn(1, 3, 32, 24)
+    with torch.no_grad():
+        before = model(x)
+        model.blocks[0].attn.ac_bias.add_(3.0)
+        model.blocks[1].attn.wa_bias.add_(1.0)
+        model.pos_embed.add_(0.5)
+        after = model(x)
+    fresh = zoo.create_model("agent_deit_debug").eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(after, fresh(x), atol=1e-6)
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
+def test_pool_matrix_is_adaptive_average_pooling():
+    for grid in [(14, 14), (5, 9), (3, 2), (13, 7)]:
+        tokens = torch.randn(2, 1 + grid[0] * grid[1], 6)
+        expected = F.adaptive_avg_pool2d(tokens[:, 1:].reshape(2, *grid, 6).permute(0, 3, 1, 2), 7)
+        got = adaptive_pool_matrix(grid, 7, prefix=1) @ tokens
+        assert torch.allclose(got, expected.flatten(2).transpose(1, 2), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods, shortcut, capture, every registered name
+# --------------------------------------------------------------------------------------------------
+def test_class_token_shortcut_equals_full_model_forward_and_backward():
+    torch.manual_seed(7)
+    model = zoo.create_model("agent_deit_debug")
+    _randomize(model)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().sum().backward()
+    # the last block's dwc only reaches patch tokens, which the head never reads: no gradient in the shortcut
+    fast = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    assert model.blocks[-1].attn.dwc.weight.grad is None
+    model.zero_grad()
+    model.class_token_last_block = False
+    model(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(fast[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_methods():
+    model = zoo.create_model("agent_deit_debug").eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert model.forward_features(x).shape == (2, 1 + 64, 32)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 32)
+    assert model.pretrained_head_keys() == ["head.weight", "head.bias"]
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    model.reset_classifier(0, global_pool="avg")
+    assert model(x).shape == (2, 32)
+    model = zoo.create_model("agent_deit_debug")
+    y = torch.randn(2, 3, 32, 32)
+    plain = model(y)
+    model.set_grad_checkpointing(True)
+    checkpointed = model(y)
+    checkpointed.sum().backward()
+    assert torch.allclose(plain, checkpointed, atol=1e-6)
+
+
+def test_capture_records_effective_token_attention():
+    model = zoo.create_model("agent_deit_debug").eval()
+    x = torch.randn(1, 3, 32, 24)
+    with torch.no_grad(), capture_attention(model) as maps:
+        model(x)
+    assert [m.name for m in maps] == ["blocks.0.attn", "blocks.1.attn"]
+    n_tok = 1 + 8 * 6
+    for m in maps:
+        assert m.weights.shape == (1, 2, n_tok, n_tok)
+        assert torch.allclose(m.weights.sum(-1), torch.ones(1, 2, n_tok), atol=1e-5)
+    attn = model.blocks[0].attn
+    assert attn.last_agent_attention.shape == (1, 2, 16, n_tok) and attn.last_grid == (8, 6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_name_forward_backward(name):
+    torch.manual_seed(8)
+    size = 12 if name == "agent_deit_digits" else 32  # digits: patch 1
+    model = zoo.create_model(name, img_size=size, num_classes=5)
+    x = torch.randn(2, model.in_chans, size, size)
+    out = model(x)
+    out.sum().backward()
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_agent_attention_module_without_prefix():
+    torch.manual_seed(9)
+    attn = AgentAttention(16, 2, qkv_bias=True, agent_num=4, window=6, num_prefix_tokens=0).eval()
+    assert "ac_bias" not in attn.state_dict()
+    x = torch.randn(2, 30, 16)
+    assert attn(x, grid=(5, 6)).shape == (2, 30, 16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    model = zoo.create_model("agent_deit_debug").eval()
+    with pytest.raises(ValueError, match="input channels"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="smaller than the patch"):
+        model(torch.randn(1, 3, 3, 32))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(torch.full((1, 3, 32, 32), float("nan")))
+    with pytest.raises(ValueError, match="4-D"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="square number"):
+        AgentAttention(16, 2, agent_num=10)
+    with pytest.raises(ValueError, match="divisible"):
+        AgentAttention(15, 2)
+    attn = AgentAttention(16, 2, agent_num=4)
+    with pytest.raises(ValueError, match="not a square grid"):
+        attn(torch.randn(1, 11, 16))
+    with pytest.raises(ValueError, match="grid"):
+        attn(torch.randn(1, 10, 16), grid=(2, 5))
+    with pytest.raises(ValueError, match="agent_num"):
+        zoo.create_model("agent_deit_debug", agent_num=[16, 16, 15, 16])
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Agent-to-patch picture (zoo viz agent)
+# --------------------------------------------------------------------------------------------------
+def test_agent_maps_and_png(tmp_path):
+    from zoo.tasks.vision.viz_agent import agent_main, agent_maps
+
+    model = zoo.create_model("agent_deit_debug").eval()
+    _randomize(model)
+    x = torch.randn(1, 3, 32, 32)
+    logits, maps, grid = agent_maps(model, x, layer=0, head=1)
+    assert grid == (8, 8) and maps.shape == (1, 16, 8, 8)
+    # independent check: agent 0's map is softmax(scale * a0 . k + B1) over the patch keys of head 1
+    block = model.blocks[0]
+    with torch.no_grad():
+        tokens = model._embed(x)[0]
+        q, k, _ = block.attn.qkv(block.norm1(tokens)).reshape(1, 65, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        agents = F.adaptive_avg_pool2d(q[0, 1, 1:].reshape(8, 8, 16).permute(2, 0, 1), 4).flatten(1).T  # (16, D)
+        b1, _ = block.attn.biases((8, 8))
+        p = torch.softmax(agents @ k[0, 1].T * 16 ** -0.5 + b1[0, 1], dim=-1)
+    assert torch.allclose(maps[0].reshape(16, 64), p[:, 1:], atol=1e-5)
+    assert torch.allclose(logits, model(x), atol=1e-5)
+    out = tmp_path / "agents.png"
+    assert agent_main(["model=agent_deit_debug", f"out={out}", "image=digits:5", "head=0"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert agent_main(["model=agent_deit_debug", f"out={out}", "layer=7"]) == 2
+    assert agent_main(["model=vit_debug", f"out={out}"]) == 2  # not an agent model
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped checkpoint (checkpoints/agent_digits)
+# --------------------------------------------------------------------------------------------------
+def test_shipped_agent_digits_checkpoint_accuracy():
+    from pathlib import Path
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "agent_digits"
+    if not (ckpt / "model.safetensors").is_file():
+        pytest.fail(f"the shipped checkpoint {ckpt} is missing")
+    from zoo.tasks.vision.data import DigitsDataModule
+
+    model = zoo.from_pretrained(str(ckpt)).eval()
+    assert model.zoo_model_name == "agent_deit_digits"
+    data = DigitsDataModule(num_classes=10, img_size=8, in_chans=1, mean=[0.5], std=[0.5])
+    data.setup("test")
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.test_dataloader():
+            correct += int((model(images).argmax(-1) == labels).sum())
+            total += len(labels)
+    assert total == 360
+    assert correct / total >= 0.985, f"test accuracy {correct / total:.4f}"

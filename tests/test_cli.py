@@ -1,0 +1,182 @@
+"""The `zoo` CLI and the Hydra configs: composing from the installed package, train -> eval -> predict ->
+viz end to end on a tiny run, dispatch tables, help texts and clear errors."""
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from zoo import cli
+from zoo.train import run
+
+from conftest import FAST_RUN
+
+
+def test_configs_come_from_the_installed_package(tmp_path, monkeypatch):
+    root = importlib.resources.files("zoo.configs")
+    for group in ("task", "model", "data", "trainer", "logger", "callbacks", "experiment", "debug"):
+        assert root.joinpath(group).is_dir(), group
+    monkeypatch.chdir(tmp_path)  # nothing relative to the working directory
+    cfg = run.compose(["experiment=vit_digits"])
+    assert cfg.model.name == "vit_digits" and cfg.model._target_ == "zoo.create_model"
+    assert cfg.data._target_ == "zoo.tasks.vision.data.DigitsDataModule"
+    assert cfg.task._target_ == "zoo.tasks.vision.module.ImageClassifier"
+    assert cfg.trainer.max_epochs == 250 and cfg.data.augment == "shift" and cfg.model.drop_path_rate == 0.1
+    assert {"csv", "tensorboard"} <= set(cfg.logger)
+    ddp = run.compose(["experiment=vit_digits", "trainer=ddp_cpu"])
+    assert ddp.trainer.strategy.process_group_backend == "gloo" and ddp.trainer.devices == 2
+    fast = run.compose(["experiment=vit_digits", "debug=fast"])
+    assert fast.trainer.limit_train_batches == 2 and "progress_bar" not in fast.callbacks
+
+
+def test_bad_overrides_are_clear(capsys):
+    with pytest.raises(ValueError, match="invalid config overrides"):
+        run.compose(["experiment=no_such_experiment"])
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        run.compose(["vit_digits"])
+    assert cli.main(["train", "model=nope"]) == 1
+    assert "zoo train: error: invalid config overrides" in capsys.readouterr().err
+
+
+def test_help_texts(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "predict", "list", "bench", "viz", "export"):
+        assert f"  {command}" in out
+    assert cli.main(["train", "--help"]) == 0
+    assert "ckpt_path" in capsys.readouterr().out
+    assert cli.main(["viz"]) == 2 and "rollout" in capsys.readouterr().out
+    assert cli.main(["train", "experiment=vit_digits", "trainer.max_epochs=7", "--cfg"]) == 0
+    printed = capsys.readouterr().out
+    assert "max_epochs: 7" in printed and "name: vit_digits" in printed
+    with pytest.raises(SystemExit, match="unknown command 'trian'"):
+        cli.main(["trian"])
+
+
+def test_train_eval_predict_viz_end_to_end(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", *FAST_RUN, f"run_dir={run_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "last checkpoint" in out and "released weights" in out
+    for path in ("config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "csv/metrics.csv", "released/model.safetensors",
+                 "released/config.json", "metrics.json"):
+        assert (run_dir / path).is_file(), path
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    # eval of the .ckpt and of the released directory reproduce the test metrics of the run
+    assert cli.main(["eval", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["test/acc1"] == pytest.approx(metrics["test/acc1"], abs=1e-6)
+    released = run.evaluate(run_dir / "released")
+    assert released["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+    # predict: digits, an image file and a folder; probabilities match the model's own softmax
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    assert cli.main(["predict", f"ckpt={run_dir / 'released'}", "input=digits:3", f"input={folder}", "json=true"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["input"] for r in results] == ["digits:3", str(folder / "p0.png"), str(folder / "p1.png")]
+    assert all(len(r["top"]) == 5 for r in results)
+    model = zoo.from_pretrained(run_dir / "released").eval()
+    from sklearn.datasets import load_digits
+
+    x = (torch.tensor(load_digits().images[3], dtype=torch.float32)[None, None] / 16.0 - 0.5) / 0.5
+    probs = model(x).softmax(-1)[0]
+    top = probs.topk(5)
+    assert [name for name, _ in results[0]["top"]] == [str(int(i)) for i in top.indices]
+    assert [p for _, p in results[0]["top"]] == pytest.approx(top.values.tolist(), abs=1e-6)
+    # a zoo train .ckpt read as weights is the EMA copy (what eval and export use)
+    from zoo import hub
+
+    ema = hub.load_state_dict_file(run_dir / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(ema[k], v) for k, v in model.state_dict().items())
+    # the same prediction from the .ckpt
+    from_ckpt = run.predict(run_dir / "checkpoints" / "last.ckpt", ["digits:3"])
+    assert [n for n, _ in from_ckpt[0]["top"]] == [n for n, _ in results[0]["top"]]
+    assert [p for _, p in from_ckpt[0]["top"]] == pytest.approx([p for _, p in results[0]["top"]], abs=1e-6)
+    assert cli.main(["predict", f"ckpt={run_dir / 'released'}", "input=digits:3"]) == 0
+    assert "top-5 predictions" in capsys.readouterr().out
+    # the attention-rollout picture of the demo, through the viz table
+    png = tmp_path / "rollout.png"
+    assert cli.main(["viz", "rollout", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={png}"]) == 0
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_and_predict_errors(tmp_path, capsys):
+    assert cli.main(["eval", f"ckpt={tmp_path / 'missing.ckpt'}"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "broken.ckpt").write_bytes(b"garbage")
+    assert cli.main(["eval", f"ckpt={tmp_path / 'broken.ckpt'}"]) == 1
+    assert "cannot read training checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="ckpt=<checkpoint> and input="):
+        cli.main(["predict", "input=digits:0"])
+    with pytest.raises(SystemExit, match="unknown argument 'image'"):
+        cli.main(["predict", "ckpt=x", "image=y"])
+
+
+def test_list_command(capsys):
+    assert cli.main(["list", "vit_digits", "vit_debug"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_digits" in out and "vit_debug" in out and "1x8x8" in out
+    assert cli.main(["list", "--json", "vit_d*"]) == 0
+    assert json.loads(capsys.readouterr().out) == zoo.list_models("vit_d*")
+    assert cli.main(["list", "no_such_model_*"]) == 1
+
+
+def test_dispatch_tables(monkeypatch, capsys):
+    assert cli.VIZ_COMMANDS == {
+        "rollout": "zoo.tasks.vision.viz:rollout_main",
+        "maxvit": "zoo.tasks.vision.viz_maxvit:maxvit_main",
+        "agent": "zoo.tasks.vision.viz_agent:agent_main",
+        "graph": "zoo.tasks.graph.viz:main",
+    }
+    with pytest.raises(SystemExit, match="unknown kind 'heatmap'"):
+        cli.main(["viz", "heatmap"])
+    monkeypatch.setitem(cli.VIZ_COMMANDS, "missing_fn", "zoo.tasks.vision.viz:no_such_main")
+    with pytest.raises(SystemExit, match="has no no_such_main"):
+        cli.main(["viz", "missing_fn"])
+    monkeypatch.setitem(cli.VIZ_COMMANDS, "missing_module", "zoo.tasks.no_such_module:main")
+    with pytest.raises(SystemExit, match="zoo.tasks.no_such_module is not available"):
+        cli.main(["viz", "missing_module"])
+    calls = []
+    import zoo.bench
+
+    fake = type(__import__("sys"))("zoo.bench.fakebench")
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(__import__("sys").modules, "zoo.bench.fakebench", fake)
+    monkeypatch.setattr(cli, "_bench_names", lambda: ["fakebench"])
+    assert cli.main(["bench", "fakebench", "--repeats", "3"]) == 0
+    assert calls == [["--repeats", "3"]]
+    with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
+        cli.main(["bench", "nope"])
+    if importlib.util.find_spec("zoo.export") is None:
+        with pytest.raises(SystemExit, match="zoo export: zoo.export is not available"):
+            cli.main(["export"])
+
+
+def test_configs_work_from_a_built_package(tmp_path):
+    """Build the packages as an installation would lay them out (setup.py build_py: zoo/, zoo/tasks, zoo/configs
+    with the yaml package data) and compose + list from there, in a process that cannot see the source tree."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    build = tmp_path / "site"
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(build), "build", "--build-base", str(tmp_path / "b")],
+                   cwd=repo, check=True, capture_output=True)
+    assert (build / "zoo" / "configs" / "experiment" / "vit_digits.yaml").is_file()
+    code = ("import zoo, zoo.configs; from zoo.train import run; "
+            "assert zoo.configs.__file__.startswith(%r), zoo.configs.__file__; "
+            "cfg = run.compose(['experiment=vit_digits', 'trainer=ddp_cpu']); "
+            "print(cfg.model.name, cfg.trainer.strategy.process_group_backend)") % str(build)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(build), "PATH": "/usr/bin:/bin"},
+                         check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["vit_digits", "gloo"]

@@ -1,0 +1,238 @@
+"""zoo.hub: safetensors + config.json round trips, fine-tuning heads, clear errors, no unpickling."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import zoo
+from zoo import hub
+from zoo.registry import register_model
+
+TINY = dict(embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def _tiny_vit(**overrides):
+    torch.manual_seed(0)
+    return zoo.create_model("vit_digits", **{**TINY, **overrides})
+
+
+def _digits_batch():
+    torch.manual_seed(1)
+    return torch.randn(3, 1, 8, 8)
+
+
+class _TinyCNN(nn.Module):
+    """A model without pretrained_head_keys(): the hub must find its classifier from default_cfg."""
+
+    default_cfg = {"classifier": "fc"}
+
+    def __init__(self, num_classes: int = 10, width: int = 4):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@register_model(task="test", family="tiny_cnn")
+def hubtest_tiny_cnn(num_classes: int = 10, width: int = 4) -> nn.Module:
+    return _TinyCNN(num_classes, width)
+
+
+def test_save_and_from_pretrained_round_trip(tmp_path):
+    model = _tiny_vit().eval()
+    x = _digits_batch()
+    out_dir = zoo.save_pretrained(model, tmp_path / "released", metadata={"test_acc1": 0.5, "classes": ["a"]})
+    assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all((p.stat().st_mode & 0o777) == (0o666 & ~mask) for p in out_dir.iterdir())
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["model_name"] == "vit_digits"
+    assert config["model_args"] == TINY
+    assert config["zoo_version"] == zoo.__version__
+    assert config["num_classes"] == 10
+    assert config["metadata"] == {"test_acc1": 0.5, "classes": ["a"]}
+    loaded = zoo.from_pretrained(out_dir).eval()
+    assert loaded.zoo_model_name == "vit_digits" and loaded.zoo_model_args == TINY
+    assert loaded.zoo_pretrained_metadata["test_acc1"] == 0.5
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # the .safetensors file alone (config.json beside it) and create_model(pretrained=...) give the same
+    again = zoo.from_pretrained(out_dir / "model.safetensors").eval()
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    via_registry = zoo.create_model("vit_digits", pretrained=str(out_dir)).eval()
+    torch.testing.assert_close(via_registry(x), model(x), rtol=0, atol=0)
+    # the state dict in the file is exactly the model's
+    state = hub.load_state_dict_file(out_dir / "model.safetensors")
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
+def test_new_class_count_reinitialises_head_with_message(tmp_path, caplog):
+    model = _tiny_vit()
+    zoo.save_pretrained(model, tmp_path / "released")
+    with caplog.at_level(logging.WARNING, logger="zoo.hub"):
+        tuned = zoo.create_model("vit_digits", pretrained=str(tmp_path / "released"), num_classes=3)
+    assert "classifier re-initialised" in caplog.text and "head.weight" in caplog.text
+    assert tuned.head.weight.shape == (3, 16)
+    assert tuned.zoo_model_args["num_classes"] == 3 and tuned.zoo_model_args["depth"] == 2
+    for key, value in model.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(tuned.state_dict()[key], value), key
+    # same class count: no message, head loaded
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="zoo.hub"):
+        same = zoo.from_pretrained(tmp_path / "released")
+    assert "re-initialised" not in caplog.text
+    assert torch.equal(same.head.weight, model.head.weight)
+
+
+def test_head_found_from_default_cfg_classifier(tmp_path, caplog):
+    model = zoo.create_model("hubtest_tiny_cnn", num_classes=10)
+    assert hub.head_keys(model) == ["fc.weight", "fc.bias"]
+    zoo.save_pretrained(model, tmp_path / "cnn")
+    with caplog.at_level(logging.WARNING, logger="zoo.hub"):
+        tuned = zoo.from_pretrained(tmp_path / "cnn", num_classes=4)
+    assert tuned.fc.weight.shape == (4, 4) and "fc.weight" in caplog.text
+    assert torch.equal(tuned.conv.weight, model.conv.weight)
+    # a non-head shape change is an error, not a silent re-init
+    with pytest.raises(hub.CheckpointError, match=r"shape mismatches.*conv.weight"):
+        zoo.from_pretrained(tmp_path / "cnn", width=5)
+
+
+def test_mismatched_checkpoint_names_file_and_keys(tmp_path):
+    zoo.save_pretrained(_tiny_vit(depth=2), tmp_path / "deep")
+    with pytest.raises(hub.CheckpointError) as info:
+        zoo.create_model("vit_digits", pretrained=str(tmp_path / "deep"), depth=1)
+    message = str(info.value)
+    assert str(tmp_path / "deep" / "model.safetensors") in message
+    assert "unexpected keys" in message and "blocks.1.attn.qkv.weight" in message
+    with pytest.raises(hub.CheckpointError) as info:
+        zoo.create_model("vit_digits", pretrained=str(tmp_path / "deep"), depth=3)
+    assert "missing keys" in str(info.value) and "blocks.2.norm1.weight" in str(info.value)
+    with pytest.raises(hub.CheckpointError, match=r"shape mismatches \(30\): blocks.0.attn.proj.bias checkpoint \(16,\) vs model \(32,\)"):
+        zoo.create_model("vit_digits", pretrained=str(tmp_path / "deep"), embed_dim=32)
+
+
+def test_corrupt_and_missing_files_give_clear_errors(tmp_path):
+    out_dir = zoo.save_pretrained(_tiny_vit(), tmp_path / "released")
+    weights = out_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(hub.CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        zoo.from_pretrained(out_dir)
+    weights.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(hub.CheckpointError, match=str(weights)):
+        zoo.from_pretrained(out_dir)
+    (out_dir / "config.json").write_text("{ broken json")
+    with pytest.raises(hub.CheckpointError, match="config.json is not valid JSON"):
+        zoo.from_pretrained(out_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        zoo.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(hub.CheckpointError, match="has no config.json"):
+        zoo.from_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match="zoo.create_model"):
+        zoo.save_pretrained(nn.Linear(2, 2), tmp_path / "plain")
+
+
+class _Boom:
+    """Unpickling this would run code: load_state_dict_file must refuse it, never execute it."""
+
+    executed = False
+
+    def __reduce__(self):
+        return (_mark_executed, ())
+
+
+def _mark_executed():
+    _Boom.executed = True
+    return {}
+
+
+def test_torch_files_load_weights_only(tmp_path):
+    model = _tiny_vit()
+    state = model.state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "wrapped.pth")
+    loaded = hub.load_state_dict_file(tmp_path / "wrapped.pth")
+    assert loaded.keys() == state.keys()
+    torch.save(state, tmp_path / "plain.bin")
+    target = zoo.create_model("vit_digits", pretrained=str(tmp_path / "plain.bin"), **TINY)
+    assert torch.equal(target.pos_embed, model.pos_embed)
+    torch.save({"model": state, "extra": _Boom()}, tmp_path / "evil.pt")
+    with pytest.raises(hub.CheckpointError, match=r"evil\.pt could not be read with torch\.load\(weights_only=True\)"):
+        hub.load_state_dict_file(tmp_path / "evil.pt")
+    assert not _Boom.executed
+    (tmp_path / "weights.xyz").write_bytes(b"")
+    with pytest.raises(hub.CheckpointError, match="unknown checkpoint format"):
+        hub.load_state_dict_file(tmp_path / "weights.xyz")
+
+
+def test_pretrained_true_uses_shipped_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CHECKPOINTS", str(tmp_path / "shipped"))
+    model = _tiny_vit()
+    zoo.save_pretrained(model, tmp_path / "shipped" / "vit_digits")
+    assert hub.list_shipped() == ["vit_digits"]
+    loaded = zoo.create_model("vit_digits", pretrained=True)
+    assert torch.equal(loaded.pos_embed, model.pos_embed)
+    with pytest.raises(FileNotFoundError, match=r"no shipped checkpoint for 'vit_debug'.*shipped checkpoints: vit_digits"):
+        zoo.create_model("vit_debug", pretrained=True)
+    with pytest.raises(TypeError, match="pretrained must be False, True or a path"):
+        zoo.create_model("vit_digits", pretrained=3)
+
+
+def test_shared_tensors_and_ema_state_dict(tmp_path):
+    model = _tiny_vit()
+    other = _tiny_vit()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    zoo.save_pretrained(model, tmp_path / "ema", state_dict=other.state_dict())
+    loaded = zoo.from_pretrained(tmp_path / "ema")
+    assert torch.equal(loaded.pos_embed, other.pos_embed)
+
+
+def test_shipped_vit_digits_checkpoint_reaches_its_card_accuracy():
+    """checkpoints/vit_digits loads with pretrained=True and reproduces the test accuracy in its card."""
+    from zoo.tasks.vision.data import DigitsDataModule
+
+    config = hub.read_config(hub.shipped_checkpoints_dir() / "vit_digits")
+    card = (hub.shipped_checkpoints_dir() / "vit_digits" / "README.md").read_text()
+    model = zoo.create_model("vit_digits", pretrained=True).eval()
+    data = config["metadata"]["data"]
+    dm = DigitsDataModule(img_size=data["img_size"], in_chans=data["in_chans"], mean=data["mean"], std=data["std"])
+    dm.setup()
+    with torch.no_grad():
+        logits = model(dm.test_set.images.sub(dm.test_set.mean).div(dm.test_set.std))
+    accuracy = (logits.argmax(-1) == dm.test_set.labels).float().mean().item()
+    assert accuracy == pytest.approx(config["metadata"]["metrics"]["test/acc1"], abs=1e-6)
+    assert accuracy >= 0.985
+    assert f"{100 * accuracy:.2f}%" in card
+
+
+def test_other_image_size_and_timm_checkpoint_go_through_the_family_filter(tmp_path):
+    import timm
+
+    from zoo.tasks.vision.vit import resample_abs_pos_embed
+
+    model = _tiny_vit()
+    zoo.save_pretrained(model, tmp_path / "released")
+    bigger = zoo.create_model("vit_digits", pretrained=str(tmp_path / "released"), img_size=16)
+    assert bigger.pos_embed.shape == (1, 1 + 64, 16)
+    expected = resample_abs_pos_embed(model.pos_embed.detach(), (8, 8), (4, 4), 1)
+    torch.testing.assert_close(bigger.pos_embed.detach(), expected)
+    # a timm checkpoint (.pth) loads through the same path and gives timm's logits
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=2, num_classes=10).eval()
+    torch.save({"model": peer.state_dict()}, tmp_path / "timm.pth")
+    ours = zoo.create_model("vit_debug", pretrained=str(tmp_path / "timm.pth")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), peer(x), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,357 @@
+"""MaxViT (tasks/vision/maxvit.py) against timm's MaxxVit (timm/models/maxxvit.py), and beyond timm: any size.
+
+The timm models are built with pretrained=False at small image sizes (window = img_size // 32) and their
+BatchNorm statistics are calibrated on a random batch, so every layer matters; their state dicts must load strictly and the logits
+must agree within 1e-4 (fp32, eval).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+import zoo.tasks.vision.maxvit as mv
+from zoo.attention import capture_attention
+
+timm = pytest.importorskip("timm")
+from timm.models import maxxvit as timm_maxxvit  # noqa: E402
+
+NAMES = [
+    "maxvit_debug",
+    "maxvit_tiny_tf_224",
+    "maxvit_small_tf_224",
+    "maxvit_base_tf_224",
+    "maxvit_rmlp_pico_rw_256",
+    "maxvit_rmlp_nano_rw_256",
+]
+
+
+def _calibrate_bn(model: torch.nn.Module, img_size: int, seed: int = 0) -> None:
+    """Give every BatchNorm the statistics of a random batch (non-trivial, and well-conditioned like a
+    trained network: an untrained deep stack with arbitrary statistics amplifies fp32 rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, img_size, img_size, generator=gen))
+    model.eval()
+
+
+def _timm_debug(img_size: int, num_classes: int = 10):
+    """timm's MaxxVit with maxvit_debug's configuration (timm has no such name)."""
+    tf = timm_maxxvit._tf_cfg()
+    cfg = timm_maxxvit.MaxxVitCfg(
+        embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), block_type=("M",) * 4, stem_width=(8, 16),
+        stem_bias=True, head_hidden_size=64, conv_cfg=tf["conv_cfg"],
+        transformer_cfg=dataclasses.replace(tf["transformer_cfg"], dim_head=8),
+    )
+    return timm_maxxvit.MaxxVit(cfg, img_size=img_size, num_classes=num_classes)
+
+
+def _peer(name: str, img_size: int):
+    peer = _timm_debug(img_size) if name == "maxvit_debug" else timm.create_model(name, pretrained=False, img_size=img_size)
+    _calibrate_bn(peer, img_size)
+    return peer
+
+
+def test_registered_names():
+    names = zoo.list_models(family="maxvit")
+    assert set(NAMES) <= set(names)
+    from zoo.registry import get_model_entry
+
+    assert all(get_model_entry(n).task == "vision" and get_model_entry(n).family == "maxvit" for n in NAMES)
+
+
+@pytest.mark.parametrize(
+    "name,img_size",
+    [
+        ("maxvit_debug", 64),
+        ("maxvit_tiny_tf_224", 96),  # window 3
+        ("maxvit_small_tf_224", 64),
+        ("maxvit_rmlp_pico_rw_256", 128),  # window 4
+        ("maxvit_rmlp_nano_rw_256", 64),
+    ],
+)
+def test_timm_state_dict_and_logits(name, img_size):
+    torch.manual_seed(0)
+    peer = _peer(name, img_size)
+    ours = zoo.create_model(name, img_size=img_size).eval()
+    state = peer.state_dict()
+    assert list(ours.state_dict()) == list(state)
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        peer_feats = peer.forward_features(x)
+        expected = peer.forward_head(peer_feats)
+        feats = ours.forward_features(x)
+        got = ours.forward_head(feats)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(feats, peer_feats, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            ours.forward_head(peer_feats, pre_logits=True), peer.forward_head(peer_feats, pre_logits=True),
+            rtol=0, atol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("name", NAMES[1:])
+def test_state_dict_keys_and_shapes_at_default_size(name):
+    """Every registered timm name at its default size (built on the meta device: no memory, no init cost)."""
+    with torch.device("meta"):
+        peer = timm.create_model(name, pretrained=False)
+        ours = zoo.create_model(name)
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == [
+        (k, tuple(v.shape)) for k, v in peer.state_dict().items()
+    ]
+    assert ours.window_size == ours.grid_size == tuple(s // 32 for s in peer.img_size)
+
+
+def test_forward_intermediates_match_timm():
+    torch.manual_seed(0)
+    peer = _peer("maxvit_debug", 64)
+    ours = zoo.create_model("maxvit_debug").eval()
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for kwargs in (dict(), dict(indices=2), dict(indices=[0, -1], norm=True), dict(indices=[1, 2], stop_early=True)):
+            final, maps = ours.forward_intermediates(x, **kwargs)
+            peer_final, peer_maps = peer.forward_intermediates(x, **kwargs)
+            assert len(maps) == len(peer_maps)
+            for a, b in zip(maps, peer_maps):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            torch.testing.assert_close(final, peer_final, rtol=0, atol=1e-5)
+        only = ours.forward_intermediates(x, intermediates_only=True)
+    assert [m.shape[1] for m in only] == [16, 16, 32, 48, 64]
+    assert [m.shape[-1] for m in only] == [32, 16, 8, 4, 2]
+
+
+def test_checkpoint_from_another_resolution_matches_timm_filter():
+    """Weights trained at 64 px (window 2) fine-tune at 128 px (window 4): tables resized like timm's filter."""
+    torch.manual_seed(0)
+    peer64 = _peer("maxvit_debug", 64)
+    peer128 = _peer("maxvit_debug", 128)
+    peer128.load_state_dict(timm_maxxvit.checkpoint_filter_fn(peer64.state_dict(), peer128), strict=True)
+    ours64 = zoo.create_model("maxvit_debug", img_size=64)
+    ours64.load_state_dict(peer64.state_dict(), strict=True)
+    ours128 = zoo.create_model("maxvit_debug", img_size=128).eval()
+    assert ours128.window_size == (4, 4)
+    ours128.load_state_dict(ours64.state_dict(), strict=True)  # tables resized while loading
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(ours128(x), peer128(x), rtol=0, atol=1e-4)
+    # set_input_size resizes in place to the same tables
+    ours64.set_input_size(img_size=128)
+    for (k, a), b in zip(ours64.state_dict().items(), ours128.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Any input size
+# --------------------------------------------------------------------------------------------------
+def _reference_partition_attn(layer: mv.PartitionAttention, x_BHWC: torch.Tensor) -> torch.Tensor:
+    """Attention of ``layer`` (before the residual) computed partition by partition over the real tokens only.
+
+    float64, explicit softmax; the bias entries are picked from the layer's full-window bias by each token's
+    position inside its partition. No padding, no masks.
+    """
+    attn = layer.attn
+    b, h, w, c = x_BHWC.shape
+    ph, pw = layer.partition_size
+    bias_HPP = attn.rel_pos.materialize(ph * pw, ph * pw)[0].double()
+    x = x_BHWC.double()
+    qkv = F.linear(x, attn.qkv.weight.double(), attn.qkv.bias.double())
+    heads, dh = attn.num_heads, attn.dim_head
+    if attn.head_first:
+        q, k, v = qkv.view(b, h, w, heads, 3 * dh).split(dh, dim=-1)
+    else:
+        q, k, v = qkv.view(b, h, w, 3, heads, dh).unbind(3)
+    out = torch.zeros(b, h, w, heads, dh, dtype=torch.float64)
+    sy, sx = -(-h // ph), -(-w // pw)
+    for a in range(sy):
+        for bb in range(sx):
+            rows, cols, slots = [], [], []
+            for i in range(ph):
+                for j in range(pw):
+                    if layer.kind == "block":
+                        r, col = a * ph + i, bb * pw + j
+                    else:
+                        r, col = a + i * sy, bb + j * sx
+                    if r < h and col < w:
+                        rows.append(r), cols.append(col), slots.append(i * pw + j)
+            rows_t, cols_t, slots_t = torch.tensor(rows), torch.tensor(cols), torch.tensor(slots)
+            qq, kk, vv = q[:, rows_t, cols_t], k[:, rows_t, cols_t], v[:, rows_t, cols_t]  # (B, n, Hd, D)
+            s = torch.einsum("bihd,bjhd->bhij", qq, kk) * attn.scale + bias_HPP[:, slots_t][:, :, slots_t]
+            p = torch.exp(s - s.amax(-1, keepdim=True))
+            p = p / p.sum(-1, keepdim=True)
+            out[:, rows_t, cols_t] = torch.einsum("bhij,bjhd->bihd", p, vv)
+    out = out.reshape(b, h, w, heads * dh)
+    return F.linear(out, attn.proj.weight.double(), attn.proj.bias.double())
+
+
+@pytest.mark.parametrize("kind", ["block", "grid"])
+@pytest.mark.parametrize("rel_pos_type,head_first", [("bias_tf", False), ("mlp", True)])
+@pytest.mark.parametrize("hw", [(7, 5), (4, 9), (2, 3)])
+def test_padded_partition_attention_equals_per_partition_reference(kind, rel_pos_type, head_first, hw):
+    torch.manual_seed(0)
+    layer = mv.PartitionAttention(16, kind, (3, 2), dim_head=4, head_first=head_first, rel_pos_type=rel_pos_type, rel_pos_dim=8).eval()
+    x = torch.randn(2, *hw, 16)
+    with torch.no_grad():
+        got = layer._partition_attn(x)
+        expected = _reference_partition_attn(layer, x)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
+
+
+def test_forced_block_padding_equals_unpadded():
+    """At a size that is a partition multiple, padding anyway (an extra window row/col, masked) changes nothing."""
+    torch.manual_seed(0)
+    model = zoo.create_model("maxvit_debug").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(x)
+        for m in model.modules():
+            if isinstance(m, mv.PartitionAttention) and m.kind == "block":
+                ph, pw = m.partition_size
+                m.padded_size = lambda h, w, ph=ph, pw=pw: (h + ph, w + pw)
+        padded = model(x)
+    torch.testing.assert_close(padded, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(150, 100), (37, 53), (2, 3), (33, 31)])
+def test_any_size_forward_backward(hw):
+    torch.manual_seed(0)
+    model = zoo.create_model("maxvit_debug")
+    x = torch.randn(2, 3, *hw, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 10)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    feats = model.forward_features(x.detach())
+    assert feats.shape[-2:] == (math.ceil(hw[0] / 32), math.ceil(hw[1] / 32)) or min(hw) < 32
+
+
+def test_rw_model_at_a_size_timm_cannot_run():
+    """timm's pico built at 128 px fails on 150x100 (REFERENCES.md); ours runs it, and matches timm at 128."""
+    torch.manual_seed(0)
+    peer = _peer("maxvit_rmlp_pico_rw_256", 128)
+    with pytest.raises(RuntimeError):
+        with torch.no_grad():
+            peer(torch.randn(1, 3, 150, 100))
+    ours = zoo.create_model("maxvit_rmlp_pico_rw_256", img_size=128).eval()
+    ours.load_state_dict(peer.state_dict())
+    with torch.no_grad():
+        out = ours(torch.randn(1, 3, 150, 100))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# timm-style methods, errors, capture, save/load
+# --------------------------------------------------------------------------------------------------
+def test_reset_classifier_head_keys_and_grad_checkpointing():
+    torch.manual_seed(0)
+    model = zoo.create_model("maxvit_debug").eval()
+    x = torch.randn(2, 3, 64, 64)
+    pre = model.forward_head(model.forward_features(x), pre_logits=True)
+    other = zoo.create_model("maxvit_debug", num_classes=5).state_dict()
+    changed = sorted(k for k, v in model.state_dict().items() if other[k].shape != v.shape)
+    assert sorted(model.pretrained_head_keys()) == changed == ["head.fc.bias", "head.fc.weight"]
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3)
+    torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), pre)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 64)
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-1)
+
+    model = zoo.create_model("maxvit_debug").train()
+    x = torch.randn(2, 3, 40, 24)
+    torch.manual_seed(1)
+    model(x).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(1)
+    model(x).sum().backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = zoo.create_model("maxvit_debug").eval()
+    with pytest.raises(ValueError, match="3 input channels, got 1"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="smaller than the stem stride"):
+        model(torch.randn(1, 3, 1, 64))
+    bad = torch.randn(1, 3, 64, 64)
+    bad[0, 1, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(bad)
+    with pytest.raises(ValueError, match="4-D"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="rel_pos_type"):
+        zoo.create_model("maxvit_debug", rel_pos_type="nope")
+    with pytest.raises(ValueError, match="window_size"):
+        zoo.create_model("maxvit_debug", window_size=0)
+
+
+def test_capture_window_and_grid_maps():
+    model = zoo.create_model("maxvit_debug").eval()
+    x = torch.randn(1, 3, 50, 40)  # stage 1: 13x10 map, window 2 -> padded to 14x10
+    with torch.no_grad(), capture_attention(model) as maps:
+        model(x)
+    names = [r.name for r in maps]
+    assert names[:2] == ["stages.0.blocks.0.attn_block.attn", "stages.0.blocks.0.attn_grid.attn"]
+    assert len(maps) == 8
+    first = maps[0].weights  # (nP, Hd, 4, 4): 7*5 windows of the padded 14x10 map
+    assert first.shape == (35, 2, 4, 4)
+    torch.testing.assert_close(first.sum(-1), torch.ones(35, 2, 4))
+    # the last window row holds padded rows: its keys 2 and 3 (second row of the window) get no weight
+    last_row = first.view(7, 5, 2, 4, 4)[6]
+    assert float(last_row[..., 2:].abs().max()) == 0.0
+
+
+def test_save_and_load_pretrained(tmp_path):
+    torch.manual_seed(0)
+    model = zoo.create_model("maxvit_debug", img_size=48, num_classes=4).eval()
+    zoo.save_pretrained(model, tmp_path / "ckpt")
+    loaded = zoo.create_model("maxvit_debug", pretrained=str(tmp_path / "ckpt")).eval()
+    assert loaded.window_size == (1, 1) and loaded.num_classes == 4
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_viz_block_and_grid_maps(tmp_path):
+    """The picture's maps: the query's block attention fills exactly its window, the grid attention exactly its
+    dilated lattice, each summing to 1; and maxvit_main writes a PNG."""
+    from zoo.tasks.vision.viz_maxvit import maxvit_attention_maps, maxvit_main
+
+    torch.manual_seed(0)
+    model = zoo.create_model("maxvit_debug", img_size=96).eval()  # window/grid 3; stage 1 map 24x24
+    x = torch.randn(1, 3, 96, 96)
+    logits, maps = maxvit_attention_maps(model, x, query=(50, 20))
+    assert logits.shape == (1, 10) and [m["hw"] for m in maps] == [(24, 24), (12, 12), (6, 6), (3, 3)]
+    first = maps[0]
+    qy, qx = first["query"]
+    assert (qy, qx) == (12, 5)
+    block, grid = torch.from_numpy(first["block"]), torch.from_numpy(first["grid"])
+    inside = torch.zeros(24, 24, dtype=torch.bool)
+    inside[12:15, 3:6] = True  # the 3x3 window holding (12, 5)
+    assert float(block[~inside].abs().max()) == 0.0 and (block[inside] > 0).all()
+    lattice = torch.zeros(24, 24, dtype=torch.bool)
+    lattice[qy % 8 :: 8, qx % 8 :: 8] = True  # stride 24 / 3 = 8
+    assert float(grid[~lattice].abs().max()) == 0.0 and (grid[lattice] > 0).all()
+    torch.testing.assert_close(block.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(grid.sum(), torch.tensor(1.0))
+    out = tmp_path / "maps.png"
+    assert maxvit_main(["model=maxvit_debug", f"out={out}", "image=digits:5", "query=10,40", "head=1"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert maxvit_main(["model=maxvit_debug", f"out={out}", "query=1000,1"]) == 2

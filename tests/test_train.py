@@ -1,0 +1,274 @@
+"""zoo.train + the vision LightningModule: optimiser pieces against timm, exact resume, atomic checkpoints,
+each timm-like training option, fine-tuning with a new head, and a real 2-process DDP (gloo) run."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from zoo.tasks.vision.module import ImageClassifier, mix_batch, soft_targets
+from zoo.train import AtomicCheckpointIO, ModelEma, param_groups, warmup_cosine
+from zoo.train import run
+
+from conftest import FAST_RUN
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimiser pieces
+# --------------------------------------------------------------------------------------------------
+def test_layer_decay_groups_match_timm():
+    import timm
+    from timm.optim import param_groups_layer_decay
+
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+    ours = zoo.create_model("vit_debug", **{k: v for k, v in kwargs.items()})
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    assert sorted(n for n, _ in ours.named_parameters()) == sorted(n for n, _ in peer.named_parameters())
+    theirs = param_groups_layer_decay(peer, weight_decay=0.05, no_weight_decay_list=peer.no_weight_decay(), layer_decay=0.7)
+    name_of = {id(p): n for n, p in peer.named_parameters()}
+    expected = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in theirs for p in g["params"]}
+    got = {n: (g["lr_scale"], g["weight_decay"]) for g in param_groups(ours, 0.05, layer_decay=0.7) for n in g["param_names"]}
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name][0] == pytest.approx(expected[name][0]), name
+        assert got[name][1] == expected[name][1], name
+
+
+def test_param_groups_without_layer_decay():
+    model = zoo.create_model("vit_debug")
+    groups = param_groups(model, 0.1)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    assert "blocks.0.attn.qkv.weight" in decayed and "head.weight" in decayed
+    assert not decayed & {"pos_embed", "cls_token", "blocks.0.norm1.weight", "head.bias"}
+    assert all(g["lr_scale"] == 1.0 for g in groups)
+
+
+def test_warmup_cosine_schedule():
+    total, warmup, floor = 100, 10, 0.1
+    assert warmup_cosine(0, total, warmup, floor) == pytest.approx(0.1)
+    assert warmup_cosine(9, total, warmup, floor) == pytest.approx(1.0)
+    assert warmup_cosine(10, total, warmup, floor) == pytest.approx(1.0)
+    assert warmup_cosine(55, total, warmup, floor) == pytest.approx(floor + (1 - floor) * 0.5)
+    assert warmup_cosine(100, total, warmup, floor) == pytest.approx(floor)
+    for step in range(10, 100):
+        expected = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - 10) / 90))
+        assert warmup_cosine(step, total, warmup, floor) == pytest.approx(expected)
+
+
+def test_ema_matches_timm_model_ema_v3():
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug")
+    ours, theirs = ModelEma(model, decay=0.9, warmup=False), ModelEmaV3(model, decay=0.9, use_warmup=False)
+    warm = ModelEma(model, decay=0.99)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(5):
+        model(torch.randn(2, 3, 32, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ours.update(model)
+        theirs.update(model)
+        assert warm.current_decay() == pytest.approx(min(0.99, (1 + step) / (10 + step)))
+        warm.update(model)
+    for (name, a), (_, b) in zip(ours.module.state_dict().items(), theirs.module.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert not ours.module.training
+
+
+def test_mixup_and_cutmix_semantics():
+    torch.manual_seed(0)
+    x = torch.randn(6, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    targets = soft_targets(labels, 10, smoothing=0.1)
+    assert torch.allclose(targets.sum(-1), torch.ones(6))
+    assert targets[0, 0] == pytest.approx(0.91) and targets[0, 1] == pytest.approx(0.01)
+    same = mix_batch(x, targets, 0.0, 0.0)
+    assert same[3] == "none" and same[0] is x
+    mixed, mixed_t, lam, kind = mix_batch(x, targets, mixup_alpha=0.4, cutmix_alpha=0.0)
+    assert kind == "mixup"
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
+    torch.testing.assert_close(mixed_t, lam * targets + (1 - lam) * targets.flip(0))
+    for _ in range(5):
+        cut, cut_t, lam, kind = mix_batch(x, targets, mixup_alpha=0.0, cutmix_alpha=1.0)
+        assert kind == "cutmix"
+        from_other = (cut != x).float().mean().item()  # fraction of pixels taken from the reversed batch
+        assert from_other == pytest.approx(1 - lam, abs=1e-6)
+        torch.testing.assert_close(cut_t, lam * targets + (1 - lam) * targets.flip(0))
+    kinds = {mix_batch(x, targets, 0.4, 1.0)[3] for _ in range(40)}
+    assert kinds == {"mixup", "cutmix"}
+    assert mix_batch(x, targets, 0.4, 1.0, prob=0.0)[3] == "none"
+
+
+def test_module_rejects_bad_options():
+    model = zoo.create_model("vit_debug")
+    with pytest.raises(ValueError, match="num_classes=3"):
+        ImageClassifier(model, num_classes=3)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ImageClassifier(model, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="layer_decay"):
+        ImageClassifier(model, layer_decay=2.0)
+    with pytest.raises(TypeError, match="needs an nn.Module"):
+        ImageClassifier("vit_debug", num_classes=10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training runs (tiny ViT, a few batches)
+# --------------------------------------------------------------------------------------------------
+def _cfg(tmp_path, name, *extra):
+    return run.compose([*FAST_RUN, f"run_dir={tmp_path / name}", "test=false", "export=false", *extra])
+
+
+def _build(cfg, callbacks=()):
+    module, datamodule = run.build(cfg)
+    trainer = run._trainer(cfg, callbacks=list(callbacks) + run._instantiate_group(cfg.callbacks), loggers=[])
+    return module, datamodule, trainer
+
+
+def test_resume_is_exact(tmp_path):
+    options = ["trainer.limit_train_batches=3", "data.batch_size=16", "data.augment=shift", "task.mixup_alpha=0.4",
+               "task.ema_decay=0.9", "model.drop_path_rate=0.1", "task.warmup_epochs=1"]
+    straight = run.train(_cfg(tmp_path, "straight", "trainer.max_epochs=2", *options))
+
+    class Interrupt(__import__("lightning").pytorch.Callback):  # the same run, killed after its first epoch
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    cfg = _cfg(tmp_path, "resumed", "trainer.max_epochs=2", *options)
+    run._resolve_run_dir(cfg)
+    __import__("lightning").pytorch.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    module, datamodule, trainer = _build(cfg, callbacks=[Interrupt()])
+    trainer.fit(module, datamodule=datamodule)
+    first = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    stopped = torch.load(first, weights_only=True)
+    assert stopped["epoch"] == 0 and stopped["global_step"] == 3
+    resumed = run.train(_cfg(tmp_path, "resumed", "trainer.max_epochs=2", f"ckpt_path={first}", *options))
+    assert resumed["global_step"] == straight["global_step"] == 6
+    a = torch.load(straight["last_ckpt"], weights_only=True)
+    b = torch.load(resumed["last_ckpt"], weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1 and a["global_step"] == b["global_step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert any(k.startswith("model_ema.") for k in a["state_dict"])
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=1e-6, msg=key)
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=1e-6)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 6
+    # the checkpoint is plain data: hyper-parameters rebuild the model without Hydra
+    hp = b["hyper_parameters"]
+    assert hp["model_name"] == "vit_digits" and hp["model_args"]["embed_dim"] == 16
+    assert hp["zoo_config"]["task"]["mixup_alpha"] == 0.4
+    # a missing resume file is a clear error
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*does not exist"):
+        run.train(_cfg(tmp_path, "resumed", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+
+
+def test_atomic_checkpoint_io_keeps_previous_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
+    assert torch.load(target, weights_only=True)["step"] == 1
+    real_save = torch.save
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, target)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(target, weights_only=True)["step"] == 1  # the previous checkpoint survived
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_gradient_clipping(tmp_path):
+    cfg = _cfg(tmp_path, "clip", "trainer.gradient_clip_val=0.001")
+    module, datamodule, trainer = _build(cfg)
+    norms = []
+
+    class Record(__import__("lightning").pytorch.Callback):
+        def on_train_start(self, trainer, pl_module):
+            def after_step(optimizer, args, kwargs):
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            trainer.optimizers[0].register_step_post_hook(after_step)
+
+    trainer = run._trainer(cfg, callbacks=[Record()], loggers=[])
+    trainer.fit(module, datamodule=datamodule)
+    assert len(norms) == 2 and all(n <= 0.001 * (1 + 1e-4) for n in norms), norms
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    cfg = _cfg(tmp_path, "bf16", "trainer.precision=bf16-mixed")
+    module, datamodule, trainer = _build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert module.last_autocast is True
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_channels_last_and_layer_decay_in_optimizer(tmp_path):
+    cfg = _cfg(tmp_path, "cl", "task.channels_last=true", "task.layer_decay=0.5", "task.lr=0.01", "data.in_chans=3")
+    module, datamodule, trainer = _build(cfg)
+    proj = module.model.patch_embed.proj.weight
+    assert proj.is_contiguous(memory_format=torch.channels_last) and not proj.is_contiguous()
+    trainer.fit(module, datamodule=datamodule)
+    groups = trainer.optimizers[0].param_groups
+    scales = sorted({round(g["lr_scale"], 6) for g in groups})
+    assert scales == [0.25, 0.5, 1.0]  # embeddings, the one block, head/norm: 0.5^(L+1-i) with L=1
+    for g in groups:
+        assert g["initial_lr"] == pytest.approx(0.01 * g["lr_scale"])
+
+
+def test_finetune_released_checkpoint_with_new_head(tmp_path, caplog):
+    first = run.train(run.compose([*FAST_RUN, f"run_dir={tmp_path / 'pre'}", "test=false"]))
+    released = first["released"]
+    assert released and (Path(released) / "model.safetensors").is_file()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (tmp_path / "imgs" / "train" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / name / f"{i}.png")
+    overrides = [*FAST_RUN, f"run_dir={tmp_path / 'tuned'}", f"model.pretrained={released}", "data=image_folder",
+                 f"data.root={tmp_path / 'imgs'}", "data.num_classes=3", "data.img_size=8", "data.in_chans=1",
+                 "data.mean=[0.5]", "data.std=[0.5]", "data.batch_size=4", "data.num_workers=0", "data.augment=crop", "data.val_fraction=0.2",
+                 "task.layer_decay=0.75"]
+    with caplog.at_level(logging.WARNING, logger="zoo.hub"):
+        tuned = run.train(run.compose(overrides))
+    assert "classifier re-initialised" in caplog.text
+    config = json.loads((Path(tuned["released"]) / "config.json").read_text())
+    assert config["num_classes"] == 3 and config["model_args"]["embed_dim"] == 16
+    assert config["metadata"]["data"]["class_names"] == ["a", "b", "c"]
+    pre = zoo.from_pretrained(released)
+    post = zoo.from_pretrained(tuned["released"])
+    assert post.head.weight.shape == (3, 16)
+    assert not torch.equal(pre.blocks[0].attn.qkv.weight, post.blocks[0].attn.qkv.weight)  # fine-tuned
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", POSSIBLE_USER_WARNINGS="off")
+    env.pop("ZOO_RUN_DIR", None)
+    command = [sys.executable, "-m", "zoo.cli", "train", *FAST_RUN, "trainer=ddp_cpu", "trainer.devices=2",
+               "trainer.limit_train_batches=4", "data.batch_size=8", f"run_dir={tmp_path / 'ddp'}"]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["global_step"] == 4  # limit_train_batches applies per process (each sees half the data)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert "test/acc1" in metrics["metrics"]
+    assert (tmp_path / "ddp" / "released" / "model.safetensors").is_file()

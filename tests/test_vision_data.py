@@ -1,0 +1,171 @@
+"""tasks/vision/data.py: the fixed digits split, preprocessing, ImageFolder, CIFAR messages, sampling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from zoo.tasks.vision import data as vdata
+
+
+def test_digits_test_split_is_fixed_stratified_and_disjoint():
+    labels = load_digits().target
+    a = vdata.digits_splits(val_fraction=0.1, seed=0)
+    b = vdata.digits_splits(val_fraction=0.25, seed=7)
+    c = vdata.digits_splits(val_fraction=0.0)
+    assert len(a["test"]) == 360
+    np.testing.assert_array_equal(a["test"], b["test"])  # the test split never depends on the config
+    np.testing.assert_array_equal(a["test"], c["test"])
+    for split in (a, b, c):
+        parts = [split["train"], split["val"], split["test"]]
+        union = np.concatenate(parts)
+        assert len(union) == 1797 and len(np.unique(union)) == 1797
+    assert len(c["val"]) == 0 and len(c["train"]) == 1437
+    assert len(a["val"]) == 144
+    # stratified: every class has 20% +- 1 image of its images in the test split
+    for digit in range(10):
+        total = int((labels == digit).sum())
+        in_test = int((labels[a["test"]] == digit).sum())
+        assert abs(in_test - total * 360 / 1797) <= 1.0, (digit, in_test, total)
+    # independent re-derivation of the documented rule
+    from sklearn.model_selection import train_test_split
+
+    _, expected = train_test_split(np.arange(1797), test_size=360, stratify=labels, random_state=0)
+    np.testing.assert_array_equal(a["test"], np.sort(expected))
+
+
+def test_digits_datamodule_preprocessing():
+    digits = load_digits()
+    dm = vdata.DigitsDataModule(batch_size=16, val_fraction=0.1, mean=(0.5,), std=(0.25,))
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1293, 144, 360)
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (256 if len(dm.test_set) >= 256 else len(dm.test_set), 1, 8, 8) and x.dtype == torch.float32
+    first = vdata.digits_splits(0.1, 0)["test"][0]
+    expected = (torch.tensor(digits.images[first], dtype=torch.float32) / 16.0 - 0.5) / 0.25
+    torch.testing.assert_close(x[0, 0], expected)
+    assert int(y[0]) == int(digits.target[first])
+    # upsampled RGB variant
+    dm3 = vdata.DigitsDataModule(batch_size=8, img_size=16, in_chans=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    dm3.setup()
+    x3, _ = dm3.test_set[0]
+    assert x3.shape == (3, 16, 16)
+    raw = torch.tensor(digits.images[first], dtype=torch.float32)[None, None] / 16.0
+    up = F.interpolate(raw, size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(x3[1], (up - 0.5) / 0.5)
+    assert dm3.describe() == {"img_size": 16, "in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3,
+                              "class_names": [str(i) for i in range(10)], "num_classes": 10}
+
+
+def test_shift_augmentation_is_a_translation():
+    dm = vdata.DigitsDataModule(augment="shift", shift=1, mean=(0.0,), std=(1.0,))
+    dm.setup()
+    base = dm.train_set.images[5, 0]
+    seen = set()
+    for epoch in range(30):
+        dm.train_set.epoch = epoch
+        shifted = dm.train_set[5][0][0]
+        torch.manual_seed(epoch)  # the global RNG does not matter: (seed, epoch, index) decide
+        assert torch.equal(dm.train_set[5][0][0], shifted)
+        padded = F.pad(base, (1, 1, 1, 1))
+        matches = [(dy, dx) for dy in range(3) for dx in range(3) if torch.equal(padded[dy:dy + 8, dx:dx + 8], shifted)]
+        assert matches, "augmented image is not a shift of the original"
+        seen.add(matches[0])
+    assert len(seen) > 3
+    # affine with no rotation, scaling or shift is the identity (the warp's coordinate convention is exact)
+    warp = vdata.DigitsDataModule(augment="affine", shift=0, rotate=0.0, scale=0.0, mean=(0.0,), std=(1.0,))
+    warp.setup()
+    image = warp.train_set.images[5]
+    torch.testing.assert_close(warp.train_set._warp(image, 0), image, atol=1e-6, rtol=0)
+    rotating = vdata.DigitsDataModule(augment="affine", rotate=30.0, scale=0.2)
+    rotating.setup()
+    a = rotating.train_set[5][0]
+    rotating.train_set.epoch = 1
+    assert not torch.equal(a, rotating.train_set[5][0]) and torch.isfinite(a).all()
+    with pytest.raises(ValueError, match="augment must be 'none', 'shift' or 'affine'"):
+        vdata.DigitsDataModule(augment="rotate")
+
+
+def test_epoch_shuffle_sampler_depends_only_on_seed_and_epoch():
+    data = list(range(50))
+    a, b = vdata.EpochShuffleSampler(data, seed=3), vdata.EpochShuffleSampler(data, seed=3)
+    first = list(a)
+    assert sorted(first) == data
+    assert first == list(b)
+    torch.manual_seed(123)  # the global RNG has no influence
+    assert list(a) == first
+    a.set_epoch(1)
+    assert list(a) != first and sorted(a) == data
+    # two replicas split each epoch's permutation without overlap
+    r0, r1 = vdata.EpochShuffleSampler(data, 3, num_replicas=2, rank=0), vdata.EpochShuffleSampler(data, 3, num_replicas=2, rank=1)
+    assert sorted(list(r0) + list(r1)) == data
+    # the epoch reaches the dataset (per-sample augmentation seeds)
+    dm = vdata.DigitsDataModule(augment="shift")
+    dm.setup()
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(4)
+    assert dm.train_set.epoch == 4
+
+
+def test_bad_datamodule_arguments():
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        vdata.DigitsDataModule(batch_size=0)
+    with pytest.raises(ValueError, match=r"mean \(0.1, 0.2\) / std"):
+        vdata.DigitsDataModule(mean=(0.1, 0.2))
+    with pytest.raises(ValueError, match="data.num_classes=5"):
+        vdata.DigitsDataModule(num_classes=5)
+
+
+def _write_images(root, split, classes, per_class, size=(12, 10)):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_image_folder_datamodule(tmp_path):
+    _write_images(tmp_path, "train", ["cat", "dog", "eel"], 5)
+    dm = vdata.ImageFolderDataModule(str(tmp_path), batch_size=4, img_size=8, in_chans=1, mean=(0.5,), std=(0.5,),
+                                     augment="standard", val_fraction=0.2, num_classes=3)
+    assert dm.class_names == ["cat", "dog", "eel"] and dm.num_classes == 3
+    dm.setup()
+    assert len(dm.train_set) == 12 and len(dm.val_set) == 3 and dm.test_set is dm.val_set
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 1, 8, 8) and y.dtype == torch.int64
+    # evaluation preprocessing equals load_image_file (what zoo predict uses)
+    base = dm.val_set.base
+    index = dm.val_set.indices[0]
+    path = base.samples[index][0]
+    torch.testing.assert_close(dm.val_set[0][0], vdata.load_image_file(path, 8, 1, (0.5,), (0.5,)))
+    with pytest.raises(ValueError, match="data.num_classes=4"):
+        vdata.ImageFolderDataModule(str(tmp_path), num_classes=4)
+    _write_images(tmp_path, "val", ["cat", "dog"], 2)
+    bad = vdata.ImageFolderDataModule(str(tmp_path), img_size=8)
+    with pytest.raises(ValueError, match="lacks some classes"):
+        bad.setup()
+
+
+def test_missing_local_data_says_what_to_put_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train/<class_name>/<image file>"):
+        vdata.ImageFolderDataModule(str(tmp_path / "images"))
+    with pytest.raises(FileNotFoundError) as info:
+        vdata.CIFARDataModule(str(tmp_path), variant=10)
+    message = str(info.value)
+    assert "cifar-10-batches-py" in message and "data_batch_1" in message and "cifar-10-python.tar.gz" in message
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python.*train, test, meta"):
+        vdata.CIFARDataModule(str(tmp_path), variant=100)
+    with pytest.raises(ValueError, match="variant must be 10 or 100"):
+        vdata.CIFARDataModule(str(tmp_path), variant=20)
+
+
+def test_load_image_file_errors(tmp_path):
+    (tmp_path / "note.png").write_text("not an image")
+    with pytest.raises(ValueError, match="is not a readable image"):
+        vdata.load_image_file(tmp_path / "note.png", 8, 1, (0.5,), (0.5,))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vdata.load_image_file(tmp_path / "missing.png", 8, 1, (0.5,), (0.5,))

@@ -1,0 +1,271 @@
+"""The zoo ViT against timm's VisionTransformer: state dicts load strict and logits agree (fp32, 1e-4),
+for the registered timm configurations, other patch/image sizes, the timm options, dynamic image size and
+position-embedding resampling on load; plus forward/backward of every registered ViT and clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+import zoo.tasks.vision.vit as V  # registers the ViT names (also imported by zoo.tasks.vision)
+
+timm = pytest.importorskip("timm")
+from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
+from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter  # noqa: E402
+
+ATOL = 1e-4
+
+
+def _pair(kwargs, seed=0):
+    torch.manual_seed(seed)
+    peer = TimmViT(**kwargs).eval()
+    ours = V.VisionTransformer(**kwargs).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    return ours, peer
+
+
+def _images(b, c, h, w, seed=0):
+    return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224"])
+def test_timm_registered_models_load_strict_and_match(name):
+    torch.manual_seed(0)
+    peer = timm.create_model(name, pretrained=False).eval()
+    ours = zoo.create_model(name).eval()
+    assert set(ours.state_dict()) == set(peer.state_dict())
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = _images(2, 3, 224, 224)
+    with torch.no_grad():
+        logits, ref = ours(x), peer(x)
+    assert logits.shape == (2, 1000)
+    torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), peer.forward_features(x), atol=ATOL, rtol=0)
+
+
+SMALL = dict(embed_dim=48, depth=2, num_heads=3, num_classes=7)
+OPTIONS = {
+    "patch8_img64": dict(img_size=64, patch_size=8),
+    "rect_img_patch": dict(img_size=(32, 48), patch_size=(8, 4), in_chans=1),
+    "gap_fc_norm": dict(img_size=32, patch_size=8, global_pool="avg"),
+    "max_pool": dict(img_size=32, patch_size=8, global_pool="max", fc_norm=False),
+    "reg_tokens": dict(img_size=32, patch_size=8, reg_tokens=3),
+    "no_embed_class_regs": dict(img_size=32, patch_size=8, no_embed_class=True, reg_tokens=2),
+    "no_class_token": dict(img_size=32, patch_size=8, class_token=False, global_pool="avg"),
+    "layer_scale_qk_norm": dict(img_size=32, patch_size=8, init_values=0.1, qk_norm=True),
+    "pre_norm_no_bias": dict(img_size=32, patch_size=8, pre_norm=True, qkv_bias=False, proj_bias=False),
+    "mlp_ratio_no_head": dict(img_size=32, patch_size=8, mlp_ratio=2.5, num_classes=0),
+    "no_pos_embed": dict(img_size=32, patch_size=8, pos_embed="none"),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_options_match_timm(option):
+    kwargs = {**SMALL, **OPTIONS[option]}
+    ours, peer = _pair(kwargs)
+    _randomise_layer_norms(peer)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    h, w = ours.patch_embed.img_size
+    x = _images(3, kwargs.get("in_chans", 3), h, w)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True),
+                                   peer.forward_head(peer.forward_features(x), pre_logits=True), atol=ATOL, rtol=0)
+
+
+def _randomise_layer_norms(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+
+
+def test_dynamic_image_size_matches_timm():
+    kwargs = dict(SMALL, img_size=32, patch_size=8, dynamic_img_size=True)
+    ours, peer = _pair(kwargs)
+    for h, w in ((32, 32), (48, 64), (16, 24)):
+        x = _images(2, 3, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+
+
+def test_pos_embed_resampled_on_load_like_timm():
+    # a checkpoint trained at 32 px loaded into models built for 48 px (upsample) and 16 px (anti-aliased downsample)
+    torch.manual_seed(0)
+    source = TimmViT(**SMALL, img_size=32, patch_size=8, reg_tokens=1)
+    state = {"model": source.state_dict()}  # wrapped, as training checkpoints often are
+    for size in (48, 16):
+        peer = TimmViT(**SMALL, img_size=size, patch_size=8, reg_tokens=1).eval()
+        peer.load_state_dict(timm_filter(source.state_dict(), peer), strict=True)
+        ours = V.VisionTransformer(**SMALL, img_size=size, patch_size=8, reg_tokens=1).eval()
+        ours.load_timm_state_dict(state, strict=True)
+        assert ours.pos_embed.shape == (1, 2 + (size // 8) ** 2, 48)
+        x = _images(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+    # set_input_size resamples in place
+    ours = V.VisionTransformer(**SMALL, img_size=32, patch_size=8).eval()
+    peer = TimmViT(**SMALL, img_size=32, patch_size=8).eval()
+    ours.load_state_dict(peer.state_dict())
+    ours.set_input_size(40)
+    peer.set_input_size((40, 40))
+    x = _images(1, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+
+
+def test_filter_handles_ddp_prefix_layer_scale_names_and_linear_patch_embed():
+    ours, peer = _pair(dict(SMALL, img_size=32, patch_size=8, init_values=0.5))
+    sd = {}
+    for k, v in peer.state_dict().items():
+        k = k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2")
+        if k == "patch_embed.proj.weight":
+            v = v.reshape(v.shape[0], -1)  # old linear patch embedding
+        sd["module." + k] = v
+    sd["module.pre_logits.fc.weight"] = torch.zeros(3, 3)
+    fresh = V.VisionTransformer(**SMALL, img_size=32, patch_size=8, init_values=0.5).eval()
+    fresh.load_timm_state_dict(sd, strict=True)
+    x = _images(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), peer(x), atol=ATOL, rtol=0)
+    other_patch = V.VisionTransformer(**SMALL, img_size=32, patch_size=4)
+    with pytest.raises(ValueError, match="patch size"):
+        other_patch.load_timm_state_dict(peer.state_dict())
+
+
+def test_class_token_last_block_shortcut_is_exact():
+    """forward() computes only the class token in the last block: same logits and gradients as the full model."""
+    torch.manual_seed(0)
+    model = V.VisionTransformer(**SMALL, img_size=32, patch_size=8, reg_tokens=2, init_values=0.3, qk_norm=True)
+    _randomise_layer_norms(model)
+    x = _images(3, 3, 32, 32)
+    target = torch.tensor([0, 3, 6])
+    results = []
+    for shortcut in (True, False):
+        model.class_token_last_block = shortcut
+        logits = model(x)
+        grads = torch.autograd.grad(F.cross_entropy(logits, target), list(model.parameters()))
+        results.append((logits, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(results[0][0], model.forward_head(model.forward_features(x)), atol=1e-6, rtol=1e-5)
+    for (name, _), g, g_full in zip(model.named_parameters(), results[0][1], results[1][1]):
+        torch.testing.assert_close(g, g_full, atol=1e-6, rtol=1e-4, msg=lambda s: f"{name}: {s}")
+    # the last block's query subset agrees with its full output row by row
+    tokens = torch.randn(2, 19, 48)
+    block = model.blocks[-1].eval()
+    torch.testing.assert_close(block(tokens, num_queries=3), block(tokens)[:, :3], atol=1e-6, rtol=1e-5)
+
+
+def test_training_features_drop_path_checkpointing_and_classifier_api():
+    torch.manual_seed(0)
+    model = V.VisionTransformer(**SMALL, img_size=32, patch_size=8, drop_path_rate=0.2, attn_drop_rate=0.1)
+    assert [round(b.drop_path1.drop_prob, 3) for b in model.blocks[1:]] == [0.2]
+    x = _images(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        eval_a, eval_b = model(x), model(x)
+    torch.testing.assert_close(eval_a, eval_b)  # no stochasticity in eval
+    model.train()
+    torch.manual_seed(1)
+    loss = F.cross_entropy(model(x), torch.arange(4))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(1)
+    loss_ckpt = F.cross_entropy(model(x), torch.arange(4))
+    grads_ckpt = torch.autograd.grad(loss_ckpt, list(model.parameters()))
+    torch.testing.assert_close(loss_ckpt, loss)
+    for g, gc in zip(grads, grads_ckpt):
+        torch.testing.assert_close(gc, g, atol=1e-6, rtol=1e-5)
+    assert model.get_classifier() is model.head
+    assert model.pretrained_head_keys() == ["head.weight", "head.bias"]
+    assert set(model.pretrained_head_keys()) <= set(model.state_dict())
+    model.reset_classifier(3, global_pool="avg")
+    assert model(x).shape == (4, 3) and model.global_pool == "avg"
+    model.reset_classifier(0)
+    assert model(x).shape == (4, 48)
+    with pytest.raises(ValueError, match="class token"):
+        V.VisionTransformer(**SMALL, img_size=32, patch_size=8, class_token=False, global_pool="avg").reset_classifier(3, "token")
+
+
+@pytest.mark.parametrize("name", sorted(zoo.list_models(family="vit")))
+def test_registered_vit_forward_backward(name):
+    entry = zoo.get_model_entry(name)
+    assert entry.task == "vision" and entry.family == "vit"
+    small = name not in ("vit_debug", "vit_digits")
+    overrides = dict(img_size=32, depth=1) if small else {}
+    torch.manual_seed(0)
+    model = zoo.create_model(name, **overrides)
+    h, w = model.patch_embed.img_size
+    x = _images(2, model.in_chans, h, w)
+    logits = model(x)
+    assert logits.shape == (2, model.num_classes) and torch.isfinite(logits).all()
+    logits.logsumexp(-1).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    if small:  # the registered configuration matches timm's of the same name
+        peer = timm.create_model(name, pretrained=False, **overrides)
+        assert {k: v.shape for k, v in peer.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_digits_and_debug_configs():
+    digits = zoo.create_model("vit_digits")
+    assert digits.in_chans == 1 and digits.patch_embed.img_size == (8, 8) and digits.num_classes == 10
+    debug = zoo.create_model("vit_debug")
+    assert sum(p.numel() for p in debug.parameters()) < 100_000
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = zoo.create_model("vit_debug").eval()
+    with pytest.raises(ValueError, match="expects 3 input channels, got 1"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="4-D image batch"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="does not match the model's img_size 32x32"):
+        model(torch.randn(1, 3, 40, 40))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        bad = torch.randn(1, 3, 32, 32)
+        bad[0, 1, 2, 3] = float("nan")
+        model(bad)
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    dynamic = zoo.create_model("vit_debug", dynamic_img_size=True)
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        dynamic(torch.randn(1, 3, 4, 32))
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        dynamic(torch.randn(1, 3, 36, 32))
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        zoo.create_model("vit_debug", img_size=4)
+    with pytest.raises(ValueError, match="global_pool"):
+        zoo.create_model("vit_debug", global_pool="mean")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        zoo.create_model("vit_debug", embed_dims=3)
+
+
+def test_bench_vision_runs_and_loads_optional_case_modules(monkeypatch, capsys):
+    import sys
+    import types
+
+    from zoo.bench import vision as bench
+
+    # an optional case module exposing CASES as plain (name, zoo_builder, peer_builder) tuples
+    fake = types.ModuleType("zoo.bench.vision_fake")
+    fake.CASES = [("fake_vit", lambda size: zoo.create_model("vit_debug", img_size=size),
+                   lambda size: TimmViT(img_size=size, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2))]
+    monkeypatch.setitem(sys.modules, "zoo.bench.vision_fake", fake)
+    monkeypatch.setattr(bench, "OPTIONAL_CASE_MODULES", ["zoo.bench.vision_fake", "zoo.bench.vision_missing"])
+    assert bench.main(["--models", "vit_tiny*,fake_vit", "--img-size", "32", "--batch", "2", "--repeats", "1",
+                       "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("vit_tiny_patch16_224", "fake_vit"))]
+    assert [r[0] for r in rows] == ["vit_tiny_patch16_224", "fake_vit"]
+    for r in rows:
+        assert len(r) == 10 and all(float(v) > 0 for v in r[4:])
+    # a case whose weights do not reproduce the peer is refused before timing
+    bad = bench.BenchCase("bad", lambda size: zoo.create_model("vit_debug", img_size=size),
+                          lambda size: TimmViT(img_size=size, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2),
+                          copy_weights=lambda ours, peer: None)
+    with pytest.raises(RuntimeError, match="outputs differ"):
+        bench.run_case(bad, batch=1, img_size=32, repeats=1, warmup=0, train=False, infer=True)

@@ -1,0 +1,244 @@
+"""``zoo bench vision``: zoo vision models vs their peer (timm / official code), same config, same weights.
+
+    zoo bench vision [--models vit_tiny_patch16_224,vit_small_patch16_224] [--batch 8] [--img-size 224]
+                     [--threads 2] [--repeats 5] [--warmup 1] [--device cpu] [--no-train] [--no-infer]
+                     [--full-last-block] [--markdown] [--list]
+
+For every case it prints, measured in one process and interleaved (zoo, peer, zoo, peer, ...) after
+warm-up (zoo.bench.timing.interleaved_medians):
+
+* inference throughput (images/s, eval mode, no_grad) of both and the ratio zoo/peer (higher is better);
+* the training-step time (forward + cross-entropy + backward + AdamW step, train mode) of both and the
+  ratio zoo/peer (lower is better; issue 2 target for ViT: <= 1.0).
+
+Cases are ``BenchCase(name, zoo_builder, peer_builder)``: ``peer_builder(img_size)`` returns the peer model,
+``zoo_builder(img_size)`` ours; the peer's weights are then copied into ours with ``copy_weights``
+(default: a strict ``load_state_dict`` of the peer's state dict), and the outputs are checked to agree
+before anything is timed. The ViT cases live here; other families add theirs in optional modules
+``zoo/bench/vision_<family>.py`` exposing ``CASES`` (a list of BenchCase or plain 3-tuples), imported when
+present (see OPTIONAL_CASE_MODULES).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import importlib
+import sys
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.bench.timing import interleaved_medians, machine_description, set_threads
+
+__all__ = ["BenchCase", "CASES", "OPTIONAL_CASE_MODULES", "all_cases", "main"]
+
+OPTIONAL_CASE_MODULES = ["zoo.bench.vision_maxvit", "zoo.bench.vision_agent"]
+
+
+def _strict_copy(zoo_model: nn.Module, peer_model: nn.Module) -> None:
+    zoo_model.load_state_dict(peer_model.state_dict(), strict=True)
+
+
+class BenchCase(NamedTuple):
+    name: str
+    zoo_builder: Callable[[int], nn.Module]  # img_size -> our model
+    peer_builder: Callable[[int], nn.Module]  # img_size -> the peer model
+    copy_weights: Optional[Callable[[nn.Module, nn.Module], None]] = None  # (ours, peer); default strict load
+    img_size: int = 224  # default image size
+    in_chans: int = 3
+    peer_name: str = "timm"
+    atol: float = 1e-4  # outputs of ours and the peer must agree to this before timing
+
+
+def _vit_case(name: str, img_size: int = 224) -> BenchCase:
+    def zoo_builder(size: int) -> nn.Module:
+        import zoo
+        import zoo.tasks.vision.vit  # noqa: F401  (registers the ViT names even before the package lists it)
+
+        return zoo.create_model(name, img_size=size)
+
+    def peer_builder(size: int) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, img_size=size)
+
+    return BenchCase(name, zoo_builder, peer_builder, img_size=img_size)
+
+
+CASES: list[BenchCase] = [
+    _vit_case("vit_tiny_patch16_224"),
+    _vit_case("vit_small_patch16_224"),
+    _vit_case("vit_base_patch16_224"),
+]
+
+DEFAULT_MODELS = "vit_tiny_patch16_224,vit_small_patch16_224"
+
+
+def all_cases() -> list[BenchCase]:
+    """The ViT cases plus those of the optional case modules that exist."""
+    cases = list(CASES)
+    for module_name in OPTIONAL_CASE_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:
+                continue
+            raise
+        for case in getattr(module, "CASES", []):
+            cases.append(case if isinstance(case, BenchCase) else BenchCase(*case))
+    return cases
+
+
+def _select(cases: list[BenchCase], spec: str) -> list[BenchCase]:
+    patterns = [p.strip() for p in spec.split(",") if p.strip()]
+    chosen = [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    if not chosen:
+        names = ", ".join(c.name for c in cases)
+        raise SystemExit(f"zoo bench vision: no case matches {spec!r}; available: {names}")
+    return chosen
+
+
+def _build_pair(case: BenchCase, img_size: int, batch: int, device: str = "cpu") -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    peer = case.peer_builder(img_size)
+    ours = case.zoo_builder(img_size)
+    (case.copy_weights or _strict_copy)(ours, peer)
+    peer.to(device)
+    ours.to(device)
+    x = torch.randn(batch, case.in_chans, img_size, img_size, device=device)
+    ours.eval()
+    peer.eval()
+    with torch.no_grad():
+        diff = (ours(x) - peer(x)).abs().max().item()
+    if not diff <= case.atol:
+        raise RuntimeError(f"{case.name}: zoo and {case.peer_name} outputs differ by {diff:.3g} (> {case.atol}); not timing")
+    return ours, peer, x
+
+
+def _infer_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run():
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def _train_fn(model: nn.Module, x: torch.Tensor, num_classes: int) -> Callable[[], object]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.randint(0, max(num_classes, 1), (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, target) if num_classes > 0 else logits.float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def run_case(case: BenchCase, *, batch: int, img_size: Optional[int], repeats: int, warmup: int, train: bool, infer: bool,
+             full_last_block: bool = False, device: str = "cpu"):
+    size = img_size or case.img_size
+    ours, peer, x = _build_pair(case, size, batch, device)
+    if full_last_block and hasattr(ours, "class_token_last_block"):
+        ours.class_token_last_block = False
+    row = {"case": case.name, "peer": case.peer_name, "batch": batch, "img_size": size}
+    if infer:
+        ours.eval()
+        peer.eval()
+        t = interleaved_medians({"zoo": _infer_fn(ours, x), "peer": _infer_fn(peer, x)}, repeats=repeats, warmup=warmup,
+                                device=device)
+        row.update(infer_zoo=batch / t["zoo"], infer_peer=batch / t["peer"], infer_ratio=t["peer"] / t["zoo"])
+    if train:
+        ours.train()
+        peer.train()
+        num_classes = getattr(peer, "num_classes", 0)
+        t = interleaved_medians(
+            {"zoo": _train_fn(ours, x, num_classes), "peer": _train_fn(peer, x, num_classes)},
+            repeats=repeats,
+            warmup=warmup,
+            device=device,
+        )
+        row.update(train_zoo=t["zoo"], train_peer=t["peer"], train_ratio=t["zoo"] / t["peer"])
+    return row
+
+
+def _table(rows: list[dict], markdown: bool) -> str:
+    header = ["case", "peer", "batch", "img", "infer zoo img/s", "infer peer img/s", "zoo/peer thr.",
+              "step zoo ms", "step peer ms", "zoo/peer time"]
+    lines = []
+    for r in rows:
+        cells = [r["case"], r["peer"], str(r["batch"]), str(r["img_size"])]
+        if "infer_zoo" in r:
+            cells += [f"{r['infer_zoo']:.1f}", f"{r['infer_peer']:.1f}", f"{r['infer_ratio']:.3f}"]
+        else:
+            cells += ["-", "-", "-"]
+        if "train_zoo" in r:
+            cells += [f"{1e3 * r['train_zoo']:.1f}", f"{1e3 * r['train_peer']:.1f}", f"{r['train_ratio']:.3f}"]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(c) + " |" for c in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join("{:>%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*c) for c in lines])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="zoo bench vision",
+        description="zoo vision models vs their peer: inference img/s and training-step time, interleaved, as ratios.",
+    )
+    parser.add_argument("--models", default=DEFAULT_MODELS,
+                        help=f"comma-separated case names or shell patterns (default {DEFAULT_MODELS}; 'all' for every case)")
+    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    parser.add_argument("--img-size", type=int, default=None, help="image size (default: each case's own)")
+    parser.add_argument("--device", default="cpu", help="device to run on (default cpu; e.g. cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each model, interleaved (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs of each (default 1)")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
+    parser.add_argument("--no-infer", action="store_true", help="skip the inference timing")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--full-last-block", action="store_true",
+                        help="ablation: make zoo ViTs run the full last block (no class-token-only shortcut)")
+    parser.add_argument("--list", action="store_true", help="list the available cases and exit")
+    args = parser.parse_args(argv)
+    cases = all_cases()
+    if args.list:
+        for case in cases:
+            print(f"{case.name}  (peer: {case.peer_name}, default img_size {case.img_size})")
+        return 0
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    if args.img_size is not None and args.img_size < 1:
+        parser.error("--img-size must be >= 1")
+    threads = set_threads(args.threads)
+    chosen = cases if args.models.strip() == "all" else _select(cases, args.models)
+    print(f"# zoo bench vision  {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# {machine_description()}; device {args.device}; threads {threads}; fp32; repeats {args.repeats}, warmup {args.warmup}"
+          + ("; zoo ViT last block in full (ablation)" if args.full_last_block else ""))
+    print(f"# command: zoo bench vision {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    rows = []
+    for case in chosen:
+        rows.append(
+            run_case(case, batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
+                     train=not args.no_train, infer=not args.no_infer, full_last_block=args.full_last_block,
+                     device=args.device)
+        )
+        print(f"# done {case.name}", flush=True)
+    print(_table(rows, args.markdown))
+    print("# infer: zoo/peer throughput ratio (higher is better); step: zoo/peer training-step time ratio (lower is better)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

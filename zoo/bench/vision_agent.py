@@ -1,0 +1,171 @@
+"""Agent-DeiT speed: zoo ``agent_deit_tiny`` vs timm ``vit_tiny_patch16_224`` vs the official-style forward.
+
+Two entry points:
+
+* ``CASES`` for ``zoo bench vision`` (zoo/bench/vision.py): ``agent_deit_tiny`` against timm's ViT-Ti (a
+  different architecture of the same width and depth, so no weights are copied and outputs are not
+  compared), and ``agent_deit_tiny_official`` against the official-style reference forward (the official
+  weights layout: the reference's state dict is loaded strictly and the logits must agree within 1e-4);
+* ``main(argv)`` (``python -m zoo.bench.vision_agent``): the issue-4 table -- the three models timed in
+  one process, interleaved (zoo, timm, reference, zoo, ...) after warm-up, at several image sizes and
+  batch sizes, with the ratios zoo/timm and zoo/reference of throughput (higher is better).
+
+The official-style reference is the independent re-derivation of the official forward kept in
+tests/test_agent.py (``OfficialAgentDeiT``: explicit softmax, biases re-interpolated and repeated per batch
+item on every call, as LeapLabTHU/Agent-Attention agent_deit.py does); it is loaded from the source tree,
+so this comparison needs a checkout with tests/ (an editable install).
+
+    python -m zoo.bench.vision_agent [--sizes 224,448] [--batches 1,8] [--repeats 7] [--warmup 2]
+                                     [--threads 2] [--markdown]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from zoo.bench.timing import interleaved_medians, machine_description, set_threads
+
+__all__ = ["CASES", "load_reference_module", "build_models", "main"]
+
+REFERENCE_FILE = Path(__file__).resolve().parents[2] / "tests" / "test_agent.py"
+TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+
+
+def load_reference_module():
+    """Import tests/test_agent.py (the official-style reference) from the source tree."""
+    if not REFERENCE_FILE.is_file():
+        raise FileNotFoundError(
+            f"the official-style Agent-DeiT reference lives in {REFERENCE_FILE}, which is missing; run the "
+            f"benchmark from a source checkout (pip install -e .)"
+        )
+    spec = importlib.util.spec_from_file_location("zoo_agent_reference", REFERENCE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _zoo_tiny(img_size: int) -> nn.Module:
+    import zoo
+    import zoo.tasks.vision.agent_deit  # noqa: F401  (registers the names before the package lists them)
+
+    return zoo.create_model("agent_deit_tiny", img_size=img_size)
+
+
+def _timm_tiny(img_size: int) -> nn.Module:
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size)
+
+
+def _reference_tiny(img_size: int) -> nn.Module:
+    return load_reference_module().OfficialAgentDeiT(img_size=img_size, **TINY)
+
+
+def _no_copy(ours: nn.Module, peer: nn.Module) -> None:
+    """Different architectures: nothing to copy."""
+
+
+def _strict_copy(ours: nn.Module, peer: nn.Module) -> None:
+    ours.load_state_dict(peer.state_dict(), strict=True)
+
+
+def _cases():
+    from zoo.bench.vision import BenchCase
+
+    return [
+        BenchCase("agent_deit_tiny", _zoo_tiny, _timm_tiny, copy_weights=_no_copy, img_size=224,
+                  peer_name="timm vit_tiny", atol=math.inf),
+        BenchCase("agent_deit_tiny_official", _zoo_tiny, _reference_tiny, copy_weights=_strict_copy, img_size=224,
+                  peer_name="official-style", atol=1e-4),
+    ]
+
+
+CASES = _cases()
+
+
+def build_models(img_size: int, seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(zoo agent_deit_tiny, timm vit_tiny, official-style reference with the zoo model's weights), eval mode."""
+    torch.manual_seed(seed)
+    reference = _reference_tiny(img_size)
+    ours = _zoo_tiny(img_size)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    vit = _timm_tiny(img_size)
+    return ours.eval(), vit.eval(), reference.eval()
+
+
+def _runner(model: nn.Module, x: torch.Tensor):
+    def run():
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m zoo.bench.vision_agent",
+        description="zoo agent_deit_tiny vs timm vit_tiny_patch16_224 vs the official-style forward: inference "
+                    "img/s measured interleaved in one process, and the ratios.",
+    )
+    parser.add_argument("--sizes", default="224,448", help="image sizes (default 224,448)")
+    parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each model, interleaved (default 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs of each (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        parser.error("--sizes and --batches take comma-separated integers")
+    if not sizes or not batches or min(sizes) < 16 or min(batches) < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("need sizes >= 16, batches >= 1, --repeats >= 1, --warmup >= 0")
+    threads = set_threads(args.threads)
+    print(f"# agent_deit_tiny vs timm vit_tiny_patch16_224 vs official-style  "
+          f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# {machine_description()}; threads {threads}; fp32; eval, no_grad; repeats {args.repeats}, "
+          f"warmup {args.warmup}; interleaved medians")
+    print(f"# command: python -m zoo.bench.vision_agent {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    header = ["img", "batch", "zoo img/s", "timm img/s", "official-style img/s", "zoo/timm", "zoo/official"]
+    rows = []
+    for size in sizes:
+        ours, vit, reference = build_models(size)
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
+            with torch.no_grad():
+                diff = (ours(x) - reference(x)).abs().max().item()
+            if not diff <= 1e-4:
+                raise RuntimeError(f"zoo and official-style logits differ by {diff:.3g} at {size} px; not timing")
+            t = interleaved_medians(
+                {"zoo": _runner(ours, x), "timm": _runner(vit, x), "ref": _runner(reference, x)},
+                repeats=args.repeats, warmup=args.warmup,
+            )
+            rows.append([str(size), str(batch), f"{batch / t['zoo']:.1f}", f"{batch / t['timm']:.1f}",
+                         f"{batch / t['ref']:.1f}", f"{t['timm'] / t['zoo']:.2f}", f"{t['ref'] / t['zoo']:.2f}"])
+            print(f"# done {size} px batch {batch}", flush=True)
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        fmt = "  ".join("{:>%d}" % w for w in widths)
+        print(fmt.format(*header))
+        for r in rows:
+            print(fmt.format(*r))
+    print("# ratios: throughput of zoo / throughput of the peer (higher is better)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""MaxViT cases for ``zoo bench vision`` (driver: zoo/bench/vision.py): zoo vs timm, same weights.
+
+Each case builds timm's model (``timm.create_model(name, pretrained=False, img_size=size)``) and ours at the
+same size, loads timm's state dict into ours strictly, checks the logits agree (1e-4) and then times both
+interleaved (inference img/s and the training step), as every vision case does. timm derives window = grid
+= img_size // 32, so ``--img-size`` must be a multiple of 32 for timm to run; ours runs any size (see
+docs/bench_maxvit.md for the cost of the padded path, measured with ``python -m zoo.bench.vision_maxvit``).
+
+    zoo bench vision --models 'maxvit*' [--batch 8] [--img-size 224] [--threads 2]
+    python -m zoo.bench.vision_maxvit [--size 224] [--odd 223] [--batch 8] [--repeats 7] [--threads 2]
+
+The second form times one zoo model on a multiple-of-32 image (no padding, timm-equal path) against itself
+on a slightly smaller odd image (every partition attention pads and masks), interleaved, and reports the
+cost per input pixel of each, so the overhead of padding + masking is visible on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from zoo.bench.timing import interleaved_medians, machine_description, set_threads
+
+__all__ = ["CASES", "main"]
+
+
+def _maxvit_case(name: str, img_size: int):
+    from zoo.bench.vision import BenchCase
+
+    def zoo_builder(size: int) -> nn.Module:
+        import zoo
+        import zoo.tasks.vision.maxvit  # noqa: F401  (registers the names even before the package lists them)
+
+        return zoo.create_model(name, img_size=size)
+
+    def peer_builder(size: int) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, img_size=size)
+
+    return BenchCase(name, zoo_builder, peer_builder, img_size=img_size)
+
+
+def _cases():
+    return [
+        _maxvit_case("maxvit_tiny_tf_224", 224),
+        _maxvit_case("maxvit_small_tf_224", 224),
+        _maxvit_case("maxvit_base_tf_224", 224),
+        _maxvit_case("maxvit_rmlp_pico_rw_256", 256),
+        _maxvit_case("maxvit_rmlp_nano_rw_256", 256),
+    ]
+
+
+CASES = _cases()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Padded (odd size) vs unpadded (multiple of the partition) forward of one zoo MaxViT, interleaved."""
+    parser = argparse.ArgumentParser(prog="python -m zoo.bench.vision_maxvit", description=main.__doc__)
+    parser.add_argument("--model", default="maxvit_tiny_tf_224")
+    parser.add_argument("--size", type=int, default=224, help="multiple-of-32 size (no padding)")
+    parser.add_argument("--odd", type=int, default=223, help="odd size (every stage padded)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    import zoo
+    import zoo.tasks.vision.maxvit  # noqa: F401
+
+    threads = set_threads(args.threads)
+    torch.manual_seed(0)
+    model = zoo.create_model(args.model, img_size=args.size).eval()
+    inputs = {
+        f"{args.size}x{args.size}": torch.randn(args.batch, model.in_chans, args.size, args.size),
+        f"{args.odd}x{args.odd}": torch.randn(args.batch, model.in_chans, args.odd, args.odd),
+    }
+
+    def run(x):
+        def f():
+            with torch.no_grad():
+                return model(x)
+
+        return f
+
+    times = interleaved_medians({k: run(x) for k, x in inputs.items()}, repeats=args.repeats, warmup=args.warmup)
+    print(f"# python -m zoo.bench.vision_maxvit {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}; {machine_description()}; threads {threads}; fp32; "
+          f"no_grad; batch {args.batch}; repeats {args.repeats}, warmup {args.warmup}")
+    base_key = f"{args.size}x{args.size}"
+    base_per_px = times[base_key] / (args.size * args.size)
+    print("| input | median ms | img/s | ms per Mpx | per-pixel cost vs unpadded |")
+    print("|---|---|---|---|---|")
+    for key, x in inputs.items():
+        px = x.shape[-1] * x.shape[-2]
+        per_px = times[key] / px
+        print(f"| {key} | {1e3 * times[key]:.1f} | {args.batch / times[key]:.1f} | {1e9 * per_px / args.batch:.1f} | "
+              f"{per_px / base_per_px:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

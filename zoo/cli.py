@@ -1,0 +1,310 @@
+"""The ``zoo`` command line (console script ``zoo = "zoo.cli:main"``; also ``python -m zoo.cli``).
+
+Commands::
+
+    zoo train [experiment=<name>] [group=option ...] [key=value ...]   train (Hydra overrides)
+    zoo eval ckpt=<.ckpt | released dir> [data.key=value ...]         test metrics
+    zoo predict ckpt=<.ckpt | released dir> input=<image | folder | digits:N> [topk=5]
+    zoo list [pattern] [--task vision]                                 registered models
+    zoo bench <name> [args]                                            zoo.bench.<name>.main(args)
+    zoo viz <kind> [key=value ...]                                     attention pictures (PNG)
+    zoo export [args]                                                  zoo.export.main(args)
+
+Every command prints its own help with ``zoo <command> --help``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Callable, Optional, Sequence
+
+__all__ = ["main", "VIZ_COMMANDS"]
+
+# `zoo viz <kind>` -> "module:function"; each function takes argv (key=value strings) and returns an exit code.
+VIZ_COMMANDS: dict[str, str] = {
+    "rollout": "zoo.tasks.vision.viz:rollout_main",
+    "maxvit": "zoo.tasks.vision.viz_maxvit:maxvit_main",
+    "agent": "zoo.tasks.vision.viz_agent:agent_main",
+    "graph": "zoo.tasks.graph.viz:main",
+}
+
+TOP_HELP = """usage: zoo <command> [arguments]
+
+Attention Zoo command line.
+
+commands:
+  train     train a model: zoo train experiment=vit_digits [run_dir=DIR] [key=value ...]
+  eval      test metrics of a checkpoint: zoo eval ckpt=DIR/checkpoints/last.ckpt
+  predict   top-5 classes: zoo predict ckpt=DIR/released input=image.png|folder|digits:0
+  list      registered models: zoo list 'vit_*'
+  bench     benchmarks: zoo bench attention|vision|graph [args]
+  viz       attention pictures: zoo viz rollout|maxvit|agent|graph [key=value ...]
+  export    export models (ONNX): zoo export [args]
+
+`zoo <command> --help` describes each command.
+"""
+
+TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg]
+
+Train with Hydra configs from the installed package zoo.configs (groups: task, model, data, trainer,
+logger, callbacks, experiment, debug). Overrides are Hydra's: `group=option` picks a config file,
+`a.b=value` sets a key, `+a.b=value` adds a key (e.g. a model constructor argument).
+
+Examples:
+  zoo train experiment=vit_digits run_dir=outputs/demo
+  zoo train experiment=vit_digits debug=fast                       # a few batches, end to end
+  zoo train experiment=vit_digits trainer=ddp_cpu trainer.devices=2  # DDP on CPU (gloo)
+  zoo train experiment=vit_digits ckpt_path=outputs/demo/checkpoints/last.ckpt trainer.max_epochs=200  # resume
+  zoo train experiment=vit_digits model.pretrained=checkpoints/vit_digits data=image_folder data.root=DIR data.num_classes=3
+
+Top-level keys: name, seed, run_dir (default outputs/<name>/<time>), ckpt_path (resume), test (evaluate
+the final weights), export (write <run_dir>/released via zoo.save_pretrained).
+Outputs: <run_dir>/{config.yaml, checkpoints/{best,last}.ckpt, csv/, tensorboard/, released/, metrics.json}.
+--cfg prints the composed config and exits.
+"""
+
+EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir> [split=test|val] [data.KEY=VALUE ...]
+
+Evaluates a checkpoint written by `zoo train` (a .ckpt, or the released/ directory) on the data it was
+trained with (the config stored in the checkpoint; data.* overrides change it, e.g. data.root=...).
+Prints the metrics as JSON.
+"""
+
+PREDICT_HELP = """usage: zoo predict ckpt=<.ckpt | released dir> input=<image | folder | digits:N> [input=...] [topk=5] [json=true]
+
+Prints the top-k classes with probabilities for each image (files are converted to the model's channels,
+resized to its image size and normalised as in training). digits:N is image N of scikit-learn's digits.
+"""
+
+LIST_HELP = """usage: zoo list [PATTERN ...] [--task TASK] [--json]
+
+Registered models matching shell-style patterns (default '*'), as a table of name, task, family and
+default input size.
+"""
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help", "help") for a in argv)
+
+
+def _key_values(argv: Sequence[str], allowed: Sequence[str], command: str, passthrough_dotted: bool = False):
+    values: dict[str, list[str]] = {}
+    rest: list[str] = []
+    for token in argv:
+        if "=" not in token:
+            raise SystemExit(f"zoo {command}: expected key=value, got {token!r} (see zoo {command} --help)")
+        key, value = token.split("=", 1)
+        if key in allowed:
+            values.setdefault(key, []).append(value)
+        elif passthrough_dotted and "." in key:
+            rest.append(token)
+        else:
+            raise SystemExit(f"zoo {command}: unknown argument {key!r}; accepted: {', '.join(allowed)}"
+                             + (", data.*/task.* overrides" if passthrough_dotted else ""))
+    return values, rest
+
+
+def _cmd_train(argv: list[str]) -> int:
+    from zoo.train import run
+
+    if _wants_help(argv):
+        print(TRAIN_HELP)
+        return 0
+    print_cfg = "--cfg" in argv
+    overrides = [a for a in argv if a != "--cfg"]
+    cfg = run.compose(overrides)
+    if print_cfg:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    result = run.train(cfg)
+    if result.get("global_zero", True):  # in DDP only global rank 0 prints the summary
+        _print_summary(result)
+    return 0
+
+
+def _print_summary(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"zoo train: {result['run_dir']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(result["metrics"].items()):
+        table.add_row(key, f"{value:.4f}")
+    table.add_row("train seconds", f"{result['seconds']:.1f}")
+    Console().print(table)
+    if result.get("last_ckpt"):
+        print(f"last checkpoint: {result['last_ckpt']}")
+    if result.get("released"):
+        print(f"released weights: {result['released']}")
+
+
+def _cmd_eval(argv: list[str]) -> int:
+    from zoo.train import run
+
+    if _wants_help(argv):
+        print(EVAL_HELP)
+        return 0
+    values, overrides = _key_values(argv, ("ckpt", "split"), "eval", passthrough_dotted=True)
+    if "ckpt" not in values:
+        raise SystemExit("zoo eval: ckpt=<.ckpt or released directory> is required")
+    metrics = run.evaluate(values["ckpt"][-1], overrides, split=values.get("split", ["test"])[-1])
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_predict(argv: list[str]) -> int:
+    from zoo.train import run
+
+    if _wants_help(argv):
+        print(PREDICT_HELP)
+        return 0
+    values, _ = _key_values(argv, ("ckpt", "input", "topk", "json"), "predict")
+    if "ckpt" not in values or "input" not in values:
+        raise SystemExit("zoo predict: ckpt=<checkpoint> and input=<image|folder|digits:N> are required")
+    try:
+        topk = int(values.get("topk", ["5"])[-1])
+    except ValueError:
+        raise SystemExit(f"zoo predict: topk must be an integer, got {values['topk'][-1]!r}") from None
+    results = run.predict(values["ckpt"][-1], values["input"], topk=topk)
+    if values.get("json", ["false"])[-1].lower() in ("1", "true", "yes"):
+        print(json.dumps(results, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"top-{topk} predictions")
+    table.add_column("input")
+    for rank in range(1, topk + 1):
+        table.add_column(f"#{rank}", justify="right")
+    for row in results:
+        table.add_row(row["input"], *[f"{name} ({prob:.3f})" for name, prob in row["top"]])
+    Console().print(table)
+    return 0
+
+
+def _cmd_list(argv: list[str]) -> int:
+    import argparse
+
+    import zoo
+
+    parser = argparse.ArgumentParser(prog="zoo list", description=LIST_HELP.split("\n\n", 1)[1])
+    parser.add_argument("patterns", nargs="*", default=["*"])
+    parser.add_argument("--task", default=None)
+    parser.add_argument("--json", action="store_true", help="print a JSON list of names")
+    args = parser.parse_args(argv)
+    names = zoo.list_models(args.patterns or ["*"], task=args.task)
+    if args.json:
+        print(json.dumps(names))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(names)} registered models")
+    for column in ("name", "task", "family", "input size"):
+        table.add_column(column)
+    for name in names:
+        entry = zoo.get_model_entry(name)
+        size = entry.default_cfg.get("input_size")
+        table.add_row(name, entry.task, entry.family, "x".join(map(str, size)) if size else "")
+    Console().print(table)
+    return 0 if names else 1
+
+
+def _load_entry(spec: str, what: str) -> Callable[[list[str]], int]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise SystemExit(f"{what}: {module_name} is not available in this installation ({error})") from None
+        raise
+    fn = getattr(module, attr or "main", None)
+    if not callable(fn):
+        raise SystemExit(f"{what}: {module_name} has no {attr or 'main'}(argv) function")
+    return fn
+
+
+def _bench_names() -> list[str]:
+    import pkgutil
+
+    import zoo.bench
+
+    return sorted(m.name for m in pkgutil.iter_modules(zoo.bench.__path__) if m.name != "timing" and not m.name.startswith("_"))
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    available = _bench_names()
+    if not argv or _wants_help(argv[:1]):
+        print(f"usage: zoo bench <name> [args]   (runs zoo.bench.<name>.main(args))\navailable: {', '.join(available)}")
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in available:
+        raise SystemExit(f"zoo bench: unknown benchmark {name!r}; available: {', '.join(available)}")
+    return int(_load_entry(f"zoo.bench.{name}:main", f"zoo bench {name}")(argv[1:]) or 0)
+
+
+def _cmd_viz(argv: list[str]) -> int:
+    if not argv or _wants_help(argv[:1]):
+        print("usage: zoo viz <kind> [key=value ...]   (zoo viz <kind> --help for its keys)\nkinds: " + ", ".join(VIZ_COMMANDS))
+        return 0 if argv else 2
+    kind = argv[0]
+    if kind not in VIZ_COMMANDS:
+        raise SystemExit(f"zoo viz: unknown kind {kind!r}; kinds: {', '.join(VIZ_COMMANDS)}")
+    return int(_load_entry(VIZ_COMMANDS[kind], f"zoo viz {kind}")(argv[1:]) or 0)
+
+
+def _cmd_export(argv: list[str]) -> int:
+    return int(_load_entry("zoo.export:main", "zoo export")(argv) or 0)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "predict": _cmd_predict,
+    "list": _cmd_list,
+    "bench": _cmd_bench,
+    "viz": _cmd_viz,
+    "export": _cmd_export,
+}
+
+
+def _quiet_third_party() -> None:
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    os.environ.setdefault("POSSIBLE_USER_WARNINGS", "off")  # Lightning's "possible user warning" hints
+
+    import logging
+
+    class _NoTips(logging.Filter):  # Lightning advertises a cloud logger on every run
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip")
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_third_party()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(TOP_HELP)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise SystemExit(f"zoo: unknown command {command!r}; commands: {', '.join(COMMANDS)} (zoo --help)")
+    try:
+        return COMMANDS[command](rest)
+    except (ValueError, FileNotFoundError, TypeError, KeyError) as error:  # user errors: one clear line
+        if getattr(sys, "_zoo_debug", False) or __import__("os").environ.get("ZOO_DEBUG"):
+            raise
+        print(f"zoo {command}: error: {error}\n(set ZOO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Released weights: ``model.safetensors`` + ``config.json`` (save, load, fine-tune with a new head).
+
+A released model is a directory::
+
+    <dir>/model.safetensors   the state dict (safetensors: tensors only, loading never runs code)
+    <dir>/config.json         {"model_name": ..., "model_args": {...}, "zoo_version": ..., "metadata": {...}}
+
+``model_name``/``model_args`` are what :func:`zoo.create_model` recorded on the model
+(``model.zoo_model_name`` / ``model.zoo_model_args``), so :func:`from_pretrained` rebuilds the exact
+architecture before loading the weights. ``metadata`` is free-form JSON (class names, preprocessing, the
+metrics measured when it was written, ...).
+
+Loading rules (:func:`load_pretrained_into`, used by ``create_model(name, pretrained=...)``):
+
+* ``pretrained=True`` loads the checkpoint this project ships for ``name`` (``checkpoints/<name>/`` in the
+  source tree, or the directory named by the ``ZOO_CHECKPOINTS`` environment variable).
+* ``pretrained=<dir or .safetensors>`` loads that; the checkpoint's recorded constructor arguments are used
+  unless overridden (``create_model("vit_digits", pretrained=dir, num_classes=3)``).
+* The family's ``checkpoint_filter_fn(state_dict, model)`` (timm's convention, in the model file) adapts the
+  weights first: timm layouts, position embeddings / relative-position tables resized when the model is
+  built at another image size (fine-tuning at a new resolution).
+* A classifier whose shape differs from the checkpoint's (another class count) is re-initialised and a
+  message is logged; the model names its classifier keys via ``pretrained_head_keys()`` (the zoo's vision
+  models), else ``default_cfg["classifier"]`` (timm style), else keys under ``head.``.
+* Any other missing / unexpected / mis-shaped key is an error naming the file and the keys. A file that is
+  not valid safetensors is an error naming the file.
+
+User conversions from other code bases: :func:`load_state_dict_file` also reads ``.pth``/``.pt``/``.bin``/
+``.ckpt`` with ``torch.load(weights_only=True)`` (tensors and plain containers only, never arbitrary
+pickled objects) and unwraps the usual containers (``{"state_dict": ...}``, ``{"model": ...}``, DDP's
+``module.`` prefix; from a ``zoo train`` ``.ckpt`` the EMA weights when present, else ``model.*``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+    "CheckpointError",
+    "save_pretrained",
+    "from_pretrained",
+    "load_state_dict_file",
+    "load_pretrained_into",
+    "load_weights",
+    "read_config",
+    "shipped_checkpoints_dir",
+    "list_shipped",
+    "head_keys",
+]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT = "zoo-pretrained/1"
+
+log = logging.getLogger("zoo.hub")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model (names the file and the keys)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, write) -> None:
+    """Write ``path`` through a temporary file in the same directory and ``os.replace`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{where} must be JSON-serialisable: {error}") from None
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model`` as ``<directory>/model.safetensors`` + ``config.json``; returns the directory.
+
+    Args:
+        model: a model built by :func:`zoo.create_model` (it carries ``zoo_model_name``/``zoo_model_args``).
+        metadata: extra JSON facts stored in config.json (e.g. ``{"num_classes": 10, "test_acc1": 0.99}``).
+        state_dict: weights to write instead of ``model.state_dict()`` (e.g. an EMA copy with the same keys).
+    """
+    name = getattr(model, "zoo_model_name", None)
+    args = getattr(model, "zoo_model_args", None)
+    if not isinstance(name, str) or not isinstance(args, dict):
+        raise ValueError(
+            f"save_pretrained needs a model built by zoo.create_model (it records zoo_model_name and "
+            f"zoo_model_args); got a {type(model).__name__} without them"
+        )
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    state = dict(model.state_dict() if state_dict is None else state_dict)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] is a {type(tensor).__name__}, not a tensor")
+        tensor = tensor.detach().cpu()
+        # safetensors refuses tensors sharing storage: store each shared tensor as its own copy
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else None
+        if ident is not None and ident in seen:
+            tensor = tensor.clone()
+        elif ident is not None:
+            seen[ident] = key
+        tensors[key] = tensor.contiguous()
+    from zoo import __version__
+
+    config = {
+        "format": FORMAT,
+        "model_name": name,
+        "model_args": _jsonable(args, f"{name}'s constructor arguments (zoo_model_args)"),
+        "zoo_version": __version__,
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int):
+        config["num_classes"] = num_classes
+    config["metadata"] = _jsonable(dict(metadata or {}), "metadata")
+    _atomic_write_bytes(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=False) + "\n"
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _atomic_write_bytes(directory / CONFIG_NAME, write_json)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensor dict inside the usual checkpoint containers."""
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = dict(obj)
+    else:
+        for key in ("state_dict", "model", "model_state", "model_state_dict", "module", "net"):
+            inner = obj.get(key) if isinstance(obj, Mapping) else None
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                state = dict(inner)
+                break
+        else:
+            raise CheckpointError(
+                f"{path}: no state dict found (expected a dict of tensors, or one under 'state_dict'/'model'); "
+                f"top-level entries: {sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__}"
+            )
+    if path.suffix == ".ckpt":  # a zoo LightningModule: the EMA weights when trained with EMA, else the model's
+        for prefix in ("model_ema.module.", "model."):
+            if any(k.startswith(prefix) for k in state):
+                return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    for prefix in ("module.", "model.", "_orig_mod."):  # DDP, Lightning, torch.compile wrappers
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` (or ``.pth``/``.pt``/``.bin``/``.ckpt`` with weights_only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # SafetensorError, OSError, ... : say which file
+            raise CheckpointError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from None
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CheckpointError(
+                f"{path} could not be read with torch.load(weights_only=True) (corrupt, or it pickles objects "
+                f"other than tensors, which this loader never executes): {type(error).__name__}: {error}"
+            ) from None
+        return _unwrap_state_dict(obj, path)
+    raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (use .safetensors, .pth, .pt, .bin or .ckpt)")
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """config.json of a released directory (or of the directory holding a .safetensors file); None if absent."""
+    path = Path(path)
+    config_path = path / CONFIG_NAME if path.is_dir() else path.with_name(CONFIG_NAME)
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_name"), str):
+        raise CheckpointError(f"{config_path} has no 'model_name'; was it written by zoo.save_pretrained?")
+    if not isinstance(config.get("model_args", {}), dict):
+        raise CheckpointError(f"{config_path}: 'model_args' must be an object, got {config['model_args']!r}")
+    return config
+
+
+def head_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the model's classifier (those re-initialised when the class count changes):
+    ``model.pretrained_head_keys()``, else the keys under ``default_cfg["classifier"]`` (the model's
+    attribute or its registry entry's), else the keys under ``head.``."""
+    keys_fn = getattr(model, "pretrained_head_keys", None)
+    if callable(keys_fn):
+        return list(keys_fn())
+    state_keys = list(model.state_dict())
+    cfg = getattr(model, "default_cfg", None) or getattr(model, "pretrained_cfg", None) or {}
+    name = getattr(model, "zoo_model_name", None)
+    if not cfg and isinstance(name, str):  # the registry entry's default_cfg (timm style)
+        from zoo.registry import get_model_entry
+
+        cfg = get_model_entry(name).default_cfg
+    classifier = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+    if classifier:
+        prefixes = [classifier] if isinstance(classifier, str) else list(classifier)
+        return [k for k in state_keys if any(k.startswith(p + ".") for p in prefixes)]
+    return [k for k in state_keys if k.startswith("head.")]
+
+
+def _summarise(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "state dict") -> list[str]:
+    """Load ``state`` into ``model`` strictly, except classifier tensors whose shape differs.
+
+    Those keep the model's fresh initialisation (a message is logged). Returns the re-initialised keys.
+    Raises :class:`CheckpointError` naming ``source`` and the missing / unexpected / mis-shaped keys.
+    """
+    own = model.state_dict()
+    heads = set(head_keys(model))
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+    head_mismatch = [k for k in mismatched if k in heads]
+    other_mismatch = [k for k in mismatched if k not in heads]
+    # a checkpoint with a head where the model has none (num_classes=0), or the reverse, is a head change too
+    head_missing = [k for k in missing if k in heads]
+    head_unexpected = [k for k in unexpected if k in heads]
+    missing = [k for k in missing if k not in heads]
+    unexpected = [k for k in unexpected if k not in heads]
+    if missing or unexpected or other_mismatch:
+        lines = [f"{source} does not fit {getattr(model, 'zoo_model_name', type(model).__name__)}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_summarise(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_summarise(unexpected)}")
+        if other_mismatch:
+            shapes = [f"{k} checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in other_mismatch]
+            lines.append(f"  shape mismatches ({len(shapes)}): {_summarise(shapes, 6)}")
+        raise CheckpointError("\n".join(lines))
+    changed = head_mismatch + head_missing + head_unexpected
+    filtered = {k: v for k, v in state.items() if k not in changed}
+    result = model.load_state_dict(filtered, strict=False)
+    leftover = [k for k in result.missing_keys if k not in changed]
+    if leftover or result.unexpected_keys:  # cannot happen after the checks above; keep the guarantee explicit
+        raise CheckpointError(f"{source}: missing {leftover}, unexpected {result.unexpected_keys}")
+    if changed:
+        ckpt_shapes = {k: tuple(state[k].shape) for k in head_mismatch + head_unexpected}
+        model_shapes = {k: tuple(own[k].shape) for k in head_mismatch + head_missing}
+        log.warning(
+            "%s: classifier re-initialised because its shape differs from the checkpoint "
+            "(checkpoint %s, model %s); fine-tune it before use.",
+            source, ckpt_shapes or "no head", model_shapes or "no head",
+        )
+    reinit = head_mismatch + head_missing
+    return reinit
+
+
+def shipped_checkpoints_dir() -> Path:
+    """``checkpoints/`` of the source tree (or ``$ZOO_CHECKPOINTS``)."""
+    env = os.environ.get("ZOO_CHECKPOINTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def list_shipped() -> list[str]:
+    """Names of the models with a checkpoint shipped in :func:`shipped_checkpoints_dir`."""
+    root = shipped_checkpoints_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / WEIGHTS_NAME).is_file())
+
+
+def _resolve_pretrained(name: str, pretrained: Any) -> Path:
+    if pretrained is True:
+        path = shipped_checkpoints_dir() / name
+        if not (path / WEIGHTS_NAME).is_file():
+            shipped = list_shipped()
+            raise FileNotFoundError(
+                f"no shipped checkpoint for {name!r} (looked in {path}); shipped checkpoints: "
+                f"{', '.join(shipped) if shipped else 'none'}. Pass pretrained=<directory or .safetensors> instead."
+            )
+        return path
+    if isinstance(pretrained, (str, os.PathLike)):
+        path = Path(pretrained).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
+        return path
+    raise TypeError(f"pretrained must be False, True or a path, got {type(pretrained).__name__} {pretrained!r}")
+
+
+def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -> nn.Module:
+    """Build ``entry``'s model from a checkpoint (``create_model(name, pretrained=...)`` calls this).
+
+    The checkpoint's recorded constructor arguments apply first, then ``overrides``; weights load strictly
+    except a classifier whose class count changed (re-initialised, with a message).
+    """
+    from zoo.registry import _construct
+
+    path = _resolve_pretrained(entry.name, pretrained)
+    config = read_config(path)
+    args: dict[str, Any] = {}
+    if config is not None:
+        if config["model_name"] != entry.name:
+            log.warning(
+                "%s holds %r weights; loading them into %r (constructor arguments from the checkpoint are kept)",
+                path, config["model_name"], entry.name,
+            )
+        args.update(config.get("model_args", {}))
+    args.update(overrides)
+    model = _construct(entry, args)
+    weights_path = path / WEIGHTS_NAME if path.is_dir() else path
+    state = load_state_dict_file(weights_path)
+    state = _family_filter(entry, state, model, weights_path)
+    load_weights(model, state, source=str(weights_path))
+    return model
+
+
+def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, source: Path) -> dict[str, torch.Tensor]:
+    """Apply the family's ``checkpoint_filter_fn(state_dict, model)`` (timm convention) when its module has
+    one: timm layouts, position embeddings / relative-position tables resized to the model's image size."""
+    import sys
+
+    module = sys.modules.get(entry.module)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if not callable(filter_fn):
+        return state
+    try:
+        return filter_fn(state, model)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{source}: cannot adapt the checkpoint to {entry.name}: {error}") from None
+
+
+def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """Rebuild a model written by :func:`save_pretrained` (a directory, or its ``model.safetensors``).
+
+    ``overrides`` change constructor arguments, e.g. ``num_classes=5`` for fine-tuning (new head).
+    The model is returned in training mode, like :func:`zoo.create_model`; call ``.eval()`` for inference.
+    """
+    from zoo.registry import get_model_entry
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
+    config = read_config(path)
+    if config is None:
+        where = path if path.is_dir() else path.parent
+        raise CheckpointError(
+            f"{where} has no {CONFIG_NAME}; from_pretrained needs the directory written by zoo.save_pretrained "
+            f"(for a bare weights file use zoo.create_model(<name>, pretrained='{path}'))"
+        )
+    entry = get_model_entry(config["model_name"])
+    model = load_pretrained_into(entry, str(path), overrides)
+    model.zoo_pretrained_metadata = dict(config.get("metadata") or {})  # type: ignore[attr-defined]
+    return model

@@ -1,0 +1,53 @@
+"""Atomic training checkpoints.
+
+Lightning writes ``.ckpt`` files with ``torch.save`` straight to their final path, so a run killed while
+saving (pre-emption, out of disk, Ctrl-C) can leave a truncated ``last.ckpt`` that cannot be resumed.
+:class:`AtomicCheckpointIO` writes to a temporary file in the same directory, flushes it to disk and then
+``os.replace``-s it over the target (atomic on POSIX and Windows), so the previous checkpoint stays valid
+until the new one is complete. It is passed to the Trainer as a plugin (``zoo train`` always does), which
+covers every ModelCheckpoint file and ``trainer.save_checkpoint``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through ``<dir>/.<name>.<random>.tmp`` + fsync + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO whose ``save_checkpoint`` never leaves a partial file at the target path."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint does not take storage_options ({storage_options!r})"
+            )
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path)  # remote file systems: no local rename
+        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))

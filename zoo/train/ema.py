@@ -1,0 +1,53 @@
+"""Exponential moving average of model weights (Polyak averaging; the update of timm's ``ModelEmaV3``).
+
+``ema = decay_t * ema + (1 - decay_t) * weights`` after every optimiser step. With ``warmup`` the decay
+follows TensorFlow's ``tf.train.ExponentialMovingAverage(num_updates=t)``:
+``decay_t = min(decay, (1 + t) / (10 + t))``, so early averages are not dominated by the random
+initialisation; without it ``decay_t = decay`` (equal to timm ``ModelEmaV3(use_warmup=False)``, tested). Buffers (e.g. BatchNorm statistics) are copied, not averaged.
+The copy is a submodule of the LightningModule, so it is saved in and resumed from ``.ckpt`` files.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ModelEma"]
+
+
+class ModelEma(nn.Module):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
+        self.module = copy.deepcopy(model).eval()
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        t = int(self.num_updates)
+        return min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = dict(self.module.named_parameters())
+        for name, param in model.named_parameters():
+            ema = ema_params[name]
+            ema.lerp_(param.detach().to(ema.dtype), 1.0 - decay)
+        ema_buffers = dict(self.module.named_buffers())
+        for name, buffer in model.named_buffers():
+            ema_buffers[name].copy_(buffer)
+        self.num_updates += 1
+
+    def train(self, mode: bool = True):  # the averaged copy always evaluates in eval mode
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -1,0 +1,115 @@
+"""Task-independent LightningModule base: a plain ``nn.Module`` in, AdamW + warm-up/cosine out.
+
+The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and write only their
+``training_step``/``validation_step``/metrics. The base provides
+
+* the model as ``self.model`` (built elsewhere -- by Hydra via ``zoo.create_model`` -- as in
+  lightning-hydra-template), its registry name and constructor arguments stored in the hyper-parameters
+  (``model_name``, ``model_args``) so a ``.ckpt`` can rebuild it without Hydra;
+* AdamW with no weight decay on norms/biases/position tables, optional layer-wise lr decay, and a
+  per-step linear warm-up + cosine schedule (:mod:`zoo.train.optim`);
+* an optional EMA copy of the weights (:mod:`zoo.train.ema`) used for evaluation and export;
+* reseeding of the global RNGs before every training batch from ``(seed, epoch, batch index, rank)``:
+  with the data modules' epoch-seeded sampler and per-sample augmentation seeds, a run resumed from a
+  checkpoint replays exactly what the uninterrupted run would have done (dropout, mixup, augmentation
+  included), whatever else drew random numbers in between (e.g. DataLoader iterator creation);
+* optional channels-last memory format for the model and its inputs.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn as nn
+
+from zoo.train.ema import ModelEma
+from zoo.train.optim import param_groups, warmup_cosine
+
+__all__ = ["ZooModule"]
+
+
+class ZooModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: Sequence[float] = (0.9, 0.999),
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        layer_decay: Optional[float] = None,
+        ema_decay: float = 0.0,
+        channels_last: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__} needs an nn.Module as model, got {type(model).__name__}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        if layer_decay is not None and not 0.0 < float(layer_decay) <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay!r}")
+        if not 0.0 <= float(ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
+        self.model = model
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model_ema = ModelEma(self.model, float(ema_decay)) if ema_decay > 0 else None
+        self._opt_cfg = dict(
+            lr=float(lr), weight_decay=float(weight_decay), betas=tuple(float(b) for b in betas),
+            warmup_epochs=float(warmup_epochs), min_lr_ratio=float(min_lr_ratio),
+            layer_decay=None if layer_decay is None else float(layer_decay),
+        )
+        self.seed = int(seed)
+
+    # -------------------------------------------------------------- bookkeeping
+    def record_model_spec(self, extra: Optional[dict[str, Any]] = None) -> None:
+        """Put the model's registry name/arguments (and ``extra``) into the saved hyper-parameters."""
+        name = getattr(self.model, "zoo_model_name", None)
+        args = getattr(self.model, "zoo_model_args", None)
+        if name is not None:
+            self.hparams["model_name"] = name
+            self.hparams["model_args"] = dict(args or {})
+        for key, value in (extra or {}).items():
+            self.hparams[key] = value
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights used for validation, test, prediction and export (the EMA copy when enabled)."""
+        return self.model_ema.module if self.model_ema is not None else self.model
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # -------------------------------------------------------------- determinism
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        seed = hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) % (2**31 - 1)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.model_ema is not None:
+            self.model_ema.update(self.model)
+
+    # -------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        cfg = self._opt_cfg
+        groups = param_groups(self.model, cfg["weight_decay"], cfg["layer_decay"])
+        for group in groups:
+            group["lr"] = cfg["lr"] * group["lr_scale"]
+            group.pop("param_names")
+        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=cfg["betas"])
+        total = int(self.trainer.estimated_stepping_batches)
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = int(round(cfg["warmup_epochs"] * total / max_epochs))
+        min_ratio = cfg["min_lr_ratio"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

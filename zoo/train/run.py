@@ -1,0 +1,377 @@
+"""What ``zoo train`` / ``zoo eval`` / ``zoo predict`` do, as functions (the CLI only parses arguments).
+
+Configs come from the installed package ``zoo.configs`` through Hydra's compose API
+(``initialize_config_module("zoo.configs")``), so they work from a wheel as well as from the source tree.
+
+* :func:`compose` -- the composed, validated config for a list of Hydra overrides.
+* :func:`build` -- (LightningModule, LightningDataModule) from a config: ``data`` and ``model`` are
+  instantiated (the model through ``zoo.create_model``) and handed to the ``task`` module. A task config
+  without ``_target_`` but with ``module: <python module>`` delegates to that module's
+  ``build(cfg) -> (LightningModule, DataModule, ...)`` (the graph task does this).
+* :func:`train` -- fit (resuming from ``ckpt_path``), test, and export ``<run_dir>/released``. Every
+  run directory holds ``config.yaml`` (resolved), ``checkpoints/{best,last}.ckpt`` (atomic writes),
+  ``csv/metrics.csv``, ``tensorboard/`` and ``metrics.json``.
+* :func:`evaluate` / :func:`predict` -- from a ``.ckpt`` (which stores the resolved run config and the
+  model's registry name and arguments in its hyper-parameters, all plain data, so it loads with
+  ``torch.load(weights_only=True)``) or from a released directory.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+__all__ = ["compose", "build", "train", "evaluate", "predict", "load_for_inference", "CONFIG_MODULE"]
+
+CONFIG_MODULE = "zoo.configs"
+RUN_DIR_ENV = "ZOO_RUN_DIR"  # lets DDP worker processes (re-launched with the same argv) share run_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+def compose(overrides: Sequence[str] = (), config_name: str = "train"):
+    """Compose ``zoo.configs/<config_name>.yaml`` with Hydra ``overrides`` (``key=value``, ``group=option``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (or group=option)")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    except HydraException as error:
+        raise ValueError(f"invalid config overrides {overrides}: {error}") from None
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def _to_container(node) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+
+
+def _call_target(node, **extra):
+    """Instantiate a config node with ``_target_`` by calling the target with plain (resolved) values."""
+    from hydra.utils import get_object
+
+    kwargs = _to_container(node)
+    target = kwargs.pop("_target_", None)
+    kwargs.pop("_convert_", None)
+    kwargs.pop("_recursive_", None)
+    if target is None:
+        raise ValueError(f"config node has no _target_: {sorted(kwargs)}")
+    return get_object(target)(**kwargs, **extra)
+
+
+def _resolve_run_dir(cfg) -> Path:
+    run_dir = cfg.get("run_dir") or os.environ.get(RUN_DIR_ENV)
+    if not run_dir and cfg.get("ckpt_path"):
+        ckpt = Path(cfg.ckpt_path)
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    if not run_dir:
+        stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        run_dir = Path("outputs") / str(cfg.get("name") or "run") / stamp
+    run_dir = Path(run_dir).expanduser().absolute()
+    cfg.run_dir = str(run_dir)
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------------
+def build(cfg, model: Optional[torch.nn.Module] = None):
+    """(LightningModule, DataModule) for ``cfg``; ``model`` replaces ``cfg.model`` when given."""
+    from omegaconf import OmegaConf
+
+    task = cfg.task
+    if "_target_" not in task and task.get("module"):
+        built = importlib.import_module(str(task.module)).build(cfg)
+        return built[0], built[1]
+    datamodule = _call_target(cfg.data)
+    if model is None:
+        model = _call_target(cfg.model)
+    module = _call_target(task, model=model)
+    if hasattr(module, "hparams"):
+        module.hparams["zoo_config"] = _to_container(cfg)
+        if hasattr(datamodule, "describe"):
+            module.hparams["data_info"] = datamodule.describe()
+    return module, datamodule
+
+
+def _trainer(cfg, *, callbacks: Optional[list] = None, loggers: Optional[list] = None, **extra):
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    from zoo.train.checkpoint import AtomicCheckpointIO
+
+    from omegaconf import OmegaConf
+
+    kwargs = {}
+    for key, value in cfg.trainer.items():
+        if key in ("_target_", "_convert_") or value is None:
+            continue
+        if OmegaConf.is_dict(value) and "_target_" in value:
+            kwargs[key] = instantiate(value)
+        else:
+            kwargs[key] = _to_container(value) if OmegaConf.is_config(value) else value
+    kwargs.update(extra)
+    kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+    if callbacks is not None:
+        kwargs["callbacks"] = callbacks
+    if loggers is not None:
+        kwargs["logger"] = loggers if loggers else False
+    if not any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in kwargs.get("callbacks", []) or []):
+        kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(**kwargs)
+
+
+def _instantiate_group(node) -> list:
+    if node is None:
+        return []
+    return [_call_target(item) for item in node.values() if item is not None and "_target_" in item]
+
+
+def _float_metrics(metrics: dict) -> dict[str, float]:
+    return {str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# train / evaluate / predict
+# --------------------------------------------------------------------------------------------------
+def train(cfg) -> dict[str, Any]:
+    """Fit, test and export as configured; returns {"run_dir", "metrics", "last_ckpt", "released", "seconds", ...}."""
+    run_dir = _resolve_run_dir(cfg)
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers are re-launched with the same argv: same run_dir
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def _train(cfg, run_dir: Path) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from omegaconf import OmegaConf
+
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (give the .ckpt to resume from)")
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    module, datamodule = build(cfg)
+    trainer = _trainer(cfg, callbacks=_instantiate_group(cfg.get("callbacks")), loggers=_instantiate_group(cfg.get("logger")))
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+    seconds = time.perf_counter() - start
+    metrics = _float_metrics(trainer.callback_metrics)
+    if cfg.get("test", True):
+        results = trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
+        metrics.update(_float_metrics(results[0] if results else {}))
+    result: dict[str, Any] = {"run_dir": str(run_dir), "metrics": metrics, "seconds": seconds, "released": None,
+                              "last_ckpt": None, "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+                              "world_size": int(trainer.world_size), "global_zero": bool(trainer.is_global_zero)}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        result["last_ckpt"] = str(last)
+    if trainer.is_global_zero:
+        if cfg.get("export", True):
+            released = export_released(module, datamodule, cfg, run_dir / "released", metrics, seconds)
+            result["released"] = str(released) if released is not None else None
+        (run_dir / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "metrics"} | {"metrics": metrics}, indent=2) + "\n")
+    return result
+
+
+def export_released(module, datamodule, cfg, directory: Path, metrics: dict, seconds: float) -> Optional[Path]:
+    """save_pretrained of the weights used for evaluation (EMA when enabled), with data/metric metadata."""
+    import zoo
+
+    model = getattr(module, "model", None)
+    if model is None or not hasattr(model, "zoo_model_name"):
+        return None
+    weights = getattr(module, "eval_model", model)
+    state = weights.state_dict() if weights is not model else None
+    metadata = {
+        "experiment": cfg.get("name"),
+        "data": datamodule.describe() if hasattr(datamodule, "describe") else {},
+        "metrics": metrics,
+        "train_seconds": round(seconds, 1),
+        "zoo_config": _to_container(cfg),
+    }
+    return zoo.save_pretrained(model, directory, metadata=metadata, state_dict=state)
+
+
+def _load_ckpt(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read training checkpoint {path} (corrupt, or not written by zoo train): {error}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    hp = ckpt.get("hyper_parameters") or {}
+    if "zoo_config" not in hp:
+        raise ValueError(f"{path} has no zoo_config in its hyper-parameters; was it written by `zoo train`?")
+    return ckpt
+
+
+def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
+    """(cfg, model, LightningModule state_dict or None, preprocessing info) from a .ckpt or a released directory."""
+    import zoo
+    from omegaconf import OmegaConf
+
+    path = Path(ckpt).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".ckpt":
+        checkpoint = _load_ckpt(path)
+        hp = checkpoint["hyper_parameters"]
+        cfg = OmegaConf.create(hp["zoo_config"])
+        model = zoo.create_model(hp["model_name"], **hp.get("model_args", {})) if "model_name" in hp else None
+        state = checkpoint["state_dict"]
+        info = dict(hp.get("data_info") or {})
+    else:
+        from zoo.hub import read_config
+
+        config = read_config(path)
+        if config is None:
+            raise ValueError(f"{path}: expected a .ckpt from zoo train or a directory written by zoo.save_pretrained")
+        meta = config.get("metadata") or {}
+        model = zoo.from_pretrained(path)
+        cfg = OmegaConf.create(meta.get("zoo_config") or {})
+        if "task" not in cfg:
+            raise ValueError(f"{path}: config.json has no metadata.zoo_config (not exported by zoo train); use zoo.from_pretrained")
+        if "ema_decay" in cfg.task:  # released weights are already the EMA average
+            cfg.task.ema_decay = 0.0
+        state = None
+        info = dict(meta.get("data") or {})
+    OmegaConf.set_struct(cfg, False)
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    cfg.model.pretrained = False
+    return cfg, model, state, info
+
+
+def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: str = "test") -> dict[str, float]:
+    """Test metrics of a ``.ckpt`` or released directory on its configured data (``data.*`` overridable)."""
+    cfg, model, state, _ = _inference_source(ckpt, overrides)
+    module, datamodule = build(cfg, model=model)
+    if state is not None:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{ckpt}: state dict does not fit the configured module: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    trainer = _trainer(cfg, callbacks=[], loggers=[], devices=1, strategy="auto", enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False, limit_test_batches=None, limit_val_batches=None)
+    if split == "val":
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    elif split == "test":
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
+    else:
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    return _float_metrics(results[0] if results else {})
+
+
+def load_for_inference(ckpt: str | os.PathLike):
+    """(model in eval mode -- the EMA weights when trained with EMA --, preprocessing info dict)."""
+    cfg, model, state, info = _inference_source(ckpt)
+    if model is None:
+        raise ValueError(f"{ckpt}: the checkpoint does not name a registered model (model_name)")
+    if state is not None:
+        prefix = "model_ema.module." if any(k.startswith("model_ema.module.") for k in state) else "model."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        from zoo.hub import load_weights
+
+        load_weights(model, weights, source=str(ckpt))
+    if not info:
+        data = cfg.get("data") or {}
+        info = {k: data.get(k) for k in ("img_size", "in_chans", "mean", "std")}
+    return model.eval(), info
+
+
+def _collect_inputs(spec: str) -> list[tuple[str, Any]]:
+    from zoo.tasks.vision.data import IMAGE_EXTENSIONS
+
+    if spec.startswith("digits:"):
+        return [(spec, "digits")]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(f"input folder {path} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        return [(str(p), p) for p in files]
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} does not exist (give an image file, a folder of images, or digits:<index>)")
+    return [(str(path), path)]
+
+
+def _digits_image(spec: str, img_size: int, in_chans: int, mean, std) -> torch.Tensor:
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images
+    try:
+        index = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"input={spec!r}: expected digits:<index>") from None
+    if not 0 <= index < len(images):
+        raise ValueError(f"input={spec!r}: index out of range 0..{len(images) - 1}")
+    x = torch.tensor(images[index], dtype=torch.float32)[None, None] / 16.0
+    if x.shape[-1] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp(0, 1)
+    x = x.expand(1, in_chans, img_size, img_size)[0]
+    mean_t = torch.tensor(mean if len(mean) == in_chans else list(mean) * in_chans, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std if len(std) == in_chans else list(std) * in_chans, dtype=torch.float32).view(-1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
+    """Top-``topk`` classes for image files / folders / ``digits:<index>``: [{"input", "top": [(class, prob)]}]."""
+    from zoo.tasks.vision.data import load_image_file
+
+    model, info = load_for_inference(ckpt)
+    img_size = info.get("img_size") or (model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else None)
+    if not img_size:
+        raise ValueError(f"{ckpt}: no preprocessing facts (img_size) stored; use a .ckpt or released directory from zoo train")
+    img_size = int(img_size)
+    in_chans = int(info.get("in_chans") or getattr(model, "in_chans", 3))
+    mean, std = list(info.get("mean") or [0.5]), list(info.get("std") or [0.5])
+    names = list(info.get("class_names") or [])
+    items = [item for spec in inputs for item in _collect_inputs(spec)]
+    if not items:
+        raise ValueError("no inputs given (input=<image file | folder | digits:<index>>)")
+    tensors = [
+        _digits_image(label, img_size, in_chans, mean, std) if source == "digits" else load_image_file(source, img_size, in_chans, mean, std)
+        for label, source in items
+    ]
+    results = []
+    with torch.no_grad():
+        for start in range(0, len(tensors), batch_size):
+            batch = torch.stack(tensors[start : start + batch_size])
+            probs = model(batch).float().softmax(-1)
+            values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+            for offset, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
+                label = items[start + offset][0]
+                top = [(names[i] if i < len(names) else str(i), float(v)) for v, i in zip(vals, idxs)]
+                results.append({"input": label, "top": top})
+    return results
