@@ -1,0 +1,351 @@
+"""Graph datasets: offline defaults (no download) and adapters for real data in a local root.
+
+Node classification (one graph, transductive; each loader returns a dict with x [N, F] float,
+edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, num_classes, name):
+
+* ``karate``     -- PyG's KarateClub (Zachary 1977; 34 nodes, 4 community labels, 1 training node per
+                    class; features are one-hot node ids). Shipped inside torch_geometric.
+* ``sbm``        -- a stochastic-block-model graph generated here (torch_geometric.utils
+                    .stochastic_blockmodel_graph for the edges, class-dependent Gaussian features).
+                    PyG's StochasticBlockModelDataset itself fails with scikit-learn >= 1.4 (it hands a
+                    tensor to make_classification), so its recipe is reimplemented.
+* ``networkx:<name>`` -- networkx's bundled graphs: karate_club (labels: "club"), les_miserables,
+                    florentine_families, davis_southern_women (labels: greedy-modularity communities,
+                    derived, stated as such). Features: one-hot node ids.
+* ``planetoid:<Cora|CiteSeer|PubMed>`` -- the Planetoid splits (Yang et al. 2016) read by PyG's Planetoid
+                    from ``root/<Name>/raw/ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index}``;
+                    a missing file raises FileNotFoundError naming every missing path (no download).
+* ``ogb:<ogbn-arxiv|ogbn-products|...>`` -- OGB node-property data in the OGB raw layout
+                    ``root/<ogbn_name>/raw/{edge,node-feat,node-label}.csv.gz`` and
+                    ``root/<ogbn_name>/split/<scheme>/{train,valid,test}.csv.gz`` (ogb is not required).
+
+Graph classification: ``synthetic_graphs`` -- random graphs from three generators (Erdos-Renyi,
+Barabasi-Albert, Watts-Strogatz; label = generator) with degree/clustering features.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:
+    import lightning as L
+except ImportError:  # pragma: no cover
+    L = None
+
+__all__ = [
+    "load_node_dataset",
+    "karate_club",
+    "stochastic_block_model",
+    "networkx_graph",
+    "planetoid",
+    "ogb_node",
+    "random_split_masks",
+    "synthetic_graph_classification",
+    "NodeDataModule",
+    "GraphClassificationDataModule",
+    "NETWORKX_GRAPHS",
+]
+
+
+def _undirected(edge_index: Tensor) -> Tensor:
+    both = torch.cat([edge_index, edge_index.flip(0)], dim=1)
+    both = both[:, both[0] != both[1]]
+    return torch.unique(both, dim=1)
+
+
+def random_split_masks(y: Tensor, num_train_per_class: int = 20, num_val: int = 500, seed: int = 0):
+    """Planetoid-style split: ``num_train_per_class`` random nodes per class for training, then
+    ``num_val`` of the rest for validation (capped at half of it), the remainder for test."""
+    g = torch.Generator().manual_seed(seed)
+    n = y.numel()
+    train = torch.zeros(n, dtype=torch.bool)
+    for c in torch.unique(y):
+        idx = (y == c).nonzero().view(-1)
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        train[idx[: min(num_train_per_class, max(1, idx.numel() // 2))]] = True
+    rest = (~train).nonzero().view(-1)
+    rest = rest[torch.randperm(rest.numel(), generator=g)]
+    nv = min(num_val, rest.numel() // 2)
+    val = torch.zeros(n, dtype=torch.bool)
+    val[rest[:nv]] = True
+    test = ~(train | val)
+    return train, val, test
+
+
+def _pack(name, x, edge_index, y, train, val, test) -> dict:
+    return {"name": name, "x": x.float(), "edge_index": edge_index.long(), "y": y.long(), "train_mask": train,
+            "val_mask": val, "test_mask": test, "num_classes": int(y.max()) + 1}
+
+
+def karate_club() -> dict:
+    """PyG's KarateClub: 34 nodes, 4 classes, one labelled training node per class (PyG's mask);
+    the other 30 nodes split 15 / 15 into validation and test."""
+    from torch_geometric.datasets import KarateClub
+
+    d = KarateClub()[0]
+    rest = (~d.train_mask).nonzero().view(-1)
+    val = torch.zeros_like(d.train_mask)
+    val[rest[::2]] = True
+    test = ~(d.train_mask | val)
+    return _pack("karate", d.x, d.edge_index, d.y, d.train_mask.clone(), val, test)
+
+
+def stochastic_block_model(block_sizes=(60, 60, 60), p_in: float = 0.1, p_out: float = 0.01,
+                           num_channels: int = 16, feature_noise: float = 2.0, seed: int = 0) -> dict:
+    """An SBM graph: nodes of block b connect with probability p_in inside, p_out across; features
+    are a class-specific random mean plus Gaussian noise of std ``feature_noise``; label = block."""
+    from torch_geometric.utils import stochastic_blockmodel_graph
+
+    torch.manual_seed(seed)  # stochastic_blockmodel_graph draws from the global generator
+    k = len(block_sizes)
+    probs = torch.full((k, k), float(p_out))
+    probs.fill_diagonal_(float(p_in))
+    edge_index = stochastic_blockmodel_graph(torch.tensor(block_sizes), probs, directed=False)
+    y = torch.arange(k).repeat_interleave(torch.tensor(block_sizes))
+    g = torch.Generator().manual_seed(seed + 1)
+    means = torch.randn(k, num_channels, generator=g)
+    x = means[y] + feature_noise * torch.randn(y.numel(), num_channels, generator=g)
+    train, val, test = random_split_masks(y, num_train_per_class=5, num_val=y.numel() // 4, seed=seed)
+    return _pack("sbm", x, edge_index, y, train, val, test)
+
+
+NETWORKX_GRAPHS = ("karate_club", "les_miserables", "florentine_families", "davis_southern_women")
+
+
+def networkx_graph(name: str, seed: int = 0) -> dict:
+    """One of networkx's bundled graphs as a node-classification problem (see module docstring)."""
+    import networkx as nx
+
+    makers = {
+        "karate_club": nx.karate_club_graph,
+        "les_miserables": nx.les_miserables_graph,
+        "florentine_families": nx.florentine_families_graph,
+        "davis_southern_women": nx.davis_southern_women_graph,
+    }
+    if name not in makers:
+        raise ValueError(f"unknown networkx graph {name!r}; choose one of {NETWORKX_GRAPHS}")
+    G = makers[name]()
+    nodes = list(G.nodes())
+    index = {v: i for i, v in enumerate(nodes)}
+    if name == "karate_club":
+        clubs = sorted({G.nodes[v]["club"] for v in nodes})
+        y = torch.tensor([clubs.index(G.nodes[v]["club"]) for v in nodes])
+    else:
+        comms = nx.algorithms.community.greedy_modularity_communities(G)
+        label = {v: c for c, members in enumerate(comms) for v in members}
+        y = torch.tensor([label[v] for v in nodes])
+    edges = torch.tensor([[index[a], index[b]] for a, b in G.edges()], dtype=torch.long).t()
+    edge_index = _undirected(edges)
+    x = torch.eye(len(nodes))
+    train, val, test = random_split_masks(y, num_train_per_class=2, num_val=len(nodes) // 4, seed=seed)
+    return _pack(f"networkx:{name}", x, edge_index, y, train, val, test)
+
+
+PLANETOID = {"cora": "Cora", "citeseer": "CiteSeer", "pubmed": "PubMed"}
+
+
+def planetoid(name: str, root: str) -> dict:
+    """Planetoid (Cora, CiteSeer, PubMed) with the public split, from ``root`` (no download)."""
+    key = name.lower()
+    if key not in PLANETOID:
+        raise ValueError(f"unknown Planetoid dataset {name!r}; choose one of {sorted(PLANETOID.values())}")
+    if not root:
+        raise ValueError("planetoid needs data.root: a folder holding <Name>/raw/ind.<name>.*")
+    proper = PLANETOID[key]
+    raw = os.path.join(root, proper, "raw")
+    needed = [os.path.join(raw, f"ind.{key}.{s}") for s in ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")]
+    missing = [p for p in needed if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"Planetoid {proper}: {len(missing)} raw file(s) missing under {raw} (downloads are disabled): "
+            + ", ".join(missing)
+            + ". Get them from https://github.com/kimiyoung/planetoid (data/) and place them there."
+        )
+    from torch_geometric.datasets import Planetoid
+
+    d = Planetoid(root, proper)[0]
+    return _pack(f"planetoid:{proper}", d.x, d.edge_index, d.y, d.train_mask, d.val_mask, d.test_mask)
+
+
+def _read_csv_gz(path: str, dtype) -> np.ndarray:
+    with gzip.open(path, "rt") as f:
+        return np.loadtxt(f, delimiter=",", dtype=dtype, ndmin=2)
+
+
+def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
+    """An OGB node-property dataset (e.g. ogbn-arxiv) from its raw CSV layout under ``root``."""
+    if not root:
+        raise ValueError("ogb needs data.root: a folder holding <ogbn_name>/raw and <ogbn_name>/split")
+    folder = os.path.join(root, name.replace("-", "_"))
+    split_root = os.path.join(folder, "split")
+    if split is None and os.path.isdir(split_root):
+        schemes = sorted(os.listdir(split_root))
+        split = schemes[0] if schemes else None
+    split_dir = os.path.join(split_root, split or "<scheme>")
+    needed = [os.path.join(folder, "raw", f) for f in ("edge.csv.gz", "node-feat.csv.gz", "node-label.csv.gz")]
+    needed += [os.path.join(split_dir, f"{s}.csv.gz") for s in ("train", "valid", "test")]
+    missing = [p for p in needed if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"OGB {name}: {len(missing)} file(s) missing (downloads are disabled): " + ", ".join(missing)
+            + ". Unpack the dataset zip from https://ogb.stanford.edu (nodeproppred) into " + root
+        )
+    edges = torch.from_numpy(_read_csv_gz(needed[0], np.int64)).t()
+    x = torch.from_numpy(_read_csv_gz(needed[1], np.float32))
+    y = torch.from_numpy(_read_csv_gz(needed[2], np.float64)).view(-1)
+    labelled = ~torch.isnan(y)
+    y = torch.nan_to_num(y, nan=0.0).long()
+    n = x.size(0)
+    masks = []
+    for p in needed[3:]:
+        m = torch.zeros(n, dtype=torch.bool)
+        m[torch.from_numpy(_read_csv_gz(p, np.int64)).view(-1)] = True
+        masks.append(m & labelled)
+    return _pack(f"ogb:{name}", x, _undirected(edges), y, *masks)
+
+
+def load_node_dataset(name: str, root: Optional[str] = None, seed: int = 0, **kwargs) -> dict:
+    """Dispatch on ``name`` (see the module docstring)."""
+    if name == "karate":
+        return karate_club()
+    if name == "sbm":
+        return stochastic_block_model(seed=seed, **kwargs)
+    if name.startswith("networkx:"):
+        return networkx_graph(name.split(":", 1)[1], seed=seed)
+    if name.startswith("planetoid:"):
+        return planetoid(name.split(":", 1)[1], root)
+    if name.startswith("ogb:"):
+        return ogb_node(name.split(":", 1)[1], root, **kwargs)
+    raise ValueError(
+        f"unknown node dataset {name!r}: use karate, sbm, networkx:<{'|'.join(NETWORKX_GRAPHS)}>, "
+        "planetoid:<Cora|CiteSeer|PubMed> or ogb:<ogbn-...>"
+    )
+
+
+def synthetic_graph_classification(num_graphs: int = 300, min_nodes: int = 12, max_nodes: int = 30,
+                                   seed: int = 0) -> list[dict]:
+    """Random graphs labelled by their generator: 0 Erdos-Renyi, 1 Barabasi-Albert, 2 Watts-Strogatz
+    (matched mean degree ~4). Node features [8]: degree / 10, clustering coefficient, 6 random dims."""
+    import networkx as nx
+
+    rng = np.random.default_rng(seed)
+    graphs = []
+    for i in range(num_graphs):
+        n = int(rng.integers(min_nodes, max_nodes + 1))
+        label = i % 3
+        s = int(rng.integers(1 << 30))
+        if label == 0:
+            G = nx.gnp_random_graph(n, 4.0 / (n - 1), seed=s)
+        elif label == 1:
+            G = nx.barabasi_albert_graph(n, 2, seed=s)
+        else:
+            G = nx.watts_strogatz_graph(n, 4, 0.1, seed=s)
+        edges = torch.tensor(list(G.edges()), dtype=torch.long).t().reshape(2, -1)
+        deg = torch.tensor([G.degree(v) for v in range(n)], dtype=torch.float32)
+        clus = torch.tensor([nx.clustering(G, v) for v in range(n)], dtype=torch.float32)
+        x = torch.cat([deg[:, None] / 10, clus[:, None], torch.from_numpy(rng.normal(size=(n, 6))).float()], 1)
+        graphs.append({"x": x, "edge_index": _undirected(edges), "y": label})
+    return graphs
+
+
+def collate_graphs(graphs: list[dict]) -> dict:
+    """Disjoint union of small graphs: x, edge_index (offset), batch [N], num_graphs, y [G]."""
+    xs, eis, batch, offset = [], [], [], 0
+    for i, g in enumerate(graphs):
+        xs.append(g["x"])
+        eis.append(g["edge_index"] + offset)
+        batch.append(torch.full((g["x"].size(0),), i, dtype=torch.long))
+        offset += g["x"].size(0)
+    return {"x": torch.cat(xs), "edge_index": torch.cat(eis, 1), "batch": torch.cat(batch),
+            "num_graphs": len(graphs), "y": torch.tensor([g["y"] for g in graphs], dtype=torch.long)}
+
+
+_Base = L.LightningDataModule if L is not None else object
+
+
+class NodeDataModule(_Base):
+    """One graph, full batch: every loader yields the same single batch dict (masks select the split)."""
+
+    def __init__(self, name: str = "karate", root: Optional[str] = None, seed: int = 0,
+                 num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "node",
+                 **kwargs):
+        super().__init__()
+        if model_kind != "node":
+            raise ValueError(f"node-classification data need model_kind='node', got {model_kind!r}")
+        self.model_kind = model_kind
+        self.name, self.root, self.seed, self.kwargs = name, root, seed, kwargs
+        self.expected = {"num_features": num_features, "num_classes": num_classes}
+        self.data: Optional[dict] = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.data is None:
+            data = load_node_dataset(self.name, self.root, seed=self.seed, **self.kwargs)
+            actual = {"num_features": data["x"].size(1), "num_classes": data["num_classes"]}
+            for key, want in self.expected.items():
+                if want is not None and int(want) != actual[key]:
+                    raise ValueError(
+                        f"dataset {self.name!r} has {key}={actual[key]} but the config says {want} "
+                        f"(set data.{key}={actual[key]})"
+                    )
+            self.data = data
+
+    @property
+    def num_features(self) -> int:
+        self.setup()
+        return self.data["x"].size(1)
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return self.data["num_classes"]
+
+    def _loader(self):
+        batch = {k: v for k, v in self.data.items() if isinstance(v, torch.Tensor)}
+        return torch.utils.data.DataLoader([batch], batch_size=None)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()
+
+    def test_dataloader(self):
+        return self._loader()
+
+
+class GraphClassificationDataModule(_Base):
+    """Mini-batches of the synthetic graph-classification set (70 / 15 / 15 split)."""
+
+    def __init__(self, num_graphs: int = 300, batch_size: int = 32, seed: int = 0,
+                 num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "graph"):
+        super().__init__()
+        if (num_features not in (None, 8)) or (num_classes not in (None, 3)) or model_kind != "graph":
+            raise ValueError("synthetic graph classification has num_features=8, num_classes=3, model_kind='graph'")
+        self.model_kind = model_kind
+        self.num_graphs, self.batch_size, self.seed = num_graphs, batch_size, seed
+        self.splits: Optional[dict] = None
+        self.num_classes, self.num_features = 3, 8
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits is None:
+            graphs = synthetic_graph_classification(self.num_graphs, seed=self.seed)
+            a, b = int(0.7 * len(graphs)), int(0.85 * len(graphs))
+            self.splits = {"train": graphs[:a], "val": graphs[a:b], "test": graphs[b:]}
+
+    def _loader(self, split, shuffle):
+        return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
+                                           collate_fn=collate_graphs)
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)

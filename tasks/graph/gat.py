@@ -1,0 +1,259 @@
+"""Graph attention networks: node classifiers, graph classifiers and the DictionaryLookup model.
+
+Papers: Velickovic et al., "Graph Attention Networks" (ICLR 2018, arXiv:1710.10903) -- GAT, and its
+transductive recipe (2 layers, 8 heads x 8 hidden, ELU, dropout 0.6 on features and attention, a last
+layer with 1 head (Cora) or 8 averaged heads (PubMed)); Brody, Alon, Yahav, "How Attentive are Graph
+Attention Networks?" (ICLR 2022, arXiv:2105.14491) -- GATv2 and the DictionaryLookup benchmark
+(official code: tech-srl/how_attentive_are_gats, dictionary_lookup/models/graph_model.py).
+
+The attention layers are zoo.attention.GATv2Conv / GATConv (PyG-compatible, fused edge softmax); a
+model picks one with ``conv="gatv2" | "gat"``.
+
+Letters: N nodes, E edges, F input features, C hidden channels per head, H heads, K classes,
+G graphs in a batch, k the DictionaryLookup size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from zoo.attention.graph import GATConv, GATv2Conv
+from zoo.registry import register_model
+
+__all__ = ["make_conv", "GATNodeClassifier", "GATGraphClassifier", "DictionaryLookupNet", "global_mean_pool"]
+
+CONVS = ("gatv2", "gat")
+
+
+def make_conv(conv: str, in_channels, out_channels: int, **kwargs) -> nn.Module:
+    """A GATv2Conv or GATConv; GATConv ignores GATv2-only arguments (share_weights)."""
+    if conv == "gatv2":
+        return GATv2Conv(in_channels, out_channels, **kwargs)
+    if conv == "gat":
+        kwargs.pop("share_weights", None)
+        return GATConv(in_channels, out_channels, **kwargs)
+    raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
+
+
+def global_mean_pool(x_NC: Tensor, batch_N: Tensor, num_graphs: int) -> Tensor:
+    """Mean of the node features of each graph -> [G, C]."""
+    sums = x_NC.new_zeros(num_graphs, x_NC.size(1)).index_add_(0, batch_N, x_NC)
+    counts = torch.bincount(batch_N, minlength=num_graphs).clamp_(min=1).to(x_NC.dtype)
+    return sums / counts[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Node classification (transductive, full batch)
+# ----------------------------------------------------------------------------------------------------
+class GATNodeClassifier(nn.Module):
+    """Velickovic et al.'s transductive GAT (or GATv2): ``num_layers`` attention layers, hidden ones
+    with ``heads`` concatenated heads and ELU, the last with ``out_heads`` averaged heads -> K logits.
+    Dropout ``dropout`` on the inputs of every layer and on the attention coefficients."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        hidden_channels: int = 8,
+        heads: int = 8,
+        out_heads: int = 1,
+        num_layers: int = 2,
+        conv: str = "gatv2",
+        dropout: float = 0.6,
+        share_weights: bool = False,
+        residual: bool = False,
+        add_self_loops: bool = True,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.num_classes = num_classes
+        self.dropout = dropout
+        common = dict(dropout=dropout, share_weights=share_weights, residual=residual,
+                      add_self_loops=add_self_loops)
+        self.convs = nn.ModuleList()
+        dim = in_channels
+        for _ in range(num_layers - 1):
+            self.convs.append(make_conv(conv, dim, hidden_channels, heads=heads, **common))
+            dim = hidden_channels * heads
+        self.convs.append(make_conv(conv, dim, num_classes, heads=out_heads, concat=False, **common))
+
+    def forward(self, x_NF: Tensor, edge_index: Tensor, return_attention_weights: bool = False):
+        """-> logits [N, K] (and a list of (edge_index, alpha [E', H]) per layer when asked)."""
+        attn = []
+        x = x_NF
+        for i, conv in enumerate(self.convs):
+            x = F.dropout(x, self.dropout, self.training)
+            if return_attention_weights:
+                x, a = conv(x, edge_index, return_attention_weights=True)
+                attn.append(a)
+            else:
+                x = conv(x, edge_index)
+            if i < len(self.convs) - 1:
+                x = F.elu(x)
+        return (x, attn) if return_attention_weights else x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Graph classification (mini-batches of small graphs)
+# ----------------------------------------------------------------------------------------------------
+class GATGraphClassifier(nn.Module):
+    """``num_layers`` attention layers (concatenated heads, ELU, residual projection), mean pooling
+    over each graph's nodes, a linear head -> [G, K]."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        hidden_channels: int = 32,
+        heads: int = 4,
+        num_layers: int = 3,
+        conv: str = "gatv2",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.convs = nn.ModuleList()
+        dim = in_channels
+        for _ in range(num_layers):
+            self.convs.append(make_conv(conv, dim, hidden_channels, heads=heads, dropout=dropout, residual=True))
+            dim = hidden_channels * heads
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x_NF: Tensor, edge_index: Tensor, batch_N: Tensor, num_graphs: int) -> Tensor:
+        x = x_NF
+        for conv in self.convs:
+            x = F.elu(conv(x, edge_index))
+        return self.head(self.norm(global_mean_pool(x, batch_N, num_graphs)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# DictionaryLookup (Brody et al. 2022, section 4.1)
+# ----------------------------------------------------------------------------------------------------
+class DictionaryLookupNet(nn.Module):
+    """The paper's DictionaryLookup model: node features (key, value) embedded by two tables of k+1
+    rows (value k = EMPTY on query nodes), summed, ReLU; one attention layer (``heads`` heads of
+    dim // heads channels, concatenated); a bias-free linear head on the query nodes -> k logits.
+    ``num_classes`` = k (values), ``in_channels`` = k (keys; the same k in the benchmark).
+
+    As in the official code: GATv2 uses share_weights=True, bias=False, add_self_loops=False; GAT uses
+    add_self_loops=True. (The official model also applies ``F.dropout(x)`` with p=0.5 after the layer
+    in train and eval mode alike -- a quirk not reproduced here: no dropout.)
+    """
+
+    def __init__(self, num_classes: int, in_channels: Optional[int] = None, dim: int = 128, heads: int = 1,
+                 conv: str = "gatv2"):
+        super().__init__()
+        k = int(num_classes)
+        if k < 2:
+            raise ValueError(f"num_classes (k) must be >= 2, got {k}")
+        if in_channels is not None and int(in_channels) != k:
+            raise ValueError(f"DictionaryLookup has as many keys as values: in_channels={in_channels} != k={k}")
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.k = k
+        self.num_classes = k
+        self.key_embed = nn.Embedding(k + 1, dim)
+        self.value_embed = nn.Embedding(k + 1, dim)
+        if conv == "gatv2":
+            self.conv = GATv2Conv(dim, dim // heads, heads=heads, bias=False, share_weights=True, add_self_loops=False)
+        elif conv == "gat":
+            self.conv = GATConv(dim, dim // heads, heads=heads, add_self_loops=True)
+        else:
+            raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
+        self.head = nn.Linear(dim, k, bias=False)
+
+    def forward(self, x_N2: Tensor, edge_index: Tensor, target_index: Tensor, return_attention_weights: bool = False):
+        """x_N2 [N, 2] long (key, value); edge_index [2, E]; target_index [Q] query nodes -> [Q, k]."""
+        if x_N2.dtype != torch.long or x_N2.dim() != 2 or x_N2.size(1) != 2:
+            raise ValueError(f"x must be a [N, 2] long tensor of (key, value), got {x_N2.dtype} {tuple(x_N2.shape)}")
+        if x_N2.numel() and (int(x_N2.min()) < 0 or int(x_N2.max()) > self.k):
+            raise ValueError(f"keys/values must be in [0, {self.k}] (k={self.k}, {self.k} = EMPTY)")
+        h = F.relu(self.key_embed(x_N2[:, 0]) + self.value_embed(x_N2[:, 1]))
+        if return_attention_weights:
+            h, attn = self.conv(h, edge_index, return_attention_weights=True)
+            return self.head(h[target_index]), attn
+        return self.head(self.conv(h, edge_index)[target_index])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registered constructors
+# ----------------------------------------------------------------------------------------------------
+def _node(conv: str, **kwargs) -> GATNodeClassifier:
+    kwargs.setdefault("in_channels", 34)
+    kwargs.setdefault("num_classes", 4)
+    return GATNodeClassifier(conv=conv, **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"in_channels": 34, "num_classes": 4})
+def gatv2_node(**kwargs) -> GATNodeClassifier:
+    """GATv2 node classifier, the GAT paper's transductive recipe (8 heads x 8, ELU, dropout 0.6)."""
+    return _node("gatv2", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"in_channels": 34, "num_classes": 4})
+def gat_node(**kwargs) -> GATNodeClassifier:
+    """GAT node classifier (Velickovic et al. 2018, transductive Cora recipe)."""
+    return _node("gat", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"in_channels": 34, "num_classes": 4})
+def gatv2_node_debug(**kwargs) -> GATNodeClassifier:
+    """Tiny GATv2 node classifier for tests (2 heads x 4)."""
+    kwargs.setdefault("hidden_channels", 4)
+    kwargs.setdefault("heads", 2)
+    return _node("gatv2", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"in_channels": 8, "num_classes": 3})
+def gatv2_graph(**kwargs) -> GATGraphClassifier:
+    """GATv2 graph classifier (3 layers, 4 heads x 32, mean pooling)."""
+    kwargs.setdefault("in_channels", 8)
+    kwargs.setdefault("num_classes", 3)
+    return GATGraphClassifier(conv="gatv2", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"in_channels": 8, "num_classes": 3})
+def gat_graph(**kwargs) -> GATGraphClassifier:
+    """GAT graph classifier (3 layers, 4 heads x 32, mean pooling)."""
+    kwargs.setdefault("in_channels", 8)
+    kwargs.setdefault("num_classes", 3)
+    return GATGraphClassifier(conv="gat", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"in_channels": 8, "num_classes": 3})
+def gatv2_graph_debug(**kwargs) -> GATGraphClassifier:
+    """Tiny GATv2 graph classifier for tests."""
+    kwargs.setdefault("in_channels", 8)
+    kwargs.setdefault("num_classes", 3)
+    kwargs.setdefault("hidden_channels", 4)
+    kwargs.setdefault("heads", 2)
+    kwargs.setdefault("num_layers", 2)
+    return GATGraphClassifier(conv="gatv2", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"num_classes": 10})
+def gatv2_dictlookup(**kwargs) -> DictionaryLookupNet:
+    """GATv2 DictionaryLookup model of Brody et al. 2022 (dim 128, 1 head)."""
+    kwargs.setdefault("num_classes", 10)
+    return DictionaryLookupNet(conv="gatv2", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"num_classes": 10})
+def gat_dictlookup(**kwargs) -> DictionaryLookupNet:
+    """GAT DictionaryLookup model (static attention: cannot express the lookup with one head)."""
+    kwargs.setdefault("num_classes", 10)
+    return DictionaryLookupNet(conv="gat", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"num_classes": 4})
+def gatv2_dictlookup_debug(**kwargs) -> DictionaryLookupNet:
+    """Tiny DictionaryLookup model (k=4, dim 16)."""
+    kwargs.setdefault("num_classes", 4)
+    kwargs.setdefault("dim", 16)
+    return DictionaryLookupNet(conv="gatv2", **kwargs)

@@ -1,0 +1,116 @@
+"""Lightning modules of the graph task. Each receives a plain nn.Module (built by Hydra through
+``zoo.create_model``) and a batch dict from the graph data modules; they subclass
+:class:`zoo.train.module.ZooModule` (model spec in the checkpoint, per-epoch seeding, optional EMA) but
+optimise with plain Adam and a constant learning rate, as the GAT and GATv2 papers do.
+
+* :class:`NodeClassificationModule` -- full-batch, transductive: one graph per step, the loss on the
+  ``train_mask`` nodes, accuracy on ``val_mask`` / ``test_mask`` (Velickovic et al.'s protocol).
+  Batch: {"x" [N, F], "edge_index" [2, E], "y" [N], "train_mask", "val_mask", "test_mask" [N] bool}.
+* :class:`GraphTargetsModule` -- mini-batches of small graphs, cross-entropy either on target nodes
+  (DictionaryLookup: {"x", "edge_index", "target_index" [Q], "y" [Q], "num_graphs"}) or on whole graphs
+  (graph classification: {"x", "edge_index", "batch" [N], "num_graphs", "y" [G]}).
+
+Metrics: ``train/loss``, ``train/acc1``, ``val/acc1``, ``test/acc1`` (top-1 accuracy, the name the
+default checkpoint callback monitors); DictionaryLookup adds ``val/graph_acc`` / ``test/graph_acc`` (the
+fraction of graphs whose every query is right). ``stop_at_acc`` stops training once val/acc1 reaches it
+(the DictionaryLookup paper stops at 100%).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.train.module import ZooModule
+
+__all__ = ["NodeClassificationModule", "GraphTargetsModule"]
+
+
+class _GraphModule(ZooModule):
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, stop_at_acc: Optional[float], seed: int,
+                 ema_decay: float = 0.0):
+        super().__init__(model, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, seed=seed)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.stop_at_acc = None if stop_at_acc is None else float(stop_at_acc)
+        self.save_hyperparameters(ignore=["model"])
+        self.record_model_spec()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.trainer.callback_metrics.get("val/acc1")
+        if self.stop_at_acc is not None and acc is not None and float(acc) >= self.stop_at_acc:
+            self.trainer.should_stop = True
+
+
+class NodeClassificationModule(_GraphModule):
+    def __init__(self, model: nn.Module, lr: float = 5e-3, weight_decay: float = 5e-4,
+                 stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0):
+        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay)
+
+    def forward(self, batch, model: Optional[nn.Module] = None):
+        return (model or self.model)(batch["x"], batch["edge_index"])
+
+    @staticmethod
+    def _acc(logits, batch, mask_name):
+        mask = batch[mask_name]
+        if int(mask.sum()) == 0:
+            return None
+        return (logits[mask].argmax(-1) == batch["y"][mask]).float().mean()
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch)
+        mask = batch["train_mask"]
+        loss = F.cross_entropy(logits[mask], batch["y"][mask])
+        self.log("train/loss", loss, prog_bar=True, batch_size=1)
+        self.log("train/acc1", self._acc(logits.detach(), batch, "train_mask"), prog_bar=True, batch_size=1)
+        return loss
+
+    def _eval(self, batch, splits):
+        logits = self(batch, self.eval_model)
+        for split in splits:
+            acc = self._acc(logits, batch, f"{split}_mask")
+            if acc is not None:
+                self.log(f"{split}/acc1", acc, prog_bar=True, batch_size=1)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval(batch, ("val",))
+
+    def test_step(self, batch, batch_idx):
+        self._eval(batch, ("test",))
+
+
+class GraphTargetsModule(_GraphModule):
+    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
+                 stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0):
+        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay)
+
+    def forward(self, batch, model: Optional[nn.Module] = None):
+        model = model or self.model
+        if "target_index" in batch:
+            return model(batch["x"], batch["edge_index"], batch["target_index"])
+        return model(batch["x"], batch["edge_index"], batch["batch"], batch["num_graphs"])
+
+    def _step(self, batch, stage):
+        logits = self(batch, self.model if stage == "train" else self.eval_model)
+        loss = F.cross_entropy(logits, batch["y"])
+        correct = logits.detach().argmax(-1) == batch["y"]
+        n = batch["y"].numel()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=n)
+        self.log(f"{stage}/acc1", correct.float().mean(), prog_bar=True, batch_size=n)
+        if "target_index" in batch and stage != "train":
+            per_graph = correct.view(batch["num_graphs"], -1).all(dim=1).float().mean()
+            self.log(f"{stage}/graph_acc", per_graph, batch_size=batch["num_graphs"])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
