@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import backends as _backends
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.masks import Mask, as_mask
+from zoo.layers import is_tracing
 
 __all__ = ["attend", "attention_reference", "SCORES"]
 
@@ -42,14 +43,7 @@ SCORES = ("softmax", "sigmoid")
 CHUNK_ELEMENTS = int(os.environ.get("ZOO_ATTN_CHUNK_ELEMENTS", 1 << 23))
 
 
-def _is_tracing() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+_is_tracing = is_tracing  # kept for modules that import the private name
 
 
 def _validate(q, k, v, score, dropout_p, scale) -> None:
@@ -146,7 +140,7 @@ def attend(
             )
         if bias_t.device != q.device:
             raise ValueError(f"attend: bias is on {bias_t.device} but q is on {q.device}")
-    if q.device.type == "cpu" and not _is_tracing():  # on CUDA a check would force a device sync
+    if q.device.type == "cpu" and not is_tracing():  # on CUDA a check would force a device sync
         _check_finite(q=q, k=k, v=v)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     args = (q, k, v, mask, bias_t, scale, score, float(dropout_p), bool(return_weights))

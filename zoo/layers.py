@@ -1,0 +1,69 @@
+"""Small layers and helpers shared by the model families in zoo.tasks (the role timm.layers plays for timm).
+
+* :func:`to_pair` -- an int or a pair of positive ints -> (int, int), with an error naming the argument.
+* :class:`DropPath` -- stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016).
+* :class:`LayerScale` -- per-channel residual scale (Touvron et al., "Going deeper with Image
+  Transformers" (CaiT), ICCV 2021); parameter ``gamma`` as in timm so state dicts match.
+* :func:`is_tracing` -- True under jit tracing/scripting (ONNX's TorchScript exporter) or torch.compile /
+  torch.export, where data-dependent Python branches must be avoided.
+
+Attention itself is not here: it is zoo.attention (attend, MultiHeadAttention, ...).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing"]
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
+    """``value`` (an int or a pair of positive ints) as a tuple; ValueError naming ``name`` otherwise."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def is_tracing() -> bool:
+    """True under torch.jit tracing/scripting (used by ONNX's TorchScript exporter) or torch.compile/export."""
+    if torch._C._get_tracing_state() is not None or torch.jit.is_scripting():
+        return True
+    return torch.compiler.is_compiling()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop a residual branch per sample with probability ``drop_prob`` and
+    rescale the kept samples by 1 / (1 - drop_prob); identity in evaluation."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_path rate must be in [0, 1), got {drop_prob}")
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch: x * gamma, gamma initialised to ``init_values``."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
+        return x_BNC * self.gamma
