@@ -300,6 +300,25 @@ def test_bad_tensors_raise_clear_errors(make, pattern):
         attend(*make())
 
 
+def _with_nonfinite(t: torch.Tensor, value: float, where: tuple) -> torch.Tensor:
+    t = t.clone()
+    t[where] = value
+    return t
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mask", [None, "causal", "window"])
+def test_nonfinite_input_is_named(name, value, mask):
+    """A single NaN/Inf in q, k or v (a key the mask hides included) raises naming that input."""
+    q, k, v = make_qkv(2, 4, 2, 13, 13, 16)
+    inputs = dict(q=q, k=k, v=v)
+    inputs[name] = _with_nonfinite(inputs[name], value, (1, 1, 12, 3))  # the last token: hidden by Causal for rows < 12
+    masks = {None: None, "causal": Causal(), "window": Window(2, 0)}
+    with pytest.raises(ValueError, match=f"attend: {name} contains NaN or Inf"):
+        attend(inputs["q"], inputs["k"], inputs["v"], masks[mask])
+
+
 def test_bad_masks_and_biases_raise_clear_errors():
     q, k, v = make_qkv(2, 2, 2, 8, 8, 16)
     with pytest.raises(ValueError, match=r"Dense mask has shape"):

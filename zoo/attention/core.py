@@ -140,15 +140,22 @@ def attend(
             )
         if bias_t.device != q.device:
             raise ValueError(f"attend: bias is on {bias_t.device} but q is on {q.device}")
-    if q.device.type == "cpu" and not is_tracing():  # on CUDA a check would force a device sync
-        _check_finite(q=q, k=k, v=v)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     args = (q, k, v, mask, bias_t, scale, score, float(dropout_p), bool(return_weights))
     requested = _backends.requested_backend(backend)
     if return_weights and requested is None:
         requested = "torch"
     chosen = _backends.select_backend(args, requested)
-    return chosen.forward(*args)
+    result = chosen.forward(*args)
+    if q.device.type == "cpu" and not is_tracing():  # on CUDA a check would force a device sync
+        # NaN/Inf inputs: a non-finite k or v reaches the output, so one fp32 sum of the output covers
+        # them; a NaN query does not (SDPA's CPU kernel returns zeros for it), so q is summed too. Only
+        # when a sum is not finite are the inputs inspected, so the error names the input at fault.
+        out = result[0] if return_weights else result
+        total = q.detach().sum(dtype=torch.float32) + out.detach().sum(dtype=torch.float32)
+        if not math.isfinite(float(total)):
+            _check_finite(q=q, k=k, v=v)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
