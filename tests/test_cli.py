@@ -173,10 +173,14 @@ def test_configs_work_from_a_built_package(tmp_path):
     subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(build), "build", "--build-base", str(tmp_path / "b")],
                    cwd=repo, check=True, capture_output=True)
     assert (build / "zoo" / "configs" / "experiment" / "vit_digits.yaml").is_file()
-    code = ("import zoo, zoo.configs; from zoo.train import run; "
+    # the shipped checkpoints install as package data, so pretrained=True works without the source tree
+    assert (build / "zoo" / "checkpoints" / "vit_digits" / "model.safetensors").is_file()
+    code = ("import zoo, zoo.configs; from zoo.train import run; from zoo import hub; "
             "assert zoo.configs.__file__.startswith(%r), zoo.configs.__file__; "
             "cfg = run.compose(['experiment=vit_digits', 'trainer=ddp_cpu']); "
-            "print(cfg.model.name, cfg.trainer.strategy.process_group_backend)") % str(build)
+            "print(cfg.model.name, cfg.trainer.strategy.process_group_backend); "
+            "print(hub.shipped_checkpoints_dir()); "
+            "m = zoo.create_model('vit_digits', pretrained=True); print(type(m).__name__)") % str(build)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(build), "PATH": "/usr/bin:/bin"},
                          check=True, capture_output=True, text=True).stdout
-    assert out.split() == ["vit_digits", "gloo"]
+    assert out.split() == ["vit_digits", "gloo", str(build / "zoo" / "checkpoints"), "VisionTransformer"]

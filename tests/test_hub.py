@@ -187,6 +187,24 @@ def test_pretrained_true_uses_shipped_checkpoints(tmp_path, monkeypatch):
         zoo.create_model("vit_debug", pretrained=True)
     with pytest.raises(TypeError, match="pretrained must be False, True or a path"):
         zoo.create_model("vit_digits", pretrained=3)
+    # a shipped directory named after its experiment is found through the model name in its config.json
+    zoo.save_pretrained(zoo.create_model("vit_debug", **TINY), tmp_path / "shipped" / "debug_experiment")
+    assert hub.list_shipped() == ["debug_experiment", "vit_digits"]
+    assert hub.shipped_checkpoint("vit_debug") == tmp_path / "shipped" / "debug_experiment"
+    assert zoo.create_model("vit_debug", pretrained=True).embed_dim == TINY["embed_dim"]
+
+
+def test_every_shipped_checkpoint_loads_with_pretrained_true():
+    """checkpoints/<dir> of the repository: each loads by its model name (agent_digits holds agent_deit_digits)."""
+    shipped = hub.list_shipped()
+    assert {"vit_digits", "maxvit_digits", "agent_digits"} <= set(shipped)
+    for directory in shipped:
+        name = hub.read_config(hub.shipped_checkpoints_dir() / directory)["model_name"]
+        assert hub.shipped_checkpoint(name) == hub.shipped_checkpoints_dir() / directory
+        model = zoo.create_model(name, pretrained=True)
+        reference = zoo.from_pretrained(hub.shipped_checkpoints_dir() / directory)
+        for (key, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(a, b), (directory, key)
 
 
 def test_shared_tensors_and_ema_state_dict(tmp_path):
@@ -236,3 +254,94 @@ def test_other_image_size_and_timm_checkpoint_go_through_the_family_filter(tmp_p
     ours = zoo.create_model("vit_debug", pretrained=str(tmp_path / "timm.pth")).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ours(x), peer(x), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every registered name: build, forward, backward, no NaN, save_pretrained / from_pretrained round trip
+# --------------------------------------------------------------------------------------------------
+# Full-size configurations are checked against timm / the official code (shapes and logits) in each family's
+# test file; here the big ones are shrunk (fewer blocks, smaller image) so that every name stays fast.
+_SHRINK = {
+    "vit": dict(img_size=32, depth=1),
+    "maxvit": dict(img_size=64, depths=(1, 1, 1, 1), embed_dim=(32, 64, 96, 128)),
+    "agent_deit": dict(img_size=64, depth=1),
+}
+_SHRINK_NAME = {"agent_deit_base": dict(img_size=64, depth=1, agent_layer=1)}  # agent blocks then plain ones
+_SMALL_ALREADY = ("_debug", "_digits")
+
+
+def _shrink_args(name: str) -> dict:
+    entry = zoo.get_model_entry(name)
+    if entry.task != "vision" or name.endswith(_SMALL_ALREADY):
+        return {}
+    return dict(_SHRINK_NAME.get(name, _SHRINK[entry.family]))
+
+
+def _example_inputs(name: str, model: nn.Module, args: dict) -> tuple:
+    """Inputs of the model's forward, by its task: images for vision; a small graph for the graph models."""
+    entry = zoo.get_model_entry(name)
+    g = torch.Generator().manual_seed(0)
+    if entry.task == "vision":
+        in_chans, *size = entry.default_cfg["input_size"]
+        if "img_size" in args:
+            size = [args["img_size"]] * 2
+        return (torch.randn(2, in_chans, *size, generator=g),)
+    kind = type(model).__name__
+    if kind == "DictionaryLookupNet":  # k key-value nodes -> k query nodes; logits of the query nodes
+        k = model.k
+        keys = torch.arange(k)
+        x = torch.cat([torch.stack([keys, torch.randperm(k, generator=g)], 1), torch.stack([keys, torch.full((k,), k)], 1)])
+        src, dst = torch.meshgrid(torch.arange(k), k + torch.arange(k), indexing="ij")
+        return x, torch.stack([src.flatten(), dst.flatten()]), k + torch.arange(k)
+    in_channels = entry.default_cfg["in_channels"]
+    n = 7
+    ring = torch.stack([torch.arange(n), (torch.arange(n) + 1) % n])
+    edge_index = torch.cat([ring, ring.flip(0)], 1)
+    x = torch.randn(n, in_channels, generator=g)
+    if kind == "GATGraphClassifier":  # two graphs: nodes 0..3 and 4..6
+        return x, edge_index, torch.tensor([0, 0, 0, 0, 1, 1, 1]), 2
+    return x, edge_index
+
+
+def _registered_zoo_models() -> list[str]:
+    return [n for n in zoo.list_models() if zoo.get_model_entry(n).module.startswith("zoo.")]
+
+
+@pytest.mark.parametrize("name", _registered_zoo_models())
+def test_every_registered_model_runs_and_round_trips(name, tmp_path):
+    args = _shrink_args(name)
+    torch.manual_seed(0)
+    model = zoo.create_model(name, **args)
+    inputs = _example_inputs(name, model, args)
+    model.train()
+    logits = model(*inputs)
+    assert logits.dim() == 2 and logits.shape[-1] == model.num_classes and torch.isfinite(logits).all()
+    logits.float().logsumexp(-1).sum().backward()
+    # With class-token pooling the last block computes only the class token; parameters that act on patch
+    # tokens alone there (Agent attention's depthwise conv) cannot reach the logits, so they have no gradient.
+    last_block = f"blocks.{len(model.blocks) - 1}." if hasattr(model, "blocks") else None
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None
+               and not (last_block and n.startswith(last_block + "attn.dwc."))]
+    assert not no_grad, f"{name}: parameters without a gradient: {no_grad[:5]}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"{name}: non-finite gradients in {bad[:5]}"
+
+    model.eval()
+    zoo.save_pretrained(model, tmp_path / name)
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    assert config["model_name"] == name and config["model_args"] == json.loads(json.dumps(args))
+    loaded = zoo.from_pretrained(tmp_path / name).eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(KeyError, match=r"unknown model 'vit_tiny_patch16_244'\. Did you mean: vit_tiny_patch16_224") as info:
+        zoo.create_model("vit_tiny_patch16_244")
+    assert isinstance(info.value, zoo.registry.UnknownModelError)
+    assert "zoo.list_models()" in str(info.value)
+    with pytest.raises(KeyError, match=r"unknown model 'no_such_thing'\. \(\d+ models registered"):
+        zoo.create_model("no_such_thing")  # nothing close: no suggestion, but where to look
+    with pytest.raises(TypeError, match=r"vit_debug: unknown argument\(s\) \['depthh'\]|unexpected keyword"):
+        zoo.create_model("vit_debug", depthh=2)

@@ -272,3 +272,26 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert ckpt["global_step"] == 4
     assert "test/acc1" in metrics["metrics"]
     assert (tmp_path / "ddp" / "released" / "model.safetensors").is_file()
+
+
+def test_seed_controls_the_run_and_default_callbacks_and_loggers(tmp_path):
+    """seed=S fixes the whole run (init, batches, augmentation, dropout); the default callbacks (Rich progress
+    bar + checkpoints) and loggers (CSV + TensorBoard) run and write their files."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    options = ["trainer.limit_train_batches=2", "trainer.max_epochs=1", "data.augment=shift", "model.drop_path_rate=0.1",
+               "callbacks=default", "logger=default", "trainer.enable_progress_bar=true"]
+    cfg = _cfg(tmp_path, "a", "seed=3", *options)
+    assert any(isinstance(c, RichProgressBar) for c in run._instantiate_group(cfg.callbacks))
+    first = run.train(cfg)
+    same = run.train(_cfg(tmp_path, "b", "seed=3", *options))
+    other = run.train(_cfg(tmp_path, "c", "seed=4", *options))
+    weights = {name: torch.load(r["last_ckpt"], weights_only=True)["state_dict"] for name, r in
+               (("a", first), ("b", same), ("c", other))}
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+    run_dir = Path(first["run_dir"])
+    rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    assert "val/acc1" in rows[0] and len(rows) > 1
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)

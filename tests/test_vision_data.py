@@ -169,3 +169,55 @@ def test_load_image_file_errors(tmp_path):
         vdata.load_image_file(tmp_path / "note.png", 8, 1, (0.5,), (0.5,))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         vdata.load_image_file(tmp_path / "missing.png", 8, 1, (0.5,), (0.5,))
+
+
+def _write_cifar(root, variant: int, per_class: int = 3):
+    """A tiny CIFAR root in the layout of the official python archives (pickled dicts of uint8 rows)."""
+    import pickle
+
+    num_classes = variant
+    label_key = "labels" if variant == 10 else "fine_labels"
+    folder = root / ("cifar-10-batches-py" if variant == 10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(variant)
+
+    def batch(n):
+        labels = [i % num_classes for i in range(n)]
+        return {"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8), label_key: labels}
+
+    names = [f"class{i}" for i in range(num_classes)]
+    if variant == 10:
+        for i in range(1, 6):
+            (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(2 * num_classes)))
+        (folder / "test_batch").write_bytes(pickle.dumps(batch(num_classes)))
+        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    else:
+        (folder / "train").write_bytes(pickle.dumps(batch(per_class * num_classes)))
+        (folder / "test").write_bytes(pickle.dumps(batch(num_classes)))
+        (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": names}))
+    return folder
+
+
+@pytest.mark.parametrize("variant", [10, 100])
+def test_cifar_datamodule_reads_a_local_root(tmp_path, monkeypatch, variant):
+    """CIFAR-10/100 from a local root in torchvision's layout: splits, class names, preprocessing; a root with
+    the right names but wrong contents fails torchvision's checksum and says to re-extract."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    _write_cifar(tmp_path, variant)
+    with pytest.raises(FileNotFoundError, match="incomplete or corrupt.*re-extract"):
+        vdata.CIFARDataModule(str(tmp_path), variant=variant)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)  # our fake files have other md5s
+    dm = vdata.CIFARDataModule(str(tmp_path), variant=variant, batch_size=4, val_fraction=0.1 if variant == 10 else 0.4, augment="crop", num_workers=0)
+    assert dm.num_classes == variant and dm.class_names == [f"class{i}" for i in range(variant)]
+    dm.setup()
+    n_train = 10 * variant if variant == 10 else 3 * variant
+    assert len(dm.train_set) + len(dm.val_set) == n_train and len(dm.test_set) == variant
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # evaluation preprocessing: ToTensor + normalise with the dataset statistics, no augmentation
+    image, label = dm.test_set[0]
+    raw = torch.from_numpy(dm.test_set.base.data[0]).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(dm.mean).view(3, 1, 1), torch.tensor(dm.std).view(3, 1, 1)
+    torch.testing.assert_close(image, (raw - mean) / std)
+    assert label == 0

@@ -257,8 +257,14 @@ def test_bench_vision_runs_and_loads_optional_case_modules(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "zoo.bench.vision_fake", fake)
     monkeypatch.setattr(bench, "OPTIONAL_CASE_MODULES", ["zoo.bench.vision_fake", "zoo.bench.vision_missing"])
     assert bench.main(["--models", "vit_tiny*,fake_vit", "--img-size", "32", "--batch", "2", "--repeats", "1",
-                       "--warmup", "0"]) == 0
+                       "--warmup", "0", "--attention-sizes", "16,40"]) == 0
     out = capsys.readouterr().out
+    # one command prints both issue-2 tables: attend() vs SDPA (dense and causal per length), then the models
+    assert out.index("attend() vs torch SDPA") < out.index("vit_tiny_patch16_224")
+    attn_rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| 16 |", "| 40 |"))]
+    assert [(r[0].strip(), r[1].strip()) for r in attn_rows] == [("16", "dense"), ("16", "causal"), ("40", "dense"), ("40", "causal")]
+    assert all(float(r[4]) > 0 and float(r[7]) > 0 for r in attn_rows)
+    assert "load average" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("vit_tiny_patch16_224", "fake_vit"))]
     assert [r[0] for r in rows] == ["vit_tiny_patch16_224", "fake_vit"]
     for r in rows:

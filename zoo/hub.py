@@ -12,8 +12,9 @@ metrics measured when it was written, ...).
 
 Loading rules (:func:`load_pretrained_into`, used by ``create_model(name, pretrained=...)``):
 
-* ``pretrained=True`` loads the checkpoint this project ships for ``name`` (``checkpoints/<name>/`` in the
-  source tree, or the directory named by the ``ZOO_CHECKPOINTS`` environment variable).
+* ``pretrained=True`` loads the checkpoint this project ships for ``name`` (``checkpoints/<dir>/`` whose
+  config.json names the model, in the source tree or installed as package data ``zoo/checkpoints``; or under
+  the directory named by the ``ZOO_CHECKPOINTS`` environment variable).
 * ``pretrained=<dir or .safetensors>`` loads that; the checkpoint's recorded constructor arguments are used
   unless overridden (``create_model("vit_digits", pretrained=dir, num_classes=3)``).
 * The family's ``checkpoint_filter_fn(state_dict, model)`` (timm's convention, in the model file) adapts the
@@ -54,6 +55,7 @@ __all__ = [
     "read_config",
     "shipped_checkpoints_dir",
     "list_shipped",
+    "shipped_checkpoint",
     "head_keys",
 ]
 
@@ -305,28 +307,52 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
 
 
 def shipped_checkpoints_dir() -> Path:
-    """``checkpoints/`` of the source tree (or ``$ZOO_CHECKPOINTS``)."""
+    """Where the checkpoints this project ships live: ``$ZOO_CHECKPOINTS`` if set, else ``checkpoints/`` of
+    the source tree, else the installed package data ``zoo/checkpoints`` (setup.py installs checkpoints/ as
+    ``zoo.checkpoints``, so ``pretrained=True`` works from a wheel too)."""
     env = os.environ.get("ZOO_CHECKPOINTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "checkpoints"
+    source_tree = Path(__file__).resolve().parent.parent / "checkpoints"
+    if source_tree.is_dir():
+        return source_tree
+    return Path(__file__).resolve().parent / "checkpoints"
 
 
 def list_shipped() -> list[str]:
-    """Names of the models with a checkpoint shipped in :func:`shipped_checkpoints_dir`."""
+    """Directory names of the checkpoints shipped in :func:`shipped_checkpoints_dir`."""
     root = shipped_checkpoints_dir()
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / WEIGHTS_NAME).is_file())
 
 
+def shipped_checkpoint(name: str) -> Path | None:
+    """The shipped checkpoint directory of model ``name``: ``<shipped>/<name>``, else the one whose config.json
+    names ``name`` (a card directory may be named after its experiment, e.g. agent_digits holds
+    agent_deit_digits); None if there is none."""
+    root = shipped_checkpoints_dir()
+    direct = root / name
+    if (direct / WEIGHTS_NAME).is_file():
+        return direct
+    for directory in list_shipped():
+        config_path = root / directory / CONFIG_NAME
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("model_name") == name:
+            return root / directory
+    return None
+
+
 def _resolve_pretrained(name: str, pretrained: Any) -> Path:
     if pretrained is True:
-        path = shipped_checkpoints_dir() / name
-        if not (path / WEIGHTS_NAME).is_file():
+        path = shipped_checkpoint(name)
+        if path is None:
             shipped = list_shipped()
             raise FileNotFoundError(
-                f"no shipped checkpoint for {name!r} (looked in {path}); shipped checkpoints: "
+                f"no shipped checkpoint for {name!r} (looked in {shipped_checkpoints_dir()}); shipped checkpoints: "
                 f"{', '.join(shipped) if shipped else 'none'}. Pass pretrained=<directory or .safetensors> instead."
             )
         return path

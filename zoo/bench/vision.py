@@ -2,14 +2,21 @@
 
     zoo bench vision [--models vit_tiny_patch16_224,vit_small_patch16_224] [--batch 8] [--img-size 224]
                      [--threads 2] [--repeats 5] [--warmup 1] [--device cpu] [--no-train] [--no-infer]
+                     [--attention-sizes 256,512,1024,2048,4096] [--no-attention]
                      [--full-last-block] [--markdown] [--list]
 
-For every case it prints, measured in one process and interleaved (zoo, peer, zoo, peer, ...) after
-warm-up (zoo.bench.timing.interleaved_medians):
+One run prints the two issue-2 tables, all measured in this process:
 
-* inference throughput (images/s, eval mode, no_grad) of both and the ratio zoo/peer (higher is better);
-* the training-step time (forward + cross-entropy + backward + AdamW step, train mode) of both and the
-  ratio zoo/peer (lower is better; issue 2 target for ViT: <= 1.0).
+1. ``attend()`` vs ``torch.nn.functional.scaled_dot_product_attention`` (no mask and causal, N = 256..4096,
+   B=1, H=4, D=64, fp32; forward and forward+backward; ratio = attend time / SDPA time, target <= 1.1).
+   This is the ``core`` part of ``zoo bench attention`` (zoo.bench.attention.bench_core), run here so that
+   one command gives both figures; ``--no-attention`` skips it.
+2. For every vision case, interleaved (zoo, peer, zoo, peer, ...) after warm-up
+   (zoo.bench.timing.interleaved_medians):
+
+   * inference throughput (images/s, eval mode, no_grad) of both and the ratio zoo/peer (higher is better);
+   * the training-step time (forward + cross-entropy + backward + AdamW step, train mode) of both and the
+     ratio zoo/peer (lower is better; issue 2 target for ViT: <= 1.0).
 
 Cases are ``BenchCase(name, zoo_builder, peer_builder)``: ``peer_builder(img_size)`` returns the peer model,
 ``zoo_builder(img_size)`` ours; the peer's weights are then copied into ours with ``copy_weights``
@@ -24,7 +31,9 @@ import argparse
 import datetime
 import fnmatch
 import importlib
+import os
 import sys
+import types
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -192,6 +201,24 @@ def _table(rows: list[dict], markdown: bool) -> str:
     return "\n".join([fmt.format(*header)] + [fmt.format(*c) for c in lines])
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"sequence lengths must be >= 1, got {text!r}")
+    return sizes
+
+
+def attention_table(sizes: list[int], *, repeats: int, warmup: int) -> str:
+    """The attend() vs SDPA table (markdown) of ``zoo bench attention --parts core`` at these lengths."""
+    from zoo.bench.attention import bench_core
+
+    args = types.SimpleNamespace(core_sizes=list(sizes), batch=1, heads=4, head_dim=64, repeats=repeats, warmup=warmup)
+    return bench_core(args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="zoo bench vision",
@@ -207,7 +234,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs of each (default 1)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     parser.add_argument("--no-infer", action="store_true", help="skip the inference timing")
-    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--attention-sizes", type=_sizes, default=[256, 512, 1024, 2048, 4096],
+                        help="sequence lengths of the attend() vs SDPA table (default 256,512,1024,2048,4096)")
+    parser.add_argument("--no-attention", action="store_true", help="skip the attend() vs SDPA table")
+    parser.add_argument("--markdown", action="store_true", help="print the model table as markdown")
     parser.add_argument("--full-last-block", action="store_true",
                         help="ablation: make zoo ViTs run the full last block (no class-token-only shortcut)")
     parser.add_argument("--list", action="store_true", help="list the available cases and exit")
@@ -227,6 +257,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"# {machine_description()}; device {args.device}; threads {threads}; fp32; repeats {args.repeats}, warmup {args.warmup}"
           + ("; zoo ViT last block in full (ablation)" if args.full_last_block else ""))
     print(f"# command: zoo bench vision {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    if hasattr(os, "getloadavg"):
+        print("# load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
+    if not args.no_attention and args.device == "cpu":
+        print()
+        print(attention_table(args.attention_sizes, repeats=args.repeats, warmup=args.warmup))
+        print(flush=True)
     rows = []
     for case in chosen:
         rows.append(
@@ -237,6 +273,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"# done {case.name}", flush=True)
     print(_table(rows, args.markdown))
     print("# infer: zoo/peer throughput ratio (higher is better); step: zoo/peer training-step time ratio (lower is better)")
+    if hasattr(os, "getloadavg"):
+        print("# load average (1, 5, 15 min) at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0
 
 
