@@ -326,6 +326,26 @@ def test_bias_cache_follows_parameter_updates():
     assert not torch.allclose(before, after, atol=1e-3)
 
 
+def test_biases_cached_per_size_in_eval_mode_only():
+    torch.manual_seed(6)
+    model = zoo.create_model("agent_deit_debug").eval()
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for size in ((32, 24), (20, 36), (32, 24)):
+            model(torch.randn(1, 3, *size))
+    assert {key[0] for key in attn._bias_cache} == {(8, 6), (5, 9)}
+    assert set(model._pos_cache) == {(8, 6), (5, 9)}
+    with torch.no_grad():
+        first = attn.biases((8, 6))
+        assert all(a is b for a, b in zip(first, attn.biases((8, 6))))  # the cached tensors themselves
+    model.train()
+    attn._bias_cache.clear()
+    out = model(torch.randn(2, 3, 20, 36))
+    assert not attn._bias_cache  # training: rebuilt every call, gradients reach the tables
+    out.sum().backward()
+    assert attn.an_bias.grad is not None and attn.ah_bias.grad.abs().sum() > 0
+
+
 def test_pool_matrix_is_adaptive_average_pooling():
     for grid in [(14, 14), (5, 9), (3, 2), (13, 7)]:
         tokens = torch.randn(2, 1 + grid[0] * grid[1], 6)
@@ -398,6 +418,21 @@ def test_every_name_forward_backward(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_save_and_load_pretrained(tmp_path):
+    torch.manual_seed(10)
+    model = zoo.create_model("agent_deit_debug", img_size=[24, 40], num_classes=4).eval()
+    _randomize(model)
+    zoo.save_pretrained(model, tmp_path / "ckpt")
+    loaded = zoo.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.patch_embed.grid_size == (6, 10) and loaded.num_classes == 4
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    via_registry = zoo.create_model("agent_deit_debug", pretrained=str(tmp_path / "ckpt")).eval()
+    with torch.no_grad():
+        assert torch.equal(via_registry(x), model(x))
+
+
 def test_agent_attention_module_without_prefix():
     torch.manual_seed(9)
     attn = AgentAttention(16, 2, qkv_bias=True, agent_num=4, window=6, num_prefix_tokens=0).eval()
@@ -462,19 +497,43 @@ def test_agent_maps_and_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert agent_main(["model=agent_deit_debug", f"out={out}", "layer=7"]) == 2
     assert agent_main(["model=vit_debug", f"out={out}"]) == 2  # not an agent model
+    from zoo import cli  # the console command: zoo viz agent ...
+
+    via_cli = tmp_path / "cli.png"
+    assert cli.main(["viz", "agent", "model=agent_deit_debug", f"out={via_cli}", "image=digits:5"]) == 0
+    assert via_cli.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------------------------------
 # Shipped checkpoint (checkpoints/agent_digits)
 # --------------------------------------------------------------------------------------------------
-def test_shipped_agent_digits_checkpoint_accuracy():
+def _card_accuracy(readme) -> float:
+    """The test accuracy (fraction) the model card states in bold, e.g. "**99.17 %**"."""
+    import re
+
+    found = re.search(r"\*\*test accuracy\*\* \| \*\*([0-9.]+) %\*\*", readme.read_text())
+    assert found, f"{readme} states no test accuracy"
+    return float(found.group(1)) / 100
+
+
+def _shipped(name: str):
     from pathlib import Path
 
-    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "agent_digits"
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / name
     if not (ckpt / "model.safetensors").is_file():
         pytest.fail(f"the shipped checkpoint {ckpt} is missing")
+    return ckpt
+
+
+def test_shipped_agent_digits_checkpoint_accuracy(capsys):
+    """`zoo eval ckpt=checkpoints/agent_digits` gives the model card's accuracy (357 / 360), and so does a plain
+    loop over the fixed test split."""
+    import json
+
+    from zoo import cli
     from zoo.tasks.vision.data import DigitsDataModule
 
+    ckpt = _shipped("agent_digits")
     model = zoo.from_pretrained(str(ckpt)).eval()
     assert model.zoo_model_name == "agent_deit_digits"
     data = DigitsDataModule(num_classes=10, img_size=8, in_chans=1, mean=[0.5], std=[0.5])
@@ -484,5 +543,56 @@ def test_shipped_agent_digits_checkpoint_accuracy():
         for images, labels in data.test_dataloader():
             correct += int((model(images).argmax(-1) == labels).sum())
             total += len(labels)
-    assert total == 360
-    assert correct / total >= 0.985, f"test accuracy {correct / total:.4f}"
+    assert (correct, total) == (357, 360)
+    capsys.readouterr()
+    assert cli.main(["eval", f"ckpt={ckpt}"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["test/acc1"] == pytest.approx(correct / total, abs=1e-6)
+    card = _card_accuracy(ckpt / "README.md")
+    assert card >= 0.985 and round(metrics["test/acc1"] * 100, 2) == pytest.approx(card * 100)
+
+
+def test_experiment_trains_from_the_cli_config(tmp_path):
+    """`zoo train experiment=agent_digits` composes and runs on the embedded digits (a few batches)."""
+    from zoo.train import run
+
+    result = run.train(run.compose(["experiment=agent_digits", "debug=fast", f"run_dir={tmp_path / 'run'}"]))
+    released = zoo.from_pretrained(result["released"])
+    assert released.zoo_model_name == "agent_deit_digits" and released.patch_embed.grid_size == (4, 4)
+
+
+def test_finetune_from_shipped_checkpoint_with_new_head(tmp_path, caplog):
+    """`zoo train experiment=agent_digits model.pretrained=checkpoints/agent_digits` on a 3-class image folder:
+    the head is re-initialised with a message, everything else loads and is fine-tuned (layer decay on)."""
+    import json
+    import logging
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from zoo.train import run
+
+    ckpt = _shipped("agent_digits")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (tmp_path / "imgs" / "train" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / name / f"{i}.png")
+    overrides = [
+        "experiment=agent_digits", "debug=fast", "num_threads=1", f"run_dir={tmp_path / 'tuned'}",
+        f"model.pretrained={ckpt}", "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=3",
+        "data.img_size=8", "data.in_chans=1", "data.mean=[0.5]", "data.std=[0.5]", "data.batch_size=4",
+        "data.num_workers=0", "data.augment=crop", "data.val_fraction=0.2", "task.layer_decay=0.75", "test=false",
+    ]
+    with caplog.at_level(logging.WARNING, logger="zoo.hub"):
+        tuned = run.train(run.compose(overrides))
+    assert "classifier re-initialised" in caplog.text
+    config = json.loads((Path(tuned["released"]) / "config.json").read_text())
+    assert config["model_name"] == "agent_deit_digits" and config["num_classes"] == 3
+    pre = zoo.from_pretrained(ckpt)
+    post = zoo.from_pretrained(tuned["released"])
+    assert post.head.weight.shape == (3, 64)
+    for key in ("blocks.0.attn.an_bias", "blocks.0.attn.qkv.weight"):
+        before, after = pre.state_dict()[key], post.state_dict()[key]
+        assert not torch.equal(before, after) and (before - after).abs().max() < 0.1, key  # tuned from the checkpoint

@@ -75,6 +75,7 @@ def test_registered_names():
         ("maxvit_debug", 64),
         ("maxvit_tiny_tf_224", 96),  # window 3
         ("maxvit_small_tf_224", 64),
+        ("maxvit_base_tf_224", 64),  # window 2, all 24 blocks
         ("maxvit_rmlp_pico_rw_256", 128),  # window 4
         ("maxvit_rmlp_nano_rw_256", 64),
     ],
@@ -236,6 +237,23 @@ def test_any_size_forward_backward(hw):
     assert feats.shape[-2:] == (math.ceil(hw[0] / 32), math.ceil(hw[1] / 32)) or min(hw) < 32
 
 
+@pytest.mark.parametrize("name", NAMES + ["maxvit_digits"])
+def test_every_name_forward_backward_small_odd_size(name):
+    """Every registered MaxViT at a small non-multiple size (all stages padded): forward, backward, no NaN.
+    The ImageNet sizes keep their widths, heads and layer types but one block per stage (two in stage 1, so a
+    stride-1 block is in too): deeper stacks repeat the same blocks."""
+    torch.manual_seed(0)
+    shallow = {} if name in ("maxvit_debug", "maxvit_digits") else dict(depths=(1, 2, 1, 1))
+    model = zoo.create_model(name, img_size=32, num_classes=3, **shallow)
+    x = torch.randn(2, model.in_chans, 37, 29, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 def test_rw_model_at_a_size_timm_cannot_run():
     """timm's pico built at 128 px fails on 150x100 (REFERENCES.md); ours runs it, and matches timm at 128."""
     torch.manual_seed(0)
@@ -329,6 +347,21 @@ def test_save_and_load_pretrained(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
 
 
+def test_pretrained_dir_at_another_resolution_resizes_tables(tmp_path):
+    """create_model(name, pretrained=<dir>, img_size=...) with another window: the TF tables are resized while
+    loading (the family's checkpoint_filter_fn), the same as set_input_size on the loaded model."""
+    torch.manual_seed(0)
+    model = zoo.create_model("maxvit_debug", img_size=64)  # window 2
+    zoo.save_pretrained(model, tmp_path / "ckpt")
+    bigger = zoo.create_model("maxvit_debug", pretrained=str(tmp_path / "ckpt"), img_size=128, num_classes=10)
+    assert bigger.window_size == (4, 4)
+    key = "stages.1.blocks.0.attn_grid.attn.rel_pos.relative_position_bias_table"
+    assert bigger.state_dict()[key].shape == (4, 7, 7)  # 4 heads of stage 1, window 4: 2*4-1 = 7
+    model.set_input_size(img_size=128)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(bigger.state_dict()[k], v, msg=k)
+
+
 def test_viz_block_and_grid_maps(tmp_path):
     """The picture's maps: the query's block attention fills exactly its window, the grid attention exactly its
     dilated lattice, each summing to 1; and maxvit_main writes a PNG."""
@@ -355,3 +388,90 @@ def test_viz_block_and_grid_maps(tmp_path):
     assert maxvit_main(["model=maxvit_debug", f"out={out}", "image=digits:5", "query=10,40", "head=1"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert maxvit_main(["model=maxvit_debug", f"out={out}", "query=1000,1"]) == 2
+    from zoo import cli  # the console command: zoo viz maxvit ...
+
+    via_cli = tmp_path / "cli.png"
+    assert cli.main(["viz", "maxvit", "model=maxvit_debug", f"out={via_cli}", "image=digits:5"]) == 0
+    assert via_cli.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped checkpoint and fine-tuning from it (zoo eval / zoo train model.pretrained=<dir>)
+# --------------------------------------------------------------------------------------------------
+def _card_accuracy(readme) -> float:
+    """The test accuracy (fraction) the model card states in bold, e.g. "**99.72 %**"."""
+    import re
+
+    found = re.search(r"\*\*test accuracy\*\* \| \*\*([0-9.]+) %\*\*", readme.read_text())
+    assert found, f"{readme} states no test accuracy"
+    return float(found.group(1)) / 100
+
+
+def test_shipped_maxvit_digits_checkpoint_reproduces_card(capsys):
+    """`zoo eval ckpt=checkpoints/maxvit_digits` gives the model card's test accuracy (359 / 360)."""
+    import json
+    from pathlib import Path
+
+    from zoo import cli
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "maxvit_digits"
+    if not (ckpt / "model.safetensors").is_file():
+        pytest.fail(f"the shipped checkpoint {ckpt} is missing")
+    assert zoo.from_pretrained(ckpt).zoo_model_name == "maxvit_digits"
+    capsys.readouterr()
+    assert cli.main(["eval", f"ckpt={ckpt}"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    card = _card_accuracy(ckpt / "README.md")
+    assert card >= 0.985
+    assert metrics["test/acc1"] == pytest.approx(359 / 360, abs=1e-6)
+    assert round(metrics["test/acc1"] * 100, 2) == pytest.approx(card * 100)
+
+
+def test_experiment_trains_from_the_cli_config(tmp_path):
+    """`zoo train experiment=maxvit_digits` composes and runs on the embedded digits (a few batches)."""
+    from pathlib import Path
+
+    from zoo.train import run
+
+    result = run.train(run.compose(["experiment=maxvit_digits", "debug=fast", f"run_dir={tmp_path / 'run'}"]))
+    released = zoo.from_pretrained(result["released"])
+    assert released.zoo_model_name == "maxvit_digits" and released.window_size == (4, 4)
+    assert Path(result["released"], "model.safetensors").is_file()
+
+
+def test_finetune_from_shipped_checkpoint_with_new_head(tmp_path, caplog):
+    """`zoo train experiment=maxvit_digits model.pretrained=checkpoints/maxvit_digits` on a 3-class image
+    folder: the head is re-initialised with a message, the rest loads and is fine-tuned (layer decay on)."""
+    import json
+    import logging
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from zoo.train import run
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "maxvit_digits"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        (tmp_path / "imgs" / "train" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / name / f"{i}.png")
+    overrides = [
+        "experiment=maxvit_digits", "debug=fast", "num_threads=1", f"run_dir={tmp_path / 'tuned'}",
+        f"model.pretrained={ckpt}", "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=3",
+        "data.img_size=32", "data.in_chans=1", "data.mean=[0.5]", "data.std=[0.5]", "data.batch_size=4",
+        "data.num_workers=0", "data.augment=crop", "data.val_fraction=0.2", "task.layer_decay=0.75", "test=false",
+    ]
+    with caplog.at_level(logging.WARNING, logger="zoo.hub"):
+        tuned = run.train(run.compose(overrides))
+    assert "classifier re-initialised" in caplog.text
+    config = json.loads((Path(tuned["released"]) / "config.json").read_text())
+    assert config["model_name"] == "maxvit_digits" and config["num_classes"] == 3
+    pre = zoo.from_pretrained(ckpt)
+    post = zoo.from_pretrained(tuned["released"])
+    assert post.head.fc.weight.shape == (3, 64)
+    assert pre.head.pre_logits.fc.weight.shape == post.head.pre_logits.fc.weight.shape
+    key = "stages.0.blocks.0.attn_block.attn.rel_pos.relative_position_bias_table"
+    assert not torch.equal(pre.state_dict()[key], post.state_dict()[key])  # fine-tuned, from the checkpoint
+    assert (pre.state_dict()[key] - post.state_dict()[key]).abs().max() < 0.1

@@ -424,8 +424,10 @@ class PartitionAttention(nn.Module):
         self.attn.rel_pos.set_window_size(self.partition_size)
 
     def padded_size(self, h: int, w: int) -> tuple[int, int]:
+        # Ceil division on non-negative operands only: under ONNX tracing h and w are graph values and
+        # ``//`` becomes ONNX integer Div, which truncates toward zero, so -(-h // p) would round down.
         ph, pw = self.partition_size
-        return -(-h // ph) * ph, -(-w // pw) * pw
+        return (h + ph - 1) // ph * ph, (w + pw - 1) // pw * pw
 
     def _partition_attn(self, x_BHWC: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x_BHWC.shape

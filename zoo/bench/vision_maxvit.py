@@ -7,11 +7,13 @@ interleaved (inference img/s and the training step), as every vision case does. 
 docs/bench_maxvit.md for the cost of the padded path, measured with ``python -m zoo.bench.vision_maxvit``).
 
     zoo bench vision --models 'maxvit*' [--batch 8] [--img-size 224] [--threads 2]
-    python -m zoo.bench.vision_maxvit [--size 224] [--odd 223] [--batch 8] [--repeats 7] [--threads 2]
+    python -m zoo.bench.vision_maxvit [--size 224] [--odd 200] [--batch 8] [--repeats 7] [--threads 2]
 
 The second form times one zoo model on a multiple-of-32 image (no padding, timm-equal path) against itself
-on a slightly smaller odd image (every partition attention pads and masks), interleaved, and reports the
-cost per input pixel of each, so the overhead of padding + masking is visible on its own.
+on a smaller image whose stage maps are not window multiples (200 px with maxvit_tiny_tf_224, window 7:
+stage maps 50, 25, 13 are padded to 56, 28, 14 and masked; note that 223 px would NOT pad: the stride-2
+"same" convs round up to the 224-px maps), interleaved, and reports the time and the cost per input pixel
+of each: the padded image does the attention work of the padded size.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo.bench.vision_maxvit", description=main.__doc__)
     parser.add_argument("--model", default="maxvit_tiny_tf_224")
     parser.add_argument("--size", type=int, default=224, help="multiple-of-32 size (no padding)")
-    parser.add_argument("--odd", type=int, default=223, help="odd size (every stage padded)")
+    parser.add_argument("--odd", type=int, default=200, help="size whose stage maps are padded (default 200)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=7)
