@@ -39,7 +39,8 @@ Caveats:
   ``attend`` falls back to another backend.
 * Row offsets inside one (batch, head) slice are 32-bit: Nq * stride(-2) and Nk * stride(-2) must stay
   below 2**31 (checked by the launcher). Segment ids must fit in int32.
-* The LSE output carries no gradient (as in flash-attn).
+* The LSE output is differentiable (its gradient folds into the backward's ``delta``), so partial
+  results merged with :func:`merge_attention_states` train like one attention call.
 * When a bias gradient is needed and the bias is broadcast over batch/heads, the dQ pass has
   (B*H)/(Bb*Hb) times fewer programs (each loops over the pairs sharing its bias slice).
 * Under ``TRITON_INTERPRET=1`` (CPU tensors) bf16 is computed wrongly by the interpreter, so it is
@@ -48,7 +49,8 @@ Caveats:
 GPUs tested: none yet. Verified under the Triton 3.6 interpreter on CPU, and compiled offline for sm_80
 and sm_90 with Triton's bundled ptxas (:func:`compile_check`, ``python -m zoo.kernels.flash_attention``),
 which also checks that every pass has an autotune config within the shared memory of an A100 / H100.
-Run the GPU tests with ``pytest -m gpu tests/test_kernels_flash.py``.
+Run the GPU tests with ``pytest -m gpu tests/test_kernels_flash.py``, or the tests and the benchmark with
+its targets in one go with ``bash tests/run_gpu_kernels.sh`` (docs/kernels.md, "GPUs tested").
 
 Letters: B batch, H query heads, Hkv key/value heads, G = H // Hkv, Nq/Nk query/key lengths, D head dim
 of q/k, Dv head dim of v, BM/BN query/key tile sizes, BD/BDV padded head dims.
@@ -87,6 +89,8 @@ _MAX_OFFSET = 2**31 - 1
 
 # The interpreter is chosen when the module is imported (triton.jit reads TRITON_INTERPRET then).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# ZOO_TRITON_SINGLE_CONFIG=1: one autotune config per pass on a GPU too (correctness runs compile ~4x less).
+SINGLE_CONFIG = INTERPRET or os.environ.get("ZOO_TRITON_SINGLE_CONFIG", "0") == "1"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,7 +98,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # pipeline stages. One config when interpreting: the interpreter cannot benchmark.)
 # ------------------------------------------------------------------------------------------------
 def _configs(kind: str) -> list:
-    if INTERPRET:
+    if SINGLE_CONFIG:
         return [triton.Config({}, num_warps=4, num_stages=1)]
     if kind == "fwd":
         return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3), (4, 4))]
@@ -717,7 +721,13 @@ def _forward(q, k, v, bias, plan: _Plan):
     return out, lse
 
 
-def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool):
+def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_lse=None):
+    """Gradients of q, k, v (and the bias). ``d_lse``: gradient of the base-2 LSE output (or None).
+
+    With L depending on lse_i = log sum_j exp(s_ij) as well as on the output, dL/ds_ij gains
+    p_ij * dL/dlse_i; in FlashAttention-2's dS = P * (dP - delta) that is delta_i -> delta_i - dL/dlse_i
+    (natural log units: the kernel stores log2, so dL/dlse_nat = d_lse / ln 2).
+    """
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     groups = heads // kv_heads
@@ -743,6 +753,10 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool):
         )
     else:
         delta.zero_()  # unused by the sigmoid score
+    if d_lse is not None and plan.score == "softmax":
+        # Rows with no allowed key (LSE -inf) have P = 0: drop whatever arrives there (NaN from logaddexp).
+        d_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), d_lse.float())
+        delta = delta - d_lse * (1.0 / LN2)
 
     bias_arg = bias if bias is not None else q
     dk = torch.empty_like(k)
@@ -803,15 +817,18 @@ class _FlashAttentionFn(torch.autograd.Function):
         out, lse = _forward(q, k, v, bias, plan)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.plan = plan
-        ctx.mark_non_differentiable(lse)
+        # Unused outputs get None gradients (no zero-filled LSE gradient when only out is used).
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_lse):
         q, k, v, bias, out, lse = ctx.saved_tensors
+        if d_out is None:  # only the LSE was used
+            d_out = torch.zeros_like(out)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(q, k, v, bias, out, lse, d_out, ctx.plan, bias_grad)
+        dq, dk, dv, dbias = _backward(q, k, v, bias, out, lse, d_out, ctx.plan, bias_grad, d_lse)
         return dq, dk, dv, dbias, None
 
 
@@ -931,7 +948,7 @@ def flash_attention(
         scale: default 1/sqrt(D).
         score: "softmax" or "sigmoid" (sigmoid(scale * q.k + bias - log Nk), no normalisation).
         return_lse: also return the row log-sum-exp (B, H, Nq) fp32 in natural log (softmax only; -inf for
-            rows with no allowed key; carries no gradient).
+            rows with no allowed key; differentiable).
         block_m, block_n: override the query/key tile sizes (powers of two >= 16; for tests and tuning).
 
     Returns:
@@ -1035,7 +1052,9 @@ def flash_attention_ref(q, k, v, mask=None, bias=None, *, scale=None, score="sof
         e = torch.exp(s - row_max)
         denom = e.sum(dim=-1, keepdim=True)
         p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-        lse = (row_max + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
+        # -inf for empty rows, with a finite gradient path (no log(0) in the graph).
+        has_key = denom > 0
+        lse = torch.where(has_key, row_max + torch.log(torch.where(has_key, denom, 1.0)), float("-inf")).squeeze(-1)
     elif score == "sigmoid":
         p = torch.sigmoid(s - math.log(k_len)).masked_fill(~allowed, 0.0)
         lse = None

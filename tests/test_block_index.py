@@ -202,7 +202,11 @@ def test_structured_masks_never_materialise(monkeypatch):
     n = 100_000
     ids = torch.arange(n) // 3000
     blk = BlockSparse(torch.rand(-(-n // 128), -(-n // 128)) < 0.1, 128)
-    for mask in (Causal() & Window(4096, 0), Segments(ids) & Causal(), Window(512, 512) | blk):
+    from zoo.attention import Radial
+
+    radial = Radial(25, 4000, 1.0, True)  # 100k video tokens, 782 x 782 blocks
+    for mask in (Causal() & Window(4096, 0), Segments(ids) & Causal(), Window(512, 512) | blk, radial,
+                 radial & Causal()):
         prog = lower_mask(mask, n, n, "cpu")
         assert prog.exact_in_kernel and prog.dense is None
         lists = kernel_tile_lists(mask, n, n, 128, 64, "cpu")

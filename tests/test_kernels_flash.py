@@ -70,18 +70,18 @@ def _grads(fn, q, k, v, bias, grad_out_seed=1):
     return [out.detach()] + [g.detach() for g in grads]
 
 
-def _check(q, k, v, mask, bias, *, score="softmax", block=None, grads=True):
+def _check(q, k, v, mask, bias, *, score="softmax", block=None, grads=True, scale=None):
     """Kernel vs float64 reference, with PyTorch at the same precision as the yardstick."""
     kw = {} if block is None else dict(block_m=block[0], block_n=block[1])
 
     def ours(q_, k_, v_, b_):
-        return flash_attention(q_, k_, v_, mask, b_, score=score, **kw)
+        return flash_attention(q_, k_, v_, mask, b_, score=score, scale=scale, **kw)
 
     def torch_same_precision(q_, k_, v_, b_):
-        return attend(q_, k_, v_, mask, b_, score=score, backend="torch")
+        return attend(q_, k_, v_, mask, b_, score=score, scale=scale, backend="torch")
 
     def truth(q_, k_, v_, b_):
-        return flash_attention_ref(q_, k_, v_, mask, b_, score=score)
+        return flash_attention_ref(q_, k_, v_, mask, b_, score=score, scale=scale)
 
     names = ["out", "dq", "dk", "dv", "dbias"]
     if grads:
@@ -131,6 +131,40 @@ SHAPES = [
 def test_shapes_fp32(b, h, hkv, nq, nk, d, dv, mask_fn):
     q, k, v, _ = _inputs(b, h, hkv, nq, nk, d, dv)
     _check(q, k, v, mask_fn(), None)
+
+
+@pytest.mark.parametrize("d,dv", [(200, 256), (8, 24)], ids=["d200-dv256", "d8-dv24"])
+def test_head_dims_padded_and_scale(d, dv):
+    """Head dims are padded inside the kernel to the next power of two >= 16 (up to 256); explicit scale."""
+    q, k, v, bias = _inputs(1, 2, 1, 33, 45, d, dv, bias_shape=(1, 1, 33, 45), seed=22)
+    _check(q, k, v, Window(12, 3), bias, scale=0.07)
+
+
+def test_gqa_reads_kv_without_copy(monkeypatch):
+    """Grouped-query attention: the kernels receive the caller's K/V (Hkv heads, same storage)."""
+    q, k, v, _ = _inputs(1, 4, 1, 20, 30, 16, seed=23)
+    seen = []
+    forward, backward = fa._forward, fa._backward
+
+    def spy_forward(q_, k_, v_, *rest):
+        seen.append(("fwd", k_.shape[1], k_.data_ptr(), v_.shape[1], v_.data_ptr()))
+        return forward(q_, k_, v_, *rest)
+
+    def spy_backward(q_, k_, v_, *rest, **kw):
+        seen.append(("bwd", k_.shape[1], k_.data_ptr(), v_.shape[1], v_.data_ptr()))
+        return backward(q_, k_, v_, *rest, **kw)
+
+    monkeypatch.setattr(fa, "_forward", spy_forward)
+    monkeypatch.setattr(fa, "_backward", spy_backward)
+    k_leaf, v_leaf = k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    out = flash_attention(q, k_leaf, v_leaf, Causal())
+    out.sum().backward()
+    assert [s[0] for s in seen] == ["fwd", "bwd"]
+    for _, k_heads, k_ptr, v_heads, v_ptr in seen:
+        assert (k_heads, k_ptr, v_heads, v_ptr) == (1, k_leaf.data_ptr(), 1, v_leaf.data_ptr())
+    assert k_leaf.grad.shape == k.shape
+    want = flash_attention_ref(q.double(), k_leaf.double(), v_leaf.double(), Causal())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,11 +283,11 @@ def test_fully_masked_rows_are_zero():
     assert (out[:, :, 40:] == 0).all() and (dq[:, :, 40:] == 0).all()
     assert (dk[:, :, 40:] == 0).all() and (dv[:, :, 40:] == 0).all()
     assert (dbias[:, :, 40:] == 0).all() and (dbias[:, :, :, 40:] == 0).all()
-    # A bias of -inf that removes every allowed key of a row gives zeros too.
+    # A bias of -inf that removes every allowed key of a row gives zeros too, and zero gradients.
     bias2 = bias.clone()
     bias2[:, :, 5] = float("-inf")
-    out2 = flash_attention(q, k, v, Causal(), bias2)
-    assert (out2[:, :, 5] == 0).all() and torch.isfinite(out2).all()
+    out2, dq2, _, _, dbias2 = _check(q, k, v, Causal(), bias2)
+    assert (out2[:, :, 5] == 0).all() and (dq2[:, :, 5] == 0).all() and (dbias2[:, :, 5] == 0).all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +311,56 @@ def test_lse_and_merge():
     merged, merged_lse = merge_attention_states(out_a, lse_a, out_b, lse_b)
     torch.testing.assert_close(merged, out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged_lse, lse, rtol=1e-5, atol=1e-5)
+
+
+def test_lse_gradient():
+    """The LSE output is differentiable: d(out . g_out + lse . g_lse) matches the float64 reference for
+    q, k, v and bias, with empty rows (padding queries, LSE -inf) among them."""
+    ids_q = torch.tensor([0] * 12 + [1] * 20 + [-1] * 5)
+    ids_k = torch.tensor([0] * 30 + [1] * 28 + [-1] * 3)
+    mask = Segments(ids_q, ids_k) & Causal()
+    q, k, v, bias = _inputs(2, 2, 1, 37, 61, 16, bias_shape=(1, 2, 37, 61), seed=24)
+    g = torch.Generator().manual_seed(25)
+    g_out = torch.randn(2, 2, 37, 16, generator=g).to(DEVICE)
+    g_lse = torch.randn(2, 2, 37, generator=g).to(DEVICE)
+    results = []
+    for fn, dtype in ((flash_attention, torch.float32), (flash_attention_ref, torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, bias)]
+        out, lse = fn(*leaves[:3], mask, leaves[3], return_lse=True)
+        finite = torch.isfinite(lse)
+        assert not finite.all() and finite.any()  # some rows are empty
+        loss = (out * g_out.to(dtype)).sum() + (torch.where(finite, lse, 0.0) * g_lse.to(dtype)).sum()
+        results.append([out, lse] + list(torch.autograd.grad(loss, leaves)))
+    for name, got, want in zip(["out", "lse", "dq", "dk", "dv", "dbias"], *results):
+        assert torch.isfinite(got).all() or name == "lse", name
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=2e-5, msg=name)
+    # Only the LSE used: gradients still flow (d_out is absent).
+    q_leaf = q.clone().requires_grad_(True)
+    _, lse = flash_attention(q_leaf, k, v, Causal(), return_lse=True)
+    lse.sum().backward()
+    want_q = q.double().requires_grad_(True)
+    flash_attention_ref(want_q, k.double(), v.double(), Causal(), return_lse=True)[1].sum().backward()
+    torch.testing.assert_close(q_leaf.grad.double(), want_q.grad, rtol=1e-4, atol=2e-5)
+
+
+def test_merged_partial_attention_trains():
+    """Attention split over two key sets (as in ring / context-parallel attention) and merged with
+    merge_attention_states has the gradients of one attention call, including rows that are empty in
+    one part (LSE -inf there)."""
+    q, k, v, _ = _inputs(1, 2, 1, 40, 90, 16, seed=26)
+    ids = torch.arange(90, device=DEVICE)
+    parts = [Dense((ids[None, :] < 60).expand(40, 90)) & Causal(), Dense((ids[None, :] >= 60).expand(40, 90)) & Causal()]
+    g_out = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(27)).to(DEVICE)
+
+    def merged(q_, k_, v_, _b):
+        (out_a, lse_a), (out_b, lse_b) = (flash_attention(q_, k_, v_, m, return_lse=True) for m in parts)
+        return merge_attention_states(out_a, lse_a, out_b, lse_b)[0]
+
+    got = _grads(merged, q, k, v, None)
+    want = _grads(lambda q_, k_, v_, _b: flash_attention(q_, k_, v_, Causal()), q, k, v, None)
+    for name, a, b_ in zip(["out", "dq", "dk", "dv"], got, want):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,6 +413,40 @@ def test_attend_backend_triton():
     got = attend(q, k, v, mask, bias, backend="triton")
     want = attend(q, k, v, mask, bias, backend="torch")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_picks_triton_and_falls_back(monkeypatch):
+    """Automatic selection: where the "triton" backend is eligible (CUDA; here the interpreter is made
+    eligible for CPU tensors) attend() picks it, and calls it cannot run (dropout_p > 0, return_weights)
+    go to another backend that gives the same result."""
+    import dataclasses
+
+    from zoo.attention import backends as zb
+
+    zb.list_backends()  # registers the optional backends
+    triton_backend = zb.get_backend("triton")
+    monkeypatch.setitem(zb._BACKENDS, "triton", dataclasses.replace(triton_backend, auto_devices=frozenset({DEVICE})))
+    q, k, v, bias = _inputs(1, 2, 1, 24, 40, 16, bias_shape=(1, 2, 24, 40), seed=28)
+    mask = Window(8, 8)
+    scale = 0.25
+
+    def chosen(dropout_p=0.0, return_weights=False):
+        return zb.select_backend((q, k, v, mask, bias, scale, "softmax", dropout_p, return_weights), None).name
+
+    assert chosen() == "triton"
+    fallback = chosen(dropout_p=0.2)
+    assert fallback != "triton"
+    assert "dropout" in triton_supports(q, k, v, mask, bias, scale, "softmax", 0.2, False)
+    torch.manual_seed(0)
+    got = attend(q, k, v, mask, bias, scale=scale, dropout_p=0.2)
+    torch.manual_seed(0)
+    want = attend(q, k, v, mask, bias, scale=scale, dropout_p=0.2, backend=fallback)
+    torch.testing.assert_close(got, want)
+    no_dropout = attend(q, k, v, mask, bias, scale=scale)
+    assert not torch.allclose(got, no_dropout)  # dropout really ran
+    out, weights = attend(q, k, v, mask, bias, scale=scale, return_weights=True)  # reference backend
+    torch.testing.assert_close(out, no_dropout, rtol=1e-5, atol=1e-5)
+    assert weights.shape == (1, 2, 24, 40)
 
 
 def test_triton_supports_reasons():
@@ -409,6 +527,32 @@ def test_bf16_gpu(name):
 def test_large_gpu(d):
     q, k, v, bias = _inputs(2, 8, 2, 1000, 1537, d, bias_shape=(1, 8, 1000, 1537), dtype=torch.float16, seed=31)
     _check(q, k, v, Causal() & Window(300, 0), bias)
+
+
+@pytest.mark.gpu
+@gpu
+def test_memory_is_linear_gpu():
+    """Forward + backward allocate O(N) beyond the inputs (out, grads, LSE), far below one N x N matrix."""
+    from zoo.attention import Radial
+
+    radial = Radial(16, 1024)
+    n = radial.seq_len
+    q, k, v, _ = _inputs(1, 4, 4, n, n, 64, dtype=torch.bfloat16, seed=32)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    go = torch.randn_like(q)
+    flash_attention(q, k, v, radial).backward(go)  # compile, autotune, tile lists
+    q.grad = k.grad = v.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    flash_attention(q, k, v, radial).backward(go)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    out_and_grads = 4 * q.numel() * q.element_size()
+    print(f"extra {extra / 2**20:.1f} MiB, out + grads {out_and_grads / 2**20:.1f} MiB")
+    assert extra < 4 * out_and_grads + (32 << 20), extra
+    assert extra < n * n * q.element_size() / 8, extra  # one (N, N) bf16 score matrix of one head
 
 
 def _median_ms(fns, reps=10):

@@ -5,6 +5,7 @@
                         [--core-sizes 256,512,1024,2048,4096]
                         [--sparse-n 8192] [--fractions 1.0,0.5,0.25,0.1] [--masks window,radial,random]
                         [--gpu-frames 16,32] [--gpu-tokens 1024] [--gpu-head-dims 64,128] [--gpu-dtype bf16]
+    zoo bench attention --gpu [--quick]     # the one-shot GPU run: gpu part only, targets checked, exit 1 on FAIL
 
 Parts (default: core, sparse, tiles on CPU; gpu as well when CUDA is available):
 
@@ -21,7 +22,10 @@ Parts (default: core, sparse, tiles on CPU; gpu as well when CUDA is available):
   causal; the dense boolean mask otherwise) vs FlexAttention (``torch.compile(flex_attention)`` with the
   same block mask), for dense, causal, sliding window, Segments (varlen packing) and Radial at video
   lengths (frames x tokens), D = 64 and 128, bf16: time, TFLOP/s (useful FLOPs: allowed pairs only;
-  backward counted as 2.5x forward) and ratios. Without a GPU this part prints that GPU timings need one.
+  backward counted as 2.5x forward), ratios and the max error against SDPA; a block-sparse sweep (random
+  block maps at the kept fractions vs zoo dense and FlexAttention); the peak memory of a Radial
+  forward+backward; PASS/FAIL lines for the issue's H100 targets. Without a GPU this part prints that GPU
+  timings need one (``--gpu-device cpu`` runs it under the Triton interpreter at tiny sizes, for tests).
 
 Every figure: the median of ``--repeats`` interleaved runs (A B A B ...) after ``--warmup`` calls
 (zoo.bench.timing.interleaved_medians), fixed threads and seeds. Ratios are peer time / ours (higher is
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import sys
 from typing import Callable, Optional
 
@@ -39,7 +44,7 @@ import torch
 import torch.nn.attention
 import torch.nn.functional as F
 
-from zoo.attention import BlockSparse, Causal, Full, Mask, Segments, Window, attend, use_backend
+from zoo.attention import BlockSparse, Causal, Mask, Segments, Window, attend, use_backend
 from zoo.attention.radial import Radial
 from zoo.bench.timing import interleaved_medians, machine_description, set_threads
 
@@ -83,15 +88,15 @@ def radial_for_fraction(n: int, fraction: float, decay_factor: float = 1.0) -> R
     return best[1]
 
 
-def random_block_map(n: int, fraction: float, seed: int = 0) -> BlockSparse:
-    """Random 128x128 block map with about ``fraction`` kept; the diagonal tile is always kept so no row
-    is empty (SDPA returns NaN for rows without keys)."""
-    nb = math.ceil(n / TILE)
+def random_block_map(n: int, fraction: float, seed: int = 0, tile: int = TILE) -> BlockSparse:
+    """Random tile x tile (default 128) block map with about ``fraction`` kept; the diagonal tile is always
+    kept so no row is empty (SDPA returns NaN for rows without keys)."""
+    nb = math.ceil(n / tile)
     g = torch.Generator().manual_seed(seed)
     p = max(0.0, (fraction * nb - 1) / max(nb - 1, 1)) if fraction < 1.0 else 1.0
     keep = torch.rand(nb, nb, generator=g) < p
     keep.diagonal().fill_(True)
-    return BlockSparse(keep, TILE)
+    return BlockSparse(keep, tile)
 
 
 def sparse_masks(n: int, fraction: float, kinds) -> dict[str, Mask]:
@@ -277,83 +282,211 @@ def _count_allowed(mask: Mask, n: int, device) -> int:
     return total
 
 
+def _flops_per_pair(batch: int, heads: int, head_dim: int) -> float:
+    """Forward FLOPs of one allowed (query, key) pair: q.k and p.v, 2 * D multiply-adds each."""
+    return 4.0 * batch * heads * head_dim
+
+
+def _gpu_device(args) -> str:
+    return getattr(args, "gpu_device", None) or "cuda"
+
+
 def bench_gpu(args) -> str:
-    """zoo-triton vs SDPA vs FlexAttention on CUDA (issue 5)."""
-    if not torch.cuda.is_available():
-        return "### GPU (zoo-triton vs SDPA-flash vs FlexAttention)\n\nGPU timings need a GPU: no CUDA device here."
+    """zoo-triton vs SDPA vs FlexAttention on CUDA (issue 5), with the issue's targets checked.
+
+    Sections: (1) per mask (dense, causal, sliding window, Segments varlen packing, Radial) at each video
+    length and head dim: time and TF/s of the three, the max |zoo - SDPA| of the forward output; (2) a
+    block-sparse sweep (random 128x128 block maps at the kept fractions) against zoo's own dense time and
+    FlexAttention with the same block mask; (3) peak memory of a zoo forward+backward (O(N) check);
+    (4) PASS/FAIL against the H100 targets. ``args.gpu_device="cpu"`` runs the same code under the Triton
+    interpreter at tiny sizes (tests/test_sparse_bench.py), with eager FlexAttention.
+    """
+    device = _gpu_device(args)
+    title = "### GPU: zoo-triton vs SDPA vs FlexAttention"
+    if device == "cuda" and not torch.cuda.is_available():
+        return (f"{title}\n\nGPU timings need a GPU: no CUDA device here. On a CUDA machine run "
+                "`python -m zoo.bench.attention --gpu` (docs/bench_attention.md, section GPU).")
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    flex = torch.compile(flex_attention, dynamic=False)
+    if device == "cuda":
+        compile_flex = not getattr(args, "gpu_eager_flex", False)
+        # Every (mask_mod, shape) is a new graph of the one compiled function: above Dynamo's default of 8
+        # recompiles it would silently fall back to eager flex_attention (which materialises the scores).
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
+        flex = torch.compile(flex_attention, dynamic=False) if compile_flex else flex_attention
+    else:
+        def flex(q_, k_, v_, block_mask):
+            """Dry run only: FlexAttention has no CPU backward, so its forward runs on detached inputs and
+            the result is tied to q, k, v by a zero term to let the fwd+bwd timing loop run."""
+            with torch.no_grad():
+                out = flex_attention(q_.detach(), k_.detach(), v_.detach(), block_mask=block_mask)
+            return out + 0.0 * (q_.sum() + k_.sum() + v_.sum())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.gpu_dtype]
-    device = "cuda"
-    rows = []
+    radial_block = getattr(args, "gpu_radial_block", 128)
+    flex_block = min(128, radial_block) if device != "cuda" else 128
+    timing = dict(repeats=args.repeats, warmup=max(args.warmup, 2 if device == "cuda" else 0),
+                  device=device if device == "cuda" else None)
+    rows, sweep_rows, verdicts = [], [], []
+    errors: list[str] = []
+
+    def flex_mask(mask_mod, n):
+        return create_block_mask(mask_mod, None, None, n, n, device=device, BLOCK_SIZE=flex_block)
+
+    def timed_pair(fns, q, k, v, go):
+        out = {}
+        for mode in ("fwd", "fwd+bwd"):
+            calls = {label: (_forward(fn, q, k, v) if mode == "fwd" else _forward_backward(fn, q, k, v, go))
+                     for label, fn in fns.items()}
+            out[mode] = interleaved_medians(calls, **timing)
+        return out
+
+    # (1) masks x lengths x head dims
     for frames in args.gpu_frames:
         n = frames * args.gpu_tokens
         window = args.gpu_tokens  # one frame to each side
         ids = torch.repeat_interleave(torch.arange(frames, device=device), args.gpu_tokens)
-        radial = Radial(frames, args.gpu_tokens, 1.0)
+        radial = Radial(frames, args.gpu_tokens, 1.0, block_size=radial_block)
         radial_blocks = radial.block_mask.to(device)
-        block = radial.block_size
         cases = {
             # name: (zoo mask, FlexAttention mask_mod); "dense" runs without a block mask.
             "dense": (None, None),
             "causal": (Causal(), lambda b, h, i, j: i >= j),
             "window": (Window(window, window), lambda b, h, i, j: (i - j).abs() <= window),
             "segments": (Segments(ids), lambda b, h, i, j: ids[i] == ids[j]),
-            "radial": (radial, lambda b, h, i, j: radial_blocks[i // block, j // block]),
+            "radial": (radial, lambda b, h, i, j: radial_blocks[i // radial_block, j // radial_block]),
         }
         for d in args.gpu_head_dims:
             q, k, v, go = _inputs(args.batch, args.heads, n, d, dtype=dtype, device=device, grad=True)
             for name, (mask, mask_mod) in cases.items():
-                pairs = n * n if mask is None else _count_allowed(mask, n, device)
-                flops_f = 4.0 * args.batch * args.heads * d * pairs
-                block_mask = None
-                if mask is not None:
-                    block_mask = create_block_mask(mask_mod, None, None, n, n, device=device, BLOCK_SIZE=128)
-                if mask is None or isinstance(mask, Causal):
-                    causal = mask is not None
+                try:
+                    pairs = n * n if mask is None else _count_allowed(mask, n, device)
+                    block_mask = None if mask is None else flex_mask(mask_mod, n)
+                    if mask is None or isinstance(mask, Causal):
+                        causal = mask is not None
 
-                    def sdpa(q_, k_, v_, c=causal):
-                        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=c)
+                        def sdpa(q_, k_, v_, c=causal):
+                            if device != "cuda":
+                                return F.scaled_dot_product_attention(q_, k_, v_, is_causal=c)
+                            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                                return F.scaled_dot_product_attention(q_, k_, v_, is_causal=c)
 
-                    sdpa_name = "SDPA-flash"
-                else:
-                    allowed = mask.dense(n, n, device)
+                        sdpa_name = "SDPA-flash"
+                    else:
+                        allowed = mask.dense(n, n, device)
 
-                    def sdpa(q_, k_, v_, a=allowed):
-                        return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=a)
+                        def sdpa(q_, k_, v_, a=allowed):
+                            return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=a)
 
-                    sdpa_name = "SDPA (dense mask)"
-                fns = {
-                    "zoo-triton": lambda q_, k_, v_, m=mask: attend(q_, k_, v_, m, backend="triton"),
-                    sdpa_name: sdpa,
-                    "FlexAttention": lambda q_, k_, v_, bm=block_mask: flex(q_, k_, v_, block_mask=bm),
-                }
-                for mode in ("fwd", "fwd+bwd"):
-                    timed = {}
-                    for label, fn in fns.items():
-                        timed[label] = _forward(fn, q, k, v) if mode == "fwd" else _forward_backward(fn, q, k, v, go)
-                    try:
-                        t = interleaved_medians(timed, repeats=args.repeats, warmup=max(args.warmup, 2), device=device)
-                    except Exception as error:  # one failing peer must not hide the others' figures
-                        rows.append([name, n, d, mode, f"error: {type(error).__name__}: {str(error)[:80]}"] + [""] * 4)
-                        continue
-                    flops = flops_f * (1.0 if mode == "fwd" else 3.5)
-                    ours = t["zoo-triton"]
+                        sdpa_name = "SDPA (dense mask)"
+                    fns = {
+                        "zoo-triton": lambda q_, k_, v_, m=mask: attend(q_, k_, v_, m, backend="triton"),
+                        sdpa_name: sdpa,
+                        "FlexAttention": lambda q_, k_, v_, bm=block_mask: flex(q_, k_, v_, block_mask=bm),
+                    }
+                    with torch.no_grad():
+                        err = float((fns["zoo-triton"](q, k, v).float() - sdpa(q, k, v).float()).abs().max())
+                    t = timed_pair(fns, q, k, v, go)
+                except Exception as error:  # one failing case must not hide the other figures
+                    if getattr(args, "gpu_strict", False):
+                        raise
+                    errors.append(f"{name} N={n} D={d}: {type(error).__name__}: {str(error)[:200]}")
+                    rows.append([name, n, d, "-", f"error: {type(error).__name__}"] + [""] * 5)
+                    continue
+                for mode, times in t.items():
+                    flops = pairs * _flops_per_pair(args.batch, args.heads, d) * (1.0 if mode == "fwd" else 3.5)
+                    ours = times["zoo-triton"]
                     cells = [name, n, d, mode]
                     for label in fns:
-                        cells.append(f"{label}: {_ms(t[label])} ms, {flops / t[label] / 1e12:.0f} TF/s")
-                    cells.append(f"{t[sdpa_name] / ours:.2f}x")
-                    cells.append(f"{t['FlexAttention'] / ours:.2f}x")
+                        cells.append(f"{label}: {_ms(times[label])} ms, {flops / times[label] / 1e12:.1f} TF/s")
+                    cells += [f"{times[sdpa_name] / ours:.2f}x", f"{times['FlexAttention'] / ours:.2f}x",
+                              f"{err:.1e}" if mode == "fwd" else ""]
                     rows.append(cells)
                     print("  gpu", " | ".join(str(c) for c in cells), file=sys.stderr, flush=True)
-    headers = ["mask", "N", "D", "pass", "zoo-triton", "SDPA", "FlexAttention", "SDPA/zoo", "Flex/zoo"]
-    return (
-        f"### GPU: zoo-triton vs SDPA vs FlexAttention ({torch.cuda.get_device_name()}, {args.gpu_dtype}, "
-        f"B={args.batch}, H={args.heads}; TF/s over allowed pairs; ratio = peer time / zoo time)\n\n"
-        + _table(headers, rows)
-    )
+                    if name == "dense" and mode == "fwd":
+                        verdicts.append((f"dense fwd N={n} D={d}: zoo >= 0.9x SDPA-flash speed",
+                                         times[sdpa_name] / ours >= 0.9, f"{times[sdpa_name] / ours:.2f}x"))
+                        verdicts.append((f"dense fwd N={n} D={d}: zoo >= FlexAttention speed",
+                                         times["FlexAttention"] / ours >= 1.0, f"{times['FlexAttention'] / ours:.2f}x"))
+                    if name == "radial" and mode == "fwd+bwd":
+                        verdicts.append((f"radial fwd+bwd N={n} D={d}: zoo faster than FlexAttention",
+                                         times["FlexAttention"] / ours > 1.0, f"{times['FlexAttention'] / ours:.2f}x"))
+            del q, k, v, go
+
+    # (2) block-sparse sweep at the first length and head dim: time should follow the kept fraction.
+    n = args.gpu_frames[0] * args.gpu_tokens
+    d = args.gpu_head_dims[0]
+    q, k, v, go = _inputs(args.batch, args.heads, n, d, dtype=dtype, device=device, grad=True)
+    dense_fn = lambda q_, k_, v_: attend(q_, k_, v_, None, backend="triton")  # noqa: E731
+    for fraction in args.fractions:
+        try:
+            blocks = random_block_map(n, fraction, tile=flex_block)
+            keep = blocks.block_mask[0, 0].to(device)
+            kept = blocks.block_map(n, n, flex_block, flex_block).kept_fraction()
+            bm = flex_mask(lambda b, h, i, j, kp=keep: kp[i // flex_block, j // flex_block], n)
+            fns = {
+                "zoo dense": dense_fn,
+                "zoo sparse": lambda q_, k_, v_, m=blocks: attend(q_, k_, v_, m, backend="triton"),
+                "Flex sparse": lambda q_, k_, v_, m=bm: flex(q_, k_, v_, block_mask=m),
+            }
+            t = timed_pair(fns, q, k, v, go)
+        except Exception as error:
+            if getattr(args, "gpu_strict", False):
+                raise
+            errors.append(f"sweep {fraction:.0%}: {type(error).__name__}: {str(error)[:200]}")
+            continue
+        cells = [f"{fraction:.0%}", f"{kept:.1%}", n, d]
+        for mode in ("fwd", "fwd+bwd"):
+            times = t[mode]
+            cells += [_ms(times["zoo sparse"]), f"{times['zoo dense'] / times['zoo sparse']:.2f}x",
+                      f"{times['Flex sparse'] / times['zoo sparse']:.2f}x"]
+        sweep_rows.append(cells)
+        print("  gpu sweep", " | ".join(str(c) for c in cells), file=sys.stderr, flush=True)
+        if abs(fraction - 0.25) < 1e-9:
+            speedup = t["fwd+bwd"]["zoo dense"] / t["fwd+bwd"]["zoo sparse"]
+            verdicts.append((f"25% kept tiles N={n} D={d}: fwd+bwd >= 3x faster than dense", speedup >= 3.0,
+                             f"{speedup:.2f}x"))
+
+    # (3) memory: O(N) in forward and backward (the score matrix is never stored).
+    memory_line = "peak memory: not measured (needs CUDA)"
+    if device == "cuda":
+        radial = Radial(args.gpu_frames[-1], args.gpu_tokens, 1.0, block_size=radial_block)
+        n = radial.seq_len
+        q, k, v, go = _inputs(args.batch, args.heads, n, args.gpu_head_dims[-1], dtype=dtype, device=device, grad=True)
+        attend(q, k, v, radial, backend="triton").backward(go)  # warm-up: compile, caches
+        q.grad = k.grad = v.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        attend(q, k, v, radial, backend="triton").backward(go)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        scores = args.batch * args.heads * n * n * q.element_size()
+        io = 4 * q.numel() * q.element_size()  # out, dq, dk, dv
+        memory_line = (f"peak memory of a Radial fwd+bwd at N={n}, D={args.gpu_head_dims[-1]}: {extra / 2**20:.0f} MiB "
+                       f"above the inputs (out + grads alone: {io / 2**20:.0f} MiB; one {q.dtype} score matrix "
+                       f"B*H*N*N: {scores / 2**20:.0f} MiB)")
+        verdicts.append((f"memory O(N): Radial fwd+bwd N={n} extra < 4 x (out + grads) + 64 MiB",
+                         extra < 4 * io + (64 << 20), f"{extra / 2**20:.0f} MiB"))
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{device} (Triton interpreter dry run)"
+    headers = ["mask", "N", "D", "pass", "zoo-triton", "SDPA", "FlexAttention", "SDPA/zoo", "Flex/zoo",
+               "max abs err vs SDPA"]
+    out = [
+        f"{title} ({name}, {args.gpu_dtype}, B={args.batch}, H={args.heads}; TF/s over allowed pairs, backward "
+        "counted as 2.5x forward; ratio = peer time / zoo time)\n\n" + _table(headers, rows),
+        f"#### Block-sparse sweep (random {flex_block}x{flex_block} block maps; speed-up = zoo dense time / zoo "
+        "sparse time; Flex/zoo = FlexAttention with the same block mask / zoo sparse)\n\n"
+        + _table(["target kept", "kept tiles", "N", "D", "zoo fwd ms", "vs dense fwd", "Flex/zoo fwd",
+                  "zoo fwd+bwd ms", "vs dense fwd+bwd", "Flex/zoo fwd+bwd"], sweep_rows),
+        memory_line,
+        "#### Targets (issue 5, H100 bf16)\n\n"
+        + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {what} ({value})" for what, ok, value in verdicts),
+    ]
+    if errors:
+        out.append("#### Errors\n\n" + "\n".join(f"- {e}" for e in errors))
+    return "\n\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,7 +518,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-tokens", type=int, default=1024)
     p.add_argument("--gpu-head-dims", type=_ints, default=[64, 128])
     p.add_argument("--gpu-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--gpu", action="store_true",
+                   help="the one-shot GPU run: only the gpu part, with its targets checked (exit 2 without CUDA)")
+    p.add_argument("--gpu-radial-block", type=int, default=128, help="Radial block size in the gpu part")
+    p.add_argument("--gpu-strict", action="store_true", help="raise on the first failing gpu case")
+    p.add_argument("--gpu-device", default="cuda",
+                   help="'cpu' runs the gpu part under the Triton interpreter at tiny sizes (a dry run for tests)")
+    p.add_argument("--gpu-eager-flex", action="store_true", help="FlexAttention without torch.compile")
     return p
+
+
+def _load() -> str:
+    try:
+        return "load average %.2f, %.2f, %.2f" % os.getloadavg()
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        return "load average unavailable"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -395,8 +542,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.core_sizes = [n for n in args.core_sizes if n <= 1024]
         args.sparse_n = min(args.sparse_n, 2048)
         args.gpu_frames = args.gpu_frames[:1]
+        if args.gpu:  # one head dim and the 25% point: every target still checked, a third of the compiles
+            args.gpu_head_dims = args.gpu_head_dims[:1]
+            args.fractions = [f for f in args.fractions if abs(f - 0.25) < 1e-9] or [0.25]
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    if args.gpu:
+        if args.parts not in (None, "gpu"):
+            raise SystemExit("--gpu runs the gpu part only; drop --parts")
+        args.parts = "gpu"
+        if args.gpu_device == "cuda" and not torch.cuda.is_available():
+            print("zoo bench attention --gpu: no CUDA device here; GPU timings need a GPU.", file=sys.stderr)
+            return 2
     parts = args.parts.split(",") if args.parts else ["core", "sparse", "tiles", "gpu"]
     unknown = set(parts) - {"core", "sparse", "tiles", "gpu"}
     if unknown:
@@ -406,11 +563,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = "zoo bench attention " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"## zoo bench attention\n\ncommand: `{command.strip()}`  ")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ")
-    print(f"machine: {machine_description()}; torch threads {threads}\n", flush=True)
+    print(f"machine: {machine_description()}; torch threads {threads}  ")
+    print(f"{_load()} at the start\n", flush=True)
+    failed = False
     for part in parts:
         result = {"core": bench_core, "sparse": bench_sparse, "tiles": bench_tiles, "gpu": bench_gpu}[part](args)
         print(result + "\n", flush=True)
-    return 0
+        failed = failed or "- FAIL:" in result or "#### Errors" in result
+    print(f"{_load()} at the end", flush=True)
+    return 1 if (args.gpu and failed) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the Triton block-sparse flash-attention kernels (issue 5). Needs a CUDA machine;
+# run it from anywhere:  bash tests/run_gpu_kernels.sh      (QUICK=0: full benchmark; FULL=1: all tests too)
+#
+# Steps (each prints its own results; a failing step does not stop the later ones):
+#   1. `python -m zoo.bench.attention --gpu --quick`: zoo-triton vs SDPA vs FlexAttention for dense, causal,
+#      window, Segments and Radial at 16 frames x 1024 tokens, D = 64, bf16, with the max error against
+#      SDPA; the 25% block-sparse point vs dense; peak memory; PASS/FAIL against the issue's targets.
+#      QUICK=0: 16 and 32 frames, D = 64 and 128, kept fractions 100/50/25/10%.
+#   2. the `gpu`-marked tests (bf16 correctness, D = 64/128/256 at 1000 x 1537, O(N) memory), one autotune
+#      config per pass (ZOO_TRITON_SINGLE_CONFIG=1) to bound compile time; the speed sanity test only with
+#      FULL=1 (it wants the autotuned kernels, and step 1 already times them).
+#   3. FULL=1: every test of tests/test_kernels_flash.py and tests/test_radial.py on compiled kernels.
+# Compile time dominates (Triton autotuning, torch.compile of FlexAttention per mask): untimed so far, meant
+# to fit one 15-minute GPU session with the defaults. Paste the printed tables, with the GPU model, into
+# docs/bench_attention.md and docs/benchmarks.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+QUICK=${QUICK:-1}
+FULL=${FULL:-0}
+status=0
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || { echo "no nvidia-smi / GPU"; exit 2; }
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 2
+
+echo "== 1. benchmark with targets"
+if [ "$QUICK" = "1" ]; then
+    "$PY" -m zoo.bench.attention --gpu --quick || status=1
+else
+    "$PY" -m zoo.bench.attention --gpu || status=1
+fi
+
+echo "== 2. gpu-marked kernel tests"
+ZOO_TRITON_SINGLE_CONFIG=1 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_flash.py -s -k "not speed" \
+    || status=1
+
+if [ "$FULL" = "1" ]; then
+    echo "== 3. speed sanity test and every kernel test on compiled kernels"
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_flash.py -s -k speed || status=1
+    ZOO_TRITON_SINGLE_CONFIG=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_flash.py tests/test_radial.py \
+        -k "not compiles_for_sm90" || status=1
+fi
+echo "== done (status $status)"
+exit $status

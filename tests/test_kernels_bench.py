@@ -1,0 +1,66 @@
+"""The GPU benchmark of the Triton kernels (``python -m zoo.bench.attention --gpu``) as a dry run on CPU:
+the same code path (zoo-triton under the Triton interpreter, SDPA, eager FlexAttention, the block-sparse
+sweep and the target verdicts) at tiny sizes, so that the one-shot GPU run a later session makes does not
+die on a bug nobody could see without a GPU. Also: the CPU part's masks hit their kept fractions."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from zoo.bench import attention as bench  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning"),
+]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the dry run is for CPU-only machines; the GPU runs the real thing")
+def test_gpu_part_dry_run_on_cpu(capsys):
+    from zoo.kernels import flash_attention as fa
+
+    if not fa.INTERPRET:
+        pytest.skip("kernel module imported without TRITON_INTERPRET=1")
+    args = bench.build_parser().parse_args([
+        "--gpu", "--gpu-device", "cpu", "--gpu-frames", "2", "--gpu-tokens", "48", "--gpu-head-dims", "16",
+        "--gpu-dtype", "fp32", "--gpu-radial-block", "16", "--gpu-eager-flex", "--gpu-strict",
+        "--repeats", "1", "--warmup", "0", "--fractions", "0.25", "--heads", "2",
+    ])
+    text = bench.bench_gpu(args)
+    assert "Errors" not in text
+    for name in ("dense", "causal", "window", "segments", "radial"):
+        assert f"| {name} | 96 | 16 | fwd |" in text and f"| {name} | 96 | 16 | fwd+bwd |" in text, name
+    # Outputs agree with SDPA (fp32): the error column of every forward row is small.
+    errors = [float(line.rsplit("|", 2)[-2]) for line in text.splitlines() if "| fwd |" in line]
+    assert len(errors) == 5 and max(errors) < 1e-4, errors
+    assert "| 25% |" in text  # the block-sparse sweep
+    verdicts = [line for line in text.splitlines() if line.startswith(("- PASS", "- FAIL"))]
+    assert len(verdicts) == 4, verdicts  # 2 dense, 1 radial, 1 sweep (memory needs CUDA)
+
+
+def test_gpu_flag_without_cuda_says_so(capsys):
+    if HAS_CUDA:
+        pytest.skip("CUDA present")
+    assert bench.main(["--gpu"]) == 2
+    assert "GPU timings need a GPU" in capsys.readouterr().err
+    assert "GPU timings need a GPU" in bench.bench_gpu(bench.build_parser().parse_args([]))
+
+
+def test_cpu_masks_reach_their_kept_fractions():
+    n = 2048
+    for fraction in (0.5, 0.25):
+        masks = bench.sparse_masks(n, fraction, ["window", "random"])
+        for kind, mask in masks.items():
+            kept = mask.block_map(n, n, 128, 128).kept_fraction()
+            assert abs(kept - fraction) < 0.06, (kind, fraction, kept)
+    radial = bench.radial_for_fraction(n, 0.25)
+    assert 0.95 * n < radial.seq_len <= n
+    with pytest.raises(ValueError, match="unknown mask kinds"):
+        bench.sparse_masks(n, 0.5, ["nope"])
