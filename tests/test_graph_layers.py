@@ -186,6 +186,76 @@ def test_repr_and_state_dict_keys():
     assert shared.lin_l is shared.lin_r
 
 
+def test_gat_edge_cases_and_sparse_input_match_pyg():
+    from torch_geometric.utils import to_torch_csc_tensor
+
+    ours, peer = _pair(GATConv, pyg_nn.GATConv, 4, 3, heads=2)
+    x = torch.randn(6, 4)
+    _assert_same(ours, peer, [x], torch.empty(2, 0, dtype=torch.long))  # empty edge set
+    _assert_same(ours, peer, [x], torch.tensor([[0, 1, 1], [0, 1, 1]]))  # only (repeated) self loops
+    ei = torch.tensor([[0, 1, 2, 3, 4, 5, 5, 5], [0, 0, 1, 1, 3, 2, 4, 4]])  # loop, multi-edge, isolated 5
+    _assert_same(ours, peer, [x], ei)
+    adj_t = to_torch_csc_tensor(ei, size=(6, 6)).t()
+    out, (adj, _) = ours(x, adj_t, return_attention_weights=True)
+    peer_out, (peer_adj, _) = peer(x, adj_t, return_attention_weights=True)
+    assert adj.layout == torch.sparse_csr
+    torch.testing.assert_close(out, peer_out, **TOL)
+    torch.testing.assert_close(adj.to_dense(), peer_adj.to_dense(), **TOL)
+
+
+def test_sparse_csc_input_returns_csc_attention():
+    from torch_geometric.utils import to_torch_coo_tensor, to_torch_csc_tensor
+
+    # PyG 2.8.1 takes adj_t in CSR or COO layout (its tests pass to_torch_csc_tensor(ei).t(), a CSR
+    # tensor) and raises "Received invalid layout" for a CSC adj_t. The zoo also takes CSC (adj.t() of a
+    # CSR adjacency) and answers in CSC, with PyG's values on the equivalent CSR input.
+    ours, peer = _pair(GATv2Conv, pyg_nn.GATv2Conv, 8, 4, heads=2)
+    x = torch.randn(6, 8)
+    ei = torch.tensor([[0, 1, 2, 3, 4, 5, 5, 1], [0, 0, 1, 1, 3, 2, 4, 4]])  # node 5: no incoming edge
+    csc_t = to_torch_coo_tensor(ei, size=(6, 6)).to_sparse_csr().t()
+    csr_t = to_torch_csc_tensor(ei, size=(6, 6)).t()
+    assert csc_t.layout == torch.sparse_csc and csr_t.layout == torch.sparse_csr
+    out, (adj, alpha) = ours(x, csc_t, return_attention_weights=True)
+    peer_out, (peer_adj, _) = peer(x, csr_t, return_attention_weights=True)
+    assert adj.layout == torch.sparse_csc and tuple(adj.shape) == (6, 6, 2)
+    torch.testing.assert_close(out, peer_out, **TOL)
+    torch.testing.assert_close(adj.to_dense(), peer_adj.to_dense(), **TOL)
+    torch.testing.assert_close(alpha, adj.values())
+    torch.testing.assert_close(adj.to_dense().sum(1), torch.ones(6, 2), **TOL)  # sums to one per node
+
+
+@pytest.mark.parametrize("edge_dim", [None, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_no_edge_by_channel_tensor_is_kept_for_backward(edge_dim, dropout):
+    """The fused layers keep O(N H C + E H + E D) for backward; PyG keeps several [E, H, C] tensors (the
+    memory problem of PyG issues 527 / 8316) -- the same probe finds them there, so the check can fail."""
+    N, E, H, C = 20, 400, 2, 8
+    g = torch.Generator().manual_seed(0)
+    ei = torch.randint(0, N, (2, E), generator=g)
+    x = torch.randn(N, 6, generator=g, requires_grad=True)
+    ea = None if edge_dim is None else torch.randn(E, edge_dim, generator=g)
+    for cls_zoo, cls_pyg in ((GATv2Conv, pyg_nn.GATv2Conv), (GATConv, pyg_nn.GATConv)):
+        ours, peer = _pair(cls_zoo, cls_pyg, 6, C, heads=H, edge_dim=edge_dim, dropout=dropout)
+        largest = {}
+        for name, layer in (("zoo", ours), ("pyg", peer)):
+            sizes = []
+
+            def pack(t, sizes=sizes):
+                sizes.append(t.numel())
+                return t
+
+            layer.train()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = layer(x, ei, ea)
+            out.sum().backward()
+            largest[name] = max(sizes)
+        E_loops = E + N
+        assert largest["zoo"] < E_loops * H * C / 4, (cls_zoo.__name__, largest)
+        assert largest["zoo"] <= max(N * H * C, E_loops * H, E_loops * (edge_dim or 0), N * 6)
+        if cls_zoo is GATv2Conv:
+            assert largest["pyg"] >= E * H * C  # PyG GATv2 keeps [E, H, C] tensors
+
+
 # ------------------------------------------------------------------ fused segment softmax vs reference
 def _csr_problem(num_src=9, num_dst=7, num_edges=40, H=2, C=3, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -210,22 +280,58 @@ def two_threads():
 
 @pytest.mark.parametrize("chunk", [1, 24, 1 << 20])
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
-def test_fused_gatv2_matches_reference(chunk, dropout, two_threads):
+@pytest.mark.parametrize("fused_dst", [False, True], ids=["xd", "dst_projection"])
+def test_fused_gatv2_matches_reference(chunk, dropout, fused_dst, two_threads):
     csr, xs, xd, att, ea, we = _csr_problem()
     keep = None
     if dropout:
         keep = torch.rand(csr.num_edges, 2, generator=torch.Generator().manual_seed(5)) >= dropout
     kw = dict(edge_attr=ea, edge_weight=we, negative_slope=0.1, keep=keep, dropout=dropout)
-    out, alpha = gatv2_attention(xs, xd, att, csr, need_weights=True, impl="torch", chunk_elements=chunk, **kw)
-    ref, ref_alpha = gatv2_attention_ref(xs, xd, att, csr, **kw)
+    g = torch.Generator().manual_seed(7)
+    x_dst = torch.randn(csr.num_dst, 5, dtype=xs.dtype, generator=g).requires_grad_(True)
+    w_dst = torch.randn(6, 5, dtype=xs.dtype, generator=g).requires_grad_(True)
+    b_dst = torch.randn(6, dtype=xs.dtype, generator=g).requires_grad_(True)
+    if fused_dst:  # xd = x_dst @ w_dst^T + b_dst, projected block by block inside the fused function
+        inputs = (xs, x_dst, w_dst, b_dst, att, ea, we)
+        out, alpha = gatv2_attention(xs, None, att, csr, dst_projection=(x_dst, w_dst, b_dst), need_weights=True,
+                                     impl="torch", chunk_elements=chunk, **kw)
+        xd_ref = torch.nn.functional.linear(x_dst, w_dst, b_dst).view(-1, 2, 3)
+    else:
+        inputs = (xs, xd, att, ea, we)
+        out, alpha = gatv2_attention(xs, xd, att, csr, need_weights=True, impl="torch", chunk_elements=chunk, **kw)
+        xd_ref = xd
+    ref, ref_alpha = gatv2_attention_ref(xs, xd_ref, att, csr, **kw)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(alpha, ref_alpha.detach())
     assert out[-1].abs().max() == 0  # isolated destination -> zeros
     w = torch.randn(out.shape, dtype=out.dtype)
-    grads = torch.autograd.grad((out * w).sum(), (xs, xd, att, ea, we))
-    ref_grads = torch.autograd.grad((ref * w).sum(), (xs, xd, att, ea, we))
+    grads = torch.autograd.grad((out * w).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * w).sum(), inputs)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_fused_paths_in_inference_mode_with_worker_threads(mode, two_threads):
+    """The CPU path runs destination blocks on worker threads; inference/grad mode is thread-local and must
+    follow the caller (Lightning validates and tests under torch.inference_mode)."""
+    from zoo.attention import segment
+
+    conv = GATv2Conv(6, 8, heads=2, edge_dim=2).eval()
+    gat = GATConv(6, 8, heads=2).eval()
+    g = torch.Generator().manual_seed(0)
+    ei = torch.randint(0, 30, (2, 200), generator=g)
+    x, ea = torch.randn(30, 6, generator=g), torch.randn(200, 2, generator=g)
+    ref = conv(x, ei, ea).detach(), gat(x, ei).detach()
+    before = segment.CHUNK_ELEMENTS
+    segment.CHUNK_ELEMENTS = 16 * 20  # ~20 edges per block: many blocks, two worker threads
+    try:
+        with getattr(torch, mode)():
+            out = conv(x.clone(), ei.clone(), ea.clone()), gat(x.clone(), ei.clone())
+    finally:
+        segment.CHUNK_ELEMENTS = before
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def test_fused_gradcheck_float64():
@@ -235,6 +341,13 @@ def test_fused_gradcheck_float64():
         return gatv2_attention(xs, xd, att, csr, edge_attr=ea, edge_weight=we, impl="torch", chunk_elements=8)[0]
 
     assert torch.autograd.gradcheck(f, (xs, xd, att, ea, we))
+
+    def f_proj(xs, x_dst, w_dst, b_dst, att):
+        return gatv2_attention(xs, None, att, csr, dst_projection=(x_dst, w_dst, b_dst), impl="torch",
+                               chunk_elements=8)[0]
+
+    mk = lambda *s: torch.randn(*s, dtype=torch.float64).requires_grad_(True)  # noqa: E731
+    assert torch.autograd.gradcheck(f_proj, (xs, mk(4, 3), mk(4, 3), mk(4), att))
 
     def g(s, v):
         return segment_softmax_aggregate(s, v, csr, chunk_elements=8)[0]
@@ -324,3 +437,17 @@ def test_bad_edge_attr_and_constructor_args():
         GATv2Conv(-1, 4)
     with pytest.raises(ValueError, match="dropout"):
         GATConv(6, 4, dropout=1.5)
+
+
+def test_gatv2_attention_destination_arguments_are_checked():
+    csr, xs, xd, att, *_ = _csr_problem()
+    x_dst = torch.randn(csr.num_dst, 5, dtype=xs.dtype)
+    w_dst = torch.randn(6, 5, dtype=xs.dtype)
+    with pytest.raises(ValueError, match="not both"):
+        gatv2_attention(xs, xd, att, csr, dst_projection=(x_dst, w_dst, None))
+    with pytest.raises(ValueError, match="give x_dst features"):
+        gatv2_attention(xs, None, att, csr)
+    with pytest.raises(ValueError, match=r"weight \[6, F\]"):
+        gatv2_attention(xs, None, att, csr, dst_projection=(x_dst, w_dst[:, :4], None))
+    with pytest.raises(ValueError, match="destination nodes"):
+        gatv2_attention(xs, None, att, csr, dst_projection=(x_dst[:-1], w_dst, None))

@@ -168,6 +168,41 @@ def test_ogb_adapter_reads_the_raw_layout(tmp_path):
     assert d["edge_index"].size(1) == 8  # made undirected
 
 
+def test_planetoid_adapter_reads_the_raw_layout(tmp_path):
+    """A tiny graph written in Planetoid's raw format (kimiyoung/planetoid: pickled x/tx/allx/y/ty/ally,
+    the adjacency dict, test.index) is read by the adapter with the public split; nothing downloaded."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n_all, n_train, n_test, F_, K = 520, 10, 20, 5, 3  # the public split needs >= n_train + 500 nodes
+    n = n_all + n_test
+    labels = rng.integers(0, K, n)
+    feats = rng.normal(size=(n, F_)).astype(np.float32)
+    onehot = np.eye(K, dtype=np.float32)[labels]
+    test_index = np.arange(n_all, n)[::-1]  # stored unsorted, as Cora's is
+    raw = tmp_path / "Cora" / "raw"
+    raw.mkdir(parents=True)
+    items = {"x": feats[:n_train], "y": onehot[:n_train], "allx": feats[:n_all], "ally": onehot[:n_all],
+             "tx": feats[test_index], "ty": onehot[test_index],  # row i: node test_index[i]
+             "graph": {i: [(i + 1) % n, (i + 7) % n] for i in range(n)}}
+    for name, value in items.items():
+        with open(raw / f"ind.cora.{name}", "wb") as f:
+            pickle.dump(value, f)
+    (raw / "ind.cora.test.index").write_text("\n".join(map(str, test_index)) + "\n")
+    d = gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
+    assert d["x"].shape == (n, F_) and d["num_classes"] == K
+    assert int(d["train_mask"].sum()) == n_train and int(d["val_mask"].sum()) == 500
+    assert int(d["test_mask"].sum()) == n_test
+    torch.testing.assert_close(d["x"], torch.from_numpy(feats))
+    assert torch.equal(d["y"], torch.from_numpy(labels))
+    assert d["edge_index"].size(1) == 2 * n  # the adjacency dict, as a [2, E] edge index
+    (raw / "ind.cora.graph").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ind\.cora\.graph"):
+        gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
+
+
 # ------------------------------------------------------------------------------------ configs end to end
 @pytest.mark.parametrize(
     "overrides",
@@ -189,6 +224,47 @@ def test_configs_compose_and_train(overrides):
     assert result["model"].startswith(("gatv2_", "gat_"))
 
 
+@pytest.mark.parametrize(
+    "overrides,kind",
+    [
+        (["experiment=graph_karate", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1"], "node"),
+        (["experiment=graph_synthetic", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
+          "data.num_graphs=30", "+model.hidden_channels=4"], "graph"),
+    ],
+)
+def test_zoo_train_cli_trains_node_and_graph_classifiers(tmp_path, overrides, kind, capsys):
+    """`zoo train` itself (the console script's main): the Lightning modules train, test, checkpoint and
+    export; the released model reloads with zoo.from_pretrained."""
+    pytest.importorskip("hydra")
+    import json
+
+    from zoo.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", *overrides, f"run_dir={run_dir}", "logger=none", "callbacks=minimal"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["test/acc1"] <= 1.0 and "train/acc1" in metrics
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    model = zoo.from_pretrained(str(run_dir / "released"))
+    assert model.zoo_model_name == f"gatv2_{kind}"
+
+
+def test_dictlookup_table_command_writes_a_marked_block(tmp_path):
+    pytest.importorskip("hydra")
+    from zoo.tasks.graph.train import main
+
+    doc = tmp_path / "graph.md"
+    doc.write_text("# title\n\n<!-- dictlookup-table:start -->\nold\n<!-- dictlookup-table:end -->\n\ntail\n")
+    assert main(["--table", "4", "--max-epochs", "1", "--runs", "gatv2:1", "--threads", "1", "--out", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("# title") and text.rstrip().endswith("tail")
+    assert "zoo train experiment=graph_dictlookup model=gatv2 model.heads=1 data.k=4 trainer.max_epochs=1" in text
+    row = [line for line in text.splitlines() if line.startswith("| 4 | gatv2 | 1 |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert 0.0 <= float(cells[3]) <= 1.0 and 0.0 <= float(cells[4]) <= 1.0 and cells[6] == "1"
+
+
 # ------------------------------------------------------------------------------------------ viz, bench
 def test_viz_graph_writes_png(tmp_path):
     from zoo.tasks.graph.viz import main
@@ -206,6 +282,24 @@ def test_bench_graph_smoke(capsys):
     assert main(["--sizes", "300:60", "--channels", "4", "--heads", "2", "--repeats", "1", "--warmup", "0",
                  "--no-memory"]) == 0
     out = capsys.readouterr().out
-    row = [line for line in out.splitlines() if line.startswith("| 300 |")][0]
+    lines = out.splitlines()
+    header = [c.strip() for c in [line for line in lines if line.startswith("| edges |")][0].strip("|").split("|")]
+    row = [line for line in lines if line.startswith("| 300 |")][0]
+    cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+    assert float(cells["max out err"]) < 1e-4 and float(cells["max rel grad err"]) < 1e-4  # same as PyG
+    assert float(cells["zoo fwd+bwd (s)"]) > 0 and float(cells["PyG fwd+bwd (s)"]) > 0
+
+
+def test_bench_graph_memory_probe_and_peer_guard(capsys):
+    """The peak-memory workers run (fresh processes), and PyG is skipped, with a note, where its
+    estimated [E, H, C] memory exceeds --peer-max-gb."""
+    from zoo.bench.graph import main, peer_bytes_estimate
+
+    assert peer_bytes_estimate(1_000_000, 100_000, 8, 64) / 1e9 > 13  # the 13.2 GB PyG measured there
+    assert main(["--sizes", "200:40", "--channels", "2", "--heads", "1", "--threads", "1", "--memory-only",
+                 "--peer-max-gb", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| 200 |")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert float(cells[-2]) < 1e-4 and float(cells[-1]) < 1e-4  # same outputs and gradients as PyG
+    assert float(cells[7].split()[0]) > 50 and cells[8].startswith("nan")  # zoo measured, PyG skipped
+    assert "PyG not run (would not fit): E=200, C=2" in out

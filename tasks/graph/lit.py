@@ -10,10 +10,10 @@ optimise with plain Adam and a constant learning rate, as the GAT and GATv2 pape
   (DictionaryLookup: {"x", "edge_index", "target_index" [Q], "y" [Q], "num_graphs"}) or on whole graphs
   (graph classification: {"x", "edge_index", "batch" [N], "num_graphs", "y" [G]}).
 
-Metrics: ``train/loss``, ``train/acc1``, ``val/acc1``, ``test/acc1`` (top-1 accuracy, the name the
-default checkpoint callback monitors); DictionaryLookup adds ``val/graph_acc`` / ``test/graph_acc`` (the
-fraction of graphs whose every query is right). ``stop_at_acc`` stops training once val/acc1 reaches it
-(the DictionaryLookup paper stops at 100%).
+Metrics: ``train/loss``, ``train/acc1`` (mean over the epoch's batches), ``val/acc1``, ``test/acc1``
+(top-1 accuracy, the name the default checkpoint callback monitors); DictionaryLookup adds
+``val/graph_acc`` / ``test/graph_acc`` (the fraction of graphs whose every query is right).
+``stop_at_acc`` stops training once val/acc1 reaches it (the DictionaryLookup paper stops at 100%).
 """
 from __future__ import annotations
 
@@ -100,7 +100,9 @@ class GraphTargetsModule(_GraphModule):
         correct = logits.detach().argmax(-1) == batch["y"]
         n = batch["y"].numel()
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=n)
-        self.log(f"{stage}/acc1", correct.float().mean(), prog_bar=True, batch_size=n)
+        # train/acc1: the mean over the epoch's batches (not the last batch alone)
+        self.log(f"{stage}/acc1", correct.float().mean(), prog_bar=True, batch_size=n, on_epoch=True,
+                 on_step=False)
         if "target_index" in batch and stage != "train":
             per_graph = correct.view(batch["num_graphs"], -1).all(dim=1).float().mean()
             self.log(f"{stage}/graph_acc", per_graph, batch_size=batch["num_graphs"])

@@ -1,102 +1,126 @@
-"""Standalone runner of the graph experiments over the project's Hydra configs (zoo.configs).
+"""Runner of the graph experiments through the same pipeline as ``zoo train`` (zoo.train.run), and the
+DictionaryLookup table.
 
-``zoo train experiment=graph_dictlookup model=gatv2 data.k=10`` is the CLI way; this module composes
-the same root config (``train.yaml``) with the same overrides and instantiates the same objects
-(``cfg.model`` -> zoo.create_model, ``cfg.data`` -> a DataModule, ``cfg.task`` -> a LightningModule
-given the model), with a quiet Trainer (no logger, no checkpoints). It exists for the DictionaryLookup
-table and for tests that must not depend on the CLI:
+``zoo train experiment=graph_dictlookup model=gatv2 data.k=10`` is the CLI way. :func:`fit` runs exactly
+that (``zoo.train.run.compose`` + ``zoo.train.run.train``: same configs, same builder, same Trainer), with
+no logger, no checkpoint callbacks and no export, into a run directory (a temporary one by default), and
+returns the figures the table needs. The table command:
 
-    python -m zoo.tasks.graph.train experiment=graph_dictlookup model=gatv2 data.k=10
-    python -m zoo.tasks.graph.train --table 10 [--out docs/graph.md]   # the DictionaryLookup table
+    python -m zoo.tasks.graph.train --table 10 [--out docs/graph.md] [--runs gatv2:1,gat:1,gat:8]
+
+trains GATv2 with 1 head, GAT with 1 head and GAT with 8 heads on DictionaryLookup(k) one after the
+other (each run is the ``zoo train`` command printed in the table's comment) and prints a markdown table
+(k, model, heads, train / test accuracy, epochs, time). With ``--out`` the table replaces the block
+between ``<!-- dictlookup-table:start -->`` and ``<!-- dictlookup-table:end -->`` of that file (appended
+when the markers are absent), with the date, the machine, the load average and the commands.
+
+    python -m zoo.tasks.graph.train experiment=graph_karate trainer.max_epochs=50   # any one run, as JSON
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import sys
-import time
-from typing import Optional
+import tempfile
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["compose", "build", "fit", "main", "dictlookup_table"]
+__all__ = ["compose", "fit", "main", "dictlookup_table", "write_table", "TABLE_RUNS"]
+
+def compose(overrides: Sequence[str]):
+    """The ``zoo train`` config for ``overrides`` (zoo.train.run.compose)."""
+    from zoo.train import run
+
+    return run.compose(list(overrides))
 
 
-def compose(overrides: list[str]):
-    """The root config ``train`` of zoo.configs with ``overrides`` (Hydra compose, no working dir change)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="zoo.configs", version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
-
-
-def build(cfg):
-    """-> (LightningModule, DataModule) instantiated from a composed config."""
-    import lightning as L
-    from hydra.utils import instantiate
-
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    module = instantiate(cfg.task, model=model)
-    return module, datamodule
-
-
-def fit(cfg, *, verbose: bool = True) -> dict:
-    """Train, then test; returns {"model", "train_acc", "test_acc", "test_graph_acc", "epochs", "seconds"}."""
-    import lightning as L
+def fit(cfg, *, verbose: bool = True, run_dir: Optional[str] = None) -> dict:
+    """``zoo train`` for a composed config (zoo.train.run.train) without loggers, checkpoint callbacks or
+    export (``run_dir``: a temporary directory unless given); progress bar only when ``verbose``. Returns
+    {"model", "heads", "train_acc", "test_acc", "test_graph_acc", "epochs", "seconds", "run_dir"}:
+    train_acc is the mean training accuracy of the last epoch, test accuracies are those of the final
+    weights on the test split."""
     from omegaconf import OmegaConf
 
-    module, datamodule = build(cfg)
-    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    tcfg.pop("_target_", None)
-    tcfg.update(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=verbose)
-    trainer = L.Trainer(**tcfg)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule)
-    seconds = time.perf_counter() - start
-    train_acc = trainer.callback_metrics.get("train/acc1")
-    test = trainer.test(module, datamodule, verbose=False)[0]
+    from zoo.train import run
+
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.logger, cfg.callbacks, cfg.export = None, None, False
+    if not verbose:
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+    with tempfile.TemporaryDirectory(prefix="zoo-graph-") as tmp:
+        cfg.run_dir = run_dir or cfg.get("run_dir") or os.path.join(tmp, "run")
+        result = run.train(cfg)
+    metrics = result["metrics"]
+    nan = float("nan")
     return {
-        "model": cfg.model.name, "heads": cfg.model.get("heads"), "epochs": trainer.current_epoch,
-        "seconds": seconds, "train_acc": float("nan") if train_acc is None else float(train_acc),
-        "test_acc": float(test.get("test/acc1", float("nan"))),
-        "test_graph_acc": float(test["test/graph_acc"]) if "test/graph_acc" in test else None,
+        "model": cfg.model.name, "heads": cfg.model.get("heads"), "epochs": result["epoch"],
+        "seconds": result["seconds"], "train_acc": metrics.get("train/acc1", nan),
+        "test_acc": metrics.get("test/acc1", nan), "test_graph_acc": metrics.get("test/graph_acc"),
+        "run_dir": result["run_dir"],
     }
 
 
 TABLE_RUNS = (("gatv2", 1), ("gat", 1), ("gat", 8))
+_START, _END = "<!-- dictlookup-table:start -->", "<!-- dictlookup-table:end -->"
 
 
-def dictlookup_table(k: int, out: Optional[str] = None, max_epochs: Optional[int] = None,
-                     runs=TABLE_RUNS) -> str:
-    """Train GATv2-1h, GAT-1h and GAT-8h on DictionaryLookup(k) and return (and write) a markdown table.
-    Accuracies are those of the final weights (training stops early once test accuracy >= 0.999)."""
-    rows = ["| k | model | heads | train acc | test acc | test graph acc | epochs | time (s) |",
-            "|---|---|---|---|---|---|---|---|"]
+def _load() -> str:
+    try:
+        return "load average " + " / ".join(f"{v:.1f}" for v in os.getloadavg()) + " (1/5/15 min)"
+    except OSError:  # pragma: no cover
+        return "load average unknown"
+
+
+def dictlookup_table(k: int, max_epochs: Optional[int] = None, runs=TABLE_RUNS, verbose: bool = False) -> str:
+    """Train each (conv, heads) of ``runs`` on DictionaryLookup(k) with ``zoo train`` and return a
+    markdown block: the commands, the machine, the load, and the table."""
+    from zoo.bench.timing import machine_description
+
+    commands, rows = [], []
+    header = ["| k | model | heads | train acc (last epoch) | test acc | test graph acc | epochs | time (s) | "
+              "load avg after |", "|---|---|---|---|---|---|---|---|---|"]
+    start = datetime.datetime.now(datetime.timezone.utc)
     for conv, heads in runs:
         overrides = ["experiment=graph_dictlookup", f"model={conv}", f"model.heads={heads}", f"data.k={k}"]
         if max_epochs is not None:
             overrides.append(f"trainer.max_epochs={max_epochs}")
-        r = fit(compose(overrides), verbose=False)
-        rows.append(f"| {k} | {conv} | {heads} | {r['train_acc']:.3f} | {r['test_acc']:.3f} | "
-                    f"{r['test_graph_acc']:.3f} | {r['epochs']} | {r['seconds']:.0f} |")
+        commands.append("zoo train " + " ".join(overrides))
+        r = fit(compose(overrides), verbose=verbose)
+        graph_acc = "-" if r["test_graph_acc"] is None else f"{r['test_graph_acc']:.3f}"
+        rows.append(f"| {k} | {conv} | {heads} | {r['train_acc']:.3f} | {r['test_acc']:.3f} | {graph_acc} | "
+                    f"{r['epochs']} | {r['seconds']:.0f} | {os.getloadavg()[0]:.1f} |")
         print(rows[-1], flush=True)
-    table = "\n".join(rows)
-    if out:
-        with open(out, "a") as f:
-            f.write(f"\n<!-- python -m zoo.tasks.graph.train --table {k} -->\n{table}\n")
-    return table
+    lines = [f"`python -m zoo.tasks.graph.train --table {k}"
+             + ("" if max_epochs is None else f" --max-epochs {max_epochs}") + "` ran, one after the other:", ""]
+    lines += [f"    {c}" for c in commands]
+    lines += ["", f"date: {start:%Y-%m-%d %H:%M} UTC; machine: {machine_description()}; torch threads "
+              f"{torch.get_num_threads()}; {_load()} at the end.", ""]
+    return "\n".join(lines + header + rows)
+
+
+def write_table(path: str, block: str) -> None:
+    """Replace the marked DictionaryLookup block of ``path`` (or append it)."""
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+    marked = f"{_START}\n{block}\n{_END}"
+    if _START in text and _END in text:
+        text = re.sub(re.escape(_START) + r".*?" + re.escape(_END), lambda _m: marked, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + marked + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo.tasks.graph.train", description=__doc__.split("\n")[0])
     parser.add_argument("--table", type=int, default=None, metavar="K", help="DictionaryLookup table for size K")
-    parser.add_argument("--out", default=None, help="append the table to this markdown file")
+    parser.add_argument("--out", default=None, help="write the table into this markdown file (marked block)")
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--runs", default=None, help="with --table: conv:heads list (default gatv2:1,gat:1,gat:8)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
@@ -106,8 +130,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.table is not None:
         runs = TABLE_RUNS
         if args.runs:
-            runs = tuple((r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(","))
-        print(dictlookup_table(args.table, args.out, args.max_epochs, runs))
+            try:
+                runs = tuple((r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(","))
+            except (IndexError, ValueError):
+                raise SystemExit(f"--runs must look like gatv2:1,gat:8, got {args.runs!r}") from None
+        block = dictlookup_table(args.table, args.max_epochs, runs)
+        print(block)
+        if args.out:
+            write_table(args.out, block)
         return 0
     result = fit(compose(args.overrides))
     print(json.dumps(result, indent=1))

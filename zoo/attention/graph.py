@@ -14,7 +14,9 @@ one loop per node i < min(N_src, N_dst) appended, its edge features from ``fill_
 and the repr. What differs is the computation: PyG materialises several [E, H, C] tensors and keeps them
 for backward; here the score, softmax and aggregation are fused per block of destination nodes and
 recomputed in backward (zoo/attention/segment.py on CPU, zoo/kernels/edge_softmax.py on CUDA), so
-memory is O(N H C + E H) instead of O(E H C). The destination-sorted CSR is built once per edge_index
+memory is O(N H C + E H) instead of O(E H C); on CPU GATv2's target projection ``lin_r`` is applied
+inside the fused function, block by block, so ``lin_r(x)`` and its gradient are never whole tensors
+(the parameters, keys and results are PyG's all the same). The destination-sorted CSR is built once per edge_index
 and cached on the module (keyed on the tensor object and its version counter).
 
 Letters: N nodes (Ns source, Nd destination), E edges, H heads, C channels per head, D edge features.
@@ -409,16 +411,15 @@ class GATv2Conv(_GraphAttentionBase):
         x_src, x_dst, single = self._split_x(x, allow_none_dst=False)
         res = None
         if single:
-            if self.res is not None:
-                res = self.res(x_src)
-            xs_NHC = self.lin_l(x_src).view(-1, H, C)
-            xd_NHC = xs_NHC if self.share_weights else self.lin_r(x_src).view(-1, H, C)
-        else:
-            if self.res is not None:
-                res = self.res(x_dst)
-            xs_NHC = self.lin_l(x_src).view(-1, H, C)
-            xd_NHC = self.lin_r(x_dst).view(-1, H, C)
-        graph = self._graph(edge_index, xs_NHC.size(0), xd_NHC.size(0))
+            x_dst = x_src
+        if self.res is not None:
+            res = self.res(x_dst)
+        xs_NHC = self.lin_l(x_src).view(-1, H, C)
+        # lin_r is fused into the attention (projected per destination block on CPU): no [Nd, H, C] tensor
+        xd_NHC, dst_projection = None, (x_dst, self.lin_r.weight, self.lin_r.bias)
+        if self.share_weights and single:
+            xd_NHC, dst_projection = xs_NHC, None  # lin_l(x) is lin_r(x): already there
+        graph = self._graph(edge_index, xs_NHC.size(0), x_dst.size(0))
         csr = graph.csr.to(xs_NHC.device)
         ea = self._edge_features(graph, edge_attr)
         if ea is not None and self.lin_edge is None:
@@ -426,7 +427,7 @@ class GATv2Conv(_GraphAttentionBase):
         we = self.lin_edge.weight if ea is not None else None
         need = return_attention_weights is not None  # PyG: returned whenever set, True or False
         out_NHC, alpha = gatv2_attention(
-            xs_NHC, xd_NHC, self.att[0], csr, edge_attr=ea, edge_weight=we,
+            xs_NHC, xd_NHC, self.att[0], csr, dst_projection=dst_projection, edge_attr=ea, edge_weight=we,
             negative_slope=self.negative_slope, keep=self._keep_mask(graph, xs_NHC.device),
             dropout=self.dropout, need_weights=need,
         )

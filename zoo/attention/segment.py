@@ -60,9 +60,11 @@ __all__ = [
     "CHUNK_ELEMENTS",
 ]
 
-# Elements (c * H * C) of one block's [c, H, C] working tensors on the CPU path: 2**21 fp32 = 8 MiB each
-# (small enough for glibc to reuse heap memory between blocks instead of mmap + page faults).
-CHUNK_ELEMENTS = int(os.environ.get("ZOO_SEGMENT_CHUNK_ELEMENTS", 1 << 21))
+# Elements (c * H * C) of one block's [c, H, C] working tensors on the CPU path: 2**19 fp32 = 2 MiB each.
+# Measured on this project's 2-core machine (fwd+bwd of GATv2Conv, H=8, interleaved, load 2): 2**19 /
+# 2**20 / 2**21 took 0.93 / 0.99 / 1.08 s at 200k edges, C=64, and 4.78 / 4.69 / 4.89 s at 1M edges; the
+# peak memory at 1M edges, C=64 was 170 MB lower with 2**19 than with 2**21 (1414 vs 1584 MB VmHWM).
+CHUNK_ELEMENTS = int(os.environ.get("ZOO_SEGMENT_CHUNK_ELEMENTS", 1 << 19))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,13 +345,23 @@ def segment_softmax_aggregate_ref(s_EH, v_NHC, csr: CSR, *, keep=None, dropout=0
 # ----------------------------------------------------------------------------------------------------
 # GATv2, fully fused
 # ----------------------------------------------------------------------------------------------------
-def _gatv2_block_z(xs_c, xd_NHC, ea_ED, we_FD, row, e0, e1, H, C, cdt):
-    """z = xs[col] + xd[row] (+ W_e e) for one block, [c, H, C] in the compute dtype (xs_c = xs[col])."""
-    z = xd_NHC.index_select(0, row).to(cdt)
+def _gatv2_block_z(xs_c, xd_bHC, ea_ED, we_FD, dl, e0, e1, H, C, cdt):
+    """z = xs[col] + xd[row] (+ W_e e) for one block, [c, H, C] in the compute dtype (xs_c = xs[col];
+    xd_bHC: the projected features of the block's destination nodes n0..n1-1, indexed by dl = row - n0)."""
+    z = xd_bHC.index_select(0, dl).to(cdt)
     z += xs_c
     if ea_ED is not None:
         z += (ea_ED[e0:e1].to(cdt) @ we_FD.to(cdt).t()).view(-1, H, C)
     return z
+
+
+def _block_dst(xd_NHC, x_dst, w_dst, b_dst, n0, n1, H, C, cdt):
+    """Projected destination features of nodes n0..n1-1, [n, H, C]: a slice of xd_NHC, or computed here
+    from x_dst @ w_dst^T + b_dst when the projection is fused (xd_NHC is None)."""
+    if xd_NHC is not None:
+        return xd_NHC[n0:n1]
+    b = None if b_dst is None else b_dst.to(cdt)
+    return F.linear(x_dst[n0:n1].to(cdt), w_dst.to(cdt), b).view(-1, H, C)
 
 
 def _head_dot_matrix(att_HC: Tensor) -> Tensor:
@@ -397,11 +409,13 @@ def _run_blocks(worker, blocks: list, device) -> list:
     groups = _split_blocks(blocks, threads)
     from concurrent.futures import ThreadPoolExecutor
 
-    grad_mode = torch.is_grad_enabled()  # grad mode is thread-local: carry the caller's into the workers
+    # grad mode and inference mode are thread-local: carry the caller's into the workers (tensors made
+    # under torch.inference_mode, as Lightning's validation/test create, can only be written inside it)
+    grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def run(group):
         torch.set_num_threads(1)
-        with torch.set_grad_enabled(grad_mode):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_mode):
             return worker(group)
 
     torch.set_num_threads(1)
@@ -413,9 +427,14 @@ def _run_blocks(worker, blocks: list, device) -> list:
 
 
 class _GATv2Attention(torch.autograd.Function):
+    """xd is given either as xd_NHC [Nd, H, C], or (xd_NHC None) as the projection x_dst [Nd, Fd],
+    w_dst [H*C, Fd], b_dst [H*C] | None, computed per destination block in forward and backward: then the
+    [Nd, H, C] destination features and their gradient never exist as whole tensors (the gradient goes
+    straight to x_dst, w_dst, b_dst block by block)."""
+
     @staticmethod
-    def forward(ctx, xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, csr: CSR, slope, keep, dropout, need_weights,
-                chunk):
+    def forward(ctx, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, csr: CSR, slope, keep, dropout,
+                need_weights, chunk):
         Nd, H, C = csr.num_dst, xs_NHC.shape[1], xs_NHC.shape[2]
         cdt = _compute_dtype(xs_NHC.dtype)
         dev = xs_NHC.device
@@ -426,10 +445,11 @@ class _GATv2Attention(torch.autograd.Function):
 
         def worker(blocks):  # writes disjoint rows of out / lse / alpha_all
             for n0, n1, e0, e1 in blocks:
-                col, row = csr.col[e0:e1], csr.row[e0:e1]
-                dl = row - n0
+                col, dl = csr.col[e0:e1], csr.row[e0:e1] - n0
                 xs_c = xs_NHC.index_select(0, col).to(cdt)
-                z = _gatv2_block_z(xs_c, xd_NHC, ea_ED, we_FD, row, e0, e1, H, C, cdt)
+                xd_b = _block_dst(xd_NHC, x_dst, w_dst, b_dst, n0, n1, H, C, cdt)
+                z = _gatv2_block_z(xs_c, xd_b, ea_ED, we_FD, dl, e0, e1, H, C, cdt)
+                del xd_b
                 s = F.leaky_relu_(z, slope).view(-1, H * C) @ w_att  # [c, H] scores
                 del z
                 alpha, lse_b = _block_softmax(s, dl, n1 - n0)
@@ -440,7 +460,7 @@ class _GATv2Attention(torch.autograd.Function):
                 out[n0:n1].index_add_(0, dl, xs_c.mul_(alpha[..., None]))
 
         _run_blocks(worker, csr.blocks(chunk // max(1, H * C)), dev)
-        ctx.save_for_backward(xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, lse, keep)
+        ctx.save_for_backward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, lse, keep)
         ctx.csr, ctx.slope, ctx.dropout, ctx.chunk = csr, slope, dropout, chunk
         out = out.to(xs_NHC.dtype)
         if alpha_all is None:
@@ -451,7 +471,7 @@ class _GATv2Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_NHC, _g_alpha):
-        xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, lse, keep = ctx.saved_tensors
+        xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, lse, keep = ctx.saved_tensors
         csr, slope, dropout = ctx.csr, ctx.slope, ctx.dropout
         H, C = xs_NHC.shape[1], xs_NHC.shape[2]
         cdt = _compute_dtype(xs_NHC.dtype)
@@ -460,26 +480,33 @@ class _GATv2Attention(torch.autograd.Function):
         w_att = _head_dot_matrix(att)
         att_neg = att * slope
         g_NHC = g_NHC.to(cdt)  # may be an expanded view (e.g. from .sum()): index_select reads it as is
-        gxd = torch.zeros(xd_NHC.shape, dtype=cdt, device=dev)
+        fused_dst = xd_NHC is None
+        gxd = None if fused_dst else torch.zeros(xd_NHC.shape, dtype=cdt, device=dev)
+        gx_dst = torch.zeros(x_dst.shape, dtype=cdt, device=dev) if fused_dst else None
         gxs = torch.zeros(xs_NHC.shape, dtype=cdt, device=dev)
         gxs_lock = threading.Lock()  # the block groups share gxs (one [Ns, H, C] buffer, not one per thread)
         has_edge = ea_ED is not None
-        gea = torch.zeros(ea_ED.shape, dtype=cdt, device=dev) if has_edge and ctx.needs_input_grad[3] else None
+        gea = torch.zeros(ea_ED.shape, dtype=cdt, device=dev) if has_edge and ctx.needs_input_grad[6] else None
         kscale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
         we_c = we_FD.to(cdt) if has_edge else None
+        w_dst_c = w_dst.to(cdt) if fused_dst else None
 
         def worker(blocks):
-            # gxd / gea rows are disjoint between groups; gxs is shared (locked); d att, d W_e are partials
+            # gxd / gx_dst / gea rows are disjoint between groups; gxs is shared (locked); the parameter
+            # gradients (att, W_e, w_dst, b_dst) are per-group partials summed afterwards
             gatt_HF = torch.zeros(H, H * C, dtype=cdt, device=dev)  # diagonal blocks are dL/d att
             gwe = torch.zeros(we_FD.shape, dtype=cdt, device=dev) if has_edge else None
+            gw_dst = torch.zeros(w_dst.shape, dtype=cdt, device=dev) if fused_dst else None
+            gb_dst = torch.zeros(H * C, dtype=cdt, device=dev) if fused_dst and b_dst is not None else None
             for n0, n1, e0, e1 in blocks:
                 col, row = csr.col[e0:e1], csr.row[e0:e1]
                 dl = row - n0
                 xs_c = xs_NHC.index_select(0, col).to(cdt)
                 g_c = g_NHC.index_select(0, row)
                 t = _rowdot(g_c, xs_c)  # dL/d alpha_eff [c, H]
-                z = _gatv2_block_z(xs_c, xd_NHC, ea_ED, we_FD, row, e0, e1, H, C, cdt)
-                del xs_c
+                xd_b = _block_dst(xd_NHC, x_dst, w_dst, b_dst, n0, n1, H, C, cdt)
+                z = _gatv2_block_z(xs_c, xd_b, ea_ED, we_FD, dl, e0, e1, H, C, cdt)
+                del xs_c, xd_b
                 pos = z > 0
                 lz_cF = F.leaky_relu_(z, slope).view(-1, H * C)  # in place: z is now LeakyReLU(z)
                 alpha = (lz_cF @ w_att).sub_(lse[row]).exp_()  # [c, H] softmax, recomputed
@@ -494,7 +521,15 @@ class _GATv2Attention(torch.autograd.Function):
                 del lz_cF, z
                 dz = torch.where(pos, att, att_neg).mul_(ds[..., None])  # dL/dz [c, H, C]
                 del pos
-                gxd[n0:n1].index_add_(0, dl, dz)
+                if fused_dst:  # the block owns destinations n0..n1-1: their gradient is complete here
+                    gxd_bF = dz.new_zeros((n1 - n0, H, C)).index_add_(0, dl, dz).view(-1, H * C)
+                    gx_dst[n0:n1] = gxd_bF @ w_dst_c
+                    gw_dst.addmm_(gxd_bF.t(), x_dst[n0:n1].to(cdt))
+                    if gb_dst is not None:
+                        gb_dst += gxd_bF.sum(0)
+                    del gxd_bF
+                else:
+                    gxd[n0:n1].index_add_(0, dl, dz)
                 if gwe is not None:
                     dz_cF = dz.view(-1, H * C)
                     gwe.addmm_(dz_cF.t(), ea_ED[e0:e1].to(cdt))
@@ -504,36 +539,61 @@ class _GATv2Attention(torch.autograd.Function):
                 del g_c
                 with gxs_lock:
                     _add_rows_(gxs, col, dz)
-            return gatt_HF, gwe
+            return gatt_HF, gwe, gw_dst, gb_dst
 
         parts = _run_blocks(worker, csr.blocks(ctx.chunk // max(1, H * C)), dev)
-        gatt_HF, gwe = parts[0]
-        for p_gatt, p_gwe in parts[1:]:
-            gatt_HF += p_gatt
-            if gwe is not None:
-                gwe += p_gwe
+        total = list(parts[0])
+        for part in parts[1:]:
+            for i, value in enumerate(part):
+                if value is not None:
+                    total[i] += value
+        gatt_HF, gwe, gw_dst, gb_dst = total
         gatt = gatt_HF.view(H, H, C).diagonal(dim1=0, dim2=1).t()
+        cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
         return (
-            gxs.to(xs_NHC.dtype), gxd.to(xd_NHC.dtype), gatt.to(att_HC.dtype),
-            None if gea is None else gea.to(ea_ED.dtype),
-            None if gwe is None else gwe.to(we_FD.dtype),
+            gxs.to(xs_NHC.dtype), cast(gxd, xd_NHC), cast(gx_dst, x_dst), cast(gw_dst, w_dst),
+            cast(gb_dst, b_dst), gatt.to(att_HC.dtype), cast(gea, ea_ED), cast(gwe, we_FD),
             None, None, None, None, None, None,
         )
 
 
-def _check_gatv2_inputs(xs_NHC, xd_NHC, att_HC, csr, edge_attr, edge_weight):
-    if xs_NHC.dim() != 3 or xd_NHC.dim() != 3:
+def _check_dst_projection(xs_NHC, xd_NHC, dst_projection):
+    """-> (x_dst, w_dst, b_dst) or (None, None, None); validates that exactly one form of xd is given."""
+    if dst_projection is None:
+        if xd_NHC is None:
+            raise ValueError("gatv2_attention: give x_dst features (xd_NHC) or dst_projection=(x, weight, bias)")
+        return None, None, None
+    if xd_NHC is not None:
+        raise ValueError("gatv2_attention: give xd_NHC or dst_projection, not both")
+    if not isinstance(dst_projection, (tuple, list)) or len(dst_projection) != 3:
+        raise ValueError("gatv2_attention: dst_projection must be (x_dst [Nd, F], weight [H*C, F], bias [H*C] or None)")
+    x_dst, w_dst, b_dst = dst_projection
+    H, C = xs_NHC.shape[1:]
+    if x_dst.dim() != 2 or tuple(w_dst.shape) != (H * C, x_dst.size(1)):
         raise ValueError(
-            f"gatv2_attention: x_src/x_dst must be [N, H, C], got {tuple(xs_NHC.shape)}, {tuple(xd_NHC.shape)}"
+            f"gatv2_attention: dst_projection needs x_dst [Nd, F] and weight [{H * C}, F], got "
+            f"{tuple(x_dst.shape)} and {tuple(w_dst.shape)}"
         )
-    if xs_NHC.shape[1:] != xd_NHC.shape[1:]:
+    if b_dst is not None and tuple(b_dst.shape) != (H * C,):
+        raise ValueError(f"gatv2_attention: dst_projection bias must be [{H * C}], got {tuple(b_dst.shape)}")
+    return x_dst, w_dst, b_dst
+
+
+def _check_gatv2_inputs(xs_NHC, xd_NHC, x_dst, att_HC, csr, edge_attr, edge_weight):
+    if xs_NHC.dim() != 3 or (xd_NHC is not None and xd_NHC.dim() != 3):
+        raise ValueError(
+            f"gatv2_attention: x_src/x_dst must be [N, H, C], got {tuple(xs_NHC.shape)}, "
+            f"{None if xd_NHC is None else tuple(xd_NHC.shape)}"
+        )
+    if xd_NHC is not None and xs_NHC.shape[1:] != xd_NHC.shape[1:]:
         raise ValueError(
             f"gatv2_attention: x_src {tuple(xs_NHC.shape)} and x_dst {tuple(xd_NHC.shape)} differ in [H, C]"
         )
-    if xs_NHC.size(0) != csr.num_src or xd_NHC.size(0) != csr.num_dst:
+    num_dst = xd_NHC.size(0) if xd_NHC is not None else x_dst.size(0)
+    if xs_NHC.size(0) != csr.num_src or num_dst != csr.num_dst:
         raise ValueError(
             f"gatv2_attention: graph has {csr.num_src} source / {csr.num_dst} destination nodes, "
-            f"features have {xs_NHC.size(0)} / {xd_NHC.size(0)} rows"
+            f"features have {xs_NHC.size(0)} / {num_dst} rows"
         )
     H, C = xs_NHC.shape[1:]
     if tuple(att_HC.shape) != (H, C):
@@ -554,10 +614,11 @@ def _check_gatv2_inputs(xs_NHC, xd_NHC, att_HC, csr, edge_attr, edge_weight):
 
 def gatv2_attention(
     xs_NHC: Tensor,
-    xd_NHC: Tensor,
+    xd_NHC: Optional[Tensor],
     att_HC: Tensor,
     csr: CSR,
     *,
+    dst_projection: Optional[tuple] = None,
     edge_attr: Optional[Tensor] = None,
     edge_weight: Optional[Tensor] = None,
     negative_slope: float = 0.2,
@@ -574,25 +635,30 @@ def gatv2_attention(
 
     xs_NHC [Ns, H, C] projected source features (PyG's ``lin_l(x)``), xd_NHC [Nd, H, C] projected
     destination features (``lin_r(x)``), att_HC [H, C]; edge_attr [E, D] in CSR order and edge_weight
-    [H*C, D] (``lin_edge.weight``) or both None. Returns (out [Nd, H, C], alpha [E, H] in CSR order or
-    None). alpha is returned without gradient. ``impl``: "auto" (the Triton kernel on CUDA tensors,
-    the chunked PyTorch path otherwise), "torch" or "triton" (also on CPU tensors under
-    TRITON_INTERPRET=1).
+    [H*C, D] (``lin_edge.weight``) or both None. Instead of xd_NHC (pass None), ``dst_projection`` =
+    (x_dst [Nd, F], weight [H*C, F], bias [H*C] or None) lets the CPU path project the destination
+    features block by block, so neither xd nor its gradient exists as an [Nd, H, C] tensor (the Triton
+    path projects up front). Returns (out [Nd, H, C], alpha [E, H] in CSR order or None). alpha is
+    returned without gradient. ``impl``: "auto" (the Triton kernel on CUDA tensors, the chunked PyTorch
+    path otherwise), "torch" or "triton" (also on CPU tensors under TRITON_INTERPRET=1).
     """
-    _check_gatv2_inputs(xs_NHC, xd_NHC, att_HC, csr, edge_attr, edge_weight)
+    x_dst, w_dst, b_dst = _check_dst_projection(xs_NHC, xd_NHC, dst_projection)
+    _check_gatv2_inputs(xs_NHC, xd_NHC, x_dst, att_HC, csr, edge_attr, edge_weight)
     _check_keep(keep, csr.num_edges, xs_NHC.size(1), dropout)
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"gatv2_attention: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if impl == "triton" or (impl == "auto" and xs_NHC.is_cuda):
         from zoo.kernels.edge_softmax import gatv2_edge_softmax
 
+        if xd_NHC is None:
+            xd_NHC = F.linear(x_dst, w_dst, b_dst).view(-1, *xs_NHC.shape[1:])
         return gatv2_edge_softmax(
             xs_NHC, xd_NHC, att_HC, csr, edge_attr=edge_attr, edge_weight=edge_weight,
             negative_slope=negative_slope, keep=keep, dropout=dropout, need_weights=need_weights,
         )
     return _GATv2Attention.apply(
-        xs_NHC, xd_NHC, att_HC, edge_attr, edge_weight, csr, float(negative_slope), keep, float(dropout),
-        bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS),
+        xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight, csr, float(negative_slope), keep,
+        float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS),
     )
 
 

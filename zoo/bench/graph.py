@@ -3,6 +3,7 @@
     zoo bench graph [--sizes 10000:1000,100000:10000,1000000:100000,2000000:200000] [--heads 8]
                     [--channels 8,64] [--in-channels C] [--threads 2] [--repeats 5] [--warmup 1]
                     [--device cpu|cuda] [--no-memory] [--memory-only] [--skip-peer-above E]
+                    [--peer-max-gb GB]
 
 For every (E edges : N nodes) random graph and channel count C (heads H, input features = C unless
 --in-channels), one process builds both layers with the same weights (PyG's state dict loaded strict
@@ -10,40 +11,74 @@ into ours), checks that outputs and input gradients agree, then times forward + 
 output, backward to the input and all parameters) interleaved (zoo, PyG, zoo, PyG, ...) after warm-up
 and prints the medians and the ratio PyG / zoo (> 1: the zoo is faster).
 
-Peak memory: each layer's forward + backward runs once in a fresh Python process and its peak RSS
-(VmHWM of the child; see :func:`peak_mb_fresh_process` for why not ru_maxrss) is reported, beside a baseline process that builds
-the same inputs and layer but runs nothing (so "net" = peak - baseline is the memory of the step). Peak memory is host RSS only: on CUDA
-the columns say nothing about GPU memory (use --no-memory there).
+Peak memory: each layer's forward + backward runs once in a fresh Python process (a worker per case
+and layer) and reports its peak: on CPU the VmHWM of that process (see :func:`peak_mb_fresh_process`
+for why not ru_maxrss), beside a baseline process that builds the same inputs and layer but runs
+nothing ("net" = peak - baseline, the memory of the step); on CUDA torch.cuda.max_memory_allocated of
+the worker (the baseline then holds the inputs and weights).
 
-Issue 6 targets: CPU, 1M edges, 100k nodes, H=8, C=64: >= 2x faster, >= 8x less peak memory.
+PyG is skipped where its [E, H, C] tensors would not fit: about 26 bytes per E'*H*C element in fp32
+(E' = E + N with the self loops; 13.2 GB measured at 1M edges, H=8, C=64), compared with --peer-max-gb
+(default: 85% of the memory available when the benchmark starts). Each row also prints the 1-minute
+load average at its end: the machines here are shared, only the ratios of one run are comparable.
+
+Issue 6 targets: CPU, 1M edges, 100k nodes, H=8, C=64: >= 2x faster, >= 8x less peak memory; GPU: >= 3x
+faster (run ``zoo bench graph --device cuda``).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import subprocess
 import sys
 from typing import Optional
 
 import torch
 
-import os
-import subprocess
-
 from zoo.bench.timing import interleaved_medians, machine_description, set_threads
 
-__all__ = ["main", "build_parser", "make_case"]
+__all__ = ["main", "build_parser", "make_case", "peak_mb_fresh_process", "peer_bytes_estimate"]
 
-_CASE_CODE = """
+# One worker process per (case, layer): builds the case, runs one forward + backward, prints its peak.
+_WORKER_CODE = """
 import torch
 torch.set_num_threads({threads})
 from zoo.bench.graph import make_case
 x, ei, ours, peer = make_case({nodes}, {edges}, {heads}, {channels}, {in_channels}, device={device!r})
 layer = {{"zoo": ours, "pyg": peer, "none": None}}[{which!r}]
+cuda = {device!r}.startswith("cuda")
+if cuda:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
 if layer is not None:
     out = layer(x, ei)
     out.sum().backward()
-    {sync}
+if cuda:
+    torch.cuda.synchronize()
+    print("CUDA_PEAK_BYTES=%d" % torch.cuda.max_memory_allocated())
 """
+
+BYTES_PER_PEER_ELEMENT = 26  # PyG GATv2Conv fwd+bwd peak / (E' H C), fp32 CPU: 13.2 GB / (1.1M * 8 * 64)
+
+
+def peer_bytes_estimate(edges: int, nodes: int, heads: int, channels: int) -> float:
+    """Rough peak bytes of PyG's GATv2Conv forward + backward (dominated by its [E', H, C] tensors)."""
+    return BYTES_PER_PEER_ELEMENT * (edges + nodes) * heads * channels
+
+
+def _available_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info()
+        return free / 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:  # pragma: no cover
+        pass
+    return float("inf")
 
 
 def make_case(nodes: int, edges: int, heads: int, channels: int, in_channels: int, device: str = "cpu", seed: int = 0):
@@ -74,40 +109,44 @@ def _step(layer, x, edge_index):
 
 
 def _check(x, ei, ours, peer) -> tuple[float, float]:
+    """Max |out_zoo - out_pyg| and max |dx_zoo - dx_pyg| / max |dx_pyg| of one forward + backward."""
     out1 = ours(x, ei)
     out1.sum().backward()
     g1, x.grad = x.grad.clone(), None
+    out_1 = out1.detach()
+    del out1
     out2 = peer(x, ei)
     out2.sum().backward()
     g2, x.grad = x.grad.clone(), None
-    out_err = (out1 - out2).abs().max().item()
+    out_err = (out_1 - out2.detach()).abs().max().item()
     grad_err = ((g1 - g2).abs().max() / g2.abs().max().clamp_min(1e-12)).item()
-    del out1, out2, g1, g2
+    del out_1, out2, g1, g2
     ours.zero_grad(set_to_none=True)
     peer.zero_grad(set_to_none=True)
     return out_err, grad_err
 
 
 def peak_mb_fresh_process(code: str) -> float:
-    """Peak resident memory (MiB) of a fresh ``python -c code``, read from the child's own
-    /proc/self/status VmHWM. (ru_maxrss of a child is not usable here: Linux carries the forking
-    parent's high-water mark across fork+exec, so after a big in-process run every child reports the
-    parent's peak; VmHWM belongs to the new address space that exec creates.)"""
+    """Peak memory (MiB) of a fresh ``python -c code``: the worker's CUDA_PEAK_BYTES line when it prints
+    one, else its own /proc/self/status VmHWM. (ru_maxrss of a child is not usable here: Linux carries the
+    forking parent's high-water mark across fork+exec, so after a big in-process run every child reports
+    the parent's peak; VmHWM belongs to the new address space that exec creates.)"""
     probe = code + "\nprint([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=dict(os.environ))
     if result.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{result.stderr[-2000:]}")
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
+    lines = result.stdout.strip().splitlines()
+    for line in lines:
+        if line.startswith("CUDA_PEAK_BYTES="):
+            return int(line.split("=", 1)[1]) / 2**20
+    return int(lines[-1]) / 1024
 
 
-def _memory(nodes, edges, heads, channels, in_channels, threads, device) -> dict:
-    res = {}
-    for which in ("none", "zoo", "pyg"):
-        code = _CASE_CODE.format(
-            threads=threads, nodes=nodes, edges=edges, heads=heads, channels=channels, in_channels=in_channels,
-            device=device, which=which,
-            sync="torch.cuda.synchronize()" if device.startswith("cuda") else "pass",
-        )
+def _memory(nodes, edges, heads, channels, in_channels, threads, device, run_peer: bool) -> dict:
+    res = {"none": float("nan"), "zoo": float("nan"), "pyg": float("nan")}
+    for which in ("none", "zoo", "pyg") if run_peer else ("none", "zoo"):
+        code = _WORKER_CODE.format(threads=threads, nodes=nodes, edges=edges, heads=heads, channels=channels,
+                                   in_channels=in_channels, device=device, which=which)
         res[which] = peak_mb_fresh_process(code)
     return res
 
@@ -126,31 +165,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")
     p.add_argument("--skip-peer-above", type=int, default=None,
-                   help="do not run PyG above this many edges (its [E, H, C] tensors may not fit)")
+                   help="do not run PyG above this many edges")
+    p.add_argument("--peer-max-gb", type=float, default=None,
+                   help="do not run PyG where its estimated peak exceeds this (default: 85%% of available memory)")
     return p
+
+
+def _load1() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        return float("nan")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    if args.no_memory and args.memory_only:
+        raise SystemExit("--no-memory and --memory-only exclude each other")
     sizes = []
     for item in args.sizes.split(","):
-        e, n = item.split(":")
-        sizes.append((int(float(e)), int(float(n))))
+        try:
+            e, n = item.split(":")
+            sizes.append((int(float(e)), int(float(n))))
+        except ValueError:
+            raise SystemExit(f"--sizes items are EDGES:NODES, got {item!r}") from None
     channels = [int(c) for c in args.channels.split(",")]
     threads = set_threads(args.threads)
+    peer_max_gb = args.peer_max_gb if args.peer_max_gb is not None else 0.85 * _available_gb(args.device)
     command = "zoo bench graph " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"## zoo bench graph\n\ncommand: `{command.strip()}`  ")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ")
-    print(f"machine: {machine_description()}; torch threads {threads}\n")
-    print("| edges | nodes | H | C | zoo fwd+bwd (s) | PyG fwd+bwd (s) | speed-up | zoo peak MB (net) | "
-          "PyG peak MB (net) | memory ratio | max out err | max rel grad err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average at start "
+          f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min)  ")
+    print(f"machine: {machine_description()}; torch threads {threads}; device {args.device}; PyG run where its "
+          f"estimated peak <= {peer_max_gb:.1f} GB\n")
+    mem_unit = "GPU MB" if args.device.startswith("cuda") else "MB"
+    print(f"| edges | nodes | H | C | zoo fwd+bwd (s) | PyG fwd+bwd (s) | speed-up | zoo peak {mem_unit} (net) | "
+          f"PyG peak {mem_unit} (net) | memory ratio | max out err | max rel grad err | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    skipped = []
     for edges, nodes in sizes:
         for c in channels:
             cin = args.in_channels or c
-            peer_ok = args.skip_peer_above is None or edges <= args.skip_peer_above
+            need_gb = peer_bytes_estimate(edges, nodes, args.heads, c) / 2**30
+            peer_ok = (args.skip_peer_above is None or edges <= args.skip_peer_above) and need_gb <= peer_max_gb
+            if not peer_ok:
+                skipped.append(f"E={edges}, C={c} (PyG estimated {need_gb:.1f} GB)")
             t_zoo = t_pyg = out_err = grad_err = float("nan")
             if not args.memory_only:
                 x, ei, ours, peer = make_case(nodes, edges, args.heads, c, cin, device=args.device)
@@ -161,18 +222,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                 med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
                 t_zoo, t_pyg = med["zoo"], med.get("pyg", float("nan"))
                 del x, ei, ours, peer, fns
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
             mem = {"none": float("nan"), "zoo": float("nan"), "pyg": float("nan")}
             if not args.no_memory:
-                mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device)
-                if not peer_ok:
-                    mem["pyg"] = float("nan")
+                mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device, peer_ok)
             net = {k: mem[k] - mem["none"] for k in ("zoo", "pyg")}
             print(f"| {edges} | {nodes} | {args.heads} | {c} | {t_zoo:.3f} | {t_pyg:.3f} | {t_pyg / t_zoo:.2f}x | "
                   f"{mem['zoo']:.0f} ({net['zoo']:.0f}) | {mem['pyg']:.0f} ({net['pyg']:.0f}) | "
                   f"{mem['pyg'] / mem['zoo']:.1f}x ({net['pyg'] / max(net['zoo'], 1):.1f}x net) | "
-                  f"{out_err:.1e} | {grad_err:.1e} |", flush=True)
-    print("\npeak MB: VmHWM of a fresh process running one forward+backward; net = peak - a baseline process"
-          " that builds the same inputs and layers but runs no step.")
+                  f"{out_err:.1e} | {grad_err:.1e} | {_load1():.1f} |", flush=True)
+    print("\npeak: " + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "VmHWM")
+          + " of a fresh process running one forward+backward; net = peak - a baseline process that builds the"
+          " same inputs and layers but runs no step. load: 1-minute load average at the end of the row.")
+    if skipped:
+        print("PyG not run (would not fit): " + "; ".join(skipped) + ".")
     return 0
 
 
