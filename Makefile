@@ -15,7 +15,7 @@ DEMO_ARGS ?= trainer.max_epochs=60 task.ema_decay=0.0
 PYTEST_WORKERS ?= 2
 TESTS ?= tests
 
-.PHONY: venv demo test test-fast bench public-names clean
+.PHONY: venv demo test test-fast bench gpu-check public-names clean
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(TESTS)
+
+gpu-check: venv
+	bash tests/run_gpu_kernels.sh
 
 bench: venv
 	$(ZOO) bench vision --markdown

@@ -4,6 +4,7 @@
 * :class:`DropPath` -- stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016).
 * :class:`LayerScale` -- per-channel residual scale (Touvron et al., "Going deeper with Image
   Transformers" (CaiT), ICCV 2021); parameter ``gamma`` as in timm so state dicts match.
+* :func:`check_finite_input` -- a cheap NaN/Inf check of a model input, raising with the input's name.
 * :func:`is_tracing` -- True under jit tracing/scripting (ONNX's TorchScript exporter) or torch.compile /
   torch.export, where data-dependent Python branches must be avoided.
 
@@ -11,19 +12,25 @@ Attention itself is not here: it is zoo.attention (attend, MultiHeadAttention, .
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing"]
+__all__ = ["IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "check_finite_input"]
 
 IntOrPair = Union[int, Sequence[int]]
 
 
 def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
     """``value`` (an int or a pair of positive ints) as a tuple; ValueError naming ``name`` otherwise."""
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        pair = tuple(value)
+    else:
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
@@ -34,6 +41,18 @@ def is_tracing() -> bool:
     if torch._C._get_tracing_state() is not None or torch.jit.is_scripting():
         return True
     return torch.compiler.is_compiling()
+
+
+def check_finite_input(x: torch.Tensor, what: str) -> None:
+    """Raise ``ValueError("<what> contains NaN or Inf ...")`` for a non-finite CPU tensor.
+
+    One fp32 sum (cheap); the element-wise scan runs only when the sum is not finite. Skipped on CUDA (it
+    would force a device sync) and under tracing/compilation (it would be baked into the graph).
+    """
+    if x.device.type != "cpu" or is_tracing():
+        return
+    if not math.isfinite(float(x.detach().sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contains NaN or Inf values")
 
 
 class DropPath(nn.Module):

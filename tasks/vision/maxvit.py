@@ -50,6 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import Dense, attend
 from zoo.attention import capture as _capture
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
+from zoo.layers import DropPath, IntOrPair, check_finite_input, to_pair
 from zoo.registry import register_model
 
 __all__ = [
@@ -73,15 +74,6 @@ PADDINGS = ("", "same")
 REL_POS_TYPES = ("bias_tf", "mlp")
 GLOBAL_POOLS = ("avg", "max")
 STEM_STRIDE = 2
-
-IntOrPair = Union[int, Sequence[int]]
-
-
-def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return pair  # type: ignore[return-value]
 
 
 def _act(name: str) -> nn.Module:
@@ -108,16 +100,6 @@ def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TF "SAME" padding (before, after) of one axis: output ceil(size / stride)."""
     total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
-
-
-def _is_tracing() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,26 +144,6 @@ class LayerNorm2d(nn.LayerNorm):
         x_BHWC = x_BCHW.permute(0, 2, 3, 1)
         x_BHWC = F.layer_norm(x_BHWC, self.normalized_shape, self.weight, self.bias, self.eps)
         return x_BHWC.permute(0, 3, 1, 2)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (Huang et al., ECCV 2016): drop the residual branch, rescale the rest."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        if not 0.0 <= drop_prob < 1.0:
-            raise ValueError(f"drop_path rate must be in [0, 1), got {drop_prob}")
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 class Downsample2d(nn.Module):
@@ -408,7 +370,7 @@ class PartitionAttention(nn.Module):
         if kind not in ("block", "grid"):
             raise ValueError(f"partition kind must be 'block' or 'grid', got {kind!r}")
         self.kind = kind
-        self.partition_size = _pair(partition_size, f"{kind} size")
+        self.partition_size = to_pair(partition_size, f"{kind} size")
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = WindowAttention(
             dim, self.partition_size, dim_head, head_first, rel_pos_type, rel_pos_dim, True, attn_drop, proj_drop
@@ -420,7 +382,7 @@ class PartitionAttention(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def set_partition_size(self, size: IntOrPair) -> None:
-        self.partition_size = _pair(size, f"{self.kind} size")
+        self.partition_size = to_pair(size, f"{self.kind} size")
         self.attn.rel_pos.set_window_size(self.partition_size)
 
     def padded_size(self, h: int, w: int) -> tuple[int, int]:
@@ -552,7 +514,7 @@ class MaxVit(nn.Module):
         proj_drop_rate: float = 0.0,
     ):
         super().__init__()
-        self.img_size = _pair(img_size, "img_size")
+        self.img_size = to_pair(img_size, "img_size")
         embed_dim, depths = [int(d) for d in embed_dim], [int(d) for d in depths]
         if not embed_dim or len(embed_dim) != len(depths) or min(depths) < 1:
             raise ValueError(f"embed_dim {embed_dim} and depths {depths} must be non-empty lists of one length, depths >= 1")
@@ -567,14 +529,14 @@ class MaxVit(nn.Module):
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         self.partition_ratio = int(partition_ratio)
         derived = tuple(max(1, s // self.partition_ratio) for s in self.img_size)
-        self.window_size = _pair(window_size, "window_size") if window_size is not None else derived
-        self.grid_size = _pair(grid_size, "grid_size") if grid_size is not None else self.window_size
+        self.window_size = to_pair(window_size, "window_size") if window_size is not None else derived
+        self.grid_size = to_pair(grid_size, "grid_size") if grid_size is not None else self.window_size
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim[-1]
         self.drop_rate = drop_rate
-        stem_chs = _pair(stem_width, "stem_width")
+        stem_chs = to_pair(stem_width, "stem_width")
 
         self.stem = Stem(in_chans, stem_chs, stem_bias, conv_act, conv_norm_eps, padding)
         self.feature_info = [dict(num_chs=stem_chs[1], reduction=STEM_STRIDE, module="stem")]
@@ -657,10 +619,10 @@ class MaxVit(nn.Module):
         """Change the native size and the partition sizes (timm semantics: a size not given is
         ``img_size // partition_ratio``); TF tables are resized to the new window, MLP biases re-indexed."""
         if img_size is not None:
-            self.img_size = _pair(img_size, "img_size")
+            self.img_size = to_pair(img_size, "img_size")
         derived = tuple(max(1, s // self.partition_ratio) for s in self.img_size)
-        window = _pair(window_size, "window_size") if window_size is not None else derived
-        grid = _pair(grid_size, "grid_size") if grid_size is not None else derived
+        window = to_pair(window_size, "window_size") if window_size is not None else derived
+        grid = to_pair(grid_size, "grid_size") if grid_size is not None else derived
         self.window_size, self.grid_size = window, grid
         for stage in self.stages:
             for block in stage.blocks:
@@ -684,9 +646,7 @@ class MaxVit(nn.Module):
             raise ValueError(f"image {h}x{w} is smaller than the stem stride {STEM_STRIDE}")
         if b == 0:
             raise ValueError("MaxViT input batch is empty")
-        if x.device.type == "cpu" and not _is_tracing():
-            if not math.isfinite(float(x.detach().sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
-                raise ValueError("MaxViT input image contains NaN or Inf pixels")
+        check_finite_input(x, "MaxViT input image")
 
     def forward_features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """Images (B, in_chans, Hi, Wi) -> final feature map (B, C, ceil(Hi/32), ceil(Wi/32))."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, MultiHeadAttention
+from zoo.layers import DropPath, IntOrPair, LayerScale, check_finite_input, to_pair
 from zoo.registry import register_model
 
 __all__ = [
@@ -44,25 +45,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)  # the augreg ViT weights in timm are normalised to [-1, 1]
 INCEPTION_STD = (0.5, 0.5, 0.5)
-
-IntOrPair = Union[int, Sequence[int]]
-
-
-def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-def _is_tracing() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,8 +95,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: IntOrPair, patch_size: IntOrPair, in_chans: int, embed_dim: int, bias: bool = True):
         super().__init__()
-        self.img_size = _pair(img_size, "img_size")
-        self.patch_size = _pair(patch_size, "patch_size")
+        self.img_size = to_pair(img_size, "img_size")
+        self.patch_size = to_pair(patch_size, "patch_size")
         if any(i < p for i, p in zip(self.img_size, self.patch_size)):
             raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
@@ -127,38 +109,6 @@ class PatchEmbed(nn.Module):
         x_BCGG = self.proj(x_BCHW)
         grid = (x_BCGG.shape[-2], x_BCGG.shape[-1])
         return x_BCGG.flatten(2).transpose(1, 2), grid
-
-
-class LayerScale(nn.Module):
-    """Per-channel learned scale of a residual branch (CaiT); parameter ``gamma`` as in timm."""
-
-    def __init__(self, dim: int, init_values: float = 1e-5):
-        super().__init__()
-        self.init_values = init_values
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
-        return x_BNC * self.gamma
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability ``drop_prob`` in training."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        if not 0.0 <= drop_prob < 1.0:
-            raise ValueError(f"drop_path rate must be in [0, 1), got {drop_prob}")
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 class Block(nn.Module):
@@ -387,7 +337,7 @@ class VisionTransformer(nn.Module):
 
     def set_input_size(self, img_size: IntOrPair) -> None:
         """Change the native image size, resampling the learned position embedding to the new grid."""
-        size = _pair(img_size, "img_size")
+        size = to_pair(img_size, "img_size")
         ph, pw = self.patch_embed.patch_size
         if size[0] < ph or size[1] < pw:
             raise ValueError(f"img_size {size} is smaller than patch_size {(ph, pw)}")
@@ -427,9 +377,7 @@ class VisionTransformer(nn.Module):
             )
         if b == 0:
             raise ValueError("ViT input batch is empty")
-        if x.device.type == "cpu" and not _is_tracing():
-            if not math.isfinite(float(x.detach().sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
-                raise ValueError("ViT input image contains NaN or Inf pixels")
+        check_finite_input(x, "ViT input image")
 
     def _pos_embed(self, x_BLC: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Add position embeddings and prepend class/register tokens: (B, L, C) -> (B, N, C)."""

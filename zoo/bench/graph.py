@@ -12,7 +12,7 @@ output, backward to the input and all parameters) interleaved (zoo, PyG, zoo, Py
 and prints the medians and the ratio PyG / zoo (> 1: the zoo is faster).
 
 Peak memory: each layer's forward + backward runs once in a fresh Python process (a worker per case
-and layer) and reports its peak: on CPU the VmHWM of that process (see :func:`peak_mb_fresh_process`
+and layer) and reports its peak: on CPU the VmHWM of that process (see :func:`zoo.bench.timing.peak_rss_mb_subprocess`
 for why not ru_maxrss), beside a baseline process that builds the same inputs and layer but runs
 nothing ("net" = peak - baseline, the memory of the step); on CUDA torch.cuda.max_memory_allocated of
 the worker (the baseline then holds the inputs and weights).
@@ -30,15 +30,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 from typing import Optional
 
 import torch
 
-from zoo.bench.timing import interleaved_medians, machine_description, set_threads
+from zoo.bench.timing import interleaved_medians, machine_description, peak_rss_mb_subprocess, set_threads
 
-__all__ = ["main", "build_parser", "make_case", "peak_mb_fresh_process", "peer_bytes_estimate"]
+__all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
 
 # One worker process per (case, layer): builds the case, runs one forward + backward, prints its peak.
 _WORKER_CODE = """
@@ -126,28 +125,12 @@ def _check(x, ei, ours, peer) -> tuple[float, float]:
     return out_err, grad_err
 
 
-def peak_mb_fresh_process(code: str) -> float:
-    """Peak memory (MiB) of a fresh ``python -c code``: the worker's CUDA_PEAK_BYTES line when it prints
-    one, else its own /proc/self/status VmHWM. (ru_maxrss of a child is not usable here: Linux carries the
-    forking parent's high-water mark across fork+exec, so after a big in-process run every child reports
-    the parent's peak; VmHWM belongs to the new address space that exec creates.)"""
-    probe = code + "\nprint([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=dict(os.environ))
-    if result.returncode != 0:
-        raise RuntimeError(f"memory probe failed:\n{result.stderr[-2000:]}")
-    lines = result.stdout.strip().splitlines()
-    for line in lines:
-        if line.startswith("CUDA_PEAK_BYTES="):
-            return int(line.split("=", 1)[1]) / 2**20
-    return int(lines[-1]) / 1024
-
-
 def _memory(nodes, edges, heads, channels, in_channels, threads, device, run_peer: bool) -> dict:
     res = {"none": float("nan"), "zoo": float("nan"), "pyg": float("nan")}
     for which in ("none", "zoo", "pyg") if run_peer else ("none", "zoo"):
         code = _WORKER_CODE.format(threads=threads, nodes=nodes, edges=edges, heads=heads, channels=channels,
                                    in_channels=in_channels, device=device, which=which)
-        res[which] = peak_mb_fresh_process(code)
+        res[which] = peak_rss_mb_subprocess(code)
     return res
 
 

@@ -84,11 +84,21 @@ def machine_description() -> str:
 
 
 def peak_rss_mb_subprocess(code: str, *, env: dict | None = None) -> float:
-    """Peak resident memory (MiB) of a fresh Python process running ``code`` (ru_maxrss of the child).
+    """Peak memory (MiB) of a fresh Python process running ``code``.
 
-    tracemalloc is blind to torch's allocator, so memory is compared process against process.
+    The child's own high-water mark, VmHWM from /proc/self/status (Linux), or, when ``code`` prints a line
+    ``CUDA_PEAK_BYTES=<n>``, that GPU figure. tracemalloc is blind to torch's allocator, so memory is
+    compared process against process. ru_maxrss is not used: Linux carries the forking parent's peak
+    across fork+exec, so after a large in-process run every child would report the parent's peak; VmHWM
+    belongs to the address space exec creates. Elsewhere, ru_maxrss is the fallback.
     """
-    probe = code + "\nimport resource as _r\nprint('PEAK_RSS_KB=%d' % _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
+    probe = code + (
+        "\nimport os as _os, resource as _r\n"
+        "if _os.path.exists('/proc/self/status'):\n"
+        "    print('PEAK_RSS_KB=' + [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+        "else:\n"
+        "    print('PEAK_RSS_KB=%d' % _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe],
         env={**os.environ, **(env or {})},
@@ -97,7 +107,11 @@ def peak_rss_mb_subprocess(code: str, *, env: dict | None = None) -> float:
     )
     if result.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{result.stderr[-2000:]}")
-    for line in result.stdout.splitlines()[::-1]:
+    lines = result.stdout.splitlines()
+    for line in lines:
+        if line.startswith("CUDA_PEAK_BYTES="):
+            return int(line.split("=", 1)[1]) / 2**20
+    for line in lines[::-1]:
         if line.startswith("PEAK_RSS_KB="):
             return int(line.split("=", 1)[1]) / 1024
     raise RuntimeError("memory probe printed no PEAK_RSS_KB line")
