@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from zoo.plotting import png_path, pyplot, save_figure
+
 __all__ = ["neighbourhood_attention", "draw_neighbourhood", "main"]
 
 
@@ -31,11 +33,10 @@ def neighbourhood_attention(edge_index: torch.Tensor, alpha: torch.Tensor, node:
 def draw_neighbourhood(edge_index: torch.Tensor, alpha: torch.Tensor, node: int, out: str,
                        labels: Optional[torch.Tensor] = None, title: str = "") -> str:
     """Write a PNG: one panel per head, edge width ~ attention of ``node`` to each in-neighbour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import networkx as nx
+
+    plt = pyplot()
+    path = png_path(out)
 
     src, a = neighbourhood_attention(edge_index, alpha.detach().float().cpu(), node)
     if src.numel() == 0:
@@ -79,8 +80,7 @@ def draw_neighbourhood(edge_index: torch.Tensor, alpha: torch.Tensor, node: int,
         ax.set_axis_off()
     fig.suptitle(title or f"attention of node {node} to its in-neighbours", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return out
 
 

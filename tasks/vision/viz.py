@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention import capture_attention
+from zoo.plotting import parse_key_values, png_path, prediction_title, pyplot, save_figure
 
 __all__ = [
     "attention_rollout",
@@ -251,15 +252,8 @@ def save_rollout_png(
     title: str,
 ) -> Path:
     """Write image | rollout heat map | overlay as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"out={out!r}: the picture is written as PNG; use a .png file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
+    path = png_path(out)
     heat = np.asarray(map_GG, dtype=np.float64)
     heat = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)
     img = np.clip(display_HWC, 0.0, 1.0)
@@ -281,11 +275,7 @@ def save_rollout_png(
         ax.set_yticks([])
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,15 +293,7 @@ _KEYS = ("ckpt", "image", "out", "model", "head_fusion", "device")
 
 
 def _parse(argv: Sequence[str]) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for token in argv:
-        if "=" not in token:
-            raise ValueError(f"argument {token!r} is not key=value")
-        key, value = token.split("=", 1)
-        key = key.lstrip("-").replace("-", "_")
-        if key not in _KEYS:
-            raise ValueError(f"unknown argument {key!r}; accepted: {', '.join(_KEYS)}")
-        args[key] = value
+    args = parse_key_values(argv, _KEYS)
     if "ckpt" not in args:
         raise ValueError("ckpt=<checkpoint> is required")
     return args
@@ -329,17 +311,13 @@ def rollout_main(argv: Optional[Sequence[str]] = None) -> int:
         model.to(args.get("device", "cpu"))
         x, display, label = load_image(args.get("image", "digits:0"), model)
         logits, maps = compute_rollout(model, x.to(args.get("device", "cpu")), args.get("head_fusion", "mean"))
-        probs = logits.float().softmax(dim=-1)[0]
-        pred = int(probs.argmax())
-        title = f"predicted class {pred} (p={float(probs[pred]):.2f})"
-        if label is not None:
-            title += f", true class {label}"
+        title, pred, prob = prediction_title(logits, label)
         path = save_rollout_png(args.get("out", "rollout.png"), display, maps[0].cpu().numpy(), title)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"zoo viz rollout: error: {error}", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
-    summary = {"out": str(path), "predicted": pred, "probability": round(float(probs[pred]), 4)}
+    summary = {"out": str(path), "predicted": pred, "probability": round(prob, 4)}
     if label is not None:
         summary["label"] = label
     print(json.dumps(summary))

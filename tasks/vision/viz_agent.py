@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention import capture_attention
+from zoo.plotting import parse_key_values, png_path, prediction_title, pyplot, save_figure
 
 __all__ = ["agent_maps", "save_agent_png", "agent_main"]
 
@@ -76,15 +77,8 @@ def agent_maps(model: nn.Module, images_BCHW: torch.Tensor, layer: int = -1, hea
 
 def save_agent_png(out: str, display_HWC: np.ndarray, maps_nGG: np.ndarray, title: str) -> Path:
     """Write input | mean agent map | mosaic of the n agent maps (in the agents' grid) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"out={out!r}: the picture is written as PNG; use a .png file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
+    path = png_path(out)
     n = maps_nGG.shape[0]
     side = math.isqrt(n)
     img = np.clip(display_HWC, 0.0, 1.0)
@@ -113,11 +107,7 @@ def save_agent_png(out: str, display_HWC: np.ndarray, maps_nGG: np.ndarray, titl
         ax.set_xticks([]), ax.set_yticks([])
     fig.text(0.74, 0.93, f"each agent's attention over the patches ({side}x{side} agents)", ha="center")
     fig.suptitle(title, x=0.3)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 USAGE = """usage: zoo viz agent ckpt=<dir|model.safetensors|run.ckpt> [image=digits:0|<file>] [out=agent_attention.png]
@@ -131,15 +121,7 @@ _KEYS = ("ckpt", "image", "out", "model", "layer", "head", "device")
 
 
 def _parse(argv: Sequence[str]) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for token in argv:
-        if "=" not in token:
-            raise ValueError(f"argument {token!r} is not key=value")
-        key, value = token.split("=", 1)
-        key = key.lstrip("-").replace("-", "_")
-        if key not in _KEYS:
-            raise ValueError(f"unknown argument {key!r}; accepted: {', '.join(_KEYS)}")
-        args[key] = value
+    args = parse_key_values(argv, _KEYS)
     if "ckpt" not in args and "model" not in args:
         raise ValueError("ckpt=<checkpoint> (or model=<name> for random weights) is required")
     return args
@@ -177,11 +159,7 @@ def agent_main(argv: Optional[Sequence[str]] = None) -> int:
         model.to(device)
         x, display, label = load_image(args.get("image", "digits:0"), model)
         logits, maps, grid = agent_maps(model, x.to(device), _int_arg(args, "layer", -1), _int_arg(args, "head", None))
-        probs = logits.float().softmax(dim=-1)[0]
-        pred = int(probs.argmax())
-        title = f"predicted class {pred} (p={float(probs[pred]):.2f})"
-        if label is not None:
-            title += f", true class {label}"
+        title, pred, prob = prediction_title(logits, label)
         if untrained:
             title += " -- untrained weights"
         path = save_agent_png(args.get("out", "agent_attention.png"), display, maps[0].cpu().numpy(), title)
@@ -190,7 +168,7 @@ def agent_main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"zoo viz agent: error: {message}", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
-    summary = {"out": str(path), "predicted": pred, "probability": round(float(probs[pred]), 4), "grid": list(grid)}
+    summary = {"out": str(path), "predicted": pred, "probability": round(prob, 4), "grid": list(grid)}
     if label is not None:
         summary["label"] = label
     print(json.dumps(summary))

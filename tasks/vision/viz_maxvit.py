@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention import capture_attention
+from zoo.plotting import parse_key_values, png_path, prediction_title, pyplot, save_figure
 
 __all__ = ["partition_attention_map", "maxvit_attention_maps", "save_maxvit_png", "maxvit_main"]
 
@@ -135,15 +136,8 @@ def maxvit_attention_maps(model: nn.Module, images_1CHW: torch.Tensor, query: Op
 
 def save_maxvit_png(out: str, display_HWC: np.ndarray, maps: list[dict], query: tuple[int, int], title: str) -> Path:
     """Write the picture: one row per stage, columns image+query | block attention | grid attention."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"out={out!r}: the picture is written as PNG; give a .png path")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
+    path = png_path(out)
     rows = len(maps)
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.6), squeeze=False)
     image = display_HWC[..., 0] if display_HWC.shape[-1] == 1 else display_HWC
@@ -165,9 +159,7 @@ def save_maxvit_png(out: str, display_HWC: np.ndarray, maps: list[dict], query: 
             ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,15 +174,7 @@ _KEYS = ("ckpt", "image", "out", "model", "query", "block", "head", "device")
 
 
 def _parse(argv: Sequence[str]) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for token in argv:
-        if "=" not in token:
-            raise ValueError(f"argument {token!r} is not key=value")
-        key, value = token.split("=", 1)
-        key = key.lstrip("-").replace("-", "_")
-        if key not in _KEYS:
-            raise ValueError(f"unknown argument {key!r}; accepted: {', '.join(_KEYS)}")
-        args[key] = value
+    args = parse_key_values(argv, _KEYS)
     if "ckpt" not in args and "model" not in args:
         raise ValueError("give ckpt=<checkpoint> or model=<registered name>")
     return args
@@ -279,17 +263,15 @@ def maxvit_main(argv: Optional[Sequence[str]] = None) -> int:
         head = None if head_arg == "mean" else int(head_arg)
         block = int(args.get("block", "0"))
         logits, maps = maxvit_attention_maps(model, x.to(device), query, block, head)
-        probs = logits.float().softmax(dim=-1)[0]
-        pred = int(probs.argmax())
         img_h, img_w = model.img_size
         query = (img_h // 2, img_w // 2) if query is None else query
-        title = f"predicted class {pred} (p={float(probs[pred]):.2f})" + (f", true class {label}" if label is not None else "")
+        title, pred, prob = prediction_title(logits, label)
         path = save_maxvit_png(args.get("out", "maxvit_attention.png"), display, maps, query, title)
     except (ValueError, FileNotFoundError, TypeError, IndexError) as error:
         print(f"zoo viz maxvit: error: {error}", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
-    summary = {"out": str(path), "predicted": pred, "probability": round(float(probs[pred]), 4)}
+    summary = {"out": str(path), "predicted": pred, "probability": round(prob, 4)}
     if label is not None:
         summary["label"] = label
     print(json.dumps(summary))

@@ -1,0 +1,71 @@
+"""Helpers shared by the ``zoo viz <kind>`` commands: key=value parsing, PNG paths, atomic figure writes,
+the prediction title. Matplotlib is imported lazily (Agg backend), so importing this module is cheap.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+__all__ = ["parse_key_values", "png_path", "pyplot", "save_figure", "prediction_title"]
+
+
+def parse_key_values(argv: Sequence[str], keys: Iterable[str]) -> dict[str, str]:
+    """``["ckpt=run/", "out=a.png"]`` -> ``{"ckpt": "run/", "out": "a.png"}``.
+
+    Leading dashes are dropped and inner dashes read as underscores (``--head-fusion=max`` works); an
+    argument without ``=`` or a key outside ``keys`` raises ValueError naming it and the accepted keys.
+    """
+    accepted = tuple(keys)
+    args: dict[str, str] = {}
+    for token in argv:
+        if "=" not in token:
+            raise ValueError(f"argument {token!r} is not key=value")
+        key, value = token.split("=", 1)
+        key = key.lstrip("-").replace("-", "_")
+        if key not in accepted:
+            raise ValueError(f"unknown argument {key!r}; accepted: {', '.join(accepted)}")
+        args[key] = value
+    return args
+
+
+def png_path(out: str) -> Path:
+    """The output path, checked to end in .png, with its folder created."""
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"out={out!r}: the picture is written as PNG; use a .png file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file renamed over it) and close the figure."""
+    tmp = path.with_name(path.name + ".tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def prediction_title(logits_1K: torch.Tensor, label: Optional[int] = None) -> tuple[str, int, float]:
+    """("predicted class 3 (p=0.97), true class 3", 3, 0.97) from one image's logits (1, K) or (K,)."""
+    probs = logits_1K.detach().float().reshape(-1, logits_1K.shape[-1])[0].softmax(dim=-1)
+    pred = int(probs.argmax())
+    prob = float(probs[pred])
+    title = f"predicted class {pred} (p={prob:.2f})"
+    if label is not None:
+        title += f", true class {label}"
+    return title, pred, prob
