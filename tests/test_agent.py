@@ -12,7 +12,6 @@ with a bilinear resize whose other axis has size 1 (a different route to the sam
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -439,6 +438,46 @@ def test_agent_attention_module_without_prefix():
     assert "ac_bias" not in attn.state_dict()
     x = torch.randn(2, 30, 16)
     assert attn(x, grid=(5, 6)).shape == (2, 30, 16)
+
+
+@pytest.mark.parametrize("prefix", [1, 0])
+def test_inference_fast_path_equals_attend_path_and_honours_backend(prefix, monkeypatch):
+    """Under no_grad the module calls attend(check_finite=False) (its own check runs once): same output as
+    the attend() path taken with autograd, and use_backend still decides which backend runs."""
+    from zoo.attention import backends
+
+    torch.manual_seed(11)
+    attn = AgentAttention(16, 2, qkv_bias=True, agent_num=4, window=5, num_prefix_tokens=prefix).eval()
+    x = torch.randn(2, prefix + 20, 16)
+    via_attend = attn(x, grid=(4, 5)).detach()  # grad enabled: attend() path
+    with torch.no_grad():
+        fast = attn(x, grid=(4, 5))
+    assert torch.allclose(fast, via_attend, atol=1e-6)
+    reference = backends.get_backend("torch")
+    calls = []
+
+    def counting_forward(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    original = reference.forward
+    monkeypatch.setattr(reference, "forward", counting_forward)
+    with torch.no_grad(), use_backend("torch"):
+        forced = attn(x, grid=(4, 5))
+    assert calls == [(2, 2, 4, 8), (2, 2, prefix + 20, 8)]  # both stages: agents, then every token
+    assert torch.allclose(forced, via_attend, atol=1e-5)
+
+
+def test_inference_fast_path_still_rejects_non_finite_input():
+    attn = AgentAttention(16, 2, agent_num=4, window=4).eval()
+    x = torch.randn(1, 17, 16)
+    x[0, 5, 3] = float("nan")
+    with torch.no_grad(), pytest.raises(ValueError, match="NaN or Inf"):
+        attn(x)
+    with pytest.raises(ValueError, match="NaN or Inf"):  # attend() path
+        attn(x)
+    with torch.no_grad():  # the model checks its image once and tells the blocks not to re-check
+        assert torch.isnan(attn(x, check_finite=False)).any()
 
 
 # --------------------------------------------------------------------------------------------------

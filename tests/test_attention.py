@@ -319,6 +319,15 @@ def test_nonfinite_input_is_named(name, value, mask):
         attend(inputs["q"], inputs["k"], inputs["v"], masks[mask])
 
 
+def test_check_finite_false_skips_the_scan():
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16)
+    q[0, 1, 3, 2] = float("nan")
+    out = attend(q, k, v, check_finite=False)  # the caller vouches for its inputs: no error, NaN/0 rows
+    assert out.shape == (1, 2, 8, 16)
+    with pytest.raises(ValueError, match="attend: q contains NaN"):
+        attend(q, k, v)
+
+
 def test_bad_masks_and_biases_raise_clear_errors():
     q, k, v = make_qkv(2, 2, 2, 8, 8, 16)
     with pytest.raises(ValueError, match=r"Dense mask has shape"):

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import capture as _capture
-from zoo.attention.agent import AgentAttention
+from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
+from zoo.layers import DropPath, IntOrPair, to_pair
 from zoo.registry import register_model
-from zoo.tasks.vision.vit import Block, DropPath, PatchEmbed
+from zoo.tasks.vision.vit import Block, PatchEmbed
 
 __all__ = ["AgentBlock", "AgentVisionTransformer", "resize_pos_embed", "checkpoint_filter_fn"]
 
@@ -50,25 +51,6 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 GLOBAL_POOLS = ("token", "avg")
 # Official stage rule: block i uses agent_num[STAGE_OF_PAIR[i // 2]].
 STAGE_OF_PAIR = {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
-
-IntOrPair = Union[int, Sequence[int]]
-
-
-def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-def _is_tracing() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
 
 
 def resize_pos_embed(pos_embed_1NC: torch.Tensor, new_grid: Sequence[int], old_grid: Sequence[int],
@@ -124,10 +106,13 @@ class AgentBlock(nn.Module):
 
     def forward(self, x_BNC: torch.Tensor, grid: tuple[int, int], num_queries: Optional[int] = None) -> torch.Tensor:
         """(B, N, C) -> (B, N, C); with ``num_queries`` only the first (prefix) tokens, (B, num_queries, C)."""
+        # The model checks its input image for NaN/Inf once (AgentVisionTransformer._check_image), so the
+        # attention skips its own check on the inference fast path.
         if num_queries is None:
-            x_BNC = x_BNC + self.drop_path(self.attn(self.norm1(x_BNC), grid))
+            x_BNC = x_BNC + self.drop_path(self.attn(self.norm1(x_BNC), grid, check_finite=False))
             return x_BNC + self.drop_path(self.mlp(self.norm2(x_BNC)))
-        x_BQC = x_BNC[:, :num_queries] + self.drop_path(self.attn(self.norm1(x_BNC), grid, num_queries=num_queries))
+        x_BQC = x_BNC[:, :num_queries] + self.drop_path(
+            self.attn(self.norm1(x_BNC), grid, num_queries=num_queries, check_finite=False))
         return x_BQC + self.drop_path(self.mlp(self.norm2(x_BQC)))
 
 
@@ -197,7 +182,7 @@ class AgentVisionTransformer(nn.Module):
                            ("drop_path_rate", drop_path_rate)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {rate}")
-        size = _pair(img_size, "img_size")
+        size = to_pair(img_size, "img_size")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         agent_layer = agent_layer if agent_layer > 0 else depth
 
@@ -306,7 +291,7 @@ class AgentVisionTransformer(nn.Module):
             raise ValueError(f"image {h}x{w} is smaller than the patch size {ph}x{pw}")
         if b == 0:
             raise ValueError("Agent-DeiT input batch is empty")
-        if x.device.type == "cpu" and not _is_tracing():
+        if x.device.type == "cpu" and not tracing_or_exporting():
             if not math.isfinite(float(x.detach().sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
                 raise ValueError("Agent-DeiT input image contains NaN or Inf pixels")
 
@@ -314,7 +299,7 @@ class AgentVisionTransformer(nn.Module):
         native = self.patch_embed.grid_size
         if grid == native:
             return self.pos_embed
-        if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or _is_tracing():
+        if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or tracing_or_exporting():
             return resize_pos_embed(self.pos_embed, grid, native)
         key = (grid, self.pos_embed.data_ptr(), self.pos_embed._version)
         hit = self._pos_cache.get(grid)

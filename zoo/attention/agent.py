@@ -32,7 +32,15 @@ at Gh = Gw = window this is the identity, so the official result is unchanged. A
 any grid (adaptive average pooling). When no gradient is needed the two bias tensors are cached per
 (grid, device, dtype) and rebuilt when a bias parameter changes (tracked through tensor version counters).
 The official code also re-interpolates the biases and repeats them per batch item on every call; here
-they are built once per call at most and broadcast over the batch.
+they are built once per call at most (training: once per block call, as the tables change every step)
+and broadcast over the batch, already summed into one (1, H, n, N) and one (1, H, N, n) tensor.
+
+Inference fast path (no_grad/inference_mode, not exporting, not capturing): the two stages call attend()
+with ``check_finite=False`` (its per-call NaN sums); the module checks its output once instead
+(``check_finite``; Agent-DeiT checks its image once and turns it off).
+Measured alternatives that were slower on this CPU and are not used: the pooling-matrix matmul instead of
+adaptive_avg_pool2d (3-5x slower), a contiguous or channels-last copy before the depthwise conv, explicit
+matmul+softmax instead of SDPA, contiguous copies of q/k/v for SDPA (see docs/bench_agent.md).
 
 Letters: B batch, C model dim, H heads, D = C / H head dim, P prefix tokens (0 or 1), L = Gh*Gw patch
 tokens on a Gh x Gw grid, N = P + L tokens, n agents (a square number), p = sqrt(n), W the ``window``
@@ -49,20 +57,18 @@ import torch.nn.functional as F
 
 from zoo.attention import capture as _capture
 from zoo.attention.core import attend
+from zoo.layers import is_tracing
 
 __all__ = ["AgentAttention", "agent_biases", "adaptive_pool_matrix"]
 
 BIAS_NAMES = ("an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias", "ac_bias", "ca_bias")
 
 
-def _is_tracing() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+
+
+def tracing_or_exporting() -> bool:
+    """zoo.layers.is_tracing(), or inside torch.onnx.export (either exporter): no data-dependent Python."""
+    return is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _resize_1d(table: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -237,7 +243,7 @@ class AgentAttention(nn.Module):
         params = self._bias_params()
         dtype = dtype or self.an_bias.dtype
         needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-        if needs_grad or _is_tracing():
+        if needs_grad or tracing_or_exporting():
             b1, b2 = agent_biases(*params, grid=grid)
             return b1.to(dtype), b2.to(dtype)
         versions = tuple((p.data_ptr(), p._version) for p in params if p is not None)
@@ -288,6 +294,7 @@ class AgentAttention(nn.Module):
         x_BNC: torch.Tensor,
         grid: Optional[Sequence[int]] = None,
         num_queries: Optional[int] = None,
+        check_finite: bool = True,
     ) -> torch.Tensor:
         """(B, N, C) tokens (prefix first, then the patch grid row-major) -> (B, N, C).
 
@@ -296,6 +303,10 @@ class AgentAttention(nn.Module):
             num_queries: compute only the first ``num_queries`` output tokens (prefix tokens only, e.g. 1 for
                 the class token): agents, keys and values still come from every token; the broadcast stage
                 runs for those rows and the depthwise conv is skipped. Returns (B, num_queries, C).
+            check_finite: on the inference fast path, raise on NaN/Inf input (one fp32 sum of the output,
+                standing in for attend()'s per-call check). Models that check their input once at the API
+                boundary (AgentVisionTransformer) pass False; autograd/export/capture calls go through
+                attend(), which always checks.
         """
         if not isinstance(x_BNC, torch.Tensor) or x_BNC.dim() != 3 or x_BNC.shape[-1] != self.dim:
             shape = tuple(x_BNC.shape) if isinstance(x_BNC, torch.Tensor) else type(x_BNC).__name__
@@ -308,13 +319,21 @@ class AgentAttention(nn.Module):
                 f"AgentAttention: num_queries must be an int in [1, {prefix}] (prefix tokens only), got {num_queries!r}"
             )
         heads, head_dim, n_agent = self.num_heads, self.head_dim, self.agent_num
+        tracing = tracing_or_exporting()
+        capturing = _capture.is_capturing()
+        dropout_p = self.attn_drop if self.training else 0.0
+        # Inference fast path (no_grad / inference_mode, no export, no capture): both stages call attend()
+        # without its per-call NaN check (replaced by one check per module call, below, unless
+        # check_finite=False).
+        fast = not (tracing or capturing or dropout_p or torch.is_grad_enabled())
 
         qkv_BN3C = self.qkv(x_BNC).view(batch, n_tok, 3, dim)
         q_BNC, k_BNC, v_BNC = qkv_BN3C.unbind(2)
         # Agents: adaptive average pooling of the patch queries on their grid, read through a strided
-        # (B, C, Gh, Gw) view of the fused qkv output (no copy). Exporters get the same pooling as one
-        # (n, N) @ (N, C) matmul (ONNX has no adaptive pooling for grids that p does not divide).
-        if _is_tracing():
+        # (B, C, Gh, Gw) view of the fused qkv output (no copy; faster than the equivalent pooling matmul on
+        # CPU). Exporters get the same pooling as one (n, N) @ (N, C) matmul (ONNX has no adaptive pooling
+        # for grids that p does not divide).
+        if tracing:
             a_BnC = torch.matmul(self.pool_matrix((gh, gw), q_BNC), q_BNC)
         else:
             q_BCGG = q_BNC[:, prefix:].reshape(batch, gh, gw, dim).permute(0, 3, 1, 2)
@@ -324,14 +343,6 @@ class AgentAttention(nn.Module):
         k_BHND = k_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
         v_BHND = v_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
         b1_1HnN, b2_1HNn = self.biases((gh, gw), x_BNC.dtype)
-        dropout_p = self.attn_drop if self.training else 0.0
-
-        capturing = _capture.is_capturing()
-        if capturing:
-            agent_v_BHnD, agent_w = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale,
-                                           dropout_p=dropout_p, return_weights=True)
-        else:
-            agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, dropout_p=dropout_p)
 
         n_out = n_tok if num_queries is None else num_queries
         if num_queries is None:
@@ -339,14 +350,20 @@ class AgentAttention(nn.Module):
         else:
             q_BHND = q_BNC[:, :num_queries].reshape(batch, num_queries, heads, head_dim).transpose(1, 2)
             b2_1HNn = b2_1HNn[:, :, :num_queries]
-        if capturing:
+        if fast:
+            agent_v_BHnD = self._attend_fast(a_BHnD, k_BHND, v_BHND, b1_1HnN)
+            out_BHND = self._attend_fast(q_BHND, a_BHnD, agent_v_BHnD, b2_1HNn)
+        elif capturing:
+            agent_v_BHnD, agent_w = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale,
+                                           dropout_p=dropout_p, return_weights=True)
             out_BHND, broadcast_w = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale,
                                            dropout_p=dropout_p, return_weights=True)
             self._record(agent_w, broadcast_w, prefix, (gh, gw))
         else:
+            agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, dropout_p=dropout_p)
             out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, dropout_p=dropout_p)
-        out_BNHD = out_BHND.transpose(1, 2)
-        if _is_tracing():  # exporters may decompose attention into another output layout: never assume a view
+        out_BNHD = out_BHND.transpose(1, 2)  # SDPA's CPU kernels write (B, N, H, D): the reshape is a view
+        if tracing:  # exporters may decompose attention into another output layout: never assume a view
             out_BNHD = out_BNHD.clone(memory_format=torch.contiguous_format)
         out_BNC = out_BNHD.reshape(batch, n_out, dim)
 
@@ -356,11 +373,21 @@ class AgentAttention(nn.Module):
             dwc_BLC = self.dwc(v_BCGG).permute(0, 2, 3, 1).reshape(batch, gh * gw, dim)
             if prefix == 0:
                 out_BNC = out_BNC + dwc_BLC
-            elif _is_tracing() or (torch.is_grad_enabled() and (out_BNC.requires_grad or dwc_BLC.requires_grad)):
+            elif tracing or (torch.is_grad_enabled() and (out_BNC.requires_grad or dwc_BLC.requires_grad)):
                 out_BNC = torch.cat((out_BNC[:, :prefix], out_BNC[:, prefix:] + dwc_BLC), dim=1)
             else:
                 out_BNC[:, prefix:] += dwc_BLC  # no autograd: add in place
+        if fast and check_finite and out_BNC.device.type == "cpu":
+            # attend()'s NaN/Inf check, once per module instead of per stage: a non-finite input reaches
+            # the output (every output row mixes every value), so one fp32 sum of the output covers it.
+            if not math.isfinite(float(out_BNC.sum(dtype=torch.float32))):
+                if not bool(torch.isfinite(x_BNC).all()):
+                    raise ValueError("AgentAttention: input contains NaN or Inf values")
         return self.proj_drop(self.proj(out_BNC))
+
+    def _attend_fast(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """attend(q, k, v, bias=bias, scale=self.scale) without its per-call NaN check (forward checks once)."""
+        return attend(q, k, v, bias=bias, scale=self.scale, check_finite=False)
 
     def _record(self, agent_w: torch.Tensor, broadcast_w: torch.Tensor, prefix: int, grid: tuple[int, int]) -> None:
         """While capturing: record the token-to-token map of the two stages, keep the agent maps.

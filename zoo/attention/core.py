@@ -106,6 +106,7 @@ def attend(
     dropout_p: float = 0.0,
     return_weights: bool = False,
     backend: Optional[str] = None,
+    check_finite: bool = True,
 ):
     """Attention of q over (k, v), restricted by ``mask`` and shifted by ``bias``.
 
@@ -119,6 +120,9 @@ def attend(
         dropout_p: dropout on the attention probabilities (pass 0.0 in evaluation).
         return_weights: also return the probabilities (B, H, Nq, Nk) (pre-dropout; reference backend).
         backend: force a backend by name ("torch", "sdpa", "triton", ...); see zoo.attention.backends.
+        check_finite: on CPU, raise naming q, k or v when one holds NaN/Inf (two fp32 sums per call). Modules
+            that check their own input once per forward (and call attend() several times on tensors derived
+            from it) may pass False; the default keeps the check.
 
     Returns:
         (B, H, Nq, Dv) output, or (output, weights) when ``return_weights``.
@@ -147,7 +151,7 @@ def attend(
         requested = "torch"
     chosen = _backends.select_backend(args, requested)
     result = chosen.forward(*args)
-    if q.device.type == "cpu" and not is_tracing():  # on CUDA a check would force a device sync
+    if check_finite and q.device.type == "cpu" and not is_tracing():  # on CUDA: a device sync
         # NaN/Inf inputs: a non-finite k or v reaches the output, so one fp32 sum of the output covers
         # them; a NaN query does not (SDPA's CPU kernel returns zeros for it), so q is summed too. Only
         # when a sum is not finite are the inputs inspected, so the error names the input at fault.

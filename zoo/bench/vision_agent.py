@@ -24,6 +24,7 @@ import argparse
 import datetime
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -101,6 +102,13 @@ def build_models(img_size: int, seed: int = 0) -> tuple[nn.Module, nn.Module, nn
     return ours.eval(), vit.eval(), reference.eval()
 
 
+def _load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):  # not available on this platform
+        return "n/a"
+
+
 def _runner(model: nn.Module, x: torch.Tensor):
     def run():
         with torch.no_grad():
@@ -134,6 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# {machine_description()}; threads {threads}; fp32; eval, no_grad; repeats {args.repeats}, "
           f"warmup {args.warmup}; interleaved medians")
+    print(f"# load average at start: {_load_average()}")
     print(f"# command: python -m zoo.bench.vision_agent {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     header = ["img", "batch", "zoo img/s", "timm img/s", "official-style img/s", "zoo/timm", "zoo/official"]
     rows = []
@@ -164,6 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in rows:
             print(fmt.format(*r))
     print("# ratios: throughput of zoo / throughput of the peer (higher is better)")
+    print(f"# load average at end: {_load_average()} (above ~2 on 2 cores, multi-thread timings are unreliable)")
     return 0
 
 
