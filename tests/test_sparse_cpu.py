@@ -203,6 +203,25 @@ def test_tiles_visited_are_the_kept_tiles():
         assert partial * block - 32 <= masked <= partial * block
 
 
+def test_batched_query_tiles_match_reference():
+    """Query tiles visiting the same number of whole FULL key tiles run as one batch (sparse._Group), the
+    short last key tile zero-padded and masked: values and gradients against the float64 reference."""
+    n, block = 200, 16  # 200 = 12 * 16 + 8: the last key tile is short
+    g = torch.Generator().manual_seed(11)
+    keep = torch.rand(13, 13, generator=g) < 0.3
+    keep[:, -1] = True  # every row visits the short tile
+    mask = BlockSparse(keep, block)
+    plan = zs._plan(mask, None, 2, 4, 2, n, n, block, block, "cpu")
+    assert plan[0].groups and any(grp.tail for grp in plan[0].groups)
+    assert sum(grp.q_tiles.numel() for grp in plan[0].groups) + len(plan[0].rest) == len(plan[0].tiles)
+    check(mask, 2, 4, 2, n, n, 16, block_size=block)
+    per_head = _random_blocks(n, n, block, 0.4, seed=12, lead=(1, 2))
+    check(per_head, 1, 2, 1, n, n, 24, block_size=block)
+    radial = Radial(5, 40, 1.0, block_size=16)
+    assert zs._plan(radial, None, 1, 2, 2, 200, 200, 16, 16, "cpu")[0].groups
+    check(radial, 1, 2, 2, 200, 200, 16, block_size=16)
+
+
 def test_time_falls_with_kept_fraction():
     torch.manual_seed(0)
     n = 1024

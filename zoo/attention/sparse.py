@@ -12,8 +12,11 @@ Attention with Better Parallelism and Work Partitioning", 2023; the CPU flash ke
 aten/src/ATen/native/cpu/FlashAttentionKernel.cpp follows the same plan): a custom autograd Function whose
 forward keeps only the output and the row log-sum-exp, and whose backward recomputes the probabilities
 tile by tile, accumulating dQ per query tile and scattering dK/dV (and the bias gradient) into the kept
-key tiles. Working memory is the scores of one query tile against its kept keys plus zero-padded copies
-of K and V, never O(Nq x Nk) (except the bias gradient, which has the bias' own shape). The plan (kept
+key tiles. Working memory is the scores of one query tile (or one batch of tiles, below) against its kept
+keys plus zero-padded copies of K and V, never O(Nq x Nk) (except the bias gradient, which has the bias'
+own shape). Softmax without bias batches the query tiles that visit the same number of whole FULL key tiles
+(gathered layouts: Radial, random block maps): one gather and one op per step for up to GROUP_CELLS score
+cells, instead of one tile at a time; the zero-padded columns of a short last key tile are set to -inf. The plan (kept
 key tiles per query tile, and the element-wise masks of PARTIAL tiles only) is cached per mask object
 and problem size, like the mask's block maps.
 
@@ -155,6 +158,61 @@ class _Slice:
     bias_h: slice
     block_k: int
     tiles: list
+    block_q: int = 0
+    groups: list = None  # _Group batches of tiles (softmax without bias); None: none
+    rest: list = None  # the tiles not in any group
+
+
+@dataclass
+class _Group:
+    """Query tiles that visit the same number of whole key tiles and need no element-wise masking: they
+    run as one batch (one gather, one matmul per step for all of them) instead of one tile at a time.
+    ``q_tiles`` (T,): query tile indices; ``blocks`` (T * count,): their key tiles, row after row."""
+
+    q_tiles: torch.Tensor
+    blocks: torch.Tensor
+    count: int
+    tail: int = 0  # zero-padded key columns at the end of every member (its last key tile is the short one)
+
+
+#: Score cells (batch * heads * rows * gathered columns) of one batched group. Batching cuts the number of
+#: PyTorch ops (each one a thread-pool round trip: 2-3x faster than tile by tile on a 2-core machine loaded by
+#: other processes), but groups whose scores outgrow the cache lose on a quiet machine (2**24 cells: 0.85x of
+#: tile by tile at N = 8192, 2**23: 0.81x, 2**22: about even); see docs/bench_attention.md.
+GROUP_CELLS = 2**22
+
+
+def _group_tiles(tiles: list, block_q: int, block_k: int, batch: int, heads: int, device) -> tuple[list, list]:
+    """Split tiles into batched groups (full query tiles, no PARTIAL key tile, no short key tile, grouped by
+    kept count; a group's scores stay under GROUP_CELLS) and the rest (run one by one)."""
+    by_count: dict[int, list] = {}
+    rest = []
+    for tile in tiles:
+        if tile.blocks is not None:
+            blocks = tile.blocks.cpu()
+        else:
+            blocks = torch.arange(tile.c0 // block_k, -(-tile.c1 // block_k))
+        count = blocks.numel()
+        tail = count * block_k - tile.width  # > 0 only when the last key tile is the short one
+        if tile.spans or tile.r1 - tile.r0 != block_q or tile.r0 % block_q or not 0 <= tail < block_k:
+            rest.append(tile)
+        else:
+            by_count.setdefault((count, tail), []).append((tile, blocks))
+    groups = []
+    for (count, tail), members in sorted(by_count.items()):
+        if len(members) == 1:
+            rest.append(members[0][0])
+            continue
+        per_group = max(1, GROUP_CELLS // (batch * heads * block_q * count * block_k))
+        for i in range(0, len(members), per_group):
+            chunk = members[i : i + per_group]
+            if len(chunk) == 1:
+                rest.append(chunk[0][0])
+                continue
+            q_tiles = torch.tensor([t.r0 // block_q for t, _ in chunk], dtype=torch.long, device=device)
+            blocks = torch.cat([b for _, b in chunk]).to(device)
+            groups.append(_Group(q_tiles, blocks, count, tail))
+    return groups, rest
 
 
 # Plans cached per mask object (like its block maps): {mask: {key: plan}}; a few problem sizes each.
@@ -184,7 +242,10 @@ def _plan(mask: Mask, bias_shape, batch, heads, kv_heads, q_len, k_len, block_q,
             tiles = _plan_rows(
                 mask, states[i, j], slice(i, i + 1), slice(j, j + 1), block_q, block_k, q_len, k_len, device
             )
-            slices.append(_Slice(b, h, kv, bias_b, bias_h, block_k, tiles))
+            batches, rest = (
+                _group_tiles(tiles, block_q, block_k, batch, heads, device) if bias_shape is None else (None, None)
+            )
+            slices.append(_Slice(b, h, kv, bias_b, bias_h, block_k, tiles, block_q, batches, rest))
     if len(per_mask) >= _PLANS_PER_MASK:
         per_mask.pop(next(iter(per_mask)))
     per_mask[key] = slices
@@ -216,7 +277,10 @@ def _add_columns(target: torch.Tensor, src: torch.Tensor, tile: _Tile, block_k: 
     full = tile.blocks.numel() * block_k
     if full != tile.width:
         src = torch.nn.functional.pad(src, (0, 0, 0, full - tile.width))
-    target.unflatten(2, (-1, block_k)).index_add_(2, tile.blocks, src.unflatten(2, (-1, block_k)))
+    # A tile's key tiles are distinct, so gather + add + scatter is exact; CPU index_add_ along an inner dim
+    # runs one small add per index (a thread-pool round trip each), several times slower here.
+    tiles_view = target.unflatten(2, (-1, block_k))
+    tiles_view[:, :, tile.blocks] += src.unflatten(2, (-1, block_k))
 
 
 def _last_columns(t: torch.Tensor, tile: _Tile) -> torch.Tensor:
@@ -266,10 +330,81 @@ class _Problem:
         return s
 
 
+def _tile_rows(t: torch.Tensor, p: _Problem) -> torch.Tensor:
+    """(B', H', Nq, ...) -> view (B', Hkv, G, QBf, block_q, ...) over the whole query tiles."""
+    bq = p.sl.block_q
+    whole = p.q_len // bq
+    return t[:, :, : whole * bq].unflatten(1, (p.kv_heads, p.groups)).unflatten(3, (whole, bq))
+
+
+def _gather_rows(t: torch.Tensor, p: _Problem, group: _Group) -> torch.Tensor:
+    """(B', H', Nq, X) -> (B', Hkv, T, G * block_q, X): the group's query tiles, heads of one kv head stacked."""
+    rows = _tile_rows(t, p).index_select(3, group.q_tiles).transpose(2, 3)
+    return rows.reshape(p.batch, p.kv_heads, group.q_tiles.numel(), p.groups * p.sl.block_q, t.shape[-1])
+
+
+def _put_rows(target: torch.Tensor, src: torch.Tensor, p: _Problem, group: _Group) -> None:
+    """Inverse of :func:`_gather_rows`: target (B', H', Nq, X)[group rows] = src (B', Hkv, T, G * block_q, X)."""
+    t = group.q_tiles.numel()
+    src = src.view(p.batch, p.kv_heads, t, p.groups, p.sl.block_q, src.shape[-1]).transpose(2, 3)
+    _tile_rows(target, p).index_copy_(3, group.q_tiles, src)
+
+
+def _gather_keys(t: torch.Tensor, p: _Problem, group: _Group) -> torch.Tensor:
+    """Padded (B', Hkv, KB * block_k, X) -> (B', Hkv, T, count * block_k, X): each query tile's key tiles."""
+    bk = p.sl.block_k
+    keys = t.unflatten(2, (-1, bk)).index_select(2, group.blocks)
+    return keys.view(p.batch, p.kv_heads, group.q_tiles.numel(), group.count * bk, t.shape[-1])
+
+
+def _group_scores(p: _Problem, group: _Group, q_g: torch.Tensor, k_g: torch.Tensor) -> torch.Tensor:
+    """(B', Hkv, T, G * block_q, M) scores; the zero-padded columns past Nk (``tail``) set to -inf."""
+    s = torch.matmul(q_g, k_g.transpose(-1, -2))
+    if group.tail:
+        s[..., s.shape[-1] - group.tail :] = float("-inf")
+    return s
+
+
+def _forward_group(p: _Problem, group: _Group, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Softmax without bias for a batch of query tiles (every visited tile FULL: no row is empty)."""
+    s = _group_scores(p, group, _gather_rows(p.q, p, group), _gather_keys(p.k, p, group))
+    row_max = s.amax(-1, keepdim=True)
+    s.sub_(row_max).exp_()
+    denom = s.sum(-1, keepdim=True)
+    o = torch.matmul(s, _gather_keys(p.v, p, group)).div_(denom)
+    _put_rows(out, o, p, group)
+    _put_rows(lse.unsqueeze(-1), row_max.add_(denom.log_()), p, group)
+
+
+def _backward_group(p: _Problem, group: _Group, d_out, lse, delta, dq, dk, dv) -> None:
+    """Gradients of :func:`_forward_group`'s tiles: dq written, dk/dv accumulated over the key tiles."""
+    q_g = _gather_rows(p.q, p, group)
+    k_g, v_g = _gather_keys(p.k, p, group), _gather_keys(p.v, p, group)
+    do_g = _gather_rows(d_out, p, group)
+    prob = _group_scores(p, group, q_g, k_g)
+    prob.sub_(_gather_rows(lse.unsqueeze(-1), p, group)).exp_()
+    dv_g = torch.matmul(prob.transpose(-1, -2), do_g)
+    ds = torch.matmul(do_g, v_g.transpose(-1, -2))
+    ds.sub_(_gather_rows(delta.unsqueeze(-1), p, group)).mul_(prob)
+    _put_rows(dq, torch.matmul(ds, k_g).mul_(p.scale), p, group)
+    dk_g = torch.matmul(ds.transpose(-1, -2), q_g)  # q is pre-scaled
+    bk = p.sl.block_k
+    for target, src in ((dk, dk_g), (dv, dv_g)):  # key tiles repeat across the group: accumulate
+        src = src.reshape(p.batch, p.kv_heads, -1, bk, src.shape[-1]).movedim(2, 0)
+        target.unflatten(2, (-1, bk)).movedim(2, 0).index_put_((group.blocks,), src, accumulate=True)
+
+
+def _batched(p: _Problem) -> bool:
+    return p.sl.groups is not None and p.bias is None and p.score == "softmax"
+
+
 def _forward_tiles(p: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Fill out (B', H', Nq, Dv) and lse (B', H', Nq) of one map slice (views into the full tensors)."""
     b, hkv, g = p.batch, p.kv_heads, p.groups
-    for tile in p.sl.tiles:
+    if _batched(p):
+        for group in p.sl.groups:
+            _forward_group(p, group, out, lse)
+    for tile in p.sl.rest if _batched(p) else p.sl.tiles:
         r = tile.r1 - tile.r0
         kt, vt = _columns(p.k, tile, p.sl.block_k), _columns(p.v, tile, p.sl.block_k)
         s = p.scores(tile, kt)
@@ -292,7 +427,10 @@ def _backward_tiles(p: _Problem, out, d_out, lse, dq, dk, dv, dbias) -> None:
     b, hkv, g = p.batch, p.kv_heads, p.groups
     if p.score == "softmax":
         delta = (d_out * out).sum(-1)  # (B', H', Nq): rowsum(dO * O)
-    for tile in p.sl.tiles:
+    if _batched(p):
+        for group in p.sl.groups:
+            _backward_group(p, group, d_out, lse, delta, dq, dk, dv)
+    for tile in p.sl.rest if _batched(p) else p.sl.tiles:
         r = tile.r1 - tile.r0
         kt, vt = _columns(p.k, tile, p.sl.block_k), _columns(p.v, tile, p.sl.block_k)
         prob = p.scores(tile, kt)  # softmax: scores, turned into probabilities below
