@@ -84,9 +84,23 @@ def register_backend(
     return backend
 
 
-def list_backends() -> list[str]:
+_ORDER: list[Backend] = []  # registered backends by descending priority
+_ORDER_OF: list[Backend] = []  # the registry's values that _ORDER was sorted from
+
+
+def _by_priority() -> list[Backend]:
+    """Backends by descending priority; re-sorted whenever the registry changed (also when a test or a
+    user replaces an entry of _BACKENDS directly)."""
     _load_optional_backends()
-    return sorted(_BACKENDS, key=lambda n: -_BACKENDS[n].priority)
+    current = list(_BACKENDS.values())
+    if current != _ORDER_OF or not _ORDER:
+        _ORDER[:] = sorted(current, key=lambda b: -b.priority)
+        _ORDER_OF[:] = current
+    return _ORDER
+
+
+def list_backends() -> list[str]:
+    return [backend.name for backend in _by_priority()]
 
 
 def get_backend(name: str) -> Backend:
@@ -127,8 +141,7 @@ def select_backend(args: tuple, requested: Optional[str]) -> Backend:
             raise ValueError(f"attention backend {requested!r} cannot run this call: {reason}")
         return backend
     device_type = args[0].device.type
-    for name in list_backends():
-        backend = _BACKENDS[name]
+    for backend in _by_priority():
         if device_type not in backend.auto_devices:
             continue
         check = backend.auto_supports or backend.supports

@@ -583,11 +583,11 @@ def _supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
 
 def _auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     """Hard limits plus: only when skipping tiles beats SDPA with a dense mask (see module docstring)."""
+    if mask.is_full:  # first: the common dense call pays for one attribute read only
+        return "mask is Full (no tile to skip)"
     reason = _supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
     if reason is not None:
         return reason
-    if mask.is_full:
-        return "mask is Full (no tile to skip)"
     q_len, k_len = q.shape[2], k.shape[2]
     if type(mask) is Causal and q_len == k_len:
         return "square Causal (SDPA's causal kernel already skips the upper tiles)"
