@@ -48,6 +48,7 @@ import torch
 from zoo.attention import backends as _backends
 from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, Mask, Or, as_mask
 from zoo.attention.radial import Radial
+from zoo.layers import is_tracing
 
 __all__ = ["block_sparse_attention", "choose_tiles", "AUTO_MAX_KEPT", "AUTO_MIN_CELLS", "DEFAULT_TILE"]
 
@@ -574,9 +575,7 @@ def _supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
         return "dropout_p > 0 (the block-sparse path has no dropout)"
     if return_weights:
         return "return_weights=True (the block-sparse path does not form the attention matrix)"
-    from zoo.attention.core import _is_tracing
-
-    if _is_tracing():
+    if is_tracing():
         return "tracing / export (the block-sparse path loops in Python)"
     return None
 
