@@ -3,12 +3,15 @@ the prediction title. Matplotlib is imported lazily (Agg backend), so importing 
 """
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["parse_key_values", "png_path", "pyplot", "save_figure", "prediction_title"]
+__all__ = ["parse_key_values", "png_path", "pyplot", "save_figure", "prediction_title", "prediction_summary",
+           "run_viz_command"]
 
 
 def parse_key_values(argv: Sequence[str], keys: Iterable[str]) -> dict[str, str]:
@@ -69,3 +72,36 @@ def prediction_title(logits_1K: torch.Tensor, label: Optional[int] = None) -> tu
     if label is not None:
         title += f", true class {label}"
     return title, pred, prob
+
+
+def prediction_summary(path: Path, pred: int, prob: float, label: Optional[int], **extra: Any) -> dict:
+    """The JSON line a viz command prints: out, predicted, probability, any ``extra`` keys, then label."""
+    summary = {"out": str(path), "predicted": pred, "probability": round(prob, 4), **extra}
+    if label is not None:
+        summary["label"] = label
+    return summary
+
+
+def run_viz_command(
+    kind: str,
+    usage: str,
+    argv: Optional[Sequence[str]],
+    draw: Callable[[list[str]], dict],
+    errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, TypeError),
+) -> int:
+    """The protocol shared by ``zoo viz <kind>``: -h/--help/help prints ``usage``; ``draw(argv)`` writes the
+    picture and returns the summary printed as one JSON line (exit 0); an error of a type in ``errors`` is
+    printed as ``zoo viz <kind>: error: ...`` followed by the usage (exit 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage)
+        return 0
+    try:
+        summary = draw(argv)
+    except errors as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError quotes
+        print(f"zoo viz {kind}: error: {message}", file=sys.stderr)
+        print(usage, file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0

@@ -17,8 +17,6 @@ Letters: B batch, H heads, N tokens, P prefix tokens, Gh/Gw patch grid.
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -28,7 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention import capture_attention
-from zoo.plotting import parse_key_values, png_path, prediction_title, pyplot, save_figure
+from zoo.plotting import (
+    parse_key_values,
+    png_path,
+    prediction_summary,
+    prediction_title,
+    pyplot,
+    run_viz_command,
+    save_figure,
+)
 
 __all__ = [
     "attention_rollout",
@@ -301,27 +307,18 @@ def _parse(argv: Sequence[str]) -> dict[str, str]:
 
 def rollout_main(argv: Optional[Sequence[str]] = None) -> int:
     """``zoo viz rollout key=value ...``; returns a process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE)
-        return 0
-    try:
-        args = _parse(argv)
-        model = load_model(args["ckpt"], args.get("model"))
-        model.to(args.get("device", "cpu"))
-        x, display, label = load_image(args.get("image", "digits:0"), model)
-        logits, maps = compute_rollout(model, x.to(args.get("device", "cpu")), args.get("head_fusion", "mean"))
-        title, pred, prob = prediction_title(logits, label)
-        path = save_rollout_png(args.get("out", "rollout.png"), display, maps[0].cpu().numpy(), title)
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        print(f"zoo viz rollout: error: {error}", file=sys.stderr)
-        print(USAGE, file=sys.stderr)
-        return 2
-    summary = {"out": str(path), "predicted": pred, "probability": round(prob, 4)}
-    if label is not None:
-        summary["label"] = label
-    print(json.dumps(summary))
-    return 0
+    return run_viz_command("rollout", USAGE, argv, _draw_rollout)
+
+
+def _draw_rollout(argv: list[str]) -> dict:
+    args = _parse(argv)
+    model = load_model(args["ckpt"], args.get("model"))
+    model.to(args.get("device", "cpu"))
+    x, display, label = load_image(args.get("image", "digits:0"), model)
+    logits, maps = compute_rollout(model, x.to(args.get("device", "cpu")), args.get("head_fusion", "mean"))
+    title, pred, prob = prediction_title(logits, label)
+    path = save_rollout_png(args.get("out", "rollout.png"), display, maps[0].cpu().numpy(), title)
+    return prediction_summary(path, pred, prob, label)
 
 
 if __name__ == "__main__":

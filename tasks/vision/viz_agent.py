@@ -18,9 +18,7 @@ Letters: B batch, H heads, n agents (p x p), N tokens, P prefix tokens, Gh/Gw pa
 """
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,7 +28,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention import capture_attention
-from zoo.plotting import parse_key_values, png_path, prediction_title, pyplot, save_figure
+from zoo.plotting import (
+    parse_key_values,
+    png_path,
+    prediction_summary,
+    prediction_title,
+    pyplot,
+    run_viz_command,
+    save_figure,
+)
 
 __all__ = ["agent_maps", "save_agent_png", "agent_main"]
 
@@ -139,40 +145,31 @@ def _int_arg(args: dict[str, str], key: str, default: Optional[int]) -> Optional
 
 def agent_main(argv: Optional[Sequence[str]] = None) -> int:
     """``zoo viz agent key=value ...``; returns a process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE)
-        return 0
-    try:
-        import zoo
-        import zoo.tasks.vision.agent_deit  # noqa: F401  registers the Agent-DeiT names
-        from zoo.tasks.vision.viz import load_image, load_model
+    return run_viz_command("agent", USAGE, argv, _draw_agent,
+                           errors=(ValueError, FileNotFoundError, TypeError, KeyError))
 
-        args = _parse(argv)
-        if "ckpt" in args:
-            model = load_model(args["ckpt"], args.get("model"))
-            untrained = False
-        else:
-            model = zoo.create_model(args["model"])
-            untrained = True
-        device = args.get("device", "cpu")
-        model.to(device)
-        x, display, label = load_image(args.get("image", "digits:0"), model)
-        logits, maps, grid = agent_maps(model, x.to(device), _int_arg(args, "layer", -1), _int_arg(args, "head", None))
-        title, pred, prob = prediction_title(logits, label)
-        if untrained:
-            title += " -- untrained weights"
-        path = save_agent_png(args.get("out", "agent_attention.png"), display, maps[0].cpu().numpy(), title)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"zoo viz agent: error: {message}", file=sys.stderr)
-        print(USAGE, file=sys.stderr)
-        return 2
-    summary = {"out": str(path), "predicted": pred, "probability": round(prob, 4), "grid": list(grid)}
-    if label is not None:
-        summary["label"] = label
-    print(json.dumps(summary))
-    return 0
+
+def _draw_agent(argv: list[str]) -> dict:
+    import zoo
+    import zoo.tasks.vision.agent_deit  # noqa: F401  registers the Agent-DeiT names
+    from zoo.tasks.vision.viz import load_image, load_model
+
+    args = _parse(argv)
+    if "ckpt" in args:
+        model = load_model(args["ckpt"], args.get("model"))
+        untrained = False
+    else:
+        model = zoo.create_model(args["model"])
+        untrained = True
+    device = args.get("device", "cpu")
+    model.to(device)
+    x, display, label = load_image(args.get("image", "digits:0"), model)
+    logits, maps, grid = agent_maps(model, x.to(device), _int_arg(args, "layer", -1), _int_arg(args, "head", None))
+    title, pred, prob = prediction_title(logits, label)
+    if untrained:
+        title += " -- untrained weights"
+    path = save_agent_png(args.get("out", "agent_attention.png"), display, maps[0].cpu().numpy(), title)
+    return prediction_summary(path, pred, prob, label, grid=list(grid))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ nP partitions.
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,7 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention import capture_attention
-from zoo.plotting import parse_key_values, png_path, prediction_title, pyplot, save_figure
+from zoo.plotting import (
+    parse_key_values,
+    png_path,
+    prediction_summary,
+    prediction_title,
+    pyplot,
+    run_viz_command,
+    save_figure,
+)
 
 __all__ = ["partition_attention_map", "maxvit_attention_maps", "save_maxvit_png", "maxvit_main"]
 
@@ -242,40 +248,32 @@ def _image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, Optio
 
 def maxvit_main(argv: Optional[Sequence[str]] = None) -> int:
     """``zoo viz maxvit key=value ...``; returns a process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE)
-        return 0
-    try:
-        args = _parse(argv)
-        device = args.get("device", "cpu")
-        model = _load(args).to(device)
-        x, display, label = _image(args.get("image", "digits:0"), model)
-        query = None
-        if "query" in args:
-            try:
-                query = tuple(int(v) for v in args["query"].split(","))
-            except ValueError:
-                raise ValueError(f"query={args['query']!r}: expected <row>,<col>") from None
-            if len(query) != 2:
-                raise ValueError(f"query={args['query']!r}: expected <row>,<col>")
-        head_arg = args.get("head", "mean")
-        head = None if head_arg == "mean" else int(head_arg)
-        block = int(args.get("block", "0"))
-        logits, maps = maxvit_attention_maps(model, x.to(device), query, block, head)
-        img_h, img_w = model.img_size
-        query = (img_h // 2, img_w // 2) if query is None else query
-        title, pred, prob = prediction_title(logits, label)
-        path = save_maxvit_png(args.get("out", "maxvit_attention.png"), display, maps, query, title)
-    except (ValueError, FileNotFoundError, TypeError, IndexError) as error:
-        print(f"zoo viz maxvit: error: {error}", file=sys.stderr)
-        print(USAGE, file=sys.stderr)
-        return 2
-    summary = {"out": str(path), "predicted": pred, "probability": round(prob, 4)}
-    if label is not None:
-        summary["label"] = label
-    print(json.dumps(summary))
-    return 0
+    return run_viz_command("maxvit", USAGE, argv, _draw_maxvit,
+                           errors=(ValueError, FileNotFoundError, TypeError, IndexError))
+
+
+def _draw_maxvit(argv: list[str]) -> dict:
+    args = _parse(argv)
+    device = args.get("device", "cpu")
+    model = _load(args).to(device)
+    x, display, label = _image(args.get("image", "digits:0"), model)
+    query = None
+    if "query" in args:
+        try:
+            query = tuple(int(v) for v in args["query"].split(","))
+        except ValueError:
+            raise ValueError(f"query={args['query']!r}: expected <row>,<col>") from None
+        if len(query) != 2:
+            raise ValueError(f"query={args['query']!r}: expected <row>,<col>")
+    head_arg = args.get("head", "mean")
+    head = None if head_arg == "mean" else int(head_arg)
+    block = int(args.get("block", "0"))
+    logits, maps = maxvit_attention_maps(model, x.to(device), query, block, head)
+    img_h, img_w = model.img_size
+    query = (img_h // 2, img_w // 2) if query is None else query
+    title, pred, prob = prediction_title(logits, label)
+    path = save_maxvit_png(args.get("out", "maxvit_attention.png"), display, maps, query, title)
+    return prediction_summary(path, pred, prob, label)
 
 
 if __name__ == "__main__":
