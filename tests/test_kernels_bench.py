@@ -64,3 +64,35 @@ def test_cpu_masks_reach_their_kept_fractions():
     assert 0.95 * n < radial.seq_len <= n
     with pytest.raises(ValueError, match="unknown mask kinds"):
         bench.sparse_masks(n, 0.5, ["nope"])
+
+
+def test_interleaved_samples_rotate_and_paired_ratio_cancels_drift():
+    """Every round starts with the next function (none always follows the same one), min_time repeats a
+    call, and the paired ratio of two functions is exact under a drift that scales both alike."""
+    from zoo.bench.timing import interleaved_medians, interleaved_samples, paired_ratio
+
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    samples = interleaved_samples(fns, repeats=3, warmup=0)
+    assert order == list("abc" "bca" "cab")
+    assert all(len(values) == 3 for values in samples.values())
+    assert set(interleaved_medians(fns, repeats=2, warmup=0)) == set("abc")
+    calls = []
+    interleaved_samples({"x": lambda: calls.append(1)}, repeats=1, warmup=0, min_time=1e-3)
+    assert len(calls) > 2  # one call to size the loop, then enough calls to fill min_time
+
+    drift = [1.0, 3.0, 0.5, 2.0, 10.0]  # the machine slows down and speeds up between rounds
+    ours, theirs = [1.1 * d for d in drift], [1.0 * d for d in drift]
+    assert paired_ratio(ours, theirs) == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_core_part_prints_paired_ratios(capsys):
+    args = bench.build_parser().parse_args(
+        ["--parts", "core", "--core-sizes", "32", "--repeats", "2", "--warmup", "0", "--min-time", "0"]
+    )
+    text = bench.bench_core(args)
+    assert "median over rounds" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 32 |")]
+    assert len(rows) == 2 and all(float(row.split("|")[5]) > 0 for row in rows)

@@ -6,7 +6,7 @@ import torch
 from timm.layers import DropPath as TimmDropPath
 from timm.layers import LayerScale as TimmLayerScale
 
-from zoo.layers import DropPath, LayerScale, check_finite_input, is_tracing, to_pair
+from zoo.layers import DropPath, LayerScale, check_finite_input, is_tracing, surely_finite, to_pair
 
 
 def test_to_pair_accepts_ints_and_pairs_and_names_bad_values():
@@ -56,3 +56,43 @@ def test_check_finite_input_names_the_input_and_skips_under_tracing():
         return t * 2
 
     torch.jit.trace(traced, (bad,), check_trace=False)
+
+
+def _layouts(t: torch.Tensor):
+    """The same values as a contiguous tensor, a permuted dense view, and a strided (non-dense) slice."""
+    permuted = t.transpose(1, 2).contiguous().transpose(1, 2)  # dense, stored (B, N, H, D) like SDPA's output
+    padded = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype)
+    padded[..., : t.shape[-1]] = t
+    return {"contiguous": t, "permuted": permuted, "strided": padded[..., : t.shape[-1]]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "strided"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("in_second", [False, True])
+def test_surely_finite_finds_one_nonfinite_element_in_any_layout(dtype, layout, value, in_second):
+    """One NaN/+-Inf anywhere in either tensor is reported (the dot path and the sum path), whatever the
+    other tensor holds at that position (zeros included: Inf * 0 is NaN)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 5, 4, generator=g).to(dtype)
+    b = torch.randn(2, 3, 5, 4, generator=g).to(dtype)
+    b[1, 2] = 0.0
+    assert surely_finite(_layouts(a)[layout], _layouts(b)[layout])
+    assert surely_finite(_layouts(a)[layout])
+    bad = (b if in_second else a).clone()
+    bad[1, 2, 3, 1] = value
+    pair = (a, bad) if in_second else (bad, b)
+    assert not surely_finite(_layouts(pair[0])[layout], _layouts(pair[1])[layout])
+    assert not surely_finite(_layouts(bad)[layout])
+
+
+def test_surely_finite_sizes_and_overflow():
+    """Different sizes fall back to two sums; an overflowing product only sends the caller to its scan
+    (False), never hides a NaN."""
+    a, b = torch.randn(3, 4), torch.randn(5)
+    assert surely_finite(a, b)
+    b[2] = float("nan")
+    assert not surely_finite(a, b)
+    huge = torch.full((4,), 3e38)
+    assert not surely_finite(huge, huge)  # finite, but the dot overflows: the exact scan decides
+    check_finite_input(huge, "x")  # ... and the scan finds nothing

@@ -26,7 +26,6 @@ external data; no registered vision model is that large).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys

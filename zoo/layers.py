@@ -13,12 +13,12 @@ Attention itself is not here: it is zoo.attention (attend, MultiHeadAttention, .
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "check_finite_input"]
+__all__ = ["IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "check_finite_input", "surely_finite"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -43,6 +43,39 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+_BLAS_DTYPES = (torch.float32, torch.float64)
+
+
+def _flat_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """A 1-D view of a dense tensor stored in any dimension order (SDPA's CPU output is (B, N, H, D) in
+    memory behind a (B, H, N, D) view), or None when it has gaps or overlaps."""
+    if t.is_contiguous():
+        return t.view(-1)
+    in_memory_order = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    return in_memory_order.view(-1) if in_memory_order.is_contiguous() else None
+
+
+def surely_finite(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> bool:
+    """True when every element of ``a`` (and ``b``) is finite; False when one may not be (then scan them).
+
+    A non-finite element makes a sum or dot product non-finite (NaN and Inf propagate; Inf - Inf and
+    Inf * 0 are NaN), so one reduction answers for a whole tensor; an overflow of a finite sum only sends
+    the caller to its exact scan. Dense fp32/fp64 tensors of equal size are reduced together as one BLAS dot
+    product a . b (one call, no parallel region: ~5 us for 64k floats against ~20 us for two parallel
+    sums); otherwise each is summed in fp32.
+    """
+    if b is not None and a.dtype is b.dtype and a.dtype in _BLAS_DTYPES and a.numel() == b.numel():
+        a_flat, b_flat = _flat_view(a.detach()), _flat_view(b.detach())
+        if a_flat is not None and b_flat is not None:
+            return math.isfinite(torch.dot(a_flat, b_flat).item())
+    a = a.detach()
+    b = None if b is None else b.detach()
+    total = a.sum(dtype=torch.float32)
+    if b is not None:
+        total = total + b.sum(dtype=torch.float32)
+    return math.isfinite(float(total))
+
+
 def check_finite_input(x: torch.Tensor, what: str) -> None:
     """Raise ``ValueError("<what> contains NaN or Inf ...")`` for a non-finite CPU tensor.
 
@@ -51,7 +84,7 @@ def check_finite_input(x: torch.Tensor, what: str) -> None:
     """
     if x.device.type != "cpu" or is_tracing():
         return
-    if not math.isfinite(float(x.detach().sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
+    if not surely_finite(x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what} contains NaN or Inf values")
 
 

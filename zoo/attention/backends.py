@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from zoo.attention.masks import Causal, Full, Mask, Window
+from zoo.attention.masks import Causal, Mask
 
 __all__ = [
     "Backend",
@@ -193,8 +193,10 @@ def _sdpa_causal(mask: Mask, q_len: int, k_len: int) -> bool:
 
 
 def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
-    q_len, k_len = int(q.shape[2]), int(k.shape[2])
     gqa = int(q.shape[1]) != int(k.shape[1])  # int(): traced sizes are 0-d tensors under jit.trace
+    if mask.is_full and bias is None:  # the common call: nothing to prepare
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    q_len, k_len = int(q.shape[2]), int(k.shape[2])
     if mask.is_full or _sdpa_causal(mask, q_len, k_len):
         is_causal = not mask.is_full
         if bias is not None and is_causal:

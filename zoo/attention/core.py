@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import backends as _backends
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.masks import Mask, as_mask
-from zoo.layers import check_finite_input, is_tracing
+from zoo.layers import check_finite_input, is_tracing, surely_finite
 
 __all__ = ["attend", "attention_reference", "SCORES"]
 
@@ -45,18 +45,24 @@ CHUNK_ELEMENTS = int(os.environ.get("ZOO_ATTN_CHUNK_ELEMENTS", 1 << 23))
 
 
 def _validate(q, k, v, score, dropout_p, scale) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attend: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"attend: {name} must have 4 dims (batch, heads, length, head_dim), got shape {tuple(t.shape)}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"attend: {name} must be a floating-point tensor, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
+    if not (
+        isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+        and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+    ):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"attend: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(
+                    f"attend: {name} must have 4 dims (batch, heads, length, head_dim), got shape {tuple(t.shape)}"
+                )
+    dtype = q.dtype
+    if not (dtype is k.dtype and dtype is v.dtype):
         raise TypeError(f"attend: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
+    if not dtype.is_floating_point:
+        raise TypeError(f"attend: q, k, v must be floating-point tensors, got {dtype}")
+    device = q.device
+    if not (device == k.device and device == v.device):
         raise ValueError(f"attend: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     (b, h, _, d), (bk, hk, nk, dk), (bv, hv, nv, _) = q.shape, k.shape, v.shape
     if not (b == bk == bv):
@@ -111,7 +117,7 @@ def attend(
         dropout_p: dropout on the attention probabilities (pass 0.0 in evaluation).
         return_weights: also return the probabilities (B, H, Nq, Nk) (pre-dropout; reference backend).
         backend: force a backend by name ("torch", "sdpa", "triton", ...); see zoo.attention.backends.
-        check_finite: on CPU, raise naming q, k or v when one holds NaN/Inf (two fp32 sums per call). Modules
+        check_finite: on CPU, raise naming q, k or v when one holds NaN/Inf (one dot product q . out per call). Modules
             that check their own input once per forward (and call attend() several times on tensors derived
             from it) may pass False; the default keeps the check.
 
@@ -121,14 +127,18 @@ def attend(
     _validate(q, k, v, score, dropout_p, scale)
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
-    mask = as_mask(mask)
-    mask.check_shape(q_len, k_len, batch, heads)
-    if mask.batch_size not in (1, batch):
-        raise ValueError(f"attend: mask batch dim {mask.batch_size} does not broadcast to batch {batch}")
-    if mask.num_heads not in (1, heads):
-        raise ValueError(f"attend: mask head dim {mask.num_heads} does not broadcast to {heads} heads")
-    bias_t = resolve_bias(bias, q_len, k_len, device=q.device, dtype=q.dtype)
-    if bias_t is not None:
+    if mask is None:  # the common call: Full fits every shape
+        mask = as_mask(None)
+    else:
+        mask = as_mask(mask)
+        mask.check_shape(q_len, k_len, batch, heads)
+        if mask.batch_size not in (1, batch):
+            raise ValueError(f"attend: mask batch dim {mask.batch_size} does not broadcast to batch {batch}")
+        if mask.num_heads not in (1, heads):
+            raise ValueError(f"attend: mask head dim {mask.num_heads} does not broadcast to {heads} heads")
+    bias_t = None
+    if bias is not None:
+        bias_t = resolve_bias(bias, q_len, k_len, device=q.device, dtype=q.dtype)
         if bias_t.shape[0] not in (1, batch) or bias_t.shape[1] not in (1, heads):
             raise ValueError(
                 f"attend: bias of shape {tuple(bias_t.shape)} does not broadcast to ({batch}, {heads}, {q_len}, {k_len})"
@@ -140,15 +150,23 @@ def attend(
     requested = _backends.requested_backend(backend)
     if return_weights and requested is None:
         requested = "torch"
-    chosen = _backends.select_backend(args, requested)
-    result = chosen.forward(*args)
-    if check_finite and q.device.type == "cpu" and not is_tracing():  # on CUDA: a device sync
-        # NaN/Inf inputs: a non-finite k or v reaches the output, so one fp32 sum of the output covers
-        # them; a NaN query does not (SDPA's CPU kernel returns zeros for it), so q is summed too. Only
-        # when a sum is not finite are the inputs inspected, so the error names the input at fault.
+    result = _backends.select_backend(args, requested).forward(*args)
+    if check_finite and q.is_cpu and not is_tracing():  # on CUDA: a device sync
+        # NaN/Inf inputs: a non-finite k or v reaches the output, so the output answers for them; a NaN
+        # query may not (SDPA's CPU kernel can return a finite row for it), so q is checked too: one dot
+        # product q . out (zoo.layers.surely_finite). Only when it is not finite are the inputs scanned,
+        # so the error names the input at fault.
         out = result[0] if return_weights else result
-        total = q.detach().sum(dtype=torch.float32) + out.detach().sum(dtype=torch.float32)
-        if not math.isfinite(float(total)):
+        if q.dtype is torch.float32 and out.dtype is torch.float32 and q.is_contiguous() and out.is_contiguous() and (
+            q.numel() == out.numel()
+        ):  # the common call, inlined (surely_finite's dot-product path: every microsecond shows at N = 256)
+            if torch.is_grad_enabled():
+                finite = math.isfinite(torch.dot(q.detach().view(-1), out.detach().view(-1)).item())
+            else:
+                finite = math.isfinite(torch.dot(q.view(-1), out.view(-1)).item())
+        else:
+            finite = surely_finite(q, out)
+        if not finite:
             _check_finite(q=q, k=k, v=v)
     return result
 

@@ -27,8 +27,7 @@ of offsets), D hidden width of the MLP.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn as nn

@@ -38,6 +38,7 @@ import datetime
 import math
 import os
 import sys
+import statistics
 from typing import Callable, Optional
 
 import torch
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 from zoo.attention import BlockSparse, Causal, Mask, Segments, Window, attend, use_backend
 from zoo.attention.radial import Radial
-from zoo.bench.timing import interleaved_medians, machine_description, set_threads
+from zoo.bench.timing import interleaved_medians, interleaved_samples, machine_description, paired_ratio, set_threads
 
 __all__ = ["main", "window_for_fraction", "radial_for_fraction", "random_block_map", "sparse_masks"]
 
@@ -146,7 +147,8 @@ def _forward_backward(fn: Callable, q, k, v, grad_out) -> Callable[[], object]:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}" if seconds < 10 else f"{seconds * 1e3:.0f}"
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if seconds < 10 else f"{ms:.0f}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -166,7 +168,7 @@ def bench_core(args) -> str:
         for name, mask, causal in (("dense", None, False), ("causal", Causal(), True)):
             ours = lambda q_, k_, v_, m=mask: attend(q_, k_, v_, m)  # noqa: E731
             peer = lambda q_, k_, v_, c=causal: F.scaled_dot_product_attention(q_, k_, v_, is_causal=c)  # noqa: E731
-            t = interleaved_medians(
+            samples = interleaved_samples(
                 {
                     "ours_f": _forward(ours, q, k, v),
                     "sdpa_f": _forward(peer, q, k, v),
@@ -175,17 +177,19 @@ def bench_core(args) -> str:
                 },
                 repeats=args.repeats,
                 warmup=args.warmup,
+                min_time=args.min_time,
             )
+            t = {key: statistics.median(values) for key, values in samples.items()}
             rows.append(
-                [n, name, _ms(t["ours_f"]), _ms(t["sdpa_f"]), f"{t['ours_f'] / t['sdpa_f']:.2f}",
-                 _ms(t["ours_fb"]), _ms(t["sdpa_fb"]), f"{t['ours_fb'] / t['sdpa_fb']:.2f}"]
+                [n, name, _ms(t["ours_f"]), _ms(t["sdpa_f"]), f"{paired_ratio(samples['ours_f'], samples['sdpa_f']):.2f}",
+                 _ms(t["ours_fb"]), _ms(t["sdpa_fb"]), f"{paired_ratio(samples['ours_fb'], samples['sdpa_fb']):.2f}"]
             )
             print(f"  core N={n} {name}: fwd {rows[-1][4]}x, fwd+bwd {rows[-1][7]}x", file=sys.stderr, flush=True)
     headers = ["N", "mask", "attend fwd ms", "SDPA fwd ms", "attend/SDPA fwd", "attend fwd+bwd ms",
                "SDPA fwd+bwd ms", "attend/SDPA fwd+bwd"]
     return (
         f"### attend() vs torch SDPA (B={args.batch}, H={args.heads}, D={args.head_dim}, fp32; "
-        "ratio = attend time / SDPA time, target <= 1.1)\n\n" + _table(headers, rows)
+        "ratio = median over rounds of attend time / SDPA time in that round, target <= 1.1)\n\n" + _table(headers, rows)
     )
 
 
@@ -506,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes and 3 repeats (a smoke run of a minute)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--min-time", type=float, default=0.05,
+                   help="core part: seconds per timing sample (calls repeated and averaged); a single call of a "
+                        "sub-millisecond op is dominated by which op ran before it")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
@@ -545,8 +552,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.gpu:  # one head dim and the 25% point: every target still checked, a third of the compiles
             args.gpu_head_dims = args.gpu_head_dims[:1]
             args.fractions = [f for f in args.fractions if abs(f - 0.25) < 1e-9] or [0.25]
-    if args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.min_time < 0:
+        raise SystemExit("--repeats must be >= 1, --warmup >= 0 and --min-time >= 0")
     if args.gpu:
         if args.parts not in (None, "gpu"):
             raise SystemExit("--gpu runs the gpu part only; drop --parts")

@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["interleaved_medians", "machine_description", "peak_rss_mb_subprocess", "set_threads"]
+__all__ = ["interleaved_medians", "interleaved_samples", "paired_ratio", "machine_description", "peak_rss_mb_subprocess",
+           "set_threads"]
 
 
 def set_threads(num_threads: int | None = None) -> int:
@@ -26,18 +27,19 @@ def _sync(device: str | None) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(
+def interleaved_samples(
     fns: dict[str, Callable[[], object]],
     *,
     repeats: int = 5,
     warmup: int = 1,
     device: str | None = None,
     min_time: float = 0.0,
-) -> dict[str, float]:
-    """Median seconds of each callable, measured A B A B ... so machine noise hits all alike.
+) -> dict[str, list[float]]:
+    """Seconds per call of each callable in every round, measured A B C, B C A, C A B, ... so machine noise
+    hits all alike; sample i of every function comes from round i (see :func:`paired_ratio`).
 
     Each measurement calls the function once (or as many times as needed to exceed ``min_time`` and
-    divides). Returns {name: median seconds per call}.
+    divides).
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
@@ -55,15 +57,42 @@ def interleaved_medians(
             once = max(time.perf_counter() - start, 1e-6)
             inner[name] = max(1, int(min_time / once))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for repeat in range(repeats):
+        # Start each round with the next function, so none always runs right after the same neighbour
+        # (a forward timed just after a backward pays the thread pool's wake-up; see docs/bench_attention.md).
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             _sync(device)
             start = time.perf_counter()
             for _ in range(inner[name]):
                 fn()
             _sync(device)
             samples[name].append((time.perf_counter() - start) / inner[name])
+    return samples
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | None = None,
+    min_time: float = 0.0,
+) -> dict[str, float]:
+    """Median seconds per call of each callable ({name: seconds}), from :func:`interleaved_samples`."""
+    samples = interleaved_samples(fns, repeats=repeats, warmup=warmup, device=device, min_time=min_time)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """Median over rounds of ours_i / theirs_i: a paired estimate of the time ratio. Both were measured in the
+    same round, seconds apart, so the machine's slow drifts (other jobs, clock) cancel, which a ratio of two
+    separate medians does not do."""
+    if len(ours) != len(theirs) or not ours:
+        raise ValueError("paired_ratio needs two equally long, non-empty sample lists")
+    return statistics.median(a / b for a, b in zip(ours, theirs))
 
 
 def machine_description() -> str:

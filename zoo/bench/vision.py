@@ -33,7 +33,6 @@ import fnmatch
 import importlib
 import os
 import sys
-import types
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -213,9 +212,12 @@ def _sizes(text: str) -> list[int]:
 
 def attention_table(sizes: list[int], *, repeats: int, warmup: int) -> str:
     """The attend() vs SDPA table (markdown) of ``zoo bench attention --parts core`` at these lengths."""
-    from zoo.bench.attention import bench_core
+    from zoo.bench.attention import bench_core, build_parser
 
-    args = types.SimpleNamespace(core_sizes=list(sizes), batch=1, heads=4, head_dim=64, repeats=repeats, warmup=warmup)
+    # The attention benchmark's own parser: its defaults (shapes, --min-time, ...) apply unchanged.
+    args = build_parser().parse_args(
+        ["--core-sizes", ",".join(str(n) for n in sizes), "--repeats", str(repeats), "--warmup", str(warmup)]
+    )
     return bench_core(args)
 
 
