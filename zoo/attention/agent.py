@@ -368,15 +368,19 @@ class AgentAttention(nn.Module):
         out_BNC = out_BNHD.reshape(batch, n_out, dim)
 
         if num_queries is None:
-            # Depthwise 3x3 conv of the patch values as an image (channels-last view in and out).
-            v_BCGG = v_BNC[:, prefix:].reshape(batch, gh, gw, dim).permute(0, 3, 1, 2)
+            # Depthwise 3x3 conv of the patch values as a channels-last image. The patch rows of V are copied
+            # into one contiguous (B, L, C) block first (a few us): oneDNN's depthwise kernel takes a truly
+            # channels-last input directly, whereas the strided view out of the fused qkv output (row stride
+            # 3C, batch stride N * 3C) sends batches > 1 to a reorder path 8-12x slower (224 px batch 8:
+            # 0.92 ms -> 0.12 ms per block; docs/bench_agent.md).
+            v_BCGG = v_BNC[:, prefix:].contiguous().view(batch, gh, gw, dim).permute(0, 3, 1, 2)
             dwc_BLC = self.dwc(v_BCGG).permute(0, 2, 3, 1).reshape(batch, gh * gw, dim)
             if prefix == 0:
                 out_BNC = out_BNC + dwc_BLC
             elif tracing or (torch.is_grad_enabled() and (out_BNC.requires_grad or dwc_BLC.requires_grad)):
                 out_BNC = torch.cat((out_BNC[:, :prefix], out_BNC[:, prefix:] + dwc_BLC), dim=1)
             else:
-                out_BNC[:, prefix:] += dwc_BLC  # no autograd: add in place
+                out_BNC[:, prefix:].add_(dwc_BLC)  # no autograd: in place (not "+=", whose __setitem__ copies the view onto itself)
         if fast and check_finite and out_BNC.device.type == "cpu":
             # attend()'s NaN/Inf check, once per module instead of per stage: a non-finite input reaches
             # the output (every output row mixes every value), so one fp32 sum of the output covers it.

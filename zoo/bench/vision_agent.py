@@ -25,6 +25,7 @@ import datetime
 import importlib.util
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -32,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from zoo.bench.timing import interleaved_medians, machine_description, set_threads
+from zoo.bench.timing import interleaved_samples, machine_description, paired_ratio, set_threads
 
 __all__ = ["CASES", "load_reference_module", "build_models", "main"]
 
@@ -126,6 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sizes", default="224,448", help="image sizes (default 224,448)")
     parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each model, interleaved (default 7)")
+    parser.add_argument("--min-time", type=float, default=0.2,
+                        help="seconds per timing sample: forwards repeated and averaged (default 0.2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs of each (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
@@ -141,7 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"# agent_deit_tiny vs timm vit_tiny_patch16_224 vs official-style  "
           f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# {machine_description()}; threads {threads}; fp32; eval, no_grad; repeats {args.repeats}, "
-          f"warmup {args.warmup}; interleaved medians")
+          f"warmup {args.warmup}; min time {args.min_time} s; "
+          "interleaved rounds, medians; ratios = medians of the per-round ratios")
     print(f"# load average at start: {_load_average()}")
     print(f"# command: python -m zoo.bench.vision_agent {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     header = ["img", "batch", "zoo img/s", "timm img/s", "official-style img/s", "zoo/timm", "zoo/official"]
@@ -154,12 +158,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 diff = (ours(x) - reference(x)).abs().max().item()
             if not diff <= 1e-4:
                 raise RuntimeError(f"zoo and official-style logits differ by {diff:.3g} at {size} px; not timing")
-            t = interleaved_medians(
+            samples = interleaved_samples(
                 {"zoo": _runner(ours, x), "timm": _runner(vit, x), "ref": _runner(reference, x)},
-                repeats=args.repeats, warmup=args.warmup,
+                repeats=args.repeats, warmup=args.warmup, min_time=args.min_time,
             )
+            t = {name: statistics.median(values) for name, values in samples.items()}
+            # Ratios: medians over rounds of the per-round ratio (the three ran seconds apart in each round).
+            vs_timm, vs_ref = paired_ratio(samples["timm"], samples["zoo"]), paired_ratio(samples["ref"], samples["zoo"])
             rows.append([str(size), str(batch), f"{batch / t['zoo']:.1f}", f"{batch / t['timm']:.1f}",
-                         f"{batch / t['ref']:.1f}", f"{t['timm'] / t['zoo']:.2f}", f"{t['ref'] / t['zoo']:.2f}"])
+                         f"{batch / t['ref']:.1f}", f"{vs_timm:.2f}", f"{vs_ref:.2f}"])
             print(f"# done {size} px batch {batch}", flush=True)
     if args.markdown:
         print("| " + " | ".join(header) + " |")
