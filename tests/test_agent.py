@@ -323,6 +323,13 @@ def test_bias_cache_follows_parameter_updates():
     with torch.no_grad():
         assert torch.allclose(after, fresh(x), atol=1e-6)
     assert not torch.allclose(before, after, atol=1e-3)
+    # A table replaced by a new Parameter (same shape, version 0, the old one freed): the cache must notice.
+    for _ in range(3):
+        attn = model.blocks[0].attn
+        attn.na_bias = nn.Parameter(torch.randn_like(attn.na_bias))
+        fresh.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(model(x), fresh(x), atol=1e-6)
 
 
 def test_biases_cached_per_size_in_eval_mode_only():

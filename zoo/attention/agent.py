@@ -238,15 +238,22 @@ class AgentAttention(nn.Module):
     def _bias_params(self) -> list[Optional[torch.Tensor]]:
         return [getattr(self, name) for name in BIAS_NAMES]
 
-    def biases(self, grid: tuple[int, int], dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B1 (1, H, n, N), B2 (1, H, N, n)) for a Gh x Gw grid, cached when no gradient is needed."""
+    def biases(
+        self, grid: tuple[int, int], dtype: Optional[torch.dtype] = None, tracing: Optional[bool] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B1 (1, H, n, N), B2 (1, H, N, n)) for a Gh x Gw grid, cached when no gradient is needed.
+
+        ``tracing``: the caller's tracing_or_exporting(), when it has it (saves the check)."""
         params = self._bias_params()
         dtype = dtype or self.an_bias.dtype
         needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-        if needs_grad or tracing_or_exporting():
+        if needs_grad or (tracing_or_exporting() if tracing is None else tracing):
             b1, b2 = agent_biases(*params, grid=grid)
             return b1.to(dtype), b2.to(dtype)
-        versions = tuple((p.data_ptr(), p._version) for p in params if p is not None)
+        # A parameter replaced (another tensor) or changed in place (optimizer step, load_state_dict) changes
+        # its id or version counter; .to()/.half() clear the cache in _apply. The entry keeps the tensors it was
+        # built from alive, so a replaced parameter's id cannot be reused by its successor.
+        versions = tuple((id(p), p._version) for p in params if p is not None)
         key = (tuple(grid), dtype)
         hit = self._bias_cache.get(key)
         if hit is not None and hit[0] == versions:
@@ -256,7 +263,7 @@ class AgentAttention(nn.Module):
             b1, b2 = b1.to(dtype), b2.to(dtype)
         if len(self._bias_cache) >= 8:  # a few sizes at a time; drop the oldest
             self._bias_cache.pop(next(iter(self._bias_cache)))
-        self._bias_cache[key] = (versions, b1, b2)
+        self._bias_cache[key] = (versions, b1, b2, params)
         return b1, b2
 
     def pool_matrix(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
@@ -342,7 +349,7 @@ class AgentAttention(nn.Module):
         a_BHnD = a_BnC.reshape(batch, n_agent, heads, head_dim).transpose(1, 2)
         k_BHND = k_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
         v_BHND = v_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
-        b1_1HnN, b2_1HNn = self.biases((gh, gw), x_BNC.dtype)
+        b1_1HnN, b2_1HNn = self.biases((gh, gw), x_BNC.dtype, tracing)
 
         n_out = n_tok if num_queries is None else num_queries
         if num_queries is None:

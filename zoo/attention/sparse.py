@@ -413,23 +413,45 @@ def _forward_group(p: _Problem, group: _Group, out: torch.Tensor, lse: torch.Ten
     _put_rows(lse.unsqueeze(-1), row_max.add_(denom.log_()), p, group)
 
 
+def _scores_minus(p: _Problem, a: torch.Tensor, b_t: torch.Tensor, rows: torch.Tensor, slot: str, tail: int = 0):
+    """a @ b_t - rows (rows (..., R, 1) broadcast over the columns) as one baddbmm into the workspace ``slot``:
+    the GEMM accumulates onto the broadcast rows instead of a separate subtraction pass over the scores.
+    a (B', Hkv, T, R, D), b_t (B', Hkv, T, D, M) -> (B', Hkv, T, R, M); padded columns past Nk (``tail``) -inf."""
+    *lead, r, d = a.shape
+    m = b_t.shape[-1]
+    out = p.ws.take(slot, (*lead, r, m))
+    torch.baddbmm(rows.neg().expand(*lead, r, m).reshape(-1, r, m), a.reshape(-1, r, d), b_t.reshape(-1, d, m),
+                  out=out.view(-1, r, m))
+    if tail:
+        out[..., m - tail :] = float("-inf")
+    return out
+
+
+def _add_key_tiles(target: torch.Tensor, src: torch.Tensor, p: _Problem, group: _Group) -> None:
+    """target (B', Hkv, KB * block_k, X) += src (B', Hkv, T, count * block_k, X) at the group's key tiles (which
+    repeat across its query tiles: accumulated). index_add_ adds whole tiles; index_put_(accumulate=True) is an
+    element-wise serial loop on CPU (4x slower here)."""
+    bk, x = p.sl.block_k, src.shape[-1]
+    if target.is_contiguous():  # one (block_k * X) row per key tile, as in _gather_keys
+        rows = target.view(p.batch * p.kv_heads, -1, bk * x)
+        rows.index_add_(1, group.blocks, src.reshape(p.batch * p.kv_heads, -1, bk * x))
+    else:
+        target.unflatten(2, (-1, bk)).index_add_(2, group.blocks, src.reshape(p.batch, p.kv_heads, -1, bk, x))
+
+
 def _backward_group(p: _Problem, group: _Group, d_out, lse, delta, dq, dk, dv) -> None:
     """Gradients of :func:`_forward_group`'s tiles: dq written, dk/dv accumulated over the key tiles."""
     q_g = _gather_rows(p.q, p, group)
     k_g, v_g = _gather_keys(p.k, p, group, "keys"), _gather_keys(p.v, p, group, "values")
     do_g = _gather_rows(d_out, p, group)
-    prob = _group_scores(p, group, q_g, k_g, "scores")
-    prob.sub_(_gather_rows(lse.unsqueeze(-1), p, group)).exp_()
-    dv_g = _matmul(p, "key_grads", prob.transpose(-1, -2), do_g)
-    bk = p.sl.block_k
-    # index_add_ adds whole (B, Hkv, block_k, X) slices (key tiles repeat across the group: accumulate);
-    # index_put_(accumulate=True) is an element-wise serial loop on CPU (4x slower here).
-    dv.unflatten(2, (-1, bk)).index_add_(2, group.blocks, dv_g.view(p.batch, p.kv_heads, -1, bk, dv_g.shape[-1]))
-    ds = _matmul(p, "score_grads", do_g, v_g.transpose(-1, -2))
-    ds.sub_(_gather_rows(delta.unsqueeze(-1), p, group)).mul_(prob)
+    prob = _scores_minus(p, q_g, k_g.transpose(-1, -2), _gather_rows(lse.unsqueeze(-1), p, group), "scores", group.tail)
+    prob.exp_()
+    _add_key_tiles(dv, _matmul(p, "key_grads", prob.transpose(-1, -2), do_g), p, group)
+    # dS = P * (dP - delta), dP = dO V^T (the padded columns' P is 0, so their dS is too).
+    ds = _scores_minus(p, do_g, v_g.transpose(-1, -2), _gather_rows(delta.unsqueeze(-1), p, group), "score_grads")
+    ds.mul_(prob)
     _put_rows(dq, torch.matmul(ds, k_g).mul_(p.scale), p, group)
-    dk_g = _matmul(p, "key_grads", ds.transpose(-1, -2), q_g)  # q is pre-scaled; dV is added already
-    dk.unflatten(2, (-1, bk)).index_add_(2, group.blocks, dk_g.view(p.batch, p.kv_heads, -1, bk, dk_g.shape[-1]))
+    _add_key_tiles(dk, _matmul(p, "key_grads", ds.transpose(-1, -2), q_g), p, group)  # q is pre-scaled
 
 
 def _batched(p: _Problem) -> bool:
