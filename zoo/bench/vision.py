@@ -8,11 +8,11 @@
 One run prints the two issue-2 tables, all measured in this process:
 
 1. ``attend()`` vs ``torch.nn.functional.scaled_dot_product_attention`` (no mask and causal, N = 256..4096,
-   B=1, H=4, D=64, fp32; forward and forward+backward; ratio = attend time / SDPA time, target <= 1.1).
+   B=1, H=4, D=64, fp32; forward and forward+backward; ratio = median over rounds of attend time / SDPA time, target <= 1.1).
    This is the ``core`` part of ``zoo bench attention`` (zoo.bench.attention.bench_core), run here so that
    one command gives both figures; ``--no-attention`` skips it.
 2. For every vision case, interleaved (zoo, peer, zoo, peer, ...) after warm-up
-   (zoo.bench.timing.interleaved_medians):
+   (zoo.bench.timing.interleaved_samples; ratios are medians of the per-round ratios, zoo.bench.timing.paired_ratio):
 
    * inference throughput (images/s, eval mode, no_grad) of both and the ratio zoo/peer (higher is better);
    * the training-step time (forward + cross-entropy + backward + AdamW step, train mode) of both and the
@@ -32,6 +32,7 @@ import datetime
 import fnmatch
 import importlib
 import os
+import statistics
 import sys
 from typing import Callable, NamedTuple, Optional
 
@@ -39,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.bench.timing import interleaved_medians, machine_description, set_threads
+from zoo.bench.timing import interleaved_samples, machine_description, paired_ratio, set_threads
 
 __all__ = ["BenchCase", "CASES", "OPTIONAL_CASE_MODULES", "all_cases", "main"]
 
@@ -159,20 +160,22 @@ def run_case(case: BenchCase, *, batch: int, img_size: Optional[int], repeats: i
     if infer:
         ours.eval()
         peer.eval()
-        t = interleaved_medians({"zoo": _infer_fn(ours, x), "peer": _infer_fn(peer, x)}, repeats=repeats, warmup=warmup,
+        s = interleaved_samples({"zoo": _infer_fn(ours, x), "peer": _infer_fn(peer, x)}, repeats=repeats, warmup=warmup,
                                 device=device)
-        row.update(infer_zoo=batch / t["zoo"], infer_peer=batch / t["peer"], infer_ratio=t["peer"] / t["zoo"])
+        t = {name: statistics.median(values) for name, values in s.items()}
+        row.update(infer_zoo=batch / t["zoo"], infer_peer=batch / t["peer"], infer_ratio=paired_ratio(s["peer"], s["zoo"]))
     if train:
         ours.train()
         peer.train()
         num_classes = getattr(peer, "num_classes", 0)
-        t = interleaved_medians(
+        s = interleaved_samples(
             {"zoo": _train_fn(ours, x, num_classes), "peer": _train_fn(peer, x, num_classes)},
             repeats=repeats,
             warmup=warmup,
             device=device,
         )
-        row.update(train_zoo=t["zoo"], train_peer=t["peer"], train_ratio=t["zoo"] / t["peer"])
+        t = {name: statistics.median(values) for name, values in s.items()}
+        row.update(train_zoo=t["zoo"], train_peer=t["peer"], train_ratio=paired_ratio(s["zoo"], s["peer"]))
     return row
 
 
