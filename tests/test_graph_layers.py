@@ -270,12 +270,45 @@ def _csr_problem(num_src=9, num_dst=7, num_edges=40, H=2, C=3, dtype=torch.float
 
 
 @pytest.fixture
-def two_threads():
-    """The CPU path splits destination blocks over the intra-op thread count: exercise 2 workers."""
+def two_threads(monkeypatch):
+    """The CPU path splits destination blocks over the intra-op thread count: exercise 2 workers (also on
+    these small problems, which would otherwise run on the calling thread)."""
+    from zoo.attention import segment
+
+    monkeypatch.setattr(segment, "THREADED_MIN_ELEMENTS", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+def test_small_graphs_run_on_the_calling_thread(monkeypatch):
+    """Worker threads cost milliseconds to start: below THREADED_MIN_ELEMENTS the blocks run inline."""
+    from zoo.attention import segment
+
+    started = []
+    real_executor = segment._executor_class()
+
+    class Spy(real_executor):
+        def __init__(self, *args, **kwargs):
+            started.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(segment, "_executor_class", lambda: Spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        conv = GATv2Conv(8, 8, heads=2)
+        g = torch.Generator().manual_seed(0)
+        x, ei = torch.randn(50, 8, generator=g), torch.randint(0, 50, (2, 400), generator=g)
+        monkeypatch.setattr(segment, "CHUNK_ELEMENTS", 16 * 20)  # many blocks
+        conv(x, ei).sum().backward()
+        assert not started
+        monkeypatch.setattr(segment, "THREADED_MIN_ELEMENTS", 0)
+        conv(x, ei).sum().backward()
+        assert started
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("chunk", [1, 24, 1 << 20])

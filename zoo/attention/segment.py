@@ -395,19 +395,34 @@ def _split_blocks(blocks: list, parts: int) -> list:
     return groups
 
 
-def _run_blocks(worker, blocks: list, device) -> list:
-    """Run ``worker(group)`` over groups of destination blocks.
+#: Below this many edge x feature elements (E * H * C) the blocks run on the calling thread: starting the
+#: worker threads and switching torch's intra-op threads off and on costs milliseconds, more than a small
+#: graph's whole step (10k edges, H=8, C=8, fwd+bwd: 20 ms threaded vs 9.7 ms not, PyG 11.5 ms; at 100k
+#: edges, C=8 both take 90 ms; at 100k edges, C=64, threads win, 445 vs 489 ms; 2 cores, 2026-12-05).
+THREADED_MIN_ELEMENTS = 1 << 23
 
-    On CPU with T > 1 intra-op threads, the blocks are split into T contiguous groups processed by T
-    Python threads, each running single-threaded torch ops (the ops release the GIL). A block's work
-    is ~15 tensor ops on a few MiB; as separate OpenMP parallel regions those pay a thread barrier
-    each, which dominated on this project's shared 2-core machine (CPU time 1.4 s single-threaded vs
-    4.6 s with 2 intra-op threads for one 200k-edge fwd+bwd). Results come back in group order."""
+
+def _executor_class():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor
+
+
+def _run_blocks(worker, blocks: list, device, width: int = 1) -> list:
+    """Run ``worker(group)`` over groups of destination blocks (``width`` = H * C elements per edge).
+
+    On CPU with T > 1 intra-op threads and at least THREADED_MIN_ELEMENTS of work, the blocks are split into
+    T contiguous groups processed by T Python threads, each running single-threaded torch ops (the ops
+    release the GIL). A block's work is ~15 tensor ops on a few MiB; as separate OpenMP parallel regions
+    those pay a thread barrier each, which dominated on this project's shared 2-core machine (CPU time
+    1.4 s single-threaded vs 4.6 s with 2 intra-op threads for one 200k-edge fwd+bwd). Results come back
+    in group order."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1 or len(blocks) <= 1:
+    edges = blocks[-1][3] - blocks[0][2] if blocks else 0
+    if device.type != "cpu" or threads <= 1 or len(blocks) <= 1 or edges * width < THREADED_MIN_ELEMENTS:
         return [worker(blocks)]
     groups = _split_blocks(blocks, threads)
-    from concurrent.futures import ThreadPoolExecutor
+    ThreadPoolExecutor = _executor_class()
 
     # grad mode and inference mode are thread-local: carry the caller's into the workers (tensors made
     # under torch.inference_mode, as Lightning's validation/test create, can only be written inside it)
@@ -459,7 +474,7 @@ class _GATv2Attention(torch.autograd.Function):
                     alpha_all[e0:e1] = alpha
                 out[n0:n1].index_add_(0, dl, xs_c.mul_(alpha[..., None]))
 
-        _run_blocks(worker, csr.blocks(chunk // max(1, H * C)), dev)
+        _run_blocks(worker, csr.blocks(chunk // max(1, H * C)), dev, H * C)
         ctx.save_for_backward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, lse, keep)
         ctx.csr, ctx.slope, ctx.dropout, ctx.chunk = csr, slope, dropout, chunk
         out = out.to(xs_NHC.dtype)
@@ -541,7 +556,7 @@ class _GATv2Attention(torch.autograd.Function):
                     _add_rows_(gxs, col, dz)
             return gatt_HF, gwe, gw_dst, gb_dst
 
-        parts = _run_blocks(worker, csr.blocks(ctx.chunk // max(1, H * C)), dev)
+        parts = _run_blocks(worker, csr.blocks(ctx.chunk // max(1, H * C)), dev, H * C)
         total = list(parts[0])
         for part in parts[1:]:
             for i, value in enumerate(part):
