@@ -387,7 +387,8 @@ class AgentAttention(nn.Module):
             elif tracing or (torch.is_grad_enabled() and (out_BNC.requires_grad or dwc_BLC.requires_grad)):
                 out_BNC = torch.cat((out_BNC[:, :prefix], out_BNC[:, prefix:] + dwc_BLC), dim=1)
             else:
-                out_BNC[:, prefix:].add_(dwc_BLC)  # no autograd: in place (not "+=", whose __setitem__ copies the view onto itself)
+                # no autograd: in place (not "+=", whose __setitem__ copies the view onto itself)
+                out_BNC[:, prefix:].add_(dwc_BLC)
         if fast and check_finite and out_BNC.device.type == "cpu":
             # attend()'s NaN/Inf check, once per module instead of per stage: a non-finite input reaches
             # the output (every output row mixes every value), so one fp32 sum of the output covers it.
