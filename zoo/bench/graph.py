@@ -9,7 +9,7 @@ For every (E edges : N nodes) random graph and channel count C (heads H, input f
 --in-channels), one process builds both layers with the same weights (PyG's state dict loaded strict
 into ours), checks that outputs and input gradients agree, then times forward + backward (sum of the
 output, backward to the input and all parameters) interleaved (zoo, PyG, zoo, PyG, ...) after warm-up
-and prints the medians and the ratio PyG / zoo (> 1: the zoo is faster).
+and prints the medians and the speed-up: the median over rounds of PyG time / zoo time (> 1: the zoo is faster).
 
 Peak memory: each layer's forward + backward runs once in a fresh Python process (a worker per case
 and layer) and reports its peak: on CPU the VmHWM of that process (see :func:`zoo.bench.timing.peak_rss_mb_subprocess`
@@ -30,12 +30,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import sys
 from typing import Optional
 
 import torch
 
-from zoo.bench.timing import interleaved_medians, machine_description, peak_rss_mb_subprocess, set_threads
+from zoo.bench.timing import interleaved_samples, machine_description, paired_ratio, peak_rss_mb_subprocess, set_threads
 
 __all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
 
@@ -195,15 +196,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             peer_ok = (args.skip_peer_above is None or edges <= args.skip_peer_above) and need_gb <= peer_max_gb
             if not peer_ok:
                 skipped.append(f"E={edges}, C={c} (PyG estimated {need_gb:.1f} GB)")
-            t_zoo = t_pyg = out_err = grad_err = float("nan")
+            t_zoo = t_pyg = speedup = out_err = grad_err = float("nan")
             if not args.memory_only:
                 x, ei, ours, peer = make_case(nodes, edges, args.heads, c, cin, device=args.device)
                 fns = {"zoo": _step(ours, x, ei)}
                 if peer_ok:
                     out_err, grad_err = _check(x, ei, ours, peer)
                     fns["pyg"] = _step(peer, x, ei)
-                med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
-                t_zoo, t_pyg = med["zoo"], med.get("pyg", float("nan"))
+                samples = interleaved_samples(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
+                t_zoo = statistics.median(samples["zoo"])
+                if "pyg" in samples:  # the median over rounds of PyG time / zoo time in that round
+                    t_pyg, speedup = statistics.median(samples["pyg"]), paired_ratio(samples["pyg"], samples["zoo"])
                 del x, ei, ours, peer, fns
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
@@ -211,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not args.no_memory:
                 mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device, peer_ok)
             net = {k: mem[k] - mem["none"] for k in ("zoo", "pyg")}
-            print(f"| {edges} | {nodes} | {args.heads} | {c} | {t_zoo:.3f} | {t_pyg:.3f} | {t_pyg / t_zoo:.2f}x | "
+            print(f"| {edges} | {nodes} | {args.heads} | {c} | {t_zoo:.3f} | {t_pyg:.3f} | {speedup:.2f}x | "
                   f"{mem['zoo']:.0f} ({net['zoo']:.0f}) | {mem['pyg']:.0f} ({net['pyg']:.0f}) | "
                   f"{mem['pyg'] / mem['zoo']:.1f}x ({net['pyg'] / max(net['zoo'], 1):.1f}x net) | "
                   f"{out_err:.1e} | {grad_err:.1e} | {_load1():.1f} |", flush=True)
