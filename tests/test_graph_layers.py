@@ -286,15 +286,16 @@ def test_small_graphs_run_on_the_calling_thread(monkeypatch):
     """Worker threads cost milliseconds to start: below THREADED_MIN_ELEMENTS the blocks run inline."""
     from zoo.attention import segment
 
-    started = []
-    real_executor = segment._executor_class()
+    import concurrent.futures
 
-    class Spy(real_executor):
+    started = []
+
+    class Spy(concurrent.futures.ThreadPoolExecutor):
         def __init__(self, *args, **kwargs):
             started.append(1)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(segment, "_executor_class", lambda: Spy)
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Spy)  # what _run_blocks imports when it runs
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -65,7 +65,9 @@ def surely_finite(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> bool:
     sums); otherwise each is summed in fp32.
     """
     if b is not None and a.dtype is b.dtype and a.dtype in _BLAS_DTYPES and a.numel() == b.numel():
-        a_flat, b_flat = _flat_view(a.detach()), _flat_view(b.detach())
+        if torch.is_grad_enabled():  # detach only when a graph could be recorded (attend() calls this per call)
+            a, b = a.detach(), b.detach()
+        a_flat, b_flat = _flat_view(a), _flat_view(b)
         if a_flat is not None and b_flat is not None:
             return math.isfinite(torch.dot(a_flat, b_flat).item())
     a = a.detach()

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from zoo.attention import capture as _capture
 from zoo.attention.core import attend
-from zoo.layers import is_tracing
+from zoo.layers import check_finite_input, is_tracing, surely_finite
 
 __all__ = ["AgentAttention", "agent_biases", "adaptive_pool_matrix"]
 
@@ -392,9 +392,8 @@ class AgentAttention(nn.Module):
         if fast and check_finite and out_BNC.device.type == "cpu":
             # attend()'s NaN/Inf check, once per module instead of per stage: a non-finite input reaches
             # the output (every output row mixes every value), so one fp32 sum of the output covers it.
-            if not math.isfinite(float(out_BNC.sum(dtype=torch.float32))):
-                if not bool(torch.isfinite(x_BNC).all()):
-                    raise ValueError("AgentAttention: input contains NaN or Inf values")
+            if not surely_finite(out_BNC):
+                check_finite_input(x_BNC, "AgentAttention: input")
         return self.proj_drop(self.proj(out_BNC))
 
     def _attend_fast(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -402,12 +402,6 @@ def _split_blocks(blocks: list, parts: int) -> list:
 THREADED_MIN_ELEMENTS = 1 << 23
 
 
-def _executor_class():
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor
-
-
 def _run_blocks(worker, blocks: list, device, width: int = 1) -> list:
     """Run ``worker(group)`` over groups of destination blocks (``width`` = H * C elements per edge).
 
@@ -422,7 +416,7 @@ def _run_blocks(worker, blocks: list, device, width: int = 1) -> list:
     if device.type != "cpu" or threads <= 1 or len(blocks) <= 1 or edges * width < THREADED_MIN_ELEMENTS:
         return [worker(blocks)]
     groups = _split_blocks(blocks, threads)
-    ThreadPoolExecutor = _executor_class()
+    from concurrent.futures import ThreadPoolExecutor
 
     # grad mode and inference mode are thread-local: carry the caller's into the workers (tensors made
     # under torch.inference_mode, as Lightning's validation/test create, can only be written inside it)

@@ -443,10 +443,7 @@ def _backward_group(p: _Problem, group: _Group, q_aug, do_aug, k_aug, v_aug, dq,
     d, d_v = q_aug.shape[-1] - 1, do_aug.shape[-1] - 1
     q_a, do_a = _gather_rows(q_aug, p, group), _gather_rows(do_aug, p, group)
     k_a, v_a = _gather_keys(k_aug, p, group, "keys"), _gather_keys(v_aug, p, group, "values")
-    prob = _matmul(p, "scores", q_a, k_a.transpose(-1, -2))  # q.k - lse
-    if group.tail:  # zero-padded key columns past Nk
-        prob[..., prob.shape[-1] - group.tail :] = float("-inf")
-    prob.exp_()
+    prob = _group_scores(p, group, q_a, k_a, "scores").exp_()  # exp(q.k - lse)
     _add_key_tiles(dv, _matmul(p, "key_grads", prob.transpose(-1, -2), do_a[..., :d_v]), p, group)
     ds = _matmul(p, "score_grads", do_a, v_a.transpose(-1, -2))  # dP - delta (padded columns: P = 0 below)
     ds.mul_(prob)  # dS = P * (dP - delta)

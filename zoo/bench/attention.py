@@ -38,7 +38,6 @@ import datetime
 import math
 import os
 import sys
-import statistics
 from typing import Callable, Optional
 
 import torch
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 
 from zoo.attention import BlockSparse, Causal, Mask, Segments, Window, attend, use_backend
 from zoo.attention.radial import Radial
-from zoo.bench.timing import interleaved_medians, interleaved_samples, machine_description, paired_ratio, set_threads
+from zoo.bench.timing import interleaved_medians, interleaved_samples, machine_description, medians, paired_ratio, set_threads
 
 __all__ = ["main", "window_for_fraction", "radial_for_fraction", "random_block_map", "sparse_masks"]
 
@@ -179,7 +178,7 @@ def bench_core(args) -> str:
                 warmup=args.warmup,
                 min_time=args.min_time,
             )
-            t = {key: statistics.median(values) for key, values in samples.items()}
+            t = medians(samples)
             rows.append(
                 [n, name, _ms(t["ours_f"]), _ms(t["sdpa_f"]), f"{paired_ratio(samples['ours_f'], samples['sdpa_f']):.2f}",
                  _ms(t["ours_fb"]), _ms(t["sdpa_fb"]), f"{paired_ratio(samples['ours_fb'], samples['sdpa_fb']):.2f}"]
@@ -224,7 +223,7 @@ def bench_sparse(args) -> str:
                 repeats=args.repeats,
                 warmup=args.warmup,
             )
-            t = {key: statistics.median(values) for key, values in samples.items()}
+            t = medians(samples)
             speedup_f = paired_ratio(samples["sdpa_f"], samples["ours_f"])
             speedup_fb = paired_ratio(samples["sdpa_fb"], samples["ours_fb"])
             rows.append(

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["interleaved_medians", "interleaved_samples", "paired_ratio", "machine_description", "peak_rss_mb_subprocess",
+__all__ = ["interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description", "peak_rss_mb_subprocess",
            "set_threads"]
 
 
@@ -82,7 +82,11 @@ def interleaved_medians(
     min_time: float = 0.0,
 ) -> dict[str, float]:
     """Median seconds per call of each callable ({name: seconds}), from :func:`interleaved_samples`."""
-    samples = interleaved_samples(fns, repeats=repeats, warmup=warmup, device=device, min_time=min_time)
+    return medians(interleaved_samples(fns, repeats=repeats, warmup=warmup, device=device, min_time=min_time))
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """{name: median} of :func:`interleaved_samples`' result."""
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -32,7 +32,6 @@ import datetime
 import fnmatch
 import importlib
 import os
-import statistics
 import sys
 from typing import Callable, NamedTuple, Optional
 
@@ -40,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.bench.timing import interleaved_samples, machine_description, paired_ratio, set_threads
+from zoo.bench.timing import interleaved_samples, machine_description, medians, paired_ratio, set_threads
 
 __all__ = ["BenchCase", "CASES", "OPTIONAL_CASE_MODULES", "all_cases", "main"]
 
@@ -162,7 +161,7 @@ def run_case(case: BenchCase, *, batch: int, img_size: Optional[int], repeats: i
         peer.eval()
         s = interleaved_samples({"zoo": _infer_fn(ours, x), "peer": _infer_fn(peer, x)}, repeats=repeats, warmup=warmup,
                                 device=device)
-        t = {name: statistics.median(values) for name, values in s.items()}
+        t = medians(s)
         row.update(infer_zoo=batch / t["zoo"], infer_peer=batch / t["peer"], infer_ratio=paired_ratio(s["peer"], s["zoo"]))
     if train:
         ours.train()
@@ -174,7 +173,7 @@ def run_case(case: BenchCase, *, batch: int, img_size: Optional[int], repeats: i
             warmup=warmup,
             device=device,
         )
-        t = {name: statistics.median(values) for name, values in s.items()}
+        t = medians(s)
         row.update(train_zoo=t["zoo"], train_peer=t["peer"], train_ratio=paired_ratio(s["zoo"], s["peer"]))
     return row
 

@@ -25,7 +25,6 @@ import datetime
 import importlib.util
 import math
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -33,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from zoo.bench.timing import interleaved_samples, machine_description, paired_ratio, set_threads
+from zoo.bench.timing import interleaved_samples, machine_description, medians, paired_ratio, set_threads
 
 __all__ = ["CASES", "load_reference_module", "build_models", "main"]
 
@@ -162,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 {"zoo": _runner(ours, x), "timm": _runner(vit, x), "ref": _runner(reference, x)},
                 repeats=args.repeats, warmup=args.warmup, min_time=args.min_time,
             )
-            t = {name: statistics.median(values) for name, values in samples.items()}
+            t = medians(samples)
             # Ratios: medians over rounds of the per-round ratio (the three ran seconds apart in each round).
             vs_timm, vs_ref = paired_ratio(samples["timm"], samples["zoo"]), paired_ratio(samples["ref"], samples["zoo"])
             rows.append([str(size), str(batch), f"{batch / t['zoo']:.1f}", f"{batch / t['timm']:.1f}",
