@@ -652,6 +652,9 @@ def test_bench_vision_agent_smoke(capsys):
     assert vision_agent.main(["--sizes", "64", "--batches", "1,2", "--repeats", "2", "--warmup", "0",
                               "--min-time", "0", "--markdown"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 |")]
+    with pytest.raises(SystemExit):
+        vision_agent.main(["--sizes", "64", "--batches", "1", "--min-time", "-1"])
+    assert "--min-time >= 0" in capsys.readouterr().err
     assert len(rows) == 2
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]

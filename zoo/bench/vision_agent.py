@@ -137,8 +137,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:
         parser.error("--sizes and --batches take comma-separated integers")
-    if not sizes or not batches or min(sizes) < 16 or min(batches) < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("need sizes >= 16, batches >= 1, --repeats >= 1, --warmup >= 0")
+    if not sizes or not batches or min(sizes) < 16 or min(batches) < 1 or args.repeats < 1 or args.warmup < 0 \
+            or args.min_time < 0:
+        parser.error("need sizes >= 16, batches >= 1, --repeats >= 1, --warmup >= 0, --min-time >= 0")
     threads = set_threads(args.threads)
     print(f"# agent_deit_tiny vs timm vit_tiny_patch16_224 vs official-style  "
           f"{datetime.datetime.now().isoformat(timespec='seconds')}")
