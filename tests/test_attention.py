@@ -227,6 +227,47 @@ def test_backend_selection_order(monkeypatch):
     finally:
         zb._BACKENDS.pop("spy")
 
+def test_plain_call_shortcut_gives_way_to_any_other_choice(monkeypatch):
+    """attend(q, k, v) goes straight to SDPA only while automatic selection would pick "sdpa" without
+    asking: a higher-priority backend, a wrapped "sdpa" entry, a context or the environment turn it off."""
+    q, k, v = make_qkv(1, 4, 2, 9, 11, 16)
+    assert zb.sdpa_runs_plain_calls("cpu")  # blocksparse outranks sdpa on CPU but never takes a Full mask
+    assert not zb.sdpa_runs_plain_calls("cuda")  # the Triton kernel decides per call there
+    expected = naive_attention(q, k, v, torch.ones(1, 1, 9, 11, dtype=torch.bool), None, 16**-0.5, "softmax")
+    torch.testing.assert_close(attend(q, k, v).double(), expected, atol=1e-5, rtol=1e-4)  # GQA too
+    calls = []
+
+    def spy_forward(*args):
+        calls.append(args[3])
+        return zcore.attention_reference(*args)
+
+    zb.register_backend("spy", spy_forward, lambda *a: None, priority=50)
+    try:
+        assert not zb.sdpa_runs_plain_calls("cpu")
+        torch.testing.assert_close(attend(q, k, v).double(), expected, atol=1e-5, rtol=1e-4)
+        assert len(calls) == 1 and calls[0].is_full
+    finally:
+        zb._BACKENDS.pop("spy")
+    assert zb.sdpa_runs_plain_calls("cpu")
+    sdpa = zb._BACKENDS["sdpa"]
+    wrapped = dict(calls=0)
+
+    def wrapped_sdpa(*args):
+        wrapped["calls"] += 1
+        return sdpa.forward(*args)
+
+    monkeypatch.setitem(zb._BACKENDS, "sdpa", zb.Backend("sdpa", wrapped_sdpa, sdpa.supports, sdpa.priority))
+    attend(q, k, v)
+    assert wrapped["calls"] == 1
+    monkeypatch.undo()
+    with use_backend("torch"):
+        assert not zb.sdpa_runs_plain_calls("cpu")
+    monkeypatch.setenv(zb.ENV_VAR, "torch")
+    assert not zb.sdpa_runs_plain_calls("cpu")
+    monkeypatch.setenv(zb.ENV_VAR, " auto ")
+    assert zb.sdpa_runs_plain_calls("cpu")
+
+
 
 def test_automatic_choice_is_sdpa_for_softmax_and_torch_for_sigmoid():
     q, k, v = make_qkv(1, 2, 2, 4, 4, 8)

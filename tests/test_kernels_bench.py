@@ -66,20 +66,30 @@ def test_cpu_masks_reach_their_kept_fractions():
         bench.sparse_masks(n, 0.5, ["nope"])
 
 
-def test_interleaved_samples_rotate_and_paired_ratio_cancels_drift():
-    """Every round starts with the next function (none always follows the same one), min_time repeats a
-    call, and the paired ratio of two functions is exact under a drift that scales both alike."""
+def test_interleaved_samples_rotate_and_paired_ratio_cancels_drift(monkeypatch):
+    """Rounds rotate and every other one runs backwards (with three functions the six rounds are the six
+    orders: each function follows every other one), min_time repeats a call after one untimed call, and the
+    paired ratio of two functions is exact under a drift that scales both alike."""
+    from zoo.bench import timing
     from zoo.bench.timing import interleaved_medians, interleaved_samples, paired_ratio
 
     order = []
     fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    samples = interleaved_samples(fns, repeats=3, warmup=0)
-    assert order == list("abc" "bca" "cab")
-    assert all(len(values) == 3 for values in samples.values())
+    samples = interleaved_samples(fns, repeats=6, warmup=0)
+    assert order == list("abc" "acb" "cab" "cba" "bca" "bac")
+    assert all(len(values) == 6 for values in samples.values())
     assert set(interleaved_medians(fns, repeats=2, warmup=0)) == set("abc")
-    calls = []
-    interleaved_samples({"x": lambda: calls.append(1)}, repeats=1, warmup=0, min_time=1e-3)
-    assert len(calls) > 2  # one call to size the loop, then enough calls to fill min_time
+    calls, clock = [], [0.0]
+
+    def slow():  # 1 ms per call on a fake clock
+        calls.append(1)
+        clock[0] += 1e-3
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    samples = interleaved_samples({"x": slow}, repeats=2, warmup=0, min_time=5e-3)
+    monkeypatch.undo()
+    # one call to size the loop; per round one untimed call and the 5 timed ones
+    assert len(calls) == 1 + 2 * (1 + 5) and samples["x"] == pytest.approx([1e-3, 1e-3])
 
     drift = [1.0, 3.0, 0.5, 2.0, 10.0]  # the machine slows down and speeds up between rounds
     ours, theirs = [1.1 * d for d in drift], [1.0 * d for d in drift]

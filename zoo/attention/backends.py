@@ -57,6 +57,9 @@ class Backend:
     #: Extra check used only by automatic selection ("is it worth it here?"), on top of ``supports``
     #: ("can it run this at all?"). None: automatic selection uses ``supports`` alone.
     auto_supports: Optional[Callable] = None
+    #: True when automatic selection never picks this backend for a Full mask (its ``auto_supports``
+    #: refuses them): then the plain call (see :func:`plain_backend`) passes it by without asking.
+    sparse_only: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -72,14 +75,18 @@ def register_backend(
     auto_devices=("cpu", "cuda"),
     description: str = "",
     auto_supports: Optional[Callable] = None,
+    sparse_only: bool = False,
 ) -> Backend:
     """Register (or replace) a backend. Higher ``priority`` is tried first by automatic selection.
 
     ``supports`` decides whether the backend can run a call at all (an explicit request is refused with
     its reason); ``auto_supports``, when given, decides whether automatic selection should pick it (for
-    example only when a sparse mask skips enough tiles to beat the dense path).
+    example only when a sparse mask skips enough tiles to beat the dense path). ``sparse_only`` promises
+    that automatic selection never picks it for a Full mask.
     """
-    backend = Backend(name, forward, supports, priority, frozenset(auto_devices), description, auto_supports)
+    backend = Backend(
+        name, forward, supports, priority, frozenset(auto_devices), description, auto_supports, sparse_only
+    )
     _BACKENDS[name] = backend
     return backend
 
@@ -150,6 +157,23 @@ def select_backend(args: tuple, requested: Optional[str]) -> Backend:
     raise RuntimeError("no attention backend supports this call (the 'torch' reference should)")  # pragma: no cover
 
 
+def sdpa_runs_plain_calls(device_type: str) -> bool:
+    """True when automatic selection is certain to pick the built-in "sdpa" backend for every plain call on
+    this device type -- Full mask, no bias, softmax, no weights returned, nothing requested by context or
+    environment -- without asking any backend; False when the choice may depend on the tensors (a user
+    backend of higher priority, the Triton kernel on CUDA): then attend() takes the general path.
+
+    ``attend(q, k, v)``, the call most models make, thus skips the per-call selection (a few microseconds;
+    ~3% of an N = 256 CPU forward, see docs/bench_attention.md).
+    """
+    if _CONTEXT or os.environ.get(ENV_VAR, "auto").strip() not in ("", "auto"):
+        return False
+    for backend in _by_priority():
+        if device_type in backend.auto_devices and not backend.sparse_only:
+            return backend.forward is _sdpa_forward
+    return False
+
+
 _OPTIONAL = ["zoo.attention.sparse"]
 _optional_loaded = False
 
@@ -192,10 +216,16 @@ def _sdpa_causal(mask: Mask, q_len: int, k_len: int) -> bool:
     return type(mask) is Causal and q_len == k_len
 
 
-def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+def sdpa_plain(q, k, v, scale: float, dropout_p: float) -> torch.Tensor:
+    """SDPA for a Full mask without bias (the "sdpa" backend's common call; attend()'s plain-call path)."""
     gqa = int(q.shape[1]) != int(k.shape[1])  # int(): traced sizes are 0-d tensors under jit.trace
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+
+
+def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     if mask.is_full and bias is None:  # the common call: nothing to prepare
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+        return sdpa_plain(q, k, v, scale, dropout_p)
+    gqa = int(q.shape[1]) != int(k.shape[1])
     q_len, k_len = int(q.shape[2]), int(k.shape[2])
     if mask.is_full or _sdpa_causal(mask, q_len, k_len):
         is_causal = not mask.is_full

@@ -126,8 +126,29 @@ def attend(
     """
     _validate(q, k, v, score, dropout_p, scale)
     batch, heads, q_len, head_dim = q.shape
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+    if (
+        mask is None and bias is None and backend is None and not return_weights and score == "softmax"
+        and _backends.sdpa_runs_plain_calls(q.device.type)
+    ):  # the plain call most models make: straight to SDPA
+        result = _backends.sdpa_plain(q, k, v, scale, float(dropout_p))
+    else:
+        result = _dispatch(q, k, v, mask, bias, scale, score, dropout_p, return_weights, backend)
+    if check_finite and q.is_cpu and not is_tracing():  # on CUDA: a device sync
+        # NaN/Inf inputs: a non-finite k or v reaches the output, so the output answers for them; a NaN
+        # query may not (SDPA's CPU kernel can return a finite row for it), so q is checked too: one dot
+        # product q . out (zoo.layers.surely_finite). Only when it is not finite are the inputs scanned,
+        # so the error names the input at fault.
+        if not surely_finite(q, result[0] if return_weights else result):
+            _check_finite(q=q, k=k, v=v)
+    return result
+
+
+def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weights, backend):
+    """attend()'s general path: mask and bias checked against the shapes, then the selected backend."""
+    batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
-    if mask is None:  # the common call: Full fits every shape
+    if mask is None:  # Full fits every shape
         mask = as_mask(None)
     else:
         mask = as_mask(mask)
@@ -145,20 +166,11 @@ def attend(
             )
         if bias_t.device != q.device:
             raise ValueError(f"attend: bias is on {bias_t.device} but q is on {q.device}")
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     args = (q, k, v, mask, bias_t, scale, score, float(dropout_p), bool(return_weights))
     requested = _backends.requested_backend(backend)
     if return_weights and requested is None:
         requested = "torch"
-    result = _backends.select_backend(args, requested).forward(*args)
-    if check_finite and q.is_cpu and not is_tracing():  # on CUDA: a device sync
-        # NaN/Inf inputs: a non-finite k or v reaches the output, so the output answers for them; a NaN
-        # query may not (SDPA's CPU kernel can return a finite row for it), so q is checked too: one dot
-        # product q . out (zoo.layers.surely_finite). Only when it is not finite are the inputs scanned,
-        # so the error names the input at fault.
-        if not surely_finite(q, result[0] if return_weights else result):
-            _check_finite(q=q, k=k, v=v)
-    return result
+    return _backends.select_backend(args, requested).forward(*args)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -669,5 +669,5 @@ NAME = "blocksparse"
 _DESCRIPTION = "CPU block-sparse: per query tile, gather the kept key/value tiles (custom autograd, O(N) memory)"
 _backends.register_backend(
     NAME, _backend_forward, _supports, priority=20, auto_devices=("cpu",),
-    auto_supports=_auto_supports, description=_DESCRIPTION,
+    auto_supports=_auto_supports, sparse_only=True, description=_DESCRIPTION,
 )

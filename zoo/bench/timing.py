@@ -35,11 +35,16 @@ def interleaved_samples(
     device: str | None = None,
     min_time: float = 0.0,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each callable in every round, measured A B C, B C A, C A B, ... so machine noise
-    hits all alike; sample i of every function comes from round i (see :func:`paired_ratio`).
+    """Seconds per call of each callable in every round; sample i of every function comes from round i (see
+    :func:`paired_ratio`), so machine noise hits all alike.
 
-    Each measurement calls the function once (or as many times as needed to exceed ``min_time`` and
-    divides).
+    Round r starts with function r (mod n) and every odd round runs backwards: A B C, A C B, C A B, C B A, ...
+    A rotation alone keeps the cyclic order (B would always follow A), and a call timed right after a
+    different one pays for it (the thread pool's wake-up, caches, freed memory handed back to the kernel):
+    reversing gives every function two different predecessors.
+
+    Each measurement calls the function once, or, with ``min_time``, as many times as fill ``min_time`` after
+    one untimed call (so the first timed call does not pay for its predecessor), and divides.
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
@@ -59,11 +64,12 @@ def interleaved_samples(
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for repeat in range(repeats):
-        # Start each round with the next function, so none always runs right after the same neighbour
-        # (a forward timed just after a backward pays the thread pool's wake-up; see docs/bench_attention.md).
         shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
+        order = names[shift:] + names[:shift]
+        for name in order[::-1] if repeat % 2 else order:
             fn = fns[name]
+            if inner[name] > 1:
+                fn()  # settle: the timed calls below follow a call of the same function
             _sync(device)
             start = time.perf_counter()
             for _ in range(inner[name]):
