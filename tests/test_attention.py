@@ -235,6 +235,12 @@ def test_plain_call_shortcut_gives_way_to_any_other_choice(monkeypatch):
     assert not zb.sdpa_runs_plain_calls("cuda")  # the Triton kernel decides per call there
     expected = naive_attention(q, k, v, torch.ones(1, 1, 9, 11, dtype=torch.bool), None, 16**-0.5, "softmax")
     torch.testing.assert_close(attend(q, k, v).double(), expected, atol=1e-5, rtol=1e-4)  # GQA too
+    # Causal: SDPA's is_causal (top-left) only when Nq == Nk; bottom-right alignment otherwise
+    for nq, nk in ((11, 11), (9, 11), (11, 9)):
+        qc, kc, vc = make_qkv(1, 4, 2, nq, nk, 16, seed=nq)
+        causal = Causal().dense(nq, nk, "cpu")
+        want = naive_attention(qc, kc, vc, causal, None, 16**-0.5, "softmax")
+        torch.testing.assert_close(attend(qc, kc, vc, Causal()).double(), want, atol=1e-5, rtol=1e-4)
     calls = []
 
     def spy_forward(*args):
@@ -245,7 +251,8 @@ def test_plain_call_shortcut_gives_way_to_any_other_choice(monkeypatch):
     try:
         assert not zb.sdpa_runs_plain_calls("cpu")
         torch.testing.assert_close(attend(q, k, v).double(), expected, atol=1e-5, rtol=1e-4)
-        assert len(calls) == 1 and calls[0].is_full
+        attend(q, q[:, :2], q[:, :2], Causal())
+        assert len(calls) == 2 and calls[0].is_full and type(calls[1]) is Causal
     finally:
         zb._BACKENDS.pop("spy")
     assert zb.sdpa_runs_plain_calls("cpu")

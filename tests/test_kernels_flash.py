@@ -350,7 +350,6 @@ def test_merged_partial_attention_trains():
     q, k, v, _ = _inputs(1, 2, 1, 40, 90, 16, seed=26)
     ids = torch.arange(90, device=DEVICE)
     parts = [Dense((ids[None, :] < 60).expand(40, 90)) & Causal(), Dense((ids[None, :] >= 60).expand(40, 90)) & Causal()]
-    g_out = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(27)).to(DEVICE)
 
     def merged(q_, k_, v_, _b):
         (out_a, lse_a), (out_b, lse_b) = (flash_attention(q_, k_, v_, m, return_lse=True) for m in parts)

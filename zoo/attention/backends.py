@@ -57,8 +57,9 @@ class Backend:
     #: Extra check used only by automatic selection ("is it worth it here?"), on top of ``supports``
     #: ("can it run this at all?"). None: automatic selection uses ``supports`` alone.
     auto_supports: Optional[Callable] = None
-    #: True when automatic selection never picks this backend for a Full mask (its ``auto_supports``
-    #: refuses them): then the plain call (see :func:`plain_backend`) passes it by without asking.
+    #: True when automatic selection never picks this backend for the masks SDPA runs natively -- Full,
+    #: and Causal with Nq == Nk -- (its ``auto_supports`` refuses them): then the plain call (see
+    #: :func:`sdpa_runs_plain_calls`) passes it by without asking.
     sparse_only: bool = False
 
 
@@ -82,7 +83,7 @@ def register_backend(
     ``supports`` decides whether the backend can run a call at all (an explicit request is refused with
     its reason); ``auto_supports``, when given, decides whether automatic selection should pick it (for
     example only when a sparse mask skips enough tiles to beat the dense path). ``sparse_only`` promises
-    that automatic selection never picks it for a Full mask.
+    that automatic selection never picks it for a Full mask or a square Causal mask.
     """
     backend = Backend(
         name, forward, supports, priority, frozenset(auto_devices), description, auto_supports, sparse_only
@@ -159,12 +160,13 @@ def select_backend(args: tuple, requested: Optional[str]) -> Backend:
 
 def sdpa_runs_plain_calls(device_type: str) -> bool:
     """True when automatic selection is certain to pick the built-in "sdpa" backend for every plain call on
-    this device type -- Full mask, no bias, softmax, no weights returned, nothing requested by context or
-    environment -- without asking any backend; False when the choice may depend on the tensors (a user
-    backend of higher priority, the Triton kernel on CUDA): then attend() takes the general path.
+    this device type -- a Full mask or a square Causal one, no bias, softmax, no weights returned, nothing
+    requested by context or environment -- without asking any backend; False when the choice may depend on
+    the tensors (a user backend of higher priority, the Triton kernel on CUDA): then attend() takes the
+    general path.
 
-    ``attend(q, k, v)``, the call most models make, thus skips the per-call selection (a few microseconds;
-    ~3% of an N = 256 CPU forward, see docs/bench_attention.md).
+    ``attend(q, k, v)`` and ``attend(q, k, v, Causal())``, the calls most models make, thus skip the per-call
+    selection (a few microseconds; 1-2% of an N = 256 CPU forward, see docs/bench_attention.md).
     """
     if _CONTEXT or os.environ.get(ENV_VAR, "auto").strip() not in ("", "auto"):
         return False
@@ -216,10 +218,13 @@ def _sdpa_causal(mask: Mask, q_len: int, k_len: int) -> bool:
     return type(mask) is Causal and q_len == k_len
 
 
-def sdpa_plain(q, k, v, scale: float, dropout_p: float) -> torch.Tensor:
-    """SDPA for a Full mask without bias (the "sdpa" backend's common call; attend()'s plain-call path)."""
+def sdpa_plain(q, k, v, scale: float, dropout_p: float, is_causal: bool = False) -> torch.Tensor:
+    """SDPA without mask tensor or bias: Full, or Causal with Nq == Nk (SDPA's is_causal is top-left aligned)
+    -- the "sdpa" backend's common calls and attend()'s plain-call path."""
     gqa = int(q.shape[1]) != int(k.shape[1])  # int(): traced sizes are 0-d tensors under jit.trace
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+    )
 
 
 def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):

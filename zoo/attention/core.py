@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import backends as _backends
 from zoo.attention.bias import AttentionBias, resolve_bias
-from zoo.attention.masks import Mask, as_mask
+from zoo.attention.masks import Causal, Mask, as_mask
 from zoo.layers import check_finite_input, is_tracing, surely_finite
 
 __all__ = ["attend", "attention_reference", "SCORES"]
@@ -127,11 +127,12 @@ def attend(
     _validate(q, k, v, score, dropout_p, scale)
     batch, heads, q_len, head_dim = q.shape
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+    causal = type(mask) is Causal and q_len == k.shape[2]  # SDPA's own causal kernel
     if (
-        mask is None and bias is None and backend is None and not return_weights and score == "softmax"
-        and _backends.sdpa_runs_plain_calls(q.device.type)
-    ):  # the plain call most models make: straight to SDPA
-        result = _backends.sdpa_plain(q, k, v, scale, float(dropout_p))
+        (mask is None or causal) and bias is None and backend is None and not return_weights
+        and score == "softmax" and _backends.sdpa_runs_plain_calls(q.device.type)
+    ):  # the plain calls most models make: straight to SDPA
+        result = _backends.sdpa_plain(q, k, v, scale, float(dropout_p), causal)
     else:
         result = _dispatch(q, k, v, mask, bias, scale, score, dropout_p, return_weights, backend)
     if check_finite and q.is_cpu and not is_tracing():  # on CUDA: a device sync
