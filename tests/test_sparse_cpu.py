@@ -17,16 +17,22 @@ from zoo.attention.sparse import block_sparse_attention
 from attention_reference import naive_attention  # tests/attention_reference.py (pytest puts tests/ on sys.path)
 
 
-def _rand(*shape, g, dtype=torch.float64):
-    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(True)
+def _rand(*shape, g, dtype=torch.float64, spread=1.0):
+    return (torch.randn(*shape, generator=g, dtype=dtype) * spread).requires_grad_(True)
 
 
 def check(mask, b, h, hkv, nq, nk, d, dv=None, bias_shape=None, score="softmax", block_size=None, dtype=torch.float64,
-          tol=1e-10, seed=0):
+          tol=1e-10, seed=0, spread=1.0, bias=None):
+    """Values and gradients of block_sparse_attention against the float64 reference; ``spread`` scales q and
+    k (peaked softmax rows), ``bias`` a given bias tensor (else a random one of ``bias_shape``)."""
     g = torch.Generator().manual_seed(seed)
     dv = dv or d
-    q, k, v = _rand(b, h, nq, d, g=g, dtype=dtype), _rand(b, hkv, nk, d, g=g, dtype=dtype), _rand(b, hkv, nk, dv, g=g, dtype=dtype)
-    bias = None if bias_shape is None else _rand(*bias_shape, g=g, dtype=dtype)
+    q, k = _rand(b, h, nq, d, g=g, dtype=dtype, spread=spread), _rand(b, hkv, nk, d, g=g, dtype=dtype, spread=spread)
+    v = _rand(b, hkv, nk, dv, g=g, dtype=dtype)
+    if bias is not None:
+        bias = bias.detach().to(dtype).requires_grad_(True)
+    elif bias_shape is not None:
+        bias = _rand(*bias_shape, g=g, dtype=dtype)
     grad_out = torch.randn(b, h, nq, dv, generator=g, dtype=torch.float64)
     inputs = [q, k, v] + ([bias] if bias is not None else [])
     scale = 1 / math.sqrt(d)
@@ -146,6 +152,62 @@ def test_minus_inf_bias_rows_are_zero_like_the_reference():
     ref = attend(q, k, v, Window(4, 4), bias, backend="torch")
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     assert (ours[:, :, 5] == 0).all()
+
+
+@pytest.mark.parametrize("spread", [1.0, 6.0])
+def test_peaked_scores_exact_and_every_exp_argument_above_the_floor(spread, monkeypatch):
+    """Trained models put many scores far below their row's maximum: exp() of arguments under -87.3 (and of
+    -inf) leaves ATen's vector path (12-110x slower per element). With q and k scaled by 6 most shifted
+    scores are below -87: results and gradients still match the float64 reference, and no exp_() call of
+    the path sees an argument under sparse.EXP_FLOOR -- in batched groups with a short last key tile (no
+    shift at spread 1: the score bound proves it safe; shift + clamp at 6), PARTIAL tiles of a window,
+    fully masked rows and a -inf bias row."""
+    n, block = 200, 16
+    keep = torch.rand(13, 13, generator=torch.Generator().manual_seed(3)) < 0.35
+    keep[:, -1] = True  # every row visits the short last key tile: batched groups with a tail
+    allowed = Window(20, 5).dense(n, n)[0, 0].clone()
+    allowed[7] = False  # a row without keys
+    minus_inf_row = torch.zeros(1, 1, n, n, dtype=torch.float64)
+    minus_inf_row[..., 9, :] = -math.inf
+    cases = [
+        (BlockSparse(keep, block), None),
+        (Radial(5, 40, 1.0, block_size=16), None),
+        (Dense(allowed), None),
+        (Window(20, 5), minus_inf_row),
+    ]
+    seen, flushed = [], []
+    real_exp_, real_flushed = torch.Tensor.exp_, zs._exp_flushed_
+
+    def recording_exp_(self):
+        values = self[~torch.isnan(self)]
+        seen.append(float(values.min()) if values.numel() else 0.0)
+        return real_exp_(self)
+
+    def counting_flush(t):
+        flushed.append(mask)
+        return real_flushed(t)
+
+    for mask, bias in cases:
+        if bias is None:
+            check(mask, 1, 2, 1, n, n, 16, block_size=block, spread=spread)
+        else:  # the float64 reference of check() gives NaN for a row of -inf scores; attend()'s gives zeros
+            g = torch.Generator().manual_seed(4)
+            q, k, v = (torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64) * spread for _ in range(3))
+            ours = block_sparse_attention(q, k, v, mask, bias, block_size=block)
+            torch.testing.assert_close(ours, attend(q, k, v, mask, bias, backend="torch"), rtol=1e-10, atol=1e-10)
+            assert (ours[:, :, 9] == 0).all()
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (_rand(1, 2, n, 16, g=g, dtype=torch.float32, spread=spread) for _ in range(3))
+        monkeypatch.setattr(torch.Tensor, "exp_", recording_exp_)
+        monkeypatch.setattr(zs, "_exp_flushed_", counting_flush)
+        out = block_sparse_attention(q, k, v, mask, None if bias is None else bias.float(), block_size=block)
+        out.backward(torch.randn_like(out))
+        monkeypatch.undo()
+        assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    assert len(seen) >= 8 and min(seen) >= zs.EXP_FLOOR, min(seen)
+    # Without element-wise masks (the first two cases) small scores need no shift and no flush at all.
+    unmasked = [case for case in flushed if case is cases[0][0] or case is cases[1][0]]
+    assert (len(unmasked) == 0) if spread == 1.0 else (len(unmasked) > 0)
 
 
 def test_float32_float16_and_non_contiguous_inputs():

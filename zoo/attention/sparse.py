@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from zoo.attention import backends as _backends
 from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, Mask, Or, as_mask
@@ -174,6 +175,32 @@ class _Group:
     blocks: torch.Tensor
     count: int
     tail: int = 0  # zero-padded key columns at the end of every member (its last key tile is the short one)
+
+
+#: exp() on CPU leaves ATen's vector path for float32 arguments below about -87.3, whose results are
+#: denormal or zero, and for -inf: per element 12x (-inf) to 110x (-95) slower (docs/bench_attention.md), so a
+#: peaked softmax (trained models: many scores far below their row's maximum) or a masked tile would crawl.
+#: Every exp() here gets arguments >= EXP_FLOOR, by a bound that proves it or by :func:`_exp_flushed_`.
+EXP_FLOOR = -87.0
+_FLUSH_BELOW = math.exp(EXP_FLOOR + 0.5)
+#: exp() arguments proven to lie in [-SAFE_EXP_RANGE, SAFE_EXP_RANGE] need neither a shift nor a flush: no
+#: overflow, results >= e^-60 = 9e-27 (their products with the values and gradients stay normal numbers).
+SAFE_EXP_RANGE = 60.0
+
+
+def _exp_flushed_(s: torch.Tensor) -> torch.Tensor:
+    """In place: exp(s), exactly 0 where s <= EXP_FLOOR + 0.5 (-inf included), all on the vector path: clamp,
+    exp, then the clamped entries zeroed (F.threshold_). Zeroing drops weights below 3e-38 next to the weight 1
+    of a row's maximum (far below float32 resolution), keeps masked (-inf) entries exact zeros, and keeps such
+    tiny weights out of the products that follow, where they would turn into denormals (slow on x86)."""
+    return F.threshold_(s.clamp_(min=EXP_FLOOR).exp_(), _FLUSH_BELOW, 0.0)
+
+
+def score_bound(q_scaled: torch.Tensor, k: torch.Tensor) -> float:
+    """An upper bound on |scale * q_i . k_j| over all pairs (Cauchy-Schwarz: max |q_i| * max |k_j|; NaN for
+    non-finite inputs). When it is small, exp() needs no shift by the row maximum and no clamp (see
+    :class:`_Problem`)."""
+    return float(torch.linalg.vector_norm(q_scaled, dim=-1).amax()) * float(torch.linalg.vector_norm(k, dim=-1).amax())
 
 
 #: Score cells (batch * heads * rows * gathered columns) of one batched group. Batching cuts the number of
@@ -321,9 +348,21 @@ class _Workspace:
 
 
 class _Problem:
-    """Inputs of one map slice, laid out for tile computations."""
+    """Inputs of one map slice, laid out for tile computations.
 
-    def __init__(self, q, k, v, bias, sl: _Slice, q_len, k_len, scale, score, workspace: _Workspace):
+    ``bound`` (softmax without bias: :func:`score_bound`, else inf) decides how the batched groups and the
+    tiles without element-wise masking (every visited key allowed) take exp().
+    Every score is in [-bound, bound] and lse <= bound + log(Nk). With bound + log(Nk) <= SAFE_EXP_RANGE the
+    forward exponentiates the scores directly (no row-maximum pass, no shift: exp(s) neither overflows, nor
+    leaves the vector path, nor sums past float32's range) and lse = log(sum); with 2 * bound + log(Nk) <=
+    SAFE_EXP_RANGE the backward's exp(q.k - lse) needs no flush either. Otherwise the groups shift and flush
+    (:func:`_exp_flushed_`) like the other tiles.
+    """
+
+    def __init__(self, q, k, v, bias, sl: _Slice, q_len, k_len, scale, score, workspace: _Workspace, bound):
+        log_nk = math.log(max(k_len, 1))
+        self.shift_free = bound + log_nk <= SAFE_EXP_RANGE  # False for NaN / inf
+        self.clamp_backward = not 2 * bound + log_nk <= SAFE_EXP_RANGE
         self.ws = workspace
         self.q = q[sl.b, sl.h]  # already scaled
         self.k = k[sl.b, sl.kv]
@@ -353,6 +392,7 @@ class _Problem:
         for offset, width, forbidden in tile.spans:
             s5[..., offset : offset + width].masked_fill_(_grouped5(forbidden, self.kv_heads, self.groups), fill)
         return s
+
 
 
 def _tile_rows(t: torch.Tensor, p: _Problem) -> torch.Tensor:
@@ -394,23 +434,37 @@ def _matmul(p: _Problem, slot: str, a: torch.Tensor, b: torch.Tensor) -> torch.T
     return torch.matmul(a, b, out=p.ws.take(slot, (*a.shape[:-1], b.shape[-1])))
 
 
-def _group_scores(p: _Problem, group: _Group, q_g: torch.Tensor, k_g: torch.Tensor, slot: str) -> torch.Tensor:
-    """(B', Hkv, T, G * block_q, M) scores; the zero-padded columns past Nk (``tail``) set to -inf."""
+def _group_probabilities(p: _Problem, group: _Group, q_g, k_g, slot: str, *, shift: bool, clamp: bool):
+    """exp of the (B', Hkv, T, G * block_q, M) products q_g . k_g, shifted by their row maximum (``shift``;
+    returned, else None), through :func:`_exp_flushed_` (``clamp``); the zero-padded columns past Nk
+    (``tail``) are zero afterwards (kept out of the maximum first)."""
     s = _matmul(p, slot, q_g, k_g.transpose(-1, -2))
+    tail = slice(s.shape[-1] - group.tail, None)
+    row_max = None
+    if shift:
+        if group.tail:
+            s[..., tail] = float("-inf")
+        row_max = s.amax(-1, keepdim=True)
+        s.sub_(row_max)
+    if clamp:
+        _exp_flushed_(s)
+    else:
+        s.exp_()
     if group.tail:
-        s[..., s.shape[-1] - group.tail :] = float("-inf")
-    return s
+        s[..., tail] = 0.0
+    return s, row_max
 
 
 def _forward_group(p: _Problem, group: _Group, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Softmax without bias for a batch of query tiles (every visited tile FULL: no row is empty)."""
-    s = _group_scores(p, group, _gather_rows(p.q, p, group), _gather_keys(p.k, p, group, "keys"), "scores")
-    row_max = s.amax(-1, keepdim=True)
-    s.sub_(row_max).exp_()
+    q_g, k_g = _gather_rows(p.q, p, group), _gather_keys(p.k, p, group, "keys")
+    shift = not p.shift_free
+    s, row_max = _group_probabilities(p, group, q_g, k_g, "scores", shift=shift, clamp=shift)
     denom = s.sum(-1, keepdim=True)
     o = torch.matmul(s, _gather_keys(p.v, p, group, "keys")).div_(denom)  # K tiles are dead: reuse the slot
     _put_rows(out, o, p, group)
-    _put_rows(lse.unsqueeze(-1), row_max.add_(denom.log_()), p, group)
+    row_lse = denom.log_() if row_max is None else row_max.add_(denom.log_())
+    _put_rows(lse.unsqueeze(-1), row_lse, p, group)
 
 
 def _add_key_tiles(target: torch.Tensor, src: torch.Tensor, p: _Problem, group: _Group) -> None:
@@ -443,7 +497,7 @@ def _backward_group(p: _Problem, group: _Group, q_aug, do_aug, k_aug, v_aug, dq,
     d, d_v = q_aug.shape[-1] - 1, do_aug.shape[-1] - 1
     q_a, do_a = _gather_rows(q_aug, p, group), _gather_rows(do_aug, p, group)
     k_a, v_a = _gather_keys(k_aug, p, group, "keys"), _gather_keys(v_aug, p, group, "values")
-    prob = _group_scores(p, group, q_a, k_a, "scores").exp_()  # exp(q.k - lse)
+    prob, _ = _group_probabilities(p, group, q_a, k_a, "scores", shift=False, clamp=p.clamp_backward)  # exp(q.k - lse)
     _add_key_tiles(dv, _matmul(p, "key_grads", prob.transpose(-1, -2), do_a[..., :d_v]), p, group)
     ds = _matmul(p, "score_grads", do_a, v_a.transpose(-1, -2))  # dP - delta (padded columns: P = 0 below)
     ds.mul_(prob)  # dS = P * (dP - delta)
@@ -465,10 +519,14 @@ def _forward_tiles(p: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
         r = tile.r1 - tile.r0
         kt, vt = _columns(p.k, tile, p.sl.block_k), _columns(p.v, tile, p.sl.block_k)
         s = p.scores(tile, kt)
-        if p.score == "softmax":
+        if p.score == "softmax" and p.shift_free and not tile.spans:  # FULL tiles only: every row has keys
+            denom = s.exp_().sum(-1, keepdim=True)  # |s| <= bound: no shift needed (see _Problem)
+            o = torch.matmul(s, vt).div_(denom)
+            lse[:, :, tile.r0 : tile.r1] = denom.log_().view(b, hkv * g, r)
+        elif p.score == "softmax":
             row_max = s.amax(-1, keepdim=True)
             row_max.masked_fill_(row_max == float("-inf"), 0.0)
-            s.sub_(row_max).exp_()
+            _exp_flushed_(s.sub_(row_max))  # masked (-inf) entries and rows without keys: exact zeros
             denom = s.sum(-1, keepdim=True)
             o = torch.matmul(s, vt)
             o.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
@@ -496,7 +554,11 @@ def _backward_tiles(p: _Problem, out, d_out, lse, dq, dk, dv, dbias) -> None:
         prob = p.scores(tile, kt)  # softmax: scores, turned into probabilities below
         do_t = d_out[:, :, tile.r0 : tile.r1].reshape(b, hkv, g * r, -1)
         if p.score == "softmax":
-            prob.sub_(lse[:, :, tile.r0 : tile.r1].reshape(b, hkv, g * r, 1)).exp_()
+            prob.sub_(lse[:, :, tile.r0 : tile.r1].reshape(b, hkv, g * r, 1))
+            if p.clamp_backward or tile.spans:
+                _exp_flushed_(prob)
+            else:
+                prob.exp_()
         dv_t = torch.matmul(prob.transpose(-1, -2), do_t)
         ds = torch.matmul(do_t, vt.transpose(-1, -2))  # dP
         if p.score == "softmax":
@@ -541,12 +603,13 @@ class _BlockSparseAttention(torch.autograd.Function):
         out = q.new_zeros(batch, heads, q_len, v.shape[-1])
         lse = q.new_full((batch, heads, q_len), float("inf"))
         workspace = _Workspace(q_scaled)
+        bound = score_bound(q_scaled, k) if bias is None and score == "softmax" else math.inf
         for sl in plan:
-            problem = _Problem(q_scaled, k, v, bias, sl, q_len, k_len, scale, score, workspace)
+            problem = _Problem(q_scaled, k, v, bias, sl, q_len, k_len, scale, score, workspace, bound)
             _forward_tiles(problem, out[sl.b, sl.h], lse[sl.b, sl.h])
         if needs_grad:
             ctx.save_for_backward(q_scaled, k, v, bias, out, lse)
-            ctx.plan, ctx.scale, ctx.score, ctx.k_len = plan, scale, score, k_len
+            ctx.plan, ctx.scale, ctx.score, ctx.k_len, ctx.bound = plan, scale, score, k_len, bound
         return out
 
     @staticmethod
@@ -562,7 +625,7 @@ class _BlockSparseAttention(torch.autograd.Function):
             dbias = torch.zeros(bias.shape, dtype=torch.promote_types(bias.dtype, torch.float32), device=bias.device)
         workspace = _Workspace(q_scaled)
         for sl in ctx.plan:
-            problem = _Problem(q_scaled, k, v, bias, sl, q_len, k_len, ctx.scale, ctx.score, workspace)
+            problem = _Problem(q_scaled, k, v, bias, sl, q_len, k_len, ctx.scale, ctx.score, workspace, ctx.bound)
             _backward_tiles(
                 problem, out[sl.b, sl.h], d_out[sl.b, sl.h], lse[sl.b, sl.h],
                 dq[sl.b, sl.h], dk[sl.b, sl.kv], dv[sl.b, sl.kv], dbias,
