@@ -16,7 +16,10 @@ key tiles. Working memory is the scores of one query tile (or one batch of tiles
 keys plus zero-padded copies of K and V, never O(Nq x Nk) (except the bias gradient, which has the bias'
 own shape). Softmax without bias batches the query tiles that visit the same number of whole FULL key tiles
 (gathered layouts: Radial, random block maps): one gather and one op per step for up to GROUP_CELLS score
-cells, instead of one tile at a time; the zero-padded columns of a short last key tile are set to -inf. The plan (kept
+cells, instead of one tile at a time; the zero-padded columns of a short last key tile get zero weight. Every
+exp() argument stays at or above EXP_FLOOR (ATen's CPU exp() is 12-110x slower below it): masked and shifted
+scores go through a clamp and a flush to exact zeros, and when a bound on |q . k| proves the scores small the
+groups skip the row-maximum shift altogether (:class:`_Problem`). The plan (kept
 key tiles per query tile, and the element-wise masks of PARTIAL tiles only) is cached per mask object
 and problem size, like the mask's block maps.
 
