@@ -485,3 +485,32 @@ def test_gatv2_attention_destination_arguments_are_checked():
         gatv2_attention(xs, None, att, csr, dst_projection=(x_dst, w_dst[:, :4], None))
     with pytest.raises(ValueError, match="destination nodes"):
         gatv2_attention(xs, None, att, csr, dst_projection=(x_dst[:-1], w_dst, None))
+
+
+def test_peaked_attention_matches_pyg_and_keeps_exp_on_its_fast_path(monkeypatch):
+    """Features scaled by 300: most softmax weights underflow (shifted scores far below -87, where ATen's CPU
+    exp() leaves its vector path). The fused layer still matches PyG (values, attention, gradients) and
+    none of its exp_() calls sees an argument under zoo.layers.EXP_FLOOR."""
+    from zoo.layers import EXP_FLOOR
+
+    ours, peer = _pair(GATv2Conv, pyg_nn.GATv2Conv, 6, 5, heads=3)
+    ei = _graph(num_nodes=40, num_edges=400, seed=3)
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(4)) * 300
+    seen, real_exp_ = [], torch.Tensor.exp_
+
+    def recording_exp_(self):
+        seen.append(float(self[~self.isnan()].min()) if self.numel() else 0.0)
+        return real_exp_(self)
+
+    monkeypatch.setattr(torch.Tensor, "exp_", recording_exp_)
+    o1, e1, a1, g1 = _run(ours, [x], ei)
+    monkeypatch.undo()
+    o2, e2, a2, g2 = _run(peer, [x], ei)
+    assert seen and min(seen) >= EXP_FLOOR
+    assert float((a2 < 1e-37).float().mean()) > 0.2  # the case this test is about
+    assert torch.equal(e1, e2)
+    torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(a1, a2, rtol=1e-4, atol=1e-6)
+    for a, b in zip(g1, g2):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * max(1.0, float(b.abs().max())))

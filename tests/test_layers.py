@@ -6,7 +6,9 @@ import torch
 from timm.layers import DropPath as TimmDropPath
 from timm.layers import LayerScale as TimmLayerScale
 
-from zoo.layers import DropPath, LayerScale, check_finite_input, is_tracing, surely_finite, to_pair
+import math
+
+from zoo.layers import EXP_FLOOR, DropPath, LayerScale, check_finite_input, exp_flushed_, is_tracing, surely_finite, to_pair
 
 
 def test_to_pair_accepts_ints_and_pairs_and_names_bad_values():
@@ -96,3 +98,19 @@ def test_surely_finite_sizes_and_overflow():
     huge = torch.full((4,), 3e38)
     assert not surely_finite(huge, huge)  # finite, but the dot overflows: the exact scan decides
     check_finite_input(huge, "x")  # ... and the scan finds nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_flushed_is_exp_with_exact_zeros_below_the_floor_and_keeps_nan(dtype):
+    """exp_flushed_: exp() above EXP_FLOOR + 0.5, exactly 0 at or below it and for -inf (so a softmax never
+    feeds exp() the arguments that leave its vector path), NaN and +inf unchanged (NaN checks still fire)."""
+    x = torch.tensor([-math.inf, -1000.0, -100.0, -87.0, -86.6, -86.4, -10.0, 0.0, 3.0, math.inf, math.nan], dtype=dtype)
+    got = exp_flushed_(x.clone())
+    want = torch.exp(x)
+    below = x <= EXP_FLOOR + 0.5
+    assert (got[below] == 0).all()
+    torch.testing.assert_close(got[~below & ~x.isnan()], want[~below & ~x.isnan()], rtol=1e-6, atol=0.0)
+    assert torch.isnan(got[-1]) and got[-2] == math.inf
+    big = torch.linspace(-300.0, 0.0, 10_000, dtype=dtype)
+    out = big.clone()
+    assert exp_flushed_(out) is out  # in place

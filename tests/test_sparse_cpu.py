@@ -13,6 +13,7 @@ from zoo.attention import backends as zb
 from zoo.attention import sparse as zs
 from zoo.attention.radial import Radial
 from zoo.attention.sparse import block_sparse_attention
+from zoo.layers import EXP_FLOOR
 
 from attention_reference import naive_attention  # tests/attention_reference.py (pytest puts tests/ on sys.path)
 
@@ -159,7 +160,7 @@ def test_peaked_scores_exact_and_every_exp_argument_above_the_floor(spread, monk
     """Trained models put many scores far below their row's maximum: exp() of arguments under -87.3 (and of
     -inf) leaves ATen's vector path (12-110x slower per element). With q and k scaled by 6 most shifted
     scores are below -87: results and gradients still match the float64 reference, and no exp_() call of
-    the path sees an argument under sparse.EXP_FLOOR -- in batched groups with a short last key tile (no
+    the path sees an argument under zoo.layers.EXP_FLOOR -- in batched groups with a short last key tile (no
     shift at spread 1: the score bound proves it safe; shift + clamp at 6), PARTIAL tiles of a window,
     fully masked rows and a -inf bias row."""
     n, block = 200, 16
@@ -204,7 +205,7 @@ def test_peaked_scores_exact_and_every_exp_argument_above_the_floor(spread, monk
         out.backward(torch.randn_like(out))
         monkeypatch.undo()
         assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
-    assert len(seen) >= 8 and min(seen) >= zs.EXP_FLOOR, min(seen)
+    assert len(seen) >= 8 and min(seen) >= EXP_FLOOR, min(seen)
     # Without element-wise masks (the first two cases) small scores need no shift and no flush at all.
     unmasked = [case for case in flushed if case is cases[0][0] or case is cases[1][0]]
     assert (len(unmasked) == 0) if spread == 1.0 else (len(unmasked) > 0)

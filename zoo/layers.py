@@ -90,6 +90,23 @@ def check_finite_input(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or Inf values")
 
 
+#: exp() on CPU leaves ATen's vector path for float32 arguments below about -87.3 (denormal or zero results) and
+#: for -inf: per element 12x (-inf) to 110x (-95) slower (torch 2.11; docs/bench_attention.md), and
+#: torch.set_flush_denormal does not help. A softmax of a trained model has many scores far below its row's
+#: maximum, and masked scores are -inf: the zoo's CPU softmax paths keep exp() arguments at or above this.
+EXP_FLOOR = -87.0
+_FLUSH_BELOW = math.exp(EXP_FLOOR + 0.5)
+
+
+def exp_flushed_(s: torch.Tensor) -> torch.Tensor:
+    """In place: exp(s), exactly 0 where s <= EXP_FLOOR + 0.5 (-inf included), all on exp()'s vector path: clamp,
+    exp, then the clamped entries zeroed (F.threshold_). For shifted softmax scores (s <= 0, the row maximum at
+    0) this drops weights below 3e-38 next to the maximum's 1, far below float32 resolution; masked (-inf) entries
+    stay exact zeros, and no such tiny weight reaches the products that follow, where it would become a
+    denormal (slow on x86). Not for autograd (in place)."""
+    return torch.nn.functional.threshold_(s.clamp_(min=EXP_FLOOR).exp_(), _FLUSH_BELOW, 0.0)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: in training, drop a residual branch per sample with probability ``drop_prob`` and
     rescale the kept samples by 1 / (1 - drop_prob); identity in evaluation."""

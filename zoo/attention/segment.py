@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zoo.layers import exp_flushed_
+
 __all__ = [
     "CSR",
     "build_csr",
@@ -216,7 +218,7 @@ def _block_max(s_cH: Tensor, dst_local: Tensor, n: int) -> Tensor:
 def _block_softmax(s_cH: Tensor, dst_local: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """softmax over the destination segments of one block; returns (alpha [c, H], lse [n, H])."""
     m = _block_max(s_cH, dst_local, n)
-    p = (s_cH - m[dst_local]).exp_()
+    p = exp_flushed_(s_cH - m[dst_local])  # not exp_(): see zoo.layers.EXP_FLOOR
     l = s_cH.new_zeros((n, s_cH.size(1))).index_add_(0, dst_local, p)
     p.div_(l[dst_local])
     return p, m + l.log()
@@ -287,7 +289,7 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
         for n0, n1, e0, e1 in csr.blocks(ctx.chunk // max(1, H * C)):
             dl = csr.row[e0:e1] - n0
             col = csr.col[e0:e1]
-            alpha = (s_EH[e0:e1].to(cdt) - lse[csr.row[e0:e1]]).exp_()  # softmax, recomputed
+            alpha = exp_flushed_(s_EH[e0:e1].to(cdt) - lse[csr.row[e0:e1]])  # softmax, recomputed
             kf = None if keep is None else keep[e0:e1].to(cdt) * scale
             g_cHC = g_NHC.index_select(0, csr.row[e0:e1])
             if gv is not None:
@@ -518,7 +520,7 @@ class _GATv2Attention(torch.autograd.Function):
                 del xs_c, xd_b
                 pos = z > 0
                 lz_cF = F.leaky_relu_(z, slope).view(-1, H * C)  # in place: z is now LeakyReLU(z)
-                alpha = (lz_cF @ w_att).sub_(lse[row]).exp_()  # [c, H] softmax, recomputed
+                alpha = exp_flushed_((lz_cF @ w_att).sub_(lse[row]))  # [c, H] softmax, recomputed
                 kf = None if keep is None else keep[e0:e1].to(cdt) * kscale
                 a_eff = alpha if kf is None else alpha * kf
                 if kf is not None:

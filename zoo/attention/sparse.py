@@ -47,12 +47,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from zoo.attention import backends as _backends
 from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, Mask, Or, as_mask
 from zoo.attention.radial import Radial
 from zoo.layers import is_tracing
+from zoo.layers import exp_flushed_ as _exp_flushed_
 
 __all__ = ["block_sparse_attention", "choose_tiles", "AUTO_MAX_KEPT", "AUTO_MIN_CELLS", "DEFAULT_TILE"]
 
@@ -180,23 +180,11 @@ class _Group:
     tail: int = 0  # zero-padded key columns at the end of every member (its last key tile is the short one)
 
 
-#: exp() on CPU leaves ATen's vector path for float32 arguments below about -87.3, whose results are
-#: denormal or zero, and for -inf: per element 12x (-inf) to 110x (-95) slower (docs/bench_attention.md), so a
-#: peaked softmax (trained models: many scores far below their row's maximum) or a masked tile would crawl.
-#: Every exp() here gets arguments >= EXP_FLOOR, by a bound that proves it or by :func:`_exp_flushed_`.
-EXP_FLOOR = -87.0
-_FLUSH_BELOW = math.exp(EXP_FLOOR + 0.5)
+#: Every exp() here gets arguments >= EXP_FLOOR (zoo.layers: ATen's CPU exp() is 12-110x slower below it), by
+#: a bound that proves it or through :func:`zoo.layers.exp_flushed_`.
 #: exp() arguments proven to lie in [-SAFE_EXP_RANGE, SAFE_EXP_RANGE] need neither a shift nor a flush: no
 #: overflow, results >= e^-60 = 9e-27 (their products with the values and gradients stay normal numbers).
 SAFE_EXP_RANGE = 60.0
-
-
-def _exp_flushed_(s: torch.Tensor) -> torch.Tensor:
-    """In place: exp(s), exactly 0 where s <= EXP_FLOOR + 0.5 (-inf included), all on the vector path: clamp,
-    exp, then the clamped entries zeroed (F.threshold_). Zeroing drops weights below 3e-38 next to the weight 1
-    of a row's maximum (far below float32 resolution), keeps masked (-inf) entries exact zeros, and keeps such
-    tiny weights out of the products that follow, where they would turn into denormals (slow on x86)."""
-    return F.threshold_(s.clamp_(min=EXP_FLOOR).exp_(), _FLUSH_BELOW, 0.0)
 
 
 def score_bound(q_scaled: torch.Tensor, k: torch.Tensor) -> float:
