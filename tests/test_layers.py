@@ -8,7 +8,9 @@ from timm.layers import LayerScale as TimmLayerScale
 
 import math
 
-from zoo.layers import EXP_FLOOR, DropPath, LayerScale, check_finite_input, exp_flushed_, is_tracing, surely_finite, to_pair
+from zoo.layers import (
+    EXP_FLOOR, DropPath, LayerScale, check_finite_input, exp_flushed_, is_tracing, surely_finite, to_pair,
+)
 
 
 def test_to_pair_accepts_ints_and_pairs_and_names_bad_values():
@@ -104,7 +106,9 @@ def test_surely_finite_sizes_and_overflow():
 def test_exp_flushed_is_exp_with_exact_zeros_below_the_floor_and_keeps_nan(dtype):
     """exp_flushed_: exp() above EXP_FLOOR + 0.5, exactly 0 at or below it and for -inf (so a softmax never
     feeds exp() the arguments that leave its vector path), NaN and +inf unchanged (NaN checks still fire)."""
-    x = torch.tensor([-math.inf, -1000.0, -100.0, -87.0, -86.6, -86.4, -10.0, 0.0, 3.0, math.inf, math.nan], dtype=dtype)
+    x = torch.tensor(
+        [-math.inf, -1000.0, -100.0, -87.0, -86.6, -86.4, -10.0, 0.0, 3.0, math.inf, math.nan], dtype=dtype
+    )
     got = exp_flushed_(x.clone())
     want = torch.exp(x)
     below = x <= EXP_FLOOR + 0.5

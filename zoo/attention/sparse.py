@@ -51,8 +51,7 @@ import torch
 from zoo.attention import backends as _backends
 from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, Mask, Or, as_mask
 from zoo.attention.radial import Radial
-from zoo.layers import is_tracing
-from zoo.layers import exp_flushed_ as _exp_flushed_
+from zoo.layers import exp_flushed_ as _exp_flushed_, is_tracing
 
 __all__ = ["block_sparse_attention", "choose_tiles", "AUTO_MAX_KEPT", "AUTO_MIN_CELLS", "DEFAULT_TILE"]
 
@@ -191,7 +190,8 @@ def score_bound(q_scaled: torch.Tensor, k: torch.Tensor) -> float:
     """An upper bound on |scale * q_i . k_j| over all pairs (Cauchy-Schwarz: max |q_i| * max |k_j|; NaN for
     non-finite inputs). When it is small, exp() needs no shift by the row maximum and no clamp (see
     :class:`_Problem`)."""
-    return float(torch.linalg.vector_norm(q_scaled, dim=-1).amax()) * float(torch.linalg.vector_norm(k, dim=-1).amax())
+    q_max = float(torch.linalg.vector_norm(q_scaled, dim=-1).amax())
+    return q_max * float(torch.linalg.vector_norm(k, dim=-1).amax())
 
 
 #: Score cells (batch * heads * rows * gathered columns) of one batched group. Batching cuts the number of
@@ -385,7 +385,6 @@ class _Problem:
         return s
 
 
-
 def _tile_rows(t: torch.Tensor, p: _Problem) -> torch.Tensor:
     """(B', H', Nq, ...) -> view (B', Hkv, G, QBf, block_q, ...) over the whole query tiles."""
     bq = p.sl.block_q
@@ -488,7 +487,8 @@ def _backward_group(p: _Problem, group: _Group, q_aug, do_aug, k_aug, v_aug, dq,
     d, d_v = q_aug.shape[-1] - 1, do_aug.shape[-1] - 1
     q_a, do_a = _gather_rows(q_aug, p, group), _gather_rows(do_aug, p, group)
     k_a, v_a = _gather_keys(k_aug, p, group, "keys"), _gather_keys(v_aug, p, group, "values")
-    prob, _ = _group_probabilities(p, group, q_a, k_a, "scores", shift=False, clamp=p.clamp_backward)  # exp(q.k - lse)
+    # exp(q.k - lse)
+    prob, _ = _group_probabilities(p, group, q_a, k_a, "scores", shift=False, clamp=p.clamp_backward)
     _add_key_tiles(dv, _matmul(p, "key_grads", prob.transpose(-1, -2), do_a[..., :d_v]), p, group)
     ds = _matmul(p, "score_grads", do_a, v_a.transpose(-1, -2))  # dP - delta (padded columns: P = 0 below)
     ds.mul_(prob)  # dS = P * (dP - delta)
