@@ -379,3 +379,33 @@ def test_bad_masks_and_biases_raise_clear_errors():
         attend(q, k, v, dropout_p=1.5)
     with pytest.raises(TypeError, match="mask must be"):
         attend(q, k, v, mask="causal")
+
+
+def test_reference_backend_without_autograd_keeps_exp_on_its_fast_path(monkeypatch):
+    """With no graph to record (inference, attention maps for pictures) the "torch" backend exponentiates in
+    place through zoo.layers.exp_flushed_: no exp argument under EXP_FLOOR for masked (-inf) or far-off
+    scores (they leave ATen's vector path), same values and weights as the float64 reference, a fully masked
+    row stays zero. With autograd it keeps plain exp (covered by the reference tests above)."""
+    from zoo.layers import EXP_FLOOR
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) * s for s in (6.0, 6.0, 1.0))
+    allowed = Window(6, 3).dense(40, 40)[0, 0].clone()
+    allowed[11] = False
+    seen, real_exp, real_exp_ = [], torch.exp, torch.Tensor.exp_
+
+    def low(x):
+        finite = x[~x.isnan()]
+        return float(finite.min()) if finite.numel() else 0.0
+
+    monkeypatch.setattr(torch, "exp", lambda x, *a, **kw: seen.append(low(x)) or real_exp(x, *a, **kw))
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda self: seen.append(low(self)) or real_exp_(self))
+    with torch.no_grad():
+        out, weights = attend(q, k, v, Dense(allowed), backend="torch", return_weights=True)
+    monkeypatch.undo()
+    assert seen and min(seen) >= EXP_FLOOR
+    ref = naive_attention(q, k, v, allowed, None, 0.25, "softmax")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    assert (out[:, :, 11] == 0).all() and (weights[:, :, 11] == 0).all()
+    assert (weights[..., ~allowed] == 0).all()
+    torch.testing.assert_close(weights.sum(-1)[:, :, allowed.any(-1)], torch.ones(1, 2, 39))

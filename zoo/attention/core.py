@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import backends as _backends
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.masks import Causal, Mask, as_mask
-from zoo.layers import check_finite_input, is_tracing, surely_finite
+from zoo.layers import check_finite_input, exp_flushed_, is_tracing, surely_finite
 
 __all__ = ["attend", "attention_reference", "SCORES"]
 
@@ -214,7 +214,10 @@ def _rows(
             s = s.masked_fill(~allowed, float("-inf"))
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-        e = torch.exp(s - row_max)
+        e = s - row_max
+        # No graph to record: exp in place, off ATen's slow path for masked (-inf) and far-off scores
+        # (zoo.layers.EXP_FLOOR). With autograd: plain exp (an out-of-place flush cost ~10% there).
+        e = torch.exp(e) if torch.is_grad_enabled() and e.requires_grad or is_tracing() else exp_flushed_(e)
         denom = e.sum(dim=-1, keepdim=True)
         p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
     else:
