@@ -125,7 +125,7 @@ def attend(
         (B, H, Nq, Dv) output, or (output, weights) when ``return_weights``.
     """
     _validate(q, k, v, score, dropout_p, scale)
-    batch, heads, q_len, head_dim = q.shape
+    _, _, q_len, head_dim = q.shape
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     causal = type(mask) is Causal and q_len == k.shape[2]  # SDPA's own causal kernel
     if (

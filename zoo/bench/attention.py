@@ -27,9 +27,11 @@ Parts (default: core, sparse, tiles on CPU; gpu as well when CUDA is available):
   forward+backward; PASS/FAIL lines for the issue's H100 targets. Without a GPU this part prints that GPU
   timings need one (``--gpu-device cpu`` runs it under the Triton interpreter at tiny sizes, for tests).
 
-Every figure: the median of ``--repeats`` interleaved runs (A B A B ...) after ``--warmup`` calls
-(zoo.bench.timing.interleaved_medians), fixed threads and seeds. Ratios are peer time / ours (higher is
-better for us). Tables are printed as Markdown, ready for docs/bench_attention.md.
+Every figure: medians of ``--repeats`` interleaved rounds after ``--warmup`` calls (zoo.bench.timing:
+rounds rotate and every other one runs backwards), fixed threads and seeds. CPU ratios are medians of the
+per-round ratios (paired_ratio): attend / SDPA time in the core part (lower is better), SDPA / zoo time in
+the sparse part (the speed-up); the GPU part reports ratios of medians. Tables are printed as Markdown, ready
+for docs/bench_attention.md.
 """
 from __future__ import annotations
 

@@ -30,13 +30,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 from typing import Optional
 
 import torch
 
-from zoo.bench.timing import interleaved_samples, machine_description, paired_ratio, peak_rss_mb_subprocess, set_threads
+from zoo.bench.timing import (
+    interleaved_samples, machine_description, medians, paired_ratio, peak_rss_mb_subprocess, set_threads,
+)
 
 __all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
 
@@ -204,9 +205,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     out_err, grad_err = _check(x, ei, ours, peer)
                     fns["pyg"] = _step(peer, x, ei)
                 samples = interleaved_samples(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
-                t_zoo = statistics.median(samples["zoo"])
+                t = medians(samples)
+                t_zoo = t["zoo"]
                 if "pyg" in samples:  # the median over rounds of PyG time / zoo time in that round
-                    t_pyg, speedup = statistics.median(samples["pyg"]), paired_ratio(samples["pyg"], samples["zoo"])
+                    t_pyg, speedup = t["pyg"], paired_ratio(samples["pyg"], samples["zoo"])
                 del x, ei, ours, peer, fns
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()

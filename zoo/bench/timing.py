@@ -11,8 +11,10 @@ from typing import Callable
 
 import torch
 
-__all__ = ["interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description", "peak_rss_mb_subprocess",
-           "set_threads"]
+__all__ = [
+    "interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description",
+    "peak_rss_mb_subprocess", "set_threads",
+]
 
 
 def set_threads(num_threads: int | None = None) -> int:

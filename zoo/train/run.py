@@ -95,7 +95,6 @@ def _resolve_run_dir(cfg) -> Path:
 # --------------------------------------------------------------------------------------------------
 def build(cfg, model: Optional[torch.nn.Module] = None):
     """(LightningModule, DataModule) for ``cfg``; ``model`` replaces ``cfg.model`` when given."""
-
     task = cfg.task
     if "_target_" not in task and task.get("module"):
         built = importlib.import_module(str(task.module)).build(cfg)
