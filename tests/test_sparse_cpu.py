@@ -258,9 +258,13 @@ def test_batched_query_tiles_match_reference():
     plan = zs._plan(mask, None, 2, 4, 2, n, n, block, block, "cpu")
     assert plan[0].groups and any(grp.tail for grp in plan[0].groups)
     assert sum(grp.q_tiles.numel() for grp in plan[0].groups) + len(plan[0].rest) == len(plan[0].tiles)
+    sizes = [grp.blocks.numel() for grp in plan[0].groups]
+    assert sizes == sorted(sizes, reverse=True)  # largest first: workspace slots sized once
     check(mask, 2, 4, 2, n, n, 16, block_size=block)
     per_head = _random_blocks(n, n, block, 0.4, seed=12, lead=(1, 2))
     check(per_head, 1, 2, 1, n, n, 24, block_size=block)
+    # Batch 2 with a map per head: each head's K/V slice is strided (gathers and sums along the tile dim).
+    check(per_head, 2, 2, 2, n, n, 24, block_size=block)
     radial = Radial(5, 40, 1.0, block_size=16)
     assert zs._plan(radial, None, 1, 2, 2, 200, 200, 16, 16, "cpu")[0].groups
     check(radial, 1, 2, 2, 200, 200, 16, block_size=16)
