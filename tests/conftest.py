@@ -22,6 +22,18 @@ if not torch.cuda.is_available():
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Benchmarks called from tests fix torch's thread count (zoo.bench.timing.set_threads): put it back, so
+    the tests after them in this worker run with the worker's share of the cores."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 TINY_VIT = ["+model.embed_dim=16", "+model.depth=1", "+model.num_heads=2", "+model.mlp_ratio=2.0"]
 FAST_RUN = ["experiment=vit_digits", "debug=fast", "num_threads=1", *TINY_VIT]
 

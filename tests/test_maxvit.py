@@ -475,3 +475,17 @@ def test_finetune_from_shipped_checkpoint_with_new_head(tmp_path, caplog):
     key = "stages.0.blocks.0.attn_block.attn.rel_pos.relative_position_bias_table"
     assert not torch.equal(pre.state_dict()[key], post.state_dict()[key])  # fine-tuned, from the checkpoint
     assert (pre.state_dict()[key] - post.state_dict()[key]).abs().max() < 0.1
+
+
+def test_bench_vision_maxvit_padding_table(capsys):
+    """`python -m zoo.bench.vision_maxvit`: one row per input size; the unpadded size is the reference (per-pixel
+    cost exactly 1), the padded one's ratio comes from the same rounds (paired)."""
+    from zoo.bench import vision_maxvit
+
+    assert vision_maxvit.main(["--model", "maxvit_debug", "--size", "64", "--odd", "50", "--batch", "1",
+                               "--repeats", "2", "--warmup", "0", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64x64") or line.startswith("| 50x50")]
+    assert len(rows) == 2
+    assert rows[0].rstrip(" |").endswith("1.000")
+    ratio = float(rows[1].rstrip(" |").rsplit("|", 1)[1])
+    assert 0.0 < ratio < 100.0

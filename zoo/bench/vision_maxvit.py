@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from zoo.bench.timing import interleaved_medians, machine_description, set_threads
+from zoo.bench.timing import interleaved_samples, machine_description, medians, paired_ratio, set_threads
 
 __all__ = ["CASES", "main"]
 
@@ -89,19 +89,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         return f
 
-    times = interleaved_medians({k: run(x) for k, x in inputs.items()}, repeats=args.repeats, warmup=args.warmup)
+    samples = interleaved_samples({k: run(x) for k, x in inputs.items()}, repeats=args.repeats, warmup=args.warmup)
+    times = medians(samples)
     print(f"# python -m zoo.bench.vision_maxvit {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}; {machine_description()}; threads {threads}; fp32; "
           f"no_grad; batch {args.batch}; repeats {args.repeats}, warmup {args.warmup}")
     base_key = f"{args.size}x{args.size}"
-    base_per_px = times[base_key] / (args.size * args.size)
+    base_px = args.size * args.size
+    # per-pixel cost ratio: median over rounds of (t / px) / (t_base / px_base), both timed in the same round
     print("| input | median ms | img/s | ms per Mpx | per-pixel cost vs unpadded |")
     print("|---|---|---|---|---|")
     for key, x in inputs.items():
         px = x.shape[-1] * x.shape[-2]
-        per_px = times[key] / px
-        print(f"| {key} | {1e3 * times[key]:.1f} | {args.batch / times[key]:.1f} | {1e9 * per_px / args.batch:.1f} | "
-              f"{per_px / base_per_px:.3f} |")
+        per_px_ratio = paired_ratio(samples[key], samples[base_key]) * base_px / px
+        print(f"| {key} | {1e3 * times[key]:.1f} | {args.batch / times[key]:.1f} | "
+              f"{1e9 * times[key] / px / args.batch:.1f} | {per_px_ratio:.3f} |")
     return 0
 
 
