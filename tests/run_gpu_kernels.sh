@@ -15,12 +15,29 @@
 # Compile time dominates (Triton autotuning, torch.compile of FlexAttention per mask): untimed so far, meant
 # to fit one 15-minute GPU session with the defaults. Paste the printed tables, with the GPU model, into
 # docs/bench_attention.md and docs/benchmarks.md.
+#
+# Interpreter: $PY, else .venv/bin/python when this checkout has one, else python3 (a bare GPU image that already
+# holds torch, triton, pytest and, for step 4, torch_geometric). When `zoo` does not import there, nothing is
+# installed: a shadow tree of symbolic links lays this checkout out as the installed package would be (zoo/ with
+# tasks/, kernels/, configs/ and checkpoints/ inside, as setup.py maps them) and goes first on PYTHONPATH, with
+# PYTHONSAFEPATH=1 so that `python -m` does not put this directory (whose zoo/ lacks those) in front of it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-QUICK=${QUICK:-1}
-FULL=${FULL:-0}
-status=0
+if [ -z "${PY:-}" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if [ -n "${ZOO_SHADOW:-}" ] || ! "$PY" -c "import zoo.kernels, zoo.bench.attention" 2>/dev/null; then
+    shadow="${TMPDIR:-/tmp}/zoo_shadow_$$"
+    mkdir -p "$shadow/zoo"
+    for entry in "$PWD"/zoo/*; do ln -s "$entry" "$shadow/zoo/"; done
+    ln -s "$PWD/tasks" "$shadow/zoo/tasks"
+    ln -s "$PWD/kernels" "$shadow/zoo/kernels"
+    ln -s "$PWD/configs" "$shadow/zoo/configs"
+    ln -s "$PWD/checkpoints" "$shadow/zoo/checkpoints"
+    export PYTHONPATH="$shadow${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
+    "$PY" -c "import zoo, zoo.kernels, zoo.bench.attention; print('zoo from', zoo.__file__)" \
+        || { echo "cannot import zoo with $PY"; exit 2; }
+fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || { echo "no nvidia-smi / GPU"; exit 2; }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 2
