@@ -352,6 +352,41 @@ def test_mlp_matches_timm_mlp():
     torch.testing.assert_close(m(x), peer(x))
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_mlp_inference_gelu_in_place_matches_autograd_path(approximate, monkeypatch):
+    """Under no_grad the hidden activation goes through GELU in place (no second hidden-size tensor); the
+    result equals the autograd path's and timm's, the input is untouched, and gradients still flow."""
+    from timm.layers import Mlp as TimmMlp
+
+    peer = TimmMlp(16, 40, act_layer=lambda: nn.GELU(approximate=approximate)).eval()
+    m = Mlp(16, 40, act_layer=lambda: nn.GELU(approximate=approximate)).eval()
+    m.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    x_before = x.detach().clone()
+    in_place_calls = []
+    real_gelu_ = torch.ops.aten.gelu_
+
+    def spy(t, approximate="none"):
+        in_place_calls.append(approximate)
+        return real_gelu_(t, approximate=approximate)
+
+    monkeypatch.setattr(torch.ops.aten, "gelu_", spy)
+    with torch.no_grad():
+        fast = m(x)
+    assert in_place_calls == [approximate]
+    assert torch.equal(x.detach(), x_before)
+    with_grad = m(x)
+    assert in_place_calls == [approximate]  # autograd keeps the module call
+    torch.testing.assert_close(fast, with_grad.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(with_grad, peer(x))
+    with_grad.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    other = Mlp(16, 40, act_layer=nn.SiLU).eval()  # other activations: the module as given
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), other.fc2(torch.nn.functional.silu(other.fc1(x))))
+    assert in_place_calls == [approximate]
+
+
 def test_bad_inputs_raise_clear_errors():
     m = MultiHeadAttention(32, 4)
     with pytest.raises(ValueError, match=r"shape \(B, N, 32\)"):
