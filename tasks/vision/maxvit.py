@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import Dense, attend
 from zoo.attention import capture as _capture
+from zoo.attention.modules import Mlp
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import DropPath, IntOrPair, check_finite_input, to_pair
 from zoo.registry import register_model
@@ -330,17 +331,12 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out_BPC))
 
 
-class TransformerMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = _act(act)
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
+class TransformerMlp(Mlp):
+    """The transformer MLP of timm's maxxvit (fc1, act, fc2): the shared :class:`zoo.attention.modules.Mlp`
+    with the activation given by name (its GELU runs in place at inference)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+    def __init__(self, dim: int, hidden: int, act: str, drop: float = 0.0):
+        super().__init__(dim, hidden, act_layer=lambda: _act(act), drop=drop)
 
 
 class PartitionAttention(nn.Module):
