@@ -8,8 +8,11 @@ from timm.layers import LayerScale as TimmLayerScale
 
 import math
 
+from torch import nn
+
 from zoo.layers import (
-    EXP_FLOOR, DropPath, LayerScale, check_finite_input, exp_flushed_, is_tracing, surely_finite, to_pair,
+    EXP_FLOOR, DropPath, LayerScale, activate_fresh, check_finite_input, exp_flushed_, is_tracing, surely_finite,
+    to_pair,
 )
 
 
@@ -118,3 +121,38 @@ def test_exp_flushed_is_exp_with_exact_zeros_below_the_floor_and_keeps_nan(dtype
     big = torch.linspace(-300.0, 0.0, 10_000, dtype=dtype)
     out = big.clone()
     assert exp_flushed_(out) is out  # in place
+
+
+@pytest.mark.parametrize(
+    "act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.ReLU()], ids=["gelu", "gelu_tanh", "silu", "relu"]
+)
+def test_activate_fresh_in_place_only_at_inference(act):
+    """activate_fresh: the module's values; in place (same storage) under no_grad, out of place with autograd
+    (whose gradient stays right) and under tracing; other modules as called."""
+    x = torch.randn(4, 33, dtype=torch.float64)
+    expected = act(x)
+    fresh = x.clone()
+    with torch.no_grad():
+        out = activate_fresh(act, fresh)
+    assert out.data_ptr() == fresh.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    leaf = x.clone().requires_grad_(True)
+    fresh = leaf * 1.0
+    out = activate_fresh(act, fresh)
+    assert out.data_ptr() != fresh.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    (ref_grad,) = torch.autograd.grad(act(leaf).sum(), leaf)
+    torch.testing.assert_close(grad, ref_grad)
+
+    traced = torch.jit.trace(lambda t: activate_fresh(act, t * 1.0), x)
+    assert not [n.kind() for n in traced.graph.nodes() if n.kind().endswith("_")]  # no in-place op recorded
+    torch.testing.assert_close(traced(x), expected)
+
+    other = nn.Tanh()
+    with torch.no_grad():
+        fresh = x.clone()
+        out = activate_fresh(other, fresh)
+    assert out.data_ptr() != fresh.data_ptr()
+    torch.testing.assert_close(out, torch.tanh(x))

@@ -7,6 +7,7 @@
 * :func:`check_finite_input` -- a cheap NaN/Inf check of a model input, raising with the input's name.
 * :func:`is_tracing` -- True under jit tracing/scripting (ONNX's TorchScript exporter) or torch.compile /
   torch.export, where data-dependent Python branches must be avoided.
+* :func:`activate_fresh` -- an activation module applied in place at inference to a tensor just computed.
 
 Attention itself is not here: it is zoo.attention (attend, MultiHeadAttention, ...).
 """
@@ -18,7 +19,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ["IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "check_finite_input", "surely_finite"]
+__all__ = [
+    "IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "activate_fresh", "check_finite_input",
+    "surely_finite",
+]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -41,6 +45,27 @@ def is_tracing() -> bool:
     if torch._C._get_tracing_state() is not None or torch.jit.is_scripting():
         return True
     return torch.compiler.is_compiling()
+
+
+def activate_fresh(act: nn.Module, fresh: torch.Tensor) -> torch.Tensor:
+    """``act(fresh)`` for a tensor the caller has just computed and holds alone (a linear, conv or norm output).
+
+    At inference (no autograd graph, not tracing or exporting) GELU (either approximation), SiLU and ReLU run in
+    place, as ``torch.ops.aten.<name>_``: no second tensor of the same size. The expanded activations of MLPs and
+    inverted bottlenecks are the largest tensors of their blocks, and with glibc's default allocator each fresh
+    one also pays page faults (docs/bench_agent.md). Other modules, autograd (which needs the input) and
+    exporters (which should see the module) get the plain call.
+    """
+    if torch.is_grad_enabled() or is_tracing():
+        return act(fresh)
+    kind = type(act)
+    if kind is nn.GELU:
+        return torch.ops.aten.gelu_(fresh, approximate=act.approximate)
+    if kind is nn.SiLU:
+        return torch.ops.aten.silu_(fresh)
+    if kind is nn.ReLU:
+        return torch.ops.aten.relu_(fresh)
+    return act(fresh)
 
 
 _BLAS_DTYPES = (torch.float32, torch.float64)

@@ -51,7 +51,7 @@ from zoo.attention import Dense, attend
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
-from zoo.layers import DropPath, IntOrPair, check_finite_input, to_pair
+from zoo.layers import DropPath, IntOrPair, activate_fresh, check_finite_input, to_pair
 from zoo.registry import register_model
 
 __all__ = [
@@ -135,7 +135,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.act = _act(act) if act else nn.Identity()
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.act(super().forward(x_BCHW))
+        return activate_fresh(self.act, super().forward(x_BCHW))  # in place at inference
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -31,7 +31,7 @@ from zoo.attention.bias import AttentionBias
 from zoo.attention.core import attend
 from zoo.attention.masks import Mask
 from zoo.attention.rope import RotaryEmbedding
-from zoo.layers import is_tracing
+from zoo.layers import activate_fresh
 
 __all__ = ["MultiHeadAttention", "Mlp"]
 
@@ -290,13 +290,8 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
-        hidden_BNF = self.fc1(x_BNC)
-        if type(self.act) is nn.GELU and not torch.is_grad_enabled() and not is_tracing():
-            # Inference: GELU in place on fc1's fresh output. The hidden activation is the largest tensor of the
-            # block; not allocating a second one per block saves its memory traffic and, with glibc's default
-            # allocator, its page faults (Agent-DeiT-Ti at 448 px, batch 1: 64.7 -> 48.0 ms per forward in one
-            # interleaved run; docs/bench_agent.md). Autograd needs GELU's input, and exporters get the module.
-            hidden_BNF = torch.ops.aten.gelu_(hidden_BNF, approximate=self.act.approximate)
-        else:
-            hidden_BNF = self.act(hidden_BNF)
+        # At inference the activation runs in place on fc1's fresh output (zoo.layers.activate_fresh): the hidden
+        # activation is the largest tensor of the block (Agent-DeiT-Ti at 448 px, batch 1: 64.7 -> 48.0 ms per
+        # forward in one interleaved run; docs/bench_agent.md).
+        hidden_BNF = activate_fresh(self.act, self.fc1(x_BNC))
         return self.drop2(self.fc2(self.drop1(hidden_BNF)))
