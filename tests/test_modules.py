@@ -381,6 +381,11 @@ def test_mlp_inference_gelu_in_place_matches_autograd_path(approximate, monkeypa
     torch.testing.assert_close(with_grad, peer(x))
     with_grad.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+    identity = Mlp(16, 16).eval()
+    identity.fc1 = nn.Identity()  # fc1 returns the input itself: it must not be overwritten
+    with torch.no_grad():
+        identity(x)
+    assert torch.equal(x.detach(), x_before)
     other = Mlp(16, 40, act_layer=nn.SiLU).eval()  # other activations: the module as given
     with torch.no_grad():
         torch.testing.assert_close(other(x), other.fc2(torch.nn.functional.silu(other.fc1(x))))

@@ -293,5 +293,7 @@ class Mlp(nn.Module):
         # At inference the activation runs in place on fc1's fresh output (zoo.layers.activate_fresh): the hidden
         # activation is the largest tensor of the block (Agent-DeiT-Ti at 448 px, batch 1: 64.7 -> 48.0 ms per
         # forward in one interleaved run; docs/bench_agent.md).
-        hidden_BNF = activate_fresh(self.act, self.fc1(x_BNC))
+        hidden_BNF = self.fc1(x_BNC)
+        # (an fc1 swapped for nn.Identity would hand back the input itself: never overwrite the caller's tensor)
+        hidden_BNF = self.act(hidden_BNF) if hidden_BNF is x_BNC else activate_fresh(self.act, hidden_BNF)
         return self.drop2(self.fc2(self.drop1(hidden_BNF)))
