@@ -107,8 +107,21 @@ def _configs(kind: str) -> list:
     return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 
 
-_FWD_KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SCORE", "HAS_BIAS", "NUM_TERMS"]
+# Autotuning is redone per key value. Besides the compile-time shape of a pass, the key holds the mask's
+# predicate terms (each predicate compiles to a different program, whose best pipeline need not be the same)
+# and ``tune_bucket`` (:func:`_tune_bucket`: the longer sequence length and the widest tile list, each rounded
+# up to a power of two). A length or sparsity seen later is then not served the configuration tuned for the
+# first one, while varlen batches whose lengths move within a power of two do not re-tune every step.
+_FWD_KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SCORE", "HAS_BIAS", "TERM0", "TERM1", "TERM2", "NUM_TERMS",
+            "tune_bucket"]
 _BWD_KEY = _FWD_KEY + ["HAS_DBIAS"]
+
+
+def _tune_bucket(q_len: int, k_len: int, lists) -> int:
+    """The autotune bucket of a launch: ceil(log2) of the longer length and of the tile lists' width (the most
+    kept tiles any program walks, for maps large enough to be trimmed; all column tiles otherwise). Host-side
+    numbers only: no device sync."""
+    return (max(q_len, k_len, 1) - 1).bit_length() * 64 + (max(lists.width, 1) - 1).bit_length()
 
 
 def _tiles(block_d: int, block_dv: int, dtype: torch.dtype, major: Optional[int], backward: bool) -> tuple[int, int]:
@@ -283,7 +296,7 @@ def _fwd_tile(
 
 
 @triton.autotune(configs=_configs("fwd"), key=_FWD_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["tune_bucket"])
 def _attn_fwd(
     Q, K, V, Bias, Out, Lse, TileCnt, TileIdx,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -291,7 +304,7 @@ def _attn_fwd(
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
     win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -435,7 +448,7 @@ def _dkdv_tile(
 
 
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["tune_bucket"])
 def _attn_bwd_dkdv(
     Q, K, V, Bias, DO, Lse, Delta, DK, DVo, TileCnt, TileIdx,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -444,7 +457,7 @@ def _attn_bwd_dkdv(
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, sm_scale,
     win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr,
     CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -555,7 +568,7 @@ def _dq_tile(
 
 
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["DBias"])
-@triton.jit
+@triton.jit(do_not_specialize=["tune_bucket"])
 def _attn_bwd_dq(
     Q, K, V, Bias, DO, Lse, Delta, DQ, DBias, TileCnt, TileIdx,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -564,7 +577,7 @@ def _attn_bwd_dq(
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, sm_scale, B_LOOP, H_LOOP, H_OUT,
     win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DB_ROWS: tl.constexpr,
     DB_COLS: tl.constexpr, DB_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
@@ -713,7 +726,7 @@ def _forward(q, k, v, bias, plan: _Plan):
         v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias),
         out.stride(0), out.stride(1), out.stride(2), *lists.strides(),
         heads, heads // kv_heads, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift,
-        *mask_args,
+        *mask_args, tune_bucket=_tune_bucket(q_len, k_len, lists),
         SCORE=plan.score_id, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, CHECK_D=head_dim != plan.block_d,
         CHECK_DV=dv_dim != plan.block_dv, DOT_PREC=plan.dot_prec, **mask_meta,
@@ -769,7 +782,7 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *k_lists.strides(),
         heads, groups, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, plan.scale,
-        *mask_args, **common_meta,
+        *mask_args, tune_bucket=_tune_bucket(q_len, k_len, k_lists), **common_meta,
     )
 
     dq = torch.empty_like(q)
@@ -799,7 +812,7 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
         *q_lists.strides(),
         heads, groups, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, plan.scale,
         b_loop, h_loop, h_out,
-        *mask_args, DB_ROWS=db_rows, DB_COLS=db_cols, DB_ACC=b_loop * h_loop > 1, **common_meta,
+        *mask_args, tune_bucket=_tune_bucket(q_len, k_len, q_lists), DB_ROWS=db_rows, DB_COLS=db_cols, DB_ACC=b_loop * h_loop > 1, **common_meta,
     )
     dbias = None
     if bias_grad:

@@ -491,6 +491,20 @@ def test_non_contiguous_layout():
     _check(q, k, v, Causal(), None)
 
 
+def test_autotune_key_buckets_lengths_and_list_widths():
+    """The autotuned passes re-tune per mask predicate and per (length, widest tile list) power-of-two bucket,
+    computed from host-side numbers only."""
+    from types import SimpleNamespace
+
+    for kernel in (fa._attn_fwd, fa._attn_bwd_dkdv, fa._attn_bwd_dq):
+        assert {"TERM0", "TERM1", "TERM2", "NUM_TERMS", "tune_bucket"} <= set(kernel.keys)
+    lists = SimpleNamespace(width=40)
+    assert fa._tune_bucket(3000, 4096, lists) == fa._tune_bucket(2049, 2100, lists)  # same power of two
+    assert fa._tune_bucket(4096, 4096, lists) != fa._tune_bucket(4097, 100, lists)
+    assert fa._tune_bucket(4096, 4096, lists) != fa._tune_bucket(4096, 4096, SimpleNamespace(width=80))
+    assert fa._tune_bucket(1, 1, SimpleNamespace(width=1)) == 0
+
+
 def test_compiles_for_sm90_without_gpu():
     """The real (non-interpreted) kernels compile to sm_90 machine code with Triton's bundled ptxas and
     fit the shared memory: catches GPU-only compile errors on CPU-only CI. Runs in a subprocess
