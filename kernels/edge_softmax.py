@@ -66,18 +66,27 @@ def _configs() -> list:
     ]
 
 
-_KEY = ["H", "C", "D", "HAS_EDGE", "HAS_KEEP"]
+# ``tune_bucket`` (:func:`_tune_bucket`): the best nodes per program and edge chunk depend on the graph's size
+# and mean in-degree, so both (rounded up to powers of two) are in the key: a later graph of another shape is
+# not served the first graph's configuration, and mini-batches of similar graphs do not re-tune every step.
+_KEY = ["H", "C", "D", "HAS_EDGE", "HAS_KEEP", "tune_bucket"]
+
+
+def _tune_bucket(num_dst: int, num_edges: int) -> int:
+    """ceil(log2) of the destination count and of the mean in-degree (host-side integers: no device sync)."""
+    mean_degree = -(-num_edges // max(num_dst, 1))
+    return (max(num_dst, 1) - 1).bit_length() * 64 + (max(mean_degree, 1) - 1).bit_length()
 
 
 # ----------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_configs(), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["tune_bucket"])
 def _gatv2_fwd_kernel(
     xs_ptr, xd_ptr, att_ptr, ea_ptr, we_ptr, rowptr_ptr, col_ptr, keep_ptr,
     out_ptr, lse_ptr, s_ptr,
-    Nd, slope, keep_scale,
+    Nd, slope, keep_scale, tune_bucket,
     H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_EDGE: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_S: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -133,12 +142,12 @@ def _gatv2_fwd_kernel(
 
 
 @triton.autotune(configs=_configs(), key=_KEY, reset_to_zero=["dxs_ptr", "datt_ptr", "dwe_ptr", "dea_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["tune_bucket"])
 def _gatv2_bwd_kernel(
     xs_ptr, xd_ptr, att_ptr, ea_ptr, we_ptr, rowptr_ptr, col_ptr, keep_ptr,
     g_ptr, lse_ptr, delta_ptr,
     dxs_ptr, dxd_ptr, datt_ptr, dwe_ptr, dea_ptr,
-    Nd, E, slope, keep_scale,
+    Nd, E, slope, keep_scale, tune_bucket,
     H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_EDGE: tl.constexpr, HAS_KEEP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -262,7 +271,7 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
             _gatv2_fwd_kernel[_grid(Nd, H)](
                 xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
                 csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
-                out, lse, s, Nd, float(slope), float(kscale),
+                out, lse, s, Nd, float(slope), float(kscale), _tune_bucket(Nd, csr.num_edges),
                 H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
                 HAS_EDGE=ea is not None, HAS_KEEP=keep is not None, STORE_S=bool(need_weights),
             )
@@ -296,7 +305,7 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
                 xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
                 csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
                 g, lse, delta, dxs, dxd, datt, dwe, dea,
-                Nd, csr.num_edges, ctx.slope, ctx.kscale,
+                Nd, csr.num_edges, ctx.slope, ctx.kscale, _tune_bucket(Nd, csr.num_edges),
                 H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
                 HAS_EDGE=ea is not None, HAS_KEEP=keep_i8 is not None,
             )

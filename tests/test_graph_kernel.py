@@ -121,3 +121,16 @@ def test_kernel_tests_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                              __file__], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_autotune_key_buckets_graph_size_and_mean_degree():
+    """The edge-softmax kernels re-tune per power-of-two bucket of the destination count and of the mean
+    in-degree (host-side integers), not once for the first graph."""
+    from zoo.kernels import edge_softmax as es
+
+    for kernel in (es._gatv2_fwd_kernel, es._gatv2_bwd_kernel):
+        assert "tune_bucket" in kernel.keys
+    assert es._tune_bucket(1000, 8000) == es._tune_bucket(600, 4500)  # 1024 nodes, degree 8 either way
+    assert es._tune_bucket(1000, 8000) != es._tune_bucket(1000, 64000)  # mean degree 8 vs 64
+    assert es._tune_bucket(1000, 8000) != es._tune_bucket(100000, 800000)
+    assert es._tune_bucket(0, 0) == 0
