@@ -812,7 +812,8 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
         *q_lists.strides(),
         heads, groups, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, plan.scale,
         b_loop, h_loop, h_out,
-        *mask_args, tune_bucket=_tune_bucket(q_len, k_len, q_lists), DB_ROWS=db_rows, DB_COLS=db_cols, DB_ACC=b_loop * h_loop > 1, **common_meta,
+        *mask_args, tune_bucket=_tune_bucket(q_len, k_len, q_lists),
+        DB_ROWS=db_rows, DB_COLS=db_cols, DB_ACC=b_loop * h_loop > 1, **common_meta,
     )
     dbias = None
     if bias_grad:

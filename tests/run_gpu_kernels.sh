@@ -29,6 +29,7 @@ fi
 if [ -n "${ZOO_SHADOW:-}" ] || ! "$PY" -c "import zoo.kernels, zoo.bench.attention" 2>/dev/null; then
     shadow="${TMPDIR:-/tmp}/zoo_shadow_$$"
     mkdir -p "$shadow/zoo"
+    trap 'rm -rf "$shadow"' EXIT
     for entry in "$PWD"/zoo/*; do ln -s "$entry" "$shadow/zoo/"; done
     ln -s "$PWD/tasks" "$shadow/zoo/tasks"
     ln -s "$PWD/kernels" "$shadow/zoo/kernels"
