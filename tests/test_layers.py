@@ -156,3 +156,20 @@ def test_activate_fresh_in_place_only_at_inference(act):
         out = activate_fresh(other, fresh)
     assert out.data_ptr() != fresh.data_ptr()
     torch.testing.assert_close(out, torch.tanh(x))
+
+    # A forward hook (feature extraction) must run and see the untouched input: the plain call.
+    seen = []
+    handle = act.register_forward_hook(lambda mod, args, output: seen.append((args[0].clone(), output)))
+    with torch.no_grad():
+        fresh = x.clone()
+        out = activate_fresh(act, fresh)
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0][0], x) and out.data_ptr() != fresh.data_ptr()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda mod, args: seen.append(mod))
+    try:
+        with torch.no_grad():
+            fresh = x.clone()
+            out = activate_fresh(act, fresh)
+    finally:
+        handle.remove()
+    assert seen[-1] is act and out.data_ptr() != fresh.data_ptr()

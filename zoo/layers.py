@@ -47,16 +47,27 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """True when a forward (pre-)hook is registered on ``module`` or globally for every module."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module_mod._global_forward_hooks
+        or module_mod._global_forward_pre_hooks
+    )
+
+
 def activate_fresh(act: nn.Module, fresh: torch.Tensor) -> torch.Tensor:
     """``act(fresh)`` for a tensor the caller has just computed and holds alone (a linear, conv or norm output).
 
     At inference (no autograd graph, not tracing or exporting) GELU (either approximation), SiLU and ReLU run in
     place, as ``torch.ops.aten.<name>_``: no second tensor of the same size. The expanded activations of MLPs and
     inverted bottlenecks are the largest tensors of their blocks, and with glibc's default allocator each fresh
-    one also pays page faults (docs/bench_agent.md). Other modules, autograd (which needs the input) and
-    exporters (which should see the module) get the plain call.
+    one also pays page faults (docs/bench_agent.md). Other modules, autograd (which needs the input),
+    exporters (which should see the module) and modules with forward hooks (feature extractors, activation
+    statistics: the hooks must run and see the input) get the plain call.
     """
-    if torch.is_grad_enabled() or is_tracing():
+    if torch.is_grad_enabled() or is_tracing() or _has_forward_hooks(act):
         return act(fresh)
     kind = type(act)
     if kind is nn.GELU:
