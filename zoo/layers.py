@@ -49,11 +49,10 @@ def is_tracing() -> bool:
 
 def _has_forward_hooks(module: nn.Module) -> bool:
     """True when a forward (pre-)hook is registered on ``module`` or globally for every module."""
-    from torch.nn.modules import module as module_mod
-
+    registry = nn.modules.module  # torch's global hook dicts live there
     return bool(
-        module._forward_hooks or module._forward_pre_hooks or module_mod._global_forward_hooks
-        or module_mod._global_forward_pre_hooks
+        module._forward_hooks or module._forward_pre_hooks or registry._global_forward_hooks
+        or registry._global_forward_pre_hooks
     )
 
 

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import backends as _backends
 from zoo.attention.bias import AttentionBias, resolve_bias
-from zoo.attention.masks import Causal, Mask, as_mask
+from zoo.attention.masks import Mask, as_mask
 from zoo.layers import check_finite_input, exp_flushed_, is_tracing, surely_finite
 
 __all__ = ["attend", "attention_reference", "SCORES"]
@@ -127,7 +127,7 @@ def attend(
     _validate(q, k, v, score, dropout_p, scale)
     _, _, q_len, head_dim = q.shape
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-    causal = type(mask) is Causal and q_len == k.shape[2]  # SDPA's own causal kernel
+    causal = _backends._sdpa_causal(mask, q_len, k.shape[2])  # SDPA's own causal kernel
     if (
         (mask is None or causal) and bias is None and backend is None and not return_weights
         and score == "softmax" and _backends.sdpa_runs_plain_calls(q.device.type)

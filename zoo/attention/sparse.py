@@ -103,7 +103,7 @@ class _Tile:
     blocks: Optional[torch.Tensor]
     width: int
     spans: list
-    flat: dict = field(default_factory=dict, repr=False, compare=False)  # see _flat_blocks
+    flat: dict = field(default_factory=dict, repr=False, compare=False)  # see _key_tile_rows
 
 
 def _plan_rows(mask: Mask, states_QK, mask_b, mask_h, block_q, block_k, q_len, k_len, device) -> list[_Tile]:
@@ -178,7 +178,7 @@ class _Group:
     blocks: torch.Tensor
     count: int
     tail: int = 0  # zero-padded key columns at the end of every member (its last key tile is the short one)
-    flat: dict = field(default_factory=dict, repr=False, compare=False)  # see _flat_blocks
+    flat: dict = field(default_factory=dict, repr=False, compare=False)  # see _key_tile_rows
 
 
 #: Every exp() here gets arguments >= EXP_FLOOR (zoo.layers: ATen's CPU exp() is 12-110x slower below it), by
@@ -287,27 +287,25 @@ def _pad_keys(t: torch.Tensor, block_k: int) -> torch.Tensor:
     return t.contiguous() if extra == 0 else torch.nn.functional.pad(t, (0, 0, 0, extra))
 
 
-def _key_tile_rows(t: torch.Tensor, block_k: int) -> Optional[torch.Tensor]:
-    """Contiguous (B', Hkv, KB * block_k, X) -> view (B' * Hkv * KB, block_k * X), one row per key tile; None when
-    t is not contiguous (a slice of the heads of a batch > 1, for masks that vary over heads).
+def _key_tile_rows(t: torch.Tensor, owner, block_k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Contiguous (B', Hkv, KB * block_k, X) -> (view (B' * Hkv * KB, block_k * X) with one row per key tile,
+    the row indices of ``owner``'s key tiles ``owner.blocks`` in every (B', Hkv) slab, slab after slab); None
+    when t is not contiguous (a slice of the heads of a batch > 1, for masks that vary over heads). The indices
+    are cached on the tile or group ``owner`` (plans are cached).
 
-    Key tiles are gathered and accumulated along dim 0 of this view, through :func:`_flat_blocks`: on CPU,
-    index_select and index_add_ copy whole rows there, while along an inner dim (the 4-D/5-D views used
-    otherwise) they go element-wise: 1.6 vs 0.85 ms to gather 35 MB, 1.9 vs 0.7 ms to accumulate it (2 cores)."""
+    Key tiles are gathered and accumulated along dim 0 of this view: on CPU, index_select and index_add_ copy
+    whole rows there, while along an inner dim (the 4-D/5-D views used otherwise) they go element-wise: 1.6 vs
+    0.85 ms to gather 35 MB, 1.9 vs 0.7 ms to accumulate it (2 cores)."""
     if not t.is_contiguous():
         return None
-    return t.view(-1, block_k * t.shape[-1])
-
-
-def _flat_blocks(owner, blocks: torch.Tensor, slabs: int, per_slab: int) -> torch.Tensor:
-    """Row indices into :func:`_key_tile_rows`: ``blocks`` for each of ``slabs`` (B' * Hkv) slabs of
-    ``per_slab`` (KB) rows, slab after slab; cached on the tile or group ``owner`` (plans are cached)."""
-    key = (slabs, per_slab)
+    rows = t.view(-1, block_k * t.shape[-1])
+    slabs = t.shape[0] * t.shape[1]
+    key = (slabs, rows.shape[0] // slabs)
     index = owner.flat.get(key)
     if index is None:
-        offsets = torch.arange(slabs, device=blocks.device).mul_(per_slab)
-        index = owner.flat[key] = (offsets[:, None] + blocks[None, :]).reshape(-1)
-    return index
+        offsets = torch.arange(slabs, device=owner.blocks.device).mul_(key[1])
+        index = owner.flat[key] = (offsets[:, None] + owner.blocks[None, :]).reshape(-1)
+    return rows, index
 
 
 def _columns(t: torch.Tensor, tile: _Tile, block_k: int) -> torch.Tensor:
@@ -315,12 +313,11 @@ def _columns(t: torch.Tensor, tile: _Tile, block_k: int) -> torch.Tensor:
     else one gather of whole key tiles (cheaper than gathering token rows)."""
     if tile.blocks is None:
         return t[:, :, tile.c0 : tile.c1]
-    rows = _key_tile_rows(t, block_k)
-    if rows is None:
+    tiled = _key_tile_rows(t, tile, block_k)
+    if tiled is None:
         return t.unflatten(2, (-1, block_k)).index_select(2, tile.blocks).flatten(2, 3)[:, :, : tile.width]
-    slabs = t.shape[0] * t.shape[1]
-    gathered = rows.index_select(0, _flat_blocks(tile, tile.blocks, slabs, rows.shape[0] // slabs))
-    return gathered.view(t.shape[0], t.shape[1], -1, t.shape[-1])[:, :, : tile.width]
+    rows, index = tiled
+    return rows.index_select(0, index).view(t.shape[0], t.shape[1], -1, t.shape[-1])[:, :, : tile.width]
 
 
 def _add_columns(target: torch.Tensor, src: torch.Tensor, tile: _Tile, block_k: int) -> None:
@@ -331,10 +328,9 @@ def _add_columns(target: torch.Tensor, src: torch.Tensor, tile: _Tile, block_k: 
     full = tile.blocks.numel() * block_k
     if full != tile.width:
         src = torch.nn.functional.pad(src, (0, 0, 0, full - tile.width))
-    rows = _key_tile_rows(target, block_k)
-    if rows is not None:
-        slabs = target.shape[0] * target.shape[1]
-        index = _flat_blocks(tile, tile.blocks, slabs, rows.shape[0] // slabs)
+    tiled = _key_tile_rows(target, tile, block_k)
+    if tiled is not None:
+        rows, index = tiled
         rows.index_add_(0, index, src.reshape(-1, rows.shape[1]))  # distinct tiles: no two rows collide
         return
     # A tile's key tiles are distinct, so gather + add + scatter is exact; CPU index_add_ along an inner dim
@@ -452,10 +448,9 @@ def _gather_keys(t: torch.Tensor, p: _Problem, group: _Group, slot: str) -> torc
     bk = p.sl.block_k
     tiles = group.blocks.numel()
     out = p.ws.take(slot, (p.batch, p.kv_heads, tiles, bk, t.shape[-1]))
-    rows = _key_tile_rows(t, bk)
-    if rows is not None:
-        slabs = p.batch * p.kv_heads
-        index = _flat_blocks(group, group.blocks, slabs, rows.shape[0] // slabs)
+    tiled = _key_tile_rows(t, group, bk)
+    if tiled is not None:
+        rows, index = tiled
         torch.index_select(rows, 0, index, out=out.view(-1, rows.shape[1]))
     else:
         torch.index_select(t.unflatten(2, (-1, bk)), 2, group.blocks, out=out)
@@ -505,10 +500,10 @@ def _add_key_tiles(target: torch.Tensor, src: torch.Tensor, p: _Problem, group: 
     repeat across its query tiles: accumulated). index_add_ adds whole tiles; index_put_(accumulate=True) is an
     element-wise serial loop on CPU (4x slower here)."""
     bk, x = p.sl.block_k, src.shape[-1]
-    rows = _key_tile_rows(target, bk)
-    if rows is not None:
-        slabs = p.batch * p.kv_heads
-        rows.index_add_(0, _flat_blocks(group, group.blocks, slabs, rows.shape[0] // slabs), src.reshape(-1, bk * x))
+    tiled = _key_tile_rows(target, group, bk)
+    if tiled is not None:
+        rows, index = tiled
+        rows.index_add_(0, index, src.reshape(-1, bk * x))
     else:
         target.unflatten(2, (-1, bk)).index_add_(2, group.blocks, src.reshape(p.batch, p.kv_heads, -1, bk, x))
 
