@@ -489,3 +489,7 @@ def test_bench_vision_maxvit_padding_table(capsys):
     assert rows[0].rstrip(" |").endswith("1.000")
     ratio = float(rows[1].rstrip(" |").rsplit("|", 1)[1])
     assert 0.0 < ratio < 100.0
+    for bad, message in ((["--batch", "0"], "--batch"), (["--warmup", "-1"], "--warmup"), (["--model", "nope"], "nope")):
+        with pytest.raises(SystemExit):
+            vision_maxvit.main(["--model", "maxvit_debug", "--size", "64", "--odd", "50", *bad])
+        assert message in capsys.readouterr().err

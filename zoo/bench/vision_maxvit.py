@@ -71,12 +71,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
+    if min(args.size, args.odd, args.batch, args.repeats) < 1 or args.warmup < 0 or (args.threads or 1) < 1:
+        parser.error("need --size, --odd, --batch, --repeats, --threads >= 1 and --warmup >= 0")
     import zoo
     import zoo.tasks.vision.maxvit  # noqa: F401
+    from zoo.registry import UnknownModelError
 
     threads = set_threads(args.threads)
     torch.manual_seed(0)
-    model = zoo.create_model(args.model, img_size=args.size).eval()
+    try:
+        model = zoo.create_model(args.model, img_size=args.size).eval()
+    except UnknownModelError as error:
+        parser.error(str(error))
     inputs = {
         f"{args.size}x{args.size}": torch.randn(args.batch, model.in_chans, args.size, args.size),
         f"{args.odd}x{args.odd}": torch.randn(args.batch, model.in_chans, args.odd, args.odd),
