@@ -276,6 +276,77 @@ def test_plain_call_shortcut_gives_way_to_any_other_choice(monkeypatch):
 
 
 
+def test_biased_plain_calls_go_straight_to_sdpa_and_give_way_otherwise(monkeypatch):
+    """attend(q, k, v, bias=tensor) without a mask skips backend selection when the bias is 4-D, of q's dtype
+    and device, with each dim equal or 1 (relative-position and agent biases); other biases take the general
+    path (converted there). Every variant matches the float64 reference, GQA included."""
+    q, k, v = make_qkv(2, 4, 2, 7, 10, 16, seed=3)
+    g = torch.Generator().manual_seed(4)
+    ones = torch.ones(1, 1, 7, 10, dtype=torch.bool)
+    general = dict(calls=0)
+    select = zb.select_backend
+
+    def counted(*args):
+        general["calls"] += 1
+        return select(*args)
+
+    monkeypatch.setattr(zb, "select_backend", counted)
+    straight = [(2, 4, 7, 10), (1, 4, 7, 10), (1, 1, 7, 10), (2, 1, 1, 10), (1, 4, 7, 1)]
+    converted = [(7, 10), (4, 7, 10)]
+    for shape in straight + converted:
+        bias = torch.randn(*shape, generator=g)
+        want = naive_attention(q, k, v, ones, bias.reshape((1,) * (4 - bias.dim()) + shape), 0.25, "softmax")
+        before = general["calls"]
+        torch.testing.assert_close(attend(q, k, v, bias=bias).double(), want, atol=1e-5, rtol=1e-4)
+        assert general["calls"] == before + (shape in converted), shape
+    bias64 = torch.randn(1, 4, 7, 10, generator=g, dtype=torch.float64)  # another dtype: converted
+    want = naive_attention(q, k, v, ones, bias64, 0.25, "softmax")
+    torch.testing.assert_close(attend(q, k, v, bias=bias64).double(), want, atol=1e-5, rtol=1e-4)
+    assert general["calls"] == len(converted) + 1
+    monkeypatch.undo()
+    calls = []
+    zb.register_backend("spy", lambda *args: calls.append(args[4]) or zcore.attention_reference(*args),
+                        lambda *a: None, priority=50)
+    try:  # a backend that outranks sdpa gets the biased call too
+        bias = torch.randn(1, 4, 7, 10, generator=g)
+        attend(q, k, v, bias=bias)
+        assert len(calls) == 1 and calls[0] is bias
+    finally:
+        zb._BACKENDS.pop("spy")
+    with pytest.raises(TypeError, match="floating-point"):
+        attend(q, k, v, bias=torch.ones(1, 1, 7, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attend(q, k, v, bias=torch.zeros(1, 3, 7, 10))
+
+
+def test_bias_that_requires_grad_reaches_sdpa_detached_when_grad_is_off(monkeypatch):
+    """SDPA's CPU dispatcher picks its math kernel (3x slower for small agent stages) whenever the mask requires
+    grad, even under no_grad; attend() hands it a detached bias then, and the bias still gets its gradient
+    when grad mode is on."""
+    q, k, v = make_qkv(1, 2, 2, 5, 9, 8, seed=5)
+    bias = torch.randn(1, 2, 5, 9, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    want = naive_attention(q, k, v, torch.ones(1, 1, 5, 9, dtype=torch.bool), bias.detach(), 8**-0.5, "softmax")
+    with torch.no_grad():
+        torch.testing.assert_close(attend(q, k, v, bias=bias).double(), want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(attend(q, k, v, Window(2, 2), bias=bias).shape, want.shape)  # general path
+    assert len(seen) == 2 and not any(m.requires_grad for m in seen)
+    out = attend(q, k, v, bias=bias)
+    assert seen[-1].requires_grad
+    out.square().sum().backward()
+    bias64 = bias.detach().double().requires_grad_(True)
+    ref = naive_attention(q, k, v, torch.ones(1, 1, 5, 9, dtype=torch.bool), bias64, 8**-0.5, "softmax")
+    ref.square().sum().backward()
+    torch.testing.assert_close(bias.grad.double(), bias64.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_automatic_choice_is_sdpa_for_softmax_and_torch_for_sigmoid():
     q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
     args = (q, k, v, Full(), None, 1.0, "softmax", 0.0, False)

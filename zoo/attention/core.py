@@ -128,11 +128,14 @@ def attend(
     _, _, q_len, head_dim = q.shape
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     causal = _backends._sdpa_causal(mask, q_len, k.shape[2])  # SDPA's own causal kernel
-    if (
-        (mask is None or causal) and bias is None and backend is None and not return_weights
-        and score == "softmax" and _backends.sdpa_runs_plain_calls(q.device.type)
-    ):  # the plain calls most models make: straight to SDPA
+    plain = (
+        backend is None and not return_weights and score == "softmax"
+        and (mask is None or (causal and bias is None)) and _backends.sdpa_runs_plain_calls(q.device.type)
+    )
+    if plain and bias is None:  # the plain calls most models make: straight to SDPA
         result = _backends.sdpa_plain(q, k, v, scale, float(dropout_p), causal)
+    elif plain and _backends.sdpa_bias_ready(bias, q, k):  # relative-position / agent biases, no mask
+        result = _backends.sdpa_biased(q, k, v, bias, scale, float(dropout_p))
     else:
         result = _dispatch(q, k, v, mask, bias, scale, score, dropout_p, return_weights, backend)
     if check_finite and q.is_cpu and not is_tracing():  # on CUDA: a device sync
