@@ -449,9 +449,11 @@ def test_agent_attention_module_without_prefix():
 
 @pytest.mark.parametrize("prefix", [1, 0])
 def test_inference_fast_path_equals_attend_path_and_honours_backend(prefix, monkeypatch):
-    """Under no_grad the module calls attend(check_finite=False) (its own check runs once): same output as
-    the attend() path taken with autograd, and use_backend still decides which backend runs."""
+    """Under no_grad the module skips attend()'s per-call checks (its own check runs once): both stages go
+    straight to SDPA when attend() would send them there, with the same output as the attend() path taken
+    with autograd; use_backend still decides which backend runs, and autocast dtypes go through attend()."""
     from zoo.attention import backends
+    from zoo.attention import core as zcore
 
     torch.manual_seed(11)
     attn = AgentAttention(16, 2, qkv_bias=True, agent_num=4, window=5, num_prefix_tokens=prefix).eval()
@@ -469,10 +471,21 @@ def test_inference_fast_path_equals_attend_path_and_honours_backend(prefix, monk
 
     original = reference.forward
     monkeypatch.setattr(reference, "forward", counting_forward)
+    straight, validated = [], []
+    sdpa_biased, validate = backends.sdpa_biased, zcore._validate
+    monkeypatch.setattr(backends, "sdpa_biased", lambda *args: straight.append(args[0].shape) or sdpa_biased(*args))
+    monkeypatch.setattr(zcore, "_validate", lambda *args: validated.append(1) or validate(*args))
+    with torch.no_grad():  # automatic selection certain to pick SDPA: both stages go straight to it, not via attend()
+        assert torch.allclose(attn(x, grid=(4, 5)), via_attend, atol=1e-6)
+    assert straight == [(2, 2, 4, 8), (2, 2, prefix + 20, 8)] and not validated
     with torch.no_grad(), use_backend("torch"):
         forced = attn(x, grid=(4, 5))
     assert calls == [(2, 2, 4, 8), (2, 2, prefix + 20, 8)]  # both stages: agents, then every token
     assert torch.allclose(forced, via_attend, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 q, fp32 biases: attend() converts
+        mixed = attn(x, grid=(4, 5))
+    assert len(straight) == 2 and mixed.dtype == torch.bfloat16
+    assert torch.allclose(mixed.float(), via_attend, atol=0.05)
 
 
 def test_inference_fast_path_still_rejects_non_finite_input():

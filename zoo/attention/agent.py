@@ -35,9 +35,11 @@ The official code also re-interpolates the biases and repeats them per batch ite
 they are built once per call at most (training: once per block call, as the tables change every step)
 and broadcast over the batch, already summed into one (1, H, n, N) and one (1, H, N, n) tensor.
 
-Inference fast path (no_grad/inference_mode, not exporting, not capturing): the two stages call attend()
-with ``check_finite=False`` (its per-call NaN sums); the module checks its output once instead
-(``check_finite``; Agent-DeiT checks its image once and turns it off).
+Inference fast path (no_grad/inference_mode, not exporting, not capturing): the two stages skip attend()'s
+per-call NaN sums; the module checks its output once instead (``check_finite``; Agent-DeiT checks its image
+once and turns it off). When attend() would hand both stages straight to SDPA (zoo.attention.backends:
+sdpa_runs_plain_calls, sdpa_biased) the module makes that call itself, decided once per forward; otherwise
+(a backend context, the environment, another backend, autocast dtypes) it calls attend().
 Measured alternatives that were slower on this CPU and are not used: the pooling-matrix matmul instead of
 adaptive_avg_pool2d (3-5x slower), a contiguous or channels-last copy before the depthwise conv, explicit
 matmul+softmax instead of SDPA, contiguous copies of q/k/v for SDPA (see docs/bench_agent.md).
@@ -56,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention import capture as _capture
+from zoo.attention import backends as _backends
 from zoo.attention.core import attend
 from zoo.layers import check_finite_input, is_tracing, surely_finite
 
@@ -358,8 +361,16 @@ class AgentAttention(nn.Module):
             q_BHND = q_BNC[:, :num_queries].reshape(batch, num_queries, heads, head_dim).transpose(1, 2)
             b2_1HNn = b2_1HNn[:, :, :num_queries]
         if fast:
-            agent_v_BHnD = self._attend_fast(a_BHnD, k_BHND, v_BHND, b1_1HnN)
-            out_BHND = self._attend_fast(q_BHND, a_BHnD, agent_v_BHnD, b2_1HNn)
+            if b1_1HnN.dtype == q_BHND.dtype and _backends.sdpa_runs_plain_calls(q_BHND.device.type):
+                # attend() would send both stages straight to SDPA (automatic selection is certain to pick it
+                # and the biases are ready as SDPA masks: same dtype, shapes built here). Decided once per
+                # forward and made as that same call, without attend()'s per-call validation of tensors built
+                # here: 3% of Agent-DeiT-Ti at 224 px batch 1 (docs/bench_agent.md).
+                agent_v_BHnD = _backends.sdpa_biased(a_BHnD, k_BHND, v_BHND, b1_1HnN, self.scale, 0.0)
+                out_BHND = _backends.sdpa_biased(q_BHND, a_BHnD, agent_v_BHnD, b2_1HNn, self.scale, 0.0)
+            else:  # a backend context, the environment, a higher-priority backend, autocast dtypes
+                agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, check_finite=False)
+                out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, check_finite=False)
         elif capturing:
             agent_v_BHnD, agent_w = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale,
                                            dropout_p=dropout_p, return_weights=True)
@@ -395,10 +406,6 @@ class AgentAttention(nn.Module):
             if not surely_finite(out_BNC):
                 check_finite_input(x_BNC, "AgentAttention: input")
         return self.proj_drop(self.proj(out_BNC))
-
-    def _attend_fast(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """attend(q, k, v, bias=bias, scale=self.scale) without its per-call NaN check (forward checks once)."""
-        return attend(q, k, v, bias=bias, scale=self.scale, check_finite=False)
 
     def _record(self, agent_w: torch.Tensor, broadcast_w: torch.Tensor, prefix: int, grid: tuple[int, int]) -> None:
         """While capturing: record the token-to-token map of the two stages, keep the agent maps.
