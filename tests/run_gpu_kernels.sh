@@ -23,6 +23,10 @@
 # PYTHONSAFEPATH=1 so that `python -m` does not put this directory (whose zoo/ lacks those) in front of it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+QUICK=${QUICK:-1}
+FULL=${FULL:-0}
+GRAPH=${GRAPH:-1}
+status=0
 if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
@@ -60,7 +64,7 @@ if [ "$FULL" = "1" ]; then
     ZOO_TRITON_SINGLE_CONFIG=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_flash.py tests/test_radial.py \
         -k "not compiles_for_sm90" || status=1
 fi
-if [ "${GRAPH:-1}" = "1" ]; then
+if [ "$GRAPH" = "1" ]; then
     echo "== 4. graph: fused GATv2 edge softmax (Triton CSR kernel) vs PyG GATv2Conv on the GPU (issue 6: >= 3x)"
     "$PY" -m zoo.bench.graph --device cuda --sizes 100000:10000,1000000:100000 --channels 8,64 --repeats 5 || status=1
 fi
