@@ -165,7 +165,8 @@ def sdpa_runs_plain_calls(device_type: str) -> bool:
     the tensors (a user backend of higher priority, the Triton kernel on CUDA): then attend() takes the
     general path.
 
-    ``attend(q, k, v)`` and ``attend(q, k, v, Causal())``, the calls most models make, thus skip the per-call
+    ``attend(q, k, v)`` and ``attend(q, k, v, Causal())``, the calls most models make, and
+    ``attend(q, k, v, bias=tensor)`` with a ready bias (:func:`sdpa_bias_ready`) thus skip the per-call
     selection (a few microseconds; 1-2% of an N = 256 CPU forward, see docs/bench_attention.md).
     """
     if _CONTEXT or os.environ.get(ENV_VAR, "auto").strip() not in ("", "auto"):
