@@ -57,8 +57,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.attention import capture as _capture
 from zoo.attention import backends as _backends
+from zoo.attention import capture as _capture
 from zoo.attention.core import attend
 from zoo.layers import check_finite_input, is_tracing, surely_finite
 
