@@ -98,6 +98,33 @@ def test_interleaved_samples_rotate_and_paired_ratio_cancels_drift(monkeypatch):
         paired_ratio([1.0], [1.0, 2.0])
 
 
+def test_fault_counter_counts_first_writes_to_fresh_pages():
+    """FaultCounter: calls counted, and a function that writes to 64 MiB of fresh pages is seen faulting at least
+    once per 4 KiB page it touches, while one that reuses a buffer it already wrote does not."""
+    import mmap
+
+    from zoo.bench.timing import FaultCounter, minor_faults
+
+    if minor_faults() is None:
+        pytest.skip("no getrusage here")
+    pages = 64 * 2**20 // mmap.PAGESIZE
+    buffer = torch.empty(16 * 2**20, dtype=torch.float32)  # 64 MiB
+    buffer.fill_(1.0)
+
+    def fresh():
+        torch.empty(16 * 2**20, dtype=torch.float32).fill_(1.0)  # a fresh mmap of 64 MiB, written once
+
+    fresh_counter, reuse_counter = FaultCounter(fresh), FaultCounter(lambda: buffer.fill_(2.0))
+    for _ in range(2):
+        fresh_counter()
+        reuse_counter()
+    assert fresh_counter.calls == 2 and reuse_counter.calls == 2
+    assert fresh_counter.per_call() >= 0.9 * pages / 512  # at least one fault per 2 MiB huge page if THP serves it
+    assert reuse_counter.per_call() < 0.01 * pages
+    fresh_counter.reset()
+    assert fresh_counter.calls == 0 and fresh_counter.per_call() is None
+
+
 def test_core_part_prints_paired_ratios(capsys):
     args = bench.build_parser().parse_args(
         ["--parts", "core", "--core-sizes", "32", "--repeats", "2", "--warmup", "0", "--min-time", "0"]

@@ -13,7 +13,7 @@ import torch
 
 __all__ = [
     "interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description",
-    "peak_rss_mb_subprocess", "set_threads",
+    "peak_rss_mb_subprocess", "set_threads", "minor_faults", "FaultCounter",
 ]
 
 
@@ -105,6 +105,48 @@ def paired_ratio(ours: list[float], theirs: list[float]) -> float:
     if len(ours) != len(theirs) or not ours:
         raise ValueError("paired_ratio needs two equally long, non-empty sample lists")
     return statistics.median(a / b for a, b in zip(ours, theirs))
+
+
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (getrusage ru_minflt), or None where there is no getrusage.
+
+    A fresh tensor larger than glibc's mmap threshold is zero pages until first written: each 4 KiB page
+    faults once (about a microsecond here). Whether a model's intermediates land on such pages depends on the
+    heap's history in the process, so CPU timings at batch 1 move with it (docs/bench_agent.md); the
+    benchmarks print the count per forward beside the times.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on this platform
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class FaultCounter:
+    """Wraps a callable; counts its calls and the process's minor page faults during them (:func:`minor_faults`).
+
+    ``per_call()`` is the mean since the last ``reset()``, None where faults cannot be counted.
+    """
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls, self.faults = 0, 0
+
+    def __call__(self):
+        before = minor_faults()
+        out = self.fn()
+        if before is not None:
+            self.faults += minor_faults() - before
+        self.calls += 1
+        return out
+
+    def per_call(self) -> float | None:
+        if minor_faults() is None or self.calls == 0:
+            return None
+        return self.faults / self.calls
 
 
 def machine_description() -> str:

@@ -32,7 +32,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from zoo.bench.timing import interleaved_samples, machine_description, medians, paired_ratio, set_threads
+from zoo.bench.timing import (
+    FaultCounter, interleaved_samples, machine_description, medians, paired_ratio, set_threads,
+)
 
 __all__ = ["CASES", "load_reference_module", "build_models", "main"]
 
@@ -148,7 +150,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           "interleaved rounds, medians; ratios = medians of the per-round ratios")
     print(f"# load average at start: {_load_average()}")
     print(f"# command: python -m zoo.bench.vision_agent {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
-    header = ["img", "batch", "zoo img/s", "timm img/s", "official-style img/s", "zoo/timm", "zoo/official"]
+    header = ["img", "batch", "zoo img/s", "timm img/s", "official-style img/s", "zoo/timm", "zoo/official",
+              "page faults/fwd zoo/timm/official"]
     rows = []
     for size in sizes:
         ours, vit, reference = build_models(size)
@@ -158,15 +161,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                 diff = (ours(x) - reference(x)).abs().max().item()
             if not diff <= 1e-4:
                 raise RuntimeError(f"zoo and official-style logits differ by {diff:.3g} at {size} px; not timing")
-            samples = interleaved_samples(
-                {"zoo": _runner(ours, x), "timm": _runner(vit, x), "ref": _runner(reference, x)},
-                repeats=args.repeats, warmup=args.warmup, min_time=args.min_time,
-            )
+            runners = {"zoo": FaultCounter(_runner(ours, x)), "timm": FaultCounter(_runner(vit, x)),
+                       "ref": FaultCounter(_runner(reference, x))}
+            for runner in runners.values():  # warm-up here, so that the fault counts cover the timed calls
+                for _ in range(args.warmup):
+                    runner()
+                runner.reset()
+            samples = interleaved_samples(runners, repeats=args.repeats, warmup=0, min_time=args.min_time)
             t = medians(samples)
             # Ratios: medians over rounds of the per-round ratio (the three ran seconds apart in each round).
             vs_timm, vs_ref = paired_ratio(samples["timm"], samples["zoo"]), paired_ratio(samples["ref"], samples["zoo"])
+            faults = [runners[name].per_call() for name in ("zoo", "timm", "ref")]
             rows.append([str(size), str(batch), f"{batch / t['zoo']:.1f}", f"{batch / t['timm']:.1f}",
-                         f"{batch / t['ref']:.1f}", f"{vs_timm:.2f}", f"{vs_ref:.2f}"])
+                         f"{batch / t['ref']:.1f}", f"{vs_timm:.2f}", f"{vs_ref:.2f}",
+                         " / ".join("n/a" if f is None else f"{f:.0f}" for f in faults)])
             print(f"# done {size} px batch {batch}", flush=True)
     if args.markdown:
         print("| " + " | ".join(header) + " |")
@@ -179,7 +187,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(fmt.format(*header))
         for r in rows:
             print(fmt.format(*r))
-    print("# ratios: throughput of zoo / throughput of the peer (higher is better)")
+    print("# ratios: throughput of zoo / throughput of the peer (higher is better); page faults: minor faults of "
+          "the process per forward during the timed calls (first writes to fresh pages; they move batch-1 times)")
     print(f"# load average at end: {_load_average()} (above ~2 on 2 cores, multi-thread timings are unreliable)")
     return 0
 
