@@ -125,6 +125,31 @@ def test_fault_counter_counts_first_writes_to_fresh_pages():
     assert fresh_counter.calls == 0 and fresh_counter.per_call() is None
 
 
+def test_fault_counts_cover_the_calls_after_warm_up():
+    """interleaved_samples_with_faults: a function that writes fresh pages only on its first call shows them
+    without warm-up and none after one warm-up call."""
+    from zoo.bench.timing import format_faults, interleaved_samples_with_faults, minor_faults
+
+    if minor_faults() is None:
+        pytest.skip("no getrusage here")
+
+    def first_call_faults():
+        cache = {}
+
+        def run():
+            if "buffer" not in cache:
+                cache["buffer"] = torch.empty(8 * 2**20).fill_(1.0)  # 32 MiB written once
+            return cache["buffer"].sum()
+
+        return run
+
+    for warmup, faulting in ((0, True), (1, False)):
+        samples, faults = interleaved_samples_with_faults({"a": first_call_faults()}, repeats=2, warmup=warmup)
+        assert len(samples["a"]) == 2
+        assert (faults["a"] > 1000) == faulting, (warmup, faults)
+    assert format_faults([3.4, None, 1200]) == "3/-/1200"
+
+
 def test_core_part_prints_paired_ratios(capsys):
     args = bench.build_parser().parse_args(
         ["--parts", "core", "--core-sizes", "32", "--repeats", "2", "--warmup", "0", "--min-time", "0"]

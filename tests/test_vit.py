@@ -268,7 +268,9 @@ def test_bench_vision_runs_and_loads_optional_case_modules(monkeypatch, capsys):
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("vit_tiny_patch16_224", "fake_vit"))]
     assert [r[0] for r in rows] == ["vit_tiny_patch16_224", "fake_vit"]
     for r in rows:
-        assert len(r) == 10 and all(float(v) > 0 for v in r[4:])
+        assert len(r) == 11 and all(float(v) > 0 for v in r[4:7] + r[8:])
+        faults = r[7].split("/")  # page faults per inference forward of zoo / peer
+        assert len(faults) == 2 and all(f == "-" or float(f) >= 0 for f in faults)
     # a case whose weights do not reproduce the peer is refused before timing
     bad = bench.BenchCase("bad", lambda size: zoo.create_model("vit_debug", img_size=size),
                           lambda size: TimmViT(img_size=size, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2),

@@ -13,7 +13,8 @@ import torch
 
 __all__ = [
     "interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description",
-    "peak_rss_mb_subprocess", "set_threads", "minor_faults", "FaultCounter",
+    "peak_rss_mb_subprocess", "set_threads", "minor_faults", "FaultCounter", "interleaved_samples_with_faults",
+    "format_faults",
 ]
 
 
@@ -147,6 +148,31 @@ class FaultCounter:
         if minor_faults() is None or self.calls == 0:
             return None
         return self.faults / self.calls
+
+
+def interleaved_samples_with_faults(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | None = None,
+    min_time: float = 0.0,
+) -> tuple[dict[str, list[float]], dict[str, float | None]]:
+    """:func:`interleaved_samples`, and each function's minor page faults per call over the calls after its
+    warm-up (:class:`FaultCounter`; None where faults cannot be counted)."""
+    counters = {name: FaultCounter(fn) for name, fn in fns.items()}
+    for counter in counters.values():
+        for _ in range(warmup):
+            counter()
+        counter.reset()
+    samples = interleaved_samples(counters, repeats=repeats, warmup=0, device=device, min_time=min_time)
+    return samples, {name: counter.per_call() for name, counter in counters.items()}
+
+
+def format_faults(values) -> str:
+    """Page faults per call of several functions as one table cell without spaces: "12/3400", "-" where not
+    counted."""
+    return "/".join("-" if v is None else f"{v:.0f}" for v in values)
 
 
 def machine_description() -> str:

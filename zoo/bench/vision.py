@@ -39,7 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.bench.timing import interleaved_samples, machine_description, medians, paired_ratio, set_threads
+from zoo.bench.timing import (
+    format_faults, interleaved_samples, interleaved_samples_with_faults, machine_description, medians, paired_ratio,
+    set_threads,
+)
 
 __all__ = ["BenchCase", "CASES", "OPTIONAL_CASE_MODULES", "all_cases", "main"]
 
@@ -159,10 +162,11 @@ def run_case(case: BenchCase, *, batch: int, img_size: Optional[int], repeats: i
     if infer:
         ours.eval()
         peer.eval()
-        s = interleaved_samples({"zoo": _infer_fn(ours, x), "peer": _infer_fn(peer, x)}, repeats=repeats, warmup=warmup,
-                                device=device)
+        s, faults = interleaved_samples_with_faults({"zoo": _infer_fn(ours, x), "peer": _infer_fn(peer, x)},
+                                                    repeats=repeats, warmup=warmup, device=device)
         t = medians(s)
-        row.update(infer_zoo=batch / t["zoo"], infer_peer=batch / t["peer"], infer_ratio=paired_ratio(s["peer"], s["zoo"]))
+        row.update(infer_zoo=batch / t["zoo"], infer_peer=batch / t["peer"], infer_ratio=paired_ratio(s["peer"], s["zoo"]),
+                   infer_faults=format_faults((faults["zoo"], faults["peer"])))
     if train:
         ours.train()
         peer.train()
@@ -180,14 +184,14 @@ def run_case(case: BenchCase, *, batch: int, img_size: Optional[int], repeats: i
 
 def _table(rows: list[dict], markdown: bool) -> str:
     header = ["case", "peer", "batch", "img", "infer zoo img/s", "infer peer img/s", "zoo/peer thr.",
-              "step zoo ms", "step peer ms", "zoo/peer time"]
+              "infer page faults/fwd zoo/peer", "step zoo ms", "step peer ms", "zoo/peer time"]
     lines = []
     for r in rows:
         cells = [r["case"], r["peer"], str(r["batch"]), str(r["img_size"])]
         if "infer_zoo" in r:
-            cells += [f"{r['infer_zoo']:.1f}", f"{r['infer_peer']:.1f}", f"{r['infer_ratio']:.3f}"]
+            cells += [f"{r['infer_zoo']:.1f}", f"{r['infer_peer']:.1f}", f"{r['infer_ratio']:.3f}", r["infer_faults"]]
         else:
-            cells += ["-", "-", "-"]
+            cells += ["-", "-", "-", "-"]
         if "train_zoo" in r:
             cells += [f"{1e3 * r['train_zoo']:.1f}", f"{1e3 * r['train_peer']:.1f}", f"{r['train_ratio']:.3f}"]
         else:
@@ -276,7 +280,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         print(f"# done {case.name}", flush=True)
     print(_table(rows, args.markdown))
-    print("# infer: zoo/peer throughput ratio (higher is better); step: zoo/peer training-step time ratio (lower is better)")
+    print("# infer: zoo/peer throughput ratio (higher is better); step: zoo/peer training-step time ratio (lower is better);"
+          " page faults: minor faults of the process per inference forward (first writes to fresh pages)")
     if hasattr(os, "getloadavg"):
         print("# load average (1, 5, 15 min) at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0

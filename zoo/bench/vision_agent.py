@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from zoo.bench.timing import (
-    FaultCounter, interleaved_samples, machine_description, medians, paired_ratio, set_threads,
+    format_faults, interleaved_samples_with_faults, machine_description, medians, paired_ratio, set_threads,
 )
 
 __all__ = ["CASES", "load_reference_module", "build_models", "main"]
@@ -161,20 +161,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 diff = (ours(x) - reference(x)).abs().max().item()
             if not diff <= 1e-4:
                 raise RuntimeError(f"zoo and official-style logits differ by {diff:.3g} at {size} px; not timing")
-            runners = {"zoo": FaultCounter(_runner(ours, x)), "timm": FaultCounter(_runner(vit, x)),
-                       "ref": FaultCounter(_runner(reference, x))}
-            for runner in runners.values():  # warm-up here, so that the fault counts cover the timed calls
-                for _ in range(args.warmup):
-                    runner()
-                runner.reset()
-            samples = interleaved_samples(runners, repeats=args.repeats, warmup=0, min_time=args.min_time)
+            samples, faults = interleaved_samples_with_faults(
+                {"zoo": _runner(ours, x), "timm": _runner(vit, x), "ref": _runner(reference, x)},
+                repeats=args.repeats, warmup=args.warmup, min_time=args.min_time,
+            )
             t = medians(samples)
             # Ratios: medians over rounds of the per-round ratio (the three ran seconds apart in each round).
             vs_timm, vs_ref = paired_ratio(samples["timm"], samples["zoo"]), paired_ratio(samples["ref"], samples["zoo"])
-            faults = [runners[name].per_call() for name in ("zoo", "timm", "ref")]
             rows.append([str(size), str(batch), f"{batch / t['zoo']:.1f}", f"{batch / t['timm']:.1f}",
                          f"{batch / t['ref']:.1f}", f"{vs_timm:.2f}", f"{vs_ref:.2f}",
-                         " / ".join("n/a" if f is None else f"{f:.0f}" for f in faults)])
+                         format_faults(faults[name] for name in ("zoo", "timm", "ref"))])
             print(f"# done {size} px batch {batch}", flush=True)
     if args.markdown:
         print("| " + " | ".join(header) + " |")
