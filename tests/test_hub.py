@@ -76,6 +76,32 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
         assert torch.equal(state[key], value), key
 
 
+@pytest.mark.parametrize("name,pool", [("vit_debug", "avg"), ("agent_deit_debug", "avg"), ("maxvit_debug", "max")])
+def test_reset_classifier_survives_save_and_load(name, pool, tmp_path, caplog):
+    """reset_classifier (new class count, new pooling) then save_pretrained: loading gives back the reset model
+    with its trained head, not a model of the old class count with the head re-initialised."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name).eval()
+    model.reset_classifier(5, global_pool=pool)
+    with torch.no_grad():
+        for p in model.get_classifier().parameters():
+            p.add_(0.5)  # "trained": differs from any fresh init
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    zoo.save_pretrained(model, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        loaded = zoo.create_model(name, pretrained=str(tmp_path)).eval()
+    assert "re-initialised" not in caplog.text
+    assert loaded.num_classes == 5 and loaded.global_pool == pool
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+        model.reset_classifier(True)
+    with pytest.raises(ValueError, match="global_pool must be one of"):
+        model.reset_classifier(3, global_pool="nonsense")
+
+
 def test_new_class_count_reinitialises_head_with_message(tmp_path, caplog):
     model = _tiny_vit()
     zoo.save_pretrained(model, tmp_path / "released")

@@ -8,6 +8,8 @@
 * :func:`is_tracing` -- True under jit tracing/scripting (ONNX's TorchScript exporter) or torch.compile /
   torch.export, where data-dependent Python branches must be avoided.
 * :func:`activate_fresh` -- an activation module applied in place at inference to a tensor just computed.
+* :func:`check_reset_classifier`, :func:`new_linear_head` -- the argument checks and the fresh head of the
+  families' ``reset_classifier`` (timm's method).
 
 Attention itself is not here: it is zoo.attention (attend, MultiHeadAttention, ...).
 """
@@ -21,7 +23,7 @@ from torch import nn
 
 __all__ = [
     "IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "activate_fresh", "check_finite_input",
-    "surely_finite",
+    "surely_finite", "check_reset_classifier", "new_linear_head",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -38,6 +40,29 @@ def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def check_reset_classifier(num_classes, global_pool: Optional[str], pools: Sequence[str]) -> None:
+    """The arguments of ``reset_classifier(num_classes, global_pool=None)``: an int >= 0 and, when given, one
+    of the family's pooling names."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+    if global_pool is not None and global_pool not in pools:
+        raise ValueError(f"global_pool must be one of {tuple(pools)}, got {global_pool!r}")
+
+
+def new_linear_head(in_features: int, num_classes: int, like: torch.Tensor, training: bool,
+                    init_std: Optional[float] = 0.02) -> nn.Module:
+    """A fresh ``num_classes``-way linear classifier (``nn.Identity`` for 0) on ``like``'s device and dtype, in
+    the given train/eval mode. ``init_std``: trunc-normal weights and zero bias (timm's ViT init); None keeps
+    ``nn.Linear``'s default init (timm's MaxViT head)."""
+    if num_classes == 0:
+        return nn.Identity().train(training)
+    head = nn.Linear(in_features, num_classes)
+    if init_std is not None:
+        nn.init.trunc_normal_(head.weight, std=init_std)
+        nn.init.zeros_(head.bias)
+    return head.to(device=like.device, dtype=like.dtype).train(training)
 
 
 def is_tracing() -> bool:

@@ -32,6 +32,7 @@ __all__ = [
     "is_model",
     "MODEL_MODULES",
     "DEPRECATED_MODEL_NAMES",
+    "note_model_args",
 ]
 
 # Task modules that register models; imported on first registry query.
@@ -171,6 +172,16 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
     from zoo import hub
 
     return hub.load_pretrained_into(entry, pretrained, overrides)
+
+
+def note_model_args(model: nn.Module, **changes: Any) -> None:
+    """Record a change made to a built model (``reset_classifier``, ``set_input_size``) in the constructor
+    arguments that :func:`zoo.save_pretrained` writes to config.json, so that loading the saved directory
+    rebuilds the changed model: without it a reset head would be saved with the old class count in the
+    config, and loading would re-initialise it. Models not built by :func:`create_model` are left alone."""
+    args = getattr(model, "zoo_model_args", None)
+    if isinstance(args, dict):
+        args.update(changes)
 
 
 def _construct(entry: ModelEntry, overrides: dict[str, Any]) -> nn.Module:

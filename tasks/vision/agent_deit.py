@@ -40,8 +40,8 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
-from zoo.layers import DropPath, IntOrPair, to_pair
-from zoo.registry import register_model
+from zoo.layers import DropPath, IntOrPair, check_reset_classifier, new_linear_head, to_pair
+from zoo.registry import note_model_args, register_model
 from zoo.tasks.vision.vit import Block, PatchEmbed
 
 __all__ = ["AgentBlock", "AgentVisionTransformer", "resize_pos_embed", "checkpoint_filter_fn"]
@@ -257,21 +257,15 @@ class AgentVisionTransformer(nn.Module):
         return ["head.weight", "head.bias"]
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head with a fresh ``num_classes``-way linear (0: none); optionally change pooling."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        """Replace the head with a fresh ``num_classes``-way linear (0: none); optionally change pooling.
+        save_pretrained then writes the new class count and pooling (zoo.registry.note_model_args)."""
+        check_reset_classifier(num_classes, global_pool, GLOBAL_POOLS)
         if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
+            note_model_args(self, global_pool=global_pool)
         self.num_classes = num_classes
-        weight = self.pos_embed
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-            self.head.to(device=weight.device, dtype=weight.dtype)
-        self.head.train(self.training)
+        self.head = new_linear_head(self.embed_dim, num_classes, self.pos_embed, self.training)
+        note_model_args(self, num_classes=num_classes)
 
     # ------------------------------------------------------------------ forward
     def _check_image(self, x) -> None:

@@ -51,8 +51,10 @@ from zoo.attention import Dense, attend
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
-from zoo.layers import DropPath, IntOrPair, activate_fresh, check_finite_input, to_pair
-from zoo.registry import register_model
+from zoo.layers import (
+    DropPath, IntOrPair, activate_fresh, check_finite_input, check_reset_classifier, new_linear_head, to_pair,
+)
+from zoo.registry import note_model_args, register_model
 
 __all__ = [
     "MaxVit",
@@ -596,19 +598,16 @@ class MaxVit(nn.Module):
         return ["head.fc.weight", "head.fc.bias"]
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the final linear with a fresh ``num_classes``-way one (0: none); the pre-logits stay."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        """Replace the final linear with a fresh ``num_classes``-way one (0: none); the pre-logits stay.
+        save_pretrained then writes the new class count and pooling (zoo.registry.note_model_args)."""
+        check_reset_classifier(num_classes, global_pool, GLOBAL_POOLS)
         if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool = self.head.pool = global_pool
+            note_model_args(self, global_pool=global_pool)
         self.num_classes = num_classes
-        weight = next(self.parameters())
-        fc = nn.Linear(self.head.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head.fc = fc.to(device=weight.device, dtype=weight.dtype).train(self.training)
-        if isinstance(getattr(self, "zoo_model_args", None), dict):
-            self.zoo_model_args["num_classes"] = num_classes
+        self.head.fc = new_linear_head(self.head.num_features, num_classes, next(self.parameters()), self.training,
+                                       init_std=None)
+        note_model_args(self, num_classes=num_classes)
 
     def set_input_size(self, img_size: Optional[IntOrPair] = None, window_size: Optional[IntOrPair] = None,
                        grid_size: Optional[IntOrPair] = None) -> None:
@@ -624,8 +623,7 @@ class MaxVit(nn.Module):
             for block in stage.blocks:
                 block.attn_block.set_partition_size(window)
                 block.attn_grid.set_partition_size(grid)
-        if isinstance(getattr(self, "zoo_model_args", None), dict):
-            self.zoo_model_args.update(img_size=list(self.img_size), window_size=list(window), grid_size=list(grid))
+        note_model_args(self, img_size=list(self.img_size), window_size=list(window), grid_size=list(grid))
 
     # ------------------------------------------------------------------ forward
     def _check_image(self, x) -> None:

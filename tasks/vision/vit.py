@@ -27,8 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, MultiHeadAttention
-from zoo.layers import DropPath, IntOrPair, LayerScale, check_finite_input, to_pair
-from zoo.registry import register_model
+from zoo.layers import (
+    DropPath, IntOrPair, LayerScale, check_finite_input, check_reset_classifier, new_linear_head, to_pair,
+)
+from zoo.registry import note_model_args, register_model
 
 __all__ = [
     "VisionTransformer",
@@ -317,23 +319,19 @@ class VisionTransformer(nn.Module):
         return ["head.weight", "head.bias"]
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head with a fresh ``num_classes``-way linear (0: none); optionally change pooling."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        """Replace the head with a fresh ``num_classes``-way linear (0: none); optionally change pooling.
+        save_pretrained then writes the new class count and pooling (zoo.registry.note_model_args)."""
+        check_reset_classifier(num_classes, global_pool, GLOBAL_POOLS)
+        if global_pool == "token" and not self.has_class_token:
+            raise ValueError("global_pool='token' needs a class token; this model has none")
         if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-            if global_pool == "token" and not self.has_class_token:
-                raise ValueError("global_pool='token' needs a class token; this model has none")
             self.global_pool = global_pool
+            # The norm's place (after the blocks or after pooling) stays as built; the config says which, since
+            # the constructor would otherwise derive it from the new pooling.
+            note_model_args(self, global_pool=global_pool, fc_norm=not isinstance(self.fc_norm, nn.Identity))
         self.num_classes = num_classes
-        weight = next(self.parameters())
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-            self.head.to(device=weight.device, dtype=weight.dtype)
-        self.head.train(self.training)
+        self.head = new_linear_head(self.embed_dim, num_classes, next(self.parameters()), self.training)
+        note_model_args(self, num_classes=num_classes)
 
     def set_input_size(self, img_size: IntOrPair) -> None:
         """Change the native image size, resampling the learned position embedding to the new grid."""
@@ -349,8 +347,7 @@ class VisionTransformer(nn.Module):
             with torch.no_grad():
                 resampled = resample_abs_pos_embed(self.pos_embed, new_grid, old_grid, prefix)
             self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
-        if isinstance(getattr(self, "zoo_model_args", None), dict):  # keep the config for save_pretrained right
-            self.zoo_model_args["img_size"] = list(size)
+        note_model_args(self, img_size=list(size))  # keep the config for save_pretrained right
 
     # ------------------------------------------------------------------ forward
     def _check_image(self, x) -> None:
