@@ -276,6 +276,22 @@ def test_viz_graph_writes_png(tmp_path):
         main(["node=99", f"out={out}", "epochs=0"])
 
 
+def test_viz_graph_dictlookup_writes_png(tmp_path, capsys):
+    """`zoo viz graph data=dictlookup`: a query node's attention over the key-value nodes of a test graph, for
+    GATv2 and GAT (with its self loop), and clear errors for a node that is not a query or a missing example."""
+    from zoo.tasks.graph.viz import main
+
+    for model in ("gatv2_dictlookup", "gat_dictlookup"):
+        out = tmp_path / f"{model}.png"
+        assert main(["data=dictlookup", "k=4", "node=2", "epochs=1", f"model={model}", f"out={out}"]) == 0
+        assert out.stat().st_size > 1000
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="query node"):
+        main(["data=dictlookup", "k=4", "node=4", "epochs=0", f"out={tmp_path / 'x.png'}"])
+    with pytest.raises(SystemExit, match="out of range"):
+        main(["data=dictlookup", "k=4", "example=10000", "epochs=0", f"out={tmp_path / 'x.png'}"])
+
+
 def test_bench_graph_smoke(capsys):
     from zoo.bench.graph import main
 
