@@ -290,6 +290,8 @@ def test_viz_graph_dictlookup_writes_png(tmp_path, capsys):
         main(["data=dictlookup", "k=4", "node=4", "epochs=0", f"out={tmp_path / 'x.png'}"])
     with pytest.raises(SystemExit, match="out of range"):
         main(["data=dictlookup", "k=4", "example=10000", "epochs=0", f"out={tmp_path / 'x.png'}"])
+    with pytest.raises(SystemExit, match="one attention layer"):
+        main(["data=dictlookup", "k=4", "layer=1", "epochs=0", f"out={tmp_path / 'x.png'}"])
 
 
 def test_bench_graph_smoke(capsys):

@@ -156,6 +156,8 @@ def _dictlookup(opts: dict) -> int:
     from zoo.tasks.graph.dictlookup import collate, generate_permutations, unseen_combinations_split
 
     k, example, node = int(opts["k"]), int(opts["example"]), int(opts["node"])
+    if int(opts["layer"]) != 0:
+        raise SystemExit("zoo viz graph: the DictionaryLookup model has one attention layer: layer=0")
     if not 0 <= node < k:
         raise SystemExit(f"zoo viz graph: node must be a query node, 0..{k - 1} for k={k}; got {node}")
     train_perms, test_perms = unseen_combinations_split(generate_permutations(k))
