@@ -96,6 +96,26 @@ def test_reset_classifier_survives_save_and_load(name, pool, tmp_path, caplog):
     assert loaded.num_classes == 5 and loaded.global_pool == pool
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected)
+    # a directory saved before reset_classifier recorded the new count (config.json's model_args without it, the
+    # saved model's num_classes 5) still loads with its trained head, saying why
+    old = zoo.create_model(name).eval()
+    old.reset_classifier(5)
+    with torch.no_grad():
+        for p in old.get_classifier().parameters():
+            p.add_(0.5)
+        expected_old = old(x)
+    zoo.save_pretrained(old, tmp_path / "old")
+    config_path = tmp_path / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_args"] = {}
+    config_path.write_text(json.dumps(config))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rescued = zoo.create_model(name, pretrained=str(tmp_path / "old")).eval()
+    assert "a head reset before it was saved" in caplog.text and "re-initialised" not in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(rescued(x), expected_old)
+    assert zoo.create_model(name, pretrained=str(tmp_path / "old"), num_classes=3).num_classes == 3  # override wins
     with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
         model.reset_classifier(True)
     with pytest.raises(ValueError, match="global_pool must be one of"):

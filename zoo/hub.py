@@ -384,6 +384,18 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
         args.update(config.get("model_args", {}))
     args.update(overrides)
     model = _construct(entry, args)
+    saved_classes = None if config is None else config.get("num_classes")
+    if (
+        isinstance(saved_classes, int) and "num_classes" not in overrides and config["model_name"] == entry.name
+        and isinstance(getattr(model, "num_classes", None), int) and model.num_classes != saved_classes
+    ):
+        # config.json's num_classes is the saved model's own; its constructor arguments can disagree only when
+        # the head was reset after construction and saved by a zoo that did not record it yet. Rebuild with
+        # the saved count so that the trained head loads instead of being re-initialised.
+        log.warning("%s: the saved model had %d classes, its recorded constructor arguments say %d (a head reset "
+                    "before it was saved); building it with %d", path, saved_classes, model.num_classes, saved_classes)
+        args["num_classes"] = saved_classes
+        model = _construct(entry, args)
     weights_path = path / WEIGHTS_NAME if path.is_dir() else path
     state = load_state_dict_file(weights_path)
     state = _family_filter(entry, state, model, weights_path)
