@@ -16,7 +16,10 @@ Loading rules (:func:`load_pretrained_into`, used by ``create_model(name, pretra
   config.json names the model, in the source tree or installed as package data ``zoo/checkpoints``; or under
   the directory named by the ``ZOO_CHECKPOINTS`` environment variable).
 * ``pretrained=<dir or .safetensors>`` loads that; the checkpoint's recorded constructor arguments are used
-  unless overridden (``create_model("vit_digits", pretrained=dir, num_classes=3)``).
+  unless overridden (``create_model("vit_digits", pretrained=dir, num_classes=3)``). Changes made after
+  construction (``reset_classifier``, ``set_input_size``) are recorded there too (zoo.registry.note_model_args);
+  a directory whose config.json ``num_classes`` disagrees with its arguments (saved before that) is built with
+  the saved count, so its trained head loads.
 * The family's ``checkpoint_filter_fn(state_dict, model)`` (timm's convention, in the model file) adapts the
   weights first: timm layouts, position embeddings / relative-position tables resized when the model is
   built at another image size (fine-tuning at a new resolution).
