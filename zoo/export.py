@@ -84,6 +84,9 @@ def _size_pair(value: Union[int, Sequence[int], str, None], name: str = "img_siz
 
 
 def _default_cfg(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "pretrained_cfg", None)  # the model's own (its size, its checkpoint's mean/std)
+    if isinstance(cfg, dict) and cfg:
+        return dict(cfg)
     name = getattr(model, "zoo_model_name", None)
     if not name:
         return {}

@@ -403,6 +403,13 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
     state = load_state_dict_file(weights_path)
     state = _family_filter(entry, state, model, weights_path)
     load_weights(model, state, source=str(weights_path))
+    data = ((config or {}).get("metadata") or {}).get("data")
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and isinstance(data, dict):
+        # the normalisation the checkpoint was trained with (zoo train records it), for timm's data pipeline
+        for key in ("mean", "std"):
+            if isinstance(data.get(key), (list, tuple)) and data[key]:
+                cfg[key] = tuple(float(v) for v in data[key])
     return model
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "MODEL_MODULES",
     "DEPRECATED_MODEL_NAMES",
     "note_model_args",
+    "image_data_config",
 ]
 
 # Task modules that register models; imported on first registry query.
@@ -178,10 +179,31 @@ def note_model_args(model: nn.Module, **changes: Any) -> None:
     """Record a change made to a built model (``reset_classifier``, ``set_input_size``) in the constructor
     arguments that :func:`zoo.save_pretrained` writes to config.json, so that loading the saved directory
     rebuilds the changed model: without it a reset head would be saved with the old class count in the
-    config, and loading would re-initialise it. Models not built by :func:`create_model` are left alone."""
+    config, and loading would re-initialise it. The model's ``pretrained_cfg`` (input size, class count)
+    follows. Models not built by :func:`create_model` are left alone."""
     args = getattr(model, "zoo_model_args", None)
     if isinstance(args, dict):
         args.update(changes)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        cfg.update(image_data_config(cfg, changes))
+
+
+def image_data_config(default_cfg: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    """timm's data config (``pretrained_cfg``: input_size, mean, std, interpolation, crop_pct, ...) of an image
+    model built with constructor arguments ``args``: the registry's ``default_cfg`` with ``input_size`` and
+    ``num_classes`` following ``in_chans`` / ``img_size`` / ``num_classes`` when they are given."""
+    cfg = dict(default_cfg)
+    chans, height, width = cfg["input_size"]
+    if args.get("in_chans") is not None:
+        chans = int(args["in_chans"])
+    size = args.get("img_size")
+    if size is not None:
+        height, width = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    cfg["input_size"] = (chans, height, width)
+    if args.get("num_classes") is not None:
+        cfg["num_classes"] = int(args["num_classes"])
+    return cfg
 
 
 def _construct(entry: ModelEntry, overrides: dict[str, Any]) -> nn.Module:
@@ -197,4 +219,8 @@ def _construct(entry: ModelEntry, overrides: dict[str, Any]) -> nn.Module:
     # Remember how the model was built so save_pretrained can write config.json.
     model.zoo_model_name = entry.name  # type: ignore[attr-defined]
     model.zoo_model_args = dict(overrides)  # type: ignore[attr-defined]
+    if "input_size" in entry.default_cfg:
+        # Image models carry timm's data config as timm's own do, so timm.data.resolve_model_data_config /
+        # create_transform build the right preprocessing for them (size, mean/std, interpolation, crop).
+        model.pretrained_cfg = image_data_config(entry.default_cfg, overrides)  # type: ignore[attr-defined]
     return model

@@ -412,7 +412,9 @@ def _cfg(img_size: int = 224, num_classes: int = 1000, in_chans: int = 3, mean=I
         "mean": mean,
         "std": std,
         "interpolation": "bicubic",
-        "crop_pct": 0.9,
+        # official evaluation (agent_transformer/data/build.py): resize to 256/224 of the size, centre crop
+        "crop_pct": 0.875,
+        "crop_mode": "center",
         "classifier": "head",
         "first_conv": "patch_embed.proj",
         "paper": "arXiv:2312.08874",

@@ -757,6 +757,7 @@ def _cfg(img_size: int, num_classes: int = 1000, in_chans: int = 3, mean=IMAGENE
         "std": std,
         "interpolation": "bicubic",
         "crop_pct": 0.95,
+        "crop_mode": "center",
         "classifier": "head.fc",
         "first_conv": "stem.conv1",
         **extra,

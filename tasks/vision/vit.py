@@ -515,6 +515,7 @@ def _cfg(img_size: int = 224, num_classes: int = 1000, in_chans: int = 3, mean=I
         "std": std,
         "interpolation": "bicubic",
         "crop_pct": 0.9 if img_size <= 224 else 1.0,
+        "crop_mode": "center",
         "classifier": "head",
         "first_conv": "patch_embed.proj",
         **extra,
@@ -593,7 +594,7 @@ def vit_base_patch32_224(**kwargs) -> VisionTransformer:
     return _create(dict(patch_size=32, embed_dim=768, depth=12, num_heads=12), kwargs)
 
 
-@register_model(task="vision", family="vit", default_cfg=_cfg(256, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+@register_model(task="vision", family="vit", default_cfg=_cfg(256, crop_pct=0.95))  # timm's sbb2_e200_in12k_ft_in1k
 def vit_betwixt_patch16_reg4_gap_256(**kwargs) -> VisionTransformer:
     """ViT-b/16 ("betwixt", dim 640) with 4 registers, layer scale, no class token, average pooling, 256 px
     (timm ``vit_betwixt_patch16_reg4_gap_256``)."""

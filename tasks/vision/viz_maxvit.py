@@ -236,7 +236,8 @@ def _image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, Optio
     cfg = {}
     name = getattr(model, "zoo_model_name", None)
     if name is not None and zoo.is_model(name):
-        cfg = zoo.get_model_entry(name).default_cfg
+        cfg = dict(zoo.get_model_entry(name).default_cfg)
+    cfg.update(getattr(model, "pretrained_cfg", None) or {})
     mean = tuple(cfg.get("mean", (0.5,) * chans))
     std = tuple(cfg.get("std", (0.5,) * chans))
     if len(mean) != chans:
