@@ -10,6 +10,7 @@
 * :func:`activate_fresh` -- an activation module applied in place at inference to a tensor just computed.
 * :func:`check_reset_classifier`, :func:`new_linear_head` -- the argument checks and the fresh head of the
   families' ``reset_classifier`` (timm's method).
+* :func:`feature_take_indices` -- which blocks/stages ``forward_intermediates(indices=...)`` returns (timm's rule).
 
 Attention itself is not here: it is zoo.attention (attend, MultiHeadAttention, ...).
 """
@@ -23,7 +24,7 @@ from torch import nn
 
 __all__ = [
     "IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "activate_fresh", "check_finite_input",
-    "surely_finite", "check_reset_classifier", "new_linear_head",
+    "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -40,6 +41,28 @@ def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def feature_take_indices(count: int, indices: Union[int, Sequence[int], None] = None) -> tuple[list[int], int]:
+    """The features ``forward_intermediates(indices=...)`` takes out of ``count`` (blocks or stages), with timm's
+    rule (timm.models._features.feature_take_indices): None = all, an int n = the last n, a sequence = those
+    indices (negative ones from the end). Returns (sorted as given, absolute indices; the largest)."""
+    if indices is None:
+        indices = count
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= count:
+            raise ValueError(f"indices: last-n ({indices}) is out of range (1 to {count})")
+        take = list(range(count - indices, count))
+    else:
+        take = []
+        for i in indices:
+            idx = count + int(i) if int(i) < 0 else int(i)
+            if not 0 <= idx < count:
+                raise ValueError(f"indices: feature index {i} is out of range (0 to {count - 1})")
+            take.append(idx)
+        if not take:
+            raise ValueError("indices: an empty sequence selects no feature")
+    return take, max(take)
 
 
 def check_reset_classifier(num_classes, global_pool: Optional[str], pools: Sequence[str]) -> None:

@@ -40,9 +40,9 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
-from zoo.layers import DropPath, IntOrPair, check_reset_classifier, new_linear_head, to_pair
+from zoo.layers import DropPath, IntOrPair, check_reset_classifier, feature_take_indices, new_linear_head, to_pair
 from zoo.registry import note_model_args, register_model
-from zoo.tasks.vision.vit import Block, PatchEmbed
+from zoo.tasks.vision.vit import Block, PatchEmbed, TokenFeaturesMixin
 
 __all__ = ["AgentBlock", "AgentVisionTransformer", "resize_pos_embed", "checkpoint_filter_fn"]
 
@@ -126,7 +126,7 @@ class _PlainBlock(Block):
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
-class AgentVisionTransformer(nn.Module):
+class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
     """Agent-DeiT image classifier (official parameter names; any input size).
 
     Args:
@@ -142,6 +142,8 @@ class AgentVisionTransformer(nn.Module):
         global_pool: "token" (class token, official) or "avg" (mean of the patch tokens after the final norm).
         drop_rate, attn_drop_rate, drop_path_rate: dropout after position embedding / in MLPs and
             projections (official ``drop_rate``), on attention probabilities, stochastic depth max.
+        final_norm: LayerNorm after the blocks (official: yes; False after ``prune_intermediate_layers``
+            removed it).
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class AgentVisionTransformer(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        final_norm: bool = True,
     ):
         super().__init__()
         for name, value in (("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim),
@@ -214,7 +217,9 @@ class AgentVisionTransformer(nn.Module):
                 blocks.append(_PlainBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                           proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i]))
         self.blocks = nn.Sequential(*blocks)
-        self.norm = norm_layer(embed_dim)
+        # timm's feature_info: one entry per block (forward_intermediates' feature maps)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.norm = norm_layer(embed_dim) if final_norm else nn.Identity()
         self.head_drop = nn.Dropout(0.0)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._pos_cache: dict = {}
@@ -332,6 +337,24 @@ class AgentVisionTransformer(nn.Module):
         """Images (B, in_chans, Hi, Wi) -> normalised tokens (B, N, C), class token first."""
         x_BNC, grid = self._embed(x_BCHW)
         return self.norm(self._run_blocks(x_BNC, self.blocks, grid))
+
+    _tokens = _embed  # the name TokenFeaturesMixin.forward_intermediates calls
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm / the head), timm's method.
+        Returns the absolute indices kept; save_pretrained records the pruned shape."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        self.agent_layer = min(self.agent_layer, last + 1)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        note_model_args(self, depth=last + 1, agent_layer=self.agent_layer,
+                        final_norm=not isinstance(self.norm, nn.Identity))
+        return take
 
     def pool(self, x_BNC: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type

@@ -52,7 +52,8 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import (
-    DropPath, IntOrPair, activate_fresh, check_finite_input, check_reset_classifier, new_linear_head, to_pair,
+    DropPath, IntOrPair, activate_fresh, check_finite_input, check_reset_classifier, feature_take_indices,
+    new_linear_head, to_pair,
 )
 from zoo.registry import note_model_args, register_model
 
@@ -654,6 +655,11 @@ class MaxVit(nn.Module):
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x_BCHW))
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, timm's MaxxVit regexes (timm.optim's layer-wise decay reads them)."""
+        return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None), (r"^norm", (99999,))])
+
     def forward_intermediates(
         self,
         x_BCHW: torch.Tensor,
@@ -671,21 +677,7 @@ class MaxVit(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        count = len(self.stages) + 1
-        if indices is None:
-            take = list(range(count))
-        elif isinstance(indices, int):
-            if not 0 < indices <= count:
-                raise ValueError(f"last-n indices={indices} is out of range (1 to {count})")
-            take = list(range(count - indices, count))
-        else:
-            take = []
-            for i in indices:
-                idx = count + i if i < 0 else i
-                if not 0 <= idx < count:
-                    raise ValueError(f"feature index {i} is out of range (0 to {count - 1})")
-                take.append(idx)
-        last = max(take)
+        take, last = feature_take_indices(len(self.stages) + 1, indices)
         self._check_image(x_BCHW)
         outs = []
         x = self.stem(x_BCHW)

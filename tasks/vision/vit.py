@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, MultiHeadAttention
 from zoo.layers import (
-    DropPath, IntOrPair, LayerScale, check_finite_input, check_reset_classifier, new_linear_head, to_pair,
+    DropPath, IntOrPair, LayerScale, check_finite_input, check_reset_classifier, feature_take_indices, new_linear_head,
+    to_pair,
 )
 from zoo.registry import note_model_args, register_model
 
@@ -163,7 +164,62 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
-class VisionTransformer(nn.Module):
+class TokenFeaturesMixin:
+    """timm's dense-prediction and optimizer API for the plain-token transformers (ViT, Agent-DeiT):
+    ``forward_intermediates`` and ``group_matcher``. The class provides ``_tokens(x) -> (tokens, grid)``,
+    ``_run_blocks(tokens, blocks, grid)``, ``blocks``, ``norm`` and ``num_prefix_tokens``."""
+
+    def forward_intermediates(
+        self,
+        x_BCHW: torch.Tensor,
+        indices: Union[int, Sequence[int], None] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Block outputs for dense-prediction users, timm's method and semantics
+        (timm.models.vision_transformer.VisionTransformer.forward_intermediates); any size the model takes.
+
+        Args:
+            indices: blocks to return: None = all, an int n = the last n, a list (negative from the end).
+            return_prefix_tokens: return (patch map, prefix tokens (B, P, C)) pairs.
+            norm: apply the final norm to each intermediate.
+            stop_early: run no block after the last one asked for.
+            output_fmt: "NCHW" (B, C, Gh, Gw) maps or "NLC" (B, Gh*Gw, C) tokens, prefix tokens removed.
+            intermediates_only: return only the list.
+        Returns:
+            (final normalised tokens (B, N, C), [intermediates]) or the list.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        x_BNC, (gh, gw) = self._tokens(x_BCHW)
+        blocks = self.blocks[: last + 1] if stop_early else self.blocks
+        outs = []
+        for i, block in enumerate(blocks):
+            x_BNC = self._run_blocks(x_BNC, [block], (gh, gw))
+            if i in take:
+                outs.append(self.norm(x_BNC) if norm else x_BNC)
+        prefix = self.num_prefix_tokens
+        maps = [y[:, prefix:] for y in outs]
+        if output_fmt == "NCHW":
+            maps = [y.reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
+        if return_prefix_tokens and prefix:
+            maps = list(zip(maps, [y[:, :prefix] for y in outs]))
+        if intermediates_only:
+            return maps
+        return self.norm(x_BNC), maps
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, timm's ViT regexes (timm.optim's layer-wise decay reads them)."""
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+
+class VisionTransformer(TokenFeaturesMixin, nn.Module):
     """ViT image classifier with timm's parameter names, init and forward.
 
     Args:
@@ -280,6 +336,10 @@ class VisionTransformer(nn.Module):
                 for i in range(depth)
             ]
         )
+        # timm's feature_info: one entry per block (forward_intermediates' feature maps)
+        ph, pw = self.patch_embed.patch_size
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=ph if ph == pw else (ph, pw))
+                             for i in range(depth)]
         self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -399,12 +459,16 @@ class VisionTransformer(nn.Module):
             x_BNC = x_BNC + pos_embed
         return self.pos_drop(x_BNC)
 
-    def _embed(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Checked images -> (embedded tokens (B, N, C), patch grid (Gh, Gw))."""
         self._check_image(x_BCHW)
         x_BLC, grid = self.patch_embed(x_BCHW)
-        return self.norm_pre(self._pos_embed(x_BLC, grid))
+        return self.norm_pre(self._pos_embed(x_BLC, grid)), grid
 
-    def _run_blocks(self, x_BNC: torch.Tensor, blocks) -> torch.Tensor:
+    def _embed(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self._tokens(x_BCHW)[0]
+
+    def _run_blocks(self, x_BNC: torch.Tensor, blocks, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in blocks:
                 x_BNC = checkpoint(block, x_BNC, use_reentrant=False)
@@ -416,6 +480,23 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """Images (B, in_chans, Hi, Wi) -> normalised tokens (B, N, C), prefix tokens first."""
         return self.norm(self._run_blocks(self._embed(x_BCHW), self.blocks))
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm / the head), timm's method.
+        Returns the absolute indices kept for :meth:`forward_intermediates`. save_pretrained records the
+        pruned shape (zoo.registry.note_model_args)."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        has_norm, has_fc_norm = not isinstance(self.norm, nn.Identity), not isinstance(self.fc_norm, nn.Identity)
+        note_model_args(self, depth=last + 1, final_norm=has_norm or has_fc_norm, fc_norm=has_fc_norm)
+        return take
 
     def pool(self, x_BNC: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type

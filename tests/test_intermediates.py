@@ -1,0 +1,142 @@
+"""timm's dense-prediction and optimizer API on the zoo's token transformers: forward_intermediates,
+prune_intermediate_layers, feature_info and group_matcher. ViT is compared with timm's VisionTransformer
+(same weights); Agent-DeiT, which timm lacks, with its own forward and block outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+from zoo.layers import feature_take_indices
+
+timm = pytest.importorskip("timm")
+
+VIT_CASES = [
+    dict(),
+    dict(indices=3),
+    dict(indices=[0, -1], norm=True),
+    dict(indices=2, return_prefix_tokens=True, output_fmt="NLC"),
+    dict(indices=[1], stop_early=True),
+    dict(indices=[2, 0], intermediates_only=True),
+]
+
+
+def _layer_decay_scales(model) -> dict:
+    """Parameter name -> the lr scale timm.optim's layer-wise decay gives it."""
+    from timm.optim import create_optimizer_v2
+
+    names = {id(q): n for n, q in model.named_parameters()}
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.7)
+    return {names[id(p)]: group["lr_scale"] for group in opt.param_groups for p in group["params"]}
+
+
+def _flat(items):
+    return [t for item in items for t in (item if isinstance(item, tuple) else (item,))]
+
+
+@pytest.fixture(scope="module")
+def vit_pair():
+    torch.manual_seed(0)
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, depth=4).eval()
+    ours = zoo.create_model("vit_tiny_patch16_224", img_size=48, depth=4).eval()
+    ours.load_state_dict(peer.state_dict())
+    return ours, peer
+
+
+@pytest.mark.parametrize("kwargs", VIT_CASES)
+def test_vit_forward_intermediates_match_timm(vit_pair, kwargs):
+    ours, peer = vit_pair
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        mine, theirs = ours.forward_intermediates(x, **kwargs), peer.forward_intermediates(x, **kwargs)
+    if not kwargs.get("intermediates_only"):
+        torch.testing.assert_close(mine[0], theirs[0], rtol=1e-5, atol=1e-5)
+        mine, theirs = mine[1], theirs[1]
+    assert len(mine) == len(theirs)
+    for a, b in zip(_flat(mine), _flat(theirs)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_feature_info_group_matcher_and_layer_decay_match_timm(vit_pair):
+    ours, peer = vit_pair
+    assert ours.feature_info == peer.feature_info
+    assert ours.group_matcher() == peer.group_matcher()
+    assert _layer_decay_scales(ours) == _layer_decay_scales(peer)  # timm's layer-wise decay reads group_matcher
+
+
+def test_vit_prune_intermediate_layers_matches_timm_and_saves(tmp_path):
+    torch.manual_seed(1)
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=4, global_pool="avg").eval()
+    ours = zoo.create_model("vit_tiny_patch16_224", img_size=32, depth=4, global_pool="avg").eval()
+    ours.load_state_dict(peer.state_dict())
+    assert ours.prune_intermediate_layers([1, 2], prune_norm=True) == peer.prune_intermediate_layers([1, 2], prune_norm=True)
+    assert len(ours.blocks) == 3 and len(ours.feature_info) == 3 and ours.num_classes == 0
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(ours.forward_intermediates(x, indices=[1, 2], intermediates_only=True),
+                        peer.forward_intermediates(x, indices=[1, 2], intermediates_only=True)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x), peer(x), rtol=1e-5, atol=1e-5)
+        expected = ours(x)
+    zoo.save_pretrained(ours, tmp_path)  # the pruned shape is recorded: it loads back
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.from_pretrained(tmp_path).eval()(x), expected)
+
+
+def test_agent_deit_intermediates_are_the_block_outputs_at_any_size(tmp_path):
+    torch.manual_seed(2)
+    model = zoo.create_model("agent_deit_debug").eval()
+    x = torch.randn(2, 3, 42, 30)  # not the native size, not square, not whole patches
+    seen = []
+    hooks = [block.register_forward_hook(lambda module, args, out: seen.append(out)) for block in model.blocks]
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        features = model.forward_features(x)
+    for hook in hooks:
+        hook.remove()
+    depth = len(model.blocks)
+    assert len(maps) == depth and seen[:depth]  # hooks saw forward_intermediates' blocks first
+    ph, pw = model.patch_embed.patch_size
+    gh, gw = -(-42 // ph), -(-30 // pw)  # partial patches are padded to whole ones
+    for block_out, feature_map in zip(seen[:depth], maps):
+        assert feature_map.shape == (2, model.embed_dim, gh, gw)
+        torch.testing.assert_close(feature_map, block_out[:, 1:].reshape(2, gh, gw, -1).permute(0, 3, 1, 2))
+    torch.testing.assert_close(final, features)
+    with torch.no_grad():
+        last_normed, cls = model.forward_intermediates(x, indices=1, norm=True, return_prefix_tokens=True,
+                                                       output_fmt="NLC", intermediates_only=True)[0]
+    torch.testing.assert_close(last_normed, features[:, 1:])
+    torch.testing.assert_close(cls, features[:, :1])
+    assert model.feature_info[-1] == dict(module=f"blocks.{depth - 1}", num_chs=model.embed_dim, reduction=ph)
+    assert model.group_matcher()["blocks"][0] == (r"^blocks\.(\d+)", None)
+
+    kept = model.prune_intermediate_layers(indices=[0], prune_norm=True)
+    assert kept == [0] and len(model.blocks) == 1 and model.num_classes == 0
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(expected, model.forward_intermediates(x, indices=1, output_fmt="NLC",
+                                                                          return_prefix_tokens=True,
+                                                                          intermediates_only=True)[0][1][:, 0])
+    zoo.save_pretrained(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.from_pretrained(tmp_path).eval()(x), expected)
+
+
+def test_maxvit_group_matcher_and_layer_decay_match_timm():
+    torch.manual_seed(3)
+    peer = timm.create_model("maxvit_rmlp_pico_rw_256", pretrained=False, img_size=64)
+    ours = zoo.create_model("maxvit_rmlp_pico_rw_256", img_size=64)
+    ours.load_state_dict(peer.state_dict())
+    assert ours.group_matcher() == peer.group_matcher()
+    assert _layer_decay_scales(ours) == _layer_decay_scales(peer)
+
+
+def test_feature_take_indices_follows_timm_and_names_bad_indices():
+    from timm.models._features import feature_take_indices as timm_take
+
+    for indices in (None, 1, 4, [0, 2], [-1], (3, -4)):
+        assert feature_take_indices(4, indices) == timm_take(4, indices)
+    for bad, message in ((0, "last-n"), (5, "last-n"), ([4], "out of range"), ([-5], "out of range"), ([], "empty")):
+        with pytest.raises(ValueError, match=message):
+            feature_take_indices(4, bad)
