@@ -467,10 +467,49 @@ def test_bad_edge_attr_and_constructor_args():
         GATv2Conv(6, 4)(torch.randn(12, 6), ei, torch.randn(ei.size(1), 3))
     with pytest.raises(ValueError, match="fill_value"):
         GATv2Conv(6, 4, fill_value="median")
-    with pytest.raises(ValueError, match="lazy"):
-        GATv2Conv(-1, 4)
+    with pytest.raises(ValueError, match="or -1"):
+        GATv2Conv(-2, 4)
     with pytest.raises(ValueError, match="dropout"):
         GATConv(6, 4, dropout=1.5)
+
+
+@pytest.mark.parametrize("cls_zoo,cls_pyg,kwargs", [
+    (GATv2Conv, "GATv2Conv", dict(heads=2)),
+    (GATv2Conv, "GATv2Conv", dict(heads=2, share_weights=True, residual=True, edge_dim=3)),
+    (GATConv, "GATConv", dict(heads=2, residual=True)),
+])
+def test_lazy_in_channels_match_pyg(cls_zoo, cls_pyg, kwargs):
+    """in_channels=-1 (PyG's lazy initialisation): sized by the first input, or by a state dict loaded before
+    any input; outputs, attention and gradients equal PyG's; the size is then checked like a given one."""
+    ei = _graph()
+    x, ea = torch.randn(12, 7), (torch.randn(ei.size(1), 3) if "edge_dim" in kwargs else None)
+    torch.manual_seed(0)
+    peer = getattr(pyg_nn, cls_pyg)(-1, 5, **kwargs)
+    peer(x, ei, ea)  # sized by its first input
+    ours = cls_zoo(-1, 5, **kwargs)
+    assert repr(ours) == repr(peer) == f"{cls_pyg}(-1, 5, heads=2)"
+    ours.load_state_dict(peer.state_dict(), strict=True)  # sized by the state dict
+    _assert_same(ours, peer, [x], ei, ea)
+    fresh = cls_zoo(-1, 5, **kwargs)
+    assert fresh(x, ei, ea).shape == (12, 10)  # sized by its first input, initialised as PyG's Linear
+    fresh.load_state_dict(peer.state_dict(), strict=True)
+    _assert_same(fresh, peer, [x], ei, ea)
+    with pytest.raises(ValueError, match="x has 4 features, the layer expects 7"):
+        fresh(torch.randn(12, 4), ei, ea)
+
+
+def test_lazy_bipartite_matches_pyg():
+    g = torch.Generator().manual_seed(3)
+    ei = torch.stack([torch.randint(0, 6, (14,), generator=g), torch.randint(0, 4, (14,), generator=g)])
+    x_src, x_dst = torch.randn(6, 5), torch.randn(4, 7)
+    torch.manual_seed(0)
+    peer = pyg_nn.GATv2Conv((-1, -1), 3, heads=2, add_self_loops=False)
+    peer((x_src, x_dst), ei)
+    ours = GATv2Conv((-1, -1), 3, heads=2, add_self_loops=False)
+    assert ours((x_src, x_dst), ei).shape == (4, 6)  # sized from both inputs
+    assert ours.lin_l.weight.shape == (6, 5) and ours.lin_r.weight.shape == (6, 7)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    _assert_same(ours, peer, [x_src, x_dst], ei)
 
 
 def test_gatv2_attention_destination_arguments_are_checked():

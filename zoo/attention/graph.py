@@ -21,8 +21,10 @@ and cached on the module (keyed on the tensor object and its version counter).
 
 Letters: N nodes (Ns source, Nd destination), E edges, H heads, C channels per head, D edge features.
 
-Not supported (raise a clear error): lazy ``in_channels=-1``, torch_sparse ``SparseTensor`` input
-(pyg-lib/torch_sparse are not installed; use a torch sparse tensor), static graphs (3-D x).
+``in_channels=-1`` (or -1 in a pair) sizes the projections from the first input, or from a loaded state dict,
+as PyG's lazy initialisation does. Not supported (raise a clear error): torch_sparse ``SparseTensor`` input
+(pyg-lib/torch_sparse are not installed; use a torch sparse tensor), static graphs (3-D x), and PyG's
+``to_hetero`` (it traces into modules that are not its MessagePassing).
 """
 from __future__ import annotations
 
@@ -160,34 +162,57 @@ def _glorot_(t: Tensor) -> None:
         t.uniform_(-bound, bound)
 
 
-def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    """nn.Linear with PyG's Linear(weight_initializer='glorot') keys and initialisation."""
-    lin = nn.Linear(in_features, out_features, bias=bias)
+def _init_linear_(lin: nn.Linear) -> None:
+    """PyG's Linear(weight_initializer='glorot') initialisation: glorot weight, bias U(+-1/sqrt(in))."""
     _glorot_(lin.weight)
     if lin.bias is not None:
-        bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+        fan_in = lin.weight.shape[1]  # not in_features: a lazy linear sized by a state dict keeps 0 there
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         with torch.no_grad():
             lin.bias.uniform_(-bound, bound)
+
+
+class _LazyLinear(nn.LazyLinear):
+    """PyG's ``in_channels=-1``: an nn.LazyLinear whose size comes from the first input (or from a loaded state
+    dict), initialised as PyG's Linear once known; it then becomes a plain nn.Linear."""
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.weight.numel():  # not the (0, 0) stand-in of __init__
+            _init_linear_(self)
+
+
+def _is_lazy(module) -> bool:
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """nn.Linear with PyG's Linear(weight_initializer='glorot') keys and initialisation (lazy for -1)."""
+    if in_features == -1:
+        return _LazyLinear(out_features, bias=bias)
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    _init_linear_(lin)
     return lin
 
 
-def _check_channels(name: str, value) -> None:
+def _check_channels(name: str, value, lazy_ok: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    if value == -1:
-        raise ValueError(f"{name}=-1 (lazy initialisation) is not supported: give the feature size")
+    if value == -1 and lazy_ok:
+        return
     if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        what = " (or -1: taken from the first input)" if lazy_ok else ""
+        raise ValueError(f"{name} must be positive{what}, got {value}")
 
 
 def _check_features(name: str, x, channels: int) -> Tensor:
+    """``channels`` -1: a lazy layer not yet sized, any width."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [num_nodes, {channels}], got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be 2-D [num_nodes, features], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.size(1) != channels:
+    if channels != -1 and x.size(1) != channels:
         raise ValueError(f"{name} has {x.size(1)} features, the layer expects {channels}")
     if x.numel() and not bool(torch.isfinite(x.detach().sum(dtype=torch.float32))):
         if not bool(torch.isfinite(x.detach()).all()):
@@ -203,11 +228,11 @@ class _GraphAttentionBase(nn.Module):
         if isinstance(in_channels, (tuple, list)):
             if len(in_channels) != 2:
                 raise ValueError(f"in_channels must be an int or a (source, target) pair, got {in_channels!r}")
-            _check_channels("in_channels[0]", in_channels[0])
-            _check_channels("in_channels[1]", in_channels[1])
+            _check_channels("in_channels[0]", in_channels[0], lazy_ok=True)
+            _check_channels("in_channels[1]", in_channels[1], lazy_ok=True)
             in_channels = tuple(in_channels)
         else:
-            _check_channels("in_channels", in_channels)
+            _check_channels("in_channels", in_channels, lazy_ok=True)
         _check_channels("out_channels", out_channels)
         _check_channels("heads", heads)
         if not 0.0 <= float(dropout) < 1.0:
@@ -216,6 +241,8 @@ class _GraphAttentionBase(nn.Module):
             _check_channels("edge_dim", edge_dim)
         _check_fill_value(fill_value)
         self.in_channels = in_channels
+        # the constructor's sizes (-1: lazy), for building the projections
+        self._src_arg, self._dst_arg = (in_channels, in_channels) if isinstance(in_channels, int) else in_channels
         self.out_channels = out_channels
         self.heads = heads
         self.concat = concat
@@ -229,11 +256,25 @@ class _GraphAttentionBase(nn.Module):
 
     @property
     def _in_src(self) -> int:
-        return self.in_channels if isinstance(self.in_channels, int) else self.in_channels[0]
+        """Source feature size: the constructor's, or for a lazy layer its projection's once sized (-1 before)."""
+        return self._src_arg if self._src_arg != -1 else self._sized(self._src_linear())
 
     @property
     def _in_dst(self) -> int:
-        return self.in_channels if isinstance(self.in_channels, int) else self.in_channels[1]
+        return self._dst_arg if self._dst_arg != -1 else self._sized(self._dst_linear())
+
+    @staticmethod
+    def _sized(lin) -> int:
+        # the weight's shape, not in_features: a lazy linear sized by load_state_dict keeps in_features 0
+        return -1 if lin is None or _is_lazy(lin) else lin.weight.shape[1]
+
+    def _materialize(self, x_src: Tensor, x_dst: Optional[Tensor]) -> None:
+        """Size the lazy projections (``in_channels=-1``) from the first input, as PyG does: a zero-row call
+        runs each one's initialisation (the fused CPU/Triton paths read the weights without calling them)."""
+        for lin, x in ((self._src_linear(), x_src), (self._dst_linear(), x_dst if x_dst is not None else x_src),
+                       (self.res, x_dst if x_dst is not None else x_src)):
+            if lin is not None and _is_lazy(lin):
+                lin(x[:0])
 
     def _split_x(self, x, allow_none_dst: bool):
         if isinstance(x, Tensor):
@@ -385,23 +426,25 @@ class GATv2Conv(_GraphAttentionBase):
                           add_self_loops, edge_dim, fill_value, residual)
         self.share_weights = share_weights
         HC = heads * out_channels
-        self.lin_l = _linear(self._in_src, HC, bias)
-        self.lin_r = self.lin_l if share_weights else _linear(self._in_dst, HC, bias)
+        self.lin_l = _linear(self._src_arg, HC, bias)
+        self.lin_r = self.lin_l if share_weights else _linear(self._dst_arg, HC, bias)
         self.att = nn.Parameter(torch.empty(1, heads, out_channels))
         self.lin_edge = _linear(edge_dim, HC, False) if edge_dim is not None else None
         total = out_channels * (heads if concat else 1)
-        self.res = _linear(self._in_dst, total, False) if residual else None
+        self.res = _linear(self._dst_arg, total, False) if residual else None
         self.bias = nn.Parameter(torch.empty(total)) if bias else None
         self.reset_parameters()
 
+    def _src_linear(self):
+        return self.lin_l
+
+    def _dst_linear(self):
+        return self.lin_r
+
     def reset_parameters(self) -> None:
         for lin in (self.lin_l, self.lin_r, self.lin_edge, self.res):
-            if lin is not None:
-                _glorot_(lin.weight)
-                if lin.bias is not None:
-                    bound = 1.0 / math.sqrt(lin.in_features)
-                    with torch.no_grad():
-                        lin.bias.uniform_(-bound, bound)
+            if lin is not None and not _is_lazy(lin):  # a lazy one is initialised when sized
+                _init_linear_(lin)
         _glorot_(self.att)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -409,6 +452,7 @@ class GATv2Conv(_GraphAttentionBase):
     def forward(self, x, edge_index, edge_attr: Optional[Tensor] = None, return_attention_weights=None):
         H, C = self.heads, self.out_channels
         x_src, x_dst, single = self._split_x(x, allow_none_dst=False)
+        self._materialize(x_src, x_dst)
         res = None
         if single:
             x_dst = x_src
@@ -486,13 +530,19 @@ class GATConv(_GraphAttentionBase):
             self.lin_edge = None
             self.register_parameter("att_edge", None)
         total = out_channels * (heads if concat else 1)
-        self.res = _linear(self._in_dst, total, False) if residual else None
+        self.res = _linear(self._dst_arg, total, False) if residual else None
         self.bias = nn.Parameter(torch.empty(total)) if bias else None
         self.reset_parameters()
 
+    def _src_linear(self):
+        return self.lin if self.lin is not None else self.lin_src
+
+    def _dst_linear(self):
+        return self.lin if self.lin is not None else self.lin_dst
+
     def reset_parameters(self) -> None:
         for lin in (self.lin, self.lin_src, self.lin_dst, self.lin_edge, self.res):
-            if lin is not None:
+            if lin is not None and not _is_lazy(lin):  # a lazy one is initialised when sized
                 _glorot_(lin.weight)
         for p in (self.att_src, self.att_dst, self.att_edge):
             if p is not None:
@@ -504,6 +554,7 @@ class GATConv(_GraphAttentionBase):
                 return_attention_weights=None):
         H, C = self.heads, self.out_channels
         x_src, x_dst, single = self._split_x(x, allow_none_dst=True)
+        self._materialize(x_src, x_dst)
         res = None
         lin_src = self.lin if self.lin is not None else self.lin_src
         lin_dst = self.lin if self.lin is not None else self.lin_dst
