@@ -512,6 +512,32 @@ def test_lazy_bipartite_matches_pyg():
     _assert_same(ours, peer, [x_src, x_dst], ei)
 
 
+def test_heterogeneous_graphs_through_pyg_heteroconv_match_pyg():
+    """PyG's HeteroConv with a lazy GATv2Conv per edge type (the usual heterogeneous recipe): the same node-type
+    outputs as with PyG's layers."""
+    from torch_geometric.data import HeteroData
+
+    g = torch.Generator().manual_seed(4)
+    data = HeteroData()
+    data["paper"].x, data["author"].x = torch.randn(7, 6, generator=g), torch.randn(5, 3, generator=g)
+    data["author", "writes", "paper"].edge_index = torch.stack([torch.randint(0, 5, (12,), generator=g),
+                                                                torch.randint(0, 7, (12,), generator=g)])
+    data["paper", "cites", "paper"].edge_index = torch.randint(0, 7, (2, 15), generator=g)
+
+    def hetero(conv_cls):
+        return pyg_nn.HeteroConv({("author", "writes", "paper"): conv_cls((-1, -1), 4, heads=2, add_self_loops=False),
+                                  ("paper", "cites", "paper"): conv_cls(-1, 4, heads=2)}, aggr="sum")
+
+    torch.manual_seed(0)
+    peer = hetero(pyg_nn.GATv2Conv)
+    expected = peer(data.x_dict, data.edge_index_dict)
+    ours = hetero(GATv2Conv)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    out = ours(data.x_dict, data.edge_index_dict)
+    assert set(out) == set(expected) == {"paper"}
+    torch.testing.assert_close(out["paper"], expected["paper"], **TOL)
+
+
 def test_gatv2_attention_destination_arguments_are_checked():
     csr, xs, xd, att, *_ = _csr_problem()
     x_dst = torch.randn(csr.num_dst, 5, dtype=xs.dtype)

@@ -23,8 +23,9 @@ Letters: N nodes (Ns source, Nd destination), E edges, H heads, C channels per h
 
 ``in_channels=-1`` (or -1 in a pair) sizes the projections from the first input, or from a loaded state dict,
 as PyG's lazy initialisation does. Not supported (raise a clear error): torch_sparse ``SparseTensor`` input
-(pyg-lib/torch_sparse are not installed; use a torch sparse tensor), static graphs (3-D x), and PyG's
-``to_hetero`` (it traces into modules that are not its MessagePassing).
+(pyg-lib/torch_sparse are not installed; use a torch sparse tensor), static graphs (3-D x). Heterogeneous
+graphs: PyG's ``HeteroConv`` works as with PyG's layers; ``to_hetero`` only knows its own MessagePassing
+subclasses, so it runs these layers per edge type without summing per destination type (docs/graph.md).
 """
 from __future__ import annotations
 
