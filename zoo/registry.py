@@ -155,7 +155,8 @@ def get_model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> nn.Module:
+def create_model(name: str, pretrained: bool | str = False, *, features_only: bool = False,
+                 out_indices: Any = None, **overrides: Any) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -163,16 +164,28 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
         pretrained: ``False`` for random init; a directory or ``.safetensors`` file written by
             :func:`zoo.save_pretrained` to load weights from; ``True`` for the checkpoint that this
             project ships for ``name`` under ``checkpoints/`` (raises if none is shipped).
+        features_only: return a backbone that maps images to a list of feature maps
+            (:class:`zoo.features.FeatureExtractor`, timm's ``features_only``); weights load first.
+        out_indices: with ``features_only``, the taps to return (an int n = the last n, a sequence,
+            None = the family's default, as timm's).
         **overrides: constructor arguments (e.g. ``num_classes=10``, ``img_size=32``). When loading
             weights whose classifier has a different number of classes, the head is re-initialised
             and a message says so.
     """
     entry = get_model_entry(name)
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects feature maps: pass features_only=True with it")
     if pretrained is False or pretrained is None:
-        return _construct(entry, overrides)
-    from zoo import hub
+        model = _construct(entry, overrides)
+    else:
+        from zoo import hub
 
-    return hub.load_pretrained_into(entry, pretrained, overrides)
+        model = hub.load_pretrained_into(entry, pretrained, overrides)
+    if features_only:
+        from zoo.features import FeatureExtractor
+
+        return FeatureExtractor(model, out_indices)
+    return model
 
 
 def note_model_args(model: nn.Module, **changes: Any) -> None:

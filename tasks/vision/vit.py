@@ -169,6 +169,9 @@ class TokenFeaturesMixin:
     ``forward_intermediates`` and ``group_matcher``. The class provides ``_tokens(x) -> (tokens, grid)``,
     ``_run_blocks(tokens, blocks, grid)``, ``blocks``, ``norm`` and ``num_prefix_tokens``."""
 
+    #: the taps ``create_model(..., features_only=True)`` returns by default: the last 3 blocks, as timm's ViT
+    default_out_indices = 3
+
     def forward_intermediates(
         self,
         x_BCHW: torch.Tensor,

@@ -1,0 +1,74 @@
+"""``create_model(name, features_only=True, out_indices=...)``: timm's backbone wrapper for detection and
+segmentation necks, checked against timm's own features_only models (same weights, same maps, same
+feature_info) and against the zoo models' forward_intermediates."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize("out_indices", [None, (1,), (-2, 0)])
+def test_vit_features_only_matches_timm(out_indices):
+    kwargs = {} if out_indices is None else {"out_indices": out_indices}
+    torch.manual_seed(0)
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, features_only=True, **kwargs).eval()
+    ours = zoo.create_model("vit_tiny_patch16_224", img_size=48, features_only=True, **kwargs).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)  # pruned alike: the same keys
+    assert ours.feature_info.out_indices == tuple(peer.feature_info.out_indices)
+    for accessor in ("channels", "reduction", "module_name"):
+        assert getattr(ours.feature_info, accessor)() == getattr(peer.feature_info, accessor)()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        mine, theirs = ours(x), peer(x)
+    assert len(mine) == len(theirs)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_maxvit_features_only_matches_timm():
+    torch.manual_seed(1)
+    peer = timm.create_model("maxvit_rmlp_pico_rw_256", pretrained=False, img_size=64, features_only=True,
+                             out_indices=(1, 2, 4)).eval()
+    ours = zoo.create_model("maxvit_rmlp_pico_rw_256", img_size=64, features_only=True, out_indices=(1, 2, 4)).eval()
+    # timm's FeatureListNet flattens the stages (stages_0, ...); the wrapped zoo model keeps its own names
+    state = {"model." + k.replace("stages_", "stages."): v for k, v in peer.state_dict().items()}
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("model.norm.", "model.head.")) for k in missing)
+    assert ours.feature_info.channels() == peer.feature_info.channels()
+    assert ours.feature_info.reduction() == peer.feature_info.reduction() == [4, 8, 32]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(ours(x), peer(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_agent_deit_and_pretrained_backbones(tmp_path):
+    torch.manual_seed(2)
+    full = zoo.create_model("agent_deit_debug").eval()
+    zoo.save_pretrained(full, tmp_path)
+    x = torch.randn(1, 3, 36, 44)  # any size
+    depth = len(full.blocks)
+    with torch.no_grad():
+        expected = full.forward_intermediates(x, indices=min(3, depth), intermediates_only=True)
+        backbone = zoo.create_model("agent_deit_debug", pretrained=str(tmp_path), features_only=True).eval()
+        maps = backbone(x)
+    assert depth < 3 and backbone.feature_info.out_indices == tuple(range(depth))  # the last 3, or all there are
+    assert len(backbone.model.blocks) == len(full.blocks) and isinstance(backbone.model.head, torch.nn.Identity)
+    for a, b in zip(maps, expected):
+        torch.testing.assert_close(a, b)
+    digits = zoo.create_model("vit_digits", pretrained=True, features_only=True, out_indices=(0, -1))
+    assert [tuple(m.shape) for m in digits(torch.randn(2, 1, 8, 8))] == [(2, 64, 4, 4)] * 2
+    assert "FeatureInfo(out_indices=(0, 3)" in repr(digits.feature_info)
+
+
+def test_features_only_errors():
+    with pytest.raises(ValueError, match="features_only=True"):
+        zoo.create_model("vit_debug", out_indices=2)
+    with pytest.raises(TypeError, match="features_only backbone"):
+        zoo.create_model("gatv2_node_debug", features_only=True)
+    with pytest.raises(ValueError, match="out of range"):
+        zoo.create_model("vit_debug", features_only=True, out_indices=(7,))

@@ -1,0 +1,103 @@
+"""Backbones for dense prediction: ``zoo.create_model(name, features_only=True, out_indices=...)``, as timm's
+``features_only`` (timm.models._features: FeatureInfo, FeatureGetterNet).
+
+The wrapper returns a list of feature maps (B, C_i, H_i, W_i), one per index in ``out_indices`` of the model's
+``feature_info`` (ViT / Agent-DeiT: blocks; MaxViT: stem and stages), computed by the model's own
+``forward_intermediates``. Layers after the last index are pruned where the family supports it (the head
+always goes), so the backbone holds no unused parameters. ``feature_info`` answers what detection and
+segmentation necks ask: ``channels()``, ``reduction()``, ``module_name()``.
+
+Default ``out_indices`` as timm's: the last 3 blocks for the token transformers, every tap for MaxViT.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from zoo.layers import feature_take_indices
+
+__all__ = ["FeatureInfo", "FeatureExtractor", "features_only"]
+
+
+class FeatureInfo:
+    """The taps a feature extractor returns: for each, ``num_chs`` (channels), ``reduction`` (stride from the
+    input) and ``module`` (where it is taken), with timm's FeatureInfo accessors."""
+
+    def __init__(self, feature_info: Sequence[dict], out_indices: Sequence[int]):
+        self.info = [dict(entry) for entry in feature_info]
+        self.out_indices = tuple(out_indices)
+
+    def get(self, key: str, idx: Optional[Union[int, Sequence[int]]] = None):
+        """``key`` of every returned tap (``idx`` None), of tap ``idx``, or of those taps."""
+        if idx is None:
+            return [self.info[i][key] for i in self.out_indices]
+        if isinstance(idx, (tuple, list)):
+            return [self.info[i][key] for i in idx]
+        return self.info[idx][key]
+
+    def get_dicts(self, keys: Optional[Sequence[str]] = None, idx=None):
+        chosen = self.out_indices if idx is None else ([idx] if isinstance(idx, int) else list(idx))
+        dicts = [self.info[i] for i in chosen]
+        dicts = dicts if keys is None else [{k: d[k] for k in keys} for d in dicts]
+        return dicts[0] if isinstance(idx, int) else dicts
+
+    def channels(self, idx=None):
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx=None):
+        return self.get("reduction", idx)
+
+    def module_name(self, idx=None):
+        return self.get("module", idx)
+
+    def __getitem__(self, item: int) -> dict:
+        return self.info[item]
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __repr__(self) -> str:
+        return f"FeatureInfo(out_indices={self.out_indices}, channels={self.channels()}, reduction={self.reduction()})"
+
+
+class FeatureExtractor(nn.Module):
+    """A model's ``forward_intermediates`` as a backbone: images -> [feature maps at ``out_indices``].
+
+    Args:
+        model: a zoo vision model (it has ``feature_info`` and ``forward_intermediates``).
+        out_indices: taps to return: an int n = the last n, a sequence (negative from the end), None = the
+            family's default (``model.default_out_indices``, else all).
+        norm: apply the model's final norm to the token transformers' maps (timm's ``norm``); otherwise the
+            final norm is pruned with the head.
+    """
+
+    def __init__(self, model: nn.Module, out_indices: Union[int, Sequence[int], None] = None, norm: bool = False):
+        super().__init__()
+        if not (hasattr(model, "feature_info") and hasattr(model, "forward_intermediates")):
+            raise TypeError(f"{type(model).__name__} has no feature_info / forward_intermediates: it cannot be a "
+                            f"features_only backbone")
+        if out_indices is None:  # the family's default; "the last n" of a shallower model is all of it
+            out_indices = getattr(model, "default_out_indices", None)
+            if isinstance(out_indices, int):
+                out_indices = min(out_indices, len(model.feature_info))
+        take, _ = feature_take_indices(len(model.feature_info), out_indices)
+        info = FeatureInfo(model.feature_info, take)
+        if hasattr(model, "prune_intermediate_layers"):
+            model.prune_intermediate_layers(take, prune_norm=not norm, prune_head=True)
+        elif hasattr(model, "reset_classifier"):
+            model.reset_classifier(0)
+        self.model = model
+        self.out_indices = tuple(take)
+        self.norm = bool(norm)
+        self.feature_info = info
+
+    def forward(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(x_BCHW, indices=list(self.out_indices), norm=self.norm,
+                                                stop_early=True, intermediates_only=True)
+
+
+def features_only(model: nn.Module, out_indices: Any = None, norm: bool = False) -> FeatureExtractor:
+    """``FeatureExtractor(model, out_indices, norm)`` (what ``create_model(..., features_only=True)`` returns)."""
+    return FeatureExtractor(model, out_indices, norm)
