@@ -123,6 +123,31 @@ def test_agent_deit_intermediates_are_the_block_outputs_at_any_size(tmp_path):
         torch.testing.assert_close(zoo.from_pretrained(tmp_path).eval()(x), expected)
 
 
+@pytest.mark.parametrize("name", ["maxvit_rmlp_pico_rw_256", "maxvit_tiny_tf_224"])
+@pytest.mark.parametrize("indices,prune_norm,prune_head", [((1, 2), False, True), ((4,), True, False), (2, False, True)])
+def test_maxvit_prune_intermediate_layers_matches_timm_and_saves(name, indices, prune_norm, prune_head, tmp_path):
+    """Cutting stages also drops the final norm and the head's norm / pre-logits (timm): the same kept
+    indices, state-dict keys and maps as timm's pruned model; the pruned shape saves and loads."""
+    torch.manual_seed(4)
+    peer = timm.create_model(name, pretrained=False, img_size=64).eval()
+    ours = zoo.create_model(name, img_size=64).eval()
+    ours.load_state_dict(peer.state_dict())
+    kept = ours.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+    assert kept == list(peer.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head))
+    assert set(ours.state_dict()) == set(peer.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(ours.forward_intermediates(x, indices=kept, intermediates_only=True),
+                        peer.forward_intermediates(x, indices=kept, intermediates_only=True)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        expected = ours(x)
+    zoo.save_pretrained(ours, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.from_pretrained(tmp_path).eval()(x), expected)
+    with pytest.raises(ValueError, match="at least one stage"):
+        zoo.create_model(name, img_size=64).prune_intermediate_layers([0])
+
+
 def test_maxvit_group_matcher_and_layer_decay_match_timm():
     torch.manual_seed(3)
     peer = timm.create_model("maxvit_rmlp_pico_rw_256", pretrained=False, img_size=64)

@@ -479,6 +479,7 @@ class MaxVit(nn.Module):
 
     Constructor arguments are flat and JSON-serialisable (config.json of zoo.save_pretrained).
     ``window_size``/``grid_size`` default to ``img_size // partition_ratio`` (timm); any input size runs.
+    ``final_norm=False`` leaves out the norm after the last stage (what ``prune_intermediate_layers`` records).
     """
 
     def __init__(
@@ -511,6 +512,7 @@ class MaxVit(nn.Module):
         drop_path_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
+        final_norm: bool = True,
     ):
         super().__init__()
         self.img_size = to_pair(img_size, "img_size")
@@ -555,7 +557,7 @@ class MaxVit(nn.Module):
             in_chs, stride = dim, stride * 2
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        if head_hidden_size:
+        if head_hidden_size or not final_norm:  # the TF models normalise in the head
             self.norm = nn.Identity()
         else:
             self.norm = LayerNorm2d(self.num_features, eps=transformer_norm_eps)
@@ -609,6 +611,33 @@ class MaxVit(nn.Module):
         self.head.fc = new_linear_head(self.head.num_features, num_classes, next(self.parameters()), self.training,
                                        init_std=None)
         note_model_args(self, num_classes=num_classes)
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (feature 0 is the stem), timm's method
+        (timm.models.maxxvit.MaxxVit.prune_intermediate_layers): when stages are cut, the final norm and the
+        head's norm / pre-logits go too (they are sized for the last stage). Returns the absolute indices
+        kept; save_pretrained records the pruned shape. At least one stage is kept."""
+        take, last = feature_take_indices(len(self.stages) + 1, indices)
+        if last == 0:
+            raise ValueError("prune_intermediate_layers keeps at least one stage (index >= 1); for the stem alone "
+                             "use model.stem")
+        cut = last < len(self.stages)
+        if prune_norm or cut:
+            self.norm = nn.Identity()
+        self.stages = self.stages[:last]
+        self.feature_info = self.feature_info[: last + 1]
+        if cut:
+            self.num_features = self.embed_dim = self.feature_info[last]["num_chs"]
+            note_model_args(self, embed_dim=[f["num_chs"] for f in self.feature_info[1:]],
+                            depths=[len(stage.blocks) for stage in self.stages])
+        if prune_head or cut:  # timm's reset_classifier(0, reset_other=True): pooling stays, nothing learned
+            pool, drop = self.head.pool, self.head.drop.p
+            self.head = ClassifierHead(self.num_features, 0, None, 1e-6, pool, drop).train(self.training)
+            self.num_classes, self.head_hidden_size = 0, self.head.num_features
+            note_model_args(self, num_classes=0, head_hidden_size=None)
+        note_model_args(self, final_norm=not isinstance(self.norm, nn.Identity))
+        return take
 
     def set_input_size(self, img_size: Optional[IntOrPair] = None, window_size: Optional[IntOrPair] = None,
                        grid_size: Optional[IntOrPair] = None) -> None:
