@@ -687,3 +687,28 @@ def test_depthwise_conv_gets_a_channels_last_contiguous_input(batch):
         attn(torch.randn(batch, 17, 32))
     attn(torch.randn(batch, 17, 32))  # autograd path too
     assert seen == [True, True]
+
+
+def test_set_input_size_equals_loading_the_checkpoint_at_that_size(tmp_path):
+    """set_input_size (timm's method) resamples the position embedding and the row/column bias tables exactly
+    as loading the checkpoint at that size does, records the size for save_pretrained, and refuses an image
+    smaller than a patch."""
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_deit_debug").eval()
+    zoo.save_pretrained(model, tmp_path / "native")
+    model.set_input_size((48, 40))
+    reference = zoo.create_model("agent_deit_debug", pretrained=str(tmp_path / "native"), img_size=(48, 40)).eval()
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert model.blocks[0].attn.window == reference.blocks[0].attn.window == 12
+    assert model.pretrained_cfg["input_size"] == (3, 48, 40)
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(reference(x), expected)
+    zoo.save_pretrained(model, tmp_path / "resized")
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.from_pretrained(tmp_path / "resized").eval()(x), expected)
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        model.set_input_size(2)

@@ -237,6 +237,20 @@ class AgentAttention(nn.Module):
         self._pool_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
+    def set_window(self, window: int) -> None:
+        """Rebuild the row/column bias tables (ah/aw/ha/wa) for another ``window``, resampled along their axis
+        as a checkpoint for another image size is (linear, align_corners=False; identity at the same size)."""
+        if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+            raise ValueError(f"AgentAttention: window must be a positive int, got {window!r}")
+        if window == self.window:
+            return
+        with torch.no_grad():
+            for name, axis in (("ah_bias", 3), ("aw_bias", 4), ("ha_bias", 2), ("wa_bias", 3)):
+                old = getattr(self, name)
+                setattr(self, name, nn.Parameter(_resize_1d(old.detach(), window, axis), requires_grad=old.requires_grad))
+        self.window = window
+        self._bias_cache = {}
+
     # ------------------------------------------------------------------ biases
     def _bias_params(self) -> list[Optional[torch.Tensor]]:
         return [getattr(self, name) for name in BIAS_NAMES]
