@@ -276,13 +276,8 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         """Change the native image size (timm's method): the position embedding is resampled to the new grid
         and the agent blocks' row/column bias tables to the new window, as loading a checkpoint at that size
         does (checkpoint_filter_fn). Other sizes still run at any time; save_pretrained records the new one."""
-        size = to_pair(img_size, "img_size")
-        ph, pw = self.patch_embed.patch_size
-        if size[0] < ph or size[1] < pw:
-            raise ValueError(f"img_size {size} is smaller than patch_size {(ph, pw)}")
-        old_grid, new_grid = self.patch_embed.grid_size, (size[0] // ph, size[1] // pw)
-        self.patch_embed.img_size, self.patch_embed.grid_size = size, new_grid
-        self.patch_embed.num_patches = new_grid[0] * new_grid[1]
+        old_grid, new_grid = self.patch_embed.set_img_size(img_size)
+        size = self.patch_embed.img_size
         if new_grid != old_grid:
             with torch.no_grad():
                 resized = resize_pos_embed(self.pos_embed, new_grid, old_grid)

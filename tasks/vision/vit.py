@@ -98,14 +98,21 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: IntOrPair, patch_size: IntOrPair, in_chans: int, embed_dim: int, bias: bool = True):
         super().__init__()
-        self.img_size = to_pair(img_size, "img_size")
         self.patch_size = to_pair(patch_size, "patch_size")
-        if any(i < p for i, p in zip(self.img_size, self.patch_size)):
-            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.set_img_size(img_size)
         self.in_chans = in_chans
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def set_img_size(self, img_size: IntOrPair) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Set the native image size (its patch grid); returns (old grid, new grid) for the position embedding."""
+        size = to_pair(img_size, "img_size")
+        if any(i < p for i, p in zip(size, self.patch_size)):
+            raise ValueError(f"img_size {size} is smaller than patch_size {self.patch_size}")
+        old_grid = getattr(self, "grid_size", None)
+        self.img_size = size
+        self.grid_size = (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        return old_grid, self.grid_size
 
     def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, in_chans, Hi, Wi) -> ((B, L, C), (Gh, Gw))."""
@@ -398,13 +405,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
 
     def set_input_size(self, img_size: IntOrPair) -> None:
         """Change the native image size, resampling the learned position embedding to the new grid."""
-        size = to_pair(img_size, "img_size")
-        ph, pw = self.patch_embed.patch_size
-        if size[0] < ph or size[1] < pw:
-            raise ValueError(f"img_size {size} is smaller than patch_size {(ph, pw)}")
-        old_grid, new_grid = self.patch_embed.grid_size, (size[0] // ph, size[1] // pw)
-        self.patch_embed.img_size, self.patch_embed.grid_size = size, new_grid
-        self.patch_embed.num_patches = new_grid[0] * new_grid[1]
+        old_grid, new_grid = self.patch_embed.set_img_size(img_size)
+        size = self.patch_embed.img_size
         if self.pos_embed is not None and new_grid != old_grid:
             prefix = 0 if self.no_embed_class else self.num_prefix_tokens
             with torch.no_grad():
