@@ -46,6 +46,7 @@ def test_data_config_follows_size_classes_and_checkpoint(tmp_path):
     model.set_input_size(64)
     model.reset_classifier(3)
     assert model.pretrained_cfg["input_size"] == (3, 64, 64) and model.pretrained_cfg["num_classes"] == 3
+    assert model.default_cfg is model.pretrained_cfg  # timm's older name
     assert zoo.create_model("maxvit_debug", img_size=(64, 96)).pretrained_cfg["input_size"] == (3, 64, 96)
     assert not hasattr(zoo.create_model("gatv2_node_debug"), "pretrained_cfg")  # graphs: no image config
 

@@ -236,4 +236,5 @@ def _construct(entry: ModelEntry, overrides: dict[str, Any]) -> nn.Module:
         # Image models carry timm's data config as timm's own do, so timm.data.resolve_model_data_config /
         # create_transform build the right preprocessing for them (size, mean/std, interpolation, crop).
         model.pretrained_cfg = image_data_config(entry.default_cfg, overrides)  # type: ignore[attr-defined]
+        model.default_cfg = model.pretrained_cfg  # timm's older name for the same dict  # type: ignore[attr-defined]
     return model
