@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import zoo
+import zoo.features  # noqa: F401  (zoo.features.FeatureExtractor)
 
 timm = pytest.importorskip("timm")
 
@@ -62,6 +63,17 @@ def test_agent_deit_and_pretrained_backbones(tmp_path):
     digits = zoo.create_model("vit_digits", pretrained=True, features_only=True, out_indices=(0, -1))
     assert [tuple(m.shape) for m in digits(torch.randn(2, 1, 8, 8))] == [(2, 64, 4, 4)] * 2
     assert "FeatureInfo(out_indices=(0, 3)" in repr(digits.feature_info)
+
+
+def test_features_only_backbone_saves_through_its_model(tmp_path):
+    backbone = zoo.create_model("vit_debug", features_only=True, out_indices=(0,)).eval()
+    with pytest.raises(ValueError, match="backbone.model"):
+        zoo.save_pretrained(backbone, tmp_path)
+    zoo.save_pretrained(backbone.model, tmp_path)  # the pruned network, as the message says
+    again = zoo.features.FeatureExtractor(zoo.from_pretrained(tmp_path), (0,)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[0], backbone(x)[0])
 
 
 def test_features_only_errors():
