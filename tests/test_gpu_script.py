@@ -27,7 +27,8 @@ def run_script(tmp_path: Path, fail_on: str = "", gpu: bool = True, **switches: 
     log = tmp_path / "calls.log"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    _stub(bin_dir / "nvidia-smi", 'echo "name, driver_version, memory.total"; echo "Stub GPU, 0, 0 MiB"\n' if gpu else "exit 9\n")
+    gpu_lines = 'echo "name, driver_version, memory.total"; echo "Stub GPU, 0, 0 MiB"\n'
+    _stub(bin_dir / "nvidia-smi", gpu_lines if gpu else "exit 9\n")
     # Every interpreter call is logged; the one whose arguments contain FAIL_ON fails.
     _stub(bin_dir / "stub-python", f'echo "$*" >> {log}\n'
           'if [ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]]; then exit 1; fi\nexit 0\n')

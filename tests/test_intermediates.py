@@ -70,7 +70,8 @@ def test_vit_prune_intermediate_layers_matches_timm_and_saves(tmp_path):
     peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=4, global_pool="avg").eval()
     ours = zoo.create_model("vit_tiny_patch16_224", img_size=32, depth=4, global_pool="avg").eval()
     ours.load_state_dict(peer.state_dict())
-    assert ours.prune_intermediate_layers([1, 2], prune_norm=True) == peer.prune_intermediate_layers([1, 2], prune_norm=True)
+    kept = ours.prune_intermediate_layers([1, 2], prune_norm=True)
+    assert kept == peer.prune_intermediate_layers([1, 2], prune_norm=True)
     assert len(ours.blocks) == 3 and len(ours.feature_info) == 3 and ours.num_classes == 0
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -124,7 +125,8 @@ def test_agent_deit_intermediates_are_the_block_outputs_at_any_size(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["maxvit_rmlp_pico_rw_256", "maxvit_tiny_tf_224"])
-@pytest.mark.parametrize("indices,prune_norm,prune_head", [((1, 2), False, True), ((4,), True, False), (2, False, True)])
+@pytest.mark.parametrize("indices,prune_norm,prune_head",
+                         [((1, 2), False, True), ((4,), True, False), (2, False, True)])
 def test_maxvit_prune_intermediate_layers_matches_timm_and_saves(name, indices, prune_norm, prune_head, tmp_path):
     """Cutting stages also drops the final norm and the head's norm / pre-logits (timm): the same kept
     indices, state-dict keys and maps as timm's pruned model; the pruned shape saves and loads."""

@@ -185,7 +185,8 @@ def _dictlookup(opts: dict) -> int:
         correct = 0
         for start in range(0, len(test_perms), 1024):
             batch = collate(test_perms[start:start + 1024])
-            correct += int((model(batch["x"], batch["edge_index"], batch["target_index"]).argmax(-1) == batch["y"]).sum())
+            logits = model(batch["x"], batch["edge_index"], batch["target_index"])
+            correct += int((logits.argmax(-1) == batch["y"]).sum())
         graph = collate(test_perms[example:example + 1])
         _, (edge_index, alpha) = model(graph["x"], graph["edge_index"], graph["target_index"],
                                        return_attention_weights=True)

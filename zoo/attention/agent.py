@@ -247,7 +247,8 @@ class AgentAttention(nn.Module):
         with torch.no_grad():
             for name, axis in (("ah_bias", 3), ("aw_bias", 4), ("ha_bias", 2), ("wa_bias", 3)):
                 old = getattr(self, name)
-                setattr(self, name, nn.Parameter(_resize_1d(old.detach(), window, axis), requires_grad=old.requires_grad))
+                resized = _resize_1d(old.detach(), window, axis)
+                setattr(self, name, nn.Parameter(resized, requires_grad=old.requires_grad))
         self.window = window
         self._bias_cache = {}
 

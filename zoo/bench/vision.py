@@ -165,7 +165,8 @@ def run_case(case: BenchCase, *, batch: int, img_size: Optional[int], repeats: i
         s, faults = interleaved_samples_with_faults({"zoo": _infer_fn(ours, x), "peer": _infer_fn(peer, x)},
                                                     repeats=repeats, warmup=warmup, device=device)
         t = medians(s)
-        row.update(infer_zoo=batch / t["zoo"], infer_peer=batch / t["peer"], infer_ratio=paired_ratio(s["peer"], s["zoo"]),
+        row.update(infer_zoo=batch / t["zoo"], infer_peer=batch / t["peer"],
+                   infer_ratio=paired_ratio(s["peer"], s["zoo"]),
                    infer_faults=format_faults((faults["zoo"], faults["peer"])))
     if train:
         ours.train()
@@ -280,8 +281,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         print(f"# done {case.name}", flush=True)
     print(_table(rows, args.markdown))
-    print("# infer: zoo/peer throughput ratio (higher is better); step: zoo/peer training-step time ratio (lower is better);"
-          " page faults: minor faults of the process per inference forward (first writes to fresh pages)")
+    print("# infer: zoo/peer throughput ratio (higher is better); step: zoo/peer training-step time ratio "
+          "(lower is better); page faults: minor faults of the process per inference forward (first writes to "
+          "fresh pages)")
     if hasattr(os, "getloadavg"):
         print("# load average (1, 5, 15 min) at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0
