@@ -19,7 +19,8 @@ torch.export + onnxscript) traces whatever backend attend() picks (SDPA on CPU).
 way: unless ``check=False``, the exported file is run by onnxruntime (CPUExecutionProvider) on a random
 input with a batch size different from the traced one, and the largest absolute difference to the PyTorch
 model in eval mode must be at most ``atol`` (default 1e-4), otherwise :class:`ExportCheckError` is raised.
-Model name, input size, mean/std (from the registry's default_cfg) are written to the ONNX metadata.
+Model name, input size and mean/std are written to the ONNX metadata, from the model's ``pretrained_cfg``
+(its own size and the normalisation its checkpoint was trained with), else the registry's default_cfg.
 
 Caveat: single-file ONNX protobufs are limited to 2 GB (models above ~500M fp32 parameters would need
 external data; no registered vision model is that large).
