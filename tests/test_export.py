@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 
+import json
+
 import pytest
 import torch
 
@@ -122,10 +124,14 @@ def test_cli_writes_file_with_metadata(tmp_path, capsys):
 
 def test_checkpoint_export(tmp_path):
     pytest.importorskip("zoo.hub")
+    import onnx
+
     model = zoo.create_model("agent_deit_debug", num_classes=4)
-    zoo.save_pretrained(model, tmp_path / "ckpt")
+    zoo.save_pretrained(model, tmp_path / "ckpt", metadata={"data": {"mean": [0.1, 0.2, 0.3], "std": [1, 2, 3]}})
     result = export_onnx(None, tmp_path / "m.onnx", ckpt=str(tmp_path / "ckpt"))
     assert result.max_abs_diff <= 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["mean"]) == [0.1, 0.2, 0.3] and json.loads(meta["std"]) == [1, 2, 3]  # the checkpoint's
 
 
 def test_check_catches_a_wrong_graph(tmp_path):
