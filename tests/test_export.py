@@ -17,7 +17,6 @@ further from float64 than twice PyTorch's own fp32 error", not a fixed 1e-4.
 from __future__ import annotations
 
 import inspect
-
 import json
 
 import pytest
