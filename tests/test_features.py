@@ -76,6 +76,14 @@ def test_features_only_backbone_saves_through_its_model(tmp_path):
         torch.testing.assert_close(again(x)[0], backbone(x)[0])
 
 
+def test_maxvit_stem_only_backbone_keeps_its_layers():
+    backbone = zoo.create_model("maxvit_debug", features_only=True, out_indices=(0,)).eval()
+    assert len(backbone.model.stages) > 0 and backbone.model.num_classes == 0
+    with torch.no_grad():
+        (stem_map,) = backbone(torch.randn(1, 3, 64, 64))
+    assert stem_map.shape[1] == backbone.feature_info.channels()[0]
+
+
 def test_features_only_errors():
     with pytest.raises(ValueError, match="features_only=True"):
         zoo.create_model("vit_debug", out_indices=2)

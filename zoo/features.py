@@ -84,9 +84,14 @@ class FeatureExtractor(nn.Module):
                 out_indices = min(out_indices, len(model.feature_info))
         take, _ = feature_take_indices(len(model.feature_info), out_indices)
         info = FeatureInfo(model.feature_info, take)
+        pruned = False
         if hasattr(model, "prune_intermediate_layers"):
-            model.prune_intermediate_layers(take, prune_norm=not norm, prune_head=True)
-        elif hasattr(model, "reset_classifier"):
+            try:
+                model.prune_intermediate_layers(take, prune_norm=not norm, prune_head=True)
+                pruned = True
+            except ValueError:  # a cut the family cannot make (MaxViT's stem alone): keep the layers
+                pass
+        if not pruned and hasattr(model, "reset_classifier"):
             model.reset_classifier(0)
         self.model = model
         self.out_indices = tuple(take)
