@@ -204,10 +204,11 @@ def _model_cfg(model: nn.Module) -> dict:
 def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, Optional[int]]:
     """Image ``spec`` ("digits:<index>" or a file) -> (normalised (1, C, H, W) input, display image in [0, 1], label).
 
-    The image is resized to the model's image size (bilinear for the 8x8 digits, bicubic for files) and
-    normalised with the model's mean/std.
+    The image is resized to the model's native image size (bilinear for the 8x8 digits, bicubic for files) and
+    normalised with the model's mean/std. Any zoo vision model (ViT and Agent-DeiT: its patch embedding's size;
+    MaxViT: ``img_size``).
     """
-    height, width = model.patch_embed.img_size
+    height, width = model.patch_embed.img_size if hasattr(model, "patch_embed") else model.img_size
     chans = model.in_chans
     label: Optional[int] = None
     if spec.startswith("digits:"):

@@ -32,7 +32,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from zoo.attention import capture_attention
 from zoo.plotting import (
@@ -199,54 +198,6 @@ def _load(args: dict[str, str]) -> nn.Module:
     return model.eval()
 
 
-def _image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, Optional[int]]:
-    """``digits:<index>`` or an image file -> (normalised (1, C, H, W) at the model's size, display, label)."""
-    import zoo
-
-    height, width = model.img_size
-    chans = model.in_chans
-    label = None
-    if spec.startswith("digits:"):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        try:
-            index = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"image={spec!r}: expected digits:<index>, e.g. digits:0") from None
-        if not 0 <= index < len(digits.images):
-            raise ValueError(f"image={spec!r}: index out of range 0..{len(digits.images) - 1}")
-        pixels = torch.tensor(digits.images[index], dtype=torch.float32)[None, None] / 16.0
-        label, mode = int(digits.target[index]), "bilinear"
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} does not exist")
-        from PIL import Image
-
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("L" if chans == 1 else "RGB"), dtype=np.float32) / 255.0
-        pixels = torch.from_numpy(array).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)[None]
-        mode = "bicubic"
-    if pixels.shape[1] != chans:
-        pixels = pixels.mean(dim=1, keepdim=True).expand(1, chans, *pixels.shape[-2:])
-    if pixels.shape[-2:] != (height, width):
-        pixels = F.interpolate(pixels, size=(height, width), mode=mode, align_corners=False).clamp(0.0, 1.0)
-    display = pixels[0].permute(1, 2, 0).numpy().copy()
-    cfg = {}
-    name = getattr(model, "zoo_model_name", None)
-    if name is not None and zoo.is_model(name):
-        cfg = dict(zoo.get_model_entry(name).default_cfg)
-    cfg.update(getattr(model, "pretrained_cfg", None) or {})
-    mean = tuple(cfg.get("mean", (0.5,) * chans))
-    std = tuple(cfg.get("std", (0.5,) * chans))
-    if len(mean) != chans:
-        mean, std = (float(np.mean(mean)),) * chans, (float(np.mean(std)),) * chans
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (pixels - mean_t) / std_t, display, label
-
-
 def maxvit_main(argv: Optional[Sequence[str]] = None) -> int:
     """``zoo viz maxvit key=value ...``; returns a process exit code."""
     return run_viz_command("maxvit", USAGE, argv, _draw_maxvit,
@@ -254,10 +205,12 @@ def maxvit_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _draw_maxvit(argv: list[str]) -> dict:
+    from zoo.tasks.vision.viz import load_image
+
     args = _parse(argv)
     device = args.get("device", "cpu")
     model = _load(args).to(device)
-    x, display, label = _image(args.get("image", "digits:0"), model)
+    x, display, label = load_image(args.get("image", "digits:0"), model)
     query = None
     if "query" in args:
         try:
