@@ -11,14 +11,14 @@ Default ``out_indices`` as timm's: the last 3 blocks for the token transformers,
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from zoo.layers import feature_take_indices
 
-__all__ = ["FeatureInfo", "FeatureExtractor", "features_only"]
+__all__ = ["FeatureInfo", "FeatureExtractor"]
 
 
 class FeatureInfo:
@@ -102,7 +102,3 @@ class FeatureExtractor(nn.Module):
         return self.model.forward_intermediates(x_BCHW, indices=list(self.out_indices), norm=self.norm,
                                                 stop_early=True, intermediates_only=True)
 
-
-def features_only(model: nn.Module, out_indices: Any = None, norm: bool = False) -> FeatureExtractor:
-    """``FeatureExtractor(model, out_indices, norm)`` (what ``create_model(..., features_only=True)`` returns)."""
-    return FeatureExtractor(model, out_indices, norm)

@@ -118,15 +118,16 @@ def save_pretrained(
         metadata: extra JSON facts stored in config.json (e.g. ``{"num_classes": 10, "test_acc1": 0.99}``).
         state_dict: weights to write instead of ``model.state_dict()`` (e.g. an EMA copy with the same keys).
     """
-    name = getattr(model, "zoo_model_name", None)
-    args = getattr(model, "zoo_model_args", None)
-    inner = getattr(model, "model", None)
-    if name is None and isinstance(getattr(inner, "zoo_model_name", None), str) and hasattr(model, "feature_info"):
+    from zoo.features import FeatureExtractor
+
+    if isinstance(model, FeatureExtractor):
         raise ValueError(
             "save_pretrained writes models, not features_only wrappers: save the (pruned) network inside, "
             "zoo.save_pretrained(backbone.model, directory), and wrap it again on loading with "
             "zoo.features.FeatureExtractor(zoo.from_pretrained(directory), out_indices)"
         )
+    name = getattr(model, "zoo_model_name", None)
+    args = getattr(model, "zoo_model_args", None)
     if not isinstance(name, str) or not isinstance(args, dict):
         raise ValueError(
             f"save_pretrained needs a model built by zoo.create_model (it records zoo_model_name and "

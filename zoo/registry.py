@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable
 
 import torch.nn as nn
 
+from zoo.layers import to_pair
+
 __all__ = [
     "ModelEntry",
     "UnknownModelError",
@@ -210,9 +212,8 @@ def image_data_config(default_cfg: dict[str, Any], args: dict[str, Any]) -> dict
     chans, height, width = cfg["input_size"]
     if args.get("in_chans") is not None:
         chans = int(args["in_chans"])
-    size = args.get("img_size")
-    if size is not None:
-        height, width = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if args.get("img_size") is not None:
+        height, width = to_pair(args["img_size"], "img_size")
     cfg["input_size"] = (chans, height, width)
     if args.get("num_classes") is not None:
         cfg["num_classes"] = int(args["num_classes"])

@@ -11,6 +11,11 @@ from typing import Callable
 
 import torch
 
+try:
+    import resource  # getrusage: POSIX only
+except ImportError:  # pragma: no cover - not on this platform
+    resource = None
+
 __all__ = [
     "interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description",
     "peak_rss_mb_subprocess", "set_threads", "minor_faults", "FaultCounter", "interleaved_samples_with_faults",
@@ -116,9 +121,7 @@ def minor_faults() -> int | None:
     heap's history in the process, so CPU timings at batch 1 move with it (docs/bench_agent.md); the
     benchmarks print the count per forward beside the times.
     """
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not on this platform
+    if resource is None:  # pragma: no cover - not on this platform
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -145,7 +148,7 @@ class FaultCounter:
         return out
 
     def per_call(self) -> float | None:
-        if minor_faults() is None or self.calls == 0:
+        if resource is None or self.calls == 0:
             return None
         return self.faults / self.calls
 
