@@ -242,8 +242,6 @@ class _GraphAttentionBase(nn.Module):
             _check_channels("edge_dim", edge_dim)
         _check_fill_value(fill_value)
         self.in_channels = in_channels
-        # the constructor's sizes (-1: lazy), for building the projections
-        self._src_arg, self._dst_arg = (in_channels, in_channels) if isinstance(in_channels, int) else in_channels
         self.out_channels = out_channels
         self.heads = heads
         self.concat = concat
@@ -256,13 +254,21 @@ class _GraphAttentionBase(nn.Module):
         self._graph_cache = None
 
     @property
+    def _given_sizes(self) -> tuple[int, int]:
+        """(source, target) feature sizes as constructed (-1: lazy)."""
+        c = self.in_channels
+        return (c, c) if isinstance(c, int) else c
+
+    @property
     def _in_src(self) -> int:
         """Source feature size: the constructor's, or for a lazy layer its projection's once sized (-1 before)."""
-        return self._src_arg if self._src_arg != -1 else self._sized(self._src_linear())
+        size = self._given_sizes[0]
+        return size if size != -1 else self._sized(self._src_linear())
 
     @property
     def _in_dst(self) -> int:
-        return self._dst_arg if self._dst_arg != -1 else self._sized(self._dst_linear())
+        size = self._given_sizes[1]
+        return size if size != -1 else self._sized(self._dst_linear())
 
     @staticmethod
     def _sized(lin) -> int:
@@ -427,12 +433,13 @@ class GATv2Conv(_GraphAttentionBase):
                           add_self_loops, edge_dim, fill_value, residual)
         self.share_weights = share_weights
         HC = heads * out_channels
-        self.lin_l = _linear(self._src_arg, HC, bias)
-        self.lin_r = self.lin_l if share_weights else _linear(self._dst_arg, HC, bias)
+        src_size, dst_size = self._given_sizes
+        self.lin_l = _linear(src_size, HC, bias)
+        self.lin_r = self.lin_l if share_weights else _linear(dst_size, HC, bias)
         self.att = nn.Parameter(torch.empty(1, heads, out_channels))
         self.lin_edge = _linear(edge_dim, HC, False) if edge_dim is not None else None
         total = out_channels * (heads if concat else 1)
-        self.res = _linear(self._dst_arg, total, False) if residual else None
+        self.res = _linear(dst_size, total, False) if residual else None
         self.bias = nn.Parameter(torch.empty(total)) if bias else None
         self.reset_parameters()
 
@@ -531,7 +538,7 @@ class GATConv(_GraphAttentionBase):
             self.lin_edge = None
             self.register_parameter("att_edge", None)
         total = out_channels * (heads if concat else 1)
-        self.res = _linear(self._dst_arg, total, False) if residual else None
+        self.res = _linear(self._given_sizes[1], total, False) if residual else None
         self.bias = nn.Parameter(torch.empty(total)) if bias else None
         self.reset_parameters()
 
@@ -557,8 +564,7 @@ class GATConv(_GraphAttentionBase):
         x_src, x_dst, single = self._split_x(x, allow_none_dst=True)
         self._materialize(x_src, x_dst)
         res = None
-        lin_src = self.lin if self.lin is not None else self.lin_src
-        lin_dst = self.lin if self.lin is not None else self.lin_dst
+        lin_src, lin_dst = self._src_linear(), self._dst_linear()
         if single:
             if self.res is not None:
                 res = self.res(x_src)
