@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
-from zoo.layers import DropPath, IntOrPair, check_reset_classifier, feature_take_indices, new_linear_head, to_pair
+from zoo.layers import DropPath, IntOrPair, check_reset_classifier, new_linear_head, to_pair
 from zoo.registry import note_model_args, register_model
 from zoo.tasks.vision.vit import Block, PatchEmbed, TokenFeaturesMixin
 
@@ -217,8 +217,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
                 blocks.append(_PlainBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                                           proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i]))
         self.blocks = nn.Sequential(*blocks)
-        # timm's feature_info: one entry per block (forward_intermediates' feature maps)
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.feature_info = self.block_feature_info(depth, embed_dim, self.patch_embed.patch_size)
         self.norm = norm_layer(embed_dim) if final_norm else nn.Identity()
         self.head_drop = nn.Dropout(0.0)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -360,12 +359,8 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
                                   prune_head: bool = True) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the final norm / the head), timm's method.
         Returns the absolute indices kept; save_pretrained records the pruned shape."""
-        take, last = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: last + 1]
-        self.feature_info = self.feature_info[: last + 1]
+        take, last = self._keep_blocks(indices, prune_norm)
         self.agent_layer = min(self.agent_layer, last + 1)
-        if prune_norm:
-            self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0)
         note_model_args(self, depth=last + 1, agent_layer=self.agent_layer,

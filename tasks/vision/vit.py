@@ -228,6 +228,22 @@ class TokenFeaturesMixin:
         return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
+    @staticmethod
+    def block_feature_info(depth: int, dim: int, patch_size: tuple[int, int]) -> list[dict]:
+        """timm's feature_info of a plain-token transformer: one entry per block, at the patch stride."""
+        ph, pw = patch_size
+        return [dict(module=f"blocks.{i}", num_chs=dim, reduction=ph if ph == pw else (ph, pw)) for i in range(depth)]
+
+    def _keep_blocks(self, indices, prune_norm: bool) -> tuple[list[int], int]:
+        """The shared part of ``prune_intermediate_layers``: blocks (and feature_info) after the last of
+        ``indices`` dropped, the final norm too with ``prune_norm``; returns (taken indices, last)."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        return take, last
+
 
 class VisionTransformer(TokenFeaturesMixin, nn.Module):
     """ViT image classifier with timm's parameter names, init and forward.
@@ -346,10 +362,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
                 for i in range(depth)
             ]
         )
-        # timm's feature_info: one entry per block (forward_intermediates' feature maps)
-        ph, pw = self.patch_embed.patch_size
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=ph if ph == pw else (ph, pw))
-                             for i in range(depth)]
+        self.feature_info = self.block_feature_info(depth, embed_dim, self.patch_embed.patch_size)
         self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -491,11 +504,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         """Drop the blocks after the last of ``indices`` (and the final norm / the head), timm's method.
         Returns the absolute indices kept for :meth:`forward_intermediates`. save_pretrained records the
         pruned shape (zoo.registry.note_model_args)."""
-        take, last = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: last + 1]
-        self.feature_info = self.feature_info[: last + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
+        take, last = self._keep_blocks(indices, prune_norm)
         if prune_head:
             self.fc_norm = nn.Identity()
             self.reset_classifier(0, "")
