@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.attention.graph import GATConv, GATv2Conv
+from zoo.layers import is_tracing
 from zoo.registry import register_model
 
 __all__ = ["make_conv", "GATNodeClassifier", "GATGraphClassifier", "DictionaryLookupNet", "global_mean_pool"]
@@ -42,7 +43,9 @@ def make_conv(conv: str, in_channels, out_channels: int, **kwargs) -> nn.Module:
 def global_mean_pool(x_NC: Tensor, batch_N: Tensor, num_graphs: int) -> Tensor:
     """Mean of the node features of each graph -> [G, C]."""
     sums = x_NC.new_zeros(num_graphs, x_NC.size(1)).index_add_(0, batch_N, x_NC)
-    counts = torch.bincount(batch_N, minlength=num_graphs).clamp_(min=1).to(x_NC.dtype)
+    # counted by index_add_ rather than bincount, whose output length depends on the values (a graph break
+    # under torch.compile)
+    counts = x_NC.new_zeros(num_graphs).index_add_(0, batch_N, x_NC.new_ones(batch_N.numel())).clamp_(min=1)
     return sums / counts[:, None]
 
 
@@ -172,7 +175,7 @@ class DictionaryLookupNet(nn.Module):
         """x_N2 [N, 2] long (key, value); edge_index [2, E]; target_index [Q] query nodes -> [Q, k]."""
         if x_N2.dtype != torch.long or x_N2.dim() != 2 or x_N2.size(1) != 2:
             raise ValueError(f"x must be a [N, 2] long tensor of (key, value), got {x_N2.dtype} {tuple(x_N2.shape)}")
-        if x_N2.numel() and (int(x_N2.min()) < 0 or int(x_N2.max()) > self.k):
+        if x_N2.numel() and not is_tracing() and (int(x_N2.min()) < 0 or int(x_N2.max()) > self.k):
             raise ValueError(f"keys/values must be in [0, {self.k}] (k={self.k}, {self.k} = EMPTY)")
         h = F.relu(self.key_embed(x_N2[:, 0]) + self.value_embed(x_N2[:, 1]))
         if return_attention_weights:

@@ -49,6 +49,13 @@ _LAZY = {
 }
 
 
+# Backends defined in other modules (the block-sparse one) register on import. Importing them here, once,
+# instead of on the first attend() call keeps attend() free of imports, which torch.compile cannot trace.
+from zoo.attention import backends as _backends  # noqa: E402
+
+_backends._load_optional_backends()
+
+
 def __getattr__(name):
     if name in _LAZY:
         import importlib

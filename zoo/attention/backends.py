@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.attention.masks import Causal, Mask
+from zoo.layers import is_tracing
 
 __all__ = [
     "Backend",
@@ -273,7 +274,9 @@ def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
         )
     allowed = mask.dense(q_len, k_len, q.device)  # (Bm, Hm, Nq, Nk)
     has_key = allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Nq, 1)
-    empty_rows = not bool(has_key.all())
+    # Under torch.compile / export the check would be a data-dependent branch: take the safe path, which
+    # gives the same result when no row is empty.
+    empty_rows = is_tracing() or not bool(has_key.all())
     if empty_rows:
         # Rows with no allowed key: let them see everything (no NaN in forward or backward), zero them after.
         allowed = allowed | ~has_key

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from zoo.layers import is_tracing
 from zoo.attention.segment import (
     CSR,
     build_csr,
@@ -215,7 +216,8 @@ def _check_features(name: str, x, channels: int) -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if channels != -1 and x.size(1) != channels:
         raise ValueError(f"{name} has {x.size(1)} features, the layer expects {channels}")
-    if x.numel() and not bool(torch.isfinite(x.detach().sum(dtype=torch.float32))):
+    # Value checks are skipped under torch.compile / export (a data-dependent branch there), as attend() does.
+    if x.numel() and not is_tracing() and not bool(torch.isfinite(x.detach().sum(dtype=torch.float32))):
         if not bool(torch.isfinite(x.detach()).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
     return x
@@ -296,6 +298,10 @@ class _GraphAttentionBase(nn.Module):
             return x_src, x_dst, False
         raise TypeError(f"x must be a tensor or a (source, target) pair of tensors, got {type(x).__name__}")
 
+    # Validating edge_index, dropping and adding self loops and sorting into a CSR are data-dependent (the
+    # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly
+    # (one graph break, as PyG's remove_self_loops causes) and the attention that follows is compiled.
+    @torch.compiler.disable
     def _graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
         if not isinstance(edge_index, Tensor):
             if type(edge_index).__name__ == "SparseTensor":
@@ -336,7 +342,7 @@ class _GraphAttentionBase(nn.Module):
             raise ValueError(
                 f"edge_attr has {edge_attr.size(0)} rows but edge_index has {graph.num_input_edges} edges"
             )
-        if edge_attr.numel() and not bool(torch.isfinite(edge_attr.detach()).all()):
+        if edge_attr.numel() and not is_tracing() and not bool(torch.isfinite(edge_attr.detach()).all()):
             raise ValueError("edge_attr contains NaN or Inf values")
         if self.edge_dim is not None and edge_attr.size(1) != self.edge_dim:
             raise ValueError(f"edge_attr has {edge_attr.size(1)} features, edge_dim is {self.edge_dim}")

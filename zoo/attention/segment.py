@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import exp_flushed_
+from zoo.layers import exp_flushed_, is_tracing
 
 __all__ = [
     "CSR",
@@ -330,6 +330,9 @@ def segment_softmax_aggregate(
             f"values must be [Ns={csr.num_src}, H={s_EH.size(1)}, C], got {tuple(v_NHC.shape)}"
         )
     _check_keep(keep, csr.num_edges, s_EH.size(1), dropout)
+    if is_tracing():  # torch.compile / export: the plain ops, which the compiler fuses (and can trace)
+        out_NHC, alpha = segment_softmax_aggregate_ref(s_EH, v_NHC, csr, keep=keep, dropout=dropout)
+        return out_NHC, (alpha.detach() if need_weights else None)
     return _SegmentSoftmaxAggregate.apply(
         s_EH, v_NHC, csr, keep, float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS)
     )
@@ -658,6 +661,14 @@ def gatv2_attention(
     _check_keep(keep, csr.num_edges, xs_NHC.size(1), dropout)
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"gatv2_attention: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "auto" and is_tracing():  # torch.compile / export: the plain ops, which the compiler fuses
+        if xd_NHC is None:
+            xd_NHC = F.linear(x_dst, w_dst, b_dst).view(-1, *xs_NHC.shape[1:])
+        out_NHC, alpha = gatv2_attention_ref(
+            xs_NHC, xd_NHC, att_HC, csr, edge_attr=edge_attr, edge_weight=edge_weight,
+            negative_slope=negative_slope, keep=keep, dropout=dropout,
+        )
+        return out_NHC, (alpha.detach() if need_weights else None)
     if impl == "triton" or (impl == "auto" and xs_NHC.is_cuda):
         from zoo.kernels.edge_softmax import gatv2_edge_softmax
 

@@ -1,0 +1,278 @@
+"""torch.compile on the zoo's models and attention layers.
+
+Users of timm and PyG wrap models in ``torch.compile``; timm's models compile as one graph
+(``fullgraph=True``), and PyG 2.5+ states that every GNN layer works under it. Here:
+
+* every vision family (ViT, MaxViT, Agent-DeiT) compiles with ``fullgraph=True`` -- at its native size and
+  at a size that takes the padding / non-square paths -- and gives eager's logits and gradients;
+* attend() compiles with a structured mask whose rows may be empty, with a bias, and inside
+  MultiHeadAttention;
+* GATv2Conv / GATConv compile (one graph break per layer, where the data-dependent graph structure is
+  built eagerly) and give PyTorch Geometric's outputs, attention weights and gradients; the graph models
+  compile with no other break.
+
+The tests use the ``aot_eager`` backend: Dynamo's capture and AOTAutograd's forward/backward tracing, as
+inductor gets them, without generating C++ (CI need not have a compiler and inductor's code generation
+takes ~30 s per model on 2 cores). docs/timm.md records an inductor run and its timings.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+import zoo
+import zoo.tasks.vision.agent_deit  # noqa: F401  (registers agent_deit_*)
+from zoo.attention import Causal, MultiHeadAttention, Window, attend
+
+BACKEND = "aot_eager"
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _grads(module: torch.nn.Module) -> dict:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _train_step(fn, module, x):
+    """Loss of a fixed projection of fn(x) with the RNG reset (dropout draws the same masks), then the
+    parameter gradients; returns (output, grads)."""
+    module.zero_grad()
+    torch.manual_seed(7)
+    out = fn(x)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * weight).sum().backward()
+    grads = _grads(module)
+    module.zero_grad()
+    return out.detach(), grads
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vision: one graph per model, eager's numbers
+# ----------------------------------------------------------------------------------------------------
+VISION = [
+    ("vit_debug", {}, None),
+    ("vit_debug", dict(dynamic_img_size=True), (3, 40, 24)),  # position embedding resampled, non-square grid
+    ("maxvit_debug", {}, None),
+    ("maxvit_debug", {}, (3, 40, 52)),  # padded to window / grid multiples, padded keys masked
+    ("agent_deit_debug", {}, None),
+    ("agent_deit_debug", {}, (3, 40, 56)),  # agent / position biases interpolated to a non-square grid
+]
+
+
+@pytest.mark.parametrize("name,kwargs,size", VISION, ids=lambda v: str(v).replace(" ", ""))
+def test_vision_models_compile_as_one_graph(name, kwargs, size):
+    torch.manual_seed(0)
+    model = zoo.create_model(name, drop_path_rate=0.1, **kwargs)
+    size = size or model.pretrained_cfg["input_size"]
+    x = torch.randn(2, *size)
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)  # raises on any graph break
+
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), **TOL)
+    model.train()
+    out_c, grads_c = _train_step(compiled, model, x)
+    out_e, grads_e = _train_step(model, model, x)
+    torch.testing.assert_close(out_c, out_e, **TOL)
+    assert grads_c.keys() == grads_e.keys() and grads_e
+    for key in grads_e:
+        torch.testing.assert_close(grads_c[key], grads_e[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_compiled_model_keeps_its_state_dict_keys(tmp_path):
+    """nn.Module.compile() compiles in place: the state dict and save_pretrained are unchanged."""
+    model = zoo.create_model("vit_debug").eval()
+    keys = list(model.state_dict())
+    model.compile(backend=BACKEND, fullgraph=True)
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        logits = model(x)
+    assert list(model.state_dict()) == keys
+    zoo.save_pretrained(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.create_model("vit_debug", pretrained=str(tmp_path)).eval()(x), logits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# attend() and MultiHeadAttention
+# ----------------------------------------------------------------------------------------------------
+def test_attend_compiles_with_masks_and_bias():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 13, 8) for _ in range(3))
+    bias = torch.randn(1, 3, 13, 13)
+    mask = Window(2) & Causal()  # rows of the first query block keep few keys; the safe path is taken
+
+    def calls(q, k, v, bias):
+        return (
+            attend(q, k, v, Window(3)),
+            attend(q, k, v, mask, bias=bias),
+            attend(q, k, v, Causal(), bias=bias),
+            attend(q, k[:, :, :7], v[:, :, :7], bias=bias[..., :7]),
+        )
+
+    compiled = torch.compile(calls, backend=BACKEND, fullgraph=True)
+    for got, want in zip(compiled(q, k, v, bias), calls(q, k, v, bias)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_multi_head_attention_compiles():
+    torch.manual_seed(0)
+    module = MultiHeadAttention(32, 4, qkv_bias=True)
+    x = torch.randn(2, 11, 32)
+    compiled = torch.compile(module, backend=BACKEND, fullgraph=True)
+    for mask in (None, Causal()):
+        torch.testing.assert_close(compiled(x, mask=mask), module(x, mask=mask), **TOL)
+    out_c, grads_c = _train_step(compiled, module, x)
+    out_e, grads_e = _train_step(module, module, x)
+    torch.testing.assert_close(out_c, out_e, **TOL)
+    for key in grads_e:
+        torch.testing.assert_close(grads_c[key], grads_e[key], **TOL)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Graphs: PyG's numbers, one break per layer
+# ----------------------------------------------------------------------------------------------------
+pyg_nn = pytest.importorskip("torch_geometric.nn")
+from zoo.attention import GATConv, GATv2Conv  # noqa: E402
+
+
+def _graph(num_nodes=12, num_edges=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ei = torch.randint(0, num_nodes - 2, (2, num_edges), generator=g)  # two isolated nodes
+    ei[:, :3] = torch.tensor([[1, 2, 2], [1, 2, 2]])  # existing self loops (removed, then re-added)
+    ei[:, 3:6] = torch.tensor([[4, 4, 4], [5, 5, 5]])  # multi-edges
+    return ei
+
+
+def _graph_step(module, call, x, ei, edge_attr):
+    """Output, attention, and the gradients of inputs and parameters for a fixed output projection."""
+    x = x.detach().clone().requires_grad_(True)
+    ea = None if edge_attr is None else edge_attr.detach().clone().requires_grad_(True)
+    out, (ei_out, alpha) = call(x, ei, ea, return_attention_weights=True)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * weight).sum().backward()
+    grads = [x.grad] + ([] if ea is None else [ea.grad])
+    grads += [p.grad.clone() for _, p in sorted(module.named_parameters())]
+    module.zero_grad()
+    return out.detach(), ei_out, alpha, grads
+
+
+DISABLED = "torch.compiler.disable"
+
+
+def _break_reasons(module, *inputs) -> list[str]:
+    """Why Dynamo split ``module``'s forward: DISABLED for the graph-structure step, else the reason."""
+    reasons = [str(b.reason) for b in torch._dynamo.explain(module)(*inputs).break_reasons]
+    return [DISABLED if "torch.compiler.disable()" in r else r for r in reasons]
+
+
+GRAPH_LAYERS = [
+    (GATv2Conv, pyg_nn.GATv2Conv, dict(heads=2)),
+    (GATv2Conv, pyg_nn.GATv2Conv, dict(heads=2, edge_dim=3, residual=True)),
+    (GATv2Conv, pyg_nn.GATv2Conv, dict(heads=3, concat=False, share_weights=True)),
+    (GATConv, pyg_nn.GATConv, dict(heads=2)),
+    (GATConv, pyg_nn.GATConv, dict(heads=2, edge_dim=3, fill_value="max")),
+]
+
+
+@pytest.mark.parametrize("cls_zoo,cls_pyg,kwargs", GRAPH_LAYERS,
+                         ids=lambda v: getattr(v, "__name__", None) or ",".join(f"{a}={b}" for a, b in v.items()))
+def test_graph_layers_compile_and_match_pyg(cls_zoo, cls_pyg, kwargs):
+    torch.manual_seed(0)
+    peer = cls_pyg(6, 5, **kwargs)
+    ours = cls_zoo(6, 5, **kwargs)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    ei = _graph()
+    x = torch.randn(12, 6)
+    edge_attr = torch.randn(ei.size(1), 3) if "edge_dim" in kwargs else None
+
+    compiled = torch.compile(ours, backend=BACKEND)
+    got = _graph_step(ours, compiled, x, ei, edge_attr)
+    want = _graph_step(peer, peer, x, ei, edge_attr)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], **TOL)
+    for a, b in zip(got[3], want[3], strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+    assert _break_reasons(ours, x, ei, edge_attr) == [DISABLED]  # the graph structure; the attention compiles
+
+
+def test_bipartite_layer_compiles_and_matches_pyg():
+    torch.manual_seed(0)
+    peer = pyg_nn.GATv2Conv((5, 3), 4, heads=2)
+    ours = GATv2Conv((5, 3), 4, heads=2)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x_src, x_dst = torch.randn(9, 5), torch.randn(6, 3)
+    ei = torch.stack([torch.randint(0, 9, (30,)), torch.randint(0, 6, (30,))])
+    compiled = torch.compile(ours, backend=BACKEND)
+    torch.testing.assert_close(compiled((x_src, x_dst), ei), peer((x_src, x_dst), ei), **TOL)
+
+
+GRAPH_MODELS = [
+    ("gatv2_node_debug", "node"),
+    ("gat_node", "node"),
+    ("gatv2_graph_debug", "graph"),
+    ("gatv2_dictlookup_debug", "lookup"),
+]
+
+
+def _model_inputs(kind: str, model):
+    g = torch.Generator().manual_seed(3)
+    if kind == "node":
+        return (torch.randn(20, 34, generator=g), _graph(20, 60))
+    if kind == "graph":
+        batch = torch.cat([torch.zeros(10, dtype=torch.long), torch.ones(10, dtype=torch.long)])
+        return (torch.randn(20, 8, generator=g), _graph(20, 60), batch, 2)
+    k = model.k
+    nodes = 2 * k
+    x = torch.stack([torch.arange(nodes) % k, torch.randint(0, k, (nodes,), generator=g)], dim=1)
+    src = torch.arange(k).repeat(k)  # every key node -> every query node
+    dst = torch.arange(k, 2 * k).repeat_interleave(k)
+    return (x, torch.stack([src, dst]), torch.arange(k, 2 * k))
+
+
+@pytest.mark.parametrize("name,kind", GRAPH_MODELS)
+def test_graph_models_compile(name, kind):
+    torch.manual_seed(0)
+    model = zoo.create_model(name)
+    inputs = _model_inputs(kind, model)
+    compiled = torch.compile(model, backend=BACKEND)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), model(*inputs), **TOL)
+    layers = sum(isinstance(m, (GATConv, GATv2Conv)) for m in model.modules())
+    reasons = _break_reasons(model, *inputs)  # Dynamo may report a break again when it retraces the layer
+    assert layers <= len(reasons) <= 2 * layers and set(reasons) == {DISABLED}
+    model.train()
+    out_c, grads_c = _train_step(lambda _: compiled(*inputs), model, None)
+    out_e, grads_e = _train_step(lambda _: model(*inputs), model, None)
+    torch.testing.assert_close(out_c, out_e, **TOL)
+    for key in grads_e:
+        torch.testing.assert_close(grads_c[key], grads_e[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_compiles_in_a_fresh_interpreter():
+    """Nothing imported lazily on the first attend() call (Dynamo cannot trace an import): a fresh process
+    whose first attention call is the compiled one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, zoo, zoo.tasks.vision.agent_deit\n"
+        "m = zoo.create_model('agent_deit_debug').eval()\n"
+        "x = torch.randn(1, *m.pretrained_cfg['input_size'])\n"
+        "with torch.no_grad():\n"
+        "    y = torch.compile(m, backend='eager', fullgraph=True)(x)\n"
+        "    torch.testing.assert_close(y, m(x), atol=1e-5, rtol=1e-5)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
