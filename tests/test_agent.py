@@ -676,6 +676,26 @@ def test_bench_vision_agent_smoke(capsys):
         assert len(faults) == 3 and all(f == "-" or float(f) >= 0 for f in faults)
 
 
+def test_bench_vision_agent_compiled_smoke(capsys):
+    """--compile times the three models under torch.compile (the 'eager' backend here: Dynamo capture only)
+    and says so in the header; an unknown backend is a usage error naming the choices."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from zoo.bench import vision_agent
+
+    counters.clear()
+    assert vision_agent.main(["--sizes", "64", "--batches", "1", "--repeats", "1", "--warmup", "0",
+                              "--min-time", "0", "--compile", "eager", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.compile backend eager" in out and len([r for r in out.splitlines() if r.startswith("| 64 |")]) == 1
+    assert counters["stats"]["unique_graphs"] >= 3  # zoo, timm and the official-style forward were captured
+    torch._dynamo.reset()
+    with pytest.raises(SystemExit):
+        vision_agent.main(["--sizes", "64", "--compile", "inducter"])
+    assert "--compile must be" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_depthwise_conv_gets_a_channels_last_contiguous_input(batch):
     """oneDNN's depthwise kernel is fast only on a truly channels-last input; the strided view out of the fused

@@ -122,6 +122,22 @@ def test_attend_compiles_with_masks_and_bias():
         torch.testing.assert_close(got, want, **TOL)
 
 
+def test_triton_kernel_is_left_out_of_automatic_selection_while_tracing(monkeypatch):
+    """Under torch.compile / export automatic selection leaves a call the Triton kernel would take to SDPA
+    (its launcher is host-side Python); an explicit request is still accepted."""
+    from zoo.attention import backends
+    from zoo.attention.masks import as_mask
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the kernel accept CPU tensors
+    q = torch.randn(1, 2, 64, 16)
+    args = (q, q, q, as_mask(Causal()), None, 0.25, "softmax", 0.0, False)
+    triton = backends.get_backend("triton")
+    assert triton.auto_supports(*args) is None
+    monkeypatch.setattr(backends, "is_tracing", lambda: True)
+    assert "torch.compile" in triton.auto_supports(*args)
+    assert triton.supports(*args) is None
+
+
 def test_multi_head_attention_compiles():
     torch.manual_seed(0)
     module = MultiHeadAttention(32, 4, qkv_bias=True)

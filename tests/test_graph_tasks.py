@@ -212,6 +212,8 @@ def test_planetoid_adapter_reads_the_raw_layout(tmp_path):
          "+model.dim=16"],
         ["experiment=graph_karate", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1"],
         ["experiment=graph_synthetic", "trainer.max_epochs=1", "data.num_graphs=30", "+model.hidden_channels=4"],
+        ["experiment=graph_synthetic", "trainer.max_epochs=1", "data.num_graphs=30", "+model.hidden_channels=4",
+         "task.torch_compile=aot_eager"],
     ],
 )
 def test_configs_compose_and_train(overrides):

@@ -120,6 +120,8 @@ def test_module_rejects_bad_options():
         ImageClassifier(model, layer_decay=2.0)
     with pytest.raises(TypeError, match="needs an nn.Module"):
         ImageClassifier("vit_debug", num_classes=10)
+    with pytest.raises(ValueError, match="torch_compile must be .*inductor.*got 'inducter'"):
+        ImageClassifier(model, torch_compile="inducter")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +232,25 @@ def test_channels_last_and_layer_decay_in_optimizer(tmp_path):
     assert scales == [0.25, 0.5, 1.0]  # embeddings, the one block, head/norm: 0.5^(L+1-i) with L=1
     for g in groups:
         assert g["initial_lr"] == pytest.approx(0.01 * g["lr_scale"])
+
+
+def test_torch_compile_option_trains_as_eager(tmp_path):
+    """task.torch_compile compiles the model in place: the training step runs a Dynamo graph, and the run
+    ends with the eager run's weights under the same checkpoint keys (aot_eager: no C++ compiler needed)."""
+    from torch._dynamo.utils import counters
+
+    options = ["trainer.limit_train_batches=3", "data.batch_size=16", "model.drop_path_rate=0.1", "task.ema_decay=0.9"]
+    eager = run.train(_cfg(tmp_path, "eager", *options))
+    counters.clear()
+    compiled = run.train(_cfg(tmp_path, "compiled", "task.torch_compile=aot_eager", *options))
+    assert counters["stats"]["unique_graphs"] >= 1
+    a = torch.load(eager["last_ckpt"], weights_only=True)
+    b = torch.load(compiled["last_ckpt"], weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert b["hyper_parameters"]["zoo_config"]["task"]["torch_compile"] == "aot_eager"
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6, msg=key)
+    torch._dynamo.reset()
 
 
 def test_finetune_released_checkpoint_with_new_head(tmp_path, caplog):

@@ -30,8 +30,9 @@ __all__ = ["NodeClassificationModule", "GraphTargetsModule"]
 
 class _GraphModule(ZooModule):
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, stop_at_acc: Optional[float], seed: int,
-                 ema_decay: float = 0.0):
-        super().__init__(model, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, seed=seed)
+                 ema_decay: float = 0.0, torch_compile=None):
+        super().__init__(model, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, torch_compile=torch_compile,
+                         seed=seed)
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.stop_at_acc = None if stop_at_acc is None else float(stop_at_acc)
         self.save_hyperparameters(ignore=["model"])
@@ -48,8 +49,9 @@ class _GraphModule(ZooModule):
 
 class NodeClassificationModule(_GraphModule):
     def __init__(self, model: nn.Module, lr: float = 5e-3, weight_decay: float = 5e-4,
-                 stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0):
-        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay)
+                 stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
+                 torch_compile: bool | str | None = None):
+        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile)
 
     def forward(self, batch, model: Optional[nn.Module] = None):
         return (model or self.model)(batch["x"], batch["edge_index"])
@@ -85,8 +87,9 @@ class NodeClassificationModule(_GraphModule):
 
 class GraphTargetsModule(_GraphModule):
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
-                 stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0):
-        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay)
+                 stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
+                 torch_compile: bool | str | None = None):
+        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile)
 
     def forward(self, batch, model: Optional[nn.Module] = None):
         model = model or self.model

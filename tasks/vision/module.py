@@ -101,12 +101,13 @@ class ImageClassifier(ZooModule):
         layer_decay: Optional[float] = None,
         ema_decay: float = 0.0,
         channels_last: bool = False,
+        torch_compile: bool | str | None = None,
         seed: int = 0,
     ):
         super().__init__(
             model, lr=lr, weight_decay=weight_decay, betas=betas, warmup_epochs=warmup_epochs,
             min_lr_ratio=min_lr_ratio, layer_decay=layer_decay, ema_decay=ema_decay,
-            channels_last=channels_last, seed=seed,
+            channels_last=channels_last, torch_compile=torch_compile, seed=seed,
         )
         model_classes = getattr(model, "num_classes", None)
         if num_classes is None:

@@ -318,6 +318,15 @@ def _triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weight
     return module.triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
 
 
+def _triton_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    """Automatic selection skips the kernel under torch.compile / export: its launcher (block maps, autotune,
+    custom autograd) is host-side Python the tracer should not enter; SDPA runs the call and the compiler
+    generates its own kernels around it. An explicit request still gets the kernel."""
+    if is_tracing():
+        return "tracing / torch.compile (automatic selection leaves the call to SDPA)"
+    return _triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+
+
 def _triton_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     return _triton_module().triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
 
@@ -329,6 +338,7 @@ register_backend(
     priority=100,
     auto_devices=("cuda",),
     description="block-sparse FlashAttention-2 Triton kernel (forward + backward)",
+    auto_supports=_triton_auto_supports,
 )
 
 

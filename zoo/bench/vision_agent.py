@@ -16,7 +16,10 @@ item on every call, as LeapLabTHU/Agent-Attention agent_deit.py does); it is loa
 so this comparison needs a checkout with tests/ (an editable install).
 
     python -m zoo.bench.vision_agent [--sizes 224,448] [--batches 1,8] [--repeats 7] [--warmup 2]
-                                     [--threads 2] [--markdown]
+                                     [--threads 2] [--compile inductor] [--markdown]
+
+``--compile BACKEND`` times the three models each wrapped in ``torch.compile(model, backend=BACKEND)``
+(compilation happens in the correctness check and warm-up, before the timed calls).
 """
 from __future__ import annotations
 
@@ -132,8 +135,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="seconds per timing sample: forwards repeated and averaged (default 0.2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs of each (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="torch.compile all three models with this backend (e.g. inductor) before timing")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
+    if args.compile is not None:
+        from zoo.train.module import compile_backend
+
+        try:
+            compile_backend(args.compile)
+        except ValueError as error:
+            parser.error(str(error).replace("torch_compile", "--compile"))
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -147,6 +159,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# {machine_description()}; threads {threads}; fp32; eval, no_grad; repeats {args.repeats}, "
           f"warmup {args.warmup}; min time {args.min_time} s; "
+          f"{'torch.compile backend ' + args.compile if args.compile else 'eager'}; "
           "interleaved rounds, medians; ratios = medians of the per-round ratios")
     print(f"# load average at start: {_load_average()}")
     print(f"# command: python -m zoo.bench.vision_agent {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
@@ -155,6 +168,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     for size in sizes:
         ours, vit, reference = build_models(size)
+        if args.compile:
+            ours, vit, reference = (torch.compile(m, backend=args.compile) for m in (ours, vit, reference))
         for batch in batches:
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
             with torch.no_grad():

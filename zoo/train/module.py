@@ -13,7 +13,10 @@ The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and
   with the data modules' epoch-seeded sampler and per-sample augmentation seeds, a run resumed from a
   checkpoint replays exactly what the uninterrupted run would have done (dropout, mixup, augmentation
   included), whatever else drew random numbers in between (e.g. DataLoader iterator creation);
-* optional channels-last memory format for the model and its inputs.
+* optional channels-last memory format for the model and its inputs;
+* optional ``torch.compile`` of the model (``torch_compile``: a backend name, or True for inductor; timm's
+  ``--torchcompile``). The model is compiled in place (``nn.Module.compile``), so its state-dict keys, the
+  checkpoints and the released weights are the same as without; the EMA copy stays eager.
 """
 from __future__ import annotations
 
@@ -31,6 +34,22 @@ from zoo.train.optim import param_groups, warmup_cosine
 __all__ = ["ZooModule"]
 
 
+def compile_backend(torch_compile: bool | str | None) -> str | None:
+    """The ``torch.compile`` backend a ``torch_compile`` option asks for: None/False none, True inductor, or
+    a backend name (``torch.compiler.list_backends``: inductor, aot_eager, eager, ...)."""
+    if torch_compile is None or torch_compile is False:
+        return None
+    if torch_compile is True:
+        return "inductor"
+    known = torch.compiler.list_backends(exclude_tags=())
+    if isinstance(torch_compile, str) and torch_compile in known:
+        return torch_compile
+    raise ValueError(
+        f"torch_compile must be true/false/null or a torch.compile backend ({', '.join(sorted(known))}), "
+        f"got {torch_compile!r}"
+    )
+
+
 class ZooModule(pl.LightningModule):
     def __init__(
         self,
@@ -44,6 +63,7 @@ class ZooModule(pl.LightningModule):
         layer_decay: Optional[float] = None,
         ema_decay: float = 0.0,
         channels_last: bool = False,
+        torch_compile: bool | str | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -59,7 +79,10 @@ class ZooModule(pl.LightningModule):
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        backend = compile_backend(torch_compile)
         self.model_ema = ModelEma(self.model, float(ema_decay)) if ema_decay > 0 else None
+        if backend is not None:  # after the EMA copy, which stays eager (it only runs evaluation)
+            self.model.compile(backend=backend)
         self._opt_cfg = dict(
             lr=float(lr), weight_decay=float(weight_decay), betas=tuple(float(b) for b in betas),
             warmup_epochs=float(warmup_epochs), min_lr_ratio=float(min_lr_ratio),
