@@ -382,6 +382,59 @@ def test_every_registered_model_runs_and_round_trips(name, tmp_path):
         torch.testing.assert_close(loaded(*inputs), model(*inputs), rtol=0, atol=0)
 
 
+META_CASES = ["vit_debug", "maxvit_debug", "maxvit_rmlp_pico_rw_256", "agent_deit_debug", "gatv2_node_debug"]
+
+
+@pytest.mark.parametrize("name", META_CASES)
+def test_device_meta_builds_without_storage_and_materialises_like_timm(name):
+    """create_model(device="meta") as timm's: every parameter and buffer on meta; ``to_empty`` plus timm's
+    ``reinit_non_persistent_buffers`` (our relative-position tables implement its protocol) and a state dict
+    give the CPU-built model's outputs."""
+    try:  # timm >= 1.0.2x; the same walk otherwise
+        from timm.models._manipulate import reinit_non_persistent_buffers
+    except ImportError:
+        def reinit_non_persistent_buffers(module):
+            for sub in module.modules():
+                if hasattr(sub, "init_non_persistent_buffers"):
+                    sub.init_non_persistent_buffers()
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=64) if name == "maxvit_rmlp_pico_rw_256" else {}
+    reference = zoo.create_model(name, **kwargs).eval()
+    model = zoo.create_model(name, device="meta", **kwargs)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert tensors and all(t.is_meta for t in tensors)
+    model.to_empty(device="cpu")
+    reinit_non_persistent_buffers(model)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    model.eval()
+    if name.startswith("gat"):
+        x, ei = torch.randn(10, reference.convs[0].in_channels), torch.randint(0, 10, (2, 30))
+        args = (x, ei)
+    else:
+        args = (torch.randn(2, *reference.pretrained_cfg["input_size"]),)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*args), reference(*args), rtol=0, atol=0)
+
+
+def test_dtype_and_device_arguments(tmp_path):
+    model = zoo.create_model("vit_debug", dtype=torch.float64, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert "dtype" not in model.zoo_model_args and "device" not in model.zoo_model_args  # config.json stays JSON
+    zoo.save_pretrained(zoo.create_model("vit_debug"), tmp_path)
+    loaded = zoo.create_model("vit_debug", pretrained=str(tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(
+        loaded.pos_embed.float(), zoo.create_model("vit_debug", pretrained=str(tmp_path)).pos_embed.bfloat16().float()
+    )
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        zoo.create_model("vit_debug", dtype=torch.int8)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        zoo.create_model("vit_debug", device="gpu0")
+    with pytest.raises(ValueError, match="device='meta' .*to_empty"):
+        zoo.create_model("vit_debug", pretrained=str(tmp_path), device="meta")
+
+
 def test_unknown_model_lists_close_matches():
     with pytest.raises(KeyError, match=r"unknown model 'vit_tiny_patch16_244'\. Did you mean: vit_tiny_patch16_224") as info:
         zoo.create_model("vit_tiny_patch16_244")

@@ -92,6 +92,41 @@ def test_dynamic_image_size_matches_timm():
             torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_dynamic_img_pad_matches_timm(global_pool):
+    """dynamic_img_pad zero-pads to whole patches as timm's PatchEmbed does: logits and intermediates equal
+    timm's at sizes the patch does not divide (and at one it does)."""
+    kwargs = dict(SMALL, img_size=32, patch_size=8, dynamic_img_size=True, dynamic_img_pad=True,
+                  global_pool=global_pool)
+    ours, peer = _pair(kwargs)
+    _randomise_layer_norms(peer)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    for h, w in ((30, 20), (33, 47), (32, 32), (9, 17)):
+        x = _images(2, 3, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+            got = ours.forward_intermediates(x, indices=2, intermediates_only=True)
+            want = peer.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert got[0].shape[-2:] == (-(-h // 8), -(-w // 8))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_dynamic_img_pad_at_a_fixed_size_the_patch_does_not_divide():
+    """A fixed img_size of 30 x 20 with patch 8 keeps timm's 3 x 2 position grid (same state dict); the padded
+    4 x 3 grid gets that embedding resampled, as timm's dynamic model does (timm's fixed-size model fails)."""
+    kwargs = dict(SMALL, img_size=(30, 20), patch_size=8, dynamic_img_pad=True)
+    torch.manual_seed(0)
+    peer = TimmViT(**dict(kwargs, dynamic_img_size=True)).eval()
+    ours = V.VisionTransformer(**kwargs).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)  # pos_embed (1, 1 + 3 * 2, C) in both
+    x = _images(2, 3, 30, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="does not match the model's img_size 30x20"):
+        ours(_images(1, 3, 32, 32))
+
+
 def test_pos_embed_resampled_on_load_like_timm():
     # a checkpoint trained at 32 px loaded into models built for 48 px (upsample) and 16 px (anti-aliased downsample)
     torch.manual_seed(0)
@@ -234,7 +269,7 @@ def test_bad_inputs_raise_clear_errors():
     dynamic = zoo.create_model("vit_debug", dynamic_img_size=True)
     with pytest.raises(ValueError, match="smaller than the patch size"):
         dynamic(torch.randn(1, 3, 4, 32))
-    with pytest.raises(ValueError, match="not divisible by the patch size"):
+    with pytest.raises(ValueError, match="not divisible by the patch size .*dynamic_img_pad=True"):
         dynamic(torch.randn(1, 3, 36, 32))
     with pytest.raises(ValueError, match="smaller than patch_size"):
         zoo.create_model("vit_debug", img_size=4)

@@ -13,13 +13,15 @@ so ``import zoo`` stays light and the core never imports a task at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
+import torch
 import torch.nn as nn
 
 from zoo.layers import to_pair
@@ -158,7 +160,8 @@ def get_model_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, pretrained: bool | str = False, *, features_only: bool = False,
-                 out_indices: Any = None, **overrides: Any) -> nn.Module:
+                 out_indices: Any = None, device: Any = None, dtype: Optional[torch.dtype] = None,
+                 **overrides: Any) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -170,6 +173,11 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
             (:class:`zoo.features.FeatureExtractor`, timm's ``features_only``); weights load first.
         out_indices: with ``features_only``, the taps to return (an int n = the last n, a sequence,
             None = the family's default, as timm's).
+        device: build the parameters and buffers directly on this device (timm's ``device=``), e.g.
+            ``"cuda"``, or ``"meta"`` for a model without storage (then ``model.to_empty(device=...)`` and
+            load weights); weights from ``pretrained`` are loaded onto it.
+        dtype: a floating-point dtype for the parameters and floating buffers (timm's ``dtype=``), applied
+            after the weights are loaded (e.g. ``torch.bfloat16``).
         **overrides: constructor arguments (e.g. ``num_classes=10``, ``img_size=32``). When loading
             weights whose classifier has a different number of classes, the head is re-initialised
             and a message says so.
@@ -177,12 +185,27 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
     entry = get_model_entry(name)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects feature maps: pass features_only=True with it")
-    if pretrained is False or pretrained is None:
-        model = _construct(entry, overrides)
-    else:
-        from zoo import hub
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    try:
+        build_device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch device or its name (e.g. 'cuda', 'meta'), got {device!r}") from error
+    loading = not (pretrained is False or pretrained is None)
+    if loading and build_device is not None and build_device.type == "meta":
+        raise ValueError(
+            "device='meta' builds a model without storage, so pretrained weights cannot be loaded into it: build "
+            "it on meta, call model.to_empty(device=...) and then load the weights"
+        )
+    with build_device if build_device is not None else contextlib.nullcontext():
+        if not loading:
+            model = _construct(entry, overrides)
+        else:
+            from zoo import hub
 
-        model = hub.load_pretrained_into(entry, pretrained, overrides)
+            model = hub.load_pretrained_into(entry, pretrained, overrides)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
     if features_only:
         from zoo.features import FeatureExtractor
 

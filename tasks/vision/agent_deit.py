@@ -198,7 +198,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         self.grad_checkpointing = False
         self.class_token_last_block = True
 
-        self.patch_embed = PatchEmbed(size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(size, patch_size, in_chans, embed_dim, dynamic_img_pad=True)  # any size
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
@@ -329,12 +329,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
     def _embed(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images -> tokens (B, N, C) with class token and position embedding, and the patch grid (Gh, Gw)."""
         self._check_image(x_BCHW)
-        ph, pw = self.patch_embed.patch_size
-        h, w = x_BCHW.shape[-2:]
-        pad_h, pad_w = (-h) % ph, (-w) % pw
-        if pad_h or pad_w:  # any size: zero-pad right/bottom to whole patches (timm's dynamic_img_pad)
-            x_BCHW = F.pad(x_BCHW, (0, pad_w, 0, pad_h))
-        x_BLC, grid = self.patch_embed(x_BCHW)
+        x_BLC, grid = self.patch_embed(x_BCHW)  # zero-pads right/bottom to whole patches (dynamic_img_pad)
         grid = (int(grid[0]), int(grid[1]))
         x_BNC = torch.cat((self.cls_token.expand(x_BLC.shape[0], -1, -1), x_BLC), dim=1)
         return self.pos_drop(x_BNC + self._grid_pos_embed(grid)), grid

@@ -94,10 +94,16 @@ def resample_abs_pos_embed(
 # Blocks
 # --------------------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
-    """Image to patch tokens: a Conv2d with kernel = stride = patch size (timm ``PatchEmbed``, NCHW -> NLC)."""
+    """Image to patch tokens: a Conv2d with kernel = stride = patch size (timm ``PatchEmbed``, NCHW -> NLC).
 
-    def __init__(self, img_size: IntOrPair, patch_size: IntOrPair, in_chans: int, embed_dim: int, bias: bool = True):
+    ``dynamic_img_pad``: zero-pad the image at the bottom / right to whole patches first (timm's option of
+    the same name), so the grid is ceil(size / patch) instead of dropping the last partial patch row/column.
+    """
+
+    def __init__(self, img_size: IntOrPair, patch_size: IntOrPair, in_chans: int, embed_dim: int, bias: bool = True,
+                 dynamic_img_pad: bool = False):
         super().__init__()
+        self.dynamic_img_pad = bool(dynamic_img_pad)
         self.patch_size = to_pair(patch_size, "patch_size")
         self.set_img_size(img_size)
         self.in_chans = in_chans
@@ -116,6 +122,11 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, in_chans, Hi, Wi) -> ((B, L, C), (Gh, Gw))."""
+        if self.dynamic_img_pad:
+            ph, pw = self.patch_size
+            pad_h, pad_w = (-x_BCHW.shape[-2]) % ph, (-x_BCHW.shape[-1]) % pw
+            if pad_h or pad_w:
+                x_BCHW = F.pad(x_BCHW, (0, pad_w, 0, pad_h))
         x_BCGG = self.proj(x_BCHW)
         grid = (x_BCGG.shape[-2], x_BCGG.shape[-1])
         return x_BCGG.flatten(2).transpose(1, 2), grid
@@ -265,6 +276,10 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
             (default: True for avg/max pooling, as timm).
         dynamic_img_size: accept any image size divisible by the patch size, resampling the position
             embedding (bicubic, anti-aliased) on the fly; otherwise the size must equal img_size.
+        dynamic_img_pad: zero-pad images at the bottom / right to whole patches (timm's option): with
+            dynamic_img_size any size is accepted; with a fixed img_size that the patch does not divide, the
+            padded grid is one row / column larger than the position embedding's, which is then resampled
+            (timm's model fails on that combination).
         drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: dropout rates (head,
             after position embedding, projections, attention probabilities, stochastic depth max).
     """
@@ -292,6 +307,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         final_norm: bool = True,
         fc_norm: Optional[bool] = None,
         dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -335,7 +351,9 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         self.grad_checkpointing = False
         self.class_token_last_block = True  # forward(): last block computes only the class token (see forward)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm)
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, dynamic_img_pad=dynamic_img_pad
+        )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
@@ -343,7 +361,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim)) if pos_embed == "learn" else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic-depth decay rule
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth (cpu: meta builds)
         self.blocks = nn.Sequential(
             *[
                 Block(
@@ -442,8 +460,11 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         if h < ph or w < pw:
             raise ValueError(f"image {h}x{w} is smaller than the patch size {ph}x{pw}")
         if self.dynamic_img_size:
-            if h % ph or w % pw:
-                raise ValueError(f"image {h}x{w} is not divisible by the patch size {ph}x{pw}")
+            if (h % ph or w % pw) and not self.patch_embed.dynamic_img_pad:
+                raise ValueError(
+                    f"image {h}x{w} is not divisible by the patch size {ph}x{pw}; build the model with "
+                    f"dynamic_img_pad=True to zero-pad it to whole patches"
+                )
         elif (h, w) != self.patch_embed.img_size:
             eh, ew = self.patch_embed.img_size
             raise ValueError(

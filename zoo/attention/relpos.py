@@ -203,6 +203,12 @@ class RelPosBiasTf(_WindowBias):
         self.register_buffer("relative_position_index", rel_pos_index_tf(self.window_size), persistent=False)
         nn.init.normal_(self.relative_position_bias_table, std=init_std)
 
+    def init_non_persistent_buffers(self) -> None:
+        """Rebuild the index (not in the state dict) on the table's device: after ``to_empty`` of a model built
+        on the meta device (timm's protocol; ``timm.models.reinit_non_persistent_buffers`` calls it)."""
+        index = rel_pos_index_tf(self.window_size, device=self.relative_position_bias_table.device)
+        self.register_buffer("relative_position_index", index, persistent=False)
+
     def materialize(self, q_len: int, k_len: int, *, device=None, dtype=None) -> torch.Tensor:
         self._check_lengths(q_len, k_len)
         table_HV = self.relative_position_bias_table.flatten(1)
@@ -277,6 +283,11 @@ class RelPosMlp(_WindowBias):
     def _build_buffers(self, device) -> None:
         self.register_buffer("relative_position_index", rel_pos_index_mlp(self.window_size, device), persistent=False)
         self.register_buffer("rel_coords_log", log_coords(self.window_size, device), persistent=False)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Rebuild the offset tables (not in the state dict) on the MLP's device: after ``to_empty`` of a model
+        built on the meta device (timm's protocol; ``timm.models.reinit_non_persistent_buffers`` calls it)."""
+        self._build_buffers(self.mlp.fc1.weight.device)
 
     def materialize(self, q_len: int, k_len: int, *, device=None, dtype=None) -> torch.Tensor:
         self._check_lengths(q_len, k_len)
