@@ -1,10 +1,11 @@
-"""torch.compile on the zoo's models and attention layers.
+"""torch.compile (and torch.export) on the zoo's models and attention layers.
 
 Users of timm and PyG wrap models in ``torch.compile``; timm's models compile as one graph
 (``fullgraph=True``), and PyG 2.5+ states that every GNN layer works under it. Here:
 
 * every vision family (ViT, MaxViT, Agent-DeiT) compiles with ``fullgraph=True`` -- at its native size and
   at a size that takes the padding / non-square paths -- and gives eager's logits and gradients;
+* each vision family exports with torch.export and a symbolic batch;
 * attend() compiles with a structured mask whose rows may be empty, with a bias, and inside
   MultiHeadAttention;
 * GATv2Conv / GATConv compile (one graph break per layer, where the data-dependent graph structure is
@@ -84,6 +85,22 @@ def test_vision_models_compile_as_one_graph(name, kwargs, size):
     assert grads_c.keys() == grads_e.keys() and grads_e
     for key in grads_e:
         torch.testing.assert_close(grads_c[key], grads_e[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("name,size", [("vit_debug", None), ("maxvit_debug", (3, 40, 52)),
+                                       ("agent_deit_debug", (3, 40, 56))])
+def test_vision_models_export_with_a_dynamic_batch(name, size):
+    """torch.export (the route to AOTInductor / ExecuTorch) captures each family with a symbolic batch; the
+    exported program gives eager's logits at another batch size."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name).eval()
+    size = size or model.pretrained_cfg["input_size"]
+    program = torch.export.export(model, (torch.randn(2, *size),), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
+    x = torch.randn(5, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), **TOL)
 
 
 def test_compiled_model_keeps_its_state_dict_keys(tmp_path):
