@@ -21,10 +21,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 
 import zoo
 import zoo.tasks.vision.agent_deit  # noqa: F401  (registers agent_deit_*)
-from zoo.attention import Causal, MultiHeadAttention, Window, attend
+from zoo.attention import Causal, MultiHeadAttention, Radial, Segments, Window, attend
 
 BACKEND = "aot_eager"
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -121,14 +122,21 @@ def test_compiled_model_keeps_its_state_dict_keys(tmp_path):
 # attend() and MultiHeadAttention
 # ----------------------------------------------------------------------------------------------------
 def test_attend_compiles_with_masks_and_bias():
+    """Structured masks (window, segments, radial, combined) and biases: one graph, eager's outputs."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 13, 8) for _ in range(3))
     bias = torch.randn(1, 3, 13, 13)
     mask = Window(2) & Causal()  # rows of the first query block keep few keys; the safe path is taken
 
+    ids = torch.tensor([[0] * 5 + [1] * 6 + [2] * 2])
+    radial = Radial(num_frames=4, tokens_per_frame=4, block_size=4)  # 16 tokens: q, k, v padded below
+
     def calls(q, k, v, bias):
+        q16, k16, v16 = (F.pad(t, (0, 0, 0, 3)) for t in (q, k, v))
         return (
             attend(q, k, v, Window(3)),
+            attend(q, k, v, Segments(ids)),
+            attend(q16, k16, v16, radial),
             attend(q, k, v, mask, bias=bias),
             attend(q, k, v, Causal(), bias=bias),
             attend(q, k[:, :, :7], v[:, :, :7], bias=bias[..., :7]),
