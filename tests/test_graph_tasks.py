@@ -310,6 +310,28 @@ def test_bench_graph_smoke(capsys):
     assert float(cells["zoo fwd+bwd (s)"]) > 0 and float(cells["PyG fwd+bwd (s)"]) > 0
 
 
+def test_bench_graph_compiled_smoke(capsys):
+    """--compile: both layers compiled (Dynamo capture only with the 'eager' backend) still agree with each
+    other, in the timing process and in the memory workers; an unknown backend is named."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from zoo.bench.graph import main
+
+    counters.clear()
+    assert main(["--sizes", "300:60", "--channels", "4", "--heads", "2", "--repeats", "1", "--warmup", "0",
+                 "--threads", "1", "--compile", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "both layers under torch.compile backend eager" in out
+    cells = [c.strip() for c in [r for r in out.splitlines() if r.startswith("| 300 |")][0].strip("|").split("|")]
+    assert float(cells[10]) < 1e-4 and float(cells[11]) < 1e-4  # outputs and gradients agree
+    assert float(cells[7].split()[0]) > 50 and float(cells[8].split()[0]) > 50  # both memory workers ran
+    assert counters["stats"]["unique_graphs"] >= 2
+    torch._dynamo.reset()
+    with pytest.raises(SystemExit, match="--compile must be"):
+        main(["--sizes", "300:60", "--compile", "inducter"])
+
+
 def test_bench_graph_memory_probe_and_peer_guard(capsys):
     """The peak-memory workers run (fresh processes), and PyG is skipped, with a note, where its
     estimated [E, H, C] memory exceeds --peer-max-gb."""

@@ -330,12 +330,16 @@ def segment_softmax_aggregate(
             f"values must be [Ns={csr.num_src}, H={s_EH.size(1)}, C], got {tuple(v_NHC.shape)}"
         )
     _check_keep(keep, csr.num_edges, s_EH.size(1), dropout)
-    if is_tracing():  # torch.compile / export: the plain ops, which the compiler fuses (and can trace)
-        out_NHC, alpha = segment_softmax_aggregate_ref(s_EH, v_NHC, csr, keep=keep, dropout=dropout)
-        return out_NHC, (alpha.detach() if need_weights else None)
-    return _SegmentSoftmaxAggregate.apply(
-        s_EH, v_NHC, csr, keep, float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS)
-    )
+    args = (s_EH, v_NHC, csr, keep, float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS))
+    if is_tracing():  # torch.compile: the fused function runs between the compiled graphs
+        return _segment_softmax_aggregate_outside_graph(*args)
+    return _SegmentSoftmaxAggregate.apply(*args)
+
+
+# Under torch.compile the fused functions run outside the graph (one graph break each), as opaque kernels:
+# they are Python loops over destination blocks with a custom backward that recomputes instead of storing
+# [E, H, C]. Compiling the plain gather / softmax / scatter form instead was slower on CPU (docs/graph.md).
+_segment_softmax_aggregate_outside_graph = torch.compiler.disable(_SegmentSoftmaxAggregate.apply)
 
 
 def segment_softmax_aggregate_ref(s_EH, v_NHC, csr: CSR, *, keep=None, dropout=0.0):
@@ -661,14 +665,20 @@ def gatv2_attention(
     _check_keep(keep, csr.num_edges, xs_NHC.size(1), dropout)
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"gatv2_attention: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    if impl == "auto" and is_tracing():  # torch.compile / export: the plain ops, which the compiler fuses
-        if xd_NHC is None:
-            xd_NHC = F.linear(x_dst, w_dst, b_dst).view(-1, *xs_NHC.shape[1:])
-        out_NHC, alpha = gatv2_attention_ref(
-            xs_NHC, xd_NHC, att_HC, csr, edge_attr=edge_attr, edge_weight=edge_weight,
-            negative_slope=negative_slope, keep=keep, dropout=dropout,
+    if is_tracing():
+        return _gatv2_fused_outside_graph(  # torch.compile: the fused kernel runs between the compiled graphs
+            xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
+            dropout, need_weights, impl, chunk_elements,
         )
-        return out_NHC, (alpha.detach() if need_weights else None)
+    return _gatv2_fused(
+        xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep, dropout,
+        need_weights, impl, chunk_elements,
+    )
+
+
+def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
+                 dropout, need_weights, impl, chunk_elements):
+    """The Triton kernel (CUDA, or impl="triton") or the blocked CPU function, on checked inputs."""
     if impl == "triton" or (impl == "auto" and xs_NHC.is_cuda):
         from zoo.kernels.edge_softmax import gatv2_edge_softmax
 
@@ -682,6 +692,9 @@ def gatv2_attention(
         xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight, csr, float(negative_slope), keep,
         float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS),
     )
+
+
+_gatv2_fused_outside_graph = torch.compiler.disable(_gatv2_fused)
 
 
 def gatv2_attention_ref(

@@ -3,7 +3,7 @@
     zoo bench graph [--sizes 10000:1000,100000:10000,1000000:100000,2000000:200000] [--heads 8]
                     [--channels 8,64] [--in-channels C] [--threads 2] [--repeats 5] [--warmup 1]
                     [--device cpu|cuda] [--no-memory] [--memory-only] [--skip-peer-above E]
-                    [--peer-max-gb GB]
+                    [--peer-max-gb GB] [--compile inductor]
 
 For every (E edges : N nodes) random graph and channel count C (heads H, input features = C unless
 --in-channels), one process builds both layers with the same weights (PyG's state dict loaded strict
@@ -21,6 +21,10 @@ PyG is skipped where its [E, H, C] tensors would not fit: about 26 bytes per E'*
 (E' = E + N with the self loops; 13.2 GB measured at 1M edges, H=8, C=64), compared with --peer-max-gb
 (default: 85% of the memory available when the benchmark starts). Each row also prints the 1-minute
 load average at its end: the machines here are shared, only the ratios of one run are comparable.
+
+``--compile BACKEND`` wraps both layers in ``torch.compile(layer, backend=BACKEND)`` for the timing and the
+memory workers alike (compilation happens in the check and warm-up): the zoo layer then runs its graph
+structure eagerly and the compiled plain gather / segment-softmax / scatter form of the attention.
 
 Issue 6 targets: CPU, 1M edges, 100k nodes, H=8, C=64: >= 2x faster, >= 8x less peak memory; GPU: >= 3x
 faster (run ``zoo bench graph --device cuda``).
@@ -48,6 +52,8 @@ torch.set_num_threads({threads})
 from zoo.bench.graph import make_case
 x, ei, ours, peer = make_case({nodes}, {edges}, {heads}, {channels}, {in_channels}, device={device!r})
 layer = {{"zoo": ours, "pyg": peer, "none": None}}[{which!r}]
+if layer is not None and {compile!r}:
+    layer = torch.compile(layer, backend={compile!r})
 cuda = {device!r}.startswith("cuda")
 if cuda:
     torch.cuda.synchronize()
@@ -127,11 +133,12 @@ def _check(x, ei, ours, peer) -> tuple[float, float]:
     return out_err, grad_err
 
 
-def _memory(nodes, edges, heads, channels, in_channels, threads, device, run_peer: bool) -> dict:
+def _memory(nodes, edges, heads, channels, in_channels, threads, device, run_peer: bool,
+            compile_backend: Optional[str] = None) -> dict:
     res = {"none": float("nan"), "zoo": float("nan"), "pyg": float("nan")}
     for which in ("none", "zoo", "pyg") if run_peer else ("none", "zoo"):
         code = _WORKER_CODE.format(threads=threads, nodes=nodes, edges=edges, heads=heads, channels=channels,
-                                   in_channels=in_channels, device=device, which=which)
+                                   in_channels=in_channels, device=device, which=which, compile=compile_backend)
         res[which] = peak_rss_mb_subprocess(code)
     return res
 
@@ -153,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not run PyG above this many edges")
     p.add_argument("--peer-max-gb", type=float, default=None,
                    help="do not run PyG where its estimated peak exceeds this (default: 85%% of available memory)")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="torch.compile both layers with this backend (e.g. inductor) before timing and in the memory "
+                        "workers")
     return p
 
 
@@ -177,6 +187,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ValueError:
             raise SystemExit(f"--sizes items are EDGES:NODES, got {item!r}") from None
     channels = [int(c) for c in args.channels.split(",")]
+    if args.compile is not None:
+        from zoo.train.module import compile_backend
+
+        try:
+            compile_backend(args.compile)
+        except ValueError as error:
+            raise SystemExit(str(error).replace("torch_compile", "--compile")) from None
     threads = set_threads(args.threads)
     peer_max_gb = args.peer_max_gb if args.peer_max_gb is not None else 0.85 * _available_gb(args.device)
     command = "zoo bench graph " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -184,7 +201,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average at start "
           f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min)  ")
     print(f"machine: {machine_description()}; torch threads {threads}; device {args.device}; PyG run where its "
-          f"estimated peak <= {peer_max_gb:.1f} GB\n")
+          f"estimated peak <= {peer_max_gb:.1f} GB; "
+          f"{'both layers under torch.compile backend ' + args.compile if args.compile else 'eager'}\n")
     mem_unit = "GPU MB" if args.device.startswith("cuda") else "MB"
     print(f"| edges | nodes | H | C | zoo fwd+bwd (s) | PyG fwd+bwd (s) | speed-up | zoo peak {mem_unit} (net) | "
           f"PyG peak {mem_unit} (net) | memory ratio | max out err | max rel grad err | load |")
@@ -200,6 +218,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             t_zoo = t_pyg = speedup = out_err = grad_err = float("nan")
             if not args.memory_only:
                 x, ei, ours, peer = make_case(nodes, edges, args.heads, c, cin, device=args.device)
+                if args.compile:
+                    ours, peer = torch.compile(ours, backend=args.compile), torch.compile(peer, backend=args.compile)
                 fns = {"zoo": _step(ours, x, ei)}
                 if peer_ok:
                     out_err, grad_err = _check(x, ei, ours, peer)
@@ -214,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     torch.cuda.empty_cache()
             mem = {"none": float("nan"), "zoo": float("nan"), "pyg": float("nan")}
             if not args.no_memory:
-                mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device, peer_ok)
+                mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device, peer_ok, args.compile)
             net = {k: mem[k] - mem["none"] for k in ("zoo", "pyg")}
             print(f"| {edges} | {nodes} | {args.heads} | {c} | {t_zoo:.3f} | {t_pyg:.3f} | {speedup:.2f}x | "
                   f"{mem['zoo']:.0f} ({net['zoo']:.0f}) | {mem['pyg']:.0f} ({net['pyg']:.0f}) | "
