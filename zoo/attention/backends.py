@@ -320,15 +320,25 @@ def _triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weight
 
 def _triton_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     """Automatic selection skips the kernel under torch.compile / export: its launcher (block maps, autotune,
-    custom autograd) is host-side Python the tracer should not enter; SDPA runs the call and the compiler
-    generates its own kernels around it. An explicit request still gets the kernel."""
+    custom autograd) is host-side Python that Dynamo cannot trace, so it would split the graph at every
+    attention call; SDPA runs the call in the graph instead and the compiler generates its own kernels around
+    it. An explicit request still gets the kernel (run outside the graph, see _triton_forward)."""
     if is_tracing():
         return "tracing / torch.compile (automatic selection leaves the call to SDPA)"
     return _triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
 
 
-def _triton_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+def _triton_call(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     return _triton_module().triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+
+
+_triton_call_outside_graph = torch.compiler.disable(_triton_call)
+
+
+def _triton_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    if is_tracing():  # an explicit request under torch.compile: the kernel runs between the compiled graphs
+        return _triton_call_outside_graph(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+    return _triton_call(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
 
 
 register_backend(
