@@ -168,11 +168,12 @@ def test_explicit_triton_request_runs_outside_the_compiled_graph():
     tensors) runs eagerly between the compiled graphs; outputs and gradients equal the eager call's."""
     import os
 
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
-    bias = torch.randn(1, 2, 40, 40)
+    q, k, v = (torch.randn(1, 2, 40, 16, device=device, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 40, 40, device=device)
 
     def call(q, k, v):
         return attend(q, k, v, Causal(), bias=bias, backend="triton") * 2.0
