@@ -30,7 +30,7 @@ __all__ = ["NodeClassificationModule", "GraphTargetsModule"]
 
 class _GraphModule(ZooModule):
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, stop_at_acc: Optional[float], seed: int,
-                 ema_decay: float = 0.0, torch_compile=None):
+                 ema_decay: float = 0.0, torch_compile: bool | str | None = None):
         super().__init__(model, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, torch_compile=torch_compile,
                          seed=seed)
         self.lr, self.weight_decay = float(lr), float(weight_decay)

@@ -38,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import is_tracing
 from zoo.attention.segment import (
     CSR,
     build_csr,
@@ -46,6 +45,7 @@ from zoo.attention.segment import (
     gatv2_attention,
     segment_softmax_aggregate,
 )
+from zoo.layers import is_tracing
 
 __all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure"]
 
@@ -299,8 +299,9 @@ class _GraphAttentionBase(nn.Module):
         raise TypeError(f"x must be a tensor or a (source, target) pair of tensors, got {type(x).__name__}")
 
     # Validating edge_index, dropping and adding self loops and sorting into a CSR are data-dependent (the
-    # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly
-    # (one graph break, as PyG's remove_self_loops causes) and the attention that follows is compiled.
+    # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly (a
+    # graph break, as PyG's remove_self_loops causes), as does the fused attention (zoo/attention/segment.py);
+    # the projections and what surrounds the layer compile.
     @torch.compiler.disable
     def _graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
         if not isinstance(edge_index, Tensor):

@@ -23,8 +23,8 @@ PyG is skipped where its [E, H, C] tensors would not fit: about 26 bytes per E'*
 load average at its end: the machines here are shared, only the ratios of one run are comparable.
 
 ``--compile BACKEND`` wraps both layers in ``torch.compile(layer, backend=BACKEND)`` for the timing and the
-memory workers alike (compilation happens in the check and warm-up): the zoo layer then runs its graph
-structure eagerly and the compiled plain gather / segment-softmax / scatter form of the attention.
+memory workers alike (compilation happens in the check and warm-up). The zoo layer then runs its graph
+structure and its fused attention between the compiled graphs (zoo/attention/segment.py), as in eager mode.
 
 Issue 6 targets: CPU, 1M edges, 100k nodes, H=8, C=64: >= 2x faster, >= 8x less peak memory; GPU: >= 3x
 faster (run ``zoo bench graph --device cuda``).
@@ -134,11 +134,11 @@ def _check(x, ei, ours, peer) -> tuple[float, float]:
 
 
 def _memory(nodes, edges, heads, channels, in_channels, threads, device, run_peer: bool,
-            compile_backend: Optional[str] = None) -> dict:
+            backend: Optional[str] = None) -> dict:
     res = {"none": float("nan"), "zoo": float("nan"), "pyg": float("nan")}
     for which in ("none", "zoo", "pyg") if run_peer else ("none", "zoo"):
         code = _WORKER_CODE.format(threads=threads, nodes=nodes, edges=edges, heads=heads, channels=channels,
-                                   in_channels=in_channels, device=device, which=which, compile=compile_backend)
+                                   in_channels=in_channels, device=device, which=which, compile=backend)
         res[which] = peak_rss_mb_subprocess(code)
     return res
 
@@ -191,9 +191,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         from zoo.train.module import compile_backend
 
         try:
-            compile_backend(args.compile)
+            compile_backend(args.compile, option="--compile")
         except ValueError as error:
-            raise SystemExit(str(error).replace("torch_compile", "--compile")) from None
+            raise SystemExit(str(error)) from None
     threads = set_threads(args.threads)
     peer_max_gb = args.peer_max_gb if args.peer_max_gb is not None else 0.85 * _available_gb(args.device)
     command = "zoo bench graph " + " ".join(argv if argv is not None else sys.argv[1:])

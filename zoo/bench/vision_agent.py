@@ -143,9 +143,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         from zoo.train.module import compile_backend
 
         try:
-            compile_backend(args.compile)
+            compile_backend(args.compile, option="--compile")
         except ValueError as error:
-            parser.error(str(error).replace("torch_compile", "--compile"))
+            parser.error(str(error))
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         batches = [int(b) for b in args.batches.split(",") if b.strip()]

@@ -34,9 +34,10 @@ from zoo.train.optim import param_groups, warmup_cosine
 __all__ = ["ZooModule"]
 
 
-def compile_backend(torch_compile: bool | str | None) -> str | None:
+def compile_backend(torch_compile: bool | str | None, option: str = "torch_compile") -> str | None:
     """The ``torch.compile`` backend a ``torch_compile`` option asks for: None/False none, True inductor, or
-    a backend name (``torch.compiler.list_backends``: inductor, aot_eager, eager, ...)."""
+    a backend name (``torch.compiler.list_backends``: inductor, aot_eager, eager, ...). ``option`` names the
+    setting in the error message (the benchmarks' ``--compile``)."""
     if torch_compile is None or torch_compile is False:
         return None
     if torch_compile is True:
@@ -45,7 +46,7 @@ def compile_backend(torch_compile: bool | str | None) -> str | None:
     if isinstance(torch_compile, str) and torch_compile in known:
         return torch_compile
     raise ValueError(
-        f"torch_compile must be true/false/null or a torch.compile backend ({', '.join(sorted(known))}), "
+        f"{option} must be true/false/null or a torch.compile backend ({', '.join(sorted(known))}), "
         f"got {torch_compile!r}"
     )
 
