@@ -694,6 +694,22 @@ def test_bench_vision_agent_compiled_smoke(capsys):
     with pytest.raises(SystemExit):
         vision_agent.main(["--sizes", "64", "--compile", "inducter"])
     assert "--compile must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vision_agent.main(["--sizes", "64", "--compile", "eager", "--freeze"])
+    assert "--freeze is an inductor option" in capsys.readouterr().err
+
+
+def test_bench_vision_agent_freeze_sets_inductor_freezing_for_the_run(monkeypatch):
+    """--freeze turns inductor's freezing on while the models are measured, and off again afterwards."""
+    import torch._inductor.config as inductor_config
+
+    from zoo.bench import vision_agent
+
+    seen = []
+    monkeypatch.setattr(vision_agent, "_measure", lambda *args: seen.append(inductor_config.freezing))
+    before = inductor_config.freezing
+    assert vision_agent.main(["--sizes", "64", "--batches", "1", "--compile", "inductor", "--freeze", "--markdown"]) == 0
+    assert seen == [True] and inductor_config.freezing == before
 
 
 @pytest.mark.parametrize("batch", [1, 3])

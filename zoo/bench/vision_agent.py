@@ -16,14 +16,18 @@ item on every call, as LeapLabTHU/Agent-Attention agent_deit.py does); it is loa
 so this comparison needs a checkout with tests/ (an editable install).
 
     python -m zoo.bench.vision_agent [--sizes 224,448] [--batches 1,8] [--repeats 7] [--warmup 2]
-                                     [--threads 2] [--compile inductor] [--markdown]
+                                     [--threads 2] [--compile inductor [--freeze]] [--markdown]
 
-``--compile BACKEND`` times the three models each wrapped in ``torch.compile(model, backend=BACKEND)``
-(compilation happens in the correctness check and warm-up, before the timed calls).
+``--compile BACKEND`` times the three models each wrapped in ``torch.compile(model, backend=BACKEND,
+dynamic=False)``
+(compilation happens in the correctness check and warm-up, before the timed calls). ``--freeze`` sets
+inductor's ``freezing`` option for the run: parameters become constants and what depends on them alone is
+folded at compile time (for Agent-DeiT, the agent biases interpolated from the learned tables).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import math
@@ -122,6 +126,43 @@ def _runner(model: nn.Module, x: torch.Tensor):
     return run
 
 
+def _inductor_freezing(enabled: bool):
+    """A context with torch._inductor.config.freezing set (``--freeze``), or one that does nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
+
+
+def _measure(args, sizes: list[int], batches: list[int], rows: list) -> None:
+    for size in sizes:
+        ours, vit, reference = build_models(size)
+        if args.compile:
+            # dynamic=False: every (size, batch) gets its own static graph, as a served model would. With
+            # automatic dynamic shapes the second size recompiled symbolically, and inductor's freezing then
+            # failed a stride assertion in its fused mkldnn convolution (torch 2.11).
+            ours, vit, reference = (torch.compile(m, backend=args.compile, dynamic=False)
+                                    for m in (ours, vit, reference))
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
+            with torch.no_grad():
+                diff = (ours(x) - reference(x)).abs().max().item()
+            if not diff <= 1e-4:
+                raise RuntimeError(f"zoo and official-style logits differ by {diff:.3g} at {size} px; not timing")
+            samples, faults = interleaved_samples_with_faults(
+                {"zoo": _runner(ours, x), "timm": _runner(vit, x), "ref": _runner(reference, x)},
+                repeats=args.repeats, warmup=args.warmup, min_time=args.min_time,
+            )
+            t = medians(samples)
+            # Ratios: medians over rounds of the per-round ratio (the three ran seconds apart in each round).
+            vs_timm, vs_ref = paired_ratio(samples["timm"], samples["zoo"]), paired_ratio(samples["ref"], samples["zoo"])
+            rows.append([str(size), str(batch), f"{batch / t['zoo']:.1f}", f"{batch / t['timm']:.1f}",
+                         f"{batch / t['ref']:.1f}", f"{vs_timm:.2f}", f"{vs_ref:.2f}",
+                         format_faults(faults[name] for name in ("zoo", "timm", "ref"))])
+            print(f"# done {size} px batch {batch}", flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m zoo.bench.vision_agent",
@@ -137,8 +178,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="torch.compile all three models with this backend (e.g. inductor) before timing")
+    parser.add_argument("--freeze", action="store_true",
+                        help="with --compile inductor: inductor freezing (parameters folded as constants)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
+    if args.freeze and args.compile != "inductor":
+        parser.error("--freeze is an inductor option: use it with --compile inductor")
     if args.compile is not None:
         from zoo.train.module import compile_backend
 
@@ -159,34 +204,16 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# {machine_description()}; threads {threads}; fp32; eval, no_grad; repeats {args.repeats}, "
           f"warmup {args.warmup}; min time {args.min_time} s; "
-          f"{'torch.compile backend ' + args.compile if args.compile else 'eager'}; "
+          f"{'torch.compile backend ' + args.compile if args.compile else 'eager'}"
+          f"{' (freezing)' if args.freeze else ''}; "
           "interleaved rounds, medians; ratios = medians of the per-round ratios")
     print(f"# load average at start: {_load_average()}")
     print(f"# command: python -m zoo.bench.vision_agent {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     header = ["img", "batch", "zoo img/s", "timm img/s", "official-style img/s", "zoo/timm", "zoo/official",
               "page faults/fwd zoo/timm/official"]
     rows = []
-    for size in sizes:
-        ours, vit, reference = build_models(size)
-        if args.compile:
-            ours, vit, reference = (torch.compile(m, backend=args.compile) for m in (ours, vit, reference))
-        for batch in batches:
-            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
-            with torch.no_grad():
-                diff = (ours(x) - reference(x)).abs().max().item()
-            if not diff <= 1e-4:
-                raise RuntimeError(f"zoo and official-style logits differ by {diff:.3g} at {size} px; not timing")
-            samples, faults = interleaved_samples_with_faults(
-                {"zoo": _runner(ours, x), "timm": _runner(vit, x), "ref": _runner(reference, x)},
-                repeats=args.repeats, warmup=args.warmup, min_time=args.min_time,
-            )
-            t = medians(samples)
-            # Ratios: medians over rounds of the per-round ratio (the three ran seconds apart in each round).
-            vs_timm, vs_ref = paired_ratio(samples["timm"], samples["zoo"]), paired_ratio(samples["ref"], samples["zoo"])
-            rows.append([str(size), str(batch), f"{batch / t['zoo']:.1f}", f"{batch / t['timm']:.1f}",
-                         f"{batch / t['ref']:.1f}", f"{vs_timm:.2f}", f"{vs_ref:.2f}",
-                         format_faults(faults[name] for name in ("zoo", "timm", "ref"))])
-            print(f"# done {size} px batch {batch}", flush=True)
+    with _inductor_freezing(args.freeze):
+        _measure(args, sizes, batches, rows)
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
