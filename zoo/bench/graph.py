@@ -22,9 +22,10 @@ PyG is skipped where its [E, H, C] tensors would not fit: about 26 bytes per E'*
 (default: 85% of the memory available when the benchmark starts). Each row also prints the 1-minute
 load average at its end: the machines here are shared, only the ratios of one run are comparable.
 
-``--compile BACKEND`` wraps both layers in ``torch.compile(layer, backend=BACKEND)`` for the timing and the
-memory workers alike (compilation happens in the check and warm-up). The zoo layer then runs its graph
-structure and its fused attention between the compiled graphs (zoo/attention/segment.py), as in eager mode.
+``--compile BACKEND`` wraps both layers in ``torch.compile(layer, backend=BACKEND, dynamic=False)`` (static
+graphs per case) for the timing and the memory workers alike; compilation happens in the check and warm-up.
+The zoo layer then runs its graph structure and its fused attention between the compiled graphs
+(zoo/attention/segment.py), as in eager mode.
 
 Issue 6 targets: CPU, 1M edges, 100k nodes, H=8, C=64: >= 2x faster, >= 8x less peak memory; GPU: >= 3x
 faster (run ``zoo bench graph --device cuda``).
@@ -53,7 +54,7 @@ from zoo.bench.graph import make_case
 x, ei, ours, peer = make_case({nodes}, {edges}, {heads}, {channels}, {in_channels}, device={device!r})
 layer = {{"zoo": ours, "pyg": peer, "none": None}}[{which!r}]
 if layer is not None and {compile!r}:
-    layer = torch.compile(layer, backend={compile!r})
+    layer = torch.compile(layer, backend={compile!r}, dynamic=False)
 cuda = {device!r}.startswith("cuda")
 if cuda:
     torch.cuda.synchronize()
@@ -218,8 +219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             t_zoo = t_pyg = speedup = out_err = grad_err = float("nan")
             if not args.memory_only:
                 x, ei, ours, peer = make_case(nodes, edges, args.heads, c, cin, device=args.device)
-                if args.compile:
-                    ours, peer = torch.compile(ours, backend=args.compile), torch.compile(peer, backend=args.compile)
+                if args.compile:  # static graphs per case, as in the vision benchmark
+                    ours, peer = (torch.compile(m, backend=args.compile, dynamic=False) for m in (ours, peer))
                 fns = {"zoo": _step(ours, x, ei)}
                 if peer_ok:
                     out_err, grad_err = _check(x, ei, ours, peer)
