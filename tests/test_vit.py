@@ -312,3 +312,25 @@ def test_bench_vision_runs_and_loads_optional_case_modules(monkeypatch, capsys):
                           copy_weights=lambda ours, peer: None)
     with pytest.raises(RuntimeError, match="outputs differ"):
         bench.run_case(bad, batch=1, img_size=32, repeats=1, warmup=0, train=False, infer=True)
+
+
+def test_bench_vision_compiled_smoke(capsys):
+    """--compile compiles ours and timm's model (the 'eager' backend here: Dynamo capture only) for inference
+    and the training step, and says so; an unknown backend is a usage error."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from zoo.bench import vision as bench
+
+    counters.clear()
+    assert bench.main(["--models", "vit_tiny*", "--img-size", "32", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                       "--no-attention", "--compile", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "models under torch.compile backend eager" in out
+    row = [line.split() for line in out.splitlines() if line.strip().startswith("vit_tiny_patch16_224")][0]
+    assert all(float(v) > 0 for v in row[4:7] + row[8:])
+    assert counters["stats"]["unique_graphs"] >= 4  # ours and timm's, eval and train
+    torch._dynamo.reset()
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "vit_tiny*", "--compile", "inducter"])
+    assert "--compile must be" in capsys.readouterr().err

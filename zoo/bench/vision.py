@@ -3,7 +3,7 @@
     zoo bench vision [--models vit_tiny_patch16_224,vit_small_patch16_224] [--batch 8] [--img-size 224]
                      [--threads 2] [--repeats 5] [--warmup 1] [--device cpu] [--no-train] [--no-infer]
                      [--attention-sizes 256,512,1024,2048,4096] [--no-attention]
-                     [--full-last-block] [--markdown] [--list]
+                     [--full-last-block] [--compile inductor] [--markdown] [--list]
 
 One run prints the two issue-2 tables, all measured in this process:
 
@@ -17,6 +17,9 @@ One run prints the two issue-2 tables, all measured in this process:
    * inference throughput (images/s, eval mode, no_grad) of both and the ratio zoo/peer (higher is better);
    * the training-step time (forward + cross-entropy + backward + AdamW step, train mode) of both and the
      ratio zoo/peer (lower is better; issue 2 target for ViT: <= 1.0).
+
+``--compile BACKEND`` compiles both models of every case in place (``nn.Module.compile(backend=BACKEND,
+dynamic=False)``) after the outputs are checked; compilation happens in the warm-up.
 
 Cases are ``BenchCase(name, zoo_builder, peer_builder)``: ``peer_builder(img_size)`` returns the peer model,
 ``zoo_builder(img_size)`` ours; the peer's weights are then copied into ours with ``copy_weights``
@@ -153,11 +156,14 @@ def _train_fn(model: nn.Module, x: torch.Tensor, num_classes: int) -> Callable[[
 
 
 def run_case(case: BenchCase, *, batch: int, img_size: Optional[int], repeats: int, warmup: int, train: bool, infer: bool,
-             full_last_block: bool = False, device: str = "cpu"):
+             full_last_block: bool = False, device: str = "cpu", compile_backend: Optional[str] = None):
     size = img_size or case.img_size
     ours, peer, x = _build_pair(case, size, batch, device)
     if full_last_block and hasattr(ours, "class_token_last_block"):
         ours.class_token_last_block = False
+    if compile_backend:  # both compiled in place, static graphs (as zoo bench vision_agent / graph)
+        ours.compile(backend=compile_backend, dynamic=False)
+        peer.compile(backend=compile_backend, dynamic=False)
     row = {"case": case.name, "peer": case.peer_name, "batch": batch, "img_size": size}
     if infer:
         ours.eval()
@@ -249,8 +255,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the model table as markdown")
     parser.add_argument("--full-last-block", action="store_true",
                         help="ablation: make zoo ViTs run the full last block (no class-token-only shortcut)")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="torch.compile ours and the peer with this backend (e.g. inductor) before timing")
     parser.add_argument("--list", action="store_true", help="list the available cases and exit")
     args = parser.parse_args(argv)
+    if args.compile is not None:
+        from zoo.train.module import compile_backend
+
+        try:
+            compile_backend(args.compile, option="--compile")
+        except ValueError as error:
+            parser.error(str(error))
     cases = all_cases()
     if args.list:
         for case in cases:
@@ -264,7 +279,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     chosen = cases if args.models.strip() == "all" else _select(cases, args.models)
     print(f"# zoo bench vision  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# {machine_description()}; device {args.device}; threads {threads}; fp32; repeats {args.repeats}, warmup {args.warmup}"
-          + ("; zoo ViT last block in full (ablation)" if args.full_last_block else ""))
+          + ("; zoo ViT last block in full (ablation)" if args.full_last_block else "")
+          + (f"; models under torch.compile backend {args.compile}" if args.compile else ""))
     print(f"# command: zoo bench vision {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     if hasattr(os, "getloadavg"):
         print("# load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
@@ -277,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows.append(
             run_case(case, batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
                      train=not args.no_train, infer=not args.no_infer, full_last_block=args.full_last_block,
-                     device=args.device)
+                     device=args.device, compile_backend=args.compile)
         )
         print(f"# done {case.name}", flush=True)
     print(_table(rows, args.markdown))
