@@ -6,15 +6,16 @@ Users of timm and PyG wrap models in ``torch.compile``; timm's models compile as
 * every vision family (ViT, MaxViT, Agent-DeiT) compiles with ``fullgraph=True`` -- at its native size and
   at a size that takes the padding / non-square paths -- and gives eager's logits and gradients;
 * each vision family exports with torch.export and a symbolic batch;
-* attend() compiles with a structured mask whose rows may be empty, with a bias, and inside
-  MultiHeadAttention;
+* attend() compiles with structured masks (window, segments, radial, combined) and biases, and inside
+  MultiHeadAttention; an explicit Triton request runs the kernel between the compiled graphs;
 * GATv2Conv / GATConv compile and give PyTorch Geometric's outputs, attention weights and gradients. Two
   parts of a layer run outside the graphs, and the graph models break nowhere else: the data-dependent
   graph structure, and the fused attention, which stays the memory-light function it is in eager mode.
 
 The tests use the ``aot_eager`` backend: Dynamo's capture and AOTAutograd's forward/backward tracing, as
 inductor gets them, without generating C++ (CI need not have a compiler and inductor's code generation
-takes ~30 s per model on 2 cores). docs/timm.md records an inductor run and its timings.
+takes ~30 s per model on 2 cores). Inductor timings against the peers, all compiled: docs/bench_vision.md,
+bench_maxvit.md, bench_agent.md, bench_graph.md.
 """
 from __future__ import annotations
 
