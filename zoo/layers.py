@@ -7,6 +7,7 @@
 * :func:`check_finite_input` -- a cheap NaN/Inf check of a model input, raising with the input's name.
 * :func:`is_tracing` -- True under jit tracing/scripting (ONNX's TorchScript exporter) or torch.compile /
   torch.export, where data-dependent Python branches must be avoided.
+* :func:`call_outside_graph` -- run a function eagerly between torch.compile's graphs (an opaque kernel).
 * :func:`activate_fresh` -- an activation module applied in place at inference to a tensor just computed.
 * :func:`check_reset_classifier`, :func:`new_linear_head` -- the argument checks and the fresh head of the
   families' ``reset_classifier`` (timm's method).
@@ -23,8 +24,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "activate_fresh", "check_finite_input",
-    "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
+    "IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
+    "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -93,6 +94,15 @@ def is_tracing() -> bool:
     if torch._C._get_tracing_state() is not None or torch.jit.is_scripting():
         return True
     return torch.compiler.is_compiling()
+
+
+def call_outside_graph(fn, *args):
+    """``fn(*args)``, run eagerly when torch.compile traces the caller: one graph break, ``fn`` opaque to the
+    compiler (its Python loops, data-dependent sizes and custom autograd stay as they are in eager mode).
+
+    The ``torch.compiler.disable`` wrapper is made at the call, which only tracing code reaches: making it at
+    import time would import torch._dynamo with zoo (0.7 s on the benchmark machine)."""
+    return torch.compiler.disable(fn)(*args)
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.attention.masks import Causal, Mask
-from zoo.layers import is_tracing
+from zoo.layers import call_outside_graph, is_tracing
 
 __all__ = [
     "Backend",
@@ -332,13 +332,11 @@ def _triton_call(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     return _triton_module().triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
 
 
-_triton_call_outside_graph = torch.compiler.disable(_triton_call)
-
-
 def _triton_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    args = (q, k, v, mask, bias, scale, score, dropout_p, return_weights)
     if is_tracing():  # an explicit request under torch.compile: the kernel runs between the compiled graphs
-        return _triton_call_outside_graph(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
-    return _triton_call(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+        return call_outside_graph(_triton_call, *args)
+    return _triton_call(*args)
 
 
 register_backend(

@@ -45,7 +45,7 @@ from zoo.attention.segment import (
     gatv2_attention,
     segment_softmax_aggregate,
 )
-from zoo.layers import is_tracing
+from zoo.layers import call_outside_graph, is_tracing
 
 __all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure"]
 
@@ -298,12 +298,16 @@ class _GraphAttentionBase(nn.Module):
             return x_src, x_dst, False
         raise TypeError(f"x must be a tensor or a (source, target) pair of tensors, got {type(x).__name__}")
 
-    # Validating edge_index, dropping and adding self loops and sorting into a CSR are data-dependent (the
-    # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly (a
-    # graph break, as PyG's remove_self_loops causes), as does the fused attention (zoo/attention/segment.py);
-    # the projections and what surrounds the layer compile.
-    @torch.compiler.disable
     def _graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
+        # Validating edge_index, dropping and adding self loops and sorting into a CSR are data-dependent (the
+        # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly
+        # (a graph break, as PyG's remove_self_loops causes), as does the fused attention
+        # (zoo/attention/segment.py); the projections and what surrounds the layer compile.
+        if is_tracing():
+            return call_outside_graph(self._build_graph, edge_index, num_src, num_dst)
+        return self._build_graph(edge_index, num_src, num_dst)
+
+    def _build_graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
         if not isinstance(edge_index, Tensor):
             if type(edge_index).__name__ == "SparseTensor":
                 raise TypeError(

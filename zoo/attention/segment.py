@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import exp_flushed_, is_tracing
+from zoo.layers import call_outside_graph, exp_flushed_, is_tracing
 
 __all__ = [
     "CSR",
@@ -331,15 +331,12 @@ def segment_softmax_aggregate(
         )
     _check_keep(keep, csr.num_edges, s_EH.size(1), dropout)
     args = (s_EH, v_NHC, csr, keep, float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS))
-    if is_tracing():  # torch.compile: the fused function runs between the compiled graphs
-        return _segment_softmax_aggregate_outside_graph(*args)
+    # Under torch.compile the fused functions run outside the graph (one graph break each), as opaque kernels:
+    # they are Python loops over destination blocks with a custom backward that recomputes instead of storing
+    # [E, H, C]. Compiling the plain gather / softmax / scatter form instead was slower on CPU (docs/graph.md).
+    if is_tracing():
+        return call_outside_graph(_SegmentSoftmaxAggregate.apply, *args)
     return _SegmentSoftmaxAggregate.apply(*args)
-
-
-# Under torch.compile the fused functions run outside the graph (one graph break each), as opaque kernels:
-# they are Python loops over destination blocks with a custom backward that recomputes instead of storing
-# [E, H, C]. Compiling the plain gather / softmax / scatter form instead was slower on CPU (docs/graph.md).
-_segment_softmax_aggregate_outside_graph = torch.compiler.disable(_SegmentSoftmaxAggregate.apply)
 
 
 def segment_softmax_aggregate_ref(s_EH, v_NHC, csr: CSR, *, keep=None, dropout=0.0):
@@ -665,15 +662,11 @@ def gatv2_attention(
     _check_keep(keep, csr.num_edges, xs_NHC.size(1), dropout)
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"gatv2_attention: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    if is_tracing():
-        return _gatv2_fused_outside_graph(  # torch.compile: the fused kernel runs between the compiled graphs
-            xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
-            dropout, need_weights, impl, chunk_elements,
-        )
-    return _gatv2_fused(
-        xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep, dropout,
-        need_weights, impl, chunk_elements,
-    )
+    args = (xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep, dropout,
+            need_weights, impl, chunk_elements)
+    if is_tracing():  # torch.compile: the fused kernel runs between the compiled graphs (see above)
+        return call_outside_graph(_gatv2_fused, *args)
+    return _gatv2_fused(*args)
 
 
 def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
@@ -693,8 +686,6 @@ def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, ed
         float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS),
     )
 
-
-_gatv2_fused_outside_graph = torch.compiler.disable(_gatv2_fused)
 
 
 def gatv2_attention_ref(
