@@ -333,10 +333,8 @@ def _triton_call(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
 
 
 def _triton_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
-    args = (q, k, v, mask, bias, scale, score, dropout_p, return_weights)
-    if is_tracing():  # an explicit request under torch.compile: the kernel runs between the compiled graphs
-        return call_outside_graph(_triton_call, *args)
-    return _triton_call(*args)
+    # an explicit request under torch.compile: the kernel runs between the compiled graphs
+    return call_outside_graph(_triton_call, q, k, v, mask, bias, scale, score, dropout_p, return_weights)
 
 
 register_backend(

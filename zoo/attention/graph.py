@@ -303,9 +303,7 @@ class _GraphAttentionBase(nn.Module):
         # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly
         # (a graph break, as PyG's remove_self_loops causes), as does the fused attention
         # (zoo/attention/segment.py); the projections and what surrounds the layer compile.
-        if is_tracing():
-            return call_outside_graph(self._build_graph, edge_index, num_src, num_dst)
-        return self._build_graph(edge_index, num_src, num_dst)
+        return call_outside_graph(self._build_graph, edge_index, num_src, num_dst)
 
     def _build_graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
         if not isinstance(edge_index, Tensor):

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import call_outside_graph, exp_flushed_, is_tracing
+from zoo.layers import call_outside_graph, exp_flushed_
 
 __all__ = [
     "CSR",
@@ -334,9 +334,7 @@ def segment_softmax_aggregate(
     # Under torch.compile the fused functions run outside the graph (one graph break each), as opaque kernels:
     # they are Python loops over destination blocks with a custom backward that recomputes instead of storing
     # [E, H, C]. Compiling the plain gather / softmax / scatter form instead was slower on CPU (docs/graph.md).
-    if is_tracing():
-        return call_outside_graph(_SegmentSoftmaxAggregate.apply, *args)
-    return _SegmentSoftmaxAggregate.apply(*args)
+    return call_outside_graph(_SegmentSoftmaxAggregate.apply, *args)
 
 
 def segment_softmax_aggregate_ref(s_EH, v_NHC, csr: CSR, *, keep=None, dropout=0.0):
@@ -664,9 +662,7 @@ def gatv2_attention(
         raise ValueError(f"gatv2_attention: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     args = (xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep, dropout,
             need_weights, impl, chunk_elements)
-    if is_tracing():  # torch.compile: the fused kernel runs between the compiled graphs (see above)
-        return call_outside_graph(_gatv2_fused, *args)
-    return _gatv2_fused(*args)
+    return call_outside_graph(_gatv2_fused, *args)  # under torch.compile: between the graphs (see above)
 
 
 def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
@@ -685,7 +681,6 @@ def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, ed
         xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight, csr, float(negative_slope), keep,
         float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS),
     )
-
 
 
 def gatv2_attention_ref(
