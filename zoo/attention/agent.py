@@ -376,11 +376,14 @@ class AgentAttention(nn.Module):
             q_BHND = q_BNC[:, :num_queries].reshape(batch, num_queries, heads, head_dim).transpose(1, 2)
             b2_1HNn = b2_1HNn[:, :, :num_queries]
         if fast:
-            if b1_1HnN.dtype == q_BHND.dtype and _backends.sdpa_runs_plain_calls(q_BHND.device.type):
-                # attend() would send both stages straight to SDPA (automatic selection is certain to pick it
-                # and the biases are ready as SDPA masks: same dtype, shapes built here). Decided once per
-                # forward and made as that same call, without attend()'s per-call validation of tensors built
-                # here: 3% of Agent-DeiT-Ti at 224 px batch 1 (docs/bench_agent.md).
+            if (
+                _backends.sdpa_runs_plain_calls(q_BHND.device.type)
+                and _backends.sdpa_bias_ready(b1_1HnN, a_BHnD, k_BHND)
+                and _backends.sdpa_bias_ready(b2_1HNn, q_BHND, a_BHnD)
+            ):
+                # attend() would send both stages straight to SDPA (the same two checks as its biased plain-call
+                # path). Decided once per forward and made as that same call, without attend()'s per-call
+                # validation of tensors built here: 3% of Agent-DeiT-Ti at 224 px batch 1 (docs/bench_agent.md).
                 agent_v_BHnD = _backends.sdpa_biased(a_BHnD, k_BHND, v_BHND, b1_1HnN, self.scale, 0.0)
                 out_BHND = _backends.sdpa_biased(q_BHND, a_BHnD, agent_v_BHnD, b2_1HNn, self.scale, 0.0)
             else:  # a backend context, the environment, a higher-priority backend, autocast dtypes
