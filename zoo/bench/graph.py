@@ -41,7 +41,8 @@ from typing import Optional
 import torch
 
 from zoo.bench.timing import (
-    interleaved_samples, machine_description, medians, paired_ratio, peak_rss_mb_subprocess, set_threads,
+    compile_backend_arg, interleaved_samples, machine_description, medians, paired_ratio, peak_rss_mb_subprocess,
+    set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not run PyG above this many edges")
     p.add_argument("--peer-max-gb", type=float, default=None,
                    help="do not run PyG where its estimated peak exceeds this (default: 85%% of available memory)")
-    p.add_argument("--compile", default=None, metavar="BACKEND",
+    p.add_argument("--compile", default=None, metavar="BACKEND", type=compile_backend_arg,
                    help="torch.compile both layers with this backend (e.g. inductor) before timing and in the memory "
                         "workers")
     return p
@@ -188,13 +189,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ValueError:
             raise SystemExit(f"--sizes items are EDGES:NODES, got {item!r}") from None
     channels = [int(c) for c in args.channels.split(",")]
-    if args.compile is not None:
-        from zoo.train.module import compile_backend
-
-        try:
-            compile_backend(args.compile, option="--compile")
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
     threads = set_threads(args.threads)
     peer_max_gb = args.peer_max_gb if args.peer_max_gb is not None else 0.85 * _available_gb(args.device)
     command = "zoo bench graph " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -1,6 +1,7 @@
 """Shared timing utilities for the benchmarks: interleaved medians, fixed threads, peak memory."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -170,6 +171,17 @@ def interleaved_samples_with_faults(
         counter.reset()
     samples = interleaved_samples(counters, repeats=repeats, warmup=0, device=device, min_time=min_time)
     return samples, {name: counter.per_call() for name, counter in counters.items()}
+
+
+def compile_backend_arg(value: str) -> str:
+    """argparse ``type`` of the benchmarks' ``--compile BACKEND``: a torch.compile backend name, checked as the
+    training option's (zoo.train.module.compile_backend)."""
+    from zoo.train.module import compile_backend
+
+    try:
+        return compile_backend(value, option="--compile")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def format_faults(values) -> str:

@@ -43,8 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.bench.timing import (
-    format_faults, interleaved_samples, interleaved_samples_with_faults, machine_description, medians, paired_ratio,
-    set_threads,
+    compile_backend_arg, format_faults, interleaved_samples, interleaved_samples_with_faults, machine_description,
+    medians, paired_ratio, set_threads,
 )
 
 __all__ = ["BenchCase", "CASES", "OPTIONAL_CASE_MODULES", "all_cases", "main"]
@@ -255,17 +255,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the model table as markdown")
     parser.add_argument("--full-last-block", action="store_true",
                         help="ablation: make zoo ViTs run the full last block (no class-token-only shortcut)")
-    parser.add_argument("--compile", default=None, metavar="BACKEND",
+    parser.add_argument("--compile", default=None, metavar="BACKEND", type=compile_backend_arg,
                         help="torch.compile ours and the peer with this backend (e.g. inductor) before timing")
     parser.add_argument("--list", action="store_true", help="list the available cases and exit")
     args = parser.parse_args(argv)
-    if args.compile is not None:
-        from zoo.train.module import compile_backend
-
-        try:
-            compile_backend(args.compile, option="--compile")
-        except ValueError as error:
-            parser.error(str(error))
     cases = all_cases()
     if args.list:
         for case in cases:

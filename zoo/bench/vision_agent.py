@@ -40,7 +40,8 @@ import torch
 import torch.nn as nn
 
 from zoo.bench.timing import (
-    format_faults, interleaved_samples_with_faults, machine_description, medians, paired_ratio, set_threads,
+    compile_backend_arg, format_faults, interleaved_samples_with_faults, machine_description, medians, paired_ratio,
+    set_threads,
 )
 
 __all__ = ["CASES", "load_reference_module", "build_models", "main"]
@@ -176,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="seconds per timing sample: forwards repeated and averaged (default 0.2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs of each (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--compile", default=None, metavar="BACKEND",
+    parser.add_argument("--compile", default=None, metavar="BACKEND", type=compile_backend_arg,
                         help="torch.compile all three models with this backend (e.g. inductor) before timing")
     parser.add_argument("--freeze", action="store_true",
                         help="with --compile inductor: inductor freezing (parameters folded as constants)")
@@ -184,13 +185,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.freeze and args.compile != "inductor":
         parser.error("--freeze is an inductor option: use it with --compile inductor")
-    if args.compile is not None:
-        from zoo.train.module import compile_backend
-
-        try:
-            compile_backend(args.compile, option="--compile")
-        except ValueError as error:
-            parser.error(str(error))
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
