@@ -21,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.attention.graph import GATConv, GATv2Conv
 from zoo.layers import is_tracing
 from zoo.registry import register_model
 
@@ -32,6 +31,10 @@ CONVS = ("gatv2", "gat")
 
 def make_conv(conv: str, in_channels, out_channels: int, **kwargs) -> nn.Module:
     """A GATv2Conv or GATConv; GATConv ignores GATv2-only arguments (share_weights)."""
+    # imported when a layer is built: zoo.attention.graph imports torch_geometric (its MessagePassing base),
+    # which registering these models (every create_model / list_models call) must not pay for
+    from zoo.attention.graph import GATConv, GATv2Conv
+
     if conv == "gatv2":
         return GATv2Conv(in_channels, out_channels, **kwargs)
     if conv == "gat":
@@ -164,9 +167,10 @@ class DictionaryLookupNet(nn.Module):
         self.key_embed = nn.Embedding(k + 1, dim)
         self.value_embed = nn.Embedding(k + 1, dim)
         if conv == "gatv2":
-            self.conv = GATv2Conv(dim, dim // heads, heads=heads, bias=False, share_weights=True, add_self_loops=False)
+            self.conv = make_conv(conv, dim, dim // heads, heads=heads, bias=False, share_weights=True,
+                                  add_self_loops=False)
         elif conv == "gat":
-            self.conv = GATConv(dim, dim // heads, heads=heads, add_self_loops=True)
+            self.conv = make_conv(conv, dim, dim // heads, heads=heads, add_self_loops=True)
         else:
             raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
         self.head = nn.Linear(dim, k, bias=False)

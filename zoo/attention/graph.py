@@ -23,9 +23,15 @@ Letters: N nodes (Ns source, Nd destination), E edges, H heads, C channels per h
 
 ``in_channels=-1`` (or -1 in a pair) sizes the projections from the first input, or from a loaded state dict,
 as PyG's lazy initialisation does. Not supported (raise a clear error): torch_sparse ``SparseTensor`` input
-(pyg-lib/torch_sparse are not installed; use a torch sparse tensor), static graphs (3-D x). Heterogeneous
-graphs: PyG's ``HeteroConv`` works as with PyG's layers; ``to_hetero`` only knows its own MessagePassing
-subclasses, so it runs these layers per edge type without summing per destination type (docs/graph.md).
+(pyg-lib/torch_sparse are not installed; use a torch sparse tensor), static graphs (3-D x).
+
+Both layers are ``torch_geometric.nn.MessagePassing`` subclasses (sum aggregation, node dimension 0, as
+PyG's), so PyG's tools that look for message-passing layers find them: ``to_hetero`` (one copy per edge
+type, summed per destination type), ``HeteroConv``, and the explainers (``GNNExplainer``/``PGExplainer``
+edge masks through ``explain_message``, ``AttentionExplainer`` through a message forward hook). The fused
+path never calls ``propagate``; while PyG's explain mode is on or a propagate/message/aggregate hook is
+registered, a layer runs PyG's unfused ``propagate`` instead (plain autograd, [E, H, C] messages, the
+masks and hooks applied exactly where PyG applies them), so explanations equal those of PyG's layers.
 """
 from __future__ import annotations
 
@@ -37,12 +43,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch_geometric.nn.conv import MessagePassing
 
 from zoo.attention.segment import (
     CSR,
     build_csr,
     check_edge_index,
     gatv2_attention,
+    segment_softmax,
     segment_softmax_aggregate,
 )
 from zoo.layers import call_outside_graph, is_tracing
@@ -223,8 +231,13 @@ def _check_features(name: str, x, channels: int) -> Tensor:
     return x
 
 
-class _GraphAttentionBase(nn.Module):
+class _GraphAttentionBase(MessagePassing):
     """Input parsing, graph caching, edge features and the return protocol common to both layers."""
+
+    def __init__(self, aggr: str):
+        # as PyG's layers: messages [E, H, C] summed over incoming edges along dimension 0 (GATConv names
+        # the sum "add", GATv2Conv "sum")
+        super().__init__(aggr=aggr, node_dim=0)
 
     def _init_common(self, in_channels, out_channels, heads, concat, negative_slope, dropout,
                      add_self_loops, edge_dim, fill_value, residual):
@@ -323,8 +336,9 @@ class _GraphAttentionBase(nn.Module):
         self._graph_cache = (edge_index, key, graph)
         return graph
 
-    def _edge_features(self, graph: GraphStructure, edge_attr) -> Optional[Tensor]:
-        """edge_attr [E] or [E, D] of the input edges -> [E', D] in CSR order (loops included)."""
+    def _edge_features(self, graph: GraphStructure, edge_attr, csr_order: bool = True) -> Optional[Tensor]:
+        """edge_attr [E] or [E, D] of the input edges -> [E', D] (loops included) in CSR order, or in
+        ``graph.edge_index`` (PyG's) order with ``csr_order=False``."""
         if edge_attr is None:
             return None
         if not isinstance(edge_attr, Tensor) or not edge_attr.is_floating_point():
@@ -355,7 +369,7 @@ class _GraphAttentionBase(nn.Module):
             dst = graph.edge_index[1, : edge_attr.size(0)]
             loops = _loop_attr(edge_attr, dst, graph.csr.num_dst, graph.num_loops, self.fill_value)
             edge_attr = torch.cat([edge_attr, loops], dim=0)
-        return edge_attr[graph.csr.perm]
+        return edge_attr[graph.csr.perm] if csr_order else edge_attr
 
     def _keep_mask(self, graph: GraphStructure, device) -> Optional[Tensor]:
         if not (self.training and self.dropout > 0.0) or graph.csr.num_edges == 0:
@@ -370,10 +384,39 @@ class _GraphAttentionBase(nn.Module):
             out = out + bias
         return out
 
-    def _attention_result(self, graph: GraphStructure, alpha_csr: Tensor):
-        """alpha in CSR order -> PyG's (edge_index, alpha [E', H]) or (sparse adj, alpha)."""
+    # PyG's message passing: the path of explainers and hooks ---------------------------------------
+    def _message_passing_observed(self) -> bool:
+        """True while PyG's explain mode is on or a hook waits inside ``propagate``: the layer must then run
+        ``propagate`` (the fused path has no per-edge messages to mask or show)."""
+        if self.explain:
+            return True
+        hooks = (self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
+                 self._message_forward_pre_hooks, self._message_forward_hooks,
+                 self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks)
+        return any(len(h) for h in hooks)
+
+    def message(self, x_j: Tensor, alpha: Tensor) -> Tensor:
+        """PyG's message: the source features [E, H, C] weighted by their attention [E, H]."""
+        return x_j * alpha.unsqueeze(-1)
+
+    def _propagate_attention(self, graph: GraphStructure, xs_NHC: Tensor, s_EH: Tensor):
+        """Scores [E', H] in ``graph.edge_index`` order -> (out [Nd, H, C], alpha [E', H]) through PyG's
+        ``propagate`` (softmax per destination, attention dropout, message, explain mask, sum)."""
+        num_dst = graph.csr.num_dst
+        alpha = segment_softmax(s_EH, graph.edge_index[1], num_dst)
+        alpha = F.dropout(alpha, p=self.dropout, training=self.training)
+        out_NHC = self.propagate(graph.edge_index, x=(xs_NHC, None), alpha=alpha, size=(xs_NHC.size(0), num_dst))
+        return out_NHC, alpha
+
+    @staticmethod
+    def _input_order(graph: GraphStructure, alpha_csr: Tensor) -> Tensor:
+        """alpha in CSR order -> in ``graph.edge_index`` (PyG's) order."""
         alpha = torch.empty_like(alpha_csr)
         alpha[graph.csr.perm] = alpha_csr
+        return alpha
+
+    def _attention_result(self, graph: GraphStructure, alpha: Tensor):
+        """alpha [E', H] in ``graph.edge_index`` order -> PyG's (edge_index, alpha) or (sparse adj, alpha)."""
         if graph.sparse_layout is None:
             return graph.edge_index, alpha
         # sparse adjacency adj[dst, src, h]: entries sorted by (dst, src) (by (src, dst) for CSC)
@@ -437,7 +480,7 @@ class GATv2Conv(_GraphAttentionBase):
         share_weights: bool = False,
         residual: bool = False,
     ):
-        super().__init__()
+        super().__init__(aggr="sum")
         self._init_common(in_channels, out_channels, heads, concat, negative_slope, dropout,
                           add_self_loops, edge_dim, fill_value, residual)
         self.share_weights = share_weights
@@ -481,17 +524,29 @@ class GATv2Conv(_GraphAttentionBase):
         if self.share_weights and single:
             xd_NHC, dst_projection = xs_NHC, None  # lin_l(x) is lin_r(x): already there
         graph = self._graph(edge_index, xs_NHC.size(0), x_dst.size(0))
-        csr = graph.csr.to(xs_NHC.device)
-        ea = self._edge_features(graph, edge_attr)
-        if ea is not None and self.lin_edge is None:
+        if edge_attr is not None and self.lin_edge is None:
             raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
-        we = self.lin_edge.weight if ea is not None else None
         need = return_attention_weights is not None  # PyG: returned whenever set, True or False
-        out_NHC, alpha = gatv2_attention(
-            xs_NHC, xd_NHC, self.att[0], csr, dst_projection=dst_projection, edge_attr=ea, edge_weight=we,
-            negative_slope=self.negative_slope, keep=self._keep_mask(graph, xs_NHC.device),
-            dropout=self.dropout, need_weights=need,
-        )
+        if self._message_passing_observed():  # PyG's explainers / hooks: its unfused propagate
+            ea = self._edge_features(graph, edge_attr, csr_order=False)
+            if xd_NHC is None:
+                xd_NHC = self.lin_r(x_dst).view(-1, H, C)
+            src, dst = graph.edge_index
+            z_EHC = xs_NHC[src] + xd_NHC[dst]
+            if ea is not None:
+                z_EHC = z_EHC + self.lin_edge(ea).view(-1, H, C)
+            s_EH = (F.leaky_relu(z_EHC, self.negative_slope) * self.att).sum(-1)
+            out_NHC, alpha = self._propagate_attention(graph, xs_NHC, s_EH)
+        else:
+            csr = graph.csr.to(xs_NHC.device)
+            ea = self._edge_features(graph, edge_attr)
+            we = self.lin_edge.weight if ea is not None else None
+            out_NHC, alpha_csr = gatv2_attention(
+                xs_NHC, xd_NHC, self.att[0], csr, dst_projection=dst_projection, edge_attr=ea, edge_weight=we,
+                negative_slope=self.negative_slope, keep=self._keep_mask(graph, xs_NHC.device),
+                dropout=self.dropout, need_weights=need,
+            )
+            alpha = self._input_order(graph, alpha_csr) if need else None
         out = self._finish(out_NHC, res, self.bias)
         if need:
             return out, self._attention_result(graph, alpha)
@@ -527,7 +582,7 @@ class GATConv(_GraphAttentionBase):
         bias: bool = True,
         residual: bool = False,
     ):
-        super().__init__()
+        super().__init__(aggr="add")
         self._init_common(in_channels, out_channels, heads, concat, negative_slope, dropout,
                           add_self_loops, edge_dim, fill_value, residual)
         HC = heads * out_channels
@@ -596,23 +651,30 @@ class GATConv(_GraphAttentionBase):
                     raise ValueError(f"size[1]={size[1]} but x_dst has {num_dst} rows")
                 num_dst = int(size[1])
         graph = self._graph(edge_index, num_src, num_dst)
+        observed = self._message_passing_observed()  # PyG's explainers / hooks: its unfused propagate
         csr = graph.csr.to(xs_NHC.device)
+        # scores per edge, in CSR order for the fused path, in PyG's edge order for propagate
+        src, dst = graph.edge_index if observed else (csr.col, csr.row)
         a_src = (xs_NHC * self.att_src).sum(-1)  # [Ns, H]
-        s_EH = a_src[csr.col]
+        s_EH = a_src[src]
         if xd_NHC is not None:
             a_dst = (xd_NHC * self.att_dst).sum(-1)  # [Nd, H]
-            s_EH = s_EH + a_dst[csr.row]
-        ea = self._edge_features(graph, edge_attr)
+            s_EH = s_EH + a_dst[dst]
+        ea = self._edge_features(graph, edge_attr, csr_order=not observed)
         if ea is not None and self.lin_edge is not None:
             # a_e . (W_e e) without the [E, H, C] projection: fold att_edge into W_e -> [H, D]
             w_HD = (self.lin_edge.weight.view(H, C, -1) * self.att_edge.view(H, C, 1)).sum(1)
             s_EH = s_EH + ea @ w_HD.t()
         s_EH = F.leaky_relu(s_EH, self.negative_slope)
         need = return_attention_weights is not None
-        out_NHC, alpha = segment_softmax_aggregate(
-            s_EH, xs_NHC, csr, keep=self._keep_mask(graph, xs_NHC.device), dropout=self.dropout,
-            need_weights=need,
-        )
+        if observed:
+            out_NHC, alpha = self._propagate_attention(graph, xs_NHC, s_EH)
+        else:
+            out_NHC, alpha_csr = segment_softmax_aggregate(
+                s_EH, xs_NHC, csr, keep=self._keep_mask(graph, xs_NHC.device), dropout=self.dropout,
+                need_weights=need,
+            )
+            alpha = self._input_order(graph, alpha_csr) if need else None
         out = self._finish(out_NHC, res, self.bias)
         if need:
             return out, self._attention_result(graph, alpha)
