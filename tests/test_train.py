@@ -2,6 +2,7 @@
 each timm-like training option, fine-tuning with a new head, and a real 2-process DDP (gloo) run."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -83,7 +84,14 @@ def test_ema_matches_timm_model_ema_v3():
         warm.update(model)
     for (name, a), (_, b) in zip(ours.module.state_dict().items(), theirs.module.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
-    assert not ours.module.training
+    # the copy follows its parent's train flag, yet is always evaluated in eval mode
+    dropout_model = zoo.create_model("vit_debug", drop_rate=0.5)
+    ema = ModelEma(dropout_model, decay=0.9).train()
+    assert ema.module.training
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ema(x), ema(x))
+    assert not ema.module.training
+    torch.testing.assert_close(ema(x), copy.deepcopy(dropout_model).eval()(x))
 
 
 def test_mixup_and_cutmix_semantics():
@@ -135,6 +143,20 @@ def _build(cfg, callbacks=()):
     module, datamodule = run.build(cfg)
     trainer = run._trainer(cfg, callbacks=list(callbacks) + run._instantiate_group(cfg.callbacks), loggers=[])
     return module, datamodule, trainer
+
+
+def test_ema_training_leaves_no_module_in_eval_mode(tmp_path):
+    """Lightning warns at fit start about modules in eval mode; the EMA copy must not trigger it (the
+    validation still reads the EMA weights in eval mode)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run.train(_cfg(tmp_path, "ema", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                "task.ema_decay=0.9"))
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "eval mode" in m], messages
+    assert result["global_step"] == 2
 
 
 def test_resume_is_exact(tmp_path):

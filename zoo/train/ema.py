@@ -5,6 +5,9 @@ follows TensorFlow's ``tf.train.ExponentialMovingAverage(num_updates=t)``:
 ``decay_t = min(decay, (1 + t) / (10 + t))``, so early averages are not dominated by the random
 initialisation; without it ``decay_t = decay`` (equal to timm ``ModelEmaV3(use_warmup=False)``, tested). Buffers (e.g. BatchNorm statistics) are copied, not averaged.
 The copy is a submodule of the LightningModule, so it is saved in and resumed from ``.ckpt`` files.
+Its train/eval flags follow the parent's like any submodule's (so Lightning does not warn about modules left
+in eval mode at the start of training); it is never trained, and it is always *evaluated* in eval mode:
+``ModelEma.__call__`` and the LightningModule's ``eval_model`` switch it to eval first.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ class ModelEma(nn.Module):
         super().__init__()
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
-        self.module = copy.deepcopy(model).eval()
+        self.module = copy.deepcopy(model)
         for param in self.module.parameters():
             param.requires_grad_(False)
         self.decay = float(decay)
@@ -44,10 +47,11 @@ class ModelEma(nn.Module):
             ema_buffers[name].copy_(buffer)
         self.num_updates += 1
 
-    def train(self, mode: bool = True):  # the averaged copy always evaluates in eval mode
-        super().train(mode)
-        self.module.eval()
-        return self
+    def evaluator(self) -> nn.Module:
+        """The averaged model, switched to eval mode (dropout off, BatchNorm on its running statistics)."""
+        if self.module.training:
+            self.module.eval()
+        return self.module
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        return self.evaluator()(*args, **kwargs)

@@ -105,7 +105,7 @@ class ZooModule(pl.LightningModule):
     @property
     def eval_model(self) -> nn.Module:
         """The weights used for validation, test, prediction and export (the EMA copy when enabled)."""
-        return self.model_ema.module if self.model_ema is not None else self.model
+        return self.model_ema.evaluator() if self.model_ema is not None else self.model
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
