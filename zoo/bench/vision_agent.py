@@ -214,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in rows:
             print("| " + " | ".join(r) + " |")
     else:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
         fmt = "  ".join("{:>%d}" % w for w in widths)
         print(fmt.format(*header))
         for r in rows:
