@@ -55,6 +55,20 @@ def _timm_debug(img_size: int, num_classes: int = 10):
     return timm_maxxvit.MaxxVit(cfg, img_size=img_size, num_classes=num_classes)
 
 
+def _timm_debug_pool(global_pool: str, hidden: bool, num_classes: int = 10):
+    """timm's MaxxVit with maxvit_debug's configuration, the given pooling and with (TF) or without (rw) the
+    normalised MLP head."""
+    tf = timm_maxxvit._tf_cfg()
+    cfg = timm_maxxvit.MaxxVitCfg(
+        embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), block_type=("M",) * 4, stem_width=(8, 16),
+        stem_bias=True, head_hidden_size=64 if hidden else None, conv_cfg=tf["conv_cfg"],
+        transformer_cfg=dataclasses.replace(tf["transformer_cfg"], dim_head=8),
+    )
+    peer = timm_maxxvit.MaxxVit(cfg, img_size=64, num_classes=num_classes, global_pool=global_pool)
+    _calibrate_bn(peer, 64)
+    return peer
+
+
 def _peer(name: str, img_size: int):
     peer = _timm_debug(img_size) if name == "maxvit_debug" else timm.create_model(name, pretrained=False, img_size=img_size)
     _calibrate_bn(peer, img_size)
@@ -298,6 +312,53 @@ def test_reset_classifier_head_keys_and_grad_checkpointing():
     model(x).sum().backward()
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("global_pool, hidden", [("max", True), ("avgmax", True), ("", True), ("avgmax", False),
+                                                 ("catavgmax", False)])
+def test_global_pool_options_match_timm(global_pool, hidden):
+    """timm's pooling names on both head types: same state dict (1x1-conv head without pooling), same logits;
+    without pooling the logits are per position, (B, K, H/32, W/32)."""
+    torch.manual_seed(0)
+    peer = _timm_debug_pool(global_pool, hidden).eval()
+    extra = {} if hidden else {"head_hidden_size": None}
+    ours = zoo.create_model("maxvit_debug", global_pool=global_pool, **extra).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = peer(x), ours(x)
+        assert got.shape == ((2, 10, 2, 2) if global_pool == "" else (2, 10))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        pre = ours.forward_head(ours.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(pre, peer.forward_head(peer.forward_features(x), pre_logits=True),
+                                   rtol=1e-4, atol=1e-4)
+    assert pre.shape[1] == ours.head_hidden_size == peer.head_hidden_size
+    if global_pool == "":  # beyond timm: any input size
+        assert ours(torch.randn(1, 3, 70, 50)).shape == (1, 10, 3, 2)
+
+
+def test_reset_classifier_changes_pooling_as_timm():
+    """reset_classifier(K, global_pool=...) keeps the pre-logits weights when switching between pooled and
+    per-position heads (Linear <-> 1x1 conv), as timm's NormMlpClassifierHead.reset; catavgmax with the
+    normalised head is refused, as in timm."""
+    torch.manual_seed(0)
+    peer = _timm_debug_pool("avg", hidden=True).eval()
+    ours = zoo.create_model("maxvit_debug").eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    for pool, shape in (("", (2, 5, 2, 2)), ("max", (2, 5))):
+        peer.reset_classifier(5, global_pool=pool)
+        ours.reset_classifier(5, global_pool=pool)
+        ours.head.fc.load_state_dict(peer.head.fc.state_dict())  # the new classifiers are random
+        assert dict((k, v.shape) for k, v in ours.state_dict().items()) == \
+            dict((k, v.shape) for k, v in peer.state_dict().items())
+        with torch.no_grad():
+            assert ours(x).shape == shape
+            torch.testing.assert_close(ours(x), peer(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="catavgmax"):
+        ours.reset_classifier(5, global_pool="catavgmax")
+    with pytest.raises(ValueError, match="global_pool must be one of"):
+        zoo.create_model("maxvit_debug", global_pool="mean")
 
 
 def test_bad_inputs_raise_clear_errors():

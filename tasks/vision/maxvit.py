@@ -76,7 +76,7 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 PADDINGS = ("", "same")
 REL_POS_TYPES = ("bias_tf", "mlp")
-GLOBAL_POOLS = ("avg", "max")
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")  # timm's SelectAdaptivePool2d names
 STEM_STRIDE = 2
 
 
@@ -451,24 +451,76 @@ class ClassifierHead(nn.Module):
     With ``hidden_size`` this is timm's NormMlpClassifierHead (the TF models: keys head.norm,
     head.pre_logits.fc, head.fc); without, timm's ClassifierHead (head.fc only; the model's final norm
     comes before the pool).
+
+    ``pool`` as timm's SelectAdaptivePool2d: "avg", "max", "avgmax" (their mean), "catavgmax" (both,
+    concatenated: twice the features; not with ``hidden_size``, as in timm) or "" (no pooling: the head runs
+    at every position and returns (B, K, H, W); its linears are then 1x1 convolutions, as in timm, so a
+    timm state dict of that configuration loads as it is).
     """
 
     def __init__(self, in_features: int, num_classes: int, hidden_size: Optional[int], norm_eps: float, pool: str, drop_rate: float):
         super().__init__()
-        self.pool = pool
+        self.in_features, self.hidden_size = in_features, hidden_size
+        self.pool = self._checked_pool(pool)
         self.norm = nn.LayerNorm(in_features, eps=norm_eps) if hidden_size else nn.Identity()
         if hidden_size:
-            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(in_features, hidden_size), act=nn.Tanh()))
+            fc = self._linear(in_features, hidden_size)
+            self.pre_logits = nn.Sequential(OrderedDict(fc=fc, act=nn.Tanh()))
         else:
             self.pre_logits = nn.Identity()
-        self.num_features = hidden_size or in_features
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = self._linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pre-logits features (what ``fc`` reads)."""
+        return self.hidden_size or self.in_features * (2 if self.pool == "catavgmax" else 1)
+
+    def _checked_pool(self, pool: str) -> str:
+        if pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {pool!r}")
+        if pool == "catavgmax" and self.hidden_size:
+            raise ValueError("global_pool='catavgmax' doubles the pooled width, which the normalised MLP head of the "
+                             "TF models (head_hidden_size) does not take (as in timm): use 'avg', 'max' or 'avgmax'")
+        return pool
+
+    def _linear(self, in_features: int, out_features: int) -> nn.Module:
+        return nn.Conv2d(in_features, out_features, 1) if self.pool == "" else nn.Linear(in_features, out_features)
+
+    def set_pool(self, pool: str) -> None:
+        """Change the pooling; the pre-logits linear keeps its weights (reshaped between Linear and 1x1 conv,
+        as timm's ``reset``). The caller rebuilds ``fc``."""
+        pool = self._checked_pool(pool)
+        was_conv, self.pool = self.pool == "", pool
+        if self.hidden_size and was_conv != (pool == ""):
+            old = self.pre_logits.fc
+            new = self._linear(self.in_features, self.hidden_size).to(old.weight.device, old.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(old.weight.reshape(new.weight.shape))
+                new.bias.copy_(old.bias)
+            new.weight.requires_grad_(old.weight.requires_grad)
+            new.bias.requires_grad_(old.bias.requires_grad)
+            self.pre_logits.fc = new.train(old.training)
+
+    def new_fc(self, num_classes: int, like: torch.Tensor) -> nn.Module:
+        """A fresh ``num_classes``-way classifier (``nn.Identity`` for 0) on ``like``'s device and dtype."""
+        if self.pool != "" or num_classes == 0:
+            return new_linear_head(self.num_features, num_classes, like, self.training, init_std=None)
+        return self._linear(self.num_features, num_classes).to(like.device, like.dtype).train(self.training)
 
     def forward(self, x_BCHW: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x_BC = x_BCHW.mean((2, 3)) if self.pool == "avg" else x_BCHW.amax((2, 3))
-        x_BC = self.drop(self.pre_logits(self.norm(x_BC)))
-        return x_BC if pre_logits else self.fc(x_BC)
+        if self.pool == "":  # per position: LayerNorm over channels, 1x1 convs
+            x = self.norm(x_BCHW.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        elif self.pool == "avg":
+            x = self.norm(x_BCHW.mean((2, 3)))
+        elif self.pool == "max":
+            x = self.norm(x_BCHW.amax((2, 3)))
+        elif self.pool == "avgmax":
+            x = self.norm(0.5 * (x_BCHW.mean((2, 3)) + x_BCHW.amax((2, 3))))
+        else:  # catavgmax (no norm: the models with a norm before the pool)
+            x = torch.cat((x_BCHW.mean((2, 3)), x_BCHW.amax((2, 3))), dim=1)
+        x = self.drop(self.pre_logits(x))
+        return x if pre_logits else self.fc(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -605,11 +657,12 @@ class MaxVit(nn.Module):
         save_pretrained then writes the new class count and pooling (zoo.registry.note_model_args)."""
         check_reset_classifier(num_classes, global_pool, GLOBAL_POOLS)
         if global_pool is not None:
-            self.global_pool = self.head.pool = global_pool
+            self.head.set_pool(global_pool)
+            self.global_pool = global_pool
+            self.head_hidden_size = self.head.num_features
             note_model_args(self, global_pool=global_pool)
         self.num_classes = num_classes
-        self.head.fc = new_linear_head(self.head.num_features, num_classes, next(self.parameters()), self.training,
-                                       init_std=None)
+        self.head.fc = self.head.new_fc(num_classes, next(self.parameters()))
         note_model_args(self, num_classes=num_classes)
 
     def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
@@ -678,7 +731,8 @@ class MaxVit(nn.Module):
         return self.norm(self.stages(self.stem(x_BCHW)))
 
     def forward_head(self, x_BCHW: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature map -> logits (B, K), or the pooled pre-logits features with ``pre_logits``."""
+        """Feature map -> logits (B, K), or the pooled pre-logits features with ``pre_logits``; with
+        ``global_pool=""`` per position: (B, K, H, W) (pre-logits (B, C, H, W))."""
         return self.head(x_BCHW, pre_logits=pre_logits)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
