@@ -5,7 +5,8 @@
 
 See core.py (attend and the reference backend), masks.py (mask objects and block maps), bias.py
 (bias objects), backends.py (backend registry and selection), capture.py (attention-map capture).
-Modules built on attend() (MultiHeadAttention, AgentAttention, GATv2Conv, ...) are exported here too.
+Modules built on attend() (MultiHeadAttention, AgentAttention) and the attention that is not QK^T
+(GATv2Conv, GATConv: graph.py; PointTransformerConv, vector attention: vector.py) are exported here too.
 """
 from zoo.attention.masks import (
     EMPTY,
@@ -42,6 +43,7 @@ _LAZY = {
     "AgentAttention": "zoo.attention.agent",
     "GATv2Conv": "zoo.attention.graph",
     "GATConv": "zoo.attention.graph",
+    "PointTransformerConv": "zoo.attention.vector",
     "RelPosBiasTf": "zoo.attention.relpos",
     "RelPosMlp": "zoo.attention.relpos",
     "resize_rel_pos_table": "zoo.attention.relpos",

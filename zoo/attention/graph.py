@@ -55,7 +55,7 @@ from zoo.attention.segment import (
 )
 from zoo.layers import call_outside_graph, is_tracing
 
-__all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure"]
+__all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure", "CachedGraphLayer"]
 
 _FILL_REDUCE = ("add", "sum", "mean", "min", "max", "mul")
 
@@ -231,8 +231,55 @@ def _check_features(name: str, x, channels: int) -> Tensor:
     return x
 
 
-class _GraphAttentionBase(MessagePassing):
-    """Input parsing, graph caching, edge features and the return protocol common to both layers."""
+class CachedGraphLayer(MessagePassing):
+    """A PyG message-passing layer whose graph structure (validated edge_index, PyG's self loops when
+    ``self.add_self_loops``, destination-sorted CSR) is built once per edge_index and cached on the module
+    (keyed on the tensor object and its version counter), and that knows when PyG's explainers or hooks need
+    its ``propagate`` instead of a fused path. Subclasses set ``add_self_loops``."""
+
+    def __init__(self, aggr: str, node_dim: int):
+        super().__init__(aggr=aggr, node_dim=node_dim)
+        self._graph_cache = None
+
+    def _message_passing_observed(self) -> bool:
+        """True while PyG's explain mode is on or a hook waits inside ``propagate``: the layer must then run
+        ``propagate`` (the fused path has no per-edge messages to mask or show)."""
+        if self.explain:
+            return True
+        hooks = (self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
+                 self._message_forward_pre_hooks, self._message_forward_hooks,
+                 self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks)
+        return any(len(h) for h in hooks)
+
+    def _graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
+        # Validating edge_index, dropping and adding self loops and sorting into a CSR are data-dependent (the
+        # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly
+        # (a graph break, as PyG's remove_self_loops causes), as does the fused attention
+        # (zoo/attention/segment.py); the projections and what surrounds the layer compile.
+        return call_outside_graph(self._build_graph, edge_index, num_src, num_dst)
+
+    def _build_graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
+        if not isinstance(edge_index, Tensor):
+            if type(edge_index).__name__ == "SparseTensor":
+                raise TypeError(
+                    "torch_sparse.SparseTensor is not supported; pass a torch sparse tensor (adj.t())"
+                )
+            raise TypeError(f"edge_index must be a torch.Tensor, got {type(edge_index).__name__}")
+        if edge_index.is_inference():  # no version counter: cannot tell in-place edits apart, do not cache
+            return graph_structure(edge_index, num_src, num_dst, self.add_self_loops)
+        version = edge_index._version if edge_index.layout == torch.strided else None
+        key = (num_src, num_dst, bool(self.add_self_loops), version)
+        cache = self._graph_cache
+        if cache is not None and cache[0] is edge_index and cache[1] == key:
+            return cache[2]
+        graph = graph_structure(edge_index, num_src, num_dst, self.add_self_loops)
+        self._graph_cache = (edge_index, key, graph)
+        return graph
+
+
+
+class _GraphAttentionBase(CachedGraphLayer):
+    """Input parsing, edge features and the return protocol common to both attention layers."""
 
     def __init__(self, aggr: str):
         # as PyG's layers: messages [E, H, C] summed over incoming edges along dimension 0 (GATConv names
@@ -266,7 +313,6 @@ class _GraphAttentionBase(MessagePassing):
         self.edge_dim = edge_dim
         self.fill_value = fill_value
         self.residual = residual
-        self._graph_cache = None
 
     @property
     def _given_sizes(self) -> tuple[int, int]:
@@ -310,31 +356,6 @@ class _GraphAttentionBase(MessagePassing):
             x_dst = _check_features("x[1] (target features)", x[1], self._in_dst)
             return x_src, x_dst, False
         raise TypeError(f"x must be a tensor or a (source, target) pair of tensors, got {type(x).__name__}")
-
-    def _graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
-        # Validating edge_index, dropping and adding self loops and sorting into a CSR are data-dependent (the
-        # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly
-        # (a graph break, as PyG's remove_self_loops causes), as does the fused attention
-        # (zoo/attention/segment.py); the projections and what surrounds the layer compile.
-        return call_outside_graph(self._build_graph, edge_index, num_src, num_dst)
-
-    def _build_graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
-        if not isinstance(edge_index, Tensor):
-            if type(edge_index).__name__ == "SparseTensor":
-                raise TypeError(
-                    "torch_sparse.SparseTensor is not supported; pass a torch sparse tensor (adj.t())"
-                )
-            raise TypeError(f"edge_index must be a torch.Tensor, got {type(edge_index).__name__}")
-        if edge_index.is_inference():  # no version counter: cannot tell in-place edits apart, do not cache
-            return graph_structure(edge_index, num_src, num_dst, self.add_self_loops)
-        version = edge_index._version if edge_index.layout == torch.strided else None
-        key = (num_src, num_dst, bool(self.add_self_loops), version)
-        cache = self._graph_cache
-        if cache is not None and cache[0] is edge_index and cache[1] == key:
-            return cache[2]
-        graph = graph_structure(edge_index, num_src, num_dst, self.add_self_loops)
-        self._graph_cache = (edge_index, key, graph)
-        return graph
 
     def _edge_features(self, graph: GraphStructure, edge_attr, csr_order: bool = True) -> Optional[Tensor]:
         """edge_attr [E] or [E, D] of the input edges -> [E', D] (loops included) in CSR order, or in
@@ -384,17 +405,7 @@ class _GraphAttentionBase(MessagePassing):
             out = out + bias
         return out
 
-    # PyG's message passing: the path of explainers and hooks ---------------------------------------
-    def _message_passing_observed(self) -> bool:
-        """True while PyG's explain mode is on or a hook waits inside ``propagate``: the layer must then run
-        ``propagate`` (the fused path has no per-edge messages to mask or show)."""
-        if self.explain:
-            return True
-        hooks = (self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
-                 self._message_forward_pre_hooks, self._message_forward_hooks,
-                 self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks)
-        return any(len(h) for h in hooks)
-
+    # PyG's message passing: the path of explainers and hooks (CachedGraphLayer._message_passing_observed)
     def message(self, x_j: Tensor, alpha: Tensor) -> Tensor:
         """PyG's message: the source features [E, H, C] weighted by their attention [E, H]."""
         return x_j * alpha.unsqueeze(-1)

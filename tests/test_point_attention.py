@@ -1,0 +1,330 @@
+"""Point neighbourhoods (zoo.geometry: knn, knn_graph, fps) against scikit-learn and a float64 reference, and
+the Point Transformer layer (zoo.attention.PointTransformerConv) against PyG's PointTransformerConv (strict
+state-dict loading, outputs and gradients within 1e-5), its memory-light blockwise path, and clear errors."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pyg_nn = pytest.importorskip("torch_geometric.nn")
+from sklearn.neighbors import NearestNeighbors  # noqa: E402
+
+import zoo.attention.vector as vector  # noqa: E402
+from zoo.attention import PointTransformerConv  # noqa: E402
+from zoo.geometry import fps, knn, knn_graph  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _points(n, d=3, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _batch(*sizes):
+    return torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_matches_sklearn_per_example(metric):
+    x, y = _points(300, seed=1), _points(70, seed=2)
+    bx, by = _batch(120, 5, 175), _batch(30, 10, 30)
+    k = 7
+    ei = knn(x, y, k, bx, by, cosine=metric == "cosine", chunk=16)
+    off_x, off_y = [0, 120, 125], [0, 30, 40]
+    for b, (nx, ny) in enumerate([(120, 30), (5, 10), (175, 30)]):
+        xs, ys = x[off_x[b]:off_x[b] + nx].double().numpy(), y[off_y[b]:off_y[b] + ny].double().numpy()
+        kk = min(k, nx)
+        _, idx = NearestNeighbors(n_neighbors=kk, metric=metric, algorithm="brute").fit(xs).kneighbors(ys)
+        for q in range(ny):
+            got = ei[1][ei[0] == q + off_y[b]] - off_x[b]
+            assert got.tolist() == idx[q].tolist(), (b, q)  # the same neighbours, nearest first
+    assert ei.shape[1] == 30 * 7 + 10 * 5 + 30 * 7  # the 5-point example gives 5 neighbours per query
+
+
+def test_knn_ties_go_to_the_lower_index_and_float32_rounding_does_not_decide():
+    # a grid: many exactly equal distances
+    g = torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij"), -1).view(-1, 2)
+    ei = knn(g, g[14:15], 9)
+    d = (g - g[14]).square().sum(1)
+    expected = sorted(range(len(g)), key=lambda i: (float(d[i]), i))[:9]
+    assert ei[1].tolist() == expected
+    # large offsets: float32 |y|^2 + |x|^2 - 2 y.x cancels; the ranking still follows exact distances
+    base = torch.tensor([[1000.0, 1000.0, 1000.0]])
+    pts = base + torch.tensor([[0.0, 0.0, 0.0], [0.001, 0.0, 0.0], [0.0, 0.0015, 0.0], [0.0, 0.0, 0.0005]])
+    assert knn(pts, pts[:1], 4)[1].tolist() == [0, 3, 1, 2]
+
+
+def test_knn_graph_flow_loops_and_batches():
+    pos, batch = _points(60, seed=3), _batch(25, 35)
+    ei = knn_graph(pos, 4, batch)
+    assert ei.shape == (2, 60 * 4) and not bool((ei[0] == ei[1]).any())
+    assert bool((batch[ei[0]] == batch[ei[1]]).all())
+    # flow source_to_target: row 1 is the centre, each centre has its 4 nearest others as sources
+    d = torch.cdist(pos.double(), pos.double())
+    for i in (0, 30):
+        same = (batch == batch[i]).nonzero().view(-1)
+        others = [int(j) for j in same[torch.argsort(d[i, same], stable=True)] if int(j) != i][:4]
+        assert ei[0][ei[1] == i].tolist() == others
+    flipped = knn_graph(pos, 4, batch, flow="target_to_source")
+    assert torch.equal(flipped, ei.flip(0))
+    with_loops = knn_graph(pos, 4, batch, loop=True)
+    assert with_loops.shape == (2, 240) and int((with_loops[0] == with_loops[1]).sum()) == 60
+    # duplicated points: each point still keeps k neighbours other than itself
+    dup = torch.cat([pos[:10], pos[:10]])
+    e = knn_graph(dup, 3)
+    assert torch.bincount(e[1], minlength=20).tolist() == [3] * 20 and not bool((e[0] == e[1]).any())
+
+
+def _fps_reference(points: np.ndarray, count: int, start: int = 0) -> list[int]:
+    """The textbook loop in float64: pick the point farthest from the picked set, ties to the lowest index."""
+    picked, dist = [start], np.full(len(points), np.inf)
+    for _ in range(count - 1):
+        dist = np.minimum(dist, ((points - points[picked[-1]]) ** 2).sum(1))
+        picked.append(int(np.argmax(dist)))
+    return picked
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 1.0])
+def test_fps_matches_the_reference_per_example(ratio):
+    pos, batch = _points(90, seed=4), _batch(40, 7, 43)
+    got = fps(pos, batch, ratio=ratio, random_start=False)
+    expected, offset = [], 0
+    for n in (40, 7, 43):
+        expected += [offset + i for i in _fps_reference(pos[offset:offset + n].double().numpy(), math.ceil(ratio * n))]
+        offset += n
+    assert got.tolist() == expected
+    torch.manual_seed(0)
+    random = fps(pos, batch, ratio=ratio)
+    assert random.numel() == len(expected) and len(set(random.tolist())) == len(expected)
+    assert bool((batch[random][:-1] <= batch[random][1:]).all())
+
+
+def test_geometry_bad_inputs_raise_clear_errors():
+    pos = _points(10)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        knn_graph(pos, 0)
+    with pytest.raises(TypeError, match="floating-point"):
+        knn_graph(pos.long(), 3)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        knn_graph(torch.cat([pos, torch.full((1, 3), float("nan"))]), 3)
+    with pytest.raises(ValueError, match="sorted order"):
+        knn_graph(pos, 3, torch.tensor([1, 0] * 5))
+    with pytest.raises(ValueError, match=r"shape \[10\]"):
+        knn_graph(pos, 3, torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ValueError, match="same number of coordinates"):
+        knn(pos, _points(4, d=2), 2)
+    with pytest.raises(ValueError, match="flow"):
+        knn_graph(pos, 3, flow="both")
+    with pytest.raises(ValueError, match="ratio"):
+        fps(pos, ratio=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ the layer
+def _pair(*args, nets=None, **kwargs):
+    torch.manual_seed(0)
+    nets = nets or {}
+    peer = pyg_nn.PointTransformerConv(*args, **{k: copy.deepcopy(v) for k, v in nets.items()}, **kwargs)
+    ours = PointTransformerConv(*args, **{k: copy.deepcopy(v) for k, v in nets.items()}, **kwargs)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    return ours, peer
+
+
+def _run(module, x, pos, edge_index):
+    xs = [t.detach().clone().requires_grad_(True) for t in (x if isinstance(x, tuple) else (x,))]
+    ps = [t.detach().clone().requires_grad_(True) for t in (pos if isinstance(pos, tuple) else (pos,))]
+    out = module(tuple(xs) if len(xs) == 2 else xs[0], tuple(ps) if len(ps) == 2 else ps[0], edge_index)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    grads = [t.grad for t in xs + ps] + [p.grad.clone() for _, p in sorted(module.named_parameters())]
+    module.zero_grad()
+    return out, grads
+
+
+def _assert_same(ours, peer, x, pos, edge_index):
+    out1, g1 = _run(ours, x, pos, edge_index)
+    out2, g2 = _run(peer, x, pos, edge_index)
+    torch.testing.assert_close(out1, out2, **TOL)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def _mlp(c):
+    return nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, c))
+
+
+@pytest.mark.parametrize("block_elements", [1 << 21, 40])  # one block / a block per neighbourhood or two
+@pytest.mark.parametrize("case", ["default", "attn_nn", "pos_mlp", "no_loops"])
+def test_point_transformer_matches_pyg(monkeypatch, case, block_elements):
+    monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", block_elements)
+    pos = _points(40, seed=5)
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(6))
+    edge_index = knn_graph(pos[:36], 5)  # points 36..39 have no neighbours (self loops only / nothing)
+    edge_index[:, :2] = torch.tensor([[3, 7], [3, 7]])  # input self loops: removed, then added, as PyG
+    nets = {"attn_nn": _mlp(8)} if case == "attn_nn" else {}
+    if case == "pos_mlp":
+        nets = {"pos_nn": nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 8)), "attn_nn": _mlp(8)}
+    ours, peer = _pair(6, 8, nets=nets, add_self_loops=case != "no_loops")
+    _assert_same(ours, peer, x, pos, edge_index)
+
+
+@pytest.mark.parametrize("loops", [False, True])
+def test_point_transformer_bipartite_and_lazy_match_pyg(loops):
+    pos_src, pos_dst = _points(30, seed=7), _points(12, seed=8)
+    x_src = torch.randn(30, 5, generator=torch.Generator().manual_seed(9))
+    x_dst = torch.randn(12, 3, generator=torch.Generator().manual_seed(10))
+    edge_index = knn(pos_src, pos_dst, 4).flip(0)  # source = neighbour in pos_src, destination = query
+    ours, peer = _pair((5, 3), 8, add_self_loops=loops)
+    _assert_same(ours, peer, (x_src, x_dst), (pos_src, pos_dst), edge_index)
+    torch.manual_seed(0)
+    lazy_peer = pyg_nn.PointTransformerConv(-1, 8)
+    lazy_ours = PointTransformerConv(-1, 8)
+    pos, x = _points(20, seed=11), torch.randn(20, 4)
+    ei = knn_graph(pos, 3)
+    lazy_peer(x, pos, ei)
+    lazy_ours(x, pos, ei)
+    lazy_ours.load_state_dict(lazy_peer.state_dict(), strict=True)
+    _assert_same(lazy_ours, lazy_peer, x, pos, ei)
+
+
+def test_batchnorm_in_pos_nn_sees_every_edge_as_in_pyg(monkeypatch):
+    monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 40)
+    nets = {"pos_nn": nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8))}
+    ours, peer = _pair(6, 8, nets=nets)
+    pos, x = _points(30, seed=12), torch.randn(30, 6)
+    _assert_same(ours.train(), peer.train(), x, pos, knn_graph(pos, 4))
+    torch.testing.assert_close(ours.pos_nn[1].running_mean, peer.pos_nn[1].running_mean, **TOL)
+
+
+def test_blockwise_path_keeps_far_less_for_backward(monkeypatch):
+    """What autograd keeps for backward (saved-tensor hooks): PyG keeps several [E, C] tensors per layer;
+    the blockwise path keeps the [N, C] inputs and one block's recomputation at a time."""
+    monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 4096)
+    pos = _points(1500, seed=13)
+    x = torch.randn(1500, 16)
+    edge_index = knn_graph(pos, 16)
+    ours, peer = _pair(16, 32, nets={"attn_nn": _mlp(32)})
+
+    def saved_bytes(module):
+        storages = {}  # distinct storages (the blocks all save views of the same [N, C] inputs)
+
+        def pack(t):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(x.requires_grad_(True), pos, edge_index)
+        return sum(storages.values()), out
+
+    ours_bytes, out1 = saved_bytes(ours)
+    peer_bytes, out2 = saved_bytes(peer)
+    torch.testing.assert_close(out1, out2, **TOL)
+    print("saved for backward: ours", ours_bytes, "PyG", peer_bytes)
+    assert ours_bytes * 8 < peer_bytes, (ours_bytes, peer_bytes)
+
+
+def test_point_transformer_explain_and_hooks_match_pyg():
+    from torch_geometric.explain.algorithm.utils import clear_masks, set_masks
+
+    ours, peer = _pair(6, 8, nets={"attn_nn": _mlp(8)})
+    pos, x = _points(25, seed=14), torch.randn(25, 6)
+    ei = knn_graph(pos, 4)
+    outs = []
+    for module in (ours, peer):
+        mask = nn.Parameter(torch.randn(ei.size(1), generator=torch.Generator().manual_seed(3)))
+        set_masks(module, mask, ei)
+        out = module(x, pos, ei)
+        out.square().sum().backward()
+        outs.append((out, mask.grad))
+        clear_masks(module)
+    torch.testing.assert_close(outs[0][0], outs[1][0], **TOL)
+    torch.testing.assert_close(outs[0][1], outs[1][1], **TOL)
+    seen = {}
+    for name, module in (("ours", ours), ("peer", peer)):
+        def hook(mod, inputs, out, name=name):
+            seen[name] = out
+
+        handle = module.register_message_forward_hook(hook)
+        module(x, pos, ei)
+        handle.remove()
+    torch.testing.assert_close(seen["ours"], seen["peer"], **TOL)
+
+
+def test_point_transformer_repr_empty_graph_and_bad_inputs():
+    conv = PointTransformerConv(6, 8)
+    assert repr(conv) == repr(pyg_nn.PointTransformerConv(6, 8)) == "PointTransformerConv(6, 8)"
+    assert list(conv.state_dict()) == list(pyg_nn.PointTransformerConv(6, 8).state_dict())
+    pos, x = _points(5), torch.randn(5, 6, requires_grad=True)
+    out = PointTransformerConv(6, 8, add_self_loops=False)(x, pos, torch.empty(2, 0, dtype=torch.long))
+    assert out.shape == (5, 8) and not bool(out.any())
+    out.sum().backward()  # attached to the graph, as PyG's scatter over no edge
+    ei = knn_graph(pos, 2)
+    with pytest.raises(ValueError, match=r"pos \(source\) has 4 rows but the features have 5"):
+        conv(x, pos[:4], ei)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        conv(x, torch.full((5, 3), float("nan")), ei)
+    with pytest.raises(ValueError, match="6"):
+        conv(torch.randn(5, 7), pos, ei)
+    with pytest.raises(ValueError, match="out of range"):
+        conv(x, pos, torch.tensor([[0, 9], [1, 2]]))
+    with pytest.raises(TypeError, match="unsupported MessagePassing arguments"):
+        PointTransformerConv(6, 8, aggr="mean")
+
+
+def test_bench_points_smoke(capsys):
+    """`zoo bench points` at a tiny size: both layers agree before timing and the row has positive times."""
+    from zoo.bench import points
+
+    assert points.main(["--sizes", "300", "--channels", "8", "--k", "4", "--repeats", "1", "--warmup", "0",
+                        "--no-memory"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300 |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert int(cells[1]) == 300 * 4 and float(cells[4]) > 0 and float(cells[5]) > 0
+    assert float(cells[10]) < 1e-5 and float(cells[11]) < 1e-4  # outputs and gradients agree
+    with pytest.raises(SystemExit):
+        points.main(["--sizes", "3", "--k", "4"])
+    assert "sizes > k" in capsys.readouterr().err
+
+
+def test_point_transformer_compiles_and_matches_pyg(monkeypatch):
+    """torch.compile (aot_eager: Dynamo + AOTAutograd, no codegen): PyG's outputs and gradients; the compiled
+    layer runs as one block (a loop over blocks would be unrolled into the graph)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 40)
+    ours, peer = _pair(6, 8, nets={"attn_nn": _mlp(8)})
+    pos, x = _points(30, seed=15), torch.randn(30, 6)
+    ei = knn_graph(pos, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="aot_eager")
+    out1, g1 = _run(compiled, x, pos, ei)
+    out2, g2 = _run(peer, x, pos, ei)
+    torch.testing.assert_close(out1, out2, **TOL)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_blocks_hand_freed_heap_back_above_the_budget(monkeypatch):
+    """Between blocks, glibc's freed heap is trimmed once it exceeds the budget (not after every block)."""
+    calls = []
+
+    class Info:
+        fordblks = 0
+
+    monkeypatch.setattr(vector, "_GLIBC", (lambda pad: calls.append(pad), lambda: Info))
+    monkeypatch.setattr(vector, "_FREE_HEAP_BUDGET", 100)
+    vector._release_free_heap()
+    assert calls == []
+    Info.fordblks = 101
+    vector._release_free_heap()
+    assert calls == [0]
+    monkeypatch.setattr(vector, "_GLIBC", None)  # another C library: nothing to do
+    vector._release_free_heap()

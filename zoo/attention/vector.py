@@ -1,0 +1,254 @@
+"""Vector attention over point neighbourhoods: the Point Transformer layer with PyTorch Geometric's API.
+
+Zhao, Jiang, Jia, Torr, Koltun, "Point Transformer" (ICCV 2021, arXiv:2012.09164). Unlike dot-product
+attention, the weights are vectors: one softmax per channel over each point's neighbours,
+
+    delta_ij = pos_nn(p_i - p_j)
+    alpha_ij = softmax_j( attn_nn(W_dst x_i - W_src x_j + delta_ij) )        [C] per edge, softmax per channel
+    out_i    = sum_j alpha_ij * (W x_j + delta_ij)
+
+:class:`PointTransformerConv` follows torch_geometric 2.8.1 (torch_geometric/nn/conv/point_transformer_conv.py)
+argument for argument: constructor (in_channels int / pair / -1, out_channels, pos_nn, attn_nn, add_self_loops),
+state-dict keys (lin, lin_src, lin_dst, pos_nn, attn_nn), self loops (existing ones removed, one per node
+i < min(N_src, N_dst) appended), forward(x | (x_src, x_dst), pos | (pos_src, pos_dst), edge_index), the repr;
+a PyG state dict loads strict and gives the same outputs and gradients. The neighbourhoods usually come from
+:func:`zoo.geometry.knn_graph`.
+
+What differs is memory. PyG evaluates pos_nn, attn_nn, the softmax and the messages for all E edges at once and
+keeps every [E, C] intermediate for backward (several per layer, more with MLPs). Here the edges are sorted by
+destination once (the cached CSR of zoo.attention.graph) and processed in blocks of whole neighbourhoods, so the
+per-channel softmax is complete inside a block; with autograd each block is checkpointed (its intermediates are
+recomputed in backward), so the layer keeps O(N C) activations plus one block's, not O(E C). The price is the
+block's forward run again in backward. pos_nn / attn_nn with batch statistics (BatchNorm in training mode) see the
+whole edge set in one block, as in PyG, so their statistics are PyG's; so does a layer under torch.compile /
+export (one graph, PyG's memory; the graph structure is built outside it as for the GAT layers). While PyG's
+explain mode is on or a message-passing hook is registered, the layer runs PyG's ``propagate`` instead
+(zoo.attention.graph explains).
+
+Letters: N nodes/points (Ns source, Nd destination), E edges, C channels, P position coordinates.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from zoo.attention.graph import CachedGraphLayer, GraphStructure, _check_channels, _check_features
+from zoo.attention.segment import segment_softmax
+from zoo.layers import is_tracing
+
+__all__ = ["PointTransformerConv"]
+
+# edges per block of the memory-light path: about 2**21 [E, C] elements per intermediate
+_BLOCK_ELEMENTS = 1 << 21
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """torch_geometric.nn.Linear's keys and default initialisation (torch's); lazy for -1."""
+    return nn.LazyLinear(out_features, bias=bias) if in_features == -1 else nn.Linear(in_features, out_features, bias)
+
+
+def _has_batch_statistics(module: Optional[Callable]) -> bool:
+    """True when ``module`` holds a BatchNorm in training mode (its statistics must see every edge at once)."""
+    return isinstance(module, nn.Module) and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()
+    )
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc():
+    """glibc's (malloc_trim, mallinfo2), or None where the C library is not glibc >= 2.33."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim, info = libc.malloc_trim, libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info.restype = _Mallinfo2
+    return trim, info
+
+
+_GLIBC = _glibc()
+# free heap bytes tolerated before they are handed back: a few blocks' temporaries, reused without new page
+# faults (trimming after every block makes every block fault its pages in again)
+_FREE_HEAP_BUDGET = 256 << 20
+
+
+def _release_free_heap() -> None:
+    """Give freed heap memory back to the OS once more than ``_FREE_HEAP_BUDGET`` is held (glibc
+    ``malloc_trim``; nothing on other C libraries). Without it, glibc keeps each block's freed [c, C]
+    temporaries as holes between the small allocations that outlive the block (autograd nodes, checkpoint
+    holders, the block's output), and the process grows by about a block per block: at 10k points, C = 64,
+    the blockwise layer then peaked 400 MB above PyG's instead of below it."""
+    if _GLIBC is not None and _GLIBC[1]().fordblks > _FREE_HEAP_BUDGET:
+        _GLIBC[0](0)
+
+
+def _reset(module) -> None:
+    """PyG's ``reset``: every submodule's reset_parameters (pos_nn / attn_nn may be any nn.Module)."""
+    if module is None:
+        return
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+        return
+    for child in module.children() if isinstance(module, nn.Module) else ():
+        _reset(child)
+
+
+class PointTransformerConv(CachedGraphLayer):
+    """Point Transformer layer, PyG-compatible (torch_geometric.nn.PointTransformerConv), memory-light.
+
+    Args (as PyG): in_channels (int, a (source, target) pair, or -1 for lazy sizing), out_channels,
+    pos_nn (maps relative positions [E, P] to [E, out_channels]; default Linear(3, out_channels)), attn_nn
+    (maps [E, out_channels] to [E, out_channels]; default none), add_self_loops=True.
+
+    forward(x [N, F] | (x_src [Ns, Fs], x_dst [Nd, Fd]), pos [N, P] | (pos_src, pos_dst), edge_index [2, E]
+    (row 0 source = neighbour j, row 1 destination = centre i) or a torch sparse adj_t [Nd, Ns]) -> [Nd, C].
+    """
+
+    def __init__(
+        self,
+        in_channels: Union[int, tuple],
+        out_channels: int,
+        pos_nn: Optional[Callable] = None,
+        attn_nn: Optional[Callable] = None,
+        add_self_loops: bool = True,
+        **kwargs,
+    ):
+        unsupported = sorted(k for k, v in kwargs.items() if not (k == "aggr" and v in ("add", "sum")))
+        if unsupported:
+            raise TypeError(f"PointTransformerConv: unsupported MessagePassing arguments {unsupported} (the "
+                            "aggregation is the attention-weighted sum)")
+        super().__init__(aggr="add", node_dim=-2)
+        if isinstance(in_channels, (tuple, list)):
+            if len(in_channels) != 2:
+                raise ValueError(f"in_channels must be an int or a (source, target) pair, got {in_channels!r}")
+            for i, c in enumerate(in_channels):
+                _check_channels(f"in_channels[{i}]", c, lazy_ok=True)
+            in_channels = tuple(in_channels)
+        else:
+            _check_channels("in_channels", in_channels, lazy_ok=True)
+        _check_channels("out_channels", out_channels)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.add_self_loops = add_self_loops
+        src_size, dst_size = in_channels if isinstance(in_channels, tuple) else (in_channels, in_channels)
+        self.pos_nn = pos_nn if pos_nn is not None else nn.Linear(3, out_channels)
+        self.attn_nn = attn_nn
+        self.lin = _linear(src_size, out_channels, bias=False)
+        self.lin_src = _linear(src_size, out_channels, bias=False)
+        self.lin_dst = _linear(dst_size, out_channels, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        _reset(self.pos_nn)
+        _reset(self.attn_nn)
+        for lin in (self.lin, self.lin_src, self.lin_dst):
+            if not isinstance(lin, nn.LazyLinear) or not lin.has_uninitialized_params():
+                lin.reset_parameters()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.in_channels}, {self.out_channels})"
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def _expected(self, lin: nn.Module) -> int:
+        lazy = isinstance(lin, nn.LazyLinear) and lin.has_uninitialized_params()
+        return -1 if lazy else lin.weight.shape[1]
+
+    def _inputs(self, x, pos):
+        if isinstance(x, Tensor):
+            x_src = _check_features("x", x, self._expected(self.lin))
+            x_dst = x_src
+        elif isinstance(x, (tuple, list)) and len(x) == 2:
+            x_src = _check_features("x[0] (source features)", x[0], self._expected(self.lin))
+            x_dst = _check_features("x[1] (target features)", x[1], self._expected(self.lin_dst))
+        else:
+            raise TypeError(f"x must be a tensor or a (source, target) pair of tensors, got {type(x).__name__}")
+        if isinstance(pos, Tensor):
+            pos_src = pos_dst = pos
+        elif isinstance(pos, (tuple, list)) and len(pos) == 2:
+            pos_src, pos_dst = pos
+        else:
+            raise TypeError(f"pos must be a tensor or a (source, target) pair of tensors, got {type(pos).__name__}")
+        for name, p, feats in (("pos (source)", pos_src, x_src), ("pos (target)", pos_dst, x_dst)):
+            if not isinstance(p, Tensor) or not p.is_floating_point() or p.dim() != 2:
+                what = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise ValueError(f"{name} must be a floating-point [N, P] tensor, got {what}")
+            if p.size(0) != feats.size(0):
+                raise ValueError(f"{name} has {p.size(0)} rows but the features have {feats.size(0)}")
+            if p.numel() and not is_tracing() and not bool(torch.isfinite(p.detach()).all()):
+                raise ValueError(f"{name} contains NaN or Inf values")
+        return x_src, x_dst, pos_src, pos_dst
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, x, pos, edge_index) -> Tensor:
+        x_src, x_dst, pos_src, pos_dst = self._inputs(x, pos)
+        v_NC = self.lin(x_src)
+        a_src_NC = self.lin_src(x_src)
+        a_dst_NC = self.lin_dst(x_dst)
+        graph = self._graph(edge_index, x_src.size(0), x_dst.size(0))
+        if self._message_passing_observed():
+            # PyG's propagate: the explain mask and the hooks see PyG's messages
+            return self.propagate(graph.edge_index, x=(v_NC, None), pos=(pos_src, pos_dst),
+                                  alpha=(a_src_NC, a_dst_NC), size=(x_src.size(0), x_dst.size(0)))
+        return self._blockwise(graph, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
+
+    def _edge_messages(self, src: Tensor, dst: Tensor, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst):
+        """Per edge: (scores [c, C] before the softmax, values [c, C]) -- PyG's message up to the softmax."""
+        delta = self.pos_nn(pos_dst[dst] - pos_src[src])
+        scores = a_dst_NC[dst] - a_src_NC[src] + delta
+        if self.attn_nn is not None:
+            scores = self.attn_nn(scores)
+        return scores, v_NC[src] + delta
+
+    def message(self, x_j: Tensor, pos_i: Tensor, pos_j: Tensor, alpha_i: Tensor, alpha_j: Tensor,
+                index: Tensor, size_i: Optional[int]) -> Tensor:
+        """PyG's message (the explain / hook path): alpha * (W x_j + delta), softmax per channel."""
+        delta = self.pos_nn(pos_i - pos_j)
+        scores = alpha_i - alpha_j + delta
+        if self.attn_nn is not None:
+            scores = self.attn_nn(scores)
+        return segment_softmax(scores, index, int(size_i)) * (x_j + delta)
+
+    def _blockwise(self, graph: GraphStructure, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst) -> Tensor:
+        csr = graph.csr.to(v_NC.device)
+        num_dst, channels = csr.num_dst, v_NC.size(1)
+        if csr.num_edges == 0:  # no edge: PyG's sum over nothing (zeros, still attached to the autograd graph)
+            return v_NC[:0].sum(0).expand(num_dst, channels).clone()
+        # one block: under batch statistics (they must see every edge, as in PyG) and under torch.compile /
+        # export (a Python loop over blocks would be unrolled into the graph)
+        whole = is_tracing() or _has_batch_statistics(self.pos_nn) or _has_batch_statistics(self.attn_nn)
+        blocks = [(0, num_dst, 0, csr.num_edges)] if whole else csr.blocks(max(1, _BLOCK_ELEMENTS // channels))
+        recompute = torch.is_grad_enabled() and len(blocks) > 1
+        tensors = (v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
+        outs, covered = [], 0
+        for n0, n1, e0, e1 in blocks:
+            if n0 > covered:  # destinations without edges: zeros
+                outs.append(v_NC.new_zeros(n0 - covered, channels))
+            if recompute:
+                out = checkpoint(self._block, csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, *tensors,
+                                 use_reentrant=False)
+            else:
+                out = self._block(csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, *tensors)
+            outs.append(out)
+            covered = n1
+        if covered < num_dst:
+            outs.append(v_NC.new_zeros(num_dst - covered, channels))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _block(self, src: Tensor, dst_local: Tensor, n0: int, n1: int, v_NC, a_src_NC, a_dst_NC, pos_src,
+               pos_dst) -> Tensor:
+        """One block of whole neighbourhoods (destinations n0..n1-1): softmax per destination and channel,
+        weighted sum -> [n1 - n0, C]."""
+        _release_free_heap()
+        out = v_NC.new_zeros(n1 - n0, v_NC.size(1))
+        scores, values = self._edge_messages(src, dst_local + n0, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
+        return out.index_add_(0, dst_local, segment_softmax(scores, dst_local, n1 - n0) * values)
