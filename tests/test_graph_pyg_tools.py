@@ -107,20 +107,26 @@ def test_message_hooks_see_pyg_messages(conv_zoo, conv_pyg):
     torch.testing.assert_close(seen["ours"][1], seen["peer"][1], **TOL)  # messages [E', H, C]
 
 
-@pytest.mark.parametrize("conv_zoo, conv_pyg", PAIRS, ids=IDS)
-def test_gnnexplainer_matches_pyg(conv_zoo, conv_pyg):
+def _explain_both(conv_zoo, conv_pyg, algorithm, **masks):
+    """The same explainer on a two-layer node classifier of zoo layers and of PyG layers with the same
+    weights, explaining node 6 (seeded identically before each call)."""
     ours, peer = _nets(conv_zoo, conv_pyg)
     x, ei = _graph()
     explanations = []
     for model in (ours, peer):
         explainer = Explainer(
-            model, algorithm=GNNExplainer(epochs=20), explanation_type="model",
-            node_mask_type="attributes", edge_mask_type="object",
+            model, algorithm=algorithm(), explanation_type="model", **masks,
             model_config=dict(mode="multiclass_classification", task_level="node", return_type="raw"),
         )
-        torch.manual_seed(5)  # the masks' random initialisation
+        torch.manual_seed(5)  # GNNExplainer's random mask initialisation
         explanations.append(explainer(x, ei, index=6))
-    a, b = explanations
+    return explanations, ei
+
+
+@pytest.mark.parametrize("conv_zoo, conv_pyg", PAIRS, ids=IDS)
+def test_gnnexplainer_matches_pyg(conv_zoo, conv_pyg):
+    (a, b), ei = _explain_both(conv_zoo, conv_pyg, lambda: GNNExplainer(epochs=20),
+                               node_mask_type="attributes", edge_mask_type="object")
     assert a.edge_mask.shape == (ei.size(1),) and a.edge_mask.abs().sum() > 0
     torch.testing.assert_close(a.edge_mask, b.edge_mask, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(a.node_mask, b.node_mask, atol=1e-4, rtol=1e-4)
@@ -128,17 +134,9 @@ def test_gnnexplainer_matches_pyg(conv_zoo, conv_pyg):
 
 @pytest.mark.parametrize("conv_zoo, conv_pyg", PAIRS, ids=IDS)
 def test_attention_explainer_matches_pyg(conv_zoo, conv_pyg):
-    ours, peer = _nets(conv_zoo, conv_pyg)
-    x, ei = _graph()
-    masks = []
-    for model in (ours, peer):
-        explainer = Explainer(
-            model, algorithm=AttentionExplainer(), explanation_type="model", edge_mask_type="object",
-            model_config=dict(mode="multiclass_classification", task_level="node", return_type="raw"),
-        )
-        masks.append(explainer(x, ei, index=6).edge_mask)
-    assert masks[0].abs().sum() > 0
-    torch.testing.assert_close(masks[0], masks[1], **TOL)
+    (a, b), _ = _explain_both(conv_zoo, conv_pyg, AttentionExplainer, edge_mask_type="object")
+    assert a.edge_mask.abs().sum() > 0
+    torch.testing.assert_close(a.edge_mask, b.edge_mask, **TOL)
 
 
 def _hetero_data():
