@@ -60,6 +60,45 @@ def test_knn_ties_go_to_the_lower_index_and_float32_rounding_does_not_decide():
     assert knn(pts, pts[:1], 4)[1].tolist() == [0, 3, 1, 2]
 
 
+def _grid_cases():
+    g = torch.Generator().manual_seed(21)
+    uniform = torch.rand(3000, 3, generator=g)
+    blobs = torch.cat([torch.randn(800, 3, generator=g) * s + c for s, c in ((0.01, 0.0), (1.0, 3.0), (0.1, -2.0))])
+    lattice = torch.stack(torch.meshgrid(torch.arange(12.0), torch.arange(12.0), torch.arange(3.0), indexing="ij"),
+                          -1).view(-1, 3)
+    planar = torch.cat([torch.rand(1500, 2, generator=g), torch.zeros(1500, 1)], 1)
+    return {
+        "uniform": (uniform, uniform, 17, None),
+        "clusters": (blobs, blobs, 9, None),  # one cell crowded: those queries go to brute force
+        "2d, queries outside": (torch.rand(2000, 2, generator=g), torch.rand(300, 2, generator=g) * 1.4 - 0.2, 5, None),
+        "1d": (torch.rand(1500, 1, generator=g), torch.rand(200, 1, generator=g), 4, None),
+        "lattice ties": (lattice, lattice, 10, None),
+        "flat axis": (planar, planar[:200], 6, None),
+        "duplicates": (torch.cat([uniform[:300]] * 4), torch.cat([uniform[:300]] * 4), 7, None),
+        "batched": (uniform, uniform, 8, _batch(1000, 2000)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_grid_cases()))
+def test_knn_grid_path_equals_brute_force(monkeypatch, case):
+    """The uniform-grid search (low-dimensional Euclidean) returns exactly the brute-force result, order and
+    ties included, on uniform, clustered, lattice (many ties), degenerate and duplicated points."""
+    import zoo.geometry as geometry
+
+    x, y, k, batch = _grid_cases()[case]
+    monkeypatch.setattr(geometry, "_GRID_MIN_PAIRS", 1 << 62)
+    brute = knn(x, y, k, batch, batch if y is x else None)
+    monkeypatch.setattr(geometry, "_GRID_MIN_PAIRS", 0)
+    calls = []
+    real = geometry._grid_knn
+    monkeypatch.setattr(geometry, "_grid_knn", lambda *a: calls.append(1) or real(*a))
+    grid = knn(x, y, k, batch, batch if y is x else None)
+    assert calls and torch.equal(grid, brute)
+    if case == "uniform":  # almost every query settled by the grid itself
+        _, settled = real(x.double(), y.double(), k)
+        assert settled.float().mean() > 0.9
+
+
 def test_knn_graph_flow_loops_and_batches():
     pos, batch = _points(60, seed=3), _batch(25, 35)
     ei = knn_graph(pos, 4, batch)

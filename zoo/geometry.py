@@ -14,11 +14,13 @@ torch_cluster's signatures and conventions (torch_cluster 1.6, ``torch_cluster/k
   (squared Euclidean) from those already taken, ties to the lowest index; the first is index 0 of the
   example, or a random one with ``random_start=True``.
 
-Examples are given as torch_cluster's ``batch`` vector (example id per point, sorted). Distances are exact
-(squared Euclidean, or cosine distance with ``cosine=True``), computed brute force in query chunks of at
-most ``chunk`` x n_x (and at most 2**25) distances: O(n_y n_x) time, bounded memory. That is what
-torch_cluster's CUDA kernels do too; its CPU path uses a KD-tree, faster for large clouds in low dimension.
-Ties between equal distances go to the lower index.
+Examples are given as torch_cluster's ``batch`` vector (example id per point, sorted). Results are exact
+(squared Euclidean, or cosine distance with ``cosine=True``; ties between equal distances go to the lower
+index). Large Euclidean searches in 1-3 dimensions (at least 2**24 query x point pairs in an example) go
+through a uniform grid: each query reads the 3^D cells around its own and keeps the answer when the grid
+proves it (:func:`_grid_knn`); the few queries it cannot settle, and all other searches, are brute force in
+query chunks of at most ``chunk`` x n_x (and at most 2**25) distances, O(n_y n_x) time and bounded memory
+(torch_cluster's CUDA kernels are brute force too; its CPU path uses a KD-tree).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch import Tensor
 __all__ = ["knn", "knn_graph", "fps"]
 
 _MAX_CHUNK_ELEMENTS = 1 << 25  # distances per query chunk (128 MB in float32)
+_GRID_MIN_PAIRS = 1 << 24  # query x point pairs from which a low-dimensional Euclidean search uses the grid
 
 
 def _check_points(name: str, points) -> Tensor:
@@ -108,15 +111,115 @@ def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y:
         kk = min(k, x1 - x0)
         if y1 == y0 or kk == 0:
             continue
-        rows_per_chunk = max(1, min(chunk, _MAX_CHUNK_ELEMENTS // (x1 - x0)))  # at most 2**25 distances
-        for q0 in range(y0, y1, rows_per_chunk):
-            q1 = min(y1, q0 + rows_per_chunk)
-            order = _nearest(yw[q0:q1], xw[x0:x1], kk, cosine, y[q0:q1], x[x0:x1])
-            rows.append(torch.arange(q0, q1, device=x.device).repeat_interleave(kk))
-            cols.append((order + x0).reshape(-1))
+        order = _example_knn(xw[x0:x1], yw[y0:y1], x[x0:x1], y[y0:y1], kk, cosine, chunk)
+        rows.append(torch.arange(y0, y1, device=x.device).repeat_interleave(kk))
+        cols.append((order + x0).reshape(-1))
     if not rows:
         return torch.empty(2, 0, dtype=torch.long, device=x.device)
     return torch.stack([torch.cat(rows), torch.cat(cols)])
+
+
+def _example_knn(xw: Tensor, yw: Tensor, x: Tensor, y: Tensor, k: int, cosine: bool, chunk: int) -> Tensor:
+    """One example: [ny, k] local indices into x. Low-dimensional Euclidean searches over many points go
+    through a uniform grid (:func:`_grid_knn`); the queries it cannot settle, and every other search, are
+    brute force in chunks of at most 2**25 distances."""
+    order = None
+    todo = torch.arange(y.size(0), device=y.device)
+    if not cosine and x.size(1) <= 3 and x.size(0) * y.size(0) >= _GRID_MIN_PAIRS:
+        order, settled = _grid_knn(x.double(), y.double(), k)
+        todo = (~settled).nonzero().view(-1)
+    if order is None:
+        order = torch.empty(y.size(0), k, dtype=torch.long, device=y.device)
+    rows_per_chunk = max(1, min(chunk, _MAX_CHUNK_ELEMENTS // x.size(0)))
+    for q0 in range(0, todo.numel(), rows_per_chunk):
+        rows = todo[q0 : q0 + rows_per_chunk]
+        order[rows] = _nearest(yw[rows], xw, k, cosine, y[rows], x)
+    return order
+
+
+def _grid_knn(x: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact kNN of low-dimensional points through a uniform grid, in float64: (order [ny, k], settled [ny]).
+
+    The grid's cells hold about max(k / 2, 2) points on average. Each query looks at the 3^D cells around its
+    own; its k best candidates (ranked as :func:`_nearest` ranks: distance, then index) are the true ones when
+    the k-th is closer than the nearest face of that 3^D block that has grid beyond it (every point outside is
+    at least that far). Queries for which that does not hold (sparse regions, fewer than k candidates, ties
+    beyond the candidates kept, queries outside x's bounding box) and queries in crowded cells (clustered
+    points, where the grid would read more candidates than brute force) are returned unsettled, for the
+    brute-force pass. Queries run in cell order, so neighbouring queries read neighbouring memory."""
+    nx, dims = x.shape
+    ny = y.size(0)
+    order = torch.zeros(ny, k, dtype=torch.long, device=x.device)
+    settled = torch.zeros(ny, dtype=torch.bool, device=x.device)
+    lo, hi = x.min(0).values, x.max(0).values
+    extent = hi - lo
+    spread = extent > 1e-9 * float(extent.max().clamp_min(1e-300))  # axes along which the points vary
+    if not bool(spread.any()):  # every point at one place: ranks are by index, brute force does that
+        return order, settled
+    volume = float(extent[spread].prod())
+    side = (volume * max(k / 2.0, 2.0) / nx) ** (1.0 / int(spread.sum()))
+    cells = torch.where(spread, (extent / side).floor().long() + 1, torch.ones_like(extent, dtype=torch.long))
+    strides = torch.ones(dims, dtype=torch.long, device=x.device)
+    for j in range(dims - 2, -1, -1):
+        strides[j] = strides[j + 1] * cells[j + 1]
+    num_cells = int(cells[0] * strides[0])
+
+    def cell_of(p: Tensor) -> Tensor:
+        return torch.minimum(((p - lo) / side).floor().long().clamp_min(0), cells - 1)
+
+    cell_sorted, x_by_cell = torch.sort((cell_of(x) * strides).sum(1), stable=True)
+    counts = torch.bincount(cell_sorted, minlength=num_cells)
+    starts = torch.cumsum(counts, 0) - counts
+
+    offsets = torch.cartesian_prod(*[torch.tensor([-1, 0, 1], device=x.device)] * dims).view(-1, dims)
+    cq = cell_of(y)  # [ny, D]
+    near = cq[:, None, :] + offsets[None]  # [ny, 3^D, D]
+    near_id = (near.clamp_min(0).minimum(cells - 1) * strides).sum(-1)
+    near_count = torch.where(((near >= 0) & (near < cells)).all(-1), counts[near_id], 0)
+    near_start = starts[near_id]
+    # distance from the query to the nearest face of its 3^D block behind which the grid goes on, less a
+    # rounding allowance (points are binned by a float division)
+    inf = torch.full_like(y, float("inf"))
+    below = torch.where(cq - 1 >= 0, y - (lo + (cq - 1).double() * side), inf)
+    above = torch.where(cq + 1 <= cells - 1, lo + (cq + 2).double() * side - y, inf)
+    margin = (torch.minimum(below, above).min(1).values - 1e-9 * side).clamp_min(0.0)
+    inside = ((y >= lo) & (y <= hi)).all(1)
+
+    width = near_count.max(1).values  # widest of each query's cells (the padding of its candidate rows)
+    cap = max(64, nx // (8 * offsets.size(0)))  # wider than this: brute force is cheaper
+    queries = (inside & (width <= cap)).nonzero().view(-1)
+    queries = queries[torch.argsort((cq[queries] * strides).sum(1), stable=True)]  # in cell order
+    keep = min(k + 8, offsets.size(0) * int(cap))  # candidates ranked exactly per query
+    budget = _MAX_CHUNK_ELEMENTS // 8
+    q0 = 0
+    while q0 < queries.numel():
+        rows = queries[q0 : q0 + max(1, budget // (offsets.size(0) * max(int(width[queries[q0]]), 1)))]
+        w = int(width[rows].max())
+        rows = rows[: max(1, budget // (offsets.size(0) * max(w, 1)))]
+        q0 += rows.numel()
+        if w == 0:
+            continue
+        slot = torch.arange(w, device=x.device)
+        take = slot < near_count[rows, :, None]  # [q, 3^D, w]
+        pos = (near_start[rows, :, None] + slot).clamp_max(nx - 1)
+        cand = torch.where(take, x_by_cell[pos], nx).view(rows.numel(), -1)  # nx: no candidate
+        d = (x[cand.clamp_max(nx - 1)] - y[rows, None, :]).square().sum(-1).masked_fill(cand == nx, float("inf"))
+        m = min(keep, cand.size(1))
+        if m < k:
+            continue  # fewer than k candidate slots: brute force
+        top_d, top = torch.topk(d, m, dim=1, largest=False, sorted=True)
+        top_c = cand.gather(1, top)
+        # rank the kept candidates by (distance, index), as the brute-force pass does
+        top_c, by_index = torch.sort(top_c, dim=1)
+        top_d = top_d.gather(1, by_index)
+        d_sorted, rank = torch.sort(top_d, dim=1, stable=True)
+        order[rows] = top_c.gather(1, rank[:, :k])
+        kth = d_sorted[:, k - 1]
+        # settled: the k-th is a real candidate, nearer than anything outside the block, and (unless every
+        # candidate was kept) strictly nearer than the farthest kept one, so no equal candidate was cut off
+        complete = kth < d_sorted[:, m - 1] if m < cand.size(1) else torch.ones_like(kth, dtype=torch.bool)
+        settled[rows] = torch.isfinite(kth) & (kth < margin[rows] ** 2) & complete
+    return order, settled
 
 
 def _nearest(y: Tensor, x: Tensor, k: int, cosine: bool, y_exact: Tensor, x_exact: Tensor) -> Tensor:
