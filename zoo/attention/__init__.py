@@ -34,6 +34,7 @@ _LAZY = {
     # modules that are still being written not break the core)
     "MultiHeadAttention": "zoo.attention.modules",
     "Mlp": "zoo.attention.modules",
+    "KVCache": "zoo.attention.modules",
     "RotaryEmbedding": "zoo.attention.rope",
     "Radial": "zoo.attention.radial",
     "radial_block_mask": "zoo.attention.radial",

@@ -13,7 +13,11 @@ MultiHeadAttention is the multi-head attention of Vaswani et al., "Attention Is 
   over the head dim of q and k;
 * rotary position embeddings, 1D (RoFormer) or 2D axial (RoPE-ViT), see zoo/attention/rope.py;
 * a relative position bias (any :class:`zoo.attention.AttentionBias`, e.g. Swin/MaxViT tables);
-* sigmoid attention (Ramapuram et al., ICLR 2025) through ``score="sigmoid"``.
+* sigmoid attention (Ramapuram et al., ICLR 2025) through ``score="sigmoid"``;
+* incremental (autoregressive) decoding with a :class:`KVCache` per layer: self attention appends each
+  step's keys/values (after qk-norm and RoPE, whose positions continue from the cache length) and attends
+  over all of them; cross attention projects the context once. A decoder then costs O(new tokens x cached
+  tokens) per step instead of re-running the whole prefix (speech and text decoders, autoregressive video).
 
 Letters: B batch, N query tokens, M context (key) tokens, C model dim, H query heads, Hkv key/value heads,
 D head dim.
@@ -33,7 +37,81 @@ from zoo.attention.masks import Mask
 from zoo.attention.rope import RotaryEmbedding
 from zoo.layers import activate_fresh
 
-__all__ = ["MultiHeadAttention", "Mlp"]
+__all__ = ["MultiHeadAttention", "Mlp", "KVCache"]
+
+
+class KVCache:
+    """The keys and values one attention layer has seen, for incremental decoding with
+    ``MultiHeadAttention(..., cache=cache)`` (one cache per layer and per decoding run).
+
+    Self attention: every call appends its tokens' keys/values (B, Hkv, n, D) and returns all of them. The
+    storage grows by doubling along the token axis, so appending one token at a time copies each key a bounded
+    number of times. Cross attention: the first call stores the projected context; later calls reuse it
+    (``context=None``, or the same context tensor).
+
+    ``reorder(index)`` picks batch rows (beam search: the surviving beams); ``reset()`` empties the cache.
+    For inference (``torch.no_grad()`` / ``inference_mode``): appending writes into the storage in place, so
+    gradients do not flow through cached keys (train decoders on whole sequences with ``mask=Causal()``).
+    """
+
+    def __init__(self) -> None:
+        self._k = self._v = None  # (B, Hkv, capacity, D)
+        self.length = 0
+        self.context = None  # cross attention: the context tensor whose projection is stored
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def values(self) -> Optional[torch.Tensor]:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    def append(self, k_BHnD: torch.Tensor, v_BHnD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add n tokens' keys and values; returns the keys and values of every cached token (views)."""
+        n = k_BHnD.shape[2]
+        if self._k is not None:
+            if k_BHnD.shape[:2] != self._k.shape[:2] or k_BHnD.shape[3] != self._k.shape[3]:
+                raise ValueError(
+                    f"KVCache: new keys {tuple(k_BHnD.shape)} do not continue the cached "
+                    f"{tuple(self.keys.shape)} (batch, heads and head dim must match; reorder() for beams)"
+                )
+            if k_BHnD.dtype != self._k.dtype or k_BHnD.device != self._k.device:
+                raise ValueError(f"KVCache: new keys are {k_BHnD.dtype} on {k_BHnD.device}, the cache holds "
+                                 f"{self._k.dtype} on {self._k.device}")
+        if self._k is None or self.length + n > self._k.shape[2]:
+            capacity = max(self.length + n, 2 * (0 if self._k is None else self._k.shape[2]), 16)
+            k_new = k_BHnD.new_empty(*k_BHnD.shape[:2], capacity, k_BHnD.shape[3])
+            v_new = v_BHnD.new_empty(*v_BHnD.shape[:2], capacity, v_BHnD.shape[3])
+            if self.length:
+                k_new[:, :, : self.length] = self.keys
+                v_new[:, :, : self.length] = self.values
+            self._k, self._v = k_new, v_new
+        self._k[:, :, self.length : self.length + n] = k_BHnD
+        self._v[:, :, self.length : self.length + n] = v_BHnD
+        self.length += n
+        return self.keys, self.values
+
+    def store(self, k_BHMD: torch.Tensor, v_BHMD: torch.Tensor, context: torch.Tensor) -> None:
+        """Cross attention: keep the projected context (replacing what was there)."""
+        self._k, self._v, self.length, self.context = k_BHMD, v_BHMD, k_BHMD.shape[2], context
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (B') in that order, e.g. the beams that survive a search step."""
+        if self._k is not None:
+            self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+        if self.context is not None:
+            self.context = self.context.index_select(0, index)
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def __repr__(self) -> str:
+        shape = None if self._k is None else tuple(self.keys.shape)
+        return f"KVCache(length={self.length}, keys={shape})"
 
 
 class MultiHeadAttention(nn.Module):
@@ -189,6 +267,20 @@ class MultiHeadAttention(nn.Module):
             v_BHMD = v_BMC.reshape(batch, n_tok, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return self.q_norm(q_BHND), self.k_norm(k_BHMD), v_BHMD
 
+    def _check_cache(self, cache, x_BNC: torch.Tensor, num_queries) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"MultiHeadAttention: cache must be a zoo.attention.KVCache, got {type(cache).__name__}")
+        if num_queries is not None:
+            raise ValueError("MultiHeadAttention: num_queries cannot be combined with a cache")
+        if self.rel_pos_bias is not None:
+            raise ValueError("MultiHeadAttention: a KV cache with rel_pos_bias is not supported (the bias tables "
+                             "are built for whole sequences)")
+        if self.rope is not None and (self.rope.mode != "1d" or self.num_prefix_tokens):
+            raise ValueError("MultiHeadAttention: a KV cache supports 1D RoPE without prefix tokens only")
+        if len(cache) and cache.keys.shape[0] != x_BNC.shape[0]:
+            raise ValueError(f"MultiHeadAttention: the cache holds batch {cache.keys.shape[0]} but x has batch "
+                             f"{x_BNC.shape[0]} (KVCache.reorder selects beams)")
+
     def _combined_bias(self, bias, n_q: int, n_k: int, like: torch.Tensor):
         if self.rel_pos_bias is None:
             return bias
@@ -208,6 +300,7 @@ class MultiHeadAttention(nn.Module):
         bias: Union[torch.Tensor, AttentionBias, None] = None,
         positions=None,
         num_queries: Optional[int] = None,
+        cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
         """Attention of the tokens ``x_BNC`` over themselves (or over ``context`` (B, M, kv_dim)).
 
@@ -219,11 +312,23 @@ class MultiHeadAttention(nn.Module):
                 ``rel_pos_bias`` when both are present.
             positions: RoPE positions of the non-prefix tokens (see zoo/attention/rope.py); in cross
                 attention the same positions apply to queries and keys unless a pair (q_pos, k_pos) is given.
+                With a self-attention ``cache`` they default to len(cache), len(cache) + 1, ...
+            cache: a :class:`KVCache` for incremental decoding. Self attention attends over the cached tokens
+                and these (pass ``mask=Causal()`` when a call adds several tokens: it is bottom-right aligned,
+                so each new token sees the cache and the new tokens up to itself); cross attention projects
+                ``context`` once and may then be called with ``context=None``.
 
         Returns:
             (B, N, dim).
         """
         self._check_input("x", x_BNC, self.dim)
+        if cache is not None:
+            self._check_cache(cache, x_BNC, num_queries)
+        cached_context = (
+            cache is not None and self.is_cross and len(cache) > 0 and (context is None or context is cache.context)
+        )
+        if cached_context:
+            context = cache.context
         if self.is_cross:
             if context is None:
                 raise ValueError("MultiHeadAttention: this is a cross-attention module (kv_dim given); pass context")
@@ -243,16 +348,29 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("MultiHeadAttention: num_queries cannot be combined with RoPE")
             if not isinstance(num_queries, int) or not 1 <= num_queries <= x_BNC.shape[1]:
                 raise ValueError(f"MultiHeadAttention: num_queries must be an int in [1, {x_BNC.shape[1]}], got {num_queries!r}")
-        q_BHND, k_BHMD, v_BHMD = self.project(x_BNC, context, num_queries)
+        if cached_context:  # queries only: keys and values of the context are in the cache
+            batch, n_tok = x_BNC.shape[:2]
+            q_BHND = self.q_norm(self.q(x_BNC).view(batch, n_tok, self.num_heads, self.head_dim).transpose(1, 2))
+            k_BHMD, v_BHMD = cache.keys, cache.values
+        else:
+            q_BHND, k_BHMD, v_BHMD = self.project(x_BNC, context, num_queries)
         batch, n_q = x_BNC.shape[0], q_BHND.shape[2]
         if self.rope is not None:
+            if cache is not None and not self.is_cross and positions is None:  # positions continue the cache
+                positions = torch.arange(len(cache), len(cache) + n_q, device=x_BNC.device)
             q_pos, k_pos = positions, positions
             if self.is_cross and isinstance(positions, tuple) and len(positions) == 2 and not isinstance(positions[0], int):
                 q_pos, k_pos = positions
             q_BHND = self.rope(q_BHND, q_pos)
-            k_BHMD = self.rope(k_BHMD, k_pos)
+            if not cached_context:
+                k_BHMD = self.rope(k_BHMD, k_pos)
         elif positions is not None:
             raise ValueError("MultiHeadAttention: positions given but this module has no RoPE (rope=None)")
+        if cache is not None and not cached_context:
+            if self.is_cross:
+                cache.store(k_BHMD, v_BHMD, context)
+            else:
+                k_BHMD, v_BHMD = cache.append(k_BHMD, v_BHMD)
         n_k = k_BHMD.shape[2]
         bias = self._combined_bias(bias, n_q, n_k, q_BHND)
         dropout_p = self.attn_drop if self.training else 0.0

@@ -1,0 +1,104 @@
+"""Incremental decoding with zoo.attention.KVCache: a decoder run token by token (or chunk by chunk) through
+MultiHeadAttention with a cache gives the outputs of the whole causal sequence in one call (which
+tests/test_modules.py checks against the float64 reference), for GQA, qk-norm and 1D RoPE, on every backend
+that serves the calls; cross attention projects its context once; beams reorder; misuse gives clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.attention import Causal, KVCache, MultiHeadAttention, use_backend
+
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def _decoder(**kwargs):
+    torch.manual_seed(0)
+    return MultiHeadAttention(32, num_heads=4, num_kv_heads=2, qk_norm=True, rope="1d", qkv_bias=True,
+                              **kwargs).eval()
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("steps", [[11], [1] * 11, [4, 1, 1, 1, 3, 1]], ids=["one call", "token by token", "mixed"])
+def test_incremental_decoding_equals_the_whole_sequence(backend, steps):
+    mha = _decoder()
+    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend(backend):
+        full = mha(x, mask=Causal())
+        cache, outs, t = KVCache(), [], 0
+        for n in steps:
+            outs.append(mha(x[:, t:t + n], mask=Causal() if n > 1 else None, cache=cache))
+            t += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+    assert len(cache) == 11 and cache.keys.shape == (2, 2, 11, 8)
+
+
+def test_cache_grows_by_doubling_and_keeps_every_key():
+    cache = KVCache()
+    keys = [torch.randn(1, 2, 1, 4) for _ in range(40)]
+    capacities = set()
+    for k in keys:
+        got_k, got_v = cache.append(k, -k)
+        capacities.add(cache._k.shape[2])
+    assert capacities == {16, 32, 64}  # amortised: a handful of reallocations for 40 tokens
+    torch.testing.assert_close(got_k, torch.cat(keys, dim=2))
+    torch.testing.assert_close(got_v, -torch.cat(keys, dim=2))
+    cache.reset()
+    assert len(cache) == 0 and cache.keys is None
+
+
+def test_cross_attention_projects_the_context_once():
+    torch.manual_seed(0)
+    cross = MultiHeadAttention(32, num_heads=4, kv_dim=24, qk_norm=True).eval()
+    context = torch.randn(2, 7, 24)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = cross(x, context=context)
+        cache = KVCache()
+        calls = []
+        handle = cross.kv.register_forward_hook(lambda *a: calls.append(1))
+        first = cross(x[:, :2], context=context, cache=cache)
+        rest = cross(x[:, 2:], cache=cache)  # context from the cache
+        again = cross(x[:, 2:], context=context, cache=cache)  # the same tensor: not projected again
+        handle.remove()
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), want, **TOL)
+    torch.testing.assert_close(again, rest, **TOL)
+    assert len(calls) == 1
+    other = torch.randn(2, 3, 24)
+    with torch.no_grad():  # another context replaces the stored one
+        torch.testing.assert_close(cross(x, context=other, cache=cache), cross(x, context=other), **TOL)
+    assert len(cache) == 3
+
+
+def test_reorder_selects_beams():
+    mha = _decoder()
+    x = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(2))
+    beams = torch.tensor([2, 2, 0])
+    with torch.no_grad():
+        cache = KVCache()
+        mha(x[:, :4], mask=Causal(), cache=cache)
+        cache.reorder(beams)
+        step = mha(x[beams, 4:6], mask=Causal(), cache=cache)
+        want = mha(x[beams], mask=Causal())[:, 4:6]
+    torch.testing.assert_close(step, want, **TOL)
+
+
+def test_cache_misuse_raises_clear_errors():
+    mha = _decoder()
+    cache = KVCache()
+    with torch.no_grad():
+        mha(torch.randn(2, 3, 32), mask=Causal(), cache=cache)
+        with pytest.raises(ValueError, match="batch 2 but x has batch 3"):
+            mha(torch.randn(3, 1, 32), cache=cache)
+        with pytest.raises(ValueError, match="num_queries"):
+            mha(torch.randn(2, 1, 32), cache=cache, num_queries=1)
+        with pytest.raises(TypeError, match="KVCache"):
+            mha(torch.randn(2, 1, 32), cache={})
+        with pytest.raises(ValueError, match="1D RoPE"):
+            MultiHeadAttention(32, num_heads=4, rope="2d")(torch.randn(1, 4, 32), cache=KVCache())
+    c = KVCache()
+    c.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    with pytest.raises(ValueError, match="do not continue"):
+        c.append(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+    with pytest.raises(ValueError, match="float64"):
+        c.append(torch.randn(1, 2, 1, 4, dtype=torch.float64), torch.randn(1, 2, 1, 4, dtype=torch.float64))
