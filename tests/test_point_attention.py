@@ -16,7 +16,7 @@ from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
 import zoo.attention.vector as vector  # noqa: E402
 from zoo.attention import PointTransformerConv  # noqa: E402
-from zoo.geometry import fps, knn, knn_graph  # noqa: E402
+from zoo.geometry import fps, knn, knn_graph, radius, radius_graph  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -118,6 +118,54 @@ def test_knn_graph_flow_loops_and_batches():
     dup = torch.cat([pos[:10], pos[:10]])
     e = knn_graph(dup, 3)
     assert torch.bincount(e[1], minlength=20).tolist() == [3] * 20 and not bool((e[0] == e[1]).any())
+
+
+def _radius_reference(x, y, r, limit, bx=None, by=None):
+    """float64 loop: per query, the first ``limit`` points (index order) of its example nearer than r."""
+    x, y = x.double().numpy(), y.double().numpy()
+    bx = np.zeros(len(x), int) if bx is None else bx.numpy()
+    by = np.zeros(len(y), int) if by is None else by.numpy()
+    pairs = []
+    for q in range(len(y)):
+        d = ((x - y[q]) ** 2).sum(1)
+        hits = [i for i in range(len(x)) if bx[i] == by[q] and d[i] < r * r][:limit]
+        pairs += [(q, i) for i in hits]
+    return torch.tensor(pairs, dtype=torch.long).t().reshape(2, -1)
+
+
+@pytest.mark.parametrize("grid", [False, True], ids=["brute force", "grid"])
+def test_radius_matches_the_reference(monkeypatch, grid):
+    import zoo.geometry as geometry
+
+    monkeypatch.setattr(geometry, "_GRID_MIN_PAIRS", 0 if grid else 1 << 62)
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(400, 3, generator=g)
+    y = torch.rand(60, 3, generator=g) * 1.2 - 0.1  # some queries outside the points' bounding box
+    bx, by = _batch(250, 150), _batch(25, 35)
+    for r, limit in ((0.15, 32), (0.3, 5)):  # the second caps crowded balls
+        got = radius(x, y, r, bx, by, max_num_neighbors=limit)
+        assert torch.equal(got, _radius_reference(x, y, r, limit, bx, by)), (r, limit)
+    lattice = torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).view(-1, 2)
+    on_the_sphere = radius(lattice, lattice[27:28], 1.0)  # distance exactly r: not a neighbour (strict)
+    assert on_the_sphere[1].tolist() == [27]
+
+
+def test_radius_graph_flow_loops_and_the_neighbour_cap():
+    pos = _points(80, seed=9)
+    r = 0.9
+    ei = radius_graph(pos, r, max_num_neighbors=6)
+    assert not bool((ei[0] == ei[1]).any())
+    d = torch.cdist(pos.double(), pos.double())
+    for i in (0, 17, 50):  # the first 6 others in index order that are nearer than r
+        expected = [j for j in range(80) if j != i and d[i, j] < r][:6]
+        assert ei[0][ei[1] == i].tolist() == expected
+    assert torch.equal(radius_graph(pos, r, max_num_neighbors=6, flow="target_to_source"), ei.flip(0))
+    looped = radius_graph(pos, r, loop=True, max_num_neighbors=100)
+    assert int((looped[0] == looped[1]).sum()) == 80
+    with pytest.raises(ValueError, match="r must be a positive"):
+        radius_graph(pos, 0.0)
+    with pytest.raises(ValueError, match="max_num_neighbors"):
+        radius_graph(pos, 0.5, max_num_neighbors=0)
 
 
 def _fps_reference(points: np.ndarray, count: int, start: int = 0) -> list[int]:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["knn", "knn_graph", "fps"]
+__all__ = ["knn", "knn_graph", "radius", "radius_graph", "fps"]
 
 _MAX_CHUNK_ELEMENTS = 1 << 25  # distances per query chunk (128 MB in float32)
 _GRID_MIN_PAIRS = 1 << 24  # query x point pairs from which a low-dimensional Euclidean search uses the grid
@@ -80,6 +80,86 @@ def _distances(y: Tensor, x: Tensor, cosine: bool) -> Tensor:
     return d.addmm_(y, x.t(), alpha=-2.0)
 
 
+def _paired_examples(x, y, batch_x, batch_y):
+    """Checked (x, y) and the (x0, x1, y0, y1) row ranges of each example that has points and queries."""
+    x, y = _check_points("x", x), _check_points("y", y)
+    if x.size(1) != y.size(1):
+        raise ValueError(f"x and y must have the same number of coordinates, got {x.size(1)} and {y.size(1)}")
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on one device, got {x.device} and {y.device}")
+    ptr_x, bx = _segments("batch_x", batch_x, x.size(0), x.device)
+    ptr_y, by = _segments("batch_y", batch_y, y.size(0), y.device)
+    ptr_x, ptr_y = ptr_x.tolist(), ptr_y.tolist()
+    if by > bx and any(ptr_y[b + 1] > ptr_y[b] for b in range(bx, by)):
+        raise ValueError(f"batch_y has examples ({by}) that batch_x ({bx}) does not have")
+    examples = [(ptr_x[b], ptr_x[b + 1], ptr_y[b], ptr_y[b + 1]) for b in range(by)
+                if ptr_y[b + 1] > ptr_y[b] and ptr_x[b + 1] > ptr_x[b]]
+    return x, y, examples
+
+
+class _UniformGrid:
+    """Points binned into cubic cells of side ``side`` over their bounding box (an axis along which they do not
+    vary gets one cell), sorted by cell. ``block(cells_of_queries)`` gives, per query, where the points of the
+    3^D cells around its own start in ``by_cell`` and how many there are."""
+
+    def __init__(self, x: Tensor, side: float):
+        self.x, self.side = x, float(side)
+        self.lo, self.hi = x.min(0).values, x.max(0).values
+        extent = self.hi - self.lo
+        self.cells = (extent / self.side).floor().long() + 1
+        dims = x.size(1)
+        self.strides = torch.ones(dims, dtype=torch.long, device=x.device)
+        for j in range(dims - 2, -1, -1):
+            self.strides[j] = self.strides[j + 1] * self.cells[j + 1]
+        self.cell_sorted, self.by_cell = torch.sort(self.cell_id(self.coords(x)), stable=True)
+        self.offsets = torch.cartesian_prod(*[torch.tensor([-1, 0, 1], device=x.device)] * dims).view(-1, dims)
+
+    @staticmethod
+    def too_fine(x: Tensor, side: float) -> bool:
+        """More cells than int64 cell ids can number."""
+        cells = ((x.max(0).values - x.min(0).values) / side).floor() + 1
+        return float(torch.log2(cells).sum()) > 62
+
+    def coords(self, p: Tensor) -> Tensor:
+        return torch.minimum(((p - self.lo) / self.side).floor().long().clamp_min(0), self.cells - 1)
+
+    def cell_id(self, coords: Tensor) -> Tensor:
+        return (coords * self.strides).sum(-1)
+
+    def block(self, cq: Tensor) -> tuple[Tensor, Tensor]:
+        """Query cells [q, D] -> (start [q, 3^D], count [q, 3^D]) of the surrounding cells in ``by_cell``."""
+        near = cq[:, None, :] + self.offsets[None]
+        inside = ((near >= 0) & (near < self.cells)).all(-1)
+        ids = self.cell_id(near.clamp_min(0).minimum(self.cells - 1))
+        start = torch.searchsorted(self.cell_sorted, ids)
+        count = torch.searchsorted(self.cell_sorted, ids, right=True) - start
+        return start, torch.where(inside, count, 0)
+
+    def candidates(self, start: Tensor, count: Tensor) -> Tensor:
+        """[q, 3^D * width] point indices of the blocks, padded with len(x) (width: the fullest cell)."""
+        width = max(int(count.max()), 1)
+        slot = torch.arange(width, device=start.device)
+        pos = (start[..., None] + slot).clamp_max(self.x.size(0) - 1)
+        n = self.x.size(0)
+        return torch.where(slot < count[..., None], self.by_cell[pos], n).view(start.size(0), -1)
+
+    def sq_distances(self, y: Tensor, cand: Tensor) -> Tensor:
+        """Squared distances [q, m] from each query to its candidates (inf for padding)."""
+        n = self.x.size(0)
+        d = (self.x[cand.clamp_max(n - 1)] - y[:, None, :]).square().sum(-1)
+        return d.masked_fill(cand == n, float("inf"))
+
+
+def _query_chunks(queries: Tensor, width_per_query: Tensor, budget: int):
+    """Consecutive runs of ``queries`` whose padded candidate rows (count x the run's widest) fit ``budget``."""
+    q0 = 0
+    while q0 < queries.numel():
+        rows = queries[q0 : q0 + max(1, budget // max(int(width_per_query[queries[q0]]), 1))]
+        rows = rows[: max(1, budget // max(int(width_per_query[rows].max()), 1))]
+        q0 += rows.numel()
+        yield rows
+
+
 @torch.no_grad()
 def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y: Optional[Tensor] = None,
         cosine: bool = False, chunk: int = 1024) -> Tensor:
@@ -90,27 +170,14 @@ def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y:
     for examples that have fewer, as in torch_cluster). The final ranking uses float64 distances, so float32
     rounding decides neither the order nor ties.
     """
-    x, y = _check_points("x", x), _check_points("y", y)
-    if x.size(1) != y.size(1):
-        raise ValueError(f"x and y must have the same number of coordinates, got {x.size(1)} and {y.size(1)}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    if x.device != y.device:
-        raise ValueError(f"x and y must be on one device, got {x.device} and {y.device}")
-    ptr_x, bx = _segments("batch_x", batch_x, x.size(0), x.device)
-    ptr_y, by = _segments("batch_y", batch_y, y.size(0), y.device)
-    ptr_x = ptr_x.tolist()
-    ptr_y = ptr_y.tolist()
-    if by > bx and any(ptr_y[b + 1] > ptr_y[b] for b in range(bx, by)):
-        raise ValueError(f"batch_y has examples ({by}) that batch_x ({bx}) does not have")
+    x, y, examples = _paired_examples(x, y, batch_x, batch_y)
     rows, cols = [], []
     work = torch.float64 if x.dtype == torch.float64 or cosine else torch.float32
     xw, yw = x.to(work), y.to(work)
-    for b in range(by):
-        y0, y1, x0, x1 = ptr_y[b], ptr_y[b + 1], ptr_x[b], ptr_x[b + 1]
+    for x0, x1, y0, y1 in examples:
         kk = min(k, x1 - x0)
-        if y1 == y0 or kk == 0:
-            continue
         order = _example_knn(xw[x0:x1], yw[y0:y1], x[x0:x1], y[y0:y1], kk, cosine, chunk)
         rows.append(torch.arange(y0, y1, device=x.device).repeat_interleave(kk))
         cols.append((order + x0).reshape(-1))
@@ -147,63 +214,36 @@ def _grid_knn(x: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
     beyond the candidates kept, queries outside x's bounding box) and queries in crowded cells (clustered
     points, where the grid would read more candidates than brute force) are returned unsettled, for the
     brute-force pass. Queries run in cell order, so neighbouring queries read neighbouring memory."""
-    nx, dims = x.shape
-    ny = y.size(0)
+    nx, ny = x.size(0), y.size(0)
     order = torch.zeros(ny, k, dtype=torch.long, device=x.device)
     settled = torch.zeros(ny, dtype=torch.bool, device=x.device)
-    lo, hi = x.min(0).values, x.max(0).values
-    extent = hi - lo
+    extent = x.max(0).values - x.min(0).values
     spread = extent > 1e-9 * float(extent.max().clamp_min(1e-300))  # axes along which the points vary
     if not bool(spread.any()):  # every point at one place: ranks are by index, brute force does that
         return order, settled
-    volume = float(extent[spread].prod())
-    side = (volume * max(k / 2.0, 2.0) / nx) ** (1.0 / int(spread.sum()))
-    cells = torch.where(spread, (extent / side).floor().long() + 1, torch.ones_like(extent, dtype=torch.long))
-    strides = torch.ones(dims, dtype=torch.long, device=x.device)
-    for j in range(dims - 2, -1, -1):
-        strides[j] = strides[j + 1] * cells[j + 1]
-    num_cells = int(cells[0] * strides[0])
-
-    def cell_of(p: Tensor) -> Tensor:
-        return torch.minimum(((p - lo) / side).floor().long().clamp_min(0), cells - 1)
-
-    cell_sorted, x_by_cell = torch.sort((cell_of(x) * strides).sum(1), stable=True)
-    counts = torch.bincount(cell_sorted, minlength=num_cells)
-    starts = torch.cumsum(counts, 0) - counts
-
-    offsets = torch.cartesian_prod(*[torch.tensor([-1, 0, 1], device=x.device)] * dims).view(-1, dims)
-    cq = cell_of(y)  # [ny, D]
-    near = cq[:, None, :] + offsets[None]  # [ny, 3^D, D]
-    near_id = (near.clamp_min(0).minimum(cells - 1) * strides).sum(-1)
-    near_count = torch.where(((near >= 0) & (near < cells)).all(-1), counts[near_id], 0)
-    near_start = starts[near_id]
+    side = (float(extent[spread].prod()) * max(k / 2.0, 2.0) / nx) ** (1.0 / int(spread.sum()))
+    if _UniformGrid.too_fine(x, side):
+        return order, settled
+    grid = _UniformGrid(x, side)
+    cq = grid.coords(y)
+    start, count = grid.block(cq)
     # distance from the query to the nearest face of its 3^D block behind which the grid goes on, less a
     # rounding allowance (points are binned by a float division)
     inf = torch.full_like(y, float("inf"))
-    below = torch.where(cq - 1 >= 0, y - (lo + (cq - 1).double() * side), inf)
-    above = torch.where(cq + 1 <= cells - 1, lo + (cq + 2).double() * side - y, inf)
+    below = torch.where(cq - 1 >= 0, y - (grid.lo + (cq - 1).double() * side), inf)
+    above = torch.where(cq + 1 <= grid.cells - 1, grid.lo + (cq + 2).double() * side - y, inf)
     margin = (torch.minimum(below, above).min(1).values - 1e-9 * side).clamp_min(0.0)
-    inside = ((y >= lo) & (y <= hi)).all(1)
+    inside = ((y >= grid.lo) & (y <= grid.hi)).all(1)
 
-    width = near_count.max(1).values  # widest of each query's cells (the padding of its candidate rows)
-    cap = max(64, nx // (8 * offsets.size(0)))  # wider than this: brute force is cheaper
+    blocks = grid.offsets.size(0)
+    width = count.max(1).values  # fullest cell around each query (the padding of its candidate row)
+    cap = max(64, nx // (8 * blocks))  # fuller than this: brute force is cheaper
     queries = (inside & (width <= cap)).nonzero().view(-1)
-    queries = queries[torch.argsort((cq[queries] * strides).sum(1), stable=True)]  # in cell order
-    keep = min(k + 8, offsets.size(0) * int(cap))  # candidates ranked exactly per query
-    budget = _MAX_CHUNK_ELEMENTS // 8
-    q0 = 0
-    while q0 < queries.numel():
-        rows = queries[q0 : q0 + max(1, budget // (offsets.size(0) * max(int(width[queries[q0]]), 1)))]
-        w = int(width[rows].max())
-        rows = rows[: max(1, budget // (offsets.size(0) * max(w, 1)))]
-        q0 += rows.numel()
-        if w == 0:
-            continue
-        slot = torch.arange(w, device=x.device)
-        take = slot < near_count[rows, :, None]  # [q, 3^D, w]
-        pos = (near_start[rows, :, None] + slot).clamp_max(nx - 1)
-        cand = torch.where(take, x_by_cell[pos], nx).view(rows.numel(), -1)  # nx: no candidate
-        d = (x[cand.clamp_max(nx - 1)] - y[rows, None, :]).square().sum(-1).masked_fill(cand == nx, float("inf"))
+    queries = queries[torch.argsort(grid.cell_id(cq[queries]), stable=True)]  # in cell order
+    keep = k + 8  # candidates ranked exactly per query
+    for rows in _query_chunks(queries, width * blocks, _MAX_CHUNK_ELEMENTS // 8):
+        cand = grid.candidates(start[rows], count[rows])
+        d = grid.sq_distances(y[rows], cand)
         m = min(keep, cand.size(1))
         if m < k:
             continue  # fewer than k candidate slots: brute force
@@ -211,8 +251,7 @@ def _grid_knn(x: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
         top_c = cand.gather(1, top)
         # rank the kept candidates by (distance, index), as the brute-force pass does
         top_c, by_index = torch.sort(top_c, dim=1)
-        top_d = top_d.gather(1, by_index)
-        d_sorted, rank = torch.sort(top_d, dim=1, stable=True)
+        d_sorted, rank = torch.sort(top_d.gather(1, by_index), dim=1, stable=True)
         order[rows] = top_c.gather(1, rank[:, :k])
         kth = d_sorted[:, k - 1]
         # settled: the k-th is a real candidate, nearer than anything outside the block, and (unless every
@@ -285,6 +324,101 @@ def knn_graph(x: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = Fa
                 rank = torch.arange(centre.numel(), device=centre.device) - start[centre]
                 first_k = rank < k
                 centre, neighbour = centre[first_k], neighbour[first_k]
+    if flow == "source_to_target":
+        return torch.stack([neighbour, centre])
+    return torch.stack([centre, neighbour])
+
+
+@torch.no_grad()
+def radius(x: Tensor, y: Tensor, r: float, batch_x: Optional[Tensor] = None, batch_y: Optional[Tensor] = None,
+           max_num_neighbors: int = 32, chunk: int = 1024) -> Tensor:
+    """For each point of ``y`` [Ny, D], the points of ``x`` [Nx, D] of the same example at distance below
+    ``r``: at most ``max_num_neighbors`` of them, the first ones in index order (torch_cluster's rule: its
+    CUDA and Triton kernels scan x in order and keep the first hits; ``dist < r``, strictly).
+
+    Returns [2, M] int64: row 0 the index into ``y``, row 1 the index into ``x``, grouped by query in order,
+    ascending x index within a query. Distances in float64. Searches in 1-3 dimensions over many points use a
+    uniform grid of cells of side r (exact: a point nearer than r is in one of the 3^D cells around the query);
+    the rest is brute force in chunks."""
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+        raise ValueError(f"r must be a positive finite number, got {r!r}")
+    if not isinstance(max_num_neighbors, int) or isinstance(max_num_neighbors, bool) or max_num_neighbors < 1:
+        raise ValueError(f"max_num_neighbors must be a positive int, got {max_num_neighbors!r}")
+    x, y, examples = _paired_examples(x, y, batch_x, batch_y)
+    rows, cols = [], []
+    for x0, x1, y0, y1 in examples:
+        q, p = _example_radius(x[x0:x1].double(), y[y0:y1].double(), float(r), max_num_neighbors, chunk)
+        rows.append(q + y0)
+        cols.append(p + x0)
+    if not rows:
+        return torch.empty(2, 0, dtype=torch.long, device=x.device)
+    return torch.stack([torch.cat(rows), torch.cat(cols)])
+
+
+def _first_hits(cand: Tensor, d: Tensor, r2: float, limit: int) -> tuple[Tensor, Tensor]:
+    """Per row, the ``limit`` lowest candidate indices with d < r2 -> (row ids, indices), row-major."""
+    n_sentinel = torch.iinfo(torch.long).max
+    hit = torch.where(d < r2, cand, n_sentinel)
+    m = min(limit, hit.size(1))
+    first = torch.topk(hit, m, dim=1, largest=False, sorted=True).values
+    keep = first != n_sentinel
+    rows = torch.arange(hit.size(0), device=hit.device)[:, None].expand_as(first)
+    return rows[keep], first[keep]
+
+
+def _example_radius(x: Tensor, y: Tensor, r: float, limit: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """One example, float64: (query ids, point ids) of the hits, query-major, ascending point index."""
+    nx, ny = x.size(0), y.size(0)
+    side = r * (1.0 + 1e-6)  # a hair above r: a point nearer than r stays within one cell per axis
+    use_grid = x.size(1) <= 3 and nx * ny >= _GRID_MIN_PAIRS and not _UniformGrid.too_fine(x, side)
+    out_q, out_p = [], []
+    if use_grid:
+        grid = _UniformGrid(x, side)
+        start, count = grid.block(grid.coords(y))
+        blocks = grid.offsets.size(0)
+        width = count.max(1).values
+        queries = torch.argsort(grid.cell_id(grid.coords(y)), stable=True)
+        # candidates outside the bounding box are handled too: their cells are clamped to the grid's edge,
+        # and a point nearer than r to such a query is still within one cell of the clamped cell
+        for rows in _query_chunks(queries, width * blocks, _MAX_CHUNK_ELEMENTS // 8):
+            cand = grid.candidates(start[rows], count[rows])
+            q, p = _first_hits(cand, grid.sq_distances(y[rows], cand), r * r, limit)
+            out_q.append(rows[q])
+            out_p.append(p)
+        q_all, p_all = torch.cat(out_q), torch.cat(out_p)
+        order = torch.argsort(q_all * nx + p_all)  # query-major, ascending point index
+        return q_all[order], p_all[order]
+    rows_per_chunk = max(1, min(chunk, _MAX_CHUNK_ELEMENTS // (4 * nx)))
+    all_points = torch.arange(nx, device=x.device)
+    for q0 in range(0, ny, rows_per_chunk):
+        yq = y[q0 : q0 + rows_per_chunk]
+        d = (x[None, :, :] - yq[:, None, :]).square().sum(-1)
+        q, p = _first_hits(all_points.expand(yq.size(0), nx), d, r * r, limit)
+        out_q.append(q + q0)
+        out_p.append(p)
+    return torch.cat(out_q), torch.cat(out_p)
+
+
+@torch.no_grad()
+def radius_graph(x: Tensor, r: float, batch: Optional[Tensor] = None, loop: bool = False,
+                 max_num_neighbors: int = 32, flow: str = "source_to_target", chunk: int = 1024) -> Tensor:
+    """The radius graph of the points ``x`` (per example of ``batch``) -> edge_index [2, E], as
+    torch_cluster.radius_graph: each point's neighbours at distance below ``r`` (at most ``max_num_neighbors``,
+    the first in index order), edges neighbour -> centre with flow "source_to_target". ``loop=False`` leaves the
+    point itself out and still keeps up to ``max_num_neighbors`` others (torch_cluster asks for one more and
+    drops the point, which keeps one too many when the point is not among the first)."""
+    if flow not in ("source_to_target", "target_to_source"):
+        raise ValueError(f"flow must be 'source_to_target' or 'target_to_source', got {flow!r}")
+    if not isinstance(max_num_neighbors, int) or isinstance(max_num_neighbors, bool) or max_num_neighbors < 1:
+        raise ValueError(f"max_num_neighbors must be a positive int, got {max_num_neighbors!r}")
+    centre, neighbour = radius(x, x, r, batch, batch, max_num_neighbors + (0 if loop else 1), chunk=chunk)
+    if not loop:
+        keep = centre != neighbour
+        centre, neighbour = centre[keep], neighbour[keep]
+        if centre.numel():  # the point itself was not among the first: drop the extra one
+            counts = torch.bincount(centre, minlength=int(centre.max()) + 1)
+            first = torch.arange(centre.numel(), device=centre.device) - (torch.cumsum(counts, 0) - counts)[centre]
+            centre, neighbour = centre[first < max_num_neighbors], neighbour[first < max_num_neighbors]
     if flow == "source_to_target":
         return torch.stack([neighbour, centre])
     return torch.stack([centre, neighbour])
