@@ -279,6 +279,14 @@ def test_point_transformer_bipartite_and_lazy_match_pyg(loops):
     _assert_same(lazy_ours, lazy_peer, x, pos, ei)
 
 
+def test_sparse_adjacency_input_equals_edge_index():
+    ours, _ = _pair(6, 8)
+    pos, x = _points(20, seed=16), torch.randn(20, 6)
+    ei = knn_graph(pos, 3)
+    adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1)), (20, 20)).coalesce().to_sparse_csr()
+    torch.testing.assert_close(ours(x, pos, adj_t), ours(x, pos, ei), **TOL)
+
+
 def test_batchnorm_in_pos_nn_sees_every_edge_as_in_pyg(monkeypatch):
     monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 40)
     nets = {"pos_nn": nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8))}

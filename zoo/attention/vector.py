@@ -201,22 +201,20 @@ class PointTransformerConv(CachedGraphLayer):
                                   alpha=(a_src_NC, a_dst_NC), size=(x_src.size(0), x_dst.size(0)))
         return self._blockwise(graph, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
 
-    def _edge_messages(self, src: Tensor, dst: Tensor, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst):
-        """Per edge: (scores [c, C] before the softmax, values [c, C]) -- PyG's message up to the softmax."""
-        delta = self.pos_nn(pos_dst[dst] - pos_src[src])
-        scores = a_dst_NC[dst] - a_src_NC[src] + delta
+    def _scores_and_values(self, rel_pos: Tensor, a_dst: Tensor, a_src: Tensor, v_src: Tensor):
+        """Per edge, from p_i - p_j, W_dst x_i, W_src x_j, W x_j: (scores [c, C] before the softmax, values
+        W x_j + delta [c, C]) -- PyG's message up to the softmax."""
+        delta = self.pos_nn(rel_pos)
+        scores = a_dst - a_src + delta
         if self.attn_nn is not None:
             scores = self.attn_nn(scores)
-        return scores, v_NC[src] + delta
+        return scores, v_src + delta
 
     def message(self, x_j: Tensor, pos_i: Tensor, pos_j: Tensor, alpha_i: Tensor, alpha_j: Tensor,
                 index: Tensor, size_i: Optional[int]) -> Tensor:
         """PyG's message (the explain / hook path): alpha * (W x_j + delta), softmax per channel."""
-        delta = self.pos_nn(pos_i - pos_j)
-        scores = alpha_i - alpha_j + delta
-        if self.attn_nn is not None:
-            scores = self.attn_nn(scores)
-        return segment_softmax(scores, index, int(size_i)) * (x_j + delta)
+        scores, values = self._scores_and_values(pos_i - pos_j, alpha_i, alpha_j, x_j)
+        return segment_softmax(scores, index, int(size_i)) * values
 
     def _blockwise(self, graph: GraphStructure, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst) -> Tensor:
         csr = graph.csr.to(v_NC.device)
@@ -250,5 +248,6 @@ class PointTransformerConv(CachedGraphLayer):
         weighted sum -> [n1 - n0, C]."""
         _release_free_heap()
         out = v_NC.new_zeros(n1 - n0, v_NC.size(1))
-        scores, values = self._edge_messages(src, dst_local + n0, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
+        dst = dst_local + n0
+        scores, values = self._scores_and_values(pos_dst[dst] - pos_src[src], a_dst_NC[dst], a_src_NC[src], v_NC[src])
         return out.index_add_(0, dst_local, segment_softmax(scores, dst_local, n1 - n0) * values)
