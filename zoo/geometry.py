@@ -97,6 +97,17 @@ def _paired_examples(x, y, batch_x, batch_y):
     return x, y, examples
 
 
+def _sq_distances(columns: Tensor, y: Tensor, index: Tensor) -> Tensor:
+    """Squared Euclidean distances [q, m] from each query y [q, D] to the points ``index`` [q, m] of the
+    coordinate columns [D, N], summed one coordinate at a time (1-D gathers, no [q, m, D] intermediate). Every
+    exact distance of this module goes through here, so the grid and brute-force paths round alike."""
+    d = None
+    for j in range(columns.size(0)):
+        diff = columns[j][index].sub_(y[:, j : j + 1]).square_()
+        d = diff if d is None else d.add_(diff)
+    return d
+
+
 class _UniformGrid:
     """Points binned into cubic cells of side ``side`` over their bounding box (an axis along which they do not
     vary gets one cell), sorted by cell. ``block(cells_of_queries)`` gives, per query, where the points of the
@@ -112,6 +123,7 @@ class _UniformGrid:
         for j in range(dims - 2, -1, -1):
             self.strides[j] = self.strides[j + 1] * self.cells[j + 1]
         self.cell_sorted, self.by_cell = torch.sort(self.cell_id(self.coords(x)), stable=True)
+        self.columns = x.t().contiguous()  # [D, N]: per-coordinate gathers
         self.offsets = torch.cartesian_prod(*[torch.tensor([-1, 0, 1], device=x.device)] * dims).view(-1, dims)
 
     @staticmethod
@@ -146,8 +158,7 @@ class _UniformGrid:
     def sq_distances(self, y: Tensor, cand: Tensor) -> Tensor:
         """Squared distances [q, m] from each query to its candidates (inf for padding)."""
         n = self.x.size(0)
-        d = (self.x[cand.clamp_max(n - 1)] - y[:, None, :]).square().sum(-1)
-        return d.masked_fill(cand == n, float("inf"))
+        return _sq_distances(self.columns, y, cand.clamp_max(n - 1)).masked_fill_(cand == n, float("inf"))
 
 
 def _query_chunks(queries: Tensor, width_per_query: Tensor, budget: int):
@@ -291,11 +302,10 @@ def _nearest(y: Tensor, x: Tensor, k: int, cosine: bool, y_exact: Tensor, x_exac
 
 def _pair_distances(y: Tensor, x: Tensor, cand: Tensor, cosine: bool) -> Tensor:
     """Distances from each row of y to its candidate points x[cand[row]] -> [ny, m]."""
-    xc = x[cand]  # [ny, m, D]
     if cosine:
         yn = torch.nn.functional.normalize(y, dim=1)[:, None, :]
-        return 1.0 - (torch.nn.functional.normalize(xc, dim=2) * yn).sum(-1)
-    return (xc - y[:, None, :]).square().sum(-1)
+        return 1.0 - (torch.nn.functional.normalize(x[cand], dim=2) * yn).sum(-1)
+    return _sq_distances(x.t().contiguous(), y, cand)
 
 
 @torch.no_grad()
@@ -390,10 +400,11 @@ def _example_radius(x: Tensor, y: Tensor, r: float, limit: int, chunk: int) -> t
         return q_all[order], p_all[order]
     rows_per_chunk = max(1, min(chunk, _MAX_CHUNK_ELEMENTS // (4 * nx)))
     all_points = torch.arange(nx, device=x.device)
+    columns = x.t().contiguous()
     for q0 in range(0, ny, rows_per_chunk):
         yq = y[q0 : q0 + rows_per_chunk]
-        d = (x[None, :, :] - yq[:, None, :]).square().sum(-1)
-        q, p = _first_hits(all_points.expand(yq.size(0), nx), d, r * r, limit)
+        every = all_points.expand(yq.size(0), nx)
+        q, p = _first_hits(every, _sq_distances(columns, yq, every), r * r, limit)
         out_q.append(q + q0)
         out_p.append(p)
     return torch.cat(out_q), torch.cat(out_p)
