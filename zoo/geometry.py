@@ -467,9 +467,13 @@ def fps(src: Tensor, batch: Optional[Tensor] = None, ratio: float = 0.5, random_
     dist = torch.full((size, n_max), float("inf"), dtype=torch.float64, device=src.device)
     dist[~valid] = -1.0
     last = first
+    columns = pos.permute(2, 0, 1).contiguous()  # [D, B, n_max]: one coordinate at a time, in place
     for step in range(1, steps):
-        d = (pos - pos[rows, last][:, None, :]).square().sum(-1)
-        dist = torch.minimum(dist, d.masked_fill(~valid, -1.0))
+        picked = columns[:, rows, last]  # [D, B]
+        d = (columns[0] - picked[0, :, None]).square_()
+        for j in range(1, columns.size(0)):
+            d.add_((columns[j] - picked[j, :, None]).square_())
+        torch.minimum(dist, d, out=dist)  # padded slots stay at -1
         last = dist.argmax(dim=1)  # first maximum: ties to the lowest index
         chosen[:, step] = last
     out = [chosen[b, : picks[b]] + ptr[b] for b in range(size) if counts[b] > 0]
