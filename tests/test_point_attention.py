@@ -279,6 +279,15 @@ def test_point_transformer_bipartite_and_lazy_match_pyg(loops):
     _assert_same(lazy_ours, lazy_peer, x, pos, ei)
 
 
+def test_without_recompute_matches_pyg(monkeypatch):
+    monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 40)
+    ours, peer = _pair(6, 8, nets={"attn_nn": _mlp(8)})
+    ours.recompute = False
+    assert PointTransformerConv(6, 8, recompute=False).recompute is False
+    pos, x = _points(30, seed=17), torch.randn(30, 6)
+    _assert_same(ours, peer, x, pos, knn_graph(pos, 4))
+
+
 def test_sparse_adjacency_input_equals_edge_index():
     ours, _ = _pair(6, 8)
     pos, x = _points(20, seed=16), torch.randn(20, 6)
@@ -322,6 +331,10 @@ def test_blockwise_path_keeps_far_less_for_backward(monkeypatch):
     torch.testing.assert_close(out1, out2, **TOL)
     print("saved for backward: ours", ours_bytes, "PyG", peer_bytes)
     assert ours_bytes * 8 < peer_bytes, (ours_bytes, peer_bytes)
+    ours.recompute = False  # PyG's trade: everything kept, no second forward; the same results
+    kept_bytes, out3 = saved_bytes(ours)
+    torch.testing.assert_close(out3, out2, **TOL)
+    assert kept_bytes > peer_bytes / 2, (kept_bytes, peer_bytes)
 
 
 def test_point_transformer_explain_and_hooks_match_pyg():
