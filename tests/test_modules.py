@@ -25,8 +25,10 @@ timm = pytest.importorskip("timm")
 # --------------------------------------------------------------------------------------------------
 # float64 references
 # --------------------------------------------------------------------------------------------------
-def rope_reference(x, positions, mode, theta):
+def rope_reference(x, positions, mode, theta, axes_dims=None):
     """Complex-number RoPE on float64: pairs (x_2i, x_2i+1) as complex numbers times exp(i * angle)."""
+    if mode == "3d":
+        return _wan_rope_reference(x, positions, axes_dims, theta)
     d = x.shape[-1]
     xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], d // 2, 2).contiguous())
     if mode == "1d":
@@ -64,8 +66,9 @@ def mha_reference(m, x, context=None, allowed=None, bias=None, score="softmax", 
         k = nn.functional.layer_norm(k, (d,), m.k_norm.weight.double(), m.k_norm.bias.double(), m.k_norm.eps)
     if rope_pos is not None:
         p = m.num_prefix_tokens
-        q = torch.cat([q[:, :, :p], rope_reference(q[:, :, p:], rope_pos, m.rope.mode, m.rope.theta)], dim=2)
-        k = torch.cat([k[:, :, :p], rope_reference(k[:, :, p:], rope_pos, m.rope.mode, m.rope.theta)], dim=2)
+        rope_args = (rope_pos, m.rope.mode, m.rope.theta, m.rope.axes_dims)
+        q = torch.cat([q[:, :, :p], rope_reference(q[:, :, p:], *rope_args)], dim=2)
+        k = torch.cat([k[:, :, :p], rope_reference(k[:, :, p:], *rope_args)], dim=2)
     k = k.repeat_interleave(h // hkv, dim=1)
     v = v.repeat_interleave(h // hkv, dim=1)
     s = q @ k.transpose(-1, -2) / math.sqrt(d)
@@ -321,6 +324,62 @@ def test_rope_scores_depend_only_on_position_differences():
     torch.testing.assert_close(r2(q, torch.tensor([[5.0, 6.0]])).norm(), q.norm())
 
 
+def _wan_rope_reference(x, positions, axes_dims, theta):
+    """Wan 2.1's 3D RoPE re-derived in float64 (wan/modules/model.py rope_params / rope_apply): the channel pairs
+    split into consecutive (frame, row, col) groups, each rotated as complex numbers by its coordinate times its
+    own 1D frequencies theta^(-2i/d_axis)."""
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], x.shape[-1] // 2, 2).contiguous())
+    parts = []
+    start = 0
+    for axis, d in enumerate(axes_dims):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angle = positions.double()[..., axis, None] * freqs
+        parts.append(xc[..., start : start + d // 2] * torch.polar(torch.ones_like(angle), angle))
+        start += d // 2
+    return torch.view_as_real(torch.cat(parts, dim=-1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("axes_dims", [None, (4, 6, 6)], ids=["Wan split", "custom split"])
+def test_rope_3d_matches_the_wan_reference(axes_dims):
+    d, frames, rows, cols = 16, 2, 3, 4
+    rope = RotaryEmbedding(d, "3d", axes_dims=axes_dims)
+    assert rope.axes_dims == (axes_dims or (16 - 4 * 2, 4, 4))  # Wan: D - 4*(D//6), 2*(D//6), 2*(D//6)
+    x = torch.randn(2, 3, frames * rows * cols, d, dtype=torch.float64)
+    # frame-major, row-major token order (zoo.attention.Radial's layout)
+    pos = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij"),
+                      -1).reshape(-1, 3)
+    ref = _wan_rope_reference(x, pos, rope.axes_dims, 10000.0)
+    torch.testing.assert_close(rope(x, (frames, rows, cols)), ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(rope(x, pos.float()), ref, atol=1e-5, rtol=1e-5)
+    # scores depend only on (frame, row, col) differences, each axis on its own
+    q, k = x[:1, :1, :1], x[:1, :1, 1:2]
+
+    def score(pq, pk):
+        return float((rope(q, torch.tensor([pq])) * rope(k, torch.tensor([pk]))).sum())
+
+    base = score([1.0, 2.0, 0.0], [0.0, 1.0, 3.0])
+    assert score([4.0, 2.5, 7.0], [3.0, 1.5, 10.0]) == pytest.approx(base, abs=1e-9)
+    assert abs(score([1.0, 2.0, 0.0], [0.0, 1.0, 4.0]) - base) > 1e-6
+
+
+def test_mha_with_rope_3d_and_its_errors():
+    torch.manual_seed(9)
+    m = _randomise(MultiHeadAttention(48, 4, rope="3d")).double()
+    x = torch.randn(2, 2 * 2 * 3, 48, dtype=torch.float64)
+    pos = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(3), indexing="ij"), -1).reshape(-1, 3)
+    got = m(x, positions=(2, 2, 3))
+    torch.testing.assert_close(got, mha_reference(m, x, rope_pos=pos), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got, m(x, positions=pos.double()), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="3D RoPE: pass positions"):
+        m(x)
+    with pytest.raises(ValueError, match="grid 2x2x2 has 8 cells"):
+        m(x, positions=(2, 2, 2))
+    with pytest.raises(ValueError, match="axes_dims must be three positive even numbers"):
+        RotaryEmbedding(16, "3d", axes_dims=(4, 4, 4))
+    with pytest.raises(ValueError, match="axes_dims is a 3d RoPE argument"):
+        RotaryEmbedding(16, "1d", axes_dims=(8, 4, 4))
+
+
 def test_mha_with_rope_and_prefix_tokens_matches_reference():
     torch.manual_seed(8)
     m = _randomise(MultiHeadAttention(64, 4, qkv_bias=True, rope="2d", num_prefix_tokens=1)).double()
@@ -414,7 +473,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="not divisible"):
         MultiHeadAttention(30, 4)
     with pytest.raises(ValueError, match="rope"):
-        MultiHeadAttention(32, 4, rope="3d")
+        MultiHeadAttention(32, 4, rope="4d")
     with pytest.raises(ValueError, match="multiple of 4"):
         MultiHeadAttention(24, 4, rope="2d")  # head_dim 6
     with pytest.raises(TypeError, match="AttentionBias"):

@@ -11,7 +11,8 @@ MultiHeadAttention is the multi-head attention of Vaswani et al., "Attention Is 
 * cross attention (``kv_dim`` given): separate ``q`` and ``kv`` projections, ``forward(x, context)``;
 * qk-norm (Dehghani et al., "Scaling Vision Transformers to 22 Billion Parameters", ICML 2023): a norm
   over the head dim of q and k;
-* rotary position embeddings, 1D (RoFormer) or 2D axial (RoPE-ViT), see zoo/attention/rope.py;
+* rotary position embeddings, 1D (RoFormer), 2D axial (RoPE-ViT) or 3D for video (Wan), see
+  zoo/attention/rope.py;
 * a relative position bias (any :class:`zoo.attention.AttentionBias`, e.g. Swin/MaxViT tables);
 * sigmoid attention (Ramapuram et al., ICLR 2025) through ``score="sigmoid"``;
 * incremental (autoregressive) decoding with a :class:`KVCache` per layer: self attention appends each
@@ -128,8 +129,9 @@ class MultiHeadAttention(nn.Module):
         kv_dim: width of the context for cross attention; None makes this a self-attention module with a
             fused ``qkv`` projection, a number makes it cross attention with ``q`` and ``kv`` projections.
         head_dim: D; default ``dim // num_heads``.
-        rope: None, "1d" or "2d" rotary position embedding on q and k.
-        rope_theta: RoPE frequency base (default 10000 for 1d, 100 for 2d).
+        rope: None, "1d", "2d" or "3d" (video: frame, row, col) rotary position embedding on q and k.
+        rope_theta: RoPE frequency base (default 10000 for 1d and 3d, 100 for 2d).
+        rope_axes_dims: 3d RoPE only: head-dim channels per (frame, row, col) axis (default Wan's split).
         rel_pos_bias: an AttentionBias module added to the scores (owned by this module: its parameters
             are part of this module's state dict).
         score: "softmax" or "sigmoid".
@@ -152,6 +154,7 @@ class MultiHeadAttention(nn.Module):
         head_dim: Optional[int] = None,
         rope: Optional[str] = None,
         rope_theta: Optional[float] = None,
+        rope_axes_dims: Optional[tuple] = None,
         rel_pos_bias: Optional[AttentionBias] = None,
         score: str = "softmax",
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
@@ -185,8 +188,8 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(
                 f"MultiHeadAttention: rel_pos_bias must be a zoo.attention.AttentionBias, got {type(rel_pos_bias).__name__}"
             )
-        if rope not in (None, "1d", "2d"):
-            raise ValueError(f"MultiHeadAttention: rope must be None, '1d' or '2d', got {rope!r}")
+        if rope not in (None, "1d", "2d", "3d"):
+            raise ValueError(f"MultiHeadAttention: rope must be None, '1d', '2d' or '3d', got {rope!r}")
 
         self.dim = dim
         self.num_heads = num_heads
@@ -209,7 +212,8 @@ class MultiHeadAttention(nn.Module):
         self.q_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
         self.rope = (
-            RotaryEmbedding(head_dim, rope, theta=rope_theta, num_prefix_tokens=num_prefix_tokens) if rope else None
+            RotaryEmbedding(head_dim, rope, theta=rope_theta, num_prefix_tokens=num_prefix_tokens,
+                            axes_dims=rope_axes_dims) if rope else None
         )
         self.rel_pos_bias = rel_pos_bias
         self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias)

@@ -1,4 +1,4 @@
-"""Rotary position embeddings (RoPE): 1D for sequences, 2D axial for image patch grids.
+"""Rotary position embeddings (RoPE): 1D for sequences, 2D axial for image patch grids, 3D for video.
 
 Papers:
 * 1D: Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding" (2021,
@@ -9,6 +9,12 @@ Papers:
   the rotary pairs are rotated by the patch column x, the other half by the patch row y, both with the
   frequencies w_i = theta^(-4i/D), i < D/4, and theta = 100. As in the official code the column (x)
   pairs come first. Scores then depend only on (row - row', col - col').
+* 3D (video tokens: frame, row, col), as the video diffusion transformers use it (Wan 2.1, Wan-Video/Wan2.1,
+  wan/modules/model.py ``rope_params`` / ``rope_apply``; HunyuanVideo's ``rope_dim_list``): the head dim is
+  split into three consecutive channel slices of ``axes_dims`` (default Wan's: D - 4*(D//6) channels for the
+  frame, 2*(D//6) each for row and column), and each slice is a 1D RoPE of its own width
+  (w_i = theta^(-2i/d_axis), theta = 10000) driven by its coordinate. Scores then depend only on
+  (frame - frame', row - row', col - col').
 
 Layout: channel pairs are adjacent (interleaved, as in RoFormer and the complex-number form of RoPE-ViT),
 not the "rotate half" layout of GPT-NeoX.
@@ -16,8 +22,10 @@ not the "rotate half" layout of GPT-NeoX.
 Letters: B batch, H heads, N tokens, D head dim, P = D // 2 rotary pairs.
 
 Positions: 1D positions are (N,) or (B, N) numbers; 2D positions are (N, 2) or (B, N, 2) numbers in
-(row, col) order, or a grid size ``(rows, cols)`` meaning the row-major patch grid. By default 1D uses
-0..N-1 and 2D a square grid. The first ``num_prefix_tokens`` tokens (class / register tokens) are not
+(row, col) order, or a grid size ``(rows, cols)`` meaning the row-major patch grid; 3D positions are (N, 3)
+or (B, N, 3) numbers in (frame, row, col) order, or a grid size ``(frames, rows, cols)`` meaning the
+frame-major, row-major token layout (the layout of zoo.attention.Radial). By default 1D uses 0..N-1 and 2D a
+square grid; 3D needs positions or a grid size. The first ``num_prefix_tokens`` tokens (class / register tokens) are not
 rotated, as in RoPE-ViT.
 """
 from __future__ import annotations
@@ -28,26 +36,36 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["RotaryEmbedding", "apply_rotary", "rope_frequencies", "grid_positions", "DEFAULT_THETA"]
+__all__ = ["RotaryEmbedding", "apply_rotary", "rope_frequencies", "grid_positions", "default_axes_dims", "DEFAULT_THETA"]
 
-# Default base per mode: RoFormer uses 10000 for text, RoPE-ViT uses 100 for the 2D axial variant.
-DEFAULT_THETA = {"1d": 10000.0, "2d": 100.0}
+# Default base per mode: RoFormer uses 10000 for text, RoPE-ViT uses 100 for the 2D axial variant, Wan 10000
+# for each of its three video axes.
+DEFAULT_THETA = {"1d": 10000.0, "2d": 100.0, "3d": 10000.0}
 
 Positions = Union[torch.Tensor, Sequence[int], None]
 
 
-def rope_frequencies(head_dim: int, mode: str, theta: float) -> torch.Tensor:
-    """Angular frequencies in fp64: (D/2,) for "1d"; (D/4,) for "2d" (shared by rows and columns)."""
+def rope_frequencies(head_dim: int, mode: str, theta: float, axes_dims: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Angular frequencies in fp64: (D/2,) for "1d"; (D/4,) for "2d" (shared by rows and columns); for "3d"
+    (D/2,): the frame, row and column axes' own 1D frequencies, concatenated (widths ``axes_dims``)."""
     if mode == "1d":
         return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if mode == "3d":
+        return torch.cat([theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d) for d in axes_dims])
     return theta ** (-torch.arange(0, head_dim, 4, dtype=torch.float64)[: head_dim // 4] / head_dim)
 
 
-def grid_positions(rows: int, cols: int, device=None) -> torch.Tensor:
-    """(rows * cols, 2) float (row, col) positions of a row-major patch grid."""
-    r = torch.arange(rows, device=device, dtype=torch.float32)
-    c = torch.arange(cols, device=device, dtype=torch.float32)
-    return torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(rows * cols, 2)
+def default_axes_dims(head_dim: int) -> tuple[int, int, int]:
+    """Wan 2.1's split of an even head dim over (frame, row, col): D - 4*(D//6), 2*(D//6), 2*(D//6)."""
+    sixth = head_dim // 6
+    return head_dim - 4 * sixth, 2 * sixth, 2 * sixth
+
+
+def grid_positions(*sizes: int, device=None) -> torch.Tensor:
+    """(prod(sizes), len(sizes)) float positions of a row-major grid: ``grid_positions(rows, cols)`` gives the
+    (row, col) of a patch grid, ``grid_positions(frames, rows, cols)`` the (frame, row, col) of video tokens."""
+    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in sizes]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(math.prod(sizes), len(sizes))
 
 
 def apply_rotary(x_BHND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -65,19 +83,29 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding applied to q and k of shape (B, H, N, D).
 
     Args:
-        head_dim: D; even for "1d", a multiple of 4 for "2d".
-        mode: "1d" (RoFormer) or "2d" (axial RoPE-ViT).
-        theta: frequency base (default 10000 for "1d", 100 for "2d").
+        head_dim: D; even for "1d" and "3d", a multiple of 4 for "2d".
+        mode: "1d" (RoFormer), "2d" (axial RoPE-ViT) or "3d" (video: frame, row, col).
+        theta: frequency base (default 10000 for "1d" and "3d", 100 for "2d").
         num_prefix_tokens: leading tokens left unrotated (class / register tokens).
+        axes_dims: "3d" only: the channels given to (frame, row, col), even numbers summing to D (default
+            :func:`default_axes_dims`, Wan's split; HunyuanVideo uses (16, 56, 56) for D = 128).
     """
 
-    def __init__(self, head_dim: int, mode: str = "1d", theta: Optional[float] = None, num_prefix_tokens: int = 0):
+    def __init__(self, head_dim: int, mode: str = "1d", theta: Optional[float] = None, num_prefix_tokens: int = 0,
+                 axes_dims: Optional[Sequence[int]] = None):
         super().__init__()
         if mode not in DEFAULT_THETA:
-            raise ValueError(f"RotaryEmbedding: mode must be '1d' or '2d', got {mode!r}")
-        multiple = 2 if mode == "1d" else 4
+            raise ValueError(f"RotaryEmbedding: mode must be '1d', '2d' or '3d', got {mode!r}")
+        multiple = 4 if mode == "2d" else 2
         if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % multiple:
             raise ValueError(f"RotaryEmbedding: {mode} RoPE needs a head_dim that is a multiple of {multiple}, got {head_dim}")
+        if axes_dims is not None and mode != "3d":
+            raise ValueError("RotaryEmbedding: axes_dims is a 3d RoPE argument")
+        if mode == "3d":
+            axes_dims = default_axes_dims(head_dim) if axes_dims is None else tuple(int(d) for d in axes_dims)
+            if len(axes_dims) != 3 or any(d <= 0 or d % 2 for d in axes_dims) or sum(axes_dims) != head_dim:
+                raise ValueError(f"RotaryEmbedding: axes_dims must be three positive even numbers summing to "
+                                 f"head_dim={head_dim}, got {axes_dims}")
         theta = DEFAULT_THETA[mode] if theta is None else float(theta)
         if not (math.isfinite(theta) and theta > 1.0):
             raise ValueError(f"RotaryEmbedding: theta must be a finite number > 1, got {theta}")
@@ -88,24 +116,30 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self.num_prefix_tokens = int(num_prefix_tokens)
         # fp64 frequencies kept as a plain attribute (not a buffer: .half()/.to(dtype) must not round them).
-        self.freqs = rope_frequencies(head_dim, mode, theta)
+        self.axes_dims = axes_dims
+        self.freqs = rope_frequencies(head_dim, mode, theta, axes_dims)
         self._cache: dict = {}
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, mode={self.mode!r}, theta={self.theta}, num_prefix_tokens={self.num_prefix_tokens}"
+        axes = f", axes_dims={self.axes_dims}" if self.axes_dims else ""
+        return (f"head_dim={self.head_dim}, mode={self.mode!r}, theta={self.theta}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}{axes}")
 
     # ------------------------------------------------------------------ positions and angles
     def default_positions(self, num_tokens: int, device=None) -> torch.Tensor:
         """Positions of the ``num_tokens`` rotated tokens when none are given."""
         if self.mode == "1d":
             return torch.arange(num_tokens, device=device, dtype=torch.float32)
+        if self.mode == "3d":
+            raise ValueError(f"3D RoPE: pass positions=(frames, rows, cols) or a ({num_tokens}, 3) tensor of "
+                             "(frame, row, col) positions")
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:
             raise ValueError(
                 f"2D RoPE: {num_tokens} patch tokens do not form a square grid; pass positions=(rows, cols) "
                 f"or a (N, 2) tensor of (row, col) positions"
             )
-        return grid_positions(side, side, device)
+        return grid_positions(side, side, device=device)
 
     def _check_positions(self, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
         if not isinstance(positions, torch.Tensor):
@@ -116,8 +150,9 @@ class RotaryEmbedding(nn.Module):
             ok = positions.dim() in (1, 2) and positions.shape[-1] == num_tokens
             expected = f"({num_tokens},) or (B, {num_tokens})"
         else:
-            ok = positions.dim() in (2, 3) and positions.shape[-2:] == (num_tokens, 2)
-            expected = f"({num_tokens}, 2) or (B, {num_tokens}, 2)"
+            axes = 3 if self.mode == "3d" else 2
+            ok = positions.dim() in (2, 3) and positions.shape[-2:] == (num_tokens, axes)
+            expected = f"({num_tokens}, {axes}) or (B, {num_tokens}, {axes})"
         if not ok:
             raise ValueError(f"{self.mode} RoPE positions must have shape {expected}, got {tuple(positions.shape)}")
         if not bool(torch.isfinite(positions).all()):
@@ -130,6 +165,9 @@ class RotaryEmbedding(nn.Module):
         pos = positions.to(torch.float64)
         if self.mode == "1d":
             ang = pos[..., None] * freqs
+        elif self.mode == "3d":  # each axis drives its own slice of the pairs
+            pairs = [d // 2 for d in self.axes_dims]
+            ang = torch.cat([pos[..., a, None] * f for a, f in enumerate(freqs.split(pairs))], dim=-1)
         else:
             rows, cols = pos[..., 0], pos[..., 1]
             ang = torch.cat((cols[..., None] * freqs, rows[..., None] * freqs), dim=-1)  # x pairs first
@@ -139,7 +177,7 @@ class RotaryEmbedding(nn.Module):
         """cos, sin of shape (N, P) or (B, 1, N, P) for the rotated tokens (cached for default/grid positions)."""
         compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         key = None
-        if positions is None or (not isinstance(positions, torch.Tensor) and len(positions) == 2):
+        if positions is None or (not isinstance(positions, torch.Tensor) and len(positions) in (2, 3)):
             key = (num_tokens, None if positions is None else tuple(int(p) for p in positions), str(device), compute_dtype)
             hit = self._cache.get(key)
             if hit is not None:
@@ -147,12 +185,16 @@ class RotaryEmbedding(nn.Module):
         if positions is None:
             pos = self.default_positions(num_tokens, device)
         elif not isinstance(positions, torch.Tensor):
-            if self.mode != "2d":
-                raise TypeError("a (rows, cols) grid size is only meaningful for 2D RoPE; pass a tensor of positions")
-            rows, cols = (int(p) for p in positions)
-            if rows * cols != num_tokens:
-                raise ValueError(f"2D RoPE: grid {rows}x{cols} has {rows * cols} cells but there are {num_tokens} patch tokens")
-            pos = grid_positions(rows, cols, device)
+            if self.mode == "1d":
+                raise TypeError("a grid size is only meaningful for 2D / 3D RoPE; pass a tensor of positions")
+            sizes = tuple(int(p) for p in positions)
+            axes = 3 if self.mode == "3d" else 2
+            if len(sizes) != axes:
+                raise ValueError(f"{self.mode} RoPE: a grid size has {axes} numbers, got {tuple(positions)}")
+            if math.prod(sizes) != num_tokens:
+                raise ValueError(f"{self.mode} RoPE: grid {'x'.join(map(str, sizes))} has {math.prod(sizes)} cells but "
+                                 f"there are {num_tokens} tokens")
+            pos = grid_positions(*sizes, device=device)
         else:
             pos = self._check_positions(positions, num_tokens).to(device)
         ang = self.angles(pos)  # fp64: large positions keep their precision
