@@ -1,4 +1,4 @@
-"""Point-cloud neighbourhoods in plain PyTorch: k nearest neighbours and farthest point sampling.
+"""Point-cloud neighbourhoods in plain PyTorch: k nearest neighbours, radius balls, farthest point sampling.
 
 The geometry half of point attention (Point Transformer's vector attention over kNN neighbours, part
 attention): which points a point attends to. PyG's ``knn``, ``knn_graph`` and ``fps`` need the
@@ -10,6 +10,9 @@ torch_cluster's signatures and conventions (torch_cluster 1.6, ``torch_cluster/k
 * :func:`knn_graph` -- the kNN graph of one point set as an ``edge_index`` (flow "source_to_target": edges
   neighbour -> centre, so a layer aggregates over each point's neighbours), self loops left out unless
   ``loop=True``.
+* :func:`radius` / :func:`radius_graph` -- the points nearer than ``r`` (strictly), at most
+  ``max_num_neighbors`` per query, the first in index order (the rule of torch_cluster's CUDA / Triton
+  kernels, ``torch_cluster/radius.py``).
 * :func:`fps` -- farthest point sampling: per example, ``ceil(ratio * n)`` indices, each the point farthest
   (squared Euclidean) from those already taken, ties to the lowest index; the first is index 0 of the
   example, or a random one with ``random_start=True``.
@@ -17,8 +20,9 @@ torch_cluster's signatures and conventions (torch_cluster 1.6, ``torch_cluster/k
 Examples are given as torch_cluster's ``batch`` vector (example id per point, sorted). Results are exact
 (squared Euclidean, or cosine distance with ``cosine=True``; ties between equal distances go to the lower
 index). Large Euclidean searches in 1-3 dimensions (at least 2**24 query x point pairs in an example) go
-through a uniform grid: each query reads the 3^D cells around its own and keeps the answer when the grid
-proves it (:func:`_grid_knn`); the few queries it cannot settle, and all other searches, are brute force in
+through a uniform grid: each query reads the 3^D cells around its own; kNN keeps the answer when the grid
+proves it (:func:`_grid_knn`), radius searches use cells of side r, which always hold the answer. The few kNN
+queries the grid cannot settle, and all other searches, are brute force in
 query chunks of at most ``chunk`` x n_x (and at most 2**25) distances, O(n_y n_x) time and bounded memory
 (torch_cluster's CUDA kernels are brute force too; its CPU path uses a KD-tree).
 """
