@@ -480,3 +480,20 @@ def test_reference_backend_without_autograd_keeps_exp_on_its_fast_path(monkeypat
     assert (out[:, :, 11] == 0).all() and (weights[:, :, 11] == 0).all()
     assert (weights[..., ~allowed] == 0).all()
     torch.testing.assert_close(weights.sum(-1)[:, :, allowed.any(-1)], torch.ones(1, 2, 39))
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+def test_streaming_chunk_mask_recipe(backend):
+    """The README's streaming recipe, Causal() | Segments(chunk ids): every frame sees its whole chunk and all
+    earlier frames (chunk-causal attention of streaming speech encoders), on every CPU backend."""
+    n, chunk = 100, 16
+    chunks = torch.arange(n) // chunk
+    mask = Causal() | Segments(chunks)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    truth = (j <= i) | (j // chunk == i // chunk)
+    assert torch.equal(mask.dense(n, n)[0, 0], truth)
+    q, k, v = make_qkv(1, 2, 2, n, n, 16, seed=3)
+    with use_backend(backend):
+        out = attend(q, k, v, mask=mask)
+    ref = naive_attention(q, k, v, truth[None, None], None, 16 ** -0.5, "softmax")
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
