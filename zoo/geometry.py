@@ -84,6 +84,32 @@ def _distances(y: Tensor, x: Tensor, cosine: bool) -> Tensor:
     return d.addmm_(y, x.t(), alpha=-2.0)
 
 
+def _check_count(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_flow(flow: str) -> None:
+    if flow not in ("source_to_target", "target_to_source"):
+        raise ValueError(f"flow must be 'source_to_target' or 'target_to_source', got {flow!r}")
+
+
+def _neighbour_graph(centre: Tensor, neighbour: Tensor, loop: bool, cap: int, flow: str) -> Tensor:
+    """(centre, neighbour) pairs of a self-search, query-major, asked for ``cap`` neighbours (``cap + 1`` when
+    ``loop=False``) -> edge_index. Without loops the point itself is dropped and each centre keeps its first
+    ``cap`` others (a point with duplicates may not have come back as its own neighbour)."""
+    if not loop:
+        keep = centre != neighbour
+        centre, neighbour = centre[keep], neighbour[keep]
+        if centre.numel():
+            counts = torch.bincount(centre, minlength=int(centre.max()) + 1)
+            rank = torch.arange(centre.numel(), device=centre.device) - (torch.cumsum(counts, 0) - counts)[centre]
+            centre, neighbour = centre[rank < cap], neighbour[rank < cap]
+    if flow == "source_to_target":
+        return torch.stack([neighbour, centre])
+    return torch.stack([centre, neighbour])
+
+
 def _paired_examples(x, y, batch_x, batch_y):
     """Checked (x, y) and the (x0, x1, y0, y1) row ranges of each example that has points and queries."""
     x, y = _check_points("x", x), _check_points("y", y)
@@ -185,8 +211,7 @@ def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y:
     for examples that have fewer, as in torch_cluster). The final ranking uses float64 distances, so float32
     rounding decides neither the order nor ties.
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    _check_count("k", k)
     x, y, examples = _paired_examples(x, y, batch_x, batch_y)
     rows, cols = [], []
     work = torch.float64 if x.dtype == torch.float64 or cosine else torch.float32
@@ -322,25 +347,10 @@ def knn_graph(x: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = Fa
     k neighbours; "target_to_source" flips the rows. ``loop=False`` looks up k + 1 neighbours and drops the
     point itself, so each point keeps k others (fewer when its example is smaller).
     """
-    if flow not in ("source_to_target", "target_to_source"):
-        raise ValueError(f"flow must be 'source_to_target' or 'target_to_source', got {flow!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    _check_flow(flow)
+    _check_count("k", k)
     centre, neighbour = knn(x, x, k if loop else k + 1, batch, batch, cosine=cosine, chunk=chunk)
-    if not loop:
-        keep = centre != neighbour
-        centre, neighbour = centre[keep], neighbour[keep]
-        # a point with a duplicate may not have come back as its own neighbour: keep k per centre
-        if centre.numel():
-            counts = torch.bincount(centre, minlength=x.size(0) if x.dim() else 0)
-            if bool((counts > k).any()):
-                start = torch.cumsum(counts, 0) - counts
-                rank = torch.arange(centre.numel(), device=centre.device) - start[centre]
-                first_k = rank < k
-                centre, neighbour = centre[first_k], neighbour[first_k]
-    if flow == "source_to_target":
-        return torch.stack([neighbour, centre])
-    return torch.stack([centre, neighbour])
+    return _neighbour_graph(centre, neighbour, loop, k, flow)
 
 
 @torch.no_grad()
@@ -356,8 +366,7 @@ def radius(x: Tensor, y: Tensor, r: float, batch_x: Optional[Tensor] = None, bat
     the rest is brute force in chunks."""
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
         raise ValueError(f"r must be a positive finite number, got {r!r}")
-    if not isinstance(max_num_neighbors, int) or isinstance(max_num_neighbors, bool) or max_num_neighbors < 1:
-        raise ValueError(f"max_num_neighbors must be a positive int, got {max_num_neighbors!r}")
+    _check_count("max_num_neighbors", max_num_neighbors)
     x, y, examples = _paired_examples(x, y, batch_x, batch_y)
     rows, cols = [], []
     for x0, x1, y0, y1 in examples:
@@ -388,10 +397,11 @@ def _example_radius(x: Tensor, y: Tensor, r: float, limit: int, chunk: int) -> t
     out_q, out_p = [], []
     if use_grid:
         grid = _UniformGrid(x, side)
-        start, count = grid.block(grid.coords(y))
+        cq = grid.coords(y)
+        start, count = grid.block(cq)
         blocks = grid.offsets.size(0)
         width = count.max(1).values
-        queries = torch.argsort(grid.cell_id(grid.coords(y)), stable=True)
+        queries = torch.argsort(grid.cell_id(cq), stable=True)
         # candidates outside the bounding box are handled too: their cells are clamped to the grid's edge,
         # and a point nearer than r to such a query is still within one cell of the clamped cell
         for rows in _query_chunks(queries, width * blocks, _MAX_CHUNK_ELEMENTS // 8):
@@ -422,21 +432,10 @@ def radius_graph(x: Tensor, r: float, batch: Optional[Tensor] = None, loop: bool
     the first in index order), edges neighbour -> centre with flow "source_to_target". ``loop=False`` leaves the
     point itself out and still keeps up to ``max_num_neighbors`` others (torch_cluster asks for one more and
     drops the point, which keeps one too many when the point is not among the first)."""
-    if flow not in ("source_to_target", "target_to_source"):
-        raise ValueError(f"flow must be 'source_to_target' or 'target_to_source', got {flow!r}")
-    if not isinstance(max_num_neighbors, int) or isinstance(max_num_neighbors, bool) or max_num_neighbors < 1:
-        raise ValueError(f"max_num_neighbors must be a positive int, got {max_num_neighbors!r}")
+    _check_flow(flow)
+    _check_count("max_num_neighbors", max_num_neighbors)
     centre, neighbour = radius(x, x, r, batch, batch, max_num_neighbors + (0 if loop else 1), chunk=chunk)
-    if not loop:
-        keep = centre != neighbour
-        centre, neighbour = centre[keep], neighbour[keep]
-        if centre.numel():  # the point itself was not among the first: drop the extra one
-            counts = torch.bincount(centre, minlength=int(centre.max()) + 1)
-            first = torch.arange(centre.numel(), device=centre.device) - (torch.cumsum(counts, 0) - counts)[centre]
-            centre, neighbour = centre[first < max_num_neighbors], neighbour[first < max_num_neighbors]
-    if flow == "source_to_target":
-        return torch.stack([neighbour, centre])
-    return torch.stack([centre, neighbour])
+    return _neighbour_graph(centre, neighbour, loop, max_num_neighbors, flow)
 
 
 @torch.no_grad()
