@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from torch_geometric.nn.inits import reset
 
 from zoo.attention.graph import CachedGraphLayer, GraphStructure, _check_channels, _check_features
 from zoo.attention.segment import segment_softmax
@@ -89,17 +90,6 @@ def _release_free_heap() -> None:
     the blockwise layer then peaked 400 MB above PyG's instead of below it."""
     if _GLIBC is not None and _GLIBC[1]().fordblks > _FREE_HEAP_BUDGET:
         _GLIBC[0](0)
-
-
-def _reset(module) -> None:
-    """PyG's ``reset``: every submodule's reset_parameters (pos_nn / attn_nn may be any nn.Module)."""
-    if module is None:
-        return
-    if hasattr(module, "reset_parameters"):
-        module.reset_parameters()
-        return
-    for child in module.children() if isinstance(module, nn.Module) else ():
-        _reset(child)
 
 
 class PointTransformerConv(CachedGraphLayer):
@@ -156,8 +146,8 @@ class PointTransformerConv(CachedGraphLayer):
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        _reset(self.pos_nn)
-        _reset(self.attn_nn)
+        reset(self.pos_nn)  # PyG's: each submodule's reset_parameters (pos_nn / attn_nn may be any module)
+        reset(self.attn_nn)
         for lin in (self.lin, self.lin_src, self.lin_dst):
             if not isinstance(lin, nn.LazyLinear) or not lin.has_uninitialized_params():
                 lin.reset_parameters()
