@@ -241,15 +241,18 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: {name} has no tokens (shape {tuple(t.shape)})")
 
     def project(self, x_BNC: torch.Tensor, context_BMC: Optional[torch.Tensor] = None, num_queries: Optional[int] = None):
-        """q (B, H, Nq, D), k and v (B, Hkv, M, D) after qk-norm (before RoPE).
+        """q (B, H, Nq, D), k and v (B, Hkv, M, D) after qk-norm (before RoPE). In cross attention without a
+        context (its keys and values come from a :class:`KVCache`) k and v are None.
 
         ``num_queries`` (self attention only): only the first Nq tokens are projected to queries; keys and
         values still come from every token (the q rows of the fused weight are applied to those tokens only).
         """
         batch, n_tok, _ = x_BNC.shape
         if self.is_cross:
-            n_k = context_BMC.shape[1]
             q_BHND = self.q(x_BNC).view(batch, n_tok, self.num_heads, self.head_dim).transpose(1, 2)
+            if context_BMC is None:
+                return self.q_norm(q_BHND), None, None
+            n_k = context_BMC.shape[1]
             kv = self.kv(context_BMC).view(batch, n_k, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             k_BHMD, v_BHMD = kv.unbind(0)
         elif num_queries is not None:
@@ -352,12 +355,9 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("MultiHeadAttention: num_queries cannot be combined with RoPE")
             if not isinstance(num_queries, int) or not 1 <= num_queries <= x_BNC.shape[1]:
                 raise ValueError(f"MultiHeadAttention: num_queries must be an int in [1, {x_BNC.shape[1]}], got {num_queries!r}")
-        if cached_context:  # queries only: keys and values of the context are in the cache
-            batch, n_tok = x_BNC.shape[:2]
-            q_BHND = self.q_norm(self.q(x_BNC).view(batch, n_tok, self.num_heads, self.head_dim).transpose(1, 2))
+        q_BHND, k_BHMD, v_BHMD = self.project(x_BNC, None if cached_context else context, num_queries)
+        if cached_context:  # the keys and values of the context are in the cache
             k_BHMD, v_BHMD = cache.keys, cache.values
-        else:
-            q_BHND, k_BHMD, v_BHMD = self.project(x_BNC, context, num_queries)
         batch, n_q = x_BNC.shape[0], q_BHND.shape[2]
         if self.rope is not None:
             if cache is not None and not self.is_cross and positions is None:  # positions continue the cache
