@@ -41,8 +41,8 @@ from typing import Optional
 import torch
 
 from zoo.bench.timing import (
-    compile_backend_arg, interleaved_samples, machine_description, medians, paired_ratio, peak_rss_mb_subprocess,
-    set_threads,
+    compile_backend_arg, interleaved_samples, machine_description, medians, output_and_grad_errors, paired_ratio,
+    peak_rss_mb_subprocess, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
@@ -115,24 +115,6 @@ def _step(layer, x, edge_index):
         out.sum().backward()
 
     return run
-
-
-def _check(x, ei, ours, peer) -> tuple[float, float]:
-    """Max |out_zoo - out_pyg| and max |dx_zoo - dx_pyg| / max |dx_pyg| of one forward + backward."""
-    out1 = ours(x, ei)
-    out1.sum().backward()
-    g1, x.grad = x.grad.clone(), None
-    out_1 = out1.detach()
-    del out1
-    out2 = peer(x, ei)
-    out2.sum().backward()
-    g2, x.grad = x.grad.clone(), None
-    out_err = (out_1 - out2.detach()).abs().max().item()
-    grad_err = ((g1 - g2).abs().max() / g2.abs().max().clamp_min(1e-12)).item()
-    del out_1, out2, g1, g2
-    ours.zero_grad(set_to_none=True)
-    peer.zero_grad(set_to_none=True)
-    return out_err, grad_err
 
 
 def _memory(nodes, edges, heads, channels, in_channels, threads, device, run_peer: bool,
@@ -217,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     ours, peer = (torch.compile(m, backend=args.compile, dynamic=False) for m in (ours, peer))
                 fns = {"zoo": _step(ours, x, ei)}
                 if peer_ok:
-                    out_err, grad_err = _check(x, ei, ours, peer)
+                    out_err, grad_err = output_and_grad_errors(x, ours, peer, ei)
                     fns["pyg"] = _step(peer, x, ei)
                 samples = interleaved_samples(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
                 t = medians(samples)

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from zoo.bench.timing import (
-    interleaved_samples, machine_description, medians, paired_ratio, peak_rss_mb_subprocess, set_threads,
+    interleaved_samples, machine_description, medians, output_and_grad_errors, paired_ratio, peak_rss_mb_subprocess,
+    set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case"]
@@ -88,19 +89,6 @@ def _step(layer, x, pos, edge_index):
     return run
 
 
-def _check(x, pos, ei, ours, peer) -> tuple[float, float]:
-    """Max |out_zoo - out_pyg| and max |dx_zoo - dx_pyg| / max |dx_pyg| of one forward + backward."""
-    results = []
-    for layer in (ours, peer):
-        out = layer(x, pos, ei)
-        out.sum().backward()
-        results.append((out.detach(), x.grad.clone()))
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-    (o1, g1), (o2, g2) = results
-    return (o1 - o2).abs().max().item(), ((g1 - g2).abs().max() / g2.abs().max().clamp_min(1e-12)).item()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo bench points", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="10000,50000,200000", help="comma list of point counts N")
@@ -142,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             start = time.perf_counter()  # the kNN graph again on its own, for its time
             knn_graph(pos, args.k)
             t_knn = time.perf_counter() - start
-            out_err, grad_err = _check(x, pos, ei, ours, peer)
+            out_err, grad_err = output_and_grad_errors(x, ours, peer, pos, ei)
             samples = interleaved_samples({"zoo": _step(ours, x, pos, ei), "pyg": _step(peer, x, pos, ei)},
                                           repeats=args.repeats, warmup=args.warmup)
             t = medians(samples)

@@ -173,6 +173,22 @@ def interleaved_samples_with_faults(
     return samples, {name: counter.per_call() for name, counter in counters.items()}
 
 
+def output_and_grad_errors(x, ours, peer, *inputs) -> tuple[float, float]:
+    """One forward + backward (of the output's sum) of each layer, called as ``layer(x, *inputs)`` with ``x``
+    requiring grad: (max |out_ours - out_peer|, max |dx_ours - dx_peer| / max |dx_peer|). The benchmarks check
+    with it that the two contenders compute the same thing before timing them."""
+    results = []
+    for layer in (ours, peer):
+        out = layer(x, *inputs)
+        out.sum().backward()
+        results.append((out.detach(), x.grad.clone()))
+        del out  # its autograd graph goes before the next layer runs
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    (o1, g1), (o2, g2) = results
+    return (o1 - o2).abs().max().item(), ((g1 - g2).abs().max() / g2.abs().max().clamp_min(1e-12)).item()
+
+
 def compile_backend_arg(value: str) -> str:
     """argparse ``type`` of the benchmarks' ``--compile BACKEND``: a torch.compile backend name, checked as the
     training option's (zoo.train.module.compile_backend)."""
