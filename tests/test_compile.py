@@ -189,9 +189,10 @@ def test_explicit_triton_request_runs_outside_the_compiled_graph():
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_multi_head_attention_compiles():
+@pytest.mark.parametrize("rel_pos", [None, "xl"])
+def test_multi_head_attention_compiles(rel_pos):
     torch.manual_seed(0)
-    module = MultiHeadAttention(32, 4, qkv_bias=True)
+    module = MultiHeadAttention(32, 4, qkv_bias=True, rel_pos=rel_pos)
     x = torch.randn(2, 11, 32)
     compiled = torch.compile(module, backend=BACKEND, fullgraph=True)
     for mask in (None, Causal()):

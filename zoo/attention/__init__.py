@@ -48,6 +48,9 @@ _LAZY = {
     "RelPosBiasTf": "zoo.attention.relpos",
     "RelPosMlp": "zoo.attention.relpos",
     "resize_rel_pos_table": "zoo.attention.relpos",
+    "TransformerXLRelPos": "zoo.attention.relpos_xl",
+    "relative_sinusoids": "zoo.attention.relpos_xl",
+    "rel_shift": "zoo.attention.relpos_xl",
     "segment_softmax": "zoo.attention.segment",
 }
 

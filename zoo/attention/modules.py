@@ -14,6 +14,8 @@ MultiHeadAttention is the multi-head attention of Vaswani et al., "Attention Is 
 * rotary position embeddings, 1D (RoFormer), 2D axial (RoPE-ViT) or 3D for video (Wan), see
   zoo/attention/rope.py;
 * a relative position bias (any :class:`zoo.attention.AttentionBias`, e.g. Swin/MaxViT tables);
+* Transformer-XL relative positions (``rel_pos="xl"``, the Conformer encoder's attention): a query-dependent
+  score term, see zoo/attention/relpos_xl.py;
 * sigmoid attention (Ramapuram et al., ICLR 2025) through ``score="sigmoid"``;
 * incremental (autoregressive) decoding with a :class:`KVCache` per layer: self attention appends each
   step's keys/values (after qk-norm and RoPE, whose positions continue from the cache length) and attends
@@ -35,6 +37,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.bias import AttentionBias
 from zoo.attention.core import attend
 from zoo.attention.masks import Mask
+from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
 from zoo.layers import activate_fresh
 
@@ -134,6 +137,10 @@ class MultiHeadAttention(nn.Module):
         rope_axes_dims: 3d RoPE only: head-dim channels per (frame, row, col) axis (default Wan's split).
         rel_pos_bias: an AttentionBias module added to the scores (owned by this module: its parameters
             are part of this module's state dict).
+        rel_pos: None or "xl": Transformer-XL relative positions (Dai et al. 2019; the attention of Conformer
+            encoders), a :class:`TransformerXLRelPos` named ``rel_pos`` (``linear_pos``, ``pos_bias_u``,
+            ``pos_bias_v``) whose sinusoids have the width ``dim``. Self attention only; not with RoPE. The
+            new tokens of a call are the last ones (after a KV cache's), the first ones with num_queries.
         score: "softmax" or "sigmoid".
         norm_layer: norm constructor for qk-norm, called as ``norm_layer(head_dim)``.
         proj_bias: bias in the output projection.
@@ -156,6 +163,7 @@ class MultiHeadAttention(nn.Module):
         rope_theta: Optional[float] = None,
         rope_axes_dims: Optional[tuple] = None,
         rel_pos_bias: Optional[AttentionBias] = None,
+        rel_pos: Optional[str] = None,
         score: str = "softmax",
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         proj_bias: bool = True,
@@ -190,6 +198,13 @@ class MultiHeadAttention(nn.Module):
             )
         if rope not in (None, "1d", "2d", "3d"):
             raise ValueError(f"MultiHeadAttention: rope must be None, '1d', '2d' or '3d', got {rope!r}")
+        if rel_pos not in (None, "xl"):
+            raise ValueError(f"MultiHeadAttention: rel_pos must be None or 'xl', got {rel_pos!r}")
+        if rel_pos is not None and rope is not None:
+            raise ValueError("MultiHeadAttention: choose one position scheme: rel_pos='xl' or rope, not both")
+        if rel_pos is not None and kv_dim is not None:
+            raise ValueError("MultiHeadAttention: rel_pos='xl' is for self attention (queries and keys on one "
+                             "time axis); this module has kv_dim (cross attention)")
 
         self.dim = dim
         self.num_heads = num_heads
@@ -216,6 +231,7 @@ class MultiHeadAttention(nn.Module):
                             axes_dims=rope_axes_dims) if rope else None
         )
         self.rel_pos_bias = rel_pos_bias
+        self.rel_pos = TransformerXLRelPos(dim, num_heads, head_dim) if rel_pos == "xl" else None
         self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -377,6 +393,13 @@ class MultiHeadAttention(nn.Module):
                 k_BHMD, v_BHMD = cache.append(k_BHMD, v_BHMD)
         n_k = k_BHMD.shape[2]
         bias = self._combined_bias(bias, n_q, n_k, q_BHND)
+        if self.rel_pos is not None:
+            # queries q + u, and the (b) + (d) terms as a bias: the new tokens are the last n_q of the n_k keys
+            # (a KV cache's first), or the first n_q with num_queries
+            q_BHND, xl_bias = self.rel_pos(q_BHND, n_k, self.scale, q_offset=0 if num_queries is not None else None)
+            if isinstance(bias, AttentionBias):
+                bias = bias.materialize(n_q, n_k, device=q_BHND.device, dtype=q_BHND.dtype)
+            bias = xl_bias if bias is None else xl_bias + bias
         dropout_p = self.attn_drop if self.training else 0.0
         if _capture.is_capturing():
             out_BHND, weights = attend(

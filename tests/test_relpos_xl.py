@@ -1,0 +1,269 @@
+"""Transformer-XL relative positions (zoo/attention/relpos_xl.py, MultiHeadAttention(rel_pos="xl")).
+
+Checked against:
+* a float64 re-derivation of the paper's score, pair by pair: score_ij = ((q_i + u) . k_j + (q_i + v) .
+  W_pos s(i - j)) / sqrt(D), s the interleaved sinusoid of the distance, written here from the definition
+  (no rel_shift, no table);
+* an ESPnet-layout forward written from ESPnet's formulas (separate linear_q/k/v/out, a (1, 2T - 1, C)
+  positional table from T - 1 down to -(T - 1), the square zero-pad shift), whose weights map one to one;
+* the whole sequence in one call, for a decoder run token by token with a KV cache;
+and rel_shift against an explicit gather, for every Nq, Nk.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.attention import Causal, KVCache, MultiHeadAttention, Segments, TransformerXLRelPos, rel_shift, use_backend
+from zoo.attention.relpos_xl import relative_sinusoids
+
+DIM, HEADS = 24, 3
+
+
+def _xl(**kwargs) -> MultiHeadAttention:
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(DIM, HEADS, qkv_bias=True, rel_pos="xl", **kwargs)
+    with torch.no_grad():  # non-trivial u, v (and a bias that is not zero)
+        mha.rel_pos.pos_bias_u.normal_()
+        mha.rel_pos.pos_bias_v.normal_()
+    return mha
+
+
+def _sinusoid_f64(r: int, dim: int) -> torch.Tensor:
+    out = torch.empty(dim, dtype=torch.float64)
+    for m in range(dim // 2):
+        w = 10000.0 ** (-2.0 * m / dim)
+        out[2 * m], out[2 * m + 1] = math.sin(r * w), math.cos(r * w)
+    return out
+
+
+def _reference_f64(mha: MultiHeadAttention, x: torch.Tensor, allowed=None, q_offset=None, n_q=None) -> torch.Tensor:
+    """The paper's score, pair by pair, in float64; queries are tokens [q_offset, q_offset + n_q) of x."""
+    x = x.double()
+    batch, n, _ = x.shape
+    heads, d = mha.num_heads, mha.head_dim
+    qkv = F.linear(x, mha.qkv.weight.double(), mha.qkv.bias.double()).view(batch, n, 3, heads, d)
+    q, k, v = qkv.unbind(2)  # (B, N, H, D)
+    n_q = n if n_q is None else n_q
+    q_offset = n - n_q if q_offset is None else q_offset
+    w_pos = mha.rel_pos.linear_pos.weight.double()
+    u, vb = mha.rel_pos.pos_bias_u.double(), mha.rel_pos.pos_bias_v.double()
+    p = {r: (w_pos @ _sinusoid_f64(r, mha.dim)).view(heads, d) for r in range(-n, n + 1)}
+    scores = torch.empty(batch, heads, n_q, n, dtype=torch.float64)
+    for i in range(n_q):
+        qi = q[:, q_offset + i]  # (B, H, D)
+        for j in range(n):
+            content = ((qi + u) * k[:, j]).sum(-1)
+            position = ((qi + vb) * p[q_offset + i - j]).sum(-1)
+            scores[:, :, i, j] = (content + position) / math.sqrt(d)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v).reshape(batch, n_q, heads * d)
+    return F.linear(out, mha.proj.weight.double(), mha.proj.bias.double())
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("case", ["none", "causal", "padding"])
+def test_matches_the_paper_score_in_float64(backend, case):
+    mha = _xl()
+    x = torch.randn(2, 9, DIM, generator=torch.Generator().manual_seed(1))
+    mask, allowed = None, None
+    if case == "causal":
+        mask = Causal()
+        allowed = torch.ones(9, 9, dtype=torch.bool).tril()
+    elif case == "padding":  # the second utterance has 6 frames and 3 padding frames (negative id)
+        ids = torch.tensor([[0] * 9, [0] * 6 + [-1] * 3])
+        mask = Segments(ids)
+        allowed = (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0)
+        allowed = allowed[:, None]
+    with use_backend(backend):
+        got = mha(x, mask=mask)
+    want = _reference_f64(mha, x, allowed)
+    if case == "padding":  # padded query rows see nothing (zero attention output; only the proj bias)
+        got, want = got[:, :6], want[:, :6]
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_gradients_match_float64():
+    mha = _xl()
+    x = torch.randn(2, 7, DIM, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    grad_out = torch.randn(2, 7, DIM, generator=torch.Generator().manual_seed(3))
+    mha(x, mask=Causal()).backward(grad_out)
+    got = {name: p.grad.clone() for name, p in mha.named_parameters()}
+    got["x"] = x.grad.clone()
+
+    ref = _xl().double()
+    x64 = x.detach().double().requires_grad_(True)
+    allowed = torch.ones(7, 7, dtype=torch.bool).tril()
+    _reference_f64(ref, x64, allowed).backward(grad_out.double())
+    want = {name: p.grad for name, p in ref.named_parameters()}
+    want["x"] = x64.grad
+    assert set(got) == {"x", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "rel_pos.linear_pos.weight",
+                        "rel_pos.pos_bias_u", "rel_pos.pos_bias_v"}
+    for name in got:
+        torch.testing.assert_close(got[name].double(), want[name], atol=3e-5, rtol=3e-5, msg=name)
+
+
+def _espnet_style_forward(sd: dict, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """ESPnet's RelPositionMultiHeadedAttention with RelPositionalEncoding (2T - 1 positions), from its
+    formulas: linear_q/k/v/out and linear_pos, pos_bias_u/v, a table of positions T - 1 .. -(T - 1) built as
+    the flipped positive half and the negative half, and the square shift through a (B, H, 2T, 2T - 1) view."""
+    batch, t, c = x.shape
+    d = c // heads
+
+    def heads_first(y):
+        return y.view(batch, -1, heads, d).transpose(1, 2)
+
+    q = F.linear(x, sd["linear_q.weight"], sd["linear_q.bias"]).view(batch, t, heads, d)
+    k = heads_first(F.linear(x, sd["linear_k.weight"], sd["linear_k.bias"]))
+    v = heads_first(F.linear(x, sd["linear_v.weight"], sd["linear_v.bias"]))
+    position = torch.arange(t, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, c, 2, dtype=torch.float32) * -(math.log(10000.0) / c))
+    positive, negative = torch.zeros(t, c), torch.zeros(t, c)
+    positive[:, 0::2], positive[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
+    negative[:, 0::2], negative[:, 1::2] = torch.sin(-position * div), torch.cos(-position * div)
+    pos_emb = torch.cat([positive.flip(0), negative[1:]], dim=0)[None]  # (1, 2T - 1, C)
+    p = F.linear(pos_emb, sd["linear_pos.weight"]).view(1, -1, heads, d).transpose(1, 2)
+    ac = torch.matmul((q + sd["pos_bias_u"]).transpose(1, 2), k.transpose(-2, -1))
+    bd = torch.matmul((q + sd["pos_bias_v"]).transpose(1, 2), p.transpose(-2, -1))  # (B, H, T, 2T - 1)
+    padded = torch.cat([bd.new_zeros(batch, heads, t, 1), bd], dim=-1).view(batch, heads, 2 * t, t)
+    bd = padded[:, :, 1:].reshape(batch, heads, t, 2 * t - 1)[..., :t]
+    attn = torch.softmax((ac + bd) / math.sqrt(d), dim=-1)
+    out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, t, c)
+    return F.linear(out, sd["linear_out.weight"], sd["linear_out.bias"])
+
+
+def test_espnet_weights_map_one_to_one():
+    """An ESPnet/NeMo layer's weights: qkv = [linear_q; linear_k; linear_v], proj = linear_out, rel_pos.* as
+    named there. Same outputs."""
+    torch.manual_seed(5)
+    c = DIM
+    sd = {f"{name}.{kind}": torch.randn(c, c) * 0.2 if kind == "weight" else torch.randn(c) * 0.1
+          for name in ("linear_q", "linear_k", "linear_v", "linear_out") for kind in ("weight", "bias")}
+    sd["linear_pos.weight"] = torch.randn(c, c) * 0.2
+    sd["pos_bias_u"] = torch.randn(HEADS, c // HEADS)
+    sd["pos_bias_v"] = torch.randn(HEADS, c // HEADS)
+    mha = MultiHeadAttention(c, HEADS, qkv_bias=True, rel_pos="xl")
+    mha.load_state_dict({
+        "qkv.weight": torch.cat([sd[f"linear_{n}.weight"] for n in "qkv"]),
+        "qkv.bias": torch.cat([sd[f"linear_{n}.bias"] for n in "qkv"]),
+        "proj.weight": sd["linear_out.weight"], "proj.bias": sd["linear_out.bias"],
+        "rel_pos.linear_pos.weight": sd["linear_pos.weight"],
+        "rel_pos.pos_bias_u": sd["pos_bias_u"], "rel_pos.pos_bias_v": sd["pos_bias_v"],
+    }, strict=True)
+    x = torch.randn(2, 13, c)
+    torch.testing.assert_close(mha(x), _espnet_style_forward(sd, x, HEADS), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("n_q,n_k", [(1, 1), (1, 9), (4, 9), (9, 9), (9, 4), (5, 1)])
+def test_rel_shift_is_the_gather_it_stands_for(n_q, n_k):
+    scores = torch.randn(2, 3, n_q, n_q + n_k - 1)
+    i = torch.arange(n_q)[:, None]
+    j = torch.arange(n_k)[None, :]
+    index = (n_q - 1 - i + j).expand(2, 3, n_q, n_k)
+    torch.testing.assert_close(rel_shift(scores, n_k), torch.gather(scores, -1, index), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="Nq \\+ Nk - 1"):
+        rel_shift(scores, n_k + 1)
+
+
+def test_sinusoid_rows_run_from_the_largest_distance():
+    table = relative_sinusoids(3, 5, 8, dtype=torch.float64)  # distances 4 .. -2
+    assert table.shape == (7, 8)
+    for m, r in enumerate(range(4, -3, -1)):
+        torch.testing.assert_close(table[m], _sinusoid_f64(r, 8))
+    with pytest.raises(ValueError, match="even"):
+        relative_sinusoids(2, 2, 7)
+
+
+@pytest.mark.parametrize("steps", [[1] * 10, [4, 1, 3, 2]], ids=["token by token", "mixed"])
+def test_kv_cache_decoding_equals_the_whole_sequence(steps):
+    mha = _xl().eval()
+    x = torch.randn(2, 10, DIM, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = mha(x, mask=Causal())
+        cache, outs, t = KVCache(), [], 0
+        for n in steps:
+            outs.append(mha(x[:, t:t + n], mask=Causal() if n > 1 else None, cache=cache))
+            t += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(full.double(), _reference_f64(mha, x, torch.ones(10, 10, dtype=torch.bool).tril()),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_num_queries_are_the_first_tokens():
+    mha = _xl().eval()
+    x = torch.randn(2, 8, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x, num_queries=3), mha(x)[:, :3], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(mha(x, num_queries=3).double(), _reference_f64(mha, x, q_offset=0, n_q=3),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_kept_table_follows_the_weights():
+    """Without gradients the projected sinusoids are kept; growing lengths, an in-place weight change and
+    load_state_dict give the same outputs as computing them afresh."""
+    mha = _xl().eval()
+    for n in (5, 40, 7):  # 40 grows the table past its first reach
+        x = torch.randn(1, n, DIM)
+        with torch.no_grad():
+            kept = mha(x)
+        torch.testing.assert_close(kept, mha(x), atol=1e-5, rtol=1e-5)  # grad mode: built afresh
+    x = torch.randn(1, 6, DIM)
+    with torch.no_grad():
+        before = mha(x)
+        mha.rel_pos.linear_pos.weight.mul_(-1.5)
+        after = mha(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, mha(x), atol=1e-5, rtol=1e-5)
+    other = _xl().eval()
+    with torch.no_grad():
+        other.rel_pos.linear_pos.weight.normal_()
+        mha.load_state_dict(other.state_dict())
+        torch.testing.assert_close(mha(x), other(x), atol=0, rtol=0)
+
+
+def test_state_dict_and_repr():
+    mha = _xl()
+    assert [k for k in mha.state_dict() if k.startswith("rel_pos.")] == [
+        "rel_pos.pos_bias_u", "rel_pos.pos_bias_v", "rel_pos.linear_pos.weight"]
+    assert mha.rel_pos.linear_pos.weight.shape == (DIM, DIM) and mha.rel_pos.pos_bias_u.shape == (HEADS, DIM // HEADS)
+    assert "(rel_pos): TransformerXLRelPos(\n    dim=24, num_heads=3, head_dim=8" in repr(mha)
+
+
+def test_onnx_export_matches_onnxruntime_at_other_lengths():
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    mha = _xl().eval()
+    x = torch.randn(2, 11, DIM)
+    buffer = io.BytesIO()
+    torch.onnx.export(mha, (x,), buffer, input_names=["x"], output_names=["y"], dynamo=False,
+                      dynamic_axes={"x": {0: "batch", 1: "time"}, "y": {0: "batch", 1: "time"}})
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    for length in (11, 4, 23):  # the distances and the shift follow the input length
+        x2 = torch.randn(3, length, DIM)
+        (got,) = session.run(None, {"x": x2.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), mha(x2), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="rel_pos must be None or 'xl'"):
+        MultiHeadAttention(DIM, HEADS, rel_pos="t5")
+    with pytest.raises(ValueError, match="one position scheme"):
+        MultiHeadAttention(DIM, HEADS, rel_pos="xl", rope="1d")
+    with pytest.raises(ValueError, match="self attention"):
+        MultiHeadAttention(DIM, HEADS, rel_pos="xl", kv_dim=16)
+    with pytest.raises(ValueError, match="dim must be even"):
+        TransformerXLRelPos(9, 3)
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerXLRelPos(10, 3)
+    layer = TransformerXLRelPos(DIM, HEADS)
+    with pytest.raises(ValueError, match=r"queries must have shape \(B, 3, Nq, 8\)"):
+        layer(torch.randn(1, 2, 5, 8), 5, 0.1)
+    with pytest.raises(ValueError, match="n_k must be a positive int"):
+        layer(torch.randn(1, 3, 5, 8), 0, 0.1)
