@@ -245,9 +245,10 @@ def _mlp(c):
     return nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, c))
 
 
-@pytest.mark.parametrize("block_elements", [1 << 21, 40])  # one block / a block per neighbourhood or two
+@pytest.mark.parametrize("block_elements,recompute", [(1 << 21, "auto"), (40, True)],
+                         ids=["one block", "checkpointed blocks"])  # a block per neighbourhood or two
 @pytest.mark.parametrize("case", ["default", "attn_nn", "pos_mlp", "no_loops"])
-def test_point_transformer_matches_pyg(monkeypatch, case, block_elements):
+def test_point_transformer_matches_pyg(monkeypatch, case, block_elements, recompute):
     monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", block_elements)
     pos = _points(40, seed=5)
     x = torch.randn(40, 6, generator=torch.Generator().manual_seed(6))
@@ -257,6 +258,7 @@ def test_point_transformer_matches_pyg(monkeypatch, case, block_elements):
     if case == "pos_mlp":
         nets = {"pos_nn": nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 8)), "attn_nn": _mlp(8)}
     ours, peer = _pair(6, 8, nets=nets, add_self_loops=case != "no_loops")
+    ours.recompute = recompute
     _assert_same(ours, peer, x, pos, edge_index)
 
 
@@ -313,6 +315,7 @@ def test_blockwise_path_keeps_far_less_for_backward(monkeypatch):
     x = torch.randn(1500, 16)
     edge_index = knn_graph(pos, 16)
     ours, peer = _pair(16, 32, nets={"attn_nn": _mlp(32)})
+    ours.recompute = True
 
     def saved_bytes(module):
         storages = {}  # distinct storages (the blocks all save views of the same [N, C] inputs)
@@ -335,6 +338,35 @@ def test_blockwise_path_keeps_far_less_for_backward(monkeypatch):
     kept_bytes, out3 = saved_bytes(ours)
     torch.testing.assert_close(out3, out2, **TOL)
     assert kept_bytes > peer_bytes / 2, (kept_bytes, peer_bytes)
+    # "auto" (the default) decides by the estimated kept bytes: 1500 points x 17 edges x 32 channels x 12
+    # elements x 4 bytes = 39 MB against the budget
+    ours.recompute = "auto"
+    assert PointTransformerConv(16, 32).recompute == "auto"
+    auto_kept, _ = saved_bytes(ours)
+    assert auto_kept > peer_bytes / 2, (auto_kept, peer_bytes)
+    monkeypatch.setattr(vector, "_AUTO_RECOMPUTE_BYTES", 30 << 20)
+    auto_recomputed, out4 = saved_bytes(ours)
+    torch.testing.assert_close(out4, out2, **TOL)
+    assert auto_recomputed == ours_bytes, (auto_recomputed, ours_bytes)
+
+
+def test_heap_is_trimmed_only_between_several_blocks(monkeypatch):
+    """One block (training without recompute, or a small input) never trims: that would hand back the
+    previous call's heap for this call to page-fault in again. Several blocks trim before each."""
+    calls = []
+    monkeypatch.setattr(vector, "_release_free_heap", lambda: calls.append(1))
+    ours, _ = _pair(6, 8)
+    pos, x = _points(30, seed=18), torch.randn(30, 6)
+    ei = knn_graph(pos, 4)
+    ours.recompute = False
+    ours(x, pos, ei).sum().backward()
+    with torch.no_grad():
+        ours(x, pos, ei)
+    assert calls == []
+    monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 40)
+    with torch.no_grad():
+        ours(x, pos, ei)
+    assert len(calls) > 1
 
 
 def test_point_transformer_explain_and_hooks_match_pyg():
@@ -383,6 +415,8 @@ def test_point_transformer_repr_empty_graph_and_bad_inputs():
         conv(x, pos, torch.tensor([[0, 9], [1, 2]]))
     with pytest.raises(TypeError, match="unsupported MessagePassing arguments"):
         PointTransformerConv(6, 8, aggr="mean")
+    with pytest.raises(ValueError, match="recompute must be True, False or 'auto'"):
+        PointTransformerConv(6, 8, recompute="sometimes")
 
 
 def test_bench_points_smoke(capsys):
@@ -394,8 +428,8 @@ def test_bench_points_smoke(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300 |")]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert int(cells[1]) == 300 * 4 and float(cells[4]) > 0 and float(cells[5]) > 0
-    assert float(cells[10]) < 1e-5 and float(cells[11]) < 1e-4  # outputs and gradients agree
+    assert int(cells[1]) == 300 * 4 and cells[4] == "kept" and float(cells[5]) > 0 and float(cells[6]) > 0
+    assert float(cells[11]) < 1e-5 and float(cells[12]) < 1e-4  # outputs and gradients agree
     with pytest.raises(SystemExit):
         points.main(["--sizes", "3", "--k", "4"])
     assert "sizes > k" in capsys.readouterr().err

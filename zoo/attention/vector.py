@@ -19,7 +19,8 @@ keeps every [E, C] intermediate for backward (several per layer, more with MLPs)
 destination once (the cached CSR of zoo.attention.graph) and processed in blocks of whole neighbourhoods, so the
 per-channel softmax is complete inside a block; with autograd each block is checkpointed (its intermediates are
 recomputed in backward), so the layer keeps O(N C) activations plus one block's, not O(E C). The price is the
-block's forward run again in backward. pos_nn / attn_nn with batch statistics (BatchNorm in training mode) see the
+block's forward run again in backward, paid by default only when the kept intermediates would pass about 1 GiB
+(``recompute="auto"``). pos_nn / attn_nn with batch statistics (BatchNorm in training mode) see the
 whole edge set in one block, as in PyG, so their statistics are PyG's; so does a layer under torch.compile /
 export (one graph, PyG's memory; the graph structure is built outside it as for the GAT layers). While PyG's
 explain mode is on or a message-passing hook is registered, the layer runs PyG's ``propagate`` instead
@@ -46,6 +47,12 @@ __all__ = ["PointTransformerConv"]
 
 # edges per block of the memory-light path: about 2**21 [E, C] elements per intermediate
 _BLOCK_ELEMENTS = 1 << 21
+# recompute="auto": checkpoint the blocks in training once the [E, C] intermediates that autograd would keep
+# pass this many bytes, estimated as _KEPT_PER_EDGE_CHANNEL per edge and channel. PyG's layer with the MLPs of
+# its Point Transformer example keeps 12-20 [E, C]-sized tensors per edge and channel (measured net peaks,
+# docs/points.md), so 12 is a low estimate: below the budget keeping everything costs at most about 1 GiB.
+_AUTO_RECOMPUTE_BYTES = 1 << 30
+_KEPT_PER_EDGE_CHANNEL = 12
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -98,10 +105,12 @@ class PointTransformerConv(CachedGraphLayer):
     Args (as PyG): in_channels (int, a (source, target) pair, or -1 for lazy sizing), out_channels,
     pos_nn (maps relative positions [E, P] to [E, out_channels]; default Linear(3, out_channels)), attn_nn
     (maps [E, out_channels] to [E, out_channels]; default none), add_self_loops=True.
-    Beyond PyG: ``recompute=True`` (keyword only) checkpoints the blocks in training (memory O(N C) plus a
-    block, at the price of a second forward of each block); ``False`` keeps every intermediate as PyG does
-    and skips the recompute (PyG's memory; 1.90 s vs PyG's 1.69 s and 2.35 s with recompute at 50k points,
-    C = 32, docs/points.md). Inference runs in blocks either way.
+    Beyond PyG: ``recompute`` (keyword only) chooses, for training, between memory and time. ``True``
+    checkpoints the blocks: memory O(N C) plus a block, at the price of a second forward of each block.
+    ``False`` keeps every intermediate as PyG does and runs once (PyG's memory, a little faster than PyG).
+    ``"auto"`` (default) recomputes only when the kept intermediates would pass about 1 GiB (E x C x 12
+    elements): small clouds run at PyG's speed or better, large ones in a fraction of its memory
+    (docs/points.md). Inference runs in blocks either way.
 
     forward(x [N, F] | (x_src [Ns, Fs], x_dst [Nd, Fd]), pos [N, P] | (pos_src, pos_dst), edge_index [2, E]
     (row 0 source = neighbour j, row 1 destination = centre i) or a torch sparse adj_t [Nd, Ns]) -> [Nd, C].
@@ -115,7 +124,7 @@ class PointTransformerConv(CachedGraphLayer):
         attn_nn: Optional[Callable] = None,
         add_self_loops: bool = True,
         *,
-        recompute: bool = True,
+        recompute: Union[bool, str] = "auto",
         **kwargs,
     ):
         unsupported = sorted(k for k, v in kwargs.items() if not (k == "aggr" and v in ("add", "sum")))
@@ -135,7 +144,9 @@ class PointTransformerConv(CachedGraphLayer):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.add_self_loops = add_self_loops
-        self.recompute = bool(recompute)
+        if recompute not in (True, False, "auto"):
+            raise ValueError(f"PointTransformerConv: recompute must be True, False or 'auto', got {recompute!r}")
+        self.recompute = recompute
         src_size, dst_size = in_channels if isinstance(in_channels, tuple) else (in_channels, in_channels)
         self.pos_nn = pos_nn if pos_nn is not None else nn.Linear(3, out_channels)
         self.attn_nn = attn_nn
@@ -222,31 +233,47 @@ class PointTransformerConv(CachedGraphLayer):
         # export (a Python loop over blocks would be unrolled into the graph)
         # and when training without recompute (every block's intermediates would be kept anyway)
         whole = (is_tracing() or _has_batch_statistics(self.pos_nn) or _has_batch_statistics(self.attn_nn)
-                 or (torch.is_grad_enabled() and not self.recompute))
+                 or (torch.is_grad_enabled() and not self._recomputes(csr.num_edges, channels, v_NC)))
         blocks = [(0, num_dst, 0, csr.num_edges)] if whole else csr.blocks(max(1, _BLOCK_ELEMENTS // channels))
         recompute = torch.is_grad_enabled() and len(blocks) > 1
+        # Trim the heap before each block only when there are several: one block leaves no holes between
+        # blocks, and trimming would hand back the heap of the previous call, which this call's allocations
+        # would then page-fault in again (docs/points.md).
+        trim = len(blocks) > 1
         tensors = (v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
         outs, covered = [], 0
         for n0, n1, e0, e1 in blocks:
             if n0 > covered:  # destinations without edges: zeros
                 outs.append(v_NC.new_zeros(n0 - covered, channels))
             if recompute:
-                out = checkpoint(self._block, csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, *tensors,
+                out = checkpoint(self._block, csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, trim, *tensors,
                                  use_reentrant=False)
             else:
-                out = self._block(csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, *tensors)
+                out = self._block(csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, trim, *tensors)
             outs.append(out)
             covered = n1
         if covered < num_dst:
             outs.append(v_NC.new_zeros(num_dst - covered, channels))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _block(self, src: Tensor, dst_local: Tensor, n0: int, n1: int, v_NC, a_src_NC, a_dst_NC, pos_src,
-               pos_dst) -> Tensor:
+    def _recomputes(self, num_edges: int, channels: int, like: Tensor) -> bool:
+        """Whether training checkpoints the blocks (``recompute``; "auto": by the estimated kept bytes)."""
+        if self.recompute != "auto":
+            return self.recompute
+        kept = num_edges * channels * _KEPT_PER_EDGE_CHANNEL * like.element_size()
+        return kept > _AUTO_RECOMPUTE_BYTES
+
+    def _block(self, src: Tensor, dst_local: Tensor, n0: int, n1: int, trim: bool, v_NC, a_src_NC, a_dst_NC,
+               pos_src, pos_dst) -> Tensor:
         """One block of whole neighbourhoods (destinations n0..n1-1): softmax per destination and channel,
-        weighted sum -> [n1 - n0, C]."""
-        _release_free_heap()
+        weighted sum -> [n1 - n0, C]. ``trim``: first hand freed heap back to the OS (several blocks)."""
+        if trim:
+            _release_free_heap()
         out = v_NC.new_zeros(n1 - n0, v_NC.size(1))
         dst = dst_local + n0
-        scores, values = self._scores_and_values(pos_dst[dst] - pos_src[src], a_dst_NC[dst], a_src_NC[src], v_NC[src])
+        # index_select, not x[idx]: its backward is index_add_, 2-4x faster on CPU than the accumulating
+        # index_put_ of advanced indexing for rows of 32+ channels (docs/points.md)
+        scores, values = self._scores_and_values(
+            pos_dst.index_select(0, dst) - pos_src.index_select(0, src), a_dst_NC.index_select(0, dst),
+            a_src_NC.index_select(0, src), v_NC.index_select(0, src))
         return out.index_add_(0, dst_local, segment_softmax(scores, dst_local, n1 - n0) * values)

@@ -1,7 +1,10 @@
-"""``zoo bench points``: the zoo's PointTransformerConv (blockwise, checkpointed) vs PyG's, forward + backward.
+"""``zoo bench points``: the zoo's PointTransformerConv (blockwise, memory-light) vs PyG's, forward + backward.
 
     zoo bench points [--sizes 10000,50000,200000] [--k 16] [--channels 32,64] [--threads 2] [--repeats 5]
-                     [--warmup 1] [--no-memory]
+                     [--warmup 1] [--no-memory] [--recompute auto|true|false]
+
+``--recompute`` sets the zoo layer's ``recompute`` (default "auto", the layer's default: checkpointed blocks only
+when the kept intermediates would pass about 1 GiB); the table says which the layer did for each row.
 
 For every point count N and channel count C, one process draws N points uniformly in the unit cube with C
 features, builds their k-nearest-neighbour graph with :func:`zoo.geometry.knn_graph` (timed: it is the
@@ -41,7 +44,8 @@ _WORKER_CODE = """
 import torch
 torch.set_num_threads({threads})
 from zoo.bench.points import make_case
-x, pos, ei, ours, peer = make_case({points}, {k}, {channels}, edge_index=torch.load({graph!r}, weights_only=True))
+x, pos, ei, ours, peer = make_case({points}, {k}, {channels}, edge_index=torch.load({graph!r}, weights_only=True),
+                                   recompute={recompute!r})
 layer = {{"zoo": ours, "pyg": peer, "none": None}}[{which!r}]
 if layer is not None:
     layer(x, pos, ei).sum().backward()
@@ -57,10 +61,11 @@ def _mlp(sizes: list[int]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def make_case(points: int, k: int, channels: int, seed: int = 0, edge_index: Optional[torch.Tensor] = None):
+def make_case(points: int, k: int, channels: int, seed: int = 0, edge_index: Optional[torch.Tensor] = None,
+              recompute="auto"):
     """(x [N, C] needing grad, pos [N, 3], kNN edge_index, zoo layer, PyG layer with the same weights);
     ``edge_index``: the kNN graph of these points when already built (the memory workers load it, so the
-    search's own peak does not hide the layer's)."""
+    search's own peak does not hide the layer's); ``recompute``: the zoo layer's."""
     from torch_geometric.nn import PointTransformerConv as PygPointTransformerConv
 
     from zoo.attention.vector import PointTransformerConv
@@ -77,6 +82,7 @@ def make_case(points: int, k: int, channels: int, seed: int = 0, edge_index: Opt
         layers.append(cls(channels, channels, pos_nn=_mlp([3, 64, channels]), attn_nn=_mlp([channels, 64, channels])))
     peer, ours = layers
     ours.load_state_dict(peer.state_dict(), strict=True)
+    ours.recompute = recompute
     return x, pos, edge_index, ours, peer
 
 
@@ -98,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--recompute", choices=("auto", "true", "false"), default="auto",
+                   help="the zoo layer's recompute (default auto, the layer's default)")
     return p
 
 
@@ -112,8 +120,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not sizes or not channels or min(sizes) <= args.k or args.k < 1 or min(channels) < 1 or args.repeats < 1 \
             or args.warmup < 0:
         parser.error("need sizes > k >= 1, channels >= 1, --repeats >= 1, --warmup >= 0")
+    from zoo.attention import vector
     from zoo.geometry import knn_graph
 
+    recompute = {"auto": "auto", "true": True, "false": False}[args.recompute]
     threads = set_threads(args.threads)
     command = "zoo bench points " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"## zoo bench points\n\ncommand: `{command.strip()}`  ")
@@ -121,12 +131,17 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min)  ")
     print(f"machine: {machine_description()}; torch threads {threads}; fp32 CPU; k = {args.k}; pos_nn 3-64-C, "
           "attn_nn C-64-C (PyG's Point Transformer example)\n")
-    print("| points | edges | C | knn_graph (s) | zoo fwd+bwd (s) | PyG fwd+bwd (s) | speed-up | zoo peak MB (net) | "
-          "PyG peak MB (net) | memory ratio peak (net) | max out err | max rel grad err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| points | edges | C | knn_graph (s) | zoo blocks | zoo fwd+bwd (s) | PyG fwd+bwd (s) | speed-up | "
+          "zoo peak MB (net) | PyG peak MB (net) | memory ratio peak (net) | max out err | max rel grad err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for n in sizes:
         for c in channels:
-            x, pos, ei, ours, peer = make_case(n, args.k, c)
+            x, pos, ei, ours, peer = make_case(n, args.k, c, recompute=recompute)
+            # PyG's self loops: one per point (kNN graphs have none to remove), E' = E + N; an input that fits
+            # one block is never checkpointed
+            edges_with_loops = ei.size(1) + n
+            several_blocks = edges_with_loops > max(1, vector._BLOCK_ELEMENTS // c)
+            mode = "recomputed" if several_blocks and ours._recomputes(edges_with_loops, c, x) else "kept"
             start = time.perf_counter()  # the kNN graph again on its own, for its time
             knn_graph(pos, args.k)
             t_knn = time.perf_counter() - start
@@ -144,16 +159,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                     torch.save(ei, graph)
                     for which in mem:
                         mem[which] = peak_rss_mb_subprocess(_WORKER_CODE.format(
-                            threads=threads, points=n, k=args.k, channels=c, which=which, graph=graph))
+                            threads=threads, points=n, k=args.k, channels=c, which=which, graph=graph,
+                            recompute=recompute))
             net = {key: mem[key] - mem["none"] for key in ("zoo", "pyg")}
-            print(f"| {n} | {edges} | {c} | {t_knn:.2f} | {t['zoo']:.3f} | {t['pyg']:.3f} | {speedup:.2f}x | "
+            print(f"| {n} | {edges} | {c} | {t_knn:.2f} | {mode} | {t['zoo']:.3f} | {t['pyg']:.3f} | {speedup:.2f}x | "
                   f"{mem['zoo']:.0f} ({net['zoo']:.0f}) | {mem['pyg']:.0f} ({net['pyg']:.0f}) | "
                   f"{mem['pyg'] / mem['zoo']:.1f}x ({net['pyg'] / max(net['zoo'], 1):.1f}x) | {out_err:.1e} | "
                   f"{grad_err:.1e} |", flush=True)
             del ei
     print("\nspeed-up: PyG time / zoo time (> 1: the zoo is faster). peak: VmHWM of a fresh process running one "
           "forward+backward; net = peak - a baseline process that builds the same inputs and layers but runs no "
-          "step. PyG's self loops are added by both layers (E' = edges + points).")
+          "step. PyG's self loops are added by both layers (E' = edges + points). zoo blocks: recomputed = "
+          "checkpointed blocks (a second forward in backward, O(N C) memory), kept = every intermediate kept "
+          "as in PyG.")
     return 0
 
 
