@@ -4,8 +4,9 @@ Checked against:
 * a float64 re-derivation of the paper's score, pair by pair: score_ij = ((q_i + u) . k_j + (q_i + v) .
   W_pos s(i - j)) / sqrt(D), s the interleaved sinusoid of the distance, written here from the definition
   (no rel_shift, no table);
-* an ESPnet-layout forward written from ESPnet's formulas (separate linear_q/k/v/out, a (1, 2T - 1, C)
-  positional table from T - 1 down to -(T - 1), the square zero-pad shift), whose weights map one to one;
+* an ESPnet-layout layer written from ESPnet's formulas (EspnetStyleRelPosAttention: separate
+  linear_q/k/v/out, a (1, 2T - 1, C) positional table from T - 1 down to -(T - 1), the square zero-pad shift),
+  whose weights map one to one (also the peer of ``zoo bench relpos``);
 * the whole sequence in one call, for a decoder run token by token with a KV cache;
 and rel_shift against an explicit gather, for every Nq, Nk.
 """
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.attention import Causal, KVCache, MultiHeadAttention, Segments, TransformerXLRelPos, rel_shift, use_backend
+from zoo.attention import relpos_xl
 from zoo.attention.relpos_xl import relative_sinusoids
 
 DIM, HEADS = 24, 3
@@ -109,64 +111,97 @@ def test_gradients_match_float64():
         torch.testing.assert_close(got[name].double(), want[name], atol=3e-5, rtol=3e-5, msg=name)
 
 
-def _espnet_style_forward(sd: dict, x: torch.Tensor, heads: int) -> torch.Tensor:
-    """ESPnet's RelPositionMultiHeadedAttention with RelPositionalEncoding (2T - 1 positions), from its
-    formulas: linear_q/k/v/out and linear_pos, pos_bias_u/v, a table of positions T - 1 .. -(T - 1) built as
-    the flipped positive half and the negative half, and the square shift through a (B, H, 2T, 2T - 1) view."""
-    batch, t, c = x.shape
-    d = c // heads
+class EspnetStyleRelPosAttention(torch.nn.Module):
+    """ESPnet's RelPositionMultiHeadedAttention with RelPositionalEncoding (2T - 1 positions), written here from
+    its formulas (espnet/nets/pytorch_backend/transformer/attention.py and embedding.py): separate
+    linear_q/k/v/out and linear_pos, pos_bias_u/v, a table of positions T - 1 .. -(T - 1) built as the flipped
+    positive half and the negative half every call, and the square shift through a (B, H, 2T, 2T - 1) view.
+    Also the peer of ``zoo bench relpos``."""
 
-    def heads_first(y):
-        return y.view(batch, -1, heads, d).transpose(1, 2)
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.linear_q, self.linear_k, self.linear_v, self.linear_out = (torch.nn.Linear(dim, dim) for _ in range(4))
+        self.linear_pos = torch.nn.Linear(dim, dim, bias=False)
+        self.pos_bias_u = torch.nn.Parameter(torch.randn(heads, dim // heads))
+        self.pos_bias_v = torch.nn.Parameter(torch.randn(heads, dim // heads))
 
-    q = F.linear(x, sd["linear_q.weight"], sd["linear_q.bias"]).view(batch, t, heads, d)
-    k = heads_first(F.linear(x, sd["linear_k.weight"], sd["linear_k.bias"]))
-    v = heads_first(F.linear(x, sd["linear_v.weight"], sd["linear_v.bias"]))
-    position = torch.arange(t, dtype=torch.float32)[:, None]
-    div = torch.exp(torch.arange(0, c, 2, dtype=torch.float32) * -(math.log(10000.0) / c))
-    positive, negative = torch.zeros(t, c), torch.zeros(t, c)
-    positive[:, 0::2], positive[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
-    negative[:, 0::2], negative[:, 1::2] = torch.sin(-position * div), torch.cos(-position * div)
-    pos_emb = torch.cat([positive.flip(0), negative[1:]], dim=0)[None]  # (1, 2T - 1, C)
-    p = F.linear(pos_emb, sd["linear_pos.weight"]).view(1, -1, heads, d).transpose(1, 2)
-    ac = torch.matmul((q + sd["pos_bias_u"]).transpose(1, 2), k.transpose(-2, -1))
-    bd = torch.matmul((q + sd["pos_bias_v"]).transpose(1, 2), p.transpose(-2, -1))  # (B, H, T, 2T - 1)
-    padded = torch.cat([bd.new_zeros(batch, heads, t, 1), bd], dim=-1).view(batch, heads, 2 * t, t)
-    bd = padded[:, :, 1:].reshape(batch, heads, t, 2 * t - 1)[..., :t]
-    attn = torch.softmax((ac + bd) / math.sqrt(d), dim=-1)
-    out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, t, c)
-    return F.linear(out, sd["linear_out.weight"], sd["linear_out.bias"])
+    @staticmethod
+    def positions(t: int, c: int) -> torch.Tensor:
+        position = torch.arange(t, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, c, 2, dtype=torch.float32) * -(math.log(10000.0) / c))
+        positive, negative = torch.zeros(t, c), torch.zeros(t, c)
+        positive[:, 0::2], positive[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
+        negative[:, 0::2], negative[:, 1::2] = torch.sin(-position * div), torch.cos(-position * div)
+        return torch.cat([positive.flip(0), negative[1:]], dim=0)[None]  # (1, 2T - 1, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, t, c = x.shape
+        heads, d = self.h, self.d
+        q = self.linear_q(x).view(batch, t, heads, d)
+        k = self.linear_k(x).view(batch, t, heads, d).transpose(1, 2)
+        v = self.linear_v(x).view(batch, t, heads, d).transpose(1, 2)
+        p = self.linear_pos(self.positions(t, c).to(x)).view(1, -1, heads, d).transpose(1, 2)
+        ac = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))
+        bd = torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))  # (B, H, T, 2T - 1)
+        padded = torch.cat([bd.new_zeros(batch, heads, t, 1), bd], dim=-1).view(batch, heads, 2 * t, t)
+        bd = padded[:, :, 1:].reshape(batch, heads, t, 2 * t - 1)[..., :t]
+        attn = torch.softmax((ac + bd) / math.sqrt(d), dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(batch, t, c)
+        return self.linear_out(out)
+
+
+def zoo_from_espnet(peer: EspnetStyleRelPosAttention) -> MultiHeadAttention:
+    """A zoo MultiHeadAttention(rel_pos="xl") holding the ESPnet layer's weights: qkv = [linear_q; linear_k;
+    linear_v], proj = linear_out, rel_pos.* as named there (strict load)."""
+    dim = peer.linear_q.in_features
+    mha = MultiHeadAttention(dim, peer.h, qkv_bias=True, rel_pos="xl")
+    mha.load_state_dict({
+        "qkv.weight": torch.cat([peer.linear_q.weight, peer.linear_k.weight, peer.linear_v.weight]),
+        "qkv.bias": torch.cat([peer.linear_q.bias, peer.linear_k.bias, peer.linear_v.bias]),
+        "proj.weight": peer.linear_out.weight, "proj.bias": peer.linear_out.bias,
+        "rel_pos.linear_pos.weight": peer.linear_pos.weight,
+        "rel_pos.pos_bias_u": peer.pos_bias_u, "rel_pos.pos_bias_v": peer.pos_bias_v,
+    }, strict=True)
+    return mha
 
 
 def test_espnet_weights_map_one_to_one():
     """An ESPnet/NeMo layer's weights: qkv = [linear_q; linear_k; linear_v], proj = linear_out, rel_pos.* as
-    named there. Same outputs."""
+    named there. Same outputs and input gradients."""
     torch.manual_seed(5)
-    c = DIM
-    sd = {f"{name}.{kind}": torch.randn(c, c) * 0.2 if kind == "weight" else torch.randn(c) * 0.1
-          for name in ("linear_q", "linear_k", "linear_v", "linear_out") for kind in ("weight", "bias")}
-    sd["linear_pos.weight"] = torch.randn(c, c) * 0.2
-    sd["pos_bias_u"] = torch.randn(HEADS, c // HEADS)
-    sd["pos_bias_v"] = torch.randn(HEADS, c // HEADS)
-    mha = MultiHeadAttention(c, HEADS, qkv_bias=True, rel_pos="xl")
-    mha.load_state_dict({
-        "qkv.weight": torch.cat([sd[f"linear_{n}.weight"] for n in "qkv"]),
-        "qkv.bias": torch.cat([sd[f"linear_{n}.bias"] for n in "qkv"]),
-        "proj.weight": sd["linear_out.weight"], "proj.bias": sd["linear_out.bias"],
-        "rel_pos.linear_pos.weight": sd["linear_pos.weight"],
-        "rel_pos.pos_bias_u": sd["pos_bias_u"], "rel_pos.pos_bias_v": sd["pos_bias_v"],
-    }, strict=True)
-    x = torch.randn(2, 13, c)
-    torch.testing.assert_close(mha(x), _espnet_style_forward(sd, x, HEADS), atol=2e-5, rtol=2e-5)
+    peer = EspnetStyleRelPosAttention(DIM, HEADS)
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.normal_(0.0, 0.2)
+    mha = zoo_from_espnet(peer)
+    x = torch.randn(2, 13, DIM, requires_grad=True)
+    grad = torch.randn(2, 13, DIM)
+    ours, theirs = mha(x), peer(x)
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)
+    (g1,) = torch.autograd.grad(ours, x, grad)
+    (g2,) = torch.autograd.grad(theirs, x, grad)
+    torch.testing.assert_close(g1, g2, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("n_q,n_k", [(1, 1), (1, 9), (4, 9), (9, 9), (9, 4), (5, 1)])
-def test_rel_shift_is_the_gather_it_stands_for(n_q, n_k):
-    scores = torch.randn(2, 3, n_q, n_q + n_k - 1)
+@pytest.mark.parametrize("path", ["eager", "traced"])  # a strided view / the exportable pad-and-reshape form
+@pytest.mark.parametrize("n_q,n_k", [(1, 1), (1, 9), (2, 1), (4, 9), (9, 9), (9, 4), (5, 1)])
+def test_rel_shift_is_the_gather_it_stands_for(monkeypatch, path, n_q, n_k):
+    if path == "traced":
+        monkeypatch.setattr(relpos_xl, "is_tracing", lambda: True)
+    scores = torch.randn(2, 3, n_q, n_q + n_k - 1, requires_grad=True)
     i = torch.arange(n_q)[:, None]
     j = torch.arange(n_k)[None, :]
     index = (n_q - 1 - i + j).expand(2, 3, n_q, n_k)
-    torch.testing.assert_close(rel_shift(scores, n_k), torch.gather(scores, -1, index), atol=0, rtol=0)
+    got = rel_shift(scores, n_k)
+    want = torch.gather(scores, -1, index)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    grad = torch.randn(2, 3, n_q, n_k)
+    (got_grad,) = torch.autograd.grad(got, scores, grad)
+    (want_grad,) = torch.autograd.grad(want, scores, grad)
+    torch.testing.assert_close(got_grad, want_grad, atol=0, rtol=0)
+    strided = torch.randn(2, 3, n_q + n_k - 1, n_q).transpose(-1, -2)  # a non-contiguous input
+    torch.testing.assert_close(rel_shift(strided, n_k), torch.gather(strided, -1, index), atol=0, rtol=0)
     with pytest.raises(ValueError, match="Nq \\+ Nk - 1"):
         rel_shift(scores, n_k + 1)
 
@@ -267,3 +302,17 @@ def test_bad_arguments_name_the_problem():
         layer(torch.randn(1, 2, 5, 8), 5, 0.1)
     with pytest.raises(ValueError, match="n_k must be a positive int"):
         layer(torch.randn(1, 3, 5, 8), 0, 0.1)
+
+
+def test_bench_relpos_smoke(capsys):
+    """`zoo bench relpos` at a tiny size: both layers agree before timing and the row has positive times."""
+    from zoo.bench import relpos
+
+    assert relpos.main(["--cases", "2x9", "--dim", "24", "--heads", "3", "--repeats", "1", "--warmup", "0"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 | 9 |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert all(float(cells[i]) > 0 for i in (2, 3, 5, 6)) and float(cells[8]) < 1e-4
+    with pytest.raises(SystemExit):
+        relpos.main(["--cases", "2x9", "--dim", "25"])
+    assert "even --dim" in capsys.readouterr().err

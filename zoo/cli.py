@@ -38,7 +38,7 @@ commands:
   eval      test metrics of a checkpoint: zoo eval ckpt=DIR/checkpoints/last.ckpt
   predict   top-5 classes: zoo predict ckpt=DIR/released input=image.png|folder|digits:0
   list      registered models: zoo list 'vit_*'
-  bench     benchmarks: zoo bench attention|vision|vision_agent|vision_maxvit|graph|points [args]
+  bench     benchmarks: zoo bench attention|vision|vision_agent|vision_maxvit|graph|points|relpos [args]
   viz       attention pictures: zoo viz rollout|maxvit|agent|graph [key=value ...]
   export    export models (ONNX): zoo export [args]
 

@@ -69,12 +69,20 @@ def rel_shift(scores_BHQL: torch.Tensor, n_k: int) -> torch.Tensor:
     """(..., Nq, Nq + Nk - 1) scores against the distances of :func:`relative_sinusoids` -> (..., Nq, Nk)
     scores against the keys: out[..., i, j] = scores[..., i, Nq - 1 - i + j].
 
-    A zero column is padded on the left and the rows re-read with a stride one element shorter, which shifts
-    row i left by Nq - 1 - i without an index tensor (Transformer-XL, Appendix B).
+    The rows are re-read with a stride one element shorter, which shifts row i left by Nq - 1 - i without an
+    index tensor: in eager mode a strided view of the scores; traced or exported, Transformer-XL's form
+    (Appendix B: a zero column padded on the left, reshapes and slices), which ONNX can express.
     """
     *lead, n_q, length = scores_BHQL.shape
     if length != n_q + n_k - 1:
         raise ValueError(f"rel_shift: the last dim must be Nq + Nk - 1 = {n_q + n_k - 1}, got {length}")
+    if not (is_tracing() or torch.onnx.is_in_onnx_export()):
+        # Eager: the same rows as a strided view (row stride L - 1, first element at Nq - 1), no copy; its
+        # backward writes the gradient into one zero (..., Nq, L) tensor. Rows never overlap (L - 1 >= Nk when
+        # Nq >= 2), so autograd takes as_strided's plain path.
+        scores = scores_BHQL.contiguous()
+        return scores.as_strided((*lead, n_q, n_k), (*scores.stride()[:-2], length - 1, 1),
+                                 scores.storage_offset() + n_q - 1)
     padded = F.pad(scores_BHQL, (1, 0)).reshape(*lead, n_q * (length + 1))
     return padded[..., n_q:].reshape(*lead, n_q, length)[..., :n_k]
 
@@ -179,6 +187,7 @@ class TransformerXLRelPos(nn.Module):
         p_HLD = self.positions(n_q, n_k, q_offset, q_BHND)
         u_H1D = self.pos_bias_u.to(q_BHND.dtype).unsqueeze(1)
         v_H1D = self.pos_bias_v.to(q_BHND.dtype).unsqueeze(1)
-        bd_BHQL = torch.matmul(q_BHND + v_H1D, p_HLD.transpose(-1, -2))
-        bias_BHQK = rel_shift(bd_BHQL, n_k) * scale
-        return q_BHND + u_H1D, bias_BHQK
+        # the scale goes on the (B, H, Nq, D) queries, not on the (B, H, Nq, Nk) bias; the shifted bias stays a
+        # strided view of the padded product (attention reads it once)
+        bd_BHQL = torch.matmul((q_BHND + v_H1D) * scale, p_HLD.transpose(-1, -2))
+        return q_BHND + u_H1D, rel_shift(bd_BHQL, n_k)
