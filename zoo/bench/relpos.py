@@ -19,32 +19,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from zoo.bench.timing import interleaved_samples, machine_description, medians, paired_ratio, set_threads
+from zoo.bench.timing import (
+    interleaved_samples, load_test_reference, machine_description, medians, paired_ratio, set_threads,
+)
 
 __all__ = ["main", "build_parser", "load_reference_module"]
 
-REFERENCE_FILE = Path(__file__).resolve().parents[2] / "tests" / "test_relpos_xl.py"
-
-
 def load_reference_module():
     """Import tests/test_relpos_xl.py (the ESPnet-layout reference) from the source tree."""
-    if not REFERENCE_FILE.is_file():
-        raise FileNotFoundError(
-            f"the ESPnet-layout reference lives in {REFERENCE_FILE}, which is missing; run the benchmark from a "
-            "source checkout (pip install -e .)"
-        )
-    spec = importlib.util.spec_from_file_location("zoo_relpos_reference", REFERENCE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_test_reference("test_relpos_xl.py", "ESPnet-layout reference")
 
 
 def _parse_cases(text: str) -> list[tuple[int, int]]:

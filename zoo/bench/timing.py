@@ -1,13 +1,15 @@
-"""Shared timing utilities for the benchmarks: interleaved medians, fixed threads, peak memory."""
+"""Shared utilities for the benchmarks: interleaved medians, fixed threads, peak memory, the test-kept peers."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,8 +22,26 @@ except ImportError:  # pragma: no cover - not on this platform
 __all__ = [
     "interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description",
     "peak_rss_mb_subprocess", "set_threads", "minor_faults", "FaultCounter", "interleaved_samples_with_faults",
-    "format_faults",
+    "format_faults", "load_test_reference",
 ]
+
+TESTS_DIR = Path(__file__).resolve().parents[2] / "tests"
+
+
+def load_test_reference(filename: str, what: str):
+    """Import tests/<filename> from the source tree: the independent re-derivations of peers (the
+    official-style Agent-DeiT, the ESPnet-layout relative-position layer) live beside the tests that check the
+    zoo against them, and the benchmarks time the zoo against the same code. ``what`` names it in the error."""
+    path = TESTS_DIR / filename
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the {what} lives in {path}, which is missing; run the benchmark from a source checkout "
+            "(pip install -e .)"
+        )
+    spec = importlib.util.spec_from_file_location(f"zoo_reference_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def set_threads(num_threads: int | None = None) -> int:

@@ -29,38 +29,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.util
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from zoo.bench.timing import (
-    compile_backend_arg, format_faults, interleaved_samples_with_faults, machine_description, medians, paired_ratio,
-    set_threads,
+    compile_backend_arg, format_faults, interleaved_samples_with_faults, load_test_reference, machine_description,
+    medians, paired_ratio, set_threads,
 )
 
 __all__ = ["CASES", "load_reference_module", "build_models", "main"]
 
-REFERENCE_FILE = Path(__file__).resolve().parents[2] / "tests" / "test_agent.py"
 TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
 
 
 def load_reference_module():
     """Import tests/test_agent.py (the official-style reference) from the source tree."""
-    if not REFERENCE_FILE.is_file():
-        raise FileNotFoundError(
-            f"the official-style Agent-DeiT reference lives in {REFERENCE_FILE}, which is missing; run the "
-            f"benchmark from a source checkout (pip install -e .)"
-        )
-    spec = importlib.util.spec_from_file_location("zoo_agent_reference", REFERENCE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_test_reference("test_agent.py", "official-style Agent-DeiT reference")
 
 
 def _zoo_tiny(img_size: int) -> nn.Module:
