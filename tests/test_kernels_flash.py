@@ -414,6 +414,27 @@ def test_attend_backend_triton():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_transformer_xl_layer_trains_through_the_kernel():
+    """MultiHeadAttention(rel_pos="xl") (the Conformer layer): its query-dependent bias is a strided view
+    (row stride Nq + Nk - 2) that needs its gradient; the kernel reads it in place and returns that gradient,
+    so the layer's outputs and every parameter gradient equal the PyTorch backend's."""
+    from zoo.attention import MultiHeadAttention, use_backend
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 2, qkv_bias=True, rel_pos="xl")
+    x = torch.randn(2, 37, 32)
+    results = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            xx = x.clone().requires_grad_(True)
+            out = layer(xx, mask=Causal())
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        results[backend] = [out.detach(), xx.grad] + [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_attend_picks_triton_and_falls_back(monkeypatch):
     """Automatic selection: where the "triton" backend is eligible (CUDA; here the interpreter is made
     eligible for CPU tensors) attend() picks it, and calls it cannot run (dropout_p > 0, return_weights)
