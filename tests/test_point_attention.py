@@ -350,6 +350,41 @@ def test_blockwise_path_keeps_far_less_for_backward(monkeypatch):
     assert auto_recomputed == ours_bytes, (auto_recomputed, ours_bytes)
 
 
+def test_segment_softmax_weighted_sum_is_the_softmax_then_the_sum():
+    """The fused aggregation of vector attention against its definition (segment_softmax, then index_add), in
+    float64 with gradcheck, with an empty segment (zeros, zero gradient) and unsorted indices; under
+    torch.compile too; and what autograd keeps: the inputs and [N, C] statistics, no [E, C] temporaries."""
+    from zoo.attention.segment import segment_softmax, segment_softmax_weighted_sum
+
+    g = torch.Generator().manual_seed(3)
+    n, c = 7, 5
+    index = torch.randint(0, n - 1, (40,), generator=g)  # segment n - 1 stays empty
+    scores = (3 * torch.randn(40, c, generator=g, dtype=torch.float64)).requires_grad_(True)
+    values = torch.randn(40, c, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    def reference(s, v):
+        return torch.zeros(n, c, dtype=s.dtype).index_add(0, index, segment_softmax(s, index, n) * v)
+
+    got = segment_softmax_weighted_sum(scores, values, index, n)
+    torch.testing.assert_close(got, reference(scores, values))
+    assert not got[n - 1].any()
+    assert torch.autograd.gradcheck(lambda s, v: segment_softmax_weighted_sum(s, v, index, n), (scores, values))
+    grad = torch.randn(n, c, generator=g, dtype=torch.float64)
+    want_grads = torch.autograd.grad(reference(scores, values), (scores, values), grad)
+    compiled = torch.compile(lambda s, v: segment_softmax_weighted_sum(s, v, index, n), backend="aot_eager")
+    out = compiled(scores, values)
+    torch.testing.assert_close(out, got)
+    for a, b in zip(torch.autograd.grad(out, (scores, values), grad), want_grads):
+        torch.testing.assert_close(a, b)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        segment_softmax_weighted_sum(scores, values, index, n)
+    assert sorted(saved) == sorted([(40, c), (40, c), (40,), (n, c), (n, c)]), saved
+    with pytest.raises(ValueError, match="must both be"):
+        segment_softmax_weighted_sum(scores, values[:, :2], index, n)
+
+
 def test_heap_is_trimmed_only_between_several_blocks(monkeypatch):
     """One block (training without recompute, or a small input) never trims: that would hand back the
     previous call's heap for this call to page-fault in again. Several blocks trim before each."""

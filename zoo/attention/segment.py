@@ -13,6 +13,8 @@ The machinery, in the order it is used:
   is complete inside one block (the Triton kernel uses one program per block of destination nodes in
   the same way).
 * :func:`segment_softmax` -- plain softmax of [E, H] scores over edges that share a destination.
+* :func:`segment_softmax_weighted_sum` -- vector attention's aggregation (one softmax per channel, per-edge
+  values; Point Transformer), a custom autograd function that keeps the inputs and [Nd, C] statistics only.
 * :func:`segment_softmax_aggregate` -- fused ``out_i = sum_j softmax_j(s_ij) v_j`` from given scores
   (GAT's scalar scores, point/part attention): a custom autograd function that keeps only the
   per-node log-sum-exp [Nd, H] and recomputes the [c, H, C] messages block by block in backward.
@@ -55,6 +57,7 @@ __all__ = [
     "build_csr",
     "check_edge_index",
     "segment_softmax",
+    "segment_softmax_weighted_sum",
     "segment_softmax_aggregate",
     "segment_softmax_aggregate_ref",
     "gatv2_attention",
@@ -192,6 +195,62 @@ def segment_softmax(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
     p = (scores - m.gather(0, idx)).exp()
     s = scores.new_zeros(shape).scatter_add(0, idx, p)
     return p / s.gather(0, idx)
+
+
+class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
+    """out[n] = sum_{e: index[e] = n} softmax_n(scores)[e] * values[e], element by element (vector attention).
+
+    Saves the inputs and two [N, C] tensors (log-sum-exp and output); backward recomputes the weights:
+    with alpha = exp(s - lse[index]) and g = grad_out[index],
+        d values = alpha * g,
+        d scores = alpha * (g * values - sum_n(alpha * g * values)[index]) = d values * (values - out[index]),
+    since sum_n(alpha * values) is out[n] itself."""
+
+    @staticmethod
+    def forward(ctx, scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, num_segments: int):
+        idx = index_E[:, None].expand_as(scores_EC)
+        shape = (num_segments, scores_EC.size(1))
+        m_NC = scores_EC.new_full(shape, float("-inf")).scatter_reduce_(0, idx, scores_EC, "amax")
+        m_NC = torch.where(torch.isfinite(m_NC), m_NC, torch.zeros_like(m_NC))  # empty segments: any shift
+        p_EC = exp_flushed_(scores_EC - m_NC.index_select(0, index_E))
+        l_NC = scores_EC.new_zeros(shape).index_add_(0, index_E, p_EC)
+        l_NC = l_NC.clamp_min(torch.finfo(l_NC.dtype).tiny)  # empty segments: 0 / tiny = 0
+        weighted_NC = scores_EC.new_zeros(shape).index_add_(0, index_E, p_EC.mul_(values_EC))
+        # out and lse out of place: under torch.compile (torch 2.11, aot_eager) an autograd.Function whose
+        # output is made in place (out.div_(l)), then saved and returned, gets wrong gradients (silently;
+        # reproduced with a 15-line function); out of place both are right (the compile test covers it)
+        out_NC = weighted_NC / l_NC
+        lse_NC = l_NC.log() + m_NC
+        ctx.save_for_backward(scores_EC, values_EC, index_E, lse_NC, out_NC)
+        return out_NC
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out_NC: Tensor):
+        scores_EC, values_EC, index_E, lse_NC, out_NC = ctx.saved_tensors
+        alpha_EC = exp_flushed_(scores_EC - lse_NC.index_select(0, index_E))
+        grad_values = alpha_EC.mul_(grad_out_NC.index_select(0, index_E))  # alpha * g
+        grad_scores = None
+        if ctx.needs_input_grad[0]:
+            grad_scores = (values_EC - out_NC.index_select(0, index_E)).mul_(grad_values)
+        return grad_scores, grad_values if ctx.needs_input_grad[1] else None, None, None
+
+
+def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, num_segments: int) -> Tensor:
+    """Vector attention's aggregation: ``out[n] = sum_{e: index[e] = n} softmax(scores)[e] * values[e]``, with
+    one softmax per channel over the entries of each segment (Point Transformer's per-channel weights).
+
+    scores_EC, values_EC [E, C]; index_E [E] in [0, num_segments). Returns [num_segments, C]; a segment with
+    no entry gives zeros. Equal to ``index_add(segment_softmax(scores, index) * values)`` (the reference), but
+    autograd keeps only the inputs and [N, C] statistics, not the [E, C] weights and products, and the
+    backward is one pass of gathers and products (see _SegmentSoftmaxWeightedSum)."""
+    if scores_EC.dim() != 2 or values_EC.shape != scores_EC.shape:
+        raise ValueError(f"segment_softmax_weighted_sum: scores and values must both be [E, C], got "
+                         f"{tuple(scores_EC.shape)} and {tuple(values_EC.shape)}")
+    if index_E.dim() != 1 or index_E.numel() != scores_EC.size(0):
+        raise ValueError(f"segment_softmax_weighted_sum: {scores_EC.size(0)} scores but index has shape "
+                         f"{tuple(index_E.shape)}")
+    return _SegmentSoftmaxWeightedSum.apply(scores_EC, values_EC, index_E, int(num_segments))
 
 
 def _add_rows_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:

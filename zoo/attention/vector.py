@@ -20,7 +20,9 @@ destination once (the cached CSR of zoo.attention.graph) and processed in blocks
 per-channel softmax is complete inside a block; with autograd each block is checkpointed (its intermediates are
 recomputed in backward), so the layer keeps O(N C) activations plus one block's, not O(E C). The price is the
 block's forward run again in backward, paid by default only when the kept intermediates would pass about 1 GiB
-(``recompute="auto"``). pos_nn / attn_nn with batch statistics (BatchNorm in training mode) see the
+(``recompute="auto"``). The softmax and the weighted sum are one fused step
+(zoo.attention.segment.segment_softmax_weighted_sum): autograd keeps its inputs and [N, C] statistics, not the
+[E, C] weights and products, and its backward is one pass. pos_nn / attn_nn with batch statistics (BatchNorm in training mode) see the
 whole edge set in one block, as in PyG, so their statistics are PyG's; so does a layer under torch.compile /
 export (one graph, PyG's memory; the graph structure is built outside it as for the GAT layers). While PyG's
 explain mode is on or a message-passing hook is registered, the layer runs PyG's ``propagate`` instead
@@ -40,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn.inits import reset
 
 from zoo.attention.graph import CachedGraphLayer, GraphStructure, _check_channels, _check_features
-from zoo.attention.segment import segment_softmax
+from zoo.attention.segment import segment_softmax, segment_softmax_weighted_sum
 from zoo.layers import is_tracing
 
 __all__ = ["PointTransformerConv"]
@@ -269,11 +271,10 @@ class PointTransformerConv(CachedGraphLayer):
         weighted sum -> [n1 - n0, C]. ``trim``: first hand freed heap back to the OS (several blocks)."""
         if trim:
             _release_free_heap()
-        out = v_NC.new_zeros(n1 - n0, v_NC.size(1))
         dst = dst_local + n0
         # index_select, not x[idx]: its backward is index_add_, 2-4x faster on CPU than the accumulating
         # index_put_ of advanced indexing for rows of 32+ channels (docs/points.md)
         scores, values = self._scores_and_values(
             pos_dst.index_select(0, dst) - pos_src.index_select(0, src), a_dst_NC.index_select(0, dst),
             a_src_NC.index_select(0, src), v_NC.index_select(0, src))
-        return out.index_add_(0, dst_local, segment_softmax(scores, dst_local, n1 - n0) * values)
+        return segment_softmax_weighted_sum(scores, values, dst_local, n1 - n0)
