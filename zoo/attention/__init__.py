@@ -52,6 +52,7 @@ _LAZY = {
     "relative_sinusoids": "zoo.attention.relpos_xl",
     "rel_shift": "zoo.attention.relpos_xl",
     "segment_softmax": "zoo.attention.segment",
+    "segment_softmax_weighted_sum": "zoo.attention.segment",
 }
 
 
