@@ -262,6 +262,21 @@ def test_kept_table_follows_the_weights():
         torch.testing.assert_close(mha(x), other(x), atol=0, rtol=0)
 
 
+def test_table_built_in_inference_mode_never_reaches_autograd():
+    """A frozen layer (fine-tuning around it) after an inference_mode evaluation: the kept table holds
+    inference tensors, so training calls build their positions afresh."""
+    mha = _xl()
+    mha.rel_pos.requires_grad_(False)
+    x = torch.randn(2, 6, DIM)
+    with torch.inference_mode():
+        want = mha(x)
+    xx = x.clone().requires_grad_(True)
+    out = mha(xx)
+    out.sum().backward()
+    assert xx.grad is not None
+    torch.testing.assert_close(out.detach(), want)
+
+
 def test_state_dict_and_repr():
     mha = _xl()
     assert [k for k in mha.state_dict() if k.startswith("rel_pos.")] == [
