@@ -263,8 +263,8 @@ def test_kept_table_follows_the_weights():
 
 
 def test_table_built_in_inference_mode_never_reaches_autograd():
-    """A frozen layer (fine-tuning around it) after an inference_mode evaluation: the kept table holds
-    inference tensors, so training calls build their positions afresh."""
+    """A frozen layer (fine-tuning around it) after an inference_mode evaluation: training calls build their
+    positions afresh and give the evaluation's outputs, with gradients."""
     mha = _xl()
     mha.rel_pos.requires_grad_(False)
     x = torch.randn(2, 6, DIM)

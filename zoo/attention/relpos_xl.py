@@ -149,8 +149,8 @@ class TransformerXLRelPos(nn.Module):
         weight = self.linear_pos.weight
         top = q_offset + n_q - 1
         length = n_q + n_k - 1
-        # With gradients enabled the table is never used, frozen weights included: one built under
-        # inference_mode holds inference tensors, which autograd cannot save for backward.
+        # With gradients enabled the table is never used, frozen weights included, so nothing built under
+        # no_grad / inference_mode enters an autograd graph.
         if torch.is_grad_enabled() or is_tracing() or torch.onnx.is_in_onnx_export():
             sinusoids = relative_sinusoids(n_q, n_k, self.dim, q_offset=q_offset, device=like.device, dtype=like.dtype)
             return self._project(sinusoids)
