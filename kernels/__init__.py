@@ -6,6 +6,8 @@
 * :mod:`zoo.kernels.block_index` -- the kernel's view of a mask: per-tile lists of kept tiles (and their
   transposes for the backward pass) and the in-kernel predicate program.
 * :mod:`zoo.kernels.edge_softmax` -- fused GATv2 edge softmax over CSR graphs (``gatv2_edge_softmax``).
+* :mod:`zoo.kernels.vector_softmax` -- vector attention's per-channel softmax and weighted sum over CSR graphs
+  (``vector_softmax_sum``, the forward of zoo.attention.segment_softmax_weighted_sum on CUDA).
 
 Names are imported lazily: ``import zoo.kernels`` does not import Triton. Set ``TRITON_INTERPRET=1``
 before the first import of a kernel module to run the kernels on CPU tensors (tests, CI). See
@@ -24,6 +26,8 @@ _LAZY = {
     "lower_mask": "zoo.kernels.block_index",
     "gatv2_edge_softmax": "zoo.kernels.edge_softmax",
     "gatv2_edge_softmax_ref": "zoo.kernels.edge_softmax",
+    "vector_softmax_sum": "zoo.kernels.vector_softmax",
+    "vector_softmax_sum_ref": "zoo.kernels.vector_softmax",
 }
 
 __all__ = sorted(_LAZY)

@@ -49,8 +49,9 @@ def test_default_run_reaches_every_default_step(tmp_path):
     assert steps[0] == "-m zoo.bench.attention --gpu --quick"
     assert steps[1].startswith("-m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_flash.py")
     assert "not speed" in steps[1]
-    assert steps[2].startswith("-m zoo.bench.graph --device cuda")
-    assert len(steps) == 3
+    assert steps[2] == "-m pytest -q -p no:cacheprovider tests/test_graph_kernel.py tests/test_vector_kernel.py"
+    assert steps[3].startswith("-m zoo.bench.graph --device cuda")
+    assert len(steps) == 4
     assert "== done (status 0)" in output
 
 
@@ -60,7 +61,7 @@ def test_switches_select_the_steps(tmp_path):
     steps = [line for line in calls if not line.startswith("-c ")]
     assert steps[0] == "-m zoo.bench.attention --gpu"  # the full benchmark
     assert any("-k speed" in line for line in steps) and any("tests/test_radial.py" in line for line in steps)
-    assert not any("zoo.bench.graph" in line for line in steps)
+    assert not any("zoo.bench.graph" in line or "test_vector_kernel" in line for line in steps)
 
 
 def test_a_failing_step_does_not_stop_the_later_ones_but_sets_the_status(tmp_path):

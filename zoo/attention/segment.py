@@ -207,7 +207,14 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
     since sum_n(alpha * values) is out[n] itself."""
 
     @staticmethod
-    def forward(ctx, scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, num_segments: int):
+    def forward(ctx, scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, num_segments: int,
+                rowptr: Optional[Tensor] = None):
+        if rowptr is not None:  # the Triton kernel (zoo.kernels.vector_softmax): edges in CSR order
+            from zoo.kernels.vector_softmax import vector_softmax_sum
+
+            out_NC, lse_NC = vector_softmax_sum(scores_EC, values_EC, rowptr)
+            ctx.save_for_backward(scores_EC, values_EC, index_E, lse_NC, out_NC)
+            return out_NC
         idx = index_E[:, None].expand_as(scores_EC)
         shape = (num_segments, scores_EC.size(1))
         m_NC = scores_EC.new_full(shape, float("-inf")).scatter_reduce_(0, idx, scores_EC, "amax")
@@ -228,29 +235,49 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out_NC: Tensor):
         scores_EC, values_EC, index_E, lse_NC, out_NC = ctx.saved_tensors
-        alpha_EC = exp_flushed_(scores_EC - lse_NC.index_select(0, index_E))
-        grad_values = alpha_EC.mul_(grad_out_NC.index_select(0, index_E))  # alpha * g
+        def wide(t):  # fp16 / bf16 (the kernel's inputs) in fp32; fp32 and fp64 as they are
+            return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+        alpha_EC = exp_flushed_(wide(scores_EC) - wide(lse_NC).index_select(0, index_E))
+        grad_values = alpha_EC.mul_(wide(grad_out_NC).index_select(0, index_E))  # alpha * g
         grad_scores = None
         if ctx.needs_input_grad[0]:
-            grad_scores = (values_EC - out_NC.index_select(0, index_E)).mul_(grad_values)
-        return grad_scores, grad_values if ctx.needs_input_grad[1] else None, None, None
+            grad_scores = (wide(values_EC) - wide(out_NC).index_select(0, index_E)).mul_(grad_values)
+            grad_scores = grad_scores.to(scores_EC.dtype)
+        grad_values = grad_values.to(values_EC.dtype) if ctx.needs_input_grad[1] else None
+        return grad_scores, grad_values, None, None, None
 
 
-def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, num_segments: int) -> Tensor:
+def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, num_segments: int, *,
+                                 rowptr: Optional[Tensor] = None, impl: str = "auto") -> Tensor:
     """Vector attention's aggregation: ``out[n] = sum_{e: index[e] = n} softmax(scores)[e] * values[e]``, with
     one softmax per channel over the entries of each segment (Point Transformer's per-channel weights).
 
     scores_EC, values_EC [E, C]; index_E [E] in [0, num_segments). Returns [num_segments, C]; a segment with
     no entry gives zeros. Equal to ``index_add(segment_softmax(scores, index) * values)`` (the reference), but
     autograd keeps only the inputs and [N, C] statistics, not the [E, C] weights and products, and the
-    backward is one pass of gathers and products (see _SegmentSoftmaxWeightedSum)."""
+    backward is one pass of gathers and products (see _SegmentSoftmaxWeightedSum).
+
+    ``rowptr`` [num_segments + 1]: the entries are in CSR order (sorted by index, segment n at
+    rowptr[n]..rowptr[n + 1] - 1), which lets the forward run as the Triton kernel
+    (zoo.kernels.vector_softmax): ``impl="auto"`` uses it for CUDA tensors, ``"triton"`` also on CPU tensors
+    under TRITON_INTERPRET=1, ``"torch"`` never."""
     if scores_EC.dim() != 2 or values_EC.shape != scores_EC.shape:
         raise ValueError(f"segment_softmax_weighted_sum: scores and values must both be [E, C], got "
                          f"{tuple(scores_EC.shape)} and {tuple(values_EC.shape)}")
     if index_E.dim() != 1 or index_E.numel() != scores_EC.size(0):
         raise ValueError(f"segment_softmax_weighted_sum: {scores_EC.size(0)} scores but index has shape "
                          f"{tuple(index_E.shape)}")
-    return _SegmentSoftmaxWeightedSum.apply(scores_EC, values_EC, index_E, int(num_segments))
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"segment_softmax_weighted_sum: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "triton" and rowptr is None:
+        raise ValueError("segment_softmax_weighted_sum: impl='triton' needs rowptr (entries in CSR order)")
+    if rowptr is not None and rowptr.numel() != int(num_segments) + 1:
+        raise ValueError(f"segment_softmax_weighted_sum: rowptr has {rowptr.numel()} entries, expected "
+                         f"num_segments + 1 = {int(num_segments) + 1}")
+    kernel = rowptr is not None and (impl == "triton" or (impl == "auto" and scores_EC.is_cuda))
+    return _SegmentSoftmaxWeightedSum.apply(scores_EC, values_EC, index_E, int(num_segments),
+                                            rowptr if kernel else None)
 
 
 def _add_rows_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:

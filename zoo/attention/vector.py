@@ -243,15 +243,19 @@ class PointTransformerConv(CachedGraphLayer):
         # would then page-fault in again (docs/points.md).
         trim = len(blocks) > 1
         tensors = (v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
+        # CUDA: the block's CSR row pointers, so the aggregation's forward runs as the Triton kernel (not while
+        # torch.compile traces the layer: its checks read the row pointers on the host)
+        rowptr = csr.rowptr if v_NC.is_cuda and not is_tracing() else None
         outs, covered = [], 0
         for n0, n1, e0, e1 in blocks:
             if n0 > covered:  # destinations without edges: zeros
                 outs.append(v_NC.new_zeros(n0 - covered, channels))
+            block_rowptr = None if rowptr is None else rowptr[n0:n1 + 1] - e0
             if recompute:
-                out = checkpoint(self._block, csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, trim, *tensors,
-                                 use_reentrant=False)
+                out = checkpoint(self._block, csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, trim, block_rowptr,
+                                 *tensors, use_reentrant=False)
             else:
-                out = self._block(csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, trim, *tensors)
+                out = self._block(csr.col[e0:e1], csr.row[e0:e1] - n0, n0, n1, trim, block_rowptr, *tensors)
             outs.append(out)
             covered = n1
         if covered < num_dst:
@@ -265,10 +269,11 @@ class PointTransformerConv(CachedGraphLayer):
         kept = num_edges * channels * _KEPT_PER_EDGE_CHANNEL * like.element_size()
         return kept > _AUTO_RECOMPUTE_BYTES
 
-    def _block(self, src: Tensor, dst_local: Tensor, n0: int, n1: int, trim: bool, v_NC, a_src_NC, a_dst_NC,
-               pos_src, pos_dst) -> Tensor:
+    def _block(self, src: Tensor, dst_local: Tensor, n0: int, n1: int, trim: bool, rowptr: Optional[Tensor], v_NC,
+               a_src_NC, a_dst_NC, pos_src, pos_dst) -> Tensor:
         """One block of whole neighbourhoods (destinations n0..n1-1): softmax per destination and channel,
-        weighted sum -> [n1 - n0, C]. ``trim``: first hand freed heap back to the OS (several blocks)."""
+        weighted sum -> [n1 - n0, C]. ``trim``: first hand freed heap back to the OS (several blocks);
+        ``rowptr``: the block's CSR row pointers (CUDA: the Triton aggregation)."""
         if trim:
             _release_free_heap()
         dst = dst_local + n0
@@ -277,4 +282,4 @@ class PointTransformerConv(CachedGraphLayer):
         scores, values = self._scores_and_values(
             pos_dst.index_select(0, dst) - pos_src.index_select(0, src), a_dst_NC.index_select(0, dst),
             a_src_NC.index_select(0, src), v_NC.index_select(0, src))
-        return segment_softmax_weighted_sum(scores, values, dst_local, n1 - n0)
+        return segment_softmax_weighted_sum(scores, values, dst_local, n1 - n0, rowptr=rowptr)

@@ -1,0 +1,160 @@
+"""The Triton kernel of vector attention's aggregation (zoo.kernels.vector_softmax: per-channel softmax over
+each destination's edges and the weighted sum of per-edge values) against its fp32 reference, under
+TRITON_INTERPRET=1 on CPU tensors (fp32 and fp16, awkward graphs: empty nodes, a node longer than a tile,
+channels that are not a power of two), and on a GPU when one is present; its use as the forward of
+zoo.attention.segment_softmax_weighted_sum (gradients through the shared backward) and inside
+PointTransformerConv. The kernel's error is held to at most 2x PyTorch's own at the same precision plus a
+small atol (DESIGN.md, Kernels)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# As in tests/test_graph_kernel.py: triton.language imported before TRITON_INTERPRET=1 cannot interpret;
+# then the tests run again in a fresh process.
+_LATE = (not torch.cuda.is_available() and "triton.language" in sys.modules
+         and os.environ.get("TRITON_INTERPRET") != "1")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+
+triton = pytest.importorskip("triton")
+
+from zoo.attention.segment import segment_softmax_weighted_sum  # noqa: E402
+from zoo.kernels import vector_softmax as vk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+in_process = pytest.mark.skipif(_LATE, reason="triton.language was imported before TRITON_INTERPRET=1: "
+                                "see test_vector_kernel_tests_in_a_fresh_process")
+if DEVICE == "cpu" and not vk.INTERPRET and not _LATE:
+    pytest.skip("zoo.kernels.vector_softmax was imported without TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def _graph(degrees, channels, dtype, seed=0):
+    """Edges in CSR order for the given in-degrees; scores spread wide (peaked softmax), values ~ N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    degrees = torch.tensor(degrees)
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), degrees.cumsum(0)])
+    index = torch.repeat_interleave(torch.arange(len(degrees)), degrees)
+    e = int(rowptr[-1])
+    scores = (3 * torch.randn(e, channels, generator=g)).to(DEVICE, dtype)
+    values = torch.randn(e, channels, generator=g).to(DEVICE, dtype)
+    return scores, values, index.to(DEVICE), rowptr.to(DEVICE)
+
+
+CASES = [
+    ([3, 0, 5, 1, 40, 0, 2], 20),  # empty nodes, a node over two tiles, 20 channels (not a power of two)
+    ([16] * 9, 35),  # kNN-like uniform degree, channels over three channel blocks
+    ([0, 0, 0], 8),  # no edge at all
+    ([1], 1),
+]
+
+
+@in_process
+@pytest.mark.parametrize("degrees,channels", CASES, ids=["awkward", "uniform", "empty", "single"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_matches_reference(degrees, channels, dtype):
+    scores, values, index, rowptr = _graph(degrees, channels, dtype)
+    out, lse = vk.vector_softmax_sum(scores, values, rowptr)
+    ref_out, ref_lse = vk.vector_softmax_sum_ref(scores, values, rowptr)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    # PyTorch at the input precision, against the same fp32 reference: the yardstick
+    low = segment_softmax_weighted_sum(scores, values, index, len(degrees), impl="torch")
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, got, ref, lo in (("out", out, ref_out, low), ("lse", lse, ref_lse, None)):
+        err = (got.float() - ref).abs().max().item() if ref.numel() else 0.0
+        torch_err = (lo.float() - ref).abs().max().item() if lo is not None and ref.numel() else 0.0
+        scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+        assert err <= 2 * torch_err + atol * scale, f"{name}: kernel err {err:.2e}, torch err {torch_err:.2e}"
+    empty = torch.tensor(degrees, device=DEVICE) == 0
+    if bool(empty.any()):
+        assert not out[empty].any() and bool((lse[empty] == vk.EMPTY_LSE).all())
+
+
+@in_process
+@pytest.mark.parametrize("degrees,channels", CASES[:2], ids=["awkward", "uniform"])
+def test_gradients_through_the_kernel_forward(degrees, channels):
+    """segment_softmax_weighted_sum with the kernel's forward (impl="triton") and the shared backward gives the
+    PyTorch path's outputs and gradients; fully -inf scores of a node give zeros and zero gradients."""
+    scores, values, index, rowptr = _graph(degrees, channels, torch.float32, seed=1)
+    scores[rowptr[0]:rowptr[1], 0] = float("-inf")  # node 0, channel 0: nothing to attend to
+    grad = torch.randn(len(degrees), channels, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    results = []
+    for impl in ("triton", "torch"):
+        s, v = scores.clone().requires_grad_(True), values.clone().requires_grad_(True)
+        kwargs = dict(rowptr=rowptr) if impl == "triton" else {}
+        out = segment_softmax_weighted_sum(s, v, index, len(degrees), impl=impl, **kwargs)
+        results.append([out] + list(torch.autograd.grad(out, (s, v), grad)))
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert results[0][0][0, 0] == 0 and not results[0][1][rowptr[0]:rowptr[1], 0].any()
+
+
+@in_process
+def test_point_transformer_layer_on_the_kernel(monkeypatch):
+    """PointTransformerConv with every block's aggregation forced onto the kernel: PyG's outputs and
+    gradients (the layer passes each block's CSR row pointers)."""
+    pyg_nn = pytest.importorskip("torch_geometric.nn")
+    from torch import nn
+
+    import zoo.attention.vector as vector
+    from zoo.attention import PointTransformerConv
+    from zoo.geometry import knn_graph
+
+    calls = []
+    original = segment_softmax_weighted_sum
+
+    def forced(scores, values, index, num, *, rowptr=None, impl="auto"):
+        if rowptr is None:  # CPU: the layer passes none; build the block's row pointers from its sorted index
+            rowptr = torch.cat([index.new_zeros(1), torch.bincount(index, minlength=num).cumsum(0)])
+        calls.append(1)
+        return original(scores, values, index, num, rowptr=rowptr, impl="triton")
+
+    monkeypatch.setattr(vector, "segment_softmax_weighted_sum", forced)
+    monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 200)  # several blocks
+    torch.manual_seed(0)
+    mlp = lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))  # noqa: E731
+    ours = PointTransformerConv(6, 8, attn_nn=mlp()).to(DEVICE)
+    ours.recompute = True
+    peer = pyg_nn.PointTransformerConv(6, 8, attn_nn=mlp()).to(DEVICE)
+    ours.load_state_dict(peer.state_dict())
+    pos = torch.rand(40, 3, device=DEVICE)
+    x = torch.randn(40, 6, device=DEVICE)
+    ei = knn_graph(pos, 5)
+    results = []
+    for layer in (ours, peer):
+        xx = x.clone().requires_grad_(True)
+        out = layer(xx, pos, ei)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), xx.grad))
+    assert len(calls) > 1
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_bad_inputs_name_the_problem():
+    scores = torch.randn(5, 3, device=DEVICE)
+    rowptr = torch.tensor([0, 2, 5], device=DEVICE)
+    index = torch.tensor([0, 0, 1, 1, 1], device=DEVICE)
+    with pytest.raises(ValueError, match="rise from 0 to E = 5"):
+        vk.vector_softmax_sum(scores, scores, torch.tensor([0, 3, 2, 5], device=DEVICE))
+    with pytest.raises(ValueError, match="must match scores"):
+        vk.vector_softmax_sum(scores, scores[:, :2], rowptr)
+    with pytest.raises(ValueError, match="needs rowptr"):
+        segment_softmax_weighted_sum(scores, scores, index, 2, impl="triton")
+    with pytest.raises(ValueError, match="num_segments \\+ 1 = 3"):
+        segment_softmax_weighted_sum(scores, scores, index, 2, rowptr=rowptr[:2])
+    with pytest.raises(ValueError, match="impl must be"):
+        segment_softmax_weighted_sum(scores, scores, index, 2, impl="cuda")
+
+
+@pytest.mark.skipif(not _LATE, reason="the tests above ran in this process")
+def test_vector_kernel_tests_in_a_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                             __file__], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
