@@ -335,3 +335,35 @@ def gatv2_edge_softmax_ref(xs_NHC, xd_NHC, att_HC, csr, *, edge_attr=None, edge_
     f = lambda t: None if t is None else t.float()  # noqa: E731
     return gatv2_attention_ref(f(xs_NHC), f(xd_NHC), f(att_HC), csr, edge_attr=f(edge_attr),
                                edge_weight=f(edge_weight), negative_slope=negative_slope, keep=keep, dropout=dropout)
+
+
+def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, all_configs: bool = True) -> dict:
+    """Compile the forward and backward kernels for sm_<arch> with Triton's bundled ptxas, without a GPU, in
+    two specialisations each: C = 64 without edge features or dropout, and C = 8 with edge_dim 3, a dropout
+    keep-mask and the stored scores. Returns {pass: [(BLOCK_N, BLOCK_E, num_warps, shared bytes), ...]}
+    (``all_configs=False``: the first autotune config only). Needs the module imported without
+    TRITON_INTERPRET=1."""
+    if INTERPRET:
+        raise RuntimeError("compile_check needs zoo.kernels.edge_softmax imported without TRITON_INTERPRET=1")
+    from zoo.kernels._compile import compile_for_gpu
+
+    elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    types = {name: elem for name in ("xs_ptr", "xd_ptr", "att_ptr", "ea_ptr", "we_ptr", "out_ptr", "g_ptr")}
+    types.update({name: "*fp32" for name in ("lse_ptr", "s_ptr", "delta_ptr", "dxs_ptr", "dxd_ptr", "datt_ptr",
+                                             "dwe_ptr", "dea_ptr")})
+    types.update({"rowptr_ptr": "*i64", "col_ptr": "*i64", "keep_ptr": "*i8", "slope": "fp32", "keep_scale": "fp32"})
+    variants = {
+        "C=64": dict(H=2, C=64, D=0, BLOCK_C=64, HAS_EDGE=False, HAS_KEEP=False),
+        "C=8, edge_dim=3, dropout": dict(H=2, C=8, D=3, BLOCK_C=16, HAS_EDGE=True, HAS_KEEP=True),
+    }
+    report = {}
+    for label, meta in variants.items():
+        for name, kernel, extra in (("forward", _gatv2_fwd_kernel, dict(STORE_S=meta["HAS_KEEP"])),
+                                    ("backward", _gatv2_bwd_kernel, {})):
+            rows = []
+            for config in _configs() if all_configs else _configs()[:1]:
+                constexprs = dict(meta, **extra, **config.kwargs)
+                shared = compile_for_gpu(kernel, types, constexprs, arch, config.num_warps, config.num_stages)
+                rows.append((config.kwargs["BLOCK_N"], config.kwargs["BLOCK_E"], config.num_warps, shared))
+            report[f"{name}, {label}"] = rows
+    return report

@@ -1096,30 +1096,15 @@ _FLOAT_ARGS = {"qk_scale", "bias_scale", "s_shift", "sm_scale"}
 
 def _compile(kernel, constexprs: dict, dtype: torch.dtype, arch: int, num_warps: int, num_stages: int) -> int:
     """Compile one kernel specialisation for sm_<arch> with Triton's bundled ptxas; returns its shared memory."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from zoo.kernels._compile import compile_for_gpu
 
-    fn = kernel.fn  # the autotuner's JITFunction
     elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    signature = {}
-    for param in fn.params:
-        name = param.name
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _PTR_ARGS:
-            signature[name] = elem
-        elif name in _F32_PTR_ARGS:
-            signature[name] = "*fp32"
-        elif name in _I32_PTR_ARGS:
-            signature[name] = "*i32"
-        elif name in _U8_PTR_ARGS:
-            signature[name] = "*u8"
-        else:
-            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
-    source = ASTSource(fn, signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    return int(compiled.metadata.shared)
+    types = {name: elem for name in _PTR_ARGS}
+    types.update({name: "*fp32" for name in _F32_PTR_ARGS})
+    types.update({name: "*i32" for name in _I32_PTR_ARGS})
+    types.update({name: "*u8" for name in _U8_PTR_ARGS})
+    types.update({name: "fp32" for name in _FLOAT_ARGS})
+    return compile_for_gpu(kernel, types, constexprs, arch, num_warps, num_stages)
 
 
 def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: int = 64, score: str = "softmax",

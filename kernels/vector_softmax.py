@@ -152,18 +152,14 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, all_config
     autotune config (``all_configs=False``: the first). Needs the module imported without TRITON_INTERPRET=1."""
     if INTERPRET:
         raise RuntimeError("compile_check needs zoo.kernels.vector_softmax imported without TRITON_INTERPRET=1")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from zoo.kernels._compile import compile_for_gpu
 
     elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    fn = _vector_softmax_sum_fwd_kernel.fn  # the autotuner's JITFunction
+    types = {"s_ptr": elem, "v_ptr": elem, "rowptr_ptr": "*i64", "out_ptr": elem, "lse_ptr": "*fp32"}
     report = []
     for config in _configs() if all_configs else _configs()[:1]:
-        constexprs = dict(config.kwargs)
-        types = {"s_ptr": elem, "v_ptr": elem, "rowptr_ptr": "*i64", "out_ptr": elem, "lse_ptr": "*fp32"}
-        signature = {p.name: "constexpr" if p.name in constexprs else types.get(p.name, "i32") for p in fn.params}
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-        report.append((constexprs["BLOCK_N"], constexprs["BLOCK_E"], constexprs["BLOCK_C"], config.num_warps,
-                       int(compiled.metadata.shared)))
+        meta = dict(config.kwargs)
+        shared = compile_for_gpu(_vector_softmax_sum_fwd_kernel, types, meta, arch, config.num_warps,
+                                 config.num_stages)
+        report.append((meta["BLOCK_N"], meta["BLOCK_E"], meta["BLOCK_C"], config.num_warps, shared))
     return report
