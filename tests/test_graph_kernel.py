@@ -4,20 +4,13 @@ GPU when one is present. The kernel's error is held to at most 2x PyTorch's own 
 precision plus a small atol (DESIGN.md, Kernels)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-# triton.language's own helpers (tl.sum, tl.zeros, ...) are @jit functions created when triton.language
-# is first imported; if that happened before TRITON_INTERPRET=1 was set (another test module collected
-# first imported it), they cannot run inside the interpreter. Then the tests run in a fresh process.
-_LATE = (not torch.cuda.is_available() and "triton.language" in sys.modules
-         and os.environ.get("TRITON_INTERPRET") != "1")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+from triton_interpreter import prepare, run_compiled, run_in_fresh_process  # tests/triton_interpreter.py
+
+_LATE = prepare()  # TRITON_INTERPRET=1 without a GPU, before the kernel module is imported
 
 triton = pytest.importorskip("triton")
 
@@ -121,7 +114,6 @@ def test_compiles_for_sm80_and_sm90_without_gpu():
     on CPU-only CI (every autotune config: ``python -c "from zoo.kernels.edge_softmax import compile_check;
     print(compile_check())"``, about 15 s per arch and dtype here). In a subprocess, because this process
     imported the kernels for the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
         "import torch\n"
         "from zoo.kernels.edge_softmax import compile_check\n"
@@ -129,16 +121,12 @@ def test_compiles_for_sm80_and_sm90_without_gpu():
         "    report = compile_check(arch, dtype, all_configs=False)\n"
         "    assert len(report) == 4 and all(len(rows) == 1 for rows in report.values()), report\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_compiled(code)
 
 
 @pytest.mark.skipif(not _LATE, reason="the tests above ran in this process")
 def test_kernel_tests_in_a_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                             __file__], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_in_fresh_process(__file__)
 
 
 def test_autotune_key_buckets_graph_size_and_mean_degree():

@@ -14,8 +14,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import pytest
@@ -27,6 +25,7 @@ if not HAS_CUDA:
 
 triton = pytest.importorskip("triton")
 
+from triton_interpreter import run_compiled  # noqa: E402  (tests/triton_interpreter.py)
 from zoo.attention import BlockSparse, Causal, Dense, Full, Segments, Window, attend  # noqa: E402
 from zoo.kernels import flash_attention as fa  # noqa: E402
 from zoo.kernels.flash_attention import (  # noqa: E402
@@ -530,15 +529,13 @@ def test_compiles_for_sm90_without_gpu():
     """The real (non-interpreted) kernels compile to sm_90 machine code with Triton's bundled ptxas and
     fit the shared memory: catches GPU-only compile errors on CPU-only CI. Runs in a subprocess
     because this process imported the kernels for the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
         "import torch\n"
         "from zoo.kernels.flash_attention import compile_check\n"
         "report = compile_check(90, torch.float16, 40, all_configs=False)\n"
         "assert len(report) == 5 and 'backward dk/dv' in report, report\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_compiled(code)
 
 
 # ------------------------------------------------------------------------------------------------

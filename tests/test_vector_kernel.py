@@ -7,19 +7,13 @@ PointTransformerConv. The kernel's error is held to at most 2x PyTorch's own at 
 small atol (DESIGN.md, Kernels)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-# As in tests/test_graph_kernel.py: triton.language imported before TRITON_INTERPRET=1 cannot interpret;
-# then the tests run again in a fresh process.
-_LATE = (not torch.cuda.is_available() and "triton.language" in sys.modules
-         and os.environ.get("TRITON_INTERPRET") != "1")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+from triton_interpreter import prepare, run_compiled, run_in_fresh_process  # tests/triton_interpreter.py
+
+_LATE = prepare()  # TRITON_INTERPRET=1 without a GPU, before the kernel module is imported
 
 triton = pytest.importorskip("triton")
 
@@ -156,7 +150,6 @@ def test_compiles_for_sm80_and_sm90_without_gpu():
     """The real (non-interpreted) kernel compiles to machine code with Triton's bundled ptxas: every autotune
     config for sm_90 in fp16, the first for sm_80 in fp16, bf16 and fp32. GPU-only compile errors show on
     CPU-only CI. In a subprocess, because this process imported the kernel for the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
         "import torch\n"
         "from zoo.kernels.vector_softmax import _configs, compile_check\n"
@@ -164,13 +157,9 @@ def test_compiles_for_sm80_and_sm90_without_gpu():
         "for dtype in (torch.float16, torch.bfloat16, torch.float32):\n"
         "    assert len(compile_check(80, dtype, all_configs=False)) == 1\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_compiled(code)
 
 
 @pytest.mark.skipif(not _LATE, reason="the tests above ran in this process")
 def test_vector_kernel_tests_in_a_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                             __file__], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_in_fresh_process(__file__)

@@ -1,0 +1,41 @@
+"""Helpers shared by the Triton kernel test modules (not a test module).
+
+* :func:`prepare` -- call at the top of a kernel test module, before it imports Triton or a kernel: without a
+  GPU it sets TRITON_INTERPRET=1, and it says whether that came too late. triton.language's own helpers
+  (tl.sum, tl.zeros, ...) are @jit functions created when triton.language is first imported; if another test
+  module collected first imported it without TRITON_INTERPRET=1, they cannot run inside the interpreter, and
+  the module's tests must run again in a fresh process (:func:`run_in_fresh_process`).
+* :func:`run_compiled` -- run Python code in a subprocess without TRITON_INTERPRET (the real compiler: the
+  ahead-of-time ``compile_check`` tests), since this process imported the kernels for the interpreter.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def prepare() -> bool:
+    """Set TRITON_INTERPRET=1 when there is no GPU; True when triton.language was imported before that."""
+    late = (not torch.cuda.is_available() and "triton.language" in sys.modules
+            and os.environ.get("TRITON_INTERPRET") != "1")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return late
+
+
+def run_in_fresh_process(test_file: str) -> None:
+    """pytest on ``test_file`` in a new interpreter with TRITON_INTERPRET=1; fails with its output."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                             test_file], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def run_compiled(code: str, timeout: int = 600) -> None:
+    """``python -c code`` without TRITON_INTERPRET; fails with its stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
