@@ -465,6 +465,7 @@ def test_bench_points_smoke(capsys):
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert int(cells[1]) == 300 * 4 and cells[4] == "kept" and float(cells[5]) > 0 and float(cells[6]) > 0
     assert float(cells[11]) < 1e-5 and float(cells[12]) < 1e-4  # outputs and gradients agree
+    assert cells[8] == cells[9] == cells[10] == "-"  # --no-memory: not measured, not "nan"
     with pytest.raises(SystemExit):
         points.main(["--sizes", "3", "--k", "4"])
     assert "sizes > k" in capsys.readouterr().err

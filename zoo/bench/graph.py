@@ -42,7 +42,7 @@ import torch
 
 from zoo.bench.timing import (
     compile_backend_arg, interleaved_samples, machine_description, medians, output_and_grad_errors, paired_ratio,
-    peak_rss_mb_subprocess, set_threads,
+    memory_cells, peak_rss_mb_subprocess, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
@@ -212,11 +212,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             mem = {"none": float("nan"), "zoo": float("nan"), "pyg": float("nan")}
             if not args.no_memory:
                 mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device, peer_ok, args.compile)
-            net = {k: mem[k] - mem["none"] for k in ("zoo", "pyg")}
+            zoo_mb, pyg_mb, ratio = memory_cells(mem, net_label=" net")
             print(f"| {edges} | {nodes} | {args.heads} | {c} | {t_zoo:.3f} | {t_pyg:.3f} | {speedup:.2f}x | "
-                  f"{mem['zoo']:.0f} ({net['zoo']:.0f}) | {mem['pyg']:.0f} ({net['pyg']:.0f}) | "
-                  f"{mem['pyg'] / mem['zoo']:.1f}x ({net['pyg'] / max(net['zoo'], 1):.1f}x net) | "
-                  f"{out_err:.1e} | {grad_err:.1e} | {_load1():.1f} |", flush=True)
+                  f"{zoo_mb} | {pyg_mb} | {ratio} | {out_err:.1e} | {grad_err:.1e} | {_load1():.1f} |", flush=True)
     print("\npeak: " + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "VmHWM")
           + " of a fresh process running one forward+backward; net = peak - a baseline process that builds the"
           " same inputs and layers but runs no step. load: 1-minute load average at the end of the row.")

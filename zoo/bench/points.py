@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from zoo.bench.timing import (
-    interleaved_samples, machine_description, medians, output_and_grad_errors, paired_ratio, peak_rss_mb_subprocess,
-    set_threads,
+    interleaved_samples, machine_description, medians, memory_cells, output_and_grad_errors, paired_ratio,
+    peak_rss_mb_subprocess, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case"]
@@ -161,11 +161,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         mem[which] = peak_rss_mb_subprocess(_WORKER_CODE.format(
                             threads=threads, points=n, k=args.k, channels=c, which=which, graph=graph,
                             recompute=recompute))
-            net = {key: mem[key] - mem["none"] for key in ("zoo", "pyg")}
+            zoo_mb, pyg_mb, ratio = memory_cells(mem)
             print(f"| {n} | {edges} | {c} | {t_knn:.2f} | {mode} | {t['zoo']:.3f} | {t['pyg']:.3f} | {speedup:.2f}x | "
-                  f"{mem['zoo']:.0f} ({net['zoo']:.0f}) | {mem['pyg']:.0f} ({net['pyg']:.0f}) | "
-                  f"{mem['pyg'] / mem['zoo']:.1f}x ({net['pyg'] / max(net['zoo'], 1):.1f}x) | {out_err:.1e} | "
-                  f"{grad_err:.1e} |", flush=True)
+                  f"{zoo_mb} | {pyg_mb} | {ratio} | {out_err:.1e} | {grad_err:.1e} |", flush=True)
             del ei
     print("\nspeed-up: PyG time / zoo time (> 1: the zoo is faster). peak: VmHWM of a fresh process running one "
           "forward+backward; net = peak - a baseline process that builds the same inputs and layers but runs no "

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - not on this platform
 __all__ = [
     "interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description",
     "peak_rss_mb_subprocess", "set_threads", "minor_faults", "FaultCounter", "interleaved_samples_with_faults",
-    "format_faults", "load_test_reference",
+    "format_faults", "load_test_reference", "memory_cells",
 ]
 
 TESTS_DIR = Path(__file__).resolve().parents[2] / "tests"
@@ -275,3 +275,20 @@ def peak_rss_mb_subprocess(code: str, *, env: dict | None = None) -> float:
         if line.startswith("PEAK_RSS_KB="):
             return int(line.split("=", 1)[1]) / 1024
     raise RuntimeError("memory probe printed no PEAK_RSS_KB line")
+
+
+def memory_cells(mem: dict, ours: str = "zoo", peer: str = "pyg", net_label: str = "") -> tuple[str, str, str]:
+    """Table cells from peak memories in MB (``mem``: ours, the peer and "none", the baseline process):
+    "peak (net)" for ours and for the peer, and "peer/ours x (net ratio x<net_label>)". A value that was not
+    measured (NaN: --no-memory, or a peer skipped) is "-"."""
+    import math
+
+    def cell(key: str) -> str:
+        peak, base = mem[key], mem["none"]
+        return "-" if math.isnan(peak) else f"{peak:.0f} ({peak - base:.0f})"
+
+    peak_ours, peak_peer = mem[ours], mem[peer]
+    if math.isnan(peak_ours) or math.isnan(peak_peer):
+        return cell(ours), cell(peer), "-"
+    net_ours, net_peer = peak_ours - mem["none"], peak_peer - mem["none"]
+    return cell(ours), cell(peer), f"{peak_peer / peak_ours:.1f}x ({net_peer / max(net_ours, 1):.1f}x{net_label})"
