@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("POSSIBLE_USER_WARNINGS", "off")
 
@@ -17,6 +18,10 @@ import torch  # noqa: E402
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable is read when
 # triton.language is first imported, so it is set here, before any test module imports a kernel.
 if not torch.cuda.is_available():
+    if "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        # too late for this process (see tests/triton_interpreter.py): the kernel test modules re-run their
+        # tests in a fresh one
+        os.environ["ZOO_TRITON_IMPORTED_EARLY"] = "1"
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
