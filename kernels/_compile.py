@@ -3,9 +3,15 @@ ptxas): the ``compile_check`` functions of the kernel modules use it so that CPU
 compile errors and shared-memory overflows. Kernel modules must be imported without TRITON_INTERPRET=1."""
 from __future__ import annotations
 
+import torch
 import triton
 
-__all__ = ["compile_for_gpu"]
+__all__ = ["compile_for_gpu", "pointer_type"]
+
+
+def pointer_type(dtype: torch.dtype) -> str:
+    """Triton signature type of a pointer to ``dtype`` elements (the kernels' fp16 / bf16 / fp32 inputs)."""
+    return {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
 
 
 def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int = 1,

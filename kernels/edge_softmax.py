@@ -345,9 +345,9 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, all_config
     TRITON_INTERPRET=1."""
     if INTERPRET:
         raise RuntimeError("compile_check needs zoo.kernels.edge_softmax imported without TRITON_INTERPRET=1")
-    from zoo.kernels._compile import compile_for_gpu
+    from zoo.kernels._compile import compile_for_gpu, pointer_type
 
-    elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    elem = pointer_type(dtype)
     types = {name: elem for name in ("xs_ptr", "xd_ptr", "att_ptr", "ea_ptr", "we_ptr", "out_ptr", "g_ptr")}
     types.update({name: "*fp32" for name in ("lse_ptr", "s_ptr", "delta_ptr", "dxs_ptr", "dxd_ptr", "datt_ptr",
                                              "dwe_ptr", "dea_ptr")})

@@ -1096,9 +1096,9 @@ _FLOAT_ARGS = {"qk_scale", "bias_scale", "s_shift", "sm_scale"}
 
 def _compile(kernel, constexprs: dict, dtype: torch.dtype, arch: int, num_warps: int, num_stages: int) -> int:
     """Compile one kernel specialisation for sm_<arch> with Triton's bundled ptxas; returns its shared memory."""
-    from zoo.kernels._compile import compile_for_gpu
+    from zoo.kernels._compile import compile_for_gpu, pointer_type
 
-    elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    elem = pointer_type(dtype)
     types = {name: elem for name in _PTR_ARGS}
     types.update({name: "*fp32" for name in _F32_PTR_ARGS})
     types.update({name: "*i32" for name in _I32_PTR_ARGS})

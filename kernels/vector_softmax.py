@@ -31,6 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+# the autotune key of the GATv2 CSR kernel: powers of two of the destination count and mean in-degree
+from zoo.kernels.edge_softmax import _tune_bucket
+
 __all__ = ["vector_softmax_sum", "vector_softmax_sum_ref", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -47,12 +50,6 @@ def _configs() -> list:
         for bc in (32, 64)
         for w in (2, 4)
     ]
-
-
-def _tune_bucket(num_dst: int, num_edges: int) -> int:
-    """ceil(log2) of the destination count and of the mean in-degree (host integers, no device sync)."""
-    mean_degree = -(-num_edges // max(num_dst, 1))
-    return (max(num_dst, 1) - 1).bit_length() * 64 + (max(mean_degree, 1) - 1).bit_length()
 
 
 @triton.autotune(configs=_configs(), key=["C", "tune_bucket"])
@@ -152,9 +149,9 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, all_config
     autotune config (``all_configs=False``: the first). Needs the module imported without TRITON_INTERPRET=1."""
     if INTERPRET:
         raise RuntimeError("compile_check needs zoo.kernels.vector_softmax imported without TRITON_INTERPRET=1")
-    from zoo.kernels._compile import compile_for_gpu
+    from zoo.kernels._compile import compile_for_gpu, pointer_type
 
-    elem = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    elem = pointer_type(dtype)
     types = {"s_ptr": elem, "v_ptr": elem, "rowptr_ptr": "*i64", "out_ptr": elem, "lse_ptr": "*fp32"}
     report = []
     for config in _configs() if all_configs else _configs()[:1]:

@@ -26,20 +26,20 @@ and every backend therefore work unchanged; no model writes its own softmax.
 
 The bias is computed the way Transformer-XL does it (Appendix B): one matmul of the queries against the
 projected sinusoids of all Nq + Nk - 1 distances, then a "relative shift" that moves row i left by Nq - 1 - i
-(a zero pad and reshapes, so it exports to ONNX). Queries are at positions q_offset + i and keys at j; by
+(:func:`rel_shift`: a strided view in eager mode, a zero pad and reshapes when traced, so it exports to ONNX). Queries are at positions q_offset + i and keys at j; by
 default q_offset = Nk - Nq, the last Nq of Nk tokens (self attention, or new tokens over a KV cache).
 
 Letters: B batch, H heads, Nq queries, Nk keys, D head dim, L = Nq + Nk - 1 relative distances.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.attention.rope import rope_frequencies
 from zoo.layers import is_tracing
 
 __all__ = ["TransformerXLRelPos", "relative_sinusoids", "rel_shift"]
@@ -59,8 +59,8 @@ def relative_sinusoids(
     if q_offset is None:
         q_offset = n_k - n_q
     top = q_offset + n_q - 1
-    distance = torch.arange(top, top - (n_q + n_k - 1), -1, device=device, dtype=torch.float32)
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    distance = torch.arange(top, top - (n_q + n_k - 1), -1, device=device, dtype=torch.float64)
+    freq = rope_frequencies(dim, "1d", 10000.0).to(device)  # w_m = 10000^(-2m / dim), as 1D RoPE's
     angle_LM = distance[:, None] * freq[None, :]
     return torch.stack((angle_LM.sin(), angle_LM.cos()), dim=-1).flatten(1).to(dtype)
 
@@ -123,7 +123,8 @@ class TransformerXLRelPos(nn.Module):
         self.linear_pos = nn.Linear(dim, num_heads * head_dim, bias=False)
         self.pos_bias_u = nn.Parameter(torch.empty(num_heads, head_dim))
         self.pos_bias_v = nn.Parameter(torch.empty(num_heads, head_dim))
-        self._table: Optional[tuple] = None  # (key, top, projected (H, rows, D)) without gradients
+        # without gradients: (key, reach, projected (H, 2 reach + 1, D), the weight it was built from)
+        self._table: Optional[tuple] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -189,7 +190,7 @@ class TransformerXLRelPos(nn.Module):
         p_HLD = self.positions(n_q, n_k, q_offset, q_BHND)
         u_H1D = self.pos_bias_u.to(q_BHND.dtype).unsqueeze(1)
         v_H1D = self.pos_bias_v.to(q_BHND.dtype).unsqueeze(1)
-        # the scale goes on the (B, H, Nq, D) queries, not on the (B, H, Nq, Nk) bias; the shifted bias stays a
-        # strided view of the padded product (attention reads it once)
+        # the scale goes on the (B, H, Nq, D) queries, not on the (B, H, Nq, Nk) bias; in eager mode the shifted
+        # bias is a strided view of the product (attention reads it once)
         bd_BHQL = torch.matmul((q_BHND + v_H1D) * scale, p_HLD.transpose(-1, -2))
         return q_BHND + u_H1D, rel_shift(bd_BHQL, n_k)

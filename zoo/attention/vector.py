@@ -22,9 +22,10 @@ recomputed in backward), so the layer keeps O(N C) activations plus one block's,
 block's forward run again in backward, paid by default only when the kept intermediates would pass about 1 GiB
 (``recompute="auto"``). The softmax and the weighted sum are one fused step
 (zoo.attention.segment.segment_softmax_weighted_sum): autograd keeps its inputs and [N, C] statistics, not the
-[E, C] weights and products, and its backward is one pass. pos_nn / attn_nn with batch statistics (BatchNorm in training mode) see the
-whole edge set in one block, as in PyG, so their statistics are PyG's; so does a layer under torch.compile /
-export (one graph, PyG's memory; the graph structure is built outside it as for the GAT layers). While PyG's
+[E, C] weights and products, and its backward is one pass. pos_nn / attn_nn with batch statistics (BatchNorm in
+training mode) see the whole edge set in one block, as in PyG, so their statistics are PyG's; so does a layer
+under torch.compile / export (one graph, PyG's memory; the graph structure is built outside it as for the GAT
+layers). While PyG's
 explain mode is on or a message-passing hook is registered, the layer runs PyG's ``propagate`` instead
 (zoo.attention.graph explains).
 

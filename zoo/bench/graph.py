@@ -33,7 +33,6 @@ faster (run ``zoo bench graph --device cuda``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from typing import Optional
@@ -41,8 +40,8 @@ from typing import Optional
 import torch
 
 from zoo.bench.timing import (
-    compile_backend_arg, interleaved_samples, machine_description, medians, output_and_grad_errors, paired_ratio,
-    memory_cells, peak_rss_mb_subprocess, set_threads,
+    compile_backend_arg, interleaved_samples, medians, memory_cells, output_and_grad_errors, paired_ratio,
+    peak_rss_mb_subprocess, run_header, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
@@ -173,13 +172,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     channels = [int(c) for c in args.channels.split(",")]
     threads = set_threads(args.threads)
     peer_max_gb = args.peer_max_gb if args.peer_max_gb is not None else 0.85 * _available_gb(args.device)
-    command = "zoo bench graph " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"## zoo bench graph\n\ncommand: `{command.strip()}`  ")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average at start "
-          f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min)  ")
-    print(f"machine: {machine_description()}; torch threads {threads}; device {args.device}; PyG run where its "
-          f"estimated peak <= {peer_max_gb:.1f} GB; "
-          f"{'both layers under torch.compile backend ' + args.compile if args.compile else 'eager'}\n")
+    details = (f"device {args.device}; PyG run where its estimated peak <= {peer_max_gb:.1f} GB; "
+               f"{'both layers under torch.compile backend ' + args.compile if args.compile else 'eager'}")
+    print("## zoo bench graph\n\n" + run_header("graph", argv, threads, details))
     mem_unit = "GPU MB" if args.device.startswith("cuda") else "MB"
     print(f"| edges | nodes | H | C | zoo fwd+bwd (s) | PyG fwd+bwd (s) | speed-up | zoo peak {mem_unit} (net) | "
           f"PyG peak {mem_unit} (net) | memory ratio | max out err | max rel grad err | load |")

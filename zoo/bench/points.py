@@ -23,7 +23,6 @@ every process's high-water mark).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import tempfile
@@ -34,8 +33,8 @@ import torch
 from torch import nn
 
 from zoo.bench.timing import (
-    interleaved_samples, machine_description, medians, memory_cells, output_and_grad_errors, paired_ratio,
-    peak_rss_mb_subprocess, set_threads,
+    interleaved_samples, medians, memory_cells, output_and_grad_errors, paired_ratio, peak_rss_mb_subprocess,
+    run_header, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case"]
@@ -125,12 +124,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     recompute = {"auto": "auto", "true": True, "false": False}[args.recompute]
     threads = set_threads(args.threads)
-    command = "zoo bench points " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"## zoo bench points\n\ncommand: `{command.strip()}`  ")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average at start "
-          f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min)  ")
-    print(f"machine: {machine_description()}; torch threads {threads}; fp32 CPU; k = {args.k}; pos_nn 3-64-C, "
-          "attn_nn C-64-C (PyG's Point Transformer example)\n")
+    print("## zoo bench points\n\n" + run_header("points", argv, threads, f"fp32 CPU; k = {args.k}; pos_nn 3-64-C, "
+                                                  "attn_nn C-64-C (PyG's Point Transformer example)"))
     print("| points | edges | C | knn_graph (s) | zoo blocks | zoo fwd+bwd (s) | PyG fwd+bwd (s) | speed-up | "
           "zoo peak MB (net) | PyG peak MB (net) | memory ratio peak (net) | max out err | max rel grad err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)

@@ -18,18 +18,17 @@ ratios. On CPU, fp32. The peer lives in the test file, so the benchmark runs fro
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 from typing import Optional
 
 import torch
 
 from zoo.bench.timing import (
-    interleaved_samples, load_test_reference, machine_description, medians, paired_ratio, set_threads,
+    interleaved_samples, load_test_reference, medians, paired_ratio, run_header, set_threads,
 )
 
 __all__ = ["main", "build_parser", "load_reference_module"]
+
 
 def load_reference_module():
     """Import tests/test_relpos_xl.py (the ESPnet-layout reference) from the source tree."""
@@ -73,12 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     reference = load_reference_module()
     threads = set_threads(args.threads)
     if args.markdown:
-        command = "zoo bench relpos " + " ".join(argv if argv is not None else sys.argv[1:])
-        print(f"command: `{command.strip()}`  ")
-        print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average at start "
-              f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min)  ")
-        print(f"machine: {machine_description()}; torch threads {threads}; fp32 CPU; C = {args.dim}, "
-              f"H = {args.heads}\n")
+        print(run_header("relpos", argv, threads, f"fp32 CPU; C = {args.dim}, H = {args.heads}"))
     print("| batch | frames | zoo train ms | ESPnet-form train ms | train ratio | zoo infer ms | ESPnet-form infer ms "
           "| infer ratio | max out err |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
+import math
 import os
 import platform
 import statistics
@@ -22,7 +24,7 @@ except ImportError:  # pragma: no cover - not on this platform
 __all__ = [
     "interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description",
     "peak_rss_mb_subprocess", "set_threads", "minor_faults", "FaultCounter", "interleaved_samples_with_faults",
-    "format_faults", "load_test_reference", "memory_cells",
+    "format_faults", "load_test_reference", "memory_cells", "run_header",
 ]
 
 TESTS_DIR = Path(__file__).resolve().parents[2] / "tests"
@@ -281,8 +283,6 @@ def memory_cells(mem: dict, ours: str = "zoo", peer: str = "pyg", net_label: str
     """Table cells from peak memories in MB (``mem``: ours, the peer and "none", the baseline process):
     "peak (net)" for ours and for the peer, and "peer/ours x (net ratio x<net_label>)". A value that was not
     measured (NaN: --no-memory, or a peer skipped) is "-"."""
-    import math
-
     def cell(key: str) -> str:
         peak, base = mem[key], mem["none"]
         return "-" if math.isnan(peak) else f"{peak:.0f} ({peak - base:.0f})"
@@ -292,3 +292,15 @@ def memory_cells(mem: dict, ours: str = "zoo", peer: str = "pyg", net_label: str
         return cell(ours), cell(peer), "-"
     net_ours, net_peer = peak_ours - mem["none"], peak_peer - mem["none"]
     return cell(ours), cell(peer), f"{peak_peer / peak_ours:.1f}x ({net_peer / max(net_ours, 1):.1f}x{net_label})"
+
+
+def run_header(name: str, argv, threads: int, details: str) -> str:
+    """The lines a benchmark prints above its table: the command (``zoo bench <name>`` and ``argv``, or this
+    process's arguments), the UTC date with the load average at start, and the machine with the torch thread
+    count followed by ``details`` (what the table holds fixed). Markdown line breaks; ends with a blank line."""
+    command = f"zoo bench {name} " + " ".join(argv if argv is not None else sys.argv[1:])
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"command: `{command.strip()}`  \n"
+            f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average at start {load} "
+            f"(1/5/15 min)  \n"
+            f"machine: {machine_description()}; torch threads {threads}; {details}\n")
