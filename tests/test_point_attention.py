@@ -383,6 +383,14 @@ def test_segment_softmax_weighted_sum_is_the_softmax_then_the_sum():
     assert sorted(saved) == sorted([(40, c), (40, c), (40,), (n, c), (n, c)]), saved
     with pytest.raises(ValueError, match="must both be"):
         segment_softmax_weighted_sum(scores, values[:, :2], index, n)
+    with pytest.raises(ValueError, match=r"index values must lie in \[0, 7\), got -1\.\.5"):
+        segment_softmax_weighted_sum(scores, values, torch.where(index == 0, -1, index), n)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
+        segment_softmax_weighted_sum(scores, values, index, 3)
+    with pytest.raises(TypeError, match="index must be int64 or int32"):
+        segment_softmax_weighted_sum(scores, values, index.double(), n)
+    with pytest.raises(TypeError, match="must be floating point"):
+        segment_softmax_weighted_sum(scores.long(), values.long(), index, n)
 
 
 def test_heap_is_trimmed_only_between_several_blocks(monkeypatch):

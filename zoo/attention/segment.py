@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import call_outside_graph, exp_flushed_
+from zoo.layers import call_outside_graph, exp_flushed_, is_tracing
 
 __all__ = [
     "CSR",
@@ -265,9 +265,19 @@ def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: 
     if scores_EC.dim() != 2 or values_EC.shape != scores_EC.shape:
         raise ValueError(f"segment_softmax_weighted_sum: scores and values must both be [E, C], got "
                          f"{tuple(scores_EC.shape)} and {tuple(values_EC.shape)}")
+    if not scores_EC.is_floating_point() or not values_EC.is_floating_point():
+        raise TypeError(f"segment_softmax_weighted_sum: scores and values must be floating point, got "
+                        f"{scores_EC.dtype} and {values_EC.dtype}")
     if index_E.dim() != 1 or index_E.numel() != scores_EC.size(0):
         raise ValueError(f"segment_softmax_weighted_sum: {scores_EC.size(0)} scores but index has shape "
                          f"{tuple(index_E.shape)}")
+    if index_E.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"segment_softmax_weighted_sum: index must be int64 or int32, got {index_E.dtype}")
+    if index_E.numel() and not is_tracing():
+        low, high = int(index_E.min()), int(index_E.max())
+        if low < 0 or high >= int(num_segments):
+            raise ValueError(f"segment_softmax_weighted_sum: index values must lie in [0, {int(num_segments)}), "
+                             f"got {low}..{high}")
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"segment_softmax_weighted_sum: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if impl == "triton" and rowptr is None:
