@@ -23,14 +23,16 @@ kernels (kernels/flash_attention.py) run, and both are cached per mask object:
    slot      predicate for query row i, key column j                              reads
    ========  ===================================================================  ==================
    WIN0/1    lo <= j - i <= hi (Window/Causal; bottom-right aligned offsets)      two ints
+             or, with the CHUNK0/1 flag, lo <= j // c - (i + s) // c <= hi        four ints
+             (ChunkWindow, in chunks of c tokens; s >= 0 folds in the alignment)
    SEG       q_ids[b, i] == kv_ids[b, j] and q_ids[b, i] >= 0 (Segments)          two id vectors
    DENSE     mask[b, h, i, j] (Dense)                                             the bool tensor
    BLK       block_mask[b, h, i // bq, j // bk] (BlockSparse, Radial)             the tile map
    ========  ===================================================================  ==================
 
-   Windows inside one AND-term are intersected into one band; Dense masks inside one term are AND-ed;
+   Windows inside one AND-term are intersected into one band (per chunk size); Dense masks inside one term are AND-ed;
    BlockSparse maps with equal block sizes inside one term are AND-ed. So Causal, Window, Segments,
-   Dense, BlockSparse, Radial and combinations such as ``Segments & Causal``, ``Causal & Window``,
+   ChunkWindow, Dense, BlockSparse, Radial and combinations such as ``Segments & Causal``, ``Causal & Window``,
    ``Window | BlockSparse``, ``(Window | Segments) & Causal`` are evaluated exactly in the kernel.
    What does not fit (more than three terms, more than two distinct windows, two different Segments or
    Dense masks, a mask class the kernel does not know) falls back to ONE dense boolean mask built with
@@ -55,6 +57,7 @@ from zoo.attention.masks import (
     And,
     BlockMap,
     BlockSparse,
+    ChunkWindow,
     Dense,
     Full,
     Mask,
@@ -74,11 +77,15 @@ __all__ = [
     "SLOT_SEG",
     "SLOT_DENSE",
     "SLOT_BLK",
+    "SLOT_CHUNK0",
+    "SLOT_CHUNK1",
     "MAX_TERMS",
 ]
 
 # Predicate slots: bit flags of an AND-term.
 SLOT_WIN0, SLOT_WIN1, SLOT_SEG, SLOT_DENSE, SLOT_BLK = 1, 2, 4, 8, 16
+# Flags, not slots: WIN0 / WIN1 of this term compare chunk numbers instead of positions.
+SLOT_CHUNK0, SLOT_CHUNK1 = 32, 64
 MAX_TERMS = 3
 # Index tensors above this many entries are trimmed to the widest row (costs one device sync).
 _TRIM_ENTRIES = 1 << 24
@@ -193,14 +200,16 @@ class MaskProgram:
     """The element-wise predicate of a mask in kernel form: OR of up to three AND-terms over slots.
 
     ``terms``: tuple of bit sets (SLOT_* flags); an empty tuple allows nothing, a term 0 allows every
-    in-range pair. ``windows``: [(lo, hi), (lo, hi)] bounds of ``j - i`` for WIN0/WIN1. ``seg``:
+    in-range pair. ``windows``: [(lo, hi, c, s), (lo, hi, c, s)] for WIN0/WIN1: bounds of ``j - i``
+    (c = 1, s = 0), or with the CHUNK flag of ``j // c - (i + s) // c`` (s >= 0, so that integer
+    division by c is floor division, as the kernels compute it). ``seg``:
     (q_ids (Bs, Nq) int32, kv_ids (Bs', Nk) int32). ``dense``: uint8 (Bm, Hm, Nq, Nk) view of the bool
     mask. ``blk``: (uint8 (Bm, Hm, QBs, KBs) map, block_q, block_k). ``exact_in_kernel``: False when the
     mask had to be materialised densely (see the module docstring).
     """
 
     terms: tuple
-    windows: list = field(default_factory=lambda: [(-_UNBOUNDED, _UNBOUNDED), (-_UNBOUNDED, _UNBOUNDED)])
+    windows: list = field(default_factory=lambda: [(-_UNBOUNDED, _UNBOUNDED, 1, 0), (-_UNBOUNDED, _UNBOUNDED, 1, 0)])
     seg: Optional[tuple] = None
     dense: Optional[torch.Tensor] = None
     blk: Optional[tuple] = None
@@ -227,9 +236,13 @@ class MaskProgram:
         out = torch.zeros_like(inb)
         for bits in self.terms:
             ok = inb
-            for slot, (lo, hi) in ((SLOT_WIN0, self.windows[0]), (SLOT_WIN1, self.windows[1])):
+            for slot, chunked, (lo, hi, c, s) in (
+                (SLOT_WIN0, SLOT_CHUNK0, self.windows[0]),
+                (SLOT_WIN1, SLOT_CHUNK1, self.windows[1]),
+            ):
                 if bits & slot:
-                    ok = ok & ((j - i) >= lo) & ((j - i) <= hi)
+                    rel = (j // c - (i + s) // c) if bits & chunked else (j - i)
+                    ok = ok & (rel >= lo) & (rel <= hi)
             if bits & SLOT_SEG:
                 qi, ki = self.seg
                 qid = qi[:, rows.clamp(max=q_len - 1)][:, None, :, None]
@@ -253,8 +266,8 @@ class MaskProgram:
             yield self.blk[0]
 
     def kernel_args(self, dummy: torch.Tensor) -> tuple:
-        """The 20 runtime mask arguments, in the kernels' order (``dummy`` fills unused pointer slots)."""
-        (lo0, hi0), (lo1, hi1) = self.windows
+        """The 24 runtime mask arguments, in the kernels' order (``dummy`` fills unused pointer slots)."""
+        (lo0, hi0, c0, s0), (lo1, hi1, c1, s1) = self.windows
         if self.seg is not None:
             qi, ki = self.seg
             seg = (qi, ki, qi.stride(0) if qi.shape[0] > 1 else 0, ki.stride(0) if ki.shape[0] > 1 else 0)
@@ -270,7 +283,7 @@ class MaskProgram:
             blk = (m,) + tuple(m.stride(i) if m.shape[i] > 1 else 0 for i in range(4)) + (bq, bk)
         else:
             blk = (dummy, 0, 0, 0, 0, 1, 1)
-        return (lo0, hi0, lo1, hi1) + seg + dense + blk
+        return (lo0, hi0, lo1, hi1, c0, s0, c1, s1) + seg + dense + blk
 
 
 class _Fallback(Exception):
@@ -279,7 +292,9 @@ class _Fallback(Exception):
 
 def _primitive(mask: Mask):
     """Map a mask to a slot primitive, or None when it is not one the kernel knows."""
-    if isinstance(mask, (Window, Segments, Dense, BlockSparse)):
+    if isinstance(mask, ChunkWindow) and mask.chunk_size == 1:
+        return Window(mask.left, mask.right)
+    if isinstance(mask, (Window, ChunkWindow, Segments, Dense, BlockSparse)):
         return mask
     # Radial (zoo.attention.radial) is a BlockSparse map at its own block size.
     if type(mask).__name__ == "Radial" and hasattr(mask, "block_mask") and hasattr(mask, "block_size"):
@@ -306,26 +321,42 @@ def _dnf(mask: Mask, limit: int = 16) -> list[list[Mask]]:
     return out
 
 
-def _window_bounds(w: Window, q_len: int, k_len: int) -> tuple[int, int]:
-    lo, hi = w.offsets(q_len, k_len)
+def _clamped(lo: float, hi: float) -> tuple[int, int]:
     lo = -_UNBOUNDED if lo == -math.inf else int(lo)
     hi = _UNBOUNDED if hi == math.inf else int(hi)
     return max(lo, -_UNBOUNDED), min(hi, _UNBOUNDED)
 
 
+def _window_band(w, q_len: int, k_len: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(unit, bounds, reach) of a Window or ChunkWindow: ``unit`` = (c, s), the kernel compares
+    ``j // c - (i + s) // c`` ((1, 0) for a Window: j - i); ``bounds`` = allowed (lo, hi) of that difference;
+    ``reach`` = (min, max) of the difference over all in-range (i, j), to spot bands that forbid nothing."""
+    if isinstance(w, Window):
+        return (1, 0), _clamped(*w.offsets(q_len, k_len)), (-(q_len - 1), k_len - 1)
+    c, shift = w.chunk_size, k_len - q_len
+    # Query chunk floor((i + shift) / c) = (i + s) // c - extra with s = shift + extra * c >= 0, so the kernel's
+    # truncating division is floor division; the bounds absorb the constant ``extra``.
+    extra = max(0, -(shift // c))
+    s = shift + extra * c
+    lo, hi = w.chunk_bounds()
+    reach = (0 - (q_len - 1 + s) // c, (k_len - 1) // c - s // c)
+    return (c, s), _clamped(lo - extra, hi - extra), reach
+
+
 def _simplify_term(term: list[Mask], q_len: int, k_len: int):
     """One AND-term -> dict of merged primitives (no tensor is built), or None when it allows nothing.
 
-    Keys: "win" (lo, hi) of the intersected band; "seg" the Segments mask; "dense" a tuple of Dense
-    masks to AND; "blk" a tuple of BlockSparse masks (equal block sizes) to AND.
+    Keys: "win" a tuple of (lo, hi, c, s) bands, the windows intersected per unit (c, s) (see
+    _window_band); "seg" the Segments mask; "dense" a tuple of Dense masks to AND; "blk" a tuple of
+    BlockSparse masks (equal block sizes) to AND.
     """
     out: dict = {}
-    lo, hi = -_UNBOUNDED, _UNBOUNDED
-    has_window = False
+    bands: dict = {}  # unit (c, s) -> (lo, hi, reach)
     for m in term:
-        if isinstance(m, Window):
-            a, b = _window_bounds(m, q_len, k_len)
-            lo, hi, has_window = max(lo, a), min(hi, b), True
+        if isinstance(m, (Window, ChunkWindow)):
+            unit, (a, b), reach = _window_band(m, q_len, k_len)
+            lo, hi, _ = bands.get(unit, (-_UNBOUNDED, _UNBOUNDED, reach))
+            bands[unit] = (max(lo, a), min(hi, b), reach)
         elif isinstance(m, Segments):
             if "seg" in out and out["seg"] is not m:
                 raise _Fallback("two different Segments masks in one AND-term")
@@ -339,12 +370,17 @@ def _simplify_term(term: list[Mask], q_len: int, k_len: int):
             out["blk"] = prev + (m,)
         else:  # pragma: no cover - _dnf only returns primitives
             raise _Fallback(type(m).__name__)
-    if has_window:
+    kept_bands = []
+    for (c, s), (lo, hi, (reach_lo, reach_hi)) in bands.items():
         if lo > hi:
             return None
-        # j - i ranges over [-(Nq - 1), Nk - 1]: a band covering that range forbids nothing.
-        if not (lo <= -(q_len - 1) and hi >= k_len - 1):
-            out["win"] = (lo, hi)
+        # A band covering every difference that occurs forbids nothing.
+        if not (lo <= reach_lo and hi >= reach_hi):
+            kept_bands.append((lo, hi, c, s))
+    if len(kept_bands) > 2:
+        raise _Fallback("more than two window bands in one AND-term")
+    if kept_bands:
+        out["win"] = tuple(kept_bands)
     return out
 
 
@@ -363,17 +399,20 @@ def _plan(mask: Mask, q_len: int, k_len: int):
         return (0,), [], None, None, None
     if len(terms) > MAX_TERMS:
         raise _Fallback(f"{len(terms)} OR-terms (the kernel evaluates at most {MAX_TERMS})")
-    windows: list[tuple[int, int]] = []
+    windows: list[tuple[int, int, int, int]] = []
     seg = dense = blk = None
     bits_per_term = []
     for t in terms:
         bits = 0
-        if "win" in t:
-            if t["win"] not in windows:
+        for band in t.get("win", ()):
+            if band not in windows:
                 if len(windows) == 2:
                     raise _Fallback("more than two distinct windows")
-                windows.append(t["win"])
-            bits |= SLOT_WIN0 if windows.index(t["win"]) == 0 else SLOT_WIN1
+                windows.append(band)
+            slot = windows.index(band)
+            bits |= SLOT_WIN0 if slot == 0 else SLOT_WIN1
+            if band[2] > 1:  # chunk size
+                bits |= SLOT_CHUNK0 if slot == 0 else SLOT_CHUNK1
         if "seg" in t:
             if seg is not None and seg is not t["seg"]:
                 raise _Fallback("two different Segments masks")
@@ -412,7 +451,8 @@ def _build_program(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
 
 
 def _bits_name(bits: int) -> str:
-    names = [n for n, f in (("WIN0", 1), ("WIN1", 2), ("SEG", 4), ("DENSE", 8), ("BLK", 16)) if bits & f]
+    names = [n for n, f in (("WIN0", 1), ("WIN1", 2), ("SEG", 4), ("DENSE", 8), ("BLK", 16), ("CHUNK0", 32),
+                            ("CHUNK1", 64)) if bits & f]
     return "&".join(names) or "TRUE"
 
 

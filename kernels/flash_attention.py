@@ -11,7 +11,7 @@ restricted by a zoo.attention mask, in O(N) memory, for training and inference:
 * Sparsity: each program walks only the tiles that the mask's block map (``Mask.block_map``) keeps,
   from per-tile lists built once per (mask, shape, tile) by kernels/block_index.py. FULL tiles run
   with no masking and no bounds checks; PARTIAL tiles evaluate the mask element-wise in the kernel
-  (Window/Causal from indices, Segments from id vectors, BlockSparse/Radial from the tile map, Dense
+  (Window/Causal/ChunkWindow from indices, Segments from id vectors, BlockSparse/Radial from the tile map, Dense
   by loading mask tiles; And/Or trees up to three OR-terms; see block_index.py for what is exact
   in-kernel and the dense fallback).
 * Additive bias of any shape broadcastable to (B, H, Nq, Nk) is read with stride-0 broadcasting (no
@@ -172,7 +172,7 @@ def _load_tile(ptrs, offs_r, n_r, offs_c, n_c, CHECK_R: tl.constexpr, CHECK_C: t
 @triton.jit
 def _mask_term(
     rows, cols, inb, b, h,
-    win_lo0, win_hi0, win_lo1, win_hi1,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
     SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn,
     BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -180,11 +180,17 @@ def _mask_term(
 ):
     """AND of the predicate slots named by BITS (see block_index.py) over a [BM, BN] tile."""
     ok = inb
-    if (BITS & 1) != 0:  # WIN0: lo <= j - i <= hi
-        rel = cols - rows
+    if (BITS & 1) != 0:  # WIN0: lo <= j - i <= hi, or in chunks (CHUNK0): lo <= j // c - (i + s) // c <= hi
+        if (BITS & 32) != 0:
+            rel = cols // win_c0 - (rows + win_s0) // win_c0  # all >= 0: truncation is floor division
+        else:
+            rel = cols - rows
         ok = ok & (rel >= win_lo0) & (rel <= win_hi0)
-    if (BITS & 2) != 0:  # WIN1
-        rel = cols - rows
+    if (BITS & 2) != 0:  # WIN1 (CHUNK1)
+        if (BITS & 64) != 0:
+            rel = cols // win_c1 - (rows + win_s1) // win_c1
+        else:
+            rel = cols - rows
         ok = ok & (rel >= win_lo1) & (rel <= win_hi1)
     if (BITS & 4) != 0:  # SEG: same non-negative segment id
         qid = tl.load(SegQ + b * seg_q_sb + rows, mask=rows < Nq, other=-1)
@@ -205,7 +211,7 @@ def _mask_term(
 @triton.jit
 def _tile_mask(
     offs_m, offs_n, b, h, Nq, Nk,
-    win_lo0, win_hi0, win_lo1, win_hi1,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
     SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn,
     BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -218,24 +224,24 @@ def _tile_mask(
     if NUM_TERMS == 0:
         keep = inb & (rows < 0)
     else:
-        keep = _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
-                          Nq, Nk, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
-                          TERM0)
+        keep = _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1,
+                          win_s1, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh, dn_sm, dn_sn,
+                          BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, TERM0)
         if NUM_TERMS > 1:
-            keep = keep | _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb,
-                                     seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm,
-                                     bl_sn, blk_bq, blk_bk, TERM1)
+            keep = keep | _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0,
+                                     win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh,
+                                     dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, TERM1)
         if NUM_TERMS > 2:
-            keep = keep | _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb,
-                                     seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm,
-                                     bl_sn, blk_bq, blk_bk, TERM2)
+            keep = keep | _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0,
+                                     win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh,
+                                     dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, TERM2)
     return keep
 
 
 @triton.jit
 def _scores(
     q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
-    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
@@ -247,9 +253,9 @@ def _scores(
                           offs_m, Nq, offs_n, Nk, MASKED, MASKED)
         s += bias.to(tl.float32) * bias_scale
     if MASKED:
-        keep = _tile_mask(offs_m, offs_n, b, h, Nq, Nk, win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb,
-                          seg_k_sb, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq,
-                          blk_bk, TERM0, TERM1, TERM2, NUM_TERMS)
+        keep = _tile_mask(offs_m, offs_n, b, h, Nq, Nk, win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1,
+                          win_s1, SegQ, SegK, seg_q_sb, seg_k_sb, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb,
+                          bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, TERM0, TERM1, TERM2, NUM_TERMS)
     else:
         keep = s  # unused by the callers when not MASKED
     return s, keep
@@ -263,7 +269,7 @@ def _fwd_tile(
     acc, l_i, m_i, q, n_blk, offs_m, offs_d, offs_dv, b, h,
     K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
     Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
     CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -272,7 +278,8 @@ def _fwd_tile(
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_tile(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d, D, MASKED, CHECK_D)
     s, keep = _scores(q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
-                      win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                      win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                      SegQ, SegK, seg_q_sb, seg_k_sb,
                       DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                       MASKED, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
     if SCORE == 0:
@@ -303,7 +310,7 @@ def _attn_fwd(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_om,
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
@@ -339,7 +346,8 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, n_blk, offs_m, offs_d, offs_dv, b, h,
                                   K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
                                   Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-                                  win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                  win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                                  SegQ, SegK, seg_q_sb, seg_k_sb,
                                   DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                                   True, SCORE, HAS_BIAS, BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC,
                                   TERM0, TERM1, TERM2, NUM_TERMS)
@@ -348,7 +356,8 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, n_blk, offs_m, offs_d, offs_dv, b, h,
                                   K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
                                   Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-                                  win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                  win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                                  SegQ, SegK, seg_q_sb, seg_k_sb,
                                   DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                                   False, SCORE, HAS_BIAS, BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC,
                                   TERM0, TERM1, TERM2, NUM_TERMS)
@@ -392,14 +401,15 @@ def _attn_bwd_preprocess(
 def _probs_and_dscores(
     q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn,
     qk_scale, bias_scale, s_shift,
-    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
 ):
     """Recompute P [BM, BN] and dS = dL/d(scale * q.k + bias) for one tile."""
     s, keep = _scores(q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
-                      win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                      win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                      SegQ, SegK, seg_q_sb, seg_k_sb,
                       DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                       MASKED, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -428,7 +438,7 @@ def _dkdv_tile(
     dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
     Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
     Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -439,7 +449,8 @@ def _dkdv_tile(
     do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, Nq, offs_dv, DV, MASKED, CHECK_DV)
     p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
                                stride_bm, stride_bn, qk_scale, bias_scale, s_shift,
-                               win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                               win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                               SegQ, SegK, seg_q_sb, seg_k_sb,
                                DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                                MASKED, SCORE, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
@@ -456,7 +467,7 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, sm_scale,
-    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr,
@@ -497,7 +508,8 @@ def _attn_bwd_dkdv(
             dk, dv = _dkdv_tile(dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
                                 Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
                                 Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-                                win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                                SegQ, SegK, seg_q_sb, seg_k_sb,
                                 DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                                 True, SCORE, HAS_BIAS, BLOCK_M, CHECK_D, CHECK_DV, DOT_PREC,
                                 TERM0, TERM1, TERM2, NUM_TERMS)
@@ -506,7 +518,8 @@ def _attn_bwd_dkdv(
             dk, dv = _dkdv_tile(dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
                                 Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
                                 Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-                                win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                                SegQ, SegK, seg_q_sb, seg_k_sb,
                                 DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                                 False, SCORE, HAS_BIAS, BLOCK_M, CHECK_D, CHECK_DV, DOT_PREC,
                                 TERM0, TERM1, TERM2, NUM_TERMS)
@@ -523,7 +536,7 @@ def _dq_tile(
     dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
     K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm,
     Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr,
     DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DB_ACC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -535,7 +548,8 @@ def _dq_tile(
     v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, Nk, offs_dv, DV, MASKED, CHECK_DV)
     p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
                                stride_bm, stride_bn, qk_scale, bias_scale, s_shift,
-                               win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                               win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                               SegQ, SegK, seg_q_sb, seg_k_sb,
                                DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                                MASKED, SCORE, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -576,7 +590,7 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqm, stride_dbb, stride_dbh, stride_dbm,
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, sm_scale, B_LOOP, H_LOOP, H_OUT,
-    win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+    win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DB_ROWS: tl.constexpr,
     DB_COLS: tl.constexpr, DB_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -620,7 +634,8 @@ def _attn_bwd_dq(
                 dq, db_rows = _dq_tile(dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
                                        K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
                                        stride_bm, stride_bn, stride_dbm, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-                                       win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                       win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                                       SegQ, SegK, seg_q_sb, seg_k_sb,
                                        DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn,
                                        blk_bq, blk_bk, True, SCORE, HAS_BIAS, HAS_DBIAS, DB_ROWS, DB_COLS, DB_ACC,
                                        BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
@@ -629,7 +644,8 @@ def _attn_bwd_dq(
                 dq, db_rows = _dq_tile(dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
                                        K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
                                        stride_bm, stride_bn, stride_dbm, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
-                                       win_lo0, win_hi0, win_lo1, win_hi1, SegQ, SegK, seg_q_sb, seg_k_sb,
+                                       win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
+                                       SegQ, SegK, seg_q_sb, seg_k_sb,
                                        DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn,
                                        blk_bq, blk_bk, False, SCORE, HAS_BIAS, HAS_DBIAS, DB_ROWS, DB_COLS, DB_ACC,
                                        BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
@@ -956,7 +972,7 @@ def flash_attention(
     Args:
         q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv); fp16, bf16 or fp32, CUDA (or CPU under
             TRITON_INTERPRET=1). H % Hkv == 0. D, Dv <= 256.
-        mask: a zoo.attention mask (Full, Causal, Window, Segments, Dense, BlockSparse, Radial, & and |
+        mask: a zoo.attention mask (Full, Causal, Window, ChunkWindow, Segments, Dense, BlockSparse, Radial, & and |
             combinations), a bool tensor (True = may attend) or None.
         bias: float tensor broadcastable to (B, H, Nq, Nk) or a zoo.attention.AttentionBias.
         scale: default 1/sqrt(D).
@@ -1108,12 +1124,13 @@ def _compile(kernel, constexprs: dict, dtype: torch.dtype, arch: int, num_warps:
 
 
 def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: int = 64, score: str = "softmax",
-                  bias: bool = True, terms: tuple = (5, 8, 16), all_configs: bool = True) -> dict:
+                  bias: bool = True, terms: tuple = (37, 8, 16), all_configs: bool = True) -> dict:
     """Compile every pass (all autotune configs) for sm_<arch> without a GPU.
 
     Returns {pass name: [(num_warps, num_stages, shared bytes), ...]} and raises RuntimeError when no
     config of a pass fits the shared memory of that GPU generation. ``terms`` are the mask terms compiled
-    (default: WIN0&SEG | DENSE | BLK, the largest predicate). ``all_configs=False`` compiles only the
+    (default: WIN0&CHUNK0&SEG | DENSE | BLK, the largest predicate: a chunked window, segments, a dense mask
+    tile and a tile-map lookup). ``all_configs=False`` compiles only the
     first (smallest) config of each pass. Needs the module imported without TRITON_INTERPRET=1.
     """
     if INTERPRET:

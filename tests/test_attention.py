@@ -12,6 +12,7 @@ from zoo.attention import (
     AttentionBias,
     BlockSparse,
     Causal,
+    ChunkWindow,
     Dense,
     Full,
     Segments,
@@ -55,6 +56,8 @@ def masks_for(nq, nk, batch):
         "blocksparse": random_block_sparse(nq, nk, 16, 0.5),
         "and": Causal() & Window(9, None),
         "or": Window(1, 1) | Segments(ids_q, ids_k),
+        "chunks": ChunkWindow(4, 1, 0),
+        "chunks&segments": ChunkWindow(3) & Segments(ids_q, ids_k),
     }
 
 
@@ -70,7 +73,10 @@ SHAPES = [
 
 @pytest.mark.parametrize("backend", ["torch", "sdpa"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mask_name", ["full", "causal", "window", "segments", "dense", "blocksparse", "and", "or"])
+@pytest.mark.parametrize(
+    "mask_name",
+    ["full", "causal", "window", "segments", "dense", "blocksparse", "and", "or", "chunks", "chunks&segments"],
+)
 def test_forward_matches_float64_reference(backend, shape, mask_name):
     b, h, hkv, nq, nk, d = shape
     q, k, v = make_qkv(b, h, hkv, nq, nk, d)

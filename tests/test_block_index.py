@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.attention import EMPTY, FULL, PARTIAL, BlockSparse, Causal, Dense, Full, Mask, Segments, Window
+from zoo.attention import EMPTY, FULL, PARTIAL, BlockSparse, Causal, ChunkWindow, Dense, Full, Mask, Segments, Window
 from zoo.kernels.block_index import (
     SLOT_BLK,
+    SLOT_CHUNK0,
+    SLOT_CHUNK1,
     SLOT_DENSE,
     SLOT_SEG,
     SLOT_WIN0,
+    SLOT_WIN1,
     kernel_tile_lists,
     lower_mask,
     needs_dense_fallback,
@@ -131,6 +134,12 @@ def _masks(q_len: int, k_len: int):
         "dense&dense|window": ((dense & Dense(torch.rand(q_len, k_len, generator=g) < 0.8)) | Window(0, 0), True),
         "or_full": (Window(1, 1) | Full(), True),
         "empty_window_term": ((Window(0, 0) & Window(-3, 5)) | Causal(), True),
+        "chunkwindow": (ChunkWindow(5, 2), True),
+        "chunkwindow_neighbours": (ChunkWindow(6, 1, 1), True),
+        "chunkwindow&window": (ChunkWindow(4, None, 1) & Window(6, None), True),
+        "chunkwindow&segments|blocksparse": ((ChunkWindow(3) & seg) | blk, True),
+        "chunkwindow&chunkwindow": (ChunkWindow(4, 3, 0) & ChunkWindow(4, 1, 2), True),
+        "3_bands_in_a_term": (ChunkWindow(4, 1, 0) & ChunkWindow(5, 1, 0) & Window(3, 3), False),
         "4_windows": (exotic, False),
         "two_segments": (seg | Segments(ids_q.flip(-1), ids_k), False),
     }
@@ -160,6 +169,16 @@ def test_program_slots():
     assert lower_mask(blk | Causal(), q_len, k_len, "cpu").terms == (SLOT_BLK, SLOT_WIN0)
     # A window that covers every (i, j) forbids nothing: no element-wise test at all.
     assert lower_mask(Window(100, 100), q_len, k_len, "cpu").terms == (0,)
+    # Chunk windows use a window slot with its CHUNK flag; chunks of one token are plain windows; two chunk
+    # windows of the same chunk size intersect into one band; a chunk band covering everything is no test.
+    assert lower_mask(ChunkWindow(8), q_len, k_len, "cpu").terms == (SLOT_WIN0 | SLOT_CHUNK0,)
+    assert lower_mask(ChunkWindow(1, 3, 0), q_len, k_len, "cpu").terms == (SLOT_WIN0,)
+    both = lower_mask(ChunkWindow(4, 3, 0) & ChunkWindow(4, 1, 2), q_len, k_len, "cpu")
+    assert both.terms == (SLOT_WIN0 | SLOT_CHUNK0,) and both.windows[0] == (-1, 0, 4, 0)
+    assert lower_mask(Causal() & ChunkWindow(8, 0, 0), q_len, k_len, "cpu").terms == (
+        SLOT_WIN0 | SLOT_WIN1 | SLOT_CHUNK1,
+    )
+    assert lower_mask(ChunkWindow(8, 5, 5), q_len, k_len, "cpu").terms == (0,)
     # A term that allows nothing disappears; a mask that allows nothing has no term.
     assert lower_mask(Window(0, 0) & Window(-3, 5), q_len, k_len, "cpu").terms == ()
 

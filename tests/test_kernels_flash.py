@@ -26,7 +26,7 @@ if not HAS_CUDA:
 triton = pytest.importorskip("triton")
 
 from triton_interpreter import run_compiled  # noqa: E402  (tests/triton_interpreter.py)
-from zoo.attention import BlockSparse, Causal, Dense, Full, Segments, Window, attend  # noqa: E402
+from zoo.attention import BlockSparse, Causal, ChunkWindow, Dense, Full, Segments, Window, attend  # noqa: E402
 from zoo.kernels import flash_attention as fa  # noqa: E402
 from zoo.kernels.flash_attention import (  # noqa: E402
     flash_attention,
@@ -192,6 +192,10 @@ def _mask_cases():
         "(window|segments)&causal": lambda: (Window(8, 0) | Segments(ids_q, ids_k)) & Causal(),
         "dense&causal": lambda: Dense(dense) & Causal(),
         "4-windows-dense-fallback": lambda: Window(1, 1) | Window(9, -7) | Window(-20, 24) | Window(40, -35),
+        # Chunk windows (streaming speech, block-causal video): chunk numbers computed in the kernel.
+        "chunkwindow-left2": lambda: ChunkWindow(8, left=2),
+        "chunkwindow&segments": lambda: ChunkWindow(12) & Segments(ids_q, ids_k),
+        "chunkwindow-diag|window": lambda: ChunkWindow(10, 0, 0) | Window(2, 2),
     }
 
 
@@ -202,6 +206,17 @@ MASK_CASES = _mask_cases()
 def test_masks_fp32(name):
     q, k, v, bias = _inputs(2, 2, 1, 97, 130, 32, bias_shape=(1, 2, 97, 130), seed=11)
     _check(q, k, v, MASK_CASES[name](), bias)
+
+
+def test_chunkwindow_more_queries_than_keys():
+    """Nq > Nk: the first queries sit at negative positions, in negative chunks (the kernel's floor division
+    must not truncate toward zero); some rows see nothing."""
+    from zoo.kernels.block_index import SLOT_CHUNK0, lower_mask
+
+    mask = ChunkWindow(12, 1, 0)
+    assert lower_mask(mask, 130, 97, "cpu").terms == (1 | SLOT_CHUNK0,)
+    q, k, v, bias = _inputs(2, 2, 1, 130, 97, 16, bias_shape=(2, 1, 1, 97), seed=13)
+    _check(q, k, v, mask, bias)
 
 
 def test_radial_mask():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.attention import Causal, KVCache, MultiHeadAttention, use_backend
+from zoo.attention import Causal, ChunkWindow, KVCache, MultiHeadAttention, use_backend
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -31,6 +31,29 @@ def test_incremental_decoding_equals_the_whole_sequence(backend, steps):
             t += n
     torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
     assert len(cache) == 11 and cache.keys.shape == (2, 2, 11, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("left", [None, 1])
+@pytest.mark.parametrize("rel_pos", [None, "xl"])
+def test_streaming_chunks_equal_the_whole_utterance(backend, left, rel_pos):
+    """A streaming encoder (WeNet / NeMo chunked attention) fed one chunk of frames at a time through the
+    cache, with ChunkWindow (bottom-right aligned), gives the whole utterance's chunk-masked outputs; the
+    last chunk is short."""
+    torch.manual_seed(0)
+    kw = dict(rope="1d") if rel_pos is None else dict(rel_pos="xl")
+    mha = MultiHeadAttention(32, num_heads=4, qkv_bias=True, **kw).eval()
+    x = torch.randn(2, 18, 32, generator=torch.Generator().manual_seed(2))
+    mask = ChunkWindow(4, left=left)
+    with torch.no_grad(), use_backend(backend):
+        full = mha(x, mask=mask)
+        cache = KVCache()
+        outs = [mha(x[:, t:t + 4], mask=mask, cache=cache) for t in range(0, 18, 4)]
+        unlimited = mha(x, mask=ChunkWindow(4))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+    # The first two chunks have at most one chunk of history; later ones lose what the limit cuts off.
+    torch.testing.assert_close(full[:, :8], unlimited[:, :8], **TOL)
+    assert torch.allclose(full, unlimited, **TOL) == (left is None)
 
 
 def test_cache_grows_by_doubling_and_keeps_every_key():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from zoo.attention import EMPTY, FULL, PARTIAL, BlockSparse, Causal, Dense, Full, Segments, Window
+from zoo.attention import EMPTY, FULL, PARTIAL, BlockSparse, Causal, ChunkWindow, Dense, Full, Segments, Window
 from zoo.attention.masks import _states_from_dense
 
 
@@ -31,6 +31,11 @@ def structured_masks(nq, nk):
         BlockSparse(torch.rand(qb, kb, generator=g) < 0.4, 8),
         Causal() & Window(6, None),
         Window(0, 0) | Segments(ids, kv),
+        ChunkWindow(3),
+        ChunkWindow(5, 1, 0),
+        ChunkWindow(4, 0, 0),
+        ChunkWindow(6, None, 1),
+        ChunkWindow(7, -1, 2),
     ]
 
 
@@ -60,7 +65,8 @@ def test_block_sparse_at_its_own_tile_size_and_others():
 
 def test_structured_block_maps_never_build_the_dense_matrix(monkeypatch):
     n = 1 << 16  # a 65536 x 65536 dense bool matrix would be 4 GiB
-    for mask in [Causal(), Window(256, 0), Segments(torch.arange(n) // 1000), Causal() & Window(512, 512)]:
+    for mask in [Causal(), Window(256, 0), Segments(torch.arange(n) // 1000), Causal() & Window(512, 512),
+                 ChunkWindow(1000, 4, 0)]:
         monkeypatch.setattr(type(mask), "_dense_rows", lambda *a, **k: pytest.fail("dense form was built"))
         states = mask.block_map(n, n, 128, 128).states
         assert states.shape[-2:] == (512, 512)
@@ -105,11 +111,67 @@ def test_combinators():
     assert (Full() & Full()).is_full and (Full() | Causal()).is_full and not (Full() & Causal()).is_full
 
 
+def _wenet_subsequent_chunk_mask(size: int, chunk: int, num_left_chunks: int) -> torch.Tensor:
+    """WeNet's streaming mask (wenet/utils/mask.py, subsequent_chunk_mask), re-derived in loop form: row i
+    allows [max((i // chunk - num_left_chunks) * chunk, 0), min((i // chunk + 1) * chunk, size)); a negative
+    num_left_chunks means the whole history."""
+    out = torch.zeros(size, size, dtype=torch.bool)
+    for i in range(size):
+        start = 0 if num_left_chunks < 0 else max((i // chunk - num_left_chunks) * chunk, 0)
+        out[i, start : min((i // chunk + 1) * chunk, size)] = True
+    return out
+
+
+def _nemo_chunked_limited_mask(size: int, left: int, right: int) -> torch.Tensor:
+    """NeMo's ConformerEncoder att_context_style="chunked_limited" with att_context_size [left, right]
+    (nemo/collections/asr/modules/conformer_encoder.py, _create_masks), re-derived: chunks of right + 1
+    frames, left // (right + 1) chunks of left context (unlimited when left < 0)."""
+    chunk = right + 1
+    left_chunks = left // chunk if left >= 0 else 10000
+    diff = torch.arange(size)[:, None] // chunk - torch.arange(size)[None, :] // chunk
+    return (diff <= left_chunks) & (diff >= 0)
+
+
+@pytest.mark.parametrize("size,chunk,left", [(37, 4, -1), (37, 4, 0), (37, 4, 2), (50, 7, 1), (5, 8, 3), (16, 1, 3)])
+def test_chunk_window_is_the_streaming_asr_mask(size, chunk, left):
+    mask = ChunkWindow(chunk, left=None if left < 0 else left)
+    assert torch.equal(mask.dense(size, size)[0, 0], _wenet_subsequent_chunk_mask(size, chunk, left))
+    nemo_left = -1 if left < 0 else left * chunk
+    assert torch.equal(mask.dense(size, size)[0, 0], _nemo_chunked_limited_mask(size, nemo_left, chunk - 1))
+
+
+def test_chunk_window_alignment_and_special_cases():
+    # A KV-cache decoder fed one chunk at a time sees the last rows of the full mask (bottom-right alignment).
+    mask, n = ChunkWindow(4, 1, 0), 22
+    full = mask.dense(n, n)[0, 0]
+    for start in (0, 4, 8, 18):
+        stop = min(start + 4, n)
+        assert torch.equal(mask.dense(stop - start, stop)[0, 0], full[start:stop, :stop])
+    # More queries than keys: the first queries sit at negative positions (chunk -1 and below).
+    got = ChunkWindow(3, 0, 0).dense(8, 5)[0, 0]
+    positions = torch.arange(8) - 3
+    want = torch.div(positions, 3, rounding_mode="floor")[:, None] == (torch.arange(5) // 3)[None, :]
+    assert torch.equal(got, want) and not got[:3].any()
+    # Chunks of one token are the token Window; the block-diagonal form equals Segments of chunk ids.
+    for nq, nk in ((9, 9), (5, 12), (12, 5)):
+        assert torch.equal(ChunkWindow(1, 2, 1).dense(nq, nk), Window(2, 1).dense(nq, nk))
+        assert torch.equal(ChunkWindow(1).dense(nq, nk), Causal().dense(nq, nk))
+    assert torch.equal(ChunkWindow(4, 0, 0).dense(10, 10), Segments(torch.arange(10) // 4).dense(10, 10))
+    assert repr(ChunkWindow(16, 2)) == "ChunkWindow(chunk_size=16, left=2, right=0)"
+
+
 def test_mask_errors():
     with pytest.raises(TypeError, match="int or None"):
         Window(1.5, 0)
     with pytest.raises(ValueError, match="allows no key"):
         Window(-3, 1)
+    for bad in (0, -2, 2.5, True, None):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            ChunkWindow(bad)
+    with pytest.raises(TypeError, match="left must be an int or None"):
+        ChunkWindow(4, 1.5)
+    with pytest.raises(ValueError, match="allows no chunk"):
+        ChunkWindow(4, -2, 1)
     with pytest.raises(TypeError, match="integer tensor"):
         Segments(torch.zeros(4))
     with pytest.raises(TypeError, match="bool tensor"):

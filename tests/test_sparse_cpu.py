@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from zoo.attention import BlockSparse, Causal, Dense, Full, Segments, Window, attend, use_backend
+from zoo.attention import EMPTY, FULL, BlockSparse, Causal, ChunkWindow, Dense, Full, Segments, Window, attend, use_backend
 from zoo.attention import backends as zb
 from zoo.attention import sparse as zs
 from zoo.attention.radial import Radial
@@ -82,6 +82,8 @@ def masks_for(b, h, nq, nk):
         "and": Causal() & Window(9, None),
         "or": Window(1, 1) | _segments(b, nq, nk),
         "and-blocks": _random_blocks(nq, nk, 32, 0.5, seed=5) & Window(40, 40),
+        "chunks": ChunkWindow(12, 2, 0),
+        "chunks-unaligned&segments": ChunkWindow(20, 1, 1) & _segments(b, nq, nk),
     }
 
 
@@ -126,6 +128,14 @@ def test_default_tiles_and_radial():
     assert zs.choose_tiles(Radial(4, 256), 1024, 1024) == (128, 128)
     assert zs.choose_tiles(Window(3, 3), 500, 500) == (zs.DEFAULT_TILE, zs.DEFAULT_TILE)
     assert zs.choose_tiles(Causal() & _random_blocks(200, 200, 80, 0.5), 200, 200) == (80, 80)
+    # Chunk windows: tiles on chunk boundaries (a multiple of small chunks), default tiles for long chunks.
+    assert zs.choose_tiles(ChunkWindow(48, 2), 4096, 4096) == (96, 96)
+    assert zs.choose_tiles(ChunkWindow(100), 4096, 4096) == (100, 100)
+    assert zs.choose_tiles(ChunkWindow(1560), 4096, 4096) == (zs.DEFAULT_TILE, zs.DEFAULT_TILE)
+    mask = ChunkWindow(24, 1, 0)
+    assert set(mask.block_map(240, 240, 24, 24).states.unique().tolist()) == {EMPTY, FULL}
+    check(mask, 1, 2, 2, 240, 240, 16, block_size=24)  # tiles of one chunk: no element-wise mask
+    check(mask, 1, 2, 2, 240, 240, 16)  # tiles of 3 chunks (72)
 
 
 def test_fully_masked_rows_give_zero_output_and_gradients():

@@ -109,7 +109,7 @@ def attend(
 
     Args:
         q: (B, H, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv). H must be a multiple of Hkv.
-        mask: a mask object (Full, Causal, Window, Segments, Dense, BlockSparse, Radial, and their
+        mask: a mask object (Full, Causal, Window, ChunkWindow, Segments, Dense, BlockSparse, Radial, and their
             ``&``/``|`` combinations), a bool tensor (True = may attend) or None.
         bias: additive float tensor broadcastable to (B, H, Nq, Nk), or an AttentionBias object.
         scale: score scale, default 1/sqrt(D).

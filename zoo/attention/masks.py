@@ -9,7 +9,7 @@ A mask says WHICH (query, key) pairs may attend. Every mask answers two question
 * ``block_map(q_len, k_len, block_q, block_k)`` -- a :class:`BlockMap`: for every (query tile,
   key tile) whether it is EMPTY (skip), FULL (no element-wise masking needed) or PARTIAL. This is what
   the block-sparse kernels iterate over (like FlexAttention's BlockMask). For structured masks
-  (Full, Causal, Window, Segments, BlockSparse and their combinations) it is computed from tile
+  (Full, Causal, Window, ChunkWindow, Segments, BlockSparse and their combinations) it is computed from tile
   coordinates and never materialises Nq x Nk. Results are cached per (shape, tiles, device).
 
 Masks combine with ``&`` (both allow) and ``|`` (either allows).
@@ -37,6 +37,7 @@ __all__ = [
     "Full",
     "Causal",
     "Window",
+    "ChunkWindow",
     "Segments",
     "Dense",
     "BlockSparse",
@@ -263,6 +264,85 @@ class Causal(Window):
 
     def __repr__(self) -> str:
         return "Causal()"
+
+
+class ChunkWindow(Mask):
+    """Window over chunks: tokens form consecutive chunks of ``chunk_size``; a query in chunk ``a`` sees
+    every key in chunks ``a - left`` .. ``a + right`` (``None`` = unbounded).
+
+    The chunk-level analogue of :class:`Window`, for attention that is local or causal per block of
+    tokens rather than per token:
+
+    * ``ChunkWindow(c)`` (left=None, right=0) is *block-causal* attention: a token sees its whole chunk
+      and every earlier one (autoregressive video with ``c = tokens_per_frame``; streaming speech
+      encoders with full history).
+    * ``ChunkWindow(c, left=L)`` is the streaming ASR mask of WeNet's ``subsequent_chunk_mask(size, c,
+      num_left_chunks=L)`` and NeMo's ``att_context_style="chunked_limited"``: the current chunk plus
+      ``L`` chunks of left context.
+    * ``ChunkWindow(c, 0, 0)`` is block-diagonal (per-chunk / per-frame attention);
+      ``ChunkWindow(c, 1, 1)`` lets each frame see its neighbouring frames.
+
+    Chunks are counted from key 0. Queries are bottom-right aligned as everywhere in this module: query
+    i sits at key position ``p = i + Nk - Nq`` and belongs to chunk ``floor(p / c)`` (so a KV-cache
+    decoder feeding one chunk of queries at a time gets the last rows of the full mask). Queries at
+    negative positions (Nq > Nk) belong to negative chunks. ``ChunkWindow(1, l, r)`` equals
+    ``Window(l, r)``. Like Window it is computed from indices in every backend: its block map comes from
+    tile coordinates and is exact (chunk numbers are monotone, so every chunk pair between a tile's
+    first and last is present), and the Triton kernel evaluates it in its window slots.
+    """
+
+    def __init__(self, chunk_size: int, left: Optional[int] = None, right: Optional[int] = 0) -> None:
+        super().__init__()
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"ChunkWindow chunk_size must be a positive int, got {chunk_size!r}")
+        for name, value in (("left", left), ("right", right)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"ChunkWindow {name} must be an int or None, got {value!r}")
+        if left is not None and right is not None and left + right < 0:
+            raise ValueError(f"ChunkWindow(left={left}, right={right}) allows no chunk at all")
+        self.chunk_size = chunk_size
+        self.left = left
+        self.right = right
+
+    def chunk_bounds(self) -> tuple[float, float]:
+        """Allowed range of ``key chunk - query chunk`` as (lo, hi), inclusive, +-inf when unbounded."""
+        lo = -math.inf if self.left is None else -self.left
+        hi = math.inf if self.right is None else self.right
+        return lo, hi
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        lo, hi = self.chunk_bounds()
+        c = self.chunk_size
+        q_chunk = torch.div(torch.arange(start, stop, device=device) + (k_len - q_len), c, rounding_mode="floor")
+        rel = (torch.arange(k_len, device=device) // c)[None, :] - q_chunk[:, None]
+        allowed = torch.ones(stop - start, k_len, dtype=torch.bool, device=device)
+        if lo != -math.inf:
+            allowed &= rel >= lo
+        if hi != math.inf:
+            allowed &= rel <= hi
+        return allowed[None, None]
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        lo, hi = self.chunk_bounds()
+        c = self.chunk_size
+        q_first, q_last = _tile_bounds(q_len, block_q, device)
+        k_first, k_last = _tile_bounds(k_len, block_k, device)
+        shift = k_len - q_len
+        qc_first = torch.div(q_first + shift, c, rounding_mode="floor")
+        qc_last = torch.div(q_last + shift, c, rounding_mode="floor")
+        kc_first, kc_last = k_first // c, k_last // c
+        # Every (query chunk, key chunk) pair between a tile's first and last chunks occurs in the tile.
+        rel_min = (kc_first[None, :] - qc_last[:, None]).double()
+        rel_max = (kc_last[None, :] - qc_first[:, None]).double()
+        empty = (rel_max < lo) | (rel_min > hi)
+        full = (rel_min >= lo) & (rel_max <= hi)
+        states = torch.full(empty.shape, PARTIAL, dtype=torch.int8, device=device)
+        states[empty] = EMPTY
+        states[full] = FULL
+        return states[None, None]
+
+    def __repr__(self) -> str:
+        return f"ChunkWindow(chunk_size={self.chunk_size}, left={self.left}, right={self.right})"
 
 
 class Segments(Mask):
