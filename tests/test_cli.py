@@ -137,6 +137,7 @@ def test_dispatch_tables(monkeypatch, capsys):
         "maxvit": "zoo.tasks.vision.viz_maxvit:maxvit_main",
         "agent": "zoo.tasks.vision.viz_agent:agent_main",
         "graph": "zoo.tasks.graph.viz:main",
+        "mask": "zoo.mask_viz:mask_main",
     }
     with pytest.raises(SystemExit, match="unknown kind 'heatmap'"):
         cli.main(["viz", "heatmap"])

@@ -27,6 +27,7 @@ VIZ_COMMANDS: dict[str, str] = {
     "maxvit": "zoo.tasks.vision.viz_maxvit:maxvit_main",
     "agent": "zoo.tasks.vision.viz_agent:agent_main",
     "graph": "zoo.tasks.graph.viz:main",
+    "mask": "zoo.mask_viz:mask_main",
 }
 
 TOP_HELP = """usage: zoo <command> [arguments]
@@ -39,7 +40,7 @@ commands:
   predict   top-5 classes: zoo predict ckpt=DIR/released input=image.png|folder|digits:0
   list      registered models: zoo list 'vit_*'
   bench     benchmarks: zoo bench attention|vision|vision_agent|vision_maxvit|graph|points|relpos [args]
-  viz       attention pictures: zoo viz rollout|maxvit|agent|graph [key=value ...]
+  viz       attention pictures: zoo viz rollout|maxvit|agent|graph|mask [key=value ...]
   export    export models (ONNX): zoo export [args]
 
 `zoo <command> --help` describes each command.

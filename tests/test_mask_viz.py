@@ -1,0 +1,82 @@
+"""``zoo viz mask`` (zoo/mask_viz.py): the tile counts it prints equal the tile states reduced from the token-level
+mask, the picture shows the states in their colours, and bad arguments give clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from zoo.attention import EMPTY, FULL, PARTIAL, Causal, ChunkWindow, Radial, Segments, Window
+from zoo.attention.masks import _states_from_dense
+from zoo.cli import main as zoo_main
+from zoo.mask_viz import mask_main
+
+FULL_RGB, PARTIAL_RGB = (0x1F, 0x4E, 0x79), (0xF4, 0xA2, 0x59)
+
+CASES = {
+    "causal": (["mask=causal", "n=300", "block=32"], Causal(), 300, 32),
+    "window": (["mask=window", "left=40", "right=none", "n=257", "block=16"], Window(40, None), 257, 16),
+    "chunk": (["mask=chunk", "chunk=48", "left=2", "n=500"], ChunkWindow(48, 2, 0), 500, 64),
+    "segments": (["mask=segments", "lengths=100,60,200", "block=32"],
+                 Segments(torch.repeat_interleave(torch.arange(3), torch.tensor([100, 60, 200]))), 360, 32),
+    "radial": (["mask=radial", "frames=6", "tokens_per_frame=64", "sink=true", "block=32", "text=5"],
+               Radial(6, 64, 1.0, True, block_size=32, text_tokens=5), 389, 32),
+}
+
+
+def _colour_pixels(pixels: np.ndarray, rgb: tuple[int, int, int]) -> int:
+    return int((np.abs(pixels - np.array(rgb)).sum(-1) < 12).sum())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_counts_match_the_token_level_mask(name, tmp_path, capsys):
+    from PIL import Image
+
+    argv, mask, n, block = CASES[name]
+    out = tmp_path / f"{name}.png"
+    assert mask_main(argv + [f"out={out}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    dense = mask.dense(n, n)
+    states = _states_from_dense(dense, block, block)[0, 0]
+    want = {"empty": int((states == EMPTY).sum()), "partial": int((states == PARTIAL).sum()),
+            "full": int((states == FULL).sum())}
+    assert {k: summary[k] for k in want} == want
+    assert (summary["q_len"], summary["k_len"], summary["block"], summary["tiles"]) == (n, n, block, states.numel())
+    assert summary["kept_fraction"] == pytest.approx((want["partial"] + want["full"]) / states.numel(), abs=1e-6)
+    assert summary["allowed_fraction"] == pytest.approx(float(dense.float().mean()), abs=1e-6)
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 900
+        pixels = np.asarray(im.convert("RGB"), dtype=np.int64)
+    assert _colour_pixels(pixels, FULL_RGB) > 1000
+    # PARTIAL tiles are drawn in their colour only when there are some (the legend swatch is small).
+    assert (_colour_pixels(pixels, PARTIAL_RGB) > 400) == (want["partial"] > 0)
+
+
+def test_large_masks_skip_the_token_panel(tmp_path, capsys):
+    out = tmp_path / "w.png"
+    assert mask_main(["mask=window", "left=64", "right=64", "n=8192", f"out={out}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "allowed_fraction" not in summary and summary["tiles"] == 128 * 128
+    assert summary["partial"] + summary["full"] == 128 + 2 * 127  # the tridiagonal band of 64-token tiles
+
+
+def test_cli_and_errors(tmp_path, capsys):
+    assert zoo_main(["viz", "mask", "--help"]) == 0
+    assert "zoo viz mask" in capsys.readouterr().out
+    bad = {
+        ("mask=diagonal",): "mask='diagonal': expected one of",
+        ("mask=chunk", "lengths=3"): "mask=chunk does not take lengths",
+        ("mask=chunk", "chunk=0"): "chunk=0: must be >= 1",
+        ("mask=window", "left=x"): "left='x': expected an integer or none",
+        ("mask=segments", "lengths=3,4", "n=9"): "segment lengths sum to 7",
+        ("mask=radial", "n=100"): "leave n out",
+        ("mask=radial", "sink=maybe"): "sink='maybe'",
+        ("tokens=sometimes",): "tokens='sometimes'",
+        (f"out={tmp_path / 'a.jpg'}",): "PNG",
+    }
+    for argv, message in bad.items():
+        out = [] if any(a.startswith("out=") for a in argv) else [f"out={tmp_path / 'x.png'}"]
+        assert mask_main(list(argv) + out) == 2, argv
+        assert message in capsys.readouterr().err, argv
