@@ -1,17 +1,23 @@
 """Vector attention's aggregation in Triton: a per-channel softmax over each destination's edges and the
-weighted sum of per-edge values, over a destination-sorted CSR graph (the forward pass).
+weighted sum of per-edge values, over a destination-sorted CSR graph (forward and backward).
 
 What: for every destination node i and channel c, over its incoming edges e (CSR order, rowptr[i] <=
 e < rowptr[i + 1]),
     out[i, c] = sum_e softmax_e(scores[e, c]) * values[e, c],    lse[i, c] = log sum_e exp(scores[e, c])
 with an online (running max / running sum) softmax per channel, in fp32, reading each score and value
 once. This is the forward of :func:`zoo.attention.segment.segment_softmax_weighted_sum` (Point
-Transformer's attention, after its MLPs); its backward is two gathers and three products per edge,
-written in PyTorch beside the CPU forward (segment.py), and shared by both.
+Transformer's attention, after its MLPs). Its backward recomputes the weights from the saved lse, with
+alpha = exp(scores - lse[i]) and g = grad_out[i] for the destination i of each edge:
+    grad_values = alpha * g,    grad_scores = grad_values * (values - out[i])
+(segment.py derives it). The backward kernel does this in one pass over the edges, reading scores, values
+and the three per-node rows once and writing the two gradients, where the PyTorch form beside the CPU
+forward (segment.py) materialises the gathered rows and alpha as [E, C] temporaries.
 
-Programs: one per (block of BLOCK_N consecutive destinations, block of BLOCK_C channels); each walks its
-nodes' edges in tiles of BLOCK_E. A node without edges gets zeros and lse = -1e30 (so the backward's
-exp(score - lse) of its nonexistent edges could never be NaN).
+Programs: forward, one per (block of BLOCK_N consecutive destinations, block of BLOCK_C channels); each
+walks its nodes' edges in tiles of BLOCK_E. A node without edges gets zeros and lse = -1e30 (so the
+backward's exp(score - lse) of its nonexistent edges could never be NaN). Backward, one per (tile of
+BLOCK_E edges, block of BLOCK_C channels), gathering the per-node rows by the edges' destination index (no
+atomics: every edge's gradient is its own).
 
 Source: the math of segment.py's CPU path (tested against segment_softmax then index_add, in float64 with
 gradcheck); the online softmax follows FlashAttention-2 (Dao 2023), per channel instead of per row.
@@ -34,7 +40,8 @@ import triton.language as tl
 # the autotune key of the GATv2 CSR kernel: powers of two of the destination count and mean in-degree
 from zoo.kernels.edge_softmax import _tune_bucket
 
-__all__ = ["vector_softmax_sum", "vector_softmax_sum_ref", "INTERPRET"]
+__all__ = ["vector_softmax_sum", "vector_softmax_sum_ref", "vector_softmax_sum_backward",
+           "vector_softmax_sum_backward_ref", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 EMPTY_LSE = -1.0e30
@@ -93,13 +100,54 @@ def _vector_softmax_sum_fwd_kernel(
         tl.store(lse_ptr + row, lse, mask=mask_c & valid)
 
 
+def _bwd_configs() -> list:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_E": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_E": be, "BLOCK_C": bc}, num_warps=w, num_stages=1)
+        for be in (32, 64, 128)
+        for bc in (32, 64)
+        for w in (4, 8)
+    ]
+
+
+@triton.autotune(configs=_bwd_configs(), key=["C", "NEED_SCORES", "NEED_VALUES"])
+@triton.jit
+def _vector_softmax_sum_bwd_kernel(
+    s_ptr, v_ptr, index_ptr, lse_ptr, out_ptr, g_ptr, ds_ptr, dv_ptr,
+    E, C,
+    NEED_SCORES: tl.constexpr, NEED_VALUES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_e = offs_e < E
+    mask = mask_e[:, None] & (offs_c < C)[None, :]
+    node = tl.load(index_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+    edge_rows = offs_e.to(tl.int64)[:, None] * C + offs_c[None, :]
+    node_rows = node[:, None] * C + offs_c[None, :]
+    s = tl.load(s_ptr + edge_rows, mask=mask, other=-float("inf")).to(tl.float32)
+    lse = tl.load(lse_ptr + node_rows, mask=mask, other=0.0)
+    g = tl.load(g_ptr + node_rows, mask=mask, other=0.0).to(tl.float32)
+    grad_v = tl.exp(s - lse) * g  # alpha * g
+    if NEED_VALUES:
+        tl.store(dv_ptr + edge_rows, grad_v.to(dv_ptr.dtype.element_ty), mask=mask)
+    if NEED_SCORES:
+        v = tl.load(v_ptr + edge_rows, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(out_ptr + node_rows, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ds_ptr + edge_rows, (grad_v * (v - o)).to(ds_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_device(name: str, dev: torch.device) -> None:
+    if dev.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"{name}: tensors are on {dev}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1 set "
+                           "before importing zoo.kernels.vector_softmax, for CPU tensors)")
+
+
 def vector_softmax_sum(scores_EC: torch.Tensor, values_EC: torch.Tensor, rowptr: torch.Tensor):
     """(out [N, C] in the inputs' dtype, lse [N, C] fp32) for edges in CSR order (``rowptr`` [N + 1], the
     edges of node i at rowptr[i]..rowptr[i + 1] - 1). No autograd: the caller's Function owns the backward."""
     dev = scores_EC.device
-    if dev.type != "cuda" and not INTERPRET:
-        raise RuntimeError(f"vector_softmax_sum: tensors are on {dev}; the Triton kernel needs CUDA (or "
-                           "TRITON_INTERPRET=1 set before importing zoo.kernels.vector_softmax, for CPU tensors)")
+    _check_device("vector_softmax_sum", dev)
     if scores_EC.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"vector_softmax_sum: dtype {scores_EC.dtype} is not supported (fp32, fp16, bf16)")
     if scores_EC.dtype == torch.bfloat16 and INTERPRET:
@@ -143,20 +191,72 @@ def vector_softmax_sum_ref(scores_EC: torch.Tensor, values_EC: torch.Tensor, row
     return out, torch.where(has, lse, torch.full_like(lse, EMPTY_LSE))
 
 
-def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, all_configs: bool = True) -> list:
-    """Compile the forward kernel for sm_<arch> with Triton's bundled ptxas, without a GPU: catches GPU-only
-    compile errors in CPU-only CI. Returns [(BLOCK_N, BLOCK_E, BLOCK_C, num_warps, shared bytes), ...] for every
-    autotune config (``all_configs=False``: the first). Needs the module imported without TRITON_INTERPRET=1."""
+def vector_softmax_sum_backward(scores_EC: torch.Tensor, values_EC: torch.Tensor, index_E: torch.Tensor,
+                                lse_NC: torch.Tensor, out_NC: torch.Tensor, grad_out_NC: torch.Tensor,
+                                need_scores: bool = True, need_values: bool = True):
+    """(grad_scores, grad_values) [E, C] in the inputs' dtype (None where not needed), from the forward's saved
+    ``lse`` [N, C] fp32 and ``out`` [N, C] and the output gradient [N, C]; ``index_E`` [E] is each edge's
+    destination (any order: the backward needs no CSR). No autograd (the caller's Function's backward)."""
+    dev = scores_EC.device
+    _check_device("vector_softmax_sum_backward", dev)
+    num_edges, channels = scores_EC.shape
+    num_dst = lse_NC.shape[0]
+    if values_EC.shape != scores_EC.shape or index_E.shape != (num_edges,):
+        raise ValueError(f"vector_softmax_sum_backward: scores {tuple(scores_EC.shape)}, values "
+                         f"{tuple(values_EC.shape)} and index {tuple(index_E.shape)} do not describe the same edges")
+    for name, t in (("lse", lse_NC), ("out", out_NC), ("grad_out", grad_out_NC)):
+        if t.shape != (num_dst, channels) or t.device != dev:
+            raise ValueError(f"vector_softmax_sum_backward: {name} must be [{num_dst}, {channels}] on {dev}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+    if lse_NC.dtype != torch.float32:
+        raise TypeError(f"vector_softmax_sum_backward: lse must be float32 (as the forward returns it), got "
+                        f"{lse_NC.dtype}")
+    grad_scores = torch.empty_like(scores_EC, memory_format=torch.contiguous_format) if need_scores else None
+    grad_values = torch.empty_like(values_EC, memory_format=torch.contiguous_format) if need_values else None
+    if num_edges and channels and (need_scores or need_values):
+        dummy = grad_scores if grad_scores is not None else grad_values
+
+        def grid(meta):
+            return triton.cdiv(num_edges, meta["BLOCK_E"]), triton.cdiv(channels, meta["BLOCK_C"])
+
+        _vector_softmax_sum_bwd_kernel[grid](
+            scores_EC.contiguous(), values_EC.contiguous(), index_E.contiguous(), lse_NC.contiguous(),
+            out_NC.contiguous(), grad_out_NC.contiguous(),
+            grad_scores if grad_scores is not None else dummy, grad_values if grad_values is not None else dummy,
+            num_edges, channels, NEED_SCORES=need_scores, NEED_VALUES=need_values,
+        )
+    return grad_scores, grad_values
+
+
+def vector_softmax_sum_backward_ref(scores_EC, values_EC, index_E, lse_NC, out_NC, grad_out_NC):
+    """fp32 PyTorch reference of the backward: (grad_scores, grad_values) [E, C] in fp32."""
+    alpha = torch.exp(scores_EC.float() - lse_NC.float()[index_E])
+    grad_values = alpha * grad_out_NC.float()[index_E]
+    return grad_values * (values_EC.float() - out_NC.float()[index_E]), grad_values
+
+
+def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, all_configs: bool = True) -> dict:
+    """Compile the forward and backward kernels for sm_<arch> with Triton's bundled ptxas, without a GPU: catches
+    GPU-only compile errors in CPU-only CI. Returns {"forward": [(BLOCK_N, BLOCK_E, BLOCK_C, num_warps, shared
+    bytes), ...], "backward": [(BLOCK_E, BLOCK_C, num_warps, shared bytes), ...]} for every autotune config
+    (``all_configs=False``: the first of each). Needs the module imported without TRITON_INTERPRET=1."""
     if INTERPRET:
         raise RuntimeError("compile_check needs zoo.kernels.vector_softmax imported without TRITON_INTERPRET=1")
     from zoo.kernels._compile import compile_for_gpu, pointer_type
 
     elem = pointer_type(dtype)
-    types = {"s_ptr": elem, "v_ptr": elem, "rowptr_ptr": "*i64", "out_ptr": elem, "lse_ptr": "*fp32"}
-    report = []
+    fwd_types = {"s_ptr": elem, "v_ptr": elem, "rowptr_ptr": "*i64", "out_ptr": elem, "lse_ptr": "*fp32"}
+    bwd_types = {"s_ptr": elem, "v_ptr": elem, "index_ptr": "*i64", "lse_ptr": "*fp32", "out_ptr": elem,
+                 "g_ptr": elem, "ds_ptr": elem, "dv_ptr": elem}
+    report: dict = {"forward": [], "backward": []}
     for config in _configs() if all_configs else _configs()[:1]:
         meta = dict(config.kwargs)
-        shared = compile_for_gpu(_vector_softmax_sum_fwd_kernel, types, meta, arch, config.num_warps,
+        shared = compile_for_gpu(_vector_softmax_sum_fwd_kernel, fwd_types, meta, arch, config.num_warps,
                                  config.num_stages)
-        report.append((meta["BLOCK_N"], meta["BLOCK_E"], meta["BLOCK_C"], config.num_warps, shared))
+        report["forward"].append((meta["BLOCK_N"], meta["BLOCK_E"], meta["BLOCK_C"], config.num_warps, shared))
+    for config in _bwd_configs() if all_configs else _bwd_configs()[:1]:
+        meta = dict(config.kwargs, NEED_SCORES=True, NEED_VALUES=True)
+        shared = compile_for_gpu(_vector_softmax_sum_bwd_kernel, bwd_types, meta, arch, config.num_warps,
+                                 config.num_stages)
+        report["backward"].append((meta["BLOCK_E"], meta["BLOCK_C"], config.num_warps, shared))
     return report

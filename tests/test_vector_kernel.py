@@ -69,10 +69,40 @@ def test_kernel_matches_reference(degrees, channels, dtype):
 
 
 @in_process
+@pytest.mark.parametrize("degrees,channels", CASES, ids=["awkward", "uniform", "empty", "single"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("order", ["csr", "shuffled"])
+def test_backward_kernel_matches_reference(degrees, channels, dtype, order):
+    """The backward kernel against the fp32 reference from the same saved statistics; PyTorch's backward casts
+    the same fp32 result to the input dtype, so that rounding is the yardstick. Edges in any order (the
+    backward gathers by destination index, it needs no CSR); either gradient alone."""
+    scores, values, index, rowptr = _graph(degrees, channels, dtype, seed=3)
+    out, lse = vk.vector_softmax_sum(scores, values, rowptr)
+    grad = torch.randn(len(degrees), channels, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    if order == "shuffled":
+        perm = torch.randperm(index.numel(), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        scores, values, index = scores[perm], values[perm], index[perm]
+    got = vk.vector_softmax_sum_backward(scores, values, index, lse, out, grad)
+    want = vk.vector_softmax_sum_backward_ref(scores, values, index, lse, out, grad)
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    for name, g, w in zip(("grad_scores", "grad_values"), got, want):
+        assert g.dtype == dtype and g.shape == scores.shape, name
+        if not w.numel():
+            continue
+        err = (g.float() - w).abs().max().item()
+        rounding = (w.to(dtype).float() - w).abs().max().item()
+        assert err <= 2 * rounding + atol * max(1.0, w.abs().max().item()), f"{name}: err {err:.2e}"
+    only_scores, none = vk.vector_softmax_sum_backward(scores, values, index, lse, out, grad, need_values=False)
+    assert none is None and torch.equal(only_scores, got[0])
+    none, only_values = vk.vector_softmax_sum_backward(scores, values, index, lse, out, grad, need_scores=False)
+    assert none is None and torch.equal(only_values, got[1])
+
+
+@in_process
 @pytest.mark.parametrize("degrees,channels", CASES[:2], ids=["awkward", "uniform"])
 def test_gradients_through_the_kernel_forward(degrees, channels):
-    """segment_softmax_weighted_sum with the kernel's forward (impl="triton") and the shared backward gives the
-    PyTorch path's outputs and gradients; fully -inf scores of a node give zeros and zero gradients."""
+    """segment_softmax_weighted_sum on the kernels (impl="triton": forward and backward) gives the PyTorch
+    path's outputs and gradients; fully -inf scores of a node give zeros and zero gradients."""
     scores, values, index, rowptr = _graph(degrees, channels, torch.float32, seed=1)
     scores[rowptr[0]:rowptr[1], 0] = float("-inf")  # node 0, channel 0: nothing to attend to
     grad = torch.randn(len(degrees), channels, generator=torch.Generator().manual_seed(2)).to(DEVICE)
@@ -144,18 +174,28 @@ def test_bad_inputs_name_the_problem():
         segment_softmax_weighted_sum(scores, scores, index, 2, rowptr=rowptr[:2])
     with pytest.raises(ValueError, match="impl must be"):
         segment_softmax_weighted_sum(scores, scores, index, 2, impl="cuda")
+    stats = torch.zeros(2, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="do not describe the same edges"):
+        vk.vector_softmax_sum_backward(scores, scores, index[:4], stats, stats, stats)
+    with pytest.raises(ValueError, match="grad_out must be \\[2, 3\\]"):
+        vk.vector_softmax_sum_backward(scores, scores, index, stats, stats, stats[:1])
+    with pytest.raises(TypeError, match="lse must be float32"):
+        vk.vector_softmax_sum_backward(scores, scores, index, stats.double(), stats, stats)
 
 
 def test_compiles_for_sm80_and_sm90_without_gpu():
-    """The real (non-interpreted) kernel compiles to machine code with Triton's bundled ptxas: every autotune
-    config for sm_90 in fp16, the first for sm_80 in fp16, bf16 and fp32. GPU-only compile errors show on
-    CPU-only CI. In a subprocess, because this process imported the kernel for the interpreter."""
+    """The real (non-interpreted) kernels (forward and backward) compile to machine code with Triton's bundled
+    ptxas: every autotune config for sm_90 in fp16, the first for sm_80 in fp16, bf16 and fp32. GPU-only
+    compile errors show on CPU-only CI. In a subprocess, because this process imported the kernels for the
+    interpreter."""
     code = (
         "import torch\n"
-        "from zoo.kernels.vector_softmax import _configs, compile_check\n"
-        "assert len(compile_check(90, torch.float16)) == len(_configs())\n"
+        "from zoo.kernels.vector_softmax import _bwd_configs, _configs, compile_check\n"
+        "report = compile_check(90, torch.float16)\n"
+        "assert len(report['forward']) == len(_configs()) and len(report['backward']) == len(_bwd_configs())\n"
         "for dtype in (torch.float16, torch.bfloat16, torch.float32):\n"
-        "    assert len(compile_check(80, dtype, all_configs=False)) == 1\n"
+        "    report = compile_check(80, dtype, all_configs=False)\n"
+        "    assert len(report['forward']) == len(report['backward']) == 1\n"
     )
     run_compiled(code)
 

@@ -214,7 +214,9 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
 
             out_NC, lse_NC = vector_softmax_sum(scores_EC, values_EC, rowptr)
             ctx.save_for_backward(scores_EC, values_EC, index_E, lse_NC, out_NC)
+            ctx.kernel = True
             return out_NC
+        ctx.kernel = False
         idx = index_E[:, None].expand_as(scores_EC)
         shape = (num_segments, scores_EC.size(1))
         m_NC = scores_EC.new_full(shape, float("-inf")).scatter_reduce_(0, idx, scores_EC, "amax")
@@ -235,6 +237,13 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out_NC: Tensor):
         scores_EC, values_EC, index_E, lse_NC, out_NC = ctx.saved_tensors
+        if ctx.kernel:  # the Triton backward (zoo.kernels.vector_softmax): one pass, no [E, C] temporaries
+            from zoo.kernels.vector_softmax import vector_softmax_sum_backward
+
+            grad_scores, grad_values = vector_softmax_sum_backward(
+                scores_EC, values_EC, index_E, lse_NC, out_NC, grad_out_NC, *ctx.needs_input_grad[:2])
+            return grad_scores, grad_values, None, None, None
+
         def wide(t):  # fp16 / bf16 (the kernel's inputs) in fp32; fp32 and fp64 as they are
             return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -259,8 +268,8 @@ def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: 
     backward is one pass of gathers and products (see _SegmentSoftmaxWeightedSum).
 
     ``rowptr`` [num_segments + 1]: the entries are in CSR order (sorted by index, segment n at
-    rowptr[n]..rowptr[n + 1] - 1), which lets the forward run as the Triton kernel
-    (zoo.kernels.vector_softmax): ``impl="auto"`` uses it for CUDA tensors, ``"triton"`` also on CPU tensors
+    rowptr[n]..rowptr[n + 1] - 1), which lets the forward and the backward run as the Triton kernels
+    (zoo.kernels.vector_softmax): ``impl="auto"`` uses them for CUDA tensors, ``"triton"`` also on CPU tensors
     under TRITON_INTERPRET=1, ``"torch"`` never."""
     if scores_EC.dim() != 2 or values_EC.shape != scores_EC.shape:
         raise ValueError(f"segment_softmax_weighted_sum: scores and values must both be [E, C], got "
