@@ -188,6 +188,31 @@ def _tile_bounds(length: int, block: int, device) -> tuple[torch.Tensor, torch.T
     return first, last
 
 
+def _band_rows(rel: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """bool (1, 1, R, Nk): ``lo <= rel <= hi`` for the (R, Nk) position differences ``rel`` (+-inf: unbounded)."""
+    allowed = torch.ones(rel.shape, dtype=torch.bool, device=rel.device)
+    if lo != -math.inf:
+        allowed &= rel >= lo
+    if hi != math.inf:
+        allowed &= rel <= hi
+    return allowed[None, None]
+
+
+def _band_states(q_first, q_last, k_first, k_last, lo: float, hi: float) -> torch.Tensor:
+    """int8 (1, 1, QB, KB) tile states of ``lo <= key position - query position <= hi``, from the first and last
+    position of every query and key tile. Positions must step by at most one from index to index (token
+    positions, chunk numbers), so that every difference between a tile's extremes occurs in it: the tile spans
+    [k_first - q_last, k_last - q_first] and the states are exact."""
+    rel_min = (k_first[None, :] - q_last[:, None]).double()
+    rel_max = (k_last[None, :] - q_first[:, None]).double()
+    empty = (rel_max < lo) | (rel_min > hi)
+    full = (rel_min >= lo) & (rel_max <= hi)
+    states = torch.full(empty.shape, PARTIAL, dtype=torch.int8, device=empty.device)
+    states[empty] = EMPTY
+    states[full] = FULL
+    return states[None, None]
+
+
 class Full(Mask):
     """Every query attends to every key."""
 
@@ -227,30 +252,12 @@ class Window(Mask):
         return lo, hi
 
     def _dense_rows(self, q_len, k_len, start, stop, device):
-        lo, hi = self.offsets(q_len, k_len)
-        i = torch.arange(start, stop, device=device)[:, None]
-        j = torch.arange(k_len, device=device)[None, :]
-        rel = j - i
-        allowed = torch.ones(stop - start, k_len, dtype=torch.bool, device=device)
-        if lo != -math.inf:
-            allowed &= rel >= lo
-        if hi != math.inf:
-            allowed &= rel <= hi
-        return allowed[None, None]
+        rel = torch.arange(k_len, device=device)[None, :] - torch.arange(start, stop, device=device)[:, None]
+        return _band_rows(rel, *self.offsets(q_len, k_len))
 
     def _block_states(self, q_len, k_len, block_q, block_k, device):
-        lo, hi = self.offsets(q_len, k_len)
-        q_first, q_last = _tile_bounds(q_len, block_q, device)
-        k_first, k_last = _tile_bounds(k_len, block_k, device)
-        # j - i over a tile spans [k_first - q_last, k_last - q_first].
-        rel_min = (k_first[None, :] - q_last[:, None]).double()
-        rel_max = (k_last[None, :] - q_first[:, None]).double()
-        empty = (rel_max < lo) | (rel_min > hi)
-        full = (rel_min >= lo) & (rel_max <= hi)
-        states = torch.full(empty.shape, PARTIAL, dtype=torch.int8, device=device)
-        states[empty] = EMPTY
-        states[full] = FULL
-        return states[None, None]
+        return _band_states(*_tile_bounds(q_len, block_q, device), *_tile_bounds(k_len, block_k, device),
+                            *self.offsets(q_len, k_len))
 
     def __repr__(self) -> str:
         return f"Window(left={self.left}, right={self.right})"
@@ -310,36 +317,20 @@ class ChunkWindow(Mask):
         hi = math.inf if self.right is None else self.right
         return lo, hi
 
+    def _query_chunks(self, index: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+        """Chunk numbers of query rows ``index`` (bottom-right aligned; negative positions floor down)."""
+        return torch.div(index + (k_len - q_len), self.chunk_size, rounding_mode="floor")
+
     def _dense_rows(self, q_len, k_len, start, stop, device):
-        lo, hi = self.chunk_bounds()
-        c = self.chunk_size
-        q_chunk = torch.div(torch.arange(start, stop, device=device) + (k_len - q_len), c, rounding_mode="floor")
-        rel = (torch.arange(k_len, device=device) // c)[None, :] - q_chunk[:, None]
-        allowed = torch.ones(stop - start, k_len, dtype=torch.bool, device=device)
-        if lo != -math.inf:
-            allowed &= rel >= lo
-        if hi != math.inf:
-            allowed &= rel <= hi
-        return allowed[None, None]
+        q_chunk = self._query_chunks(torch.arange(start, stop, device=device), q_len, k_len)
+        rel = (torch.arange(k_len, device=device) // self.chunk_size)[None, :] - q_chunk[:, None]
+        return _band_rows(rel, *self.chunk_bounds())
 
     def _block_states(self, q_len, k_len, block_q, block_k, device):
-        lo, hi = self.chunk_bounds()
-        c = self.chunk_size
-        q_first, q_last = _tile_bounds(q_len, block_q, device)
-        k_first, k_last = _tile_bounds(k_len, block_k, device)
-        shift = k_len - q_len
-        qc_first = torch.div(q_first + shift, c, rounding_mode="floor")
-        qc_last = torch.div(q_last + shift, c, rounding_mode="floor")
-        kc_first, kc_last = k_first // c, k_last // c
-        # Every (query chunk, key chunk) pair between a tile's first and last chunks occurs in the tile.
-        rel_min = (kc_first[None, :] - qc_last[:, None]).double()
-        rel_max = (kc_last[None, :] - qc_first[:, None]).double()
-        empty = (rel_max < lo) | (rel_min > hi)
-        full = (rel_min >= lo) & (rel_max <= hi)
-        states = torch.full(empty.shape, PARTIAL, dtype=torch.int8, device=device)
-        states[empty] = EMPTY
-        states[full] = FULL
-        return states[None, None]
+        # Chunk numbers step by at most one from token to token, as _band_states needs.
+        q_chunks = (self._query_chunks(t, q_len, k_len) for t in _tile_bounds(q_len, block_q, device))
+        k_chunks = (t // self.chunk_size for t in _tile_bounds(k_len, block_k, device))
+        return _band_states(*q_chunks, *k_chunks, *self.chunk_bounds())
 
     def __repr__(self) -> str:
         return f"ChunkWindow(chunk_size={self.chunk_size}, left={self.left}, right={self.right})"
