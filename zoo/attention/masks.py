@@ -188,6 +188,15 @@ def _tile_bounds(length: int, block: int, device) -> tuple[torch.Tensor, torch.T
     return first, last
 
 
+def _check_band(mask_name: str, unit: str, left, right) -> None:
+    """Window / ChunkWindow bounds: ints or None (unbounded) that leave some ``unit`` allowed."""
+    for name, value in (("left", left), ("right", right)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"{mask_name} {name} must be an int or None, got {value!r}")
+    if left is not None and right is not None and left + right < 0:
+        raise ValueError(f"{mask_name}(left={left}, right={right}) allows no {unit} at all")
+
+
 def _band_rows(rel: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """bool (1, 1, R, Nk): ``lo <= rel <= hi`` for the (R, Nk) position differences ``rel`` (+-inf: unbounded)."""
     allowed = torch.ones(rel.shape, dtype=torch.bool, device=rel.device)
@@ -236,11 +245,7 @@ class Window(Mask):
 
     def __init__(self, left: Optional[int] = None, right: Optional[int] = None) -> None:
         super().__init__()
-        for name, value in (("left", left), ("right", right)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise TypeError(f"Window {name} must be an int or None, got {value!r}")
-        if left is not None and right is not None and left + right < 0:
-            raise ValueError(f"Window(left={left}, right={right}) allows no key at all")
+        _check_band("Window", "key", left, right)
         self.left = left
         self.right = right
 
@@ -302,11 +307,7 @@ class ChunkWindow(Mask):
         super().__init__()
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"ChunkWindow chunk_size must be a positive int, got {chunk_size!r}")
-        for name, value in (("left", left), ("right", right)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise TypeError(f"ChunkWindow {name} must be an int or None, got {value!r}")
-        if left is not None and right is not None and left + right < 0:
-            raise ValueError(f"ChunkWindow(left={left}, right={right}) allows no chunk at all")
+        _check_band("ChunkWindow", "chunk", left, right)
         self.chunk_size = chunk_size
         self.left = left
         self.right = right
