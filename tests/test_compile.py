@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import zoo
 import zoo.tasks.vision.agent_deit  # noqa: F401  (registers agent_deit_*)
-from zoo.attention import Causal, MultiHeadAttention, Radial, Segments, Window, attend
+from zoo.attention import Causal, ChunkWindow, MultiHeadAttention, Radial, Segments, Window, attend
 
 BACKEND = "aot_eager"
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -123,7 +123,8 @@ def test_compiled_model_keeps_its_state_dict_keys(tmp_path):
 # attend() and MultiHeadAttention
 # ----------------------------------------------------------------------------------------------------
 def test_attend_compiles_with_masks_and_bias():
-    """Structured masks (window, segments, radial, combined) and biases: one graph, eager's outputs."""
+    """Structured masks (window, chunk window, segments, radial, combined) and biases: one graph, eager's
+    outputs."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 13, 8) for _ in range(3))
     bias = torch.randn(1, 3, 13, 13)
@@ -136,6 +137,8 @@ def test_attend_compiles_with_masks_and_bias():
         q16, k16, v16 = (F.pad(t, (0, 0, 0, 3)) for t in (q, k, v))
         return (
             attend(q, k, v, Window(3)),
+            attend(q, k, v, ChunkWindow(4, 1, 0)),
+            attend(q, k[:, :, :9], v[:, :, :9], ChunkWindow(3, 0, 1)),  # Nq > Nk: negative query chunks
             attend(q, k, v, Segments(ids)),
             attend(q16, k16, v16, radial),
             attend(q, k, v, mask, bias=bias),

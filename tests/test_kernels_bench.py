@@ -56,7 +56,7 @@ def test_gpu_flag_without_cuda_says_so(capsys):
 def test_cpu_masks_reach_their_kept_fractions():
     n = 2048
     for fraction in (0.5, 0.25):
-        masks = bench.sparse_masks(n, fraction, ["window", "random"])
+        masks = bench.sparse_masks(n, fraction, ["window", "chunk", "random"])
         for kind, mask in masks.items():
             kept = mask.block_map(n, n, 128, 128).kept_fraction()
             assert abs(kept - fraction) < 0.06, (kind, fraction, kept)

@@ -3,7 +3,7 @@
     zoo bench attention [--parts core,sparse,tiles,gpu] [--quick] [--repeats 5] [--warmup 1] [--threads N]
                         [--batch 1] [--heads 4] [--head-dim 64]
                         [--core-sizes 256,512,1024,2048,4096]
-                        [--sparse-n 8192] [--fractions 1.0,0.5,0.25,0.1] [--masks window,radial,random]
+                        [--sparse-n 8192] [--fractions 1.0,0.5,0.25,0.1] [--masks window,radial,random|chunk]
                         [--gpu-frames 16,32] [--gpu-tokens 1024] [--gpu-head-dims 64,128] [--gpu-dtype bf16]
     zoo bench attention --gpu [--quick]     # the one-shot GPU run: gpu part only, targets checked, exit 1 on FAIL
 
@@ -13,8 +13,9 @@ Parts (default: core, sparse, tiles on CPU; gpu as well when CUDA is available):
   causal, N = 256..4096, forward (no_grad) and forward+backward, fp32 (target: attend <= 1.1x SDPA).
 * ``sparse`` (issue 5, CPU): the zoo block-sparse CPU path (``attend`` on the "blocksparse" backend) vs
   SDPA given the equivalent dense boolean mask, forward and forward+backward, for Window, Radial and
-  random block maps at kept-tile fractions 100/50/25/10% (the achieved fraction at 128x128 tiles is
-  printed: a Radial layout reaches only some fractions at a given length). Target at N = 8192, ~25% kept
+  random block maps (``--masks chunk``: a symmetric ChunkWindow of 96-token chunks too) at kept-tile
+  fractions 100/50/25/10% (the achieved fraction at 128x128 tiles is printed: a Radial layout reaches only
+  some fractions at a given length). Target at N = 8192, ~25% kept
   tiles (2 cores, fp32, H = 4, D = 64): >= 2.5x SDPA for Window and Radial, >= 2x for random maps.
 * ``tiles``: the tiles the Triton kernel would visit (non-EMPTY; FULL / PARTIAL) vs dense, at 128x128 and
   64x64 tiles, for the masks above and causal / Segments.
@@ -46,11 +47,12 @@ import torch
 import torch.nn.attention
 import torch.nn.functional as F
 
-from zoo.attention import BlockSparse, Causal, Mask, Segments, Window, attend, use_backend
+from zoo.attention import BlockSparse, Causal, ChunkWindow, Mask, Segments, Window, attend, use_backend
 from zoo.attention.radial import Radial
 from zoo.bench.timing import interleaved_medians, interleaved_samples, machine_description, medians, paired_ratio, set_threads
 
-__all__ = ["main", "window_for_fraction", "radial_for_fraction", "random_block_map", "sparse_masks"]
+__all__ = ["main", "window_for_fraction", "chunk_for_fraction", "radial_for_fraction", "random_block_map",
+           "sparse_masks"]
 
 TILE = 128  # the tile at which kept fractions are reported and masks are chosen
 
@@ -72,6 +74,20 @@ def window_for_fraction(n: int, fraction: float) -> Window:
         if best is None or error < best[0]:
             best = (error, w)
     return Window(best[1], best[1])
+
+
+def chunk_for_fraction(n: int, fraction: float, chunk: int = 96) -> ChunkWindow:
+    """Symmetric ChunkWindow(chunk, c, c) (each chunk sees c chunks on each side: local attention over frames
+    or speech chunks) whose kept-tile fraction at 128x128 tiles is closest to ``fraction``. The default chunk
+    is not a multiple of the tile, so the CPU path's chunk-aligned tiles matter."""
+    if fraction >= 1.0:
+        return ChunkWindow(chunk, None, None)
+    best = None
+    for c in range(0, math.ceil(n / chunk)):
+        error = abs(_kept(ChunkWindow(chunk, c, c), n) - fraction)
+        if best is None or error < best[0]:
+            best = (error, c)
+    return ChunkWindow(chunk, best[1], best[1])
 
 
 def radial_for_fraction(n: int, fraction: float, decay_factor: float = 1.0) -> Radial:
@@ -104,6 +120,7 @@ def random_block_map(n: int, fraction: float, seed: int = 0, tile: int = TILE) -
 def sparse_masks(n: int, fraction: float, kinds) -> dict[str, Mask]:
     makers = {
         "window": lambda: window_for_fraction(n, fraction),
+        "chunk": lambda: chunk_for_fraction(n, fraction),
         "radial": lambda: radial_for_fraction(n, fraction),
         "random": lambda: random_block_map(n, fraction),
     }
@@ -249,6 +266,8 @@ def _describe(mask: Mask) -> str:
         return f"Radial({mask.num_frames}x{mask.tokens_per_frame}, decay {mask.decay_factor:g})"
     if isinstance(mask, Window):
         return f"Window({mask.left}, {mask.right})"
+    if isinstance(mask, ChunkWindow):
+        return f"ChunkWindow({mask.chunk_size}, {mask.left}, {mask.right})"
     if isinstance(mask, BlockSparse):
         return f"BlockSparse({mask.block_mask.shape[-1]}^2 tiles)"
     return repr(mask)
