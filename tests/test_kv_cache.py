@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.attention import Causal, ChunkWindow, KVCache, MultiHeadAttention, use_backend
+from zoo.attention import Causal, ChunkWindow, KVCache, MultiHeadAttention, Window, use_backend
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -50,10 +50,48 @@ def test_streaming_chunks_equal_the_whole_utterance(backend, left, rel_pos):
         cache = KVCache()
         outs = [mha(x[:, t:t + 4], mask=mask, cache=cache) for t in range(0, 18, 4)]
         unlimited = mha(x, mask=ChunkWindow(4))
+        # WeNet's attention cache: keep only the left context (one chunk here), exact for the limited mask
+        rolling = KVCache(max_length=4) if left == 1 else None
+        rolled = None if rolling is None else [mha(x[:, t:t + 4], mask=mask, cache=rolling) for t in range(0, 18, 4)]
     torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+    if rolling is not None:
+        torch.testing.assert_close(torch.cat(rolled, dim=1), full, **TOL)
+        assert len(rolling) == 4 and rolling.position == 18
     # The first two chunks have at most one chunk of history; later ones lose what the limit cuts off.
     torch.testing.assert_close(full[:, :8], unlimited[:, :8], **TOL)
     assert torch.allclose(full, unlimited, **TOL) == (left is None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("steps", [[1] * 23, [5, 1, 3, 1, 1, 7, 2, 3]], ids=["token by token", "mixed"])
+def test_rolling_cache_is_exact_for_a_sliding_window(backend, steps):
+    """Mistral's rolling buffer: a sliding-window decoder (Window(w, 0)) with KVCache(max_length=w) gives the
+    whole sequence's outputs while holding at most 2w + n keys; RoPE positions count every token seen; the
+    kept keys are the last ones of an unbounded cache fed the same calls."""
+    mha, w = _decoder(), 6
+    x = torch.randn(2, 23, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), use_backend(backend):
+        full = mha(x, mask=Window(w, 0))
+        rolling, unbounded, outs, t = KVCache(max_length=w), KVCache(), [], 0
+        for n in steps:
+            outs.append(mha(x[:, t:t + n], mask=Window(w, 0), cache=rolling))
+            mha(x[:, t:t + n], mask=Window(w, 0), cache=unbounded)
+            t += n
+            assert len(rolling) == min(t, w) and rolling.position == t and rolling.dropped == t - len(rolling)
+            assert rolling._k.shape[2] <= max(2 * w + max(steps), 16)
+            assert torch.equal(rolling.keys, unbounded.keys[:, :, t - len(rolling):])
+            assert torch.equal(rolling.values, unbounded.values[:, :, t - len(rolling):])
+        # token by token the bound alone is the window: no mask needed
+        bare = KVCache(max_length=w)
+        alone = [mha(x[:, i:i + 1], cache=bare) for i in range(23)]
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+    torch.testing.assert_close(torch.cat(alone, dim=1), full, **TOL)
+    assert repr(bare) == "KVCache(length=6, keys=(2, 2, 6, 8), max_length=6, position=23)"
+    bare.reset()
+    assert len(bare) == 0 and bare.position == 0 and bare.max_length == w
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_length must be a positive int"):
+            KVCache(max_length=bad)
 
 
 def test_cache_grows_by_doubling_and_keeps_every_key():

@@ -53,29 +53,50 @@ class KVCache:
     number of times. Cross attention: the first call stores the projected context; later calls reuse it
     (``context=None``, or the same context tensor).
 
+    ``max_length`` bounds the memory of long streams (a rolling cache): after each call only the last
+    ``max_length`` tokens are kept, so a call attends over at most ``max_length`` earlier tokens plus its own.
+    That is exact for attention that never looks further back: Mistral's sliding window (``Window(w, 0)``
+    with ``max_length=w``) and streaming speech encoders with limited left context (WeNet's attention
+    cache, NeMo's cache-aware streaming: ``ChunkWindow(c, left=L)`` with ``max_length=L * c``, fed whole
+    chunks of c tokens, so the kept tokens start on a chunk boundary). RoPE positions keep counting every
+    token seen (``position``), not only the kept ones.
+
     ``reorder(index)`` picks batch rows (beam search: the surviving beams); ``reset()`` empties the cache.
     For inference (``torch.no_grad()`` / ``inference_mode``): appending writes into the storage in place, so
     gradients do not flow through cached keys (train decoders on whole sequences with ``mask=Causal()``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_length: Optional[int] = None) -> None:
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or max_length < 1):
+            raise ValueError(f"KVCache: max_length must be a positive int or None, got {max_length!r}")
+        self.max_length = max_length
         self._k = self._v = None  # (B, Hkv, capacity, D)
+        self._start = 0  # first live slot of the storage (a rolling cache drops tokens from the front)
         self.length = 0
+        self.dropped = 0  # tokens dropped from the front: the cached token t is stream position dropped + t
         self.context = None  # cross attention: the context tensor whose projection is stored
 
     def __len__(self) -> int:
         return self.length
 
     @property
+    def position(self) -> int:
+        """Tokens seen so far (kept and dropped): the stream position of the next token."""
+        return self.dropped + self.length
+
+    @property
     def keys(self) -> Optional[torch.Tensor]:
-        return None if self._k is None else self._k[:, :, : self.length]
+        return None if self._k is None else self._k[:, :, self._start : self._start + self.length]
 
     @property
     def values(self) -> Optional[torch.Tensor]:
-        return None if self._v is None else self._v[:, :, : self.length]
+        return None if self._v is None else self._v[:, :, self._start : self._start + self.length]
 
     def append(self, k_BHnD: torch.Tensor, v_BHnD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add n tokens' keys and values; returns the keys and values of every cached token (views)."""
+        """Add n tokens' keys and values; returns the keys and values of every cached token and the new ones
+        (views). With ``max_length``, the tokens beyond it are then dropped from the front (the returned views
+        stay valid until the next append)."""
         n = k_BHnD.shape[2]
         if self._k is not None:
             if k_BHnD.shape[:2] != self._k.shape[:2] or k_BHnD.shape[3] != self._k.shape[3]:
@@ -86,22 +107,34 @@ class KVCache:
             if k_BHnD.dtype != self._k.dtype or k_BHnD.device != self._k.device:
                 raise ValueError(f"KVCache: new keys are {k_BHnD.dtype} on {k_BHnD.device}, the cache holds "
                                  f"{self._k.dtype} on {self._k.device}")
-        if self._k is None or self.length + n > self._k.shape[2]:
-            capacity = max(self.length + n, 2 * (0 if self._k is None else self._k.shape[2]), 16)
+        if self._k is None or self._start + self.length + n > self._k.shape[2]:
+            # Unbounded: grow by doubling. Rolling: room for twice the bound plus this call, the live tokens
+            # (at most max_length) moved to the front, so the next move comes max_length tokens or more later.
+            need = self.length + n
+            if self.max_length is None:
+                capacity = max(need, 2 * (0 if self._k is None else self._k.shape[2]), 16)
+            else:
+                capacity = max(need, 2 * self.max_length + n, 16)
             k_new = k_BHnD.new_empty(*k_BHnD.shape[:2], capacity, k_BHnD.shape[3])
             v_new = v_BHnD.new_empty(*v_BHnD.shape[:2], capacity, v_BHnD.shape[3])
             if self.length:
                 k_new[:, :, : self.length] = self.keys
                 v_new[:, :, : self.length] = self.values
-            self._k, self._v = k_new, v_new
-        self._k[:, :, self.length : self.length + n] = k_BHnD
-        self._v[:, :, self.length : self.length + n] = v_BHnD
+            self._k, self._v, self._start = k_new, v_new, 0
+        end = self._start + self.length
+        self._k[:, :, end : end + n] = k_BHnD
+        self._v[:, :, end : end + n] = v_BHnD
         self.length += n
-        return self.keys, self.values
+        keys, values = self.keys, self.values
+        if self.max_length is not None and self.length > self.max_length:
+            drop = self.length - self.max_length
+            self._start, self.length, self.dropped = self._start + drop, self.max_length, self.dropped + drop
+        return keys, values
 
     def store(self, k_BHMD: torch.Tensor, v_BHMD: torch.Tensor, context: torch.Tensor) -> None:
         """Cross attention: keep the projected context (replacing what was there)."""
         self._k, self._v, self.length, self.context = k_BHMD, v_BHMD, k_BHMD.shape[2], context
+        self._start = self.dropped = 0
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the batch rows ``index`` (B') in that order, e.g. the beams that survive a search step."""
@@ -111,11 +144,12 @@ class KVCache:
             self.context = self.context.index_select(0, index)
 
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(self.max_length)
 
     def __repr__(self) -> str:
         shape = None if self._k is None else tuple(self.keys.shape)
-        return f"KVCache(length={self.length}, keys={shape})"
+        bound = "" if self.max_length is None else f", max_length={self.max_length}, position={self.position}"
+        return f"KVCache(length={self.length}, keys={shape}{bound})"
 
 
 class MultiHeadAttention(nn.Module):
@@ -376,8 +410,8 @@ class MultiHeadAttention(nn.Module):
             k_BHMD, v_BHMD = cache.keys, cache.values
         batch, n_q = x_BNC.shape[0], q_BHND.shape[2]
         if self.rope is not None:
-            if cache is not None and not self.is_cross and positions is None:  # positions continue the cache
-                positions = torch.arange(len(cache), len(cache) + n_q, device=x_BNC.device)
+            if cache is not None and not self.is_cross and positions is None:  # positions continue the stream
+                positions = torch.arange(cache.position, cache.position + n_q, device=x_BNC.device)
             q_pos, k_pos = positions, positions
             if self.is_cross and isinstance(positions, tuple) and len(positions) == 2 and not isinstance(positions[0], int):
                 q_pos, k_pos = positions
