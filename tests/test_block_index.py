@@ -6,7 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.attention import EMPTY, FULL, PARTIAL, BlockSparse, Causal, ChunkWindow, Dense, Full, Mask, Segments, Window
+from zoo.attention import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    BlockSparse,
+    Causal,
+    ChunkWindow,
+    Dense,
+    Full,
+    Mask,
+    MaskMod,
+    Segments,
+    Window,
+)
 from zoo.kernels.block_index import (
     SLOT_BLK,
     SLOT_CHUNK0,
@@ -140,6 +153,7 @@ def _masks(q_len: int, k_len: int):
         "chunkwindow&segments|blocksparse": ((ChunkWindow(3) & seg) | blk, True),
         "chunkwindow&chunkwindow": (ChunkWindow(4, 3, 0) & ChunkWindow(4, 1, 2), True),
         "3_bands_in_a_term": (ChunkWindow(4, 1, 0) & ChunkWindow(5, 1, 0) & Window(3, 3), False),
+        "maskmod": (MaskMod(lambda b, h, q, kv: (q * 3 + kv) % 4 != 0, num_heads=2), False),
         "4_windows": (exotic, False),
         "two_segments": (seg | Segments(ids_q.flip(-1), ids_k), False),
     }

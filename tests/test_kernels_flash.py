@@ -26,7 +26,7 @@ if not HAS_CUDA:
 triton = pytest.importorskip("triton")
 
 from triton_interpreter import run_compiled  # noqa: E402  (tests/triton_interpreter.py)
-from zoo.attention import BlockSparse, Causal, ChunkWindow, Dense, Full, Segments, Window, attend  # noqa: E402
+from zoo.attention import BlockSparse, Causal, ChunkWindow, Dense, Full, MaskMod, Segments, Window, attend  # noqa: E402
 from zoo.kernels import flash_attention as fa  # noqa: E402
 from zoo.kernels.flash_attention import (  # noqa: E402
     flash_attention,
@@ -169,6 +169,10 @@ def test_gqa_reads_kv_without_copy(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Every mask type and combinations (with a broadcast bias that needs its gradient)
 # ------------------------------------------------------------------------------------------------
+def _every_other_key_per_head(b, h, q_idx, kv_idx):
+    return (kv_idx + h) % 2 == 0
+
+
 def _mask_cases():
     nq, nk = 97, 130
     ids_q = _random_ids(nq, 4, 2, seed=3, pad=5)  # 5 padding queries: empty rows
@@ -196,6 +200,8 @@ def _mask_cases():
         "chunkwindow-left2": lambda: ChunkWindow(8, left=2),
         "chunkwindow&segments": lambda: ChunkWindow(12) & Segments(ids_q, ids_k),
         "chunkwindow-diag|window": lambda: ChunkWindow(10, 0, 0) | Window(2, 2),
+        # A FlexAttention-style predicate: read from one materialised dense mask in the kernel.
+        "maskmod-per-head&causal": lambda: MaskMod(_every_other_key_per_head, num_heads=2) & Causal(),
     }
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "Segments",
     "Dense",
     "BlockSparse",
+    "MaskMod",
     "And",
     "Or",
     "as_mask",
@@ -532,6 +533,87 @@ class BlockSparse(Mask):
 
     def __repr__(self) -> str:
         return f"BlockSparse(tiles={tuple(self.block_mask.shape)}, block=({self.block_q}, {self.block_k}))"
+
+
+class MaskMod(Mask):
+    """A mask given by a predicate in FlexAttention's form: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, True
+    where query ``q_idx`` of batch ``b`` and head ``h`` may attend to key ``kv_idx`` (the function behind
+    ``torch.nn.attention.flex_attention.create_block_mask``; ``MaskMod(block_mask.mask_mod)`` reuses one).
+
+    The predicate is called with broadcastable index tensors -- b (Bm, 1, 1, 1), h (1, Hm, 1, 1), q_idx
+    (1, 1, R, 1), kv_idx (1, 1, 1, C), int64 -- and must return a bool tensor that broadcasts to
+    (Bm, Hm, R, C). FlexAttention calls it on scalars under vmap; a predicate written with tensor operations
+    (comparisons, ``&``, ``|``, ``torch.where``, indexing a tensor by ``q_idx``) works either way. Indices are
+    raw, as FlexAttention's: no bottom-right alignment when Nq != Nk. ``batch_size`` / ``num_heads``: how many
+    batch rows and heads the predicate distinguishes (1: b and h are always 0; FlexAttention's B=None,
+    H=None).
+
+    The block map evaluates the predicate over row chunks of at most ``chunk_cells`` cells and reduces them
+    per tile, never holding Nq x Nk at once (the time is still O(Nq Nk), as FlexAttention's
+    create_block_mask). The Triton kernel cannot run Python predicates: it reads PARTIAL tiles from one
+    materialised dense mask (exact; ``triton_supports`` refuses masks over 2**28 cells), and the CPU
+    block-sparse path evaluates the predicate for the rows of its PARTIAL tiles.
+    """
+
+    def __init__(self, mask_mod, batch_size: int = 1, num_heads: int = 1, chunk_cells: int = 1 << 24) -> None:
+        super().__init__()
+        if not callable(mask_mod):
+            raise TypeError(f"MaskMod needs a callable mask_mod(b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
+        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("chunk_cells", chunk_cells)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MaskMod {name} must be a positive int, got {value!r}")
+        self.mask_mod = mask_mod
+        self._batch, self._heads, self.chunk_cells = batch_size, num_heads, chunk_cells
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    @property
+    def num_heads(self) -> int:
+        return self._heads
+
+    def check_shape(self, q_len, k_len, batch=None, heads=None):
+        if batch is not None and self._batch not in (1, batch):
+            raise ValueError(f"MaskMod was built for batch {self._batch} but attention has batch {batch}")
+        if heads is not None and self._heads not in (1, heads):
+            raise ValueError(f"MaskMod was built for {self._heads} heads but attention has {heads} heads")
+
+    def _evaluate(self, start: int, stop: int, k_len: int, device) -> torch.Tensor:
+        """bool (Bm, Hm, stop - start, Nk) from the predicate, with a clear error when it returns anything else."""
+        b = torch.arange(self._batch, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(self._heads, device=device).view(1, -1, 1, 1)
+        q = torch.arange(start, stop, device=device).view(1, 1, -1, 1)
+        kv = torch.arange(k_len, device=device).view(1, 1, 1, -1)
+        out = self.mask_mod(b, h, q, kv)
+        name = getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+            raise TypeError(f"MaskMod: mask_mod {name} must return a bool tensor, got "
+                            f"{getattr(out, 'dtype', type(out).__name__)}")
+        shape = (self._batch, self._heads, stop - start, k_len)
+        try:
+            if out.dim() > 4:
+                raise RuntimeError
+            return out.to(device).expand(shape)
+        except RuntimeError:
+            raise ValueError(f"MaskMod: mask_mod {name} returned shape {tuple(out.shape)}, which does not broadcast "
+                             f"to (batch, heads, rows, keys) = {shape}") from None
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        return self._evaluate(start, stop, k_len, device)
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        per_row = self._batch * self._heads * k_len
+        rows = max(block_q, self.chunk_cells // max(per_row, 1) // block_q * block_q)  # whole query tiles
+        parts = []
+        for start in range(0, q_len, rows):
+            stop = min(q_len, start + rows)
+            parts.append(_states_from_dense(self._evaluate(start, stop, k_len, device), block_q, block_k))
+        return torch.cat(parts, dim=-2)
+
+    def __repr__(self) -> str:
+        name = getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
+        return f"MaskMod({name}, batch={self._batch}, heads={self._heads})"
 
 
 class _Combined(Mask):
