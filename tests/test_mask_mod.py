@@ -120,3 +120,7 @@ def test_combines_with_other_masks_and_raises_clearly():
     q = torch.randn(2, 4, 8, 16)
     with pytest.raises(ValueError, match="built for batch 3"):
         attend(q, q, q, MaskMod(even_keys, batch_size=3))
+    with pytest.raises(ValueError, match="built for 3 heads but attention has 4 heads"):
+        attend(q, q, q, MaskMod(even_keys, num_heads=3))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        MaskMod(lambda b, h, q, kv: torch.ones(1, 1, 1, 4, 4, dtype=torch.bool)).dense(4, 4)

@@ -176,6 +176,26 @@ def test_mask_errors():
         Segments(torch.zeros(4))
     with pytest.raises(TypeError, match="bool tensor"):
         Dense(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"Segments ids must have shape \(N,\) or \(B, N\)"):
+        Segments(torch.zeros(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="Segments ids have batch 2 but attention has batch 3"):
+        Segments(torch.zeros(2, 4, dtype=torch.long)).check_shape(4, 4, batch=3)
+    with pytest.raises(ValueError, match="Dense mask must have 2 to 4 dims"):
+        Dense(torch.ones(5, dtype=torch.bool))
+    dense = Dense(torch.ones(2, 3, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="batch dim 2 does not broadcast to batch 5"):
+        dense.check_shape(4, 4, batch=5)
+    with pytest.raises(ValueError, match="head dim 3 does not broadcast to 4 heads"):
+        dense.check_shape(4, 4, batch=2, heads=4)
+    blocks = BlockSparse(torch.ones(2, 3, 1, 1, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="map batch dim 2 does not broadcast to batch 5"):
+        blocks.check_shape(4, 4, batch=5)
+    with pytest.raises(ValueError, match="map head dim 3 does not broadcast to 4 heads"):
+        blocks.check_shape(4, 4, batch=2, heads=4)
+    with pytest.raises(ValueError, match="block sizes must be >= 1"):
+        Causal().block_map(8, 8, 0)
+    assert repr(dense) == "Dense(shape=(2, 3, 4, 4))"
+    assert repr(blocks) == "BlockSparse(tiles=(2, 3, 1, 1), block=(4, 4))"
     with pytest.raises(ValueError, match="positive ints"):
         Causal().dense(0, 3)
     with pytest.raises(ValueError, match="rows"):
