@@ -198,6 +198,21 @@ def test_resume_is_exact(tmp_path):
         run.train(_cfg(tmp_path, "resumed", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
 
 
+def test_resumed_run_keeps_the_checkpoint_run_dir(tmp_path, monkeypatch):
+    """``zoo train ckpt_path=RUN/checkpoints/last.ckpt`` without run_dir continues in RUN (logs and checkpoints
+    stay together); a checkpoint elsewhere puts the run beside it; with neither, outputs/<name>/<timestamp>."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.delenv(run.RUN_DIR_ENV, raising=False)
+    cfg = OmegaConf.create({"ckpt_path": str(tmp_path / "run1" / "checkpoints" / "last.ckpt")})
+    assert run._resolve_run_dir(cfg) == tmp_path / "run1" and cfg.run_dir == str(tmp_path / "run1")
+    cfg = OmegaConf.create({"ckpt_path": str(tmp_path / "saved" / "epoch3.ckpt")})
+    assert run._resolve_run_dir(cfg) == tmp_path / "saved"
+    monkeypatch.chdir(tmp_path)
+    fresh = run._resolve_run_dir(OmegaConf.create({"name": "vit_digits"}))
+    assert fresh.parent == tmp_path / "outputs" / "vit_digits" and len(fresh.name) == len("2026-01-01_00-00-00")
+
+
 def test_atomic_checkpoint_io_keeps_previous_file(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
