@@ -225,6 +225,16 @@ def test_chunkwindow_more_queries_than_keys():
     _check(q, k, v, mask, bias)
 
 
+def test_alibi_bias_object():
+    """An AttentionBias object (ALiBi) goes to the kernel as its materialised (1, H, Nq, Nk) bias."""
+    from zoo.attention import ALiBi
+
+    q, k, v, _ = _inputs(2, 4, 2, 70, 90, 16, seed=14)
+    got = flash_attention(q, k, v, Causal(), ALiBi(4))
+    want = flash_attention_ref(q.double(), k.double(), v.double(), Causal(), ALiBi(4).materialize(70, 90).double())
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
 def test_radial_mask():
     from zoo.attention import Radial
 

@@ -47,6 +47,8 @@ _LAZY = {
     "GATv2Conv": "zoo.attention.graph",
     "GATConv": "zoo.attention.graph",
     "PointTransformerConv": "zoo.attention.vector",
+    "ALiBi": "zoo.attention.alibi",
+    "alibi_slopes": "zoo.attention.alibi",
     "RelPosBiasTf": "zoo.attention.relpos",
     "RelPosMlp": "zoo.attention.relpos",
     "resize_rel_pos_table": "zoo.attention.relpos",

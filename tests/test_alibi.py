@@ -1,0 +1,98 @@
+"""zoo.attention.ALiBi: the official slopes (re-derived from the published recursion), FlashAttention's distance
+convention in float64, attention with it on every CPU backend against FlexAttention's ALiBi score_mod,
+MultiHeadAttention with it as its bias, and clear errors."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from zoo.attention import ALiBi, Causal, MultiHeadAttention, Window, alibi_slopes, attend
+
+
+def _official_slopes(n: int) -> list[float]:
+    """The recursion of ofirpress/attention_with_linear_biases (fairseq/models/transformer.py, get_slopes),
+    written out: a power of two n starts at 2 ** (-2 ** -(log2(n) - 3)) and multiplies by that start; other n
+    take the closest smaller power of two, then every other slope of twice that."""
+    def power_of_two(m: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(m) - 3)))
+        out, value = [], start
+        for _ in range(m):
+            out.append(value)
+            value *= start
+        return out
+
+    if math.log2(n).is_integer():
+        return power_of_two(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_two(closest) + _official_slopes(2 * closest)[0::2][: n - closest]
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96])
+def test_slopes_are_the_official_ones(heads):
+    torch.testing.assert_close(alibi_slopes(heads), torch.tensor(_official_slopes(heads), dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("q_len,k_len", [(7, 7), (3, 10), (10, 4)])
+def test_bias_is_flash_attention_distance(q_len, k_len):
+    heads = 6
+    bias = ALiBi(heads).materialize(q_len, k_len, dtype=torch.float64)
+    assert bias.shape == (1, heads, q_len, k_len)
+    slopes = alibi_slopes(heads)
+    for h in range(heads):
+        for i in range(q_len):
+            for j in range(k_len):
+                want = -float(slopes[h]) * abs(i + k_len - q_len - j)
+                assert math.isclose(float(bias[0, h, i, j]), want, rel_tol=1e-6, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+def test_attention_equals_flex_attention_alibi(backend):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    heads, n = 4, 160
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, n, 32, generator=g) for _ in range(3))
+    slopes = alibi_slopes(heads).float()
+
+    def alibi_score(score, b, h, q_idx, kv_idx):  # FlexAttention's ALiBi example, with the absolute distance
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    block_mask = flex.create_block_mask(causal, None, None, n, n, device="cpu", BLOCK_SIZE=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention without torch.compile warns that it is unfused
+        want = flex.flex_attention(q, k, v, score_mod=alibi_score, block_mask=block_mask)
+    mask = Causal() & Window(n, None) if backend == "blocksparse" else Causal()  # a mask the sparse path takes
+    got = attend(q, k, v, mask, bias=ALiBi(heads), backend=backend)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_as_the_bias_of_multi_head_attention():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, num_heads=4, rel_pos_bias=ALiBi(4))
+    assert not any("slopes" in key for key in mha.state_dict())  # a fixed, non-persistent buffer
+    x = torch.randn(2, 9, 32)
+    y = mha(x, mask=Causal())
+    q, k, v = mha.project(x)
+    want = mha.proj(attend(q, k, v, Causal(), bias=ALiBi(4).materialize(9, 9)).transpose(1, 2).reshape(2, 9, 32))
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
+    y.sum().backward()
+    assert mha.qkv.weight.grad is not None
+    assert repr(ALiBi(4)) == "ALiBi(num_heads=4)"
+
+
+def test_custom_slopes_and_errors():
+    custom = ALiBi(2, slopes=[1.0, 0.0])
+    bias = custom.materialize(3, 3)
+    assert torch.equal(bias[0, 1], torch.zeros(3, 3)) and float(bias[0, 0, 2, 0]) == -2.0
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        ALiBi(0)
+    with pytest.raises(ValueError, match="slopes must be 3 finite numbers"):
+        ALiBi(3, slopes=[0.5, 0.25])
+    with pytest.raises(ValueError, match="slopes must be 2 finite numbers"):
+        ALiBi(2, slopes=[0.5, float("nan")])

@@ -1,0 +1,74 @@
+"""ALiBi: attention with linear biases (Press, Smith, Lewis, "Train Short, Test Long: Attention with Linear
+Biases Enables Input Length Extrapolation", ICLR 2022).
+
+No position embedding; instead head h adds ``-m_h * distance`` to the score of every (query, key) pair, so
+attention fades linearly (in log space) with distance and models extrapolate to longer inputs than they
+were trained on. The slopes m_h are a fixed geometric sequence:
+
+* H a power of two: m_h = 2 ** (-8 h / H), h = 1..H (H = 8: 1/2, 1/4, ..., 1/256);
+* otherwise, with P the largest power of two below H: the P slopes of P heads, then the slopes of 2P heads
+  at odd h (1, 3, 5, ...) for the H - P remaining heads, as the official code builds them
+  (ofirpress/attention_with_linear_biases, fairseq/models/transformer.py, ``get_slopes``).
+
+Distance follows FlashAttention's ``alibi_slopes`` (flash_attn_func: bias ``-m_h * |i + Nk - Nq - j|``):
+queries are bottom-right aligned like every zoo mask, and the distance is absolute, so the bias also serves
+bidirectional encoders; under a causal mask it is the paper's ``-m_h (i - j)``. The official causal code
+adds ``m_h * j`` instead, which differs from this by a constant per row and so gives the same softmax.
+
+:class:`ALiBi` is an :class:`~zoo.attention.AttentionBias`: ``attend(q, k, v, mask, bias=ALiBi(H))`` or
+``MultiHeadAttention(..., rel_pos_bias=ALiBi(H))`` on every backend (the bias is materialised as a
+(1, H, Nq, Nk) tensor per call). The slopes are a non-persistent buffer: state dicts do not change.
+
+Letters: H heads, Nq / Nk query / key lengths.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from zoo.attention.bias import AttentionBias
+
+__all__ = ["ALiBi", "alibi_slopes"]
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """float64 (H,) slopes of ALiBi for ``num_heads`` heads (see the module docstring)."""
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")
+    base = 2 ** int(math.floor(math.log2(num_heads)))  # largest power of two <= H
+    h = torch.arange(1, base + 1, dtype=torch.float64)
+    slopes = torch.pow(2.0, -8.0 * h / base)
+    extra = num_heads - base
+    if extra:
+        odd = torch.arange(1, 2 * extra, 2, dtype=torch.float64)  # h = 1, 3, 5, ... of 2 * base heads
+        slopes = torch.cat([slopes, torch.pow(2.0, -8.0 * odd / (2 * base))])
+    return slopes
+
+
+class ALiBi(AttentionBias):
+    """ALiBi bias for ``num_heads`` heads: ``materialize(Nq, Nk)`` -> (1, H, Nq, Nk) with entries
+    ``-slope[h] * |i + Nk - Nq - j|``. ``slopes``: custom per-head slopes (H,) instead of the paper's."""
+
+    def __init__(self, num_heads: int, slopes=None) -> None:
+        super().__init__()
+        if slopes is None:
+            values = alibi_slopes(num_heads)
+        else:
+            values = torch.as_tensor(slopes, dtype=torch.float64)
+            if values.shape != (num_heads,) or not bool(torch.isfinite(values).all()):
+                raise ValueError(f"ALiBi: slopes must be {num_heads} finite numbers, got shape "
+                                 f"{tuple(values.shape)}")
+        self.num_heads = num_heads
+        self.register_buffer("slopes", values.float(), persistent=False)
+
+    def materialize(self, q_len: int, k_len: int, *, device=None, dtype=None) -> torch.Tensor:
+        device = self.slopes.device if device is None else device
+        i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+        j = torch.arange(k_len, device=device)[None, :]
+        distance = (i - j).abs().to(torch.float32)
+        bias = -self.slopes.to(device)[:, None, None] * distance  # (H, Nq, Nk), fp32
+        return bias[None].to(dtype or torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
