@@ -6,20 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.attention import (
-    EMPTY,
-    FULL,
-    PARTIAL,
-    BlockSparse,
-    Causal,
-    ChunkWindow,
-    Dense,
-    Full,
-    Mask,
-    MaskMod,
-    Segments,
-    Window,
-)
+from zoo.attention import EMPTY, FULL, PARTIAL, BlockSparse, Causal, ChunkWindow, Dense, Full, Mask, MaskMod
+from zoo.attention import Segments, Window
 from zoo.kernels.block_index import (
     SLOT_BLK,
     SLOT_CHUNK0,
