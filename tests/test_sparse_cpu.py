@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from zoo.attention import EMPTY, FULL, BlockSparse, Causal, ChunkWindow, Dense, Full, Segments, Window, attend, use_backend
+from zoo.attention import EMPTY, FULL, BlockSparse, Causal, ChunkWindow, Dense, Full, Segments, Window
+from zoo.attention import attend, use_backend
 from zoo.attention import backends as zb
 from zoo.attention import sparse as zs
 from zoo.attention.radial import Radial
@@ -278,6 +279,31 @@ def test_batched_query_tiles_match_reference():
     radial = Radial(5, 40, 1.0, block_size=16)
     assert zs._plan(radial, None, 1, 2, 2, 200, 200, 16, 16, "cpu")[0].groups
     check(radial, 1, 2, 2, 200, 200, 16, block_size=16)
+
+
+def test_masked_query_tiles_with_one_pattern_run_batched():
+    """Interior query tiles of a band mask see translated copies of one PARTIAL pattern: they run as one masked
+    group (sparse._Group.spans); tiles whose rows could end up with no key, or whose masks differ by batch or
+    head, stay out. Values and gradients against the float64 reference, GQA and a short last key tile too."""
+    n, block = 200, 16
+    for mask in (Window(5, 2), Causal() & Window(20, None), ChunkWindow(12, 1, 0), Window(-3, 8)):
+        plan = zs._plan(mask, None, 2, 4, 2, n, n, block, block, "cpu")
+        masked = [grp for grp in plan[0].groups or [] if grp.spans]
+        assert masked and sum(grp.q_tiles.numel() for grp in plan[0].groups) + len(plan[0].rest) == 13, mask
+        check(mask, 2, 4, 2, n, n, 16, block_size=block)
+    # Segments with two padding tokens (id -1) at the start of every 16-token segment: the same pattern in
+    # every tile, but two rows of each see no key, so no tile may join a masked group (it would divide by 0)
+    ids = torch.arange(n) // 16
+    ids[torch.arange(n) % 16 < 2] = -1
+    plan = zs._plan(Segments(ids), None, 1, 1, 1, n, n, block, block, "cpu")
+    assert not any(grp.spans for grp in plan[0].groups or []) and len(plan[0].rest) == 13
+    check(Segments(ids), 1, 2, 1, n, n, 16, block_size=block)
+    # a mask per batch row: one plan slice each, whose periodic patterns (segments of 7 and 9 tokens) group
+    # inside the slice
+    ids = torch.arange(n)[None].expand(2, n) // torch.tensor([[7], [9]])
+    plan = zs._plan(Segments(ids), None, 2, 2, 2, n, n, block, block, "cpu")
+    assert len(plan) == 2 and all(any(grp.spans for grp in sl.groups or []) for sl in plan)
+    check(Segments(ids), 2, 2, 2, n, n, 16, block_size=block)
 
 
 def test_time_falls_with_kept_fraction():
