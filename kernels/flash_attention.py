@@ -35,8 +35,10 @@ flash_attn/flash_attn_triton.py (bias broadcasting, dBias); Triton tutorial 06-f
 partial/full tile lists).
 
 Caveats:
-* ``dropout_p > 0`` and ``return_weights`` are not implemented: :func:`triton_supports` says so and
-  ``attend`` falls back to another backend.
+* Dropout (``dropout_p > 0``): Philox draws (``tl.rand``) keyed per call from torch's default generator and
+  indexed by (batch, head, query, key), recomputed in both backward passes and never stored (FlashAttention's
+  scheme); the weights that multiply V are dropped and rescaled, the softmax normaliser is not.
+  ``return_weights`` is not implemented: :func:`triton_supports` says so and ``attend`` falls back.
 * Row offsets inside one (batch, head) slice are 32-bit: Nq * stride(-2) and Nk * stride(-2) must stay
   below 2**31 (checked by the launcher). Segment ids must fit in int32.
 * The LSE output is differentiable (its gradient folds into the backward's ``delta``), so partial
@@ -74,6 +76,7 @@ from zoo.attention.masks import Mask, as_mask
 __all__ = [
     "flash_attention",
     "flash_attention_ref",
+    "dropout_scale",
     "merge_attention_states",
     "triton_supports",
     "triton_attention",
@@ -239,6 +242,17 @@ def _tile_mask(
 
 
 @triton.jit
+def _dropout_scale(drop_p, drop_seed, b, h, offs_m, offs_n, Nk):
+    """[BM, BN] fp32: 1 / (1 - p) where the pair (offs_m[i], offs_n[j]) of batch b, query head h is kept, 0
+    where it is dropped. Philox (tl.rand) keyed by ``drop_seed``, at the 64-bit offset ((b * 2**16 + h) << 32) +
+    i * Nk + j: the same draw in the forward and both backward passes, a separate stream per (b, h)."""
+    pair = offs_m.to(tl.int64)[:, None] * Nk + offs_n.to(tl.int64)[None, :]
+    offset = ((b.to(tl.int64) * 65536 + h) << 32) + pair
+    r = tl.rand(drop_seed, offset)
+    return tl.where(r >= drop_p, 1.0 / (1.0 - drop_p), 0.0)
+
+
+@triton.jit
 def _scores(
     q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
@@ -268,7 +282,7 @@ def _scores(
 def _fwd_tile(
     acc, l_i, m_i, q, n_blk, offs_m, offs_d, offs_dv, b, h,
     K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
-    Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+    Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -282,7 +296,7 @@ def _fwd_tile(
                       SegQ, SegK, seg_q_sb, seg_k_sb,
                       DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                       MASKED, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
-    if SCORE == 0:
+    if SCORE % 2 == 0:
         # Online softmax in base 2 (s is already multiplied by log2(e)).
         if MASKED:
             s = tl.where(keep, s, float("-inf"))
@@ -297,6 +311,8 @@ def _fwd_tile(
         p = tl.sigmoid(s + s_shift)
         if MASKED:
             p = tl.where(keep, p, 0.0)
+    if SCORE >= 2:  # dropout on the weights that multiply V; the softmax normaliser l_i keeps them all
+        p = p * _dropout_scale(drop_p, drop_seed, b, h, offs_m, offs_n, Nk)
     v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, Nk, offs_dv, DV, MASKED, CHECK_DV)
     acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_i
@@ -309,7 +325,7 @@ def _attn_fwd(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_om,
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
-    H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+    H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -345,7 +361,7 @@ def _attn_fwd(
         n_blk = tl.load(idx_ptr + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, n_blk, offs_m, offs_d, offs_dv, b, h,
                                   K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
-                                  Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                  Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                   win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                   SegQ, SegK, seg_q_sb, seg_k_sb,
                                   DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -355,7 +371,7 @@ def _attn_fwd(
         n_blk = tl.load(idx_ptr + t)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, n_blk, offs_m, offs_d, offs_dv, b, h,
                                   K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
-                                  Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                  Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                   win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                   SegQ, SegK, seg_q_sb, seg_k_sb,
                                   DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -363,7 +379,7 @@ def _attn_fwd(
                                   TERM0, TERM1, TERM2, NUM_TERMS)
 
     row_ok = offs_m < Nq
-    if SCORE == 0:
+    if SCORE % 2 == 0:
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # base 2
@@ -400,20 +416,25 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _probs_and_dscores(
     q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn,
-    qk_scale, bias_scale, s_shift,
+    qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
 ):
-    """Recompute P [BM, BN] and dS = dL/d(scale * q.k + bias) for one tile."""
+    """Recompute P [BM, BN] and dS = dL/d(scale * q.k + bias) for one tile. With dropout (mask Z, scale
+    1 / (1 - p)): returns P * Z / (1 - p) (what multiplied V: dV's factor) and dS from dP * Z / (1 - p)
+    (FlashAttention, Dao et al. 2022, Algorithm 4)."""
     s, keep = _scores(q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
                       win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                       SegQ, SegK, seg_q_sb, seg_k_sb,
                       DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
                       MASKED, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    if SCORE == 0:
+    if SCORE >= 2:
+        zs = _dropout_scale(drop_p, drop_seed, b, h, offs_m, offs_n, Nk)
+        dp = dp * zs
+    if SCORE % 2 == 0:
         if MASKED:
             lse = tl.load(Lse_bh + offs_m, mask=offs_m < Nq, other=float("inf"))
             delta = tl.load(Delta_bh + offs_m, mask=offs_m < Nq, other=0.0)
@@ -430,6 +451,8 @@ def _probs_and_dscores(
         if MASKED:
             p = tl.where(keep, p, 0.0)
         ds = dp * p * (1.0 - p)
+    if SCORE >= 2:
+        p = p * zs
     return p, ds
 
 
@@ -437,7 +460,7 @@ def _probs_and_dscores(
 def _dkdv_tile(
     dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
     Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
-    Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+    Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -448,7 +471,7 @@ def _dkdv_tile(
     q = _load_tile(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Nq, offs_d, D, MASKED, CHECK_D)
     do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, Nq, offs_dv, DV, MASKED, CHECK_DV)
     p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
-                               stride_bm, stride_bn, qk_scale, bias_scale, s_shift,
+                               stride_bm, stride_bn, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                SegQ, SegK, seg_q_sb, seg_k_sb,
                                DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -466,7 +489,7 @@ def _attn_bwd_dkdv(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
-    H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, sm_scale,
+    H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed, sm_scale,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -507,7 +530,7 @@ def _attn_bwd_dkdv(
             m_blk = tl.load(idx_ptr + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
                                 Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
-                                Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                 win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                 SegQ, SegK, seg_q_sb, seg_k_sb,
                                 DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -517,7 +540,7 @@ def _attn_bwd_dkdv(
             m_blk = tl.load(idx_ptr + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
                                 Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
-                                Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                 win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                 SegQ, SegK, seg_q_sb, seg_k_sb,
                                 DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -535,7 +558,7 @@ def _attn_bwd_dkdv(
 def _dq_tile(
     dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
     K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm,
-    Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+    Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr,
@@ -547,7 +570,7 @@ def _dq_tile(
     k = _load_tile(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d, D, MASKED, CHECK_D)
     v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, Nk, offs_dv, DV, MASKED, CHECK_DV)
     p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
-                               stride_bm, stride_bn, qk_scale, bias_scale, s_shift,
+                               stride_bm, stride_bn, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                SegQ, SegK, seg_q_sb, seg_k_sb,
                                DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -589,7 +612,7 @@ def _attn_bwd_dq(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm, stride_dbb, stride_dbh, stride_dbm,
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
-    H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, sm_scale, B_LOOP, H_LOOP, H_OUT,
+    H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed, sm_scale, B_LOOP, H_LOOP, H_OUT,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DB_ROWS: tl.constexpr,
@@ -634,6 +657,7 @@ def _attn_bwd_dq(
                 dq, db_rows = _dq_tile(dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
                                        K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
                                        stride_bm, stride_bn, stride_dbm, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                       drop_p, drop_seed,
                                        win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                        SegQ, SegK, seg_q_sb, seg_k_sb,
                                        DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn,
@@ -644,6 +668,7 @@ def _attn_bwd_dq(
                 dq, db_rows = _dq_tile(dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
                                        K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
                                        stride_bm, stride_bn, stride_dbm, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
+                                       drop_p, drop_seed,
                                        win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                        SegQ, SegK, seg_q_sb, seg_k_sb,
                                        DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn,
@@ -680,10 +705,13 @@ class _Plan:
     fwd_tiles: tuple
     bwd_tiles: tuple
     dot_prec: str
+    dropout_p: float = 0.0
+    seed: int = 0  # Philox key of the dropout draw (the same in the forward and the backward)
 
     @property
     def score_id(self) -> int:
-        return 0 if self.score == "softmax" else 1
+        """The kernels' SCORE constexpr: 0 softmax, 1 sigmoid, + 2 with dropout."""
+        return (0 if self.score == "softmax" else 1) + (2 if self.dropout_p > 0.0 else 0)
 
     def units(self) -> tuple[float, float, float]:
         """(qk_scale, bias_scale, s_shift): softmax works in base 2, sigmoid in natural units."""
@@ -734,6 +762,7 @@ def _forward(q, k, v, bias, plan: _Plan):
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
     bias_arg = bias if bias is not None else q
     qk_scale, bias_scale, s_shift = plan.units()
+    drop_p, drop_seed = plan.dropout_p, plan.seed
     mask_args, mask_meta = _mask_launch_args(plan, q.device)
     grid = (lists.num_row_tiles, batch * heads)
     _attn_fwd[grid](
@@ -741,7 +770,7 @@ def _forward(q, k, v, bias, plan: _Plan):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias),
         out.stride(0), out.stride(1), out.stride(2), *lists.strides(),
-        heads, heads // kv_heads, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift,
+        heads, heads // kv_heads, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
         *mask_args, tune_bucket=_tune_bucket(q_len, k_len, lists),
         SCORE=plan.score_id, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, CHECK_D=head_dim != plan.block_d,
@@ -766,6 +795,7 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
     q_lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device)
     k_lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device, transposed=True)
     qk_scale, bias_scale, s_shift = plan.units()
+    drop_p, drop_seed = plan.dropout_p, plan.seed
     mask_args, mask_meta = _mask_launch_args(plan, q.device)
     common_meta = dict(
         SCORE=plan.score_id, HAS_BIAS=bias is not None, HAS_DBIAS=bias_grad, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -797,7 +827,7 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
         d_out.stride(0), d_out.stride(1), d_out.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *k_lists.strides(),
-        heads, groups, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, plan.scale,
+        heads, groups, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, drop_p, drop_seed, plan.scale,
         *mask_args, tune_bucket=_tune_bucket(q_len, k_len, k_lists), **common_meta,
     )
 
@@ -826,7 +856,7 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
         d_out.stride(0), d_out.stride(1), d_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), *db_strides,
         *q_lists.strides(),
-        heads, groups, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, plan.scale,
+        heads, groups, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, drop_p, drop_seed, plan.scale,
         b_loop, h_loop, h_out,
         *mask_args, tune_bucket=_tune_bucket(q_len, k_len, q_lists),
         DB_ROWS=db_rows, DB_COLS=db_cols, DB_ACC=b_loop * h_loop > 1, **common_meta,
@@ -904,7 +934,8 @@ def _check_block(name: str, value: Optional[int]) -> None:
         raise ValueError(f"flash_attention: {name} must be a power of two >= 16, got {value!r}")
 
 
-def _make_plan(q, k, v, mask: Mask, scale: float, score: str, block_m=None, block_n=None) -> _Plan:
+def _make_plan(q, k, v, mask: Mask, scale: float, score: str, block_m=None, block_n=None, dropout_p: float = 0.0,
+               seed: int = 0) -> _Plan:
     q_len, k_len = q.shape[2], k.shape[2]
     block_d, block_dv = _pad_dim(q.shape[3]), _pad_dim(v.shape[3])
     major = torch.cuda.get_device_capability(q.device)[0] if (q.device.type == "cuda" and not INTERPRET) else None
@@ -915,13 +946,56 @@ def _make_plan(q, k, v, mask: Mask, scale: float, score: str, block_m=None, bloc
     allow_tf32 = q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     dot_prec = "tf32" if (q.dtype != torch.float32 or allow_tf32) else "ieee"
     program = lower_mask(mask, q_len, k_len, q.device)
-    return _Plan(mask, program, float(scale), score, q_len, k_len, block_d, block_dv, fwd, bwd, dot_prec)
+    return _Plan(mask, program, float(scale), score, q_len, k_len, block_d, block_dv, fwd, bwd, dot_prec,
+                 float(dropout_p), int(seed))
 
 
-def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None):
+def _draw_seed() -> int:
+    """The Philox key of one call's dropout, from torch's default generator (torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+@triton.jit
+def _dropout_scale_kernel(Out, drop_p, drop_seed, H, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z = _dropout_scale(drop_p, drop_seed, b, h, offs_m, offs_n, Nk)
+    ptrs = Out + pid_bh.to(tl.int64) * Nq * Nk + offs_m.to(tl.int64)[:, None] * Nk + offs_n[None, :]
+    tl.store(ptrs, z, mask=(offs_m < Nq)[:, None] & (offs_n < Nk)[None, :])
+
+
+def dropout_scale(batch: int, heads: int, q_len: int, k_len: int, dropout_p: float, seed: int,
+                  device="cuda") -> torch.Tensor:
+    """fp32 (B, H, Nq, Nk): the kernels' dropout draw for ``seed`` materialised (1 / (1 - p) kept, 0 dropped),
+    for tests: ``flash_attention_ref(..., dropout_scale=...)`` then reproduces a call with that seed."""
+    out = torch.empty(batch, heads, q_len, k_len, dtype=torch.float32, device=device)
+    grid = (triton.cdiv(q_len, 32), triton.cdiv(k_len, 32), batch * heads)
+    _dropout_scale_kernel[grid](out, float(dropout_p), int(seed), heads, q_len, k_len, BLOCK_M=32, BLOCK_N=32)
+    return out
+
+
+def _check_dropout(dropout_p, q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
+    """None when the kernel's dropout can serve this problem, else why not (the Philox offsets hold the batch
+    below 2**15, the head below 2**16 and the pair index i * Nk + j below 2**32)."""
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        return f"dropout_p must be a number in [0, 1), got {dropout_p!r}"
+    if dropout_p > 0.0:
+        if q.shape[0] >= 2**15 or q.shape[1] >= 2**16 or q.shape[2] * k.shape[2] >= 2**32:
+            return (f"dropout with batch {q.shape[0]}, {q.shape[1]} heads and {q.shape[2]} x {k.shape[2]} pairs "
+                    "exceeds the kernel's random-number offsets (batch < 2**15, heads < 2**16, Nq * Nk < 2**32)")
+    return None
+
+
+def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None, dropout_p=0.0):
     _check_inputs(q, k, v, score, scale)
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
+    reason = _check_dropout(dropout_p, q, k)
+    if reason is not None:
+        raise ValueError(f"flash_attention: {reason}")
     if q.device.type != "cuda" and not INTERPRET:
         raise ValueError(
             f"flash_attention: tensors are on {q.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1 set "
@@ -949,7 +1023,8 @@ def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None):
             raise ValueError(f"flash_attention: bias {tuple(bias.shape)} with strides {bias.stride()} exceeds the "
                              "kernel's 32-bit in-slice offsets")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-    plan = _make_plan(q, k, v, mask, scale, score, block_m, block_n)
+    seed = _draw_seed() if dropout_p > 0.0 else 0
+    plan = _make_plan(q, k, v, mask, scale, score, block_m, block_n, dropout_p, seed)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _FlashAttentionFn.apply(q, k, v, bias, plan)
 
@@ -964,6 +1039,7 @@ def flash_attention(
     scale: Optional[float] = None,
     score: str = "softmax",
     return_lse: bool = False,
+    dropout_p: float = 0.0,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
 ):
@@ -978,7 +1054,10 @@ def flash_attention(
         scale: default 1/sqrt(D).
         score: "softmax" or "sigmoid" (sigmoid(scale * q.k + bias - log Nk), no normalisation).
         return_lse: also return the row log-sum-exp (B, H, Nq) fp32 in natural log (softmax only; -inf for
-            rows with no allowed key; differentiable).
+            rows with no allowed key; differentiable). With dropout it is that of the scores before dropout.
+        dropout_p: attention dropout, as SDPA's: each weight that multiplies V is zeroed with probability p and
+            the others scaled by 1 / (1 - p). The draw (Philox, keyed from torch's default generator) is
+            recomputed in the backward pass, never stored; :func:`dropout_scale` materialises it for tests.
         block_m, block_n: override the query/key tile sizes (powers of two >= 16; for tests and tuning).
 
     Returns:
@@ -986,7 +1065,7 @@ def flash_attention(
     """
     if return_lse and score != "softmax":
         raise ValueError("flash_attention: return_lse is defined for score='softmax' only")
-    out, lse = _run(q, k, v, mask, bias, scale, score, block_m, block_n)
+    out, lse = _run(q, k, v, mask, bias, scale, score, block_m, block_n, dropout_p)
     if return_lse:
         return out, lse * LN2
     return out
@@ -1025,8 +1104,9 @@ def triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights
         return f"bias dtype {bias.dtype}"
     if bias is not None and bias.dtype == torch.bfloat16 and q.device.type != "cuda":
         return "bfloat16 bias under the Triton interpreter"
-    if dropout_p > 0.0:
-        return "dropout_p > 0 is not implemented in the Triton kernel"
+    reason = _check_dropout(dropout_p, q, k)
+    if reason is not None:
+        return reason
     if return_weights:
         return "return_weights=True (the kernel never materialises the attention matrix)"
     if score not in ("softmax", "sigmoid"):
@@ -1051,18 +1131,21 @@ def triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weight
     reason = triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
     if reason is not None:
         raise ValueError(f"triton backend cannot run this call: {reason}")
-    out, _ = _run(q, k, v, mask, bias, scale, score)
+    out, _ = _run(q, k, v, mask, bias, scale, score, dropout_p=dropout_p)
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # fp32 reference
 # ------------------------------------------------------------------------------------------------
-def flash_attention_ref(q, k, v, mask=None, bias=None, *, scale=None, score="softmax", return_lse=False):
+def flash_attention_ref(q, k, v, mask=None, bias=None, *, scale=None, score="softmax", return_lse=False,
+                        dropout_scale=None):
     """Plain PyTorch attention in fp32 (fp64 when given fp64), materialising Nq x Nk; differentiable.
 
     Same semantics as :func:`flash_attention`: GQA by repeating k/v heads, bottom-right aligned masks,
-    rows with no allowed key give zeros and LSE -inf. For tests and as the definition of the kernel.
+    rows with no allowed key give zeros and LSE -inf. ``dropout_scale`` (B, H, Nq, Nk): the weights that
+    multiply V are multiplied by it (a kernel call's dropout, from :func:`dropout_scale`). For tests and as
+    the definition of the kernel.
     """
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, heads, q_len, head_dim = q.shape
@@ -1090,6 +1173,8 @@ def flash_attention_ref(q, k, v, mask=None, bias=None, *, scale=None, score="sof
         lse = None
     else:
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+    if dropout_scale is not None:
+        p = p * dropout_scale.to(dtype)
     out = torch.matmul(p, vf)
     if return_lse:
         if lse is None:
@@ -1107,7 +1192,7 @@ _PTR_ARGS = {"Q", "K", "V", "Out", "DO", "DK", "DVo", "DQ"}
 _F32_PTR_ARGS = {"Bias", "Lse", "Delta", "DBias"}
 _I32_PTR_ARGS = {"TileCnt", "TileIdx", "SegQ", "SegK"}
 _U8_PTR_ARGS = {"DenseM", "BlkM"}
-_FLOAT_ARGS = {"qk_scale", "bias_scale", "s_shift", "sm_scale"}
+_FLOAT_ARGS = {"qk_scale", "bias_scale", "s_shift", "sm_scale", "drop_p"}
 
 
 def _compile(kernel, constexprs: dict, dtype: torch.dtype, arch: int, num_warps: int, num_stages: int) -> int:
@@ -1124,21 +1209,24 @@ def _compile(kernel, constexprs: dict, dtype: torch.dtype, arch: int, num_warps:
 
 
 def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: int = 64, score: str = "softmax",
-                  bias: bool = True, terms: tuple = (37, 8, 16), all_configs: bool = True) -> dict:
+                  bias: bool = True, terms: tuple = (37, 8, 16), all_configs: bool = True,
+                  dropout: bool = True) -> dict:
     """Compile every pass (all autotune configs) for sm_<arch> without a GPU.
 
     Returns {pass name: [(num_warps, num_stages, shared bytes), ...]} and raises RuntimeError when no
     config of a pass fits the shared memory of that GPU generation. ``terms`` are the mask terms compiled
     (default: WIN0&CHUNK0&SEG | DENSE | BLK, the largest predicate: a chunked window, segments, a dense mask
-    tile and a tile-map lookup). ``all_configs=False`` compiles only the
-    first (smallest) config of each pass. Needs the module imported without TRITON_INTERPRET=1.
+    tile and a tile-map lookup). ``dropout``: the variant with dropout (the Philox draws; the larger program).
+    ``all_configs=False`` compiles only the first (smallest) config of each pass. Needs the module imported
+    without TRITON_INTERPRET=1.
     """
     if INTERPRET:
         raise RuntimeError("compile_check needs zoo.kernels.flash_attention imported without TRITON_INTERPRET=1")
     block = _pad_dim(head_dim)
     padded = tuple(terms) + (0,) * (3 - len(terms))
     mask_meta = dict(TERM0=padded[0], TERM1=padded[1], TERM2=padded[2], NUM_TERMS=len(terms))
-    common = dict(SCORE=0 if score == "softmax" else 1, HAS_BIAS=bias, BLOCK_D=block, BLOCK_DV=block,
+    score_id = (0 if score == "softmax" else 1) + (2 if dropout else 0)
+    common = dict(SCORE=score_id, HAS_BIAS=bias, BLOCK_D=block, BLOCK_DV=block,
                   CHECK_D=head_dim != block, CHECK_DV=head_dim != block,
                   DOT_PREC="ieee" if dtype == torch.float32 else "tf32", **mask_meta)
     major = arch // 10

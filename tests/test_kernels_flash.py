@@ -235,6 +235,58 @@ def test_alibi_bias_object():
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
+DROPOUT_CASES = {
+    "softmax-full-gqa": (None, "softmax", 2, 1),
+    "softmax-window-bias": (lambda: Window(10, 5), "softmax", 4, 2),
+    "softmax-segments&causal": (lambda: Segments(_random_ids(70, 3, 2, 8), _random_ids(90, 3, 2, 9)) & Causal(),
+                                "softmax", 2, 2),
+    "sigmoid-causal": (lambda: Causal(), "sigmoid", 2, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(DROPOUT_CASES))
+def test_dropout_equals_the_reference_with_the_kernels_draw(name):
+    """Dropout in the kernel: the forward and every gradient (q, k, v, bias) equal the float64 reference given
+    the same draw (dropout_scale), materialised by the same Philox call; GQA, masks, bias, sigmoid."""
+    make_mask, score, heads, kv_heads = DROPOUT_CASES[name]
+    mask = None if make_mask is None else make_mask()
+    q, k, v, bias = _inputs(2, heads, kv_heads, 70, 90, 16, bias_shape=(1, heads, 70, 90), seed=31)
+    for t in (q, k, v, bias):
+        t.requires_grad_(True)
+    torch.manual_seed(3)
+    out = flash_attention(q, k, v, mask, bias, score=score, dropout_p=0.25)
+    torch.manual_seed(3)
+    draw = fa.dropout_scale(2, heads, 70, 90, 0.25, fa._draw_seed(), device=DEVICE)
+    ref = flash_attention_ref(*(t.double() for t in (q, k, v)), mask, bias.double(), score=score,
+                              dropout_scale=draw)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    got = [out] + list(torch.autograd.grad(out, (q, k, v, bias), grad))
+    want = [ref] + list(torch.autograd.grad(ref, (q, k, v, bias), grad.double()))
+    for label, a, w in zip(["out", "dq", "dk", "dv", "dbias"], got, want):
+        err = (a.double() - w).abs().max().item()
+        assert err <= 2e-5 * max(1.0, w.abs().max().item()), f"{label}: {err:.2e}"
+
+
+def test_dropout_draw_statistics_and_reproducibility():
+    """About p of the pairs are dropped, kept ones scaled by 1 / (1 - p); every (batch, head) has its own stream;
+    torch.manual_seed reproduces a call, another seed changes it; fp16 runs; dropout_p = 0 is no dropout."""
+    p = 0.2
+    draw = fa.dropout_scale(2, 3, 128, 200, p, seed=1234, device=DEVICE)
+    dropped = (draw == 0).double().mean().item()
+    assert abs(dropped - p) < 0.006, dropped  # 153,600 draws: 6 mean standard deviations
+    assert torch.allclose(draw[draw > 0], torch.full_like(draw[draw > 0], 1 / (1 - p)))
+    assert not torch.equal(draw[0, 0], draw[0, 1]) and not torch.equal(draw[0, 0], draw[1, 0])
+    assert torch.equal(draw, fa.dropout_scale(2, 3, 128, 200, p, seed=1234, device=DEVICE))
+    assert not torch.equal(draw, fa.dropout_scale(2, 3, 128, 200, p, seed=1235, device=DEVICE))
+    q, k, v, _ = _inputs(1, 2, 2, 40, 40, 16, dtype=torch.float16, seed=32)
+    torch.manual_seed(9)
+    first = flash_attention(q, k, v, Causal(), dropout_p=p)
+    torch.manual_seed(9)
+    assert torch.equal(flash_attention(q, k, v, Causal(), dropout_p=p), first)
+    assert not torch.equal(flash_attention(q, k, v, Causal(), dropout_p=p), first)
+    assert torch.equal(flash_attention(q, k, v, Causal(), dropout_p=0.0), flash_attention(q, k, v, Causal()))
+
+
 def test_radial_mask():
     from zoo.attention import Radial
 
@@ -467,8 +519,9 @@ def test_transformer_xl_layer_trains_through_the_kernel():
 
 def test_attend_picks_triton_and_falls_back(monkeypatch):
     """Automatic selection: where the "triton" backend is eligible (CUDA; here the interpreter is made
-    eligible for CPU tensors) attend() picks it, and calls it cannot run (dropout_p > 0, return_weights)
-    go to another backend that gives the same result."""
+    eligible for CPU tensors) attend() picks it, with dropout too (its own draw: reproducible from torch's
+    seed, equal to the reference with that draw), and a call it cannot run (return_weights) goes to another
+    backend that gives the same result."""
     import dataclasses
 
     from zoo.attention import backends as zb
@@ -483,15 +536,16 @@ def test_attend_picks_triton_and_falls_back(monkeypatch):
     def chosen(dropout_p=0.0, return_weights=False):
         return zb.select_backend((q, k, v, mask, bias, scale, "softmax", dropout_p, return_weights), None).name
 
-    assert chosen() == "triton"
-    fallback = chosen(dropout_p=0.2)
-    assert fallback != "triton"
-    assert "dropout" in triton_supports(q, k, v, mask, bias, scale, "softmax", 0.2, False)
+    assert chosen() == "triton" and chosen(dropout_p=0.2) == "triton"
+    assert chosen(return_weights=True) != "triton"
     torch.manual_seed(0)
     got = attend(q, k, v, mask, bias, scale=scale, dropout_p=0.2)
     torch.manual_seed(0)
-    want = attend(q, k, v, mask, bias, scale=scale, dropout_p=0.2, backend=fallback)
-    torch.testing.assert_close(got, want)
+    assert torch.equal(attend(q, k, v, mask, bias, scale=scale, dropout_p=0.2), got)
+    torch.manual_seed(0)
+    draw = fa.dropout_scale(1, 2, 24, 40, 0.2, fa._draw_seed(), device=DEVICE)
+    want = flash_attention_ref(q, k, v, mask, bias, scale=scale, dropout_scale=draw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     no_dropout = attend(q, k, v, mask, bias, scale=scale)
     assert not torch.allclose(got, no_dropout)  # dropout really ran
     out, weights = attend(q, k, v, mask, bias, scale=scale, return_weights=True)  # reference backend
@@ -503,14 +557,18 @@ def test_triton_supports_reasons():
     q, k, v, _ = _inputs(1, 2, 2, 16, 16, 16)
     args = (Full(), None, 0.25, "softmax")
     assert triton_supports(q, k, v, *args, 0.0, False) is None
-    assert "dropout" in triton_supports(q, k, v, *args, 0.1, False)
+    assert triton_supports(q, k, v, *args, 0.1, False) is None
+    long = torch.zeros(1, 1, 2**16 + 1, 16, device=DEVICE).expand(1, 1, 2**16 + 1, 16)
+    assert "random-number offsets" in triton_supports(long, long, long, *args, 0.1, False)
     assert "return_weights" in triton_supports(q, k, v, *args, 0.0, True)
     big = torch.zeros(1, 1, 4, 272, device=DEVICE)
     assert "head dim" in triton_supports(big, big, big, *args, 0.0, False)
     if not HAS_CUDA:
         assert "bfloat16" in triton_supports(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args, 0.0, False)
-    with pytest.raises(ValueError, match="dropout"):
-        attend(q, k, v, Causal(), dropout_p=0.5, backend="triton")
+    with pytest.raises(ValueError, match="return_weights"):
+        attend(q, k, v, Causal(), return_weights=True, backend="triton")
+    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\)"):
+        flash_attention(q, k, v, dropout_p=1.0)
 
 
 def test_bad_input_errors():
