@@ -70,6 +70,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from zoo.kernels.block_index import MaskProgram, kernel_tile_lists, lower_mask, needs_dense_fallback
+from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import resolve_bias
 from zoo.attention.masks import Mask, as_mask
 
@@ -262,7 +263,13 @@ def _scores(
 ):
     """Scores [BM, BN] in kernel units (qk_scale * q.k + bias_scale * bias) and the keep mask (MASKED)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    if HAS_BIAS:
+    if HAS_BIAS == 2:
+        # ALiBi in the kernel: Bias_bh points at this head's slope, stride_bm carries Nk - Nq (bottom-right
+        # alignment); the bias -slope * |i + Nk - Nq - j| is computed here, never read from memory.
+        slope = tl.load(Bias_bh).to(tl.float32)
+        distance = tl.abs(offs_m[:, None] + stride_bm - offs_n[None, :]).to(tl.float32)
+        s += (-slope * bias_scale) * distance
+    if HAS_BIAS == 1:
         bias = _load_tile(Bias_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                           offs_m, Nq, offs_n, Nk, MASKED, MASKED)
         s += bias.to(tl.float32) * bias_scale
@@ -707,6 +714,7 @@ class _Plan:
     dot_prec: str
     dropout_p: float = 0.0
     seed: int = 0  # Philox key of the dropout draw (the same in the forward and the backward)
+    alibi: Optional[torch.Tensor] = None  # fp32 (H,) ALiBi slopes computed in the kernel (no bias tensor)
 
     @property
     def score_id(self) -> int:
@@ -724,10 +732,21 @@ def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _bias_strides(bias: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
+def _bias_strides(bias: Optional[torch.Tensor], plan: Optional["_Plan"] = None) -> tuple[int, int, int, int]:
     if bias is None:
-        return (0, 0, 0, 0)
+        # ALiBi: the slopes vector, one per head; the row stride slot carries Nk - Nq (see _scores)
+        alibi = plan is not None and plan.alibi is not None
+        return (0, 1, plan.k_len - plan.q_len, 0) if alibi else (0, 0, 0, 0)
     return tuple(bias.stride(i) if bias.shape[i] > 1 else 0 for i in range(4))
+
+
+def _bias_launch(bias: Optional[torch.Tensor], plan: "_Plan", q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(pointer argument, HAS_BIAS mode): 1 a bias tensor, 2 ALiBi slopes, 0 none (q stands in)."""
+    if bias is not None:
+        return bias, 1
+    if plan.alibi is not None:
+        return plan.alibi, 2
+    return q, 0
 
 
 def _bias_span(bias: torch.Tensor) -> int:
@@ -760,7 +779,7 @@ def _forward(q, k, v, bias, plan: _Plan):
     lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device)
     out = torch.empty(batch, heads, q_len, dv_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
-    bias_arg = bias if bias is not None else q
+    bias_arg, bias_mode = _bias_launch(bias, plan, q)
     qk_scale, bias_scale, s_shift = plan.units()
     drop_p, drop_seed = plan.dropout_p, plan.seed
     mask_args, mask_meta = _mask_launch_args(plan, q.device)
@@ -768,11 +787,11 @@ def _forward(q, k, v, bias, plan: _Plan):
     _attn_fwd[grid](
         q, k, v, bias_arg, out, lse, lists.counts, lists.index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias),
+        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias, plan),
         out.stride(0), out.stride(1), out.stride(2), *lists.strides(),
         heads, heads // kv_heads, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
         *mask_args, tune_bucket=_tune_bucket(q_len, k_len, lists),
-        SCORE=plan.score_id, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        SCORE=plan.score_id, HAS_BIAS=bias_mode, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, CHECK_D=head_dim != plan.block_d,
         CHECK_DV=dv_dim != plan.block_dv, DOT_PREC=plan.dot_prec, **mask_meta,
     )
@@ -797,8 +816,9 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
     qk_scale, bias_scale, s_shift = plan.units()
     drop_p, drop_seed = plan.dropout_p, plan.seed
     mask_args, mask_meta = _mask_launch_args(plan, q.device)
+    bias_mode = _bias_launch(bias, plan, q)[1]
     common_meta = dict(
-        SCORE=plan.score_id, HAS_BIAS=bias is not None, HAS_DBIAS=bias_grad, BLOCK_M=block_m, BLOCK_N=block_n,
+        SCORE=plan.score_id, HAS_BIAS=bias_mode, HAS_DBIAS=bias_grad, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, CHECK_D=head_dim != plan.block_d,
         CHECK_DV=dv_dim != plan.block_dv, DOT_PREC=plan.dot_prec, **mask_meta,
     )
@@ -817,13 +837,13 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
         d_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), d_lse.float())
         delta = delta - d_lse * (1.0 / LN2)
 
-    bias_arg = bias if bias is not None else q
+    bias_arg, bias_mode = _bias_launch(bias, plan, q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _attn_bwd_dkdv[(k_lists.num_row_tiles, batch * kv_heads)](
         q, k, v, bias_arg, d_out, lse, delta, dk, dv, k_lists.counts, k_lists.index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias),
+        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias, plan),
         d_out.stride(0), d_out.stride(1), d_out.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *k_lists.strides(),
@@ -852,7 +872,7 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
     _attn_bwd_dq[(q_lists.num_row_tiles, (batch // b_loop) * h_out)](
         q, k, v, bias_arg, d_out, lse, delta, dq, dbias_buf, q_lists.counts, q_lists.index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias),
+        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias, plan),
         d_out.stride(0), d_out.stride(1), d_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), *db_strides,
         *q_lists.strides(),
@@ -935,7 +955,7 @@ def _check_block(name: str, value: Optional[int]) -> None:
 
 
 def _make_plan(q, k, v, mask: Mask, scale: float, score: str, block_m=None, block_n=None, dropout_p: float = 0.0,
-               seed: int = 0) -> _Plan:
+               seed: int = 0, alibi: Optional[torch.Tensor] = None) -> _Plan:
     q_len, k_len = q.shape[2], k.shape[2]
     block_d, block_dv = _pad_dim(q.shape[3]), _pad_dim(v.shape[3])
     major = torch.cuda.get_device_capability(q.device)[0] if (q.device.type == "cuda" and not INTERPRET) else None
@@ -947,7 +967,7 @@ def _make_plan(q, k, v, mask: Mask, scale: float, score: str, block_m=None, bloc
     dot_prec = "tf32" if (q.dtype != torch.float32 or allow_tf32) else "ieee"
     program = lower_mask(mask, q_len, k_len, q.device)
     return _Plan(mask, program, float(scale), score, q_len, k_len, block_d, block_dv, fwd, bwd, dot_prec,
-                 float(dropout_p), int(seed))
+                 float(dropout_p), int(seed), alibi)
 
 
 def _draw_seed() -> int:
@@ -1010,6 +1030,11 @@ def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None, dropout_
             f"flash_attention: mask {mask!r} (batch {mask.batch_size}, heads {mask.num_heads}) does not broadcast "
             f"to batch {batch}, heads {heads}"
         )
+    alibi = None
+    if isinstance(bias, ALiBi):  # computed in the kernel from its slopes: no (H, Nq, Nk) bias tensor
+        if bias.num_heads != heads:
+            raise ValueError(f"flash_attention: ALiBi has {bias.num_heads} slopes but q has {heads} heads")
+        alibi, bias = bias.slopes.to(q.device, torch.float32).contiguous(), None
     bias = resolve_bias(bias, q_len, k_len, device=q.device, dtype=q.dtype)
     if bias is not None:
         if bias.shape[0] not in (1, batch) or bias.shape[1] not in (1, heads):
@@ -1024,7 +1049,7 @@ def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None, dropout_
                              "kernel's 32-bit in-slice offsets")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    plan = _make_plan(q, k, v, mask, scale, score, block_m, block_n, dropout_p, seed)
+    plan = _make_plan(q, k, v, mask, scale, score, block_m, block_n, dropout_p, seed, alibi)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _FlashAttentionFn.apply(q, k, v, bias, plan)
 
@@ -1050,7 +1075,9 @@ def flash_attention(
             TRITON_INTERPRET=1). H % Hkv == 0. D, Dv <= 256.
         mask: a zoo.attention mask (Full, Causal, Window, ChunkWindow, Segments, Dense, BlockSparse, Radial, & and |
             combinations), a bool tensor (True = may attend) or None.
-        bias: float tensor broadcastable to (B, H, Nq, Nk) or a zoo.attention.AttentionBias.
+        bias: float tensor broadcastable to (B, H, Nq, Nk) or a zoo.attention.AttentionBias. An
+            :class:`~zoo.attention.ALiBi` is computed inside the kernel from its slopes (O(N) memory, no bias
+            tensor, no gradient: its slopes are fixed); other bias objects are materialised.
         scale: default 1/sqrt(D).
         score: "softmax" or "sigmoid" (sigmoid(scale * q.k + bias - log Nk), no normalisation).
         return_lse: also return the row log-sum-exp (B, H, Nq) fp32 in natural log (softmax only; -inf for
@@ -1100,6 +1127,10 @@ def triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights
             return "bfloat16 is computed wrongly by the Triton interpreter (use float16/float32 on CPU)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
+    if isinstance(bias, ALiBi):
+        if bias.num_heads != q.shape[1]:
+            return f"ALiBi has {bias.num_heads} slopes for {q.shape[1]} heads"
+        bias = None  # computed in the kernel: nothing to check
     if bias is not None and bias.dtype not in _DTYPES:
         return f"bias dtype {bias.dtype}"
     if bias is not None and bias.dtype == torch.bfloat16 and q.device.type != "cuda":
@@ -1209,14 +1240,15 @@ def _compile(kernel, constexprs: dict, dtype: torch.dtype, arch: int, num_warps:
 
 
 def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: int = 64, score: str = "softmax",
-                  bias: bool = True, terms: tuple = (37, 8, 16), all_configs: bool = True,
+                  bias: int = 1, terms: tuple = (37, 8, 16), all_configs: bool = True,
                   dropout: bool = True) -> dict:
     """Compile every pass (all autotune configs) for sm_<arch> without a GPU.
 
     Returns {pass name: [(num_warps, num_stages, shared bytes), ...]} and raises RuntimeError when no
     config of a pass fits the shared memory of that GPU generation. ``terms`` are the mask terms compiled
     (default: WIN0&CHUNK0&SEG | DENSE | BLK, the largest predicate: a chunked window, segments, a dense mask
-    tile and a tile-map lookup). ``dropout``: the variant with dropout (the Philox draws; the larger program).
+    tile and a tile-map lookup). ``bias``: 0 / False none, 1 / True a bias tensor, 2 ALiBi computed in the
+    kernel. ``dropout``: the variant with dropout (the Philox draws; the larger program).
     ``all_configs=False`` compiles only the first (smallest) config of each pass. Needs the module imported
     without TRITON_INTERPRET=1.
     """
@@ -1226,7 +1258,7 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: 
     padded = tuple(terms) + (0,) * (3 - len(terms))
     mask_meta = dict(TERM0=padded[0], TERM1=padded[1], TERM2=padded[2], NUM_TERMS=len(terms))
     score_id = (0 if score == "softmax" else 1) + (2 if dropout else 0)
-    common = dict(SCORE=score_id, HAS_BIAS=bias, BLOCK_D=block, BLOCK_DV=block,
+    common = dict(SCORE=score_id, HAS_BIAS=int(bias), BLOCK_D=block, BLOCK_DV=block,
                   CHECK_D=head_dim != block, CHECK_DV=head_dim != block,
                   DOT_PREC="ieee" if dtype == torch.float32 else "tf32", **mask_meta)
     major = arch // 10
@@ -1234,18 +1266,18 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: 
     bm, bn = _tiles(block, block, dtype, major, backward=True)
     passes = {
         "forward": (_attn_fwd, dict(common, BLOCK_M=fm, BLOCK_N=fn_), _configs("fwd")),
-        "backward dk/dv": (_attn_bwd_dkdv, dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=bias), _configs("bwd")),
+        "backward dk/dv": (_attn_bwd_dkdv, dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=bias == 1), _configs("bwd")),
         # Launches specialise integer arguments equal to 1 (B_LOOP = H_LOOP = 1 without a broadcast bias
         # gradient); the broadcast-bias variant keeps the (batch, head) loops.
         "backward dq": (
             _attn_bwd_dq,
-            dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=bias, DB_ROWS=True, DB_COLS=True, DB_ACC=False,
+            dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=bias == 1, DB_ROWS=True, DB_COLS=True, DB_ACC=False,
                  B_LOOP=1, H_LOOP=1),
             _configs("bwd"),
         ),
         "backward preprocess": (_attn_bwd_preprocess, dict(BLOCK_M=bm, BLOCK_DV=block), _configs("pre")),
     }
-    if bias:
+    if bias == 1:
         passes["backward dq, broadcast bias"] = (
             _attn_bwd_dq,
             dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=True, DB_ROWS=True, DB_COLS=True, DB_ACC=True),

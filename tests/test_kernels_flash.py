@@ -225,14 +225,42 @@ def test_chunkwindow_more_queries_than_keys():
     _check(q, k, v, mask, bias)
 
 
-def test_alibi_bias_object():
-    """An AttentionBias object (ALiBi) goes to the kernel as its materialised (1, H, Nq, Nk) bias."""
-    from zoo.attention import ALiBi
+def test_alibi_computed_in_the_kernel(monkeypatch):
+    """ALiBi is computed inside the kernel from its slopes (no (H, Nq, Nk) bias tensor is ever built): forward
+    and gradients equal the float64 reference with the materialised bias, with Nq < Nk and Nq > Nk (bottom-right
+    alignment), masks and GQA; attend() hands the object to the kernel when it selects it."""
+    import dataclasses
 
-    q, k, v, _ = _inputs(2, 4, 2, 70, 90, 16, seed=14)
-    got = flash_attention(q, k, v, Causal(), ALiBi(4))
-    want = flash_attention_ref(q.double(), k.double(), v.double(), Causal(), ALiBi(4).materialize(70, 90).double())
-    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    from zoo.attention import ALiBi
+    from zoo.attention import backends as zb
+
+    for nq, nk, mask in ((70, 90, Causal()), (90, 70, None), (64, 64, Window(10, 3))):
+        q, k, v, _ = _inputs(2, 4, 2, nq, nk, 16, seed=14)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        want = flash_attention_ref(*(t.double() for t in (q, k, v)), mask, ALiBi(4).materialize(nq, nk).double())
+        grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(15)).to(DEVICE)
+        wants = [want] + list(torch.autograd.grad(want, (q, k, v), grad.double()))
+        with monkeypatch.context() as m:
+            m.setattr(ALiBi, "materialize", lambda *a, **kw: pytest.fail("the ALiBi bias was materialised"))
+            out = flash_attention(q, k, v, mask, ALiBi(4))
+            gots = [out] + list(torch.autograd.grad(out, (q, k, v), grad))
+            via_attend = attend(q, k, v, mask, bias=ALiBi(4), backend="triton")
+        for label, got, w in zip(["out", "dq", "dk", "dv"], gots, wants):
+            err = (got.double() - w).abs().max().item()
+            assert err <= 2e-5 * max(1.0, w.abs().max().item()), f"Nq={nq} Nk={nk} {label}: {err:.2e}"
+        torch.testing.assert_close(via_attend, out, rtol=0, atol=0)
+    # automatic selection with the interpreter made eligible: the kernel gets the object, not a tensor
+    zb.list_backends()
+    monkeypatch.setitem(zb._BACKENDS, "triton",
+                        dataclasses.replace(zb.get_backend("triton"), auto_devices=frozenset({DEVICE})))
+    q, k, v, _ = _inputs(1, 4, 4, 48, 48, 16, seed=16)
+    want = flash_attention_ref(q, k, v, Causal(), ALiBi(4).materialize(48, 48))
+    monkeypatch.setattr(ALiBi, "materialize", lambda *a, **kw: pytest.fail("the ALiBi bias was materialised"))
+    torch.testing.assert_close(attend(q, k, v, Causal(), bias=ALiBi(4)), want, rtol=2e-5, atol=2e-5)
+    assert "3 slopes for 4 heads" in triton_supports(q, k, v, Causal(), ALiBi(3), 0.25, "softmax", 0.0, False)
+    with pytest.raises(ValueError, match="ALiBi has 3 slopes but q has 4 heads"):
+        flash_attention(q, k, v, Causal(), ALiBi(3))
 
 
 DROPOUT_CASES = {

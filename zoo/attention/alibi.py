@@ -16,8 +16,10 @@ bidirectional encoders; under a causal mask it is the paper's ``-m_h (i - j)``. 
 adds ``m_h * j`` instead, which differs from this by a constant per row and so gives the same softmax.
 
 :class:`ALiBi` is an :class:`~zoo.attention.AttentionBias`: ``attend(q, k, v, mask, bias=ALiBi(H))`` or
-``MultiHeadAttention(..., rel_pos_bias=ALiBi(H))`` on every backend (the bias is materialised as a
-(1, H, Nq, Nk) tensor per call). The slopes are a non-persistent buffer: state dicts do not change.
+``MultiHeadAttention(..., rel_pos_bias=ALiBi(H))`` on every backend. The Triton kernel computes it from the
+slopes inside its tiles (O(N) memory, as FlashAttention's ``alibi_slopes``; ``attend()`` hands it the object
+when it selects that backend); the other backends get it materialised as a (1, H, Nq, Nk) tensor per call.
+The slopes are a non-persistent buffer: state dicts do not change, and they get no gradient.
 
 Letters: H heads, Nq / Nk query / key lengths.
 """

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import backends as _backends
+from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.masks import Mask, as_mask
 from zoo.layers import check_finite_input, exp_flushed_, is_tracing, surely_finite
@@ -161,6 +162,17 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
             raise ValueError(f"attend: mask batch dim {mask.batch_size} does not broadcast to batch {batch}")
         if mask.num_heads not in (1, heads):
             raise ValueError(f"attend: mask head dim {mask.num_heads} does not broadcast to {heads} heads")
+    requested = _backends.requested_backend(backend)
+    if return_weights and requested is None:
+        requested = "torch"
+    if isinstance(bias, ALiBi) and bias.num_heads == heads:
+        # The Triton kernel computes ALiBi from its slopes (O(N) memory): choose the backend against a
+        # zero-stride stand-in of the bias and hand the kernel the object; any other backend gets the tensor.
+        stand_in = q.new_zeros(()).expand(1, heads, q_len, k_len)
+        chosen = _backends.select_backend((q, k, v, mask, stand_in, scale, score, float(dropout_p),
+                                           bool(return_weights)), requested)
+        if chosen.name == "triton":
+            return chosen.forward(q, k, v, mask, bias, scale, score, float(dropout_p), bool(return_weights))
     bias_t = None
     if bias is not None:
         bias_t = resolve_bias(bias, q_len, k_len, device=q.device, dtype=q.dtype)
@@ -171,9 +183,6 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
         if bias_t.device != q.device:
             raise ValueError(f"attend: bias is on {bias_t.device} but q is on {q.device}")
     args = (q, k, v, mask, bias_t, scale, score, float(dropout_p), bool(return_weights))
-    requested = _backends.requested_backend(backend)
-    if return_weights and requested is None:
-        requested = "torch"
     return _backends.select_backend(args, requested).forward(*args)
 
 
