@@ -669,6 +669,41 @@ def test_bf16_gpu(name):
     _check(q, k, v, MASK_CASES[name](), bias)
 
 
+def _new_features_check(case: str, dtype: torch.dtype) -> None:
+    """This session's kernel features at a GPU size: a ChunkWindow through _check; dropout and in-kernel ALiBi
+    against the float64 reference (forward and gradients) within the dtype's tolerance."""
+    from zoo.attention import ALiBi
+
+    q, k, v, _ = _inputs(2, 4, 2, 257, 300, 64, dtype=dtype, seed=33)
+    if case == "chunkwindow":
+        _check(q, k, v, ChunkWindow(32, left=2), None)
+        return
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    grad = torch.randn(2, 4, 257, 64, generator=torch.Generator().manual_seed(34)).to(DEVICE, dtype)
+    torch.manual_seed(35)
+    if case == "dropout":
+        out = flash_attention(q, k, v, Causal(), dropout_p=0.1)
+        torch.manual_seed(35)
+        draw = fa.dropout_scale(2, 4, 257, 300, 0.1, fa._draw_seed(), device=DEVICE)
+        ref = flash_attention_ref(*(t.double() for t in (q, k, v)), Causal(), dropout_scale=draw)
+    else:
+        out = flash_attention(q, k, v, Causal(), ALiBi(4))
+        ref = flash_attention_ref(*(t.double() for t in (q, k, v)), Causal(), ALiBi(4).materialize(257, 300).double())
+    got = [out] + list(torch.autograd.grad(out, (q, k, v), grad))
+    want = [ref] + list(torch.autograd.grad(ref, (q, k, v), grad.double()))
+    for label, a, w in zip(["out", "dq", "dk", "dv"], got, want):
+        err = (a.double() - w).abs().max().item()
+        assert err <= 2 * ATOL[dtype] * max(1.0, w.abs().max().item()), f"{case} {label}: {err:.2e}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", ["chunkwindow", "dropout", "alibi"])
+def test_new_features_bf16_gpu(case):
+    _new_features_check(case, torch.bfloat16)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("d", [64, 128, 256])
