@@ -81,6 +81,17 @@ def _tune_bucket(num_dst: int, num_edges: int) -> int:
 # ----------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _node_edges(rowptr_ptr, i, N):
+    """(valid, i_safe, start, end) of destination node i in CSR order: its edges are start..end - 1; a node past
+    the last (i >= N, the tail of the last block) reads node N - 1's pointers and gets no edge."""
+    valid = i < N
+    i_safe = tl.minimum(i, N - 1)
+    start = tl.load(rowptr_ptr + i_safe)
+    end = tl.load(rowptr_ptr + i_safe + 1)
+    return valid, i_safe, start, tl.where(valid, end, start)
+
+
 @triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit(do_not_specialize=["tune_bucket"])
 def _gatv2_fwd_kernel(
@@ -97,12 +108,7 @@ def _gatv2_fwd_kernel(
     mask_c = offs_c < C
     att_row = tl.load(att_ptr + h * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     for n in range(BLOCK_N):
-        i = pid * BLOCK_N + n
-        valid = i < Nd
-        i_safe = tl.minimum(i, Nd - 1)
-        start = tl.load(rowptr_ptr + i_safe)
-        end = tl.load(rowptr_ptr + i_safe + 1)
-        end = tl.where(valid, end, start)
+        valid, i_safe, start, end = _node_edges(rowptr_ptr, pid * BLOCK_N + n, Nd)
         xd_row = tl.load(xd_ptr + (i_safe.to(tl.int64) * H + h) * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         m = tl.full((), -1.0e30, tl.float32)
         l = tl.zeros((), tl.float32)
@@ -159,12 +165,7 @@ def _gatv2_bwd_kernel(
     att_row = tl.load(att_ptr + h * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     datt_acc = tl.zeros((BLOCK_C,), tl.float32)
     for n in range(BLOCK_N):
-        i = pid * BLOCK_N + n
-        valid = i < Nd
-        i_safe = tl.minimum(i, Nd - 1)
-        start = tl.load(rowptr_ptr + i_safe)
-        end = tl.load(rowptr_ptr + i_safe + 1)
-        end = tl.where(valid, end, start)
+        valid, i_safe, start, end = _node_edges(rowptr_ptr, pid * BLOCK_N + n, Nd)
         row_off = (i_safe.to(tl.int64) * H + h) * C
         xd_row = tl.load(xd_ptr + row_off + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         g_row = tl.load(g_ptr + row_off + offs_c, mask=mask_c, other=0.0).to(tl.float32)

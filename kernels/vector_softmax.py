@@ -37,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-# the autotune key of the GATv2 CSR kernel: powers of two of the destination count and mean in-degree
-from zoo.kernels.edge_softmax import _tune_bucket
+# from the GATv2 CSR kernel: the autotune key (powers of two of the destination count and mean in-degree) and
+# the per-node edge range
+from zoo.kernels.edge_softmax import _node_edges, _tune_bucket
 
 __all__ = ["vector_softmax_sum", "vector_softmax_sum_ref", "vector_softmax_sum_backward",
            "vector_softmax_sum_backward_ref", "INTERPRET"]
@@ -70,12 +71,7 @@ def _vector_softmax_sum_fwd_kernel(
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     for n in range(BLOCK_N):
-        i = pid_n * BLOCK_N + n
-        valid = i < N
-        i_safe = tl.minimum(i, N - 1)
-        start = tl.load(rowptr_ptr + i_safe)
-        end = tl.load(rowptr_ptr + i_safe + 1)
-        end = tl.where(valid, end, start)
+        valid, i_safe, start, end = _node_edges(rowptr_ptr, pid_n * BLOCK_N + n, N)
         m = tl.full((BLOCK_C,), -1.0e30, tl.float32)
         l = tl.zeros((BLOCK_C,), tl.float32)
         acc = tl.zeros((BLOCK_C,), tl.float32)
