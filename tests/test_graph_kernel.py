@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_interpreter import prepare, run_compiled, run_in_fresh_process  # tests/triton_interpreter.py
+# tests/triton_interpreter.py
+from triton_interpreter import in_process_mark, prepare, run_compiled, run_in_fresh_process
 
 _LATE = prepare()  # TRITON_INTERPRET=1 without a GPU, before the kernel module is imported
 
@@ -18,10 +19,7 @@ from zoo.attention.segment import build_csr, gatv2_attention  # noqa: E402
 from zoo.kernels import edge_softmax as ek  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-in_process = pytest.mark.skipif(_LATE, reason="triton.language was imported before TRITON_INTERPRET=1: "
-                                "see test_kernel_tests_in_a_fresh_process")
-if DEVICE == "cpu" and not ek.INTERPRET and not _LATE:
-    pytest.skip("zoo.kernels.edge_softmax was imported without TRITON_INTERPRET=1", allow_module_level=True)
+in_process = in_process_mark(_LATE, ek, "test_kernel_tests_in_a_fresh_process")
 
 
 def _problem(num_src, num_dst, num_edges, H, C, D, dtype, seed=0, dropout=0.0):

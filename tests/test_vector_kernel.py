@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_interpreter import prepare, run_compiled, run_in_fresh_process  # tests/triton_interpreter.py
+# tests/triton_interpreter.py
+from triton_interpreter import in_process_mark, prepare, run_compiled, run_in_fresh_process
 
 _LATE = prepare()  # TRITON_INTERPRET=1 without a GPU, before the kernel module is imported
 
@@ -21,10 +22,7 @@ from zoo.attention.segment import segment_softmax_weighted_sum  # noqa: E402
 from zoo.kernels import vector_softmax as vk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-in_process = pytest.mark.skipif(_LATE, reason="triton.language was imported before TRITON_INTERPRET=1: "
-                                "see test_vector_kernel_tests_in_a_fresh_process")
-if DEVICE == "cpu" and not vk.INTERPRET and not _LATE:
-    pytest.skip("zoo.kernels.vector_softmax was imported without TRITON_INTERPRET=1", allow_module_level=True)
+in_process = in_process_mark(_LATE, vk, "test_vector_kernel_tests_in_a_fresh_process")
 
 
 def _graph(degrees, channels, dtype, seed=0):

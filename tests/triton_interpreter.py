@@ -5,6 +5,8 @@
   (tl.sum, tl.zeros, ...) are @jit functions created when triton.language is first imported; if another test
   module collected first imported it without TRITON_INTERPRET=1, they cannot run inside the interpreter, and
   the module's tests must run again in a fresh process (:func:`run_in_fresh_process`).
+* :func:`in_process_mark` -- after the kernel module is imported: the skip mark for the tests that must run in
+  this process, and the module-level skip when the kernels were imported compiled on a machine without a GPU.
 * :func:`run_compiled` -- run Python code in a subprocess without TRITON_INTERPRET (the real compiler: the
   ahead-of-time ``compile_check`` tests), since this process imported the kernels for the interpreter.
 """
@@ -14,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -26,6 +29,15 @@ def prepare() -> bool:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     return late
+
+
+def in_process_mark(late: bool, kernel_module, fresh_test: str):
+    """``late`` from :func:`prepare`; ``kernel_module`` the imported kernel module (its INTERPRET flag);
+    ``fresh_test`` the module's test that re-runs it in a fresh process. Skips the whole module when the kernels
+    were imported compiled without a GPU to run them, else returns the mark for the in-process tests."""
+    if not torch.cuda.is_available() and not kernel_module.INTERPRET and not late:
+        pytest.skip(f"{kernel_module.__name__} was imported without TRITON_INTERPRET=1", allow_module_level=True)
+    return pytest.mark.skipif(late, reason=f"triton.language was imported before TRITON_INTERPRET=1: see {fresh_test}")
 
 
 def run_in_fresh_process(test_file: str) -> None:
