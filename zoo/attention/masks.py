@@ -586,18 +586,18 @@ class MaskMod(Mask):
         q = torch.arange(start, stop, device=device).view(1, 1, -1, 1)
         kv = torch.arange(k_len, device=device).view(1, 1, 1, -1)
         out = self.mask_mod(b, h, q, kv)
-        name = getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
-            raise TypeError(f"MaskMod: mask_mod {name} must return a bool tensor, got "
+            raise TypeError(f"MaskMod: mask_mod {self._name} must return a bool tensor, got "
                             f"{getattr(out, 'dtype', type(out).__name__)}")
         shape = (self._batch, self._heads, stop - start, k_len)
         try:
-            if out.dim() > 4:
-                raise RuntimeError
-            return out.to(device).expand(shape)
+            fits = torch.broadcast_shapes(out.shape, shape) == shape
         except RuntimeError:
-            raise ValueError(f"MaskMod: mask_mod {name} returned shape {tuple(out.shape)}, which does not broadcast "
-                             f"to (batch, heads, rows, keys) = {shape}") from None
+            fits = False
+        if not fits:
+            raise ValueError(f"MaskMod: mask_mod {self._name} returned shape {tuple(out.shape)}, which does not "
+                             f"broadcast to (batch, heads, rows, keys) = {shape}")
+        return out.to(device).expand(shape)
 
     def _dense_rows(self, q_len, k_len, start, stop, device):
         return self._evaluate(start, stop, k_len, device)
@@ -611,9 +611,12 @@ class MaskMod(Mask):
             parts.append(_states_from_dense(self._evaluate(start, stop, k_len, device), block_q, block_k))
         return torch.cat(parts, dim=-2)
 
+    @property
+    def _name(self) -> str:
+        return getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
+
     def __repr__(self) -> str:
-        name = getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
-        return f"MaskMod({name}, batch={self._batch}, heads={self._heads})"
+        return f"MaskMod({self._name}, batch={self._batch}, heads={self._heads})"
 
 
 class _Combined(Mask):
