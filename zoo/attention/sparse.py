@@ -73,8 +73,8 @@ AUTO_MIN_CELLS = 256 * 256
 def _native_tiles(mask: Mask) -> Optional[tuple[int, int]]:
     """The tile size at which a mask's block map is exact (BlockSparse, Radial), if any; for a ChunkWindow
     of chunks up to 2 * DEFAULT_TILE tokens, its chunk: tiles on chunk boundaries leave fewer PARTIAL tiles
-    (none at one chunk per tile). Forward+backward took 17-27% less time than with 128-token tiles (two runs, N = 4096,
-    H = 4, D = 64, chunks of 40, 48 and 100 tokens, 2 CPU threads)."""
+    (none at one chunk per tile). Forward+backward took 17-27% less time than with 128-token tiles (two
+    runs, N = 4096, H = 4, D = 64, chunks of 40, 48 and 100 tokens, 2 CPU threads)."""
     if isinstance(mask, BlockSparse):
         return mask.block_q, mask.block_k
     if isinstance(mask, Radial):
@@ -238,8 +238,7 @@ def _shared_spans(tile: _Tile) -> Optional[tuple]:
 def _group_tiles(tiles: list, block_q: int, block_k: int, batch: int, heads: int, device) -> tuple[list, list]:
     """Split tiles into batched groups (full query tiles, no short key tile, grouped by kept count and by
     their element-wise mask; a group's scores stay under GROUP_CELLS) and the rest (run one by one)."""
-    by_count: dict[tuple, list] = {}
-    span_of: dict[tuple, tuple] = {}
+    by_count: dict[tuple, tuple] = {}  # (count, tail, mask key) -> (shared spans, [(tile, blocks), ...])
     rest = []
     for tile in tiles:
         if tile.blocks is not None:
@@ -252,10 +251,9 @@ def _group_tiles(tiles: list, block_q: int, block_k: int, batch: int, heads: int
         if shared is None or tile.r1 - tile.r0 != block_q or tile.r0 % block_q or not 0 <= tail < block_k:
             rest.append(tile)
         else:
-            by_count.setdefault((count, tail, shared[1]), []).append((tile, blocks))
-            span_of[(count, tail, shared[1])] = shared[0]
+            by_count.setdefault((count, tail, shared[1]), (shared[0], []))[1].append((tile, blocks))
     groups = []
-    for (count, tail, span_key), members in sorted(by_count.items(), key=lambda item: item[0][:2]):
+    for (count, tail, _), (spans, members) in sorted(by_count.items(), key=lambda item: item[0][:2]):
         if len(members) == 1:
             rest.append(members[0][0])
             continue
@@ -267,8 +265,7 @@ def _group_tiles(tiles: list, block_q: int, block_k: int, batch: int, heads: int
                 continue
             q_tiles = torch.tensor([t.r0 // block_q for t, _ in chunk], dtype=torch.long, device=device)
             blocks = torch.cat([b for _, b in chunk]).to(device)
-            spans = tuple((o, w, f.to(device)) for o, w, f in span_of[(count, tail, span_key)])
-            groups.append(_Group(q_tiles, blocks, count, tail, spans))
+            groups.append(_Group(q_tiles, blocks, count, tail, tuple((o, w, f.to(device)) for o, w, f in spans)))
     # Largest first: the workspace slots (_Workspace) then get their final size on the first group instead of
     # growing a few times, each time on fresh pages (a page fault per 4 KiB: ~3 ms per 16 MiB here).
     groups.sort(key=lambda g: -g.blocks.numel())
