@@ -732,21 +732,21 @@ def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _bias_strides(bias: Optional[torch.Tensor], plan: Optional["_Plan"] = None) -> tuple[int, int, int, int]:
+def _bias_strides(bias: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
     if bias is None:
-        # ALiBi: the slopes vector, one per head; the row stride slot carries Nk - Nq (see _scores)
-        alibi = plan is not None and plan.alibi is not None
-        return (0, 1, plan.k_len - plan.q_len, 0) if alibi else (0, 0, 0, 0)
+        return (0, 0, 0, 0)
     return tuple(bias.stride(i) if bias.shape[i] > 1 else 0 for i in range(4))
 
 
-def _bias_launch(bias: Optional[torch.Tensor], plan: "_Plan", q: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(pointer argument, HAS_BIAS mode): 1 a bias tensor, 2 ALiBi slopes, 0 none (q stands in)."""
+def _bias_launch(bias: Optional[torch.Tensor], plan: "_Plan", q: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
+    """(pointer argument, HAS_BIAS mode, the four bias strides) of a launch: mode 1 a bias tensor; 2 ALiBi, whose
+    slopes vector takes one head per element and whose row-stride slot carries Nk - Nq (see _scores); 0 none
+    (q stands in for the pointer)."""
     if bias is not None:
-        return bias, 1
+        return bias, 1, _bias_strides(bias)
     if plan.alibi is not None:
-        return plan.alibi, 2
-    return q, 0
+        return plan.alibi, 2, (0, 1, plan.k_len - plan.q_len, 0)
+    return q, 0, (0, 0, 0, 0)
 
 
 def _bias_span(bias: torch.Tensor) -> int:
@@ -779,7 +779,7 @@ def _forward(q, k, v, bias, plan: _Plan):
     lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device)
     out = torch.empty(batch, heads, q_len, dv_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
-    bias_arg, bias_mode = _bias_launch(bias, plan, q)
+    bias_arg, bias_mode, bias_strides = _bias_launch(bias, plan, q)
     qk_scale, bias_scale, s_shift = plan.units()
     drop_p, drop_seed = plan.dropout_p, plan.seed
     mask_args, mask_meta = _mask_launch_args(plan, q.device)
@@ -787,7 +787,7 @@ def _forward(q, k, v, bias, plan: _Plan):
     _attn_fwd[grid](
         q, k, v, bias_arg, out, lse, lists.counts, lists.index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias, plan),
+        v.stride(0), v.stride(1), v.stride(2), *bias_strides,
         out.stride(0), out.stride(1), out.stride(2), *lists.strides(),
         heads, heads // kv_heads, q_len, k_len, head_dim, dv_dim, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
         *mask_args, tune_bucket=_tune_bucket(q_len, k_len, lists),
@@ -816,7 +816,7 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
     qk_scale, bias_scale, s_shift = plan.units()
     drop_p, drop_seed = plan.dropout_p, plan.seed
     mask_args, mask_meta = _mask_launch_args(plan, q.device)
-    bias_mode = _bias_launch(bias, plan, q)[1]
+    bias_arg, bias_mode, bias_strides = _bias_launch(bias, plan, q)
     common_meta = dict(
         SCORE=plan.score_id, HAS_BIAS=bias_mode, HAS_DBIAS=bias_grad, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, CHECK_D=head_dim != plan.block_d,
@@ -837,13 +837,12 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
         d_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), d_lse.float())
         delta = delta - d_lse * (1.0 / LN2)
 
-    bias_arg, bias_mode = _bias_launch(bias, plan, q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _attn_bwd_dkdv[(k_lists.num_row_tiles, batch * kv_heads)](
         q, k, v, bias_arg, d_out, lse, delta, dk, dv, k_lists.counts, k_lists.index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias, plan),
+        v.stride(0), v.stride(1), v.stride(2), *bias_strides,
         d_out.stride(0), d_out.stride(1), d_out.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *k_lists.strides(),
@@ -872,7 +871,7 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
     _attn_bwd_dq[(q_lists.num_row_tiles, (batch // b_loop) * h_out)](
         q, k, v, bias_arg, d_out, lse, delta, dq, dbias_buf, q_lists.counts, q_lists.index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *_bias_strides(bias, plan),
+        v.stride(0), v.stride(1), v.stride(2), *bias_strides,
         d_out.stride(0), d_out.stride(1), d_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), *db_strides,
         *q_lists.strides(),
