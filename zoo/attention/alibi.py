@@ -6,7 +6,7 @@ attention fades linearly (in log space) with distance and models extrapolate to 
 were trained on. The slopes m_h are a fixed geometric sequence:
 
 * H a power of two: m_h = 2 ** (-8 h / H), h = 1..H (H = 8: 1/2, 1/4, ..., 1/256);
-* otherwise, with P the largest power of two below H: the P slopes of P heads, then the slopes of 2P heads
+* otherwise, with P the largest power of two below H (P < H < 2P): the P slopes of P heads, then the slopes of 2P heads
   at odd h (1, 3, 5, ...) for the H - P remaining heads, as the official code builds them
   (ofirpress/attention_with_linear_biases, fairseq/models/transformer.py, ``get_slopes``).
 

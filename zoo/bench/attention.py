@@ -64,16 +64,16 @@ def _kept(mask: Mask, n: int, tile: int = TILE) -> float:
     return mask.block_map(n, n, tile, tile).kept_fraction()
 
 
+def _closest(n: int, fraction: float, masks) -> Mask:
+    """The first of ``masks`` whose kept-tile fraction at 128x128 tiles is closest to ``fraction``."""
+    return min(masks, key=lambda mask: abs(_kept(mask, n) - fraction))
+
+
 def window_for_fraction(n: int, fraction: float) -> Window:
     """Symmetric Window(w, w) whose kept-tile fraction at 128x128 tiles is closest to ``fraction``."""
     if fraction >= 1.0:
         return Window(n, n)
-    best = None
-    for w in range(0, n, max(1, TILE // 8)):
-        error = abs(_kept(Window(w, w), n) - fraction)
-        if best is None or error < best[0]:
-            best = (error, w)
-    return Window(best[1], best[1])
+    return _closest(n, fraction, (Window(w, w) for w in range(0, n, max(1, TILE // 8))))
 
 
 def chunk_for_fraction(n: int, fraction: float, chunk: int = 96) -> ChunkWindow:
@@ -82,12 +82,7 @@ def chunk_for_fraction(n: int, fraction: float, chunk: int = 96) -> ChunkWindow:
     is not a multiple of the tile, so the CPU path's chunk-aligned tiles matter."""
     if fraction >= 1.0:
         return ChunkWindow(chunk, None, None)
-    best = None
-    for c in range(0, math.ceil(n / chunk)):
-        error = abs(_kept(ChunkWindow(chunk, c, c), n) - fraction)
-        if best is None or error < best[0]:
-            best = (error, c)
-    return ChunkWindow(chunk, best[1], best[1])
+    return _closest(n, fraction, (ChunkWindow(chunk, c, c) for c in range(0, math.ceil(n / chunk))))
 
 
 def radial_for_fraction(n: int, fraction: float, decay_factor: float = 1.0) -> Radial:
