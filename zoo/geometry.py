@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from zoo.layers import check_positive_int
+
 __all__ = ["knn", "knn_graph", "radius", "radius_graph", "fps"]
 
 _MAX_CHUNK_ELEMENTS = 1 << 25  # distances per query chunk (128 MB in float32)
@@ -82,11 +84,6 @@ def _distances(y: Tensor, x: Tensor, cosine: bool) -> Tensor:
     # re-rank candidates with exact differences)
     d = (y * y).sum(1, keepdim=True) + (x * x).sum(1)[None, :]
     return d.addmm_(y, x.t(), alpha=-2.0)
-
-
-def _check_count(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_flow(flow: str) -> None:
@@ -211,7 +208,7 @@ def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y:
     for examples that have fewer, as in torch_cluster). The final ranking uses float64 distances, so float32
     rounding decides neither the order nor ties.
     """
-    _check_count("k", k)
+    check_positive_int(k, "k")
     x, y, examples = _paired_examples(x, y, batch_x, batch_y)
     rows, cols = [], []
     work = torch.float64 if x.dtype == torch.float64 or cosine else torch.float32
@@ -348,7 +345,7 @@ def knn_graph(x: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = Fa
     point itself, so each point keeps k others (fewer when its example is smaller).
     """
     _check_flow(flow)
-    _check_count("k", k)
+    check_positive_int(k, "k")
     centre, neighbour = knn(x, x, k if loop else k + 1, batch, batch, cosine=cosine, chunk=chunk)
     return _neighbour_graph(centre, neighbour, loop, k, flow)
 
@@ -366,7 +363,7 @@ def radius(x: Tensor, y: Tensor, r: float, batch_x: Optional[Tensor] = None, bat
     the rest is brute force in chunks."""
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
         raise ValueError(f"r must be a positive finite number, got {r!r}")
-    _check_count("max_num_neighbors", max_num_neighbors)
+    check_positive_int(max_num_neighbors, "max_num_neighbors")
     x, y, examples = _paired_examples(x, y, batch_x, batch_y)
     rows, cols = [], []
     for x0, x1, y0, y1 in examples:
@@ -433,7 +430,7 @@ def radius_graph(x: Tensor, r: float, batch: Optional[Tensor] = None, loop: bool
     point itself out and still keeps up to ``max_num_neighbors`` others (torch_cluster asks for one more and
     drops the point, which keeps one too many when the point is not among the first)."""
     _check_flow(flow)
-    _check_count("max_num_neighbors", max_num_neighbors)
+    check_positive_int(max_num_neighbors, "max_num_neighbors")
     centre, neighbour = radius(x, x, r, batch, batch, max_num_neighbors + (0 if loop else 1), chunk=chunk)
     return _neighbour_graph(centre, neighbour, loop, max_num_neighbors, flow)
 

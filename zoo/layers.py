@@ -24,11 +24,17 @@ import torch
 from torch import nn
 
 __all__ = [
-    "IntOrPair", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
+    "IntOrPair", "check_positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
+
+
+def check_positive_int(value, name: str) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int >= 1 (bools are not ints here)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:

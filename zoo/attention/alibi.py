@@ -30,14 +30,14 @@ import math
 import torch
 
 from zoo.attention.bias import AttentionBias
+from zoo.layers import check_positive_int
 
 __all__ = ["ALiBi", "alibi_slopes"]
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """float64 (H,) slopes of ALiBi for ``num_heads`` heads (see the module docstring)."""
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
-        raise ValueError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")
+    check_positive_int(num_heads, "alibi_slopes: num_heads")
     base = 2 ** int(math.floor(math.log2(num_heads)))  # largest power of two <= H
     h = torch.arange(1, base + 1, dtype=torch.float64)
     slopes = torch.pow(2.0, -8.0 * h / base)

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from zoo.layers import check_positive_int
+
 __all__ = [
     "EMPTY",
     "PARTIAL",
@@ -306,8 +308,7 @@ class ChunkWindow(Mask):
 
     def __init__(self, chunk_size: int, left: Optional[int] = None, right: Optional[int] = 0) -> None:
         super().__init__()
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"ChunkWindow chunk_size must be a positive int, got {chunk_size!r}")
+        check_positive_int(chunk_size, "ChunkWindow chunk_size")
         _check_band("ChunkWindow", "chunk", left, right)
         self.chunk_size = chunk_size
         self.left = left
@@ -560,8 +561,7 @@ class MaskMod(Mask):
         if not callable(mask_mod):
             raise TypeError(f"MaskMod needs a callable mask_mod(b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
         for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("chunk_cells", chunk_cells)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MaskMod {name} must be a positive int, got {value!r}")
+            check_positive_int(value, f"MaskMod {name}")
         self.mask_mod = mask_mod
         self._batch, self._heads, self.chunk_cells = batch_size, num_heads, chunk_cells
 
