@@ -664,7 +664,9 @@ def test_bench_vision_agent_smoke(capsys):
 
     assert vision_agent.main(["--sizes", "64", "--batches", "1,2", "--repeats", "2", "--warmup", "0",
                               "--min-time", "0", "--markdown"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 |")]
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 64 |")]
+    assert "command: `zoo bench vision_agent --sizes 64 --batches 1,2" in out and "load average at end" in out
     with pytest.raises(SystemExit):
         vision_agent.main(["--sizes", "64", "--batches", "1", "--min-time", "-1"])
     assert "--min-time >= 0" in capsys.readouterr().err

@@ -156,6 +156,20 @@ def test_fault_counts_cover_the_calls_after_warm_up():
     assert format_faults([3.4, None, 1200]) == "3/-/1200"
 
 
+def test_main_prints_the_run_record_around_its_parts(capsys):
+    """`zoo bench attention` prints the shared record (command, UTC date and load, machine and threads) above
+    its parts and the load at the end below them, as every `zoo bench` command does."""
+    assert bench.main(["--parts", "core", "--core-sizes", "32", "--repeats", "1", "--warmup", "0",
+                       "--min-time", "0", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "## zoo bench attention"
+    assert lines[2].startswith("command: `zoo bench attention --parts core --core-sizes 32")
+    assert lines[3].startswith("date: ") and "UTC; load average at start " in lines[3]
+    assert lines[4].startswith("machine: ") and "torch threads 1;" in lines[4]
+    assert any(line.startswith("| 32 |") for line in lines)
+    assert lines[-1].startswith("load average at end ")
+
+
 def test_core_part_prints_paired_ratios(capsys):
     args = bench.build_parser().parse_args(
         ["--parts", "core", "--core-sizes", "32", "--repeats", "2", "--warmup", "0", "--min-time", "0"]

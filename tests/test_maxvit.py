@@ -545,8 +545,10 @@ def test_bench_vision_maxvit_padding_table(capsys):
 
     assert vision_maxvit.main(["--model", "maxvit_debug", "--size", "64", "--odd", "50", "--batch", "1",
                                "--repeats", "2", "--warmup", "0", "--threads", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64x64") or line.startswith("| 50x50")]
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 64x64") or line.startswith("| 50x50")]
     assert len(rows) == 2
+    assert "command: `zoo bench vision_maxvit --model maxvit_debug" in out and "load average at end" in out
     assert rows[0].rstrip(" |").endswith("1.000")
     ratio = float(rows[1].rstrip(" |").rsplit("|", 1)[1])
     assert 0.0 < ratio < 100.0

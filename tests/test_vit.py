@@ -299,7 +299,9 @@ def test_bench_vision_runs_and_loads_optional_case_modules(monkeypatch, capsys):
     attn_rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| 16 |", "| 40 |"))]
     assert [(r[0].strip(), r[1].strip()) for r in attn_rows] == [("16", "dense"), ("16", "causal"), ("40", "dense"), ("40", "causal")]
     assert all(float(r[4]) > 0 and float(r[7]) > 0 for r in attn_rows)
-    assert "load average" in out
+    # the record every `zoo bench` prints around its tables (zoo.bench.timing.run_header / run_footer)
+    assert out.startswith("## zoo bench vision\n\ncommand: `zoo bench vision --models vit_tiny*,fake_vit")
+    assert "load average at start" in out and "torch threads" in out and "load average at end" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("vit_tiny_patch16_224", "fake_vit"))]
     assert [r[0] for r in rows] == ["vit_tiny_patch16_224", "fake_vit"]
     for r in rows:

@@ -37,9 +37,7 @@ for docs/bench_attention.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
 import sys
 from typing import Callable, Optional
 
@@ -49,7 +47,9 @@ import torch.nn.functional as F
 
 from zoo.attention import BlockSparse, Causal, ChunkWindow, Mask, Segments, Window, attend, use_backend
 from zoo.attention.radial import Radial
-from zoo.bench.timing import interleaved_medians, interleaved_samples, machine_description, medians, paired_ratio, set_threads
+from zoo.bench.timing import (
+    interleaved_medians, interleaved_samples, medians, paired_ratio, run_footer, run_header, set_threads,
+)
 
 __all__ = ["main", "window_for_fraction", "chunk_for_fraction", "radial_for_fraction", "random_block_map",
            "sparse_masks"]
@@ -553,13 +553,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load() -> str:
-    try:
-        return "load average %.2f, %.2f, %.2f" % os.getloadavg()
-    except OSError:  # pragma: no cover - platforms without getloadavg
-        return "load average unavailable"
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
@@ -585,17 +578,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"unknown --parts {sorted(unknown)}; choose from core,sparse,tiles,gpu")
     threads = set_threads(args.threads)
     torch.manual_seed(0)
-    command = "zoo bench attention " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"## zoo bench attention\n\ncommand: `{command.strip()}`  ")
-    print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ")
-    print(f"machine: {machine_description()}; torch threads {threads}  ")
-    print(f"{_load()} at the start\n", flush=True)
+    print("## zoo bench attention\n\n" + run_header("attention", argv, threads, "see each part for its shapes and dtype"),
+          flush=True)
     failed = False
     for part in parts:
         result = {"core": bench_core, "sparse": bench_sparse, "tiles": bench_tiles, "gpu": bench_gpu}[part](args)
         print(result + "\n", flush=True)
         failed = failed or "- FAIL:" in result or "#### Errors" in result
-    print(f"{_load()} at the end", flush=True)
+    print(run_footer(), flush=True)
     return 1 if (args.gpu and failed) else 0
 
 

@@ -41,7 +41,7 @@ import torch
 
 from zoo.bench.timing import (
     compile_backend_arg, interleaved_samples, medians, memory_cells, output_and_grad_errors, paired_ratio,
-    peak_rss_mb_subprocess, run_header, set_threads,
+    peak_rss_mb_subprocess, run_footer, run_header, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
@@ -215,6 +215,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           " same inputs and layers but runs no step. load: 1-minute load average at the end of the row.")
     if skipped:
         print("PyG not run (would not fit): " + "; ".join(skipped) + ".")
+    print(run_footer())
     return 0
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from zoo.bench.timing import (
     interleaved_samples, medians, memory_cells, output_and_grad_errors, paired_ratio, peak_rss_mb_subprocess,
-    run_header, set_threads,
+    run_footer, run_header, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case"]
@@ -165,6 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           "step. PyG's self loops are added by both layers (E' = edges + points). zoo blocks: recomputed = "
           "checkpointed blocks (a second forward in backward, O(N C) memory), kept = every intermediate kept "
           "as in PyG.")
+    print(run_footer())
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from zoo.bench.timing import (
-    interleaved_samples, load_test_reference, medians, paired_ratio, run_header, set_threads,
+    interleaved_samples, load_test_reference, medians, paired_ratio, run_footer, run_header, set_threads,
 )
 
 __all__ = ["main", "build_parser", "load_reference_module"]
@@ -108,6 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{t['peer_infer']:.1f} | {paired_ratio(samples['peer_infer'], samples['zoo_infer']):.2f}x | "
               f"{err:.1e} |", flush=True)
     print("\nratio: ESPnet-form time / zoo time (> 1: the zoo is faster), median of per-round ratios.")
+    print(run_footer())
     return 0
 
 

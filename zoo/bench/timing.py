@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - not on this platform
 __all__ = [
     "interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description",
     "peak_rss_mb_subprocess", "set_threads", "minor_faults", "FaultCounter", "interleaved_samples_with_faults",
-    "format_faults", "load_test_reference", "memory_cells", "run_header",
+    "format_faults", "load_average", "load_test_reference", "memory_cells", "run_footer", "run_header",
 ]
 
 TESTS_DIR = Path(__file__).resolve().parents[2] / "tests"
@@ -294,13 +294,27 @@ def memory_cells(mem: dict, ours: str = "zoo", peer: str = "pyg", net_label: str
     return cell(ours), cell(peer), f"{peak_peer / peak_ours:.1f}x ({net_peer / max(net_ours, 1):.1f}x{net_label})"
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages as "a / b / c (1/5/15 min)" ("unavailable" where the OS has none)."""
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg()) + " (1/5/15 min)"
+    except (AttributeError, OSError):  # pragma: no cover - platforms without getloadavg
+        return "unavailable"
+
+
 def run_header(name: str, argv, threads: int, details: str) -> str:
     """The lines a benchmark prints above its table: the command (``zoo bench <name>`` and ``argv``, or this
     process's arguments), the UTC date with the load average at start, and the machine with the torch thread
-    count followed by ``details`` (what the table holds fixed). Markdown line breaks; ends with a blank line."""
+    count followed by ``details`` (what the table holds fixed). Markdown line breaks; ends with a blank line.
+    Every ``zoo bench`` command prints it, and :func:`run_footer` under its table."""
     command = f"zoo bench {name} " + " ".join(argv if argv is not None else sys.argv[1:])
-    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     return (f"command: `{command.strip()}`  \n"
-            f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average at start {load} "
-            f"(1/5/15 min)  \n"
+            f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average at start "
+            f"{load_average()}  \n"
             f"machine: {machine_description()}; torch threads {threads}; {details}\n")
+
+
+def run_footer() -> str:
+    """The line a benchmark prints under its table: the load average at the end. On a 2-core machine a load
+    above about 2 means other jobs shared the cores, and multi-thread timings of that run are unreliable."""
+    return f"load average at end {load_average()}"

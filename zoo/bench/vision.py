@@ -31,11 +31,8 @@ present (see OPTIONAL_CASE_MODULES).
 from __future__ import annotations
 
 import argparse
-import datetime
 import fnmatch
 import importlib
-import os
-import sys
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -43,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.bench.timing import (
-    compile_backend_arg, format_faults, interleaved_samples, interleaved_samples_with_faults, machine_description,
-    medians, paired_ratio, set_threads,
+    compile_backend_arg, format_faults, interleaved_samples, interleaved_samples_with_faults, medians,
+    paired_ratio, run_footer, run_header, set_threads,
 )
 
 __all__ = ["BenchCase", "CASES", "OPTIONAL_CASE_MODULES", "all_cases", "main"]
@@ -270,13 +267,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--img-size must be >= 1")
     threads = set_threads(args.threads)
     chosen = cases if args.models.strip() == "all" else _select(cases, args.models)
-    print(f"# zoo bench vision  {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# {machine_description()}; device {args.device}; threads {threads}; fp32; repeats {args.repeats}, warmup {args.warmup}"
-          + ("; zoo ViT last block in full (ablation)" if args.full_last_block else "")
-          + (f"; models under torch.compile backend {args.compile}" if args.compile else ""))
-    print(f"# command: zoo bench vision {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
-    if hasattr(os, "getloadavg"):
-        print("# load average (1, 5, 15 min) at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
+    details = (f"device {args.device}; fp32; repeats {args.repeats}, warmup {args.warmup}"
+               + ("; zoo ViT last block in full (ablation)" if args.full_last_block else "")
+               + (f"; models under torch.compile backend {args.compile}" if args.compile else ""))
+    print("## zoo bench vision\n\n" + run_header("vision", argv, threads, details), flush=True)
     if not args.no_attention and args.device == "cpu":
         print()
         print(attention_table(args.attention_sizes, repeats=args.repeats, warmup=args.warmup))
@@ -293,8 +287,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("# infer: zoo/peer throughput ratio (higher is better); step: zoo/peer training-step time ratio "
           "(lower is better); page faults: minor faults of the process per inference forward (first writes to "
           "fresh pages)")
-    if hasattr(os, "getloadavg"):
-        print("# load average (1, 5, 15 min) at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(run_footer())
     return 0
 
 

@@ -28,18 +28,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import math
-import os
-import sys
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from zoo.bench.timing import (
-    compile_backend_arg, format_faults, interleaved_samples_with_faults, load_test_reference, machine_description,
-    medians, paired_ratio, set_threads,
+    compile_backend_arg, format_faults, interleaved_samples_with_faults, load_test_reference, medians,
+    paired_ratio, run_footer, run_header, set_threads,
 )
 
 __all__ = ["CASES", "load_reference_module", "build_models", "main"]
@@ -99,13 +96,6 @@ def build_models(img_size: int, seed: int = 0) -> tuple[nn.Module, nn.Module, nn
     ours.load_state_dict(reference.state_dict(), strict=True)
     vit = _timm_tiny(img_size)
     return ours.eval(), vit.eval(), reference.eval()
-
-
-def _load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except (AttributeError, OSError):  # not available on this platform
-        return "n/a"
 
 
 def _runner(model: nn.Module, x: torch.Tensor):
@@ -183,15 +173,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             or args.min_time < 0:
         parser.error("need sizes >= 16, batches >= 1, --repeats >= 1, --warmup >= 0, --min-time >= 0")
     threads = set_threads(args.threads)
-    print(f"# agent_deit_tiny vs timm vit_tiny_patch16_224 vs official-style  "
-          f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# {machine_description()}; threads {threads}; fp32; eval, no_grad; repeats {args.repeats}, "
-          f"warmup {args.warmup}; min time {args.min_time} s; "
-          f"{'torch.compile backend ' + args.compile if args.compile else 'eager'}"
-          f"{' (freezing)' if args.freeze else ''}; "
-          "interleaved rounds, medians; ratios = medians of the per-round ratios")
-    print(f"# load average at start: {_load_average()}")
-    print(f"# command: python -m zoo.bench.vision_agent {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    details = (f"fp32; eval, no_grad; repeats {args.repeats}, warmup {args.warmup}; min time {args.min_time} s; "
+               f"{'torch.compile backend ' + args.compile if args.compile else 'eager'}"
+               f"{' (freezing)' if args.freeze else ''}; interleaved rounds, medians; ratios = medians of the "
+               "per-round ratios")
+    print("## agent_deit_tiny vs timm vit_tiny_patch16_224 vs official-style\n\n"
+          + run_header("vision_agent", argv, threads, details), flush=True)
     header = ["img", "batch", "zoo img/s", "timm img/s", "official-style img/s", "zoo/timm", "zoo/official",
               "page faults/fwd zoo/timm/official"]
     rows = []
@@ -210,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(fmt.format(*r))
     print("# ratios: throughput of zoo / throughput of the peer (higher is better); page faults: minor faults of "
           "the process per forward during the timed calls (first writes to fresh pages; they move batch-1 times)")
-    print(f"# load average at end: {_load_average()} (above ~2 on 2 cores, multi-thread timings are unreliable)")
+    print(run_footer() + " (above ~2 on 2 cores, multi-thread timings are unreliable)")
     return 0
 
 

@@ -18,14 +18,12 @@ of each: the padded image does the attention work of the padded size.
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from zoo.bench.timing import interleaved_samples, machine_description, medians, paired_ratio, set_threads
+from zoo.bench.timing import interleaved_samples, medians, paired_ratio, run_footer, run_header, set_threads
 
 __all__ = ["CASES", "main"]
 
@@ -97,9 +95,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     samples = interleaved_samples({k: run(x) for k, x in inputs.items()}, repeats=args.repeats, warmup=args.warmup)
     times = medians(samples)
-    print(f"# python -m zoo.bench.vision_maxvit {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
-    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}; {machine_description()}; threads {threads}; fp32; "
-          f"no_grad; batch {args.batch}; repeats {args.repeats}, warmup {args.warmup}")
+    print(run_header("vision_maxvit", argv, threads, f"fp32; no_grad; batch {args.batch}; repeats {args.repeats}, "
+                     f"warmup {args.warmup}"), flush=True)
     base_key = f"{args.size}x{args.size}"
     base_px = args.size * args.size
     # per-pixel cost ratio: median over rounds of (t / px) / (t_base / px_base), both timed in the same round
@@ -110,6 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         per_px_ratio = paired_ratio(samples[key], samples[base_key]) * base_px / px
         print(f"| {key} | {1e3 * times[key]:.1f} | {args.batch / times[key]:.1f} | "
               f"{1e9 * times[key] / px / args.batch:.1f} | {per_px_ratio:.3f} |")
+    print(run_footer())
     return 0
 
 
