@@ -3,6 +3,7 @@ prune_intermediate_layers, feature_info and group_matcher. ViT is compared with 
 (same weights); Agent-DeiT, which timm lacks, with its own forward and block outputs."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ VIT_CASES = [
     dict(indices=[0, -1], norm=True),
     dict(indices=2, return_prefix_tokens=True, output_fmt="NLC"),
     dict(indices=[1], stop_early=True),
-    dict(indices=[2, 0], intermediates_only=True),
+    dict(indices=[0, 2], intermediates_only=True),
 ]
 
 
@@ -162,8 +163,42 @@ def test_maxvit_group_matcher_and_layer_decay_match_timm():
 def test_feature_take_indices_follows_timm_and_names_bad_indices():
     from timm.models._features import feature_take_indices as timm_take
 
-    for indices in (None, 1, 4, [0, 2], [-1], (3, -4)):
+    for indices in (None, 1, 4, [0, 2], [-1], (-4, 3)):
         assert feature_take_indices(4, indices) == timm_take(4, indices)
     for bad, message in ((0, "last-n"), (5, "last-n"), ([4], "out of range"), ([-5], "out of range"), ([], "empty")):
         with pytest.raises(ValueError, match=message):
             feature_take_indices(4, bad)
+    # numpy ints and integer tensors are ints; strings, floats and bools are not (int("13") / int(1.9) / True
+    # used to pass as other indices)
+    assert feature_take_indices(4, np.int64(2)) == ([2, 3], 3)
+    assert feature_take_indices(4, torch.tensor([0, 3])) == ([0, 3], 3)
+    for bad in ("13", [1.9, 3.2], True, [True], 1.0, {1, 2}, torch.tensor([0.0, 1.0])):
+        with pytest.raises(TypeError, match="sequence of ints"):
+            feature_take_indices(4, bad)
+
+
+def test_indices_out_of_network_order_are_refused():
+    """The maps come out in network order. timm accepts (2, 0) or (1, 1) anyway: it returns the maps in block
+    order (duplicates once) while its feature_info follows the order given, so a neck wired from feature_info
+    reads the wrong maps. Shown on timm, refused here with the order to use."""
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, features_only=True,
+                             out_indices=(2, 0)).eval()
+    assert peer.feature_info.out_indices == (2, 0)  # ... but its forward returns block 0's map first
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        maps = peer(x)
+        first = peer.model.forward_intermediates(x, indices=[0], intermediates_only=True)[0]  # block 0's map
+    torch.testing.assert_close(maps[0], first)
+    for bad, resolved in (([2, 0], r"\[0, 2\]"), ([1, 1], r"\[1\]"), ((-1, 0), r"\[0, 3\]")):
+        with pytest.raises(ValueError, match="network order.*use " + resolved):
+            feature_take_indices(4, bad)
+    with pytest.raises(ValueError, match="out_indices must name each feature once"):
+        zoo.create_model("maxvit_debug", features_only=True, out_indices=[2, 0])
+    model = zoo.create_model("maxvit_debug")
+    with pytest.raises(ValueError, match="indices must name each feature once"):
+        model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[1, 1])
+    backbone = zoo.create_model("maxvit_debug", features_only=True, out_indices=[0, 2])
+    with torch.no_grad():
+        assert [m.shape[1] for m in backbone(torch.randn(1, 3, 64, 64))] == backbone.feature_info.channels()
+    with pytest.raises(IndexError, match="tap 9 is out of range"):
+        backbone.feature_info.channels(9)

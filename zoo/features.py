@@ -34,12 +34,12 @@ class FeatureInfo:
         if idx is None:
             return [self.info[i][key] for i in self.out_indices]
         if isinstance(idx, (tuple, list)):
-            return [self.info[i][key] for i in idx]
-        return self.info[idx][key]
+            return [self[i][key] for i in idx]
+        return self[idx][key]
 
     def get_dicts(self, keys: Optional[Sequence[str]] = None, idx=None):
         chosen = self.out_indices if idx is None else ([idx] if isinstance(idx, int) else list(idx))
-        dicts = [self.info[i] for i in chosen]
+        dicts = [self[i] for i in chosen]
         dicts = dicts if keys is None else [{k: d[k] for k in keys} for d in dicts]
         return dicts[0] if isinstance(idx, int) else dicts
 
@@ -53,6 +53,9 @@ class FeatureInfo:
         return self.get("module", idx)
 
     def __getitem__(self, item: int) -> dict:
+        if not -len(self.info) <= item < len(self.info):
+            raise IndexError(f"FeatureInfo: tap {item} is out of range: the model has {len(self.info)} taps "
+                             f"(0 to {len(self.info) - 1}); out_indices {self.out_indices} are the ones returned")
         return self.info[item]
 
     def __len__(self) -> int:
@@ -82,7 +85,7 @@ class FeatureExtractor(nn.Module):
             out_indices = getattr(model, "default_out_indices", None)
             if isinstance(out_indices, int):
                 out_indices = min(out_indices, len(model.feature_info))
-        take, _ = feature_take_indices(len(model.feature_info), out_indices)
+        take, _ = feature_take_indices(len(model.feature_info), out_indices, name="out_indices")
         info = FeatureInfo(model.feature_info, take)
         pruned = False
         if hasattr(model, "prune_intermediate_layers"):

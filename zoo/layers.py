@@ -18,6 +18,8 @@ Attention itself is not here: it is zoo.attention (attend, MultiHeadAttention, .
 from __future__ import annotations
 
 import math
+import operator
+from collections import abc
 from typing import Optional, Sequence, Union
 
 import torch
@@ -50,26 +52,53 @@ def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def feature_take_indices(count: int, indices: Union[int, Sequence[int], None] = None) -> tuple[list[int], int]:
+def feature_take_indices(count: int, indices: Union[int, Sequence[int], None] = None,
+                         name: str = "indices") -> tuple[list[int], int]:
     """The features ``forward_intermediates(indices=...)`` takes out of ``count`` (blocks or stages), with timm's
     rule (timm.models._features.feature_take_indices): None = all, an int n = the last n, a sequence = those
-    indices (negative ones from the end). Returns (sorted as given, absolute indices; the largest)."""
+    indices (negative ones from the end). Returns (the absolute indices, ascending; the largest). ``name``: the
+    argument's name in error messages.
+
+    The maps come out in network order, so a sequence must name them in that order, each once: timm takes
+    ``(2, 0)`` or ``(1, 1)`` and returns the maps in block order anyway, while ``feature_info`` follows the order
+    given, and a neck wired from it reads the wrong maps. Here that is an error."""
     if indices is None:
         indices = count
-    if isinstance(indices, int) and not isinstance(indices, bool):
+    if _is_int(indices):
+        indices = operator.index(indices)
         if not 0 < indices <= count:
-            raise ValueError(f"indices: last-n ({indices}) is out of range (1 to {count})")
+            raise ValueError(f"{name}: last-n ({indices}) is out of range (1 to {count})")
         take = list(range(count - indices, count))
     else:
+        if isinstance(indices, (str, bytes)) or not isinstance(indices, abc.Sequence) and not (
+                isinstance(indices, torch.Tensor) and indices.dim() == 1):
+            raise TypeError(f"{name} must be an int (the last n) or a sequence of ints, got {indices!r}")
         take = []
         for i in indices:
-            idx = count + int(i) if int(i) < 0 else int(i)
+            if not _is_int(i):
+                raise TypeError(f"{name} must be an int (the last n) or a sequence of ints, got {indices!r}")
+            i = operator.index(i)
+            idx = count + i if i < 0 else i
             if not 0 <= idx < count:
-                raise ValueError(f"indices: feature index {i} is out of range (0 to {count - 1})")
+                raise ValueError(f"{name}: feature index {i} is out of range (0 to {count - 1})")
             take.append(idx)
         if not take:
-            raise ValueError("indices: an empty sequence selects no feature")
+            raise ValueError(f"{name}: an empty sequence selects no feature")
+        if any(b <= a for a, b in zip(take, take[1:])):
+            raise ValueError(f"{name} must name each feature once, in network order (the maps come out in that "
+                             f"order); got {list(indices)}, which resolves to {take}: use {sorted(set(take))}")
     return take, max(take)
+
+
+def _is_int(value) -> bool:
+    """A Python / numpy int or an integer 0-d tensor; not a bool (True would silently mean 1)."""
+    if isinstance(value, (bool, float)) or isinstance(value, torch.Tensor) and value.is_floating_point():
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, torch.Tensor) or value.dim() == 0
 
 
 def check_reset_classifier(num_classes, global_pool: Optional[str], pools: Sequence[str]) -> None:
