@@ -141,6 +141,54 @@ def test_new_class_count_reinitialises_head_with_message(tmp_path, caplog):
     assert torch.equal(same.head.weight, model.head.weight)
 
 
+def test_head_of_another_shape_is_replaced_only_when_asked(tmp_path):
+    """A checkpoint whose classifier disagrees with its config.json (a hand-edited or mixed-up folder) is an
+    error unless num_classes is passed: a trained head is never swapped for a random one unasked."""
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_vit()
+    zoo.save_pretrained(model, tmp_path / "released")
+    weights = tmp_path / "released" / "model.safetensors"
+    state = load_file(weights)
+    state["head.weight"], state["head.bias"] = torch.randn(7, 16), torch.randn(7)
+    save_file(state, weights)
+    with pytest.raises(hub.CheckpointError, match=r"classifier .*\(7, 16\).* no class count was asked for"):
+        zoo.from_pretrained(tmp_path / "released")
+    loaded = zoo.from_pretrained(tmp_path / "released", num_classes=7)  # the checkpoint's count: its head loads
+    assert torch.equal(loaded.head.weight, state["head.weight"])
+    fresh = zoo.from_pretrained(tmp_path / "released", num_classes=4)  # asked for: a new head
+    assert fresh.head.weight.shape == (4, 16)
+
+
+@pytest.mark.parametrize("name, saved_size, grid", [("vit_debug", (16, 64), (2, 8)), ("agent_deit_debug", (16, 64), (4, 16))])
+def test_non_square_grid_is_resampled_from_its_saved_layout(tmp_path, name, saved_size, grid):
+    """A position embedding saved on a 2 x 8 grid has as many rows as a 4 x 4 one. Loaded at 32 x 32 it must be
+    resampled from 2 x 8 (config.json records the size), not read as 4 x 4 (the square guess timm makes)."""
+    from zoo.tasks.vision.agent_deit import resize_pos_embed
+    from zoo.tasks.vision.vit import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name, img_size=saved_size)
+    assert model.patch_embed.grid_size == grid
+    zoo.save_pretrained(model, tmp_path / "wide")
+    square = zoo.from_pretrained(tmp_path / "wide", img_size=32)
+    new_grid = square.patch_embed.grid_size
+    if name.startswith("vit"):
+        expected = resample_abs_pos_embed(model.pos_embed.detach(), new_grid, grid, 1)
+    else:
+        expected = resize_pos_embed(model.pos_embed.detach(), new_grid, grid)
+    torch.testing.assert_close(square.pos_embed.detach(), expected, rtol=0, atol=0)
+    guessed = (resample_abs_pos_embed(model.pos_embed.detach(), new_grid, None, 1) if name.startswith("vit")
+               else model.pos_embed.detach())  # agent: same token count, nothing resampled
+    assert not torch.allclose(square.pos_embed.detach(), guessed)  # the test can tell the two apart
+
+
+def test_prefix_token_override_names_the_cause(tmp_path):
+    zoo.save_pretrained(zoo.create_model("vit_debug"), tmp_path / "vit")
+    with pytest.raises(hub.CheckpointError, match=r"1 prefix row\(s\), the model's 2: class_token, reg_tokens"):
+        zoo.from_pretrained(tmp_path / "vit", reg_tokens=1)
+
+
 def test_head_found_from_default_cfg_classifier(tmp_path, caplog):
     model = zoo.create_model("hubtest_tiny_cnn", num_classes=10)
     assert hub.head_keys(model) == ["fc.weight", "fc.bias"]

@@ -41,7 +41,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -271,11 +271,14 @@ def _summarise(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "state dict") -> list[str]:
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "state dict",
+                 new_head: bool = True) -> list[str]:
     """Load ``state`` into ``model`` strictly, except classifier tensors whose shape differs.
 
-    Those keep the model's fresh initialisation (a message is logged). Returns the re-initialised keys.
-    Raises :class:`CheckpointError` naming ``source`` and the missing / unexpected / mis-shaped keys.
+    Those keep the model's fresh initialisation (a message is logged) when ``new_head`` (the caller asked for
+    another class count); otherwise they raise, so that a trained head is never replaced unasked. Returns the
+    re-initialised keys. Raises :class:`CheckpointError` naming ``source`` and the missing / unexpected /
+    mis-shaped keys.
     """
     own = model.state_dict()
     heads = set(head_keys(model))
@@ -300,6 +303,14 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
             lines.append(f"  shape mismatches ({len(shapes)}): {_summarise(shapes, 6)}")
         raise CheckpointError("\n".join(lines))
     changed = head_mismatch + head_missing + head_unexpected
+    if changed and not new_head:
+        shapes = {k: tuple(state[k].shape) for k in head_mismatch + head_unexpected}
+        raise CheckpointError(
+            f"{source}: its classifier {shapes or 'is absent'} does not fit the model's "
+            f"{ {k: tuple(own[k].shape) for k in head_mismatch + head_missing} or 'no head'} "
+            f"(num_classes={getattr(model, 'num_classes', '?')}), and no class count was asked for: pass the "
+            f"checkpoint's num_classes to load its head, or another num_classes for a new (re-initialised) head"
+        )
     filtered = {k: v for k, v in state.items() if k not in changed}
     result = model.load_state_dict(filtered, strict=False)
     leftover = [k for k in result.missing_keys if k not in changed]
@@ -409,8 +420,10 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
         model = _construct(entry, args)
     weights_path = path / WEIGHTS_NAME if path.is_dir() else path
     state = load_state_dict_file(weights_path)
-    state = _family_filter(entry, state, model, weights_path)
-    load_weights(model, state, source=str(weights_path))
+    saved_args = (config or {}).get("model_args")
+    source = _saved_geometry(entry, saved_args) if overrides and isinstance(saved_args, dict) else None
+    state = _family_filter(entry, state, model, weights_path, source)
+    load_weights(model, state, source=str(weights_path), new_head="num_classes" in overrides)
     data = ((config or {}).get("metadata") or {}).get("data")
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and isinstance(data, dict):
@@ -421,17 +434,37 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
     return model
 
 
-def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, source: Path) -> dict[str, torch.Tensor]:
+def _saved_geometry(entry, saved_args: dict[str, Any]) -> Optional[nn.Module]:
+    """The saved model itself, built from config.json's constructor arguments on the meta device (no memory,
+    no init cost), when overrides change the model: its patch grid and prefix tokens tell the family's filter
+    how the checkpoint's position embedding is laid out (a 2 x 8 grid is not a 4 x 4 one). None if it cannot
+    be built (the filter then falls back to its own assumptions)."""
+    from zoo.registry import _construct
+
+    try:
+        with torch.device("meta"):
+            return _construct(entry, dict(saved_args))
+    except Exception:  # noqa: BLE001 - an old or odd config: the filter works without it
+        return None
+
+
+def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, source: Path,
+                   saved_model: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
     """Apply the family's ``checkpoint_filter_fn(state_dict, model)`` (timm convention) when its module has
-    one: timm layouts, position embeddings / relative-position tables resized to the model's image size."""
+    one: timm layouts, position embeddings / relative-position tables resized to the model's image size.
+    Filters that take ``saved_model`` get the checkpoint's own model (meta device) when it is known."""
+    import inspect
     import sys
 
     module = sys.modules.get(entry.module)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if not callable(filter_fn):
         return state
+    kwargs = {}
+    if saved_model is not None and "saved_model" in inspect.signature(filter_fn).parameters:
+        kwargs["saved_model"] = saved_model
     try:
-        return filter_fn(state, model)
+        return filter_fn(state, model, **kwargs)
     except (ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"{source}: cannot adapt the checkpoint to {entry.name}: {error}") from None
 

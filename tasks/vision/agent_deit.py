@@ -396,13 +396,16 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Weight converter
 # --------------------------------------------------------------------------------------------------
-def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransformer) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransformer,
+                         saved_model: Optional[AgentVisionTransformer] = None) -> dict[str, torch.Tensor]:
     """Adapt an official Agent-DeiT checkpoint to ``model``.
 
     Handles the ``{"model": ...}`` wrapper of the official release (and ``state_dict``/``module.``
     wrappers), a position embedding trained at another image size (resized bilinearly as the official
     ``checkpoint_filter_fn``) and row/column bias tables (ah/aw/ha/wa) built for another ``window``
     (resized along their axis with linear interpolation). ``an_bias``/``na_bias`` never change shape.
+    ``saved_model``: the checkpoint's own model (zoo.from_pretrained builds it on the meta device); its patch
+    grid is the position embedding's layout (without it the old grid is taken to be square, as officially).
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
@@ -415,11 +418,20 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransform
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         target = own.get(key)
-        if key == "pos_embed" and target is not None and value.shape != target.shape:
-            side = math.isqrt(value.shape[1] - 1)
-            if side * side != value.shape[1] - 1:
-                raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not a class token plus a square grid")
-            value = resize_pos_embed(value, model.patch_embed.grid_size, (side, side))
+        old_grid = None if saved_model is None else tuple(saved_model.patch_embed.grid_size)
+        if key == "pos_embed" and target is not None and (
+                value.shape != target.shape or old_grid not in (None, tuple(model.patch_embed.grid_size))):
+            if value.dim() != 3 or value.shape[0] != 1 or value.shape[-1] != target.shape[-1]:
+                raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not (1, 1 + grid, {target.shape[-1]})")
+            if old_grid is None:
+                side = math.isqrt(value.shape[1] - 1)
+                if side * side != value.shape[1] - 1:
+                    raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not a class token plus a square grid")
+                old_grid = (side, side)
+            elif old_grid[0] * old_grid[1] != value.shape[1] - 1:
+                raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not a class token plus its "
+                                 f"{old_grid[0]} x {old_grid[1]} patch grid")
+            value = resize_pos_embed(value, model.patch_embed.grid_size, old_grid)
         elif target is not None and value.shape != target.shape and key.rsplit(".", 1)[-1] in (
                 "ah_bias", "aw_bias", "ha_bias", "wa_bias"):
             axis = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}[key.rsplit(".", 1)[-1]]

@@ -580,6 +580,7 @@ def checkpoint_filter_fn(
     model: VisionTransformer,
     interpolation: str = "bicubic",
     antialias: bool = True,
+    saved_model: Optional[VisionTransformer] = None,
 ) -> dict[str, torch.Tensor]:
     """Adapt a timm (PyTorch) ViT state dict to ``model``.
 
@@ -588,6 +589,11 @@ def checkpoint_filter_fn(
     the model's grid when the checkpoint was trained at another image size (bicubic, anti-aliased, as
     timm); DeiT III layer-scale names (``gamma_1`` -> ``ls1.gamma``); the unused ``pre_logits`` layer.
     A checkpoint with another patch size raises (resampling patch kernels is not supported).
+
+    ``saved_model``: the checkpoint's own model (zoo.from_pretrained builds it on the meta device from
+    config.json). Its patch grid is the embedding's layout, so a 2 x 8 grid is resampled as 2 x 8, not read as
+    4 x 4; without it the old grid is taken to be square, as timm does. A different number of prefix tokens
+    (class token, registers) raises.
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
@@ -609,10 +615,23 @@ def checkpoint_filter_fn(
                     f"checkpoint patch size {tuple(value.shape[-2:])} differs from the model's {(kh, kw)}; "
                     f"build the model with patch_size={tuple(value.shape[-2:])}"
                 )
-        elif key == "pos_embed" and model.pos_embed is not None and value.shape != model.pos_embed.shape:
+        elif key == "pos_embed" and model.pos_embed is not None and (
+                value.shape != model.pos_embed.shape or saved_model is not None
+                and tuple(saved_model.patch_embed.grid_size) != tuple(model.patch_embed.grid_size)):
             prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+            old_size = None
+            if saved_model is not None:
+                saved_prefix = 0 if saved_model.no_embed_class else saved_model.num_prefix_tokens
+                if saved_prefix != prefix:
+                    raise ValueError(
+                        f"the checkpoint's position embedding has {saved_prefix} prefix row(s), the model's {prefix}: "
+                        f"class_token, reg_tokens and no_embed_class must stay as saved "
+                        f"(class_token={saved_model.cls_token is not None}, "
+                        f"reg_tokens={saved_model.num_reg_tokens}, no_embed_class={saved_model.no_embed_class})"
+                    )
+                old_size = saved_model.patch_embed.grid_size
             value = resample_abs_pos_embed(
-                value, model.patch_embed.grid_size, None, prefix, interpolation=interpolation, antialias=antialias
+                value, model.patch_embed.grid_size, old_size, prefix, interpolation=interpolation, antialias=antialias
             )
         elif ".gamma_" in key:
             key = key.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
