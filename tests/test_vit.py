@@ -273,10 +273,36 @@ def test_bad_inputs_raise_clear_errors():
         dynamic(torch.randn(1, 3, 36, 32))
     with pytest.raises(ValueError, match="smaller than patch_size"):
         zoo.create_model("vit_debug", img_size=4)
+    # timm builds it and drops the last 6 pixel rows and columns without a word
+    with pytest.raises(ValueError, match=r"img_size \(30, 30\) is not divisible by patch_size \(8, 8\).*dynamic_img_pad"):
+        zoo.create_model("vit_debug", img_size=30)
+    padded = zoo.create_model("vit_debug", img_size=30, dynamic_img_pad=True).eval()
+    x = torch.randn(1, 3, 30, 30)
+    moved = x.clone()
+    moved[..., 24:, :] += 5.0
+    with torch.no_grad():
+        assert not torch.allclose(padded(x), padded(moved))  # every pixel counts
     with pytest.raises(ValueError, match="global_pool"):
         zoo.create_model("vit_debug", global_pool="mean")
     with pytest.raises(TypeError, match="unexpected keyword"):
         zoo.create_model("vit_debug", embed_dims=3)
+
+
+@pytest.mark.parametrize("name, family", [("vit_debug", "ViT"), ("maxvit_debug", "MaxViT"), ("agent_deit_debug", "Agent-DeiT")])
+def test_input_dtype_must_match_the_model(name, family):
+    """An fp16 image into an fp32 model (or the reverse) is named at the boundary (was torch's "Input type
+    (c10::Half) and bias type (float) should be the same" from the first conv); autocast mixes freely."""
+    model = zoo.create_model(name).eval()
+    size = model.pretrained_cfg["input_size"][1:]
+    x = torch.randn(1, 3, *size)
+    with pytest.raises(TypeError, match=f"{family} input is torch.float16 but the model's weights are torch.float32"):
+        model(x.half())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=f"{family} input is torch.float32 but the model's weights are torch.float64"):
+        model.double()(x)
+    with torch.no_grad():
+        assert model(x.double()).dtype == torch.float64
 
 
 def test_bench_vision_runs_and_loads_optional_case_modules(monkeypatch, capsys):

@@ -209,6 +209,27 @@ def surely_finite(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> bool:
     return math.isfinite(float(total))
 
 
+def check_image_batch(x, family: str, in_chans: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
+    """A vision model's input at its API boundary: a floating-point (B, in_chans, H, W) tensor of the dtype and
+    device of ``weight`` (the model's first layer; any dtype under torch.autocast). Raises naming ``family``
+    and what is wrong; returns the shape."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{family} input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{family} input must be a 4-D image batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{family} input must be a floating-point tensor, got {x.dtype}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"{family} expects {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+    if x.device != weight.device and weight.device.type != "meta":
+        raise ValueError(f"{family} input is on {x.device} but the model is on {weight.device}: move one of them "
+                         f"(x.to('{weight.device}') or model.to('{x.device}'))")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{family} input is {x.dtype} but the model's weights are {weight.dtype}: convert the images "
+                        f"(x.to({weight.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
+    return tuple(x.shape)
+
+
 def check_finite_input(x: torch.Tensor, what: str) -> None:
     """Raise ``ValueError("<what> contains NaN or Inf ...")`` for a non-finite CPU tensor.
 

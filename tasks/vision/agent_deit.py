@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
-from zoo.layers import DropPath, IntOrPair, check_reset_classifier, new_linear_head, to_pair
+from zoo.layers import DropPath, IntOrPair, check_image_batch, check_reset_classifier, new_linear_head, to_pair
 from zoo.registry import note_model_args, register_model
 from zoo.tasks.vision.vit import Block, PatchEmbed, TokenFeaturesMixin
 
@@ -289,17 +289,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_image(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"Agent-DeiT input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(
-                f"Agent-DeiT input must be a 4-D image batch (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"Agent-DeiT input must be a floating-point tensor, got {x.dtype}")
-        b, c, h, w = x.shape
-        if c != self.in_chans:
-            raise ValueError(f"Agent-DeiT expects {self.in_chans} input channels, got {c} (input shape {tuple(x.shape)})")
+        b, c, h, w = check_image_batch(x, "Agent-DeiT", self.in_chans, self.patch_embed.proj.weight)
         ph, pw = self.patch_embed.patch_size
         if h < ph or w < pw:
             raise ValueError(f"image {h}x{w} is smaller than the patch size {ph}x{pw}")

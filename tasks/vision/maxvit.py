@@ -52,7 +52,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import (
-    DropPath, IntOrPair, activate_fresh, check_finite_input, check_reset_classifier, feature_take_indices,
+    DropPath, IntOrPair, activate_fresh, check_finite_input, check_image_batch, check_reset_classifier, feature_take_indices,
     new_linear_head, to_pair,
 )
 from zoo.registry import note_model_args, register_model
@@ -710,15 +710,7 @@ class MaxVit(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_image(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"MaxViT input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"MaxViT input must be a 4-D image batch (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"MaxViT input must be a floating-point tensor, got {x.dtype}")
-        b, c, h, w = x.shape
-        if c != self.in_chans:
-            raise ValueError(f"MaxViT expects {self.in_chans} input channels, got {c} (input shape {tuple(x.shape)})")
+        b, c, h, w = check_image_batch(x, "MaxViT", self.in_chans, self.stem.conv1.weight)
         if h < STEM_STRIDE or w < STEM_STRIDE:
             raise ValueError(f"image {h}x{w} is smaller than the stem stride {STEM_STRIDE}")
         if b == 0:

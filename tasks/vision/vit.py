@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, MultiHeadAttention
 from zoo.layers import (
-    DropPath, IntOrPair, LayerScale, check_finite_input, check_reset_classifier, feature_take_indices, new_linear_head,
+    DropPath, IntOrPair, LayerScale, check_finite_input, check_image_batch, check_reset_classifier, feature_take_indices, new_linear_head,
     to_pair,
 )
 from zoo.registry import note_model_args, register_model
@@ -114,6 +114,14 @@ class PatchEmbed(nn.Module):
         size = to_pair(img_size, "img_size")
         if any(i < p for i, p in zip(size, self.patch_size)):
             raise ValueError(f"img_size {size} is smaller than patch_size {self.patch_size}")
+        if any(i % p for i, p in zip(size, self.patch_size)) and not self.dynamic_img_pad:
+            # timm builds it and its patch conv drops the last partial row / column of patches without a word
+            cut = tuple(i % p for i, p in zip(size, self.patch_size))
+            raise ValueError(
+                f"img_size {size} is not divisible by patch_size {self.patch_size}: the last {cut[0]} row(s) and "
+                f"{cut[1]} column(s) of pixels would be ignored; use a multiple of the patch size, or "
+                f"dynamic_img_pad=True to zero-pad images to whole patches"
+            )
         old_grid = getattr(self, "grid_size", None)
         self.img_size = size
         self.grid_size = (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
@@ -447,15 +455,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_image(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ViT input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"ViT input must be a 4-D image batch (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"ViT input must be a floating-point tensor, got {x.dtype}")
-        b, c, h, w = x.shape
-        if c != self.in_chans:
-            raise ValueError(f"ViT expects {self.in_chans} input channels, got {c} (input shape {tuple(x.shape)})")
+        b, c, h, w = check_image_batch(x, "ViT", self.in_chans, self.patch_embed.proj.weight)
         ph, pw = self.patch_embed.patch_size
         if h < ph or w < pw:
             raise ValueError(f"image {h}x{w} is smaller than the patch size {ph}x{pw}")
