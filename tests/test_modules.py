@@ -153,6 +153,46 @@ def test_num_queries_computes_the_first_rows_only(cfg):
         MultiHeadAttention(48, 4, rope="1d")(x.float(), num_queries=2)
 
 
+@pytest.mark.parametrize("rel", [False, True])
+def test_num_queries_sees_the_first_rows_of_masks_and_biases(rel):
+    """num_queries computes the first n tokens' outputs: with a mask or bias they must equal the first rows of
+    the full forward. Masks and biases place queries bottom-right (the last Nq key positions, as for a KV
+    cache), so the first tokens used to see the future under Causal / Window / ChunkWindow."""
+    from zoo.attention import ChunkWindow, Window
+
+    torch.manual_seed(3)
+    n = 6
+    m = _randomise(MultiHeadAttention(16, 4, rel_pos_bias=TableBias(4, n) if rel else None)).double().eval()
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    bias = torch.randn(4, n, n, dtype=torch.float64)
+    masks = [None, Causal(), Window(1, 0), ChunkWindow(2), torch.rand(n, n) > 0.3]
+    with torch.no_grad():
+        for mask in masks:
+            for b in (None, bias):
+                full = m(x, mask=mask, bias=b)
+                for n_q in (1, 2, n):
+                    torch.testing.assert_close(m(x, mask=mask, bias=b, num_queries=n_q), full[:, :n_q],
+                                               atol=1e-12, rtol=0, msg=lambda s: f"{mask!r} bias={b is not None} {s}")
+        # a mask or bias already shaped for the n_q queries is taken as it is
+        rows = torch.tril(torch.ones(n, n, dtype=torch.bool))[:2]
+        torch.testing.assert_close(m(x, mask=rows, num_queries=2), m(x, mask=Causal(), num_queries=2) if not rel
+                                   else m(x, mask=torch.tril(torch.ones(n, n, dtype=torch.bool)))[:, :2])
+
+
+def test_bool_or_misshapen_bias_is_refused_beside_relative_positions():
+    """The user's bias meets attend()'s checks before it is added to a relative-position bias (a bool tensor
+    used to add as 0/1; a wrong shape raised torch's broadcast error)."""
+    x = torch.randn(2, 4, 16)
+    keep = torch.tensor([[True, True, False, False]]).expand(4, 4)
+    for m in (MultiHeadAttention(16, 4, rel_pos_bias=TableBias(4, 4)), MultiHeadAttention(16, 4, rel_pos="xl")):
+        with pytest.raises(TypeError, match="bias must be a floating-point tensor, got torch.bool"):
+            m(x, bias=keep)
+        with pytest.raises(ValueError, match=r"bias of shape \(1, 1, 3, 5\) does not broadcast"):
+            m(x, bias=torch.zeros(3, 5))
+        with pytest.raises(TypeError, match="bias must be a float tensor"):
+            m(x, bias=[[0.0] * 4] * 4)
+
+
 def test_mha_mask_bias_and_rel_pos_bias_in_float32():
     torch.manual_seed(1)
     n = 9

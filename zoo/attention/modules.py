@@ -34,9 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention import capture as _capture
-from zoo.attention.bias import AttentionBias
+from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.core import attend
-from zoo.attention.masks import Mask
+from zoo.attention.masks import Mask, as_mask
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
 from zoo.layers import activate_fresh
@@ -344,9 +344,29 @@ class MultiHeadAttention(nn.Module):
         if bias is None:
             return self.rel_pos_bias  # attend() materialises it (one code path for the checks)
         rel = self.rel_pos_bias.materialize(n_q, n_k, device=like.device, dtype=like.dtype)
-        if isinstance(bias, AttentionBias):
-            bias = bias.materialize(n_q, n_k, device=like.device, dtype=like.dtype)
-        return rel + bias
+        # the user's bias gets attend()'s checks before the sum (a bool tensor would add as 0/1)
+        return rel + resolve_bias(bias, n_q, n_k, device=like.device, dtype=like.dtype)
+
+    def _first_query_rows(self, mask, bias, n_q: int, n_tok: int, like: torch.Tensor):
+        """With ``num_queries``: the mask and biases of the first ``n_q`` of the ``n_tok`` tokens. Masks and
+        biases place Nq queries at the last Nq key positions (bottom-right, as for a KV cache), but these
+        queries are the first tokens: their rows of the (n_tok, n_tok) pattern are taken instead. A tensor
+        already shaped for the n_q queries (or broadcast over them) is kept as it is."""
+        def for_queries(t) -> bool:
+            return isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2] in (1, n_q) and n_q != n_tok
+
+        if mask is not None and not for_queries(mask):
+            mask = as_mask(mask)
+            mask = None if mask.is_full else mask.dense(n_tok, n_tok, like.device, rows=(0, n_q))
+        biases = [b for b in (self.rel_pos_bias, bias) if b is not None]
+        total = None
+        for b in biases:
+            if for_queries(b):
+                rows = resolve_bias(b, n_q, n_tok, device=like.device, dtype=like.dtype)
+            else:
+                rows = resolve_bias(b, n_tok, n_tok, device=like.device, dtype=like.dtype)[..., :n_q, :]
+            total = rows if total is None else total + rows
+        return mask, total
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -426,13 +446,16 @@ class MultiHeadAttention(nn.Module):
             else:
                 k_BHMD, v_BHMD = cache.append(k_BHMD, v_BHMD)
         n_k = k_BHMD.shape[2]
-        bias = self._combined_bias(bias, n_q, n_k, q_BHND)
+        if num_queries is not None and num_queries < n_k:
+            mask, bias = self._first_query_rows(mask, bias, n_q, n_k, q_BHND)
+        else:
+            bias = self._combined_bias(bias, n_q, n_k, q_BHND)
         if self.rel_pos is not None:
             # queries q + u, and the (b) + (d) terms as a bias: the new tokens are the last n_q of the n_k keys
             # (a KV cache's first), or the first n_q with num_queries
             q_BHND, xl_bias = self.rel_pos(q_BHND, n_k, self.scale, q_offset=0 if num_queries is not None else None)
-            if isinstance(bias, AttentionBias):
-                bias = bias.materialize(n_q, n_k, device=q_BHND.device, dtype=q_BHND.dtype)
+            if bias is not None:  # attend()'s checks before the sum (a bool tensor would add as 0/1)
+                bias = resolve_bias(bias, n_q, n_k, device=q_BHND.device, dtype=q_BHND.dtype)
             bias = xl_bias if bias is None else xl_bias + bias
         dropout_p = self.attn_drop if self.training else 0.0
         if _capture.is_capturing():
