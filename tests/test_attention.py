@@ -415,7 +415,7 @@ def _with_nonfinite(t: torch.Tensor, value: float, where: tuple) -> torch.Tensor
 
 
 @pytest.mark.parametrize("name", ["q", "k", "v"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("mask", [None, "causal", "window"])
 def test_nonfinite_input_is_named(name, value, mask):
     """A single NaN/Inf in q, k or v (a key the mask hides included) raises naming that input."""
@@ -425,6 +425,42 @@ def test_nonfinite_input_is_named(name, value, mask):
     masks = {None: None, "causal": Causal(), "window": Window(2, 0)}
     with pytest.raises(ValueError, match=f"attend: {name} contains NaN or Inf"):
         attend(inputs["q"], inputs["k"], inputs["v"], masks[mask])
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+def test_negative_infinite_key_is_not_taken_for_a_masked_one(backend):
+    """A -inf in k gives that key a -inf score on every backend: a key nobody attends to, with a finite output,
+    so the output alone cannot tell. It must still be named."""
+    q, k, v = make_qkv(1, 1, 1, 3, 3, 4)
+    q = q.abs() + 0.1  # every score of key 1 is -inf
+    k = _with_nonfinite(k, float("-inf"), (0, 0, 1, 0))
+    with pytest.raises(ValueError, match="attend: k contains NaN or Inf"):
+        attend(q, k, v, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "sdpa", "blocksparse"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_positive_infinite_bias_is_named(backend, value):
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
+    bias = torch.zeros(4, 4)
+    bias[0, 0] = value
+    with pytest.raises(ValueError, match="attend: bias contains (NaN|\\+Inf)"):
+        attend(q, k, v, bias=bias, backend=backend)
+    bias[0, 0] = float("-inf")  # -inf forbids a pair: valid
+    assert torch.isfinite(attend(q, k, v, bias=bias, backend=backend)).all()
+
+
+def test_fp16_reference_scales_before_the_product():
+    """q . k past fp16's 65504 whose scaled score is not: the reference backend (every return_weights call)
+    agrees with SDPA and the float64 result instead of returning NaN rows."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 64) * 40).half(), (torch.randn(1, 1, 4, 64) * 40).half(), torch.randn(1, 1, 4, 64).half()
+    q[0, 0, 0], k[0, 0, 0] = 40.0, 40.0  # q0 . k0 = 102400
+    expected = attend(q.double(), k.double(), v.double(), backend="torch")
+    out, weights = attend(q, k, v, backend="torch", return_weights=True)
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=0)
+    torch.testing.assert_close(attend(q, k, v, backend="sdpa").double(), expected, atol=2e-3, rtol=0)
 
 
 def test_check_finite_false_skips_the_scan():

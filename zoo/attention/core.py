@@ -140,12 +140,19 @@ def attend(
     else:
         result = _dispatch(q, k, v, mask, bias, scale, score, dropout_p, return_weights, backend)
     if check_finite and q.is_cpu and not is_tracing():  # on CUDA: a device sync
-        # NaN/Inf inputs: a non-finite k or v reaches the output, so the output answers for them; a NaN
-        # query may not (SDPA's CPU kernel can return a finite row for it), so q is checked too: one dot
-        # product q . out (zoo.layers.surely_finite). Only when it is not finite are the inputs scanned,
-        # so the error names the input at fault.
-        if not surely_finite(q, result[0] if return_weights else result):
+        # NaN/Inf inputs: a non-finite v reaches the output, so the output answers for it; a NaN query may
+        # not (SDPA's CPU kernel can return a finite row for it), and a -inf key is a key nobody attends to,
+        # so q and k are reduced too: q . out and k . v (zoo.layers.surely_finite; Inf * 0 is NaN). Only when
+        # one is not finite are the inputs scanned, so the error names the input at fault.
+        # A NaN or +Inf bias makes its rows NaN, so it is looked at only then.
+        out_finite = surely_finite(q, result[0] if return_weights else result)
+        if not (out_finite and surely_finite(k, v)):
             _check_finite(q=q, k=k, v=v)
+        if not out_finite and isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.numel():
+            top = float(bias.detach().max())  # NaN and +Inf come out on top; -inf is a valid "never"
+            if not top < math.inf:
+                raise ValueError(f"attend: bias contains {'NaN' if math.isnan(top) else '+Inf'} values "
+                                 f"(-inf or mask= forbid pairs)")
     return result
 
 
@@ -215,9 +222,12 @@ def _rows(
     kv_heads, k_len = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     q_g = q_rows.reshape(batch, kv_heads, groups * rows, head_dim)
-    s = torch.matmul(q_g, k.transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len)
-    compute_dtype = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else s.dtype
-    s = s.to(compute_dtype) * scale
+    compute_dtype = torch.float32 if q_g.dtype in (torch.float16, torch.bfloat16) else q_g.dtype
+    if q_g.dtype == torch.float16:
+        # scaled before the product, as SDPA does: q . k can pass fp16's 65504 where the scaled score does not
+        s = torch.matmul(q_g * scale, k.transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len).float()
+    else:
+        s = torch.matmul(q_g, k.transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len).to(compute_dtype) * scale
     if bias_rows is not None:
         s = s + _grouped(bias_rows, kv_heads, groups).to(compute_dtype)
     allowed = _grouped(allowed_rows, kv_heads, groups)
