@@ -163,3 +163,34 @@ def test_cache_misuse_raises_clear_errors():
         c.append(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
     with pytest.raises(ValueError, match="float64"):
         c.append(torch.randn(1, 2, 1, 4, dtype=torch.float64), torch.randn(1, 2, 1, 4, dtype=torch.float64))
+
+
+def test_a_cache_belongs_to_one_layer_and_checks_what_it_is_given():
+    """Two layers sharing one cache (or a cross-attention cache handed to a self-attention layer) used to mix
+    their keys silently; append() and reorder() name bad arguments instead of torch's index errors."""
+    with torch.no_grad():
+        first, second = MultiHeadAttention(16, 4).eval(), MultiHeadAttention(16, 4).eval()
+        cache = KVCache()
+        first(torch.randn(1, 3, 16), cache=cache)
+        with pytest.raises(ValueError, match="holds another layer's keys and values; use one KVCache per layer"):
+            second(torch.randn(1, 3, 16), cache=cache)
+        assert len(cache) == 3
+        cache.reset()  # a new sequence: any layer may take it
+        second(torch.randn(1, 2, 16), cache=cache)
+        assert len(cache) == 2
+        cross, cross_cache = MultiHeadAttention(16, 4, kv_dim=12).eval(), KVCache()
+        cross(torch.randn(1, 2, 16), torch.randn(1, 7, 12), cache=cross_cache)
+        with pytest.raises(ValueError, match="another layer"):
+            first(torch.randn(1, 1, 16), cache=cross_cache)
+    cache = KVCache()
+    with pytest.raises(ValueError, match=r"new keys must be a \(B, Hkv, n, D\) tensor, got \(2, 3, 4\)"):
+        cache.append(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    cache.append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="must share batch, heads, token count and dtype"):
+        cache.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="must share"):
+        cache.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4).double())
+    with pytest.raises(ValueError, match=r"index \[0, 5\] is out of range for the cached batch of 1"):
+        cache.reorder(torch.tensor([0, 5]))
+    with pytest.raises(TypeError, match="1-D integer tensor"):
+        cache.reorder([0])

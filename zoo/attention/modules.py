@@ -27,6 +27,7 @@ D head dim.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -76,6 +77,7 @@ class KVCache:
         self.length = 0
         self.dropped = 0  # tokens dropped from the front: the cached token t is stream position dropped + t
         self.context = None  # cross attention: the context tensor whose projection is stored
+        self._owner = None  # weakref to the layer that uses this cache (bound on its first call)
 
     def __len__(self) -> int:
         return self.length
@@ -97,6 +99,13 @@ class KVCache:
         """Add n tokens' keys and values; returns the keys and values of every cached token and the new ones
         (views). With ``max_length``, the tokens beyond it are then dropped from the front (the returned views
         stay valid until the next append)."""
+        for name, t in (("keys", k_BHnD), ("values", v_BHnD)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"KVCache: new {name} must be a (B, Hkv, n, D) tensor, got {shape}")
+        if k_BHnD.shape[:3] != v_BHnD.shape[:3] or k_BHnD.dtype != v_BHnD.dtype:
+            raise ValueError(f"KVCache: keys {tuple(k_BHnD.shape)} {k_BHnD.dtype} and values {tuple(v_BHnD.shape)} "
+                             f"{v_BHnD.dtype} must share batch, heads, token count and dtype")
         n = k_BHnD.shape[2]
         if self._k is not None:
             if k_BHnD.shape[:2] != self._k.shape[:2] or k_BHnD.shape[3] != self._k.shape[3]:
@@ -138,6 +147,11 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the batch rows ``index`` (B') in that order, e.g. the beams that survive a search step."""
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool:
+            raise TypeError(f"KVCache.reorder: index must be a 1-D integer tensor of batch rows, got {index!r}")
+        batch = None if self._k is None else self._k.shape[0]
+        if batch is not None and index.numel() and not (-batch <= int(index.min()) and int(index.max()) < batch):
+            raise ValueError(f"KVCache.reorder: index {index.tolist()} is out of range for the cached batch of {batch}")
         if self._k is not None:
             self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
         if self.context is not None:
@@ -327,6 +341,12 @@ class MultiHeadAttention(nn.Module):
     def _check_cache(self, cache, x_BNC: torch.Tensor, num_queries) -> None:
         if not isinstance(cache, KVCache):
             raise TypeError(f"MultiHeadAttention: cache must be a zoo.attention.KVCache, got {type(cache).__name__}")
+        owner = None if cache._owner is None else cache._owner()
+        if owner is None:  # unused (or reset, or its layer is gone): this layer's from now on
+            cache._owner = weakref.ref(self)
+        elif owner is not self:
+            raise ValueError("MultiHeadAttention: this KVCache holds another layer's keys and values; use one "
+                             "KVCache per layer (and reset() or a new cache for a new sequence)")
         if num_queries is not None:
             raise ValueError("MultiHeadAttention: num_queries cannot be combined with a cache")
         if self.rel_pos_bias is not None:
