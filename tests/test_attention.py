@@ -539,3 +539,54 @@ def test_streaming_chunk_mask_recipe(backend):
         out = attend(q, k, v, mask=mask)
     ref = naive_attention(q, k, v, truth[None, None], None, 16 ** -0.5, "softmax")
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_core_api_boundaries_name_bad_arguments():
+    """Arguments that used to reach torch unchecked (a raw error far from the call, or a silent truncation)
+    are named where they enter (the bad-input audit of 2026-12-05)."""
+    import numpy as np
+
+    from zoo.attention import AgentAttention, BlockSparse, MultiHeadAttention, RotaryEmbedding, block_sparse_attention
+
+    # register_backend: a bad entry used to break every later attend() call ("bad operand type for unary -")
+    for kwargs, message in ((dict(priority="high"), "priority must be an int"), (dict(forward=None), "forward must be callable"),
+                            (dict(auto_devices="cpu"), "auto_devices must be a collection")):
+        args = {**dict(name="audit", forward=lambda *a: None, supports=lambda *a: None), **kwargs}
+        with pytest.raises(TypeError, match=message):
+            za.register_backend(**args)
+    assert "audit" not in zb.list_backends()
+    # block sizes: 4.0, (4.5, 4) and True used to pass as 4, (4, 4) and 1; numpy ints are ints
+    blocks = torch.ones(2, 2, dtype=torch.bool)
+    assert BlockSparse(blocks, np.int64(4)).block_q == 4
+    for bad in (4.0, (4.5, 4), True, (4,), (4, 0)):
+        with pytest.raises(ValueError, match="BlockSparse block_size must be a positive int or a pair"):
+            BlockSparse(blocks, bad)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 6)
+    for bias in (torch.zeros(1, 1, 5, 3), torch.zeros(1, 3, 5, 7)):
+        with pytest.raises(ValueError, match=r"does not broadcast to \(2, 4, 5, 7\)"):
+            block_sparse_attention(q, k, v, Causal(), bias=bias)
+    with pytest.raises(ValueError, match="block_size must be a positive int or a pair"):
+        block_sparse_attention(q, k, v, Causal(), block_size=4.0)
+    # modules: an input of another dtype than the weights (was "expected m1 and m2 to have the same dtype")
+    with pytest.raises(TypeError, match="MultiHeadAttention: x is torch.float64 but the module's weights are torch.float32"):
+        MultiHeadAttention(16, 4)(torch.randn(2, 5, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="MultiHeadAttention: context is torch.float16"):
+        MultiHeadAttention(16, 4, kv_dim=12)(torch.randn(1, 3, 16), torch.randn(1, 4, 12).half())
+    with pytest.raises(TypeError, match="MultiHeadAttention: x must be a floating-point tensor"):
+        MultiHeadAttention(16, 4)(torch.ones(2, 5, 16, dtype=torch.long))
+    agent = AgentAttention(16, 4, agent_num=4, window=3)
+    with pytest.raises(TypeError, match="AgentAttention: input is torch.float64"):
+        agent(torch.randn(2, 10, 16, dtype=torch.float64))
+    for grid in ((3, 3, 5), "33", (3.7, 3.2)):  # all used to run as (3, 3)
+        with pytest.raises(ValueError, match="AgentAttention: grid must be a positive int or a pair"):
+            agent(torch.randn(2, 10, 16), grid=grid)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes freely
+        assert MultiHeadAttention(16, 4, kv_dim=12)(torch.randn(1, 3, 16), torch.randn(1, 4, 12).bfloat16()).dtype == torch.bfloat16
+    # RoPE: integer input was rotated and truncated; per-sample positions of another batch enlarged it
+    with pytest.raises(TypeError, match="RoPE expects a floating-point tensor"):
+        RotaryEmbedding(8)(torch.arange(24).view(1, 1, 3, 8))
+    with pytest.raises(ValueError, match=r"per-sample positions \(2, 5\) are for batch 2 but x has batch 1"):
+        RotaryEmbedding(8)(torch.randn(1, 1, 5, 8), torch.arange(5.0).repeat(2, 1))
+    for grid in ((2.9, 2.9), (-2, -2)):
+        with pytest.raises(ValueError, match="a grid size is positive ints"):
+            RotaryEmbedding(8, "2d")(torch.randn(1, 1, 4, 8), grid)

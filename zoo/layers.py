@@ -40,16 +40,17 @@ def check_positive_int(value, name: str) -> None:
 
 
 def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
-    """``value`` (an int or a pair of positive ints) as a tuple; ValueError naming ``name`` otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    """``value`` (a positive int or a pair of them; numpy ints count, bools and floats do not) as a tuple of
+    Python ints; ValueError naming ``name`` otherwise."""
+    if _is_int(value) and not isinstance(value, torch.Tensor):
         pair = (value, value)
-    elif isinstance(value, Sequence) and not isinstance(value, str):
+    elif isinstance(value, abc.Sequence) and not isinstance(value, str):
         pair = tuple(value)
     else:
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+    if len(pair) != 2 or not all(_is_int(v) and not isinstance(v, torch.Tensor) and operator.index(v) > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return operator.index(pair[0]), operator.index(pair[1])
 
 
 def feature_take_indices(count: int, indices: Union[int, Sequence[int], None] = None,
@@ -91,14 +92,15 @@ def feature_take_indices(count: int, indices: Union[int, Sequence[int], None] = 
 
 
 def _is_int(value) -> bool:
-    """A Python / numpy int or an integer 0-d tensor; not a bool (True would silently mean 1)."""
-    if isinstance(value, (bool, float)) or isinstance(value, torch.Tensor) and value.is_floating_point():
+    """A Python / numpy int or an integer 0-d tensor; not a bool (True would silently mean 1). No try/except,
+    so torch.compile traces it (model forwards call to_pair)."""
+    if isinstance(value, bool):
         return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return not isinstance(value, torch.Tensor) or value.dim() == 0
+    if isinstance(value, int):
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return hasattr(type(value), "__index__")  # numpy integers (numpy's bool has no __index__)
 
 
 def check_reset_classifier(num_classes, global_pool: Optional[str], pools: Sequence[str]) -> None:
@@ -221,13 +223,22 @@ def check_image_batch(x, family: str, in_chans: int, weight: torch.Tensor) -> tu
         raise TypeError(f"{family} input must be a floating-point tensor, got {x.dtype}")
     if x.shape[1] != in_chans:
         raise ValueError(f"{family} expects {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
-    if x.device != weight.device and weight.device.type != "meta":
-        raise ValueError(f"{family} input is on {x.device} but the model is on {weight.device}: move one of them "
-                         f"(x.to('{weight.device}') or model.to('{x.device}'))")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"{family} input is {x.dtype} but the model's weights are {weight.dtype}: convert the images "
-                        f"(x.to({weight.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
+    check_like_weights(x, weight, f"{family} input", "model")
     return tuple(x.shape)
+
+
+def check_like_weights(x: torch.Tensor, weight: torch.Tensor, what: str, owner: str = "module") -> None:
+    """``x`` on the device and of the dtype of ``weight`` (any dtype under torch.autocast): else an error naming
+    ``what`` ("ViT input", "MultiHeadAttention: x") and both sides, instead of torch's "expected m1 and m2 to
+    have the same dtype" from inside the first layer."""
+    if weight.device.type == "meta":
+        return
+    if x.device != weight.device:
+        raise ValueError(f"{what} is on {x.device} but the {owner} is on {weight.device}: move one of them "
+                         f"(x.to('{weight.device}') or {owner}.to('{x.device}'))")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{what} is {x.dtype} but the {owner}'s weights are {weight.dtype}: convert one of them "
+                        f"(x.to({weight.dtype}) or {owner}.to({x.dtype})), or run under torch.autocast")
 
 
 def check_finite_input(x: torch.Tensor, what: str) -> None:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from zoo.attention import backends as _backends
 from zoo.attention import capture as _capture
 from zoo.attention.core import attend
-from zoo.layers import check_finite_input, is_tracing, surely_finite
+from zoo.layers import check_finite_input, check_like_weights, is_tracing, surely_finite, to_pair
 
 __all__ = ["AgentAttention", "agent_biases", "adaptive_pool_matrix"]
 
@@ -306,8 +306,8 @@ class AgentAttention(nn.Module):
                     f"grid; pass grid=(rows, cols)"
                 )
             return side, side
-        gh, gw = int(grid[0]), int(grid[1])
-        if gh <= 0 or gw <= 0 or gh * gw != n_patch:
+        gh, gw = to_pair(grid, "AgentAttention: grid")  # (3.7, 3.2), "33" or (3, 3, 5) used to pass as (3, 3)
+        if gh * gw != n_patch:
             raise ValueError(
                 f"AgentAttention: grid {tuple(grid)} has {gh * gw} cells but the input has {n_patch} patch tokens "
                 f"({n_tok} tokens, {self.num_prefix_tokens} prefix)"
@@ -336,6 +336,9 @@ class AgentAttention(nn.Module):
         if not isinstance(x_BNC, torch.Tensor) or x_BNC.dim() != 3 or x_BNC.shape[-1] != self.dim:
             shape = tuple(x_BNC.shape) if isinstance(x_BNC, torch.Tensor) else type(x_BNC).__name__
             raise ValueError(f"AgentAttention: input must have shape (B, N, {self.dim}), got {shape}")
+        if not x_BNC.is_floating_point():
+            raise TypeError(f"AgentAttention: input must be a floating-point tensor, got {x_BNC.dtype}")
+        check_like_weights(x_BNC, self.qkv.weight, "AgentAttention: input")
         batch, n_tok, dim = x_BNC.shape
         gh, gw = self._grid_of(n_tok, grid)
         prefix = self.num_prefix_tokens

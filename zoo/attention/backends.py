@@ -86,6 +86,19 @@ def register_backend(
     example only when a sparse mask skips enough tiles to beat the dense path). ``sparse_only`` promises
     that automatic selection never picks it for a Full mask or a square Causal mask.
     """
+    # checked here: a bad entry would otherwise break every later attend() call, far from this one
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_backend: name must be a non-empty str, got {name!r}")
+    for arg, value in (("forward", forward), ("supports", supports)):
+        if not callable(value):
+            raise TypeError(f"register_backend({name!r}): {arg} must be callable, got {type(value).__name__}")
+    if auto_supports is not None and not callable(auto_supports):
+        raise TypeError(f"register_backend({name!r}): auto_supports must be callable or None, got {type(auto_supports).__name__}")
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"register_backend({name!r}): priority must be an int, got {priority!r}")
+    if isinstance(auto_devices, str) or not all(isinstance(d, str) for d in auto_devices):
+        raise TypeError(f"register_backend({name!r}): auto_devices must be a collection of device types such as "
+                        f"('cpu', 'cuda'), got {auto_devices!r}")
     backend = Backend(
         name, forward, supports, priority, frozenset(auto_devices), description, auto_supports, sparse_only
     )

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from zoo.layers import check_positive_int
+from zoo.layers import check_positive_int, to_pair
 
 __all__ = [
     "EMPTY",
@@ -477,9 +477,7 @@ class BlockSparse(Mask):
             block_mask = block_mask[None, None]
         if block_mask.dim() != 4:
             raise ValueError(f"BlockSparse block_mask must be (QB, KB) or (B, H, QB, KB), got {tuple(block_mask.shape)}")
-        bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-        if bq < 1 or bk < 1:
-            raise ValueError(f"block_size must be positive, got {block_size}")
+        bq, bk = to_pair(block_size, "BlockSparse block_size")
         self.block_mask = block_mask
         self.block_q, self.block_k = int(bq), int(bk)
 

@@ -40,7 +40,7 @@ from zoo.attention.core import attend
 from zoo.attention.masks import Mask, as_mask
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
-from zoo.layers import activate_fresh
+from zoo.layers import activate_fresh, check_like_weights
 
 __all__ = ["MultiHeadAttention", "Mlp", "KVCache"]
 
@@ -303,6 +303,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: {name} must have shape (B, N, {width}), got {tuple(t.shape)}")
         if t.shape[1] == 0:
             raise ValueError(f"MultiHeadAttention: {name} has no tokens (shape {tuple(t.shape)})")
+        if not t.is_floating_point():
+            raise TypeError(f"MultiHeadAttention: {name} must be a floating-point tensor, got {t.dtype}")
+        layer = (self.kv if name == "context" else self.q) if self.is_cross else self.qkv
+        check_like_weights(t, layer.weight, f"MultiHeadAttention: {name}")
 
     def project(self, x_BNC: torch.Tensor, context_BMC: Optional[torch.Tensor] = None, num_queries: Optional[int] = None):
         """q (B, H, Nq, D), k and v (B, Hkv, M, D) after qk-norm (before RoPE). In cross attention without a

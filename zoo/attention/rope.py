@@ -187,7 +187,9 @@ class RotaryEmbedding(nn.Module):
         elif not isinstance(positions, torch.Tensor):
             if self.mode == "1d":
                 raise TypeError("a grid size is only meaningful for 2D / 3D RoPE; pass a tensor of positions")
-            sizes = tuple(int(p) for p in positions)
+            if not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in positions):
+                raise ValueError(f"{self.mode} RoPE: a grid size is positive ints, got {tuple(positions)}")
+            sizes = tuple(positions)
             axes = 3 if self.mode == "3d" else 2
             if len(sizes) != axes:
                 raise ValueError(f"{self.mode} RoPE: a grid size has {axes} numbers, got {tuple(positions)}")
@@ -212,6 +214,14 @@ class RotaryEmbedding(nn.Module):
         """Rotate the non-prefix tokens of ``x`` (B, H, N, D); the prefix tokens pass through unchanged."""
         if x_BHND.dim() != 4 or x_BHND.shape[-1] != self.head_dim:
             raise ValueError(f"RoPE expects (B, H, N, {self.head_dim}), got {tuple(x_BHND.shape)}")
+        if not x_BHND.is_floating_point():
+            raise TypeError(f"RoPE expects a floating-point tensor, got {x_BHND.dtype} (rotated values would be "
+                            f"truncated)")
+        per_sample = 2 if self.mode == "1d" else 3  # (B, N) or (B, N, P)
+        if isinstance(positions, torch.Tensor) and positions.dim() == per_sample \
+                and positions.shape[0] not in (1, x_BHND.shape[0]):
+            raise ValueError(f"RoPE: per-sample positions {tuple(positions.shape)} are for batch {positions.shape[0]} "
+                             f"but x has batch {x_BHND.shape[0]}")
         npt = self.num_prefix_tokens
         num_tokens = x_BHND.shape[2] - npt
         if num_tokens <= 0:

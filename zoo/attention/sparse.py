@@ -53,7 +53,7 @@ import torch
 from zoo.attention import backends as _backends
 from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, ChunkWindow, Mask, Or, as_mask
 from zoo.attention.radial import Radial
-from zoo.layers import exp_flushed_ as _exp_flushed_, is_tracing
+from zoo.layers import exp_flushed_ as _exp_flushed_, is_tracing, to_pair
 
 __all__ = ["block_sparse_attention", "choose_tiles", "AUTO_MAX_KEPT", "AUTO_MIN_CELLS", "DEFAULT_TILE"]
 
@@ -753,12 +753,14 @@ def block_sparse_attention(
     batch, heads, q_len, head_dim = q.shape
     mask.check_shape(q_len, k.shape[2], batch, heads)
     if block_size is not None:
-        sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-        if len(sizes) != 2 or any(not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
+        block_size = to_pair(block_size, "block_size")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.dim() != 4:
             raise TypeError(f"bias must be a 4-D float tensor, got {getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.shape[0] not in (1, batch) or bias.shape[1] not in (1, heads) or bias.shape[2] not in (1, q_len) \
+                or bias.shape[3] not in (1, k.shape[2]):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to "
+                             f"({batch}, {heads}, {q_len}, {k.shape[2]})")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     return _run(q, k, v, mask, bias, scale, score, block_size)
 
