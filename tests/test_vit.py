@@ -305,6 +305,26 @@ def test_input_dtype_must_match_the_model(name, family):
         assert model(x.double()).dtype == torch.float64
 
 
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("vit_debug", dict(num_classes=True), "num_classes must be an int >= 0, got True"),
+    ("vit_debug", dict(depth=True), "depth must be a positive int, got True"),
+    ("vit_debug", dict(mlp_ratio=0), "mlp_ratio must be a number > 0"),  # was silently ratio 1
+    ("vit_debug", dict(drop_rate=None), "drop_rate must be a number in"),
+    ("agent_deit_debug", dict(mlp_ratio=-1.0), "mlp_ratio must be a number > 0"),
+    ("agent_deit_debug", dict(num_classes=True), "num_classes must be an int >= 0"),
+    ("maxvit_debug", dict(dim_head=0), "dim_head must be a positive int"),  # were ZeroDivisionError
+    ("maxvit_debug", dict(partition_ratio=0), "partition_ratio must be a positive int"),
+    ("maxvit_debug", dict(conv_se_ratio=0.0), r"conv_se_ratio must be a number in \(0, 1\]"),
+    ("maxvit_debug", dict(head_hidden_size=-1), "head_hidden_size must be a positive int"),
+    ("maxvit_debug", dict(embed_dim=16), "must be non-empty lists of one length"),
+    ("maxvit_debug", dict(attn_drop_rate=2.0), "attn_drop_rate must be a number in"),  # was accepted until .train()
+    ("maxvit_debug", dict(dim_head=12), "divisible by dim_head"),
+])
+def test_constructor_arguments_are_named(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        zoo.create_model(name, **kwargs)
+
+
 def test_bench_vision_runs_and_loads_optional_case_modules(monkeypatch, capsys):
     import sys
     import types

@@ -39,6 +39,29 @@ def check_positive_int(value, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_ints(minimum: int = 1, **values) -> None:
+    """ValueError naming the first of ``values`` that is not an int >= ``minimum`` (bools are not ints here:
+    ``num_classes=True`` used to build a 1-class head, or fail deep inside torch)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_rates(**rates) -> None:
+    """ValueError naming the first of ``rates`` (dropout / drop-path probabilities) not a number in [0, 1)."""
+    for name, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
+
+
+def check_mlp_ratio(mlp_ratio, dim: int) -> None:
+    """ValueError unless ``mlp_ratio`` is a number giving the MLP at least one hidden unit at width ``dim``
+    (0 used to become ratio 1 through the MLP's default, a negative ratio torch's "negative dimension")."""
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or int(dim * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio must be a number > 0 giving at least one hidden unit, got {mlp_ratio!r}")
+
+
 def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
     """``value`` (a positive int or a pair of them; numpy ints count, bools and floats do not) as a tuple of
     Python ints; ValueError naming ``name`` otherwise."""

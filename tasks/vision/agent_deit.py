@@ -40,7 +40,10 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
-from zoo.layers import DropPath, IntOrPair, check_image_batch, check_reset_classifier, new_linear_head, to_pair
+from zoo.layers import (
+    DropPath, IntOrPair, check_image_batch, check_ints, check_mlp_ratio, check_rates, check_reset_classifier,
+    new_linear_head, to_pair,
+)
 from zoo.registry import note_model_args, register_model
 from zoo.tasks.vision.vit import Block, PatchEmbed, TokenFeaturesMixin
 
@@ -166,12 +169,8 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         final_norm: bool = True,
     ):
         super().__init__()
-        for name, value in (("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim),
-                            ("depth", depth), ("num_heads", num_heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        check_ints(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        check_ints(0, num_classes=num_classes)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if global_pool not in GLOBAL_POOLS:
@@ -181,10 +180,8 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
             raise ValueError(f"agent_num must be a square number or a list of 4 of them, got {agent_num!r}")
         if not isinstance(agent_layer, int) or agent_layer > depth:
             raise ValueError(f"agent_layer must be an int <= depth ({depth}), got {agent_layer!r}")
-        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
-                           ("drop_path_rate", drop_path_rate)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        check_mlp_ratio(mlp_ratio, embed_dim)
         size = to_pair(img_size, "img_size")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         agent_layer = agent_layer if agent_layer > 0 else depth

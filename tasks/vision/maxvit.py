@@ -39,7 +39,7 @@ D head dim.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, abc
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -52,7 +52,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import (
-    DropPath, IntOrPair, activate_fresh, check_finite_input, check_image_batch, check_reset_classifier, feature_take_indices,
+    DropPath, IntOrPair, activate_fresh, check_finite_input, check_image_batch, check_ints, check_rates, check_reset_classifier, feature_take_indices,
     new_linear_head, to_pair,
 )
 from zoo.registry import note_model_args, register_model
@@ -568,19 +568,28 @@ class MaxVit(nn.Module):
     ):
         super().__init__()
         self.img_size = to_pair(img_size, "img_size")
-        embed_dim, depths = [int(d) for d in embed_dim], [int(d) for d in depths]
-        if not embed_dim or len(embed_dim) != len(depths) or min(depths) < 1:
-            raise ValueError(f"embed_dim {embed_dim} and depths {depths} must be non-empty lists of one length, depths >= 1")
+        if not all(isinstance(v, abc.Sequence) and not isinstance(v, str) for v in (embed_dim, depths)) or not embed_dim \
+                or len(embed_dim) != len(depths) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                                           for d in (*embed_dim, *depths)):
+            raise ValueError(f"embed_dim {embed_dim!r} and depths {depths!r} must be non-empty lists of one length "
+                             f"of positive ints (one per stage)")
+        embed_dim, depths = list(embed_dim), list(depths)
         for value, name, options in ((padding, "padding", PADDINGS), (conv_act, "conv_act", ACTIVATIONS),
                                      (transformer_act, "transformer_act", ACTIVATIONS),
                                      (rel_pos_type, "rel_pos_type", REL_POS_TYPES), (global_pool, "global_pool", GLOBAL_POOLS)):
             if value not in options:
                 raise ValueError(f"{name} must be one of {options}, got {value!r}")
-        if not isinstance(in_chans, int) or in_chans < 1:
-            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        self.partition_ratio = int(partition_ratio)
+        check_ints(in_chans=in_chans, dim_head=dim_head, partition_ratio=partition_ratio)
+        check_ints(0, num_classes=num_classes)
+        if head_hidden_size is not None:
+            check_ints(head_hidden_size=head_hidden_size)
+        if any(d % dim_head for d in embed_dim):
+            raise ValueError(f"every stage width {embed_dim} must be divisible by dim_head ({dim_head})")
+        if isinstance(conv_se_ratio, bool) or not isinstance(conv_se_ratio, (int, float)) or not 0.0 < conv_se_ratio <= 1.0:
+            raise ValueError(f"conv_se_ratio must be a number in (0, 1], got {conv_se_ratio!r}")
+        check_rates(drop_rate=drop_rate, drop_path_rate=drop_path_rate, attn_drop_rate=attn_drop_rate,
+                    proj_drop_rate=proj_drop_rate)
+        self.partition_ratio = partition_ratio
         derived = tuple(max(1, s // self.partition_ratio) for s in self.img_size)
         self.window_size = to_pair(window_size, "window_size") if window_size is not None else derived
         self.grid_size = to_pair(grid_size, "grid_size") if grid_size is not None else self.window_size

@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, MultiHeadAttention
 from zoo.layers import (
-    DropPath, IntOrPair, LayerScale, check_finite_input, check_image_batch, check_reset_classifier, feature_take_indices, new_linear_head,
-    to_pair,
+    DropPath, IntOrPair, LayerScale, check_finite_input, check_image_batch, check_ints, check_mlp_ratio, check_rates,
+    check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
 )
 from zoo.registry import note_model_args, register_model
 
@@ -329,21 +329,13 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
             raise ValueError("global_pool='token' needs class_token=True (or use global_pool='avg')")
         if pos_embed not in ("learn", "none", ""):
             raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
-        for name, value in (("in_chans", in_chans), ("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        if not isinstance(reg_tokens, int) or reg_tokens < 0:
-            raise ValueError(f"reg_tokens must be an int >= 0, got {reg_tokens!r}")
+        check_ints(in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        check_ints(0, num_classes=num_classes, reg_tokens=reg_tokens)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        for name, rate in (
-            ("drop_rate", drop_rate), ("pos_drop_rate", pos_drop_rate), ("proj_drop_rate", proj_drop_rate),
-            ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate),
-        ):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        check_mlp_ratio(mlp_ratio, embed_dim)
+        check_rates(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
+                    attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
         use_fc_norm = global_pool in ("avg", "max", "avgmax") if fc_norm is None else fc_norm
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 

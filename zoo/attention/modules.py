@@ -507,6 +507,9 @@ class Mlp(nn.Module):
         drop: float = 0.0,
     ):
         super().__init__()
+        if hidden_features is not None and hidden_features < 1 or out_features is not None and out_features < 1:
+            raise ValueError(f"Mlp: hidden_features ({hidden_features}) and out_features ({out_features}) must be >= 1 "
+                             f"(None: in_features)")
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
