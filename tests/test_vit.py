@@ -284,8 +284,11 @@ def test_bad_inputs_raise_clear_errors():
         assert not torch.allclose(padded(x), padded(moved))  # every pixel counts
     with pytest.raises(ValueError, match="global_pool"):
         zoo.create_model("vit_debug", global_pool="mean")
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(TypeError, match=r"vit_debug: unknown argument 'embed_dims' \(did you mean 'embed_dim'\?\); "
+                                        r"VisionTransformer accepts: .*num_classes"):
         zoo.create_model("vit_debug", embed_dims=3)
+    with pytest.raises(TypeError, match=r"maxvit_debug: unknown argument 'windw_size' \(did you mean 'window_size'"):
+        zoo.create_model("maxvit_debug", windw_size=4)
 
 
 @pytest.mark.parametrize("name, family", [("vit_debug", "ViT"), ("maxvit_debug", "MaxViT"), ("agent_deit_debug", "Agent-DeiT")])

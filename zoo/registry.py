@@ -18,6 +18,8 @@ import difflib
 import fnmatch
 import importlib
 import inspect
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -252,7 +254,18 @@ def _construct(entry: ModelEntry, overrides: dict[str, Any]) -> nn.Module:
             raise TypeError(
                 f"{entry.name}: unknown argument(s) {unknown}; accepted: {sorted(signature.parameters)}"
             )
-    model = entry.constructor(**overrides)
+    try:
+        model = entry.constructor(**overrides)
+    except TypeError as error:  # a **kwargs constructor passed an unknown name on to its class
+        match = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(error))
+        if match is None or match.group(2) not in overrides:
+            raise
+        cls = getattr(sys.modules.get(entry.constructor.__module__), match.group(1), None)
+        accepted = sorted(n for n in inspect.signature(cls.__init__).parameters if n != "self") if cls else []
+        close = difflib.get_close_matches(match.group(2), accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"{entry.name}: unknown argument {match.group(2)!r}{hint}; {match.group(1)} accepts: "
+                        f"{', '.join(accepted)}") from None
     # Remember how the model was built so save_pretrained can write config.json.
     model.zoo_model_name = entry.name  # type: ignore[attr-defined]
     model.zoo_model_args = dict(overrides)  # type: ignore[attr-defined]
