@@ -250,6 +250,14 @@ def check_image_batch(x, family: str, in_chans: int, weight: torch.Tensor) -> tu
     return tuple(x.shape)
 
 
+def check_features(x, shape: str, width: int, width_dim: int, what: str) -> None:
+    """``forward_head``'s input: a tensor of ``len(shape)`` dims (``shape`` names them, e.g. "(B, N, C)") whose
+    dim ``width_dim`` is ``width`` -- what forward_features returns, not an image or pooled features."""
+    if not isinstance(x, torch.Tensor) or x.dim() != len(shape.strip("()").split(",")) or x.shape[width_dim] != width:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{what} expects the output of forward_features, {shape} with C = {width}, got {got}")
+
+
 def check_like_weights(x: torch.Tensor, weight: torch.Tensor, what: str, owner: str = "module") -> None:
     """``x`` on the device and of the dtype of ``weight`` (any dtype under torch.autocast): else an error naming
     ``what`` ("ViT input", "MultiHeadAttention: x") and both sides, instead of torch's "expected m1 and m2 to

@@ -52,7 +52,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import (
-    DropPath, IntOrPair, activate_fresh, check_finite_input, check_image_batch, check_ints, check_rates, check_reset_classifier, feature_take_indices,
+    DropPath, IntOrPair, activate_fresh, check_features, check_finite_input, check_image_batch, check_ints, check_rates, check_reset_classifier, feature_take_indices,
     new_linear_head, to_pair,
 )
 from zoo.registry import note_model_args, register_model
@@ -734,6 +734,7 @@ class MaxVit(nn.Module):
     def forward_head(self, x_BCHW: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits (B, K), or the pooled pre-logits features with ``pre_logits``; with
         ``global_pool=""`` per position: (B, K, H, W) (pre-logits (B, C, H, W))."""
+        check_features(x_BCHW, "(B, C, H, W)", self.num_features, 1, "MaxViT forward_head")
         return self.head(x_BCHW, pre_logits=pre_logits)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:

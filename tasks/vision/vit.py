@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, MultiHeadAttention
 from zoo.layers import (
-    DropPath, IntOrPair, LayerScale, check_finite_input, check_image_batch, check_ints, check_mlp_ratio, check_rates,
+    DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_image_batch, check_ints, check_mlp_ratio, check_rates,
     check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
 )
 from zoo.registry import note_model_args, register_model
@@ -540,6 +540,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
 
     def forward_head(self, x_BNC: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, N, C) -> logits (B, K), or the pooled features (B, C) with ``pre_logits``."""
+        check_features(x_BNC, "(B, N, C)", self.embed_dim, -1, "ViT forward_head")
         x_BC = self.head_drop(self.fc_norm(self.pool(x_BNC)))
         return x_BC if pre_logits else self.head(x_BC)
 
