@@ -492,3 +492,44 @@ def test_unknown_model_lists_close_matches():
         zoo.create_model("no_such_thing")  # nothing close: no suggestion, but where to look
     with pytest.raises(TypeError, match=r"vit_debug: unknown argument 'depthh' \(did you mean 'depth'\?\)"):
         zoo.create_model("vit_debug", depthh=2)
+
+
+def test_registry_and_hub_arguments_are_named(tmp_path):
+    """Argument types that used to fail deep inside (unhashable list, 'NoneType' is not iterable, a bare
+    FileExistsError, a late AttributeError after the weights loaded) are named where they enter."""
+    with pytest.raises(TypeError, match="model name must be a str, got list"):
+        zoo.create_model(["vit_debug"])
+    for pattern in (None, ["vit_*", 3], []):
+        with pytest.raises(TypeError, match="list_models: pattern must be a str or a non-empty collection of str"):
+            zoo.list_models(pattern)
+    model = zoo.create_model("vit_debug")
+    with pytest.raises(TypeError, match="metadata must be a mapping"):
+        zoo.save_pretrained(model, tmp_path / "a", metadata=[1, 2])
+    with pytest.raises(TypeError, match="directory must be a path, got None"):
+        zoo.save_pretrained(model, None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file; pass a directory"):
+        zoo.save_pretrained(model, tmp_path / "file")
+    with pytest.raises(ValueError, match="state_dict does not fit vit_debug: unknown keys a"):
+        zoo.save_pretrained(model, tmp_path / "a", state_dict={"a": torch.zeros(1)})
+    for bad in (None, ""):
+        with pytest.raises(TypeError, match="from_pretrained: path must be"):
+            zoo.from_pretrained(bad)
+    # config.json with the right keys and wrong value types: named before (not after) the weights load
+    zoo.save_pretrained(model, tmp_path / "released")
+    config_path = tmp_path / "released" / "config.json"
+    good = json.loads(config_path.read_text())
+    for edit, message in ((dict(metadata=[1]), "'metadata' must be an object"),
+                          (dict(metadata={"data": {"mean": ["a"]}}), r"'metadata.data.mean' must be a list of numbers"),
+                          (dict(metadata={"data": {"mean": [0.5, 0.5]}}), "metadata.data.mean has 2 values for a model of 3")):
+        config_path.write_text(json.dumps({**good, **edit}))
+        with pytest.raises(hub.CheckpointError, match=message):
+            zoo.from_pretrained(tmp_path / "released")
+
+
+def test_checkpoint_of_another_family_is_refused(tmp_path):
+    """Agent-DeiT weights given to a ViT used to fail on the patch size, with advice to change patch_size that
+    only led to missing keys."""
+    zoo.save_pretrained(zoo.create_model("agent_deit_debug"), tmp_path / "agent")
+    with pytest.raises(hub.CheckpointError, match="holds 'agent_deit_debug' weights \\(family 'agent_deit'\\), not a 'vit'"):
+        zoo.create_model("vit_debug", pretrained=str(tmp_path / "agent"))

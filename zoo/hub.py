@@ -135,7 +135,22 @@ def save_pretrained(
         )
     from safetensors.torch import save_file
 
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory):
+        raise TypeError(f"save_pretrained: directory must be a path, got {directory!r}")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"save_pretrained: {directory} is a file; pass a directory (it holds "
+                              f"{WEIGHTS_NAME} and {CONFIG_NAME})")
+    for arg, value in (("metadata", metadata), ("state_dict", state_dict)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"save_pretrained: {arg} must be a mapping (dict), got {type(value).__name__}")
+    if state_dict is not None:  # the weights must load back into this model (found at load time otherwise)
+        own = model.state_dict()
+        unknown = sorted(set(state_dict) - set(own))
+        missing = sorted(set(own) - set(state_dict))
+        if unknown or missing:
+            raise ValueError(f"save_pretrained: state_dict does not fit {name}: unknown keys {_summarise(unknown)}, "
+                             f"missing keys {_summarise(missing)}")
     state = dict(model.state_dict() if state_dict is None else state_dict)
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
@@ -240,8 +255,17 @@ def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_name"), str):
         raise CheckpointError(f"{config_path} has no 'model_name'; was it written by zoo.save_pretrained?")
-    if not isinstance(config.get("model_args", {}), dict):
-        raise CheckpointError(f"{config_path}: 'model_args' must be an object, got {config['model_args']!r}")
+    for key in ("model_args", "metadata"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise CheckpointError(f"{config_path}: {key!r} must be an object, got {config[key]!r}")
+    data = (config.get("metadata") or {}).get("data")
+    if data is not None and not isinstance(data, dict):
+        raise CheckpointError(f"{config_path}: 'metadata.data' must be an object, got {data!r}")
+    for key in ("mean", "std"):
+        values = (data or {}).get(key)
+        if values is not None and (not isinstance(values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise CheckpointError(f"{config_path}: 'metadata.data.{key}' must be a list of numbers, got {values!r}")
     return config
 
 
@@ -398,6 +422,13 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
     config = read_config(path)
     args: dict[str, Any] = {}
     if config is not None:
+        saved_family = _family_of(config["model_name"])
+        if saved_family is not None and saved_family != entry.family:
+            raise CheckpointError(
+                f"{path} holds {config['model_name']!r} weights (family {saved_family!r}), not a {entry.family!r} "
+                f"checkpoint: build {config['model_name']!r} (zoo.from_pretrained('{path}')) or pick a "
+                f"{entry.family!r} checkpoint for {entry.name!r}"
+            )
         if config["model_name"] != entry.name:
             log.warning(
                 "%s holds %r weights; loading them into %r (constructor arguments from the checkpoint are kept)",
@@ -428,10 +459,24 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and isinstance(data, dict):
         # the normalisation the checkpoint was trained with (zoo train records it), for timm's data pipeline
+        channels = (cfg.get("input_size") or (None,))[0]
         for key in ("mean", "std"):
             if isinstance(data.get(key), (list, tuple)) and data[key]:
+                if channels is not None and len(data[key]) != channels:
+                    raise CheckpointError(f"{path}: config.json's metadata.data.{key} has {len(data[key])} values "
+                                          f"for a model of {channels} input channels")
                 cfg[key] = tuple(float(v) for v in data[key])
     return model
+
+
+def _family_of(name: str) -> Optional[str]:
+    """The registered family of model ``name`` (None if no such model is registered here)."""
+    from zoo.registry import UnknownModelError, get_model_entry
+
+    try:
+        return get_model_entry(name).family
+    except UnknownModelError:
+        return None
 
 
 def _saved_geometry(entry, saved_args: dict[str, Any]) -> Optional[nn.Module]:
@@ -477,6 +522,8 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     """
     from zoo.registry import get_model_entry
 
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"from_pretrained: path must be a directory or .safetensors path, got {path!r}")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")

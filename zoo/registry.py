@@ -126,7 +126,9 @@ def register_model(
 def list_models(pattern: str | Iterable[str] = "*", *, task: str | None = None, family: str | None = None) -> list[str]:
     """Sorted registered names matching a shell-style ``pattern`` (or any of several patterns)."""
     _import_model_modules()
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern) if isinstance(pattern, Iterable) else None
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"list_models: pattern must be a str or a non-empty collection of str, got {pattern!r}")
     names = []
     for model_name, entry in _REGISTRY.items():
         if task is not None and entry.task != task:
@@ -146,6 +148,8 @@ def is_model(name: str) -> bool:
 def get_model_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; an unknown name raises with the closest registered names."""
     _import_model_modules()
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__} {name!r}")
     if name in DEPRECATED_MODEL_NAMES:
         import warnings
 
