@@ -533,3 +533,25 @@ def test_checkpoint_of_another_family_is_refused(tmp_path):
     zoo.save_pretrained(zoo.create_model("agent_deit_debug"), tmp_path / "agent")
     with pytest.raises(hub.CheckpointError, match="holds 'agent_deit_debug' weights \\(family 'agent_deit'\\), not a 'vit'"):
         zoo.create_model("vit_debug", pretrained=str(tmp_path / "agent"))
+
+
+def test_weight_converters_name_what_does_not_fit():
+    """timm / official checkpoints that do not fit give the key and both shapes (were AttributeError,
+    'shape [32, -1, 8, 8] is invalid', 'Input and output sizes should be greater than 0', IndexError)."""
+    vit, agent = zoo.create_model("vit_debug"), zoo.create_model("agent_deit_debug")
+    vit_state, agent_state = vit.state_dict(), agent.state_dict()
+    table = next(k for k in agent_state if k.endswith("ah_bias"))
+    cases = [
+        (lambda: vit.load_timm_state_dict({"pos_embed": [1, 2]}), TypeError, r"state_dict\['pos_embed'\] is a list"),
+        (lambda: vit.load_timm_state_dict({**vit_state, "patch_embed.proj.weight": torch.zeros(32, 100)}), ValueError,
+         r"patch_embed.proj.weight: checkpoint \(32, 100\) is neither a conv kernel"),
+        (lambda: vit.load_timm_state_dict({**vit_state, "pos_embed": torch.zeros(17, 32)}), ValueError,
+         r"pos_embed: checkpoint \(17, 32\) is not \(1, tokens, width\)"),
+        (lambda: agent.load_official_state_dict({**agent_state, "pos_embed": torch.zeros(1, 1, 32)}), ValueError,
+         r"checkpoint pos_embed \(1, 1, 32\) is not"),
+        (lambda: agent.load_official_state_dict({**agent_state, table: torch.zeros(3, 3)}), ValueError,
+         rf"{table}: checkpoint table \(3, 3\) cannot be resized"),
+    ]
+    for load, error, message in cases:
+        with pytest.raises(error, match=message):
+            load()

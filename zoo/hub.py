@@ -269,6 +269,23 @@ def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
     return config
 
 
+def unwrap_state_dict(state_dict) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as a flat dict: the ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers of
+    training scripts and a DDP ``module.`` prefix removed; every value checked to be a tensor (named by key).
+    The weight converters of the model families (``checkpoint_filter_fn``) start here."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    for wrapper in ("model", "state_dict"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+    if state_dict and all(isinstance(k, str) and k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor under a str key")
+    return dict(state_dict)
+
+
 def head_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the model's classifier (those re-initialised when the class count changes):
     ``model.pretrained_head_keys()``, else the keys under ``default_cfg["classifier"]`` (the model's

@@ -44,6 +44,7 @@ from zoo.layers import (
     DropPath, IntOrPair, check_features, check_image_batch, check_ints, check_mlp_ratio, check_rates, check_reset_classifier,
     new_linear_head, to_pair,
 )
+from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model
 from zoo.tasks.vision.vit import Block, PatchEmbed, TokenFeaturesMixin
 
@@ -395,13 +396,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransform
     ``saved_model``: the checkpoint's own model (zoo.from_pretrained builds it on the meta device); its patch
     grid is the position embedding's layout (without it the old grid is taken to be square, as officially).
     """
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    for wrapper in ("model", "state_dict"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
@@ -409,8 +404,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransform
         old_grid = None if saved_model is None else tuple(saved_model.patch_embed.grid_size)
         if key == "pos_embed" and target is not None and (
                 value.shape != target.shape or old_grid not in (None, tuple(model.patch_embed.grid_size))):
-            if value.dim() != 3 or value.shape[0] != 1 or value.shape[-1] != target.shape[-1]:
-                raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not (1, 1 + grid, {target.shape[-1]})")
+            if value.dim() != 3 or value.shape[0] != 1 or value.shape[1] < 2:
+                raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not (1, 1 + grid, width)")
             if old_grid is None:
                 side = math.isqrt(value.shape[1] - 1)
                 if side * side != value.shape[1] - 1:
@@ -422,6 +417,10 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransform
             value = resize_pos_embed(value, model.patch_embed.grid_size, old_grid)
         elif target is not None and value.shape != target.shape and key.rsplit(".", 1)[-1] in (
                 "ah_bias", "aw_bias", "ha_bias", "wa_bias"):
+            if value.dim() != target.dim() or any(a != b for i, (a, b) in enumerate(zip(value.shape, target.shape))
+                                                   if i != {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}[
+                                                       key.rsplit(".", 1)[-1]]):
+                raise ValueError(f"{key}: checkpoint table {tuple(value.shape)} cannot be resized to {tuple(target.shape)}")
             axis = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}[key.rsplit(".", 1)[-1]]
             from zoo.attention.agent import _resize_1d
 

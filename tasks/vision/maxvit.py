@@ -55,6 +55,7 @@ from zoo.layers import (
     DropPath, IntOrPair, activate_fresh, check_features, check_finite_input, check_image_batch, check_ints, check_rates, check_reset_classifier, feature_take_indices,
     new_linear_head, to_pair,
 )
+from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model
 
 __all__ = [
@@ -801,13 +802,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: MaxVit) -> dict[str,
     of another window size are resized (:func:`zoo.attention.relpos.resize_rel_pos_table`, timm's
     interpolation); 1x1 conv <-> linear weights of equal size are reshaped (as timm's filter).
     """
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    for wrapper in ("model", "state_dict"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():

@@ -31,6 +31,7 @@ from zoo.layers import (
     DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_image_batch, check_ints, check_mlp_ratio, check_rates,
     check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
 )
+from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model
 
 __all__ = [
@@ -588,21 +589,18 @@ def checkpoint_filter_fn(
     4 x 4; without it the old grid is taken to be square, as timm does. A different number of prefix tokens
     (class token, registers) raises.
     """
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    for wrapper in ("model", "state_dict"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.startswith("pre_logits"):
             continue
         if key == "patch_embed.proj.weight":
             out_c, in_c, kh, kw = model.patch_embed.proj.weight.shape
+            if value.dim() not in (2, 4) or value.dim() == 2 and value.shape[1] % (kh * kw):
+                raise ValueError(f"patch_embed.proj.weight: checkpoint {tuple(value.shape)} is neither a conv kernel "
+                                 f"(C_out, C, kh, kw) nor a linear (C_out, C * {kh} * {kw}) weight")
             if value.dim() < 4:
-                value = value.reshape(out_c, -1, kh, kw)
+                value = value.reshape(value.shape[0], -1, kh, kw)
             if tuple(value.shape[-2:]) != (kh, kw):
                 raise ValueError(
                     f"checkpoint patch size {tuple(value.shape[-2:])} differs from the model's {(kh, kw)}; "
@@ -611,6 +609,8 @@ def checkpoint_filter_fn(
         elif key == "pos_embed" and model.pos_embed is not None and (
                 value.shape != model.pos_embed.shape or saved_model is not None
                 and tuple(saved_model.patch_embed.grid_size) != tuple(model.patch_embed.grid_size)):
+            if value.dim() != 3 or value.shape[0] != 1:  # (a width mismatch is reported with the others at load)
+                raise ValueError(f"pos_embed: checkpoint {tuple(value.shape)} is not (1, tokens, width)")
             prefix = 0 if model.no_embed_class else model.num_prefix_tokens
             old_size = None
             if saved_model is not None:
