@@ -152,3 +152,22 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(ValueError, match="img_size"):
         export_onnx("vit_debug", None, img_size="abc")
     assert main(["--help"]) == 0
+    # named before any export work (were raw randn / manual_seed / float errors, the TorchScript IR dumped
+    # for opset 99, a file written and then "> atol -1.0", IsADirectoryError after the export)
+    for kwargs, message in ((dict(batch_size=True), "batch_size must be an int"), (dict(img_size=32.0), "img_size must be"),
+                            (dict(seed="a"), "seed must be an int"), (dict(atol=-1), "atol must be a positive finite"),
+                            (dict(opset=99), "opset must be an int from 14 .* to 20"), (dict(check="no"), "check must be True or False")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            export_onnx("vit_debug", None, **kwargs)
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        export_onnx("vit_debug", tmp_path / "d.onnx")
+    capsys.readouterr()
+    for argv, message in ((["batch=abc"], "batch must be an integer, got 'abc'"), (["atol=tight"], "atol must be a number"),
+                          (["check=maybe"], "check must be true or false"), (["opst=17"], "unknown key 'opst': did you mean 'opset'")):
+        assert main(["model=vit_debug", f"out={tmp_path / 'v.onnx'}", *argv]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "v.onnx").exists()
+    # check=no really skips the onnxruntime check (bool("no") was True)
+    assert main(["model=vit_debug", f"out={tmp_path / 'v.onnx'}", "check=no"]) == 0
+    assert "not checked" in capsys.readouterr().out

@@ -27,8 +27,10 @@ external data; no registered vision model is that large).
 """
 from __future__ import annotations
 
+import difflib
 import io
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -67,6 +69,16 @@ class ExportResult:
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+def _max_opset(exporter: str) -> int:
+    """The newest ONNX opset the chosen exporter of this torch writes (torch.onnx._constants; 20 for TorchScript,
+    23 for dynamo in torch 2.11)."""
+    from torch.onnx import _constants
+
+    if exporter == "torchscript":
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+    return int(_constants.ONNX_MAX_OPSET)
+
+
 def _size_pair(value: Union[int, Sequence[int], str, None], name: str = "img_size") -> Optional[tuple[int, int]]:
     if value is None:
         return None
@@ -78,8 +90,10 @@ def _size_pair(value: Union[int, Sequence[int], str, None], name: str = "img_siz
             raise ValueError(f"{name} must be an int or HxW, got {value!r}") from None
         if len(value) == 1:
             value = value[0]
+    if not isinstance(value, (int, Sequence)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive int or (H, W), got {value!r}")
     pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or (H, W), got {value!r}")
     return int(pair[0]), int(pair[1])
 
@@ -204,12 +218,22 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not isinstance(opset, int) or opset < 14:
-        raise ValueError(f"opset must be an int >= 14 (attention needs it), got {opset!r}")
+    max_opset = _max_opset(exporter)
+    if not isinstance(opset, int) or isinstance(opset, bool) or not 14 <= opset <= max_opset:
+        raise ValueError(f"opset must be an int from 14 (attention needs it) to {max_opset} (the newest the "
+                         f"{exporter} exporter of this torch writes), got {opset!r}")
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be True or False, got {check!r}")
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not 0 < atol < math.inf:
+        raise ValueError(f"atol must be a positive finite number, got {atol!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     if out is not None and Path(out).suffix.lower() != ".onnx":
         raise ValueError(f"output file must end in .onnx, got {str(out)!r}")
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"output {str(out)!r} is a directory; pass a file path ending in .onnx")
     if isinstance(model, str) and img_size is not None and "img_size" not in create_kwargs:
         create_kwargs = {**create_kwargs, "img_size": list(_size_pair(img_size))}  # build the model at that size
     net = _resolve_model(model, ckpt, create_kwargs)
@@ -307,6 +331,10 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+_EXPORT_KEYS = ("model", "ckpt", "out", "img_size", "batch", "opset", "exporter", "check", "atol")
+_FLAGS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``zoo export key=value ...``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -330,18 +358,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = options.pop("out", None) or f"{model or Path(ckpt).name}.onnx"
     kwargs: dict[str, Any] = {}
     try:
+        for key in options:  # a misspelt export key would otherwise reach the model's constructor
+            close = difflib.get_close_matches(key, _EXPORT_KEYS, n=1, cutoff=0.75)
+            if close and key not in _EXPORT_KEYS:
+                raise ValueError(f"unknown key {key!r}: did you mean {close[0]!r}? (keys: {', '.join(_EXPORT_KEYS)}; "
+                                 f"other keys are constructor arguments of the model)")
         if "img_size" in options:
             kwargs["img_size"] = _size_pair(options.pop("img_size"))
-        if "batch" in options:
-            kwargs["batch_size"] = int(options.pop("batch"))
-        if "opset" in options:
-            kwargs["opset"] = int(options.pop("opset"))
+        for key, name, kind in (("batch", "batch_size", int), ("opset", "opset", int), ("atol", "atol", float)):
+            if key in options:
+                text = options.pop(key)
+                try:
+                    kwargs[name] = kind(text)
+                except ValueError:
+                    raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if "exporter" in options:
             kwargs["exporter"] = options.pop("exporter")
         if "check" in options:
-            kwargs["check"] = bool(_parse_value(options.pop("check")))
-        if "atol" in options:
-            kwargs["atol"] = float(options.pop("atol"))
+            text = options.pop("check")
+            if text.lower() not in _FLAGS:  # bool("no") is True
+                raise ValueError(f"check must be true or false (yes/no, on/off, 1/0), got {text!r}")
+            kwargs["check"] = _FLAGS[text.lower()]
         create_kwargs = {k: _parse_value(v) for k, v in options.items()}
         result = export_onnx(model, out, ckpt=ckpt, **kwargs, **create_kwargs)
     except (ValueError, TypeError, KeyError, FileNotFoundError, ExportCheckError) as error:
