@@ -590,3 +590,14 @@ def test_core_api_boundaries_name_bad_arguments():
     for grid in ((2.9, 2.9), (-2, -2)):
         with pytest.raises(ValueError, match="a grid size is positive ints"):
             RotaryEmbedding(8, "2d")(torch.randn(1, 1, 4, 8), grid)
+
+
+def test_switches_take_booleans_only():
+    from zoo.attention import MultiHeadAttention
+
+    q = torch.randn(1, 1, 3, 4)
+    with pytest.raises(TypeError, match="attend: return_weights must be True or False, got 'no'"):
+        attend(q, q, q, return_weights="no")
+    assert isinstance(attend(q, q, q, return_weights=1), tuple)
+    with pytest.raises(TypeError, match="MultiHeadAttention: qk_norm must be True or False"):
+        MultiHeadAttention(16, 4, qk_norm="no")

@@ -385,3 +385,18 @@ def test_bench_vision_compiled_smoke(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--models", "vit_tiny*", "--compile", "inducter"])
     assert "--compile must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["vit_debug", "maxvit_debug", "agent_deit_debug"])
+def test_switches_take_booleans_only(name):
+    """A truthy string used to switch an option on: set_grad_checkpointing("no") enabled it and
+    forward_head(pre_logits="no") returned pre-logits."""
+    model = zoo.create_model(name).eval()
+    with pytest.raises(TypeError, match="set_grad_checkpointing: enable must be True or False, got 'no'"):
+        model.set_grad_checkpointing("no")
+    model.set_grad_checkpointing(False)
+    model.set_grad_checkpointing(1)
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:]))
+        with pytest.raises(TypeError, match="forward_head: pre_logits must be True or False"):
+            model.forward_head(features, pre_logits="no")

@@ -39,6 +39,14 @@ def check_positive_int(value, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_flag(value, name: str) -> bool:
+    """``value`` as a bool: True/False (numpy's too) or the ints 0/1; anything else is a TypeError naming
+    ``name`` (a truthy string such as "no" used to switch the option on)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_ints(minimum: int = 1, **values) -> None:
     """ValueError naming the first of ``values`` that is not an int >= ``minimum`` (bools are not ints here:
     ``num_classes=True`` used to build a 1-class head, or fail deep inside torch)."""

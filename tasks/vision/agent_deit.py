@@ -41,7 +41,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
 from zoo.layers import (
-    DropPath, IntOrPair, check_features, check_image_batch, check_ints, check_mlp_ratio, check_rates, check_reset_classifier,
+    DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates, check_reset_classifier,
     new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
@@ -248,7 +248,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
-        self.grad_checkpointing = bool(enable)
+        self.grad_checkpointing = check_flag(enable, "set_grad_checkpointing: enable")
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -359,6 +359,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
     def forward_head(self, x_BNC: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, N, C) -> logits (B, K), or pooled features (B, C) with ``pre_logits``."""
         check_features(x_BNC, "(B, N, C)", self.embed_dim, -1, "Agent-DeiT forward_head")
+        pre_logits = check_flag(pre_logits, "forward_head: pre_logits")
         x_BC = self.head_drop(self.pool(x_BNC))
         return x_BC if pre_logits else self.head(x_BC)
 

@@ -52,7 +52,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import (
-    DropPath, IntOrPair, activate_fresh, check_features, check_finite_input, check_image_batch, check_ints, check_rates, check_reset_classifier, feature_take_indices,
+    DropPath, IntOrPair, activate_fresh, check_features, check_finite_input, check_flag, check_image_batch, check_ints, check_rates, check_reset_classifier, feature_take_indices,
     new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
@@ -651,8 +651,9 @@ class MaxVit(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
+        enable = check_flag(enable, "set_grad_checkpointing: enable")
         for stage in self.stages:
-            stage.grad_checkpointing = bool(enable)
+            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -736,6 +737,7 @@ class MaxVit(nn.Module):
         """Feature map -> logits (B, K), or the pooled pre-logits features with ``pre_logits``; with
         ``global_pool=""`` per position: (B, K, H, W) (pre-logits (B, C, H, W))."""
         check_features(x_BCHW, "(B, C, H, W)", self.num_features, 1, "MaxViT forward_head")
+        pre_logits = check_flag(pre_logits, "forward_head: pre_logits")
         return self.head(x_BCHW, pre_logits=pre_logits)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, MultiHeadAttention
 from zoo.layers import (
-    DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_image_batch, check_ints, check_mlp_ratio, check_rates,
+    DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates,
     check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
@@ -410,7 +410,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
-        self.grad_checkpointing = bool(enable)
+        self.grad_checkpointing = check_flag(enable, "set_grad_checkpointing: enable")
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -542,6 +542,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
     def forward_head(self, x_BNC: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, N, C) -> logits (B, K), or the pooled features (B, C) with ``pre_logits``."""
         check_features(x_BNC, "(B, N, C)", self.embed_dim, -1, "ViT forward_head")
+        pre_logits = check_flag(pre_logits, "forward_head: pre_logits")
         x_BC = self.head_drop(self.fc_norm(self.pool(x_BNC)))
         return x_BC if pre_logits else self.head(x_BC)
 

@@ -34,7 +34,7 @@ from zoo.attention import backends as _backends
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.masks import Mask, as_mask
-from zoo.layers import check_finite_input, exp_flushed_, is_tracing, surely_finite
+from zoo.layers import check_finite_input, check_flag, exp_flushed_, is_tracing, surely_finite
 
 __all__ = ["attend", "attention_reference", "SCORES"]
 
@@ -126,6 +126,8 @@ def attend(
         (B, H, Nq, Dv) output, or (output, weights) when ``return_weights``.
     """
     _validate(q, k, v, score, dropout_p, scale)
+    if return_weights is not False and return_weights is not True:  # "no" would be truthy
+        return_weights = check_flag(return_weights, "attend: return_weights")
     _, _, q_len, head_dim = q.shape
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     causal = _backends._sdpa_causal(mask, q_len, k.shape[2])  # SDPA's own causal kernel

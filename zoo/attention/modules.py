@@ -40,7 +40,7 @@ from zoo.attention.core import attend
 from zoo.attention.masks import Mask, as_mask
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
-from zoo.layers import activate_fresh, check_like_weights
+from zoo.layers import activate_fresh, check_flag, check_like_weights
 
 __all__ = ["MultiHeadAttention", "Mlp", "KVCache"]
 
@@ -272,6 +272,7 @@ class MultiHeadAttention(nn.Module):
             self.kv = nn.Linear(kv_dim, 2 * self.kv_attn_dim, bias=qkv_bias)
         else:
             self.qkv = nn.Linear(dim, self.attn_dim + 2 * self.kv_attn_dim, bias=qkv_bias)
+        qk_norm = check_flag(qk_norm, "MultiHeadAttention: qk_norm")
         self.q_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
         self.rope = (
