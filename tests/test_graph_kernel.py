@@ -106,6 +106,34 @@ def test_kernel_is_used_by_the_layer_and_checks_inputs():
             ek.gatv2_edge_softmax(z, z, torch.zeros(2, 4, dtype=torch.bfloat16), csr)
 
 
+@in_process
+@pytest.mark.parametrize("sizes", [(0, 0), (4, 0), (0, 3)], ids=["no nodes", "no destination", "no source"])
+def test_layer_on_the_kernel_with_empty_node_sets_matches_pyg(monkeypatch, sizes):
+    """GATv2Conv on the kernel path (impl="triton" forced) with 0 nodes, or a bipartite graph with 0 destination /
+    source nodes: PyG's result ([0, H*C], or zeros + bias), where the kernel path's projection of the destination
+    features failed with "cannot reshape tensor of 0 elements"."""
+    pyg_nn = pytest.importorskip("torch_geometric.nn")
+    import zoo.attention.graph as zg
+    from zoo.attention import GATv2Conv
+
+    orig = zg.gatv2_attention
+    monkeypatch.setattr(zg, "gatv2_attention", lambda *a, **k: orig(*a, **{**k, "impl": "triton"}))
+    n_src, n_dst = sizes
+    torch.manual_seed(0)
+    bipartite = sizes != (0, 0)
+    peer = pyg_nn.GATv2Conv((6, 5) if bipartite else 6, 3, heads=2).to(DEVICE)
+    ours = GATv2Conv((6, 5) if bipartite else 6, 3, heads=2).to(DEVICE)
+    ours.load_state_dict(peer.state_dict())
+    x = (torch.randn(n_src, 6, device=DEVICE), torch.randn(n_dst, 5, device=DEVICE)) if bipartite else \
+        torch.zeros(0, 6, device=DEVICE)
+    ei = torch.zeros(2, 0, dtype=torch.long, device=DEVICE)
+    out, (_, alpha) = ours(x, ei, return_attention_weights=True)
+    want, (_, want_alpha) = peer(x, ei, return_attention_weights=True)
+    assert out.shape == want.shape == (n_dst, 6) and alpha.shape == want_alpha.shape
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+
+
 def test_compiles_for_sm80_and_sm90_without_gpu():
     """The real (non-interpreted) forward and backward kernels compile to sm_90 (fp16) and sm_80 (bf16) machine
     code with Triton's bundled ptxas, with and without edge features and dropout: GPU-only compile errors show

@@ -3,6 +3,8 @@ attention weights and gradients within 1e-5 in fp32 across the constructor argum
 cases; the fused segment softmax against its unfused reference (and float64 gradcheck); clear errors."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -436,6 +438,43 @@ def test_csr_is_cached_and_invalidated_by_inplace_change():
     assert not torch.allclose(out, out2)
 
 
+def test_csr_cache_sees_edits_without_a_version_bump():
+    """edge_index edited in place without bumping its version counter (through the numpy array it shares memory
+    with, or through .data): the cached graph is rebuilt, so the output and the attention equal a fresh layer's on
+    the edited graph (a swap of two edges included), and the new values are validated again."""
+    x = torch.randn(12, 6)
+    for cls in (GATv2Conv, GATConv):
+        conv = cls(6, 4, heads=2)
+        fresh = cls(6, 4, heads=2)
+        fresh.load_state_dict(conv.state_dict())
+
+        def check(ei):
+            out, (ei_out, alpha) = conv(x, ei, return_attention_weights=True)
+            want, (want_ei, want_alpha) = fresh(x, ei.clone(), return_attention_weights=True)
+            torch.testing.assert_close(out, want, **TOL)
+            assert torch.equal(ei_out, want_ei)
+            torch.testing.assert_close(alpha, want_alpha, **TOL)
+
+        array = _graph().numpy().copy()
+        array[:, 8], array[:, 9] = (3, 4), (5, 6)
+        ei = torch.from_numpy(array)
+        check(ei)
+        graph = conv._graph_cache[2]
+        array[1, 7] = (array[1, 7] + 1) % 10  # a new destination
+        check(ei)
+        assert conv._graph_cache[2] is not graph
+        array[:, [8, 9]] = array[:, [9, 8]]  # same values, two edges swap places
+        check(ei)
+        array[1, 0] = 99
+        with pytest.raises(ValueError, match="destination index 99 is out of range for 12"):
+            conv(x, ei)
+        plain = _graph()
+        conv(x, plain)
+        plain.data[0, 3] = -1
+        with pytest.raises(ValueError, match="negative"):
+            conv(x, plain)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "make,exc,match",
@@ -471,6 +510,125 @@ def test_bad_edge_attr_and_constructor_args():
         GATv2Conv(-2, 4)
     with pytest.raises(ValueError, match="dropout"):
         GATConv(6, 4, dropout=1.5)
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+def test_return_attention_weights_is_tested_for_truth_as_in_pyg(name):
+    """PyG 2.8.1: ``if return_attention_weights:``. None, False and 0 give the output tensor alone; True and 1
+    give (out, (edge_index, alpha))."""
+    import zoo.attention as za
+
+    ours, peer = _pair(getattr(za, name), getattr(pyg_nn, name), 6, 4, heads=2)
+    x, ei = torch.randn(12, 6), _graph()
+    for flag in (None, False, 0, True, 1):
+        got, want = ours(x, ei, return_attention_weights=flag), peer(x, ei, return_attention_weights=flag)
+        assert type(got) is type(want), (flag, type(got), type(want))
+        if isinstance(want, tuple):
+            got, want = got[0], want[0]
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_gat_edge_attr_without_edge_dim_raises():
+    """PyG's GATConv silently ignores edge_attr when built with edge_dim=None; both zoo layers refuse it (as PyG's
+    GATv2Conv does)."""
+    ei = _graph()
+    for cls in (GATConv, GATv2Conv):
+        with pytest.raises(ValueError, match="edge_attr was given but the layer was built with edge_dim=None"):
+            cls(6, 4)(torch.randn(12, 6), ei, edge_attr=torch.randn(ei.size(1), 7))
+
+
+@pytest.mark.parametrize("cls", [GATv2Conv, GATConv])
+def test_non_finite_or_misshapen_hyper_parameters_are_refused(cls):
+    """NaN / Inf in fill_value or negative_slope made every output NaN; a tensor fill_value of another width than
+    edge_dim failed at forward with an expand error. All are caught in the constructor."""
+    for fill in (float("nan"), float("inf"), -math.inf, torch.tensor([1.0, float("nan")]), torch.tensor(math.inf)):
+        with pytest.raises(ValueError, match="fill_value must be finite"):
+            cls(6, 4, edge_dim=2, fill_value=fill)
+    with pytest.raises(ValueError, match="fill_value must be finite"):
+        cls(6, 4, fill_value=float("nan"))  # even when edge_dim is None
+    with pytest.raises(ValueError, match="fill_value has 3 values but edge_dim is 2"):
+        cls(6, 4, edge_dim=2, fill_value=torch.ones(3))
+    with pytest.raises(ValueError, match="fill_value must be a number"):
+        cls(6, 4, edge_dim=2, fill_value=True)
+    for slope in (float("nan"), float("inf"), -math.inf):
+        with pytest.raises(ValueError, match="negative_slope must be a finite number"):
+            cls(6, 4, negative_slope=slope)
+    for slope in ("a", None, torch.tensor(0.2)):
+        with pytest.raises(TypeError, match="negative_slope must be a finite number"):
+            cls(6, 4, negative_slope=slope)
+    # what stays accepted, as in PyG: edge_dim values, one value for every feature, a number
+    ei = _graph()
+    ea = torch.randn(ei.size(1), 2)
+    ref = None
+    for fill in (torch.tensor([0.5, 0.5]), torch.tensor([0.5]), torch.tensor(0.5), 0.5):
+        torch.manual_seed(0)
+        out = cls(6, 4, edge_dim=2, fill_value=fill, negative_slope=0)(torch.randn(12, 6), ei, ea)
+        assert torch.isfinite(out).all()
+        if ref is not None:
+            torch.testing.assert_close(out, ref)
+        ref = out
+
+
+EMPTY_CASES = [  # (in_channels, kwargs, inputs, forward kwargs)
+    (6, dict(heads=2), lambda: [torch.zeros(0, 6)], {}),
+    (6, dict(heads=2, concat=False), lambda: [torch.zeros(0, 6)], {}),
+    (6, dict(heads=2, edge_dim=3, residual=True), lambda: [torch.zeros(0, 6)], {"edge_attr": torch.zeros(0, 3)}),
+    ((6, 5), dict(heads=2, residual=True), lambda: [torch.randn(4, 6), torch.zeros(0, 5)], {}),  # no destination
+    ((6, 5), dict(heads=2, concat=False), lambda: [torch.zeros(0, 6), torch.randn(3, 5)], {}),  # no source
+]
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+@pytest.mark.parametrize("case", range(len(EMPTY_CASES)))
+def test_graphs_without_nodes_match_pyg(name, case):
+    """A graph with 0 nodes (or a bipartite one with 0 destination / source nodes, e.g. an empty node type under
+    to_hetero / HeteroConv) gives PyG's empty [0, H*C] / [0, C] result (was "cannot reshape tensor of 0
+    elements"), on the fused path and on the hook path; gradients flow."""
+    in_channels, kwargs, make, fw = EMPTY_CASES[case]
+    import zoo.attention as za
+
+    ours, peer = _pair(getattr(za, name), getattr(pyg_nn, name), in_channels, 3, **kwargs)
+    inputs = make()
+    x = inputs[0] if len(inputs) == 1 else tuple(inputs)
+    ei = torch.empty(2, 0, dtype=torch.long)
+    want, (want_ei, want_alpha) = peer(x, ei, return_attention_weights=True, **fw)
+    for hooked in (False, True):
+        handle = ours.register_message_forward_hook(lambda *a: None) if hooked else None
+        out, (ei_out, alpha) = ours(x, ei, return_attention_weights=True, **fw)
+        assert out.shape == want.shape and alpha.shape == want_alpha.shape
+        torch.testing.assert_close(out, want, **TOL)
+        assert torch.equal(ei_out, want_ei)
+        assert torch.equal(ours(x, ei, **fw), out)
+        out.sum().backward()
+        if handle is not None:
+            handle.remove()
+    if name == "GATConv" and isinstance(in_channels, int):  # (x_src, None) with size=(Ns, 0)
+        x_src = torch.randn(4, 6)
+        torch.testing.assert_close(ours((x_src, None), ei, size=(4, 0)), peer((x_src, None), ei, size=(4, 0)))
+
+
+@pytest.mark.parametrize("cls", [GATv2Conv, GATConv])
+def test_input_dtype_unlike_the_weights_is_named(cls):
+    """x (or x_src / x_dst, edge_attr) of another dtype than the layer's weights: a TypeError naming the input and
+    both dtypes, not torch's "mat1 and mat2 must have the same dtype"; under torch.autocast any dtype runs."""
+    ei = _graph()
+    conv = cls(6, 4, heads=2, edge_dim=3)
+    ea = torch.randn(ei.size(1), 3)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=rf"{cls.__name__}: x is {dtype} but the layer's weights are torch.float32"):
+            conv(torch.randn(12, 6, dtype=dtype), ei, ea)
+    with pytest.raises(TypeError, match=r"edge_attr is torch.float64 but the layer's weights are torch.float32"):
+        conv(torch.randn(12, 6), ei, ea.double())
+    bip = cls((6, 5), 4, heads=2)
+    with pytest.raises(TypeError, match=r"x\[1\] \(target features\) is torch.float64"):
+        bip((torch.randn(12, 6), torch.randn(12, 5, dtype=torch.float64)), ei)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(torch.randn(12, 6), ei, ea).shape == (12, 8)
+    x = torch.randn(12, 6)
+    want = conv(x, ei, ea)
+    got = cls(6, 4, heads=2, edge_dim=3).double()
+    got.load_state_dict(conv.state_dict())  # float64 weights: float64 inputs run
+    torch.testing.assert_close(got(x.double(), ei, ea.double()).float(), want, **TOL)
 
 
 @pytest.mark.parametrize("cls_zoo,cls_pyg,kwargs", [

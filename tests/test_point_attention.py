@@ -462,6 +462,124 @@ def test_point_transformer_repr_empty_graph_and_bad_inputs():
         PointTransformerConv(6, 8, recompute="sometimes")
 
 
+def test_point_transformer_positions_and_user_networks_are_checked():
+    """Mismatches that surfaced as torch errors naming neither argument: pos with other than 3 coordinates and the
+    default pos_nn, pos / x of another dtype than the weights, pos_nn / attn_nn returning the wrong width, a pos_nn
+    that is not callable. Other coordinate counts with a matching pos_nn still equal PyG's layer."""
+    pos, x = _points(10), torch.randn(10, 4)
+    ei = knn_graph(pos, 3)
+    with pytest.raises(ValueError, match=r"pos has 2 coordinates; the default pos_nn is Linear\(3, out_channels\): "
+                                         r"pass pos_nn"):
+        PointTransformerConv(4, 5)(x, pos[:, :2], ei)
+    with pytest.raises(ValueError, match=r"pos has 3 coordinates but pos_nn is Linear\(2, 5\)"):
+        PointTransformerConv(4, 5, pos_nn=nn.Linear(2, 5))(x, pos, ei)
+    with pytest.raises(TypeError, match=r"pos \(source\) is torch.float64 but x is torch.float32"):
+        PointTransformerConv(4, 5)(x, pos.double(), ei)
+    with pytest.raises(TypeError, match=r"pos \(target\) is torch.float16 but x\b.* torch.float32"):
+        PointTransformerConv((4, 4), 5)((x, x), (pos, pos.half()), ei)
+    for dtype in (torch.float64, torch.bfloat16):
+        with pytest.raises(TypeError, match=rf"PointTransformerConv: x is {dtype} but the layer's weights are "
+                                            r"torch.float32"):
+            PointTransformerConv(4, 5)(x.to(dtype), pos.to(dtype), ei)
+    with pytest.raises(ValueError, match=r"pos_nn returned 7 channels .*expected \[40, out_channels=5\]"):
+        PointTransformerConv(4, 5, pos_nn=nn.Linear(3, 7))(x, pos, ei)
+    with pytest.raises(ValueError, match=r"attn_nn returned 7 channels .*expected \[40, out_channels=5\]"):
+        PointTransformerConv(4, 5, attn_nn=nn.Linear(5, 7))(x, pos, ei)
+    hooked = PointTransformerConv(4, 5, attn_nn=nn.Linear(5, 7))  # PyG's propagate path (a message hook)
+    hooked.register_message_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="attn_nn returned 7 channels"):
+        hooked(x, pos, ei)
+    for name in ("pos_nn", "attn_nn"):
+        with pytest.raises(TypeError, match=f"{name} must be a module .* got int"):
+            PointTransformerConv(4, 5, **{name: 3})
+    # 2-D positions with a pos_nn that takes them: PyG's layer (outputs and gradients)
+    pos2 = pos[:, :2].contiguous()
+    ours, peer = _pair(4, 5, nets={"pos_nn": nn.Linear(2, 5)})
+    _assert_same(ours, peer, x, pos2, knn_graph(pos2, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float32 / bf16 (not float64) itself
+        assert PointTransformerConv(4, 5)(x, pos.bfloat16(), ei).shape == (10, 5)
+        with pytest.raises(TypeError, match=r"pos \(source\) is torch.float64 but x is torch.float32"):
+            PointTransformerConv(4, 5)(x, pos.double(), ei)
+
+
+def test_segment_softmax_checks_its_arguments_like_the_weighted_sum():
+    """The public segment_softmax validated nothing (scatter's errors, or an AttributeError for a list); it now
+    shares segment_softmax_weighted_sum's checks. num_segments must be an int in both (3.7 was truncated, "3"
+    accepted). A segment whose scores are all -inf: NaN weights, as PyG's softmax (its documented behaviour here),
+    while the weighted sum gives 0."""
+    from torch_geometric.utils import softmax as pyg_softmax
+
+    from zoo.attention.segment import segment_softmax, segment_softmax_weighted_sum
+
+    s, idx = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    torch.testing.assert_close(segment_softmax(s, idx, 3), pyg_softmax(s, idx, num_nodes=3))
+    for fn, args in (("segment_softmax", (s,)), ("segment_softmax_weighted_sum", (s, s))):
+        call = segment_softmax if fn == "segment_softmax" else segment_softmax_weighted_sum
+        with pytest.raises(ValueError, match=rf"{fn}: index values must lie in \[0, 3\), got 0\.\.5"):
+            call(*args, torch.tensor([0, 0, 1, 1, 2, 5]), 3)
+        with pytest.raises(ValueError, match=r"got -1\.\.2"):
+            call(*args, torch.tensor([0, -1, 1, 1, 2, 2]), 3)
+        with pytest.raises(TypeError, match=f"{fn}: index must be int64 or int32, got torch.float32"):
+            call(*args, idx.float(), 3)
+        for bad in (None, 3.7, 3.0, "3", True):
+            with pytest.raises(TypeError, match=f"{fn}: num_segments must be an int, got {bad!r}"):
+                call(*args, idx, bad)
+        with pytest.raises(ValueError, match=f"{fn}: num_segments must be >= 0, got -1"):
+            call(*args, idx, -1)
+        with pytest.raises(ValueError, match=r"6 scores but index has shape \(5,\)"):
+            call(*args, idx[:5], 3)
+        assert call(*args, idx, np.int64(3)).shape == ((6, 3) if fn == "segment_softmax" else (3, 3))
+    with pytest.raises(TypeError, match="segment_softmax: scores must be a torch.Tensor"):
+        segment_softmax(s.tolist(), idx, 3)
+    with pytest.raises(TypeError, match="segment_softmax: scores must be floating point, got torch.int64"):
+        segment_softmax(s.long(), idx, 3)
+    with pytest.raises(ValueError, match="segment_softmax: scores must be at least 1-D"):
+        segment_softmax(torch.tensor(1.0), idx, 3)
+    with pytest.raises(TypeError, match="segment_softmax_weighted_sum: values must be a torch.Tensor"):
+        segment_softmax_weighted_sum(s, s.tolist(), idx, 3)
+    # all -inf in segment 0: PyG's softmax gives NaN there, and so does segment_softmax (kept for parity)
+    s_inf = torch.tensor([[float("-inf")], [float("-inf")], [0.0]])
+    idx_inf = torch.tensor([0, 0, 1])
+    ours, peer = segment_softmax(s_inf, idx_inf, 2), pyg_softmax(s_inf, idx_inf, num_nodes=2)
+    torch.testing.assert_close(ours, peer, equal_nan=True)
+    assert ours[:2].isnan().all() and ours[2] == 1
+    assert torch.equal(segment_softmax_weighted_sum(s_inf, torch.ones(3, 1), idx_inf, 2), torch.tensor([[0.0], [1.0]]))
+
+
+def test_weighted_sum_checks_rowptr_against_index():
+    """rowptr (the Triton kernels' segments) that does not describe index gave wrong numbers silently on the
+    kernel path (it was never compared with index): rowptr[0] = 0, rowptr[-1] = E, non-decreasing and index what
+    rowptr implies are checked, whatever impl (the checks run before any kernel)."""
+    from zoo.attention.segment import segment_softmax_weighted_sum
+
+    g = torch.Generator().manual_seed(0)
+    s, v = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    idx = torch.tensor([0, 0, 1, 1, 2])
+    want = segment_softmax_weighted_sum(s, v, idx, 3)
+    for rowptr in (torch.tensor([0, 2, 4, 5]), torch.tensor([0, 2, 4, 5], dtype=torch.int32)):
+        torch.testing.assert_close(segment_softmax_weighted_sum(s, v, idx, 3, rowptr=rowptr, impl="torch"), want)
+    torch.testing.assert_close(segment_softmax_weighted_sum(s, v, idx.int(), 3, rowptr=torch.tensor([0, 2, 4, 5]),
+                                                            impl="torch"), want)
+    cases = [
+        (idx, [0, 1, 2, 5], r"index does not match rowptr .*index\[1\] = 0 but rowptr puts entry 1 in segment 1"),
+        (torch.tensor([2, 0, 1, 0, 1]), [0, 2, 4, 5], r"index does not match rowptr .*index\[0\] = 2"),
+        (idx, [1, 2, 4, 5], r"rowptr must run from 0 to E = 5, got 1\.\.5"),
+        (idx, [0, 2, 4, 6], r"rowptr must run from 0 to E = 5, got 0\.\.6"),
+        (idx, [0, 3, 2, 5], r"rowptr must be non-decreasing, but rowptr\[2\] = 2 < rowptr\[1\] = 3"),
+    ]
+    for index, rowptr, match in cases:
+        for impl in ("torch", "triton", "auto"):
+            with pytest.raises(ValueError, match="segment_softmax_weighted_sum: " + match):
+                segment_softmax_weighted_sum(s, v, index, 3, rowptr=torch.tensor(rowptr), impl=impl)
+    with pytest.raises(TypeError, match="rowptr must be a 1-D integer tensor"):
+        segment_softmax_weighted_sum(s, v, idx, 3, rowptr=torch.tensor([0.0, 2, 4, 5]))
+    with pytest.raises(ValueError, match=r"rowptr has 3 entries .*num_segments \+ 1 = 4"):
+        segment_softmax_weighted_sum(s, v, idx, 3, rowptr=torch.tensor([0, 2, 5]))
+    empty = torch.zeros(0, 2)
+    assert segment_softmax_weighted_sum(empty, empty, torch.zeros(0, dtype=torch.long), 2,
+                                        rowptr=torch.zeros(3, dtype=torch.long)).shape == (2, 2)
+
+
 def test_bench_points_smoke(capsys):
     """`zoo bench points` at a tiny size: both layers agree before timing and the row has positive times."""
     from zoo.bench import points

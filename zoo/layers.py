@@ -275,9 +275,13 @@ def check_like_weights(x: torch.Tensor, weight: torch.Tensor, what: str, owner: 
     if x.device != weight.device:
         raise ValueError(f"{what} is on {x.device} but the {owner} is on {weight.device}: move one of them "
                          f"(x.to('{weight.device}') or {owner}.to('{x.device}'))")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_DTYPES  # it never casts fp64
+    if x.dtype != weight.dtype and not autocast:
         raise TypeError(f"{what} is {x.dtype} but the {owner}'s weights are {weight.dtype}: convert one of them "
-                        f"(x.to({weight.dtype}) or {owner}.to({x.dtype})), or run under torch.autocast")
+                        f"(the input's .to({weight.dtype}) or {owner}.to({x.dtype})), or run under torch.autocast")
+
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_finite_input(x: torch.Tensor, what: str) -> None:

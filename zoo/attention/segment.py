@@ -41,6 +41,7 @@ state kept for backward (besides the [Nd, H] log-sum-exp).
 """
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 from dataclasses import dataclass, field
@@ -182,11 +183,83 @@ def build_csr(edge_index: Tensor, num_src: int, num_dst: int, *, validate: bool 
 # ----------------------------------------------------------------------------------------------------
 # Plain segment softmax
 # ----------------------------------------------------------------------------------------------------
+def _check_segments(fn: str, scores, index, num_segments) -> int:
+    """The checks :func:`segment_softmax` and :func:`segment_softmax_weighted_sum` share: ``scores`` a
+    floating-point tensor [E, ...], ``index`` a 1-D int64/int32 tensor of E entries on the scores' device, each in
+    [0, num_segments), ``num_segments`` a non-negative int. Returns num_segments as an int (a SymInt under
+    torch.compile is returned as it is). The value check (one min/max pass) is skipped under tracing."""
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{fn}: scores must be a torch.Tensor [E, ...], got {type(scores).__name__}")
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{fn}: index must be a 1-D integer tensor [E], got {type(index).__name__}")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{fn}: num_segments must be an int, got {num_segments!r}")
+    if not isinstance(num_segments, torch.SymInt):
+        num_segments = int(num_segments)
+        if num_segments < 0:
+            raise ValueError(f"{fn}: num_segments must be >= 0, got {num_segments}")
+    if scores.dim() < 1:
+        raise ValueError(f"{fn}: scores must be at least 1-D [E, ...], got a 0-d tensor")
+    if not scores.is_floating_point():
+        raise TypeError(f"{fn}: scores must be floating point, got {scores.dtype}")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{fn}: index must be int64 or int32, got {index.dtype}")
+    if index.dim() != 1 or index.numel() != scores.size(0):
+        raise ValueError(f"{fn}: {scores.size(0)} scores but index has shape {tuple(index.shape)} (expected [E])")
+    if index.device != scores.device:
+        raise ValueError(f"{fn}: index is on {index.device} but scores are on {scores.device}")
+    if index.numel() and not is_tracing():
+        low, high = index.aminmax()
+        low, high = int(low), int(high)
+        if low < 0 or high >= num_segments:
+            raise ValueError(f"{fn}: index values must lie in [0, {num_segments}), got {low}..{high}")
+    return num_segments
+
+
+def _check_rowptr(fn: str, rowptr, index: Tensor, num_segments: int) -> None:
+    """``rowptr`` [num_segments + 1] must describe ``index``: rowptr[0] = 0, rowptr[-1] = E, non-decreasing, and
+    index[e] = n for rowptr[n] <= e < rowptr[n + 1] (the entries sorted by segment). The Triton kernels read the
+    segments from rowptr alone, so a rowptr that does not match would give wrong numbers silently."""
+    if (not isinstance(rowptr, Tensor) or rowptr.is_floating_point() or rowptr.is_complex()
+            or rowptr.dtype == torch.bool):
+        what = rowptr.dtype if isinstance(rowptr, Tensor) else type(rowptr).__name__
+        raise TypeError(f"{fn}: rowptr must be a 1-D integer tensor [num_segments + 1], got {what}")
+    if rowptr.dim() != 1 or rowptr.numel() != num_segments + 1:
+        raise ValueError(f"{fn}: rowptr has {rowptr.numel()} entries (shape {tuple(rowptr.shape)}), expected "
+                         f"num_segments + 1 = {num_segments + 1}")
+    if rowptr.device != index.device:
+        raise ValueError(f"{fn}: rowptr is on {rowptr.device} but index is on {index.device}")
+    if is_tracing():
+        return
+    num_edges = index.numel()
+    steps = rowptr.diff()
+    first, last, low = (int(v) for v in torch.stack([rowptr[0], rowptr[-1], steps.min() if num_segments else
+                                                      rowptr.new_zeros(())]).tolist())
+    if first != 0 or last != num_edges:
+        raise ValueError(f"{fn}: rowptr must run from 0 to E = {num_edges}, got {first}..{last}")
+    if low < 0:
+        at = int((steps < 0).nonzero()[0, 0])
+        raise ValueError(f"{fn}: rowptr must be non-decreasing, but rowptr[{at + 1}] = {int(rowptr[at + 1])} < "
+                         f"rowptr[{at}] = {int(rowptr[at])}")
+    implied = torch.repeat_interleave(torch.arange(num_segments, device=index.device, dtype=index.dtype), steps,
+                                      output_size=num_edges)
+    if not torch.equal(implied, index):
+        at = int((implied != index).nonzero()[0, 0])
+        raise ValueError(f"{fn}: index does not match rowptr (the entries must be sorted by segment, segment n at "
+                         f"rowptr[n]..rowptr[n + 1] - 1): index[{at}] = {int(index[at])} but rowptr puts entry {at} "
+                         f"in segment {int(implied[at])}")
+
+
 def segment_softmax(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
-    """softmax of ``scores`` [E, *] over the entries that share ``index`` [E] (any order). Autograd
-    through plain ops; entries of a segment never see other segments."""
-    if scores.size(0) != index.numel():
-        raise ValueError(f"segment_softmax: {scores.size(0)} scores but {index.numel()} indices")
+    """softmax of ``scores`` [E, *] over the entries that share ``index`` [E] (any order), as
+    ``torch_geometric.utils.softmax(scores, index, num_nodes=num_segments)``. Autograd through plain ops;
+    entries of a segment never see other segments.
+
+    ``index`` int64/int32 with values in [0, num_segments), ``num_segments`` an int: checked, with an error naming
+    the argument (as :func:`segment_softmax_weighted_sum`). A segment whose scores are all -inf gives NaN weights,
+    as PyG's softmax does (it computes -inf - (-inf)); :func:`segment_softmax_weighted_sum` and
+    :func:`zoo.attention.attend` give 0 there instead (an output row with nothing to attend to)."""
+    num_segments = _check_segments("segment_softmax", scores, index, num_segments)
     if scores.numel() == 0:
         return scores.clone()
     idx = index.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores)
@@ -262,41 +335,38 @@ def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: 
     """Vector attention's aggregation: ``out[n] = sum_{e: index[e] = n} softmax(scores)[e] * values[e]``, with
     one softmax per channel over the entries of each segment (Point Transformer's per-channel weights).
 
-    scores_EC, values_EC [E, C]; index_E [E] in [0, num_segments). Returns [num_segments, C]; a segment with
-    no entry gives zeros. Equal to ``index_add(segment_softmax(scores, index) * values)`` (the reference), but
+    scores_EC, values_EC [E, C]; index_E [E] (int64/int32) in [0, num_segments); num_segments an int (a float
+    or a string is refused, not truncated). Returns [num_segments, C]; a segment with no entry, or whose scores
+    in a channel are all -inf, gives zeros there (:func:`segment_softmax` gives NaN weights for the latter, as
+    PyG's softmax). Equal to ``index_add(segment_softmax(scores, index) * values)`` (the reference), but
     autograd keeps only the inputs and [N, C] statistics, not the [E, C] weights and products, and the
     backward is one pass of gathers and products (see _SegmentSoftmaxWeightedSum).
 
     ``rowptr`` [num_segments + 1]: the entries are in CSR order (sorted by index, segment n at
     rowptr[n]..rowptr[n + 1] - 1), which lets the forward and the backward run as the Triton kernels
     (zoo.kernels.vector_softmax): ``impl="auto"`` uses them for CUDA tensors, ``"triton"`` also on CPU tensors
-    under TRITON_INTERPRET=1, ``"torch"`` never."""
+    under TRITON_INTERPRET=1, ``"torch"`` never. Since the kernels read the segments from rowptr alone, rowptr
+    is checked against index (rowptr[0] = 0, rowptr[-1] = E, non-decreasing, index what rowptr implies: one pass
+    over the entries; skipped under tracing)."""
+    fn = "segment_softmax_weighted_sum"
+    for name, t in (("scores", scores_EC), ("values", values_EC)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor [E, C], got {type(t).__name__}")
     if scores_EC.dim() != 2 or values_EC.shape != scores_EC.shape:
-        raise ValueError(f"segment_softmax_weighted_sum: scores and values must both be [E, C], got "
+        raise ValueError(f"{fn}: scores and values must both be [E, C], got "
                          f"{tuple(scores_EC.shape)} and {tuple(values_EC.shape)}")
     if not scores_EC.is_floating_point() or not values_EC.is_floating_point():
-        raise TypeError(f"segment_softmax_weighted_sum: scores and values must be floating point, got "
+        raise TypeError(f"{fn}: scores and values must be floating point, got "
                         f"{scores_EC.dtype} and {values_EC.dtype}")
-    if index_E.dim() != 1 or index_E.numel() != scores_EC.size(0):
-        raise ValueError(f"segment_softmax_weighted_sum: {scores_EC.size(0)} scores but index has shape "
-                         f"{tuple(index_E.shape)}")
-    if index_E.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"segment_softmax_weighted_sum: index must be int64 or int32, got {index_E.dtype}")
-    if index_E.numel() and not is_tracing():
-        low, high = int(index_E.min()), int(index_E.max())
-        if low < 0 or high >= int(num_segments):
-            raise ValueError(f"segment_softmax_weighted_sum: index values must lie in [0, {int(num_segments)}), "
-                             f"got {low}..{high}")
+    num_segments = _check_segments(fn, scores_EC, index_E, num_segments)
     if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"segment_softmax_weighted_sum: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+        raise ValueError(f"{fn}: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if impl == "triton" and rowptr is None:
-        raise ValueError("segment_softmax_weighted_sum: impl='triton' needs rowptr (entries in CSR order)")
-    if rowptr is not None and rowptr.numel() != int(num_segments) + 1:
-        raise ValueError(f"segment_softmax_weighted_sum: rowptr has {rowptr.numel()} entries, expected "
-                         f"num_segments + 1 = {int(num_segments) + 1}")
+        raise ValueError(f"{fn}: impl='triton' needs rowptr (entries in CSR order)")
+    if rowptr is not None:
+        _check_rowptr(fn, rowptr, index_E, num_segments)
     kernel = rowptr is not None and (impl == "triton" or (impl == "auto" and scores_EC.is_cuda))
-    return _SegmentSoftmaxWeightedSum.apply(scores_EC, values_EC, index_E, int(num_segments),
-                                            rowptr if kernel else None)
+    return _SegmentSoftmaxWeightedSum.apply(scores_EC, values_EC, index_E, num_segments, rowptr if kernel else None)
 
 
 def _add_rows_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
@@ -777,7 +847,7 @@ def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, ed
         from zoo.kernels.edge_softmax import gatv2_edge_softmax
 
         if xd_NHC is None:
-            xd_NHC = F.linear(x_dst, w_dst, b_dst).view(-1, *xs_NHC.shape[1:])
+            xd_NHC = F.linear(x_dst, w_dst, b_dst).view(x_dst.size(0), *xs_NHC.shape[1:])
         return gatv2_edge_softmax(
             xs_NHC, xd_NHC, att_HC, csr, edge_attr=edge_attr, edge_weight=edge_weight,
             negative_slope=negative_slope, keep=keep, dropout=dropout, need_weights=need_weights,
@@ -797,7 +867,7 @@ def gatv2_attention_ref(
     H, C = xs_NHC.shape[1:]
     z = xs_NHC[csr.col] + xd_NHC[csr.row]
     if edge_attr is not None:
-        z = z + (edge_attr @ edge_weight.t()).view(-1, H, C)
+        z = z + (edge_attr @ edge_weight.t()).view(edge_attr.size(0), H, C)
     s = (F.leaky_relu(z, negative_slope) * att_HC).sum(-1)
     alpha = segment_softmax(s, csr.row, csr.num_dst)
     alpha = _apply_keep(alpha, keep, dropout)

@@ -44,7 +44,7 @@ from torch_geometric.nn.inits import reset
 
 from zoo.attention.graph import CachedGraphLayer, GraphStructure, _check_channels, _check_features
 from zoo.attention.segment import segment_softmax, segment_softmax_weighted_sum
-from zoo.layers import is_tracing
+from zoo.layers import check_like_weights, is_tracing
 
 __all__ = ["PointTransformerConv"]
 
@@ -117,6 +117,10 @@ class PointTransformerConv(CachedGraphLayer):
 
     forward(x [N, F] | (x_src [Ns, Fs], x_dst [Nd, Fd]), pos [N, P] | (pos_src, pos_dst), edge_index [2, E]
     (row 0 source = neighbour j, row 1 destination = centre i) or a torch sparse adj_t [Nd, Ns]) -> [Nd, C].
+    Checked with errors that name the argument: pos_nn / attn_nn must be callable (constructor); x of the
+    weights' dtype and pos of x's (under torch.autocast other float32 / half / bf16 mixes run, float64 still must
+    match); P = 3 for the default pos_nn (other P: pass a pos_nn), and a Linear pos_nn must take P inputs; pos_nn
+    and attn_nn must return [E, out_channels].
     """
 
     def __init__(
@@ -150,6 +154,12 @@ class PointTransformerConv(CachedGraphLayer):
         if recompute not in (True, False, "auto"):
             raise ValueError(f"PointTransformerConv: recompute must be True, False or 'auto', got {recompute!r}")
         self.recompute = recompute
+        for name, net in (("pos_nn", pos_nn), ("attn_nn", attn_nn)):
+            if net is not None and not callable(net):
+                raise TypeError(f"PointTransformerConv: {name} must be a module (a callable mapping [E, "
+                                f"{'P' if name == 'pos_nn' else out_channels}] to [E, {out_channels}]) or None, "
+                                f"got {type(net).__name__}")
+        self._default_pos_nn = pos_nn is None
         src_size, dst_size = in_channels if isinstance(in_channels, tuple) else (in_channels, in_channels)
         self.pos_nn = pos_nn if pos_nn is not None else nn.Linear(3, out_channels)
         self.attn_nn = attn_nn
@@ -176,11 +186,13 @@ class PointTransformerConv(CachedGraphLayer):
 
     def _inputs(self, x, pos):
         if isinstance(x, Tensor):
-            x_src = _check_features("x", x, self._expected(self.lin))
+            x_src = self._like_weights(_check_features("x", x, self._expected(self.lin)), self.lin, "x")
             x_dst = x_src
         elif isinstance(x, (tuple, list)) and len(x) == 2:
             x_src = _check_features("x[0] (source features)", x[0], self._expected(self.lin))
             x_dst = _check_features("x[1] (target features)", x[1], self._expected(self.lin_dst))
+            self._like_weights(x_src, self.lin, "x[0] (source features)")
+            self._like_weights(x_dst, self.lin_dst, "x[1] (target features)")
         else:
             raise TypeError(f"x must be a tensor or a (source, target) pair of tensors, got {type(x).__name__}")
         if isinstance(pos, Tensor):
@@ -189,15 +201,36 @@ class PointTransformerConv(CachedGraphLayer):
             pos_src, pos_dst = pos
         else:
             raise TypeError(f"pos must be a tensor or a (source, target) pair of tensors, got {type(pos).__name__}")
+        autocast = torch.is_autocast_enabled(x_src.device.type)
         for name, p, feats in (("pos (source)", pos_src, x_src), ("pos (target)", pos_dst, x_dst)):
             if not isinstance(p, Tensor) or not p.is_floating_point() or p.dim() != 2:
                 what = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
                 raise ValueError(f"{name} must be a floating-point [N, P] tensor, got {what}")
             if p.size(0) != feats.size(0):
                 raise ValueError(f"{name} has {p.size(0)} rows but the features have {feats.size(0)}")
+            # autocast casts float32 / half inputs of pos_nn's layers, never float64
+            if p.dtype != feats.dtype and (not autocast or torch.float64 in (p.dtype, feats.dtype)):
+                raise TypeError(f"{name} is {p.dtype} but x is {feats.dtype}: give pos the dtype of x and of the "
+                                f"layer's weights (pos.to({feats.dtype}))")
             if p.numel() and not is_tracing() and not bool(torch.isfinite(p.detach()).all()):
                 raise ValueError(f"{name} contains NaN or Inf values")
+        if pos_src.size(1) != pos_dst.size(1):
+            raise ValueError(f"pos (source) has {pos_src.size(1)} coordinates but pos (target) has {pos_dst.size(1)}")
+        pos_nn, coords = self.pos_nn, pos_src.size(1)
+        if isinstance(pos_nn, nn.Linear) and not isinstance(pos_nn, nn.LazyLinear) and pos_nn.in_features != coords:
+            if getattr(self, "_default_pos_nn", False) and pos_nn.in_features == 3:
+                raise ValueError(f"pos has {coords} coordinates; the default pos_nn is Linear(3, out_channels): pass "
+                                 f"pos_nn (e.g. torch.nn.Linear({coords}, {self.out_channels}))")
+            raise ValueError(f"pos has {coords} coordinates but pos_nn is Linear({pos_nn.in_features}, "
+                             f"{pos_nn.out_features})")
         return x_src, x_dst, pos_src, pos_dst
+
+    def _like_weights(self, x: Tensor, lin: nn.Module, what: str) -> Tensor:
+        """x of the dtype (and on the device) of ``lin``'s weight: else a TypeError naming both, not torch's
+        "mat1 and mat2 must have the same dtype" (any dtype under torch.autocast)."""
+        if self._expected(lin) != -1:
+            check_like_weights(x, lin.weight, f"PointTransformerConv: {what}", "layer")
+        return x
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x, pos, edge_index) -> Tensor:
@@ -215,11 +248,22 @@ class PointTransformerConv(CachedGraphLayer):
     def _scores_and_values(self, rel_pos: Tensor, a_dst: Tensor, a_src: Tensor, v_src: Tensor):
         """Per edge, from p_i - p_j, W_dst x_i, W_src x_j, W x_j: (scores [c, C] before the softmax, values
         W x_j + delta [c, C]) -- PyG's message up to the softmax."""
-        delta = self.pos_nn(rel_pos)
+        delta = self._checked("pos_nn", self.pos_nn(rel_pos), rel_pos)
         scores = a_dst - a_src + delta
         if self.attn_nn is not None:
-            scores = self.attn_nn(scores)
+            scores = self._checked("attn_nn", self.attn_nn(scores), scores)
         return scores, v_src + delta
+
+    def _checked(self, name: str, out, inp: Tensor) -> Tensor:
+        """A user network's output must be [E, out_channels] for the E edges it was given (else torch's error
+        from the sum or the softmax that follows names neither the network nor the widths)."""
+        want = (inp.size(0), self.out_channels)
+        if not isinstance(out, Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            width = f"returned {got[-1]} channels" if isinstance(out, Tensor) and out.dim() == 2 else f"returned {got}"
+            raise ValueError(f"PointTransformerConv: {name} {width} for input [{inp.size(0)}, {inp.size(1)}]; "
+                             f"expected [{want[0]}, out_channels={self.out_channels}]")
+        return out
 
     def message(self, x_j: Tensor, pos_i: Tensor, pos_j: Tensor, alpha_i: Tensor, alpha_j: Tensor,
                 index: Tensor, size_i: Optional[int]) -> Tensor:
