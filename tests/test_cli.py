@@ -122,6 +122,75 @@ def test_eval_and_predict_errors(tmp_path, capsys):
         cli.main(["predict", "ckpt=x", "image=y"])
 
 
+@pytest.fixture(scope="module")
+def karate_run(tmp_path_factory) -> Path:
+    """A 2-epoch graph_karate run (checkpoint and released directory of a graph model)."""
+    run_dir = tmp_path_factory.mktemp("karate") / "run"
+    assert cli.main(["train", "experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1",
+                     "trainer.max_epochs=2", "trainer.enable_model_summary=false", f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def test_eval_refuses_unknown_keys_and_model_overrides(karate_run, capsys):
+    ckpt = f"ckpt={karate_run / 'checkpoints' / 'last.ckpt'}"
+    assert cli.main(["eval", ckpt, "data.nam=sbm"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key data.nam (data keys: model_kind, name, num_classes, num_features, root, seed)" in err
+    assert cli.main(["eval", ckpt, "model.heads=2"]) == 1
+    assert "model.* cannot be overridden in eval (the model comes from the checkpoint)" in capsys.readouterr().err
+    assert cli.main(["eval", ckpt, "dat.root=x"]) == 1
+    assert "unknown key dat.root (top-level keys: callbacks, ckpt_path, data," in capsys.readouterr().err
+    assert cli.main(["eval", ckpt, "data.seed=0"]) == 0  # an existing key still works
+    assert 0.0 <= json.loads(capsys.readouterr().out)["test/acc1"] <= 1.0
+
+
+def test_commands_refuse_a_graph_model_where_a_vision_one_is_needed(karate_run, capsys):
+    for ckpt in (karate_run / "released", karate_run / "checkpoints" / "last.ckpt"):
+        with pytest.raises(SystemExit, match=r"zoo viz rollout needs a vision transformer \(ViT\); .* holds gatv2_node, "
+                                             r"a graph model \(zoo viz graph"):
+            cli.main(["viz", "rollout", f"ckpt={ckpt}", "out=unused.png"])
+        assert cli.main(["predict", f"ckpt={ckpt}", "input=digits:0"]) == 1
+        assert "zoo predict classifies images; " in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="zoo export needs a vision model .* holds gatv2_node, a graph model"):
+        cli.main(["export", f"ckpt={karate_run / 'released'}"])
+
+
+def test_bad_train_options_are_one_line(tmp_path, capsys):
+    """Lightning's MisconfigurationException is a user error too (one line, no traceback)."""
+    base = ["train", "experiment=graph_karate", "debug=fast", f"run_dir={tmp_path / 'run'}"]
+    for extra, message in ((["trainer.max_epochs=abc"], "trainer.max_epochs must be an integer"),
+                           (["trainer.devices=0"], "devices=0"),
+                           (["data=graph_planetoid"], "data.root is required: a folder holding Cora/raw/")):
+        assert cli.main([*base, *extra]) == 1
+        err = capsys.readouterr().err
+        assert "zoo train: error: " in err and message in err and "Traceback" not in err
+
+
+def test_option_values_are_checked_and_named(monkeypatch, capsys):
+    assert cli.main(["predict", "ckpt=unused", "input=digits:0", "topk=-2"]) == 1
+    assert "topk must be a positive integer, got -2" in capsys.readouterr().err
+    assert cli.main(["predict", "ckpt=unused", "input=digits:0", "topk=0"]) == 1
+    assert "topk must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown task 'grph' for --task; tasks: .*graph.*vision"):
+        cli.main(["list", "--task", "grph"])
+    bench = ["bench", "graph", "--channels", "2", "--no-memory", "--repeats", "1"]
+    with pytest.raises(SystemExit, match="--sizes items are EDGES:NODES, both integers >= 1, got '10:0'"):
+        cli.main([*bench, "--sizes", "10:0"])
+    with pytest.raises(SystemExit, match="--channels must be a comma list of integers >= 1, got 'abc'"):
+        cli.main(["bench", "graph", "--sizes", "10:5", "--channels", "abc"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda needs a CUDA GPU and none is available"):
+            cli.main([*bench, "--sizes", "10:5", "--device", "cuda"])
+    for arg, message in (("batch=abc", "batch must be an integer, got 'abc'"),
+                         ("opset=abc", "opset must be an integer, got 'abc'"),
+                         ("atol=abc", "atol must be a number, got 'abc'"),
+                         ("atol=-1", "atol must be a positive finite number, got -1.0"),
+                         ("check=maybe", "check must be true or false"),
+                         ("opst=17", "unknown key 'opst': did you mean 'opset'?")):
+        assert cli.main(["export", "model=vit_debug", arg]) == 1
+        assert message in capsys.readouterr().err
+
+
 def test_list_command(capsys):
     assert cli.main(["list", "vit_digits", "vit_debug"]) == 0
     out = capsys.readouterr().out

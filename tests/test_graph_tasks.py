@@ -108,6 +108,37 @@ def test_registered_graph_models_run(name):
     assert entry.task == "graph"
 
 
+def test_graph_models_name_their_bad_arguments():
+    """Index arguments of the forwards (batch, num_graphs, target_index, negative indices included) and the
+    constructor arguments are named; a graph classifier without attention layers is refused."""
+    ei = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])
+    model = zoo.create_model("gatv2_graph_debug")
+    with pytest.raises(ValueError, match="batch has 5 entries but x has 6 nodes"):
+        model(torch.randn(6, 8), ei, torch.tensor([0, 0, 0, 1, 1]), 2)
+    with pytest.raises(ValueError, match=r"batch value 2 is out of range for num_graphs=2"):
+        model(torch.randn(5, 8), ei, torch.tensor([0, 0, 1, 1, 2]), 2)
+    with pytest.raises(ValueError, match="batch must be a 1-D int64/int32 tensor"):
+        model(torch.randn(5, 8), ei, torch.tensor([0.0, 0, 1, 1, 1]), 2)
+    with pytest.raises(ValueError, match="num_graphs must be a positive integer"):
+        model(torch.randn(5, 8), ei, torch.tensor([0, 0, 1, 1, 1]), 0)
+    assert model(torch.randn(5, 8), ei, torch.tensor([0, 0, 1, 1, 1]), 2).shape == (2, 3)
+    lookup = zoo.create_model("gatv2_dictlookup_debug")
+    b = collate(generate_permutations(4)[:1])  # 8 nodes
+    for bad in (9, -1):  # -1 would silently pick the last node
+        with pytest.raises(ValueError, match=rf"target_index value {bad} is out of range for 8 nodes"):
+            lookup(b["x"], b["edge_index"], torch.tensor([bad]))
+    with pytest.raises(ValueError, match="num_layers must be a positive integer, got 0"):
+        zoo.create_model("gatv2_graph_debug", num_layers=0)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+        zoo.create_model("gatv2_node", num_classes=0)
+    with pytest.raises(ValueError, match="hidden_channels must be a positive integer, got -1"):
+        zoo.create_model("gatv2_node", hidden_channels=-1)
+    with pytest.raises(ValueError, match="num_layers must be a positive integer, got '2'"):
+        zoo.create_model("gatv2_node", num_layers="2")
+    with pytest.raises(TypeError, match="gatv2_node always uses conv='gatv2'.*use gat_node"):
+        zoo.create_model("gatv2_node", conv="gat")
+
+
 def test_node_classifier_trains_on_sbm(one_thread):
     data = gd.stochastic_block_model(seed=0)
     torch.manual_seed(0)
@@ -142,6 +173,17 @@ def test_offline_datasets_and_adapter_errors(tmp_path):
         gd.load_node_dataset("cora")
     with pytest.raises(ValueError, match="num_classes"):
         gd.NodeDataModule("karate", num_features=34, num_classes=7).setup()
+
+
+def test_graph_data_modules_take_num_workers_and_refuse_unknown_keys():
+    """debug=fast sets data.num_workers for every data config; other unknown data.* keys are named, not dropped."""
+    assert gd.NodeDataModule("karate", num_workers=0).num_classes == 4
+    assert gd.GraphClassificationDataModule(num_graphs=6, num_workers=0).num_workers == 0
+    with pytest.raises(ValueError, match=r"unknown key data\.bogus for the 'karate' dataset"):
+        gd.NodeDataModule("karate", bogus=1)
+    with pytest.raises(ValueError, match=r"unknown key data\.bogus .*p_in"):
+        gd.NodeDataModule("sbm", bogus=1)
+    assert gd.NodeDataModule("sbm", p_in=0.2).kwargs == {"p_in": 0.2}
 
 
 def test_ogb_adapter_reads_the_raw_layout(tmp_path):
@@ -251,6 +293,46 @@ def test_zoo_train_cli_trains_node_and_graph_classifiers(tmp_path, overrides, ki
     assert model.zoo_model_name == f"gatv2_{kind}"
 
 
+def _graph_experiments() -> list[str]:
+    import importlib.resources
+
+    folder = importlib.resources.files("zoo.configs").joinpath("experiment")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.startswith("graph_") and p.name.endswith(".yaml"))
+
+
+# the smallest settings of each graph experiment; None: it needs files on disk (the missing-file message is checked)
+DEBUG_FAST = {
+    "graph_karate": [],
+    "graph_sbm": [],
+    "graph_synthetic": ["data.num_graphs=30", "+model.hidden_channels=4"],
+    "graph_dictlookup": ["data.k=4", "data.batch_size=16", "+model.dim=16"],
+    "graph_cora": None,
+}
+
+
+def test_debug_fast_table_covers_every_graph_experiment():
+    assert sorted(DEBUG_FAST) == _graph_experiments()
+
+
+@pytest.mark.parametrize("experiment", sorted(DEBUG_FAST))
+def test_debug_fast_runs_every_graph_experiment(tmp_path, experiment, capsys):
+    """`zoo train experiment=<graph_*> debug=fast` (which sets data.num_workers) trains end to end; the
+    experiments that read local files still report the missing files (not a num_workers TypeError)."""
+    pytest.importorskip("hydra")
+    from zoo.cli import main
+
+    common = [f"experiment={experiment}", "debug=fast", "num_threads=1", f"run_dir={tmp_path / 'run'}", "export=false"]
+    if DEBUG_FAST[experiment] is not None:
+        assert main(["train", *common, *DEBUG_FAST[experiment]]) == 0
+        assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+        return
+    for extra, message in (([], "Planetoid Cora: 8 raw file(s) missing"),
+                           (["data=graph_ogb"], "OGB ogbn-arxiv: 6 file(s) missing")):
+        assert main(["train", *common, *extra, f"data.root={tmp_path}"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "num_workers" not in err and "Traceback" not in err
+
+
 def test_dictlookup_table_command_writes_a_marked_block(tmp_path):
     pytest.importorskip("hydra")
     from zoo.tasks.graph.train import main
@@ -294,6 +376,30 @@ def test_viz_graph_dictlookup_writes_png(tmp_path, capsys):
         main(["data=dictlookup", "k=4", "example=10000", "epochs=0", f"out={tmp_path / 'x.png'}"])
     with pytest.raises(SystemExit, match="one attention layer"):
         main(["data=dictlookup", "k=4", "layer=1", "epochs=0", f"out={tmp_path / 'x.png'}"])
+
+
+def test_viz_graph_names_the_model_kind_and_bad_numbers(tmp_path):
+    """A model or checkpoint of the wrong kind gets one line saying what kind is needed; number options are
+    named; planetoid data asks for root=, an option of zoo viz graph."""
+    from zoo.tasks.graph.viz import main
+
+    out = f"out={tmp_path / 'x.png'}"
+    vision_ckpt = zoo.hub.shipped_checkpoints_dir() / "vit_digits"
+    for argv, message in (
+        (["model=vit_debug"], "needs a node-classification model .*; model=vit_debug is a vision model"),
+        (["model=gatv2_graph"], "model=gatv2_graph is a graph-classification model"),
+        ([f"ckpt={vision_ckpt}"], "needs a node-classification model .*vit_digits is a vision model"),
+        (["data=dictlookup", "k=3", "model=gatv2_node"], "needs a DictionaryLookup model .*model=gatv2_node is a node"),
+        (["data=dictlookup", "k=3", f"ckpt={vision_ckpt}"], "needs a DictionaryLookup model .*is a vision model"),
+        (["data=planetoid:Cora"], "data=planetoid:Cora is read from local files: pass root="),
+        (["node=abc"], "node must be an integer >= 0, got 'abc'"),
+        (["epochs=-3"], "epochs must be an integer >= 0, got '-3'"),
+        (["heads=0"], "heads must be an integer >= 1, got '0'"),
+        (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["data=dictlookup", "k=abc"], "k must be an integer >= 2, got 'abc'"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            main([*argv, "epochs=0" if not any(a.startswith("epochs=") for a in argv) else "layer=0", out])
 
 
 def test_bench_graph_smoke(capsys):

@@ -130,6 +130,12 @@ def test_module_rejects_bad_options():
         ImageClassifier("vit_debug", num_classes=10)
     with pytest.raises(ValueError, match="torch_compile must be .*inductor.*got 'inducter'"):
         ImageClassifier(model, torch_compile="inducter")
+    with pytest.raises(ValueError, match="lr must be a finite number, got 'abc'"):  # task.lr=abc
+        ImageClassifier(model, lr="abc")
+    with pytest.raises(ValueError, match="weight_decay must be a finite number"):
+        ImageClassifier(model, weight_decay="x")
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        ImageClassifier(model, seed="abc")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,6 +202,86 @@ def test_resume_is_exact(tmp_path):
     # a missing resume file is a clear error
     with pytest.raises(FileNotFoundError, match="ckpt_path=.*does not exist"):
         run.train(_cfg(tmp_path, "resumed", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+
+
+def _karate(tmp_path, name, *extra):
+    """A tiny graph_karate run config (minimal callbacks: last.ckpt and best.ckpt, no logger)."""
+    return run.compose(["experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1", "test=false",
+                        "export=false", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                        f"run_dir={tmp_path / name}", *extra])
+
+
+def test_last_checkpoint_is_written_every_training_epoch(tmp_path):
+    """configs/callbacks/minimal.yaml promises last.ckpt after every epoch: also when validation has not run yet
+    (graph_karate validates every 10 epochs; a 2-epoch run used to leave no checkpoint at all)."""
+    cfg = _karate(tmp_path, "two", "trainer.max_epochs=2")
+    assert cfg.trainer.check_val_every_n_epoch == 10
+    result = run.train(cfg)
+    last = tmp_path / "two" / "checkpoints" / "last.ckpt"
+    assert result["last_ckpt"] == str(last)
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "two" / "checkpoints" / "best.ckpt").exists()  # no validation: no best epoch yet
+
+
+def test_resume_refuses_bad_checkpoints_with_a_clear_message(tmp_path):
+    """ckpt_path= goes through evaluate()'s checks; a checkpoint of another model size names the config values."""
+    bad = {"corrupt.ckpt": None, "empty.ckpt": b"", "list.ckpt": [1, 2], "nozoo.ckpt": {"state_dict": {}}}
+    for name, content in bad.items():
+        if content is None:
+            (tmp_path / name).write_bytes(bytes(range(256)) * 4)
+        elif isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        else:
+            torch.save(content, tmp_path / name)
+    messages = {"corrupt.ckpt": "cannot read training checkpoint", "empty.ckpt": "the file is empty",
+                "list.ckpt": "not a Lightning checkpoint", "nozoo.ckpt": "has no zoo_config"}
+    for name, message in messages.items():
+        with pytest.raises(ValueError, match=f"cannot resume from ckpt_path=.*{name}: .*{message}"):
+            run.train(_karate(tmp_path, "r", "trainer.max_epochs=1", f"ckpt_path={tmp_path / name}"))
+    with pytest.raises(FileNotFoundError, match="is a directory; give the .ckpt file"):
+        run.train(_karate(tmp_path, "r", f"ckpt_path={tmp_path}"))
+    first = run.train(_karate(tmp_path, "heads8", "trainer.max_epochs=1"))["last_ckpt"]
+    with pytest.raises(ValueError, match=r"trained with model\.heads=8; this config has model\.heads=2 \(the checkpoint "
+                                         r"stores its zoo_config"):
+        run.train(_karate(tmp_path, "heads2", "trainer.max_epochs=2", "model.heads=2", f"ckpt_path={first}"))
+    resumed = run.train(_karate(tmp_path, "heads8", "trainer.max_epochs=2", f"ckpt_path={first}"))
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 2
+
+
+def test_bad_run_options_are_named_before_training(tmp_path):
+    """Values Lightning or torch would fail on late (or with a traceback) are refused up front, by name."""
+    cases = [
+        (["trainer.max_epochs=abc"], "trainer.max_epochs must be an integer >= 0 \\(or -1: no limit\\), got 'abc'"),
+        (["trainer.max_epochs=-3"], "trainer.max_epochs must be an integer >= 0 .*got -3"),
+        (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch must be an integer >= 1"),
+        (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["num_threads=abc"], "num_threads must be an integer >= 1"),
+        (["task.lr=abc"], "lr must be a finite number, got 'abc'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["trainer.accelerator=gpu"], "trainer.accelerator=gpu needs a CUDA GPU"))
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run.train(_karate(tmp_path, "bad", *extra))
+    (tmp_path / "a_file").write_text("")
+    for run_dir in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        with pytest.raises(ValueError, match="a_file is an existing file, not a directory"):
+            run.train(_karate(tmp_path, "x", f"run_dir={run_dir}"))
+
+
+def test_missing_mandatory_values_say_what_to_put_there(tmp_path):
+    """A ??? value gives one line naming the key and the README's "what to put where" (not an omegaconf error)."""
+    with pytest.raises(ValueError, match=r"^data\.root is required: a folder holding Cora/raw/ind\.cora\."):
+        run.train(_karate(tmp_path, "cora", "data=graph_planetoid"))
+    with pytest.raises(ValueError, match=r"data\.root is required: a folder in OGB's raw CSV layout: <root>/ogbn_arxiv/raw"):
+        run.train(_karate(tmp_path, "ogb", "data=graph_ogb"))
+    cfg = run.compose([*FAST_RUN, f"run_dir={tmp_path / 'imgs'}", "data=image_folder"])
+    with pytest.raises(ValueError, match=r"data\.root is required: a folder holding train/<class>/.*; "
+                                         r"data\.num_classes is required: the number of class folders"):
+        run.train(cfg)
+    cfg = run.compose([*FAST_RUN, f"run_dir={tmp_path / 'c'}", "data=cifar100"])
+    with pytest.raises(ValueError, match="cifar-100-python.tar.gz"):
+        run.train(cfg)
 
 
 def test_resumed_run_keeps_the_checkpoint_run_dir(tmp_path, monkeypatch):

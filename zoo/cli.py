@@ -197,6 +197,10 @@ def _cmd_list(argv: list[str]) -> int:
     parser.add_argument("--task", default=None)
     parser.add_argument("--json", action="store_true", help="print a JSON list of names")
     args = parser.parse_args(argv)
+    if args.task is not None:
+        tasks = sorted({zoo.get_model_entry(name).task for name in zoo.list_models("*")})
+        if args.task not in tasks:
+            raise SystemExit(f"zoo list: unknown task {args.task!r} for --task; tasks: {', '.join(tasks)}")
     names = zoo.list_models(args.patterns or ["*"], task=args.task)
     if args.json:
         print(json.dumps(names))
@@ -255,10 +259,64 @@ def _cmd_viz(argv: list[str]) -> int:
     kind = argv[0]
     if kind not in VIZ_COMMANDS:
         raise SystemExit(f"zoo viz: unknown kind {kind!r}; kinds: {', '.join(VIZ_COMMANDS)}")
+    if kind in VISION_VIZ:
+        _require_vision_model(f"zoo viz {kind}", VISION_VIZ[kind], argv[1:], "zoo viz graph draws graph attention")
     return int(_load_entry(VIZ_COMMANDS[kind], f"zoo viz {kind}")(argv[1:]) or 0)
 
 
+# the viz kinds that draw a vision model, and what each needs (checked before the drawing code runs)
+VISION_VIZ = {"rollout": "a vision transformer (ViT)", "maxvit": "a MaxViT vision model", "agent": "an Agent-ViT vision model"}
+
+
+def _checkpoint_model_name(path: str) -> Optional[str]:
+    """The registered model name stored in a released directory / .safetensors / zoo train .ckpt; None if unknown."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    try:
+        if p.suffix == ".ckpt":
+            if not p.is_file():
+                return None
+            import torch
+
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            name = ((ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}).get("model_name")
+            return name if isinstance(name, str) else None
+        from zoo.hub import read_config
+
+        config = read_config(p) if p.exists() else None
+        return config.get("model_name") if config else None
+    except Exception:  # unreadable: the command itself reports it
+        return None
+
+
+def _require_vision_model(command: str, needs: str, argv: Sequence[str], hint: str) -> None:
+    """One line when model=/ckpt= names a registered model of another task (graph, ...)."""
+    import zoo
+
+    for token in argv:
+        key, _, value = token.partition("=")
+        key = key.lstrip("-").replace("-", "_")
+        if key not in ("model", "ckpt") or not value:
+            continue
+        name = value if key == "model" else _checkpoint_model_name(value)
+        if name and zoo.is_model(name):
+            task = zoo.get_model_entry(name).task
+            if task != "vision":
+                held = f"model={name} is" if key == "model" else f"{value} holds {name},"
+                raise SystemExit(f"{command} needs {needs}; {held} a {task} model ({hint})")
+
+
+def _export_argv(argv: list[str]) -> list[str]:
+    """zoo export of a graph checkpoint is refused here (one line); zoo.export.main checks its own keys."""
+    _require_vision_model("zoo export", "a vision model (it exports image classifiers to ONNX)",
+                          [t for t in argv if t.partition("=")[0].lstrip("-") == "ckpt"], "graph models are not exported")
+    return argv
+
+
 def _cmd_export(argv: list[str]) -> int:
+    if not _wants_help(argv):
+        argv = _export_argv(argv)
     return int(_load_entry("zoo.export:main", "zoo export")(argv) or 0)
 
 
@@ -289,6 +347,15 @@ def _quiet_third_party() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
 
 
+def _is_user_error(error: BaseException) -> bool:
+    """Errors that describe bad input (printed as one line): ours, and Lightning's MisconfigurationException
+    (e.g. trainer.devices larger than the machine has)."""
+    if isinstance(error, (ValueError, FileNotFoundError, TypeError, KeyError)):
+        return True
+    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return lightning_errors is not None and isinstance(error, lightning_errors.MisconfigurationException)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_third_party()
@@ -300,8 +367,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"zoo: unknown command {command!r}; commands: {', '.join(COMMANDS)} (zoo --help)")
     try:
         return COMMANDS[command](rest)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as error:  # user errors: one clear line
-        if getattr(sys, "_zoo_debug", False) or __import__("os").environ.get("ZOO_DEBUG"):
+    except Exception as error:  # user errors: one clear line
+        if not _is_user_error(error) or getattr(sys, "_zoo_debug", False) or __import__("os").environ.get("ZOO_DEBUG"):
             raise
         print(f"zoo {command}: error: {error}\n(set ZOO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

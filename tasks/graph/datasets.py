@@ -268,15 +268,35 @@ def collate_graphs(graphs: list[dict]) -> dict:
 _Base = L.LightningDataModule if L is not None else object
 
 
+# the extra data.* keys each node dataset takes (passed to its loader), by the name before ":"
+_LOADER_OPTIONS = {
+    "karate": (),
+    "sbm": ("block_sizes", "p_in", "p_out", "num_channels", "feature_noise"),
+    "networkx": (),
+    "planetoid": (),
+    "ogb": ("split",),
+}
+
+
 class NodeDataModule(_Base):
     """One graph, full batch: every loader yields the same single batch dict (masks select the split)."""
 
     def __init__(self, name: str = "karate", root: Optional[str] = None, seed: int = 0,
                  num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "node",
-                 **kwargs):
+                 num_workers: int = 0, **kwargs):
         super().__init__()
         if model_kind != "node":
             raise ValueError(f"node-classification data need model_kind='node', got {model_kind!r}")
+        kind = str(name).split(":", 1)[0]
+        options = _LOADER_OPTIONS.get(kind, ())
+        unknown = sorted(set(kwargs) - set(options))
+        if unknown and kind in _LOADER_OPTIONS:  # an unknown dataset name is reported by setup()
+            raise ValueError(
+                f"unknown key data.{unknown[0]} for the {name!r} dataset (its keys: name, root, seed, num_features, "
+                f"num_classes, model_kind, num_workers{''.join(', ' + o for o in options)})"
+            )
+        # num_workers (set by debug=fast for every data config) is accepted and unused: one full-batch graph,
+        # already in memory, needs no loader workers
         self.model_kind = model_kind
         self.name, self.root, self.seed, self.kwargs = name, root, seed, kwargs
         self.expected = {"num_features": num_features, "num_classes": num_classes}
@@ -322,8 +342,12 @@ class GraphClassificationDataModule(_Base):
     """Mini-batches of the synthetic graph-classification set (70 / 15 / 15 split)."""
 
     def __init__(self, num_graphs: int = 300, batch_size: int = 32, seed: int = 0,
-                 num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "graph"):
+                 num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "graph",
+                 num_workers: int = 0):
         super().__init__()
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        self.num_workers = num_workers
         if (num_features not in (None, 8)) or (num_classes not in (None, 3)) or model_kind != "graph":
             raise ValueError("synthetic graph classification has num_features=8, num_classes=3, model_kind='graph'")
         self.model_kind = model_kind
@@ -339,7 +363,7 @@ class GraphClassificationDataModule(_Base):
 
     def _loader(self, split, shuffle):
         return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                                           collate_fn=collate_graphs)
+                                           collate_fn=collate_graphs, num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader("train", True)

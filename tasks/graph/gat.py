@@ -29,6 +29,26 @@ __all__ = ["make_conv", "GATNodeClassifier", "GATGraphClassifier", "DictionaryLo
 CONVS = ("gatv2", "gat")
 
 
+def _positive_int(name: str, value) -> int:
+    """``value`` as a model argument that must be an integer >= 1 (named in the error)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_index(name: str, index, size: int, what: str) -> None:
+    """``index`` must be a 1-D integer tensor with values in [0, size) (values checked outside tracing)."""
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{name} must be a 1-D integer tensor, got {type(index).__name__}")
+    if index.dim() != 1 or index.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"{name} must be a 1-D int64/int32 tensor, got {index.dtype} {tuple(index.shape)}")
+    if index.numel() and not is_tracing():
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} value {bad} is out of range for {what} (valid: 0..{size - 1})")
+
+
 def make_conv(conv: str, in_channels, out_channels: int, **kwargs) -> nn.Module:
     """A GATv2Conv or GATConv; GATConv ignores GATv2-only arguments (share_weights)."""
     # imported when a layer is built: zoo.attention.graph imports torch_geometric (its MessagePassing base),
@@ -75,8 +95,9 @@ class GATNodeClassifier(nn.Module):
         add_self_loops: bool = True,
     ):
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        for name, value in (("num_classes", num_classes), ("hidden_channels", hidden_channels), ("heads", heads),
+                            ("out_heads", out_heads), ("num_layers", num_layers)):
+            _positive_int(name, value)
         self.num_classes = num_classes
         self.dropout = dropout
         common = dict(dropout=dropout, share_weights=share_weights, residual=residual,
@@ -122,6 +143,9 @@ class GATGraphClassifier(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
+        for name, value in (("num_classes", num_classes), ("hidden_channels", hidden_channels), ("heads", heads),
+                            ("num_layers", num_layers)):
+            _positive_int(name, value)  # num_layers=0 would pool the raw features: the graph would be ignored
         self.num_classes = num_classes
         self.convs = nn.ModuleList()
         dim = in_channels
@@ -132,6 +156,12 @@ class GATGraphClassifier(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x_NF: Tensor, edge_index: Tensor, batch_N: Tensor, num_graphs: int) -> Tensor:
+        """batch_N [N]: the graph (0..num_graphs-1) of each node -> logits [G, K]."""
+        if isinstance(num_graphs, bool) or not isinstance(num_graphs, int) or num_graphs < 1:
+            raise ValueError(f"num_graphs must be a positive integer, got {num_graphs!r}")
+        if isinstance(batch_N, Tensor) and batch_N.dim() == 1 and batch_N.numel() != x_NF.size(0):
+            raise ValueError(f"batch has {batch_N.numel()} entries but x has {x_NF.size(0)} nodes (one graph index per node)")
+        _check_index("batch", batch_N, num_graphs, f"num_graphs={num_graphs}")
         x = x_NF
         for conv in self.convs:
             x = F.elu(conv(x, edge_index))
@@ -155,6 +185,10 @@ class DictionaryLookupNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: Optional[int] = None, dim: int = 128, heads: int = 1,
                  conv: str = "gatv2"):
         super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise ValueError(f"num_classes (k) must be an integer >= 2, got {num_classes!r}")
+        _positive_int("dim", dim)
+        _positive_int("heads", heads)
         k = int(num_classes)
         if k < 2:
             raise ValueError(f"num_classes (k) must be >= 2, got {k}")
@@ -181,6 +215,7 @@ class DictionaryLookupNet(nn.Module):
             raise ValueError(f"x must be a [N, 2] long tensor of (key, value), got {x_N2.dtype} {tuple(x_N2.shape)}")
         if x_N2.numel() and not is_tracing() and (int(x_N2.min()) < 0 or int(x_N2.max()) > self.k):
             raise ValueError(f"keys/values must be in [0, {self.k}] (k={self.k}, {self.k} = EMPTY)")
+        _check_index("target_index", target_index, x_N2.size(0), f"{x_N2.size(0)} nodes")
         h = F.relu(self.key_embed(x_N2[:, 0]) + self.value_embed(x_N2[:, 1]))
         if return_attention_weights:
             h, attn = self.conv(h, edge_index, return_attention_weights=True)
@@ -191,6 +226,13 @@ class DictionaryLookupNet(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Registered constructors
 # ----------------------------------------------------------------------------------------------------
+def _fixed_conv(name: str, conv: str, kwargs: dict) -> None:
+    """The registered names fix the layer type: a conv= argument is refused with the name to use instead."""
+    if "conv" in kwargs:
+        other = name.replace(conv, "gat" if conv == "gatv2" else "gatv2", 1).removesuffix("_debug")
+        raise TypeError(f"{name} always uses conv={conv!r} (got conv={kwargs['conv']!r}); for the other layer use {other}")
+
+
 def _node(conv: str, **kwargs) -> GATNodeClassifier:
     kwargs.setdefault("in_channels", 34)
     kwargs.setdefault("num_classes", 4)
@@ -200,18 +242,21 @@ def _node(conv: str, **kwargs) -> GATNodeClassifier:
 @register_model(task="graph", family="gat", default_cfg={"in_channels": 34, "num_classes": 4})
 def gatv2_node(**kwargs) -> GATNodeClassifier:
     """GATv2 node classifier, the GAT paper's transductive recipe (8 heads x 8, ELU, dropout 0.6)."""
+    _fixed_conv("gatv2_node", "gatv2", kwargs)
     return _node("gatv2", **kwargs)
 
 
 @register_model(task="graph", family="gat", default_cfg={"in_channels": 34, "num_classes": 4})
 def gat_node(**kwargs) -> GATNodeClassifier:
     """GAT node classifier (Velickovic et al. 2018, transductive Cora recipe)."""
+    _fixed_conv("gat_node", "gat", kwargs)
     return _node("gat", **kwargs)
 
 
 @register_model(task="graph", family="gat", default_cfg={"in_channels": 34, "num_classes": 4})
 def gatv2_node_debug(**kwargs) -> GATNodeClassifier:
     """Tiny GATv2 node classifier for tests (2 heads x 4)."""
+    _fixed_conv("gatv2_node_debug", "gatv2", kwargs)
     kwargs.setdefault("hidden_channels", 4)
     kwargs.setdefault("heads", 2)
     return _node("gatv2", **kwargs)
@@ -220,6 +265,7 @@ def gatv2_node_debug(**kwargs) -> GATNodeClassifier:
 @register_model(task="graph", family="gat", default_cfg={"in_channels": 8, "num_classes": 3})
 def gatv2_graph(**kwargs) -> GATGraphClassifier:
     """GATv2 graph classifier (3 layers, 4 heads x 32, mean pooling)."""
+    _fixed_conv("gatv2_graph", "gatv2", kwargs)
     kwargs.setdefault("in_channels", 8)
     kwargs.setdefault("num_classes", 3)
     return GATGraphClassifier(conv="gatv2", **kwargs)
@@ -228,6 +274,7 @@ def gatv2_graph(**kwargs) -> GATGraphClassifier:
 @register_model(task="graph", family="gat", default_cfg={"in_channels": 8, "num_classes": 3})
 def gat_graph(**kwargs) -> GATGraphClassifier:
     """GAT graph classifier (3 layers, 4 heads x 32, mean pooling)."""
+    _fixed_conv("gat_graph", "gat", kwargs)
     kwargs.setdefault("in_channels", 8)
     kwargs.setdefault("num_classes", 3)
     return GATGraphClassifier(conv="gat", **kwargs)
@@ -236,6 +283,7 @@ def gat_graph(**kwargs) -> GATGraphClassifier:
 @register_model(task="graph", family="gat", default_cfg={"in_channels": 8, "num_classes": 3})
 def gatv2_graph_debug(**kwargs) -> GATGraphClassifier:
     """Tiny GATv2 graph classifier for tests."""
+    _fixed_conv("gatv2_graph_debug", "gatv2", kwargs)
     kwargs.setdefault("in_channels", 8)
     kwargs.setdefault("num_classes", 3)
     kwargs.setdefault("hidden_channels", 4)
@@ -247,6 +295,7 @@ def gatv2_graph_debug(**kwargs) -> GATGraphClassifier:
 @register_model(task="graph", family="gat", default_cfg={"num_classes": 10})
 def gatv2_dictlookup(**kwargs) -> DictionaryLookupNet:
     """GATv2 DictionaryLookup model of Brody et al. 2022 (dim 128, 1 head)."""
+    _fixed_conv("gatv2_dictlookup", "gatv2", kwargs)
     kwargs.setdefault("num_classes", 10)
     return DictionaryLookupNet(conv="gatv2", **kwargs)
 
@@ -254,6 +303,7 @@ def gatv2_dictlookup(**kwargs) -> DictionaryLookupNet:
 @register_model(task="graph", family="gat", default_cfg={"num_classes": 10})
 def gat_dictlookup(**kwargs) -> DictionaryLookupNet:
     """GAT DictionaryLookup model (static attention: cannot express the lookup with one head)."""
+    _fixed_conv("gat_dictlookup", "gat", kwargs)
     kwargs.setdefault("num_classes", 10)
     return DictionaryLookupNet(conv="gat", **kwargs)
 
@@ -261,6 +311,7 @@ def gat_dictlookup(**kwargs) -> DictionaryLookupNet:
 @register_model(task="graph", family="gat", default_cfg={"num_classes": 4})
 def gatv2_dictlookup_debug(**kwargs) -> DictionaryLookupNet:
     """Tiny DictionaryLookup model (k=4, dim 16)."""
+    _fixed_conv("gatv2_dictlookup_debug", "gatv2", kwargs)
     kwargs.setdefault("num_classes", 4)
     kwargs.setdefault("dim", 16)
     return DictionaryLookupNet(conv="gatv2", **kwargs)

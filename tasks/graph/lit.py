@@ -34,6 +34,9 @@ class _GraphModule(ZooModule):
         super().__init__(model, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, torch_compile=torch_compile,
                          seed=seed)
         self.lr, self.weight_decay = float(lr), float(weight_decay)
+        if stop_at_acc is not None and (isinstance(stop_at_acc, bool) or not isinstance(stop_at_acc, (int, float))
+                                        or not 0.0 < stop_at_acc <= 1.0):
+            raise ValueError(f"stop_at_acc must be an accuracy in (0, 1] or null, got {stop_at_acc!r}")
         self.stop_at_acc = None if stop_at_acc is None else float(stop_at_acc)
         self.save_hyperparameters(ignore=["model"])
         self.record_model_spec()

@@ -6,7 +6,7 @@ self loops that were added, alpha [E', H])); the picture shows the incoming edge
 node i (its self loop as a ring), their alpha as width and label, plus the 2-hop context in grey.
 
     zoo viz graph [data=karate] [node=0] [layer=0] [model=gatv2_node] [ckpt=<dir from zoo.save_pretrained>]
-                  [epochs=100] [seed=0] [out=graph_attention.png]
+                  [epochs=100] [seed=0] [root=<folder, for data=planetoid:<Name> | ogb:<name>>] [out=graph_attention.png]
     zoo viz graph data=dictlookup [k=10] [example=0] [node=0] [model=gatv2_dictlookup|gat_dictlookup]
                   [heads=1] [ckpt=<dir>] [epochs=5] [out=...]
 
@@ -98,9 +98,65 @@ def draw_neighbourhood(edge_index: torch.Tensor, alpha: torch.Tensor, node: int,
     return out
 
 
+# what each data kind needs, for the wrong-model messages
+_NEEDS = {
+    "node": "a node-classification model (*_node: gatv2_node, gat_node)",
+    "dictlookup": "a DictionaryLookup model (*_dictlookup: gatv2_dictlookup, gat_dictlookup)",
+}
+_KIND_WORDS = {
+    "node": "a node-classification model (use node data, e.g. data=karate)",
+    "dictlookup": "a DictionaryLookup model (use data=dictlookup)",
+    "graph": "a graph-classification model (zoo viz graph draws node and DictionaryLookup models)",
+}
+
+
+def _name_kind(name: str) -> Optional[str]:
+    """node / dictlookup / graph for a registered graph model name, else the model's task (vision, ...)."""
+    import zoo
+
+    if not zoo.is_model(name):
+        return None  # zoo.create_model names the unknown model
+    entry = zoo.get_model_entry(name)
+    if entry.task != "graph":
+        return entry.task or "non-graph"
+    for kind in ("dictlookup", "node", "graph"):
+        if f"_{kind}" in name:
+            return kind
+    return None
+
+
+def _instance_kind(model) -> str:
+    from zoo.tasks.graph.gat import DictionaryLookupNet, GATGraphClassifier, GATNodeClassifier
+
+    for cls, kind in ((GATNodeClassifier, "node"), (DictionaryLookupNet, "dictlookup"), (GATGraphClassifier, "graph")):
+        if isinstance(model, cls):
+            return kind
+    name = getattr(model, "zoo_model_name", None)
+    return (_name_kind(name) if name else None) or type(model).__name__
+
+
+def _require_kind(kind: Optional[str], want: str, what: str, data: str) -> None:
+    if kind is None or kind == want:
+        return
+    found = _KIND_WORDS.get(kind, f"a {kind} model")
+    raise SystemExit(f"zoo viz graph: data={data} needs {_NEEDS[want]}; {what} is {found}")
+
+
+def _int(opts: dict, key: str, minimum: Optional[int] = None) -> int:
+    value = opts[key]
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (minimum is not None and number < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise SystemExit(f"zoo viz graph: {key} must be an integer{bound}, got {value!r}")
+    return number
+
+
 def _parse(argv: Sequence[str]) -> dict:
     opts = {"data": "karate", "node": "0", "layer": "0", "model": None, "ckpt": None, "epochs": None,
-            "seed": "0", "out": "graph_attention.png", "heads": None, "k": "10", "example": "0"}
+            "seed": "0", "out": "graph_attention.png", "heads": None, "k": "10", "example": "0", "root": None}
     for item in argv:
         if "=" not in item:
             raise SystemExit(f"zoo viz graph: arguments are key=value, got {item!r}\n{__doc__}")
@@ -108,6 +164,12 @@ def _parse(argv: Sequence[str]) -> dict:
         if key not in opts:
             raise SystemExit(f"zoo viz graph: unknown option {key!r}; options: {sorted(opts)}")
         opts[key] = value
+    # integers, checked where they enter (each named): seed any, the others bounded
+    for key, minimum in (("seed", None), ("node", 0), ("layer", 0), ("example", 0), ("k", 2)):
+        opts[key] = _int(opts, key, minimum)
+    for key, minimum in (("epochs", 0), ("heads", 1)):
+        if opts[key] is not None:
+            opts[key] = _int(opts, key, minimum)
     return opts
 
 
@@ -116,23 +178,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from zoo.tasks.graph.datasets import load_node_dataset
 
     opts = _parse(sys.argv[1:] if argv is None else argv)
-    torch.manual_seed(int(opts["seed"]))
+    torch.manual_seed(opts["seed"])
     if opts["data"] == "dictlookup":
         return _dictlookup(opts)
-    opts["model"] = opts["model"] or "gatv2_node"
-    opts["epochs"] = opts["epochs"] or "100"
-    data = load_node_dataset(opts["data"], seed=int(opts["seed"]))
-    node, layer = int(opts["node"]), int(opts["layer"])
+    if opts["ckpt"] is None:
+        opts["model"] = opts["model"] or "gatv2_node"
+        _require_kind(_name_kind(opts["model"]), "node", f"model={opts['model']}", opts["data"])
+    epochs = 100 if opts["epochs"] is None else opts["epochs"]
+    source = opts["data"].split(":", 1)[0]
+    if source in ("planetoid", "ogb") and not opts["root"]:
+        raise SystemExit(f"zoo viz graph: data={opts['data']} is read from local files: pass root=<folder> "
+                         + ("(holding <Name>/raw/ind.<name>.*)" if source == "planetoid" else "(holding <ogbn_name>/raw and split)"))
+    data = load_node_dataset(opts["data"], opts["root"], seed=opts["seed"])
+    node, layer = opts["node"], opts["layer"]
     if not 0 <= node < data["x"].size(0):
         raise SystemExit(f"zoo viz graph: node {node} is out of range for {data['x'].size(0)} nodes")
     if opts["ckpt"]:
         model = zoo.from_pretrained(opts["ckpt"])
+        _require_kind(_instance_kind(model), "node", f"ckpt={opts['ckpt']}", opts["data"])
     else:
-        extra = {} if opts["heads"] is None else {"heads": int(opts["heads"])}
+        extra = {} if opts["heads"] is None else {"heads": opts["heads"]}
         model = zoo.create_model(opts["model"], in_channels=data["x"].size(1), num_classes=data["num_classes"], **extra)
         opt = torch.optim.Adam(model.parameters(), lr=5e-3, weight_decay=5e-4)
         model.train()
-        for _ in range(int(opts["epochs"])):
+        for _ in range(epochs):
             loss = F.cross_entropy(model(data["x"], data["edge_index"])[data["train_mask"]], data["y"][data["train_mask"]])
             opt.zero_grad()
             loss.backward()
@@ -155,8 +224,11 @@ def _dictlookup(opts: dict) -> int:
     import zoo
     from zoo.tasks.graph.dictlookup import collate, generate_permutations, unseen_combinations_split
 
-    k, example, node = int(opts["k"]), int(opts["example"]), int(opts["node"])
-    if int(opts["layer"]) != 0:
+    k, example, node = opts["k"], opts["example"], opts["node"]
+    if opts["ckpt"] is None:
+        opts["model"] = opts["model"] or "gatv2_dictlookup"
+        _require_kind(_name_kind(opts["model"]), "dictlookup", f"model={opts['model']}", "dictlookup")
+    if opts["layer"] != 0:
         raise SystemExit("zoo viz graph: the DictionaryLookup model has one attention layer: layer=0")
     if not 0 <= node < k:
         raise SystemExit(f"zoo viz graph: node must be a query node, 0..{k - 1} for k={k}; got {node}")
@@ -165,14 +237,15 @@ def _dictlookup(opts: dict) -> int:
         raise SystemExit(f"zoo viz graph: example {example} is out of range for {len(test_perms)} test graphs")
     if opts["ckpt"]:
         model = zoo.from_pretrained(opts["ckpt"])
+        _require_kind(_instance_kind(model), "dictlookup", f"ckpt={opts['ckpt']}", "dictlookup")
         if getattr(model, "k", None) != k:
             raise SystemExit(f"zoo viz graph: the checkpoint is a k={getattr(model, 'k', '?')} model; pass k=")
     else:
-        extra = {} if opts["heads"] is None else {"heads": int(opts["heads"])}
-        model = zoo.create_model(opts["model"] or "gatv2_dictlookup", num_classes=k, **extra)
+        extra = {} if opts["heads"] is None else {"heads": opts["heads"]}
+        model = zoo.create_model(opts["model"], num_classes=k, **extra)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         model.train()
-        for _ in range(int(opts["epochs"] or 5)):
+        for _ in range(5 if opts["epochs"] is None else opts["epochs"]):
             for start in range(0, len(train_perms), 1024):
                 batch = collate(train_perms[torch.randperm(len(train_perms))[start:start + 1024]])
                 loss = F.cross_entropy(model(batch["x"], batch["edge_index"], batch["target_index"]), batch["y"])

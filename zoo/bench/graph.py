@@ -166,10 +166,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     for item in args.sizes.split(","):
         try:
             e, n = item.split(":")
-            sizes.append((int(float(e)), int(float(n))))
+            sizes.append((int(float(e)), int(float(n))))  # float(): 1e6 reads as a million
+            if min(sizes[-1]) < 1:
+                raise ValueError(item)
         except ValueError:
-            raise SystemExit(f"--sizes items are EDGES:NODES, got {item!r}") from None
-    channels = [int(c) for c in args.channels.split(",")]
+            raise SystemExit(f"--sizes items are EDGES:NODES, both integers >= 1, got {item!r}") from None
+    try:
+        channels = [int(c) for c in args.channels.split(",")]
+        if not channels or min(channels) < 1:
+            raise ValueError(args.channels)
+    except ValueError:
+        raise SystemExit(f"--channels must be a comma list of integers >= 1, got {args.channels!r}") from None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} needs a CUDA GPU and none is available here (use --device cpu)")
     threads = set_threads(args.threads)
     peer_max_gb = args.peer_max_gb if args.peer_max_gb is not None else 0.85 * _available_gb(args.device)
     details = (f"device {args.device}; PyG run where its estimated peak <= {peer_max_gb:.1f} GB; "

@@ -20,6 +20,7 @@ The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Optional, Sequence
 
@@ -51,6 +52,15 @@ def compile_backend(torch_compile: bool | str | None, option: str = "torch_compi
     )
 
 
+def _real(name: str, value, minimum: Optional[float] = None) -> float:
+    """A finite number option (task.<name> in zoo train), named in the error; ``minimum`` inclusive."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return float(value)
+
+
 class ZooModule(pl.LightningModule):
     def __init__(
         self,
@@ -70,9 +80,20 @@ class ZooModule(pl.LightningModule):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} needs an nn.Module as model, got {type(model).__name__}")
-        if lr <= 0:
+        if _real("lr", lr) <= 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
-        if layer_decay is not None and not 0.0 < float(layer_decay) <= 1.0:
+        _real("weight_decay", weight_decay, 0.0)
+        _real("warmup_epochs", warmup_epochs, 0.0)
+        _real("min_lr_ratio", min_lr_ratio, 0.0)
+        _real("ema_decay", ema_decay)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+        for beta in betas:
+            if not 0.0 <= _real("betas", beta) < 1.0:
+                raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+        if layer_decay is not None and not 0.0 < _real("layer_decay", layer_decay) <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay!r}")
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")

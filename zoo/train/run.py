@@ -58,6 +58,58 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train"):
     return cfg
 
 
+def _plain(cfg) -> Any:
+    """The config as plain data, interpolations unresolved (``${...}`` strings) and ``???`` kept."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+
+
+def _missing_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _missing_keys(value, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, value in enumerate(node) for k in _missing_keys(value, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
+def _missing_hint(plain: dict, key: str) -> str:
+    """What to put in a required (``???``) key; the data rows follow the README's "what to put where" table."""
+    data = plain.get("data") if isinstance(plain.get("data"), dict) else {}
+    target, name = str(data.get("_target_", "")), str(data.get("name", ""))
+    if key == "data.root":
+        if target.endswith("ImageFolderDataModule"):
+            return ("a folder holding train/<class>/*.png (or .jpg, ...); optional val/<class>/ and test/<class>/ "
+                    "(else data.val_fraction of train)")
+        if target.endswith("CIFARDataModule"):
+            if str(data.get("variant")) == "100":
+                return "the folder you extracted cifar-100-python.tar.gz into, so that <root>/cifar-100-python/train exists"
+            return "the folder you extracted cifar-10-python.tar.gz into, so that <root>/cifar-10-batches-py/data_batch_1 exists"
+        if name.startswith("planetoid:"):
+            proper = name.split(":", 1)[1]
+            return f"a folder holding {proper}/raw/ind.{proper.lower()}.{{x,tx,allx,y,ty,ally,graph,test.index}}"
+        if name.startswith("ogb:"):
+            folder = name.split(":", 1)[1].replace("-", "_")
+            return (f"a folder in OGB's raw CSV layout: <root>/{folder}/raw/{{edge,node-feat,node-label}}.csv.gz and "
+                    f"<root>/{folder}/split/<scheme>/{{train,valid,test}}.csv.gz")
+        return "the folder holding the data set"
+    if key == "data.num_classes":
+        if target.endswith("ImageFolderDataModule"):
+            return "the number of class folders under <data.root>/train"
+        return "the number of classes of the data"
+    if key == "model.name":
+        return "a registered model name (zoo list)"
+    return "a value on the command line"
+
+
+def check_required(cfg) -> None:
+    """Raise one line naming each missing mandatory (``???``) key and what to put there."""
+    plain = _plain(cfg)
+    missing = _missing_keys(plain)
+    if missing:
+        raise ValueError("; ".join(f"{key} is required: {_missing_hint(plain, key)} (add {key}=...)" for key in missing))
+
+
 def _to_container(node) -> Any:
     from omegaconf import OmegaConf
 
@@ -86,6 +138,9 @@ def _resolve_run_dir(cfg) -> Path:
         stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         run_dir = Path("outputs") / str(cfg.get("name") or "run") / stamp
     run_dir = Path(run_dir).expanduser().absolute()
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"run_dir={run_dir}: {path} is an existing file, not a directory (give a directory)")
     cfg.run_dir = str(run_dir)
     return run_dir
 
@@ -95,6 +150,7 @@ def _resolve_run_dir(cfg) -> Path:
 # --------------------------------------------------------------------------------------------------
 def build(cfg, model: Optional[torch.nn.Module] = None):
     """(LightningModule, DataModule) for ``cfg``; ``model`` replaces ``cfg.model`` when given."""
+    check_required(cfg)
     task = cfg.task
     if "_target_" not in task and task.get("module"):
         built = importlib.import_module(str(task.module)).build(cfg)
@@ -127,6 +183,7 @@ def _trainer(cfg, *, callbacks: Optional[list] = None, loggers: Optional[list] =
         else:
             kwargs[key] = _to_container(value) if OmegaConf.is_config(value) else value
     kwargs.update(extra)
+    _check_trainer_options(kwargs)
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     if callbacks is not None:
         kwargs["callbacks"] = callbacks
@@ -135,6 +192,28 @@ def _trainer(cfg, *, callbacks: Optional[list] = None, loggers: Optional[list] =
     if not any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in kwargs.get("callbacks", []) or []):
         kwargs.setdefault("enable_checkpointing", False)
     return pl.Trainer(**kwargs)
+
+
+# integer trainer.* options and their smallest value (-1: no limit); Lightning would accept some wrong values
+# and fail later (max_epochs="abc": a bare AssertionError once training starts; check_val_every_n_epoch=0: a
+# ZeroDivisionError)
+_TRAINER_INTS = {"max_epochs": -1, "min_epochs": 0, "max_steps": -1, "min_steps": 0, "check_val_every_n_epoch": 1,
+                 "log_every_n_steps": 0, "accumulate_grad_batches": 1, "num_sanity_val_steps": -1}
+
+
+def _check_trainer_options(kwargs: dict) -> None:
+    """The trainer.* values Lightning would accept and only fail on later (or with a traceback), named."""
+    for key, minimum in _TRAINER_INTS.items():
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            limit = f">= {minimum}" if minimum >= 0 else ">= 0 (or -1: no limit)"
+            raise ValueError(f"trainer.{key} must be an integer {limit}, got {value!r}")
+    accelerator = kwargs.get("accelerator")
+    if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is available here "
+                         "(use trainer=cpu or trainer.accelerator=cpu)")
 
 
 def _instantiate_group(node) -> list:
@@ -168,12 +247,19 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
 
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (give the .ckpt to resume from)")
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    seed, threads = cfg.get("seed"), cfg.get("num_threads")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ValueError(f"num_threads must be an integer >= 1 (or null or 0: torch's default), got {threads!r}")
+    resume = _resume_checkpoint(cfg.get("ckpt_path"))
+    if threads:
+        torch.set_num_threads(threads)
+    pl.seed_everything(seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
+    if resume is not None:
+        _check_resume_fits(resume, module, cfg)
+        del resume  # Lightning reads the file again in fit(): do not hold two copies
     trainer = _trainer(cfg, callbacks=_instantiate_group(cfg.get("callbacks")), loggers=_instantiate_group(cfg.get("logger")))
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +285,54 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     return result
 
 
+def _resume_checkpoint(ckpt_path) -> Optional[tuple[Path, dict]]:
+    """(path, checkpoint) for ``ckpt_path=`` (None when not resuming), read with evaluate()'s checks."""
+    if not ckpt_path:
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if path.is_dir():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory; give the .ckpt file to resume from "
+                                f"(e.g. {path / 'checkpoints' / 'last.ckpt'})")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (give the .ckpt to resume from)")
+    try:
+        return path, _load_ckpt(path)
+    except ValueError as error:
+        raise ValueError(f"cannot resume from ckpt_path={ckpt_path}: {error}") from None
+
+
+def _config_differences(saved, current, prefix: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [d for key in sorted(set(saved) | set(current), key=str)
+                for d in _config_differences(saved.get(key, "<unset>"), current.get(key, "<unset>"), f"{prefix}.{key}")]
+    return [] if saved == current else [(prefix, saved, current)]
+
+
+def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
+    """A checkpoint whose weights do not fit the configured module: name the config values that differ."""
+    from torch.nn.parameter import UninitializedParameter
+
+    path, ckpt = resume
+    saved, own = ckpt["state_dict"], module.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [k for k, v in own.items() if k in saved and not isinstance(v, UninitializedParameter)
+              and isinstance(saved[k], torch.Tensor) and tuple(saved[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    stored, current = ckpt["hyper_parameters"]["zoo_config"], _to_container(cfg)
+    diffs = [d for group in ("model", "task") for d in _config_differences(stored.get(group), current.get(group), group)
+             if d[0] != "model.pretrained"]
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {path}: it was trained with " + ", ".join(f"{k}={a}" for k, a, _ in diffs)
+            + "; this config has " + ", ".join(f"{k}={b}" for k, _, b in diffs)
+            + " (the checkpoint stores its zoo_config: use the same values to resume)"
+        )
+    raise ValueError(f"cannot resume from {path}: its weights do not fit this config's model (missing {missing[:4]}, "
+                     f"unexpected {unexpected[:4]}, other shapes {shapes[:4]})")
+
+
 def export_released(module, datamodule, cfg, directory: Path, metrics: dict, seconds: float) -> Optional[Path]:
     """save_pretrained of the weights used for evaluation (EMA when enabled), with data/metric metadata."""
     import zoo
@@ -222,7 +356,9 @@ def _load_ckpt(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"cannot read training checkpoint {path} (corrupt, or not written by zoo train): {error}") from None
+        first = (str(error).strip().splitlines() or [""])[0]
+        reason = "the file is empty" if path.stat().st_size == 0 else type(error).__name__ + (f": {first}" if 0 < len(first) <= 100 else "")
+        raise ValueError(f"cannot read training checkpoint {path} (corrupt, or not written by zoo train; {reason})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     hp = ckpt.get("hyper_parameters") or {}
@@ -263,12 +399,28 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
         info = dict(meta.get("data") or {})
     OmegaConf.set_struct(cfg, False)
     if overrides:
+        plain = _plain(cfg)
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not of the form key=value")
+            _check_eval_override(plain, item.split("=", 1)[0])
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     cfg.model.pretrained = False
     return cfg, model, state, info
+
+
+def _check_eval_override(plain: dict, key: str) -> None:
+    """An eval override must name a key of the stored run config, and not the model (built from the checkpoint)."""
+    if key == "model" or key.startswith("model."):
+        raise ValueError(f"{key}: model.* cannot be overridden in eval (the model comes from the checkpoint)")
+    parts, node = key.split("."), plain
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            parent = ".".join(parts[:depth])
+            keys = (", ".join(sorted(k for k in map(str, node) if not k.startswith("_"))) if isinstance(node, dict)
+                    else f"none: {parent} is a value")
+            raise ValueError(f"unknown key {key} ({parent + ' keys' if parent else 'top-level keys'}: {keys})")
+        node = node[part]
 
 
 def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: str = "test") -> dict[str, float]:
@@ -343,11 +495,23 @@ def _digits_image(spec: str, img_size: int, in_chans: int, mean, std) -> torch.T
     return (x - mean_t) / std_t
 
 
+def _require_image_classifier(model, ckpt) -> None:
+    import zoo
+
+    name = getattr(model, "zoo_model_name", None)
+    task = zoo.get_model_entry(name).task if name and zoo.is_model(name) else None
+    if task is not None and task != "vision":
+        raise ValueError(f"zoo predict classifies images; {ckpt} holds {name}, a {task} model (use zoo eval for its test metrics)")
+
+
 def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
     """Top-``topk`` classes for image files / folders / ``digits:<index>``: [{"input", "top": [(class, prob)]}]."""
     from zoo.tasks.vision.data import load_image_file
 
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be a positive integer, got {topk!r}")
     model, info = load_for_inference(ckpt)
+    _require_image_classifier(model, ckpt)
     img_size = info.get("img_size") or (model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else None)
     if not img_size:
         raise ValueError(f"{ckpt}: no preprocessing facts (img_size) stored; use a .ckpt or released directory from zoo train")
