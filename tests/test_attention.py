@@ -601,3 +601,16 @@ def test_switches_take_booleans_only():
     assert isinstance(attend(q, q, q, return_weights=1), tuple)
     with pytest.raises(TypeError, match="MultiHeadAttention: qk_norm must be True or False"):
         MultiHeadAttention(16, 4, qk_norm="no")
+
+
+def test_attention_module_arguments_are_named():
+    from zoo.attention import MultiHeadAttention
+
+    for kwargs, message in ((dict(proj_drop=1.5), "MultiHeadAttention: proj_drop must be a number in"),
+                            (dict(attn_drop="0.1"), "MultiHeadAttention: attn_drop must be a number in"),
+                            (dict(rope_theta=5.0), "rope_theta / rope_axes_dims were given but rope=None"),
+                            (dict(num_prefix_tokens=-1), "num_prefix_tokens must be an int >= 0")):
+        with pytest.raises(ValueError, match=message):
+            MultiHeadAttention(16, 4, **kwargs)
+    with pytest.raises(ValueError, match="dim must be a positive int, got True"):
+        MultiHeadAttention(True, 1)

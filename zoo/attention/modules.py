@@ -40,7 +40,7 @@ from zoo.attention.core import attend
 from zoo.attention.masks import Mask, as_mask
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
-from zoo.layers import activate_fresh, check_flag, check_like_weights
+from zoo.layers import activate_fresh, check_flag, check_like_weights, check_rates
 
 __all__ = ["MultiHeadAttention", "Mlp", "KVCache"]
 
@@ -220,7 +220,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("dim", dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"MultiHeadAttention: {name} must be a positive int, got {value!r}")
         if num_heads % num_kv_heads:
             raise ValueError(
@@ -238,8 +238,12 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: kv_dim must be a positive int or None, got {kv_dim!r}")
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"MultiHeadAttention: score must be 'softmax' or 'sigmoid', got {score!r}")
-        if not 0.0 <= attn_drop < 1.0:
-            raise ValueError(f"MultiHeadAttention: attn_drop must be in [0, 1), got {attn_drop}")
+        check_rates(**{"MultiHeadAttention: attn_drop": attn_drop, "MultiHeadAttention: proj_drop": proj_drop})
+        if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool) or num_prefix_tokens < 0:
+            raise ValueError(f"MultiHeadAttention: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        if rope is None and (rope_theta is not None or rope_axes_dims is not None):
+            raise ValueError("MultiHeadAttention: rope_theta / rope_axes_dims were given but rope=None (pass "
+                             "rope='1d', '2d' or '3d')")
         if rel_pos_bias is not None and not isinstance(rel_pos_bias, AttentionBias):
             raise TypeError(
                 f"MultiHeadAttention: rel_pos_bias must be a zoo.attention.AttentionBias, got {type(rel_pos_bias).__name__}"
