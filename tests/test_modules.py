@@ -521,3 +521,23 @@ def test_bad_inputs_raise_clear_errors():
     r = MultiHeadAttention(32, 4, rope="1d")
     with pytest.raises(ValueError, match="positions must have shape"):
         r(torch.randn(1, 5, 32), positions=torch.arange(4))
+
+
+def test_nonfinite_input_or_weights_are_named_by_the_module():
+    """The module checks its own input and output (one dot product) instead of attend()'s per-call reductions of
+    strided q/k views; a NaN is named where it came from."""
+    m = MultiHeadAttention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    bad = x.clone()
+    bad[1, 2, 3] = float("nan")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="MultiHeadAttention: x contains NaN or Inf"):
+            m(bad)
+        m.qkv.weight[0, 0] = float("inf")
+        with pytest.raises(ValueError, match=r"not finite although the input is: non-finite weights in \['qkv.weight'\]"):
+            m(x)
+    cross = MultiHeadAttention(16, 4, kv_dim=12).eval()
+    context = torch.randn(2, 7, 12)
+    context[0, 0, 0] = float("-inf")
+    with torch.no_grad(), pytest.raises(ValueError, match="MultiHeadAttention: context contains NaN or Inf"):
+        cross(x, context)

@@ -41,8 +41,8 @@ from zoo.attention import capture as _capture
 from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
 from zoo.layers import (
-    DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates, check_reset_classifier,
-    new_linear_head, to_pair,
+    DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates,
+    check_reset_classifier, new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model

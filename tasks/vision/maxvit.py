@@ -52,8 +52,8 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import (
-    DropPath, IntOrPair, activate_fresh, check_features, check_finite_input, check_flag, check_image_batch, check_ints, check_rates, check_reset_classifier, feature_take_indices,
-    new_linear_head, to_pair,
+    DropPath, IntOrPair, activate_fresh, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
+    check_rates, check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model

@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, MultiHeadAttention
 from zoo.layers import (
-    DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates,
-    check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
+    DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
+    check_mlp_ratio, check_rates, check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model
