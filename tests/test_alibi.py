@@ -92,7 +92,10 @@ def test_custom_slopes_and_errors():
     assert torch.equal(bias[0, 1], torch.zeros(3, 3)) and float(bias[0, 0, 2, 0]) == -2.0
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         ALiBi(0)
-    with pytest.raises(ValueError, match="slopes must be 3 finite numbers"):
+    with pytest.raises(ValueError, match="slopes must be 3 numbers \\(one per head\\), got shape \\(2,\\)"):
         ALiBi(3, slopes=[0.5, 0.25])
-    with pytest.raises(ValueError, match="slopes must be 2 finite numbers"):
+    with pytest.raises(ValueError, match="slopes must be finite, got \\[0.5, nan\\]"):
         ALiBi(2, slopes=[0.5, float("nan")])
+    for heads in (0, 2.0):  # with slopes given, num_heads was not checked
+        with pytest.raises(ValueError, match="ALiBi: num_heads must be a positive int"):
+            ALiBi(heads, slopes=[])

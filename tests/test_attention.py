@@ -614,3 +614,14 @@ def test_attention_module_arguments_are_named():
             MultiHeadAttention(16, 4, **kwargs)
     with pytest.raises(ValueError, match="dim must be a positive int, got True"):
         MultiHeadAttention(True, 1)
+
+
+def test_numpy_scalars_are_numbers_and_bools_are_not():
+    import numpy as np
+
+    q = torch.randn(1, 1, 3, 4)
+    torch.testing.assert_close(attend(q, q, q, scale=np.float32(0.5)), attend(q, q, q, scale=0.5))
+    for kwargs, message in ((dict(scale=True), "scale must be a positive finite number, got True"),
+                            (dict(dropout_p=False), "dropout_p must be in \\[0, 1\\), got False")):
+        with pytest.raises(ValueError, match=message):
+            attend(q, q, q, **kwargs)

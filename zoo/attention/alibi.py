@@ -57,10 +57,13 @@ class ALiBi(AttentionBias):
         if slopes is None:
             values = alibi_slopes(num_heads)
         else:
+            check_positive_int(num_heads, "ALiBi: num_heads")
             values = torch.as_tensor(slopes, dtype=torch.float64)
-            if values.shape != (num_heads,) or not bool(torch.isfinite(values).all()):
-                raise ValueError(f"ALiBi: slopes must be {num_heads} finite numbers, got shape "
+            if values.shape != (num_heads,):
+                raise ValueError(f"ALiBi: slopes must be {num_heads} numbers (one per head), got shape "
                                  f"{tuple(values.shape)}")
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"ALiBi: slopes must be finite, got {values.tolist()}")
         self.num_heads = num_heads
         self.register_buffer("slopes", values.float(), persistent=False)
 

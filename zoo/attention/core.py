@@ -23,6 +23,7 @@ bounded the same way.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Optional, Union
 
@@ -80,9 +81,10 @@ def _validate(q, k, v, score, dropout_p, scale) -> None:
         raise ValueError(f"attend: empty input (q {tuple(q.shape)}, k {tuple(k.shape)})")
     if score not in SCORES:
         raise ValueError(f"attend: score must be one of {SCORES}, got {score!r}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+    if isinstance(dropout_p, bool) or not (isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"attend: dropout_p must be in [0, 1), got {dropout_p!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if scale is not None and (isinstance(scale, bool) or not (  # numpy floats are numbers too; True is not
+            isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0)):
         raise ValueError(f"attend: scale must be a positive finite number, got {scale!r}")
 
 
