@@ -541,3 +541,12 @@ def test_nonfinite_input_or_weights_are_named_by_the_module():
     context[0, 0, 0] = float("-inf")
     with torch.no_grad(), pytest.raises(ValueError, match="MultiHeadAttention: context contains NaN or Inf"):
         cross(x, context)
+
+
+def test_empty_batches_are_named_by_the_module():
+    from zoo.attention import AgentAttention
+
+    with pytest.raises(ValueError, match=r"MultiHeadAttention: x has no batch rows \(shape \(0, 5, 16\)\)"):
+        MultiHeadAttention(16, 4)(torch.randn(0, 5, 16))
+    with pytest.raises(ValueError, match="AgentAttention: input has no batch rows"):
+        AgentAttention(16, 4, agent_num=4, window=3)(torch.randn(0, 10, 16))

@@ -308,8 +308,9 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(f"MultiHeadAttention: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 3 or t.shape[-1] != width:
             raise ValueError(f"MultiHeadAttention: {name} must have shape (B, N, {width}), got {tuple(t.shape)}")
-        if t.shape[1] == 0:
-            raise ValueError(f"MultiHeadAttention: {name} has no tokens (shape {tuple(t.shape)})")
+        if t.shape[1] == 0 or t.shape[0] == 0:
+            raise ValueError(f"MultiHeadAttention: {name} has no {'tokens' if t.shape[0] else 'batch rows'} "
+                             f"(shape {tuple(t.shape)})")
         if not t.is_floating_point():
             raise TypeError(f"MultiHeadAttention: {name} must be a floating-point tensor, got {t.dtype}")
         layer = (self.kv if name == "context" else self.q) if self.is_cross else self.qkv
