@@ -208,6 +208,21 @@ def test_ogb_adapter_reads_the_raw_layout(tmp_path):
     assert d["x"].shape == (4, 3) and d["num_classes"] == 2
     assert d["train_mask"].tolist() == [True, True, False, False] and d["test_mask"].tolist() == [False] * 3 + [True]
     assert d["edge_index"].size(1) == 8  # made undirected
+    # files that disagree are named (were torch's size / index errors, or accepted: an edge to node 7)
+    bad_cases = (
+        ("raw/node-label.csv.gz", np.array([[0], [1]]), "has 2 labels but .*node-feat.csv.gz has 4 nodes"),
+        ("raw/edge.csv.gz", np.array([[0, 1], [1, 7]]), "edge.csv.gz: node index 7 is out of range for the 4 nodes"),
+        ("split/random/test.csv.gz", np.array([[99]]), "test.csv.gz: node index 99 is out of range"),
+    )
+    for name, arr, message in bad_cases:
+        original = (root / name).read_bytes()
+        write(root / name, arr, "%d")
+        with pytest.raises(ValueError, match=message):
+            gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+        (root / name).write_bytes(original)
+    (root / "raw" / "node-feat.csv.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="cannot read .*node-feat.csv.gz \\(a gzipped CSV of numbers\\)"):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
 
 
 def test_planetoid_adapter_reads_the_raw_layout(tmp_path):
@@ -452,3 +467,12 @@ def test_bench_graph_memory_probe_and_peer_guard(capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[7].split()[0]) > 50 and cells[8] == "-" and cells[9] == "-"  # zoo measured, PyG skipped
     assert "PyG not run (would not fit): E=200, C=2" in out
+
+
+def test_planetoid_adapter_names_unreadable_raw_files(tmp_path):
+    raw = tmp_path / "Cora" / "raw"
+    raw.mkdir(parents=True)
+    for suffix in ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index"):
+        (raw / f"ind.cora.{suffix}").write_bytes(b"\x80\x04 not a pickle")
+    with pytest.raises(ValueError, match="Planetoid Cora: cannot read the raw files under .*corrupt or not the Planetoid"):
+        gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))

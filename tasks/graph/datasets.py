@@ -168,13 +168,28 @@ def planetoid(name: str, root: str) -> dict:
         )
     from torch_geometric.datasets import Planetoid
 
-    d = Planetoid(root, proper)[0]
+    try:
+        d = Planetoid(root, proper)[0]
+    except Exception as error:  # PyG unpickles the raw files: a truncated or foreign file fails deep inside
+        raise ValueError(f"Planetoid {proper}: cannot read the raw files under {raw} (corrupt or not the "
+                         f"Planetoid release?): {type(error).__name__}: {str(error)[:200]}") from None
     return _pack(f"planetoid:{proper}", d.x, d.edge_index, d.y, d.train_mask, d.val_mask, d.test_mask)
 
 
 def _read_csv_gz(path: str, dtype) -> np.ndarray:
-    with gzip.open(path, "rt") as f:
-        return np.loadtxt(f, delimiter=",", dtype=dtype, ndmin=2)
+    try:
+        with gzip.open(path, "rt") as f:
+            return np.loadtxt(f, delimiter=",", dtype=dtype, ndmin=2)
+    except (OSError, ValueError, EOFError) as error:  # not gzip, truncated, or not numbers
+        raise ValueError(f"cannot read {path} (a gzipped CSV of numbers): {type(error).__name__}: "
+                         f"{str(error)[:200]}") from None
+
+
+def _check_rows(path: str, values: torch.Tensor, n: int, what: str) -> None:
+    """Node indices read from ``path`` must lie in [0, n)."""
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= n):
+        bad = int(values.max()) if int(values.max()) >= n else int(values.min())
+        raise ValueError(f"{path}: {what} {bad} is out of range for the {n} nodes of node-feat.csv.gz")
 
 
 def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
@@ -195,16 +210,24 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
             f"OGB {name}: {len(missing)} file(s) missing (downloads are disabled): " + ", ".join(missing)
             + ". Unpack the dataset zip from https://ogb.stanford.edu (nodeproppred) into " + root
         )
-    edges = torch.from_numpy(_read_csv_gz(needed[0], np.int64)).t()
+    edges = torch.from_numpy(_read_csv_gz(needed[0], np.int64))
+    if edges.numel() and edges.size(1) != 2:
+        raise ValueError(f"{needed[0]}: expected 2 columns (source, target) per row, got {edges.size(1)}")
+    edges = edges.t()
     x = torch.from_numpy(_read_csv_gz(needed[1], np.float32))
+    n = x.size(0)
     y = torch.from_numpy(_read_csv_gz(needed[2], np.float64)).view(-1)
+    if y.numel() != n:
+        raise ValueError(f"{needed[2]} has {y.numel()} labels but {needed[1]} has {n} nodes (one label per node)")
+    _check_rows(needed[0], edges, n, "node index")
     labelled = ~torch.isnan(y)
     y = torch.nan_to_num(y, nan=0.0).long()
-    n = x.size(0)
     masks = []
     for p in needed[3:]:
+        index = torch.from_numpy(_read_csv_gz(p, np.int64)).view(-1)
+        _check_rows(p, index, n, "node index")
         m = torch.zeros(n, dtype=torch.bool)
-        m[torch.from_numpy(_read_csv_gz(p, np.int64)).view(-1)] = True
+        m[index] = True
         masks.append(m & labelled)
     return _pack(f"ogb:{name}", x, _undirected(edges), y, *masks)
 
