@@ -254,3 +254,13 @@ def test_configs_work_from_a_built_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(build), "PATH": "/usr/bin:/bin"},
                          check=True, capture_output=True, text=True).stdout
     assert out.split() == ["vit_digits", "gloo", str(build / "zoo" / "checkpoints"), "VisionTransformer"]
+
+
+def test_model_and_data_of_different_domains_are_named(tmp_path, capsys):
+    """A graph model on image data (or the reverse) used to stop at omegaconf's "Interpolation key
+    'data.model_kind' not found"."""
+    for args, message in ((["model=gatv2"], "model gatv2 reads data.model_kind, which data DigitsDataModule does not"),
+                          (["experiment=graph_karate", "model=vit_debug"], "model vit_debug reads data.img_size, which data karate")):
+        assert cli.main(["train", *args, "debug=fast", f"run_dir={tmp_path / 'run'}"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "graph models (model=gat|gatv2) need graph data" in err

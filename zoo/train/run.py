@@ -108,6 +108,29 @@ def check_required(cfg) -> None:
     missing = _missing_keys(plain)
     if missing:
         raise ValueError("; ".join(f"{key} is required: {_missing_hint(plain, key)} (add {key}=...)" for key in missing))
+    _check_model_fits_data(cfg)
+
+
+def _check_model_fits_data(cfg) -> None:
+    """A model config reads its sizes from the data config (``${data.num_features}``, ``${data.img_size}``);
+    paired with data of the other domain that is omegaconf's "Interpolation key 'data.model_kind' not found".
+    Say which model and data were paired, and what goes with what."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError
+
+    try:
+        OmegaConf.to_container(cfg.model, resolve=True)
+    except InterpolationKeyError as error:
+        key = str(error).split("'")[1] if "'" in str(error) else "?"
+        if not key.startswith("data."):
+            raise
+        model = str((_plain(cfg).get("model") or {}).get("name", "?")).split("_${")[0]  # gatv2_${data.model_kind}
+        data = cfg.data.get("name") or str(cfg.data.get("_target_", "?")).rsplit(".", 1)[-1]
+        raise ValueError(
+            f"model {model} reads {key}, which data {data} does not have: graph models (model=gat|gatv2) need "
+            f"graph data (data=graph_*, or experiment=graph_*), vision models image data (data=digits, "
+            f"image_folder, cifar10, ...)"
+        ) from None
 
 
 def _to_container(node) -> Any:
