@@ -142,3 +142,13 @@ def test_rollout_main_errors_are_clear(tmp_path, capsys):
     assert viz.rollout_main([f"ckpt={ckpt}", f"out={tmp_path / 'a.jpg'}"]) == 2
     assert "PNG" in capsys.readouterr().err
     assert viz.rollout_main(["--help"]) == 0
+
+
+def test_load_image_names_a_model_that_is_not_an_image_model():
+    """Called directly (the `zoo viz` command guards this before), a graph model used to fail with
+    "'GATNodeClassifier' object has no attribute 'img_size'"."""
+    from zoo.tasks.vision.viz import load_image
+
+    graph_model = zoo.create_model("gatv2_node", in_channels=4, num_classes=2)
+    with pytest.raises(ValueError, match="gatv2_node is not an image model"):
+        load_image("digits:0", graph_model)

@@ -208,6 +208,10 @@ def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, O
     normalised with the model's mean/std. Any zoo vision model (ViT and Agent-DeiT: its patch embedding's size;
     MaxViT: ``img_size``).
     """
+    if not (hasattr(model, "patch_embed") or hasattr(model, "img_size")) or not hasattr(model, "in_chans"):
+        name = getattr(model, "zoo_model_name", type(model).__name__)
+        raise ValueError(f"{name} is not an image model (ViT, MaxViT or Agent-DeiT): these pictures are drawn from "
+                         f"images (zoo viz graph draws graph attention)")
     height, width = model.patch_embed.img_size if hasattr(model, "patch_embed") else model.img_size
     chans = model.in_chans
     label: Optional[int] = None
