@@ -152,6 +152,8 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(ValueError, match="img_size"):
         export_onnx("vit_debug", None, img_size="abc")
     assert main(["--help"]) == 0
+    with pytest.raises(ValueError, match="features_only backbone returns a list of maps"):
+        export_onnx(zoo.create_model("vit_debug", features_only=True), None, img_size=32)
     # named before any export work (were raw randn / manual_seed / float errors, the TorchScript IR dumped
     # for opset 99, a file written and then "> atol -1.0", IsADirectoryError after the export)
     for kwargs, message in ((dict(batch_size=True), "batch_size must be an int"), (dict(img_size=32.0), "img_size must be"),

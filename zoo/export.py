@@ -115,6 +115,12 @@ def _default_cfg(model: nn.Module) -> dict[str, Any]:
 
 def _input_geometry(model: nn.Module, img_size) -> tuple[int, tuple[int, int]]:
     """(in_chans, (H, W)) to export at: argument > the model's patch embedding > default_cfg."""
+    from zoo.features import FeatureExtractor
+
+    if isinstance(model, FeatureExtractor):
+        raise ValueError("export_onnx exports classifiers (one logits output and its onnxruntime check); a "
+                         "features_only backbone returns a list of maps: export the classifier, or torch.onnx.export "
+                         "the backbone with one output name per map")
     cfg = _default_cfg(model)
     in_chans = getattr(model, "in_chans", None)
     if in_chans is None and "input_size" in cfg:
