@@ -200,3 +200,20 @@ def test_mask_errors():
         Causal().dense(0, 3)
     with pytest.raises(ValueError, match="rows"):
         Causal().dense(4, 4, rows=(3, 9))
+
+
+def test_bounds_take_numpy_ints_and_switches_take_booleans():
+    """Window(np.int64(3), 0) was refused as "not an int"; Radial(frame0_sink="no") switched the sink on."""
+    import numpy as np
+
+    from zoo.attention import ChunkWindow, Radial, Window, radial_block_mask
+
+    window = Window(np.int64(3), 0)
+    assert type(window.left) is int and torch.equal(window.dense(6, 6), Window(3, 0).dense(6, 6))
+    assert ChunkWindow(4, np.int32(2)).left == 2
+    with pytest.raises(TypeError, match="Window left must be an int or None, got 3.0"):
+        Window(3.0, 0)
+    with pytest.raises(TypeError, match="Radial: frame0_sink must be True or False"):
+        Radial(2, 64, frame0_sink="no")
+    with pytest.raises(TypeError, match="radial_block_mask: frame0_sink must be True or False"):
+        radial_block_mask(2, 64, frame0_sink="no")

@@ -73,13 +73,13 @@ def check_mlp_ratio(mlp_ratio, dim: int) -> None:
 def to_pair(value: IntOrPair, name: str) -> tuple[int, int]:
     """``value`` (a positive int or a pair of them; numpy ints count, bools and floats do not) as a tuple of
     Python ints; ValueError naming ``name`` otherwise."""
-    if _is_int(value) and not isinstance(value, torch.Tensor):
+    if is_int(value) and not isinstance(value, torch.Tensor):
         pair = (value, value)
     elif isinstance(value, abc.Sequence) and not isinstance(value, str):
         pair = tuple(value)
     else:
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    if len(pair) != 2 or not all(_is_int(v) and not isinstance(v, torch.Tensor) and operator.index(v) > 0 for v in pair):
+    if len(pair) != 2 or not all(is_int(v) and not isinstance(v, torch.Tensor) and operator.index(v) > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return operator.index(pair[0]), operator.index(pair[1])
 
@@ -96,7 +96,7 @@ def feature_take_indices(count: int, indices: Union[int, Sequence[int], None] = 
     given, and a neck wired from it reads the wrong maps. Here that is an error."""
     if indices is None:
         indices = count
-    if _is_int(indices):
+    if is_int(indices):
         indices = operator.index(indices)
         if not 0 < indices <= count:
             raise ValueError(f"{name}: last-n ({indices}) is out of range (1 to {count})")
@@ -107,7 +107,7 @@ def feature_take_indices(count: int, indices: Union[int, Sequence[int], None] = 
             raise TypeError(f"{name} must be an int (the last n) or a sequence of ints, got {indices!r}")
         take = []
         for i in indices:
-            if not _is_int(i):
+            if not is_int(i):
                 raise TypeError(f"{name} must be an int (the last n) or a sequence of ints, got {indices!r}")
             i = operator.index(i)
             idx = count + i if i < 0 else i
@@ -122,7 +122,7 @@ def feature_take_indices(count: int, indices: Union[int, Sequence[int], None] = 
     return take, max(take)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     """A Python / numpy int or an integer 0-d tensor; not a bool (True would silently mean 1). No try/except,
     so torch.compile traces it (model forwards call to_pair)."""
     if isinstance(value, bool):

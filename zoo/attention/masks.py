@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from zoo.layers import check_positive_int, to_pair
+from zoo.layers import check_positive_int, is_int, to_pair
 
 __all__ = [
     "EMPTY",
@@ -194,7 +194,7 @@ def _tile_bounds(length: int, block: int, device) -> tuple[torch.Tensor, torch.T
 def _check_band(mask_name: str, unit: str, left, right) -> None:
     """Window / ChunkWindow bounds: ints or None (unbounded) that leave some ``unit`` allowed."""
     for name, value in (("left", left), ("right", right)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        if value is not None and (not is_int(value) or isinstance(value, torch.Tensor)):
             raise TypeError(f"{mask_name} {name} must be an int or None, got {value!r}")
     if left is not None and right is not None and left + right < 0:
         raise ValueError(f"{mask_name}(left={left}, right={right}) allows no {unit} at all")
@@ -249,8 +249,8 @@ class Window(Mask):
     def __init__(self, left: Optional[int] = None, right: Optional[int] = None) -> None:
         super().__init__()
         _check_band("Window", "key", left, right)
-        self.left = left
-        self.right = right
+        self.left = None if left is None else int(left)  # numpy ints become Python ints (kernel arguments)
+        self.right = None if right is None else int(right)
 
     def offsets(self, q_len: int, k_len: int) -> tuple[float, float]:
         """Allowed range of ``j - i`` as (lo, hi), bounds inclusive, +-inf when unbounded."""
@@ -311,8 +311,8 @@ class ChunkWindow(Mask):
         check_positive_int(chunk_size, "ChunkWindow chunk_size")
         _check_band("ChunkWindow", "chunk", left, right)
         self.chunk_size = chunk_size
-        self.left = left
-        self.right = right
+        self.left = None if left is None else int(left)
+        self.right = None if right is None else int(right)
 
     def chunk_bounds(self) -> tuple[float, float]:
         """Allowed range of ``key chunk - query chunk`` as (lo, hi), inclusive, +-inf when unbounded."""

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from zoo.attention.masks import BlockSparse, Full, Mask
+from zoo.layers import check_flag
 
 __all__ = ["Radial", "radial_block_mask", "radial_token_mask", "radial_pair_rule", "DenseWarmup"]
 
@@ -171,6 +172,7 @@ def radial_block_mask(
     num_frames, tpf, decay_factor, block, text_tokens = _check_args(
         num_frames, tokens_per_frame, decay_factor, block_size, text_tokens
     )
+    frame0_sink = check_flag(frame0_sink, "radial_block_mask: frame0_sink")
     video = num_frames * tpf
     total_blocks = -(-(video + text_tokens) // block)
     border = video // block
@@ -222,7 +224,7 @@ class Radial(Mask):
         (self.num_frames, self.tokens_per_frame, self.decay_factor, self.block_size, self.text_tokens) = _check_args(
             num_frames, tokens_per_frame, decay_factor, block_size, text_tokens
         )
-        self.frame0_sink = bool(frame0_sink)
+        self.frame0_sink = check_flag(frame0_sink, "Radial: frame0_sink")
         self._blocks: Optional[BlockSparse] = None
 
     @property
