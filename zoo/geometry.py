@@ -60,8 +60,8 @@ def _segments(name: str, batch: Optional[Tensor], n: int, device) -> tuple[Tenso
     if batch is None:
         return torch.tensor([0, n], device=device), 1
     if not isinstance(batch, Tensor) or batch.is_floating_point() or batch.dim() != 1 or batch.numel() != n:
-        shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
-        raise ValueError(f"{name} must be an integer tensor of shape [{n}] (example id per point), got {shape}")
+        got = f"{batch.dtype} of shape {tuple(batch.shape)}" if isinstance(batch, Tensor) else type(batch).__name__
+        raise ValueError(f"{name} must be an integer tensor of shape [{n}] (example id per point), got {got}")
     if n == 0:
         return torch.zeros(1, dtype=torch.long, device=device), 0
     batch = batch.long()
