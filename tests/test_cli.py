@@ -51,7 +51,16 @@ def test_help_texts(capsys):
     for command in ("train", "eval", "predict", "list", "bench", "viz", "export"):
         assert f"  {command}" in out
     assert cli.main(["train", "--help"]) == 0
-    assert "ckpt_path" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ckpt_path" in out
+    # the options group=option can name, read from the installed configs
+    options = dict(line.strip().split(": ", 1) for line in out.split("Options (zoo.configs):")[1].strip().splitlines())
+    from pathlib import Path
+
+    configs = Path(zoo.__file__).resolve().parents[1] / "configs"
+    for group in ("experiment", "model", "data"):
+        expected = sorted(p.stem for p in (configs / group).glob("*.yaml"))
+        assert options[group].split(", ") == expected, group
     assert cli.main(["viz"]) == 2 and "rollout" in capsys.readouterr().out
     assert cli.main(["train", "experiment=vit_digits", "trainer.max_epochs=7", "--cfg"]) == 0
     printed = capsys.readouterr().out

@@ -106,11 +106,25 @@ def _key_values(argv: Sequence[str], allowed: Sequence[str], command: str, passt
     return values, rest
 
 
+def _config_options(groups: Sequence[str] = ("experiment", "model", "data", "trainer", "debug")) -> str:
+    """The options of the main config groups, read from the installed zoo.configs package (what `group=option`
+    can name)."""
+    from importlib import resources
+
+    lines = ["", "Options (zoo.configs):"]
+    for group in groups:
+        folder = resources.files("zoo.configs") / group
+        names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")) if folder.is_dir() else []
+        if names:
+            lines.append(f"  {group}: {', '.join(names)}")
+    return "\n".join(lines)
+
+
 def _cmd_train(argv: list[str]) -> int:
     from zoo.train import run
 
     if _wants_help(argv):
-        print(TRAIN_HELP)
+        print(TRAIN_HELP + _config_options())
         return 0
     print_cfg = "--cfg" in argv
     overrides = [a for a in argv if a != "--cfg"]
