@@ -136,6 +136,15 @@ def test_module_rejects_bad_options():
         ImageClassifier(model, weight_decay="x")
     with pytest.raises(ValueError, match="seed must be an integer"):
         ImageClassifier(model, seed="abc")
+    with pytest.raises(TypeError, match="channels_last must be True or False, got 'maybe'"):  # was switched on
+        ImageClassifier(model, channels_last="maybe")
+    from zoo.train.ema import ModelEma
+    from zoo.tasks.vision.data import DigitsDataModule
+
+    with pytest.raises(TypeError, match="EMA warmup must be True or False"):
+        ModelEma(model, 0.9, warmup="no")
+    with pytest.raises(TypeError, match="drop_last must be True or False"):
+        DigitsDataModule(drop_last="maybe")
 
 
 # --------------------------------------------------------------------------------------------------

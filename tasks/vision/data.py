@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from zoo.layers import check_flag
+
 __all__ = [
     "DIGITS_TEST_SEED",
     "DIGITS_TEST_SIZE",
@@ -112,7 +114,7 @@ class TensorImageDataset(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.shift = int(shift)
-        self.affine, self.rotate, self.scale = bool(affine), float(rotate), float(scale)
+        self.affine, self.rotate, self.scale = check_flag(affine, "affine"), float(rotate), float(scale)
         self.seed, self.epoch = int(seed), 0
 
     def _warp(self, image_CHW: torch.Tensor, index: int) -> torch.Tensor:
@@ -245,7 +247,7 @@ class VisionDataModule(pl.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
         self.expected_num_classes = num_classes
-        self.drop_last = bool(drop_last)
+        self.drop_last = check_flag(drop_last, "drop_last")
         self.train_set = self.val_set = self.test_set = None
 
     def _check_num_classes(self) -> None:

@@ -104,7 +104,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size: IntOrPair, patch_size: IntOrPair, in_chans: int, embed_dim: int, bias: bool = True,
                  dynamic_img_pad: bool = False):
         super().__init__()
-        self.dynamic_img_pad = bool(dynamic_img_pad)
+        self.dynamic_img_pad = check_flag(dynamic_img_pad, "dynamic_img_pad")
         self.patch_size = to_pair(patch_size, "patch_size")
         self.set_img_size(img_size)
         self.in_chans = in_chans

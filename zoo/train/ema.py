@@ -16,6 +16,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from zoo.layers import check_flag
+
 __all__ = ["ModelEma"]
 
 
@@ -28,7 +30,7 @@ class ModelEma(nn.Module):
         for param in self.module.parameters():
             param.requires_grad_(False)
         self.decay = float(decay)
-        self.warmup = bool(warmup)
+        self.warmup = check_flag(warmup, "EMA warmup")
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def current_decay(self) -> float:

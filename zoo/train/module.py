@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from zoo.layers import check_flag
 from zoo.train.ema import ModelEma
 from zoo.train.optim import param_groups, warmup_cosine
 
@@ -98,7 +99,7 @@ class ZooModule(pl.LightningModule):
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
         self.model = model
-        self.channels_last = bool(channels_last)
+        self.channels_last = check_flag(channels_last, "channels_last")  # "maybe" used to switch it on
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         backend = compile_backend(torch_compile)
