@@ -556,3 +556,15 @@ def test_bench_vision_maxvit_padding_table(capsys):
         with pytest.raises(SystemExit):
             vision_maxvit.main(["--model", "maxvit_debug", "--size", "64", "--odd", "50", *bad])
         assert message in capsys.readouterr().err
+
+
+def test_attention_names_non_finite_weights():
+    """The partition attention checks its own input and output (one dot product) instead of attend()'s
+    per-call reductions; a NaN weight is named, not reported as a NaN query."""
+    model = zoo.create_model("maxvit_debug").eval()
+    attention = next(m for m in model.modules() if type(m).__name__ == "Attention2d" or hasattr(m, "rel_pos"))
+    with torch.no_grad():
+        attention.qkv.weight[0, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"MaxViT attention: the output is not finite although the input is: "
+                                             r"non-finite weights in \['qkv.weight'\]"):
+            model(torch.randn(1, 3, 64, 64))

@@ -49,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import Dense, attend
 from zoo.attention import capture as _capture
-from zoo.attention.modules import Mlp
+from zoo.attention.modules import Mlp, check_module_output
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import (
     DropPath, IntOrPair, activate_fresh, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
@@ -326,13 +326,16 @@ class WindowAttention(nn.Module):
         if key_valid_BP is not None:
             mask = Dense(key_valid_BP[:, None, None, :].expand(-1, 1, n, n))
         dropout_p = self.attn_drop if self.training else 0.0
+        # the module checks its own input and output (zoo.attention.modules.check_module_output), not attend()
         if _capture.is_capturing():
-            out_BHPD, weights = attend(q, k, v, mask, self.rel_pos, scale=self.scale, dropout_p=dropout_p, return_weights=True)
+            out_BHPD, weights = attend(q, k, v, mask, self.rel_pos, scale=self.scale, dropout_p=dropout_p,
+                                       return_weights=True, check_finite=False)
             _capture.record(self, weights)
         else:
-            out_BHPD = attend(q, k, v, mask, self.rel_pos, scale=self.scale, dropout_p=dropout_p)
-        out_BPC = out_BHPD.transpose(1, 2).reshape(b, n, c)
-        return self.proj_drop(self.proj(out_BPC))
+            out_BHPD = attend(q, k, v, mask, self.rel_pos, scale=self.scale, dropout_p=dropout_p, check_finite=False)
+        out_BPC = self.proj_drop(self.proj(out_BHPD.transpose(1, 2).reshape(b, n, c)))
+        check_module_output(self, "MaxViT attention", out_BPC, x=x_BPC)
+        return out_BPC
 
 
 class TransformerMlp(Mlp):
