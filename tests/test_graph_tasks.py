@@ -119,7 +119,7 @@ def test_graph_models_name_their_bad_arguments():
         model(torch.randn(5, 8), ei, torch.tensor([0, 0, 1, 1, 2]), 2)
     with pytest.raises(ValueError, match="batch must be a 1-D int64/int32 tensor"):
         model(torch.randn(5, 8), ei, torch.tensor([0.0, 0, 1, 1, 1]), 2)
-    with pytest.raises(ValueError, match="num_graphs must be a positive integer"):
+    with pytest.raises(ValueError, match="num_graphs must be a positive int"):
         model(torch.randn(5, 8), ei, torch.tensor([0, 0, 1, 1, 1]), 0)
     assert model(torch.randn(5, 8), ei, torch.tensor([0, 0, 1, 1, 1]), 2).shape == (2, 3)
     lookup = zoo.create_model("gatv2_dictlookup_debug")
@@ -127,13 +127,13 @@ def test_graph_models_name_their_bad_arguments():
     for bad in (9, -1):  # -1 would silently pick the last node
         with pytest.raises(ValueError, match=rf"target_index value {bad} is out of range for 8 nodes"):
             lookup(b["x"], b["edge_index"], torch.tensor([bad]))
-    with pytest.raises(ValueError, match="num_layers must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="num_layers must be a positive int, got 0"):
         zoo.create_model("gatv2_graph_debug", num_layers=0)
-    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
         zoo.create_model("gatv2_node", num_classes=0)
-    with pytest.raises(ValueError, match="hidden_channels must be a positive integer, got -1"):
+    with pytest.raises(ValueError, match="hidden_channels must be a positive int, got -1"):
         zoo.create_model("gatv2_node", hidden_channels=-1)
-    with pytest.raises(ValueError, match="num_layers must be a positive integer, got '2'"):
+    with pytest.raises(ValueError, match="num_layers must be a positive int, got '2'"):
         zoo.create_model("gatv2_node", num_layers="2")
     with pytest.raises(TypeError, match="gatv2_node always uses conv='gatv2'.*use gat_node"):
         zoo.create_model("gatv2_node", conv="gat")

@@ -40,6 +40,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from zoo.layers import to_pair
+
 __all__ = ["ExportResult", "ExportCheckError", "export_onnx", "check_onnx", "main", "EXPORTERS"]
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -90,12 +92,7 @@ def _size_pair(value: Union[int, Sequence[int], str, None], name: str = "img_siz
             raise ValueError(f"{name} must be an int or HxW, got {value!r}") from None
         if len(value) == 1:
             value = value[0]
-    if not isinstance(value, (int, Sequence)) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive int or (H, W), got {value!r}")
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"{name} must be a positive int or (H, W), got {value!r}")
-    return int(pair[0]), int(pair[1])
+    return to_pair(value, name)
 
 
 def _default_cfg(model: nn.Module) -> dict[str, Any]:

@@ -35,8 +35,7 @@ IntOrPair = Union[int, Sequence[int]]
 
 def check_positive_int(value, name: str) -> None:
     """ValueError naming ``name`` unless ``value`` is an int >= 1 (bools are not ints here)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_ints(**{name: value})
 
 
 def check_flag(value, name: str) -> bool:

@@ -21,19 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import is_tracing
+from zoo.layers import check_ints, is_tracing
 from zoo.registry import register_model
 
 __all__ = ["make_conv", "GATNodeClassifier", "GATGraphClassifier", "DictionaryLookupNet", "global_mean_pool"]
 
 CONVS = ("gatv2", "gat")
-
-
-def _positive_int(name: str, value) -> int:
-    """``value`` as a model argument that must be an integer >= 1 (named in the error)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _check_index(name: str, index, size: int, what: str) -> None:
@@ -95,9 +88,8 @@ class GATNodeClassifier(nn.Module):
         add_self_loops: bool = True,
     ):
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("hidden_channels", hidden_channels), ("heads", heads),
-                            ("out_heads", out_heads), ("num_layers", num_layers)):
-            _positive_int(name, value)
+        check_ints(num_classes=num_classes, hidden_channels=hidden_channels, heads=heads, out_heads=out_heads,
+                   num_layers=num_layers)
         self.num_classes = num_classes
         self.dropout = dropout
         common = dict(dropout=dropout, share_weights=share_weights, residual=residual,
@@ -143,9 +135,8 @@ class GATGraphClassifier(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("hidden_channels", hidden_channels), ("heads", heads),
-                            ("num_layers", num_layers)):
-            _positive_int(name, value)  # num_layers=0 would pool the raw features: the graph would be ignored
+        # num_layers=0 would pool the raw features: the graph would be ignored
+        check_ints(num_classes=num_classes, hidden_channels=hidden_channels, heads=heads, num_layers=num_layers)
         self.num_classes = num_classes
         self.convs = nn.ModuleList()
         dim = in_channels
@@ -157,8 +148,7 @@ class GATGraphClassifier(nn.Module):
 
     def forward(self, x_NF: Tensor, edge_index: Tensor, batch_N: Tensor, num_graphs: int) -> Tensor:
         """batch_N [N]: the graph (0..num_graphs-1) of each node -> logits [G, K]."""
-        if isinstance(num_graphs, bool) or not isinstance(num_graphs, int) or num_graphs < 1:
-            raise ValueError(f"num_graphs must be a positive integer, got {num_graphs!r}")
+        check_ints(num_graphs=num_graphs)
         if isinstance(batch_N, Tensor) and batch_N.dim() == 1 and batch_N.numel() != x_NF.size(0):
             raise ValueError(f"batch has {batch_N.numel()} entries but x has {x_NF.size(0)} nodes (one graph index per node)")
         _check_index("batch", batch_N, num_graphs, f"num_graphs={num_graphs}")
@@ -187,8 +177,7 @@ class DictionaryLookupNet(nn.Module):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int):
             raise ValueError(f"num_classes (k) must be an integer >= 2, got {num_classes!r}")
-        _positive_int("dim", dim)
-        _positive_int("heads", heads)
+        check_ints(dim=dim, heads=heads)
         k = int(num_classes)
         if k < 2:
             raise ValueError(f"num_classes (k) must be >= 2, got {k}")

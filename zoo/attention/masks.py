@@ -477,9 +477,8 @@ class BlockSparse(Mask):
             block_mask = block_mask[None, None]
         if block_mask.dim() != 4:
             raise ValueError(f"BlockSparse block_mask must be (QB, KB) or (B, H, QB, KB), got {tuple(block_mask.shape)}")
-        bq, bk = to_pair(block_size, "BlockSparse block_size")
         self.block_mask = block_mask
-        self.block_q, self.block_k = int(bq), int(bk)
+        self.block_q, self.block_k = to_pair(block_size, "BlockSparse block_size")
 
     @property
     def batch_size(self) -> int:

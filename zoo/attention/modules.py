@@ -41,7 +41,8 @@ from zoo.attention.masks import Mask, as_mask
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
 from zoo.layers import (
-    activate_fresh, check_finite_input, check_flag, check_like_weights, check_rates, is_tracing, surely_finite,
+    activate_fresh, check_finite_input, check_flag, check_ints, check_like_weights, check_rates, is_tracing,
+    surely_finite,
 )
 
 __all__ = ["MultiHeadAttention", "Mlp", "KVCache"]
@@ -221,9 +222,8 @@ class MultiHeadAttention(nn.Module):
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"MultiHeadAttention: {name} must be a positive int, got {value!r}")
+        check_ints(**{"MultiHeadAttention: dim": dim, "MultiHeadAttention: num_heads": num_heads,
+                      "MultiHeadAttention: num_kv_heads": num_kv_heads})
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"MultiHeadAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
@@ -241,8 +241,7 @@ class MultiHeadAttention(nn.Module):
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"MultiHeadAttention: score must be 'softmax' or 'sigmoid', got {score!r}")
         check_rates(**{"MultiHeadAttention: attn_drop": attn_drop, "MultiHeadAttention: proj_drop": proj_drop})
-        if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool) or num_prefix_tokens < 0:
-            raise ValueError(f"MultiHeadAttention: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        check_ints(0, **{"MultiHeadAttention: num_prefix_tokens": num_prefix_tokens})
         if rope is None and (rope_theta is not None or rope_axes_dims is not None):
             raise ValueError("MultiHeadAttention: rope_theta / rope_axes_dims were given but rope=None (pass "
                              "rope='1d', '2d' or '3d')")
