@@ -293,7 +293,8 @@ def _checkpoint_model_name(path: str) -> Optional[str]:
                 return None
             import torch
 
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            # mmap: the weights stay on disk (only the name is read here; the command loads the file itself)
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
             name = ((ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}).get("model_name")
             return name if isinstance(name, str) else None
         from zoo.hub import read_config
@@ -321,16 +322,15 @@ def _require_vision_model(command: str, needs: str, argv: Sequence[str], hint: s
                 raise SystemExit(f"{command} needs {needs}; {held} a {task} model ({hint})")
 
 
-def _export_argv(argv: list[str]) -> list[str]:
+def _check_export_argv(argv: list[str]) -> None:
     """zoo export of a graph checkpoint is refused here (one line); zoo.export.main checks its own keys."""
     _require_vision_model("zoo export", "a vision model (it exports image classifiers to ONNX)",
                           [t for t in argv if t.partition("=")[0].lstrip("-") == "ckpt"], "graph models are not exported")
-    return argv
 
 
 def _cmd_export(argv: list[str]) -> int:
     if not _wants_help(argv):
-        argv = _export_argv(argv)
+        _check_export_argv(argv)
     return int(_load_entry("zoo.export:main", "zoo export")(argv) or 0)
 
 

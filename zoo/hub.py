@@ -468,9 +468,9 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
         model = _construct(entry, args)
     weights_path = path / WEIGHTS_NAME if path.is_dir() else path
     state = load_state_dict_file(weights_path)
-    saved_args = (config or {}).get("model_args")
-    source = _saved_geometry(entry, saved_args) if overrides and isinstance(saved_args, dict) else None
-    state = _family_filter(entry, state, model, weights_path, source)
+    # the saved model's constructor arguments matter only when overrides change the model
+    saved_args = (config or {}).get("model_args") if overrides else None
+    state = _family_filter(entry, state, model, weights_path, saved_args if isinstance(saved_args, dict) else None)
     load_weights(model, state, source=str(weights_path), new_head="num_classes" in overrides)
     data = ((config or {}).get("metadata") or {}).get("data")
     cfg = getattr(model, "pretrained_cfg", None)
@@ -511,10 +511,11 @@ def _saved_geometry(entry, saved_args: dict[str, Any]) -> Optional[nn.Module]:
 
 
 def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, source: Path,
-                   saved_model: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+                   saved_args: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
     """Apply the family's ``checkpoint_filter_fn(state_dict, model)`` (timm convention) when its module has
     one: timm layouts, position embeddings / relative-position tables resized to the model's image size.
-    Filters that take ``saved_model`` get the checkpoint's own model (meta device) when it is known."""
+    Filters that take ``saved_model`` get the checkpoint's own model, built from ``saved_args`` (config.json's
+    constructor arguments) on the meta device, only then."""
     import inspect
     import sys
 
@@ -523,8 +524,8 @@ def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, sour
     if not callable(filter_fn):
         return state
     kwargs = {}
-    if saved_model is not None and "saved_model" in inspect.signature(filter_fn).parameters:
-        kwargs["saved_model"] = saved_model
+    if saved_args is not None and "saved_model" in inspect.signature(filter_fn).parameters:
+        kwargs["saved_model"] = _saved_geometry(entry, saved_args)
     try:
         return filter_fn(state, model, **kwargs)
     except (ValueError, KeyError, RuntimeError) as error:

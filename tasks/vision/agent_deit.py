@@ -399,14 +399,16 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransform
     """
     state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
+    saved_grid = None if saved_model is None else tuple(saved_model.patch_embed.grid_size)
+    table_axis = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}  # the axis that has the window's length
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         target = own.get(key)
-        old_grid = None if saved_model is None else tuple(saved_model.patch_embed.grid_size)
         if key == "pos_embed" and target is not None and (
-                value.shape != target.shape or old_grid not in (None, tuple(model.patch_embed.grid_size))):
+                value.shape != target.shape or saved_grid not in (None, tuple(model.patch_embed.grid_size))):
             if value.dim() != 3 or value.shape[0] != 1 or value.shape[1] < 2:
                 raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not (1, 1 + grid, width)")
+            old_grid = saved_grid
             if old_grid is None:
                 side = math.isqrt(value.shape[1] - 1)
                 if side * side != value.shape[1] - 1:
@@ -416,13 +418,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransform
                 raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not a class token plus its "
                                  f"{old_grid[0]} x {old_grid[1]} patch grid")
             value = resize_pos_embed(value, model.patch_embed.grid_size, old_grid)
-        elif target is not None and value.shape != target.shape and key.rsplit(".", 1)[-1] in (
-                "ah_bias", "aw_bias", "ha_bias", "wa_bias"):
+        elif target is not None and value.shape != target.shape and key.rsplit(".", 1)[-1] in table_axis:
+            axis = table_axis[key.rsplit(".", 1)[-1]]
             if value.dim() != target.dim() or any(a != b for i, (a, b) in enumerate(zip(value.shape, target.shape))
-                                                   if i != {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}[
-                                                       key.rsplit(".", 1)[-1]]):
+                                                   if i != axis):
                 raise ValueError(f"{key}: checkpoint table {tuple(value.shape)} cannot be resized to {tuple(target.shape)}")
-            axis = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}[key.rsplit(".", 1)[-1]]
             from zoo.attention.agent import _resize_1d
 
             value = _resize_1d(value, target.shape[axis], axis)

@@ -596,7 +596,7 @@ def checkpoint_filter_fn(
         if key.startswith("pre_logits"):
             continue
         if key == "patch_embed.proj.weight":
-            out_c, in_c, kh, kw = model.patch_embed.proj.weight.shape
+            kh, kw = model.patch_embed.proj.weight.shape[-2:]
             if value.dim() not in (2, 4) or value.dim() == 2 and value.shape[1] % (kh * kw):
                 raise ValueError(f"patch_embed.proj.weight: checkpoint {tuple(value.shape)} is neither a conv kernel "
                                  f"(C_out, C, kh, kw) nor a linear (C_out, C * {kh} * {kw}) weight")
