@@ -217,3 +217,90 @@ def test_bounds_take_numpy_ints_and_switches_take_booleans():
         Radial(2, 64, frame0_sink="no")
     with pytest.raises(TypeError, match="radial_block_mask: frame0_sink must be True or False"):
         radial_block_mask(2, 64, frame0_sink="no")
+
+
+def _per_sequence_sdpa(q, k, v, q_bounds, k_bounds, causal=False):
+    """FlashAttention varlen semantics re-derived with torch SDPA one sequence at a time: the packed rows
+    q_bounds[s] of sequence s attend to its keys k_bounds[s]; a query with no key gets a zero row."""
+    out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
+    for (q0, q1), (k0, k1) in zip(q_bounds, k_bounds):
+        if q1 > q0 and k1 > k0:
+            out[..., q0:q1, :] = torch.nn.functional.scaled_dot_product_attention(
+                q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :], is_causal=causal)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+def test_from_cu_seqlens_is_flash_attention_varlen(backend):
+    """flash_attn_varlen_func's packing (cu_seqlens_q / cu_seqlens_k) as a Segments mask, on every CPU backend,
+    against SDPA run per sequence; an empty sequence and cross attention with other key lengths included."""
+    from zoo.attention import attend
+
+    g = torch.Generator().manual_seed(3)
+    cu_q, cu_k = [0, 5, 5, 17, 40, 41], [0, 9, 12, 13, 33, 50]
+    q = torch.randn(1, 2, 41, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, 50, 16, generator=g)
+    bounds = lambda cu: list(zip(cu[:-1], cu[1:]))  # noqa: E731
+    want = _per_sequence_sdpa(q, k, v, bounds(cu_q), bounds(cu_k))
+    out = attend(q, k, v, mask=Segments.from_cu_seqlens(torch.tensor(cu_q, dtype=torch.int32), cu_k), backend=backend)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+    # self attention, causal inside each sequence = varlen causal=True
+    x = torch.randn(3, 1, 2, 41, 16, generator=g)
+    want = _per_sequence_sdpa(*x, bounds(cu_q), bounds(cu_q), causal=True)
+    out = attend(*x, mask=Causal() & Segments.from_cu_seqlens(cu_q), backend=backend)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+def test_from_lengths_is_a_key_padding_mask(backend):
+    """A right-padded batch given by its lengths: the valid query rows equal SDPA with the usual key-padding
+    mask (as nn.MultiheadAttention's key_padding_mask builds it); the padded query rows are zero."""
+    from zoo.attention import attend
+
+    g = torch.Generator().manual_seed(4)
+    lengths, kv_lengths = [7, 3, 10], torch.tensor([12, 1, 6])
+    q = torch.randn(3, 2, 10, 8, generator=g)
+    k, v = torch.randn(2, 3, 2, 12, 8, generator=g)
+    mask = Segments.from_lengths(lengths, kv_lengths=kv_lengths, kv_max_len=12)
+    out = attend(q, k, v, mask=mask, backend=backend)
+    keep_BK = torch.arange(12)[None] < kv_lengths[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep_BK[:, None, None, :])
+    valid_BQ = torch.arange(10)[None] < torch.tensor(lengths)[:, None]
+    torch.testing.assert_close(out[valid_BQ[:, None, :].expand(-1, 2, -1)],
+                               want[valid_BQ[:, None, :].expand(-1, 2, -1)], atol=2e-6, rtol=1e-5)
+    assert not out[~valid_BQ[:, None, :].expand(-1, 2, -1)].any()
+    # self attention: the keys are the queries, padded alike; max_len pads beyond the longest
+    x = torch.randn(3, 2, 2, 9, 8, generator=g)
+    mask = Segments.from_lengths(torch.tensor([4, 9]), max_len=9)
+    keep = torch.arange(9)[None] < torch.tensor([4, 9])[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(*x, attn_mask=keep[:, None, None, :])
+    out = attend(*x, mask=mask, backend=backend)
+    torch.testing.assert_close(out[0, :, :4], want[0, :, :4], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out[1], want[1], atol=2e-6, rtol=1e-5)
+
+
+def test_length_constructors_ids_and_errors():
+    import numpy as np
+
+    assert Segments.from_cu_seqlens([0, 2, 2, 5]).q_ids.tolist() == [[0, 0, 2, 2, 2]]
+    assert Segments.from_lengths([2, 0, 3]).q_ids.tolist() == [[0, 0, -1], [-1, -1, -1], [0, 0, 0]]
+    assert Segments.from_lengths((np.int64(1),), max_len=2, kv_max_len=3).kv_ids.tolist() == [[0, -1, -1]]
+    for bad, message in [([1, 2, 3], "must start at 0"), ([0, 3, 2], "never decrease"), ([0, 0], "packed length"),
+                         ([0], "packed length"), ([], "non-empty 1-D"), (torch.zeros(2, 2, dtype=torch.long), "1-D"),
+                         ([0, 1.5], "list of ints"), (torch.tensor([0.0, 2.0]), "must hold integers"), ("0,3", "list of ints")]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            Segments.from_cu_seqlens(bad)
+    with pytest.raises(ValueError, match="cu_seqlens has 2 sequences but kv_cu_seqlens has 1"):
+        Segments.from_cu_seqlens([0, 1, 3], [0, 4])
+    with pytest.raises(ValueError, match=r"lengths must be >= 0, got \[2, -1\]"):
+        Segments.from_lengths([2, -1])
+    with pytest.raises(ValueError, match="lengths holds 5, longer than max_len=4"):
+        Segments.from_lengths([5, 1], max_len=4)
+    with pytest.raises(ValueError, match="every lengths is 0; give max_len"):
+        Segments.from_lengths([0, 0])
+    with pytest.raises(ValueError, match="max_len must be a positive int"):
+        Segments.from_lengths([1], max_len=2.0)
+    with pytest.raises(ValueError, match="2 lengths but 1 kv_lengths"):
+        Segments.from_lengths([1, 2], kv_lengths=[3])
+    with pytest.raises(TypeError, match="kv_lengths must be a list of ints"):
+        Segments.from_lengths([1, 2], kv_lengths=3)

@@ -346,7 +346,8 @@ class Segments(Mask):
     (default: ``ids``, i.e. self-attention). A negative id marks padding: such a key is never attended
     and such a query attends to nothing (its output row is zero).
     The block map is exact for sorted ids (the packed-varlen case) and conservative (PARTIAL where
-    unsure, never wrong) otherwise.
+    unsure, never wrong) otherwise. :meth:`from_lengths` builds the ids of a right-padded batch from its lengths,
+    :meth:`from_cu_seqlens` those of sequences packed as FlashAttention's varlen API packs them.
     """
 
     def __init__(self, ids: torch.Tensor, kv_ids: Optional[torch.Tensor] = None) -> None:
@@ -357,6 +358,85 @@ class Segments(Mask):
             raise ValueError(
                 f"Segments: ids batch {self.q_ids.shape[0]} and kv_ids batch {self.kv_ids.shape[0]} differ"
             )
+
+    @classmethod
+    def from_lengths(cls, lengths, max_len: Optional[int] = None, *, kv_lengths=None,
+                     kv_max_len: Optional[int] = None) -> "Segments":
+        """Padding of a right-padded batch: row b holds ``lengths[b]`` tokens, then padding (the layout of
+        torchaudio, ESPnet and NeMo, which pass the lengths beside the (B, T, ...) batch).
+
+        ``lengths``: B ints >= 0 (a list or an integer tensor); ``max_len``: the padded length T (default
+        ``max(lengths)``). For cross attention over a context padded differently, ``kv_lengths`` and
+        ``kv_max_len`` describe the keys (default: the queries'). Padded keys are never attended; a padded
+        query attends to nothing and its output row is zero (nn.MultiheadAttention's ``key_padding_mask``
+        gives such rows an average over the valid keys instead; both are discarded downstream).
+        """
+        q_ids = cls._padding_ids(lengths, max_len, "lengths", "max_len")
+        kv_ids = None if kv_lengths is None and kv_max_len is None else cls._padding_ids(
+            lengths if kv_lengths is None else kv_lengths, kv_max_len, "kv_lengths", "kv_max_len")
+        if kv_ids is not None and kv_ids.shape[0] != q_ids.shape[0]:
+            raise ValueError(f"Segments.from_lengths: {q_ids.shape[0]} lengths but {kv_ids.shape[0]} kv_lengths")
+        return cls(q_ids, kv_ids)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens, kv_cu_seqlens=None) -> "Segments":
+        """Sequences packed back to back in one row, given as FlashAttention's varlen API gives them
+        (``flash_attn_varlen_func``'s ``cu_seqlens_q`` / ``cu_seqlens_k``): sequence s holds the tokens
+        ``cu_seqlens[s] : cu_seqlens[s + 1]``, so ``cu_seqlens`` starts at 0, never decreases and ends at the
+        packed length. Attention stays inside each sequence, as flash_attn_varlen_func's does; for the packed
+        q (total, H, D) of that API, pass ``q.transpose(0, 1)[None]`` (1, H, total, D) to attend().
+
+        ``kv_cu_seqlens`` (same number of sequences) packs the keys differently, for cross attention. With
+        equal query and key lengths, ``Causal() & Segments.from_cu_seqlens(cu)`` is varlen ``causal=True``;
+        where a sequence's query and key lengths differ, Causal aligns the packed rows, not each sequence.
+        """
+        q_ids = cls._packed_ids(cu_seqlens, "cu_seqlens")
+        if kv_cu_seqlens is None:
+            return cls(q_ids)
+        kv_ids = cls._packed_ids(kv_cu_seqlens, "kv_cu_seqlens")
+        if len(cu_seqlens) != len(kv_cu_seqlens):
+            raise ValueError(f"Segments.from_cu_seqlens: cu_seqlens has {len(cu_seqlens) - 1} sequences but "
+                             f"kv_cu_seqlens has {len(kv_cu_seqlens) - 1}")
+        return cls(q_ids, kv_ids)
+
+    @staticmethod
+    def _int_vector(values, name: str, method: str) -> torch.Tensor:
+        if isinstance(values, torch.Tensor):
+            vector = values.detach()
+        elif isinstance(values, (list, tuple)) and all(is_int(v) for v in values):
+            vector = torch.tensor([int(v) for v in values], dtype=torch.long)
+        else:
+            raise TypeError(f"Segments.{method}: {name} must be a list of ints or an integer tensor, got {values!r}")
+        if vector.dtype.is_floating_point or vector.dtype == torch.bool or vector.is_complex():
+            raise TypeError(f"Segments.{method}: {name} must hold integers, got {vector.dtype}")
+        if vector.dim() != 1 or vector.numel() == 0:
+            raise ValueError(f"Segments.{method}: {name} must be a non-empty 1-D sequence, got shape {tuple(vector.shape)}")
+        return vector.long()
+
+    @classmethod
+    def _padding_ids(cls, lengths, max_len, name: str, max_name: str) -> torch.Tensor:
+        lengths_B = cls._int_vector(lengths, name, "from_lengths")
+        if bool((lengths_B < 0).any()):
+            raise ValueError(f"Segments.from_lengths: {name} must be >= 0, got {lengths_B.tolist()}")
+        longest = int(lengths_B.max())
+        if max_len is None:
+            if longest == 0:
+                raise ValueError(f"Segments.from_lengths: every {name} is 0; give {max_name}")
+            max_len = longest
+        check_positive_int(max_len, max_name)
+        if longest > max_len:
+            raise ValueError(f"Segments.from_lengths: {name} holds {longest}, longer than {max_name}={max_len}")
+        positions = torch.arange(max_len, device=lengths_B.device)
+        return torch.where(positions[None] < lengths_B[:, None], 0, -1)
+
+    @classmethod
+    def _packed_ids(cls, cu_seqlens, name: str) -> torch.Tensor:
+        cu_S1 = cls._int_vector(cu_seqlens, name, "from_cu_seqlens")
+        if cu_S1.numel() < 2 or int(cu_S1[0]) != 0 or bool((cu_S1[1:] < cu_S1[:-1]).any()) or int(cu_S1[-1]) < 1:
+            raise ValueError(f"Segments.from_cu_seqlens: {name} must start at 0, never decrease and end at the "
+                             f"packed length (> 0), got {cu_S1.tolist()}")
+        lengths_S = cu_S1[1:] - cu_S1[:-1]
+        return torch.repeat_interleave(torch.arange(lengths_S.numel(), device=cu_S1.device), lengths_S)
 
     @staticmethod
     def _check_ids(ids, name) -> torch.Tensor:
