@@ -538,6 +538,21 @@ def test_gat_edge_attr_without_edge_dim_raises():
 
 
 @pytest.mark.parametrize("cls", [GATv2Conv, GATConv])
+def test_switches_take_booleans_only(cls):
+    """PyG reads the switches by truth, so concat="no" concatenated the heads and bias="false" added a bias; the
+    zoo refuses what is not a boolean (or 0 / 1), and the accepted values still build PyG's layer."""
+    import numpy as np
+
+    switches = ["concat", "add_self_loops", "residual", "bias"] + (["share_weights"] if cls is GATv2Conv else [])
+    for name in switches:
+        for bad in ("no", "False", 2, None):
+            with pytest.raises(TypeError, match=f"{name} must be True or False, got {bad!r}"):
+                cls(6, 4, heads=2, **{name: bad})
+    layer = cls(6, 4, heads=2, concat=np.False_, bias=0, residual=1)
+    assert (layer.concat, layer.residual, layer.bias, layer.res.out_features) == (False, True, None, 4)
+
+
+@pytest.mark.parametrize("cls", [GATv2Conv, GATConv])
 def test_non_finite_or_misshapen_hyper_parameters_are_refused(cls):
     """NaN / Inf in fill_value or negative_slope made every output NaN; a tensor fill_value of another width than
     edge_dim failed at forward with an expand error. All are caught in the constructor."""

@@ -11,8 +11,8 @@ import math
 from torch import nn
 
 from zoo.layers import (
-    EXP_FLOOR, DropPath, LayerScale, activate_fresh, check_finite_input, exp_flushed_, is_tracing, surely_finite,
-    to_pair,
+    EXP_FLOOR, DropPath, LayerScale, activate_fresh, check_finite_input, check_flag, exp_flushed_, is_tracing,
+    surely_finite, to_pair,
 )
 
 
@@ -22,6 +22,19 @@ def test_to_pair_accepts_ints_and_pairs_and_names_bad_values():
     for bad in (0, -1, (1, 2, 3), (2, 0), True, (1.5, 2)):
         with pytest.raises(ValueError, match="img_size must be a positive int or a pair"):
             to_pair(bad, "img_size")
+
+
+def test_check_flag_takes_booleans_numpy_booleans_and_0_1_only():
+    """numpy 2 names its bool type "bool", not "bool_": np.True_ (a comparison of numpy scalars, a value read
+    from an .npz) was refused as "must be True or False"."""
+    import numpy as np
+
+    for value, want in [(True, True), (False, False), (np.True_, True), (np.bool_(False), False), (1, True),
+                        (0, False), (np.int64(1), True)]:
+        assert check_flag(value, "flag") is want
+    for bad in ("no", "True", 2, -1, 1.0, None, torch.tensor(True), [True]):
+        with pytest.raises(TypeError, match="flag must be True or False"):
+            check_flag(bad, "flag")
 
 
 def test_drop_path_matches_timm_in_training_and_is_identity_in_eval():

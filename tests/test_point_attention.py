@@ -458,8 +458,12 @@ def test_point_transformer_repr_empty_graph_and_bad_inputs():
         conv(x, pos, torch.tensor([[0, 9], [1, 2]]))
     with pytest.raises(TypeError, match="unsupported MessagePassing arguments"):
         PointTransformerConv(6, 8, aggr="mean")
-    with pytest.raises(ValueError, match="recompute must be True, False or 'auto'"):
-        PointTransformerConv(6, 8, recompute="sometimes")
+    for bad in ("sometimes", 1, 0.0, None):  # 1 == True let the numbers through, stored as they came
+        with pytest.raises(ValueError, match="recompute must be True, False or 'auto'"):
+            PointTransformerConv(6, 8, recompute=bad)
+    with pytest.raises(TypeError, match="add_self_loops must be True or False, got 'no'"):
+        PointTransformerConv(6, 8, add_self_loops="no")
+    assert PointTransformerConv(6, 8, recompute=np.bool_(True)).recompute is True
 
 
 def test_point_transformer_positions_and_user_networks_are_checked():

@@ -22,6 +22,7 @@ import operator
 from collections import abc
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,7 +42,7 @@ def check_positive_int(value, name: str) -> None:
 def check_flag(value, name: str) -> bool:
     """``value`` as a bool: True/False (numpy's too) or the ints 0/1; anything else is a TypeError naming
     ``name`` (a truthy string such as "no" used to switch the option on)."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (bool, np.bool_)) or is_int(value) and not isinstance(value, torch.Tensor) and value in (0, 1):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r}")
 

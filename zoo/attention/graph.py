@@ -56,7 +56,7 @@ from zoo.attention.segment import (
     segment_softmax,
     segment_softmax_aggregate,
 )
-from zoo.layers import call_outside_graph, check_like_weights, is_tracing
+from zoo.layers import call_outside_graph, check_flag, check_like_weights, is_tracing
 
 __all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure", "CachedGraphLayer"]
 
@@ -386,13 +386,13 @@ class _GraphAttentionBase(CachedGraphLayer):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.heads = heads
-        self.concat = concat
+        self.concat = check_flag(concat, "concat")
         self.negative_slope = float(negative_slope)
         self.dropout = float(dropout)
-        self.add_self_loops = add_self_loops
+        self.add_self_loops = check_flag(add_self_loops, "add_self_loops")
         self.edge_dim = edge_dim
         self.fill_value = fill_value
-        self.residual = residual
+        self.residual = check_flag(residual, "residual")
 
     @property
     def _given_sizes(self) -> tuple[int, int]:
@@ -591,7 +591,8 @@ class GATv2Conv(_GraphAttentionBase):
         super().__init__(aggr="sum")
         self._init_common(in_channels, out_channels, heads, concat, negative_slope, dropout,
                           add_self_loops, edge_dim, fill_value, residual)
-        self.share_weights = share_weights
+        self.share_weights = share_weights = check_flag(share_weights, "share_weights")
+        bias = check_flag(bias, "bias")
         HC = heads * out_channels
         src_size, dst_size = self._given_sizes
         self.lin_l = _linear(src_size, HC, bias)
@@ -698,6 +699,7 @@ class GATConv(_GraphAttentionBase):
         super().__init__(aggr="add")
         self._init_common(in_channels, out_channels, heads, concat, negative_slope, dropout,
                           add_self_loops, edge_dim, fill_value, residual)
+        bias = check_flag(bias, "bias")
         HC = heads * out_channels
         if isinstance(in_channels, int):
             self.lin = _linear(in_channels, HC, False)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -44,7 +45,7 @@ from torch_geometric.nn.inits import reset
 
 from zoo.attention.graph import CachedGraphLayer, GraphStructure, _check_channels, _check_features
 from zoo.attention.segment import segment_softmax, segment_softmax_weighted_sum
-from zoo.layers import check_like_weights, is_tracing
+from zoo.layers import check_flag, check_like_weights, is_tracing
 
 __all__ = ["PointTransformerConv"]
 
@@ -150,10 +151,11 @@ class PointTransformerConv(CachedGraphLayer):
         _check_channels("out_channels", out_channels)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.add_self_loops = add_self_loops
-        if recompute not in (True, False, "auto"):
+        self.add_self_loops = check_flag(add_self_loops, "PointTransformerConv: add_self_loops")
+        if recompute != "auto" and not isinstance(recompute, (bool, np.bool_)):
+            # (1 == True: `recompute in (True, False, "auto")` let 0 / 1 / 1.0 through, kept as numbers)
             raise ValueError(f"PointTransformerConv: recompute must be True, False or 'auto', got {recompute!r}")
-        self.recompute = recompute
+        self.recompute = recompute if recompute == "auto" else bool(recompute)
         for name, net in (("pos_nn", pos_nn), ("attn_nn", attn_nn)):
             if net is not None and not callable(net):
                 raise TypeError(f"PointTransformerConv: {name} must be a module (a callable mapping [E, "
