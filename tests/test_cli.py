@@ -149,6 +149,8 @@ def test_eval_refuses_unknown_keys_and_model_overrides(karate_run, capsys):
     assert "model.* cannot be overridden in eval (the model comes from the checkpoint)" in capsys.readouterr().err
     assert cli.main(["eval", ckpt, "dat.root=x"]) == 1
     assert "unknown key dat.root (top-level keys: callbacks, ckpt_path, data," in capsys.readouterr().err
+    assert cli.main(["eval", ckpt, "+data.seed=0"]) == 1
+    assert "+data.seed: eval overrides set keys of the stored run config (key=value); Hydra's '+'" in capsys.readouterr().err
     assert cli.main(["eval", ckpt, "data.seed=0"]) == 0  # an existing key still works
     assert 0.0 <= json.loads(capsys.readouterr().out)["test/acc1"] <= 1.0
 

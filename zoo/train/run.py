@@ -434,6 +434,9 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
 
 def _check_eval_override(plain: dict, key: str) -> None:
     """An eval override must name a key of the stored run config, and not the model (built from the checkpoint)."""
+    if key.startswith(("+", "~")):
+        raise ValueError(f"{key}: eval overrides set keys of the stored run config (key=value); Hydra's "
+                         f"'+' (add) and '~' (delete) forms have no place there")
     if key == "model" or key.startswith("model."):
         raise ValueError(f"{key}: model.* cannot be overridden in eval (the model comes from the checkpoint)")
     parts, node = key.split("."), plain
