@@ -555,3 +555,88 @@ def test_weight_converters_name_what_does_not_fit():
     for load, error, message in cases:
         with pytest.raises(error, match=message):
             load()
+
+
+def _timm_export(tmp_path, name, data_config=None, **kwargs):
+    """A timm model and the directory timm's own exporter writes for the Hugging Face Hub (config.json with
+    'architecture' and model.safetensors: the files of huggingface.co/timm/<name>)."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    save_for_hf(model, str(tmp_path), safe_serialization=True, data_config=data_config)
+    return model
+
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("vit_tiny_patch16_224", dict(num_classes=3, img_size=32, in_chans=2), 32),
+    ("maxvit_rmlp_pico_rw_256", dict(num_classes=5, img_size=64), 64),
+])
+def test_timm_hub_directory_loads_with_its_preprocessing(tmp_path, name, kwargs, size):
+    """A timm Hub export loads through from_pretrained and create_model(pretrained=<its model.safetensors>):
+    same logits as the timm model, and timm's data pipeline resolves the preprocessing the export records (the
+    timm model object itself keeps its source's 3-channel, 224 px pretrained_cfg after img_size / in_chans)."""
+    import timm.data
+
+    # preprocessing of its own (fine-tuned with other statistics and crop), which the zoo's defaults do not have
+    peer = _timm_export(tmp_path, name, data_config=dict(crop_pct=0.8, interpolation="bilinear", std=(0.3,)), **kwargs)
+    recorded = timm.data.resolve_data_config(pretrained_cfg=json.loads((tmp_path / "config.json").read_text())["pretrained_cfg"])
+    recorded = {key: tuple(value) if isinstance(value, list) else value for key, value in recorded.items()}  # JSON lists
+    assert recorded["input_size"] == (kwargs.get("in_chans", 3), size, size)
+    x = torch.randn(2, kwargs.get("in_chans", 3), size, size)
+    for model in (zoo.from_pretrained(tmp_path), zoo.create_model(name, pretrained=tmp_path / "model.safetensors")):
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), peer(x), atol=1e-5, rtol=1e-5)
+        assert timm.data.resolve_model_data_config(model) == recorded
+    assert model.zoo_model_args["num_classes"] == kwargs["num_classes"]
+
+
+def test_timm_hub_older_layouts_cache_folders_and_bin_weights(tmp_path):
+    """What older timm releases put on the Hub: config.json without model_args (in_chans / img_size come from
+    pretrained_cfg's input_size, as timm reads them), the legacy single-dict config, pytorch_model.bin instead of
+    safetensors; and the Hugging Face cache folder (refs/main -> snapshots/<hash>) given as the path."""
+    from safetensors.torch import load_file
+
+    export = tmp_path / "export"
+    peer = _timm_export(export, "vit_tiny_patch16_224", num_classes=4, img_size=48, in_chans=1)
+    config = json.loads((export / "config.json").read_text())
+    x = torch.randn(1, 1, 48, 48)
+    with torch.no_grad():
+        want = peer(x)
+    layouts = {
+        "no_model_args": {k: v for k, v in config.items() if k != "model_args"},
+        "single_dict": {"architecture": config["architecture"], **config["pretrained_cfg"]},
+    }
+    for layout, hf_config in layouts.items():
+        snapshot = tmp_path / layout / "snapshots" / "0123abcd"
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text(json.dumps(hf_config))
+        torch.save(load_file(str(export / "model.safetensors")), snapshot / "pytorch_model.bin")
+        (tmp_path / layout / "refs").mkdir()
+        (tmp_path / layout / "refs" / "main").write_text("0123abcd")
+        model = zoo.from_pretrained(tmp_path / layout).eval()  # the cache folder of the repository
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5, msg=layout)
+    (tmp_path / "single_dict" / "refs" / "main").unlink()
+    (tmp_path / "single_dict" / "snapshots" / "ffff").mkdir()
+    with pytest.raises(hub.CheckpointError, match="Hugging Face cache folder with 2 snapshots and no usable refs/main"):
+        zoo.from_pretrained(tmp_path / "single_dict")
+
+
+def test_timm_hub_config_errors(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet50", "num_classes": 1000,
+                                                      "pretrained_cfg": {"input_size": [3, 224, 224]}}))
+    with pytest.raises(KeyError, match="resnet50"):
+        zoo.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_debug", "pretrained_cfg": {"input_size": [3, 224]}}))
+    with pytest.raises(hub.CheckpointError, match=r"input_size must be \[channels, height, width\], got \[3, 224\]"):
+        zoo.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": 5, "pretrained_cfg": {}}))
+    with pytest.raises(hub.CheckpointError, match="not a timm config.json"):
+        zoo.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"weights": "x"}))
+    with pytest.raises(hub.CheckpointError, match="has no 'model_name'; was it written by zoo.save_pretrained"):
+        zoo.from_pretrained(tmp_path)

@@ -29,6 +29,11 @@ Loading rules (:func:`load_pretrained_into`, used by ``create_model(name, pretra
 * Any other missing / unexpected / mis-shaped key is an error naming the file and the keys. A file that is
   not valid safetensors is an error naming the file.
 
+timm's Hugging Face Hub layout loads too (``from_pretrained`` or ``pretrained=``): a config.json naming the
+model under ``architecture`` (as timm's ``save_for_hf`` writes it, older single-dict layouts included) is read
+as timm reads it (:func:`_from_timm_config`), the weights are model.safetensors or pytorch_model.bin, and a
+Hugging Face cache folder (``models--timm--<name>``) resolves to the snapshot ``refs/main`` names.
+
 User conversions from other code bases: :func:`load_state_dict_file` also reads ``.pth``/``.pt``/``.bin``/
 ``.ckpt`` with ``torch.load(weights_only=True)`` (tensors and plain containers only, never arbitrary
 pickled objects) and unwraps the usual containers (``{"state_dict": ...}``, ``{"model": ...}``, DDP's
@@ -253,8 +258,11 @@ def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    if isinstance(config, dict) and "model_name" not in config and "architecture" in config:
+        config = _from_timm_config(config, config_path)
     if not isinstance(config, dict) or not isinstance(config.get("model_name"), str):
-        raise CheckpointError(f"{config_path} has no 'model_name'; was it written by zoo.save_pretrained?")
+        raise CheckpointError(f"{config_path} has no 'model_name'; was it written by zoo.save_pretrained (or by "
+                              f"timm, whose config.json names the model under 'architecture')?")
     for key in ("model_args", "metadata"):
         if not isinstance(config.get(key) or {}, dict):
             raise CheckpointError(f"{config_path}: {key!r} must be an object, got {config[key]!r}")
@@ -267,6 +275,70 @@ def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
             raise CheckpointError(f"{config_path}: 'metadata.data.{key}' must be a list of numbers, got {values!r}")
     return config
+
+
+def _from_timm_config(hf: dict[str, Any], config_path: Path) -> dict[str, Any]:
+    """timm's config.json -- as timm's ``save_for_hf`` / ``push_to_hub`` write it, i.e. the files of
+    huggingface.co/timm/<name> that users keep in their Hugging Face cache, including the older single-dict
+    layout -- in the zoo's form. The constructor arguments follow timm's own reading of that file
+    (timm/models/_hub.py ``_parse_model_cfg`` and timm/models/_builder.py ``_update_default_model_kwargs``):
+    num_classes from the top level, in_chans from pretrained_cfg's input_size, img_size too when the model has
+    a fixed input size, then the recorded model_args. pretrained_cfg's preprocessing (mean, std, crop_pct,
+    interpolation, crop_mode) is kept for the model's own ``pretrained_cfg``, so timm's data pipeline resolves
+    the same transform for both."""
+    if "pretrained_cfg" in hf:
+        pretrained_cfg = hf["pretrained_cfg"]
+    else:  # the legacy single dict: everything but the name is the pretrained config
+        pretrained_cfg = {k: v for k, v in hf.items() if k not in ("architecture", "num_features")}
+    model_args = hf.get("model_args") or {}
+    if not isinstance(hf["architecture"], str) or not isinstance(pretrained_cfg, dict) or not isinstance(model_args, dict):
+        raise CheckpointError(f"{config_path}: not a timm config.json ('architecture' must be a model name, "
+                              f"'pretrained_cfg' and 'model_args' objects)")
+    args: dict[str, Any] = {}
+    num_classes = hf.get("num_classes", pretrained_cfg.get("num_classes"))
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 0:
+        args["num_classes"] = num_classes
+    input_size = pretrained_cfg.get("input_size")
+    if input_size is not None:
+        if not (isinstance(input_size, list) and len(input_size) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
+            raise CheckpointError(f"{config_path}: pretrained_cfg.input_size must be [channels, height, width], "
+                                  f"got {input_size!r}")
+        args["in_chans"] = input_size[0]
+        if pretrained_cfg.get("fixed_input_size"):
+            args["img_size"] = list(input_size[1:])
+    args.update(model_args)
+    data = {key: pretrained_cfg[key] for key in ("mean", "std") if key in pretrained_cfg}
+    labels = hf.get("label_names", pretrained_cfg.get("label_names", pretrained_cfg.get("labels")))
+    if isinstance(labels, list) and all(isinstance(label, str) for label in labels):
+        data["class_names"] = labels
+    timm_cfg = {key: pretrained_cfg[key] for key in ("interpolation", "crop_pct", "crop_mode") if key in pretrained_cfg}
+    return {"model_name": hf["architecture"], "model_args": args, "num_classes": args.get("num_classes"),
+            "metadata": {"source": "timm", "data": data, "pretrained_cfg": timm_cfg}}
+
+
+def _hf_snapshot(path: Path) -> Path:
+    """A Hugging Face cache folder of one repository (``models--timm--<name>``, holding ``refs/`` and
+    ``snapshots/``) resolved to the snapshot that ``refs/main`` names, or to its only snapshot."""
+    snapshots = path / "snapshots"
+    if not path.is_dir() or (path / CONFIG_NAME).exists() or not snapshots.is_dir():
+        return path
+    ref = path / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text(encoding="utf-8").strip()).is_dir():
+        return snapshots / ref.read_text(encoding="utf-8").strip()
+    found = sorted(p.name for p in snapshots.iterdir() if p.is_dir())
+    if len(found) == 1:
+        return snapshots / found[0]
+    raise CheckpointError(f"{path} is a Hugging Face cache folder with {len(found)} snapshots and no usable "
+                          f"refs/main; pass one of them: {', '.join(str(snapshots / name) for name in found) or 'none'}")
+
+
+def _weights_file(path: Path) -> Path:
+    """The weights of a checkpoint directory: model.safetensors, else timm's older pytorch_model.bin (read with
+    weights_only); a file path is its own."""
+    if path.is_dir() and not (path / WEIGHTS_NAME).exists() and (path / "pytorch_model.bin").is_file():
+        return path / "pytorch_model.bin"
+    return path / WEIGHTS_NAME if path.is_dir() else path
 
 
 def unwrap_state_dict(state_dict) -> dict[str, torch.Tensor]:
@@ -423,7 +495,7 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path:
         path = Path(pretrained).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
-        return path
+        return _hf_snapshot(path)
     raise TypeError(f"pretrained must be False, True or a path, got {type(pretrained).__name__} {pretrained!r}")
 
 
@@ -466,7 +538,7 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
                     "before it was saved); building it with %d", path, saved_classes, model.num_classes, saved_classes)
         args["num_classes"] = saved_classes
         model = _construct(entry, args)
-    weights_path = path / WEIGHTS_NAME if path.is_dir() else path
+    weights_path = _weights_file(path)
     state = load_state_dict_file(weights_path)
     # the saved model's constructor arguments matter only when overrides change the model
     saved_args = (config or {}).get("model_args") if overrides else None
@@ -483,6 +555,9 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
                     raise CheckpointError(f"{path}: config.json's metadata.data.{key} has {len(data[key])} values "
                                           f"for a model of {channels} input channels")
                 cfg[key] = tuple(float(v) for v in data[key])
+        timm_cfg = ((config or {}).get("metadata") or {}).get("pretrained_cfg")
+        if isinstance(timm_cfg, dict):  # a timm config.json: its test-time preprocessing too
+            cfg.update(timm_cfg)
     return model
 
 
@@ -545,6 +620,7 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
+    path = _hf_snapshot(path)
     config = read_config(path)
     if config is None:
         where = path if path.is_dir() else path.parent
