@@ -131,6 +131,31 @@ def test_eval_and_predict_errors(tmp_path, capsys):
         cli.main(["predict", "ckpt=x", "image=y"])
 
 
+def test_predict_on_a_timm_hub_export_uses_timms_evaluation_transform(tmp_path, capsys):
+    """A released directory without a zoo train record (here timm's own Hub export, with its label names and a
+    fine-tuning crop / interpolation of its own) predicts with timm's evaluation transform of that config: the
+    probabilities equal timm's model fed through timm's pipeline."""
+    timm = pytest.importorskip("timm")
+    import timm.data
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    peer = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3, depth=2).eval()
+    save_for_hf(peer, str(tmp_path / "export"), safe_serialization=True, model_config={"label_names": ["ant", "bee", "cat"]},
+                data_config=dict(crop_pct=0.75, interpolation="bilinear", mean=(0.4, 0.5, 0.6)))
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 57, 3), dtype=np.uint8))
+    picture.save(tmp_path / "photo.png")
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=exported))
+    with torch.no_grad():
+        want = peer(transform(picture)[None]).softmax(-1)[0]
+    (result,) = run.predict(tmp_path / "export", [str(tmp_path / "photo.png")], topk=3)
+    got = {name: prob for name, prob in result["top"]}
+    assert got == pytest.approx(dict(zip(["ant", "bee", "cat"], want.tolist())), abs=1e-6)
+    assert cli.main(["predict", f"ckpt={tmp_path / 'export'}", f"input={tmp_path / 'photo.png'}", "topk=1"]) == 0
+    assert max(got, key=got.get) in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def karate_run(tmp_path_factory) -> Path:
     """A 2-epoch graph_karate run (checkpoint and released directory of a graph model)."""

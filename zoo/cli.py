@@ -76,6 +76,9 @@ PREDICT_HELP = """usage: zoo predict ckpt=<.ckpt | released dir> input=<image | 
 
 Prints the top-k classes with probabilities for each image (files are converted to the model's channels,
 resized to its image size and normalised as in training). digits:N is image N of scikit-learn's digits.
+A released directory without a zoo train record (zoo.save_pretrained from your own pipeline, or timm's
+Hugging Face Hub files, e.g. ~/.cache/huggingface/hub/models--timm--<name>) is preprocessed with timm's
+evaluation transform of the model's pretrained_cfg (resize, center crop, normalise).
 """
 
 LIST_HELP = """usage: zoo list [PATTERN ...] [--task TASK] [--json]

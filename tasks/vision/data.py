@@ -478,8 +478,10 @@ class CIFARDataModule(VisionDataModule):
 # --------------------------------------------------------------------------------------------------
 # Single images (zoo predict)
 # --------------------------------------------------------------------------------------------------
-def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """One image file -> normalised (C, H, W) tensor, preprocessed like the evaluation split."""
+def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
+                    transform: Optional[Callable] = None) -> torch.Tensor:
+    """One image file -> normalised (C, H, W) tensor, preprocessed like the evaluation split (or by
+    ``transform``, e.g. timm's evaluation transform, given the image in RGB, or L for one channel)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -491,5 +493,7 @@ def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean:
         raise FileNotFoundError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path} is not a readable image: {error}") from None
+    if transform is not None:
+        return transform(picture.convert("L" if in_chans == 1 else "RGB"))
     mean, std = _check_stats(mean, std, in_chans)
     return _image_transform(img_size, in_chans, mean, std, False, "none")(picture)

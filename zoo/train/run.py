@@ -469,7 +469,14 @@ def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: s
 
 
 def load_for_inference(ckpt: str | os.PathLike):
-    """(model in eval mode -- the EMA weights when trained with EMA --, preprocessing info dict)."""
+    """(model in eval mode -- the EMA weights when trained with EMA --, preprocessing info dict).
+
+    A released directory without a ``zoo train`` record (written by ``zoo.save_pretrained`` from the user's own
+    pipeline, or timm's Hugging Face Hub files) is preprocessed by its model's ``pretrained_cfg`` with timm's
+    evaluation transform (info ``data_config``)."""
+    released = _released_without_run(ckpt)
+    if released is not None:
+        return released
     cfg, model, state, info = _inference_source(ckpt)
     if model is None:
         raise ValueError(f"{ckpt}: the checkpoint does not name a registered model (model_name)")
@@ -483,6 +490,30 @@ def load_for_inference(ckpt: str | os.PathLike):
         data = cfg.get("data") or {}
         info = {k: data.get(k) for k in ("img_size", "in_chans", "mean", "std")}
     return model.eval(), info
+
+
+def _released_without_run(ckpt: str | os.PathLike):
+    """(model, info) of a released directory whose config.json has no zoo train record, else None."""
+    import zoo
+    from zoo.hub import _hf_snapshot, read_config
+
+    path = Path(ckpt).expanduser()
+    if path.suffix == ".ckpt" or not path.exists():
+        return None
+    path = _hf_snapshot(path)
+    config = read_config(path)
+    meta = (config or {}).get("metadata") or {}
+    if config is None or meta.get("zoo_config"):
+        return None
+    model = zoo.from_pretrained(path).eval()
+    data_config = getattr(model, "pretrained_cfg", None)
+    if not isinstance(data_config, dict) or len(data_config.get("input_size") or ()) != 3:
+        raise ValueError(f"{path}: neither a zoo train record (metadata.zoo_config) nor an image model's "
+                         f"pretrained_cfg with an input_size to preprocess with")
+    info = {"in_chans": data_config["input_size"][0], "img_size": data_config["input_size"][1],
+            "mean": data_config.get("mean"), "std": data_config.get("std"), "data_config": dict(data_config),
+            "class_names": (meta.get("data") or {}).get("class_names")}
+    return model, info
 
 
 def _collect_inputs(spec: str) -> list[tuple[str, Any]]:
@@ -548,8 +579,17 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch
     items = [item for spec in inputs for item in _collect_inputs(spec)]
     if not items:
         raise ValueError("no inputs given (input=<image file | folder | digits:<index>>)")
+    transform = None
+    if info.get("data_config"):  # a model released without a zoo train record: timm's evaluation transform
+        import timm.data
+
+        height, width = info["data_config"]["input_size"][1:]
+        if height != width:
+            raise ValueError(f"{ckpt}: zoo predict resizes to square inputs; this model takes {height} x {width}")
+        transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=info["data_config"]))
     tensors = [
-        _digits_image(label, img_size, in_chans, mean, std) if source == "digits" else load_image_file(source, img_size, in_chans, mean, std)
+        _digits_image(label, img_size, in_chans, mean, std) if source == "digits"
+        else load_image_file(source, img_size, in_chans, mean, std, transform=transform)
         for label, source in items
     ]
     results = []
