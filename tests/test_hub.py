@@ -640,3 +640,33 @@ def test_timm_hub_config_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"weights": "x"}))
     with pytest.raises(hub.CheckpointError, match="has no 'model_name'; was it written by zoo.save_pretrained"):
         zoo.from_pretrained(tmp_path)
+
+
+def test_timm_weights_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    """pretrained=True finds timm's default weights for the name in the Hugging Face cache (as timm would
+    download them, here put there by hand), a repository id names another tag, and nothing is downloaded: a
+    repository missing from the cache says how to bring it."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("ZOO_CHECKPOINTS", str(tmp_path / "none_shipped"))
+    hub_id = hub.timm_hub_id("vit_tiny_patch16_224")
+    assert hub_id == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's default tag
+    with pytest.raises(FileNotFoundError, match=r"no shipped checkpoint .* nor timm's timm/vit_tiny_patch16_224\."):
+        zoo.create_model("vit_tiny_patch16_224", pretrained=True)
+    peers = {}
+    for repo, classes in ((hub_id, 3), ("timm/vit_tiny_patch16_224.other_tag", 4)):  # told apart by their heads
+        snapshot = tmp_path / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots" / "abc"
+        peers[repo] = _timm_export(snapshot, "vit_tiny_patch16_224", num_classes=classes, img_size=32, depth=1)
+        (snapshot.parent.parent / "refs").mkdir()
+        (snapshot.parent.parent / "refs" / "main").write_text("abc")
+    x = torch.randn(1, 3, 32, 32)
+    loaded = {hub_id: zoo.create_model("vit_tiny_patch16_224", pretrained=True),
+              "timm/vit_tiny_patch16_224.other_tag": zoo.from_pretrained("hf-hub:timm/vit_tiny_patch16_224.other_tag")}
+    with torch.no_grad():
+        for repo, model in loaded.items():
+            torch.testing.assert_close(model.eval()(x), peers[repo](x), atol=1e-5, rtol=1e-5)
+        assert zoo.from_pretrained("timm/vit_tiny_patch16_224.other_tag").eval()(x).shape == (1, 4)
+    with pytest.raises(FileNotFoundError, match=r"timm/vit_small_patch16_224\.x: no such file or directory, and as a "
+                                                r"Hub repository it is not in the local Hugging Face cache .*huggingface-cli download"):
+        zoo.from_pretrained("timm/vit_small_patch16_224.x")
+    with pytest.raises(FileNotFoundError, match="pretrained checkpoint .*missing/dir/x does not exist"):
+        zoo.from_pretrained(tmp_path / "missing" / "dir" / "x")

@@ -65,6 +65,8 @@ __all__ = [
     "list_shipped",
     "shipped_checkpoint",
     "head_keys",
+    "hf_cache_dir",
+    "timm_hub_id",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -481,19 +483,67 @@ def shipped_checkpoint(name: str) -> Path | None:
     return None
 
 
+def hf_cache_dir() -> Path:
+    """The local Hugging Face Hub cache, found as huggingface_hub finds it: ``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
+
+
+def timm_hub_id(name: str) -> Optional[str]:
+    """The Hub repository of timm's default pretrained weights for model ``name`` (its pretrained_cfg's
+    hf_hub_id, e.g. ``timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k``); None when timm has none."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # timm absent, or a name timm does not know
+        return None
+    return getattr(cfg, "hf_hub_id", None) or None
+
+
+def _hub_repo(repo_id: str) -> Path:
+    """The cached snapshot of Hub repository ``repo_id`` ("owner/name", timm's "hf-hub:" prefix allowed); no
+    download is ever tried, so a repository missing from the cache is an error saying how to bring it."""
+    given, repo_id = repo_id, repo_id.removeprefix("hf-hub:")
+    folder = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{given}: no such file or directory, and as a Hub repository it is not in the local Hugging Face cache "
+            f"({folder} does not exist); the zoo never downloads: "
+            f"on a machine with network run `huggingface-cli download {repo_id}` and copy the cache folder here, or "
+            f"pass the directory holding config.json and model.safetensors")
+    return _hf_snapshot(folder)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    owner, _, repo = text.removeprefix("hf-hub:").partition("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return bool(owner and repo) and set(owner + repo) <= allowed and not owner.startswith(".")
+
+
 def _resolve_pretrained(name: str, pretrained: Any) -> Path:
     if pretrained is True:
         path = shipped_checkpoint(name)
-        if path is None:
-            shipped = list_shipped()
-            raise FileNotFoundError(
-                f"no shipped checkpoint for {name!r} (looked in {shipped_checkpoints_dir()}); shipped checkpoints: "
-                f"{', '.join(shipped) if shipped else 'none'}. Pass pretrained=<directory or .safetensors> instead."
-            )
-        return path
+        if path is not None:
+            return path
+        hub_id = timm_hub_id(name)
+        if hub_id is not None and (hf_cache_dir() / ("models--" + hub_id.replace("/", "--"))).is_dir():
+            return _hub_repo(hub_id)  # timm's weights for this name, from the user's Hugging Face cache
+        shipped = list_shipped()
+        cached = f" nor timm's {hub_id} in the Hugging Face cache {hf_cache_dir()}" if hub_id else ""
+        raise FileNotFoundError(
+            f"no shipped checkpoint for {name!r} (looked in {shipped_checkpoints_dir()}){cached}; shipped checkpoints: "
+            f"{', '.join(shipped) if shipped else 'none'}. Pass pretrained=<directory or .safetensors> instead."
+        )
     if isinstance(pretrained, (str, os.PathLike)):
         path = Path(pretrained).expanduser()
         if not path.exists():
+            if isinstance(pretrained, str) and _looks_like_repo_id(pretrained):
+                return _hub_repo(pretrained)
             raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
         return _hf_snapshot(path)
     raise TypeError(f"pretrained must be False, True or a path, got {type(pretrained).__name__} {pretrained!r}")
@@ -608,7 +658,9 @@ def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, sour
 
 
 def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """Rebuild a model written by :func:`save_pretrained` (a directory, or its ``model.safetensors``).
+    """Rebuild a model written by :func:`save_pretrained` (a directory, or its ``model.safetensors``), or by
+    timm for the Hugging Face Hub: its directory, its cache folder, or its repository id in the local cache
+    (``"timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"``; nothing is downloaded).
 
     ``overrides`` change constructor arguments, e.g. ``num_classes=5`` for fine-tuning (new head).
     The model is returned in training mode, like :func:`zoo.create_model`; call ``.eval()`` for inference.
@@ -617,10 +669,7 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
 
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise TypeError(f"from_pretrained: path must be a directory or .safetensors path, got {path!r}")
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
-    path = _hf_snapshot(path)
+    path = _resolve_pretrained("", path)
     config = read_config(path)
     if config is None:
         where = path if path.is_dir() else path.parent

@@ -173,8 +173,10 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
     Args:
         name: registered model name (see :func:`list_models`).
         pretrained: ``False`` for random init; a directory or ``.safetensors`` file written by
-            :func:`zoo.save_pretrained` to load weights from; ``True`` for the checkpoint that this
-            project ships for ``name`` under ``checkpoints/`` (raises if none is shipped).
+            :func:`zoo.save_pretrained` (or timm's Hub files) to load weights from; a Hub repository id
+            found in the local Hugging Face cache (``"timm/<name>.<tag>"``, never downloaded); ``True`` for
+            the checkpoint that this project ships for ``name`` under ``checkpoints/``, else timm's default
+            weights for ``name`` when they are in the local Hugging Face cache (raises if neither is there).
         features_only: return a backbone that maps images to a list of feature maps
             (:class:`zoo.features.FeatureExtractor`, timm's ``features_only``); weights load first.
         out_indices: with ``features_only``, the taps to return (an int n = the last n, a sequence,

@@ -495,12 +495,12 @@ def load_for_inference(ckpt: str | os.PathLike):
 def _released_without_run(ckpt: str | os.PathLike):
     """(model, info) of a released directory whose config.json has no zoo train record, else None."""
     import zoo
-    from zoo.hub import _hf_snapshot, read_config
+    from zoo.hub import _looks_like_repo_id, _resolve_pretrained, read_config
 
     path = Path(ckpt).expanduser()
-    if path.suffix == ".ckpt" or not path.exists():
+    if path.suffix == ".ckpt" or not (path.exists() or _looks_like_repo_id(str(ckpt))):
         return None
-    path = _hf_snapshot(path)
+    path = _resolve_pretrained("", ckpt)  # a Hugging Face cache folder or repository id: its snapshot
     config = read_config(path)
     meta = (config or {}).get("metadata") or {}
     if config is None or meta.get("zoo_config"):
