@@ -650,7 +650,8 @@ def test_timm_weights_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_CHECKPOINTS", str(tmp_path / "none_shipped"))
     hub_id = hub.timm_hub_id("vit_tiny_patch16_224")
     assert hub_id == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # timm's default tag
-    with pytest.raises(FileNotFoundError, match=r"no shipped checkpoint .* nor timm's timm/vit_tiny_patch16_224\."):
+    with pytest.raises(FileNotFoundError, match=r"no shipped checkpoint .* nor timm's timm/vit_tiny_patch16_224\..*"
+                                                r"huggingface-cli download timm/vit_tiny_patch16_224\.augreg_in21k_ft_in1k"):
         zoo.create_model("vit_tiny_patch16_224", pretrained=True)
     peers = {}
     for repo, classes in ((hub_id, 3), ("timm/vit_tiny_patch16_224.other_tag", 4)):  # told apart by their heads

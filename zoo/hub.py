@@ -534,7 +534,9 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path:
         if hub_id is not None and (hf_cache_dir() / ("models--" + hub_id.replace("/", "--"))).is_dir():
             return _hub_repo(hub_id)  # timm's weights for this name, from the user's Hugging Face cache
         shipped = list_shipped()
-        cached = f" nor timm's {hub_id} in the Hugging Face cache {hf_cache_dir()}" if hub_id else ""
+        cached = (f" nor timm's {hub_id} in the Hugging Face cache {hf_cache_dir()} (the zoo never downloads: on a "
+                  f"machine with network run `huggingface-cli download {hub_id}` and copy the cache folder here)"
+                  if hub_id else "")
         raise FileNotFoundError(
             f"no shipped checkpoint for {name!r} (looked in {shipped_checkpoints_dir()}){cached}; shipped checkpoints: "
             f"{', '.join(shipped) if shipped else 'none'}. Pass pretrained=<directory or .safetensors> instead."
