@@ -410,6 +410,32 @@ def test_finetune_released_checkpoint_with_new_head(tmp_path, caplog):
     assert not torch.equal(pre.blocks[0].attn.qkv.weight, post.blocks[0].attn.qkv.weight)  # fine-tuned
 
 
+def test_image_folder_normalises_as_the_model_expects(tmp_path):
+    """data=image_folder's default data.mean=data.std=model takes the model's pretrained_cfg statistics, as timm's
+    train.py resolves them: a checkpoint trained with other statistics (here a released zoo run whose data used
+    mean 0.3 / std 0.2) is fine-tuned with those; numbers given on the command line still win; a bad pairing is
+    named."""
+    first = run.train(run.compose([*FAST_RUN, f"run_dir={tmp_path / 'pre'}", "test=false", "data.mean=[0.3]", "data.std=[0.2]"]))
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / name / f"{i}.png")
+    base = [*FAST_RUN, "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=2", "data.img_size=8",
+            "data.in_chans=1", "data.batch_size=4", "data.num_workers=0", "data.val_fraction=0.25", "data.augment=none"]
+    _, datamodule = run.build(run.compose([*base, f"model.pretrained={first['released']}"]))
+    assert (datamodule.mean, datamodule.std) == ((0.3,), (0.2,))
+    tuned = run.train(run.compose([*base, f"model.pretrained={first['released']}", f"run_dir={tmp_path / 'tuned'}"]))
+    saved = json.loads((Path(tuned["released"]) / "config.json").read_text())["metadata"]["data"]
+    assert (saved["mean"], saved["std"]) == ([0.3], [0.2])  # what zoo predict will normalise with
+    _, datamodule = run.build(run.compose(base))  # from scratch: the model's own default_cfg
+    assert datamodule.mean == tuple(zoo.create_model("vit_digits").pretrained_cfg["mean"])
+    _, datamodule = run.build(run.compose([*base, "data.mean=[0.1]", "data.std=[0.9]"]))
+    assert (datamodule.mean, datamodule.std) == ((0.1,), (0.9,))
+    with pytest.raises(ValueError, match="mean and std are both 'model'"):
+        run.build(run.compose([*base, "data.std=[0.9]"]))
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", POSSIBLE_USER_WARNINGS="off")

@@ -242,13 +242,41 @@ class VisionDataModule(pl.LightningDataModule):
         self.in_chans = int(in_chans or self.default_in_chans)
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
-        self.mean, self.std = _check_stats(mean, std, self.in_chans)
+        self._stats_from_model = mean == "model" or std == "model"
+        if self._stats_from_model:
+            if mean != std:
+                raise ValueError(f"mean and std are both 'model' (the model's pretrained_cfg) or both numbers, got "
+                                 f"mean={mean!r}, std={std!r}")
+            self.mean = self.std = None  # set by adopt_model_stats, before setup
+        else:
+            self.mean, self.std = _check_stats(mean, std, self.in_chans)
         self.augment = augment
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
         self.expected_num_classes = num_classes
         self.drop_last = check_flag(drop_last, "drop_last")
         self.train_set = self.val_set = self.test_set = None
+
+    def adopt_model_stats(self, model) -> None:
+        """With ``mean=std="model"``: normalise as ``model`` expects, by its ``pretrained_cfg`` mean and std --
+        what timm's train.py does by default (timm.data.resolve_data_config), so fine-tuning timm's weights
+        (mean 0.5 for the augreg ViTs, ImageNet's for others) or a zoo checkpoint feeds them the statistics they
+        were trained with. Numbers given as data.mean / data.std are kept."""
+        if not self._stats_from_model:
+            return
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if cfg.get("mean") is None or cfg.get("std") is None:
+            raise ValueError(f"data.mean=model: {type(model).__name__} has no pretrained_cfg mean/std; give data.mean "
+                             f"and data.std as numbers")
+        try:
+            self.mean, self.std = _check_stats(cfg["mean"], cfg["std"], self.in_chans)
+        except ValueError as error:
+            raise ValueError(f"data.mean=model: the model's pretrained_cfg does not fit the data ({error})") from None
+
+    def _require_stats(self) -> None:
+        if self.mean is None:
+            raise RuntimeError(f"{type(self).__name__}: mean='model' needs adopt_model_stats(model) before setup "
+                               f"(zoo train calls it)")
 
     def _check_num_classes(self) -> None:
         if self.expected_num_classes is not None and int(self.expected_num_classes) != self.num_classes:
@@ -259,6 +287,7 @@ class VisionDataModule(pl.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """Preprocessing facts stored with released weights (zoo predict uses them)."""
+        self._require_stats()
         return {
             "img_size": self.img_size,
             "in_chans": self.in_chans,
@@ -320,6 +349,7 @@ class DigitsDataModule(VisionDataModule):
         return images, torch.tensor(digits.target, dtype=torch.long)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        self._require_stats()
         if self.train_set is not None:
             return
         images, labels = self._images()
@@ -389,6 +419,7 @@ class ImageFolderDataModule(VisionDataModule):
         return dataset
 
     def setup(self, stage: Optional[str] = None) -> None:
+        self._require_stats()
         if self.train_set is not None:
             return
         train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment)
@@ -460,6 +491,7 @@ class CIFARDataModule(VisionDataModule):
         return list(dataset.classes)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        self._require_stats()
         if self.train_set is not None:
             return
         from torchvision.datasets import CIFAR10, CIFAR100

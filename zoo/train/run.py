@@ -181,6 +181,8 @@ def build(cfg, model: Optional[torch.nn.Module] = None):
     datamodule = _call_target(cfg.data)
     if model is None:
         model = _call_target(cfg.model)
+    if hasattr(datamodule, "adopt_model_stats"):  # data.mean=model: normalise as the (pretrained) model expects
+        datamodule.adopt_model_stats(model)
     module = _call_target(task, model=model)
     if hasattr(module, "hparams"):
         module.hparams["zoo_config"] = _to_container(cfg)
