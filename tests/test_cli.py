@@ -154,6 +154,15 @@ def test_predict_on_a_timm_hub_export_uses_timms_evaluation_transform(tmp_path, 
     assert got == pytest.approx(dict(zip(["ant", "bee", "cat"], want.tolist())), abs=1e-6)
     assert cli.main(["predict", f"ckpt={tmp_path / 'export'}", f"input={tmp_path / 'photo.png'}", "topk=1"]) == 0
     assert max(got, key=got.get) in capsys.readouterr().out
+    # an ImageNet head without label names in its config: timm's ImageNet class descriptions, as timm's inference
+    imagenet = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=1000, depth=1).eval()
+    save_for_hf(imagenet, str(tmp_path / "in1k"), safe_serialization=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(
+        pretrained_cfg=json.loads((tmp_path / "in1k" / "config.json").read_text())["pretrained_cfg"]))
+    with torch.no_grad():
+        best = int(imagenet(transform(picture)[None]).argmax())
+    (result,) = run.predict(tmp_path / "in1k", [str(tmp_path / "photo.png")], topk=1)
+    assert result["top"][0][0] == timm.data.ImageNetInfo("imagenet-1k").index_to_description(best)
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,8 @@ Prints the top-k classes with probabilities for each image (files are converted 
 resized to its image size and normalised as in training). digits:N is image N of scikit-learn's digits.
 A released directory without a zoo train record (zoo.save_pretrained from your own pipeline, or timm's
 Hugging Face Hub files, e.g. ~/.cache/huggingface/hub/models--timm--<name>) is preprocessed with timm's
-evaluation transform of the model's pretrained_cfg (resize, center crop, normalise).
+evaluation transform of the model's pretrained_cfg (resize, center crop, normalise); a timm ImageNet head
+without label names in its config gets timm's ImageNet class descriptions.
 """
 
 LIST_HELP = """usage: zoo list [PATTERN ...] [--task TASK] [--json]

@@ -512,9 +512,17 @@ def _released_without_run(ckpt: str | os.PathLike):
     if not isinstance(data_config, dict) or len(data_config.get("input_size") or ()) != 3:
         raise ValueError(f"{path}: neither a zoo train record (metadata.zoo_config) nor an image model's "
                          f"pretrained_cfg with an input_size to preprocess with")
+    names = (meta.get("data") or {}).get("class_names")
+    if not names and meta.get("source") == "timm":  # timm's ImageNet-family heads: names as timm's inference shows them
+        import timm.data
+
+        subset = timm.data.infer_imagenet_subset(model)
+        if subset is not None:
+            labels = timm.data.ImageNetInfo(subset)
+            names = [labels.index_to_description(i) for i in range(labels.num_classes())]
     info = {"in_chans": data_config["input_size"][0], "img_size": data_config["input_size"][1],
             "mean": data_config.get("mean"), "std": data_config.get("std"), "data_config": dict(data_config),
-            "class_names": (meta.get("data") or {}).get("class_names")}
+            "class_names": names}
     return model, info
 
 
