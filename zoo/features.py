@@ -65,6 +65,23 @@ class FeatureInfo:
         return f"FeatureInfo(out_indices={self.out_indices}, channels={self.channels()}, reduction={self.reduction()})"
 
 
+def _from_timm_feature_list_keys(state_dict, prefix, *args) -> None:
+    """Load-time key map from timm's ``FeatureListNet`` (the features_only form of its hierarchical models, e.g.
+    MaxViT), which holds the model's top-level modules flattened into one namespace (``stages.0`` becomes
+    ``stages_0``) and no ``model.`` wrapper, to this extractor's ``model.stages.0``; so a timm features_only
+    state dict loads strictly. Keys already in the zoo's form are left as they are (timm's FeatureGetterNet,
+    used for ViT, has the zoo's keys anyway)."""
+    ours = prefix + "model."
+    theirs = [k for k in state_dict if k.startswith(prefix) and not k.startswith(ours)]
+    if not theirs:
+        return
+    for key in theirs:
+        head, _, rest = key[len(prefix):].partition(".")
+        stem, _, index = head.rpartition("_")
+        name = f"{stem}.{index}" if stem and index.isdigit() else head
+        state_dict[f"{ours}{name}.{rest}" if rest else f"{ours}{name}"] = state_dict.pop(key)
+
+
 class FeatureExtractor(nn.Module):
     """A model's ``forward_intermediates`` as a backbone: images -> [feature maps at ``out_indices``].
 
@@ -100,6 +117,7 @@ class FeatureExtractor(nn.Module):
         self.out_indices = tuple(take)
         self.norm = bool(norm)
         self.feature_info = info
+        self._register_load_state_dict_pre_hook(_from_timm_feature_list_keys)
 
     def forward(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(x_BCHW, indices=list(self.out_indices), norm=self.norm,
