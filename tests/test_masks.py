@@ -285,9 +285,12 @@ def test_length_constructors_ids_and_errors():
     assert Segments.from_cu_seqlens([0, 2, 2, 5]).q_ids.tolist() == [[0, 0, 2, 2, 2]]
     assert Segments.from_lengths([2, 0, 3]).q_ids.tolist() == [[0, 0, -1], [-1, -1, -1], [0, 0, 0]]
     assert Segments.from_lengths((np.int64(1),), max_len=2, kv_max_len=3).kv_ids.tolist() == [[0, -1, -1]]
+    assert Segments.from_lengths(np.array([2, 1])).q_ids.tolist() == [[0, 0], [0, -1]]
+    assert Segments.from_cu_seqlens(np.array([0, 1, 3], dtype=np.int32)).q_ids.tolist() == [[0, 1, 1]]
     for bad, message in [([1, 2, 3], "must start at 0"), ([0, 3, 2], "never decrease"), ([0, 0], "packed length"),
                          ([0], "packed length"), ([], "non-empty 1-D"), (torch.zeros(2, 2, dtype=torch.long), "1-D"),
-                         ([0, 1.5], "list of ints"), (torch.tensor([0.0, 2.0]), "must hold integers"), ("0,3", "list of ints")]:
+                         ([0, 1.5], "list of ints"), (torch.tensor([0.0, 2.0]), "must hold integers"), ("0,3", "list of ints"),
+                         (np.array([0.0, 2.0]), "must hold integers")]:
         with pytest.raises((TypeError, ValueError), match=message):
             Segments.from_cu_seqlens(bad)
     with pytest.raises(ValueError, match="cu_seqlens has 2 sequences but kv_cu_seqlens has 1"):

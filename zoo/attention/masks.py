@@ -403,10 +403,12 @@ class Segments(Mask):
     def _int_vector(values, name: str, method: str) -> torch.Tensor:
         if isinstance(values, torch.Tensor):
             vector = values.detach()
+        elif type(values).__module__ == "numpy" and hasattr(values, "dtype"):  # a numpy array of lengths
+            vector = torch.as_tensor(values)
         elif isinstance(values, (list, tuple)) and all(is_int(v) for v in values):
             vector = torch.tensor([int(v) for v in values], dtype=torch.long)
         else:
-            raise TypeError(f"Segments.{method}: {name} must be a list of ints or an integer tensor, got {values!r}")
+            raise TypeError(f"Segments.{method}: {name} must be a list of ints or an integer tensor / array, got {values!r}")
         if vector.dtype.is_floating_point or vector.dtype == torch.bool or vector.is_complex():
             raise TypeError(f"Segments.{method}: {name} must hold integers, got {vector.dtype}")
         if vector.dim() != 1 or vector.numel() == 0:
