@@ -67,6 +67,13 @@ def test_help_texts(capsys):
     assert "max_epochs: 7" in printed and "name: vit_digits" in printed
     with pytest.raises(SystemExit, match="unknown command 'trian'"):
         cli.main(["trian"])
+    import importlib.metadata
+
+    assert cli.main(["--version"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"zoo {zoo.__version__}"
+    assert f"torch {importlib.metadata.version('torch')}" in lines and f"timm {importlib.metadata.version('timm')}" in lines
+    assert lines[-1].startswith("device: ")
 
 
 def test_train_eval_predict_viz_end_to_end(tmp_path, capsys):

@@ -43,7 +43,7 @@ commands:
   viz       attention pictures: zoo viz rollout|maxvit|agent|graph|mask [key=value ...]
   export    export models (ONNX): zoo export [args]
 
-`zoo <command> --help` describes each command.
+`zoo <command> --help` describes each command; `zoo --version` prints the versions to quote in a bug report.
 """
 
 TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg]
@@ -374,6 +374,28 @@ def _is_user_error(error: BaseException) -> bool:
     return lightning_errors is not None and isinstance(error, lightning_errors.MisconfigurationException)
 
 
+def version_report() -> str:
+    """``zoo --version``: the zoo's version and those of the libraries its results depend on (for bug reports)."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    import zoo
+
+    lines = [f"zoo {zoo.__version__}", f"python {platform.python_version()} ({platform.machine()}, {platform.system()})"]
+    for package in ("torch", "triton", "torchvision", "torchaudio", "lightning", "timm", "torch_geometric",
+                    "hydra-core", "safetensors", "numpy"):
+        try:
+            lines.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{package} not installed")
+    cuda = (f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+            else f"no CUDA device (torch built for CUDA {torch.version.cuda})" if torch.version.cuda else "CPU-only torch")
+    lines.append(f"device: {cuda}; torch threads {torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_third_party()
@@ -381,6 +403,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(TOP_HELP)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in ("--version", "-V", "version"):
+        print(version_report())
+        return 0
     if command not in COMMANDS:
         raise SystemExit(f"zoo: unknown command {command!r}; commands: {', '.join(COMMANDS)} (zoo --help)")
     try:
