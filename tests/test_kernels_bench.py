@@ -178,3 +178,20 @@ def test_core_part_prints_paired_ratios(capsys):
     assert "median over rounds" in text
     rows = [line for line in text.splitlines() if line.startswith("| 32 |")]
     assert len(rows) == 2 and all(float(row.split("|")[5]) > 0 for row in rows)
+
+
+def test_sparse_part_draws_its_speed_ups(tmp_path, capsys):
+    """--plot: the sparse part's speed-ups against the kept-tile fraction as a PNG, beside the table."""
+    from PIL import Image
+
+    out = tmp_path / "sparse.png"
+    args = bench.build_parser().parse_args(
+        ["--parts", "sparse", "--sparse-n", "512", "--fractions", "0.5,0.25", "--masks", "window,random",
+         "--repeats", "1", "--warmup", "0", "--min-time", "0", "--plot", str(out)])
+    text = bench.bench_sparse(args)
+    assert len([line for line in text.splitlines() if line.startswith("| window |") or line.startswith("| random |")]) == 4
+    assert f"plot: {out}" in capsys.readouterr().err
+    with Image.open(out) as image:
+        assert image.size[0] > 800 and image.size[1] > 300
+    with pytest.raises(ValueError, match="use a .png file name"):
+        bench.plot_sparse([("window", 0.5, 2.0, 1.5)], tmp_path / "x.jpg", "t")

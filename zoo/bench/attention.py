@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from typing import Callable, Optional
 
 import torch
@@ -206,9 +207,43 @@ def bench_core(args) -> str:
     )
 
 
+def plot_sparse(points: list[tuple[str, float, float, float]], path, title: str):
+    """Speed-up over SDPA (forward, forward+backward) against the kept-tile fraction, one line per mask kind,
+    with the ideal 1 / kept and the issue-5 targets at 25% kept (``points``: kind, kept, fwd, fwd+bwd)."""
+    from zoo.plotting import png_path, pyplot, save_figure
+
+    path = png_path(str(path))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    kinds = sorted({kind for kind, *_ in points})
+    kept_all = sorted({kept for _, kept, *_ in points})
+    grid = [min(kept_all) * 0.9 + (max(kept_all) * 1.02 - min(kept_all) * 0.9) * i / 99 for i in range(100)]
+    for ax, column, name in ((axes[0], 2, "forward"), (axes[1], 3, "forward + backward")):
+        ax.plot(grid, [1 / x for x in grid], color="0.6", linestyle="--", label="ideal: 1 / kept")
+        ax.axhline(1.0, color="0.3", linewidth=0.8)
+        for kind in kinds:
+            pts = sorted((p[1], p[column]) for p in points if p[0] == kind)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=kind)
+        if column == 3:  # the issue-5 CPU targets, at about 25% kept tiles
+            ax.plot([0.25], [2.5], marker="*", markersize=12, color="black", linestyle="none",
+                    label="target: window, radial >= 2.5x")
+            ax.plot([0.25], [2.0], marker="*", markersize=12, color="0.5", linestyle="none",
+                    label="target: random >= 2x")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("kept-tile fraction")
+        ax.set_title(name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("speed-up over SDPA with the dense mask")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def bench_sparse(args) -> str:
     """zoo block-sparse CPU path vs SDPA with the dense boolean mask (issue 5, CPU)."""
-    rows = []
+    rows, points = [], []
     for fraction in args.fractions:
         for kind, mask in sparse_masks(args.sparse_n, fraction, args.masks).items():
             n = _mask_len(mask, args.sparse_n)
@@ -240,6 +275,7 @@ def bench_sparse(args) -> str:
             t = medians(samples)
             speedup_f = paired_ratio(samples["sdpa_f"], samples["ours_f"])
             speedup_fb = paired_ratio(samples["sdpa_fb"], samples["ours_fb"])
+            points.append((kind, kept, speedup_f, speedup_fb))
             rows.append(
                 [kind, f"{fraction:.0%}", f"{kept:.1%}", n, _describe(mask), _ms(t["ours_f"]), _ms(t["sdpa_f"]),
                  f"{speedup_f:.2f}x", _ms(t["ours_fb"]), _ms(t["sdpa_fb"]), f"{speedup_fb:.2f}x"]
@@ -249,6 +285,13 @@ def bench_sparse(args) -> str:
             del allowed
     headers = ["kind", "target kept", "kept tiles", "N", "mask", "zoo fwd ms", "SDPA fwd ms", "speed-up fwd",
                "zoo fwd+bwd ms", "SDPA fwd+bwd ms", "speed-up fwd+bwd"]
+    if args.plot and points:
+        from zoo.bench.timing import machine_description
+
+        title = (f"zoo CPU block-sparse path vs SDPA with the dense mask, N={args.sparse_n}, B={args.batch}, "
+                 f"H={args.heads}, D={args.head_dim}, fp32, {torch.get_num_threads()} threads\n"
+                 f"{machine_description()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        print(f"  plot: {plot_sparse(points, args.plot, title)}", file=sys.stderr, flush=True)
     return (
         f"### zoo block-sparse CPU path vs SDPA with the dense boolean mask (B={args.batch}, H={args.heads}, "
         f"D={args.head_dim}, fp32, {TILE}x{TILE} tiles; speed-up = median over rounds of SDPA time / zoo time in "
@@ -539,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-n", type=int, default=8192)
     p.add_argument("--fractions", type=_floats, default=[1.0, 0.5, 0.25, 0.1])
     p.add_argument("--masks", type=lambda s: [x for x in s.split(",") if x], default=["window", "radial", "random"])
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw the sparse part's speed-ups against the kept-tile fraction into this PNG")
     p.add_argument("--gpu-frames", type=_ints, default=[16, 32])
     p.add_argument("--gpu-tokens", type=int, default=1024)
     p.add_argument("--gpu-head-dims", type=_ints, default=[64, 128])
