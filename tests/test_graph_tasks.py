@@ -431,6 +431,24 @@ def test_bench_graph_smoke(capsys):
     assert float(cells["zoo fwd+bwd (s)"]) > 0 and float(cells["PyG fwd+bwd (s)"]) > 0
 
 
+def test_bench_graph_plot(tmp_path, capsys):
+    """--plot draws time and memory against the edge count; rows without memory (--no-memory) or without PyG
+    are left out of their panel rather than failing."""
+    from PIL import Image
+
+    from zoo.bench.graph import main, plot_graph
+
+    out = tmp_path / "graph.png"
+    assert main(["--sizes", "300:60,900:100", "--channels", "4", "--heads", "2", "--repeats", "1", "--warmup", "0",
+                 "--no-memory", "--plot", str(out)]) == 0
+    assert f"plot: {out}" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size[0] > 800
+    nan = float("nan")
+    plot_graph([(10, 8, 0.1, nan, 5.0, nan), (100, 8, 0.2, 0.5, 6.0, 60.0)], tmp_path / "partial.png", "t")
+    assert (tmp_path / "partial.png").is_file()
+
+
 def test_bench_graph_compiled_smoke(capsys):
     """--compile: both layers compiled (Dynamo capture only with the 'eager' backend) still agree with each
     other, in the timing process and in the memory workers; an unknown backend is named."""

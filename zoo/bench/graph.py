@@ -35,13 +35,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Optional
 
 import torch
 
 from zoo.bench.timing import (
-    compile_backend_arg, interleaved_samples, medians, memory_cells, output_and_grad_errors, paired_ratio,
-    peak_rss_mb_subprocess, run_footer, run_header, set_threads,
+    compile_backend_arg, interleaved_samples, machine_description, medians, memory_cells, output_and_grad_errors,
+    paired_ratio, peak_rss_mb_subprocess, run_footer, run_header, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
@@ -143,10 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not run PyG above this many edges")
     p.add_argument("--peer-max-gb", type=float, default=None,
                    help="do not run PyG where its estimated peak exceeds this (default: 85%% of available memory)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw time and peak memory against the edge count, zoo vs PyG, into this PNG")
     p.add_argument("--compile", default=None, metavar="BACKEND", type=compile_backend_arg,
                    help="torch.compile both layers with this backend (e.g. inductor) before timing and in the memory "
                         "workers")
     return p
+
+
+def plot_graph(rows: list[tuple[int, int, float, float, float, float]], path, title: str):
+    """Forward+backward time and net peak memory against the edge count, zoo vs PyG, one line per C
+    (``rows``: edges, C, zoo s, PyG s, zoo net MB, PyG net MB; NaN where not measured)."""
+    from zoo.plotting import png_path, pyplot, save_figure
+
+    path = png_path(str(path))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, c in enumerate(sorted({row[1] for row in rows})):
+        mine = sorted(row for row in rows if row[1] == c)
+        for ax, first in ((axes[0], 2), (axes[1], 4)):
+            for offset, (who, style) in enumerate((("zoo", "-"), ("PyG", "--"))):
+                pts = [(row[0], row[first + offset]) for row in mine if row[first + offset] == row[first + offset]]
+                if pts:
+                    ax.plot([e for e, _ in pts], [v for _, v in pts], style, marker="o", color=colors[i % len(colors)],
+                            label=f"{who}, C={c}")
+    for ax, label in ((axes[0], "forward+backward time (s)"), (axes[1], "peak memory above baseline (MB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("edges")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def _load1() -> float:
@@ -188,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"| edges | nodes | H | C | zoo fwd+bwd (s) | PyG fwd+bwd (s) | speed-up | zoo peak {mem_unit} (net) | "
           f"PyG peak {mem_unit} (net) | memory ratio | max out err | max rel grad err | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    skipped = []
+    skipped, plotted = [], []
     for edges, nodes in sizes:
         for c in channels:
             cin = args.in_channels or c
@@ -217,6 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not args.no_memory:
                 mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device, peer_ok, args.compile)
             zoo_mb, pyg_mb, ratio = memory_cells(mem, net_label=" net")
+            plotted.append((edges, c, t_zoo, t_pyg, mem["zoo"] - mem["none"], mem["pyg"] - mem["none"]))
             print(f"| {edges} | {nodes} | {args.heads} | {c} | {t_zoo:.3f} | {t_pyg:.3f} | {speedup:.2f}x | "
                   f"{zoo_mb} | {pyg_mb} | {ratio} | {out_err:.1e} | {grad_err:.1e} | {_load1():.1f} |", flush=True)
     print("\npeak: " + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "VmHWM")
@@ -224,6 +257,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           " same inputs and layers but runs no step. load: 1-minute load average at the end of the row.")
     if skipped:
         print("PyG not run (would not fit): " + "; ".join(skipped) + ".")
+    if args.plot:
+        title = (f"GATv2Conv forward+backward, zoo vs PyG: H={args.heads}, random graphs, {args.device}, {threads} "
+                 f"threads\n{machine_description()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        print(f"plot: {plot_graph(plotted, args.plot, title)}")
     print(run_footer())
     return 0
 
