@@ -250,8 +250,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device, peer_ok, args.compile)
             zoo_mb, pyg_mb, ratio = memory_cells(mem, net_label=" net")
             plotted.append((edges, c, t_zoo, t_pyg, mem["zoo"] - mem["none"], mem["pyg"] - mem["none"]))
-            print(f"| {edges} | {nodes} | {args.heads} | {c} | {t_zoo:.3f} | {t_pyg:.3f} | {speedup:.2f}x | "
-                  f"{zoo_mb} | {pyg_mb} | {ratio} | {out_err:.1e} | {grad_err:.1e} | {_load1():.1f} |", flush=True)
+            def cell(value: float, spec: str, missing: str = "-") -> str:  # not run / not measured: no "nan"
+                return missing if value != value else format(value, spec)
+
+            pyg_time = cell(t_pyg, ".3f", "not run" if not peer_ok else "-")
+            print(f"| {edges} | {nodes} | {args.heads} | {c} | {cell(t_zoo, '.3f')} | {pyg_time} | "
+                  f"{cell(speedup, '.2f')}{'x' if speedup == speedup else ''} | {zoo_mb} | "
+                  f"{pyg_mb if peer_ok else 'not run'} | {ratio} | {cell(out_err, '.1e')} | {cell(grad_err, '.1e')} | "
+                  f"{_load1():.1f} |", flush=True)
     print("\npeak: " + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "VmHWM")
           + " of a fresh process running one forward+backward; net = peak - a baseline process that builds the"
           " same inputs and layers but runs no step. load: 1-minute load average at the end of the row.")
