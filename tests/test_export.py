@@ -46,6 +46,8 @@ def _small_kwargs(name: str) -> dict:
     if "debug" in name:
         kwargs = {}
     kwargs.update(EXTRA.get(name, {}))
+    if "patch14" in name:  # DINOv2: a whole number of 14-px patches
+        kwargs["img_size"] = 28
     return {k: v for k, v in kwargs.items() if takes_any or k in params}
 
 

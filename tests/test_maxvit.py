@@ -28,6 +28,17 @@ NAMES = [
     "maxvit_rmlp_pico_rw_256",
     "maxvit_rmlp_nano_rw_256",
 ]
+# the other timm names registered (the same blocks at other widths and sizes): state dicts at the default size on
+# the meta device, forward/backward at a small size, logits for two of them
+MORE_NAMES = [
+    "maxvit_large_tf_224",
+    *(f"maxvit_{size}_tf_{px}" for size in ("tiny", "small", "base", "large") for px in (384, 512)),
+    "maxvit_xlarge_tf_384",
+    "maxvit_xlarge_tf_512",
+    "maxvit_rmlp_tiny_rw_256",
+    "maxvit_rmlp_base_rw_224",
+    "maxvit_rmlp_base_rw_384",
+]
 
 
 def _calibrate_bn(model: torch.nn.Module, img_size: int, seed: int = 0) -> None:
@@ -77,7 +88,7 @@ def _peer(name: str, img_size: int):
 
 def test_registered_names():
     names = zoo.list_models(family="maxvit")
-    assert set(NAMES) <= set(names)
+    assert set(NAMES + MORE_NAMES) <= set(names)
     from zoo.registry import get_model_entry
 
     assert all(get_model_entry(n).task == "vision" and get_model_entry(n).family == "maxvit" for n in NAMES)
@@ -92,6 +103,8 @@ def test_registered_names():
         ("maxvit_base_tf_224", 64),  # window 2, all 24 blocks
         ("maxvit_rmlp_pico_rw_256", 128),  # window 4
         ("maxvit_rmlp_nano_rw_256", 64),
+        ("maxvit_tiny_tf_384", 64),
+        ("maxvit_rmlp_tiny_rw_256", 64),
     ],
 )
 def test_timm_state_dict_and_logits(name, img_size):
@@ -115,7 +128,7 @@ def test_timm_state_dict_and_logits(name, img_size):
         )
 
 
-@pytest.mark.parametrize("name", NAMES[1:])
+@pytest.mark.parametrize("name", NAMES[1:] + MORE_NAMES)
 def test_state_dict_keys_and_shapes_at_default_size(name):
     """Every registered timm name at its default size (built on the meta device: no memory, no init cost)."""
     with torch.device("meta"):
@@ -251,7 +264,7 @@ def test_any_size_forward_backward(hw):
     assert feats.shape[-2:] == (math.ceil(hw[0] / 32), math.ceil(hw[1] / 32)) or min(hw) < 32
 
 
-@pytest.mark.parametrize("name", NAMES + ["maxvit_digits"])
+@pytest.mark.parametrize("name", NAMES + MORE_NAMES + ["maxvit_digits"])
 def test_every_name_forward_backward_small_odd_size(name):
     """Every registered MaxViT at a small non-multiple size (all stages padded): forward, backward, no NaN.
     The ImageNet sizes keep their widths, heads and layer types but one block per stage (two in stage 1, so a

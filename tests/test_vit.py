@@ -29,17 +29,25 @@ def _images(b, c, h, w, seed=0):
     return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224"])
-def test_timm_registered_models_load_strict_and_match(name):
+@pytest.mark.parametrize("name,size", [("vit_tiny_patch16_224", None), ("vit_small_patch16_224", None),
+                                       ("deit3_small_patch16_224", 64), ("vit_small_patch14_reg4_dinov2", 70),
+                                       ("vit_small_patch14_dinov2", 56)])
+def test_timm_registered_models_load_strict_and_match(name, size):
+    """timm's state dict of the same name loads strictly and gives its logits (DeiT III's layer scale and
+    patch-only position embedding, DINOv2's patch 14 and registers at a reduced size; DINOv2 has no head)."""
     torch.manual_seed(0)
-    peer = timm.create_model(name, pretrained=False).eval()
-    ours = zoo.create_model(name).eval()
+    kwargs = {} if size is None else dict(img_size=size)
+    peer = timm.create_model(name, pretrained=False, **kwargs).eval()
+    ours = zoo.create_model(name, **kwargs).eval()
+    for p in peer.parameters():  # layer scales start at 1e-5 / 1e-6: make every branch count
+        p.data.add_(torch.randn_like(p) * 0.02)
     assert set(ours.state_dict()) == set(peer.state_dict())
     ours.load_state_dict(peer.state_dict(), strict=True)
-    x = _images(2, 3, 224, 224)
+    size = size or 224
+    x = _images(2, 3, size, size)
     with torch.no_grad():
         logits, ref = ours(x), peer(x)
-    assert logits.shape == (2, 1000)
+    assert logits.shape == (2, peer.num_classes or peer.num_features)
     torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(x), peer.forward_features(x), atol=ATOL, rtol=0)
@@ -230,14 +238,14 @@ def test_registered_vit_forward_backward(name):
     entry = zoo.get_model_entry(name)
     assert entry.task == "vision" and entry.family == "vit"
     small = name not in ("vit_debug", "vit_digits")
-    overrides = dict(img_size=32, depth=1) if small else {}
+    overrides = dict(img_size=28 if "patch14" in name else 32, depth=1) if small else {}
     torch.manual_seed(0)
     model = zoo.create_model(name, **overrides)
     h, w = model.patch_embed.img_size
     x = _images(2, model.in_chans, h, w)
     logits = model(x)
-    assert logits.shape == (2, model.num_classes) and torch.isfinite(logits).all()
-    logits.logsumexp(-1).sum().backward()
+    assert logits.shape == (2, model.num_classes or model.num_features) and torch.isfinite(logits).all()
+    (logits.logsumexp(-1) if model.num_classes else logits.square().mean(-1)).sum().backward()  # DINOv2: features
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
     if small:  # the registered configuration matches timm's of the same name

@@ -852,9 +852,29 @@ _RW_MLP = dict(  # timm _rw_max_cfg(rel_pos_type="mlp")
     rel_pos_type="mlp", rel_pos_dim=512, stem_bias=False,
 )
 
+# The TF ports' layouts (timm model_cfgs maxvit_<size>_tf); at 384 and 512 px (maxvit_*_tf_384 / _512) the same
+# layouts run at the larger size (window and grid 12 / 16), evaluated on the whole image resized ("squash",
+# crop 1.0) and normalised to [-1, 1].
+_TF_LAYOUTS = {
+    "tiny": dict(embed_dim=(64, 128, 256, 512), depths=(2, 2, 5, 2), stem_width=64, head_hidden_size=512),
+    "small": dict(embed_dim=(96, 192, 384, 768), depths=(2, 2, 5, 2), stem_width=64, head_hidden_size=768),
+    "base": dict(embed_dim=(96, 192, 384, 768), depths=(2, 6, 14, 2), stem_width=64, head_hidden_size=768),
+    "large": dict(embed_dim=(128, 256, 512, 1024), depths=(2, 6, 14, 2), stem_width=128, head_hidden_size=1024),
+    "xlarge": dict(embed_dim=(192, 384, 768, 1536), depths=(2, 6, 14, 2), stem_width=192, head_hidden_size=1536),
+}
+
 
 def _create(model_args: dict[str, Any], overrides: dict[str, Any]) -> MaxVit:
     return MaxVit(**{**model_args, **overrides})
+
+
+def _tf_sized(layout: str, img_size: int, kwargs) -> MaxVit:
+    return _create(dict(img_size=img_size, **_TF_LAYOUTS[layout], **_TF), kwargs)
+
+
+def _squash_cfg(img_size: int) -> dict:
+    """timm's data config of the 384 / 512 px weights: the whole image resized, crop 1.0, [-1, 1]."""
+    return _cfg(img_size, mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=1.0, crop_mode="squash")
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(64, 10))
@@ -882,17 +902,17 @@ def maxvit_digits(**kwargs) -> MaxVit:
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(224))
 def maxvit_tiny_tf_224(**kwargs) -> MaxVit:
-    return _create(dict(embed_dim=(64, 128, 256, 512), depths=(2, 2, 5, 2), stem_width=64, head_hidden_size=512, **_TF), kwargs)
+    return _tf_sized("tiny", 224, kwargs)
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(224))
 def maxvit_small_tf_224(**kwargs) -> MaxVit:
-    return _create(dict(embed_dim=(96, 192, 384, 768), depths=(2, 2, 5, 2), stem_width=64, head_hidden_size=768, **_TF), kwargs)
+    return _tf_sized("small", 224, kwargs)
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(224))
 def maxvit_base_tf_224(**kwargs) -> MaxVit:
-    return _create(dict(embed_dim=(96, 192, 384, 768), depths=(2, 6, 14, 2), stem_width=64, head_hidden_size=768, **_TF), kwargs)
+    return _tf_sized("base", 224, kwargs)
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(256, mean=INCEPTION_MEAN, std=INCEPTION_STD))
@@ -903,3 +923,75 @@ def maxvit_rmlp_pico_rw_256(**kwargs) -> MaxVit:
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(256, mean=INCEPTION_MEAN, std=INCEPTION_STD))
 def maxvit_rmlp_nano_rw_256(**kwargs) -> MaxVit:
     return _create(dict(img_size=256, embed_dim=(64, 128, 256, 512), depths=(1, 2, 3, 1), stem_width=(32, 64), **_RW_MLP), kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_cfg(224))
+def maxvit_large_tf_224(**kwargs) -> MaxVit:
+    return _tf_sized("large", 224, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(384))
+def maxvit_tiny_tf_384(**kwargs) -> MaxVit:
+    return _tf_sized("tiny", 384, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(512))
+def maxvit_tiny_tf_512(**kwargs) -> MaxVit:
+    return _tf_sized("tiny", 512, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(384))
+def maxvit_small_tf_384(**kwargs) -> MaxVit:
+    return _tf_sized("small", 384, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(512))
+def maxvit_small_tf_512(**kwargs) -> MaxVit:
+    return _tf_sized("small", 512, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(384))
+def maxvit_base_tf_384(**kwargs) -> MaxVit:
+    return _tf_sized("base", 384, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(512))
+def maxvit_base_tf_512(**kwargs) -> MaxVit:
+    return _tf_sized("base", 512, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(384))
+def maxvit_large_tf_384(**kwargs) -> MaxVit:
+    return _tf_sized("large", 384, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(512))
+def maxvit_large_tf_512(**kwargs) -> MaxVit:
+    return _tf_sized("large", 512, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(384))
+def maxvit_xlarge_tf_384(**kwargs) -> MaxVit:
+    return _tf_sized("xlarge", 384, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(512))
+def maxvit_xlarge_tf_512(**kwargs) -> MaxVit:
+    return _tf_sized("xlarge", 512, kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_cfg(256, mean=INCEPTION_MEAN, std=INCEPTION_STD))
+def maxvit_rmlp_tiny_rw_256(**kwargs) -> MaxVit:
+    return _create(dict(img_size=256, embed_dim=(64, 128, 256, 512), depths=(2, 2, 5, 2), stem_width=(32, 64), **_RW_MLP), kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_cfg(224, mean=INCEPTION_MEAN, std=INCEPTION_STD))
+def maxvit_rmlp_base_rw_224(**kwargs) -> MaxVit:
+    return _create(dict(embed_dim=(96, 192, 384, 768), depths=(2, 6, 14, 2), stem_width=(32, 64), head_hidden_size=768,
+                        **_RW_MLP), kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(384))
+def maxvit_rmlp_base_rw_384(**kwargs) -> MaxVit:
+    return _create(dict(img_size=384, embed_dim=(96, 192, 384, 768), depths=(2, 6, 14, 2), stem_width=(32, 64),
+                        head_hidden_size=768, **_RW_MLP), kwargs)

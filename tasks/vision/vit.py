@@ -732,3 +732,121 @@ def vit_betwixt_patch16_reg4_gap_256(**kwargs) -> VisionTransformer:
              class_token=False, no_embed_class=True, reg_tokens=4, global_pool="avg"),
         kwargs,
     )
+
+
+@register_model(task="vision", family="vit", default_cfg=_cfg(224))
+def vit_large_patch16_224(**kwargs) -> VisionTransformer:
+    """ViT-L/16 at 224 px (timm ``vit_large_patch16_224``)."""
+    return _create(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_cfg(384))
+def vit_large_patch16_384(**kwargs) -> VisionTransformer:
+    """ViT-L/16 at 384 px (timm ``vit_large_patch16_384``)."""
+    return _create(dict(img_size=384, patch_size=16, embed_dim=1024, depth=24, num_heads=16), kwargs)
+
+
+# DeiT (Touvron et al., ICML 2021) and DeiT III (ECCV 2022): ViTs trained on ImageNet-1k alone; timm's deit.py
+# builds them as VisionTransformer (the distilled variants, with a second token and head, are not here).
+_DEIT = dict(_cfg(224, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit_tiny_patch16_224(**kwargs) -> VisionTransformer:
+    """DeiT-Ti/16 at 224 px (timm ``deit_tiny_patch16_224``)."""
+    return _create(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit_small_patch16_224(**kwargs) -> VisionTransformer:
+    """DeiT-S/16 at 224 px (timm ``deit_small_patch16_224``)."""
+    return _create(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit_base_patch16_224(**kwargs) -> VisionTransformer:
+    """DeiT-B/16 at 224 px (timm ``deit_base_patch16_224``)."""
+    return _create(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_cfg(384, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+def deit_base_patch16_384(**kwargs) -> VisionTransformer:
+    """DeiT-B/16 at 384 px (timm ``deit_base_patch16_384``)."""
+    return _create(dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+def _deit3(embed_dim: int, depth: int, num_heads: int, kwargs) -> VisionTransformer:
+    """DeiT III: layer scale (init 1e-6) and a position embedding for the patches only (timm deit.py)."""
+    return _create(dict(patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads, no_embed_class=True,
+                        init_values=1e-6), kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit3_small_patch16_224(**kwargs) -> VisionTransformer:
+    """DeiT III-S/16 at 224 px (timm ``deit3_small_patch16_224``)."""
+    return _deit3(384, 12, 6, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit3_medium_patch16_224(**kwargs) -> VisionTransformer:
+    """DeiT III-M/16 at 224 px (timm ``deit3_medium_patch16_224``)."""
+    return _deit3(512, 12, 8, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit3_base_patch16_224(**kwargs) -> VisionTransformer:
+    """DeiT III-B/16 at 224 px (timm ``deit3_base_patch16_224``)."""
+    return _deit3(768, 12, 12, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit3_large_patch16_224(**kwargs) -> VisionTransformer:
+    """DeiT III-L/16 at 224 px (timm ``deit3_large_patch16_224``)."""
+    return _deit3(1024, 24, 16, kwargs)
+
+
+# DINOv2 (Oquab et al., TMLR 2024) backbones, and with 4 registers ("Vision Transformers Need Registers",
+# Darcet et al., ICLR 2024): patch 14 at 518 px, layer scale 1e-5, no classifier (timm vision_transformer.py).
+_DINOV2 = _cfg(518, num_classes=0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _dinov2(embed_dim: int, depth: int, num_heads: int, registers: bool, kwargs) -> VisionTransformer:
+    extra = dict(reg_tokens=4, no_embed_class=True) if registers else {}
+    return _create(dict(img_size=518, patch_size=14, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                        init_values=1e-5, num_classes=0, **extra), kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DINOV2)
+def vit_small_patch14_dinov2(**kwargs) -> VisionTransformer:
+    """DINOv2 ViT-S/14 (timm ``vit_small_patch14_dinov2``)."""
+    return _dinov2(384, 12, 6, False, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DINOV2)
+def vit_base_patch14_dinov2(**kwargs) -> VisionTransformer:
+    """DINOv2 ViT-B/14 (timm ``vit_base_patch14_dinov2``)."""
+    return _dinov2(768, 12, 12, False, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DINOV2)
+def vit_large_patch14_dinov2(**kwargs) -> VisionTransformer:
+    """DINOv2 ViT-L/14 (timm ``vit_large_patch14_dinov2``)."""
+    return _dinov2(1024, 24, 16, False, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DINOV2)
+def vit_small_patch14_reg4_dinov2(**kwargs) -> VisionTransformer:
+    """DINOv2 ViT-S/14 with 4 registers (timm ``vit_small_patch14_reg4_dinov2``)."""
+    return _dinov2(384, 12, 6, True, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DINOV2)
+def vit_base_patch14_reg4_dinov2(**kwargs) -> VisionTransformer:
+    """DINOv2 ViT-B/14 with 4 registers (timm ``vit_base_patch14_reg4_dinov2``)."""
+    return _dinov2(768, 12, 12, True, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DINOV2)
+def vit_large_patch14_reg4_dinov2(**kwargs) -> VisionTransformer:
+    """DINOv2 ViT-L/14 with 4 registers (timm ``vit_large_patch14_reg4_dinov2``)."""
+    return _dinov2(1024, 24, 16, True, kwargs)
