@@ -31,10 +31,11 @@ def _images(b, c, h, w, seed=0):
 
 @pytest.mark.parametrize("name,size", [("vit_tiny_patch16_224", None), ("vit_small_patch16_224", None),
                                        ("deit3_small_patch16_224", 64), ("vit_small_patch14_reg4_dinov2", 70),
-                                       ("vit_small_patch14_dinov2", 56)])
+                                       ("vit_small_patch14_dinov2", 56), ("vit_base_patch32_clip_224", 64)])
 def test_timm_registered_models_load_strict_and_match(name, size):
     """timm's state dict of the same name loads strictly and gives its logits (DeiT III's layer scale and
-    patch-only position embedding, DINOv2's patch 14 and registers at a reduced size; DINOv2 has no head)."""
+    patch-only position embedding, DINOv2's patch 14 and registers at a reduced size; DINOv2 has no head; CLIP's
+    pre-norm and LayerNorm eps 1e-5, which a 1e-6 eps misses by more than the tolerance)."""
     torch.manual_seed(0)
     kwargs = {} if size is None else dict(img_size=size)
     peer = timm.create_model(name, pretrained=False, **kwargs).eval()
@@ -321,6 +322,8 @@ def test_input_dtype_must_match_the_model(name, family):
     ("vit_debug", dict(depth=True), "depth must be a positive int, got True"),
     ("vit_debug", dict(mlp_ratio=0), "mlp_ratio must be a number > 0"),  # was silently ratio 1
     ("vit_debug", dict(drop_rate=None), "drop_rate must be a number in"),
+    ("vit_debug", dict(norm_eps=0), r"norm_eps must be a number in \(0, 1\), got 0"),
+    ("vit_debug", dict(norm_eps="1e-5"), r"norm_eps must be a number in \(0, 1\)"),
     ("agent_deit_debug", dict(mlp_ratio=-1.0), "mlp_ratio must be a number > 0"),
     ("agent_deit_debug", dict(num_classes=True), "num_classes must be an int >= 0"),
     ("maxvit_debug", dict(dim_head=0), "dim_head must be a positive int"),  # were ZeroDivisionError

@@ -283,6 +283,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         pre_norm: LayerNorm before the blocks (CLIP style; patch-embed conv then has no bias).
         final_norm: LayerNorm after the blocks. fc_norm: put that norm after pooling instead
             (default: True for avg/max pooling, as timm).
+        norm_eps: every LayerNorm's epsilon (1e-6 as timm's ViT; CLIP's towers use 1e-5).
         dynamic_img_size: accept any image size divisible by the patch size, resampling the position
             embedding (bicubic, anti-aliased) on the fly; otherwise the size must equal img_size.
         dynamic_img_pad: zero-pad images at the bottom / right to whole patches (timm's option): with
@@ -315,6 +316,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         pre_norm: bool = False,
         final_norm: bool = True,
         fc_norm: Optional[bool] = None,
+        norm_eps: float = 1e-6,
         dynamic_img_size: bool = False,
         dynamic_img_pad: bool = False,
         drop_rate: float = 0.0,
@@ -338,7 +340,9 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         check_rates(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
                     attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
         use_fc_norm = global_pool in ("avg", "max", "avgmax") if fc_norm is None else fc_norm
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 < norm_eps < 1:
+            raise ValueError(f"norm_eps must be a number in (0, 1), got {norm_eps!r}")
+        norm_layer = partial(nn.LayerNorm, eps=float(norm_eps))
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -850,3 +854,52 @@ def vit_base_patch14_reg4_dinov2(**kwargs) -> VisionTransformer:
 def vit_large_patch14_reg4_dinov2(**kwargs) -> VisionTransformer:
     """DINOv2 ViT-L/14 with 4 registers (timm ``vit_large_patch14_reg4_dinov2``)."""
     return _dinov2(1024, 24, 16, True, kwargs)
+
+
+# CLIP image towers (Radford et al., ICML 2021; the LAION-2B OpenCLIP weights fine-tuned on ImageNet-12k then 1k
+# are timm's default tags): a LayerNorm before the blocks, no patch-embedding bias, LayerNorm eps 1e-5
+# (timm vision_transformer.py vit_*_clip_*; the QuickGELU variants of the OpenAI weights are not here).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _clip(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int, kwargs) -> VisionTransformer:
+    return _create(dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                        pre_norm=True, norm_eps=1e-5), kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_cfg(224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=0.95))
+def vit_base_patch16_clip_224(**kwargs) -> VisionTransformer:
+    """CLIP ViT-B/16 image tower at 224 px (timm ``vit_base_patch16_clip_224``)."""
+    return _clip(16, 768, 12, 12, 224, kwargs)
+
+
+@register_model(task="vision", family="vit",
+                default_cfg=_cfg(384, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_mode="squash"))
+def vit_base_patch16_clip_384(**kwargs) -> VisionTransformer:
+    """CLIP ViT-B/16 image tower at 384 px (timm ``vit_base_patch16_clip_384``)."""
+    return _clip(16, 768, 12, 12, 384, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_cfg(224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD))
+def vit_base_patch32_clip_224(**kwargs) -> VisionTransformer:
+    """CLIP ViT-B/32 image tower at 224 px (timm ``vit_base_patch32_clip_224``)."""
+    return _clip(32, 768, 12, 12, 224, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_cfg(224, crop_pct=1.0))
+def vit_large_patch14_clip_224(**kwargs) -> VisionTransformer:
+    """CLIP ViT-L/14 image tower at 224 px (timm ``vit_large_patch14_clip_224``)."""
+    return _clip(14, 1024, 24, 16, 224, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_cfg(336, crop_mode="squash"))
+def vit_large_patch14_clip_336(**kwargs) -> VisionTransformer:
+    """CLIP ViT-L/14 image tower at 336 px (timm ``vit_large_patch14_clip_336``)."""
+    return _clip(14, 1024, 24, 16, 336, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_cfg(224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=1.0))
+def vit_huge_patch14_clip_224(**kwargs) -> VisionTransformer:
+    """CLIP ViT-H/14 image tower at 224 px (timm ``vit_huge_patch14_clip_224``)."""
+    return _clip(14, 1280, 32, 16, 224, kwargs)
