@@ -38,6 +38,8 @@ MORE_NAMES = [
     "maxvit_rmlp_tiny_rw_256",
     "maxvit_rmlp_base_rw_224",
     "maxvit_rmlp_base_rw_384",
+    "maxvit_rmlp_small_rw_224",  # layer scale on the partition blocks
+    "maxvit_rmlp_small_rw_256",
 ]
 
 
@@ -105,11 +107,16 @@ def test_registered_names():
         ("maxvit_rmlp_nano_rw_256", 64),
         ("maxvit_tiny_tf_384", 64),
         ("maxvit_rmlp_tiny_rw_256", 64),
+        ("maxvit_rmlp_small_rw_224", 64),
     ],
 )
 def test_timm_state_dict_and_logits(name, img_size):
     torch.manual_seed(0)
     peer = _peer(name, img_size)
+    with torch.no_grad():  # layer scales start at 1e-6: give them weight, so their placement is what is compared
+        for key, value in peer.state_dict().items():
+            if key.endswith(".gamma"):
+                value.copy_(0.5 + torch.rand_like(value))
     ours = zoo.create_model(name, img_size=img_size).eval()
     state = peer.state_dict()
     assert list(ours.state_dict()) == list(state)

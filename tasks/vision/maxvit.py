@@ -52,7 +52,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, check_module_output
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import (
-    DropPath, IntOrPair, activate_fresh, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
+    DropPath, IntOrPair, LayerScale, activate_fresh, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
     check_rates, check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
@@ -368,6 +368,7 @@ class PartitionAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
+        init_values: Optional[float] = None,
     ):
         super().__init__()
         if kind not in ("block", "grid"):
@@ -379,9 +380,11 @@ class PartitionAttention(nn.Module):
             dim, self.partition_size, dim_head, head_first, rel_pos_type, rel_pos_dim, True, attn_drop, proj_drop
         )
         self.attn.partition_kind = kind  # for attention-map pictures (tasks/vision/viz_maxvit.py)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()  # timm's ls1 / ls2 (rmlp_small)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = TransformerMlp(dim, int(dim * expand_ratio), act, proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def set_partition_size(self, size: IntOrPair) -> None:
@@ -412,8 +415,8 @@ class PartitionAttention(nn.Module):
         return out_BHWC
 
     def forward(self, x_BHWC: torch.Tensor) -> torch.Tensor:
-        x_BHWC = x_BHWC + self.drop_path1(self._partition_attn(self.norm1(x_BHWC)))
-        return x_BHWC + self.drop_path2(self.mlp(self.norm2(x_BHWC)))
+        x_BHWC = x_BHWC + self.drop_path1(self.ls1(self._partition_attn(self.norm1(x_BHWC))))
+        return x_BHWC + self.drop_path2(self.ls2(self.mlp(self.norm2(x_BHWC))))
 
 
 class MaxVitBlock(nn.Module):
@@ -536,6 +539,8 @@ class MaxVit(nn.Module):
     Constructor arguments are flat and JSON-serialisable (config.json of zoo.save_pretrained).
     ``window_size``/``grid_size`` default to ``img_size // partition_ratio`` (timm); any input size runs.
     ``final_norm=False`` leaves out the norm after the last stage (what ``prune_intermediate_layers`` records).
+    ``init_values``: layer scale (``ls1`` / ``ls2``) on the attention and MLP branches of the partition blocks, as
+    timm's ``TransformerCfg.init_values`` (maxvit_rmlp_small_rw_*); None: none.
     """
 
     def __init__(
@@ -569,9 +574,13 @@ class MaxVit(nn.Module):
         attn_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         final_norm: bool = True,
+        init_values: Optional[float] = None,
     ):
         super().__init__()
         self.img_size = to_pair(img_size, "img_size")
+        if init_values is not None and (isinstance(init_values, bool) or not isinstance(init_values, (int, float))
+                                        or not 0 < init_values < float("inf")):
+            raise ValueError(f"init_values must be None or a positive number (layer-scale init), got {init_values!r}")
         if not all(isinstance(v, abc.Sequence) and not isinstance(v, str) for v in (embed_dim, depths)) or not embed_dim \
                 or len(embed_dim) != len(depths) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
                                                            for d in (*embed_dim, *depths)):
@@ -613,7 +622,7 @@ class MaxVit(nn.Module):
         attn_args = dict(
             window_size=self.window_size, grid_size=self.grid_size, dim_head=dim_head, head_first=head_first,
             rel_pos_type=rel_pos_type, rel_pos_dim=rel_pos_dim, act=transformer_act, norm_eps=transformer_norm_eps,
-            attn_drop=attn_drop_rate, proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate, proj_drop=proj_drop_rate, init_values=init_values,
         )
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)
         stages, in_chs, stride = [], stem_chs[1], STEM_STRIDE
@@ -995,3 +1004,15 @@ def maxvit_rmlp_base_rw_224(**kwargs) -> MaxVit:
 def maxvit_rmlp_base_rw_384(**kwargs) -> MaxVit:
     return _create(dict(img_size=384, embed_dim=(96, 192, 384, 768), depths=(2, 6, 14, 2), stem_width=(32, 64),
                         head_hidden_size=768, **_RW_MLP), kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_cfg(224, mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.9))
+def maxvit_rmlp_small_rw_224(**kwargs) -> MaxVit:
+    return _create(dict(embed_dim=(96, 192, 384, 768), depths=(2, 2, 5, 2), stem_width=(32, 64), init_values=1e-6,
+                        **_RW_MLP), kwargs)
+
+
+@register_model(task="vision", family="maxvit", default_cfg=_cfg(256, mean=INCEPTION_MEAN, std=INCEPTION_STD))
+def maxvit_rmlp_small_rw_256(**kwargs) -> MaxVit:
+    return _create(dict(img_size=256, embed_dim=(96, 192, 384, 768), depths=(2, 2, 5, 2), stem_width=(32, 64),
+                        init_values=1e-6, **_RW_MLP), kwargs)
