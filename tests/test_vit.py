@@ -333,6 +333,8 @@ def test_input_dtype_must_match_the_model(name, family):
     ("maxvit_debug", dict(embed_dim=16), "must be non-empty lists of one length"),
     ("maxvit_debug", dict(attn_drop_rate=2.0), "attn_drop_rate must be a number in"),  # was accepted until .train()
     ("maxvit_debug", dict(dim_head=12), "divisible by dim_head"),
+    ("maxvit_debug", dict(init_values=-1e-6), "init_values must be None or a positive number"),
+    ("maxvit_debug", dict(init_values="1e-6"), "init_values must be None or a positive number"),
 ])
 def test_constructor_arguments_are_named(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
