@@ -183,7 +183,9 @@ def _mask_cases():
     blk20 = torch.rand(2, 2, -(-nq // 32), -(-nk // 32), generator=g) < 0.2
     blk20[..., 0, 0] = True
     blk50 = torch.rand(1, 2, -(-nq // 16), -(-nk // 16), generator=g) < 0.5
+    key_padding = torch.arange(nk)[None, None, None] < torch.tensor([nk, 77])[:, None, None, None]  # (2, 1, 1, nk)
     return {
+        "dense-key-padding-broadcast": lambda: Dense(key_padding),  # one key row for every query (stride 0)
         "window-empty-rows": lambda: Window(-3, 5),
         "segments-varlen-cross": lambda: Segments(ids_q, ids_k),
         "segments-unsorted": lambda: Segments(_random_ids(nq, 3, 1, 6, sort=False), _random_ids(nk, 3, 1, 7, sort=False)),

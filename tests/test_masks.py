@@ -307,3 +307,23 @@ def test_length_constructors_ids_and_errors():
         Segments.from_lengths([1, 2], kv_lengths=[3])
     with pytest.raises(TypeError, match="kv_lengths must be a list of ints"):
         Segments.from_lengths([1, 2], kv_lengths=3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+def test_dense_key_padding_mask_broadcasts_over_queries(backend):
+    """A (B, 1, 1, Nk) bool mask serves every query, as SDPA's attn_mask broadcasting does (it was refused as
+    not (..., Nq, Nk)); its dense rows are a stride-0 view, and its block map equals the expanded mask's."""
+    from zoo.attention import attend
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(3, 2, 2, 70, 16, generator=g)
+    keep = torch.arange(70)[None, None, None] < torch.tensor([70, 41])[:, None, None, None]
+    out = attend(q, k, v, mask=Dense(keep), backend=backend)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+                               atol=2e-6, rtol=1e-5)
+    rows = Dense(keep).dense(70, 70, rows=(10, 30))
+    assert rows.shape == (2, 1, 20, 70) and rows.stride(2) == 0
+    expanded = Dense(keep.expand(2, 1, 70, 70).contiguous())
+    assert torch.equal(Dense(keep).block_map(70, 70, 16).states, expanded.block_map(70, 70, 16).states)
+    with pytest.raises(ValueError, match=r"or \(\.\.\., 1, 70\), the same keys for every query"):
+        attend(q, k, v, mask=Dense(keep[..., :60]))

@@ -503,7 +503,8 @@ class Segments(Mask):
 
 
 class Dense(Mask):
-    """An explicit bool mask broadcastable to (B, H, Nq, Nk); True = may attend."""
+    """An explicit bool mask broadcastable to (B, H, Nq, Nk); True = may attend. A query dim of 1 broadcasts over
+    the queries, as SDPA's attn_mask does: a (B, 1, 1, Nk) key-padding mask serves any number of queries."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
@@ -527,9 +528,10 @@ class Dense(Mask):
         return self.mask.shape[1]
 
     def check_shape(self, q_len, k_len, batch=None, heads=None):
-        if tuple(self.mask.shape[-2:]) != (q_len, k_len):
+        if self.mask.shape[-1] != k_len or self.mask.shape[-2] not in (1, q_len):
             raise ValueError(
-                f"Dense mask has shape {tuple(self.mask.shape)} but attention needs (..., {q_len}, {k_len})"
+                f"Dense mask has shape {tuple(self.mask.shape)} but attention needs (..., {q_len}, {k_len}) "
+                f"(or (..., 1, {k_len}), the same keys for every query)"
             )
         if batch is not None and self.mask.shape[0] not in (1, batch):
             raise ValueError(f"Dense mask batch dim {self.mask.shape[0]} does not broadcast to batch {batch}")
@@ -537,6 +539,8 @@ class Dense(Mask):
             raise ValueError(f"Dense mask head dim {self.mask.shape[1]} does not broadcast to {heads} heads")
 
     def _dense_rows(self, q_len, k_len, start, stop, device):
+        if self.mask.shape[-2] == 1 and q_len != 1:  # one key mask for every query: a stride-0 view of the rows
+            return self.mask.to(device).expand(*self.mask.shape[:2], stop - start, self.mask.shape[-1])
         return self.mask[..., start:stop, :].to(device)
 
     def __repr__(self) -> str:
