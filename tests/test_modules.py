@@ -550,3 +550,33 @@ def test_empty_batches_are_named_by_the_module():
         MultiHeadAttention(16, 4)(torch.randn(0, 5, 16))
     with pytest.raises(ValueError, match="AgentAttention: input has no batch rows"):
         AgentAttention(16, 4, agent_num=4, window=3)(torch.randn(0, 10, 16))
+
+
+def test_attention_pool_latent_matches_timm():
+    """zoo.attention.AttentionPoolLatent loads timm's AttentionPoolLatent state dict and gives its output and input
+    gradient, one latent and several, and with a key mask (padded tokens) equals pooling the unpadded tokens."""
+    from timm.layers.attention_pool import AttentionPoolLatent as TimmPool
+
+    from zoo.attention import AttentionPoolLatent
+
+    torch.manual_seed(0)
+    for latent_len in (1, 3):
+        peer = TimmPool(48, num_heads=4, mlp_ratio=2.0, latent_len=latent_len, norm_layer=nn.LayerNorm)
+        ours = AttentionPoolLatent(48, num_heads=4, mlp_ratio=2.0, latent_len=latent_len, norm_eps=1e-5)
+        ours.load_state_dict(peer.state_dict(), strict=True)
+        x = torch.randn(3, 11, 48, requires_grad=True)
+        out = ours(x)
+        want = peer(x)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        (want_grad,) = torch.autograd.grad(want.square().sum(), x)
+        torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-5)
+    keep = torch.arange(11)[None, None, None] < torch.tensor([11, 7, 4])[:, None, None, None]  # (B, 1, 1, N)
+    with torch.no_grad():
+        padded = ours(x, mask=keep)
+        for b, n in enumerate((11, 7, 4)):
+            torch.testing.assert_close(padded[b], ours(x[b : b + 1, :n])[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"input must be \(B, N, 48\) tokens"):
+        ours(torch.randn(2, 48))
+    with pytest.raises(ValueError, match="must be divisible by num_heads"):
+        AttentionPoolLatent(48, num_heads=5)

@@ -31,11 +31,13 @@ def _images(b, c, h, w, seed=0):
 
 @pytest.mark.parametrize("name,size", [("vit_tiny_patch16_224", None), ("vit_small_patch16_224", None),
                                        ("deit3_small_patch16_224", 64), ("vit_small_patch14_reg4_dinov2", 70),
-                                       ("vit_small_patch14_dinov2", 56), ("vit_base_patch32_clip_224", 64)])
+                                       ("vit_small_patch14_dinov2", 56), ("vit_base_patch32_clip_224", 64),
+                                       ("vit_base_patch16_siglip_224", 48), ("vit_base_patch16_siglip_gap_224", 32)])
 def test_timm_registered_models_load_strict_and_match(name, size):
     """timm's state dict of the same name loads strictly and gives its logits (DeiT III's layer scale and
     patch-only position embedding, DINOv2's patch 14 and registers at a reduced size; DINOv2 has no head; CLIP's
-    pre-norm and LayerNorm eps 1e-5, which a 1e-6 eps misses by more than the tolerance)."""
+    pre-norm and LayerNorm eps 1e-5, which a 1e-6 eps misses by more than the tolerance; SigLIP's attention
+    pooling with a latent query, and its average-pooled variant)."""
     torch.manual_seed(0)
     kwargs = {} if size is None else dict(img_size=size)
     peer = timm.create_model(name, pretrained=False, **kwargs).eval()
@@ -413,3 +415,19 @@ def test_switches_take_booleans_only(name):
         features = model.forward_features(torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:]))
         with pytest.raises(TypeError, match="forward_head: pre_logits must be True or False"):
             model.forward_head(features, pre_logits="no")
+
+
+def test_map_pooling_head_switches_as_timms():
+    """global_pool='map' exists only when built so (timm: it cannot be added in reset_classifier); another pooling
+    drops it; pruning for a backbone drops it with the head."""
+    model = zoo.create_model("vit_debug", global_pool="map", class_token=False)
+    assert model.attn_pool is not None and {k for k in model.state_dict() if k.startswith("attn_pool.")} >= {
+        "attn_pool.latent", "attn_pool.q.weight", "attn_pool.kv.weight", "attn_pool.mlp.fc2.bias"}
+    x = _images(2, 3, 32, 32)
+    assert model(x).shape == (2, 10) and model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 32)
+    model.reset_classifier(4, "avg")
+    assert model.attn_pool is None and model(x).shape == (2, 4)
+    with pytest.raises(ValueError, match="global_pool='map' needs the attention-pooling head"):
+        model.reset_classifier(4, "map")
+    with pytest.raises(ValueError, match="pool_type='map' needs the attention-pooling head"):
+        model.pool(model.forward_features(x), "map")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import capture as _capture
-from zoo.attention.modules import Mlp, MultiHeadAttention
+from zoo.attention.modules import AttentionPoolLatent, Mlp, MultiHeadAttention
 from zoo.layers import (
     DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
     check_mlp_ratio, check_rates, check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
@@ -44,7 +44,7 @@ __all__ = [
     "checkpoint_filter_fn",
 ]
 
-GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax")
+GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)  # the augreg ViT weights in timm are normalised to [-1, 1]
@@ -273,7 +273,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         patch_size: patch size (int or (h, w)).
         in_chans: image channels.
         num_classes: K; 0 gives no head (``forward`` returns pooled features).
-        global_pool: "token" (class token), "avg", "max", "avgmax" over patch tokens, or "" (no pooling).
+        global_pool: "token" (class token), "avg", "max", "avgmax" over patch tokens, "map" (attention pooling
+            with a learned latent query, SigLIP's head: zoo.attention.AttentionPoolLatent), or "" (no pooling).
         embed_dim, depth, num_heads, mlp_ratio: width, blocks, heads, MLP hidden ratio.
         qkv_bias, qk_norm, proj_bias: attention projection options.
         init_values: layer-scale init value (None: no layer scale).
@@ -387,6 +388,9 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         )
         self.feature_info = self.block_feature_info(depth, embed_dim, self.patch_embed.patch_size)
         self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        # "map": a learned latent query attends over the patch tokens (SigLIP's MAP head, timm's attn_pool)
+        self.attn_pool = (AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps)
+                          if global_pool == "map" else None)
         self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -430,7 +434,12 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         check_reset_classifier(num_classes, global_pool, GLOBAL_POOLS)
         if global_pool == "token" and not self.has_class_token:
             raise ValueError("global_pool='token' needs a class token; this model has none")
+        if global_pool == "map" and self.attn_pool is None:
+            raise ValueError("global_pool='map' needs the attention-pooling head, which only the constructor builds "
+                             "(create the model with global_pool='map'), as in timm")
         if global_pool is not None:
+            if global_pool != "map":
+                self.attn_pool = None  # timm drops the pooling head with another pooling
             self.global_pool = global_pool
             # The norm's place (after the blocks or after pooling) stays as built; the config says which, since
             # the constructor would otherwise derive it from the new pooling.
@@ -536,6 +545,10 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
             return x_BNC
         if pool_type == "token":
             return x_BNC[:, 0]
+        if pool_type == "map":
+            if self.attn_pool is None:
+                raise ValueError("pool_type='map' needs the attention-pooling head (global_pool='map' at construction)")
+            return self.attn_pool(x_BNC[:, self.num_prefix_tokens :])
         patches_BLC = x_BNC[:, self.num_prefix_tokens :]
         if pool_type == "avg":
             return patches_BLC.mean(dim=1)
@@ -903,3 +916,66 @@ def vit_large_patch14_clip_336(**kwargs) -> VisionTransformer:
 def vit_huge_patch14_clip_224(**kwargs) -> VisionTransformer:
     """CLIP ViT-H/14 image tower at 224 px (timm ``vit_huge_patch14_clip_224``)."""
     return _clip(14, 1280, 32, 16, 224, kwargs)
+
+
+# SigLIP image towers (Zhai et al., ICCV 2023; timm's default tags are SigLIP 2's weights, same architecture): no
+# class token, attention pooling with a learned latent ("map"), no classifier; [-1, 1] inputs, crop 0.9 at every
+# size (timm vision_transformer.py vit_*_siglip_*). The 384-px so400m/14 (384 = 27 * 14 + 6: timm's patch
+# embedding drops the last 6 pixels, which the zoo refuses unless dynamic_img_pad) is not here.
+def _siglip_cfg(img_size: int) -> dict:
+    return _cfg(img_size, num_classes=0, crop_pct=0.9)
+
+
+def _siglip(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int, kwargs, mlp_ratio: float = 4.0,
+            global_pool: str = "map") -> VisionTransformer:
+    extra = dict(fc_norm=False) if global_pool == "avg" else {}
+    return _create(dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                        mlp_ratio=mlp_ratio, class_token=False, global_pool=global_pool, num_classes=0, **extra), kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(224))
+def vit_base_patch16_siglip_224(**kwargs) -> VisionTransformer:
+    """SigLIP ViT-B/16 image tower at 224 px (timm ``vit_base_patch16_siglip_224``)."""
+    return _siglip(16, 768, 12, 12, 224, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(256))
+def vit_base_patch16_siglip_256(**kwargs) -> VisionTransformer:
+    """SigLIP ViT-B/16 image tower at 256 px (timm ``vit_base_patch16_siglip_256``)."""
+    return _siglip(16, 768, 12, 12, 256, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(384))
+def vit_base_patch16_siglip_384(**kwargs) -> VisionTransformer:
+    """SigLIP ViT-B/16 image tower at 384 px (timm ``vit_base_patch16_siglip_384``)."""
+    return _siglip(16, 768, 12, 12, 384, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(512))
+def vit_base_patch16_siglip_512(**kwargs) -> VisionTransformer:
+    """SigLIP ViT-B/16 image tower at 512 px (timm ``vit_base_patch16_siglip_512``)."""
+    return _siglip(16, 768, 12, 12, 512, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(256))
+def vit_large_patch16_siglip_256(**kwargs) -> VisionTransformer:
+    """SigLIP ViT-L/16 image tower at 256 px (timm ``vit_large_patch16_siglip_256``)."""
+    return _siglip(16, 1024, 24, 16, 256, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(384))
+def vit_large_patch16_siglip_384(**kwargs) -> VisionTransformer:
+    """SigLIP ViT-L/16 image tower at 384 px (timm ``vit_large_patch16_siglip_384``)."""
+    return _siglip(16, 1024, 24, 16, 384, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(224))
+def vit_so400m_patch14_siglip_224(**kwargs) -> VisionTransformer:
+    """SigLIP shape-optimised 400M ViT/14 at 224 px (timm ``vit_so400m_patch14_siglip_224``; MLP ratio 3.7362)."""
+    return _siglip(14, 1152, 27, 16, 224, kwargs, mlp_ratio=3.7362)
+
+
+@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(224))
+def vit_base_patch16_siglip_gap_224(**kwargs) -> VisionTransformer:
+    """SigLIP ViT-B/16 with average pooling instead of the MAP head (timm ``vit_base_patch16_siglip_gap_224``)."""
+    return _siglip(16, 768, 12, 12, 224, kwargs, global_pool="avg")

@@ -37,6 +37,7 @@ _LAZY = {
     "MultiHeadAttention": "zoo.attention.modules",
     "Mlp": "zoo.attention.modules",
     "KVCache": "zoo.attention.modules",
+    "AttentionPoolLatent": "zoo.attention.modules",
     "RotaryEmbedding": "zoo.attention.rope",
     "Radial": "zoo.attention.radial",
     "radial_block_mask": "zoo.attention.radial",

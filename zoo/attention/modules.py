@@ -45,7 +45,7 @@ from zoo.layers import (
     surely_finite,
 )
 
-__all__ = ["MultiHeadAttention", "Mlp", "KVCache"]
+__all__ = ["MultiHeadAttention", "Mlp", "KVCache", "AttentionPoolLatent"]
 
 
 class KVCache:
@@ -556,3 +556,51 @@ class Mlp(nn.Module):
         # (an fc1 swapped for nn.Identity would hand back the input itself: never overwrite the caller's tensor)
         hidden_BNF = self.act(hidden_BNF) if hidden_BNF is x_BNC else activate_fresh(self.act, hidden_BNF)
         return self.drop2(self.fc2(self.drop1(hidden_BNF)))
+
+
+class AttentionPoolLatent(nn.Module):
+    """Attention pooling with a learned latent query ("MAP" head): the latent attends over the tokens, then a
+    residual MLP -- SigLIP's pooling (Zhai et al., ICCV 2023; big_vision's MAPHead), with the names and
+    semantics of timm/layers/attention_pool.py ``AttentionPoolLatent`` (latent, q, kv, proj, norm, mlp), so a
+    timm state dict loads. The attention is :func:`attend` (any backend, masks for padded tokens).
+
+    Args:
+        dim: token width (also the output width).
+        num_heads: heads of the pooling attention (dim % num_heads == 0).
+        mlp_ratio: hidden ratio of the residual MLP.
+        latent_len: number of latent queries; the output is the first one's (timm's ``pool_type="token"``).
+        qkv_bias: biases of the q and kv projections.
+        norm_eps: the LayerNorm before the MLP.
+
+    forward(x (B, N, dim), mask=None) -> (B, dim). ``mask``: what attend() takes for latent_len queries over
+    the N tokens, e.g. the padding of a variable-length batch as a bool (B, 1, 1, N) tensor (True: attend).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: float = 4.0, latent_len: int = 1,
+                 qkv_bias: bool = True, norm_eps: float = 1e-6, act_layer: Callable[[], nn.Module] = nn.GELU):
+        super().__init__()
+        check_ints(dim=dim, num_heads=num_heads, latent_len=latent_len)
+        if dim % num_heads:
+            raise ValueError(f"AttentionPoolLatent: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads, self.head_dim, self.latent_len = dim, num_heads, dim // num_heads, latent_len
+        self.latent = nn.Parameter(torch.zeros(1, latent_len, dim))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+        nn.init.trunc_normal_(self.latent, std=dim ** -0.5)
+
+    def forward(self, x_BNC: torch.Tensor, mask: Union[Mask, torch.Tensor, None] = None) -> torch.Tensor:
+        if not isinstance(x_BNC, torch.Tensor) or x_BNC.dim() != 3 or x_BNC.shape[-1] != self.dim:
+            raise ValueError(f"AttentionPoolLatent: input must be (B, N, {self.dim}) tokens, got "
+                             f"{tuple(x_BNC.shape) if isinstance(x_BNC, torch.Tensor) else type(x_BNC).__name__}")
+        batch, n_tok, _ = x_BNC.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q_BHLD = self.q(self.latent).view(1, self.latent_len, heads, head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
+        kv_BN2HD = self.kv(x_BNC).view(batch, n_tok, 2, heads, head_dim)
+        k_BHND, v_BHND = kv_BN2HD[:, :, 0].transpose(1, 2), kv_BN2HD[:, :, 1].transpose(1, 2)
+        out_BHLD = attend(q_BHLD, k_BHND, v_BHND, mask=mask)
+        x_BLC = self.proj(out_BHLD.transpose(1, 2).reshape(batch, self.latent_len, self.dim))
+        x_BLC = x_BLC + self.mlp(self.norm(x_BLC))
+        return x_BLC[:, 0]
