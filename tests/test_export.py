@@ -54,11 +54,24 @@ def _small_kwargs(name: str) -> dict:
 VISION_NAMES = zoo.list_models(task="vision")
 
 
+def _one_per_architecture(names: list[str]) -> list[str]:
+    """Names that differ only in their default image size (``maxvit_tiny_tf_224`` / ``_384`` / ``_512``) build the
+    same model at the test's small size: export one of each."""
+    seen, kept = set(), []
+    for name in names:
+        stem, _, last = name.rpartition("_")
+        key = stem if last.isdigit() and stem else name
+        if key not in seen:
+            seen.add(key)
+            kept.append(name)
+    return kept
+
+
 def test_vision_models_are_registered():
     assert {"vit_debug", "agent_deit_debug", "agent_deit_tiny", "agent_deit_base"} <= set(VISION_NAMES)
 
 
-@pytest.mark.parametrize("name", VISION_NAMES)
+@pytest.mark.parametrize("name", _one_per_architecture(VISION_NAMES))
 def test_onnxruntime_parity_every_vision_model(name):
     torch.manual_seed(0)
     result = export_onnx(name, None, batch_size=2, atol=1e-4, **_small_kwargs(name))  # raises past the bound
