@@ -32,7 +32,8 @@ def _images(b, c, h, w, seed=0):
 @pytest.mark.parametrize("name,size", [("vit_tiny_patch16_224", None), ("vit_small_patch16_224", None),
                                        ("deit3_small_patch16_224", 64), ("vit_small_patch14_reg4_dinov2", 70),
                                        ("vit_small_patch14_dinov2", 56), ("vit_base_patch32_clip_224", 64),
-                                       ("vit_base_patch16_siglip_224", 48), ("vit_base_patch16_siglip_gap_224", 32)])
+                                       ("vit_base_patch16_siglip_224", 48), ("vit_base_patch16_siglip_gap_224", 32),
+                                       ("deit_tiny_distilled_patch16_224", 64)])
 def test_timm_registered_models_load_strict_and_match(name, size):
     """timm's state dict of the same name loads strictly and gives its logits (DeiT III's layer scale and
     patch-only position embedding, DINOv2's patch 14 and registers at a reduced size; DINOv2 has no head; CLIP's
@@ -431,3 +432,35 @@ def test_map_pooling_head_switches_as_timms():
         model.reset_classifier(4, "map")
     with pytest.raises(ValueError, match="pool_type='map' needs the attention-pooling head"):
         model.pool(model.forward_features(x), "map")
+
+
+def test_deit_distilled_heads_as_timms():
+    """The distillation token and head (timm's VisionTransformerDistilled): the same state-dict keys in the same
+    order, the mean of the two heads at inference, both while distillation-training, pre_logits the mean of the
+    two tokens, a reset that replaces both heads, and class-token pooling only."""
+    torch.manual_seed(0)
+    peer = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=2)
+    ours = zoo.create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=2)
+    assert list(ours.state_dict()) == list(peer.state_dict())
+    ours.load_state_dict(peer.state_dict())
+    x = _images(2, 3, 32, 32)
+    peer.set_distilled_training(True)
+    ours.set_distilled_training(True)
+    got, want = ours(x), peer(x)  # training mode, no dropout: the pair
+    assert isinstance(got, tuple) and len(got) == 2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    ours.eval()
+    peer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+        feats = ours.forward_features(x)
+        torch.testing.assert_close(ours.forward_head(feats, pre_logits=True), (feats[:, 0] + feats[:, 1]) / 2)
+    ours.reset_classifier(3)
+    assert ours.head.out_features == ours.head_dist.out_features == 3 and ours(x).shape == (2, 3)
+    assert set(ours.pretrained_head_keys()) == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    assert ours.group_matcher() == peer.group_matcher()
+    with pytest.raises(ValueError, match="global_pool must stay 'token'"):
+        ours.reset_classifier(3, "avg")
+    with pytest.raises(ValueError, match="global_pool must be 'token' with a class token"):
+        zoo.create_model("deit_tiny_distilled_patch16_224", global_pool="avg")

@@ -29,7 +29,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import AttentionPoolLatent, Mlp, MultiHeadAttention
 from zoo.layers import (
     DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
-    check_mlp_ratio, check_rates, check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
+    check_mlp_ratio, check_rates, check_reset_classifier, feature_take_indices, is_tracing, new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model
@@ -363,6 +363,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.dist_token: Optional[nn.Parameter] = None  # DeiT's distillation token (VisionTransformerDistilled)
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim)) if pos_embed == "learn" else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -413,7 +414,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "reg_token"}
+        return {"pos_embed", "cls_token", "dist_token", "reg_token"}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -487,6 +488,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         prefix = []
         if self.cls_token is not None:
             prefix.append(self.cls_token.expand(batch, -1, -1))
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(batch, -1, -1))
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(batch, -1, -1))
         pos_embed = self.pos_embed
@@ -574,7 +577,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         """
         if self.global_pool == "token" and self.class_token_last_block and not _capture.is_capturing():
             x_BNC = self._run_blocks(self._embed(x_BCHW), self.blocks[:-1])
-            x_B1C = self.norm(self.blocks[-1](x_BNC, num_queries=1))
+            head_tokens = 1 if self.dist_token is None else 2  # the class token (and DeiT's distillation token)
+            x_B1C = self.norm(self.blocks[-1](x_BNC, num_queries=head_tokens))
             return self.forward_head(x_B1C)
         return self.forward_head(self.forward_features(x_BCHW))
 
@@ -582,6 +586,73 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
     def load_timm_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
         """Load a timm ViT state dict (any wrapping, resampling the position embedding as needed)."""
         return self.load_state_dict(checkpoint_filter_fn(state_dict, self), strict=strict)
+
+
+class VisionTransformerDistilled(VisionTransformer):
+    """DeiT's ViT with a distillation token and head ("Training data-efficient image transformers & distillation
+    through attention", Touvron et al., ICML 2021; timm/models/deit.py ``VisionTransformerDistilled``: the same
+    names, ``dist_token`` and ``head_dist``, so timm's state dicts load).
+
+    The distillation token follows the class token (both have position embeddings); the logits are the mean of
+    the two heads', or both as a pair while training with ``set_distilled_training(True)`` (the teacher's
+    loss is the training script's, as in DeiT). Class-token pooling only.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        if kwargs.get("global_pool", "token") != "token" or not kwargs.get("class_token", True):
+            raise ValueError("VisionTransformerDistilled reads the class and distillation tokens: global_pool must be "
+                             "'token' with a class token")
+        if kwargs.get("reg_tokens", 0):
+            raise ValueError("VisionTransformerDistilled has no register tokens (DeiT has none)")
+        super().__init__(**kwargs)
+        dim = self.embed_dim
+        self.num_prefix_tokens += 1
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.dist_token, std=0.02)
+        if self.pos_embed is not None and not self.no_embed_class:  # one more prefix position
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.head_dist = new_linear_head(dim, self.num_classes, self.dist_token, self.training)
+        self.distilled_training = False
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """Return (class-head logits, distillation-head logits) in training mode, for a distillation loss."""
+        self.distilled_training = check_flag(enable, "set_distilled_training: enable")
+
+    @torch.jit.ignore
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+        return self.head, self.head_dist
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's VisionTransformerDistilled regexes: the distillation token with the stem."""
+        return dict(stem=r"^cls_token|pos_embed|patch_embed|dist_token",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def pretrained_head_keys(self) -> list[str]:
+        return super().pretrained_head_keys() + ["head_dist.weight", "head_dist.bias"]
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New class and distillation heads (pooling stays the class token, as timm's)."""
+        if global_pool not in (None, "", "token"):
+            raise ValueError(f"VisionTransformerDistilled reads the class and distillation tokens: global_pool must "
+                             f"stay 'token', got {global_pool!r}")
+        super().reset_classifier(num_classes, None)
+        self.head_dist = new_linear_head(self.embed_dim, num_classes, self.dist_token, self.training)
+
+    def forward_head(self, x_BNC: torch.Tensor, pre_logits: bool = False):
+        """Tokens (B, N, C) -> the mean of the two heads' logits (B, K); ``pre_logits``: the mean of the two
+        tokens (B, C); while distillation-training: (class logits, distillation logits)."""
+        check_features(x_BNC, "(B, N, C)", self.embed_dim, -1, "ViT forward_head")
+        pre_logits = check_flag(pre_logits, "forward_head: pre_logits")
+        cls_BC, dist_BC = self.head_drop(x_BNC[:, 0]), self.head_drop(x_BNC[:, 1])
+        if pre_logits:
+            return (cls_BC + dist_BC) / 2
+        cls_BK, dist_BK = self.head(cls_BC), self.head_dist(dist_BC)
+        if self.distilled_training and self.training and not is_tracing():
+            return cls_BK, dist_BK
+        return (cls_BK + dist_BK) / 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -790,6 +861,35 @@ def deit_base_patch16_224(**kwargs) -> VisionTransformer:
 def deit_base_patch16_384(**kwargs) -> VisionTransformer:
     """DeiT-B/16 at 384 px (timm ``deit_base_patch16_384``)."""
     return _create(dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+def _deit_distilled(embed_dim: int, depth: int, num_heads: int, img_size: int, kwargs) -> VisionTransformerDistilled:
+    return VisionTransformerDistilled(**{**dict(img_size=img_size, patch_size=16, embed_dim=embed_dim, depth=depth,
+                                                num_heads=num_heads), **kwargs})
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit_tiny_distilled_patch16_224(**kwargs) -> VisionTransformerDistilled:
+    """DeiT-Ti/16 with the distillation token at 224 px (timm ``deit_tiny_distilled_patch16_224``)."""
+    return _deit_distilled(192, 12, 3, 224, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit_small_distilled_patch16_224(**kwargs) -> VisionTransformerDistilled:
+    """DeiT-S/16 with the distillation token at 224 px (timm ``deit_small_distilled_patch16_224``)."""
+    return _deit_distilled(384, 12, 6, 224, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit_base_distilled_patch16_224(**kwargs) -> VisionTransformerDistilled:
+    """DeiT-B/16 with the distillation token at 224 px (timm ``deit_base_distilled_patch16_224``)."""
+    return _deit_distilled(768, 12, 12, 224, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_cfg(384, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+def deit_base_distilled_patch16_384(**kwargs) -> VisionTransformerDistilled:
+    """DeiT-B/16 with the distillation token at 384 px (timm ``deit_base_distilled_patch16_384``)."""
+    return _deit_distilled(768, 12, 12, 384, kwargs)
 
 
 def _deit3(embed_dim: int, depth: int, num_heads: int, kwargs) -> VisionTransformer:
