@@ -170,6 +170,10 @@ def test_predict_on_a_timm_hub_export_uses_timms_evaluation_transform(tmp_path, 
         best = int(imagenet(transform(picture)[None]).argmax())
     (result,) = run.predict(tmp_path / "in1k", [str(tmp_path / "photo.png")], topk=1)
     assert result["top"][0][0] == timm.data.ImageNetInfo("imagenet-1k").index_to_description(best)
+    # a feature backbone (no classifier) has no classes to print: refused, not a softmax over its features
+    zoo.save_pretrained(zoo.create_model("vit_debug", num_classes=0), tmp_path / "headless")
+    with pytest.raises(ValueError, match=r"has no classifier \(num_classes=0"):
+        run.predict(tmp_path / "headless", [str(tmp_path / "photo.png")])
 
 
 @pytest.fixture(scope="module")

@@ -675,3 +675,43 @@ def test_timm_weights_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
         zoo.from_pretrained("timm/vit_small_patch16_224.x")
     with pytest.raises(FileNotFoundError, match="pretrained checkpoint .*missing/dir/x does not exist"):
         zoo.from_pretrained(tmp_path / "missing" / "dir" / "x")
+
+
+def test_hub_names_dict_labels_cache_variables_and_empty_pretrained(tmp_path, monkeypatch):
+    """timm's {index: name} label_names become the class names (indices without a name keep their number); the
+    cache follows huggingface_hub's older HUGGINGFACE_HUB_CACHE and expands variables; pretrained="" is refused
+    (Path("") is the current directory, whose model.safetensors was loaded)."""
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_debug", "num_classes": 4,
+                                                      "label_names": {"0": "ant", "1": "bee", "3": "eel"},
+                                                      "pretrained_cfg": {"input_size": [3, 32, 32]}}))
+    assert hub.read_config(tmp_path)["metadata"]["data"]["class_names"] == ["ant", "bee", "2", "eel"]
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "old"))
+    assert hub.hf_cache_dir() == tmp_path / "old"
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE")
+    monkeypatch.setenv("ZOO_TEST_ROOT", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", "$ZOO_TEST_ROOT/hf")
+    assert hub.hf_cache_dir() == tmp_path / "hf" / "hub"
+    monkeypatch.chdir(tmp_path)
+    zoo.save_pretrained(_tiny_vit(), tmp_path)  # a released model in the current directory
+    for empty in ("", " "):
+        with pytest.raises(ValueError, match="pretrained must be False, True or a checkpoint path"):
+            zoo.create_model("vit_digits", pretrained=empty)
+
+
+def test_zoo_release_from_the_cache_predicts_and_evaluates(tmp_path, monkeypatch):
+    """A zoo-format released directory reached through a repository id or its cache folder works in zoo predict
+    and zoo eval as the directory itself does (they said "does not exist" / "expected a .ckpt")."""
+    import shutil
+
+    from zoo.train import run
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    folder = tmp_path / "models--me--vit_digits"
+    shutil.copytree(zoo.hub.shipped_checkpoint("vit_digits"), folder / "snapshots" / "abc")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("abc")
+    want = run.predict(folder / "snapshots" / "abc", ["digits:3"], topk=2)
+    assert run.predict("me/vit_digits", ["digits:3"], topk=2) == want
+    assert run.predict(folder, ["digits:3"], topk=2) == want
+    assert run._inference_source("me/vit_digits")[0] == run._inference_source(folder / "snapshots" / "abc")[0]

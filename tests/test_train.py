@@ -428,6 +428,10 @@ def test_image_folder_normalises_as_the_model_expects(tmp_path):
     tuned = run.train(run.compose([*base, f"model.pretrained={first['released']}", f"run_dir={tmp_path / 'tuned'}"]))
     saved = json.loads((Path(tuned["released"]) / "config.json").read_text())["metadata"]["data"]
     assert (saved["mean"], saved["std"]) == ([0.3], [0.2])  # what zoo predict will normalise with
+    # zoo eval of the .ckpt rebuilds the model from its name (default statistics): it must use training's
+    for source in (Path(tuned["released"]), Path(tuned["last_ckpt"])):
+        cfg = run._inference_source(source)[0]
+        assert (list(cfg.data.mean), list(cfg.data.std)) == ([0.3], [0.2]), source
     _, datamodule = run.build(run.compose(base))  # from scratch: the model's own default_cfg
     assert datamodule.mean == tuple(zoo.create_model("vit_digits").pretrained_cfg["mean"])
     _, datamodule = run.build(run.compose([*base, "data.mean=[0.1]", "data.std=[0.9]"]))

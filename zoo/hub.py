@@ -312,6 +312,13 @@ def _from_timm_config(hf: dict[str, Any], config_path: Path) -> dict[str, Any]:
     args.update(model_args)
     data = {key: pretrained_cfg[key] for key in ("mean", "std") if key in pretrained_cfg}
     labels = hf.get("label_names", pretrained_cfg.get("label_names", pretrained_cfg.get("labels")))
+    if isinstance(labels, dict):  # timm also writes {class index: name} (where indices have gaps)
+        try:
+            by_index = {int(index): name for index, name in labels.items()}
+        except (TypeError, ValueError):
+            by_index = {}
+        count = max(by_index, default=-1) + 1
+        labels = [str(by_index.get(i, i)) for i in range(count)] if by_index and min(by_index) >= 0 else None
     if isinstance(labels, list) and all(isinstance(label, str) for label in labels):
         data["class_names"] = labels
     timm_cfg = {key: pretrained_cfg[key] for key in ("interpolation", "crop_pct", "crop_mode") if key in pretrained_cfg}
@@ -484,13 +491,18 @@ def shipped_checkpoint(name: str) -> Path | None:
 
 
 def hf_cache_dir() -> Path:
-    """The local Hugging Face Hub cache, found as huggingface_hub finds it: ``$HF_HUB_CACHE``, else
-    ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    """The local Hugging Face Hub cache, found as huggingface_hub finds it: ``$HF_HUB_CACHE`` (or its older name
+    ``$HUGGINGFACE_HUB_CACHE``), else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+    ``~/.cache/huggingface/hub`` (variables in the values expanded)."""
+    def path(value: str) -> Path:
+        return Path(os.path.expandvars(value)).expanduser()
+
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # the second: huggingface_hub's older name
+        if os.environ.get(variable):
+            return path(os.environ[variable])
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
+        return path(os.environ["HF_HOME"]) / "hub"
+    return path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface" / "hub"
 
 
 def timm_hub_id(name: str) -> Optional[str]:
@@ -542,6 +554,8 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path:
             f"{', '.join(shipped) if shipped else 'none'}. Pass pretrained=<directory or .safetensors> instead."
         )
     if isinstance(pretrained, (str, os.PathLike)):
+        if not str(pretrained).strip():  # Path("") is the current directory
+            raise ValueError(f"pretrained must be False, True or a checkpoint path, got {pretrained!r}")
         path = Path(pretrained).expanduser()
         if not path.exists():
             if isinstance(pretrained, str) and _looks_like_repo_id(pretrained):

@@ -397,9 +397,13 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
     import zoo
     from omegaconf import OmegaConf
 
+    from zoo.hub import _looks_like_repo_id, _resolve_pretrained
+
     path = Path(ckpt).expanduser()
-    if not path.exists():
+    if not path.exists() and (path.suffix == ".ckpt" or not _looks_like_repo_id(str(ckpt))):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix != ".ckpt":  # a Hugging Face cache folder or repository id: its snapshot
+        path = _resolve_pretrained("", ckpt if path.exists() else str(ckpt))
     if path.suffix == ".ckpt":
         checkpoint = _load_ckpt(path)
         hp = checkpoint["hyper_parameters"]
@@ -423,6 +427,11 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
         state = None
         info = dict(meta.get("data") or {})
     OmegaConf.set_struct(cfg, False)
+    data_cfg = cfg.get("data") or {}
+    if data_cfg.get("mean") == "model" and info.get("mean") and info.get("std"):
+        # data.mean=model was resolved at training time from the model it started from (a timm tag's or a
+        # checkpoint's statistics); the model rebuilt here carries its name's defaults, so use what training used
+        cfg.data.mean, cfg.data.std = list(info["mean"]), list(info["std"])
     if overrides:
         plain = _plain(cfg)
         for item in overrides:
@@ -579,6 +588,10 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
     model, info = load_for_inference(ckpt)
     _require_image_classifier(model, ckpt)
+    if getattr(model, "num_classes", None) == 0:
+        raise ValueError(f"{ckpt}: {getattr(model, 'zoo_model_name', type(model).__name__)} has no classifier "
+                         f"(num_classes=0: a feature backbone such as DINOv2 or SigLIP's tower); fine-tune a head first "
+                         f"(zoo train ... model.pretrained={ckpt}) or use its features in Python")
     img_size = info.get("img_size") or (model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else None)
     if not img_size:
         raise ValueError(f"{ckpt}: no preprocessing facts (img_size) stored; use a .ckpt or released directory from zoo train")
