@@ -286,6 +286,8 @@ def test_length_constructors_ids_and_errors():
     assert Segments.from_lengths([2, 0, 3]).q_ids.tolist() == [[0, 0, -1], [-1, -1, -1], [0, 0, 0]]
     assert Segments.from_lengths((np.int64(1),), max_len=2, kv_max_len=3).kv_ids.tolist() == [[0, -1, -1]]
     assert Segments.from_lengths(np.array([2, 1])).q_ids.tolist() == [[0, 0], [0, -1]]
+    assert Segments.from_lengths(np.array([2, 1]), max_len=np.int64(3)).q_ids.shape == (2, 3)
+    assert Segments.from_lengths(torch.tensor([2]), max_len=torch.tensor(4)).q_ids.tolist() == [[0, 0, -1, -1]]
     assert Segments.from_cu_seqlens(np.array([0, 1, 3], dtype=np.int32)).q_ids.tolist() == [[0, 1, 1]]
     for bad, message in [([1, 2, 3], "must start at 0"), ([0, 3, 2], "never decrease"), ([0, 0], "packed length"),
                          ([0], "packed length"), ([], "non-empty 1-D"), (torch.zeros(2, 2, dtype=torch.long), "1-D"),

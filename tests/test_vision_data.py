@@ -221,3 +221,13 @@ def test_cifar_datamodule_reads_a_local_root(tmp_path, monkeypatch, variant):
     mean, std = torch.tensor(dm.mean).view(3, 1, 1), torch.tensor(dm.std).view(3, 1, 1)
     torch.testing.assert_close(image, (raw - mean) / std)
     assert label == 0
+
+
+def test_normalisation_values_are_named(tmp_path):
+    """data.mean=imagenet gave "could not convert string to float: 'i'", data.mean=0.5 "'float' object is not
+    iterable"; a single number now means every channel, and a word other than 'model' is named."""
+    _write_images(tmp_path, "train", ["cat", "dog"], 3)
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, mean=0.5, std=0.25, num_classes=2)
+    assert dm.mean == (0.5, 0.5, 0.5) and dm.std == (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="mean must be a list of numbers .* or 'model'.*got 'imagenet'"):
+        vdata.ImageFolderDataModule(str(tmp_path), img_size=8, mean="imagenet", std="imagenet", num_classes=2)

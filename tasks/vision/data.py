@@ -192,7 +192,16 @@ def digits_splits(val_fraction: float = 0.1, seed: int = 0) -> dict[str, np.ndar
 
 
 def _check_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    stats = []
+    for name, value in (("mean", mean), ("std", std)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = (value,)  # one number for every channel
+        try:
+            stats.append(tuple(float(v) for v in value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a list of numbers (one, or one per channel) or 'model' (the model's "
+                             f"pretrained_cfg statistics), got {value!r}") from None
+    mean, std = stats
     if len(mean) == 1 and in_chans > 1:
         mean = mean * in_chans
     if len(std) == 1 and in_chans > 1:

@@ -868,25 +868,29 @@ def _deit_distilled(embed_dim: int, depth: int, num_heads: int, img_size: int, k
                                                 num_heads=num_heads), **kwargs})
 
 
-@register_model(task="vision", family="vit", default_cfg=_DEIT)
+_DEIT_DISTILLED = dict(_DEIT, classifier=("head", "head_dist"))
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT_DISTILLED)
 def deit_tiny_distilled_patch16_224(**kwargs) -> VisionTransformerDistilled:
     """DeiT-Ti/16 with the distillation token at 224 px (timm ``deit_tiny_distilled_patch16_224``)."""
     return _deit_distilled(192, 12, 3, 224, kwargs)
 
 
-@register_model(task="vision", family="vit", default_cfg=_DEIT)
+@register_model(task="vision", family="vit", default_cfg=_DEIT_DISTILLED)
 def deit_small_distilled_patch16_224(**kwargs) -> VisionTransformerDistilled:
     """DeiT-S/16 with the distillation token at 224 px (timm ``deit_small_distilled_patch16_224``)."""
     return _deit_distilled(384, 12, 6, 224, kwargs)
 
 
-@register_model(task="vision", family="vit", default_cfg=_DEIT)
+@register_model(task="vision", family="vit", default_cfg=_DEIT_DISTILLED)
 def deit_base_distilled_patch16_224(**kwargs) -> VisionTransformerDistilled:
     """DeiT-B/16 with the distillation token at 224 px (timm ``deit_base_distilled_patch16_224``)."""
     return _deit_distilled(768, 12, 12, 224, kwargs)
 
 
-@register_model(task="vision", family="vit", default_cfg=_cfg(384, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+@register_model(task="vision", family="vit",
+                default_cfg=_cfg(384, mean=IMAGENET_MEAN, std=IMAGENET_STD, classifier=("head", "head_dist")))
 def deit_base_distilled_patch16_384(**kwargs) -> VisionTransformerDistilled:
     """DeiT-B/16 with the distillation token at 384 px (timm ``deit_base_distilled_patch16_384``)."""
     return _deit_distilled(768, 12, 12, 384, kwargs)

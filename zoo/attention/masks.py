@@ -425,6 +425,8 @@ class Segments(Mask):
             if longest == 0:
                 raise ValueError(f"Segments.from_lengths: every {name} is 0; give {max_name}")
             max_len = longest
+        if is_int(max_len):  # numpy ints and 0-d integer tensors, as the lengths themselves may be
+            max_len = int(max_len)
         check_positive_int(max_len, max_name)
         if longest > max_len:
             raise ValueError(f"Segments.from_lengths: {name} holds {longest}, longer than {max_name}={max_len}")
