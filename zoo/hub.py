@@ -333,8 +333,9 @@ def _hf_snapshot(path: Path) -> Path:
     if not path.is_dir() or (path / CONFIG_NAME).exists() or not snapshots.is_dir():
         return path
     ref = path / "refs" / "main"
-    if ref.is_file() and (snapshots / ref.read_text(encoding="utf-8").strip()).is_dir():
-        return snapshots / ref.read_text(encoding="utf-8").strip()
+    named = snapshots / ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
+    if named is not None and named.is_dir():
+        return named
     found = sorted(p.name for p in snapshots.iterdir() if p.is_dir())
     if len(found) == 1:
         return snapshots / found[0]
@@ -517,11 +518,16 @@ def timm_hub_id(name: str) -> Optional[str]:
     return getattr(cfg, "hf_hub_id", None) or None
 
 
+def _cache_folder(repo_id: str) -> Path:
+    """Where huggingface_hub caches model repository ``repo_id`` ("owner/name"): ``models--owner--name``."""
+    return hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+
+
 def _hub_repo(repo_id: str) -> Path:
     """The cached snapshot of Hub repository ``repo_id`` ("owner/name", timm's "hf-hub:" prefix allowed); no
     download is ever tried, so a repository missing from the cache is an error saying how to bring it."""
     given, repo_id = repo_id, repo_id.removeprefix("hf-hub:")
-    folder = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    folder = _cache_folder(repo_id)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{given}: no such file or directory, and as a Hub repository it is not in the local Hugging Face cache "
@@ -543,7 +549,7 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path:
         if path is not None:
             return path
         hub_id = timm_hub_id(name)
-        if hub_id is not None and (hf_cache_dir() / ("models--" + hub_id.replace("/", "--"))).is_dir():
+        if hub_id is not None and _cache_folder(hub_id).is_dir():
             return _hub_repo(hub_id)  # timm's weights for this name, from the user's Hugging Face cache
         shipped = list_shipped()
         cached = (f" nor timm's {hub_id} in the Hugging Face cache {hf_cache_dir()} (the zoo never downloads: on a "

@@ -392,18 +392,23 @@ def _load_ckpt(path: Path) -> dict:
     return ckpt
 
 
-def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
-    """(cfg, model, LightningModule state_dict or None, preprocessing info) from a .ckpt or a released directory."""
-    import zoo
-    from omegaconf import OmegaConf
-
+def _resolve_source(ckpt: str | os.PathLike) -> Path:
+    """``ckpt=`` as a path: a .ckpt file as given; a released directory, a Hugging Face cache folder or a
+    repository id in the local cache resolved to its snapshot (zoo.hub); FileNotFoundError when none exists."""
     from zoo.hub import _looks_like_repo_id, _resolve_pretrained
 
     path = Path(ckpt).expanduser()
     if not path.exists() and (path.suffix == ".ckpt" or not _looks_like_repo_id(str(ckpt))):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix != ".ckpt":  # a Hugging Face cache folder or repository id: its snapshot
-        path = _resolve_pretrained("", ckpt if path.exists() else str(ckpt))
+    return path if path.suffix == ".ckpt" else _resolve_pretrained("", str(ckpt))
+
+
+def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
+    """(cfg, model, LightningModule state_dict or None, preprocessing info) from a .ckpt or a released directory."""
+    import zoo
+    from omegaconf import OmegaConf
+
+    path = _resolve_source(ckpt)
     if path.suffix == ".ckpt":
         checkpoint = _load_ckpt(path)
         hp = checkpoint["hyper_parameters"]
@@ -506,12 +511,11 @@ def load_for_inference(ckpt: str | os.PathLike):
 def _released_without_run(ckpt: str | os.PathLike):
     """(model, info) of a released directory whose config.json has no zoo train record, else None."""
     import zoo
-    from zoo.hub import _looks_like_repo_id, _resolve_pretrained, read_config
+    from zoo.hub import read_config
 
-    path = Path(ckpt).expanduser()
-    if path.suffix == ".ckpt" or not (path.exists() or _looks_like_repo_id(str(ckpt))):
+    path = _resolve_source(ckpt)
+    if path.suffix == ".ckpt":
         return None
-    path = _resolve_pretrained("", ckpt)  # a Hugging Face cache folder or repository id: its snapshot
     config = read_config(path)
     meta = (config or {}).get("metadata") or {}
     if config is None or meta.get("zoo_config"):
