@@ -73,8 +73,6 @@ def _from_timm_feature_list_keys(state_dict, prefix, *args) -> None:
     used for ViT, has the zoo's keys anyway)."""
     ours = prefix + "model."
     theirs = [k for k in state_dict if k.startswith(prefix) and not k.startswith(ours)]
-    if not theirs:
-        return
     for key in theirs:
         head, _, rest = key[len(prefix):].partition(".")
         stem, _, index = head.rpartition("_")

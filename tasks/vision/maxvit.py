@@ -873,12 +873,27 @@ _TF_LAYOUTS = {
 }
 
 
+# The rmlp ("rw") layouts (timm model_cfgs maxvit_rmlp_<size>_rw), at the sizes timm registers them; the small
+# ones add layer scale on the partition blocks.
+_RW_LAYOUTS = {
+    "pico": dict(embed_dim=(32, 64, 128, 256), depths=(2, 2, 5, 2), stem_width=(24, 32)),
+    "nano": dict(embed_dim=(64, 128, 256, 512), depths=(1, 2, 3, 1), stem_width=(32, 64)),
+    "tiny": dict(embed_dim=(64, 128, 256, 512), depths=(2, 2, 5, 2), stem_width=(32, 64)),
+    "small": dict(embed_dim=(96, 192, 384, 768), depths=(2, 2, 5, 2), stem_width=(32, 64), init_values=1e-6),
+    "base": dict(embed_dim=(96, 192, 384, 768), depths=(2, 6, 14, 2), stem_width=(32, 64), head_hidden_size=768),
+}
+
+
 def _create(model_args: dict[str, Any], overrides: dict[str, Any]) -> MaxVit:
     return MaxVit(**{**model_args, **overrides})
 
 
 def _tf_sized(layout: str, img_size: int, kwargs) -> MaxVit:
     return _create(dict(img_size=img_size, **_TF_LAYOUTS[layout], **_TF), kwargs)
+
+
+def _rw_sized(layout: str, img_size: int, kwargs) -> MaxVit:
+    return _create(dict(img_size=img_size, **_RW_LAYOUTS[layout], **_RW_MLP), kwargs)
 
 
 def _squash_cfg(img_size: int) -> dict:
@@ -926,12 +941,12 @@ def maxvit_base_tf_224(**kwargs) -> MaxVit:
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(256, mean=INCEPTION_MEAN, std=INCEPTION_STD))
 def maxvit_rmlp_pico_rw_256(**kwargs) -> MaxVit:
-    return _create(dict(img_size=256, embed_dim=(32, 64, 128, 256), depths=(2, 2, 5, 2), stem_width=(24, 32), **_RW_MLP), kwargs)
+    return _rw_sized("pico", 256, kwargs)
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(256, mean=INCEPTION_MEAN, std=INCEPTION_STD))
 def maxvit_rmlp_nano_rw_256(**kwargs) -> MaxVit:
-    return _create(dict(img_size=256, embed_dim=(64, 128, 256, 512), depths=(1, 2, 3, 1), stem_width=(32, 64), **_RW_MLP), kwargs)
+    return _rw_sized("nano", 256, kwargs)
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(224))
@@ -991,28 +1006,24 @@ def maxvit_xlarge_tf_512(**kwargs) -> MaxVit:
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(256, mean=INCEPTION_MEAN, std=INCEPTION_STD))
 def maxvit_rmlp_tiny_rw_256(**kwargs) -> MaxVit:
-    return _create(dict(img_size=256, embed_dim=(64, 128, 256, 512), depths=(2, 2, 5, 2), stem_width=(32, 64), **_RW_MLP), kwargs)
+    return _rw_sized("tiny", 256, kwargs)
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(224, mean=INCEPTION_MEAN, std=INCEPTION_STD))
 def maxvit_rmlp_base_rw_224(**kwargs) -> MaxVit:
-    return _create(dict(embed_dim=(96, 192, 384, 768), depths=(2, 6, 14, 2), stem_width=(32, 64), head_hidden_size=768,
-                        **_RW_MLP), kwargs)
+    return _rw_sized("base", 224, kwargs)
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(384))
 def maxvit_rmlp_base_rw_384(**kwargs) -> MaxVit:
-    return _create(dict(img_size=384, embed_dim=(96, 192, 384, 768), depths=(2, 6, 14, 2), stem_width=(32, 64),
-                        head_hidden_size=768, **_RW_MLP), kwargs)
+    return _rw_sized("base", 384, kwargs)
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(224, mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.9))
 def maxvit_rmlp_small_rw_224(**kwargs) -> MaxVit:
-    return _create(dict(embed_dim=(96, 192, 384, 768), depths=(2, 2, 5, 2), stem_width=(32, 64), init_values=1e-6,
-                        **_RW_MLP), kwargs)
+    return _rw_sized("small", 224, kwargs)
 
 
 @register_model(task="vision", family="maxvit", default_cfg=_cfg(256, mean=INCEPTION_MEAN, std=INCEPTION_STD))
 def maxvit_rmlp_small_rw_256(**kwargs) -> MaxVit:
-    return _create(dict(img_size=256, embed_dim=(96, 192, 384, 768), depths=(2, 2, 5, 2), stem_width=(32, 64),
-                        init_values=1e-6, **_RW_MLP), kwargs)
+    return _rw_sized("small", 256, kwargs)

@@ -739,8 +739,8 @@ def _cfg(img_size: int = 224, num_classes: int = 1000, in_chans: int = 3, mean=I
     }
 
 
-def _create(model_args: dict[str, Any], overrides: dict[str, Any]) -> VisionTransformer:
-    return VisionTransformer(**{**model_args, **overrides})
+def _create(model_args: dict[str, Any], overrides: dict[str, Any], cls: type = VisionTransformer) -> VisionTransformer:
+    return cls(**{**model_args, **overrides})
 
 
 @register_model(task="vision", family="vit", default_cfg=_cfg(32, 10, mean=IMAGENET_MEAN, std=IMAGENET_STD))
@@ -864,8 +864,8 @@ def deit_base_patch16_384(**kwargs) -> VisionTransformer:
 
 
 def _deit_distilled(embed_dim: int, depth: int, num_heads: int, img_size: int, kwargs) -> VisionTransformerDistilled:
-    return VisionTransformerDistilled(**{**dict(img_size=img_size, patch_size=16, embed_dim=embed_dim, depth=depth,
-                                                num_heads=num_heads), **kwargs})
+    return _create(dict(img_size=img_size, patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads), kwargs,
+                   VisionTransformerDistilled)
 
 
 _DEIT_DISTILLED = dict(_DEIT, classifier=("head", "head_dist"))
