@@ -356,7 +356,7 @@ def test_other_image_size_and_timm_checkpoint_go_through_the_family_filter(tmp_p
 # Full-size configurations are checked against timm / the official code (shapes and logits) in each family's
 # test file; here the big ones are shrunk (fewer blocks, smaller image) so that every name stays fast.
 _SHRINK = {
-    "vit": dict(img_size=32, depth=1),
+    "vit": dict(img_size=32, depth=1, embed_dim=64, num_heads=4),  # narrow: a 1536-wide block took 6-7 s
     "maxvit": dict(img_size=64, depths=(1, 1, 1, 1), embed_dim=(32, 64, 96, 128)),
     "agent_deit": dict(img_size=64, depth=1),
 }

@@ -139,6 +139,86 @@ def test_dynamic_img_pad_at_a_fixed_size_the_patch_does_not_divide():
         ours(_images(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("act_layer,global_pool", [("gelu_tanh", "map"), ("quick_gelu", "token"), ("gelu", "map")])
+def test_act_layer_matches_timm(act_layer, global_pool):
+    """act_layer reaches every block's MLP and the attention-pooling head's, as timm's (SigLIP 2's tanh GELU,
+    OpenAI CLIP's QuickGELU). Weights are scaled up so that the activation is visible in the logits: the other
+    approximation misses by more than 1e-3 there."""
+    kwargs = dict(SMALL, img_size=32, patch_size=8, act_layer=act_layer, global_pool=global_pool,
+                  class_token=global_pool == "token")
+    torch.manual_seed(0)
+    peer = TimmViT(**kwargs).eval()
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = _images(2, 3, 32, 32)
+    with torch.no_grad():
+        want = peer(x)
+        for other in ("gelu", "gelu_tanh", "quick_gelu"):
+            ours = V.VisionTransformer(**dict(kwargs, act_layer=other)).eval()
+            ours.load_state_dict(peer.state_dict(), strict=True)
+            error = (ours(x) - want).abs().max().item()
+            assert error < 1e-4 if other == act_layer else error > 1e-3, (other, error)
+    with pytest.raises(ValueError, match=r"act_layer must be one of \('gelu', 'gelu_tanh', 'quick_gelu'\), got 'swish'"):
+        V.VisionTransformer(**dict(kwargs, act_layer="swish"))
+
+
+def test_drop_img_remainder_ignores_the_partial_patches_as_timm_does():
+    """timm's patch convolution drops the pixels past the last whole patch (its vit_so400m_patch14_siglip_384:
+    384 = 27 * 14 + 6); drop_img_remainder does that on request, at the fixed size and also with dynamic_img_size
+    (where timm refuses such sizes)."""
+    kwargs = dict(SMALL, img_size=(36, 30), patch_size=8)
+    torch.manual_seed(0)
+    peer = TimmViT(**kwargs).eval()
+    ours = V.VisionTransformer(**kwargs, drop_img_remainder=True).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)  # pos_embed (1, 1 + 4 * 3, C) in both
+    assert ours.patch_embed.grid_size == (4, 3)
+    x = _images(2, 3, 36, 30)
+    moved = x.clone()
+    moved[..., 32:, :] += 5.0
+    moved[..., 24:] -= 5.0
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours(moved), ours(x), atol=0, rtol=0)  # those pixels are ignored
+    peer = TimmViT(**kwargs, dynamic_img_size=True).eval()
+    ours = V.VisionTransformer(**kwargs, dynamic_img_size=True, drop_img_remainder=True).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    for h, w in ((36, 30), (45, 17), (8, 63)):  # timm's dynamic model refuses these: it gets the whole patches
+        x = _images(2, 3, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), peer(x[..., : h // 8 * 8, : w // 8 * 8]), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="dynamic_img_pad .* and drop_img_remainder .* exclude each other"):
+        V.VisionTransformer(**kwargs, dynamic_img_pad=True, drop_img_remainder=True)
+    with pytest.raises(TypeError, match="drop_img_remainder must be True or False"):
+        V.VisionTransformer(**kwargs, drop_img_remainder="yes")
+
+
+# One CLIP / SigLIP tower per distinct configuration (width class, activation, pooling, remainder); every tower
+# name's state dict and data config is compared with timm's in test_registered_vit_forward_backward and
+# tests/test_data_config.py. Depth 1 at two patches a side (so400m/14 at 384 keeps its 6-pixel remainder).
+TOWERS = ["vit_xsmall_patch16_clip_224", "vit_base_patch16_plus_clip_240", "vit_base_patch32_clip_quickgelu_224",
+          "vit_gigantic_patch14_clip_quickgelu_224", "vit_base_patch32_siglip_256", "vit_so400m_patch14_siglip_384",
+          "vit_so400m_patch14_siglip_gap_384", "vit_so400m_patch16_siglip_gap_256"]
+
+
+@pytest.mark.parametrize("name", TOWERS)
+def test_image_towers_match_timm(name):
+    patch = int(name.split("patch")[1].split("_")[0])
+    size = 2 * patch + (6 if "so400m_patch14" in name and name.endswith("_384") else 0)
+    torch.manual_seed(0)
+    peer = timm.create_model(name, pretrained=False, depth=1, img_size=size).eval()
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = zoo.create_model(name, depth=1, img_size=size).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    assert ours.num_classes == peer.num_classes and ours.global_pool == peer.global_pool
+    x = _images(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+    assert zoo.get_model_entry(name).constructor.__doc__.endswith(f"(timm ``{name}``).")
+
+
 def test_pos_embed_resampled_on_load_like_timm():
     # a checkpoint trained at 32 px loaded into models built for 48 px (upsample) and 16 px (anti-aliased downsample)
     torch.manual_seed(0)
@@ -243,6 +323,12 @@ def test_registered_vit_forward_backward(name):
     assert entry.task == "vision" and entry.family == "vit"
     small = name not in ("vit_debug", "vit_digits")
     overrides = dict(img_size=28 if "patch14" in name else 32, depth=1) if small else {}
+    if small:  # the registered configuration matches timm's of the same name (full width, on the meta device)
+        with torch.device("meta"):
+            peer, full = timm.create_model(name, pretrained=False, **overrides), zoo.create_model(name, **overrides)
+        assert {k: v.shape for k, v in peer.state_dict().items()} == {k: v.shape for k, v in full.state_dict().items()}
+        assert (full.num_classes, full.global_pool) == (peer.num_classes, peer.global_pool)
+        overrides.update(embed_dim=64, num_heads=4)  # the forward / backward below at a narrow width
     torch.manual_seed(0)
     model = zoo.create_model(name, **overrides)
     h, w = model.patch_embed.img_size
@@ -252,9 +338,6 @@ def test_registered_vit_forward_backward(name):
     (logits.logsumexp(-1) if model.num_classes else logits.square().mean(-1)).sum().backward()  # DINOv2: features
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-    if small:  # the registered configuration matches timm's of the same name
-        peer = timm.create_model(name, pretrained=False, **overrides)
-        assert {k: v.shape for k, v in peer.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
 def test_digits_and_debug_configs():

@@ -29,6 +29,7 @@ from torch import nn
 __all__ = [
     "IntOrPair", "check_positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
+    "ACTIVATIONS", "QuickGELU", "create_act",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -183,6 +184,33 @@ def _has_forward_hooks(module: nn.Module) -> bool:
         module._forward_hooks or module._forward_pre_hooks or registry._global_forward_hooks
         or registry._global_forward_pre_hooks
     )
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (Radford et al., 2021; timm
+    ``QuickGELU``, OpenCLIP's ``QuickGELU``). Its weights give different features under the exact GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+#: activation names taken by the model constructors, as timm's ``get_act_layer`` spells them
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
+
+
+def create_act(name: str, options: Sequence[str] = ACTIVATIONS, what: str = "activation") -> nn.Module:
+    """A fresh activation module from its timm name: "gelu" (exact, erf), "gelu_tanh" (tanh approximation,
+    SigLIP 2's patch-16 towers), "quick_gelu" (OpenAI CLIP), "silu", "relu". ``options`` narrows the names a
+    model accepts; ``what`` names the argument in the error."""
+    if not isinstance(name, str) or name not in options:
+        raise ValueError(f"{what} must be one of {tuple(options)}, got {name!r}")
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    return nn.SiLU() if name == "silu" else nn.ReLU()
 
 
 def activate_fresh(act: nn.Module, fresh: torch.Tensor) -> torch.Tensor:

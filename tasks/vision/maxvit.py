@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, abc
+from functools import partial
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -52,8 +53,8 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import Mlp, check_module_output
 from zoo.attention.relpos import RelPosBiasTf, RelPosMlp, resize_rel_pos_table
 from zoo.layers import (
-    DropPath, IntOrPair, LayerScale, activate_fresh, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
-    check_rates, check_reset_classifier, feature_take_indices, new_linear_head, to_pair,
+    DropPath, IntOrPair, LayerScale, activate_fresh, check_features, check_finite_input, check_flag, check_image_batch,
+    check_ints, check_rates, check_reset_classifier, create_act, feature_take_indices, new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model
@@ -79,18 +80,6 @@ PADDINGS = ("", "same")
 REL_POS_TYPES = ("bias_tf", "mlp")
 GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "")  # timm's SelectAdaptivePool2d names
 STEM_STRIDE = 2
-
-
-def _act(name: str) -> nn.Module:
-    if name == "gelu":
-        return nn.GELU()
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    if name == "silu":
-        return nn.SiLU()
-    if name == "relu":
-        return nn.ReLU()
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
 def _make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -136,7 +125,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, act: Optional[str] = None):
         super().__init__(num_features, eps=eps)
-        self.act = _act(act) if act else nn.Identity()
+        self.act = create_act(act, ACTIVATIONS) if act else nn.Identity()
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return activate_fresh(self.act, super().forward(x_BCHW))  # in place at inference
@@ -182,7 +171,7 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, rd_channels: int, act: str = "silu"):
         super().__init__()
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=True)
-        self.act = _act(act)
+        self.act = create_act(act, ACTIVATIONS)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=True)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -343,7 +332,7 @@ class TransformerMlp(Mlp):
     with the activation given by name (its GELU runs in place at inference)."""
 
     def __init__(self, dim: int, hidden: int, act: str, drop: float = 0.0):
-        super().__init__(dim, hidden, act_layer=lambda: _act(act), drop=drop)
+        super().__init__(dim, hidden, act_layer=partial(create_act, act, ACTIVATIONS), drop=drop)
 
 
 class PartitionAttention(nn.Module):

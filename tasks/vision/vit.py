@@ -29,7 +29,8 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import AttentionPoolLatent, Mlp, MultiHeadAttention
 from zoo.layers import (
     DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
-    check_mlp_ratio, check_rates, check_reset_classifier, feature_take_indices, is_tracing, new_linear_head, to_pair,
+    check_mlp_ratio, check_rates, check_reset_classifier, create_act, feature_take_indices, is_tracing, new_linear_head,
+    to_pair,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 GLOBAL_POOLS = ("", "token", "avg", "max", "avgmax", "map")
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")  # the ViT act_layer names (timm's get_act_layer spelling)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)  # the augreg ViT weights in timm are normalised to [-1, 1]
@@ -99,12 +101,19 @@ class PatchEmbed(nn.Module):
 
     ``dynamic_img_pad``: zero-pad the image at the bottom / right to whole patches first (timm's option of
     the same name), so the grid is ceil(size / patch) instead of dropping the last partial patch row/column.
+    ``drop_img_remainder``: accept sizes the patch does not divide and ignore the last partial row / column
+    of pixels, as timm's patch convolution does without a word (timm's ``vit_so400m_patch14_siglip_384``:
+    384 = 27 * 14 + 6). Without either option such a size is refused.
     """
 
     def __init__(self, img_size: IntOrPair, patch_size: IntOrPair, in_chans: int, embed_dim: int, bias: bool = True,
-                 dynamic_img_pad: bool = False):
+                 dynamic_img_pad: bool = False, drop_img_remainder: bool = False):
         super().__init__()
         self.dynamic_img_pad = check_flag(dynamic_img_pad, "dynamic_img_pad")
+        self.drop_img_remainder = check_flag(drop_img_remainder, "drop_img_remainder")
+        if self.dynamic_img_pad and self.drop_img_remainder:
+            raise ValueError("dynamic_img_pad (pad to whole patches) and drop_img_remainder (drop the partial "
+                             "patches) exclude each other; choose one")
         self.patch_size = to_pair(patch_size, "patch_size")
         self.set_img_size(img_size)
         self.in_chans = in_chans
@@ -115,13 +124,14 @@ class PatchEmbed(nn.Module):
         size = to_pair(img_size, "img_size")
         if any(i < p for i, p in zip(size, self.patch_size)):
             raise ValueError(f"img_size {size} is smaller than patch_size {self.patch_size}")
-        if any(i % p for i, p in zip(size, self.patch_size)) and not self.dynamic_img_pad:
+        if any(i % p for i, p in zip(size, self.patch_size)) and not (self.dynamic_img_pad or self.drop_img_remainder):
             # timm builds it and its patch conv drops the last partial row / column of patches without a word
             cut = tuple(i % p for i, p in zip(size, self.patch_size))
             raise ValueError(
                 f"img_size {size} is not divisible by patch_size {self.patch_size}: the last {cut[0]} row(s) and "
-                f"{cut[1]} column(s) of pixels would be ignored; use a multiple of the patch size, or "
-                f"dynamic_img_pad=True to zero-pad images to whole patches"
+                f"{cut[1]} column(s) of pixels would be ignored; use a multiple of the patch size, "
+                f"dynamic_img_pad=True to zero-pad images to whole patches, or drop_img_remainder=True to ignore "
+                f"those pixels as timm does"
             )
         old_grid = getattr(self, "grid_size", None)
         self.img_size = size
@@ -285,12 +295,18 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         final_norm: LayerNorm after the blocks. fc_norm: put that norm after pooling instead
             (default: True for avg/max pooling, as timm).
         norm_eps: every LayerNorm's epsilon (1e-6 as timm's ViT; CLIP's towers use 1e-5).
+        act_layer: the MLP activation (blocks and attention-pooling head), by timm's name: "gelu" (exact),
+            "gelu_tanh" (SigLIP 2's patch-16 towers) or "quick_gelu" (OpenAI-trained CLIP weights).
         dynamic_img_size: accept any image size divisible by the patch size, resampling the position
             embedding (bicubic, anti-aliased) on the fly; otherwise the size must equal img_size.
         dynamic_img_pad: zero-pad images at the bottom / right to whole patches (timm's option): with
             dynamic_img_size any size is accepted; with a fixed img_size that the patch does not divide, the
             padded grid is one row / column larger than the position embedding's, which is then resampled
             (timm's model fails on that combination).
+        drop_img_remainder: accept an img_size that the patch does not divide and ignore the last partial
+            row / column of pixels, as timm's fixed-size model does silently (vit_so400m_patch14_siglip_384);
+            with dynamic_img_size, images of such sizes too (timm's dynamic model refuses them). Excludes
+            dynamic_img_pad.
         drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: dropout rates (head,
             after position embedding, projections, attention probabilities, stochastic depth max).
     """
@@ -318,8 +334,10 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         final_norm: bool = True,
         fc_norm: Optional[bool] = None,
         norm_eps: float = 1e-6,
+        act_layer: str = "gelu",
         dynamic_img_size: bool = False,
         dynamic_img_pad: bool = False,
+        drop_img_remainder: bool = False,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -344,6 +362,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 < norm_eps < 1:
             raise ValueError(f"norm_eps must be a number in (0, 1), got {norm_eps!r}")
         norm_layer = partial(nn.LayerNorm, eps=float(norm_eps))
+        create_act(act_layer, MLP_ACTIVATIONS, "act_layer")  # refused here, not inside the first block
+        mlp_act = partial(create_act, act_layer, MLP_ACTIVATIONS, "act_layer")
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -358,7 +378,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         self.class_token_last_block = True  # forward(): last block computes only the class token (see forward)
 
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, dynamic_img_pad=dynamic_img_pad
+            img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, dynamic_img_pad=dynamic_img_pad,
+            drop_img_remainder=drop_img_remainder,
         )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
@@ -383,6 +404,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
                     init_values=init_values,
                     drop_path=rates[i],
                     norm_layer=norm_layer,
+                    act_layer=mlp_act,
                 )
                 for i in range(depth)
             ]
@@ -390,7 +412,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         self.feature_info = self.block_feature_info(depth, embed_dim, self.patch_embed.patch_size)
         self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         # "map": a learned latent query attends over the patch tokens (SigLIP's MAP head, timm's attn_pool)
-        self.attn_pool = (AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps)
+        self.attn_pool = (AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps, act_layer=mlp_act)
                           if global_pool == "map" else None)
         self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -467,10 +489,11 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         if h < ph or w < pw:
             raise ValueError(f"image {h}x{w} is smaller than the patch size {ph}x{pw}")
         if self.dynamic_img_size:
-            if (h % ph or w % pw) and not self.patch_embed.dynamic_img_pad:
+            if (h % ph or w % pw) and not (self.patch_embed.dynamic_img_pad or self.patch_embed.drop_img_remainder):
                 raise ValueError(
                     f"image {h}x{w} is not divisible by the patch size {ph}x{pw}; build the model with "
-                    f"dynamic_img_pad=True to zero-pad it to whole patches"
+                    f"dynamic_img_pad=True to zero-pad it to whole patches (or drop_img_remainder=True to ignore "
+                    f"the partial ones, as timm does)"
                 )
         elif (h, w) != self.patch_embed.img_size:
             eh, ew = self.patch_embed.img_size
@@ -973,113 +996,132 @@ def vit_large_patch14_reg4_dinov2(**kwargs) -> VisionTransformer:
     return _dinov2(1024, 24, 16, True, kwargs)
 
 
-# CLIP image towers (Radford et al., ICML 2021; the LAION-2B OpenCLIP weights fine-tuned on ImageNet-12k then 1k
-# are timm's default tags): a LayerNorm before the blocks, no patch-embedding bias, LayerNorm eps 1e-5
-# (timm vision_transformer.py vit_*_clip_*; the QuickGELU variants of the OpenAI weights are not here).
+# CLIP and SigLIP image towers, one table row per timm name (timm vision_transformer.py vit_*_clip_* and
+# vit_*_siglip_*): the architecture comes from the tower's width class, the rest of the row is what differs by
+# name. The data configs (num_classes, crop, mean/std) are timm's default tags'; tests/test_data_config.py
+# compares every name with timm's.
+#
+# CLIP (Radford et al., ICML 2021; OpenCLIP, MetaCLIP, DFN weights): a LayerNorm before the blocks, no
+# patch-embedding bias, LayerNorm eps 1e-5, class-token pooling. The "_quickgelu" names take the weights trained
+# with QuickGELU (OpenAI's, MetaCLIP's, DFN's); their num_classes is the image-text projection width.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# width class -> (embed_dim, depth, num_heads, mlp_ratio)
+_CLIP_WIDTHS = {
+    "xsmall": (256, 10, 4, 4.0), "medium": (512, 12, 8, 4.0), "betwixt": (640, 12, 10, 4.0),
+    "base": (768, 12, 12, 4.0), "base_plus": (896, 12, 14, 4.0), "large": (1024, 24, 16, 4.0),
+    "huge": (1280, 32, 16, 4.0), "giant": (1408, 40, 16, 48 / 11), "gigantic": (1664, 48, 16, 64 / 13),
+}
+# name -> (width class, patch, img_size, act_layer, num_classes, data-config changes from _cfg's defaults)
+_OPENAI = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+_CLIP_TOWERS = {
+    "vit_xsmall_patch16_clip_224": ("xsmall", 16, 224, "gelu", 512, _OPENAI),
+    "vit_medium_patch16_clip_224": ("medium", 16, 224, "gelu", 512, _OPENAI),
+    "vit_medium_patch32_clip_224": ("medium", 32, 224, "gelu", 512, _OPENAI),
+    "vit_betwixt_patch32_clip_224": ("betwixt", 32, 224, "gelu", 512, _OPENAI),
+    "vit_base_patch32_clip_224": ("base", 32, 224, "gelu", 1000, _OPENAI),
+    "vit_base_patch32_clip_256": ("base", 32, 256, "gelu", 512, _OPENAI),
+    "vit_base_patch32_clip_384": ("base", 32, 384, "gelu", 1000, _OPENAI),
+    "vit_base_patch32_clip_448": ("base", 32, 448, "gelu", 1000, _OPENAI),
+    "vit_base_patch32_clip_quickgelu_224": ("base", 32, 224, "quick_gelu", 512, _OPENAI),
+    "vit_base_patch16_clip_224": ("base", 16, 224, "gelu", 1000, dict(_OPENAI, crop_pct=0.95)),
+    "vit_base_patch16_clip_384": ("base", 16, 384, "gelu", 1000, dict(_OPENAI, crop_mode="squash")),
+    "vit_base_patch16_clip_quickgelu_224": ("base", 16, 224, "quick_gelu", 512, dict(_OPENAI, crop_pct=1.0)),
+    "vit_base_patch16_plus_clip_240": ("base_plus", 16, 240, "gelu", 640, _OPENAI),
+    "vit_large_patch14_clip_224": ("large", 14, 224, "gelu", 1000, dict(crop_pct=1.0)),
+    "vit_large_patch14_clip_336": ("large", 14, 336, "gelu", 1000, dict(crop_mode="squash")),
+    "vit_large_patch14_clip_quickgelu_224": ("large", 14, 224, "quick_gelu", 768, dict(_OPENAI, crop_pct=1.0)),
+    "vit_large_patch14_clip_quickgelu_336": ("large", 14, 336, "quick_gelu", 768, _OPENAI),
+    "vit_huge_patch14_clip_224": ("huge", 14, 224, "gelu", 1000, dict(_OPENAI, crop_pct=1.0)),
+    "vit_huge_patch14_clip_336": ("huge", 14, 336, "gelu", 1000, dict(_OPENAI, crop_mode="squash")),
+    "vit_huge_patch14_clip_378": ("huge", 14, 378, "gelu", 1024, _OPENAI),
+    "vit_huge_patch14_clip_quickgelu_224": ("huge", 14, 224, "quick_gelu", 1024, dict(_OPENAI, crop_pct=1.0)),
+    "vit_huge_patch14_clip_quickgelu_378": ("huge", 14, 378, "quick_gelu", 1024, _OPENAI),
+    "vit_giant_patch14_clip_224": ("giant", 14, 224, "gelu", 1024, dict(_OPENAI, crop_pct=1.0)),
+    "vit_gigantic_patch14_clip_224": ("gigantic", 14, 224, "gelu", 1280, dict(_OPENAI, crop_pct=1.0)),
+    "vit_gigantic_patch14_clip_378": ("gigantic", 14, 378, "gelu", 1280, dict(_OPENAI, crop_mode="squash")),
+    "vit_gigantic_patch14_clip_quickgelu_224": ("gigantic", 14, 224, "quick_gelu", 1280, dict(_OPENAI, crop_pct=1.0)),
+}
+
+# SigLIP (Zhai et al., ICCV 2023) and SigLIP 2 (Tschannen et al., 2025; timm's default tags): no class token,
+# attention pooling with a learned latent ("map"; the "_gap" names average the patch tokens instead, as PaliGemma
+# reads them), no classifier, [-1, 1] inputs. SigLIP 2's new patch-16/32 towers use the tanh GELU. The 384-px
+# so400m/14 keeps the first SigLIP's size: 384 = 27 * 14 + 6, and timm's patch embedding ignores the last 6 pixel
+# rows and columns (drop_img_remainder here; the 378-px names are the divisible successors).
+_SIGLIP_WIDTHS = {
+    "base": (768, 12, 12, 4.0), "large": (1024, 24, 16, 4.0), "so400m": (1152, 27, 16, 3.7362),
+    "giantopt": (1536, 40, 16, 4.0),
+}
+# name -> (width class, patch, img_size, act_layer, crop_pct)
+_SIGLIP_TOWERS = {
+    "vit_base_patch16_siglip_224": ("base", 16, 224, "gelu", 0.9),
+    "vit_base_patch16_siglip_256": ("base", 16, 256, "gelu", 0.9),
+    "vit_base_patch16_siglip_384": ("base", 16, 384, "gelu", 0.9),
+    "vit_base_patch16_siglip_512": ("base", 16, 512, "gelu", 0.9),
+    "vit_base_patch32_siglip_256": ("base", 32, 256, "gelu_tanh", 0.9),
+    "vit_large_patch16_siglip_256": ("large", 16, 256, "gelu", 0.9),
+    "vit_large_patch16_siglip_384": ("large", 16, 384, "gelu", 0.9),
+    "vit_large_patch16_siglip_512": ("large", 16, 512, "gelu_tanh", 0.9),
+    "vit_so400m_patch14_siglip_224": ("so400m", 14, 224, "gelu", 0.9),
+    "vit_so400m_patch14_siglip_378": ("so400m", 14, 378, "gelu", 0.9),
+    "vit_so400m_patch14_siglip_384": ("so400m", 14, 384, "gelu", 0.9),
+    "vit_so400m_patch16_siglip_256": ("so400m", 16, 256, "gelu_tanh", 0.9),
+    "vit_so400m_patch16_siglip_384": ("so400m", 16, 384, "gelu_tanh", 0.9),
+    "vit_so400m_patch16_siglip_512": ("so400m", 16, 512, "gelu_tanh", 0.9),
+    "vit_giantopt_patch16_siglip_256": ("giantopt", 16, 256, "gelu_tanh", 0.9),
+    "vit_giantopt_patch16_siglip_384": ("giantopt", 16, 384, "gelu_tanh", 0.9),
+    "vit_base_patch16_siglip_gap_224": ("base", 16, 224, "gelu", 0.9),
+    "vit_base_patch16_siglip_gap_256": ("base", 16, 256, "gelu", 0.9),
+    "vit_base_patch16_siglip_gap_384": ("base", 16, 384, "gelu", 0.9),
+    "vit_base_patch16_siglip_gap_512": ("base", 16, 512, "gelu", 0.9),
+    "vit_base_patch32_siglip_gap_256": ("base", 32, 256, "gelu_tanh", 0.9),
+    "vit_large_patch16_siglip_gap_256": ("large", 16, 256, "gelu", 0.9),
+    "vit_large_patch16_siglip_gap_384": ("large", 16, 384, "gelu", 0.9),
+    "vit_large_patch16_siglip_gap_512": ("large", 16, 512, "gelu_tanh", 0.9),
+    "vit_so400m_patch14_siglip_gap_224": ("so400m", 14, 224, "gelu", 0.9),
+    "vit_so400m_patch14_siglip_gap_378": ("so400m", 14, 378, "gelu", 0.9),
+    "vit_so400m_patch14_siglip_gap_384": ("so400m", 14, 384, "gelu", 1.0),
+    "vit_so400m_patch14_siglip_gap_448": ("so400m", 14, 448, "gelu", 1.0),
+    "vit_so400m_patch14_siglip_gap_896": ("so400m", 14, 896, "gelu", 1.0),
+    "vit_so400m_patch16_siglip_gap_256": ("so400m", 16, 256, "gelu_tanh", 0.9),
+    "vit_so400m_patch16_siglip_gap_384": ("so400m", 16, 384, "gelu_tanh", 0.9),
+    "vit_so400m_patch16_siglip_gap_512": ("so400m", 16, 512, "gelu_tanh", 0.9),
+    "vit_giantopt_patch16_siglip_gap_256": ("giantopt", 16, 256, "gelu_tanh", 0.9),
+    "vit_giantopt_patch16_siglip_gap_384": ("giantopt", 16, 384, "gelu_tanh", 0.9),
+}
 
 
-def _clip(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int, kwargs) -> VisionTransformer:
-    return _create(dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                        pre_norm=True, norm_eps=1e-5), kwargs)
+def _tower_args(widths: dict, width: str, patch_size: int, img_size: int, act_layer: str, **extra) -> dict[str, Any]:
+    embed_dim, depth, num_heads, mlp_ratio = widths[width]
+    return dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                mlp_ratio=mlp_ratio, act_layer=act_layer, **extra)
 
 
-@register_model(task="vision", family="vit", default_cfg=_cfg(224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=0.95))
-def vit_base_patch16_clip_224(**kwargs) -> VisionTransformer:
-    """CLIP ViT-B/16 image tower at 224 px (timm ``vit_base_patch16_clip_224``)."""
-    return _clip(16, 768, 12, 12, 224, kwargs)
+def _clip_args(width: str, patch_size: int, img_size: int, act_layer: str, num_classes: int) -> dict[str, Any]:
+    return _tower_args(_CLIP_WIDTHS, width, patch_size, img_size, act_layer, num_classes=num_classes,
+                       pre_norm=True, norm_eps=1e-5)
 
 
-@register_model(task="vision", family="vit",
-                default_cfg=_cfg(384, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_mode="squash"))
-def vit_base_patch16_clip_384(**kwargs) -> VisionTransformer:
-    """CLIP ViT-B/16 image tower at 384 px (timm ``vit_base_patch16_clip_384``)."""
-    return _clip(16, 768, 12, 12, 384, kwargs)
+def _siglip_args(name: str, width: str, patch_size: int, img_size: int, act_layer: str) -> dict[str, Any]:
+    pooling = dict(global_pool="avg", fc_norm=False) if "_gap_" in name else dict(global_pool="map")
+    remainder = dict(drop_img_remainder=True) if img_size % patch_size else {}
+    return _tower_args(_SIGLIP_WIDTHS, width, patch_size, img_size, act_layer, class_token=False, num_classes=0,
+                       **pooling, **remainder)
 
 
-@register_model(task="vision", family="vit", default_cfg=_cfg(224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD))
-def vit_base_patch32_clip_224(**kwargs) -> VisionTransformer:
-    """CLIP ViT-B/32 image tower at 224 px (timm ``vit_base_patch32_clip_224``)."""
-    return _clip(32, 768, 12, 12, 224, kwargs)
+def _register_tower(name: str, model_args: dict[str, Any], default_cfg: dict[str, Any], doc: str) -> None:
+    def constructor(**kwargs) -> VisionTransformer:
+        return _create(model_args, kwargs)
+
+    constructor.__name__ = constructor.__qualname__ = name
+    constructor.__doc__ = doc
+    register_model(constructor, task="vision", family="vit", default_cfg=default_cfg)
 
 
-@register_model(task="vision", family="vit", default_cfg=_cfg(224, crop_pct=1.0))
-def vit_large_patch14_clip_224(**kwargs) -> VisionTransformer:
-    """CLIP ViT-L/14 image tower at 224 px (timm ``vit_large_patch14_clip_224``)."""
-    return _clip(14, 1024, 24, 16, 224, kwargs)
-
-
-@register_model(task="vision", family="vit", default_cfg=_cfg(336, crop_mode="squash"))
-def vit_large_patch14_clip_336(**kwargs) -> VisionTransformer:
-    """CLIP ViT-L/14 image tower at 336 px (timm ``vit_large_patch14_clip_336``)."""
-    return _clip(14, 1024, 24, 16, 336, kwargs)
-
-
-@register_model(task="vision", family="vit", default_cfg=_cfg(224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=1.0))
-def vit_huge_patch14_clip_224(**kwargs) -> VisionTransformer:
-    """CLIP ViT-H/14 image tower at 224 px (timm ``vit_huge_patch14_clip_224``)."""
-    return _clip(14, 1280, 32, 16, 224, kwargs)
-
-
-# SigLIP image towers (Zhai et al., ICCV 2023; timm's default tags are SigLIP 2's weights, same architecture): no
-# class token, attention pooling with a learned latent ("map"), no classifier; [-1, 1] inputs, crop 0.9 at every
-# size (timm vision_transformer.py vit_*_siglip_*). The 384-px so400m/14 (384 = 27 * 14 + 6: timm's patch
-# embedding drops the last 6 pixels, which the zoo refuses unless dynamic_img_pad) is not here.
-def _siglip_cfg(img_size: int) -> dict:
-    return _cfg(img_size, num_classes=0, crop_pct=0.9)
-
-
-def _siglip(patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int, kwargs, mlp_ratio: float = 4.0,
-            global_pool: str = "map") -> VisionTransformer:
-    extra = dict(fc_norm=False) if global_pool == "avg" else {}
-    return _create(dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                        mlp_ratio=mlp_ratio, class_token=False, global_pool=global_pool, num_classes=0, **extra), kwargs)
-
-
-@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(224))
-def vit_base_patch16_siglip_224(**kwargs) -> VisionTransformer:
-    """SigLIP ViT-B/16 image tower at 224 px (timm ``vit_base_patch16_siglip_224``)."""
-    return _siglip(16, 768, 12, 12, 224, kwargs)
-
-
-@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(256))
-def vit_base_patch16_siglip_256(**kwargs) -> VisionTransformer:
-    """SigLIP ViT-B/16 image tower at 256 px (timm ``vit_base_patch16_siglip_256``)."""
-    return _siglip(16, 768, 12, 12, 256, kwargs)
-
-
-@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(384))
-def vit_base_patch16_siglip_384(**kwargs) -> VisionTransformer:
-    """SigLIP ViT-B/16 image tower at 384 px (timm ``vit_base_patch16_siglip_384``)."""
-    return _siglip(16, 768, 12, 12, 384, kwargs)
-
-
-@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(512))
-def vit_base_patch16_siglip_512(**kwargs) -> VisionTransformer:
-    """SigLIP ViT-B/16 image tower at 512 px (timm ``vit_base_patch16_siglip_512``)."""
-    return _siglip(16, 768, 12, 12, 512, kwargs)
-
-
-@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(256))
-def vit_large_patch16_siglip_256(**kwargs) -> VisionTransformer:
-    """SigLIP ViT-L/16 image tower at 256 px (timm ``vit_large_patch16_siglip_256``)."""
-    return _siglip(16, 1024, 24, 16, 256, kwargs)
-
-
-@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(384))
-def vit_large_patch16_siglip_384(**kwargs) -> VisionTransformer:
-    """SigLIP ViT-L/16 image tower at 384 px (timm ``vit_large_patch16_siglip_384``)."""
-    return _siglip(16, 1024, 24, 16, 384, kwargs)
-
-
-@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(224))
-def vit_so400m_patch14_siglip_224(**kwargs) -> VisionTransformer:
-    """SigLIP shape-optimised 400M ViT/14 at 224 px (timm ``vit_so400m_patch14_siglip_224``; MLP ratio 3.7362)."""
-    return _siglip(14, 1152, 27, 16, 224, kwargs, mlp_ratio=3.7362)
-
-
-@register_model(task="vision", family="vit", default_cfg=_siglip_cfg(224))
-def vit_base_patch16_siglip_gap_224(**kwargs) -> VisionTransformer:
-    """SigLIP ViT-B/16 with average pooling instead of the MAP head (timm ``vit_base_patch16_siglip_gap_224``)."""
-    return _siglip(16, 768, 12, 12, 224, kwargs, global_pool="avg")
+for _name, (_width, _patch, _size, _act, _classes, _data) in _CLIP_TOWERS.items():
+    _register_tower(_name, _clip_args(_width, _patch, _size, _act, _classes), _cfg(_size, _classes, **_data),
+                    f"CLIP {_width} ViT/{_patch} image tower at {_size} px, {_act} (timm ``{_name}``).")
+for _name, (_width, _patch, _size, _act, _crop) in _SIGLIP_TOWERS.items():
+    _register_tower(_name, _siglip_args(_name, _width, _patch, _size, _act), _cfg(_size, 0, crop_pct=_crop),
+                    f"SigLIP {_width} ViT/{_patch} image tower at {_size} px, {_act} (timm ``{_name}``).")
+del _name, _width, _patch, _size, _act, _classes, _data, _crop
