@@ -116,6 +116,24 @@ def test_maxvit_padded_sizes_export(name, size):
     assert result.max_abs_diff <= 1e-4 and result.input_shape[2:] == size
 
 
+@pytest.mark.parametrize("options,size", [(dict(), (48, 40)), (dict(dynamic_img_pad=True), (36, 21)),
+                                          (dict(img_size=36, drop_img_remainder=True), (44, 21))])
+def test_dynamic_size_vit_exports_at_another_size(options, size):
+    """A dynamic-size ViT exported at a size other than its own (torch's ONNX exporter has no anti-aliased bicubic
+    resize for the position embedding): the graph gets the table resampled once; the model is not changed."""
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", dynamic_img_size=True, **options).eval()
+    native = model.patch_embed.img_size
+    result = export_onnx(model, None, batch_size=1, img_size=size)
+    assert result.max_abs_diff <= 1e-5 and result.input_shape[2:] == size
+    assert model.patch_embed.img_size == native
+
+
+def test_too_large_for_one_onnx_file_is_refused_before_building():
+    with pytest.raises(ValueError, match=r"vit_giant_patch14_clip_224 has 3\.\d\d GiB of fp32 weights, over the 2 GiB"):
+        export_onnx("vit_giant_patch14_clip_224", None)
+
+
 def test_dynamo_exporter_agent_deit(tmp_path):
     result = export_onnx("agent_deit_debug", tmp_path / "agent.onnx", exporter="dynamo")
     assert result.path.is_file() and result.max_abs_diff <= 1e-4

@@ -22,11 +22,16 @@ model in eval mode must be at most ``atol`` (default 1e-4), otherwise :class:`Ex
 Model name, input size and mean/std are written to the ONNX metadata, from the model's ``pretrained_cfg``
 (its own size and the normalisation its checkpoint was trained with), else the registry's default_cfg.
 
-Caveat: single-file ONNX protobufs are limited to 2 GB (models above ~500M fp32 parameters would need
-external data; no registered vision model is that large).
+A ViT built with ``dynamic_img_size`` and exported at another size than its own is exported from a copy set
+to that size (``set_input_size``: the position embedding resampled once, as the model would on every call):
+ONNX has no anti-aliased bicubic resize, and the table is a constant of the fixed-size graph anyway.
+
+Single-file ONNX protobufs are limited to 2 GB: models above about 500M fp32 parameters (the giant CLIP and
+SigLIP towers) are refused with a message instead of failing inside the exporter.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import io
 import json
@@ -155,6 +160,9 @@ def _resolve_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwa
     entry = zoo.get_model_entry(model)  # unknown names raise with close matches
     if entry.task and entry.task != "vision":
         raise ValueError(f"zoo export handles vision models; {model!r} is a {entry.task!r} model")
+    if "pretrained" not in create_kwargs:  # too large for one file: say so before allocating the weights
+        with torch.device("meta"):
+            _check_protobuf_size(zoo.create_model(model, **create_kwargs), model)
     return zoo.create_model(model, **create_kwargs)
 
 
@@ -242,6 +250,8 @@ def export_onnx(
     net = _resolve_model(model, ckpt, create_kwargs)
     name = getattr(net, "zoo_model_name", None) or (model if isinstance(model, str) else type(net).__name__)
     in_chans, (height, width) = _input_geometry(net, img_size)
+    _check_protobuf_size(net, name)
+    net = _fixed_size_copy(net, (height, width))
     gen = torch.Generator().manual_seed(seed)
     param = next(net.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -288,6 +298,34 @@ def export_onnx(
         net.train(was_training)
     return ExportResult(path, str(name), (batch_size, in_chans, height, width), exporter, opset, diff,
                         None if path is not None else data)
+
+
+# protobuf's hard limit for one message (2 GiB), less room for the graph itself
+_PROTOBUF_LIMIT_BYTES = 2**31 - 2**24
+
+
+def _check_protobuf_size(net: nn.Module, name: str) -> None:
+    weight_bytes = sum(t.numel() * 4 for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point())
+    if weight_bytes > _PROTOBUF_LIMIT_BYTES:
+        raise ValueError(
+            f"{name} has {weight_bytes / 2**30:.2f} GiB of fp32 weights, over the 2 GiB a single ONNX file holds; "
+            f"export it with torch.onnx.export(..., external_data=True) (weights beside the graph) or a smaller depth"
+        )
+
+
+def _fixed_size_copy(net: nn.Module, size: tuple[int, int]) -> nn.Module:
+    """A dynamic-size ViT exported at another size: a copy whose native size is that one (its position
+    embedding resampled once, outside the graph), else the model itself."""
+    embed = getattr(net, "patch_embed", None)
+    if not (getattr(net, "dynamic_img_size", False) and hasattr(net, "set_input_size") and embed is not None):
+        return net
+    if getattr(embed, "dynamic_img_pad", False):  # the graph sees the padded grid
+        size = tuple(-(-s // p) * p for s, p in zip(size, embed.patch_size))
+    if tuple(embed.img_size) == tuple(size):
+        return net
+    fixed = copy.deepcopy(net)
+    fixed.set_input_size(size)
+    return fixed
 
 
 def _export_proto(net: nn.Module, example: torch.Tensor, exporter: str, opset: int):
