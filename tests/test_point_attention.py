@@ -210,6 +210,18 @@ def test_geometry_bad_inputs_raise_clear_errors():
         knn_graph(pos, 3, flow="both")
     with pytest.raises(ValueError, match="ratio"):
         fps(pos, ratio=0.0)
+    with pytest.raises(ValueError, match=r"k must be a positive int, got 2\.0"):
+        knn_graph(pos, 2.0)
+    with pytest.raises(ValueError, match="k must be a positive int, got True"):
+        knn(pos, pos, True)
+
+
+def test_geometry_counts_take_numpy_and_tensor_ints():
+    """k / max_num_neighbors read from a numpy config or computed with torch, as torch_cluster takes them."""
+    pos = _points(30, seed=2)
+    assert torch.equal(knn_graph(pos, np.int64(4)), knn_graph(pos, 4))
+    assert torch.equal(knn(pos, pos[:5], torch.tensor(3)), knn(pos, pos[:5], 3))
+    assert torch.equal(radius_graph(pos, 0.8, max_num_neighbors=np.int32(5)), radius_graph(pos, 0.8, max_num_neighbors=5))
 
 
 # ------------------------------------------------------------------------------------------------ the layer
