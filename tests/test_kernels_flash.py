@@ -193,6 +193,11 @@ def _mask_cases():
         "blocksparse-20pct-tile": lambda: BlockSparse(blk20, 32),
         "blocksparse-50pct-subtile": lambda: BlockSparse(blk50, 16),
         "segments&causal": lambda: Segments(ids_q, ids_k) & Causal(),
+        # per-segment alignment (flash_attn_varlen_func's causal / window_size): tiles skipped by the block map,
+        # the partial ones read from a materialised mask
+        "segments.causal()": lambda: Segments(ids_q, ids_k).causal(),
+        "segments-unsorted.window(4,1)": lambda: Segments(_random_ids(nq, 3, 1, 6, sort=False),
+                                                          _random_ids(nk, 3, 1, 7, sort=False)).window(4, 1),
         "causal&window": lambda: Causal() & Window(16, None),
         "window|blocksparse": lambda: Window(3, 3) | BlockSparse(blk20, 32),
         "(window|segments)&causal": lambda: (Window(8, 0) | Segments(ids_q, ids_k)) & Causal(),

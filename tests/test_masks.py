@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from zoo.attention import EMPTY, FULL, PARTIAL, BlockSparse, Causal, ChunkWindow, Dense, Full, Segments, Window
+from zoo.attention import (
+    EMPTY, FULL, PARTIAL, BlockSparse, Causal, ChunkWindow, Dense, Full, SegmentWindow, Segments, Window,
+)
 from zoo.attention.masks import _states_from_dense
 
 
@@ -249,6 +251,78 @@ def test_from_cu_seqlens_is_flash_attention_varlen(backend):
     want = _per_sequence_sdpa(*x, bounds(cu_q), bounds(cu_q), causal=True)
     out = attend(*x, mask=Causal() & Segments.from_cu_seqlens(cu_q), backend=backend)
     torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, left, right):
+    """flash_attn_varlen_func(causal / window_size) re-derived in float64, one sequence at a time: query r of a
+    sequence with Lq queries and Lk keys sits at key r + Lk - Lq and sees keys r + Lk - Lq - left .. + right;
+    a query that sees no key gets a zero row (FlashAttention's output there)."""
+    out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=torch.float64)
+    for (q0, q1), (k0, k1) in zip(zip(cu_q[:-1], cu_q[1:]), zip(cu_k[:-1], cu_k[1:])):
+        pos = torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)
+        key = torch.arange(k1 - k0)[None]
+        allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        if left is not None:
+            allowed &= key >= pos - left
+        if right is not None:
+            allowed &= key <= pos + right
+        scores = q[..., q0:q1, :].double() @ k[..., k0:k1, :].double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)
+        out[..., q0:q1, :] = probs @ v[..., k0:k1, :].double()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+@pytest.mark.parametrize("left,right", [(None, 0), (5, 0), (3, 2), (None, None)])
+def test_segment_window_is_flash_attention_varlen_causal(backend, left, right):
+    """Segments.causal() / .window(): causal and sliding-window attention aligned bottom-right per sequence, as
+    flash_attn_varlen_func computes it, where Causal() & Segments aligns the packed rows as a whole: sequences
+    with fewer queries than keys (a KV cache per sequence), more queries than keys (first rows see nothing), an
+    empty sequence."""
+    from zoo.attention import attend
+
+    g = torch.Generator().manual_seed(6)
+    cu_q, cu_k = [0, 4, 4, 15, 40, 47], [0, 11, 16, 16, 66, 70]
+    q = torch.randn(1, 2, 47, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, 70, 16, generator=g)
+    segments = Segments.from_cu_seqlens(cu_q, cu_k)
+    mask = segments.causal() if (left, right) == (None, 0) else segments.window(left, right)
+    out = attend(q, k, v, mask=mask, backend=backend)
+    torch.testing.assert_close(out.double(), _varlen_reference(q, k, v, cu_q, cu_k, left, right), atol=2e-6, rtol=1e-5)
+    if (left, right) == (None, 0):  # the packed-rows alignment differs here (Lq != Lk per sequence)
+        other = attend(q, k, v, mask=Causal() & segments, backend=backend)
+        assert (other - out).abs().max() > 0.1
+
+
+def test_segment_window_block_map_and_positions():
+    """The block map is never wrong (EMPTY only where the dense mask is empty, FULL only where it is full) and
+    skips whole-segment tiles that the window rules out; positions are ranks inside each segment (unsorted ids,
+    padding, batch-1 key ids broadcast over a batch of query ids)."""
+    ids_q = torch.tensor([[0, 0, 1, 1, 1, 0, -1], [2, 2, 2, 2, -1, -1, -1]])
+    ids_k = torch.tensor([[1, 0, 2, 0, 1, 2, 2, 1]])
+    mask = Segments(ids_q, ids_k).causal()
+    q_pos, k_pos = mask.positions()
+    assert k_pos.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2]] * 2
+    # row 0: id 0 has 3 queries, 2 keys (shift -1); id 1 has 3 queries, 3 keys (shift 0)
+    assert q_pos[0, :6].tolist() == [-1, 0, 0, 1, 2, 1]
+    assert q_pos[1, :4].tolist() == [-1, 0, 1, 2]  # id 2: 4 queries, 3 keys
+    dense = mask.dense(7, 8)
+    assert dense.shape == (2, 1, 7, 8)
+    assert dense[0, 0, 0].tolist() == [False] * 8  # rank -1: sees nothing, as FlashAttention's first rows
+    assert dense[0, 0, 4].tolist() == [True, False, False, False, True, False, False, True]
+    cu = [0, 40, 100, 130]
+    big = Segments.from_cu_seqlens(cu).window(7, 0)
+    for bq, bk in [(8, 8), (16, 32), (5, 7)]:
+        states, want = big.block_map(130, 130, bq, bk).states, _states_from_dense(big.dense(130, 130), bq, bk)
+        assert bool(((states == EMPTY) <= (want == EMPTY)).all()) and bool(((states == FULL) <= (want == FULL)).all())
+    assert int((big.block_map(130, 130, 8, 8).states == EMPTY).sum()) > int(
+        (Segments.from_cu_seqlens(cu).block_map(130, 130, 8, 8).states == EMPTY).sum())
+    with pytest.raises(TypeError, match="SegmentWindow: segments must be a Segments mask, got Causal"):
+        SegmentWindow(Causal())
+    with pytest.raises(ValueError, match=r"SegmentWindow\(left=-2, right=1\) allows no key at all"):
+        Segments(ids_q).window(-2, 1)
+    with pytest.raises(ValueError, match="Segments ids have lengths"):
+        mask.dense(6, 8)
 
 
 @pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])

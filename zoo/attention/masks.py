@@ -41,6 +41,7 @@ __all__ = [
     "Window",
     "ChunkWindow",
     "Segments",
+    "SegmentWindow",
     "Dense",
     "BlockSparse",
     "MaskMod",
@@ -388,7 +389,8 @@ class Segments(Mask):
 
         ``kv_cu_seqlens`` (same number of sequences) packs the keys differently, for cross attention. With
         equal query and key lengths, ``Causal() & Segments.from_cu_seqlens(cu)`` is varlen ``causal=True``;
-        where a sequence's query and key lengths differ, Causal aligns the packed rows, not each sequence.
+        where a sequence's query and key lengths differ, Causal aligns the packed rows, not each sequence:
+        ``Segments.from_cu_seqlens(cu_q, cu_k).causal()`` aligns each sequence, as FlashAttention does.
         """
         q_ids = cls._packed_ids(cu_seqlens, "cu_seqlens")
         if kv_cu_seqlens is None:
@@ -398,6 +400,16 @@ class Segments(Mask):
             raise ValueError(f"Segments.from_cu_seqlens: cu_seqlens has {len(cu_seqlens) - 1} sequences but "
                              f"kv_cu_seqlens has {len(kv_cu_seqlens) - 1}")
         return cls(q_ids, kv_ids)
+
+    def causal(self) -> "SegmentWindow":
+        """Causal attention inside each segment, bottom-right aligned per segment: flash_attn_varlen_func's
+        ``causal=True`` (see :class:`SegmentWindow`)."""
+        return SegmentWindow(self, left=None, right=0)
+
+    def window(self, left: Optional[int] = None, right: Optional[int] = None) -> "SegmentWindow":
+        """A key window inside each segment, aligned per segment: flash_attn_varlen_func's ``window_size``
+        (``left`` / ``right`` None = unbounded, as its -1; see :class:`SegmentWindow`)."""
+        return SegmentWindow(self, left=left, right=right)
 
     @staticmethod
     def _int_vector(values, name: str, method: str) -> torch.Tensor:
@@ -502,6 +514,119 @@ class Segments(Mask):
 
     def __repr__(self) -> str:
         return f"Segments(batch={self.batch_size}, q_len={self.q_ids.shape[1]}, kv_len={self.kv_ids.shape[1]})"
+
+
+class SegmentWindow(Mask):
+    """A :class:`Window` inside every segment, with positions counted per segment: causal or sliding-window
+    attention over sequences packed back to back, as ``flash_attn_varlen_func(causal=True, window_size=...)``
+    computes it (Dao, FlashAttention-2, flash_attn_interface.py).
+
+    A token's position is its rank among the tokens of its segment (so the segments need not be contiguous);
+    a segment with Lq queries and Lk keys aligns its queries bottom-right, query rank r sitting at key rank
+    r + Lk - Lq, as FlashAttention aligns each sequence (with Lq == Lk the usual diagonal). That query sees the
+    keys of its segment at ranks p - left .. p + right. ``Causal() & segments`` instead aligns the packed rows as
+    a whole, which is the same only when every segment has as many queries as keys (self attention, no cache).
+    Padding (negative ids) behaves as in :class:`Segments`. Built by ``segments.causal()`` /
+    ``segments.window(left, right)``.
+
+    Every backend computes it; the block map skips the tiles that the ids or the windows rule out, so the
+    CPU sparse path and the Triton kernel visit only the others. The Triton kernel evaluates its partial
+    tiles through a materialised boolean mask (its in-kernel predicate has no per-segment alignment yet).
+    """
+
+    def __init__(self, segments: Segments, left: Optional[int] = None, right: Optional[int] = 0) -> None:
+        super().__init__()
+        if not isinstance(segments, Segments):
+            raise TypeError(f"SegmentWindow: segments must be a Segments mask, got {type(segments).__name__}")
+        _check_band("SegmentWindow", "key", left, right)
+        self.segments = segments
+        self.left = None if left is None else int(left)
+        self.right = None if right is None else int(right)
+        self._positions: dict = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.segments.batch_size
+
+    def check_shape(self, q_len, k_len, batch=None, heads=None):
+        self.segments.check_shape(q_len, k_len, batch, heads)
+
+    @staticmethod
+    def _ranks(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of (B, N) ids: each token's rank among the tokens of its id, the ids sorted, and the
+        sorting permutation."""
+        order = torch.sort(ids, dim=1, stable=True)
+        sorted_ids, index = order.values, order.indices
+        n = ids.shape[1]
+        arange = torch.arange(n, device=ids.device).expand_as(ids)
+        starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+        starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+        run_start = torch.cummax(torch.where(starts, arange, torch.zeros_like(arange)), dim=1).values
+        ranks = torch.empty_like(ids)
+        ranks.scatter_(1, index, arange - run_start)
+        return ranks, sorted_ids, index
+
+    @staticmethod
+    def _count_of(values: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """How many of each row's sorted ids equal each entry of ``values`` (B, M)."""
+        left = torch.searchsorted(sorted_ids, values, right=False)
+        right = torch.searchsorted(sorted_ids, values, right=True)
+        return right - left
+
+    def positions(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query positions, key positions), (Bq, Nq) and (Bk, Nk) int64: key ranks, and query ranks shifted
+        to the key axis by Lk - Lq of their segment (the per-segment bottom-right alignment)."""
+        key = str(device)
+        hit = self._positions.get(key)
+        if hit is None:
+            batch = self.segments.batch_size  # ids of batch 1 apply to every row
+            q_ids = self.segments.q_ids.to(device).expand(batch, -1).contiguous()
+            kv_ids = self.segments.kv_ids.to(device).expand(batch, -1).contiguous()
+            q_rank, q_sorted, _ = self._ranks(q_ids)
+            k_rank, k_sorted, _ = self._ranks(kv_ids)
+            shift = self._count_of(q_ids, k_sorted) - self._count_of(q_ids, q_sorted)
+            hit = self._positions[key] = (q_rank + shift, k_rank)
+        return hit
+
+    def _offsets(self) -> tuple[float, float]:
+        lo = -math.inf if self.left is None else -self.left
+        hi = math.inf if self.right is None else self.right
+        return lo, hi
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        same = self.segments._dense_rows(q_len, k_len, start, stop, device)  # (B, 1, R, Nk)
+        q_pos, k_pos = self.positions(device)
+        rel = k_pos[:, None, :] - q_pos[:, start:stop, None]  # (B, R, Nk)
+        return same & _band_rows(rel, *self._offsets())[0, 0][:, None]
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        states = self.segments._block_states(q_len, k_len, block_q, block_k, device)  # (B, 1, QB, KB)
+        q_pos, k_pos = self.positions(device)
+        q_min, q_max = _tile_extremes(q_pos, block_q)
+        k_min, k_max = _tile_extremes(k_pos, block_k)
+        rel_min = (k_min[:, None, :] - q_max[:, :, None]).double()[:, None]  # (B, 1, QB, KB)
+        rel_max = (k_max[:, None, :] - q_min[:, :, None]).double()[:, None]
+        lo, hi = self._offsets()
+        # FULL by ids means both tiles hold one and the same segment: there the positions decide exactly
+        # (bounds over the tiles). Mixed tiles stay PARTIAL: ranks of different segments are not comparable.
+        full_by_ids = states == FULL
+        states = states.clone()
+        states[full_by_ids & ((rel_max < lo) | (rel_min > hi))] = EMPTY
+        states[full_by_ids & ~((rel_min >= lo) & (rel_max <= hi)) & (states == FULL)] = PARTIAL
+        return states
+
+    def __repr__(self) -> str:
+        return f"SegmentWindow({self.segments!r}, left={self.left}, right={self.right})"
+
+
+def _tile_extremes(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of (B, N) ints and tile of ``block``: min and max over the tile's in-range entries."""
+    b, n = values.shape
+    t = _num_blocks(n, block)
+    big = torch.iinfo(torch.long).max // 4
+    padded_hi = torch.nn.functional.pad(values, (0, t * block - n), value=big).reshape(b, t, block)
+    padded_lo = torch.nn.functional.pad(values, (0, t * block - n), value=-big).reshape(b, t, block)
+    return padded_hi.amin(-1), padded_lo.amax(-1)
 
 
 class Dense(Mask):
