@@ -263,7 +263,9 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
         ea = None if ea is None else ea.contiguous()
         we = None if we is None else we.contiguous()
         keep_i8 = None if keep is None else keep.to(torch.int8).contiguous()
-        out = torch.empty(Nd, H, C, dtype=xs.dtype, device=xs.device)
+        # fp32 output, cast for the caller: backward's delta = g . out needs it unrounded (from an fp16 out,
+        # t - delta is rounding noise for a near one-hot softmax: 0.5 error in d_att against 2e-4)
+        out = torch.empty(Nd, H, C, dtype=torch.float32, device=xs.device)
         lse = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
         s = torch.empty(csr.num_edges, H, dtype=torch.float32, device=xs.device) if need_weights else lse
         dummy = att
@@ -278,14 +280,15 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
             )
         ctx.save_for_backward(xs, xd, att, ea, we, keep_i8, out, lse)
         ctx.csr, ctx.slope, ctx.kscale = csr, float(slope), float(kscale)
+        out_cast = out.to(xs.dtype)
         if not need_weights:
-            return out, None
+            return out_cast, None
         alpha = torch.exp(s - lse[csr.row])
         if keep is not None:
             alpha = alpha * keep.to(alpha.dtype) * kscale
         alpha = alpha.to(xs.dtype)
         ctx.mark_non_differentiable(alpha)
-        return out, alpha
+        return out_cast, alpha
 
     @staticmethod
     def backward(ctx, g, _g_alpha):
@@ -294,7 +297,7 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
         Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
         D = 0 if ea is None else ea.shape[1]
         g = g.contiguous()
-        delta = (g.float() * out.float()).sum(-1).contiguous()  # [Nd, H] = g_i . out_i
+        delta = (g.float() * out).sum(-1).contiguous()  # [Nd, H] = g_i . out_i (out kept in fp32)
         dxs = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device)
         dxd = torch.zeros(xd.shape, dtype=torch.float32, device=xs.device)
         datt = torch.zeros(H, C, dtype=torch.float32, device=xs.device)

@@ -226,6 +226,64 @@ def test_sparse_csc_input_returns_csc_attention():
     torch.testing.assert_close(adj.to_dense().sum(1), torch.ones(6, 2), **TOL)  # sums to one per node
 
 
+
+def test_sparse_adjacency_edge_attr_rows_follow_storage_order():
+    """A sparse adjacency's edge features come in its storage order, as its values do: column-major for CSC, the
+    stored order for a transposed (uncoalesced) COO, sorted for CSR / coalesced COO. PyG on the [2, E] edges is
+    the reference (PyG itself refuses CSC and uncoalesced COO). Before, the rows were read as sorted by
+    destination: wrong pairs for CSC and transposed COO, silently. A COO with duplicate entries has no row for
+    them: refused with edge_attr."""
+    ours, peer = _pair(GATv2Conv, pyg_nn.GATv2Conv, 4, 3, heads=2, edge_dim=2, add_self_loops=False)
+    x, edge_attr = torch.randn(5, 4), torch.randn(6, 2)
+    ei = torch.tensor([[0, 1, 2, 0, 4, 3], [1, 0, 0, 2, 2, 4]])
+    want = peer(x, ei, edge_attr)
+    edge_ids = torch.arange(6)
+    adj_t = torch.sparse_coo_tensor(ei.flip(0), edge_ids, (5, 5))  # adj_t[dst, src], stored in ei order
+    cases = {"coo-stored": adj_t, "coo-coalesced": adj_t.coalesce(), "csr": adj_t.coalesce().to_sparse_csr(),
+             "csc": adj_t.coalesce().to_sparse_csc(),
+             "coo-transposed": torch.sparse_coo_tensor(ei, edge_ids, (5, 5)).coalesce().t()}
+    for name, sparse in cases.items():
+        stored = sparse._values() if sparse.layout == torch.sparse_coo else sparse.values()  # edge ids, in order
+        torch.testing.assert_close(ours(x, sparse, edge_attr[stored]), want, **TOL, msg=name)
+    duplicated = torch.sparse_coo_tensor(torch.cat([ei.flip(0), ei.flip(0)[:, :1]], 1), torch.arange(7), (5, 5))
+    with pytest.raises(ValueError, match="sparse COO adjacency that holds duplicate entries"):
+        ours(x, duplicated, torch.randn(7, 2))
+
+
+def test_returned_edge_index_is_a_copy():
+    """Editing the returned edge_index in place must not reach the layer's cached graph (PyG returns a new
+    tensor per call)."""
+    conv = GATv2Conv(4, 2, edge_dim=1, fill_value="mean").eval()
+    x, ei, edge_attr = torch.randn(5, 4), torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]]), torch.randn(4)
+    first, (returned, _) = conv(x, ei, edge_attr, return_attention_weights=True)
+    returned[1, :4] = 0
+    second, (again, _) = conv(x, ei, edge_attr, return_attention_weights=True)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    assert again[1].tolist() == [1, 2, 3, 4, 0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("channels", [1, 2, 5, 16])
+def test_segment_softmax_takes_an_int32_index(channels):
+    """int32 indices (documented) give int64's result and gradient: torch's CPU scatter ops read an int32 index
+    expanded with stride 0 wrongly (silently below 16 channels)."""
+    from torch_geometric.utils import softmax as pyg_softmax
+
+    from zoo.attention.segment import segment_softmax_weighted_sum
+
+    g = torch.Generator().manual_seed(channels)
+    index = torch.tensor([0, 1, 1, 3, 3, 3, 1])
+    scores = torch.randn(7, channels, generator=g, requires_grad=True)
+    weights = torch.randn(7, channels, generator=g)
+    want = pyg_softmax(scores, index, num_nodes=4)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), scores)
+    got = segment_softmax(scores, index.int(), 4)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), scores)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got_grad, want_grad, **TOL)
+    torch.testing.assert_close(segment_softmax_weighted_sum(scores, weights, index.int(), 4),
+                               segment_softmax_weighted_sum(scores, weights, index, 4), **TOL)
+
+
 @pytest.mark.parametrize("edge_dim", [None, 3])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_no_edge_by_channel_tensor_is_kept_for_backward(edge_dim, dropout):

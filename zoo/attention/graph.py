@@ -78,10 +78,16 @@ class GraphStructure:
     edge_index: Tensor  # [2, E'] the edges in PyG's order (kept input edges, then loops)
     sparse_layout: Optional[torch.layout] = None  # layout of a sparse adjacency input
     sparse_size: Optional[tuple] = None  # (Nd, Ns) of a sparse adjacency input
+    # a sparse adjacency's entries in its storage order (the order of its edge_attr rows) -> edge_index order;
+    # None when they already agree (or for a [2, E] edge_index); see _sparse_to_edge_index
+    storage_order: Optional[Tensor] = None
+    sparse_coalesced: bool = True  # False for a COO adjacency with duplicate entries (merged here)
 
 
-def _sparse_to_edge_index(adj: Tensor) -> Tensor:
-    """``adj_t[dst, src]`` (CSR, CSC or COO) -> [2, E] (src, dst), sorted by (dst, src)."""
+def _sparse_to_edge_index(adj: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """``adj_t[dst, src]`` (CSR, CSC or COO) -> ([2, E] (src, dst) sorted by (dst, src), the permutation from the
+    entries' storage order to that order, or None when it is the identity). Edge features of a sparse adjacency
+    come in its storage order (as its values do): column-major for CSC."""
     if adj.layout == torch.sparse_csr:
         crow, col = adj.crow_indices(), adj.col_indices()
         dst = torch.repeat_interleave(torch.arange(adj.size(0), device=adj.device), crow.diff())
@@ -91,13 +97,22 @@ def _sparse_to_edge_index(adj: Tensor) -> Tensor:
         src = torch.repeat_interleave(torch.arange(adj.size(1), device=adj.device), ccol.diff())
         dst = row
     elif adj.layout == torch.sparse_coo:
-        idx = adj.coalesce().indices()
+        # the stored entries (a transposed adj.t() is uncoalesced but has an order); duplicates are merged
+        idx = adj._indices() if _coo_without_duplicates(adj) else adj.coalesce().indices()
         dst, src = idx[0], idx[1]
     else:
         raise TypeError(f"unsupported sparse layout {adj.layout} (use sparse CSR, CSC or COO)")
     key = dst * max(1, adj.size(1)) + src
     order = torch.argsort(key, stable=True)
-    return torch.stack([src[order], dst[order]]).long()
+    identity = bool((order == torch.arange(order.numel(), device=order.device)).all())
+    return torch.stack([src[order], dst[order]]).long(), None if identity else order
+
+
+def _coo_without_duplicates(adj: Tensor) -> bool:
+    if adj.is_coalesced():
+        return True
+    idx = adj._indices()
+    return torch.unique(idx[0] * max(1, adj.size(1)) + idx[1]).numel() == idx.size(1)
 
 
 def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool) -> GraphStructure:
@@ -115,9 +130,12 @@ def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool
                 f"[num_dst={num_dst}, num_src={num_src}] (pass adj.t() as PyG does)"
             )
         layout, size = edge_index.layout, tuple(edge_index.shape)
-        edge_index = _sparse_to_edge_index(edge_index)
+        coalesced = layout != torch.sparse_coo or _coo_without_duplicates(edge_index)
+        edge_index, storage_order = _sparse_to_edge_index(edge_index)
     elif type(edge_index).__name__ == "SparseTensor":
         raise TypeError("torch_sparse.SparseTensor is not supported; pass a torch sparse tensor (adj.t())")
+    else:
+        coalesced, storage_order = True, None
     edge_index = check_edge_index(edge_index, num_src, num_dst)
     num_input = edge_index.size(1)
     kept, num_loops = None, 0
@@ -130,7 +148,7 @@ def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool
         loops = torch.arange(num_loops, device=edge_index.device).expand(2, -1)
         edge_index = torch.cat([edge_index, loops], dim=1)
     csr = build_csr(edge_index, num_src, num_dst, validate=False)
-    return GraphStructure(csr, num_input, kept, num_loops, edge_index, layout, size)
+    return GraphStructure(csr, num_input, kept, num_loops, edge_index, layout, size, storage_order, coalesced)
 
 
 def _loop_attr(edge_attr: Tensor, dst: Tensor, num_dst: int, num_loops: int, fill_value) -> Tensor:
@@ -462,6 +480,12 @@ class _GraphAttentionBase(CachedGraphLayer):
                 "edge_attr with a sparse adjacency and add_self_loops=True is not supported (as in PyG): "
                 "pass a [2, E] edge_index"
             )
+        if not graph.sparse_coalesced:
+            raise ValueError(
+                "edge_attr with a sparse COO adjacency that holds duplicate entries: they are one entry of the "
+                "matrix (coalescing sums them), so their edge features have no row; pass adj.coalesce() with its "
+                "edge features in that order, or a [2, E] edge_index (multi-edges allowed)"
+            )
         if edge_attr.dim() == 1:
             edge_attr = edge_attr.view(-1, 1)
         if edge_attr.dim() != 2:
@@ -475,6 +499,8 @@ class _GraphAttentionBase(CachedGraphLayer):
         if self.edge_dim is not None and edge_attr.size(1) != self.edge_dim:
             raise ValueError(f"edge_attr has {edge_attr.size(1)} features, edge_dim is {self.edge_dim}")
         self._like_weights(edge_attr, self.lin_edge, "edge_attr")
+        if graph.storage_order is not None:  # CSC, a transposed COO, unsorted CSR columns: rows in storage order
+            edge_attr = edge_attr[graph.storage_order]
         if graph.kept is not None:
             edge_attr = edge_attr[graph.kept]
         if graph.num_loops:
@@ -521,7 +547,9 @@ class _GraphAttentionBase(CachedGraphLayer):
     def _attention_result(self, graph: GraphStructure, alpha: Tensor):
         """alpha [E', H] in ``graph.edge_index`` order -> PyG's (edge_index, alpha) or (sparse adj, alpha)."""
         if graph.sparse_layout is None:
-            return graph.edge_index, alpha
+            # a copy, as PyG builds one per call: the cached graph keeps using its own (an edit of the returned
+            # tensor changed the next call's output)
+            return graph.edge_index.clone(), alpha
         # sparse adjacency adj[dst, src, h]: entries sorted by (dst, src) (by (src, dst) for CSC)
         src, dst = graph.edge_index[0], graph.edge_index[1]
         n_dst, n_src = graph.sparse_size

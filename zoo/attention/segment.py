@@ -262,7 +262,9 @@ def segment_softmax(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
     num_segments = _check_segments("segment_softmax", scores, index, num_segments)
     if scores.numel() == 0:
         return scores.clone()
-    idx = index.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores)
+    # int64 for the scatter ops: torch 2.11's CPU scatter_reduce / gather / scatter_add read an int32 index
+    # expanded with stride 0 wrongly (silently for 2 <= C < 16 channels, an error from 16 on)
+    idx = index.long().view(-1, *([1] * (scores.dim() - 1))).expand_as(scores)
     shape = (num_segments,) + tuple(scores.shape[1:])
     m = scores.new_full(shape, float("-inf")).scatter_reduce(0, idx, scores.detach(), "amax")
     p = (scores - m.gather(0, idx)).exp()
@@ -365,6 +367,7 @@ def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: 
         raise ValueError(f"{fn}: impl='triton' needs rowptr (entries in CSR order)")
     if rowptr is not None:
         _check_rowptr(fn, rowptr, index_E, num_segments)
+    index_E = index_E.long()  # int32 is taken; the scatter ops need int64 (see segment_softmax)
     kernel = rowptr is not None and (impl == "triton" or (impl == "auto" and scores_EC.is_cuda))
     return _SegmentSoftmaxWeightedSum.apply(scores_EC, values_EC, index_E, num_segments, rowptr if kernel else None)
 
