@@ -178,7 +178,7 @@ def kernel_tile_lists(
     tiles and the lists name the query tiles that see each key tile (dK/dV pass).
     """
     key = (q_len, k_len, block_m, block_n, str(torch.device(device)), transposed)
-    per_mask = _LIST_CACHE.setdefault(mask, {})
+    per_mask = mask.versioned_cache(_LIST_CACHE.setdefault(mask, {}))  # emptied after an in-place edit of the mask
     lists = per_mask.get(key)
     if lists is None:
         bmap: BlockMap = mask.block_map(q_len, k_len, block_m, block_n, device=device)
@@ -478,7 +478,7 @@ _PROGRAM_CACHE: "weakref.WeakKeyDictionary[Mask, dict]" = weakref.WeakKeyDiction
 def lower_mask(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
     """The in-kernel predicate of ``mask`` for this problem size (cached per mask object and device)."""
     key = (q_len, k_len, str(torch.device(device)))
-    per_mask = _PROGRAM_CACHE.setdefault(mask, {})
+    per_mask = mask.versioned_cache(_PROGRAM_CACHE.setdefault(mask, {}))
     prog = per_mask.get(key)
     if prog is None:
         if mask.is_full:

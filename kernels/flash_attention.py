@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,7 +73,7 @@ from torch.autograd.function import once_differentiable
 from zoo.kernels.block_index import MaskProgram, kernel_tile_lists, lower_mask, needs_dense_fallback
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import resolve_bias
-from zoo.attention.masks import Mask, as_mask
+from zoo.attention.masks import And, Mask, Or, Segments, as_mask
 
 __all__ = [
     "flash_attention",
@@ -1153,7 +1154,26 @@ def triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights
         cells = mask.batch_size * mask.num_heads * q_len * k_len
         if cells > DENSE_FALLBACK_LIMIT:
             return f"mask {mask!r} has no in-kernel form and a dense copy would need {cells} cells"
+    elif not _segment_ids_fit_int32(mask):
+        return "Segments ids outside int32 (the kernel reads them as int32)"
     return None
+
+
+# Per mask (and its version): whether every Segments id fits the kernel's int32 (one min/max pass, once)
+_INT32_IDS: "weakref.WeakKeyDictionary[Mask, dict]" = weakref.WeakKeyDictionary()
+
+
+def _segment_ids_fit_int32(mask: Mask) -> bool:
+    if isinstance(mask, (And, Or)):
+        return _segment_ids_fit_int32(mask.a) and _segment_ids_fit_int32(mask.b)
+    if not isinstance(mask, Segments):
+        return True
+    known = mask.versioned_cache(_INT32_IDS.setdefault(mask, {}))
+    if "fits" not in known:
+        info = torch.iinfo(torch.int32)
+        known["fits"] = all(not ids.numel() or (int(ids.max()) <= info.max and int(ids.min()) >= info.min)
+                            for ids in mask.tensors())
+    return known["fits"]
 
 
 def triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights):

@@ -401,6 +401,7 @@ def test_dropout_changes_output_only_when_positive():
         (lambda: (torch.randn(1, 2, 8, 16).half(), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), "share a dtype"),
         (lambda: (torch.ones(1, 2, 8, 16, dtype=torch.long),) * 3, "floating-point"),
         (lambda: (torch.full((1, 2, 8, 16), float("nan")), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), "NaN"),
+        (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 0)), r"empty input .*v \(1, 2, 8, 0\)"),
     ],
 )
 def test_bad_tensors_raise_clear_errors(make, pattern):
@@ -461,6 +462,15 @@ def test_fp16_reference_scales_before_the_product():
     assert torch.isfinite(weights).all()
     torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=0)
     torch.testing.assert_close(attend(q, k, v, backend="sdpa").double(), expected, atol=2e-3, rtol=0)
+
+    # a scaled score itself past 65504 (|scale q . k| ~ 1e5): the product of that chunk is taken in fp32
+    g = torch.Generator().manual_seed(0)
+    q, k = ((torch.randn(1, 1, 8, 64, generator=g) * 200).half() for _ in range(2))
+    v = torch.randn(1, 1, 8, 64, generator=g).half()
+    expected = attend(q.double(), k.double(), v.double(), backend="torch")
+    out, weights = attend(q, k, v, backend="torch", return_weights=True)
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=0)
 
 
 def test_check_finite_false_skips_the_scan():

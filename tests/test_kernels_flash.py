@@ -626,6 +626,34 @@ def test_bad_input_errors():
         flash_attention(q, k, v, Segments(torch.zeros(16, dtype=torch.long)))
 
 
+def test_ids_outside_int32_are_refused_by_the_capability_check():
+    """The kernel reads Segments ids as int32: triton_supports says so (attend() then picks another backend)
+    instead of accepting the call and failing in the forward."""
+    from zoo.attention import as_mask
+    from zoo.kernels.flash_attention import triton_supports
+
+    q, k, v, _ = _inputs(1, 1, 1, 8, 8, 16)
+    seg = Segments(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]) * 2**32)
+    assert "outside int32" in triton_supports(q, k, v, as_mask(seg), None, 0.25, "softmax", 0.0, False)
+    assert triton_supports(q, k, v, as_mask(Segments(torch.tensor([0] * 4 + [1] * 4))), None, 0.25, "softmax", 0.0,
+                           False) is None
+    with pytest.raises(ValueError, match="cannot run this call: Segments ids outside int32"):
+        attend(q, k, v, seg, backend="triton")
+
+
+def test_in_place_edit_of_the_mask_reaches_the_kernel():
+    """The kernel's tile lists and in-kernel program are cached per mask object: an in-place edit of its tensor
+    (a key-padding mask reused for the next batch) must rebuild them, as the dense reference sees it."""
+    q, k, v, _ = _inputs(1, 2, 2, 64, 64, 16)
+    keep = torch.zeros(1, 1, 1, 64, dtype=torch.bool, device=DEVICE)
+    keep[..., :10] = True
+    mask = Dense(keep)
+    flash_attention(q, k, v, mask)
+    keep[..., :] = True
+    torch.testing.assert_close(flash_attention(q, k, v, mask), flash_attention_ref(q, k, v, Dense(keep.clone())),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_non_contiguous_layout():
     """(B, N, H, D) tensors viewed as (B, H, N, D) are read through their strides."""
     g = torch.Generator().manual_seed(21)

@@ -253,6 +253,49 @@ def test_from_cu_seqlens_is_flash_attention_varlen(backend):
     torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", ["dense", "segments", "segment_window", "blocksparse", "combined"])
+def test_in_place_edit_of_a_mask_tensor_reaches_every_backend(make):
+    """A mask whose tensor is edited in place (a key-padding mask updated for the next batch, ids reused): the
+    block-sparse path (chosen automatically on CPU at this size) saw the old pattern from its cached block map
+    and plan, silently; the reference backends saw the new one. Now the caches follow the tensor's version."""
+    from zoo.attention import attend
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(3, 1, 2, 512, 32, generator=g)
+    keep = torch.zeros(1, 1, 1, 512, dtype=torch.bool)
+    keep[..., :100] = True
+    ids = torch.zeros(512, dtype=torch.long)
+    ids[256:] = 1
+    tiles = torch.eye(8, dtype=torch.bool)
+    masks = {"dense": lambda: (Dense(keep), keep), "segments": lambda: (Segments(ids), ids),
+             "segment_window": lambda: (Segments(ids).window(64, 0), ids),
+             "blocksparse": lambda: (BlockSparse(tiles, 64), tiles), "combined": lambda: (Causal() & Dense(keep), keep)}
+    mask, tensor = masks[make]()
+    for backend in ("blocksparse", "sdpa", None):
+        attend(q, k, v, mask, backend=backend)
+    if tensor.dtype == torch.bool:  # in place: a new pattern
+        tensor.logical_not_()
+    else:
+        tensor[100:300] = 5
+    rebuilt = {"dense": Dense(keep.clone()), "segments": Segments(ids.clone()),
+               "segment_window": Segments(ids.clone()).window(64, 0), "blocksparse": BlockSparse(tiles.clone(), 64),
+               "combined": Causal() & Dense(keep.clone())}[make]
+    want = attend(q, k, v, rebuilt, backend="torch")
+    for backend in ("blocksparse", "sdpa", None):
+        torch.testing.assert_close(attend(q, k, v, mask, backend=backend), want, atol=2e-6, rtol=1e-5, msg=backend)
+
+
+def test_counts_take_numpy_ints():
+    import numpy as np
+
+    from zoo.attention import MaskMod
+
+    assert torch.equal(ChunkWindow(np.int64(4)).dense(9, 9), ChunkWindow(4).dense(9, 9))
+    assert MaskMod(lambda b, h, i, j: i >= j, batch_size=np.int64(2)).batch_size == 2
+    with pytest.raises(ValueError, match="ChunkWindow chunk_size must be a positive int, got 2.5"):
+        ChunkWindow(2.5)
+
+
 def _varlen_reference(q, k, v, cu_q, cu_k, left, right):
     """flash_attn_varlen_func(causal / window_size) re-derived in float64, one sequence at a time: query r of a
     sequence with Lq queries and Lk keys sits at key r + Lk - Lq and sees keys r + Lk - Lq - left .. + right;

@@ -77,8 +77,8 @@ def _validate(q, k, v, score, dropout_p, scale) -> None:
         )
     if d != dk:
         raise ValueError(f"attend: q head dim {d} != k head dim {dk}")
-    if min(q.shape) == 0 or min(k.shape) == 0:
-        raise ValueError(f"attend: empty input (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if min(q.shape) == 0 or min(k.shape) == 0 or v.shape[-1] == 0:
+        raise ValueError(f"attend: empty input (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})")
     if score not in SCORES:
         raise ValueError(f"attend: score must be one of {SCORES}, got {score!r}")
     if isinstance(dropout_p, bool) or not (isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p < 1.0):
@@ -230,6 +230,11 @@ def _rows(
     if q_g.dtype == torch.float16:
         # scaled before the product, as SDPA does: q . k can pass fp16's 65504 where the scaled score does not
         s = torch.matmul(q_g * scale, k.transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len).float()
+        if s.is_cpu and not is_tracing() and not surely_finite(s):
+            # a scaled score itself past 65504 (the inputs are finite: checked): that chunk's product in fp32,
+            # as SDPA's CPU kernel and the other backends accumulate (it came out all NaN). Not on CUDA, where
+            # the check would cost a device sync per chunk.
+            s = torch.matmul(q_g.float() * scale, k.float().transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len)
     else:
         s = torch.matmul(q_g, k.transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len).to(compute_dtype) * scale
     if bias_rows is not None:

@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+_VERSION_KEY = "__mask_version__"  # the entry of a per-mask cache that records the version it was filled at
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class Mask:
             raise ValueError(f"block sizes must be >= 1, got {block_q}, {block_k}")
         self.check_shape(q_len, k_len)
         key = (q_len, k_len, block_q, block_k, str(device))
-        cache = self.__dict__.setdefault("_block_cache", {})
+        cache = self.versioned_cache(self.__dict__.setdefault("_block_cache", {}))
         if key not in cache:
             states = self._block_states(q_len, k_len, block_q, block_k, device).to(torch.int8)
             assert states.dim() == 4, type(self).__name__
@@ -139,6 +140,24 @@ class Mask:
 
     def check_shape(self, q_len: int, k_len: int, batch: Optional[int] = None, heads: Optional[int] = None) -> None:
         """Raise ValueError when the mask cannot apply to this problem size (default: any size fits)."""
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the mask reads (ids, a dense mask, a block map); derived data is cached per version."""
+        return ()
+
+    def version(self) -> tuple[int, ...]:
+        """In-place version counters of :meth:`tensors`: changes when one of them is edited in place."""
+        return tuple(t._version for t in self.tensors())
+
+    def versioned_cache(self, cache: dict) -> dict:
+        """``cache``, a dict of data derived from this mask (block maps, kernel tile lists, plans), emptied when a
+        tensor the mask reads was edited in place since it was filled: every backend then sees the edit, as the
+        dense mask does (cached block maps used to keep the old pattern, silently)."""
+        version = self.version()
+        if cache.get(_VERSION_KEY, version) != version:
+            cache.clear()
+        cache[_VERSION_KEY] = version
+        return cache
 
     @property
     def batch_size(self) -> int:
@@ -190,6 +209,12 @@ def _tile_bounds(length: int, block: int, device) -> tuple[torch.Tensor, torch.T
     first = torch.arange(n, device=device) * block
     last = torch.clamp(first + block - 1, max=length - 1)
     return first, last
+
+
+def _as_count(value):
+    """numpy ints and 0-d integer tensors as Python ints (as Window's bounds take them); anything else as it is,
+    for the caller's check to name."""
+    return int(value) if is_int(value) else value
 
 
 def _check_band(mask_name: str, unit: str, left, right) -> None:
@@ -309,6 +334,7 @@ class ChunkWindow(Mask):
 
     def __init__(self, chunk_size: int, left: Optional[int] = None, right: Optional[int] = 0) -> None:
         super().__init__()
+        chunk_size = _as_count(chunk_size)
         check_positive_int(chunk_size, "ChunkWindow chunk_size")
         _check_band("ChunkWindow", "chunk", left, right)
         self.chunk_size = chunk_size
@@ -470,6 +496,9 @@ class Segments(Mask):
     def batch_size(self) -> int:
         return max(self.q_ids.shape[0], self.kv_ids.shape[0])
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.q_ids,) if self.kv_ids is self.q_ids else (self.q_ids, self.kv_ids)
+
     def check_shape(self, q_len, k_len, batch=None, heads=None):
         if self.q_ids.shape[1] != q_len or self.kv_ids.shape[1] != k_len:
             raise ValueError(
@@ -548,6 +577,9 @@ class SegmentWindow(Mask):
     def batch_size(self) -> int:
         return self.segments.batch_size
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.segments.tensors()
+
     def check_shape(self, q_len, k_len, batch=None, heads=None):
         self.segments.check_shape(q_len, k_len, batch, heads)
 
@@ -577,7 +609,7 @@ class SegmentWindow(Mask):
         """(query positions, key positions), (Bq, Nq) and (Bk, Nk) int64: key ranks, and query ranks shifted
         to the key axis by Lk - Lq of their segment (the per-segment bottom-right alignment)."""
         key = str(device)
-        hit = self._positions.get(key)
+        hit = self.versioned_cache(self._positions).get(key)
         if hit is None:
             batch = self.segments.batch_size  # ids of batch 1 apply to every row
             q_ids = self.segments.q_ids.to(device).expand(batch, -1).contiguous()
@@ -646,6 +678,9 @@ class Dense(Mask):
             mask = mask[None]
         self.mask = mask
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.mask,)
+
     @property
     def batch_size(self) -> int:
         return self.mask.shape[0]
@@ -692,6 +727,9 @@ class BlockSparse(Mask):
             raise ValueError(f"BlockSparse block_mask must be (QB, KB) or (B, H, QB, KB), got {tuple(block_mask.shape)}")
         self.block_mask = block_mask
         self.block_q, self.block_k = to_pair(block_size, "BlockSparse block_size")
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.block_mask,)
 
     @property
     def batch_size(self) -> int:
@@ -770,6 +808,7 @@ class MaskMod(Mask):
         super().__init__()
         if not callable(mask_mod):
             raise TypeError(f"MaskMod needs a callable mask_mod(b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
+        batch_size, num_heads, chunk_cells = _as_count(batch_size), _as_count(num_heads), _as_count(chunk_cells)
         for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("chunk_cells", chunk_cells)):
             check_positive_int(value, f"MaskMod {name}")
         self.mask_mod = mask_mod
@@ -845,6 +884,9 @@ class _Combined(Mask):
     def check_shape(self, q_len, k_len, batch=None, heads=None):
         self.a.check_shape(q_len, k_len, batch, heads)
         self.b.check_shape(q_len, k_len, batch, heads)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.a.tensors() + self.b.tensors()
 
     def __repr__(self) -> str:
         op = "&" if isinstance(self, And) else "|"

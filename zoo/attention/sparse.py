@@ -280,7 +280,7 @@ _PLANS_PER_MASK = 4
 def _plan(mask: Mask, bias_shape, batch, heads, kv_heads, q_len, k_len, block_q, block_k, device) -> list[_Slice]:
     """The slices and tiles to visit (cached on the mask for repeated calls with the same sizes)."""
     key = (bias_shape, batch, heads, kv_heads, q_len, k_len, block_q, block_k, str(device))
-    per_mask = _PLAN_CACHE.setdefault(mask, {})
+    per_mask = mask.versioned_cache(_PLAN_CACHE.setdefault(mask, {}))  # emptied after an in-place edit of the mask
     if key in per_mask:
         return per_mask[key]
     states = mask.block_map(q_len, k_len, block_q, block_k, "cpu").states
@@ -303,8 +303,9 @@ def _plan(mask: Mask, bias_shape, batch, heads, kv_heads, q_len, k_len, block_q,
                 _group_tiles(tiles, block_q, block_k, batch, heads, device) if bias_shape is None else (None, None)
             )
             slices.append(_Slice(b, h, kv, bias_b, bias_h, block_k, tiles, block_q, batches, rest))
-    if len(per_mask) >= _PLANS_PER_MASK:
-        per_mask.pop(next(iter(per_mask)))
+    plans = [k for k in per_mask if isinstance(k, tuple)]  # (the other entry records the mask's version)
+    if len(plans) >= _PLANS_PER_MASK:
+        per_mask.pop(plans[0])
     per_mask[key] = slices
     return slices
 
