@@ -285,6 +285,14 @@ def test_in_place_edit_of_a_mask_tensor_reaches_every_backend(make):
         torch.testing.assert_close(attend(q, k, v, mask, backend=backend), want, atol=2e-6, rtol=1e-5, msg=backend)
 
 
+def test_a_bool_tensor_combines_from_either_side():
+    keep = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(0)) < 0.5
+    for mask, want in ((keep & Causal(), Dense(keep) & Causal()), (keep | Window(1, 1), Dense(keep) | Window(1, 1))):
+        assert torch.equal(mask.dense(6, 6), want.dense(6, 6))
+    with pytest.raises(TypeError, match="mask"):
+        _ = 3 & Causal()
+
+
 def test_counts_take_numpy_ints():
     import numpy as np
 

@@ -174,6 +174,13 @@ class Mask:
     def __or__(self, other: "Mask") -> "Mask":
         return Or(self, as_mask(other))
 
+    # a bool tensor on the left (``keep & Causal()``): torch's operator gives way to these
+    def __rand__(self, other) -> "Mask":
+        return And(as_mask(other), self)
+
+    def __ror__(self, other) -> "Mask":
+        return Or(as_mask(other), self)
+
     # ---- to implement -------------------------------------------------------------------------
     def _dense_rows(self, q_len, k_len, start, stop, device) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
