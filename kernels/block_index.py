@@ -25,6 +25,8 @@ kernels (kernels/flash_attention.py) run, and both are cached per mask object:
    WIN0/1    lo <= j - i <= hi (Window/Causal; bottom-right aligned offsets)      two ints
              or, with the CHUNK0/1 flag, lo <= j // c - (i + s) // c <= hi        four ints
              (ChunkWindow, in chunks of c tokens; s >= 0 folds in the alignment)
+             or, with the POS0/1 flag, lo <= kpos[b, j] - qpos[b, i] <= hi        positions after the
+             (SegmentWindow: positions inside the segments)                       ids (SEG buffers)
    SEG       q_ids[b, i] == kv_ids[b, j] and q_ids[b, i] >= 0 (Segments)          two id vectors
    DENSE     mask[b, h, i, j] (Dense)                                             the bool tensor
    BLK       block_mask[b, h, i // bq, j // bk] (BlockSparse, Radial)             the tile map
@@ -62,6 +64,7 @@ from zoo.attention.masks import (
     Full,
     Mask,
     Or,
+    SegmentWindow,
     Segments,
     Window,
 )
@@ -79,6 +82,8 @@ __all__ = [
     "SLOT_BLK",
     "SLOT_CHUNK0",
     "SLOT_CHUNK1",
+    "SLOT_POS0",
+    "SLOT_POS1",
     "MAX_TERMS",
 ]
 
@@ -86,6 +91,9 @@ __all__ = [
 SLOT_WIN0, SLOT_WIN1, SLOT_SEG, SLOT_DENSE, SLOT_BLK = 1, 2, 4, 8, 16
 # Flags, not slots: WIN0 / WIN1 of this term compare chunk numbers instead of positions.
 SLOT_CHUNK0, SLOT_CHUNK1 = 32, 64
+# Flags, not slots: WIN0 / WIN1 of this term compare per-segment positions (SegmentWindow): kpos[j] - qpos[i],
+# the positions stored after the ids in the SEG buffers.
+SLOT_POS0, SLOT_POS1 = 128, 256
 MAX_TERMS = 3
 # Index tensors above this many entries are trimmed to the widest row (costs one device sync).
 _TRIM_ENTRIES = 1 << 24
@@ -241,10 +249,15 @@ class MaskProgram:
                 (SLOT_WIN1, SLOT_CHUNK1, self.windows[1]),
             ):
                 if bits & slot:
-                    rel = (j // c - (i + s) // c) if bits & chunked else (j - i)
+                    if bits & (SLOT_POS0 if slot == SLOT_WIN0 else SLOT_POS1):
+                        q_pos, k_pos = self.seg[0][:, q_len:], self.seg[1][:, k_len:]
+                        rel = (k_pos[:, cols.clamp(max=k_len - 1)][:, None, None, :]
+                               - q_pos[:, rows.clamp(max=q_len - 1)][:, None, :, None])
+                    else:
+                        rel = (j // c - (i + s) // c) if bits & chunked else (j - i)
                     ok = ok & (rel >= lo) & (rel <= hi)
             if bits & SLOT_SEG:
-                qi, ki = self.seg
+                qi, ki = self.seg[0][:, :q_len], self.seg[1][:, :k_len]
                 qid = qi[:, rows.clamp(max=q_len - 1)][:, None, :, None]
                 kid = ki[:, cols.clamp(max=k_len - 1)][:, None, None, :]
                 ok = ok & (qid == kid) & (qid >= 0)
@@ -294,7 +307,7 @@ def _primitive(mask: Mask):
     """Map a mask to a slot primitive, or None when it is not one the kernel knows."""
     if isinstance(mask, ChunkWindow) and mask.chunk_size == 1:
         return Window(mask.left, mask.right)
-    if isinstance(mask, (Window, ChunkWindow, Segments, Dense, BlockSparse)):
+    if isinstance(mask, (Window, ChunkWindow, Segments, SegmentWindow, Dense, BlockSparse)):
         return mask
     # Radial (zoo.attention.radial) is a BlockSparse map at its own block size.
     if type(mask).__name__ == "Radial" and hasattr(mask, "block_mask") and hasattr(mask, "block_size"):
@@ -343,6 +356,9 @@ def _window_band(w, q_len: int, k_len: int) -> tuple[tuple[int, int], tuple[int,
     return (c, s), _clamped(lo - extra, hi - extra), reach
 
 
+_POS_UNIT = (1, 0, "pos")  # the band unit of SegmentWindow: positions inside segments, not indices
+
+
 def _simplify_term(term: list[Mask], q_len: int, k_len: int):
     """One AND-term -> dict of merged primitives (no tensor is built), or None when it allows nothing.
 
@@ -357,10 +373,16 @@ def _simplify_term(term: list[Mask], q_len: int, k_len: int):
             unit, (a, b), reach = _window_band(m, q_len, k_len)
             lo, hi, _ = bands.get(unit, (-_UNBOUNDED, _UNBOUNDED, reach))
             bands[unit] = (max(lo, a), min(hi, b), reach)
-        elif isinstance(m, Segments):
-            if "seg" in out and out["seg"] is not m:
+        elif isinstance(m, (Segments, SegmentWindow)):
+            seg = m.segments if isinstance(m, SegmentWindow) else m
+            if "seg" in out and out["seg"] is not seg:
                 raise _Fallback("two different Segments masks in one AND-term")
-            out["seg"] = m
+            out["seg"] = seg
+            if isinstance(m, SegmentWindow):  # a band over positions inside the segments: unit ("pos", 1, 0)
+                out["pos"] = m
+                a, b = _clamped(*m._offsets())
+                lo, hi, _ = bands.get(_POS_UNIT, (-_UNBOUNDED, _UNBOUNDED, (-_UNBOUNDED, _UNBOUNDED)))
+                bands[_POS_UNIT] = (max(lo, a), min(hi, b), (-_UNBOUNDED, _UNBOUNDED))
         elif isinstance(m, Dense):
             out["dense"] = out.get("dense", ()) + (m,)
         elif isinstance(m, BlockSparse):
@@ -371,12 +393,12 @@ def _simplify_term(term: list[Mask], q_len: int, k_len: int):
         else:  # pragma: no cover - _dnf only returns primitives
             raise _Fallback(type(m).__name__)
     kept_bands = []
-    for (c, s), (lo, hi, (reach_lo, reach_hi)) in bands.items():
+    for unit, (lo, hi, (reach_lo, reach_hi)) in bands.items():
         if lo > hi:
             return None
         # A band covering every difference that occurs forbids nothing.
         if not (lo <= reach_lo and hi >= reach_hi):
-            kept_bands.append((lo, hi, c, s))
+            kept_bands.append((lo, hi) + unit)
     if len(kept_bands) > 2:
         raise _Fallback("more than two window bands in one AND-term")
     if kept_bands:
@@ -391,16 +413,18 @@ def _same(a: tuple, b: tuple) -> bool:
 def _plan(mask: Mask, q_len: int, k_len: int):
     """Slot assignment of ``mask`` without building any tensor; raises _Fallback when it does not fit.
 
-    Returns (term bit sets, windows, Segments or None, Dense tuple or None, BlockSparse tuple or None).
+    Returns (term bit sets, windows, Segments or None, Dense tuple or None, BlockSparse tuple or None,
+    a SegmentWindow whose positions the kernel reads or None). Windows are (lo, hi, c, s) or, over positions
+    inside segments, (lo, hi, 1, 0, "pos").
     """
     terms = [_simplify_term(t, q_len, k_len) for t in _dnf(mask)]
     terms = [t for t in terms if t is not None]
     if any(len(t) == 0 for t in terms):
-        return (0,), [], None, None, None
+        return (0,), [], None, None, None, None
     if len(terms) > MAX_TERMS:
         raise _Fallback(f"{len(terms)} OR-terms (the kernel evaluates at most {MAX_TERMS})")
-    windows: list[tuple[int, int, int, int]] = []
-    seg = dense = blk = None
+    windows: list[tuple] = []
+    seg = dense = blk = positions = None
     bits_per_term = []
     for t in terms:
         bits = 0
@@ -411,7 +435,10 @@ def _plan(mask: Mask, q_len: int, k_len: int):
                 windows.append(band)
             slot = windows.index(band)
             bits |= SLOT_WIN0 if slot == 0 else SLOT_WIN1
-            if band[2] > 1:  # chunk size
+            if len(band) == 5:  # positions inside segments (SegmentWindow)
+                bits |= SLOT_POS0 if slot == 0 else SLOT_POS1
+                positions = t["pos"]
+            elif band[2] > 1:  # chunk size
                 bits |= SLOT_CHUNK0 if slot == 0 else SLOT_CHUNK1
         if "seg" in t:
             if seg is not None and seg is not t["seg"]:
@@ -426,15 +453,20 @@ def _plan(mask: Mask, q_len: int, k_len: int):
                 raise _Fallback("two different BlockSparse maps")
             blk, bits = t["blk"], bits | SLOT_BLK
         bits_per_term.append(bits)
-    return tuple(bits_per_term), windows, seg, dense, blk
+    return tuple(bits_per_term), windows, seg, dense, blk, positions
 
 
 def _build_program(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
-    bits, windows, seg, dense, blk = _plan(mask, q_len, k_len)
+    bits, windows, seg, dense, blk, positions = _plan(mask, q_len, k_len)
     prog = MaskProgram(terms=bits)
     for i, w in enumerate(windows):
-        prog.windows[i] = w
-    if seg is not None:
+        prog.windows[i] = w[:4]
+    if positions is not None:  # ids then positions in one buffer per side: (Bs, 2 Nq) and (Bs, 2 Nk)
+        q_pos, k_pos = positions.positions(device)
+        batch = q_pos.shape[0]
+        prog.seg = (torch.cat([_ids(seg.q_ids, device).expand(batch, -1), _ids(q_pos, device)], 1).contiguous(),
+                    torch.cat([_ids(seg.kv_ids, device).expand(batch, -1), _ids(k_pos, device)], 1).contiguous())
+    elif seg is not None:
         prog.seg = (_ids(seg.q_ids, device), _ids(seg.kv_ids, device))
     if dense is not None:
         allowed = dense[0].dense(q_len, k_len, device)
@@ -452,7 +484,7 @@ def _build_program(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
 
 def _bits_name(bits: int) -> str:
     names = [n for n, f in (("WIN0", 1), ("WIN1", 2), ("SEG", 4), ("DENSE", 8), ("BLK", 16), ("CHUNK0", 32),
-                            ("CHUNK1", 64)) if bits & f]
+                            ("CHUNK1", 64), ("POS0", 128), ("POS1", 256)) if bits & f]
     return "&".join(names) or "TRUE"
 
 

@@ -73,7 +73,7 @@ from torch.autograd.function import once_differentiable
 from zoo.kernels.block_index import MaskProgram, kernel_tile_lists, lower_mask, needs_dense_fallback
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import resolve_bias
-from zoo.attention.masks import And, Mask, Or, Segments, as_mask
+from zoo.attention.masks import And, Mask, Or, SegmentWindow, Segments, as_mask
 
 __all__ = [
     "flash_attention",
@@ -175,6 +175,15 @@ def _load_tile(ptrs, offs_r, n_r, offs_c, n_c, CHECK_R: tl.constexpr, CHECK_C: t
 
 
 @triton.jit
+def _segment_positions(rows, cols, b, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk):
+    """kpos[j] - qpos[i] for SegmentWindow: the positions follow the ids in the same buffers (SegQ[b, Nq + i],
+    SegK[b, Nk + j]; see block_index.MaskProgram)."""
+    qpos = tl.load(SegQ + b * seg_q_sb + Nq + rows, mask=rows < Nq, other=0)
+    kpos = tl.load(SegK + b * seg_k_sb + Nk + cols, mask=cols < Nk, other=0)
+    return kpos - qpos
+
+
+@triton.jit
 def _mask_term(
     rows, cols, inb, b, h,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
@@ -185,15 +194,19 @@ def _mask_term(
 ):
     """AND of the predicate slots named by BITS (see block_index.py) over a [BM, BN] tile."""
     ok = inb
-    if (BITS & 1) != 0:  # WIN0: lo <= j - i <= hi, or in chunks (CHUNK0): lo <= j // c - (i + s) // c <= hi
-        if (BITS & 32) != 0:
+    if (BITS & 1) != 0:  # WIN0: lo <= j - i <= hi, or in chunks (CHUNK0): lo <= j // c - (i + s) // c <= hi,
+        if (BITS & 32) != 0:  # or on positions inside segments (POS0): lo <= kpos[j] - qpos[i] <= hi
             rel = cols // win_c0 - (rows + win_s0) // win_c0  # all >= 0: truncation is floor division
+        elif (BITS & 128) != 0:
+            rel = _segment_positions(rows, cols, b, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk)
         else:
             rel = cols - rows
         ok = ok & (rel >= win_lo0) & (rel <= win_hi0)
-    if (BITS & 2) != 0:  # WIN1 (CHUNK1)
+    if (BITS & 2) != 0:  # WIN1 (CHUNK1, POS1)
         if (BITS & 64) != 0:
             rel = cols // win_c1 - (rows + win_s1) // win_c1
+        elif (BITS & 256) != 0:
+            rel = _segment_positions(rows, cols, b, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk)
         else:
             rel = cols - rows
         ok = ok & (rel >= win_lo1) & (rel <= win_hi1)
@@ -1166,6 +1179,8 @@ _INT32_IDS: "weakref.WeakKeyDictionary[Mask, dict]" = weakref.WeakKeyDictionary(
 def _segment_ids_fit_int32(mask: Mask) -> bool:
     if isinstance(mask, (And, Or)):
         return _segment_ids_fit_int32(mask.a) and _segment_ids_fit_int32(mask.b)
+    if isinstance(mask, SegmentWindow):
+        return _segment_ids_fit_int32(mask.segments)
     if not isinstance(mask, Segments):
         return True
     known = mask.versioned_cache(_INT32_IDS.setdefault(mask, {}))

@@ -13,6 +13,8 @@ from zoo.kernels.block_index import (
     SLOT_CHUNK0,
     SLOT_CHUNK1,
     SLOT_DENSE,
+    SLOT_POS0,
+    SLOT_POS1,
     SLOT_SEG,
     SLOT_WIN0,
     SLOT_WIN1,
@@ -144,6 +146,13 @@ def _masks(q_len: int, k_len: int):
         "maskmod": (MaskMod(lambda b, h, q, kv: (q * 3 + kv) % 4 != 0, num_heads=2), False),
         "4_windows": (exotic, False),
         "two_segments": (seg | Segments(ids_q.flip(-1), ids_k), False),
+        # SegmentWindow: a band over positions inside the segments (the POS flag), with the SEG slot
+        "segments.causal()": (seg.causal(), True),
+        "segments.window&causal": (seg.window(3, None) & Causal(), True),
+        "segments.causal()|window": (seg.causal() | Window(2, 2), True),
+        "segments&segments.window": (seg & seg.window(2, 2), True),
+        "segment_windows_in_two_terms": (seg.window(1, 0) | seg.window(None, 4), True),
+        "segments.causal()&other_segments": (seg.causal() & Segments(ids_q.flip(-1), ids_k), False),
     }
 
 
@@ -181,6 +190,12 @@ def test_program_slots():
         SLOT_WIN0 | SLOT_WIN1 | SLOT_CHUNK1,
     )
     assert lower_mask(ChunkWindow(8, 5, 5), q_len, k_len, "cpu").terms == (0,)
+    # SegmentWindow: the SEG slot and a window slot with its POS flag; no window when it bounds nothing
+    assert lower_mask(Segments(ids).causal(), q_len, k_len, "cpu").terms == (SLOT_WIN0 | SLOT_SEG | SLOT_POS0,)
+    assert lower_mask(Causal() & Segments(ids).window(2, None), q_len, k_len, "cpu").terms == (
+        SLOT_WIN0 | SLOT_WIN1 | SLOT_SEG | SLOT_POS1,
+    )
+    assert lower_mask(Segments(ids).window(None, None), q_len, k_len, "cpu").terms == (SLOT_SEG,)
     # A term that allows nothing disappears; a mask that allows nothing has no term.
     assert lower_mask(Window(0, 0) & Window(-3, 5), q_len, k_len, "cpu").terms == ()
 

@@ -193,11 +193,12 @@ def _mask_cases():
         "blocksparse-20pct-tile": lambda: BlockSparse(blk20, 32),
         "blocksparse-50pct-subtile": lambda: BlockSparse(blk50, 16),
         "segments&causal": lambda: Segments(ids_q, ids_k) & Causal(),
-        # per-segment alignment (flash_attn_varlen_func's causal / window_size): tiles skipped by the block map,
-        # the partial ones read from a materialised mask
+        # per-segment alignment (flash_attn_varlen_func's causal / window_size): positions inside the segments
+        # read beside the ids (the POS flag of a window slot)
         "segments.causal()": lambda: Segments(ids_q, ids_k).causal(),
         "segments-unsorted.window(4,1)": lambda: Segments(_random_ids(nq, 3, 1, 6, sort=False),
                                                           _random_ids(nk, 3, 1, 7, sort=False)).window(4, 1),
+        "segments.window(9,None)&causal|window": lambda: (Segments(ids_q, ids_k).window(9, None) & Causal()) | Window(2, 2),
         "causal&window": lambda: Causal() & Window(16, None),
         "window|blocksparse": lambda: Window(3, 3) | BlockSparse(blk20, 32),
         "(window|segments)&causal": lambda: (Window(8, 0) | Segments(ids_q, ids_k)) & Causal(),
@@ -686,6 +687,9 @@ def test_compiles_for_sm90_without_gpu():
         "from zoo.kernels.flash_attention import compile_check\n"
         "report = compile_check(90, torch.float16, 40, all_configs=False)\n"
         "assert len(report) == 5 and 'backward dk/dv' in report, report\n"
+        "report = compile_check(90, torch.float16, 64, all_configs=False, terms=(1 | 2 | 4 | 128 | 256,), bias=0,\n"
+        "                       dropout=False)  # SegmentWindow's position bands in both window slots\n"
+        "assert len(report) == 4, report\n"
     )
     run_compiled(code)
 

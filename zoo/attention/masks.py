@@ -566,8 +566,9 @@ class SegmentWindow(Mask):
     ``segments.window(left, right)``.
 
     Every backend computes it; the block map skips the tiles that the ids or the windows rule out, so the
-    CPU sparse path and the Triton kernel visit only the others. The Triton kernel evaluates its partial
-    tiles through a materialised boolean mask (its in-kernel predicate has no per-segment alignment yet).
+    CPU sparse path and the Triton kernel visit only the others. The Triton kernel evaluates its partial tiles
+    from the ids and the per-token positions (:meth:`positions`, read beside the ids): O(N) memory, as for
+    Segments.
     """
 
     def __init__(self, segments: Segments, left: Optional[int] = None, right: Optional[int] = 0) -> None:
