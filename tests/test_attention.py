@@ -428,6 +428,17 @@ def test_nonfinite_input_is_named(name, value, mask):
         attend(inputs["q"], inputs["k"], inputs["v"], masks[mask])
 
 
+@pytest.mark.parametrize("backend", [None, "torch", "sdpa", "blocksparse"])
+def test_nan_value_at_a_padded_key_is_named_on_every_backend(backend):
+    """NaN values at keys nobody may attend (padding): the dense backends propagate them (0 * NaN), the
+    block-sparse path skips their tile; each must name v, whatever the length (a fuzzer found the backends,
+    and so the automatic choice by length, disagreeing)."""
+    q, k, v = make_qkv(1, 1, 1, 256, 256, 16)
+    v = _with_nonfinite(v, float("nan"), (0, 0, slice(128, None)))
+    with pytest.raises(ValueError, match="attend: v contains NaN or Inf"):
+        attend(q, k, v, Segments.from_lengths([128], max_len=256), backend=backend)
+
+
 @pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
 def test_negative_infinite_key_is_not_taken_for_a_masked_one(backend):
     """A -inf in k gives that key a -inf score on every backend: a key nobody attends to, with a finite output,

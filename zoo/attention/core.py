@@ -147,10 +147,12 @@ def attend(
         # NaN/Inf inputs: a non-finite v reaches the output, so the output answers for it; a NaN query may
         # not (SDPA's CPU kernel can return a finite row for it), and a -inf key is a key nobody attends to,
         # so q and k are reduced too: q . out and k . k (zoo.layers.surely_finite; Inf * 0 is NaN). Only when
-        # one is not finite are the inputs scanned, so the error names the input at fault.
+        # one is not finite are the inputs scanned, so the error names the input at fault. With a mask, a NaN
+        # value at a key nobody may attend reaches the output of the dense backends (0 * NaN) but not of the
+        # block-sparse ones, which skip its tile: v is reduced too, so that every backend and length raises.
         # A NaN or +Inf bias makes its rows NaN, so it is looked at only then.
         out_finite = surely_finite(q, result[0] if return_weights else result)
-        if not (out_finite and surely_finite(k, k)):
+        if not (out_finite and surely_finite(k, k) and (mask is None or surely_finite(v, v))):
             _check_finite(q=q, k=k, v=v)
         if not out_finite and isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.numel():
             top = float(bias.detach().max())  # NaN and +Inf come out on top; -inf is a valid "never"
