@@ -67,6 +67,7 @@ from zoo.attention.masks import (
     SegmentWindow,
     Segments,
     Window,
+    cache_put,
 )
 
 __all__ = [
@@ -196,7 +197,7 @@ def kernel_tile_lists(
             lists = tile_lists(states.transpose(-1, -2), ragged_k, ragged_q, block_n, block_m)
         else:
             lists = tile_lists(states, ragged_q, ragged_k, block_m, block_n)
-        per_mask[key] = lists
+        cache_put(per_mask, key, lists)
     return lists
 
 
@@ -526,7 +527,7 @@ def lower_mask(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
                     exact_in_kernel=False,
                     description=f"materialised dense mask ({why})",
                 )
-        per_mask[key] = prog
+        cache_put(per_mask, key, prog)
     return prog
 
 

@@ -293,6 +293,22 @@ def test_a_bool_tensor_combines_from_either_side():
         _ = 3 & Causal()
 
 
+def test_a_mask_reused_for_growing_lengths_keeps_a_bounded_cache():
+    """One Causal() held by a decoder while the KV cache grows: its block maps (and the kernels' lists and
+    programs, same helper) stay at CACHE_ENTRIES_PER_MASK problem sizes, the newest ones."""
+    from zoo.attention.masks import CACHE_ENTRIES_PER_MASK
+    from zoo.kernels.block_index import _LIST_CACHE, kernel_tile_lists
+
+    mask = Causal()
+    for k_len in range(1, 3 * CACHE_ENTRIES_PER_MASK):
+        mask.block_map(1, k_len, 16, 16)
+        kernel_tile_lists(mask, 1, k_len, 16, 16, "cpu")
+    maps = [key for key in mask._block_cache if isinstance(key, tuple)]
+    assert len(maps) == CACHE_ENTRIES_PER_MASK and maps[-1][1] == 3 * CACHE_ENTRIES_PER_MASK - 1
+    assert len([key for key in _LIST_CACHE[mask] if isinstance(key, tuple)]) == CACHE_ENTRIES_PER_MASK
+    assert torch.equal(mask.block_map(1, 5, 16, 16).states, Causal().block_map(1, 5, 16, 16).states)  # rebuilt
+
+
 def test_counts_take_numpy_ints():
     import numpy as np
 

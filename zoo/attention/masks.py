@@ -52,6 +52,17 @@ __all__ = [
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _VERSION_KEY = "__mask_version__"  # the entry of a per-mask cache that records the version it was filled at
+# Problem sizes one mask object keeps derived data for (block maps, kernel tile lists and programs): a mask
+# reused while the key length grows (decoding with a KV cache) would otherwise keep one entry per step.
+CACHE_ENTRIES_PER_MASK = 32
+
+
+def cache_put(cache: dict, key, value) -> None:
+    """``cache[key] = value`` in a per-mask cache, dropping its oldest entry beyond CACHE_ENTRIES_PER_MASK."""
+    entries = [k for k in cache if k != _VERSION_KEY]
+    if len(entries) >= CACHE_ENTRIES_PER_MASK:
+        del cache[entries[0]]
+    cache[key] = value
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,7 @@ class Mask:
         if key not in cache:
             states = self._block_states(q_len, k_len, block_q, block_k, device).to(torch.int8)
             assert states.dim() == 4, type(self).__name__
-            cache[key] = BlockMap(states.contiguous(), block_q, block_k, q_len, k_len)
+            cache_put(cache, key, BlockMap(states.contiguous(), block_q, block_k, q_len, k_len))
         return cache[key]
 
     def check_shape(self, q_len: int, k_len: int, batch: Optional[int] = None, heads: Optional[int] = None) -> None:
