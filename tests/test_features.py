@@ -86,6 +86,20 @@ def test_maxvit_stem_only_backbone_keeps_its_layers():
     assert stem_map.shape[1] == backbone.feature_info.channels()[0]
 
 
+@pytest.mark.parametrize("name,kwargs", [("vit_base_patch16_siglip_gap_224", dict(depth=3)),
+                                         ("maxvit_rmlp_pico_rw_256", {})])
+def test_backbone_carries_the_models_data_config(name, kwargs):
+    """timm.data.resolve_model_data_config(backbone) gives the model's preprocessing ([-1, 1] inputs here, 256 px
+    for the MaxViT), as for timm's features_only backbone; it used to fall back to ImageNet's, silently."""
+    from timm.data import resolve_model_data_config
+
+    with torch.device("meta"):
+        peer = timm.create_model(name, pretrained=False, features_only=True, **kwargs)
+        ours = zoo.create_model(name, features_only=True, **kwargs)
+    assert resolve_model_data_config(ours) == resolve_model_data_config(peer)
+    assert ours.pretrained_cfg is ours.model.pretrained_cfg
+
+
 def test_features_only_errors():
     with pytest.raises(ValueError, match="features_only=True"):
         zoo.create_model("vit_debug", out_indices=2)

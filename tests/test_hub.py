@@ -59,7 +59,9 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     assert config["model_args"] == TINY
     assert config["zoo_version"] == zoo.__version__
     assert config["num_classes"] == 10
-    assert config["metadata"] == {"test_acc1": 0.5, "classes": ["a"]}
+    # the metadata given, plus the model's preprocessing (read back by from_pretrained; kept when re-saved)
+    assert config["metadata"] == {"test_acc1": 0.5, "classes": ["a"], "data": {"mean": [0.5], "std": [0.5]},
+                                  "pretrained_cfg": {"crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}}
     loaded = zoo.from_pretrained(out_dir).eval()
     assert loaded.zoo_model_name == "vit_digits" and loaded.zoo_model_args == TINY
     assert loaded.zoo_pretrained_metadata["test_acc1"] == 0.5
@@ -595,6 +597,43 @@ def test_timm_hub_directory_loads_with_its_preprocessing(tmp_path, name, kwargs,
             torch.testing.assert_close(model(x), peer(x), atol=1e-5, rtol=1e-5)
         assert timm.data.resolve_model_data_config(model) == recorded
     assert model.zoo_model_args["num_classes"] == kwargs["num_classes"]
+
+
+def test_resaving_a_loaded_checkpoint_keeps_its_preprocessing(tmp_path):
+    """A model loaded with statistics and crop of its own (a timm export here) and saved again by the user's
+    pipeline keeps them; it came back with the registry's defaults."""
+    import timm.data
+
+    _timm_export(tmp_path / "timm", "vit_tiny_patch16_224", img_size=32, num_classes=3,
+                 data_config=dict(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), crop_pct=0.77))
+    loaded = zoo.from_pretrained(tmp_path / "timm")
+    zoo.save_pretrained(loaded, tmp_path / "again", metadata={"note": "fine-tuned"})
+    reloaded = zoo.from_pretrained(tmp_path / "again")
+    assert timm.data.resolve_model_data_config(reloaded) == timm.data.resolve_model_data_config(loaded)
+    assert reloaded.pretrained_cfg["mean"] == (0.1, 0.2, 0.3) and reloaded.pretrained_cfg["crop_pct"] == 0.77
+    assert reloaded.zoo_pretrained_metadata["note"] == "fine-tuned"
+
+
+def test_timm_hub_export_of_a_resized_maxvit_loads(tmp_path):
+    """timm's save_for_hf after MaxViT's set_input_size records the partition sizes under timm's keyword names
+    (transformer_window_size / _grid_size / _partition_ratio): they load, as timm reloads them (they were refused
+    as unknown arguments); create_model takes those names too."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(0)
+    peer = timm.create_model("maxvit_rmlp_pico_rw_256", pretrained=False, img_size=64).eval()
+    peer.set_input_size((96, 96))
+    save_for_hf(peer, str(tmp_path), safe_serialization=True)
+    assert "transformer_window_size" in json.loads((tmp_path / "config.json").read_text())["model_args"]
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.from_pretrained(tmp_path).eval()(x), peer(x), atol=1e-5, rtol=1e-5)
+    built = zoo.create_model("maxvit_rmlp_pico_rw_256", img_size=96, transformer_window_size=(3, 3),
+                             transformer_grid_size=(3, 3))
+    assert built.stages[0].blocks[0].attn_block.partition_size == (3, 3)
+    with pytest.raises(TypeError, match="window_size given twice"):
+        zoo.create_model("maxvit_rmlp_pico_rw_256", window_size=3, transformer_window_size=3)
 
 
 def test_timm_hub_older_layouts_cache_folders_and_bin_weights(tmp_path):

@@ -130,7 +130,8 @@ def test_agent_deit_intermediates_are_the_block_outputs_at_any_size(tmp_path):
                          [((1, 2), False, True), ((4,), True, False), (2, False, True)])
 def test_maxvit_prune_intermediate_layers_matches_timm_and_saves(name, indices, prune_norm, prune_head, tmp_path):
     """Cutting stages also drops the final norm and the head's norm / pre-logits (timm): the same kept
-    indices, state-dict keys and maps as timm's pruned model; the pruned shape saves and loads."""
+    indices, state-dict keys, maps and forward (no pooling) as timm's pruned model; the pruned shape saves and
+    loads."""
     torch.manual_seed(4)
     peer = timm.create_model(name, pretrained=False, img_size=64).eval()
     ours = zoo.create_model(name, img_size=64).eval()
@@ -144,6 +145,9 @@ def test_maxvit_prune_intermediate_layers_matches_timm_and_saves(name, indices, 
                         peer.forward_intermediates(x, indices=kept, intermediates_only=True)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         expected = ours(x)
+        # the pruned model's forward: timm's unpooled map (its head is reset with global_pool='')
+        torch.testing.assert_close(expected, peer(x), rtol=1e-4, atol=1e-4)
+    assert ours.global_pool == ("" if prune_head or max(kept) < 4 else "avg")  # pruned head or stages cut
     zoo.save_pretrained(ours, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(zoo.from_pretrained(tmp_path).eval()(x), expected)

@@ -115,6 +115,11 @@ class FeatureExtractor(nn.Module):
         self.out_indices = tuple(take)
         self.norm = bool(norm)
         self.feature_info = info
+        # the model's data config (mean / std / size / crop), so that timm.data.resolve_model_data_config(backbone)
+        # gives the backbone's preprocessing, as for timm's FeatureListNet (without it: ImageNet's, silently)
+        cfg = getattr(model, "pretrained_cfg", None)
+        if cfg is not None:
+            self.pretrained_cfg = self.default_cfg = cfg
         self._register_load_state_dict_pre_hook(_from_timm_feature_list_keys)
 
     def forward(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:

@@ -122,7 +122,9 @@ def save_pretrained(
 
     Args:
         model: a model built by :func:`zoo.create_model` (it carries ``zoo_model_name``/``zoo_model_args``).
-        metadata: extra JSON facts stored in config.json (e.g. ``{"num_classes": 10, "test_acc1": 0.99}``).
+        metadata: extra JSON facts stored in config.json (e.g. ``{"num_classes": 10, "test_acc1": 0.99}``). The
+            model's preprocessing is added where not given (mean / std under "data", crop and interpolation
+            under "pretrained_cfg"), so a loaded checkpoint saved again keeps its own.
         state_dict: weights to write instead of ``model.state_dict()`` (e.g. an EMA copy with the same keys).
     """
     from zoo.features import FeatureExtractor
@@ -184,7 +186,7 @@ def save_pretrained(
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int):
         config["num_classes"] = num_classes
-    config["metadata"] = _jsonable(dict(metadata or {}), "metadata")
+    config["metadata"] = _jsonable(_with_data_config(model, dict(metadata or {})), "metadata")
     _atomic_write_bytes(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=False) + "\n"
 
@@ -194,6 +196,28 @@ def save_pretrained(
 
     _atomic_write_bytes(directory / CONFIG_NAME, write_json)
     return directory
+
+
+def _with_data_config(model: nn.Module, metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` plus the model's preprocessing where the caller did not give it: mean / std under "data" and
+    timm's crop / interpolation under "pretrained_cfg" (what from_pretrained reads back). A model loaded from a
+    checkpoint with statistics of its own (a timm export, a run trained with data.mean=...) keeps them when it is
+    saved again; it used to come back with the registry's defaults."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict):
+        return metadata
+    data = metadata.get("data")
+    if data is None or isinstance(data, Mapping):
+        data = dict(data or {})
+        for key in ("mean", "std"):
+            if key not in data and isinstance(cfg.get(key), (tuple, list)):
+                data[key] = [float(v) for v in cfg[key]]
+        metadata["data"] = data
+    if "pretrained_cfg" not in metadata:
+        preprocessing = {key: cfg[key] for key in ("crop_pct", "crop_mode", "interpolation") if key in cfg}
+        if preprocessing:
+            metadata["pretrained_cfg"] = preprocessing
+    return metadata
 
 
 # --------------------------------------------------------------------------------------------------

@@ -681,7 +681,8 @@ class MaxVit(nn.Module):
                                   prune_head: bool = True) -> list[int]:
         """Drop the stages after the last of ``indices`` (feature 0 is the stem), timm's method
         (timm.models.maxxvit.MaxxVit.prune_intermediate_layers): when stages are cut, the final norm and the
-        head's norm / pre-logits go too (they are sized for the last stage). Returns the absolute indices
+        head's norm / pre-logits go too (they are sized for the last stage); a pruned head also drops the pooling
+        (global_pool='': forward returns the last map, as timm's). Returns the absolute indices
         kept; save_pretrained records the pruned shape. At least one stage is kept."""
         take, last = feature_take_indices(len(self.stages) + 1, indices)
         if last == 0:
@@ -696,11 +697,11 @@ class MaxVit(nn.Module):
             self.num_features = self.embed_dim = self.feature_info[last]["num_chs"]
             note_model_args(self, embed_dim=[f["num_chs"] for f in self.feature_info[1:]],
                             depths=[len(stage.blocks) for stage in self.stages])
-        if prune_head or cut:  # timm's reset_classifier(0, reset_other=True): pooling stays, nothing learned
-            pool, drop = self.head.pool, self.head.drop.p
-            self.head = ClassifierHead(self.num_features, 0, None, 1e-6, pool, drop).train(self.training)
-            self.num_classes, self.head_hidden_size = 0, self.head.num_features
-            note_model_args(self, num_classes=0, head_hidden_size=None)
+        if prune_head or cut:  # timm's reset_classifier(0, '', reset_other=True): no pooling, nothing learned
+            drop = self.head.drop.p
+            self.head = ClassifierHead(self.num_features, 0, None, 1e-6, "", drop).train(self.training)
+            self.num_classes, self.head_hidden_size, self.global_pool = 0, self.head.num_features, ""
+            note_model_args(self, num_classes=0, head_hidden_size=None, global_pool="")
         note_model_args(self, final_norm=not isinstance(self.norm, nn.Identity))
         return take
 
@@ -873,8 +874,21 @@ _RW_LAYOUTS = {
 }
 
 
+# timm's MaxxVit takes its transformer config's fields as transformer_<field> keywords (maxxvit.py _overlay_kwargs),
+# and save_for_hf records set_input_size's partition sizes that way: the zoo's names for them.
+_TIMM_KWARGS = {"transformer_window_size": "window_size", "transformer_grid_size": "grid_size",
+                "transformer_partition_ratio": "partition_ratio", "transformer_dim_head": "dim_head",
+                "transformer_init_values": "init_values"}
+
+
 def _create(model_args: dict[str, Any], overrides: dict[str, Any]) -> MaxVit:
-    return MaxVit(**{**model_args, **overrides})
+    renamed = {}
+    for key, value in overrides.items():
+        name = _TIMM_KWARGS.get(key, key)
+        if name in renamed:
+            raise TypeError(f"MaxVit: {name} given twice (as {name!r} and as timm's transformer_{name})")
+        renamed[name] = value
+    return MaxVit(**{**model_args, **renamed})
 
 
 def _tf_sized(layout: str, img_size: int, kwargs) -> MaxVit:

@@ -113,7 +113,8 @@ class PatchEmbed(nn.Module):
         self.drop_img_remainder = check_flag(drop_img_remainder, "drop_img_remainder")
         if self.dynamic_img_pad and self.drop_img_remainder:
             raise ValueError("dynamic_img_pad (pad to whole patches) and drop_img_remainder (drop the partial "
-                             "patches) exclude each other; choose one")
+                             "patches; the 384-px so400m/14 tower is built with it) exclude each other: pass "
+                             "drop_img_remainder=False with dynamic_img_pad=True")
         self.patch_size = to_pair(patch_size, "patch_size")
         self.set_img_size(img_size)
         self.in_chans = in_chans
@@ -486,7 +487,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
     def _check_image(self, x) -> None:
         b, c, h, w = check_image_batch(x, "ViT", self.in_chans, self.patch_embed.proj.weight)
         ph, pw = self.patch_embed.patch_size
-        if h < ph or w < pw:
+        padded = self.dynamic_img_size and self.patch_embed.dynamic_img_pad  # any size: zero-padded to whole patches
+        if (h < ph or w < pw) and not padded:
             raise ValueError(f"image {h}x{w} is smaller than the patch size {ph}x{pw}")
         if self.dynamic_img_size:
             if (h % ph or w % pw) and not (self.patch_embed.dynamic_img_pad or self.patch_embed.drop_img_remainder):
