@@ -62,6 +62,9 @@ def test_cpu_masks_reach_their_kept_fractions():
             assert abs(kept - fraction) < 0.06, (kind, fraction, kept)
     radial = bench.radial_for_fraction(n, 0.25)
     assert 0.95 * n < radial.seq_len <= n
+    varlen = bench.varlen_causal_for_fraction(n, 0.25)  # causal inside packed sequences of random lengths
+    assert abs(varlen.block_map(n, n, 128, 128).kept_fraction() - 0.25) < 0.06
+    assert varlen.segments.q_ids.shape == (1, n) and int(varlen.segments.q_ids.max()) >= 1
     with pytest.raises(ValueError, match="unknown mask kinds"):
         bench.sparse_masks(n, 0.5, ["nope"])
 

@@ -3,7 +3,7 @@
     zoo bench attention [--parts core,sparse,tiles,gpu] [--quick] [--repeats 5] [--warmup 1] [--threads N]
                         [--batch 1] [--heads 4] [--head-dim 64]
                         [--core-sizes 256,512,1024,2048,4096]
-                        [--sparse-n 8192] [--fractions 1.0,0.5,0.25,0.1] [--masks window,radial,random|chunk]
+                        [--sparse-n 8192] [--fractions 1.0,0.5,0.25,0.1] [--masks window,radial,random|chunk|varlen]
                         [--gpu-frames 16,32] [--gpu-tokens 1024] [--gpu-head-dims 64,128] [--gpu-dtype bf16]
     zoo bench attention --gpu [--quick]     # the one-shot GPU run: gpu part only, targets checked, exit 1 on FAIL
 
@@ -52,8 +52,8 @@ from zoo.bench.timing import (
     interleaved_medians, interleaved_samples, medians, paired_ratio, run_footer, run_header, set_threads,
 )
 
-__all__ = ["main", "window_for_fraction", "chunk_for_fraction", "radial_for_fraction", "random_block_map",
-           "sparse_masks"]
+__all__ = ["main", "window_for_fraction", "chunk_for_fraction", "radial_for_fraction", "varlen_causal_for_fraction",
+           "random_block_map", "sparse_masks"]
 
 TILE = 128  # the tile at which kept fractions are reported and masks are chosen
 
@@ -113,10 +113,28 @@ def random_block_map(n: int, fraction: float, seed: int = 0, tile: int = TILE) -
     return BlockSparse(keep, tile)
 
 
+def varlen_causal_for_fraction(n: int, fraction: float, seed: int = 0) -> Mask:
+    """Causal attention inside packed sequences (``Segments.from_cu_seqlens(cu).causal()``, flash_attn_varlen_func's
+    causal=True) of random lengths (between half and one and a half times the mean) summing to n, with the number
+    of sequences whose kept-tile fraction at 128x128 tiles is closest to ``fraction`` (one sequence: plain causal,
+    about half of the tiles)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def packed(count: int) -> Mask:
+        weights = 0.5 + torch.rand(count, generator=g, dtype=torch.float64)
+        lengths = torch.clamp((weights / weights.sum() * n).floor().long(), min=1)
+        lengths[-1] += n - int(lengths.sum())
+        cu = [0] + torch.cumsum(lengths, 0).tolist()
+        return Segments.from_cu_seqlens(cu).causal()
+
+    return _closest(n, fraction, (packed(count) for count in range(1, max(2, n // TILE))))
+
+
 def sparse_masks(n: int, fraction: float, kinds) -> dict[str, Mask]:
     makers = {
         "window": lambda: window_for_fraction(n, fraction),
         "chunk": lambda: chunk_for_fraction(n, fraction),
+        "varlen": lambda: varlen_causal_for_fraction(n, fraction),
         "radial": lambda: radial_for_fraction(n, fraction),
         "random": lambda: random_block_map(n, fraction),
     }
