@@ -122,6 +122,8 @@ def test_module_rejects_bad_options():
     model = zoo.create_model("vit_debug")
     with pytest.raises(ValueError, match="num_classes=3"):
         ImageClassifier(model, num_classes=3)
+    with pytest.raises(ValueError, match="image classification needs at least 2 classes, got num_classes=1"):
+        ImageClassifier(zoo.create_model("vit_debug", num_classes=1))
     with pytest.raises(ValueError, match="label_smoothing"):
         ImageClassifier(model, label_smoothing=1.5)
     with pytest.raises(ValueError, match="layer_decay"):
@@ -253,8 +255,24 @@ def test_resume_refuses_bad_checkpoints_with_a_clear_message(tmp_path):
     with pytest.raises(ValueError, match=r"trained with model\.heads=8; this config has model\.heads=2 \(the checkpoint "
                                          r"stores its zoo_config"):
         run.train(_karate(tmp_path, "heads2", "trainer.max_epochs=2", "model.heads=2", f"ckpt_path={first}"))
+    # resuming restores the optimizer and lr schedule: another task.lr would be recorded but never used
+    with pytest.raises(ValueError, match=r"cannot resume from .* with task\.lr=0\.5: the run used task\.lr=0\.005, "
+                                         r"and resuming restores its optimizer"):
+        run.train(_karate(tmp_path, "heads8", "trainer.max_epochs=2", "task.lr=0.5", f"ckpt_path={first}"))
     resumed = run.train(_karate(tmp_path, "heads8", "trainer.max_epochs=2", f"ckpt_path={first}"))
     assert resumed["epoch"] == 2 and resumed["global_step"] == 2
+
+
+def test_a_second_fit_into_a_run_dir_keeps_the_earlier_metrics(tmp_path):
+    """The CSV logger rewrites <run_dir>/csv/metrics.csv on every fit: resuming into the same run folder (the
+    README's workflow) deleted the first fit's rows. They are kept as metrics.1.csv."""
+    first = run.train(_karate(tmp_path, "run", "trainer.max_epochs=1", "logger=csv", "trainer.log_every_n_steps=1"))
+    before = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in before
+    run.train(_karate(tmp_path, "run", "trainer.max_epochs=2", "logger=csv", "trainer.log_every_n_steps=1",
+                      f"ckpt_path={first['last_ckpt']}"))
+    assert (tmp_path / "run" / "csv" / "metrics.1.csv").read_text() == before
+    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
 
 
 def test_bad_run_options_are_named_before_training(tmp_path):
@@ -266,6 +284,8 @@ def test_bad_run_options_are_named_before_training(tmp_path):
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (["num_threads=abc"], "num_threads must be an integer >= 1"),
         (["task.lr=abc"], "lr must be a finite number, got 'abc'"),
+        (["trainer.gradient_clip_val=-1"], r"trainer\.gradient_clip_val must be a number >= 0 \(0 or null: no "
+                                           r"clipping\), got -1"),
     ]
     if not torch.cuda.is_available():
         cases.append((["trainer.accelerator=gpu"], "trainer.accelerator=gpu needs a CUDA GPU"))
@@ -276,6 +296,13 @@ def test_bad_run_options_are_named_before_training(tmp_path):
     for run_dir in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
         with pytest.raises(ValueError, match="a_file is an existing file, not a directory"):
             run.train(_karate(tmp_path, "x", f"run_dir={run_dir}"))
+
+
+def test_no_epoch_limit_needs_a_schedule_length(tmp_path):
+    """trainer.max_epochs=-1 (Lightning's "no limit") leaves the warm-up + cosine schedule without a length: a
+    clear error instead of an OverflowError from int(inf)."""
+    with pytest.raises(ValueError, match=r"trainer\.max_epochs=-1 \(no limit\) leaves the warm-up \+ cosine"):
+        run.train(_cfg(tmp_path, "forever", "trainer.max_epochs=-1"))
 
 
 def test_missing_mandatory_values_say_what_to_put_there(tmp_path):

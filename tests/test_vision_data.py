@@ -163,6 +163,29 @@ def test_missing_local_data_says_what_to_put_where(tmp_path):
         vdata.CIFARDataModule(str(tmp_path), variant=20)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P"])
+def test_predict_preprocessing_of_other_image_modes_equals_training(tmp_path, mode):
+    """zoo predict reads a file as training's ImageFolder does (RGB first): alpha channels (RGBA, LA) raised an
+    unpacking error, and a grayscale file differed by one level from the training pipeline's values."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 255, (9, 11, 4), dtype=np.uint8), "RGBA").convert(mode)
+    root = tmp_path / "set"
+    (root / "train" / "only").mkdir(parents=True)
+    (root / "train" / "other").mkdir(parents=True)
+    for folder in ("only", "other"):
+        for name in ("0.png", "1.png"):
+            image.save(root / "train" / folder / name)
+    for in_chans in (1, 3):
+        stats = ((0.5,) * in_chans, (0.5,) * in_chans)
+        dm = vdata.ImageFolderDataModule(str(root), img_size=8, in_chans=in_chans, mean=stats[0], std=stats[1],
+                                         val_fraction=0.5, num_classes=2)
+        dm.setup()
+        path = dm.val_set.base.samples[dm.val_set.indices[0]][0]
+        torch.testing.assert_close(vdata.load_image_file(path, 8, in_chans, *stats), dm.val_set[0][0], rtol=0, atol=0)
+
+
 def test_load_image_file_errors(tmp_path):
     (tmp_path / "note.png").write_text("not an image")
     with pytest.raises(ValueError, match="is not a readable image"):

@@ -537,4 +537,7 @@ def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean:
     if transform is not None:
         return transform(picture.convert("L" if in_chans == 1 else "RGB"))
     mean, std = _check_stats(mean, std, in_chans)
-    return _image_transform(img_size, in_chans, mean, std, False, "none")(picture)
+    # RGB first, as ImageFolder's loader reads training images (torchvision's pil_loader): alpha (RGBA, LA) and
+    # palette images work, and a grayscale file gets the training pipeline's values (L -> RGB -> Grayscale
+    # differs from L by one level for some pixels)
+    return _image_transform(img_size, in_chans, mean, std, False, "none")(picture.convert("RGB"))

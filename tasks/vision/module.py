@@ -112,8 +112,11 @@ class ImageClassifier(ZooModule):
         model_classes = getattr(model, "num_classes", None)
         if num_classes is None:
             num_classes = model_classes
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int (or the model must have .num_classes), got {num_classes!r}")
+        if num_classes == 1:  # torchmetrics' accuracy refused it later, naming its own argument
+            raise ValueError("image classification needs at least 2 classes, got num_classes=1 (an image folder with "
+                             "one class folder: add the other classes' folders)")
         if isinstance(model_classes, int) and model_classes != num_classes:
             raise ValueError(f"the model has {model_classes} classes but the task was configured for num_classes={num_classes}")
         if not 0.0 <= label_smoothing < 1.0:

@@ -153,7 +153,11 @@ class ZooModule(pl.LightningModule):
             group["lr"] = cfg["lr"] * group["lr_scale"]
             group.pop("param_names")
         optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=cfg["betas"])
-        total = int(self.trainer.estimated_stepping_batches)
+        stepping = self.trainer.estimated_stepping_batches
+        if not math.isfinite(stepping):
+            raise ValueError("trainer.max_epochs=-1 (no limit) leaves the warm-up + cosine learning-rate schedule "
+                             "without a length: set trainer.max_epochs, or +trainer.max_steps=N")
+        total = int(stepping)
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = int(round(cfg["warmup_epochs"] * total / max_epochs))
         min_ratio = cfg["min_lr_ratio"]

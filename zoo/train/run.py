@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -235,10 +236,30 @@ def _check_trainer_options(kwargs: dict) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             limit = f">= {minimum}" if minimum >= 0 else ">= 0 (or -1: no limit)"
             raise ValueError(f"trainer.{key} must be an integer {limit}, got {value!r}")
+    clip = kwargs.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < math.inf):
+        # Lightning skips clipping at <= 0: a negative value switched it off without a word
+        raise ValueError(f"trainer.gradient_clip_val must be a number >= 0 (0 or null: no clipping), got {clip!r}")
     accelerator = kwargs.get("accelerator")
     if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is available here "
                          "(use trainer=cpu or trainer.accelerator=cpu)")
+
+
+def _keep_previous_metrics(loggers) -> None:
+    """A CSV logger writing into a folder that already holds metrics.csv (a resumed run, a second fit into the same
+    run_dir) would overwrite it: the earlier fit's rows go to metrics.1.csv (then .2, ...) first."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        current = Path(logger.log_dir) / "metrics.csv"
+        if current.is_file():
+            n = 1
+            while current.with_name(f"metrics.{n}.csv").exists():
+                n += 1
+            current.replace(current.with_name(f"metrics.{n}.csv"))
 
 
 def _instantiate_group(node) -> list:
@@ -287,6 +308,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         del resume  # Lightning reads the file again in fit(): do not hold two copies
     trainer = _trainer(cfg, callbacks=_instantiate_group(cfg.get("callbacks")), loggers=_instantiate_group(cfg.get("logger")))
     if trainer.is_global_zero:
+        _keep_previous_metrics(trainer.loggers)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     start = time.perf_counter()
@@ -333,11 +355,29 @@ def _config_differences(saved, current, prefix: str) -> list[tuple[str, Any, Any
     return [] if saved == current else [(prefix, saved, current)]
 
 
+# task.* values a resumed run cannot change: the optimizer's param groups (lr, weight decay, betas, layer-wise
+# scales) and the scheduler's base learning rates come back from the checkpoint
+_RESTORED_TASK_KEYS = ("lr", "weight_decay", "betas", "layer_decay")
+
+
 def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
-    """A checkpoint whose weights do not fit the configured module: name the config values that differ."""
+    """A checkpoint whose weights do not fit the configured module, or optimizer settings that resuming would
+    ignore: name the config values that differ."""
     from torch.nn.parameter import UninitializedParameter
 
     path, ckpt = resume
+    stored = (ckpt.get("hyper_parameters") or {}).get("zoo_config")
+    if isinstance(stored, dict):  # Lightning restores the optimizer and the schedule over these: refuse a change
+        current_task = _to_container(cfg).get("task") or {}
+        changed = [(f"task.{key}", stored.get("task", {}).get(key), current_task.get(key)) for key in _RESTORED_TASK_KEYS
+                   if key in current_task and stored.get("task", {}).get(key) != current_task.get(key)]
+        if changed:
+            raise ValueError(
+                f"cannot resume from {path} with " + ", ".join(f"{k}={b}" for k, _, b in changed) + ": the run used "
+                + ", ".join(f"{k}={a}" for k, a, _ in changed) + ", and resuming restores its optimizer and learning-"
+                "rate schedule, which would keep those values; resume with them, or start a new run from its weights "
+                "(model.pretrained=<its released/ directory>)"
+            )
     saved, own = ckpt["state_dict"], module.state_dict()
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
