@@ -298,6 +298,13 @@ def test_bad_run_options_are_named_before_training(tmp_path):
             run.train(_karate(tmp_path, "x", f"run_dir={run_dir}"))
 
 
+def test_no_training_step_writes_no_release(tmp_path, capsys):
+    """trainer.max_epochs=0 used to write released/ with the untrained weights and a model card of the run."""
+    result = run.train(_karate(tmp_path, "zero", "trainer.max_epochs=0", "export=true"))
+    assert result["released"] is None and not (tmp_path / "zero" / "released").exists()
+    assert "no training step ran (trainer.max_epochs=0), so released/ is not written" in capsys.readouterr().err
+
+
 def test_no_epoch_limit_needs_a_schedule_length(tmp_path):
     """trainer.max_epochs=-1 (Lightning's "no limit") leaves the warm-up + cosine schedule without a length: a
     clear error instead of an OverflowError from int(inf)."""

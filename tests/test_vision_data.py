@@ -186,6 +186,22 @@ def test_predict_preprocessing_of_other_image_modes_equals_training(tmp_path, mo
         torch.testing.assert_close(vdata.load_image_file(path, 8, in_chans, *stats), dm.val_set[0][0], rtol=0, atol=0)
 
 
+def test_image_folder_validation_choices_are_explicit(tmp_path):
+    """val_fraction=0 trains on every train image and validates on test/ (as the digits do), or says what is
+    missing; it used to become 0.1 silently. eval_batch_size=0 used to mean the default silently."""
+    _write_images(tmp_path, "train", ["cat", "dog"], 3)
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, val_fraction=0.0, num_classes=2)
+    with pytest.raises(ValueError, match="val_fraction=0 trains on every image .* has neither val/ nor test/"):
+        dm.setup()
+    _write_images(tmp_path, "test", ["cat", "dog"], 2)
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, val_fraction=0.0, num_classes=2)
+    dm.setup()
+    assert len(dm.train_set) == 6 and len(dm.val_set) == 4 and len(dm.test_set) == 4
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="eval_batch_size must be a positive int, or null"):
+            vdata.ImageFolderDataModule(str(tmp_path), eval_batch_size=bad, num_classes=2)
+
+
 def test_load_image_file_errors(tmp_path):
     (tmp_path / "note.png").write_text("not an image")
     with pytest.raises(ValueError, match="is not a readable image"):

@@ -244,6 +244,10 @@ class VisionDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not 0.0 <= float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        if eval_batch_size is not None and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
+                                            or eval_batch_size < 1):  # 0 used to mean the default, silently
+            raise ValueError(f"eval_batch_size must be a positive int, or null for max(batch_size, 256), got "
+                             f"{eval_batch_size!r}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or max(batch_size, 256)
         self.num_workers = int(num_workers)
@@ -390,7 +394,8 @@ class ImageFolderDataModule(VisionDataModule):
     """Images in class folders under a local ``root``::
 
         <root>/train/<class_name>/<image>.png   required
-        <root>/val/<class_name>/...             optional (else ``val_fraction`` of train, stratified)
+        <root>/val/<class_name>/...             optional (else ``val_fraction`` of train, stratified; with
+                                                val_fraction=0, every train image trains and test/ validates)
         <root>/test/<class_name>/...            optional (else the validation images)
 
     ``augment``: "none", "standard" (random resized crop + flip) or "crop" (pad, random crop, flip).
@@ -435,14 +440,21 @@ class ImageFolderDataModule(VisionDataModule):
         eval_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, False, self.augment)
         train = self._folder("train")
         val = self._folder("val")
-        if val is None:
-            kept, held = _stratified_split(np.array(train.targets), self.val_fraction or 0.1, self.seed)
+        test = self._folder("test")
+        if val is None and self.val_fraction == 0:  # train on every image, validate on test/ (as the digits do)
+            if test is None:
+                raise ValueError(f"val_fraction=0 trains on every image of {self.root / 'train'} and validates on a "
+                                 f"test/ folder, but {self.root} has neither val/ nor test/; give val_fraction > 0 "
+                                 f"or add one of them")
+            self.train_set = _TransformedSubset(train, None, train_tf, self.seed)
+            self.val_set = _TransformedSubset(test, None, eval_tf)
+        elif val is None:
+            kept, held = _stratified_split(np.array(train.targets), self.val_fraction, self.seed)
             self.train_set = _TransformedSubset(train, kept, train_tf, self.seed)
             self.val_set = _TransformedSubset(train, held, eval_tf)
         else:
             self.train_set = _TransformedSubset(train, None, train_tf, self.seed)
             self.val_set = _TransformedSubset(val, None, eval_tf)
-        test = self._folder("test")
         self.test_set = _TransformedSubset(test, None, eval_tf) if test is not None else self.val_set
 
 

@@ -22,6 +22,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -325,7 +326,12 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     if last.is_file():
         result["last_ckpt"] = str(last)
     if trainer.is_global_zero:
-        if cfg.get("export", True):
+        if cfg.get("export", True) and int(trainer.global_step) == 0:
+            # trainer.max_epochs=0 / limit_train_batches=0: released/ would hold untrained (or unchanged) weights
+            # under a model card of this run; zoo eval scores a checkpoint without training
+            print(f"zoo train: no training step ran (trainer.max_epochs={cfg.trainer.get('max_epochs')}), so "
+                  f"released/ is not written", file=sys.stderr)
+        elif cfg.get("export", True):
             released = export_released(module, datamodule, cfg, run_dir / "released", metrics, seconds)
             result["released"] = str(released) if released is not None else None
         (run_dir / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "metrics"} | {"metrics": metrics}, indent=2) + "\n")
