@@ -26,8 +26,8 @@ A ViT built with ``dynamic_img_size`` and exported at another size than its own 
 to that size (``set_input_size``: the position embedding resampled once, as the model would on every call):
 ONNX has no anti-aliased bicubic resize, and the table is a constant of the fixed-size graph anyway.
 
-Single-file ONNX protobufs are limited to 2 GB: models above about 500M fp32 parameters (the giant CLIP and
-SigLIP towers) are refused with a message instead of failing inside the exporter.
+Single-file ONNX protobufs are limited to 2 GB: models above about 500M fp32 parameters (CLIP's huge, giant and
+gigantic towers, SigLIP's giantopt) are refused with a message instead of failing inside the exporter.
 """
 from __future__ import annotations
 
