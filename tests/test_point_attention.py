@@ -216,6 +216,22 @@ def test_geometry_bad_inputs_raise_clear_errors():
         knn(pos, pos, True)
 
 
+def test_geometry_searches_run_without_autograd(monkeypatch):
+    """The neighbour searches build no autograd graph over their distance matrices, even for inputs that require
+    grad (a helper inserted above knn once took its @torch.no_grad() decorator)."""
+    import zoo.geometry as geometry
+
+    seen = []
+    paired = geometry._paired_examples
+    monkeypatch.setattr(geometry, "_paired_examples", lambda *a: seen.append(torch.is_grad_enabled()) or paired(*a))
+    pos = _points(30, seed=2).requires_grad_(True)
+    geometry.knn(pos, pos, 3)
+    geometry.knn_graph(pos, 3)
+    geometry.radius(pos, pos, 0.8)
+    geometry.radius_graph(pos, 0.8)
+    assert seen and not any(seen)
+
+
 def test_geometry_counts_take_numpy_and_tensor_ints():
     """k / max_num_neighbors read from a numpy config or computed with torch, as torch_cluster takes them."""
     pos = _points(30, seed=2)

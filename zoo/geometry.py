@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from zoo.layers import check_positive_int, is_int
+from zoo.layers import positive_int
 
 __all__ = ["knn", "knn_graph", "radius", "radius_graph", "fps"]
 
@@ -199,15 +199,6 @@ def _query_chunks(queries: Tensor, width_per_query: Tensor, budget: int):
 
 
 @torch.no_grad()
-def _count(value, name: str) -> int:
-    """A positive count as a Python int: numpy integers and 0-d integer tensors too (a k read from a numpy
-    config or computed with torch), as torch_cluster takes them; ValueError naming ``name`` otherwise."""
-    if is_int(value):
-        value = int(value)
-    check_positive_int(value, name)
-    return value
-
-
 def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y: Optional[Tensor] = None,
         cosine: bool = False, chunk: int = 1024) -> Tensor:
     """For each point of ``y`` [Ny, D], the ``k`` nearest points of ``x`` [Nx, D] of the same example.
@@ -217,7 +208,7 @@ def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y:
     for examples that have fewer, as in torch_cluster). The final ranking uses float64 distances, so float32
     rounding decides neither the order nor ties.
     """
-    k = _count(k, "k")
+    k = positive_int(k, "k")
     x, y, examples = _paired_examples(x, y, batch_x, batch_y)
     rows, cols = [], []
     work = torch.float64 if x.dtype == torch.float64 or cosine else torch.float32
@@ -354,7 +345,7 @@ def knn_graph(x: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = Fa
     point itself, so each point keeps k others (fewer when its example is smaller).
     """
     _check_flow(flow)
-    k = _count(k, "k")
+    k = positive_int(k, "k")
     centre, neighbour = knn(x, x, k if loop else k + 1, batch, batch, cosine=cosine, chunk=chunk)
     return _neighbour_graph(centre, neighbour, loop, k, flow)
 
@@ -372,7 +363,7 @@ def radius(x: Tensor, y: Tensor, r: float, batch_x: Optional[Tensor] = None, bat
     the rest is brute force in chunks."""
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
         raise ValueError(f"r must be a positive finite number, got {r!r}")
-    max_num_neighbors = _count(max_num_neighbors, "max_num_neighbors")
+    max_num_neighbors = positive_int(max_num_neighbors, "max_num_neighbors")
     x, y, examples = _paired_examples(x, y, batch_x, batch_y)
     rows, cols = [], []
     for x0, x1, y0, y1 in examples:
@@ -439,7 +430,7 @@ def radius_graph(x: Tensor, r: float, batch: Optional[Tensor] = None, loop: bool
     point itself out and still keeps up to ``max_num_neighbors`` others (torch_cluster asks for one more and
     drops the point, which keeps one too many when the point is not among the first)."""
     _check_flow(flow)
-    max_num_neighbors = _count(max_num_neighbors, "max_num_neighbors")
+    max_num_neighbors = positive_int(max_num_neighbors, "max_num_neighbors")
     centre, neighbour = radius(x, x, r, batch, batch, max_num_neighbors + (0 if loop else 1), chunk=chunk)
     return _neighbour_graph(centre, neighbour, loop, max_num_neighbors, flow)
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "IntOrPair", "check_positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
+    "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
     "ACTIVATIONS", "QuickGELU", "create_act",
 ]
@@ -38,6 +38,15 @@ IntOrPair = Union[int, Sequence[int]]
 def check_positive_int(value, name: str) -> None:
     """ValueError naming ``name`` unless ``value`` is an int >= 1 (bools are not ints here)."""
     check_ints(**{name: value})
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as a Python int >= 1: numpy integers and 0-d integer tensors too (counts read from a numpy config
+    or computed with torch); ValueError naming ``name`` otherwise (bools are not ints here)."""
+    if is_int(value):
+        value = int(value)
+    check_positive_int(value, name)
+    return value
 
 
 def check_flag(value, name: str) -> bool:
