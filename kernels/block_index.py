@@ -489,9 +489,14 @@ def _bits_name(bits: int) -> str:
     return "&".join(names) or "TRUE"
 
 
+def ids_fit_int32(ids: torch.Tensor) -> bool:
+    """Whether every id (or position) fits the kernels' int32 (one min / max pass: a device sync on CUDA)."""
+    return not ids.numel() or (int(ids.max()) <= 2**31 - 1 and int(ids.min()) >= -(2**31))
+
+
 def _ids(ids: torch.Tensor, device) -> torch.Tensor:
     ids = ids.to(device)
-    if ids.numel() and (int(ids.max()) > 2**31 - 1 or int(ids.min()) < -(2**31)):
+    if not ids_fit_int32(ids):
         raise ValueError("Segments ids must fit in int32 for the Triton kernel")
     return ids.to(torch.int32).contiguous()
 

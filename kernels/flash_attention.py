@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from zoo.kernels.block_index import MaskProgram, kernel_tile_lists, lower_mask, needs_dense_fallback
+from zoo.kernels.block_index import MaskProgram, ids_fit_int32, kernel_tile_lists, lower_mask, needs_dense_fallback
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import resolve_bias
 from zoo.attention.masks import And, Mask, Or, SegmentWindow, Segments, as_mask
@@ -1185,9 +1185,7 @@ def _segment_ids_fit_int32(mask: Mask) -> bool:
         return True
     known = mask.versioned_cache(_INT32_IDS.setdefault(mask, {}))
     if "fits" not in known:
-        info = torch.iinfo(torch.int32)
-        known["fits"] = all(not ids.numel() or (int(ids.max()) <= info.max and int(ids.min()) >= info.min)
-                            for ids in mask.tensors())
+        known["fits"] = all(ids_fit_int32(ids) for ids in mask.tensors())
     return known["fits"]
 
 

@@ -84,10 +84,11 @@ class GraphStructure:
     sparse_coalesced: bool = True  # False for a COO adjacency with duplicate entries (merged here)
 
 
-def _sparse_to_edge_index(adj: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+def _sparse_to_edge_index(adj: Tensor, coo_without_duplicates: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """``adj_t[dst, src]`` (CSR, CSC or COO) -> ([2, E] (src, dst) sorted by (dst, src), the permutation from the
     entries' storage order to that order, or None when it is the identity). Edge features of a sparse adjacency
-    come in its storage order (as its values do): column-major for CSC."""
+    come in its storage order (as its values do): column-major for CSC. ``coo_without_duplicates``: the
+    :func:`_coo_without_duplicates` answer for a COO ``adj``, computed by the caller."""
     if adj.layout == torch.sparse_csr:
         crow, col = adj.crow_indices(), adj.col_indices()
         dst = torch.repeat_interleave(torch.arange(adj.size(0), device=adj.device), crow.diff())
@@ -98,7 +99,7 @@ def _sparse_to_edge_index(adj: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         dst = row
     elif adj.layout == torch.sparse_coo:
         # the stored entries (a transposed adj.t() is uncoalesced but has an order); duplicates are merged
-        idx = adj._indices() if _coo_without_duplicates(adj) else adj.coalesce().indices()
+        idx = adj._indices() if coo_without_duplicates else adj.coalesce().indices()
         dst, src = idx[0], idx[1]
     else:
         raise TypeError(f"unsupported sparse layout {adj.layout} (use sparse CSR, CSC or COO)")
@@ -131,7 +132,7 @@ def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool
             )
         layout, size = edge_index.layout, tuple(edge_index.shape)
         coalesced = layout != torch.sparse_coo or _coo_without_duplicates(edge_index)
-        edge_index, storage_order = _sparse_to_edge_index(edge_index)
+        edge_index, storage_order = _sparse_to_edge_index(edge_index, coalesced)
     elif type(edge_index).__name__ == "SparseTensor":
         raise TypeError("torch_sparse.SparseTensor is not supported; pass a torch sparse tensor (adj.t())")
     else:

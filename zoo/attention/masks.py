@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from zoo.layers import check_positive_int, is_int, to_pair
+from zoo.layers import is_int, positive_int, to_pair
 
 __all__ = [
     "EMPTY",
@@ -57,10 +57,11 @@ _VERSION_KEY = "__mask_version__"  # the entry of a per-mask cache that records 
 CACHE_ENTRIES_PER_MASK = 32
 
 
-def cache_put(cache: dict, key, value) -> None:
-    """``cache[key] = value`` in a per-mask cache, dropping its oldest entry beyond CACHE_ENTRIES_PER_MASK."""
+def cache_put(cache: dict, key, value, limit: int = CACHE_ENTRIES_PER_MASK) -> None:
+    """``cache[key] = value`` in a per-mask cache, dropping its oldest entry beyond ``limit`` entries (the version
+    record of :meth:`Mask.versioned_cache` does not count)."""
     entries = [k for k in cache if k != _VERSION_KEY]
-    if len(entries) >= CACHE_ENTRIES_PER_MASK:
+    if len(entries) >= limit:
         del cache[entries[0]]
     cache[key] = value
 
@@ -229,12 +230,6 @@ def _tile_bounds(length: int, block: int, device) -> tuple[torch.Tensor, torch.T
     return first, last
 
 
-def _as_count(value):
-    """numpy ints and 0-d integer tensors as Python ints (as Window's bounds take them); anything else as it is,
-    for the caller's check to name."""
-    return int(value) if is_int(value) else value
-
-
 def _check_band(mask_name: str, unit: str, left, right) -> None:
     """Window / ChunkWindow bounds: ints or None (unbounded) that leave some ``unit`` allowed."""
     for name, value in (("left", left), ("right", right)):
@@ -352,8 +347,7 @@ class ChunkWindow(Mask):
 
     def __init__(self, chunk_size: int, left: Optional[int] = None, right: Optional[int] = 0) -> None:
         super().__init__()
-        chunk_size = _as_count(chunk_size)
-        check_positive_int(chunk_size, "ChunkWindow chunk_size")
+        chunk_size = positive_int(chunk_size, "ChunkWindow chunk_size")
         _check_band("ChunkWindow", "chunk", left, right)
         self.chunk_size = chunk_size
         self.left = None if left is None else int(left)
@@ -481,9 +475,7 @@ class Segments(Mask):
             if longest == 0:
                 raise ValueError(f"Segments.from_lengths: every {name} is 0; give {max_name}")
             max_len = longest
-        if is_int(max_len):  # numpy ints and 0-d integer tensors, as the lengths themselves may be
-            max_len = int(max_len)
-        check_positive_int(max_len, max_name)
+        max_len = positive_int(max_len, max_name)  # numpy / 0-d tensor ints, as the lengths themselves may be
         if longest > max_len:
             raise ValueError(f"Segments.from_lengths: {name} holds {longest}, longer than {max_name}={max_len}")
         positions = torch.arange(max_len, device=lengths_B.device)
@@ -603,9 +595,8 @@ class SegmentWindow(Mask):
         self.segments.check_shape(q_len, k_len, batch, heads)
 
     @staticmethod
-    def _ranks(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row of (B, N) ids: each token's rank among the tokens of its id, the ids sorted, and the
-        sorting permutation."""
+    def _ranks(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of (B, N) ids: each token's rank among the tokens of its id, and the ids sorted."""
         order = torch.sort(ids, dim=1, stable=True)
         sorted_ids, index = order.values, order.indices
         n = ids.shape[1]
@@ -615,7 +606,7 @@ class SegmentWindow(Mask):
         run_start = torch.cummax(torch.where(starts, arange, torch.zeros_like(arange)), dim=1).values
         ranks = torch.empty_like(ids)
         ranks.scatter_(1, index, arange - run_start)
-        return ranks, sorted_ids, index
+        return ranks, sorted_ids
 
     @staticmethod
     def _count_of(values: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
@@ -633,8 +624,8 @@ class SegmentWindow(Mask):
             batch = self.segments.batch_size  # ids of batch 1 apply to every row
             q_ids = self.segments.q_ids.to(device).expand(batch, -1).contiguous()
             kv_ids = self.segments.kv_ids.to(device).expand(batch, -1).contiguous()
-            q_rank, q_sorted, _ = self._ranks(q_ids)
-            k_rank, k_sorted, _ = self._ranks(kv_ids)
+            q_rank, q_sorted = self._ranks(q_ids)
+            k_rank, k_sorted = self._ranks(kv_ids)
             shift = self._count_of(q_ids, k_sorted) - self._count_of(q_ids, q_sorted)
             hit = self._positions[key] = (q_rank + shift, k_rank)
         return hit
@@ -827,9 +818,8 @@ class MaskMod(Mask):
         super().__init__()
         if not callable(mask_mod):
             raise TypeError(f"MaskMod needs a callable mask_mod(b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
-        batch_size, num_heads, chunk_cells = _as_count(batch_size), _as_count(num_heads), _as_count(chunk_cells)
-        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("chunk_cells", chunk_cells)):
-            check_positive_int(value, f"MaskMod {name}")
+        batch_size, num_heads, chunk_cells = (positive_int(value, f"MaskMod {name}") for name, value in (
+            ("batch_size", batch_size), ("num_heads", num_heads), ("chunk_cells", chunk_cells)))
         self.mask_mod = mask_mod
         self._batch, self._heads, self.chunk_cells = batch_size, num_heads, chunk_cells
 

@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 
 from zoo.attention import backends as _backends
-from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, ChunkWindow, Mask, Or, as_mask
+from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, ChunkWindow, Mask, Or, as_mask, cache_put
 from zoo.attention.radial import Radial
 from zoo.layers import exp_flushed_ as _exp_flushed_, is_tracing, to_pair
 
@@ -303,10 +303,7 @@ def _plan(mask: Mask, bias_shape, batch, heads, kv_heads, q_len, k_len, block_q,
                 _group_tiles(tiles, block_q, block_k, batch, heads, device) if bias_shape is None else (None, None)
             )
             slices.append(_Slice(b, h, kv, bias_b, bias_h, block_k, tiles, block_q, batches, rest))
-    plans = [k for k in per_mask if isinstance(k, tuple)]  # (the other entry records the mask's version)
-    if len(plans) >= _PLANS_PER_MASK:
-        per_mask.pop(plans[0])
-    per_mask[key] = slices
+    cache_put(per_mask, key, slices, _PLANS_PER_MASK)
     return slices
 
 

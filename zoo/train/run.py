@@ -372,9 +372,9 @@ def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
     from torch.nn.parameter import UninitializedParameter
 
     path, ckpt = resume
-    stored = (ckpt.get("hyper_parameters") or {}).get("zoo_config")
+    stored, current = (ckpt.get("hyper_parameters") or {}).get("zoo_config"), _to_container(cfg)
     if isinstance(stored, dict):  # Lightning restores the optimizer and the schedule over these: refuse a change
-        current_task = _to_container(cfg).get("task") or {}
+        current_task = current.get("task") or {}
         changed = [(f"task.{key}", stored.get("task", {}).get(key), current_task.get(key)) for key in _RESTORED_TASK_KEYS
                    if key in current_task and stored.get("task", {}).get(key) != current_task.get(key)]
         if changed:
@@ -391,7 +391,6 @@ def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
               and isinstance(saved[k], torch.Tensor) and tuple(saved[k].shape) != tuple(v.shape)]
     if not (missing or unexpected or shapes):
         return
-    stored, current = ckpt["hyper_parameters"]["zoo_config"], _to_container(cfg)
     diffs = [d for group in ("model", "task") for d in _config_differences(stored.get(group), current.get(group), group)
              if d[0] != "model.pretrained"]
     if diffs:
