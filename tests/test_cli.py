@@ -18,6 +18,8 @@ from zoo.train import run
 
 from conftest import FAST_RUN
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_configs_come_from_the_installed_package(tmp_path, monkeypatch):
     root = importlib.resources.files("zoo.configs")
@@ -183,6 +185,57 @@ def karate_run(tmp_path_factory) -> Path:
     assert cli.main(["train", "experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1",
                      "trainer.max_epochs=2", "trainer.enable_model_summary=false", f"run_dir={run_dir}"]) == 0
     return run_dir
+
+
+def _digits_test_folder(root: Path, names=None) -> Path:
+    """The embedded digits' fixed test split written as root/test/<class>/*.png (8 bit, as a user's files are)."""
+    from sklearn.datasets import load_digits
+
+    from zoo.tasks.vision.data import digits_splits
+
+    digits = load_digits()
+    for i in digits_splits()["test"]:
+        label = int(digits.target[i])
+        folder = root / "test" / (names[label] if names else str(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_eval_on_another_data_config(tmp_path, capsys):
+    """zoo eval data=image_folder scores a checkpoint on the user's files with the run's preprocessing (size,
+    channels, normalisation, class count): the shipped ViT on the digits' test split written as PNG files scores
+    what it scores on the embedded tensors (the card's 98.61%), to within the one image 8-bit rounding may move."""
+    ckpt = str(ROOT / "checkpoints" / "vit_digits")
+    embedded = run.evaluate(ckpt)["test/acc1"]
+    folder = _digits_test_folder(tmp_path / "pngs")  # test/ only: an evaluation set
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=image_folder", f"data.root={folder}", "data.num_workers=0"]) == 0
+    captured = capsys.readouterr()
+    assert abs(json.loads(captured.out)["test/acc1"] - embedded) <= 1 / 360 + 1e-6 and embedded > 0.98
+    assert "warning" not in captured.err
+    # other class names: scored by position, with a warning naming both lists
+    renamed = _digits_test_folder(tmp_path / "renamed", names=[f"digit_{k}" for k in range(10)])
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=image_folder", f"data.root={renamed}", "data.num_workers=0"]) == 0
+    assert "trained on classes [0, 1, 2, 3, 4, 5, ... (10)], this data has [digit_0, digit_1" in capsys.readouterr().err
+    # another class count, another domain, an unknown group, a missing root
+    for child in list((renamed / "test").iterdir())[:3]:
+        for file in child.iterdir():
+            file.unlink()
+        child.rmdir()
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=image_folder", f"data.root={renamed}"]) == 1
+    assert "data.num_classes=10 but ImageFolderDataModule found 7 classes" in capsys.readouterr().err
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=graph_karate"]) == 1
+    assert ("data=graph_karate is zoo.tasks.graph (node model) data, but the checkpoint's model was trained on "
+            "zoo.tasks.vision data") in capsys.readouterr().err
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=imagefolder"]) == 1
+    assert "data=imagefolder: no such data config (options: cifar10, cifar100, digits," in capsys.readouterr().err
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=image_folder"]) == 1
+    assert "data.root is required" in capsys.readouterr().err
+    # a root with only test/ cannot train
+    from zoo.tasks.vision.data import ImageFolderDataModule
+
+    with pytest.raises(FileNotFoundError, match="train does not exist"):
+        ImageFolderDataModule(str(folder), mean=(0.5,), std=(0.5,)).setup("fit")
 
 
 def test_eval_refuses_unknown_keys_and_model_overrides(karate_run, capsys):

@@ -150,6 +150,28 @@ def test_image_folder_datamodule(tmp_path):
         bad.setup()
 
 
+@pytest.mark.parametrize("augment", ["crop", "standard"])
+def test_image_folder_hflip_probability(tmp_path, augment):
+    # data.hflip is timm's --hflip: the training flip's probability. With the same per-sample seed, hflip=1
+    # gives the mirror image of hflip=0's sample (the crop draws come first and are the same); digits or text,
+    # whose mirror image is another class, train with hflip=0
+    _write_images(tmp_path, "train", ["cat", "dog"], 3)
+    _write_images(tmp_path, "test", ["cat", "dog"], 1)
+    samples = {}
+    for hflip in (0.0, 1.0):
+        dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, mean=(0.5,), std=(0.5,), augment=augment,
+                                         val_fraction=0.0, hflip=hflip)
+        dm.setup()
+        samples[hflip] = torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))])
+    assert not torch.equal(samples[0.0], samples[0.0].flip(-1))
+    torch.testing.assert_close(samples[1.0], samples[0.0].flip(-1), rtol=0, atol=0)
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="hflip must be a probability"):
+            vdata.ImageFolderDataModule(str(tmp_path), hflip=bad)
+    with pytest.raises(ValueError, match="hflip must be a probability"):
+        vdata.CIFARDataModule(str(tmp_path), hflip=2)
+
+
 def test_missing_local_data_says_what_to_put_where(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"train/<class_name>/<image file>"):
         vdata.ImageFolderDataModule(str(tmp_path / "images"))

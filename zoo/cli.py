@@ -3,7 +3,7 @@
 Commands::
 
     zoo train [experiment=<name>] [group=option ...] [key=value ...]   train (Hydra overrides)
-    zoo eval ckpt=<.ckpt | released dir> [data.key=value ...]         test metrics
+    zoo eval ckpt=<.ckpt | released dir> [data=GROUP] [data.key=value ...]  test metrics
     zoo predict ckpt=<.ckpt | released dir> input=<image | folder | digits:N> [topk=5]
     zoo list [pattern] [--task vision]                                 registered models
     zoo bench <name> [args]                                            zoo.bench.<name>.main(args)
@@ -65,10 +65,14 @@ Outputs: <run_dir>/{config.yaml, checkpoints/{best,last}.ckpt, csv/, tensorboard
 --cfg prints the composed config and exits.
 """
 
-EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir> [split=test|val] [data.KEY=VALUE ...]
+EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir> [split=test|val] [data=GROUP] [data.KEY=VALUE ...]
 
 Evaluates a checkpoint written by `zoo train` (a .ckpt, or the released/ directory) on the data it was
 trained with (the config stored in the checkpoint; data.* overrides change it, e.g. data.root=...).
+data=GROUP evaluates on another data config of the model's domain, with the run's input size, channels,
+normalisation and class count:
+  zoo eval ckpt=checkpoints/vit_digits data=image_folder data.root=DIR    # DIR/test/<class>/*.png (else val/)
+A warning names the classes when the data's class names differ from training's.
 Prints the metrics as JSON.
 """
 
@@ -167,9 +171,11 @@ def _cmd_eval(argv: list[str]) -> int:
     if _wants_help(argv):
         print(EVAL_HELP)
         return 0
-    values, overrides = _key_values(argv, ("ckpt", "split"), "eval", passthrough_dotted=True)
+    values, overrides = _key_values(argv, ("ckpt", "split", "data"), "eval", passthrough_dotted=True)
     if "ckpt" not in values:
         raise SystemExit("zoo eval: ckpt=<.ckpt or released directory> is required")
+    if "data" in values:  # another data config of the model's domain, before its data.* overrides
+        overrides = [f"data={values['data'][-1]}", *overrides]
     metrics = run.evaluate(values["ckpt"][-1], overrides, split=values.get("split", ["test"])[-1])
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0

@@ -191,6 +191,13 @@ def digits_splits(val_fraction: float = 0.1, seed: int = 0) -> dict[str, np.ndar
     return {"train": rest[kept], "val": rest[held], "test": test}
 
 
+def _probability(value, name: str) -> float:
+    """A number in [0, 1], or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _check_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     stats = []
     for name, value in (("mean", mean), ("std", std)):
@@ -375,15 +382,18 @@ class DigitsDataModule(VisionDataModule):
         self.test_set = TensorImageDataset(images[split["test"]], labels[split["test"]], self.mean, self.std)
 
 
-def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augment: str) -> Callable:
+def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augment: str, hflip: float = 0.5) -> Callable:
+    """torchvision v2 pipeline; ``hflip`` is the probability of the training augmentations' horizontal flip
+    (timm's ``--hflip``; 0 for data whose mirror image is another class, e.g. digits or text)."""
     from torchvision.transforms import v2 as T
 
     steps: list[Any] = [T.ToImage()]
     steps.append(T.Grayscale(1) if in_chans == 1 else T.RGB())
+    flip = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
     if train and augment == "standard":
-        steps += [T.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip()]
+        steps += [T.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True), *flip]
     elif train and augment == "crop":  # CIFAR style: pad 4 (at 32 px) and random crop, flip
-        steps += [T.Resize(img_size, antialias=True), T.RandomCrop(img_size, padding=max(1, img_size // 8)), T.RandomHorizontalFlip()]
+        steps += [T.Resize(img_size, antialias=True), T.RandomCrop(img_size, padding=max(1, img_size // 8)), *flip]
     else:
         steps += [T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
@@ -398,26 +408,33 @@ class ImageFolderDataModule(VisionDataModule):
                                                 val_fraction=0, every train image trains and test/ validates)
         <root>/test/<class_name>/...            optional (else the validation images)
 
-    ``augment``: "none", "standard" (random resized crop + flip) or "crop" (pad, random crop, flip).
+    A root with only test/ (or val/) is an evaluation set: ``zoo eval ckpt=... data=image_folder data.root=...``.
+
+    ``augment``: "none", "standard" (random resized crop + flip) or "crop" (pad, random crop, flip); ``hflip``
+    the flip's probability (0.5; 0 turns it off).
     """
 
-    def __init__(self, root: str, *args, **kwargs):
+    def __init__(self, root: str, *args, hflip: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
+        self.hflip = _probability(hflip, "hflip")
         if self.augment not in ("none", "standard", "crop"):
             raise ValueError(f"ImageFolderDataModule: augment must be 'none', 'standard' or 'crop', got {self.augment!r}")
         self.root = Path(os.path.expanduser(str(root)))
-        train_dir = self.root / "train"
-        if not train_dir.is_dir():
-            raise FileNotFoundError(
-                f"ImageFolder data: {train_dir} does not exist. Put the images as {self.root}/train/<class_name>/<image file> "
-                f"(optionally {self.root}/val/... and {self.root}/test/... in the same layout)."
-            )
+        # the class folders come from train/; a root holding only test/ (or val/) serves evaluation (zoo eval)
+        train_dir = next((self.root / split for split in ("train", "test", "val") if (self.root / split).is_dir()), None)
+        if train_dir is None:
+            raise FileNotFoundError(self._no_train_message())
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
         if not classes:
             raise FileNotFoundError(f"ImageFolder data: {train_dir} has no class sub-folders (expected {train_dir}/<class_name>/<image>)")
         self.class_names = classes
         self.num_classes = len(classes)
         self._check_num_classes()
+
+    def _no_train_message(self) -> str:
+        return (f"ImageFolder data: {self.root / 'train'} does not exist. Put the images as {self.root}/train/<class_name>/"
+                f"<image file> (optionally {self.root}/val/... and {self.root}/test/... in the same layout; a root with "
+                f"only test/ or val/ serves zoo eval).")
 
     def _folder(self, split: str):
         from torchvision.datasets import ImageFolder
@@ -428,19 +445,26 @@ class ImageFolderDataModule(VisionDataModule):
         dataset = ImageFolder(str(directory))
         if dataset.classes != self.class_names:
             extra = sorted(set(dataset.classes) - set(self.class_names))
-            raise ValueError(f"ImageFolder data: {directory} has classes {extra} that {self.root / 'train'} lacks" if extra
-                             else f"ImageFolder data: {directory} lacks some classes of {self.root / 'train'}; give every split all class folders")
+            first = next(self.root / s for s in ("train", "test", "val") if (self.root / s).is_dir())
+            raise ValueError(f"ImageFolder data: {directory} has classes {extra} that {first} lacks" if extra
+                             else f"ImageFolder data: {directory} lacks some classes of {first}; give every split all class folders")
         return dataset
 
     def setup(self, stage: Optional[str] = None) -> None:
         self._require_stats()
-        if self.train_set is not None:
+        if self.train_set is not None or (stage in ("test", "validate") and self.test_set is not None):
             return
-        train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment)
+        train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment, self.hflip)
         eval_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, False, self.augment)
         train = self._folder("train")
         val = self._folder("val")
         test = self._folder("test")
+        if train is None:  # evaluation only (zoo eval): test/ and val/ stand in for each other
+            if stage not in ("test", "validate"):
+                raise FileNotFoundError(self._no_train_message())
+            self.val_set = _TransformedSubset(val if val is not None else test, None, eval_tf)
+            self.test_set = _TransformedSubset(test if test is not None else val, None, eval_tf)
+            return
         if val is None and self.val_fraction == 0:  # train on every image, validate on test/ (as the digits do)
             if test is None:
                 raise ValueError(f"val_fraction=0 trains on every image of {self.root / 'train'} and validates on a "
@@ -476,7 +500,8 @@ class CIFARDataModule(VisionDataModule):
     default_img_size = 32
     default_in_chans = 3
 
-    def __init__(self, root: str, variant: int = 10, *args, **kwargs):
+    def __init__(self, root: str, variant: int = 10, *args, hflip: float = 0.5, **kwargs):
+        self.hflip = _probability(hflip, "hflip")
         kwargs.setdefault("mean", (0.4914, 0.4822, 0.4465) if int(variant) == 10 else (0.5071, 0.4865, 0.4409))
         kwargs.setdefault("std", (0.2470, 0.2435, 0.2616) if int(variant) == 10 else (0.2673, 0.2564, 0.2762))
         super().__init__(*args, **kwargs)
@@ -520,7 +545,7 @@ class CIFARDataModule(VisionDataModule):
         cls = CIFAR10 if self.variant == 10 else CIFAR100
         train = cls(str(self.root), train=True, download=False)
         test = cls(str(self.root), train=False, download=False)
-        train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment)
+        train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment, self.hflip)
         eval_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, False, self.augment)
         kept, held = _stratified_split(np.array(train.targets), self.val_fraction, self.seed)
         self.train_set = _TransformedSubset(train, kept, train_tf, self.seed)

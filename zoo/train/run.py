@@ -482,15 +482,57 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
         # data.mean=model was resolved at training time from the model it started from (a timm tag's or a
         # checkpoint's statistics); the model rebuilt here carries its name's defaults, so use what training used
         cfg.data.mean, cfg.data.std = list(info["mean"]), list(info["std"])
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+    groups = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == "data"]
+    overrides = [item for item in overrides if item.split("=", 1)[0] != "data"]
+    if groups:
+        cfg.data = _other_data(cfg, groups[-1])
     if overrides:
         plain = _plain(cfg)
         for item in overrides:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form key=value")
             _check_eval_override(plain, item.split("=", 1)[0])
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     cfg.model.pretrained = False
     return cfg, model, state, info
+
+
+def _preview(names: Sequence, shown: int = 6) -> str:
+    names = [str(n) for n in names]
+    return "[" + ", ".join(names[:shown]) + (f", ... ({len(names)})" if len(names) > shown else "") + "]"
+
+
+# what the model was trained to take: an evaluation on other data (zoo eval data=<group>) keeps these from the run
+_MODEL_INPUT_KEYS = ("img_size", "in_chans", "mean", "std", "num_features", "num_classes")
+
+
+def _other_data(cfg, group: str):
+    """The data config ``zoo.configs/data/<group>.yaml`` for evaluating the run's model on other data of its
+    domain (``zoo eval ckpt=... data=image_folder data.root=DIR``): the run's input size, channels,
+    normalisation, feature and class counts are kept, since the model was trained on those."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    folder = resources.files("zoo.configs") / "data"
+    options = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    if group not in options:
+        raise ValueError(f"data={group}: no such data config (options: {', '.join(options)})")
+    other = OmegaConf.load(str(folder / f"{group}.yaml"))
+    stored = cfg.get("data") or {}
+    def kind(node) -> str:  # zoo.tasks.<domain>, and for graphs what the model predicts (nodes, graphs, ...)
+        domain = str(node.get("_target_", "")).rsplit(".", 2)[0]
+        return domain + (f" ({node['model_kind']} model)" if "model_kind" in node else "")
+
+    if kind(other) != kind(stored):
+        raise ValueError(f"data={group} is {kind(other)} data, but the checkpoint's model was trained on "
+                         f"{kind(stored)} data ({stored.get('_target_')})")
+    for key in _MODEL_INPUT_KEYS:
+        if key in other.keys() and key in stored:  # (a "???" value is not "in" a DictConfig)
+            other[key] = stored[key]
+    return other
 
 
 def _check_eval_override(plain: dict, key: str) -> None:
@@ -512,8 +554,12 @@ def _check_eval_override(plain: dict, key: str) -> None:
 
 def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: str = "test") -> dict[str, float]:
     """Test metrics of a ``.ckpt`` or released directory on its configured data (``data.*`` overridable)."""
-    cfg, model, state, _ = _inference_source(ckpt, overrides)
+    cfg, model, state, info = _inference_source(ckpt, overrides)
     module, datamodule = build(cfg, model=model)
+    trained, found = info.get("class_names"), getattr(datamodule, "class_names", None)
+    if trained and found and list(map(str, trained)) != list(map(str, found)):
+        print(f"zoo eval: warning: the model was trained on classes {_preview(trained)}, this data has "
+              f"{_preview(found)}; class i of the data is scored as the model's class i", file=sys.stderr)
     if state is not None:
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
