@@ -611,6 +611,14 @@ def test_core_api_boundaries_name_bad_arguments():
     for grid in ((2.9, 2.9), (-2, -2)):
         with pytest.raises(ValueError, match="a grid size is positive ints"):
             RotaryEmbedding(8, "2d")(torch.randn(1, 1, 4, 8), grid)
+    rope_2d = RotaryEmbedding(8, "2d")
+    rope_2d(torch.randn(1, 1, 6, 8), (2, 3))  # cached: (2.5, 3) used to hit this entry through int()
+    with pytest.raises(ValueError, match="a grid size is positive ints"):
+        rope_2d(torch.randn(1, 1, 6, 8), (2.5, 3))
+    with pytest.raises(TypeError, match="RoPE positions must be a tensor, or a grid size"):  # was "int has no len()"
+        RotaryEmbedding(8)(torch.randn(1, 1, 5, 8), 5)
+    with pytest.raises(TypeError, match=r"1d RoPE takes positions as a \(3,\) or \(B, 3\) tensor, got the list"):
+        RotaryEmbedding(8)(torch.randn(1, 1, 3, 8), [0, 1, 2])
 
 
 def test_switches_take_booleans_only():

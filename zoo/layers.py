@@ -29,7 +29,7 @@ from torch import nn
 __all__ = [
     "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
-    "ACTIVATIONS", "QuickGELU", "create_act",
+    "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -47,6 +47,20 @@ def positive_int(value, name: str) -> int:
         value = int(value)
     check_positive_int(value, name)
     return value
+
+
+def weights_stamp(*tensors: Optional[torch.Tensor]) -> tuple:
+    """What a cache derived from module weights (resized bias tables, projected position tables) is keyed on.
+
+    For each tensor its identity, storage address and version counter: an optimizer step, ``load_state_dict``,
+    ``p.data = t`` or ``torch.nn.utils.vector_to_parameters`` changes one of them. And whether inference mode is
+    on: what is built under ``torch.inference_mode()`` (Lightning's validation) cannot be saved for a later
+    backward, so it is not served outside it. A cache entry should keep the tensors alive, so that a replaced
+    weight's id and address cannot be reused by its successor. Values changed in place through ``.data``
+    (``p.data.mul_(m)``) bump no counter and are not seen: edit weights under ``torch.no_grad()`` (``p.mul_(m)``).
+    """
+    return (torch.is_inference_mode_enabled(),
+            *((id(t), t.data_ptr(), t._version) for t in tensors if t is not None))
 
 
 def check_flag(value, name: str) -> bool:

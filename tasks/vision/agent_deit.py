@@ -42,7 +42,7 @@ from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
 from zoo.layers import (
     DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates,
-    check_reset_classifier, new_linear_head, to_pair,
+    check_reset_classifier, new_linear_head, to_pair, weights_stamp,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import note_model_args, register_model
@@ -303,7 +303,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
             return self.pos_embed
         if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or tracing_or_exporting():
             return resize_pos_embed(self.pos_embed, grid, native)
-        key = (grid, self.pos_embed.data_ptr(), self.pos_embed._version)
+        key = weights_stamp(self.pos_embed)
         hit = self._pos_cache.get(grid)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -311,7 +311,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
             resized = resize_pos_embed(self.pos_embed, grid, native)
         if len(self._pos_cache) >= 8:
             self._pos_cache.pop(next(iter(self._pos_cache)))
-        self._pos_cache[grid] = (key, resized)
+        self._pos_cache[grid] = (key, resized, self.pos_embed)  # kept alive: its id cannot be reused
         return resized
 
     def _embed(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from zoo.attention import backends as _backends
 from zoo.attention import capture as _capture
 from zoo.attention.core import attend
-from zoo.layers import check_finite_input, check_like_weights, is_tracing, surely_finite, to_pair
+from zoo.layers import check_finite_input, check_like_weights, is_tracing, surely_finite, to_pair, weights_stamp
 
 __all__ = ["AgentAttention", "agent_biases", "adaptive_pool_matrix"]
 
@@ -268,10 +268,9 @@ class AgentAttention(nn.Module):
         if needs_grad or (tracing_or_exporting() if tracing is None else tracing):
             b1, b2 = agent_biases(*params, grid=grid)
             return b1.to(dtype), b2.to(dtype)
-        # A parameter replaced (another tensor) or changed in place (optimizer step, load_state_dict) changes
-        # its id or version counter; .to()/.half() clear the cache in _apply. The entry keeps the tensors it was
-        # built from alive, so a replaced parameter's id cannot be reused by its successor.
-        versions = tuple((id(p), p._version) for p in params if p is not None)
+        # Keyed on the parameters' weights_stamp (replaced, stepped, loaded; inference mode); .to()/.half() clear
+        # the cache in _apply. The entry keeps the tensors it was built from alive (see weights_stamp).
+        versions = weights_stamp(*params)
         key = (tuple(grid), dtype)
         hit = self._bias_cache.get(key)
         if hit is not None and hit[0] == versions:

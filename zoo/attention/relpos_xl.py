@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention.rope import rope_frequencies
-from zoo.layers import is_tracing
+from zoo.layers import is_tracing, weights_stamp
 
 __all__ = ["TransformerXLRelPos", "relative_sinusoids", "rel_shift"]
 
@@ -156,8 +156,8 @@ class TransformerXLRelPos(nn.Module):
             sinusoids = relative_sinusoids(n_q, n_k, self.dim, q_offset=q_offset, device=like.device, dtype=like.dtype)
             return self._project(sinusoids)
         # Without gradients: one projected table over distances [-reach, reach], grown by doubling. The key
-        # holds the weight's identity and version, so an optimizer step or load_state_dict rebuilds it.
-        key = (id(weight), weight._version, like.device, like.dtype)
+        # holds the weight's weights_stamp, so an optimizer step or load_state_dict rebuilds it.
+        key = (weights_stamp(weight, self.linear_pos.bias), like.device, like.dtype)
         reach = max(abs(top), abs(top - length + 1))
         if self._table is None or self._table[0] != key or self._table[1] < reach:
             new_reach = max(reach, 2 * self._table[1] if self._table is not None and self._table[0] == key else 16)

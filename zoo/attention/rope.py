@@ -36,6 +36,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from zoo.layers import is_int
+
 __all__ = ["RotaryEmbedding", "apply_rotary", "rope_frequencies", "grid_positions", "default_axes_dims", "DEFAULT_THETA"]
 
 # Default base per mode: RoFormer uses 10000 for text, RoPE-ViT uses 100 for the 2D axial variant, Wan 10000
@@ -141,6 +143,25 @@ class RotaryEmbedding(nn.Module):
             )
         return grid_positions(side, side, device=device)
 
+    def _grid_size(self, positions, num_tokens: int) -> tuple[int, ...]:
+        """A grid size given as positions ((rows, cols), or (frames, rows, cols) for 3D), checked."""
+        if not isinstance(positions, (tuple, list)):
+            raise TypeError(f"RoPE positions must be a tensor, or a grid size (a tuple of ints) for 2D / 3D RoPE, "
+                            f"got {type(positions).__name__}")
+        if self.mode == "1d":
+            raise TypeError(f"1d RoPE takes positions as a ({num_tokens},) or (B, {num_tokens}) tensor, got the "
+                            f"{type(positions).__name__} {tuple(positions)} (a grid size is for 2D / 3D RoPE)")
+        if not all(is_int(p) and not isinstance(p, torch.Tensor) and int(p) > 0 for p in positions):
+            raise ValueError(f"{self.mode} RoPE: a grid size is positive ints, got {tuple(positions)}")
+        sizes = tuple(int(p) for p in positions)
+        axes = 3 if self.mode == "3d" else 2
+        if len(sizes) != axes:
+            raise ValueError(f"{self.mode} RoPE: a grid size has {axes} numbers, got {tuple(positions)}")
+        if math.prod(sizes) != num_tokens:
+            raise ValueError(f"{self.mode} RoPE: grid {'x'.join(map(str, sizes))} has {math.prod(sizes)} cells but "
+                             f"there are {num_tokens} tokens")
+        return sizes
+
     def _check_positions(self, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
         if not isinstance(positions, torch.Tensor):
             raise TypeError(f"RoPE positions must be a tensor or a (rows, cols) grid size, got {type(positions).__name__}")
@@ -176,26 +197,17 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, num_tokens: int, positions: Positions = None, *, device=None, dtype=torch.float32):
         """cos, sin of shape (N, P) or (B, 1, N, P) for the rotated tokens (cached for default/grid positions)."""
         compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        sizes = None if positions is None or isinstance(positions, torch.Tensor) else self._grid_size(positions, num_tokens)
         key = None
-        if positions is None or (not isinstance(positions, torch.Tensor) and len(positions) in (2, 3)):
-            key = (num_tokens, None if positions is None else tuple(int(p) for p in positions), str(device), compute_dtype)
+        if not isinstance(positions, torch.Tensor):
+            # an entry built under inference mode holds inference tensors, which autograd cannot save later
+            key = (num_tokens, sizes, str(device), compute_dtype, torch.is_inference_mode_enabled())
             hit = self._cache.get(key)
             if hit is not None:
                 return hit
         if positions is None:
             pos = self.default_positions(num_tokens, device)
-        elif not isinstance(positions, torch.Tensor):
-            if self.mode == "1d":
-                raise TypeError("a grid size is only meaningful for 2D / 3D RoPE; pass a tensor of positions")
-            if not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in positions):
-                raise ValueError(f"{self.mode} RoPE: a grid size is positive ints, got {tuple(positions)}")
-            sizes = tuple(positions)
-            axes = 3 if self.mode == "3d" else 2
-            if len(sizes) != axes:
-                raise ValueError(f"{self.mode} RoPE: a grid size has {axes} numbers, got {tuple(positions)}")
-            if math.prod(sizes) != num_tokens:
-                raise ValueError(f"{self.mode} RoPE: grid {'x'.join(map(str, sizes))} has {math.prod(sizes)} cells but "
-                                 f"there are {num_tokens} tokens")
+        elif sizes is not None:
             pos = grid_positions(*sizes, device=device)
         else:
             pos = self._check_positions(positions, num_tokens).to(device)
