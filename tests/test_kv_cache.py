@@ -157,6 +157,11 @@ def test_cache_misuse_raises_clear_errors():
             mha(torch.randn(2, 1, 32), cache={})
         with pytest.raises(ValueError, match="1D RoPE"):
             MultiHeadAttention(32, num_heads=4, rope="2d")(torch.randn(1, 4, 32), cache=KVCache())
+    # with autograd, appending in place made backward fail on a modified saved tensor (raw RuntimeError)
+    with pytest.raises(RuntimeError, match="a KVCache is for inference; decode under torch.no_grad"):
+        mha(torch.randn(2, 1, 32), cache=KVCache())
+    frozen = _decoder().requires_grad_(False)
+    frozen(torch.randn(2, 2, 32), mask=Causal(), cache=KVCache())  # nothing to differentiate: allowed
     c = KVCache()
     c.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
     with pytest.raises(ValueError, match="do not continue"):
@@ -194,3 +199,39 @@ def test_a_cache_belongs_to_one_layer_and_checks_what_it_is_given():
         cache.reorder(torch.tensor([0, 5]))
     with pytest.raises(TypeError, match="1-D integer tensor"):
         cache.reorder([0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "blocksparse"])  # SDPA is softmax only
+def test_sigmoid_attention_with_a_fixed_length_decodes_as_the_whole_sequence(backend):
+    """score="sigmoid" subtracts log(Nk) of each call: decoding step by step (Nk = 1, 2, ...) or padded keys
+    differ from the whole pass (up to 0.12 here). sigmoid_length fixes the n of b = -log(n), and then both equal
+    the whole, unpadded sequence; the whole pass is checked against the definition written out."""
+    torch.manual_seed(0)
+    n = 6
+    mha = MultiHeadAttention(16, 2, score="sigmoid", sigmoid_length=n).double().eval()
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    with torch.no_grad(), use_backend(backend):
+        full = mha(x, mask=Causal())
+        cache = KVCache()
+        steps = torch.cat([mha(x[:, t:t + 1], cache=cache) for t in range(n)], dim=1)
+        padded = torch.cat([x, torch.randn(2, 3, 16, dtype=torch.float64)], dim=1)
+        keep = torch.arange(n + 3) < n
+        unpadded = mha(padded, mask=keep[None, None, None, :])[:, :n]
+        bidirectional = mha(x)
+        # the definition: sigmoid(scale q.k - log n) over the allowed keys
+        q, k, v = mha.qkv(x).view(2, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        weights = torch.sigmoid(q @ k.transpose(-1, -2) * mha.scale - torch.log(torch.tensor(n, dtype=torch.float64)))
+        weights = weights.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), 0.0)
+        want = mha.proj((weights @ v).transpose(1, 2).reshape(2, n, 16))
+        default = MultiHeadAttention(16, 2, score="sigmoid").double().eval()
+        default.load_state_dict(mha.state_dict())
+        per_call = torch.cat([default(x[:, t:t + 1], cache=c) for c in [KVCache()] for t in range(n)], dim=1)
+    torch.testing.assert_close(full, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(steps, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(unpadded, bidirectional, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(per_call, full, atol=1e-3)  # the per-call default: what sigmoid_length is for
+    assert "sigmoid_length=6" in repr(mha)
+    with pytest.raises(ValueError, match="sigmoid_length .* needs score='sigmoid'"):
+        MultiHeadAttention(16, 2, sigmoid_length=6)
+    with pytest.raises(ValueError, match="sigmoid_length must be a positive int"):
+        MultiHeadAttention(16, 2, score="sigmoid", sigmoid_length=0)

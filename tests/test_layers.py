@@ -186,3 +186,25 @@ def test_activate_fresh_in_place_only_at_inference(act):
     finally:
         handle.remove()
     assert seen[-1] is act and out.data_ptr() != fresh.data_ptr()
+
+
+def test_mlp_hook_on_fc1_sees_fc1s_output_at_inference():
+    """A forward hook on Mlp.fc1 keeps fc1's output (feature extraction, activation statistics); the in-place
+    activation at inference overwrote it with GELU(fc1(x)) (audit 2026-12-06). timm's Mlp is the reference."""
+    import timm.layers
+
+    from zoo.attention import Mlp
+
+    torch.manual_seed(0)
+    ours, theirs = Mlp(8, 16), timm.layers.Mlp(8, 16)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 8)
+    kept = {}
+    for name, mlp in (("zoo", ours), ("timm", theirs)):
+        handle = mlp.fc1.register_forward_hook(lambda mod, args, output, name=name: kept.__setitem__(name, output))
+        with torch.no_grad():
+            out = mlp(x)
+        handle.remove()
+        torch.testing.assert_close(out, theirs(x).detach())
+    torch.testing.assert_close(kept["zoo"], kept["timm"], rtol=0, atol=0)
+    torch.testing.assert_close(kept["zoo"], torch.nn.functional.linear(x, ours.fc1.weight, ours.fc1.bias))

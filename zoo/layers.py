@@ -236,7 +236,7 @@ def create_act(name: str, options: Sequence[str] = ACTIVATIONS, what: str = "act
     return nn.SiLU() if name == "silu" else nn.ReLU()
 
 
-def activate_fresh(act: nn.Module, fresh: torch.Tensor) -> torch.Tensor:
+def activate_fresh(act: nn.Module, fresh: torch.Tensor, producer: Optional[nn.Module] = None) -> torch.Tensor:
     """``act(fresh)`` for a tensor the caller has just computed and holds alone (a linear, conv or norm output).
 
     At inference (no autograd graph, not tracing or exporting) GELU (either approximation), SiLU and ReLU run in
@@ -244,9 +244,11 @@ def activate_fresh(act: nn.Module, fresh: torch.Tensor) -> torch.Tensor:
     inverted bottlenecks are the largest tensors of their blocks, and with glibc's default allocator each fresh
     one also pays page faults (docs/bench_agent.md). Other modules, autograd (which needs the input),
     exporters (which should see the module) and modules with forward hooks (feature extractors, activation
-    statistics: the hooks must run and see the input) get the plain call.
+    statistics: the hooks must run and see the input) get the plain call. So does a ``producer`` (the submodule
+    whose output ``fresh`` is, e.g. an MLP's fc1) with forward hooks: a hook may have kept that tensor.
     """
-    if torch.is_grad_enabled() or is_tracing() or _has_forward_hooks(act):
+    if torch.is_grad_enabled() or is_tracing() or _has_forward_hooks(act) or (
+            producer is not None and _has_forward_hooks(producer)):
         return act(fresh)
     kind = type(act)
     if kind is nn.GELU:

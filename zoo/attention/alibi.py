@@ -66,14 +66,18 @@ class ALiBi(AttentionBias):
                 raise ValueError(f"ALiBi: slopes must be finite, got {values.tolist()}")
         self.num_heads = num_heads
         self.register_buffer("slopes", values.float(), persistent=False)
+        self._slopes_fp64 = values  # a float64 bias is computed from these (fp32 slopes are off by ~1e-8 relative)
 
     def materialize(self, q_len: int, k_len: int, *, device=None, dtype=None) -> torch.Tensor:
         device = self.slopes.device if device is None else device
+        exact = dtype == torch.float64 or self.slopes.dtype == torch.float64
+        compute = torch.float64 if exact else torch.float32
+        slopes = (self._slopes_fp64 if exact else self.slopes).to(device, compute)
         i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
         j = torch.arange(k_len, device=device)[None, :]
-        distance = (i - j).abs().to(torch.float32)
-        bias = -self.slopes.to(device)[:, None, None] * distance  # (H, Nq, Nk), fp32
-        return bias[None].to(dtype or torch.float32)
+        distance = (i - j).abs().to(compute)
+        bias = -slopes[:, None, None] * distance  # (H, Nq, Nk)
+        return bias[None].to(dtype or compute)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"

@@ -27,6 +27,7 @@ D head dim.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, Optional, Union
 
@@ -193,6 +194,10 @@ class MultiHeadAttention(nn.Module):
             ``pos_bias_v``) whose sinusoids have the width ``dim``. Self attention only; not with RoPE. The
             new tokens of a call are the last ones (after a KV cache's), the first ones with num_queries.
         score: "softmax" or "sigmoid".
+        sigmoid_length: with score="sigmoid", the n of the bias b = -log(n) (Ramapuram et al.) as a fixed
+            number. None (default): attend()'s -log(Nk) with Nk the keys of each call, so a KV cache's steps (1,
+            2, ... keys) and padded keys score otherwise than the whole sequence; set it (e.g. to the training
+            length) to make decoding step by step and padded batches equal the full, unpadded pass.
         norm_layer: norm constructor for qk-norm, called as ``norm_layer(head_dim)``.
         proj_bias: bias in the output projection.
         num_prefix_tokens: leading tokens (class/register tokens) that RoPE leaves unrotated.
@@ -216,6 +221,7 @@ class MultiHeadAttention(nn.Module):
         rel_pos_bias: Optional[AttentionBias] = None,
         rel_pos: Optional[str] = None,
         score: str = "softmax",
+        sigmoid_length: Optional[int] = None,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         proj_bias: bool = True,
         num_prefix_tokens: int = 0,
@@ -267,6 +273,12 @@ class MultiHeadAttention(nn.Module):
         self.kv_attn_dim = num_kv_heads * head_dim
         self.scale = head_dim**-0.5
         self.score = score
+        if sigmoid_length is not None:
+            if score != "sigmoid":
+                raise ValueError(f"MultiHeadAttention: sigmoid_length is the n of sigmoid attention's -log(n) bias; "
+                                 f"it needs score='sigmoid', got score={score!r}")
+            check_ints(**{"MultiHeadAttention: sigmoid_length": sigmoid_length})
+        self.sigmoid_length = sigmoid_length
         self.attn_drop = float(attn_drop)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.is_cross = kv_dim is not None
@@ -297,6 +309,8 @@ class MultiHeadAttention(nn.Module):
             parts.append(f"kv_dim={self.kv_dim}")
         if self.score != "softmax":
             parts.append(f"score={self.score!r}")
+        if self.sigmoid_length is not None:
+            parts.append(f"sigmoid_length={self.sigmoid_length}")
         if self.attn_drop:
             parts.append(f"attn_drop={self.attn_drop}")
         return ", ".join(parts)
@@ -358,6 +372,10 @@ class MultiHeadAttention(nn.Module):
         elif owner is not self:
             raise ValueError("MultiHeadAttention: this KVCache holds another layer's keys and values; use one "
                              "KVCache per layer (and reset() or a new cache for a new sequence)")
+        if torch.is_grad_enabled() and (x_BNC.requires_grad or any(p.requires_grad for p in self.parameters())):
+            # appending writes the cache's storage in place: backward would fail on a modified saved tensor
+            raise RuntimeError("MultiHeadAttention: a KVCache is for inference; decode under torch.no_grad() or "
+                               "torch.inference_mode() (train on whole sequences with mask=Causal())")
         if num_queries is not None:
             raise ValueError("MultiHeadAttention: num_queries cannot be combined with a cache")
         if self.rel_pos_bias is not None:
@@ -488,6 +506,10 @@ class MultiHeadAttention(nn.Module):
             if bias is not None:  # attend()'s checks before the sum (a bool tensor would add as 0/1)
                 bias = resolve_bias(bias, n_q, n_k, device=q_BHND.device, dtype=q_BHND.dtype)
             bias = xl_bias if bias is None else xl_bias + bias
+        if self.sigmoid_length is not None and n_k != self.sigmoid_length:
+            # attend() subtracts log(Nk); the fixed -log(n) is log(Nk / n) more
+            shift = torch.full((1, 1, 1, 1), math.log(n_k / self.sigmoid_length), device=q_BHND.device, dtype=q_BHND.dtype)
+            bias = shift if bias is None else resolve_bias(bias, n_q, n_k, device=q_BHND.device, dtype=q_BHND.dtype) + shift
         dropout_p = self.attn_drop if self.training else 0.0
         # attend()'s per-call NaN/Inf check reduces its strided q and k views (~30 us at 197 tokens); the module
         # checks its own contiguous input and output instead (one dot product x . out), below
@@ -554,7 +576,7 @@ class Mlp(nn.Module):
         # forward in one interleaved run; docs/bench_agent.md).
         hidden_BNF = self.fc1(x_BNC)
         # (an fc1 swapped for nn.Identity would hand back the input itself: never overwrite the caller's tensor)
-        hidden_BNF = self.act(hidden_BNF) if hidden_BNF is x_BNC else activate_fresh(self.act, hidden_BNF)
+        hidden_BNF = self.act(hidden_BNF) if hidden_BNF is x_BNC else activate_fresh(self.act, hidden_BNF, self.fc1)
         return self.drop2(self.fc2(self.drop1(hidden_BNF)))
 
 
