@@ -138,7 +138,9 @@ def resize_rel_pos_table(table_HVV: torch.Tensor, new_window_size: WindowSize) -
     """Resize a TF-style table [H, 2Wh-1, 2Ww-1] to the table of another window [H, 2Wh'-1, 2Ww'-1].
 
     Same result as timm's ``resize_rel_pos_bias_table`` (linear interpolation mode) for 3-D tables; a table
-    that already has the target shape is returned unchanged. Differentiable (a fixed linear map per axis).
+    that already has the target shape is returned unchanged. When only one axis changes (a 224 px checkpoint
+    built at 224 x 384), the other is re-sampled too, by the progression with q near 1.01, as timm does: so
+    timm's checkpoint filter and this one give the same model. Differentiable (a fixed linear map per axis).
     """
     if not isinstance(table_HVV, torch.Tensor) or table_HVV.dim() != 3 or not table_HVV.is_floating_point():
         raise ValueError(
@@ -152,12 +154,7 @@ def resize_rel_pos_table(table_HVV: torch.Tensor, new_window_size: WindowSize) -
     dst_h, dst_w = 2 * wh - 1, 2 * ww - 1
     if (src_h, src_w) == (dst_h, dst_w):
         return table_HVV
-    weights = []
-    for src, dst in ((src_h, dst_h), (src_w, dst_w)):
-        if src == dst:
-            weights.append(torch.eye(dst, dtype=torch.float64))
-        else:
-            weights.append(_linear_weights(_progression_positions(src, dst), dst))
+    weights = [_linear_weights(_progression_positions(src, dst), dst) for src, dst in ((src_h, dst_h), (src_w, dst_w))]
     m_h = weights[0].to(device=table_HVV.device, dtype=torch.float32)
     m_w = weights[1].to(device=table_HVV.device, dtype=torch.float32)
     out = torch.einsum("ay,hyx,bx->hab", m_h, table_HVV.float(), m_w)
