@@ -206,3 +206,15 @@ def test_bad_arguments(tmp_path, capsys):
     # check=no really skips the onnxruntime check (bool("no") was True)
     assert main(["model=vit_debug", f"out={tmp_path / 'v.onnx'}", "check=no"]) == 0
     assert "not checked" in capsys.readouterr().out
+
+
+def test_a_failing_export_never_replaces_a_good_file(tmp_path):
+    """The file was written before the onnxruntime check, so a rejected export replaced a good one at the same
+    path (audit 2026-12-06); now nothing is written to `out` and the rejected model lies beside it."""
+    out = tmp_path / "keep.onnx"
+    export_onnx("vit_debug", out, depth=1)
+    good = out.read_bytes()
+    with pytest.raises(ExportCheckError, match=r"nothing was written to .*keep.onnx; the rejected model is .*keep.rejected.onnx"):
+        export_onnx("vit_debug", out, depth=1, embed_dim=16, atol=1e-12)  # an impossible tolerance
+    assert out.read_bytes() == good and (tmp_path / "keep.rejected.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.onnx", "keep.rejected.onnx"]  # no temp files

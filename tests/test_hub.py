@@ -61,7 +61,7 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     assert config["num_classes"] == 10
     # the metadata given, plus the model's preprocessing (read back by from_pretrained; kept when re-saved)
     assert config["metadata"] == {"test_acc1": 0.5, "classes": ["a"], "data": {"mean": [0.5], "std": [0.5]},
-                                  "pretrained_cfg": {"crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}}
+                                  "pretrained_cfg": {"crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}}
     loaded = zoo.from_pretrained(out_dir).eval()
     assert loaded.zoo_model_name == "vit_digits" and loaded.zoo_model_args == TINY
     assert loaded.zoo_pretrained_metadata["test_acc1"] == 0.5
@@ -754,3 +754,111 @@ def test_zoo_release_from_the_cache_predicts_and_evaluates(tmp_path, monkeypatch
     assert run.predict("me/vit_digits", ["digits:3"], topk=2) == want
     assert run.predict(folder, ["digits:3"], topk=2) == want
     assert run._inference_source("me/vit_digits")[0] == run._inference_source(folder / "snapshots" / "abc")[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-saving, preprocessing records and interrupted saves (audit 2026-12-06; each failed before)
+# --------------------------------------------------------------------------------------------------
+def test_resaving_a_loaded_model_keeps_its_metadata(tmp_path):
+    """from_pretrained -> save_pretrained (README's pattern) dropped the class names and the zoo train record,
+    so zoo predict named classes 0/1/2 and preprocessed by the registry's defaults instead of training's."""
+    from zoo.train import run
+
+    model = _tiny_vit(num_classes=3)
+    first = zoo.save_pretrained(model, tmp_path / "a", metadata={"data": {"class_names": ["cat", "dog", "bird"]},
+                                                                  "source": "mine"})
+    again = zoo.save_pretrained(zoo.from_pretrained(first), tmp_path / "b")
+    meta = hub.read_config(again)["metadata"]
+    assert meta["data"]["class_names"] == ["cat", "dog", "bird"] and meta["source"] == "mine"
+    # a new head with another class count: the old names would be wrong, so they go
+    resized = zoo.from_pretrained(first)
+    resized.reset_classifier(5)
+    assert "class_names" not in hub.read_config(zoo.save_pretrained(resized, tmp_path / "c"))["metadata"]["data"]
+    # the shipped checkpoint re-saved predicts exactly as the original (the zoo train record is kept)
+    shipped = hub.shipped_checkpoint("vit_digits")
+    resaved = zoo.save_pretrained(zoo.from_pretrained(shipped), tmp_path / "shipped")
+    for source in (shipped, resaved):
+        model, info = run.load_for_inference(source)
+        assert info["class_names"] == [str(i) for i in range(10)] if "class_names" in info else True
+    assert hub.read_config(resaved)["metadata"]["zoo_config"] == hub.read_config(shipped)["metadata"]["zoo_config"]
+
+
+def test_digits_models_record_the_preprocessing_they_were_trained_with(tmp_path):
+    """The *_digits models were trained on bilinear resizes without a crop; their pretrained_cfg said timm's
+    bicubic and a 0.875-0.95 crop, so timm's create_transform fed a checkpoint other pixels than training."""
+    import numpy as np
+    import timm.data
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from zoo.tasks.vision.data import load_image_file
+
+    png = tmp_path / "digit.png"
+    Image.fromarray(np.round(load_digits().images[3] * 255 / 16).astype(np.uint8)).save(png)
+    model = zoo.from_pretrained(hub.shipped_checkpoint("vit_digits"))
+    config = timm.data.resolve_model_data_config(model)
+    assert (config["crop_pct"], config["interpolation"]) == (1.0, "bilinear")
+    with Image.open(png) as image:
+        timm_pixels = timm.data.create_transform(**config)(image.convert("L"))
+    # the same pixels, up to the one grey level that training's RGB -> grayscale rounding may move (2 / 255)
+    torch.testing.assert_close(timm_pixels, load_image_file(png, 8, 1, (0.5,), (0.5,)), rtol=0, atol=2.01 / 255)
+    for name in ("vit_digits", "maxvit_digits", "agent_deit_digits"):
+        cfg = zoo.create_model(name).pretrained_cfg
+        assert (cfg["crop_pct"], cfg["interpolation"]) == (1.0, "bilinear"), name
+
+
+@pytest.mark.parametrize("name,in_chans", [("vit_debug", 1), ("vit_digits", 3), ("maxvit_debug", 1)])
+def test_other_channel_counts_save_and_load(tmp_path, name, in_chans):
+    """mean / std follow in_chans (a 3-value mean on a 1-channel model was saved, then refused on loading)."""
+    model = zoo.create_model(name, in_chans=in_chans, **({"embed_dim": 16, "depth": 1} if name.startswith("vit") else {}))
+    assert len(model.pretrained_cfg["mean"]) == len(model.pretrained_cfg["std"]) == in_chans
+    loaded = zoo.from_pretrained(zoo.save_pretrained(model, tmp_path / name))
+    assert loaded.pretrained_cfg["mean"] == model.pretrained_cfg["mean"]
+
+
+def test_an_interrupted_resave_never_loads_a_mixed_pair(tmp_path, monkeypatch):
+    """Re-saving into a checkpoint replaced its two files one after the other: a crash between them left new
+    weights under the old config.json, which loaded silently with the old class names."""
+    target = zoo.save_pretrained(_tiny_vit(num_classes=3), tmp_path / "ckpt", metadata={"data": {"class_names": ["a", "b", "c"]}})
+    before = zoo.from_pretrained(target).eval()
+    # a crash while staging: the old checkpoint is whole and no temporary file is left
+    import safetensors.torch
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        zoo.save_pretrained(_tiny_vit(num_classes=3, depth=1), target)
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    torch.testing.assert_close(zoo.from_pretrained(target).eval()(_digits_batch()), before(_digits_batch()))
+    # a crash between the renames (config.json is replaced first, the weights last): refused by name
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.save_pretrained(_tiny_vit(num_classes=3), target, metadata={"data": {"class_names": ["x", "y", "z"]}})
+    monkeypatch.undo()
+    with pytest.raises(hub.CheckpointError, match="come from two different saves"):
+        zoo.from_pretrained(target)
+
+
+def test_save_pretrained_refuses_what_it_could_not_load_back(tmp_path):
+    model = _tiny_vit()
+    state = model.state_dict()
+    state["head.weight"] = torch.zeros(3, state["head.weight"].shape[1])
+    with pytest.raises(ValueError, match=r"other shapes head.weight \(3, 16\) \(model \(10, 16\)\)"):
+        zoo.save_pretrained(model, tmp_path / "a", state_dict=state)
+    with pytest.raises(ValueError, match="metadata holds NaN or Inf"):
+        zoo.save_pretrained(model, tmp_path / "b", metadata={"loss": float("nan")})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "c" / "model.safetensors").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="model.safetensors is a directory"):
+        hub.load_state_dict_file(tmp_path / "c")

@@ -276,28 +276,50 @@ def export_onnx(
             "exporter": exporter,
         })
         data = proto.SerializeToString()
-        path = None
-        if out is not None:
-            path = Path(out)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+        path = None if out is None else Path(out)
         diff = None
-        if check:
+        if check:  # before anything is written: a failing export never replaces a good file at `out`
             probe = torch.randn(batch_size + 1, in_chans, height, width, generator=gen).to(device)
             diff, scale = check_onnx(data, net, probe, return_scale=True)
             allowed = atol * max(1.0, scale)
             if not diff <= allowed:
+                rejected = None if path is None else path.with_name(path.stem + ".rejected" + path.suffix)
+                if rejected is not None:
+                    _write_atomically(rejected, data)
                 raise ExportCheckError(
                     f"{name}: onnxruntime output differs from PyTorch by {diff:.3g} (> atol {atol} x max(1, "
-                    f"max |logit| = {scale:.3g})); the file "
-                    f"{'was written to ' + str(path) if path else 'was not written'} but should not be trusted"
+                    f"max |logit| = {scale:.3g})); nothing was written to {path}"
+                    + (f"; the rejected model is {rejected}, for inspection" if rejected else "")
                 )
+        if path is not None:
+            _write_atomically(path, data)
     finally:
         net.train(was_training)
     return ExportResult(path, str(name), (batch_size, in_chans, height, width), exporter, opset, diff,
                         None if path is not None else data)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a uniquely named temporary file beside it (concurrent exports do not share
+    one), fsynced, then renamed over ``path``; the temporary file is removed if anything fails."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 # protobuf's hard limit for one message (2 GiB), less room for the graph itself

@@ -72,6 +72,7 @@ __all__ = [
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "zoo-pretrained/1"
+SAVE_ID = "zoo_save_id"  # safetensors header key; config.json holds the same value as "save_id"
 
 log = logging.getLogger("zoo.hub")
 
@@ -124,7 +125,9 @@ def save_pretrained(
         model: a model built by :func:`zoo.create_model` (it carries ``zoo_model_name``/``zoo_model_args``).
         metadata: extra JSON facts stored in config.json (e.g. ``{"num_classes": 10, "test_acc1": 0.99}``). The
             model's preprocessing is added where not given (mean / std under "data", crop and interpolation
-            under "pretrained_cfg"), so a loaded checkpoint saved again keeps its own.
+            under "pretrained_cfg"). None: a model from :func:`from_pretrained` keeps the metadata it was loaded
+            with (class names, the zoo train record that zoo predict preprocesses by, the source), less the
+            class names when its head has another class count now.
         state_dict: weights to write instead of ``model.state_dict()`` (e.g. an EMA copy with the same keys).
     """
     from zoo.features import FeatureExtractor
@@ -160,6 +163,12 @@ def save_pretrained(
         if unknown or missing:
             raise ValueError(f"save_pretrained: state_dict does not fit {name}: unknown keys {_summarise(unknown)}, "
                              f"missing keys {_summarise(missing)}")
+        shapes = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state_dict.items()
+                  if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
+        if shapes:
+            raise ValueError(f"save_pretrained: state_dict does not fit {name}: other shapes {_summarise(shapes)}")
+    if metadata is None:
+        metadata = _loaded_metadata(model)
     state = dict(model.state_dict() if state_dict is None else state_dict)
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
@@ -187,15 +196,102 @@ def save_pretrained(
     if isinstance(num_classes, int):
         config["num_classes"] = num_classes
     config["metadata"] = _jsonable(_with_data_config(model, dict(metadata or {})), "metadata")
-    _atomic_write_bytes(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=False) + "\n"
+    # one id in both files: a config.json beside weights from another save (an interrupted re-save) is refused
+    import uuid
+
+    config["save_id"] = save_id = uuid.uuid4().hex
+    try:
+        text = json.dumps(config, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    except ValueError:
+        raise ValueError("save_pretrained: metadata holds NaN or Inf, which JSON cannot store; give them as strings "
+                         "or None") from None
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    _atomic_write_bytes(directory / CONFIG_NAME, write_json)
+    _write_pair(directory, {WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", SAVE_ID: save_id}),
+                            CONFIG_NAME: write_json})
     return directory
+
+
+def _write_pair(directory: Path, writers: dict[str, Any]) -> None:
+    """Write the files of a checkpoint so that it is never half replaced: into a fresh directory, a new
+    ``directory`` appears by one rename; an existing one gets every file staged (written and fsynced) first,
+    then renamed into place in turn, the weights last. A crash while staging leaves the old checkpoint whole; a
+    crash between the renames leaves the new config.json beside the old weights, which the loader refuses by
+    their differing save ids (config.json's ``save_id``, the safetensors header's ``zoo_save_id``)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if not directory.exists():
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            for name, write in writers.items():
+                write(str(staging / name))
+                _fsync_file(staging / name)
+                os.chmod(staging / name, 0o666 & ~_umask())
+            os.chmod(staging, 0o777 & ~_umask())
+            os.rename(staging, directory)  # fails if another writer created it meanwhile: nothing is overwritten
+            _fsync_dir(directory.parent)
+            return
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    staged: list[tuple[str, Path]] = []
+    try:
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            staged.append((name, Path(tmp)))
+            write(tmp)
+            _fsync_file(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())
+        for name, tmp in sorted(staged, key=lambda item: item[0] == WEIGHTS_NAME):  # config first, weights last
+            os.replace(tmp, directory / name)
+        _fsync_dir(directory)
+    except BaseException:
+        for _, tmp in staged:
+            if tmp.exists():
+                tmp.unlink()
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _loaded_metadata(model: nn.Module) -> dict[str, Any]:
+    """The metadata a model was loaded with (from_pretrained), for saving it again: class names are dropped
+    when the head's class count changed since (reset_classifier), as they would name the wrong classes."""
+    import copy
+
+    loaded = getattr(model, "zoo_pretrained_metadata", None)
+    if not isinstance(loaded, Mapping):
+        return {}
+    metadata = copy.deepcopy(dict(loaded))
+    data = metadata.get("data")
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(data, dict) and isinstance(num_classes, int):
+        names = data.get("class_names")
+        if (isinstance(names, list) and len(names) != num_classes) or data.get("num_classes", num_classes) != num_classes:
+            data.pop("class_names", None)
+            data.pop("num_classes", None)
+    return metadata
 
 
 def _with_data_config(model: nn.Module, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -252,6 +348,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` (or ``.pth``/``.pt``/``.bin``/``.ckpt`` with weights_only)."""
     path = Path(path)
     if path.is_dir():
+        if (path / WEIGHTS_NAME).is_dir():
+            raise FileNotFoundError(f"{path / WEIGHTS_NAME} is a directory, not the weights file")
         path = path / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
@@ -365,6 +463,27 @@ def _hf_snapshot(path: Path) -> Path:
         return snapshots / found[0]
     raise CheckpointError(f"{path} is a Hugging Face cache folder with {len(found)} snapshots and no usable "
                           f"refs/main; pass one of them: {', '.join(str(snapshots / name) for name in found) or 'none'}")
+
+
+def _check_same_save(config: Optional[dict], weights_path: Path) -> None:
+    """Refuse a config.json and weights written by two different save_pretrained calls (a re-save interrupted
+    between its renames): the model would be built and labelled by one and weighted by the other."""
+    expected = (config or {}).get("save_id")
+    if not expected or weights_path.suffix != ".safetensors" or not weights_path.is_file():
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            found = (handle.metadata() or {}).get(SAVE_ID)
+    except Exception:  # unreadable: load_state_dict_file names the problem
+        return
+    if found is not None and found != expected:
+        raise CheckpointError(
+            f"{weights_path.parent}: {CONFIG_NAME} and {weights_path.name} come from two different saves "
+            f"(save ids {expected} / {found}): a save_pretrained into this directory was interrupted; save the "
+            f"model again"
+        )
 
 
 def _weights_file(path: Path) -> Path:
@@ -635,6 +754,7 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
         args["num_classes"] = saved_classes
         model = _construct(entry, args)
     weights_path = _weights_file(path)
+    _check_same_save(config, weights_path)
     state = load_state_dict_file(weights_path)
     # the saved model's constructor arguments matter only when overrides change the model
     saved_args = (config or {}).get("model_args") if overrides else None

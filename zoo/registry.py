@@ -235,6 +235,12 @@ def note_model_args(model: nn.Module, **changes: Any) -> None:
         cfg.update(image_data_config(cfg, changes))
 
 
+# The *_digits models' preprocessing: trained on images resized bilinearly to the model's size with no crop
+# (zoo.tasks.vision.data), which their pretrained_cfg states, so timm's create_transform(**data_config) and
+# zoo predict on a checkpoint without a zoo train record preprocess as training did.
+DIGITS_PREPROCESSING = {"crop_pct": 1.0, "interpolation": "bilinear"}
+
+
 def image_data_config(default_cfg: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
     """timm's data config (``pretrained_cfg``: input_size, mean, std, interpolation, crop_pct, ...) of an image
     model built with constructor arguments ``args``: the registry's ``default_cfg`` with ``input_size`` and
@@ -243,6 +249,10 @@ def image_data_config(default_cfg: dict[str, Any], args: dict[str, Any]) -> dict
     chans, height, width = cfg["input_size"]
     if args.get("in_chans") is not None:
         chans = int(args["in_chans"])
+        for key in ("mean", "std"):  # one value per channel, as timm's adapt_input_conv adapts the stem weights
+            values = cfg.get(key)
+            if isinstance(values, (tuple, list)) and values and len(values) != chans:
+                cfg[key] = (sum(values) / len(values),) if chans == 1 else tuple(values[i % len(values)] for i in range(chans))
     if args.get("img_size") is not None:
         height, width = to_pair(args["img_size"], "img_size")
     cfg["input_size"] = (chans, height, width)

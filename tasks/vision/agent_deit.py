@@ -45,7 +45,7 @@ from zoo.layers import (
     check_reset_classifier, new_linear_head, to_pair, weights_stamp,
 )
 from zoo.hub import unwrap_state_dict
-from zoo.registry import note_model_args, register_model
+from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
 from zoo.tasks.vision.vit import Block, PatchEmbed, TokenFeaturesMixin
 
 __all__ = ["AgentBlock", "AgentVisionTransformer", "resize_pos_embed", "checkpoint_filter_fn"]
@@ -482,7 +482,7 @@ def agent_deit_base(**kwargs) -> AgentVisionTransformer:
     return _create(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, agent_layer=4), kwargs)
 
 
-@register_model(task="vision", family="agent_deit", default_cfg=_cfg(8, 10, in_chans=1, mean=(0.5,), std=(0.5,)))
+@register_model(task="vision", family="agent_deit", default_cfg=_cfg(8, 10, in_chans=1, mean=(0.5,), std=(0.5,), **DIGITS_PREPROCESSING))
 def agent_deit_digits(**kwargs) -> AgentVisionTransformer:
     """Small Agent-ViT for the 8x8 grayscale scikit-learn digits: patch 2 (a 4x4 grid of 16 tokens), 9 agents
     (3x3, adaptive pooling with overlapping cells), dim 64, depth 4, 4 heads, MLP ratio 2.

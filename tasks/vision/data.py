@@ -317,6 +317,13 @@ class VisionDataModule(pl.LightningDataModule):
             "num_classes": self.num_classes,
         }
 
+    def eval_preprocessing(self) -> dict[str, Any]:
+        """The evaluation transform in timm's ``pretrained_cfg`` terms, recorded with released weights so that
+        ``timm.data.create_transform(**resolve_model_data_config(model))`` preprocesses as training evaluated:
+        a bilinear resize to the model's size and no crop (the registry's defaults are timm's bicubic and 0.875-
+        0.95 crops)."""
+        return {"crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")

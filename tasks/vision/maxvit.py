@@ -57,7 +57,7 @@ from zoo.layers import (
     check_ints, check_rates, check_reset_classifier, create_act, feature_take_indices, new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
-from zoo.registry import note_model_args, register_model
+from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
 
 __all__ = [
     "MaxVit",
@@ -914,7 +914,7 @@ def maxvit_debug(**kwargs) -> MaxVit:
     )
 
 
-@register_model(task="vision", family="maxvit", default_cfg=_cfg(32, 10, in_chans=1, mean=(0.5,), std=(0.5,)))
+@register_model(task="vision", family="maxvit", default_cfg=_cfg(32, 10, in_chans=1, mean=(0.5,), std=(0.5,), **DIGITS_PREPROCESSING))
 def maxvit_digits(**kwargs) -> MaxVit:
     """maxvit_debug's layout for the 8x8 scikit-learn digits upsampled to 32x32, grayscale, window/grid 4.
 

@@ -33,7 +33,7 @@ from zoo.layers import (
     to_pair,
 )
 from zoo.hub import unwrap_state_dict
-from zoo.registry import note_model_args, register_model
+from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
 
 __all__ = [
     "VisionTransformer",
@@ -774,7 +774,7 @@ def vit_debug(**kwargs) -> VisionTransformer:
     return _create(dict(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2), kwargs)
 
 
-@register_model(task="vision", family="vit", default_cfg=_cfg(8, 10, in_chans=1, mean=(0.5,), std=(0.5,)))
+@register_model(task="vision", family="vit", default_cfg=_cfg(8, 10, in_chans=1, mean=(0.5,), std=(0.5,), **DIGITS_PREPROCESSING))
 def vit_digits(**kwargs) -> VisionTransformer:
     """Small ViT for the 8x8 grayscale scikit-learn digits: patch 2 (16 tokens), dim 64, depth 4, 4 heads.
 

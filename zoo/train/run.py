@@ -419,6 +419,8 @@ def export_released(module, datamodule, cfg, directory: Path, metrics: dict, sec
         "train_seconds": round(seconds, 1),
         "zoo_config": _to_container(cfg),
     }
+    if hasattr(datamodule, "eval_preprocessing"):  # how evaluation resized and cropped, for timm's transforms
+        metadata["pretrained_cfg"] = datamodule.eval_preprocessing()
     return zoo.save_pretrained(model, directory, metadata=metadata, state_dict=state)
 
 
