@@ -580,3 +580,14 @@ def test_attention_pool_latent_matches_timm():
         ours(torch.randn(2, 48))
     with pytest.raises(ValueError, match="must be divisible by num_heads"):
         AttentionPoolLatent(48, num_heads=5)
+    # named at the module (were torch's "mat1 and mat2 must have the same dtype" and "attend: k contains NaN")
+    with pytest.raises(TypeError, match="AttentionPoolLatent: input is torch.bfloat16 but the module's weights"):
+        ours(torch.randn(2, 5, 48).bfloat16())
+    with pytest.raises(ValueError, match="AttentionPoolLatent: input contains NaN"):
+        ours(torch.full((2, 5, 48), float("nan")))
+    # a bare timm module (norm_layer=None) has no norm: it loads into a zoo module whose norm is the identity
+    bare = TimmPool(48, num_heads=4, mlp_ratio=2.0, latent_len=3)
+    ours.norm = torch.nn.Identity()
+    ours.load_state_dict(bare.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x[:, :4]), bare.eval()(x[:, :4]), atol=1e-5, rtol=1e-5)

@@ -77,6 +77,11 @@ def test_resize_identity_and_errors():
         resize_rel_pos_table(torch.randn(2, 4, 4), (3, 3))
     with pytest.raises(ValueError, match="window_size"):
         resize_rel_pos_table(table, (0, 3))
+    from zoo.attention import RelPosBiasTf, RelPosMlp
+
+    for cls in (RelPosMlp, RelPosBiasTf):  # a float window was "'float' object is not iterable"
+        with pytest.raises(ValueError, match="window_size must be a positive int or a pair of them, got 2.5"):
+            cls(2.5, 2)
 
 
 def test_set_window_size_and_state_dict_from_other_window():

@@ -594,6 +594,11 @@ class AttentionPoolLatent(nn.Module):
         qkv_bias: biases of the q and kv projections.
         norm_eps: the LayerNorm before the MLP.
 
+    timm's ``AttentionPoolLatent`` has this norm only when built with ``norm_layer`` (timm's ViTs pass their
+    LayerNorm, eps 1e-6, as SigLIP's MAP head); a bare timm module (``norm_layer=None``) has no ``norm.*`` keys,
+    so its state dict loads only into a zoo module whose norm is then the identity (``pool.norm =
+    nn.Identity()`` before loading).
+
     forward(x (B, N, dim), mask=None) -> (B, dim). ``mask``: what attend() takes for latent_len queries over
     the N tokens, e.g. the padding of a variable-length batch as a bool (B, 1, 1, N) tensor (True: attend).
     """
@@ -617,6 +622,8 @@ class AttentionPoolLatent(nn.Module):
         if not isinstance(x_BNC, torch.Tensor) or x_BNC.dim() != 3 or x_BNC.shape[-1] != self.dim:
             raise ValueError(f"AttentionPoolLatent: input must be (B, N, {self.dim}) tokens, got "
                              f"{tuple(x_BNC.shape) if isinstance(x_BNC, torch.Tensor) else type(x_BNC).__name__}")
+        check_like_weights(x_BNC, self.kv.weight, "AttentionPoolLatent: input")
+        check_finite_input(x_BNC, "AttentionPoolLatent: input")
         batch, n_tok, _ = x_BNC.shape
         heads, head_dim = self.num_heads, self.head_dim
         q_BHLD = self.q(self.latent).view(1, self.latent_len, heads, head_dim).transpose(1, 2).expand(batch, -1, -1, -1)

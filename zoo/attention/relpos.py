@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from zoo.attention.bias import AttentionBias
+from zoo.layers import to_pair
 
 __all__ = [
     "RelPosBiasTf",
@@ -47,10 +48,7 @@ WindowSize = Union[int, Sequence[int]]
 
 
 def _window(window_size: WindowSize) -> tuple[int, int]:
-    pair = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
-        raise ValueError(f"window_size must be a positive int or a pair of them, got {window_size!r}")
-    return pair  # type: ignore[return-value]
+    return to_pair(window_size, "window_size")
 
 
 def _grid_coords(window: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
