@@ -280,6 +280,9 @@ def test_option_values_are_checked_and_named(monkeypatch, capsys):
     assert "topk must be a positive integer, got -2" in capsys.readouterr().err
     assert cli.main(["predict", "ckpt=unused", "input=digits:0", "topk=0"]) == 1
     assert "topk must be a positive integer, got 0" in capsys.readouterr().err
+    # refused before the checkpoint is read (it used to load the model and the data first)
+    assert cli.main(["eval", "ckpt=unused", "split=train"]) == 1
+    assert "split must be 'test' or 'val', got 'train'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown task 'grph' for --task; tasks: .*graph.*vision"):
         cli.main(["list", "--task", "grph"])
     bench = ["bench", "graph", "--channels", "2", "--no-memory", "--repeats", "1"]

@@ -164,6 +164,10 @@ def test_checkpoint_export(tmp_path):
     assert result.max_abs_diff <= 1e-4
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["mean"]) == [0.1, 0.2, 0.3] and json.loads(meta["std"]) == [1, 2, 3]  # the checkpoint's
+    # img_size with ckpt= builds the checkpoint's model at that size, as with model= (it was refused, with a
+    # message saying to build the model at that size)
+    assert main([f"ckpt={tmp_path / 'ckpt'}", "img_size=48", f"out={tmp_path / 'm48.onnx'}"]) == 0
+    assert json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "m48.onnx")).metadata_props}["input_size"]) == [3, 48, 48]
 
 
 def test_check_catches_a_wrong_graph(tmp_path):

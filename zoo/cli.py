@@ -201,9 +201,10 @@ def _cmd_predict(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"top-{topk} predictions")
+    shown = max((len(row["top"]) for row in results), default=topk)  # topk beyond the class count: every class
+    table = Table(title=f"top-{shown} predictions")
     table.add_column("input")
-    for rank in range(1, topk + 1):
+    for rank in range(1, shown + 1):
         table.add_column(f"#{rank}", justify="right")
     for row in results:
         table.add_row(row["input"], *[f"{name} ({prob:.3f})" for name, prob in row["top"]])

@@ -245,8 +245,9 @@ def export_onnx(
         raise ValueError(f"output file must end in .onnx, got {str(out)!r}")
     if out is not None and Path(out).is_dir():
         raise ValueError(f"output {str(out)!r} is a directory; pass a file path ending in .onnx")
-    if isinstance(model, str) and img_size is not None and "img_size" not in create_kwargs:
-        create_kwargs = {**create_kwargs, "img_size": list(_size_pair(img_size))}  # build the model at that size
+    if (isinstance(model, str) or ckpt is not None) and img_size is not None and "img_size" not in create_kwargs:
+        # build the model at that size (a checkpoint's weights are resampled on loading, as for fine-tuning)
+        create_kwargs = {**create_kwargs, "img_size": list(_size_pair(img_size))}
     net = _resolve_model(model, ckpt, create_kwargs)
     name = getattr(net, "zoo_model_name", None) or (model if isinstance(model, str) else type(net).__name__)
     in_chans, (height, width) = _input_geometry(net, img_size)

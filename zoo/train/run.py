@@ -556,6 +556,8 @@ def _check_eval_override(plain: dict, key: str) -> None:
 
 def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: str = "test") -> dict[str, float]:
     """Test metrics of a ``.ckpt`` or released directory on its configured data (``data.*`` overridable)."""
+    if split not in ("test", "val"):  # before the model and data are built
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     cfg, model, state, info = _inference_source(ckpt, overrides)
     module, datamodule = build(cfg, model=model)
     trained, found = info.get("class_names"), getattr(datamodule, "class_names", None)
