@@ -495,3 +495,227 @@ def test_planetoid_adapter_names_unreadable_raw_files(tmp_path):
         (raw / f"ind.cora.{suffix}").write_bytes(b"\x80\x04 not a pickle")
     with pytest.raises(ValueError, match="Planetoid Cora: cannot read the raw files under .*corrupt or not the Planetoid"):
         gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------- audit regressions
+def _train_cli(tmp_path, name, *overrides, sanity_steps=0):
+    """`zoo train` (the console script's main) into tmp_path/name, tiny and quiet; returns metrics.json."""
+    import json
+
+    from zoo.cli import main
+
+    run_dir = tmp_path / name
+    code = main(["train", "num_threads=1", "logger=none", "callbacks=minimal", "export=false", "test=false",
+                 f"trainer.num_sanity_val_steps={sanity_steps}", "+trainer.enable_progress_bar=false",
+                 "trainer.enable_model_summary=false", f"run_dir={run_dir}", *overrides])
+    assert code == 0
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_stop_at_acc_waits_for_training_past_the_sanity_check(tmp_path):
+    """task.stop_at_acc fired on Lightning's sanity-check validation (untrained weights), so training never
+    started (global_step 0); it now stops at the first real validation that reaches it."""
+    pytest.importorskip("hydra")
+    metrics = _train_cli(tmp_path, "run", "experiment=graph_karate", "task.stop_at_acc=0.01",
+                         "trainer.max_epochs=5", "trainer.check_val_every_n_epoch=1",
+                         "model.heads=1", "+model.hidden_channels=4", sanity_steps=2)
+    assert metrics["global_step"] == 1, metrics  # one epoch of training, then stopped by the first validation
+
+
+@pytest.mark.parametrize("overrides", [
+    ["experiment=graph_synthetic", "model.name=gatv2_graph_debug", "data.num_graphs=30", "data.batch_size=8"],
+    ["experiment=graph_dictlookup", "model.name=gatv2_dictlookup_debug", "data.k=4", "data.batch_size=4",
+     "task.stop_at_acc=null"],
+], ids=["synthetic", "dictlookup"])
+def test_resume_replays_the_shuffled_batches_exactly(tmp_path, overrides):
+    """4 epochs in one go and 2 epochs + resume to 4 end with the same weights: the training order is seeded
+    by (seed, epoch) (EpochShuffleSampler), not drawn from the global RNG at each epoch's iterator."""
+    pytest.importorskip("hydra")
+    common = [*overrides, "trainer.check_val_every_n_epoch=1"]
+    _train_cli(tmp_path, "full", *common, "trainer.max_epochs=4")
+    _train_cli(tmp_path, "half", *common, "trainer.max_epochs=2")
+    _train_cli(tmp_path, "half", *common, "trainer.max_epochs=4",
+               f"ckpt_path={tmp_path / 'half' / 'checkpoints' / 'last.ckpt'}")
+    full, resumed = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)
+                     for run in ("full", "half"))
+    assert full["global_step"] == resumed["global_step"] > 0
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def _write_planetoid_raw(root, seed=0, num_classes=3):
+    """A tiny graph in Planetoid's raw format (kimiyoung/planetoid: pickled x/tx/allx/y/ty/ally, the adjacency
+    dict, test.index) under root/Cora/raw; returns (features, labels) in node order."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_all, n_train, n_test, F_ = 520, 10, 20, 5  # the public split needs >= n_train + 500 nodes
+    n = n_all + n_test
+    labels = rng.integers(0, num_classes, n)
+    feats = rng.normal(size=(n, F_)).astype(np.float32)
+    onehot = np.eye(num_classes, dtype=np.float32)[labels]
+    test_index = np.arange(n_all, n)[::-1]
+    raw = root / "Cora" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    items = {"x": feats[:n_train], "y": onehot[:n_train], "allx": feats[:n_all], "ally": onehot[:n_all],
+             "tx": feats[test_index], "ty": onehot[test_index], "graph": {i: [(i + 1) % n] for i in range(n)}}
+    for name, value in items.items():
+        with open(raw / f"ind.cora.{name}", "wb") as f:
+            pickle.dump(value, f)
+    (raw / "ind.cora.test.index").write_text("\n".join(map(str, test_index)) + "\n")
+    return feats, labels
+
+
+def test_planetoid_rebuilds_its_cache_when_the_raw_files_change(tmp_path):
+    """PyG's Planetoid reuses root/Cora/processed/ whatever the raw files hold now: replaced raw files were
+    ignored. The adapter has it rebuilt, and removes nothing there but PyG's own cache files."""
+    import os
+
+    _, first = _write_planetoid_raw(tmp_path, seed=0)
+    assert torch.equal(gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))["y"], torch.from_numpy(first))
+    notes = tmp_path / "Cora" / "processed" / "my_notes.txt"
+    notes.write_text("a user's file")
+    _, second = _write_planetoid_raw(tmp_path, seed=1, num_classes=4)
+    for path in (tmp_path / "Cora" / "raw").iterdir():  # a later modification time, whatever the clock's resolution
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    d = gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
+    assert not torch.equal(torch.from_numpy(first), torch.from_numpy(second))
+    assert torch.equal(d["y"], torch.from_numpy(second)) and d["num_classes"] == 4
+    assert notes.read_text() == "a user's file"
+    assert torch.equal(gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))["y"], d["y"])  # cache reused
+
+
+def _write_ogb(tmp_path, folder="ogbn_toy", labels=("0", "1", "0", "1"), edges=((0, 1), (1, 2), (2, 3), (3, 0)),
+               splits=(("train", [0, 1]), ("valid", [2]), ("test", [3])), scheme="random"):
+    """A 4-node OGB dataset in the raw CSV layout (labels as written, e.g. "nan" or "1.5")."""
+    import gzip
+
+    root = tmp_path / folder
+    (root / "raw").mkdir(parents=True, exist_ok=True)
+    (root / "split" / scheme).mkdir(parents=True, exist_ok=True)
+
+    def write(path, lines):
+        with gzip.open(path, "wt") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+    write(root / "raw" / "edge.csv.gz", [f"{a},{b}" for a, b in edges])
+    write(root / "raw" / "node-feat.csv.gz", [f"{i}.0,{i + 1}.0" for i in range(4)])
+    write(root / "raw" / "node-label.csv.gz", list(labels))
+    for split, index in splits:
+        write(root / "split" / scheme / f"{split}.csv.gz", [str(i) for i in index])
+    return root
+
+
+def test_ogb_adapter_refuses_bad_labels_and_overlapping_splits(tmp_path):
+    """NaN and -1 mark unlabelled nodes (left out of the splits); a fractional label (truncated to a class
+    before), another negative label, or a node in two splits (trained on and scored) is named with its file."""
+    _write_ogb(tmp_path, labels=("0", "nan", "-1", "1"), splits=(("train", [0, 1]), ("valid", [2]), ("test", [3])))
+    d = gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    assert d["train_mask"].tolist() == [True, False, False, False] and not d["val_mask"].any()
+    for labels, message in ((("0", "1.5", "0", "1"), r"node-label\.csv\.gz: label 1.5 is not a class index"),
+                            (("0", "1", "-2", "1"), r"node-label\.csv\.gz: label -2 is not a class index")):
+        _write_ogb(tmp_path, labels=labels)
+        with pytest.raises(ValueError, match=message):
+            gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    _write_ogb(tmp_path, splits=(("train", [0, 1]), ("valid", [2]), ("test", [3, 1])))
+    with pytest.raises(ValueError, match=r"train\.csv\.gz and .*test\.csv\.gz both list node 1 .*must not overlap"):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+
+
+def test_ogb_empty_training_split_is_named(tmp_path):
+    """An empty train.csv.gz (or one listing only unlabelled nodes) was "self.log(train/acc1, None)" in training."""
+    _write_ogb(tmp_path, splits=(("train", []), ("valid", [2]), ("test", [3])))
+    with pytest.raises(ValueError, match=r"split/random/train\.csv\.gz lists no labelled training node"):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    _write_ogb(tmp_path, labels=("nan", "-1", "0", "1"), splits=(("train", [0, 1]), ("valid", [2]), ("test", [3])))
+    with pytest.raises(ValueError, match=r"train\.csv\.gz lists no labelled training node"):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+
+
+def test_ogb_empty_edge_file_is_an_edgeless_graph(tmp_path):
+    _write_ogb(tmp_path, edges=())
+    d = gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    assert d["edge_index"].shape == (2, 0) and d["x"].shape == (4, 2)
+
+
+def test_ogb_edges_are_undirected_without_self_loops_as_documented(tmp_path):
+    """OGB's own loader keeps ogbn-arxiv's edges directed; this adapter does not, and says so."""
+    import pathlib
+
+    _write_ogb(tmp_path, edges=((0, 1), (1, 1), (2, 3)))
+    d = gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    assert sorted(map(tuple, d["edge_index"].t().tolist())) == [(0, 1), (1, 0), (2, 3), (3, 2)]
+    docs = (pathlib.Path(__file__).parents[1] / "docs" / "graph.md").read_text()
+    for text in (gd.__doc__, docs):
+        assert "undirected" in text and "self loops are dropped" in text and "directed" in text
+
+
+def test_ogb_layout_accepts_the_zip_folder_and_skips_hidden_split_entries(tmp_path):
+    """OGB's zip extracts to toy/ (not ogbn_toy/): read either, and say so when both are missing; without
+    data.split only visible folders under split/ are schemes (not .ipynb_checkpoints/ or a README.txt)."""
+    with pytest.raises(FileNotFoundError, match=r"into .* \(it extracts to .*/toy/, which is read as is"):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    root = _write_ogb(tmp_path, folder="toy")
+    (root / "split" / ".ipynb_checkpoints").mkdir()
+    (root / "split" / "README.txt").write_text("the split schemes")
+    d = gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    assert d["train_mask"].tolist() == [True, True, False, False]
+
+
+def test_model_with_another_class_count_is_named(tmp_path):
+    """model.num_classes below the data's was torch's "Target 3 is out of bounds" traceback, above it trained
+    silently; either is now one line naming both keys."""
+    pytest.importorskip("hydra")
+    from zoo.tasks.graph.train import compose, fit
+
+    for classes in (3, 5):
+        cfg = compose(["experiment=graph_karate", "trainer.max_epochs=1", f"model.num_classes={classes}",
+                       "model.heads=1", "+model.hidden_channels=4", "num_threads=1"])
+        with pytest.raises(ValueError, match=rf"model\.num_classes={classes}\) but the data has 4 \(data\.num_classes=4\)"):
+            fit(cfg, verbose=False, run_dir=str(tmp_path / f"run{classes}"))
+
+
+def test_unbounded_max_epochs_is_refused_unless_something_ends_the_run(tmp_path):
+    """trainer.max_epochs=-1 (no limit) with a constant learning rate ran forever; task.stop_at_acc or
+    trainer.max_steps ends it."""
+    pytest.importorskip("hydra")
+    from zoo.tasks.graph.train import compose, fit
+
+    common = ["experiment=graph_karate", "trainer.max_epochs=-1", "model.heads=1", "+model.hidden_channels=4",
+              "trainer.check_val_every_n_epoch=1", "num_threads=1"]
+    with pytest.raises(ValueError, match=r"trainer\.max_epochs=-1 \(no limit\) never ends a graph run: .*"
+                                         r"\+trainer\.max_steps=N, or task\.stop_at_acc"):
+        fit(compose(common), verbose=False, run_dir=str(tmp_path / "a"))
+    assert fit(compose([*common, "+trainer.max_steps=2"]), verbose=False, run_dir=str(tmp_path / "b"))["epochs"] == 2
+    assert fit(compose([*common, "task.stop_at_acc=0.01"]), verbose=False, run_dir=str(tmp_path / "c"))["epochs"] >= 1
+
+
+def test_sbm_arguments_are_named():
+    """+data.p_in=1.5 was torch.bernoulli's RuntimeError traceback at setup."""
+    for key, value, message in (("p_in", 1.5, r"data\.p_in must be a probability in \[0, 1\], got 1\.5"),
+                                ("p_out", -0.1, r"data\.p_out must be a probability in \[0, 1\], got -0\.1"),
+                                ("block_sizes", [60, 0], r"data\.block_sizes must be a list of at least 2 positive"),
+                                ("num_channels", 0, r"data\.num_channels must be a positive integer, got 0"),
+                                ("feature_noise", -1.0, r"data\.feature_noise must be a finite number >= 0")):
+        with pytest.raises(ValueError, match=message):
+            gd.NodeDataModule("sbm", **{key: value}).setup()
+    with pytest.raises(ValueError, match=r"^p_in must be a probability"):
+        gd.stochastic_block_model(p_in=2.0)
+
+
+def test_viz_graph_draws_a_checkpoint_on_the_data_it_was_trained_on(tmp_path, one_thread):
+    """`zoo viz graph ckpt=<released dir>` without data= used karate ("x has 34 features, the layer expects 16");
+    it now reads the data from the checkpoint's recorded zoo_config, and names it when data= disagrees."""
+    from zoo.tasks.graph.viz import main
+
+    model = zoo.create_model("gatv2_node", in_channels=16, num_classes=3, heads=1, hidden_channels=4)
+    data_cfg = {"_target_": "zoo.tasks.graph.datasets.NodeDataModule", "name": "sbm", "num_features": 16,
+                "num_classes": 3, "model_kind": "node", "root": None, "seed": 0, "p_in": 0.2}
+    ckpt = zoo.save_pretrained(model, tmp_path / "released", metadata={"zoo_config": {"data": data_cfg}})
+    out = tmp_path / "att.png"
+    assert main([f"ckpt={ckpt}", f"out={out}"]) == 0
+    assert out.stat().st_size > 1000
+    with pytest.raises(SystemExit, match=r"takes 16 node features but data=karate has 34; it was trained on data=sbm"):
+        main([f"ckpt={ckpt}", "data=karate", f"out={out}"])

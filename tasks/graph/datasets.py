@@ -15,9 +15,19 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
 * ``planetoid:<Cora|CiteSeer|PubMed>`` -- the Planetoid splits (Yang et al. 2016) read by PyG's Planetoid
                     from ``root/<Name>/raw/ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index}``;
                     a missing file raises FileNotFoundError naming every missing path (no download).
+                    PyG caches the parsed graph in ``root/<Name>/processed/`` and reuses it whatever the
+                    raw files hold now; the adapter records the raw files' sizes and modification times
+                    next to that cache and has PyG rebuild it when they differ.
 * ``ogb:<ogbn-arxiv|ogbn-products|...>`` -- OGB node-property data in the OGB raw layout
                     ``root/<ogbn_name>/raw/{edge,node-feat,node-label}.csv.gz`` and
                     ``root/<ogbn_name>/split/<scheme>/{train,valid,test}.csv.gz`` (ogb is not required).
+                    The folder may also keep the name OGB's zip extracts to (``arxiv/`` for
+                    ogbn-arxiv; OGB's own loader renames it to ``ogbn_arxiv/``). Without ``split`` the
+                    first split scheme (sorted, hidden entries skipped) is used. Labels are integers >= 0;
+                    NaN or -1 marks an unlabelled node, left out of every split. Unlike OGB's own loader
+                    (which keeps ogbn-arxiv's citation edges directed), the edges are made undirected
+                    (each edge in both directions, duplicates merged) and self loops are dropped, as GAT
+                    models are trained on these graphs; an empty edge.csv.gz is an edgeless graph.
 
 Graph classification: ``synthetic_graphs`` -- random graphs from three generators (Erdos-Renyi,
 Barabasi-Albert, Watts-Strogatz; label = generator) with degree/clustering features.
@@ -25,12 +35,17 @@ Barabasi-Albert, Watts-Strogatz; label = generator) with degree/clustering featu
 from __future__ import annotations
 
 import gzip
+import json
+import math
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from zoo.layers import is_int
 
 try:
     import lightning as L
@@ -95,11 +110,34 @@ def karate_club() -> dict:
     return _pack("karate", d.x, d.edge_index, d.y, d.train_mask.clone(), val, test)
 
 
+def _check_sbm_arguments(prefix: str = "", block_sizes=(60, 60, 60), p_in: float = 0.1, p_out: float = 0.01,
+                         num_channels: int = 16, feature_noise: float = 2.0) -> None:
+    """The SBM generator's arguments, named (``prefix``: "data." from the data module): PyG's generator
+    fails deep inside torch.bernoulli ("Expected p_in >= 0 && p_in <= 1"), or silently, on values out of range."""
+    def is_real(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if (isinstance(block_sizes, (str, bytes)) or not hasattr(block_sizes, "__len__") or len(block_sizes) < 2
+            or not all(is_int(b) and b > 0 for b in block_sizes)):
+        raise ValueError(f"{prefix}block_sizes must be a list of at least 2 positive integers (nodes per class), "
+                         f"got {block_sizes!r}")
+    for key, value in (("p_in", p_in), ("p_out", p_out)):
+        if not is_real(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{prefix}{key} must be a probability in [0, 1], got {value!r}")
+    if not is_int(num_channels) or num_channels < 1:
+        raise ValueError(f"{prefix}num_channels must be a positive integer, got {num_channels!r}")
+    if not is_real(feature_noise) or feature_noise < 0:
+        raise ValueError(f"{prefix}feature_noise must be a finite number >= 0 (a standard deviation), "
+                         f"got {feature_noise!r}")
+
+
 def stochastic_block_model(block_sizes=(60, 60, 60), p_in: float = 0.1, p_out: float = 0.01,
                            num_channels: int = 16, feature_noise: float = 2.0, seed: int = 0) -> dict:
     """An SBM graph: nodes of block b connect with probability p_in inside, p_out across; features
     are a class-specific random mean plus Gaussian noise of std ``feature_noise``; label = block."""
     from torch_geometric.utils import stochastic_blockmodel_graph
+
+    _check_sbm_arguments("", block_sizes, p_in, p_out, num_channels, feature_noise)
 
     torch.manual_seed(seed)  # stochastic_blockmodel_graph draws from the global generator
     k = len(block_sizes)
@@ -147,6 +185,37 @@ def networkx_graph(name: str, seed: int = 0) -> dict:
 
 
 PLANETOID = {"cora": "Cora", "citeseer": "CiteSeer", "pubmed": "PubMed"}
+# what PyG's Planetoid writes into <root>/<Name>/processed/ (the only files the adapter ever removes)
+_PLANETOID_CACHE_FILES = ("data.pt", "pre_transform.pt", "pre_filter.pt")
+_RAW_RECORD = "zoo_raw_files.json"  # next to them: the raw files (size, mtime) the cache was built from
+
+
+def _raw_files_record(paths: list[str]) -> dict:
+    return {os.path.basename(p): [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths}
+
+
+def _planetoid_cache_is_fresh(processed: str, record: dict) -> bool:
+    """PyG's Planetoid reuses processed/data.pt whenever it exists, so raw files replaced after a first run
+    (another release, a fixed file) were ignored. When the raw files differ from those the cache was built
+    from, or that is unknown (a cache without the record), remove PyG's cache files so that it rebuilds them;
+    True when the cache matches the raw files."""
+    try:
+        with open(os.path.join(processed, _RAW_RECORD), encoding="utf-8") as f:
+            if json.load(f) == record:
+                return True
+    except (OSError, ValueError):
+        pass
+    for name in _PLANETOID_CACHE_FILES:
+        if os.path.isfile(os.path.join(processed, name)):
+            os.remove(os.path.join(processed, name))
+    return False
+
+
+def _write_raw_record(processed: str, record: dict) -> None:
+    tmp = os.path.join(processed, f".{_RAW_RECORD}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, os.path.join(processed, _RAW_RECORD))
 
 
 def planetoid(name: str, root: str) -> dict:
@@ -168,17 +237,23 @@ def planetoid(name: str, root: str) -> dict:
         )
     from torch_geometric.datasets import Planetoid
 
+    processed = os.path.join(root, proper, "processed")
+    record = _raw_files_record(needed)
+    fresh = _planetoid_cache_is_fresh(processed, record)
     try:
         d = Planetoid(root, proper)[0]
     except Exception as error:  # PyG unpickles the raw files: a truncated or foreign file fails deep inside
         raise ValueError(f"Planetoid {proper}: cannot read the raw files under {raw} (corrupt or not the "
                          f"Planetoid release?): {type(error).__name__}: {str(error)[:200]}") from None
+    if not fresh and _raw_files_record(needed) == record:  # unchanged while PyG read them: the cache matches
+        _write_raw_record(processed, record)
     return _pack(f"planetoid:{proper}", d.x, d.edge_index, d.y, d.train_mask, d.val_mask, d.test_mask)
 
 
 def _read_csv_gz(path: str, dtype) -> np.ndarray:
     try:
-        with gzip.open(path, "rt") as f:
+        with gzip.open(path, "rt") as f, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input contained no data")  # an empty file: 0 rows
             return np.loadtxt(f, delimiter=",", dtype=dtype, ndmin=2)
     except (OSError, ValueError, EOFError) as error:  # not gzip, truncated, or not numbers
         raise ValueError(f"cannot read {path} (a gzipped CSV of numbers): {type(error).__name__}: "
@@ -192,26 +267,60 @@ def _check_rows(path: str, values: torch.Tensor, n: int, what: str) -> None:
         raise ValueError(f"{path}: {what} {bad} is out of range for the {n} nodes of node-feat.csv.gz")
 
 
+def _ogb_folder(root: str, name: str) -> tuple[str, Optional[str]]:
+    """(the folder to read, the folder name OGB's zip extracts to). OGB's loader renames the zip's folder
+    (arxiv/) to ogbn_arxiv/; either is read, the renamed one first."""
+    renamed = os.path.join(root, name.replace("-", "_"))
+    unzipped = os.path.join(root, name.split("-", 1)[1]) if name.startswith("ogbn-") else None
+    if not os.path.isdir(renamed) and unzipped is not None and os.path.isdir(unzipped):
+        return unzipped, unzipped
+    return renamed, unzipped
+
+
+def _split_schemes(split_root: str) -> list[str]:
+    """The split schemes under split/: visible folders only (not a README.txt or .ipynb_checkpoints/)."""
+    return sorted(e for e in os.listdir(split_root)
+                  if not e.startswith(".") and os.path.isdir(os.path.join(split_root, e)))
+
+
+def _ogb_labels(path: str, values: Tensor) -> tuple[Tensor, Tensor]:
+    """(labels as int64, labelled mask) of node-label.csv.gz: integers >= 0, NaN or -1 for an unlabelled node.
+    A fractional or other negative value (a regression target, a wrong column) is refused, not truncated."""
+    unlabelled = torch.isnan(values) | (values == -1)
+    known = values[~unlabelled]
+    bad = known[~torch.isfinite(known) | (known != known.round()) | (known < 0)]
+    if bad.numel():
+        raise ValueError(f"{path}: label {bad[0].item():g} is not a class index (labels are integers >= 0; "
+                         "NaN or -1 marks an unlabelled node)")
+    return torch.where(unlabelled, torch.zeros_like(values), values).long(), ~unlabelled
+
+
 def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
-    """An OGB node-property dataset (e.g. ogbn-arxiv) from its raw CSV layout under ``root``."""
+    """An OGB node-property dataset (e.g. ogbn-arxiv) from its raw CSV layout under ``root``: edges made
+    undirected without self loops, NaN / -1 labels unlabelled (see the module docstring)."""
     if not root:
         raise ValueError("ogb needs data.root: a folder holding <ogbn_name>/raw and <ogbn_name>/split")
-    folder = os.path.join(root, name.replace("-", "_"))
+    folder, unzipped = _ogb_folder(root, name)
     split_root = os.path.join(folder, "split")
     if split is None and os.path.isdir(split_root):
-        schemes = sorted(os.listdir(split_root))
+        schemes = _split_schemes(split_root)
         split = schemes[0] if schemes else None
     split_dir = os.path.join(split_root, split or "<scheme>")
     needed = [os.path.join(folder, "raw", f) for f in ("edge.csv.gz", "node-feat.csv.gz", "node-label.csv.gz")]
     needed += [os.path.join(split_dir, f"{s}.csv.gz") for s in ("train", "valid", "test")]
     missing = [p for p in needed if not os.path.isfile(p)]
     if missing:
+        zip_note = "" if unzipped is None else (
+            f" (it extracts to {unzipped}/, which is read as is; OGB's own loader renames it to "
+            f"{os.path.join(root, name.replace('-', '_'))}/, also read)")
         raise FileNotFoundError(
             f"OGB {name}: {len(missing)} file(s) missing (downloads are disabled): " + ", ".join(missing)
-            + ". Unpack the dataset zip from https://ogb.stanford.edu (nodeproppred) into " + root
+            + ". Unpack the dataset zip from https://ogb.stanford.edu (nodeproppred) into " + root + zip_note
         )
     edges = torch.from_numpy(_read_csv_gz(needed[0], np.int64))
-    if edges.numel() and edges.size(1) != 2:
+    if edges.numel() == 0:  # an empty edge.csv.gz: an edgeless graph (loadtxt gives shape (0, 1))
+        edges = edges.reshape(0, 2)
+    if edges.size(1) != 2:
         raise ValueError(f"{needed[0]}: expected 2 columns (source, target) per row, got {edges.size(1)}")
     edges = edges.t()
     x = torch.from_numpy(_read_csv_gz(needed[1], np.float32))
@@ -220,15 +329,23 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
     if y.numel() != n:
         raise ValueError(f"{needed[2]} has {y.numel()} labels but {needed[1]} has {n} nodes (one label per node)")
     _check_rows(needed[0], edges, n, "node index")
-    labelled = ~torch.isnan(y)
-    y = torch.nan_to_num(y, nan=0.0).long()
-    masks = []
+    y, labelled = _ogb_labels(needed[2], y)
+    masks, listed = [], []
     for p in needed[3:]:
         index = torch.from_numpy(_read_csv_gz(p, np.int64)).view(-1)
         _check_rows(p, index, n, "node index")
         m = torch.zeros(n, dtype=torch.bool)
         m[index] = True
+        for other_path, other in listed:  # a node in two splits: test or validation nodes trained on
+            both = (m & other).nonzero().view(-1)
+            if both.numel():
+                raise ValueError(f"{other_path} and {p} both list node {int(both[0])} ({both.numel()} shared "
+                                 "node(s)): the train, valid and test splits must not overlap")
+        listed.append((p, m))
         masks.append(m & labelled)
+    if not masks[0].any():
+        raise ValueError(f"{needed[3]} lists no labelled training node (empty, or only nodes whose label in "
+                         f"{needed[2]} is NaN / -1): put the training node indices there, one per line")
     return _pack(f"ogb:{name}", x, _undirected(edges), y, *masks)
 
 
@@ -318,6 +435,8 @@ class NodeDataModule(_Base):
                 f"unknown key data.{unknown[0]} for the {name!r} dataset (its keys: name, root, seed, num_features, "
                 f"num_classes, model_kind, num_workers{''.join(', ' + o for o in options)})"
             )
+        if kind == "sbm":  # named here, before the generator's own RuntimeError deep inside torch.bernoulli
+            _check_sbm_arguments("data.", **kwargs)
         # num_workers (set by debug=fast for every data config) is accepted and unused: one full-batch graph,
         # already in memory, needs no loader workers
         self.model_kind = model_kind
@@ -385,7 +504,12 @@ class GraphClassificationDataModule(_Base):
             self.splits = {"train": graphs[:a], "val": graphs[a:b], "test": graphs[b:]}
 
     def _loader(self, split, shuffle):
-        return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
+        # the training order comes from (seed, epoch), which Lightning passes on through set_epoch, not from
+        # the global RNG at each epoch's iterator: a run resumed from a checkpoint sees the same batches
+        from zoo.tasks.vision.data import EpochShuffleSampler
+
+        sampler = EpochShuffleSampler(self.splits[split], self.seed) if shuffle else None
+        return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, sampler=sampler,
                                            collate_fn=collate_graphs, num_workers=self.num_workers)
 
     def train_dataloader(self):

@@ -141,9 +141,14 @@ class DictionaryLookupDataModule(_Base):
                 raise ValueError(f"k={self.k}: the unseen-combination split left an empty train or test set")
 
     def _loader(self, perms: Tensor, shuffle: bool):
+        # the training order comes from (seed, epoch), which Lightning passes on through set_epoch, not from
+        # the global RNG at each epoch's iterator: a run resumed from a checkpoint sees the same batches
+        from zoo.tasks.vision.data import EpochShuffleSampler
+
+        dataset = _PermDataset(perms)
         return torch.utils.data.DataLoader(
-            _PermDataset(perms), batch_size=self.batch_size, shuffle=shuffle, collate_fn=_collate_list,
-            num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
+            collate_fn=_collate_list, num_workers=self.num_workers,
         )
 
     def train_dataloader(self):

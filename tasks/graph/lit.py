@@ -13,7 +13,10 @@ optimise with plain Adam and a constant learning rate, as the GAT and GATv2 pape
 Metrics: ``train/loss``, ``train/acc1`` (mean over the epoch's batches), ``val/acc1``, ``test/acc1``
 (top-1 accuracy, the name the default checkpoint callback monitors); DictionaryLookup adds
 ``val/graph_acc`` / ``test/graph_acc`` (the fraction of graphs whose every query is right).
-``stop_at_acc`` stops training once val/acc1 reaches it (the DictionaryLookup paper stops at 100%).
+``stop_at_acc`` stops training once val/acc1 reaches it (the DictionaryLookup paper stops at 100%); the
+sanity-check validation Lightning runs before training does not count. ``trainer.max_epochs=-1`` is refused
+unless ``stop_at_acc`` or ``trainer.max_steps`` ends the run (constant learning rate: nothing else would).
+The model's output width is checked against the data's class count at the first step of a run.
 """
 from __future__ import annotations
 
@@ -40,11 +43,37 @@ class _GraphModule(ZooModule):
         self.stop_at_acc = None if stop_at_acc is None else float(stop_at_acc)
         self.save_hyperparameters(ignore=["model"])
         self.record_model_spec()
+        self._num_classes_checked = False
 
     def configure_optimizers(self):
+        self._check_run_ends()
         return torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
+    def _check_run_ends(self) -> None:
+        """trainer.max_epochs=-1 is Lightning's "no limit": with a constant learning rate and no step limit or
+        target accuracy, the run would never end."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps == -1 and self.stop_at_acc is None:
+            raise ValueError("trainer.max_epochs=-1 (no limit) never ends a graph run: set trainer.max_epochs, "
+                             "+trainer.max_steps=N, or task.stop_at_acc=<accuracy> (stop once val/acc1 reaches it)")
+
+    def _check_num_classes(self, logits: torch.Tensor) -> None:
+        """Once per run, the logits width against the data's class count: a narrower model fails inside
+        cross_entropy ("Target 3 is out of bounds"), a wider one trains silently on classes that never occur."""
+        if self._num_classes_checked:
+            return
+        self._num_classes_checked = True
+        datamodule = getattr(self._trainer, "datamodule", None)
+        want = getattr(datamodule, "num_classes", None)
+        have = int(logits.size(-1))
+        if want is not None and have != int(want):
+            raise ValueError(f"the model outputs {have} classes (model.num_classes={have}) but the data has {want} "
+                             f"(data.num_classes={want}): set model.num_classes={want}, or leave it at "
+                             "${data.num_classes}")
+
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # the check before training: stopping there would skip training entirely
+            return
         acc = self.trainer.callback_metrics.get("val/acc1")
         if self.stop_at_acc is not None and acc is not None and float(acc) >= self.stop_at_acc:
             self.trainer.should_stop = True
@@ -68,6 +97,7 @@ class NodeClassificationModule(_GraphModule):
 
     def training_step(self, batch, batch_idx):
         logits = self(batch)
+        self._check_num_classes(logits)
         mask = batch["train_mask"]
         loss = F.cross_entropy(logits[mask], batch["y"][mask])
         self.log("train/loss", loss, prog_bar=True, batch_size=1)
@@ -76,6 +106,7 @@ class NodeClassificationModule(_GraphModule):
 
     def _eval(self, batch, splits):
         logits = self(batch, self.eval_model)
+        self._check_num_classes(logits)
         for split in splits:
             acc = self._acc(logits, batch, f"{split}_mask")
             if acc is not None:
@@ -102,6 +133,7 @@ class GraphTargetsModule(_GraphModule):
 
     def _step(self, batch, stage):
         logits = self(batch, self.model if stage == "train" else self.eval_model)
+        self._check_num_classes(logits)
         loss = F.cross_entropy(logits, batch["y"])
         correct = logits.detach().argmax(-1) == batch["y"]
         n = batch["y"].numel()

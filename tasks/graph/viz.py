@@ -11,7 +11,9 @@ node i (its self loop as a ring), their alpha as width and label, plus the 2-hop
                   [heads=1] [ckpt=<dir>] [epochs=5] [out=...]
 
 Node data: without ``ckpt`` the model is trained full-batch for ``epochs`` steps first (Adam 5e-3, the GAT
-recipe) so the picture shows learned attention.
+recipe) so the picture shows learned attention. With ``ckpt`` (a ``released/`` folder of ``zoo train``) and no
+``data=``, the data it was trained on is used (``metadata.zoo_config.data`` of its config.json: name, root,
+seed, k); without that record the default is karate.
 
 ``data=dictlookup``: the DictionaryLookup benchmark (zoo.tasks.graph.dictlookup). The picture is query ``node``
 (0..k-1) of test example ``example`` (a permutation from the unseen-combination test split) attending to the k
@@ -154,9 +156,15 @@ def _int(opts: dict, key: str, minimum: Optional[int] = None) -> int:
     return number
 
 
+# where the checkpoint's recorded data config does not say: the defaults of data, seed and k
+_DEFAULTS = {"data": "karate", "seed": 0, "k": 10}
+# the NodeDataModule keys that are not options of the dataset's loader
+_NODE_MODULE_KEYS = {"_target_", "name", "root", "seed", "num_features", "num_classes", "model_kind", "num_workers"}
+
+
 def _parse(argv: Sequence[str]) -> dict:
-    opts = {"data": "karate", "node": "0", "layer": "0", "model": None, "ckpt": None, "epochs": None,
-            "seed": "0", "out": "graph_attention.png", "heads": None, "k": "10", "example": "0", "root": None}
+    opts = {"data": None, "node": "0", "layer": "0", "model": None, "ckpt": None, "epochs": None,
+            "seed": None, "out": "graph_attention.png", "heads": None, "k": None, "example": "0", "root": None}
     for item in argv:
         if "=" not in item:
             raise SystemExit(f"zoo viz graph: arguments are key=value, got {item!r}\n{__doc__}")
@@ -165,12 +173,51 @@ def _parse(argv: Sequence[str]) -> dict:
             raise SystemExit(f"zoo viz graph: unknown option {key!r}; options: {sorted(opts)}")
         opts[key] = value
     # integers, checked where they enter (each named): seed any, the others bounded
-    for key, minimum in (("seed", None), ("node", 0), ("layer", 0), ("example", 0), ("k", 2)):
+    for key, minimum in (("node", 0), ("layer", 0), ("example", 0)):
         opts[key] = _int(opts, key, minimum)
-    for key, minimum in (("epochs", 0), ("heads", 1)):
+    for key, minimum in (("seed", None), ("k", 2), ("epochs", 0), ("heads", 1)):
         if opts[key] is not None:
             opts[key] = _int(opts, key, minimum)
+    opts["data_options"] = {}
     return opts
+
+
+def _trained_data(model) -> Optional[dict]:
+    """The data config a checkpoint was trained with (``zoo train`` records metadata.zoo_config.data)."""
+    metadata = getattr(model, "zoo_pretrained_metadata", None) or {}
+    config = metadata.get("zoo_config") if isinstance(metadata, dict) else None
+    data = config.get("data") if isinstance(config, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _trained_data_name(trained: Optional[dict]) -> Optional[str]:
+    """The data= value of a recorded graph data config (None for other data: those models are refused)."""
+    target = str((trained or {}).get("_target_", ""))
+    if target.endswith("DictionaryLookupDataModule"):
+        return "dictlookup"
+    if target.endswith(".NodeDataModule") and trained.get("name"):
+        return str(trained["name"])
+    return None
+
+
+def _adopt_trained_data(opts: dict, model) -> None:
+    """Without ``data=``, draw on the data the checkpoint was trained on (a Cora model fed karate's 34
+    features failed with "x has 34 features, the layer expects 1433"); given options win."""
+    trained = _trained_data(model)
+    name = _trained_data_name(trained)
+    if opts["data"] is not None or name is None:
+        return
+    opts["data"] = name
+    if name == "dictlookup":  # its split: generate_permutations / unseen_combinations_split arguments
+        if opts["k"] is None and isinstance(trained.get("k"), int):
+            opts["k"] = trained["k"]
+        opts["data_options"] = {key: trained[key] for key in ("max_examples", "train_fraction", "seed") if key in trained}
+        return
+    if opts["seed"] is None and isinstance(trained.get("seed"), int) and not isinstance(trained.get("seed"), bool):
+        opts["seed"] = trained["seed"]  # the split seed of networkx / sbm data
+    if opts["root"] is None and trained.get("root"):
+        opts["root"] = str(trained["root"])
+    opts["data_options"] = {key: value for key, value in trained.items() if key not in _NODE_MODULE_KEYS}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -178,9 +225,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from zoo.tasks.graph.datasets import load_node_dataset
 
     opts = _parse(sys.argv[1:] if argv is None else argv)
+    model = zoo.from_pretrained(opts["ckpt"]) if opts["ckpt"] else None
+    if model is not None:
+        _adopt_trained_data(opts, model)
+    for key, default in _DEFAULTS.items():
+        if opts[key] is None:
+            opts[key] = default
     torch.manual_seed(opts["seed"])
     if opts["data"] == "dictlookup":
-        return _dictlookup(opts)
+        return _dictlookup(opts, model)
     if opts["ckpt"] is None:
         opts["model"] = opts["model"] or "gatv2_node"
         _require_kind(_name_kind(opts["model"]), "node", f"model={opts['model']}", opts["data"])
@@ -189,13 +242,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if source in ("planetoid", "ogb") and not opts["root"]:
         raise SystemExit(f"zoo viz graph: data={opts['data']} is read from local files: pass root=<folder> "
                          + ("(holding <Name>/raw/ind.<name>.*)" if source == "planetoid" else "(holding <ogbn_name>/raw and split)"))
-    data = load_node_dataset(opts["data"], opts["root"], seed=opts["seed"])
+    if model is not None:  # before the data: a checkpoint of another kind is named, not fed node data
+        _require_kind(_instance_kind(model), "node", f"ckpt={opts['ckpt']}", opts["data"])
+    data = load_node_dataset(opts["data"], opts["root"], seed=opts["seed"], **opts["data_options"])
     node, layer = opts["node"], opts["layer"]
     if not 0 <= node < data["x"].size(0):
         raise SystemExit(f"zoo viz graph: node {node} is out of range for {data['x'].size(0)} nodes")
-    if opts["ckpt"]:
-        model = zoo.from_pretrained(opts["ckpt"])
-        _require_kind(_instance_kind(model), "node", f"ckpt={opts['ckpt']}", opts["data"])
+    if model is not None:
+        _check_features(model, data, opts)
     else:
         extra = {} if opts["heads"] is None else {"heads": opts["heads"]}
         model = zoo.create_model(opts["model"], in_channels=data["x"].size(1), num_classes=data["num_classes"], **extra)
@@ -219,8 +273,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _dictlookup(opts: dict) -> int:
-    """``zoo viz graph data=dictlookup``: a query node's attention over the key-value nodes of one test graph."""
+def _check_features(model, data: dict, opts: dict) -> None:
+    """A checkpoint drawn on data of another width: name the data it was trained on (else the layer's
+    "x has 34 features, the layer expects 5")."""
+    want = (getattr(model, "zoo_model_args", None) or {}).get("in_channels")
+    have = data["x"].size(1)
+    if not isinstance(want, int) or want <= 0 or want == have:
+        return
+    trained = _trained_data(model)
+    name = _trained_data_name(trained)
+    if name is not None:
+        root = f" root={trained['root']}" if trained.get("root") else ""
+        hint = f"it was trained on data={name}{root}: leave data= out to draw on that data, or pass it"
+    else:
+        hint = "pass data= (and root=) of the data it was trained on"
+    raise SystemExit(f"zoo viz graph: ckpt={opts['ckpt']} takes {want} node features but data={opts['data']} has "
+                     f"{have}; {hint}")
+
+
+def _dictlookup(opts: dict, model=None) -> int:
+    """``zoo viz graph data=dictlookup``: a query node's attention over the key-value nodes of one test graph
+    (``model``: the checkpoint's model, when ckpt= is given)."""
     import zoo
     from zoo.tasks.graph.dictlookup import collate, generate_permutations, unseen_combinations_split
 
@@ -232,11 +305,14 @@ def _dictlookup(opts: dict) -> int:
         raise SystemExit("zoo viz graph: the DictionaryLookup model has one attention layer: layer=0")
     if not 0 <= node < k:
         raise SystemExit(f"zoo viz graph: node must be a query node, 0..{k - 1} for k={k}; got {node}")
-    train_perms, test_perms = unseen_combinations_split(generate_permutations(k))
+    # the split the checkpoint was trained with (size, fraction, seed) where it recorded them; else the defaults
+    recorded = opts["data_options"]
+    perms = generate_permutations(k, **{key: recorded[key] for key in ("max_examples", "seed") if key in recorded})
+    train_perms, test_perms = unseen_combinations_split(
+        perms, **{key: recorded[key] for key in ("train_fraction", "seed") if key in recorded})
     if not 0 <= example < len(test_perms):
         raise SystemExit(f"zoo viz graph: example {example} is out of range for {len(test_perms)} test graphs")
-    if opts["ckpt"]:
-        model = zoo.from_pretrained(opts["ckpt"])
+    if model is not None:
         _require_kind(_instance_kind(model), "dictlookup", f"ckpt={opts['ckpt']}", "dictlookup")
         if getattr(model, "k", None) != k:
             raise SystemExit(f"zoo viz graph: the checkpoint is a k={getattr(model, 'k', '?')} model; pass k=")
