@@ -408,8 +408,11 @@ def test_capture_records_effective_token_attention():
     for m in maps:
         assert m.weights.shape == (1, 2, n_tok, n_tok)
         assert torch.allclose(m.weights.sum(-1), torch.ones(1, 2, n_tok), atol=1e-5)
-    attn = model.blocks[0].attn
-    assert attn.last_agent_attention.shape == (1, 2, 16, n_tok) and attn.last_grid == (8, 6)
+    # the agent maps travel in the records, and nothing stays on the modules after the capture
+    assert maps[0].extra["agent"].shape == (1, 2, 16, n_tok) and maps[0].extra["grid"] == (8, 6)
+    assert maps[0].extra["broadcast"].shape == (1, 2, n_tok, 16) and maps[0].module is model.blocks[0].attn
+    assert not any(hasattr(m, attr) for m in model.modules()
+                   for attr in ("last_agent_attention", "last_broadcast_attention", "last_grid", "zoo_name"))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -381,6 +381,24 @@ def test_capture_records_weights_only_inside_context():
     assert len(maps) == 1 and maps[0].name == "layer0" and maps[0].weights.shape == (1, 2, 4, 4)
 
 
+def test_capture_names_records_per_capture_without_touching_modules():
+    """capture_attention(model) wrote module.zoo_name on every submodule and left it there: a later capture of
+    the whole model then labelled a block captured alone before as 'attn' (audit 2026-12-06)."""
+    import zoo
+
+    model = zoo.create_model("vit_debug").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        with capture_attention(model.blocks[1]):
+            model(x)
+        with capture_attention(model) as outer:
+            with capture_attention(model.blocks[0]) as inner:
+                model(x)
+    assert [r.name for r in outer] == ["blocks.0.attn", "blocks.1.attn"]
+    assert [r.name for r in inner] == ["attn", "MultiHeadAttention"]  # names within blocks[0]; blocks[1] is not in it
+    assert not any(hasattr(m, "zoo_name") for m in model.modules())
+
+
 def test_dropout_changes_output_only_when_positive():
     q, k, v = make_qkv(1, 2, 2, 16, 16, 8)
     torch.testing.assert_close(attend(q, k, v, dropout_p=0.0, backend="torch"), attend(q, k, v))

@@ -33,6 +33,17 @@ def parse_key_values(argv: Sequence[str], keys: Iterable[str]) -> dict[str, str]
     return args
 
 
+def int_arg(args: dict[str, str], key: str, default: Optional[int]) -> Optional[int]:
+    """The integer value of option ``key`` (``default`` when absent or "mean"), or a ValueError naming it."""
+    value = args.get(key)
+    if value is None or value == "mean":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not an integer") from None
+
+
 def png_path(out: str) -> Path:
     """The output path, checked to end in .png, with its folder created."""
     path = Path(out)

@@ -73,13 +73,12 @@ def draw_neighbourhood(edge_index: torch.Tensor, alpha: torch.Tensor, node: int,
     for h in range(heads):
         ax = axes[0, h]
         nx.draw_networkx_edges(G, pos, ax=ax, edge_color="#cccccc", width=0.6, arrows=False)
-        widths, edges, loop = [], [], 0.0
+        per_source: dict[int, float] = {}  # a repeated edge (PyG keeps each copy in alpha) is drawn once, summed
         for s, w in zip(src.tolist(), a[:, h].tolist()):
-            if s == node:
-                loop += w
-            else:
-                edges.append((s, node))
-                widths.append(w)
+            per_source[s] = per_source.get(s, 0.0) + w
+        loop = per_source.pop(node, 0.0)
+        edges = [(s, node) for s in per_source]
+        widths = list(per_source.values())
         nx.draw_networkx_edges(G, pos, edgelist=edges, ax=ax, width=[0.5 + 10 * w for w in widths],
                                edge_color="tab:red", arrows=True, arrowsize=8)
         nx.draw_networkx_nodes(G, pos, ax=ax, node_size=[420 if v == node else 160 for v in G.nodes()],
@@ -165,6 +164,9 @@ _NODE_MODULE_KEYS = {"_target_", "name", "root", "seed", "num_features", "num_cl
 def _parse(argv: Sequence[str]) -> dict:
     opts = {"data": None, "node": "0", "layer": "0", "model": None, "ckpt": None, "epochs": None,
             "seed": None, "out": "graph_attention.png", "heads": None, "k": None, "example": "0", "root": None}
+    if any(item in ("-h", "--help", "help") for item in argv):  # as the other zoo viz kinds: usage, exit 0
+        print(__doc__)
+        raise SystemExit(0)
     for item in argv:
         if "=" not in item:
             raise SystemExit(f"zoo viz graph: arguments are key=value, got {item!r}\n{__doc__}")

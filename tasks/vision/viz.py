@@ -102,14 +102,22 @@ def rollout_map(rollout_BNN: torch.Tensor, num_prefix_tokens: int, grid: tuple[i
 @torch.no_grad()
 def compute_rollout(model: nn.Module, images_BCHW: torch.Tensor, head_fusion: str = "mean"):
     """Run ``model`` on images, capture its attention and return (logits (B, K), rollout maps (B, Gh, Gw))."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not hasattr(embed, "patch_size"):  # MaxViT attends inside windows and grids
+        raise ValueError(f"attention rollout follows one token sequence through a transformer (ViT, DeiT, Agent-DeiT); "
+                         f"{type(model).__name__} has no patch embedding of one such sequence (for MaxViT, zoo viz "
+                         f"maxvit draws its window and grid attention)")
     model.eval()
     with capture_attention(model) as records:
         logits = model(images_BCHW)
     if not records:
         raise ValueError(f"{type(model).__name__} recorded no attention maps; it must use zoo.attention modules")
     rollout = attention_rollout([r.weights for r in records], head_fusion=head_fusion)
-    ph, pw = model.patch_embed.patch_size
-    grid = (images_BCHW.shape[-2] // ph, images_BCHW.shape[-1] // pw)
+    (ph, pw), height, width = embed.patch_size, images_BCHW.shape[-2], images_BCHW.shape[-1]
+    if getattr(embed, "dynamic_img_pad", False):  # padded to whole patches: the grid rounds up
+        grid = (-(-height // ph), -(-width // pw))
+    else:
+        grid = (height // ph, width // pw)
     maps = rollout_map(rollout, getattr(model, "num_prefix_tokens", 1), grid, getattr(model, "has_class_token", True))
     return logits, maps
 

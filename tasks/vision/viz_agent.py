@@ -8,7 +8,8 @@ column j belongs to the agent pooled from region (i, j) of the image. Next to it
 mean over agents.
 
 The maps come from :func:`zoo.attention.capture_attention`: while capturing, every
-:class:`zoo.attention.AgentAttention` keeps ``last_agent_attention`` (B, H, n, N) and ``last_grid``.
+:class:`zoo.attention.AgentAttention` records its agent map (B, H, n, N) and grid in its record's ``extra``.
+``layer`` counts the Agent attention blocks only (agent_deit_base's first 4; ordinary attention after).
 
     zoo viz agent ckpt=<dir|model.safetensors|run.ckpt> [image=digits:0|<file>] [out=agent_attention.png]
                   [layer=-1] [head=mean|<index>] [model=<registered name>] [device=cpu]
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from zoo.attention import capture_attention
 from zoo.plotting import (
+    int_arg,
     parse_key_values,
     png_path,
     prediction_summary,
@@ -63,11 +65,14 @@ def agent_maps(model: nn.Module, images_BCHW: torch.Tensor, layer: int = -1, hea
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), capture_attention(model):
+        with torch.no_grad(), capture_attention(model) as records:
             logits = model(images_BCHW)
     finally:
         model.train(was_training)
-    weights_BHnN = module.last_agent_attention
+    mine = [r for r in records if r.module is module and "agent" in r.extra]
+    if not mine:
+        raise ValueError(f"agent attention block {layer} recorded no agent map (was it called?)")
+    weights_BHnN = mine[-1].extra["agent"]
     heads = weights_BHnN.shape[1]
     if head is None:
         weights_BnN = weights_BHnN.mean(dim=1)
@@ -75,7 +80,7 @@ def agent_maps(model: nn.Module, images_BCHW: torch.Tensor, layer: int = -1, hea
         weights_BnN = weights_BHnN[:, head]
     else:
         raise ValueError(f"head={head} is out of range: block has {heads} heads")
-    gh, gw = module.last_grid
+    gh, gw = mine[-1].extra["grid"]
     prefix = module.num_prefix_tokens
     maps = weights_BnN[:, :, prefix:].reshape(weights_BnN.shape[0], weights_BnN.shape[1], gh, gw)
     return logits, maps.float(), (gh, gw)
@@ -121,7 +126,8 @@ USAGE = """usage: zoo viz agent ckpt=<dir|model.safetensors|run.ckpt> [image=dig
        zoo viz agent model=<registered Agent-DeiT name> ...   (random weights, no ckpt)
 
 Writes a PNG with the input, the mean agent-to-patch attention and one tile per agent (agent aggregation
-softmax(A K^T + B1) of block `layer` over the patch grid, averaged over heads unless head=<index>)."""
+softmax(A K^T + B1) of agent attention block `layer` over the patch grid, averaged over heads unless
+head=<index>). `layer` counts the blocks with agent attention only (agent_deit_base: the first 4)."""
 
 _KEYS = ("ckpt", "image", "out", "model", "layer", "head", "device")
 
@@ -131,16 +137,6 @@ def _parse(argv: Sequence[str]) -> dict[str, str]:
     if "ckpt" not in args and "model" not in args:
         raise ValueError("ckpt=<checkpoint> (or model=<name> for random weights) is required")
     return args
-
-
-def _int_arg(args: dict[str, str], key: str, default: Optional[int]) -> Optional[int]:
-    value = args.get(key)
-    if value is None or value == "mean":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{key}={value!r} is not an integer") from None
 
 
 def agent_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -164,7 +160,7 @@ def _draw_agent(argv: list[str]) -> dict:
     device = args.get("device", "cpu")
     model.to(device)
     x, display, label = load_image(args.get("image", "digits:0"), model)
-    logits, maps, grid = agent_maps(model, x.to(device), _int_arg(args, "layer", -1), _int_arg(args, "head", None))
+    logits, maps, grid = agent_maps(model, x.to(device), int_arg(args, "layer", -1), int_arg(args, "head", None))
     title, pred, prob = prediction_title(logits, label)
     if untrained:
         title += " -- untrained weights"

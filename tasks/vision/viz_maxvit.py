@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from zoo.attention import capture_attention
 from zoo.plotting import (
+    int_arg,
     parse_key_values,
     png_path,
     prediction_summary,
@@ -75,6 +76,8 @@ def partition_attention_map(weights_PHQK: torch.Tensor, kind: str, size: tuple[i
             f"({expected} partitions of {ph * pw} tokens)"
         )
     row_HK = weights_PHQK[part, :, slot, :].float()
+    if head is not None and not -row_HK.shape[0] <= head < row_HK.shape[0]:
+        raise ValueError(f"head={head} is out of range: the {kind} attention has {row_HK.shape[0]} heads")
     row_K = row_HK.mean(0) if head is None else row_HK[head]
     keys = row_K.view(ph, pw)
     full = torch.zeros(hp, wp)
@@ -219,9 +222,8 @@ def _draw_maxvit(argv: list[str]) -> dict:
             raise ValueError(f"query={args['query']!r}: expected <row>,<col>") from None
         if len(query) != 2:
             raise ValueError(f"query={args['query']!r}: expected <row>,<col>")
-    head_arg = args.get("head", "mean")
-    head = None if head_arg == "mean" else int(head_arg)
-    block = int(args.get("block", "0"))
+    head = int_arg(args, "head", None)
+    block = int_arg(args, "block", 0)
     logits, maps = maxvit_attention_maps(model, x.to(device), query, block, head)
     img_h, img_w = model.img_size
     query = (img_h // 2, img_w // 2) if query is None else query

@@ -435,10 +435,8 @@ class AgentAttention(nn.Module):
 
         out = P2 (agent_v) = P2 P1 V, so P2 @ P1 (B, H, N, N) is the effective attention of the tokens (without
         the depthwise conv); it is recorded like any attention map (rollout works unchanged). The agent
-        aggregation map P1 (B, H, n, N) and broadcast map P2 (B, H, N, n) are kept on the module as
-        ``last_agent_attention`` / ``last_broadcast_attention`` (with ``last_grid``) for agent-to-patch pictures.
+        aggregation map P1 (B, H, n, N) and broadcast map P2 (B, H, N, n) go into the same record's ``extra``
+        ("agent", "broadcast", with "grid") for agent-to-patch pictures; nothing stays on the module.
         """
-        self.last_agent_attention = agent_w.detach()
-        self.last_broadcast_attention = broadcast_w.detach()
-        self.last_grid = grid
-        _capture.record(self, torch.matmul(broadcast_w.detach(), agent_w.detach()))
+        agent_w, broadcast_w = agent_w.detach(), broadcast_w.detach()
+        _capture.record(self, torch.matmul(broadcast_w, agent_w), agent=agent_w, broadcast=broadcast_w, grid=grid)

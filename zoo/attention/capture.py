@@ -11,7 +11,7 @@ and nothing is slowed down outside the context manager.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -25,40 +25,48 @@ class AttentionRecord:
     name: str  # qualified module name when known, else the module's class name
     weights: torch.Tensor  # (B, H, Nq, Nk) attention probabilities, detached
     module: nn.Module | None = None
+    extra: dict = field(default_factory=dict)  # a module's other maps (AgentAttention: "agent", "broadcast", "grid")
 
 
-_ACTIVE: list[list[AttentionRecord]] = []
+@dataclass
+class _Capture:
+    sink: list[AttentionRecord]
+    names: dict[int, str]  # id(module) -> qualified name in the model given to capture_attention
+
+
+_ACTIVE: list[_Capture] = []
 
 
 def is_capturing() -> bool:
     return bool(_ACTIVE)
 
 
-def record(module: nn.Module | None, weights: torch.Tensor, name: str | None = None) -> None:
-    """Append ``weights`` to every active capture."""
+def record(module: nn.Module | None, weights: torch.Tensor, name: str | None = None, **extra) -> None:
+    """Append ``weights`` (and ``extra`` maps, kept in the record only) to every active capture, named as that
+    capture's model names ``module``."""
     if not _ACTIVE:
         return
-    label = name or getattr(module, "zoo_name", None) or type(module).__name__
-    for sink in _ACTIVE:
-        sink.append(AttentionRecord(label, weights.detach(), module))
+    weights = weights.detach()
+    extra = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+    for capture in _ACTIVE:
+        label = name or capture.names.get(id(module)) or type(module).__name__
+        capture.sink.append(AttentionRecord(label, weights, module, dict(extra)))
 
 
 @contextlib.contextmanager
 def capture_attention(model: nn.Module | None = None) -> Iterator[list[AttentionRecord]]:
     """Record the attention weights of every attention module called inside the block.
 
-    If ``model`` is given, its submodules are labelled with their qualified names first
-    (e.g. ``blocks.3.attn``), so records can be matched to layers.
+    If ``model`` is given, records of its submodules carry their qualified names in it (e.g. ``blocks.3.attn``),
+    so records can be matched to layers; the modules themselves are not touched.
     """
-    if model is not None:
-        for name, module in model.named_modules():
-            module.zoo_name = name  # type: ignore[attr-defined]
-    sink: list[AttentionRecord] = []
-    _ACTIVE.append(sink)
+    names = {} if model is None else {id(module): name for name, module in model.named_modules()}
+    capture = _Capture([], names)
+    _ACTIVE.append(capture)
     try:
-        yield sink
+        yield capture.sink
     finally:
         for i, active in enumerate(_ACTIVE):
-            if active is sink:
+            if active is capture:
                 del _ACTIVE[i]
                 break
