@@ -27,13 +27,18 @@ from conftest import FAST_RUN
 # --------------------------------------------------------------------------------------------------
 # Optimiser pieces
 # --------------------------------------------------------------------------------------------------
-def test_layer_decay_groups_match_timm():
+@pytest.mark.parametrize("ours_name,peer_name,kwargs", [
+    ("vit_debug", "vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)),
+    # timm groups MaxViT by stage through its group_matcher; every block was its own layer here (stem 0.75^12
+    # against timm's 0.75^5; audit 2026-12-06)
+    ("maxvit_rmlp_pico_rw_256", "maxvit_rmlp_pico_rw_256", dict(img_size=64, num_classes=10)),
+])
+def test_layer_decay_groups_match_timm(ours_name, peer_name, kwargs):
     import timm
     from timm.optim import param_groups_layer_decay
 
-    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
-    ours = zoo.create_model("vit_debug", **{k: v for k, v in kwargs.items()})
-    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    ours = zoo.create_model(ours_name, **kwargs)
+    peer = timm.create_model(peer_name, pretrained=False, **kwargs)
     assert sorted(n for n, _ in ours.named_parameters()) == sorted(n for n, _ in peer.named_parameters())
     theirs = param_groups_layer_decay(peer, weight_decay=0.05, no_weight_decay_list=peer.no_weight_decay(), layer_decay=0.7)
     name_of = {id(p): n for n, p in peer.named_parameters()}
@@ -64,6 +69,33 @@ def test_warmup_cosine_schedule():
     for step in range(10, 100):
         expected = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - 10) / 90))
         assert warmup_cosine(step, total, warmup, floor) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("max_epochs,accumulate", [(10, 1), (-1, 1), (10, 2)])
+def test_warmup_epochs_count_optimizer_steps_of_one_epoch(tmp_path, max_epochs, accumulate):
+    """warmup_epochs=1 is one epoch of optimizer steps whatever ends the run: it was total / max_epochs, so with
+    trainer.max_steps ending the run first the warm-up was 2 steps of 5, and with max_epochs=-1 (the route the
+    max_epochs error suggests) the whole run (audit 2026-12-06)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Rates(Callback):
+        def __init__(self):
+            self.factors = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx % accumulate == 0:
+                self.factors.append(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[-1] / module.hparams.lr)
+
+    rates = Rates()
+    cfg = _cfg(tmp_path, f"w{max_epochs}{accumulate}", "trainer.limit_train_batches=5", "+trainer.max_steps=12",
+               f"trainer.max_epochs={max_epochs}", "task.warmup_epochs=1", "task.min_lr_ratio=0.0",
+               f"trainer.accumulate_grad_batches={accumulate}", "trainer.limit_val_batches=0")
+    module, datamodule, trainer = _build(cfg, callbacks=[rates])
+    trainer.fit(module, datamodule=datamodule)
+    per_epoch = math.ceil(5 / accumulate)
+    expected = [warmup_cosine(step, 12, per_epoch, 0.0) for step in range(12)]
+    assert rates.factors == pytest.approx(expected[:len(rates.factors)]) and len(rates.factors) >= 8
+    assert rates.factors[per_epoch - 1] == pytest.approx(1.0)
 
 
 def test_ema_matches_timm_model_ema_v3():
@@ -261,6 +293,25 @@ def test_resume_refuses_bad_checkpoints_with_a_clear_message(tmp_path):
         run.train(_karate(tmp_path, "heads8", "trainer.max_epochs=2", "task.lr=0.5", f"ckpt_path={first}"))
     resumed = run.train(_karate(tmp_path, "heads8", "trainer.max_epochs=2", f"ckpt_path={first}"))
     assert resumed["epoch"] == 2 and resumed["global_step"] == 2
+
+
+def test_resuming_for_longer_says_the_schedule_is_recomputed(tmp_path, capsys):
+    """The schedule is rebuilt from the config at each fit: resuming with more epochs (train longer) moves the
+    learning rate onto the new curve. README and docs/training.md said resuming restores the schedule; now a
+    message says what happens (audit 2026-12-06). A graph run (constant lr) has no such schedule and no message."""
+    first = run.train(_cfg(tmp_path, "a", "trainer.max_epochs=1"))["last_ckpt"]
+    capsys.readouterr()
+    run.train(_cfg(tmp_path, "a", "trainer.max_epochs=2", f"ckpt_path={first}"))
+    assert ("resuming with trainer.max_epochs=2 (the run used trainer.max_epochs=1): the warm-up + cosine "
+            "learning-rate schedule is recomputed") in capsys.readouterr().err
+    graph = run.train(_karate(tmp_path, "g", "trainer.max_epochs=1"))["last_ckpt"]
+    capsys.readouterr()
+    run.train(_karate(tmp_path, "g", "trainer.max_epochs=2", f"ckpt_path={graph}"))
+    assert "schedule is recomputed" not in capsys.readouterr().err
+    # fp16 autocast on CPU: Lightning ran bf16 with a warning while the records said 16-mixed
+    with pytest.raises(ValueError, match="trainer.precision=16-mixed: fp16 autocast does not run on CPU; use "
+                                         "trainer.precision=bf16-mixed"):
+        run.train(_cfg(tmp_path, "h", "trainer.precision=16-mixed"))
 
 
 def test_a_second_fit_into_a_run_dir_keeps_the_earlier_metrics(tmp_path):
@@ -478,8 +529,11 @@ def test_image_folder_normalises_as_the_model_expects(tmp_path):
 def test_ddp_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", POSSIBLE_USER_WARNINGS="off")
     env.pop("ZOO_RUN_DIR", None)
+    # a validation split of 159 images (odd): Lightning's default DistributedSampler padded it with a repeated
+    # image, which the synced metrics counted (x/160); every image is now scored once, as in one process
     command = [sys.executable, "-m", "zoo.cli", "train", *FAST_RUN, "trainer=ddp_cpu", "trainer.devices=2",
-               "trainer.limit_train_batches=4", "data.batch_size=8", f"run_dir={tmp_path / 'ddp'}"]
+               "trainer.limit_train_batches=4", "data.batch_size=8", f"run_dir={tmp_path / 'ddp'}",
+               "data.val_fraction=0.11", "trainer.limit_val_batches=null", "trainer.limit_test_batches=null"]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -489,6 +543,10 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert ckpt["global_step"] == 4
     assert "test/acc1" in metrics["metrics"]
     assert (tmp_path / "ddp" / "released" / "model.safetensors").is_file()
+    single = run.evaluate(tmp_path / "ddp" / "checkpoints" / "last.ckpt", split="val")  # one process
+    assert metrics["metrics"]["val/acc1"] == pytest.approx(single["val/acc1"], abs=1e-7)
+    assert round(single["val/acc1"] * 159) == pytest.approx(single["val/acc1"] * 159, abs=1e-4)  # k of 159 images
+    assert metrics["metrics"]["val/loss"] == pytest.approx(single["val/loss"], abs=1e-5)
 
 
 def test_seed_controls_the_run_and_default_callbacks_and_loggers(tmp_path):

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.train.module import ZooModule
@@ -134,6 +135,10 @@ class ImageClassifier(ZooModule):
             f"{stage}_acc{k}": MulticlassAccuracy(num_classes=num_classes, top_k=kk, average="micro")
             for stage in ("train", "val", "test") for k, kk in ((1, 1), (5, top5))
         })
+        # the evaluation loss as a metric too: summed over images and processes, so under DDP with splits of
+        # unequal size per process it is the mean over images (a logged per-process mean would be averaged
+        # over processes instead)
+        self.metrics.update({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.eval_model(self.prepare_input(x_BCHW)) if not self.training else self.model(self.prepare_input(x_BCHW))
@@ -167,7 +172,8 @@ class ImageClassifier(ZooModule):
         batch_size = labels_B.shape[0]
         self.metrics[f"{stage}_acc1"](logits_BK, labels_B)
         self.metrics[f"{stage}_acc5"](logits_BK, labels_B)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", on_epoch=True, sync_dist=True, batch_size=batch_size)
+        self.metrics[f"{stage}_loss"].update(loss.detach(), weight=batch_size)
+        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"], prog_bar=stage == "val", on_epoch=True, batch_size=batch_size)
         self.log(f"{stage}/acc1", self.metrics[f"{stage}_acc1"], prog_bar=stage == "val", on_epoch=True, batch_size=batch_size)
         self.log(f"{stage}/acc5", self.metrics[f"{stage}_acc5"], on_epoch=True, batch_size=batch_size)
         return loss

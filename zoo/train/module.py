@@ -146,6 +146,20 @@ class ZooModule(pl.LightningModule):
             self.model_ema.update(self.model)
 
     # -------------------------------------------------------------- optimisation
+    def _optimizer_steps_per_epoch(self, total: int) -> float:
+        """Optimizer steps in one epoch, for converting warmup_epochs: the training batches over the gradient
+        accumulation. (total / max_epochs was wrong when trainer.max_steps ends the run first: a 1-epoch warm-up
+        became 2 steps of 13, or with max_epochs=-1 the whole run.)"""
+        trainer = self.trainer
+        try:
+            trainer.fit_loop.setup_data()  # what estimated_stepping_batches does (skipped there with max_steps)
+            batches = trainer.num_training_batches
+        except Exception:  # no fit loop data (a bare module under a test trainer): the epoch count decides
+            batches = math.inf
+        if not math.isfinite(batches):
+            return total / (trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1)
+        return max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
+
     def configure_optimizers(self):
         cfg = self._opt_cfg
         groups = param_groups(self.model, cfg["weight_decay"], cfg["layer_decay"])
@@ -158,8 +172,7 @@ class ZooModule(pl.LightningModule):
             raise ValueError("trainer.max_epochs=-1 (no limit) leaves the warm-up + cosine learning-rate schedule "
                              "without a length: set trainer.max_epochs, or +trainer.max_steps=N")
         total = int(stepping)
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(round(cfg["warmup_epochs"] * total / max_epochs))
+        warmup = int(round(cfg["warmup_epochs"] * self._optimizer_steps_per_epoch(total)))
         min_ratio = cfg["min_lr_ratio"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -2,10 +2,12 @@
 biases and position tables; layer-wise lr decay) and the linear-warm-up + cosine schedule.
 
 Layer-wise lr decay (BEiT, Bao et al. ICLR 2022, sec. 3.3; timm ``param_groups_layer_decay``): parameter
-``p`` in layer ``i`` of ``L`` gets ``lr * decay ** (L + 1 - i)``; layer 0 is everything before the first
-block (patch embedding, class token, position embedding), layers 1..L the blocks in order; parameters
-after the last block belong to it (final norm) except the classifier (``zoo.hub.head_keys``), layer
-``L + 1``, which keeps the full lr. This reproduces timm's grouping for its ViT (tested).
+``p`` in layer ``i`` of ``L`` gets ``lr * decay ** (L + 1 - i)``. A model with timm's ``group_matcher`` (every
+zoo vision family) is grouped by it, as timm does (timm.models.group_parameters): MaxViT by stage, ViT by
+block. Otherwise layer 0 is everything before the first block (patch embedding, class token, position
+embedding), layers 1..L the blocks in order; parameters after the last block belong to it (final norm)
+except the classifier (``zoo.hub.head_keys``), layer ``L + 1``, which keeps the full lr. Both reproduce
+timm's scales for the same model (tested for ViT and MaxViT).
 """
 from __future__ import annotations
 
@@ -21,8 +23,14 @@ _BLOCK = re.compile(r"^((?:.*\.)?(?:blocks|layers|stages)\.\d+(?:\.(?:blocks|lay
 
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
-    """Layer index of every parameter name and the number of blocks L (blocks = ``blocks.i`` /
-    ``stages.i.blocks.j`` / ``layers.i`` prefixes, numbered in parameter order)."""
+    """Layer index of every parameter name and the number of blocks L: by the model's ``group_matcher`` when it
+    has one (timm's grouping), else by ``blocks.i`` / ``stages.i.blocks.j`` / ``layers.i`` prefixes, numbered in
+    parameter order. The classifier's layer is L + 1."""
+    if callable(getattr(model, "group_matcher", None)):
+        from timm.models import group_parameters
+
+        ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        return ids, max(ids.values(), default=1) - 1  # timm's last group (head, unmatched) keeps the full lr
     blocks: dict[str, int] = {}
     ids: dict[str, int] = {}
     seen_block = False

@@ -245,6 +245,11 @@ def _check_trainer_options(kwargs: dict) -> None:
     if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is available here "
                          "(use trainer=cpu or trainer.accelerator=cpu)")
+    precision = str(kwargs.get("precision"))
+    if isinstance(accelerator, str) and accelerator.lower() == "cpu" and precision in ("16-mixed", "16"):
+        # Lightning runs bf16 instead with a warning, while config.yaml and the checkpoint keep saying 16-mixed
+        raise ValueError(f"trainer.precision={precision}: fp16 autocast does not run on CPU; use "
+                         "trainer.precision=bf16-mixed (what Lightning would silently use instead)")
 
 
 def _keep_previous_metrics(loggers) -> None:
@@ -366,6 +371,26 @@ def _config_differences(saved, current, prefix: str) -> list[tuple[str, Any, Any
 _RESTORED_TASK_KEYS = ("lr", "weight_decay", "betas", "layer_decay")
 
 
+# values the warm-up + cosine schedule is computed from at the start of each fit (it is not stored)
+_SCHEDULE_KEYS = (("trainer", "max_epochs"), ("trainer", "max_steps"), ("trainer", "accumulate_grad_batches"),
+                  ("trainer", "limit_train_batches"), ("data", "batch_size"), ("task", "warmup_epochs"),
+                  ("task", "min_lr_ratio"))
+
+
+def _note_schedule_changes(stored: dict, current: dict) -> None:
+    """Resuming with another run length (train longer: trainer.max_epochs=300) recomputes the schedule for the
+    new length: from the restored step the learning rate follows the new curve, a jump from the old one. Say so
+    (stderr), since the checkpoint otherwise restores the run exactly."""
+    changed = [(f"{group}.{key}", (stored.get(group) or {}).get(key), (current.get(group) or {}).get(key))
+               for group, key in _SCHEDULE_KEYS]
+    changed = [item for item in changed if item[1] != item[2]]
+    if changed:
+        print("zoo train: resuming with " + ", ".join(f"{k}={b}" for k, _, b in changed) + " (the run used "
+              + ", ".join(f"{k}={a}" for k, a, _ in changed) + "): the warm-up + cosine learning-rate schedule is "
+              "recomputed for this run, so from the restored step the learning rate follows the new schedule",
+              file=sys.stderr)
+
+
 def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
     """A checkpoint whose weights do not fit the configured module, or optimizer settings that resuming would
     ignore: name the config values that differ."""
@@ -384,6 +409,8 @@ def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
                 "rate schedule, which would keep those values; resume with them, or start a new run from its weights "
                 "(model.pretrained=<its released/ directory>)"
             )
+    if isinstance(stored, dict) and "warmup_epochs" in (stored.get("task") or {}):  # tasks with that schedule
+        _note_schedule_changes(stored, current)
     saved, own = ckpt["state_dict"], module.state_dict()
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
