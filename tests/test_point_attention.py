@@ -177,6 +177,31 @@ def _fps_reference(points: np.ndarray, count: int, start: int = 0) -> list[int]:
     return picked
 
 
+@pytest.mark.parametrize("offset,dtype,spacing", [(1e4, torch.float32, 1.0), (5e6, torch.float64, 0.3)])
+def test_knn_far_from_the_origin_is_exact(offset, dtype, spacing):
+    """|y|^2 + |x|^2 - 2 y.x cancels for points far from the origin relative to their spacing (a cloud at 1e4 in
+    float32, UTM-like coordinates in float64): the candidate pass picked wrong neighbours for up to every query
+    (audit 2026-12-06). Each example is now measured from its centre. Reference: float64 differences."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(600, 3, generator=g, dtype=torch.float64) * spacing * 8.4 + offset).to(dtype)
+    got = knn(x, x, 8)[1].view(-1, 8)
+    d = (x.double()[:, None] - x.double()[None]).square().sum(-1)
+    want = torch.sort(d, dim=1, stable=True).indices[:, :8]
+    assert torch.equal(got, want)
+    # one far outlier: the centre is far from the crowd, whose spacing is below the expansion's rounding
+    far = torch.cat([torch.zeros(1, 1, dtype=torch.float64), 1e12 + torch.rand(300, 1, generator=g, dtype=torch.float64)])
+    d = (far - far.t()).square()
+    assert torch.equal(knn(far, far, 4)[1].view(-1, 4), torch.sort(d, dim=1, stable=True).indices[:, :4])
+
+
+def test_fps_counts_as_torch_cluster_rounds():
+    """ceil(ratio * n) in Python doubles is 8 for 0.07 * 100; torch_cluster's float32 product gives 7."""
+    # (50, 0.3): float32 0.3 is above 0.3, so torch_cluster takes 16, one more than exact arithmetic; so does zoo
+    for n, ratio, want in ((100, 0.07, 7), (200, 0.07, 14), (50, 0.14, 7), (50, 0.3, 16), (7, 0.5, 4)):
+        expected = int((torch.tensor([float(n)]) * torch.tensor(ratio)).ceil())
+        assert expected == want and fps(_points(n), ratio=ratio, random_start=False).numel() == want, (n, ratio)
+
+
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 1.0])
 def test_fps_matches_the_reference_per_example(ratio):
     pos, batch = _points(90, seed=4), _batch(40, 7, 43)

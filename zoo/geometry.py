@@ -212,10 +212,16 @@ def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y:
     x, y, examples = _paired_examples(x, y, batch_x, batch_y)
     rows, cols = [], []
     work = torch.float64 if x.dtype == torch.float64 or cosine else torch.float32
-    xw, yw = x.to(work), y.to(work)
     for x0, x1, y0, y1 in examples:
         kk = min(k, x1 - x0)
-        order = _example_knn(xw[x0:x1], yw[y0:y1], x[x0:x1], y[y0:y1], kk, cosine, chunk)
+        xe, ye = x[x0:x1], y[y0:y1]
+        if cosine:
+            xw, yw = xe.to(work), ye.to(work)
+        else:  # the candidate pass's rounding grows with |x|^2: measure from the example's centre (UTM-like
+            # coordinates, or a cloud far from the origin, got wrong neighbours in float32 and float64 alike)
+            centre = xe.double().mean(0)
+            xw, yw = (xe.double() - centre).to(work), (ye.double() - centre).to(work)
+        order = _example_knn(xw, yw, xe, ye, kk, cosine, chunk)
         rows.append(torch.arange(y0, y1, device=x.device).repeat_interleave(kk))
         cols.append((order + x0).reshape(-1))
     if not rows:
@@ -312,12 +318,21 @@ def _nearest(y: Tensor, x: Tensor, k: int, cosine: bool, y_exact: Tensor, x_exac
         cand = torch.arange(n, device=d.device).expand(d.size(0), n)
     else:
         cand_vals, cand = torch.topk(d, m, dim=1, largest=False, sorted=True)
-        tol = 1e-5 * cand_vals[:, k - 1 : k].abs() + 1e-6 if d.dtype == torch.float32 else 0.0
+        # candidates within the expansion's rounding of the k-th: it grows with |y|^2 + |x|^2 (4 eps of it
+        # bounds |y|^2 + |x|^2 - 2 y.x's error), plus a relative allowance in float32
+        scale = 2.0 if cosine else (y * y).sum(1, keepdim=True) + (x * x).sum(1).max()
+        tol = 4 * torch.finfo(d.dtype).eps * scale
+        if d.dtype == torch.float32:
+            tol = tol + 1e-5 * cand_vals[:, k - 1 : k].abs() + 1e-6
         short = (d <= cand_vals[:, k - 1 : k] + tol).sum(1) >= m
         if bool(short.any()):  # ties beyond the margin: rank those rows over every point
             cand = cand.clone()
             rows = short.nonzero().view(-1)
-            exact = _distances(y_exact[rows].double(), x_exact.double(), cosine)
+            if cosine:
+                exact = _distances(y_exact[rows].double(), x_exact.double(), cosine)
+            else:  # differences, not the expansion (which cancels for points far from the origin)
+                yr, xd = y_exact[rows].double(), x_exact.double()
+                exact = sum((yr[:, j : j + 1] - xd[:, j][None, :]).square_() for j in range(xd.size(1)))
             full = torch.sort(exact, dim=1, stable=True).indices[:, :m]
             cand[rows] = full
     # exact ranking of the candidates: sort by index, then stably by exact distance
@@ -438,7 +453,8 @@ def radius_graph(x: Tensor, r: float, batch: Optional[Tensor] = None, loop: bool
 @torch.no_grad()
 def fps(src: Tensor, batch: Optional[Tensor] = None, ratio: float = 0.5, random_start: bool = True) -> Tensor:
     """Farthest point sampling (Qi et al., PointNet++, NeurIPS 2017; torch_cluster.fps): per example,
-    ``ceil(ratio * n)`` point indices (global, in pick order, examples in order). Each pick is the point whose
+    ``ceil(ratio * n)`` point indices (global, in pick order, examples in order), the product rounded as
+    torch_cluster rounds it (float32 n times ratio in the points' dtype). Each pick is the point whose
     squared distance to the nearest already-picked point is largest (ties to the lowest index); the first
     is the example's first point, or a random one with ``random_start=True`` (torch's global RNG).
     """
@@ -449,7 +465,10 @@ def fps(src: Tensor, batch: Optional[Tensor] = None, ratio: float = 0.5, random_
     if size == 0:
         return torch.empty(0, dtype=torch.long, device=src.device)
     counts = (ptr[1:] - ptr[:-1]).tolist()
-    picks = [math.ceil(float(ratio) * n) for n in counts]
+    # torch_cluster's count: ceil(deg.float() * tensor(ratio, dtype=src.dtype)), rounding included (for float32
+    # points 100 * 0.07 is 7 there, and 8 in Python's doubles)
+    degrees = torch.tensor(counts, dtype=torch.float32)
+    picks = (degrees * torch.tensor(float(ratio), dtype=src.dtype)).ceil().long().tolist()
     n_max, steps = max(counts), max(picks)
     # examples side by side, padded: [B, n_max, D]; padded slots never win (distance -1)
     pos = src.new_zeros(size, n_max, src.size(1), dtype=torch.float64)
