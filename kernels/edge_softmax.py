@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo.layers import refuse_double_backward
+
 __all__ = ["gatv2_edge_softmax", "gatv2_edge_softmax_ref", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -292,6 +294,8 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_alpha):
+        refuse_double_backward("the Triton GATv2 kernel", "use torch_geometric.nn.GATv2Conv, which loads this "
+                               "layer's state dict")
         xs, xd, att, ea, we, keep_i8, out, lse = ctx.saved_tensors
         csr = ctx.csr
         Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]

@@ -68,12 +68,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from zoo.kernels.block_index import MaskProgram, ids_fit_int32, kernel_tile_lists, lower_mask, needs_dense_fallback
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import resolve_bias
 from zoo.attention.masks import And, Mask, Or, SegmentWindow, Segments, as_mask
+from zoo.layers import refuse_double_backward
 
 __all__ = [
     "flash_attention",
@@ -915,8 +915,11 @@ class _FlashAttentionFn(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_lse):
+        # (once_differentiable raised only for incoming gradients that require grad: create_graph=True with
+        # constant ones got first-order gradients treated as constants, silently)
+        refuse_double_backward("the Triton flash-attention kernel", "run that attention with backend='torch' "
+                               "or 'sdpa', whose gradients are differentiable")
         q, k, v, bias, out, lse = ctx.saved_tensors
         if d_out is None:  # only the LSE was used
             d_out = torch.zeros_like(out)

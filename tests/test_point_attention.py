@@ -689,3 +689,42 @@ def test_blocks_hand_freed_heap_back_above_the_budget(monkeypatch):
     assert calls == [0]
     monkeypatch.setattr(vector, "_GLIBC", None)  # another C library: nothing to do
     vector._release_free_heap()
+
+
+def test_second_derivatives_through_the_layer_equal_pyg_or_are_refused():
+    """Forces from energies (d out / d pos, then backward) need backward(create_graph=True). The vector-attention
+    aggregation's backward was once_differentiable, which raises only for incoming gradients that require grad:
+    with constant ones the second-order terms were dropped silently (|dL/dW| 5.13 against PyG's 7.07; audit
+    2026-12-06). It now recomputes differentiably; the other fused paths refuse by name."""
+    from torch.autograd import gradgradcheck
+
+    from zoo.attention import GATv2Conv, attend, segment_softmax_weighted_sum
+
+    g = torch.Generator().manual_seed(0)
+    scores, values = (torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    index = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3])
+    assert gradgradcheck(lambda s, v: segment_softmax_weighted_sum(s, v, index, 5), (scores, values))
+    # the layer against PyG's, second order through pos
+    torch.manual_seed(0)
+    ours = PointTransformerConv(4, 4).double()
+    peer = pyg_nn.PointTransformerConv(4, 4).double()
+    peer.load_state_dict(ours.state_dict())
+    x = torch.randn(12, 4, dtype=torch.float64)
+    edge_index = knn_graph(_points(12, seed=3), 4, loop=True)
+    grads = []
+    for layer in (ours, peer):
+        pos = _points(12, seed=3).double().requires_grad_(True)
+        (forces,) = torch.autograd.grad(layer(x, pos, edge_index).square().sum(), pos, create_graph=True)
+        (second,) = torch.autograd.grad(forces.square().sum(), layer.pos_nn.weight if hasattr(layer.pos_nn, "weight")
+                                        else next(layer.pos_nn.parameters()))
+        grads.append(second)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+    # paths without second derivatives say so instead of returning first-order-only gradients
+    q = torch.randn(1, 1, 20, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="block-sparse path has no second derivatives .* backend='torch'"):
+        torch.autograd.grad(attend(q, q, q, backend="blocksparse").sum(), q, create_graph=True)
+    torch.autograd.grad(attend(q, q, q, backend="torch").sum(), q, create_graph=True)  # the way out works
+    conv = GATv2Conv(3, 2, heads=2).double()
+    h = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="GATv2Conv\\) has no second derivatives .* torch_geometric.nn"):
+        torch.autograd.grad(conv(h, torch.tensor([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 0]])).sum(), h, create_graph=True)

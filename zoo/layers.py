@@ -29,7 +29,7 @@ from torch import nn
 __all__ = [
     "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
-    "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp",
+    "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp", "refuse_double_backward",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -61,6 +61,16 @@ def weights_stamp(*tensors: Optional[torch.Tensor]) -> tuple:
     """
     return (torch.is_inference_mode_enabled(),
             *((id(t), t.data_ptr(), t._version) for t in tensors if t is not None))
+
+
+def refuse_double_backward(what: str, instead: str) -> None:
+    """Call first in a custom autograd backward whose gradients are not themselves differentiable: under
+    ``backward(create_graph=True)`` (gradient penalties, forces from energies) grad mode is on there, and
+    autograd would otherwise treat the returned gradients as constants, dropping the second-order terms
+    without a word (``once_differentiable`` raises only when the incoming gradients require grad)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what} has no second derivatives (backward with create_graph=True, as gradient "
+                           f"penalties and forces from energies need): {instead}")
 
 
 def check_flag(value, name: str) -> bool:

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import call_outside_graph, exp_flushed_, is_tracing
+from zoo.layers import call_outside_graph, exp_flushed_, is_tracing, refuse_double_backward
 
 __all__ = [
     "CSR",
@@ -289,9 +289,10 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
 
             out_NC, lse_NC = vector_softmax_sum(scores_EC, values_EC, rowptr)
             ctx.save_for_backward(scores_EC, values_EC, index_E, lse_NC, out_NC)
-            ctx.kernel = True
+            ctx.kernel, ctx.num_segments = True, num_segments
             return out_NC
         ctx.kernel = False
+        ctx.num_segments = num_segments
         idx = index_E[:, None].expand_as(scores_EC)
         shape = (num_segments, scores_EC.size(1))
         m_NC = scores_EC.new_full(shape, float("-inf")).scatter_reduce_(0, idx, scores_EC, "amax")
@@ -309,9 +310,10 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
         return out_NC
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out_NC: Tensor):
         scores_EC, values_EC, index_E, lse_NC, out_NC = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): gradients that are differentiable themselves
+            return _differentiable_backward(ctx, scores_EC, values_EC, index_E, grad_out_NC)
         if ctx.kernel:  # the Triton backward (zoo.kernels.vector_softmax): one pass, no [E, C] temporaries
             from zoo.kernels.vector_softmax import vector_softmax_sum_backward
 
@@ -330,6 +332,30 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
             grad_scores = grad_scores.to(scores_EC.dtype)
         grad_values = grad_values.to(values_EC.dtype) if ctx.needs_input_grad[1] else None
         return grad_scores, grad_values, None, None, None
+
+
+def _differentiable_backward(ctx, scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, grad_out_NC: Tensor):
+    """The gradients of _SegmentSoftmaxWeightedSum under backward(create_graph=True) (forces from energies: the
+    loss reads d out / d pos): the forward recomputed in plain differentiable ops (the same shift, the same
+    zeros for empty segments), differentiated by autograd with create_graph=True. PyG's layer is the peer."""
+    wanted = [i for i in (0, 1) if ctx.needs_input_grad[i]]
+    if not wanted:
+        return None, None, None, None, None
+    shape = (ctx.num_segments, scores_EC.size(1))
+    idx = index_E.long()
+    with torch.enable_grad():
+        m_NC = scores_EC.new_full(shape, float("-inf")).scatter_reduce(
+            0, idx[:, None].expand_as(scores_EC), scores_EC.detach(), "amax")
+        m_NC = torch.where(torch.isfinite(m_NC), m_NC, torch.zeros_like(m_NC))
+        p_EC = (scores_EC - m_NC.index_select(0, idx)).exp()
+        l_NC = scores_EC.new_zeros(shape).index_add(0, idx, p_EC).clamp_min(torch.finfo(scores_EC.dtype).tiny)
+        out_NC = scores_EC.new_zeros(shape).index_add(0, idx, p_EC * values_EC) / l_NC
+        grads = torch.autograd.grad(out_NC, [(scores_EC, values_EC)[i] for i in wanted], grad_out_NC,
+                                    create_graph=True, allow_unused=True)
+    result = [None, None]
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return result[0], result[1], None, None, None
 
 
 def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, num_segments: int, *,
@@ -455,6 +481,7 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_NHC, _g_alpha):
+        refuse_double_backward("the fused graph attention (GATConv)", "use torch_geometric.nn's layer of the same name, which loads this layer's state dict")
         s_EH, v_NHC, lse, keep = ctx.saved_tensors
         csr, dropout = ctx.csr, ctx.dropout
         H, C = v_NHC.shape[1], v_NHC.shape[2]
@@ -662,6 +689,7 @@ class _GATv2Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_NHC, _g_alpha):
+        refuse_double_backward("the fused GATv2 attention (GATv2Conv)", "use torch_geometric.nn's layer of the same name, which loads this layer's state dict")
         xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, lse, keep = ctx.saved_tensors
         csr, slope, dropout = ctx.csr, ctx.slope, ctx.dropout
         H, C = xs_NHC.shape[1], xs_NHC.shape[2]

@@ -53,7 +53,7 @@ import torch
 from zoo.attention import backends as _backends
 from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, ChunkWindow, Mask, Or, as_mask, cache_put
 from zoo.attention.radial import Radial
-from zoo.layers import exp_flushed_ as _exp_flushed_, is_tracing, to_pair
+from zoo.layers import exp_flushed_ as _exp_flushed_, is_tracing, refuse_double_backward, to_pair
 
 __all__ = ["block_sparse_attention", "choose_tiles", "AUTO_MAX_KEPT", "AUTO_MIN_CELLS", "DEFAULT_TILE"]
 
@@ -681,6 +681,8 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
+        refuse_double_backward("attend's block-sparse path", "run that attention with backend='torch' "
+                               "(zoo.attention.use_backend('torch')), whose gradients are differentiable")
         q_scaled, k, v, bias, out, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
         q_len, k_len = q_scaled.shape[2], ctx.k_len
