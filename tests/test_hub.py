@@ -862,3 +862,19 @@ def test_save_pretrained_refuses_what_it_could_not_load_back(tmp_path):
     (tmp_path / "c" / "model.safetensors").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="model.safetensors is a directory"):
         hub.load_state_dict_file(tmp_path / "c")
+
+
+def test_a_timm_training_checkpoint_loads_its_ema_weights(tmp_path):
+    """timm's train.py saves {'state_dict', 'state_dict_ema', ...} as model_best.pth.tar, and timm's
+    create_model(checkpoint_path=...) / load_checkpoint load the EMA weights; the zoo took 'state_dict' silently
+    and refused the .pth.tar name (audit 2026-12-06)."""
+    torch.manual_seed(0)
+    raw, ema = _tiny_vit().state_dict(), _tiny_vit().state_dict()
+    ema = {k: v + 0.5 for k, v in ema.items()}
+    for name in ("model_best.pth.tar", "checkpoint-3.pth"):
+        torch.save({"epoch": 3, "arch": "vit_digits", "state_dict": raw, "state_dict_ema": ema, "version": 2}, tmp_path / name)
+        loaded = zoo.create_model("vit_digits", pretrained=str(tmp_path / name), **TINY).state_dict()
+        assert all(torch.equal(loaded[k], ema[k]) for k in ema), name
+    torch.save({"model_ema": ema}, tmp_path / "ema_only.pth")
+    assert torch.equal(hub.load_state_dict_file(tmp_path / "ema_only.pth")["head.weight"], ema["head.weight"])
+    assert torch.equal(hub.unwrap_state_dict({"state_dict": raw, "state_dict_ema": ema})["head.weight"], ema["head.weight"])

@@ -59,6 +59,20 @@ def test_vit_forward_intermediates_match_timm(vit_pair, kwargs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(n=2, reshape=True), dict(n=[0, 2], norm=True),
+                                    dict(n=1, reshape=True, return_prefix_tokens=True)])
+def test_vit_get_intermediate_layers_matches_timm(vit_pair, kwargs):
+    """DINOv2's accessor, which timm keeps for depth probes and segmentation heads (it was missing)."""
+    ours, peer = vit_pair
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        mine, theirs = ours.get_intermediate_layers(x, **kwargs), peer.get_intermediate_layers(x, **kwargs)
+    assert len(mine) == len(theirs)
+    for a, b in zip(_flat(mine), _flat(theirs)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_vit_feature_info_group_matcher_and_layer_decay_match_timm(vit_pair):
     ours, peer = vit_pair
     assert ours.feature_info == peer.feature_info

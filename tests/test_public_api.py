@@ -120,3 +120,24 @@ if __name__ == "__main__":
         print(f"wrote {NAMES_FILE}: " + ", ".join(f"{len(v)} {k}" for k, v in written.items()))
     else:
         print(__doc__)
+
+
+def test_list_models_and_tagged_names_as_timm():
+    """timm.list_models('') lists everything and takes exclude_filters; is_model / create_model take timm's tagged
+    names (the tag names pretrained weights; the architecture is the same). All three differed (audit 2026-12-06)."""
+    import pytest
+    import timm
+
+    import zoo
+
+    assert zoo.list_models("") == zoo.list_models() == zoo.list_models("*")
+    kept = zoo.list_models("vit_*", exclude_filters=["*clip*", "*siglip*"])
+    assert kept and not any("clip" in n or "siglip" in n for n in kept)
+    assert set(kept) == set(zoo.list_models("vit_*")) - set(zoo.list_models(["*clip*", "*siglip*"]))
+    assert set(kept) <= set(timm.list_models("vit_*", exclude_filters=["*clip*", "*siglip*"])) | set(
+        zoo.list_models("vit_d*"))  # the zoo's own debug / digits names besides timm's
+    tagged = "vit_tiny_patch16_224.augreg_in21k"
+    assert zoo.is_model(tagged) and timm.is_model(tagged) and not zoo.is_model("vit_nothing.augreg_in21k")
+    assert zoo.create_model(tagged, depth=1).zoo_model_name == "vit_tiny_patch16_224"
+    with pytest.raises(FileNotFoundError, match=r"timm/vit_tiny_patch16_224\.augreg_in21k: .* not in the local Hugging Face cache"):
+        zoo.create_model(tagged, pretrained=True, depth=1)  # that tag's weights, never downloaded

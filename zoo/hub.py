@@ -320,14 +320,19 @@ def _with_data_config(model: nn.Module, metadata: dict[str, Any]) -> dict[str, A
 # Reading
 # --------------------------------------------------------------------------------------------------
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The tensor dict inside the usual checkpoint containers."""
+    """The tensor dict inside the usual checkpoint containers. A timm train.py checkpoint holds the raw and the
+    EMA weights: the EMA ones ('state_dict_ema') are taken, as timm's load_checkpoint does (use_ema=True), and
+    the log says so. DeiT-style checkpoints ({'model', 'model_ema'}, the official Agent-Attention layout) give
+    'model', the entry those repositories evaluate; 'model_ema' alone is read too."""
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state = dict(obj)
     else:
-        for key in ("state_dict", "model", "model_state", "model_state_dict", "module", "net"):
+        for key in ("state_dict_ema", "state_dict", "model", "model_ema", "model_state", "model_state_dict", "module", "net"):
             inner = obj.get(key) if isinstance(obj, Mapping) else None
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
                 state = dict(inner)
+                if key in ("state_dict_ema", "model_ema"):
+                    log.info("%s: loading the EMA weights ('%s'), as timm does", path, key)
                 break
         else:
             raise CheckpointError(
@@ -360,7 +365,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as error:  # SafetensorError, OSError, ... : say which file
             raise CheckpointError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from None
-    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt") or path.name.endswith(".pth.tar"):  # timm: model_best.pth.tar
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
@@ -369,7 +374,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"other than tensors, which this loader never executes): {type(error).__name__}: {error}"
             ) from None
         return _unwrap_state_dict(obj, path)
-    raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (use .safetensors, .pth, .pt, .bin or .ckpt)")
+    raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (use .safetensors, .pth, .pth.tar, .pt, .bin or .ckpt)")
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -500,9 +505,10 @@ def unwrap_state_dict(state_dict) -> dict[str, torch.Tensor]:
     The weight converters of the model families (``checkpoint_filter_fn``) start here."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    for wrapper in ("model", "state_dict"):
+    for wrapper in ("state_dict_ema", "model", "state_dict", "model_ema"):  # timm train.py's EMA first, as timm
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
+            break
     if state_dict and all(isinstance(k, str) and k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     for key, value in state_dict.items():

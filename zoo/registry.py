@@ -123,26 +123,47 @@ def register_model(
     return wrap
 
 
-def list_models(pattern: str | Iterable[str] = "*", *, task: str | None = None, family: str | None = None) -> list[str]:
-    """Sorted registered names matching a shell-style ``pattern`` (or any of several patterns)."""
+def list_models(pattern: str | Iterable[str] = "*", *, task: str | None = None, family: str | None = None,
+                exclude_filters: str | Iterable[str] = ()) -> list[str]:
+    """Sorted registered names matching a shell-style ``pattern`` (or any of several patterns; ``""`` matches
+    every name, as in timm) and none of ``exclude_filters`` (timm's keyword)."""
     _import_model_modules()
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern) if isinstance(pattern, Iterable) else None
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"list_models: pattern must be a str or a non-empty collection of str, got {pattern!r}")
+
+    def as_patterns(value, what: str, allow_empty: bool) -> list[str]:
+        patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else None
+        if patterns is None or (not patterns and not allow_empty) or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"list_models: {what} must be a str or a {'' if allow_empty else 'non-empty '}collection "
+                            f"of str, got {value!r}")
+        return patterns
+
+    patterns = [p or "*" for p in as_patterns(pattern, "pattern", False)]
+    excluded = [p for p in as_patterns(exclude_filters, "exclude_filters", True) if p]
     names = []
     for model_name, entry in _REGISTRY.items():
         if task is not None and entry.task != task:
             continue
         if family is not None and entry.family != family:
             continue
-        if any(fnmatch.fnmatchcase(model_name, p) for p in patterns):
+        if any(fnmatch.fnmatchcase(model_name, p) for p in patterns) and not any(
+                fnmatch.fnmatchcase(model_name, p) for p in excluded):
             names.append(model_name)
     return sorted(names)
 
 
+def split_model_tag(name: str) -> tuple[str, str]:
+    """("vit_base_patch16_224", "augreg_in21k") for timm's tagged name "vit_base_patch16_224.augreg_in21k";
+    (name, "") for an untagged one."""
+    base, _, tag = name.partition(".")
+    return base, tag
+
+
 def is_model(name: str) -> bool:
+    """Whether ``name`` (a timm-style tagged name counts by its architecture) is registered."""
     _import_model_modules()
-    return name in _REGISTRY or name in DEPRECATED_MODEL_NAMES
+    if not isinstance(name, str):
+        return False
+    base = split_model_tag(name)[0]
+    return base in _REGISTRY or base in DEPRECATED_MODEL_NAMES
 
 
 def get_model_entry(name: str) -> ModelEntry:
@@ -190,6 +211,12 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
             weights whose classifier has a different number of classes, the head is re-initialised
             and a message says so.
     """
+    if isinstance(name, str) and "." in name and name not in _REGISTRY:
+        # timm's tagged name: the architecture, and with pretrained=True that tag's weights from the local cache
+        base, tag = split_model_tag(name)
+        if pretrained is True:
+            pretrained = f"timm/{base}.{tag}"
+        name = base
     entry = get_model_entry(name)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects feature maps: pass features_only=True with it")

@@ -253,6 +253,19 @@ class TokenFeaturesMixin:
             return maps
         return self.norm(x_BNC), maps
 
+    def get_intermediate_layers(
+        self,
+        x_BCHW: torch.Tensor,
+        n: Union[int, Sequence[int]] = 1,
+        reshape: bool = False,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+    ):
+        """DINO / DINOv2's accessor, as timm keeps it: the last ``n`` blocks' outputs (or blocks ``n``), as
+        (B, C, Gh, Gw) maps with ``reshape``, else (B, Gh*Gw, C) tokens; forward_intermediates underneath."""
+        return self.forward_intermediates(x_BCHW, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                          output_fmt="NCHW" if reshape else "NLC", intermediates_only=True)
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups by depth, timm's ViT regexes (timm.optim's layer-wise decay reads them)."""
