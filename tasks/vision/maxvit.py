@@ -997,6 +997,12 @@ def maxvit_large_tf_512(**kwargs) -> MaxVit:
     return _tf_sized("large", 512, kwargs)
 
 
+@register_model(task="vision", family="maxvit", default_cfg=_cfg(224, 21843, mean=INCEPTION_MEAN, std=INCEPTION_STD))
+def maxvit_xlarge_tf_224(**kwargs) -> MaxVit:
+    """timm's ImageNet-21k weights: a 21843-class head."""
+    return _tf_sized("xlarge", 224, {"num_classes": 21843, **kwargs})
+
+
 @register_model(task="vision", family="maxvit", default_cfg=_squash_cfg(384))
 def maxvit_xlarge_tf_384(**kwargs) -> MaxVit:
     return _tf_sized("xlarge", 384, kwargs)

@@ -934,10 +934,14 @@ def deit_base_distilled_patch16_384(**kwargs) -> VisionTransformerDistilled:
     return _deit_distilled(768, 12, 12, 384, kwargs)
 
 
-def _deit3(embed_dim: int, depth: int, num_heads: int, kwargs) -> VisionTransformer:
+def _deit3(embed_dim: int, depth: int, num_heads: int, kwargs, img_size: int = 224, patch_size: int = 16
+           ) -> VisionTransformer:
     """DeiT III: layer scale (init 1e-6) and a position embedding for the patches only (timm deit.py)."""
-    return _create(dict(patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads, no_embed_class=True,
-                        init_values=1e-6), kwargs)
+    return _create(dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                        num_heads=num_heads, no_embed_class=True, init_values=1e-6), kwargs)
+
+
+_DEIT_384 = dict(_cfg(384, mean=IMAGENET_MEAN, std=IMAGENET_STD))
 
 
 @register_model(task="vision", family="vit", default_cfg=_DEIT)
@@ -962,6 +966,30 @@ def deit3_base_patch16_224(**kwargs) -> VisionTransformer:
 def deit3_large_patch16_224(**kwargs) -> VisionTransformer:
     """DeiT III-L/16 at 224 px (timm ``deit3_large_patch16_224``)."""
     return _deit3(1024, 24, 16, kwargs)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT)
+def deit3_huge_patch14_224(**kwargs) -> VisionTransformer:
+    """DeiT III-H/14 at 224 px (timm ``deit3_huge_patch14_224``)."""
+    return _deit3(1280, 32, 16, kwargs, patch_size=14)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT_384)
+def deit3_small_patch16_384(**kwargs) -> VisionTransformer:
+    """DeiT III-S/16 at 384 px (timm ``deit3_small_patch16_384``)."""
+    return _deit3(384, 12, 6, kwargs, img_size=384)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT_384)
+def deit3_base_patch16_384(**kwargs) -> VisionTransformer:
+    """DeiT III-B/16 at 384 px (timm ``deit3_base_patch16_384``)."""
+    return _deit3(768, 12, 12, kwargs, img_size=384)
+
+
+@register_model(task="vision", family="vit", default_cfg=_DEIT_384)
+def deit3_large_patch16_384(**kwargs) -> VisionTransformer:
+    """DeiT III-L/16 at 384 px (timm ``deit3_large_patch16_384``)."""
+    return _deit3(1024, 24, 16, kwargs, img_size=384)
 
 
 # DINOv2 (Oquab et al., TMLR 2024) backbones, and with 4 registers ("Vision Transformers Need Registers",
