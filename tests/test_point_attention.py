@@ -728,3 +728,21 @@ def test_second_derivatives_through_the_layer_equal_pyg_or_are_refused():
     h = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="GATv2Conv\\) has no second derivatives .* torch_geometric.nn"):
         torch.autograd.grad(conv(h, torch.tensor([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 0]])).sum(), h, create_graph=True)
+
+
+def test_torch_cluster_signatures_and_trailing_examples():
+    """torch_cluster's num_workers / batch_size keywords (positional too) and a tensor ratio were refused; queries
+    in examples after batch_x's last raised where torch_cluster returns no neighbours (audit 2026-12-06)."""
+    pos = _points(20)
+    assert torch.equal(knn_graph(pos, 3, None, False, "source_to_target", False, 1), knn_graph(pos, 3))
+    assert torch.equal(radius_graph(pos, 1.0, num_workers=2, batch_size=1), radius_graph(pos, 1.0))
+    assert torch.equal(knn(pos, pos[:5], 2, num_workers=1, batch_size=1), knn(pos, pos[:5], 2))
+    assert torch.equal(fps(pos, ratio=torch.tensor(0.5), random_start=False, batch_size=1),
+                       fps(pos, ratio=0.5, random_start=False))
+    with pytest.raises(ValueError, match="batch_size=1 but the batch vectors hold 2 examples"):
+        knn(pos, pos, 2, _batch(10, 10), _batch(10, 10), batch_size=1)
+    # queries of example 2, which has no points: no neighbours (the middle-example case already worked)
+    x, bx = pos[:8], _batch(4, 4)
+    y, by = pos[8:14], _batch(2, 2, 2)
+    for edges in (knn(x, y, 2, bx, by), radius(x, y, 10.0, bx, by)):
+        assert not bool((edges[0] >= 4).any()) and bool((edges[0] < 4).any())

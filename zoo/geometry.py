@@ -107,8 +107,13 @@ def _neighbour_graph(centre: Tensor, neighbour: Tensor, loop: bool, cap: int, fl
     return torch.stack([centre, neighbour])
 
 
-def _paired_examples(x, y, batch_x, batch_y):
-    """Checked (x, y) and the (x0, x1, y0, y1) row ranges of each example that has points and queries."""
+def _paired_examples(x, y, batch_x, batch_y, num_workers: int = 1, batch_size: Optional[int] = None):
+    """Checked (x, y) and the (x0, x1, y0, y1) row ranges of each example that has points and queries.
+
+    ``num_workers`` and ``batch_size`` are torch_cluster's arguments: the first is checked and unused (the
+    searches run on torch's threads), the second, the number of examples, must cover both batch vectors. An
+    example with queries and no points (also the last ones) gives no neighbours, as in torch_cluster."""
+    positive_int(num_workers, "num_workers")
     x, y = _check_points("x", x), _check_points("y", y)
     if x.size(1) != y.size(1):
         raise ValueError(f"x and y must have the same number of coordinates, got {x.size(1)} and {y.size(1)}")
@@ -116,9 +121,10 @@ def _paired_examples(x, y, batch_x, batch_y):
         raise ValueError(f"x and y must be on one device, got {x.device} and {y.device}")
     ptr_x, bx = _segments("batch_x", batch_x, x.size(0), x.device)
     ptr_y, by = _segments("batch_y", batch_y, y.size(0), y.device)
+    if batch_size is not None and positive_int(batch_size, "batch_size") < max(bx, by):
+        raise ValueError(f"batch_size={batch_size} but the batch vectors hold {max(bx, by)} examples")
     ptr_x, ptr_y = ptr_x.tolist(), ptr_y.tolist()
-    if by > bx and any(ptr_y[b + 1] > ptr_y[b] for b in range(bx, by)):
-        raise ValueError(f"batch_y has examples ({by}) that batch_x ({bx}) does not have")
+    ptr_x += [ptr_x[-1]] * max(0, by - bx)  # examples after batch_x's last: no points there
     examples = [(ptr_x[b], ptr_x[b + 1], ptr_y[b], ptr_y[b + 1]) for b in range(by)
                 if ptr_y[b + 1] > ptr_y[b] and ptr_x[b + 1] > ptr_x[b]]
     return x, y, examples
@@ -200,7 +206,7 @@ def _query_chunks(queries: Tensor, width_per_query: Tensor, budget: int):
 
 @torch.no_grad()
 def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y: Optional[Tensor] = None,
-        cosine: bool = False, chunk: int = 1024) -> Tensor:
+        cosine: bool = False, num_workers: int = 1, batch_size: Optional[int] = None, *, chunk: int = 1024) -> Tensor:
     """For each point of ``y`` [Ny, D], the ``k`` nearest points of ``x`` [Nx, D] of the same example.
 
     Returns [2, M] int64: row 0 the index into ``y``, row 1 the index into ``x``, grouped by query in order
@@ -209,7 +215,7 @@ def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y:
     rounding decides neither the order nor ties.
     """
     k = positive_int(k, "k")
-    x, y, examples = _paired_examples(x, y, batch_x, batch_y)
+    x, y, examples = _paired_examples(x, y, batch_x, batch_y, num_workers, batch_size)
     rows, cols = [], []
     work = torch.float64 if x.dtype == torch.float64 or cosine else torch.float32
     for x0, x1, y0, y1 in examples:
@@ -351,7 +357,8 @@ def _pair_distances(y: Tensor, x: Tensor, cand: Tensor, cosine: bool) -> Tensor:
 
 @torch.no_grad()
 def knn_graph(x: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = False,
-              flow: str = "source_to_target", cosine: bool = False, chunk: int = 1024) -> Tensor:
+              flow: str = "source_to_target", cosine: bool = False, num_workers: int = 1,
+              batch_size: Optional[int] = None, *, chunk: int = 1024) -> Tensor:
     """The k-nearest-neighbour graph of the points ``x`` [N, D] (per example of ``batch``) -> edge_index [2, E].
 
     As torch_cluster.knn_graph: with flow "source_to_target" each edge runs neighbour -> centre (row 0 the
@@ -361,13 +368,15 @@ def knn_graph(x: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = Fa
     """
     _check_flow(flow)
     k = positive_int(k, "k")
-    centre, neighbour = knn(x, x, k if loop else k + 1, batch, batch, cosine=cosine, chunk=chunk)
+    centre, neighbour = knn(x, x, k if loop else k + 1, batch, batch, cosine=cosine, num_workers=num_workers,
+                            batch_size=batch_size, chunk=chunk)
     return _neighbour_graph(centre, neighbour, loop, k, flow)
 
 
 @torch.no_grad()
 def radius(x: Tensor, y: Tensor, r: float, batch_x: Optional[Tensor] = None, batch_y: Optional[Tensor] = None,
-           max_num_neighbors: int = 32, chunk: int = 1024) -> Tensor:
+           max_num_neighbors: int = 32, num_workers: int = 1, batch_size: Optional[int] = None, *,
+           chunk: int = 1024) -> Tensor:
     """For each point of ``y`` [Ny, D], the points of ``x`` [Nx, D] of the same example at distance below
     ``r``: at most ``max_num_neighbors`` of them, the first ones in index order (torch_cluster's rule: its
     CUDA and Triton kernels scan x in order and keep the first hits; ``dist < r``, strictly).
@@ -379,7 +388,7 @@ def radius(x: Tensor, y: Tensor, r: float, batch_x: Optional[Tensor] = None, bat
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
         raise ValueError(f"r must be a positive finite number, got {r!r}")
     max_num_neighbors = positive_int(max_num_neighbors, "max_num_neighbors")
-    x, y, examples = _paired_examples(x, y, batch_x, batch_y)
+    x, y, examples = _paired_examples(x, y, batch_x, batch_y, num_workers, batch_size)
     rows, cols = [], []
     for x0, x1, y0, y1 in examples:
         q, p = _example_radius(x[x0:x1].double(), y[y0:y1].double(), float(r), max_num_neighbors, chunk)
@@ -438,7 +447,8 @@ def _example_radius(x: Tensor, y: Tensor, r: float, limit: int, chunk: int) -> t
 
 @torch.no_grad()
 def radius_graph(x: Tensor, r: float, batch: Optional[Tensor] = None, loop: bool = False,
-                 max_num_neighbors: int = 32, flow: str = "source_to_target", chunk: int = 1024) -> Tensor:
+                 max_num_neighbors: int = 32, flow: str = "source_to_target", num_workers: int = 1,
+                 batch_size: Optional[int] = None, *, chunk: int = 1024) -> Tensor:
     """The radius graph of the points ``x`` (per example of ``batch``) -> edge_index [2, E], as
     torch_cluster.radius_graph: each point's neighbours at distance below ``r`` (at most ``max_num_neighbors``,
     the first in index order), edges neighbour -> centre with flow "source_to_target". ``loop=False`` leaves the
@@ -446,12 +456,14 @@ def radius_graph(x: Tensor, r: float, batch: Optional[Tensor] = None, loop: bool
     drops the point, which keeps one too many when the point is not among the first)."""
     _check_flow(flow)
     max_num_neighbors = positive_int(max_num_neighbors, "max_num_neighbors")
-    centre, neighbour = radius(x, x, r, batch, batch, max_num_neighbors + (0 if loop else 1), chunk=chunk)
+    centre, neighbour = radius(x, x, r, batch, batch, max_num_neighbors + (0 if loop else 1), num_workers,
+                               batch_size, chunk=chunk)
     return _neighbour_graph(centre, neighbour, loop, max_num_neighbors, flow)
 
 
 @torch.no_grad()
-def fps(src: Tensor, batch: Optional[Tensor] = None, ratio: float = 0.5, random_start: bool = True) -> Tensor:
+def fps(src: Tensor, batch: Optional[Tensor] = None, ratio: float = 0.5, random_start: bool = True,
+        batch_size: Optional[int] = None) -> Tensor:
     """Farthest point sampling (Qi et al., PointNet++, NeurIPS 2017; torch_cluster.fps): per example,
     ``ceil(ratio * n)`` point indices (global, in pick order, examples in order), the product rounded as
     torch_cluster rounds it (float32 n times ratio in the points' dtype). Each pick is the point whose
@@ -459,9 +471,13 @@ def fps(src: Tensor, batch: Optional[Tensor] = None, ratio: float = 0.5, random_
     is the example's first point, or a random one with ``random_start=True`` (torch's global RNG).
     """
     src = _check_points("src", src)
+    if isinstance(ratio, torch.Tensor) and ratio.dim() == 0 and ratio.is_floating_point():  # torch_cluster takes one
+        ratio = float(ratio)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
     ptr, size = _segments("batch", batch, src.size(0), src.device)
+    if batch_size is not None and positive_int(batch_size, "batch_size") < size:  # torch_cluster's argument
+        raise ValueError(f"batch_size={batch_size} but batch holds {size} examples")
     if size == 0:
         return torch.empty(0, dtype=torch.long, device=src.device)
     counts = (ptr[1:] - ptr[:-1]).tolist()
