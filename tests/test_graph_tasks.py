@@ -587,6 +587,25 @@ def test_planetoid_rebuilds_its_cache_when_the_raw_files_change(tmp_path):
     assert torch.equal(gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))["y"], d["y"])  # cache reused
 
 
+def test_planetoid_cache_in_a_read_only_folder_is_used_as_it_is(tmp_path, monkeypatch):
+    """A shared, read-only data folder holds a cache without the adapter's record (built before it existed):
+    the adapter used to delete it, and failed with 'Read-only file system' (review 2026-12-06)."""
+    import os
+
+    _, first = _write_planetoid_raw(tmp_path, seed=0)
+    gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
+    (tmp_path / "Cora" / "processed" / gd._RAW_RECORD).unlink()  # as an older version left it
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "remove", read_only)
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.warns(UserWarning, match="cannot check or rebuild the cache .* using it as it is"):
+        d = gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
+    assert torch.equal(d["y"], torch.from_numpy(first))
+
+
 def _write_ogb(tmp_path, folder="ogbn_toy", labels=("0", "1", "0", "1"), edges=((0, 1), (1, 2), (2, 3), (3, 0)),
                splits=(("train", [0, 1]), ("valid", [2]), ("test", [3])), scheme="random"):
     """A 4-node OGB dataset in the raw CSV layout (labels as written, e.g. "nan" or "1.5")."""

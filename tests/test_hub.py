@@ -818,7 +818,7 @@ def test_other_channel_counts_save_and_load(tmp_path, name, in_chans):
 
 def test_an_interrupted_resave_never_loads_a_mixed_pair(tmp_path, monkeypatch):
     """Re-saving into a checkpoint replaced its two files one after the other: a crash between them left new
-    weights under the old config.json, which loaded silently with the old class names."""
+    weights under the old config.json, which loaded silently with the old class names (audit 2026-12-06)."""
     target = zoo.save_pretrained(_tiny_vit(num_classes=3), tmp_path / "ckpt", metadata={"data": {"class_names": ["a", "b", "c"]}})
     before = zoo.from_pretrained(target).eval()
     # a crash while staging: the old checkpoint is whole and no temporary file is left
@@ -833,21 +833,60 @@ def test_an_interrupted_resave_never_loads_a_mixed_pair(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     torch.testing.assert_close(zoo.from_pretrained(target).eval()(_digits_batch()), before(_digits_batch()))
-    # a crash between the renames (config.json is replaced first, the weights last): refused by name
-    real_replace, calls = os.replace, []
+    # a crash at each step of the swap (old config.json parked, weights renamed in, new config.json renamed in):
+    # before it the old checkpoint loads; after the parking, loading says the save was interrupted
+    for crash_at in (1, 2, 3):
+        real_replace, calls = os.replace, []
 
-    def crash_on_second(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real_replace(src, dst)
+        def crash(src, dst, crash_at=crash_at):
+            calls.append(dst)
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt
+            real_replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        zoo.save_pretrained(_tiny_vit(num_classes=3), target, metadata={"data": {"class_names": ["x", "y", "z"]}})
-    monkeypatch.undo()
+        monkeypatch.setattr(os, "replace", crash)
+        with pytest.raises(KeyboardInterrupt):
+            zoo.save_pretrained(_tiny_vit(num_classes=3), target, metadata={"data": {"class_names": ["x", "y", "z"]}})
+        monkeypatch.undo()
+        if crash_at == 1:
+            torch.testing.assert_close(zoo.from_pretrained(target).eval()(_digits_batch()), before(_digits_batch()))
+            continue
+        with pytest.raises(hub.CheckpointError, match="save_pretrained into this directory was interrupted"):
+            zoo.from_pretrained(target)
+        with pytest.raises(hub.CheckpointError, match="was interrupted"):  # nor its weights alone
+            zoo.create_model("vit_digits", pretrained=str(target), **TINY)
+        zoo.save_pretrained(_tiny_vit(num_classes=3), target)  # saving again repairs it
+        assert hub.read_config(target) is not None and not (target / hub.PARKED_CONFIG).exists()
+        before = zoo.from_pretrained(target).eval()
+    # a pair from two different saves (files copied across by hand): refused by the save ids
+    other = zoo.save_pretrained(_tiny_vit(num_classes=3), tmp_path / "other")
+    (target / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(hub.CheckpointError, match="come from two different saves"):
         zoo.from_pretrained(target)
+    # weights written by hand (no save id in their header) beside a config.json: loaded, as before save ids
+    from safetensors.torch import save_file
+
+    save_file(_tiny_vit(num_classes=3).state_dict(), str(target / "model.safetensors"), metadata={"format": "pt"})
+    assert zoo.from_pretrained(target).num_classes == 3
+
+
+def test_two_writers_creating_one_directory_both_succeed(tmp_path, monkeypatch):
+    """Every DDP rank calling save_pretrained on one new path: the directory appears between a writer's check and
+    its rename. That writer replaces the files as in an existing directory (was a raw 'Directory not empty')."""
+    target = tmp_path / "shared"
+    real_rename, raced = os.rename, []
+
+    def other_writer_first(src, dst):
+        if str(dst) == str(target) and not raced:
+            raced.append(True)
+            zoo.save_pretrained(_tiny_vit(num_classes=3), target)  # the other rank, finishing first
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", other_writer_first)
+    zoo.save_pretrained(_tiny_vit(num_classes=4), target)
+    monkeypatch.undo()
+    assert zoo.from_pretrained(target).num_classes == 4  # the last writer's pair, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no staging directory left
 
 
 def test_save_pretrained_refuses_what_it_could_not_load_back(tmp_path):

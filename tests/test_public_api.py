@@ -139,5 +139,6 @@ def test_list_models_and_tagged_names_as_timm():
     tagged = "vit_tiny_patch16_224.augreg_in21k"
     assert zoo.is_model(tagged) and timm.is_model(tagged) and not zoo.is_model("vit_nothing.augreg_in21k")
     assert zoo.create_model(tagged, depth=1).zoo_model_name == "vit_tiny_patch16_224"
+    assert zoo.get_model_entry(tagged).name == "vit_tiny_patch16_224"  # agrees with is_model (the CLI asks both)
     with pytest.raises(FileNotFoundError, match=r"timm/vit_tiny_patch16_224\.augreg_in21k: .* not in the local Hugging Face cache"):
         zoo.create_model(tagged, pretrained=True, depth=1)  # that tag's weights, never downloaded

@@ -312,6 +312,21 @@ def test_resuming_for_longer_says_the_schedule_is_recomputed(tmp_path, capsys):
     with pytest.raises(ValueError, match="trainer.precision=16-mixed: fp16 autocast does not run on CPU; use "
                                          "trainer.precision=bf16-mixed"):
         run.train(_cfg(tmp_path, "h", "trainer.precision=16-mixed"))
+    if not torch.cuda.is_available():  # accelerator=auto picks the CPU here
+        with pytest.raises(ValueError, match="trainer.precision=16-mixed: fp16 autocast does not run on CPU"):
+            run.train(_cfg(tmp_path, "h", "trainer.precision=16-mixed", "trainer.accelerator=auto"))
+
+
+def test_a_nan_evaluation_loss_shows():
+    """torchmetrics' MeanMetric drops NaN with a warning by default: a diverged model's val/loss looked finite."""
+    from zoo.tasks.vision.module import ImageClassifier
+
+    metric = ImageClassifier(zoo.create_model("vit_debug"), num_classes=10).metrics["val_loss"]
+    metric.update(torch.tensor(2.0), weight=3)  # a mean over images: batches weighted by their size
+    metric.update(torch.tensor(4.0), weight=1)
+    assert float(metric.compute()) == pytest.approx(2.5)  # (torchmetrics' nan_strategy="disable" gave 3.0)
+    metric.update(torch.tensor(float("nan")), weight=2)
+    assert math.isnan(float(metric.compute()))
 
 
 def test_a_second_fit_into_a_run_dir_keeps_the_earlier_metrics(tmp_path):

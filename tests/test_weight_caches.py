@@ -115,3 +115,17 @@ def test_agent_attention_biases_follow_replaced_tables():
         layer.an_bias.data = layer.an_bias.data + 1.0
         cached = layer(x)
     torch.testing.assert_close(cached, layer(x), rtol=0, atol=1e-12)
+
+
+def test_alternating_inference_mode_and_no_grad_reuses_both_entries():
+    """The inference-mode flag was in the stamp but not the key: alternating an inference_mode and a no_grad
+    forward rebuilt every bias table each time (review 2026-12-06). Each mode now keeps its entry."""
+    layer = AgentAttention(16, 2, agent_num=4, window=3).eval()
+    with torch.no_grad():
+        plain = layer.biases((3, 3))
+    with torch.inference_mode():
+        inference = layer.biases((3, 3))
+    with torch.no_grad():
+        assert layer.biases((3, 3))[0] is plain[0]
+    with torch.inference_mode():
+        assert layer.biases((3, 3))[0] is inference[0]

@@ -73,6 +73,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "zoo-pretrained/1"
 SAVE_ID = "zoo_save_id"  # safetensors header key; config.json holds the same value as "save_id"
+PARKED_CONFIG = ".config.json.replaced"  # the old config.json while save_pretrained swaps a directory's files
 
 log = logging.getLogger("zoo.hub")
 
@@ -218,9 +219,12 @@ def save_pretrained(
 def _write_pair(directory: Path, writers: dict[str, Any]) -> None:
     """Write the files of a checkpoint so that it is never half replaced: into a fresh directory, a new
     ``directory`` appears by one rename; an existing one gets every file staged (written and fsynced) first,
-    then renamed into place in turn, the weights last. A crash while staging leaves the old checkpoint whole; a
-    crash between the renames leaves the new config.json beside the old weights, which the loader refuses by
-    their differing save ids (config.json's ``save_id``, the safetensors header's ``zoo_save_id``)."""
+    then swapped in with config.json absent meanwhile: the old config.json is parked under a hidden name, the
+    weights and then the new config.json are renamed into place, and the parked file is removed. A crash while
+    staging leaves the old checkpoint whole; a crash during the swap leaves no config.json, which the loader
+    refuses naming the interrupted save (the old config.json is kept beside it), never a mixed pair. Both
+    files also carry one save id (config.json's ``save_id``, the safetensors header's ``zoo_save_id``), and a
+    pair whose ids differ is refused."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     if not directory.exists():
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
@@ -230,14 +234,20 @@ def _write_pair(directory: Path, writers: dict[str, Any]) -> None:
                 _fsync_file(staging / name)
                 os.chmod(staging / name, 0o666 & ~_umask())
             os.chmod(staging, 0o777 & ~_umask())
-            os.rename(staging, directory)  # fails if another writer created it meanwhile: nothing is overwritten
-            _fsync_dir(directory.parent)
-            return
-        except BaseException:
-            import shutil
+            try:
+                os.rename(staging, directory)
+                _fsync_dir(directory.parent)
+                return
+            except OSError:
+                if not directory.is_dir():
+                    raise
+                # another writer (a second process saving to the same place) created it meanwhile: replace
+                # its files the way an existing directory's are replaced, below
+        finally:
+            if staging.exists():
+                import shutil
 
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+                shutil.rmtree(staging, ignore_errors=True)
     staged: list[tuple[str, Path]] = []
     try:
         for name, write in writers.items():
@@ -247,9 +257,14 @@ def _write_pair(directory: Path, writers: dict[str, Any]) -> None:
             write(tmp)
             _fsync_file(Path(tmp))
             os.chmod(tmp, 0o666 & ~_umask())
-        for name, tmp in sorted(staged, key=lambda item: item[0] == WEIGHTS_NAME):  # config first, weights last
+        parked = directory / PARKED_CONFIG
+        if (directory / CONFIG_NAME).exists():
+            os.replace(directory / CONFIG_NAME, parked)
+        for name, tmp in sorted(staged, key=lambda item: item[0] == CONFIG_NAME):  # weights first, config last
             os.replace(tmp, directory / name)
         _fsync_dir(directory)
+        if parked.exists():
+            parked.unlink()
     except BaseException:
         for _, tmp in staged:
             if tmp.exists():
@@ -470,6 +485,16 @@ def _hf_snapshot(path: Path) -> Path:
                           f"refs/main; pass one of them: {', '.join(str(snapshots / name) for name in found) or 'none'}")
 
 
+def _check_not_interrupted(directory: Path) -> None:
+    """A directory whose save_pretrained stopped while swapping its files has no config.json but the parked old
+    one: say so, rather than load its weights alone or report a missing file."""
+    if (directory / PARKED_CONFIG).exists():
+        raise CheckpointError(
+            f"{directory}: a save_pretrained into this directory was interrupted while swapping its files (the "
+            f"previous {CONFIG_NAME} is kept as {PARKED_CONFIG}); save the model again"
+        )
+
+
 def _check_same_save(config: Optional[dict], weights_path: Path) -> None:
     """Refuse a config.json and weights written by two different save_pretrained calls (a re-save interrupted
     between its renames): the model would be built and labelled by one and weighted by the other."""
@@ -483,7 +508,7 @@ def _check_same_save(config: Optional[dict], weights_path: Path) -> None:
             found = (handle.metadata() or {}).get(SAVE_ID)
     except Exception:  # unreadable: load_state_dict_file names the problem
         return
-    if found is not None and found != expected:
+    if found is not None and found != expected:  # weights without an id: written by hand or before save ids
         raise CheckpointError(
             f"{weights_path.parent}: {CONFIG_NAME} and {weights_path.name} come from two different saves "
             f"(save ids {expected} / {found}): a save_pretrained into this directory was interrupted; save the "
@@ -730,6 +755,8 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
 
     path = _resolve_pretrained(entry.name, pretrained)
     config = read_config(path)
+    if config is None:
+        _check_not_interrupted(path if path.is_dir() else path.parent)
     args: dict[str, Any] = {}
     if config is not None:
         saved_family = _family_of(config["model_name"])
@@ -845,6 +872,7 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     config = read_config(path)
     if config is None:
         where = path if path.is_dir() else path.parent
+        _check_not_interrupted(where)
         raise CheckpointError(
             f"{where} has no {CONFIG_NAME}; from_pretrained needs the directory written by zoo.save_pretrained "
             f"(for a bare weights file use zoo.create_model(<name>, pretrained='{path}'))"

@@ -171,6 +171,8 @@ def get_model_entry(name: str) -> ModelEntry:
     _import_model_modules()
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__} {name!r}")
+    if "." in name and name not in _REGISTRY:  # timm's tagged name: its architecture (is_model agrees)
+        name = split_model_tag(name)[0]
     if name in DEPRECATED_MODEL_NAMES:
         import warnings
 

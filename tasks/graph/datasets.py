@@ -205,9 +205,15 @@ def _planetoid_cache_is_fresh(processed: str, record: dict) -> bool:
                 return True
     except (OSError, ValueError):
         pass
-    for name in _PLANETOID_CACHE_FILES:
-        if os.path.isfile(os.path.join(processed, name)):
-            os.remove(os.path.join(processed, name))
+    stale = [os.path.join(processed, name) for name in _PLANETOID_CACHE_FILES
+             if os.path.isfile(os.path.join(processed, name))]
+    try:
+        for path in stale:
+            os.remove(path)
+    except OSError as error:  # a read-only or shared data folder: keep using the cache it holds
+        warnings.warn(f"Planetoid: cannot check or rebuild the cache in {processed} ({error.strerror}); using it as "
+                      f"it is. If the raw files changed since it was built, delete that folder.", stacklevel=3)
+        return True
     return False
 
 
@@ -246,7 +252,10 @@ def planetoid(name: str, root: str) -> dict:
         raise ValueError(f"Planetoid {proper}: cannot read the raw files under {raw} (corrupt or not the "
                          f"Planetoid release?): {type(error).__name__}: {str(error)[:200]}") from None
     if not fresh and _raw_files_record(needed) == record:  # unchanged while PyG read them: the cache matches
-        _write_raw_record(processed, record)
+        try:
+            _write_raw_record(processed, record)
+        except OSError:  # read-only: the next run checks again
+            pass
     return _pack(f"planetoid:{proper}", d.x, d.edge_index, d.y, d.train_mask, d.val_mask, d.test_mask)
 
 

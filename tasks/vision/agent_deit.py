@@ -304,14 +304,15 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or tracing_or_exporting():
             return resize_pos_embed(self.pos_embed, grid, native)
         key = weights_stamp(self.pos_embed)
-        hit = self._pos_cache.get(grid)
+        slot = (grid, torch.is_inference_mode_enabled())  # inference mode has its own entry (no thrashing)
+        hit = self._pos_cache.get(slot)
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
             resized = resize_pos_embed(self.pos_embed, grid, native)
         if len(self._pos_cache) >= 8:
             self._pos_cache.pop(next(iter(self._pos_cache)))
-        self._pos_cache[grid] = (key, resized, self.pos_embed)  # kept alive: its id cannot be reused
+        self._pos_cache[slot] = (key, resized, self.pos_embed)  # kept alive: its id cannot be reused
         return resized
 
     def _embed(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -138,7 +138,9 @@ class ImageClassifier(ZooModule):
         # the evaluation loss as a metric too: summed over images and processes, so under DDP with splits of
         # unequal size per process it is the mean over images (a logged per-process mean would be averaged
         # over processes instead)
-        self.metrics.update({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
+        # nan_strategy=nan: a diverged model's NaN loss must show, not be dropped with a warning (the default);
+        # torchmetrics 1.9's "disable" would ignore the batch-size weights
+        self.metrics.update({f"{stage}_loss": MeanMetric(nan_strategy=float("nan")) for stage in ("val", "test")})
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.eval_model(self.prepare_input(x_BCHW)) if not self.training else self.model(self.prepare_input(x_BCHW))

@@ -271,7 +271,7 @@ class AgentAttention(nn.Module):
         # Keyed on the parameters' weights_stamp (replaced, stepped, loaded; inference mode); .to()/.half() clear
         # the cache in _apply. The entry keeps the tensors it was built from alive (see weights_stamp).
         versions = weights_stamp(*params)
-        key = (tuple(grid), dtype)
+        key = (tuple(grid), dtype, torch.is_inference_mode_enabled())  # one entry each: no thrashing between them
         hit = self._bias_cache.get(key)
         if hit is not None and hit[0] == versions:
             return hit[1], hit[2]

@@ -246,7 +246,9 @@ def _check_trainer_options(kwargs: dict) -> None:
         raise ValueError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is available here "
                          "(use trainer=cpu or trainer.accelerator=cpu)")
     precision = str(kwargs.get("precision"))
-    if isinstance(accelerator, str) and accelerator.lower() == "cpu" and precision in ("16-mixed", "16"):
+    on_cpu = (accelerator if isinstance(accelerator, str) else "auto").lower() == "cpu" or (
+        (accelerator is None or str(accelerator).lower() == "auto") and not torch.cuda.is_available())
+    if on_cpu and precision in ("16-mixed", "16"):
         # Lightning runs bf16 instead with a warning, while config.yaml and the checkpoint keep saying 16-mixed
         raise ValueError(f"trainer.precision={precision}: fp16 autocast does not run on CPU; use "
                          "trainer.precision=bf16-mixed (what Lightning would silently use instead)")
