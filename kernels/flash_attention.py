@@ -918,8 +918,8 @@ class _FlashAttentionFn(torch.autograd.Function):
     def backward(ctx, d_out, d_lse):
         # (once_differentiable raised only for incoming gradients that require grad: create_graph=True with
         # constant ones got first-order gradients treated as constants, silently)
-        refuse_double_backward("the Triton flash-attention kernel", "run that attention with backend='torch' "
-                               "or 'sdpa', whose gradients are differentiable")
+        refuse_double_backward("the Triton flash-attention kernel", "run that attention with backend='torch', "
+                               "whose gradients are differentiable")
         q, k, v, bias, out, lse = ctx.saved_tensors
         if d_out is None:  # only the LSE was used
             d_out = torch.zeros_like(out)

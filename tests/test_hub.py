@@ -781,6 +781,17 @@ def test_resaving_a_loaded_model_keeps_its_metadata(tmp_path):
         model, info = run.load_for_inference(source)
         assert info["class_names"] == [str(i) for i in range(10)] if "class_names" in info else True
     assert hub.read_config(resaved)["metadata"]["zoo_config"] == hub.read_config(shipped)["metadata"]["zoo_config"]
+    # create_model(pretrained=...) as from_pretrained (README's quick start saves such a model)
+    quick = zoo.save_pretrained(zoo.create_model("vit_digits", pretrained=True), tmp_path / "quick")
+    assert hub.read_config(quick)["metadata"]["data"]["class_names"] == [str(i) for i in range(10)]
+    # weights trained after loading: the checkpoint's metrics, record and names would describe other weights
+    model = zoo.create_model("vit_digits", pretrained=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(_digits_batch()).sum().backward()
+    optimizer.step()
+    trained = hub.read_config(zoo.save_pretrained(model, tmp_path / "trained"))["metadata"]
+    assert trained == {"data": {"img_size": 8, "in_chans": 1, "mean": [0.5], "std": [0.5]},
+                       "pretrained_cfg": {"crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}}
 
 
 def test_digits_models_record_the_preprocessing_they_were_trained_with(tmp_path):

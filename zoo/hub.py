@@ -290,15 +290,46 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _parameter_versions(model: nn.Module) -> tuple:
+    """Each parameter's identity and version counter: an optimizer step, load_state_dict or an EMA update
+    changes one; moving the model (.to(), .cuda(), another dtype) does not."""
+    return tuple((id(p), p._version) for p in model.parameters())
+
+
+def remember_loaded_metadata(model: nn.Module, metadata: Optional[Mapping[str, Any]]) -> None:
+    """Record on a model loaded from a checkpoint what its config.json says (``zoo_pretrained_metadata``), and
+    its weights' versions as loaded, for save_pretrained to tell a re-save from a save after training."""
+    model.zoo_pretrained_metadata = dict(metadata or {})  # type: ignore[attr-defined]
+    model._zoo_loaded_versions = _parameter_versions(model)  # type: ignore[attr-defined]
+
+
+# what describes the input a model takes, true after fine-tuning too; the rest (metrics, the training record,
+# class names) describes the weights as they were loaded
+_PREPROCESSING_KEYS = ("img_size", "in_chans", "mean", "std")
+
+
 def _loaded_metadata(model: nn.Module) -> dict[str, Any]:
-    """The metadata a model was loaded with (from_pretrained), for saving it again: class names are dropped
-    when the head's class count changed since (reset_classifier), as they would name the wrong classes."""
+    """The metadata a model was loaded with, for saving it again. Weights changed since loading (trained,
+    fine-tuned) keep only the preprocessing: the checkpoint's metrics, training record and class names would
+    describe other weights (a message says so). Class names are also dropped when the head's class count
+    changed (reset_classifier)."""
     import copy
 
     loaded = getattr(model, "zoo_pretrained_metadata", None)
     if not isinstance(loaded, Mapping):
         return {}
     metadata = copy.deepcopy(dict(loaded))
+    if getattr(model, "_zoo_loaded_versions", None) != _parameter_versions(model):
+        data = metadata.get("data") if isinstance(metadata.get("data"), dict) else {}
+        kept = {"data": {k: data[k] for k in _PREPROCESSING_KEYS if k in data}}
+        if isinstance(metadata.get("pretrained_cfg"), dict):
+            kept["pretrained_cfg"] = metadata["pretrained_cfg"]
+        dropped = sorted(set(metadata) - {"data", "pretrained_cfg"}) + (
+            ["data.class_names"] if "class_names" in data else [])
+        if dropped:
+            log.info("save_pretrained: the weights changed since they were loaded, so the checkpoint's %s are not "
+                     "copied (pass metadata= to record what describes these weights)", ", ".join(dropped))
+        return kept
     data = metadata.get("data")
     num_classes = getattr(model, "num_classes", None)
     if isinstance(data, dict) and isinstance(num_classes, int):
@@ -807,6 +838,8 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
         timm_cfg = ((config or {}).get("metadata") or {}).get("pretrained_cfg")
         if isinstance(timm_cfg, dict):  # a timm config.json: its test-time preprocessing too
             cfg.update(timm_cfg)
+    if config is not None:  # what the checkpoint says about itself, kept when the model is saved again
+        remember_loaded_metadata(model, config.get("metadata"))
     return model
 
 
@@ -878,6 +911,4 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
             f"(for a bare weights file use zoo.create_model(<name>, pretrained='{path}'))"
         )
     entry = get_model_entry(config["model_name"])
-    model = load_pretrained_into(entry, str(path), overrides)
-    model.zoo_pretrained_metadata = dict(config.get("metadata") or {})  # type: ignore[attr-defined]
-    return model
+    return load_pretrained_into(entry, str(path), overrides)

@@ -242,7 +242,7 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
 
             model = hub.load_pretrained_into(entry, pretrained, overrides)
     if dtype is not None:
-        model = model.to(dtype=dtype)
+        model = model.to(dtype=dtype)  # (a dtype change keeps the loaded weights' versions: still "as loaded")
     if features_only:
         from zoo.features import FeatureExtractor
 
