@@ -126,9 +126,10 @@ def save_pretrained(
         model: a model built by :func:`zoo.create_model` (it carries ``zoo_model_name``/``zoo_model_args``).
         metadata: extra JSON facts stored in config.json (e.g. ``{"num_classes": 10, "test_acc1": 0.99}``). The
             model's preprocessing is added where not given (mean / std under "data", crop and interpolation
-            under "pretrained_cfg"). None: a model from :func:`from_pretrained` keeps the metadata it was loaded
+            under "pretrained_cfg"). None: a model loaded from a checkpoint keeps the metadata it was loaded
             with (class names, the zoo train record that zoo predict preprocesses by, the source), less the
-            class names when its head has another class count now.
+            class names when its head has another class count now; weights changed since loading (a
+            parameter's version counter moved) keep only the preprocessing.
         state_dict: weights to write instead of ``model.state_dict()`` (e.g. an EMA copy with the same keys).
     """
     from zoo.features import FeatureExtractor
