@@ -198,3 +198,22 @@ def test_sparse_part_draws_its_speed_ups(tmp_path, capsys):
         assert image.size[0] > 800 and image.size[1] > 300
     with pytest.raises(ValueError, match="use a .png file name"):
         bench.plot_sparse([("window", 0.5, 2.0, 1.5)], tmp_path / "x.jpg", "t")
+
+
+def test_benchmarks_refuse_to_time_two_sides_that_disagree(monkeypatch):
+    """A speed ratio of two different computations means nothing: the core table timed attend() against SDPA
+    without comparing them, and graph / points printed ratios beside output errors of 5.9 and 7.4 (audit
+    2026-12-06). The sides are now compared first, and a disagreement stops the run."""
+    from zoo.bench.timing import require_agreement
+
+    require_agreement("fine", 1e-6, 1e-6)
+    for errors in ((5.9, 1e-6), (1e-6, 8.6), (float("nan"), 0.0)):
+        with pytest.raises(RuntimeError, match="the two sides disagree .* nothing was timed"):
+            require_agreement("case", *errors)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    go = torch.randn(1, 2, 16, 8)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    bench._check_same("dense", lambda a, b, c: bench.attend(a, b, c), sdpa, q, k, v, go)
+    with pytest.raises(RuntimeError, match="core dense: the two sides disagree"):
+        bench._check_same("core dense", lambda a, b, c: sdpa(a, b, c) * 2, sdpa, q, k, v, go)
+    assert bench._is_cuda("cuda:0") and bench._is_cuda(torch.device("cuda", 1)) and not bench._is_cuda("cpu")

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from zoo.attention import BlockSparse, Causal, ChunkWindow, Mask, Segments, Window, attend, use_backend
 from zoo.attention.radial import Radial
 from zoo.bench.timing import (
-    interleaved_medians, interleaved_samples, medians, paired_ratio, run_footer, run_header, set_threads,
+    interleaved_medians, interleaved_samples, medians, paired_ratio, require_agreement, run_footer, run_header,
+    set_threads,
 )
 
 __all__ = ["main", "window_for_fraction", "chunk_for_fraction", "radial_for_fraction", "varlen_causal_for_fraction",
@@ -192,6 +193,20 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Parts
 # --------------------------------------------------------------------------------------------------
+def _check_same(what: str, ours, peer, q, k, v, go) -> None:
+    """Outputs and q/k/v gradients of the two sides agree before anything is timed (fp32: 1e-4 relative)."""
+    results = []
+    for fn in (ours, peer):
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = fn(qq, kk, vv)
+        grads = torch.autograd.grad(out, (qq, kk, vv), go)
+        results.append((out.detach(), grads))
+    (o1, g1), (o2, g2) = results
+    out_err = ((o1 - o2).abs().max() / o2.abs().max().clamp_min(1e-12)).item()
+    grad_err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(g1, g2))
+    require_agreement(f"zoo bench attention {what}", out_err, grad_err, 1e-4, 1e-4)
+
+
 def bench_core(args) -> str:
     """attend() vs SDPA, no mask and causal (issue 2)."""
     rows = []
@@ -200,6 +215,7 @@ def bench_core(args) -> str:
         for name, mask, causal in (("dense", None, False), ("causal", Causal(), True)):
             ours = lambda q_, k_, v_, m=mask: attend(q_, k_, v_, m)  # noqa: E731
             peer = lambda q_, k_, v_, c=causal: F.scaled_dot_product_attention(q_, k_, v_, is_causal=c)  # noqa: E731
+            _check_same(f"core N={n} {name}", ours, peer, q, k, v, go)
             samples = interleaved_samples(
                 {
                     "ours_f": _forward(ours, q, k, v),
@@ -374,6 +390,23 @@ def _gpu_device(args) -> str:
     return getattr(args, "gpu_device", None) or "cuda"
 
 
+def _is_cuda(device) -> bool:
+    """"cuda", "cuda:0", torch.device("cuda", 1): all the GPU path (a plain string test sent cuda:0 to the
+    CPU dry run: no synchronisation, eager FlexAttention on detached inputs)."""
+    return torch.device(device).type == "cuda"
+
+
+def _agree(what: str, reference: torch.Tensor, flex_out: torch.Tensor, zoo_err: float, peer: str) -> None:
+    """The zoo kernel and FlexAttention both match the SDPA reference before a case is timed (1e-3 of the
+    output's scale in fp32, 2e-2 in fp16 / bf16); else the case becomes an error row and gives no verdict."""
+    scale = float(reference.abs().max().clamp_min(1e-6))
+    tol = (2e-2 if flex_out.dtype in (torch.float16, torch.bfloat16) else 1e-3) * scale
+    flex_err = float((flex_out.float() - reference).abs().max())
+    if not (zoo_err <= tol and flex_err <= tol):
+        raise RuntimeError(f"{what}: outputs differ from {peer} (zoo {zoo_err:.2g}, FlexAttention {flex_err:.2g}, "
+                           f"tolerance {tol:.2g}); not timed")
+
+
 def bench_gpu(args) -> str:
     """zoo-triton vs SDPA vs FlexAttention on CUDA (issue 5), with the issue's targets checked.
 
@@ -386,12 +419,12 @@ def bench_gpu(args) -> str:
     """
     device = _gpu_device(args)
     title = "### GPU: zoo-triton vs SDPA vs FlexAttention"
-    if device == "cuda" and not torch.cuda.is_available():
+    if _is_cuda(device) and not torch.cuda.is_available():
         return (f"{title}\n\nGPU timings need a GPU: no CUDA device here. On a CUDA machine run "
                 "`python -m zoo.bench.attention --gpu` (docs/bench_attention.md, section GPU).")
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if device == "cuda":
+    if _is_cuda(device):
         compile_flex = not getattr(args, "gpu_eager_flex", False)
         # Every (mask_mod, shape) is a new graph of the one compiled function: above Dynamo's default of 8
         # recompiles it would silently fall back to eager flex_attention (which materialises the scores).
@@ -409,9 +442,9 @@ def bench_gpu(args) -> str:
             return out + 0.0 * (q_.sum() + k_.sum() + v_.sum())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.gpu_dtype]
     radial_block = getattr(args, "gpu_radial_block", 128)
-    flex_block = min(128, radial_block) if device != "cuda" else 128
-    timing = dict(repeats=args.repeats, warmup=max(args.warmup, 2 if device == "cuda" else 0),
-                  device=device if device == "cuda" else None)
+    flex_block = min(128, radial_block) if not _is_cuda(device) else 128
+    timing = dict(repeats=args.repeats, warmup=max(args.warmup, 2 if _is_cuda(device) else 0),
+                  device=device if _is_cuda(device) else None)
     rows, sweep_rows, verdicts = [], [], []
     errors: list[str] = []
 
@@ -451,7 +484,7 @@ def bench_gpu(args) -> str:
                         causal = mask is not None
 
                         def sdpa(q_, k_, v_, c=causal):
-                            if device != "cuda":
+                            if not _is_cuda(device):
                                 return F.scaled_dot_product_attention(q_, k_, v_, is_causal=c)
                             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
                                 return F.scaled_dot_product_attention(q_, k_, v_, is_causal=c)
@@ -470,7 +503,9 @@ def bench_gpu(args) -> str:
                         "FlexAttention": lambda q_, k_, v_, bm=block_mask: flex(q_, k_, v_, block_mask=bm),
                     }
                     with torch.no_grad():
-                        err = float((fns["zoo-triton"](q, k, v).float() - sdpa(q, k, v).float()).abs().max())
+                        reference = sdpa(q, k, v).float()
+                        err = float((fns["zoo-triton"](q, k, v).float() - reference).abs().max())
+                        _agree(f"{name} N={n} D={d}", reference, fns["FlexAttention"](q, k, v), err, sdpa_name)
                     t = timed_pair(fns, q, k, v, go)
                 except Exception as error:  # one failing case must not hide the other figures
                     if getattr(args, "gpu_strict", False):
@@ -514,6 +549,11 @@ def bench_gpu(args) -> str:
                 "zoo sparse": lambda q_, k_, v_, m=blocks: attend(q_, k_, v_, m, backend="triton"),
                 "Flex sparse": lambda q_, k_, v_, m=bm: flex(q_, k_, v_, block_mask=m),
             }
+            with torch.no_grad():  # the sparse pattern computed three ways: the zoo kernel, Flex, dense SDPA
+                allowed = blocks.dense(n, n, device)
+                reference = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).float()
+                err = float((fns["zoo sparse"](q, k, v).float() - reference).abs().max())
+                _agree(f"sweep {fraction:.0%}", reference, fns["Flex sparse"](q, k, v), err, "SDPA (dense mask)")
             t = timed_pair(fns, q, k, v, go)
         except Exception as error:
             if getattr(args, "gpu_strict", False):
@@ -534,7 +574,7 @@ def bench_gpu(args) -> str:
 
     # (3) memory: O(N) in forward and backward (the score matrix is never stored).
     memory_line = "peak memory: not measured (needs CUDA)"
-    if device == "cuda":
+    if _is_cuda(device):
         radial = Radial(args.gpu_frames[-1], args.gpu_tokens, 1.0, block_size=radial_block)
         n = radial.seq_len
         q, k, v, go = _inputs(args.batch, args.heads, n, args.gpu_head_dims[-1], dtype=dtype, device=device, grad=True)
@@ -553,7 +593,7 @@ def bench_gpu(args) -> str:
                        f"B*H*N*N: {scores / 2**20:.0f} MiB)")
         verdicts.append((f"memory O(N): Radial fwd+bwd N={n} extra < 4 x (out + grads) + 64 MiB",
                          extra < 4 * io + (64 << 20), f"{extra / 2**20:.0f} MiB"))
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{device} (Triton interpreter dry run)"
+    name = torch.cuda.get_device_name(device) if _is_cuda(device) else f"{device} (Triton interpreter dry run)"
     headers = ["mask", "N", "D", "pass", "zoo-triton", "SDPA", "FlexAttention", "SDPA/zoo", "Flex/zoo",
                "max abs err vs SDPA"]
     out = [
@@ -632,7 +672,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.parts not in (None, "gpu"):
             raise SystemExit("--gpu runs the gpu part only; drop --parts")
         args.parts = "gpu"
-        if args.gpu_device == "cuda" and not torch.cuda.is_available():
+        if _is_cuda(args.gpu_device) and not torch.cuda.is_available():
             print("zoo bench attention --gpu: no CUDA device here; GPU timings need a GPU.", file=sys.stderr)
             return 2
     parts = args.parts.split(",") if args.parts else ["core", "sparse", "tiles", "gpu"]

@@ -34,7 +34,7 @@ from torch import nn
 
 from zoo.bench.timing import (
     interleaved_samples, medians, memory_cells, output_and_grad_errors, paired_ratio, peak_rss_mb_subprocess,
-    run_footer, run_header, set_threads,
+    require_agreement, run_footer, run_header, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case"]
@@ -127,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("## zoo bench points\n\n" + run_header("points", argv, threads, f"fp32 CPU; k = {args.k}; pos_nn 3-64-C, "
                                                   "attn_nn C-64-C (PyG's Point Transformer example)"))
     print("| points | edges | C | knn_graph (s) | zoo blocks | zoo fwd+bwd (s) | PyG fwd+bwd (s) | speed-up | "
-          "zoo peak MB (net) | PyG peak MB (net) | memory ratio peak (net) | max out err | max rel grad err |")
+          "zoo peak MB (net) | PyG peak MB (net) | PyG/zoo memory (net) | max out err | max rel grad err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for n in sizes:
         for c in channels:
@@ -141,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             knn_graph(pos, args.k)
             t_knn = time.perf_counter() - start
             out_err, grad_err = output_and_grad_errors(x, ours, peer, pos, ei)
+            require_agreement(f"zoo bench points N={n} C={c}", out_err, grad_err)
             samples = interleaved_samples({"zoo": _step(ours, x, pos, ei), "pyg": _step(peer, x, pos, ei)},
                                           repeats=args.repeats, warmup=args.warmup)
             t = medians(samples)

@@ -47,7 +47,9 @@ def load_test_reference(filename: str, what: str):
 
 
 def set_threads(num_threads: int | None = None) -> int:
-    """Fix torch's intra-op threads (default: all cores of this machine) and return the number used."""
+    """Fix torch's intra-op threads (default, or 0: all cores of this machine) and return the number used."""
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0):
+        raise SystemExit(f"--threads must be a positive integer (or 0 for all cores), got {num_threads!r}")
     n = num_threads or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
@@ -209,6 +211,15 @@ def output_and_grad_errors(x, ours, peer, *inputs) -> tuple[float, float]:
         layer.zero_grad(set_to_none=True)
     (o1, g1), (o2, g2) = results
     return (o1 - o2).abs().max().item(), ((g1 - g2).abs().max() / g2.abs().max().clamp_min(1e-12)).item()
+
+
+def require_agreement(what: str, out_err: float, grad_err: float, out_tol: float = 1e-3, grad_tol: float = 1e-3) -> None:
+    """Stop a benchmark whose two contenders disagree: a speed ratio of different computations means nothing
+    (the graph and points tables used to print one beside errors of 5.9 and 7.4). ``out_err`` absolute (outputs
+    of order one), ``grad_err`` relative, as :func:`output_and_grad_errors` gives them."""
+    if not (out_err <= out_tol and grad_err <= grad_tol):  # (NaN fails too)
+        raise RuntimeError(f"{what}: the two sides disagree (output error {out_err:.3g} > {out_tol:g} or gradient "
+                           f"error {grad_err:.3g} > {grad_tol:g}); nothing was timed")
 
 
 def compile_backend_arg(value: str) -> str:

@@ -263,6 +263,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    if args.compile:  # the first call of a compiled model compiles it: never timed, whatever --warmup says
+        args.warmup = max(args.warmup, 1)
     if args.img_size is not None and args.img_size < 1:
         parser.error("--img-size must be >= 1")
     threads = set_threads(args.threads)
@@ -285,7 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"# done {case.name}", flush=True)
     print(_table(rows, args.markdown))
     print("# infer: zoo/peer throughput ratio (higher is better); step: zoo/peer training-step time ratio "
-          "(lower is better); page faults: minor faults of the process per inference forward (first writes to "
+          "(lower is better); each ratio is the median over rounds of that round's ratio, not the quotient of "
+          "the median columns; page faults: minor faults of the process per inference forward (first writes to "
           "fresh pages)")
     print(run_footer())
     return 0
