@@ -217,3 +217,20 @@ def test_benchmarks_refuse_to_time_two_sides_that_disagree(monkeypatch):
     with pytest.raises(RuntimeError, match="core dense: the two sides disagree"):
         bench._check_same("core dense", lambda a, b, c: sdpa(a, b, c) * 2, sdpa, q, k, v, go)
     assert bench._is_cuda("cuda:0") and bench._is_cuda(torch.device("cuda", 1)) and not bench._is_cuda("cpu")
+
+
+def test_bench_arguments_are_named(capsys):
+    """Tracebacks before: 'NoneType' object is not subscriptable (--sparse-n 100 with radial), a '-100%' row
+    (--fractions -1), and torch's CUDA error for zoo bench vision --device cuda without a GPU."""
+    with pytest.raises(SystemExit, match="--sparse-n must be >= 256 tokens, got 100"):
+        bench.main(["--parts", "sparse", "--sparse-n", "100", "--masks", "window,radial"])
+    with pytest.raises(SystemExit, match=r"--fractions are kept fractions in \(0, 1\], got \[-1.0\]"):
+        bench.main(["--parts", "sparse", "--fractions=-1"])
+    with pytest.raises(SystemExit, match="--threads must be a positive integer"):
+        bench.main(["--parts", "tiles", "--threads", "-1"])
+    if not torch.cuda.is_available():
+        from zoo.bench import vision
+
+        with pytest.raises(SystemExit):
+            vision.main(["--device", "cuda", "--no-attention"])
+        assert "--device cuda: no CUDA device here" in capsys.readouterr().err

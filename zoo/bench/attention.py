@@ -668,6 +668,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.fractions = [f for f in args.fractions if abs(f - 0.25) < 1e-9] or [0.25]
     if args.repeats < 1 or args.warmup < 0 or args.min_time < 0:
         raise SystemExit("--repeats must be >= 1, --warmup >= 0 and --min-time >= 0")
+    if not args.fractions or not all(0.0 < f <= 1.0 for f in args.fractions):
+        raise SystemExit(f"--fractions are kept fractions in (0, 1], got {args.fractions}")
+    if args.sparse_n < 256:  # below 256 tokens the masks' geometry (radial's frames, 128-token tiles) breaks down
+        raise SystemExit(f"--sparse-n must be >= 256 tokens, got {args.sparse_n}")
     if args.gpu:
         if args.parts not in (None, "gpu"):
             raise SystemExit("--gpu runs the gpu part only; drop --parts")

@@ -263,6 +263,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
     if args.compile:  # the first call of a compiled model compiles it: never timed, whatever --warmup says
         args.warmup = max(args.warmup, 1)
     if args.img_size is not None and args.img_size < 1:
