@@ -152,3 +152,37 @@ def test_load_image_names_a_model_that_is_not_an_image_model():
     graph_model = zoo.create_model("gatv2_node", in_channels=4, num_classes=2)
     with pytest.raises(ValueError, match="gatv2_node is not an image model"):
         load_image("digits:0", graph_model)
+
+
+def test_picture_commands_name_their_problems(tmp_path, capsys, monkeypatch):
+    """From the pictures audit (2026-12-06): rollout on a MaxViT said 'does not match (B=4, N=16)'; maxvit
+    head=7 / head=x were torch's index error and int()'s message; zoo viz graph --help exited 1; a repeated
+    edge was labelled with one copy's attention only; zoo predict topk beyond the class count printed empty
+    columns; a padded dynamic-size ViT's rollout used the floor grid."""
+    from zoo import cli
+    from zoo.tasks.graph import viz as graph_viz
+
+    maxvit = str(zoo.hub.shipped_checkpoint("maxvit_digits"))
+    assert viz.rollout_main([f"ckpt={maxvit}", f"out={tmp_path / 'r.png'}"]) == 2
+    assert "for MaxViT, zoo viz maxvit draws its window and grid attention" in capsys.readouterr().err
+    for arg, message in (("head=7", "head=7 is out of range: the block attention has"), ("head=x", "head='x' is not an integer"),
+                         ("block=x", "block='x' is not an integer")):
+        assert cli.main(["viz", "maxvit", f"ckpt={maxvit}", arg, f"out={tmp_path / 'm.png'}"]) != 0
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:  # usage, exit status 0, as the other kinds
+        cli.main(["viz", "graph", "--help"])
+    assert done.value.code == 0 and "Graph attention pictures" in capsys.readouterr().out
+    drawn = {}
+    import networkx as nx
+
+    real = nx.draw_networkx_edge_labels
+    monkeypatch.setattr(nx, "draw_networkx_edge_labels", lambda G, pos, **kw: drawn.update(kw["edge_labels"]) or real(G, pos, **kw))
+    edge_index = torch.tensor([[1, 2, 2, 0], [0, 0, 0, 0]])  # 2 -> 0 twice, and a self loop
+    graph_viz.draw_neighbourhood(edge_index, torch.tensor([[0.2], [0.3], [0.4], [0.1]]), 0, str(tmp_path / "g.png"))
+    assert drawn == {(1, 0): "0.20", (2, 0): "0.70"}
+    monkeypatch.undo()
+    assert cli.main(["predict", "ckpt=" + str(zoo.hub.shipped_checkpoint("vit_digits")), "input=digits:0", "topk=20"]) == 0
+    assert "top-10 predictions" in capsys.readouterr().out
+    model = zoo.create_model("vit_debug", dynamic_img_size=True, dynamic_img_pad=True).eval()
+    _, maps = viz.compute_rollout(model, torch.randn(1, 3, 36, 36))
+    assert maps.shape == (1, 5, 5)  # 36 / 8 rounded up: the padded grid
