@@ -631,8 +631,12 @@ def test_ogb_adapter_refuses_bad_labels_and_overlapping_splits(tmp_path):
     """NaN and -1 mark unlabelled nodes (left out of the splits); a fractional label (truncated to a class
     before), another negative label, or a node in two splits (trained on and scored) is named with its file."""
     _write_ogb(tmp_path, labels=("0", "nan", "-1", "1"), splits=(("train", [0, 1]), ("valid", [2]), ("test", [3])))
-    d = gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
-    assert d["train_mask"].tolist() == [True, False, False, False] and not d["val_mask"].any()
+    with pytest.raises(ValueError, match="lists no labelled validation node"), pytest.warns(UserWarning):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))  # node 2 (-1) was the only validation node
+    _write_ogb(tmp_path, labels=("0", "-1", "1", "1"), splits=(("train", [0, 1]), ("valid", [2]), ("test", [3])))
+    with pytest.warns(UserWarning, match="1 of its 2 nodes have no label"):
+        d = gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    assert d["train_mask"].tolist() == [True, False, False, False] and d["val_mask"].tolist() == [False, False, True, False]
     for labels, message in ((("0", "1.5", "0", "1"), r"node-label\.csv\.gz: label 1.5 is not a class index"),
                             (("0", "1", "-2", "1"), r"node-label\.csv\.gz: label -2 is not a class index")):
         _write_ogb(tmp_path, labels=labels)
@@ -649,8 +653,19 @@ def test_ogb_empty_training_split_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"split/random/train\.csv\.gz lists no labelled training node"):
         gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
     _write_ogb(tmp_path, labels=("nan", "-1", "0", "1"), splits=(("train", [0, 1]), ("valid", [2]), ("test", [3])))
-    with pytest.raises(ValueError, match=r"train\.csv\.gz lists no labelled training node"):
+    with pytest.raises(ValueError, match=r"train\.csv\.gz lists no labelled training node"), pytest.warns(UserWarning):
         gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    # empty validation / test splits too (metrics of nothing), and unlabelled listed nodes are named
+    _write_ogb(tmp_path, splits=(("train", [0, 1]), ("valid", []), ("test", [3])))
+    with pytest.raises(ValueError, match=r"valid\.csv\.gz lists no labelled validation node"):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    _write_ogb(tmp_path, labels=("0", "1", "0", "nan"), splits=(("train", [0, 1]), ("valid", [2]), ("test", [3])))
+    with pytest.raises(ValueError, match=r"test\.csv\.gz lists no labelled test node"), \
+            pytest.warns(UserWarning, match=r"test\.csv\.gz: 1 of its 1 nodes have no label"):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    _write_ogb(tmp_path, labels=("0", "nan", "0", "1"), splits=(("train", [0, 1]), ("valid", [2]), ("test", [3])))
+    with pytest.warns(UserWarning, match=r"train\.csv\.gz: 1 of its 2 nodes have no label .* left out of the split"):
+        assert int(gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))["train_mask"].sum()) == 1
 
 
 def test_ogb_empty_edge_file_is_an_edgeless_graph(tmp_path):

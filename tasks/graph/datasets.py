@@ -24,7 +24,8 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
                     The folder may also keep the name OGB's zip extracts to (``arxiv/`` for
                     ogbn-arxiv; OGB's own loader renames it to ``ogbn_arxiv/``). Without ``split`` the
                     first split scheme (sorted, hidden entries skipped) is used. Labels are integers >= 0;
-                    NaN or -1 marks an unlabelled node, left out of every split. Unlike OGB's own loader
+                    NaN or -1 marks an unlabelled node, left out of every split (with a warning
+                    naming the split file); a split with no labelled node is refused. Unlike OGB's own loader
                     (which keeps ogbn-arxiv's citation edges directed), the edges are made undirected
                     (each edge in both directions, duplicates merged) and self loops are dropped, as GAT
                     models are trained on these graphs; an empty edge.csv.gz is an edgeless graph.
@@ -351,10 +352,15 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
                 raise ValueError(f"{other_path} and {p} both list node {int(both[0])} ({both.numel()} shared "
                                  "node(s)): the train, valid and test splits must not overlap")
         listed.append((p, m))
+        unlabelled = int((m & ~labelled).sum())
+        if unlabelled:  # left out of the split: say so, the split's size in metrics would surprise otherwise
+            warnings.warn(f"{p}: {unlabelled} of its {int(m.sum())} nodes have no label in {needed[2]} (NaN / -1) "
+                          f"and are left out of the split", stacklevel=2)
         masks.append(m & labelled)
-    if not masks[0].any():
-        raise ValueError(f"{needed[3]} lists no labelled training node (empty, or only nodes whose label in "
-                         f"{needed[2]} is NaN / -1): put the training node indices there, one per line")
+    for p, mask, what in zip(needed[3:], masks, ("training", "validation", "test")):
+        if not mask.any():  # an empty validation / test split gave metrics of nothing (NaN, or a skipped step)
+            raise ValueError(f"{p} lists no labelled {what} node (empty, or only nodes whose label in {needed[2]} "
+                             f"is NaN / -1): put the {what} node indices there, one per line")
     return _pack(f"ogb:{name}", x, _undirected(edges), y, *masks)
 
 
