@@ -45,6 +45,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from zoo.hub import atomic_write
 from zoo.layers import to_pair
 
 __all__ = ["ExportResult", "ExportCheckError", "export_onnx", "check_onnx", "main", "EXPORTERS"]
@@ -286,41 +287,18 @@ def export_onnx(
             if not diff <= allowed:
                 rejected = None if path is None else path.with_name(path.stem + ".rejected" + path.suffix)
                 if rejected is not None:
-                    _write_atomically(rejected, data)
+                    atomic_write(rejected, lambda tmp: Path(tmp).write_bytes(data))
                 raise ExportCheckError(
                     f"{name}: onnxruntime output differs from PyTorch by {diff:.3g} (> atol {atol} x max(1, "
                     f"max |logit| = {scale:.3g})); nothing was written to {path}"
                     + (f"; the rejected model is {rejected}, for inspection" if rejected else "")
                 )
         if path is not None:
-            _write_atomically(path, data)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     finally:
         net.train(was_training)
     return ExportResult(path, str(name), (batch_size, in_chans, height, width), exporter, opset, diff,
                         None if path is not None else data)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` through a uniquely named temporary file beside it (concurrent exports do not share
-    one), fsynced, then renamed over ``path``; the temporary file is removed if anything fails."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # protobuf's hard limit for one message (2 GiB), less room for the graph itself

@@ -85,18 +85,36 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write ``path`` through a temporary file in the same directory and ``os.replace`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _finish_file(path: Path) -> None:
+    """A file just written: fsynced, with the usual permissions (mkstemp / mkdtemp create 0600 / 0700)."""
+    _fsync_file(path)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _staged_file(directory: Path, name: str, write) -> Path:
+    """``write(tmp)`` into a uniquely named temporary file in ``directory`` (concurrent writers never share
+    one), finished (fsync, permissions); the file is removed if writing fails."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        _finish_file(Path(tmp))
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through a staged temporary file beside it and ``os.replace`` (atomic on POSIX): readers
+    see the old file or the whole new one (zoo export's ONNX files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _staged_file(path.parent, path.name, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -232,8 +250,7 @@ def _write_pair(directory: Path, writers: dict[str, Any]) -> None:
         try:
             for name, write in writers.items():
                 write(str(staging / name))
-                _fsync_file(staging / name)
-                os.chmod(staging / name, 0o666 & ~_umask())
+                _finish_file(staging / name)
             os.chmod(staging, 0o777 & ~_umask())
             try:
                 os.rename(staging, directory)
@@ -252,12 +269,7 @@ def _write_pair(directory: Path, writers: dict[str, Any]) -> None:
     staged: list[tuple[str, Path]] = []
     try:
         for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            os.close(fd)
-            staged.append((name, Path(tmp)))
-            write(tmp)
-            _fsync_file(Path(tmp))
-            os.chmod(tmp, 0o666 & ~_umask())
+            staged.append((name, _staged_file(directory, name, write)))
         parked = directory / PARKED_CONFIG
         if (directory / CONFIG_NAME).exists():
             os.replace(directory / CONFIG_NAME, parked)
