@@ -336,9 +336,10 @@ def _nearest(y: Tensor, x: Tensor, k: int, cosine: bool, y_exact: Tensor, x_exac
             rows = short.nonzero().view(-1)
             if cosine:
                 exact = _distances(y_exact[rows].double(), x_exact.double(), cosine)
-            else:  # differences, not the expansion (which cancels for points far from the origin)
-                yr, xd = y_exact[rows].double(), x_exact.double()
-                exact = sum((yr[:, j : j + 1] - xd[:, j][None, :]).square_() for j in range(xd.size(1)))
+            else:  # differences (_sq_distances, as every exact distance here), not the expansion, which
+                # cancels for points far from the origin
+                every = torch.arange(n, device=d.device).expand(rows.numel(), n)
+                exact = _sq_distances(x_exact.double().t().contiguous(), y_exact[rows].double(), every)
             full = torch.sort(exact, dim=1, stable=True).indices[:, :m]
             cand[rows] = full
     # exact ranking of the candidates: sort by index, then stably by exact distance
