@@ -53,14 +53,14 @@ def weights_stamp(*tensors: Optional[torch.Tensor]) -> tuple:
     """What a cache derived from module weights (resized bias tables, projected position tables) is keyed on.
 
     For each tensor its identity, storage address and version counter: an optimizer step, ``load_state_dict``,
-    ``p.data = t`` or ``torch.nn.utils.vector_to_parameters`` changes one of them. And whether inference mode is
-    on: what is built under ``torch.inference_mode()`` (Lightning's validation) cannot be saved for a later
-    backward, so it is not served outside it. A cache entry should keep the tensors alive, so that a replaced
-    weight's id and address cannot be reused by its successor. Values changed in place through ``.data``
-    (``p.data.mul_(m)``) bump no counter and are not seen: edit weights under ``torch.no_grad()`` (``p.mul_(m)``).
+    ``p.data = t`` or ``torch.nn.utils.vector_to_parameters`` changes one of them. A cache entry should keep the
+    tensors alive, so that a replaced weight's id and address cannot be reused by its successor. Values changed
+    in place through ``.data`` (``p.data.mul_(m)``) bump no counter and are not seen: edit weights under
+    ``torch.no_grad()`` (``p.mul_(m)``). A cache that may serve grad-mode calls also keys its entries on
+    ``torch.is_inference_mode_enabled()``: what is built under ``torch.inference_mode()`` (Lightning's
+    validation) cannot be saved for a later backward.
     """
-    return (torch.is_inference_mode_enabled(),
-            *((id(t), t.data_ptr(), t._version) for t in tensors if t is not None))
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors if t is not None)
 
 
 def refuse_double_backward(what: str, instead: str) -> None:

@@ -268,7 +268,7 @@ class AgentAttention(nn.Module):
         if needs_grad or (tracing_or_exporting() if tracing is None else tracing):
             b1, b2 = agent_biases(*params, grid=grid)
             return b1.to(dtype), b2.to(dtype)
-        # Keyed on the parameters' weights_stamp (replaced, stepped, loaded; inference mode); .to()/.half() clear
+        # Keyed on the parameters' weights_stamp (replaced, stepped, loaded) and inference mode; .to()/.half() clear
         # the cache in _apply. The entry keeps the tensors it was built from alive (see weights_stamp).
         versions = weights_stamp(*params)
         key = (tuple(grid), dtype, torch.is_inference_mode_enabled())  # one entry each: no thrashing between them
