@@ -442,12 +442,13 @@ class ImageFolderDataModule(VisionDataModule):
             raise ValueError(f"ImageFolderDataModule: augment must be 'none', 'standard' or 'crop', got {self.augment!r}")
         self.root = Path(os.path.expanduser(str(root)))
         # the class folders come from train/; a root holding only test/ (or val/) serves evaluation (zoo eval)
-        train_dir = next((self.root / split for split in ("train", "test", "val") if (self.root / split).is_dir()), None)
-        if train_dir is None:
+        self._class_dir = next((self.root / split for split in ("train", "test", "val") if (self.root / split).is_dir()), None)
+        if self._class_dir is None:
             raise FileNotFoundError(self._no_train_message())
-        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        classes = sorted(p.name for p in self._class_dir.iterdir() if p.is_dir())
         if not classes:
-            raise FileNotFoundError(f"ImageFolder data: {train_dir} has no class sub-folders (expected {train_dir}/<class_name>/<image>)")
+            raise FileNotFoundError(f"ImageFolder data: {self._class_dir} has no class sub-folders (expected "
+                                    f"{self._class_dir}/<class_name>/<image>)")
         self.class_names = classes
         self.num_classes = len(classes)
         self._check_num_classes()
@@ -466,9 +467,9 @@ class ImageFolderDataModule(VisionDataModule):
         dataset = ImageFolder(str(directory))
         if dataset.classes != self.class_names:
             extra = sorted(set(dataset.classes) - set(self.class_names))
-            first = next(self.root / s for s in ("train", "test", "val") if (self.root / s).is_dir())
-            raise ValueError(f"ImageFolder data: {directory} has classes {extra} that {first} lacks" if extra
-                             else f"ImageFolder data: {directory} lacks some classes of {first}; give every split all class folders")
+            raise ValueError(f"ImageFolder data: {directory} has classes {extra} that {self._class_dir} lacks" if extra
+                             else f"ImageFolder data: {directory} lacks some classes of {self._class_dir}; give every "
+                                  f"split all class folders")
         return dataset
 
     def setup(self, stage: Optional[str] = None) -> None:
