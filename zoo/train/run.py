@@ -370,7 +370,7 @@ def _config_differences(saved, current, prefix: str) -> list[tuple[str, Any, Any
 
 # task.* values a resumed run cannot change: the optimizer's param groups (lr, weight decay, betas, layer-wise
 # scales) and the scheduler's base learning rates come back from the checkpoint
-_RESTORED_TASK_KEYS = ("lr", "weight_decay", "betas", "layer_decay")
+_RESTORED_TASK_KEYS = tuple(("task", key) for key in ("lr", "weight_decay", "betas", "layer_decay"))
 
 
 # values the warm-up + cosine schedule is computed from at the start of each fit (it is not stored)
@@ -379,17 +379,23 @@ _SCHEDULE_KEYS = (("trainer", "max_epochs"), ("trainer", "max_steps"), ("trainer
                   ("task", "min_lr_ratio"))
 
 
+def _changed_settings(stored: dict, current: dict, keys, only_given: bool = False) -> tuple[str, str]:
+    """("g.k=new, ...", "g.k=old, ...") for the (group, key) settings whose value differs between the run's
+    stored config and this one ("", "" when none does); ``only_given``: keys the current config has."""
+    changed = [(f"{group}.{key}", (stored.get(group) or {}).get(key), (current.get(group) or {}).get(key))
+               for group, key in keys if not only_given or key in (current.get(group) or {})]
+    changed = [item for item in changed if item[1] != item[2]]
+    return ", ".join(f"{k}={new}" for k, _, new in changed), ", ".join(f"{k}={old}" for k, old, _ in changed)
+
+
 def _note_schedule_changes(stored: dict, current: dict) -> None:
     """Resuming with another run length (train longer: trainer.max_epochs=300) recomputes the schedule for the
     new length: from the restored step the learning rate follows the new curve, a jump from the old one. Say so
     (stderr), since the checkpoint otherwise restores the run exactly."""
-    changed = [(f"{group}.{key}", (stored.get(group) or {}).get(key), (current.get(group) or {}).get(key))
-               for group, key in _SCHEDULE_KEYS]
-    changed = [item for item in changed if item[1] != item[2]]
-    if changed:
-        print("zoo train: resuming with " + ", ".join(f"{k}={b}" for k, _, b in changed) + " (the run used "
-              + ", ".join(f"{k}={a}" for k, a, _ in changed) + "): the warm-up + cosine learning-rate schedule is "
-              "recomputed for this run, so from the restored step the learning rate follows the new schedule",
+    now, before = _changed_settings(stored, current, _SCHEDULE_KEYS)
+    if now:
+        print(f"zoo train: resuming with {now} (the run used {before}): the warm-up + cosine learning-rate schedule "
+              "is recomputed for this run, so from the restored step the learning rate follows the new schedule",
               file=sys.stderr)
 
 
@@ -401,15 +407,12 @@ def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
     path, ckpt = resume
     stored, current = (ckpt.get("hyper_parameters") or {}).get("zoo_config"), _to_container(cfg)
     if isinstance(stored, dict):  # Lightning restores the optimizer and the schedule over these: refuse a change
-        current_task = current.get("task") or {}
-        changed = [(f"task.{key}", stored.get("task", {}).get(key), current_task.get(key)) for key in _RESTORED_TASK_KEYS
-                   if key in current_task and stored.get("task", {}).get(key) != current_task.get(key)]
-        if changed:
+        now, before = _changed_settings(stored, current, _RESTORED_TASK_KEYS, only_given=True)
+        if now:
             raise ValueError(
-                f"cannot resume from {path} with " + ", ".join(f"{k}={b}" for k, _, b in changed) + ": the run used "
-                + ", ".join(f"{k}={a}" for k, a, _ in changed) + ", and resuming restores its optimizer and learning-"
-                "rate schedule, which would keep those values; resume with them, or start a new run from its weights "
-                "(model.pretrained=<its released/ directory>)"
+                f"cannot resume from {path} with {now}: the run used {before}, and resuming restores its optimizer "
+                "and learning-rate schedule, which would keep those values; resume with them, or start a new run "
+                "from its weights (model.pretrained=<its released/ directory>)"
             )
     if isinstance(stored, dict) and "warmup_epochs" in (stored.get("task") or {}):  # tasks with that schedule
         _note_schedule_changes(stored, current)
