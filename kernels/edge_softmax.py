@@ -112,7 +112,7 @@ def _gatv2_fwd_kernel(
     for n in range(BLOCK_N):
         valid, i_safe, start, end = _node_edges(rowptr_ptr, pid * BLOCK_N + n, Nd)
         xd_row = tl.load(xd_ptr + (i_safe.to(tl.int64) * H + h) * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        m = tl.full((), -1.0e30, tl.float32)
+        m = tl.full((), -float("inf"), tl.float32)  # shifted to 0 below while still -inf (no -inf - (-inf))
         l = tl.zeros((), tl.float32)
         acc = tl.zeros((BLOCK_C,), tl.float32)
         for e0 in range(start, end, BLOCK_E):
@@ -133,8 +133,9 @@ def _gatv2_fwd_kernel(
             if STORE_S:
                 tl.store(s_ptr + offs_e.to(tl.int64) * H + h, s, mask=mask_e)
             m_new = tl.maximum(m, tl.max(s, axis=0))
-            p = tl.exp(s - m_new)
-            rescale = tl.exp(m - m_new)
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe)
+            rescale = tl.exp(m - m_safe)
             l = l * rescale + tl.sum(p, axis=0)
             if HAS_KEEP:
                 k = tl.load(keep_ptr + offs_e.to(tl.int64) * H + h, mask=mask_e, other=0).to(tl.float32)

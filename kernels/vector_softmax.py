@@ -72,7 +72,9 @@ def _vector_softmax_sum_fwd_kernel(
     mask_c = offs_c < C
     for n in range(BLOCK_N):
         valid, i_safe, start, end = _node_edges(rowptr_ptr, pid_n * BLOCK_N + n, N)
-        m = tl.full((BLOCK_C,), -1.0e30, tl.float32)
+        # The running max starts at -inf (any finite score, however negative, becomes the max) and is shifted
+        # to 0 while still -inf, so exp() never sees -inf - (-inf).
+        m = tl.full((BLOCK_C,), -float("inf"), tl.float32)
         l = tl.zeros((BLOCK_C,), tl.float32)
         acc = tl.zeros((BLOCK_C,), tl.float32)
         for e0 in range(start, end, BLOCK_E):
@@ -82,8 +84,9 @@ def _vector_softmax_sum_fwd_kernel(
             s = tl.load(s_ptr + ptrs, mask=mask, other=-float("inf")).to(tl.float32)
             v = tl.load(v_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
             m_new = tl.maximum(m, tl.max(s, axis=0))
-            p = tl.exp(s - m_new[None, :])
-            rescale = tl.exp(m - m_new)
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[None, :])
+            rescale = tl.exp(m - m_safe)
             l = l * rescale + tl.sum(p, axis=0)
             acc = acc * rescale + tl.sum(p * v, axis=0)
             m = m_new

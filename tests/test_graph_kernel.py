@@ -62,6 +62,23 @@ def test_fp16_backward_of_a_peaked_softmax():
     _compare_with_reference(4, 3, 47, 2, 8, 3, 0.4, torch.float16, seed=1063, scale=3.0, slope=1.5)
 
 
+@in_process
+def test_scores_below_minus_1e30_are_an_ordinary_softmax():
+    """Huge features give scores far below -1e30 (finite in fp32): the kernel's softmax over a node's edges is
+    still the reference's (its running max starts at -inf; with a -1e30 floor every weight underflowed to 0)."""
+    csr, xs, xd, att, _, _, _ = _problem(9, 7, 60, 2, 8, 0, torch.float32, seed=4)
+    with torch.no_grad():
+        xs.mul_(1e17)
+        xd.mul_(1e17)
+        att.copy_(-att.abs() * 1e17)  # negative attention vector: every score is about -1e34
+    with torch.no_grad():
+        out, alpha = ek.gatv2_edge_softmax(xs, xd, att, csr, need_weights=True)
+        ref_out, ref_alpha = ek.gatv2_edge_softmax_ref(xs, xd, att, csr)
+    assert float(alpha.sum()) > 0
+    torch.testing.assert_close(alpha, ref_alpha, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5 * float(ref_out.abs().max()), rtol=1e-5)
+
+
 def _compare_with_reference(num_src, num_dst, num_edges, H, C, D, dropout, dtype, seed=0, scale=0.7, slope=0.2):
     csr, xs, xd, att, ea, we, keep = _problem(num_src, num_dst, num_edges, H, C, D, dtype, seed=seed,
                                               dropout=dropout, scale=scale)

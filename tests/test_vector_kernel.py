@@ -67,6 +67,20 @@ def test_kernel_matches_reference(degrees, channels, dtype):
 
 
 @in_process
+def test_scores_below_minus_1e30_are_an_ordinary_softmax():
+    """Finite scores however negative are a softmax like any other (shifting all scores of a node leaves its
+    weights unchanged): the running max starts at -inf, not at a finite floor that such scores never pass
+    (with -1e30 the node's weights all underflowed to 0 and its output was 0)."""
+    scores, values, index, rowptr = _graph([3, 0, 5, 40], 20, torch.float32, seed=3)
+    shifted = scores - 1e32  # the shift swamps the spread: every score of a row is the same fp32 number
+    out, lse = vk.vector_softmax_sum(shifted, values, rowptr)
+    ref_out, ref_lse = vk.vector_softmax_sum_ref(shifted, values, rowptr)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=0.0)
+    assert out[torch.tensor([3, 0, 5, 40], device=DEVICE) > 0].abs().sum() > 0
+
+
+@in_process
 @pytest.mark.parametrize("degrees,channels", CASES, ids=["awkward", "uniform", "empty", "single"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("order", ["csr", "shuffled"])
