@@ -464,6 +464,41 @@ def test_bench_vision_runs_and_loads_optional_case_modules(monkeypatch, capsys):
         bench.run_case(bad, batch=1, img_size=32, repeats=1, warmup=0, train=False, infer=True)
 
 
+def test_bench_vision_skips_a_case_whose_peer_cannot_run_the_size(monkeypatch, capsys):
+    """A peer that cannot run the requested size (timm's MaxViT needs multiples of its partitions) is skipped with
+    a message naming the case, the size and the peer's own error; the other cases still run, and a run in which
+    no case could run exits with 2 instead of a traceback."""
+    import sys
+    import types
+
+    from zoo.bench import vision as bench
+
+    class Picky(torch.nn.Module):
+        def __init__(self, size):
+            super().__init__()
+            self.vit = TimmViT(img_size=size, patch_size=8, num_classes=10, embed_dim=32, depth=1, num_heads=2)
+
+        def forward(self, x):
+            assert x.shape[-1] % 64 == 0, f"width ({x.shape[-1]}) must be divisible by 64"
+            return self.vit(x)
+
+    fake = types.ModuleType("zoo.bench.vision_picky")
+    fake.CASES = [bench.BenchCase("picky", lambda size: zoo.create_model("vit_debug", img_size=size, depth=1),
+                                  Picky, copy_weights=lambda ours, peer: ours.load_state_dict(peer.vit.state_dict()),
+                                  img_size=64)]
+    monkeypatch.setitem(sys.modules, "zoo.bench.vision_picky", fake)
+    monkeypatch.setattr(bench, "OPTIONAL_CASE_MODULES", ["zoo.bench.vision_picky"])
+    common = ["--img-size", "32", "--batch", "1", "--repeats", "1", "--warmup", "0", "--no-attention", "--no-train"]
+    assert bench.main(["--models", "vit_tiny*,picky"] + common) == 0
+    out = capsys.readouterr().out
+    assert ("# skipped picky: the peer (timm) cannot run at img_size 32 (AssertionError: width (32) must be "
+            "divisible by 64); pick a size the peer supports (e.g. its default, 64)") in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(("vit_tiny", "picky"))] == ["vit_tiny_patch16_224"]
+    assert bench.main(["--models", "picky"] + common) == 2
+    assert "no case could run: picky: the peer (timm) cannot run at img_size 32" in capsys.readouterr().err
+    assert bench.main(["--models", "picky"] + common[:1] + ["64"] + common[2:]) == 0  # its own size runs
+
+
 def test_bench_vision_compiled_smoke(capsys):
     """--compile compiles ours and timm's model (the 'eager' backend here: Dynamo capture only) for inference
     and the training step, and says so; an unknown backend is a usage error."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import importlib
+import sys
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -44,7 +45,7 @@ from zoo.bench.timing import (
     paired_ratio, run_footer, run_header, set_threads,
 )
 
-__all__ = ["BenchCase", "CASES", "OPTIONAL_CASE_MODULES", "all_cases", "main"]
+__all__ = ["BenchCase", "CASES", "OPTIONAL_CASE_MODULES", "PeerCannotRun", "all_cases", "main"]
 
 OPTIONAL_CASE_MODULES = ["zoo.bench.vision_maxvit", "zoo.bench.vision_agent"]
 
@@ -112,9 +113,25 @@ def _select(cases: list[BenchCase], spec: str) -> list[BenchCase]:
     return chosen
 
 
+class PeerCannotRun(RuntimeError):
+    """The peer model cannot be built or run at the requested size (timm's MaxViT needs multiples of its
+    partitions, for instance): the case is skipped with this message, the others still run."""
+
+
+def _peer_call(case: BenchCase, img_size: int, fn: Callable[[], object], what: str):
+    try:
+        return fn()
+    except Exception as error:  # the peer's own assertion / shape error, reported with the size that caused it
+        raise PeerCannotRun(
+            f"{case.name}: the peer ({case.peer_name}) cannot {what} at img_size {img_size} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); pick a size the peer "
+            f"supports (e.g. its default, {case.img_size})"
+        ) from error
+
+
 def _build_pair(case: BenchCase, img_size: int, batch: int, device: str = "cpu") -> tuple[nn.Module, nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    peer = case.peer_builder(img_size)
+    peer = _peer_call(case, img_size, lambda: case.peer_builder(img_size), "be built")
     ours = case.zoo_builder(img_size)
     (case.copy_weights or _strict_copy)(ours, peer)
     peer.to(device)
@@ -123,7 +140,8 @@ def _build_pair(case: BenchCase, img_size: int, batch: int, device: str = "cpu")
     ours.eval()
     peer.eval()
     with torch.no_grad():
-        diff = (ours(x) - peer(x)).abs().max().item()
+        peer_out = _peer_call(case, img_size, lambda: peer(x), "run")
+        diff = (ours(x) - peer_out).abs().max().item()
     if not diff <= case.atol:
         raise RuntimeError(f"{case.name}: zoo and {case.peer_name} outputs differ by {diff:.3g} (> {case.atol}); not timing")
     return ours, peer, x
@@ -279,14 +297,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         print()
         print(attention_table(args.attention_sizes, repeats=args.repeats, warmup=args.warmup))
         print(flush=True)
-    rows = []
+    rows, skipped = [], []
     for case in chosen:
-        rows.append(
-            run_case(case, batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
-                     train=not args.no_train, infer=not args.no_infer, full_last_block=args.full_last_block,
-                     device=args.device, compile_backend=args.compile)
-        )
+        try:
+            rows.append(
+                run_case(case, batch=args.batch, img_size=args.img_size, repeats=args.repeats, warmup=args.warmup,
+                         train=not args.no_train, infer=not args.no_infer, full_last_block=args.full_last_block,
+                         device=args.device, compile_backend=args.compile)
+            )
+        except PeerCannotRun as error:
+            skipped.append(str(error))
+            print(f"# skipped {error}", flush=True)
+            continue
         print(f"# done {case.name}", flush=True)
+    if not rows:
+        print("zoo bench vision: no case could run: " + "; ".join(skipped), file=sys.stderr)
+        return 2
     print(_table(rows, args.markdown))
     print("# infer: zoo/peer throughput ratio (higher is better); step: zoo/peer training-step time ratio "
           "(lower is better); each ratio is the median over rounds of that round's ratio, not the quotient of "
