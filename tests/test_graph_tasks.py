@@ -712,18 +712,21 @@ def test_model_with_another_class_count_is_named(tmp_path):
 
 
 def test_unbounded_max_epochs_is_refused_unless_something_ends_the_run(tmp_path):
-    """trainer.max_epochs=-1 (no limit) with a constant learning rate ran forever; task.stop_at_acc or
-    trainer.max_steps ends it."""
+    """trainer.max_epochs=-1 (no limit) with a constant learning rate ran forever; task.stop_at_acc,
+    trainer.max_steps or trainer.max_time ends it."""
     pytest.importorskip("hydra")
     from zoo.tasks.graph.train import compose, fit
 
     common = ["experiment=graph_karate", "trainer.max_epochs=-1", "model.heads=1", "+model.hidden_channels=4",
               "trainer.check_val_every_n_epoch=1", "num_threads=1"]
     with pytest.raises(ValueError, match=r"trainer\.max_epochs=-1 \(no limit\) never ends a graph run: .*"
-                                         r"\+trainer\.max_steps=N, or task\.stop_at_acc"):
+                                         r"\+trainer\.max_steps=N, \+trainer\.max_time=DD:HH:MM:SS, or task\.stop_at_acc"):
         fit(compose(common), verbose=False, run_dir=str(tmp_path / "a"))
     assert fit(compose([*common, "+trainer.max_steps=2"]), verbose=False, run_dir=str(tmp_path / "b"))["epochs"] == 2
     assert fit(compose([*common, "task.stop_at_acc=0.01"]), verbose=False, run_dir=str(tmp_path / "c"))["epochs"] >= 1
+    # a time limit ends it too (it was refused): Lightning's Timer stops the run after 2 s
+    timed = fit(compose([*common, "+trainer.max_time={seconds: 2}"]), verbose=False, run_dir=str(tmp_path / "d"))
+    assert timed["epochs"] >= 1
 
 
 def test_sbm_arguments_are_named():

@@ -53,9 +53,16 @@ class _GraphModule(ZooModule):
         """trainer.max_epochs=-1 is Lightning's "no limit": with a constant learning rate and no step limit or
         target accuracy, the run would never end."""
         trainer = self.trainer
-        if trainer.max_epochs == -1 and trainer.max_steps == -1 and self.stop_at_acc is None:
-            raise ValueError("trainer.max_epochs=-1 (no limit) never ends a graph run: set trainer.max_epochs, "
-                             "+trainer.max_steps=N, or task.stop_at_acc=<accuracy> (stop once val/acc1 reaches it)")
+        if trainer.max_epochs != -1 or trainer.max_steps != -1 or self.stop_at_acc is not None:
+            return
+        # +trainer.max_time=... (Lightning's Timer callback) or an EarlyStopping callback ends the run too
+        from lightning.pytorch.callbacks import EarlyStopping, Timer
+
+        if any(isinstance(callback, (Timer, EarlyStopping)) for callback in trainer.callbacks):
+            return
+        raise ValueError("trainer.max_epochs=-1 (no limit) never ends a graph run: set trainer.max_epochs, "
+                         "+trainer.max_steps=N, +trainer.max_time=DD:HH:MM:SS, or task.stop_at_acc=<accuracy> "
+                         "(stop once val/acc1 reaches it)")
 
     def _check_num_classes(self, logits: torch.Tensor) -> None:
         """Once per run, the logits width against the data's class count: a narrower model fails inside
