@@ -15,7 +15,8 @@ Metrics: ``train/loss``, ``train/acc1`` (mean over the epoch's batches), ``val/a
 ``val/graph_acc`` / ``test/graph_acc`` (the fraction of graphs whose every query is right).
 ``stop_at_acc`` stops training once val/acc1 reaches it (the DictionaryLookup paper stops at 100%); the
 sanity-check validation Lightning runs before training does not count. ``trainer.max_epochs=-1`` is refused
-unless ``stop_at_acc`` or ``trainer.max_steps`` ends the run (constant learning rate: nothing else would).
+unless ``stop_at_acc``, ``trainer.max_steps``, ``trainer.max_time`` or an EarlyStopping callback ends the run
+(constant learning rate: nothing else would).
 The model's output width is checked against the data's class count at the first step of a run.
 """
 from __future__ import annotations
