@@ -519,6 +519,21 @@ def test_bench_vision_compiled_smoke(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--models", "vit_tiny*", "--compile", "inducter"])
     assert "--compile must be" in capsys.readouterr().err
+    # the compiled models' outputs are checked again before timing (they were checked only before compiling)
+
+    def drifting_model(size):
+        model = zoo.create_model("vit_debug", img_size=size, depth=1)
+        forward = model.forward
+        model.compile = lambda **kwargs: setattr(model, "forward", lambda x: forward(x) + 1e-3)  # a wrong compiler
+        return model
+
+    drifting = bench.BenchCase("drifting", drifting_model,
+                               lambda size: TimmViT(img_size=size, patch_size=8, num_classes=10, embed_dim=32, depth=1,
+                                                    num_heads=2), img_size=32)
+    with pytest.raises(RuntimeError, match=r"drifting: zoo and timm outputs under torch.compile \(backend eager\) "
+                                           r"differ by 0.001"):
+        bench.run_case(drifting, batch=1, img_size=32, repeats=1, warmup=0, train=False, infer=True,
+                       compile_backend="eager")
 
 
 @pytest.mark.parametrize("name", ["vit_debug", "maxvit_debug", "agent_deit_debug"])

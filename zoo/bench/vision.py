@@ -141,10 +141,16 @@ def _build_pair(case: BenchCase, img_size: int, batch: int, device: str = "cpu")
     peer.eval()
     with torch.no_grad():
         peer_out = _peer_call(case, img_size, lambda: peer(x), "run")
+    _check_agreement(case, ours, peer_out, x)
+    return ours, peer, x
+
+
+def _check_agreement(case: BenchCase, ours: nn.Module, peer_out: torch.Tensor, x: torch.Tensor, what: str = "") -> None:
+    with torch.no_grad():
         diff = (ours(x) - peer_out).abs().max().item()
     if not diff <= case.atol:
-        raise RuntimeError(f"{case.name}: zoo and {case.peer_name} outputs differ by {diff:.3g} (> {case.atol}); not timing")
-    return ours, peer, x
+        raise RuntimeError(f"{case.name}: zoo and {case.peer_name} outputs{what} differ by {diff:.3g} (> {case.atol}); "
+                           "not timing")
 
 
 def _infer_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -179,6 +185,8 @@ def run_case(case: BenchCase, *, batch: int, img_size: Optional[int], repeats: i
     if compile_backend:  # both compiled in place, static graphs (as zoo bench vision_agent / graph)
         ours.compile(backend=compile_backend, dynamic=False)
         peer.compile(backend=compile_backend, dynamic=False)
+        with torch.no_grad():  # the compiled models are checked again (this call compiles their inference graphs)
+            _check_agreement(case, ours, peer(x), x, f" under torch.compile (backend {compile_backend})")
     row = {"case": case.name, "peer": case.peer_name, "batch": batch, "img_size": size}
     if infer:
         ours.eval()
