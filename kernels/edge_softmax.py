@@ -14,7 +14,9 @@ Programs: one per (block of BLOCK_N consecutive destination nodes, head). Each w
 segments in tiles of BLOCK_E edges x BLOCK_C channels (C padded to a power of two).
 
 Backward (the FlashAttention-2 identity delta_i = g_i . out_i, computed in PyTorch): the same programs
-recompute s, alpha = exp(s - lse), t = g_i . xs_j and ds = alpha * (keep' * t - delta_i), then
+recompute s, alpha = exp((s - max_i) - log_sum_i) (the forward keeps the row max and log-sum apart: their sum,
+the log-sum-exp, is rounded to ulp(|s|), which every recomputed weight would carry for large scores), t = g_i . xs_j and
+ds = alpha * (keep' * t - delta_i), then
     dxd[i]  = sum_j ds * a * LeakyReLU'(z)            (owned by the program: plain store)
     dxs[j] += ds * a * LeakyReLU'(z) + alpha' * g_i    (atomic add into an fp32 buffer)
     da     += sum ds * LeakyReLU(z)                      (per-program partials, summed in PyTorch)
@@ -98,7 +100,7 @@ def _node_edges(rowptr_ptr, i, N):
 @triton.jit(do_not_specialize=["tune_bucket"])
 def _gatv2_fwd_kernel(
     xs_ptr, xd_ptr, att_ptr, ea_ptr, we_ptr, rowptr_ptr, col_ptr, keep_ptr,
-    out_ptr, lse_ptr, s_ptr,
+    out_ptr, max_ptr, logsum_ptr, s_ptr,
     Nd, slope, keep_scale, tune_bucket,
     H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_EDGE: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_S: tl.constexpr,
@@ -144,17 +146,20 @@ def _gatv2_fwd_kernel(
             m = m_new
         has = l > 0
         out = tl.where(has, acc / tl.where(has, l, 1.0), 0.0)
-        lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), -float("inf"))
+        # the row max and the log-sum, kept apart for the backward's exp((s - max) - log_sum): their sum (the
+        # log-sum-exp) is rounded to ulp(|s|), an error every recomputed weight would carry for large scores
+        log_sum = tl.where(has, tl.log(tl.where(has, l, 1.0)), 0.0)
         tl.store(out_ptr + (i_safe.to(tl.int64) * H + h) * C + offs_c, out.to(out_ptr.dtype.element_ty),
                  mask=mask_c & valid)
-        tl.store(lse_ptr + i_safe * H + h, lse, mask=valid)
+        tl.store(max_ptr + i_safe * H + h, m, mask=valid)
+        tl.store(logsum_ptr + i_safe * H + h, log_sum, mask=valid)
 
 
 @triton.autotune(configs=_configs(), key=_KEY, reset_to_zero=["dxs_ptr", "datt_ptr", "dwe_ptr", "dea_ptr"])
 @triton.jit(do_not_specialize=["tune_bucket"])
 def _gatv2_bwd_kernel(
     xs_ptr, xd_ptr, att_ptr, ea_ptr, we_ptr, rowptr_ptr, col_ptr, keep_ptr,
-    g_ptr, lse_ptr, delta_ptr,
+    g_ptr, max_ptr, logsum_ptr, delta_ptr,
     dxs_ptr, dxd_ptr, datt_ptr, dwe_ptr, dea_ptr,
     Nd, E, slope, keep_scale, tune_bucket,
     H: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -172,7 +177,8 @@ def _gatv2_bwd_kernel(
         row_off = (i_safe.to(tl.int64) * H + h) * C
         xd_row = tl.load(xd_ptr + row_off + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         g_row = tl.load(g_ptr + row_off + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        lse = tl.load(lse_ptr + i_safe * H + h)
+        row_max = tl.load(max_ptr + i_safe * H + h)
+        log_sum = tl.load(logsum_ptr + i_safe * H + h)
         delta = tl.load(delta_ptr + i_safe * H + h)
         dxd_acc = tl.zeros((BLOCK_C,), tl.float32)
         for e0 in range(start, end, BLOCK_E):
@@ -190,7 +196,7 @@ def _gatv2_bwd_kernel(
                     z += e_d[:, None] * w_d[None, :]
             lz = tl.where(z > 0, z, z * slope)
             s = tl.sum(lz * att_row[None, :], axis=1)  # scores [BLOCK_E]
-            alpha = tl.where(mask_e, tl.exp(s - lse), 0.0)
+            alpha = tl.where(mask_e, tl.exp((s - row_max) - log_sum), 0.0)
             t = tl.sum(xs_tile * g_row[None, :], axis=1)  # dL/d alpha_eff
             if HAS_KEEP:
                 k = tl.load(keep_ptr + offs_e.to(tl.int64) * H + h, mask=mask_e, other=0).to(tl.float32) * keep_scale
@@ -269,24 +275,25 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
         # fp32 output, cast for the caller: backward's delta = g . out needs it unrounded (from an fp16 out,
         # t - delta is rounding noise for a near one-hot softmax: 0.5 error in d_att against 2e-4)
         out = torch.empty(Nd, H, C, dtype=torch.float32, device=xs.device)
-        lse = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
-        s = torch.empty(csr.num_edges, H, dtype=torch.float32, device=xs.device) if need_weights else lse
+        row_max = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
+        log_sum = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
+        s = torch.empty(csr.num_edges, H, dtype=torch.float32, device=xs.device) if need_weights else log_sum
         dummy = att
         kscale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
         if Nd:
             _gatv2_fwd_kernel[_grid(Nd, H)](
                 xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
                 csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
-                out, lse, s, Nd, float(slope), float(kscale), _tune_bucket(Nd, csr.num_edges),
+                out, row_max, log_sum, s, Nd, float(slope), float(kscale), _tune_bucket(Nd, csr.num_edges),
                 H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
                 HAS_EDGE=ea is not None, HAS_KEEP=keep is not None, STORE_S=bool(need_weights),
             )
-        ctx.save_for_backward(xs, xd, att, ea, we, keep_i8, out, lse)
+        ctx.save_for_backward(xs, xd, att, ea, we, keep_i8, out, row_max, log_sum)
         ctx.csr, ctx.slope, ctx.kscale = csr, float(slope), float(kscale)
         out_cast = out.to(xs.dtype)
         if not need_weights:
             return out_cast, None
-        alpha = torch.exp(s - lse[csr.row])
+        alpha = torch.exp((s - row_max[csr.row]) - log_sum[csr.row])
         if keep is not None:
             alpha = alpha * keep.to(alpha.dtype) * kscale
         alpha = alpha.to(xs.dtype)
@@ -297,7 +304,7 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
     def backward(ctx, g, _g_alpha):
         refuse_double_backward("the Triton GATv2 kernel", "use torch_geometric.nn.GATv2Conv, which loads this "
                                "layer's state dict")
-        xs, xd, att, ea, we, keep_i8, out, lse = ctx.saved_tensors
+        xs, xd, att, ea, we, keep_i8, out, row_max, log_sum = ctx.saved_tensors
         csr = ctx.csr
         Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
         D = 0 if ea is None else ea.shape[1]
@@ -313,7 +320,7 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
             _gatv2_bwd_kernel[_grid(Nd, H)](
                 xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
                 csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
-                g, lse, delta, dxs, dxd, datt, dwe, dea,
+                g, row_max, log_sum, delta, dxs, dxd, datt, dwe, dea,
                 Nd, csr.num_edges, ctx.slope, ctx.kscale, _tune_bucket(Nd, csr.num_edges),
                 H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
                 HAS_EDGE=ea is not None, HAS_KEEP=keep_i8 is not None,
@@ -358,8 +365,8 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, all_config
 
     elem = pointer_type(dtype)
     types = {name: elem for name in ("xs_ptr", "xd_ptr", "att_ptr", "ea_ptr", "we_ptr", "out_ptr", "g_ptr")}
-    types.update({name: "*fp32" for name in ("lse_ptr", "s_ptr", "delta_ptr", "dxs_ptr", "dxd_ptr", "datt_ptr",
-                                             "dwe_ptr", "dea_ptr")})
+    types.update({name: "*fp32" for name in ("max_ptr", "logsum_ptr", "s_ptr", "delta_ptr", "dxs_ptr", "dxd_ptr",
+                                             "datt_ptr", "dwe_ptr", "dea_ptr")})
     types.update({"rowptr_ptr": "*i64", "col_ptr": "*i64", "keep_ptr": "*i8", "slope": "fp32", "keep_scale": "fp32"})
     variants = {
         "C=64": dict(H=2, C=64, D=0, BLOCK_C=64, HAS_EDGE=False, HAS_KEEP=False),

@@ -275,8 +275,9 @@ def segment_softmax(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
 class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
     """out[n] = sum_{e: index[e] = n} softmax_n(scores)[e] * values[e], element by element (vector attention).
 
-    Saves the inputs and two [N, C] tensors (log-sum-exp and output); backward recomputes the weights:
-    with alpha = exp(s - lse[index]) and g = grad_out[index],
+    Saves the inputs and [N, C] statistics (the CPU path: row max, log-sum and output; the Triton kernel:
+    log-sum-exp and output); backward recomputes the weights, alpha = exp((s - max[index]) - log_sum[index])
+    (the two statistics kept apart: see _block_softmax; the kernel's exp(s - lse)), and with g = grad_out[index],
         d values = alpha * g,
         d scores = alpha * (g * values - sum_n(alpha * g * values)[index]) = d values * (values - out[index]),
     since sum_n(alpha * values) is out[n] itself."""
@@ -288,7 +289,7 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
             from zoo.kernels.vector_softmax import vector_softmax_sum
 
             out_NC, lse_NC = vector_softmax_sum(scores_EC, values_EC, rowptr)
-            ctx.save_for_backward(scores_EC, values_EC, index_E, lse_NC, out_NC)
+            ctx.save_for_backward(scores_EC, values_EC, index_E, lse_NC, None, out_NC)
             ctx.kernel, ctx.num_segments = True, num_segments
             return out_NC
         ctx.kernel = False
@@ -305,26 +306,28 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
         # output is made in place (out.div_(l)), then saved and returned, gets wrong gradients (silently;
         # reproduced with a 15-line function); out of place both are right (the compile test covers it)
         out_NC = weighted_NC / l_NC
-        lse_NC = l_NC.log() + m_NC
-        ctx.save_for_backward(scores_EC, values_EC, index_E, lse_NC, out_NC)
+        # the max and the log-sum kept apart (not lse = max + log-sum): see _block_softmax
+        ctx.save_for_backward(scores_EC, values_EC, index_E, m_NC, l_NC.log(), out_NC)
         return out_NC
 
     @staticmethod
     def backward(ctx, grad_out_NC: Tensor):
-        scores_EC, values_EC, index_E, lse_NC, out_NC = ctx.saved_tensors
+        # (max, log-sum) of the CPU path; (lse, None) of the kernel's
+        scores_EC, values_EC, index_E, stat_NC, log_sum_NC, out_NC = ctx.saved_tensors
         if torch.is_grad_enabled():  # backward(create_graph=True): gradients that are differentiable themselves
             return _differentiable_backward(ctx, scores_EC, values_EC, index_E, grad_out_NC)
         if ctx.kernel:  # the Triton backward (zoo.kernels.vector_softmax): one pass, no [E, C] temporaries
             from zoo.kernels.vector_softmax import vector_softmax_sum_backward
 
             grad_scores, grad_values = vector_softmax_sum_backward(
-                scores_EC, values_EC, index_E, lse_NC, out_NC, grad_out_NC, *ctx.needs_input_grad[:2])
+                scores_EC, values_EC, index_E, stat_NC, out_NC, grad_out_NC, *ctx.needs_input_grad[:2])
             return grad_scores, grad_values, None, None, None
 
         def wide(t):  # fp16 / bf16 (the kernel's inputs) in fp32; fp32 and fp64 as they are
             return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
-        alpha_EC = exp_flushed_(wide(scores_EC) - wide(lse_NC).index_select(0, index_E))
+        alpha_EC = exp_flushed_((wide(scores_EC) - wide(stat_NC).index_select(0, index_E))
+                                .sub_(wide(log_sum_NC).index_select(0, index_E)))
         grad_values = alpha_EC.mul_(wide(grad_out_NC).index_select(0, index_E))  # alpha * g
         grad_scores = None
         if ctx.needs_input_grad[0]:
@@ -419,13 +422,19 @@ def _block_max(s_cH: Tensor, dst_local: Tensor, n: int) -> Tensor:
     return s_cH.new_full((n, s_cH.size(1)), float("-inf")).scatter_reduce_(0, idx, s_cH, "amax")
 
 
-def _block_softmax(s_cH: Tensor, dst_local: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """softmax over the destination segments of one block; returns (alpha [c, H], lse [n, H])."""
+def _block_softmax(s_cH: Tensor, dst_local: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """softmax over the destination segments of one block; returns (alpha [c, H], max [n, H], log-sum [n, H]).
+
+    The backward recomputes alpha = exp((s - max) - log_sum) from the two statistics kept apart, not from their
+    sum lse = max + log_sum: with large scores (|s| ~ 1e3 in a saturated GATv2 layer) lse is rounded to ulp(|s|),
+    and exp(s - lse) carried that error into every weight (1e-4 relative), where s - max is exact next to the
+    maximum and log_sum is small (zoo/attention/segment.py's backward passes; PyG's softmax divides exp(s - max)
+    by the sum)."""
     m = _block_max(s_cH, dst_local, n)
     p = exp_flushed_(s_cH - m[dst_local])  # not exp_(): see zoo.layers.EXP_FLOOR
     l = s_cH.new_zeros((n, s_cH.size(1))).index_add_(0, dst_local, p)
     p.div_(l[dst_local])
-    return p, m + l.log()
+    return p, m, l.log()
 
 
 def _apply_keep(alpha: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
@@ -459,18 +468,18 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
         H, C = v_NHC.shape[1], v_NHC.shape[2]
         cdt = _compute_dtype(v_NHC.dtype)
         out = torch.zeros(csr.num_dst, H, C, dtype=cdt, device=v_NHC.device)
-        lse = torch.full((csr.num_dst, H), float("-inf"), dtype=cdt, device=v_NHC.device)
+        row_max = torch.full((csr.num_dst, H), float("-inf"), dtype=cdt, device=v_NHC.device)  # (_block_softmax)
+        log_sum = torch.zeros((csr.num_dst, H), dtype=cdt, device=v_NHC.device)
         alpha_all = s_EH.new_zeros(s_EH.shape, dtype=cdt) if need_weights else None
         for n0, n1, e0, e1 in csr.blocks(chunk // max(1, H * C)):
             dl = csr.row[e0:e1] - n0
-            alpha, lse_b = _block_softmax(s_EH[e0:e1].to(cdt), dl, n1 - n0)
-            lse[n0:n1] = lse_b
+            alpha, row_max[n0:n1], log_sum[n0:n1] = _block_softmax(s_EH[e0:e1].to(cdt), dl, n1 - n0)
             alpha = _apply_keep(alpha, None if keep is None else keep[e0:e1], dropout)
             if alpha_all is not None:
                 alpha_all[e0:e1] = alpha
             msg = v_NHC.index_select(0, csr.col[e0:e1]).to(cdt).mul_(alpha[..., None])
             _add_rows_(out[n0:n1], dl, msg)
-        ctx.save_for_backward(s_EH, v_NHC, lse, keep)
+        ctx.save_for_backward(s_EH, v_NHC, row_max, log_sum, keep)
         ctx.csr, ctx.dropout, ctx.chunk = csr, dropout, chunk
         out = out.to(v_NHC.dtype)
         if alpha_all is None:
@@ -482,7 +491,7 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_NHC, _g_alpha):
         refuse_double_backward("the fused graph attention (GATConv)", "use torch_geometric.nn's layer of the same name, which loads this layer's state dict")
-        s_EH, v_NHC, lse, keep = ctx.saved_tensors
+        s_EH, v_NHC, row_max, log_sum, keep = ctx.saved_tensors
         csr, dropout = ctx.csr, ctx.dropout
         H, C = v_NHC.shape[1], v_NHC.shape[2]
         cdt = _compute_dtype(v_NHC.dtype)
@@ -494,7 +503,8 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
         for n0, n1, e0, e1 in csr.blocks(ctx.chunk // max(1, H * C)):
             dl = csr.row[e0:e1] - n0
             col = csr.col[e0:e1]
-            alpha = exp_flushed_(s_EH[e0:e1].to(cdt) - lse[csr.row[e0:e1]])  # softmax, recomputed
+            row = csr.row[e0:e1]
+            alpha = exp_flushed_((s_EH[e0:e1].to(cdt) - row_max[row]).sub_(log_sum[row]))  # softmax, recomputed
             kf = None if keep is None else keep[e0:e1].to(cdt) * scale
             g_cHC = g_NHC.index_select(0, csr.row[e0:e1])
             if gv is not None:
@@ -658,10 +668,11 @@ class _GATv2Attention(torch.autograd.Function):
         dev = xs_NHC.device
         w_att = _head_dot_matrix(att_HC.to(cdt))
         out = torch.zeros(Nd, H, C, dtype=cdt, device=dev)
-        lse = torch.full((Nd, H), float("-inf"), dtype=cdt, device=dev)
+        row_max = torch.full((Nd, H), float("-inf"), dtype=cdt, device=dev)  # softmax statistics (_block_softmax)
+        log_sum = torch.zeros((Nd, H), dtype=cdt, device=dev)
         alpha_all = torch.zeros(csr.num_edges, H, dtype=cdt, device=dev) if need_weights else None
 
-        def worker(blocks):  # writes disjoint rows of out / lse / alpha_all
+        def worker(blocks):  # writes disjoint rows of out / row_max / log_sum / alpha_all
             for n0, n1, e0, e1 in blocks:
                 col, dl = csr.col[e0:e1], csr.row[e0:e1] - n0
                 xs_c = xs_NHC.index_select(0, col).to(cdt)
@@ -670,15 +681,14 @@ class _GATv2Attention(torch.autograd.Function):
                 del xd_b
                 s = F.leaky_relu_(z, slope).view(-1, H * C) @ w_att  # [c, H] scores
                 del z
-                alpha, lse_b = _block_softmax(s, dl, n1 - n0)
-                lse[n0:n1] = lse_b
+                alpha, row_max[n0:n1], log_sum[n0:n1] = _block_softmax(s, dl, n1 - n0)
                 alpha = _apply_keep(alpha, None if keep is None else keep[e0:e1], dropout)
                 if alpha_all is not None:
                     alpha_all[e0:e1] = alpha
                 out[n0:n1].index_add_(0, dl, xs_c.mul_(alpha[..., None]))
 
         _run_blocks(worker, csr.blocks(chunk // max(1, H * C)), dev, H * C)
-        ctx.save_for_backward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, lse, keep)
+        ctx.save_for_backward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max, log_sum, keep)
         ctx.csr, ctx.slope, ctx.dropout, ctx.chunk = csr, slope, dropout, chunk
         out = out.to(xs_NHC.dtype)
         if alpha_all is None:
@@ -690,7 +700,7 @@ class _GATv2Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_NHC, _g_alpha):
         refuse_double_backward("the fused GATv2 attention (GATv2Conv)", "use torch_geometric.nn's layer of the same name, which loads this layer's state dict")
-        xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, lse, keep = ctx.saved_tensors
+        xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max, log_sum, keep = ctx.saved_tensors
         csr, slope, dropout = ctx.csr, ctx.slope, ctx.dropout
         H, C = xs_NHC.shape[1], xs_NHC.shape[2]
         cdt = _compute_dtype(xs_NHC.dtype)
@@ -728,7 +738,7 @@ class _GATv2Attention(torch.autograd.Function):
                 del xs_c, xd_b
                 pos = z > 0
                 lz_cF = F.leaky_relu_(z, slope).view(-1, H * C)  # in place: z is now LeakyReLU(z)
-                alpha = exp_flushed_((lz_cF @ w_att).sub_(lse[row]))  # [c, H] softmax, recomputed
+                alpha = exp_flushed_((lz_cF @ w_att).sub_(row_max[row]).sub_(log_sum[row]))  # [c, H] softmax, recomputed
                 kf = None if keep is None else keep[e0:e1].to(cdt) * kscale
                 a_eff = alpha if kf is None else alpha * kf
                 if kf is not None:
