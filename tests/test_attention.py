@@ -2,10 +2,12 @@
 gradients, awkward shapes, backend selection, and clear errors for bad input."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import zoo.attention as za
 from zoo.attention import (
@@ -672,3 +674,29 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
                             (dict(dropout_p=False), "dropout_p must be in \\[0, 1\\), got False")):
         with pytest.raises(ValueError, match=message):
             attend(q, q, q, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_reference_backend_keeps_half_precision_scores_in_fp32(dtype, autocast):
+    """bf16 / fp16 inputs: the "torch" backend (what return_weights and capture_attention run) keeps scores and
+    weights in fp32, as SDPA's kernels do, so it is as close to float64 as SDPA (within 2x). It computed q k^T in
+    the input dtype: each score rounded to bf16 (0.25 at |s| = 32) before the softmax, outputs 0.15 off in bf16
+    against SDPA's 0.008, and asking for the weights changed the output. Under torch.autocast too (which would
+    cast the fp32 copies back down)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = ((4 * torch.randn(1, 4, 128, 64, generator=g)).to(dtype) for _ in range(2))
+    v = torch.randn(1, 4, 128, 64, generator=g).to(dtype)
+    allowed = torch.ones(128, 128, dtype=torch.bool).tril()[None, None]
+    want = naive_attention(q, k, v, allowed, None, 64 ** -0.5, "softmax")
+    context = torch.autocast("cpu", dtype=dtype) if autocast else contextlib.nullcontext()
+    with context:
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ours = attend(q, k, v, Causal(), backend="torch")
+        with_weights, weights = attend(q, k, v, Causal(), return_weights=True)
+    sdpa_err = float((sdpa.double() - want).abs().max())
+    for out in (ours, with_weights):
+        assert out.dtype == dtype
+        assert float((out.double() - want).abs().max()) <= 2 * sdpa_err
+    p_want = torch.softmax((q.double() @ k.double().transpose(-1, -2) / 8).masked_fill(~allowed, -math.inf), -1)
+    assert float((weights.double() - p_want).abs().max()) < 1e-5

@@ -22,6 +22,7 @@ bounded the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -212,6 +213,11 @@ def _grouped(t: Optional[torch.Tensor], kv_heads: int, groups: int) -> Optional[
     return t.reshape(bx, kv_heads, groups, r, n)
 
 
+def _autocast_off(device_type: str):
+    """torch.autocast disabled for this device type (a no-op context where autocast does not exist: meta)."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
 def _rows(
     q_rows: torch.Tensor,
     k: torch.Tensor,
@@ -229,16 +235,17 @@ def _rows(
     groups = heads // kv_heads
     q_g = q_rows.reshape(batch, kv_heads, groups * rows, head_dim)
     compute_dtype = torch.float32 if q_g.dtype in (torch.float16, torch.bfloat16) else q_g.dtype
-    if q_g.dtype == torch.float16:
-        # scaled before the product, as SDPA does: q . k can pass fp16's 65504 where the scaled score does not
-        s = torch.matmul(q_g * scale, k.transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len).float()
-        if s.is_cpu and not is_tracing() and not surely_finite(s):
-            # a scaled score itself past 65504 (the inputs are finite: checked): that chunk's product in fp32,
-            # as SDPA's CPU kernel and the other backends accumulate (it came out all NaN). Not on CUDA, where
-            # the check would cost a device sync per chunk.
-            s = torch.matmul(q_g.float() * scale, k.float().transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len)
+    if compute_dtype != q_g.dtype:
+        # fp16 / bf16 inputs: the scores in fp32, as SDPA's kernels and the other backends keep them. A product
+        # in the input dtype rounds each score to it (bf16: 0.25 at |s| = 32) before the softmax: outputs 20x
+        # further from float64 than SDPA's (0.15 against 0.008 in bf16), and capture_attention / return_weights,
+        # which run this backend, changed a half-precision model's outputs. (It also cannot overflow fp16.)
+        # (with autocast off: under torch.autocast, matmul would cast the fp32 copies back down)
+        with _autocast_off(q_g.device.type):
+            s = torch.matmul(q_g.float(), k.float().transpose(-1, -2))
+        s = s.view(batch, kv_heads, groups, rows, k_len) * scale
     else:
-        s = torch.matmul(q_g, k.transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len).to(compute_dtype) * scale
+        s = torch.matmul(q_g, k.transpose(-1, -2)).view(batch, kv_heads, groups, rows, k_len) * scale
     if bias_rows is not None:
         s = s + _grouped(bias_rows, kv_heads, groups).to(compute_dtype)
     allowed = _grouped(allowed_rows, kv_heads, groups)
@@ -260,7 +267,11 @@ def _rows(
     weights = p if want_weights else None
     if dropout_p > 0.0:
         p = F.dropout(p, p=dropout_p, training=True)
-    out = torch.matmul(p.to(v.dtype).view(batch, kv_heads, groups * rows, k_len), v)
+    if compute_dtype != v.dtype:  # fp16 / bf16: the weights are not rounded to the input dtype either
+        with _autocast_off(v.device.type):
+            out = torch.matmul(p.view(batch, kv_heads, groups * rows, k_len), v.to(compute_dtype)).to(v.dtype)
+    else:
+        out = torch.matmul(p.view(batch, kv_heads, groups * rows, k_len), v)
     out = out.view(batch, heads, rows, v.shape[-1])
     if want_weights:
         return out, weights.reshape(batch, heads, rows, k_len)
