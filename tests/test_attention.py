@@ -700,3 +700,27 @@ def test_reference_backend_keeps_half_precision_scores_in_fp32(dtype, autocast):
         assert float((out.double() - want).abs().max()) <= 2 * sdpa_err
     p_want = torch.softmax((q.double() @ k.double().transpose(-1, -2) / 8).masked_fill(~allowed, -math.inf), -1)
     assert float((weights.double() - p_want).abs().max()) < 1e-5
+
+
+def test_sdpa_backend_casts_a_wider_bias_without_losing_it():
+    """An fp32 bias with fp16 q (autocast) goes to SDPA in fp16: shifted by its row maximum first, so adding a
+    constant to the bias (which softmax ignores) changes nothing. Cast as it was, bias + 1000 lost the bias to
+    fp16's 0.5 steps (outputs 0.2 off, where the backends that add in fp32 stayed at 1e-3); a row of -1e9
+    became -inf, a zero row. Gradients flow to the fp32 bias as before."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g).half() for _ in range(3))
+    bias = torch.randn(1, 2, 9, 9, generator=g)
+    want = naive_attention(q, k, v, torch.ones(1, 1, 9, 9, dtype=torch.bool), bias, 0.25, "softmax")
+    errors = {}
+    for shift in (0.0, 1000.0):
+        b = (bias + shift).requires_grad_(True)
+        out = attend(q, k, v, bias=b, backend="sdpa")
+        errors[shift] = float((out.detach().double() - want).abs().max())
+        out.float().sum().backward()
+        assert b.grad is not None and b.grad.dtype == torch.float32 and torch.isfinite(b.grad).all()
+    assert errors[0.0] < 2e-3 and errors[1000.0] <= 2 * errors[0.0]
+    row = bias.clone()
+    row[0, :, 5] = -1e9  # a constant row: its softmax is that of the scores alone
+    out = attend(q, k, v, bias=row, backend="sdpa")
+    plain = attend(q, k, v, backend="sdpa")
+    torch.testing.assert_close(out[0, :, 5], plain[0, :, 5], atol=2e-3, rtol=0)

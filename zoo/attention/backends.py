@@ -269,6 +269,19 @@ def sdpa_biased(q, k, v, bias: torch.Tensor, scale: float, dropout_p: float) -> 
     )
 
 
+def _bias_in_dtype(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``bias`` in q's dtype for SDPA's attn_mask. A wider bias (fp32 under autocast, with fp16 / bf16 q) is first
+    shifted by its row maximum (detached; rows with no finite entry are not shifted): softmax ignores a constant
+    per row, and the cast then rounds only the differences that matter. Cast as it was, a bias of 1000 + b lost b
+    to fp16's 0.5 steps (outputs 0.2 off where the other backends, which add in fp32, stayed at 1e-3), and a row
+    of -1e9 became -inf (a zero row where the others attend uniformly)."""
+    if bias.dtype == dtype or not bias.is_floating_point() or torch.finfo(bias.dtype).bits <= torch.finfo(dtype).bits:
+        return bias.to(dtype)
+    row_max = bias.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    return (bias - row_max).to(dtype)
+
+
 def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     if mask.is_full and bias is None:  # the common call: nothing to prepare
         return sdpa_plain(q, k, v, scale, dropout_p)
@@ -281,7 +294,7 @@ def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
             allowed = mask.dense(q_len, k_len, q.device)
             bias = torch.where(allowed, bias, float("-inf"))
             is_causal = False
-        attn_mask = None if bias is None else sdpa_attn_mask(bias.to(q.dtype))
+        attn_mask = None if bias is None else sdpa_attn_mask(_bias_in_dtype(bias, q.dtype))
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
@@ -296,7 +309,7 @@ def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     if bias is None:
         attn_mask = allowed
     else:
-        attn_mask = torch.where(allowed, bias.to(q.dtype), float("-inf"))
+        attn_mask = torch.where(allowed, _bias_in_dtype(bias, q.dtype), float("-inf"))
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False, scale=scale, enable_gqa=gqa
     )
