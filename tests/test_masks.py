@@ -174,6 +174,13 @@ def test_mask_errors():
         ChunkWindow(4, 1.5)
     with pytest.raises(ValueError, match="allows no chunk"):
         ChunkWindow(4, -2, 1)
+    # a bound past int64 positions was an OverflowError from inside dense() on every backend
+    with pytest.raises(ValueError, match=r"Window left=100000000000000000000 is beyond any sequence length: use "
+                                         r"left=None for an unbounded side"):
+        Window(10**20, 0)
+    with pytest.raises(ValueError, match=r"ChunkWindow right=-100000000000000000000 is beyond"):
+        ChunkWindow(4, 2, -10**20)
+    assert Window(2**40, 0).dense(3, 3).equal(Causal().dense(3, 3))  # large but representable: fine
     with pytest.raises(TypeError, match="integer tensor"):
         Segments(torch.zeros(4))
     with pytest.raises(TypeError, match="bool tensor"):

@@ -235,6 +235,9 @@ def _check_band(mask_name: str, unit: str, left, right) -> None:
     for name, value in (("left", left), ("right", right)):
         if value is not None and (not is_int(value) or isinstance(value, torch.Tensor)):
             raise TypeError(f"{mask_name} {name} must be an int or None, got {value!r}")
+        if value is not None and abs(int(value)) >= 2**62:  # positions are int64 tensors: no such distance exists
+            raise ValueError(f"{mask_name} {name}={value} is beyond any sequence length: use {name}=None for an "
+                             f"unbounded side")
     if left is not None and right is not None and left + right < 0:
         raise ValueError(f"{mask_name}(left={left}, right={right}) allows no {unit} at all")
 
