@@ -928,3 +928,35 @@ def test_a_timm_training_checkpoint_loads_its_ema_weights(tmp_path):
     torch.save({"model_ema": ema}, tmp_path / "ema_only.pth")
     assert torch.equal(hub.load_state_dict_file(tmp_path / "ema_only.pth")["head.weight"], ema["head.weight"])
     assert torch.equal(hub.unwrap_state_dict({"state_dict": raw, "state_dict_ema": ema})["head.weight"], ema["head.weight"])
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=1)),
+    ("maxvit_rmlp_pico_rw_256", dict(img_size=64)),
+])
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_rgb_weights_load_into_other_channel_counts_as_timm(tmp_path, name, kwargs, in_chans, caplog):
+    """A 3-channel checkpoint loaded with in_chans=1 or 4 adapts the first convolution as timm's load_pretrained
+    does (adapt_input_conv: summed over RGB for 1 channel, repeated and scaled by 3 / in_chans otherwise), and
+    gives timm's logits; it was refused with a shape mismatch. Another stem width is still a clear error."""
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model(name, **kwargs)
+    path = tmp_path / "rgb.pth"
+    torch.save(source.state_dict(), path)
+    peer = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), in_chans=in_chans,
+                             **kwargs).eval()
+    with caplog.at_level(logging.INFO, logger="zoo.hub"):
+        ours = zoo.create_model(name, pretrained=str(path), in_chans=in_chans, **kwargs).eval()
+    assert f"from 3 to {in_chans} channel(s)" in caplog.text
+    x = torch.randn(2, in_chans, kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), atol=1e-4, rtol=1e-4)
+    if in_chans == 1:  # a grey image in the adapted model = the same image as R = G = B in the RGB model
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), source.eval()(x.expand(-1, 3, -1, -1)), atol=1e-4, rtol=1e-4)
+    # only RGB kernels are adapted (timm's rule): a 2-channel checkpoint into 4 channels is named as a mismatch
+    torch.save(timm.create_model(name, in_chans=2, **kwargs).state_dict(), tmp_path / "two.pth")
+    with pytest.raises(hub.CheckpointError, match=r"shape mismatches .*\(\d+, 2, \d+, \d+\) vs model \(\d+, 4,"):
+        zoo.create_model(name, pretrained=str(tmp_path / "two.pth"), in_chans=4, **kwargs)

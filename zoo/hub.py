@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -60,6 +61,7 @@ __all__ = [
     "load_state_dict_file",
     "load_pretrained_into",
     "load_weights",
+    "adapt_input_conv",
     "read_config",
     "shipped_checkpoints_dir",
     "list_shipped",
@@ -836,6 +838,7 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
     # the saved model's constructor arguments matter only when overrides change the model
     saved_args = (config or {}).get("model_args") if overrides else None
     state = _family_filter(entry, state, model, weights_path, saved_args if isinstance(saved_args, dict) else None)
+    state = adapt_input_conv(model, state, source=str(weights_path))
     load_weights(model, state, source=str(weights_path), new_head="num_classes" in overrides)
     data = ((config or {}).get("metadata") or {}).get("data")
     cfg = getattr(model, "pretrained_cfg", None)
@@ -878,6 +881,32 @@ def _saved_geometry(entry, saved_args: dict[str, Any]) -> Optional[nn.Module]:
             return _construct(entry, dict(saved_args))
     except Exception:  # noqa: BLE001 - an old or odd config: the filter works without it
         return None
+
+
+def adapt_input_conv(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """RGB weights for a model built with another ``in_chans``, as timm's ``load_pretrained`` does
+    (timm/models/_manipulate.py ``adapt_input_conv``): the first convolution named by the model's
+    ``pretrained_cfg["first_conv"]`` keeps its 3-channel kernel summed over the channels for 1 input channel
+    (a grey image as R = G = B gives the RGB model's output), or repeated over the channels and scaled by
+    3 / in_chans for any other count. Logged; other channel counts are left to the shape check."""
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    for name in [first_conv] if isinstance(first_conv, str) else list(first_conv or ()):
+        key = f"{name}.weight"
+        weight, want = state.get(key), model.state_dict().get(key)
+        if weight is None or want is None or weight.dim() != 4 or weight.shape[1] == want.shape[1]:
+            continue
+        in_chans = int(want.shape[1])
+        if weight.shape[1] != 3 or weight.shape[0] != want.shape[0] or weight.shape[2:] != want.shape[2:]:
+            continue  # not an RGB kernel of this layer: the strict load names the mismatch
+        wide = weight.float()
+        if in_chans == 1:
+            adapted = wide.sum(dim=1, keepdim=True)
+        else:
+            adapted = wide.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3.0 / in_chans)
+        state = dict(state)
+        state[key] = adapted.to(weight.dtype)
+        log.info("%s: converted the input convolution %s from 3 to %d channel(s), as timm does", source, key, in_chans)
+    return state
 
 
 def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, source: Path,
