@@ -597,3 +597,27 @@ def test_deit_distilled_heads_as_timms():
         ours.reset_classifier(3, "avg")
     with pytest.raises(ValueError, match="global_pool must be 'token' with a class token"):
         zoo.create_model("deit_tiny_distilled_patch16_224", global_pool="avg")
+
+
+@pytest.mark.parametrize("name", ["vit_debug", "agent_deit_debug"])
+def test_hooks_on_the_last_block_see_every_token(name, monkeypatch):
+    """forward() computes only the class token in the last block; a forward hook on that block (or inside it, or
+    on the final norm) saw (B, 1, C) where timm's model shows (B, N, C). With such a hook the full block runs;
+    the logits are the same, and hooks elsewhere keep the shortcut."""
+    model = zoo.create_model(name, img_size=32).eval()
+    x = torch.randn(2, model.pretrained_cfg["input_size"][0], 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        tokens = model.forward_features(x).shape[1]
+    for target in (model.blocks[-1], model.blocks[-1].mlp, model.norm):
+        seen = []
+        handle = target.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want)
+        handle.remove()
+        assert seen == [(2, tokens, model.embed_dim)]
+    handle = model.blocks[0].register_forward_hook(lambda module, args, out: None)
+    monkeypatch.setattr(model, "forward_features", lambda x: pytest.fail("the shortcut was not taken"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+    handle.remove()

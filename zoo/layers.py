@@ -210,6 +210,16 @@ def call_outside_graph(fn, *args):
     return torch.compiler.disable(fn)(*args)
 
 
+def hooked_within(*modules: nn.Module) -> bool:
+    """True when a forward (pre-)hook is registered globally or on any of ``modules`` or their submodules: a
+    model that takes a shortcut through them (ViT's class-token-only last block) runs them in full instead, so
+    that hooks see what timm's model shows them (every token)."""
+    registry = nn.modules.module
+    if registry._global_forward_hooks or registry._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules())
+
+
 def _has_forward_hooks(module: nn.Module) -> bool:
     """True when a forward (pre-)hook is registered on ``module`` or globally for every module."""
     registry = nn.modules.module  # torch's global hook dicts live there

@@ -42,7 +42,7 @@ from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
 from zoo.layers import (
     DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates,
-    check_reset_classifier, new_linear_head, to_pair, weights_stamp,
+    check_reset_classifier, hooked_within, new_linear_head, to_pair, weights_stamp,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
@@ -368,10 +368,12 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         """Images (B, in_chans, Hi, Wi) -> logits (B, K).
 
         With class-token pooling the last block computes only the class token (the agents, keys and values
-        still come from every token), as ``forward_head(forward_features(x))`` would give; attention capture
-        and ``class_token_last_block = False`` run the full last block.
+        still come from every token), as ``forward_head(forward_features(x))`` would give; attention capture,
+        forward hooks on the last block or the final norm (or global ones) and ``class_token_last_block = False``
+        run the full last block.
         """
-        if self.global_pool == "token" and self.class_token_last_block and not _capture.is_capturing():
+        if (self.global_pool == "token" and self.class_token_last_block and not _capture.is_capturing()
+                and not hooked_within(self.blocks[-1], self.norm)):
             x_BNC, grid = self._embed(x_BCHW)
             x_BNC = self._run_blocks(x_BNC, self.blocks[:-1], grid)
             x_B1C = self.norm(self.blocks[-1](x_BNC, grid, num_queries=1))

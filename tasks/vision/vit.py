@@ -29,8 +29,8 @@ from zoo.attention import capture as _capture
 from zoo.attention.modules import AttentionPoolLatent, Mlp, MultiHeadAttention
 from zoo.layers import (
     DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
-    check_mlp_ratio, check_rates, check_reset_classifier, create_act, feature_take_indices, is_tracing, new_linear_head,
-    to_pair,
+    check_mlp_ratio, check_rates, check_reset_classifier, create_act, feature_take_indices, hooked_within, is_tracing,
+    new_linear_head, to_pair,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
@@ -611,9 +611,11 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         block computes just that token (its query row of attention and its MLP; keys and values still come
         from every token). The logits equal ``forward_head(forward_features(x))``; the saving is about
         two thirds of a block. Set ``model.class_token_last_block = False`` to run the full last block.
-        Attention capture (zoo.attention.capture_attention) always runs the full model.
+        Attention capture (zoo.attention.capture_attention) and forward hooks on the last block or the final
+        norm (or global ones) run the full model too, so that hooks see every token as in timm.
         """
-        if self.global_pool == "token" and self.class_token_last_block and not _capture.is_capturing():
+        if (self.global_pool == "token" and self.class_token_last_block and not _capture.is_capturing()
+                and not hooked_within(self.blocks[-1], self.norm)):
             x_BNC = self._run_blocks(self._embed(x_BCHW), self.blocks[:-1])
             head_tokens = 1 if self.dist_token is None else 2  # the class token (and DeiT's distillation token)
             x_B1C = self.norm(self.blocks[-1](x_BNC, num_queries=head_tokens))
