@@ -349,7 +349,7 @@ def test_bad_run_options_are_named_before_training(tmp_path):
         (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch must be an integer >= 1"),
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (["num_threads=abc"], "num_threads must be an integer >= 1"),
-        (["task.lr=abc"], "lr must be a finite number, got 'abc'"),
+        (["task.lr=abc"], "^task\\.lr must be a finite number, got 'abc'"),  # named with its group
         (["trainer.gradient_clip_val=-1"], r"trainer\.gradient_clip_val must be a number >= 0 \(0 or null: no "
                                            r"clipping\), got -1"),
     ]

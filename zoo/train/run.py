@@ -175,6 +175,30 @@ def _resolve_run_dir(cfg) -> Path:
 # --------------------------------------------------------------------------------------------------
 def build(cfg, model: Optional[torch.nn.Module] = None):
     """(LightningModule, DataModule) for ``cfg``; ``model`` replaces ``cfg.model`` when given."""
+    try:
+        return _build(cfg, model)
+    except (ValueError, TypeError) as error:
+        named = _named_by_group(cfg, str(error))
+        if named is None:
+            raise
+        raise type(error)(named) from error
+
+
+def _named_by_group(cfg, message: str) -> Optional[str]:
+    """``message`` with its leading option name qualified by its config group ("lr must be ..." from the task's
+    constructor -> "task.lr must be ..."), when that name belongs to exactly one of the task, data and model
+    groups; None otherwise (the message is then kept as it is)."""
+    from omegaconf import OmegaConf
+
+    first = message.split(" ", 1)[0]
+    if not first.isidentifier():
+        return None
+    groups = [group for group in ("task", "data", "model")
+              if OmegaConf.is_dict(cfg.get(group)) and first in cfg[group] and not first.startswith("_")]
+    return f"{groups[0]}.{message}" if len(groups) == 1 else None
+
+
+def _build(cfg, model: Optional[torch.nn.Module] = None):
     check_required(cfg)
     task = cfg.task
     if "_target_" not in task and task.get("module"):
