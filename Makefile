@@ -38,7 +38,7 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(TESTS)
 
-gpu-check: venv
+gpu-check:  # no venv prerequisite: the script takes .venv when present, else the image's python3 (no install)
 	bash tests/run_gpu_kernels.sh
 
 bench: venv

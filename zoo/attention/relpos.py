@@ -200,7 +200,7 @@ class RelPosBiasTf(_WindowBias):
 
     def init_non_persistent_buffers(self) -> None:
         """Rebuild the index (not in the state dict) on the table's device: after ``to_empty`` of a model built
-        on the meta device (timm's protocol; ``timm.models.reinit_non_persistent_buffers`` calls it)."""
+        on the meta device (timm's protocol; ``timm.models._manipulate.reinit_non_persistent_buffers`` calls it)."""
         index = rel_pos_index_tf(self.window_size, device=self.relative_position_bias_table.device)
         self.register_buffer("relative_position_index", index, persistent=False)
 
@@ -281,7 +281,7 @@ class RelPosMlp(_WindowBias):
 
     def init_non_persistent_buffers(self) -> None:
         """Rebuild the offset tables (not in the state dict) on the MLP's device: after ``to_empty`` of a model
-        built on the meta device (timm's protocol; ``timm.models.reinit_non_persistent_buffers`` calls it)."""
+        built on the meta device (timm's protocol; ``timm.models._manipulate.reinit_non_persistent_buffers`` calls it)."""
         self._build_buffers(self.mlp.fc1.weight.device)
 
     def materialize(self, q_len: int, k_len: int, *, device=None, dtype=None) -> torch.Tensor:
