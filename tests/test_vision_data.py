@@ -1,6 +1,9 @@
 """tasks/vision/data.py: the fixed digits split, preprocessing, ImageFolder, CIFAR messages, sampling."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -292,3 +295,20 @@ def test_normalisation_values_are_named(tmp_path):
     assert dm.mean == (0.5, 0.5, 0.5) and dm.std == (0.25, 0.25, 0.25)
     with pytest.raises(ValueError, match="mean must be a list of numbers .* or 'model'.*got 'imagenet'"):
         vdata.ImageFolderDataModule(str(tmp_path), img_size=8, mean="imagenet", std="imagenet", num_classes=2)
+
+
+def test_loader_workers_auto_is_capped_at_the_cpus(monkeypatch):
+    """The image-folder and CIFAR configs ask for data.num_workers=auto: 4 workers, at most the CPUs this process
+    may use (the fixed 4 made torch warn on 2-core machines at every evaluation); ints pass, the rest is named."""
+    from zoo.tasks.vision.data import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_workers("auto") == 2 and loader_workers(0) == 0 and loader_workers(6) == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert loader_workers("auto") == 4
+    for bad in (-1, 1.5, True, "four"):
+        with pytest.raises(ValueError, match=r"num_workers must be an int >= 0 or 'auto'"):
+            loader_workers(bad)
+    for name in ("image_folder", "cifar10", "cifar100"):
+        text = (Path(__file__).resolve().parents[1] / "configs" / "data" / f"{name}.yaml").read_text()
+        assert "\nnum_workers: auto" in text

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -237,6 +237,20 @@ def _evaluation_sampler(dataset: Dataset):
 # --------------------------------------------------------------------------------------------------
 # Data modules
 # --------------------------------------------------------------------------------------------------
+def loader_workers(num_workers: Union[int, str]) -> int:
+    """DataLoader worker processes: an int >= 0, or "auto" = 4 capped at the CPUs this process may use (the
+    image folder and CIFAR defaults: torch warns when a loader asks for more workers than there are CPUs)."""
+    if num_workers == "auto":
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        return min(4, cpus)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0 or 'auto' (4, at most the CPU count), got {num_workers!r}")
+    return num_workers
+
+
 class VisionDataModule(pl.LightningDataModule):
     """Shared loaders; subclasses set ``self.train_set``/``val_set``/``test_set`` in ``setup``."""
 
@@ -249,7 +263,7 @@ class VisionDataModule(pl.LightningDataModule):
         self,
         batch_size: int = 64,
         eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
+        num_workers: Union[int, str] = 0,
         img_size: Optional[int] = None,
         in_chans: Optional[int] = None,
         mean: Sequence[float] = (0.5,),
@@ -271,7 +285,7 @@ class VisionDataModule(pl.LightningDataModule):
                              f"{eval_batch_size!r}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or max(batch_size, 256)
-        self.num_workers = int(num_workers)
+        self.num_workers = loader_workers(num_workers)
         self.img_size = int(img_size or self.default_img_size)
         self.in_chans = int(in_chans or self.default_in_chans)
         if self.in_chans not in (1, 3):
