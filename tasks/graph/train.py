@@ -118,7 +118,7 @@ def write_table(path: str, block: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zoo.tasks.graph.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m zoo.tasks.graph.train", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--table", type=int, default=None, metavar="K", help="DictionaryLookup table for size K")
     parser.add_argument("--out", default=None, help="write the table into this markdown file (marked block)")
     parser.add_argument("--max-epochs", type=int, default=None)

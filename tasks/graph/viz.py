@@ -5,8 +5,8 @@ The weights come from the layers' ``return_attention_weights`` (PyG protocol: (e
 self loops that were added, alpha [E', H])); the picture shows the incoming edges j -> i of the chosen
 node i (its self loop as a ring), their alpha as width and label, plus the 2-hop context in grey.
 
-    zoo viz graph [data=karate] [node=0] [layer=0] [model=gatv2_node] [ckpt=<dir from zoo.save_pretrained>]
-                  [epochs=100] [seed=0] [root=<folder, for data=planetoid:<Name> | ogb:<name>>] [out=graph_attention.png]
+    zoo viz graph [data=karate] [node=0] [layer=0] [model=gatv2_node] [heads=<the model's>] [ckpt=<dir from
+                  zoo.save_pretrained>] [epochs=100] [seed=0] [root=<folder, for data=planetoid:<Name> | ogb:<name>>] [out=graph_attention.png]
     zoo viz graph data=dictlookup [k=10] [example=0] [node=0] [model=gatv2_dictlookup|gat_dictlookup]
                   [heads=1] [ckpt=<dir>] [epochs=5] [out=...]
 
