@@ -844,3 +844,65 @@ def test_saturated_attention_gradients_are_as_accurate_as_pyg(cls, x_scale, att_
         our_err = float((ours.double() - want).abs().max())
         assert our_err <= 4 * peer_err + 1e-6 * max(1.0, float(want.abs().max())), (
             f"{cls} {name}: zoo fp32 error {our_err:.2e}, PyG fp32 error {peer_err:.2e}")
+
+
+@pytest.mark.parametrize("cls", ["GATv2Conv", "GATConv"])
+@pytest.mark.parametrize("bipartite", [False, True], ids=["homogeneous", "bipartite"])
+def test_reverse_flow_and_message_passing_keywords_as_pyg(cls, bipartite):
+    """PyG's layers pass **kwargs to MessagePassing: flow="target_to_source" (messages from edge_index[1] to
+    edge_index[0]) gives PyG's outputs, returned edge_index (in the caller's row order, self loops added) and
+    attention; aggr="add"/"sum" is the layer's own sum. Other aggregations are refused by name; all of these
+    were a TypeError "unexpected keyword argument". A sparse adjacency with the reverse flow is refused, as PyG's."""
+    zoo_cls, pyg_cls = {"GATv2Conv": GATv2Conv, "GATConv": GATConv}[cls], getattr(pyg_nn, cls)
+    g = torch.Generator().manual_seed(5)
+    if bipartite:  # source and target features apart; with the reverse flow edge_index[0] holds the targets
+        ei = torch.stack([torch.randint(0, 7, (30,), generator=g), torch.randint(0, 7, (30,), generator=g)])
+        inputs = [torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)]
+        kwargs = dict(add_self_loops=False)
+    else:
+        ei = _graph(num_nodes=10, num_edges=30, seed=5)
+        inputs = [torch.randn(10, 5, generator=g)]
+        kwargs = {}
+    ours, peer = _pair(zoo_cls, pyg_cls, 5, 4, heads=2, flow="target_to_source", aggr="add", **kwargs)
+    o1, e1, a1, g1 = _run(ours, inputs, ei)
+    o2, e2, a2, g2 = _run(peer, inputs, ei)
+    assert torch.equal(e1, e2)
+    torch.testing.assert_close(o1, o2, **TOL)
+    torch.testing.assert_close(a1, a2, **TOL)
+    for a, b in zip(g1, g2):
+        if b is not None:
+            torch.testing.assert_close(a, b, **TOL)
+    with pytest.raises(TypeError, match=rf"{cls}: unsupported MessagePassing arguments \(aggr='max'\): the "
+                                        r"aggregation is the attention-weighted sum"):
+        zoo_cls(5, 4, aggr="max")
+    with pytest.raises(ValueError, match=r"flow must be 'source_to_target' or 'target_to_source', got 'up'"):
+        zoo_cls(5, 4, flow="up")
+    if not bipartite:
+        adj = torch.sparse_coo_tensor(ei, torch.ones(ei.size(1)), (10, 10)).coalesce()
+        with pytest.raises(ValueError, match="flow='target_to_source' is invalid for a sparse adjacency"):
+            ours(inputs[0], adj)
+    else:  # PyG sizes a reverse-flow output by the source set (rows past the targets: bias only): refused
+        with pytest.raises(ValueError, match=r"flow='target_to_source' with 9 source and 6 target nodes: PyG sizes"):
+            ours((torch.randn(9, 5), torch.randn(6, 5)), torch.stack([ei[0] % 6, ei[1] % 9]))
+
+
+def test_point_transformer_reverse_flow_as_pyg():
+    """PointTransformerConv(flow="target_to_source") gives PyG's outputs and gradients (it was refused)."""
+    from torch_geometric.nn import PointTransformerConv as PyGPointTransformerConv
+
+    from zoo.attention import PointTransformerConv
+
+    torch.manual_seed(0)
+    peer = PyGPointTransformerConv(5, 4, flow="target_to_source")
+    ours = PointTransformerConv(5, 4, flow="target_to_source")
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(2)
+    x, pos = torch.randn(10, 5, generator=g), torch.randn(10, 3, generator=g)
+    ei = _graph(num_nodes=10, num_edges=30, seed=2)
+    outs = []
+    for layer in (ours, peer):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi, pos, ei)
+        outs.append((out, torch.autograd.grad(out.square().sum(), xi)[0]))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, **TOL)

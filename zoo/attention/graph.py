@@ -292,6 +292,22 @@ def _fingerprint_weights(n: int, device: torch.device) -> Tensor:
     return weights[:n]
 
 
+def _message_passing_flow(layer: str, kwargs: dict) -> bool:
+    """PyG's MessagePassing keywords that these layers accept (``**kwargs`` of PyG's constructors): ``aggr`` as the
+    default sum ("add" / "sum"), and ``flow``: "source_to_target" (default) or "target_to_source" (messages go
+    from edge_index[1] to edge_index[0]; returns True then). Anything else is refused by name: the attention
+    layers aggregate by the attention-weighted sum, fused."""
+    flow = kwargs.get("flow", "source_to_target")
+    if flow not in ("source_to_target", "target_to_source"):
+        raise ValueError(f"{layer}: flow must be 'source_to_target' or 'target_to_source', got {flow!r}")
+    unsupported = {k: v for k, v in kwargs.items() if k != "flow" and not (k == "aggr" and v in ("add", "sum"))}
+    if unsupported:
+        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
+        raise TypeError(f"{layer}: unsupported MessagePassing arguments ({listed}): the aggregation is the "
+                        f"attention-weighted sum (PyG's default aggr='add'); flow= is accepted")
+    return flow == "target_to_source"
+
+
 def _edge_index_fingerprint(edge_index: Tensor) -> tuple:
     """A cheap content key of an edge index (or of a sparse adjacency's index tensors), for the graph cache: per
     row of indices the int64 sum weighted by odd position weights 1, 3, 5, ... (wrapping; an odd weight is
@@ -334,9 +350,10 @@ class CachedGraphLayer(MessagePassing):
     version bump, through numpy or ``.data``, is rebuilt and validated again), and that knows when PyG's
     explainers or hooks need its ``propagate`` instead of a fused path. Subclasses set ``add_self_loops``."""
 
-    def __init__(self, aggr: str, node_dim: int):
+    def __init__(self, aggr: str, node_dim: int, layer: str = "", message_passing_kwargs: Optional[dict] = None):
         super().__init__(aggr=aggr, node_dim=node_dim)
         self._graph_cache = None
+        self._reverse_flow = _message_passing_flow(layer or type(self).__name__, message_passing_kwargs or {})
 
     def _message_passing_observed(self) -> bool:
         """True while PyG's explain mode is on or a hook waits inside ``propagate``: the layer must then run
@@ -362,27 +379,45 @@ class CachedGraphLayer(MessagePassing):
                     "torch_sparse.SparseTensor is not supported; pass a torch sparse tensor (adj.t())"
                 )
             raise TypeError(f"edge_index must be a torch.Tensor, got {type(edge_index).__name__}")
+        if self._reverse_flow and edge_index.layout != torch.strided:
+            raise ValueError(  # as PyG's MessagePassing
+                f"{type(self).__name__}: flow='target_to_source' is invalid for a sparse adjacency; pass the "
+                "transposed sparse tensor (adj_t.t()) to a layer with the default flow instead")
+        if self._reverse_flow and num_src != num_dst:
+            # PyG gathers sources from x[0] by edge_index[1] and targets from x[1] by edge_index[0] there, but sizes
+            # its output by x[0]: rows past the target count hold the bias alone. Not reproduced.
+            raise ValueError(
+                f"{type(self).__name__}: flow='target_to_source' with {num_src} source and {num_dst} target nodes: "
+                "PyG sizes that output by the source set; flip edge_index (edge_index.flip(0)) and use the "
+                "default flow")
         if edge_index.is_inference():  # no version counter: cannot tell in-place edits apart, do not cache
-            return graph_structure(edge_index, num_src, num_dst, self.add_self_loops)
+            return graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
         version = edge_index._version if edge_index.layout == torch.strided else None
         key = (num_src, num_dst, bool(self.add_self_loops), version)
         cache = self._graph_cache
         fingerprint = _edge_index_fingerprint(edge_index)
         if cache is not None and cache[0] is edge_index and cache[1] == key and cache[3] == fingerprint:
             return cache[2]
-        graph = graph_structure(edge_index, num_src, num_dst, self.add_self_loops)
+        graph = graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
         self._graph_cache = (edge_index, key, graph, fingerprint)
         return graph
+
+    def _flowing(self, edge_index: Tensor) -> Tensor:
+        """edge_index as (source, destination) rows: flipped for flow="target_to_source" (PyG's reverse flow:
+        messages from edge_index[1] to edge_index[0]); the graph is then built exactly as for the default flow."""
+        if self._reverse_flow and edge_index.dim() == 2 and edge_index.size(0) == 2:
+            return edge_index.flip(0)
+        return edge_index
 
 
 
 class _GraphAttentionBase(CachedGraphLayer):
     """Input parsing, edge features and the return protocol common to both attention layers."""
 
-    def __init__(self, aggr: str):
+    def __init__(self, aggr: str, message_passing_kwargs: Optional[dict] = None):
         # as PyG's layers: messages [E, H, C] summed over incoming edges along dimension 0 (GATConv names
         # the sum "add", GATv2Conv "sum")
-        super().__init__(aggr=aggr, node_dim=0)
+        super().__init__(aggr=aggr, node_dim=0, message_passing_kwargs=message_passing_kwargs)
 
     def _init_common(self, in_channels, out_channels, heads, concat, negative_slope, dropout,
                      add_self_loops, edge_dim, fill_value, residual):
@@ -549,8 +584,8 @@ class _GraphAttentionBase(CachedGraphLayer):
         """alpha [E', H] in ``graph.edge_index`` order -> PyG's (edge_index, alpha) or (sparse adj, alpha)."""
         if graph.sparse_layout is None:
             # a copy, as PyG builds one per call: the cached graph keeps using its own (an edit of the returned
-            # tensor changed the next call's output)
-            return graph.edge_index.clone(), alpha
+            # tensor changed the next call's output); in the caller's row order (flow="target_to_source")
+            return (graph.edge_index.flip(0) if self._reverse_flow else graph.edge_index.clone()), alpha
         # sparse adjacency adj[dst, src, h]: entries sorted by (dst, src) (by (src, dst) for CSC)
         src, dst = graph.edge_index[0], graph.edge_index[1]
         n_dst, n_src = graph.sparse_size
@@ -616,8 +651,9 @@ class GATv2Conv(_GraphAttentionBase):
         bias: bool = True,
         share_weights: bool = False,
         residual: bool = False,
+        **kwargs,
     ):
-        super().__init__(aggr="sum")
+        super().__init__(aggr="sum", message_passing_kwargs=kwargs)
         self._init_common(in_channels, out_channels, heads, concat, negative_slope, dropout,
                           add_self_loops, edge_dim, fill_value, residual)
         self.share_weights = share_weights = check_flag(share_weights, "share_weights")
@@ -724,8 +760,9 @@ class GATConv(_GraphAttentionBase):
         fill_value: Union[float, Tensor, str] = "mean",
         bias: bool = True,
         residual: bool = False,
+        **kwargs,
     ):
-        super().__init__(aggr="add")
+        super().__init__(aggr="add", message_passing_kwargs=kwargs)
         self._init_common(in_channels, out_channels, heads, concat, negative_slope, dropout,
                           add_self_loops, edge_dim, fill_value, residual)
         bias = check_flag(bias, "bias")

@@ -135,11 +135,7 @@ class PointTransformerConv(CachedGraphLayer):
         recompute: Union[bool, str] = "auto",
         **kwargs,
     ):
-        unsupported = sorted(k for k, v in kwargs.items() if not (k == "aggr" and v in ("add", "sum")))
-        if unsupported:
-            raise TypeError(f"PointTransformerConv: unsupported MessagePassing arguments {unsupported} (the "
-                            "aggregation is the attention-weighted sum)")
-        super().__init__(aggr="add", node_dim=-2)
+        super().__init__(aggr="add", node_dim=-2, layer="PointTransformerConv", message_passing_kwargs=kwargs)
         if isinstance(in_channels, (tuple, list)):
             if len(in_channels) != 2:
                 raise ValueError(f"in_channels must be an int or a (source, target) pair, got {in_channels!r}")
