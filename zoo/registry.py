@@ -6,7 +6,7 @@ configuration::
     @register_model(task="vision", family="vit", default_cfg={"img_size": 224, ...})
     def vit_tiny_patch16_224(**kwargs) -> nn.Module: ...
 
-Constructors take flat, typed, JSON-serialisable keyword arguments (DESIGN.md principle 2) so that a
+Constructors take flat, typed, JSON-serialisable keyword arguments (a design rule of the zoo) so that a
 model can be rebuilt from the ``config.json`` written by :func:`zoo.save_pretrained`.
 Model families live in ``zoo.tasks``; they are imported lazily the first time the registry is queried,
 so ``import zoo`` stays light and the core never imports a task at import time.

@@ -1,4 +1,4 @@
-"""Training pieces shared by the task packages (see DESIGN.md, "train/").
+"""Training pieces shared by the task packages.
 
 * :class:`AtomicCheckpointIO` -- Lightning CheckpointIO writing ``.ckpt`` files atomically.
 * :class:`ZooModule` -- LightningModule base: plain ``nn.Module`` in, AdamW + warm-up/cosine, EMA,
