@@ -621,3 +621,41 @@ def test_hooks_on_the_last_block_see_every_token(name, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(x), want)
     handle.remove()
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_dinov2_checkpoints_in_the_original_layout_load_as_timm(name, tmp_path):
+    """A DINOv2 state dict as facebookresearch/dinov2 saves it (mask_token; with registers: register_tokens and a
+    position row for the class token) converts as timm's checkpoint_filter_fn does and gives timm's logits; it
+    was refused ("unexpected keys: mask_token", or a misleading non-square-grid error with registers)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn as timm_dinov2_filter
+
+    import timm
+
+    torch.manual_seed(0)
+    peer = timm.create_model(name, depth=1, img_size=56).eval()
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    state = peer.state_dict()
+    original = dict(state, mask_token=torch.zeros(1, state["cls_token"].shape[-1]))
+    if "reg_token" in state:
+        original["register_tokens"] = original.pop("reg_token")
+        cls_pos = 0.02 * torch.randn(1, 1, state["cls_token"].shape[-1])
+        original["cls_token"] = state["cls_token"] - cls_pos
+        original["pos_embed"] = torch.cat([cls_pos, state["pos_embed"]], 1)
+    ours = zoo.create_model(name, depth=1, img_size=56)
+    converted = V.checkpoint_filter_fn(dict(original), ours)
+    want = timm_dinov2_filter(dict(original), peer)
+    assert sorted(converted) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(converted[key], want[key], rtol=0, atol=0)
+    torch.save(original, tmp_path / "dinov2_pretrain.pth")
+    loaded = zoo.create_model(name, pretrained=str(tmp_path / "dinov2_pretrain.pth"), depth=1, img_size=56).eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), peer(x), atol=1e-4, rtol=1e-4)
+    # the SwiGLU MLP names of the giant models (w12 / w3) become fc1 / fc2, as in timm
+    keys = sorted(V._from_dinov2({"mask_token": torch.zeros(1), "blocks.3.mlp.w12.weight": torch.zeros(1),
+                                  "blocks.3.mlp.w3.bias": torch.zeros(1)}))
+    assert keys == ["blocks.3.mlp.fc1.weight", "blocks.3.mlp.fc2.bias"]

@@ -698,6 +698,27 @@ class VisionTransformerDistilled(VisionTransformer):
 # --------------------------------------------------------------------------------------------------
 # Weight converter
 # --------------------------------------------------------------------------------------------------
+def _from_dinov2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DINOv2 state dict in the original layout (facebookresearch/dinov2, dinov2/models/vision_transformer.py)
+    -> timm's layout, as timm's ``vision_transformer._convert_dinov2``: the masked-modelling ``mask_token`` is
+    dropped; with registers, ``register_tokens`` become ``reg_token`` and the class token's position row is added
+    into ``cls_token`` (timm's reg4 models embed no prefix token: ``no_embed_class``), the grid rows staying in
+    ``pos_embed``; the SwiGLU MLP's ``w12`` / ``w3`` are named ``fc1`` / ``fc2``."""
+    out = {key: value for key, value in state_dict.items() if key != "mask_token"}
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+        pos_embed = out.pop("pos_embed")
+        out["cls_token"] = out.pop("cls_token") + pos_embed[:, :1]
+        out["pos_embed"] = pos_embed[:, 1:]
+    renamed = {}
+    for key, value in out.items():
+        parts = key.split(".")
+        if len(parts) == 5 and parts[0] == "blocks" and parts[2] == "mlp" and parts[3] in ("w12", "w3"):
+            key = ".".join(parts[:3] + ["fc1" if parts[3] == "w12" else "fc2", parts[4]])
+        renamed[key] = value
+    return renamed
+
+
 def checkpoint_filter_fn(
     state_dict: dict[str, Any],
     model: VisionTransformer,
@@ -711,7 +732,9 @@ def checkpoint_filter_fn(
     linear patch embedding (2-D weight) reshaped to a conv kernel; the position embedding resampled to
     the model's grid when the checkpoint was trained at another image size (bicubic, anti-aliased, as
     timm); DeiT III layer-scale names (``gamma_1`` -> ``ls1.gamma``); the unused ``pre_logits`` layer.
-    A checkpoint with another patch size raises (resampling patch kernels is not supported).
+    A checkpoint with another patch size raises (resampling patch kernels is not supported). DINOv2 checkpoints
+    in the original layout (facebookresearch/dinov2 ``*_pretrain.pth``: ``mask_token``, ``register_tokens``, a
+    position row for the class token) are converted as timm's ``_convert_dinov2`` does (see _from_dinov2).
 
     ``saved_model``: the checkpoint's own model (zoo.from_pretrained builds it on the meta device from
     config.json). Its patch grid is the embedding's layout, so a 2 x 8 grid is resampled as 2 x 8, not read as
@@ -719,6 +742,8 @@ def checkpoint_filter_fn(
     (class token, registers) raises.
     """
     state_dict = unwrap_state_dict(state_dict)
+    if "mask_token" in state_dict:
+        state_dict = _from_dinov2(state_dict)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.startswith("pre_logits"):
