@@ -659,3 +659,13 @@ def test_dinov2_checkpoints_in_the_original_layout_load_as_timm(name, tmp_path):
     keys = sorted(V._from_dinov2({"mask_token": torch.zeros(1), "blocks.3.mlp.w12.weight": torch.zeros(1),
                                   "blocks.3.mlp.w3.bias": torch.zeros(1)}))
     assert keys == ["blocks.3.mlp.fc1.weight", "blocks.3.mlp.fc2.bias"]
+
+
+@pytest.mark.parametrize("name", ["vit_debug", "maxvit_debug", "agent_deit_debug"])
+def test_fx_symbolic_tracing_is_refused_with_what_to_use(name):
+    """timm.models.create_feature_extractor (torch.fx) failed with "input must be a torch.Tensor, got Proxy"."""
+    import timm
+
+    model = zoo.create_model(name)
+    with pytest.raises(TypeError, match=r"torch\.fx symbolic tracing is not supported .* features_only=True"):
+        timm.models.create_feature_extractor(model, [f"{'stages' if name.startswith('maxvit') else 'blocks'}.0"])

@@ -327,6 +327,10 @@ def check_image_batch(x, family: str, in_chans: int, weight: torch.Tensor) -> tu
     device of ``weight`` (the model's first layer; any dtype under torch.autocast). Raises naming ``family``
     and what is wrong; returns the shape."""
     if not isinstance(x, torch.Tensor):
+        if isinstance(x, torch.fx.Proxy):  # timm.models.create_feature_extractor / torch.fx.symbolic_trace
+            raise TypeError(f"{family}: torch.fx symbolic tracing is not supported (the input checks branch on "
+                            f"values); for feature maps use create_model(..., features_only=True) or "
+                            f"forward_intermediates, for a graph torch.export or torch.compile")
         raise TypeError(f"{family} input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{family} input must be a 4-D image batch (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
