@@ -235,3 +235,53 @@ def test_sigmoid_attention_with_a_fixed_length_decodes_as_the_whole_sequence(bac
         MultiHeadAttention(16, 2, sigmoid_length=6)
     with pytest.raises(ValueError, match="sigmoid_length must be a positive int"):
         MultiHeadAttention(16, 2, score="sigmoid", sigmoid_length=0)
+
+
+def test_cache_misuse_that_would_be_silently_wrong_is_refused():
+    """Three uses of a KV cache gave wrong outputs without a word: cross attention with RoPE decoded without
+    positions (every query rotated at 0: 0.1 off the whole pass), a Window looking further back than a rolling
+    cache keeps (0.38 off), and a ChunkWindow stream continued after a short chunk (0.54 off). Each is now an
+    error saying what to do; the right use still equals the whole pass."""
+    torch.manual_seed(0)
+    cross = MultiHeadAttention(32, 4, kv_dim=16, rope="1d").double().eval()
+    x, ctx = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+    with torch.no_grad():
+        whole = cross(x, ctx, positions=(torch.arange(5), torch.arange(7)))
+        cache = KVCache()
+        with pytest.raises(ValueError, match=r"cross attention with RoPE and a KV cache needs positions=\(query "
+                                             r"positions, context positions\) at every call"):
+            cross(x[:, :1], ctx, cache=cache)
+        steps = [cross(x[:, t:t + 1], ctx if t == 0 else None, positions=(torch.tensor([t]), torch.arange(7)),
+                       cache=cache) for t in range(5)]
+        torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=0, atol=1e-12)
+
+        layer = MultiHeadAttention(32, 4).double().eval()
+        seq = torch.randn(1, 12, 32, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"Window\(left=8, right=0\) looks back 8 tokens but the KVCache keeps "
+                                             r"max_length=4: use KVCache\(max_length=8\) or more"):
+            layer(seq[:, :1], mask=Window(8, 0), cache=KVCache(max_length=4))
+        stream = KVCache(max_length=8)
+        layer(seq[:, :4], mask=ChunkWindow(4, left=2), cache=stream)
+        layer(seq[:, 4:6], mask=ChunkWindow(4, left=2), cache=stream)  # a short chunk: fine as the last call
+        with pytest.raises(ValueError, match=r"the stream is at token 6, inside a chunk of 4 .* feed whole chunks"):
+            layer(seq[:, 6:10], mask=ChunkWindow(4, left=2), cache=stream)
+        with pytest.raises(ValueError, match=r"looks back 2 chunks \(8 tokens\) but the KVCache keeps max_length=6"):
+            layer(seq[:, :4], mask=ChunkWindow(4, left=2), cache=KVCache(max_length=6))
+
+
+def test_alibi_as_rel_pos_bias_decodes_with_a_cache():
+    """MultiHeadAttention(rel_pos_bias=ALiBi(H)) refused every KV cache, though ALiBi depends on distances alone
+    (bottom-right aligned): token by token it now equals the whole causal pass; a learned table is still refused."""
+    from zoo.attention import ALiBi, RelPosBiasTf
+
+    torch.manual_seed(1)
+    layer = MultiHeadAttention(32, 4, rel_pos_bias=ALiBi(4)).double().eval()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    with torch.no_grad():
+        whole = layer(x, mask=Causal())
+        cache = KVCache()
+        steps = torch.cat([layer(x[:, t:t + 1], cache=cache) for t in range(9)], 1)
+    torch.testing.assert_close(steps, whole, rtol=0, atol=1e-12)
+    table = MultiHeadAttention(32, 4, rel_pos_bias=RelPosBiasTf((3, 3), 4)).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"rel_pos_bias=RelPosBiasTf is not supported .* ALiBi"):
+        table(torch.randn(1, 9, 32), cache=KVCache())

@@ -52,6 +52,8 @@ class ALiBi(AttentionBias):
     """ALiBi bias for ``num_heads`` heads: ``materialize(Nq, Nk)`` -> (1, H, Nq, Nk) with entries
     ``-slope[h] * |i + Nk - Nq - j|``. ``slopes``: custom per-head slopes (H,) instead of the paper's."""
 
+    distance_only = True  # bottom-right aligned distances: exact over a KV cache
+
     def __init__(self, num_heads: int, slopes=None) -> None:
         super().__init__()
         if slopes is None:

@@ -15,7 +15,13 @@ __all__ = ["AttentionBias", "resolve_bias"]
 
 
 class AttentionBias(nn.Module):
-    """Base class of bias objects: subclasses implement :meth:`materialize`."""
+    """Base class of bias objects: subclasses implement :meth:`materialize`.
+
+    ``distance_only``: True for a bias that depends only on the key position minus the query position, with
+    queries at the last keys (bottom-right), as ALiBi: its (Nq, Nk) block is then exact for new tokens over a
+    KV cache, so MultiHeadAttention(rel_pos_bias=...) accepts a cache with it."""
+
+    distance_only: bool = False
 
     def materialize(self, q_len: int, k_len: int, *, device=None, dtype=None) -> torch.Tensor:
         """A float tensor broadcastable to (B, H, q_len, k_len)."""

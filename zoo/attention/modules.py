@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from zoo.attention import capture as _capture
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.core import attend
-from zoo.attention.masks import Mask, as_mask
+from zoo.attention.masks import ChunkWindow, Mask, Window, as_mask
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
 from zoo.layers import (
@@ -378,14 +378,33 @@ class MultiHeadAttention(nn.Module):
                                "torch.inference_mode() (train on whole sequences with mask=Causal())")
         if num_queries is not None:
             raise ValueError("MultiHeadAttention: num_queries cannot be combined with a cache")
-        if self.rel_pos_bias is not None:
-            raise ValueError("MultiHeadAttention: a KV cache with rel_pos_bias is not supported (the bias tables "
-                             "are built for whole sequences)")
+        if self.rel_pos_bias is not None and not self.rel_pos_bias.distance_only:
+            raise ValueError(f"MultiHeadAttention: a KV cache with rel_pos_bias={type(self.rel_pos_bias).__name__} is "
+                             "not supported (its tables are built for whole sequences; ALiBi, whose bias depends "
+                             "on distances alone, is)")
         if self.rope is not None and (self.rope.mode != "1d" or self.num_prefix_tokens):
             raise ValueError("MultiHeadAttention: a KV cache supports 1D RoPE without prefix tokens only")
         if len(cache) and cache.keys.shape[0] != x_BNC.shape[0]:
             raise ValueError(f"MultiHeadAttention: the cache holds batch {cache.keys.shape[0]} but x has batch "
                              f"{x_BNC.shape[0]} (KVCache.reorder selects beams)")
+
+    @staticmethod
+    def _check_stream(cache: KVCache, mask) -> None:
+        """The conditions under which a self-attention KV cache gives the whole pass's result for a windowed
+        mask (KVCache's docstring); otherwise the output would be silently wrong."""
+        if isinstance(mask, Window) and mask.left is not None and cache.max_length is not None \
+                and mask.left > cache.max_length:
+            raise ValueError(f"MultiHeadAttention: {mask!r} looks back {mask.left} tokens but the KVCache keeps "
+                             f"max_length={cache.max_length}: use KVCache(max_length={mask.left}) or more")
+        if isinstance(mask, ChunkWindow):
+            chunk = mask.chunk_size
+            if len(cache) and cache.position % chunk:
+                raise ValueError(f"MultiHeadAttention: the stream is at token {cache.position}, inside a chunk of "
+                                 f"{chunk} ({mask!r}): feed whole chunks; only the last call of a stream may be short")
+            if mask.left is not None and cache.max_length is not None and cache.max_length < mask.left * chunk:
+                raise ValueError(f"MultiHeadAttention: {mask!r} looks back {mask.left} chunks ({mask.left * chunk} "
+                                 f"tokens) but the KVCache keeps max_length={cache.max_length}: use "
+                                 f"KVCache(max_length={mask.left * chunk})")
 
     def _combined_bias(self, bias, n_q: int, n_k: int, like: torch.Tensor):
         if self.rel_pos_bias is None:
@@ -450,6 +469,12 @@ class MultiHeadAttention(nn.Module):
         self._check_input("x", x_BNC, self.dim)
         if cache is not None:
             self._check_cache(cache, x_BNC, num_queries)
+            if not self.is_cross:
+                self._check_stream(cache, mask)
+            elif self.rope is not None and positions is None:
+                raise ValueError("MultiHeadAttention: cross attention with RoPE and a KV cache needs "
+                                 "positions=(query positions, context positions) at every call: the cache "
+                                 "continues positions for self attention only (each query would be rotated at 0)")
         cached_context = (
             cache is not None and self.is_cross and len(cache) > 0 and (context is None or context is cache.context)
         )
