@@ -591,3 +591,27 @@ def test_attention_pool_latent_matches_timm():
     ours.load_state_dict(bare.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(ours(x[:, :4]), bare.eval()(x[:, :4]), atol=1e-5, rtol=1e-5)
+
+
+def test_messages_for_pool_inputs_and_numpy_grids():
+    """An integer input to AttentionPoolLatent suggested module.to(torch.int64); a (B, N) key-padding mask got
+    "(..., 1, 10) (or (..., 1, 10)" without the layout to use; a numpy-int (rows, cols) grid for 2-D RoPE in
+    cross attention was read as a (query, key) positions pair."""
+    import numpy as np
+
+    from zoo.attention import AttentionPoolLatent
+
+    pool = AttentionPoolLatent(64, 4).eval()
+    x = torch.randn(2, 10, 64)
+    with pytest.raises(TypeError, match=r"^AttentionPoolLatent: input must be a floating-point tensor, got torch\.int64$"):
+        pool(x.long())
+    with pytest.raises(ValueError, match=r"needs \(\.\.\., 1, 10\); a \(B, 10\) key-padding mask is given as "
+                                         r"mask\[:, None, None, :\] \(B, 1, 1, 10\)$"):
+        pool(x, mask=torch.ones(2, 10, dtype=torch.bool))
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[1, 7:] = False
+    torch.testing.assert_close(pool(x, mask=keep[:, None, None, :])[1:], pool(x[1:, :7]))
+    cross = MultiHeadAttention(64, 4, kv_dim=64, rope="2d").eval()
+    q, ctx = torch.randn(1, 12, 64), torch.randn(1, 12, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(cross(q, ctx, positions=(np.int64(3), np.int64(4))), cross(q, ctx, positions=(3, 4)))

@@ -704,10 +704,13 @@ class Dense(Mask):
 
     def check_shape(self, q_len, k_len, batch=None, heads=None):
         if self.mask.shape[-1] != k_len or self.mask.shape[-2] not in (1, q_len):
-            raise ValueError(
-                f"Dense mask has shape {tuple(self.mask.shape)} but attention needs (..., {q_len}, {k_len}) "
-                f"(or (..., 1, {k_len}), the same keys for every query)"
-            )
+            wanted = f"(..., 1, {k_len})" if q_len == 1 else (f"(..., {q_len}, {k_len}) (or (..., 1, {k_len}), the "
+                                                              f"same keys for every query)")
+            hint = ""
+            if self.mask.dim() == 4 and self.mask.shape[:2] == (1, 1) and self.mask.shape[-1] == k_len:
+                hint = (f"; a (B, {k_len}) key-padding mask is given as mask[:, None, None, :] "
+                        f"(B, 1, 1, {k_len})")
+            raise ValueError(f"Dense mask has shape {tuple(self.mask.shape)} but attention needs {wanted}{hint}")
         if batch is not None and self.mask.shape[0] not in (1, batch):
             raise ValueError(f"Dense mask batch dim {self.mask.shape[0]} does not broadcast to batch {batch}")
         if heads is not None and self.mask.shape[1] not in (1, heads):

@@ -42,7 +42,7 @@ from zoo.attention.masks import ChunkWindow, Mask, Window, as_mask
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
 from zoo.layers import (
-    activate_fresh, check_finite_input, check_flag, check_ints, check_like_weights, check_rates, is_tracing,
+    activate_fresh, check_finite_input, check_flag, check_ints, check_like_weights, check_rates, is_int, is_tracing,
     surely_finite,
 )
 
@@ -507,7 +507,7 @@ class MultiHeadAttention(nn.Module):
             if cache is not None and not self.is_cross and positions is None:  # positions continue the stream
                 positions = torch.arange(cache.position, cache.position + n_q, device=x_BNC.device)
             q_pos, k_pos = positions, positions
-            if self.is_cross and isinstance(positions, tuple) and len(positions) == 2 and not isinstance(positions[0], int):
+            if self.is_cross and isinstance(positions, tuple) and len(positions) == 2 and not is_int(positions[0]):
                 q_pos, k_pos = positions
             q_BHND = self.rope(q_BHND, q_pos)
             if not cached_context:
@@ -647,6 +647,8 @@ class AttentionPoolLatent(nn.Module):
         if not isinstance(x_BNC, torch.Tensor) or x_BNC.dim() != 3 or x_BNC.shape[-1] != self.dim:
             raise ValueError(f"AttentionPoolLatent: input must be (B, N, {self.dim}) tokens, got "
                              f"{tuple(x_BNC.shape) if isinstance(x_BNC, torch.Tensor) else type(x_BNC).__name__}")
+        if not x_BNC.is_floating_point():
+            raise TypeError(f"AttentionPoolLatent: input must be a floating-point tensor, got {x_BNC.dtype}")
         check_like_weights(x_BNC, self.kv.weight, "AttentionPoolLatent: input")
         check_finite_input(x_BNC, "AttentionPoolLatent: input")
         batch, n_tok, _ = x_BNC.shape
