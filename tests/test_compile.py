@@ -89,17 +89,19 @@ def test_vision_models_compile_as_one_graph(name, kwargs, size):
         torch.testing.assert_close(grads_c[key], grads_e[key], atol=1e-4, rtol=1e-4, msg=key)
 
 
-@pytest.mark.parametrize("name,size", [("vit_debug", None), ("maxvit_debug", (3, 40, 52)),
-                                       ("agent_deit_debug", (3, 40, 56))])
+@pytest.mark.parametrize("name,size", [("vit_debug", None), ("maxvit_debug", (3, 40, 52)), ("maxvit_debug", (3, 97, 61)),
+                                       ("maxvit_debug", (3, 96, 96)), ("agent_deit_debug", (3, 40, 56))])
 def test_vision_models_export_with_a_dynamic_batch(name, size):
-    """torch.export (the route to AOTInductor / ExecuTorch) captures each family with a symbolic batch; the
-    exported program gives eager's logits at another batch size."""
+    """torch.export (the route to AOTInductor / ExecuTorch) captures each family with an unbounded symbolic batch,
+    as docs/timm.md shows; the exported program gives eager's logits at another batch size. A padded MaxViT
+    failed ("Expected op to be '==', got <=" at 97 x 61, "Constraints violated (batch)" at 96 x 96): the SDPA
+    backend's dense-mask size check became a guard on the symbolic batch."""
     from torch.export import Dim
 
     torch.manual_seed(0)
     model = zoo.create_model(name).eval()
     size = size or model.pretrained_cfg["input_size"]
-    program = torch.export.export(model, (torch.randn(2, *size),), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
+    program = torch.export.export(model, (torch.randn(2, *size),), dynamic_shapes=({0: Dim("batch")},))
     x = torch.randn(5, *size)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), **TOL)

@@ -222,9 +222,11 @@ def _sdpa_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
     if return_weights:
         return "return_weights=True (SDPA does not return the attention probabilities)"
     if not mask.is_full and not _sdpa_causal(mask, q.shape[2], k.shape[2]):
-        cells = mask.batch_size * mask.num_heads * q.shape[2] * k.shape[2]
-        if cells > SDPA_DENSE_MASK_LIMIT:
-            return f"mask {mask!r} would need a dense {cells}-cell boolean tensor"
+        dims = (mask.batch_size, mask.num_heads, q.shape[2], k.shape[2])
+        # symbolic sizes (torch.export with a dynamic batch): not compared, since the comparison would become a
+        # guard bounding the batch (a padded MaxViT's B x windows batch: "Expected op to be '==', got <=")
+        if all(type(d) is int for d in dims) and math.prod(dims) > SDPA_DENSE_MASK_LIMIT:
+            return f"mask {mask!r} would need a dense {math.prod(dims)}-cell boolean tensor"
     return None
 
 
