@@ -222,3 +222,23 @@ def test_a_failing_export_never_replaces_a_good_file(tmp_path):
         export_onnx("vit_debug", out, depth=1, embed_dim=16, atol=1e-12)  # an impossible tolerance
     assert out.read_bytes() == good and (tmp_path / "keep.rejected.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.onnx", "keep.rejected.onnx"]  # no temp files
+
+
+def test_an_exporter_failure_is_one_line_with_the_other_exporter_named(capsys, monkeypatch):
+    """torch.onnx.export failing inside (a model Dynamo cannot capture) ended zoo export with a raw traceback."""
+    from zoo import export as zexport
+
+    def broken(*args, **kwargs):
+        raise AssertionError("Expected op to be '==', got <=\nmore lines")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    monkeypatch.delenv("ZOO_DEBUG", raising=False)
+    with pytest.raises(zexport.ExporterError, match=r"the dynamo exporter failed on .* \(AssertionError: Expected op "
+                                                     r"to be '==', got <=\); exporter=torchscript may work"):
+        export_onnx("vit_debug", None, exporter="dynamo")
+    assert main(["model=vit_debug", "exporter=dynamo"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exporter=torchscript may work" in err
+    monkeypatch.setenv("ZOO_DEBUG", "1")  # the traceback on request
+    with pytest.raises(AssertionError):
+        export_onnx("vit_debug", None)

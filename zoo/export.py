@@ -36,6 +36,7 @@ import difflib
 import io
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ import torch.nn as nn
 from zoo.hub import atomic_write
 from zoo.layers import to_pair
 
-__all__ = ["ExportResult", "ExportCheckError", "export_onnx", "check_onnx", "main", "EXPORTERS"]
+__all__ = ["ExportResult", "ExportCheckError", "ExporterError", "export_onnx", "check_onnx", "main", "EXPORTERS"]
 
 EXPORTERS = ("torchscript", "dynamo")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -56,6 +57,10 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 class ExportCheckError(RuntimeError):
     """onnxruntime's output differs from PyTorch's by more than the tolerance."""
+
+
+class ExporterError(RuntimeError):
+    """torch.onnx.export itself failed on the model (its own error chained as the cause)."""
 
 
 @dataclass
@@ -330,6 +335,18 @@ def _fixed_size_copy(net: nn.Module, size: tuple[int, int]) -> nn.Module:
 
 
 def _export_proto(net: nn.Module, example: torch.Tensor, exporter: str, opset: int):
+    try:
+        return _run_exporter(net, example, exporter, opset)
+    except Exception as error:
+        if os.environ.get("ZOO_DEBUG"):
+            raise
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ExporterError(f"the {exporter} exporter failed on {type(net).__name__} ({type(error).__name__}: "
+                            f"{first[:300]}); exporter={other} may work (ZOO_DEBUG=1 shows the traceback)") from error
+
+
+def _run_exporter(net: nn.Module, example: torch.Tensor, exporter: str, opset: int):
     import onnx
 
     if exporter == "dynamo":
@@ -423,7 +440,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             kwargs["check"] = _FLAGS[text.lower()]
         create_kwargs = {k: _parse_value(v) for k, v in options.items()}
         result = export_onnx(model, out, ckpt=ckpt, **kwargs, **create_kwargs)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ExportCheckError) as error:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ExportCheckError, ExporterError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"zoo export: {message}", file=sys.stderr)
         return 1
