@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,8 +165,8 @@ def test_checkpoint_export(tmp_path):
     assert result.max_abs_diff <= 1e-4
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["mean"]) == [0.1, 0.2, 0.3] and json.loads(meta["std"]) == [1, 2, 3]  # the checkpoint's
-    # img_size with ckpt= builds the checkpoint's model at that size, as with model= (it was refused, with a
-    # message saying to build the model at that size)
+    # img_size with ckpt= exports the checkpoint at that size (it was refused, with a message saying to build the
+    # model at that size): Agent-DeiT runs any size, so as saved
     assert main([f"ckpt={tmp_path / 'ckpt'}", "img_size=48", f"out={tmp_path / 'm48.onnx'}"]) == 0
     assert json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "m48.onnx")).metadata_props}["input_size"]) == [3, 48, 48]
 
@@ -242,3 +243,29 @@ def test_an_exporter_failure_is_one_line_with_the_other_exporter_named(capsys, m
     monkeypatch.setenv("ZOO_DEBUG", "1")  # the traceback on request
     with pytest.raises(AssertionError):
         export_onnx("vit_debug", None)
+
+
+@pytest.mark.parametrize("name,size", [("maxvit_debug", (97, 61)), ("agent_deit_debug", (50, 34)), ("vit_debug", (48, 48))])
+def test_a_checkpoint_exported_at_another_size_is_the_checkpoint_at_that_size(tmp_path, name, size):
+    """zoo export ckpt=<dir> img_size=S rebuilt the model at S: for MaxViT another network (windows of S // 32,
+    3 x 1 at 97 x 61: logits 0.035 from the checkpoint run at S, and the onnxruntime check compared against the
+    rebuilt model, so it passed). A family that runs any size is now exported as saved; a fixed-size ViT is still
+    built at S with its position embedding resampled (as timm's create_model(img_size=S))."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name).eval()
+    with torch.no_grad():  # tables and biases far from their zero init, so a resampled copy would differ
+        for key, param in model.named_parameters():
+            if "bias" in key or "table" in key:
+                param.normal_(0, 1.0)
+    zoo.save_pretrained(model, tmp_path / "ckpt")
+    result = export_onnx(None, None, ckpt=str(tmp_path / "ckpt"), img_size=size)
+    x = torch.randn(2, model.in_chans, *size)
+    got = ort.InferenceSession(result.onnx_bytes, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    if name == "vit_debug":  # fixed size: the rebuilt model (what create_model(pretrained=..., img_size=S) gives)
+        want = zoo.create_model(name, pretrained=str(tmp_path / "ckpt"), img_size=size).eval()
+    else:
+        want = model
+    with torch.no_grad():
+        np.testing.assert_allclose(got, want(x).numpy(), atol=1e-5, rtol=1e-5)

@@ -35,6 +35,7 @@ import copy
 import difflib
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -52,6 +53,7 @@ from zoo.layers import to_pair
 __all__ = ["ExportResult", "ExportCheckError", "ExporterError", "export_onnx", "check_onnx", "main", "EXPORTERS"]
 
 EXPORTERS = ("torchscript", "dynamo")
+log = logging.getLogger(__name__)
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
@@ -251,10 +253,20 @@ def export_onnx(
         raise ValueError(f"output file must end in .onnx, got {str(out)!r}")
     if out is not None and Path(out).is_dir():
         raise ValueError(f"output {str(out)!r} is a directory; pass a file path ending in .onnx")
-    if (isinstance(model, str) or ckpt is not None) and img_size is not None and "img_size" not in create_kwargs:
-        # build the model at that size (a checkpoint's weights are resampled on loading, as for fine-tuning)
-        create_kwargs = {**create_kwargs, "img_size": list(_size_pair(img_size))}
-    net = _resolve_model(model, ckpt, create_kwargs)
+    net = None
+    if ckpt is not None and img_size is not None and "img_size" not in create_kwargs:
+        # A checkpoint at another size: the network it is, run at that size, when it runs there (MaxViT and
+        # Agent-DeiT take any size; so does a dynamic-size ViT). Rebuilt at that size it would be another network
+        # (MaxViT's windows follow img_size // 32: 3 x 1 at 97 x 61, 0.035-0.54 from the checkpoint's logits).
+        net = _resolve_model(model, ckpt, create_kwargs)
+        if not _runs_at(net, _size_pair(img_size)):
+            net = None  # a fixed-size model: rebuilt at that size, its weights resampled as for fine-tuning
+            log.info("export: %s does not run at %s as saved; building it at that size (weights resampled)", ckpt,
+                     _size_pair(img_size))
+    if net is None:
+        if (isinstance(model, str) or ckpt is not None) and img_size is not None and "img_size" not in create_kwargs:
+            create_kwargs = {**create_kwargs, "img_size": list(_size_pair(img_size))}
+        net = _resolve_model(model, ckpt, create_kwargs)
     name = getattr(net, "zoo_model_name", None) or (model if isinstance(model, str) else type(net).__name__)
     in_chans, (height, width) = _input_geometry(net, img_size)
     _check_protobuf_size(net, name)
@@ -317,6 +329,23 @@ def _check_protobuf_size(net: nn.Module, name: str) -> None:
             f"{name} has {weight_bytes / 2**30:.2f} GiB of fp32 weights, over the 2 GiB a single ONNX file holds; "
             f"export it with torch.onnx.export(..., external_data=True) (weights beside the graph) or a smaller depth"
         )
+
+
+def _runs_at(net: nn.Module, size: tuple[int, int]) -> bool:
+    """Whether ``net`` takes a (1, C, H, W) input of this size as it is (one forward on zeros, eval mode)."""
+    in_chans, _ = _input_geometry(net, size)
+    param = next(net.parameters(), None)
+    probe = torch.zeros(1, in_chans, *size, device=param.device if param is not None else "cpu",
+                        dtype=param.dtype if param is not None else torch.float32)
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(probe)
+        return True
+    except (ValueError, TypeError):
+        return False
+    finally:
+        net.train(was_training)
 
 
 def _fixed_size_copy(net: nn.Module, size: tuple[int, int]) -> nn.Module:

@@ -135,7 +135,13 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
 
     Args:
         img_size: native image size (int or (H, W)): sets the position-embedding grid and the agent
-            blocks' ``window`` (official: img_size // patch_size); other sizes are accepted at run time.
+            blocks' ``window`` (official: img_size // patch_size); other sizes are accepted at run time. The
+            position grid is img_size // patch_size (timm's convention) while images are zero-padded to whole
+            patches, so a native size that is not a multiple of the patch (150 x 100) runs on embeddings resampled
+            to the padded grid, and a non-square one resamples its row or column tables (``window`` is the longer
+            side): prefer multiples of the patch size. A checkpoint of another size runs at this one as saved
+            (resampled on the fly); built at this size from it, the tables are resampled once at loading instead,
+            which is not the same function (the order of the two resamplings differs).
         patch_size: patch size (int).
         in_chans: image channels. num_classes: K (0: no head, forward returns pooled features).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the ViT shape.
