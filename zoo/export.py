@@ -11,6 +11,9 @@
 The graph takes ``images`` (batch, C, H, W) float32 with a dynamic batch dimension and returns ``logits``
 (batch, K) (or the pooled features when the model has no head). The image size is fixed at export time
 (the model's native size unless ``img_size`` is given; models that accept any size are exported at that one).
+With ``model=<name>`` the model is built at ``img_size``; with ``ckpt=`` the checkpoint is exported as saved, run
+at ``img_size``, when its family takes that size (MaxViT, Agent-DeiT, dynamic-size ViTs), else built at that
+size with its position embedding resampled (fixed-size ViTs), as timm's ``create_model(img_size=...)`` does.
 
 Exporters (torch.onnx.export): "torchscript" (the default; ``dynamo=False``) traces the model with the
 attention core's reference backend ("torch": MatMul + Softmax ops that onnxruntime runs and fuses) -- it is
