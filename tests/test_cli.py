@@ -376,3 +376,28 @@ def test_model_and_data_of_different_domains_are_named(tmp_path, capsys):
         assert cli.main(["train", *args, "debug=fast", f"run_dir={tmp_path / 'run'}"]) == 1
         err = capsys.readouterr().err
         assert message in err and "graph models (model=gat|gatv2) need graph data" in err
+
+
+def test_worker_errors_and_file_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """A ValueError raised in a DataLoader worker (a corrupt image in an image folder) reached the user with the
+    worker's whole traceback; an out= path under a file was a FileExistsError traceback."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from zoo import cli
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise ValueError("/data/train/a/bad.png is not a readable image: cannot identify image file")
+
+    with pytest.raises(ValueError) as caught:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)
+    assert cli._one_line(caught.value) == "/data/train/a/bad.png is not a readable image: cannot identify image file"
+    (tmp_path / "afile").write_text("")
+    monkeypatch.delenv("ZOO_DEBUG", raising=False)
+    assert cli.main(["viz", "rollout", "ckpt=checkpoints/vit_digits", f"out={tmp_path / 'afile' / 'x.png'}"]) == 1
+    err = capsys.readouterr().err
+    assert "zoo viz: error:" in err and "afile" in err and "Traceback" not in err

@@ -312,3 +312,35 @@ def test_loader_workers_auto_is_capped_at_the_cpus(monkeypatch):
     for name in ("image_folder", "cifar10", "cifar100"):
         text = (Path(__file__).resolve().parents[1] / "configs" / "data" / f"{name}.yaml").read_text()
         assert "\nnum_workers: auto" in text
+
+
+def test_sixteen_bit_and_float_images_read_as_their_eight_bit_originals(tmp_path):
+    """A 16-bit PNG (Pillow mode I;16) was read through Pillow's convert(), which clips every value above 255:
+    the digit became almost pure white and zoo predict answered 8 for a 1, silently, in train / eval / predict /
+    viz alike. 16-bit and 32-bit integer images are scaled to 8 bits (x / 257) and float images from [0, 1];
+    a corrupt file in an image folder is a ValueError naming it (it was a PIL traceback)."""
+    eight = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(eight).save(tmp_path / "d8.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "d16.png")
+    Image.fromarray(eight.astype(np.int32) * 257).save(tmp_path / "d32.tiff")
+    Image.fromarray(eight.astype(np.float32) / 255).save(tmp_path / "dF.tiff")
+    assert Image.open(tmp_path / "d16.png").mode == "I;16"
+    want = vdata.load_image_file(tmp_path / "d8.png", 8, 1, (0.5,), (0.5,))
+    for name in ("d16.png", "d32.tiff", "dF.tiff"):
+        torch.testing.assert_close(vdata.load_image_file(tmp_path / name, 8, 1, (0.5,), (0.5,)), want, rtol=0, atol=1e-6)
+    for split in ("train", "val", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "root" / split / cls).mkdir(parents=True)
+            Image.fromarray(eight).save(tmp_path / "root" / split / cls / "x8.png")
+            Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "root" / split / cls / "x16.png")
+    module = vdata.ImageFolderDataModule(root=str(tmp_path / "root"), img_size=8, in_chans=1, num_classes=2,
+                                         batch_size=2, num_workers=0)
+    module.setup("test")
+    images = [module.test_set[i][0] for i in range(len(module.test_set))]
+    torch.testing.assert_close(images[0], images[1])  # x16.png and x8.png of class a
+    (tmp_path / "root" / "test" / "a" / "bad.png").write_bytes(b"not an image")
+    module = vdata.ImageFolderDataModule(root=str(tmp_path / "root"), img_size=8, in_chans=1, num_classes=2,
+                                         batch_size=2, num_workers=0)
+    module.setup("test")
+    with pytest.raises(ValueError, match=r"bad\.png is not a readable image"):
+        [module.test_set[i] for i in range(len(module.test_set))]

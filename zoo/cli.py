@@ -372,10 +372,22 @@ def _quiet_third_party() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker
+    process 0. Original Traceback ..."), the worker's own message, its traceback's last line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
+        name = type(error).__name__ + ": "
+        return last[len(name):] if last.startswith(name) else last
+    return text
+
+
 def _is_user_error(error: BaseException) -> bool:
     """Errors that describe bad input (printed as one line): ours, and Lightning's MisconfigurationException
     (e.g. trainer.devices larger than the machine has)."""
-    if isinstance(error, (ValueError, FileNotFoundError, TypeError, KeyError)):
+    if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                          PermissionError, TypeError, KeyError)):
         return True
     lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
     return lightning_errors is not None and isinstance(error, lightning_errors.MisconfigurationException)
@@ -420,7 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as error:  # user errors: one clear line
         if not _is_user_error(error) or getattr(sys, "_zoo_debug", False) or __import__("os").environ.get("ZOO_DEBUG"):
             raise
-        print(f"zoo {command}: error: {error}\n(set ZOO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"zoo {command}: error: {_one_line(error)}\n(set ZOO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 
 

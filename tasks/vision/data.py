@@ -435,6 +435,11 @@ def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augme
     return T.Compose(steps)
 
 
+def _folder_image(path: str):
+    """ImageFolder's loader: read_image, then RGB as torchvision's pil_loader gives (the transforms take RGB)."""
+    return read_image(path).convert("RGB")
+
+
 class ImageFolderDataModule(VisionDataModule):
     """Images in class folders under a local ``root``::
 
@@ -478,7 +483,7 @@ class ImageFolderDataModule(VisionDataModule):
         directory = self.root / split
         if not directory.is_dir():
             return None
-        dataset = ImageFolder(str(directory))
+        dataset = ImageFolder(str(directory), loader=_folder_image)
         if dataset.classes != self.class_names:
             extra = sorted(set(dataset.classes) - set(self.class_names))
             raise ValueError(f"ImageFolder data: {directory} has classes {extra} that {self._class_dir} lacks" if extra
@@ -592,10 +597,11 @@ class CIFARDataModule(VisionDataModule):
 # --------------------------------------------------------------------------------------------------
 # Single images (zoo predict)
 # --------------------------------------------------------------------------------------------------
-def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
-                    transform: Optional[Callable] = None) -> torch.Tensor:
-    """One image file -> normalised (C, H, W) tensor, preprocessed like the evaluation split (or by
-    ``transform``, e.g. timm's evaluation transform, given the image in RGB, or L for one channel)."""
+def read_image(path: str | os.PathLike):
+    """An image file as an 8-bit PIL image (RGB, RGBA, L, P, ... as stored), for the image folders and ``zoo
+    predict``. 16-bit and 32-bit integer images (PNG's I;16, Pillow's I) are scaled to 8 bits (x / 257 for 16-bit
+    values) and float images (F) from [0, 1]: Pillow's own convert() clips every value above 255, so a 16-bit
+    digit read as almost pure white. An unreadable file is a ValueError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -607,6 +613,21 @@ def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean:
         raise FileNotFoundError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path} is not a readable image: {error}") from None
+    if picture.mode.startswith("I") or picture.mode == "F":
+        values = np.asarray(picture, dtype=np.float64)
+        if picture.mode == "F":
+            top = 1.0 if values.size == 0 or values.max() <= 1.0 else 255.0
+        else:  # I;16*: 16-bit; I (32-bit ints): 16-bit values when any exceeds 8 bits, else 8-bit ones
+            top = 65535.0 if picture.mode.startswith("I;16") or (values.size and values.max() > 255) else 255.0
+        picture = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    return picture
+
+
+def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
+                    transform: Optional[Callable] = None) -> torch.Tensor:
+    """One image file -> normalised (C, H, W) tensor, preprocessed like the evaluation split (or by
+    ``transform``, e.g. timm's evaluation transform, given the image in RGB, or L for one channel)."""
+    picture = read_image(path)
     if transform is not None:
         return transform(picture.convert("L" if in_chans == 1 else "RGB"))
     mean, std = _check_stats(mean, std, in_chans)
