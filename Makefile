@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 demo: venv
+	rm -rf $(DEMO_DIR)  # a new run: zoo train refuses a run_dir that holds one
 	$(ZOO) train experiment=vit_digits run_dir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(ZOO) eval ckpt=$(DEMO_DIR)/checkpoints/last.ckpt
 	$(ZOO) predict ckpt=$(DEMO_DIR)/released input=digits:0 input=digits:1 input=digits:2

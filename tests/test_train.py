@@ -585,3 +585,16 @@ def test_seed_controls_the_run_and_default_callbacks_and_loggers(tmp_path):
     assert "val/acc1" in rows[0] and len(rows) > 1
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
+
+
+def test_a_new_run_into_a_finished_run_dir_is_refused(tmp_path):
+    """A second zoo train with the same run_dir overwrote the first run's checkpoints, config.yaml and released/
+    (Lightning only warned): it is refused, naming the checkpoint to resume from; resuming still works."""
+    first = run.train(_karate(tmp_path, "same", "trainer.max_epochs=2"))
+    before = Path(first["last_ckpt"]).read_bytes()
+    with pytest.raises(ValueError, match=r"run_dir=.*same already holds a run \(.*last\.ckpt\): resume it with "
+                                         r"ckpt_path=.*last\.ckpt, or give another run_dir"):
+        run.train(_karate(tmp_path, "same", "trainer.max_epochs=2", "task.lr=1e-4"))
+    assert Path(first["last_ckpt"]).read_bytes() == before
+    resumed = run.train(_karate(tmp_path, "same", f"ckpt_path={first['last_ckpt']}", "trainer.max_epochs=3"))
+    assert resumed["epoch"] >= first["epoch"]

@@ -321,6 +321,18 @@ def train(cfg) -> dict[str, Any]:
             os.environ[RUN_DIR_ENV] = previous
 
 
+def _check_not_a_finished_run(run_dir: Path, cfg) -> None:
+    """A new run into a run_dir that holds one would overwrite its checkpoints, config.yaml and released/ (Lightning
+    only warns): refused, unless the run resumes (ckpt_path=). DDP workers (rank > 0) skip the check: rank 0 has
+    made it, and by the time they start, their own run may have written checkpoints."""
+    if cfg.get("ckpt_path") or os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        raise ValueError(f"run_dir={run_dir} already holds a run ({last}): resume it with ckpt_path={last}, or give "
+                         f"another run_dir (delete that folder to start it over)")
+
+
 def _train(cfg, run_dir: Path) -> dict[str, Any]:
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
@@ -331,6 +343,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise ValueError(f"num_threads must be an integer >= 1 (or null or 0: torch's default), got {threads!r}")
     resume = _resume_checkpoint(cfg.get("ckpt_path"))
+    _check_not_a_finished_run(run_dir, cfg)
     if threads:
         torch.set_num_threads(threads)
     pl.seed_everything(seed, workers=True, verbose=False)
