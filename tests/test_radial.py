@@ -41,6 +41,16 @@ def test_pair_rule_small_frames_apply_split_to_near_distances():
     assert radial_pair_rule(0, 20)[0] is True  # P = 32, L = 32 < 128 but 0 % 4 == 0
 
 
+def test_window_is_compared_in_float32_as_the_published_generator_does():
+    """The published generator compares integer distances with the Python-float window in torch's float32, so a
+    window just below a whole number rounds up to it (L * (1 - 1e-8) = 127.99999872 -> 128): the band is one token
+    wider than floor() of the float64 value, which the zoo used (blocks differed at 4 frames x 281 tokens, block
+    64, found by a second audit against the published code)."""
+    assert radial_pair_rule(2, 281, 1 - 1e-8, 64) == (True, 128)
+    assert radial_pair_rule(2, 281, 1 - 1e-3, 64) == (True, 127)  # far enough below: float32 keeps it below
+    assert radial_pair_rule(2, 281, 1.0, 64) == (True, 128)
+
+
 def test_hand_block_map_100_tokens():
     # 3 frames x 100 tokens, block 128: S = 300, 3 blocks, border = 300 // 128 = 2 (row/col 2 all on).
     # Only dist 0 pairs are kept (T < 128). Pair (0,0) at offset 0: columns 0..99 hold 100 > 128/3 rows -> block

@@ -6,7 +6,8 @@ Reference generator: mit-han-lab/radial-attention, ``radial_attn/attn_mask.py`` 
 functions ``get_diagonal_split_mask``, ``get_window_width``, ``shrinkMaskStrict`` and
 ``gen_log_mask_shrinked``. This module re-derives that rule (it is written out in issue 5, section 2) and
 reproduces the published block map bit for bit (checked against the published generator, run outside
-this repository, on 408 random frames / tokens / decay / sink / block / text-token cases), but computes it
+this repository, on 408 random frames / tokens / decay / sink / block / text-token cases, and by a second
+engineer on 8,000 grid and 158,988 frame-pair cases), but computes it
 in closed form: the published code builds
 a tokens_per_frame x tokens_per_frame boolean matrix for every one of the num_frames**2 frame pairs
 (minutes for 128 frames of 3600 tokens); here a frame pair's block pattern is a function of its
@@ -86,7 +87,10 @@ def radial_pair_rule(dist: int, tokens_per_frame: int, decay_factor: float = 1.0
 
     ``kept`` says whether the pair survives the distance split; ``band`` is the largest |p - p'| allowed
     inside the pair (an int, at most tokens_per_frame). Floating point is used exactly as the reference
-    generator uses it (powers of two are exact; ``L * decay_factor`` is rounded once, like there).
+    generator uses it: powers of two are exact, ``L * decay_factor`` is a Python float, and the generator
+    compares the integer distances with it in torch's default float32 (``torch.abs(col - row) <= window``),
+    so the band is floor(float32(window)): a window just below a whole number (L * (1 - 1e-8) = 127.99999872)
+    rounds up to it there, one token wider than floor() of the float64 value.
     """
     dist = abs(int(dist))
     group = dist.bit_length()
@@ -99,7 +103,7 @@ def radial_pair_rule(dist: int, tokens_per_frame: int, decay_factor: float = 1.0
         window = float(tokens_per_frame)
     else:
         window = max(decay_length * decay_factor, float(block_size))
-    return kept, min(int(math.floor(window)), tokens_per_frame)
+    return kept, min(int(math.floor(float(np.float32(window)))), tokens_per_frame)
 
 
 def radial_token_mask(
