@@ -284,6 +284,16 @@ def test_resume_refuses_bad_checkpoints_with_a_clear_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="is a directory; give the .ckpt file"):
         run.train(_karate(tmp_path, "r", f"ckpt_path={tmp_path}"))
     first = run.train(_karate(tmp_path, "heads8", "trainer.max_epochs=1"))["last_ckpt"]
+    # a run directory names its last.ckpt; a released/ folder says what it is (the hint named released/checkpoints/
+    # last.ckpt, which does not exist)
+    with pytest.raises(FileNotFoundError, match=rf"is a directory; give ckpt_path={tmp_path / 'heads8' / 'checkpoints' / 'last.ckpt'}"):
+        run.train(_karate(tmp_path, "r", f"ckpt_path={tmp_path / 'heads8'}"))
+    (tmp_path / "heads8" / "released").mkdir(exist_ok=True)
+    (tmp_path / "heads8" / "released" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"is released weights, not a training checkpoint: start a new run from "
+                                                r"them with model\.pretrained=.*released, or resume its run with "
+                                                r"ckpt_path=.*heads8/checkpoints/last\.ckpt"):
+        run.train(_karate(tmp_path, "r", f"ckpt_path={tmp_path / 'heads8' / 'released'}"))
     with pytest.raises(ValueError, match=r"trained with model\.heads=8; this config has model\.heads=2 \(the checkpoint "
                                          r"stores its zoo_config"):
         run.train(_karate(tmp_path, "heads2", "trainer.max_epochs=2", "model.heads=2", f"ckpt_path={first}"))

@@ -388,8 +388,14 @@ def _resume_checkpoint(ckpt_path) -> Optional[tuple[Path, dict]]:
         return None
     path = Path(str(ckpt_path)).expanduser()
     if path.is_dir():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory; give the .ckpt file to resume from "
-                                f"(e.g. {path / 'checkpoints' / 'last.ckpt'})")
+        if (path / "model.safetensors").is_file():  # a released/ folder: weights to start from, not a run to resume
+            run = path.parent / "checkpoints" / "last.ckpt"
+            resume = f"resume its run with ckpt_path={run}" if run.is_file() else "its run's checkpoints/last.ckpt resumes it"
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} is released weights, not a training checkpoint: start a new "
+                                    f"run from them with model.pretrained={ckpt_path}, or {resume}")
+        candidates = [c for c in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if c.is_file()]
+        hint = f"ckpt_path={candidates[0]}" if candidates else "the .ckpt file, e.g. <run_dir>/checkpoints/last.ckpt"
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory; give {hint} to resume from")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (give the .ckpt to resume from)")
     try:
