@@ -401,3 +401,20 @@ def test_worker_errors_and_file_errors_are_one_line(tmp_path, capsys, monkeypatc
     assert cli.main(["viz", "rollout", "ckpt=checkpoints/vit_digits", f"out={tmp_path / 'afile' / 'x.png'}"]) == 1
     err = capsys.readouterr().err
     assert "zoo viz: error:" in err and "afile" in err and "Traceback" not in err
+
+
+def test_predict_table_keeps_long_paths_when_piped_and_json_is_a_switch(tmp_path, capsys):
+    """Piped or redirected, Rich's 80-column table cut every long input path to the same prefix (rows could not
+    be told apart); json=maybe was taken as false."""
+    from zoo import cli
+
+    folder = tmp_path / "a_rather_long_folder_name_for_the_images_to_predict" / "subfolder"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(folder / f"image_number_{i}.png")
+    assert cli.main(["predict", "ckpt=checkpoints/vit_digits", f"input={folder}", "topk=4"]) == 0
+    out = capsys.readouterr().out
+    for i in range(2):
+        assert str(folder / f"image_number_{i}.png") in out
+    with pytest.raises(SystemExit, match="json must be true or false, got 'maybe'"):
+        cli.main(["predict", "ckpt=checkpoints/vit_digits", "input=digits:1", "json=maybe"])

@@ -194,8 +194,11 @@ def _cmd_predict(argv: list[str]) -> int:
         topk = int(values.get("topk", ["5"])[-1])
     except ValueError:
         raise SystemExit(f"zoo predict: topk must be an integer, got {values['topk'][-1]!r}") from None
+    as_json = values.get("json", ["false"])[-1].lower()
+    if as_json not in ("1", "true", "yes", "0", "false", "no"):
+        raise SystemExit(f"zoo predict: json must be true or false, got {values['json'][-1]!r}")
     results = run.predict(values["ckpt"][-1], values["input"], topk=topk)
-    if values.get("json", ["false"])[-1].lower() in ("1", "true", "yes"):
+    if as_json in ("1", "true", "yes"):
         print(json.dumps(results, indent=2))
         return 0
     from rich.console import Console
@@ -208,7 +211,10 @@ def _cmd_predict(argv: list[str]) -> int:
         table.add_column(f"#{rank}", justify="right")
     for row in results:
         table.add_row(row["input"], *[f"{name} ({prob:.3f})" for name, prob in row["top"]])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: Rich's 80 columns would cut the paths and the cells
+        console = Console(width=max(80, 12 + max((len(r["input"]) for r in results), default=0) + 22 * shown))
+    console.print(table)
     return 0
 
 
