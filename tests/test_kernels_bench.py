@@ -222,6 +222,8 @@ def test_benchmarks_refuse_to_time_two_sides_that_disagree(monkeypatch):
 def test_bench_arguments_are_named(capsys):
     """Tracebacks before: 'NoneType' object is not subscriptable (--sparse-n 100 with radial), a '-100%' row
     (--fractions -1), and torch's CUDA error for zoo bench vision --device cuda without a GPU."""
+    with pytest.raises(SystemExit, match=r"--batch, --heads, .* must be >= 1"):  # was an error from inside attend()
+        bench.main(["--parts", "core", "--quick", "--heads", "0"])
     with pytest.raises(SystemExit, match="--sparse-n must be >= 256 tokens, got 100"):
         bench.main(["--parts", "sparse", "--sparse-n", "100", "--masks", "window,radial"])
     with pytest.raises(SystemExit, match=r"--fractions are kept fractions in \(0, 1\], got \[-1.0\]"):

@@ -572,7 +572,8 @@ def test_bench_vision_maxvit_padding_table(capsys):
     assert rows[0].rstrip(" |").endswith("1.000")
     ratio = float(rows[1].rstrip(" |").rsplit("|", 1)[1])
     assert 0.0 < ratio < 100.0
-    for bad, message in ((["--batch", "0"], "--batch"), (["--warmup", "-1"], "--warmup"), (["--model", "nope"], "nope")):
+    for bad, message in ((["--batch", "0"], "--batch"), (["--warmup", "-1"], "--warmup"), (["--model", "nope"], "nope"),
+                         (["--size", "33"], "--size 33 is the unpadded baseline and must be a multiple of 32")):
         with pytest.raises(SystemExit):
             vision_maxvit.main(["--model", "maxvit_debug", "--size", "64", "--odd", "50", *bad])
         assert message in capsys.readouterr().err

@@ -668,6 +668,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.fractions = [f for f in args.fractions if abs(f - 0.25) < 1e-9] or [0.25]
     if args.repeats < 1 or args.warmup < 0 or args.min_time < 0:
         raise SystemExit("--repeats must be >= 1, --warmup >= 0 and --min-time >= 0")
+    if min(args.batch, args.heads, args.head_dim, args.gpu_tokens, args.gpu_radial_block) < 1 \
+            or not all(n >= 1 for n in args.core_sizes + args.gpu_frames + args.gpu_head_dims):
+        raise SystemExit("--batch, --heads, --head-dim, --core-sizes, --gpu-frames, --gpu-tokens, --gpu-head-dims and "
+                         "--gpu-radial-block must be >= 1")
     if not args.fractions or not all(0.0 < f <= 1.0 for f in args.fractions):
         raise SystemExit(f"--fractions are kept fractions in (0, 1], got {args.fractions}")
     if args.sparse_n < 256:  # below 256 tokens the masks' geometry (radial's frames, 128-token tiles) breaks down

@@ -71,6 +71,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if min(args.size, args.odd, args.batch, args.repeats) < 1 or args.warmup < 0 or (args.threads or 1) < 1:
         parser.error("need --size, --odd, --batch, --repeats, --threads >= 1 and --warmup >= 0")
+    if args.size % 32:  # the model is built at --size: its windows of size // 32 tile every stage exactly then
+        parser.error(f"--size {args.size} is the unpadded baseline and must be a multiple of 32 (e.g. 224); "
+                     f"padded sizes go to --odd")
     import zoo
     import zoo.tasks.vision.maxvit  # noqa: F401
     from zoo.registry import UnknownModelError
