@@ -418,3 +418,14 @@ def test_predict_table_keeps_long_paths_when_piped_and_json_is_a_switch(tmp_path
         assert str(folder / f"image_number_{i}.png") in out
     with pytest.raises(SystemExit, match="json must be true or false, got 'maybe'"):
         cli.main(["predict", "ckpt=checkpoints/vit_digits", "input=digits:1", "json=maybe"])
+
+
+def test_list_without_a_match_says_so(capsys):
+    """zoo list 'nonexist*' printed an empty table titled "0 registered models"."""
+    from zoo import cli
+
+    assert cli.main(["list", "vit_tiny_patch16_2*4x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("zoo list: no model matches vit_tiny_patch16_2*4x; close names: vit_tiny_patch16_224")
+    assert cli.main(["list", "nonexist*"]) == 1
+    assert "zoo list: no model matches nonexist*; zoo list shows them all" in capsys.readouterr().err

@@ -236,6 +236,14 @@ def _cmd_list(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(names))
         return 0
+    if not names:
+        import difflib
+
+        close = difflib.get_close_matches(args.patterns[0].strip("*"), zoo.list_models("*"), n=5, cutoff=0.5)
+        hint = f"; close names: {', '.join(close)}" if close else "; zoo list shows them all"
+        print(f"zoo list: no model matches {' '.join(args.patterns)}"
+              + (f" in task {args.task}" if args.task else "") + hint, file=sys.stderr)
+        return 1
     from rich.console import Console
     from rich.table import Table
 
