@@ -321,6 +321,26 @@ def train(cfg) -> dict[str, Any]:
             os.environ[RUN_DIR_ENV] = previous
 
 
+def _interrupt_note(run_dir: Path, epoch: int) -> str:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    where = (f"resume from its last checkpoint with ckpt_path={last}" if last.is_file()
+             else "no checkpoint had been written yet")
+    return f"zoo train: interrupted in epoch {epoch} of the run in {run_dir}; {where}"
+
+
+def _interrupt_callback(run_dir: Path):
+    """A Lightning callback that, on Ctrl-C (Lightning shuts down gracefully and exits 1 with only its own line),
+    says where the run is and how to resume it (built here: lightning is imported only when training)."""
+    import lightning.pytorch as pl
+
+    class InterruptNote(pl.Callback):
+        def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+            if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+                print(_interrupt_note(Path(run_dir), int(trainer.current_epoch)), file=sys.stderr, flush=True)
+
+    return InterruptNote()
+
+
 def _check_not_a_finished_run(run_dir: Path, cfg) -> None:
     """A new run into a run_dir that holds one would overwrite its checkpoints, config.yaml and released/ (Lightning
     only warns): refused, unless the run resumes (ckpt_path=). DDP workers (rank > 0) skip the check: rank 0 has
@@ -351,7 +371,8 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     if resume is not None:
         _check_resume_fits(resume, module, cfg)
         del resume  # Lightning reads the file again in fit(): do not hold two copies
-    trainer = _trainer(cfg, callbacks=_instantiate_group(cfg.get("callbacks")), loggers=_instantiate_group(cfg.get("logger")))
+    callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir)]
+    trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
     if trainer.is_global_zero:
         _keep_previous_metrics(trainer.loggers)
         run_dir.mkdir(parents=True, exist_ok=True)
