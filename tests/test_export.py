@@ -269,3 +269,25 @@ def test_a_checkpoint_exported_at_another_size_is_the_checkpoint_at_that_size(tm
         want = model
     with torch.no_grad():
         np.testing.assert_allclose(got, want(x).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_training_checkpoints_and_bare_weights_export(tmp_path, capsys):
+    """zoo export took only released directories: a zoo train .ckpt (which eval and predict read) was refused with
+    a hint to use Python, and model=<name> ckpt=<file.safetensors> with "give exactly one of"."""
+    import onnxruntime as ort
+
+    from zoo.train import run
+
+    result = run.train(run.compose(["experiment=vit_digits", "debug=fast", "num_threads=1", "test=false",
+                                    f"run_dir={tmp_path / 'run'}"]))
+    last = result["last_ckpt"]
+    assert main(["ckpt=" + last, f"out={tmp_path / 'last.onnx'}"]) == 0
+    model = run.load_for_inference(last)[0]
+    x = torch.randn(3, 1, 8, 8)
+    got = ort.InferenceSession(str(tmp_path / "last.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5, rtol=1e-5)
+    weights = tmp_path / "run" / "released" / "model.safetensors"
+    assert main(["model=vit_digits", f"ckpt={weights}", f"out={tmp_path / 'bare.onnx'}"]) == 0
+    assert main(["model=vit_digits", f"ckpt={tmp_path / 'run' / 'released'}"]) == 2  # a directory goes alone
+    assert "model=<name> ckpt=<file.safetensors>" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
     zoo export model=<registered name> out=model.onnx [img_size=224|HxW] [batch=1] [opset=17]
                [exporter=torchscript|dynamo] [check=true] [atol=1e-4] [num_classes=K]
-    zoo export ckpt=<dir written by zoo.save_pretrained> out=model.onnx [...]
+    zoo export ckpt=<dir written by zoo.save_pretrained | zoo train's .ckpt> out=model.onnx [...]
+    zoo export model=<registered name> ckpt=<bare weights: .safetensors / .pth> out=model.onnx [...]
 
     from zoo.export import export_onnx
     result = export_onnx("agent_deit_tiny", "agent.onnx")        # or a model instance
@@ -163,8 +164,20 @@ def _resolve_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwa
     import zoo
 
     if ckpt is not None:
+        path = Path(str(ckpt)).expanduser()
         if model is not None:
-            raise ValueError("pass model=<name> or ckpt=<dir>, not both")
+            if isinstance(model, str) and path.is_file() and path.suffix != ".ckpt":
+                # a bare weights file (.safetensors / .pth) for a registered name, as create_model(pretrained=...)
+                return zoo.create_model(model, pretrained=str(path), **create_kwargs)
+            raise ValueError("pass model=<name> or ckpt=<dir>, not both (model= goes with a bare weights file: "
+                             "model=<name> ckpt=<file.safetensors>)")
+        if path.suffix == ".ckpt":  # a zoo train checkpoint, as zoo eval and zoo predict read it (EMA weights)
+            if create_kwargs:
+                raise ValueError(f"constructor arguments {sorted(create_kwargs)} do not apply to a training checkpoint "
+                                 f"(its model is rebuilt as trained)")
+            from zoo.train.run import load_for_inference
+
+            return load_for_inference(path)[0]
         return zoo.from_pretrained(ckpt, **create_kwargs)
     if not isinstance(model, str):
         raise TypeError(f"model must be an nn.Module, a registered name or None with ckpt=, got {type(model).__name__}")
@@ -443,10 +456,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         options[key] = value
     model, ckpt = options.pop("model", None), options.pop("ckpt", None)
-    if (model is None) == (ckpt is None):
-        print("zoo export: give exactly one of model=<name> or ckpt=<dir>", file=sys.stderr)
+    bare_weights = model is not None and ckpt is not None and Path(ckpt).suffix in (".safetensors", ".pth", ".bin")
+    if (model is None) == (ckpt is None) and not bare_weights:
+        print("zoo export: give model=<name>, ckpt=<released dir | .ckpt>, or both for a bare weights file "
+              "(model=<name> ckpt=<file.safetensors>)", file=sys.stderr)
         return 2
-    out = options.pop("out", None) or f"{model or Path(ckpt).name}.onnx"
+    out = options.pop("out", None) or f"{model or Path(ckpt).stem}.onnx"
     kwargs: dict[str, Any] = {}
     try:
         for key in options:  # a misspelt export key would otherwise reach the model's constructor
