@@ -39,12 +39,20 @@ def test_configs_come_from_the_installed_package(tmp_path, monkeypatch):
 
 
 def test_bad_overrides_are_clear(capsys):
-    with pytest.raises(ValueError, match="invalid config overrides"):
+    """One line each: a misspelt option names the closest ones and the list (Hydra's message ran to 15 lines with
+    its config search path); a misspelt key says what +key would do instead of suggesting it."""
+    with pytest.raises(ValueError, match=r"^unknown experiment=no_such_experiment: \(experiment options: agent_digits, "):
         run.compose(["experiment=no_such_experiment"])
     with pytest.raises(ValueError, match="not of the form key=value"):
         run.compose(["vit_digits"])
+    assert cli.main(["train", "experiment=vit_digit"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("zoo train: error: unknown experiment=vit_digit: did you mean vit_digits")
+    assert "Config search path" not in err and err.count("\n") == 2
     assert cli.main(["train", "model=nope"]) == 1
-    assert "zoo train: error: invalid config overrides" in capsys.readouterr().err
+    assert "zoo train: error: unknown model=nope: (model options: gat, gatv2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^unknown config key 'task\.lrr' .* \+task\.lrr=\.\.\. would add it as a new key"):
+        run.compose(["experiment=vit_digits", "task.lrr=1"])
 
 
 def test_help_texts(capsys):

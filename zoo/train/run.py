@@ -55,9 +55,32 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train"):
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except HydraException as error:
-        raise ValueError(f"invalid config overrides {overrides}: {error}") from None
+        raise ValueError(_hydra_message(str(error), overrides)) from None
     OmegaConf.set_struct(cfg, False)
     return cfg
+
+
+def _hydra_message(text: str, overrides: Sequence[str]) -> str:
+    """Hydra's composition error in one line: a misspelt option ("Could not find 'experiment/vit_digit'" followed by
+    the options and Hydra's config search path) becomes the override, the closest options and the full list; a
+    misspelt key keeps Hydra's sentence without its "+key" hint (which would add the misspelt key)."""
+    import difflib
+    import re
+
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    options = re.search(r"Available options in '([^']+)':\s*\n((?:\t.*\n?)+)", text)
+    if missing and options:
+        group, wrong = missing.group(1), missing.group(2)
+        choices = [line.strip() for line in options.group(2).splitlines() if line.strip()]
+        close = difflib.get_close_matches(wrong, choices, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return f"unknown {group}={wrong}: {hint}({group} options: {', '.join(choices)})"
+    key = re.search(r"Could not override '([^']+)'", text)
+    if key:
+        return (f"unknown config key {key.group(1)!r} (from the overrides {list(overrides)}): check its spelling in "
+                f"`zoo train ... --cfg`; +{key.group(1)}=... would add it as a new key")
+    first = text.strip().splitlines()[0] if text.strip() else text
+    return f"invalid config overrides {list(overrides)}: {first}"
 
 
 def _plain(cfg) -> Any:
