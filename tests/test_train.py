@@ -636,3 +636,15 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     assert f"zoo train: interrupted in epoch 1 of the run in {tmp_path / 'stopped'}; resume from its last " \
            f"checkpoint with ckpt_path={last}" in err
     assert last.is_file()
+
+
+def test_a_huge_token_count_is_pointed_out(capsys):
+    """experiment=vit_digits with an image folder's default data.img_size (224) built a patch-2 ViT of 12,544
+    tokens per image without a word, and the run seemed to hang: building it now says so."""
+    cfg = run.compose(["experiment=vit_digits", "data.img_size=224", "num_threads=1"])
+    run.build(cfg)
+    err = capsys.readouterr().err
+    assert "vit_digits at 224 x 224 px with 2 x 2 patches makes 12,544 tokens per image" in err
+    assert "data.img_size is 224: is that the size you meant?" in err
+    run.build(run.compose(["experiment=vit_digits", "num_threads=1"]))
+    assert "tokens per image" not in capsys.readouterr().err

@@ -232,6 +232,7 @@ def _build(cfg, model: Optional[torch.nn.Module] = None):
         model = _call_target(cfg.model)
     if hasattr(datamodule, "adopt_model_stats"):  # data.mean=model: normalise as the (pretrained) model expects
         datamodule.adopt_model_stats(model)
+    _note_token_count(model, cfg)
     module = _call_target(task, model=model)
     if hasattr(module, "hparams"):
         module.hparams["zoo_config"] = _to_container(cfg)
@@ -473,6 +474,26 @@ def _changed_settings(stored: dict, current: dict, keys, only_given: bool = Fals
                for group, key in keys if not only_given or key in (current.get(group) or {})]
     changed = [item for item in changed if item[1] != item[2]]
     return ", ".join(f"{k}={new}" for k, _, new in changed), ", ".join(f"{k}={old}" for k, old, _ in changed)
+
+
+LARGE_TOKEN_COUNT = 4096
+
+
+def _note_token_count(model: torch.nn.Module, cfg) -> None:
+    """A patch model whose input size makes more than LARGE_TOKEN_COUNT tokens per image, said on stderr: an
+    experiment whose model follows ${data.img_size} (vit_digits, patch 2) met an image folder's default of 224 px:
+    12,544 tokens per image, and the run seemed to hang."""
+    embed = getattr(model, "patch_embed", None)
+    size, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if size is None or patch is None:
+        return
+    tokens = math.prod(-(-int(s) // int(p)) for s, p in zip(size, patch))
+    if tokens > LARGE_TOKEN_COUNT:
+        name = getattr(model, "zoo_model_name", type(model).__name__)
+        data_size = (cfg.get("data") or {}).get("img_size")
+        print(f"zoo train: note: {name} at {size[0]} x {size[1]} px with {patch[0]} x {patch[1]} patches makes "
+              f"{tokens:,} tokens per image (attention cost grows with their square); data.img_size is {data_size}: "
+              f"is that the size you meant?", file=sys.stderr, flush=True)
 
 
 def _note_schedule_changes(stored: dict, current: dict) -> None:
