@@ -648,3 +648,18 @@ def test_a_huge_token_count_is_pointed_out(capsys):
     assert "data.img_size is 224: is that the size you meant?" in err
     run.build(run.compose(["experiment=vit_digits", "num_threads=1"]))
     assert "tokens per image" not in capsys.readouterr().err
+
+
+def test_resume_tidies_interrupted_writes_and_lightnings_warnings(tmp_path, recwarn):
+    """A kill during a checkpoint write left checkpoints/.<name>.<random>.tmp for ever (1-2 MB each); resuming
+    printed Lightning's 'Checkpoint directory ... exists and is not empty' and 'Previous log files in this
+    directory will be deleted', although the zoo keeps the earlier metrics as metrics.<n>.csv."""
+    first = run.train(_karate(tmp_path, "tidy", "trainer.max_epochs=2", "logger=csv"))
+    stale = tmp_path / "tidy" / "checkpoints" / ".best.ckpt.x1y2z3.tmp"
+    stale.write_bytes(b"partial")
+    recwarn.clear()
+    run.train(_karate(tmp_path, "tidy", "trainer.max_epochs=3", "logger=csv", f"ckpt_path={first['last_ckpt']}"))
+    assert not stale.exists()
+    messages = [str(w.message) for w in recwarn]
+    assert not any("exists and is not empty" in m for m in messages), messages
+    assert (tmp_path / "tidy" / "csv" / "metrics.1.csv").is_file()

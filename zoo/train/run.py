@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -318,6 +319,19 @@ def _keep_previous_metrics(loggers) -> None:
             current.replace(current.with_name(f"metrics.{n}.csv"))
 
 
+def _tidy_for_resume(run_dir: Path) -> None:
+    """Before a resumed run: delete the temporary files of checkpoint writes that a kill interrupted
+    (``checkpoints/.<name>.<random>.tmp``, zoo.train.checkpoint's atomic writes; one process writes a run_dir, and a
+    new run is refused there, so none is in progress), and silence Lightning's warnings that the run's folders are
+    not empty and its 'previous log files will be deleted': resuming writes there by design, and the earlier
+    metrics.csv was kept as metrics.<n>.csv."""
+    for stale in (run_dir / "checkpoints").glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    for message in (r"Checkpoint directory .* exists and is not empty",
+                    r"Experiment logs directory .* exists and is not empty"):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def _instantiate_group(node) -> list:
     if node is None:
         return []
@@ -399,6 +413,8 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
     if trainer.is_global_zero:
         _keep_previous_metrics(trainer.loggers)
+        if cfg.get("ckpt_path"):
+            _tidy_for_resume(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     start = time.perf_counter()
