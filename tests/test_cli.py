@@ -437,3 +437,19 @@ def test_list_without_a_match_says_so(capsys):
     assert err.startswith("zoo list: no model matches vit_tiny_patch16_2*4x; close names: vit_tiny_patch16_224")
     assert cli.main(["list", "nonexist*"]) == 1
     assert "zoo list: no model matches nonexist*; zoo list shows them all" in capsys.readouterr().err
+
+
+def test_image_folder_class_count_is_read_from_the_folders(tmp_path, capsys):
+    """data=image_folder without data.num_classes was refused ("data.num_classes is required: the number of class
+    folders under <data.root>/train"), though that number is on disk: it is counted, and said."""
+    for split in ("train", "test"):
+        for name in ("cat", "dog", "eel"):
+            (tmp_path / split / name).mkdir(parents=True)
+    cfg = run.compose(["experiment=vit_digits", "data=image_folder", f"data.root={tmp_path}", "data.img_size=8",
+                       "data.in_chans=1"])
+    run.check_required(cfg)
+    assert cfg.data.num_classes == 3 and cfg.model.num_classes == 3
+    assert f"zoo: data.num_classes=3 (the class folders under {tmp_path / 'train'})" in capsys.readouterr().err
+    missing = run.compose(["experiment=vit_digits", "data=image_folder", f"data.root={tmp_path / 'nowhere'}"])
+    with pytest.raises(ValueError, match="data.num_classes is required"):
+        run.check_required(missing)

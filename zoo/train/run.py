@@ -130,11 +130,34 @@ def _missing_hint(plain: dict, key: str) -> str:
 
 def check_required(cfg) -> None:
     """Raise one line naming each missing mandatory (``???``) key and what to put there."""
+    _infer_folder_classes(cfg)
     plain = _plain(cfg)
     missing = _missing_keys(plain)
     if missing:
         raise ValueError("; ".join(f"{key} is required: {_missing_hint(plain, key)} (add {key}=...)" for key in missing))
     _check_model_fits_data(cfg)
+
+
+def _infer_folder_classes(cfg) -> None:
+    """An image folder without data.num_classes: the number of class folders under data.root/train (else test/ or
+    val/), as ImageFolder itself counts them, said on stderr; left missing when the folder is not there (the
+    datamodule then names what to put where)."""
+    from omegaconf import OmegaConf
+
+    data = cfg.get("data")
+    if not OmegaConf.is_dict(data) or not str(data.get("_target_", "")).endswith("ImageFolderDataModule"):
+        return
+    if not OmegaConf.is_missing(data, "num_classes") or OmegaConf.is_missing(data, "root") or not data.get("root"):
+        return
+    root = Path(os.path.expanduser(str(data.root)))
+    for split in ("train", "test", "val"):
+        folder = root / split
+        if folder.is_dir():
+            classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())  # as ImageFolder counts
+            if classes:
+                data.num_classes = len(classes)
+                print(f"zoo: data.num_classes={len(classes)} (the class folders under {folder})", file=sys.stderr)
+            return
 
 
 def _check_model_fits_data(cfg) -> None:
