@@ -324,6 +324,20 @@ def _check_trainer_options(kwargs: dict) -> None:
         # Lightning runs bf16 instead with a warning, while config.yaml and the checkpoint keep saying 16-mixed
         raise ValueError(f"trainer.precision={precision}: fp16 autocast does not run on CPU; use "
                          "trainer.precision=bf16-mixed (what Lightning would silently use instead)")
+    devices = kwargs.get("devices")
+    cpus = _usable_cpus()
+    if on_cpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > cpus \
+            and os.environ.get("LOCAL_RANK", "0") == "0":
+        # legal (a DDP test on a small machine) but every process shares the cores: say so once
+        print(f"zoo train: note: trainer.devices={devices} starts {devices} CPU processes on {cpus} usable core(s); "
+              f"they share them (slower than one process)", file=sys.stderr)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _keep_previous_metrics(loggers) -> None:
