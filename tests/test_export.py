@@ -190,6 +190,7 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(ValueError, match="img_size"):
         export_onnx("vit_debug", None, img_size="abc")
     assert main(["--help"]) == 0
+    assert main([]) == 2  # no arguments: usage on stderr, exit 2 (as zoo viz / zoo bench); was 0
     with pytest.raises(ValueError, match="features_only backbone returns a list of maps"):
         export_onnx(zoo.create_model("vit_debug", features_only=True), None, img_size=32)
     # named before any export work (were raw randn / manual_seed / float errors, the TorchScript IR dumped

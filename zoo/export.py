@@ -443,10 +443,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``zoo export key=value ...``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or any(a in ("-h", "--help", "help") for a in argv):
-        print(_HELP)
+        stream = sys.stdout if argv else sys.stderr  # no arguments is a usage error (exit 2), as zoo viz / bench
+        print(_HELP, file=stream)
         print("\nkeys: model, ckpt, out, img_size, batch, opset, exporter, check, atol; any other key=value is a "
-              "constructor argument of the model (e.g. num_classes=10)")
-        return 0
+              "constructor argument of the model (e.g. num_classes=10)", file=stream)
+        return 0 if argv else 2
     options: dict[str, Any] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
@@ -489,7 +490,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = export_onnx(model, out, ckpt=ckpt, **kwargs, **create_kwargs)
     except (ValueError, TypeError, KeyError, FileNotFoundError, ExportCheckError, ExporterError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"zoo export: {message}", file=sys.stderr)
+        print(f"zoo export: error: {message}", file=sys.stderr)
         return 1
     print(result)
     return 0
