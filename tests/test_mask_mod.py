@@ -79,7 +79,7 @@ def test_batch_and_head_dependent_predicates_and_chunked_evaluation():
     want = flex.create_mask(padded_windows, 2, 3, n, n, device="cpu")
     assert torch.equal(mask.dense(n, n), want)
     assert torch.equal(states, _states_from_dense(want, block, block))
-    assert repr(mask) == "MaskMod(spy, batch=2, heads=3)"
+    assert repr(mask) == "MaskMod(spy, batch_size=2, num_heads=3)"  # the constructor's argument names
 
 
 @pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])

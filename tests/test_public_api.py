@@ -142,3 +142,16 @@ def test_list_models_and_tagged_names_as_timm():
     assert zoo.get_model_entry(tagged).name == "vit_tiny_patch16_224"  # agrees with is_model (the CLI asks both)
     with pytest.raises(FileNotFoundError, match=r"timm/vit_tiny_patch16_224\.augreg_in21k: .* not in the local Hugging Face cache"):
         zoo.create_model(tagged, pretrained=True, depth=1)  # that tag's weights, never downloaded
+
+
+def test_lazy_names_are_listed_and_kept_after_first_use():
+    """dir(zoo) lacked save_pretrained / from_pretrained and dir(zoo.attention) all its lazily imported names (no
+    tab completion); every access went through the module's __getattr__ again."""
+    import zoo
+    import zoo.attention as za
+
+    assert {"save_pretrained", "from_pretrained", "load_state_dict_file"} <= set(dir(zoo))
+    assert set(za.__all__) <= set(dir(za))
+    mha = za.MultiHeadAttention
+    assert vars(za)["MultiHeadAttention"] is mha  # stored after the first access
+    assert "blocksparse" in za.list_backends() and za.list_backends()[-1] == "torch"

@@ -18,8 +18,14 @@ def __getattr__(name):  # lazy: hub pulls in safetensors, only when used
     if name in {"save_pretrained", "from_pretrained", "load_state_dict_file"}:
         from zoo import hub
 
-        return getattr(hub, name)
+        value = getattr(hub, name)
+        globals()[name] = value  # later accesses are plain attribute lookups
+        return value
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+
+
+def __dir__():  # the lazy names too (tab completion, dir(zoo))
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [

@@ -33,8 +33,9 @@ from zoo.attention.core import attend, attention_reference
 from zoo.attention.capture import AttentionRecord, capture_attention
 
 _LAZY = {
-    # name: module that defines it (imported on first access; keeps `import zoo.attention` light and lets
-    # modules that are still being written not break the core)
+    # name: module that defines it (imported on first access, unless attend()'s optional backends have
+    # already imported it: radial, sparse and alibi are; keeps `import zoo.attention` light and lets modules that
+    # are still being written not break the core)
     "MultiHeadAttention": "zoo.attention.modules",
     "Mlp": "zoo.attention.modules",
     "KVCache": "zoo.attention.modules",
@@ -73,8 +74,14 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later accesses are plain attribute lookups
+        return value
     raise AttributeError(f"module 'zoo.attention' has no attribute {name!r}")
+
+
+def __dir__():  # the lazy names too (tab completion, dir(zoo.attention))
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [

@@ -122,6 +122,10 @@ def _by_priority() -> list[Backend]:
 
 
 def list_backends() -> list[str]:
+    """Names of the registered attention backends, highest priority first (the order in which attend()'s
+    automatic selection asks them): e.g. ["triton", "blocksparse", "sdpa", "torch"]. Any of them can be pinned
+    with ``attend(..., backend=name)``, ``use_backend(name)`` or the ZOO_ATTN_BACKEND environment variable."""
+    _load_optional_backends()
     return [backend.name for backend in _by_priority()]
 
 

@@ -880,7 +880,7 @@ class MaskMod(Mask):
         return getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
 
     def __repr__(self) -> str:
-        return f"MaskMod({self._name}, batch={self._batch}, heads={self._heads})"
+        return f"MaskMod({self._name}, batch_size={self._batch}, num_heads={self._heads})"  # the constructor's names
 
 
 class _Combined(Mask):
