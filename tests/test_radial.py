@@ -229,3 +229,14 @@ def test_dense_warmup_schedule():
         s.is_dense(10, 0)
     with pytest.raises(ValueError, match="dense_last_steps"):
         DenseWarmup(num_steps=10, dense_last_steps=-1)
+
+
+def test_token_mask_takes_text_tokens_as_the_block_map_does():
+    """radial_block_mask and Radial take text_tokens (text after the video, fully on); radial_token_mask refused
+    the argument (TypeError), so the token-level form of such a map could not be built."""
+    video = radial_token_mask(3, 10, decay_factor=0.5)
+    with_text = radial_token_mask(3, 10, decay_factor=0.5, text_tokens=4)
+    assert with_text.shape == (34, 34) and with_text[30:].all() and with_text[:, 30:].all()
+    assert torch.equal(with_text[:30, :30], video)
+    with pytest.raises(ValueError, match="text_tokens"):
+        radial_token_mask(3, 10, text_tokens=-1)

@@ -112,11 +112,17 @@ def radial_token_mask(
     decay_factor: float = 1.0,
     frame0_sink: bool = False,
     block_size: int = 128,
+    *,
+    text_tokens: int = 0,
 ) -> torch.Tensor:
-    """The token-level rule before block quantisation: bool (S, S). O(S^2) memory: small sizes only."""
-    num_frames, tpf, decay_factor, block_size, _ = _check_args(num_frames, tokens_per_frame, decay_factor, block_size)
+    """The token-level rule before block quantisation: bool (N, N), N = S + text_tokens, the text tokens (after
+    the video, as in radial_block_mask) seeing and seen by every token. O(N^2) memory: small sizes only."""
+    num_frames, tpf, decay_factor, block_size, text_tokens = _check_args(
+        num_frames, tokens_per_frame, decay_factor, block_size, text_tokens)
     s = num_frames * tpf
-    out = torch.zeros(s, s, dtype=torch.bool)
+    out = torch.zeros(s + text_tokens, s + text_tokens, dtype=torch.bool)
+    out[s:, :] = True
+    out[:, s:] = True
     p = torch.arange(tpf)
     offset_PP = (p[:, None] - p[None, :]).abs()
     for i in range(num_frames):
