@@ -42,13 +42,15 @@ def soft_targets(labels_B: torch.Tensor, num_classes: int, smoothing: float = 0.
 
 
 def cutmix_box(height: int, width: int, lam: float, generator: Optional[torch.Generator] = None) -> tuple[int, int, int, int]:
-    """A box of area ~(1 - lam) H W at a uniform centre, clipped to the image: (y0, y1, x0, x1)."""
+    """A box of cut_h x cut_w = int(H sqrt(1 - lam)) x int(W sqrt(1 - lam)) at a uniform centre, clipped to the
+    image: (y0, y1, x0, x1), as timm's ``rand_bbox`` (timm/data/mixup.py): [c - cut // 2, c + (cut + 1) // 2), so an
+    odd cut keeps its size (with c + cut // 2 it lost a pixel row and column: a cut of 1 pasted nothing)."""
     ratio = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy = int(torch.randint(0, height, (1,), generator=generator))
     cx = int(torch.randint(0, width, (1,), generator=generator))
-    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + (cut_h + 1) // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + (cut_w + 1) // 2, width)
     return y0, y1, x0, x1
 
 

@@ -141,9 +141,18 @@ class ZooModule(pl.LightningModule):
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+    def on_train_start(self) -> None:
+        self._ema_step = int(self.trainer.global_step)  # optimizer steps so far (a resumed run's too)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # the EMA moves once per optimizer step, as timm's train.py updates it: with accumulate_grad_batches=N a
+        # batch that only accumulated gradients leaves it alone (it moved every batch: decay D^N per step, and the
+        # warm-up counter ran N times too fast)
         if self.model_ema is not None:
-            self.model_ema.update(self.model)
+            step = int(self.trainer.global_step)
+            if step != getattr(self, "_ema_step", -1):
+                self.model_ema.update(self.model)
+                self._ema_step = step
 
     # -------------------------------------------------------------- optimisation
     def _optimizer_steps_per_epoch(self, total: int) -> float:
