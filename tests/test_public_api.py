@@ -155,3 +155,20 @@ def test_lazy_names_are_listed_and_kept_after_first_use():
     mha = za.MultiHeadAttention
     assert vars(za)["MultiHeadAttention"] is mha  # stored after the first access
     assert "blocksparse" in za.list_backends() and za.list_backends()[-1] == "torch"
+
+
+def test_every_registered_constructor_documents_its_arguments():
+    """help(zoo.get_model_entry(name).constructor) showed only **kwargs (the 21 maxvit_* constructors had no
+    docstring at all): each now lists the keyword arguments its model class takes."""
+    import inspect
+
+    import zoo
+
+    for name in zoo.list_models("*"):
+        constructor = zoo.get_model_entry(name).constructor
+        doc = constructor.__doc__ or ""
+        assert f"{name}(**kwargs) -> " in doc and "keyword arguments override this configuration" in doc, name
+    doc = zoo.get_model_entry("maxvit_tiny_tf_224").constructor.__doc__
+    from zoo.tasks.vision.maxvit import MaxVit
+
+    assert all(p in doc for p in inspect.signature(MaxVit).parameters if p not in ("self",))

@@ -108,6 +108,7 @@ def register_model(
                 f"cannot register it again from {f.__module__}"
             )
         module_tail = f.__module__.rsplit(".", 1)[-1]
+        _document_constructor(f, model_name)
         _REGISTRY[model_name] = ModelEntry(
             name=model_name,
             constructor=f,
@@ -121,6 +122,25 @@ def register_model(
     if fn is not None:
         return wrap(fn)
     return wrap
+
+
+def _document_constructor(f: Callable[..., nn.Module], model_name: str) -> None:
+    """Give a ``**kwargs`` constructor a docstring that lists the keyword arguments it passes on (those of the model
+    class its return annotation names), since help() and inspect.signature show only ``**kwargs``."""
+    import typing
+
+    try:
+        model_class = typing.get_type_hints(f).get("return")
+    except Exception:  # an annotation that does not resolve: leave the docstring as it is
+        return
+    if not isinstance(model_class, type) or not issubclass(model_class, nn.Module):
+        return
+    names = [p.name for p in inspect.signature(model_class).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    summary = (f.__doc__ or f"{model_name}: a {model_class.__name__}.").rstrip()
+    f.__doc__ = (f"{summary}\n\n{model_name}(**kwargs) -> {model_class.__name__}: keyword arguments override this "
+                 f"configuration and go to {model_class.__name__}: {', '.join(names)} "
+                 f"(zoo.create_model({model_name!r}, ...) checks them by name).")
 
 
 def list_models(pattern: str | Iterable[str] = "*", *, task: str | None = None, family: str | None = None,
