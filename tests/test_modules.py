@@ -615,3 +615,15 @@ def test_messages_for_pool_inputs_and_numpy_grids():
     q, ctx = torch.randn(1, 12, 64), torch.randn(1, 12, 64)
     with torch.no_grad():
         torch.testing.assert_close(cross(q, ctx, positions=(np.int64(3), np.int64(4))), cross(q, ctx, positions=(3, 4)))
+
+
+def test_modules_take_their_input_by_keyword_as_timm_and_torch_do():
+    """forward(x_BNC, ...) made mha(x=t) a TypeError (timm's Attention and torch's modules take x=)."""
+    from zoo.attention import AgentAttention, AttentionPoolLatent, Mlp
+
+    t = torch.randn(2, 5, 32)
+    mha = MultiHeadAttention(32, 4).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x=t), mha(t))
+        assert Mlp(32, 64)(x=t).shape == (2, 5, 32) and AttentionPoolLatent(32, 4)(x=t).shape == (2, 32)
+        assert AgentAttention(32, 4, agent_num=4, window=2)(x=torch.randn(1, 5, 32)).shape == (1, 5, 32)

@@ -315,7 +315,7 @@ class AgentAttention(nn.Module):
 
     def forward(
         self,
-        x_BNC: torch.Tensor,
+        x: torch.Tensor,
         grid: Optional[Sequence[int]] = None,
         num_queries: Optional[int] = None,
         check_finite: bool = True,
@@ -332,6 +332,7 @@ class AgentAttention(nn.Module):
                 boundary (AgentVisionTransformer) pass False; autograd/export/capture calls go through
                 attend(), which always checks.
         """
+        x_BNC = x
         if not isinstance(x_BNC, torch.Tensor):
             raise TypeError(f"AgentAttention: input must be a (B, N, {self.dim}) tensor, got {type(x_BNC).__name__}")
         if x_BNC.dim() != 3 or x_BNC.shape[-1] != self.dim:

@@ -439,7 +439,7 @@ class MultiHeadAttention(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        x_BNC: torch.Tensor,
+        x: torch.Tensor,
         context: Optional[torch.Tensor] = None,
         mask: Union[Mask, torch.Tensor, None] = None,
         bias: Union[torch.Tensor, AttentionBias, None] = None,
@@ -450,7 +450,7 @@ class MultiHeadAttention(nn.Module):
         """Attention of the tokens ``x_BNC`` over themselves (or over ``context`` (B, M, kv_dim)).
 
         Args:
-            x_BNC: (B, N, dim) queries (and keys/values in self attention).
+            x: (B, N, dim) queries (and keys/values in self attention).
             context: (B, M, kv_dim) keys/values for cross attention; required iff ``kv_dim`` was given.
             mask: a zoo.attention mask or bool tensor (True = may attend), see attend().
             bias: additive score bias (tensor broadcastable to (B, H, N, M) or AttentionBias), added to
@@ -466,6 +466,7 @@ class MultiHeadAttention(nn.Module):
         Returns:
             (B, N, dim).
         """
+        x_BNC = x
         self._check_input("x", x_BNC, self.dim)
         if cache is not None:
             self._check_cache(cache, x_BNC, num_queries)
@@ -595,7 +596,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features): fc1, activation, dropout, fc2, dropout."""
+        x_BNC = x
         # At inference the activation runs in place on fc1's fresh output (zoo.layers.activate_fresh): the hidden
         # activation is the largest tensor of the block (Agent-DeiT-Ti at 448 px, batch 1: 64.7 -> 48.0 ms per
         # forward in one interleaved run; docs/bench_agent.md).
@@ -643,7 +646,10 @@ class AttentionPoolLatent(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
         nn.init.trunc_normal_(self.latent, std=dim ** -0.5)
 
-    def forward(self, x_BNC: torch.Tensor, mask: Union[Mask, torch.Tensor, None] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Union[Mask, torch.Tensor, None] = None) -> torch.Tensor:
+        """(B, N, dim) tokens -> (B, dim), the first latent's output; ``mask`` as attend() takes it for the
+        latent queries over the N tokens (a (B, N) key-padding mask as mask[:, None, None, :])."""
+        x_BNC = x
         if not isinstance(x_BNC, torch.Tensor) or x_BNC.dim() != 3 or x_BNC.shape[-1] != self.dim:
             raise ValueError(f"AttentionPoolLatent: input must be (B, N, {self.dim}) tokens, got "
                              f"{tuple(x_BNC.shape) if isinstance(x_BNC, torch.Tensor) else type(x_BNC).__name__}")
