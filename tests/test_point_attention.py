@@ -747,3 +747,14 @@ def test_torch_cluster_signatures_and_trailing_examples():
     y, by = pos[8:14], _batch(2, 2, 2)
     for edges in (knn(x, y, 2, bx, by), radius(x, y, 10.0, bx, by)):
         assert not bool((edges[0] >= 4).any()) and bool((edges[0] < 4).any())
+
+
+def test_segment_functions_share_argument_names():
+    """segment_softmax(scores, index, num_segments) took keywords, its sibling segment_softmax_weighted_sum only
+    positionally (scores_EC=, values_EC=, index_E=)."""
+    from zoo.attention import segment_softmax_weighted_sum
+
+    scores, values = torch.randn(6, 3), torch.randn(6, 3)
+    index = torch.tensor([0, 0, 1, 1, 2, 2])
+    torch.testing.assert_close(segment_softmax_weighted_sum(scores=scores, values=values, index=index, num_segments=3),
+                               segment_softmax_weighted_sum(scores, values, index, 3))

@@ -361,12 +361,12 @@ def _differentiable_backward(ctx, scores_EC: Tensor, values_EC: Tensor, index_E:
     return result[0], result[1], None, None, None
 
 
-def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, num_segments: int, *,
+def segment_softmax_weighted_sum(scores: Tensor, values: Tensor, index: Tensor, num_segments: int, *,
                                  rowptr: Optional[Tensor] = None, impl: str = "auto") -> Tensor:
     """Vector attention's aggregation: ``out[n] = sum_{e: index[e] = n} softmax(scores)[e] * values[e]``, with
     one softmax per channel over the entries of each segment (Point Transformer's per-channel weights).
 
-    scores_EC, values_EC [E, C]; index_E [E] (int64/int32) in [0, num_segments); num_segments an int (a float
+    scores, values [E, C]; index [E] (int64/int32) in [0, num_segments); num_segments an int (a float
     or a string is refused, not truncated). Returns [num_segments, C]; a segment with no entry, or whose scores
     in a channel are all -inf, gives zeros there (:func:`segment_softmax` gives NaN weights for the latter, as
     PyG's softmax). Equal to ``index_add(segment_softmax(scores, index) * values)`` (the reference), but
@@ -378,8 +378,9 @@ def segment_softmax_weighted_sum(scores_EC: Tensor, values_EC: Tensor, index_E: 
     (zoo.kernels.vector_softmax): ``impl="auto"`` uses them for CUDA tensors, ``"triton"`` also on CPU tensors
     under TRITON_INTERPRET=1, ``"torch"`` never. Since the kernels read the segments from rowptr alone, rowptr
     is checked against index (rowptr[0] = 0, rowptr[-1] = E, non-decreasing, index what rowptr implies: one pass
-    over the entries; skipped under tracing)."""
+    over the entries; skipped under tracing). (The arguments are named as segment_softmax's: scores, index.)"""
     fn = "segment_softmax_weighted_sum"
+    scores_EC, values_EC, index_E = scores, values, index
     for name, t in (("scores", scores_EC), ("values", values_EC)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor [E, C], got {type(t).__name__}")
