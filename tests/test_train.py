@@ -667,7 +667,7 @@ def test_resume_tidies_interrupted_writes_and_lightnings_warnings(tmp_path, recw
 
 def test_more_cpu_processes_than_cores_is_pointed_out(capsys, monkeypatch):
     """trainer.devices=4 on a 1-CPU machine silently started 4 gloo DDP processes (23 s instead of about 1 s)."""
-    monkeypatch.setattr(run, "_usable_cpus", lambda: 1)
+    monkeypatch.setattr(run, "usable_cpus", lambda: 1)
     run._check_trainer_options({"accelerator": "cpu", "devices": 4})
     assert "trainer.devices=4 starts 4 CPU processes on 1 usable core(s)" in capsys.readouterr().err
     run._check_trainer_options({"accelerator": "cpu", "devices": 1})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from collections import abc
 from typing import Optional, Sequence, Union
 
@@ -29,7 +30,7 @@ from torch import nn
 __all__ = [
     "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
-    "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp", "refuse_double_backward",
+    "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp", "refuse_double_backward", "usable_cpus",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -47,6 +48,14 @@ def positive_int(value, name: str) -> int:
         value = int(value)
     check_positive_int(value, name)
     return value
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask on Linux, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def weights_stamp(*tensors: Optional[torch.Tensor]) -> tuple:

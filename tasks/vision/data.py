@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from zoo.layers import check_flag
+from zoo.layers import check_flag, usable_cpus
 
 __all__ = [
     "DIGITS_TEST_SEED",
@@ -241,11 +241,7 @@ def loader_workers(num_workers: Union[int, str]) -> int:
     """DataLoader worker processes: an int >= 0, or "auto" = 4 capped at the CPUs this process may use (the
     image folder and CIFAR defaults: torch warns when a loader asks for more workers than there are CPUs)."""
     if num_workers == "auto":
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cpus = os.cpu_count() or 1
-        return min(4, cpus)
+        return min(4, usable_cpus())
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0 or 'auto' (4, at most the CPU count), got {num_workers!r}")
     return num_workers

@@ -30,6 +30,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from zoo.layers import usable_cpus
+
 __all__ = ["compose", "build", "train", "evaluate", "predict", "load_for_inference", "CONFIG_MODULE"]
 
 CONFIG_MODULE = "zoo.configs"
@@ -325,19 +327,11 @@ def _check_trainer_options(kwargs: dict) -> None:
         raise ValueError(f"trainer.precision={precision}: fp16 autocast does not run on CPU; use "
                          "trainer.precision=bf16-mixed (what Lightning would silently use instead)")
     devices = kwargs.get("devices")
-    cpus = _usable_cpus()
-    if on_cpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > cpus \
+    if on_cpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > usable_cpus() \
             and os.environ.get("LOCAL_RANK", "0") == "0":
         # legal (a DDP test on a small machine) but every process shares the cores: say so once
-        print(f"zoo train: note: trainer.devices={devices} starts {devices} CPU processes on {cpus} usable core(s); "
-              f"they share them (slower than one process)", file=sys.stderr)
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        print(f"zoo train: note: trainer.devices={devices} starts {devices} CPU processes on {usable_cpus()} usable "
+              f"core(s); they share them (slower than one process)", file=sys.stderr)
 
 
 def _keep_previous_metrics(loggers) -> None:
@@ -396,8 +390,13 @@ def train(cfg) -> dict[str, Any]:
             os.environ[RUN_DIR_ENV] = previous
 
 
+def _last_checkpoint(run_dir: Path) -> Path:
+    """Where a run keeps the checkpoint that resumes it (configs/callbacks/*.yaml: ${run_dir}/checkpoints/last)."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def _interrupt_note(run_dir: Path, epoch: int) -> str:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = _last_checkpoint(run_dir)
     where = (f"resume from its last checkpoint with ckpt_path={last}" if last.is_file()
              else "no checkpoint had been written yet")
     return f"zoo train: interrupted in epoch {epoch} of the run in {run_dir}; {where}"
@@ -422,7 +421,7 @@ def _check_not_a_finished_run(run_dir: Path, cfg) -> None:
     made it, and by the time they start, their own run may have written checkpoints."""
     if cfg.get("ckpt_path") or os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = _last_checkpoint(run_dir)
     if last.is_file():
         raise ValueError(f"run_dir={run_dir} already holds a run ({last}): resume it with ckpt_path={last}, or give "
                          f"another run_dir (delete that folder to start it over)")
@@ -464,7 +463,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"run_dir": str(run_dir), "metrics": metrics, "seconds": seconds, "released": None,
                               "last_ckpt": None, "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
                               "world_size": int(trainer.world_size), "global_zero": bool(trainer.is_global_zero)}
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = _last_checkpoint(run_dir)
     if last.is_file():
         result["last_ckpt"] = str(last)
     if trainer.is_global_zero:
@@ -487,11 +486,11 @@ def _resume_checkpoint(ckpt_path) -> Optional[tuple[Path, dict]]:
     path = Path(str(ckpt_path)).expanduser()
     if path.is_dir():
         if (path / "model.safetensors").is_file():  # a released/ folder: weights to start from, not a run to resume
-            run = path.parent / "checkpoints" / "last.ckpt"
+            run = _last_checkpoint(path.parent)
             resume = f"resume its run with ckpt_path={run}" if run.is_file() else "its run's checkpoints/last.ckpt resumes it"
             raise FileNotFoundError(f"ckpt_path={ckpt_path} is released weights, not a training checkpoint: start a new "
                                     f"run from them with model.pretrained={ckpt_path}, or {resume}")
-        candidates = [c for c in (path / "checkpoints" / "last.ckpt", path / "last.ckpt") if c.is_file()]
+        candidates = [c for c in (_last_checkpoint(path), path / "last.ckpt") if c.is_file()]
         hint = f"ckpt_path={candidates[0]}" if candidates else "the .ckpt file, e.g. <run_dir>/checkpoints/last.ckpt"
         raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory; give {hint} to resume from")
     if not path.is_file():
