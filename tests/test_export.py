@@ -288,6 +288,10 @@ def test_training_checkpoints_and_bare_weights_export(tmp_path, capsys):
     got = ort.InferenceSession(str(tmp_path / "last.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5, rtol=1e-5)
+    # a fixed-size ViT's training checkpoint at another size: what to export instead (it said "constructor
+    # arguments ['img_size'] do not apply to a training checkpoint", an argument the user had not given)
+    with pytest.raises(ValueError, match=r"does not run at \(16, 16\) as trained, .* export its released/ directory"):
+        export_onnx(None, None, ckpt=last, img_size=16)
     weights = tmp_path / "run" / "released" / "model.safetensors"
     assert main(["model=vit_digits", f"ckpt={weights}", f"out={tmp_path / 'bare.onnx'}"]) == 0
     assert main(["model=vit_digits", f"ckpt={tmp_path / 'run' / 'released'}"]) == 2  # a directory goes alone

@@ -276,6 +276,10 @@ def export_onnx(
         # (MaxViT's windows follow img_size // 32: 3 x 1 at 97 x 61, 0.035-0.54 from the checkpoint's logits).
         net = _resolve_model(model, ckpt, create_kwargs)
         if not _runs_at(net, _size_pair(img_size)):
+            if Path(str(ckpt)).suffix == ".ckpt":  # rebuilt only as trained (see _resolve_model)
+                raise ValueError(f"{ckpt}: the model does not run at {_size_pair(img_size)} as trained, and a training "
+                                 f"checkpoint is exported as trained; export its released/ directory at that size "
+                                 f"(ckpt=<run_dir>/released img_size=...), which resamples the weights")
             net = None  # a fixed-size model: rebuilt at that size, its weights resampled as for fine-tuning
             log.info("export: %s does not run at %s as saved; building it at that size (weights resampled)", ckpt,
                      _size_pair(img_size))
