@@ -906,3 +906,36 @@ def test_point_transformer_reverse_flow_as_pyg():
         outs.append((out, torch.autograd.grad(out.square().sum(), xi)[0]))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("name,in_channels,kwargs", [
+    ("GATv2Conv", 8, dict(heads=2)),
+    ("GATv2Conv", (6, 8), dict(heads=2, edge_dim=3, residual=True)),
+    ("GATv2Conv", 8, dict(heads=3, concat=False, share_weights=True, edge_dim=2, residual=True)),
+    ("GATv2Conv", -1, dict(heads=2, edge_dim=3, residual=True)),
+    ("GATv2Conv", (-1, -1), dict(heads=2, residual=True, add_self_loops=False)),
+    ("GATConv", 8, dict(heads=2, bias=False)),
+    ("GATConv", (6, 8), dict(heads=2, edge_dim=3, residual=True)),
+    ("GATConv", -1, dict(heads=3, concat=False, edge_dim=2, residual=True)),
+])
+def test_seeded_initialisation_draws_pyg_weights(name, in_channels, kwargs):
+    """torch.manual_seed(s) then our layer or PyG's: the same weights (the same random draws in the same order,
+    lazy projections included, sized by the first input), so a seeded PyG run swaps to ours unchanged."""
+    import zoo.attention as za
+
+    sizes = (in_channels, in_channels) if isinstance(in_channels, int) else in_channels
+    x_src, x_dst = torch.randn(9, 6 if sizes[0] == -1 else sizes[0]), torch.randn(5, 8 if sizes[1] == -1 else sizes[1])
+    if isinstance(in_channels, int):
+        x, ei = x_src, _graph()[:, :20] % 9
+    else:
+        x, ei = (x_src, x_dst), torch.stack([torch.arange(12) % 9, torch.arange(12) % 5])
+    ea = torch.randn(ei.size(1), kwargs["edge_dim"]) if "edge_dim" in kwargs else None
+    states = []
+    for make in (getattr(pyg_nn, name), getattr(za, name)):
+        torch.manual_seed(0)
+        layer = make(in_channels, 4, **kwargs)
+        layer(x, ei, ea)  # sizes lazy projections (PyG draws them at first use)
+        states.append(layer.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0, msg=key)

@@ -244,10 +244,14 @@ def _is_lazy(module) -> bool:
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
-    """nn.Linear with PyG's Linear(weight_initializer='glorot') keys and initialisation (lazy for -1)."""
+    """nn.Linear with PyG's Linear(weight_initializer='glorot') keys and initialisation (lazy for -1).
+
+    Built without nn.Linear's own (kaiming) initialisation, whose random draws PyG's Linear does not make: the
+    layers then consume the random stream exactly as PyG's do, so ``torch.manual_seed(s)`` before building ours
+    or PyG's gives the same weights (tests/test_graph_layers.py)."""
     if in_features == -1:
         return _LazyLinear(out_features, bias=bias)
-    lin = nn.Linear(in_features, out_features, bias=bias)
+    lin = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, device=torch.get_default_device())
     _init_linear_(lin)
     return lin
 
@@ -472,9 +476,11 @@ class _GraphAttentionBase(CachedGraphLayer):
 
     def _materialize(self, x_src: Tensor, x_dst: Optional[Tensor]) -> None:
         """Size the lazy projections (``in_channels=-1``) from the first input, as PyG does: a zero-row call
-        runs each one's initialisation (the fused CPU/Triton paths read the weights without calling them)."""
-        for lin, x in ((self._src_linear(), x_src), (self._dst_linear(), x_dst if x_dst is not None else x_src),
-                       (self.res, x_dst if x_dst is not None else x_src)):
+        runs each one's initialisation (the fused CPU/Triton paths read the weights without calling them), in
+        PyG's order (the residual projection first, then source, then target), so a seeded run draws the same
+        weights as PyG's layer."""
+        x_dst_or_src = x_dst if x_dst is not None else x_src
+        for lin, x in ((self.res, x_dst_or_src), (self._src_linear(), x_src), (self._dst_linear(), x_dst_or_src)):
             if lin is not None and _is_lazy(lin):
                 lin(x[:0])
 
