@@ -60,6 +60,7 @@ of q/k, Dv head dim of v, BM/BN query/key tile sizes, BD/BDV padded head dims.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import weakref
 from dataclasses import dataclass
@@ -961,12 +962,18 @@ def _check_inputs(q, k, v, score, scale) -> None:
         raise ValueError(f"flash_attention: head dims up to {MAX_HEAD_DIM} are supported, got D={d}, Dv={dv}")
     if score not in ("softmax", "sigmoid"):
         raise ValueError(f"flash_attention: score must be 'softmax' or 'sigmoid', got {score!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if scale is not None and not (_is_real(scale) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"flash_attention: scale must be a positive finite number, got {scale!r}")
 
 
+def _is_real(value) -> bool:
+    """A real number (numpy scalars included) and not a bool, as attend() takes its arguments."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_block(name: str, value: Optional[int]) -> None:
-    if value is not None and (not isinstance(value, int) or value < 16 or value & (value - 1)):
+    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 16
+                              or value & (value - 1)):
         raise ValueError(f"flash_attention: {name} must be a power of two >= 16, got {value!r}")
 
 
@@ -1016,7 +1023,7 @@ def dropout_scale(batch: int, heads: int, q_len: int, k_len: int, dropout_p: flo
 def _check_dropout(dropout_p, q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
     """None when the kernel's dropout can serve this problem, else why not (the Philox offsets hold the batch
     below 2**15, the head below 2**16 and the pair index i * Nk + j below 2**32)."""
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+    if not (_is_real(dropout_p) and 0.0 <= dropout_p < 1.0):
         return f"dropout_p must be a number in [0, 1), got {dropout_p!r}"
     if dropout_p > 0.0:
         if q.shape[0] >= 2**15 or q.shape[1] >= 2**16 or q.shape[2] * k.shape[2] >= 2**32:
@@ -1063,9 +1070,13 @@ def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None, dropout_
         if _bias_span(bias) > _MAX_OFFSET:
             raise ValueError(f"flash_attention: bias {tuple(bias.shape)} with strides {bias.stride()} exceeds the "
                              "kernel's 32-bit in-slice offsets")
+    if INTERPRET and q.device.type != "cuda" and torch.bfloat16 in (q.dtype, getattr(bias, "dtype", None)):
+        raise TypeError("flash_attention: bfloat16 is computed wrongly by the Triton interpreter (q or bias); use "
+                        "float16/float32 on CPU")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    plan = _make_plan(q, k, v, mask, scale, score, block_m, block_n, dropout_p, seed, alibi)
+    block_m, block_n = (None if b is None else int(b) for b in (block_m, block_n))  # numpy ints: kernel constants
+    plan = _make_plan(q, k, v, mask, scale, score, block_m, block_n, float(dropout_p), seed, alibi)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _FlashAttentionFn.apply(q, k, v, bias, plan)
 

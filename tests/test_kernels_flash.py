@@ -625,6 +625,19 @@ def test_bad_input_errors():
         flash_attention(q, k, v, bias=torch.zeros(1, 3, 16, 24, device=DEVICE))
     with pytest.raises(ValueError, match="Segments ids"):
         flash_attention(q, k, v, Segments(torch.zeros(16, dtype=torch.long)))
+    # numbers as attend() takes them: numpy scalars are numbers, a bool is not
+    np = pytest.importorskip("numpy")
+    want = flash_attention(q, k, v, scale=0.25, block_m=16)
+    torch.testing.assert_close(flash_attention(q, k, v, scale=np.float32(0.25), block_m=np.int64(16)), want)
+    with pytest.raises(ValueError, match="scale must be a positive finite number, got True"):
+        flash_attention(q, k, v, scale=True)
+    with pytest.raises(ValueError, match="power of two"):
+        flash_attention(q, k, v, block_m=True)
+    if not HAS_CUDA:  # the interpreter computes bf16 wrongly: refused by the public function too, not only by attend
+        with pytest.raises(TypeError, match="bfloat16 is computed wrongly"):
+            flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        with pytest.raises(TypeError, match="bfloat16 is computed wrongly"):
+            flash_attention(q, k, v, bias=torch.zeros(1, 4, 16, 24, device=DEVICE, dtype=torch.bfloat16))
 
 
 def test_ids_outside_int32_are_refused_by_the_capability_check():

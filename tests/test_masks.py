@@ -292,6 +292,96 @@ def test_in_place_edit_of_a_mask_tensor_reaches_every_backend(make):
         torch.testing.assert_close(attend(q, k, v, mask, backend=backend), want, atol=2e-6, rtol=1e-5, msg=backend)
 
 
+_DOC_IDS = torch.zeros(512, dtype=torch.long)  # read by a module-level mask_mod below, as FlexAttention's examples do
+
+
+def _same_document(b, h, q_idx, kv_idx):
+    return _DOC_IDS[q_idx] == _DOC_IDS[kv_idx]
+
+
+@pytest.mark.parametrize("change", ["window_left", "chunk_size", "block_size", "ids_replaced", "maskmod_closure",
+                                    "maskmod_global", "radial_map_edit", "radial_setting"])
+def test_changes_without_an_in_place_tensor_edit_reach_every_backend(change):
+    """Changes the version counters of the mask's tensors do not show: a setting reassigned, ids replaced by another
+    tensor, a tensor read by a MaskMod predicate edited in place, Radial's block map edited through its public
+    view. The block-sparse path kept its cached block map and plan (a wrong result, silently) while the reference
+    backends saw the change."""
+    from zoo.attention import MaskMod, Radial, attend, radial_block_mask
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 1, 2, 512, 16, generator=g)
+    ids = torch.zeros(512, dtype=torch.long)
+    ids[256:] = 1
+    doc = ids.clone()
+    _DOC_IDS.copy_(ids)
+    radial = Radial(4, 128, block_size=64)
+    radial_q, radial_k, radial_v = torch.randn(3, 1, 2, radial.seq_len, 16, generator=g)
+    makers = {
+        "window_left": lambda: Window(4, 0), "chunk_size": lambda: ChunkWindow(16), "block_size":
+        lambda: BlockSparse(torch.eye(8, dtype=torch.bool), 64), "ids_replaced": lambda: Segments(ids),
+        "maskmod_closure": lambda: MaskMod(lambda b, h, qi, ki: doc[qi] == doc[ki]),
+        "maskmod_global": lambda: MaskMod(_same_document), "radial_map_edit": lambda: radial,
+        "radial_setting": lambda: radial}
+    mask = makers[change]()
+    x = (radial_q, radial_k, radial_v) if change.startswith("radial") else (q, k, v)
+    for backend in ("blocksparse", None):
+        attend(*x, mask, backend=backend)  # fills the caches
+    if change == "window_left":
+        mask.left = 100
+    elif change == "chunk_size":
+        mask.chunk_size = 64
+    elif change == "block_size":
+        mask.block_mask = torch.eye(16, dtype=torch.bool)[None, None]
+        mask.block_q = mask.block_k = 32
+    elif change == "ids_replaced":
+        mask.q_ids = mask.kv_ids = torch.ones(1, 512, dtype=torch.long)
+    elif change == "maskmod_closure":
+        doc[100:300] = 7
+    elif change == "maskmod_global":
+        _DOC_IDS[100:300] = 7
+    elif change == "radial_map_edit":
+        mask.block_mask.fill_(True)
+    else:
+        mask.frame0_sink = True
+    want = attend(*x, mask, backend="torch")  # the dense form, built from the mask as it is now
+    if change == "radial_setting":
+        assert torch.equal(mask.block_mask, radial_block_mask(4, 128, frame0_sink=True, block_size=64))
+    for backend in ("blocksparse", "sdpa", None):
+        torch.testing.assert_close(attend(*x, mask, backend=backend), want, atol=2e-6, rtol=1e-5, msg=backend)
+    if change == "radial_map_edit":
+        assert mask.block_map(radial.seq_len, radial.seq_len, 64).kept_fraction() == 1.0
+
+
+def test_masks_of_inference_tensors_run_on_every_backend():
+    """Masks built under torch.inference_mode() (Lightning's validation and predict loops): their tensors have no
+    version counter, and every backend that caches derived data raised "Inference tensors do not track version
+    counter" (the block-sparse path, chosen automatically on CPU from 256 x 256)."""
+    from zoo.attention import attend
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(3, 1, 2, 300, 16, generator=g)
+    with torch.inference_mode():
+        masks = [Segments.from_lengths(torch.tensor([200]), 300), Dense(torch.rand(1, 1, 300, 300, generator=g) < 0.5),
+                 BlockSparse(torch.rand(5, 5, generator=g) < 0.5, 64) | Causal()]
+        for mask in masks:
+            want = attend(q, k, v, mask, backend="torch")
+            for backend in ("blocksparse", None, "blocksparse"):  # twice: a cached entry is not reused blindly
+                torch.testing.assert_close(attend(q, k, v, mask, backend=backend), want, atol=2e-6, rtol=1e-5)
+            mask.tensors()[0].logical_not_() if mask.tensors()[0].dtype == torch.bool else None
+    for mask in masks:  # outside inference mode too
+        torch.testing.assert_close(attend(q, k, v, mask), attend(q, k, v, mask, backend="torch"), atol=2e-6, rtol=1e-5)
+
+
+def test_numpy_ids_are_copied():
+    """docs/core.md: ids given as numpy arrays are converted to int64 copies. An int64 array was shared (torch.as_tensor),
+    so a reused buffer edited later changed the dense mask but not the cached block maps."""
+    np = pytest.importorskip("numpy")
+    ids = np.zeros(512, dtype=np.int64)
+    mask = Segments(ids)
+    ids[:] = 3
+    assert int(mask.q_ids.abs().sum()) == 0
+
+
 def test_a_bool_tensor_combines_from_either_side():
     keep = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(0)) < 0.5
     for mask, want in ((keep & Causal(), Dense(keep) & Causal()), (keep | Window(1, 1), Dense(keep) | Window(1, 1))):
@@ -477,3 +567,5 @@ def test_dense_key_padding_mask_broadcasts_over_queries(backend):
     assert torch.equal(Dense(keep).block_map(70, 70, 16).states, expanded.block_map(70, 70, 16).states)
     with pytest.raises(ValueError, match=r"or \(\.\.\., 1, 70\), the same keys for every query"):
         attend(q, k, v, mask=Dense(keep[..., :60]))
+    with pytest.raises(ValueError, match=r"a key dim of 1 does not broadcast here: expand it, mask.expand\(\.\.\., 70\)"):
+        attend(q, k, v, mask=Dense(torch.ones(2, 1, 70, 1, dtype=torch.bool)))

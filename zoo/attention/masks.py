@@ -157,14 +157,33 @@ class Mask:
         """The tensors the mask reads (ids, a dense mask, a block map); derived data is cached per version."""
         return ()
 
-    def version(self) -> tuple[int, ...]:
-        """In-place version counters of :meth:`tensors`: changes when one of them is edited in place."""
-        return tuple(t._version for t in self.tensors())
+    def version(self) -> tuple:
+        """A key of everything the mask's derived data depends on; it changes when the mask changes:
+
+        * a tensor of :meth:`tensors` edited in place (its version counter) or replaced by another tensor;
+        * a public setting reassigned (``window.left = 8``), in this mask or in the masks it is built from.
+
+        Edits that bypass the version counter (through ``.data``, or a numpy array sharing the memory) are not
+        seen: build a new mask after such an edit. Tensors made under ``torch.inference_mode()`` have no version
+        counter: a mask reading one gets a new key at every call (its derived data is rebuilt each time)."""
+        parts = []
+        for name, value in vars(self).items():
+            if name.startswith("_"):
+                continue
+            if isinstance(value, Mask):
+                parts.append(value.version())
+            elif value is None or isinstance(value, (bool, int, float, str, tuple)):
+                parts.append(value)
+        for t in self.tensors():
+            if t.is_inference():
+                return (object(),)  # equal to nothing: no version counter to tell an edit
+            parts.append((id(t), t._version))
+        return tuple(parts)
 
     def versioned_cache(self, cache: dict) -> dict:
-        """``cache``, a dict of data derived from this mask (block maps, kernel tile lists, plans), emptied when a
-        tensor the mask reads was edited in place since it was filled: every backend then sees the edit, as the
-        dense mask does (cached block maps used to keep the old pattern, silently)."""
+        """``cache``, a dict of data derived from this mask (block maps, kernel tile lists, plans), emptied when the
+        mask changed since it was filled (see :meth:`version`): every backend then sees the edit, as the dense mask
+        does (cached block maps used to keep the old pattern, silently)."""
         version = self.version()
         if cache.get(_VERSION_KEY, version) != version:
             cache.clear()
@@ -496,7 +515,7 @@ class Segments(Mask):
     @staticmethod
     def _check_ids(ids, name) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor):
-            ids = torch.as_tensor(ids)
+            ids = torch.tensor(ids)  # a copy (as_tensor would share a numpy int64 array, edits and all)
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise TypeError(f"Segments {name} must be an integer tensor, got {ids.dtype}")
         if ids.dim() == 1:
@@ -675,8 +694,9 @@ def _tile_extremes(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
 
 
 class Dense(Mask):
-    """An explicit bool mask broadcastable to (B, H, Nq, Nk); True = may attend. A query dim of 1 broadcasts over
-    the queries, as SDPA's attn_mask does: a (B, 1, 1, Nk) key-padding mask serves any number of queries."""
+    """An explicit bool mask of shape (B|1, H|1, Nq|1, Nk); True = may attend. Batch, head and query dims of 1
+    broadcast, as SDPA's attn_mask does: a (B, 1, 1, Nk) key-padding mask serves any number of queries. The key
+    dim must be Nk (SDPA would also broadcast a key dim of 1, a per-query all-or-nothing mask: expand it)."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
@@ -707,7 +727,9 @@ class Dense(Mask):
             wanted = f"(..., 1, {k_len})" if q_len == 1 else (f"(..., {q_len}, {k_len}) (or (..., 1, {k_len}), the "
                                                               f"same keys for every query)")
             hint = ""
-            if self.mask.dim() == 4 and self.mask.shape[:2] == (1, 1) and self.mask.shape[-1] == k_len:
+            if self.mask.shape[-1] == 1 and k_len != 1:
+                hint = f"; a key dim of 1 does not broadcast here: expand it, mask.expand(..., {k_len})"
+            elif self.mask.dim() == 4 and self.mask.shape[:2] == (1, 1) and self.mask.shape[-1] == k_len:
                 hint = (f"; a (B, {k_len}) key-padding mask is given as mask[:, None, None, :] "
                         f"(B, 1, 1, {k_len})")
             raise ValueError(f"Dense mask has shape {tuple(self.mask.shape)} but attention needs {wanted}{hint}")
@@ -875,12 +897,32 @@ class MaskMod(Mask):
             parts.append(_states_from_dense(self._evaluate(start, stop, k_len, device), block_q, block_k))
         return torch.cat(parts, dim=-2)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the predicate reads through its closure or module globals (a document-id tensor, as in
+        FlexAttention's document masking), so an in-place edit of one rebuilds the cached maps. Tensors it reaches
+        otherwise (an object's attribute, an argument of functools.partial) are not seen: build a new MaskMod after
+        editing those."""
+        fn = self.mask_mod
+        found = [v for v in map(_cell_value, getattr(fn, "__closure__", None) or ()) if isinstance(v, torch.Tensor)]
+        code, module_globals = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+        if code is not None and module_globals is not None:
+            found += [module_globals[n] for n in code.co_names if isinstance(module_globals.get(n), torch.Tensor)]
+        return tuple(found)
+
     @property
     def _name(self) -> str:
         return getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
 
     def __repr__(self) -> str:
         return f"MaskMod({self._name}, batch_size={self._batch}, num_heads={self._heads})"  # the constructor's names
+
+
+def _cell_value(cell):
+    """A closure cell's value, or None for a cell not yet filled."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return None
 
 
 class _Combined(Mask):

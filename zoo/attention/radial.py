@@ -257,8 +257,16 @@ class Radial(Mask):
             return 1.0
         return float(self.block_mask[:border, :border].float().mean())
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The published block map once built (``block_mask`` is a view of it): an in-place edit of it reaches every
+        backend."""
+        return () if self._blocks is None else self._blocks.tensors()
+
     def _block_sparse(self) -> BlockSparse:
-        if self._blocks is None:
+        settings = (self.num_frames, self.tokens_per_frame, self.decay_factor, self.frame0_sink, self.block_size,
+                    self.text_tokens)
+        if self._blocks is None or self._blocks_settings != settings:  # built once; again if a setting is changed
+            self._blocks_settings = settings
             blocks = radial_block_mask(
                 self.num_frames,
                 self.tokens_per_frame,
