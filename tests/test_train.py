@@ -247,6 +247,63 @@ def test_resume_is_exact(tmp_path):
         run.train(_cfg(tmp_path, "resumed", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
 
 
+def test_resume_after_max_steps_stopped_mid_epoch_is_exact(tmp_path, capsys):
+    """A run ended by trainer.max_steps inside an epoch, resumed with a larger max_steps, ends where the
+    uninterrupted run does. last.ckpt used to be written only at the epoch's end, which recorded the cut epoch as
+    finished (the resumed run skipped its remaining batches, or trained none at all when it was the last epoch);
+    and with DataLoader workers the resumed epoch replayed epoch 0's order. The EMA is updated at the optimizer
+    step, so the mid-epoch checkpoint holds the last step's EMA too."""
+    options = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "data.batch_size=16", "data.augment=shift",
+               "task.mixup_alpha=0.4", "task.ema_decay=0.9", "model.drop_path_rate=0.1", "data.num_workers=1"]
+    straight = run.train(_cfg(tmp_path, "straight", *options))
+    part = run.train(_cfg(tmp_path, "part", *options, "+trainer.max_steps=6"))  # epoch 1 after 2 of its 4 batches
+    stopped = torch.load(part["last_ckpt"], weights_only=True)
+    assert stopped["global_step"] == 6 and stopped["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
+        "completed"] < 4
+    resumed = run.train(_cfg(tmp_path, "part", *options, "+trainer.max_steps=8", f"ckpt_path={part['last_ckpt']}"))
+    assert resumed["global_step"] == straight["global_step"] == 8
+    a = torch.load(straight["last_ckpt"], weights_only=True)
+    b = torch.load(resumed["last_ckpt"], weights_only=True)
+    assert any(k.startswith("model_ema.") for k in a["state_dict"])
+    for key in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
+    # resumed again with the same max_steps: nothing to train, said so, and released/ / metrics.json are left alone
+    capsys.readouterr()
+    again = run.train(_cfg(tmp_path, "part", *options, "+trainer.max_steps=8", f"ckpt_path={resumed['last_ckpt']}"))
+    assert again["global_step"] == 8
+    assert "the resumed run trained no further step: its checkpoint is at step 8" in capsys.readouterr().err
+
+
+def test_last_checkpoint_holds_the_best_score_of_its_own_epoch(tmp_path):
+    """best.ckpt is written when validation ends, before last.ckpt of the same epoch: last.ckpt's copy of the
+    best-checkpoint callback then knows that epoch's score. Both were written at the epoch's end, last first, so a
+    run resumed from it compared later epochs with an older best and replaced best.ckpt by a worse epoch.
+    (Monitored here: val/loss, which falls every epoch of this tiny run, so the last epoch is the best one.)"""
+    import lightning.pytorch as pl
+
+    scores = []
+
+    class Scores(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                scores.append(float(trainer.callback_metrics["val/loss"]))
+
+    cfg = _cfg(tmp_path, "best", "trainer.max_epochs=3", "trainer.limit_train_batches=8", "trainer.limit_val_batches=2",
+               "data.batch_size=32", "data.augment=none", "task.lr=0.003", "task.warmup_epochs=0",
+               "callbacks.best_checkpoint.monitor=val/loss", "callbacks.best_checkpoint.mode=min")
+    run._resolve_run_dir(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    module, datamodule, trainer = _build(cfg, callbacks=[Scores()])
+    trainer.fit(module, datamodule=datamodule)
+    last = torch.load(tmp_path / "best" / "checkpoints" / "last.ckpt", weights_only=True)
+    best_state = next(v for k, v in last["callbacks"].items() if "'monitor': 'val/loss'" in k)
+    assert len(scores) == 3 and scores[-1] < min(scores[:-1]), scores  # the last epoch is the best one
+    assert float(best_state["best_model_score"]) == pytest.approx(scores[-1], rel=1e-6), (scores, best_state)
+
+
 def _karate(tmp_path, name, *extra):
     """A tiny graph_karate run config (minimal callbacks: last.ckpt and best.ckpt, no logger)."""
     return run.compose(["experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1", "test=false",

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from zoo.layers import is_int
+from zoo.train.order import ResumableTrainingOrder
 
 try:
     import lightning as L
@@ -495,7 +496,7 @@ class NodeDataModule(_Base):
         return self._loader()
 
 
-class GraphClassificationDataModule(_Base):
+class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
     """Mini-batches of the synthetic graph-classification set (70 / 15 / 15 split)."""
 
     def __init__(self, num_graphs: int = 300, batch_size: int = 32, seed: int = 0,
@@ -521,9 +522,7 @@ class GraphClassificationDataModule(_Base):
     def _loader(self, split, shuffle):
         # the training order comes from (seed, epoch), which Lightning passes on through set_epoch, not from
         # the global RNG at each epoch's iterator: a run resumed from a checkpoint sees the same batches
-        from zoo.tasks.vision.data import EpochShuffleSampler
-
-        sampler = EpochShuffleSampler(self.splits[split], self.seed) if shuffle else None
+        sampler = self.training_sampler(self.splits[split], self.batch_size) if shuffle else None
         return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, sampler=sampler,
                                            collate_fn=collate_graphs, num_workers=self.num_workers)
 

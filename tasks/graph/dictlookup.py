@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from zoo.train.order import ResumableTrainingOrder
+
 try:
     import lightning as L
 except ImportError:  # pragma: no cover - lightning is a dependency
@@ -110,7 +112,7 @@ def _collate_list(items) -> dict:
 _Base = L.LightningDataModule if L is not None else object
 
 
-class DictionaryLookupDataModule(_Base):
+class DictionaryLookupDataModule(ResumableTrainingOrder, _Base):
     """Lightning DataModule of the DictionaryLookup benchmark (train / test = unseen combinations;
     validation is the test split, as the paper reports the best test accuracy)."""
 
@@ -143,11 +145,10 @@ class DictionaryLookupDataModule(_Base):
     def _loader(self, perms: Tensor, shuffle: bool):
         # the training order comes from (seed, epoch), which Lightning passes on through set_epoch, not from
         # the global RNG at each epoch's iterator: a run resumed from a checkpoint sees the same batches
-        from zoo.tasks.vision.data import EpochShuffleSampler
-
         dataset = _PermDataset(perms)
+        sampler = self.training_sampler(dataset, self.batch_size) if shuffle else None
         return torch.utils.data.DataLoader(
-            dataset, batch_size=self.batch_size, sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
+            dataset, batch_size=self.batch_size, sampler=sampler,
             collate_fn=_collate_list, num_workers=self.num_workers,
         )
 

@@ -35,9 +35,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from zoo.layers import check_flag, usable_cpus
+from zoo.train.order import EpochShuffleSampler, ResumableTrainingOrder  # noqa: F401  (EpochShuffleSampler: re-exported)
 
 __all__ = [
     "DIGITS_TEST_SEED",
@@ -60,30 +61,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 # --------------------------------------------------------------------------------------------------
 # Sampling and datasets
 # --------------------------------------------------------------------------------------------------
-class EpochShuffleSampler(DistributedSampler):
-    """``DistributedSampler`` whose permutation depends only on ``(seed, epoch)``, in one process or many.
-
-    Lightning calls ``set_epoch`` at every epoch start (and does not re-wrap a DistributedSampler under
-    DDP). The epoch is passed on to the dataset (``dataset.epoch``) so per-sample augmentation is seeded
-    by ``(seed, epoch, index)`` (:func:`_sample_rng`): a run resumed from a checkpoint sees exactly the
-    batches the uninterrupted run would have seen. (A plain shuffling DataLoader draws from the global
-    RNG, whose state a checkpoint does not hold.)
-    """
-
-    def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: Optional[int] = None, rank: Optional[int] = None):
-        if num_replicas is None or rank is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            num_replicas = torch.distributed.get_world_size() if distributed else 1
-            rank = torch.distributed.get_rank() if distributed else 0
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed), drop_last=False)
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(int(epoch))
-        if hasattr(self.dataset, "epoch"):
-            self.dataset.epoch = int(epoch)
-
-
 class _sample_rng:
     """Context: the global torch RNG seeded from ``(seed, epoch, index)``, restored afterwards."""
 
@@ -247,7 +224,7 @@ def loader_workers(num_workers: Union[int, str]) -> int:
     return num_workers
 
 
-class VisionDataModule(pl.LightningDataModule):
+class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
     """Shared loaders; subclasses set ``self.train_set``/``val_set``/``test_set`` in ``setup``."""
 
     num_classes: int = 0
@@ -354,7 +331,7 @@ class VisionDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffleSampler(dataset, self.seed) if train else _evaluation_sampler(dataset),
+            sampler=self.training_sampler(dataset, self.batch_size) if train else _evaluation_sampler(dataset),
             num_workers=self.num_workers,
             drop_last=train and self.drop_last and len(dataset) >= self.batch_size,
         )

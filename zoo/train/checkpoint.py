@@ -6,6 +6,8 @@ saving (pre-emption, out of disk, Ctrl-C) can leave a truncated ``last.ckpt`` th
 ``os.replace``-s it over the target (atomic on POSIX and Windows), so the previous checkpoint stays valid
 until the new one is complete. It is passed to the Trainer as a plugin (``zoo train`` always does), which
 covers every ModelCheckpoint file and ``trainer.save_checkpoint``.
+
+:class:`LastCheckpoint` is the ModelCheckpoint behind ``<run_dir>/checkpoints/last.ckpt`` (configs/callbacks).
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "atomic_torch_save"]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -51,3 +54,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path) and not str(path).startswith("file://"):
             return super().save_checkpoint(checkpoint, path)  # remote file systems: no local rename
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """The run's resumable checkpoint: a ModelCheckpoint (no monitor, one file) written at the end of every training
+    epoch, and also at the step where ``trainer.max_steps`` ends training inside an epoch.
+
+    Saved only at the epoch's end, a run cut by ``max_steps`` recorded that epoch as finished: resumed with a larger
+    ``max_steps`` it skipped the rest of the epoch's batches, or, at the last epoch, trained no further step at all.
+    Saved at the step, Lightning restores the run in the middle of the epoch, and the data modules' training
+    samplers (``zoo.tasks.vision.data.training_sampler``) skip the batches already trained on: the resumed run
+    continues as the uninterrupted one would have. The epoch's-end save of that same step is then skipped (the
+    checkpoint is the same training state)."""
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's own key: checkpoints written before this class existed resume with their state
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        max_steps = trainer.max_steps
+        if (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps
+                and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+                and not self._should_skip_saving_checkpoint(trainer)):
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))

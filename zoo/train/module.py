@@ -141,18 +141,14 @@ class ZooModule(pl.LightningModule):
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-    def on_train_start(self) -> None:
-        self._ema_step = int(self.trainer.global_step)  # optimizer steps so far (a resumed run's too)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # the EMA moves once per optimizer step, as timm's train.py updates it: with accumulate_grad_batches=N a
-        # batch that only accumulated gradients leaves it alone (it moved every batch: decay D^N per step, and the
-        # warm-up counter ran N times too fast)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # the EMA moves right after each optimizer step, as timm's train.py updates it: with accumulate_grad_batches=N
+        # a batch that only accumulated gradients leaves it alone (it moved every batch: decay D^N per step, and the
+        # warm-up counter ran N times too fast). Updated here rather than at the batch's end, the EMA is current
+        # when a checkpoint callback saves at that batch's end (LastCheckpoint at the step trainer.max_steps ends)
         if self.model_ema is not None:
-            step = int(self.trainer.global_step)
-            if step != getattr(self, "_ema_step", -1):
-                self.model_ema.update(self.model)
-                self._ema_step = step
+            self.model_ema.update(self.model)
 
     # -------------------------------------------------------------- optimisation
     def _optimizer_steps_per_epoch(self, total: int) -> float:

@@ -442,8 +442,10 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(threads)
     pl.seed_everything(seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
+    resumed_at_step = None
     if resume is not None:
         _check_resume_fits(resume, module, cfg)
+        resumed_at_step = resume[1].get("global_step")
         del resume  # Lightning reads the file again in fit(): do not hold two copies
     callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir)]
     trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
@@ -467,6 +469,14 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     if last.is_file():
         result["last_ckpt"] = str(last)
     if trainer.is_global_zero:
+        if resumed_at_step is not None and int(trainer.global_step) == int(resumed_at_step):
+            # the checkpoint already stood at max_epochs / max_steps: released/ and metrics.json stay the ones of the
+            # run that trained them (their card's training time would read as this call's few seconds)
+            print(f"zoo train: the resumed run trained no further step: its checkpoint is at step {resumed_at_step}, "
+                  f"epoch {int(trainer.current_epoch)}, already the end of this run (trainer.max_epochs="
+                  f"{cfg.trainer.get('max_epochs')}, trainer.max_steps={cfg.trainer.get('max_steps', -1)}); raise one "
+                  f"of them to train on; released/ and metrics.json are kept as they were", file=sys.stderr)
+            return result
         if cfg.get("export", True) and int(trainer.global_step) == 0:
             # trainer.max_epochs=0 / limit_train_batches=0: released/ would hold untrained (or unchanged) weights
             # under a model card of this run; zoo eval scores a checkpoint without training
