@@ -68,13 +68,16 @@ def test_help_texts(capsys):
     from pathlib import Path
 
     configs = Path(zoo.__file__).resolve().parents[1] / "configs"
-    for group in ("experiment", "model", "data"):
+    for group in ("experiment", "model", "data", "task", "trainer", "logger", "callbacks", "debug"):  # every group
         expected = sorted(p.stem for p in (configs / group).glob("*.yaml"))
         assert options[group].split(", ") == expected, group
     assert cli.main(["viz"]) == 2 and "rollout" in capsys.readouterr().out
     assert cli.main(["train", "experiment=vit_digits", "trainer.max_epochs=7", "--cfg"]) == 0
     printed = capsys.readouterr().out
     assert "max_epochs: 7" in printed and "name: vit_digits" in printed
+    assert cli.main(["train", "--cfg", "job", "experiment=vit_digits"]) == 0  # Hydra's spelling of --cfg
+    assert "name: vit_digits" in capsys.readouterr().out
+    assert "num_threads" in out.split("Top-level keys:")[1]
     with pytest.raises(SystemExit, match="unknown command 'trian'"):
         cli.main(["trian"])
     import importlib.metadata
@@ -450,6 +453,80 @@ def test_image_folder_class_count_is_read_from_the_folders(tmp_path, capsys):
     run.check_required(cfg)
     assert cfg.data.num_classes == 3 and cfg.model.num_classes == 3
     assert f"zoo: data.num_classes=3 (the class folders under {tmp_path / 'train'})" in capsys.readouterr().err
-    missing = run.compose(["experiment=vit_digits", "data=image_folder", f"data.root={tmp_path / 'nowhere'}"])
-    with pytest.raises(ValueError, match="data.num_classes is required"):
-        run.check_required(missing)
+    # a wrong or empty root: what to put where (it was "data.num_classes is required", which hid the real problem)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    for root, problem in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "train", "has no train/, val/ or test/"),
+                          (tmp_path / "empty", "has no class folders")):
+        missing = run.compose(["experiment=vit_digits", "data=image_folder", f"data.root={root}"])
+        with pytest.raises(FileNotFoundError, match=f"ImageFolder data: .*{problem}.*Put the images as {root}/train/"):
+            run.check_required(missing)
+
+
+def test_overrides_that_need_hydras_app_runner_say_what_to_do_instead():
+    """zoo train composes with Hydra's compose API: hydra.* settings (hydra.run.dir=...) were accepted and silently
+    ignored, sweeps were refused as "not of the form key=value" or with the first line of Hydra's message only, and
+    Hydra's ~key deletion was refused."""
+    with pytest.raises(ValueError, match=r"hydra\.\* settings have no effect.*run_dir="):
+        run.compose(["experiment=vit_digits", "hydra.run.dir=/tmp/somewhere"])
+    with pytest.raises(ValueError, match="does not sweep: run one zoo train per value"):
+        run.compose(["--multirun", "experiment=vit_digits"])
+    with pytest.raises(ValueError, match=r"seed=1,2 is a sweep .* run one zoo train per value; a list is key=\[a,b\]"):
+        run.compose(["experiment=vit_digits", "seed=1,2"])
+    cfg = run.compose(["experiment=vit_digits", "~task.mixup_alpha"])  # Hydra's deletion
+    assert "mixup_alpha" not in cfg.task and "lr" in cfg.task
+
+
+@pytest.mark.parametrize("overrides,use", [
+    (["task=graph_node"], "task=classification"),
+    (["experiment=graph_karate", "task=classification"], "task=graph_node"),
+    (["experiment=graph_synthetic", "task=graph_node"], "task=graph_classification"),
+    (["experiment=graph_dictlookup", "task=graph_node"], "task=graph_dictlookup"),
+])
+def test_a_task_for_another_kind_of_data_is_refused_with_the_task_to_use(overrides, use):
+    """A task paired with the other kind of data failed in its first training step ("list indices must be
+    integers or slices, not str", "too many values to unpack (expected 2)")."""
+    cfg = run.compose(overrides)
+    with pytest.raises(ValueError, match=f"does not train on data .*: with this data use {use}"):
+        run.check_required(cfg)
+
+
+@pytest.mark.parametrize("experiment", ["vit_digits", "graph_karate", "graph_sbm", "graph_synthetic",
+                                        "graph_dictlookup"])
+def test_debug_fast_validates_its_one_epoch(experiment):
+    """debug=fast checks that a config runs end to end: the graph experiments validate every 5-10 epochs, so its
+    one epoch ran no validation (no val metrics, no best.ckpt)."""
+    cfg = run.compose([f"experiment={experiment}", "debug=fast"])
+    assert cfg.trainer.max_epochs == 1 and cfg.trainer.check_val_every_n_epoch == 1
+    run.check_required(cfg)
+
+
+def test_train_help_examples_build(tmp_path, monkeypatch):
+    """Each `zoo train` example of `zoo train --help` composes and builds (the image-folder fine-tuning one failed:
+    the digits' augment=shift and a 1-channel 8-pixel checkpoint against the folder's 3-channel 224 defaults)."""
+    for name in ("cat", "dog", "eel"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    monkeypatch.chdir(Path(zoo.__file__).resolve().parents[1])  # checkpoints/vit_digits is relative to the repository
+    text = cli.TRAIN_HELP.replace("\\\n", " ")
+    examples = [line.split("#")[0].split()[2:] for line in text.splitlines() if line.strip().startswith("zoo train ")]
+    assert len(examples) >= 5
+    for args in examples:
+        args = [a.replace("=DIR", f"={tmp_path}") for a in args if not a.startswith(("ckpt_path=", "run_dir="))]
+        cfg = run.compose(args)
+        run.check_required(cfg)
+        run.build(cfg)
+
+
+@pytest.mark.parametrize("experiment", ["vit_digits", "maxvit_digits", "agent_digits", "graph_karate", "graph_sbm",
+                                        "graph_synthetic", "graph_dictlookup"])
+def test_debug_overfit_builds_for_every_experiment(experiment):
+    """debug=overfit set data.augment and task.label_smoothing / warmup_epochs, keys only the image data and task
+    have: every graph experiment failed ("unknown key data.augment", "unexpected keyword argument 'augment'").
+    Those settings now come with the image data options only (configs/debug_data/overfit_<data>.yaml)."""
+    cfg = run.compose([f"experiment={experiment}", "debug=overfit"])
+    assert cfg.trainer.overfit_batches == 4 and cfg.trainer.check_val_every_n_epoch == 1
+    if experiment.endswith("_digits"):
+        assert cfg.data.augment == "none" and cfg.task.label_smoothing == 0 and cfg.task.warmup_epochs == 0
+    else:
+        assert "augment" not in cfg.data and "label_smoothing" not in cfg.task
+    run.check_required(cfg)
+    run.build(cfg)

@@ -57,10 +57,11 @@ Examples:
   zoo train experiment=vit_digits debug=fast                       # a few batches, end to end
   zoo train experiment=vit_digits trainer=ddp_cpu trainer.devices=2  # DDP on CPU (gloo)
   zoo train experiment=vit_digits ckpt_path=outputs/demo/checkpoints/last.ckpt trainer.max_epochs=200  # resume
-  zoo train experiment=vit_digits model.pretrained=checkpoints/vit_digits data=image_folder data.root=DIR data.num_classes=3
+  zoo train experiment=vit_digits model.pretrained=checkpoints/vit_digits data=image_folder data.root=DIR \
+      data.img_size=8 data.in_chans=1 data.augment=crop data.hflip=0   # fine-tune on DIR/train/<class>/*.png
 
-Top-level keys: name, seed, run_dir (default outputs/<name>/<time>), ckpt_path (resume), test (evaluate
-the final weights), export (write <run_dir>/released via zoo.save_pretrained).
+Top-level keys: name, seed, num_threads (torch threads), run_dir (default outputs/<name>/<time>), ckpt_path
+(resume), test (evaluate the final weights), export (write <run_dir>/released via zoo.save_pretrained).
 Outputs: <run_dir>/{config.yaml, checkpoints/{best,last}.ckpt, csv/, tensorboard/, released/, metrics.json}.
 --cfg prints the composed config and exits.
 """
@@ -114,7 +115,8 @@ def _key_values(argv: Sequence[str], allowed: Sequence[str], command: str, passt
     return values, rest
 
 
-def _config_options(groups: Sequence[str] = ("experiment", "model", "data", "trainer", "debug")) -> str:
+def _config_options(groups: Sequence[str] = ("experiment", "model", "data", "task", "trainer", "logger", "callbacks",
+                                             "debug")) -> str:
     """The options of the main config groups, read from the installed zoo.configs package (what `group=option`
     can name)."""
     from importlib import resources
@@ -136,6 +138,10 @@ def _cmd_train(argv: list[str]) -> int:
         return 0
     print_cfg = "--cfg" in argv
     overrides = [a for a in argv if a != "--cfg"]
+    if print_cfg:  # Hydra's form `--cfg job` (or all): the composed config is the job's, there is no hydra node
+        at = argv.index("--cfg") + 1
+        if at < len(argv) and argv[at] in ("job", "all"):
+            overrides.remove(argv[at])
     cfg = run.compose(overrides)
     if print_cfg:
         from omegaconf import OmegaConf

@@ -349,6 +349,14 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         return self._loader(self.test_set, False)
 
 
+def image_folder_layout_message(root, problem: Optional[str] = None) -> str:
+    """What to put where for ``data=image_folder`` under ``root`` (``problem`` defaults to its missing train/)."""
+    root = Path(root)
+    problem = problem or f"{root / 'train'} does not exist"
+    return (f"ImageFolder data: {problem}. Put the images as {root}/train/<class_name>/<image file> (optionally "
+            f"{root}/val/... and {root}/test/... in the same layout; a root with only test/ or val/ serves zoo eval).")
+
+
 class DigitsDataModule(VisionDataModule):
     """scikit-learn's bundled 8x8 digits with the fixed held-out test split (module docstring)."""
 
@@ -446,9 +454,7 @@ class ImageFolderDataModule(VisionDataModule):
         self._check_num_classes()
 
     def _no_train_message(self) -> str:
-        return (f"ImageFolder data: {self.root / 'train'} does not exist. Put the images as {self.root}/train/<class_name>/"
-                f"<image file> (optionally {self.root}/val/... and {self.root}/test/... in the same layout; a root with "
-                f"only test/ or val/ serves zoo eval).")
+        return image_folder_layout_message(self.root)
 
     def _folder(self, split: str):
         from torchvision.datasets import ImageFolder

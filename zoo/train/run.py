@@ -51,8 +51,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train"):
 
     overrides = list(overrides)
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value (or group=option)")
+        _check_override(item)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -61,6 +60,20 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train"):
         raise ValueError(_hydra_message(str(error), overrides)) from None
     OmegaConf.set_struct(cfg, False)
     return cfg
+
+
+def _check_override(item: str) -> None:
+    """One command-line override as ``compose`` takes it: ``key=value``, ``group=option``, ``+key=value`` (add) or
+    ``~key`` (delete), as Hydra's override grammar; the forms that need Hydra's app runner, which ``zoo train`` does not
+    use, are refused with what to do instead (they were silently ignored or refused as "not key=value")."""
+    if item in ("-m", "--multirun"):
+        raise ValueError(f"{item}: zoo train runs one config, it does not sweep: run one zoo train per value")
+    if "=" not in item and not item.startswith("~"):
+        raise ValueError(f"override {item!r} is not of the form key=value (or group=option, +key=value, ~key)")
+    key = item.split("=", 1)[0].lstrip("+~")
+    if key == "hydra" or key.startswith("hydra."):
+        raise ValueError(f"override {item!r}: zoo train composes its config without Hydra's app runner, so hydra.* "
+                         f"settings have no effect; the run's directory is run_dir=... (hydra.run.dir's role)")
 
 
 def _hydra_message(text: str, overrides: Sequence[str]) -> str:
@@ -82,6 +95,10 @@ def _hydra_message(text: str, overrides: Sequence[str]) -> str:
     if key:
         return (f"unknown config key {key.group(1)!r} (from the overrides {list(overrides)}): check its spelling in "
                 f"`zoo train ... --cfg`; +{key.group(1)}=... would add it as a new key")
+    sweep = re.search(r"Ambiguous value for argument '([^']+)'", text)
+    if sweep:
+        return (f"{sweep.group(1)} is a sweep (a value with commas), and zoo train runs one config: run one zoo train "
+                f"per value; a list is key=[a,b], a string with commas is quoted: key='a,b'")
     first = text.strip().splitlines()[0] if text.strip() else text
     return f"invalid config overrides {list(overrides)}: {first}"
 
@@ -138,12 +155,40 @@ def check_required(cfg) -> None:
     if missing:
         raise ValueError("; ".join(f"{key} is required: {_missing_hint(plain, key)} (add {key}=...)" for key in missing))
     _check_model_fits_data(cfg)
+    _check_task_fits_data(cfg)
+
+
+# The task config (configs/task/<option>.yaml) that trains on each data module, and each option's task class: a task
+# paired with the other kind of data failed inside its first step ("list indices must be integers or slices, not
+# str", "too many values to unpack").
+_TASK_FOR_DATA = {"DigitsDataModule": "classification", "ImageFolderDataModule": "classification",
+                  "CIFARDataModule": "classification", "NodeDataModule": "graph_node",
+                  "GraphClassificationDataModule": "graph_classification",
+                  "DictionaryLookupDataModule": "graph_dictlookup"}
+_TASK_CLASS = {"classification": "ImageClassifier", "graph_node": "NodeClassificationModule",
+               "graph_classification": "GraphTargetsModule", "graph_dictlookup": "GraphTargetsModule"}
+
+
+def _check_task_fits_data(cfg) -> None:
+    """The task config trains on the kind of data configured (an image classifier on images, node classification
+    on one graph, graph-level targets on batches of graphs); else one line naming the task option to use."""
+    task, data = cfg.get("task"), cfg.get("data")
+    if task is None or data is None:
+        return
+    task_class = str(task.get("_target_", "")).rsplit(".", 1)[-1]
+    data_class = str(data.get("_target_", "")).rsplit(".", 1)[-1]
+    wanted = _TASK_FOR_DATA.get(data_class)
+    if wanted is None or task_class not in _TASK_CLASS.values() or _TASK_CLASS[wanted] == task_class:
+        return  # a task or data module of the user's own: nothing known to compare
+    data_name = data.get("name") or data_class
+    raise ValueError(f"task {task_class} does not train on data {data_name} ({data_class}): with this data use "
+                     f"task={wanted} (or the experiment=... that pairs them)")
 
 
 def _infer_folder_classes(cfg) -> None:
     """An image folder without data.num_classes: the number of class folders under data.root/train (else test/ or
-    val/), as ImageFolder itself counts them, said on stderr; left missing when the folder is not there (the
-    datamodule then names what to put where)."""
+    val/), as ImageFolder itself counts them, said on stderr. Without such folders, what to put where (it was
+    "data.num_classes is required", a key the user could not know from a wrong or empty data.root)."""
     from omegaconf import OmegaConf
 
     data = cfg.get("data")
@@ -151,15 +196,20 @@ def _infer_folder_classes(cfg) -> None:
         return
     if not OmegaConf.is_missing(data, "num_classes") or OmegaConf.is_missing(data, "root") or not data.get("root"):
         return
+    from zoo.tasks.vision.data import image_folder_layout_message
+
     root = Path(os.path.expanduser(str(data.root)))
     for split in ("train", "test", "val"):
         folder = root / split
         if folder.is_dir():
             classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())  # as ImageFolder counts
-            if classes:
-                data.num_classes = len(classes)
-                print(f"zoo: data.num_classes={len(classes)} (the class folders under {folder})", file=sys.stderr)
+            if not classes:
+                raise FileNotFoundError(image_folder_layout_message(root, f"{folder} has no class folders"))
+            data.num_classes = len(classes)
+            print(f"zoo: data.num_classes={len(classes)} (the class folders under {folder})", file=sys.stderr)
             return
+    problem = f"{root} does not exist" if not root.exists() else f"{root} has no train/, val/ or test/ folder"
+    raise FileNotFoundError(image_folder_layout_message(root, problem))
 
 
 def _check_model_fits_data(cfg) -> None:
