@@ -764,3 +764,12 @@ def test_ema_moves_once_per_optimizer_step(tmp_path):
                                     "trainer.limit_train_batches=4", f"run_dir={tmp_path / 'ema'}"]))
     state = torch.load(result["last_ckpt"], map_location="cpu", weights_only=False)["state_dict"]
     assert result["global_step"] == 4 and int(state["model_ema.num_updates"]) == 4
+
+
+def test_debug_overfit_fits_its_batches(tmp_path):
+    """debug=overfit's promise: a working model and training loop fit its 4 batches exactly. vit_digits reached
+    0.78 in its 30 epochs with the recipe's drop-path, EMA and mixup settings still on; without them, in 80 epochs,
+    it reaches 1.0 (about 10 s)."""
+    result = run.train(run.compose(["experiment=vit_digits", "debug=overfit", f"run_dir={tmp_path / 'overfit'}",
+                                    "test=false", "export=false", "logger=none"]))
+    assert result["metrics"]["train/acc1"] == 1.0, result["metrics"]
