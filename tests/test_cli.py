@@ -530,3 +530,19 @@ def test_debug_overfit_builds_for_every_experiment(experiment):
         assert "augment" not in cfg.data and "label_smoothing" not in cfg.task
     run.check_required(cfg)
     run.build(cfg)
+
+
+def test_eval_takes_the_trainer_settings_it_can_honour(monkeypatch):
+    """zoo eval replaced the run's trainer settings with its own (all batches, one device) even when the user gave
+    them: trainer.limit_test_batches=1 evaluated every batch, silently. Now given limits are used, and the
+    multi-device settings are refused with a reason."""
+    made = []
+    build_trainer = run._trainer
+    monkeypatch.setattr(run, "_trainer", lambda *a, **k: made.append(build_trainer(*a, **k)) or made[-1])
+    checkpoint = Path(zoo.__file__).resolve().parents[1] / "checkpoints" / "vit_digits"
+    run.evaluate(checkpoint, ["trainer.limit_test_batches=1", "data.eval_batch_size=50"])
+    assert made[-1].num_test_batches == [1]
+    run.evaluate(checkpoint, ["data.eval_batch_size=50"])
+    assert made[-1].num_test_batches == [8]  # 360 test images, all of them
+    with pytest.raises(ValueError, match="trainer.devices: zoo eval evaluates on one device"):
+        run.evaluate(checkpoint, ["trainer.devices=2"])

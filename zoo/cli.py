@@ -73,7 +73,9 @@ trained with (the config stored in the checkpoint; data.* overrides change it, e
 data=GROUP evaluates on another data config of the model's domain, with the run's input size, channels,
 normalisation and class count:
   zoo eval ckpt=checkpoints/vit_digits data=image_folder data.root=DIR    # DIR/test/<class>/*.png (else val/)
-A warning names the classes when the data's class names differ from training's.
+A warning names the classes when the data's class names differ from training's. trainer.* settings of the run
+apply (trainer.accelerator, trainer.precision; trainer.limit_test_batches=N for a quick look); it evaluates every
+batch on one device unless told otherwise (trainer.devices / strategy are refused).
 Prints the metrics as JSON.
 """
 

@@ -806,6 +806,22 @@ def _check_eval_override(plain: dict, key: str) -> None:
         node = node[part]
 
 
+# Trainer settings of the stored run that evaluation replaces (all batches, one device, no bar), unless the user gives
+# them: trainer.limit_test_batches=10 is a quick look at a few batches, and was silently evaluated on all of them.
+_EVAL_TRAINER_DEFAULTS = {"limit_test_batches": None, "limit_val_batches": None, "enable_progress_bar": False}
+_EVAL_ONE_DEVICE = ("devices", "strategy", "num_nodes")
+
+
+def _eval_trainer_settings(overrides: Sequence[str]) -> dict[str, Any]:
+    given = {item.split("=", 1)[0] for item in overrides}
+    for key in _EVAL_ONE_DEVICE:
+        if f"trainer.{key}" in given:
+            raise ValueError(f"trainer.{key}: zoo eval evaluates on one device (trainer.accelerator=cpu|gpu picks "
+                             f"which); {key} is a training setting")
+    settings = {key: value for key, value in _EVAL_TRAINER_DEFAULTS.items() if f"trainer.{key}" not in given}
+    return {"devices": 1, "strategy": "auto", **settings}
+
+
 def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: str = "test") -> dict[str, float]:
     """Test metrics of a ``.ckpt`` or released directory on its configured data (``data.*`` overridable)."""
     if split not in ("test", "val"):  # before the model and data are built
@@ -820,8 +836,8 @@ def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: s
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{ckpt}: state dict does not fit the configured module: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    trainer = _trainer(cfg, callbacks=[], loggers=[], devices=1, strategy="auto", enable_progress_bar=False,
-                       enable_model_summary=False, enable_checkpointing=False, limit_test_batches=None, limit_val_batches=None)
+    trainer = _trainer(cfg, callbacks=[], loggers=[], enable_model_summary=False, enable_checkpointing=False,
+                       **_eval_trainer_settings(overrides))
     if split == "val":
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
     elif split == "test":
