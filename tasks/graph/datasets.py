@@ -14,10 +14,13 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
                     derived, stated as such). Features: one-hot node ids.
 * ``planetoid:<Cora|CiteSeer|PubMed>`` -- the Planetoid splits (Yang et al. 2016) read by PyG's Planetoid
                     from ``root/<Name>/raw/ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index}``;
-                    a missing file raises FileNotFoundError naming every missing path (no download).
+                    ``root/<name as given>/`` or ``root/<name lower-cased>/`` is read when ``root/<Name>/``
+                    is absent (PyG's ``Planetoid(root, "cora")`` keeps ``root/cora/``).
+                    A missing file raises FileNotFoundError naming every missing path (no download).
                     PyG caches the parsed graph in ``root/<Name>/processed/`` and reuses it whatever the
                     raw files hold now; the adapter records the raw files' sizes and modification times
-                    next to that cache and has PyG rebuild it when they differ.
+                    next to that cache and has PyG rebuild it when they differ. Where ``processed/``
+                    cannot be written (a read-only folder), the raw files are parsed without a cache.
 * ``ogb:<ogbn-arxiv|ogbn-products|...>`` -- OGB node-property data in the OGB raw layout
                     ``root/<ogbn_name>/raw/{edge,node-feat,node-label}.csv.gz`` and
                     ``root/<ogbn_name>/split/<scheme>/{train,valid,test}.csv.gz`` (ogb is not required).
@@ -29,12 +32,19 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
                     (which keeps ogbn-arxiv's citation edges directed), the edges are made undirected
                     (each edge in both directions, duplicates merged) and self loops are dropped, as GAT
                     models are trained on these graphs; an empty edge.csv.gz is an edgeless graph.
+                    Read: ogbn-arxiv, ogbn-products and other single-label node data in that layout.
+                    Refused by name (and by layout): ogbn-proteins (multi-label, no node features),
+                    ogbn-papers100M (binary npz files), ogbn-mag (heterogeneous).
+
+Data roots: ``~`` is expanded, as PyG's Dataset and the image-folder loaders do; NodeDataModule keeps
+its root as an absolute path, recorded with released weights (``describe()``).
 
 Graph classification: ``synthetic_graphs`` -- random graphs from three generators (Erdos-Renyi,
 Barabasi-Albert, Watts-Strogatz; label = generator) with degree/clustering features.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import math
@@ -226,30 +236,93 @@ def _write_raw_record(processed: str, record: dict) -> None:
     os.replace(tmp, os.path.join(processed, _RAW_RECORD))
 
 
+_PLANETOID_SUFFIXES = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
+
+
+def _planetoid_folder(root: str, name: str) -> tuple[str, list[str]]:
+    """(the dataset folder to read, every folder looked at). PyG's Planetoid keeps its files in
+    ``root/<name as passed>/`` (``Planetoid(root, "cora")`` -> ``root/cora/``), so besides ``root/<Name>/``
+    the name as given and its lower-case form are read; the first folder holding every raw file wins, else
+    the first that exists (its missing files are then named)."""
+    key = name.lower()
+    candidates = list(dict.fromkeys(os.path.join(root, folder) for folder in (PLANETOID[key], name, key)))
+
+    def complete(folder):
+        return all(os.path.isfile(os.path.join(folder, "raw", f"ind.{key}.{s}")) for s in _PLANETOID_SUFFIXES)
+
+    chosen = next((c for c in candidates if complete(c)), None) or next(
+        (c for c in candidates if os.path.isdir(c)), candidates[0])
+    return chosen, candidates
+
+
+def _is_permission_error(error: BaseException) -> bool:
+    """An access refused by the file system (permissions, or a read-only mount), as opposed to a bad file."""
+    return isinstance(error, PermissionError) or (isinstance(error, OSError) and error.errno == errno.EROFS)
+
+
+def _unreadable(proper: str, raw: str, error: OSError) -> PermissionError:
+    return PermissionError(f"Planetoid {proper}: no permission to read {error.filename or raw} ({error.strerror}); "
+                           "make the raw files readable (chmod a+r) or copy them to a folder of yours")
+
+
+def _read_planetoid_without_cache(raw: str, key: str, proper: str, processed: str, error: OSError):
+    """PyG's Planetoid first creates ``processed/`` and writes its cache there, so a read-only data folder
+    holding only raw/ failed (and was reported as corrupt raw files). PyG's own parser,
+    ``torch_geometric.io.read_planetoid_data``, reads the same raw files into the same public split and writes
+    nothing: use it, and say that nothing is cached. A raw file that cannot be read is named as such."""
+    from torch_geometric.io import read_planetoid_data
+
+    where = os.path.abspath(str(error.filename)) if error.filename else None
+    cache = os.path.abspath(processed)
+    if where is not None and where != cache and not where.startswith(cache + os.sep):  # reading raw/, not caching
+        raise _unreadable(proper, raw, error) from None
+    warnings.warn(f"Planetoid {proper}: cannot write PyG's cache at {where or processed} ({error.strerror or error}); "
+                  f"reading the raw files without caching them (each run parses them again)", stacklevel=3)
+    try:
+        return read_planetoid_data(raw, key)
+    except OSError as read_error:
+        if _is_permission_error(read_error):
+            raise _unreadable(proper, raw, read_error) from None
+        raise
+
+
 def planetoid(name: str, root: str) -> dict:
-    """Planetoid (Cora, CiteSeer, PubMed) with the public split, from ``root`` (no download)."""
+    """Planetoid (Cora, CiteSeer, PubMed) with the public split, from ``root`` (no download; ``~`` expanded,
+    as PyG's Dataset does)."""
     key = name.lower()
     if key not in PLANETOID:
         raise ValueError(f"unknown Planetoid dataset {name!r}; choose one of {sorted(PLANETOID.values())}")
     if not root:
         raise ValueError("planetoid needs data.root: a folder holding <Name>/raw/ind.<name>.*")
+    root = os.path.expanduser(os.fspath(root))
     proper = PLANETOID[key]
-    raw = os.path.join(root, proper, "raw")
-    needed = [os.path.join(raw, f"ind.{key}.{s}") for s in ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")]
+    folder, candidates = _planetoid_folder(root, name)
+    raw = os.path.join(folder, "raw")
+    needed = [os.path.join(raw, f"ind.{key}.{s}") for s in _PLANETOID_SUFFIXES]
     missing = [p for p in needed if not os.path.isfile(p)]
     if missing:
+        others = [c for c in candidates if c != folder]
+        looked = f" (also looked in {', '.join(others)})" if others else ""
         raise FileNotFoundError(
-            f"Planetoid {proper}: {len(missing)} raw file(s) missing under {raw} (downloads are disabled): "
+            f"Planetoid {proper}: {len(missing)} raw file(s) missing under {raw}{looked} (downloads are disabled): "
             + ", ".join(missing)
             + ". Get them from https://github.com/kimiyoung/planetoid (data/) and place them there."
         )
     from torch_geometric.datasets import Planetoid
 
-    processed = os.path.join(root, proper, "processed")
+    processed = os.path.join(folder, "processed")
     record = _raw_files_record(needed)
     fresh = _planetoid_cache_is_fresh(processed, record)
     try:
-        d = Planetoid(root, proper)[0]
+        try:
+            d = Planetoid(root, os.path.basename(folder))[0]
+        except OSError as error:
+            if not _is_permission_error(error):
+                raise
+            d = _read_planetoid_without_cache(raw, key, proper, processed, error)
+            fresh = True  # nothing was cached: no record to write
+    except PermissionError:  # an unreadable raw file, named by _read_planetoid_without_cache
+        raise
     except Exception as error:  # PyG unpickles the raw files: a truncated or foreign file fails deep inside
         raise ValueError(f"Planetoid {proper}: cannot read the raw files under {raw} (corrupt or not the "
                          f"Planetoid release?): {type(error).__name__}: {str(error)[:200]}") from None
@@ -276,6 +349,36 @@ def _check_rows(path: str, values: torch.Tensor, n: int, what: str) -> None:
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= n):
         bad = int(values.max()) if int(values.max()) >= n else int(values.min())
         raise ValueError(f"{path}: {what} {bad} is out of range for the {n} nodes of node-feat.csv.gz")
+
+
+# OGB's node-property datasets that are not single-graph, single-label CSV data, and why (OGB's master.csv:
+# ogbn-proteins "binary classification" of 112 tasks without node features, ogbn-papers100M "binary" (npz) files,
+# ogbn-mag "is_hetero")
+_OGB_UNSUPPORTED = {
+    "ogbn-proteins": "multi-label (112 binary labels per node in node-label.csv.gz) with no node features "
+                     "(no node-feat.csv.gz)",
+    "ogbn-papers100m": "stored as binary numpy files (raw/data.npz, raw/node-label.npz; its zip extracts to "
+                       "papers100M-bin/), not gzipped CSVs",
+    "ogbn-mag": "heterogeneous (papers, authors, institutions and fields of study; raw/relations/)",
+}
+_OGB_SUPPORTED = "ogbn-arxiv, ogbn-products or another single-label node dataset in OGB's CSV layout"
+
+
+def _refuse_unsupported_ogb(name: str, why: str) -> None:
+    raise ValueError(f"OGB {name} is not supported: it is {why}. This adapter reads single-graph, single-label "
+                     f"node classification from gzipped CSVs: {_OGB_SUPPORTED} (docs/graph.md)")
+
+
+def _check_ogb_layout(name: str, folder: str) -> None:
+    """A folder in one of the layouts this adapter does not read (whatever the name it was given under) is
+    named as such, not reported as CSV files missing from an incomplete unzip."""
+    raw = os.path.join(folder, "raw")
+    if os.path.isfile(os.path.join(raw, "data.npz")):
+        _refuse_unsupported_ogb(name, f"stored as binary numpy files ({os.path.join(raw, 'data.npz')}), "
+                                      "not gzipped CSVs")
+    if os.path.isdir(os.path.join(raw, "relations")):
+        _refuse_unsupported_ogb(name, f"heterogeneous ({os.path.join(raw, 'relations')} holds one edge list per "
+                                      "relation)")
 
 
 def _ogb_folder(root: str, name: str) -> tuple[str, Optional[str]]:
@@ -307,11 +410,15 @@ def _ogb_labels(path: str, values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
-    """An OGB node-property dataset (e.g. ogbn-arxiv) from its raw CSV layout under ``root``: edges made
-    undirected without self loops, NaN / -1 labels unlabelled (see the module docstring)."""
+    """An OGB node-property dataset (e.g. ogbn-arxiv) from its raw CSV layout under ``root`` (``~`` expanded):
+    edges made undirected without self loops, NaN / -1 labels unlabelled (see the module docstring)."""
+    if name.lower() in _OGB_UNSUPPORTED:
+        _refuse_unsupported_ogb(name, _OGB_UNSUPPORTED[name.lower()])
     if not root:
         raise ValueError("ogb needs data.root: a folder holding <ogbn_name>/raw and <ogbn_name>/split")
+    root = os.path.expanduser(os.fspath(root))
     folder, unzipped = _ogb_folder(root, name)
+    _check_ogb_layout(name, folder)
     split_root = os.path.join(folder, "split")
     if split is None and os.path.isdir(split_root):
         schemes = _split_schemes(split_root)
@@ -336,7 +443,10 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
     edges = edges.t()
     x = torch.from_numpy(_read_csv_gz(needed[1], np.float32))
     n = x.size(0)
-    y = torch.from_numpy(_read_csv_gz(needed[2], np.float64)).view(-1)
+    y = torch.from_numpy(_read_csv_gz(needed[2], np.float64))
+    if y.dim() == 2 and y.size(1) > 1:
+        _refuse_unsupported_ogb(name, f"multi-label ({needed[2]} has {y.size(1)} label columns per node)")
+    y = y.view(-1)
     if y.numel() != n:
         raise ValueError(f"{needed[2]} has {y.numel()} labels but {needed[1]} has {n} nodes (one label per node)")
     _check_rows(needed[0], edges, n, "node index")
@@ -456,9 +566,17 @@ class NodeDataModule(_Base):
         # num_workers (set by debug=fast for every data config) is accepted and unused: one full-batch graph,
         # already in memory, needs no loader workers
         self.model_kind = model_kind
+        # absolute, ~ expanded: the root recorded with released weights (describe()) must still name the folder
+        # when `zoo viz graph ckpt=...` runs from another directory
+        root = os.path.abspath(os.path.expanduser(os.fspath(root))) if root else root
         self.name, self.root, self.seed, self.kwargs = name, root, seed, kwargs
         self.expected = {"num_features": num_features, "num_classes": num_classes}
         self.data: Optional[dict] = None
+
+    def describe(self) -> dict:
+        """Data facts stored with released weights (``metadata.data``): the dataset and its absolute root, which
+        ``zoo viz graph ckpt=`` reads (the run's recorded config keeps data.root as it was typed)."""
+        return {"name": str(self.name), "root": self.root}
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is None:
@@ -496,8 +614,27 @@ class NodeDataModule(_Base):
         return self._loader()
 
 
+def _graph_split_sizes(num_graphs: int) -> tuple[int, int, int]:
+    """(train, validation, test) graph counts of the 70 / 15 / 15 split."""
+    a, b = int(0.7 * num_graphs), int(0.85 * num_graphs)
+    return a, b - a, num_graphs - b
+
+
+def _check_graph_split(num_graphs) -> None:
+    """Every split must hold a graph: with data.num_graphs=3 validation was empty, and Lightning only warned
+    ("Total length of DataLoader across ranks is zero") while the run "succeeded" without validation."""
+    if not is_int(num_graphs) or num_graphs < 1:
+        raise ValueError(f"data.num_graphs must be a positive integer, got {num_graphs!r}")
+    sizes = _graph_split_sizes(num_graphs)
+    if min(sizes) == 0:
+        least = next(n for n in range(num_graphs + 1, num_graphs + 100) if min(_graph_split_sizes(n)) > 0)
+        empty = [what for what, size in zip(("training", "validation", "test"), sizes) if size == 0]
+        raise ValueError(f"data.num_graphs={num_graphs} leaves the {' and '.join(empty)} split empty (70 / 15 / 15 "
+                         f"split: {sizes[0]} / {sizes[1]} / {sizes[2]} graphs); use data.num_graphs >= {least}")
+
+
 class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
-    """Mini-batches of the synthetic graph-classification set (70 / 15 / 15 split)."""
+    """Mini-batches of the synthetic graph-classification set (70 / 15 / 15 split; every split must be non-empty)."""
 
     def __init__(self, num_graphs: int = 300, batch_size: int = 32, seed: int = 0,
                  num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "graph",
@@ -508,6 +645,9 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
         self.num_workers = num_workers
         if (num_features not in (None, 8)) or (num_classes not in (None, 3)) or model_kind != "graph":
             raise ValueError("synthetic graph classification has num_features=8, num_classes=3, model_kind='graph'")
+        _check_graph_split(num_graphs)
+        if not is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size!r}")
         self.model_kind = model_kind
         self.num_graphs, self.batch_size, self.seed = num_graphs, batch_size, seed
         self.splits: Optional[dict] = None
@@ -516,7 +656,8 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits is None:
             graphs = synthetic_graph_classification(self.num_graphs, seed=self.seed)
-            a, b = int(0.7 * len(graphs)), int(0.85 * len(graphs))
+            num_train, num_val, _ = _graph_split_sizes(len(graphs))
+            a, b = num_train, num_train + num_val
             self.splits = {"train": graphs[:a], "val": graphs[a:b], "test": graphs[b:]}
 
     def _loader(self, split, shuffle):

@@ -13,17 +13,20 @@ node i (its self loop as a ring), their alpha as width and label, plus the 2-hop
 Node data: without ``ckpt`` the model is trained full-batch for ``epochs`` steps first (Adam 5e-3, the GAT
 recipe) so the picture shows learned attention. With ``ckpt`` (a ``released/`` folder of ``zoo train``) and no
 ``data=``, the data it was trained on is used (``metadata.zoo_config.data`` of its config.json: name, root,
-seed, k); without that record the default is karate.
+seed, k; its root as the absolute path the data module recorded, ``metadata.data.root``); without that record the
+default is karate. ``root=`` expands ``~``.
 
 ``data=dictlookup``: the DictionaryLookup benchmark (zoo.tasks.graph.dictlookup). The picture is query ``node``
 (0..k-1) of test example ``example`` (a permutation from the unseen-combination test split) attending to the k
 key-value nodes, labelled key:value, with the one holding its key in green. Without ``ckpt`` the model is
-trained for ``epochs`` passes over the training split first (Adam 1e-3, gradient clipping 1.0, batches of
-1024, as ``zoo train experiment=graph_dictlookup``): GATv2 then puts its attention on the matching key, while
-GAT's static attention cannot (Brody et al., ICLR 2022). Letters: N nodes, E edges, H heads.
+trained for ``epochs`` passes over the training split first (each epoch a new permutation of it, so every
+training graph once; Adam 1e-3, gradient clipping 1.0, batches of 1024, as ``zoo train
+experiment=graph_dictlookup``): GATv2 then puts its attention on the matching key, while GAT's static attention
+cannot (Brody et al., ICLR 2022). Letters: N nodes, E edges, H heads.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -218,8 +221,28 @@ def _adopt_trained_data(opts: dict, model) -> None:
     if opts["seed"] is None and isinstance(trained.get("seed"), int) and not isinstance(trained.get("seed"), bool):
         opts["seed"] = trained["seed"]  # the split seed of networkx / sbm data
     if opts["root"] is None and trained.get("root"):
-        opts["root"] = str(trained["root"])
+        opts["root"] = _trained_root(model, trained)
     opts["data_options"] = {key: value for key, value in trained.items() if key not in _NODE_MODULE_KEYS}
+
+
+def _recorded_root(model, trained: dict) -> Optional[str]:
+    """The data root a checkpoint was trained on: NodeDataModule.describe() records it absolute (metadata.data.root);
+    older records only hold the config's data.root, as typed."""
+    metadata = getattr(model, "zoo_pretrained_metadata", None)
+    described = metadata.get("data") if isinstance(metadata, dict) else None
+    if isinstance(described, dict) and described.get("root"):
+        return str(described["root"])
+    return str(trained["root"]) if trained.get("root") else None
+
+
+def _trained_root(model, trained: dict) -> str:
+    """The recorded root (_recorded_root); a relative one (an older record, relative to the directory the run was
+    started in) that does not resolve from here is named, instead of "raw file(s) missing" under the wrong folder."""
+    root = os.path.expanduser(_recorded_root(model, trained))
+    if not os.path.isabs(root) and not os.path.isdir(root):
+        raise SystemExit(f"zoo viz graph: the checkpoint records data.root={trained['root']}, a path relative to the "
+                         f"directory it was trained in, not found from {os.getcwd()}: pass root=<that folder>")
+    return root
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -233,6 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for key, default in _DEFAULTS.items():
         if opts[key] is None:
             opts[key] = default
+    if opts["root"]:  # as PyG's Dataset and the data modules: root=~/data
+        opts["root"] = os.path.expanduser(opts["root"])
     torch.manual_seed(opts["seed"])
     if opts["data"] == "dictlookup":
         return _dictlookup(opts, model)
@@ -285,7 +310,8 @@ def _check_features(model, data: dict, opts: dict) -> None:
     trained = _trained_data(model)
     name = _trained_data_name(trained)
     if name is not None:
-        root = f" root={trained['root']}" if trained.get("root") else ""
+        recorded = _recorded_root(model, trained)
+        root = f" root={recorded}" if recorded else ""
         hint = f"it was trained on data={name}{root}: leave data= out to draw on that data, or pass it"
     else:
         hint = "pass data= (and root=) of the data it was trained on"
@@ -324,8 +350,12 @@ def _dictlookup(opts: dict, model=None) -> int:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         model.train()
         for _ in range(5 if opts["epochs"] is None else opts["epochs"]):
-            for start in range(0, len(train_perms), 1024):
-                batch = collate(train_perms[torch.randperm(len(train_perms))[start:start + 1024]])
+            # one permutation per epoch, so an epoch is a pass over every training graph, as the data module's
+            # sampler does (a fresh randperm per batch drew the batches with replacement: some graphs twice,
+            # others never)
+            order = train_perms[torch.randperm(len(train_perms))]
+            for start in range(0, len(order), 1024):
+                batch = collate(order[start:start + 1024])
                 loss = F.cross_entropy(model(batch["x"], batch["edge_index"], batch["target_index"]), batch["y"])
                 opt.zero_grad()
                 loss.backward()

@@ -1,0 +1,266 @@
+"""Graph data adapters against the audit of 2026-12-06 (/tmp/audit/graphdata): data roots (``~``, relative roots
+recorded with released weights), Planetoid folders as PyG names them and read-only ones, OGB layouts this adapter
+does not read, the documented ``data.split`` of the OGB config, empty graph-classification splits, and the
+DictionaryLookup training loop of ``zoo viz graph``. Planetoid results are compared with PyG's own Planetoid."""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import stat
+
+import pytest
+import torch
+
+import zoo
+from zoo.tasks.graph import datasets as gd
+
+
+def _write_planetoid(root, folder="Cora", seed=0):
+    """A tiny graph in Planetoid's raw format (kimiyoung/planetoid: pickled x/tx/allx/y/ty/ally, the adjacency
+    dict, test.index) under root/<folder>/raw; the public split needs >= 10 + 500 nodes before the test nodes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_all, n_train, n_test, num_classes = 520, 10, 20, 3
+    n = n_all + n_test
+    onehot = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, n)]
+    feats = rng.normal(size=(n, 5)).astype(np.float32)
+    test_index = np.arange(n_all, n)[::-1]
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    items = {"x": feats[:n_train], "y": onehot[:n_train], "allx": feats[:n_all], "ally": onehot[:n_all],
+             "tx": feats[test_index], "ty": onehot[test_index], "graph": {i: [(i + 1) % n, (i + 7) % n] for i in range(n)}}
+    for name, value in items.items():
+        with open(raw / f"ind.cora.{name}", "wb") as f:
+            pickle.dump(value, f)
+    (raw / "ind.cora.test.index").write_text("\n".join(map(str, test_index)) + "\n")
+
+
+def _pyg_planetoid(root, folder="Cora"):
+    """The reference: PyG's own Planetoid on a writable copy of the same raw files."""
+    from torch_geometric.datasets import Planetoid
+
+    _write_planetoid(root, folder)
+    return Planetoid(str(root), folder)[0]
+
+
+def _assert_same_graph(ours: dict, reference) -> None:
+    torch.testing.assert_close(ours["x"], reference.x)
+    assert torch.equal(ours["edge_index"], reference.edge_index) and torch.equal(ours["y"], reference.y)
+    for mask in ("train_mask", "val_mask", "test_mask"):
+        assert torch.equal(ours[mask], getattr(reference, mask)), mask
+
+
+def _write_gz(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def _write_ogb(folder, labels=("0", "1", "0", "1"), schemes=(("random", ([0, 1], [2], [3])),)):
+    """A 4-node, 2-feature OGB node dataset in the raw CSV layout, one split folder per scheme."""
+    _write_gz(folder / "raw" / "edge.csv.gz", ["0,1", "1,2", "2,3", "3,0"])
+    _write_gz(folder / "raw" / "node-feat.csv.gz", [f"{i}.0,{i + 1}.0" for i in range(4)])
+    _write_gz(folder / "raw" / "node-label.csv.gz", list(labels))
+    for scheme, splits in schemes:
+        for split, index in zip(("train", "valid", "test"), splits):
+            _write_gz(folder / "split" / scheme / f"{split}.csv.gz", [str(i) for i in index])
+    return folder
+
+
+# --------------------------------------------------------------------------------------------- data roots
+def test_a_root_under_home_is_expanded_as_pyg_does(tmp_path, monkeypatch):
+    """data.root=~/... was taken literally (a folder named "~" under the working directory); PyG's Dataset expands it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    _write_planetoid(tmp_path / "home" / "planetoid")
+    reference = _pyg_planetoid(tmp_path / "pyg")
+    _assert_same_graph(gd.planetoid("Cora", "~/planetoid"), reference)
+    _write_ogb(tmp_path / "home" / "ogb" / "ogbn_toy")
+    assert gd.ogb_node("ogbn-toy", "~/ogb")["train_mask"].tolist() == [True, True, False, False]
+    assert gd.NodeDataModule("ogb:ogbn-toy", root="~/ogb").root == str(tmp_path / "home" / "ogb")
+    from zoo.tasks.graph.viz import main
+
+    out = tmp_path / "att.png"
+    assert main(["data=ogb:ogbn-toy", "root=~/ogb", "epochs=0", "heads=1", f"out={out}"]) == 0
+    assert out.stat().st_size > 1000
+
+
+def test_a_relative_root_is_recorded_absolute_for_zoo_viz_graph(tmp_path, monkeypatch):
+    """`zoo train ... data.root=data` recorded "data" with the released weights, so `zoo viz graph ckpt=<released>`
+    from another directory read the wrong folder; the data module records its absolute root (metadata.data.root)."""
+    pytest.importorskip("hydra")
+    from zoo.cli import main as zoo_main
+    from zoo.tasks.graph.viz import main as viz
+
+    assert gd.NodeDataModule("karate").root is None
+    monkeypatch.chdir(tmp_path)
+    _write_ogb(tmp_path / "data" / "ogbn_toy")
+    assert gd.NodeDataModule("ogb:ogbn-toy", root="data").describe() == {"name": "ogb:ogbn-toy",
+                                                                          "root": str(tmp_path / "data")}
+    run_dir = tmp_path / "run"
+    assert zoo_main(["train", "experiment=graph_cora", "data=graph_ogb", "data.name=ogb:ogbn-toy", "data.root=data",
+                     "data.num_features=2", "data.num_classes=2", "model.heads=1", "+model.hidden_channels=4",
+                     "trainer.max_epochs=1", "num_threads=1", "logger=none", "callbacks=minimal", "test=false",
+                     "trainer.num_sanity_val_steps=0", f"run_dir={run_dir}"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = elsewhere / "att.png"
+    assert viz([f"ckpt={run_dir / 'released'}", f"out={out}"]) == 0
+    assert out.stat().st_size > 1000
+    # a record of before (the relative root alone) is named, not read from the wrong folder
+    model = zoo.from_pretrained(str(run_dir / "released"))
+    metadata = dict(model.zoo_pretrained_metadata, data={})
+    old = zoo.save_pretrained(model, tmp_path / "old_release", metadata=metadata)
+    with pytest.raises(SystemExit, match=r"records data\.root=data, a path relative to the directory it was trained in"):
+        viz([f"ckpt={old}", f"out={out}"])
+
+
+# ---------------------------------------------------------------------------------------------- Planetoid
+def test_planetoid_read_only_folder_without_cache_is_read(tmp_path, monkeypatch):
+    """A read-only folder holding only raw/ was reported as corrupt raw files: PyG's Planetoid first creates
+    processed/ (PermissionError). The raw files are read with PyG's parser, which writes nothing."""
+    _write_planetoid(tmp_path / "shared")
+    reference = _pyg_planetoid(tmp_path / "pyg")
+    folder = tmp_path / "shared" / "Cora"
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
+    try:
+        if os.access(folder, os.W_OK):  # root: chmod does not stop it; refuse creating processed/ as the OS would
+            makedirs = os.makedirs
+
+            def refuse_processed(path, *args, **kwargs):
+                if os.path.basename(os.path.normpath(path)) == "processed":
+                    raise PermissionError(13, "Permission denied", str(path))
+                return makedirs(path, *args, **kwargs)
+
+            monkeypatch.setattr(os, "makedirs", refuse_processed)
+        with pytest.warns(UserWarning, match=r"cannot write PyG's cache .*reading the raw files without caching"):
+            d = gd.load_node_dataset("planetoid:Cora", root=str(tmp_path / "shared"))
+    finally:
+        folder.chmod(stat.S_IRWXU)
+    _assert_same_graph(d, reference)
+    assert not (folder / "processed").exists()
+
+
+def test_planetoid_unreadable_raw_file_is_a_permission_error_not_a_corrupt_one(tmp_path, monkeypatch):
+    """A raw file the user may not read was reported as "corrupt or not the Planetoid release?"; the
+    "corrupt" wording stays for files that do not parse (test_graph_tasks.py)."""
+    import torch_geometric.io.planetoid as pyg_planetoid
+
+    _write_planetoid(tmp_path)
+    read_file = pyg_planetoid.read_file
+
+    def unreadable_graph(folder, prefix, name):  # as chmod 600 on another user's file (root reads it anyway)
+        if name == "graph":
+            raise PermissionError(13, "Permission denied", os.path.join(folder, f"ind.{prefix.lower()}.graph"))
+        return read_file(folder, prefix, name)
+
+    monkeypatch.setattr(pyg_planetoid, "read_file", unreadable_graph)
+    with pytest.raises(PermissionError, match=r"^Planetoid Cora: no permission to read .*ind\.cora\.graph "
+                                              r"\(Permission denied\); make the raw files readable"):
+        gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
+
+
+def test_planetoid_reads_the_folder_pyg_names_after_the_name_given(tmp_path):
+    """PyG's Planetoid(root, "cora") keeps root/cora/; the adapter only looked in root/Cora/."""
+    _write_planetoid(tmp_path / "data", folder="cora")
+    reference = _pyg_planetoid(tmp_path / "pyg", folder="cora")
+    for name in ("planetoid:cora", "planetoid:Cora"):
+        _assert_same_graph(gd.load_node_dataset(name, root=str(tmp_path / "data")), reference)
+    assert (tmp_path / "data" / "cora" / "processed").is_dir() and not (tmp_path / "data" / "Cora").exists()
+    with pytest.raises(FileNotFoundError, match=r"missing under .*/Cora/raw \(also looked in .*/cora\)"):
+        gd.load_node_dataset("planetoid:Cora", root=str(tmp_path / "empty"))
+
+
+# -------------------------------------------------------------------------------------------------- OGB
+def test_ogb_datasets_of_other_layouts_are_named_as_unsupported(tmp_path):
+    """ogbn-proteins (multi-label, no node-feat.csv.gz), ogbn-papers100M (binary npz) and ogbn-mag (heterogeneous)
+    were reported as "files missing ... unpack the dataset zip"; the supported ones are named, in the docs too."""
+    import pathlib
+
+    import numpy as np
+
+    proteins = tmp_path / "ogbn_proteins"  # as OGB keeps it after download
+    _write_gz(proteins / "raw" / "edge.csv.gz", ["0,1", "1,2"])
+    _write_gz(proteins / "raw" / "node-label.csv.gz", [",".join(["0"] * 112)] * 3)
+    (tmp_path / "papers100M-bin" / "raw").mkdir(parents=True)  # as its zip extracts
+    np.savez(tmp_path / "papers100M-bin" / "raw" / "data.npz", edge_index=np.zeros((2, 1), int))
+    for name, why in (("ogbn-proteins", "multi-label"), ("ogbn-papers100M", "stored as binary numpy files"),
+                      ("ogbn-mag", "heterogeneous")):
+        with pytest.raises(ValueError, match=rf"OGB {name} is not supported: it is {why} .*ogbn-arxiv, ogbn-products"):
+            gd.load_node_dataset(f"ogb:{name}", root=str(tmp_path))
+    # the same layouts under another name, and a CSV dataset with several label columns
+    (tmp_path / "ogbn_copy" / "raw").mkdir(parents=True)
+    np.savez(tmp_path / "ogbn_copy" / "raw" / "data.npz", edge_index=np.zeros((2, 1), int))
+    (tmp_path / "ogbn_hetero" / "raw" / "relations").mkdir(parents=True)
+    _write_ogb(tmp_path / "ogbn_multi", labels=("0,1", "1,0", "0,0", "1,1"))
+    for name, why in (("ogbn-copy", "stored as binary numpy files"), ("ogbn-hetero", "heterogeneous"),
+                      ("ogbn-multi", r"multi-label \(.*node-label\.csv\.gz has 2 label columns")):
+        with pytest.raises(ValueError, match=rf"OGB {name} is not supported: it is {why}"):
+            gd.load_node_dataset(f"ogb:{name}", root=str(tmp_path))
+    docs = (pathlib.Path(__file__).parents[1] / "docs" / "graph.md").read_text()
+    for name in ("ogbn-arxiv", "ogbn-products", "ogbn-proteins", "ogbn-papers100M", "ogbn-mag"):
+        assert name in docs, name
+
+
+def test_ogb_config_takes_the_documented_split(tmp_path):
+    """docs/graph.md names data.split; configs/data/graph_ogb.yaml lacked it, so data.split=time was an unknown key."""
+    import pathlib
+
+    pytest.importorskip("hydra")
+    from zoo.train.run import compose
+
+    _write_ogb(tmp_path / "ogbn_toy", schemes=(("random", ([0, 1], [2], [3])), ("time", ([2, 3], [0], [1]))))
+    common = ["data=graph_ogb", "data.name=ogb:ogbn-toy", f"data.root={tmp_path}", "data.num_features=2",
+              "data.num_classes=2"]
+    for overrides, train in (([], [True, True, False, False]), (["data.split=time"], [False, False, True, True])):
+        data = dict(compose(common + overrides).data)
+        assert data.pop("_target_") == "zoo.tasks.graph.datasets.NodeDataModule"
+        module = gd.NodeDataModule(**data)
+        module.setup()
+        assert module.data["train_mask"].tolist() == train, overrides
+    assert "`data.split`" in (pathlib.Path(__file__).parents[1] / "docs" / "graph.md").read_text()
+
+
+# --------------------------------------------------------------------------------------- graph classification
+def test_graph_classification_refuses_an_empty_split():
+    """data.num_graphs=3 left validation empty: Lightning only warned and the run "succeeded" without validating."""
+    with pytest.raises(ValueError, match=r"data\.num_graphs=3 leaves the validation split empty .*2 / 0 / 1 graphs\); "
+                                         r"use data\.num_graphs >= 4"):
+        gd.GraphClassificationDataModule(num_graphs=3)
+    for bad in (0, -5, 2.5, True, "10"):
+        with pytest.raises(ValueError, match=r"data\.num_graphs must be a positive integer"):
+            gd.GraphClassificationDataModule(num_graphs=bad)
+    for bad in (0, 1.5, None):
+        with pytest.raises(ValueError, match=r"data\.batch_size must be a positive integer"):
+            gd.GraphClassificationDataModule(num_graphs=30, batch_size=bad)
+    module = gd.GraphClassificationDataModule(num_graphs=4)
+    module.setup()
+    assert {split: len(graphs) for split, graphs in module.splits.items()} == {"train": 2, "val": 1, "test": 1}
+
+
+# ----------------------------------------------------------------------------------------- zoo viz graph
+def test_viz_dictlookup_epoch_is_a_pass_over_the_training_split(tmp_path, monkeypatch):
+    """Its docstring says `epochs` passes over the training split, as zoo train; a fresh randperm per batch drew
+    batches with replacement (k=7, one epoch: some training graphs twice, others never)."""
+    import zoo.tasks.graph.dictlookup as dl
+    from zoo.tasks.graph.viz import main
+
+    collated = []
+    collate = dl.collate
+
+    def spy(perms):  # records what the loop draws; trains on 2 graphs of it to keep the test fast
+        collated.append(perms.clone())
+        return collate(perms[:2])
+
+    monkeypatch.setattr(dl, "collate", spy)
+    assert main(["data=dictlookup", "k=7", "epochs=2", "node=0", f"out={tmp_path / 'dl.png'}"]) == 0
+    train, _ = dl.unseen_combinations_split(dl.generate_permutations(7))
+    assert len(train) > 1024  # several batches per epoch
+    batches = -(-len(train) // 1024)
+    expected = sorted(map(tuple, train.tolist()))
+    for epoch in range(2):  # the training batches come first, then the test evaluation's
+        rows = torch.cat(collated[epoch * batches:(epoch + 1) * batches])
+        assert sorted(map(tuple, rows.tolist())) == expected, epoch
