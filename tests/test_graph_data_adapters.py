@@ -110,9 +110,15 @@ def test_a_relative_root_is_recorded_absolute_for_zoo_viz_graph(tmp_path, monkey
     out = elsewhere / "att.png"
     assert viz([f"ckpt={run_dir / 'released'}", f"out={out}"]) == 0
     assert out.stat().st_size > 1000
-    # a record of before (the relative root alone) is named, not read from the wrong folder
+    # the run's config is recorded with the absolute root too, so zoo eval from elsewhere reads the same data
     model = zoo.from_pretrained(str(run_dir / "released"))
-    metadata = dict(model.zoo_pretrained_metadata, data={})
+    assert model.zoo_pretrained_metadata["zoo_config"]["data"]["root"] == str(tmp_path / "data")
+    assert zoo_main(["eval", f"ckpt={run_dir / 'released'}"]) == 0
+    # a record of before (the relative root alone) is named, not read from the wrong folder
+    import copy
+
+    metadata = copy.deepcopy(dict(model.zoo_pretrained_metadata, data={}))
+    metadata["zoo_config"]["data"]["root"] = "data"
     old = zoo.save_pretrained(model, tmp_path / "old_release", metadata=metadata)
     with pytest.raises(SystemExit, match=r"records data\.root=data, a path relative to the directory it was trained in"):
         viz([f"ckpt={old}", f"out={out}"])

@@ -297,8 +297,21 @@ def _named_by_group(cfg, message: str) -> Optional[str]:
     return f"{groups[0]}.{message}" if len(groups) == 1 else None
 
 
+def _absolute_data_root(cfg) -> None:
+    """data.root as an absolute path (``~`` expanded): the config is recorded with the run's checkpoints and
+    released weights, and a relative root there named another folder for zoo eval / zoo viz run elsewhere."""
+    from omegaconf import OmegaConf
+
+    data = cfg.get("data")
+    if OmegaConf.is_dict(data) and "root" in data and not OmegaConf.is_missing(data, "root"):
+        root = data.get("root")
+        if isinstance(root, str) and root and "://" not in root:
+            data.root = os.path.abspath(os.path.expanduser(root))
+
+
 def _build(cfg, model: Optional[torch.nn.Module] = None):
     check_required(cfg)
+    _absolute_data_root(cfg)
     task = cfg.task
     if "_target_" not in task and task.get("module"):
         built = importlib.import_module(str(task.module)).build(cfg)
