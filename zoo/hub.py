@@ -837,7 +837,8 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
     state = load_state_dict_file(weights_path)
     # the saved model's constructor arguments matter only when overrides change the model
     saved_args = (config or {}).get("model_args") if overrides else None
-    state = _family_filter(entry, state, model, weights_path, saved_args if isinstance(saved_args, dict) else None)
+    state = _family_filter(entry, state, model, weights_path, saved_args if isinstance(saved_args, dict) else None,
+                           saved_name=(config or {}).get("model_name"))
     state = adapt_input_conv(model, state, source=str(weights_path))
     load_weights(model, state, source=str(weights_path), new_head="num_classes" in overrides)
     data = ((config or {}).get("metadata") or {}).get("data")
@@ -847,16 +848,34 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
         channels = (cfg.get("input_size") or (None,))[0]
         for key in ("mean", "std"):
             if isinstance(data.get(key), (list, tuple)) and data[key]:
-                if channels is not None and len(data[key]) != channels:
-                    raise CheckpointError(f"{path}: config.json's metadata.data.{key} has {len(data[key])} values "
-                                          f"for a model of {channels} input channels")
                 cfg[key] = tuple(float(v) for v in data[key])
         timm_cfg = ((config or {}).get("metadata") or {}).get("pretrained_cfg")
-        if isinstance(timm_cfg, dict):  # a timm config.json: its test-time preprocessing too
+        if isinstance(timm_cfg, dict):  # a timm config.json: its test-time preprocessing too (the input size and
+            own = {k: cfg[k] for k in ("input_size", "num_classes") if k in cfg}  # class count: the model's as built)
             cfg.update(timm_cfg)
+            cfg.update(own)
+        _statistics_per_channel(cfg, channels, "in_chans" in overrides, path)
     if config is not None:  # what the checkpoint says about itself, kept when the model is saved again
         remember_loaded_metadata(model, config.get("metadata"))
     return model
+
+
+def _statistics_per_channel(cfg: dict, channels: Optional[int], in_chans_given: bool, path) -> None:
+    """The checkpoint's normalisation (``cfg`` mean / std, from its config.json) for a model of ``channels`` input
+    channels. Built with another ``in_chans`` than the checkpoint's, its first convolution was adapted
+    (:func:`adapt_input_conv`), and so are the statistics, by the registry's rule (their mean for 1 channel, cycled
+    otherwise), as timm's pretrained_cfg follows in_chans; otherwise a count that differs is an inconsistent file."""
+    from zoo.registry import image_data_config
+
+    for key in ("mean", "std"):
+        values = cfg.get(key)
+        if channels is None or not isinstance(values, (tuple, list)) or not values or len(values) == channels:
+            continue
+        if not in_chans_given:
+            raise CheckpointError(f"{path}: config.json's metadata.data.{key} has {len(values)} values for a model of "
+                                  f"{channels} input channels")
+        cfg[key] = image_data_config({"input_size": (len(values), 1, 1), key: tuple(values)},
+                                     {"in_chans": channels})[key]
 
 
 def _family_of(name: str) -> Optional[str]:
@@ -869,13 +888,20 @@ def _family_of(name: str) -> Optional[str]:
         return None
 
 
-def _saved_geometry(entry, saved_args: dict[str, Any]) -> Optional[nn.Module]:
-    """The saved model itself, built from config.json's constructor arguments on the meta device (no memory,
-    no init cost), when overrides change the model: its patch grid and prefix tokens tell the family's filter
-    how the checkpoint's position embedding is laid out (a 2 x 8 grid is not a 4 x 4 one). None if it cannot
-    be built (the filter then falls back to its own assumptions)."""
-    from zoo.registry import _construct
+def _saved_geometry(entry, saved_args: dict[str, Any], saved_name: Optional[str] = None) -> Optional[nn.Module]:
+    """The saved model itself, built from config.json's model name (``saved_name``, when registered; else the
+    target's) and constructor arguments on the meta device (no memory, no init cost), when overrides change the
+    model: its patch grid and prefix tokens tell the family's filter how the checkpoint's position embedding is
+    laid out (a 2 x 8 grid is not a 4 x 4 one; a vit_tiny_patch16_384 checkpoint loaded into
+    vit_tiny_patch16_224 has a 24 x 24 one). None if it cannot be built (the filter then falls back to its own
+    assumptions)."""
+    from zoo.registry import UnknownModelError, _construct, get_model_entry
 
+    if saved_name and saved_name != entry.name:
+        try:
+            entry = get_model_entry(saved_name)
+        except UnknownModelError:
+            pass
     try:
         with torch.device("meta"):
             return _construct(entry, dict(saved_args))
@@ -910,7 +936,7 @@ def adapt_input_conv(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, source: Path,
-                   saved_args: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
+                   saved_args: Optional[dict[str, Any]] = None, saved_name: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Apply the family's ``checkpoint_filter_fn(state_dict, model)`` (timm convention) when its module has
     one: timm layouts, position embeddings / relative-position tables resized to the model's image size.
     Filters that take ``saved_model`` get the checkpoint's own model, built from ``saved_args`` (config.json's
@@ -924,7 +950,7 @@ def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, sour
         return state
     kwargs = {}
     if saved_args is not None and "saved_model" in inspect.signature(filter_fn).parameters:
-        kwargs["saved_model"] = _saved_geometry(entry, saved_args)
+        kwargs["saved_model"] = _saved_geometry(entry, saved_args, saved_name)
     try:
         return filter_fn(state, model, **kwargs)
     except (ValueError, KeyError, RuntimeError) as error:

@@ -144,10 +144,15 @@ def _document_constructor(f: Callable[..., nn.Module], model_name: str) -> None:
 
 
 def list_models(pattern: str | Iterable[str] = "*", *, task: str | None = None, family: str | None = None,
-                exclude_filters: str | Iterable[str] = ()) -> list[str]:
+                exclude_filters: str | Iterable[str] = (), pretrained: bool = False) -> list[str]:
     """Sorted registered names matching a shell-style ``pattern`` (or any of several patterns; ``""`` matches
-    every name, as in timm) and none of ``exclude_filters`` (timm's keyword)."""
+    every name, as in timm) and none of ``exclude_filters`` (timm's keyword). ``pretrained=True`` (timm's keyword)
+    keeps the names that ``create_model(name, pretrained=True)`` can load here, offline: a checkpoint shipped with
+    the zoo, or timm's weights for the name already in the Hugging Face cache (timm lists the names that have
+    weights to download; the zoo never downloads)."""
     _import_model_modules()
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"list_models: pretrained must be True or False, got {pretrained!r}")
 
     def as_patterns(value, what: str, allow_empty: bool) -> list[str]:
         patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else None
@@ -167,7 +172,19 @@ def list_models(pattern: str | Iterable[str] = "*", *, task: str | None = None, 
         if any(fnmatch.fnmatchcase(model_name, p) for p in patterns) and not any(
                 fnmatch.fnmatchcase(model_name, p) for p in excluded):
             names.append(model_name)
+    if pretrained:
+        names = [name for name in names if _loadable_offline(name)]
     return sorted(names)
+
+
+def _loadable_offline(name: str) -> bool:
+    """Whether ``create_model(name, pretrained=True)`` finds weights without a download."""
+    from zoo.hub import _cache_folder, shipped_checkpoint, timm_hub_id
+
+    if shipped_checkpoint(name) is not None:
+        return True
+    hub_id = timm_hub_id(name)
+    return hub_id is not None and _cache_folder(hub_id).is_dir()
 
 
 def split_model_tag(name: str) -> tuple[str, str]:

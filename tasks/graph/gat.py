@@ -101,6 +101,12 @@ class GATNodeClassifier(nn.Module):
             dim = hidden_channels * heads
         self.convs.append(make_conv(conv, dim, num_classes, heads=out_heads, concat=False, **common))
 
+    def pretrained_head_keys(self) -> list[str]:
+        """The classifier is the last attention layer (it outputs the K classes): its keys are re-initialised, with a
+        message, when a checkpoint is loaded with another num_classes (zoo.hub.head_keys)."""
+        last = f"convs.{len(self.convs) - 1}."
+        return [key for key in self.state_dict() if key.startswith(last)]
+
     def forward(self, x_NF: Tensor, edge_index: Tensor, return_attention_weights: bool = False):
         """-> logits [N, K] (and a list of (edge_index, alpha [E', H]) per layer when asked)."""
         attn = []

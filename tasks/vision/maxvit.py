@@ -595,6 +595,9 @@ class MaxVit(nn.Module):
         derived = tuple(max(1, s // self.partition_ratio) for s in self.img_size)
         self.window_size = to_pair(window_size, "window_size") if window_size is not None else derived
         self.grid_size = to_pair(grid_size, "grid_size") if grid_size is not None else self.window_size
+        # partition sizes given to the constructor (maxvit_digits: 4 at 32 px) stay when set_input_size changes the
+        # image size, as loading the checkpoint at that size keeps them; derived ones follow the size (timm)
+        self._fixed_partition = (window_size is not None, grid_size is not None or window_size is not None)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -708,12 +711,18 @@ class MaxVit(nn.Module):
     def set_input_size(self, img_size: Optional[IntOrPair] = None, window_size: Optional[IntOrPair] = None,
                        grid_size: Optional[IntOrPair] = None) -> None:
         """Change the native size and the partition sizes (timm semantics: a size not given is
-        ``img_size // partition_ratio``); TF tables are resized to the new window, MLP biases re-indexed."""
+        ``img_size // partition_ratio``, except one the model was built with explicitly, which is kept: the result
+        equals building, or loading the checkpoint, at that size); TF tables are resized to the new window, MLP
+        biases re-indexed."""
         if img_size is not None:
             self.img_size = to_pair(img_size, "img_size")
         derived = tuple(max(1, s // self.partition_ratio) for s in self.img_size)
-        window = to_pair(window_size, "window_size") if window_size is not None else derived
-        grid = to_pair(grid_size, "grid_size") if grid_size is not None else derived
+        fixed_window, fixed_grid = getattr(self, "_fixed_partition", (False, False))
+        window = (to_pair(window_size, "window_size") if window_size is not None
+                  else self.window_size if fixed_window else derived)
+        grid = (to_pair(grid_size, "grid_size") if grid_size is not None
+                else self.grid_size if fixed_grid else derived)
+        self._fixed_partition = (fixed_window or window_size is not None, fixed_grid or grid_size is not None)
         self.window_size, self.grid_size = window, grid
         for stage in self.stages:
             for block in stage.blocks:
