@@ -460,6 +460,7 @@ def test_inference_fast_path_equals_attend_path_and_honours_backend(prefix, monk
 
     torch.manual_seed(11)
     attn = AgentAttention(16, 2, qkv_bias=True, agent_num=4, window=5, num_prefix_tokens=prefix).eval()
+    _randomize(attn)  # bias tables of std 0.5: at their 0.02-std init, outputs without them are within 0.05 too
     x = torch.randn(2, prefix + 20, 16)
     via_attend = attn(x, grid=(4, 5)).detach()  # grad enabled: attend() path
     with torch.no_grad():
@@ -488,7 +489,8 @@ def test_inference_fast_path_equals_attend_path_and_honours_backend(prefix, monk
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 q, fp32 biases: attend() converts
         mixed = attn(x, grid=(4, 5))
     assert len(straight) == 2 and mixed.dtype == torch.bfloat16
-    assert torch.allclose(mixed.float(), via_attend, atol=0.05)
+    # bf16 rounding: 0.004 off (outputs up to 0.9); dropping the eight bias tables moves the output by 0.07-0.10
+    torch.testing.assert_close(mixed.float(), via_attend, atol=1e-2, rtol=0)
 
 
 def test_inference_fast_path_still_rejects_non_finite_input():

@@ -118,6 +118,27 @@ def test_sigmoid_score_forward():
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
 
 
+# Every backend registered on this machine, and automatic selection (None: attend()'s plain-call shortcuts to SDPA,
+# with and without a bias, and the general dispatch). "triton" runs on CPU only under the interpreter, whose set-up
+# lives in tests/test_kernels_flash.py: test_attend_uses_the_explicit_scale_in_the_kernel covers it there.
+CPU_BACKENDS = [None] + [name for name in za.list_backends() if name != "triton"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b or "auto")
+@pytest.mark.parametrize("mask_name", ["none", "causal", "window"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("scale", [0.6, 0.05])
+def test_explicit_scale_is_used_by_every_backend(backend, mask_name, with_bias, scale):
+    """scale= replaces the default 1/sqrt(D) (here 1/4) on every path: a large and a small scale, both far from it,
+    so a backend that fell back to the default, or applied the scale twice, misses the float64 reference."""
+    q, k, v = make_qkv(2, 2, 1, 40, 40, 16, seed=3)  # Nq == Nk: Causal takes SDPA's is_causal kernel
+    mask = {"none": None, "causal": Causal(), "window": Window(6, 2)}[mask_name]
+    bias = torch.randn(1, 2, 40, 40, generator=torch.Generator().manual_seed(4)) if with_bias else None
+    want = naive_attention(q, k, v, za.as_mask(mask).dense(40, 40), bias, scale, "softmax")
+    got = attend(q, k, v, mask, bias, scale=scale, backend=backend)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["torch", "sdpa"])
 def test_fully_masked_rows_are_zero_with_zero_grads(backend):
     nq, nk = 6, 5
@@ -407,6 +428,39 @@ def test_dropout_changes_output_only_when_positive():
     torch.manual_seed(0)
     dropped = attend(q, k, v, dropout_p=0.5, backend="torch")
     assert not torch.allclose(dropped, attend(q, k, v))
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_reference_dropout_is_unbiased_and_weights_are_pre_dropout(score):
+    """The "torch" backend's dropout is inverted dropout (torch.nn.functional.dropout, as SDPA's dropout_p): kept
+    weights are scaled by 1 / (1 - p), so the output's expectation is the undropped output; and return_weights
+    gives the probabilities before dropout, as attend()'s docstring says (rows of a softmax sum to 1).
+
+    Statistics: the batch holds ``draws`` copies of one problem, each with its own dropout draw. An output element
+    is sum_j w_j m_j v_j with m_j = Bernoulli(1 - p) / (1 - p) independent, of variance p / (1 - p), so the mean of
+    the draws has standard deviation sigma = sqrt(p / (1 - p) * sum_j (w_j v_j)^2 / draws) (measured spread: within
+    2% of it). Each of the 64 elements must lie within 5 sigma: a false failure has probability below
+    64 * 6e-7 = 4e-5 for a seed (seeds 0-29 stay within 3.4 sigma), while a missing rescale moves each mean by
+    p * |output|: a median of 32 sigma here, up to 50."""
+    p, draws = 0.5, 4096
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 4, seed=5)
+    bias = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(6))
+    clean, weights = attend(q, k, v, Causal(), bias, score=score, backend="torch", return_weights=True)
+    torch.manual_seed(0)
+    batch = [t.expand(draws, -1, -1, -1) for t in (q, k, v, bias)]
+    dropped = attend(*batch[:3], Causal(), batch[3], score=score, dropout_p=p, backend="torch")
+    mean = dropped.double().mean(0, keepdim=True)
+    terms = weights.double()[..., None] * v.double()[:, :, None]  # (1, H, Nq, Nk, Dv): w_j v_j per output
+    sigma = (p / (1 - p) * terms.pow(2).sum(-2) / draws).sqrt()
+    deviation = (mean - clean.double()).abs()
+    assert (deviation <= 5 * sigma + 1e-6).all(), f"mean of {draws} draws is {float((deviation / sigma).max()):.1f} sigma off"
+    torch.manual_seed(1)
+    out, dropped_weights = attend(q, k, v, Causal(), bias, score=score, dropout_p=p, backend="torch",
+                                  return_weights=True)
+    assert not torch.allclose(out, clean)  # this call did drop
+    torch.testing.assert_close(dropped_weights, weights, rtol=0, atol=0)  # the probabilities, not the dropped ones
+    if score == "softmax":
+        torch.testing.assert_close(dropped_weights.sum(-1), torch.ones(1, 2, 8))
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -155,7 +155,6 @@ def test_predict_on_a_timm_hub_export_uses_timms_evaluation_transform(tmp_path, 
     """A released directory without a zoo train record (here timm's own Hub export, with its label names and a
     fine-tuning crop / interpolation of its own) predicts with timm's evaluation transform of that config: the
     probabilities equal timm's model fed through timm's pipeline."""
-    timm = pytest.importorskip("timm")
     import timm.data
     from timm.models._hub import save_for_hf
 

@@ -212,7 +212,7 @@ def test_multi_head_attention_compiles(rel_pos):
 # ----------------------------------------------------------------------------------------------------
 # Graphs: PyG's numbers; breaks only at the graph structure and the fused attention
 # ----------------------------------------------------------------------------------------------------
-pyg_nn = pytest.importorskip("torch_geometric.nn")
+import torch_geometric.nn as pyg_nn  # noqa: E402
 from zoo.attention import GATConv, GATv2Conv  # noqa: E402
 
 

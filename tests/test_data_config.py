@@ -4,14 +4,12 @@ the same config as timm for every name timm also has, the official evaluation tr
 the model's real input size, class count and checkpoint normalisation."""
 from __future__ import annotations
 
-import pytest
+import timm
 import torch
+from timm.data import create_transform, resolve_data_config, resolve_model_data_config
 
 import zoo
 from zoo.registry import image_data_config
-
-timm = pytest.importorskip("timm")
-from timm.data import create_transform, resolve_data_config, resolve_model_data_config  # noqa: E402
 
 IMAGE_MODELS = [name for name in zoo.list_models() if "input_size" in zoo.get_model_entry(name).default_cfg]
 

@@ -156,7 +156,6 @@ def test_cli_writes_file_with_metadata(tmp_path, capsys):
 
 
 def test_checkpoint_export(tmp_path):
-    pytest.importorskip("zoo.hub")
     import onnx
 
     model = zoo.create_model("agent_deit_debug", num_classes=4)

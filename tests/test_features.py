@@ -4,12 +4,11 @@ feature_info) and against the zoo models' forward_intermediates."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import zoo
 import zoo.features  # noqa: F401  (zoo.features.FeatureExtractor)
-
-timm = pytest.importorskip("timm")
 
 
 @pytest.mark.parametrize("out_indices", [None, (1,), (0, -2)])

@@ -566,7 +566,7 @@ def test_weight_converters_name_what_does_not_fit():
 def _timm_export(tmp_path, name, data_config=None, **kwargs):
     """A timm model and the directory timm's own exporter writes for the Hugging Face Hub (config.json with
     'architecture' and model.safetensors: the files of huggingface.co/timm/<name>)."""
-    timm = pytest.importorskip("timm")
+    import timm
     from timm.models._hub import save_for_hf
 
     torch.manual_seed(0)
@@ -618,7 +618,7 @@ def test_timm_hub_export_of_a_resized_maxvit_loads(tmp_path):
     """timm's save_for_hf after MaxViT's set_input_size records the partition sizes under timm's keyword names
     (transformer_window_size / _grid_size / _partition_ratio): they load, as timm reloads them (they were refused
     as unknown arguments); create_model takes those names too."""
-    timm = pytest.importorskip("timm")
+    import timm
     from timm.models._hub import save_for_hf
 
     torch.manual_seed(0)

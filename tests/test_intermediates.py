@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 import zoo
 from zoo.layers import feature_take_indices
-
-timm = pytest.importorskip("timm")
 
 VIT_CASES = [
     dict(),

@@ -1,7 +1,8 @@
 """zoo.kernels.flash_attention: forward and every gradient (q, k, v, bias) against a float64 reference.
 
 Criterion (DESIGN.md): |kernel - float64| <= 2 * |PyTorch attention at the same precision - float64| + atol,
-per output, where "PyTorch attention" is attend(..., backend="torch") on the same low-precision inputs.
+per output, where "PyTorch attention" is attend(..., backend="torch") on the same low-precision inputs, and
+the float64 reference (flash_attention_ref) must itself equal tests/attention_reference.py's explicit attention.
 The grid covers lengths 1, 7, 97, 130, 257 with Nq != Nk, head dims 16, 40, 64, 96 (and Dv != D), GQA,
 every mask type and combinations, random block maps at 20% and 50%, fully masked rows, bias broadcast
 along batch / heads / rows / columns, softmax and sigmoid, fp32 and fp16.
@@ -25,8 +26,20 @@ if not HAS_CUDA:
 
 triton = pytest.importorskip("triton")
 
+from attention_reference import naive_attention  # noqa: E402  (tests/attention_reference.py)
 from triton_interpreter import run_compiled  # noqa: E402  (tests/triton_interpreter.py)
-from zoo.attention import BlockSparse, Causal, ChunkWindow, Dense, Full, MaskMod, Segments, Window, attend  # noqa: E402
+from zoo.attention import (  # noqa: E402
+    BlockSparse,
+    Causal,
+    ChunkWindow,
+    Dense,
+    Full,
+    MaskMod,
+    Segments,
+    Window,
+    as_mask,
+    attend,
+)
 from zoo.kernels import flash_attention as fa  # noqa: E402
 from zoo.kernels.flash_attention import (  # noqa: E402
     flash_attention,
@@ -69,8 +82,23 @@ def _grads(fn, q, k, v, bias, grad_out_seed=1):
     return [out.detach()] + [g.detach() for g in grads]
 
 
+def _naive_float64(q, k, v, mask, bias, *, score="softmax", scale=None):
+    """tests/attention_reference.py's explicit float64 attention on the mask's dense pattern: the check on
+    flash_attention_ref, which _check measures both the kernel and PyTorch against. A pair whose bias is -inf
+    counts as masked (attend()'s "-inf or mask= forbid pairs"), with no gradient."""
+    q_len, k_len, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    allowed = as_mask(mask).dense(q_len, k_len, q.device)
+    if bias is not None:
+        forbidden = torch.isneginf(bias)
+        allowed, bias = allowed & ~forbidden, bias.masked_fill(forbidden, 0.0)
+    scale = head_dim**-0.5 if scale is None else scale
+    return naive_attention(q, k, v, allowed, bias, scale, score)
+
+
 def _check(q, k, v, mask, bias, *, score="softmax", block=None, grads=True, scale=None):
-    """Kernel vs float64 reference, with PyTorch at the same precision as the yardstick."""
+    """Kernel vs float64 reference, with PyTorch at the same precision as the yardstick. The reference itself
+    must equal the independent float64 attention (forward and gradients) to float64 rounding: a wrong
+    reference would otherwise pass both the kernel and PyTorch, as its error inflates err_torch."""
     kw = {} if block is None else dict(block_m=block[0], block_n=block[1])
 
     def ours(q_, k_, v_, b_):
@@ -82,15 +110,23 @@ def _check(q, k, v, mask, bias, *, score="softmax", block=None, grads=True, scal
     def truth(q_, k_, v_, b_):
         return flash_attention_ref(q_, k_, v_, mask, b_, score=score, scale=scale)
 
+    def independent(q_, k_, v_, b_):
+        return _naive_float64(q_, k_, v_, mask, b_, score=score, scale=scale)
+
     names = ["out", "dq", "dk", "dv", "dbias"]
+    inputs64 = [None if t is None else t.double() for t in (q, k, v, bias)]
     if grads:
         got = _grads(ours, q, k, v, bias)
         base = _grads(torch_same_precision, q, k, v, bias)
-        want = _grads(truth, *(None if t is None else t.double() for t in (q, k, v, bias)))
+        want = _grads(truth, *inputs64)
+        check = _grads(independent, *inputs64)
     else:
         got = [ours(q, k, v, bias)]
         base = [torch_same_precision(q, k, v, bias)]
-        want = [truth(*(None if t is None else t.double() for t in (q, k, v, bias)))]
+        want = [truth(*inputs64)]
+        check = [independent(*inputs64)]
+    for name, w, c in zip(names, want, check):
+        torch.testing.assert_close(w, c, rtol=1e-9, atol=1e-9, msg=lambda m: f"flash_attention_ref {name}: {m}")
     atol = ATOL[q.dtype]
     for name, a, b_, w in zip(names, got, base, want):
         assert a.shape == w.shape and a.dtype == (q.dtype if name != "dbias" else bias.dtype), name
@@ -532,6 +568,21 @@ def test_attend_backend_triton():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_attend_uses_the_explicit_scale_in_the_kernel():
+    """attend(scale=s, backend="triton") against the float64 reference at that scale, with and without a mask
+    and a bias: s = 0.6 and 0.05, both far from the default 1/sqrt(16) = 0.25 (tests/test_attention.py checks the
+    other backends the same way)."""
+    q, k, v, bias = _inputs(1, 2, 1, 24, 40, 16, bias_shape=(1, 2, 24, 40), seed=27)
+    for scale in (0.6, 0.05):
+        for mask in (None, Window(8, 8)):
+            for b in (None, bias):
+                want = _naive_float64(*(t.double() for t in (q, k, v)), mask, None if b is None else b.double(),
+                                      scale=scale)
+                got = attend(q, k, v, mask, b, scale=scale, backend="triton")
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"scale={scale} mask={mask!r} bias={b is not None}: {m}")
+
+
 def test_transformer_xl_layer_trains_through_the_kernel():
     """MultiHeadAttention(rel_pos="xl") (the Conformer layer): its query-dependent bias is a strided view
     (row stride Nq + Nk - 2) that needs its gradient; the kernel reads it in place and returns that gradient,
@@ -567,7 +618,7 @@ def test_attend_picks_triton_and_falls_back(monkeypatch):
     monkeypatch.setitem(zb._BACKENDS, "triton", dataclasses.replace(triton_backend, auto_devices=frozenset({DEVICE})))
     q, k, v, bias = _inputs(1, 2, 1, 24, 40, 16, bias_shape=(1, 2, 24, 40), seed=28)
     mask = Window(8, 8)
-    scale = 0.25
+    scale = 0.6  # not the default 1/sqrt(16): a path that dropped scale= would differ from the reference
 
     def chosen(dropout_p=0.0, return_weights=False):
         return zb.select_backend((q, k, v, mask, bias, scale, "softmax", dropout_p, return_weights), None).name
@@ -626,7 +677,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="Segments ids"):
         flash_attention(q, k, v, Segments(torch.zeros(16, dtype=torch.long)))
     # numbers as attend() takes them: numpy scalars are numbers, a bool is not
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     want = flash_attention(q, k, v, scale=0.25, block_m=16)
     torch.testing.assert_close(flash_attention(q, k, v, scale=np.float32(0.25), block_m=np.int64(16)), want)
     with pytest.raises(ValueError, match="scale must be a positive finite number, got True"):

@@ -10,15 +10,14 @@ import dataclasses
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+from timm.models import maxxvit as timm_maxxvit
 
 import zoo
 import zoo.tasks.vision.maxvit as mv
 from zoo.attention import capture_attention
-
-timm = pytest.importorskip("timm")
-from timm.models import maxxvit as timm_maxxvit  # noqa: E402
 
 NAMES = [
     "maxvit_debug",

@@ -19,8 +19,6 @@ from zoo.attention import AttentionBias, Causal, capture_attention
 from zoo.attention.modules import Mlp, MultiHeadAttention
 from zoo.attention.rope import RotaryEmbedding
 
-timm = pytest.importorskip("timm")
-
 
 # --------------------------------------------------------------------------------------------------
 # float64 references

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import timm.layers.pos_embed_rel as timm_rel
 import torch
 
 from zoo.attention import AttentionBias, attend
@@ -13,8 +14,6 @@ from zoo.attention.relpos import (
     rel_pos_index_tf,
     resize_rel_pos_table,
 )
-
-timm_rel = pytest.importorskip("timm.layers.pos_embed_rel")
 
 
 @pytest.mark.parametrize("window", [(3, 3), (4, 2), (1, 5)])

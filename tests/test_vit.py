@@ -4,15 +4,14 @@ position-embedding resampling on load; plus forward/backward of every registered
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter
 
 import zoo
 import zoo.tasks.vision.vit as V  # registers the ViT names (also imported by zoo.tasks.vision)
-
-timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
-from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter  # noqa: E402
 
 ATOL = 1e-4
 

@@ -111,10 +111,6 @@ def test_rollout_main_writes_png(tmp_path, capsys):
 
 
 def test_rollout_main_from_save_pretrained_dir(tmp_path, capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("zoo.hub") is None:
-        pytest.skip("zoo.hub (save_pretrained) is not written yet")
     torch.manual_seed(0)
     model = zoo.create_model("vit_debug")
     zoo.save_pretrained(model, tmp_path / "released")
