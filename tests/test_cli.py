@@ -545,3 +545,46 @@ def test_eval_takes_the_trainer_settings_it_can_honour(monkeypatch):
     assert made[-1].num_test_batches == [8]  # 360 test images, all of them
     with pytest.raises(ValueError, match="trainer.devices: zoo eval evaluates on one device"):
         run.evaluate(checkpoint, ["trainer.devices=2"])
+
+
+def test_predict_reads_folders_as_image_folder_does(tmp_path, capsys):
+    """zoo predict input=<folder> listed files with rglob: images in symlinked folders were silently left out
+    (torchvision's ImageFolder, which zoo eval and training use, follows them), and a folder named x.png stopped
+    the run as an unreadable image. Empty input= classified everything under the working directory."""
+    from PIL import Image
+
+    ckpt = Path(zoo.__file__).resolve().parents[1] / "checkpoints" / "vit_digits"
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "data" / "a" / "one.png")
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(tmp_path / "elsewhere" / "two.png")
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)  # a loop ends
+    (tmp_path / "data" / "dir.png").mkdir()
+    results = run.predict(ckpt, [str(tmp_path / "data")])
+    assert sorted(Path(r["input"]).name for r in results) == ["one.png", "two.png"]
+    for bad, message in (("input=", "input= is empty"), ("input= ", "input= is empty")):
+        assert cli.main(["predict", f"ckpt={ckpt}", bad]) == 1
+        assert message in capsys.readouterr().err
+    assert cli.main(["predict", "ckpt=", "input=digits:0"]) == 1
+    assert "ckpt= is empty" in capsys.readouterr().err
+
+
+def test_oversized_images_and_bad_devices_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """A file over Pillow's pixel limit (DecompressionBombError, not an OSError) and device=foo / device=cuda on a
+    machine without one ended in tracebacks."""
+    from PIL import Image
+
+    ckpt = Path(zoo.__file__).resolve().parents[1] / "checkpoints" / "vit_digits"
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels is then past twice the limit
+    assert cli.main(["predict", f"ckpt={ckpt}", f"input={tmp_path / 'big.png'}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "larger than Pillow's limit for one image" in err.splitlines()[0]
+    monkeypatch.undo()
+    for device, message in (("foo", "device='foo' is not a device"), ("cuda:7", "no such CUDA device here")):
+        for kind in ("rollout", "maxvit", "agent"):
+            assert cli.main(["viz", kind, f"ckpt={ckpt.parent / ('vit_digits' if kind == 'rollout' else kind + '_digits')}",
+                             f"device={device}", f"out={tmp_path / 'x.png'}"]) == 2
+            err = capsys.readouterr().err
+            assert "Traceback" not in err and message in err.splitlines()[0], (kind, err)

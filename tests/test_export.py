@@ -136,8 +136,17 @@ def test_too_large_for_one_onnx_file_is_refused_before_building():
 
 
 def test_dynamo_exporter_agent_deit(tmp_path):
+    import onnx
+
     result = export_onnx("agent_deit_debug", tmp_path / "agent.onnx", exporter="dynamo")
     assert result.path.is_file() and result.max_abs_diff <= 1e-4
+    # the opset reported is the one written (dynamo writes 18 and newer: a request for 14-17 got 18 and was reported
+    # as 14-17; it is now refused with the exporter that writes it)
+    written = {entry.domain or "ai.onnx": entry.version for entry in onnx.load(str(result.path)).opset_import}
+    assert result.opset == written["ai.onnx"] == 18
+    with pytest.raises(ValueError, match=r"opset must be an int from 18 \(the oldest the dynamo exporter writes; "
+                                         r"exporter=torchscript writes 14-17\)"):
+        export_onnx("agent_deit_debug", None, exporter="dynamo", opset=14)
 
 
 def test_cli_writes_file_with_metadata(tmp_path, capsys):

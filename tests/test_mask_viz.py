@@ -80,3 +80,15 @@ def test_cli_and_errors(tmp_path, capsys):
         out = [] if any(a.startswith("out=") for a in argv) else [f"out={tmp_path / 'x.png'}"]
         assert mask_main(list(argv) + out) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_pictures_too_large_to_draw_are_refused_before_any_work(tmp_path):
+    """n=100000 block=1 asked for 10**10 tiles and failed after minutes with an 80 GB allocation error (n=1000000
+    with the default block took 16 GB): refused at once, naming a block that works."""
+    from zoo.mask_viz import draw_mask
+
+    with pytest.raises(ValueError, match=r"is 10,000,000,000 tiles, more than a picture can show .*block=25 or more"):
+        draw_mask(Causal(), 100_000, 100_000, 1, str(tmp_path / "m.png"))
+    with pytest.raises(ValueError, match="tokens=on draws all 10000 x 10000 token pairs"):
+        draw_mask(Causal(), 10_000, 10_000, 64, str(tmp_path / "m.png"), tokens="on")
+    assert not (tmp_path / "m.png").exists()

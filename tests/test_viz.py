@@ -182,3 +182,47 @@ def test_picture_commands_name_their_problems(tmp_path, capsys, monkeypatch):
     model = zoo.create_model("vit_debug", dynamic_img_size=True, dynamic_img_pad=True).eval()
     _, maps = viz.compute_rollout(model, torch.randn(1, 3, 36, 36))
     assert maps.shape == (1, 5, 5)  # 36 / 8 rounded up: the padded grid
+
+
+def test_pictures_of_a_training_checkpoint_use_what_it_evaluates(tmp_path):
+    """zoo viz on a zoo train .ckpt drew the raw weights (not the EMA average zoo eval / predict use and zoo train
+    releases) normalised with the registry's mean/std (not the run's data.mean / data.std); zoo export of the .ckpt
+    wrote the registry's mean/std into the ONNX metadata too (load_for_inference)."""
+    from conftest import FAST_RUN
+    from zoo.train import run
+
+    result = run.train(run.compose([*FAST_RUN, f"run_dir={tmp_path / 'run'}", "test=false", "export=false",
+                                    "task.ema_decay=0.5", "data.mean=[0.2]", "data.std=[0.3]"]))
+    ckpt = result["last_ckpt"]
+    drawn = viz.load_model(ckpt)
+    evaluated, _ = run.load_for_inference(ckpt)
+    for key, value in evaluated.state_dict().items():
+        torch.testing.assert_close(drawn.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert drawn.pretrained_cfg["mean"] == evaluated.pretrained_cfg["mean"] == (0.2,)
+    assert drawn.pretrained_cfg["std"] == evaluated.pretrained_cfg["std"] == (0.3,)
+    stored = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not torch.equal(stored["model.head.weight"], stored["model_ema.module.head.weight"])  # the EMA differs
+
+
+def test_image_files_are_read_as_zoo_predict_reads_them(tmp_path):
+    """zoo viz read files with its own loader: a 16-bit PNG clipped to 0/1 (convert("L")), a non-square image
+    stretched. It now uses the evaluation split's reading and preprocessing (read_image, resize + centre crop)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from zoo.tasks.vision.data import load_image_file
+
+    model = zoo.create_model("vit_digits", pretrained=True)
+    digit = load_digits().images[3] / 16.0
+    Image.fromarray(np.round(digit * 255).astype(np.uint8)).save(tmp_path / "d8.png")
+    Image.fromarray(np.round(digit * 65535).astype(np.uint16)).save(tmp_path / "d16.png")
+    x8, display8, _ = viz.load_image(str(tmp_path / "d8.png"), model)
+    x16, display16, _ = viz.load_image(str(tmp_path / "d16.png"), model)
+    torch.testing.assert_close(x16, x8, rtol=0, atol=2.01 / 255 / 0.5)  # the same picture, one 8-bit step apart
+    assert display16.min() >= 0 and display16.max() <= 1 and np.abs(display16 - display8).max() <= 2.01 / 255
+    wide = np.zeros((48, 64), dtype=np.uint8)
+    wide[:, 8:56] = np.kron(np.round(digit * 255).astype(np.uint8), np.ones((6, 6), dtype=np.uint8))
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    cfg = model.pretrained_cfg
+    want = load_image_file(tmp_path / "wide.png", 8, 1, cfg["mean"], cfg["std"])[None]
+    torch.testing.assert_close(viz.load_image(str(tmp_path / "wide.png"), model)[0], want)

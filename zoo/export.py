@@ -1,6 +1,6 @@
 """ONNX export of zoo vision models, checked against onnxruntime.
 
-    zoo export model=<registered name> out=model.onnx [img_size=224|HxW] [batch=1] [opset=17]
+    zoo export model=<registered name> out=model.onnx [img_size=224|HxW] [batch=1] [opset=17 (18 with exporter=dynamo)]
                [exporter=torchscript|dynamo] [check=true] [atol=1e-4] [num_classes=K]
     zoo export ckpt=<dir written by zoo.save_pretrained | zoo train's .ckpt> out=model.onnx [...]
     zoo export model=<registered name> ckpt=<bare weights: .safetensors / .pth> out=model.onnx [...]
@@ -231,7 +231,7 @@ def export_onnx(
     ckpt: Optional[str] = None,
     img_size: Union[int, Sequence[int], str, None] = None,
     batch_size: int = 1,
-    opset: int = 17,
+    opset: Optional[int] = None,
     exporter: str = "torchscript",
     check: bool = True,
     atol: float = 1e-4,
@@ -246,7 +246,8 @@ def export_onnx(
         ckpt: a checkpoint directory/file written by :func:`zoo.save_pretrained` (instead of ``model``).
         img_size: H or (H, W) to export at; default the model's native size.
         batch_size: batch of the traced example (the graph's batch dimension is dynamic).
-        opset: ONNX opset (>= 14).
+        opset: ONNX opset; default 17 for the TorchScript exporter (14 and newer), 18 for dynamo (18 and newer:
+            torch's dynamo exporter writes no older opset).
         exporter: "torchscript" (default) or "dynamo" (see module docstring).
         check: run onnxruntime on a fresh input (batch ``batch_size + 1``) and compare with PyTorch.
         atol: allowed difference for the check, relative to max(1, largest |output|).
@@ -256,8 +257,13 @@ def export_onnx(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     max_opset = _max_opset(exporter)
-    if not isinstance(opset, int) or isinstance(opset, bool) or not 14 <= opset <= max_opset:
-        raise ValueError(f"opset must be an int from 14 (attention needs it) to {max_opset} (the newest the "
+    min_opset = 18 if exporter == "dynamo" else 14  # dynamo: it wrote opset 18 when asked for 14-17, and said 14-17
+    if opset is None:
+        opset = max(17, min_opset)
+    if not isinstance(opset, int) or isinstance(opset, bool) or not min_opset <= opset <= max_opset:
+        why = ("the oldest the dynamo exporter writes; exporter=torchscript writes 14-17" if exporter == "dynamo"
+               else "attention needs it")
+        raise ValueError(f"opset must be an int from {min_opset} ({why}) to {max_opset} (the newest the "
                          f"{exporter} exporter of this torch writes), got {opset!r}")
     if not isinstance(check, bool):
         raise TypeError(f"check must be True or False, got {check!r}")
@@ -404,7 +410,7 @@ def _run_exporter(net: nn.Module, example: torch.Tensor, exporter: str, opset: i
         forward_arg = next(iter(__import__("inspect").signature(net.forward).parameters))
         program = torch.onnx.export(
             net, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes={forward_arg: {0: torch.export.Dim("batch")}}, opset_version=max(opset, 18),
+            dynamic_shapes={forward_arg: {0: torch.export.Dim("batch")}}, opset_version=opset,
             verbose=False,
         )
         return program.model_proto

@@ -860,6 +860,22 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
     return model
 
 
+def apply_training_preprocessing(model: nn.Module, data_info: Optional[Mapping[str, Any]]) -> nn.Module:
+    """Write the normalisation a checkpoint was trained with (``zoo train``'s record: mean, std) into the model's
+    ``pretrained_cfg``, so that timm's data pipeline and the zoo's exporters and pictures use it rather than the
+    registry's defaults (a model rebuilt from a .ckpt carries its name's defaults). Released directories get the
+    same from their config.json (:func:`load_pretrained_into`)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict) or not data_info:
+        return model
+    channels = (cfg.get("input_size") or (None,))[0]
+    for key in ("mean", "std"):
+        values = data_info.get(key)
+        if isinstance(values, (list, tuple)) and values and (channels is None or len(values) == channels):
+            cfg[key] = tuple(float(v) for v in values)
+    return model
+
+
 def _statistics_per_channel(cfg: dict, channels: Optional[int], in_chans_given: bool, path) -> None:
     """The checkpoint's normalisation (``cfg`` mean / std, from its config.json) for a model of ``channels`` input
     channels. Built with another ``in_chans`` than the checkpoint's, its first convolution was adapted

@@ -17,6 +17,7 @@ gives the tile counts and the kept-tile fraction, the share of a dense kernel's 
 """
 from __future__ import annotations
 
+import math
 import textwrap
 from typing import Optional, Sequence
 
@@ -31,6 +32,8 @@ USAGE = (__doc__ or "").split("\n\n")[1]
 KEYS = ("mask", "n", "block", "tokens", "out", "left", "right", "chunk", "lengths", "frames", "tokens_per_frame",
         "decay", "sink", "text")
 #: Above this many tokens the token-level panel is left out unless tokens=on.
+MAX_TILES = 4096 * 4096  # tiles of the block-map panel, and token pairs of tokens=on (8192 x 8192): more than
+TOKEN_CELLS_MAX = 8192 * 8192  # any figure resolves, and about 100 MB to draw rather than tens of gigabytes
 TOKEN_PANEL_MAX = 4096
 _KIND_KEYS = {
     "causal": (),
@@ -114,6 +117,13 @@ def draw_mask(mask: Mask, q_len: int, k_len: int, block: int, out: str, tokens: 
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
+    tiles = math.ceil(q_len / block) * math.ceil(k_len / block)
+    if tiles > MAX_TILES:  # n=100000 block=1 asked for 10**10 tiles: an 80 GB allocation error after minutes
+        raise ValueError(f"{q_len} x {k_len} tokens at block={block} is {tiles:,} tiles, more than a picture can show "
+                         f"({MAX_TILES:,}); give a larger block (block={math.ceil(max(q_len, k_len) / 4096)} or more)")
+    if tokens == "on" and q_len * k_len > TOKEN_CELLS_MAX:
+        raise ValueError(f"tokens=on draws all {q_len} x {k_len} token pairs, more than {TOKEN_CELLS_MAX:,}; use "
+                         f"tokens=off")
     plt = pyplot()
     path = png_path(out)
     states = mask.block_map(q_len, k_len, block, block).states[0, 0].cpu()

@@ -44,6 +44,22 @@ def int_arg(args: dict[str, str], key: str, default: Optional[int]) -> Optional[
         raise ValueError(f"{key}={value!r} is not an integer") from None
 
 
+def device_arg(args: dict[str, str]) -> torch.device:
+    """``device=`` of a viz command (default cpu) as a torch.device that exists here; a ValueError naming the
+    problem otherwise (torch's RuntimeError for "foo", or "cuda" without a GPU, surfaced as a traceback)."""
+    text = args.get("device", "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={text!r} is not a device (cpu, cuda, cuda:0, mps, ...)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={text}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={text}: MPS is not available here")
+    return device
+
+
 def png_path(out: str) -> Path:
     """The output path, checked to end in .png, with its folder created."""
     path = Path(out)

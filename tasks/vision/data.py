@@ -590,8 +590,13 @@ def read_image(path: str | os.PathLike):
             picture = image.copy()
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not an image file") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path} is not a readable image: {error}") from None
+    except Image.DecompressionBombError as error:  # a plain Exception, not an OSError
+        raise ValueError(f"{path} is larger than Pillow's limit for one image ({error}); raise PIL.Image."
+                         f"MAX_IMAGE_PIXELS in your own code if the file is trusted, or shrink it") from None
     if picture.mode.startswith("I") or picture.mode == "F":
         values = np.asarray(picture, dtype=np.float64)
         if picture.mode == "F":

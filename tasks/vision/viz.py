@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from zoo.attention import capture_attention
 from zoo.plotting import (
+    device_arg,
     parse_key_values,
     png_path,
     prediction_summary,
@@ -162,9 +163,11 @@ def _load_lightning_ckpt(path: Path, model_name: Optional[str]) -> nn.Module:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
             break
-    else:  # keep only the model's keys (drop e.g. EMA copies or loss modules)
-        if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    else:  # the model's keys: the EMA average when zoo train kept one (what it evaluates and releases), else the
+        # raw weights (drop e.g. loss modules)
+        prefix = "model_ema.module." if any(k.startswith("model_ema.module.") for k in state) else "model."
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     spec = (model_name, {}) if model_name else _find_model_spec(ckpt.get("hyper_parameters", {}))
     if spec is None:
         raise ValueError(f"{path}: cannot tell which model this checkpoint holds; pass model=<registered name>")
@@ -174,7 +177,9 @@ def _load_lightning_ckpt(path: Path, model_name: Optional[str]) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(f"{path}: weights do not fit {name} {args}: {error}") from error
-    return model
+    from zoo.hub import apply_training_preprocessing
+
+    return apply_training_preprocessing(model, (ckpt.get("hyper_parameters") or {}).get("data_info"))
 
 
 def load_model(ckpt: str, model_name: Optional[str] = None) -> nn.Module:
@@ -212,9 +217,10 @@ def _model_cfg(model: nn.Module) -> dict:
 def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, Optional[int]]:
     """Image ``spec`` ("digits:<index>" or a file) -> (normalised (1, C, H, W) input, display image in [0, 1], label).
 
-    The image is resized to the model's native image size (bilinear for the 8x8 digits, bicubic for files) and
-    normalised with the model's mean/std. Any zoo vision model (ViT and Agent-DeiT: its patch embedding's size;
-    MaxViT: ``img_size``).
+    The 8x8 digits are upsampled (bilinear) to the model's native image size; a file is read and preprocessed as
+    ``zoo predict`` and the evaluation split do (``load_image_file``: short side resized, centre crop). Both are
+    normalised with the model's mean/std (a .ckpt's: the run's, see ``load_model``). Any zoo vision model (ViT and
+    Agent-DeiT: its patch embedding's size; MaxViT: ``img_size``).
     """
     if not (hasattr(model, "patch_embed") or hasattr(model, "img_size")) or not hasattr(model, "in_chans"):
         name = getattr(model, "zoo_model_name", type(model).__name__)
@@ -237,19 +243,19 @@ def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, O
         label = int(digits.target[index])
         mode = "bilinear"
     else:
+        # a file: read and preprocessed as zoo predict and the evaluation split do (read_image: 16-bit and float
+        # images scaled, palette/alpha handled; resize of the short side and centre crop, not a stretch)
+        from zoo.tasks.vision.data import load_image_file
+
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"image file {path} does not exist")
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if chans == 1 else "RGB")
-                array = np.asarray(im, dtype=np.float32) / 255.0
-        except OSError as error:
-            raise ValueError(f"cannot read image {path}: {error}") from error
-        pixels = torch.from_numpy(array).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)[None]
-        mode = "bicubic"
+        cfg = _model_cfg(model)
+        size = height if height == width else (height, width)
+        x = load_image_file(path, size, chans, cfg["mean"], cfg["std"])[None]
+        mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        return x, (x * std + mean).clamp(0.0, 1.0)[0].permute(1, 2, 0).numpy().copy(), None
     if pixels.shape[1] != chans:
         pixels = pixels.mean(dim=1, keepdim=True).expand(1, chans, *pixels.shape[-2:])
     if pixels.shape[-2:] != (height, width):
@@ -326,9 +332,10 @@ def rollout_main(argv: Optional[Sequence[str]] = None) -> int:
 def _draw_rollout(argv: list[str]) -> dict:
     args = _parse(argv)
     model = load_model(args["ckpt"], args.get("model"))
-    model.to(args.get("device", "cpu"))
+    device = device_arg(args)
+    model.to(device)
     x, display, label = load_image(args.get("image", "digits:0"), model)
-    logits, maps = compute_rollout(model, x.to(args.get("device", "cpu")), args.get("head_fusion", "mean"))
+    logits, maps = compute_rollout(model, x.to(device), args.get("head_fusion", "mean"))
     title, pred, prob = prediction_title(logits, label)
     path = save_rollout_png(args.get("out", "rollout.png"), display, maps[0].cpu().numpy(), title)
     return prediction_summary(path, pred, prob, label)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from zoo.attention import capture_attention
 from zoo.plotting import (
+    device_arg,
     int_arg,
     parse_key_values,
     png_path,
@@ -157,7 +158,7 @@ def _draw_agent(argv: list[str]) -> dict:
     else:
         model = zoo.create_model(args["model"])
         untrained = True
-    device = args.get("device", "cpu")
+    device = device_arg(args)
     model.to(device)
     x, display, label = load_image(args.get("image", "digits:0"), model)
     logits, maps, grid = agent_maps(model, x.to(device), int_arg(args, "layer", -1), int_arg(args, "head", None))

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from zoo.attention import capture_attention
 from zoo.plotting import (
+    device_arg,
     int_arg,
     parse_key_values,
     png_path,
@@ -211,7 +212,7 @@ def _draw_maxvit(argv: list[str]) -> dict:
     from zoo.tasks.vision.viz import load_image
 
     args = _parse(argv)
-    device = args.get("device", "cpu")
+    device = device_arg(args)
     model = _load(args).to(device)
     x, display, label = load_image(args.get("image", "digits:0"), model)
     query = None

@@ -709,6 +709,8 @@ def _resolve_source(ckpt: str | os.PathLike) -> Path:
     repository id in the local cache resolved to its snapshot (zoo.hub); FileNotFoundError when none exists."""
     from zoo.hub import _looks_like_repo_id, _resolve_pretrained
 
+    if not str(ckpt).strip():
+        raise ValueError("ckpt= is empty: give a .ckpt file from zoo train or a released directory")
     path = Path(ckpt).expanduser()
     if not path.exists() and (path.suffix == ".ckpt" or not _looks_like_repo_id(str(ckpt))):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -881,6 +883,10 @@ def load_for_inference(ckpt: str | os.PathLike):
     if not info:
         data = cfg.get("data") or {}
         info = {k: data.get(k) for k in ("img_size", "in_chans", "mean", "std")}
+    if state is not None:  # a .ckpt: the model carries its name's defaults; the run's normalisation goes with it
+        from zoo.hub import apply_training_preprocessing
+
+        apply_training_preprocessing(model, info)
     return model.eval(), info
 
 
@@ -920,15 +926,35 @@ def _collect_inputs(spec: str) -> list[tuple[str, Any]]:
 
     if spec.startswith("digits:"):
         return [(spec, "digits")]
+    if not spec.strip():  # Path("") is the current directory: every image under it, silently
+        raise ValueError("input= is empty: give an image file, a folder of images, or digits:<index>")
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = _image_files(path, IMAGE_EXTENSIONS)
         if not files:
             raise FileNotFoundError(f"input folder {path} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
         return [(str(p), p) for p in files]
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist (give an image file, a folder of images, or digits:<index>)")
     return [(str(path), path)]
+
+
+def _image_files(folder: Path, extensions) -> list[Path]:
+    """The image files under ``folder``, as torchvision's ImageFolder (zoo eval data=image_folder, training) finds
+    them: os.walk following symlinked folders (each real folder once, so a symlink loop ends), regular files with an
+    image extension only (a folder named x.png is not one), sorted. rglob did not follow linked folders, so their
+    images were silently left out."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        files += [Path(root) / name for name in names
+                  if Path(name).suffix.lower() in extensions and os.path.isfile(os.path.join(root, name))]
+    return sorted(files)
 
 
 def _digits_image(spec: str, img_size: int, in_chans: int, mean, std) -> torch.Tensor:
