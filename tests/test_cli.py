@@ -173,6 +173,14 @@ def test_predict_on_a_timm_hub_export_uses_timms_evaluation_transform(tmp_path, 
     assert got == pytest.approx(dict(zip(["ant", "bee", "cat"], want.tolist())), abs=1e-6)
     assert cli.main(["predict", f"ckpt={tmp_path / 'export'}", f"input={tmp_path / 'photo.png'}", "topk=1"]) == 0
     assert max(got, key=got.get) in capsys.readouterr().out
+    # digits:N goes through the same transform, as that digit saved as an 8-bit picture (it skipped the transform)
+    from sklearn.datasets import load_digits
+
+    digit = Image.fromarray((load_digits().images[7] * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
+    with torch.no_grad():
+        want = peer(transform(digit.convert("RGB"))[None]).softmax(-1)[0]
+    (result,) = run.predict(tmp_path / "export", ["digits:7"], topk=3)
+    assert dict(result["top"]) == pytest.approx(dict(zip(["ant", "bee", "cat"], want.tolist())), abs=1e-6)
     # an ImageNet head without label names in its config: timm's ImageNet class descriptions, as timm's inference
     imagenet = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=1000, depth=1).eval()
     save_for_hf(imagenet, str(tmp_path / "in1k"), safe_serialization=True)

@@ -304,3 +304,22 @@ def test_training_checkpoints_and_bare_weights_export(tmp_path, capsys):
     assert main(["model=vit_digits", f"ckpt={weights}", f"out={tmp_path / 'bare.onnx'}"]) == 0
     assert main(["model=vit_digits", f"ckpt={tmp_path / 'run' / 'released'}"]) == 2  # a directory goes alone
     assert "model=<name> ckpt=<file.safetensors>" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_exporting(tmp_path, monkeypatch):
+    """An unwritable out= failed after the whole export and onnxruntime check, naming a temporary file beside it
+    ('/proc/.x.onnx.q_kpeyl5.tmp') or only the file in the way of its folder; zoo viz did the same after drawing."""
+    from zoo import export as zexport
+    from zoo.plotting import png_path
+
+    (tmp_path / "file.txt").write_text("")
+    calls = []
+    monkeypatch.setattr(zexport, "_export_proto", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match=r"out='.*file.txt/x.onnx': .*file.txt is a file, so no folder can be made"):
+        export_onnx("vit_debug", tmp_path / "file.txt" / "x.onnx")
+    with pytest.raises(ValueError, match=r"out='/proc/x.onnx': cannot write in /proc"):
+        export_onnx("vit_debug", "/proc/x.onnx")
+    assert calls == []  # refused before exporting
+    with pytest.raises(ValueError, match=r"out='/proc/x.png': cannot write in /proc"):
+        png_path("/proc/x.png")
+    assert png_path(str(tmp_path / "new" / "a.png")).parent.is_dir()

@@ -275,6 +275,10 @@ def export_onnx(
         raise ValueError(f"output file must end in .onnx, got {str(out)!r}")
     if out is not None and Path(out).is_dir():
         raise ValueError(f"output {str(out)!r} is a directory; pass a file path ending in .onnx")
+    if out is not None:
+        from zoo.hub import writable_output
+
+        writable_output(out)  # before the export and its check, which take a while
     net = None
     if ckpt is not None and img_size is not None and "img_size" not in create_kwargs:
         # A checkpoint at another size: the network it is, run at that size, when it runs there (MaxViT and

@@ -108,6 +108,27 @@ def _staged_file(directory: Path, name: str, write) -> Path:
     return Path(tmp)
 
 
+def writable_output(path: str | os.PathLike, what: str = "out") -> Path:
+    """``path`` as an output file whose folder exists (created) and can be written, checked before any work: an
+    unwritable place failed at the end of a long export, naming a temporary file beside it (/proc/.x.onnx.tmp) or
+    a file in the way of a folder. A ValueError naming the path given otherwise."""
+    path = Path(path).expanduser()
+    folder = path.parent
+    blocker = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"{what}={str(path)!r}: {blocker} is a file, so no folder can be made there")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{what}={str(path)!r}: cannot create its folder {folder} ({error.strerror})") from None
+    try:  # a real write: os.access says yes to root on read-only or special file systems (/proc, /sys)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{what}={str(path)!r}: cannot write in {folder} ({error.strerror})") from None
+    return path
+
+
 def atomic_write(path: Path, write) -> None:
     """Write ``path`` through a staged temporary file beside it and ``os.replace`` (atomic on POSIX): readers
     see the old file or the whole new one (zoo export's ONNX files)."""

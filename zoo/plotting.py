@@ -61,12 +61,13 @@ def device_arg(args: dict[str, str]) -> torch.device:
 
 
 def png_path(out: str) -> Path:
-    """The output path, checked to end in .png, with its folder created."""
-    path = Path(out)
-    if path.suffix.lower() != ".png":
+    """The output path, checked to end in .png and to be writable, with its folder created (before the picture is
+    computed)."""
+    from zoo.hub import writable_output
+
+    if Path(out).suffix.lower() != ".png":
         raise ValueError(f"out={out!r}: the picture is written as PNG; use a .png file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return writable_output(out)
 
 
 def pyplot():

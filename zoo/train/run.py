@@ -957,7 +957,10 @@ def _image_files(folder: Path, extensions) -> list[Path]:
     return sorted(files)
 
 
-def _digits_image(spec: str, img_size: int, in_chans: int, mean, std) -> torch.Tensor:
+def _digits_image(spec: str, img_size: int, in_chans: int, mean, std, transform=None) -> torch.Tensor:
+    """The digit ``digits:<index>`` as the model's input: upsampled as the digits experiments train, or, for a model
+    preprocessed by timm's evaluation transform (``transform``), as an 8-bit picture through that transform, as if
+    the digit were an image file (it skipped the transform: another resize, no crop, other statistics)."""
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
@@ -968,6 +971,11 @@ def _digits_image(spec: str, img_size: int, in_chans: int, mean, std) -> torch.T
         raise ValueError(f"input={spec!r}: expected digits:<index>") from None
     if not 0 <= index < len(images):
         raise ValueError(f"input={spec!r}: index out of range 0..{len(images) - 1}")
+    if transform is not None:
+        from PIL import Image
+
+        picture = Image.fromarray((images[index] * (255.0 / 16.0)).round().astype("uint8"), mode="L")
+        return transform(picture.convert("L" if in_chans == 1 else "RGB"))
     x = torch.tensor(images[index], dtype=torch.float32)[None, None] / 16.0
     if x.shape[-1] != img_size:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -1017,7 +1025,7 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch
             raise ValueError(f"{ckpt}: zoo predict resizes to square inputs; this model takes {height} x {width}")
         transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=info["data_config"]))
     tensors = [
-        _digits_image(label, img_size, in_chans, mean, std) if source == "digits"
+        _digits_image(label, img_size, in_chans, mean, std, transform) if source == "digits"
         else load_image_file(source, img_size, in_chans, mean, std, transform=transform)
         for label, source in items
     ]
