@@ -758,3 +758,23 @@ def test_segment_functions_share_argument_names():
     index = torch.tensor([0, 0, 1, 1, 2, 2])
     torch.testing.assert_close(segment_softmax_weighted_sum(scores=scores, values=values, index=index, num_segments=3),
                                segment_softmax_weighted_sum(scores, values, index, 3))
+
+
+def test_a_graph_without_edges_gives_every_network_a_zero_gradient_as_pyg():
+    """No edges: PyG runs pos_nn / attn_nn / lin_src / lin_dst on zero edges, so their parameters get zero
+    gradients; ours returned a sum over nothing attached to lin only, leaving the others with .grad None, which
+    optimizers skip (no momentum step, no weight decay): training then drifted from PyG's."""
+    torch.manual_seed(0)
+    peer = pyg_nn.PointTransformerConv(6, 5, pos_nn=nn.Sequential(nn.Linear(3, 5), nn.ReLU()),
+                                       attn_nn=nn.Linear(5, 5), add_self_loops=False)
+    ours = vector.PointTransformerConv(6, 5, pos_nn=copy.deepcopy(peer.pos_nn), attn_nn=copy.deepcopy(peer.attn_nn),
+                                       add_self_loops=False)
+    ours.load_state_dict(peer.state_dict())
+    x, pos, no_edges = torch.randn(4, 6), torch.randn(4, 3), torch.zeros(2, 0, dtype=torch.long)
+    for layer in (peer, ours):
+        layer.zero_grad(set_to_none=True)
+        layer(x, pos, no_edges).sum().backward()
+    for (name, p_peer), (_, p_ours) in zip(peer.named_parameters(), ours.named_parameters()):
+        assert (p_peer.grad is None) == (p_ours.grad is None), name
+        if p_peer.grad is not None:
+            torch.testing.assert_close(p_ours.grad, p_peer.grad, msg=name)

@@ -33,7 +33,8 @@ rest in backward. Gradients are exact (same formulas autograd would produce, reo
 
 CPU execution: the destination blocks are split into T contiguous groups (T = torch.get_num_threads())
 run by T Python threads with single-threaded torch ops (:func:`_run_blocks`); the groups write disjoint
-output rows, share the source-gradient buffer under a lock, and return small partials.
+output rows and return partials (the source-row gradient and the parameter gradients) summed in group order, so
+results do not depend on thread timing (bitwise the same from run to run at a given thread count).
 
 Dropout on the attention coefficients is given as an explicit boolean keep-mask [E, H] (in CSR order),
 so the fused path and the reference can be run with the same mask; the mask is the only [E, H]-sized
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -713,8 +713,6 @@ class _GATv2Attention(torch.autograd.Function):
         fused_dst = xd_NHC is None
         gxd = None if fused_dst else torch.zeros(xd_NHC.shape, dtype=cdt, device=dev)
         gx_dst = torch.zeros(x_dst.shape, dtype=cdt, device=dev) if fused_dst else None
-        gxs = torch.zeros(xs_NHC.shape, dtype=cdt, device=dev)
-        gxs_lock = threading.Lock()  # the block groups share gxs (one [Ns, H, C] buffer, not one per thread)
         has_edge = ea_ED is not None
         gea = torch.zeros(ea_ED.shape, dtype=cdt, device=dev) if has_edge and ctx.needs_input_grad[6] else None
         kscale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
@@ -722,8 +720,11 @@ class _GATv2Attention(torch.autograd.Function):
         w_dst_c = w_dst.to(cdt) if fused_dst else None
 
         def worker(blocks):
-            # gxd / gx_dst / gea rows are disjoint between groups; gxs is shared (locked); the parameter
-            # gradients (att, W_e, w_dst, b_dst) are per-group partials summed afterwards
+            # gxd / gx_dst / gea rows are disjoint between groups; gxs (source rows, which every group touches)
+            # and the parameter gradients (att, W_e, w_dst, b_dst) are per-group partials summed afterwards in
+            # group order: the result does not depend on which thread finishes first (one [Ns, H, C] buffer
+            # shared under a lock summed in lock order, and gradients changed from run to run with 2 threads)
+            gxs = torch.zeros(xs_NHC.shape, dtype=cdt, device=dev)
             gatt_HF = torch.zeros(H, H * C, dtype=cdt, device=dev)  # diagonal blocks are dL/d att
             gwe = torch.zeros(we_FD.shape, dtype=cdt, device=dev) if has_edge else None
             gw_dst = torch.zeros(w_dst.shape, dtype=cdt, device=dev) if fused_dst else None
@@ -767,9 +768,8 @@ class _GATv2Attention(torch.autograd.Function):
                         gea[e0:e1] = dz_cF @ we_c
                 dz.addcmul_(g_c, a_eff[..., None])  # + the value path: alpha_eff * g_i
                 del g_c
-                with gxs_lock:
-                    _add_rows_(gxs, col, dz)
-            return gatt_HF, gwe, gw_dst, gb_dst
+                _add_rows_(gxs, col, dz)
+            return gxs, gatt_HF, gwe, gw_dst, gb_dst
 
         parts = _run_blocks(worker, csr.blocks(ctx.chunk // max(1, H * C)), dev, H * C)
         total = list(parts[0])
@@ -777,7 +777,7 @@ class _GATv2Attention(torch.autograd.Function):
             for i, value in enumerate(part):
                 if value is not None:
                     total[i] += value
-        gatt_HF, gwe, gw_dst, gb_dst = total
+        gxs, gatt_HF, gwe, gw_dst, gb_dst = total
         gatt = gatt_HF.view(H, H, C).diagonal(dim1=0, dim2=1).t()
         cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
         return (

@@ -272,8 +272,12 @@ class PointTransformerConv(CachedGraphLayer):
     def _blockwise(self, graph: GraphStructure, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst) -> Tensor:
         csr = graph.csr.to(v_NC.device)
         num_dst, channels = csr.num_dst, v_NC.size(1)
-        if csr.num_edges == 0:  # no edge: PyG's sum over nothing (zeros, still attached to the autograd graph)
-            return v_NC[:0].sum(0).expand(num_dst, channels).clone()
+        if csr.num_edges == 0:
+            # no edge: PyG's message over zero edges -- zeros, attached to the autograd graph through every network
+            # PyG runs (pos_nn, attn_nn, lin, lin_src, lin_dst), so each gets a zero gradient as in PyG, not None
+            # (optimizers skip a None-gradient parameter: no momentum step, no weight decay)
+            scores, values = self._scores_and_values(pos_dst[:0] - pos_src[:0], a_dst_NC[:0], a_src_NC[:0], v_NC[:0])
+            return (scores.sum(0) * 0 + values.sum(0)).expand(num_dst, channels).clone()
         # one block: under batch statistics (they must see every edge, as in PyG) and under torch.compile /
         # export (a Python loop over blocks would be unrolled into the graph)
         # and when training without recompute (every block's intermediates would be kept anyway)
