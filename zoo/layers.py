@@ -58,18 +58,36 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+
+_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process (any optimizer), for weights_stamp
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+# every torch.optim optimizer's step() runs the global post-hooks, fused ones included: AdamW(fused=True) changes
+# the weights in place without bumping their version counters, so caches keyed on those alone went stale
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def weights_stamp(*tensors: Optional[torch.Tensor]) -> tuple:
     """What a cache derived from module weights (resized bias tables, projected position tables) is keyed on.
 
-    For each tensor its identity, storage address and version counter: an optimizer step, ``load_state_dict``,
-    ``p.data = t`` or ``torch.nn.utils.vector_to_parameters`` changes one of them. A cache entry should keep the
-    tensors alive, so that a replaced weight's id and address cannot be reused by its successor. Values changed
-    in place through ``.data`` (``p.data.mul_(m)``) bump no counter and are not seen: edit weights under
-    ``torch.no_grad()`` (``p.mul_(m)``). A cache that may serve grad-mode calls also keys its entries on
+    The count of optimizer steps taken in this process (any torch.optim optimizer, fused ones included, which
+    update in place without a version bump), and for each tensor its identity, storage address and version
+    counter: ``load_state_dict``, ``p.data = t``, ``torch.nn.utils.vector_to_parameters`` or an in-place edit under
+    ``torch.no_grad()`` changes one of them. A cache entry should keep the tensors alive, so that a replaced weight's
+    id and address cannot be reused by its successor. Values changed in place through ``.data``
+    (``p.data.mul_(m)``) bump no counter and are not seen: edit weights under ``torch.no_grad()`` (``p.mul_(m)``).
+    Weights made under ``torch.inference_mode()`` have no version counter: their in-place edits (possible only
+    inside inference mode) are not seen either. A cache that may serve grad-mode calls also keys its entries on
     ``torch.is_inference_mode_enabled()``: what is built under ``torch.inference_mode()`` (Lightning's
     validation) cannot be saved for a later backward.
     """
-    return tuple((id(t), t.data_ptr(), t._version) for t in tensors if t is not None)
+    return (_OPTIMIZER_STEPS[0],) + tuple(
+        (id(t), t.data_ptr(), None if t.is_inference() else t._version) for t in tensors if t is not None)
 
 
 def refuse_double_backward(what: str, instead: str) -> None:
@@ -201,10 +219,12 @@ def new_linear_head(in_features: int, num_classes: int, like: torch.Tensor, trai
 
 
 def is_tracing() -> bool:
-    """True under torch.jit tracing/scripting (used by ONNX's TorchScript exporter) or torch.compile/export."""
+    """True under torch.jit tracing/scripting (used by ONNX's TorchScript exporter), torch.compile/export, or a
+    torch.func transform (vmap, grad, jacrev, ...): no data-dependent Python (``.item()`` checks), no caches keyed on
+    storage (batched tensors have none)."""
     if torch._C._get_tracing_state() is not None or torch.jit.is_scripting():
         return True
-    return torch.compiler.is_compiling()
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def call_outside_graph(fn, *args):
@@ -227,6 +247,23 @@ def hooked_within(*modules: nn.Module) -> bool:
     if registry._global_forward_hooks or registry._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules())
+
+
+_NUM_QUERIES_TYPES: dict = {}
+
+
+def takes_num_queries(block: nn.Module) -> bool:
+    """Whether ``block``'s forward takes ``num_queries`` (the zoo's own blocks), checked once per class: a block a
+    user wrapped or replaced (an adapter around it) is run in full, as timm runs every block."""
+    kind = type(block)
+    if kind not in _NUM_QUERIES_TYPES:
+        import inspect
+
+        try:
+            _NUM_QUERIES_TYPES[kind] = "num_queries" in inspect.signature(kind.forward).parameters
+        except (TypeError, ValueError):
+            _NUM_QUERIES_TYPES[kind] = False
+    return _NUM_QUERIES_TYPES[kind]
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:

@@ -42,7 +42,7 @@ from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.modules import Mlp
 from zoo.layers import (
     DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates,
-    check_reset_classifier, hooked_within, new_linear_head, to_pair, weights_stamp,
+    check_reset_classifier, hooked_within, new_linear_head, takes_num_queries, to_pair, weights_stamp,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
@@ -379,7 +379,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         run the full last block.
         """
         if (self.global_pool == "token" and self.class_token_last_block and not _capture.is_capturing()
-                and not hooked_within(self.blocks[-1], self.norm)):
+                and not hooked_within(self.blocks[-1], self.norm) and takes_num_queries(self.blocks[-1])):
             x_BNC, grid = self._embed(x_BCHW)
             x_BNC = self._run_blocks(x_BNC, self.blocks[:-1], grid)
             x_B1C = self.norm(self.blocks[-1](x_BNC, grid, num_queries=1))

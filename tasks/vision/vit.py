@@ -30,7 +30,7 @@ from zoo.attention.modules import AttentionPoolLatent, Mlp, MultiHeadAttention
 from zoo.layers import (
     DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
     check_mlp_ratio, check_rates, check_reset_classifier, create_act, feature_take_indices, hooked_within, is_tracing,
-    new_linear_head, to_pair,
+    new_linear_head, takes_num_queries, to_pair,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
@@ -559,6 +559,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
             for block in blocks:
                 x_BNC = checkpoint(block, x_BNC, use_reentrant=False)
             return x_BNC
+        if blocks is self.blocks:  # the Sequential itself, as timm calls it: hooks registered on model.blocks run
+            return self.blocks(x_BNC)
         for block in blocks:
             x_BNC = block(x_BNC)
         return x_BNC
@@ -611,11 +613,14 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         block computes just that token (its query row of attention and its MLP; keys and values still come
         from every token). The logits equal ``forward_head(forward_features(x))``; the saving is about
         two thirds of a block. Set ``model.class_token_last_block = False`` to run the full last block.
-        Attention capture (zoo.attention.capture_attention) and forward hooks on the last block or the final
-        norm (or global ones) run the full model too, so that hooks see every token as in timm.
+        Attention capture (zoo.attention.capture_attention), forward hooks on the last block, on ``blocks`` or on
+        the final norm (or global ones), and a last block that is not the zoo's own (wrapped or replaced: it takes
+        no ``num_queries``) run the full model too, so that hooks see every token as in timm.
         """
         if (self.global_pool == "token" and self.class_token_last_block and not _capture.is_capturing()
-                and not hooked_within(self.blocks[-1], self.norm)):
+                and not hooked_within(self.blocks[-1], self.norm)
+                and not (self.blocks._forward_hooks or self.blocks._forward_pre_hooks)
+                and takes_num_queries(self.blocks[-1])):
             x_BNC = self._run_blocks(self._embed(x_BCHW), self.blocks[:-1])
             head_tokens = 1 if self.dist_token is None else 2  # the class token (and DeiT's distillation token)
             x_B1C = self.norm(self.blocks[-1](x_BNC, num_queries=head_tokens))
