@@ -110,3 +110,40 @@ def test_wrapped_vit_blocks_and_hooks_on_the_block_container_as_timm():
             model.forward_features(x)
         handle.remove()
         assert seen == [(2, 17, 32)] * 2, (type(model).__name__, seen)
+
+
+def test_capture_and_backend_contexts_belong_to_their_thread():
+    """capture_attention and use_backend were process-wide: a capture in one thread collected another thread's
+    attention maps, and inside another thread's use_backend("sdpa") block, attend(return_weights=True) failed."""
+    import threading
+
+    from zoo.attention import attend, capture_attention, use_backend
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 2).eval()
+    x = torch.randn(1, 6, 16)
+    entered, leave = threading.Event(), threading.Event()
+
+    def other_thread():
+        with capture_attention() as records, use_backend("sdpa"):
+            entered.set()
+            leave.wait(10)
+            other_records.extend(records)
+
+    other_records: list = []
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    assert entered.wait(10)
+    try:
+        with torch.no_grad():
+            mha(x)  # not recorded by the other thread's capture
+            q = torch.randn(1, 2, 4, 8)
+            out, weights = attend(q, q, q, return_weights=True)  # not steered to sdpa, which cannot return weights
+        assert weights.shape == (1, 2, 4, 4)
+        with capture_attention() as mine, torch.no_grad():
+            mha(x)
+        assert len(mine) == 1
+    finally:
+        leave.set()
+        worker.join()
+    assert other_records == []

@@ -25,6 +25,7 @@ import contextlib
 import importlib
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -65,7 +66,16 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
-_CONTEXT: list[str] = []
+class _ThreadStack(threading.local):
+    """A per-thread stack: use_backend(...) in one thread does not steer another thread's attend() calls (a context
+    kept process-wide did, and made a serving thread's return_weights calls fail inside another's
+    use_backend("sdpa")), as torch's own modes (no_grad, autocast) are per thread."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+
+
+_CONTEXT_STATE = _ThreadStack()
 
 
 def register_backend(
@@ -141,19 +151,21 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """Run the ``attend`` calls inside the block on backend ``name`` (None restores automatic choice)."""
     if name is not None:
         get_backend(name)  # fail early on a typo
-    _CONTEXT.append(name or "auto")
+    stack = _CONTEXT_STATE.stack
+    stack.append(name or "auto")
     try:
         yield
     finally:
-        _CONTEXT.pop()
+        stack.pop()
 
 
 def requested_backend(argument: Optional[str]) -> Optional[str]:
     """The backend asked for by argument > context > environment, or None for automatic."""
     if argument is not None:
         return None if argument == "auto" else argument
-    if _CONTEXT:
-        return None if _CONTEXT[-1] == "auto" else _CONTEXT[-1]
+    stack = _CONTEXT_STATE.stack
+    if stack:
+        return None if stack[-1] == "auto" else stack[-1]
     env = os.environ.get(ENV_VAR, "").strip()
     return env if env and env != "auto" else None
 
@@ -187,7 +199,7 @@ def sdpa_runs_plain_calls(device_type: str) -> bool:
     ``attend(q, k, v, bias=tensor)`` with a ready bias (:func:`sdpa_bias_ready`) thus skip the per-call
     selection (a few microseconds; 1-2% of an N = 256 CPU forward, see docs/bench_attention.md).
     """
-    if _CONTEXT or os.environ.get(ENV_VAR, "auto").strip() not in ("", "auto"):
+    if _CONTEXT_STATE.stack or os.environ.get(ENV_VAR, "auto").strip() not in ("", "auto"):
         return False
     for backend in _by_priority():
         if device_type in backend.auto_devices and not backend.sparse_only:

@@ -11,6 +11,7 @@ and nothing is slowed down outside the context manager.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -34,21 +35,31 @@ class _Capture:
     names: dict[int, str]  # id(module) -> qualified name in the model given to capture_attention
 
 
-_ACTIVE: list[_Capture] = []
+class _ThreadCaptures(threading.local):
+    """The captures open in this thread: a capture_attention block records this thread's attention calls only (a
+    process-wide list gave one thread's capture every other thread's maps, and sent those threads down the capture
+    path), as torch's own modes are per thread."""
+
+    def __init__(self) -> None:
+        self.active: list[_Capture] = []
+
+
+_STATE = _ThreadCaptures()
 
 
 def is_capturing() -> bool:
-    return bool(_ACTIVE)
+    return bool(_STATE.active)
 
 
 def record(module: nn.Module | None, weights: torch.Tensor, name: str | None = None, **extra) -> None:
     """Append ``weights`` (and ``extra`` maps, kept in the record only) to every active capture, named as that
     capture's model names ``module``."""
-    if not _ACTIVE:
+    active = _STATE.active
+    if not active:
         return
     weights = weights.detach()
     extra = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-    for capture in _ACTIVE:
+    for capture in active:
         label = name or capture.names.get(id(module)) or type(module).__name__
         capture.sink.append(AttentionRecord(label, weights, module, dict(extra)))
 
@@ -62,11 +73,12 @@ def capture_attention(model: nn.Module | None = None) -> Iterator[list[Attention
     """
     names = {} if model is None else {id(module): name for name, module in model.named_modules()}
     capture = _Capture([], names)
-    _ACTIVE.append(capture)
+    active = _STATE.active
+    active.append(capture)
     try:
         yield capture.sink
     finally:
-        for i, active in enumerate(_ACTIVE):
-            if active is capture:
-                del _ACTIVE[i]
+        for i, open_capture in enumerate(active):
+            if open_capture is capture:
+                del active[i]
                 break
