@@ -285,3 +285,25 @@ def test_alibi_as_rel_pos_bias_decodes_with_a_cache():
     table = MultiHeadAttention(32, 4, rel_pos_bias=RelPosBiasTf((3, 3), 4)).eval()
     with torch.no_grad(), pytest.raises(ValueError, match=r"rel_pos_bias=RelPosBiasTf is not supported .* ALiBi"):
         table(torch.randn(1, 9, 32), cache=KVCache())
+
+
+def test_a_layer_and_its_cache_copy_and_pickle_together():
+    """copy.deepcopy((layer, cache)) refused the copied layer ("this KVCache holds another layer's keys"): the
+    cache's weakref to its owner was copied as it was; pickle raised "cannot pickle 'weakref.ReferenceType'". A
+    copy is unbound until a layer uses it; decoding on from the copy equals decoding on from the original."""
+    import copy
+    import pickle
+
+    from zoo.attention import KVCache, MultiHeadAttention
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 2).eval()
+    cache = KVCache()
+    prompt, step = torch.randn(1, 5, 16), torch.randn(1, 1, 16)
+    with torch.no_grad():
+        layer(prompt, cache=cache)
+        for copied_layer, copied_cache in (copy.deepcopy((layer, cache)), pickle.loads(pickle.dumps((layer, cache)))):
+            forked = copy.deepcopy(cache)  # a beam: the same layer, a forked cache
+            want = layer(step, cache=forked)
+            torch.testing.assert_close(copied_layer(step, cache=copied_cache), want)
+        torch.testing.assert_close(layer(step, cache=cache), want)

@@ -242,8 +242,9 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
         out_indices: with ``features_only``, the taps to return (an int n = the last n, a sequence,
             None = the family's default, as timm's).
         device: build the parameters and buffers directly on this device (timm's ``device=``), e.g.
-            ``"cuda"``, or ``"meta"`` for a model without storage (then ``model.to_empty(device=...)`` and
-            load weights); weights from ``pretrained`` are loaded onto it.
+            ``"cuda"``, or ``"meta"`` for a model without storage (then ``model.to_empty(device=...)``, timm's
+            ``reinit_non_persistent_buffers(model)`` for the buffers not in a state dict -- MaxViT's relative-
+            position indices --, and load weights); weights from ``pretrained`` are loaded onto it.
         dtype: a floating-point dtype for the parameters and floating buffers (timm's ``dtype=``), applied
             after the weights are loaded (e.g. ``torch.bfloat16``).
         **overrides: constructor arguments (e.g. ``num_classes=10``, ``img_size=32``). When loading
@@ -269,7 +270,8 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
     if loading and build_device is not None and build_device.type == "meta":
         raise ValueError(
             "device='meta' builds a model without storage, so pretrained weights cannot be loaded into it: build "
-            "it on meta, call model.to_empty(device=...) and then load the weights"
+            "it on meta, call model.to_empty(device=...), timm.models._manipulate.reinit_non_persistent_buffers("
+            "model) (buffers no state dict holds) and then load the weights"
         )
     with build_device if build_device is not None else contextlib.nullcontext():
         if not loading:

@@ -83,6 +83,14 @@ class KVCache:
         self.context = None  # cross attention: the context tensor whose projection is stored
         self._owner = None  # weakref to the layer that uses this cache (bound on its first call)
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy / pickle: a copy is not bound to a layer yet (a weakref cannot be pickled, and a copied one
+        # still named the original layer, so the copy of a (layer, cache) pair refused its own layer); the first
+        # layer that uses the copy owns it, as for a new cache
+        state = dict(self.__dict__)
+        state["_owner"] = None
+        return state
+
     def __len__(self) -> int:
         return self.length
 
