@@ -597,3 +597,13 @@ def test_oversized_images_and_bad_devices_are_one_line_errors(tmp_path, capsys, 
                              f"device={device}", f"out={tmp_path / 'x.png'}"]) == 2
             err = capsys.readouterr().err
             assert "Traceback" not in err and message in err.splitlines()[0], (kind, err)
+
+
+def test_model_zoo_on_data_of_other_channels_names_the_override():
+    """model=zoo model.name=vit_debug (3 channels) on the 1-channel digits failed in its first training step
+    ("ViT expects 3 input channels, got 1"); it is refused before anything is built, naming +model.in_chans."""
+    cfg = run.compose(["model=zoo", "model.name=vit_debug"])
+    with pytest.raises(ValueError, match=r"model vit_debug is built for 3 input channels and data DigitsDataModule has "
+                                         r"1: add \+model.in_chans=1 \(and \+model.img_size=8"):
+        run.check_required(cfg)
+    run.check_required(run.compose(["model=zoo", "model.name=vit_debug", "+model.in_chans=1", "+model.img_size=8"]))

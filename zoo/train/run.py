@@ -219,6 +219,7 @@ def _check_model_fits_data(cfg) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import InterpolationKeyError
 
+    _check_model_channels(cfg)
     try:
         OmegaConf.to_container(cfg.model, resolve=True)
     except InterpolationKeyError as error:
@@ -232,6 +233,29 @@ def _check_model_fits_data(cfg) -> None:
             f"graph data (data=graph_*, or experiment=graph_*), vision models image data (data=digits, "
             f"image_folder, cifar10, ...)"
         ) from None
+
+
+def _check_model_channels(cfg) -> None:
+    """model=zoo model.name=<image model> builds the name's own input channels (3 for most): on 1-channel data
+    (the digits) the run failed in its first step ("ViT expects 3 input channels, got 1"). Said before anything
+    is built, with the override to add. (A model loaded from a checkpoint keeps the checkpoint's channels.)"""
+    import zoo
+
+    plain = _plain(cfg)  # unresolved: a graph model's name reads data keys image data lacks (checked afterwards)
+    model, data = plain.get("model"), plain.get("data")
+    if not isinstance(model, dict) or not isinstance(data, dict) or "in_chans" in model or "in_chans" not in data:
+        return
+    name, pretrained = model.get("name"), model.get("pretrained")
+    if not str(model.get("_target_", "")).endswith("create_model") or pretrained not in (False, None):
+        return
+    if not isinstance(name, str) or not zoo.is_model(name) or zoo.get_model_entry(name).task != "vision":
+        return
+    built = (zoo.get_model_entry(name).default_cfg.get("input_size") or (None,))[0]
+    wanted = data.get("in_chans")
+    if isinstance(wanted, int) and built is not None and wanted != built:
+        raise ValueError(f"model {name} is built for {built} input channels and data "
+                         f"{data.get('name') or str(data.get('_target_', '?')).rsplit('.', 1)[-1]} has {wanted}: add +model.in_chans={wanted} "
+                         f"(and +model.img_size={data.get('img_size')} for the data's image size)")
 
 
 def _to_container(node) -> Any:
