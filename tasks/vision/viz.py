@@ -228,21 +228,10 @@ def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, O
                          f"images (zoo viz graph draws graph attention)")
     height, width = model.patch_embed.img_size if hasattr(model, "patch_embed") else model.img_size
     chans = model.in_chans
-    label: Optional[int] = None
-    if spec.startswith("digits:"):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        try:
-            index = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"image={spec!r}: expected digits:<index>, e.g. digits:0") from None
-        if not 0 <= index < len(digits.images):
-            raise ValueError(f"image={spec!r}: index out of range 0..{len(digits.images) - 1}")
-        pixels = torch.tensor(digits.images[index], dtype=torch.float32)[None, None] / 16.0  # (1, 1, 8, 8)
-        label = int(digits.target[index])
-        mode = "bilinear"
-    else:
+    cfg = _model_cfg(model)
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    if not spec.startswith("digits:"):
         # a file: read and preprocessed as zoo predict and the evaluation split do (read_image: 16-bit and float
         # images scaled, palette/alpha handled; resize of the short side and centre crop, not a stretch)
         from zoo.tasks.vision.data import load_image_file
@@ -250,20 +239,25 @@ def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, O
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"image file {path} does not exist")
-        cfg = _model_cfg(model)
         size = height if height == width else (height, width)
         x = load_image_file(path, size, chans, cfg["mean"], cfg["std"])[None]
-        mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1)
         return x, (x * std + mean).clamp(0.0, 1.0)[0].permute(1, 2, 0).numpy().copy(), None
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    try:
+        index = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"image={spec!r}: expected digits:<index>, e.g. digits:0") from None
+    if not 0 <= index < len(digits.images):
+        raise ValueError(f"image={spec!r}: index out of range 0..{len(digits.images) - 1}")
+    pixels = torch.tensor(digits.images[index], dtype=torch.float32)[None, None] / 16.0  # (1, 1, 8, 8)
+    label = int(digits.target[index])
     if pixels.shape[1] != chans:
         pixels = pixels.mean(dim=1, keepdim=True).expand(1, chans, *pixels.shape[-2:])
     if pixels.shape[-2:] != (height, width):
-        pixels = F.interpolate(pixels, size=(height, width), mode=mode, align_corners=False).clamp(0.0, 1.0)
+        pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
     display = pixels[0].permute(1, 2, 0).numpy().copy()
-    cfg = _model_cfg(model)
-    mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1)
     return (pixels - mean) / std, display, label
 
 

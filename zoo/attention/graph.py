@@ -362,7 +362,7 @@ class CachedGraphLayer(MessagePassing):
     def __getstate__(self):
         # pickle / torch.save(layer) / copy.deepcopy: without the cached graph of the last edge_index (it is rebuilt
         # on the next call; a 500k-edge graph made a 30 KB layer a 33 MB file, with the training graph inside)
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state = dict(super().__getstate__())
         state["_graph_cache"] = None
         return state
 

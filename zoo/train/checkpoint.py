@@ -63,7 +63,8 @@ class LastCheckpoint(ModelCheckpoint):
     Saved only at the epoch's end, a run cut by ``max_steps`` recorded that epoch as finished: resumed with a larger
     ``max_steps`` it skipped the rest of the epoch's batches, or, at the last epoch, trained no further step at all.
     Saved at the step, Lightning restores the run in the middle of the epoch, and the data modules' training
-    samplers (``zoo.tasks.vision.data.training_sampler``) skip the batches already trained on: the resumed run
+    samplers (``zoo.train.order.ResumableTrainingOrder.training_sampler``) skip the batches already trained on: the
+    resumed run
     continues as the uninterrupted one would have. The epoch's-end save of that same step is then skipped (the
     checkpoint is the same training state)."""
 

@@ -22,9 +22,9 @@ class EpochShuffleSampler(DistributedSampler):
 
     Lightning calls ``set_epoch`` at every epoch start (and does not re-wrap a DistributedSampler under
     DDP). The epoch is passed on to the dataset (``dataset.epoch``) so per-sample augmentation is seeded
-    by ``(seed, epoch, index)`` (``zoo.tasks.vision.data._sample_rng``): a run resumed from a checkpoint sees exactly the
-    batches the uninterrupted run would have seen. (A plain shuffling DataLoader draws from the global
-    RNG, whose state a checkpoint does not hold.)
+    by ``(seed, epoch, index)`` (``zoo.tasks.vision.data._sample_rng``): a run resumed from a checkpoint sees
+    exactly the batches the uninterrupted run would have seen. (A plain shuffling DataLoader draws from the
+    global RNG, whose state a checkpoint does not hold.)
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: Optional[int] = None, rank: Optional[int] = None):

@@ -155,6 +155,7 @@ def check_required(cfg) -> None:
     if missing:
         raise ValueError("; ".join(f"{key} is required: {_missing_hint(plain, key)} (add {key}=...)" for key in missing))
     _check_model_fits_data(cfg)
+    _check_model_channels(plain)
     _check_task_fits_data(cfg)
 
 
@@ -219,7 +220,6 @@ def _check_model_fits_data(cfg) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import InterpolationKeyError
 
-    _check_model_channels(cfg)
     try:
         OmegaConf.to_container(cfg.model, resolve=True)
     except InterpolationKeyError as error:
@@ -235,27 +235,29 @@ def _check_model_fits_data(cfg) -> None:
         ) from None
 
 
-def _check_model_channels(cfg) -> None:
+def _check_model_channels(plain: dict) -> None:
     """model=zoo model.name=<image model> builds the name's own input channels (3 for most): on 1-channel data
     (the digits) the run failed in its first step ("ViT expects 3 input channels, got 1"). Said before anything
-    is built, with the override to add. (A model loaded from a checkpoint keeps the checkpoint's channels.)"""
+    is built, with the override to add. (A model loaded from a checkpoint keeps the checkpoint's channels.)
+    ``plain``: the config unresolved (``_plain``): a graph model's name reads data keys image data lacks."""
     import zoo
 
-    plain = _plain(cfg)  # unresolved: a graph model's name reads data keys image data lacks (checked afterwards)
     model, data = plain.get("model"), plain.get("data")
     if not isinstance(model, dict) or not isinstance(data, dict) or "in_chans" in model or "in_chans" not in data:
         return
     name, pretrained = model.get("name"), model.get("pretrained")
     if not str(model.get("_target_", "")).endswith("create_model") or pretrained not in (False, None):
         return
-    if not isinstance(name, str) or not zoo.is_model(name) or zoo.get_model_entry(name).task != "vision":
+    entry = zoo.get_model_entry(name) if isinstance(name, str) and zoo.is_model(name) else None
+    if entry is None or entry.task != "vision":
         return
-    built = (zoo.get_model_entry(name).default_cfg.get("input_size") or (None,))[0]
+    built = (entry.default_cfg.get("input_size") or (None,))[0]
     wanted = data.get("in_chans")
     if isinstance(wanted, int) and built is not None and wanted != built:
-        raise ValueError(f"model {name} is built for {built} input channels and data "
-                         f"{data.get('name') or str(data.get('_target_', '?')).rsplit('.', 1)[-1]} has {wanted}: add +model.in_chans={wanted} "
-                         f"(and +model.img_size={data.get('img_size')} for the data's image size)")
+        data_name = data.get("name") or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
+        raise ValueError(f"model {name} is built for {built} input channels and data {data_name} has {wanted}: add "
+                         f"+model.in_chans={wanted} (and +model.img_size={data.get('img_size')} for the data's image "
+                         f"size)")
 
 
 def _to_container(node) -> Any:
