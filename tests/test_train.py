@@ -773,3 +773,20 @@ def test_debug_overfit_fits_its_batches(tmp_path):
     result = run.train(run.compose(["experiment=vit_digits", "debug=overfit", f"run_dir={tmp_path / 'overfit'}",
                                     "test=false", "export=false", "logger=none"]))
     assert result["metrics"]["train/acc1"] == 1.0, result["metrics"]
+
+
+def test_resume_mid_epoch_with_reloaded_dataloaders_is_exact(tmp_path):
+    """With trainer.reload_dataloaders_every_n_epochs, Lightning builds the training loader a second time when a
+    resumed run starts its epoch: the second sampler used to start the cut epoch from its first batch (the first
+    sampler, built for the schedule length, had taken the resume position), so the resumed run trained on
+    batches it had already seen."""
+    options = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "data.batch_size=16", "data.augment=none",
+               "+trainer.reload_dataloaders_every_n_epochs=1"]
+    straight = run.train(_cfg(tmp_path, "straight", *options))
+    part = run.train(_cfg(tmp_path, "part", *options, "+trainer.max_steps=6"))  # epoch 1 after 2 of its 4 batches
+    resumed = run.train(_cfg(tmp_path, "part", *options, "+trainer.max_steps=8", f"ckpt_path={part['last_ckpt']}"))
+    assert resumed["global_step"] == straight["global_step"] == 8
+    a = torch.load(straight["last_ckpt"], weights_only=True)["state_dict"]
+    b = torch.load(resumed["last_ckpt"], weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)

@@ -40,17 +40,21 @@ class EpochShuffleSampler(DistributedSampler):
         if hasattr(self.dataset, "epoch"):
             self.dataset.epoch = int(epoch)
 
-    def skip_once(self, epoch: int, num_samples: int) -> None:
+    def skip_once(self, epoch: int, num_samples: int, pending: Optional[list] = None) -> None:
         """The next pass over ``epoch`` starts after its first ``num_samples`` indices (a run resumed in the middle
         of that epoch: the batches it trained on are not seen twice). ``len()`` stays the epoch's full length, the
-        count Lightning's progress tracking expects; other epochs are unaffected."""
-        self._skip = (int(epoch), int(num_samples))
+        count Lightning's progress tracking expects; other epochs are unaffected.
+
+        ``pending`` (a one-item list ``[(epoch, num_samples)]``) lets several samplers share one skip: the first
+        pass over ``epoch`` by any of them empties it (Lightning may build the training loader again before the
+        resumed epoch starts, ``trainer.reload_dataloaders_every_n_epochs``)."""
+        self._skip = pending if pending is not None else [(int(epoch), int(num_samples))]
 
     def __iter__(self):
         indices = super().__iter__()
-        skip_epoch, skip = getattr(self, "_skip", (None, 0))
-        if skip and skip_epoch == self.epoch:
-            self._skip = (None, 0)
+        pending = getattr(self, "_skip", None)
+        if pending and pending[0][0] == self.epoch:
+            skip = pending.pop()[1]
             indices = itertools.islice(indices, skip, None)
         return iter(indices)
 
@@ -86,16 +90,23 @@ class ResumableTrainingOrder:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         order = (state or {}).get("training_order")
+        self._pending_skip = None
         if order:
             self._resume_at = (int(order["epoch"]), int(order["batches_done"]))
 
     def training_sampler(self, dataset: Dataset, batch_size: int) -> EpochShuffleSampler:
-        """The training split's sampler, at the restored position (epoch 0 for a new run); used once: a later
-        loader (another fit) starts from epoch 0 again."""
+        """The training split's sampler, at the restored position (epoch 0 for a new run). The restored epoch is
+        used once: a later loader (another fit, or a reload) gets its epoch from Lightning's ``set_epoch``. The
+        skip of the batches already trained on stays with every sampler built until one of them starts that
+        epoch: with ``trainer.reload_dataloaders_every_n_epochs`` Lightning builds the loader again before the
+        resumed epoch starts (the first one only served the schedule's length)."""
         epoch, done = self._resume_at
         self._resume_at = (0, 0)
+        if done:
+            self._pending_skip = [(epoch, done * int(batch_size))]
         sampler = EpochShuffleSampler(dataset, self.seed)
         sampler.set_epoch(epoch)
-        if done:
-            sampler.skip_once(epoch, done * int(batch_size))
+        pending = getattr(self, "_pending_skip", None)
+        if pending:
+            sampler.skip_once(*pending[0], pending=pending)
         return sampler
