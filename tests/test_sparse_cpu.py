@@ -381,3 +381,49 @@ def test_bad_arguments():
         block_sparse_attention(q, torch.randn(1, 3, 10, 8), torch.randn(1, 3, 10, 8))
     with pytest.raises(ValueError, match="Dense mask"):
         block_sparse_attention(q, q, q, torch.ones(9, 10, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward_after", "backward_inside"])
+def test_every_backend_under_autocast_is_as_close_as_sdpa(dtype, backward_inside):
+    """fp32 inputs under torch.autocast (as a model's fp32 activations meet attend() there): every backend
+    returns the autocast dtype, as SDPA, within 2x SDPA's error against float64, with finite gradients of
+    SDPA's accuracy for the fp32 inputs. The block-sparse backend, which attend() picks itself for a sparse
+    mask at this length, failed ("index_copy_(): ... Float and ... BFloat16": autocast lowered its fp32 tile
+    products) or gave NaN rows in fp16 (its shift-free exp overflowed); the reference backend rounded fp32
+    inputs' scores to the autocast dtype (2-3x SDPA's error, and return_weights changed the output)."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 1024, 16
+    q, k = (2 * torch.randn(1, 2, n, d, generator=g) for _ in range(2))
+    v = torch.randn(1, 2, n, d, generator=g)
+    mask = Window(16, 16)  # 256x256 cells or more, under 60% of the tiles kept: attend() picks blocksparse
+    assert zb.select_backend((q, k, v, mask, None, d ** -0.5, "softmax", 0.0, False), None).name == "blocksparse"
+    dense = mask.dense(n, n, "cpu")
+    want = naive_attention(q.double(), k.double(), v.double(), dense, None, d ** -0.5, "softmax")
+    grad_out = torch.randn(1, 2, n, d, generator=g)
+
+    def run(call):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=dtype):
+            out = call(*leaves)
+            if backward_inside:
+                out.backward(grad_out.to(out.dtype))
+        if not backward_inside:
+            out.backward(grad_out.to(out.dtype))
+        return out, [t.grad for t in leaves]
+
+    sdpa, sdpa_grads = run(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, attn_mask=dense))
+    leaves64 = [t.double().requires_grad_(True) for t in (q, k, v)]
+    naive_attention(*leaves64, dense, None, d ** -0.5, "softmax").backward(grad_out.double())
+    sdpa_err = float((sdpa.double() - want).abs().max())
+    sdpa_grad_err = max(float((a.double() - b.grad).abs().max()) for a, b in zip(sdpa_grads, leaves64))
+    for backend in ("blocksparse", "torch", None):
+        out, grads = run(lambda a, b, c: attend(a, b, c, mask, backend=backend))
+        assert out.dtype == sdpa.dtype == dtype, backend
+        assert float((out.double() - want).abs().max()) <= 2 * sdpa_err, backend
+        for grad, ref in zip(grads, leaves64):
+            assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), backend
+            assert float((grad.double() - ref.grad).abs().max()) <= 2 * sdpa_grad_err + 1e-3, backend
+    with torch.autocast("cpu", dtype=dtype):
+        out, _ = attend(q, k, v, mask, return_weights=True)
+    assert float((out.double() - want).abs().max()) <= 2 * sdpa_err

@@ -163,8 +163,30 @@ def attend(
     return result
 
 
+def _autocast_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast gives attention on q's device (None when it is off there, or for float64, which
+    autocast leaves alone)."""
+    device_type = q.device.type
+    if device_type == "meta" or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weights, backend):
-    """attend()'s general path: mask and bias checked against the shapes, then the selected backend."""
+    """attend()'s general path: mask and bias checked against the shapes, then the selected backend.
+
+    Under torch.autocast every backend sees what SDPA sees there: q, k, v in the autocast dtype (whatever
+    dtype they came in), run with autocast off. Each backend then keeps the scores in fp32 as for any half
+    input, and returns the autocast dtype, as SDPA. (Left on, autocast lowered the fp32 matmuls inside the
+    reference and block-sparse backends: the block-sparse one failed writing bf16 tiles into its fp32 output,
+    or overflowed fp16 in its shift-free exp, and the reference one rounded fp32 inputs' scores to bf16.)"""
+    cast = _autocast_dtype(q)
+    if cast is not None:
+        with _autocast_off(q.device.type):
+            return _dispatch(q.to(cast), k.to(cast), v.to(cast), mask, bias, scale, score, dropout_p,
+                             return_weights, backend)
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     if mask is None:  # Full fits every shape

@@ -683,6 +683,14 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, d_out):
         refuse_double_backward("attend's block-sparse path", "run that attention with backend='torch' "
                                "(zoo.attention.use_backend('torch')), whose gradients are differentiable")
+        from zoo.attention.core import _autocast_off
+
+        # a backward called inside torch.autocast would lower the fp32 tile products, as in the forward
+        with _autocast_off(d_out.device.type):
+            return _BlockSparseAttention._backward(ctx, d_out)
+
+    @staticmethod
+    def _backward(ctx, d_out):
         q_scaled, k, v, bias, out, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
         q_len, k_len = q_scaled.shape[2], ctx.k_len
