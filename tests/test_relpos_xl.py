@@ -331,3 +331,24 @@ def test_bench_relpos_smoke(capsys):
     with pytest.raises(SystemExit):
         relpos.main(["--cases", "2x9", "--dim", "25"])
     assert "even --dim" in capsys.readouterr().err
+
+
+def test_kept_table_follows_autocast_and_wrong_dtype_is_named():
+    """The no-grad table is built under whatever autocast is on: one built under bf16 autocast for fp32
+    queries was kept under the fp32 key, and the next fp32 call without autocast failed inside torch ("expected
+    m1 and m2 to have the same dtype"). It is rebuilt now, and equals a fresh fp32 table. bf16 queries with fp32
+    weights (no autocast) name both dtypes."""
+    torch.manual_seed(0)
+    rel = TransformerXLRelPos(32, 4).eval()
+    q = torch.randn(1, 4, 6, 8)
+    with torch.no_grad():
+        _, fresh = rel(q, 6, 8 ** -0.5)
+        rel._table = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, under = rel(q, 6, 8 ** -0.5)
+        _, after = rel(q, 6, 8 ** -0.5)
+    assert under.dtype == torch.bfloat16 and after.dtype == torch.float32
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="TransformerXLRelPos: q is torch.bfloat16 but the TransformerXLRelPos's "
+                                        "weights are torch.float32"):
+        TransformerXLRelPos(32, 4)(q.bfloat16(), 6, 8 ** -0.5)

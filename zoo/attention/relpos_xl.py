@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention.rope import rope_frequencies
-from zoo.layers import is_tracing, weights_stamp
+from zoo.layers import check_like_weights, is_tracing, weights_stamp
 
 __all__ = ["TransformerXLRelPos", "relative_sinusoids", "rel_shift"]
 
@@ -156,8 +156,12 @@ class TransformerXLRelPos(nn.Module):
             sinusoids = relative_sinusoids(n_q, n_k, self.dim, q_offset=q_offset, device=like.device, dtype=like.dtype)
             return self._project(sinusoids)
         # Without gradients: one projected table over distances [-reach, reach], grown by doubling. The key
-        # holds the weight's weights_stamp, so an optimizer step or load_state_dict rebuilds it.
-        key = (weights_stamp(weight, self.linear_pos.bias), like.device, like.dtype)
+        # holds the weight's weights_stamp, so an optimizer step or load_state_dict rebuilds it, and the autocast
+        # dtype the projection runs under (a table built under autocast is in its dtype, whatever q's).
+        device_type = like.device.type
+        autocast = torch.get_autocast_dtype(device_type) if device_type != "meta" and torch.is_autocast_enabled(
+            device_type) else None
+        key = (weights_stamp(weight, self.linear_pos.bias), like.device, like.dtype, autocast)
         reach = max(abs(top), abs(top - length + 1))
         if self._table is None or self._table[0] != key or self._table[1] < reach:
             new_reach = max(reach, 2 * self._table[1] if self._table is not None and self._table[0] == key else 16)
@@ -182,6 +186,7 @@ class TransformerXLRelPos(nn.Module):
             shape = tuple(q_BHND.shape) if isinstance(q_BHND, torch.Tensor) else type(q_BHND).__name__
             raise ValueError(f"TransformerXLRelPos: queries must have shape (B, {self.num_heads}, Nq, "
                              f"{self.head_dim}), got {shape}")
+        check_like_weights(q_BHND, self.linear_pos.weight, "TransformerXLRelPos: q", "TransformerXLRelPos")
         n_q = q_BHND.shape[2]
         if not is_tracing() and (not isinstance(n_k, int) or isinstance(n_k, bool) or n_k <= 0):
             raise ValueError(f"TransformerXLRelPos: n_k must be a positive int, got {n_k!r}")
