@@ -763,3 +763,21 @@ def test_viz_graph_draws_a_checkpoint_on_the_data_it_was_trained_on(tmp_path, on
     assert out.stat().st_size > 1000
     with pytest.raises(SystemExit, match=r"takes 16 node features but data=karate has 34; it was trained on data=sbm"):
         main([f"ckpt={ckpt}", "data=karate", f"out={out}"])
+
+
+@pytest.mark.parametrize("dtype, nodes", [(torch.bfloat16, 300), (torch.bfloat16, 1000), (torch.float16, 3000)])
+def test_global_mean_pool_of_half_features_equals_pyg(dtype, nodes):
+    """Large graphs in bf16 / fp16: sums and counts accumulated in the features' dtype stopped at 256 (bf16) or
+    2048 (fp16), so the mean of 1000 ones in bf16 was 3.9. PyG's global_mean_pool is the reference."""
+    from torch_geometric.nn import global_mean_pool as pyg_mean_pool
+
+    from zoo.tasks.graph.gat import global_mean_pool
+
+    g = torch.Generator().manual_seed(0)
+    x = (1 + torch.rand(nodes + 5, 3, generator=g)).to(dtype)
+    batch = torch.cat([torch.zeros(nodes, dtype=torch.long), torch.ones(5, dtype=torch.long)])
+    ours = global_mean_pool(x, batch, 2)
+    want = pyg_mean_pool(x.double(), batch, 2)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours.double(), want, rtol=1e-2, atol=0)
+    torch.testing.assert_close(ours, pyg_mean_pool(x, batch, 2), rtol=1e-2, atol=0)

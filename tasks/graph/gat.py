@@ -57,12 +57,16 @@ def make_conv(conv: str, in_channels, out_channels: int, **kwargs) -> nn.Module:
 
 
 def global_mean_pool(x_NC: Tensor, batch_N: Tensor, num_graphs: int) -> Tensor:
-    """Mean of the node features of each graph -> [G, C]."""
-    sums = x_NC.new_zeros(num_graphs, x_NC.size(1)).index_add_(0, batch_N, x_NC)
+    """Mean of the node features of each graph -> [G, C], in x's dtype (as PyG's global_mean_pool).
+
+    fp16 / bf16 features are summed and counted in fp32: accumulated in their own dtype, a count stops at 256
+    (bf16) or 2048 (fp16), and so does a sum of ones."""
+    wide = torch.promote_types(x_NC.dtype, torch.float32)
+    sums = x_NC.new_zeros(num_graphs, x_NC.size(1), dtype=wide).index_add_(0, batch_N, x_NC.to(wide))
     # counted by index_add_ rather than bincount, whose output length depends on the values (a graph break
     # under torch.compile)
-    counts = x_NC.new_zeros(num_graphs).index_add_(0, batch_N, x_NC.new_ones(batch_N.numel())).clamp_(min=1)
-    return sums / counts[:, None]
+    counts = sums.new_zeros(num_graphs).index_add_(0, batch_N, sums.new_ones(batch_N.numel())).clamp_(min=1)
+    return (sums / counts[:, None]).to(x_NC.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
