@@ -846,13 +846,23 @@ def test_saturated_attention_gradients_are_as_accurate_as_pyg(cls, x_scale, att_
             f"{cls} {name}: zoo fp32 error {our_err:.2e}, PyG fp32 error {peer_err:.2e}")
 
 
+# (bipartite, fill_value): None = no edge features; else edge_dim=3 with that fill_value for the self loops
+_FLOW_CASES = [(False, None), (True, None), (True, "mean")] + [
+    (False, fill) for fill in ("mean", "add", "sum", "max", "min", "mul", 0.5)]
+
+
 @pytest.mark.parametrize("cls", ["GATv2Conv", "GATConv"])
-@pytest.mark.parametrize("bipartite", [False, True], ids=["homogeneous", "bipartite"])
-def test_reverse_flow_and_message_passing_keywords_as_pyg(cls, bipartite):
+@pytest.mark.parametrize("bipartite,fill_value", _FLOW_CASES, ids=[
+    ("bipartite" if bip else "homogeneous") + ("" if fill is None else f"-edge_dim-fill_{fill}")
+    for bip, fill in _FLOW_CASES])
+def test_reverse_flow_and_message_passing_keywords_as_pyg(cls, bipartite, fill_value):
     """PyG's layers pass **kwargs to MessagePassing: flow="target_to_source" (messages from edge_index[1] to
     edge_index[0]) gives PyG's outputs, returned edge_index (in the caller's row order, self loops added) and
     attention; aggr="add"/"sum" is the layer's own sum. Other aggregations are refused by name; all of these
-    were a TypeError "unexpected keyword argument". A sparse adjacency with the reverse flow is refused, as PyG's."""
+    were a TypeError "unexpected keyword argument". A sparse adjacency with the reverse flow is refused, as PyG's.
+    With edge features, the self loops' features reduce over the caller's edge_index[1] whatever the flow, as
+    PyG's add_self_loops does (they were reduced over edge_index[0]: outputs up to 0.5 off for "mean", "add",
+    "max" and the other reductions)."""
     zoo_cls, pyg_cls = {"GATv2Conv": GATv2Conv, "GATConv": GATConv}[cls], getattr(pyg_nn, cls)
     g = torch.Generator().manual_seed(5)
     if bipartite:  # source and target features apart; with the reverse flow edge_index[0] holds the targets
@@ -863,9 +873,13 @@ def test_reverse_flow_and_message_passing_keywords_as_pyg(cls, bipartite):
         ei = _graph(num_nodes=10, num_edges=30, seed=5)
         inputs = [torch.randn(10, 5, generator=g)]
         kwargs = {}
+    edge_attr = None
+    if fill_value is not None:
+        kwargs.update(edge_dim=3, fill_value=fill_value)
+        edge_attr = torch.randn(ei.size(1), 3, generator=g)
     ours, peer = _pair(zoo_cls, pyg_cls, 5, 4, heads=2, flow="target_to_source", aggr="add", **kwargs)
-    o1, e1, a1, g1 = _run(ours, inputs, ei)
-    o2, e2, a2, g2 = _run(peer, inputs, ei)
+    o1, e1, a1, g1 = _run(ours, inputs, ei, edge_attr)
+    o2, e2, a2, g2 = _run(peer, inputs, ei, edge_attr)
     assert torch.equal(e1, e2)
     torch.testing.assert_close(o1, o2, **TOL)
     torch.testing.assert_close(a1, a2, **TOL)
@@ -986,3 +1000,122 @@ def test_copies_and_saved_layers_leave_the_cached_graph_behind(tmp_path):
             assert clone._graph_cache is None
             torch.testing.assert_close(clone(x, ei), want, rtol=0, atol=0)
         assert layer._graph_cache is not None  # the original keeps its cache
+
+
+@pytest.mark.parametrize("cls", ["GATv2Conv", "GATConv"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_output_and_attention_dtypes_are_pyg_s(cls, bias):
+    """Under torch.autocast the projected features are bf16 but the attention vectors fp32 parameters: PyG's scores
+    (x * att).sum(-1), its attention weights and its messages x_j * alpha are fp32 (torch_geometric 2.8.1). Ours
+    returned bf16 attention weights, and a bf16 output without a bias to promote it; now the same dtypes and values
+    as PyG's. A bf16 layer (no autocast) stays bf16 in both."""
+    zoo_cls, pyg_cls = {"GATv2Conv": GATv2Conv, "GATConv": GATConv}[cls], getattr(pyg_nn, cls)
+    ours, peer = _pair(zoo_cls, pyg_cls, 6, 4, heads=2, edge_dim=3, bias=bias)
+    g = torch.Generator().manual_seed(3)
+    ei = _graph()
+    x, ea = torch.randn(12, 6, generator=g), torch.randn(ei.size(1), 3, generator=g)
+    results = []
+    for layer in (ours, peer):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (_, alpha) = layer(x, ei, ea, return_attention_weights=True)
+        results.append((out, alpha))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    for layer in (ours, peer):
+        layer.to(torch.bfloat16)
+    outs = [layer(x.bfloat16(), ei, ea.bfloat16(), return_attention_weights=True) for layer in (ours, peer)]
+    assert outs[0][0].dtype == outs[1][0].dtype == outs[0][1][1].dtype == outs[1][1][1].dtype == torch.bfloat16
+
+
+def test_threaded_gatv2_under_autocast_does_not_depend_on_the_thread_count(monkeypatch, two_threads):
+    """autocast is per thread: it lowered the calling thread's matmuls (scores rounded to bf16) but not the worker
+    threads', so the output under autocast changed with the thread count (8e-3 apart at 1 and 2 threads). The
+    fused blocks run with autocast off on every thread, computing in fp32 for the half features, and give the same
+    forward bits with 1 or 2 workers (the backward's source-row partials are summed in another order: close)."""
+    from zoo.attention import segment
+
+    monkeypatch.setattr(segment, "CHUNK_ELEMENTS", 16 * 40)  # many blocks
+    g = torch.Generator().manual_seed(0)
+    x, ei = torch.randn(60, 8, generator=g), torch.randint(0, 60, (2, 600), generator=g)
+    ea = torch.randn(600, 3, generator=g)
+    torch.manual_seed(0)
+    conv = GATv2Conv(8, 8, heads=2, edge_dim=3)
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (_, alpha) = conv(xx, ei, ea, return_attention_weights=True)
+        params = [conv.att, conv.lin_l.weight, conv.lin_r.weight, conv.lin_edge.weight]
+        grads = torch.autograd.grad(out.float().square().sum(), [xx] + params)
+        results[threads] = (out, alpha, grads)
+    (out1, alpha1, grads1), (out2, alpha2, grads2) = results[1], results[2]
+    assert torch.equal(out1, out2) and torch.equal(alpha1, alpha2)
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gatv2_triton_path_under_autocast_matches_the_cpu_path(monkeypatch):
+    """Under autocast the kernel got fp16 features from lin_l(x) next to the fp32 parameters att and
+    lin_edge.weight (and fp32 edge features) and refused them ("att is torch.float32 ..., x_src is torch.float16"):
+    they are cast to the features' dtype now, the parameters' gradients flow back in fp32, and the results equal
+    the CPU path's under the same autocast (fp16: the interpreter computes bf16 wrongly). On CPU the kernel runs
+    under TRITON_INTERPRET=1 (tests/triton_interpreter.py), on a GPU compiled."""
+    import functools
+
+    from triton_interpreter import prepare
+
+    late = prepare()
+    pytest.importorskip("triton")
+    import zoo.attention.graph as graph_module
+    from zoo.kernels import edge_softmax
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and (late or not edge_softmax.INTERPRET):
+        pytest.skip("the Triton interpreter is not active in this process (tests/triton_interpreter.py)")
+    g = torch.Generator().manual_seed(0)
+    ei = torch.randint(0, 9, (2, 30), generator=g).to(device)
+    x, ea = torch.randn(9, 6, generator=g).to(device), torch.randn(30, 3, generator=g).to(device)
+    torch.manual_seed(0)
+    conv = GATv2Conv(6, 4, heads=2, edge_dim=3).to(device)
+    params = [conv.att, conv.lin_l.weight, conv.lin_r.weight, conv.lin_edge.weight, conv.bias]
+    results = []
+    for impl in ("triton", "torch"):
+        monkeypatch.setattr(graph_module, "gatv2_attention", functools.partial(gatv2_attention, impl=impl))
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=torch.float16):
+            out, (_, alpha) = conv(xx, ei, ea, return_attention_weights=True)
+        grads = torch.autograd.grad(out.float().square().sum(), [xx] + params)
+        results.append([out, alpha] + list(grads))
+    for name, got, want in zip(["out", "alpha", "x", "att", "lin_l", "lin_r", "lin_edge", "bias"], *results):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("scores_dtype,values_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float64), (torch.float64, torch.bfloat16)])
+def test_segment_softmax_weighted_sum_promotes_mixed_dtypes_as_pyg(scores_dtype, values_dtype):
+    """segment_softmax_weighted_sum equals PyG's softmax(scores) * values scattered, which promotes to the wider
+    dtype; it returned (and computed in) the scores' dtype, bf16 for bf16 scores with fp32 values. Gradients come
+    back in each input's own dtype."""
+    from torch_geometric.utils import scatter
+    from torch_geometric.utils import softmax as pyg_softmax
+
+    from zoo.attention.segment import segment_softmax_weighted_sum
+
+    g = torch.Generator().manual_seed(0)
+    n = 4
+    scores = (torch.randn(200, 8, generator=g, dtype=torch.float64) * 3).to(scores_dtype).requires_grad_(True)
+    values = torch.randn(200, 8, generator=g, dtype=torch.float64).to(values_dtype).requires_grad_(True)
+    index = torch.randint(0, n, (200,), generator=g)
+    w = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    got = segment_softmax_weighted_sum(scores, values, index, n)
+    want = scatter(pyg_softmax(scores, index, num_nodes=n) * values, index, 0, dim_size=n, reduce="sum")
+    assert got.dtype == want.dtype == torch.promote_types(scores_dtype, values_dtype)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    grads = torch.autograd.grad((got * w.to(got.dtype)).sum(), (scores, values))
+    want_grads = torch.autograd.grad((want * w.to(want.dtype)).sum(), (scores, values))
+    for grad, want_grad, dtype in zip(grads, want_grads, (scores_dtype, values_dtype)):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, want_grad, atol=3e-2, rtol=3e-2)

@@ -17,6 +17,8 @@ Attention itself is not here: it is zoo.attention (attend, MultiHeadAttention, .
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import operator
 import os
@@ -31,6 +33,7 @@ __all__ = [
     "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
     "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp", "refuse_double_backward", "usable_cpus",
+    "autocast_off",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -412,6 +415,15 @@ def check_like_weights(x: torch.Tensor, weight: torch.Tensor, what: str, owner: 
 
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_off(device_type: str):
+    """torch.autocast disabled for ``device_type`` ("cpu", "cuda", ...; a no-op context for a type without
+    autocast, such as meta). Code that computes in fp32 on purpose (the attention backends, the fused graph
+    paths) runs under it: autocast would lower its matmuls back to the half dtype."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def check_finite_input(x: torch.Tensor, what: str) -> None:

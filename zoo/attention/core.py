@@ -22,7 +22,6 @@ bounded the same way.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import os
@@ -36,7 +35,7 @@ from zoo.attention import backends as _backends
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.masks import Mask, as_mask
-from zoo.layers import check_finite_input, check_flag, exp_flushed_, is_tracing, surely_finite
+from zoo.layers import autocast_off, check_finite_input, check_flag, exp_flushed_, is_tracing, surely_finite
 
 __all__ = ["attend", "attention_reference", "SCORES"]
 
@@ -184,7 +183,7 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
     or overflowed fp16 in its shift-free exp, and the reference one rounded fp32 inputs' scores to bf16.)"""
     cast = _autocast_dtype(q)
     if cast is not None:
-        with _autocast_off(q.device.type):
+        with autocast_off(q.device.type):
             return _dispatch(q.to(cast), k.to(cast), v.to(cast), mask, bias, scale, score, dropout_p,
                              return_weights, backend)
     batch, heads, q_len, _ = q.shape
@@ -235,11 +234,6 @@ def _grouped(t: Optional[torch.Tensor], kv_heads: int, groups: int) -> Optional[
     return t.reshape(bx, kv_heads, groups, r, n)
 
 
-def _autocast_off(device_type: str):
-    """torch.autocast disabled for this device type (a no-op context where autocast does not exist: meta)."""
-    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
-
-
 def _rows(
     q_rows: torch.Tensor,
     k: torch.Tensor,
@@ -263,7 +257,7 @@ def _rows(
         # further from float64 than SDPA's (0.15 against 0.008 in bf16), and capture_attention / return_weights,
         # which run this backend, changed a half-precision model's outputs. (It also cannot overflow fp16.)
         # (with autocast off: under torch.autocast, matmul would cast the fp32 copies back down)
-        with _autocast_off(q_g.device.type):
+        with autocast_off(q_g.device.type):
             s = torch.matmul(q_g.float(), k.float().transpose(-1, -2))
         s = s.view(batch, kv_heads, groups, rows, k_len) * scale
     else:
@@ -290,7 +284,7 @@ def _rows(
     if dropout_p > 0.0:
         p = F.dropout(p, p=dropout_p, training=True)
     if compute_dtype != v.dtype:  # fp16 / bf16: the weights are not rounded to the input dtype either
-        with _autocast_off(v.device.type):
+        with autocast_off(v.device.type):
             out = torch.matmul(p.view(batch, kv_heads, groups * rows, k_len), v.to(compute_dtype)).to(v.dtype)
     else:
         out = torch.matmul(p.view(batch, kv_heads, groups * rows, k_len), v)

@@ -154,7 +154,7 @@ def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool
 
 def _loop_attr(edge_attr: Tensor, dst: Tensor, num_dst: int, num_loops: int, fill_value) -> Tensor:
     """Edge features of the added self loops, as torch_geometric.utils.add_self_loops computes them
-    (reductions over each node's incoming edges; nodes without edges get 0)."""
+    (reductions over the edges of each node ``dst`` names, PyG's edge_index[1]; nodes without edges get 0)."""
     shape = (num_loops,) + tuple(edge_attr.shape[1:])
     if fill_value is None:
         return edge_attr.new_ones(shape)
@@ -553,8 +553,11 @@ class _GraphAttentionBase(CachedGraphLayer):
         if graph.kept is not None:
             edge_attr = edge_attr[graph.kept]
         if graph.num_loops:
-            dst = graph.edge_index[1, : edge_attr.size(0)]
-            loops = _loop_attr(edge_attr, dst, graph.csr.num_dst, graph.num_loops, self.fill_value)
+            # PyG's add_self_loops reduces the loops' features over the caller's edge_index[1] whatever the flow:
+            # the destination here, but with flow="target_to_source" the source of the flipped graph (_flowing)
+            row, num_nodes = (0, graph.csr.num_src) if self._reverse_flow else (1, graph.csr.num_dst)
+            owner = graph.edge_index[row, : edge_attr.size(0)]
+            loops = _loop_attr(edge_attr, owner, num_nodes, graph.num_loops, self.fill_value)
             edge_attr = torch.cat([edge_attr, loops], dim=0)
         return edge_attr[graph.csr.perm] if csr_order else edge_attr
 
@@ -646,6 +649,7 @@ class GATv2Conv(_GraphAttentionBase):
     alpha)) for sparse input. alpha carries no gradient. A graph without nodes (or without destination nodes)
     gives an empty [0, H*C] (or [0, C]) result, as PyG's. x (and edge_attr) must have the dtype of the layer's
     weights (any dtype under torch.autocast); edge_attr with edge_dim=None is an error (as PyG's GATv2Conv).
+    Under torch.autocast out and alpha are fp32, as PyG's (its fp32 attention vector promotes the half features).
     fill_value and negative_slope must be finite, and a tensor fill_value must hold edge_dim values (or one):
     checked in the constructor.
     """

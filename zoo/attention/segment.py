@@ -34,7 +34,9 @@ rest in backward. Gradients are exact (same formulas autograd would produce, reo
 CPU execution: the destination blocks are split into T contiguous groups (T = torch.get_num_threads())
 run by T Python threads with single-threaded torch ops (:func:`_run_blocks`); the groups write disjoint
 output rows and return partials (the source-row gradient and the parameter gradients) summed in group order, so
-results do not depend on thread timing (bitwise the same from run to run at a given thread count).
+results do not depend on thread timing (bitwise the same from run to run at a given thread count). The blocks run
+with torch.autocast off (it is per thread, so it reached the calling thread alone): half inputs are computed in fp32
+whatever the thread count, as in the Triton kernel.
 
 Dropout on the attention coefficients is given as an explicit boolean keep-mask [E, H] (in CSR order),
 so the fused path and the reference can be run with the same mask; the mask is the only [E, H]-sized
@@ -51,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import call_outside_graph, exp_flushed_, is_tracing, refuse_double_backward
+from zoo.layers import autocast_off, call_outside_graph, exp_flushed_, is_tracing, refuse_double_backward
 
 __all__ = [
     "CSR",
@@ -371,7 +373,9 @@ def segment_softmax_weighted_sum(scores: Tensor, values: Tensor, index: Tensor, 
     in a channel are all -inf, gives zeros there (:func:`segment_softmax` gives NaN weights for the latter, as
     PyG's softmax). Equal to ``index_add(segment_softmax(scores, index) * values)`` (the reference), but
     autograd keeps only the inputs and [N, C] statistics, not the [E, C] weights and products, and the
-    backward is one pass of gathers and products (see _SegmentSoftmaxWeightedSum).
+    backward is one pass of gathers and products (see _SegmentSoftmaxWeightedSum). Scores and values of different
+    float dtypes are computed, and returned, in ``torch.promote_types`` of the two (as that composition's product
+    promotes); their gradients come back in each input's own dtype.
 
     ``rowptr`` [num_segments + 1]: the entries are in CSR order (sorted by index, segment n at
     rowptr[n]..rowptr[n + 1] - 1), which lets the forward and the backward run as the Triton kernels
@@ -398,6 +402,10 @@ def segment_softmax_weighted_sum(scores: Tensor, values: Tensor, index: Tensor, 
     if rowptr is not None:
         _check_rowptr(fn, rowptr, index_E, num_segments)
     index_E = index_E.long()  # int32 is taken; the scatter ops need int64 (see segment_softmax)
+    # Mixed dtypes compute in the wider one, as the PyG composition torch promotes (bf16 scores with fp32 values
+    # gave a bf16 result); the casts send each gradient back in its input's own dtype.
+    dtype = torch.promote_types(scores_EC.dtype, values_EC.dtype)
+    scores_EC, values_EC = scores_EC.to(dtype), values_EC.to(dtype)
     kernel = rowptr is not None and (impl == "triton" or (impl == "auto" and scores_EC.is_cuda))
     return _SegmentSoftmaxWeightedSum.apply(scores_EC, values_EC, index_E, num_segments, rowptr if kernel else None)
 
@@ -448,6 +456,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _promoted_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """The dtype torch's promotion gives these tensors (None skipped): what PyG's unfused layers return for them,
+    since their scores and messages are products of the inputs. Under torch.autocast the projected features are
+    half but the attention vectors fp32 parameters, and PyG's ``(x * att).sum(-1)`` and ``x_j * alpha`` are fp32
+    (torch_geometric 2.8.1, GATConv / GATv2Conv with return_attention_weights=True under CPU autocast bf16: out
+    and alpha float32)."""
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _check_keep(keep: Optional[Tensor], num_edges: int, heads: int, dropout: float) -> None:
     if keep is None:
         return
@@ -467,7 +488,9 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_EH, v_NHC, csr: CSR, keep, dropout, need_weights, chunk):
         H, C = v_NHC.shape[1], v_NHC.shape[2]
-        cdt = _compute_dtype(v_NHC.dtype)
+        # out in the dtype of PyG's messages v_j * alpha_ij, alpha in the scores' (softmax keeps it)
+        out_dtype = _promoted_dtype(s_EH, v_NHC)
+        ctx.cdt = cdt = _compute_dtype(out_dtype)
         out = torch.zeros(csr.num_dst, H, C, dtype=cdt, device=v_NHC.device)
         row_max = torch.full((csr.num_dst, H), float("-inf"), dtype=cdt, device=v_NHC.device)  # (_block_softmax)
         log_sum = torch.zeros((csr.num_dst, H), dtype=cdt, device=v_NHC.device)
@@ -482,10 +505,10 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
             _add_rows_(out[n0:n1], dl, msg)
         ctx.save_for_backward(s_EH, v_NHC, row_max, log_sum, keep)
         ctx.csr, ctx.dropout, ctx.chunk = csr, dropout, chunk
-        out = out.to(v_NHC.dtype)
+        out = out.to(out_dtype)
         if alpha_all is None:
             return out, None
-        alpha_all = alpha_all.to(v_NHC.dtype)
+        alpha_all = alpha_all.to(s_EH.dtype)
         ctx.mark_non_differentiable(alpha_all)
         return out, alpha_all
 
@@ -495,7 +518,7 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
         s_EH, v_NHC, row_max, log_sum, keep = ctx.saved_tensors
         csr, dropout = ctx.csr, ctx.dropout
         H, C = v_NHC.shape[1], v_NHC.shape[2]
-        cdt = _compute_dtype(v_NHC.dtype)
+        cdt = ctx.cdt
         g_NHC = g_NHC.to(cdt)
         need_s, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gs = torch.zeros(s_EH.shape, dtype=cdt, device=s_EH.device) if need_s else None
@@ -538,7 +561,9 @@ def segment_softmax_aggregate(
     """``out_i = sum_{j -> i} softmax_j(s_ji) * keep_ji / (1 - dropout) * v_j`` for every destination i.
 
     s_EH [E, H] scores in CSR order (``csr``'s sorted edges); v_NHC [Ns, H, C] values of the source
-    nodes. Returns (out [Nd, H, C], alpha [E, H] or None); destinations without edges get zeros."""
+    nodes. Returns (out [Nd, H, C], alpha [E, H] or None); destinations without edges get zeros. As PyG's
+    ``softmax`` and message ``v_j * alpha``: alpha in the scores' dtype, out in the promotion of the two (fp32 for
+    GATConv under torch.autocast, whose scores are fp32); computed in fp32 for half inputs."""
     if s_EH.dim() != 2 or s_EH.size(0) != csr.num_edges:
         raise ValueError(f"scores must be [E={csr.num_edges}, H], got {tuple(s_EH.shape)}")
     if v_NHC.dim() != 3 or v_NHC.size(0) != csr.num_src or v_NHC.size(1) != s_EH.size(1):
@@ -630,11 +655,17 @@ def _run_blocks(worker, blocks: list, device, width: int = 1) -> list:
     release the GIL). A block's work is ~15 tensor ops on a few MiB; as separate OpenMP parallel regions
     those pay a thread barrier each, which dominated on this project's shared 2-core machine (CPU time
     1.4 s single-threaded vs 4.6 s with 2 intra-op threads for one 200k-edge fwd+bwd). Results come back
-    in group order."""
+    in group order.
+
+    The workers run with torch.autocast off, on every thread: they compute in their own dtype (fp32 for half
+    inputs, as the Triton kernel does), and autocast, which is per thread, reached only the calling thread's
+    matmuls (rounding the scores to bf16 there and not in the worker threads: under autocast the output
+    depended on the thread count, 8e-3 apart at 1 and 2 threads)."""
     threads = torch.get_num_threads()
     edges = blocks[-1][3] - blocks[0][2] if blocks else 0
     if device.type != "cpu" or threads <= 1 or len(blocks) <= 1 or edges * width < THREADED_MIN_ELEMENTS:
-        return [worker(blocks)]
+        with autocast_off(device.type):
+            return [worker(blocks)]
     groups = _split_blocks(blocks, threads)
     from concurrent.futures import ThreadPoolExecutor
 
@@ -644,7 +675,7 @@ def _run_blocks(worker, blocks: list, device, width: int = 1) -> list:
 
     def run(group):
         torch.set_num_threads(1)
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad_mode):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_mode), autocast_off(device.type):
             return worker(group)
 
     torch.set_num_threads(1)
@@ -665,7 +696,8 @@ class _GATv2Attention(torch.autograd.Function):
     def forward(ctx, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, csr: CSR, slope, keep, dropout,
                 need_weights, chunk):
         Nd, H, C = csr.num_dst, xs_NHC.shape[1], xs_NHC.shape[2]
-        cdt = _compute_dtype(xs_NHC.dtype)
+        out_dtype = _promoted_dtype(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD)  # out and alpha
+        ctx.cdt = cdt = _compute_dtype(out_dtype)
         dev = xs_NHC.device
         w_att = _head_dot_matrix(att_HC.to(cdt))
         out = torch.zeros(Nd, H, C, dtype=cdt, device=dev)
@@ -691,10 +723,10 @@ class _GATv2Attention(torch.autograd.Function):
         _run_blocks(worker, csr.blocks(chunk // max(1, H * C)), dev, H * C)
         ctx.save_for_backward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max, log_sum, keep)
         ctx.csr, ctx.slope, ctx.dropout, ctx.chunk = csr, slope, dropout, chunk
-        out = out.to(xs_NHC.dtype)
+        out = out.to(out_dtype)
         if alpha_all is None:
             return out, None
-        alpha_all = alpha_all.to(xs_NHC.dtype)
+        alpha_all = alpha_all.to(out_dtype)
         ctx.mark_non_differentiable(alpha_all)
         return out, alpha_all
 
@@ -704,7 +736,7 @@ class _GATv2Attention(torch.autograd.Function):
         xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max, log_sum, keep = ctx.saved_tensors
         csr, slope, dropout = ctx.csr, ctx.slope, ctx.dropout
         H, C = xs_NHC.shape[1], xs_NHC.shape[2]
-        cdt = _compute_dtype(xs_NHC.dtype)
+        cdt = ctx.cdt
         dev = xs_NHC.device
         att = att_HC.to(cdt)
         w_att = _head_dot_matrix(att)
@@ -869,8 +901,11 @@ def gatv2_attention(
     (x_dst [Nd, F], weight [H*C, F], bias [H*C] or None) lets the CPU path project the destination
     features block by block, so neither xd nor its gradient exists as an [Nd, H, C] tensor (the Triton
     path projects up front). Returns (out [Nd, H, C], alpha [E, H] in CSR order or None). alpha is
-    returned without gradient. ``impl``: "auto" (the Triton kernel on CUDA tensors, the chunked PyTorch
-    path otherwise), "torch" or "triton" (also on CPU tensors under TRITON_INTERPRET=1).
+    returned without gradient. Both come in the promoted dtype of the inputs, as PyG's unfused formula gives them
+    (fp32 under torch.autocast, where ``att`` stays an fp32 parameter; bf16 for a bf16 layer); the CPU path
+    computes in fp32 for half inputs, with autocast off inside. ``impl``: "auto" (the Triton kernel on CUDA
+    tensors, the chunked PyTorch path otherwise), "torch" or "triton" (also on CPU tensors under
+    TRITON_INTERPRET=1).
     """
     x_dst, w_dst, b_dst = _check_dst_projection(xs_NHC, xd_NHC, dst_projection)
     _check_gatv2_inputs(xs_NHC, xd_NHC, x_dst, att_HC, csr, edge_attr, edge_weight)
@@ -884,16 +919,25 @@ def gatv2_attention(
 
 def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
                  dropout, need_weights, impl, chunk_elements):
-    """The Triton kernel (CUDA, or impl="triton") or the blocked CPU function, on checked inputs."""
+    """The Triton kernel (CUDA, or impl="triton") or the blocked CPU function, on checked inputs.
+
+    The kernel reads every input in the source features' dtype: under torch.autocast those are half (from
+    ``lin_l(x)``) next to the fp32 parameters ``att`` and ``lin_edge.weight`` (and fp32 edge features), which are
+    cast to it here (their gradients flow back through the casts in fp32), as autocast itself casts the inputs of
+    a matmul. Out and alpha come back in the promoted dtype, as from the CPU function and PyG."""
     if impl == "triton" or (impl == "auto" and xs_NHC.is_cuda):
         from zoo.kernels.edge_softmax import gatv2_edge_softmax
 
+        out_dtype = _promoted_dtype(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight)
         if xd_NHC is None:
             xd_NHC = F.linear(x_dst, w_dst, b_dst).view(x_dst.size(0), *xs_NHC.shape[1:])
-        return gatv2_edge_softmax(
-            xs_NHC, xd_NHC, att_HC, csr, edge_attr=edge_attr, edge_weight=edge_weight,
-            negative_slope=negative_slope, keep=keep, dropout=dropout, need_weights=need_weights,
+        like_xs = lambda t: None if t is None else t.to(xs_NHC.dtype)  # noqa: E731
+        out, alpha = gatv2_edge_softmax(
+            xs_NHC, like_xs(xd_NHC), like_xs(att_HC), csr, edge_attr=like_xs(edge_attr),
+            edge_weight=like_xs(edge_weight), negative_slope=negative_slope, keep=keep, dropout=dropout,
+            need_weights=need_weights,
         )
+        return out.to(out_dtype), None if alpha is None else alpha.to(out_dtype)
     return _GATv2Attention.apply(
         xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight, csr, float(negative_slope), keep,
         float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS),

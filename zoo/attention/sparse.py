@@ -53,7 +53,7 @@ import torch
 from zoo.attention import backends as _backends
 from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, ChunkWindow, Mask, Or, as_mask, cache_put
 from zoo.attention.radial import Radial
-from zoo.layers import exp_flushed_ as _exp_flushed_, is_tracing, refuse_double_backward, to_pair
+from zoo.layers import autocast_off, exp_flushed_ as _exp_flushed_, is_tracing, refuse_double_backward, to_pair
 
 __all__ = ["block_sparse_attention", "choose_tiles", "AUTO_MAX_KEPT", "AUTO_MIN_CELLS", "DEFAULT_TILE"]
 
@@ -683,10 +683,8 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, d_out):
         refuse_double_backward("attend's block-sparse path", "run that attention with backend='torch' "
                                "(zoo.attention.use_backend('torch')), whose gradients are differentiable")
-        from zoo.attention.core import _autocast_off
-
         # a backward called inside torch.autocast would lower the fp32 tile products, as in the forward
-        with _autocast_off(d_out.device.type):
+        with autocast_off(d_out.device.type):
             return _BlockSparseAttention._backward(ctx, d_out)
 
     @staticmethod
