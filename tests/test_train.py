@@ -790,3 +790,26 @@ def test_resume_mid_epoch_with_reloaded_dataloaders_is_exact(tmp_path):
     b = torch.load(resumed["last_ckpt"], weights_only=True)["state_dict"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("cut", ["max_steps_at_epoch_end", "stopped_after_an_epoch"])
+def test_resume_from_an_epoch_end_under_max_steps_is_exact(tmp_path, cut):
+    """Training bounded by trainer.max_steps, resumed from a checkpoint written at an epoch's end: Lightning
+    restored the epoch as not completed, set the sampler's epoch one ahead, and the resumed run trained the next
+    epoch on the order of the one after it (weights 2e-3 off). When max_epochs also bounded the run, it trained no
+    step and reported the run finished. (The learning-rate schedule is all warm-up here, so a cut run's
+    schedule equals the longer run's.)"""
+    options = ["trainer.limit_train_batches=4", "data.batch_size=16", "data.augment=none", "task.warmup_epochs=5"]
+    straight = run.train(_cfg(tmp_path, "straight", *options, "trainer.max_epochs=2", "+trainer.max_steps=8"))
+    if cut == "max_steps_at_epoch_end":  # max_steps ends the first run exactly at epoch 0's last batch
+        first, then = ["trainer.max_epochs=2", "+trainer.max_steps=4"], ["trainer.max_epochs=2", "+trainer.max_steps=8"]
+    else:  # a run stopped after epoch 0's checkpoint (max_epochs=1 stands for a killed job), resumed unbounded
+        first, then = ["trainer.max_epochs=1", "+trainer.max_steps=8"], ["trainer.max_epochs=-1", "+trainer.max_steps=8"]
+    part = run.train(_cfg(tmp_path, "part", *options, *first))
+    assert part["global_step"] == 4
+    resumed = run.train(_cfg(tmp_path, "part", *options, *then, f"ckpt_path={part['last_ckpt']}"))
+    assert resumed["global_step"] == straight["global_step"] == 8
+    a = torch.load(straight["last_ckpt"], weights_only=True)["state_dict"]
+    b = torch.load(resumed["last_ckpt"], weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)

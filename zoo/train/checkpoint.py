@@ -56,6 +56,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
 
+def _zero_current(progress) -> None:
+    """The ``current`` counters of a Lightning progress state dict (nested ones too) set to 0, as at an epoch start."""
+    if not isinstance(progress, dict):
+        return
+    for key, value in progress.items():
+        if key == "current" and isinstance(value, dict):
+            for name in value:
+                value[name] = 0
+        elif isinstance(value, dict):
+            _zero_current(value)
+
+
 class LastCheckpoint(ModelCheckpoint):
     """The run's resumable checkpoint: a ModelCheckpoint (no monitor, one file) written at the end of every training
     epoch, and also at the step where ``trainer.max_steps`` ends training inside an epoch.
@@ -72,6 +84,32 @@ class LastCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         # ModelCheckpoint's own key: checkpoints written before this class existed resume with their state
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """Every checkpoint of the run written at an epoch's end records that epoch as completed, and the epoch
+        loop's batch counters as at the next epoch's start.
+
+        Lightning (2.6) writes the epoch-end checkpoint before it counts the epoch as completed. When training is
+        bounded by ``trainer.max_steps``, its restore does not finish that count, and it set the training
+        sampler's epoch one ahead of the loop's. The resumed run then trained the next epoch on the order of the
+        one after it. If ``max_epochs`` also ended the run, it trained fewer steps, or none, and reported the run
+        finished. Counted as completed, every run resumes at the next epoch's first batch, as an epoch-bounded
+        run does."""
+        state = super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})
+        epochs = fit.get("epoch_progress")
+        if epochs:
+            ended = [counts["ready"] == counts["started"] == counts["processed"] == counts["completed"] + 1
+                     for counts in (epochs["current"], epochs["total"])]
+            if all(ended):
+                for counts in (epochs["current"], epochs["total"]):
+                    counts["completed"] = counts["processed"]
+                for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress",
+                            "epoch_loop.automatic_optimization.optim_progress"):
+                    _zero_current(fit.get(key))
+                if "epoch_loop.batch_progress" in fit:
+                    fit["epoch_loop.batch_progress"]["is_last_batch"] = False
+        return state
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
