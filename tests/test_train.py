@@ -813,3 +813,19 @@ def test_resume_from_an_epoch_end_under_max_steps_is_exact(tmp_path, cut):
     b = torch.load(resumed["last_ckpt"], weights_only=True)["state_dict"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_reported_validation_metrics_are_those_of_the_final_weights(tmp_path):
+    """trainer.check_val_every_n_epoch=2 with max_epochs=3: the last epoch trains without validation. metrics.json
+    and released/config.json reported epoch 2's val/* (weights 10 steps older than the released ones); the run
+    now validates its final weights once more, and they equal zoo eval's score of last.ckpt."""
+    cfg = _cfg(tmp_path, "every2", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2",
+               "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "task.lr=0.01", "task.warmup_epochs=0",
+               "data.augment=none", "export=true")
+    result = run.train(cfg)
+    assert result["global_step"] == 12
+    final = run.evaluate(result["last_ckpt"], split="val")
+    assert final["val/acc1"] == pytest.approx(result["metrics"]["val/acc1"], abs=1e-7)
+    assert final["val/loss"] == pytest.approx(result["metrics"]["val/loss"], abs=1e-6)
+    released = json.loads((tmp_path / "every2" / "released" / "config.json").read_text())
+    assert released["metadata"]["metrics"]["val/loss"] == pytest.approx(final["val/loss"], abs=1e-6)

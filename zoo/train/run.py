@@ -504,6 +504,26 @@ def _interrupt_callback(run_dir: Path):
     return InterruptNote()
 
 
+def _validation_step_callback():
+    """A Lightning callback whose ``step`` is the global step of the last validation of the fit (None before one)."""
+    import lightning.pytorch as pl
+
+    class ValidationStep(pl.Callback):
+        step: Optional[int] = None
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking and trainer.state.fn == "fit":
+                self.step = int(trainer.global_step)
+
+    return ValidationStep()
+
+
+def _validates(cfg) -> bool:
+    """Whether the run has validation batches (``trainer.limit_val_batches`` not 0)."""
+    limit = cfg.trainer.get("limit_val_batches", 1.0)
+    return limit is None or float(limit) > 0
+
+
 def _check_not_a_finished_run(run_dir: Path, cfg) -> None:
     """A new run into a run_dir that holds one would overwrite its checkpoints, config.yaml and released/ (Lightning
     only warns): refused, unless the run resumes (ckpt_path=). DDP workers (rank > 0) skip the check: rank 0 has
@@ -536,7 +556,8 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         _check_resume_fits(resume, module, cfg)
         resumed_at_step = resume[1].get("global_step")
         del resume  # Lightning reads the file again in fit(): do not hold two copies
-    callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir)]
+    validated = _validation_step_callback()
+    callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir), validated]
     trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
     if trainer.is_global_zero:
         _keep_previous_metrics(trainer.loggers)
@@ -548,6 +569,13 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
     seconds = time.perf_counter() - start
     metrics = _float_metrics(trainer.callback_metrics)
+    if (_validates(cfg) and trainer.global_step > 0 and validated.step != int(trainer.global_step)
+            and (resumed_at_step is None or int(trainer.global_step) != int(resumed_at_step))):
+        # the last epochs trained without validation (trainer.check_val_every_n_epoch not dividing max_epochs, or
+        # max_steps ending between validations): the val/* of metrics.json and released/ would be those of
+        # earlier weights; validated once more, they are the final weights'
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.update(_float_metrics(results[0] if results else {}))
     if cfg.get("test", True):
         results = trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
         metrics.update(_float_metrics(results[0] if results else {}))
