@@ -601,6 +601,8 @@ class NodeDataModule(_Base):
         return self.data["num_classes"]
 
     def _loader(self):
+        """Under DDP Lightning's DistributedSampler pads this one-item dataset: every process gets the whole graph
+        (the masks, not the sampler, split it), so the metrics are equal on all processes."""
         batch = {k: v for k, v in self.data.items() if isinstance(v, torch.Tensor)}
         return torch.utils.data.DataLoader([batch], batch_size=None)
 
@@ -612,6 +614,25 @@ class NodeDataModule(_Base):
 
     def test_dataloader(self):
         return self._loader()
+
+
+def evaluation_sampler(dataset, what: str, fix: str, unit: str = "graph"):
+    """The sampler of a split that is scored (validation, test): None in one process; under DDP each item on
+    exactly one process, the vision data's rule (``zoo.tasks.vision.data._evaluation_sampler``): Lightning's
+    default DistributedSampler padded a split that does not divide by the process count with repeated items
+    (45 test graphs on 2 processes: 46 scored). A process left without an item would skip the evaluation while
+    the others wait for it in the metrics' reduction, so that is refused: ``what`` names the split, ``unit`` its
+    items, ``fix`` the setting that enlarges it."""
+    import torch.distributed as dist
+
+    from zoo.tasks.vision.data import _evaluation_sampler  # here: the vision package registers its models
+
+    # checked before the sampler is built, on every process alike (Lightning's sampler asserts on the empty one)
+    processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if len(dataset) < processes:
+        raise ValueError(f"the {what} holds {len(dataset)} {unit}(s) for {processes} DDP processes: each process "
+                         f"scores its share and needs at least one; {fix}, or use fewer trainer.devices")
+    return _evaluation_sampler(dataset)
 
 
 def _graph_split_sizes(num_graphs: int) -> tuple[int, int, int]:
@@ -663,7 +684,10 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
     def _loader(self, split, shuffle):
         # the training order comes from (seed, epoch), which Lightning passes on through set_epoch, not from
         # the global RNG at each epoch's iterator: a run resumed from a checkpoint sees the same batches
-        sampler = self.training_sampler(self.splits[split], self.batch_size) if shuffle else None
+        if shuffle:
+            sampler = self.training_sampler(self.splits[split], self.batch_size)
+        else:
+            sampler = evaluation_sampler(self.splits[split], f"{split} split", "raise data.num_graphs")
         return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, sampler=sampler,
                                            collate_fn=collate_graphs, num_workers=self.num_workers)
 

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from zoo.tasks.graph.datasets import evaluation_sampler
 from zoo.train.order import ResumableTrainingOrder
 
 try:
@@ -146,7 +147,11 @@ class DictionaryLookupDataModule(ResumableTrainingOrder, _Base):
         # the training order comes from (seed, epoch), which Lightning passes on through set_epoch, not from
         # the global RNG at each epoch's iterator: a run resumed from a checkpoint sees the same batches
         dataset = _PermDataset(perms)
-        sampler = self.training_sampler(dataset, self.batch_size) if shuffle else None
+        if shuffle:
+            sampler = self.training_sampler(dataset, self.batch_size)
+        else:  # val and test are the same unseen-combination split
+            sampler = evaluation_sampler(dataset, "unseen-combination split", "raise data.max_examples or lower "
+                                         "data.train_fraction", unit="example")
         return torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler,
             collate_fn=_collate_list, num_workers=self.num_workers,

@@ -10,9 +10,13 @@ optimise with plain Adam and a constant learning rate, as the GAT and GATv2 pape
   (DictionaryLookup: {"x", "edge_index", "target_index" [Q], "y" [Q], "num_graphs"}) or on whole graphs
   (graph classification: {"x", "edge_index", "batch" [N], "num_graphs", "y" [G]}).
 
-Metrics: ``train/loss``, ``train/acc1`` (mean over the epoch's batches), ``val/acc1``, ``test/acc1``
+Metrics: ``train/loss``, ``train/acc1`` (over the epoch's targets), ``val/acc1``, ``test/acc1``
 (top-1 accuracy, the name the default checkpoint callback monitors); DictionaryLookup adds
 ``val/graph_acc`` / ``test/graph_acc`` (the fraction of graphs whose every query is right).
+Under DDP (``trainer=ddp_cpu``, ``trainer=ddp``) they are the whole split's, as in one process: the graph
+mini-batch metrics are torchmetrics ``MeanMetric`` sums reduced over the processes at the epoch's end, each graph
+scored on one process (``zoo.tasks.graph.datasets.evaluation_sampler``); node classification gives every process
+the whole graph, so its metrics are equal on all processes.
 ``stop_at_acc`` stops training once val/acc1 reaches it (the DictionaryLookup paper stops at 100%); the
 sanity-check validation Lightning runs before training does not count. ``trainer.max_epochs=-1`` is refused
 unless ``stop_at_acc``, ``trainer.max_steps``, ``trainer.max_time`` or an EarlyStopping callback ends the run
@@ -26,10 +30,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchmetrics.aggregation import MeanMetric
 
 from zoo.train.module import ZooModule
 
 __all__ = ["NodeClassificationModule", "GraphTargetsModule"]
+
+# the epoch means of an evaluation split (graph_acc is logged for DictionaryLookup batches only)
+_EVAL_METRICS = ("loss", "acc1", "graph_acc")
 
 
 class _GraphModule(ZooModule):
@@ -113,6 +121,8 @@ class NodeClassificationModule(_GraphModule):
         return loss
 
     def _eval(self, batch, splits):
+        """Under DDP every process gets the whole graph (NodeDataModule's one-batch loader, which Lightning's
+        DistributedSampler hands to every process) and logs the same accuracies: nothing to reduce."""
         logits = self(batch, self.eval_model)
         self._check_num_classes(logits)
         for split in splits:
@@ -132,6 +142,15 @@ class GraphTargetsModule(_GraphModule):
                  stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
                  torch_compile: bool | str | None = None):
         super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile)
+        # The epoch metrics as sums over the targets (graphs, queries) of every process, as the vision module's
+        # (zoo.tasks.vision.module): under DDP a logged per-process mean was rank 0's alone (sync_dist=True would
+        # average per-process means, wrong when the processes hold different counts). States are not persistent:
+        # checkpoints are unchanged. nan_strategy=nan: a diverged model's NaN loss shows instead of being dropped.
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{name}": MeanMetric(nan_strategy=float("nan"))
+            for stage, names in (("train", ("acc1",)), ("val", _EVAL_METRICS), ("test", _EVAL_METRICS))
+            for name in names
+        })
 
     def forward(self, batch, model: Optional[nn.Module] = None):
         model = model or self.model
@@ -139,19 +158,27 @@ class GraphTargetsModule(_GraphModule):
             return model(batch["x"], batch["edge_index"], batch["target_index"])
         return model(batch["x"], batch["edge_index"], batch["batch"], batch["num_graphs"])
 
+    def _log_mean(self, stage: str, name: str, values: torch.Tensor, weight: float = 1.0, batch_size: int = 1,
+                  prog_bar: bool = False) -> None:
+        """Add ``values`` (each with ``weight``) to the epoch mean ``{stage}/{name}`` and log it."""
+        metric = self.metrics[f"{stage}_{name}"]
+        metric.update(values, weight)
+        self.log(f"{stage}/{name}", metric, prog_bar=prog_bar, on_step=False, on_epoch=True, batch_size=batch_size)
+
     def _step(self, batch, stage):
         logits = self(batch, self.model if stage == "train" else self.eval_model)
         self._check_num_classes(logits)
         loss = F.cross_entropy(logits, batch["y"])
         correct = logits.detach().argmax(-1) == batch["y"]
         n = batch["y"].numel()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=n)
-        # train/acc1: the mean over the epoch's batches (not the last batch alone)
-        self.log(f"{stage}/acc1", correct.float().mean(), prog_bar=True, batch_size=n, on_epoch=True,
-                 on_step=False)
+        if stage == "train":  # the step's loss, of this process's batch
+            self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        else:
+            self._log_mean(stage, "loss", loss.detach(), weight=n, batch_size=n)
+        self._log_mean(stage, "acc1", correct.float(), batch_size=n, prog_bar=True)
         if "target_index" in batch and stage != "train":
-            per_graph = correct.view(batch["num_graphs"], -1).all(dim=1).float().mean()
-            self.log(f"{stage}/graph_acc", per_graph, batch_size=batch["num_graphs"])
+            per_graph = correct.view(batch["num_graphs"], -1).all(dim=1).float()
+            self._log_mean(stage, "graph_acc", per_graph, batch_size=batch["num_graphs"])
         return loss
 
     def training_step(self, batch, batch_idx):

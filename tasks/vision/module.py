@@ -137,12 +137,12 @@ class ImageClassifier(ZooModule):
             f"{stage}_acc{k}": MulticlassAccuracy(num_classes=num_classes, top_k=kk, average="micro")
             for stage in ("train", "val", "test") for k, kk in ((1, 1), (5, top5))
         })
-        # the evaluation loss as a metric too: summed over images and processes, so under DDP with splits of
-        # unequal size per process it is the mean over images (a logged per-process mean would be averaged
-        # over processes instead)
+        # the loss as a metric too: summed over images and processes, so under DDP with splits of unequal size
+        # per process it is the mean over images (a logged per-process mean was rank 0's alone: the epoch
+        # train/loss of a 2-process run was rank 0's mean; with sync_dist it would be a mean of per-process means)
         # nan_strategy=nan: a diverged model's NaN loss must show, not be dropped with a warning (the default);
         # torchmetrics 1.9's "disable" would ignore the batch-size weights
-        self.metrics.update({f"{stage}_loss": MeanMetric(nan_strategy=float("nan")) for stage in ("val", "test")})
+        self.metrics.update({f"{stage}_loss": MeanMetric(nan_strategy=float("nan")) for stage in ("train", "val", "test")})
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.eval_model(self.prepare_input(x_BCHW)) if not self.training else self.model(self.prepare_input(x_BCHW))
@@ -163,7 +163,9 @@ class ImageClassifier(ZooModule):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step} (lower the lr, or clip gradients)")
         self.metrics["train_acc1"](logits_BK.detach(), labels_B)
         batch_size = labels_B.shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        # the step value is this process's batch loss, the epoch value the mean over every process's images
+        self.metrics["train_loss"](loss.detach(), weight=batch_size)
+        self.log("train/loss", self.metrics["train_loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log("train/acc1", self.metrics["train_acc1"], on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"] if self._trainer is not None and self.trainer.optimizers else 0.0,
                  on_step=True, on_epoch=False, batch_size=batch_size)
