@@ -101,3 +101,16 @@ def test_an_evaluation_split_smaller_than_the_process_count_is_refused(monkeypat
                                          r"data.num_graphs, or use fewer trainer.devices$"):
         evaluation_sampler([0], "val split", "raise data.num_graphs")
     assert list(evaluation_sampler([0, 1, 2], "val split", "raise data.num_graphs")) == [1]  # each graph once
+
+
+def test_an_image_evaluation_split_smaller_than_the_process_count_is_refused(monkeypatch):
+    """The image data modules' evaluation sampler makes the same check (Lightning's sampler failed with a bare
+    AssertionError on the process left without an image)."""
+    from zoo.tasks.vision.data import _evaluation_sampler
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 3)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 2)
+    with pytest.raises(ValueError, match=r"^the val or test split holds 2 image\(s\) for 3 DDP processes: "):
+        _evaluation_sampler([0, 1], "val or test split", "raise data.val_fraction")
+    assert list(_evaluation_sampler([0, 1, 2, 3, 4], "val or test split", "raise data.val_fraction")) == [2]

@@ -618,21 +618,12 @@ class NodeDataModule(_Base):
 
 def evaluation_sampler(dataset, what: str, fix: str, unit: str = "graph"):
     """The sampler of a split that is scored (validation, test): None in one process; under DDP each item on
-    exactly one process, the vision data's rule (``zoo.tasks.vision.data._evaluation_sampler``): Lightning's
-    default DistributedSampler padded a split that does not divide by the process count with repeated items
-    (45 test graphs on 2 processes: 46 scored). A process left without an item would skip the evaluation while
-    the others wait for it in the metrics' reduction, so that is refused: ``what`` names the split, ``unit`` its
-    items, ``fix`` the setting that enlarges it."""
-    import torch.distributed as dist
-
+    exactly one process, and a split smaller than the process count refused, as for images
+    (``zoo.tasks.vision.data._evaluation_sampler``: Lightning's default DistributedSampler padded a split that does
+    not divide by the process count with repeated items; 45 test graphs on 2 processes: 46 scored)."""
     from zoo.tasks.vision.data import _evaluation_sampler  # here: the vision package registers its models
 
-    # checked before the sampler is built, on every process alike (Lightning's sampler asserts on the empty one)
-    processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if len(dataset) < processes:
-        raise ValueError(f"the {what} holds {len(dataset)} {unit}(s) for {processes} DDP processes: each process "
-                         f"scores its share and needs at least one; {fix}, or use fewer trainer.devices")
-    return _evaluation_sampler(dataset)
+    return _evaluation_sampler(dataset, what, fix, unit)
 
 
 def _graph_split_sizes(num_graphs: int) -> tuple[int, int, int]:

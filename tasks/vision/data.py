@@ -197,15 +197,24 @@ def _check_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> 
     return mean, std
 
 
-def _evaluation_sampler(dataset: Dataset):
+def _evaluation_sampler(dataset: Dataset, what: str = "evaluation split", fix: str = "raise its size",
+                        unit: str = "image"):
     """None in one process. Under DDP, each image on exactly one process: Lightning's default
     DistributedSampler pads a split that does not divide by the process count with repeated images, which
     the synced metrics then counted twice (test accuracy 3/34 for 3 right of 33; the padded val accuracy
-    also picked best.ckpt). Lightning leaves a DistributedSampler it is given alone."""
+    also picked best.ckpt). Lightning leaves a DistributedSampler it is given alone.
+
+    A process left without an item would skip the evaluation while the others wait for it in the metrics'
+    reduction (Lightning's sampler asserts on one process only): refused on every process alike, ``what`` naming
+    the split, ``unit`` its items, ``fix`` the setting that enlarges it."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
+    processes = dist.get_world_size()
+    if len(dataset) < processes:
+        raise ValueError(f"the {what} holds {len(dataset)} {unit}(s) for {processes} DDP processes: each process "
+                         f"scores its share and needs at least one; {fix}, or use fewer trainer.devices")
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
@@ -331,7 +340,8 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=self.training_sampler(dataset, self.batch_size) if train else _evaluation_sampler(dataset),
+            sampler=self.training_sampler(dataset, self.batch_size) if train else _evaluation_sampler(
+                dataset, "val or test split", "raise data.val_fraction / the split's size"),
             num_workers=self.num_workers,
             drop_last=train and self.drop_last and len(dataset) >= self.batch_size,
         )
