@@ -307,3 +307,21 @@ def test_a_layer_and_its_cache_copy_and_pickle_together():
             want = layer(step, cache=forked)
             torch.testing.assert_close(copied_layer(step, cache=copied_cache), want)
         torch.testing.assert_close(layer(step, cache=cache), want)
+
+
+def test_a_cache_filled_in_inference_mode_continues_under_no_grad():
+    """A prompt run under torch.inference_mode() (Lightning's predict loop), decoding continued under
+    torch.no_grad(): torch's "Inplace update to inference tensor outside InferenceMode" came out of KVCache.append
+    (its storage is an inference tensor). The storage is now copied once to normal tensors; the outputs equal the
+    whole causal sequence's, through switches both ways."""
+    mha = _decoder()
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = mha(x, mask=Causal())
+    cache, outs = KVCache(), []
+    for (start, stop), mode in zip(((0, 4), (4, 5), (5, 6), (6, 8), (8, 9)), (torch.inference_mode, torch.no_grad,
+                                   torch.inference_mode, torch.no_grad, torch.no_grad)):
+        with mode():
+            outs.append(mha(x[:, start:stop], mask=Causal() if stop - start > 1 else None, cache=cache).clone())
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+    assert not cache.keys.is_inference()

@@ -124,3 +124,55 @@ def test_combines_with_other_masks_and_raises_clearly():
         attend(q, q, q, MaskMod(even_keys, num_heads=3))
     with pytest.raises(ValueError, match="does not broadcast"):
         MaskMod(lambda b, h, q, kv: torch.ones(1, 1, 1, 4, 4, dtype=torch.bool)).dense(4, 4)
+
+
+_BAND = 4  # module-level settings a predicate reads (a script's WINDOW = 4)
+_BOUNDS = (4, 0)
+
+
+def _band(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= _BAND
+
+
+def _bounded(b, h, q_idx, kv_idx):
+    return (kv_idx >= q_idx - _BOUNDS[0]) & (kv_idx <= q_idx + _BOUNDS[1])
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+@pytest.mark.parametrize("change", ["predicate_reassigned", "global_int", "global_tuple", "closure_int"])
+def test_a_new_predicate_or_a_setting_it_reads_reaches_the_block_sparse_backend(change):
+    """``m.mask_mod = other`` or a plain value the predicate reads (a global int, a tuple, a closure variable)
+    changed after the first call: Mask.version() saw neither, and the block-sparse backend (chosen automatically on
+    CPU at this size) served the old predicate's cached block maps and plans (max error 2.96, silently) while the
+    dense backends evaluated the new one."""
+    global _BAND, _BOUNDS
+    width = 4
+
+    def closure_band(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= width
+
+    q, k, v = torch.randn(3, 1, 2, 512, 16, generator=torch.Generator().manual_seed(2))
+    predicate = {"predicate_reassigned": _band, "global_int": _band, "global_tuple": _bounded,
+                 "closure_int": closure_band}[change]
+    mask = MaskMod(predicate)
+    try:
+        for backend in ("blocksparse", None):
+            before = attend(q, k, v, mask, backend=backend)  # fills the caches
+        if change == "predicate_reassigned":
+            mask.mask_mod = _causal
+        elif change == "global_int":
+            _BAND = 100
+        elif change == "global_tuple":
+            _BOUNDS = (100, 3)
+        else:
+            width = 100
+        want = attend(q, k, v, mask, backend="torch")  # the dense form of the predicate as it is now
+        assert not torch.allclose(want, before, atol=0.1)  # the change matters
+        for backend in ("blocksparse", None):
+            torch.testing.assert_close(attend(q, k, v, mask, backend=backend), want, atol=2e-6, rtol=1e-5,
+                                       msg=backend)
+    finally:
+        _BAND, _BOUNDS = 4, (4, 0)

@@ -569,3 +569,28 @@ def test_dense_key_padding_mask_broadcasts_over_queries(backend):
         attend(q, k, v, mask=Dense(keep[..., :60]))
     with pytest.raises(ValueError, match=r"a key dim of 1 does not broadcast here: expand it, mask.expand\(\.\.\., 70\)"):
         attend(q, k, v, mask=Dense(torch.ones(2, 1, 70, 1, dtype=torch.bool)))
+
+
+def test_a_mask_tensor_replaced_by_one_at_the_freed_address_is_seen():
+    """Mask.version() recorded id(tensor) and its version counter, keeping nothing alive: a tensor replaced twice
+    between two calls (a request whose attention was skipped) let the newest one be allocated at the recorded
+    tensor's freed address with version 0, and the block maps and plans of the first pattern were served (max
+    error 2.03). The record now matches only the same live tensor."""
+    from zoo.attention import attend
+
+    q, k, v = torch.randn(3, 1, 2, 256, 16, generator=torch.Generator().manual_seed(9))
+    i = torch.arange(256)
+    narrow, wide = ((i[:, None] - i[None, :]).abs() <= 4)[None, None], torch.ones(1, 1, 256, 256, dtype=torch.bool)
+    want = attend(q, k, v, Dense(wide), backend="torch")
+    reused = 0
+    for _ in range(5):
+        mask = Dense(narrow.clone())
+        recorded = id(mask.mask)
+        attend(q, k, v, mask, backend="blocksparse")  # block map and plan of the narrow band
+        mask.block_map(256, 256, 64)
+        mask.mask = None  # the recorded tensor is freed ...
+        mask.mask = wide.clone()  # ... and its successor (version 0) usually takes its address
+        reused += id(mask.mask) == recorded
+        assert torch.equal(mask.block_map(256, 256, 64).states, Dense(wide).block_map(256, 256, 64).states)
+        torch.testing.assert_close(attend(q, k, v, mask, backend="blocksparse"), want, atol=2e-6, rtol=1e-5)
+    assert reused, "no replacement landed at the freed address: this interpreter does not exercise the case"

@@ -6,6 +6,8 @@ uses a cache); every case here failed before zoo.layers.weights_stamp keyed the 
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -129,3 +131,133 @@ def test_alternating_inference_mode_and_no_grad_reuses_both_entries():
         assert layer.biases((3, 3))[0] is plain[0]
     with torch.inference_mode():
         assert layer.biases((3, 3))[0] is inference[0]
+
+
+
+class _PreemptedDict(dict):
+    """A dict that lets other threads run inside each of its operations (``time.sleep(0)`` releases the GIL), as a
+    busy server's scheduler may at any bytecode: the races of a cache show in a few calls instead of once in tens of
+    thousands (the audit's repro)."""
+
+    def __iter__(self):
+        for key in super().__iter__():
+            time.sleep(0)
+            yield key
+
+    def __setitem__(self, key, value):
+        time.sleep(0)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        time.sleep(0)
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        time.sleep(0)
+        return super().pop(*args)
+
+
+def test_shared_caches_serve_threads():
+    """Threads sharing one model (a server's thread pool): AgentAttention's 8-entry bias and pooling caches evicted
+    with ``cache.pop(next(iter(cache)))`` and the per-mask block-map cache (``cache_put`` iterated it; ``block_map``
+    tested ``key in cache`` and read it back) raised KeyError, StopIteration or "dictionary changed size during
+    iteration" when another thread evicted at the same time. Many sizes (more than the caches hold), caches that
+    switch threads inside every operation and a tiny switch interval: no exception, every result equal to the
+    single-thread one."""
+    import sys
+    import threading
+
+    from zoo.attention import Window
+
+    layer = AgentAttention(16, 2, agent_num=4, window=3).eval()
+    mask = Window(5, 0)
+    grids = [(a, b) for a in range(2, 8) for b in range(2, 8)]  # 36 sizes through 8-entry caches
+    lengths = range(8, 58)  # 50 sizes through the mask's 32
+    with torch.no_grad():
+        want_biases = {g: layer.biases(g) for g in grids}
+        want_pools = {g: layer.pool_matrix(g, want_biases[g][0]) for g in grids}
+    want_maps = {n: Window(5, 0).block_map(n, n, 4).states for n in lengths}
+    layer._bias_cache, layer._pool_cache, mask._block_cache = _PreemptedDict(), _PreemptedDict(), _PreemptedDict()
+    failures, served = [], []
+    start = threading.Barrier(4)
+
+    def worker(tid):
+        start.wait()
+        try:
+            for it in range(100):
+                g, n = grids[(it * 7 + tid * 5) % len(grids)], lengths[(it + tid) % len(lengths)]
+                with torch.no_grad():
+                    b1, b2 = layer.biases(g)
+                    served.append((g, n, b1, b2, layer.pool_matrix(g, b1), mask.block_map(n, n, 4).states))
+        except BaseException as error:  # noqa: B036 -- reported by the main thread
+            failures.append(f"thread {tid}: {type(error).__name__}: {error}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker, args=(tid,)) for tid in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[:3]
+    for g, n, b1, b2, pool, states in served:  # checked here: the threads spend their time in the caches
+        assert torch.equal(b1, want_biases[g][0]) and torch.equal(b2, want_biases[g][1]), g
+        assert torch.equal(pool, want_pools[g]) and torch.equal(states, want_maps[n]), (g, n)
+    assert len(served) == 400 and len(layer._bias_cache) <= 8 and len(mask._block_cache) <= 33
+
+
+def test_saving_or_copying_an_agent_model_leaves_its_size_caches_behind():
+    """torch.save(model) / copy.deepcopy(model) (the EMA and export copies) of an Agent-DeiT that had served a few
+    image sizes carried every resized bias, pooling and position table (agent_deit_tiny: 23 MB fresh, 65 MB after 8
+    sizes), as CachedGraphLayer's graph cache once did. They are rebuilt on the copy's first call."""
+    import copy
+    import io
+
+    def saved_bytes(model):
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        return buffer.getvalue()
+
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_deit_debug").eval()
+    images = [torch.randn(1, 3, h, w) for h, w in ((40, 56), (24, 24), (48, 32), (56, 56))]
+    fresh = len(saved_bytes(model))
+    with torch.no_grad():
+        want = [model(x) for x in images]
+    assert model._pos_cache and model.blocks[0].attn._bias_cache  # the sizes were cached
+    saved = saved_bytes(model)
+    assert len(saved) == fresh, f"{len(saved)} bytes after serving 4 sizes, {fresh} fresh"
+    for twin in (torch.load(io.BytesIO(saved), weights_only=False), copy.deepcopy(model)):
+        assert not twin._pos_cache and not twin.blocks[0].attn._bias_cache and not twin.blocks[0].attn._pool_cache
+        with torch.no_grad():
+            for x, out in zip(images, want):
+                torch.testing.assert_close(twin(x), out, rtol=0, atol=0)
+    assert model._pos_cache  # the original keeps its own
+
+
+def test_edge_index_fingerprint_weights_stay_bounded():
+    """The graph cache's fingerprint kept int64 position weights as long as the largest edge count ever seen, per
+    device, for the life of the process (64 MiB of CPU or GPU memory after one 4M-edge graph). They are now capped
+    and longer rows summed in chunks; the fingerprint is still the wrapping sum of ``index * (2 * position + 1)``
+    per row (the reference below), for every chunk size."""
+    from zoo.attention import graph
+
+    edge_index = torch.randint(0, 50_000, (2, 300_001), generator=torch.Generator().manual_seed(0))
+    weights = 2 * torch.arange(edge_index.size(1)) + 1
+    want = (edge_index * weights).sum(dim=1).tolist()  # int64, wrapping as the fingerprint's dot
+
+    def sums(fingerprint):
+        return list(fingerprint[1:3])  # key (dtype, shape), then the per-row sums, mins and maxes
+
+    graph._FINGERPRINT_WEIGHTS.clear()
+    assert sums(graph._edge_index_fingerprint(edge_index)) == want
+    kept = sum(w.numel() * w.element_size() for w in graph._FINGERPRINT_WEIGHTS.values())
+    assert 0 < kept <= 1 << 20, f"{kept} bytes of fingerprint weights kept for a 300k-edge graph"
+    small = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    assert sums(graph._edge_index_fingerprint(small)) == (small * (2 * torch.arange(5) + 1)).sum(1).tolist()
+    huge = torch.full((2, 70_000), 2**62 + 12345)  # the products wrap mod 2**64, in chunks as in one dot
+    want_huge = (huge * (2 * torch.arange(70_000) + 1)).sum(1).tolist()
+    assert sums(graph._edge_index_fingerprint(huge)) == want_huge

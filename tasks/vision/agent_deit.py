@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import capture as _capture
 from zoo.attention.agent import AgentAttention, tracing_or_exporting
+from zoo.attention.masks import cache_put
 from zoo.attention.modules import Mlp
 from zoo.layers import (
     DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates,
@@ -247,6 +248,13 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         self._pos_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        # pickle / torch.save(model) / copy.deepcopy (EMA, export): without the resized position tables (rebuilt
+        # on the next call), as AgentAttention and zoo.attention.graph.CachedGraphLayer drop theirs
+        state = dict(super().__getstate__())
+        state["_pos_cache"] = {}
+        return state
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
@@ -316,9 +324,8 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
             return hit[1]
         with torch.no_grad():
             resized = resize_pos_embed(self.pos_embed, grid, native)
-        if len(self._pos_cache) >= 8:
-            self._pos_cache.pop(next(iter(self._pos_cache)))
-        self._pos_cache[slot] = (key, resized, self.pos_embed)  # kept alive: its id cannot be reused
+        # the entry keeps pos_embed alive (its id cannot be reused); cache_put: bounded and safe across threads
+        cache_put(self._pos_cache, slot, (key, resized, self.pos_embed), limit=8)
         return resized
 
     def _embed(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -23,6 +23,9 @@ Letters: B batch, H heads, Nq/Nk query/key lengths, QB/KB number of query/key ti
 from __future__ import annotations
 
 import math
+import numbers
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,13 +60,25 @@ _VERSION_KEY = "__mask_version__"  # the entry of a per-mask cache that records 
 CACHE_ENTRIES_PER_MASK = 32
 
 
+# Taken around the size-changing operations of the bounded caches (cache_put, a version change in
+# Mask.versioned_cache): threads sharing one model or mask (a server's thread pool) evicted the same entry at once
+# (KeyError) or iterated a cache that another thread was changing (RuntimeError). Lookups take no lock: readers do
+# ``hit = cache.get(key)``, and on a miss build into a local, ``cache_put`` it and return the local (never
+# ``if key in cache: return cache[key]``: another thread may evict in between). Reentrant: dropping an entry may run
+# a finalizer that fills another cache.
+_CACHE_LOCK = threading.RLock()
+
+
 def cache_put(cache: dict, key, value, limit: int = CACHE_ENTRIES_PER_MASK) -> None:
-    """``cache[key] = value`` in a per-mask cache, dropping its oldest entry beyond ``limit`` entries (the version
-    record of :meth:`Mask.versioned_cache` does not count)."""
-    entries = [k for k in cache if k != _VERSION_KEY]
-    if len(entries) >= limit:
-        del cache[entries[0]]
-    cache[key] = value
+    """``cache[key] = value`` in a bounded cache (per-mask derived data, a layer's per-size tables), dropping its
+    oldest entries beyond ``limit`` entries (the version record of :meth:`Mask.versioned_cache` does not count).
+    Safe when threads share the cache (see ``_CACHE_LOCK`` for the reader's side)."""
+    with _CACHE_LOCK:
+        if key not in cache:
+            entries = [k for k in cache if k != _VERSION_KEY]
+            for oldest in entries[: max(0, len(entries) - limit + 1)]:
+                del cache[oldest]
+        cache[key] = value
 
 
 @dataclass(frozen=True)
@@ -144,11 +159,13 @@ class Mask:
         self.check_shape(q_len, k_len)
         key = (q_len, k_len, block_q, block_k, str(device))
         cache = self.versioned_cache(self.__dict__.setdefault("_block_cache", {}))
-        if key not in cache:
+        bmap = cache.get(key)  # one lookup: another thread may evict between a test and a read
+        if bmap is None:
             states = self._block_states(q_len, k_len, block_q, block_k, device).to(torch.int8)
             assert states.dim() == 4, type(self).__name__
-            cache_put(cache, key, BlockMap(states.contiguous(), block_q, block_k, q_len, k_len))
-        return cache[key]
+            bmap = BlockMap(states.contiguous(), block_q, block_k, q_len, k_len)
+            cache_put(cache, key, bmap)
+        return bmap
 
     def check_shape(self, q_len: int, k_len: int, batch: Optional[int] = None, heads: Optional[int] = None) -> None:
         """Raise ValueError when the mask cannot apply to this problem size (default: any size fits)."""
@@ -160,12 +177,19 @@ class Mask:
     def version(self) -> tuple:
         """A key of everything the mask's derived data depends on; it changes when the mask changes:
 
-        * a tensor of :meth:`tensors` edited in place (its version counter) or replaced by another tensor;
-        * a public setting reassigned (``window.left = 8``), in this mask or in the masks it is built from.
+        * a tensor of :meth:`tensors` edited in place (its version counter) or replaced by another tensor (even one
+          allocated at the freed address of the recorded one: see :class:`_SameObject`);
+        * a public setting reassigned (``window.left = 8``), in this mask or in the masks it is built from;
+        * for a :class:`MaskMod`, its predicate reassigned or a plain value it reads changed (see
+          :meth:`MaskMod.version`).
 
         Edits that bypass the version counter (through ``.data``, or a numpy array sharing the memory) are not
         seen: build a new mask after such an edit. Tensors made under ``torch.inference_mode()`` have no version
         counter: a mask reading one gets a new key at every call (its derived data is rebuilt each time)."""
+        return self._version_with(self.tensors())
+
+    def _version_with(self, tensors) -> tuple:
+        """:meth:`version` from the public settings and the given :meth:`tensors`."""
         parts = []
         for name, value in vars(self).items():
             if name.startswith("_"):
@@ -174,10 +198,10 @@ class Mask:
                 parts.append(value.version())
             elif value is None or isinstance(value, (bool, int, float, str, tuple)):
                 parts.append(value)
-        for t in self.tensors():
+        for t in tensors:
             if t.is_inference():
                 return (object(),)  # equal to nothing: no version counter to tell an edit
-            parts.append((id(t), t._version))
+            parts.append((_SameObject(t), t._version))
         return tuple(parts)
 
     def versioned_cache(self, cache: dict) -> dict:
@@ -185,9 +209,12 @@ class Mask:
         mask changed since it was filled (see :meth:`version`): every backend then sees the edit, as the dense mask
         does (cached block maps used to keep the old pattern, silently)."""
         version = self.version()
-        if cache.get(_VERSION_KEY, version) != version:
-            cache.clear()
-        cache[_VERSION_KEY] = version
+        recorded = cache.get(_VERSION_KEY)
+        if recorded is None or recorded != version:
+            with _CACHE_LOCK:  # no cache_put of another thread iterates the cache meanwhile
+                if cache.get(_VERSION_KEY, version) != version:
+                    cache.clear()
+                cache[_VERSION_KEY] = version
         return cache
 
     @property
@@ -223,6 +250,38 @@ class Mask:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class _SameObject:
+    """A part of :meth:`Mask.version` standing for one object (a tensor the mask reads, a MaskMod predicate): equal
+    only to a record of the same object, while that object lives. The version used to record ``id(tensor)`` alone,
+    keeping nothing alive: a replacement tensor allocated at the freed address, with version counter 0, matched the
+    record, and the block maps and plans of the old pattern were served. ``zoo.layers.weights_stamp`` keeps the
+    weights themselves in its cache entries; here a weak reference does the same job (a dead one equals nothing, so
+    a reused id never matches) without keeping a replaced tensor alive, or keeping alive, through the module-level
+    plan caches (WeakKeyDictionary values), a predicate that reaches its own mask (a bound method of the object
+    holding the mask). Objects without weak references are held strongly."""
+
+    __slots__ = ("_ref", "_obj")
+
+    def __init__(self, obj) -> None:
+        try:
+            self._ref, self._obj = weakref.ref(obj), None
+        except TypeError:
+            self._ref, self._obj = None, obj
+
+    def target(self):
+        """The object, or None once it is gone."""
+        return self._obj if self._ref is None else self._ref()
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, _SameObject):
+            return NotImplemented
+        obj = self.target()
+        return obj is not None and obj is other.target()
+
+    def __hash__(self) -> int:
+        return id(self.target())
 
 
 def _states_from_dense(dense: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
@@ -897,17 +956,33 @@ class MaskMod(Mask):
             parts.append(_states_from_dense(self._evaluate(start, stop, k_len, device), block_q, block_k))
         return torch.cat(parts, dim=-2)
 
+    def _predicate_inputs(self) -> list:
+        """The values the predicate reads through its closure cells and the module globals its code names (the
+        walk behind :meth:`tensors` and :meth:`version`)."""
+        fn = self.mask_mod
+        found = list(map(_cell_value, getattr(fn, "__closure__", None) or ()))
+        code, module_globals = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+        if code is not None and module_globals is not None:
+            found += [module_globals[n] for n in code.co_names if n in module_globals]
+        return found
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors the predicate reads through its closure or module globals (a document-id tensor, as in
         FlexAttention's document masking), so an in-place edit of one rebuilds the cached maps. Tensors it reaches
-        otherwise (an object's attribute, an argument of functools.partial) are not seen: build a new MaskMod after
-        editing those."""
-        fn = self.mask_mod
-        found = [v for v in map(_cell_value, getattr(fn, "__closure__", None) or ()) if isinstance(v, torch.Tensor)]
-        code, module_globals = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
-        if code is not None and module_globals is not None:
-            found += [module_globals[n] for n in code.co_names if isinstance(module_globals.get(n), torch.Tensor)]
-        return tuple(found)
+        otherwise (an object's attribute, an argument of functools.partial, a helper function's globals) are not
+        seen: build a new MaskMod after editing those."""
+        return tuple(v for v in self._predicate_inputs() if isinstance(v, torch.Tensor))
+
+    def version(self) -> tuple:
+        """:meth:`Mask.version`, plus the predicate: which function it is (``m.mask_mod = other`` rebuilds) and the
+        plain values -- None, bool, numbers, strings and tuples of them -- it reads through its closure or module
+        globals (``WINDOW = 100`` for a predicate comparing with ``WINDOW``). The cached block maps of the old
+        predicate used to be served after either change (a wrong result on the block-sparse backend, silently).
+        Values reached otherwise (an object's attribute, a helper function's globals) are not seen, as for
+        :meth:`tensors`."""
+        inputs = self._predicate_inputs()  # walked once for both
+        tensors = tuple(v for v in inputs if isinstance(v, torch.Tensor))
+        return self._version_with(tensors) + (_SameObject(self.mask_mod),) + tuple(filter(_is_setting, inputs))
 
     @property
     def _name(self) -> str:
@@ -915,6 +990,15 @@ class MaskMod(Mask):
 
     def __repr__(self) -> str:
         return f"MaskMod({self._name}, batch_size={self._batch}, num_heads={self._heads})"  # the constructor's names
+
+
+def _is_setting(value) -> bool:
+    """A plain value a version can record and compare: None, a bool, a number, a string, or a tuple of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):  # the common cases before the slower ABC check
+        return True
+    if isinstance(value, tuple):
+        return all(map(_is_setting, value))
+    return isinstance(value, numbers.Number)  # numpy scalars, Fraction, Decimal
 
 
 def _cell_value(cell):

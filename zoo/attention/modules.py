@@ -68,7 +68,8 @@ class KVCache:
 
     ``reorder(index)`` picks batch rows (beam search: the surviving beams); ``reset()`` empties the cache.
     For inference (``torch.no_grad()`` / ``inference_mode``): appending writes into the storage in place, so
-    gradients do not flow through cached keys (train decoders on whole sequences with ``mask=Causal()``).
+    gradients do not flow through cached keys (train decoders on whole sequences with ``mask=Causal()``). A cache
+    filled under ``inference_mode`` can be continued outside it (its storage is copied once to normal tensors).
     """
 
     def __init__(self, max_length: Optional[int] = None) -> None:
@@ -142,6 +143,11 @@ class KVCache:
                 k_new[:, :, : self.length] = self.keys
                 v_new[:, :, : self.length] = self.values
             self._k, self._v, self._start = k_new, v_new, 0
+        elif self._k.is_inference() and not torch.is_inference_mode_enabled():
+            # filled under torch.inference_mode() (a prefill in Lightning's predict loop), continued outside it
+            # (decoding under torch.no_grad()): torch refuses in-place writes to inference tensors there, so the
+            # storage is copied once to normal tensors (the cost of one growth step) instead of refusing the call
+            self._k, self._v = self._k.clone(), self._v.clone()
         end = self._start + self.length
         self._k[:, :, end : end + n] = k_BHnD
         self._v[:, :, end : end + n] = v_BHnD
