@@ -1198,9 +1198,10 @@ def _segment_ids_fit_int32(mask: Mask) -> bool:
     if not isinstance(mask, Segments):
         return True
     known = mask.versioned_cache(_INT32_IDS.setdefault(mask, {}))
-    if "fits" not in known:
-        known["fits"] = all(ids_fit_int32(ids) for ids in mask.tensors())
-    return known["fits"]
+    fits = known.get("fits")  # one lookup: the cache may be emptied by another thread in between
+    if fits is None:
+        fits = known["fits"] = all(ids_fit_int32(ids) for ids in mask.tensors())
+    return fits
 
 
 def triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights):

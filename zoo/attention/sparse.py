@@ -281,8 +281,9 @@ def _plan(mask: Mask, bias_shape, batch, heads, kv_heads, q_len, k_len, block_q,
     """The slices and tiles to visit (cached on the mask for repeated calls with the same sizes)."""
     key = (bias_shape, batch, heads, kv_heads, q_len, k_len, block_q, block_k, str(device))
     per_mask = mask.versioned_cache(_PLAN_CACHE.setdefault(mask, {}))  # emptied after an in-place edit of the mask
-    if key in per_mask:
-        return per_mask[key]
+    cached = per_mask.get(key)  # one lookup: another thread may evict between a test and a read (masks._CACHE_LOCK)
+    if cached is not None:
+        return cached
     states = mask.block_map(q_len, k_len, block_q, block_k, "cpu").states
     mb, mh = states.shape[:2]
     groups = heads // kv_heads
