@@ -22,6 +22,7 @@ Letters: B batch, H heads, Nq/Nk query/key lengths, QB/KB number of query/key ti
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import threading
@@ -31,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from zoo.layers import is_int, positive_int, to_pair
+from zoo.layers import is_int, is_tracing, positive_int, to_pair
 
 __all__ = [
     "EMPTY",
@@ -69,11 +70,17 @@ CACHE_ENTRIES_PER_MASK = 32
 _CACHE_LOCK = threading.RLock()
 
 
+def _cache_lock():
+    """``_CACHE_LOCK``, or no lock while torch.compile / export traces the caller (Dynamo cannot enter a lock, and
+    a traced graph's cache updates run at trace time, in the tracing thread)."""
+    return contextlib.nullcontext() if is_tracing() else _CACHE_LOCK
+
+
 def cache_put(cache: dict, key, value, limit: int = CACHE_ENTRIES_PER_MASK) -> None:
     """``cache[key] = value`` in a bounded cache (per-mask derived data, a layer's per-size tables), dropping its
     oldest entries beyond ``limit`` entries (the version record of :meth:`Mask.versioned_cache` does not count).
     Safe when threads share the cache (see ``_CACHE_LOCK`` for the reader's side)."""
-    with _CACHE_LOCK:
+    with _cache_lock():
         if key not in cache:
             entries = [k for k in cache if k != _VERSION_KEY]
             for oldest in entries[: max(0, len(entries) - limit + 1)]:
@@ -211,7 +218,7 @@ class Mask:
         version = self.version()
         recorded = cache.get(_VERSION_KEY)
         if recorded is None or recorded != version:
-            with _CACHE_LOCK:  # no cache_put of another thread iterates the cache meanwhile
+            with _cache_lock():  # no cache_put of another thread iterates the cache meanwhile
                 if cache.get(_VERSION_KEY, version) != version:
                     cache.clear()
                 cache[_VERSION_KEY] = version
