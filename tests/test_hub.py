@@ -960,3 +960,28 @@ def test_rgb_weights_load_into_other_channel_counts_as_timm(tmp_path, name, kwar
     torch.save(timm.create_model(name, in_chans=2, **kwargs).state_dict(), tmp_path / "two.pth")
     with pytest.raises(hub.CheckpointError, match=r"shape mismatches .*\(\d+, 2, \d+, \d+\) vs model \(\d+, 4,"):
         zoo.create_model(name, pretrained=str(tmp_path / "two.pth"), in_chans=4, **kwargs)
+
+
+def test_a_compiled_model_saves_and_loads_like_the_model_inside(tmp_path):
+    """torch.compile wraps a model in an OptimizedModule whose state_dict keys start with _orig_mod.:
+    save_pretrained wrote them as they were and from_pretrained refused its own directory; a .safetensors file of
+    such keys was refused too (.pth files were already unwrapped). timm's load_checkpoint strips the prefix from
+    both (timm.models._helpers.clean_state_dict), also nested with DDP's module. in either order."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    compiled = torch.compile(model, backend="eager")  # only wrapped: nothing is compiled here
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    directory = zoo.save_pretrained(compiled, tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.from_pretrained(directory).eval()(x), want, rtol=0, atol=0)
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        path = tmp_path / f"{prefix.replace('.', '_')}.safetensors"
+        save_file({prefix + k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        loaded = zoo.create_model("vit_debug", pretrained=str(path)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)

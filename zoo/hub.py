@@ -175,6 +175,10 @@ def save_pretrained(
     """
     from zoo.features import FeatureExtractor
 
+    # torch.compile's OptimizedModule / DDP's wrapper: the model inside (its state_dict keys carry no prefix)
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or isinstance(
+            model, nn.parallel.DistributedDataParallel):
+        model = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else model.module
     if isinstance(model, FeatureExtractor):
         raise ValueError(
             "save_pretrained writes models, not features_only wrappers: save the (pruned) network inside, "
@@ -425,9 +429,19 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         for prefix in ("model_ema.module.", "model."):
             if any(k.startswith(prefix) for k in state):
                 return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    for prefix in ("module.", "model.", "_orig_mod."):  # DDP, Lightning, torch.compile wrappers
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    return _strip_wrapper_prefixes(state, ("module.", "model.", "_orig_mod."))
+
+
+def _strip_wrapper_prefixes(state: dict, prefixes=("module.", "_orig_mod.")) -> dict:
+    """The keys without the prefixes wrappers add to every key (DDP's ``module.``, torch.compile's ``_orig_mod.``,
+    Lightning's ``model.``), in any order and nesting, as timm's clean_state_dict does."""
+    stripped = True
+    while stripped and state:
+        stripped = False
+        for prefix in prefixes:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
     return state
 
 
@@ -443,8 +457,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        try:
-            return load_file(str(path))
+        try:  # a compiled or DDP-wrapped model's own state_dict (torch.compile adds _orig_mod. to every key)
+            return _strip_wrapper_prefixes(load_file(str(path)))
         except Exception as error:  # SafetensorError, OSError, ... : say which file
             raise CheckpointError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from None
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt") or path.name.endswith(".pth.tar"):  # timm: model_best.pth.tar
