@@ -829,3 +829,21 @@ def test_reported_validation_metrics_are_those_of_the_final_weights(tmp_path):
     assert final["val/loss"] == pytest.approx(result["metrics"]["val/loss"], abs=1e-6)
     released = json.loads((tmp_path / "every2" / "released" / "config.json").read_text())
     assert released["metadata"]["metrics"]["val/loss"] == pytest.approx(final["val/loss"], abs=1e-6)
+
+
+def test_channels_last_takes_a_model_with_5d_parameters():
+    """task.channels_last=true with Agent-DeiT: nn.Module.to(memory_format=channels_last) converts 5-D tensors too
+    and refused the official 5-D bias tables ("required rank 4 tensor"); the 4-D weights are converted, the rest
+    kept, and the outputs equal the plain model's."""
+    from zoo.tasks.vision.module import ImageClassifier
+
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_deit_debug", num_classes=4)
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        want = model.eval()(x)
+    module = ImageClassifier(model, channels_last=True).eval()
+    assert module.model.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    assert any(p.dim() == 5 for p in module.model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5)

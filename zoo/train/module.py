@@ -101,7 +101,10 @@ class ZooModule(pl.LightningModule):
         self.model = model
         self.channels_last = check_flag(channels_last, "channels_last")  # "maybe" used to switch it on
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # the 4-D weights (convolutions) only: nn.Module.to(memory_format=torch.channels_last) also converts
+            # 5-D tensors and refuses them ("required rank 4 tensor"), and Agent-DeiT's official bias tables are 5-D
+            self.model = self.model._apply(
+                lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
         backend = compile_backend(torch_compile)
         self.model_ema = ModelEma(self.model, float(ema_decay)) if ema_decay > 0 else None
         if backend is not None:  # after the EMA copy, which stays eager (it only runs evaluation)
