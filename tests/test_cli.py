@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -607,3 +608,19 @@ def test_model_zoo_on_data_of_other_channels_names_the_override():
                                          r"1: add \+model.in_chans=1 \(and \+model.img_size=8"):
         run.check_required(cfg)
     run.check_required(run.compose(["model=zoo", "model.name=vit_debug", "+model.in_chans=1", "+model.img_size=8"]))
+
+
+def test_home_in_override_values_and_progress_bar_off_with_default_callbacks(tmp_path):
+    """Two documented commands that failed: `data.root=~/data` (the shell leaves the ~ after = alone, and Hydra's
+    grammar refused it: "LexerNoViableAltException") and `+trainer.enable_progress_bar=false` with the default
+    callbacks (Lightning refused the RichProgressBar they hold)."""
+    import lightning.pytorch as pl
+
+    cfg = run.compose(["experiment=graph_cora", "data.root=~/data"])
+    assert cfg.data.root == os.path.expanduser("~/data")
+    cfg = run.compose(["experiment=vit_digits", "callbacks=default", "+trainer.enable_progress_bar=false",
+                       f"run_dir={tmp_path}"])
+    callbacks = run._instantiate_group(cfg.callbacks)
+    assert any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
+    trainer = run._trainer(cfg, callbacks=callbacks, loggers=[])
+    assert trainer.progress_bar_callback is None

@@ -49,7 +49,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train"):
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    overrides = list(overrides)
+    overrides = [_expand_home(item) for item in overrides]
     for item in overrides:
         _check_override(item)
     GlobalHydra.instance().clear()
@@ -60,6 +60,15 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train"):
         raise ValueError(_hydra_message(str(error), overrides)) from None
     OmegaConf.set_struct(cfg, False)
     return cfg
+
+
+def _expand_home(item: str) -> str:
+    """``key=~/data`` with ``~`` expanded (the shell leaves a ``~`` after ``=`` alone, and Hydra's override grammar
+    refuses it: "LexerNoViableAltException"); the data modules and ``zoo viz`` expand ``~`` in paths too."""
+    key, sep, value = item.partition("=")
+    if sep and not key.startswith("~") and (value == "~" or value.startswith("~/")):
+        return f"{key}={os.path.expanduser(value)}"
+    return item
 
 
 def _check_override(item: str) -> None:
@@ -377,6 +386,10 @@ def _trainer(cfg, *, callbacks: Optional[list] = None, loggers: Optional[list] =
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     if callbacks is not None:
         kwargs["callbacks"] = callbacks
+    if kwargs.get("enable_progress_bar") is False and kwargs.get("callbacks"):
+        # +trainer.enable_progress_bar=false with callbacks=default (whose RichProgressBar Lightning then refuses:
+        # "configured with enable_progress_bar=False but found RichProgressBar"): the bar is left out
+        kwargs["callbacks"] = [c for c in kwargs["callbacks"] if not isinstance(c, pl.callbacks.ProgressBar)]
     if loggers is not None:
         kwargs["logger"] = loggers if loggers else False
     if not any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in kwargs.get("callbacks", []) or []):
