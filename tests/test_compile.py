@@ -107,6 +107,80 @@ def test_vision_models_export_with_a_dynamic_batch(name, size):
         torch.testing.assert_close(program.module()(x), model(x), **TOL)
 
 
+def _as_in_a_fresh_process(monkeypatch):
+    """Empty the lazily filled per-process caches (backend order, blocks' signatures) as a fresh process has them:
+    the compiled call is then the one that meets them empty."""
+    from zoo import layers
+    from zoo.attention import backends
+
+    monkeypatch.setattr(layers, "_NUM_QUERIES_TYPES", {})
+    monkeypatch.setattr(backends, "_ORDER", [])
+    monkeypatch.setattr(backends, "_ORDER_OF", [])
+
+
+def test_identical_calls_compile_once(monkeypatch):
+    """Three identical calls compile one graph, as timm's ViT does. Filling the backend order and the blocks'
+    signature cache inside the traced call made Dynamo guard on them: every family compiled twice."""
+    from torch._dynamo.testing import CompileCounter
+
+    _as_in_a_fresh_process(monkeypatch)
+    model = zoo.create_model("vit_debug").eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x)
+    assert counter.frame_count == 1
+
+
+def test_grad_checkpointing_compiles_as_one_graph(monkeypatch):
+    """set_grad_checkpointing(True) under fullgraph=True: the backend order was written inside the checkpointed
+    block, a side effect Dynamo refuses there ("HOP: Unsafe side effect"); eager's gradients."""
+    _as_in_a_fresh_process(monkeypatch)
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug").train()
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    out_c, grads_c = _train_step(torch.compile(model, backend="eager", fullgraph=True), model, x)
+    out_e, grads_e = _train_step(model, model, x)
+    torch.testing.assert_close(out_c, out_e, **TOL)
+    assert grads_c.keys() == grads_e.keys() and grads_e
+    for key in grads_e:
+        torch.testing.assert_close(grads_c[key], grads_e[key], **TOL, msg=key)
+
+
+def test_fullgraph_compiles_at_a_second_image_size():
+    """fullgraph=True at a second size (Dynamo's automatic dynamic shapes), as timm's models do: the bias
+    broadcast check (``size in (1, n)``) raised a false ValueError once sizes were symbolic (Agent-DeiT), and
+    under dynamic=True math.isfinite could not take the symbolic attention scale (every family)."""
+    torch.manual_seed(0)
+    agent = zoo.create_model("agent_deit_debug").eval()
+    vit = zoo.create_model("vit_debug", dynamic_img_size=True).eval()
+    compiled_agent = torch.compile(agent, backend="eager", fullgraph=True)
+    compiled_vit = torch.compile(vit, backend="eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for size in ((32, 32), (48, 40)):
+            x = torch.randn(1, 3, *size)
+            torch.testing.assert_close(compiled_agent(x), agent(x), **TOL)
+        torch.testing.assert_close(compiled_vit(x), vit(x), **TOL)
+
+
+def test_dynamic_size_vit_exports_with_a_symbolic_image_size():
+    """torch.export with symbolic height and width (multiples of the patch), as timm's dynamic_img_size ViT
+    exports: the program runs at another size with eager's logits. The grid comparison and int() of the new grid
+    pinned it to the traced size ("Guard failed: x.size()[2] // 8 == 4")."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", dynamic_img_size=True).eval()
+    sides = ({2: Dim("h", min=1, max=16) * 8, 3: Dim("w", min=1, max=16) * 8},)
+    program = torch.export.export(model, (torch.randn(1, 3, 32, 32),), dynamic_shapes=sides)
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), **TOL)
+
+
 def test_compiled_model_keeps_its_state_dict_keys(tmp_path):
     """nn.Module.compile() compiles in place: the state dict and save_pretrained are unchanged."""
     model = zoo.create_model("vit_debug").eval()
@@ -207,6 +281,33 @@ def test_multi_head_attention_compiles(rel_pos):
     torch.testing.assert_close(out_c, out_e, **TOL)
     for key in grads_e:
         torch.testing.assert_close(grads_c[key], grads_e[key], **TOL)
+
+
+def test_causal_multi_head_attention_traces_a_symbolic_length():
+    """MultiHeadAttention(mask=Causal()) exported with a symbolic sequence length, and compiled at two lengths
+    (Dynamo's automatic dynamic shapes), as F.scaled_dot_product_attention(is_causal=True) is: the SDPA path
+    passed the SymBool ``Nq == Nk`` as is_causal (TypeError) and int() pinned the length."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    module = MultiHeadAttention(16, 2).eval()
+
+    class CausalLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = module
+
+        def forward(self, x):
+            return self.mha(x, mask=Causal())
+
+    layer = CausalLayer()
+    program = torch.export.export(layer, (torch.randn(2, 10, 16),), dynamic_shapes=({1: Dim("n", min=2, max=64)},))
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for n in (10, 13):
+            x = torch.randn(2, n, 16)
+            torch.testing.assert_close(program.module()(x), layer(x), **TOL)
+            torch.testing.assert_close(compiled(x), layer(x), **TOL)
 
 
 # ----------------------------------------------------------------------------------------------------

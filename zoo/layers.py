@@ -257,16 +257,26 @@ _NUM_QUERIES_TYPES: dict = {}
 
 def takes_num_queries(block: nn.Module) -> bool:
     """Whether ``block``'s forward takes ``num_queries`` (the zoo's own blocks), checked once per class: a block a
-    user wrapped or replaced (an adapter around it) is run in full, as timm runs every block."""
-    kind = type(block)
-    if kind not in _NUM_QUERIES_TYPES:
-        import inspect
+    user wrapped or replaced (an adapter around it) is run in full, as timm runs every block.
 
-        try:
-            _NUM_QUERIES_TYPES[kind] = "num_queries" in inspect.signature(kind.forward).parameters
-        except (TypeError, ValueError):
-            _NUM_QUERIES_TYPES[kind] = False
+    Under tracing the answer is computed without the per-class cache: filling it inside traced code made
+    Dynamo guard on the cache, so every model compiled twice on identical inputs (the second call saw it
+    filled)."""
+    kind = type(block)
+    if is_tracing():
+        return _forward_takes_num_queries(kind)
+    if kind not in _NUM_QUERIES_TYPES:
+        _NUM_QUERIES_TYPES[kind] = _forward_takes_num_queries(kind)
     return _NUM_QUERIES_TYPES[kind]
+
+
+def _forward_takes_num_queries(kind: type) -> bool:
+    import inspect
+
+    try:
+        return "num_queries" in inspect.signature(kind.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:

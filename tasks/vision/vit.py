@@ -56,6 +56,12 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 # --------------------------------------------------------------------------------------------------
 # Position-embedding resampling
 # --------------------------------------------------------------------------------------------------
+def _grid_side(n) -> int:
+    """A grid side as a Python int (numpy ints, jit.trace's 0-d tensors), except a symbolic size (torch.export /
+    torch.compile with a dynamic image size), which int() would pin to the traced value."""
+    return n if isinstance(n, torch.SymInt) else int(n)
+
+
 def resample_abs_pos_embed(
     pos_embed_1NC: torch.Tensor,
     new_size: Sequence[int],
@@ -70,7 +76,7 @@ def resample_abs_pos_embed(
     ``F.interpolate(mode=interpolation, antialias=antialias)``, the same operation as timm's
     ``resample_abs_pos_embed`` (bicubic, anti-aliased). ``old_size`` defaults to a square grid.
     """
-    new_h, new_w = int(new_size[0]), int(new_size[1])
+    new_h, new_w = _grid_side(new_size[0]), _grid_side(new_size[1])
     n_old = pos_embed_1NC.shape[1] - num_prefix_tokens
     if old_size is None:
         side = math.isqrt(n_old)
@@ -82,7 +88,8 @@ def resample_abs_pos_embed(
     old_h, old_w = int(old_size[0]), int(old_size[1])
     if old_h * old_w != n_old:
         raise ValueError(f"position embedding has {n_old} grid tokens but old_size {old_size} has {old_h * old_w}")
-    if (old_h, old_w) == (new_h, new_w):
+    # under torch.compile / export no guard on the (symbolic) new size; jit.trace (ONNX) takes the shortcut as before
+    if not torch.compiler.is_compiling() and (old_h, old_w) == (new_h, new_w):
         return pos_embed_1NC
     prefix_1PC = pos_embed_1NC[:, :num_prefix_tokens]
     grid_1LC = pos_embed_1NC[:, num_prefix_tokens:]
@@ -531,7 +538,11 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(batch, -1, -1))
         pos_embed = self.pos_embed
-        if pos_embed is not None and grid != self.patch_embed.grid_size:
+        # Traced with dynamic_img_size (torch.export with a symbolic image size), the table is always resampled,
+        # as timm's ViT does: comparing the grid with the native one pinned the exported program to the traced size
+        # ("Guard failed: x.size()[2] // 8 == 4" at any other). Resampling to the native grid is the identity.
+        resample = self.dynamic_img_size and torch.compiler.is_compiling()  # not jit.trace (ONNX): no bicubic_aa
+        if pos_embed is not None and (resample or grid != self.patch_embed.grid_size):
             pos_embed = resample_abs_pos_embed(
                 pos_embed, grid, self.patch_embed.grid_size, 0 if self.no_embed_class else self.num_prefix_tokens
             )

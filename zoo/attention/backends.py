@@ -122,9 +122,16 @@ _ORDER_OF: list[Backend] = []  # the registry's values that _ORDER was sorted fr
 
 def _by_priority() -> list[Backend]:
     """Backends by descending priority; re-sorted whenever the registry changed (also when a test or a
-    user replaces an entry of _BACKENDS directly)."""
+    user replaces an entry of _BACKENDS directly).
+
+    Under torch.compile/export the order is sorted afresh and the cache neither read nor written: a write
+    to module state inside traced code makes Dynamo guard on that state, so the first compiled call
+    recompiled on the second (identical) one, and inside a checkpointed block (``set_grad_checkpointing``)
+    fullgraph=True refused the write as an unsafe side effect."""
     _load_optional_backends()
     current = list(_BACKENDS.values())
+    if is_tracing():
+        return sorted(current, key=lambda b: -b.priority)
     if current != _ORDER_OF or not _ORDER:
         _ORDER[:] = sorted(current, key=lambda b: -b.priority)
         _ORDER_OF[:] = current
@@ -247,8 +254,16 @@ def _sdpa_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
 
 
 def _sdpa_causal(mask: Mask, q_len: int, k_len: int) -> bool:
-    """SDPA's is_causal is top-left aligned: equal to ours only when Nq == Nk."""
-    return type(mask) is Causal and q_len == k_len
+    """SDPA's is_causal is top-left aligned: equal to ours only when Nq == Nk.
+
+    A Python bool even for symbolic lengths (torch.export with a dynamic sequence length, a second length under
+    torch.compile): SDPA's is_causal refuses the SymBool that ``q_len == k_len`` then is. The branch makes the
+    tracer decide it (a guard on the lengths' equality); Dynamo leaves ``bool(q_len == k_len)`` a SymBool."""
+    if type(mask) is not Causal:
+        return False
+    if q_len == k_len:
+        return True
+    return False
 
 
 def sdpa_plain(q, k, v, scale: float, dropout_p: float, is_causal: bool = False) -> torch.Tensor:

@@ -52,8 +52,15 @@ def resolve_bias(bias, q_len: int, k_len: int, *, device, dtype) -> torch.Tensor
         raise ValueError(f"{origin} has {tensor.dim()} dims; expected at most 4 (B, H, Nq, Nk)")
     while tensor.dim() < 4:
         tensor = tensor.unsqueeze(0)
-    if tensor.shape[-2] not in (1, q_len) or tensor.shape[-1] not in (1, k_len):
+    if not (_broadcasts(tensor.shape[-2], q_len) and _broadcasts(tensor.shape[-1], k_len)):
         raise ValueError(
             f"{origin} of shape {tuple(tensor.shape)} does not broadcast to (B, H, {q_len}, {k_len})"
         )
     return tensor
+
+
+def _broadcasts(size, length) -> bool:
+    """Whether a bias dim of ``size`` broadcasts to ``length``: spelled as two comparisons, not ``size in (1,
+    length)``, which Dynamo got wrong once the sizes were symbolic (a second image size under torch.compile,
+    dynamic=True): it raised this module's ValueError on a bias that fits."""
+    return size == 1 or size == length

@@ -83,8 +83,10 @@ def _validate(q, k, v, score, dropout_p, scale) -> None:
         raise ValueError(f"attend: score must be one of {SCORES}, got {score!r}")
     if isinstance(dropout_p, bool) or not (isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"attend: dropout_p must be in [0, 1), got {dropout_p!r}")
-    if scale is not None and (isinstance(scale, bool) or not (  # numpy floats are numbers too; True is not
-            isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0)):
+    # numpy floats are numbers too; True is not. Comparisons rather than math.isfinite, which Dynamo cannot
+    # trace on the symbolic float a module's scale becomes under torch.compile(dynamic=True); NaN fails both.
+    if scale is not None and (isinstance(scale, bool) or not (
+            isinstance(scale, numbers.Real) and 0 < scale < math.inf)):
         raise ValueError(f"attend: scale must be a positive finite number, got {scale!r}")
 
 
