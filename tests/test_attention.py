@@ -778,3 +778,20 @@ def test_sdpa_backend_casts_a_wider_bias_without_losing_it():
     out = attend(q, k, v, bias=row, backend="sdpa")
     plain = attend(q, k, v, backend="sdpa")
     torch.testing.assert_close(out[0, :, 5], plain[0, :, 5], atol=2e-3, rtol=0)
+
+
+def test_a_biased_call_under_autocast_does_not_depend_on_naming_the_backend():
+    """fp32 q, k, v and an fp32 bias of large magnitude under bf16 autocast: the automatic path handed the bias to
+    SDPA as it was, and autocast rounded it to bf16 (bias + 1000 in steps of 8: 1.75 off float64), while
+    backend='sdpa' (through the general path) shifted each row by its maximum first (0.009 off)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    bias = torch.randn(1, 2, 64, 64) * 3 + 1000.0
+    want = naive_attention(q.double(), k.double(), v.double(), torch.ones(1, 1, 64, 64, dtype=torch.bool),
+                           bias.double(), 0.25, "softmax")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = attend(q, k, v, bias=bias)
+        named = attend(q, k, v, bias=bias, backend="sdpa")
+    assert auto.dtype == named.dtype == torch.bfloat16
+    torch.testing.assert_close(auto, named, rtol=0, atol=0)
+    assert float((auto.double() - want).abs().max()) < 0.05

@@ -141,7 +141,10 @@ def attend(
     )
     if plain and bias is None:  # the plain calls most models make: straight to SDPA
         result = _backends.sdpa_plain(q, k, v, scale, float(dropout_p), causal)
-    elif plain and _backends.sdpa_bias_ready(bias, q, k):  # relative-position / agent biases, no mask
+    elif plain and _backends.sdpa_bias_ready(bias, q, k) and _autocast_dtype(q) is None:
+        # relative-position / agent biases, no mask. Under autocast the general path instead: autocast would round
+        # an fp32 bias to the half dtype as it is (bias + 1000 lost to bf16's steps of 8), where _dispatch shifts
+        # each row by its maximum first, so attend() gives the same answer whether a backend is named or not
         result = _backends.sdpa_biased(q, k, v, bias, scale, float(dropout_p))
     else:
         result = _dispatch(q, k, v, mask, bias, scale, score, dropout_p, return_weights, backend)
