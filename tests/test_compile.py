@@ -134,12 +134,14 @@ def test_identical_calls_compile_once(monkeypatch):
     assert counter.frame_count == 1
 
 
-def test_grad_checkpointing_compiles_as_one_graph(monkeypatch):
+@pytest.mark.parametrize("name", ["vit_debug", "agent_deit_debug"])
+def test_grad_checkpointing_compiles_as_one_graph(monkeypatch, name):
     """set_grad_checkpointing(True) under fullgraph=True: the backend order was written inside the checkpointed
-    block, a side effect Dynamo refuses there ("HOP: Unsafe side effect"); eager's gradients."""
+    block, a side effect Dynamo refuses there ("HOP: Unsafe side effect"), and so was Agent attention's pooling
+    matrix cache; eager's gradients."""
     _as_in_a_fresh_process(monkeypatch)
     torch.manual_seed(0)
-    model = zoo.create_model("vit_debug").train()
+    model = zoo.create_model(name).train()
     model.set_grad_checkpointing(True)
     x = torch.randn(2, *model.pretrained_cfg["input_size"])
     out_c, grads_c = _train_step(torch.compile(model, backend="eager", fullgraph=True), model, x)

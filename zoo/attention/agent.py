@@ -290,12 +290,15 @@ class AgentAttention(nn.Module):
         return b1, b2
 
     def pool_matrix(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """The (n, N) adaptive-average-pooling matrix of the patch grid (a constant), cached per grid."""
+        """The (n, N) adaptive-average-pooling matrix of the patch grid (a constant), cached per grid. Not cached
+        while torch.compile / export traces: a write to the module's state there is a side effect Dynamo refuses
+        inside a checkpointed block (set_grad_checkpointing with fullgraph=True) and guards on otherwise."""
         key = (tuple(grid), like.device, like.dtype)
         pool = self._pool_cache.get(key)
         if pool is None:
             pool = adaptive_pool_matrix(grid, self.pool_size, self.num_prefix_tokens).to(like.device, like.dtype)
-            cache_put(self._pool_cache, key, pool, limit=8)
+            if not tracing_or_exporting():
+                cache_put(self._pool_cache, key, pool, limit=8)
         return pool
 
     # ------------------------------------------------------------------ forward
