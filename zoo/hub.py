@@ -425,11 +425,21 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: no state dict found (expected a dict of tensors, or one under 'state_dict'/'model'); "
                 f"top-level entries: {sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__}"
             )
-    if path.suffix == ".ckpt":  # a zoo LightningModule: the EMA weights when trained with EMA, else the model's
-        for prefix in ("model_ema.module.", "model."):
-            if any(k.startswith(prefix) for k in state):
-                return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if path.suffix == ".ckpt":
+        weights = lightning_model_weights(state)
+        if weights is not None:
+            return weights
     return _strip_wrapper_prefixes(state, ("module.", "model.", "_orig_mod."))
+
+
+def lightning_model_weights(state: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The model's weights in the ``state_dict`` of a zoo LightningModule (``zoo train``'s .ckpt): the EMA average
+    (``model_ema.module.*``) when the run kept one -- what it evaluates and releases --, else the raw weights
+    (``model.*``), without the prefix; None when neither prefix is there. Other entries (loss modules) are left."""
+    for prefix in ("model_ema.module.", "model."):
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return None
 
 
 def _strip_wrapper_prefixes(state: dict, prefixes=("module.", "_orig_mod.")) -> dict:

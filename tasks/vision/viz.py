@@ -159,15 +159,13 @@ def _load_lightning_ckpt(path: Path, model_name: Optional[str]) -> nn.Module:
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} has no 'state_dict'; is it a Lightning .ckpt?")
-    for prefix in ("model.", "net."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-            break
-    else:  # the model's keys: the EMA average when zoo train kept one (what it evaluates and releases), else the
-        # raw weights (drop e.g. loss modules)
-        prefix = "model_ema.module." if any(k.startswith("model_ema.module.") for k in state) else "model."
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    from zoo.hub import apply_training_preprocessing, lightning_model_weights
+
+    weights = lightning_model_weights(state)  # the EMA average when zoo train kept one, else the raw weights
+    if weights is not None:
+        state = weights
+    elif state and all(k.startswith("net.") for k in state):
+        state = {k[len("net."):]: v for k, v in state.items()}
     spec = (model_name, {}) if model_name else _find_model_spec(ckpt.get("hyper_parameters", {}))
     if spec is None:
         raise ValueError(f"{path}: cannot tell which model this checkpoint holds; pass model=<registered name>")
@@ -177,8 +175,6 @@ def _load_lightning_ckpt(path: Path, model_name: Optional[str]) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(f"{path}: weights do not fit {name} {args}: {error}") from error
-    from zoo.hub import apply_training_preprocessing
-
     return apply_training_preprocessing(model, (ckpt.get("hyper_parameters") or {}).get("data_info"))
 
 

@@ -942,11 +942,9 @@ def load_for_inference(ckpt: str | os.PathLike):
     if model is None:
         raise ValueError(f"{ckpt}: the checkpoint does not name a registered model (model_name)")
     if state is not None:
-        prefix = "model_ema.module." if any(k.startswith("model_ema.module.") for k in state) else "model."
-        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        from zoo.hub import load_weights
+        from zoo.hub import lightning_model_weights, load_weights
 
-        load_weights(model, weights, source=str(ckpt))
+        load_weights(model, lightning_model_weights(state) or {}, source=str(ckpt))
     if not info:
         data = cfg.get("data") or {}
         info = {k: data.get(k) for k in ("img_size", "in_chans", "mean", "std")}
