@@ -18,7 +18,6 @@ Attention itself is not here: it is zoo.attention (attend, MultiHeadAttention, .
 from __future__ import annotations
 
 import contextlib
-
 import math
 import operator
 import os
@@ -33,7 +32,7 @@ __all__ = [
     "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
     "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp", "refuse_double_backward", "usable_cpus",
-    "autocast_off",
+    "autocast_off", "autocast_dtype",
 ]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -425,6 +424,15 @@ def check_like_weights(x: torch.Tensor, weight: torch.Tensor, what: str, owner: 
 
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype torch.autocast computes in on ``device_type`` now, or None when it is off there (or on meta, which
+    has no autocast). Traceable: attend() asks under torch.compile, where Dynamo refuses
+    torch.amp.is_autocast_available ("function marked as skipped")."""
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def autocast_off(device_type: str):

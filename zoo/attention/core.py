@@ -35,7 +35,9 @@ from zoo.attention import backends as _backends
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.masks import Mask, as_mask
-from zoo.layers import autocast_off, check_finite_input, check_flag, exp_flushed_, is_tracing, surely_finite
+from zoo.layers import (
+    autocast_dtype, autocast_off, check_finite_input, check_flag, exp_flushed_, is_tracing, surely_finite,
+)
 
 __all__ = ["attend", "attention_reference", "SCORES"]
 
@@ -170,12 +172,9 @@ def attend(
 def _autocast_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype torch.autocast gives attention on q's device (None when it is off there, or for float64, which
     autocast leaves alone)."""
-    device_type = q.device.type
-    if device_type == "meta" or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
+    return autocast_dtype(q.device.type)
 
 
 def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weights, backend):

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention.rope import rope_frequencies
-from zoo.layers import check_like_weights, is_tracing, weights_stamp
+from zoo.layers import autocast_dtype, check_like_weights, is_tracing, weights_stamp
 
 __all__ = ["TransformerXLRelPos", "relative_sinusoids", "rel_shift"]
 
@@ -158,10 +158,7 @@ class TransformerXLRelPos(nn.Module):
         # Without gradients: one projected table over distances [-reach, reach], grown by doubling. The key
         # holds the weight's weights_stamp, so an optimizer step or load_state_dict rebuilds it, and the autocast
         # dtype the projection runs under (a table built under autocast is in its dtype, whatever q's).
-        device_type = like.device.type
-        autocast = torch.get_autocast_dtype(device_type) if device_type != "meta" and torch.is_autocast_enabled(
-            device_type) else None
-        key = (weights_stamp(weight, self.linear_pos.bias), like.device, like.dtype, autocast)
+        key = (weights_stamp(weight, self.linear_pos.bias), like.device, like.dtype, autocast_dtype(like.device.type))
         reach = max(abs(top), abs(top - length + 1))
         if self._table is None or self._table[0] != key or self._table[1] < reach:
             new_reach = max(reach, 2 * self._table[1] if self._table is not None and self._table[0] == key else 16)
