@@ -312,6 +312,50 @@ def test_causal_multi_head_attention_traces_a_symbolic_length():
             torch.testing.assert_close(compiled(x), layer(x), **TOL)
 
 
+_SPEECH_MASKS = {
+    "window": lambda keep: Window(3, 0),
+    "chunk": lambda keep: ChunkWindow(4, left=1),
+    "key_padding": lambda keep: keep[:, None, None, :],
+    "causal_and_key_padding": lambda keep: Causal() & keep[:, None, None, :],
+    "segments": lambda keep: Segments(torch.where(keep, 0, -1)),
+}
+
+
+@pytest.mark.parametrize("mask_name, positions", [(name, None) for name in sorted(_SPEECH_MASKS)]
+                         + [("causal_and_key_padding", p) for p in ("rope", "alibi", "xl")])
+def test_masked_multi_head_attention_exports_with_a_symbolic_length(mask_name, positions):
+    """Variable-length sequences (speech): a masked MultiHeadAttention exported with a symbolic N runs at other
+    lengths with the eager outputs. The SDPA path pinned N with int() (the program refused every other length:
+    'Constraints violated'), the masks refused a symbolic length, and RoPE keyed its cos/sin cache on it
+    ('unhashable type: non-nested SymInt')."""
+    from torch.export import Dim
+    from zoo.attention import ALiBi
+
+    torch.manual_seed(0)
+    kwargs = {"rope": {"rope": "1d"}, "alibi": {"rel_pos_bias": ALiBi(4)}, "xl": {"rel_pos": "xl"}}.get(positions, {})
+    module = MultiHeadAttention(32, 4, **kwargs).eval()
+    make_mask = _SPEECH_MASKS[mask_name]
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = module
+
+        def forward(self, x, keep):
+            return self.mha(x, mask=make_mask(keep))
+
+    def inputs(n):  # the second sequence ends in two padded tokens
+        return torch.randn(2, n, 32), torch.arange(n)[None, :] < torch.tensor([[n], [n - 2]])
+
+    layer = Layer()
+    length = Dim("n", min=4, max=256)
+    program = torch.export.export(layer, inputs(10), dynamic_shapes=({1: length}, {1: length}))
+    with torch.no_grad():
+        for n in (7, 23):
+            x, keep = inputs(n)
+            torch.testing.assert_close(program.module()(x, keep), layer(x, keep), **TOL)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Graphs: PyG's numbers; breaks only at the graph structure and the fused attention
 # ----------------------------------------------------------------------------------------------------

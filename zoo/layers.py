@@ -220,6 +220,13 @@ def new_linear_head(in_features: int, num_classes: int, like: torch.Tensor, trai
     return head.to(device=like.device, dtype=like.dtype).train(training)
 
 
+def python_size(n):
+    """A tensor size as a Python int (numpy ints; torch.jit.trace's 0-d size tensors, which masks, loops and
+    kernel launches cannot take), except a symbolic size under torch.export / torch.compile with a dynamic dim:
+    int() would pin that to the traced value (the exported program then refuses every other size)."""
+    return n if isinstance(n, torch.SymInt) else int(n)
+
+
 def is_tracing() -> bool:
     """True under torch.jit tracing/scripting (used by ONNX's TorchScript exporter), torch.compile/export, or a
     torch.func transform (vmap, grad, jacrev, ...): no data-dependent Python (``.item()`` checks), no caches keyed on

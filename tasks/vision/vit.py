@@ -30,7 +30,7 @@ from zoo.attention.modules import AttentionPoolLatent, Mlp, MultiHeadAttention
 from zoo.layers import (
     DropPath, IntOrPair, LayerScale, check_features, check_finite_input, check_flag, check_image_batch, check_ints,
     check_mlp_ratio, check_rates, check_reset_classifier, create_act, feature_take_indices, hooked_within, is_tracing,
-    new_linear_head, takes_num_queries, to_pair,
+    new_linear_head, python_size, takes_num_queries, to_pair,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
@@ -56,12 +56,6 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 # --------------------------------------------------------------------------------------------------
 # Position-embedding resampling
 # --------------------------------------------------------------------------------------------------
-def _grid_side(n) -> int:
-    """A grid side as a Python int (numpy ints, jit.trace's 0-d tensors), except a symbolic size (torch.export /
-    torch.compile with a dynamic image size), which int() would pin to the traced value."""
-    return n if isinstance(n, torch.SymInt) else int(n)
-
-
 def resample_abs_pos_embed(
     pos_embed_1NC: torch.Tensor,
     new_size: Sequence[int],
@@ -76,7 +70,7 @@ def resample_abs_pos_embed(
     ``F.interpolate(mode=interpolation, antialias=antialias)``, the same operation as timm's
     ``resample_abs_pos_embed`` (bicubic, anti-aliased). ``old_size`` defaults to a square grid.
     """
-    new_h, new_w = _grid_side(new_size[0]), _grid_side(new_size[1])
+    new_h, new_w = python_size(new_size[0]), python_size(new_size[1])  # symbolic under a dynamic-size export
     n_old = pos_embed_1NC.shape[1] - num_prefix_tokens
     if old_size is None:
         side = math.isqrt(n_old)

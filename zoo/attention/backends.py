@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.attention.masks import Causal, Mask
-from zoo.layers import call_outside_graph, is_tracing
+from zoo.layers import call_outside_graph, is_tracing, python_size
 
 __all__ = [
     "Backend",
@@ -319,7 +319,7 @@ def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     if mask.is_full and bias is None:  # the common call: nothing to prepare
         return sdpa_plain(q, k, v, scale, dropout_p)
     gqa = int(q.shape[1]) != int(k.shape[1])
-    q_len, k_len = int(q.shape[2]), int(k.shape[2])
+    q_len, k_len = python_size(q.shape[2]), python_size(k.shape[2])  # symbolic under export with a dynamic N
     if mask.is_full or _sdpa_causal(mask, q_len, k_len):
         is_causal = not mask.is_full
         if bias is not None and is_causal:

@@ -132,7 +132,8 @@ def _num_blocks(length: int, block: int) -> int:
 
 
 def _check_lengths(q_len: int, k_len: int) -> None:
-    if not (isinstance(q_len, int) and isinstance(k_len, int)) or q_len < 1 or k_len < 1:
+    # SymInt: a symbolic length (torch.export / torch.compile with a dynamic sequence dim)
+    if not (isinstance(q_len, (int, torch.SymInt)) and isinstance(k_len, (int, torch.SymInt))) or q_len < 1 or k_len < 1:
         raise ValueError(f"sequence lengths must be positive ints, got q_len={q_len!r}, k_len={k_len!r}")
 
 

@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from zoo.layers import is_int
+from zoo.layers import is_int, is_tracing
 
 __all__ = ["RotaryEmbedding", "apply_rotary", "rope_frequencies", "grid_positions", "default_axes_dims", "DEFAULT_THETA"]
 
@@ -176,7 +176,7 @@ class RotaryEmbedding(nn.Module):
             expected = f"({num_tokens}, {axes}) or (B, {num_tokens}, {axes})"
         if not ok:
             raise ValueError(f"{self.mode} RoPE positions must have shape {expected}, got {tuple(positions.shape)}")
-        if not bool(torch.isfinite(positions).all()):
+        if not is_tracing() and not bool(torch.isfinite(positions).all()):  # traced: a data-dependent branch
             raise ValueError("RoPE positions contain NaN or Inf")
         return positions
 
@@ -199,7 +199,9 @@ class RotaryEmbedding(nn.Module):
         compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         sizes = None if positions is None or isinstance(positions, torch.Tensor) else self._grid_size(positions, num_tokens)
         key = None
-        if not isinstance(positions, torch.Tensor):
+        # Not while traced: torch.export's symbolic N cannot key a dict, and a cache write is module state that
+        # Dynamo would guard on (a recompile per length)
+        if not isinstance(positions, torch.Tensor) and not is_tracing():
             # an entry built under inference mode holds inference tensors, which autograd cannot save later
             key = (num_tokens, sizes, str(device), compute_dtype, torch.is_inference_mode_enabled())
             hit = self._cache.get(key)
