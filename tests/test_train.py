@@ -126,6 +126,32 @@ def test_ema_matches_timm_model_ema_v3():
     torch.testing.assert_close(ema(x), copy.deepcopy(dropout_model).eval()(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ema_of_a_low_precision_model_moves(dtype):
+    """trainer.precision=bf16-true / 16-true cast the EMA copy with the model; (1 - decay) * (weights - ema) is far
+    below a bf16 weight's step, and rounded to nearest the average never left its first value (weights drifting
+    1.0 -> 4.0 left a bf16 EMA at 1.0 against 3.05 in fp32). Stochastic rounding keeps it on the fp32 average
+    within a low-precision step, and with the same updates gives the same bits (seeded by the update count)."""
+    torch.manual_seed(0)
+    model32 = torch.nn.Linear(32, 32)
+    with torch.no_grad():
+        model32.weight.fill_(1.0)
+    model16 = copy.deepcopy(model32).to(dtype)
+    reference, low, again = (ModelEma(m, 0.99, warmup=False) for m in (model32, model16, model16))
+    for _ in range(600):
+        with torch.no_grad():
+            model32.weight.add_(5e-3)
+            model16.weight.copy_(model32.weight)
+        reference.update(model32)
+        low.update(model16)
+        again.update(model16)
+    expected = reference.module.weight.mean().item()  # 3.5 - 0.99 / 0.01 * 5e-3 ~ 3.5
+    step = 2.0 ** -6 if dtype == torch.bfloat16 else 2.0 ** -9  # the dtype's spacing in [2, 4)
+    assert expected > 3.3
+    assert abs(low.module.weight.float().mean().item() - expected) < step
+    assert torch.equal(low.module.weight, again.module.weight)
+
+
 def test_mixup_and_cutmix_semantics():
     torch.manual_seed(0)
     x = torch.randn(6, 1, 8, 8)

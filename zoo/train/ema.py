@@ -5,6 +5,14 @@ follows TensorFlow's ``tf.train.ExponentialMovingAverage(num_updates=t)``:
 ``decay_t = min(decay, (1 + t) / (10 + t))``, so early averages are not dominated by the random
 initialisation; without it ``decay_t = decay`` (equal to timm ``ModelEmaV3(use_warmup=False)``, tested). Buffers (e.g. BatchNorm statistics) are copied, not averaged.
 The copy is a submodule of the LightningModule, so it is saved in and resumed from ``.ckpt`` files.
+
+Low-precision weights (``trainer.precision=bf16-true`` / ``16-true`` cast the copy with the model): the update
+``(1 - decay) * (weights - ema)`` is far below a bf16 weight's resolution (1/128 of its size) and rounded to
+nearest it never moved the average. It is computed in fp32 and rounded *stochastically*: up or down to the
+neighbouring low-precision value with the probabilities that make the expectation the fp32 result, so small
+updates accumulate (the remedy of timm 1.0.31's ``ModelEmaV3``, timm/utils/model_ema.py, here for fp16 too).
+The random bits come from a generator seeded with the update count: identical on every DDP rank and after a
+resume.
 Its train/eval flags follow the parent's like any submodule's (so Lightning does not warn about modules left
 in eval mode at the start of training); it is never trained, and it is always *evaluated* in eval mode:
 ``ModelEma.__call__`` and the LightningModule's ``eval_model`` switch it to eval first.
@@ -41,9 +49,16 @@ class ModelEma(nn.Module):
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
         ema_params = dict(self.module.named_parameters())
+        generators: dict[torch.device, torch.Generator] = {}
         for name, param in model.named_parameters():
             ema = ema_params[name]
-            ema.lerp_(param.detach().to(ema.dtype), 1.0 - decay)
+            if ema.dtype in (torch.bfloat16, torch.float16):
+                if ema.device not in generators:
+                    generators[ema.device] = torch.Generator(ema.device).manual_seed(int(self.num_updates))
+                averaged = ema.float().lerp_(param.detach().float(), 1.0 - decay)
+                _stochastic_round_into_(ema, averaged, generators[ema.device])
+            else:
+                ema.lerp_(param.detach().to(ema.dtype), 1.0 - decay)
         ema_buffers = dict(self.module.named_buffers())
         for name, buffer in model.named_buffers():
             ema_buffers[name].copy_(buffer)
@@ -57,3 +72,17 @@ class ModelEma(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.evaluator()(*args, **kwargs)
+
+
+def _stochastic_round_into_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> None:
+    """``target`` (bf16 / fp16) <- fp32 ``value`` rounded to one of its two neighbouring ``target.dtype`` values, the
+    farther one with probability distance / gap, so the expected result is ``value`` itself (round-to-nearest would
+    drop every update smaller than half a step)."""
+    nearest = value.to(target.dtype)
+    error = value - nearest.float()  # in (-gap/2, gap/2]
+    away = torch.full_like(nearest, float("inf")).masked_fill_(error < 0, float("-inf"))
+    neighbour = torch.nextafter(nearest, away)
+    gap = neighbour.float() - nearest.float()
+    probability = torch.where(gap != 0, error / gap, torch.zeros_like(error))  # inf / overflow: keep nearest
+    draw = torch.rand(value.shape, generator=generator, device=value.device)
+    target.copy_(torch.where(draw < probability, neighbour, nearest))
