@@ -153,6 +153,32 @@ def test_image_folder_datamodule(tmp_path):
         bad.setup()
 
 
+def test_image_folder_reads_what_predict_reads_and_names_an_empty_class_folder(tmp_path):
+    """GIFs were classified by zoo predict (IMAGE_EXTENSIONS) but silently left out of training and zoo eval
+    (torchvision's ImageFolder default list has no .gif); an empty class folder in val/ gave torchvision's
+    message, which names neither the split nor the folder."""
+    _write_images(tmp_path, "train", ["cat", "dog"], 2)
+    for name in ("cat", "dog"):
+        Image.new("P", (12, 10), 3).save(tmp_path / "train" / name / "anim.GIF")
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, val_fraction=0, num_classes=2)
+    _write_images(tmp_path, "test", ["cat", "dog"], 1)
+    dm.setup()
+    assert len(dm.train_set) == 6
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "dog").mkdir(parents=True)
+    (tmp_path / "val" / "cat" / "0.png").write_bytes((tmp_path / "test" / "cat" / "0.png").read_bytes())
+    (tmp_path / "val" / "dog" / "notes.txt").write_text("no image here")
+    with pytest.raises(FileNotFoundError, match=r"val/dog holds no image .*put at least one image in every class"):
+        vdata.ImageFolderDataModule(str(tmp_path), img_size=8, num_classes=2).setup()
+
+
+@pytest.mark.parametrize("variant", ["ten", 10.5, True, 20])
+def test_cifar_variant_is_named(tmp_path, variant):
+    """variant='ten' gave int()'s "invalid literal for int() with base 10" before the 10-or-100 check ran."""
+    with pytest.raises(ValueError, match="CIFAR variant must be 10 or 100"):
+        vdata.CIFARDataModule(str(tmp_path), variant=variant)
+
+
 @pytest.mark.parametrize("augment", ["crop", "standard"])
 def test_image_folder_hflip_probability(tmp_path, augment):
     # data.hflip is timm's --hflip: the training flip's probability. With the same per-sample seed, hflip=1

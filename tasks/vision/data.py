@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.layers import check_flag, usable_cpus
+from zoo.layers import check_flag, is_int, usable_cpus
 from zoo.train.order import EpochShuffleSampler, ResumableTrainingOrder  # noqa: F401  (EpochShuffleSampler: re-exported)
 
 __all__ = [
@@ -426,6 +426,10 @@ def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augme
     return T.Compose(steps)
 
 
+def _is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def _folder_image(path: str):
     """ImageFolder's loader: read_image, then RGB as torchvision's pil_loader gives (the transforms take RGB)."""
     return read_image(path).convert("RGB")
@@ -441,8 +445,12 @@ class ImageFolderDataModule(VisionDataModule):
 
     A root with only test/ (or val/) is an evaluation set: ``zoo eval ckpt=... data=image_folder data.root=...``.
 
-    ``augment``: "none", "standard" (random resized crop + flip) or "crop" (pad, random crop, flip); ``hflip``
-    the flip's probability (0.5; 0 turns it off).
+    ``augment``: "none", "standard" (random resized crop of 35-100% of the area + flip) or "crop" (pad, random
+    crop, flip); ``hflip`` the flip's probability (0.5; 0 turns it off). "standard" is milder than timm's training
+    default (crop scale 0.08-1.0 plus ColorJitter(0.4)): it is tuned for the small datasets this zoo trains from
+    scratch; it has no colour jitter.
+
+    Images are the files whose suffix (any case) is in ``IMAGE_EXTENSIONS``, the list ``zoo predict`` reads.
     """
 
     def __init__(self, root: str, *args, hflip: float = 0.5, **kwargs):
@@ -472,7 +480,14 @@ class ImageFolderDataModule(VisionDataModule):
         directory = self.root / split
         if not directory.is_dir():
             return None
-        dataset = ImageFolder(str(directory), loader=_folder_image)
+        try:  # IMAGE_EXTENSIONS: the files zoo predict reads (torchvision's default list has no .gif)
+            dataset = ImageFolder(str(directory), loader=_folder_image, is_valid_file=_is_image_file)
+        except FileNotFoundError as error:  # torchvision names the class but not the split it looked in
+            empty = [name for name in self.class_names if (directory / name).is_dir()
+                     and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (directory / name).rglob("*"))]
+            raise FileNotFoundError(f"ImageFolder data: {directory}/{empty[0] if empty else '<class>'} holds no image "
+                                    f"({', '.join(IMAGE_EXTENSIONS)}); put at least one image in every class folder "
+                                    f"or remove the folder from every split") from error
         if dataset.classes != self.class_names:
             extra = sorted(set(dataset.classes) - set(self.class_names))
             raise ValueError(f"ImageFolder data: {directory} has classes {extra} that {self._class_dir} lacks" if extra
@@ -532,11 +547,11 @@ class CIFARDataModule(VisionDataModule):
 
     def __init__(self, root: str, variant: int = 10, *args, hflip: float = 0.5, **kwargs):
         self.hflip = _probability(hflip, "hflip")
+        if isinstance(variant, bool) or not is_int(variant) or int(variant) not in _CIFAR_FILES:
+            raise ValueError(f"CIFAR variant must be 10 or 100, got {variant!r}")
         kwargs.setdefault("mean", (0.4914, 0.4822, 0.4465) if int(variant) == 10 else (0.5071, 0.4865, 0.4409))
         kwargs.setdefault("std", (0.2470, 0.2435, 0.2616) if int(variant) == 10 else (0.2673, 0.2564, 0.2762))
         super().__init__(*args, **kwargs)
-        if int(variant) not in _CIFAR_FILES:
-            raise ValueError(f"CIFAR variant must be 10 or 100, got {variant!r}")
         if self.augment not in ("none", "crop", "standard"):
             raise ValueError(f"CIFARDataModule: augment must be 'none', 'crop' or 'standard', got {self.augment!r}")
         self.variant = int(variant)

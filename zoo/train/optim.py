@@ -6,8 +6,10 @@ Layer-wise lr decay (BEiT, Bao et al. ICLR 2022, sec. 3.3; timm ``param_groups_l
 zoo vision family) is grouped by it, as timm does (timm.models.group_parameters): MaxViT by stage, ViT by
 block. Otherwise layer 0 is everything before the first block (patch embedding, class token, position
 embedding), layers 1..L the blocks in order; parameters after the last block belong to it (final norm)
-except the classifier (``zoo.hub.head_keys``), layer ``L + 1``, which keeps the full lr. Both reproduce
-timm's scales for the same model (tested for ViT and MaxViT).
+except the classifier (``zoo.hub.head_keys``), layer ``L + 1``, which keeps the full lr. The ``group_matcher``
+path reproduces timm's scales (tested for ViT and MaxViT). The fallback reproduces them for block-stacked models
+(ViT: equal); for a staged model without a group_matcher it counts every block of every stage as a layer,
+where timm's MaxViT matcher counts stages.
 """
 from __future__ import annotations
 
