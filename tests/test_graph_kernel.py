@@ -215,6 +215,39 @@ def test_layer_on_the_kernel_with_empty_node_sets_matches_pyg(monkeypatch, sizes
     out.sum().backward()
 
 
+@in_process
+def test_float64_layer_on_the_kernel_route_matches_pyg(monkeypatch):
+    """A float64 GATv2Conv (edge features too) with impl="triton" forced, the route every CUDA layer takes:
+    PyG's float64 outputs, attention weights and gradients from the PyTorch path (the kernel refuses float64: on
+    CUDA such a layer raised "dtype torch.float64 is not supported"). An fp32 layer still reaches the kernel."""
+    pyg_nn = pytest.importorskip("torch_geometric.nn")
+    import zoo.attention.graph as zg
+    from zoo.attention import GATv2Conv
+
+    orig, launches = zg.gatv2_attention, []
+    monkeypatch.setattr(zg, "gatv2_attention", lambda *a, **k: orig(*a, **{**k, "impl": "triton"}))
+    kernel = ek.gatv2_edge_softmax
+    monkeypatch.setattr(ek, "gatv2_edge_softmax", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    torch.manual_seed(0)
+    peer = pyg_nn.GATv2Conv(6, 4, heads=2, edge_dim=2).to(DEVICE, torch.float64)
+    ours = GATv2Conv(6, 4, heads=2, edge_dim=2).to(DEVICE, torch.float64)
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(10, 6, device=DEVICE, dtype=torch.float64)
+    ei = torch.randint(0, 10, (2, 30), device=DEVICE)
+    ea = torch.randn(30, 2, device=DEVICE, dtype=torch.float64)
+    results = []
+    for layer in (ours, peer):
+        xx = x.clone().requires_grad_(True)
+        out, (_, alpha) = layer(xx, ei, ea, return_attention_weights=True)
+        results.append((out, alpha.sort(0).values, torch.autograd.grad(out.sum(), xx)[0]))
+    assert not launches
+    for got, want in zip(*results):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    ours.float()(x.float(), ei, ea.float())
+    assert launches
+
+
 def test_compiles_for_sm80_and_sm90_without_gpu():
     """The real (non-interpreted) forward and backward kernels compile to sm_90 (fp16) and sm_80 (bf16) machine
     code with Triton's bundled ptxas, with and without edge features and dropout: GPU-only compile errors show

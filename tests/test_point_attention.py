@@ -265,6 +265,30 @@ def test_geometry_counts_take_numpy_and_tensor_ints():
     assert torch.equal(radius_graph(pos, 0.8, max_num_neighbors=np.int32(5)), radius_graph(pos, 0.8, max_num_neighbors=5))
 
 
+def test_geometry_radius_and_ratio_take_numpy_and_tensor_reals():
+    """r / ratio read from a numpy config (np.float32 is not a Python float) or computed with torch (0-dim
+    tensors), as torch_cluster takes them: the same result as the Python float. They were refused with "must be
+    a positive finite number" / "must be in (0, 1]", a range error for an in-range value; a wrong type is now a
+    TypeError naming it, and out-of-range values are still ValueErrors."""
+    pos = _points(30, seed=2)
+    for r in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64)):
+        assert torch.equal(radius(pos, pos[:5], r), radius(pos, pos[:5], float(r))), type(r)
+        assert torch.equal(radius_graph(pos, r), radius_graph(pos, float(r))), type(r)
+    assert torch.equal(radius_graph(pos, np.int64(1)), radius_graph(pos, 1.0))
+    for ratio in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25)):
+        assert torch.equal(fps(pos, ratio=ratio, random_start=False), fps(pos, ratio=0.25, random_start=False))
+    for bad, what in (("0.5", "str"), (True, "bool"), (torch.tensor([0.5, 0.6]), "shape \\(2,\\)"),
+                      (torch.tensor(True), "torch.bool"), (0.5j, "complex")):
+        with pytest.raises(TypeError, match=f"r must be a real number.*{what}"):
+            radius_graph(pos, bad)
+        with pytest.raises(TypeError, match=f"ratio must be a real number.*{what}"):
+            fps(pos, ratio=bad)
+    with pytest.raises(ValueError, match="r must be a positive finite number, got -0.5"):
+        radius(pos, pos, np.float32(-0.5))
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\], got 1.5"):
+        fps(pos, ratio=torch.tensor(1.5))
+
+
 # ------------------------------------------------------------------------------------------------ the layer
 def _pair(*args, nets=None, **kwargs):
     torch.manual_seed(0)
@@ -358,6 +382,51 @@ def test_batchnorm_in_pos_nn_sees_every_edge_as_in_pyg(monkeypatch):
     pos, x = _points(30, seed=12), torch.randn(30, 6)
     _assert_same(ours.train(), peer.train(), x, pos, knn_graph(pos, 4))
     torch.testing.assert_close(ours.pos_nn[1].running_mean, peer.pos_nn[1].running_mean, **TOL)
+
+
+def _norm_nets():
+    """attn_nn networks whose normalisation takes statistics over all the edges it is given."""
+    pyg_norm = pyg_nn.norm
+    return {
+        "batchnorm without running stats": nn.Sequential(
+            nn.Linear(8, 16), nn.BatchNorm1d(16, track_running_stats=False), nn.ReLU(), nn.Linear(16, 8)),
+        "pyg MLP layer_norm (mode graph)": pyg_nn.MLP([8, 16, 8], norm="layer_norm"),
+        "pyg MLP graph_norm": pyg_nn.MLP([8, 16, 8], norm="graph_norm"),
+        "pyg MLP instance_norm": pyg_nn.MLP([8, 16, 8], norm="instance_norm"),
+        "pyg PairNorm": nn.Sequential(nn.Linear(8, 8), pyg_norm.PairNorm()),
+    }
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("net", list(_norm_nets()))
+def test_norms_over_all_edges_see_every_edge_as_in_pyg(monkeypatch, net, mode):
+    """attn_nn whose statistics span all its rows (BatchNorm without running statistics, in eval too; PyG's
+    graph-level norms called without a batch vector) runs as one block, as PyG feeds it every edge: with blocks
+    of a neighbourhood or two (inference, or training with recompute) each block got its own statistics."""
+    monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 40)
+    ours, peer = _pair(6, 8, nets={"attn_nn": _norm_nets()[net]})
+    ours.recompute = True
+    ours.train(mode == "train")
+    peer.train(mode == "train")
+    pos, x = _points(30, seed=12), torch.randn(30, 6, generator=torch.Generator().manual_seed(13))
+    edge_index = knn_graph(pos, 4)
+    _assert_same(ours, peer, x, pos, edge_index)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, pos, edge_index), peer(x, pos, edge_index), **TOL)
+
+
+def test_row_wise_norms_keep_the_blockwise_path():
+    """The rule of _has_batch_statistics: norms that use running statistics or normalise each row alone do not
+    force one block (PyG's wrappers decide by the torch BatchNorm inside)."""
+    pyg_norm = pyg_nn.norm
+    row_wise = [nn.BatchNorm1d(8).eval(), pyg_norm.BatchNorm(8).eval(), pyg_norm.DiffGroupNorm(8, 2).eval(),
+                pyg_norm.InstanceNorm(8, track_running_stats=True).eval(), pyg_norm.LayerNorm(8, mode="node"),
+                nn.LayerNorm(8), nn.InstanceNorm1d(8), nn.GroupNorm(2, 8)]
+    for m in row_wise:
+        assert not vector._has_batch_statistics(nn.Sequential(nn.Linear(8, 8), m)), m
+    for m in (nn.BatchNorm1d(8).train(), pyg_norm.BatchNorm(8).train(), pyg_norm.GraphSizeNorm(),
+              pyg_norm.InstanceNorm(8, track_running_stats=True).train(), pyg_norm.MeanSubtractionNorm()):
+        assert vector._has_batch_statistics(nn.Sequential(nn.Linear(8, 8), m)), m
 
 
 def test_blockwise_path_keeps_far_less_for_backward(monkeypatch):

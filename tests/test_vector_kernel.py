@@ -131,9 +131,11 @@ def test_gradients_through_the_kernel_forward(degrees, channels):
 
 
 @in_process
-def test_point_transformer_layer_on_the_kernel(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_point_transformer_layer_on_the_kernel(monkeypatch, dtype):
     """PointTransformerConv with every block's aggregation forced onto the kernel: PyG's outputs and
-    gradients (the layer passes each block's CSR row pointers)."""
+    gradients (the layer passes each block's CSR row pointers). A float64 layer takes the PyTorch path there
+    (the kernel refuses float64: on CUDA such a layer raised "dtype torch.float64 is not supported")."""
     pyg_nn = pytest.importorskip("torch_geometric.nn")
     from torch import nn
 
@@ -154,12 +156,12 @@ def test_point_transformer_layer_on_the_kernel(monkeypatch):
     monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 200)  # several blocks
     torch.manual_seed(0)
     mlp = lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))  # noqa: E731
-    ours = PointTransformerConv(6, 8, attn_nn=mlp()).to(DEVICE)
+    ours = PointTransformerConv(6, 8, attn_nn=mlp()).to(DEVICE, dtype)
     ours.recompute = True
-    peer = pyg_nn.PointTransformerConv(6, 8, attn_nn=mlp()).to(DEVICE)
+    peer = pyg_nn.PointTransformerConv(6, 8, attn_nn=mlp()).to(DEVICE, dtype)
     ours.load_state_dict(peer.state_dict())
-    pos = torch.rand(40, 3, device=DEVICE)
-    x = torch.randn(40, 6, device=DEVICE)
+    pos = torch.rand(40, 3, device=DEVICE, dtype=dtype)
+    x = torch.randn(40, 6, device=DEVICE, dtype=dtype)
     ei = knn_graph(pos, 5)
     results = []
     for layer in (ours, peer):
@@ -168,8 +170,31 @@ def test_point_transformer_layer_on_the_kernel(monkeypatch):
         out.backward(torch.ones_like(out))
         results.append((out.detach(), xx.grad))
     assert len(calls) > 1
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
     for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
+
+
+@in_process
+def test_float64_takes_the_torch_path_under_every_impl():
+    """segment_softmax_weighted_sum with float64 (or a float64 side of a mix, which promotes to it) and
+    rowptr under impl="triton" / "auto": the PyTorch path's float64 result and gradients, not the kernel's
+    TypeError (which a float64 PointTransformerConv on CUDA hit)."""
+    scores, values, index, rowptr = _graph([3, 0, 5, 1, 40], 20, torch.float64, seed=6)
+    grad = torch.randn(5, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    results = {}
+    for name, impl, score_dtype in (("torch", "torch", torch.float64), ("triton", "triton", torch.float64),
+                                    ("auto", "auto", torch.float64), ("mixed", "triton", torch.float32)):
+        s = scores.to(score_dtype).requires_grad_(True)
+        v = values.clone().requires_grad_(True)
+        out = segment_softmax_weighted_sum(s, v, index, 5, rowptr=rowptr, impl=impl)
+        results[name] = [out] + list(torch.autograd.grad(out, (s, v), grad))
+    for name in ("triton", "auto"):
+        for got, want in zip(results[name], results["torch"]):
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, want, atol=0.0, rtol=0.0)
+    assert results["mixed"][0].dtype == torch.float64 and results["mixed"][1].dtype == torch.float32
 
 
 def test_bad_inputs_name_the_problem():

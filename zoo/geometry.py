@@ -29,6 +29,7 @@ query chunks of at most ``chunk`` x n_x (and at most 2**25) distances, O(n_y n_x
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -84,6 +85,22 @@ def _distances(y: Tensor, x: Tensor, cosine: bool) -> Tensor:
     # re-rank candidates with exact differences)
     d = (y * y).sum(1, keepdim=True) + (x * x).sum(1)[None, :]
     return d.addmm_(y, x.t(), alpha=-2.0)
+
+
+def _real(value, name: str) -> float:
+    """``value`` as a Python float: any real number (numbers.Real: int, float, numpy's float32 / float64 and
+    integers, which are not Python floats) or a 0-dim real tensor, as torch_cluster's radius / fps take a radius
+    or ratio read from a numpy config or computed with torch. Other types (bool, complex, str, a tensor with
+    elements) are a TypeError naming the type, not a range error; the caller checks the range."""
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+            return float(value)
+        raise TypeError(f"{name} must be a real number or a 0-dim real tensor, got a {value.dtype} tensor of shape "
+                        f"{tuple(value.shape)}")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a real number (int, float, numpy float) or a 0-dim real tensor, got "
+                    f"{type(value).__name__}")
 
 
 def _check_flow(flow: str) -> None:
@@ -383,10 +400,11 @@ def radius(x: Tensor, y: Tensor, r: float, batch_x: Optional[Tensor] = None, bat
     CUDA and Triton kernels scan x in order and keep the first hits; ``dist < r``, strictly).
 
     Returns [2, M] int64: row 0 the index into ``y``, row 1 the index into ``x``, grouped by query in order,
-    ascending x index within a query. Distances in float64. Searches in 1-3 dimensions over many points use a
-    uniform grid of cells of side r (exact: a point nearer than r is in one of the 3^D cells around the query);
-    the rest is brute force in chunks."""
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+    ascending x index within a query. ``r``: a real number (numpy's too) or a 0-dim tensor. Distances in float64.
+    Searches in 1-3 dimensions over many points use a uniform grid of cells of side r (exact: a point nearer than
+    r is in one of the 3^D cells around the query); the rest is brute force in chunks."""
+    r = _real(r, "r")
+    if not math.isfinite(r) or r <= 0:
         raise ValueError(f"r must be a positive finite number, got {r!r}")
     max_num_neighbors = positive_int(max_num_neighbors, "max_num_neighbors")
     x, y, examples = _paired_examples(x, y, batch_x, batch_y, num_workers, batch_size)
@@ -469,12 +487,12 @@ def fps(src: Tensor, batch: Optional[Tensor] = None, ratio: float = 0.5, random_
     ``ceil(ratio * n)`` point indices (global, in pick order, examples in order), the product rounded as
     torch_cluster rounds it (float32 n times ratio in the points' dtype). Each pick is the point whose
     squared distance to the nearest already-picked point is largest (ties to the lowest index); the first
-    is the example's first point, or a random one with ``random_start=True`` (torch's global RNG).
+    is the example's first point, or a random one with ``random_start=True`` (torch's global RNG). ``ratio``: a
+    real number (numpy's too) or a 0-dim tensor.
     """
     src = _check_points("src", src)
-    if isinstance(ratio, torch.Tensor) and ratio.dim() == 0 and ratio.is_floating_point():  # torch_cluster takes one
-        ratio = float(ratio)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+    ratio = _real(ratio, "ratio")  # torch_cluster takes a 0-dim tensor too
+    if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
     ptr, size = _segments("batch", batch, src.size(0), src.device)
     if batch_size is not None and positive_int(batch_size, "batch_size") < size:  # torch_cluster's argument

@@ -74,6 +74,20 @@ __all__ = [
 # peak memory at 1M edges, C=64 was 170 MB lower with 2**19 than with 2**21 (1414 vs 1584 MB VmHWM).
 CHUNK_ELEMENTS = int(os.environ.get("ZOO_SEGMENT_CHUNK_ELEMENTS", 1 << 19))
 
+# The dtypes the Triton kernels take (zoo.kernels.vector_softmax, zoo.kernels.edge_softmax: math in fp32, float64
+# refused); see _on_kernel.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _on_kernel(impl: str, like: Tensor, *tensors: Optional[Tensor]) -> bool:
+    """Whether a fused op runs as its Triton kernel: ``impl="triton"``, or ``"auto"`` with CUDA tensors (``like``),
+    and only while every given tensor (None skipped) is fp32 / fp16 / bf16. Anything with float64 runs the
+    PyTorch path under every impl: the kernels compute in fp32 and refuse float64, so a float64 layer on CUDA
+    raised "dtype torch.float64 is not supported" instead of computing (PyG computes it in float64)."""
+    if impl == "torch" or (impl == "auto" and not like.is_cuda):
+        return False
+    return all(t is None or t.dtype in _KERNEL_DTYPES for t in tensors)
+
 
 # ----------------------------------------------------------------------------------------------------
 # CSR by destination
@@ -380,7 +394,8 @@ def segment_softmax_weighted_sum(scores: Tensor, values: Tensor, index: Tensor, 
     ``rowptr`` [num_segments + 1]: the entries are in CSR order (sorted by index, segment n at
     rowptr[n]..rowptr[n + 1] - 1), which lets the forward and the backward run as the Triton kernels
     (zoo.kernels.vector_softmax): ``impl="auto"`` uses them for CUDA tensors, ``"triton"`` also on CPU tensors
-    under TRITON_INTERPRET=1, ``"torch"`` never. Since the kernels read the segments from rowptr alone, rowptr
+    under TRITON_INTERPRET=1, ``"torch"`` never; float64 runs the PyTorch path under every impl (the kernels take
+    fp32 / fp16 / bf16). Since the kernels read the segments from rowptr alone, rowptr
     is checked against index (rowptr[0] = 0, rowptr[-1] = E, non-decreasing, index what rowptr implies: one pass
     over the entries; skipped under tracing). (The arguments are named as segment_softmax's: scores, index.)"""
     fn = "segment_softmax_weighted_sum"
@@ -406,7 +421,7 @@ def segment_softmax_weighted_sum(scores: Tensor, values: Tensor, index: Tensor, 
     # gave a bf16 result); the casts send each gradient back in its input's own dtype.
     dtype = torch.promote_types(scores_EC.dtype, values_EC.dtype)
     scores_EC, values_EC = scores_EC.to(dtype), values_EC.to(dtype)
-    kernel = rowptr is not None and (impl == "triton" or (impl == "auto" and scores_EC.is_cuda))
+    kernel = rowptr is not None and _on_kernel(impl, scores_EC, scores_EC)
     return _SegmentSoftmaxWeightedSum.apply(scores_EC, values_EC, index_E, num_segments, rowptr if kernel else None)
 
 
@@ -932,7 +947,8 @@ def gatv2_attention(
     (fp32 under torch.autocast, where ``att`` stays an fp32 parameter; bf16 for a bf16 layer); the CPU path
     computes in fp32 for half inputs, with autocast off inside. ``impl``: "auto" (the Triton kernel on CUDA
     tensors, the chunked PyTorch path otherwise), "torch" or "triton" (also on CPU tensors under
-    TRITON_INTERPRET=1).
+    TRITON_INTERPRET=1); inputs with float64 run the PyTorch path under every impl (the kernel takes fp32 / fp16 /
+    bf16).
     """
     x_dst, w_dst, b_dst = _check_dst_projection(xs_NHC, xd_NHC, dst_projection)
     _check_gatv2_inputs(xs_NHC, xd_NHC, x_dst, att_HC, csr, edge_attr, edge_weight)
@@ -946,13 +962,14 @@ def gatv2_attention(
 
 def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
                  dropout, need_weights, impl, chunk_elements):
-    """The Triton kernel (CUDA, or impl="triton") or the blocked CPU function, on checked inputs.
+    """The Triton kernel (CUDA, or impl="triton"; fp32 / fp16 / bf16 inputs only, see _on_kernel) or the blocked
+    CPU function, on checked inputs.
 
     The kernel reads every input in the source features' dtype: under torch.autocast those are half (from
     ``lin_l(x)``) next to the fp32 parameters ``att`` and ``lin_edge.weight`` (and fp32 edge features), which are
     cast to it here (their gradients flow back through the casts in fp32), as autocast itself casts the inputs of
     a matmul. Out and alpha come back in the promoted dtype, as from the CPU function and PyG."""
-    if impl == "triton" or (impl == "auto" and xs_NHC.is_cuda):
+    if _on_kernel(impl, xs_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight):
         from zoo.kernels.edge_softmax import gatv2_edge_softmax
 
         out_dtype = _promoted_dtype(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight)

@@ -22,8 +22,9 @@ recomputed in backward), so the layer keeps O(N C) activations plus one block's,
 block's forward run again in backward, paid by default only when the kept intermediates would pass about 1 GiB
 (``recompute="auto"``). The softmax and the weighted sum are one fused step
 (zoo.attention.segment.segment_softmax_weighted_sum): autograd keeps its inputs and [N, C] statistics, not the
-[E, C] weights and products, and its backward is one pass. pos_nn / attn_nn with batch statistics (BatchNorm in
-training mode) see the whole edge set in one block, as in PyG, so their statistics are PyG's; so does a layer
+[E, C] weights and products, and its backward is one pass. pos_nn / attn_nn with statistics over the edges
+(BatchNorm using batch statistics, PyG's graph-level norms: _normalises_over_rows) see the whole edge set in one
+block, as in PyG, so their statistics are PyG's; so does a layer
 under torch.compile / export (one graph, PyG's memory; the graph structure is built outside it as for the GAT
 layers). While PyG's
 explain mode is on or a message-passing hook is registered, the layer runs PyG's ``propagate`` instead
@@ -41,6 +42,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from torch_geometric.nn import norm as pyg_norm
 from torch_geometric.nn.inits import reset
 
 from zoo.attention.graph import CachedGraphLayer, GraphStructure, _check_channels, _check_features
@@ -65,10 +67,37 @@ def _linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
 
 
 def _has_batch_statistics(module: Optional[Callable]) -> bool:
-    """True when ``module`` holds a BatchNorm in training mode (its statistics must see every edge at once)."""
-    return isinstance(module, nn.Module) and any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()
-    )
+    """True when ``module`` holds a normalisation whose output for one edge depends on the other edges it is
+    given (see :func:`_normalises_over_rows`): it must see every edge at once, as in PyG's layer, or each block of
+    the blockwise path would get its own statistics."""
+    return isinstance(module, nn.Module) and any(_normalises_over_rows(m) for m in module.modules())
+
+
+def _normalises_over_rows(m: nn.Module) -> bool:
+    """Whether ``m`` (one module, not its children) normalises its [E, C] input with statistics over the rows.
+
+    * torch's BatchNorm (any _BatchNorm, also inside PyG's BatchNorm / DiffGroupNorm wrappers, which are decided
+      by it): when it uses batch statistics, by torch's own rule (BatchNorm.forward): in training mode, or in
+      either mode without running statistics (track_running_stats=False).
+    * torch_geometric.nn.norm (PyG 2.8.1), called without a batch vector as attn_nn / pos_nn call them: all rows
+      are one graph. InstanceNorm uses instance statistics as torch's _InstanceNorm does (training, or no running
+      statistics); LayerNorm in mode="graph" (PyG's default, and what torch_geometric.nn.MLP(norm="layer_norm")
+      builds) normalises over all rows and channels, in mode="node" each row alone; every other PyG norm
+      (GraphNorm, PairNorm, MeanSubtractionNorm, GraphSizeNorm, HeteroBatchNorm, ...) counts as over the rows:
+      one block is always correct, it only costs PyG's memory.
+    * Anything else, torch's InstanceNorm / LayerNorm / GroupNorm included, is taken as row-wise (on [E, C] each
+      normalises a row over its channels)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return m.training or m.running_mean is None
+    if not type(m).__module__.startswith("torch_geometric.nn.norm"):
+        return False
+    if isinstance(m, (pyg_norm.BatchNorm, pyg_norm.DiffGroupNorm)):
+        return False  # their inner torch BatchNorm decides
+    if isinstance(m, pyg_norm.InstanceNorm):
+        return m.training or not m.track_running_stats
+    if isinstance(m, pyg_norm.LayerNorm):
+        return m.mode != "node"
+    return True
 
 
 class _Mallinfo2(ctypes.Structure):
