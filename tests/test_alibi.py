@@ -108,3 +108,26 @@ def test_custom_slopes_and_errors():
     for heads in (0, 2.0):  # with slopes given, num_heads was not checked
         with pytest.raises(ValueError, match="ALiBi: num_heads must be a positive int"):
             ALiBi(heads, slopes=[])
+
+
+@pytest.mark.parametrize("backend", ["torch", "blocksparse"])  # SDPA takes its attn_mask in q's dtype
+def test_alibi_under_bf16_autocast_is_not_rounded_before_the_softmax(backend):
+    """Under bf16 autocast attend() materialised ALiBi in q's dtype: -slope * distance rounded to bf16's steps
+    (1/32 at |bias| in [4, 8)) put 6% of the outputs off the correctly rounded attention of the bf16 inputs, against
+    0.03% without a bias. The bias is now built in fp32 (as FlashAttention's alibi_slopes); the float64 attention
+    of the same bf16-rounded q, k, v with the exact bias, rounded to bf16, is the reference. ALiBi(H).bfloat16()
+    rounded the slopes themselves; the bias still comes from the exact ones."""
+    torch.manual_seed(0)
+    heads, n, dim = 8, 512, 32
+    q, k, v = (torch.randn(1, heads, n, dim).to(torch.bfloat16) for _ in range(3))
+    alibi = ALiBi(heads)
+    exact = alibi.materialize(n, n, dtype=torch.float64)
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(dim) + exact
+    scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf)
+    want = (scores.softmax(-1) @ v.double()).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attend(q.float(), k.float(), v.float(), Causal(), bias=alibi, backend=backend)
+    assert got.dtype == torch.bfloat16
+    assert (got != want).double().mean().item() < 0.005
+    torch.testing.assert_close(ALiBi(heads).bfloat16().materialize(n, n, dtype=torch.float32),
+                               exact.float(), rtol=0, atol=0)

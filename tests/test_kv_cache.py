@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.attention import Causal, ChunkWindow, KVCache, MultiHeadAttention, Window, use_backend
+from zoo.attention import Causal, ChunkWindow, KVCache, MultiHeadAttention, Segments, Window, use_backend
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -325,3 +325,158 @@ def test_a_cache_filled_in_inference_mode_continues_under_no_grad():
             outs.append(mha(x[:, start:stop], mask=Causal() if stop - start > 1 else None, cache=cache).clone())
     torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
     assert not cache.keys.is_inference()
+
+
+def _stream(layer, x, mask, cache, step):
+    """``x`` fed ``step`` tokens per call through ``cache``; the outputs concatenated."""
+    return torch.cat([layer(x[:, t:t + step], mask=mask, cache=cache) for t in range(0, x.shape[1], step)], 1)
+
+
+def test_a_chunk_window_over_a_rolling_cache_needs_a_multiple_of_the_chunk():
+    """ChunkWindow numbers chunks from the first kept key: KVCache(max_length=6) with chunks of 4 kept keys
+    starting inside a chunk once it rolled (0.17 off the whole pass, silently). A bound that is not a multiple of
+    the chunk size is refused; a multiple equals the whole pass."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rope="1d").double().eval()
+    x = torch.randn(1, 16, 32, dtype=torch.float64)
+    mask = ChunkWindow(4, left=1)
+    with torch.no_grad():
+        whole = layer(x, mask=mask)
+        for bound in (6, 10):
+            with pytest.raises(ValueError, match=rf"KVCache\(max_length={bound}\) is not a multiple of 4, so the kept "
+                                                 rf"keys would start inside a chunk: use KVCache\(max_length=\d+\)"):
+                _stream(layer, x, mask, KVCache(max_length=bound), 4)
+        for bound in (4, 8):
+            torch.testing.assert_close(_stream(layer, x, mask, KVCache(max_length=bound), 4), whole, rtol=0, atol=1e-12)
+
+
+def test_combined_masks_get_the_stream_checks_of_their_parts():
+    """``mask & Segments(...)`` (padding) skipped every check of _check_stream (0.16 to 0.28 off the whole pass);
+    each Window / ChunkWindow part is now checked as a bare one. ``&`` with a window the cache holds is exact
+    even beside an unbounded part (the tighter window decides), ``|`` needs every part held."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4).double().eval()
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+    pad = Segments(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))  # for 4 queries, 8 keys
+    with torch.no_grad():
+        warm = KVCache(max_length=4)
+        layer(x[:, :4], mask=Window(4, 0), cache=warm)
+        with pytest.raises(ValueError, match=r"Window\(left=8, right=0\) looks back 8 tokens but the KVCache keeps "
+                                             r"max_length=4"):
+            layer(x[:, 4:8], mask=Window(8, 0) & pad, cache=warm)
+        with pytest.raises(ValueError, match=r"looks back 2 chunks \(8 tokens\) but the KVCache keeps max_length=4"):
+            layer(x[:, 4:8], mask=ChunkWindow(4, left=2) & pad, cache=warm)
+        with pytest.raises(ValueError, match=r"Window\(left=8, right=0\) looks back 8 tokens"):
+            layer(x[:, 4:8], mask=Window(2, 0) | Window(8, 0), cache=warm)
+        stream = KVCache(max_length=8)
+        layer(x[:, :6], mask=ChunkWindow(4, left=2), cache=stream)  # ends inside a chunk
+        with pytest.raises(ValueError, match=r"the stream is at token 6, inside a chunk of 4"):
+            layer(x[:, 6:10], mask=Segments(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 12, dtype=torch.long))
+                  & ChunkWindow(4, left=2), cache=stream)
+        assert len(warm) == 4 and len(stream) == 6  # the refused calls appended nothing
+        whole = layer(x, mask=Window(4, 0))
+        got = _stream(layer, x, Causal() & Window(4, 0), KVCache(max_length=4), 3)
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask", [Causal(), Window(None, 0), ChunkWindow(4)], ids=repr)
+def test_unbounded_masks_over_a_rolling_cache_are_refused(mask):
+    """Causal(), Window(None, 0) and ChunkWindow(c) see every earlier token in the whole pass, a rolling cache
+    keeps max_length of them: accepted before, 0.16 to 0.28 off. Refused now, saying what to use; over an
+    unbounded cache they equal the whole pass, and mask=None over a rolling cache stays the sliding window of
+    its bound (test_rolling_cache_is_exact_for_a_sliding_window)."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rope="1d").double().eval()
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"looks back without limit but the KVCache keeps only max_length=4 "
+                                             r"tokens, so the output would differ from the whole pass: give the mask "
+                                             r"a bounded left \((Window\(4, 0\)|ChunkWindow\(4, left=L\))"):
+            layer(x[:, :4], mask=mask, cache=KVCache(max_length=4))
+        torch.testing.assert_close(_stream(layer, x, mask, KVCache(), 4), layer(x, mask=mask), rtol=0, atol=1e-12)
+
+
+def test_a_failed_call_leaves_the_cache_as_it_was():
+    """A call that raised after appending (a mask of the wrong shape, a NaN input) left its keys in the cache: a
+    corrected retry decoded against a duplicated token (0.08 off), and NaN keys made every later call fail. The
+    cache is rolled back (length, dropped, keys), so the retry equals the whole pass, rolling cache included."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rope="1d").double().eval()
+    x = torch.randn(1, 9, 32, dtype=torch.float64)
+    nan_step = x[:, 5:6].clone()
+    nan_step[0, 0, 0] = float("nan")
+    with torch.no_grad():
+        for bound, mask, whole in ((None, None, layer(x, mask=Causal())), (3, None, layer(x, mask=Window(3, 0)))):
+            cache = KVCache(max_length=bound)
+            outs = [layer(x[:, :5], mask=Causal() if bound is None else Window(3, 0), cache=cache)]
+            before = (len(cache), cache.position, cache.keys.clone())
+            with pytest.raises(ValueError, match="Dense mask has shape"):
+                layer(x[:, 5:6], mask=torch.ones(1, 1, 1, 2, dtype=torch.bool), cache=cache)
+            with pytest.raises(ValueError, match="contains NaN"):
+                layer(nan_step, cache=cache)
+            assert (len(cache), cache.position) == before[:2] and torch.equal(cache.keys, before[2])
+            outs += [layer(x[:, t:t + 1], mask=mask, cache=cache) for t in range(5, 9)]
+            torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["alibi", "xl"])
+def test_padded_batches_decode_left_padded_and_refuse_right_padding(scheme):
+    """ALiBi and rel_pos='xl' count a key's distance over the cached keys alike for every row: a right-padded
+    batch (Segments.from_lengths) decoded its shorter row 0.05 to 0.09 off, silently. The right-padded prompt
+    itself is exact (its padding comes last); the first step that puts valid keys after the padding is refused.
+    Left padding gives each row's outputs decoded alone."""
+    from zoo.attention import ALiBi
+
+    torch.manual_seed(0)
+    kw = dict(rel_pos_bias=ALiBi(4)) if scheme == "alibi" else dict(rel_pos="xl")
+    layer = MultiHeadAttention(32, 4, **kw).double().eval()
+    lengths, width, steps = [6, 3], 6, 3
+    rows = [torch.randn(1, n + steps, 32, dtype=torch.float64) for n in lengths]
+    with torch.no_grad():
+        alone = torch.cat([layer(r, mask=Causal())[:, n:] for r, n in zip(rows, lengths)])
+        right = Segments.from_lengths(lengths, width)
+        prompt = torch.zeros(2, width, 32, dtype=torch.float64)
+        for b, (r, n) in enumerate(zip(rows, lengths)):
+            prompt[b, :n] = r[0, :n]
+        right_cache = KVCache()
+        prefill = layer(prompt, mask=Causal() & right, cache=right_cache)
+        for b, (r, n) in enumerate(zip(rows, lengths)):  # the prompt's valid rows are exact
+            torch.testing.assert_close(prefill[b, :n], layer(r[:, :n], mask=Causal())[0], rtol=0, atol=1e-12)
+        next_ids = torch.cat([right.kv_ids, torch.zeros(2, 1, dtype=torch.long)], 1)
+        step = torch.stack([r[0, n] for r, n in zip(rows, lengths)])[:, None]
+        with pytest.raises(ValueError, match=r"a batch must be left-padded .* pad on the left"):
+            layer(step, mask=Segments(torch.zeros(2, 1, dtype=torch.long), next_ids), cache=right_cache)
+        assert len(right_cache) == width  # the refused step appended nothing
+        ids = torch.tensor([[0] * 6, [-1] * 3 + [0] * 3])  # left padding
+        prompt = torch.stack([torch.cat([torch.zeros(width - n, 32, dtype=torch.float64), r[0, :n]])
+                              for r, n in zip(rows, lengths)])
+        cache = KVCache()
+        layer(prompt, mask=Causal() & Segments(ids), cache=cache)
+        outs = []
+        for t in range(steps):
+            ids = torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)], 1)
+            step = torch.stack([r[0, n + t] for r, n in zip(rows, lengths)])[:, None]
+            outs.append(layer(step, mask=Segments(torch.zeros(2, 1, dtype=torch.long), ids), cache=cache))
+    torch.testing.assert_close(torch.cat(outs, 1), alone, rtol=0, atol=1e-12)
+
+
+def test_misconfigurations_are_refused_where_they_are_made():
+    """Three silent or misleading cases: ALiBi(1) on a 4-head layer broadcast one slope to every head;
+    KVCache(max_length=2) on cross attention was ignored; RotaryEmbedding(np.int64(16)) said 'needs a head_dim
+    that is a multiple of 2, got 16'."""
+    import numpy as np
+
+    from zoo.attention import ALiBi
+    from zoo.attention.rope import RotaryEmbedding
+
+    with pytest.raises(ValueError, match=r"rel_pos_bias ALiBi has 1 heads but this module has num_heads=4; build it "
+                                         r"with 4 heads"):
+        MultiHeadAttention(32, 4, rel_pos_bias=ALiBi(1))
+    MultiHeadAttention(32, 4, rel_pos_bias=ALiBi(4))
+    cross = MultiHeadAttention(32, 4, kv_dim=8).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"KVCache\(max_length=2\) bounds a self-attention stream, "
+                                                          r"but this is cross attention.*use KVCache\(\)"):
+        cross(torch.randn(2, 3, 32), torch.randn(2, 9, 8), cache=KVCache(max_length=2))
+    with pytest.raises(TypeError, match=r"head_dim must be a Python int, got int64 16 \(pass int\(head_dim\)\)"):
+        RotaryEmbedding(np.int64(16))
+    assert RotaryEmbedding(int(np.int64(16))).head_dim == 16

@@ -21,6 +21,10 @@ slopes inside its tiles (O(N) memory, as FlashAttention's ``alibi_slopes``; ``at
 when it selects that backend); the other backends get it materialised as a (1, H, Nq, Nk) tensor per call.
 The slopes are a non-persistent buffer: state dicts do not change, and they get no gradient.
 
+Over a KV cache the distance of a key is its index among the cached keys, the same for every batch row: pad a
+batch of prompts of different lengths on the left (padding first), not on the right, or the shorter rows' new
+tokens are scored as if the padding were tokens (MultiHeadAttention refuses a right-padded ``Segments`` mask).
+
 Letters: H heads, Nq / Nk query / key lengths.
 """
 from __future__ import annotations
@@ -73,8 +77,11 @@ class ALiBi(AttentionBias):
     def materialize(self, q_len: int, k_len: int, *, device=None, dtype=None) -> torch.Tensor:
         device = self.slopes.device if device is None else device
         exact = dtype == torch.float64 or self.slopes.dtype == torch.float64
+        # .bfloat16() / .half() on the module rounds the buffer (bf16: 3 significant digits); the bias is still
+        # computed from the exact slopes, in fp32 at least (the caller's dtype only rounds the result)
+        rounded = self.slopes.dtype not in (torch.float32, torch.float64)
         compute = torch.float64 if exact else torch.float32
-        slopes = (self._slopes_fp64 if exact else self.slopes).to(device, compute)
+        slopes = (self._slopes_fp64 if exact or rounded else self.slopes).to(device, compute)
         i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
         j = torch.arange(k_len, device=device)[None, :]
         distance = (i - j).abs().to(compute)

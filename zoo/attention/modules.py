@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from zoo.attention import capture as _capture
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.core import attend
-from zoo.attention.masks import ChunkWindow, Mask, Window, as_mask
+from zoo.attention.masks import And, ChunkWindow, Mask, Or, SegmentWindow, Segments, Window, as_mask
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
 from zoo.layers import (
@@ -64,7 +64,10 @@ class KVCache:
     with ``max_length=w``) and streaming speech encoders with limited left context (WeNet's attention
     cache, NeMo's cache-aware streaming: ``ChunkWindow(c, left=L)`` with ``max_length=L * c``, fed whole
     chunks of c tokens, so the kept tokens start on a chunk boundary). RoPE positions keep counting every
-    token seen (``position``), not only the kept ones.
+    token seen (``position``), not only the kept ones. MultiHeadAttention refuses a mask that looks back
+    further than the bound (``Causal()``, ``ChunkWindow(c)`` included) or a ChunkWindow whose chunk size does
+    not divide it; ``mask=None`` (one token per call) is the sliding window of the bound. Self attention only:
+    a cross-attention cache keeps the whole context.
 
     ``reorder(index)`` picks batch rows (beam search: the surviving beams); ``reset()`` empties the cache.
     For inference (``torch.no_grad()`` / ``inference_mode``): appending writes into the storage in place, so
@@ -158,6 +161,14 @@ class KVCache:
             self._start, self.length, self.dropped = self._start + drop, self.max_length, self.dropped + drop
         return keys, values
 
+    def _snapshot(self) -> tuple:
+        """What :meth:`_restore` needs to undo the appends (or store) of a call that then failed: references
+        only. An append writes past the live tokens (or into new storage), so the live ones stay intact."""
+        return self._k, self._v, self._start, self.length, self.dropped, self.context, self._owner
+
+    def _restore(self, state: tuple) -> None:
+        self._k, self._v, self._start, self.length, self.dropped, self.context, self._owner = state
+
     def store(self, k_BHMD: torch.Tensor, v_BHMD: torch.Tensor, context: torch.Tensor) -> None:
         """Cross attention: keep the projected context (replacing what was there)."""
         self._k, self._v, self.length, self.context = k_BHMD, v_BHMD, k_BHMD.shape[2], context
@@ -202,11 +213,13 @@ class MultiHeadAttention(nn.Module):
         rope_theta: RoPE frequency base (default 10000 for 1d and 3d, 100 for 2d).
         rope_axes_dims: 3d RoPE only: head-dim channels per (frame, row, col) axis (default Wan's split).
         rel_pos_bias: an AttentionBias module added to the scores (owned by this module: its parameters
-            are part of this module's state dict).
+            are part of this module's state dict); one with a ``num_heads`` must have this module's.
         rel_pos: None or "xl": Transformer-XL relative positions (Dai et al. 2019; the attention of Conformer
             encoders), a :class:`TransformerXLRelPos` named ``rel_pos`` (``linear_pos``, ``pos_bias_u``,
             ``pos_bias_v``) whose sinusoids have the width ``dim``. Self attention only; not with RoPE. The
             new tokens of a call are the last ones (after a KV cache's), the first ones with num_queries.
+            With a KV cache, a padded batch must be left-padded (as with ALiBi): distances are counted over the
+            cached keys alike for every row, so a right-padded ``Segments`` mask is refused.
         score: "softmax" or "sigmoid".
         sigmoid_length: with score="sigmoid", the n of the bias b = -log(n) (Ramapuram et al.) as a fixed
             number. None (default): attend()'s -log(Nk) with Nk the keys of each call, so a KV cache's steps (1,
@@ -269,6 +282,11 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(
                 f"MultiHeadAttention: rel_pos_bias must be a zoo.attention.AttentionBias, got {type(rel_pos_bias).__name__}"
             )
+        bias_heads = getattr(rel_pos_bias, "num_heads", None)
+        if is_int(bias_heads) and bias_heads != num_heads:
+            # a (1, h, Nq, Nk) bias broadcasts when h == 1: ALiBi(1) gave every head the one slope 1/256 silently
+            raise ValueError(f"MultiHeadAttention: rel_pos_bias {type(rel_pos_bias).__name__} has {bias_heads} heads "
+                             f"but this module has num_heads={num_heads}; build it with {num_heads} heads")
         if rope not in (None, "1d", "2d", "3d"):
             raise ValueError(f"MultiHeadAttention: rope must be None, '1d', '2d' or '3d', got {rope!r}")
         if rel_pos not in (None, "xl"):
@@ -392,6 +410,9 @@ class MultiHeadAttention(nn.Module):
                                "torch.inference_mode() (train on whole sequences with mask=Causal())")
         if num_queries is not None:
             raise ValueError("MultiHeadAttention: num_queries cannot be combined with a cache")
+        if self.is_cross and cache.max_length is not None:
+            raise ValueError(f"MultiHeadAttention: KVCache(max_length={cache.max_length}) bounds a self-attention "
+                             "stream, but this is cross attention, whose cache keeps the whole context: use KVCache()")
         if self.rel_pos_bias is not None and not self.rel_pos_bias.distance_only:
             raise ValueError(f"MultiHeadAttention: a KV cache with rel_pos_bias={type(self.rel_pos_bias).__name__} is "
                              "not supported (its tables are built for whole sequences; ALiBi, whose bias depends "
@@ -405,20 +426,61 @@ class MultiHeadAttention(nn.Module):
     @staticmethod
     def _check_stream(cache: KVCache, mask) -> None:
         """The conditions under which a self-attention KV cache gives the whole pass's result for a windowed
-        mask (KVCache's docstring); otherwise the output would be silently wrong."""
-        if isinstance(mask, Window) and mask.left is not None and cache.max_length is not None \
-                and mask.left > cache.max_length:
-            raise ValueError(f"MultiHeadAttention: {mask!r} looks back {mask.left} tokens but the KVCache keeps "
-                             f"max_length={cache.max_length}: use KVCache(max_length={mask.left}) or more")
-        if isinstance(mask, ChunkWindow):
-            chunk = mask.chunk_size
+        mask (KVCache's docstring); otherwise the output would be silently wrong. Every Window / ChunkWindow
+        inside an ``&`` / ``|`` combination (e.g. ``mask & Segments(...)`` for padding) is checked as a bare one."""
+        leaves = _window_leaves(mask)
+        if not leaves:
+            return
+        if cache.max_length is not None:
+            history, leaf = _needed_history(mask)
+            if history == math.inf:
+                # Causal(), Window(None, 0), ChunkWindow(c): the whole pass sees every earlier token, the rolling
+                # cache only its last max_length (mask=None over a rolling cache is that sliding window, on purpose)
+                bounded = (f"Window({cache.max_length}, 0), the sliding window this cache holds" if isinstance(
+                    leaf, Window) else f"ChunkWindow({leaf.chunk_size}, left=L) with KVCache(max_length=L * "
+                    f"{leaf.chunk_size})")
+                raise ValueError(f"MultiHeadAttention: {leaf!r} looks back without limit but the KVCache keeps only "
+                                 f"max_length={cache.max_length} tokens, so the output would differ from the whole "
+                                 f"pass: give the mask a bounded left ({bounded}) or use KVCache() without max_length")
+            if history is not None and history > cache.max_length:
+                if isinstance(leaf, Window):
+                    raise ValueError(f"MultiHeadAttention: {leaf!r} looks back {leaf.left} tokens but the KVCache "
+                                     f"keeps max_length={cache.max_length}: use KVCache(max_length={leaf.left}) or more")
+                raise ValueError(f"MultiHeadAttention: {leaf!r} looks back {leaf.left} chunks ({history} tokens) but "
+                                 f"the KVCache keeps max_length={cache.max_length}: use KVCache(max_length={history})")
+        for leaf in leaves:
+            if not isinstance(leaf, ChunkWindow):
+                continue
+            chunk = leaf.chunk_size
             if len(cache) and cache.position % chunk:
                 raise ValueError(f"MultiHeadAttention: the stream is at token {cache.position}, inside a chunk of "
-                                 f"{chunk} ({mask!r}): feed whole chunks; only the last call of a stream may be short")
-            if mask.left is not None and cache.max_length is not None and cache.max_length < mask.left * chunk:
-                raise ValueError(f"MultiHeadAttention: {mask!r} looks back {mask.left} chunks ({mask.left * chunk} "
-                                 f"tokens) but the KVCache keeps max_length={cache.max_length}: use "
-                                 f"KVCache(max_length={mask.left * chunk})")
+                                 f"{chunk} ({leaf!r}): feed whole chunks; only the last call of a stream may be short")
+            if cache.max_length is not None and cache.max_length % chunk:
+                # the mask numbers chunks from the first kept key: once the cache rolls, that key must start a chunk
+                fit = -(-cache.max_length // chunk) * chunk
+                raise ValueError(f"MultiHeadAttention: {leaf!r} counts chunks of {chunk} tokens from the first kept "
+                                 f"key, but KVCache(max_length={cache.max_length}) is not a multiple of {chunk}, so "
+                                 f"the kept keys would start inside a chunk: use KVCache(max_length={fit})")
+
+    def _check_padding_side(self, mask, bias) -> None:
+        """ALiBi (any distance-only bias) and rel_pos='xl' over a KV cache take a key's distance from its index
+        among the cached keys, the same for every batch row: exact when each row's padding comes first (left
+        padding), wrong for a right-padded batch (Segments.from_lengths' layout), whose new tokens sit after the
+        padding of the shorter rows. A valid key after a gap of padded keys (negative ids) that follows a valid one,
+        in a Segments part of ``mask``, is refused: the first call that would score the padding as distance (a
+        right-padded prompt itself, or a streaming encoder's padded last chunk, is exact). Masks given as bool
+        tensors are not inspected, nor anything under tracing."""
+        distance_biases = [b for b in (self.rel_pos_bias, bias) if isinstance(b, AttentionBias) and b.distance_only]
+        if (self.rel_pos is None and not distance_biases) or is_tracing():
+            return
+        for kv_ids in _segment_kv_ids(mask):
+            valid = (kv_ids >= 0).reshape(-1, kv_ids.shape[-1]).to(torch.uint8)
+            gap = (1 - valid) * valid.cummax(-1).values  # a padded key after a valid one
+            if bool((valid * gap.cummax(-1).values).any()):  # ... followed by a valid one
+                scheme = "rel_pos='xl'" if self.rel_pos is not None else type(distance_biases[0]).__name__
+                raise ValueError(f"MultiHeadAttention: with {scheme} and a KV cache, a batch must be left-padded "
+                                 f"(padding before each row's tokens), but valid keys follow a row's padding: the "
+                                 f"distances to them would count the padding; pad on the left")
 
     def _combined_bias(self, bias, n_q: int, n_k: int, like: torch.Tensor):
         if self.rel_pos_bias is None:
@@ -471,7 +533,8 @@ class MultiHeadAttention(nn.Module):
                 ``rel_pos_bias`` when both are present.
             positions: RoPE positions of the non-prefix tokens (see zoo/attention/rope.py); in cross
                 attention the same positions apply to queries and keys unless a pair (q_pos, k_pos) is given.
-                With a self-attention ``cache`` they default to len(cache), len(cache) + 1, ...
+                With a self-attention ``cache`` they default to ``cache.position``, ``cache.position + 1``, ...
+                (every token the stream has seen, the ones a rolling cache dropped included).
             cache: a :class:`KVCache` for incremental decoding. Self attention attends over the cached tokens
                 and these (pass ``mask=Causal()`` when a call adds several tokens: it is bottom-right aligned,
                 so each new token sees the cache and the new tokens up to itself); cross attention projects
@@ -479,13 +542,28 @@ class MultiHeadAttention(nn.Module):
 
         Returns:
             (B, N, dim).
+
+        A call that raises (a mask of the wrong shape, a NaN input) leaves ``cache`` as it was, so the call can be
+        retried exactly: the keys it appended are rolled back.
         """
+        if cache is None or not isinstance(cache, KVCache):
+            return self._forward(x, context, mask, bias, positions, num_queries, cache)
+        state = cache._snapshot()
+        try:
+            return self._forward(x, context, mask, bias, positions, num_queries, cache)
+        except BaseException:
+            cache._restore(state)
+            raise
+
+    def _forward(self, x, context, mask, bias, positions, num_queries, cache) -> torch.Tensor:
+        """forward() without the cache's rollback on failure."""
         x_BNC = x
         self._check_input("x", x_BNC, self.dim)
         if cache is not None:
             self._check_cache(cache, x_BNC, num_queries)
             if not self.is_cross:
                 self._check_stream(cache, mask)
+                self._check_padding_side(mask, bias)
             elif self.rope is not None and positions is None:
                 raise ValueError("MultiHeadAttention: cross attention with RoPE and a KV cache needs "
                                  "positions=(query positions, context positions) at every call: the cache "
@@ -565,6 +643,41 @@ class MultiHeadAttention(nn.Module):
         out_BNC = self.proj_drop(self.proj(out_BHND.transpose(1, 2).reshape(batch, n_q, self.attn_dim)))
         check_module_output(self, "MultiHeadAttention", out_BNC, x=x_BNC, context=context)
         return out_BNC
+
+
+def _window_leaves(mask) -> list:
+    """The Window / ChunkWindow masks of ``mask``, through any ``&`` / ``|`` combination (the others, e.g.
+    Segments or a bool tensor, say nothing about how far back a query looks)."""
+    if isinstance(mask, (And, Or)):
+        return _window_leaves(mask.a) + _window_leaves(mask.b)
+    return [mask] if isinstance(mask, (Window, ChunkWindow)) else []
+
+
+def _segment_kv_ids(mask) -> list:
+    """The key ids of every Segments (or SegmentWindow) part of ``mask``, through ``&`` / ``|``."""
+    if isinstance(mask, (And, Or)):
+        return _segment_kv_ids(mask.a) + _segment_kv_ids(mask.b)
+    if isinstance(mask, SegmentWindow):
+        mask = mask.segments
+    return [mask.kv_ids] if isinstance(mask, Segments) else []
+
+
+def _needed_history(mask) -> tuple:
+    """(tokens, leaf): how many earlier tokens a call's first query may see under ``mask`` (chunk-aligned calls
+    for a ChunkWindow: ``left * chunk_size``), math.inf when unbounded, None when no Window / ChunkWindow
+    bounds it; ``leaf`` is the part that sets the number. ``a & b`` needs the smaller history of the two (the
+    tighter window excludes the rest), ``a | b`` the larger."""
+    if isinstance(mask, (And, Or)):
+        parts = [p for p in (_needed_history(mask.a), _needed_history(mask.b)) if p[0] is not None]
+        if not parts:
+            return None, None
+        pick = min if isinstance(mask, And) else max
+        return pick(parts, key=lambda p: p[0])
+    if isinstance(mask, Window):
+        return (math.inf if mask.left is None else mask.left), mask
+    if isinstance(mask, ChunkWindow):
+        return (math.inf if mask.left is None else mask.left * mask.chunk_size), mask
+    return None, None
 
 
 def check_module_output(module: nn.Module, what: str, out: torch.Tensor, **inputs: Optional[torch.Tensor]) -> None:

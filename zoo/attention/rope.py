@@ -99,7 +99,11 @@ class RotaryEmbedding(nn.Module):
         if mode not in DEFAULT_THETA:
             raise ValueError(f"RotaryEmbedding: mode must be '1d', '2d' or '3d', got {mode!r}")
         multiple = 4 if mode == "2d" else 2
-        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % multiple:
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool):
+            # a numpy int (e.g. from a config array) failed the check below as "not a multiple of 2, got 16"
+            raise TypeError(f"RotaryEmbedding: head_dim must be a Python int, got {type(head_dim).__name__} "
+                            f"{head_dim} (pass int(head_dim))")
+        if head_dim <= 0 or head_dim % multiple:
             raise ValueError(f"RotaryEmbedding: {mode} RoPE needs a head_dim that is a multiple of {multiple}, got {head_dim}")
         if axes_dims is not None and mode != "3d":
             raise ValueError("RotaryEmbedding: axes_dims is a 3d RoPE argument")
