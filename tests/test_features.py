@@ -106,3 +106,46 @@ def test_features_only_errors():
         zoo.create_model("gatv2_node_debug", features_only=True)
     with pytest.raises(ValueError, match="out of range"):
         zoo.create_model("vit_debug", features_only=True, out_indices=(7,))
+
+
+@pytest.mark.parametrize("name, module, size", [("vit_debug", "vit", 32), ("agent_deit_debug", "agent_deit", 36),
+                                                ("maxvit_debug", "maxvit", 64)])
+def test_backbone_grad_checkpointing(name, module, size, monkeypatch):
+    """set_grad_checkpointing on the backbone (timm's FeatureListNet has it; detection code calls it) turns on the
+    wrapped model's per-block checkpointing: the blocks run under torch.utils.checkpoint, and the feature maps and
+    every parameter's gradient are those without it."""
+    import importlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    family = importlib.import_module(f"zoo.tasks.vision.{module}")
+    calls = []
+
+    def counted_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(family, "checkpoint", counted_checkpoint)
+    torch.manual_seed(0)
+    backbone = zoo.create_model(name, features_only=True).train()
+    x = torch.randn(2, 3, size, size)
+
+    def maps_and_grads(enable):
+        backbone.zero_grad()
+        backbone.set_grad_checkpointing(enable)
+        maps = backbone(x)
+        sum((m.square() * (i + 1)).sum() for i, m in enumerate(maps)).backward()
+        grads = {k: p.grad.clone() for k, p in backbone.named_parameters() if p.grad is not None}
+        return [m.detach() for m in maps], grads
+
+    plain_maps, plain_grads = maps_and_grads(False)
+    assert not calls and backbone.grad_checkpointing is False
+    ckpt_maps, ckpt_grads = maps_and_grads(True)
+    assert calls and backbone.grad_checkpointing is True
+    for a, b in zip(ckpt_maps, plain_maps):
+        torch.testing.assert_close(a, b)
+    assert plain_grads and ckpt_grads.keys() == plain_grads.keys()
+    for key, grad in ckpt_grads.items():
+        torch.testing.assert_close(grad, plain_grads[key], msg=key)
+    with pytest.raises(TypeError, match="set_grad_checkpointing: enable must be True or False"):
+        backbone.set_grad_checkpointing("yes")

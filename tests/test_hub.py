@@ -627,8 +627,14 @@ def test_timm_hub_export_of_a_resized_maxvit_loads(tmp_path):
     save_for_hf(peer, str(tmp_path), safe_serialization=True)
     assert "transformer_window_size" in json.loads((tmp_path / "config.json").read_text())["model_args"]
     x = torch.randn(1, 3, 96, 96)
+    loaded = zoo.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(zoo.from_pretrained(tmp_path).eval()(x), peer(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded(x), peer(x), atol=1e-5, rtol=1e-5)
+    # resized again and saved by the zoo: its partition sizes replace timm's names for them in config.json
+    loaded.set_input_size(img_size=128, window_size=2)
+    zoo.save_pretrained(loaded, tmp_path / "again")
+    again = zoo.from_pretrained(tmp_path / "again")
+    assert (again.window_size, again.grid_size) == (loaded.window_size, loaded.grid_size) == ((2, 2), (3, 3))
     built = zoo.create_model("maxvit_rmlp_pico_rw_256", img_size=96, transformer_window_size=(3, 3),
                              transformer_grid_size=(3, 3))
     assert built.stages[0].blocks[0].attn_block.partition_size == (3, 3)
@@ -985,3 +991,55 @@ def test_a_compiled_model_saves_and_loads_like_the_model_inside(tmp_path):
         loaded = zoo.create_model("vit_debug", pretrained=str(path)).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+
+
+# the tags whose timm pretrained cfg differs from the architecture's default: head size and preprocessing
+TIMM_TAGS = ["vit_tiny_patch16_224.augreg_in21k", "vit_base_patch16_clip_224.openai", "vit_small_patch16_224.dino",
+             "vit_base_patch16_224.mae"]
+
+
+@pytest.mark.parametrize("tagged", TIMM_TAGS)
+def test_tagged_name_without_weights_builds_as_timm(tagged):
+    """create_model("<arch>.<tag>", pretrained=False) builds what timm.create_model builds for that tag: the tag's
+    class count (0 for the head-less .dino / .mae towers, 21843 for .augreg_in21k, 512 for .openai) and its data
+    config, so the tag's weights load strictly into it; the caller's arguments still win over the tag's."""
+    import timm
+    from timm.data import resolve_model_data_config
+
+    peer = timm.create_model(tagged, pretrained=False, depth=1).eval()
+    ours = zoo.create_model(tagged, depth=1).eval()
+    tag_cfg = timm.models.get_pretrained_cfg(tagged).to_dict()
+    assert ours.num_classes == peer.num_classes == tag_cfg["num_classes"]
+    assert resolve_model_data_config(ours) == resolve_model_data_config(peer)
+    for key in ("input_size", "num_classes", "mean", "std", "interpolation", "crop_pct", "crop_mode"):
+        assert ours.pretrained_cfg[key] == peer.pretrained_cfg[key], key
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in peer.state_dict().items()}
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), rtol=1e-5, atol=1e-5)
+    mine = zoo.create_model(tagged, depth=1, num_classes=5)
+    assert mine.num_classes == timm.create_model(tagged, depth=1, num_classes=5).num_classes == 5
+    assert mine.pretrained_cfg["num_classes"] == 5 and mine.pretrained_cfg["mean"] == tag_cfg["mean"]
+
+
+def test_tagged_name_with_a_weights_file_and_unknown_tags(tmp_path):
+    """A tag's head-less weights (timm's .dino tower) load from a bare file into the tagged name; into the
+    untagged name (a 1000-class head) they are an error that says what to pass. A tag timm does not know is an
+    error naming the known ones."""
+    import timm
+
+    peer = timm.create_model("vit_small_patch16_224.dino", depth=1).eval()
+    torch.save(peer.state_dict(), tmp_path / "dino.pth")
+    ours = zoo.create_model("vit_small_patch16_224.dino", pretrained=str(tmp_path / "dino.pth"), depth=1).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(hub.CheckpointError, match=r"dino\.pth: the checkpoint has no classifier but the model has "
+                                                  r"classifier \{'head\.bias': \(1000,\), 'head\.weight': \(1000, 384\)\} "
+                                                  r"\(num_classes=1000\), and no class count was asked for: pass "
+                                                  r"num_classes=0 for no head"):
+        zoo.create_model("vit_small_patch16_224", pretrained=str(tmp_path / "dino.pth"), depth=1)
+    with pytest.raises(ValueError, match=r"timm has no pretrained tag 'bogus' for 'vit_small_patch16_224' "
+                                         r"\(its tags: .*dino.*\); use one of them"):
+        zoo.create_model("vit_small_patch16_224.bogus", depth=1)

@@ -185,6 +185,52 @@ def test_checkpoint_from_another_resolution_matches_timm_filter():
         torch.testing.assert_close(a, b, msg=k)
 
 
+
+def _partition_sizes(model) -> list[tuple]:
+    """(window, grid) of every block, zoo's and timm's blocks alike."""
+    return [(tuple(b.attn_block.partition_size), tuple(b.attn_grid.partition_size))
+            for stage in model.stages for b in stage.blocks]
+
+
+def test_set_input_size_sequence_derives_again_as_timm(tmp_path):
+    """A window or grid size given to one set_input_size call applies to that call only: the next call without
+    it derives ``img_size // 32`` again, as timm's MaxxVit.set_input_size does (it used to stick). Partition
+    sizes, resized tables and logits follow timm's model through the same sequence of calls."""
+    torch.manual_seed(0)
+    peer = _peer("maxvit_debug", 64)
+    ours = zoo.create_model("maxvit_debug", img_size=64).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    calls = [dict(img_size=128, window_size=(2, 2), grid_size=(2, 2)), dict(img_size=96),
+             dict(img_size=128, window_size=2), dict(img_size=160)]
+    for kwargs in calls:
+        peer.set_input_size(**kwargs)
+        ours.set_input_size(**kwargs)
+        assert _partition_sizes(ours) == _partition_sizes(peer), kwargs
+        assert (ours.window_size, ours.grid_size) == _partition_sizes(peer)[0], kwargs
+        for (key, a), b in zip(ours.state_dict().items(), peer.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=key)
+        size = ours.img_size[0]
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), peer(x), rtol=0, atol=1e-4)
+    assert ours.window_size == ours.grid_size == (5, 5)
+    # the saved directory records no derived partition size, so the loaded model derives again too
+    zoo.save_pretrained(ours, tmp_path / "ckpt")
+    loaded = zoo.create_model("maxvit_debug", pretrained=str(tmp_path / "ckpt"))
+    loaded.set_input_size(img_size=64)
+    assert (loaded.window_size, loaded.grid_size) == ((2, 2), (2, 2))
+    # a window given to the last call is saved with its grid: the loaded model is the saved one
+    ours.set_input_size(img_size=128, window_size=2)
+    zoo.save_pretrained(ours, tmp_path / "ckpt2")
+    loaded = zoo.create_model("maxvit_debug", pretrained=str(tmp_path / "ckpt2"))
+    assert _partition_sizes(loaded) == _partition_sizes(ours) == [((2, 2), (4, 4))] * 4
+    # a partition size the model was built with stays (maxvit_digits: 4 x 4 at any size)
+    built = zoo.create_model("maxvit_debug", img_size=64, window_size=1)
+    built.set_input_size(img_size=128, grid_size=2)
+    built.set_input_size(img_size=160)
+    assert (built.window_size, built.grid_size) == ((1, 1), (1, 1))
+
+
 # --------------------------------------------------------------------------------------------------
 # Any input size
 # --------------------------------------------------------------------------------------------------

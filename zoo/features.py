@@ -120,7 +120,21 @@ class FeatureExtractor(nn.Module):
         cfg = getattr(model, "pretrained_cfg", None)
         if cfg is not None:
             self.pretrained_cfg = self.default_cfg = cfg
+        self.grad_checkpointing = False
         self._register_load_state_dict_pre_hook(_from_timm_feature_list_keys)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the wrapped model's blocks in backward instead of storing their activations (the model's own
+        ``set_grad_checkpointing``, which its ``forward_intermediates`` honours). Detection and segmentation code
+        calls this on its backbone, as on timm's FeatureListNet (timm.models._features); outputs and gradients
+        are unchanged, memory goes down."""
+        set_model = getattr(self.model, "set_grad_checkpointing", None)
+        if not callable(set_model):
+            raise TypeError(f"{type(self.model).__name__} has no set_grad_checkpointing: gradient checkpointing is not "
+                            f"available for this backbone")
+        set_model(enable)  # validates enable
+        self.grad_checkpointing = bool(enable)
 
     def forward(self, x_BCHW: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(x_BCHW, indices=list(self.out_indices), norm=self.norm,

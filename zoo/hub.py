@@ -659,6 +659,11 @@ def _summarise(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _describe_head(shapes: Mapping[str, tuple]) -> str:
+    """"classifier {key: shape}" for the classifier tensors of a checkpoint or model, "no classifier" for none."""
+    return f"classifier {dict(shapes)}" if shapes else "no classifier"
+
+
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "state dict",
                  new_head: bool = True) -> list[str]:
     """Load ``state`` into ``model`` strictly, except classifier tensors whose shape differs.
@@ -692,12 +697,14 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
         raise CheckpointError("\n".join(lines))
     changed = head_mismatch + head_missing + head_unexpected
     if changed and not new_head:
-        shapes = {k: tuple(state[k].shape) for k in head_mismatch + head_unexpected}
+        ckpt_shapes = {k: tuple(state[k].shape) for k in head_mismatch + head_unexpected}
+        model_shapes = {k: tuple(own[k].shape) for k in head_mismatch + head_missing}
+        keep = ("the checkpoint's num_classes to load its head" if ckpt_shapes
+                else "num_classes=0 for no head, as the checkpoint")
         raise CheckpointError(
-            f"{source}: its classifier {shapes or 'is absent'} does not fit the model's "
-            f"{ {k: tuple(own[k].shape) for k in head_mismatch + head_missing} or 'no head'} "
-            f"(num_classes={getattr(model, 'num_classes', '?')}), and no class count was asked for: pass the "
-            f"checkpoint's num_classes to load its head, or another num_classes for a new (re-initialised) head"
+            f"{source}: the checkpoint has {_describe_head(ckpt_shapes)} but the model has "
+            f"{_describe_head(model_shapes)} (num_classes={getattr(model, 'num_classes', '?')}), and no class count "
+            f"was asked for: pass {keep}, or another num_classes for a new (re-initialised) head"
         )
     filtered = {k: v for k, v in state.items() if k not in changed}
     result = model.load_state_dict(filtered, strict=False)
@@ -836,11 +843,13 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path:
     raise TypeError(f"pretrained must be False, True or a path, got {type(pretrained).__name__} {pretrained!r}")
 
 
-def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -> nn.Module:
+def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
+                         defaults: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """Build ``entry``'s model from a checkpoint (``create_model(name, pretrained=...)`` calls this).
 
-    The checkpoint's recorded constructor arguments apply first, then ``overrides``; weights load strictly
-    except a classifier whose class count changed (re-initialised, with a message).
+    ``defaults`` (the constructor arguments of a timm tag, e.g. ``num_classes=0`` for .dino) apply first, then
+    the checkpoint's recorded constructor arguments, then ``overrides``; weights load strictly except a
+    classifier whose class count the caller changed (re-initialised, with a message).
     """
     from zoo.registry import _construct
 
@@ -848,7 +857,7 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any]) -
     config = read_config(path)
     if config is None:
         _check_not_interrupted(path if path.is_dir() else path.parent)
-    args: dict[str, Any] = {}
+    args: dict[str, Any] = dict(defaults or {})
     if config is not None:
         saved_family = _family_of(config["model_name"])
         if saved_family is not None and saved_family != entry.family:

@@ -20,7 +20,7 @@ import importlib
 import inspect
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -231,7 +231,9 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
     """Build a registered model.
 
     Args:
-        name: registered model name (see :func:`list_models`).
+        name: registered model name (see :func:`list_models`), or timm's tagged name ``<name>.<tag>``: the model
+            that tag's weights need, built with the class count and preprocessing of timm's pretrained cfg for
+            the tag (``.dino``: no head), as ``timm.create_model`` does, unless ``overrides`` say otherwise.
         pretrained: ``False`` for random init; a directory or ``.safetensors`` file written by
             :func:`zoo.save_pretrained` (or timm's Hub files) to load weights from; a Hub repository id
             found in the local Hugging Face cache (``"timm/<name>.<tag>"``, never downloaded); ``True`` for
@@ -251,13 +253,19 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
             weights whose classifier has a different number of classes, the head is re-initialised
             and a message says so.
     """
+    tag_args: dict[str, Any] = {}
+    tagged_cfg: Optional[dict[str, Any]] = None
     if isinstance(name, str) and "." in name and name not in _REGISTRY:
-        # timm's tagged name: the architecture, and with pretrained=True that tag's weights from the local cache
+        # timm's tagged name: the architecture built as that tag's weights need it (timm's pretrained cfg for the
+        # tag), and with pretrained=True that tag's weights from the local cache
         base, tag = split_model_tag(name)
+        tagged_cfg = _timm_tag_cfg(base, tag, required=pretrained is not True)
         if pretrained is True:
             pretrained = f"timm/{base}.{tag}"
         name = base
     entry = get_model_entry(name)
+    if tagged_cfg is not None:
+        entry, tag_args = _tagged_entry(entry, tagged_cfg)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects feature maps: pass features_only=True with it")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -275,11 +283,11 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
         )
     with build_device if build_device is not None else contextlib.nullcontext():
         if not loading:
-            model = _construct(entry, overrides)
+            model = _construct(entry, {**tag_args, **overrides})
         else:
             from zoo import hub
 
-            model = hub.load_pretrained_into(entry, pretrained, overrides)
+            model = hub.load_pretrained_into(entry, pretrained, overrides, defaults=tag_args)
     if dtype is not None:
         model = model.to(dtype=dtype)  # (a dtype change keeps the loaded weights' versions: still "as loaded")
     if features_only:
@@ -287,6 +295,61 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
 
         return FeatureExtractor(model, out_indices)
     return model
+
+
+# The fields of timm's pretrained cfg for a tag that the zoo's model carries in its own ``pretrained_cfg``: the
+# tag's head size and test-time preprocessing (what timm.data.resolve_model_data_config reads).
+_TAG_CFG_KEYS = ("input_size", "num_classes", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+def _timm_tag_cfg(base: str, tag: str, required: bool) -> Optional[dict[str, Any]]:
+    """timm's pretrained cfg of the tagged name ``base.tag`` (``timm.models.get_pretrained_cfg``: timm's own
+    table, nothing is downloaded) as a dict. A tag timm does not know for ``base`` raises when ``required`` (the
+    model is built from it); otherwise (weights from the Hub repository ``timm/base.tag``, whose config.json
+    describes them) it is None."""
+    try:
+        from timm.models import get_pretrained_cfg, list_pretrained
+    except ImportError:  # timm absent: no table to read the tag from
+        cfg, known = None, []
+    else:
+        try:
+            cfg = get_pretrained_cfg(f"{base}.{tag}")
+        except RuntimeError:  # timm knows the architecture but not this tag
+            cfg = None
+        known = [n.partition(".")[2] for n in list_pretrained(f"{base}.*")]
+    if cfg is not None:
+        return cfg.to_dict()
+    if not required:
+        return None
+    raise ValueError(
+        f"{base}.{tag}: timm has no pretrained tag {tag!r} for {base!r} (its tags: {', '.join(known) or 'none'}); "
+        f"use one of them, or the untagged name {base!r}"
+    )
+
+
+def _tagged_entry(entry: ModelEntry, tag_cfg: dict[str, Any]) -> tuple[ModelEntry, dict[str, Any]]:
+    """``entry`` as built for a timm tag: its ``default_cfg`` with the tag's class count and preprocessing
+    (``_TAG_CFG_KEYS``), and the constructor arguments the tag sets unless the caller gives them. These follow
+    timm's ``_update_default_model_kwargs`` (timm/models/_builder.py): ``num_classes`` (0 for the head-less
+    .dino / .mae towers, 21843 for .augreg_in21k, 512 for CLIP's projection), ``in_chans`` from ``input_size``,
+    and ``img_size`` too when the tag has a fixed input size."""
+    default_cfg = dict(entry.default_cfg)
+    default_cfg.update({k: tag_cfg[k] for k in _TAG_CFG_KEYS if tag_cfg.get(k) is not None})
+    args: dict[str, Any] = {}
+    if isinstance(tag_cfg.get("num_classes"), int) and tag_cfg["num_classes"] >= 0:
+        args["num_classes"] = tag_cfg["num_classes"]
+    input_size = tag_cfg.get("input_size")
+    if input_size is not None and len(input_size) == 3:
+        args["in_chans"] = int(input_size[0])
+        if tag_cfg.get("fixed_input_size"):
+            height, width = (int(v) for v in input_size[1:])
+            args["img_size"] = height if height == width else [height, width]
+    if tag_cfg.get("global_pool") is not None:
+        args["global_pool"] = tag_cfg["global_pool"]
+    signature = inspect.signature(entry.constructor)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        args = {k: v for k, v in args.items() if k in signature.parameters}
+    return replace(entry, default_cfg=default_cfg), args
 
 
 def note_model_args(model: nn.Module, **changes: Any) -> None:

@@ -596,8 +596,10 @@ class MaxVit(nn.Module):
         self.window_size = to_pair(window_size, "window_size") if window_size is not None else derived
         self.grid_size = to_pair(grid_size, "grid_size") if grid_size is not None else self.window_size
         # partition sizes given to the constructor (maxvit_digits: 4 at 32 px) stay when set_input_size changes the
-        # image size, as loading the checkpoint at that size keeps them; derived ones follow the size (timm)
-        self._fixed_partition = (window_size is not None, grid_size is not None or window_size is not None)
+        # image size, as loading the checkpoint at that size keeps them; derived ones follow the size (timm). Only
+        # the constructor's: a size given to set_input_size holds for that call.
+        self._fixed_partition = (self.window_size if window_size is not None else None,
+                                 self.grid_size if grid_size is not None or window_size is not None else None)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -710,25 +712,37 @@ class MaxVit(nn.Module):
 
     def set_input_size(self, img_size: Optional[IntOrPair] = None, window_size: Optional[IntOrPair] = None,
                        grid_size: Optional[IntOrPair] = None) -> None:
-        """Change the native size and the partition sizes (timm semantics: a size not given is
-        ``img_size // partition_ratio``, except one the model was built with explicitly, which is kept: the result
-        equals building, or loading the checkpoint, at that size); TF tables are resized to the new window, MLP
-        biases re-indexed."""
+        """Change the native size and the partition sizes; TF tables are resized to the new window, MLP biases
+        re-indexed. The result equals building, or loading the checkpoint, at that size.
+
+        A window or grid size not given is ``img_size // partition_ratio``, as timm's
+        ``MaxxVit.set_input_size`` derives it on every call, except one the model was built with explicitly
+        (maxvit_digits), which is kept. A size given to one call applies to that call only: a later call
+        without it derives again (timm), as a model built at the later size would."""
         if img_size is not None:
             self.img_size = to_pair(img_size, "img_size")
         derived = tuple(max(1, s // self.partition_ratio) for s in self.img_size)
-        fixed_window, fixed_grid = getattr(self, "_fixed_partition", (False, False))
+        fixed_window, fixed_grid = getattr(self, "_fixed_partition", (None, None))
         window = (to_pair(window_size, "window_size") if window_size is not None
-                  else self.window_size if fixed_window else derived)
+                  else fixed_window if fixed_window is not None else derived)
         grid = (to_pair(grid_size, "grid_size") if grid_size is not None
-                else self.grid_size if fixed_grid else derived)
-        self._fixed_partition = (fixed_window or window_size is not None, fixed_grid or grid_size is not None)
+                else fixed_grid if fixed_grid is not None else derived)
         self.window_size, self.grid_size = window, grid
         for stage in self.stages:
             for block in stage.blocks:
                 block.attn_block.set_partition_size(window)
                 block.attn_grid.set_partition_size(grid)
-        note_model_args(self, img_size=list(self.img_size), window_size=list(window), grid_size=list(grid))
+        # config.json records a partition size only where it is not derived from img_size, so a model loaded from
+        # it derives the others again on its own set_input_size, as this one does; a recorded window records the
+        # grid too, which the constructor would otherwise set to the window
+        args = getattr(self, "zoo_model_args", None)
+        if isinstance(args, dict):  # timm's names for them (a timm export's model_args) give way to the zoo's
+            for key in ("transformer_window_size", "transformer_grid_size"):
+                args.pop(key, None)
+        keep_window = window_size is not None or fixed_window is not None
+        keep_grid = keep_window or grid_size is not None or fixed_grid is not None
+        note_model_args(self, img_size=list(self.img_size), window_size=list(window) if keep_window else None,
+                        grid_size=list(grid) if keep_grid else None)
 
     # ------------------------------------------------------------------ forward
     def _check_image(self, x) -> None:
