@@ -634,3 +634,18 @@ def test_attention_names_non_finite_weights():
         with pytest.raises(ValueError, match=r"MaxViT attention: the output is not finite although the input is: "
                                              r"non-finite weights in \['qkv.weight'\]"):
             model(torch.randn(1, 3, 64, 64))
+
+
+def test_same_pad_is_tensorflow_same_in_integer_arithmetic():
+    """_same_pad avoids math.ceil of a float division and max() (under torch.compile's automatic dynamic shapes they
+    nested into symbolic expressions that had not compiled after 5 minutes at a second image size); it must still be
+    TF's SAME padding: output ceil(size / stride), total padding max((out - 1) * stride + kernel - size, 0)."""
+    import math
+
+    from zoo.tasks.vision.maxvit import _same_pad
+
+    for size in range(1, 70):
+        for kernel in (1, 2, 3, 5, 7):
+            for stride in (1, 2, 3, 4):
+                total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+                assert _same_pad(size, kernel, stride) == (total // 2, total - total // 2), (size, kernel, stride)

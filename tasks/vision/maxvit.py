@@ -91,8 +91,16 @@ def _make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) ->
 
 
 def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TF "SAME" padding (before, after) of one axis: output ceil(size / stride)."""
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    """TF "SAME" padding (before, after) of one axis: output ceil(size / stride).
+
+    Integer arithmetic only, and no max() when kernel >= stride (the total is then never negative): a symbolic
+    size (torch.compile's automatic dynamic shapes at a second image size) went through math.ceil of a float
+    division and max(), and four stages of those nested into expressions Dynamo's symbolic shapes did not
+    simplify in minutes."""
+    out = (size + stride - 1) // stride
+    total = (out - 1) * stride + kernel - size
+    if kernel < stride:
+        total = max(total, 0)
     return total // 2, total - total // 2
 
 
