@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +242,65 @@ def test_token_mask_takes_text_tokens_as_the_block_map_does():
     assert torch.equal(with_text[:30, :30], video)
     with pytest.raises(ValueError, match="text_tokens"):
         radial_token_mask(3, 10, text_tokens=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Audit findings: empty block rows, argument checks
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frames, tokens", [(8, 16), (16, 32), (16, 120), (32, 100), (8, 240)])
+def test_layouts_whose_tokens_see_no_key_warn(frames, tokens):
+    """Short frames at block 128 (no text tokens): the published 60% / one-third rule drops every tile of some
+    block rows, so those tokens attend to nothing and attend() returned exact zeros with no warning."""
+    with pytest.warns(RuntimeWarning, match=f"{frames} frames x {tokens} tokens at block_size=128 leave") as record:
+        mask = Radial(frames, tokens)
+    empty = ~mask.block_mask.any(1)
+    message = str(record[0].message)
+    assert empty.any() and f"leave {int(empty.sum())} of {len(empty)} block rows" in message
+    assert f"; {int(empty.sum()) * 128} video tokens) with no key" in message
+    n = mask.seq_len
+    q = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(0))
+    out = attend(q, q, q, mask)[0, 0].reshape(-1, 128, 8)
+    assert torch.equal(out[empty] == 0, torch.ones_like(out[empty], dtype=torch.bool))  # the rows it names
+    suggested = int(message.split("(block_size=")[1].split(" ")[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert radial_block_mask(frames, tokens, block_size=suggested).any(1).all()  # the suggestion has none
+    with pytest.warns(RuntimeWarning, match="with no key"):
+        radial_block_mask(frames, tokens)
+
+
+def test_layouts_with_a_key_for_every_token_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layouts = [(16, 1024, True, 128, 0), (16, 120, False, 128, 1),  # 1 text token: a fully-on block column
+                   (15, 120, False, 128, 0), (12, 128, True, 32, 0), (16, 64, False, 128, 0)]
+        for frames, tokens, sink, block, text in layouts:
+            mask = Radial(frames, tokens, 1.0, sink, block_size=block, text_tokens=text)
+            assert mask.block_mask.any(1).all(), (frames, tokens, block, text)
+        mask.num_frames = 8  # a reassigned setting is checked when the map is rebuilt
+        mask.tokens_per_frame = 16
+    with pytest.warns(RuntimeWarning, match="8 frames x 16 tokens"):
+        mask.block_mask
+
+
+def test_dense_warmup_sparse_fraction_checks_num_layers():
+    """sparse_fraction(0) divided by zero (ZeroDivisionError); negative counts did too."""
+    schedule = DenseWarmup(num_steps=10, dense_first_steps=2)
+    for bad in (0, -3, True, 2.0):
+        with pytest.raises(ValueError, match="num_layers must be an int >= 1"):
+            schedule.sparse_fraction(bad)
+    assert schedule.sparse_fraction(1) == pytest.approx(0.8)
+
+
+def test_decay_takes_numpy_floats_and_pair_rule_checks_its_arguments():
+    """Radial(4, 10, np.float32(0.5)) was refused as not a number; radial_pair_rule checked nothing (an
+    AttributeError for 100.0 tokens, (False, 0) for 0 tokens, a negative band for decay -1, a float error for NaN)."""
+    assert Radial(4, 10, np.float32(0.5)).decay_factor == 0.5
+    assert radial_pair_rule(2, 3840, np.float64(0.2)) == radial_pair_rule(2, 3840, 0.2) == (True, 204)
+    assert radial_pair_rule(-2, 3840) == radial_pair_rule(np.int64(2), 3840) == (True, 1024)  # either sign
+    for args, name in [((2, 100.0), "tokens_per_frame"), ((2, 0), "tokens_per_frame"),
+                       ((2, 100, -1.0), "decay_factor"),
+                       ((2, 100, float("nan")), "decay_factor"), ((2, 100, 1.0, 0), "block_size"),
+                       ((2.5, 100), "dist"), ((2, 100, True), "decay_factor")]:
+        with pytest.raises(ValueError, match=name):
+            radial_pair_rule(*args)

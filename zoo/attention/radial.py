@@ -5,9 +5,10 @@ Energy Decay for Long Video Generation", NeurIPS 2025 (arXiv:2506.19852).
 Reference generator: mit-han-lab/radial-attention, ``radial_attn/attn_mask.py`` at 72788d4 (Nov 2025),
 functions ``get_diagonal_split_mask``, ``get_window_width``, ``shrinkMaskStrict`` and
 ``gen_log_mask_shrinked``. This module re-derives that rule (it is written out in issue 5, section 2) and
-reproduces the published block map bit for bit (checked against the published generator, run outside
-this repository, on 408 random frames / tokens / decay / sink / block / text-token cases, and by a second
-engineer on 8,000 grid and 158,988 frame-pair cases), but computes it
+reproduces the published block map bit for bit (checked against the published generator outside this
+repository -- no test here runs it -- by a second engineer on 8,000 grid and 158,988 frame-pair cases, and on
+165 cases by a third audit; docs/radial.md lists them; in the tests, test_block_map_matches_quantised_token_mask
+checks 7 cases against an independent quantisation of the token rule), but computes it
 in closed form: the published code builds
 a tokens_per_frame x tokens_per_frame boolean matrix for every one of the num_frames**2 frame pairs
 (minutes for 128 frames of 3600 tokens); here a frame pair's block pattern is a function of its
@@ -32,6 +33,10 @@ row-major inside the frame). Query frame i, key frame j, dist = |i - j|:
   (i*T // block, j*T // block).
 * Block rows and columns with index >= S // block (S = num_frames * T: a trailing partial block and
   any text tokens appended after the video) are fully on.
+* A block row can end up with no kept block (its tokens see no key; attention returns zeros there): only
+  when S is a multiple of the block and there are no text tokens, and no frame has more than a third of a
+  block in that row (short frames: 8 x 16 or 16 x 120 tokens at block 128, but also 8 x 1008). The map is
+  kept as published, with a RuntimeWarning naming the rows and a block size that has none.
 
 Semantics of the :class:`Radial` mask object: a kept block lets all its query tokens see all its key
 tokens (the published attention is block-sparse FlashInfer / SpargeAttn over this map), so its dense
@@ -49,6 +54,8 @@ Letters: F frames, T tokens per frame, S = F*T video tokens, N = S + text tokens
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,16 +77,64 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _check_decay(decay_factor) -> float:
+    """``decay_factor`` as a Python float: any real number (numpy floats included, not bool), positive and finite."""
+    if isinstance(decay_factor, (bool, np.bool_)) or not isinstance(decay_factor, numbers.Real) or not (
+        math.isfinite(float(decay_factor)) and float(decay_factor) > 0
+    ):
+        raise ValueError(f"Radial: decay_factor must be a positive finite number, got {decay_factor!r}")
+    return float(decay_factor)
+
+
 def _check_args(num_frames, tokens_per_frame, decay_factor, block_size, text_tokens=0):
     num_frames = _check_int("num_frames", num_frames, 1)
     tokens_per_frame = _check_int("tokens_per_frame", tokens_per_frame, 1)
     block_size = _check_int("block_size", block_size, 1)
     text_tokens = _check_int("text_tokens", text_tokens, 0)
-    if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)) or not (
-        math.isfinite(decay_factor) and decay_factor > 0
-    ):
-        raise ValueError(f"Radial: decay_factor must be a positive finite number, got {decay_factor!r}")
-    return num_frames, tokens_per_frame, float(decay_factor), block_size, text_tokens
+    return num_frames, tokens_per_frame, _check_decay(decay_factor), block_size, text_tokens
+
+
+def _empty_block_rows(num_frames: int, tokens_per_frame: int, block: int, text_tokens: int) -> np.ndarray:
+    """Indices of the block rows of the published map that keep no block (their query tokens see no key).
+
+    Closed form, without building the map: a frame pair's block can only be kept where more than a third of a
+    block's rows belong to the query frame (column density > 1/3), and the frame's own pair (dist 0, whole band)
+    keeps exactly those blocks, on the diagonal. So block row r is empty iff no frame has more than block / 3 of
+    its tokens in r (counting only the frame's first ceil(T / block) block rows: the generator crops the rest).
+    A trailing partial block or text tokens add a fully-on block column, so no row can be empty then.
+    """
+    video = num_frames * tokens_per_frame
+    if text_tokens or video % block:
+        return np.zeros(0, dtype=np.int64)
+    nb = -(-tokens_per_frame // block)
+    start = np.arange(num_frames, dtype=np.int64)[:, None] * tokens_per_frame
+    row = start // block + np.arange(nb, dtype=np.int64)[None, :]
+    overlap = np.minimum(start + tokens_per_frame, (row + 1) * block) - np.maximum(start, row * block)
+    inside = row < video // block
+    largest = np.zeros(video // block, dtype=np.int64)
+    np.maximum.at(largest, row[inside], overlap[inside])
+    return np.flatnonzero(3 * largest <= block)
+
+
+def _warn_empty_rows(num_frames: int, tokens_per_frame: int, block: int, text_tokens: int, stacklevel: int) -> None:
+    """Warn when the published rule leaves query tokens with no key at all: attention returns zeros for them,
+    silently otherwise. A warning, not an error: the map is the published one (the published generator builds
+    the same), and layouts such as 8 x 1008 or 16 x 488 tokens at block 128 have only a few such rows."""
+    empty = _empty_block_rows(num_frames, tokens_per_frame, block, text_tokens)
+    if len(empty) == 0:
+        return
+    smaller = 1 << (block - 1).bit_length() - 1  # largest power of two < block
+    while smaller > 1 and len(_empty_block_rows(num_frames, tokens_per_frame, smaller, text_tokens)):
+        smaller //= 2
+    shown = ", ".join(str(int(r)) for r in empty[:8]) + (", ..." if len(empty) > 8 else "")
+    warnings.warn(
+        f"Radial: {num_frames} frames x {tokens_per_frame} tokens at block_size={block} leave {len(empty)} of "
+        f"{num_frames * tokens_per_frame // block} block rows ({shown}; {len(empty) * block} video tokens) with no "
+        f"key: the published 60% / one-third rule drops every tile there and attention returns zeros for them; "
+        f"use a smaller block_size (block_size={smaller} has no empty row) or more tokens per frame",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def radial_pair_rule(dist: int, tokens_per_frame: int, decay_factor: float = 1.0, block_size: int = 128):
@@ -90,9 +145,15 @@ def radial_pair_rule(dist: int, tokens_per_frame: int, decay_factor: float = 1.0
     generator uses it: powers of two are exact, ``L * decay_factor`` is a Python float, and the generator
     compares the integer distances with it in torch's default float32 (``torch.abs(col - row) <= window``),
     so the band is floor(float32(window)): a window just below a whole number (L * (1 - 1e-8) = 127.99999872)
-    rounds up to it there, one token wider than floor() of the float64 value.
+    rounds up to it there, one token wider than floor() of the float64 value. ``dist`` is an int of either sign
+    (i - j or j - i); the other arguments are checked as in :func:`radial_block_mask`.
     """
+    if isinstance(dist, bool) or not isinstance(dist, (int, np.integer)):
+        raise ValueError(f"Radial: dist must be an int (a frame distance), got {dist!r}")
     dist = abs(int(dist))
+    tokens_per_frame = _check_int("tokens_per_frame", tokens_per_frame, 1)
+    decay_factor = _check_decay(decay_factor)
+    block_size = _check_int("block_size", block_size, 1)
     group = dist.bit_length()
     decay_length = 2 ** tokens_per_frame.bit_length() / 2**group  # L
     if decay_length >= _SPLIT_THRESHOLD:
@@ -178,11 +239,23 @@ def radial_block_mask(
     Wan 2.1 uses ``frame0_sink=True``, HunyuanVideo ``False``. Block rows/columns >= S // block (a trailing
     partial block and the text tokens) are fully on. Each distinct (row offset, column offset, band)
     pattern is computed once, so the 128-frame x 3600-token map (3600 x 3600 blocks) takes seconds.
+
+    When frames are short compared with the block (8 x 16 or 16 x 120 tokens at block 128, no text tokens)
+    the published rule keeps no tile at all in some block rows, so their query tokens see no key and attention
+    returns zeros for them: the map is still the published one, with a RuntimeWarning naming the rows and a
+    block size without empty rows.
     """
     num_frames, tpf, decay_factor, block, text_tokens = _check_args(
         num_frames, tokens_per_frame, decay_factor, block_size, text_tokens
     )
     frame0_sink = check_flag(frame0_sink, "radial_block_mask: frame0_sink")
+    _warn_empty_rows(num_frames, tpf, block, text_tokens, stacklevel=2)
+    return _published_block_map(num_frames, tpf, decay_factor, frame0_sink, block, text_tokens)
+
+
+def _published_block_map(num_frames: int, tpf: int, decay_factor: float, frame0_sink: bool, block: int,
+                         text_tokens: int) -> torch.BoolTensor:
+    """:func:`radial_block_mask` on checked arguments, without the empty-row warning."""
     video = num_frames * tpf
     total_blocks = -(-(video + text_tokens) // block)
     border = video // block
@@ -235,6 +308,10 @@ class Radial(Mask):
             num_frames, tokens_per_frame, decay_factor, block_size, text_tokens
         )
         self.frame0_sink = check_flag(frame0_sink, "Radial: frame0_sink")
+        # Layouts whose published map leaves query tokens with no key are flagged here, not at the first attend()
+        # (cheap: the map itself is built lazily); settings changed later are checked when the map is rebuilt.
+        _warn_empty_rows(self.num_frames, self.tokens_per_frame, self.block_size, self.text_tokens, stacklevel=2)
+        self._warned_settings = self._settings()
         self._blocks: Optional[BlockSparse] = None
 
     @property
@@ -262,20 +339,21 @@ class Radial(Mask):
         backend."""
         return () if self._blocks is None else self._blocks.tensors()
 
+    def _settings(self) -> tuple:
+        return (self.num_frames, self.tokens_per_frame, self.decay_factor, self.frame0_sink, self.block_size,
+                self.text_tokens)
+
     def _block_sparse(self) -> BlockSparse:
-        settings = (self.num_frames, self.tokens_per_frame, self.decay_factor, self.frame0_sink, self.block_size,
-                    self.text_tokens)
+        settings = self._settings()
         if self._blocks is None or self._blocks_settings != settings:  # built once; again if a setting is changed
+            frames, tpf, decay, block, text = _check_args(self.num_frames, self.tokens_per_frame, self.decay_factor,
+                                                          self.block_size, self.text_tokens)
+            sink = check_flag(self.frame0_sink, "Radial: frame0_sink")
+            if settings != self._warned_settings:  # a setting was reassigned: check the new layout once
+                _warn_empty_rows(frames, tpf, block, text, stacklevel=4)
+                self._warned_settings = settings
             self._blocks_settings = settings
-            blocks = radial_block_mask(
-                self.num_frames,
-                self.tokens_per_frame,
-                self.decay_factor,
-                self.frame0_sink,
-                self.block_size,
-                text_tokens=self.text_tokens,
-            )
-            self._blocks = BlockSparse(blocks, self.block_size)
+            self._blocks = BlockSparse(_published_block_map(frames, tpf, decay, sink, block, text), block)
         return self._blocks
 
     def check_shape(self, q_len, k_len, batch=None, heads=None):
@@ -342,5 +420,7 @@ class DenseWarmup:
 
     def sparse_fraction(self, num_layers: int) -> float:
         """Share of (step, layer) attention calls that run sparse, for a model with ``num_layers`` layers."""
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"DenseWarmup: num_layers must be an int >= 1 (the model's layers), got {num_layers!r}")
         calls = [not self.is_dense(s, l) for s in range(self.num_steps) for l in range(num_layers)]
         return sum(calls) / len(calls)
