@@ -226,3 +226,196 @@ def test_image_files_are_read_as_zoo_predict_reads_them(tmp_path):
     cfg = model.pretrained_cfg
     want = load_image_file(tmp_path / "wide.png", 8, 1, cfg["mean"], cfg["std"])[None]
     torch.testing.assert_close(viz.load_image(str(tmp_path / "wide.png"), model)[0], want)
+
+
+def test_pictures_leave_the_model_mode_and_statistics_alone():
+    """From the pictures audit (2026-12-06, t7_state): compute_rollout switched a training model to eval and left it
+    there; maxvit_attention_maps ran a training model as it was (BatchNorm's batch statistics: 39 running buffers
+    updated, two calls on one image gave maps 0.045 apart). Both now draw the eval-mode model and restore the mode."""
+    import zoo.tasks.vision.maxvit  # noqa: F401  registers the MaxViT names
+    from zoo.tasks.vision.viz_maxvit import maxvit_attention_maps
+
+    torch.manual_seed(0)
+    vit = zoo.create_model("vit_debug", drop_rate=0.5).train()
+    x = torch.randn(1, 3, 32, 32)
+    _, maps = viz.compute_rollout(vit, x)
+    assert vit.training
+    _, reference = viz.compute_rollout(vit.eval(), x)
+    torch.testing.assert_close(maps, reference, rtol=0, atol=0)
+
+    maxvit = zoo.create_model("maxvit_debug", drop_path_rate=0.5).train()
+    before = {k: v.clone() for k, v in maxvit.state_dict().items()}
+    image = torch.randn(1, 3, 64, 64)
+    _, first = maxvit_attention_maps(maxvit, image)
+    _, second = maxvit_attention_maps(maxvit, image)
+    assert maxvit.training
+    changed = [k for k, v in maxvit.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == [], f"drawing updated {changed[:3]}"
+    _, reference = maxvit_attention_maps(maxvit.eval(), image)  # the model in eval mode: the trusted maps
+    for got, again, want in zip(first, second, reference):
+        for kind in ("block", "grid"):
+            np.testing.assert_array_equal(got[kind], want[kind])
+            np.testing.assert_array_equal(again[kind], want[kind])
+
+
+def test_maxvit_maps_of_another_model_name_it():
+    """maxvit_attention_maps on a ViT raised "'VisionTransformer' object has no attribute 'stages'"."""
+    from zoo.tasks.vision.viz_maxvit import maxvit_attention_maps
+
+    with pytest.raises(ValueError, match="vit_debug is not a MaxViT model .*zoo viz rollout"):
+        maxvit_attention_maps(zoo.create_model("vit_debug"), torch.randn(1, 3, 32, 32))
+
+
+def _drawn_images(monkeypatch):
+    """Spy on Axes.imshow: the list of (array, vmin, vmax) the picture draws."""
+    import matplotlib.axes
+
+    drawn = []
+    real = matplotlib.axes.Axes.imshow
+
+    def spy(self, X, *args, **kwargs):
+        drawn.append((np.asarray(X), kwargs.get("vmin"), kwargs.get("vmax")))
+        return real(self, X, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    return drawn
+
+
+def test_overlay_puts_each_patch_where_it_lies(tmp_path, monkeypatch):
+    """The overlay stretched the (Gh, Gw) grid over the whole image: a 30 px image cut into 8 px patches (a 3x3 grid
+    over pixels 0..23, the remainder dropped) showed the last patch column's attention at pixels 20..29, and
+    Agent-DeiT's 8x8 grid of 4 px patches (the 30 px image padded to 32) at 26..29. Patch j covers pixels
+    [j*pw, (j+1)*pw): the grid is upsampled to whole patches, then cropped or padded to the image."""
+    import zoo.tasks.vision.agent_deit  # noqa: F401  registers the Agent-DeiT names
+    from zoo.tasks.vision.viz_agent import save_agent_png
+
+    drawn = _drawn_images(monkeypatch)
+    heat = np.zeros((3, 3))
+    heat[:, 2] = 1.0  # all attention on the last patch column: pixels 16..23
+    viz.save_rollout_png(str(tmp_path / "r.png"), np.full((30, 30, 3), 0.5), heat, "t", patch_size=(8, 8))
+    overlay = drawn[-1][0]
+    assert overlay.shape == (30, 30)
+    np.testing.assert_array_equal(np.where(np.nan_to_num(overlay).max(axis=0) > 0.5)[0], np.arange(16, 24))
+    assert np.isnan(overlay[:, 24:]).all() and np.isnan(overlay[24:]).all()  # no patch covers pixels 24..29
+    assert not np.isnan(overlay[:24, :24]).any()
+    # bilinear upsampling by 8 (half-pixel centres) of the one-hot column, by hand: pixel x samples (x + 0.5) / 8 - 0.5
+    source = np.clip((np.arange(24) + 0.5) / 8 - 0.5, 0, 2)
+    np.testing.assert_allclose(overlay[5, :24], np.clip(source - 1.0, 0, 1), atol=1e-12)
+
+    drawn.clear()
+    agents = np.zeros((16, 8, 8))
+    agents[:, :, 7] = 1.0 / 8  # the last patch column: pixels 28..31, of which 28 and 29 are in the image
+    save_agent_png(str(tmp_path / "a.png"), np.full((30, 30, 3), 0.5), agents, "t", patch_size=(4, 4))
+    overlay = [image for image, _, _ in drawn if image.shape == (30, 30)][-1]
+    np.testing.assert_array_equal(np.where(overlay.max(axis=0) > 0.5 / 8)[0], [28, 29])
+
+    # a padded dynamic-size ViT: 36 px in 8 px patches is a 5x5 grid over 40 px, cropped to the image
+    model = zoo.create_model("vit_debug", dynamic_img_size=True, dynamic_img_pad=True).eval()
+    _, maps = viz.compute_rollout(model, torch.randn(1, 3, 36, 36))
+    drawn.clear()
+    viz.save_rollout_png(str(tmp_path / "p.png"), np.full((36, 36, 3), 0.5), maps[0].numpy(), "t",
+                         patch_size=model.patch_embed.patch_size)
+    heat = maps[0].double()
+    heat = (heat - heat.min()) / (heat.max() - heat.min())
+    want = torch.nn.functional.interpolate(heat[None, None], size=(40, 40), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(drawn[-1][0], want[0, 0, :36, :36].numpy(), atol=1e-12)
+
+
+def test_maxvit_and_agent_pictures_have_colour_scales(tmp_path, monkeypatch):
+    """The MaxViT and Agent pictures had no colour scale, and the agent tiles were each stretched to their own
+    min..max without saying so. Now every MaxViT map has a colour bar, the agent tiles share one scale (0 to the
+    largest probability) with a colour bar, and the titles say so."""
+    import matplotlib.figure
+
+    from zoo.tasks.vision.viz_agent import save_agent_png
+    from zoo.tasks.vision.viz_maxvit import save_maxvit_png
+
+    bars, texts = [], []
+    real_colorbar, real_suptitle, real_text = (matplotlib.figure.Figure.colorbar, matplotlib.figure.Figure.suptitle,
+                                               matplotlib.figure.Figure.text)
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar", lambda self, m, **kw: bars.append(m) or real_colorbar(self, m, **kw))
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: texts.append(t) or real_suptitle(self, t, **kw))
+    monkeypatch.setattr(matplotlib.figure.Figure, "text", lambda self, x, y, t, **kw: texts.append(t) or real_text(self, x, y, t, **kw))
+    drawn = _drawn_images(monkeypatch)
+    rng = np.random.default_rng(0)
+    maps = [{"stage": s, "hw": (4, 4), "query": (1, 1), "block": rng.random((4, 4)), "grid": rng.random((4, 4)),
+             "block_size": (2, 2), "grid_size": (2, 2)} for s in range(2)]
+    save_maxvit_png(str(tmp_path / "m.png"), np.full((16, 16, 1), 0.5), maps, (4, 4), "t")
+    assert len(bars) == 4  # block and grid, per stage
+    assert any("each map on its own scale" in t for t in texts)
+    bars.clear(), texts.clear(), drawn.clear()
+    agents = rng.random((4, 2, 2)) * np.array([1.0, 0.5, 0.25, 0.1])[:, None, None]
+    save_agent_png(str(tmp_path / "a.png"), np.full((8, 8, 3), 0.5), agents, "t", patch_size=(4, 4))
+    assert len(bars) == 2  # the mean map's and the tiles' shared one
+    tiles = [(image, lo, hi) for image, lo, hi in drawn if image.shape == (2, 2)]
+    assert len(tiles) == 4
+    for (image, lo, hi), want in zip(tiles, agents):
+        np.testing.assert_array_equal(image, want)  # probabilities as they are, not stretched per tile
+        assert lo == 0 and hi == pytest.approx(agents.max())
+    assert any("one shared scale" in t for t in texts)
+
+
+def test_viz_preprocesses_a_released_folder_as_zoo_predict(tmp_path, capsys):
+    """A folder released with zoo.save_pretrained (no zoo train record): zoo predict preprocesses it with timm's
+    evaluation transform of its pretrained_cfg (crop_pct, bicubic); zoo viz used the evaluation split's resize, so
+    the same picture gave other probabilities (inputs up to 1.8 apart). zoo predict is the reference."""
+    from PIL import Image
+
+    from zoo.train import run
+
+    torch.manual_seed(0)
+    zoo.save_pretrained(zoo.create_model("vit_debug"), tmp_path / "released")
+    image = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(0).random((100, 150, 3)) * 255).astype(np.uint8)).save(image)
+    for spec in (str(image), "digits:3"):
+        [predicted] = run.predict(tmp_path / "released", [spec], topk=1)
+        assert viz.rollout_main([f"ckpt={tmp_path / 'released'}", f"image={spec}", f"out={tmp_path / 'r.png'}"]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (str(summary["predicted"]), summary["probability"]) == (predicted["top"][0][0], round(predicted["top"][0][1], 4))
+    model, transform = viz.load_model_and_transform(str(tmp_path / "released"))
+    x, display, _ = viz.load_image(str(image), model, transform)
+    with torch.no_grad():
+        probs = model.eval()(x).softmax(-1)[0]
+    [predicted] = run.predict(tmp_path / "released", [str(image)], topk=10)
+    for name, prob in predicted["top"]:
+        assert float(probs[int(name)]) == pytest.approx(prob, abs=1e-6)
+    assert display.shape == (32, 32, 3) and display.min() >= 0 and display.max() <= 1
+
+
+def test_out_directory_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """out=<an existing directory ending in .png> failed after the picture was computed with "[Errno 21] Is a
+    directory" and left <dir>.tmp.png behind."""
+    from zoo.plotting import pyplot, save_figure
+    from zoo.tasks.vision import viz_agent, viz_maxvit
+
+    folder = tmp_path / "dir.png"
+    folder.mkdir()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before out= was checked")
+
+    monkeypatch.setattr(viz, "load_model_and_transform", no_work, raising=False)
+    monkeypatch.setattr(viz, "load_model", no_work)
+    monkeypatch.setattr(zoo, "create_model", no_work)
+    for main, extra in ((viz.rollout_main, "ckpt=x"), (viz_maxvit.maxvit_main, "model=maxvit_debug"),
+                        (viz_agent.agent_main, "model=agent_deit_debug")):
+        assert main([extra, f"out={folder}"]) == 2
+        assert f"out='{folder}' is an existing directory; give a .png file name" in capsys.readouterr().err
+    fig = pyplot().figure()
+    with pytest.raises(OSError):
+        save_figure(fig, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png"]  # no dir.png.tmp.png left behind
+
+
+def test_capture_docstring_names_what_it_does_not_record():
+    """capture_attention said it records "every attention module called inside the block"; AttentionPoolLatent
+    (global_pool="map", SigLIP's MAP head) records nothing, and the docstring now says so."""
+    from zoo.attention import AttentionPoolLatent, capture_attention
+
+    model = zoo.create_model("vit_debug", global_pool="map").eval()
+    with capture_attention(model) as records, torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert [r.name for r in records] == ["blocks.0.attn", "blocks.1.attn"]
+    assert isinstance(model.attn_pool, AttentionPoolLatent)
+    doc = " ".join(capture_attention.__doc__.split())
+    assert "Not recorded: :class:`zoo.attention.AttentionPoolLatent`" in doc

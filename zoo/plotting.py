@@ -3,15 +3,19 @@ the prediction title. Matplotlib is imported lazily (Agg backend), so importing 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["parse_key_values", "png_path", "pyplot", "save_figure", "prediction_title", "prediction_summary",
-           "run_viz_command"]
+           "run_viz_command", "evaluation_mode", "patch_heat_on_image"]
 
 
 def parse_key_values(argv: Sequence[str], keys: Iterable[str]) -> dict[str, str]:
@@ -61,12 +65,15 @@ def device_arg(args: dict[str, str]) -> torch.device:
 
 
 def png_path(out: str) -> Path:
-    """The output path, checked to end in .png and to be writable, with its folder created (before the picture is
-    computed)."""
+    """The output path, checked to end in .png, not to be a directory and to be writable, with its folder created.
+    The ``zoo viz`` commands call it before any work (an existing folder out=pics.png used to fail only after the
+    picture was computed, with "[Errno 21] Is a directory")."""
     from zoo.hub import writable_output
 
     if Path(out).suffix.lower() != ".png":
         raise ValueError(f"out={out!r}: the picture is written as PNG; use a .png file name")
+    if Path(out).expanduser().is_dir():
+        raise ValueError(f"out={out!r} is an existing directory; give a .png file name (e.g. out={Path(out) / 'picture.png'})")
     return writable_output(out)
 
 
@@ -81,14 +88,54 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Write ``fig`` to ``path`` atomically (a temporary file renamed over it) and close the figure."""
+    """Write ``fig`` to ``path`` atomically (a temporary file renamed over it) and close the figure; the temporary
+    file is removed when writing or renaming fails (e.g. ``path`` became a directory), not left beside ``path``."""
     tmp = path.with_name(path.name + ".tmp.png")
     try:
-        fig.savefig(tmp, dpi=dpi)
-    finally:
-        pyplot().close(fig)
-    tmp.replace(path)
+        try:
+            fig.savefig(tmp, dpi=dpi)
+        finally:
+            pyplot().close(fig)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block (BatchNorm's running statistics, no dropout / drop-path: the picture
+    of what the model predicts, the same on every call), its own train/eval mode restored afterwards, also on an
+    error, so drawing a picture of a model in training does not change how it trains."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def patch_heat_on_image(heat_GhGw: np.ndarray, patch_size: Optional[Sequence[int]], image_hw: Sequence[int]) -> np.ndarray:
+    """Per-patch values (Gh, Gw) -> per-pixel values (h, w) of the image the patches were cut from.
+
+    Patch (i, j) covers pixels [i*ph, (i+1)*ph) x [j*pw, (j+1)*pw) from the top-left corner, so the grid is
+    upsampled (bilinear) to (Gh*ph, Gw*pw) and then cropped to the image where the patches reach past it (the image
+    zero-padded on the right / bottom to whole patches, timm's ``dynamic_img_pad``) or padded with NaN where no
+    patch covers the image (a remainder dropped, ``drop_img_remainder``; matplotlib draws NaN transparent).
+    Stretching the grid over the image instead moved the attention of the last patches by up to a patch.
+    ``patch_size`` None: the grid covers the image exactly.
+    """
+    heat = torch.as_tensor(np.asarray(heat_GhGw, dtype=np.float64))
+    h, w = (int(v) for v in image_hw)
+    gh, gw = heat.shape
+    ph, pw = (h / gh, w / gw) if patch_size is None else (int(v) for v in patch_size)
+    covered = (round(gh * ph), round(gw * pw))
+    full = F.interpolate(heat[None, None], size=covered, mode="bilinear", align_corners=False)[0, 0].numpy()
+    out = np.full((h, w), np.nan)
+    rows, cols = min(h, covered[0]), min(w, covered[1])
+    out[:rows, :cols] = full[:rows, :cols]
+    return out
 
 
 def prediction_title(logits_1K: torch.Tensor, label: Optional[int] = None) -> tuple[str, int, float]:

@@ -17,8 +17,9 @@ Letters: B batch, H heads, N tokens, P prefix tokens, Gh/Gw patch grid.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +29,9 @@ import torch.nn.functional as F
 from zoo.attention import capture_attention
 from zoo.plotting import (
     device_arg,
+    evaluation_mode,
     parse_key_values,
+    patch_heat_on_image,
     png_path,
     prediction_summary,
     prediction_title,
@@ -42,6 +45,7 @@ __all__ = [
     "rollout_map",
     "compute_rollout",
     "load_model",
+    "load_model_and_transform",
     "load_image",
     "save_rollout_png",
     "rollout_main",
@@ -102,14 +106,15 @@ def rollout_map(rollout_BNN: torch.Tensor, num_prefix_tokens: int, grid: tuple[i
 
 @torch.no_grad()
 def compute_rollout(model: nn.Module, images_BCHW: torch.Tensor, head_fusion: str = "mean"):
-    """Run ``model`` on images, capture its attention and return (logits (B, K), rollout maps (B, Gh, Gw))."""
+    """Run ``model`` on images, capture its attention and return (logits (B, K), rollout maps (B, Gh, Gw)).
+
+    The model runs in eval mode (what it predicts); its train/eval mode is restored afterwards."""
     embed = getattr(model, "patch_embed", None)
     if embed is None or not hasattr(embed, "patch_size"):  # MaxViT attends inside windows and grids
         raise ValueError(f"attention rollout follows one token sequence through a transformer (ViT, DeiT, Agent-DeiT); "
                          f"{type(model).__name__} has no patch embedding of one such sequence (for MaxViT, zoo viz "
                          f"maxvit draws its window and grid attention)")
-    model.eval()
-    with capture_attention(model) as records:
+    with evaluation_mode(model), capture_attention(model) as records:
         logits = model(images_BCHW)
     if not records:
         raise ValueError(f"{type(model).__name__} recorded no attention maps; it must use zoo.attention modules")
@@ -127,7 +132,7 @@ def compute_rollout(model: nn.Module, images_BCHW: torch.Tensor, head_fusion: st
 # Loading a model and an image
 # --------------------------------------------------------------------------------------------------
 def _import_vision_models() -> None:
-    import zoo.tasks.vision.vit  # noqa: F401  registers the ViT names
+    importlib.import_module("zoo.tasks.vision.vit")  # registers the ViT names
 
 
 def _find_model_spec(hparams: Any) -> Optional[tuple[str, dict]]:
@@ -193,6 +198,29 @@ def load_model(ckpt: str, model_name: Optional[str] = None) -> nn.Module:
     return zoo.from_pretrained(str(path))
 
 
+def load_model_and_transform(ckpt: str, model_name: Optional[str] = None) -> tuple[nn.Module, Optional[Callable]]:
+    """(model, image transform) as ``zoo predict`` loads and preprocesses ``ckpt``.
+
+    A released folder without a ``zoo train`` record (``zoo.save_pretrained`` from the user's own pipeline, timm's
+    Hub files) is preprocessed by timm's evaluation transform of its ``pretrained_cfg`` (crop_pct, interpolation):
+    zoo predict's ``load_for_inference`` / ``_released_without_run`` (zoo/train/run.py), whose model is used here.
+    Otherwise (a .ckpt, a zoo train release, ``model=`` given) the transform is None: :func:`load_image` then
+    preprocesses as the evaluation split does, as zoo predict does for those.
+    """
+    if model_name is None and Path(ckpt).exists() and Path(ckpt).suffix != ".ckpt":
+        from zoo.train.run import _released_without_run
+
+        _import_vision_models()
+        released = _released_without_run(ckpt)
+        if released is not None:
+            import timm.data
+
+            model, info = released
+            # the transform zoo predict builds from the same info (zoo/train/run.py predict)
+            return model, timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=info["data_config"]))
+    return load_model(ckpt, model_name), None
+
+
 def _model_cfg(model: nn.Module) -> dict:
     """Preprocessing facts of the model: input size, mean, std (from the registry's default_cfg)."""
     import zoo
@@ -210,13 +238,16 @@ def _model_cfg(model: nn.Module) -> dict:
     return {"mean": mean, "std": std}
 
 
-def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, Optional[int]]:
+def load_image(spec: str, model: nn.Module, transform: Optional[Callable] = None) -> tuple[torch.Tensor, np.ndarray, Optional[int]]:
     """Image ``spec`` ("digits:<index>" or a file) -> (normalised (1, C, H, W) input, display image in [0, 1], label).
 
-    The 8x8 digits are upsampled (bilinear) to the model's native image size; a file is read and preprocessed as
-    ``zoo predict`` and the evaluation split do (``load_image_file``: short side resized, centre crop). Both are
-    normalised with the model's mean/std (a .ckpt's: the run's, see ``load_model``). Any zoo vision model (ViT and
-    Agent-DeiT: its patch embedding's size; MaxViT: ``img_size``).
+    Preprocessed as ``zoo predict`` preprocesses it. Without ``transform``: the 8x8 digits are upsampled (bilinear)
+    to the model's native image size; a file is read and preprocessed as the evaluation split does
+    (``load_image_file``: short side resized, centre crop); both normalised with the model's mean/std (a .ckpt's: the
+    run's, see ``load_model``). With ``transform`` (timm's evaluation transform, from
+    :func:`load_model_and_transform` for a released folder without a zoo train record) the file, or the digit as an
+    8-bit picture, goes through it, as zoo predict does. Any zoo vision model (ViT and Agent-DeiT: its patch
+    embedding's size; MaxViT: ``img_size``).
     """
     if not (hasattr(model, "patch_embed") or hasattr(model, "img_size")) or not hasattr(model, "in_chans"):
         name = getattr(model, "zoo_model_name", type(model).__name__)
@@ -236,8 +267,8 @@ def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, O
         if not path.is_file():
             raise FileNotFoundError(f"image file {path} does not exist")
         size = height if height == width else (height, width)
-        x = load_image_file(path, size, chans, cfg["mean"], cfg["std"])[None]
-        return x, (x * std + mean).clamp(0.0, 1.0)[0].permute(1, 2, 0).numpy().copy(), None
+        x = load_image_file(path, size, chans, cfg["mean"], cfg["std"], transform=transform)[None]
+        return x, _display(x, mean, std), None
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -247,14 +278,24 @@ def load_image(spec: str, model: nn.Module) -> tuple[torch.Tensor, np.ndarray, O
         raise ValueError(f"image={spec!r}: expected digits:<index>, e.g. digits:0") from None
     if not 0 <= index < len(digits.images):
         raise ValueError(f"image={spec!r}: index out of range 0..{len(digits.images) - 1}")
-    pixels = torch.tensor(digits.images[index], dtype=torch.float32)[None, None] / 16.0  # (1, 1, 8, 8)
     label = int(digits.target[index])
+    if transform is not None:
+        from zoo.train.run import _digits_image
+
+        x = _digits_image(spec, height, chans, cfg["mean"], cfg["std"], transform)[None]
+        return x, _display(x, mean, std), label
+    pixels = torch.tensor(digits.images[index], dtype=torch.float32)[None, None] / 16.0  # (1, 1, 8, 8)
     if pixels.shape[1] != chans:
         pixels = pixels.mean(dim=1, keepdim=True).expand(1, chans, *pixels.shape[-2:])
     if pixels.shape[-2:] != (height, width):
         pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
     display = pixels[0].permute(1, 2, 0).numpy().copy()
     return (pixels - mean) / std, display, label
+
+
+def _display(x_1CHW: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    """The normalised input back in [0, 1], (H, W, C), to draw."""
+    return (x_1CHW * std + mean).clamp(0.0, 1.0)[0].permute(1, 2, 0).numpy().copy()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,8 +306,12 @@ def save_rollout_png(
     display_HWC: np.ndarray,
     map_GG: np.ndarray,
     title: str,
+    patch_size: Optional[Sequence[int]] = None,
 ) -> Path:
-    """Write image | rollout heat map | overlay as a PNG (matplotlib, Agg backend)."""
+    """Write image | rollout heat map | overlay as a PNG (matplotlib, Agg backend).
+
+    ``patch_size`` (ph, pw) places the (Gh, Gw) map on the image where its patches lie (see
+    :func:`zoo.plotting.patch_heat_on_image`); None: the grid covers the image exactly."""
     plt = pyplot()
     path = png_path(out)
     heat = np.asarray(map_GG, dtype=np.float64)
@@ -275,7 +320,7 @@ def save_rollout_png(
     gray = img.shape[-1] == 1
     img_show = img[..., 0] if gray else img
     h, w = img.shape[:2]
-    heat_full = F.interpolate(torch.from_numpy(heat)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    heat_full = patch_heat_on_image(heat, patch_size, (h, w))
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6))
     axes[0].imshow(img_show, cmap="gray" if gray else None, vmin=0, vmax=1)
     axes[0].set_title("input")
@@ -321,13 +366,14 @@ def rollout_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _draw_rollout(argv: list[str]) -> dict:
     args = _parse(argv)
-    model = load_model(args["ckpt"], args.get("model"))
+    out = png_path(args.get("out", "rollout.png"))  # a bad out= before the work
+    model, transform = load_model_and_transform(args["ckpt"], args.get("model"))
     device = device_arg(args)
     model.to(device)
-    x, display, label = load_image(args.get("image", "digits:0"), model)
+    x, display, label = load_image(args.get("image", "digits:0"), model, transform)
     logits, maps = compute_rollout(model, x.to(device), args.get("head_fusion", "mean"))
     title, pred, prob = prediction_title(logits, label)
-    path = save_rollout_png(args.get("out", "rollout.png"), display, maps[0].cpu().numpy(), title)
+    path = save_rollout_png(str(out), display, maps[0].cpu().numpy(), title, model.patch_embed.patch_size)
     return prediction_summary(path, pred, prob, label)
 
 

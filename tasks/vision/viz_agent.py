@@ -26,13 +26,14 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from zoo.attention import capture_attention
 from zoo.plotting import (
     device_arg,
+    evaluation_mode,
     int_arg,
     parse_key_values,
+    patch_heat_on_image,
     png_path,
     prediction_summary,
     prediction_title,
@@ -55,7 +56,8 @@ def agent_maps(model: nn.Module, images_BCHW: torch.Tensor, layer: int = -1, hea
 
     ``layer`` indexes the model's AgentAttention modules (negative from the end); ``head`` selects one head
     (default: the mean over heads). Each map is agent i's attention over the patch tokens (the class token's
-    share is left out), so a row sums to at most 1.
+    share is left out), so a row sums to at most 1. The model runs in eval mode; its train/eval mode is restored
+    afterwards.
     """
     modules = _agent_modules(model)
     if not modules:
@@ -63,13 +65,8 @@ def agent_maps(model: nn.Module, images_BCHW: torch.Tensor, layer: int = -1, hea
     if not -len(modules) <= layer < len(modules):
         raise ValueError(f"layer={layer} is out of range: the model has {len(modules)} agent attention blocks")
     module = modules[layer]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), capture_attention(model) as records:
-            logits = model(images_BCHW)
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), evaluation_mode(model), capture_attention(model) as records:
+        logits = model(images_BCHW)
     mine = [r for r in records if r.module is module and "agent" in r.extra]
     if not mine:
         raise ValueError(f"agent attention block {layer} recorded no agent map (was it called?)")
@@ -87,8 +84,14 @@ def agent_maps(model: nn.Module, images_BCHW: torch.Tensor, layer: int = -1, hea
     return logits, maps.float(), (gh, gw)
 
 
-def save_agent_png(out: str, display_HWC: np.ndarray, maps_nGG: np.ndarray, title: str) -> Path:
-    """Write input | mean agent map | mosaic of the n agent maps (in the agents' grid) as a PNG."""
+def save_agent_png(out: str, display_HWC: np.ndarray, maps_nGG: np.ndarray, title: str,
+                   patch_size: Optional[Sequence[int]] = None) -> Path:
+    """Write input | mean agent map | mosaic of the n agent maps (in the agents' grid) as a PNG.
+
+    Colours are attention probabilities with colour bars: the mean map on its own scale, the tiles on one scale
+    shared by all agents (0 to the largest probability of any agent), so agents can be compared. ``patch_size``
+    (ph, pw) places the (Gh, Gw) grid on the image where its patches lie (Agent-DeiT pads images to whole
+    patches; :func:`zoo.plotting.patch_heat_on_image`); None: the grid covers the image exactly."""
     plt = pyplot()
     path = png_path(out)
     n = maps_nGG.shape[0]
@@ -105,19 +108,23 @@ def save_agent_png(out: str, display_HWC: np.ndarray, maps_nGG: np.ndarray, titl
     ax = fig.add_subplot(outer[1])
     mean_map = maps_nGG.mean(axis=0)
     h, w = img.shape[:2]
-    heat = F.interpolate(torch.from_numpy(mean_map)[None, None].double(), size=(h, w), mode="bilinear",
-                         align_corners=False)[0, 0].numpy()
+    heat = patch_heat_on_image(mean_map, patch_size, (h, w))
     ax.imshow(img_show, cmap="gray" if gray else None, vmin=0, vmax=1)
-    ax.imshow(heat, cmap="inferno", alpha=0.55)
+    shown = ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0, vmax=float(np.nanmax(heat)))
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title("mean over agents")
     ax.set_xticks([]), ax.set_yticks([])
     inner = outer[2].subgridspec(side, side, wspace=0.05, hspace=0.05)
+    top = max(float(maps_nGG.max()), 1e-12)
+    tile_axes = []
     for i in range(n):
         ax = fig.add_subplot(inner[i // side, i % side])
-        tile = maps_nGG[i]
-        ax.imshow((tile - tile.min()) / max(float(tile.max() - tile.min()), 1e-12), cmap="inferno", vmin=0, vmax=1)
+        shown = ax.imshow(maps_nGG[i], cmap="inferno", vmin=0, vmax=top)
         ax.set_xticks([]), ax.set_yticks([])
-    fig.text(0.74, 0.93, f"each agent's attention over the patches ({side}x{side} agents)", ha="center")
+        tile_axes.append(ax)
+    fig.colorbar(shown, ax=tile_axes, fraction=0.03, pad=0.02)
+    fig.text(0.72, 0.93, f"each agent's attention over the patches ({side}x{side} agents, one shared scale)",
+             ha="center")
     fig.suptitle(title, x=0.3)
     return save_figure(fig, path, dpi=100)
 
@@ -149,23 +156,24 @@ def agent_main(argv: Optional[Sequence[str]] = None) -> int:
 def _draw_agent(argv: list[str]) -> dict:
     import zoo
     import zoo.tasks.vision.agent_deit  # noqa: F401  registers the Agent-DeiT names
-    from zoo.tasks.vision.viz import load_image, load_model
+    from zoo.tasks.vision.viz import load_image, load_model_and_transform
 
     args = _parse(argv)
+    out = png_path(args.get("out", "agent_attention.png"))  # a bad out= before the work
     if "ckpt" in args:
-        model = load_model(args["ckpt"], args.get("model"))
+        model, transform = load_model_and_transform(args["ckpt"], args.get("model"))
         untrained = False
     else:
-        model = zoo.create_model(args["model"])
+        model, transform = zoo.create_model(args["model"]), None
         untrained = True
     device = device_arg(args)
     model.to(device)
-    x, display, label = load_image(args.get("image", "digits:0"), model)
+    x, display, label = load_image(args.get("image", "digits:0"), model, transform)
     logits, maps, grid = agent_maps(model, x.to(device), int_arg(args, "layer", -1), int_arg(args, "head", None))
     title, pred, prob = prediction_title(logits, label)
     if untrained:
         title += " -- untrained weights"
-    path = save_agent_png(args.get("out", "agent_attention.png"), display, maps[0].cpu().numpy(), title)
+    path = save_agent_png(str(out), display, maps[0].cpu().numpy(), title, model.patch_embed.patch_size)
     return prediction_summary(path, pred, prob, label, grid=list(grid))
 
 

@@ -36,6 +36,7 @@ import torch.nn as nn
 from zoo.attention import capture_attention
 from zoo.plotting import (
     device_arg,
+    evaluation_mode,
     int_arg,
     parse_key_values,
     png_path,
@@ -95,10 +96,16 @@ def maxvit_attention_maps(model: nn.Module, images_1CHW: torch.Tensor, query: Op
     """Run ``model`` on one image and return (logits, maps): per stage a dict with the block and grid maps.
 
     ``query`` is a pixel (row, col) of the input (default: centre); on a stage's map it is the token whose
-    receptive-field centre is nearest (pixel * map_size / image_size).
+    receptive-field centre is nearest (pixel * map_size / image_size). The model runs in eval mode (BatchNorm's
+    running statistics, no drop-path: the same maps on every call, nothing updated); its train/eval mode is
+    restored afterwards.
     """
     from zoo.tasks.vision.maxvit import PartitionAttention
 
+    if not hasattr(model, "stages") or not any(isinstance(m, PartitionAttention) for m in model.modules()):
+        name = getattr(model, "zoo_model_name", type(model).__name__)
+        raise ValueError(f"{name} is not a MaxViT model (no stages of block and grid PartitionAttention); these maps "
+                         f"are MaxViT's (for ViT / DeiT draw zoo viz rollout, for Agent-DeiT zoo viz agent)")
     if images_1CHW.dim() != 4 or images_1CHW.shape[0] != 1:
         raise ValueError(f"expected one image (1, C, H, W), got {tuple(images_1CHW.shape)}")
     img_h, img_w = images_1CHW.shape[-2:]
@@ -123,7 +130,7 @@ def maxvit_attention_maps(model: nn.Module, images_1CHW: torch.Tensor, query: Op
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, PartitionAttention)]
     attn_of = {m.attn: m for m in chosen}
     try:
-        with torch.no_grad(), capture_attention(model) as records:
+        with torch.no_grad(), evaluation_mode(model), capture_attention(model) as records:
             logits = model(images_1CHW)
     finally:
         for handle in handles:
@@ -144,11 +151,14 @@ def maxvit_attention_maps(model: nn.Module, images_1CHW: torch.Tensor, query: Op
 
 
 def save_maxvit_png(out: str, display_HWC: np.ndarray, maps: list[dict], query: tuple[int, int], title: str) -> Path:
-    """Write the picture: one row per stage, columns image+query | block attention | grid attention."""
+    """Write the picture: one row per stage, columns image+query | block attention | grid attention.
+
+    Each attention map is coloured from 0 to its own largest probability, with its colour bar (a block map is
+    sharper than a grid map: one shared scale would leave the weaker one dark)."""
     plt = pyplot()
     path = png_path(out)
     rows = len(maps)
-    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, 3, figsize=(8.4, 2.5 * rows + 0.7), squeeze=False)
     image = display_HWC[..., 0] if display_HWC.shape[-1] == 1 else display_HWC
     for r, entry in enumerate(maps):
         h, w = entry["hw"]
@@ -158,7 +168,8 @@ def save_maxvit_png(out: str, display_HWC: np.ndarray, maps: list[dict], query: 
         ax.set_title(f"stage {entry['stage'] + 1}: {h}x{w} map", fontsize=9)
         for c, kind in enumerate(("block", "grid"), start=1):
             ax = axes[r][c]
-            ax.imshow(entry[kind], cmap="viridis", interpolation="nearest", vmin=0)
+            shown = ax.imshow(entry[kind], cmap="viridis", interpolation="nearest", vmin=0)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
             qy, qx = entry["query"]
             ax.plot([qx], [qy], marker="s", markerfacecolor="none", markeredgecolor="red", markersize=6)
             ph, pw = entry[f"{kind}_size"]
@@ -166,7 +177,7 @@ def save_maxvit_png(out: str, display_HWC: np.ndarray, maps: list[dict], query: 
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}\nattention probability of the query (red square), each map on its own scale", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
 
@@ -189,17 +200,18 @@ def _parse(argv: Sequence[str]) -> dict[str, str]:
     return args
 
 
-def _load(args: dict[str, str]) -> nn.Module:
+def _load(args: dict[str, str]):
+    """(model, image transform as zoo predict preprocesses the checkpoint, or None)."""
     import zoo
-    from zoo.tasks.vision.viz import load_model
+    from zoo.tasks.vision.viz import load_model_and_transform
 
     if "ckpt" in args:
-        model = load_model(args["ckpt"], args.get("model"))
+        model, transform = load_model_and_transform(args["ckpt"], args.get("model"))
     else:
-        model = zoo.create_model(args["model"])
+        model, transform = zoo.create_model(args["model"]), None
     if not hasattr(model, "stages") or not hasattr(model, "window_size"):
         raise ValueError(f"{getattr(model, 'zoo_model_name', type(model).__name__)} is not a MaxViT model")
-    return model.eval()
+    return model.eval(), transform
 
 
 def maxvit_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -212,9 +224,11 @@ def _draw_maxvit(argv: list[str]) -> dict:
     from zoo.tasks.vision.viz import load_image
 
     args = _parse(argv)
+    out = png_path(args.get("out", "maxvit_attention.png"))  # a bad out= before the work
     device = device_arg(args)
-    model = _load(args).to(device)
-    x, display, label = load_image(args.get("image", "digits:0"), model)
+    model, transform = _load(args)
+    model.to(device)
+    x, display, label = load_image(args.get("image", "digits:0"), model, transform)
     query = None
     if "query" in args:
         try:
@@ -229,7 +243,7 @@ def _draw_maxvit(argv: list[str]) -> dict:
     img_h, img_w = model.img_size
     query = (img_h // 2, img_w // 2) if query is None else query
     title, pred, prob = prediction_title(logits, label)
-    path = save_maxvit_png(args.get("out", "maxvit_attention.png"), display, maps, query, title)
+    path = save_maxvit_png(str(out), display, maps, query, title)
     return prediction_summary(path, pred, prob, label)
 
 

@@ -3,6 +3,7 @@
     with zoo.attention.capture_attention() as maps:
         model(images)
     maps[0].name, maps[0].weights   # (B, H, Nq, Nk) per MultiHeadAttention call, in call order
+                                    # (AttentionPoolLatent, global_pool="map", is not recorded)
 
 While a capture is active, attention modules call ``attend(..., return_weights=True)`` (the reference
 backend, which returns the probabilities) and :func:`record` the weights, detached. Nothing is recorded
@@ -66,7 +67,11 @@ def record(module: nn.Module | None, weights: torch.Tensor, name: str | None = N
 
 @contextlib.contextmanager
 def capture_attention(model: nn.Module | None = None) -> Iterator[list[AttentionRecord]]:
-    """Record the attention weights of every attention module called inside the block.
+    """Record the attention weights of the attention modules called inside the block that record them:
+    :class:`zoo.attention.MultiHeadAttention` (and the blocks built on it), :class:`zoo.attention.AgentAttention` and
+    MaxViT's partition attention. Not recorded: :class:`zoo.attention.AttentionPoolLatent` (the latent-query pooling
+    head of ``global_pool="map"`` ViTs, SigLIP's MAP head), other modules and direct :func:`attend` calls, so a
+    rollout of a "map" model covers its transformer blocks, not its pooling head.
 
     If ``model`` is given, records of its submodules carry their qualified names in it (e.g. ``blocks.3.attn``),
     so records can be matched to layers; the modules themselves are not touched.
