@@ -756,3 +756,41 @@ def test_set_input_size_equals_loading_the_checkpoint_at_that_size(tmp_path):
         torch.testing.assert_close(zoo.from_pretrained(tmp_path / "resized").eval()(x), expected)
     with pytest.raises(ValueError, match="smaller than patch_size"):
         model.set_input_size(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_func_transforms_through_agent_attention(dtype):
+    """torch.func.grad with respect to the input failed ("_scaled_dot_product_flash_attention_for_cpu is not
+    differentiable with respect to argument 'attn_mask'": the learned biases derive from parameters that require
+    grad); under vmap the agents were pooled with fp32-rounded weights (3e-8 off in a float64 model)."""
+    torch.manual_seed(0)
+    module = AgentAttention(16, 2, agent_num=4, window=4).to(dtype).eval()
+    x = torch.randn(2, 1 + 15, 16, dtype=dtype)  # class token + a 3x5 grid (pool weights of 1/6)
+    grid = (3, 5)
+    got = torch.func.grad(lambda t: module(t, grid=grid).sum())(x)
+    leaf = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(module(leaf, grid=grid).sum(), leaf)[0]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got, want, **tol)
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda t: module(t[None], grid=grid)[0])(x)
+        torch.testing.assert_close(batched, module(x, grid=grid), **tol)
+
+
+def test_agent_attention_arguments_and_nan_message():
+    """num_prefix_tokens=1.0 was accepted and broke every forward ("'float' object cannot be interpreted as an
+    integer"), attn_drop='0.1' gave a raw comparison TypeError, proj_drop was not checked; with autograd a NaN
+    input was reported as the internal "attend: k contains NaN or Inf values"."""
+    for bad in (1.0, True, 2):
+        with pytest.raises(ValueError, match="num_prefix_tokens must be 0 or 1"):
+            AgentAttention(16, 2, agent_num=4, window=4, num_prefix_tokens=bad)
+    with pytest.raises(ValueError, match="attn_drop must be a number in"):
+        AgentAttention(16, 2, agent_num=4, window=4, attn_drop="0.1")
+    with pytest.raises(ValueError, match="proj_drop must be a number in"):
+        AgentAttention(16, 2, agent_num=4, window=4, proj_drop=1.0)
+    module = AgentAttention(16, 2, agent_num=4, window=4)
+    x = torch.randn(1, 17, 16)
+    x[0, 0, 0] = float("nan")
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="AgentAttention: input contains NaN"):
+            module(x)

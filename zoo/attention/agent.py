@@ -61,7 +61,9 @@ from zoo.attention import backends as _backends
 from zoo.attention import capture as _capture
 from zoo.attention.core import attend
 from zoo.attention.masks import cache_put
-from zoo.layers import check_finite_input, check_like_weights, is_tracing, surely_finite, to_pair, weights_stamp
+from zoo.layers import (
+    check_finite_input, check_like_weights, check_rates, is_tracing, surely_finite, to_pair, weights_stamp,
+)
 
 __all__ = ["AgentAttention", "agent_biases", "adaptive_pool_matrix"]
 
@@ -89,8 +91,12 @@ def _resize_1d(table: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return out.reshape(*lead, size).permute(inverse)
 
 
-def adaptive_pool_matrix(grid: tuple[int, int], out_size: int, prefix: int = 0) -> torch.Tensor:
+def adaptive_pool_matrix(grid: tuple[int, int], out_size: int, prefix: int = 0,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(p*p, prefix + Gh*Gw) matrix M with M @ tokens == AdaptiveAvgPool2d(p) of the patch grid (prefix columns 0).
+
+    Built in float64 and returned in ``dtype`` (AgentAttention asks for float64 and casts it to its tokens'
+    dtype, so a float64 model pools with exact 1/6 weights, not fp32-rounded ones).
 
     Bin i of an axis of length S covers [floor(i*S/p), ceil((i+1)*S/p)), as torch's adaptive pooling, so
     the result is the same for any grid (smaller than p too). Used when exporting (ONNX has no general
@@ -109,7 +115,7 @@ def adaptive_pool_matrix(grid: tuple[int, int], out_size: int, prefix: int = 0) 
     pool = torch.einsum("ah,bw->abhw", rows_ph, cols_pw).reshape(out_size * out_size, gh * gw)
     if prefix:
         pool = torch.cat((torch.zeros(out_size * out_size, prefix, dtype=pool.dtype), pool), dim=1)
-    return pool.float()
+    return pool.to(dtype)
 
 
 def agent_biases(
@@ -185,10 +191,10 @@ class AgentAttention(nn.Module):
         pool = math.isqrt(agent_num)
         if pool * pool != agent_num:
             raise ValueError(f"AgentAttention: agent_num must be a square number (agents form a grid), got {agent_num}")
-        if num_prefix_tokens not in (0, 1):
+        # type(...) is int: 1.0 and True compare equal to 1 but broke every forward later (range() of a float)
+        if type(num_prefix_tokens) is not int or num_prefix_tokens not in (0, 1):
             raise ValueError(f"AgentAttention: num_prefix_tokens must be 0 or 1, got {num_prefix_tokens!r}")
-        if not 0.0 <= attn_drop < 1.0:
-            raise ValueError(f"AgentAttention: attn_drop must be in [0, 1), got {attn_drop}")
+        check_rates(**{"AgentAttention: attn_drop": attn_drop, "AgentAttention: proj_drop": proj_drop})
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -296,7 +302,8 @@ class AgentAttention(nn.Module):
         key = (tuple(grid), like.device, like.dtype)
         pool = self._pool_cache.get(key)
         if pool is None:
-            pool = adaptive_pool_matrix(grid, self.pool_size, self.num_prefix_tokens).to(like.device, like.dtype)
+            pool = adaptive_pool_matrix(grid, self.pool_size, self.num_prefix_tokens, torch.float64).to(
+                like.device, like.dtype)
             if not tracing_or_exporting():
                 cache_put(self._pool_cache, key, pool, limit=8)
         return pool
@@ -334,10 +341,10 @@ class AgentAttention(nn.Module):
             num_queries: compute only the first ``num_queries`` output tokens (prefix tokens only, e.g. 1 for
                 the class token): agents, keys and values still come from every token; the broadcast stage
                 runs for those rows and the depthwise conv is skipped. Returns (B, num_queries, C).
-            check_finite: on the inference fast path, raise on NaN/Inf input (one fp32 sum of the output,
-                standing in for attend()'s per-call check). Models that check their input once at the API
-                boundary (AgentVisionTransformer) pass False; autograd/export/capture calls go through
-                attend(), which always checks.
+            check_finite: raise on NaN/Inf input, naming the input (on CPU, outside tracing: one fp32 sum of the
+                output, standing in for attend()'s per-call checks, which would name the stages' internal q, k
+                or v). Models that check their input once at the API boundary (AgentVisionTransformer) pass
+                False.
         """
         x_BNC = x
         if not isinstance(x_BNC, torch.Tensor):
@@ -404,13 +411,15 @@ class AgentAttention(nn.Module):
                 out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, check_finite=False)
         elif capturing:
             agent_v_BHnD, agent_w = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale,
-                                           dropout_p=dropout_p, return_weights=True)
+                                           dropout_p=dropout_p, return_weights=True, check_finite=False)
             out_BHND, broadcast_w = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale,
-                                           dropout_p=dropout_p, return_weights=True)
+                                           dropout_p=dropout_p, return_weights=True, check_finite=False)
             self._record(agent_w, broadcast_w, prefix, (gh, gw))
         else:
-            agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, dropout_p=dropout_p)
-            out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, dropout_p=dropout_p)
+            agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, dropout_p=dropout_p,
+                                  check_finite=False)
+            out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, dropout_p=dropout_p,
+                              check_finite=False)
         out_BNHD = out_BHND.transpose(1, 2)  # SDPA's CPU kernels write (B, N, H, D): the reshape is a view
         if tracing:  # exporters may decompose attention into another output layout: never assume a view
             out_BNHD = out_BNHD.clone(memory_format=torch.contiguous_format)
@@ -431,9 +440,10 @@ class AgentAttention(nn.Module):
             else:
                 # no autograd: in place (not "+=", whose __setitem__ copies the view onto itself)
                 out_BNC[:, prefix:].add_(dwc_BLC)
-        if fast and check_finite and out_BNC.device.type == "cpu":
-            # attend()'s NaN/Inf check, once per module instead of per stage: a non-finite input reaches
-            # the output (every output row mixes every value), so one fp32 sum of the output covers it.
+        if check_finite and not tracing and out_BNC.device.type == "cpu":
+            # attend()'s NaN/Inf check, once per module instead of per stage, on every path (with autograd the
+            # stages' own checks named their internal k): a non-finite input reaches the output (every output
+            # row mixes every value), so one fp32 sum of the output covers it.
             if not surely_finite(out_BNC):
                 check_finite_input(x_BNC, "AgentAttention: input")
         return self.proj_drop(self.proj(out_BNC))

@@ -239,7 +239,18 @@ def _load_optional_backends() -> None:
 SDPA_DENSE_MASK_LIMIT = 1 << 28
 
 
+def functorch_biased(bias) -> bool:
+    """A bias tensor inside a torch.func transform (grad, vjp, jacrev, vmap). When the bias derives from parameters
+    that require grad (a module's learned relative-position or agent biases), SDPA's CPU dispatcher still sends the
+    call to its flash kernel, which has no attn_mask gradient, and the transform fails ("not differentiable with
+    respect to argument 'attn_mask'") even when only the input is differentiated. Inside the transform the bias
+    reports requires_grad=False (functorch levels), so any biased call there goes to the reference backend."""
+    return isinstance(bias, torch.Tensor) and torch._C._are_functorch_transforms_active()
+
+
 def _sdpa_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    if functorch_biased(bias):
+        return "a bias inside a torch.func transform (SDPA's CPU flash kernel has no bias gradient)"
     if score != "softmax":
         return f"score={score!r} (SDPA computes softmax attention only)"
     if return_weights:

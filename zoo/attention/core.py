@@ -143,7 +143,8 @@ def attend(
     )
     if plain and bias is None:  # the plain calls most models make: straight to SDPA
         result = _backends.sdpa_plain(q, k, v, scale, float(dropout_p), causal)
-    elif plain and _backends.sdpa_bias_ready(bias, q, k) and _autocast_dtype(q) is None:
+    elif plain and _backends.sdpa_bias_ready(bias, q, k) and _autocast_dtype(q) is None \
+            and not _backends.functorch_biased(bias):
         # relative-position / agent biases, no mask. Under autocast the general path instead: autocast would round
         # an fp32 bias to the half dtype as it is (bias + 1000 lost to bf16's steps of 8), where _dispatch shifts
         # each row by its maximum first, so attend() gives the same answer whether a backend is named or not
