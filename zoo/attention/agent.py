@@ -30,7 +30,8 @@ any token grid Gh x Gw, square or not. ``an_bias``/``na_bias`` are resized to (G
 row/column tables are resized along their axis with 1-D linear interpolation (``align_corners=False``);
 at Gh = Gw = window this is the identity, so the official result is unchanged. Agents are pooled from
 any grid (adaptive average pooling). When no gradient is needed the two bias tensors are cached per
-(grid, device, dtype) and rebuilt when a bias parameter changes (tracked through tensor version counters).
+(grid, dtype, inference mode) on the module's device (``.to()`` clears the cache) and rebuilt when a bias
+parameter changes (tracked through tensor version counters).
 The official code also re-interpolates the biases and repeats them per batch item on every call; here
 they are built once per call at most (training: once per block call, as the tables change every step)
 and broadcast over the batch, already summed into one (1, H, n, N) and one (1, H, N, n) tensor.
