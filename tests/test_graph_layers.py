@@ -1173,3 +1173,71 @@ def test_segment_softmax_weighted_sum_promotes_mixed_dtypes_as_pyg(scores_dtype,
     for grad, want_grad, dtype in zip(grads, want_grads, (scores_dtype, values_dtype)):
         assert grad.dtype == dtype
         torch.testing.assert_close(grad, want_grad, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_lazy_gat_called_without_target_features_leaves_them_lazy_as_pyg(residual):
+    """GATConv((-1, -1)) first called with x=(x_src, None) sizes lin_src only, as PyG's: lin_dst (and res) stay
+    lazy until target features come, which may be of another width than the source features."""
+    g = torch.Generator().manual_seed(5)
+    x_src, x_dst = torch.randn(8, 5, generator=g), torch.randn(6, 3, generator=g)
+    ei = torch.stack([torch.randint(0, 8, (20,), generator=g), torch.randint(0, 6, (20,), generator=g)])
+    layers = []
+    for cls in (pyg_nn.GATConv, GATConv):
+        torch.manual_seed(0)
+        layer = cls((-1, -1), 4, heads=2, add_self_loops=False, residual=residual)
+        layer((x_src, None), ei, size=(8, 6))
+        lazy = sorted(k for k, v in layer.state_dict().items()
+                      if isinstance(v, torch.nn.parameter.UninitializedParameter))
+        assert lazy == (["lin_dst.weight", "res.weight"] if residual else ["lin_dst.weight"])
+        layer((x_src, x_dst), ei)  # sized now by the target features (3 wide)
+        assert layer.lin_dst.weight.shape == (8, 3)
+        layers.append(layer)
+    peer, ours = layers
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    _assert_same(ours, peer, [x_src, x_dst], ei)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("loops", [False, True])
+def test_gat_without_target_features_takes_num_dst_from_a_sparse_adjacency(layout, loops):
+    """GATConv with x=(x_src, None) and a torch sparse adj_t [Nd, Ns] takes Nd from the adjacency when no size= is
+    given, as PyG's (MessagePassing._check_input)."""
+    ours, peer = _pair(GATConv, pyg_nn.GATConv, 4, 3, heads=2, add_self_loops=loops)
+    g = torch.Generator().manual_seed(6)
+    x_src = torch.randn(8, 4, generator=g)
+    ei = torch.stack([torch.randint(0, 8, (20,), generator=g), torch.randint(0, 5, (20,), generator=g)])
+    adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.ones(20), (5, 8)).coalesce()
+    if layout == "csr":
+        adj_t = adj_t.to_sparse_csr()
+    out, (adj, alpha) = ours((x_src, None), adj_t, return_attention_weights=True)
+    want, (adj_peer, alpha_peer) = peer((x_src, None), adj_t, return_attention_weights=True)
+    assert out.shape == (5, 6)
+    torch.testing.assert_close(out, want, **TOL)
+    torch.testing.assert_close(adj.to_dense(), adj_peer.to_dense(), **TOL)
+
+
+def test_lazy_state_dict_saved_before_the_first_forward_loads_and_runs_as_pyg():
+    """A PyG lazy GATv2Conv saved before its first forward holds uninitialised weights but materialised biases; our
+    lazy layer loads it and its first forward materialises the weights only, then initialises every parameter as
+    PyG's lazy Linear does (a seeded call draws PyG's values)."""
+    g = torch.Generator().manual_seed(7)
+    x, ei = torch.randn(7, 5, generator=g), torch.randint(0, 7, (2, 20), generator=g)
+    state = pyg_nn.GATv2Conv(-1, 4).state_dict()
+    assert isinstance(state["lin_l.weight"], torch.nn.parameter.UninitializedParameter)
+    assert not isinstance(state["lin_l.bias"], torch.nn.parameter.UninitializedParameter)
+    outs = []
+    for cls in (pyg_nn.GATv2Conv, GATv2Conv):
+        layer = cls(-1, 4)
+        layer.load_state_dict(state, strict=True)
+        torch.manual_seed(1)
+        outs.append(layer(x, ei))
+    torch.testing.assert_close(outs[1], outs[0], **TOL)
+
+
+def test_sparse_adjacency_of_the_wrong_size_names_both_sizes():
+    layer = GATConv(4, 3)
+    adj = torch.sparse_coo_tensor(torch.tensor([[0, 1], [2, 3]]), torch.ones(2), (5, 8))
+    with pytest.raises(ValueError, match=r"size \(5, 8\) but the features give \[num_dst=6, num_src=6\]: pass the "
+                                         r"transposed adjacency adj_t \[num_dst, num_src\]"):
+        layer(torch.randn(6, 4), adj)

@@ -172,3 +172,119 @@ def test_to_hetero_matches_pyg(conv_zoo, conv_pyg, aggr):
     for key in outs[1]:
         torch.testing.assert_close(outs[0][key], outs[1][key], **TOL)
         torch.testing.assert_close(grads[0][key], grads[1][key], **TOL)
+
+
+def _assert_nested_close(a, b):
+    """Tensors, None and (nested) tuples / dicts of them, equal within TOL."""
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            _assert_nested_close(a[key], b[key])
+    elif isinstance(a, (tuple, list)):
+        assert isinstance(b, (tuple, list)) and len(a) == len(b)
+        for u, v in zip(a, b):
+            _assert_nested_close(u, v)
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, **TOL)
+    else:
+        assert a == b
+
+
+# (layer keyword arguments, forward: x / (x_src, x_dst or None), edge features, size)
+_EDGE_UPDATE_CASES = [
+    ("GATv2Conv", dict(heads=2), "x", False, None),
+    ("GATv2Conv", dict(heads=2, edge_dim=3), "x", True, None),
+    ("GATConv", dict(heads=2), "x", False, None),
+    ("GATConv", dict(heads=2, edge_dim=3, fill_value="add"), "x", True, None),
+    ("GATConv", dict(heads=2, add_self_loops=False), "x_src_only", False, (12, 10)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,inputs,edge_features,size", _EDGE_UPDATE_CASES)
+def test_edge_update_hooks_see_and_replace_what_pyg_s_see(name, kwargs, inputs, edge_features, size):
+    """PyG's edge-update hooks (register_edge_update_forward_pre_hook / _hook) fire on our layers with the
+    arguments PyG's layers give them (edge_index with its loops, size, alpha or x pair, edge_attr) and PyG's
+    attention as the output; a forward hook's replacement is used as PyG uses it."""
+    from zoo import attention
+
+    torch.manual_seed(0)
+    peer = getattr(pyg_nn, name)(6, 4, **kwargs)
+    ours = getattr(attention, name)(6, 4, **kwargs)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x, ei = _graph()
+    if inputs == "x_src_only":
+        ei = ei[:, ei[1] < 10]
+        x = (x, None)
+    ea = torch.randn(ei.size(1), 3, generator=torch.Generator().manual_seed(2)) if edge_features else None
+    fw = {} if size is None else dict(size=size)
+    seen, outs = {}, {}
+    for label, module in (("ours", ours), ("peer", peer)):
+        def pre_hook(mod, inputs, label=label):
+            seen[label, "pre"] = inputs  # (edge_index, size, kwargs)
+
+        def hook(mod, inputs, out, label=label):
+            seen[label, "out"] = out
+            return out.flip(0)  # a replaced attention: propagate must use it
+
+        handles = [module.register_edge_update_forward_pre_hook(pre_hook),
+                   module.register_edge_update_forward_hook(hook)]
+        assert module is peer or ours._message_passing_observed()  # the hooks send ours down PyG's path
+        outs[label] = module(x, ei, ea, return_attention_weights=True, **fw)
+        for handle in handles:
+            handle.remove()
+    _assert_nested_close(seen["ours", "pre"], seen["peer", "pre"])
+    _assert_nested_close(seen["ours", "out"], seen["peer", "out"])
+    _assert_nested_close(outs["ours"], outs["peer"])  # out and (edge_index, the flipped alpha)
+    assert not ours._message_passing_observed()  # hooks removed: back on the fused path
+    torch.testing.assert_close(ours(x, ei, ea, **fw), peer(x, ei, ea, **fw), **TOL)
+
+
+def test_point_transformer_is_not_sent_down_propagate_by_edge_update_hooks():
+    """PyG's PointTransformerConv never calls edge_updater, so its edge-update hooks never fire: they leave the
+    zoo layer on its fused path."""
+    from zoo.attention import PointTransformerConv
+
+    layer = PointTransformerConv(6, 4)
+    handle = layer.register_edge_update_forward_hook(lambda mod, inputs, out: None)
+    assert not layer._message_passing_observed()
+    handle.remove()
+
+
+def _func_pair(name):
+    """Our layer and PyG's with the same weights, features x, and ``args(x)``: the forward arguments for x."""
+    from zoo import attention
+
+    kwargs = {} if name == "PointTransformerConv" else dict(heads=2, edge_dim=3)
+    torch.manual_seed(0)
+    peer = getattr(pyg_nn, name)(6, 4, **kwargs)
+    ours = getattr(attention, name)(6, 4, **kwargs)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x, ei = _graph()
+    g = torch.Generator().manual_seed(4)
+    if name == "PointTransformerConv":
+        pos = torch.randn(x.size(0), 3, generator=g)
+        return ours, peer, x, lambda xx: (xx, pos, ei)
+    ea = torch.randn(ei.size(1), 3, generator=g)
+    return ours, peer, x, lambda xx: (xx, ei, ea)
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv", "PointTransformerConv"])
+def test_torch_func_transforms_match_pyg(name):
+    """torch.func's grad, vmap and jacrev run the layers (on PyG's unfused path: the fused autograd.Functions
+    have no functorch rules) and give PyG's results with the same weights; vmap also under no_grad."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    ours, peer, x, args = _func_pair(name)
+    batch = torch.randn(3, *x.shape, generator=torch.Generator().manual_seed(5))
+    results = []
+    for module in (ours, peer):
+        params = {k: v.detach() for k, v in module.named_parameters()}
+        weight_grads = grad(lambda p: functional_call(module, p, args(x)).square().sum())(params)
+        batched = vmap(lambda xx: module(*args(xx)))(batch)
+        with torch.no_grad():
+            batched_no_grad = vmap(lambda xx: module(*args(xx)))(batch)
+        jacobian = jacrev(lambda xx: module(*args(xx)).sum(0))(x)
+        results.append((weight_grads, batched, batched_no_grad, jacobian))
+    _assert_nested_close(results[0], results[1])
+    loop = torch.stack([ours(*args(xx)) for xx in batch])  # the fused path, one sample at a time
+    torch.testing.assert_close(results[0][1], loop, **TOL)

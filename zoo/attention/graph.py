@@ -31,8 +31,9 @@ Both layers are ``torch_geometric.nn.MessagePassing`` subclasses (sum aggregatio
 PyG's), so PyG's tools that look for message-passing layers find them: ``to_hetero`` (one copy per edge
 type, summed per destination type), ``HeteroConv``, and the explainers (``GNNExplainer``/``PGExplainer``
 edge masks through ``explain_message``, ``AttentionExplainer`` through a message forward hook). The fused
-path never calls ``propagate``; while PyG's explain mode is on or a propagate/message/aggregate hook is
-registered, a layer runs PyG's unfused ``propagate`` instead (plain autograd, [E, H, C] messages, the
+path never calls ``propagate``; while PyG's explain mode is on, a propagate/message/aggregate/edge-update hook
+is registered or a torch.func transform (vmap, grad, jacrev) is active, a layer runs PyG's unfused
+``edge_updater`` (PyG's ``edge_update``) and ``propagate`` instead (plain autograd, [E, H, C] messages, the
 masks and hooks applied exactly where PyG applies them), so explanations equal those of PyG's layers.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.nn.conv import MessagePassing
+from torch_geometric.typing import OptPairTensor, OptTensor, PairTensor
 
 from zoo.attention.segment import (
     CSR,
@@ -128,7 +130,8 @@ def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool
         if tuple(edge_index.shape) != (num_dst, num_src):
             raise ValueError(
                 f"sparse adjacency has size {tuple(edge_index.shape)} but the features give "
-                f"[num_dst={num_dst}, num_src={num_src}] (pass adj.t() as PyG does)"
+                f"[num_dst={num_dst}, num_src={num_src}]: pass the transposed adjacency adj_t [num_dst, num_src] "
+                "(adj.t()), as PyG does, with features of those sizes"
             )
         layout, size = edge_index.layout, tuple(edge_index.shape)
         coalesced = layout != torch.sparse_coo or _coo_without_duplicates(edge_index)
@@ -233,6 +236,21 @@ def _init_linear_(lin: nn.Linear) -> None:
 class _LazyLinear(nn.LazyLinear):
     """PyG's ``in_channels=-1``: an nn.LazyLinear whose size comes from the first input (or from a loaded state
     dict), initialised as PyG's Linear once known; it then becomes a plain nn.Linear."""
+
+    def initialize_parameters(self, input) -> None:
+        """nn.LazyLinear's, materialising only what is still uninitialised: a PyG lazy layer saved before its first
+        forward holds an uninitialised weight but a materialised bias (PyG's Linear is lazy in its weight alone),
+        and loading that state dict leaves our bias a plain Parameter, which has no ``materialize``. Then, as
+        torch_geometric.nn.dense.linear.Linear.initialize_parameters does, every parameter is (re)initialised."""
+        if not self.has_uninitialized_params():
+            return
+        with torch.no_grad():
+            self.in_features = input.shape[-1]
+            if isinstance(self.weight, nn.parameter.UninitializedParameter):
+                self.weight.materialize((self.out_features, self.in_features))
+            if isinstance(self.bias, nn.parameter.UninitializedParameter):
+                self.bias.materialize((self.out_features,))
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if not self.has_uninitialized_params() and self.weight.numel():  # not the (0, 0) stand-in of __init__
@@ -395,15 +413,32 @@ class CachedGraphLayer(MessagePassing):
         state["_graph_cache"] = None
         return state
 
+    # whether the unfused path computes the attention through PyG's ``edge_updater`` (GATConv / GATv2Conv, as
+    # PyG's): its edge-update hooks then fire there, so registering one sends the layer down that path
+    _uses_edge_updater = False
+
     def _message_passing_observed(self) -> bool:
-        """True while PyG's explain mode is on or a hook waits inside ``propagate``: the layer must then run
-        ``propagate`` (the fused path has no per-edge messages to mask or show)."""
+        """True while PyG's explain mode is on or a hook waits inside ``propagate`` (or, for a layer that uses
+        ``edge_updater``, inside it): the layer must then run ``propagate`` (the fused path has no per-edge messages
+        to mask or show)."""
         if self.explain:
             return True
-        hooks = (self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
+        hooks = [self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
                  self._message_forward_pre_hooks, self._message_forward_hooks,
-                 self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks)
+                 self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks]
+        if self._uses_edge_updater:
+            hooks += [self._edge_update_forward_pre_hooks, self._edge_update_forward_hooks]
         return any(len(h) for h in hooks)
+
+    def _runs_propagate(self) -> bool:
+        """Whether this call takes PyG's unfused ``propagate`` path: while observed (explainers, hooks), or under a
+        torch.func transform (vmap, grad, jacrev, ...). The fused paths are autograd.Functions written for eager
+        autograd (forward saving its own context, no ``setup_context`` / ``vmap`` rules), which functorch refuses;
+        PyG's layers run under those transforms, so ours do too, with plain autograd ops ([E, H, C] memory). The
+        functorch query is left out of torch.compile's traced code (it would break the graph there)."""
+        if self._message_passing_observed():
+            return True
+        return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
     def _graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
         # Validating edge_index, dropping and adding self loops and sorting into a CSR are data-dependent (the
@@ -514,10 +549,11 @@ class _GraphAttentionBase(CachedGraphLayer):
         """Size the lazy projections (``in_channels=-1``) from the first input, as PyG does: a zero-row call
         runs each one's initialisation (the fused CPU/Triton paths read the weights without calling them), in
         PyG's order (the residual projection first, then source, then target), so a seeded run draws the same
-        weights as PyG's layer."""
-        x_dst_or_src = x_dst if x_dst is not None else x_src
-        for lin, x in ((self.res, x_dst_or_src), (self._src_linear(), x_src), (self._dst_linear(), x_dst_or_src)):
-            if lin is not None and _is_lazy(lin):
+        weights as PyG's layer. ``x_dst``: the target features (``x_src`` for a single x); None for GATConv's
+        ``(x_src, None)``, which leaves the target and residual projections lazy, as PyG's GATConv (it calls
+        neither without target features), so a later call with target features of another width sizes them."""
+        for lin, x in ((self.res, x_dst), (self._src_linear(), x_src), (self._dst_linear(), x_dst)):
+            if lin is not None and x is not None and _is_lazy(lin):
                 lin(x[:0])
 
     def _like_weights(self, x: Tensor, lin, what: str) -> Tensor:
@@ -604,19 +640,29 @@ class _GraphAttentionBase(CachedGraphLayer):
             out = out + bias
         return out
 
-    # PyG's message passing: the path of explainers and hooks (CachedGraphLayer._message_passing_observed)
+    # PyG's message passing: the path of explainers, hooks and torch.func (CachedGraphLayer._runs_propagate)
+    _uses_edge_updater = True
+
     def message(self, x_j: Tensor, alpha: Tensor) -> Tensor:
         """PyG's message: the source features [E, H, C] weighted by their attention [E, H]."""
         return x_j * alpha.unsqueeze(-1)
 
-    def _propagate_attention(self, graph: GraphStructure, xs_NHC: Tensor, s_EH: Tensor):
-        """Scores [E', H] in ``graph.edge_index`` order -> (out [Nd, H, C], alpha [E', H]) through PyG's
-        ``propagate`` (softmax per destination, attention dropout, message, explain mask, sum)."""
-        num_dst = graph.csr.num_dst
-        alpha = segment_softmax(s_EH, graph.edge_index[1], num_dst)
-        alpha = F.dropout(alpha, p=self.dropout, training=self.training)
-        out_NHC = self.propagate(graph.edge_index, x=(xs_NHC, None), alpha=alpha, size=(xs_NHC.size(0), num_dst))
+    def _propagate_attention(self, graph: GraphStructure, x: tuple, size, edge_kwargs: dict):
+        """PyG's unfused path, as PyG's GATConv / GATv2Conv forward runs it: ``alpha = edge_updater(edge_index,
+        **edge_kwargs, size=size)`` (the subclass's ``edge_update``: scores, softmax per destination, attention
+        dropout; PyG's edge-update hooks fire around it), then ``propagate(edge_index, x=x, alpha=alpha,
+        size=size)`` (message, explain mask, sum) -> (out [Nd, H, C], alpha [E', H]) in ``graph.edge_index`` order.
+        ``size`` None (as PyG's calls give when x holds the target features) or (Ns, Nd)."""
+        alpha = self.edge_updater(graph.edge_index, size=size, **edge_kwargs)
+        out_NHC = self.propagate(graph.edge_index, x=x, alpha=alpha, size=size)
         return out_NHC, alpha
+
+    def _edge_softmax(self, scores_EH: Tensor, index: Tensor, dim_size: Optional[int]) -> Tensor:
+        """The end of PyG's ``edge_update``: softmax over each destination's edges
+        (torch_geometric.utils.softmax(scores, index, ptr, dim_size)), then attention dropout."""
+        num_dst = dim_size if dim_size is not None else (int(index.max()) + 1 if index.numel() else 0)
+        alpha = segment_softmax(scores_EH, index, num_dst)
+        return F.dropout(alpha, p=self.dropout, training=self.training)
 
     @staticmethod
     def _input_order(graph: GraphStructure, alpha_csr: Tensor) -> Tensor:
@@ -715,6 +761,11 @@ class GATv2Conv(_GraphAttentionBase):
         self.bias = nn.Parameter(torch.empty(total)) if bias else None
         self.reset_parameters()
 
+    # the argument types of PyG's calls (its "# edge_updater_type:" / "# propagate_type:" comments), from which PyG
+    # generates this class's edge_updater and propagate: the hooks then receive what PyG's layer gives them
+    edge_updater_type = {"x": PairTensor, "edge_attr": OptTensor}
+    propagate_type = {"x": PairTensor, "alpha": Tensor}
+
     def _src_linear(self):
         return self.lin_l
 
@@ -732,10 +783,10 @@ class GATv2Conv(_GraphAttentionBase):
     def forward(self, x, edge_index, edge_attr: Optional[Tensor] = None, return_attention_weights=None):
         H, C = self.heads, self.out_channels
         x_src, x_dst, single = self._split_x(x, allow_none_dst=False)
-        self._materialize(x_src, x_dst)
-        res = None
         if single:
             x_dst = x_src
+        self._materialize(x_src, x_dst)
+        res = None
         if self.res is not None:
             res = self.res(x_dst)
         xs_NHC = self.lin_l(x_src).view(x_src.size(0), H, C)
@@ -747,19 +798,12 @@ class GATv2Conv(_GraphAttentionBase):
         if edge_attr is not None and self.lin_edge is None:
             raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
         need = bool(return_attention_weights)  # as PyG's `if return_attention_weights:` (False/0: the tensor)
-        if self._message_passing_observed():  # PyG's explainers / hooks: its unfused propagate
+        if self._runs_propagate():  # PyG's explainers / hooks, torch.func: its edge_updater and propagate
             ea = self._edge_features(graph, edge_attr, csr_order=False)
             if xd_NHC is None:
                 xd_NHC = self.lin_r(x_dst).view(x_dst.size(0), H, C)
-            src, dst = graph.edge_index
-            # index_select: its backward (index_add_) is 2-4x faster on CPU than advanced indexing's for rows
-            # this wide, and explainers run this path for many epochs (GNNExplainer, 20 epochs, 200k edges,
-            # 4 heads x 16: 7.1-7.4 s against 8.7-8.8 s by hand)
-            z_EHC = xs_NHC.index_select(0, src) + xd_NHC.index_select(0, dst)
-            if ea is not None:
-                z_EHC = z_EHC + self.lin_edge(ea).view(ea.size(0), H, C)
-            s_EH = (F.leaky_relu(z_EHC, self.negative_slope) * self.att).sum(-1)
-            out_NHC, alpha = self._propagate_attention(graph, xs_NHC, s_EH)
+            x_pair = (xs_NHC, xd_NHC)
+            out_NHC, alpha = self._propagate_attention(graph, x_pair, None, dict(x=x_pair, edge_attr=ea))
         else:
             csr = graph.csr.to(xs_NHC.device)
             ea = self._edge_features(graph, edge_attr)
@@ -774,6 +818,18 @@ class GATv2Conv(_GraphAttentionBase):
         if need:
             return out, self._attention_result(graph, alpha)
         return out
+
+    def edge_update(self, x_j: Tensor, x_i: Tensor, edge_attr: Optional[Tensor], index: Tensor,
+                    ptr: Optional[Tensor], dim_size: Optional[int]) -> Tensor:
+        """PyG's GATv2Conv.edge_update (the unfused path): ``a . LeakyReLU(W_s x_j + W_t x_i (+ W_e e_ji))``,
+        softmax per destination, attention dropout -> alpha [E', H]. The gathers x_j / x_i are PyG's
+        ``index_select`` (its backward, index_add_, is 2-4x faster on CPU than advanced indexing's for rows this
+        wide; explainers run this path for many epochs)."""
+        z_EHC = x_i + x_j
+        if edge_attr is not None:
+            z_EHC = z_EHC + self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
+        scores_EH = (F.leaky_relu(z_EHC, self.negative_slope) * self.att).sum(dim=-1)
+        return self._edge_softmax(scores_EH, index, dim_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -833,6 +889,10 @@ class GATConv(_GraphAttentionBase):
         self.bias = nn.Parameter(torch.empty(total)) if bias else None
         self.reset_parameters()
 
+    # as GATv2Conv's: PyG's GATConv's call types
+    edge_updater_type = {"alpha": OptPairTensor, "edge_attr": OptTensor}
+    propagate_type = {"x": OptPairTensor, "alpha": Tensor}
+
     def _src_linear(self):
         return self.lin if self.lin is not None else self.lin_src
 
@@ -853,7 +913,7 @@ class GATConv(_GraphAttentionBase):
                 return_attention_weights=None):
         H, C = self.heads, self.out_channels
         x_src, x_dst, single = self._split_x(x, allow_none_dst=True)
-        self._materialize(x_src, x_dst)
+        self._materialize(x_src, x_src if single else x_dst)
         res = None
         lin_src, lin_dst = self._src_linear(), self._dst_linear()
         if single:
@@ -867,7 +927,12 @@ class GATConv(_GraphAttentionBase):
             xs_NHC = lin_src(x_src).view(x_src.size(0), H, C)
             xd_NHC = None if x_dst is None else lin_dst(x_dst).view(x_dst.size(0), H, C)
         num_src = xs_NHC.size(0)
-        num_dst = xd_NHC.size(0) if xd_NHC is not None else num_src
+        if xd_NHC is not None:
+            num_dst = xd_NHC.size(0)
+        elif isinstance(edge_index, Tensor) and edge_index.layout != torch.strided and edge_index.dim() == 2:
+            num_dst = edge_index.size(0)  # a sparse adj_t [Nd, Ns] gives Nd, as PyG's _check_input takes it
+        else:
+            num_dst = num_src
         if size is not None:
             if len(size) != 2:
                 raise ValueError(f"size must be (num_src, num_dst), got {size!r}")
@@ -878,27 +943,29 @@ class GATConv(_GraphAttentionBase):
                     raise ValueError(f"size[1]={size[1]} but x_dst has {num_dst} rows")
                 num_dst = int(size[1])
         graph = self._graph(edge_index, num_src, num_dst)
-        observed = self._message_passing_observed()  # PyG's explainers / hooks: its unfused propagate
-        csr = graph.csr.to(xs_NHC.device)
-        # scores per edge, in CSR order for the fused path, in PyG's edge order for propagate
-        src, dst = graph.edge_index if observed else (csr.col, csr.row)
         a_src = (xs_NHC * self.att_src).sum(-1)  # [Ns, H]
-        s_EH = a_src[src]
-        if xd_NHC is not None:
-            a_dst = (xd_NHC * self.att_dst).sum(-1)  # [Nd, H]
-            s_EH = s_EH + a_dst[dst]
+        a_dst = None if xd_NHC is None else (xd_NHC * self.att_dst).sum(-1)  # [Nd, H]
         if edge_attr is not None and self.lin_edge is None:  # PyG's GATConv ignores it; GATv2Conv raises too
             raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
-        ea = self._edge_features(graph, edge_attr, csr_order=not observed)
-        if ea is not None:
-            # a_e . (W_e e) without the [E, H, C] projection: fold att_edge into W_e -> [H, D]
-            w_HD = (self.lin_edge.weight.view(H, C, -1) * self.att_edge.view(H, C, 1)).sum(1)
-            s_EH = s_EH + ea @ w_HD.t()
-        s_EH = F.leaky_relu(s_EH, self.negative_slope)
         need = bool(return_attention_weights)  # as PyG's `if return_attention_weights:`
-        if observed:
-            out_NHC, alpha = self._propagate_attention(graph, xs_NHC, s_EH)
+        if self._runs_propagate():  # PyG's explainers / hooks, torch.func: its edge_updater and propagate
+            ea = self._edge_features(graph, edge_attr, csr_order=False)
+            # PyG passes the caller's size; without target features (or a size) it must say Nd
+            pyg_size = None if xd_NHC is not None and size is None else (num_src, num_dst)
+            out_NHC, alpha = self._propagate_attention(graph, (xs_NHC, xd_NHC), pyg_size,
+                                                       dict(alpha=(a_src, a_dst), edge_attr=ea))
         else:
+            # scores per edge in CSR order
+            csr = graph.csr.to(xs_NHC.device)
+            s_EH = a_src[csr.col]
+            if a_dst is not None:
+                s_EH = s_EH + a_dst[csr.row]
+            ea = self._edge_features(graph, edge_attr)
+            if ea is not None:
+                # a_e . (W_e e) without the [E, H, C] projection: fold att_edge into W_e -> [H, D]
+                w_HD = (self.lin_edge.weight.view(H, C, -1) * self.att_edge.view(H, C, 1)).sum(1)
+                s_EH = s_EH + ea @ w_HD.t()
+            s_EH = F.leaky_relu(s_EH, self.negative_slope)
             out_NHC, alpha_csr = segment_softmax_aggregate(
                 s_EH, xs_NHC, csr, keep=self._keep_mask(graph, xs_NHC.device), dropout=self.dropout,
                 need_weights=need,
@@ -908,3 +975,17 @@ class GATConv(_GraphAttentionBase):
         if need:
             return out, self._attention_result(graph, alpha)
         return out
+
+    def edge_update(self, alpha_j: Tensor, alpha_i: Optional[Tensor], edge_attr: Optional[Tensor], index: Tensor,
+                    ptr: Optional[Tensor], dim_size: Optional[int]) -> Tensor:
+        """PyG's GATConv.edge_update (the unfused path): ``LeakyReLU(a_s . W x_j (+ a_t . W x_i) (+ a_e . W_e
+        e_ji))``, softmax per destination, attention dropout -> alpha [E', H] (no edges: the summed scores, as
+        PyG's)."""
+        alpha = alpha_j if alpha_i is None else alpha_j + alpha_i
+        if index.numel() == 0:
+            return alpha
+        if edge_attr is not None and self.lin_edge is not None:
+            edge_EHC = self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
+            alpha = alpha + (edge_EHC * self.att_edge).sum(dim=-1)
+        alpha = F.leaky_relu(alpha, self.negative_slope)
+        return self._edge_softmax(alpha, index, dim_size)

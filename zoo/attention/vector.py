@@ -27,8 +27,8 @@ block's forward run again in backward, paid by default only when the kept interm
 block, as in PyG, so their statistics are PyG's; so does a layer
 under torch.compile / export (one graph, PyG's memory; the graph structure is built outside it as for the GAT
 layers). While PyG's
-explain mode is on or a message-passing hook is registered, the layer runs PyG's ``propagate`` instead
-(zoo.attention.graph explains).
+explain mode is on, a message-passing hook is registered or a torch.func transform (vmap, grad, jacrev) runs,
+the layer runs PyG's ``propagate`` instead (zoo.attention.graph explains).
 
 Letters: N nodes/points (Ns source, Nd destination), E edges, C channels, P position coordinates.
 """
@@ -266,8 +266,8 @@ class PointTransformerConv(CachedGraphLayer):
         a_src_NC = self.lin_src(x_src)
         a_dst_NC = self.lin_dst(x_dst)
         graph = self._graph(edge_index, x_src.size(0), x_dst.size(0))
-        if self._message_passing_observed():
-            # PyG's propagate: the explain mask and the hooks see PyG's messages
+        if self._runs_propagate():
+            # PyG's propagate: the explain mask and the hooks see PyG's messages; torch.func transforms run it too
             return self.propagate(graph.edge_index, x=(v_NC, None), pos=(pos_src, pos_dst),
                                   alpha=(a_src_NC, a_dst_NC), size=(x_src.size(0), x_dst.size(0)))
         return self._blockwise(graph, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
