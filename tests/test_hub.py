@@ -1043,3 +1043,46 @@ def test_tagged_name_with_a_weights_file_and_unknown_tags(tmp_path):
     with pytest.raises(ValueError, match=r"timm has no pretrained tag 'bogus' for 'vit_small_patch16_224' "
                                          r"\(its tags: .*dino.*\); use one of them"):
         zoo.create_model("vit_small_patch16_224.bogus", depth=1)
+
+
+def test_save_refuses_preprocessing_its_loader_would_refuse(tmp_path):
+    """save_pretrained wrote what from_pretrained then refused (a 3-value mean for a 1-channel model), and took a
+    std of 0 (NaN inputs at predict time) and 2 class names for 10 classes (zoo predict labelled the rest by
+    index); the loader refuses the last two in a hand-written config.json too."""
+    import json
+
+    model = zoo.create_model("vit_debug", in_chans=1, num_classes=10)
+    bad = {"mean": [0.1, 0.2, 0.3]}, {"std": [0.0]}, {"class_names": ["zero", "one"]}
+    messages = "has 3 values for a model of 1 input channels", "std' must be positive", "2 names for 10 classes"
+    for data, message in zip(bad, messages):
+        with pytest.raises(ValueError, match=message):
+            zoo.save_pretrained(model, tmp_path / "bad", metadata={"data": data})
+        assert not (tmp_path / "bad").exists()
+    good = tmp_path / "good"
+    zoo.save_pretrained(model, good, metadata={"data": {"class_names": [str(i) for i in range(10)]}})
+    zoo.create_model("vit_debug", pretrained=str(good), in_chans=1)
+    original = (good / "config.json").read_text()
+    for data, message in zip(bad[1:], messages[1:]):
+        config = json.loads(original)
+        config["metadata"]["data"].update(data)
+        (good / "config.json").write_text(json.dumps(config))
+        with pytest.raises(hub.CheckpointError, match=message):
+            zoo.create_model("vit_debug", pretrained=str(good), in_chans=1)
+
+
+def test_weights_with_a_save_id_beside_a_config_without_one_are_refused(tmp_path):
+    """A config.json from before save ids (the released checkpoints) beside a model.safetensors from another
+    save_pretrained call loaded silently: zoo eval reported 0.81 under a config.json that said 0.99."""
+    import json
+    import shutil
+
+    released = hub.shipped_checkpoints_dir() / "vit_digits"
+    mixed = tmp_path / "mixed"
+    shutil.copytree(released, mixed)
+    zoo.create_model("vit_digits", pretrained=str(mixed))  # as released: no ids on either side
+    other = tmp_path / "other"
+    zoo.save_pretrained(zoo.create_model("vit_digits", pretrained=str(mixed)), other)
+    shutil.copy(other / "model.safetensors", mixed / "model.safetensors")
+    assert json.loads((mixed / "config.json").read_text()).get("save_id") is None
+    with pytest.raises(hub.CheckpointError, match="records no save id, so they come from two different saves"):
+        zoo.create_model("vit_digits", pretrained=str(mixed))

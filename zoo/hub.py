@@ -243,6 +243,12 @@ def save_pretrained(
     if isinstance(num_classes, int):
         config["num_classes"] = num_classes
     config["metadata"] = _jsonable(_with_data_config(model, dict(metadata or {})), "metadata")
+    data = config["metadata"].get("data")
+    cfg = getattr(model, "pretrained_cfg", None)
+    channels = (cfg.get("input_size") or (None,))[0] if isinstance(cfg, dict) else None
+    problem = _data_record_problem(data if isinstance(data, Mapping) else None, channels, config.get("num_classes"))
+    if problem:
+        raise ValueError(f"save_pretrained: {problem}")
     # one id in both files: a config.json beside weights from another save (an interrupted re-save) is refused
     import uuid
 
@@ -504,12 +510,39 @@ def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
     data = (config.get("metadata") or {}).get("data")
     if data is not None and not isinstance(data, dict):
         raise CheckpointError(f"{config_path}: 'metadata.data' must be an object, got {data!r}")
-    for key in ("mean", "std"):
-        values = (data or {}).get(key)
-        if values is not None and (not isinstance(values, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-            raise CheckpointError(f"{config_path}: 'metadata.data.{key}' must be a list of numbers, got {values!r}")
+    problem = _data_record_problem(data, None, config.get("num_classes"))
+    if problem:
+        raise CheckpointError(f"{config_path}: {problem}")
     return config
+
+
+def _data_record_problem(data: Optional[Mapping[str, Any]], channels: Optional[int],
+                        num_classes: Optional[int]) -> Optional[str]:
+    """What is wrong with a checkpoint's preprocessing record ``metadata.data`` (None when nothing is): mean / std
+    lists of numbers, one per input channel (``channels`` when known), std > 0; class_names, when given, one per
+    class. Checked when config.json is read and before save_pretrained writes one, so a save is never refused
+    by its own loader (mean of 3 values for a 1-channel model), and a std of 0 (NaN inputs at predict time) or
+    2 class names for 10 classes (zoo predict mixed them with bare indices) never reach a user."""
+    data = data or {}
+    for key in ("mean", "std"):
+        values = data.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            return f"'metadata.data.{key}' must be a list of numbers (finite), got {values!r}"
+        if key == "std" and not all(v > 0 for v in values):
+            return f"'metadata.data.std' must be positive (inputs are divided by it), got {list(values)}"
+        if channels is not None and values and len(values) != channels:
+            return f"'metadata.data.{key}' has {len(values)} values for a model of {channels} input channels"
+    names = data.get("class_names")
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            return f"'metadata.data.class_names' must be a list of strings, got {names!r}"
+        if isinstance(num_classes, int) and num_classes > 0 and len(names) != num_classes:
+            return (f"'metadata.data.class_names' has {len(names)} names for {num_classes} classes (zoo predict would "
+                    f"label the rest by index): give one name per class")
+    return None
 
 
 def _from_timm_config(hf: dict[str, Any], config_path: Path) -> dict[str, Any]:
@@ -590,7 +623,7 @@ def _check_same_save(config: Optional[dict], weights_path: Path) -> None:
     """Refuse a config.json and weights written by two different save_pretrained calls (a re-save interrupted
     between its renames): the model would be built and labelled by one and weighted by the other."""
     expected = (config or {}).get("save_id")
-    if not expected or weights_path.suffix != ".safetensors" or not weights_path.is_file():
+    if config is None or weights_path.suffix != ".safetensors" or not weights_path.is_file():
         return
     from safetensors import safe_open
 
@@ -599,6 +632,11 @@ def _check_same_save(config: Optional[dict], weights_path: Path) -> None:
             found = (handle.metadata() or {}).get(SAVE_ID)
     except Exception:  # unreadable: load_state_dict_file names the problem
         return
+    if found is not None and not expected:  # a config.json from before save ids, or written by hand
+        raise CheckpointError(
+            f"{weights_path.parent}: {weights_path.name} was written by save_pretrained (save id {found}) but "
+            f"{CONFIG_NAME} records no save id, so they come from two different saves; save the model again"
+        )
     if found is not None and found != expected:  # weights without an id: written by hand or before save ids
         raise CheckpointError(
             f"{weights_path.parent}: {CONFIG_NAME} and {weights_path.name} come from two different saves "
