@@ -624,3 +624,59 @@ def test_home_in_override_values_and_progress_bar_off_with_default_callbacks(tmp
     assert any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
     trainer = run._trainer(cfg, callbacks=callbacks, loggers=[])
     assert trainer.progress_bar_callback is None
+
+
+# ------------------------------------------------------------------------------ zoo bench (audit 2026-12-06)
+def test_bench_vision_agent_warms_compiled_models_and_takes_patch_multiples(monkeypatch, capsys):
+    """--compile with --warmup 0 timed timm's compilation (its ViT is not called by the agreement check): zoo/timm
+    read 81.7 instead of 0.45. And --sizes 24 was accepted, then stopped with 'logits differ by 1.38', which read
+    like a zoo bug: the zoo pads the partial patch, the official-style reference drops it."""
+    from zoo.bench import timing, vision_agent
+
+    warmups = []
+
+    def fake_samples(fns, *, repeats, warmup, min_time):
+        warmups.append(warmup)
+        return {name: [1.0] * repeats for name in fns}, {name: None for name in fns}
+
+    monkeypatch.setattr(vision_agent, "interleaved_samples_with_faults", fake_samples)
+    # three stand-ins that agree, so only the benchmark's own logic runs (compiling the real models takes 12 s)
+    monkeypatch.setattr(vision_agent, "build_models", lambda size: (torch.nn.Flatten(),) * 3)
+    assert cli.main(["bench", "vision_agent", "--sizes", "32", "--batches", "1", "--repeats", "1", "--warmup", "0",
+                     "--min-time", "0", "--threads", "1", "--compile", "eager"]) == 0
+    assert warmups == [1] and "warmup 1;" in capsys.readouterr().out
+    monkeypatch.setattr(vision_agent, "interleaved_samples_with_faults", timing.interleaved_samples_with_faults)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "vision_agent", "--sizes", "32,24", "--batches", "1", "--repeats", "1"])
+    err = capsys.readouterr().err
+    assert "--sizes must be multiples of 16 (the patch size), got [24]" in err and "pads" in err
+
+
+def test_bench_relpos_and_maxvit_print_the_run_header_before_timing(monkeypatch, capsys):
+    """relpos printed the command / date / load / machine header only with --markdown, and vision_maxvit printed
+    it after the timing loop (so its 'load average at start' was read at the end). --odd equal to --size gave
+    a one-row table that compared nothing."""
+    from zoo.bench import relpos, vision_maxvit
+
+    printed_before_timing = []
+
+    def wrap(timer):
+        def timed(*args, **kwargs):
+            printed_before_timing.append(capsys.readouterr().out)
+            return timer(*args, **kwargs)
+
+        return timed
+
+    monkeypatch.setattr(relpos, "interleaved_samples", wrap(relpos.interleaved_samples))
+    monkeypatch.setattr(vision_maxvit, "interleaved_samples", wrap(vision_maxvit.interleaved_samples))
+    assert cli.main(["bench", "relpos", "--cases", "1x16", "--dim", "32", "--heads", "2", "--repeats", "1",
+                     "--warmup", "0", "--threads", "1"]) == 0
+    assert cli.main(["bench", "vision_maxvit", "--model", "maxvit_rmlp_pico_rw_256", "--size", "64", "--odd", "48",
+                     "--batch", "1", "--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
+    assert len(printed_before_timing) == 2
+    for name, text in zip(("relpos", "vision_maxvit"), printed_before_timing):
+        assert f"command: `zoo bench {name} " in text and "load average at start" in text, (name, text)
+    assert "load average at end" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "vision_maxvit", "--model", "maxvit_rmlp_pico_rw_256", "--size", "64", "--odd", "64"])
+    assert "--odd 64 equals --size" in capsys.readouterr().err

@@ -495,6 +495,56 @@ def test_bench_graph_memory_probe_and_peer_guard(capsys):
     assert "PyG not run (would not fit): E=200, C=2" in out
 
 
+def test_bench_graph_counts_must_be_positive(capsys):
+    """Audit 2026-12-06: --heads -2 ended in torch's 'negative dimension' traceback after the run header, and
+    --in-channels 0 silently meant 'use C'. Both stop at the parser now, with the option named."""
+    from zoo.bench.graph import main
+
+    base = ["--sizes", "100:20", "--channels", "4", "--repeats", "1", "--threads", "1", "--no-memory"]
+    for option, value in (("--heads", "-2"), ("--heads", "0"), ("--in-channels", "0"), ("--in-channels", "x")):
+        with pytest.raises(SystemExit):
+            main([*base, option, value])
+        captured = capsys.readouterr()
+        assert f"argument {option}: must be an integer >= 1, got '{value}'" in captured.err
+        assert captured.out == ""  # stopped before the header
+
+
+def test_bench_graph_cuda_memory_worker_resets_the_peak_after_a_warm_up_step(monkeypatch, capsys):
+    """On CUDA the worker reset the peak and then made the first call, which autotunes Triton kernels: do_bench's
+    256 MB L2-flush buffer landed in the zoo's peak. It now runs one forward + backward first, synchronizes, drops
+    the gradients, resets the peak, and only then runs the measured step (the worker code run here with the CUDA
+    calls recorded, on CPU tensors)."""
+    import zoo.bench.graph as bench_graph
+
+    events = []
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x, edge_index):
+            events.append("forward")
+            return self.lin(x)
+
+    x = torch.randn(4, 3, requires_grad=True)
+    x.register_hook(lambda grad: events.append("backward"))
+    layer = Layer()
+    # each backward allocates the weight's gradient afresh (the warm-up's was dropped): the measured step's peak
+    layer.lin.weight.register_hook(
+        lambda grad: events.append("weight grad was " + ("None" if layer.lin.weight.grad is None else "set")))
+    monkeypatch.setattr(bench_graph, "make_case", lambda *args, **kwargs: (x, None, layer, None))
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda name=name: events.append(name))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: events.append("max_memory_allocated") or 0)
+    code = bench_graph._WORKER_CODE.format(threads=torch.get_num_threads(), nodes=4, edges=2, heads=1, channels=2,
+                                           in_channels=3, device="cuda", which="zoo", compile=None)
+    exec(code, {})
+    assert events == ["forward", "backward", "weight grad was None", "synchronize", "reset_peak_memory_stats",
+                      "forward", "backward", "weight grad was None", "synchronize", "max_memory_allocated"], events
+    assert "CUDA_PEAK_BYTES=0" in capsys.readouterr().out
+
+
 def test_planetoid_adapter_names_unreadable_raw_files(tmp_path):
     raw = tmp_path / "Cora" / "raw"
     raw.mkdir(parents=True)

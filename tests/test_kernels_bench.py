@@ -70,16 +70,16 @@ def test_cpu_masks_reach_their_kept_fractions():
 
 
 def test_interleaved_samples_rotate_and_paired_ratio_cancels_drift(monkeypatch):
-    """Rounds rotate and every other one runs backwards (with three functions the six rounds are the six
-    orders: each function follows every other one), min_time repeats a call after one untimed call, and the
-    paired ratio of two functions is exact under a drift that scales both alike."""
+    """Round r starts with function r (mod n) and every other one runs backwards (with three functions the six
+    rounds are the six orders: each function follows every other one), min_time repeats a call after one
+    untimed call, and the paired ratio of two functions is exact under a drift that scales both alike."""
     from zoo.bench import timing
     from zoo.bench.timing import interleaved_medians, interleaved_samples, paired_ratio
 
     order = []
     fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
     samples = interleaved_samples(fns, repeats=6, warmup=0)
-    assert order == list("abc" "acb" "cab" "cba" "bca" "bac")
+    assert order == list("abc" "bac" "cab" "acb" "bca" "cba")
     assert all(len(values) == 6 for values in samples.values())
     assert set(interleaved_medians(fns, repeats=2, warmup=0)) == set("abc")
     calls, clock = [], [0.0]
@@ -99,6 +99,28 @@ def test_interleaved_samples_rotate_and_paired_ratio_cancels_drift(monkeypatch):
     assert paired_ratio(ours, theirs) == pytest.approx(1.1)
     with pytest.raises(ValueError, match="equally long"):
         paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_interleaved_rounds_start_with_every_function_equally_often():
+    """Audit 2026-12-06: the docstring said round r starts with function r (mod n), but reversing the rotated
+    order made every odd round start like the round before it: with two functions the order was A B in every
+    round (B always timed right after A), with four only A and C ever started."""
+    from zoo.bench.timing import interleaved_samples
+
+    for names, repeats in (("ab", 6), ("abcd", 8), ("abcde", 10)):
+        calls = []
+        interleaved_samples({name: (lambda name=name: calls.append(name)) for name in names}, repeats=repeats,
+                            warmup=0)
+        n = len(names)
+        rounds = ["".join(calls[i:i + n]) for i in range(0, len(calls), n)]
+        assert all(sorted(r) == list(names) for r in rounds), rounds
+        firsts = [r[0] for r in rounds]
+        assert firsts == [names[r % n] for r in range(repeats)], rounds  # each starts repeats / n times
+        for name in names:  # and is timed after two different functions (not always after the same one)
+            before = {r[r.index(name) - 1] for r in rounds if r.index(name) > 0}
+            assert len(before) == min(2, n - 1), (name, rounds)
+        if n == 2:
+            assert rounds == ["ab", "ba"] * 3
 
 
 def test_fault_counter_counts_first_writes_to_fresh_pages():
@@ -236,3 +258,46 @@ def test_bench_arguments_are_named(capsys):
         with pytest.raises(SystemExit):
             vision.main(["--device", "cuda", "--no-attention"])
         assert "--device cuda: no CUDA device here" in capsys.readouterr().err
+
+
+def test_radial_layouts_have_keys_in_every_row_and_exist_or_are_named():
+    """Audit 2026-12-06: --sparse-n 270, 271 and 287 crashed with "'NoneType' object is not subscriptable" (no
+    Radial layout fits), and the sweep built layouts such as 8 x 240 tokens whose block rows see no key, so
+    every run at 1920 or 8192 tokens printed Radial's RuntimeWarnings. Such layouts are skipped now, and a
+    length without a layout is a one-line error naming --sparse-n and lengths that work."""
+    import warnings
+
+    from zoo.attention.radial import _empty_block_rows
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        mask = bench.radial_for_fraction(1920, 0.5)
+    assert len(_empty_block_rows(mask.num_frames, mask.tokens_per_frame, 128, 0)) == 0
+    assert 0.95 * 1920 < mask.seq_len <= 1920
+    with pytest.raises(ValueError, match="--sparse-n 270: no Radial layout .* use --sparse-n 269 or 272"):
+        bench.radial_for_fraction(270, 0.5)
+
+
+def test_bench_attention_checks_masks_and_lengths_before_any_part_runs(capsys):
+    """A mistyped --masks was rejected only after the core part had run (minutes at the default sizes), and an
+    impossible Radial length crashed inside the tiles part: both stop now before the run header."""
+    from zoo import cli
+
+    with pytest.raises(SystemExit, match=r"--masks: unknown mask kinds \['windw'\]; choose from"):
+        cli.main(["bench", "attention", "--parts", "core,sparse", "--core-sizes", "32", "--sparse-n", "256",
+                  "--fractions", "0.5", "--masks", "windw", "--repeats", "1", "--warmup", "0", "--min-time", "0",
+                  "--threads", "1"])
+    for n in ("270", "271", "287"):
+        with pytest.raises(SystemExit, match=f"--sparse-n {n}: no Radial layout"):
+            cli.main(["bench", "attention", "--parts", "tiles", "--sparse-n", n, "--fractions", "0.5", "--masks",
+                      "radial", "--threads", "1"])
+    assert capsys.readouterr().out == ""  # nothing ran, not even the header
+
+
+def test_bench_attention_gpu_refuses_fp32_on_cuda():
+    """--gpu --gpu-dtype fp32 pinned SDPA to FLASH_ATTENTION, which takes fp16 / bf16 only on CUDA: every dense
+    and causal row would have been an error. Refused up front (the CPU dry run keeps fp32)."""
+    from zoo import cli
+
+    with pytest.raises(SystemExit, match="--gpu-dtype fp32: .* flash kernel, which runs fp16 and bf16 only"):
+        cli.main(["bench", "attention", "--gpu", "--gpu-dtype", "fp32"])

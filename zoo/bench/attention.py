@@ -47,14 +47,14 @@ import torch.nn.attention
 import torch.nn.functional as F
 
 from zoo.attention import BlockSparse, Causal, ChunkWindow, Mask, Segments, Window, attend, use_backend
-from zoo.attention.radial import Radial
+from zoo.attention.radial import Radial, _empty_block_rows
 from zoo.bench.timing import (
     interleaved_medians, interleaved_samples, medians, paired_ratio, require_agreement, run_footer, run_header,
     set_threads,
 )
 
 __all__ = ["main", "window_for_fraction", "chunk_for_fraction", "radial_for_fraction", "varlen_causal_for_fraction",
-           "random_block_map", "sparse_masks"]
+           "random_block_map", "sparse_masks", "radial_layouts", "MASK_KINDS"]
 
 TILE = 128  # the tile at which kept fractions are reported and masks are chosen
 
@@ -87,19 +87,45 @@ def chunk_for_fraction(n: int, fraction: float, chunk: int = 96) -> ChunkWindow:
     return _closest(n, fraction, (ChunkWindow(chunk, c, c) for c in range(0, math.ceil(n / chunk))))
 
 
-def radial_for_fraction(n: int, fraction: float, decay_factor: float = 1.0) -> Radial:
-    """A Radial layout (frames x tokens, no text; at least 128 tokens per frame) with F*T in (0.95 n, n]
-    whose kept fraction at 128x128 tiles is closest to ``fraction`` (ties: the longest sequence). Longer
-    frames mean fewer, denser frame pairs, so only some fractions are reachable at a given length."""
-    best = None
+def radial_layouts(n: int):
+    """The (frames, tokens per frame) Radial layouts the benchmarks choose from for about ``n`` tokens: at least
+    2 frames of at least 128 tokens (a multiple of 8, or of 32 above 16384 tokens) with F*T in (0.95 n, n], and
+    no block row at the 128 block without a key. Such rows (8 x 240 or 16 x 488 tokens: frames too short against
+    the block for the published one-third rule) make Radial warn that attention returns zeros there, which is
+    not a layout to time; they are skipped before a mask is built, so the sweep prints no warnings."""
     for tokens in range(128, n // 2 + 1, 8 if n <= 16384 else 32):
         frames = n // tokens
         if frames < 2 or frames * tokens <= 0.95 * n:
             continue
+        if len(_empty_block_rows(frames, tokens, 128, 0)):
+            continue
+        yield frames, tokens
+
+
+def radial_layout_error(n: int) -> Optional[str]:
+    """Why no Radial layout fits ``n`` tokens (:func:`radial_layouts`), naming the nearest lengths that have one;
+    None where one does."""
+    if next(radial_layouts(n), None) is not None:
+        return None
+    below = next((m for m in range(n - 1, 255, -1) if next(radial_layouts(m), None)), None)
+    above = next((m for m in range(n + 1, 2 * n + 512) if next(radial_layouts(m), None)), None)
+    nearest = " or ".join(str(m) for m in (below, above) if m is not None)
+    return (f"--sparse-n {n}: no Radial layout of >= 2 frames x >= 128 tokens covers more than 95% of {n} tokens "
+            f"without block rows that see no key; use --sparse-n {nearest}, or drop radial from --masks")
+
+
+def radial_for_fraction(n: int, fraction: float, decay_factor: float = 1.0) -> Radial:
+    """The Radial layout of :func:`radial_layouts` whose kept fraction at 128x128 tiles is closest to
+    ``fraction`` (ties: the longest sequence). Longer frames mean fewer, denser frame pairs, so only some
+    fractions are reachable at a given length. ValueError where ``n`` has no layout (270, 271, 287 tokens)."""
+    best = None
+    for frames, tokens in radial_layouts(n):
         mask = Radial(frames, tokens, decay_factor)
         key = (round(abs(_kept(mask, frames * tokens) - fraction), 6), n - frames * tokens)
         if best is None or key < best[0]:
             best = (key, mask)
+    if best is None:
+        raise ValueError(radial_layout_error(n))
     return best[1]
 
 
@@ -131,7 +157,19 @@ def varlen_causal_for_fraction(n: int, fraction: float, seed: int = 0) -> Mask:
     return _closest(n, fraction, (packed(count) for count in range(1, max(2, n // TILE))))
 
 
+MASK_KINDS = ("chunk", "radial", "random", "varlen", "window")  # --masks
+
+
+def unknown_masks_error(kinds) -> Optional[str]:
+    """The error for mask kinds outside :data:`MASK_KINDS`, None where all are known."""
+    unknown = [k for k in kinds if k not in MASK_KINDS]
+    return f"unknown mask kinds {unknown}; choose from {list(MASK_KINDS)}" if unknown else None
+
+
 def sparse_masks(n: int, fraction: float, kinds) -> dict[str, Mask]:
+    error = unknown_masks_error(kinds)
+    if error:
+        raise ValueError(error)
     makers = {
         "window": lambda: window_for_fraction(n, fraction),
         "chunk": lambda: chunk_for_fraction(n, fraction),
@@ -139,9 +177,6 @@ def sparse_masks(n: int, fraction: float, kinds) -> dict[str, Mask]:
         "radial": lambda: radial_for_fraction(n, fraction),
         "random": lambda: random_block_map(n, fraction),
     }
-    unknown = [k for k in kinds if k not in makers]
-    if unknown:
-        raise ValueError(f"unknown mask kinds {unknown}; choose from {sorted(makers)}")
     return {kind: makers[kind]() for kind in kinds}
 
 
@@ -676,17 +711,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"--fractions are kept fractions in (0, 1], got {args.fractions}")
     if args.sparse_n < 256:  # below 256 tokens the masks' geometry (radial's frames, 128-token tiles) breaks down
         raise SystemExit(f"--sparse-n must be >= 256 tokens, got {args.sparse_n}")
+    if args.gpu and args.parts not in (None, "gpu"):
+        raise SystemExit("--gpu runs the gpu part only; drop --parts")
+    parts = ["gpu"] if args.gpu else args.parts.split(",") if args.parts else ["core", "sparse", "tiles", "gpu"]
+    unknown = set(parts) - {"core", "sparse", "tiles", "gpu"}
+    if unknown:
+        raise SystemExit(f"unknown --parts {sorted(unknown)}; choose from core,sparse,tiles,gpu")
+    # Everything a later part would reject is checked here, before the first part runs for minutes.
+    if {"sparse", "tiles"} & set(parts):
+        if unknown_masks_error(args.masks):
+            raise SystemExit(f"--masks: {unknown_masks_error(args.masks)}")
+        if "radial" in args.masks and radial_layout_error(args.sparse_n):
+            raise SystemExit(radial_layout_error(args.sparse_n))
+    if "gpu" in parts and _is_cuda(args.gpu_device) and args.gpu_dtype == "fp32":
+        # The SDPA contender of the dense and causal rows is pinned to FLASH_ATTENTION, which takes fp16 / bf16
+        # only on CUDA: every such row would fail. (The CPU dry run, --gpu-device cpu, runs fp32.)
+        raise SystemExit("--gpu-dtype fp32: the GPU part compares against SDPA's flash kernel, which runs fp16 and "
+                         "bf16 only; use --gpu-dtype bf16 (default) or fp16")
     if args.gpu:
-        if args.parts not in (None, "gpu"):
-            raise SystemExit("--gpu runs the gpu part only; drop --parts")
         args.parts = "gpu"
         if _is_cuda(args.gpu_device) and not torch.cuda.is_available():
             print("zoo bench attention --gpu: no CUDA device here; GPU timings need a GPU.", file=sys.stderr)
             return 2
-    parts = args.parts.split(",") if args.parts else ["core", "sparse", "tiles", "gpu"]
-    unknown = set(parts) - {"core", "sparse", "tiles", "gpu"}
-    if unknown:
-        raise SystemExit(f"unknown --parts {sorted(unknown)}; choose from core,sparse,tiles,gpu")
     threads = set_threads(args.threads)
     torch.manual_seed(0)
     print("## zoo bench attention\n\n" + run_header("attention", argv, threads, "see each part for its shapes and dtype"),

@@ -42,12 +42,16 @@ import torch
 
 from zoo.bench.timing import (
     compile_backend_arg, interleaved_samples, machine_description, medians, memory_cells, output_and_grad_errors,
-    paired_ratio, peak_rss_mb_subprocess, require_agreement, run_footer, run_header, set_threads,
+    paired_ratio, peak_rss_mb_subprocess, positive_int, require_agreement, run_footer, run_header, set_threads,
 )
 
 __all__ = ["main", "build_parser", "make_case", "peer_bytes_estimate"]
 
-# One worker process per (case, layer): builds the case, runs one forward + backward, prints its peak.
+# One worker process per (case, layer): builds the case, runs one forward + backward, prints its peak. On CUDA
+# one untimed step comes first: the first call autotunes Triton kernels, and do_bench's 256 MB L2-flush buffer
+# (and compilation, with --compile) would land in the layer's peak; the peak is reset after it (as bench_gpu's
+# memory check in zoo/bench/attention.py does), with the step's gradients dropped so the measured step
+# allocates them again. On CPU the peak is the process's VmHWM, which a warm-up step would only add to: one step.
 _WORKER_CODE = """
 import torch
 torch.set_num_threads({threads})
@@ -58,6 +62,10 @@ if layer is not None and {compile!r}:
     layer = torch.compile(layer, backend={compile!r}, dynamic=False)
 cuda = {device!r}.startswith("cuda")
 if cuda:
+    if layer is not None:
+        layer(x, ei).sum().backward()
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
 if layer is not None:
@@ -131,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo bench graph", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="10000:1000,100000:10000,1000000:100000,2000000:200000",
                    help="comma list of EDGES:NODES")
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads", type=positive_int, default=8)
     p.add_argument("--channels", default="8,64", help="comma list of channels per head C")
-    p.add_argument("--in-channels", type=int, default=None, help="input features (default: C)")
+    p.add_argument("--in-channels", type=positive_int, default=None, help="input features (default: C)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -225,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     skipped, plotted = [], []
     for edges, nodes in sizes:
         for c in channels:
-            cin = args.in_channels or c
+            cin = args.in_channels if args.in_channels is not None else c
             need_gb = peer_bytes_estimate(edges, nodes, args.heads, c) / 2**30
             peer_ok = (args.skip_peer_above is None or edges <= args.skip_peer_above) and need_gb <= peer_max_gb
             if not peer_ok:

@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--markdown", action="store_true", help="print the header lines for docs/ as well")
+    p.add_argument("--markdown", action="store_true",
+                   help="accepted for old command lines: the run header (command, date, load, machine) is always "
+                        "printed now, as by every zoo bench command")
     return p
 
 
@@ -71,8 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "--warmup >= 0")
     reference = load_reference_module()
     threads = set_threads(args.threads)
-    if args.markdown:
-        print(run_header("relpos", argv, threads, f"fp32 CPU; C = {args.dim}, H = {args.heads}"))
+    print(run_header("relpos", argv, threads, f"fp32 CPU; C = {args.dim}, H = {args.heads}"))
     print("| batch | frames | zoo train ms | ESPnet-form train ms | train ratio | zoo infer ms | ESPnet-form infer ms "
           "| infer ratio | max out err |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - not on this platform
 __all__ = [
     "interleaved_medians", "interleaved_samples", "medians", "paired_ratio", "machine_description",
     "peak_rss_mb_subprocess", "set_threads", "minor_faults", "FaultCounter", "interleaved_samples_with_faults",
-    "format_faults", "load_average", "load_test_reference", "memory_cells", "run_footer", "run_header",
+    "format_faults", "load_average", "load_test_reference", "memory_cells", "positive_int", "run_footer", "run_header",
 ]
 
 TESTS_DIR = Path(__file__).resolve().parents[2] / "tests"
@@ -71,10 +71,14 @@ def interleaved_samples(
     """Seconds per call of each callable in every round; sample i of every function comes from round i (see
     :func:`paired_ratio`), so machine noise hits all alike.
 
-    Round r starts with function r (mod n) and every odd round runs backwards: A B C, A C B, C A B, C B A, ...
-    A rotation alone keeps the cyclic order (B would always follow A), and a call timed right after a
-    different one pays for it (the thread pool's wake-up, caches, freed memory handed back to the kernel):
-    reversing gives every function two different predecessors.
+    Round r starts with function r (mod n), so every function starts equally often; even rounds go on forwards
+    through the cyclic order, odd rounds backwards: A B C, B A C, C A B, A C B, B C A, C B A (with two
+    functions A B, B A, A B, ...; with four A B C D, B A D C, C D A B, D C B A). A rotation alone keeps the
+    cyclic order (B would always follow A), and a call timed right after a different one pays for it (the
+    thread pool's wake-up, caches, freed memory handed back to the kernel): going backwards gives every
+    function two different predecessors. (Until 2026-12-06 the odd rounds reversed the rotated order, which
+    made round 2k+1 start with round 2k's first function: two functions ran A B every round, and of four
+    only A and C ever started.)
 
     Each measurement calls the function once, or, with ``min_time``, as many times as fill ``min_time`` after
     one untimed call (so the first timed call does not pay for its predecessor), and divides.
@@ -97,9 +101,8 @@ def interleaved_samples(
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for repeat in range(repeats):
-        shift = repeat % len(names)
-        order = names[shift:] + names[:shift]
-        for name in order[::-1] if repeat % 2 else order:
+        step = -1 if repeat % 2 else 1
+        for name in (names[(repeat + step * i) % len(names)] for i in range(len(names))):
             fn = fns[name]
             if inner[name] > 1:
                 fn()  # settle: the timed calls below follow a call of the same function
@@ -231,6 +234,18 @@ def compile_backend_arg(value: str) -> str:
         return compile_backend(value, option="--compile")
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def positive_int(value: str) -> int:
+    """argparse ``type`` of counts that must be at least 1 (heads, channels): a bad value stops at the parser,
+    with the option named, instead of as a torch traceback from inside a layer after the run header."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
+    return number
 
 
 def format_faults(values) -> str:

@@ -20,7 +20,8 @@ so this comparison needs a checkout with tests/ (an editable install).
 
 ``--compile BACKEND`` times the three models each wrapped in ``torch.compile(model, backend=BACKEND,
 dynamic=False)``
-(compilation happens in the correctness check and warm-up, before the timed calls). ``--freeze`` sets
+(compilation happens in the correctness check and warm-up, before the timed calls: at least one warm-up call
+even with ``--warmup 0``, as in ``zoo bench vision`` and ``zoo bench graph``). ``--freeze`` sets
 inductor's ``freezing`` option for the run: parameters become constants and what depends on them alone is
 folded at compile time (for Agent-DeiT, the agent biases interpolated from the learned tables).
 """
@@ -149,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         description="zoo agent_deit_tiny vs timm vit_tiny_patch16_224 vs the official-style forward: inference "
                     "img/s measured interleaved in one process, and the ratios.",
     )
-    parser.add_argument("--sizes", default="224,448", help="image sizes (default 224,448)")
+    parser.add_argument("--sizes", default="224,448", help="image sizes, multiples of 16 (default 224,448)")
     parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each model, interleaved (default 7)")
     parser.add_argument("--min-time", type=float, default=0.2,
@@ -172,6 +173,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not sizes or not batches or min(sizes) < 16 or min(batches) < 1 or args.repeats < 1 or args.warmup < 0 \
             or args.min_time < 0:
         parser.error("need sizes >= 16, batches >= 1, --repeats >= 1, --warmup >= 0, --min-time >= 0")
+    if any(size % 16 for size in sizes):
+        # The patch size is 16: the zoo pads a partial patch, the official-style reference (like the official
+        # code) drops it, so the logits differ at other sizes and the agreement check would stop the run.
+        parser.error(f"--sizes must be multiples of 16 (the patch size), got {[s for s in sizes if s % 16]}: at "
+                     "other sizes the zoo pads the last partial patch and the official-style reference drops it, "
+                     "so the two are not comparable")
+    if args.compile:  # the first call of a compiled model compiles it: never timed, whatever --warmup says
+        # (the agreement check calls the zoo and the reference first, but not timm's ViT)
+        args.warmup = max(args.warmup, 1)
     threads = set_threads(args.threads)
     details = (f"fp32; eval, no_grad; repeats {args.repeats}, warmup {args.warmup}; min time {args.min_time} s; "
                f"{'torch.compile backend ' + args.compile if args.compile else 'eager'}"

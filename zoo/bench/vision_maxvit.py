@@ -74,6 +74,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.size % 32:  # the model is built at --size: its windows of size // 32 tile every stage exactly then
         parser.error(f"--size {args.size} is the unpadded baseline and must be a multiple of 32 (e.g. 224); "
                      f"padded sizes go to --odd")
+    if args.odd == args.size:  # one input: the table would have a single row and compare nothing
+        parser.error(f"--odd {args.odd} equals --size: the benchmark compares the padded --odd image against the "
+                     f"unpadded --size one; pick another --odd (default 200)")
     import zoo
     import zoo.tasks.vision.maxvit  # noqa: F401
     from zoo.registry import UnknownModelError
@@ -96,10 +99,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         return f
 
-    samples = interleaved_samples({k: run(x) for k, x in inputs.items()}, repeats=args.repeats, warmup=args.warmup)
-    times = medians(samples)
+    # The header first: its load average is the one at the start of the timing, as in every zoo bench command.
     print(run_header("vision_maxvit", argv, threads, f"fp32; no_grad; batch {args.batch}; repeats {args.repeats}, "
                      f"warmup {args.warmup}"), flush=True)
+    samples = interleaved_samples({k: run(x) for k, x in inputs.items()}, repeats=args.repeats, warmup=args.warmup)
+    times = medians(samples)
     base_key = f"{args.size}x{args.size}"
     base_px = args.size * args.size
     # per-pixel cost ratio: median over rounds of (t / px) / (t_base / px_base), both timed in the same round
