@@ -16,16 +16,21 @@ import zoo
 from zoo.tasks.graph import datasets as gd
 
 
-def _write_planetoid(root, folder="Cora", seed=0):
+def _write_planetoid(root, folder="Cora", seed=0, binary=False):
     """A tiny graph in Planetoid's raw format (kimiyoung/planetoid: pickled x/tx/allx/y/ty/ally, the adjacency
-    dict, test.index) under root/<folder>/raw; the public split needs >= 10 + 500 nodes before the test nodes."""
+    dict, test.index) under root/<folder>/raw; the public split needs >= 10 + 500 nodes before the test nodes.
+    Features: Gaussian, or (``binary``) 0/1 bag-of-words rows as the real release, the first one all zero."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     n_all, n_train, n_test, num_classes = 520, 10, 20, 3
     n = n_all + n_test
     onehot = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, n)]
-    feats = rng.normal(size=(n, 5)).astype(np.float32)
+    if binary:
+        feats = (rng.random((n, 5)) < 0.3).astype(np.float32)
+        feats[0] = 0.0
+    else:
+        feats = rng.normal(size=(n, 5)).astype(np.float32)
     test_index = np.arange(n_all, n)[::-1]
     raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -270,3 +275,33 @@ def test_viz_dictlookup_epoch_is_a_pass_over_the_training_split(tmp_path, monkey
     for epoch in range(2):  # the training batches come first, then the test evaluation's
         rows = torch.cat(collated[epoch * batches:(epoch + 1) * batches])
         assert sorted(map(tuple, rows.tolist())) == expected, epoch
+
+
+def test_graph_cora_normalises_features_as_pyg_normalize_features(tmp_path):
+    """experiment=graph_cora (the GAT paper's Cora run) fed the raw feature rows; the GAT paper's preprocess_features
+    and PyG's examples/gat.py (T.NormalizeFeatures()) row-normalise them. data.normalize_features (true for the
+    Planetoid data) matches PyG's transform: here on bag-of-words rows, one of them all zero, and on real-valued
+    rows (PyG shifts by the minimum first)."""
+    pytest.importorskip("hydra")
+    import torch_geometric.transforms as T
+    from torch_geometric.datasets import Planetoid
+
+    from zoo.train import run
+
+    for binary in (True, False):
+        ours_root, reference_root = tmp_path / f"ours{binary}", tmp_path / f"pyg{binary}"
+        for root in (ours_root, reference_root):
+            _write_planetoid(root, binary=binary)
+        reference = Planetoid(str(reference_root), "Cora", transform=T.NormalizeFeatures())[0].x
+        _, datamodule = run.build(run.compose(["experiment=graph_cora", f"data.root={ours_root}",
+                                               "data.num_features=5", "data.num_classes=3"]))
+        datamodule.setup()
+        torch.testing.assert_close(datamodule.data["x"], reference)
+        # what `zoo viz graph ckpt=` loads with the recorded data options
+        torch.testing.assert_close(gd.load_node_dataset("planetoid:Cora", str(ours_root), normalize_features=True)["x"],
+                                   reference)
+        if binary:
+            sums = datamodule.data["x"].sum(1)
+            assert (sums == 0).sum() >= 1 and torch.allclose(sums[sums > 0], torch.ones(int((sums > 0).sum())))
+    with pytest.raises(ValueError, match=r"^data\.normalize_features must be true or false"):
+        gd.NodeDataModule("karate", normalize_features="yes")

@@ -21,6 +21,9 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
                     raw files hold now; the adapter records the raw files' sizes and modification times
                     next to that cache and has PyG rebuild it when they differ. Where ``processed/``
                     cannot be written (a read-only folder), the raw files are parsed without a cache.
+                    The features are the raw bag-of-words rows; ``data.normalize_features`` (true in
+                    configs/data/graph_planetoid.yaml, so in experiment=graph_cora) row-normalises them as
+                    PyG's examples/gat.py (``T.NormalizeFeatures()``) and the GAT paper's preprocess_features do.
 * ``ogb:<ogbn-arxiv|ogbn-products|...>`` -- OGB node-property data in the OGB raw layout
                     ``root/<ogbn_name>/raw/{edge,node-feat,node-label}.csv.gz`` and
                     ``root/<ogbn_name>/split/<scheme>/{train,valid,test}.csv.gz`` (ogb is not required).
@@ -72,6 +75,7 @@ __all__ = [
     "planetoid",
     "ogb_node",
     "random_split_masks",
+    "normalize_feature_rows",
     "synthetic_graph_classification",
     "NodeDataModule",
     "GraphClassificationDataModule",
@@ -102,6 +106,17 @@ def random_split_masks(y: Tensor, num_train_per_class: int = 20, num_val: int = 
     val[rest[:nv]] = True
     test = ~(train | val)
     return train, val, test
+
+
+def normalize_feature_rows(x: Tensor) -> Tensor:
+    """PyG's ``T.NormalizeFeatures()`` (torch_geometric/transforms/normalize_features.py), which PyG's
+    examples/gat.py applies to Planetoid data and the GAT paper's ``preprocess_features`` mirrors: shift by the
+    global minimum (a no-op on non-negative bag-of-words features), then divide each row by its sum clamped
+    at 1, so rows sum to 1 and all-zero rows stay zero. A new tensor; ``x`` is left as it is."""
+    if x.numel() == 0:
+        return x.clone()
+    shifted = x - x.min()
+    return shifted / shifted.sum(dim=-1, keepdim=True).clamp(min=1.0)
 
 
 def _pack(name, x, edge_index, y, train, val, test) -> dict:
@@ -475,8 +490,18 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
     return _pack(f"ogb:{name}", x, _undirected(edges), y, *masks)
 
 
-def load_node_dataset(name: str, root: Optional[str] = None, seed: int = 0, **kwargs) -> dict:
-    """Dispatch on ``name`` (see the module docstring)."""
+def load_node_dataset(name: str, root: Optional[str] = None, seed: int = 0, normalize_features: bool = False,
+                      **kwargs) -> dict:
+    """Dispatch on ``name`` (see the module docstring); ``normalize_features``: the rows of x summing to 1
+    (:func:`normalize_feature_rows`, PyG's NormalizeFeatures). Here rather than in the data module alone, so that
+    ``zoo viz graph ckpt=`` (which passes the recorded data options on) feeds a model the features it trained on."""
+    data = _load_node_dataset(name, root, seed, **kwargs)
+    if normalize_features:
+        data["x"] = normalize_feature_rows(data["x"])
+    return data
+
+
+def _load_node_dataset(name: str, root: Optional[str], seed: int, **kwargs) -> dict:
     if name == "karate":
         return karate_club()
     if name == "sbm":
@@ -549,17 +574,22 @@ class NodeDataModule(_Base):
 
     def __init__(self, name: str = "karate", root: Optional[str] = None, seed: int = 0,
                  num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "node",
-                 num_workers: int = 0, **kwargs):
+                 num_workers: int = 0, normalize_features: bool = False, **kwargs):
         super().__init__()
         if model_kind != "node":
             raise ValueError(f"node-classification data need model_kind='node', got {model_kind!r}")
+        if not isinstance(normalize_features, bool):
+            raise ValueError(f"data.normalize_features must be true or false (row-normalise the node features as "
+                             f"PyG's NormalizeFeatures), got {normalize_features!r}")
+        # data.normalize_features: rows of x summing to 1 (normalize_feature_rows), as the GAT paper's Planetoid runs
+        self.normalize_features = normalize_features
         kind = str(name).split(":", 1)[0]
         options = _LOADER_OPTIONS.get(kind, ())
         unknown = sorted(set(kwargs) - set(options))
         if unknown and kind in _LOADER_OPTIONS:  # an unknown dataset name is reported by setup()
             raise ValueError(
                 f"unknown key data.{unknown[0]} for the {name!r} dataset (its keys: name, root, seed, num_features, "
-                f"num_classes, model_kind, num_workers{''.join(', ' + o for o in options)})"
+                f"num_classes, model_kind, num_workers, normalize_features{''.join(', ' + o for o in options)})"
             )
         if kind == "sbm":  # named here, before the generator's own RuntimeError deep inside torch.bernoulli
             _check_sbm_arguments("data.", **kwargs)
@@ -580,7 +610,8 @@ class NodeDataModule(_Base):
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is None:
-            data = load_node_dataset(self.name, self.root, seed=self.seed, **self.kwargs)
+            data = load_node_dataset(self.name, self.root, seed=self.seed,
+                                     normalize_features=self.normalize_features, **self.kwargs)
             actual = {"num_features": data["x"].size(1), "num_classes": data["num_classes"]}
             for key, want in self.expected.items():
                 if want is not None and int(want) != actual[key]:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from zoo.layers import is_int
 from zoo.tasks.graph.datasets import evaluation_sampler
 from zoo.train.order import ResumableTrainingOrder
 
@@ -113,6 +114,20 @@ def _collate_list(items) -> dict:
 _Base = L.LightningDataModule if L is not None else object
 
 
+def _check_arguments(k, max_examples, seed, batch_size) -> None:
+    """The data.* integers, named before torch sees them: data.max_examples=0 failed in torch.stack ("stack expects
+    a non-empty TensorList"), data.seed=foo in manual_seed ("expected a long")."""
+    if not is_int(k) or k < 2:
+        raise ValueError(f"data.k must be an integer >= 2 (the dictionary size), got {k!r}")
+    if not is_int(max_examples) or max_examples < 1:
+        raise ValueError(f"data.max_examples must be a positive integer (the cap on generated permutations; the "
+                         f"paper uses 32000), got {max_examples!r}")
+    if not is_int(seed):
+        raise ValueError(f"data.seed must be an integer (it seeds the permutations and the split), got {seed!r}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"data.batch_size must be a positive integer, got {batch_size!r}")
+
+
 class DictionaryLookupDataModule(ResumableTrainingOrder, _Base):
     """Lightning DataModule of the DictionaryLookup benchmark (train / test = unseen combinations;
     validation is the test split, as the paper reports the best test accuracy)."""
@@ -124,6 +139,7 @@ class DictionaryLookupDataModule(ResumableTrainingOrder, _Base):
                  num_features: Optional[int] = None, num_classes: Optional[int] = None,
                  model_kind: str = "dictlookup"):
         super().__init__()
+        _check_arguments(k, max_examples, seed, batch_size)
         for name, value in (("num_features", num_features), ("num_classes", num_classes)):
             if value is not None and int(value) != k:
                 raise ValueError(f"DictionaryLookup(k={k}) has {name}={k}, the config says {value}")

@@ -42,8 +42,10 @@ def fit(cfg, *, verbose: bool = True, run_dir: Optional[str] = None) -> dict:
     """``zoo train`` for a composed config (zoo.train.run.train) without loggers, checkpoint callbacks or
     export (``run_dir``: a temporary directory unless given); progress bar only when ``verbose``. Returns
     {"model", "heads", "train_acc", "test_acc", "test_graph_acc", "epochs", "seconds", "run_dir"}:
-    train_acc is the mean training accuracy of the last epoch, test accuracies are those of the final
-    weights on the test split."""
+    train_acc is ``train/acc1`` (mini-batch runs: the mean training accuracy of the last epoch; node
+    classification: the eval-mode accuracy on the training nodes at the last validation), test accuracies
+    are those of the final weights on the test split. run_dir is None when the run went to a temporary
+    directory: that directory is deleted on return, so its path would name nothing."""
     from omegaconf import OmegaConf
 
     from zoo.train import run
@@ -54,8 +56,9 @@ def fit(cfg, *, verbose: bool = True, run_dir: Optional[str] = None) -> dict:
     if not verbose:
         cfg.trainer.enable_progress_bar = False
         cfg.trainer.enable_model_summary = False
+    kept_dir = run_dir or cfg.get("run_dir")
     with tempfile.TemporaryDirectory(prefix="zoo-graph-") as tmp:
-        cfg.run_dir = run_dir or cfg.get("run_dir") or os.path.join(tmp, "run")
+        cfg.run_dir = kept_dir or os.path.join(tmp, "run")
         result = run.train(cfg)
     metrics = result["metrics"]
     nan = float("nan")
@@ -63,7 +66,7 @@ def fit(cfg, *, verbose: bool = True, run_dir: Optional[str] = None) -> dict:
         "model": cfg.model.name, "heads": cfg.model.get("heads"), "epochs": result["epoch"],
         "seconds": result["seconds"], "train_acc": metrics.get("train/acc1", nan),
         "test_acc": metrics.get("test/acc1", nan), "test_graph_acc": metrics.get("test/graph_acc"),
-        "run_dir": result["run_dir"],
+        "run_dir": result["run_dir"] if kept_dir else None,
     }
 
 

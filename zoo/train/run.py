@@ -164,6 +164,7 @@ def check_required(cfg) -> None:
     if missing:
         raise ValueError("; ".join(f"{key} is required: {_missing_hint(plain, key)} (add {key}=...)" for key in missing))
     _check_model_fits_data(cfg)
+    _check_graph_model_kind(cfg)
     _check_model_channels(plain)
     _check_task_fits_data(cfg)
 
@@ -242,6 +243,34 @@ def _check_model_fits_data(cfg) -> None:
             f"graph data (data=graph_*, or experiment=graph_*), vision models image data (data=digits, "
             f"image_folder, cifar10, ...)"
         ) from None
+
+
+def _graph_model_kind(name: str) -> str:
+    """The batches a registered graph model reads, from its name: gatv2_node / gat_graph_debug /
+    gatv2_dictlookup -> node / graph / dictlookup (the registry has no such field; the model configs pick
+    ``<conv>_${data.model_kind}``, so the suffix is the contract)."""
+    return name.removesuffix("_debug").rsplit("_", 1)[-1]
+
+
+def _check_graph_model_kind(cfg) -> None:
+    """A graph model of another kind than the data's batches (model.name=gatv2_node on DictionaryLookup) failed
+    in its first forward ("Boolean value of Tensor with more than one value is ambiguous", "missing positional
+    arguments"): said before anything is built, with the models that read the data's batches."""
+    import zoo
+
+    model, data = cfg.get("model"), cfg.get("data")
+    if model is None or data is None or not str(model.get("_target_", "")).endswith("create_model"):
+        return
+    name, wanted = model.get("name"), data.get("model_kind")
+    if not isinstance(name, str) or not isinstance(wanted, str) or not zoo.is_model(name):
+        return
+    if zoo.get_model_entry(name).task != "graph" or _graph_model_kind(name) == wanted:
+        return
+    matching = [m for m in zoo.list_models("*", task="graph") if _graph_model_kind(m) == wanted]
+    data_name = data.get("name") or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
+    raise ValueError(f"model {name} reads {_graph_model_kind(name)} batches but data {data_name} gives "
+                     f"{wanted} batches: use model.name=<one of {', '.join(matching)}> (or model=gat|gatv2, "
+                     f"which picks <conv>_{wanted})")
 
 
 def _check_model_channels(plain: dict) -> None:
