@@ -348,7 +348,7 @@ def test_dispatch_tables(monkeypatch, capsys):
     with pytest.raises(SystemExit, match="zoo.tasks.no_such_module is not available"):
         cli.main(["viz", "missing_module"])
     calls = []
-    import zoo.bench
+    import zoo.bench  # noqa: F401  (the parent package must be imported for zoo.bench.fakebench to resolve)
 
     fake = type(__import__("sys"))("zoo.bench.fakebench")
     fake.main = lambda argv: calls.append(argv) or 0
