@@ -131,3 +131,27 @@ def test_alibi_under_bf16_autocast_is_not_rounded_before_the_softmax(backend):
     assert (got != want).double().mean().item() < 0.005
     torch.testing.assert_close(ALiBi(heads).bfloat16().materialize(n, n, dtype=torch.float32),
                                exact.float(), rtol=0, atol=0)
+
+
+def test_exact_slopes_of_a_half_precision_alibi_are_kept_per_device():
+    """A bf16 / fp16 ALiBi computes its bias from the float64 slopes, which live on the CPU: every call copied
+    them to the device. They are kept per (device, dtype), and dropped when the module moves."""
+    alibi = ALiBi(4).bfloat16()
+    first = alibi.materialize(5, 7, dtype=torch.float32)
+    assert list(alibi._exact_slopes_cache) == [("cpu", torch.float32)]
+    copies = []
+    original = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if self is alibi._slopes_fp64:
+            copies.append(args)
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.to = counting_to
+    try:
+        torch.testing.assert_close(alibi.materialize(5, 7, dtype=torch.float32), first, rtol=0, atol=0)
+    finally:
+        torch.Tensor.to = original
+    assert copies == []
+    alibi.float()
+    assert alibi._exact_slopes_cache == {}

@@ -922,6 +922,29 @@ def test_a_graph_model_of_another_kind_is_named_before_building(overrides, messa
         run.build(run.compose(overrides))
 
 
+def test_graph_model_kind_check_leaves_user_named_models_alone():
+    """The kind check read any name's last word as its kind: a user's zoo.register_model(task="graph") model
+    named "mysage" was refused on every dataset ("reads mysage batches")."""
+    from omegaconf import OmegaConf
+
+    from zoo.registry import _REGISTRY
+    from zoo.train.run import _check_graph_model_kind
+
+    @zoo.register_model(task="graph", family="test_kind", name="mysage_for_kind_check")
+    def mysage(**kwargs):
+        return torch.nn.Linear(2, 2)
+
+    try:
+        cfg = OmegaConf.create({"model": {"_target_": "zoo.create_model", "name": "mysage_for_kind_check"},
+                                "data": {"name": "graph_karate", "model_kind": "node"}})
+        _check_graph_model_kind(cfg)  # not refused
+        cfg.model.name = "gatv2_graph"
+        with pytest.raises(ValueError, match="reads graph batches but data graph_karate gives node batches"):
+            _check_graph_model_kind(cfg)
+    finally:
+        _REGISTRY.pop("mysage_for_kind_check", None)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("max_examples", 0, r"^data\.max_examples must be a positive integer .*got 0$"),
     ("max_examples", -5, r"^data\.max_examples must be a positive integer .*got -5$"),

@@ -480,3 +480,14 @@ def test_misconfigurations_are_refused_where_they_are_made():
     with pytest.raises(TypeError, match=r"head_dim must be a Python int, got int64 16 \(pass int\(head_dim\)\)"):
         RotaryEmbedding(np.int64(16))
     assert RotaryEmbedding(int(np.int64(16))).head_dim == 16
+
+
+def test_a_window_or_segments_over_a_rolling_cache_is_refused():
+    """Window(4, 0) | Segments(...) counted as looking back 4 tokens (the Segments part was ignored), so over
+    KVCache(max_length=4) it was accepted and 0.82 off the whole pass; the union looks back without limit."""
+    layer = MultiHeadAttention(16, 2).eval()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with torch.no_grad(), pytest.raises(ValueError, match="looks back without limit"):
+        layer(torch.randn(1, 4, 16), mask=Window(4, 0) | Segments(ids), cache=KVCache(max_length=4))
+    with torch.no_grad():  # & keeps the window's bound
+        layer(torch.randn(1, 4, 16), mask=Window(4, 0) & Segments(ids), cache=KVCache(max_length=4))

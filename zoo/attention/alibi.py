@@ -34,7 +34,7 @@ import math
 import torch
 
 from zoo.attention.bias import AttentionBias
-from zoo.layers import check_positive_int
+from zoo.layers import check_positive_int, is_tracing
 
 __all__ = ["ALiBi", "alibi_slopes"]
 
@@ -81,12 +81,31 @@ class ALiBi(AttentionBias):
         # computed from the exact slopes, in fp32 at least (the caller's dtype only rounds the result)
         rounded = self.slopes.dtype not in (torch.float32, torch.float64)
         compute = torch.float64 if exact else torch.float32
-        slopes = (self._slopes_fp64 if exact or rounded else self.slopes).to(device, compute)
+        if exact or rounded:
+            slopes = self._exact_slopes(device, compute)
+        else:
+            slopes = self.slopes.to(device, compute)
         i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
         j = torch.arange(k_len, device=device)[None, :]
         distance = (i - j).abs().to(compute)
         bias = -slopes[:, None, None] * distance  # (H, Nq, Nk)
         return bias[None].to(dtype or compute)
+
+    def _exact_slopes(self, device, dtype: torch.dtype) -> torch.Tensor:
+        """The float64 slopes in ``dtype`` on ``device``, kept per (device, dtype): they live on the CPU (a plain
+        attribute, so .bfloat16() cannot round them), and a bf16 / fp16 module on CUDA copied them to the device
+        at every call. Not cached while traced (no module state written under torch.compile)."""
+        key = (str(device), dtype)
+        cached = self.__dict__.setdefault("_exact_slopes_cache", {}).get(key)
+        if cached is None:
+            cached = self._slopes_fp64.to(device, dtype)
+            if not is_tracing():
+                self._exact_slopes_cache = {**self._exact_slopes_cache, key: cached}
+        return cached
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): the per-device copies go with the old device
+        self._exact_slopes_cache = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"

@@ -264,7 +264,10 @@ def _check_graph_model_kind(cfg) -> None:
     name, wanted = model.get("name"), data.get("model_kind")
     if not isinstance(name, str) or not isinstance(wanted, str) or not zoo.is_model(name):
         return
-    if zoo.get_model_entry(name).task != "graph" or _graph_model_kind(name) == wanted:
+    kinds = ("node", "graph", "dictlookup")
+    # only the built-in naming (<conv>_<kind>): a model a user registered under another name is not judged by it
+    if zoo.get_model_entry(name).task != "graph" or _graph_model_kind(name) not in kinds \
+            or _graph_model_kind(name) == wanted:
         return
     matching = [m for m in zoo.list_models("*", task="graph") if _graph_model_kind(m) == wanted]
     data_name = data.get("name") or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
