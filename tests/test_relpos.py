@@ -131,3 +131,31 @@ def test_gradients_reach_parameters_through_attend(cls):
         p0 += eps * direction
     numeric = (plus - minus) / (2 * eps)
     torch.testing.assert_close(numeric, (p0.grad * direction).sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_table_from_another_window_loads_into_a_meta_model_with_assign():
+    """load_state_dict(..., assign=True) of a model built on meta (torch's low-memory load) moved the checkpoint's
+    table to meta before resizing it, so the installed table had no values and the forward raised."""
+    source = RelPosBiasTf((3, 3), 2)
+    with torch.no_grad():
+        source.relative_position_bias_table.normal_()
+    with torch.device("meta"):
+        target = RelPosBiasTf((4, 4), 2)
+    target.load_state_dict(source.state_dict(), assign=True)
+    table = target.relative_position_bias_table
+    assert not table.is_meta
+    torch.testing.assert_close(table, resize_rel_pos_table(source.relative_position_bias_table.detach(), (4, 4)))
+
+
+def test_float64_tables_resize_in_float64_and_bools_are_not_head_counts():
+    """resize_rel_pos_table and log_coords computed in fp32 whatever the dtype (1e-7 off a float64 linear map, so
+    gradcheck failed); num_heads=True passed the checks and failed inside torch.empty."""
+    table = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: resize_rel_pos_table(t, (5, 2)), (table,))
+    coords = log_coords((4, 3), dtype=torch.float64)
+    d = torch.arange(-3, 4, dtype=torch.float64)
+    torch.testing.assert_close(coords[:, 1, 0], torch.sign(d) * torch.log1p(d.abs()), rtol=0, atol=1e-15)
+    for make in (lambda: RelPosBiasTf(3, num_heads=True), lambda: RelPosMlp(3, num_heads=True),
+                 lambda: RelPosMlp(3, 2, hidden_dim=True)):
+        with pytest.raises(ValueError, match="must be a positive int, got True"):
+            make()

@@ -78,10 +78,12 @@ def rel_pos_index_mlp(window_size: WindowSize, device=None) -> torch.Tensor:
 
 
 def log_coords(window_size: WindowSize, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(Vh, Vw, 2): every offset (dy, dx) in [-(W-1), W-1] mapped to sign(d) * log(1 + |d|)."""
+    """(Vh, Vw, 2): every offset (dy, dx) in [-(W-1), W-1] mapped to sign(d) * log(1 + |d|), computed in fp32 (as
+    timm) or in float64 when ``dtype`` is float64."""
     wh, ww = _window(window_size)
-    dy = torch.arange(-(wh - 1), wh, device=device, dtype=torch.float32)
-    dx = torch.arange(-(ww - 1), ww, device=device, dtype=torch.float32)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    dy = torch.arange(-(wh - 1), wh, device=device, dtype=compute)
+    dx = torch.arange(-(ww - 1), ww, device=device, dtype=compute)
     grid = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1)
     return (torch.sign(grid) * torch.log1p(grid.abs())).to(dtype)
 
@@ -139,6 +141,7 @@ def resize_rel_pos_table(table_HVV: torch.Tensor, new_window_size: WindowSize) -
     that already has the target shape is returned unchanged. When only one axis changes (a 224 px checkpoint
     built at 224 x 384), the other is re-sampled too, by the progression with q near 1.01, as timm does: so
     timm's checkpoint filter and this one give the same model. Differentiable (a fixed linear map per axis).
+    Computed in fp32 as timm does, or in float64 for a float64 table (float64 models, gradcheck).
     """
     if not isinstance(table_HVV, torch.Tensor) or table_HVV.dim() != 3 or not table_HVV.is_floating_point():
         raise ValueError(
@@ -153,9 +156,10 @@ def resize_rel_pos_table(table_HVV: torch.Tensor, new_window_size: WindowSize) -
     if (src_h, src_w) == (dst_h, dst_w):
         return table_HVV
     weights = [_linear_weights(_progression_positions(src, dst), dst) for src, dst in ((src_h, dst_h), (src_w, dst_w))]
-    m_h = weights[0].to(device=table_HVV.device, dtype=torch.float32)
-    m_w = weights[1].to(device=table_HVV.device, dtype=torch.float32)
-    out = torch.einsum("ay,hyx,bx->hab", m_h, table_HVV.float(), m_w)
+    compute = torch.promote_types(table_HVV.dtype, torch.float32)
+    m_h = weights[0].to(device=table_HVV.device, dtype=compute)
+    m_w = weights[1].to(device=table_HVV.device, dtype=compute)
+    out = torch.einsum("ay,hyx,bx->hab", m_h, table_HVV.to(compute), m_w)
     return out.to(table_HVV.dtype).contiguous()
 
 
@@ -189,7 +193,7 @@ class RelPosBiasTf(_WindowBias):
 
     def __init__(self, window_size: WindowSize, num_heads: int, init_std: float = 0.02):
         super().__init__()
-        if not isinstance(num_heads, int) or num_heads < 1:
+        if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         self.window_size = _window(window_size)
         self.num_heads = num_heads
@@ -237,7 +241,10 @@ class RelPosBiasTf(_WindowBias):
                     f"{key}: checkpoint table has {table.shape[0]} heads, the model {own.shape[0]}"
                 )
             else:
-                state_dict[key] = resize_rel_pos_table(table.to(own.device), self.window_size)
+                # on the checkpoint's device when the model is on meta (load_state_dict(..., assign=True) of a
+                # model built on meta installs this tensor: moved to meta first, its values were lost)
+                state_dict[key] = resize_rel_pos_table(table if own.is_meta else table.to(own.device),
+                                                       self.window_size)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -266,9 +273,9 @@ class RelPosMlp(_WindowBias):
 
     def __init__(self, window_size: WindowSize, num_heads: int, hidden_dim: int = 512, dropout: float = 0.125):
         super().__init__()
-        if not isinstance(num_heads, int) or num_heads < 1:
+        if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if not isinstance(hidden_dim, int) or hidden_dim < 1:
+        if not isinstance(hidden_dim, int) or isinstance(hidden_dim, bool) or hidden_dim < 1:
             raise ValueError(f"hidden_dim must be a positive int, got {hidden_dim!r}")
         self.window_size = _window(window_size)
         self.num_heads = num_heads
