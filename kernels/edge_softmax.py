@@ -186,11 +186,14 @@ def _gatv2_fwd_kernel(
                 p = p * _keep_weights(keep_ptr, offs_e, mask_e, h, keep_scale, H)
             acc = acc * rescale + tl.sum(p[:, None] * xs_tile, axis=0)
             m = m_new
-        has = l > 0
-        out = tl.where(has, acc / tl.where(has, l, 1.0), 0.0)
+        # l == 0: no edge (acc = 0 too: out 0). Not `l > 0`, which is false for a NaN l (a NaN or +inf score)
+        # and turned it into a silent 0: NaN flows through, as on the PyTorch path and in PyG's GATv2Conv.
+        empty = l == 0
+        safe_l = tl.where(empty, 1.0, l)
+        out = acc / safe_l
         # the row max and the log-sum, kept apart for the returned weights exp((s - max) - log_sum): their sum
         # (the log-sum-exp) is rounded to ulp(|s|), an error every weight would carry for large scores
-        log_sum = tl.where(has, tl.log(tl.where(has, l, 1.0)), 0.0)
+        log_sum = tl.where(empty, 0.0, tl.log(safe_l))
         tl.store(out_ptr + (i_safe.to(tl.int64) * H + h) * C + offs_c, out.to(out_ptr.dtype.element_ty),
                  mask=mask_c & valid)
         tl.store(max_ptr + i_safe * H + h, m, mask=valid)

@@ -3,19 +3,27 @@ weighted sum of per-edge values, over a destination-sorted CSR graph (forward an
 
 What: for every destination node i and channel c, over its incoming edges e (CSR order, rowptr[i] <=
 e < rowptr[i + 1]),
-    out[i, c] = sum_e softmax_e(scores[e, c]) * values[e, c],    lse[i, c] = log sum_e exp(scores[e, c])
+    out[i, c] = sum_e softmax_e(scores[e, c]) * values[e, c]
 with an online (running max / running sum) softmax per channel, in fp32, reading each score and value
-once. This is the forward of :func:`zoo.attention.segment.segment_softmax_weighted_sum` (Point
-Transformer's attention, after its MLPs). Its backward recomputes the weights from the saved lse, with
-alpha = exp(scores - lse[i]) and g = grad_out[i] for the destination i of each edge:
+once, and the per-node statistics max[i, c] = max_e scores[e, c] and log_sum[i, c] = log sum_e exp(scores[e, c]
+- max[i, c]). This is the forward of :func:`zoo.attention.segment.segment_softmax_weighted_sum` (Point
+Transformer's attention, after its MLPs). Its backward recomputes the weights from the two saved statistics,
+with alpha = exp((scores - max[i]) - log_sum[i]) and g = grad_out[i] for the destination i of each edge:
     grad_values = alpha * g,    grad_scores = grad_values * (values - out[i])
 (segment.py derives it). The backward kernel does this in one pass over the edges, reading scores, values
 and the three per-node rows once and writing the two gradients, where the PyTorch form beside the CPU
 forward (segment.py) materialises the gathered rows and alpha as [E, C] temporaries.
 
+Why the max and the log-sum are kept apart (as zoo.kernels.edge_softmax and segment.py's _block_softmax do),
+not summed into lse = max + log_sum: lse is rounded to ulp(|s|), and exp(s - lse) carried that error into every
+weight (1.6e-4 relative gradient error at scores ~ 1e4, every weight wrong at 1e30), where s - max is exact next
+to the maximum and log_sum is small.
+
 Programs: forward, one per (block of BLOCK_N consecutive destinations, block of BLOCK_C channels); each
-walks its nodes' edges in tiles of BLOCK_E. A node without edges gets zeros and lse = -1e30 (so the
-backward's exp(score - lse) of its nonexistent edges could never be NaN). Backward, one per (tile of
+walks its nodes' edges in tiles of BLOCK_E. A node without edges, or a channel whose scores are all -inf,
+gets out = 0 and the sentinels max = 0, log_sum = 0 (so the backward's exp((s - max) - log_sum) of -inf
+scores is 0, never NaN). A NaN (or +inf) score gives NaN in its node's channel, as the PyTorch path and PyG's
+softmax do, rather than a silent 0. Backward, one per (tile of
 BLOCK_E edges, block of BLOCK_C channels), gathering the per-node rows by the edges' destination index (no
 atomics: every edge's gradient is its own).
 
@@ -45,7 +53,6 @@ __all__ = ["vector_softmax_sum", "vector_softmax_sum_ref", "vector_softmax_sum_b
            "vector_softmax_sum_backward_ref", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-EMPTY_LSE = -1.0e30
 
 
 def _configs() -> list:
@@ -63,7 +70,7 @@ def _configs() -> list:
 @triton.autotune(configs=_configs(), key=["C", "tune_bucket"])
 @triton.jit(do_not_specialize=["tune_bucket"])
 def _vector_softmax_sum_fwd_kernel(
-    s_ptr, v_ptr, rowptr_ptr, out_ptr, lse_ptr,
+    s_ptr, v_ptr, rowptr_ptr, out_ptr, max_ptr, logsum_ptr,
     N, C, tune_bucket,
     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -90,13 +97,15 @@ def _vector_softmax_sum_fwd_kernel(
             l = l * rescale + tl.sum(p, axis=0)
             acc = acc * rescale + tl.sum(p * v, axis=0)
             m = m_new
-        has = l > 0
-        safe_l = tl.where(has, l, 1.0)
-        out = tl.where(has, acc / safe_l, 0.0)
-        lse = tl.where(has, m + tl.log(safe_l), -1.0e30)
+        # l == 0: no edge, or all scores -inf (acc = 0 too: out 0). Not `l > 0`, which is false for a NaN l
+        # (a NaN or +inf score) and turned it into a silent 0: NaN flows through, as on the PyTorch path.
+        empty = l == 0
+        safe_l = tl.where(empty, 1.0, l)
+        out = acc / safe_l
         row = i_safe.to(tl.int64) * C + offs_c
         tl.store(out_ptr + row, out.to(out_ptr.dtype.element_ty), mask=mask_c & valid)
-        tl.store(lse_ptr + row, lse, mask=mask_c & valid)
+        tl.store(max_ptr + row, tl.where(empty, 0.0, m), mask=mask_c & valid)
+        tl.store(logsum_ptr + row, tl.where(empty, 0.0, tl.log(safe_l)), mask=mask_c & valid)
 
 
 def _bwd_configs() -> list:
@@ -113,7 +122,7 @@ def _bwd_configs() -> list:
 @triton.autotune(configs=_bwd_configs(), key=["C", "NEED_SCORES", "NEED_VALUES"])
 @triton.jit
 def _vector_softmax_sum_bwd_kernel(
-    s_ptr, v_ptr, index_ptr, lse_ptr, out_ptr, g_ptr, ds_ptr, dv_ptr,
+    s_ptr, v_ptr, index_ptr, max_ptr, logsum_ptr, out_ptr, g_ptr, ds_ptr, dv_ptr,
     E, C,
     NEED_SCORES: tl.constexpr, NEED_VALUES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -125,9 +134,10 @@ def _vector_softmax_sum_bwd_kernel(
     edge_rows = offs_e.to(tl.int64)[:, None] * C + offs_c[None, :]
     node_rows = node[:, None] * C + offs_c[None, :]
     s = tl.load(s_ptr + edge_rows, mask=mask, other=-float("inf")).to(tl.float32)
-    lse = tl.load(lse_ptr + node_rows, mask=mask, other=0.0)
+    row_max = tl.load(max_ptr + node_rows, mask=mask, other=0.0)
+    log_sum = tl.load(logsum_ptr + node_rows, mask=mask, other=0.0)
     g = tl.load(g_ptr + node_rows, mask=mask, other=0.0).to(tl.float32)
-    grad_v = tl.exp(s - lse) * g  # alpha * g
+    grad_v = tl.exp((s - row_max) - log_sum) * g  # alpha * g
     if NEED_VALUES:
         tl.store(dv_ptr + edge_rows, grad_v.to(dv_ptr.dtype.element_ty), mask=mask)
     if NEED_SCORES:
@@ -143,8 +153,10 @@ def _check_device(name: str, dev: torch.device) -> None:
 
 
 def vector_softmax_sum(scores_EC: torch.Tensor, values_EC: torch.Tensor, rowptr: torch.Tensor):
-    """(out [N, C] in the inputs' dtype, lse [N, C] fp32) for edges in CSR order (``rowptr`` [N + 1], the
-    edges of node i at rowptr[i]..rowptr[i + 1] - 1). No autograd: the caller's Function owns the backward."""
+    """(out [N, C] in the inputs' dtype, row max [N, C] fp32, log-sum [N, C] fp32) for edges in CSR order
+    (``rowptr`` [N + 1], the edges of node i at rowptr[i]..rowptr[i + 1] - 1); the two statistics are what
+    :func:`vector_softmax_sum_backward` takes (0 and 0 where a node or channel has nothing to attend to). No
+    autograd: the caller's Function owns the backward."""
     dev = scores_EC.device
     _check_device("vector_softmax_sum", dev)
     if scores_EC.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -165,17 +177,19 @@ def vector_softmax_sum(scores_EC: torch.Tensor, values_EC: torch.Tensor, rowptr:
         raise ValueError("vector_softmax_sum: E * C too large")
     scores_EC, values_EC = scores_EC.contiguous(), values_EC.contiguous()
     out = torch.empty(num_dst, channels, dtype=scores_EC.dtype, device=dev)
-    lse = torch.empty(num_dst, channels, dtype=torch.float32, device=dev)
+    row_max = torch.empty(num_dst, channels, dtype=torch.float32, device=dev)
+    log_sum = torch.empty(num_dst, channels, dtype=torch.float32, device=dev)
     if num_dst and channels:
         rowptr = rowptr.to(torch.int64).contiguous()
         grid = lambda meta: (triton.cdiv(num_dst, meta["BLOCK_N"]), triton.cdiv(channels, meta["BLOCK_C"]))  # noqa: E731
-        _vector_softmax_sum_fwd_kernel[grid](scores_EC, values_EC, rowptr, out, lse, num_dst, channels,
+        _vector_softmax_sum_fwd_kernel[grid](scores_EC, values_EC, rowptr, out, row_max, log_sum, num_dst, channels,
                                              _tune_bucket(num_dst, num_edges))
-    return out, lse
+    return out, row_max, log_sum
 
 
 def vector_softmax_sum_ref(scores_EC: torch.Tensor, values_EC: torch.Tensor, rowptr: torch.Tensor):
-    """fp32 PyTorch reference: (out, lse) from segment_softmax then index_add (empty nodes: 0, -1e30)."""
+    """fp32 PyTorch reference: (out, row max, log-sum) from segment_softmax then index_add (a node or channel
+    without a finite-weighted edge: 0, 0, 0)."""
     from zoo.attention.segment import segment_softmax
 
     num_dst = rowptr.numel() - 1
@@ -183,33 +197,34 @@ def vector_softmax_sum_ref(scores_EC: torch.Tensor, values_EC: torch.Tensor, row
     s, v = scores_EC.float(), values_EC.float()
     shape = (num_dst, s.size(1))
     out = s.new_zeros(shape).index_add(0, index, segment_softmax(s, index, num_dst) * v)
-    lse = s.new_full(shape, float("-inf")).scatter_reduce(0, index[:, None].expand_as(s), s, "amax")
-    has = s.new_zeros(shape).index_add(0, index, torch.ones_like(s)) > 0
-    lse = torch.where(has, lse, torch.zeros_like(lse))
-    lse = lse + s.new_zeros(shape).index_add(0, index, torch.exp(s - lse[index])).log()
-    return out, torch.where(has, lse, torch.full_like(lse, EMPTY_LSE))
+    row_max = s.new_full(shape, float("-inf")).scatter_reduce(0, index[:, None].expand_as(s), s, "amax")
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+    total = s.new_zeros(shape).index_add(0, index, torch.exp(s - row_max[index]))
+    empty = total == 0
+    log_sum = torch.where(empty, torch.zeros_like(total), total.log())
+    return out, torch.where(empty, torch.zeros_like(row_max), row_max), log_sum
 
 
 def vector_softmax_sum_backward(scores_EC: torch.Tensor, values_EC: torch.Tensor, index_E: torch.Tensor,
-                                lse_NC: torch.Tensor, out_NC: torch.Tensor, grad_out_NC: torch.Tensor,
-                                need_scores: bool = True, need_values: bool = True):
+                                max_NC: torch.Tensor, log_sum_NC: torch.Tensor, out_NC: torch.Tensor,
+                                grad_out_NC: torch.Tensor, need_scores: bool = True, need_values: bool = True):
     """(grad_scores, grad_values) [E, C] in the inputs' dtype (None where not needed), from the forward's saved
-    ``lse`` [N, C] fp32 and ``out`` [N, C] and the output gradient [N, C]; ``index_E`` [E] is each edge's
-    destination (any order: the backward needs no CSR). No autograd (the caller's Function's backward)."""
+    row max and log-sum [N, C] fp32, ``out`` [N, C] and the output gradient [N, C]; ``index_E`` [E] is each
+    edge's destination (any order: the backward needs no CSR). No autograd (the caller's Function's backward)."""
     dev = scores_EC.device
     _check_device("vector_softmax_sum_backward", dev)
     num_edges, channels = scores_EC.shape
-    num_dst = lse_NC.shape[0]
+    num_dst = max_NC.shape[0]
     if values_EC.shape != scores_EC.shape or index_E.shape != (num_edges,):
         raise ValueError(f"vector_softmax_sum_backward: scores {tuple(scores_EC.shape)}, values "
                          f"{tuple(values_EC.shape)} and index {tuple(index_E.shape)} do not describe the same edges")
-    for name, t in (("lse", lse_NC), ("out", out_NC), ("grad_out", grad_out_NC)):
+    for name, t in (("max", max_NC), ("log_sum", log_sum_NC), ("out", out_NC), ("grad_out", grad_out_NC)):
         if t.shape != (num_dst, channels) or t.device != dev:
             raise ValueError(f"vector_softmax_sum_backward: {name} must be [{num_dst}, {channels}] on {dev}, got "
                              f"{tuple(t.shape)} on {t.device}")
-    if lse_NC.dtype != torch.float32:
-        raise TypeError(f"vector_softmax_sum_backward: lse must be float32 (as the forward returns it), got "
-                        f"{lse_NC.dtype}")
+    if max_NC.dtype != torch.float32 or log_sum_NC.dtype != torch.float32:
+        raise TypeError(f"vector_softmax_sum_backward: max and log_sum must be float32 (as the forward returns "
+                        f"them), got {max_NC.dtype} and {log_sum_NC.dtype}")
     grad_scores = torch.empty_like(scores_EC, memory_format=torch.contiguous_format) if need_scores else None
     grad_values = torch.empty_like(values_EC, memory_format=torch.contiguous_format) if need_values else None
     if num_edges and channels and (need_scores or need_values):
@@ -219,17 +234,17 @@ def vector_softmax_sum_backward(scores_EC: torch.Tensor, values_EC: torch.Tensor
             return triton.cdiv(num_edges, meta["BLOCK_E"]), triton.cdiv(channels, meta["BLOCK_C"])
 
         _vector_softmax_sum_bwd_kernel[grid](
-            scores_EC.contiguous(), values_EC.contiguous(), index_E.contiguous(), lse_NC.contiguous(),
-            out_NC.contiguous(), grad_out_NC.contiguous(),
+            scores_EC.contiguous(), values_EC.contiguous(), index_E.contiguous(), max_NC.contiguous(),
+            log_sum_NC.contiguous(), out_NC.contiguous(), grad_out_NC.contiguous(),
             grad_scores if grad_scores is not None else dummy, grad_values if grad_values is not None else dummy,
             num_edges, channels, NEED_SCORES=need_scores, NEED_VALUES=need_values,
         )
     return grad_scores, grad_values
 
 
-def vector_softmax_sum_backward_ref(scores_EC, values_EC, index_E, lse_NC, out_NC, grad_out_NC):
+def vector_softmax_sum_backward_ref(scores_EC, values_EC, index_E, max_NC, log_sum_NC, out_NC, grad_out_NC):
     """fp32 PyTorch reference of the backward: (grad_scores, grad_values) [E, C] in fp32."""
-    alpha = torch.exp(scores_EC.float() - lse_NC.float()[index_E])
+    alpha = torch.exp((scores_EC.float() - max_NC.float()[index_E]) - log_sum_NC.float()[index_E])
     grad_values = alpha * grad_out_NC.float()[index_E]
     return grad_values * (values_EC.float() - out_NC.float()[index_E]), grad_values
 
@@ -244,8 +259,10 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, all_config
     from zoo.kernels._compile import compile_for_gpu, pointer_type
 
     elem = pointer_type(dtype)
-    fwd_types = {"s_ptr": elem, "v_ptr": elem, "rowptr_ptr": "*i64", "out_ptr": elem, "lse_ptr": "*fp32"}
-    bwd_types = {"s_ptr": elem, "v_ptr": elem, "index_ptr": "*i64", "lse_ptr": "*fp32", "out_ptr": elem,
+    fwd_types = {"s_ptr": elem, "v_ptr": elem, "rowptr_ptr": "*i64", "out_ptr": elem, "max_ptr": "*fp32",
+                 "logsum_ptr": "*fp32"}
+    bwd_types = {"s_ptr": elem, "v_ptr": elem, "index_ptr": "*i64", "max_ptr": "*fp32", "logsum_ptr": "*fp32",
+                 "out_ptr": elem,
                  "g_ptr": elem, "ds_ptr": elem, "dv_ptr": elem}
     report: dict = {"forward": [], "backward": []}
     for config in _configs() if all_configs else _configs()[:1]:

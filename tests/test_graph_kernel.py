@@ -154,6 +154,47 @@ def _compare_with_reference(num_src, num_dst, num_edges, H, C, D, dropout, dtype
 
 
 @in_process
+def test_nan_input_flows_through_the_kernel_as_through_the_torch_path():
+    """A NaN in a destination's features makes that node's scores and output NaN on the kernel, as on the PyTorch
+    path and in the unfused reference (PyG's GATv2Conv), where the kernel gave a silent 0 (it tested l > 0, false
+    for a NaN sum); the other node is untouched."""
+    g = torch.Generator().manual_seed(12)
+    csr = build_csr(torch.tensor([[0, 1, 2, 0], [0, 0, 0, 1]]), 3, 2).to(DEVICE)
+    xs, xd, att = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((3, 1, 2), (2, 1, 2), (1, 2)))
+    xd[0, 0, 0] = float("nan")
+    got = gatv2_attention(xs, xd, att, csr, impl="triton")[0]
+    for want in (gatv2_attention(xs, xd, att, csr, impl="torch")[0], gatv2_attention_ref(xs, xd, att, csr)[0]):
+        assert got[0].isnan().all() and not got[1].isnan().any()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
+
+
+def test_segment_softmax_aggregate_checks_dtypes_and_names_itself():
+    """segment_softmax_aggregate (the fused softmax-aggregation under GATConv and the point/part attention):
+    integer scores or values are a TypeError naming the argument, as _check_segments words it (integer scores
+    were softmaxed after a silent cast, integer values with them raised inside index_add); its refusal of
+    backward(create_graph=True) names the function and suggests segment_softmax_aggregate_ref (it named GATConv
+    even when called directly)."""
+    from zoo.attention.segment import segment_softmax_aggregate, segment_softmax_aggregate_ref
+
+    csr = build_csr(torch.tensor([[0, 1, 2], [0, 0, 1]]), 3, 2)
+    scores, values = torch.randn(3, 1), torch.randn(3, 1, 2)
+    with pytest.raises(TypeError, match="segment_softmax_aggregate: scores must be floating point, got torch.int64"):
+        segment_softmax_aggregate(scores.long(), values, csr)
+    with pytest.raises(TypeError, match="segment_softmax_aggregate: values must be floating point, got torch.int64"):
+        segment_softmax_aggregate(scores, values.long(), csr)
+    leaf = scores.double().requires_grad_(True)
+    out, _ = segment_softmax_aggregate(leaf, values.double(), csr)
+    with pytest.raises(RuntimeError, match="segment_softmax_aggregate .*no second derivatives.*"
+                                           "segment_softmax_aggregate_ref"):
+        torch.autograd.grad(out.sum(), leaf, create_graph=True)
+    # the suggested function does give second derivatives
+    out, _ = segment_softmax_aggregate_ref(leaf, values.double(), csr)
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), leaf, create_graph=True)
+    grad.sum().backward()
+    assert leaf.grad is not None
+
+
+@in_process
 def test_kernel_is_used_by_the_layer_and_checks_inputs():
     from zoo.attention import GATv2Conv
 

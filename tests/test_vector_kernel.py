@@ -50,20 +50,21 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_matches_reference(degrees, channels, dtype):
     scores, values, index, rowptr = _graph(degrees, channels, dtype)
-    out, lse = vk.vector_softmax_sum(scores, values, rowptr)
-    ref_out, ref_lse = vk.vector_softmax_sum_ref(scores, values, rowptr)
-    assert out.dtype == dtype and lse.dtype == torch.float32
+    out, row_max, log_sum = vk.vector_softmax_sum(scores, values, rowptr)
+    ref_out, ref_max, ref_log_sum = vk.vector_softmax_sum_ref(scores, values, rowptr)
+    assert out.dtype == dtype and row_max.dtype == log_sum.dtype == torch.float32
     # PyTorch at the input precision, against the same fp32 reference: the yardstick
     low = segment_softmax_weighted_sum(scores, values, index, len(degrees), impl="torch")
     atol = 1e-5 if dtype == torch.float32 else 2e-3
-    for name, got, ref, lo in (("out", out, ref_out, low), ("lse", lse, ref_lse, None)):
+    for name, got, ref, lo in (("out", out, ref_out, low), ("max", row_max, ref_max, None),
+                               ("log_sum", log_sum, ref_log_sum, None)):
         err = (got.float() - ref).abs().max().item() if ref.numel() else 0.0
         torch_err = (lo.float() - ref).abs().max().item() if lo is not None and ref.numel() else 0.0
         scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
         assert err <= 2 * torch_err + atol * scale, f"{name}: kernel err {err:.2e}, torch err {torch_err:.2e}"
     empty = torch.tensor(degrees, device=DEVICE) == 0
     if bool(empty.any()):
-        assert not out[empty].any() and bool((lse[empty] == vk.EMPTY_LSE).all())
+        assert not out[empty].any() and not row_max[empty].any() and not log_sum[empty].any()
 
 
 @in_process
@@ -73,10 +74,11 @@ def test_scores_below_minus_1e30_are_an_ordinary_softmax():
     (with -1e30 the node's weights all underflowed to 0 and its output was 0)."""
     scores, values, index, rowptr = _graph([3, 0, 5, 40], 20, torch.float32, seed=3)
     shifted = scores - 1e32  # the shift swamps the spread: every score of a row is the same fp32 number
-    out, lse = vk.vector_softmax_sum(shifted, values, rowptr)
-    ref_out, ref_lse = vk.vector_softmax_sum_ref(shifted, values, rowptr)
+    out, row_max, log_sum = vk.vector_softmax_sum(shifted, values, rowptr)
+    ref_out, ref_max, ref_log_sum = vk.vector_softmax_sum_ref(shifted, values, rowptr)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(row_max, ref_max, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(log_sum, ref_log_sum, rtol=1e-6, atol=1e-6)
     assert out[torch.tensor([3, 0, 5, 40], device=DEVICE) > 0].abs().sum() > 0
 
 
@@ -89,13 +91,14 @@ def test_backward_kernel_matches_reference(degrees, channels, dtype, order):
     the same fp32 result to the input dtype, so that rounding is the yardstick. Edges in any order (the
     backward gathers by destination index, it needs no CSR); either gradient alone."""
     scores, values, index, rowptr = _graph(degrees, channels, dtype, seed=3)
-    out, lse = vk.vector_softmax_sum(scores, values, rowptr)
+    out, row_max, log_sum = vk.vector_softmax_sum(scores, values, rowptr)
     grad = torch.randn(len(degrees), channels, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
     if order == "shuffled":
         perm = torch.randperm(index.numel(), generator=torch.Generator().manual_seed(5)).to(DEVICE)
         scores, values, index = scores[perm], values[perm], index[perm]
-    got = vk.vector_softmax_sum_backward(scores, values, index, lse, out, grad)
-    want = vk.vector_softmax_sum_backward_ref(scores, values, index, lse, out, grad)
+    stats = (row_max, log_sum)
+    got = vk.vector_softmax_sum_backward(scores, values, index, *stats, out, grad)
+    want = vk.vector_softmax_sum_backward_ref(scores, values, index, *stats, out, grad)
     atol = 1e-5 if dtype == torch.float32 else 1e-3
     for name, g, w in zip(("grad_scores", "grad_values"), got, want):
         assert g.dtype == dtype and g.shape == scores.shape, name
@@ -104,9 +107,9 @@ def test_backward_kernel_matches_reference(degrees, channels, dtype, order):
         err = (g.float() - w).abs().max().item()
         rounding = (w.to(dtype).float() - w).abs().max().item()
         assert err <= 2 * rounding + atol * max(1.0, w.abs().max().item()), f"{name}: err {err:.2e}"
-    only_scores, none = vk.vector_softmax_sum_backward(scores, values, index, lse, out, grad, need_values=False)
+    only_scores, none = vk.vector_softmax_sum_backward(scores, values, index, *stats, out, grad, need_values=False)
     assert none is None and torch.equal(only_scores, got[0])
-    none, only_values = vk.vector_softmax_sum_backward(scores, values, index, lse, out, grad, need_scores=False)
+    none, only_values = vk.vector_softmax_sum_backward(scores, values, index, *stats, out, grad, need_scores=False)
     assert none is None and torch.equal(only_values, got[1])
 
 
@@ -128,6 +131,95 @@ def test_gradients_through_the_kernel_forward(degrees, channels):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert results[0][0][0, 0] == 0 and not results[0][1][rowptr[0]:rowptr[1], 0].any()
+
+
+def _weighted_sum_grads(scores, values, index, grad, **kwargs):
+    """(out, d scores, d values) of segment_softmax_weighted_sum, in float64 for comparison."""
+    s, v = scores.clone().requires_grad_(True), values.clone().requires_grad_(True)
+    out = segment_softmax_weighted_sum(s, v, index, grad.size(0), **kwargs)
+    return [t.double() for t in [out] + list(torch.autograd.grad(out, (s, v), grad))]
+
+
+@in_process
+@pytest.mark.parametrize("offset", [1e4, 1e30])
+def test_kernel_gradients_at_large_scores_match_float64(offset):
+    """Scores shifted by 1e4 and 1e30 (fp32 values, the float64 reference gets the very same numbers): the
+    kernel's backward is as accurate as at small scores. It used to recompute the weights as exp(s - lse) from
+    lse = max + log_sum, rounded to ulp(|s|): 1.6e-4 relative gradient error at 1e4, every weight wrong at 1e30
+    (4 equal scores gave d values 0 instead of 0.25); now exp((s - max) - log_sum) as the PyTorch path."""
+    scores, values, index, rowptr = _graph([3, 1, 0, 5, 2, 20], 4, torch.float32, seed=8)
+    scores = scores + offset
+    grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    want = _weighted_sum_grads(scores.double(), values.double(), index, grad.double(), impl="torch")
+    got = _weighted_sum_grads(scores, values, index, grad, rowptr=rowptr, impl="triton")
+    for name, g, w in zip(("out", "grad_scores", "grad_values"), got, want):
+        err = ((g - w).abs().max() / w.abs().max()).item()
+        assert err < 1e-6, f"{name}: relative error {err:.1e} against float64"
+    equal = torch.full((4, 1), offset, device=DEVICE)
+    _, _, grad_values = _weighted_sum_grads(equal, torch.ones_like(equal), torch.zeros(4, dtype=torch.long,
+                                            device=DEVICE), torch.ones(1, 1, device=DEVICE),
+                                            rowptr=torch.tensor([0, 4], device=DEVICE), impl="triton")
+    assert grad_values.flatten().tolist() == [0.25] * 4
+
+
+@in_process
+def test_nan_and_inf_scores_give_nan_on_the_kernel_as_on_the_torch_path():
+    """A NaN or +inf score makes its node's channel NaN (forward and gradients) on the kernel as on the PyTorch
+    path and in PyG's softmax, where the kernel gave a silent 0 (it tested l > 0, false for a NaN sum); a channel
+    whose scores are all -inf still gives 0 and zero gradients (documented), and other channels are untouched."""
+    scores, values, index, rowptr = _graph([3, 4, 0, 2], 3, torch.float32, seed=10)
+    scores[1, 0] = float("nan")  # node 0, channel 0
+    scores[4, 1] = float("inf")  # node 1, channel 1
+    scores[7:9, 2] = float("-inf")  # node 3, channel 2: nothing to attend to
+    grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    got = _weighted_sum_grads(scores, values, index, grad, rowptr=rowptr, impl="triton")
+    want = _weighted_sum_grads(scores, values, index, grad, impl="torch")
+    assert got[0][0, 0].isnan() and got[0][1, 1].isnan() and got[0][3, 2] == 0 and not got[2][7:9, 2].any()
+    assert torch.equal(got[0].isnan(), want[0].isnan())
+    for name, g, w in zip(("out", "grad_scores", "grad_values"), got, want):
+        # every NaN of the PyTorch path is one here too (at the +inf score the PyTorch path's gradients are NaN on
+        # that edge alone, the kernel's on the node's channel: both NaN-poisoned, neither a silent number)
+        assert bool(g[w.isnan()].isnan().all()), name
+        both = ~(g.isnan() | w.isnan())
+        torch.testing.assert_close(g[both], w[both], atol=1e-6, rtol=1e-5, msg=name)
+        clean = torch.ones_like(both)
+        clean[:, :2] = False  # channels 0 and 1 hold the NaN and +inf scores
+        assert bool(both[clean].all()), name
+
+
+def test_half_inputs_are_summed_in_fp32_on_the_torch_path():
+    """fp16 on the PyTorch path computes in fp32 and casts back (as the kernel and segment_softmax_aggregate):
+    100 equal scores with values 1000 (all fp16 numbers, the answer 1000) gave inf, the unnormalised sum
+    1e5 overflowing fp16, and 70000 entries of value 1 overflowed the softmax's denominator. Against float64, and
+    PyG's softmax then index_add (which does not overflow here) where installed."""
+    for num, value in ((100, 1000.0), (70000, 1.0)):
+        index = torch.zeros(num, dtype=torch.long, device=DEVICE)
+        scores = torch.zeros(num, 1, dtype=torch.float16, device=DEVICE)
+        values = torch.full((num, 1), value, dtype=torch.float16, device=DEVICE)
+        grad = torch.ones(1, 1, dtype=torch.float16, device=DEVICE)
+        got = _weighted_sum_grads(scores, values, index, grad, impl="torch")
+        want = _weighted_sum_grads(scores.double(), values.double(), index, grad.double(), impl="torch")
+        assert got[0].dtype == torch.float64 and torch.isfinite(got[0]).all()
+        for name, g, w in zip(("out", "grad_scores", "grad_values"), got, want):
+            rounding = (w.half().double() - w).abs().max().item()
+            assert (g - w).abs().max().item() <= 2 * rounding + 1e-3 * max(1.0, w.abs().max().item()), name
+        assert segment_softmax_weighted_sum(scores, values, index, 1).dtype == torch.float16
+    pyg_utils = pytest.importorskip("torch_geometric.utils")
+    index, scores = torch.zeros(100, dtype=torch.long), torch.zeros(100, 1, dtype=torch.float16)
+    values = torch.full((100, 1), 1000.0, dtype=torch.float16)
+    peer = torch.zeros(1, 1, dtype=torch.float16).index_add(0, index, pyg_utils.softmax(scores, index) * values)
+    assert torch.equal(segment_softmax_weighted_sum(scores, values, index, 1), peer)
+
+
+def test_rowptr_of_a_small_integer_dtype_is_refused_by_name():
+    """int16 / uint8 rowptr: a TypeError naming rowptr and the dtypes taken, not torch.repeat_interleave's own
+    error from deep inside the check."""
+    scores = torch.randn(3, 2, device=DEVICE)
+    index = torch.tensor([0, 0, 1], device=DEVICE)
+    for dtype in (torch.int16, torch.uint8):
+        with pytest.raises(TypeError, match=f"rowptr must be a 1-D integer tensor \\(int64 or int32\\).*{dtype}"):
+            segment_softmax_weighted_sum(scores, scores, index, 2, rowptr=torch.tensor([0, 2, 3], dtype=dtype,
+                                                                                        device=DEVICE))
 
 
 @in_process
@@ -213,11 +305,11 @@ def test_bad_inputs_name_the_problem():
         segment_softmax_weighted_sum(scores, scores, index, 2, impl="cuda")
     stats = torch.zeros(2, 3, device=DEVICE)
     with pytest.raises(ValueError, match="do not describe the same edges"):
-        vk.vector_softmax_sum_backward(scores, scores, index[:4], stats, stats, stats)
+        vk.vector_softmax_sum_backward(scores, scores, index[:4], stats, stats, stats, stats)
     with pytest.raises(ValueError, match="grad_out must be \\[2, 3\\]"):
-        vk.vector_softmax_sum_backward(scores, scores, index, stats, stats, stats[:1])
-    with pytest.raises(TypeError, match="lse must be float32"):
-        vk.vector_softmax_sum_backward(scores, scores, index, stats.double(), stats, stats)
+        vk.vector_softmax_sum_backward(scores, scores, index, stats, stats, stats, stats[:1])
+    with pytest.raises(TypeError, match="max and log_sum must be float32"):
+        vk.vector_softmax_sum_backward(scores, scores, index, stats, stats.double(), stats, stats)
 
 
 def test_compiles_for_sm80_and_sm90_without_gpu():

@@ -236,10 +236,11 @@ def _check_rowptr(fn: str, rowptr, index: Tensor, num_segments: int) -> None:
     """``rowptr`` [num_segments + 1] must describe ``index``: rowptr[0] = 0, rowptr[-1] = E, non-decreasing, and
     index[e] = n for rowptr[n] <= e < rowptr[n + 1] (the entries sorted by segment). The Triton kernels read the
     segments from rowptr alone, so a rowptr that does not match would give wrong numbers silently."""
-    if (not isinstance(rowptr, Tensor) or rowptr.is_floating_point() or rowptr.is_complex()
-            or rowptr.dtype == torch.bool):
+    if not isinstance(rowptr, Tensor) or rowptr.dtype not in (torch.int32, torch.int64):
+        # int16 / uint8 reached torch.repeat_interleave below, which raised its own unnamed error
         what = rowptr.dtype if isinstance(rowptr, Tensor) else type(rowptr).__name__
-        raise TypeError(f"{fn}: rowptr must be a 1-D integer tensor [num_segments + 1], got {what}")
+        raise TypeError(f"{fn}: rowptr must be a 1-D integer tensor (int64 or int32) [num_segments + 1], got "
+                        f"{what}; convert it with rowptr.long()")
     if rowptr.dim() != 1 or rowptr.numel() != num_segments + 1:
         raise ValueError(f"{fn}: rowptr has {rowptr.numel()} entries (shape {tuple(rowptr.shape)}), expected "
                          f"num_segments + 1 = {num_segments + 1}")
@@ -291,12 +292,16 @@ def segment_softmax(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
 class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
     """out[n] = sum_{e: index[e] = n} softmax_n(scores)[e] * values[e], element by element (vector attention).
 
-    Saves the inputs and [N, C] statistics (the CPU path: row max, log-sum and output; the Triton kernel:
-    log-sum-exp and output); backward recomputes the weights, alpha = exp((s - max[index]) - log_sum[index])
-    (the two statistics kept apart: see _block_softmax; the kernel's exp(s - lse)), and with g = grad_out[index],
+    Saves the inputs and [N, C] statistics (row max, log-sum and output, on both paths); backward recomputes the
+    weights, alpha = exp((s - max[index]) - log_sum[index]) (the two statistics kept apart: see _block_softmax),
+    and with g = grad_out[index],
         d values = alpha * g,
         d scores = alpha * (g * values - sum_n(alpha * g * values)[index]) = d values * (values - out[index]),
-    since sum_n(alpha * values) is out[n] itself."""
+    since sum_n(alpha * values) is out[n] itself.
+
+    fp16 / bf16 are computed in fp32 and the output cast back (as segment_softmax_aggregate's _compute_dtype and
+    the kernel): in fp16 the weighted sum of 100 equal scores with values 1000 overflowed to inf (PyG's softmax
+    then index_add gives 1000, its products being below 1000)."""
 
     @staticmethod
     def forward(ctx, scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, num_segments: int,
@@ -304,45 +309,48 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
         if rowptr is not None:  # the Triton kernel (zoo.kernels.vector_softmax): edges in CSR order
             from zoo.kernels.vector_softmax import vector_softmax_sum
 
-            out_NC, lse_NC = vector_softmax_sum(scores_EC, values_EC, rowptr)
-            ctx.save_for_backward(scores_EC, values_EC, index_E, lse_NC, None, out_NC)
+            out_NC, max_NC, log_sum_NC = vector_softmax_sum(scores_EC, values_EC, rowptr)
+            ctx.save_for_backward(scores_EC, values_EC, index_E, max_NC, log_sum_NC, out_NC)
             ctx.kernel, ctx.num_segments = True, num_segments
             return out_NC
         ctx.kernel = False
         ctx.num_segments = num_segments
-        idx = index_E[:, None].expand_as(scores_EC)
-        shape = (num_segments, scores_EC.size(1))
-        m_NC = scores_EC.new_full(shape, float("-inf")).scatter_reduce_(0, idx, scores_EC, "amax")
+        cdt = _compute_dtype(scores_EC.dtype)
+        s_EC, v_EC = scores_EC.to(cdt), values_EC.to(cdt)
+        idx = index_E[:, None].expand_as(s_EC)
+        shape = (num_segments, s_EC.size(1))
+        m_NC = s_EC.new_full(shape, float("-inf")).scatter_reduce_(0, idx, s_EC, "amax")
         m_NC = torch.where(torch.isfinite(m_NC), m_NC, torch.zeros_like(m_NC))  # empty segments: any shift
-        p_EC = exp_flushed_(scores_EC - m_NC.index_select(0, index_E))
-        l_NC = scores_EC.new_zeros(shape).index_add_(0, index_E, p_EC)
+        p_EC = exp_flushed_(s_EC - m_NC.index_select(0, index_E))
+        l_NC = s_EC.new_zeros(shape).index_add_(0, index_E, p_EC)
         l_NC = l_NC.clamp_min(torch.finfo(l_NC.dtype).tiny)  # empty segments: 0 / tiny = 0
-        weighted_NC = scores_EC.new_zeros(shape).index_add_(0, index_E, p_EC.mul_(values_EC))
+        weighted_NC = s_EC.new_zeros(shape).index_add_(0, index_E, p_EC.mul_(v_EC))
         # out and lse out of place: under torch.compile (torch 2.11, aot_eager) an autograd.Function whose
         # output is made in place (out.div_(l)), then saved and returned, gets wrong gradients (silently;
         # reproduced with a 15-line function); out of place both are right (the compile test covers it)
         out_NC = weighted_NC / l_NC
         # the max and the log-sum kept apart (not lse = max + log-sum): see _block_softmax
         ctx.save_for_backward(scores_EC, values_EC, index_E, m_NC, l_NC.log(), out_NC)
-        return out_NC
+        # the fp32 result cast back for half inputs; otherwise out_NC itself: under torch.compile (torch 2.11,
+        # aot_eager) returning out_NC.to(its own dtype), an alias of a saved tensor, gave wrong gradients
+        return out_NC if cdt == scores_EC.dtype else out_NC.to(scores_EC.dtype)
 
     @staticmethod
     def backward(ctx, grad_out_NC: Tensor):
-        # (max, log-sum) of the CPU path; (lse, None) of the kernel's
-        scores_EC, values_EC, index_E, stat_NC, log_sum_NC, out_NC = ctx.saved_tensors
+        scores_EC, values_EC, index_E, max_NC, log_sum_NC, out_NC = ctx.saved_tensors
         if torch.is_grad_enabled():  # backward(create_graph=True): gradients that are differentiable themselves
             return _differentiable_backward(ctx, scores_EC, values_EC, index_E, grad_out_NC)
         if ctx.kernel:  # the Triton backward (zoo.kernels.vector_softmax): one pass, no [E, C] temporaries
             from zoo.kernels.vector_softmax import vector_softmax_sum_backward
 
             grad_scores, grad_values = vector_softmax_sum_backward(
-                scores_EC, values_EC, index_E, stat_NC, out_NC, grad_out_NC, *ctx.needs_input_grad[:2])
+                scores_EC, values_EC, index_E, max_NC, log_sum_NC, out_NC, grad_out_NC, *ctx.needs_input_grad[:2])
             return grad_scores, grad_values, None, None, None
 
         def wide(t):  # fp16 / bf16 (the kernel's inputs) in fp32; fp32 and fp64 as they are
             return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
-        alpha_EC = exp_flushed_((wide(scores_EC) - wide(stat_NC).index_select(0, index_E))
+        alpha_EC = exp_flushed_((wide(scores_EC) - wide(max_NC).index_select(0, index_E))
                                 .sub_(wide(log_sum_NC).index_select(0, index_E)))
         grad_values = alpha_EC.mul_(wide(grad_out_NC).index_select(0, index_E))  # alpha * g
         grad_scores = None
@@ -356,20 +364,23 @@ class _SegmentSoftmaxWeightedSum(torch.autograd.Function):
 def _differentiable_backward(ctx, scores_EC: Tensor, values_EC: Tensor, index_E: Tensor, grad_out_NC: Tensor):
     """The gradients of _SegmentSoftmaxWeightedSum under backward(create_graph=True) (forces from energies: the
     loss reads d out / d pos): the forward recomputed in plain differentiable ops (the same shift, the same
-    zeros for empty segments), differentiated by autograd with create_graph=True. PyG's layer is the peer."""
+    zeros for empty segments, fp16 / bf16 in fp32), differentiated by autograd with create_graph=True. PyG's layer
+    is the peer."""
     wanted = [i for i in (0, 1) if ctx.needs_input_grad[i]]
     if not wanted:
         return None, None, None, None, None
     shape = (ctx.num_segments, scores_EC.size(1))
     idx = index_E.long()
+    cdt = _compute_dtype(scores_EC.dtype)
     with torch.enable_grad():
-        m_NC = scores_EC.new_full(shape, float("-inf")).scatter_reduce(
-            0, idx[:, None].expand_as(scores_EC), scores_EC.detach(), "amax")
+        s_EC, v_EC = scores_EC.to(cdt), values_EC.to(cdt)
+        m_NC = s_EC.new_full(shape, float("-inf")).scatter_reduce(
+            0, idx[:, None].expand_as(s_EC), s_EC.detach(), "amax")
         m_NC = torch.where(torch.isfinite(m_NC), m_NC, torch.zeros_like(m_NC))
-        p_EC = (scores_EC - m_NC.index_select(0, idx)).exp()
-        l_NC = scores_EC.new_zeros(shape).index_add(0, idx, p_EC).clamp_min(torch.finfo(scores_EC.dtype).tiny)
-        out_NC = scores_EC.new_zeros(shape).index_add(0, idx, p_EC * values_EC) / l_NC
-        grads = torch.autograd.grad(out_NC, [(scores_EC, values_EC)[i] for i in wanted], grad_out_NC,
+        p_EC = (s_EC - m_NC.index_select(0, idx)).exp()
+        l_NC = s_EC.new_zeros(shape).index_add(0, idx, p_EC).clamp_min(torch.finfo(cdt).tiny)
+        out_NC = s_EC.new_zeros(shape).index_add(0, idx, p_EC * v_EC) / l_NC
+        grads = torch.autograd.grad(out_NC, [(scores_EC, values_EC)[i] for i in wanted], grad_out_NC.to(cdt),
                                     create_graph=True, allow_unused=True)
     result = [None, None]
     for i, grad in zip(wanted, grads):
@@ -389,9 +400,10 @@ def segment_softmax_weighted_sum(scores: Tensor, values: Tensor, index: Tensor, 
     autograd keeps only the inputs and [N, C] statistics, not the [E, C] weights and products, and the
     backward is one pass of gathers and products (see _SegmentSoftmaxWeightedSum). Scores and values of different
     float dtypes are computed, and returned, in ``torch.promote_types`` of the two (as that composition's product
-    promotes); their gradients come back in each input's own dtype.
+    promotes); their gradients come back in each input's own dtype. fp16 / bf16 are computed in fp32 and the
+    result cast back, on both paths. A NaN or +inf score gives NaN in its segment's channel, as PyG's softmax.
 
-    ``rowptr`` [num_segments + 1]: the entries are in CSR order (sorted by index, segment n at
+    ``rowptr`` [num_segments + 1] (int64 or int32): the entries are in CSR order (sorted by index, segment n at
     rowptr[n]..rowptr[n + 1] - 1), which lets the forward and the backward run as the Triton kernels
     (zoo.kernels.vector_softmax): ``impl="auto"`` uses them for CUDA tensors, ``"triton"`` also on CPU tensors
     under TRITON_INTERPRET=1, ``"torch"`` never; float64 runs the PyTorch path under every impl (the kernels take
@@ -557,7 +569,10 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_NHC, _g_alpha):
-        refuse_double_backward("the fused graph attention (GATConv)", "use torch_geometric.nn's layer of the same name, which loads this layer's state dict")
+        refuse_double_backward(
+            "segment_softmax_aggregate (the fused softmax-aggregation of GATConv and the point/part attention)",
+            "call segment_softmax_aggregate_ref (plain autograd), or for GATConv torch_geometric.nn.GATConv, "
+            "which loads this layer's state dict")
         s_EH, v_NHC, row_max, log_sum, keep = ctx.saved_tensors
         csr, dropout = ctx.csr, ctx.dropout
         H, C = v_NHC.shape[1], v_NHC.shape[2]
@@ -606,6 +621,16 @@ def segment_softmax_aggregate(
     nodes. Returns (out [Nd, H, C], alpha [E, H] or None); destinations without edges get zeros. As PyG's
     ``softmax`` and message ``v_j * alpha``: alpha in the scores' dtype, out in the promotion of the two (fp32 for
     GATConv under torch.autocast, whose scores are fp32); computed in fp32 for half inputs."""
+    fn = "segment_softmax_aggregate"
+    for name, t in (("s_EH", s_EH), ("v_NHC", v_NHC)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    # as _check_segments: integer scores were softmaxed after a silent cast to float (and integer values with
+    # them raised deep inside index_add), where segment_softmax_aggregate_ref refused them
+    if not s_EH.is_floating_point():
+        raise TypeError(f"{fn}: scores must be floating point, got {s_EH.dtype}")
+    if not v_NHC.is_floating_point():
+        raise TypeError(f"{fn}: values must be floating point, got {v_NHC.dtype}")
     if s_EH.dim() != 2 or s_EH.size(0) != csr.num_edges:
         raise ValueError(f"scores must be [E={csr.num_edges}, H], got {tuple(s_EH.shape)}")
     if v_NHC.dim() != 3 or v_NHC.size(0) != csr.num_src or v_NHC.size(1) != s_EH.size(1):
