@@ -625,3 +625,22 @@ def test_modules_take_their_input_by_keyword_as_timm_and_torch_do():
         torch.testing.assert_close(mha(x=t), mha(t))
         assert Mlp(32, 64)(x=t).shape == (2, 5, 32) and AttentionPoolLatent(32, 4)(x=t).shape == (2, 32)
         assert AgentAttention(32, 4, agent_num=4, window=2)(x=torch.randn(1, 5, 32)).shape == (1, 5, 32)
+
+
+def test_rope_refuses_fewer_tokens_than_its_prefix():
+    """MultiHeadAttention(rope=..., num_prefix_tokens=7) on 5 tokens returned the module's output without RoPE,
+    silently (explicit positions ignored too); prefix tokens alone (num_queries=1) still pass unrotated."""
+    from zoo.attention import MultiHeadAttention
+
+    for mode in ("1d", "2d"):
+        module = MultiHeadAttention(8, 2, rope=mode, num_prefix_tokens=7)
+        with pytest.raises(ValueError, match="5 tokens are fewer than num_prefix_tokens=7"):
+            module(torch.randn(1, 5, 8))
+    from zoo.attention.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(4, num_prefix_tokens=1)
+    prefix_only = torch.randn(1, 2, 1, 4)
+    torch.testing.assert_close(rope(prefix_only), prefix_only)  # nothing to rotate: unchanged
+    x = torch.randn(1, 6, 8)
+    with pytest.raises(ValueError, match=r"context must have shape \(B, M, 6\)"):
+        MultiHeadAttention(8, 2, kv_dim=6)(x, torch.randn(1, 3, 5))

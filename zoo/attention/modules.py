@@ -227,7 +227,9 @@ class MultiHeadAttention(nn.Module):
             length) to make decoding step by step and padded batches equal the full, unpadded pass.
         norm_layer: norm constructor for qk-norm, called as ``norm_layer(head_dim)``.
         proj_bias: bias in the output projection.
-        num_prefix_tokens: leading tokens (class/register tokens) that RoPE leaves unrotated.
+        num_prefix_tokens: leading tokens (class/register tokens) that RoPE leaves unrotated. In cross attention
+            the context's first ``num_prefix_tokens`` tokens are left unrotated too (one rotary module serves both
+            sides), so context positions cover the others.
     """
 
     def __init__(
@@ -352,7 +354,8 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"MultiHeadAttention: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 3 or t.shape[-1] != width:
-            raise ValueError(f"MultiHeadAttention: {name} must have shape (B, N, {width}), got {tuple(t.shape)}")
+            letter = "M" if name == "context" else "N"
+            raise ValueError(f"MultiHeadAttention: {name} must have shape (B, {letter}, {width}), got {tuple(t.shape)}")
         if t.shape[1] == 0 or t.shape[0] == 0:
             raise ValueError(f"MultiHeadAttention: {name} has no {'tokens' if t.shape[0] else 'batch rows'} "
                              f"(shape {tuple(t.shape)})")
