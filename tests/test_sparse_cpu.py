@@ -427,3 +427,15 @@ def test_every_backend_under_autocast_is_as_close_as_sdpa(dtype, backward_inside
     with torch.autocast("cpu", dtype=dtype):
         out, _ = attend(q, k, v, mask, return_weights=True)
     assert float((out.double() - want).abs().max()) <= 2 * sdpa_err
+
+
+def test_torch_func_refusal_names_the_transform():
+    """Forced inside torch.func.grad, the block-sparse backend said "tracing / export", which the caller was not
+    doing; automatic selection falls back and gives the reference's gradient."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    with pytest.raises(ValueError, match="a torch.func transform"):
+        torch.func.grad(lambda t: attend(t, k, v, Window(5, 5), backend="blocksparse").sum())(q)
+    got = torch.func.grad(lambda t: attend(t, k, v, Window(5, 5)).sum())(q)
+    want = torch.func.grad(lambda t: attend(t, k, v, Window(5, 5), backend="torch").sum())(q)
+    torch.testing.assert_close(got, want)

@@ -27,9 +27,10 @@ and problem size, like the mask's block maps.
 
 Semantics are exactly the reference's (zoo/attention/core.py): softmax or sigmoid (with -log Nk) scores,
 additive bias broadcastable to (B, H, Nq, Nk) with its gradient, grouped-query attention without copying
-K/V per head, masks that vary over batch or heads (one pass per distinct map slice), and rows whose keys
-are all masked return zeros with zero gradients. Not supported (the capability check says so, and
-attend() picks another backend): dropout_p > 0, return_weights=True, tracing/export.
+K/V per head, masks that vary over batch or heads (one pass per (batch, head) slice of the map; identical
+slices are not merged), and rows whose keys are all masked return zeros with zero gradients. Not supported
+(the capability check says so, and attend() picks another backend): dropout_p > 0, return_weights=True,
+tracing/export, torch.func transforms (its autograd Function has no functorch rules).
 
 Automatic choice: on CPU this backend is tried before SDPA and accepts a call when the mask is not Full,
 is not a plain square Causal (SDPA's own causal kernel skips those tiles already), and its kept-tile
@@ -778,6 +779,8 @@ def _supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
         return "dropout_p > 0 (the block-sparse path has no dropout)"
     if return_weights:
         return "return_weights=True (the block-sparse path does not form the attention matrix)"
+    if torch._C._are_functorch_transforms_active():  # (is_tracing() is true here too: named first)
+        return "a torch.func transform (the block-sparse autograd Function has no functorch rules)"
     if is_tracing():
         return "tracing / export (the block-sparse path loops in Python)"
     return None
