@@ -196,11 +196,12 @@ def vector_softmax_sum_ref(scores_EC: torch.Tensor, values_EC: torch.Tensor, row
     index = torch.repeat_interleave(torch.arange(num_dst, device=rowptr.device), rowptr.diff())
     s, v = scores_EC.float(), values_EC.float()
     shape = (num_dst, s.size(1))
-    out = s.new_zeros(shape).index_add(0, index, segment_softmax(s, index, num_dst) * v)
     row_max = s.new_full(shape, float("-inf")).scatter_reduce(0, index[:, None].expand_as(s), s, "amax")
     row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     total = s.new_zeros(shape).index_add(0, index, torch.exp(s - row_max[index]))
-    empty = total == 0
+    empty = total == 0  # no edge, or every score -inf (segment_softmax gives NaN weights there; the kernel 0)
+    weights = torch.where(empty[index], torch.zeros_like(s), segment_softmax(s, index, num_dst))
+    out = s.new_zeros(shape).index_add(0, index, weights * v)
     log_sum = torch.where(empty, torch.zeros_like(total), total.log())
     return out, torch.where(empty, torch.zeros_like(row_max), row_max), log_sum
 

@@ -155,3 +155,17 @@ def test_exact_slopes_of_a_half_precision_alibi_are_kept_per_device():
     assert copies == []
     alibi.float()
     assert alibi._exact_slopes_cache == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_half_and_double_alibi_layers_compile_as_one_graph(dtype):
+    """The per-device slope cache was read through the module's __dict__ inside traced code: a bf16 or float64
+    ALiBi MultiHeadAttention no longer compiled with fullgraph=True ("does not know how to trace method
+    setdefault"), for a fresh module and after an eager call."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rel_pos_bias=ALiBi(4)).to(dtype).eval()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for n in (7, 13):
+            x = torch.randn(2, n, 32, dtype=dtype)
+            torch.testing.assert_close(compiled(x, mask=Causal()), layer(x, mask=Causal()))

@@ -636,6 +636,9 @@ def test_rope_refuses_fewer_tokens_than_its_prefix():
         module = MultiHeadAttention(8, 2, rope=mode, num_prefix_tokens=7)
         with pytest.raises(ValueError, match="5 tokens are fewer than num_prefix_tokens=7"):
             module(torch.randn(1, 5, 8))
+    # cross attention: one latent query against a context with 2 prefix tokens is valid (the query unrotated)
+    cross = MultiHeadAttention(32, 4, kv_dim=16, rope="1d", num_prefix_tokens=2)
+    assert cross(torch.randn(1, 1, 32), torch.randn(1, 10, 16)).shape == (1, 1, 32)
     from zoo.attention.rope import RotaryEmbedding
 
     rope = RotaryEmbedding(4, num_prefix_tokens=1)

@@ -332,3 +332,17 @@ def test_compiles_for_sm80_and_sm90_without_gpu():
 @pytest.mark.skipif(not _LATE, reason="the tests above ran in this process")
 def test_vector_kernel_tests_in_a_fresh_process():
     run_in_fresh_process(__file__)
+
+
+@in_process
+def test_reference_gives_zero_for_all_minus_inf_channels_as_the_kernel():
+    """vector_softmax_sum_ref promised 0 for a channel without a finite-weighted edge but returned NaN there (its
+    weights came from segment_softmax), unlike the kernel; a NaN score still gives NaN in both."""
+    scores = torch.tensor([[float("-inf"), 0.5, float("nan")], [float("-inf"), 1.5, 0.0]])
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    rowptr = torch.tensor([0, 2])
+    ref_out, _, _ = vk.vector_softmax_sum_ref(scores, values, rowptr)
+    out, _, _ = vk.vector_softmax_sum(scores, values, rowptr)
+    assert ref_out[0, 0] == 0 and out[0, 0] == 0
+    assert torch.isnan(ref_out[0, 2]) and torch.isnan(out[0, 2])
+    torch.testing.assert_close(ref_out[:, 1], out[:, 1])

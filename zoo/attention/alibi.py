@@ -73,6 +73,7 @@ class ALiBi(AttentionBias):
         self.num_heads = num_heads
         self.register_buffer("slopes", values.float(), persistent=False)
         self._slopes_fp64 = values  # a float64 bias is computed from these (fp32 slopes are off by ~1e-8 relative)
+        self._exact_slopes_cache: dict = {}
 
     def materialize(self, q_len: int, k_len: int, *, device=None, dtype=None) -> torch.Tensor:
         device = self.slopes.device if device is None else device
@@ -95,12 +96,13 @@ class ALiBi(AttentionBias):
         """The float64 slopes in ``dtype`` on ``device``, kept per (device, dtype): they live on the CPU (a plain
         attribute, so .bfloat16() cannot round them), and a bf16 / fp16 module on CUDA copied them to the device
         at every call. Not cached while traced (no module state written under torch.compile)."""
+        if is_tracing():  # first: Dynamo cannot trace the dict lookup on __dict__ (a graph break, fullgraph fails)
+            return self._slopes_fp64.to(device, dtype)
         key = (str(device), dtype)
-        cached = self.__dict__.setdefault("_exact_slopes_cache", {}).get(key)
+        cached = self._exact_slopes_cache.get(key)
         if cached is None:
             cached = self._slopes_fp64.to(device, dtype)
-            if not is_tracing():
-                self._exact_slopes_cache = {**self._exact_slopes_cache, key: cached}
+            self._exact_slopes_cache = {**self._exact_slopes_cache, key: cached}
         return cached
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): the per-device copies go with the old device

