@@ -208,3 +208,88 @@ def test_mlp_hook_on_fc1_sees_fc1s_output_at_inference():
         torch.testing.assert_close(out, theirs(x).detach())
     torch.testing.assert_close(kept["zoo"], kept["timm"], rtol=0, atol=0)
     torch.testing.assert_close(kept["zoo"], torch.nn.functional.linear(x, ours.fc1.weight, ours.fc1.bias))
+
+
+def test_numpy_arrays_are_ints_only_as_0d_integer_arrays():
+    """is_int took every numpy array (ndarray has __index__): positive_int(np.array(2.5)) gave 2,
+    np.array(True) gave 1, and a 1-d array reached numpy's own TypeError instead of the argument's message."""
+    import numpy as np
+
+    from zoo.layers import is_int, positive_int, to_pair
+
+    assert is_int(np.int64(3)) and is_int(np.array(3)) and is_int(np.uint8(2))
+    assert not any(is_int(v) for v in (np.array(2.5), np.array(True), np.array([2, 3]), np.float32(2.0)))
+    for bad in (np.array(2.5), np.array(True)):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            positive_int(bad, "chunk_size")
+    with pytest.raises(ValueError, match="patch_size"):
+        to_pair(np.array([2, 3]), "patch_size")
+
+
+def test_in_place_activation_respects_hooks_inside_a_wrapped_producer():
+    """activate_fresh checked only the producer's own hooks: a forward hook on the Linear inside a wrapped fc1
+    (an adapter's base layer, nn.Sequential) kept fc1's output, which GELU then overwrote in place (the hook's
+    'pre-activation' was gelu(pre)); timm's hook sees the pre-activation values."""
+    from zoo.layers import activate_fresh
+
+    torch.manual_seed(0)
+    inner = nn.Linear(4, 8)
+    producer = nn.Sequential(inner)
+    kept = []
+    inner.register_forward_hook(lambda module, args, out: kept.append(out))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        pre = inner(x).clone()
+        kept.clear()
+        activate_fresh(nn.GELU(), producer(x), producer)
+    torch.testing.assert_close(kept[0], pre)
+
+
+def test_class_token_shortcut_is_off_under_backward_hooks():
+    """ViT's last block computed only the class token unless a forward hook watched it: a backward hook on the
+    block's MLP got the gradient of one token, where timm's model gives it every token's."""
+    import zoo
+
+    model = zoo.create_model("vit_debug").eval()
+    shapes = []
+    model.blocks[-1].mlp.register_full_backward_hook(lambda m, gin, gout: shapes.append(tuple(gout[0].shape)))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    assert shapes == [(2, tokens, model.embed_dim)]
+
+
+def test_a_forward_replaced_on_the_block_instance_runs_in_full():
+    """ViT asked the block's class whether forward takes num_queries; a forward replaced on the instance (to
+    instrument it) was then called with num_queries and raised TypeError."""
+    import types
+
+    import zoo
+
+    model = zoo.create_model("vit_debug").eval()
+    block = model.blocks[-1]
+    original = block.forward
+    calls = []
+
+    def instrumented(self, x):
+        calls.append(tuple(x.shape))
+        return original(x)
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        block.forward = types.MethodType(instrumented, block)
+        torch.testing.assert_close(model(x), expected)
+    assert len(calls) == 1
+
+
+def test_rate_and_ratio_checks_take_numpy_floats_and_name_infinities():
+    """check_rates refused np.float32(0.1) as 'not a number in [0, 1)'; check_mlp_ratio let inf / nan reach int()
+    (OverflowError / ValueError naming no argument)."""
+    import numpy as np
+
+    from zoo.layers import check_mlp_ratio, check_rates
+
+    check_rates(drop_rate=np.float32(0.1))
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="mlp_ratio must be a number > 0"):
+            check_mlp_ratio(bad, 16)

@@ -261,3 +261,29 @@ def test_edge_index_fingerprint_weights_stay_bounded():
     huge = torch.full((2, 70_000), 2**62 + 12345)  # the products wrap mod 2**64, in chunks as in one dot
     want_huge = (huge * (2 * torch.arange(70_000) + 1)).sum(1).tolist()
     assert sums(graph._edge_index_fingerprint(huge)) == want_huge
+
+
+def test_weights_replaced_through_data_never_hit_a_stale_entry():
+    """``p.data = t`` keeps the Parameter and its version counter and frees the old storage; the allocator handed
+    its address to a later replacement, the stamp came out equal and TransformerXLRelPos served the table of the
+    old weights (25.7 off). Cache entries now keep the old storage alive, so its address cannot come back."""
+    import copy
+
+    from zoo.attention.relpos_xl import TransformerXLRelPos
+
+    torch.manual_seed(0)
+    module = TransformerXLRelPos(64, 4).eval()
+    q = torch.randn(1, 4, 5, 16)
+    weight = module.linear_pos.weight
+    for replacements in range(1, 6):
+        weight.data = torch.randn(64, 64)
+        with torch.no_grad():
+            module(q, 5, 0.25)  # an entry keyed on these weights
+        for _ in range(replacements):  # replaced, not evaluated: the second one may land on the first's address
+            weight.data = torch.randn(64, 64)
+        with torch.no_grad():
+            _, cached = module(q, 5, 0.25)
+            fresh = copy.deepcopy(module)
+            fresh._table = None
+            _, expected = fresh(q, 5, 0.25)
+        torch.testing.assert_close(cached, expected, rtol=0, atol=0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import operator
 import os
 from collections import abc
@@ -31,7 +32,7 @@ from torch import nn
 __all__ = [
     "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
-    "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp", "refuse_double_backward", "usable_cpus",
+    "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp", "weights_kept_alive", "refuse_double_backward", "usable_cpus",
     "autocast_off", "autocast_dtype",
 ]
 
@@ -80,8 +81,10 @@ def weights_stamp(*tensors: Optional[torch.Tensor]) -> tuple:
     The count of optimizer steps taken in this process (any torch.optim optimizer, fused ones included, which
     update in place without a version bump), and for each tensor its identity, storage address and version
     counter: ``load_state_dict``, ``p.data = t``, ``torch.nn.utils.vector_to_parameters`` or an in-place edit under
-    ``torch.no_grad()`` changes one of them. A cache entry should keep the tensors alive, so that a replaced weight's
-    id and address cannot be reused by its successor. Values changed in place through ``.data``
+    ``torch.no_grad()`` changes one of them. A cache entry must keep the tensors and their storages alive
+    (:func:`weights_kept_alive`), so that a replaced weight's id and address cannot be reused by its successor:
+    ``p.data = t`` keeps the Parameter and its version counter but frees the old storage, whose address the
+    allocator then hands to a later replacement (the stamp came out equal and a stale table was served). Values changed in place through ``.data``
     (``p.data.mul_(m)``) bump no counter and are not seen: edit weights under ``torch.no_grad()`` (``p.mul_(m)``).
     Weights made under ``torch.inference_mode()`` have no version counter: their in-place edits (possible only
     inside inference mode) are not seen either. A cache that may serve grad-mode calls also keys its entries on
@@ -90,6 +93,12 @@ def weights_stamp(*tensors: Optional[torch.Tensor]) -> tuple:
     """
     return (_OPTIMIZER_STEPS[0],) + tuple(
         (id(t), t.data_ptr(), None if t.is_inference() else t._version) for t in tensors if t is not None)
+
+
+def weights_kept_alive(*tensors: Optional[torch.Tensor]) -> tuple:
+    """What a cache entry keyed on :func:`weights_stamp` holds so that the stamp stays unique: each tensor (its id)
+    and a detached view of it (its storage, whose address ``p.data = t`` would otherwise free for reuse)."""
+    return tuple((t, t.detach()) for t in tensors if t is not None)
 
 
 def refuse_double_backward(what: str, instead: str) -> None:
@@ -121,15 +130,16 @@ def check_ints(minimum: int = 1, **values) -> None:
 
 def check_rates(**rates) -> None:
     """ValueError naming the first of ``rates`` (dropout / drop-path probabilities) not a number in [0, 1)."""
-    for name, rate in rates.items():
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    for name, rate in rates.items():  # numbers.Real: numpy floats too (np.float32(0.1) was "not a number")
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
             raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
 
 
 def check_mlp_ratio(mlp_ratio, dim: int) -> None:
     """ValueError unless ``mlp_ratio`` is a number giving the MLP at least one hidden unit at width ``dim``
     (0 used to become ratio 1 through the MLP's default, a negative ratio torch's "negative dimension")."""
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or int(dim * mlp_ratio) < 1:
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not math.isfinite(mlp_ratio) \
+            or int(dim * mlp_ratio) < 1:  # (inf / nan reached int() and its OverflowError / ValueError)
         raise ValueError(f"mlp_ratio must be a number > 0 giving at least one hidden unit, got {mlp_ratio!r}")
 
 
@@ -194,7 +204,10 @@ def is_int(value) -> bool:
         return True
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
-    return hasattr(type(value), "__index__")  # numpy integers (numpy's bool has no __index__)
+    ndim = getattr(value, "ndim", None)
+    if ndim is not None:  # numpy: an integer scalar or 0-d integer array (every ndarray has __index__, floats too)
+        return ndim == 0 and getattr(getattr(value, "dtype", None), "kind", "") in ("i", "u")
+    return hasattr(type(value), "__index__")  # other integer types (numpy's bool has no __index__)
 
 
 def check_reset_classifier(num_classes, global_pool: Optional[str], pools: Sequence[str]) -> None:
@@ -249,13 +262,16 @@ def call_outside_graph(fn, *args):
 
 
 def hooked_within(*modules: nn.Module) -> bool:
-    """True when a forward (pre-)hook is registered globally or on any of ``modules`` or their submodules: a
-    model that takes a shortcut through them (ViT's class-token-only last block) runs them in full instead, so
-    that hooks see what timm's model shows them (every token)."""
+    """True when a forward or backward (pre-)hook is registered globally or on any of ``modules`` or their
+    submodules: a model that takes a shortcut through them (ViT's class-token-only last block) runs them in full
+    instead, so that hooks see what timm's model shows them (every token; a backward hook got one token's
+    gradient before)."""
     registry = nn.modules.module
-    if registry._global_forward_hooks or registry._global_forward_pre_hooks:
+    if (registry._global_forward_hooks or registry._global_forward_pre_hooks or registry._global_backward_hooks
+            or registry._global_backward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for module in modules for m in module.modules())
 
 
 _NUM_QUERIES_TYPES: dict = {}
@@ -267,7 +283,12 @@ def takes_num_queries(block: nn.Module) -> bool:
 
     Under tracing the answer is computed without the per-class cache: filling it inside traced code made
     Dynamo guard on the cache, so every model compiled twice on identical inputs (the second call saw it
-    filled)."""
+    filled).
+
+    A forward set on the instance (``block.forward = types.MethodType(...)``, a common way to instrument a module)
+    replaces the class's: the block runs in full (it was called with ``num_queries`` and raised)."""
+    if "forward" in block.__dict__:
+        return False
     kind = type(block)
     if is_tracing():
         return _forward_takes_num_queries(kind)
@@ -333,8 +354,8 @@ def activate_fresh(act: nn.Module, fresh: torch.Tensor, producer: Optional[nn.Mo
     whose output ``fresh`` is, e.g. an MLP's fc1) with forward hooks: a hook may have kept that tensor.
     """
     if torch.is_grad_enabled() or is_tracing() or _has_forward_hooks(act) or (
-            producer is not None and _has_forward_hooks(producer)):
-        return act(fresh)
+            producer is not None and any(_has_forward_hooks(m) for m in producer.modules())):
+        return act(fresh)  # (producer's submodules too: a hook on a wrapped fc1's inner Linear keeps this tensor)
     kind = type(act)
     if kind is nn.GELU:
         return torch.ops.aten.gelu_(fresh, approximate=act.approximate)

@@ -43,7 +43,8 @@ from zoo.attention.masks import cache_put
 from zoo.attention.modules import Mlp
 from zoo.layers import (
     DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates,
-    check_reset_classifier, hooked_within, new_linear_head, takes_num_queries, to_pair, weights_stamp,
+    check_reset_classifier, hooked_within, new_linear_head, takes_num_queries, to_pair, weights_kept_alive,
+    weights_stamp,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
@@ -325,7 +326,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         with torch.no_grad():
             resized = resize_pos_embed(self.pos_embed, grid, native)
         # the entry keeps pos_embed alive (its id cannot be reused); cache_put: bounded and safe across threads
-        cache_put(self._pos_cache, slot, (key, resized, self.pos_embed), limit=8)
+        cache_put(self._pos_cache, slot, (key, resized, weights_kept_alive(self.pos_embed)), limit=8)
         return resized
 
     def _embed(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -63,7 +63,8 @@ from zoo.attention import capture as _capture
 from zoo.attention.core import attend
 from zoo.attention.masks import cache_put
 from zoo.layers import (
-    check_finite_input, check_like_weights, check_rates, is_tracing, surely_finite, to_pair, weights_stamp,
+    check_finite_input, check_like_weights, check_rates, is_tracing, surely_finite, to_pair, weights_kept_alive,
+    weights_stamp,
 )
 
 __all__ = ["AgentAttention", "agent_biases", "adaptive_pool_matrix"]
@@ -293,7 +294,7 @@ class AgentAttention(nn.Module):
         with torch.no_grad():
             b1, b2 = agent_biases(*params, grid=grid)
             b1, b2 = b1.to(dtype), b2.to(dtype)
-        cache_put(self._bias_cache, key, (versions, b1, b2, params), limit=8)  # a few sizes; safe across threads
+        cache_put(self._bias_cache, key, (versions, b1, b2, weights_kept_alive(*params)), limit=8)  # a few sizes; safe across threads
         return b1, b2
 
     def pool_matrix(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:

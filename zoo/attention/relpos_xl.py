@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention.rope import rope_frequencies
-from zoo.layers import autocast_dtype, check_like_weights, is_tracing, weights_stamp
+from zoo.layers import autocast_dtype, check_like_weights, is_tracing, weights_kept_alive, weights_stamp
 
 __all__ = ["TransformerXLRelPos", "relative_sinusoids", "rel_shift"]
 
@@ -165,7 +165,8 @@ class TransformerXLRelPos(nn.Module):
             with torch.no_grad():
                 sinusoids = relative_sinusoids(1, 2 * new_reach + 1, self.dim, q_offset=new_reach,
                                                device=like.device, dtype=like.dtype)
-                self._table = (key, new_reach, self._project(sinusoids), weight)
+                self._table = (key, new_reach, self._project(sinusoids),
+                               weights_kept_alive(weight, self.linear_pos.bias))
         reach_kept, table_HRD = self._table[1], self._table[2]
         start = reach_kept - top  # row of distance `top` (rows run from +reach down to -reach)
         return table_HRD[:, start:start + length]
