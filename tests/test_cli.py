@@ -680,3 +680,13 @@ def test_bench_relpos_and_maxvit_print_the_run_header_before_timing(monkeypatch,
     with pytest.raises(SystemExit):
         cli.main(["bench", "vision_maxvit", "--model", "maxvit_rmlp_pico_rw_256", "--size", "64", "--odd", "64"])
     assert "--odd 64 equals --size" in capsys.readouterr().err
+
+
+def test_run_summary_prints_small_values_readably(capsys):
+    """The summary table printed every metric with 4 decimals: a fine-tuning learning rate of 6e-6 read 0.0000."""
+    from zoo import cli
+
+    cli._print_summary({"run_dir": "r", "metrics": {"train/lr": 6e-6, "val/acc1": 0.98611, "train/loss": 0.0},
+                        "seconds": 1.0})
+    out = capsys.readouterr().out
+    assert "6.000e-06" in out and "0.9861" in out and "0.0000" in out

@@ -873,3 +873,39 @@ def test_channels_last_takes_a_model_with_5d_parameters():
     assert any(p.dim() == 5 for p in module.model.parameters())
     with torch.no_grad():
         torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_moved_run_keeps_its_best_checkpoint_and_a_finished_run_writes_missing_outputs(tmp_path):
+    """Two ways a resume lost track of a run:
+    * resumed from a moved or copied run_dir, Lightning's ModelCheckpoint dropped best_model_score (dirpath
+      changed) and the first validation replaced best.ckpt with a worse epoch;
+    * interrupted after the last training step (in the final validation / test), the resume had nothing to train
+      and returned saying released/ and metrics.json were kept, though they had never been written."""
+    import shutil
+
+    def best_of(name):
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "best.ckpt", weights_only=False)
+        state = ckpt["callbacks"][next(k for k in ckpt["callbacks"] if "'monitor': 'val/acc1'" in k)]
+        return ckpt["epoch"], float(state["best_model_score"])
+
+    run.train(_karate(tmp_path, "a", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1"))
+    epoch, _ = best_of("a")
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    # the moved run's recorded best score: one no later epoch can beat (an accuracy above 1), so best.ckpt must
+    # stay the epoch it was; a callback that dropped the score rewrote it at the first validation
+    last = tmp_path / "moved" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["callbacks"][next(k for k in ckpt["callbacks"] if "'monitor': 'val/acc1'" in k)]["best_model_score"] = \
+        torch.tensor(2.0)
+    torch.save(ckpt, last)
+    run.train(_karate(tmp_path, "moved", "trainer.max_epochs=5", "trainer.check_val_every_n_epoch=1",
+                      f"ckpt_path={last}"))
+    assert best_of("moved")[0] == epoch  # not rewritten by a validation that did not beat the kept score
+    resumed = torch.load(last, weights_only=False)["callbacks"]
+    assert float(resumed[next(k for k in resumed if "'monitor': 'val/acc1'" in k)]["best_model_score"]) == 2.0
+    # a finished run whose outputs were never written: the resume writes them
+    assert (tmp_path / "a" / "metrics.json").is_file()
+    (tmp_path / "a" / "metrics.json").unlink()
+    result = run.train(_karate(tmp_path, "a", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1",
+                               "export=true", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"))
+    assert (tmp_path / "a" / "metrics.json").is_file() and result["released"] is not None

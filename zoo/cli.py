@@ -164,7 +164,8 @@ def _print_summary(result: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in sorted(result["metrics"].items()):
-        table.add_row(key, f"{value:.4f}")
+        # (small values, e.g. a fine-tuning lr of 6e-6, printed as 0.0000 with 4 decimals)
+        table.add_row(key, f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}")
     table.add_row("train seconds", f"{result['seconds']:.1f}")
     Console().print(table)
     if result.get("last_ckpt"):

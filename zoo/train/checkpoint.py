@@ -118,3 +118,36 @@ class LastCheckpoint(ModelCheckpoint):
                 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The run's best validated checkpoint (``best.ckpt``): a ModelCheckpoint that keeps comparing with the best
+    score after a resume from a run directory that was moved or copied.
+
+    Lightning's ModelCheckpoint restores ``best_model_score`` only when the checkpoint's ``dirpath`` equals the
+    callback's; a run resumed at another path (a moved or copied ``run_dir``) started from no score, so its first
+    validation replaced ``best.ckpt`` with a worse epoch (karate: epoch 0 at 0.53 replaced by epoch 14 at 0.33), with
+    only a warning. Here the score and the kept paths are restored either way, the paths moved to this ``dirpath``
+    (same file names)."""
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key: checkpoints written before this class (configs/callbacks used ModelCheckpoint) and
+        # after it resume each other's best score
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old_dir = state_dict.get("dirpath", self.dirpath)
+        if not old_dir or not self.dirpath or old_dir == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+
+        def moved(path):
+            return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+        self.best_model_score = state_dict["best_model_score"]
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        self.kth_best_model_path = moved(state_dict.get("kth_best_model_path", ""))
+        self.best_k_models = {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}
+        self.last_model_path = moved(state_dict.get("last_model_path", ""))
+        self.best_model_path = moved(state_dict["best_model_path"])

@@ -609,7 +609,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         if cfg.get("ckpt_path"):
             _tidy_for_resume(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        _write_text_atomically(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
     seconds = time.perf_counter() - start
@@ -631,7 +631,10 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     if last.is_file():
         result["last_ckpt"] = str(last)
     if trainer.is_global_zero:
-        if resumed_at_step is not None and int(trainer.global_step) == int(resumed_at_step):
+        finished = resumed_at_step is not None and int(trainer.global_step) == int(resumed_at_step)
+        missing = finished and (not (run_dir / "metrics.json").is_file()
+                                or (cfg.get("export", True) and not (run_dir / "released").is_dir()))
+        if finished and not missing:
             # the checkpoint already stood at max_epochs / max_steps: released/ and metrics.json stay the ones of the
             # run that trained them (their card's training time would read as this call's few seconds)
             print(f"zoo train: the resumed run trained no further step: its checkpoint is at step {resumed_at_step}, "
@@ -639,6 +642,12 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
                   f"{cfg.trainer.get('max_epochs')}, trainer.max_steps={cfg.trainer.get('max_steps', -1)}); raise one "
                   f"of them to train on; released/ and metrics.json are kept as they were", file=sys.stderr)
             return result
+        if missing:
+            # interrupted after its last training step (during the final validation or test): the resume has
+            # nothing to train, but the run never wrote its outputs; they are written now
+            print(f"zoo train: the resumed run's training was already complete (step {resumed_at_step}); writing "
+                  f"the released/ and metrics.json it had not written (their training time counts this call only)",
+                  file=sys.stderr)
         if cfg.get("export", True) and int(trainer.global_step) == 0:
             # trainer.max_epochs=0 / limit_train_batches=0: released/ would hold untrained (or unchanged) weights
             # under a model card of this run; zoo eval scores a checkpoint without training
@@ -647,8 +656,21 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         elif cfg.get("export", True):
             released = export_released(module, datamodule, cfg, run_dir / "released", metrics, seconds)
             result["released"] = str(released) if released is not None else None
-        (run_dir / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "metrics"} | {"metrics": metrics}, indent=2) + "\n")
+        _write_text_atomically(run_dir / "metrics.json", json.dumps(
+            {k: v for k, v in result.items() if k != "metrics"} | {"metrics": metrics}, indent=2) + "\n")
     return result
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """A run's metrics.json / config.yaml through a staged file and a rename (zoo.hub.atomic_write): a kill or a
+    full disk mid-write left an empty or partial file that scripts read."""
+    from zoo.hub import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)
 
 
 def _resume_checkpoint(ckpt_path) -> Optional[tuple[Path, dict]]:
