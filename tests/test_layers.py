@@ -290,6 +290,8 @@ def test_rate_and_ratio_checks_take_numpy_floats_and_name_infinities():
     from zoo.layers import check_mlp_ratio, check_rates
 
     check_rates(drop_rate=np.float32(0.1))
+    check_mlp_ratio(np.float32(4.0), 16)
+    check_mlp_ratio(np.int64(4), 16)
     for bad in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match="mlp_ratio must be a number > 0"):
             check_mlp_ratio(bad, 16)

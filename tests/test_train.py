@@ -901,6 +901,10 @@ def test_moved_run_keeps_its_best_checkpoint_and_a_finished_run_writes_missing_o
     run.train(_karate(tmp_path, "moved", "trainer.max_epochs=5", "trainer.check_val_every_n_epoch=1",
                       f"ckpt_path={last}"))
     assert best_of("moved")[0] == epoch  # not rewritten by a validation that did not beat the kept score
+    # resumed into a new run_dir (no best.ckpt there): the first validation writes one, as Lightning's did
+    run.train(_karate(tmp_path, "fresh", "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=1",
+                      f"ckpt_path={last}"))
+    assert (tmp_path / "fresh" / "checkpoints" / "best.ckpt").is_file()
     resumed = torch.load(last, weights_only=False)["callbacks"]
     assert float(resumed[next(k for k in resumed if "'monitor': 'val/acc1'" in k)]["best_model_score"]) == 2.0
     # a finished run whose outputs were never written: the resume writes them

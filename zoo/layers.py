@@ -138,7 +138,7 @@ def check_rates(**rates) -> None:
 def check_mlp_ratio(mlp_ratio, dim: int) -> None:
     """ValueError unless ``mlp_ratio`` is a number giving the MLP at least one hidden unit at width ``dim``
     (0 used to become ratio 1 through the MLP's default, a negative ratio torch's "negative dimension")."""
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not math.isfinite(mlp_ratio) \
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not math.isfinite(mlp_ratio) \
             or int(dim * mlp_ratio) < 1:  # (inf / nan reached int() and its OverflowError / ValueError)
         raise ValueError(f"mlp_ratio must be a number > 0 giving at least one hidden unit, got {mlp_ratio!r}")
 

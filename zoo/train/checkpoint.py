@@ -138,12 +138,17 @@ class BestCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict) -> None:
         old_dir = state_dict.get("dirpath", self.dirpath)
-        if not old_dir or not self.dirpath or old_dir == self.dirpath:
-            super().load_state_dict(state_dict)
-            return
 
         def moved(path):
             return os.path.join(self.dirpath, os.path.basename(path)) if path else path
+
+        # a moved / copied run has its best.ckpt here; a run resumed into a new run_dir (ckpt_path= of another
+        # run) has none, and keeping the old score would leave it without best.ckpt unless a later epoch beat it:
+        # Lightning's behaviour then (the first validation writes best.ckpt)
+        best = state_dict.get("best_model_path")
+        if not old_dir or not self.dirpath or old_dir == self.dirpath or not best or not os.path.isfile(moved(best)):
+            super().load_state_dict(state_dict)
+            return
 
         self.best_model_score = state_dict["best_model_score"]
         self.kth_value = state_dict.get("kth_value", self.kth_value)
