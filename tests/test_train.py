@@ -913,3 +913,21 @@ def test_moved_run_keeps_its_best_checkpoint_and_a_finished_run_writes_missing_o
     result = run.train(_karate(tmp_path, "a", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1",
                                "export=true", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"))
     assert (tmp_path / "a" / "metrics.json").is_file() and result["released"] is not None
+
+
+def test_validate_then_fit_the_same_module():
+    """Trainer.validate runs under inference mode and left the metrics' states as inference tensors; a later
+    Trainer.fit of the same module failed in its validation ("Inplace update to inference tensor outside
+    InferenceMode"). The base module renews such states at the start of each stage."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    module = ImageClassifier(zoo.create_model("vit_debug", num_classes=3), num_classes=3)
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
+    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   accelerator="cpu", num_sanity_val_steps=0)
+    pl.Trainer(**options).validate(module, dataloaders=loader, verbose=False)
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=1, **options)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert trainer.global_step == 2 and "val/acc1" in trainer.callback_metrics

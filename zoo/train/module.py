@@ -137,6 +137,34 @@ class ZooModule(pl.LightningModule):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    # -------------------------------------------------------------- metric states across Trainer calls
+    def _renew_inference_metric_states(self) -> None:
+        """Reset the torchmetrics metrics whose states are inference tensors, when this stage does not run under
+        inference mode. ``Trainer.validate`` / ``test`` run under ``torch.inference_mode`` and the epoch-end reset
+        leaves inference-tensor states; a later ``Trainer.fit`` of the same module (whose validation runs
+        outside inference mode) then failed in the first in-place update ("Inplace update to inference tensor
+        outside InferenceMode")."""
+        if torch.is_inference_mode_enabled():
+            return
+        from torchmetrics import Metric
+
+        def inference(value) -> bool:
+            values = value if isinstance(value, list) else [value]
+            return any(isinstance(v, torch.Tensor) and v.is_inference() for v in values)
+
+        for metric in self.modules():
+            if isinstance(metric, Metric) and any(inference(v) for v in metric.metric_state.values()):
+                metric.reset()
+
+    def on_fit_start(self) -> None:
+        self._renew_inference_metric_states()
+
+    def on_validation_start(self) -> None:
+        self._renew_inference_metric_states()
+
+    def on_test_start(self) -> None:
+        self._renew_inference_metric_states()
+
     # -------------------------------------------------------------- determinism
     def on_train_batch_start(self, batch, batch_idx) -> None:
         seed = hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) % (2**31 - 1)
