@@ -240,13 +240,19 @@ def python_size(n):
     return n if isinstance(n, torch.SymInt) else int(n)
 
 
+def in_torch_func() -> bool:
+    """True inside a torch.func transform (vmap, grad, jacrev, ...): custom autograd Functions without functorch
+    rules cannot run there, and the transform hides its inputs' requires_grad (functorch levels)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def is_tracing() -> bool:
     """True under torch.jit tracing/scripting (used by ONNX's TorchScript exporter), torch.compile/export, or a
     torch.func transform (vmap, grad, jacrev, ...): no data-dependent Python (``.item()`` checks), no caches keyed on
     storage (batched tensors have none)."""
     if torch._C._get_tracing_state() is not None or torch.jit.is_scripting():
         return True
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    return torch.compiler.is_compiling() or in_torch_func()
 
 
 def call_outside_graph(fn, *args):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.attention.masks import Causal, Mask
-from zoo.layers import call_outside_graph, is_tracing, python_size
+from zoo.layers import call_outside_graph, in_torch_func, is_tracing, python_size
 
 __all__ = [
     "Backend",
@@ -245,7 +245,7 @@ def functorch_biased(bias) -> bool:
     call to its flash kernel, which has no attn_mask gradient, and the transform fails ("not differentiable with
     respect to argument 'attn_mask'") even when only the input is differentiated. Inside the transform the bias
     reports requires_grad=False (functorch levels), so any biased call there goes to the reference backend."""
-    return isinstance(bias, torch.Tensor) and torch._C._are_functorch_transforms_active()
+    return isinstance(bias, torch.Tensor) and in_torch_func()
 
 
 def _sdpa_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):

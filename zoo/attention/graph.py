@@ -58,7 +58,7 @@ from zoo.attention.segment import (
     segment_softmax,
     segment_softmax_aggregate,
 )
-from zoo.layers import call_outside_graph, check_flag, check_like_weights, is_tracing
+from zoo.layers import call_outside_graph, check_flag, check_like_weights, in_torch_func, is_tracing
 
 __all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure", "CachedGraphLayer"]
 
@@ -438,7 +438,7 @@ class CachedGraphLayer(MessagePassing):
         functorch query is left out of torch.compile's traced code (it would break the graph there)."""
         if self._message_passing_observed():
             return True
-        return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+        return not torch.compiler.is_compiling() and in_torch_func()
 
     def _graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
         # Validating edge_index, dropping and adding self loops and sorting into a CSR are data-dependent (the

@@ -54,7 +54,7 @@ import torch
 from zoo.attention import backends as _backends
 from zoo.attention.masks import EMPTY, PARTIAL, And, BlockSparse, Causal, ChunkWindow, Mask, Or, as_mask, cache_put
 from zoo.attention.radial import Radial
-from zoo.layers import autocast_off, exp_flushed_ as _exp_flushed_, is_tracing, refuse_double_backward, to_pair
+from zoo.layers import autocast_off, exp_flushed_ as _exp_flushed_, in_torch_func, is_tracing, refuse_double_backward, to_pair
 
 __all__ = ["block_sparse_attention", "choose_tiles", "AUTO_MAX_KEPT", "AUTO_MIN_CELLS", "DEFAULT_TILE"]
 
@@ -779,7 +779,7 @@ def _supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
         return "dropout_p > 0 (the block-sparse path has no dropout)"
     if return_weights:
         return "return_weights=True (the block-sparse path does not form the attention matrix)"
-    if torch._C._are_functorch_transforms_active():  # (is_tracing() is true here too: named first)
+    if in_torch_func():  # (is_tracing() is true here too: named first)
         return "a torch.func transform (the block-sparse autograd Function has no functorch rules)"
     if is_tracing():
         return "tracing / export (the block-sparse path loops in Python)"
