@@ -208,16 +208,13 @@ def load_model_and_transform(ckpt: str, model_name: Optional[str] = None) -> tup
     preprocesses as the evaluation split does, as zoo predict does for those.
     """
     if model_name is None and Path(ckpt).exists() and Path(ckpt).suffix != ".ckpt":
-        from zoo.train.run import _released_without_run
+        from zoo.train.run import _released_without_run, released_eval_transform
 
         _import_vision_models()
         released = _released_without_run(ckpt)
         if released is not None:
-            import timm.data
-
             model, info = released
-            # the transform zoo predict builds from the same info (zoo/train/run.py predict)
-            return model, timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=info["data_config"]))
+            return model, released_eval_transform(info["data_config"])  # the transform zoo predict builds
     return load_model(ckpt, model_name), None
 
 

@@ -663,21 +663,23 @@ class MultiHeadAttention(nn.Module):
         return out_BNC
 
 
-def _window_leaves(mask) -> list:
-    """The Window / ChunkWindow masks of ``mask``, through any ``&`` / ``|`` combination (the others, e.g.
-    Segments or a bool tensor, say nothing about how far back a query looks)."""
+def _mask_parts(mask) -> list:
+    """The masks ``mask`` combines through any ``&`` / ``|`` (itself when it combines none)."""
     if isinstance(mask, (And, Or)):
-        return _window_leaves(mask.a) + _window_leaves(mask.b)
-    return [mask] if isinstance(mask, (Window, ChunkWindow)) else []
+        return _mask_parts(mask.a) + _mask_parts(mask.b)
+    return [mask]
+
+
+def _window_leaves(mask) -> list:
+    """The Window / ChunkWindow parts of ``mask`` (the others, e.g. Segments or a bool tensor, say nothing about
+    how far back a query looks)."""
+    return [part for part in _mask_parts(mask) if isinstance(part, (Window, ChunkWindow))]
 
 
 def _segment_kv_ids(mask) -> list:
-    """The key ids of every Segments (or SegmentWindow) part of ``mask``, through ``&`` / ``|``."""
-    if isinstance(mask, (And, Or)):
-        return _segment_kv_ids(mask.a) + _segment_kv_ids(mask.b)
-    if isinstance(mask, SegmentWindow):
-        mask = mask.segments
-    return [mask.kv_ids] if isinstance(mask, Segments) else []
+    """The key ids of every Segments (or SegmentWindow) part of ``mask``."""
+    parts = (part.segments if isinstance(part, SegmentWindow) else part for part in _mask_parts(mask))
+    return [part.kv_ids for part in parts if isinstance(part, Segments)]
 
 
 def _needed_history(mask) -> tuple:

@@ -155,4 +155,4 @@ class BestCheckpoint(ModelCheckpoint):
         self.kth_best_model_path = moved(state_dict.get("kth_best_model_path", ""))
         self.best_k_models = {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}
         self.last_model_path = moved(state_dict.get("last_model_path", ""))
-        self.best_model_path = moved(state_dict["best_model_path"])
+        self.best_model_path = moved(best)

@@ -264,14 +264,13 @@ def _check_graph_model_kind(cfg) -> None:
     name, wanted = model.get("name"), data.get("model_kind")
     if not isinstance(name, str) or not isinstance(wanted, str) or not zoo.is_model(name):
         return
-    kinds = ("node", "graph", "dictlookup")
+    kind = _graph_model_kind(name)
     # only the built-in naming (<conv>_<kind>): a model a user registered under another name is not judged by it
-    if zoo.get_model_entry(name).task != "graph" or _graph_model_kind(name) not in kinds \
-            or _graph_model_kind(name) == wanted:
+    if zoo.get_model_entry(name).task != "graph" or kind not in ("node", "graph", "dictlookup") or kind == wanted:
         return
     matching = [m for m in zoo.list_models("*", task="graph") if _graph_model_kind(m) == wanted]
     data_name = data.get("name") or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
-    raise ValueError(f"model {name} reads {_graph_model_kind(name)} batches but data {data_name} gives "
+    raise ValueError(f"model {name} reads {kind} batches but data {data_name} gives "
                      f"{wanted} batches: use model.name=<one of {', '.join(matching)}> (or model=gat|gatv2, "
                      f"which picks <conv>_{wanted})")
 
@@ -666,11 +665,7 @@ def _write_text_atomically(path: Path, text: str) -> None:
     full disk mid-write left an empty or partial file that scripts read."""
     from zoo.hub import atomic_write
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _resume_checkpoint(ckpt_path) -> Optional[tuple[Path, dict]]:
@@ -1009,6 +1004,14 @@ def load_for_inference(ckpt: str | os.PathLike):
     return model.eval(), info
 
 
+def released_eval_transform(data_config: dict):
+    """timm's evaluation transform of a released model's ``pretrained_cfg`` (crop_pct, interpolation, mean/std):
+    how zoo predict (and zoo viz after it) preprocesses a model released without a zoo train record."""
+    import timm.data
+
+    return timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=data_config))
+
+
 def _released_without_run(ckpt: str | os.PathLike):
     """(model, info) of a released directory whose config.json has no zoo train record, else None."""
     import zoo
@@ -1137,12 +1140,10 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch
         raise ValueError("no inputs given (input=<image file | folder | digits:<index>>)")
     transform = None
     if info.get("data_config"):  # a model released without a zoo train record: timm's evaluation transform
-        import timm.data
-
         height, width = info["data_config"]["input_size"][1:]
         if height != width:
             raise ValueError(f"{ckpt}: zoo predict resizes to square inputs; this model takes {height} x {width}")
-        transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=info["data_config"]))
+        transform = released_eval_transform(info["data_config"])
     tensors = [
         _digits_image(label, img_size, in_chans, mean, std, transform) if source == "digits"
         else load_image_file(source, img_size, in_chans, mean, std, transform=transform)
