@@ -51,7 +51,7 @@ class _GraphModule(ZooModule):
                  ema_decay: float = 0.0, torch_compile: bool | str | None = None):
         super().__init__(model, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, torch_compile=torch_compile,
                          seed=seed)
-        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.weight_decay = float(weight_decay)  # self.lr is the base module's (Lightning's lr finder sets it)
         if stop_at_acc is not None and (isinstance(stop_at_acc, bool) or not isinstance(stop_at_acc, (int, float))
                                         or not 0.0 < stop_at_acc <= 1.0):
             raise ValueError(f"stop_at_acc must be an accuracy in (0, 1] or null, got {stop_at_acc!r}")

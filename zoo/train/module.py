@@ -16,7 +16,11 @@ The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and
 * optional channels-last memory format for the model and its inputs;
 * optional ``torch.compile`` of the model (``torch_compile``: a backend name, or True for inductor; timm's
   ``--torchcompile``). The model is compiled in place (``nn.Module.compile``), so its state-dict keys, the
-  checkpoints and the released weights are the same as without; the EMA copy stays eager.
+  checkpoints and the released weights are the same as without; the EMA copy stays eager;
+* Lightning's own entry points: ``Module.load_from_checkpoint(path)`` rebuilds the model from the ``model_name``
+  / ``model_args`` in the checkpoint (``model=`` still overrides), and ``lr`` is a live attribute, so Lightning's
+  learning-rate finder (``Tuner(trainer).lr_find(module)``, which sets ``module.lr`` and ``hparams.lr``) sets the
+  rate the next ``fit`` trains with.
 """
 from __future__ import annotations
 
@@ -116,6 +120,47 @@ class ZooModule(pl.LightningModule):
         )
         self.seed = int(seed)
 
+    @property
+    def lr(self) -> float:
+        """The base learning rate of the next ``configure_optimizers`` (each parameter group gets it times its
+        layer-decay scale). Settable, as Lightning's learning-rate finder does (``lr_find(update_attr=True)``
+        writes ``module.lr`` and ``module.hparams.lr``): the rate used to be read from a private copy taken at
+        construction, so the finder's suggestion was silently ignored."""
+        return self._opt_cfg["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        if _real("lr", value) <= 0:
+            raise ValueError(f"lr must be positive, got {value!r}")
+        self._opt_cfg["lr"] = float(value)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, with the model rebuilt from the checkpoint when ``model=`` is not
+        given: ``zoo.create_model(model_name, **model_args)`` from the hyper-parameters every zoo module records
+        (``record_model_spec``). The model is not a hyper-parameter (it is an ``nn.Module``), so Lightning's own
+        method failed with "missing 1 required positional argument: 'model'"."""
+        if "model" not in kwargs:
+            kwargs["model"] = cls._model_from_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    @classmethod
+    def _model_from_checkpoint(cls, checkpoint_path) -> nn.Module:
+        import os
+
+        import zoo
+
+        if not isinstance(checkpoint_path, (str, os.PathLike)):
+            raise TypeError(f"{cls.__name__}.load_from_checkpoint: give the checkpoint as a path to rebuild its model, "
+                            f"or pass model=<nn.Module> with a {type(checkpoint_path).__name__}")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        name = (hparams or {}).get("model_name")
+        if not isinstance(name, str):
+            raise ValueError(f"{checkpoint_path}: its hyper-parameters have no model_name (the model was not built by "
+                             f"zoo.create_model): pass model=<the nn.Module> to {cls.__name__}.load_from_checkpoint")
+        return zoo.create_model(name, **dict(hparams.get("model_args") or {}))
+
     # -------------------------------------------------------------- bookkeeping
     def record_model_spec(self, extra: Optional[dict[str, Any]] = None) -> None:
         """Put the model's registry name/arguments (and ``extra``) into the saved hyper-parameters."""
@@ -197,7 +242,7 @@ class ZooModule(pl.LightningModule):
         return max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
 
     def configure_optimizers(self):
-        cfg = self._opt_cfg
+        cfg = self._opt_cfg  # cfg["lr"] is self.lr
         groups = param_groups(self.model, cfg["weight_decay"], cfg["layer_decay"])
         for group in groups:
             group["lr"] = cfg["lr"] * group["lr_scale"]
