@@ -2,6 +2,7 @@
 family), as timm's create_model(pretrained=True, ...) does; and timm's list_models(pretrained=True)."""
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -87,3 +88,29 @@ def test_list_models_pretrained_names_the_loadable_weights():
     for name in names:
         assert zoo.hub.shipped_checkpoint(name) is not None or zoo.hub.timm_hub_id(name) is not None
     assert zoo.list_models("vit_*", pretrained=True) == [n for n in names if n.startswith("vit_")]
+
+
+def test_list_models_takes_timms_filter_and_include_tags(tmp_path, monkeypatch):
+    """timm's keywords: filter= (the pattern's name in timm) was a TypeError, include_tags= too, and
+    list_models("vit_tiny_patch16_224.*") was empty although the tagged names build. With include_tags the listing
+    equals timm's own for the registered architectures; with pretrained=True (include_tags defaults to it, as in
+    timm) the tagged names whose weights are in the local Hugging Face cache."""
+
+    assert zoo.list_models(filter="vit_tiny*") == zoo.list_models("vit_tiny*") != []
+    with pytest.raises(TypeError, match="not both"):
+        zoo.list_models("vit*", filter="vit_tiny*")
+    tagged = zoo.list_models("vit_tiny*", include_tags=True)
+    registered = set(zoo.list_models("vit_tiny*"))
+    assert tagged == sorted(n for n in timm.list_models("vit_tiny*", include_tags=True) if n.split(".")[0] in registered)
+    assert "vit_tiny_patch16_224.augreg_in21k" in tagged and all(zoo.is_model(n) for n in tagged)
+    assert zoo.list_models("vit_tiny_patch16_224.*", include_tags=True) == [
+        n for n in tagged if n.startswith("vit_tiny_patch16_224.")]
+    assert zoo.list_models("vit_digits", include_tags=True) == ["vit_digits"]  # no timm tags: the name itself
+    assert "vit_tiny_patch16_224.augreg_in21k" not in zoo.list_models("vit_tiny*", include_tags=True,
+                                                                         exclude_filters="*augreg_in21k")
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    (tmp_path / "models--timm--vit_tiny_patch16_224.augreg_in21k").mkdir()
+    assert zoo.list_models("vit_tiny*", pretrained=True) == ["vit_tiny_patch16_224.augreg_in21k"]
+    assert zoo.list_models("vit_tiny*", pretrained=True, include_tags=False) == []  # its default tag is not cached
+    assert "vit_digits" in zoo.list_models(pretrained=True)

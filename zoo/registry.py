@@ -144,15 +144,34 @@ def _document_constructor(f: Callable[..., nn.Module], model_name: str) -> None:
 
 
 def list_models(pattern: str | Iterable[str] = "*", *, task: str | None = None, family: str | None = None,
-                exclude_filters: str | Iterable[str] = (), pretrained: bool = False) -> list[str]:
+                exclude_filters: str | Iterable[str] = (), pretrained: bool = False,
+                include_tags: Optional[bool] = None, filter: str | Iterable[str] | None = None) -> list[str]:
     """Sorted registered names matching a shell-style ``pattern`` (or any of several patterns; ``""`` matches
-    every name, as in timm) and none of ``exclude_filters`` (timm's keyword). ``pretrained=True`` (timm's keyword)
-    keeps the names that ``create_model(name, pretrained=True)`` can load here, offline: a checkpoint shipped with
-    the zoo, or timm's weights for the name already in the Hugging Face cache (timm lists the names that have
-    weights to download; the zoo never downloads)."""
+    every name, as in timm) and none of ``exclude_filters`` (timm's keyword). ``filter`` is timm's name for
+    ``pattern`` (``timm.list_models(filter=...)``); give one or the other.
+
+    ``pretrained=True`` (timm's keyword) keeps the names that ``create_model(name, pretrained=True)`` can load here,
+    offline: a checkpoint shipped with the zoo, or timm's weights already in the Hugging Face cache (timm lists the
+    names that have weights to download; the zoo never downloads).
+
+    ``include_tags`` (timm's keyword; default: the value of ``pretrained``, as in timm) lists timm's tagged names
+    ``<name>.<tag>`` -- one per pretrained configuration timm knows for the name, the untagged name when it has none
+    (the zoo's own models) -- and a pattern without a tag also matches every tag of the names it matches
+    (``"vit_tiny*"`` lists ``vit_tiny_patch16_224.augreg_in21k``), as timm's filter expansion does. With
+    ``pretrained=True`` a tagged name is kept when its weights are in the local cache.
+    """
     _import_model_modules()
     if not isinstance(pretrained, bool):
         raise TypeError(f"list_models: pretrained must be True or False, got {pretrained!r}")
+    if include_tags is None:
+        include_tags = pretrained
+    if not isinstance(include_tags, bool):
+        raise TypeError(f"list_models: include_tags must be True, False or None, got {include_tags!r}")
+    if filter is not None:
+        if not (isinstance(pattern, str) and pattern == "*"):
+            raise TypeError("list_models: give the pattern either as the first argument or as filter= (timm's name), "
+                            f"not both (got {pattern!r} and filter={filter!r})")
+        pattern = filter
 
     def as_patterns(value, what: str, allow_empty: bool) -> list[str]:
         patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else None
@@ -161,20 +180,36 @@ def list_models(pattern: str | Iterable[str] = "*", *, task: str | None = None, 
                             f"of str, got {value!r}")
         return patterns
 
-    patterns = [p or "*" for p in as_patterns(pattern, "pattern", False)]
+    patterns = [p or "*" for p in as_patterns(pattern, "filter" if filter is not None else "pattern", False)]
     excluded = [p for p in as_patterns(exclude_filters, "exclude_filters", True) if p]
+    if include_tags:  # timm's _expand_filter: an untagged pattern also matches the names' tags
+        patterns = [q for p in patterns for q in ((p,) if "." in p else (p, p + ".*"))]
+        excluded = [q for p in excluded for q in ((p,) if "." in p else (p, p + ".*"))]
     names = []
     for model_name, entry in _REGISTRY.items():
         if task is not None and entry.task != task:
             continue
         if family is not None and entry.family != family:
             continue
-        if any(fnmatch.fnmatchcase(model_name, p) for p in patterns) and not any(
-                fnmatch.fnmatchcase(model_name, p) for p in excluded):
-            names.append(model_name)
+        for listed in _tagged_names(model_name) if include_tags else (model_name,):
+            if any(fnmatch.fnmatchcase(listed, p) for p in patterns) and not any(
+                    fnmatch.fnmatchcase(listed, p) for p in excluded):
+                names.append(listed)
     if pretrained:
         names = [name for name in names if _loadable_offline(name)]
     return sorted(names)
+
+
+def _tagged_names(name: str) -> tuple[str, ...]:
+    """timm's tagged names for registered ``name`` (``<name>.<tag>`` per pretrained configuration timm knows), or
+    ``(name,)`` when timm knows none (the zoo's own models), as timm's list_models(include_tags=True)."""
+    try:
+        from timm.models import get_arch_pretrained_cfgs
+
+        tagged = tuple(get_arch_pretrained_cfgs(name))
+    except Exception:  # timm absent, or a name timm does not register
+        tagged = ()
+    return tagged or (name,)
 
 
 def _loadable_offline(name: str) -> bool:
