@@ -673,6 +673,16 @@ def test_seed_controls_the_run_and_default_callbacks_and_loggers(tmp_path):
                (("a", first), ("b", same), ("c", other))}
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
     assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+    # seed= reaches the data too (timm's --seed): another first training batch (order and shift augmentation) on
+    # the same validation split; the data configs' seed was a fixed 0, so only the weights' init changed
+    batches, splits = {}, {}
+    for seed in (1, 2):
+        _, datamodule = run.build(_cfg(tmp_path, f"data{seed}", f"seed={seed}", *options))
+        datamodule.setup("fit")
+        batches[seed] = next(iter(datamodule.train_dataloader()))
+        splits[seed] = (datamodule.val_set.images, datamodule.val_set.labels)
+    assert not torch.equal(batches[1][0], batches[2][0]) and not torch.equal(batches[1][1], batches[2][1])
+    assert all(torch.equal(a, b) for a, b in zip(splits[1], splits[2]))
     run_dir = Path(first["run_dir"])
     rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
     assert "val/acc1" in rows[0] and len(rows) > 1
@@ -991,3 +1001,63 @@ def test_lightning_lr_finder_sets_the_rate_fit_trains_with(tmp_path):
     assert max(group["initial_lr"] for group in groups) == pytest.approx(suggested)  # the head's group: scale 1
     with pytest.raises(ValueError, match="lr must be positive"):
         module.lr = 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixup_and_cutmix_under_a_low_precision_default_dtype(dtype):
+    """trainer.precision=bf16-true / 16-true make the low precision torch's default dtype inside training_step:
+    Beta(alpha, alpha).sample() failed ("dirichlet" not implemented for 'BFloat16') and soft_targets built bf16
+    rows that do not sum to 1 (audit 2026-12-06). Draws and targets are float32 now, and a float32 run draws
+    exactly the numbers it drew before (the reference: the former draws under the float32 default)."""
+    x = torch.randn(6, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    torch.manual_seed(0)
+    former = (float(torch.rand(())), float(torch.rand(())), float(torch.distributions.Beta(0.4, 0.4).sample()))
+    torch.manual_seed(0)
+    assert mix_batch(x, soft_targets(labels, 10, 0.1), 0.4, 1.0, switch_prob=former[1] - 1e-7)[2] == former[2]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        targets = soft_targets(labels, 10, smoothing=0.1)
+        assert targets.dtype == torch.float32
+        torch.testing.assert_close(targets.sum(-1), torch.ones(6, dtype=torch.float32))
+        assert float(targets[0, 0]) == pytest.approx(0.91, abs=1e-7)
+        low = x.to(dtype)
+        kinds = set()
+        for _ in range(20):
+            mixed, mixed_t, lam, kind = mix_batch(low, targets, mixup_alpha=0.4, cutmix_alpha=1.0)
+            kinds.add(kind)
+            assert mixed.dtype == dtype and mixed_t.dtype == torch.float32 and 0.0 <= lam <= 1.0
+            torch.testing.assert_close(mixed_t.sum(-1), torch.ones(6, dtype=torch.float32))
+        assert kinds == {"mixup", "cutmix"}
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_bf16_true_training_with_mixup_and_cutmix(tmp_path):
+    """A trainer.precision=bf16-true fit with mixup + CutMix trains (it failed in its first training step)."""
+    cfg = _cfg(tmp_path, "bf16true", "trainer.precision=bf16-true", "task.mixup_alpha=0.8", "task.cutmix_alpha=1.0",
+               "trainer.limit_train_batches=2", "trainer.max_epochs=1")
+    module, datamodule, trainer = _build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2 and torch.get_default_dtype() == torch.float32
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_mix_and_schedule_options_must_be_finite_numbers():
+    """task.mixup_alpha=nan silently turned mixup off, inf replaced every image by its partner, "0.8" gave a bare
+    TypeError, and task.min_lr_ratio=2 made the cosine "decay" rise to twice lr (docs: a fraction of lr; audit
+    2026-12-06): each is refused in one line naming the option."""
+    model = zoo.create_model("vit_debug")
+    for name in ("mixup_alpha", "cutmix_alpha", "mix_prob", "label_smoothing"):
+        for value in (float("nan"), float("inf"), "0.8"):
+            with pytest.raises(ValueError, match=rf"^{name} must be a finite number, got {value!r}$"):
+                ImageClassifier(model, **{name: value})
+    with pytest.raises(ValueError, match=r"^mixup_alpha must be >= 0.0, got -0.1$"):
+        ImageClassifier(model, mixup_alpha=-0.1)
+    with pytest.raises(ValueError, match=r"^mix_prob must be in \[0, 1\] .*got 1.5$"):
+        ImageClassifier(model, mix_prob=1.5)
+    with pytest.raises(ValueError, match=r"^min_lr_ratio must be in \[0, 1\] \(the final lr as a fraction of lr\), got 2.0$"):
+        ImageClassifier(model, min_lr_ratio=2.0)
+    module = ImageClassifier(model, min_lr_ratio=1.0, mixup_alpha=0.8, cutmix_alpha=1, mix_prob=0)  # the limits
+    assert (module.mixup_alpha, module.cutmix_alpha, module.mix_prob) == (0.8, 1.0, 0.0)

@@ -370,3 +370,108 @@ def test_sixteen_bit_and_float_images_read_as_their_eight_bit_originals(tmp_path
     module.setup("test")
     with pytest.raises(ValueError, match=r"bad\.png is not a readable image"):
         [module.test_set[i] for i in range(len(module.test_set))]
+
+
+def test_numeric_data_options_are_checked_and_named(tmp_path):
+    """data.shift=-3 silently turned the shift augmentation off (and 1.7 became 1), a NaN rotate / scale made every
+    augmented image NaN, scale >= 1 zoomed by 1 + scale * u <= 0, and val_fraction='x' was a bare float() error
+    (audit 2026-12-06): each is refused in one line naming the option."""
+    for kwargs, message in [
+        (dict(shift=-3), r"shift must be an integer >= 0, got -3"),
+        (dict(shift=1.7), r"shift must be an integer >= 0, got 1.7"),
+        (dict(shift="1"), r"shift must be an integer >= 0, got '1'"),
+        (dict(rotate=float("nan")), r"rotate \(degrees\) must be a number in \[0.0, 180.0\], got nan"),
+        (dict(rotate=-10.0), r"rotate \(degrees\) must be a number in \[0.0, 180.0\]"),
+        (dict(scale=1.0), r"scale must be a number in \[0.0, 1.0\), got 1.0"),
+        (dict(scale=float("inf")), r"scale must be a number in \[0.0, 1.0\), got inf"),
+        (dict(val_fraction="x"), r"val_fraction must be a number in \[0.0, 1.0\), got 'x'"),
+        (dict(val_fraction=float("nan")), r"val_fraction must be a number in \[0.0, 1.0\), got nan"),
+        (dict(seed=1.5), r"seed must be an integer, got 1.5"),
+        (dict(split_seed="a"), r"split_seed must be an integer >= 0, got 'a'"),
+        (dict(crop_pct=0.0), r"crop_pct must be a number in \(0, 1\] .*or 'model'.*got 0.0"),
+        (dict(crop_pct=float("nan")), r"crop_pct must be a number in \(0, 1\]"),
+        (dict(interpolation="nearest"), r"interpolation must be bilinear, bicubic or 'model'.*got 'nearest'"),
+        (dict(crop_pct=0.875), r"the digits are evaluated uncropped with a bilinear resize"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            vdata.DigitsDataModule(augment="shift", **kwargs)
+    _write_images(tmp_path, "train", ["cat", "dog"], 3)
+    with pytest.raises(ValueError, match=r"crop_pct must be a number in \(0, 1\]"):
+        vdata.ImageFolderDataModule(str(tmp_path), img_size=8, mean=0.5, std=0.5, crop_pct=1.5)
+    assert vdata.DigitsDataModule(augment="shift", shift=0, rotate=0.0, scale=0.0).shift == 0  # the limits are valid
+
+
+def test_seed_draws_the_order_and_augmentation_and_split_seed_the_validation_split():
+    """data.seed drove both the training order / augmentation and the validation split, and the data configs fixed
+    it at 0, so zoo train seed=S (timm's --seed) changed neither; with the seed now ${seed}, the split has its own
+    split_seed, so runs of different seeds validate on the same images (audit 2026-12-06)."""
+    def module(**kwargs):
+        dm = vdata.DigitsDataModule(augment="shift", batch_size=32, **kwargs)
+        dm.setup()
+        return dm
+
+    one, two, split = module(seed=1), module(seed=2), module(seed=1, split_seed=1)
+    assert torch.equal(one.val_set.images, two.val_set.images) and torch.equal(one.val_set.labels, two.val_set.labels)
+    assert not torch.equal(one.val_set.labels, split.val_set.labels)
+    assert torch.equal(one.train_set.labels, two.train_set.labels)  # the same training images ...
+    first, second = next(iter(one.train_dataloader())), next(iter(two.train_dataloader()))
+    assert not torch.equal(first[1], second[1])  # ... in another order
+    shifted = [not torch.equal(one.train_set[i][0], two.train_set[i][0]) for i in range(20)]
+    assert any(shifted)  # ... and another augmentation of the same image
+    again = next(iter(module(seed=1).train_dataloader()))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    expected = torch.tensor(load_digits().target[vdata.digits_splits(0.1, 0)["val"]])  # split_seed's default, 0
+    assert torch.equal(module(seed=5).val_set.labels, expected)
+
+
+
+def test_image_folder_validation_split_follows_split_seed_only(tmp_path):
+    """The image folder's held-out images (val_fraction of train/) are drawn by split_seed, not by seed."""
+    _write_images(tmp_path, "train", ["cat", "dog"], 10)
+
+    def held_out(**kwargs):
+        dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, mean=0.5, std=0.5, val_fraction=0.3, num_classes=2,
+                                         **kwargs)
+        dm.setup()
+        return dm.val_set.indices
+
+    assert held_out(seed=1) == held_out(seed=2) != held_out(seed=1, split_seed=1)
+
+
+@pytest.mark.parametrize("shape", [(61, 47), (30, 90)])
+def test_model_crop_and_interpolation_evaluate_as_timm(tmp_path, shape):
+    """Image folders evaluated with a bilinear resize and no crop, while timm's train.py / validate.py evaluate with
+    the model's pretrained_cfg (vit_debug: bicubic, crop_pct 0.9). data.crop_pct=model data.interpolation=model give
+    timm's evaluation transform, and eval_preprocessing() (recorded with released weights, what zoo predict and
+    timm.data.create_transform read back) names the transform used (audit 2026-12-06)."""
+    import timm.data
+
+    import zoo
+
+    _write_images(tmp_path, "train", ["cat", "dog"], 3, size=shape)
+    model = zoo.create_model("vit_debug", num_classes=2)  # 32 px, bicubic, crop_pct 0.9, ImageNet statistics
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=32, mean="model", std="model", crop_pct="model",
+                                     interpolation="model", val_fraction=0.5, num_classes=2)
+    dm.adopt_model_stats(model)
+    dm.setup()
+    assert dm.eval_preprocessing() == {"crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic"}
+    timm_eval = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+    recorded = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=dict(
+        input_size=(3, 32, 32), mean=dm.mean, std=dm.std, **dm.eval_preprocessing())))
+    for index in range(len(dm.val_set)):
+        path = dm.val_set.base.samples[dm.val_set.indices[index]][0]
+        image = Image.open(path).convert("RGB")
+        ours = dm.val_set[index][0]
+        assert ours.shape == (3, 32, 32)
+        std = torch.tensor(dm.std).view(3, 1, 1)
+        for theirs in (timm_eval(image), recorded(image)):
+            assert float(((ours - theirs) * std).abs().max()) <= 1 / 255 + 1e-6  # within one 8-bit level
+        # what a predictor given the recorded facts computes (load_image_file: zoo predict's reader)
+        torch.testing.assert_close(vdata.load_image_file(path, 32, 3, dm.mean, dm.std, **dm.eval_preprocessing()), ours)
+    # the default still resizes bilinearly without a crop, and records that
+    plain = vdata.ImageFolderDataModule(str(tmp_path), img_size=32, mean=0.5, std=0.5, val_fraction=0.5, num_classes=2)
+    plain.adopt_model_stats(model)
+    assert plain.eval_preprocessing() == {"crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}
+    unresolved = vdata.ImageFolderDataModule(str(tmp_path), img_size=32, mean=0.5, std=0.5, crop_pct="model", num_classes=2)
+    with pytest.raises(RuntimeError, match="'model' need adopt_model_stats"):
+        unresolved.setup()

@@ -12,7 +12,7 @@ images):
 
 * test: 360 images (20%), ``sklearn.model_selection.train_test_split(stratify=labels, random_state=0)``
   over all 1797 images. This split never depends on configuration (``DIGITS_TEST_SEED`` is a constant).
-* validation: ``val_fraction`` of the remaining 1437 (stratified, ``seed``); 0 trains on all 1437 and
+* validation: ``val_fraction`` of the remaining 1437 (stratified, ``split_seed``); 0 trains on all 1437 and
   validates on the test split (the model cards say which).
 
 Pixels are scaled to [0, 1] (value / 16), resized to ``img_size`` if it is not 8 (bilinear, once, in
@@ -21,6 +21,11 @@ as the ``vit_digits`` default_cfg). ``augment="shift"`` moves each training imag
 pixels (zero padding = background); "affine" also rotates (up to ``rotate`` degrees) and scales (up to
 ``1 +- scale``), bilinearly; "none" disables augmentation. Augmentation randomness is seeded per sample
 by ``(seed, epoch, index)``.
+
+Two seeds, as timm's ``--seed`` changes the order and augmentation but never which images are in which split:
+``seed`` (the configs' ``${seed}``, so ``zoo train seed=S`` changes it) drives the training order
+(:class:`EpochShuffleSampler`) and the per-sample augmentation; ``split_seed`` (default 0) draws the validation
+split, so runs with different seeds are validated (and their best checkpoints picked) on the same images.
 
 Letters: B batch, C channels, H/W image height/width.
 """
@@ -168,6 +173,42 @@ def digits_splits(val_fraction: float = 0.1, seed: int = 0) -> dict[str, np.ndar
     return {"train": rest[kept], "val": rest[held], "test": test}
 
 
+def _integer(value, name: str, minimum: Optional[int] = None) -> int:
+    """An int (not a bool, not 1.5 rounded down), at least ``minimum``, or a one-line ValueError naming ``name``."""
+    if isinstance(value, bool) or not is_int(value) or (minimum is not None and int(value) < minimum):
+        raise ValueError(f"{name} must be an integer{f' >= {minimum}' if minimum is not None else ''}, got {value!r}")
+    return int(value)
+
+
+def _number(value, name: str, low: float, high: float, high_inclusive: bool = True) -> float:
+    """A finite number in [low, high] (or [low, high)), or a one-line ValueError naming ``name`` (NaN used to pass
+    checks that compare, and then made every image NaN)."""
+    inside = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
+        low <= value <= high if high_inclusive else low <= value < high)
+    if not inside:
+        raise ValueError(f"{name} must be a number in [{low}, {high}{']' if high_inclusive else ')'}, got {value!r}")
+    return float(value)
+
+
+_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _crop_pct(value) -> float | str:
+    if value == "model":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError(f"crop_pct must be a number in (0, 1] (the centre fraction evaluation keeps) or 'model' (the "
+                         f"model's pretrained_cfg crop_pct, as timm's validate.py), got {value!r}")
+    return float(value)
+
+
+def _interpolation(value) -> str:
+    if value not in (*_INTERPOLATIONS, "model"):
+        raise ValueError(f"interpolation must be {', '.join(_INTERPOLATIONS)} or 'model' (the model's pretrained_cfg "
+                         f"interpolation, as timm's validate.py), got {value!r}")
+    return value
+
+
 def _probability(value, name: str) -> float:
     """A number in [0, 1], or a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -255,12 +296,14 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         seed: int = 0,
         num_classes: Optional[int] = None,
         drop_last: bool = False,
+        split_seed: int = 0,
+        crop_pct: float | str = 1.0,
+        interpolation: str = "bilinear",
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not 0.0 <= float(val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        _number(val_fraction, "val_fraction", 0.0, 1.0, high_inclusive=False)  # a string was a bare float() error
         if eval_batch_size is not None and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
                                             or eval_batch_size < 1):  # 0 used to mean the default, silently
             raise ValueError(f"eval_batch_size must be a positive int, or null for max(batch_size, 256), got "
@@ -282,7 +325,11 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
             self.mean, self.std = _check_stats(mean, std, self.in_chans)
         self.augment = augment
         self.val_fraction = float(val_fraction)
-        self.seed = int(seed)
+        self.seed = _integer(seed, "seed")  # training order and augmentation
+        self.split_seed = _integer(split_seed, "split_seed", 0)  # which images are validation images
+        # evaluation resize and crop; "model": resolved by adopt_model_stats, before setup
+        self.crop_pct, self.interpolation = _crop_pct(crop_pct), _interpolation(interpolation)
+        self.crop_mode = "center"
         self.expected_num_classes = num_classes
         self.drop_last = check_flag(drop_last, "drop_last")
         self.train_set = self.val_set = self.test_set = None
@@ -291,7 +338,12 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         """With ``mean=std="model"``: normalise as ``model`` expects, by its ``pretrained_cfg`` mean and std --
         what timm's train.py does by default (timm.data.resolve_data_config), so fine-tuning timm's weights
         (mean 0.5 for the augreg ViTs, ImageNet's for others) or a zoo checkpoint feeds them the statistics they
-        were trained with. Numbers given as data.mean / data.std are kept."""
+        were trained with. Numbers given as data.mean / data.std are kept.
+
+        With ``crop_pct="model"`` / ``interpolation="model"``: evaluate with the model's crop_pct, crop_mode and
+        interpolation, resolved by ``timm.data.resolve_model_data_config`` (its defaults 0.875 / bicubic where the
+        model's pretrained_cfg has none), as timm's train.py and validate.py evaluate."""
+        self._adopt_model_eval_transform(model)
         if not self._stats_from_model:
             return
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -303,7 +355,28 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         except ValueError as error:
             raise ValueError(f"data.mean=model: the model's pretrained_cfg does not fit the data ({error})") from None
 
+    def _adopt_model_eval_transform(self, model) -> None:
+        if "model" not in (self.crop_pct, self.interpolation):
+            return
+        import timm.data
+
+        cfg = timm.data.resolve_model_data_config(model)
+        if self.crop_pct == "model":
+            self.crop_pct = float(cfg["crop_pct"])
+            self.crop_mode = cfg.get("crop_mode") or "center"
+            if self.crop_mode not in ("center", "squash"):
+                raise ValueError(f"data.crop_pct=model: the model's crop_mode {self.crop_mode!r} is not supported "
+                                 f"(center, squash); give data.crop_pct as a number")
+        if self.interpolation == "model":
+            self.interpolation = cfg["interpolation"]
+            if self.interpolation not in _INTERPOLATIONS:
+                raise ValueError(f"data.interpolation=model: the model's interpolation {self.interpolation!r} is not "
+                                 f"supported ({', '.join(_INTERPOLATIONS)}); give data.interpolation")
+
     def _require_stats(self) -> None:
+        if "model" in (self.crop_pct, self.interpolation):
+            raise RuntimeError(f"{type(self).__name__}: crop_pct / interpolation 'model' need adopt_model_stats(model) "
+                               f"before setup (zoo train calls it)")
         if self.mean is None:
             raise RuntimeError(f"{type(self).__name__}: mean='model' needs adopt_model_stats(model) before setup "
                                f"(zoo train calls it)")
@@ -330,9 +403,15 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
     def eval_preprocessing(self) -> dict[str, Any]:
         """The evaluation transform in timm's ``pretrained_cfg`` terms, recorded with released weights so that
         ``timm.data.create_transform(**resolve_model_data_config(model))`` preprocesses as training evaluated:
-        a bilinear resize to the model's size and no crop (the registry's defaults are timm's bicubic and 0.875-
-        0.95 crops)."""
-        return {"crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}
+        the ``crop_pct`` / ``interpolation`` used (by default a bilinear resize to the model's size and no crop;
+        the registry's defaults are timm's bicubic and 0.875-0.95 crops)."""
+        self._require_stats()
+        return {"crop_pct": self.crop_pct, "crop_mode": self.crop_mode, "interpolation": self.interpolation}
+
+    def _eval_transform(self) -> Callable:
+        """The evaluation split's transform (image folders, CIFAR)."""
+        return _image_transform(self.img_size, self.in_chans, self.mean, self.std, False, self.augment,
+                                crop_pct=self.crop_pct, interpolation=self.interpolation, crop_mode=self.crop_mode)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         if dataset is None:
@@ -379,8 +458,25 @@ class DigitsDataModule(VisionDataModule):
         super().__init__(*args, **kwargs)
         if self.augment not in ("none", "shift", "affine"):
             raise ValueError(f"DigitsDataModule: augment must be 'none', 'shift' or 'affine', got {self.augment!r}")
-        self.shift, self.rotate, self.scale = int(shift), float(rotate), float(scale)
+        # shift < 0 silently turned the shift off, 1.7 became 1; a NaN rotate or scale made every image NaN, and
+        # scale >= 1 zooms by 1 + scale * u <= 0 for some images (a division by zero, or a mirrored digit)
+        self.shift = _integer(shift, "shift", 0)
+        self.rotate = _number(rotate, "rotate (degrees)", 0.0, 180.0)
+        self.scale = _number(scale, "scale", 0.0, 1.0, high_inclusive=False)
+        self._check_eval_transform()
         self._check_num_classes()
+
+    def _check_eval_transform(self) -> None:
+        """The digits are resized once in memory (bilinear, every split) and never cropped: crop_pct and
+        interpolation are 1.0 and bilinear, or "model" for a model that asks for exactly that (vit_digits)."""
+        if self.crop_pct not in (1.0, "model") or self.interpolation not in ("bilinear", "model"):
+            raise ValueError(f"DigitsDataModule: the digits are evaluated uncropped with a bilinear resize (crop_pct=1.0, "
+                             f"interpolation=bilinear), got crop_pct={self.crop_pct}, interpolation={self.interpolation}; "
+                             f"use an image folder of the digits for other evaluation transforms")
+
+    def _adopt_model_eval_transform(self, model) -> None:
+        super()._adopt_model_eval_transform(model)
+        self._check_eval_transform()
 
     def _images(self) -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.datasets import load_digits
@@ -399,7 +495,7 @@ class DigitsDataModule(VisionDataModule):
         if self.train_set is not None:
             return
         images, labels = self._images()
-        split = digits_splits(self.val_fraction, self.seed)
+        split = digits_splits(self.val_fraction, self.split_seed)
         shift = self.shift * max(1, self.img_size // 8) if self.augment != "none" else 0
         self.train_set = TensorImageDataset(images[split["train"]], labels[split["train"]], self.mean, self.std, shift, self.seed,
                                             affine=self.augment == "affine", rotate=self.rotate, scale=self.scale)
@@ -408,20 +504,34 @@ class DigitsDataModule(VisionDataModule):
         self.test_set = TensorImageDataset(images[split["test"]], labels[split["test"]], self.mean, self.std)
 
 
-def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augment: str, hflip: float = 0.5) -> Callable:
+def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augment: str, hflip: float = 0.5,
+                     crop_pct: float = 1.0, interpolation: str = "bilinear", crop_mode: str = "center") -> Callable:
     """torchvision v2 pipeline; ``hflip`` is the probability of the training augmentations' horizontal flip
-    (timm's ``--hflip``; 0 for data whose mirror image is another class, e.g. digits or text)."""
+    (timm's ``--hflip``; 0 for data whose mirror image is another class, e.g. digits or text).
+
+    Evaluation (``train=False``, or augment "none"): resize to ``floor(img_size / crop_pct)`` with
+    ``interpolation`` and crop the centre ``img_size`` square, as timm's ``transforms_imagenet_eval``
+    (timm/data/transforms_factory.py; ``crop_mode`` "center" resizes the shorter side, "squash" both). The
+    default (1.0, bilinear) resizes the image tensor, what every zoo checkpoint was evaluated with; any other
+    setting resizes the PIL image, as timm does, since torch's bicubic kernel differs from Pillow's (by up to 16
+    8-bit levels on a strongly shrunk image), so that the pipeline equals ``timm.data.create_transform``."""
+    from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
 
-    steps: list[Any] = [T.ToImage()]
-    steps.append(T.Grayscale(1) if in_chans == 1 else T.RGB())
+    channels = T.Grayscale(1) if in_chans == 1 else T.RGB()
     flip = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
     if train and augment == "standard":
-        steps += [T.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True), *flip]
+        steps: list[Any] = [T.ToImage(), channels, T.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True), *flip]
     elif train and augment == "crop":  # CIFAR style: pad 4 (at 32 px) and random crop, flip
-        steps += [T.Resize(img_size, antialias=True), T.RandomCrop(img_size, padding=max(1, img_size // 8)), *flip]
+        steps = [T.ToImage(), channels, T.Resize(img_size, antialias=True),
+                 T.RandomCrop(img_size, padding=max(1, img_size // 8)), *flip]
+    elif (crop_pct, interpolation, crop_mode) == (1.0, "bilinear", "center"):
+        steps = [T.ToImage(), channels, T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
     else:
-        steps += [T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
+        scale = math.floor(img_size / crop_pct)
+        mode = InterpolationMode(interpolation)
+        resize = T.Resize((scale, scale) if crop_mode == "squash" else scale, interpolation=mode, antialias=True)
+        steps = [channels, resize, T.CenterCrop(img_size), T.ToImage()]
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
     return T.Compose(steps)
 
@@ -451,6 +561,10 @@ class ImageFolderDataModule(VisionDataModule):
     scratch; it has no colour jitter.
 
     Images are the files whose suffix (any case) is in ``IMAGE_EXTENSIONS``, the list ``zoo predict`` reads.
+
+    Evaluation resizes to ``img_size / crop_pct`` with ``interpolation`` and keeps the centre (defaults 1.0 and
+    bilinear: the whole image); ``crop_pct="model"`` / ``interpolation="model"`` take the model's pretrained_cfg
+    values, as timm's train.py and validate.py evaluate (``adopt_model_stats``).
     """
 
     def __init__(self, root: str, *args, hflip: float = 0.5, **kwargs):
@@ -500,7 +614,7 @@ class ImageFolderDataModule(VisionDataModule):
         if self.train_set is not None or (stage in ("test", "validate") and self.test_set is not None):
             return
         train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment, self.hflip)
-        eval_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, False, self.augment)
+        eval_tf = self._eval_transform()
         train = self._folder("train")
         val = self._folder("val")
         test = self._folder("test")
@@ -518,7 +632,7 @@ class ImageFolderDataModule(VisionDataModule):
             self.train_set = _TransformedSubset(train, None, train_tf, self.seed)
             self.val_set = _TransformedSubset(test, None, eval_tf)
         elif val is None:
-            kept, held = _stratified_split(np.array(train.targets), self.val_fraction, self.seed)
+            kept, held = _stratified_split(np.array(train.targets), self.val_fraction, self.split_seed)
             self.train_set = _TransformedSubset(train, kept, train_tf, self.seed)
             self.val_set = _TransformedSubset(train, held, eval_tf)
         else:
@@ -591,8 +705,8 @@ class CIFARDataModule(VisionDataModule):
         train = cls(str(self.root), train=True, download=False)
         test = cls(str(self.root), train=False, download=False)
         train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment, self.hflip)
-        eval_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, False, self.augment)
-        kept, held = _stratified_split(np.array(train.targets), self.val_fraction, self.seed)
+        eval_tf = self._eval_transform()
+        kept, held = _stratified_split(np.array(train.targets), self.val_fraction, self.split_seed)
         self.train_set = _TransformedSubset(train, kept, train_tf, self.seed)
         self.val_set = _TransformedSubset(train, held, eval_tf) if len(held) else _TransformedSubset(test, None, eval_tf)
         self.test_set = _TransformedSubset(test, None, eval_tf)
@@ -633,14 +747,20 @@ def read_image(path: str | os.PathLike):
 
 
 def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
-                    transform: Optional[Callable] = None) -> torch.Tensor:
-    """One image file -> normalised (C, H, W) tensor, preprocessed like the evaluation split (or by
-    ``transform``, e.g. timm's evaluation transform, given the image in RGB, or L for one channel)."""
+                    transform: Optional[Callable] = None, crop_pct: float = 1.0, interpolation: str = "bilinear",
+                    crop_mode: str = "center") -> torch.Tensor:
+    """One image file -> normalised (C, H, W) tensor, preprocessed like the evaluation split (``crop_pct``,
+    ``interpolation``, ``crop_mode``: the run's, as ``eval_preprocessing`` records them) or by ``transform``
+    (e.g. timm's evaluation transform, given the image in RGB, or L for one channel)."""
     picture = read_image(path)
     if transform is not None:
         return transform(picture.convert("L" if in_chans == 1 else "RGB"))
     mean, std = _check_stats(mean, std, in_chans)
+    if "model" in (crop_pct, interpolation) or crop_mode not in ("center", "squash"):
+        raise ValueError(f"load_image_file needs resolved values: crop_pct {crop_pct!r}, interpolation {interpolation!r}, "
+                         f"crop_mode {crop_mode!r} (center or squash)")
     # RGB first, as ImageFolder's loader reads training images (torchvision's pil_loader): alpha (RGBA, LA) and
     # palette images work, and a grayscale file gets the training pipeline's values (L -> RGB -> Grayscale
     # differs from L by one level for some pixels)
-    return _image_transform(img_size, in_chans, mean, std, False, "none")(picture.convert("RGB"))
+    return _image_transform(img_size, in_chans, mean, std, False, "none", crop_pct=_crop_pct(crop_pct),
+                            interpolation=_interpolation(interpolation), crop_mode=crop_mode)(picture.convert("RGB"))

@@ -29,15 +29,17 @@ import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.train.module import ZooModule
+from zoo.train.module import ZooModule, _real
 
 __all__ = ["ImageClassifier", "mix_batch", "soft_targets"]
 
 
 def soft_targets(labels_B: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """One-hot targets with label smoothing: 1 - s + s/K on the label, s/K elsewhere. (B, K)"""
+    """One-hot targets with label smoothing: 1 - s + s/K on the label, s/K elsewhere. (B, K), float32 always:
+    under ``trainer.precision=bf16-true`` / ``16-true`` Lightning makes the low precision torch's default dtype
+    inside training_step, and bf16 targets (0.91 -> 0.910156, 0.01 -> 0.010010) no longer summed to 1."""
     off = smoothing / num_classes
-    targets_BK = torch.full((labels_B.shape[0], num_classes), off, device=labels_B.device)
+    targets_BK = torch.full((labels_B.shape[0], num_classes), off, dtype=torch.float32, device=labels_B.device)
     return targets_BK.scatter_(1, labels_B[:, None], 1.0 - smoothing + off)
 
 
@@ -63,12 +65,17 @@ def mix_batch(
     switch_prob: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, float, str]:
     """Mix the batch with its reverse (timm's "batch" mode). Returns (x, targets, lam, kind), kind in
-    {"none", "mixup", "cutmix"}; ``lam`` is the weight of the original image in the targets."""
+    {"none", "mixup", "cutmix"}; ``lam`` is the weight of the original image in the targets.
+
+    The random switches and lambda are drawn in float32 whatever torch's default dtype: under
+    ``trainer.precision=bf16-true`` / ``16-true`` Lightning sets it to the low precision inside training_step, and
+    ``Beta(alpha, alpha).sample()`` then failed ("dirichlet" not implemented for 'BFloat16'). In a float32 run these
+    are the draws of the default dtype, so the numbers (and an exact resume) are unchanged."""
     use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
-    if not (use_mixup or use_cutmix) or float(torch.rand(())) >= prob:
+    if not (use_mixup or use_cutmix) or float(torch.rand((), dtype=torch.float32)) >= prob:
         return x_BCHW, targets_BK, 1.0, "none"
-    cutmix = use_cutmix and (not use_mixup or float(torch.rand(())) < switch_prob)
-    alpha = cutmix_alpha if cutmix else mixup_alpha
+    cutmix = use_cutmix and (not use_mixup or float(torch.rand((), dtype=torch.float32)) < switch_prob)
+    alpha = torch.tensor(cutmix_alpha if cutmix else mixup_alpha, dtype=torch.float32)
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     flipped = x_BCHW.flip(0)
     if cutmix:
@@ -122,10 +129,14 @@ class ImageClassifier(ZooModule):
                              "one class folder: add the other classes' folders)")
         if isinstance(model_classes, int) and model_classes != num_classes:
             raise ValueError(f"the model has {model_classes} classes but the task was configured for num_classes={num_classes}")
-        if not 0.0 <= label_smoothing < 1.0:
+        # finite numbers, each named: NaN compared False everywhere (mixup_alpha=nan silently turned mixup off),
+        # inf made Beta draw lam = 0 (every image replaced by its partner), a string was a bare TypeError
+        if not 0.0 <= _real("label_smoothing", label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        if mixup_alpha < 0 or cutmix_alpha < 0 or not 0.0 <= mix_prob <= 1.0:
-            raise ValueError(f"mixup_alpha/cutmix_alpha must be >= 0 and mix_prob in [0, 1]; got {mixup_alpha}, {cutmix_alpha}, {mix_prob}")
+        _real("mixup_alpha", mixup_alpha, 0.0)
+        _real("cutmix_alpha", cutmix_alpha, 0.0)
+        if not 0.0 <= _real("mix_prob", mix_prob) <= 1.0:
+            raise ValueError(f"mix_prob must be in [0, 1] (the probability of mixing a batch), got {mix_prob!r}")
         self.save_hyperparameters(ignore=["model"])
         self.hparams["betas"] = [float(b) for b in betas]
         self.record_model_spec()

@@ -89,7 +89,8 @@ class ZooModule(pl.LightningModule):
             raise ValueError(f"lr must be positive, got {lr!r}")
         _real("weight_decay", weight_decay, 0.0)
         _real("warmup_epochs", warmup_epochs, 0.0)
-        _real("min_lr_ratio", min_lr_ratio, 0.0)
+        if _real("min_lr_ratio", min_lr_ratio, 0.0) > 1.0:  # above 1 the cosine "decay" rose above lr
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (the final lr as a fraction of lr), got {min_lr_ratio!r}")
         _real("ema_decay", ema_decay)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
