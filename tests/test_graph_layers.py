@@ -1241,3 +1241,48 @@ def test_sparse_adjacency_of_the_wrong_size_names_both_sizes():
     with pytest.raises(ValueError, match=r"size \(5, 8\) but the features give \[num_dst=6, num_src=6\]: pass the "
                                          r"transposed adjacency adj_t \[num_dst, num_src\]"):
         layer(torch.randn(6, 4), adj)
+
+
+EXPORT_LAYERS = [
+    ("GATv2Conv", dict(heads=2, edge_dim=3)),
+    ("GATConv", dict(heads=2, edge_dim=3, fill_value="max")),
+    ("PointTransformerConv", dict()),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", EXPORT_LAYERS, ids=[n for n, _ in EXPORT_LAYERS])
+def test_layers_export_with_symbolic_graph_sizes_and_match_pyg(name, kwargs):
+    """torch.export with a symbolic node and edge count, as PyG's layers export: the exported program gives PyG's
+    outputs (same state dict) and the eager layer's, at the example's size and at another one (self loops and
+    multi-edges included)."""
+    import zoo.attention
+    from torch.export import Dim
+
+    ours, peer = _pair(getattr(zoo.attention, name), getattr(pyg_nn, name), 6, 8, **kwargs)
+    ours.eval(), peer.eval()
+    points, edges = name == "PointTransformerConv", "edge_dim" in kwargs
+
+    def inputs(num_nodes, num_edges, seed):
+        g = torch.Generator().manual_seed(seed)
+        args = [torch.randn(num_nodes, 6, generator=g)]
+        args += [torch.randn(num_nodes, 3, generator=g)] if points else []
+        args += [_graph(num_nodes, num_edges, seed)]
+        args += [torch.randn(num_edges, 3, generator=g)] if edges else []
+        return tuple(args)
+
+    nodes, num_edges = Dim("N", min=8, max=1000), Dim("E", min=8, max=5000)
+    dims = [{0: nodes}] + ([{0: nodes}] if points else []) + [{1: num_edges}] + ([{0: num_edges}] if edges else [])
+    program = torch.export.export(ours, inputs(12, 40, 0), dynamic_shapes=tuple(dims)).module()
+    for size in ((12, 40), (30, 91)):
+        args = inputs(*size, seed=1)
+        with torch.no_grad():
+            got = program(*args)
+            torch.testing.assert_close(got, peer(*args), **TOL)
+            torch.testing.assert_close(got, ours(*args), **TOL)
+
+
+def test_export_of_a_sparse_adjacency_is_refused_by_name():
+    layer = GATConv(6, 5).eval()
+    adj_t = torch.sparse_coo_tensor(_graph().flip(0), torch.ones(40), (12, 12)).coalesce()
+    with pytest.raises(TypeError, match="torch.export of the zoo graph layers takes a \\[2, E\\] edge_index"):
+        torch.export.export(layer, (torch.randn(12, 6), adj_t))

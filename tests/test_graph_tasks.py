@@ -974,3 +974,116 @@ def test_fit_does_not_return_a_deleted_run_dir(tmp_path):
     assert fit(compose(common), verbose=False)["run_dir"] is None
     kept = fit(compose(common), verbose=False, run_dir=str(tmp_path / "kept"))["run_dir"]
     assert kept == str(tmp_path / "kept") and os.path.isdir(kept)
+
+
+def test_graph_classifier_infers_the_graph_count_as_pyg_pooling():
+    """GATGraphClassifier is called as PyG's models are: model(x, edge_index, batch) pools as
+    torch_geometric.nn.global_mean_pool(x, batch) (num_graphs = batch.max() + 1), model(x, edge_index) as one graph
+    (global_mean_pool(x, None)); num_graphs, when given, gives the same."""
+    from torch_geometric.data import Batch, Data
+    from torch_geometric.nn import global_mean_pool as pyg_mean_pool
+
+    torch.manual_seed(0)
+    model = zoo.create_model("gatv2_graph_debug").eval()
+    graphs = [Data(x=torch.randn(n, 8), edge_index=torch.randint(0, n, (2, 2 * n))) for n in (4, 7, 5)]
+    b = Batch.from_data_list(graphs)
+
+    def reference(batch):
+        h = b.x
+        for conv in model.convs:
+            h = F.elu(conv(h, b.edge_index))
+        return model.head(model.norm(pyg_mean_pool(h, batch)))
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(b.x, b.edge_index, b.batch), reference(b.batch), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(b.x, b.edge_index, b.batch), model(b.x, b.edge_index, b.batch, 3))
+        torch.testing.assert_close(model(b.x, b.edge_index), reference(None), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"batch value -1 is out of range for num_graphs=2 \(batch.max\(\) \+ 1\)"):
+        model(b.x, b.edge_index, b.batch - 1)
+
+
+def test_trainer_predict_gives_class_probabilities_of_the_graph_data():
+    """trainer.predict(module, datamodule) failed with "predict_dataloader must be implemented": now the node task
+    gives every node's class probabilities, the graph task every test graph's (and a DictionaryLookup loader every
+    target's), each the softmax of the eval-mode model's logits."""
+    import lightning as L
+
+    from zoo.tasks.graph.dictlookup import DictionaryLookupDataModule
+    from zoo.tasks.graph.lit import GraphTargetsModule, NodeClassificationModule
+
+    def predict(module, **data):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        return trainer.predict(module, **data)
+
+    torch.manual_seed(0)
+    node_data = gd.NodeDataModule("karate")
+    node_data.setup()
+    module = NodeClassificationModule(zoo.create_model("gatv2_node_debug"))
+    (probs,) = predict(module, datamodule=node_data)
+    data = node_data.data
+    with torch.no_grad():
+        expected = module.model.eval()(data["x"], data["edge_index"]).softmax(-1)
+    assert probs.shape == (34, 4)
+    torch.testing.assert_close(probs, expected)
+
+    graph_data = gd.GraphClassificationDataModule(num_graphs=20, batch_size=2)
+    graph_data.setup()
+    module = GraphTargetsModule(zoo.create_model("gatv2_graph_debug"))
+    probs = torch.cat(predict(module, datamodule=graph_data))
+    test = gd.collate_graphs(graph_data.splits["test"])
+    with torch.no_grad():
+        expected = module.model.eval()(test["x"], test["edge_index"], test["batch"], test["num_graphs"]).softmax(-1)
+    assert probs.shape == (3, 3)
+    torch.testing.assert_close(probs, expected)
+
+    lookup = DictionaryLookupDataModule(k=4, batch_size=5)
+    lookup.setup()
+    module = GraphTargetsModule(zoo.create_model("gatv2_dictlookup_debug"))
+    loader = lookup.test_dataloader()
+    probs = predict(module, datamodule=lookup)[0]
+    b = next(iter(loader))
+    with torch.no_grad():
+        expected = module.model.eval()(b["x"], b["edge_index"], b["target_index"]).softmax(-1)
+    torch.testing.assert_close(probs, expected)
+
+
+@pytest.mark.parametrize("name", ["gatv2_node_debug", "gat_node", "gatv2_graph_debug"])
+def test_graph_classifiers_pass_edge_features_to_their_layers(name):
+    """edge_dim / edge_attr as PyG's layers take them: each layer built with edge_dim and called with edge_attr,
+    checked against the layers called directly; the Lightning modules pass a batch's edge_attr on."""
+    from zoo.tasks.graph.gat import global_mean_pool
+    from zoo.tasks.graph.lit import GraphTargetsModule, NodeClassificationModule
+
+    torch.manual_seed(0)
+    graph = "graph" in name
+    model = zoo.create_model(name, edge_dim=3, **({} if graph else {"hidden_channels": 4, "heads": 2})).eval()
+    assert all(conv.lin_edge is not None and conv.lin_edge.weight.shape[1] == 3 for conv in model.convs)
+    n = 12
+    x = torch.randn(n, 8 if graph else 34)
+    edge_index = torch.randint(0, n, (2, 40))
+    edge_attr = torch.randn(40, 3)
+    batch = torch.arange(n) // 6
+    h = x
+    with torch.no_grad():
+        for i, conv in enumerate(model.convs):
+            h = conv(h, edge_index, edge_attr)
+            h = F.elu(h) if graph or i < len(model.convs) - 1 else h
+        if graph:
+            h = model.head(model.norm(global_mean_pool(h, batch, 2)))
+            got = model(x, edge_index, batch, 2, edge_attr=edge_attr)
+            module = GraphTargetsModule(model)
+            via_module = module({"x": x, "edge_index": edge_index, "batch": batch, "num_graphs": 2,
+                                 "edge_attr": edge_attr})
+        else:
+            got = model(x, edge_index, edge_attr=edge_attr)
+            module = NodeClassificationModule(model)
+            via_module = module({"x": x, "edge_index": edge_index, "edge_attr": edge_attr})
+    torch.testing.assert_close(got, h)
+    torch.testing.assert_close(via_module, h)
+    args = (x, edge_index, batch, 2) if graph else (x, edge_index)
+    with pytest.raises(ValueError, match=r"built with edge_dim=3: pass edge_attr \[E, 3\]"):
+        model(*args)
+    plain = zoo.create_model(name, **({} if graph else {"hidden_channels": 4, "heads": 2}))
+    with pytest.raises(ValueError, match="edge_attr was given but the model was built without edge features"):
+        plain(*args, edge_attr=edge_attr)

@@ -646,6 +646,10 @@ class NodeDataModule(_Base):
     def test_dataloader(self):
         return self._loader()
 
+    def predict_dataloader(self):
+        """The whole graph: ``trainer.predict`` gives every node's class probabilities (select with the masks)."""
+        return self._loader()
+
 
 def evaluation_sampler(dataset, what: str, fix: str, unit: str = "graph"):
     """The sampler of a split that is scored (validation, test): None in one process; under DDP each item on
@@ -720,4 +724,9 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
         return self._loader("val", False)
 
     def test_dataloader(self):
+        return self._loader("test", False)
+
+    def predict_dataloader(self):
+        """The test split, in order (each graph once, on one process under DDP): ``trainer.predict`` gives its
+        graphs' class probabilities, batch by batch."""
         return self._loader("test", False)

@@ -181,3 +181,7 @@ class DictionaryLookupDataModule(ResumableTrainingOrder, _Base):
 
     def test_dataloader(self):
         return self._loader(self.test_perms, False)
+
+    def predict_dataloader(self):
+        """The test graphs, in order: ``trainer.predict`` gives each query's class probabilities, batch by batch."""
+        return self._loader(self.test_perms, False)

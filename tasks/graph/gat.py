@@ -29,13 +29,14 @@ __all__ = ["make_conv", "GATNodeClassifier", "GATGraphClassifier", "DictionaryLo
 CONVS = ("gatv2", "gat")
 
 
-def _check_index(name: str, index, size: int, what: str) -> None:
-    """``index`` must be a 1-D integer tensor with values in [0, size) (values checked outside tracing)."""
+def _check_index(name: str, index, size: Optional[int], what: str = "") -> None:
+    """``index`` must be a 1-D integer tensor with values in [0, size) (values checked outside tracing; size None:
+    the type and shape alone)."""
     if not isinstance(index, Tensor):
         raise TypeError(f"{name} must be a 1-D integer tensor, got {type(index).__name__}")
     if index.dim() != 1 or index.dtype not in (torch.long, torch.int32):
         raise ValueError(f"{name} must be a 1-D int64/int32 tensor, got {index.dtype} {tuple(index.shape)}")
-    if index.numel() and not is_tracing():
+    if size is not None and index.numel() and not is_tracing():
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= size:
             bad = low if low < 0 else high
@@ -57,7 +58,8 @@ def make_conv(conv: str, in_channels, out_channels: int, **kwargs) -> nn.Module:
 
 
 def global_mean_pool(x_NC: Tensor, batch_N: Tensor, num_graphs: int) -> Tensor:
-    """Mean of the node features of each graph -> [G, C], in x's dtype (as PyG's global_mean_pool).
+    """Mean of the node features of each graph -> [G, C], in x's dtype (as PyG's global_mean_pool with
+    ``size=num_graphs``; see :func:`_num_graphs` for the count PyG infers without it).
 
     fp16 / bf16 features are summed and counted in fp32: accumulated in their own dtype, a count stops at 256
     (bf16) or 2048 (fp16), and so does a sum of ones."""
@@ -69,13 +71,39 @@ def global_mean_pool(x_NC: Tensor, batch_N: Tensor, num_graphs: int) -> Tensor:
     return (sums / counts[:, None]).to(x_NC.dtype)
 
 
+def _num_graphs(batch_N: Tensor) -> int:
+    """The graph count PyG's pooling infers when none is given (torch_geometric.utils.scatter, through
+    global_mean_pool(x, batch) without ``size``): ``batch.max() + 1``, 0 for no nodes. Graphs after the last one
+    that has nodes are not seen; reading the maximum is a host sync (a graph break under torch.compile, refused by
+    torch.export), which passing ``num_graphs`` avoids."""
+    return int(batch_N.max()) + 1 if batch_N.numel() else 0
+
+
+def _check_edge_dim(edge_dim) -> Optional[int]:
+    if edge_dim is not None:
+        check_ints(edge_dim=edge_dim)
+    return edge_dim
+
+
+def _check_edge_attr(edge_dim: Optional[int], edge_attr: Optional[Tensor]) -> None:
+    """edge_attr and edge_dim go together: named here, at the model's call, rather than by the first layer."""
+    if edge_dim is not None and edge_attr is None:
+        raise ValueError(f"the model was built with edge_dim={edge_dim}: pass edge_attr [E, {edge_dim}] "
+                         "(forward(..., edge_attr=...))")
+    if edge_dim is None and edge_attr is not None:
+        raise ValueError("edge_attr was given but the model was built without edge features: build it with "
+                         "edge_dim=<number of edge features> (model.edge_dim=... in the config)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Node classification (transductive, full batch)
 # ----------------------------------------------------------------------------------------------------
 class GATNodeClassifier(nn.Module):
     """Velickovic et al.'s transductive GAT (or GATv2): ``num_layers`` attention layers, hidden ones
     with ``heads`` concatenated heads and ELU, the last with ``out_heads`` averaged heads -> K logits.
-    Dropout ``dropout`` on the inputs of every layer and on the attention coefficients."""
+    Dropout ``dropout`` on the inputs of every layer and on the attention coefficients.
+    ``edge_dim``: the number of edge features; every layer then takes ``edge_attr`` [E, edge_dim] (its
+    ``lin_edge``, as PyG's layers with ``edge_dim``), and forward needs it."""
 
     def __init__(
         self,
@@ -90,14 +118,16 @@ class GATNodeClassifier(nn.Module):
         share_weights: bool = False,
         residual: bool = False,
         add_self_loops: bool = True,
+        edge_dim: Optional[int] = None,
     ):
         super().__init__()
         check_ints(num_classes=num_classes, hidden_channels=hidden_channels, heads=heads, out_heads=out_heads,
                    num_layers=num_layers)
         self.num_classes = num_classes
         self.dropout = dropout
+        self.edge_dim = _check_edge_dim(edge_dim)
         common = dict(dropout=dropout, share_weights=share_weights, residual=residual,
-                      add_self_loops=add_self_loops)
+                      add_self_loops=add_self_loops, edge_dim=self.edge_dim)
         self.convs = nn.ModuleList()
         dim = in_channels
         for _ in range(num_layers - 1):
@@ -111,17 +141,20 @@ class GATNodeClassifier(nn.Module):
         last = f"convs.{len(self.convs) - 1}."
         return [key for key in self.state_dict() if key.startswith(last)]
 
-    def forward(self, x_NF: Tensor, edge_index: Tensor, return_attention_weights: bool = False):
-        """-> logits [N, K] (and a list of (edge_index, alpha [E', H]) per layer when asked)."""
+    def forward(self, x_NF: Tensor, edge_index: Tensor, return_attention_weights: bool = False, *,
+                edge_attr: Optional[Tensor] = None):
+        """-> logits [N, K] (and a list of (edge_index, alpha [E', H]) per layer when asked). ``edge_attr``
+        [E, edge_dim] (keyword): the edge features every layer reads, for a model built with ``edge_dim``."""
+        _check_edge_attr(self.edge_dim, edge_attr)
         attn = []
         x = x_NF
         for i, conv in enumerate(self.convs):
             x = F.dropout(x, self.dropout, self.training)
             if return_attention_weights:
-                x, a = conv(x, edge_index, return_attention_weights=True)
+                x, a = conv(x, edge_index, edge_attr, return_attention_weights=True)
                 attn.append(a)
             else:
-                x = conv(x, edge_index)
+                x = conv(x, edge_index, edge_attr)
             if i < len(self.convs) - 1:
                 x = F.elu(x)
         return (x, attn) if return_attention_weights else x
@@ -132,7 +165,7 @@ class GATNodeClassifier(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 class GATGraphClassifier(nn.Module):
     """``num_layers`` attention layers (concatenated heads, ELU, residual projection), mean pooling
-    over each graph's nodes, a linear head -> [G, K]."""
+    over each graph's nodes, a linear head -> [G, K]. ``edge_dim``: as :class:`GATNodeClassifier`'s."""
 
     def __init__(
         self,
@@ -143,28 +176,46 @@ class GATGraphClassifier(nn.Module):
         num_layers: int = 3,
         conv: str = "gatv2",
         dropout: float = 0.0,
+        edge_dim: Optional[int] = None,
     ):
         super().__init__()
         # num_layers=0 would pool the raw features: the graph would be ignored
         check_ints(num_classes=num_classes, hidden_channels=hidden_channels, heads=heads, num_layers=num_layers)
         self.num_classes = num_classes
+        self.edge_dim = _check_edge_dim(edge_dim)
         self.convs = nn.ModuleList()
         dim = in_channels
         for _ in range(num_layers):
-            self.convs.append(make_conv(conv, dim, hidden_channels, heads=heads, dropout=dropout, residual=True))
+            self.convs.append(make_conv(conv, dim, hidden_channels, heads=heads, dropout=dropout, residual=True,
+                                        edge_dim=self.edge_dim))
             dim = hidden_channels * heads
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, x_NF: Tensor, edge_index: Tensor, batch_N: Tensor, num_graphs: int) -> Tensor:
-        """batch_N [N]: the graph (0..num_graphs-1) of each node -> logits [G, K]."""
-        check_ints(num_graphs=num_graphs)
+    def forward(self, x_NF: Tensor, edge_index: Tensor, batch_N: Optional[Tensor] = None,
+                num_graphs: Optional[int] = None, *, edge_attr: Optional[Tensor] = None) -> Tensor:
+        """batch_N [N]: the graph (0..num_graphs-1) of each node -> logits [G, K], called as PyG's models and
+        pooling are: ``batch`` None is one graph (torch_geometric.nn.global_mean_pool(x, None)), ``num_graphs``
+        None is ``batch.max() + 1`` (global_mean_pool(x, batch)). Passing ``num_graphs`` (as the data modules'
+        batches do) avoids reading the batch vector on the host: under torch.compile / torch.export a Python int
+        keeps the graph whole. ``edge_attr`` [E, edge_dim] (keyword): for a model built with ``edge_dim``."""
+        if batch_N is None:
+            batch_N = torch.zeros(x_NF.size(0), dtype=torch.long, device=x_NF.device)
+            num_graphs = 1 if num_graphs is None else num_graphs
         if isinstance(batch_N, Tensor) and batch_N.dim() == 1 and batch_N.numel() != x_NF.size(0):
             raise ValueError(f"batch has {batch_N.numel()} entries but x has {x_NF.size(0)} nodes (one graph index per node)")
-        _check_index("batch", batch_N, num_graphs, f"num_graphs={num_graphs}")
+        if num_graphs is None:
+            _check_index("batch", batch_N, None)  # the type and shape, before its maximum is read
+            num_graphs = _num_graphs(batch_N)
+            what = f"num_graphs={num_graphs} (batch.max() + 1)"
+        else:
+            check_ints(num_graphs=num_graphs)
+            what = f"num_graphs={num_graphs}"
+        _check_index("batch", batch_N, num_graphs, what)
+        _check_edge_attr(self.edge_dim, edge_attr)
         x = x_NF
         for conv in self.convs:
-            x = F.elu(conv(x, edge_index))
+            x = F.elu(conv(x, edge_index, edge_attr))
         return self.head(self.norm(global_mean_pool(x, batch_N, num_graphs)))
 
 

@@ -28,6 +28,13 @@ sanity-check validation Lightning runs before training does not count. ``trainer
 unless ``stop_at_acc``, ``trainer.max_steps``, ``trainer.max_time`` or an EarlyStopping callback ends the run
 (constant learning rate: nothing else would).
 The model's output width is checked against the data's class count at the first step of a run.
+
+Prediction (``trainer.predict(module, datamodule)``): ``predict_step`` returns class probabilities (softmax of the
+eval model's logits, the EMA copy when enabled): [N, K] for every node of the graph (node classification), [G, K]
+per graph or [Q, K] per target node (graph mini-batches). The data modules' ``predict_dataloader``: the whole graph
+(node data), the test split (graph classification).
+A batch that holds ``edge_attr`` [E, D] passes it to the model (``edge_attr=``; built with ``edge_dim=D``); none
+of the shipped data sets has edge features.
 """
 from __future__ import annotations
 
@@ -93,6 +100,15 @@ class _GraphModule(ZooModule):
                              f"(data.num_classes={want}): set model.num_classes={want}, or leave it at "
                              "${data.num_classes}")
 
+    @staticmethod
+    def _edge_features(batch) -> dict:
+        """``edge_attr=`` for the model when the batch holds edge features (a model built with edge_dim)."""
+        return {"edge_attr": batch["edge_attr"]} if batch.get("edge_attr") is not None else {}
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities of the eval model (see the module docstring)."""
+        return self(batch, self.eval_model).softmax(dim=-1)
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # the check before training: stopping there would skip training entirely
             return
@@ -108,7 +124,7 @@ class NodeClassificationModule(_GraphModule):
         super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile)
 
     def forward(self, batch, model: Optional[nn.Module] = None):
-        return (model or self.model)(batch["x"], batch["edge_index"])
+        return (model or self.model)(batch["x"], batch["edge_index"], **self._edge_features(batch))
 
     @staticmethod
     def _acc(logits, batch, mask_name):
@@ -165,7 +181,8 @@ class GraphTargetsModule(_GraphModule):
         model = model or self.model
         if "target_index" in batch:
             return model(batch["x"], batch["edge_index"], batch["target_index"])
-        return model(batch["x"], batch["edge_index"], batch["batch"], batch["num_graphs"])
+        return model(batch["x"], batch["edge_index"], batch["batch"], batch["num_graphs"],
+                     **self._edge_features(batch))
 
     def _log_mean(self, stage: str, name: str, values: torch.Tensor, weight: float = 1.0, batch_size: int = 1,
                   prog_bar: bool = False) -> None:

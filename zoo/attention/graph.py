@@ -35,6 +35,11 @@ path never calls ``propagate``; while PyG's explain mode is on, a propagate/mess
 is registered or a torch.func transform (vmap, grad, jacrev) is active, a layer runs PyG's unfused
 ``edge_updater`` (PyG's ``edge_update``) and ``propagate`` instead (plain autograd, [E, H, C] messages, the
 masks and hooks applied exactly where PyG applies them), so explanations equal those of PyG's layers.
+
+Under torch.compile the graph structure and the fused attention run eagerly between the compiled graphs (graph
+breaks). torch.export cannot break a graph: there the layers take that unfused path too, with the structure traced
+(PyG's remove/add self loops on a symbolic N and E), so they export as PyG's layers do, with PyG's [E, H, C]
+memory, edge_index values unchecked (as in PyG) and a [2, E] edge_index only (not a sparse adjacency).
 """
 from __future__ import annotations
 
@@ -71,19 +76,31 @@ _FILL_REDUCE = ("add", "sum", "mean", "min", "max", "mul")
 @dataclass(eq=False)
 class GraphStructure:
     """A graph ready for the fused kernels: ``csr`` over the edges PyG would use (input edges minus
-    removed self loops, then the added loops), plus how to map edge features and attention back."""
+    removed self loops, then the added loops), plus how to map edge features and attention back. Under
+    torch.export ``csr`` is None: the exported layers run PyG's ``propagate`` on ``edge_index`` (see
+    :meth:`CachedGraphLayer._graph`), and a sort nobody reads would stay in the exported program."""
 
-    csr: CSR
+    csr: Optional[CSR]
     num_input_edges: int
     kept: Optional[Tensor]  # input edge ids kept (self loops removed), None when nothing was removed
     num_loops: int  # loops appended at the end, for nodes 0..num_loops-1
     edge_index: Tensor  # [2, E'] the edges in PyG's order (kept input edges, then loops)
+    num_src: int  # Ns, Nd (symbolic under torch.export)
+    num_dst: int
     sparse_layout: Optional[torch.layout] = None  # layout of a sparse adjacency input
     sparse_size: Optional[tuple] = None  # (Nd, Ns) of a sparse adjacency input
     # a sparse adjacency's entries in its storage order (the order of its edge_attr rows) -> edge_index order;
     # None when they already agree (or for a [2, E] edge_index); see _sparse_to_edge_index
     storage_order: Optional[Tensor] = None
     sparse_coalesced: bool = True  # False for a COO adjacency with duplicate entries (merged here)
+
+
+def _exporting() -> bool:
+    """True while torch.export traces the layer. Not ``torch.compiler.is_exporting()``: Dynamo folds that call to
+    True in everything it traces, under torch.compile too (torch/_dynamo/variables/torch.py, torch 2.11), which
+    sent compiled layers down the export path; the flag it reports is set by torch.export alone, and Dynamo reads
+    a module attribute as it is."""
+    return torch.compiler._is_exporting_flag
 
 
 def _sparse_to_edge_index(adj: Tensor, coo_without_duplicates: bool = True) -> tuple[Tensor, Optional[Tensor]]:
@@ -120,8 +137,19 @@ def _coo_without_duplicates(adj: Tensor) -> bool:
 
 def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool) -> GraphStructure:
     """Validate ``edge_index`` ([2, E] integer tensor or torch sparse ``adj_t`` of size [Nd, Ns]) and
-    build the structure: remove + add self loops as PyG does, sort by destination."""
+    build the structure: remove + add self loops as PyG does, sort by destination.
+
+    Under torch.export the steps that read index values on the host (the range checks, the "any self loop?"
+    shortcut, the sparse-storage checks) cannot run on the symbolic graph: the index values are not checked,
+    existing self loops are always dropped through a mask (torch_geometric.utils.remove_self_loops does the same),
+    and a sparse adjacency is refused (see :meth:`CachedGraphLayer._graph`)."""
+    exporting = _exporting()
     layout = size = None
+    if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided and exporting:
+        raise TypeError(
+            "torch.export of the zoo graph layers takes a [2, E] edge_index, not a sparse adjacency: export with "
+            "the (src, dst) index of adj_t (adj_t.to_sparse_coo().indices().flip(0))"
+        )
     if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided:
         if edge_index.dim() != 2:
             raise ValueError(
@@ -145,14 +173,15 @@ def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool
     kept, num_loops = None, 0
     if add_self_loops:
         keep = edge_index[0] != edge_index[1]
-        if not bool(keep.all()):
+        if exporting or not bool(keep.all()):
             kept = keep.nonzero().view(-1)
             edge_index = edge_index[:, kept]
         num_loops = min(num_src, num_dst)
         loops = torch.arange(num_loops, device=edge_index.device).expand(2, -1)
         edge_index = torch.cat([edge_index, loops], dim=1)
-    csr = build_csr(edge_index, num_src, num_dst, validate=False)
-    return GraphStructure(csr, num_input, kept, num_loops, edge_index, layout, size, storage_order, coalesced)
+    csr = None if exporting else build_csr(edge_index, num_src, num_dst, validate=False)
+    return GraphStructure(csr, num_input, kept, num_loops, edge_index, num_src, num_dst, layout, size, storage_order,
+                          coalesced)
 
 
 def _loop_attr(edge_attr: Tensor, dst: Tensor, num_dst: int, num_loops: int, fill_value) -> Tensor:
@@ -435,8 +464,9 @@ class CachedGraphLayer(MessagePassing):
         torch.func transform (vmap, grad, jacrev, ...). The fused paths are autograd.Functions written for eager
         autograd (forward saving its own context, no ``setup_context`` / ``vmap`` rules), which functorch refuses;
         PyG's layers run under those transforms, so ours do too, with plain autograd ops ([E, H, C] memory). The
-        functorch query is left out of torch.compile's traced code (it would break the graph there)."""
-        if self._message_passing_observed():
+        functorch query is left out of torch.compile's traced code (it would break the graph there). Under
+        torch.export too: the fused functions are opaque eager code that export cannot trace (see ``_graph``)."""
+        if self._message_passing_observed() or _exporting():
             return True
         return not torch.compiler.is_compiling() and in_torch_func()
 
@@ -445,9 +475,30 @@ class CachedGraphLayer(MessagePassing):
         # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly
         # (a graph break, as PyG's remove_self_loops causes), as does the fused attention
         # (zoo/attention/segment.py); the projections and what surrounds the layer compile.
+        # torch.export has no graph breaks: there the structure is traced (no value checks, no cache: it would
+        # hold symbolic tensors) and the layer runs PyG's propagate (_runs_propagate), plain torch ops with a
+        # symbolic N and E, as PyG's own layers export. The exported program has PyG's [E, H, C] memory.
+        if _exporting():
+            self._check_graph_input(edge_index, num_src, num_dst)
+            return graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
         return call_outside_graph(self._build_graph, edge_index, num_src, num_dst)
 
     def _build_graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
+        self._check_graph_input(edge_index, num_src, num_dst)
+        if edge_index.is_inference():  # no version counter: cannot tell in-place edits apart, do not cache
+            return graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
+        version = edge_index._version if edge_index.layout == torch.strided else None
+        key = (num_src, num_dst, bool(self.add_self_loops), version)
+        cache = self._graph_cache
+        fingerprint = _edge_index_fingerprint(edge_index)
+        if cache is not None and cache[0] is edge_index and cache[1] == key and cache[3] == fingerprint:
+            return cache[2]
+        graph = graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
+        self._graph_cache = (edge_index, key, graph, fingerprint)
+        return graph
+
+    def _check_graph_input(self, edge_index, num_src: int, num_dst: int) -> None:
+        """The checks of edge_index against the layer's flow, before the graph is built."""
         if not isinstance(edge_index, Tensor):
             if type(edge_index).__name__ == "SparseTensor":
                 raise TypeError(
@@ -465,17 +516,6 @@ class CachedGraphLayer(MessagePassing):
                 f"{type(self).__name__}: flow='target_to_source' with {num_src} source and {num_dst} target nodes: "
                 "PyG sizes that output by the source set; flip edge_index (edge_index.flip(0)) and use the "
                 "default flow")
-        if edge_index.is_inference():  # no version counter: cannot tell in-place edits apart, do not cache
-            return graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
-        version = edge_index._version if edge_index.layout == torch.strided else None
-        key = (num_src, num_dst, bool(self.add_self_loops), version)
-        cache = self._graph_cache
-        fingerprint = _edge_index_fingerprint(edge_index)
-        if cache is not None and cache[0] is edge_index and cache[1] == key and cache[3] == fingerprint:
-            return cache[2]
-        graph = graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
-        self._graph_cache = (edge_index, key, graph, fingerprint)
-        return graph
 
     def _flowing(self, edge_index: Tensor) -> Tensor:
         """edge_index as (source, destination) rows: flipped for flow="target_to_source" (PyG's reverse flow:
@@ -620,7 +660,7 @@ class _GraphAttentionBase(CachedGraphLayer):
         if graph.num_loops:
             # PyG's add_self_loops reduces the loops' features over the caller's edge_index[1] whatever the flow:
             # the destination here, but with flow="target_to_source" the source of the flipped graph (_flowing)
-            row, num_nodes = (0, graph.csr.num_src) if self._reverse_flow else (1, graph.csr.num_dst)
+            row, num_nodes = (0, graph.num_src) if self._reverse_flow else (1, graph.num_dst)
             owner = graph.edge_index[row, : edge_attr.size(0)]
             loops = _loop_attr(edge_attr, owner, num_nodes, graph.num_loops, self.fill_value)
             edge_attr = torch.cat([edge_attr, loops], dim=0)

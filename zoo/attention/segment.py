@@ -159,7 +159,9 @@ def check_edge_index(edge_index, num_src: int, num_dst: int, *, where: str = "ed
     """Validate a [2, E] integer edge index against the node counts; return it as int64.
 
     Raises TypeError/ValueError naming the problem (wrong type/dtype/shape, negative or out-of-range
-    indices) instead of an index error deep inside torch."""
+    indices) instead of an index error deep inside torch. Under torch.export the values are not checked: they are
+    symbolic there (reading them is a data-dependent guard that export refuses); PyG's layers do not check them
+    either."""
     if not isinstance(edge_index, Tensor):
         raise TypeError(f"{where} must be a torch.Tensor of shape [2, E], got {type(edge_index).__name__}")
     if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
@@ -167,7 +169,7 @@ def check_edge_index(edge_index, num_src: int, num_dst: int, *, where: str = "ed
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"{where} must have shape [2, E], got {tuple(edge_index.shape)}")
     edge_index = edge_index.long()
-    if edge_index.numel():
+    if edge_index.numel() and not torch.compiler.is_exporting():
         lo = int(edge_index.min())
         if lo < 0:
             raise ValueError(f"{where} contains negative node indices (min {lo})")

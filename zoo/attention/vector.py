@@ -25,10 +25,10 @@ block's forward run again in backward, paid by default only when the kept interm
 [E, C] weights and products, and its backward is one pass. pos_nn / attn_nn with statistics over the edges
 (BatchNorm using batch statistics, PyG's graph-level norms: _normalises_over_rows) see the whole edge set in one
 block, as in PyG, so their statistics are PyG's; so does a layer
-under torch.compile / export (one graph, PyG's memory; the graph structure is built outside it as for the GAT
-layers). While PyG's
-explain mode is on, a message-passing hook is registered or a torch.func transform (vmap, grad, jacrev) runs,
-the layer runs PyG's ``propagate`` instead (zoo.attention.graph explains).
+under torch.compile (one block, PyG's memory; the graph structure is built outside the compiled graph as for the
+GAT layers). While PyG's explain mode is on, a message-passing hook is registered, a torch.func transform (vmap,
+grad, jacrev) runs or torch.export traces the layer, it runs PyG's ``propagate`` instead (zoo.attention.graph
+explains; under torch.export with a symbolic number of points and edges, as PyG's layer exports).
 
 Letters: N nodes/points (Ns source, Nd destination), E edges, C channels, P position coordinates.
 """
@@ -296,7 +296,8 @@ class PointTransformerConv(CachedGraphLayer):
                 index: Tensor, size_i: Optional[int]) -> Tensor:
         """PyG's message (the explain / hook path): alpha * (W x_j + delta), softmax per channel."""
         scores, values = self._scores_and_values(pos_i - pos_j, alpha_i, alpha_j, x_j)
-        return segment_softmax(scores, index, int(size_i)) * values
+        # size_i as PyG passes it: not int(), which would fix a symbolic node count to the example's under export
+        return segment_softmax(scores, index, size_i) * values
 
     def _blockwise(self, graph: GraphStructure, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst) -> Tensor:
         csr = graph.csr.to(v_NC.device)
