@@ -149,6 +149,76 @@ def test_dynamo_exporter_agent_deit(tmp_path):
         export_onnx("agent_deit_debug", None, exporter="dynamo", opset=14)
 
 
+def test_the_dynamo_check_runs_a_batch_other_than_the_traced_one(monkeypatch):
+    """exporter="dynamo" with batch_size=1 traced batch 2 (torch.export specialises a size-1 dimension) and then
+    checked batch batch_size + 1 = 2, the traced batch again, so the dynamic batch was never run; the result said
+    batch 1 (audit 2026-12-06). The check runs the traced batch + 1 and the result reports the traced shape."""
+    from zoo import export as zexport
+
+    traced, checked = [], []
+    export, check = torch.onnx.export, zexport.check_onnx
+    monkeypatch.setattr(torch.onnx, "export", lambda model, args, *a, **k: traced.append(args[0].shape[0]) or
+                        export(model, args, *a, **k))
+    monkeypatch.setattr(zexport, "check_onnx", lambda data, model, example, **k: checked.append(example.shape[0]) or
+                        check(data, model, example, **k))
+    for exporter, batch_size, batch in (("dynamo", 1, 2), ("dynamo", 3, 3), ("torchscript", 1, 1)):
+        traced.clear(), checked.clear()
+        result = export_onnx("vit_debug", None, exporter=exporter, batch_size=batch_size, depth=1)
+        assert (traced, checked, result.input_shape) == ([batch], [batch + 1], (batch, 3, 32, 32)), exporter
+
+
+class _WithMask(torch.nn.Module):
+    def __init__(self, layer, mask):
+        super().__init__()
+        self.layer, self.mask = layer, mask
+
+    def forward(self, x):
+        return self.layer(x, mask=self.mask)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["no mask", "Causal"])
+def test_transformer_xl_positions_through_the_dynamo_exporter(causal):
+    """MultiHeadAttention(rel_pos="xl") failed in the dynamo ONNX exporter even at static shapes: its head merge,
+    a reshape of attention's transposed output, was traced as a view of a (2, 11, 4, 8) tensor with strides
+    (352, 8, 88, 1) (audit 2026-12-06), while docs/core.md says rel_pos="xl" exports to ONNX. Exported once with a
+    dynamic batch and length, onnxruntime matches the PyTorch module at the traced and at other lengths (the
+    distances and the relative shift follow the length; tests/test_relpos_xl.py checks the module in float64)."""
+    import onnxruntime as ort
+
+    from zoo.attention import Causal, MultiHeadAttention
+
+    torch.manual_seed(0)
+    layer = _WithMask(MultiHeadAttention(32, 4, rel_pos="xl"), Causal() if causal else None).eval()
+    dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("time", min=2, max=128)}
+    program = torch.onnx.export(layer, (torch.randn(2, 11, 32),), dynamo=True, input_names=["x"], output_names=["y"],
+                                dynamic_shapes=(dims,), verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch, length in ((2, 11), (3, 4), (1, 23)):
+        x = torch.randn(batch, length, 32)
+        (got,) = session.run(["y"], {"x": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_models_of_other_tasks_are_named_as_such_however_given(tmp_path):
+    """export_onnx(<a graph model instance>) said "pass img_size=(H, W)", with img_size given too, where the name
+    said "zoo export handles vision models" (audit 2026-12-06): an instance or a checkpoint is judged by its
+    registry task first. A module that is no registered model names only what is missing."""
+    from zoo.attention import MultiHeadAttention
+
+    graph_model = zoo.create_model("gatv2_node_debug")
+    zoo.save_pretrained(graph_model, tmp_path / "graph")
+    for model, kwargs in ((graph_model, {}), (graph_model, dict(img_size=8)), ("gatv2_node_debug", {}),
+                          (None, dict(ckpt=str(tmp_path / "graph"))), (None, dict(ckpt=str(tmp_path / "graph"), img_size=8))):
+        with pytest.raises(ValueError, match=r"^zoo export handles vision models; 'gatv2_node_debug' is a 'graph' model$"):
+            export_onnx(model, None, **kwargs)
+    with pytest.raises(ValueError, match=r"input of MultiHeadAttention: give the model an in_chans attribute \(zoo"):
+        export_onnx(MultiHeadAttention(16, 2), None, img_size=8)
+    with pytest.raises(ValueError, match=r"input of MultiHeadAttention: pass img_size=\(H, W\) and give the model an "
+                                         r"in_chans attribute"):
+        export_onnx(MultiHeadAttention(16, 2), None)
+
+
 def test_cli_writes_file_with_metadata(tmp_path, capsys):
     import onnx
 

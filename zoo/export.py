@@ -148,15 +148,35 @@ def _input_geometry(model: nn.Module, img_size) -> tuple[int, tuple[int, int]]:
             size = _size_pair(model.img_size)
         elif "input_size" in cfg:
             size = (int(cfg["input_size"][1]), int(cfg["input_size"][2]))
-    if size is None or in_chans is None:
-        raise ValueError(
-            f"cannot tell the input size of {type(model).__name__}; pass img_size=(H, W) (and give the model an "
-            f"in_chans attribute)"
-        )
+    if size is None or in_chans is None:  # name only what is missing (img_size was asked for when given)
+        missing = [fix for fix, value in (("pass img_size=(H, W)", size), ("give the model an in_chans attribute",
+                                                                          in_chans)) if value is None]
+        raise ValueError(f"cannot tell the (C, H, W) input of {type(model).__name__}: {' and '.join(missing)} (zoo "
+                         f"export takes (batch, C, H, W) images)")
     return int(in_chans), size
 
 
+def _refuse_other_tasks(name: str, task: Optional[str]) -> None:
+    """zoo export handles vision models (an image input, one logits output): a registered model of another task
+    (graph, point cloud) is named as such, before the input geometry is asked for, which it does not have."""
+    if task and task != "vision":
+        raise ValueError(f"zoo export handles vision models; {name!r} is a {task!r} model")
+
+
 def _resolve_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwargs: dict[str, Any]) -> nn.Module:
+    net = _load_model(model, ckpt, create_kwargs)
+    name = getattr(net, "zoo_model_name", None)
+    if not isinstance(model, str) and isinstance(name, str) and name:  # an instance or a checkpoint: its registry task
+        from zoo.registry import get_model_entry
+
+        try:
+            _refuse_other_tasks(name, get_model_entry(name).task)
+        except KeyError:  # not registered: judged by its input geometry
+            pass
+    return net
+
+
+def _load_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwargs: dict[str, Any]) -> nn.Module:
     if isinstance(model, nn.Module):
         if ckpt is not None or create_kwargs:
             raise ValueError("pass either a model instance, or a name / checkpoint with constructor arguments")
@@ -181,9 +201,7 @@ def _resolve_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwa
         return zoo.from_pretrained(ckpt, **create_kwargs)
     if not isinstance(model, str):
         raise TypeError(f"model must be an nn.Module, a registered name or None with ckpt=, got {type(model).__name__}")
-    entry = zoo.get_model_entry(model)  # unknown names raise with close matches
-    if entry.task and entry.task != "vision":
-        raise ValueError(f"zoo export handles vision models; {model!r} is a {entry.task!r} model")
+    _refuse_other_tasks(model, zoo.get_model_entry(model).task)  # unknown names raise with close matches
     if "pretrained" not in create_kwargs:  # too large for one file: say so before allocating the weights
         with torch.device("meta"):
             _check_protobuf_size(zoo.create_model(model, **create_kwargs), model)
@@ -245,11 +263,13 @@ def export_onnx(
         out: output ``.onnx`` path (parent folders are created); None keeps the bytes in the result.
         ckpt: a checkpoint directory/file written by :func:`zoo.save_pretrained` (instead of ``model``).
         img_size: H or (H, W) to export at; default the model's native size.
-        batch_size: batch of the traced example (the graph's batch dimension is dynamic).
+        batch_size: batch of the traced example (the graph's batch dimension is dynamic); exporter="dynamo"
+            traces 2 when given 1 (torch.export specialises a size-1 dimension to a constant).
         opset: ONNX opset; default 17 for the TorchScript exporter (14 and newer), 18 for dynamo (18 and newer:
             torch's dynamo exporter writes no older opset).
         exporter: "torchscript" (default) or "dynamo" (see module docstring).
-        check: run onnxruntime on a fresh input (batch ``batch_size + 1``) and compare with PyTorch.
+        check: run onnxruntime on a fresh input (the traced batch + 1, so the dynamic batch is exercised) and
+            compare with PyTorch.
         atol: allowed difference for the check, relative to max(1, largest |output|).
     """
     if exporter not in EXPORTERS:
@@ -304,7 +324,8 @@ def export_onnx(
     gen = torch.Generator().manual_seed(seed)
     param = next(net.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    example = torch.randn(batch_size, in_chans, height, width, generator=gen).to(device)
+    traced_batch = 2 if exporter == "dynamo" and batch_size == 1 else batch_size  # see batch_size above
+    example = torch.randn(traced_batch, in_chans, height, width, generator=gen).to(device)
 
     was_training = net.training
     net.eval()
@@ -328,7 +349,7 @@ def export_onnx(
         path = None if out is None else Path(out)
         diff = None
         if check:  # before anything is written: a failing export never replaces a good file at `out`
-            probe = torch.randn(batch_size + 1, in_chans, height, width, generator=gen).to(device)
+            probe = torch.randn(traced_batch + 1, in_chans, height, width, generator=gen).to(device)
             diff, scale = check_onnx(data, net, probe, return_scale=True)
             allowed = atol * max(1.0, scale)
             if not diff <= allowed:
@@ -344,7 +365,7 @@ def export_onnx(
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     finally:
         net.train(was_training)
-    return ExportResult(path, str(name), (batch_size, in_chans, height, width), exporter, opset, diff,
+    return ExportResult(path, str(name), tuple(example.shape), exporter, opset, diff,
                         None if path is not None else data)
 
 
@@ -408,9 +429,7 @@ def _export_proto(net: nn.Module, example: torch.Tensor, exporter: str, opset: i
 def _run_exporter(net: nn.Module, example: torch.Tensor, exporter: str, opset: int):
     import onnx
 
-    if exporter == "dynamo":
-        if example.shape[0] == 1:  # torch.export specialises a size-1 dimension: trace with batch 2
-            example = example.repeat(2, 1, 1, 1)
+    if exporter == "dynamo":  # (export_onnx traces batch 2 or more here: a batch of 1 would be specialised)
         forward_arg = next(iter(__import__("inspect").signature(net.forward).parameters))
         program = torch.onnx.export(
             net, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

@@ -73,6 +73,9 @@ class KVCache:
     For inference (``torch.no_grad()`` / ``inference_mode``): appending writes into the storage in place, so
     gradients do not flow through cached keys (train decoders on whole sequences with ``mask=Causal()``). A cache
     filled under ``inference_mode`` can be continued outside it (its storage is copied once to normal tensors).
+    A call with a cache compiles (``torch.compile`` re-traces as the cache grows) but is refused while exporting
+    (``torch.export``, ``torch.onnx.export``, ``torch.jit.trace``): the program would freeze the cache's state at
+    the traced call; export the step with the past keys and values as explicit inputs and outputs instead.
     """
 
     def __init__(self, max_length: Optional[int] = None) -> None:
@@ -402,6 +405,14 @@ class MultiHeadAttention(nn.Module):
     def _check_cache(self, cache, x_BNC: torch.Tensor, num_queries) -> None:
         if not isinstance(cache, KVCache):
             raise TypeError(f"MultiHeadAttention: cache must be a zoo.attention.KVCache, got {type(cache).__name__}")
+        if _exporting():
+            # first, before the cache is bound or written: an exported program runs the tensor ops only, so the
+            # cache's Python state (its length, the growth of its storage) would be baked in at this call's values
+            # and later steps would ignore the cache, while the cache itself kept the tracer's fake tensors (the
+            # next eager step then failed inside torch); the grad check below would blame autograd instead
+            raise RuntimeError("MultiHeadAttention: a KVCache cannot be exported (torch.export, torch.onnx.export, "
+                               "torch.jit.trace); export the decode step with the past keys and values as explicit "
+                               "inputs and outputs, or export the module without cache=")
         owner = None if cache._owner is None else cache._owner()
         if owner is None:  # unused (or reset, or its layer is gone): this layer's from now on
             cache._owner = weakref.ref(self)
@@ -658,9 +669,27 @@ class MultiHeadAttention(nn.Module):
         else:
             out_BHND = attend(q_BHND, k_BHMD, v_BHMD, mask, bias, scale=self.scale, score=self.score,
                               dropout_p=dropout_p, check_finite=False)
-        out_BNC = self.proj_drop(self.proj(out_BHND.transpose(1, 2).reshape(batch, n_q, self.attn_dim)))
+        out_BNHD = out_BHND.transpose(1, 2)
+        if is_tracing() or torch.onnx.is_in_onnx_export():
+            # exporters may decompose attention into another output layout (rel_pos="xl" through the dynamo ONNX
+            # exporter: strides (352, 8, 88, 1) for (2, 11, 4, 8), which its reshape cannot view): never assume a
+            # view while tracing, as zoo/attention/agent.py does before its head merge (eager keeps the view)
+            out_BNHD = out_BNHD.clone(memory_format=torch.contiguous_format)
+        out_BNC = self.proj_drop(self.proj(out_BNHD.reshape(batch, n_q, self.attn_dim)))
         check_module_output(self, "MultiHeadAttention", out_BNC, x=x_BNC, context=context)
         return out_BNC
+
+
+def _exporting() -> bool:
+    """True while torch.export (strict or not, and so the dynamo ONNX exporter), torch.jit tracing/scripting or the
+    TorchScript ONNX exporter traces the call; False under torch.compile, whose graphs guard on Python state and
+    are re-traced when it changes. torch.compiler's flag is read rather than torch.compiler.is_exporting(), which
+    Dynamo replaces by the constant True under torch.compile too (torch 2.11; pytorch/pytorch#176347, fixed by
+    #176499)."""
+    if torch._C._get_tracing_state() is not None or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return True
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def _mask_parts(mask) -> list:
