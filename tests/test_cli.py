@@ -6,6 +6,7 @@ import importlib.resources
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def test_bad_overrides_are_clear(capsys):
     assert err.startswith("zoo train: error: unknown experiment=vit_digit: did you mean vit_digits")
     assert "Config search path" not in err and err.count("\n") == 2
     assert cli.main(["train", "model=nope"]) == 1
-    assert "zoo train: error: unknown model=nope: (model options: gat, gatv2" in capsys.readouterr().err
+    assert "zoo train: error: unknown model=nope: (model options: agent_digits, gat, gatv2" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"^unknown config key 'task\.lrr' .* \+task\.lrr=\.\.\. would add it as a new key"):
         run.compose(["experiment=vit_digits", "task.lrr=1"])
 
@@ -690,3 +691,147 @@ def test_run_summary_prints_small_values_readably(capsys):
                         "seconds": 1.0})
     out = capsys.readouterr().out
     assert "6.000e-06" in out and "0.9861" in out and "0.0000" in out
+
+
+# ------------------------------------------------------------------------------ zoo train config (audit 4)
+def test_experiment_agent_digits_builds_the_model_picked_with_model_option():
+    """experiment=agent_digits set model.name itself over /model: zoo, so `model=vit_debug` was merged under it
+    and Agent-DeiT was trained silently; like experiment=vit_digits it now has its own model config, and its
+    model section stays the one the shipped checkpoints/agent_digits was trained with."""
+    from omegaconf import OmegaConf
+
+    for experiment in ("agent_digits", "vit_digits"):
+        for option in ("vit_debug", "maxvit_digits"):
+            picked = OmegaConf.to_container(run.compose([f"experiment={experiment}", f"model={option}"]).model)
+            alone = OmegaConf.to_container(run.compose([f"model={option}"]).model)
+            assert alone.items() <= picked.items(), (experiment, option)  # (vit_digits adds drop_path_rate)
+    record = json.loads((ROOT / "checkpoints" / "agent_digits" / "config.json").read_text())["metadata"]["zoo_config"]
+    cfg = run.compose(["experiment=agent_digits"])
+    assert OmegaConf.to_container(cfg.model, resolve=True) == record["model"]
+
+
+@pytest.mark.parametrize("key,override", [("logger", "logger=none"), ("callbacks", "callbacks=minimal"),
+                                          ("plugins", "AtomicCheckpointIO"),
+                                          ("enable_checkpointing", "~callbacks.last_checkpoint")])
+def test_trainer_arguments_of_config_groups_are_refused_with_the_override(key, override, tmp_path):
+    """+trainer.logger=false was replaced by the logger group, +trainer.plugins=[...] dropped the atomic checkpoint
+    writes, +trainer.enable_checkpointing=false failed inside Lightning: refused with the override to use."""
+    value = "[]" if key in ("plugins", "callbacks") else "false"
+    cfg = run.compose(["experiment=vit_digits", f"+trainer.{key}={value}", f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=f"trainer.{key} is not a zoo train setting: .*{override}"):
+        run._trainer(cfg, callbacks=[], loggers=[])
+    with pytest.raises(ValueError, match=f"trainer.{key} is not a zoo train setting"):  # without the +
+        run.compose(["experiment=vit_digits", f"trainer.{key}={value}"])
+
+
+def test_the_overrides_named_for_trainer_arguments_do_the_job(tmp_path, capsys):
+    from zoo.train.checkpoint import AtomicCheckpointIO
+
+    def trainer(*overrides):
+        cfg = run.compose(["experiment=vit_digits", f"run_dir={tmp_path}", *overrides])
+        return run._trainer(cfg, callbacks=run._instantiate_group(cfg.get("callbacks")),
+                            loggers=run._instantiate_group(cfg.get("logger")))
+
+    assert trainer("logger=none").loggers == []
+    assert [type(logger).__name__ for logger in trainer("~logger.csv").loggers] == ["TensorBoardLogger"]
+    unsaved = trainer("~callbacks.last_checkpoint", "~callbacks.best_checkpoint")
+    assert unsaved.checkpoint_callbacks == [] and isinstance(unsaved.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert set(run.compose(["callbacks=minimal"]).callbacks) == {"last_checkpoint", "best_checkpoint"}
+    assert len(trainer("callbacks=minimal").checkpoint_callbacks) == 2
+    # one line from the command line, before anything is written
+    assert cli.main(["train", *FAST_RUN, "+trainer.logger=false", f"run_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert "zoo train: error: trainer.logger is not a zoo train setting: " in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_ignores_group_arguments_stored_by_an_older_run(tmp_path):
+    """A run trained before trainer.logger / callbacks / ... were refused may store one: evaluation sets its own."""
+    import shutil
+
+    released = shutil.copytree(ROOT / "checkpoints" / "vit_digits", tmp_path / "released")
+    config = json.loads((released / "config.json").read_text())
+    config["metadata"]["zoo_config"]["trainer"].update(logger=False, enable_checkpointing=False)
+    (released / "config.json").write_text(json.dumps(config))
+    metrics = run.evaluate(released, ["trainer.limit_test_batches=1"])
+    assert 0.0 <= metrics["test/acc1"] <= 1.0
+
+
+@pytest.mark.parametrize("flags,resolved", [(["-c", "job"], False), (["--cfg=job"], False), (["-c", "all"], False),
+                                            (["--cfg"], False), (["--cfg", "job", "--resolve"], True),
+                                            (["--resolve", "--cfg=all"], True)])
+def test_hydras_config_flag_spellings_print_the_config(flags, resolved, capsys):
+    """Hydra's `-c job`, `--cfg=job` and `--resolve` (hydra/_internal/utils.py get_args_parser) were taken as
+    overrides ("not of the form key=value", a LexerNoViableAltException)."""
+    from omegaconf import OmegaConf
+
+    assert cli.main(["train", "experiment=vit_digits", *flags]) == 0
+    expected = OmegaConf.to_yaml(run.compose(["experiment=vit_digits"]), resolve=resolved)
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_hydra_flags_zoo_train_cannot_honour_are_one_line(capsys):
+    for flags, message in ((["--cfg", "hydra"], "--cfg hydra: zoo train composes without Hydra's app runner, so its "
+                                                "config has no hydra node; --cfg job"),
+                           (["-c", "hydra"], "-c hydra: zoo train composes without"),
+                           (["--cfg=jobs"], "--cfg jobs: 'jobs' is not one of Hydra's job, hydra, all"),
+                           (["--resolve"], "--resolve resolves the config that --cfg prints: add --cfg job"),
+                           (["data=image_folder", "--cfg", "job", "--resolve"],
+                            "--resolve: data.num_classes is required (???) and other keys read it")):
+        assert cli.main(["train", "experiment=vit_digits", *flags]) == 1
+        err = capsys.readouterr().err
+        assert f"zoo train: error: {message}" in err and len(err.strip().splitlines()) == 2, err
+
+
+@pytest.mark.parametrize("sweep", ["trainer.max_epochs=range(1,3)", "seed=choice(1,2)", "task.lr=interval(0.1,1)",
+                                   "experiment=glob(vit*)"])
+def test_hydra_sweep_functions_say_to_run_one_train_per_value(sweep):
+    """Hydra's "Sweep parameters ... requires --multirun" (a flag zoo train refuses) said what to do no better."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(sweep)} is a sweep .*run one zoo train per value"):
+        run.compose(["experiment=vit_digits", sweep])
+
+
+def test_ckpt_path_last_and_best_name_the_files_of_run_dir(tmp_path, karate_run):
+    """Lightning's ckpt_path=last / best were refused as "ckpt_path=last does not exist": they are the files the
+    checkpoint callbacks write in run_dir (configs/callbacks/minimal.yaml), and a missing one is named."""
+    import shutil
+
+    for shortcut in ("last", "best"):
+        cfg = run.compose(["experiment=vit_digits", f"ckpt_path={shortcut}", f"run_dir={tmp_path / 'new'}"])
+        callback = run.compose(["experiment=vit_digits", f"run_dir={tmp_path / 'new'}"]).callbacks[f"{shortcut}_checkpoint"]
+        written = Path(callback.dirpath) / f"{callback.filename}.ckpt"
+        with pytest.raises(FileNotFoundError, match=f"ckpt_path={re.escape(str(written))} does not exist"):
+            run.train(cfg)
+        assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="ckpt_path=last resumes from last.ckpt of the run in run_dir: add run_dir="):
+        run.train(run.compose(["experiment=vit_digits", "ckpt_path=last"]))
+    resumed = shutil.copytree(karate_run, tmp_path / "karate")
+    result = run.train(run.compose(["experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1",
+                                    "trainer.max_epochs=3", "trainer.enable_model_summary=false", "ckpt_path=last",
+                                    f"run_dir={resumed}"]))
+    assert result["epoch"] == 3 and result["run_dir"] == str(resumed)
+
+
+def test_unknown_task_and_data_keys_name_the_accepted_ones(capsys, tmp_path):
+    """+task.optimizer=sgd / +data.reprob=0.25 ended in Python's "__init__() got an unexpected keyword argument":
+    like the model's arguments, the key, the closest accepted one and every accepted one (each key the shipped
+    config sets among them) in one line."""
+    for overrides, message, group in (
+            (["+task.lrr=0.1"], "unknown key task.lrr (did you mean task.lr?); ImageClassifier (task) accepts: ", "task"),
+            (["+task.optimizer=sgd"], "unknown key task.optimizer; ImageClassifier (task) accepts: ", "task"),
+            (["+data.reprob=0.25"], "unknown key data.reprob; DigitsDataModule (data) accepts: ", "data"),
+            (["+data.batchsize=8"], "unknown key data.batchsize (did you mean data.batch_size?); DigitsDataModule",
+             "data"),
+            (["experiment=graph_karate", "+task.weightdecay=0"],
+             "unknown key task.weightdecay (did you mean task.weight_decay?); NodeClassificationModule", "task")):
+        cfg = run.compose(["experiment=vit_digits", *overrides])
+        with pytest.raises(TypeError) as error:
+            run.build(cfg)
+        text = str(error.value)
+        assert text.startswith(message) and "\n" not in text, text
+        accepted = set(text.rsplit("accepts: ", 1)[1].split(", "))
+        configured = {key for key in cfg[group] if not key.startswith("_")} - {overrides[-1][len(group) + 2:].split("=")[0]}
+        assert configured <= accepted and "model" not in accepted, (configured - accepted)
+    assert cli.main(["train", *FAST_RUN, "+data.reprob=0.25", f"run_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "zoo train: error: unknown key data.reprob; DigitsDataModule (data) accepts: " in err

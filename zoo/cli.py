@@ -46,7 +46,7 @@ commands:
 `zoo <command> --help` describes each command; `zoo --version` prints the versions to quote in a bug report.
 """
 
-TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg]
+TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg [job|all] [--resolve]]
 
 Train with Hydra configs from the installed package zoo.configs (groups: task, model, data, trainer,
 logger, callbacks, experiment, debug). Overrides are Hydra's: `group=option` picks a config file,
@@ -63,7 +63,7 @@ Examples:
 Top-level keys: name, seed, num_threads (torch threads), run_dir (default outputs/<name>/<time>), ckpt_path
 (resume), test (evaluate the final weights), export (write <run_dir>/released via zoo.save_pretrained).
 Outputs: <run_dir>/{config.yaml, checkpoints/{best,last}.ckpt, csv/, tensorboard/, released/, metrics.json}.
---cfg prints the composed config and exits.
+--cfg (or Hydra's --cfg job, -c all) prints the composed config and exits; with --resolve, interpolations resolved.
 """
 
 EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir> [split=test|val] [data=GROUP] [data.KEY=VALUE ...]
@@ -138,22 +138,50 @@ def _cmd_train(argv: list[str]) -> int:
     if _wants_help(argv):
         print(TRAIN_HELP + _config_options())
         return 0
-    print_cfg = "--cfg" in argv
-    overrides = [a for a in argv if a != "--cfg"]
-    if print_cfg:  # Hydra's form `--cfg job` (or all): the composed config is the job's, there is no hydra node
-        at = argv.index("--cfg") + 1
-        if at < len(argv) and argv[at] in ("job", "all"):
-            overrides.remove(argv[at])
+    print_cfg, resolve, overrides = _print_config_flags(argv)
     cfg = run.compose(overrides)
     if print_cfg:
         from omegaconf import OmegaConf
+        from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
-        print(OmegaConf.to_yaml(cfg))
+        try:
+            print(OmegaConf.to_yaml(cfg, resolve=resolve))
+        except (MissingMandatoryValue, InterpolationToMissingValueError) as error:  # a ${...} of a required (???) key
+            key = str(error).splitlines()[0].rsplit(": ", 1)[-1]
+            raise ValueError(f"--resolve: {key} is required (???) and other keys read it: set {key}=..., or print "
+                             f"the config without --resolve") from None
         return 0
     result = run.train(cfg)
     if result.get("global_zero", True):  # in DDP only global rank 0 prints the summary
         _print_summary(result)
     return 0
+
+
+def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str]]:
+    """(print the config?, resolved?, the overrides) from ``zoo train`` arguments, with Hydra's spellings of its
+    flags (hydra/_internal/utils.py get_args_parser): ``--cfg job|all``, ``--cfg=job``, ``-c job``, and ``--resolve``
+    (interpolations resolved in the printed config). ``--cfg`` alone prints too. The zoo config is the job's config:
+    ``--cfg hydra`` (Hydra's own node) is refused in one line."""
+    print_cfg, resolve, overrides = False, False, []
+    tokens = list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        flag, has_value, value = token.partition("=")
+        if flag in ("--cfg", "-c"):
+            print_cfg = True
+            if not has_value and tokens and tokens[0] in ("job", "hydra", "all"):
+                value, has_value = tokens.pop(0), True
+            if has_value and value not in ("job", "all"):
+                what = ("zoo train composes without Hydra's app runner, so its config has no hydra node"
+                        if value == "hydra" else f"{value!r} is not one of Hydra's job, hydra, all")
+                raise ValueError(f"{flag} {value}: {what}; {flag} job (or all) prints the composed config")
+        elif token == "--resolve":
+            resolve = True
+        else:
+            overrides.append(token)
+    if resolve and not print_cfg:
+        raise ValueError("--resolve resolves the config that --cfg prints: add --cfg job (training always resolves it)")
+    return print_cfg, resolve, overrides
 
 
 def _print_summary(result: dict) -> None:

@@ -101,13 +101,21 @@ def _hydra_message(text: str, overrides: Sequence[str]) -> str:
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         return f"unknown {group}={wrong}: {hint}({group} options: {', '.join(choices)})"
     key = re.search(r"Could not override '([^']+)'", text)
+    if key and key.group(1).startswith("trainer.") and key.group(1)[len("trainer."):] in _TRAINER_GROUP_KEYS:
+        return _trainer_group_key_message(key.group(1)[len("trainer."):])
     if key:
         return (f"unknown config key {key.group(1)!r} (from the overrides {list(overrides)}): check its spelling in "
                 f"`zoo train ... --cfg`; +{key.group(1)}=... would add it as a new key")
+    one_run = "and zoo train runs one config: run one zoo train per value"
     sweep = re.search(r"Ambiguous value for argument '([^']+)'", text)
     if sweep:
-        return (f"{sweep.group(1)} is a sweep (a value with commas), and zoo train runs one config: run one zoo train "
-                f"per value; a list is key=[a,b], a string with commas is quoted: key='a,b'")
+        return (f"{sweep.group(1)} is a sweep (a value with commas), {one_run}; a list is key=[a,b], a string with "
+                f"commas is quoted: key='a,b'")
+    # Hydra's sweep functions (range, choice, interval, glob) compose only under --multirun
+    sweep = re.search(r"Sweep parameters '(.+)' requires --multirun", text)
+    if sweep:
+        return (f"{sweep.group(1)} is a sweep (Hydra's range/choice/interval/glob), {one_run}; a list value is "
+                f"key=[a,b]")
     first = text.strip().splitlines()[0] if text.strip() else text
     return f"invalid config overrides {list(overrides)}: {first}"
 
@@ -306,8 +314,12 @@ def _to_container(node) -> Any:
     return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
 
 
-def _call_target(node, **extra):
-    """Instantiate a config node with ``_target_`` by calling the target with plain (resolved) values."""
+def _call_target(node, *, where: Optional[str] = None, **extra):
+    """Instantiate a config node with ``_target_`` by calling the target with plain (resolved) values.
+
+    ``where``: the node's config key (``task``, ``data``); a key of it that the target does not take
+    (``+task.optimizer=sgd``) is then named in one line with the keys it takes, as the model's unknown arguments
+    are (zoo.registry), instead of Python's bare "__init__() got an unexpected keyword argument"."""
     from hydra.utils import get_object
 
     kwargs = _to_container(node)
@@ -316,7 +328,53 @@ def _call_target(node, **extra):
     kwargs.pop("_recursive_", None)
     if target is None:
         raise ValueError(f"config node has no _target_: {sorted(kwargs)}")
-    return get_object(target)(**kwargs, **extra)
+    factory = get_object(target)
+    try:
+        return factory(**kwargs, **extra)
+    except TypeError as error:
+        unknown = _unknown_config_key(error, factory, kwargs, where, exclude=extra)
+        if unknown is None:
+            raise
+        raise TypeError(unknown) from None
+
+
+def _accepted_keywords(factory) -> list[str]:
+    """The keyword arguments ``factory`` (a class or a function) takes, following ``**kwargs`` up the base classes'
+    ``__init__`` (DigitsDataModule(shift, ..., **kwargs) passes the rest to VisionDataModule)."""
+    import inspect
+
+    inits = [klass.__dict__["__init__"] for klass in factory.__mro__ if "__init__" in klass.__dict__] \
+        if inspect.isclass(factory) else [factory]
+    names: set[str] = set()
+    for init in inits:
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):  # a builtin's __init__ (object): nothing more to learn
+            break
+        names.update(p.name for p in parameters if p.name != "self"
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return sorted(names)
+
+
+def _unknown_config_key(error: TypeError, factory, kwargs: dict, where: Optional[str], exclude=()) -> Optional[str]:
+    """The one-line message for a config key the target refused ("got an unexpected keyword argument 'x'"): the
+    key, the closest accepted one and all of them; None when the error is about something else."""
+    import difflib
+    import re
+
+    match = re.search(r"got an unexpected keyword argument '(\w+)'", str(error))
+    if where is None or match is None or match.group(1) not in kwargs:
+        return None
+    key = match.group(1)
+    accepted = [name for name in _accepted_keywords(factory) if name not in exclude]
+    if key in accepted:  # refused further down (another call inside the constructor): not a config key problem
+        return None
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f" (did you mean {where}.{close[0]}?)" if close else ""
+    return (f"unknown key {where}.{key}{hint}; {getattr(factory, '__name__', factory)} ({where}) accepts: "
+            f"{', '.join(accepted)}")
 
 
 def _resolve_run_dir(cfg) -> Path:
@@ -382,13 +440,13 @@ def _build(cfg, model: Optional[torch.nn.Module] = None):
     if "_target_" not in task and task.get("module"):
         built = importlib.import_module(str(task.module)).build(cfg)
         return built[0], built[1]
-    datamodule = _call_target(cfg.data)
+    datamodule = _call_target(cfg.data, where="data")
     if model is None:
         model = _call_target(cfg.model)
     if hasattr(datamodule, "adopt_model_stats"):  # data.mean=model: normalise as the (pretrained) model expects
         datamodule.adopt_model_stats(model)
     _note_token_count(model, cfg)
-    module = _call_target(task, model=model)
+    module = _call_target(task, where="task", model=model)
     if hasattr(module, "hparams"):
         module.hparams["zoo_config"] = _to_container(cfg)
         if hasattr(datamodule, "describe"):
@@ -404,6 +462,7 @@ def _trainer(cfg, *, callbacks: Optional[list] = None, loggers: Optional[list] =
 
     from omegaconf import OmegaConf
 
+    _check_trainer_group_keys(cfg.trainer)
     kwargs = {}
     for key, value in cfg.trainer.items():
         if key in ("_target_", "_convert_") or value is None:
@@ -433,6 +492,37 @@ def _trainer(cfg, *, callbacks: Optional[list] = None, loggers: Optional[list] =
 # ZeroDivisionError)
 _TRAINER_INTS = {"max_epochs": -1, "min_epochs": 0, "max_steps": -1, "min_steps": 0, "check_val_every_n_epoch": 1,
                  "log_every_n_steps": 0, "accumulate_grad_batches": 1, "num_sanity_val_steps": -1}
+
+
+# Trainer arguments that zoo train builds from its config groups (configs/logger, configs/callbacks) or sets itself,
+# and the override that does the job: given as +trainer.<key>=..., they were silently replaced (logger), dropped
+# the atomic checkpoint writes (plugins) or failed inside Lightning (enable_checkpointing=false with the
+# checkpoint callbacks: MisconfigurationException).
+_TRAINER_GROUP_KEYS = {
+    "logger": "the loggers are the logger group: logger=none (no logger), logger=csv or logger=tensorboard (one of "
+              "them), ~logger.<name> drops one",
+    "callbacks": "the callbacks are the callbacks group: callbacks=minimal (the checkpoint callbacks "
+                 "only), ~callbacks.<name> drops one (last_checkpoint, best_checkpoint, progress_bar); "
+                 "+trainer.enable_progress_bar=false hides the bar",
+    "plugins": "zoo train sets the plugins itself (zoo.train.checkpoint.AtomicCheckpointIO: checkpoints written "
+               "atomically), and a list here would drop it; precision is trainer.precision=..., the cluster "
+               "environment trainer.strategy=...",
+    "enable_checkpointing": "checkpoints are the callbacks group's last_checkpoint and best_checkpoint: "
+                            "~callbacks.last_checkpoint ~callbacks.best_checkpoint writes none (zoo train then turns "
+                            "Lightning's checkpointing off), callbacks=minimal keeps only them",
+}
+
+
+def _trainer_group_key_message(key: str) -> str:
+    return f"trainer.{key} is not a zoo train setting: {_TRAINER_GROUP_KEYS[key]}"
+
+
+def _check_trainer_group_keys(trainer_cfg) -> None:
+    """trainer.logger / callbacks / plugins / enable_checkpointing refused in one line, with the group override that
+    does the job (see _TRAINER_GROUP_KEYS)."""
+    for key in _TRAINER_GROUP_KEYS:
+        if key in trainer_cfg:
+            raise ValueError(_trainer_group_key_message(key))
 
 
 def _check_trainer_options(kwargs: dict) -> None:
@@ -511,6 +601,7 @@ def _float_metrics(metrics: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 def train(cfg) -> dict[str, Any]:
     """Fit, test and export as configured; returns {"run_dir", "metrics", "last_ckpt", "released", "seconds", ...}."""
+    _resolve_ckpt_shortcut(cfg)
     run_dir = _resolve_run_dir(cfg)
     previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers are re-launched with the same argv: same run_dir
@@ -521,6 +612,26 @@ def train(cfg) -> dict[str, Any]:
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
+
+
+# Lightning's ckpt_path shortcuts (Trainer.fit(ckpt_path="last" | "best")) and the file of a zoo train run that
+# each names: configs/callbacks/minimal.yaml writes ${run_dir}/checkpoints/{last,best}.ckpt
+_CKPT_SHORTCUTS = ("last", "best")
+
+
+def _resolve_ckpt_shortcut(cfg) -> None:
+    """``ckpt_path=last`` / ``ckpt_path=best``, Lightning's names for the checkpoint callbacks' last and best files,
+    as that file of the run in ``run_dir`` (else ZOO_RUN_DIR, set for DDP workers). zoo train reads the checkpoint
+    itself before fitting (its checks, and run_dir from its path), so the names were taken as files ("ckpt_path=last
+    does not exist"). A missing file is then named by _resume_checkpoint."""
+    shortcut = cfg.get("ckpt_path")
+    if not isinstance(shortcut, str) or shortcut not in _CKPT_SHORTCUTS:
+        return
+    run_dir = cfg.get("run_dir") or os.environ.get(RUN_DIR_ENV)
+    if not run_dir:
+        raise ValueError(f"ckpt_path={shortcut} resumes from {shortcut}.ckpt of the run in run_dir: add "
+                         f"run_dir=<the run's directory> (or give ckpt_path=<run_dir>/checkpoints/{shortcut}.ckpt)")
+    cfg.ckpt_path = str(_last_checkpoint(Path(str(run_dir)).expanduser().absolute()).with_name(f"{shortcut}.ckpt"))
 
 
 def _last_checkpoint(run_dir: Path) -> Path:
@@ -967,6 +1078,8 @@ def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: s
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{ckpt}: state dict does not fit the configured module: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for key in _TRAINER_GROUP_KEYS:  # a run trained before they were refused may store one; evaluation sets its own
+        cfg.trainer.pop(key, None)
     trainer = _trainer(cfg, callbacks=[], loggers=[], enable_model_summary=False, enable_checkpointing=False,
                        **_eval_trainer_settings(overrides))
     if split == "val":
