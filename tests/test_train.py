@@ -1061,3 +1061,79 @@ def test_mix_and_schedule_options_must_be_finite_numbers():
         ImageClassifier(model, min_lr_ratio=2.0)
     module = ImageClassifier(model, min_lr_ratio=1.0, mixup_alpha=0.8, cutmix_alpha=1, mix_prob=0)  # the limits
     assert (module.mixup_alpha, module.cutmix_alpha, module.mix_prob) == (0.8, 1.0, 0.0)
+
+
+def test_a_runs_evaluation_crop_reaches_predict_eval_and_viz(tmp_path, monkeypatch):
+    """data.crop_pct / data.interpolation (here "model": the model's pretrained_cfg, as timm's validate.py) are
+    recorded with the run (its .ckpt data_info and the released config), so that zoo predict and zoo viz preprocess
+    a file as the run evaluated (they resized bilinearly without a crop) and zoo eval of the .ckpt uses the values
+    resolved at training time; a .ckpt from before data.split_seed evaluates on the validation split its data.seed
+    drew."""
+    import timm.data
+
+    from zoo.tasks.vision.data import load_image_file
+    from zoo.tasks.vision.viz import load_image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (13, 11), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / name / f"{i}.png")
+    picture = tmp_path / "imgs" / "train" / "a" / "0.png"
+    base = [*FAST_RUN, "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=2", "data.img_size=8",
+            "data.in_chans=1", "data.batch_size=4", "data.num_workers=0", "data.val_fraction=0.25", "data.augment=none",
+            "data.mean=[0.5]", "data.std=[0.5]", "+model.pretrained_cfg_crop=0"][:-1]
+    monkeypatch.setitem(zoo.get_model_entry("vit_digits").default_cfg, "crop_pct", 0.75)
+    monkeypatch.setitem(zoo.get_model_entry("vit_digits").default_cfg, "interpolation", "bicubic")
+    result = run.train(run.compose([*base, "data.crop_pct=model", "data.interpolation=model", f"run_dir={tmp_path / 'r'}"]))
+    info = json.loads((Path(result["released"]) / "config.json").read_text())["metadata"]["data"]
+    assert (info["crop_pct"], info["interpolation"], info["crop_mode"]) == (0.75, "bicubic", "center")
+
+    expected = load_image_file(picture, 8, 1, [0.5], [0.5], crop_pct=0.75, interpolation="bicubic")
+    assert not torch.allclose(expected, load_image_file(picture, 8, 1, [0.5], [0.5]))  # the crop matters here
+    for source in (result["released"], result["last_ckpt"]):
+        model, _ = run.load_for_inference(source)
+        with torch.no_grad():
+            want = model(expected[None]).float().softmax(-1)[0]
+        top = run.predict(source, [str(picture)], topk=2)[0]["top"]
+        got = sorted(prob for _, prob in top)
+        torch.testing.assert_close(torch.tensor(got), want.sort().values, atol=1e-6, rtol=0)
+        x, _, _ = load_image(str(picture), model)
+        torch.testing.assert_close(x[0], expected)
+        timm_transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+        assert (timm_transform(Image.open(picture).convert("L")) - expected).abs().max() <= 1 / 255 / 0.5 + 1e-6
+
+    cfg = run._inference_source(result["last_ckpt"])[0]
+    assert (cfg.data.crop_pct, cfg.data.interpolation) == (0.75, "bicubic")  # not the rebuilt model's "model"
+
+    old = torch.load(result["last_ckpt"], weights_only=True)
+    del old["hyper_parameters"]["zoo_config"]["data"]["split_seed"]
+    old["hyper_parameters"]["zoo_config"]["data"]["seed"] = 3
+    torch.save(old, tmp_path / "old.ckpt")
+    assert run._inference_source(tmp_path / "old.ckpt")[0].data.split_seed == 3
+
+
+def test_shipped_checkpoints_are_found_by_the_readmes_name_from_anywhere(tmp_path, monkeypatch):
+    """README's `zoo eval ckpt=checkpoints/vit_digits` only worked from the source tree; elsewhere (another directory,
+    an installed wheel) the path was taken for a Hub repository id ("run huggingface-cli download
+    checkpoints/vit_digits"). Also by the card's or model's name."""
+    from zoo.hub import shipped_checkpoints_dir
+
+    monkeypatch.chdir(tmp_path)
+    shipped = shipped_checkpoints_dir()
+    assert run._resolve_source("checkpoints/vit_digits") == shipped / "vit_digits"
+    assert run._resolve_source("vit_digits") == shipped / "vit_digits"
+    assert run._resolve_source("agent_deit_digits") == shipped / "agent_digits"
+    with pytest.raises(FileNotFoundError, match="checkpoints/no_such_card"):
+        run._resolve_source("checkpoints/no_such_card")
+    (tmp_path / "checkpoints" / "vit_digits").mkdir(parents=True)  # a directory of that name here wins
+    assert run._resolve_source("checkpoints/vit_digits") == Path("checkpoints/vit_digits")
+
+
+def test_a_closed_pipe_ends_zoo_quietly():
+    """`zoo list --json | head -c 10`: the reader closing the pipe gave a BrokenPipeError traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "zoo.cli", "list", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert process.returncode == 141 and "Traceback" not in stderr, stderr

@@ -60,7 +60,8 @@ def test_digits_datamodule_preprocessing():
     up = F.interpolate(raw, size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
     torch.testing.assert_close(x3[1], (up - 0.5) / 0.5)
     assert dm3.describe() == {"img_size": 16, "in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3,
-                              "class_names": [str(i) for i in range(10)], "num_classes": 10}
+                              "class_names": [str(i) for i in range(10)], "num_classes": 10,
+                              "crop_pct": 1.0, "crop_mode": "center", "interpolation": "bilinear"}
 
 
 def test_shift_augmentation_is_a_translation():

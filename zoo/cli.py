@@ -480,6 +480,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"zoo: unknown command {command!r}; commands: {', '.join(COMMANDS)} (zoo --help)")
     try:
         return COMMANDS[command](rest)
+    except BrokenPipeError:
+        # the reader went away (`zoo list --json | head -c 10`): stop quietly, as Unix tools do, with the exit status
+        # of SIGPIPE; stdout is pointed at /dev/null so that the interpreter's final flush does not raise again
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as error:  # user errors: one clear line
         if not _is_user_error(error) or getattr(sys, "_zoo_debug", False) or __import__("os").environ.get("ZOO_DEBUG"):
             raise

@@ -953,7 +953,8 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
 
 
 def apply_training_preprocessing(model: nn.Module, data_info: Optional[Mapping[str, Any]]) -> nn.Module:
-    """Write the normalisation a checkpoint was trained with (``zoo train``'s record: mean, std) into the model's
+    """Write the preprocessing a checkpoint was trained with (``zoo train``'s record: mean, std, crop_pct, crop_mode,
+    interpolation) into the model's
     ``pretrained_cfg``, so that timm's data pipeline and the zoo's exporters and pictures use it rather than the
     registry's defaults (a model rebuilt from a .ckpt carries its name's defaults). Released directories get the
     same from their config.json (:func:`load_pretrained_into`)."""
@@ -965,6 +966,11 @@ def apply_training_preprocessing(model: nn.Module, data_info: Optional[Mapping[s
         values = data_info.get(key)
         if isinstance(values, (list, tuple)) and values and (channels is None or len(values) == channels):
             cfg[key] = tuple(float(v) for v in values)
+    # the evaluation resize and crop of the run: recorded since data.crop_pct / data.interpolation exist; a record
+    # without them comes from a run that always evaluated with the default (no crop, bilinear), not the registry's
+    cfg["crop_pct"] = float(data_info.get("crop_pct", 1.0))
+    cfg["crop_mode"] = str(data_info.get("crop_mode", "center"))
+    cfg["interpolation"] = str(data_info.get("interpolation", "bilinear"))
     return model
 
 

@@ -389,7 +389,8 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
             )
 
     def describe(self) -> dict[str, Any]:
-        """Preprocessing facts stored with released weights (zoo predict uses them)."""
+        """Preprocessing facts stored with released weights and in the .ckpt (zoo predict, zoo eval and zoo viz use
+        them): size, channels, normalisation and the evaluation resize/crop (``eval_preprocessing``, resolved)."""
         self._require_stats()
         return {
             "img_size": self.img_size,
@@ -398,6 +399,7 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
             "std": list(self.std),
             "class_names": list(self.class_names),
             "num_classes": self.num_classes,
+            **self.eval_preprocessing(),
         }
 
     def eval_preprocessing(self) -> dict[str, Any]:

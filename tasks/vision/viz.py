@@ -219,7 +219,8 @@ def load_model_and_transform(ckpt: str, model_name: Optional[str] = None) -> tup
 
 
 def _model_cfg(model: nn.Module) -> dict:
-    """Preprocessing facts of the model: input size, mean, std (from the registry's default_cfg)."""
+    """Preprocessing facts of the model: mean, std and the evaluation resize/crop (crop_pct, crop_mode,
+    interpolation) of its pretrained_cfg (a released run's or a .ckpt's record, see zoo.hub), else the registry's."""
     import zoo
 
     cfg: dict = {}
@@ -232,7 +233,8 @@ def _model_cfg(model: nn.Module) -> dict:
     std = tuple(cfg.get("std", (0.5,) * chans))
     if len(mean) != chans:
         mean, std = (float(np.mean(mean)),) * chans, (float(np.mean(std)),) * chans
-    return {"mean": mean, "std": std}
+    crop = {key: cfg[key] for key in ("crop_pct", "crop_mode", "interpolation") if key in cfg}
+    return {"mean": mean, "std": std, **crop}
 
 
 def load_image(spec: str, model: nn.Module, transform: Optional[Callable] = None) -> tuple[torch.Tensor, np.ndarray, Optional[int]]:
@@ -264,7 +266,11 @@ def load_image(spec: str, model: nn.Module, transform: Optional[Callable] = None
         if not path.is_file():
             raise FileNotFoundError(f"image file {path} does not exist")
         size = height if height == width else (height, width)
-        x = load_image_file(path, size, chans, cfg["mean"], cfg["std"], transform=transform)[None]
+        crop = {key: cfg[key] for key in ("crop_pct", "interpolation", "crop_mode") if key in cfg}
+        if height != width or crop.get("crop_mode", "center") not in ("center", "squash") or crop.get(
+                "interpolation", "bilinear") not in ("bilinear", "bicubic"):
+            crop = {}  # what the zoo's file loader does not reproduce (timm's ResizeKeepRatio, ...): no crop, bilinear
+        x = load_image_file(path, size, chans, cfg["mean"], cfg["std"], transform=transform, **crop)[None]
         return x, _display(x, mean, std), None
     from sklearn.datasets import load_digits
 

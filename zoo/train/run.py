@@ -939,9 +939,28 @@ def _resolve_source(ckpt: str | os.PathLike) -> Path:
     if not str(ckpt).strip():
         raise ValueError("ckpt= is empty: give a .ckpt file from zoo train or a released directory")
     path = Path(ckpt).expanduser()
+    if not path.exists():
+        shipped = _shipped_source(path)
+        if shipped is not None:
+            return shipped
     if not path.exists() and (path.suffix == ".ckpt" or not _looks_like_repo_id(str(ckpt))):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path if path.suffix == ".ckpt" else _resolve_pretrained("", str(ckpt))
+
+
+def _shipped_source(path: Path) -> Optional[Path]:
+    """A checkpoint this project ships, named as README names it (``checkpoints/vit_digits``: relative to the source
+    tree, so outside it -- an installed wheel, another working directory -- the path did not exist and was taken
+    for a Hub repository id) or by its model or card name (``vit_digits``); None otherwise."""
+    from zoo.hub import shipped_checkpoint, shipped_checkpoints_dir
+
+    parts = path.parts
+    if len(parts) == 2 and parts[0] == "checkpoints":
+        candidate = shipped_checkpoints_dir() / parts[1]
+        return candidate if candidate.is_dir() else None
+    if len(parts) == 1 and path.suffix == "":
+        return shipped_checkpoint(parts[0])
+    return None
 
 
 def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
@@ -978,6 +997,13 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
         # data.mean=model was resolved at training time from the model it started from (a timm tag's or a
         # checkpoint's statistics); the model rebuilt here carries its name's defaults, so use what training used
         cfg.data.mean, cfg.data.std = list(info["mean"]), list(info["std"])
+    for key in ("crop_pct", "interpolation"):  # likewise "model" for the evaluation resize/crop
+        if data_cfg.get(key) == "model" and key in info:
+            cfg.data[key] = info[key]
+    if (str(data_cfg.get("_target_", "")).startswith("zoo.tasks.vision.") and "seed" in data_cfg
+            and "split_seed" not in data_cfg):
+        # a run from before data.split_seed: its data.seed drew the validation split as well
+        cfg.data.split_seed = data_cfg.seed
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
@@ -1115,6 +1141,13 @@ def load_for_inference(ckpt: str | os.PathLike):
 
         apply_training_preprocessing(model, info)
     return model.eval(), info
+
+
+def _eval_crop(info: dict) -> dict[str, Any]:
+    """The evaluation resize/crop a run recorded (data.crop_pct, data.interpolation resolved; VisionDataModule.
+    describe), as load_image_file's arguments; a record without them is a run evaluated with the defaults."""
+    return {"crop_pct": float(info.get("crop_pct", 1.0)), "interpolation": str(info.get("interpolation", "bilinear")),
+            "crop_mode": str(info.get("crop_mode", "center"))}
 
 
 def released_eval_transform(data_config: dict):
@@ -1259,7 +1292,7 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch
         transform = released_eval_transform(info["data_config"])
     tensors = [
         _digits_image(label, img_size, in_chans, mean, std, transform) if source == "digits"
-        else load_image_file(source, img_size, in_chans, mean, std, transform=transform)
+        else load_image_file(source, img_size, in_chans, mean, std, transform=transform, **_eval_crop(info))
         for label, source in items
     ]
     results = []
