@@ -795,3 +795,62 @@ def test_a_biased_call_under_autocast_does_not_depend_on_naming_the_backend():
     assert auto.dtype == named.dtype == torch.bfloat16
     torch.testing.assert_close(auto, named, rtol=0, atol=0)
     assert float((auto.double() - want).abs().max()) < 0.05
+
+
+class _Attend(torch.nn.Module):
+    """attend(q, k, v, mask, bias=...) with fixed options, for torch.export."""
+
+    def __init__(self, mask, **options) -> None:
+        super().__init__()
+        self.mask, self.options = mask, options
+
+    def forward(self, q, k, v):
+        out = attend(q, k, v, self.mask, **self.options)
+        return torch.cat(out, dim=-1) if isinstance(out, tuple) else out  # (out, weights): one tensor to compare
+
+
+@pytest.mark.parametrize("options", [
+    {"score": "sigmoid"}, {"backend": "torch"}, {"return_weights": True},
+    {"backend": "torch", "bias": za.ALiBi(4)}, {"score": "sigmoid", "bias": za.ALiBi(4)},
+], ids=["sigmoid", "torch", "weights", "torch-alibi", "sigmoid-alibi"])
+@pytest.mark.parametrize("mask_name", ["causal", "window"])
+def test_reference_backend_exports_with_a_symbolic_length(options, mask_name):
+    """The reference backend (sigmoid scores, return_weights, backend="torch") under torch.export with a dynamic
+    length: the sizes stay symbolic (one query chunk, -log(Nk) from tensor ops) where int(), the Python chunk loop
+    and math.log pinned them to the traced length ("Constraints violated (n) ... specialized it to be a
+    constant"). The program runs at other lengths as attend() does eagerly, and as the float64 reference."""
+    mask = {"causal": Causal(), "window": Window(2, 1)}[mask_name]
+    layer = _Attend(mask, **options)
+    n = torch.export.Dim("n", min=2, max=64)
+    program = torch.export.export(layer, make_qkv(1, 4, 2, 10, 10, 8), dynamic_shapes=({2: n}, {2: n}, {2: n}))
+    score = options.get("score", "softmax")
+    for length in (7, 23):
+        q, k, v = make_qkv(1, 4, 2, length, length, 8, seed=length)
+        got, want = program.module()(q, k, v), layer(q, k, v)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        bias = None if "bias" not in options else options["bias"].materialize(length, length)
+        reference = naive_attention(q, k, v, mask.dense(length, length), bias, 8 ** -0.5, score)
+        torch.testing.assert_close(got[..., :8].double(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_cross_attention_exports_with_separate_symbolic_lengths():
+    """Causal cross attention exported with separate query and key Dims: the lengths are not compared (a guard that
+    made the program refuse Nq == Nk, and the export traced at Nq == Nk fail with "must always be equal"); the dense
+    bottom-right mask runs, right for equal lengths as for others. Self attention (one Dim) still exports."""
+    nq, nk = torch.export.Dim("nq", min=2, max=64), torch.export.Dim("nk", min=2, max=64)
+    for traced in ((5, 9), (7, 7)):
+        for options in ({}, {"bias": za.ALiBi(4)}):
+            layer = _Attend(Causal(), **options)
+            q, k, v = make_qkv(1, 4, 2, *traced, 8)
+            program = torch.export.export(layer, (q, k, v), dynamic_shapes=({2: nq}, {2: nk}, {2: nk}))
+            for lengths in ((7, 7), (3, 12), (9, 4), (6, 6)):
+                q, k, v = make_qkv(1, 4, 2, *lengths, 8, seed=sum(lengths))
+                got, want = program.module()(q, k, v), layer(q, k, v)
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+                bias = None if not options else options["bias"].materialize(*lengths)
+                reference = naive_attention(q, k, v, Causal().dense(*lengths), bias, 8 ** -0.5, "softmax")
+                torch.testing.assert_close(got.double(), reference, atol=1e-5, rtol=1e-5)
+    n = torch.export.Dim("n", min=2, max=64)
+    program = torch.export.export(_Attend(Causal()), make_qkv(1, 4, 2, 10, 10, 8), dynamic_shapes=({2: n},) * 3)
+    q, k, v = make_qkv(1, 4, 2, 13, 13, 8)
+    torch.testing.assert_close(program.module()(q, k, v), attend(q, k, v, Causal()), atol=1e-6, rtol=0)

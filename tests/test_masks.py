@@ -594,3 +594,73 @@ def test_a_mask_tensor_replaced_by_one_at_the_freed_address_is_seen():
         assert torch.equal(mask.block_map(256, 256, 64).states, Dense(wide).block_map(256, 256, 64).states)
         torch.testing.assert_close(attend(q, k, v, mask, backend="blocksparse"), want, atol=2e-6, rtol=1e-5)
     assert reused, "no replacement landed at the freed address: this interpreter does not exercise the case"
+
+
+class _Attending(torch.nn.Module):
+    """attend() under a mask object the module holds (a packed batch's SegmentWindow, a fixed block map)."""
+
+    def __init__(self, mask) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, q):
+        from zoo.attention import attend
+
+        return attend(q, q, q, mask=self.mask)
+
+
+def exported_then_eager(make_mask, q):
+    """(the exported program's output, the exported module's eager output after the export, a never-exported twin's
+    output): the mask caches filled while torch.export traced held FakeTensors, which the eager calls read."""
+    layer, twin = _Attending(make_mask()), _Attending(make_mask())
+    program = torch.export.export(layer, (q,))
+    return program.module()(q), layer(q), twin(q)
+
+
+def test_mask_caches_filled_under_export_do_not_reach_eager_calls():
+    """SegmentWindow.positions() and Mask.block_map() computed under torch.export are not cached (as RoPE's and
+    ALiBi's tables are not): the positions cached there made the eager calls after an export 0.62 off, and the block
+    maps held FakeTensors."""
+    ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    q = torch.randn(2, 2, 10, 8, generator=torch.Generator().manual_seed(0))
+    for make_mask in (lambda: Segments(ids).causal(), lambda: Segments(ids).window(1, 0)):
+        exported, eager_after, twin = exported_then_eager(make_mask, q)
+        assert torch.equal(exported, twin)
+        assert torch.equal(eager_after, twin)
+
+    class States(torch.nn.Module):  # a block map built inside the traced code
+        def __init__(self) -> None:
+            super().__init__()
+            self.mask = Window(2, 0)
+
+        def forward(self, x):
+            return x + self.mask.block_map(12, 12, 4).states
+
+    layer = States()
+    torch.export.export(layer, (torch.zeros(1, 1, 3, 3, dtype=torch.int8),))
+    states = layer.mask.block_map(12, 12, 4).states
+    assert type(states) is torch.Tensor and torch.equal(states, Window(2, 0).block_map(12, 12, 4).states)
+
+
+@pytest.mark.parametrize("mask", [Causal(), Window(2, 1), ChunkWindow(3, 1, 0)], ids=repr)
+def test_materialised_band_masks_export_to_onnx_with_torchscript(mask):
+    """The TorchScript ONNX exporter (torch.onnx.export(dynamo=False)) has no aten::__iand_: the in-place ``&=`` of
+    the band masks failed the export of every materialised Window, ChunkWindow and Causal mask. onnxruntime runs the
+    exported graph at the traced length as attend() does eagerly (the reference backend, as zoo.export picks it)."""
+    import io
+
+    ort = pytest.importorskip("onnxruntime")
+    from zoo.attention import attend, use_backend
+
+    class Layer(torch.nn.Module):
+        def forward(self, q):
+            return attend(q, q, q, mask=mask)
+
+    q = torch.randn(2, 2, 11, 8, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    with use_backend("torch"):
+        torch.onnx.export(Layer(), (q,), buffer, dynamo=False, input_names=["q"], output_names=["out"])
+        want = Layer()(q)
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"q": q.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-6, rtol=1e-5)

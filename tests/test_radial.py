@@ -304,3 +304,28 @@ def test_decay_takes_numpy_floats_and_pair_rule_checks_its_arguments():
                        ((2.5, 100), "dist"), ((2, 100, True), "decay_factor")]:
         with pytest.raises(ValueError, match=name):
             radial_pair_rule(*args)
+
+
+def test_block_map_built_under_export_does_not_reach_eager_calls():
+    """A Radial mask held by a module and first used by torch.export: the published map built while traced is not
+    kept (under export it is a FakeTensor; the eager calls after the export failed on its data-dependent values).
+    Compared with a twin never exported, exactly; a map built eagerly before the export is kept through it."""
+
+    class Video(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mask = Radial(num_frames=4, tokens_per_frame=8, block_size=8)
+
+        def forward(self, q):
+            return attend(q, q, q, mask=self.mask)
+
+    q = torch.randn(2, 2, 32, 8, generator=torch.Generator().manual_seed(0))
+    layer, twin = Video(), Video()
+    program = torch.export.export(layer, (q,))
+    want = twin(q)
+    assert torch.equal(program.module()(q), want)
+    assert torch.equal(layer(q), want)
+    assert type(layer.mask.block_mask) is torch.Tensor and torch.equal(layer.mask.block_mask, twin.mask.block_mask)
+    built = layer.mask._blocks
+    torch.export.export(layer, (q,))
+    assert layer.mask._blocks is built

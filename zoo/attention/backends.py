@@ -268,11 +268,23 @@ def _sdpa_causal(mask: Mask, q_len: int, k_len: int) -> bool:
     """SDPA's is_causal is top-left aligned: equal to ours only when Nq == Nk.
 
     A Python bool even for symbolic lengths (torch.export with a dynamic sequence length, a second length under
-    torch.compile): SDPA's is_causal refuses the SymBool that ``q_len == k_len`` then is. The branch makes the
-    tracer decide it (a guard on the lengths' equality); Dynamo leaves ``bool(q_len == k_len)`` a SymBool."""
+    torch.compile): SDPA's is_causal refuses the SymBool that ``q_len == k_len`` then is.
+
+    Under torch.export, symbolic lengths are not compared, which would make the exporter guard on the answer:
+    lengths that are one symbol (self attention) are equal without a guard; different symbols (cross attention
+    exported with separate query and key Dims) answer False, so that the dense bottom-right mask runs, which is
+    right whether or not the lengths turn out equal. (The guard made the exported program refuse inputs with
+    Nq == Nk, and an export traced at Nq == Nk fail: "must always be equal".) Under Dynamo (torch.compile, strict
+    export) the branch below decides it instead, a guard on the lengths' equality that torch.compile recompiles on;
+    Dynamo leaves ``bool(q_len == k_len)`` and statically_known_true's answer SymBools."""
     if type(mask) is not Causal:
         return False
-    if q_len == k_len:
+    symbolic = isinstance(q_len, torch.SymInt) or isinstance(k_len, torch.SymInt)
+    if symbolic and not torch.compiler.is_dynamo_compiling():
+        from torch.fx.experimental.symbolic_shapes import statically_known_true  # loaded by then: torch made the SymInt
+
+        return statically_known_true(q_len == k_len)
+    if q_len == k_len:  # jit.trace's sizes are 0-d tensors: the branch makes a bool of them too
         return True
     return False
 

@@ -36,7 +36,7 @@ from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.masks import Mask, as_mask
 from zoo.layers import (
-    autocast_dtype, autocast_off, check_finite_input, check_flag, exp_flushed_, is_tracing, surely_finite,
+    autocast_dtype, autocast_off, check_finite_input, check_flag, exp_flushed_, is_tracing, python_size, surely_finite,
 )
 
 __all__ = ["attend", "attention_reference", "SCORES"]
@@ -288,7 +288,7 @@ def _rows(
         denom = e.sum(dim=-1, keepdim=True)
         p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
     else:
-        p = torch.sigmoid(s - math.log(k_len))
+        p = torch.sigmoid(s - _log_length(k_len, s))
         if allowed is not None:
             p = p.masked_fill(~allowed, 0.0)
     weights = p if want_weights else None
@@ -305,27 +305,55 @@ def _rows(
     return out
 
 
+def _log_length(k_len, like: torch.Tensor):
+    """log(Nk), the sigmoid score's shift: a Python float for a plain length; for a symbolic one (torch.export or
+    torch.compile with a dynamic length) a 0-d tensor of ``like``'s dtype, computed in float64 as math.log is, since
+    math.log would pin the length to its traced value."""
+    if isinstance(k_len, int):
+        return math.log(k_len)
+    return torch.full((), k_len, dtype=torch.float64).log().to(like.device, like.dtype)
+
+
+def _row_chunks(q_len, k_len, batch: int, heads: int) -> list:
+    """(start, stop) of the query chunks the reference backend runs, each of at most CHUNK_ELEMENTS scores.
+
+    One chunk when a length is symbolic (torch.export / torch.compile with a dynamic length): a Python loop over
+    it would pin the length to its traced value ("specialized it to be a constant"). The working set is then
+    O(B * H * Nq * Nk), as SDPA's math kernel's."""
+    if not (isinstance(q_len, int) and isinstance(k_len, int)):
+        return [(0, q_len)]
+    chunk = max(1, min(q_len, CHUNK_ELEMENTS // max(batch * heads * k_len, 1)))
+    return [(start, min(q_len, start + chunk)) for start in range(0, q_len, chunk)]
+
+
 def attention_reference(q, k, v, mask: Mask, bias, scale, score, dropout_p, return_weights):
     """The "torch" backend: exact attention in query chunks (autograd; bounded memory)."""
     batch, heads, q_len, _ = q.shape
-    # int(): under ONNX/jit tracing the sizes are traced 0-d tensors; masks need Python ints.
-    q_len, k_len = int(q_len), int(k.shape[2])
-    per_row = batch * heads * k_len
-    chunk = max(1, min(q_len, CHUNK_ELEMENTS // max(per_row, 1)))
+    # python_size: under ONNX/jit tracing the sizes are traced 0-d tensors and masks need Python ints; a symbolic
+    # size (torch.export with a dynamic length) stays symbolic.
+    q_len, k_len = python_size(q_len), python_size(k.shape[2])
+    chunks = _row_chunks(q_len, k_len, python_size(batch), python_size(heads))
+    if not (isinstance(q_len, int) and isinstance(k_len, int)) and k.shape[1] != heads:
+        # Grouped-query attention at a symbolic length: k and v repeated per query head. The grouped layout's
+        # reshape of the (Hkv, G, R, Nk) scores made torch.export guard on the length ("Not all values of n ...
+        # satisfy the generated guard min(n, n*n) == n"); one group per head reshapes size-1 dims only.
+        # (index_select: repeat_interleave and expand + reshape made guards of their own)
+        kv_head = torch.arange(heads, device=k.device) // (heads // k.shape[1])
+        k, v = k.index_select(1, kv_head), v.index_select(1, kv_head)
     needs_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
     )
     # Checkpoint chunks only when there are several (one chunk: plain autograd is cheaper).
-    use_checkpoint = needs_grad and chunk < q_len and not return_weights and dropout_p == 0.0
+    whole = len(chunks) == 1  # all rows at once: nothing sliced, no symbolic length compared
+    use_checkpoint = needs_grad and not whole and not return_weights and dropout_p == 0.0
     outs, weights = [], []
-    for start in range(0, q_len, chunk):
-        stop = min(q_len, start + chunk)
-        allowed = None if mask.is_full else mask.dense(q_len, k_len, q.device, rows=(start, stop))
+    for start, stop in chunks:
+        allowed = None if mask.is_full else mask.dense(q_len, k_len, q.device, rows=None if whole else (start, stop))
         bias_rows = None
         if bias is not None:
-            bias_rows = bias if bias.shape[-2] == 1 else bias[..., start:stop, :]
+            bias_rows = bias if whole or bias.shape[-2] == 1 else bias[..., start:stop, :]
             bias_rows = bias_rows.expand(bias_rows.shape[0], bias_rows.shape[1], stop - start, k_len)
-        q_rows = q[:, :, start:stop]
+        q_rows = q if whole else q[:, :, start:stop]
         if use_checkpoint:
             out = checkpoint(
                 _rows, q_rows, k, v, bias_rows, allowed, scale, score, 0.0, False, use_reentrant=False

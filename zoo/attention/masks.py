@@ -165,15 +165,24 @@ class Mask:
         if block_q < 1 or block_k < 1:
             raise ValueError(f"block sizes must be >= 1, got {block_q}, {block_k}")
         self.check_shape(q_len, k_len)
+        if is_tracing():  # not cached while traced: see _build_block_map
+            return self._build_block_map(q_len, k_len, block_q, block_k, device)
         key = (q_len, k_len, block_q, block_k, str(device))
         cache = self.versioned_cache(self.__dict__.setdefault("_block_cache", {}))
         bmap = cache.get(key)  # one lookup: another thread may evict between a test and a read
         if bmap is None:
-            states = self._block_states(q_len, k_len, block_q, block_k, device).to(torch.int8)
-            assert states.dim() == 4, type(self).__name__
-            bmap = BlockMap(states.contiguous(), block_q, block_k, q_len, k_len)
+            bmap = self._build_block_map(q_len, k_len, block_q, block_k, device)
             cache_put(cache, key, bmap)
         return bmap
+
+    def _build_block_map(self, q_len, k_len, block_q, block_k, device) -> BlockMap:
+        """The block map, uncached. :meth:`block_map` neither reads nor writes its cache under torch.export /
+        torch.compile / jit tracing (zoo.layers.is_tracing), as RoPE and ALiBi keep their tables: a map built there
+        holds FakeTensors or symbolic sizes, and the eager calls after the export read it (a wrong pattern, or a
+        crash on the data-dependent fake values)."""
+        states = self._block_states(q_len, k_len, block_q, block_k, device).to(torch.int8)
+        assert states.dim() == 4, type(self).__name__
+        return BlockMap(states.contiguous(), block_q, block_k, q_len, k_len)
 
     def check_shape(self, q_len: int, k_len: int, batch: Optional[int] = None, heads: Optional[int] = None) -> None:
         """Raise ValueError when the mask cannot apply to this problem size (default: any size fits)."""
@@ -330,11 +339,13 @@ def _check_band(mask_name: str, unit: str, left, right) -> None:
 
 def _band_rows(rel: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """bool (1, 1, R, Nk): ``lo <= rel <= hi`` for the (R, Nk) position differences ``rel`` (+-inf: unbounded)."""
+    # Out of place: the TorchScript ONNX exporter (torch.onnx.export(dynamo=False)) has no aten::__iand_, so an
+    # in-place ``&=`` failed the export of every materialised Window, ChunkWindow, Causal and SegmentWindow mask.
     allowed = torch.ones(rel.shape, dtype=torch.bool, device=rel.device)
     if lo != -math.inf:
-        allowed &= rel >= lo
+        allowed = allowed & (rel >= lo)
     if hi != math.inf:
-        allowed &= rel <= hi
+        allowed = allowed & (rel <= hi)
     return allowed[None, None]
 
 
@@ -707,17 +718,27 @@ class SegmentWindow(Mask):
     def positions(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(query positions, key positions), (Bq, Nq) and (Bk, Nk) int64: key ranks, and query ranks shifted
         to the key axis by Lk - Lq of their segment (the per-segment bottom-right alignment)."""
+        if is_tracing():
+            # Computed, not cached, while traced (as Mask.block_map): under torch.export the positions are
+            # FakeTensors, and an entry written then was read by every eager call after the export (outputs 0.6
+            # off, or a crash).
+            return self._compute_positions(device)
         key = str(device)
         hit = self.versioned_cache(self._positions).get(key)
         if hit is None:
-            batch = self.segments.batch_size  # ids of batch 1 apply to every row
-            q_ids = self.segments.q_ids.to(device).expand(batch, -1).contiguous()
-            kv_ids = self.segments.kv_ids.to(device).expand(batch, -1).contiguous()
-            q_rank, q_sorted = self._ranks(q_ids)
-            k_rank, k_sorted = self._ranks(kv_ids)
-            shift = self._count_of(q_ids, k_sorted) - self._count_of(q_ids, q_sorted)
-            hit = self._positions[key] = (q_rank + shift, k_rank)
+            hit = self._compute_positions(device)
+            cache_put(self._positions, key, hit)
         return hit
+
+    def _compute_positions(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`positions`, uncached."""
+        batch = self.segments.batch_size  # ids of batch 1 apply to every row
+        q_ids = self.segments.q_ids.to(device).expand(batch, -1).contiguous()
+        kv_ids = self.segments.kv_ids.to(device).expand(batch, -1).contiguous()
+        q_rank, q_sorted = self._ranks(q_ids)
+        k_rank, k_sorted = self._ranks(kv_ids)
+        shift = self._count_of(q_ids, k_sorted) - self._count_of(q_ids, q_sorted)
+        return q_rank + shift, k_rank
 
     def _offsets(self) -> tuple[float, float]:
         lo = -math.inf if self.left is None else -self.left

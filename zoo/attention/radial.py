@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from zoo.attention.masks import BlockSparse, Full, Mask
-from zoo.layers import check_flag
+from zoo.layers import check_flag, is_tracing
 
 __all__ = ["Radial", "radial_block_mask", "radial_token_mask", "radial_pair_rule", "DenseWarmup"]
 
@@ -344,17 +344,26 @@ class Radial(Mask):
                 self.text_tokens)
 
     def _block_sparse(self) -> BlockSparse:
+        """The published map as a BlockSparse mask, built once and again if a setting is changed.
+
+        While traced (torch.export / torch.compile / jit tracing, zoo.layers.is_tracing) a map built then is not
+        kept, as RoPE and ALiBi keep no tables built then: under torch.export it is a FakeTensor, and the eager
+        calls after the export read it (they failed on its data-dependent values). A map built before is used."""
         settings = self._settings()
-        if self._blocks is None or self._blocks_settings != settings:  # built once; again if a setting is changed
-            frames, tpf, decay, block, text = _check_args(self.num_frames, self.tokens_per_frame, self.decay_factor,
-                                                          self.block_size, self.text_tokens)
-            sink = check_flag(self.frame0_sink, "Radial: frame0_sink")
-            if settings != self._warned_settings:  # a setting was reassigned: check the new layout once
-                _warn_empty_rows(frames, tpf, block, text, stacklevel=4)
-                self._warned_settings = settings
-            self._blocks_settings = settings
-            self._blocks = BlockSparse(_published_block_map(frames, tpf, decay, sink, block, text), block)
-        return self._blocks
+        if self._blocks is not None and self._blocks_settings == settings:
+            return self._blocks
+        frames, tpf, decay, block, text = _check_args(self.num_frames, self.tokens_per_frame, self.decay_factor,
+                                                      self.block_size, self.text_tokens)
+        sink = check_flag(self.frame0_sink, "Radial: frame0_sink")
+        blocks = BlockSparse(_published_block_map(frames, tpf, decay, sink, block, text), block)
+        if is_tracing():
+            return blocks
+        if settings != self._warned_settings:  # a setting was reassigned: check the new layout once
+            _warn_empty_rows(frames, tpf, block, text, stacklevel=4)
+            self._warned_settings = settings
+        self._blocks_settings = settings
+        self._blocks = blocks
+        return blocks
 
     def check_shape(self, q_len, k_len, batch=None, heads=None):
         if q_len != self.seq_len or k_len != self.seq_len:
