@@ -63,7 +63,7 @@ from zoo.attention.segment import (
     segment_softmax,
     segment_softmax_aggregate,
 )
-from zoo.layers import call_outside_graph, check_flag, check_like_weights, in_torch_func, is_tracing
+from zoo.layers import call_outside_graph, check_flag, check_like_weights, in_torch_func, is_exporting, is_tracing
 
 __all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure", "CachedGraphLayer"]
 
@@ -93,14 +93,6 @@ class GraphStructure:
     # None when they already agree (or for a [2, E] edge_index); see _sparse_to_edge_index
     storage_order: Optional[Tensor] = None
     sparse_coalesced: bool = True  # False for a COO adjacency with duplicate entries (merged here)
-
-
-def _exporting() -> bool:
-    """True while torch.export traces the layer. Not ``torch.compiler.is_exporting()``: Dynamo folds that call to
-    True in everything it traces, under torch.compile too (torch/_dynamo/variables/torch.py, torch 2.11), which
-    sent compiled layers down the export path; the flag it reports is set by torch.export alone, and Dynamo reads
-    a module attribute as it is."""
-    return torch.compiler._is_exporting_flag
 
 
 def _sparse_to_edge_index(adj: Tensor, coo_without_duplicates: bool = True) -> tuple[Tensor, Optional[Tensor]]:
@@ -143,7 +135,7 @@ def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool
     shortcut, the sparse-storage checks) cannot run on the symbolic graph: the index values are not checked,
     existing self loops are always dropped through a mask (torch_geometric.utils.remove_self_loops does the same),
     and a sparse adjacency is refused (see :meth:`CachedGraphLayer._graph`)."""
-    exporting = _exporting()
+    exporting = is_exporting()
     layout = size = None
     if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided and exporting:
         raise TypeError(
@@ -466,7 +458,7 @@ class CachedGraphLayer(MessagePassing):
         PyG's layers run under those transforms, so ours do too, with plain autograd ops ([E, H, C] memory). The
         functorch query is left out of torch.compile's traced code (it would break the graph there). Under
         torch.export too: the fused functions are opaque eager code that export cannot trace (see ``_graph``)."""
-        if self._message_passing_observed() or _exporting():
+        if self._message_passing_observed() or is_exporting():
             return True
         return not torch.compiler.is_compiling() and in_torch_func()
 
@@ -478,7 +470,7 @@ class CachedGraphLayer(MessagePassing):
         # torch.export has no graph breaks: there the structure is traced (no value checks, no cache: it would
         # hold symbolic tensors) and the layer runs PyG's propagate (_runs_propagate), plain torch ops with a
         # symbolic N and E, as PyG's own layers export. The exported program has PyG's [E, H, C] memory.
-        if _exporting():
+        if is_exporting():
             self._check_graph_input(edge_index, num_src, num_dst)
             return graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
         return call_outside_graph(self._build_graph, edge_index, num_src, num_dst)

@@ -42,8 +42,8 @@ from zoo.attention.masks import And, ChunkWindow, Mask, Or, SegmentWindow, Segme
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
 from zoo.layers import (
-    activate_fresh, check_finite_input, check_flag, check_ints, check_like_weights, check_rates, is_int, is_tracing,
-    surely_finite,
+    activate_fresh, check_finite_input, check_flag, check_ints, check_like_weights, check_rates, is_exporting, is_int,
+    is_tracing, surely_finite,
 )
 
 __all__ = ["MultiHeadAttention", "Mlp", "KVCache", "AttentionPoolLatent"]
@@ -405,7 +405,7 @@ class MultiHeadAttention(nn.Module):
     def _check_cache(self, cache, x_BNC: torch.Tensor, num_queries) -> None:
         if not isinstance(cache, KVCache):
             raise TypeError(f"MultiHeadAttention: cache must be a zoo.attention.KVCache, got {type(cache).__name__}")
-        if _exporting():
+        if is_exporting():
             # first, before the cache is bound or written: an exported program runs the tensor ops only, so the
             # cache's Python state (its length, the growth of its storage) would be baked in at this call's values
             # and later steps would ignore the cache, while the cache itself kept the tracer's fake tensors (the
@@ -678,18 +678,6 @@ class MultiHeadAttention(nn.Module):
         out_BNC = self.proj_drop(self.proj(out_BNHD.reshape(batch, n_q, self.attn_dim)))
         check_module_output(self, "MultiHeadAttention", out_BNC, x=x_BNC, context=context)
         return out_BNC
-
-
-def _exporting() -> bool:
-    """True while torch.export (strict or not, and so the dynamo ONNX exporter), torch.jit tracing/scripting or the
-    TorchScript ONNX exporter traces the call; False under torch.compile, whose graphs guard on Python state and
-    are re-traced when it changes. torch.compiler's flag is read rather than torch.compiler.is_exporting(), which
-    Dynamo replaces by the constant True under torch.compile too (torch 2.11; pytorch/pytorch#176347, fixed by
-    #176499)."""
-    if torch._C._get_tracing_state() is not None or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-        return True
-    flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def _mask_parts(mask) -> list:
