@@ -39,8 +39,14 @@ Caveats:
   indexed by (batch, head, query, key), recomputed in both backward passes and never stored (FlashAttention's
   scheme); the weights that multiply V are dropped and rescaled, the softmax normaliser is not.
   ``return_weights`` is not implemented: :func:`triton_supports` says so and ``attend`` falls back.
-* Row offsets inside one (batch, head) slice are 32-bit: Nq * stride(-2) and Nk * stride(-2) must stay
-  below 2**31 (checked by the launcher). Segment ids must fit in int32.
+* Row offsets inside one (batch, head) slice are 32-bit: Nq * stride(-2) and Nk * stride(-2) of the inputs, of
+  the output (Nq x Dv) and of the fp32 dBias buffer must stay below 2**31 (checked by triton_supports and the
+  launchers). Segment ids must fit in int32. More than 65,535 (batch, head) pairs (CUDA's grid axis-1 limit)
+  are launched in chunks.
+* A bias of torch.finfo(float32).min is a finite score (clamped to -FLT_MAX after the log2(e) scaling, see
+  _scaled_bias), as in SDPA; the backward recomputes P from the row max and log2 normaliser kept apart, exact
+  where max + log2(l) rounds to max.
+* No torch.func (grad / vmap) rules: triton_supports refuses inside a transform.
 * The LSE output is differentiable (its gradient folds into the backward's ``delta``), so partial
   results merged with :func:`merge_attention_states` train like one attention call.
 * When a bias gradient is needed and the bias is broadcast over batch/heads, the dQ pass has
@@ -48,9 +54,10 @@ Caveats:
 * Under ``TRITON_INTERPRET=1`` (CPU tensors) bf16 is computed wrongly by the interpreter, so it is
   refused there; one autotune config is used.
 
-GPUs tested: none yet. Verified under the Triton 3.6 interpreter on CPU, and compiled offline for sm_80
-and sm_90 with Triton's bundled ptxas (:func:`compile_check`, ``python -m zoo.kernels.flash_attention``),
-which also checks that every pass has an autotune config within the shared memory of an A100 / H100.
+GPUs tested: none yet. Verified under the Triton 3.6 interpreter on CPU, and compiled offline for sm_80, 86,
+90 and 120 with Triton's bundled ptxas (:func:`compile_check`, ``python -m zoo.kernels.flash_attention``),
+which also checks that every pass has an autotune config within that generation's shared memory (tiles are
+chosen from the device's shared memory per block, :func:`_tiles`).
 Run the GPU tests with ``pytest -m gpu tests/test_kernels_flash.py``, or the tests and the benchmark with
 its targets in one go with ``bash tests/run_gpu_kernels.sh`` (docs/kernels.md, "GPUs tested").
 
@@ -74,7 +81,7 @@ from zoo.kernels.block_index import MaskProgram, ids_fit_int32, kernel_tile_list
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import resolve_bias
 from zoo.attention.masks import And, Mask, Or, SegmentWindow, Segments, as_mask
-from zoo.layers import refuse_double_backward
+from zoo.layers import in_torch_func, refuse_double_backward
 
 __all__ = [
     "flash_attention",
@@ -92,6 +99,12 @@ DENSE_FALLBACK_LIMIT = 1 << 28
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _MAX_OFFSET = 2**31 - 1
+# Most (batch, head) pairs on grid axis 1 in one launch: CUDA's gridDim.y limit. More are launched in chunks
+# (_launch_over_pairs); a module constant so that tests can lower it.
+_MAX_GRID_PAIRS = 65535
+# Why the kernel cannot run inside torch.func (its autograd.Function has no setup_context / vmap rules).
+_TORCH_FUNC_REASON = ("inside a torch.func transform (grad, vmap, ...) the kernel has no torch.func rules; "
+                      "use backend='torch'")
 
 # The interpreter is chosen when the module is imported (triton.jit reads TRITON_INTERPRET then).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -130,23 +143,43 @@ def _tune_bucket(q_len: int, k_len: int, lists) -> int:
     return (max(q_len, k_len, 1) - 1).bit_length() * 64 + (max(lists.width, 1) - 1).bit_length()
 
 
-def _tiles(block_d: int, block_dv: int, dtype: torch.dtype, major: Optional[int], backward: bool) -> tuple[int, int]:
-    """(BM, BN) for a problem: a function of the padded head dims, the element size and the GPU generation.
+# Backward tiles, largest first: the ones a device's shared memory cannot hold are skipped (_tiles).
+_BWD_TILES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))
+# Devices with at least this much shared memory per block (H100: 227 KB) get the larger backward tiles.
+_LARGE_SMEM = 200 * 1024
 
-    Chosen so that every pass has at least one autotune config within the shared memory of an A100
-    (163 KB) and an H100 (227 KB); checked offline by :func:`compile_check`. ``major`` is the CUDA compute
-    capability major version, None for the interpreter.
+
+def _bwd_smem(tiles: tuple[int, int], row_bytes: int) -> int:
+    """Upper bound of the shared memory (bytes) of the backward passes' smallest config (4 warps, 1 stage) at
+    ``tiles``: the dK/dV pass, the larger one, stages its q / dO and k / v rows and two (BM, BN) fp32 tiles.
+    Fitted to ptxas (Triton 3.6, sm_80/86/90/120): exact for fp32 at D = 64 / 128 / 256 and every tile of
+    _BWD_TILES measured, above it for fp16."""
+    block_m, block_n = tiles
+    return 2 * row_bytes * (block_m + block_n) + 8 * block_m * block_n
+
+
+def _tiles(block_d: int, block_dv: int, dtype: torch.dtype, smem: Optional[int], backward: bool) -> tuple[int, int]:
+    """(BM, BN) for a problem: a function of the padded head dims, the element size and the device's shared
+    memory per block (``smem`` bytes: ``shared_memory_per_block_optin``; None for the interpreter).
+
+    Backward: the generation's preferred tiles (larger on H100-class devices), then smaller ones until the
+    smallest autotune config fits ``smem`` (:func:`_bwd_smem`): sm_86 / 89 / 120 have 99 KB, where fp32 D = 256
+    needs 16 x 16 tiles. The forward tiles fit 99 KB at every head dim (at most 68 KB). Checked offline by
+    :func:`compile_check` for sm_80, 86, 90 and 120.
     """
-    if major is None:
+    if smem is None:
         return (32, 32)
     row_bytes = max(block_d, block_dv) * (4 if dtype == torch.float32 else 2)
     if backward:
-        # Both backward passes keep two (tile, BD) fp32 accumulators per program.
-        if row_bytes <= 128:
-            return (64, 64)
-        if row_bytes <= 256:
-            return (64, 64) if major >= 9 else (32, 64)
-        return (32, 64) if row_bytes <= 512 and major >= 9 else (32, 32)
+        large = smem >= _LARGE_SMEM
+        if row_bytes <= 128 or (row_bytes <= 256 and large):
+            preferred = (64, 64)
+        elif row_bytes <= 256 or (row_bytes <= 512 and large):
+            preferred = (32, 64)
+        else:
+            preferred = (32, 32)
+        candidates = _BWD_TILES[_BWD_TILES.index(preferred):]
+        return next((t for t in candidates if _bwd_smem(t, row_bytes) <= smem), candidates[-1])
     if row_bytes <= 128:
         return (128, 64)
     if row_bytes <= 256:
@@ -269,6 +302,17 @@ def _dropout_scale(drop_p, drop_seed, b, h, offs_m, offs_n, Nk):
 
 
 @triton.jit
+def _scaled_bias(bias, bias_scale):
+    """``bias * bias_scale`` with a finite bias kept finite. A mask written the Hugging Face way, with
+    torch.finfo(float32).min, times log2(e) overflows fp32 to -inf and would turn such a pair into a forbidden one
+    (a row of them into an empty row: zeros) where SDPA and the reference attend to it; clamped to -FLT_MAX it
+    stays the smallest finite score (a row of them attends uniformly). A -inf bias stays -inf (forbidden) and a
+    NaN stays NaN."""
+    scaled = bias * bias_scale
+    return tl.where((scaled < -3.4028234663852886e38) & (bias > float("-inf")), -3.4028234663852886e38, scaled)
+
+
+@triton.jit
 def _scores(
     q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
@@ -287,7 +331,7 @@ def _scores(
     if HAS_BIAS == 1:
         bias = _load_tile(Bias_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                           offs_m, Nq, offs_n, Nk, MASKED, MASKED)
-        s += bias.to(tl.float32) * bias_scale
+        s += _scaled_bias(bias.to(tl.float32), bias_scale)
     if MASKED:
         keep = _tile_mask(offs_m, offs_n, b, h, Nq, Nk, win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1,
                           win_s1, SegQ, SegK, seg_q_sb, seg_k_sb, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb,
@@ -341,23 +385,23 @@ def _fwd_tile(
 
 
 @triton.autotune(configs=_configs("fwd"), key=_FWD_KEY)
-@triton.jit(do_not_specialize=["tune_bucket"])
+@triton.jit(do_not_specialize=["pair_base", "tune_bucket"])
 def _attn_fwd(
-    Q, K, V, Bias, Out, Lse, TileCnt, TileIdx,
+    Q, K, V, Bias, Out, Lse, LogNorm, TileCnt, TileIdx,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_ob, stride_oh, stride_om,
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, pair_base, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
 ):
-    """One program: query tile pid_m of (batch b, head h). Grid (QB, B * H)."""
+    """One program: query tile pid_m of (batch b, head h). Grid (QB, pairs of this launch), from pair_base."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + pair_base
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // G
@@ -404,8 +448,10 @@ def _attn_fwd(
     if SCORE % 2 == 0:
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # base 2
+        log_norm = tl.log2(tl.where(empty, 1.0, l_i))
+        lse = tl.where(empty, float("-inf"), m_i + log_norm)  # base 2
         tl.store(Lse + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=row_ok)
+        tl.store(LogNorm + pid_bh.to(tl.int64) * Nq + offs_m, log_norm, mask=row_ok)
     O_bh = Out + b * stride_ob + h * stride_oh
     o_ptrs = O_bh + offs_m[:, None] * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -415,14 +461,14 @@ def _attn_fwd(
 # Backward
 # ------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_configs("pre"), key=["BLOCK_M", "BLOCK_DV"])
-@triton.jit
+@triton.jit(do_not_specialize=["pair_base"])
 def _attn_bwd_preprocess(
-    Out, DO, Delta, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, H, Nq, DV,
+    Out, DO, Delta, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, H, Nq, DV, pair_base,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] (fp32). Grid (cdiv(Nq, BM), B * H)."""
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] (fp32). Grid (cdiv(Nq, BM), pairs), from pair_base."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + pair_base
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -437,7 +483,7 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _probs_and_dscores(
-    q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn,
+    q, k, v, do, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn,
     qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -446,7 +492,11 @@ def _probs_and_dscores(
 ):
     """Recompute P [BM, BN] and dS = dL/d(scale * q.k + bias) for one tile. With dropout (mask Z, scale
     1 / (1 - p)): returns P * Z / (1 - p) (what multiplied V: dV's factor) and dS from dP * Z / (1 - p)
-    (FlashAttention, Dao et al. 2022, Algorithm 4)."""
+    (FlashAttention, Dao et al. 2022, Algorithm 4).
+
+    P = exp2((s - m) - log2(l)) from the forward's row max m = LSE - log2(l) and normaliser l, not exp2(s - LSE):
+    where |m| is huge (every key of a row biased by finfo(float32).min) m + log2(l) rounds to m, and exp2(s - LSE)
+    would give each of the l tied keys weight 1 instead of 1 / l."""
     s, keep = _scores(q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
                       win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                       SegQ, SegK, seg_q_sb, seg_k_sb,
@@ -459,14 +509,16 @@ def _probs_and_dscores(
     if SCORE % 2 == 0:
         if MASKED:
             lse = tl.load(Lse_bh + offs_m, mask=offs_m < Nq, other=float("inf"))
+            log_norm = tl.load(LogNorm_bh + offs_m, mask=offs_m < Nq, other=0.0)
             delta = tl.load(Delta_bh + offs_m, mask=offs_m < Nq, other=0.0)
             s = tl.where(keep, s, float("-inf"))
         else:
             lse = tl.load(Lse_bh + offs_m)
+            log_norm = tl.load(LogNorm_bh + offs_m)
             delta = tl.load(Delta_bh + offs_m)
         # Rows with no allowed key stored LSE = -inf: make their P exactly zero.
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        p = tl.exp2(s - lse[:, None])
+        row_max = tl.where(lse == float("-inf"), float("inf"), lse - log_norm)
+        p = tl.exp2((s - row_max[:, None]) - log_norm[:, None])
         ds = p * (dp - delta[:, None])
     else:
         p = tl.sigmoid(s + s_shift)
@@ -481,7 +533,7 @@ def _probs_and_dscores(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
-    Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
+    Q_bh, DO_bh, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
     Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -492,7 +544,7 @@ def _dkdv_tile(
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_tile(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Nq, offs_d, D, MASKED, CHECK_D)
     do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, Nq, offs_dv, DV, MASKED, CHECK_DV)
-    p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
+    p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
                                stride_bm, stride_bn, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                SegQ, SegK, seg_q_sb, seg_k_sb,
@@ -504,27 +556,28 @@ def _dkdv_tile(
 
 
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY)
-@triton.jit(do_not_specialize=["tune_bucket"])
+@triton.jit(do_not_specialize=["pair_base", "tune_bucket"])
 def _attn_bwd_dkdv(
-    Q, K, V, Bias, DO, Lse, Delta, DK, DVo, TileCnt, TileIdx,
+    Q, K, V, Bias, DO, Lse, LogNorm, Delta, DK, DVo, TileCnt, TileIdx,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed, sm_scale,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, pair_base, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr,
     CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
 ):
-    """One program: key tile pid_n of (batch b, kv head hk), all G query heads. Grid (KB, B * Hkv).
+    """One program: key tile pid_n of (batch b, kv head hk), all G query heads. Grid (KB, pairs of this launch
+    out of B * Hkv, from pair_base).
 
     Walks the transposed tile lists (query tiles that see this key tile), so dK/dV are sparse and each
     is written once by its owner (no atomics)."""
     pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
+    pid_bk = tl.program_id(1) + pair_base
     Hkv = H // G
     b = (pid_bk // Hkv).to(tl.int64)
     hk = (pid_bk % Hkv).to(tl.int64)
@@ -543,6 +596,7 @@ def _attn_bwd_dkdv(
         DO_bh = DO + b * stride_dob + h * stride_doh
         Bias_bh = Bias + b * stride_bb + h * stride_bh
         Lse_bh = Lse + (b * H + h) * Nq
+        LogNorm_bh = LogNorm + (b * H + h) * Nq
         Delta_bh = Delta + (b * H + h) * Nq
         cnt_ptr = TileCnt + b * cnt_sb + h * cnt_sh + pid_n * 2
         idx_ptr = TileIdx + b * idx_sb + h * idx_sh + pid_n * idx_w
@@ -551,7 +605,8 @@ def _attn_bwd_dkdv(
         for t in range(0, n_partial):
             m_blk = tl.load(idx_ptr + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
-                                Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
+                                Q_bh, DO_bh, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, stride_qm, stride_dom, stride_bm,
+                                stride_bn,
                                 Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                 win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                 SegQ, SegK, seg_q_sb, seg_k_sb,
@@ -561,7 +616,8 @@ def _attn_bwd_dkdv(
         for t in range(n_partial, n_partial + n_full):
             m_blk = tl.load(idx_ptr + t)
             dk, dv = _dkdv_tile(dk, dv, k, v, m_blk, offs_n, offs_d, offs_dv, b, h,
-                                Q_bh, DO_bh, Bias_bh, Lse_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
+                                Q_bh, DO_bh, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, stride_qm, stride_dom, stride_bm,
+                                stride_bn,
                                 Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                 win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                 SegQ, SegK, seg_q_sb, seg_k_sb,
@@ -579,7 +635,7 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _dq_tile(
     dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
-    K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm,
+    K_bh, V_bh, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, DB_bh, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm,
     Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
@@ -591,7 +647,7 @@ def _dq_tile(
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_tile(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk, offs_d, D, MASKED, CHECK_D)
     v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, Nk, offs_dv, DV, MASKED, CHECK_DV)
-    p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
+    p, ds = _probs_and_dscores(q, k, v, do, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk,
                                stride_bm, stride_bn, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
                                win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                SegQ, SegK, seg_q_sb, seg_k_sb,
@@ -627,16 +683,16 @@ def _dq_tile(
 
 
 @triton.autotune(configs=_configs("bwd"), key=_BWD_KEY, reset_to_zero=["DBias"])
-@triton.jit(do_not_specialize=["tune_bucket"])
+@triton.jit(do_not_specialize=["pair_base", "tune_bucket"])
 def _attn_bwd_dq(
-    Q, K, V, Bias, DO, Lse, Delta, DQ, DBias, TileCnt, TileIdx,
+    Q, K, V, Bias, DO, Lse, LogNorm, Delta, DQ, DBias, TileCnt, TileIdx,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm, stride_dbb, stride_dbh, stride_dbm,
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed, sm_scale, B_LOOP, H_LOOP, H_OUT,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, tune_bucket,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, pair_base, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DB_ROWS: tl.constexpr,
     DB_COLS: tl.constexpr, DB_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
@@ -644,9 +700,10 @@ def _attn_bwd_dq(
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
 ):
     """One program: query tile pid_m for B_LOOP x H_LOOP (batch, head) pairs that share one bias slice
-    (1 x 1 unless a broadcast bias needs its gradient). Grid (QB, (B / B_LOOP) * (H / H_LOOP))."""
+    (1 x 1 unless a broadcast bias needs its gradient). Grid (QB, pairs of this launch out of
+    (B / B_LOOP) * (H / H_LOOP), from pair_base)."""
     pid_m = tl.program_id(0)
-    pid_o = tl.program_id(1)
+    pid_o = tl.program_id(1) + pair_base
     b_out = pid_o // H_OUT
     h_out = pid_o % H_OUT
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -665,6 +722,7 @@ def _attn_bwd_dq(
             Bias_bh = Bias + b * stride_bb + h * stride_bh
             DB_bh = DBias + b * stride_dbb + h * stride_dbh
             Lse_bh = Lse + (b * H + h) * Nq
+            LogNorm_bh = LogNorm + (b * H + h) * Nq
             Delta_bh = Delta + (b * H + h) * Nq
             q = _load_tile(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, Nq, offs_d, D, True, CHECK_D)
             do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, Nq, offs_dv, DV,
@@ -677,7 +735,7 @@ def _attn_bwd_dq(
             for t in range(0, n_partial):
                 n_blk = tl.load(idx_ptr + t)
                 dq, db_rows = _dq_tile(dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
-                                       K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
+                                       K_bh, V_bh, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
                                        stride_bm, stride_bn, stride_dbm, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
                                        drop_p, drop_seed,
                                        win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
@@ -688,7 +746,7 @@ def _attn_bwd_dq(
             for t in range(n_partial, n_partial + n_full):
                 n_blk = tl.load(idx_ptr + t)
                 dq, db_rows = _dq_tile(dq, db_rows, q, do, n_blk, pid_m, offs_m, offs_d, offs_dv, b, h,
-                                       K_bh, V_bh, Bias_bh, Lse_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
+                                       K_bh, V_bh, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, DB_bh, stride_kn, stride_vn,
                                        stride_bm, stride_bn, stride_dbm, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift,
                                        drop_p, drop_seed,
                                        win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
@@ -780,6 +838,37 @@ def _check_tensor(name: str, t: torch.Tensor) -> None:
         )
 
 
+def _launch_over_pairs(kernel, row_tiles: int, pairs: int, *args, **meta) -> None:
+    """``kernel[(row_tiles, pairs)](*args, **meta)`` in launches of at most ``_MAX_GRID_PAIRS`` programs along grid
+    axis 1 (CUDA caps gridDim.y at 65,535; MaxViT folds windows into the batch, so B * H reaches it), each told
+    its first pair by ``pair_base``. Every program owns its outputs (dBias slices included), so the chunks are
+    independent."""
+    for base in range(0, pairs, _MAX_GRID_PAIRS):
+        kernel[(row_tiles, min(_MAX_GRID_PAIRS, pairs - base))](*args, pair_base=base, **meta)
+
+
+def _output_spans(q: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], bias_grad: bool) -> list:
+    """(name, rows, row stride) of the buffers the launchers allocate themselves, whose in-slice offsets the
+    kernels compute in 32 bits like those of the inputs: the output (row stride Dv, which may exceed D) and, when
+    the bias needs a gradient, the contiguous fp32 dBias buffer (row stride Nk even when the bias is a stride-0
+    expand; one row per query tile, at most cdiv(Nq, 16), when the bias is broadcast over rows)."""
+    q_len = q.shape[2]
+    spans = [("output", q_len, v.shape[3])]
+    if bias is not None and bias_grad:
+        rows = q_len if bias.shape[2] == q_len else triton.cdiv(q_len, 16)
+        spans.append(("bias gradient buffer", rows, bias.shape[3]))
+    return spans
+
+
+def _span_reason(q, v, bias, bias_grad: bool) -> Optional[str]:
+    """Why an allocated buffer's offsets would overflow 32 bits, or None."""
+    for name, rows, row_stride in _output_spans(q, v, bias, bias_grad):
+        if rows * row_stride > _MAX_OFFSET:
+            return (f"the {name} ({rows} rows of {row_stride}) is too large for the kernel's 32-bit in-slice "
+                    "offsets; use backend='torch' or split the sequence")
+    return None
+
+
 def _mask_launch_args(plan: _Plan, device) -> tuple[tuple, dict]:
     dummy = torch.zeros(1, dtype=torch.uint8, device=device)
     return plan.program.kernel_args(dummy), plan.program.constexprs()
@@ -790,17 +879,21 @@ def _forward(q, k, v, bias, plan: _Plan):
     kv_heads, k_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
+    reason = _span_reason(q, v, None, False)
+    if reason is not None:
+        raise ValueError(f"flash_attention: {reason}")
     block_m, block_n = plan.fwd_tiles
     lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device)
     out = torch.empty(batch, heads, q_len, dv_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    log_norm = torch.empty_like(lse)  # log2 of the softmax normaliser: the backward's P (see _probs_and_dscores)
     bias_arg, bias_mode, bias_strides = _bias_launch(bias, plan, q)
     qk_scale, bias_scale, s_shift = plan.units()
     drop_p, drop_seed = plan.dropout_p, plan.seed
     mask_args, mask_meta = _mask_launch_args(plan, q.device)
-    grid = (lists.num_row_tiles, batch * heads)
-    _attn_fwd[grid](
-        q, k, v, bias_arg, out, lse, lists.counts, lists.index,
+    _launch_over_pairs(
+        _attn_fwd, lists.num_row_tiles, batch * heads,
+        q, k, v, bias_arg, out, lse, log_norm, lists.counts, lists.index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *bias_strides,
         out.stride(0), out.stride(1), out.stride(2), *lists.strides(),
@@ -810,11 +903,12 @@ def _forward(q, k, v, bias, plan: _Plan):
         BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, CHECK_D=head_dim != plan.block_d,
         CHECK_DV=dv_dim != plan.block_dv, DOT_PREC=plan.dot_prec, **mask_meta,
     )
-    return out, lse
+    return out, lse, log_norm
 
 
-def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_lse=None):
-    """Gradients of q, k, v (and the bias). ``d_lse``: gradient of the base-2 LSE output (or None).
+def _backward(q, k, v, bias, out, lse, log_norm, d_out, plan: _Plan, bias_grad: bool, d_lse=None):
+    """Gradients of q, k, v (and the bias). ``d_lse``: gradient of the base-2 LSE output (or None); ``log_norm``:
+    the forward's log2 softmax normaliser per row.
 
     With L depending on lse_i = log sum_j exp(s_ij) as well as on the output, dL/ds_ij gains
     p_ij * dL/dlse_i; in FlashAttention-2's dS = P * (dP - delta) that is delta_i -> delta_i - dL/dlse_i
@@ -825,6 +919,9 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
     groups = heads // kv_heads
     d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
     _check_tensor("grad_out", d_out)
+    reason = _span_reason(q, v, bias, bias_grad)
+    if reason is not None:
+        raise ValueError(f"flash_attention: {reason}")
     block_m, block_n = plan.bwd_tiles
     q_lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device)
     k_lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device, transposed=True)
@@ -840,7 +937,8 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
 
     delta = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
     if plan.score == "softmax":
-        _attn_bwd_preprocess[(triton.cdiv(q_len, block_m), batch * heads)](
+        _launch_over_pairs(
+            _attn_bwd_preprocess, triton.cdiv(q_len, block_m), batch * heads,
             out, d_out, delta, out.stride(0), out.stride(1), out.stride(2),
             d_out.stride(0), d_out.stride(1), d_out.stride(2), heads, q_len, dv_dim,
             BLOCK_M=block_m, BLOCK_DV=plan.block_dv,
@@ -854,8 +952,9 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    _attn_bwd_dkdv[(k_lists.num_row_tiles, batch * kv_heads)](
-        q, k, v, bias_arg, d_out, lse, delta, dk, dv, k_lists.counts, k_lists.index,
+    _launch_over_pairs(
+        _attn_bwd_dkdv, k_lists.num_row_tiles, batch * kv_heads,
+        q, k, v, bias_arg, d_out, lse, log_norm, delta, dk, dv, k_lists.counts, k_lists.index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *bias_strides,
         d_out.stride(0), d_out.stride(1), d_out.stride(2),
@@ -883,8 +982,9 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
         if bias_grad else (0, 0, 0)
     )
     h_out = heads // h_loop
-    _attn_bwd_dq[(q_lists.num_row_tiles, (batch // b_loop) * h_out)](
-        q, k, v, bias_arg, d_out, lse, delta, dq, dbias_buf, q_lists.counts, q_lists.index,
+    _launch_over_pairs(
+        _attn_bwd_dq, q_lists.num_row_tiles, (batch // b_loop) * h_out,
+        q, k, v, bias_arg, d_out, lse, log_norm, delta, dq, dbias_buf, q_lists.counts, q_lists.index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *bias_strides,
         d_out.stride(0), d_out.stride(1), d_out.stride(2),
@@ -908,8 +1008,8 @@ def _backward(q, k, v, bias, out, lse, d_out, plan: _Plan, bias_grad: bool, d_ls
 class _FlashAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, plan: _Plan):
-        out, lse = _forward(q, k, v, bias, plan)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+        out, lse, log_norm = _forward(q, k, v, bias, plan)
+        ctx.save_for_backward(q, k, v, bias, out, lse, log_norm)
         ctx.plan = plan
         # Unused outputs get None gradients (no zero-filled LSE gradient when only out is used).
         ctx.set_materialize_grads(False)
@@ -921,11 +1021,11 @@ class _FlashAttentionFn(torch.autograd.Function):
         # constant ones got first-order gradients treated as constants, silently)
         refuse_double_backward("the Triton flash-attention kernel", "run that attention with backend='torch', "
                                "whose gradients are differentiable")
-        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse, log_norm = ctx.saved_tensors
         if d_out is None:  # only the LSE was used
             d_out = torch.zeros_like(out)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(q, k, v, bias, out, lse, d_out, ctx.plan, bias_grad, d_lse)
+        dq, dk, dv, dbias = _backward(q, k, v, bias, out, lse, log_norm, d_out, ctx.plan, bias_grad, d_lse)
         return dq, dk, dv, dbias, None
 
 
@@ -981,9 +1081,11 @@ def _make_plan(q, k, v, mask: Mask, scale: float, score: str, block_m=None, bloc
                seed: int = 0, alibi: Optional[torch.Tensor] = None) -> _Plan:
     q_len, k_len = q.shape[2], k.shape[2]
     block_d, block_dv = _pad_dim(q.shape[3]), _pad_dim(v.shape[3])
-    major = torch.cuda.get_device_capability(q.device)[0] if (q.device.type == "cuda" and not INTERPRET) else None
-    fwd = _tiles(block_d, block_dv, q.dtype, major, backward=False)
-    bwd = _tiles(block_d, block_dv, q.dtype, major, backward=True)
+    smem = None
+    if q.device.type == "cuda" and not INTERPRET:
+        smem = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    fwd = _tiles(block_d, block_dv, q.dtype, smem, backward=False)
+    bwd = _tiles(block_d, block_dv, q.dtype, smem, backward=True)
     if block_m is not None or block_n is not None:
         fwd = bwd = (block_m or fwd[0], block_n or fwd[1])
     allow_tf32 = q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
@@ -1039,6 +1141,8 @@ def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None, dropout_
     reason = _check_dropout(dropout_p, q, k)
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}")
+    if in_torch_func():
+        raise ValueError(f"flash_attention: {_TORCH_FUNC_REASON}")
     if q.device.type != "cuda" and not INTERPRET:
         raise ValueError(
             f"flash_attention: tensors are on {q.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1 set "
@@ -1144,6 +1248,10 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
 # ------------------------------------------------------------------------------------------------
 def triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights) -> Optional[str]:
     """None when the kernel can run this attend() call, else the reason it cannot."""
+    if in_torch_func():
+        # The autograd.Function has no torch.func rules (setup_context, vmap): torch's own error would only say
+        # "must override the setup_context staticmethod".
+        return _TORCH_FUNC_REASON
     if q.device.type != "cuda":
         if not INTERPRET:
             return (
@@ -1176,6 +1284,9 @@ def triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights
             return f"{name} is too long for 32-bit in-slice offsets"
     if bias is not None and _bias_span(bias) > _MAX_OFFSET:
         return "bias slice too large for 32-bit in-slice offsets"
+    reason = _span_reason(q, v, bias, bias is not None and bias.requires_grad)
+    if reason is not None:
+        return reason
     q_len, k_len = q.shape[2], k.shape[2]
     if needs_dense_fallback(mask, q_len, k_len):
         cells = mask.batch_size * mask.num_heads * q_len * k_len
@@ -1264,10 +1375,10 @@ def flash_attention_ref(q, k, v, mask=None, bias=None, *, scale=None, score="sof
 # ------------------------------------------------------------------------------------------------
 # Offline GPU compile check (no GPU needed): python -m zoo.kernels.flash_attention --arch 80 90
 # ------------------------------------------------------------------------------------------------
-# Shared memory per block (bytes) by compute capability.
-_SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Shared memory per block (bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin) by compute capability.
+_SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
 _PTR_ARGS = {"Q", "K", "V", "Out", "DO", "DK", "DVo", "DQ"}
-_F32_PTR_ARGS = {"Bias", "Lse", "Delta", "DBias"}
+_F32_PTR_ARGS = {"Bias", "Lse", "LogNorm", "Delta", "DBias"}
 _I32_PTR_ARGS = {"TileCnt", "TileIdx", "SegQ", "SegK"}
 _U8_PTR_ARGS = {"DenseM", "BlkM"}
 _FLOAT_ARGS = {"qk_scale", "bias_scale", "s_shift", "sm_scale", "drop_p"}
@@ -1308,9 +1419,9 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: 
     common = dict(SCORE=score_id, HAS_BIAS=int(bias), BLOCK_D=block, BLOCK_DV=block,
                   CHECK_D=head_dim != block, CHECK_DV=head_dim != block,
                   DOT_PREC="ieee" if dtype == torch.float32 else "tf32", **mask_meta)
-    major = arch // 10
-    fm, fn_ = _tiles(block, block, dtype, major, backward=False)
-    bm, bn = _tiles(block, block, dtype, major, backward=True)
+    limit = _SMEM_LIMIT.get(arch, min(_SMEM_LIMIT.values()))
+    fm, fn_ = _tiles(block, block, dtype, limit, backward=False)
+    bm, bn = _tiles(block, block, dtype, limit, backward=True)
     passes = {
         "forward": (_attn_fwd, dict(common, BLOCK_M=fm, BLOCK_N=fn_), _configs("fwd")),
         "backward dk/dv": (_attn_bwd_dkdv, dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=bias == 1), _configs("bwd")),
@@ -1330,7 +1441,6 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: 
             dict(common, BLOCK_M=bm, BLOCK_N=bn, HAS_DBIAS=True, DB_ROWS=True, DB_COLS=True, DB_ACC=True),
             _configs("bwd"),
         )
-    limit = _SMEM_LIMIT.get(arch, min(_SMEM_LIMIT.values()))
     report = {}
     for name, (kernel, meta, configs) in passes.items():
         rows = [(c.num_warps, c.num_stages, _compile(kernel, meta, dtype, arch, c.num_warps, c.num_stages))

@@ -202,6 +202,33 @@ def test_gqa_reads_kv_without_copy(monkeypatch):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
+class _GridSpy:
+    """Stands in for a kernel: records the launch grids and launches the real kernel."""
+
+    def __init__(self, kernel, grids: list):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 4, 20, 30), (3, 1, 1, 30), (3, 4, 20, 1)], ids=["b1", "h1-rows1", "cols1"])
+def test_batch_heads_past_the_grid_limit_launch_in_chunks(monkeypatch, bias_shape):
+    """CUDA caps grid axis 1 at 65,535 programs, and every pass puts its (batch, head) pairs there: above that
+    the launches go in chunks of at most _MAX_GRID_PAIRS pairs (lowered to 2 here, so 3 x 4 pairs make several
+    chunks per pass), each starting at its pair offset. Forward and every gradient against the float64
+    reference, dBias accumulated over the batch or the heads (b1, h1-rows1) across chunks included."""
+    monkeypatch.setattr(fa, "_MAX_GRID_PAIRS", 2, raising=False)
+    grids = []
+    for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        monkeypatch.setattr(fa, name, _GridSpy(getattr(fa, name), grids))
+    q, k, v, bias = _inputs(3, 4, 2, 20, 30, 16, bias_shape=bias_shape, seed=32)
+    _check(q, k, v, Causal(), bias)
+    assert grids and max(grid[1] for grid in grids) <= 2
+    assert len(grids) >= 12 // 2 + 12 // 2 + 6 // 2 + 2  # forward, preprocess, dK/dV, dQ each in chunks
+
+
 # ------------------------------------------------------------------------------------------------
 # Every mask type and combinations (with a broadcast bias that needs its gradient)
 # ------------------------------------------------------------------------------------------------
@@ -442,6 +469,31 @@ def test_fully_masked_rows_are_zero():
     bias2[:, :, 5] = float("-inf")
     out2, dq2, _, _, dbias2 = _check(q, k, v, Causal(), bias2)
     assert (out2[:, :, 5] == 0).all() and (dq2[:, :, 5] == 0).all() and (dbias2[:, :, 5] == 0).all()
+
+
+# The interpreter computes the log2(e) scaling in NumPy, which warns where finfo.min overflows before the clamp.
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+def test_finfo_min_bias_is_a_finite_score():
+    """A bias of torch.finfo(float32).min (Hugging Face's additive mask) is the smallest finite score, not a
+    forbidden pair: a row with every key at that value attends uniformly (the mean of v), as SDPA, the torch
+    backend and the float64 reference do, and a row with some keys at it ignores them. Its log2(e)-scaled value
+    overflowed fp32 to -inf and emptied the row (zeros). Output and every gradient (q, k, v, bias) against the
+    float64 reference; the backward's P must also be 1 / Nk there, not 1 (LSE = max + log Nk rounds to max)."""
+    import torch.nn.functional as F
+
+    q, k, v, bias = _inputs(1, 2, 1, 24, 40, 16, bias_shape=(1, 2, 24, 40), seed=31)
+    low = torch.finfo(torch.float32).min
+    bias[:, :, 3] = low  # every key of row 3, both heads
+    bias[:, 1, 7] = low  # every key of row 7, head 1 only
+    bias[:, :, 11, 5:] = low  # row 11: every key but 0..4
+    out, _, _, dv, _ = _check(q, k, v, None, bias)
+    torch.testing.assert_close(out[0, :, 3], v[0, 0].mean(0).expand(2, 16), rtol=1e-5, atol=1e-5)
+    sdpa = F.scaled_dot_product_attention(q, k.expand(1, 2, 40, 16), v.expand(1, 2, 40, 16), attn_mask=bias)
+    torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=1e-5)
+    assert dv.abs().max() > 0
+    _, lse = flash_attention(q, k, v, None, bias, return_lse=True)
+    # -3.4e38 * log2(e) saturates at -FLT_MAX in the kernel's base 2: a finite LSE below -2e38, not -inf.
+    assert torch.isfinite(lse).all() and (lse[0, :, 3] < -2e38).all() and (lse[0, 0, 7] > -1e3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -707,6 +759,47 @@ def test_ids_outside_int32_are_refused_by_the_capability_check():
         attend(q, k, v, seg, backend="triton")
 
 
+def test_offsets_of_the_allocated_buffers_are_checked(monkeypatch):
+    """The kernel's in-slice offsets are 32-bit for the buffers the launcher allocates too: the output (row
+    stride Dv, longer than q's rows when Dv > D) and the fp32 dBias buffer (row stride Nk even for a stride-0
+    expanded bias). triton_supports refuses such shapes (attend() falls back). Meta tensors: no memory."""
+    monkeypatch.setattr(fa, "INTERPRET", True)  # meta tensors reach the shape checks on a GPU machine too
+    args = (Full(), None, 0.25, "softmax", 0.0, False)
+    q = torch.empty(1, 1, 9_000_000, 16, device="meta")
+    k, v = torch.empty(1, 1, 64, 16, device="meta"), torch.empty(1, 1, 64, 256, device="meta")
+    assert "output" in triton_supports(q, k, v, *args)
+    assert triton_supports(q, k, k, *args) is None  # Dv = 16: 9M rows of 16 fit
+    n = 48_000
+    q = k = v = torch.empty(1, 1, n, 16, device="meta")
+    per_key = torch.empty(n, device="meta", requires_grad=True).expand(1, 1, n, n)  # its own span is n
+    reason = triton_supports(q, k, v, Full(), per_key, 0.25, "softmax", 0.0, False)
+    assert "bias gradient buffer" in reason and "32-bit" in reason
+    assert triton_supports(q, k, v, Full(), per_key.detach(), 0.25, "softmax", 0.0, False) is None  # no gradient
+
+
+def test_torch_func_transforms_are_refused_with_a_reason():
+    """The kernel's autograd.Function has no torch.func rules: inside grad / vmap triton_supports says so (an
+    automatic selection falls back) and an explicit backend="triton" raises that reason, not torch's "must
+    override the setup_context staticmethod"."""
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 16)
+    args = (Causal(), None, 0.25, "softmax", 0.0, False)
+    assert triton_supports(q, k, v, *args) is None
+    seen = []
+
+    def loss(x):
+        seen.append(triton_supports(x, k, v, *args))
+        return attend(x, k, v, Causal(), backend="torch").sum()
+
+    torch.func.grad(loss)(q)
+    assert "torch.func" in seen[0] and "backend='torch'" in seen[0]
+    with pytest.raises(ValueError, match="cannot run this call: inside a torch.func transform"):
+        torch.func.grad(lambda x: attend(x, k, v, Causal(), backend="triton").sum())(q)
+    with pytest.raises(ValueError, match="cannot run this call: inside a torch.func transform"):
+        torch.func.vmap(lambda x: attend(x, k, v, Causal(), backend="triton"))(q[None])
+    with pytest.raises(ValueError, match="flash_attention: inside a torch.func transform"):
+        torch.func.vmap(lambda x: flash_attention(x, k, v, Causal()))(q[None])
+
+
 def test_in_place_edit_of_the_mask_reaches_the_kernel():
     """The kernel's tile lists and in-kernel program are cached per mask object: an in-place edit of its tensor
     (a key-padding mask reused for the next batch) must rebuild them, as the dense reference sees it."""
@@ -755,6 +848,41 @@ def test_compiles_for_sm90_without_gpu():
         "report = compile_check(90, torch.float16, 64, all_configs=False, terms=(1 | 2 | 4 | 128 | 256,), bias=0,\n"
         "                       dropout=False)  # SegmentWindow's position bands in both window slots\n"
         "assert len(report) == 4, report\n"
+    )
+    run_compiled(code)
+
+
+def test_backward_tiles_fit_the_devices_shared_memory():
+    """Backward tiles come from the device's shared memory per block, not its generation: sm_86 / 89 / 120 have
+    99 KB, where fp32 D = 256 needs 16 x 16 tiles and sm_120 the A100's smaller tiles; A100 / H100 choices are
+    unchanged. The estimate is checked by ptxas in test_compiles_for_99kb_devices_without_gpu."""
+    f32, f16 = torch.float32, torch.float16
+    limit = fa._SMEM_LIMIT
+    assert limit[120] == limit[86] == 101376
+    assert fa._tiles(256, 256, f32, limit[86], backward=True) == (16, 16)
+    assert fa._tiles(128, 128, f32, limit[120], backward=True) == (32, 32)
+    assert fa._tiles(256, 256, f16, limit[120], backward=True) == (32, 32)
+    assert fa._tiles(256, 256, f32, limit[80], backward=True) == (32, 32)
+    assert fa._tiles(128, 128, f32, limit[90], backward=True) == (32, 64)
+    assert fa._tiles(64, 64, f16, limit[90], backward=True) == (64, 64)
+    for arch, smem in limit.items():
+        for dtype in (f16, f32):
+            for block in (16, 32, 64, 128, 256):
+                tiles = fa._tiles(block, block, dtype, smem, backward=True)
+                assert fa._bwd_smem(tiles, block * dtype.itemsize) <= smem, (arch, dtype, block, tiles)
+
+
+@pytest.mark.slow
+def test_compiles_for_99kb_devices_without_gpu():
+    """sm_86 (RTX 30xx / A10 / A40; sm_89 has the same 99 KB) and sm_120 (RTX 50xx): every pass of the largest
+    program (dropout, bias, three mask terms) compiles with a config within 101,376 bytes at the combinations
+    that overflowed with tiles chosen by generation (fp32 D = 256; sm_120 fp32 D = 128 and fp16 D = 256)."""
+    code = (
+        "import torch\n"
+        "from zoo.kernels.flash_attention import compile_check\n"
+        "for arch, dtype, d in ((86, torch.float32, 256), (120, torch.float32, 128), (120, torch.float16, 256)):\n"
+        "    report = compile_check(arch, dtype, d, all_configs=False)\n"
+        "    assert max(s for rows in report.values() for _, _, s in rows) <= 101376, (arch, dtype, d, report)\n"
     )
     run_compiled(code)
 
