@@ -305,3 +305,191 @@ def test_graph_cora_normalises_features_as_pyg_normalize_features(tmp_path):
             assert (sums == 0).sum() >= 1 and torch.allclose(sums[sums > 0], torch.ones(int((sums > 0).sum())))
     with pytest.raises(ValueError, match=r"^data\.normalize_features must be true or false"):
         gd.NodeDataModule("karate", normalize_features="yes")
+
+
+# ------------------------------------------------------------------- graph classification on the user's own data
+def _write_tu(root, name="TOY", node_labels=True, node_attributes=False, num_graphs=8):
+    """A tiny TU data set in TU's text layout (1-based node ids, both directions of each edge listed):
+    triangles (graph label 5) and 4-node paths (graph label 7, so PyG's relabelling to 0 / 1 is exercised),
+    node labels 0..2, optionally 2 node attributes per node."""
+    raw = root / name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    edges, graph_of_node, labels, attributes, graph_labels, first = [], [], [], [], [], 1
+    for g in range(num_graphs):
+        triangle = g % 2 == 0
+        size = 3 if triangle else 4
+        pairs = [(0, 1), (1, 2), (2, 0)] if triangle else [(0, 1), (1, 2), (2, 3)]
+        for a, b in pairs:
+            edges += [(first + a, first + b), (first + b, first + a)]
+        graph_of_node += [g + 1] * size
+        labels += [(g + i) % 3 for i in range(size)]
+        attributes += [(0.5 * g, float(i)) for i in range(size)]
+        graph_labels.append(5 if triangle else 7)
+        first += size
+    files = {"A": [f"{a}, {b}" for a, b in edges], "graph_indicator": graph_of_node, "graph_labels": graph_labels}
+    if node_labels:
+        files["node_labels"] = labels
+    if node_attributes:
+        files["node_attributes"] = [f"{a}, {b}" for a, b in attributes]
+    for part, rows in files.items():
+        (raw / f"{name}_{part}.txt").write_text("\n".join(map(str, rows)) + "\n")
+
+
+def _pyg_tu(root, name="TOY", monkeypatch=None, **kwargs):
+    """The reference: PyG's own TUDataset on a copy of the raw files, with its download disabled (it must read
+    the local files)."""
+    from torch_geometric.datasets import TUDataset
+
+    def no_download(self):
+        raise AssertionError("TUDataset tried to download")
+
+    monkeypatch.setattr(TUDataset, "download", no_download)
+    return TUDataset(str(root), name, **kwargs)
+
+
+@pytest.mark.parametrize("use_node_attr", [False, True])
+def test_tu_adapter_reads_the_graphs_pyg_tudataset_reads(tmp_path, monkeypatch, use_node_attr):
+    """data=graph_tu data.name=<name> data.root=<root> reads <root>/<name>/raw/<name>_*.txt as PyG's TUDataset
+    (which reads the same local files without downloading), and writes nothing into the data folder."""
+    for folder in ("ours", "pyg"):
+        _write_tu(tmp_path / folder, node_attributes=True)
+    reference = _pyg_tu(tmp_path / "pyg", monkeypatch=monkeypatch, use_node_attr=use_node_attr)
+    ours = gd.tu_dataset("TOY", str(tmp_path / "ours"), use_node_attr=use_node_attr)
+    assert len(ours) == len(reference) == 8
+    for graph, expected in zip(ours, reference):
+        torch.testing.assert_close(graph["x"], expected.x)
+        assert torch.equal(graph["edge_index"], expected.edge_index) and graph["y"] == int(expected.y)
+    # by hand, independently of PyG: graph 1 is the path 4-5-6-7 (0-based in the graph), labels 1, 2, 0, 1
+    path = ours[1]
+    assert path["y"] == 1 and ours[0]["y"] == 0  # graph labels 5 / 7 renumbered 0 / 1, as PyG does
+    assert sorted(map(tuple, path["edge_index"].t().tolist())) == [(0, 1), (1, 0), (1, 2), (2, 1), (2, 3), (3, 2)]
+    labels = torch.eye(3)[[1, 2, 0, 1]]
+    expected_x = torch.cat([torch.tensor([[0.5, 0.0], [0.5, 1.0], [0.5, 2.0], [0.5, 3.0]]), labels], 1)
+    torch.testing.assert_close(path["x"], expected_x if use_node_attr else labels)
+    assert sorted(os.listdir(tmp_path / "ours" / "TOY")) == ["raw"]  # no processed/ cache written
+
+
+def test_tu_missing_files_are_named_with_where_to_put_them(tmp_path):
+    _write_tu(tmp_path)
+    (tmp_path / "TOY" / "raw" / "TOY_graph_labels.txt").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        gd.GraphClassificationDataModule(name="TOY", root=str(tmp_path)).setup()
+    message = str(error.value)
+    assert "\n" not in message and "TU TOY: 1 raw file(s) missing" in message and "downloads are disabled" in message
+    assert str(tmp_path / "TOY" / "raw" / "TOY_graph_labels.txt") in message and "TOY.zip" in message
+    with pytest.raises(FileNotFoundError, match=r"TU MUTAG: 3 raw file\(s\) missing"):
+        gd.tu_dataset("MUTAG", str(tmp_path))
+    with pytest.raises(ValueError, match=r"^data\.root=.* is set but data\.name is 'synthetic'"):
+        gd.GraphClassificationDataModule(root=str(tmp_path))
+
+
+def test_graphs_without_features_get_pyg_one_hot_degrees(tmp_path, monkeypatch):
+    """No node labels or attributes: PyG's TU recipe (benchmark/kernel/datasets.py), T.OneHotDegree(max degree);
+    data.max_degree caps the width, larger degrees counted as the cap."""
+    import torch_geometric.transforms as T
+
+    for folder in ("ours", "pyg"):
+        _write_tu(tmp_path / folder, node_labels=False)
+    reference = _pyg_tu(tmp_path / "pyg", monkeypatch=monkeypatch)
+    assert reference[0].x is None
+    data = gd.load_graph_classification("TOY", root=str(tmp_path / "ours"))
+    assert data["num_features"] == 3 and data["num_classes"] == 2  # the largest degree is 2 (0..2)
+    expected = [T.OneHotDegree(2)(reference[i]).x for i in range(len(reference))]
+    ours = [graph["x"] for split in ("train", "val", "test") for graph in data[split]]
+    assert sorted(map(torch.Tensor.tolist, ours)) == sorted(map(torch.Tensor.tolist, expected))
+    capped = gd.load_graph_classification("TOY", root=str(tmp_path / "ours"), max_degree=1)
+    assert capped["num_features"] == 2
+    assert all(torch.equal(g["x"], torch.ones(g["x"].size(0), 2) * torch.tensor([0.0, 1.0])) for g in capped["train"])
+
+
+def test_stratified_split_keeps_the_class_proportions_and_the_seed():
+    labels = [0] * 70 + [1] * 20 + [2] * 10
+    split = gd.stratified_graph_split(labels, seed=1)
+    assert sorted(split["train"] + split["val"] + split["test"]) == list(range(100))
+    assert [len(split[s]) for s in ("train", "val", "test")] == [70, 15, 15]
+    for part in split.values():
+        counts = torch.bincount(torch.tensor([labels[i] for i in part]), minlength=3).tolist()
+        expected = [0.7 * len(part), 0.2 * len(part), 0.1 * len(part)]
+        assert all(abs(c - e) <= 1.5 for c, e in zip(counts, expected)), counts
+    assert gd.stratified_graph_split(labels, seed=1) == split != gd.stratified_graph_split(labels, seed=2)
+    small = gd.stratified_graph_split([0, 0, 1, 1], seed=0)  # a graph in each split, as 70 / 15 / 15 of 4
+    assert [len(small[s]) for s in ("train", "val", "test")] == [2, 1, 1]
+
+
+def _data_list():
+    from torch_geometric.data import Data
+
+    graphs = []
+    for i in range(10):
+        n = 3 + i % 3
+        edge_index = torch.stack([torch.arange(n - 1), torch.arange(1, n)])
+        graphs.append(Data(x=torch.randn(n, 4), edge_index=torch.cat([edge_index, edge_index.flip(0)], 1),
+                           y=torch.tensor([i % 2])))
+    return graphs
+
+
+class LabelledData(__import__("torch_geometric.data", fromlist=["Data"]).Data):
+    """A Data subclass of a user's: torch.load(weights_only=True) does not build it."""
+
+
+def test_saved_list_of_pyg_data_loads_weights_only(tmp_path):
+    """data.path=graphs.pt: torch.save([Data, ...]) loads with weights_only=True; the graphs feed the model as the
+    saved tensors; a dict of lists keeps its split; other pickles are refused unless data.trust_pickle=true."""
+    graphs = _data_list()
+    torch.save(graphs, tmp_path / "graphs.pt")
+    module = gd.GraphClassificationDataModule(path=str(tmp_path / "graphs.pt"), num_features=4, num_classes=2)
+    module.setup()
+    loaded = [g for split in ("train", "val", "test") for g in module.splits[split]]
+    assert len(loaded) == 10 and module.num_features == 4 and module.num_classes == 2
+    by_x = {tuple(g.x[0].tolist()): g for g in graphs}
+    for graph in loaded:
+        saved = by_x[tuple(graph["x"][0].tolist())]
+        assert torch.equal(graph["x"], saved.x) and torch.equal(graph["edge_index"], saved.edge_index)
+        assert graph["y"] == int(saved.y)
+    torch.save({"train": graphs[:6], "val": graphs[6:8], "test": graphs[8:]}, tmp_path / "split.pt")
+    own = gd.load_graph_classification(path=str(tmp_path / "split.pt"))
+    assert [len(own[s]) for s in ("train", "val", "test")] == [6, 2, 2]
+    assert torch.equal(own["val"][0]["x"], graphs[6].x)
+    torch.save([LabelledData(**g.to_dict()) for g in graphs], tmp_path / "custom.pt")
+    with pytest.raises(ValueError, match=r"^data\.path=.*custom\.pt holds .*LabelledData.* set data\.trust_pickle=true"):
+        gd.load_graph_classification(path=str(tmp_path / "custom.pt"))
+    assert len(gd.load_graph_classification(path=str(tmp_path / "custom.pt"), trust_pickle=True)["train"]) == 7
+    with pytest.raises(ValueError, match=r"has num_features=4 but the config says 8 \(set data\.num_features=4\)"):
+        gd.GraphClassificationDataModule(path=str(tmp_path / "graphs.pt"), num_features=8).setup()
+    with pytest.raises(FileNotFoundError, match=r"^data\.path=.*missing\.pt: no such file"):
+        gd.load_graph_classification(path=str(tmp_path / "missing.pt"))
+
+
+class ToyGraphs(__import__("torch_geometric.data", fromlist=["InMemoryDataset"]).InMemoryDataset):
+    """An InMemoryDataset of a user's, named by data.dataset_class."""
+
+    def __init__(self, root=None):
+        super().__init__(root)
+        self.data, self.slices = self.collate(_data_list())
+
+
+def test_inmemory_dataset_class_path_and_batches_as_the_synthetic_set():
+    module = gd.GraphClassificationDataModule(dataset_class=f"{__name__}.ToyGraphs", batch_size=4)
+    synthetic = gd.GraphClassificationDataModule(num_graphs=20, batch_size=4)
+    for m in (module, synthetic):
+        m.setup()
+    ours, theirs = (next(iter(m.train_dataloader())) for m in (module, synthetic))
+    assert set(ours) == set(theirs) and ours["x"].dtype == theirs["x"].dtype == torch.float32
+    assert ours["edge_index"].dtype == ours["batch"].dtype == ours["y"].dtype == torch.long
+    assert ours["num_graphs"] == 4 and module.num_features == 4 and module.num_classes == 2
+    with pytest.raises(ValueError, match=r"data\.dataset_class='no_such\.Class' cannot be imported"):
+        gd.GraphClassificationDataModule(dataset_class="no_such.Class").setup()
+
+
+def test_tu_data_trains_one_epoch_through_zoo_train(tmp_path):
+    """data=graph_tu with the synthetic experiment's model and task: one epoch of zoo train on the TU files."""
+    pytest.importorskip("hydra")
+    from zoo.tasks.graph.train import compose, fit
+
+    _write_tu(tmp_path, num_graphs=12)
+    common = ["experiment=graph_synthetic", "data=graph_tu", f"data.root={tmp_path}", "data.name=TOY",
+              "data.num_classes=2", "trainer.max_epochs=1", "+model.hidden_channels=4", "data.batch_size=4"]
+    result = fit(compose([*common, "data.num_features=3"]), verbose=False, run_dir=str(tmp_path / "run"))
+    assert 0.0 <= result["test_acc"] <= 1.0 and result["model"] == "gatv2_graph"
+    with pytest.raises(ValueError, match=r"TOY has num_features=3 but the config says 7 \(set data\.num_features=3\)"):
+        fit(compose(common), verbose=False, run_dir=str(tmp_path / "run2"))

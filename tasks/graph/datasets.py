@@ -42,8 +42,22 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
 Data roots: ``~`` is expanded, as PyG's Dataset and the image-folder loaders do; NodeDataModule keeps
 its root as an absolute path, recorded with released weights (``describe()``).
 
-Graph classification: ``synthetic_graphs`` -- random graphs from three generators (Erdos-Renyi,
-Barabasi-Albert, Watts-Strogatz; label = generator) with degree/clustering features.
+Graph classification (mini-batches of small graphs; GraphClassificationDataModule, each graph a dict x [n, F]
+float, edge_index [2, e] long, y int):
+
+* ``synthetic``  -- random graphs from three generators (Erdos-Renyi, Barabasi-Albert, Watts-Strogatz;
+                    label = generator) with degree/clustering features; split 70 / 15 / 15.
+* a TU data set (``data.name=MUTAG data.root=...``) -- the raw text files of PyG's TUDataset,
+                    ``root/<name>/raw/<name>_{A,graph_indicator,graph_labels}.txt`` (+ node labels / attributes),
+                    parsed by PyG's read_tu_data; nothing downloaded or cached. A missing file raises
+                    FileNotFoundError naming every missing path and where to get the zip.
+* ``data.path=graphs.pt`` -- a torch.save'd list of PyG Data (or a dict of lists under train / val / test),
+                    loaded with weights_only=True (PyG's Data classes allowed); other pickles only with
+                    ``data.trust_pickle=true``.
+* ``data.dataset_class=pkg.module.Class`` -- a PyG InMemoryDataset class, built as Class(root) (per split
+                    when it takes ``split``, as PyG's ZINC).
+                    Without a split of the data's own: a stratified 70 / 15 / 15 one (per class, seeded). Graphs
+                    without x: PyG's OneHotDegree features (degrees capped at data.max_degree). Classes: max(y) + 1.
 """
 from __future__ import annotations
 
@@ -77,6 +91,12 @@ __all__ = [
     "random_split_masks",
     "normalize_feature_rows",
     "synthetic_graph_classification",
+    "load_graph_classification",
+    "tu_dataset",
+    "load_saved_graphs",
+    "dataset_class_graphs",
+    "one_hot_degree",
+    "stratified_graph_split",
     "NodeDataModule",
     "GraphClassificationDataModule",
     "NETWORKX_GRAPHS",
@@ -556,6 +576,261 @@ def collate_graphs(graphs: list[dict]) -> dict:
             "num_graphs": len(graphs), "y": torch.tensor([g["y"] for g in graphs], dtype=torch.long)}
 
 
+# ------------------------------------------------------------------------------ graph classification: user data
+# TU's required raw files (PyG's read_tu_data): the edge list, the graph of each node, the class of each graph
+_TU_REQUIRED = ("A", "graph_indicator", "graph_labels")
+_TU_DOWNLOADS = "https://chrsmrrs.github.io/datasets/docs/datasets/"
+# one-hot degree features are at most this wide unless data.max_degree says otherwise (PyG's
+# benchmark/kernel/datasets.py one-hot encodes degrees below 1000 and normalises larger ones)
+_DEGREE_CAP = 1000
+_SPLITS = ("train", "val", "test")
+
+
+def tu_dataset(name: str, root: str, use_node_attr: bool = False) -> list[dict]:
+    """A TU graph-classification data set (Morris et al. 2020, https://chrsmrrs.github.io/datasets/) from the raw
+    text files PyG's ``TUDataset(root, name)`` reads, ``<root>/<name>/raw/<name>_{A,graph_indicator,graph_labels,
+    node_labels,node_attributes}.txt``, parsed by PyG's own ``torch_geometric.io.read_tu_data``. Nothing is
+    downloaded or written (TUDataset caches the parsed set in ``<root>/<name>/processed/`` and reuses it whatever
+    the raw files hold later). The node features are TUDataset's: the one-hot node labels, after the continuous
+    node attributes only with ``use_node_attr`` (TUDataset's default leaves them out); edge features are not read.
+    Graphs with regression targets (``<name>_graph_attributes.txt``) are refused: this is graph classification."""
+    if not root:
+        raise ValueError(f"TU {name}: data.root is required, a folder holding {name}/raw/{name}_A.txt, ...")
+    raw = os.path.join(os.path.expanduser(os.fspath(root)), name, "raw")
+    needed = [os.path.join(raw, f"{name}_{part}.txt") for part in _TU_REQUIRED]
+    missing = [p for p in needed if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"TU {name}: {len(missing)} raw file(s) missing under {raw} (downloads are disabled): "
+            + ", ".join(missing) + f". Get {name}.zip from {_TU_DOWNLOADS} and put the {name}_*.txt files it holds "
+            f"into {raw}/ (the layout of PyG's TUDataset)")
+    if os.path.isfile(os.path.join(raw, f"{name}_graph_attributes.txt")):
+        raise ValueError(f"TU {name}: {raw} holds {name}_graph_attributes.txt, regression targets; graph "
+                         "classification reads class labels (<name>_graph_labels.txt) only")
+    from torch_geometric.io import read_tu_data
+
+    try:
+        data, slices, sizes = read_tu_data(raw, name)
+    except Exception as error:  # a truncated or foreign file fails deep inside PyG's parser
+        raise ValueError(f"TU {name}: cannot read the raw files under {raw} (corrupt, or not TU's comma-separated "
+                         f"text?): {type(error).__name__}: {str(error)[:200]}") from None
+    x = data.x
+    if x is not None and not use_node_attr:  # TUDataset(use_node_attr=False): the node labels only
+        x = x[:, sizes["num_node_attributes"]:]
+        x = x if x.size(1) else None
+    node_slice = slices.get("x")
+    if node_slice is None:  # no node features: the node count of each graph from its graph_indicator rows
+        graph_of_node = np.loadtxt(needed[1], dtype=np.int64, delimiter=",", ndmin=1) - 1
+        node_slice = torch.from_numpy(np.concatenate([[0], np.cumsum(np.bincount(graph_of_node))]))
+    edge_slice = slices["edge_index"]
+    graphs = []
+    for i in range(len(edge_slice) - 1):
+        graphs.append({"x": None if x is None else x[node_slice[i]:node_slice[i + 1]].float(),
+                       "num_nodes": int(node_slice[i + 1] - node_slice[i]),
+                       "edge_index": data.edge_index[:, edge_slice[i]:edge_slice[i + 1]].long(),
+                       "y": int(data.y[i])})
+    return graphs
+
+
+def _pyg_data_globals() -> list:
+    """The classes a pickled list of PyG ``Data`` objects names beyond those PyG registers for
+    ``torch.load(weights_only=True)`` itself (torch_geometric/data/__init__.py adds ``Data`` only): its storage
+    and attribute descriptors. Loaded with them, a list of Data (tensors, numbers, strings) needs no pickle."""
+    from torch_geometric.data import Data
+    from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
+    from torch_geometric.data.storage import GlobalStorage
+
+    return [Data, DataEdgeAttr, DataTensorAttr, GlobalStorage]
+
+
+def load_saved_graphs(path: str, trust_pickle: bool = False):
+    """What ``torch.save`` wrote to ``path``: a list of PyG ``Data`` graphs, or a dict of such lists under
+    "train", "val" and "test" (the data's own split). Loaded with ``weights_only=True`` (PyG's Data classes
+    allowed), which runs no code from the file; anything else (a Data subclass of the user's, a whole
+    InMemoryDataset object) is unpickled only with ``trust_pickle``, as ``torch.load(weights_only=False)``
+    executes what the file says."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.path={path}: no such file; save your graphs there with "
+                                "torch.save([Data(x=..., edge_index=..., y=...), ...], path)")
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_pyg_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "other objects"
+        except Exception:  # an old-format or non-zip file: say what is known
+            unsafe = "objects that need pickle"
+        raise ValueError(f"data.path={path} holds {unsafe} beside PyG's Data, which torch.load(weights_only=True) "
+                         "does not build: save a plain list of Data (torch.save(list(dataset), path)), or set "
+                         "data.trust_pickle=true if you trust the file (unpickling runs its code)") from None
+
+
+def _import_class(class_path: str):
+    import importlib
+
+    module_name, _, attr = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"data.dataset_class={class_path!r} cannot be imported ({error}); give an importable "
+                         "InMemoryDataset class as <package>.<module>.<Class>") from None
+
+
+def dataset_class_graphs(class_path: str, root: Optional[str] = None):
+    """A PyG ``InMemoryDataset`` (or any sequence of ``Data``) class of the user's, built as ``Class(root)`` (or
+    ``Class()`` without data.root). A class with a ``split`` argument (PyG's ZINC, GNNBenchmarkDataset) is built
+    once per split, ``Class(root, split="train" / "val" / "test")``, and its own split kept. The class reads
+    what its root holds; PyG datasets download only when their raw files are missing there."""
+    import inspect
+
+    cls = _import_class(class_path)
+    args = (os.path.expanduser(os.fspath(root)),) if root else ()
+    try:
+        takes_split = "split" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        takes_split = False
+    if takes_split:
+        return {split: cls(*args, split=split) for split in _SPLITS}
+    return cls(*args)
+
+
+def _as_graph(data, where: str) -> dict:
+    """A PyG ``Data`` (or a dict with the same keys) as the dict collate_graphs batches; one integer class per
+    graph, edge indices inside the graph's nodes."""
+    get = data.get if isinstance(data, dict) else (lambda key: getattr(data, key, None))
+    edge_index, x, y = get("edge_index"), get("x"), get("y")
+    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2 \
+            or edge_index.is_floating_point():
+        raise ValueError(f"{where}: edge_index must be an integer tensor of shape [2, num_edges], got "
+                         f"{getattr(edge_index, 'shape', type(edge_index).__name__)}")
+    num_nodes = x.size(0) if isinstance(x, Tensor) else get("num_nodes")
+    if num_nodes is None:
+        num_nodes = int(edge_index.max()) + 1 if edge_index.numel() else 0
+    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
+        raise ValueError(f"{where}: edge_index holds node {int(edge_index.max())} but the graph has {num_nodes} "
+                         "nodes (x rows or num_nodes)")
+    if isinstance(x, Tensor) and x.dim() != 2:
+        raise ValueError(f"{where}: x must be [num_nodes, num_features], got shape {tuple(x.shape)}")
+    label = y.view(-1) if isinstance(y, Tensor) else torch.tensor([y] if y is not None else [])
+    if label.numel() != 1 or label.is_floating_point() and label != label.round() or int(label) < 0:
+        raise ValueError(f"{where}: y must be one class index >= 0 per graph (graph classification), got "
+                         f"{y if not isinstance(y, Tensor) or y.numel() < 5 else tuple(y.shape)}")
+    return {"x": x.float() if isinstance(x, Tensor) else None, "num_nodes": int(num_nodes),
+            "edge_index": edge_index.long(), "y": int(label)}
+
+
+def one_hot_degree(graph: dict, max_degree: int) -> Tensor:
+    """PyG's ``T.OneHotDegree(max_degree)`` (torch_geometric/transforms/one_hot_degree.py): each node's number of
+    outgoing edges (edge_index[0]) one-hot over 0..max_degree, which PyG's TU examples use as the features of
+    graphs without any; here a degree above ``max_degree`` counts as ``max_degree`` (capped) where PyG's one_hot
+    would fail."""
+    degree = torch.bincount(graph["edge_index"][0], minlength=graph["num_nodes"])
+    return torch.nn.functional.one_hot(degree.clamp(max=max_degree), max_degree + 1).float()
+
+
+def stratified_graph_split(labels: list[int], seed: int = 0) -> dict[str, list[int]]:
+    """Graph indices of train / val / test, 70 / 15 / 15 as the synthetic set (:func:`_graph_split_sizes`) and
+    stratified: each class's graphs are shuffled with ``seed`` and spread evenly over one ordering of all graphs
+    (the i-th of a class's n graphs at (i + 0.5) / n, ties in a random order), which is cut into validation, test
+    and training graphs. So every split holds the classes in about the data's proportions, and a small data set
+    (4 graphs and up) still has a graph in each split, where cutting each class apart left small classes out."""
+    g = torch.Generator().manual_seed(int(seed))
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    position = torch.empty(labels_t.numel(), dtype=torch.float64)
+    for c in torch.unique(labels_t):
+        idx = (labels_t == c).nonzero().view(-1)
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        position[idx] = (torch.arange(idx.numel(), dtype=torch.float64) + 0.5) / idx.numel()
+    tie_break = torch.randperm(labels_t.numel(), generator=g)
+    order = sorted(range(labels_t.numel()), key=lambda i: (float(position[i]), int(tie_break[i])))
+    num_train, num_val, _ = _graph_split_sizes(len(order))
+    return {"val": sorted(order[:num_val]), "test": sorted(order[num_val:len(order) - num_train]),
+            "train": sorted(order[len(order) - num_train:])}
+
+
+def _graph_source(name: str, root, path, dataset_class) -> str:
+    """Which graph-classification data the options name: "synthetic", "file", "class" or "tu"."""
+    given = [key for key, value in (("data.path", path), ("data.dataset_class", dataset_class)) if value]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are both set: give one source of graphs")
+    if given:
+        return {"data.path": "file", "data.dataset_class": "class"}[given[0]]
+    if name == "synthetic" and not root:
+        return "synthetic"
+    if not name or name == "synthetic":
+        raise ValueError(f"data.root={root} is set but data.name is {name!r}: name the TU data set under it "
+                         "(data.name=MUTAG reads <root>/MUTAG/raw/MUTAG_A.txt, ...)")
+    return "tu"
+
+
+def load_graph_classification(name: str = "synthetic", root: Optional[str] = None, path: Optional[str] = None,
+                              dataset_class: Optional[str] = None, trust_pickle: bool = False,
+                              use_node_attr: bool = False, max_degree: Optional[int] = None, seed: int = 0) -> dict:
+    """Graph-classification data from the user's files as {"train", "val", "test": lists of graph dicts (x,
+    edge_index, y), "num_features", "num_classes"}: a TU data set under ``root`` (``name``), a torch.save'd list
+    of Data (``path``) or an InMemoryDataset class (``dataset_class``). Without a split of the data's own, a
+    stratified one (:func:`stratified_graph_split`, seeded). Graphs without ``x`` get one-hot degree features
+    (:func:`one_hot_degree`) over 0..``max_degree`` (default: the largest degree in the data, at most 1000). The
+    class count is the largest label + 1 (PyG's ``InMemoryDataset.num_classes``)."""
+    source = _graph_source(name, root, path, dataset_class)
+    if source == "tu":
+        raw, where = tu_dataset(name, root, use_node_attr), f"TU {name}"
+    elif source == "file":
+        raw, where = load_saved_graphs(path, trust_pickle), f"data.path={path}"
+    elif source == "class":
+        raw, where = dataset_class_graphs(dataset_class, root), f"data.dataset_class={dataset_class}"
+    else:
+        raise ValueError("load_graph_classification reads the user's graphs; the synthetic set is "
+                         "synthetic_graph_classification()")
+    if isinstance(raw, dict):  # the data's own split
+        unknown = sorted(set(raw) - set(_SPLITS))
+        if unknown or any(split not in raw for split in _SPLITS):
+            raise ValueError(f"{where}: a dict of graphs needs exactly the keys train, val and test (lists of Data), "
+                             f"got {sorted(raw)}")
+        splits = {split: [_as_graph(d, f"{where} {split}[{i}]") for i, d in enumerate(raw[split])]
+                  for split in _SPLITS}
+    else:
+        try:
+            graphs = [_as_graph(d, f"{where} [{i}]") for i, d in enumerate(raw)]
+        except TypeError:
+            raise ValueError(f"{where}: expected a list of torch_geometric.data.Data graphs (or a dict of such lists "
+                             f"under train / val / test), got {type(raw).__name__}") from None
+        parts = stratified_graph_split([g["y"] for g in graphs], seed)
+        splits = {split: [graphs[i] for i in parts[split]] for split in _SPLITS}
+    empty = [split for split in _SPLITS if not splits[split]]
+    if empty:
+        sizes = " / ".join(str(len(splits[s])) for s in _SPLITS)
+        raise ValueError(f"{where}: the {' and '.join(empty)} split is empty ({sizes} train / val / test graphs); "
+                         "every split needs graphs: use 4 graphs or more (a 70 / 15 / 15 split)")
+    every = [g for split in _SPLITS for g in splits[split]]
+    with_x = sum(g["x"] is not None for g in every)
+    if with_x not in (0, len(every)):
+        raise ValueError(f"{where}: {with_x} of {len(every)} graphs have node features x and the others none; "
+                         "give every graph x, or none (then one-hot degrees are used)")
+    if with_x:
+        widths = sorted({g["x"].size(1) for g in every})
+        if len(widths) > 1:
+            raise ValueError(f"{where}: the graphs' x have {widths} features; every graph needs the same number")
+        num_features = widths[0]
+    else:  # PyG's TU recipe for graphs without node features: one-hot degrees
+        if max_degree is None:
+            largest = max(int(torch.bincount(g["edge_index"][0]).max()) if g["edge_index"].numel() else 0
+                          for g in every)
+            max_degree = min(largest, _DEGREE_CAP)
+        for g in every:
+            g["x"] = one_hot_degree(g, max_degree)
+        num_features = max_degree + 1
+    for g in every:
+        del g["num_nodes"]
+    return {"train": splits["train"], "val": splits["val"], "test": splits["test"], "num_features": num_features,
+            "num_classes": max(g["y"] for g in every) + 1}
+
+
 _Base = L.LightningDataModule if L is not None else object
 
 
@@ -681,31 +956,84 @@ def _check_graph_split(num_graphs) -> None:
 
 
 class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
-    """Mini-batches of the synthetic graph-classification set (70 / 15 / 15 split; every split must be non-empty)."""
+    """Mini-batches of small graphs: the synthetic set (``name="synthetic"``, 70 / 15 / 15 split), or the user's own
+    graphs (:func:`load_graph_classification`): a TU data set in ``root`` (``name=MUTAG``), a torch.save'd list of
+    PyG Data (``path``) or an InMemoryDataset class (``dataset_class``). Every split must be non-empty; the batches
+    are the same dicts (collate_graphs) whatever the source."""
 
-    def __init__(self, num_graphs: int = 300, batch_size: int = 32, seed: int = 0,
+    def __init__(self, num_graphs: Optional[int] = None, batch_size: int = 32, seed: int = 0,
                  num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "graph",
-                 num_workers: int = 0):
+                 num_workers: int = 0, name: str = "synthetic", root: Optional[str] = None, path: Optional[str] = None,
+                 dataset_class: Optional[str] = None, trust_pickle: bool = False, use_node_attr: bool = False,
+                 max_degree: Optional[int] = None):
         super().__init__()
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
         self.num_workers = num_workers
-        if (num_features not in (None, 8)) or (num_classes not in (None, 3)) or model_kind != "graph":
-            raise ValueError("synthetic graph classification has num_features=8, num_classes=3, model_kind='graph'")
-        _check_graph_split(num_graphs)
+        if model_kind != "graph":
+            raise ValueError(f"graph-classification data need model_kind='graph', got {model_kind!r}")
+        self.source = _graph_source(str(name), root, path, dataset_class)
+        for key, value in (("trust_pickle", trust_pickle), ("use_node_attr", use_node_attr)):
+            if not isinstance(value, bool):
+                raise ValueError(f"data.{key} must be true or false, got {value!r}")
+        if max_degree is not None and (not is_int(max_degree) or max_degree < 0):
+            raise ValueError(f"data.max_degree must be an integer >= 0 (one-hot degree features 0..max_degree) or "
+                             f"null (the data's largest degree), got {max_degree!r}")
+        if self.source == "synthetic":
+            if (num_features not in (None, 8)) or (num_classes not in (None, 3)):
+                raise ValueError("synthetic graph classification has num_features=8, num_classes=3, model_kind='graph'")
+            num_graphs = 300 if num_graphs is None else num_graphs
+            _check_graph_split(num_graphs)
+        elif num_graphs is not None:
+            raise ValueError(f"data.num_graphs sizes the synthetic set; your data set's graphs are all used "
+                             f"(drop data.num_graphs={num_graphs})")
         if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size!r}")
         self.model_kind = model_kind
         self.num_graphs, self.batch_size, self.seed = num_graphs, batch_size, seed
+        # the user's data: paths absolute (~ expanded), as NodeDataModule's root
+        root = os.path.abspath(os.path.expanduser(os.fspath(root))) if root else root
+        path = os.path.abspath(os.path.expanduser(os.fspath(path))) if path else path
+        self.name = str(name)
+        self.options = {"name": self.name, "root": root, "path": path, "dataset_class": dataset_class,
+                        "trust_pickle": trust_pickle, "use_node_attr": use_node_attr, "max_degree": max_degree,
+                        "seed": seed}
+        self.expected = {"num_features": num_features, "num_classes": num_classes}
         self.splits: Optional[dict] = None
-        self.num_classes, self.num_features = 3, 8
+        self._sizes = {"num_features": 8, "num_classes": 3} if self.source == "synthetic" else None
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.splits is None:
+        if self.splits is not None:
+            return
+        if self.source == "synthetic":
             graphs = synthetic_graph_classification(self.num_graphs, seed=self.seed)
             num_train, num_val, _ = _graph_split_sizes(len(graphs))
             a, b = num_train, num_train + num_val
             self.splits = {"train": graphs[:a], "val": graphs[a:b], "test": graphs[b:]}
+            return
+        data = load_graph_classification(**self.options)
+        sizes = {key: data[key] for key in ("num_features", "num_classes")}
+        for key, want in self.expected.items():  # the model was sized by the config
+            if want is not None and int(want) != sizes[key]:
+                raise ValueError(f"graph data set {self.name if self.source == 'tu' else self._where()} has "
+                                 f"{key}={sizes[key]} but the config says {want} (set data.{key}={sizes[key]})")
+        self._sizes = sizes
+        self.splits = {split: data[split] for split in _SPLITS}
+
+    def _where(self) -> str:
+        return self.options["path"] or self.options["dataset_class"]
+
+    @property
+    def num_features(self) -> int:
+        if self._sizes is None:
+            self.setup()
+        return self._sizes["num_features"]
+
+    @property
+    def num_classes(self) -> int:
+        if self._sizes is None:
+            self.setup()
+        return self._sizes["num_classes"]
 
     def _loader(self, split, shuffle):
         # the training order comes from (seed, epoch), which Lightning passes on through set_epoch, not from
@@ -713,7 +1041,8 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
         if shuffle:
             sampler = self.training_sampler(self.splits[split], self.batch_size)
         else:
-            sampler = evaluation_sampler(self.splits[split], f"{split} split", "raise data.num_graphs")
+            fix = "raise data.num_graphs" if self.source == "synthetic" else "use more graphs"
+            sampler = evaluation_sampler(self.splits[split], f"{split} split", fix)
         return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, sampler=sampler,
                                            collate_fn=collate_graphs, num_workers=self.num_workers)
 
