@@ -835,3 +835,101 @@ def test_unknown_task_and_data_keys_name_the_accepted_ones(capsys, tmp_path):
     assert cli.main(["train", *FAST_RUN, "+data.reprob=0.25", f"run_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert "zoo train: error: unknown key data.reprob; DigitsDataModule (data) accepts: " in err
+
+
+@pytest.fixture(scope="module")
+def best_weights_run(tmp_path_factory) -> Path:
+    """A 2-epoch vit_digits run (EMA kept) that tests and releases its best weights. The best checkpoint monitors
+    the step in mode min, so best.ckpt is deterministically the first epoch's, other weights than the final ones."""
+    run_dir = tmp_path_factory.mktemp("best") / "run"
+    assert cli.main(["train", *FAST_RUN, "trainer.max_epochs=2", "test_ckpt=best", "export_ckpt=best",
+                     "callbacks.best_checkpoint.monitor=step", "callbacks.best_checkpoint.mode=min",
+                     f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def test_test_ckpt_and_export_ckpt_best_test_and_release_the_best_checkpoint(best_weights_run):
+    """test_ckpt=best / export_ckpt=best (Lightning's trainer.test(ckpt_path="best")): the test metrics are those
+    zoo eval gives for best.ckpt, released/ holds best.ckpt's EMA weights, and metrics.json and the model card
+    say so. zoo train tested and released the final weights only."""
+    from zoo import hub
+
+    best, last = best_weights_run / "checkpoints" / "best.ckpt", best_weights_run / "checkpoints" / "last.ckpt"
+    best_ema, last_ema = hub.load_state_dict_file(best), hub.load_state_dict_file(last)
+    assert any(not torch.equal(best_ema[k], last_ema[k]) for k in best_ema)  # the two weights differ
+    released = zoo.from_pretrained(best_weights_run / "released").state_dict()
+    assert all(torch.equal(best_ema[k], v) for k, v in released.items())
+    record = json.loads((best_weights_run / "metrics.json").read_text())
+    assert record["test_weights"]["ckpt"] == "best" and record["test_weights"]["path"] == str(best)
+    assert record["test_weights"]["global_step"] == 2 and record["test_weights"]["monitor"] == "step"
+    assert record["released_weights"] == record["test_weights"]
+    reference = run.evaluate(best, ["trainer.limit_test_batches=1"])  # the batches the run tested on
+    assert record["metrics"]["test/loss"] == pytest.approx(reference["test/loss"], abs=1e-5)
+    card = json.loads((best_weights_run / "released" / "config.json").read_text())["metadata"]
+    assert card["weights"] == record["released_weights"]
+    assert card["metrics"]["test/loss"] == pytest.approx(reference["test/loss"], abs=1e-5)
+    validated = run.evaluate(best, ["trainer.limit_val_batches=1"], split="val")  # the card's val/* are best's too
+    assert card["metrics"]["val/loss"] == pytest.approx(validated["val/loss"], abs=1e-5)
+
+
+def test_best_weights_that_cannot_exist_are_refused_before_training(tmp_path):
+    """test_ckpt=best / export_ckpt=best with a config that writes no best.ckpt: one line before training (the run
+    directory stays empty), naming why and the other choice."""
+    for overrides, problem in (
+            (["test_ckpt=best", "~callbacks.best_checkpoint"], "the callbacks keep no best checkpoint"),
+            (["export_ckpt=best", "trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 runs no validation"),
+            (["test_ckpt=best", "export_ckpt=best", "trainer.check_val_every_n_epoch=3"],
+             "trainer.check_val_every_n_epoch=3 > trainer.max_epochs=1")):
+        run_dir = tmp_path / "_".join(o.split("=")[0].strip("~").replace(".", "_") for o in overrides)
+        with pytest.raises(ValueError) as error:
+            run.train(run.compose([*FAST_RUN, *overrides, f"run_dir={run_dir}"]))
+        text = str(error.value)
+        assert problem in text and "\n" not in text and "=final" in text, text
+        assert not (run_dir / "config.yaml").exists()
+    with pytest.raises(ValueError, match=r"^test_ckpt must be final .* or best .*, got 'bset'$"):
+        run.train(run.compose([*FAST_RUN, "test_ckpt=bset", f"run_dir={tmp_path / 'typo'}"]))
+
+
+def test_best_weights_missing_at_the_end_are_said_and_the_run_keeps_its_outputs(tmp_path, capsys):
+    """trainer.max_steps=1 ends training before its first validation: no best.ckpt, which only shows at the end.
+    The run keeps last.ckpt and metrics.json (test_weights null), tests and releases nothing it was not asked to,
+    and says so on stderr."""
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", *FAST_RUN, "+trainer.max_steps=1", "test_ckpt=best", "export_ckpt=best",
+                     f"run_dir={run_dir}"]) == 0
+    err = capsys.readouterr().err
+    assert "no best checkpoint was written" in err and "test_ckpt=best did not run" in err
+    assert "released/ (export_ckpt=best) is not written" in err
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "checkpoints" / "best.ckpt").exists()
+    assert not (run_dir / "released").exists()
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["test_weights"] is None and record["released_weights"] is None
+    assert not any(key.startswith("test/") for key in record["metrics"]) and "val/loss" in record["metrics"]
+
+
+def test_eval_and_predict_take_a_run_directory(best_weights_run, tmp_path, capsys):
+    """ckpt=<run_dir> (what zoo train prints) was refused ("expected a .ckpt or a directory written by
+    zoo.save_pretrained"): it is the run's released/, else checkpoints/best.ckpt, else checkpoints/last.ckpt,
+    named on stderr."""
+    import shutil
+
+    quick = ["trainer.limit_test_batches=1"]
+    assert cli.main(["eval", f"ckpt={best_weights_run}", *quick]) == 0
+    captured = capsys.readouterr()
+    assert f"using {best_weights_run / 'released'}" in captured.err
+    assert json.loads(captured.out) == run.evaluate(best_weights_run / "released", quick)
+    copy = shutil.copytree(best_weights_run, tmp_path / "run", ignore=shutil.ignore_patterns("released"))
+    for name in ("best.ckpt", "last.ckpt"):
+        assert cli.main(["eval", f"ckpt={copy}", *quick]) == 0
+        captured = capsys.readouterr()
+        assert f"using {copy / 'checkpoints' / name}" in captured.err
+        assert json.loads(captured.out) == run.evaluate(copy / "checkpoints" / name, quick)
+        (copy / "checkpoints" / "best.ckpt").unlink(missing_ok=True)
+    predicted = run.predict(best_weights_run, ["digits:3"])
+    assert predicted == run.predict(best_weights_run / "released", ["digits:3"])
+    assert f"using {best_weights_run / 'released'}" in capsys.readouterr().err
+    shutil.rmtree(copy / "checkpoints")
+    assert cli.main(["eval", f"ckpt={copy}"]) == 1
+    err = capsys.readouterr().err
+    assert "is a zoo train run directory without released/ or checkpoints/best.ckpt or last.ckpt" in err
+    assert err.count("\n") == 2

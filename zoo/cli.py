@@ -3,8 +3,8 @@
 Commands::
 
     zoo train [experiment=<name>] [group=option ...] [key=value ...]   train (Hydra overrides)
-    zoo eval ckpt=<.ckpt | released dir> [data=GROUP] [data.key=value ...]  test metrics
-    zoo predict ckpt=<.ckpt | released dir> input=<image | folder | digits:N> [topk=5]
+    zoo eval ckpt=<.ckpt | released dir | run dir> [data=GROUP] [data.key=value ...]  test metrics
+    zoo predict ckpt=<.ckpt | released dir | run dir> input=<image | folder | digits:N> [topk=5]
     zoo list [pattern] [--task vision]                                 registered models
     zoo bench <name> [args]                                            zoo.bench.<name>.main(args)
     zoo viz <kind> [key=value ...]                                     attention pictures (PNG)
@@ -61,14 +61,18 @@ Examples:
       data.img_size=8 data.in_chans=1 data.augment=crop data.hflip=0   # fine-tune on DIR/train/<class>/*.png
 
 Top-level keys: name, seed, num_threads (torch threads), run_dir (default outputs/<name>/<time>), ckpt_path
-(resume), test (evaluate the final weights), export (write <run_dir>/released via zoo.save_pretrained).
+(resume), test (evaluate after training), export (write <run_dir>/released via zoo.save_pretrained),
+test_ckpt and export_ckpt (which weights the test and released/ use: final, as training ended, the default;
+or best, <run_dir>/checkpoints/best.ckpt, as Lightning's trainer.test(ckpt_path="best"); metrics.json's
+test_weights / released_weights and released/config.json's metadata.weights say which).
 Outputs: <run_dir>/{config.yaml, checkpoints/{best,last}.ckpt, csv/, tensorboard/, released/, metrics.json}.
 --cfg (or Hydra's --cfg job, -c all) prints the composed config and exits; with --resolve, interpolations resolved.
 """
 
-EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir> [split=test|val] [data=GROUP] [data.KEY=VALUE ...]
+EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir | run dir> [split=test|val] [data=GROUP] [data.KEY=VALUE ...]
 
-Evaluates a checkpoint written by `zoo train` (a .ckpt, or the released/ directory) on the data it was
+Evaluates a checkpoint written by `zoo train` (a .ckpt, or the released/ directory; a run directory means its
+released/, else checkpoints/best.ckpt, else checkpoints/last.ckpt, named on stderr) on the data it was
 trained with (the config stored in the checkpoint; data.* overrides change it, e.g. data.root=...).
 data=GROUP evaluates on another data config of the model's domain, with the run's input size, channels,
 normalisation and class count:
@@ -79,7 +83,7 @@ batch on one device unless told otherwise (trainer.devices / strategy are refuse
 Prints the metrics as JSON.
 """
 
-PREDICT_HELP = """usage: zoo predict ckpt=<.ckpt | released dir> input=<image | folder | digits:N> [input=...] [topk=5] [json=true]
+PREDICT_HELP = """usage: zoo predict ckpt=<.ckpt | released dir | run dir> input=<image | folder | digits:N> [input=...] [topk=5] [json=true]
 
 Prints the top-k classes with probabilities for each image (files are converted to the model's channels,
 resized to its image size and normalised as in training). digits:N is image N of scikit-learn's digits.

@@ -10,10 +10,12 @@ Configs come from the installed package ``zoo.configs`` through Hydra's compose 
   ``build(cfg) -> (LightningModule, DataModule, ...)`` (the graph task does this).
 * :func:`train` -- fit (resuming from ``ckpt_path``), test, and export ``<run_dir>/released``. Every
   run directory holds ``config.yaml`` (resolved), ``checkpoints/{best,last}.ckpt`` (atomic writes),
-  ``csv/metrics.csv``, ``tensorboard/`` and ``metrics.json``.
+  ``csv/metrics.csv``, ``tensorboard/`` and ``metrics.json``. ``test_ckpt`` / ``export_ckpt`` (final | best)
+  pick the weights the test and the release use: those at the end of training, or ``best.ckpt``'s.
 * :func:`evaluate` / :func:`predict` -- from a ``.ckpt`` (which stores the resolved run config and the
   model's registry name and arguments in its hyper-parameters, all plain data, so it loads with
-  ``torch.load(weights_only=True)``) or from a released directory.
+  ``torch.load(weights_only=True)``), from a released directory, or from a run directory (its released/,
+  else checkpoints/best.ckpt, else checkpoints/last.ckpt).
 """
 from __future__ import annotations
 
@@ -700,6 +702,8 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise ValueError(f"num_threads must be an integer >= 1 (or null or 0: torch's default), got {threads!r}")
+    for key in _WEIGHTS_KEYS:
+        _weights_choice(cfg, key)
     resume = _resume_checkpoint(cfg.get("ckpt_path"))
     _check_not_a_finished_run(run_dir, cfg)
     if threads:
@@ -713,6 +717,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         del resume  # Lightning reads the file again in fit(): do not hold two copies
     validated = _validation_step_callback()
     callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir), validated]
+    _check_best_checkpoint_can_exist(cfg, callbacks)
     trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
     if trainer.is_global_zero:
         _keep_previous_metrics(trainer.loggers)
@@ -731,12 +736,11 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         # earlier weights; validated once more, they are the final weights'
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update(_float_metrics(results[0] if results else {}))
-    if cfg.get("test", True):
-        results = trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero)
-        metrics.update(_float_metrics(results[0] if results else {}))
+    tested, released_from, release_metrics, notes = _test_and_pick_release(trainer, module, datamodule, cfg, metrics)
     result: dict[str, Any] = {"run_dir": str(run_dir), "metrics": metrics, "seconds": seconds, "released": None,
                               "last_ckpt": None, "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                              "world_size": int(trainer.world_size), "global_zero": bool(trainer.is_global_zero)}
+                              "world_size": int(trainer.world_size), "global_zero": bool(trainer.is_global_zero),
+                              "test_weights": tested, "released_weights": None}
     last = _last_checkpoint(run_dir)
     if last.is_file():
         result["last_ckpt"] = str(last)
@@ -751,6 +755,8 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
                   f"epoch {int(trainer.current_epoch)}, already the end of this run (trainer.max_epochs="
                   f"{cfg.trainer.get('max_epochs')}, trainer.max_steps={cfg.trainer.get('max_steps', -1)}); raise one "
                   f"of them to train on; released/ and metrics.json are kept as they were", file=sys.stderr)
+            for note in notes:
+                print(note, file=sys.stderr)
             return result
         if missing:
             # interrupted after its last training step (during the final validation or test): the resume has
@@ -763,12 +769,126 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
             # under a model card of this run; zoo eval scores a checkpoint without training
             print(f"zoo train: no training step ran (trainer.max_epochs={cfg.trainer.get('max_epochs')}), so "
                   f"released/ is not written", file=sys.stderr)
-        elif cfg.get("export", True):
-            released = export_released(module, datamodule, cfg, run_dir / "released", metrics, seconds)
+        elif cfg.get("export", True) and released_from is not None:
+            released = export_released(module, datamodule, cfg, run_dir / "released", release_metrics, seconds,
+                                       released_from=released_from)
             result["released"] = str(released) if released is not None else None
+            result["released_weights"] = released_from if released is not None else None
         _write_text_atomically(run_dir / "metrics.json", json.dumps(
             {k: v for k, v in result.items() if k != "metrics"} | {"metrics": metrics}, indent=2) + "\n")
+        for note in notes:
+            print(note, file=sys.stderr)
     return result
+
+
+# top-level keys naming the weights the test after training and the release use (configs/train.yaml)
+_WEIGHTS_KEYS = {"test_ckpt": "test", "export_ckpt": "export"}
+_WEIGHTS_CHOICES = ("final", "best")
+
+
+def _weights_choice(cfg, key: str) -> Optional[str]:
+    """``test_ckpt`` / ``export_ckpt`` as final or best; None when the step it picks for (``test`` /
+    ``export``) is off. A null value is the default, final."""
+    value = cfg.get(key)
+    value = "final" if value is None else value
+    if value not in _WEIGHTS_CHOICES:
+        raise ValueError(f"{key} must be final (the weights at the end of training) or best "
+                         f"(<run_dir>/checkpoints/best.ckpt), got {value!r}")
+    return value if cfg.get(_WEIGHTS_KEYS[key], True) else None
+
+
+def _best_checkpoint_callback(callbacks):
+    """The callback that writes the run's best checkpoint: the first ModelCheckpoint with a monitor
+    (configs/callbacks best_checkpoint); None without one. (Lightning's ``ckpt_path="best"`` reads
+    ``trainer.checkpoint_callback``, the first ModelCheckpoint, which here is last.ckpt's.)"""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return next((c for c in callbacks or [] if isinstance(c, ModelCheckpoint) and c.monitor is not None), None)
+
+
+def _check_best_checkpoint_can_exist(cfg, callbacks) -> None:
+    """``test_ckpt=best`` / ``export_ckpt=best`` with a config that cannot write best.ckpt (no best checkpoint
+    callback, no validation batches, or validation less often than the run has epochs), refused in one line
+    before training; a best.ckpt that is missing for another reason is said at the end of the run."""
+    wanted = [key for key in _WEIGHTS_KEYS if _weights_choice(cfg, key) == "best"]
+    if not wanted:
+        return
+    asked, instead = " and ".join(f"{key}=best" for key in wanted), " or ".join(f"{key}=final" for key in wanted)
+    problem = None
+    trainer = cfg.trainer
+    every, epochs = trainer.get("check_val_every_n_epoch", 1), trainer.get("max_epochs")
+    if _best_checkpoint_callback(callbacks) is None:
+        problem = ("the callbacks keep no best checkpoint (a ModelCheckpoint with a monitor: keep "
+                   "callbacks.best_checkpoint)")
+    elif not _validates(cfg):
+        problem = "trainer.limit_val_batches=0 runs no validation, so no best checkpoint is written"
+    elif (isinstance(every, int) and isinstance(epochs, int) and not isinstance(epochs, bool) and 0 <= epochs < every
+          and trainer.get("max_steps", -1) in (-1, None)):
+        problem = (f"trainer.check_val_every_n_epoch={every} > trainer.max_epochs={epochs}: no validation runs during "
+                   f"training, so no best checkpoint is written")
+    if problem is not None:
+        verb = "use" if len(wanted) > 1 else "uses"
+        raise ValueError(f"{asked} {verb} <run_dir>/checkpoints/best.ckpt, but {problem}; or use {instead}")
+
+
+def _best_weights(trainer) -> Optional[dict[str, Any]]:
+    """Where the run's best weights are: {"ckpt": "best", "path", "global_step", "monitor", "score"}, from the best
+    checkpoint callback; None when it wrote no file."""
+    callback = _best_checkpoint_callback(trainer.callbacks)
+    path = Path(callback.best_model_path) if callback is not None and callback.best_model_path else None
+    if path is None or not path.is_file():
+        return None
+    stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: only the step is read
+    score = callback.best_model_score
+    return {"ckpt": "best", "path": str(path), "global_step": int(stored.get("global_step", -1)),
+            "monitor": callback.monitor, "score": None if score is None else float(score)}
+
+
+def _test_and_pick_release(trainer, module, datamodule, cfg, metrics: dict):
+    """The test after training on the weights ``test_ckpt`` names, and the module left holding the weights
+    ``export_ckpt`` names: final (as training ended) or best (best.ckpt, loaded as Lightning's
+    ``trainer.test(ckpt_path=...)`` does, the EMA copy with it: the evaluated and released weights are the EMA
+    ones when the run keeps one). ``metrics`` gets the test metrics.
+
+    Returns (the tested weights, the weights to release, the metrics of those weights for the model card, notes to
+    print at the end): the card states only metrics measured on the released weights (the best weights are
+    validated once more for it)."""
+    final = {"ckpt": "final", "global_step": int(trainer.global_step)}
+    test_on, release_from = _weights_choice(cfg, "test_ckpt"), _weights_choice(cfg, "export_ckpt")
+    best = _best_weights(trainer) if "best" in (test_on, release_from) else None
+    notes = []
+    if best is None and "best" in (test_on, release_from):
+        callback = _best_checkpoint_callback(trainer.callbacks)
+        monitor = callback.monitor if callback is not None else "its monitor"
+        why = (f"zoo train: no best checkpoint was written (no validation during training reported {monitor}), "
+               f"so")
+        if test_on == "best":
+            notes.append(f"{why} the test with test_ckpt=best did not run: zoo eval "
+                         f"ckpt={_last_checkpoint(Path(str(cfg.run_dir)))} tests the final weights")
+            test_on = None
+        if release_from == "best":
+            notes.append(f"{why} released/ (export_ckpt=best) is not written: export_ckpt=final releases the final "
+                         f"weights")
+            release_from = None
+    keep_final = None
+    if test_on == "best" and release_from == "final":  # the release comes after the test on the best weights
+        keep_final = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    release_metrics, tested, test_metrics = dict(metrics), None, {}
+    if test_on is not None:
+        tested = best if test_on == "best" else final
+        results = trainer.test(module, datamodule=datamodule, verbose=trainer.is_global_zero,
+                               ckpt_path=tested.get("path"))
+        test_metrics = _float_metrics(results[0] if results else {})
+        metrics.update(test_metrics)
+    if release_from == "best":
+        results = trainer.validate(module, datamodule=datamodule, verbose=False, ckpt_path=best["path"])
+        release_metrics = _float_metrics(results[0] if results else {})
+    elif keep_final is not None:
+        module.load_state_dict(keep_final)
+    if release_from is not None and release_from == test_on:
+        release_metrics.update(test_metrics)
+    released_from = {"final": final, "best": best, None: None}[release_from]
+    return tested, released_from, release_metrics, notes
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
@@ -895,8 +1015,10 @@ def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
                      f"unexpected {unexpected[:4]}, other shapes {shapes[:4]})")
 
 
-def export_released(module, datamodule, cfg, directory: Path, metrics: dict, seconds: float) -> Optional[Path]:
-    """save_pretrained of the weights used for evaluation (EMA when enabled), with data/metric metadata."""
+def export_released(module, datamodule, cfg, directory: Path, metrics: dict, seconds: float,
+                    released_from: Optional[dict] = None) -> Optional[Path]:
+    """save_pretrained of the weights used for evaluation (EMA when enabled), with data/metric metadata;
+    ``released_from``: which weights of the run they are (metadata "weights": final or best, with the step)."""
     import zoo
 
     model = getattr(module, "model", None)
@@ -911,6 +1033,8 @@ def export_released(module, datamodule, cfg, directory: Path, metrics: dict, sec
         "train_seconds": round(seconds, 1),
         "zoo_config": _to_container(cfg),
     }
+    if released_from is not None:
+        metadata["weights"] = dict(released_from)
     if hasattr(datamodule, "eval_preprocessing"):  # how evaluation resized and cropped, for timm's transforms
         metadata["pretrained_cfg"] = datamodule.eval_preprocessing()
     return zoo.save_pretrained(model, directory, metadata=metadata, state_dict=state)
@@ -946,6 +1070,34 @@ def _resolve_source(ckpt: str | os.PathLike) -> Path:
     if not path.exists() and (path.suffix == ".ckpt" or not _looks_like_repo_id(str(ckpt))):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path if path.suffix == ".ckpt" else _resolve_pretrained("", str(ckpt))
+
+
+# what a zoo train run directory offers to zoo eval / zoo predict, in the order they take it: the release (the
+# weights zoo train evaluated and exported), else the best validated checkpoint, else the resumable last one
+_RUN_DIRECTORY_SOURCES = ("released", "checkpoints/best.ckpt", "checkpoints/last.ckpt")
+
+
+def _run_directory_source(ckpt):
+    """``ckpt=<run_dir>`` (a directory zoo train wrote: config.yaml, checkpoints/, released/, and no config.json of
+    its own) as the first of its released/, checkpoints/best.ckpt, checkpoints/last.ckpt that exists, said on stderr;
+    any other ``ckpt`` unchanged. It was refused as "expected a .ckpt or a directory written by
+    zoo.save_pretrained", although the run's directory is what zoo train prints."""
+    if not str(ckpt).strip():  # Path("") is the working directory: the empty value is named by the callers
+        return ckpt
+    path = Path(str(ckpt)).expanduser()
+    if not path.is_dir() or (path / "config.json").is_file():
+        return ckpt
+    # what zoo train writes first: config.yaml (a source tree, whose checkpoints/ holds the shipped cards, is not a
+    # run: ckpt= of the working directory there was taken for one)
+    if not (path / "config.yaml").is_file():
+        return ckpt
+    for name in _RUN_DIRECTORY_SOURCES:
+        source = path / name
+        if source.exists():
+            print(f"zoo: ckpt={ckpt} is a zoo train run: using {source}", file=sys.stderr)
+            return source
+    raise FileNotFoundError(f"ckpt={ckpt} is a zoo train run directory without released/ or checkpoints/best.ckpt or "
+                            f"last.ckpt (it wrote none yet): give a .ckpt or a released directory")
 
 
 def _shipped_source(path: Path) -> Optional[Path]:
@@ -1091,9 +1243,11 @@ def _eval_trainer_settings(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: str = "test") -> dict[str, float]:
-    """Test metrics of a ``.ckpt`` or released directory on its configured data (``data.*`` overridable)."""
+    """Test metrics of a ``.ckpt``, released directory or run directory on its configured data (``data.*``
+    overridable)."""
     if split not in ("test", "val"):  # before the model and data are built
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    ckpt = _run_directory_source(ckpt)
     cfg, model, state, info = _inference_source(ckpt, overrides)
     module, datamodule = build(cfg, model=model)
     trained, found = info.get("class_names"), getattr(datamodule, "class_names", None)
@@ -1123,6 +1277,7 @@ def load_for_inference(ckpt: str | os.PathLike):
     A released directory without a ``zoo train`` record (written by ``zoo.save_pretrained`` from the user's own
     pipeline, or timm's Hugging Face Hub files) is preprocessed by its model's ``pretrained_cfg`` with timm's
     evaluation transform (info ``data_config``)."""
+    ckpt = _run_directory_source(ckpt)
     released = _released_without_run(ckpt)
     if released is not None:
         return released
