@@ -476,3 +476,199 @@ def test_model_crop_and_interpolation_evaluate_as_timm(tmp_path, shape):
     unresolved = vdata.ImageFolderDataModule(str(tmp_path), img_size=32, mean=0.5, std=0.5, crop_pct="model", num_classes=2)
     with pytest.raises(RuntimeError, match="'model' need adopt_model_stats"):
         unresolved.setup()
+
+
+# --------------------------------------------------------------------------------------------------
+# timm train.py's augmentations: auto_augment, color_jitter, reprob / remode / recount, scale / ratio
+# --------------------------------------------------------------------------------------------------
+def _augmented_folder(tmp_path, **options):
+    """A 2-class image folder of 19x23 images, every image a training image, trained at 16 px with ``options``."""
+    if not (tmp_path / "train").is_dir():
+        _write_images(tmp_path, "train", ["cat", "dog"], 3, size=(19, 23))
+        _write_images(tmp_path, "test", ["cat", "dog"], 1)
+    options = {"img_size": 16, "mean": 0.5, "std": 0.25, "val_fraction": 0.0, "seed": 7, "num_classes": 2, **options}
+    dm = vdata.ImageFolderDataModule(str(tmp_path), **options)
+    dm.setup()
+    return dm
+
+
+def _training_levels_digest(dm, epochs=3) -> str:
+    """sha256 of the 8-bit levels of every training image, epochs 0..epochs-1 (mean 0.5, std 0.25 undone)."""
+    import hashlib
+
+    images = []
+    for epoch in range(epochs):
+        dm.train_set.epoch = epoch
+        images.append(torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))]))
+    levels = torch.round((torch.stack(images) * 0.25 + 0.5) * 255).to(torch.uint8)
+    return hashlib.sha256(levels.numpy().tobytes()).hexdigest()[:16]
+
+
+# digests of the training images before the timm options existed (the pipeline of 2026-12-06)
+_DEFAULT_TRAINING_DIGESTS = {
+    ("standard", 1): "9113f6e26ab639d7", ("standard", 3): "77ee3591e70d77e5",
+    ("crop", 1): "24cd04b2abaaa6b5", ("crop", 3): "ca6c6cde13b41eb3",
+}
+
+
+@pytest.mark.parametrize("augment, in_chans", sorted(_DEFAULT_TRAINING_DIGESTS))
+def test_default_augmentation_trains_on_the_same_tensors_as_before_the_timm_options(tmp_path, augment, in_chans):
+    """Adding timm's augmentations (and seeding Python's and NumPy's RNGs per sample) must not change what an
+    existing configuration trains on: the same seed gives the same training tensors as before, epoch by epoch,
+    both with the options left out and with the values the data configs now spell out."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "image_folder.yaml")
+    spelled_out = {name: config[name] for name in vdata._TIMM_AUGMENT_OPTIONS}
+    assert spelled_out["auto_augment"] is None and spelled_out["reprob"] == 0 and spelled_out["color_jitter"] is None
+    for options in ({}, spelled_out):
+        dm = _augmented_folder(tmp_path, augment=augment, in_chans=in_chans, **options)
+        assert _training_levels_digest(dm) == _DEFAULT_TRAINING_DIGESTS[augment, in_chans], options
+
+
+_TIMM_OPTION_CASES = [
+    dict(augment="standard", auto_augment="rand-m9-mstd0.5-inc1", reprob=0.5),
+    dict(augment="standard", auto_augment="augmix-m5-w4-d2", reprob=0.6, remode="rand", recount=3,
+         scale=[0.08, 1.0], ratio=[0.5, 2.0]),
+    dict(augment="crop", auto_augment="3a", color_jitter=0.4, reprob=0.5, remode="const"),
+    dict(augment="standard", color_jitter=0.4, in_chans=1, scale=(0.2, 0.6)),
+    dict(augment="crop", auto_augment="original", in_chans=1, reprob=1.0),
+]
+
+
+@pytest.mark.parametrize("options", _TIMM_OPTION_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_timm_augmentations_are_timms_ops_under_the_same_seed(tmp_path, options):
+    """Each training image equals timm's ops applied in timm's order under the same per-sample RNG state: the zoo's
+    crop and flip (torchvision on the tensor, unchanged), then the secondary stage (AA / colour jitter on the PIL
+    image) and final stage (normalise, RandomErasing) of timm.data.create_transform(is_training=True,
+    separate=True, same options). The whole create_transform cannot match: its crop resizes the PIL image and
+    draws from Python's RNG where the zoo's draws from torch's, so every later draw would differ. ToTensor and
+    ToDtype round 1/255 differently (one float ulp): equal to 1e-6."""
+    import timm.data
+    from torchvision.transforms import v2 as T
+
+    dm = _augmented_folder(tmp_path, **options)
+    in_chans, ta = dm.in_chans, dm.timm_augment
+    mean, std = (0.5,) * in_chans, (0.25,) * in_chans
+    _, secondary, final = timm.data.create_transform(
+        16, is_training=True, separate=True, scale=options.get("scale"), ratio=options.get("ratio"), hflip=0.0,
+        color_jitter=options.get("color_jitter"), auto_augment=options.get("auto_augment"), interpolation="bilinear",
+        mean=mean, std=std, re_prob=options.get("reprob", 0.0), re_mode=options.get("remode", "pixel"),
+        re_count=options.get("recount", 1))
+    channels = T.Grayscale(1) if in_chans == 1 else T.RGB()
+    if options["augment"] == "standard":
+        crop = [T.RandomResizedCrop(16, scale=options.get("scale", (0.35, 1.0)), ratio=options.get("ratio", (3 / 4, 4 / 3)),
+                                    antialias=True)]
+    else:
+        crop = [T.Resize(16, antialias=True), T.RandomCrop(16, padding=2)]
+    crop_and_flip = T.Compose([T.ToImage(), channels, *crop, T.RandomHorizontalFlip(0.5)])
+    plain = _augmented_folder(tmp_path, augment=options["augment"], in_chans=in_chans,
+                              scale=ta.scale, ratio=ta.ratio)  # the same crops, no timm ops
+    compared = changed = 0
+    for epoch in range(4):
+        dm.train_set.epoch = plain.train_set.epoch = epoch
+        for index in range(len(dm.train_set)):
+            ours = dm.train_set[index][0]
+            image = dm.train_set.base[index][0]
+            with vdata._sample_rng(dm.seed, epoch, index):
+                try:
+                    theirs = final(secondary(T.ToPILImage()(crop_and_flip(image))))
+                except ValueError as error:  # timm's posterize at 0 bits, which this Pillow refuses
+                    assert "bits must be between" in str(error)
+                    continue
+            torch.testing.assert_close(ours.as_subclass(torch.Tensor), theirs, rtol=0, atol=1e-6)
+            compared += 1
+            changed += not torch.equal(ours, plain.train_set[index][0])
+    assert compared >= 20 and changed >= compared // 2, (compared, changed)
+
+
+def test_timm_augmentations_are_seeded_per_sample(tmp_path):
+    """timm's AA and random erasing draw from Python's random and NumPy (RandAugment's op choice), which the
+    per-sample seeding left alone: a resumed run (or a DataLoader worker) augmented differently. The same
+    (seed, epoch, index) now gives the same tensor whatever the global RNGs hold, another epoch another tensor,
+    and the global RNGs are left as they were."""
+    import random
+
+    dm = _augmented_folder(tmp_path, augment="standard", auto_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
+    dm.train_set.epoch = 3
+    first = [dm.train_set[i][0] for i in range(len(dm.train_set))]
+    for noise in range(3):
+        random.seed(100 + noise)
+        np.random.seed(200 + noise)
+        torch.manual_seed(300 + noise)
+        state = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
+        again = [dm.train_set[i][0] for i in range(len(dm.train_set))]
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        assert random.getstate() == state[0] and np.array_equal(np.random.get_state()[1], state[1])
+        assert torch.equal(torch.random.get_rng_state(), state[2])
+    dm.train_set.epoch = 4
+    assert all(not torch.equal(a, dm.train_set[i][0]) for i, a in enumerate(first))
+
+
+def test_posterize_at_zero_bits_is_the_black_image_timm_expects():
+    """RandAugment's PosterizeIncreasing keeps 0 bits at magnitude 10 (rand-m9-mstd0.5 reaches it), which Pillow
+    now refuses ("bits must be between or equal to 1 and 8"): training stopped at a random step. Each level is
+    Pillow's rule, the value masked with ~(2**(8 - bits) - 1), 0 bits included."""
+    from timm.data import auto_augment
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for mode in ("L", "RGB"):
+        image = Image.fromarray(pixels).convert(mode)
+        for bits in range(9):
+            want = np.asarray(image) & (~(2 ** (8 - bits) - 1) & 0xFF)
+            np.testing.assert_array_equal(np.asarray(vdata._posterize_any_bits(image, bits)), want)
+    with pytest.raises(ValueError, match="bits must be between"):  # the failure this guards against
+        auto_augment.posterize(Image.fromarray(pixels), 0)
+    dm_kwargs = dict(augment="standard", auto_augment="rand-n15-m10-mstd0-inc1")  # every op, posterize at 0 bits
+    transform = vdata._image_transform(16, 3, (0.5,) * 3, (0.5,) * 3, True, "standard",
+                                       timm_augment=vdata._TimmAugment(dm_kwargs["augment"], 16, 3,
+                                                                       auto_augment=dm_kwargs["auto_augment"]))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (19, 23, 3), dtype=np.uint8))
+    for index in range(20):
+        with vdata._sample_rng(0, 0, index):
+            assert torch.isfinite(transform(image)).all()
+
+
+def test_timm_augment_options_are_checked_and_named(tmp_path):
+    """Each bad value is refused in one line naming the option (timm itself asserts, skips a section without a
+    value, or fails at the first image); options that an augment mode would ignore are refused, as is colour
+    jitter beside an AA policy (timm drops it silently); the in-memory digits refuse them all."""
+    _write_images(tmp_path, "train", ["cat", "dog"], 3)
+    cases = [
+        (dict(auto_augment="rand-x9"), r"auto_augment='rand-x9' is not a timm policy string \(Unknown RandAugment"),
+        (dict(auto_augment="rand-m9-inc"), r"auto_augment='rand-m9-inc' is not a timm policy string \(section 'inc'"),
+        (dict(auto_augment="imagenet"), r"auto_augment='imagenet' is not a timm policy string"),
+        (dict(auto_augment=""), r"auto_augment must be null or a timm policy string"),
+        (dict(auto_augment=9), r"auto_augment must be null or a timm policy string"),
+        (dict(reprob=1.5), r"reprob must be a probability in \[0, 1\], got 1.5"),
+        (dict(reprob=float("nan")), r"reprob must be a probability in \[0, 1\]"),
+        (dict(reprob="0.25"), r"reprob must be a probability in \[0, 1\]"),
+        (dict(remode="noise"), r"remode must be one of pixel, rand, const .*got 'noise'"),
+        (dict(recount=0), r"recount must be an integer >= 1, got 0"),
+        (dict(recount=1.5), r"recount must be an integer >= 1, got 1.5"),
+        (dict(color_jitter=-0.1), r"color_jitter must be null or a number >= 0"),
+        (dict(color_jitter="strong"), r"color_jitter must be null or a number >= 0"),
+        (dict(scale=[0.0, 1.0]), r"scale must be a pair \[lo, hi\] of numbers in \(0, 1\] with lo <= hi"),
+        (dict(scale=[0.8, 0.2]), r"scale must be a pair \[lo, hi\]"),
+        (dict(scale=[0.5, 1.5]), r"scale must be a pair \[lo, hi\]"),
+        (dict(scale=0.5), r"scale must be a pair \[lo, hi\].*got 0.5"),
+        (dict(scale=[0.5]), r"scale must be a pair \[lo, hi\]"),
+        (dict(scale="ab"), r"scale must be a pair \[lo, hi\]"),
+        (dict(ratio=[0.0, 1.0]), r"ratio must be a pair \[lo, hi\] of numbers in \(0, inf\]"),
+        (dict(ratio=[2.0, 0.5]), r"ratio must be a pair \[lo, hi\]"),
+        (dict(augment="crop", scale=[0.08, 1.0]), r"scale and ratio set the random resized crop of augment=standard"),
+        (dict(augment="none", reprob=0.25), r"reprob augment the training images, but augment=none"),
+        (dict(auto_augment="rand-m9-mstd0.5", color_jitter=0.4), r"color_jitter is not applied with auto_augment="),
+    ]
+    for kwargs, message in cases:
+        kwargs = {"augment": "standard", **kwargs}
+        with pytest.raises(ValueError, match=message) as info:
+            vdata.ImageFolderDataModule(str(tmp_path), img_size=8, mean=0.5, std=0.5, num_classes=2, **kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"reprob must be a probability"):  # before CIFAR looks for its files
+        vdata.CIFARDataModule(str(tmp_path), reprob=2)
+    for kwargs in (dict(reprob=0.25), dict(auto_augment="rand-m9-mstd0.5-inc1"), dict(color_jitter=0.4, ratio=[1, 1])):
+        with pytest.raises(ValueError, match=rf"DigitsDataModule: {', '.join(kwargs)} \(timm's augmentations of PIL "
+                                             rf"images.*augment=shift or affine"):
+            vdata.DigitsDataModule(augment="shift", **kwargs)
+    assert vdata.DigitsDataModule(augment="affine", scale=0.2).scale == 0.2  # the digits' own zoom, as before

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -67,17 +68,28 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 # Sampling and datasets
 # --------------------------------------------------------------------------------------------------
 class _sample_rng:
-    """Context: the global torch RNG seeded from ``(seed, epoch, index)``, restored afterwards."""
+    """Context: the global RNGs seeded from ``(seed, epoch, index)``, restored afterwards, so that a sample's
+    augmentation depends on nothing else (a resumed run draws exactly what the interrupted one drew).
+
+    All three global RNGs the training transforms draw from: torch (torchvision's crops, flips and ColorJitter,
+    the noise of timm's random erasing), Python's ``random`` (timm's RandAugment / AutoAugment magnitudes and
+    probabilities, the random-erasing boxes) and NumPy's (timm's RandAugment op choice, AugMix's weights). Torch
+    gets the same seed as before the other two were added, so the default augmentations draw what they drew."""
 
     def __init__(self, seed: int, epoch: int, index: int):
         self.seed = hash((seed, epoch, index)) % (2**63 - 1)
 
     def __enter__(self):
-        self.state = torch.random.get_rng_state()
+        self.states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
         torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
 
     def __exit__(self, *exc):
-        torch.random.set_rng_state(self.state)
+        torch_state, python_state, numpy_state = self.states
+        torch.random.set_rng_state(torch_state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class TensorImageDataset(Dataset):
@@ -236,6 +248,134 @@ def _check_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> 
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {std}")
     return mean, std
+
+
+# timm train.py's training augmentations for the image folders and CIFAR (not the in-memory digits)
+_DEFAULT_CROP_SCALE = (0.35, 1.0)  # the "standard" crop's area range: milder than timm's 0.08 for small data sets
+_DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)  # its aspect-ratio range: timm's and torchvision's default
+_ERASING_MODES = ("pixel", "rand", "const")
+_TIMM_AUGMENT_OPTIONS = ("auto_augment", "color_jitter", "reprob", "remode", "recount", "scale", "ratio")
+
+
+def _number_pair(value, name: str, low: float, high: float, low_inclusive: bool, meaning: str) -> tuple[float, float]:
+    """[lo, hi] with low < (or <=) lo <= hi <= high, both finite numbers, or a one-line ValueError naming ``name``."""
+    try:
+        pair = tuple(value) if not isinstance(value, (str, bytes)) else ()
+    except TypeError:
+        pair = ()
+    numbers = all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in pair)
+    if len(pair) != 2 or not numbers or not ((low <= pair[0]) if low_inclusive else (low < pair[0])) \
+            or not pair[0] <= pair[1] <= high:
+        interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a pair [lo, hi] of numbers in {interval} with lo <= hi ({meaning}), got {value!r}")
+    return float(pair[0]), float(pair[1])
+
+
+def _posterize_any_bits(image, bits_to_keep: int, **_):
+    """timm's ``posterize`` (timm/data/auto_augment.py) for every level its policies reach. RandAugment's
+    PosterizeIncreasing keeps 0 bits at magnitude 10 (``rand-m9-mstd0.5-inc1`` draws it for about 2% of its
+    posterizes) and AutoAugment v0's Posterize at low levels; Pillow used to turn 0 bits into a black image (its
+    mask ``~(2**8 - 1)`` keeps nothing), and the Pillow installed here refuses it ("bits must be between or equal
+    to 1 and 8"), which stopped training at a random step. 0 bits is that black image again."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    return Image.new(image.mode, image.size) if bits_to_keep <= 0 else posterize(image, bits_to_keep)
+
+
+def _with_any_posterize_bits(policy: Callable) -> None:
+    """Make the posterize ops of ``policy`` (timm's RandAugment, AugMix or AutoAugment) :func:`_posterize_any_bits`."""
+    from timm.data import auto_augment
+
+    ops = [op for sub in policy.policy for op in sub] if hasattr(policy, "policy") else getattr(policy, "ops", [])
+    for op in ops:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = _posterize_any_bits
+
+
+class _TimmAugment:
+    """timm train.py's training augmentations, on top of the zoo's crop and flip (``augment`` "standard" or "crop"):
+
+    * ``auto_augment``: timm's ``--aa`` policy string: RandAugment ("rand-m9-mstd0.5-inc1"), AugMix
+      ("augmix-m5-w4-d2"), AutoAugment ("original", "v0", "3a", ...); null for none.
+    * ``color_jitter``: ``--color-jitter``, the ColorJitter strength of brightness, contrast and saturation; null
+      for none. timm leaves it out under an AA policy (except "3a" ones): refused with one here, not ignored.
+    * ``reprob`` / ``remode`` / ``recount``: ``--reprob`` / ``--remode`` / ``--recount``, random erasing (Zhong et
+      al. 2017) of the normalised image: its probability, fill ("pixel": per-pixel normal noise, "rand": one
+      normal colour per box, "const": zeros) and the most boxes per image.
+    * ``scale`` / ``ratio``: ``--scale`` / ``--ratio``, the area fraction and aspect-ratio ranges of augment
+      "standard"'s random resized crop ([0.35, 1] and [3/4, 4/3] by default).
+
+    timm builds them (``timm.data.create_transform(is_training=True, separate=True)``: the AA and colour jitter
+    of its secondary stage on the PIL image, the RandomErasing of its final stage on the normalised tensor), so
+    their semantics and order are timm's, with AA's fill colour from the normalisation mean as timm's. By design,
+    the crop and flip stay the zoo's (torchvision on the image tensor, drawn from torch's RNG: the default training
+    tensors are unchanged; timm crops the PIL image with Python's RNG), and AA's rotations, shears and translations
+    resample bilinearly, as the crop does (timm's train.py picks bilinear or bicubic at random per op by default).
+    Posterize's 0-bit level gives a black image, as timm's policies were designed with (:func:`_posterize_any_bits`).
+    """
+
+    def __init__(self, augment: str, img_size: int, in_chans: int, auto_augment: Optional[str] = None,
+                 color_jitter: Optional[float] = None, reprob: float = 0.0, remode: str = "pixel", recount: int = 1,
+                 scale: Sequence[float] = _DEFAULT_CROP_SCALE, ratio: Sequence[float] = _DEFAULT_CROP_RATIO):
+        if auto_augment is not None and (not isinstance(auto_augment, str) or not auto_augment):
+            raise ValueError(f"auto_augment must be null or a timm policy string (e.g. rand-m9-mstd0.5-inc1, "
+                             f"augmix-m5-w4-d2, original, v0, 3a: timm's --aa), got {auto_augment!r}")
+        if color_jitter is not None and (isinstance(color_jitter, bool) or not isinstance(color_jitter, (int, float))
+                                         or not math.isfinite(color_jitter) or color_jitter < 0):
+            raise ValueError(f"color_jitter must be null or a number >= 0 (the brightness, contrast and saturation "
+                             f"jitter, timm's --color-jitter), got {color_jitter!r}")
+        if remode not in _ERASING_MODES:
+            raise ValueError(f"remode must be one of {', '.join(_ERASING_MODES)} (random erasing's fill, timm's "
+                             f"--remode), got {remode!r}")
+        self.auto_augment, self.remode = auto_augment, remode
+        self.color_jitter = None if color_jitter is None else float(color_jitter)
+        self.reprob, self.recount = _probability(reprob, "reprob"), _integer(recount, "recount", 1)
+        self.scale = _number_pair(scale, "scale", 0.0, 1.0, False, "the crop's area fraction, timm's --scale")
+        self.ratio = _number_pair(ratio, "ratio", 0.0, math.inf, False, "the crop's aspect ratio, timm's --ratio")
+        if (self.scale, self.ratio) != (_DEFAULT_CROP_SCALE, _DEFAULT_CROP_RATIO) and augment != "standard":
+            raise ValueError(f"scale and ratio set the random resized crop of augment=standard, but augment={augment!r} "
+                             f"has none; use augment=standard or leave them at their defaults")
+        given = [name for name, off in (("auto_augment", auto_augment is None), ("color_jitter", color_jitter is None),
+                                        ("reprob", self.reprob == 0)) if not off]
+        if given and augment == "none":
+            raise ValueError(f"{' and '.join(given)} augment the training images, but augment=none trains on them "
+                             f"unaugmented; use augment=standard or crop, or leave {' and '.join(given)} unset")
+        if auto_augment is not None and color_jitter is not None and "3a" not in auto_augment:
+            raise ValueError(f"color_jitter is not applied with auto_augment={auto_augment!r}: timm turns colour jitter "
+                             f"off under an AA policy other than 3a; leave color_jitter null or use a 3a policy")
+        if auto_augment is not None:
+            self._check_policy(img_size, in_chans)
+
+    def _check_policy(self, img_size: int, in_chans: int) -> None:
+        """timm parses the policy string when it builds the transform (asserting, or failing on an unknown op), and
+        skips a section without a number (e.g. "inc" for "inc1") silently: refused too, as a typo would change the
+        policy unseen."""
+        valueless = [part for part in self.auto_augment.split("-")[1:] if not any(c.isdigit() for c in part)]
+        try:
+            if valueless:
+                raise ValueError(f"section {valueless[0]!r} has no value")
+            self.stages(img_size, (0.5,) * in_chans, (0.5,) * in_chans)
+        except (AssertionError, ValueError, KeyError, IndexError, TypeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"auto_augment={self.auto_augment!r} is not a timm policy string ({reason}); use e.g. "
+                             f"rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0 or 3a (timm's --aa), or null") from None
+
+    def stages(self, img_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[Optional[Callable], Optional[Callable]]:
+        """(AA and colour jitter of a PIL image, random erasing of the normalised tensor): timm's, each None when off."""
+        if self.auto_augment is None and self.color_jitter is None and self.reprob == 0:
+            return None, None
+        import timm.data
+        from timm.data.random_erasing import RandomErasing
+
+        _, secondary, final = timm.data.create_transform(
+            img_size, is_training=True, separate=True, scale=self.scale, ratio=self.ratio, hflip=0.0,
+            color_jitter=self.color_jitter, auto_augment=self.auto_augment, interpolation="bilinear",
+            mean=tuple(mean), std=tuple(std), re_prob=self.reprob, re_mode=self.remode, re_count=self.recount)
+        for step in secondary.transforms:
+            _with_any_posterize_bits(step)
+        erasing = [step for step in final.transforms if isinstance(step, RandomErasing)]
+        return secondary if secondary.transforms else None, erasing[0] if erasing else None
 
 
 def _evaluation_sampler(dataset: Dataset, what: str = "evaluation split", fix: str = "raise its size",
@@ -440,6 +580,29 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         return self._loader(self.test_set, False)
 
 
+class _PictureDataModule(VisionDataModule):
+    """Image folders and CIFAR (PIL images): ``augment`` "none", "standard" (random resized crop of ``scale`` of
+    the area, ``ratio`` aspect, + flip) or "crop" (pad, random crop, flip); ``hflip`` the flip's probability (0.5;
+    0 turns it off); and timm train.py's ``auto_augment``, ``color_jitter``, ``reprob`` / ``remode`` /
+    ``recount`` (:class:`_TimmAugment`; all off by default). Every random op is seeded per sample."""
+
+    def __init__(self, *args, hflip: float = 0.5, auto_augment: Optional[str] = None,
+                 color_jitter: Optional[float] = None, reprob: float = 0.0, remode: str = "pixel", recount: int = 1,
+                 scale: Sequence[float] = _DEFAULT_CROP_SCALE, ratio: Sequence[float] = _DEFAULT_CROP_RATIO, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hflip = _probability(hflip, "hflip")
+        if self.augment not in ("none", "standard", "crop"):
+            raise ValueError(f"{type(self).__name__}: augment must be 'none', 'standard' or 'crop', got {self.augment!r}")
+        self.timm_augment = _TimmAugment(self.augment, self.img_size, self.in_chans, auto_augment=auto_augment,
+                                         color_jitter=color_jitter, reprob=reprob, remode=remode, recount=recount,
+                                         scale=scale, ratio=ratio)
+
+    def _train_transform(self) -> Callable:
+        """The training split's transform (after adopt_model_stats: timm's AA fills with the normalisation mean)."""
+        return _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment, self.hflip,
+                                timm_augment=self.timm_augment)
+
+
 def image_folder_layout_message(root, problem: Optional[str] = None) -> str:
     """What to put where for ``data=image_folder`` under ``root`` (``problem`` defaults to its missing train/)."""
     root = Path(root)
@@ -457,6 +620,11 @@ class DigitsDataModule(VisionDataModule):
     default_in_chans = 1
 
     def __init__(self, *args, shift: int = 1, rotate: float = 10.0, scale: float = 0.1, **kwargs):
+        timm_options = [name for name in _TIMM_AUGMENT_OPTIONS if name in kwargs]  # scale: the digits' own zoom
+        if timm_options:
+            raise ValueError(f"DigitsDataModule: {', '.join(timm_options)} (timm's augmentations of PIL images, for image "
+                             f"folders and CIFAR) do not apply to the in-memory digit tensors; augment them with "
+                             f"augment=shift or affine (shift, rotate, scale), or train on an image folder of the digits")
         super().__init__(*args, **kwargs)
         if self.augment not in ("none", "shift", "affine"):
             raise ValueError(f"DigitsDataModule: augment must be 'none', 'shift' or 'affine', got {self.augment!r}")
@@ -507,9 +675,13 @@ class DigitsDataModule(VisionDataModule):
 
 
 def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augment: str, hflip: float = 0.5,
-                     crop_pct: float = 1.0, interpolation: str = "bilinear", crop_mode: str = "center") -> Callable:
+                     crop_pct: float = 1.0, interpolation: str = "bilinear", crop_mode: str = "center",
+                     timm_augment: Optional[_TimmAugment] = None) -> Callable:
     """torchvision v2 pipeline; ``hflip`` is the probability of the training augmentations' horizontal flip
     (timm's ``--hflip``; 0 for data whose mirror image is another class, e.g. digits or text).
+
+    Training with ``timm_augment``: its crop ``scale`` / ``ratio``, and after the crop and flip timm's AA and colour
+    jitter (on the PIL image, as timm applies them) and, after normalisation, timm's random erasing.
 
     Evaluation (``train=False``, or augment "none"): resize to ``floor(img_size / crop_pct)`` with
     ``interpolation`` and crop the centre ``img_size`` square, as timm's ``transforms_imagenet_eval``
@@ -522,8 +694,12 @@ def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augme
 
     channels = T.Grayscale(1) if in_chans == 1 else T.RGB()
     flip = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+    crop_scale, crop_ratio = (timm_augment.scale, timm_augment.ratio) if timm_augment else (_DEFAULT_CROP_SCALE,
+                                                                                          _DEFAULT_CROP_RATIO)
+    colour, erasing = timm_augment.stages(img_size, mean, std) if train and timm_augment else (None, None)
     if train and augment == "standard":
-        steps: list[Any] = [T.ToImage(), channels, T.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True), *flip]
+        steps: list[Any] = [T.ToImage(), channels, T.RandomResizedCrop(img_size, scale=crop_scale, ratio=crop_ratio,
+                                                                       antialias=True), *flip]
     elif train and augment == "crop":  # CIFAR style: pad 4 (at 32 px) and random crop, flip
         steps = [T.ToImage(), channels, T.Resize(img_size, antialias=True),
                  T.RandomCrop(img_size, padding=max(1, img_size // 8)), *flip]
@@ -534,7 +710,11 @@ def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augme
         mode = InterpolationMode(interpolation)
         resize = T.Resize((scale, scale) if crop_mode == "squash" else scale, interpolation=mode, antialias=True)
         steps = [channels, resize, T.CenterCrop(img_size), T.ToImage()]
+    if colour is not None:  # 8-bit tensor <-> PIL image: lossless
+        steps += [T.ToPILImage(), colour, T.ToImage()]
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+    if erasing is not None:
+        steps.append(erasing)
     return T.Compose(steps)
 
 
@@ -547,7 +727,7 @@ def _folder_image(path: str):
     return read_image(path).convert("RGB")
 
 
-class ImageFolderDataModule(VisionDataModule):
+class ImageFolderDataModule(_PictureDataModule):
     """Images in class folders under a local ``root``::
 
         <root>/train/<class_name>/<image>.png   required
@@ -560,7 +740,8 @@ class ImageFolderDataModule(VisionDataModule):
     ``augment``: "none", "standard" (random resized crop of 35-100% of the area + flip) or "crop" (pad, random
     crop, flip); ``hflip`` the flip's probability (0.5; 0 turns it off). "standard" is milder than timm's training
     default (crop scale 0.08-1.0 plus ColorJitter(0.4)): it is tuned for the small datasets this zoo trains from
-    scratch; it has no colour jitter.
+    scratch; timm's are options: ``scale=[0.08, 1] color_jitter=0.4``, and ``auto_augment``, ``reprob``, ...
+    (:class:`_TimmAugment`).
 
     Images are the files whose suffix (any case) is in ``IMAGE_EXTENSIONS``, the list ``zoo predict`` reads.
 
@@ -569,11 +750,8 @@ class ImageFolderDataModule(VisionDataModule):
     values, as timm's train.py and validate.py evaluate (``adopt_model_stats``).
     """
 
-    def __init__(self, root: str, *args, hflip: float = 0.5, **kwargs):
+    def __init__(self, root: str, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.hflip = _probability(hflip, "hflip")
-        if self.augment not in ("none", "standard", "crop"):
-            raise ValueError(f"ImageFolderDataModule: augment must be 'none', 'standard' or 'crop', got {self.augment!r}")
         self.root = Path(os.path.expanduser(str(root)))
         # the class folders come from train/; a root holding only test/ (or val/) serves evaluation (zoo eval)
         self._class_dir = next((self.root / split for split in ("train", "test", "val") if (self.root / split).is_dir()), None)
@@ -615,7 +793,7 @@ class ImageFolderDataModule(VisionDataModule):
         self._require_stats()
         if self.train_set is not None or (stage in ("test", "validate") and self.test_set is not None):
             return
-        train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment, self.hflip)
+        train_tf = self._train_transform()
         eval_tf = self._eval_transform()
         train = self._folder("train")
         val = self._folder("val")
@@ -650,7 +828,7 @@ _CIFAR_FILES = {
 }
 
 
-class CIFARDataModule(VisionDataModule):
+class CIFARDataModule(_PictureDataModule):
     """torchvision CIFAR-10 / CIFAR-100 read from a local ``root`` (never downloaded).
 
     ``root`` must hold the extracted python version: ``<root>/cifar-10-batches-py/`` (data_batch_1..5,
@@ -661,15 +839,12 @@ class CIFARDataModule(VisionDataModule):
     default_img_size = 32
     default_in_chans = 3
 
-    def __init__(self, root: str, variant: int = 10, *args, hflip: float = 0.5, **kwargs):
-        self.hflip = _probability(hflip, "hflip")
+    def __init__(self, root: str, variant: int = 10, *args, **kwargs):
         if isinstance(variant, bool) or not is_int(variant) or int(variant) not in _CIFAR_FILES:
             raise ValueError(f"CIFAR variant must be 10 or 100, got {variant!r}")
         kwargs.setdefault("mean", (0.4914, 0.4822, 0.4465) if int(variant) == 10 else (0.5071, 0.4865, 0.4409))
         kwargs.setdefault("std", (0.2470, 0.2435, 0.2616) if int(variant) == 10 else (0.2673, 0.2564, 0.2762))
         super().__init__(*args, **kwargs)
-        if self.augment not in ("none", "crop", "standard"):
-            raise ValueError(f"CIFARDataModule: augment must be 'none', 'crop' or 'standard', got {self.augment!r}")
         self.variant = int(variant)
         self.root = Path(os.path.expanduser(str(root)))
         folder, files, url = _CIFAR_FILES[self.variant]
@@ -706,7 +881,7 @@ class CIFARDataModule(VisionDataModule):
         cls = CIFAR10 if self.variant == 10 else CIFAR100
         train = cls(str(self.root), train=True, download=False)
         test = cls(str(self.root), train=False, download=False)
-        train_tf = _image_transform(self.img_size, self.in_chans, self.mean, self.std, True, self.augment, self.hflip)
+        train_tf = self._train_transform()
         eval_tf = self._eval_transform()
         kept, held = _stratified_split(np.array(train.targets), self.val_fraction, self.split_seed)
         self.train_set = _TransformedSubset(train, kept, train_tf, self.seed)
