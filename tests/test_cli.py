@@ -813,13 +813,13 @@ def test_ckpt_path_last_and_best_name_the_files_of_run_dir(tmp_path, karate_run)
 
 
 def test_unknown_task_and_data_keys_name_the_accepted_ones(capsys, tmp_path):
-    """+task.optimizer=sgd / +data.reprob=0.25 ended in Python's "__init__() got an unexpected keyword argument":
+    """+task.opt=sgd / +data.foo=0.25 ended in Python's "__init__() got an unexpected keyword argument":
     like the model's arguments, the key, the closest accepted one and every accepted one (each key the shipped
     config sets among them) in one line."""
     for overrides, message, group in (
             (["+task.lrr=0.1"], "unknown key task.lrr (did you mean task.lr?); ImageClassifier (task) accepts: ", "task"),
-            (["+task.optimizer=sgd"], "unknown key task.optimizer; ImageClassifier (task) accepts: ", "task"),
-            (["+data.reprob=0.25"], "unknown key data.reprob; DigitsDataModule (data) accepts: ", "data"),
+            (["+task.opt=sgd"], "unknown key task.opt; ImageClassifier (task) accepts: ", "task"),
+            (["+data.foo=0.25"], "unknown key data.foo; DigitsDataModule (data) accepts: ", "data"),
             (["+data.batchsize=8"], "unknown key data.batchsize (did you mean data.batch_size?); DigitsDataModule",
              "data"),
             (["experiment=graph_karate", "+task.weightdecay=0"],
@@ -832,9 +832,9 @@ def test_unknown_task_and_data_keys_name_the_accepted_ones(capsys, tmp_path):
         accepted = set(text.rsplit("accepts: ", 1)[1].split(", "))
         configured = {key for key in cfg[group] if not key.startswith("_")} - {overrides[-1][len(group) + 2:].split("=")[0]}
         assert configured <= accepted and "model" not in accepted, (configured - accepted)
-    assert cli.main(["train", *FAST_RUN, "+data.reprob=0.25", f"run_dir={tmp_path}"]) == 1
+    assert cli.main(["train", *FAST_RUN, "+data.foo=0.25", f"run_dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
-    assert "zoo train: error: unknown key data.reprob; DigitsDataModule (data) accepts: " in err
+    assert "zoo train: error: unknown key data.foo; DigitsDataModule (data) accepts: " in err
 
 
 @pytest.fixture(scope="module")

@@ -969,6 +969,13 @@ def test_lightning_load_from_checkpoint_rebuilds_the_model(tmp_path):
         assert not torch.equal(reloaded.model(images), reloaded(images))  # the EMA copy is what forward uses
     custom = zoo.create_model("vit_debug", num_classes=3, img_size=16, patch_size=8)
     assert ImageClassifier.load_from_checkpoint(path, model=custom).model is custom
+    # read as Lightning reads it: an fsspec URL, the caller's weights_only (a numpy value in the file needs False)
+    by_url = ImageClassifier.load_from_checkpoint(path.as_uri())
+    torch.testing.assert_close(by_url.eval()(images), module(images), rtol=0, atol=0)
+    blob = torch.load(path, weights_only=True)
+    blob["callbacks"] = {"a numpy value": np.float64(1.5)}
+    torch.save(blob, tmp_path / "numpy.ckpt")
+    assert ImageClassifier.load_from_checkpoint(tmp_path / "numpy.ckpt", weights_only=False).lr == 3e-3
 
     blob = torch.load(path, weights_only=True)
     del blob["hyper_parameters"]["model_name"]
@@ -1085,11 +1092,12 @@ def test_a_runs_evaluation_crop_reaches_predict_eval_and_viz(tmp_path, monkeypat
             "data.mean=[0.5]", "data.std=[0.5]", "+model.pretrained_cfg_crop=0"][:-1]
     monkeypatch.setitem(zoo.get_model_entry("vit_digits").default_cfg, "crop_pct", 0.75)
     monkeypatch.setitem(zoo.get_model_entry("vit_digits").default_cfg, "interpolation", "bicubic")
+    monkeypatch.setitem(zoo.get_model_entry("vit_digits").default_cfg, "crop_mode", "squash")
     result = run.train(run.compose([*base, "data.crop_pct=model", "data.interpolation=model", f"run_dir={tmp_path / 'r'}"]))
     info = json.loads((Path(result["released"]) / "config.json").read_text())["metadata"]["data"]
-    assert (info["crop_pct"], info["interpolation"], info["crop_mode"]) == (0.75, "bicubic", "center")
+    assert (info["crop_pct"], info["interpolation"], info["crop_mode"]) == (0.75, "bicubic", "squash")
 
-    expected = load_image_file(picture, 8, 1, [0.5], [0.5], crop_pct=0.75, interpolation="bicubic")
+    expected = load_image_file(picture, 8, 1, [0.5], [0.5], crop_pct=0.75, interpolation="bicubic", crop_mode="squash")
     assert not torch.allclose(expected, load_image_file(picture, 8, 1, [0.5], [0.5]))  # the crop matters here
     for source in (result["released"], result["last_ckpt"]):
         model, _ = run.load_for_inference(source)
@@ -1103,14 +1111,30 @@ def test_a_runs_evaluation_crop_reaches_predict_eval_and_viz(tmp_path, monkeypat
         timm_transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
         assert (timm_transform(Image.open(picture).convert("L")) - expected).abs().max() <= 1 / 255 / 0.5 + 1e-6
 
-    cfg = run._inference_source(result["last_ckpt"])[0]
-    assert (cfg.data.crop_pct, cfg.data.interpolation) == (0.75, "bicubic")  # not the rebuilt model's "model"
+    monkeypatch.setitem(zoo.get_model_entry("vit_digits").default_cfg, "crop_mode", "center")  # what a rebuild gets
+    for source in (result["last_ckpt"], result["released"]):  # evaluated as training evaluated: squash included
+        metrics = run.evaluate(source)
+        assert metrics["test/loss"] == pytest.approx(result["metrics"]["test/loss"], rel=1e-6), source
 
     old = torch.load(result["last_ckpt"], weights_only=True)
     del old["hyper_parameters"]["zoo_config"]["data"]["split_seed"]
     old["hyper_parameters"]["zoo_config"]["data"]["seed"] = 3
     torch.save(old, tmp_path / "old.ckpt")
     assert run._inference_source(tmp_path / "old.ckpt")[0].data.split_seed == 3
+
+
+def test_resuming_a_run_from_before_split_seed_keeps_its_split_and_order(capsys):
+    """A run stored before data.split_seed drew its validation split with data.seed, and today's configs compose
+    data.seed=${seed} and split_seed=0: resuming it took split_seed 0 (129 of 144 validation images moved into
+    training) and, with seed=42, reshuffled; it continues with the stored seed for both, and says so."""
+    cfg = run.compose([*FAST_RUN, "seed=42"])
+    assert (cfg.data.seed, cfg.data.split_seed) == (42, 0)
+    stored = {"data": {"_target_": "zoo.tasks.vision.data.DigitsDataModule", "seed": 3, "val_fraction": 0.1}}
+    run._continue_an_older_run(cfg, stored)
+    assert (cfg.data.seed, cfg.data.split_seed) == (3, 3) and "predates data.split_seed" in capsys.readouterr().err
+    cfg = run.compose([*FAST_RUN, "seed=42"])
+    run._continue_an_older_run(cfg, {"data": {**stored["data"], "split_seed": 0}})  # a run that has it: unchanged
+    assert (cfg.data.seed, cfg.data.split_seed) == (42, 0) and capsys.readouterr().err == ""
 
 
 def test_shipped_checkpoints_are_found_by_the_readmes_name_from_anywhere(tmp_path, monkeypatch):
@@ -1126,14 +1150,211 @@ def test_shipped_checkpoints_are_found_by_the_readmes_name_from_anywhere(tmp_pat
     assert run._resolve_source("agent_deit_digits") == shipped / "agent_digits"
     with pytest.raises(FileNotFoundError, match="checkpoints/no_such_card"):
         run._resolve_source("checkpoints/no_such_card")
+    from zoo.export import _load_model
+    from zoo.tasks.vision.viz import load_model, load_model_and_transform
+
+    reference = zoo.from_pretrained(shipped / "vit_digits").state_dict()
+    for loaded in (load_model("checkpoints/vit_digits"), load_model_and_transform("vit_digits")[0],
+                   _load_model(None, "checkpoints/vit_digits", {})):
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in reference.items())
     (tmp_path / "checkpoints" / "vit_digits").mkdir(parents=True)  # a directory of that name here wins
     assert run._resolve_source("checkpoints/vit_digits") == Path("checkpoints/vit_digits")
 
 
-def test_a_closed_pipe_ends_zoo_quietly():
-    """`zoo list --json | head -c 10`: the reader closing the pipe gave a BrokenPipeError traceback."""
-    process = subprocess.Popen([sys.executable, "-m", "zoo.cli", "list", "--json"], stdout=subprocess.PIPE,
+@pytest.mark.parametrize("argv", [["list", "--json"], ["--help"], ["--version"]])
+def test_a_closed_pipe_ends_zoo_quietly(argv):
+    """`zoo list --json | head -c 10`, `zoo --help | true`: the reader closing the pipe gave a BrokenPipeError
+    traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "zoo.cli", *argv], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     process.stdout.close()
     stderr = process.communicate(timeout=120)[1].decode()
     assert process.returncode == 141 and "Traceback" not in stderr, stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# task.optimizer / task.scheduler / task.grad_checkpointing (timm's --opt, --sched, --grad-checkpointing)
+# --------------------------------------------------------------------------------------------------
+def _fit_steps(module, steps, batches=6):
+    """Fit ``module`` (a 16 px, 3-class vit_debug) for ``steps`` optimizer steps on fixed random images."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2 * batches, 3, 16, 16, generator=generator)
+    labels = torch.randint(0, 3, (2 * batches,), generator=generator)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=2)
+    trainer = pl.Trainer(max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer, loader
+
+
+def _tiny_vit():
+    torch.manual_seed(0)
+    return zoo.create_model("vit_debug", num_classes=3, img_size=16, patch_size=8)
+
+
+@pytest.mark.parametrize("name,extra", [("sgd", dict(momentum=0.8)), ("lamb", dict(betas=(0.8, 0.99))), ("adan", {})])
+def test_optimizer_by_name_is_timms_create_optimizer_v2(name, extra):
+    """task.optimizer builds timm's optimizer (timm.optim.create_optimizer_v2, as timm's --opt) over the zoo's
+    groups: the same class, and for every parameter the same weight decay, lr (timm's group lr times its lr_scale,
+    which timm's schedulers apply) and optimizer settings (momentum, Nesterov, betas, eps, ...) as timm builds for
+    the same model with the same layer decay. The optimizer was hard-wired to AdamW (feature-gap review). Adan
+    takes three betas: the default pair leaves it its own, as timm without --opt-betas (a pair failed in its step)."""
+    from timm.optim import create_optimizer_v2
+
+    model = _tiny_vit()
+    module = ImageClassifier(model, num_classes=3, optimizer=name, lr=0.02, weight_decay=0.03, layer_decay=0.7,
+                             warmup_epochs=0, **extra)
+    trainer, _ = _fit_steps(module, 1)
+    ours = trainer.optimizers[0]
+    theirs = create_optimizer_v2(model, opt=name, lr=0.02, weight_decay=0.03, layer_decay=0.7, **extra)
+    assert type(ours) is type(theirs)
+    ours_of = {id(p): g for g in ours.param_groups for p in g["params"]}
+    theirs_of = {id(p): g for g in theirs.param_groups for p in g["params"]}
+    assert ours_of.keys() == theirs_of.keys() == {id(p) for p in model.parameters()}
+    assert len({round(g["lr_scale"], 9) for g in theirs.param_groups}) == 4  # embeddings, 2 blocks, head: 0.7^(3-i)
+    for pid, theirs_group in theirs_of.items():
+        group = ours_of[pid]
+        assert group["initial_lr"] == pytest.approx(theirs_group["lr"] * theirs_group["lr_scale"])
+        settings = set(theirs_group) - {"params", "param_names", "lr", "lr_scale", "initial_lr"}
+        assert {k: group[k] for k in settings} == {k: theirs_group[k] for k in settings}
+    if name == "sgd":
+        assert ours.param_groups[0]["momentum"] == 0.8 and ours.param_groups[0]["nesterov"]
+    else:
+        assert ours.param_groups[0]["betas"] == extra.get("betas", (0.98, 0.92, 0.99))
+
+
+def test_default_adamw_trains_as_the_earlier_hard_wired_adamw():
+    """optimizer=adamw (the default) through timm's factory is the AdamW + warm-up/cosine the module built itself
+    before task.optimizer existed: the weights after 3 steps are bit-identical to that recipe replayed by hand."""
+    import torch.nn.functional as F
+
+    module = ImageClassifier(_tiny_vit(), num_classes=3, lr=3e-3, warmup_epochs=0.5, layer_decay=0.7, min_lr_ratio=0.1)
+    by_hand = copy.deepcopy(module.model)
+    _, loader = _fit_steps(module, 3)
+    groups = param_groups(by_hand, 0.05, 0.7)
+    for group in groups:
+        group["lr"] = 3e-3 * group["lr_scale"]
+        group.pop("param_names")
+    optimizer = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.999))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, 3, 3, 0.1))
+    for (images, labels), _ in zip(loader, range(3)):
+        loss = F.cross_entropy(by_hand(images).float(), labels, label_smoothing=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    trained, replayed = module.model.state_dict(), by_hand.state_dict()
+    assert all(torch.equal(trained[key], replayed[key]) for key in replayed)
+    assert not torch.equal(trained["head.weight"], _tiny_vit().state_dict()["head.weight"])  # it did train
+
+
+def test_scheduler_functions_follow_their_formulas():
+    from zoo.train.optim import lr_schedule
+
+    total, warmup, floor = 100, 10, 0.1
+    linear = lr_schedule("linear", total, warmup, floor)
+    constant = lr_schedule("constant", total, warmup, floor)
+    step = lr_schedule("step", total, warmup, floor, decay_steps=30, decay_rate=0.5)
+    cosine = lr_schedule("cosine", total, warmup, floor)
+    for s in range(warmup):
+        assert linear(s) == constant(s) == step(s) == cosine(s) == pytest.approx((s + 1) / warmup)
+    for s in range(warmup, total + 1):
+        assert linear(s) == pytest.approx(floor + (1 - floor) * (1 - (s - warmup) / (total - warmup)))
+        assert constant(s) == 1.0
+        assert step(s) == pytest.approx(0.5 ** math.floor(s / 30))  # counted from step 0, as timm's epochs
+        assert cosine(s) == warmup_cosine(s, total, warmup, floor)
+    assert linear(total) == pytest.approx(floor) and step(59) == 0.5 and step(60) == 0.25
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "constant", "step"])
+def test_scheduler_option_sets_the_lr_of_every_optimizer_step(tmp_path, scheduler):
+    """task.scheduler (timm's --sched): after the one-epoch warm-up, a straight line to lr * min_lr_ratio, lr
+    itself, or lr * decay_rate ** floor(epoch / decay_epochs) with epochs counted in optimizer steps as
+    warmup_epochs is (decay_epochs=0.6 of a 5-step epoch: every 3 steps). The schedule was always cosine."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Rates(Callback):
+        def __init__(self):
+            self.factors = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.factors.append(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[-1] / module.hparams.lr)
+
+    rates = Rates()
+    cfg = _cfg(tmp_path, scheduler, "trainer.limit_train_batches=5", "+trainer.max_steps=12", "trainer.max_epochs=10",
+               "task.warmup_epochs=1", "task.min_lr_ratio=0.1", f"task.scheduler={scheduler}", "task.decay_epochs=0.6",
+               "task.decay_rate=0.5", "trainer.limit_val_batches=0")
+    module, datamodule, trainer = _build(cfg, callbacks=[rates])
+    trainer.fit(module, datamodule=datamodule)
+    after = {"linear": lambda s: 0.1 + 0.9 * (1 - (s - 5) / 7), "constant": lambda s: 1.0,
+             "step": lambda s: 0.5 ** math.floor(s / 3)}[scheduler]
+    expected = [(s + 1) / 5 if s < 5 else after(s) for s in range(12)]
+    assert rates.factors == pytest.approx(expected)
+
+
+def test_optimizer_and_scheduler_options_are_checked_up_front(tmp_path):
+    """An optimizer name timm does not know is refused when the module is built, in one line that lists timm's
+    names (the run names it task.optimizer); so are one this machine cannot build or the loop cannot run, and
+    out-of-range schedule values. timm's lookahead_<name> is accepted."""
+    model = _tiny_vit()
+    with pytest.raises(ValueError, match=r"^optimizer must be one of timm's optimizers \(adabelief, .*adamw, .*sgd.*\), "
+                                         r"or lookahead_<one of them>; got 'adamx'$"):
+        ImageClassifier(model, optimizer="adamx")
+    with pytest.raises(ValueError, match=r"^optimizer 'adahessian' is second-order"):
+        ImageClassifier(model, optimizer="adahessian")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^optimizer 'bnbadamw' is not available here \(CUDA required"):
+            ImageClassifier(model, optimizer="bnbadamw")
+    cases = [(dict(momentum=1.0), r"^momentum must be in \[0, 1\)"),
+             (dict(momentum="x"), "^momentum must be a finite"),
+             (dict(scheduler="poly"), r"^scheduler must be one of cosine, linear, constant, step, got 'poly'$"),
+             (dict(decay_epochs=0), "^decay_epochs must be positive"),
+             (dict(decay_rate=0), r"^decay_rate must be in \(0, 1\]"),
+             (dict(optimizer="adan", betas=(0.8, 0.9)), r"^betas must be 3 numbers for optimizer 'adan', got \[0.8, 0.9\]$"),
+             (dict(betas=(0.8, 0.9, 0.99)), r"^betas must be 2 numbers for optimizer 'adamw'")]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ImageClassifier(model, **options)
+    assert ImageClassifier(model, optimizer="Lookahead_SGD")._opt_cfg["optimizer"] == "lookahead_sgd"
+    with pytest.raises(ValueError, match=r"^task\.optimizer must be one of timm's optimizers .*got 'adamx'$"):
+        run.train(_cfg(tmp_path, "bad", "task.optimizer=adamx"))
+
+
+def test_grad_checkpointing_keeps_loss_and_gradients(monkeypatch):
+    """task.grad_checkpointing calls the model's set_grad_checkpointing(True) (timm's --grad-checkpointing): every
+    block then runs under torch.utils.checkpoint, with the loss and gradients of the plain model; a model without
+    that method is refused by name (it would train without checkpointing, at full activation memory)."""
+    import torch.nn.functional as F
+    from zoo.tasks.vision import vit
+
+    torch.manual_seed(0)
+    plain = zoo.create_model("vit_debug", num_classes=3, img_size=16, patch_size=8, depth=3)
+    module = ImageClassifier(copy.deepcopy(plain), num_classes=3, grad_checkpointing=True)
+    assert module.model.grad_checkpointing and not ImageClassifier(plain, num_classes=3).model.grad_checkpointing
+    calls = []
+    def counted(block, *args, **kwargs):
+        calls.append(block)
+        return torch.utils.checkpoint.checkpoint(block, *args, **kwargs)
+
+    monkeypatch.setattr(vit, "checkpoint", counted)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+    results = []
+    for model in (plain, module.model):
+        model.train()
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    # the checkpointed model only, every block but the last, which vit's forward runs for the class token alone
+    # outside _run_blocks (VisionTransformer.class_token_last_block)
+    assert calls == list(module.model.blocks)[:-1] and len(calls) == 2
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss, atol=1e-6, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-6, rtol=0, msg=name)
+    with pytest.raises(ValueError, match=r"^grad_checkpointing is on but the model Linear has no set_grad_checkpointing"):
+        ImageClassifier(torch.nn.Linear(4, 3), num_classes=3, grad_checkpointing=True)
+    with pytest.raises(TypeError, match="grad_checkpointing must be True or False"):
+        ImageClassifier(plain, num_classes=3, grad_checkpointing="yes")

@@ -471,6 +471,19 @@ def version_report() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader went away (`zoo list --json | head -c 10`, `zoo --help | true`): stop quietly, as Unix tools do,
+        # with the exit status of SIGPIPE; stdout is pointed at /dev/null so that the interpreter's final flush does
+        # not raise again
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_third_party()
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -485,12 +498,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return COMMANDS[command](rest)
     except BrokenPipeError:
-        # the reader went away (`zoo list --json | head -c 10`): stop quietly, as Unix tools do, with the exit status
-        # of SIGPIPE; stdout is pointed at /dev/null so that the interpreter's final flush does not raise again
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        raise
     except Exception as error:  # user errors: one clear line
         if not _is_user_error(error) or getattr(sys, "_zoo_debug", False) or __import__("os").environ.get("ZOO_DEBUG"):
             raise

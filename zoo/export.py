@@ -184,6 +184,10 @@ def _load_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwargs
     import zoo
 
     if ckpt is not None:
+        from zoo.train.run import resolve_ckpt_argument
+
+        if model is None:  # a run directory, README's checkpoints/<card> from anywhere (not for a bare weights file)
+            ckpt = str(resolve_ckpt_argument(ckpt))
         path = Path(str(ckpt)).expanduser()
         if model is not None:
             if isinstance(model, str) and path.is_file() and path.suffix != ".ckpt":

@@ -3,7 +3,8 @@
 Receives a plain ``nn.Module`` (built by Hydra through ``zoo.create_model``) and trains it with the timm
 recipe pieces users expect, each a constructor argument (and a key of ``configs/task/classification.yaml``):
 
-* AdamW, linear warm-up + cosine decay per step, no weight decay on norms/biases (``zoo.train.ZooModule``);
+* any timm optimizer by name (``optimizer``, AdamW by default; timm's ``create_optimizer_v2``), linear warm-up +
+  cosine / linear / constant / step decay per step, no weight decay on norms/biases (``zoo.train.ZooModule``);
 * label smoothing (Szegedy et al., CVPR 2016);
 * mixup (Zhang et al., ICLR 2018) and CutMix (Yun et al., ICCV 2019) on the batch, switching between them
   with probability 0.5 when both are on, as timm's ``Mixup`` (timm/data/mixup.py): the batch is mixed
@@ -113,11 +114,19 @@ class ImageClassifier(ZooModule):
         channels_last: bool = False,
         torch_compile: bool | str | None = None,
         seed: int = 0,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        scheduler: str = "cosine",
+        decay_epochs: float = 90.0,
+        decay_rate: float = 0.1,
+        grad_checkpointing: bool = False,
     ):
         super().__init__(
             model, lr=lr, weight_decay=weight_decay, betas=betas, warmup_epochs=warmup_epochs,
             min_lr_ratio=min_lr_ratio, layer_decay=layer_decay, ema_decay=ema_decay,
-            channels_last=channels_last, torch_compile=torch_compile, seed=seed,
+            channels_last=channels_last, torch_compile=torch_compile, seed=seed, optimizer=optimizer,
+            momentum=momentum, scheduler=scheduler, decay_epochs=decay_epochs, decay_rate=decay_rate,
+            grad_checkpointing=grad_checkpointing,
         )
         model_classes = getattr(model, "num_classes", None)
         if num_classes is None:

@@ -187,8 +187,10 @@ def load_model(ckpt: str, model_name: Optional[str] = None) -> nn.Module:
     """A model from a released directory / .safetensors file (zoo.from_pretrained) or a Lightning .ckpt."""
     import zoo
 
+    from zoo.train.run import resolve_ckpt_argument
+
     _import_vision_models()
-    path = Path(ckpt)
+    path = Path(resolve_ckpt_argument(ckpt))  # a run directory, README's checkpoints/<card> from anywhere
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".ckpt":
@@ -207,6 +209,9 @@ def load_model_and_transform(ckpt: str, model_name: Optional[str] = None) -> tup
     Otherwise (a .ckpt, a zoo train release, ``model=`` given) the transform is None: :func:`load_image` then
     preprocesses as the evaluation split does, as zoo predict does for those.
     """
+    from zoo.train.run import resolve_ckpt_argument
+
+    ckpt = str(resolve_ckpt_argument(ckpt))
     if model_name is None and Path(ckpt).exists() and Path(ckpt).suffix != ".ckpt":
         from zoo.train.run import _released_without_run, released_eval_transform
 

@@ -1,7 +1,7 @@
 """Training pieces shared by the task packages.
 
 * :class:`AtomicCheckpointIO` -- Lightning CheckpointIO writing ``.ckpt`` files atomically.
-* :class:`ZooModule` -- LightningModule base: plain ``nn.Module`` in, AdamW + warm-up/cosine, EMA,
+* :class:`ZooModule` -- LightningModule base: plain ``nn.Module`` in, a timm optimizer + warm-up/decay, EMA,
   layer-wise lr decay, channels-last, per-epoch reseeding for exact resume.
 * :class:`ModelEma`, :func:`param_groups`, :func:`warmup_cosine`.
 * ``zoo.train.run`` -- compose/train/evaluate/predict behind the ``zoo`` CLI (imports Hydra lazily).

@@ -1,4 +1,4 @@
-"""Task-independent LightningModule base: a plain ``nn.Module`` in, AdamW + warm-up/cosine out.
+"""Task-independent LightningModule base: a plain ``nn.Module`` in, optimizer + warm-up/decay schedule out.
 
 The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and write only their
 ``training_step``/``validation_step``/metrics. The base provides
@@ -6,8 +6,12 @@ The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and
 * the model as ``self.model`` (built elsewhere -- by Hydra via ``zoo.create_model`` -- as in
   lightning-hydra-template), its registry name and constructor arguments stored in the hyper-parameters
   (``model_name``, ``model_args``) so a ``.ckpt`` can rebuild it without Hydra;
-* AdamW with no weight decay on norms/biases/position tables, optional layer-wise lr decay, and a
-  per-step linear warm-up + cosine schedule (:mod:`zoo.train.optim`);
+* an optimizer by timm name (``optimizer``: AdamW by default, or sgd, lamb, lion, ... as timm's ``--opt``,
+  built by ``timm.optim.create_optimizer_v2``) with no weight decay on norms/biases/position tables and optional
+  layer-wise lr decay, and a per-step linear warm-up then cosine (default), linear, constant or step decay
+  (``scheduler``, timm's ``--sched``; :mod:`zoo.train.optim`);
+* optional gradient checkpointing (``grad_checkpointing``: the model's ``set_grad_checkpointing(True)``, timm's
+  ``--grad-checkpointing``), which recomputes each block's activations in backward to save memory;
 * an optional EMA copy of the weights (:mod:`zoo.train.ema`) used for evaluation and export;
 * reseeding of the global RNGs before every training batch from ``(seed, epoch, batch index, rank)``:
   with the data modules' epoch-seeded sampler and per-sample augmentation seeds, a run resumed from a
@@ -35,7 +39,8 @@ import torch.nn as nn
 
 from zoo.layers import check_flag
 from zoo.train.ema import ModelEma
-from zoo.train.optim import param_groups, warmup_cosine
+from zoo.train.optim import (check_optimizer, check_scheduler, create_optimizer, lr_schedule, optimizer_betas,
+                             param_groups)
 
 __all__ = ["ZooModule"]
 
@@ -81,6 +86,12 @@ class ZooModule(pl.LightningModule):
         channels_last: bool = False,
         torch_compile: bool | str | None = None,
         seed: int = 0,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        scheduler: str = "cosine",
+        decay_epochs: float = 90.0,
+        decay_rate: float = 0.1,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -94,15 +105,31 @@ class ZooModule(pl.LightningModule):
         _real("ema_decay", ema_decay)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
-            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) not in (2, 3):
+            raise ValueError(f"betas must be a pair of numbers in [0, 1) (three for Adan), got {betas!r}")
         for beta in betas:
             if not 0.0 <= _real("betas", beta) < 1.0:
-                raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+                raise ValueError(f"betas must be a pair of numbers in [0, 1) (three for Adan), got {betas!r}")
         if layer_decay is not None and not 0.0 < _real("layer_decay", layer_decay) <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay!r}")
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
+        optimizer = check_optimizer(optimizer)
+        optimizer_betas(optimizer, betas)  # as many as the optimizer takes
+        if not 0.0 <= _real("momentum", momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1) (the SGD-family momentum, timm's 0.9), got {momentum!r}")
+        scheduler = check_scheduler(scheduler)
+        if _real("decay_epochs", decay_epochs) <= 0:
+            raise ValueError(f"decay_epochs must be positive (epochs between step decays), got {decay_epochs!r}")
+        if not 0.0 < _real("decay_rate", decay_rate) <= 1.0:
+            raise ValueError(f"decay_rate must be in (0, 1] (the lr factor of each step decay), got {decay_rate!r}")
+        if check_flag(grad_checkpointing, "grad_checkpointing"):
+            # a model without it would silently train without checkpointing, at the full activation memory
+            if not callable(getattr(model, "set_grad_checkpointing", None)):
+                name = getattr(model, "zoo_model_name", type(model).__name__)
+                raise ValueError(f"grad_checkpointing is on but the model {name} has no set_grad_checkpointing "
+                                 "(timm's switch): turn grad_checkpointing off for it")
+            model.set_grad_checkpointing(True)
         self.model = model
         self.channels_last = check_flag(channels_last, "channels_last")  # "maybe" used to switch it on
         if self.channels_last:
@@ -117,7 +144,9 @@ class ZooModule(pl.LightningModule):
         self._opt_cfg = dict(
             lr=float(lr), weight_decay=float(weight_decay), betas=tuple(float(b) for b in betas),
             warmup_epochs=float(warmup_epochs), min_lr_ratio=float(min_lr_ratio),
-            layer_decay=None if layer_decay is None else float(layer_decay),
+            layer_decay=None if layer_decay is None else float(layer_decay), optimizer=optimizer,
+            momentum=float(momentum), scheduler=scheduler, decay_epochs=float(decay_epochs),
+            decay_rate=float(decay_rate),
         )
         self.seed = int(seed)
 
@@ -140,21 +169,24 @@ class ZooModule(pl.LightningModule):
         """Lightning's ``load_from_checkpoint``, with the model rebuilt from the checkpoint when ``model=`` is not
         given: ``zoo.create_model(model_name, **model_args)`` from the hyper-parameters every zoo module records
         (``record_model_spec``). The model is not a hyper-parameter (it is an ``nn.Module``), so Lightning's own
-        method failed with "missing 1 required positional argument: 'model'"."""
+        method failed with "missing 1 required positional argument: 'model'". The file is read as Lightning reads
+        it (a local path or an fsspec URL, the caller's ``weights_only``)."""
         if "model" not in kwargs:
-            kwargs["model"] = cls._model_from_checkpoint(checkpoint_path)
+            kwargs["model"] = cls._model_from_checkpoint(checkpoint_path, kwargs.get("weights_only"))
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @classmethod
-    def _model_from_checkpoint(cls, checkpoint_path) -> nn.Module:
+    def _model_from_checkpoint(cls, checkpoint_path, weights_only: Optional[bool] = None) -> nn.Module:
         import os
+
+        from lightning.fabric.utilities.cloud_io import _load
 
         import zoo
 
         if not isinstance(checkpoint_path, (str, os.PathLike)):
-            raise TypeError(f"{cls.__name__}.load_from_checkpoint: give the checkpoint as a path to rebuild its model, "
-                            f"or pass model=<nn.Module> with a {type(checkpoint_path).__name__}")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            raise TypeError(f"{cls.__name__}.load_from_checkpoint: give the checkpoint as a path or URL to rebuild its "
+                            f"model, or pass model=<nn.Module> with a {type(checkpoint_path).__name__}")
+        checkpoint = _load(checkpoint_path, map_location="cpu", weights_only=weights_only)
         hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
         name = (hparams or {}).get("model_name")
         if not isinstance(name, str):
@@ -248,13 +280,15 @@ class ZooModule(pl.LightningModule):
         for group in groups:
             group["lr"] = cfg["lr"] * group["lr_scale"]
             group.pop("param_names")
-        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=cfg["betas"])
+        optimizer = create_optimizer(cfg["optimizer"], groups, cfg["lr"], cfg["momentum"], cfg["betas"])
         stepping = self.trainer.estimated_stepping_batches
         if not math.isfinite(stepping):
-            raise ValueError("trainer.max_epochs=-1 (no limit) leaves the warm-up + cosine learning-rate schedule "
-                             "without a length: set trainer.max_epochs, or +trainer.max_steps=N")
+            raise ValueError(f"trainer.max_epochs=-1 (no limit) leaves the warm-up + {cfg['scheduler']} learning-rate "
+                             "schedule without a length: set trainer.max_epochs, or +trainer.max_steps=N")
         total = int(stepping)
-        warmup = int(round(cfg["warmup_epochs"] * self._optimizer_steps_per_epoch(total)))
-        min_ratio = cfg["min_lr_ratio"]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, min_ratio))
+        per_epoch = self._optimizer_steps_per_epoch(total)
+        warmup = int(round(cfg["warmup_epochs"] * per_epoch))
+        decay_steps = max(1, int(round(cfg["decay_epochs"] * per_epoch)))  # epochs -> steps, as warmup_epochs
+        factor = lr_schedule(cfg["scheduler"], total, warmup, cfg["min_lr_ratio"], decay_steps, cfg["decay_rate"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

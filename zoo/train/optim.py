@@ -1,5 +1,12 @@
 """Optimiser pieces shared by the task LightningModules: parameter groups (no weight decay on norms,
-biases and position tables; layer-wise lr decay) and the linear-warm-up + cosine schedule.
+biases and position tables; layer-wise lr decay), the optimizer by timm name over those groups, and the
+per-step learning-rate schedules (linear warm-up, then cosine, linear, constant or step decay).
+
+The optimizer is any name of timm's registry (``timm.optim.list_optimizers()``: adamw, sgd, momentum, lamb,
+lion, adopt, ...; ``lookahead_<name>`` wraps it in Lookahead), built by ``timm.optim.create_optimizer_v2`` as
+timm's train.py ``--opt`` does, but from the zoo's own groups below: each group keeps its weight decay and
+its layer-decay lr (timm leaves ``lr_scale`` to its schedulers; here the group's lr is set to ``lr * lr_scale``
+and the ``LambdaLR`` factor multiplies that).
 
 Layer-wise lr decay (BEiT, Bao et al. ICLR 2022, sec. 3.3; timm ``param_groups_layer_decay``): parameter
 ``p`` in layer ``i`` of ``L`` gets ``lr * decay ** (L + 1 - i)``. A model with timm's ``group_matcher`` (every
@@ -15,11 +22,17 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
-__all__ = ["layer_ids", "param_groups", "warmup_cosine"]
+__all__ = ["SCHEDULERS", "check_optimizer", "check_scheduler", "create_optimizer", "layer_ids", "lr_schedule",
+           "optimizer_betas", "param_groups", "warmup_cosine", "warmup_linear", "warmup_step_decay"]
+
+DEFAULT_BETAS = (0.9, 0.999)
+
+SCHEDULERS = ("cosine", "linear", "constant", "step")
 
 _BLOCK = re.compile(r"^((?:.*\.)?(?:blocks|layers|stages)\.\d+(?:\.(?:blocks|layers)\.\d+)?)\.")
 
@@ -88,10 +101,111 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
+def check_optimizer(name) -> str:
+    """``name`` as timm's optimizer factory reads it (lower case), refused in one line when timm does not know it,
+    cannot build it here (bitsandbytes / APEX ones without CUDA), or it is second-order (AdaHessian needs
+    ``backward(create_graph=True)``, which timm's train.py does and a Lightning training step does not)."""
+    from timm.optim import get_optimizer_class, get_optimizer_info, list_optimizers
+
+    known = list_optimizers()
+    parts = name.lower().split("_") if isinstance(name, str) else []
+    lookahead = len(parts) == 2 and parts[0] == "lookahead"  # timm's lookahead_<name>: Lookahead around <name>
+    if not (len(parts) == 1 or lookahead) or parts[-1] not in known:
+        raise ValueError(f"optimizer must be one of timm's optimizers ({', '.join(known)}), or lookahead_<one of "
+                         f"them>; got {name!r}")
+    info = get_optimizer_info(parts[-1])
+    if info.second_order:
+        raise ValueError(f"optimizer {name!r} is second-order (its backward needs create_graph=True), which zoo "
+                         "training does not run: pick another optimizer")
+    try:
+        get_optimizer_class(info, bind_defaults=False)
+    except (AssertionError, ImportError) as error:  # timm asserts CUDA for bitsandbytes / APEX optimizers
+        raise ValueError(f"optimizer {name!r} is not available here ({error}): pick another optimizer") from None
+    return name.lower()
+
+
+def optimizer_betas(name: str, betas: Sequence[float]) -> Optional[tuple[float, ...]]:
+    """The betas to give timm's optimizer ``name`` (a ``check_optimizer`` name): ``betas`` when it takes that many;
+    None (its own) when it takes none (timm drops them too) or takes three (Adan) and ``betas`` is the default
+    pair, as timm's train.py passes ``--opt-betas`` only when given. Any other count is refused: a pair given to
+    Adan failed in its first step ("tuple index out of range")."""
+    from timm.optim import get_optimizer_info
+
+    info = get_optimizer_info(name.split("_")[-1])
+    betas = tuple(float(beta) for beta in betas)
+    if not info.has_betas or (len(betas) != info.num_betas and betas == DEFAULT_BETAS):
+        return None
+    if len(betas) != info.num_betas:
+        raise ValueError(f"betas must be {info.num_betas} numbers for optimizer {name!r}, got {list(betas)!r}")
+    return betas
+
+
+def create_optimizer(
+    name: str, groups: list[dict], lr: float, momentum: float = 0.9, betas: Sequence[float] = DEFAULT_BETAS,
+) -> torch.optim.Optimizer:
+    """timm's optimizer ``name`` over ``groups`` (each with its own ``lr`` and ``weight_decay``), through
+    ``timm.optim.create_optimizer_v2``: timm's per-optimizer defaults apply (sgd is Nesterov, momentum classical),
+    ``momentum`` reaches the optimizers that have one and ``betas`` those that take them (``optimizer_betas``), as
+    timm's ``--momentum`` / ``--opt-betas``. With "adamw" this is ``torch.optim.AdamW(groups, lr, betas)``: the
+    zoo's default before the option existed, step for step."""
+    from timm.optim import create_optimizer_v2
+
+    given = optimizer_betas(name, betas)
+    betas_option = {} if given is None else {"betas": given}
+    return create_optimizer_v2(groups, opt=name, lr=lr, momentum=momentum, **betas_option)
+
+
+def check_scheduler(name) -> str:
+    """``name`` when it is one of SCHEDULERS, refused in one line otherwise."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    return name
+
+
+def _warmup(step: int, warmup_steps: int) -> Optional[float]:
+    """The warm-up factor (linear from 1/warmup to 1) during the first ``warmup_steps`` steps, None after them."""
+    return (step + 1) / warmup_steps if warmup_steps > 0 and step < warmup_steps else None
+
+
+def _progress(step: int, total_steps: int, warmup_steps: int) -> float:
+    """How far a step after the warm-up is through the rest of the run, 0 to 1."""
+    return min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+
+
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
     """lr factor: linear from 1/warmup to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    warm = _warmup(step, warmup_steps)
+    if warm is not None:
+        return warm
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * _progress(step, total_steps, warmup_steps)))
+
+
+def warmup_linear(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """lr factor: the warm-up, then a straight line from 1 down to ``min_ratio`` at the last step."""
+    warm = _warmup(step, warmup_steps)
+    if warm is not None:
+        return warm
+    return min_ratio + (1.0 - min_ratio) * (1.0 - _progress(step, total_steps, warmup_steps))
+
+
+def warmup_step_decay(step: int, warmup_steps: int, decay_steps: int, decay_rate: float) -> float:
+    """lr factor: the warm-up, then ``decay_rate ** (step // decay_steps)``, counted from the run's first step
+    as timm's ``--sched step`` counts epochs (``StepLRScheduler`` from ``create_scheduler_v2``, whose
+    ``warmup_prefix`` is off: lr * decay_rate ** floor(epoch / decay_epochs)). No min_lr_ratio floor, as timm's."""
+    warm = _warmup(step, warmup_steps)
+    return warm if warm is not None else decay_rate ** (step // decay_steps)
+
+
+def lr_schedule(
+    name: str, total_steps: int, warmup_steps: int, min_ratio: float = 0.0, decay_steps: int = 1,
+    decay_rate: float = 1.0,
+) -> Callable[[int], float]:
+    """The lr factor of optimizer step ``step`` (for ``LambdaLR``) under schedule ``name`` (one of SCHEDULERS):
+    "constant" stays at 1 after the warm-up; ``decay_steps`` / ``decay_rate`` are those of "step"."""
+    if check_scheduler(name) == "cosine":
+        return lambda step: warmup_cosine(step, total_steps, warmup_steps, min_ratio)
+    if name == "linear":
+        return lambda step: warmup_linear(step, total_steps, warmup_steps, min_ratio)
+    if name == "step":
+        return lambda step: warmup_step_decay(step, warmup_steps, decay_steps, decay_rate)
+    return lambda step: _warmup(step, warmup_steps) or 1.0

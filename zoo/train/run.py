@@ -27,6 +27,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -705,6 +706,8 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     for key in _WEIGHTS_KEYS:
         _weights_choice(cfg, key)
     resume = _resume_checkpoint(cfg.get("ckpt_path"))
+    if resume is not None:
+        _continue_an_older_run(cfg, (resume[1].get("hyper_parameters") or {}).get("zoo_config"))
     _check_not_a_finished_run(run_dir, cfg)
     if threads:
         torch.set_num_threads(threads)
@@ -921,6 +924,29 @@ def _resume_checkpoint(ckpt_path) -> Optional[tuple[Path, dict]]:
         raise ValueError(f"cannot resume from ckpt_path={ckpt_path}: {error}") from None
 
 
+def _older_vision_data(data_cfg) -> bool:
+    """A vision data config stored before data.split_seed existed: its data.seed drew the validation split as well
+    as the training order and augmentation."""
+    return (isinstance(data_cfg, Mapping) and str(data_cfg.get("_target_", "")).startswith("zoo.tasks.vision.")
+            and "seed" in data_cfg and "split_seed" not in data_cfg)
+
+
+def _continue_an_older_run(cfg, stored) -> None:
+    """Resuming a vision run from before data.split_seed: its data.seed drew the validation split, the order and the
+    augmentation, and today's configs compose data.seed=${seed} and split_seed=0; the resumed run takes the stored
+    seed for both, so that it validates on its own split and replays its own batches (it re-drew 129 of 144
+    validation images and, with seed=42, reshuffled), and says so."""
+    data = (stored or {}).get("data") if isinstance(stored, Mapping) else None
+    if not _older_vision_data(data) or "data" not in cfg or "split_seed" not in cfg.data:
+        return
+    seed = data["seed"]
+    if (cfg.data.seed, cfg.data.split_seed) != (seed, seed):
+        print(f"zoo train: note: the checkpoint's run predates data.split_seed; its data.seed={seed} drew the "
+              f"validation split too, so this run continues with data.seed={seed} data.split_seed={seed}",
+              file=sys.stderr)
+    cfg.data.seed = cfg.data.split_seed = seed
+
+
 def _config_differences(saved, current, prefix: str) -> list[tuple[str, Any, Any]]:
     if isinstance(saved, dict) and isinstance(current, dict):
         return [d for key in sorted(set(saved) | set(current), key=str)
@@ -928,15 +954,21 @@ def _config_differences(saved, current, prefix: str) -> list[tuple[str, Any, Any
     return [] if saved == current else [(prefix, saved, current)]
 
 
-# task.* values a resumed run cannot change: the optimizer's param groups (lr, weight decay, betas, layer-wise
-# scales) and the scheduler's base learning rates come back from the checkpoint
-_RESTORED_TASK_KEYS = tuple(("task", key) for key in ("lr", "weight_decay", "betas", "layer_decay"))
+# task.* values a resumed run cannot change: the optimizer (task.optimizer: its state would be loaded into another
+# class), its param groups (lr, weight decay, betas, momentum, layer-wise scales) and the scheduler's base learning
+# rates come back from the checkpoint
+_RESTORED_TASK_KEYS = tuple(("task", key) for key in ("lr", "weight_decay", "betas", "layer_decay", "optimizer",
+                                                      "momentum"))
 
 
-# values the warm-up + cosine schedule is computed from at the start of each fit (it is not stored)
+# values the warm-up + decay schedule is computed from at the start of each fit (it is not stored)
 _SCHEDULE_KEYS = (("trainer", "max_epochs"), ("trainer", "max_steps"), ("trainer", "accumulate_grad_batches"),
                   ("trainer", "limit_train_batches"), ("data", "batch_size"), ("task", "warmup_epochs"),
-                  ("task", "min_lr_ratio"))
+                  ("task", "min_lr_ratio"), ("task", "scheduler"), ("task", "decay_epochs"), ("task", "decay_rate"))
+
+# task.* keys of the warm-up schedule's tasks added after runs were saved: the value such a run trained with
+# (AdamW + cosine), compared in its place on resume, so that resuming an older run is not refused for them
+_TASK_KEYS_ADDED = {"optimizer": "adamw", "momentum": 0.9, "scheduler": "cosine", "decay_epochs": 90, "decay_rate": 0.1}
 
 
 def _changed_settings(stored: dict, current: dict, keys, only_given: bool = False) -> tuple[str, str]:
@@ -974,7 +1006,8 @@ def _note_schedule_changes(stored: dict, current: dict) -> None:
     (stderr), since the checkpoint otherwise restores the run exactly."""
     now, before = _changed_settings(stored, current, _SCHEDULE_KEYS)
     if now:
-        print(f"zoo train: resuming with {now} (the run used {before}): the warm-up + cosine learning-rate schedule "
+        scheduler = (current.get("task") or {}).get("scheduler", "cosine")
+        print(f"zoo train: resuming with {now} (the run used {before}): the warm-up + {scheduler} learning-rate schedule "
               "is recomputed for this run, so from the restored step the learning rate follows the new schedule",
               file=sys.stderr)
 
@@ -986,6 +1019,8 @@ def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
 
     path, ckpt = resume
     stored, current = (ckpt.get("hyper_parameters") or {}).get("zoo_config"), _to_container(cfg)
+    if isinstance(stored, dict) and "warmup_epochs" in (stored.get("task") or {}):  # a run saved before those keys
+        stored = {**stored, "task": {**_TASK_KEYS_ADDED, **stored["task"]}}
     if isinstance(stored, dict):  # Lightning restores the optimizer and the schedule over these: refuse a change
         now, before = _changed_settings(stored, current, _RESTORED_TASK_KEYS, only_given=True)
         if now:
@@ -1100,6 +1135,19 @@ def _run_directory_source(ckpt):
                             f"last.ckpt (it wrote none yet): give a .ckpt or a released directory")
 
 
+def resolve_ckpt_argument(ckpt):
+    """``ckpt=`` as every command reads it before loading: a zoo train run directory as its released/ (else best.ckpt,
+    else last.ckpt), a shipped card named as README names it (``checkpoints/vit_digits``) or by its card or model
+    name when no such path exists here; anything else unchanged (the loaders then name what is wrong with it)."""
+    ckpt = _run_directory_source(ckpt)
+    path = Path(str(ckpt)).expanduser()
+    if str(ckpt).strip() and not path.exists():
+        shipped = _shipped_source(path)
+        if shipped is not None:
+            return shipped
+    return ckpt
+
+
 def _shipped_source(path: Path) -> Optional[Path]:
     """A checkpoint this project ships, named as README names it (``checkpoints/vit_digits``: relative to the source
     tree, so outside it -- an installed wheel, another working directory -- the path did not exist and was taken
@@ -1149,12 +1197,14 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
         # data.mean=model was resolved at training time from the model it started from (a timm tag's or a
         # checkpoint's statistics); the model rebuilt here carries its name's defaults, so use what training used
         cfg.data.mean, cfg.data.std = list(info["mean"]), list(info["std"])
-    for key in ("crop_pct", "interpolation"):  # likewise "model" for the evaluation resize/crop
-        if data_cfg.get(key) == "model" and key in info:
-            cfg.data[key] = info[key]
-    if (str(data_cfg.get("_target_", "")).startswith("zoo.tasks.vision.") and "seed" in data_cfg
-            and "split_seed" not in data_cfg):
-        # a run from before data.split_seed: its data.seed drew the validation split as well
+    if model is not None and state is not None:
+        # a .ckpt: the model rebuilt from its name carries the registry's preprocessing; the run's record (mean/std,
+        # crop_pct, crop_mode, interpolation) goes on it, so that data.crop_pct=model / interpolation=model resolve
+        # to what training evaluated with (crop_mode too, which is no config key); a release carries its own
+        from zoo.hub import apply_training_preprocessing
+
+        apply_training_preprocessing(model, info)
+    if _older_vision_data(data_cfg):  # a run from before data.split_seed: its data.seed drew the split as well
         cfg.data.split_seed = data_cfg.seed
     overrides = list(overrides)
     for item in overrides:
@@ -1247,7 +1297,7 @@ def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: s
     overridable)."""
     if split not in ("test", "val"):  # before the model and data are built
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    ckpt = _run_directory_source(ckpt)
+    ckpt = resolve_ckpt_argument(ckpt)
     cfg, model, state, info = _inference_source(ckpt, overrides)
     module, datamodule = build(cfg, model=model)
     trained, found = info.get("class_names"), getattr(datamodule, "class_names", None)
@@ -1277,7 +1327,7 @@ def load_for_inference(ckpt: str | os.PathLike):
     A released directory without a ``zoo train`` record (written by ``zoo.save_pretrained`` from the user's own
     pipeline, or timm's Hugging Face Hub files) is preprocessed by its model's ``pretrained_cfg`` with timm's
     evaluation transform (info ``data_config``)."""
-    ckpt = _run_directory_source(ckpt)
+    ckpt = resolve_ckpt_argument(ckpt)
     released = _released_without_run(ckpt)
     if released is not None:
         return released
