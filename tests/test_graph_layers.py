@@ -1286,3 +1286,38 @@ def test_export_of_a_sparse_adjacency_is_refused_by_name():
     adj_t = torch.sparse_coo_tensor(_graph().flip(0), torch.ones(40), (12, 12)).coalesce()
     with pytest.raises(TypeError, match="torch.export of the zoo graph layers takes a \\[2, E\\] edge_index"):
         torch.export.export(layer, (torch.randn(12, 6), adj_t))
+
+
+def test_jit_trace_of_the_graph_layers_is_refused_or_works_and_dynamo_onnx_runs_other_sizes():
+    """The GAT layers under torch.jit.trace / the TorchScript ONNX exporter failed with "unordered_map::at" (and,
+    briefly, when the export path was taken for any tracer, PointTransformerConv's working jit.trace broke too):
+    one line naming what works; PointTransformerConv still traces; the dynamo ONNX exporter runs other sizes."""
+    import warnings
+
+    import onnxruntime
+
+    from zoo.attention import PointTransformerConv
+
+    torch.manual_seed(0)
+    x, edge_index = torch.randn(12, 8), torch.randint(0, 12, (2, 40))
+    for layer in (GATv2Conv(8, 4, heads=2).eval(), GATConv(8, 4, heads=2).eval()):
+        with pytest.raises(RuntimeError, match="cannot trace the zoo's graph attention; use torch.export"):
+            torch.jit.trace(layer, (x, edge_index))
+    points = PointTransformerConv(8, 4).eval()
+    pos = torch.randn(12, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings about Python values
+        traced = torch.jit.trace(points, (x, pos, edge_index), check_trace=False)
+    torch.testing.assert_close(traced(x, pos, edge_index), points(x, pos, edge_index))
+
+    layer = GATv2Conv(8, 4, heads=2).eval()
+    nodes, edges = torch.export.Dim("N", min=2), torch.export.Dim("E", min=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(layer, (x, edge_index), dynamo=True, dynamic_shapes=({0: nodes}, {1: edges}),
+                                    verbose=False)
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString())
+    x2, edge_index2 = torch.randn(20, 8), torch.randint(0, 20, (2, 77))
+    names = [i.name for i in session.get_inputs()]
+    out = session.run(None, {names[0]: x2.numpy(), names[1]: edge_index2.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), layer(x2, edge_index2), atol=1e-5, rtol=1e-5)

@@ -1087,3 +1087,23 @@ def test_graph_classifiers_pass_edge_features_to_their_layers(name):
     plain = zoo.create_model(name, **({} if graph else {"hidden_channels": 4, "heads": 2}))
     with pytest.raises(ValueError, match="edge_attr was given but the model was built without edge features"):
         plain(*args, edge_attr=edge_attr)
+
+
+def test_dictlookup_model_exports_strict_with_symbolic_sizes():
+    """docs/graph.md says the graph models export (strict too): the DictionaryLookup model formatted the node count
+    into its range-check message eagerly, which made strict torch.export fix N to the example's ("Constraints
+    violated (N)")."""
+    from torch.export import Dim
+
+    from zoo.tasks.graph.dictlookup import DictionaryLookupDataModule
+
+    torch.manual_seed(0)
+    model = zoo.create_model("gatv2_dictlookup_debug").eval()
+    small, large = DictionaryLookupDataModule(k=4, batch_size=2), DictionaryLookupDataModule(k=4, batch_size=3)
+    small.setup(), large.setup()
+    b0, b1 = next(iter(small.test_dataloader())), next(iter(large.test_dataloader()))
+    args = lambda b: (b["x"], b["edge_index"], b["target_index"])  # noqa: E731
+    shapes = ({0: Dim("N", min=4)}, {1: Dim("E", min=4)}, {0: Dim("Q", min=2)})
+    program = torch.export.export(model, args(b0), dynamic_shapes=shapes, strict=True).module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(*args(b1)), model(*args(b1)), atol=1e-5, rtol=1e-5)

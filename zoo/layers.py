@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "is_exporting", "call_outside_graph", "activate_fresh",
+    "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "is_exporting", "in_torch_export", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
     "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp", "weights_kept_alive", "refuse_double_backward", "usable_cpus",
     "autocast_off", "autocast_dtype",
@@ -255,18 +255,23 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling() or in_torch_func()
 
 
+def in_torch_export() -> bool:
+    """True while torch.export traces (strict or not; the dynamo ONNX exporter too) -- not jit tracing, the TorchScript
+    ONNX exporter or torch.compile. torch.compiler's flag is read rather than ``torch.compiler.is_exporting()``, which
+    Dynamo replaces by the constant True in everything it traces, under torch.compile too (torch 2.11;
+    pytorch/pytorch#176347, fixed by #176499)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def is_exporting() -> bool:
     """True while a program is exported: torch.export (strict or not, and so the dynamo ONNX exporter), torch.jit
     tracing/scripting, the TorchScript ONNX exporter. False under torch.compile, whose graphs guard on Python state
-    and are re-traced when it changes -- state (a KV cache, a graph cache) may live there, not in an exported program.
-
-    torch.compiler's flag is read rather than ``torch.compiler.is_exporting()``, which Dynamo replaces by the
-    constant True in everything it traces, under torch.compile too (torch 2.11; pytorch/pytorch#176347, fixed by
-    #176499): the graph layers took their export path and a KV-cache decoder was refused when compiled."""
+    and are re-traced when it changes -- state (a KV cache) may live there, not in an exported program
+    (:func:`in_torch_export` for torch.export alone)."""
     if torch._C._get_tracing_state() is not None or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
         return True
-    flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    return torch.compiler.is_exporting() if flag is None else bool(flag)
+    return in_torch_export()
 
 
 def call_outside_graph(fn, *args):

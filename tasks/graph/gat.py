@@ -31,7 +31,8 @@ CONVS = ("gatv2", "gat")
 
 def _check_index(name: str, index, size: Optional[int], what: str = "") -> None:
     """``index`` must be a 1-D integer tensor with values in [0, size) (values checked outside tracing; size None:
-    the type and shape alone)."""
+    the type and shape alone). ``what`` names the range in the message; ``{size}`` in it is filled in only when the
+    message is raised (formatting a symbolic size eagerly made strict torch.export fix it to the example's)."""
     if not isinstance(index, Tensor):
         raise TypeError(f"{name} must be a 1-D integer tensor, got {type(index).__name__}")
     if index.dim() != 1 or index.dtype not in (torch.long, torch.int32):
@@ -40,7 +41,7 @@ def _check_index(name: str, index, size: Optional[int], what: str = "") -> None:
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= size:
             bad = low if low < 0 else high
-            raise ValueError(f"{name} value {bad} is out of range for {what} (valid: 0..{size - 1})")
+            raise ValueError(f"{name} value {bad} is out of range for {what.format(size=size)} (valid: 0..{size - 1})")
 
 
 def make_conv(conv: str, in_channels, out_channels: int, **kwargs) -> nn.Module:
@@ -265,7 +266,7 @@ class DictionaryLookupNet(nn.Module):
             raise ValueError(f"x must be a [N, 2] long tensor of (key, value), got {x_N2.dtype} {tuple(x_N2.shape)}")
         if x_N2.numel() and not is_tracing() and (int(x_N2.min()) < 0 or int(x_N2.max()) > self.k):
             raise ValueError(f"keys/values must be in [0, {self.k}] (k={self.k}, {self.k} = EMPTY)")
-        _check_index("target_index", target_index, x_N2.size(0), f"{x_N2.size(0)} nodes")
+        _check_index("target_index", target_index, x_N2.size(0), "{size} nodes")
         h = F.relu(self.key_embed(x_N2[:, 0]) + self.value_embed(x_N2[:, 1]))
         if return_attention_weights:
             h, attn = self.conv(h, edge_index, return_attention_weights=True)

@@ -63,7 +63,7 @@ from zoo.attention.segment import (
     segment_softmax,
     segment_softmax_aggregate,
 )
-from zoo.layers import call_outside_graph, check_flag, check_like_weights, in_torch_func, is_exporting, is_tracing
+from zoo.layers import call_outside_graph, check_flag, check_like_weights, in_torch_export, in_torch_func, is_tracing
 
 __all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure", "CachedGraphLayer"]
 
@@ -135,7 +135,7 @@ def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool
     shortcut, the sparse-storage checks) cannot run on the symbolic graph: the index values are not checked,
     existing self loops are always dropped through a mask (torch_geometric.utils.remove_self_loops does the same),
     and a sparse adjacency is refused (see :meth:`CachedGraphLayer._graph`)."""
-    exporting = is_exporting()
+    exporting = in_torch_export()
     layout = size = None
     if isinstance(edge_index, Tensor) and edge_index.layout != torch.strided and exporting:
         raise TypeError(
@@ -458,7 +458,7 @@ class CachedGraphLayer(MessagePassing):
         PyG's layers run under those transforms, so ours do too, with plain autograd ops ([E, H, C] memory). The
         functorch query is left out of torch.compile's traced code (it would break the graph there). Under
         torch.export too: the fused functions are opaque eager code that export cannot trace (see ``_graph``)."""
-        if self._message_passing_observed() or is_exporting():
+        if self._message_passing_observed() or in_torch_export():
             return True
         return not torch.compiler.is_compiling() and in_torch_func()
 
@@ -470,7 +470,7 @@ class CachedGraphLayer(MessagePassing):
         # torch.export has no graph breaks: there the structure is traced (no value checks, no cache: it would
         # hold symbolic tensors) and the layer runs PyG's propagate (_runs_propagate), plain torch ops with a
         # symbolic N and E, as PyG's own layers export. The exported program has PyG's [E, H, C] memory.
-        if is_exporting():
+        if in_torch_export():
             self._check_graph_input(edge_index, num_src, num_dst)
             return graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
         return call_outside_graph(self._build_graph, edge_index, num_src, num_dst)
@@ -520,6 +520,17 @@ class CachedGraphLayer(MessagePassing):
 
 class _GraphAttentionBase(CachedGraphLayer):
     """Input parsing, edge features and the return protocol common to both attention layers."""
+
+    def _refuse_jit_trace(self) -> None:
+        """torch.jit.trace and the TorchScript ONNX exporter (torch.onnx.export(dynamo=False)) cannot record the fused
+        attention (custom autograd Functions; traced sizes are tensors, which the graph structure's Python
+        bookkeeping needs as ints): they failed with "unordered_map::at". One line instead, naming what works."""
+        if torch._C._get_tracing_state() is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.jit.trace / torch.onnx.export(dynamo=False) cannot trace the zoo's graph "
+                "attention; use torch.export.export or torch.onnx.export(..., dynamo=True), which run PyG's propagate "
+                "path with a symbolic node and edge count (PyG's layer of the same name loads this state dict and traces)"
+            )
 
     def __init__(self, aggr: str, message_passing_kwargs: Optional[dict] = None):
         # as PyG's layers: messages [E, H, C] summed over incoming edges along dimension 0 (GATConv names
@@ -813,6 +824,7 @@ class GATv2Conv(_GraphAttentionBase):
             nn.init.zeros_(self.bias)
 
     def forward(self, x, edge_index, edge_attr: Optional[Tensor] = None, return_attention_weights=None):
+        self._refuse_jit_trace()
         H, C = self.heads, self.out_channels
         x_src, x_dst, single = self._split_x(x, allow_none_dst=False)
         if single:
@@ -943,6 +955,7 @@ class GATConv(_GraphAttentionBase):
 
     def forward(self, x, edge_index, edge_attr: Optional[Tensor] = None, size=None,
                 return_attention_weights=None):
+        self._refuse_jit_trace()
         H, C = self.heads, self.out_channels
         x_src, x_dst, single = self._split_x(x, allow_none_dst=True)
         self._materialize(x_src, x_src if single else x_dst)

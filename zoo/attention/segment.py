@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import autocast_off, call_outside_graph, exp_flushed_, is_exporting, is_tracing, refuse_double_backward
+from zoo.layers import autocast_off, call_outside_graph, exp_flushed_, in_torch_export, is_tracing, refuse_double_backward
 
 __all__ = [
     "CSR",
@@ -169,7 +169,7 @@ def check_edge_index(edge_index, num_src: int, num_dst: int, *, where: str = "ed
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"{where} must have shape [2, E], got {tuple(edge_index.shape)}")
     edge_index = edge_index.long()
-    if edge_index.numel() and not is_exporting():
+    if edge_index.numel() and not in_torch_export():
         lo = int(edge_index.min())
         if lo < 0:
             raise ValueError(f"{where} contains negative node indices (min {lo})")
