@@ -43,8 +43,8 @@ Caveats:
   the output (Nq x Dv) and of the fp32 dBias buffer must stay below 2**31 (checked by triton_supports and the
   launchers). Segment ids must fit in int32. More than 65,535 (batch, head) pairs (CUDA's grid axis-1 limit)
   are launched in chunks.
-* A bias of torch.finfo(float32).min is a finite score (clamped to -FLT_MAX after the log2(e) scaling, see
-  _scaled_bias), as in SDPA; the backward recomputes P from the row max and log2 normaliser kept apart, exact
+* A bias of torch.finfo(float32).min (or .max) is a finite score (clamped to -FLT_MAX / FLT_MAX after the log2(e)
+  scaling, see _scaled_bias), as in SDPA; the backward recomputes P from the row max and log2 normaliser kept apart, exact
   where max + log2(l) rounds to max.
 * No torch.func (grad / vmap) rules: triton_supports refuses inside a transform.
 * The LSE output is differentiable (its gradient folds into the backward's ``delta``), so partial
@@ -306,10 +306,12 @@ def _scaled_bias(bias, bias_scale):
     """``bias * bias_scale`` with a finite bias kept finite. A mask written the Hugging Face way, with
     torch.finfo(float32).min, times log2(e) overflows fp32 to -inf and would turn such a pair into a forbidden one
     (a row of them into an empty row: zeros) where SDPA and the reference attend to it; clamped to -FLT_MAX it
-    stays the smallest finite score (a row of them attends uniformly). A -inf bias stays -inf (forbidden) and a
-    NaN stays NaN."""
+    stays the smallest finite score (a row of them attends uniformly). Likewise a finite bias above FLT_MAX / log2(e)
+    (torch.finfo(float32).max) overflowed to +inf, and the row to inf - inf = NaN: it is kept at FLT_MAX. A -inf
+    bias stays -inf (forbidden), +inf stays +inf and a NaN stays NaN."""
     scaled = bias * bias_scale
-    return tl.where((scaled < -3.4028234663852886e38) & (bias > float("-inf")), -3.4028234663852886e38, scaled)
+    scaled = tl.where((scaled < -3.4028234663852886e38) & (bias > float("-inf")), -3.4028234663852886e38, scaled)
+    return tl.where((scaled > 3.4028234663852886e38) & (bias < float("inf")), 3.4028234663852886e38, scaled)
 
 
 @triton.jit
@@ -1102,11 +1104,11 @@ def _draw_seed() -> int:
 
 @triton.jit
 def _dropout_scale_kernel(Out, drop_p, drop_seed, H, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(2)
+    pid_bh = tl.program_id(0)  # axis 0: up to 2**31 - 1 (batch, head) pairs (axes 1 and 2 stop at 65,535)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     z = _dropout_scale(drop_p, drop_seed, b, h, offs_m, offs_n, Nk)
     ptrs = Out + pid_bh.to(tl.int64) * Nq * Nk + offs_m.to(tl.int64)[:, None] * Nk + offs_n[None, :]
     tl.store(ptrs, z, mask=(offs_m < Nq)[:, None] & (offs_n < Nk)[None, :])
@@ -1117,7 +1119,7 @@ def dropout_scale(batch: int, heads: int, q_len: int, k_len: int, dropout_p: flo
     """fp32 (B, H, Nq, Nk): the kernels' dropout draw for ``seed`` materialised (1 / (1 - p) kept, 0 dropped),
     for tests: ``flash_attention_ref(..., dropout_scale=...)`` then reproduces a call with that seed."""
     out = torch.empty(batch, heads, q_len, k_len, dtype=torch.float32, device=device)
-    grid = (triton.cdiv(q_len, 32), triton.cdiv(k_len, 32), batch * heads)
+    grid = (batch * heads, triton.cdiv(q_len, 32), triton.cdiv(k_len, 32))
     _dropout_scale_kernel[grid](out, float(dropout_p), int(seed), heads, q_len, k_len, BLOCK_M=32, BLOCK_N=32)
     return out
 
@@ -1174,6 +1176,13 @@ def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None, dropout_
         if _bias_span(bias) > _MAX_OFFSET:
             raise ValueError(f"flash_attention: bias {tuple(bias.shape)} with strides {bias.stride()} exceeds the "
                              "kernel's 32-bit in-slice offsets")
+    # the buffers the launcher allocates (output, and the fp32 dBias when the bias needs a gradient), refused before
+    # the forward runs (the dBias buffer used to be refused only in backward)
+    span = _span_reason(q, v, bias, bias is not None and bias.requires_grad and torch.is_grad_enabled())
+    if span is not None:
+        raise ValueError(f"flash_attention: {span}" + (
+            "; a bias broadcast over the query rows can be passed un-expanded, shape (..., 1, Nk), which keeps a "
+            "buffer of cdiv(Nq, 16) rows" if bias is not None and bias.requires_grad else ""))
     if INTERPRET and q.device.type != "cuda" and torch.bfloat16 in (q.dtype, getattr(bias, "dtype", None)):
         raise TypeError("flash_attention: bfloat16 is computed wrongly by the Triton interpreter (q or bias); use "
                         "float16/float32 on CPU")
@@ -1234,12 +1243,19 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
 
     out (B, H, N, Dv), lse (B, H, N). Returns (out, lse) of attention over the union (as FlashInfer's
     merge_state / xFormers' merge_attentions). Rows empty in both stay zero with LSE -inf.
+
+    The weights are exp(lse_x - m) / (exp(lse_a - m) + exp(lse_b - m)) with m the larger LSE, so they sum to one
+    even where the LSEs saturate (rows whose every key is biased by torch.finfo(float32).min have an LSE near
+    -2.4e38, where lse + log(2) rounds to lse: weights taken as exp(lse_x - logaddexp(...)) were 1 and 1, and the
+    merged row the sum of the halves). Such rows merge with equal weights, not in proportion to the key counts.
     """
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    wa = torch.exp(lse_a - safe).nan_to_num(0.0)[..., None]
-    wb = torch.exp(lse_b - safe).nan_to_num(0.0)[..., None]
-    out = out_a.float() * wa + out_b.float() * wb
+    m = torch.maximum(lse_a, lse_b)
+    safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - safe), torch.exp(lse_b - safe)
+    total = wa + wb
+    lse = torch.where(total > 0, safe + torch.log(total), m)
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    out = out_a.float() * (wa / denom)[..., None] + out_b.float() * (wb / denom)[..., None]
     return out.to(out_a.dtype), lse
 
 
@@ -1376,7 +1392,7 @@ def flash_attention_ref(q, k, v, mask=None, bias=None, *, scale=None, score="sof
 # Offline GPU compile check (no GPU needed): python -m zoo.kernels.flash_attention --arch 80 90
 # ------------------------------------------------------------------------------------------------
 # Shared memory per block (bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin) by compute capability.
-_SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
+_SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 _PTR_ARGS = {"Q", "K", "V", "Out", "DO", "DK", "DVo", "DQ"}
 _F32_PTR_ARGS = {"Bias", "Lse", "LogNorm", "Delta", "DBias"}
 _I32_PTR_ARGS = {"TileCnt", "TileIdx", "SegQ", "SegK"}
@@ -1410,6 +1426,9 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: 
     ``all_configs=False`` compiles only the first (smallest) config of each pass. Needs the module imported
     without TRITON_INTERPRET=1.
     """
+    if arch not in _SMEM_LIMIT:  # a guessed limit would check tiles the device never runs
+        raise ValueError(f"compile_check: no shared-memory size known for sm_{arch}; known: "
+                         f"{', '.join(f'sm_{a}' for a in sorted(_SMEM_LIMIT))}")
     if INTERPRET:
         raise RuntimeError("compile_check needs zoo.kernels.flash_attention imported without TRITON_INTERPRET=1")
     block = _pad_dim(head_dim)
@@ -1419,7 +1438,7 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: 
     common = dict(SCORE=score_id, HAS_BIAS=int(bias), BLOCK_D=block, BLOCK_DV=block,
                   CHECK_D=head_dim != block, CHECK_DV=head_dim != block,
                   DOT_PREC="ieee" if dtype == torch.float32 else "tf32", **mask_meta)
-    limit = _SMEM_LIMIT.get(arch, min(_SMEM_LIMIT.values()))
+    limit = _SMEM_LIMIT[arch]
     fm, fn_ = _tiles(block, block, dtype, limit, backward=False)
     bm, bn = _tiles(block, block, dtype, limit, backward=True)
     passes = {

@@ -1008,3 +1008,55 @@ def test_speed_gpu():
     print(f"fwd+bwd dense {t_dense:.2f} ms, 25% block-sparse {t_sparse:.2f} ms, ratio {t_dense / t_sparse:.2f}")
     assert t_sparse * 2.0 < t_dense
     assert math.isfinite(t_sparse)
+
+
+def test_review_of_the_launcher_changes_extreme_biases_merge_late_refusal_and_grids(monkeypatch):
+    """Review of the launcher changes: (1) a finite bias above FLT_MAX / log2(e) (finfo(float32).max) overflowed to
+    +inf after scaling and the row to NaN; it attends to that key, as SDPA and the reference do. (2) Rows saturated
+    by a finfo.min bias merged as the sum of the halves (both weights 1): the merge weights sum to one. (3) A direct
+    flash_attention call whose dBias buffer overflows 32-bit offsets ran the forward and was refused only in
+    backward. (4) compile_check guessed the smallest shared memory for an unknown arch (sm_100 checked 99 KB tiles
+    that the device never runs). (5) dropout_scale put every (batch, head) pair on grid axis 2 (limit 65,535)."""
+    import torch.nn.functional as F
+
+    q, k, v, bias = _inputs(1, 2, 2, 8, 12, 16, bias_shape=(1, 2, 8, 12), seed=41)
+    bias[:, :, 3, 5] = torch.finfo(torch.float32).max
+    out = flash_attention(q, k, v, None, bias)
+    torch.testing.assert_close(out[0, :, 3], v[0, :, 5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), rtol=1e-5, atol=1e-5)
+
+    low = torch.finfo(torch.float32).min
+    halves = [torch.zeros(1, 2, 8, 12) for _ in range(2)]
+    halves[0][..., 6:], halves[1][..., :6] = -math.inf, -math.inf  # keys 0..5, then 6..11
+    for half in halves:
+        half[:, :, 3] = torch.where(half[:, :, 3] == 0, low, half[:, :, 3])  # row 3: every key at finfo.min
+    whole = torch.zeros(1, 2, 8, 12)
+    whole[:, :, 3] = low
+    (out_a, lse_a), (out_b, lse_b) = (flash_attention(q, k, v, None, h.to(DEVICE), return_lse=True) for h in halves)
+    merged, _ = merge_attention_states(out_a, lse_a, out_b, lse_b)
+    one_call = flash_attention(q, k, v, None, whole.to(DEVICE))
+    torch.testing.assert_close(merged[0, :, 3], v[0].mean(1), rtol=1e-5, atol=1e-5)  # equal halves: the mean
+    rows = [r for r in range(8) if r != 3]
+    torch.testing.assert_close(merged[:, :, rows], one_call[:, :, rows], rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(fa, "_MAX_OFFSET", 500)
+    per_key = torch.zeros(24, device=DEVICE, requires_grad=True)
+    q2, k2, v2, _ = _inputs(1, 1, 1, 24, 24, 16, seed=42)
+    with pytest.raises(ValueError, match="bias gradient buffer.*un-expanded"):
+        flash_attention(q2, k2, v2, None, per_key.expand(1, 1, 24, 24))
+    monkeypatch.undo()
+
+    assert fa._SMEM_LIMIT[100] == 232448
+    with pytest.raises(ValueError, match="no shared-memory size known for sm_75"):
+        fa.compile_check(75)
+
+    grids = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(fa, "_dropout_scale_kernel", Spy())
+    fa.dropout_scale(20000, 4, 49, 49, 0.1, 0, device="meta")
+    assert grids == [(80000, 2, 2)]  # pairs on axis 0 (2**31 - 1); the 32 x 32 tiles on axes 1 and 2
