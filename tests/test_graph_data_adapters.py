@@ -493,3 +493,24 @@ def test_tu_data_trains_one_epoch_through_zoo_train(tmp_path):
     assert 0.0 <= result["test_acc"] <= 1.0 and result["model"] == "gatv2_graph"
     with pytest.raises(ValueError, match=r"TOY has num_features=3 but the config says 7 \(set data\.num_features=3\)"):
         fit(compose(common), verbose=False, run_dir=str(tmp_path / "run2"))
+
+
+@pytest.mark.parametrize("node_labels", [True, False])
+def test_tu_graphs_without_edges_at_the_end_are_kept(tmp_path, node_labels):
+    """PyG's read_tu_data counts edges per graph with bincount (no minlength): graphs without edges at the end of the
+    files (a one-node graph, or self loops only) had no slice, and 8 labelled graphs were read as 7, silently (PyG's
+    TUDataset drops them too). Every labelled graph is kept, with no edges."""
+    _write_tu(tmp_path, node_labels=node_labels)
+    raw = tmp_path / "TOY" / "raw"
+    indicator = raw / "TOY_graph_indicator.txt"
+    nodes = len(indicator.read_text().split())
+    indicator.write_text(indicator.read_text() + "9\n10\n")  # graphs 9 (one node) and 10 (a self loop only)
+    (raw / "TOY_A.txt").write_text((raw / "TOY_A.txt").read_text() + f"{nodes + 2}, {nodes + 2}\n")
+    (raw / "TOY_graph_labels.txt").write_text((raw / "TOY_graph_labels.txt").read_text() + "5\n7\n")
+    if node_labels:
+        (raw / "TOY_node_labels.txt").write_text((raw / "TOY_node_labels.txt").read_text() + "1\n2\n")
+    graphs = gd.tu_dataset("TOY", str(tmp_path))
+    assert len(graphs) == 10
+    assert [g["num_nodes"] for g in graphs[-2:]] == [1, 1]
+    assert all(g["edge_index"].shape == (2, 0) for g in graphs[-2:])
+    assert [g["y"] for g in graphs[-2:]] == [0, 1]  # labels 5, 7 relabelled as PyG does

@@ -1358,3 +1358,23 @@ def test_grad_checkpointing_keeps_loss_and_gradients(monkeypatch):
         ImageClassifier(torch.nn.Linear(4, 3), num_classes=3, grad_checkpointing=True)
     with pytest.raises(TypeError, match="grad_checkpointing must be True or False"):
         ImageClassifier(plain, num_classes=3, grad_checkpointing="yes")
+
+
+def test_resume_compares_the_optimizer_settings_the_optimizer_reads(tmp_path):
+    """Resuming was refused for changes the optimizer never sees: task.optimizer=AdamW after adamw (timm lower-cases
+    it), another task.momentum for AdamW (no momentum); another momentum for SGD is still refused, as is another
+    optimizer."""
+    cfg = run.compose([*FAST_RUN, "task.optimizer=sgd"])
+    module, _ = run.build(cfg)
+    ckpt = {"hyper_parameters": {"zoo_config": run._to_container(cfg)}, "state_dict": module.state_dict()}
+    adamw = run.compose(FAST_RUN)
+    stored_adamw = {"hyper_parameters": {"zoo_config": run._to_container(adamw)},
+                    "state_dict": run.build(adamw)[0].state_dict()}
+    for overrides in (["task.optimizer=AdamW"], ["task.momentum=0.5"]):
+        current = run.compose([*FAST_RUN, *overrides])
+        run._check_resume_fits((tmp_path / "a.ckpt", stored_adamw), run.build(current)[0], current)
+    for overrides, named in ((["task.optimizer=sgd", "task.momentum=0.5"], "task.momentum=0.5"),
+                             (["task.optimizer=adamw"], "task.optimizer=adamw")):
+        current = run.compose([*FAST_RUN, *overrides])
+        with pytest.raises(ValueError, match=f"cannot resume .* with .*{named}"):
+            run._check_resume_fits((tmp_path / "s.ckpt", ckpt), run.build(current)[0], current)

@@ -623,8 +623,17 @@ def tu_dataset(name: str, root: str, use_node_attr: bool = False) -> list[dict]:
         graph_of_node = np.loadtxt(needed[1], dtype=np.int64, delimiter=",", ndmin=1) - 1
         node_slice = torch.from_numpy(np.concatenate([[0], np.cumsum(np.bincount(graph_of_node))]))
     edge_slice = slices["edge_index"]
+    # PyG's read_tu_data counts each graph's edges with bincount (no minlength): graphs without edges at the end of
+    # the files (a one-node graph, or self loops only, which it removes) have no slice entry, and TUDataset drops
+    # them silently. Every graph of graph_labels.txt is kept here, with no edges.
+    num_graphs = int(data.y.numel())
+    if len(edge_slice) < num_graphs + 1:
+        edge_slice = torch.cat([edge_slice, edge_slice[-1:].expand(num_graphs + 1 - len(edge_slice))])
+    if len(node_slice) < num_graphs + 1:
+        raise ValueError(f"TU {name}: {num_graphs} graph labels but nodes for {len(node_slice) - 1} graphs in "
+                         f"{name}_graph_indicator.txt (every graph needs at least one node)")
     graphs = []
-    for i in range(len(edge_slice) - 1):
+    for i in range(num_graphs):
         graphs.append({"x": None if x is None else x[node_slice[i]:node_slice[i + 1]].float(),
                        "num_nodes": int(node_slice[i + 1] - node_slice[i]),
                        "edge_index": data.edge_index[:, edge_slice[i]:edge_slice[i + 1]].long(),

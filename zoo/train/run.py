@@ -971,6 +971,28 @@ _SCHEDULE_KEYS = (("trainer", "max_epochs"), ("trainer", "max_steps"), ("trainer
 _TASK_KEYS_ADDED = {"optimizer": "adamw", "momentum": 0.9, "scheduler": "cosine", "decay_epochs": 90, "decay_rate": 0.1}
 
 
+def _as_the_optimizer_reads(config: dict) -> dict:
+    """``config`` with task.optimizer as timm reads it (lower case) and task.momentum / task.betas left out when that
+    optimizer does not take them, so that a resume is refused only for a change the optimizer would see (AdamW vs
+    adamw, or another momentum for AdamW, were refused)."""
+    task = dict(config.get("task") or {})
+    name = task.get("optimizer")
+    if not isinstance(name, str):
+        return config
+    task["optimizer"] = name.lower()
+    try:
+        from timm.optim import get_optimizer_info
+
+        info = get_optimizer_info(task["optimizer"].split("_")[-1])
+    except Exception:  # an unknown name: the module refuses it when it is built
+        return {**config, "task": task}
+    if not info.has_momentum:
+        task.pop("momentum", None)
+    if not info.has_betas:
+        task.pop("betas", None)
+    return {**config, "task": task}
+
+
 def _changed_settings(stored: dict, current: dict, keys, only_given: bool = False) -> tuple[str, str]:
     """("g.k=new, ...", "g.k=old, ...") for the (group, key) settings whose value differs between the run's
     stored config and this one ("", "" when none does); ``only_given``: keys the current config has."""
@@ -1019,8 +1041,9 @@ def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
 
     path, ckpt = resume
     stored, current = (ckpt.get("hyper_parameters") or {}).get("zoo_config"), _to_container(cfg)
-    if isinstance(stored, dict) and "warmup_epochs" in (stored.get("task") or {}):  # a run saved before those keys
-        stored = {**stored, "task": {**_TASK_KEYS_ADDED, **stored["task"]}}
+    if isinstance(stored, dict) and "warmup_epochs" in (stored.get("task") or {}):  # the warm-up schedule's tasks
+        stored = {**stored, "task": {**_TASK_KEYS_ADDED, **stored["task"]}}  # a run saved before those keys
+        stored, current = _as_the_optimizer_reads(stored), _as_the_optimizer_reads(current)
     if isinstance(stored, dict):  # Lightning restores the optimizer and the schedule over these: refuse a change
         now, before = _changed_settings(stored, current, _RESTORED_TASK_KEYS, only_given=True)
         if now:
