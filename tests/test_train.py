@@ -1378,3 +1378,49 @@ def test_resume_compares_the_optimizer_settings_the_optimizer_reads(tmp_path):
         current = run.compose([*FAST_RUN, *overrides])
         with pytest.raises(ValueError, match=f"cannot resume .* with .*{named}"):
             run._check_resume_fits((tmp_path / "s.ckpt", ckpt), run.build(current)[0], current)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear"])
+def test_a_resume_with_a_longer_schedule_trains_its_first_step_on_the_new_curve(tmp_path, scheduler):
+    """Lightning restores the param groups' lr (what the old schedule set for the next step) and LambdaLR recomputes
+    it only at its next step: a run resumed with trainer.max_epochs 2 -> 4 trained its first step at 0.01 x lr (the
+    end of the old cosine) where the new curve gives 0.75 x lr, although the note says the new schedule applies."""
+    from lightning.pytorch.callbacks import Callback
+
+    from zoo.train.optim import lr_schedule
+
+    class Rates(Callback):
+        def __init__(self):
+            self.factors = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.factors.append(trainer.optimizers[0].param_groups[-1]["lr"] / module.lr)
+
+    common = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=0", "task.warmup_epochs=1",
+              "task.min_lr_ratio=0.01", f"task.scheduler={scheduler}"]
+    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, "trainer.max_epochs=2"))
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    rates = Rates()
+    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, "trainer.max_epochs=4"), callbacks=[rates])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    factor = lr_schedule(scheduler, 16, 4, 0.01, 4, 0.5)
+    assert rates.factors == pytest.approx([factor(step) for step in range(8, 16)])
+
+
+def test_the_default_betas_leave_each_optimizer_its_own():
+    """timm's train.py passes --opt-betas only when given; the config's default pair (0.9, 0.999) was forced on every
+    optimizer: Lion ran with beta2 0.999 instead of its 0.99, ADOPT, Muon, NovoGrad likewise. The default pair now
+    means the optimizer's own betas (AdamW's are that pair); a pair given otherwise reaches it."""
+    import timm.optim
+
+    from zoo.train.optim import create_optimizer, param_groups
+
+    model = zoo.create_model("vit_debug", num_classes=3, img_size=16, patch_size=8)
+    for name in ("lion", "adopt", "novograd", "adamw"):
+        ours = create_optimizer(name, param_groups(model, 0.05, None), 1e-3, 0.9, (0.9, 0.999))
+        theirs = timm.optim.create_optimizer_v2(model, opt=name, lr=1e-3, weight_decay=0.05)
+        assert ours.param_groups[0]["betas"] == theirs.param_groups[0]["betas"], name
+    given = create_optimizer("lion", param_groups(model, 0.05, None), 1e-3, 0.9, (0.8, 0.9))
+    assert given.param_groups[0]["betas"] == (0.8, 0.9)

@@ -234,6 +234,21 @@ class ZooModule(pl.LightningModule):
             if isinstance(metric, Metric) and any(inference(v) for v in metric.metric_state.values()):
                 metric.reset()
 
+    def on_train_start(self) -> None:
+        """Each parameter group's lr set from the schedule at the restored step: Lightning restores the optimizer's
+        param_groups (their lr is what the OLD schedule set for the next step) and the scheduler's step count, and
+        LambdaLR recomputes the lr only at its next step, so a run resumed with a longer or other schedule trained
+        its first step at the old curve's value (0.01 x lr at the end of a cosine run, where the new one gives 0.75).
+        Equal to the restored value when the schedule is unchanged (the same expression), and at a fresh start."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                lrs = [base * factor(scheduler.last_epoch)
+                       for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+                for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+                    group["lr"] = lr
+                scheduler._last_lr = lrs
+
     def on_fit_start(self) -> None:
         self._renew_inference_metric_states()
 

@@ -125,15 +125,17 @@ def check_optimizer(name) -> str:
 
 
 def optimizer_betas(name: str, betas: Sequence[float]) -> Optional[tuple[float, ...]]:
-    """The betas to give timm's optimizer ``name`` (a ``check_optimizer`` name): ``betas`` when it takes that many;
-    None (its own) when it takes none (timm drops them too) or takes three (Adan) and ``betas`` is the default
-    pair, as timm's train.py passes ``--opt-betas`` only when given. Any other count is refused: a pair given to
-    Adan failed in its first step ("tuple index out of range")."""
+    """The betas to give timm's optimizer ``name`` (a ``check_optimizer`` name): None (its own) when it takes none
+    (timm drops them too) or ``betas`` is the default pair (the config's (0.9, 0.999)), as timm's train.py passes
+    ``--opt-betas`` only when given: Lion's own (0.9, 0.99), ADOPT's (0.9, 0.9999), Muon's (0.9, 0.95),
+    NovoGrad's (0.95, 0.98) and Adan's three are kept (the pair was forced on them); AdamW's own are that pair.
+    Otherwise ``betas`` when it takes that many; any other count is refused (a pair given to Adan failed in its
+    first step: "tuple index out of range")."""
     from timm.optim import get_optimizer_info
 
     info = get_optimizer_info(name.split("_")[-1])
     betas = tuple(float(beta) for beta in betas)
-    if not info.has_betas or (len(betas) != info.num_betas and betas == DEFAULT_BETAS):
+    if not info.has_betas or betas == DEFAULT_BETAS:
         return None
     if len(betas) != info.num_betas:
         raise ValueError(f"betas must be {info.num_betas} numbers for optimizer {name!r}, got {list(betas)!r}")
