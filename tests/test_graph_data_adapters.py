@@ -514,3 +514,46 @@ def test_tu_graphs_without_edges_at_the_end_are_kept(tmp_path, node_labels):
     assert [g["num_nodes"] for g in graphs[-2:]] == [1, 1]
     assert all(g["edge_index"].shape == (2, 0) for g in graphs[-2:])
     assert [g["y"] for g in graphs[-2:]] == [0, 1]  # labels 5, 7 relabelled as PyG does
+
+
+def test_review_of_the_graph_data_docs_zip_layout_edge_features(tmp_path):
+    """Docs audit: (1) a TU zip holds a top-level <name>/ folder, so README's "unzip into DIR/MUTAG/raw" left the
+    files in raw/MUTAG/ and the loader said they were missing; (2) a saved list's edge_attr was silently dropped,
+    so the classifiers' edge_dim could not be used from zoo train (a mixed set is refused)."""
+    _write_tu(tmp_path / "flat")
+    _write_tu(tmp_path / "zip")
+    raw = tmp_path / "zip" / "TOY" / "raw"
+    (raw / "TOY").mkdir()
+    for f in list(raw.glob("TOY_*.txt")):
+        f.rename(raw / "TOY" / f.name)
+    flat, unzipped = gd.tu_dataset("TOY", str(tmp_path / "flat")), gd.tu_dataset("TOY", str(tmp_path / "zip"))
+    assert len(unzipped) == len(flat) == 8
+    assert all(torch.equal(a["edge_index"], b["edge_index"]) and a["y"] == b["y"] for a, b in zip(flat, unzipped))
+
+    graphs = _data_list()
+    for g in graphs:
+        g.edge_attr = torch.randn(g.edge_index.size(1), 2)
+    torch.save(graphs, tmp_path / "edges.pt")
+    module = gd.GraphClassificationDataModule(path=str(tmp_path / "edges.pt"), num_features=4, num_classes=2)
+    module.setup()
+    batch = next(iter(module.train_dataloader()))
+    assert batch["edge_attr"].shape == (batch["edge_index"].size(1), 2)
+    model = zoo.create_model("gatv2_graph_debug", in_channels=4, num_classes=2, edge_dim=2)
+    assert model(batch["x"], batch["edge_index"], batch["batch"], batch["num_graphs"],
+                 edge_attr=batch["edge_attr"]).shape == (batch["num_graphs"], 2)
+    graphs[3].edge_attr = None
+    with pytest.raises(ValueError, match="every graph needs edge_attr of one width"):
+        gd.collate_graphs([gd._as_graph(g, "g") for g in graphs])
+
+
+def test_graph_classifier_takes_pyg_keywords_and_export_names_num_graphs():
+    """GATGraphClassifier.forward(x, edge_index, batch=...) as PyG's models are called (its parameters were named
+    x_NF / batch_N, so batch= was a TypeError); exporting without num_graphs gave GuardOnDataDependentSymNode."""
+    torch.manual_seed(0)
+    model = zoo.create_model("gatv2_graph_debug", in_channels=4, num_classes=2).eval()
+    x, edge_index = torch.randn(7, 4), torch.tensor([[0, 1, 2, 4, 5], [1, 2, 0, 5, 6]])
+    batch = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x=x, edge_index=edge_index, batch=batch), model(x, edge_index, batch, 2))
+    with pytest.raises(Exception, match="pass num_graphs"):
+        torch.export.export(model, (x, edge_index, batch))

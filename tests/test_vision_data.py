@@ -672,3 +672,11 @@ def test_timm_augment_options_are_checked_and_named(tmp_path):
                                              rf"images.*augment=shift or affine"):
             vdata.DigitsDataModule(augment="shift", **kwargs)
     assert vdata.DigitsDataModule(augment="affine", scale=0.2).scale == 0.2  # the digits' own zoom, as before
+
+
+def test_digits_refuse_timms_scale_range_by_name():
+    """data.scale=[0.08, 1.0] (timm's crop-area range) on the digits said "data.scale must be a number in [0, 1)",
+    inviting data.scale=0.08, which is the digits' zoom amplitude: it is named as a timm option they do not take."""
+    with pytest.raises(ValueError, match=r"scale=\[lo, hi\] \(timm's augmentations"):
+        vdata.DigitsDataModule(batch_size=8, scale=[0.08, 1.0])
+    assert vdata.DigitsDataModule(batch_size=8, augment="affine", scale=0.2).scale == 0.2

@@ -565,15 +565,24 @@ def synthetic_graph_classification(num_graphs: int = 300, min_nodes: int = 12, m
 
 
 def collate_graphs(graphs: list[dict]) -> dict:
-    """Disjoint union of small graphs: x, edge_index (offset), batch [N], num_graphs, y [G]."""
+    """Disjoint union of small graphs: x, edge_index (offset), batch [N], num_graphs, y [G], and edge_attr [E, D]
+    when the graphs carry edge features (every graph the same width: the model's edge_dim)."""
     xs, eis, batch, offset = [], [], [], 0
     for i, g in enumerate(graphs):
         xs.append(g["x"])
         eis.append(g["edge_index"] + offset)
         batch.append(torch.full((g["x"].size(0),), i, dtype=torch.long))
         offset += g["x"].size(0)
-    return {"x": torch.cat(xs), "edge_index": torch.cat(eis, 1), "batch": torch.cat(batch),
-            "num_graphs": len(graphs), "y": torch.tensor([g["y"] for g in graphs], dtype=torch.long)}
+    out = {"x": torch.cat(xs), "edge_index": torch.cat(eis, 1), "batch": torch.cat(batch),
+           "num_graphs": len(graphs), "y": torch.tensor([g["y"] for g in graphs], dtype=torch.long)}
+    with_attr = sum("edge_attr" in g for g in graphs)
+    if with_attr:
+        widths = {g["edge_attr"].size(1) for g in graphs if "edge_attr" in g}
+        if with_attr != len(graphs) or len(widths) != 1:
+            raise ValueError(f"graph edge features: {with_attr} of {len(graphs)} graphs have edge_attr, of widths "
+                             f"{sorted(widths)}; every graph needs edge_attr of one width (the model's edge_dim)")
+        out["edge_attr"] = torch.cat([g["edge_attr"] for g in graphs])
+    return out
 
 
 # ------------------------------------------------------------------------------ graph classification: user data
@@ -597,6 +606,9 @@ def tu_dataset(name: str, root: str, use_node_attr: bool = False) -> list[dict]:
     if not root:
         raise ValueError(f"TU {name}: data.root is required, a folder holding {name}/raw/{name}_A.txt, ...")
     raw = os.path.join(os.path.expanduser(os.fspath(root)), name, "raw")
+    unzipped = os.path.join(raw, name)  # a TU zip holds a top-level <name>/ folder: unzipped into raw/, it is here
+    if not os.path.isfile(os.path.join(raw, f"{name}_A.txt")) and os.path.isfile(os.path.join(unzipped, f"{name}_A.txt")):
+        raw = unzipped
     needed = [os.path.join(raw, f"{name}_{part}.txt") for part in _TU_REQUIRED]
     missing = [p for p in needed if not os.path.isfile(p)]
     if missing:
@@ -686,7 +698,8 @@ def _import_class(class_path: str):
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"data.dataset_class={class_path!r} cannot be imported ({error}); give an importable "
+        raise ValueError(f"data.dataset_class={class_path!r} cannot be imported ({error}; a module of yours must be "
+                         f"on the path: install it, or run with PYTHONPATH=<its folder>); give an importable "
                          "InMemoryDataset class as <package>.<module>.<Class>") from None
 
 
@@ -729,8 +742,16 @@ def _as_graph(data, where: str) -> dict:
     if label.numel() != 1 or label.is_floating_point() and label != label.round() or int(label) < 0:
         raise ValueError(f"{where}: y must be one class index >= 0 per graph (graph classification), got "
                          f"{y if not isinstance(y, Tensor) or y.numel() < 5 else tuple(y.shape)}")
-    return {"x": x.float() if isinstance(x, Tensor) else None, "num_nodes": int(num_nodes),
-            "edge_index": edge_index.long(), "y": int(label)}
+    graph = {"x": x.float() if isinstance(x, Tensor) else None, "num_nodes": int(num_nodes),
+             "edge_index": edge_index.long(), "y": int(label)}
+    edge_attr = get("edge_attr")
+    if isinstance(edge_attr, Tensor):  # edge features (the classifiers' edge_dim), one row per edge
+        edge_attr = edge_attr.view(-1, 1) if edge_attr.dim() == 1 else edge_attr
+        if edge_attr.dim() != 2 or edge_attr.size(0) != edge_index.size(1):
+            raise ValueError(f"{where}: edge_attr must be [num_edges, edge_dim] with one row per edge_index column "
+                             f"({edge_index.size(1)}), got shape {tuple(edge_attr.shape)}")
+        graph["edge_attr"] = edge_attr.float()
+    return graph
 
 
 def one_hot_degree(graph: dict, max_degree: int) -> Tensor:

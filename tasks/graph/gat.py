@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import check_ints, is_tracing
+from zoo.layers import check_ints, in_torch_export, is_tracing
 from zoo.registry import register_model
 
 __all__ = ["make_conv", "GATNodeClassifier", "GATGraphClassifier", "DictionaryLookupNet", "global_mean_pool"]
@@ -93,7 +93,7 @@ def _check_edge_attr(edge_dim: Optional[int], edge_attr: Optional[Tensor]) -> No
                          "(forward(..., edge_attr=...))")
     if edge_dim is None and edge_attr is not None:
         raise ValueError("edge_attr was given but the model was built without edge features: build it with "
-                         "edge_dim=<number of edge features> (model.edge_dim=... in the config)")
+                         "edge_dim=<number of edge features> (+model.edge_dim=... on the zoo train command line)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,19 +193,25 @@ class GATGraphClassifier(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, x_NF: Tensor, edge_index: Tensor, batch_N: Optional[Tensor] = None,
+    def forward(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None,
                 num_graphs: Optional[int] = None, *, edge_attr: Optional[Tensor] = None) -> Tensor:
-        """batch_N [N]: the graph (0..num_graphs-1) of each node -> logits [G, K], called as PyG's models and
-        pooling are: ``batch`` None is one graph (torch_geometric.nn.global_mean_pool(x, None)), ``num_graphs``
-        None is ``batch.max() + 1`` (global_mean_pool(x, batch)). Passing ``num_graphs`` (as the data modules'
-        batches do) avoids reading the batch vector on the host: under torch.compile / torch.export a Python int
-        keeps the graph whole. ``edge_attr`` [E, edge_dim] (keyword): for a model built with ``edge_dim``."""
+        """x [N, F], batch [N]: the graph (0..num_graphs-1) of each node -> logits [G, K], called as PyG's models and
+        pooling are (PyG's argument names, so ``batch=`` works as a keyword): ``batch`` None is one graph
+        (torch_geometric.nn.global_mean_pool(x, None)), ``num_graphs`` None is ``batch.max() + 1``
+        (global_mean_pool(x, batch)). Passing ``num_graphs`` (as the data modules' batches do) avoids reading the
+        batch vector on the host: under torch.compile a Python int keeps the graph whole, and torch.export needs it
+        (it cannot read the batch's values). ``edge_attr`` [E, edge_dim] (keyword): for a model built with
+        ``edge_dim``."""
+        x_NF, batch_N = x, batch
         if batch_N is None:
             batch_N = torch.zeros(x_NF.size(0), dtype=torch.long, device=x_NF.device)
             num_graphs = 1 if num_graphs is None else num_graphs
         if isinstance(batch_N, Tensor) and batch_N.dim() == 1 and batch_N.numel() != x_NF.size(0):
             raise ValueError(f"batch has {batch_N.numel()} entries but x has {x_NF.size(0)} nodes (one graph index per node)")
         if num_graphs is None:
+            if in_torch_export():
+                raise ValueError(f"{type(self).__name__}: torch.export cannot read the batch vector's values: pass "
+                                 "num_graphs (a Python int) as the fourth argument to export")
             _check_index("batch", batch_N, None)  # the type and shape, before its maximum is read
             num_graphs = _num_graphs(batch_N)
             what = f"num_graphs={num_graphs} (batch.max() + 1)"
@@ -214,10 +220,10 @@ class GATGraphClassifier(nn.Module):
             what = f"num_graphs={num_graphs}"
         _check_index("batch", batch_N, num_graphs, what)
         _check_edge_attr(self.edge_dim, edge_attr)
-        x = x_NF
+        h = x_NF
         for conv in self.convs:
-            x = F.elu(conv(x, edge_index, edge_attr))
-        return self.head(self.norm(global_mean_pool(x, batch_N, num_graphs)))
+            h = F.elu(conv(h, edge_index, edge_attr))
+        return self.head(self.norm(global_mean_pool(h, batch_N, num_graphs)))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -621,10 +621,13 @@ class DigitsDataModule(VisionDataModule):
 
     def __init__(self, *args, shift: int = 1, rotate: float = 10.0, scale: float = 0.1, **kwargs):
         timm_options = [name for name in _TIMM_AUGMENT_OPTIONS if name in kwargs]  # scale: the digits' own zoom
+        if isinstance(scale, (list, tuple)):  # timm's --scale (a crop-area range), not the digits' zoom amplitude
+            timm_options.append("scale=[lo, hi]")
         if timm_options:
             raise ValueError(f"DigitsDataModule: {', '.join(timm_options)} (timm's augmentations of PIL images, for image "
                              f"folders and CIFAR) do not apply to the in-memory digit tensors; augment them with "
-                             f"augment=shift or affine (shift, rotate, scale), or train on an image folder of the digits")
+                             f"augment=shift or affine (shift, rotate, scale: one number, the zoom amplitude), or "
+                             f"train on an image folder of the digits")
         super().__init__(*args, **kwargs)
         if self.augment not in ("none", "shift", "affine"):
             raise ValueError(f"DigitsDataModule: augment must be 'none', 'shift' or 'affine', got {self.augment!r}")
