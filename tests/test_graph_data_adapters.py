@@ -557,3 +557,21 @@ def test_graph_classifier_takes_pyg_keywords_and_export_names_num_graphs():
         torch.testing.assert_close(model(x=x, edge_index=edge_index, batch=batch), model(x, edge_index, batch, 2))
     with pytest.raises(Exception, match="pass num_graphs"):
         torch.export.export(model, (x, edge_index, batch))
+
+
+def test_tu_labels_and_graphs_must_agree_and_mixed_edge_features_are_refused_at_load(tmp_path):
+    """Review: a graph_indicator naming more graphs than graph_labels lists dropped the extra graphs silently (the
+    reader looped over the labels); a saved list with edge_attr on some graphs only was refused at its first such
+    batch, possibly after the whole training run: both refused when the data is read."""
+    _write_tu(tmp_path)
+    raw = tmp_path / "TOY" / "raw"
+    labels = (raw / "TOY_graph_labels.txt").read_text().split()
+    (raw / "TOY_graph_labels.txt").write_text("\n".join(labels[:-1]) + "\n")
+    with pytest.raises(ValueError, match="7 graph labels in TOY_graph_labels.txt but nodes for 8 graphs"):
+        gd.tu_dataset("TOY", str(tmp_path))
+    graphs = _data_list()
+    for g in graphs[:-1]:
+        g.edge_attr = torch.randn(g.edge_index.size(1), 2)
+    torch.save(graphs, tmp_path / "mixed.pt")
+    with pytest.raises(ValueError, match="9 of 10 graphs have edge features edge_attr"):
+        gd.load_graph_classification(path=str(tmp_path / "mixed.pt"))

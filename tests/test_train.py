@@ -1424,3 +1424,20 @@ def test_the_default_betas_leave_each_optimizer_its_own():
         assert ours.param_groups[0]["betas"] == theirs.param_groups[0]["betas"], name
     given = create_optimizer("lion", param_groups(model, 0.05, None), 1e-3, 0.9, (0.8, 0.9))
     assert given.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_resume_of_a_lion_run_compares_the_betas_it_used(tmp_path):
+    """Review: a Lion run with the default pair trained with Lion's own (0.9, 0.99); resuming it with
+    task.betas=[0.9,0.99] was refused ("the run used task.betas=[0.9, 0.999]"). The default pair is compared as the
+    optimizer's own betas."""
+    from zoo.train.optim import own_betas
+
+    assert own_betas("lion") == (0.9, 0.99) and own_betas("adamw") == (0.9, 0.999)
+    cfg = run.compose([*FAST_RUN, "task.optimizer=lion"])
+    module, _ = run.build(cfg)
+    ckpt = {"hyper_parameters": {"zoo_config": run._to_container(cfg)}, "state_dict": module.state_dict()}
+    same = run.compose([*FAST_RUN, "task.optimizer=lion", "task.betas=[0.9,0.99]"])
+    run._check_resume_fits((tmp_path / "l.ckpt", ckpt), run.build(same)[0], same)
+    other = run.compose([*FAST_RUN, "task.optimizer=lion", "task.betas=[0.8,0.99]"])
+    with pytest.raises(ValueError, match="cannot resume .* with task.betas=\\[0.8, 0.99\\]"):
+        run._check_resume_fits((tmp_path / "l.ckpt", ckpt), run.build(other)[0], other)

@@ -641,9 +641,10 @@ def tu_dataset(name: str, root: str, use_node_attr: bool = False) -> list[dict]:
     num_graphs = int(data.y.numel())
     if len(edge_slice) < num_graphs + 1:
         edge_slice = torch.cat([edge_slice, edge_slice[-1:].expand(num_graphs + 1 - len(edge_slice))])
-    if len(node_slice) < num_graphs + 1:
-        raise ValueError(f"TU {name}: {num_graphs} graph labels but nodes for {len(node_slice) - 1} graphs in "
-                         f"{name}_graph_indicator.txt (every graph needs at least one node)")
+    if len(node_slice) != num_graphs + 1:  # fewer: a graph without nodes; more: graphs without a label
+        raise ValueError(f"TU {name}: {num_graphs} graph labels in {name}_graph_labels.txt but nodes for "
+                         f"{len(node_slice) - 1} graphs in {name}_graph_indicator.txt (one label per graph, and every "
+                         "graph needs at least one node)")
     graphs = []
     for i in range(num_graphs):
         graphs.append({"x": None if x is None else x[node_slice[i]:node_slice[i + 1]].float(),
@@ -838,6 +839,11 @@ def load_graph_classification(name: str = "synthetic", root: Optional[str] = Non
         raise ValueError(f"{where}: the {' and '.join(empty)} split is empty ({sizes} train / val / test graphs); "
                          "every split needs graphs: use 4 graphs or more (a 70 / 15 / 15 split)")
     every = [g for split in _SPLITS for g in splits[split]]
+    with_attr = sum("edge_attr" in g for g in every)
+    attr_widths = sorted({g["edge_attr"].size(1) for g in every if "edge_attr" in g})
+    if with_attr not in (0, len(every)) or len(attr_widths) > 1:  # refused here, not at the first such batch
+        raise ValueError(f"{where}: {with_attr} of {len(every)} graphs have edge features edge_attr, of widths "
+                         f"{attr_widths}; give every graph edge_attr of one width (the model's edge_dim), or none")
     with_x = sum(g["x"] is not None for g in every)
     if with_x not in (0, len(every)):
         raise ValueError(f"{where}: {with_x} of {len(every)} graphs have node features x and the others none; "

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["SCHEDULERS", "check_optimizer", "check_scheduler", "create_optimizer", "layer_ids", "lr_schedule",
-           "optimizer_betas", "param_groups", "warmup_cosine", "warmup_linear", "warmup_step_decay"]
+           "optimizer_betas", "own_betas", "param_groups", "warmup_cosine", "warmup_linear", "warmup_step_decay"]
 
 DEFAULT_BETAS = (0.9, 0.999)
 
@@ -140,6 +140,22 @@ def optimizer_betas(name: str, betas: Sequence[float]) -> Optional[tuple[float, 
     if len(betas) != info.num_betas:
         raise ValueError(f"betas must be {info.num_betas} numbers for optimizer {name!r}, got {list(betas)!r}")
     return betas
+
+
+def own_betas(name: str) -> Optional[tuple[float, ...]]:
+    """The betas timm's optimizer ``name`` uses when given none (its constructor's default), None when unknown (a
+    partial such as Adan's). What a run with the default pair trained with (:func:`optimizer_betas`)."""
+    import inspect
+
+    from timm.optim import get_optimizer_class
+
+    try:
+        factory = get_optimizer_class(name.split("_")[-1])
+        cls = getattr(factory, "func", factory)  # functools.partial (Adan)
+        default = inspect.signature(cls.__init__).parameters["betas"].default
+    except Exception:
+        return None
+    return tuple(float(b) for b in default) if isinstance(default, (tuple, list)) else None
 
 
 def create_optimizer(

@@ -990,6 +990,13 @@ def _as_the_optimizer_reads(config: dict) -> dict:
         task.pop("momentum", None)
     if not info.has_betas:
         task.pop("betas", None)
+    elif task.get("betas") is not None:
+        from zoo.train.optim import DEFAULT_BETAS, own_betas
+
+        if tuple(float(b) for b in task["betas"]) == DEFAULT_BETAS:  # the default pair means the optimizer's own
+            task["betas"] = list(own_betas(task["optimizer"]) or DEFAULT_BETAS)
+        else:
+            task["betas"] = [float(b) for b in task["betas"]]
     return {**config, "task": task}
 
 
