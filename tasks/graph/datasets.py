@@ -575,14 +575,21 @@ def collate_graphs(graphs: list[dict]) -> dict:
         offset += g["x"].size(0)
     out = {"x": torch.cat(xs), "edge_index": torch.cat(eis, 1), "batch": torch.cat(batch),
            "num_graphs": len(graphs), "y": torch.tensor([g["y"] for g in graphs], dtype=torch.long)}
-    with_attr = sum("edge_attr" in g for g in graphs)
-    if with_attr:
-        widths = {g["edge_attr"].size(1) for g in graphs if "edge_attr" in g}
-        if with_attr != len(graphs) or len(widths) != 1:
-            raise ValueError(f"graph edge features: {with_attr} of {len(graphs)} graphs have edge_attr, of widths "
-                             f"{sorted(widths)}; every graph needs edge_attr of one width (the model's edge_dim)")
+    if _check_edge_features(graphs, "graph edge features"):
         out["edge_attr"] = torch.cat([g["edge_attr"] for g in graphs])
     return out
+
+
+def _check_edge_features(graphs: list[dict], where: str) -> bool:
+    """Whether the graphs carry edge features: every one of them ``edge_attr`` of one width (the model's edge_dim),
+    or none; anything else refused, naming ``where``. Checked when user data is read (load_graph_classification)
+    and again by collate_graphs for graphs collated directly."""
+    with_attr = sum("edge_attr" in g for g in graphs)
+    widths = sorted({g["edge_attr"].size(1) for g in graphs if "edge_attr" in g})
+    if with_attr not in (0, len(graphs)) or len(widths) > 1:
+        raise ValueError(f"{where}: {with_attr} of {len(graphs)} graphs have edge features edge_attr, of widths "
+                         f"{widths}; every graph needs edge_attr of one width (the model's edge_dim), or none")
+    return with_attr > 0
 
 
 # ------------------------------------------------------------------------------ graph classification: user data
@@ -839,11 +846,7 @@ def load_graph_classification(name: str = "synthetic", root: Optional[str] = Non
         raise ValueError(f"{where}: the {' and '.join(empty)} split is empty ({sizes} train / val / test graphs); "
                          "every split needs graphs: use 4 graphs or more (a 70 / 15 / 15 split)")
     every = [g for split in _SPLITS for g in splits[split]]
-    with_attr = sum("edge_attr" in g for g in every)
-    attr_widths = sorted({g["edge_attr"].size(1) for g in every if "edge_attr" in g})
-    if with_attr not in (0, len(every)) or len(attr_widths) > 1:  # refused here, not at the first such batch
-        raise ValueError(f"{where}: {with_attr} of {len(every)} graphs have edge features edge_attr, of widths "
-                         f"{attr_widths}; give every graph edge_attr of one width (the model's edge_dim), or none")
+    _check_edge_features(every, where)  # refused here, not at the first such batch (possibly after training)
     with_x = sum(g["x"] is not None for g in every)
     if with_x not in (0, len(every)):
         raise ValueError(f"{where}: {with_x} of {len(every)} graphs have node features x and the others none; "

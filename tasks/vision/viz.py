@@ -271,9 +271,11 @@ def load_image(spec: str, model: nn.Module, transform: Optional[Callable] = None
         if not path.is_file():
             raise FileNotFoundError(f"image file {path} does not exist")
         size = height if height == width else (height, width)
-        crop = {key: cfg[key] for key in ("crop_pct", "interpolation", "crop_mode") if key in cfg}
-        if height != width or crop.get("crop_mode", "center") not in ("center", "squash") or crop.get(
-                "interpolation", "bilinear") not in ("bilinear", "bicubic"):
+        from zoo.train.run import _eval_crop
+
+        crop = _eval_crop(cfg)  # the model's record, as zoo predict reads a run's (defaults: no crop, bilinear)
+        if height != width or crop["crop_mode"] not in ("center", "squash") or crop["interpolation"] not in (
+                "bilinear", "bicubic"):
             crop = {}  # what the zoo's file loader does not reproduce (timm's ResizeKeepRatio, ...): no crop, bilinear
         x = load_image_file(path, size, chans, cfg["mean"], cfg["std"], transform=transform, **crop)[None]
         return x, _display(x, mean, std), None

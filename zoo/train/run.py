@@ -1127,11 +1127,8 @@ def _resolve_source(ckpt: str | os.PathLike) -> Path:
 
     if not str(ckpt).strip():
         raise ValueError("ckpt= is empty: give a .ckpt file from zoo train or a released directory")
+    ckpt = resolve_ckpt_argument(ckpt)  # a run directory, a shipped card named as README names it
     path = Path(ckpt).expanduser()
-    if not path.exists():
-        shipped = _shipped_source(path)
-        if shipped is not None:
-            return shipped
     if not path.exists() and (path.suffix == ".ckpt" or not _looks_like_repo_id(str(ckpt))):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path if path.suffix == ".ckpt" else _resolve_pretrained("", str(ckpt))
