@@ -5,6 +5,7 @@ Commands::
     zoo train [experiment=<name>] [group=option ...] [key=value ...]   train (Hydra overrides)
     zoo eval ckpt=<.ckpt | released dir | run dir> [data=GROUP] [data.key=value ...]  test metrics
     zoo predict ckpt=<.ckpt | released dir | run dir> input=<image | folder | digits:N> [topk=5]
+                graph models: input=<nodes:S | graphs:S | graph.pt>       top-k classes
     zoo list [pattern] [--task vision]                                 registered models
     zoo bench <name> [args]                                            zoo.bench.<name>.main(args)
     zoo viz <kind> [key=value ...]                                     attention pictures (PNG)
@@ -37,7 +38,8 @@ Attention Zoo command line.
 commands:
   train     train a model: zoo train experiment=vit_digits [run_dir=DIR] [key=value ...]
   eval      test metrics of a checkpoint: zoo eval ckpt=DIR/checkpoints/last.ckpt
-  predict   top-5 classes: zoo predict ckpt=DIR/released input=image.png|folder|digits:0
+  predict   top-5 classes: zoo predict ckpt=DIR/released input=image.png|folder|digits:0 (graph models:
+            input=nodes:test|graphs:test|graph.pt)
   list      registered models: zoo list 'vit_*'
   bench     benchmarks: zoo bench attention|vision|vision_agent|vision_maxvit|graph|points|relpos [args]
   viz       attention pictures: zoo viz rollout|maxvit|agent|graph|mask [key=value ...]
@@ -83,14 +85,29 @@ batch on one device unless told otherwise (trainer.devices / strategy are refuse
 Prints the metrics as JSON.
 """
 
-PREDICT_HELP = """usage: zoo predict ckpt=<.ckpt | released dir | run dir> input=<image | folder | digits:N> [input=...] [topk=5] [json=true]
+PREDICT_HELP = """usage: zoo predict ckpt=<.ckpt | released dir | run dir> input=<INPUT> [input=...] [topk=5] [json=true]
 
-Prints the top-k classes with probabilities for each image (files are converted to the model's channels,
-resized to its image size and normalised as in training). digits:N is image N of scikit-learn's digits.
+Prints the top-k classes with probabilities for each input (json=true: a JSON list of {"input", "top",
+"label" where the data has one}); topk beyond the class count gives every class.
+
+Image models: input=<image file | folder of images | digits:N>. Files are converted to the model's channels,
+resized to its image size and normalised as in training. digits:N is image N of scikit-learn's digits.
 A released directory without a zoo train record (zoo.save_pretrained from your own pipeline, or timm's
 Hugging Face Hub files, e.g. ~/.cache/huggingface/hub/models--timm--<name>) is preprocessed with timm's
 evaluation transform of the model's pretrained_cfg (resize, center crop, normalise); a timm ImageNet head
 without label names in its config gets timm's ImageNet class descriptions.
+
+Graph models (zoo train experiment=graph_*), with the run's data rebuilt from the checkpoint's config:
+  node classification   input=nodes:all|train|val|test|<i,j,...>   nodes of the run's graph
+                        input=graph.pt   every node of a graph saved with torch.save(Data(x=..., edge_index=...))
+                        (or a dict of x, edge_index[, edge_attr]); x preprocessed as in training
+                        (data.normalize_features row normalisation)
+  graph classification  input=graphs:all|train|val|test|<i,j,...>   graphs of the run's data (graph i is the
+                        i-th of graphs:all: the train, val, then test graphs)
+                        input=graphs.pt   one prediction per graph of a torch.save'd list of Data (labels not
+                        needed; graphs without x get one-hot degrees up to the run's data.max_degree)
+Files are read with torch.load(weights_only=True): nothing in them runs. DictionaryLookup models are scored
+by zoo eval.
 """
 
 LIST_HELP = """usage: zoo list [PATTERN ...] [--task TASK] [--json]
@@ -230,7 +247,8 @@ def _cmd_predict(argv: list[str]) -> int:
         return 0
     values, _ = _key_values(argv, ("ckpt", "input", "topk", "json"), "predict")
     if "ckpt" not in values or "input" not in values:
-        raise SystemExit("zoo predict: ckpt=<checkpoint> and input=<image|folder|digits:N> are required")
+        raise SystemExit("zoo predict: ckpt=<checkpoint> and input=<image|folder|digits:N> (graph models: "
+                         "input=<nodes:S|graphs:S|graph.pt>) are required")
     try:
         topk = int(values.get("topk", ["5"])[-1])
     except ValueError:
@@ -248,13 +266,18 @@ def _cmd_predict(argv: list[str]) -> int:
     shown = max((len(row["top"]) for row in results), default=topk)  # topk beyond the class count: every class
     table = Table(title=f"top-{shown} predictions")
     table.add_column("input")
+    labelled = any("label" in row for row in results)  # graph data with classes: the true one beside the top-k
+    if labelled:
+        table.add_column("label")
     for rank in range(1, shown + 1):
         table.add_column(f"#{rank}", justify="right")
     for row in results:
-        table.add_row(row["input"], *[f"{name} ({prob:.3f})" for name, prob in row["top"]])
+        label = [row.get("label", "")] if labelled else []
+        table.add_row(row["input"], *label, *[f"{name} ({prob:.3f})" for name, prob in row["top"]])
     console = Console()
     if not console.is_terminal:  # piped or redirected: Rich's 80 columns would cut the paths and the cells
-        console = Console(width=max(80, 12 + max((len(r["input"]) for r in results), default=0) + 22 * shown))
+        console = Console(width=max(80, 12 + max((len(r["input"]) for r in results), default=0) + 22 * shown
+                                    + 8 * labelled))
     console.print(table)
     return 0
 

@@ -1354,10 +1354,17 @@ def load_for_inference(ckpt: str | os.PathLike):
     A released directory without a ``zoo train`` record (written by ``zoo.save_pretrained`` from the user's own
     pipeline, or timm's Hugging Face Hub files) is preprocessed by its model's ``pretrained_cfg`` with timm's
     evaluation transform (info ``data_config``)."""
+    model, info, _ = _inference_model(ckpt)
+    return model, info
+
+
+def _inference_model(ckpt: str | os.PathLike):
+    """load_for_inference's (model, info) and the run's stored config (None for a release without a zoo train
+    record), which zoo predict of a graph model rebuilds the run's data from."""
     ckpt = resolve_ckpt_argument(ckpt)
     released = _released_without_run(ckpt)
     if released is not None:
-        return released
+        return (*released, None)
     cfg, model, state, info = _inference_source(ckpt)
     if model is None:
         raise ValueError(f"{ckpt}: the checkpoint does not name a registered model (model_name)")
@@ -1372,7 +1379,7 @@ def load_for_inference(ckpt: str | os.PathLike):
         from zoo.hub import apply_training_preprocessing
 
         apply_training_preprocessing(model, info)
-    return model.eval(), info
+    return model.eval(), info, cfg
 
 
 def _eval_crop(info: dict) -> dict[str, Any]:
@@ -1485,23 +1492,55 @@ def _digits_image(spec: str, img_size: int, in_chans: int, mean, std, transform=
     return (x - mean_t) / std_t
 
 
-def _require_image_classifier(model, ckpt) -> None:
+def _model_task(model) -> Optional[str]:
+    """The registry's task of a loaded model (vision, graph, ...); None for a model the registry does not know."""
     import zoo
 
     name = getattr(model, "zoo_model_name", None)
-    task = zoo.get_model_entry(name).task if name and zoo.is_model(name) else None
+    return zoo.get_model_entry(name).task if name and zoo.is_model(name) else None
+
+
+def _require_image_classifier(model, ckpt, inputs: Sequence[str] = ()) -> None:
+    """An image model for image inputs: a model of another task, or a graph input (nodes:, graphs:, a .pt file)
+    given to an image model, refused in one line."""
+    from zoo.tasks.graph.predict import is_graph_input
+
+    name, task = getattr(model, "zoo_model_name", None), _model_task(model)
     if task is not None and task != "vision":
         raise ValueError(f"zoo predict classifies images; {ckpt} holds {name}, a {task} model (use zoo eval for its test metrics)")
+    graph_inputs = [spec for spec in map(str, inputs) if is_graph_input(spec)]
+    if graph_inputs:
+        raise ValueError(f"input={graph_inputs[0]} is a graph input, but {ckpt} holds "
+                         f"{name or type(model).__name__}, an image model: give it image files, folders of images "
+                         f"or digits:<index> (graph inputs go to graph models, e.g. a zoo train experiment=graph_* run)")
+
+
+def _predict_graph(model, cfg, ckpt, inputs: Sequence[str], topk: int, batch_size: int) -> list[dict[str, Any]]:
+    """zoo predict of a graph model (zoo.tasks.graph.predict): its run's data is rebuilt from the stored config as
+    zoo eval builds it."""
+    from zoo.tasks.graph.predict import predict_graph
+
+    if cfg is None or not cfg.get("data"):
+        raise ValueError(f"{ckpt}: a graph model without its zoo train record (the run's data config): predict "
+                         f"with a .ckpt or released directory written by zoo train")
+    return predict_graph(model, _to_container(cfg.data), list(map(str, inputs)), topk=topk, ckpt=str(ckpt),
+                         batch_size=batch_size, make_datamodule=lambda: _call_target(cfg.data, where="data"))
 
 
 def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
-    """Top-``topk`` classes for image files / folders / ``digits:<index>``: [{"input", "top": [(class, prob)]}]."""
+    """Top-``topk`` classes: [{"input", "top": [(class, prob)]}, plus "label" where the data has one].
+
+    Image models: image files / folders / ``digits:<index>``. Graph models (zoo.tasks.graph.predict): nodes of the
+    run's graph (``nodes:all|train|val|test|<i,j>``) or of a saved graph (a ``.pt`` file) for node classifiers,
+    graphs (``graphs:...`` or a ``.pt`` list of Data) for graph classifiers."""
     from zoo.tasks.vision.data import load_image_file
 
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
-    model, info = load_for_inference(ckpt)
-    _require_image_classifier(model, ckpt)
+    model, info, cfg = _inference_model(ckpt)
+    if _model_task(model) == "graph":
+        return _predict_graph(model, cfg, ckpt, inputs, topk, batch_size)
+    _require_image_classifier(model, ckpt, inputs)
     if getattr(model, "num_classes", None) == 0:
         raise ValueError(f"{ckpt}: {getattr(model, 'zoo_model_name', type(model).__name__)} has no classifier "
                          f"(num_classes=0: a feature backbone such as DINOv2 or SigLIP's tower); fine-tune a head first "

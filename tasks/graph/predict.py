@@ -1,0 +1,331 @@
+"""``zoo predict`` for graph models: the class probabilities of nodes or of whole graphs.
+
+:func:`predict_graph` is what ``zoo.train.run.predict`` hands a checkpoint of a graph model to (the run's stored
+config tells which kind of data it was trained on, ``data.model_kind``):
+
+* node classification (NodeDataModule runs: karate, sbm, networkx, planetoid, ogb):
+  ``nodes:all | nodes:train | nodes:val | nodes:test | nodes:<i,j,k>`` predicts nodes of the run's own graph,
+  rebuilt from the stored data config as ``zoo eval`` rebuilds it (the masks select the split);
+  ``<file.pt>`` predicts every node of another graph, saved with ``torch.save`` as one PyG ``Data`` (or a dict
+  with ``x``, ``edge_index`` and optionally ``edge_attr`` / ``y``), its features preprocessed as training did
+  (``data.normalize_features``: PyG's ``NormalizeFeatures`` row normalisation).
+* graph classification (GraphClassificationDataModule runs: synthetic, TU, data.path, data.dataset_class):
+  ``graphs:all | graphs:train | graphs:val | graphs:test | graphs:<i,j>`` predicts graphs of the run's data
+  (graph ``i`` is the i-th of ``graphs:all``, which lists the train, val and test graphs in this order);
+  ``<file.pt>`` holding a list of ``Data`` (labels not needed) gives one prediction per graph, read by the
+  training loader's own functions (``zoo.tasks.graph.datasets``: ``_as_graph``'s checks, ``one_hot_degree``
+  features capped at the run's ``data.max_degree`` for graphs without ``x``, one edge-feature width).
+* DictionaryLookup models are refused in one line: their inputs are the benchmark's generated graphs, scored by
+  ``zoo eval``.
+
+Files are read with ``torch.load(weights_only=True)`` and PyG's Data classes allowed (as ``data.path`` lists are,
+``zoo.tasks.graph.datasets.load_saved_graphs``): nothing in the file runs. The model is the one
+``zoo.train.run`` loaded: eval mode, the EMA weights when the run kept them. Rows are those of image prediction:
+``{"input": "node 5" | "graph 3" | "file.pt[2]", "top": [(class, probability), ...]}`` plus ``"label"`` when the
+data has one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["predict_graph", "GRAPH_INPUTS", "is_graph_input"]
+
+SPLITS = ("all", "train", "val", "test")
+# what each kind of graph model predicts from, as the error messages and `zoo predict --help` say it
+GRAPH_INPUTS = {
+    "node": "nodes:all|train|val|test|<i,j,...> (nodes of the run's graph) or a .pt file holding one PyG Data",
+    "graph": "graphs:all|train|val|test|<i,j,...> (graphs of the run's data) or a .pt file holding a list of PyG Data",
+}
+_PREFIX = {"node": "nodes", "graph": "graphs"}
+# files a user saves graphs into with torch.save (other suffixes are read too, when the file exists)
+GRAPH_FILE_SUFFIXES = (".pt", ".pth")
+
+
+def is_graph_input(spec: str) -> bool:
+    """Whether an ``input=`` value names graph data (``nodes:...``, ``graphs:...``, a ``.pt`` / ``.pth`` file):
+    given to an image model, it is refused with what image models take."""
+    return spec.startswith(("nodes:", "graphs:")) or os.path.splitext(spec)[1].lower() in GRAPH_FILE_SUFFIXES
+
+
+def predict_graph(model: torch.nn.Module, data_cfg: dict, inputs: Sequence[str], *, topk: int, ckpt: str,
+                  make_datamodule: Callable[[], Any], batch_size: int = 64) -> list[dict[str, Any]]:
+    """Top-``topk`` classes for each node or graph that ``inputs`` name (see the module docstring).
+
+    ``data_cfg``: the run's data config, resolved (plain values); ``make_datamodule``: builds the run's data
+    module from it (``zoo.train.run`` instantiates it as ``zoo eval`` does), called only for ``nodes:`` /
+    ``graphs:`` inputs; ``ckpt``: the checkpoint as given, for the messages."""
+    name = getattr(model, "zoo_model_name", type(model).__name__)
+    kind = str(data_cfg.get("model_kind") or name.removesuffix("_debug").rsplit("_", 1)[-1])
+    if kind not in GRAPH_INPUTS:
+        supported = "; ".join(f"{k} models ({', '.join(_models_of(k))}): input={v}" for k, v in GRAPH_INPUTS.items())
+        raise ValueError(f"zoo predict does not predict {name} ({kind} data; zoo eval ckpt={ckpt} scores it on its "
+                         f"test split); it predicts {supported}")
+    if not inputs:
+        raise ValueError(f"no inputs given (input={GRAPH_INPUTS[kind]})")
+    datamodule = None
+    rows: list[dict[str, Any]] = []
+    for spec in inputs:
+        spec = str(spec)
+        _check_graph_spec(spec, kind, name, ckpt)
+        if spec.startswith(f"{_PREFIX[kind]}:"):
+            if datamodule is None:
+                datamodule = make_datamodule()
+                datamodule.setup()
+            items = _run_nodes(datamodule, spec) if kind == "node" else _run_graphs(datamodule, spec)
+        else:
+            raw = _load_graph_file(spec)
+            width = _input_width(model, data_cfg)
+            items = (_file_nodes(raw, spec, width, data_cfg) if kind == "node"
+                     else _file_graphs(raw, spec, width, data_cfg))
+        rows += _predict_items(model, kind, items, spec, topk, batch_size)
+    return rows
+
+
+def _models_of(kind: str) -> list[str]:
+    import zoo
+
+    return [m for m in zoo.list_models("*", task="graph") if m.removesuffix("_debug").endswith(f"_{kind}")]
+
+
+def _check_graph_spec(spec: str, kind: str, name: str, ckpt: str) -> None:
+    """An input of another kind than the model's, named: an image (``digits:N``, an image file, a folder) or the
+    other graph prefix."""
+    from zoo.tasks.vision.data import IMAGE_EXTENSIONS
+
+    other = {"node": "graph", "graph": "node"}[kind]
+    if spec.startswith(f"{_PREFIX[other]}:"):
+        raise ValueError(f"input={spec}: {ckpt} holds {name}, a {kind}-classification model; it predicts "
+                         f"input={GRAPH_INPUTS[kind]}")
+    if spec.startswith(f"{_PREFIX[kind]}:"):
+        return
+    if not spec.strip():
+        raise ValueError(f"input= is empty: give input={GRAPH_INPUTS[kind]}")
+    path = os.path.expanduser(spec)
+    if spec.startswith("digits:") or os.path.isdir(path) or os.path.splitext(spec)[1].lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"zoo predict classifies images; {ckpt} holds {name}, a graph ({kind}-classification) "
+                         f"model, and input={spec} is an image input: give it input={GRAPH_INPUTS[kind]}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input {spec} does not exist (a {kind}-classification model takes "
+                                f"input={GRAPH_INPUTS[kind]})")
+
+
+# ---------------------------------------------------------------------------------------------- the run's data
+def _selection(spec: str, count: int, masks: dict[str, Tensor], unit: str) -> list[int]:
+    """The indices ``nodes:<what>`` / ``graphs:<what>`` names: a split (its mask's indices) or a comma list."""
+    prefix, what = spec.split(":", 1)
+    if what in masks:
+        return masks[what].nonzero().view(-1).tolist()
+    tokens = [token.strip() for token in what.split(",")]
+    if len(tokens) == 1 and tokens[0].isidentifier():
+        raise ValueError(f"input={spec}: unknown split {what!r}; use {prefix}:all, {prefix}:train, {prefix}:val, "
+                         f"{prefix}:test or {prefix}:<i,j,...> ({unit} indices)")
+    indices = []
+    for token in tokens:
+        try:
+            index = int(token)
+        except ValueError:
+            raise ValueError(f"input={spec}: {token!r} is not a {unit} index (give integers 0..{count - 1}, comma "
+                             f"separated, or a split: {', '.join(SPLITS)})") from None
+        if index < 0:
+            raise ValueError(f"input={spec}: {unit} index {index} is negative; give {unit} indices 0..{count - 1} "
+                             f"(the run's data has {count} {unit}s)")
+        if index >= count:
+            raise ValueError(f"input={spec}: {unit} index {index} is out of range: the run's data has {count} "
+                             f"{unit}s (0..{count - 1})")
+        indices.append(index)
+    return indices
+
+
+def _run_nodes(datamodule, spec: str) -> dict:
+    """The nodes of the run's graph that ``spec`` names (NodeDataModule's graph: features as trained on)."""
+    data = datamodule.data
+    n = data["x"].size(0)
+    masks = {"all": torch.ones(n, dtype=torch.bool), **{s: data[f"{s}_mask"] for s in SPLITS[1:]}}
+    chosen = _selection(spec, n, masks, "node")
+    return {"graphs": [{key: data.get(key) for key in ("x", "edge_index", "edge_attr")}],
+            "rows": [(0, i, f"node {i}", int(data["y"][i])) for i in chosen]}
+
+
+def _run_graphs(datamodule, spec: str) -> dict:
+    """The graphs of the run's data that ``spec`` names; graph i is the i-th of train + val + test."""
+    every = [g for split in SPLITS[1:] for g in datamodule.splits[split]]
+    sizes = [len(datamodule.splits[split]) for split in SPLITS[1:]]
+    masks, start = {"all": torch.ones(len(every), dtype=torch.bool)}, 0
+    for split, size in zip(SPLITS[1:], sizes):
+        masks[split] = torch.zeros(len(every), dtype=torch.bool)
+        masks[split][start:start + size] = True
+        start += size
+    chosen = _selection(spec, len(every), masks, "graph")
+    return {"graphs": [every[i] for i in chosen],
+            "rows": [(k, None, f"graph {i}", int(every[i]["y"])) for k, i in enumerate(chosen)]}
+
+
+# ------------------------------------------------------------------------------------------------- files
+def _load_graph_file(spec: str):
+    """``torch.load(weights_only=True)`` with PyG's Data classes allowed, as data.path lists are read."""
+    from zoo.tasks.graph.datasets import _pyg_data_globals
+
+    path = os.path.expanduser(spec)
+    try:
+        with torch.serialization.safe_globals(_pyg_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in _pyg_data_globals()}
+        try:  # a zip written by torch.save: the classes it names beyond the allowed ones
+            unsafe = ", ".join(name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                               if name not in allowed) or "other objects"
+        except Exception:  # not a torch.save zip at all
+            raise ValueError(f"cannot read input={spec} as a torch.save file of PyG Data ({type(error).__name__}): "
+                             f"save the graph(s) with torch.save(data, path)") from None
+        raise ValueError(f"input={spec} holds {unsafe} beside tensors and PyG Data, which torch.load(weights_only="
+                         f"True) does not build (it runs no code from the file): save a plain Data, or a list of "
+                         f"Data, with torch.save") from None
+    except Exception as error:  # not a torch.save file, truncated
+        first = (str(error).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"cannot read input={spec} as a torch.save file of PyG Data ({type(error).__name__}: "
+                         f"{first}): save the graph(s) with torch.save(data, path)") from None
+
+
+def _as_mapping(item, where: str) -> dict:
+    """A PyG ``Data`` (its stored attributes) or a dict; anything else named."""
+    from torch_geometric.data import Data
+
+    if isinstance(item, Data):
+        return item.to_dict()
+    if isinstance(item, dict):
+        return item
+    raise ValueError(f"{where} is a {type(item).__name__}, not a torch_geometric Data (or a dict with x and "
+                     f"edge_index)")
+
+
+def _input_width(model, data_cfg: dict) -> Optional[int]:
+    """The node-feature width the model reads: its first attention layer's in_channels, else data.num_features."""
+    convs = getattr(model, "convs", None)
+    width = getattr(convs[0], "in_channels", None) if convs is not None and len(convs) else None
+    if isinstance(width, int) and width > 0:
+        return width
+    width = data_cfg.get("num_features")
+    return int(width) if isinstance(width, int) else None
+
+
+def _check_width(x: Tensor, width: Optional[int], where: str, data_cfg: dict) -> None:
+    if width is not None and x.size(1) != width:
+        raise ValueError(f"{where}: x has {x.size(1)} features per node but the model reads {width} (the run's data "
+                         f"{data_cfg.get('name') or data_cfg.get('path')} has data.num_features={width}): give x "
+                         f"[num_nodes, {width}]")
+
+
+def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
+    """Every node of the one graph in ``raw``, x preprocessed as the run's (normalize_feature_rows when
+    data.normalize_features)."""
+    from zoo.tasks.graph.datasets import normalize_feature_rows
+
+    if isinstance(raw, (list, tuple)):
+        raise ValueError(f"input={spec} holds a list of {len(raw)} items; a node-classification model predicts the "
+                         f"nodes of one graph: save one Data (torch.save(data, path))")
+    graph = _as_mapping(raw, f"input={spec}")
+    x, edge_index, edge_attr, y = (graph.get(key) for key in ("x", "edge_index", "edge_attr", "y"))
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        got = "none" if x is None else f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"input={spec}: a node-classification model reads node features x [num_nodes, "
+                         f"num_features], got {got}")
+    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2 \
+            or edge_index.is_floating_point():
+        raise ValueError(f"input={spec}: edge_index must be an integer tensor of shape [2, num_edges], got "
+                         f"{getattr(edge_index, 'shape', type(edge_index).__name__)}")
+    x = x.float()
+    _check_width(x, width, f"input={spec}", data_cfg)
+    if data_cfg.get("normalize_features"):  # as NodeDataModule fed the run's graph (load_node_dataset)
+        x = normalize_feature_rows(x)
+    n = x.size(0)
+    labels = [None] * n
+    if isinstance(y, Tensor) and y.numel() == n and not y.is_floating_point():
+        labels = [int(v) for v in y.view(-1)]
+    name = os.path.basename(spec)
+    edges = edge_attr.float().view(edge_index.size(1), -1) if isinstance(edge_attr, Tensor) else None
+    return {"graphs": [{"x": x, "edge_index": edge_index.long(), "edge_attr": edges}],
+            "rows": [(0, i, f"{name} node {i}", labels[i]) for i in range(n)]}
+
+
+def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
+    """The graphs of ``raw`` (a list of Data, or one) as the training loader reads them (_as_graph), one-hot degree
+    features for graphs without x (capped at the run's data.max_degree: the width the model reads)."""
+    from zoo.tasks.graph.datasets import _as_graph, _check_edge_features, _graph_source, one_hot_degree
+
+    name = os.path.basename(spec)
+    items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    if not items:
+        raise ValueError(f"input={spec} holds an empty list: save a list of PyG Data")
+    graphs, labels = [], []
+    for i, item in enumerate(items):
+        where = f"input={spec} [{i}]" if isinstance(raw, (list, tuple)) else f"input={spec}"
+        graph = dict(_as_mapping(item, where))
+        label = graph.get("y")
+        graph["y"] = 0 if label is None else label  # labels are not needed to predict: a placeholder for the checks
+        graph = _as_graph(graph, where)
+        labels.append(None if label is None else graph["y"])
+        graphs.append(graph)
+    _check_edge_features(graphs, f"input={spec}")
+    with_x = sum(g["x"] is not None for g in graphs)
+    if with_x not in (0, len(graphs)):
+        raise ValueError(f"input={spec}: {with_x} of {len(graphs)} graphs have node features x and the others none; "
+                         "give every graph x, or none (then one-hot degrees are used, as in training)")
+    if not with_x:
+        source = _graph_source(str(data_cfg.get("name", "synthetic")), data_cfg.get("root"), data_cfg.get("path"),
+                               data_cfg.get("dataset_class"))
+        if source == "synthetic" or width is None:
+            raise ValueError(f"input={spec}: the graphs have no node features x, and the model was trained on the "
+                             f"synthetic set's features (degree, clustering, noise): give each graph x [num_nodes, "
+                             f"{width}]")
+        max_degree = data_cfg.get("max_degree")
+        max_degree = width - 1 if max_degree is None else int(max_degree)  # training's one_hot_degree width
+        for g in graphs:
+            g["x"] = one_hot_degree(g, max_degree)
+    for i, g in enumerate(graphs):
+        _check_width(g["x"], width, f"input={spec} [{i}]", data_cfg)
+    return {"graphs": graphs, "rows": [(i, None, f"{name}[{i}]", labels[i]) for i in range(len(graphs))]}
+
+
+# ------------------------------------------------------------------------------------------------- forward
+def _predict_items(model, kind: str, items: dict, spec: str, topk: int, batch_size: int) -> list[dict[str, Any]]:
+    """Rows for ``items`` ({"graphs", "rows": (graph, node or None, input label, class label or None)}): node
+    models run on the whole graph (a node's prediction depends on its neighbours), graph models in batches of
+    ``batch_size`` graphs (collate_graphs, as training batched them)."""
+    if kind == "node":
+        graph = items["graphs"][0]
+        extra = {"edge_attr": graph["edge_attr"]} if graph.get("edge_attr") is not None else {}
+        probs = _forward(lambda: model(graph["x"], graph["edge_index"], **extra), spec)
+        chosen = probs[[node for _, node, _, _ in items["rows"]]]
+    else:
+        from zoo.tasks.graph.datasets import collate_graphs
+
+        parts = []
+        for start in range(0, len(items["graphs"]), batch_size):
+            batch = collate_graphs(items["graphs"][start:start + batch_size])
+            extra = {"edge_attr": batch["edge_attr"]} if "edge_attr" in batch else {}
+            parts.append(_forward(lambda: model(batch["x"], batch["edge_index"], batch["batch"], batch["num_graphs"],
+                                                **extra), spec))
+        chosen = torch.cat(parts) if parts else torch.zeros(0, 0)
+    values, indices = chosen.topk(min(topk, chosen.size(-1)), dim=-1)
+    rows = []
+    for (_, _, label, target), vals, idxs in zip(items["rows"], values.tolist(), indices.tolist()):
+        row: dict[str, Any] = {"input": label, "top": [(str(i), float(v)) for v, i in zip(vals, idxs)]}
+        if target is not None:
+            row["label"] = str(target)
+        rows.append(row)
+    return rows
+
+
+def _forward(call: Callable[[], Tensor], spec: str) -> Tensor:
+    """Softmax of the model's logits; the layers' own checks of the input (edge_index out of range, the edge
+    features the model was built for) reach the user as one line naming the input."""
+    try:
+        with torch.no_grad():
+            return call().float().softmax(-1)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"input={spec}: {error}") from None

@@ -1,0 +1,317 @@
+"""``zoo predict`` of graph models (zoo.tasks.graph.predict through zoo.train.run.predict and the CLI).
+
+Each run below trains for a few steps in a temporary folder; the expected probabilities are computed here
+independently: the model rebuilt from the checkpoint's ``model_name`` / ``model_args`` with the weights of its
+state dict (the EMA copy where the run kept one), run on the data as the data loaders give it, softmaxed.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zoo import cli
+from zoo.train import run
+
+pytest.importorskip("torch_geometric")
+
+from torch_geometric.data import Data  # noqa: E402
+
+from zoo.tasks.graph import datasets as gd  # noqa: E402
+
+COMMON = ["callbacks=minimal", "logger=none", "num_threads=1", "trainer.enable_model_summary=false",
+          "+trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(run_dir, *overrides) -> str:
+    torch.set_num_threads(1)
+    run.train(run.compose([*overrides, *COMMON, f"run_dir={run_dir}"]))
+    return str(run_dir / "checkpoints" / "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def karate_ckpt(tmp_path_factory) -> str:
+    """Two epochs of graph_karate with an EMA copy of the weights (decay 0.5: it differs from the raw weights)."""
+    return _train(tmp_path_factory.mktemp("karate") / "run", "experiment=graph_karate", "trainer.max_epochs=2",
+                  "+task.ema_decay=0.5")
+
+
+@pytest.fixture(scope="module")
+def sbm_normalized_ckpt(tmp_path_factory) -> str:
+    """Two epochs on a small SBM graph whose (signed, Gaussian) features are row-normalised for training."""
+    return _train(tmp_path_factory.mktemp("sbm") / "run", "experiment=graph_sbm", "trainer.max_epochs=2",
+                  "+data.block_sizes=[12,12,12]", "+data.normalize_features=true")
+
+
+@pytest.fixture(scope="module")
+def synthetic_ckpt(tmp_path_factory) -> str:
+    return _train(tmp_path_factory.mktemp("synthetic") / "run", "experiment=graph_synthetic", "data.num_graphs=20",
+                  "trainer.max_epochs=1", "+model.hidden_channels=4", "model.heads=2", "data.batch_size=8")
+
+
+def _graph_without_x(num_nodes: int, edges: list[tuple[int, int]], y=None) -> Data:
+    both = edges + [(b, a) for a, b in edges]
+    data = Data(edge_index=torch.tensor(both, dtype=torch.long).reshape(-1, 2).t().contiguous(), num_nodes=num_nodes)
+    if y is not None:
+        data.y = torch.tensor([y])
+    return data
+
+
+def _star(leaves: int, y=None) -> Data:
+    """Node 0 linked to every other node: its degree is ``leaves``."""
+    return _graph_without_x(leaves + 1, [(0, i) for i in range(1, leaves + 1)], y)
+
+
+def _path(num_nodes: int, y=None) -> Data:
+    return _graph_without_x(num_nodes, [(i, i + 1) for i in range(num_nodes - 1)], y)
+
+
+@pytest.fixture(scope="module")
+def degree_ckpt(tmp_path_factory) -> str:
+    """Graph classification on graphs without x (data.path): one-hot degrees capped at data.max_degree=3."""
+    folder = tmp_path_factory.mktemp("degrees")
+    graphs = [_star(2 + i % 4, y=0) if i % 2 else _path(3 + i % 5, y=1) for i in range(12)]
+    torch.save(graphs, folder / "graphs.pt")
+    return _train(folder / "run", "experiment=graph_synthetic", "data=graph_tu", "data.root=null",
+                  f"data.path={folder / 'graphs.pt'}", "data.max_degree=3", "data.num_features=4",
+                  "data.num_classes=2", "trainer.max_epochs=1", "+model.hidden_channels=4", "model.heads=2",
+                  "data.batch_size=4")
+
+
+class CustomData(Data):
+    """A Data subclass of a user's: torch.load(weights_only=True) does not build it."""
+
+
+def _reference_model(ckpt: str, weights: str = "eval"):
+    """The checkpoint's model, rebuilt here: its EMA weights (``weights="eval"``, when kept) or its raw ones."""
+    import zoo
+
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hp, state = stored["hyper_parameters"], stored["state_dict"]
+    prefix = "model_ema.module." if weights == "eval" and any(k.startswith("model_ema.") for k in state) else "model."
+    model = zoo.create_model(hp["model_name"], **hp["model_args"])
+    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return model.eval()
+
+
+def _node_reference(ckpt: str, x, edge_index, weights: str = "eval") -> torch.Tensor:
+    with torch.no_grad():
+        return _reference_model(ckpt, weights)(x, edge_index).softmax(-1)
+
+
+def _check_rows(rows, probs: torch.Tensor, inputs: list[str], labels=None, topk: int = 99) -> None:
+    """Each row holds the top-k classes of its probability row, in order, with their probabilities."""
+    assert [row["input"] for row in rows] == inputs
+    k = min(topk, probs.size(1))
+    for row, p in zip(rows, probs):
+        values, indices = p.topk(k)
+        assert [name for name, _ in row["top"]] == [str(i) for i in indices.tolist()]
+        assert torch.allclose(torch.tensor([prob for _, prob in row["top"]]), values, atol=1e-5)
+    if labels is None:
+        assert all("label" not in row for row in rows)
+    else:
+        assert [row["label"] for row in rows] == [str(label) for label in labels]
+
+
+# -------------------------------------------------------------------------------------------- node classification
+def test_node_predictions_are_the_softmax_of_the_ema_model_on_the_runs_graph(karate_ckpt):
+    data = gd.karate_club()
+    expected = _node_reference(karate_ckpt, data["x"], data["edge_index"])
+    rows = run.predict(karate_ckpt, ["nodes:all"], topk=10)  # topk capped at the 4 classes
+    _check_rows(rows, expected, [f"node {i}" for i in range(34)], data["y"].tolist())
+    assert all(len(row["top"]) == 4 for row in rows)
+    raw = _node_reference(karate_ckpt, data["x"], data["edge_index"], weights="raw")
+    assert not torch.allclose(raw, expected, atol=1e-4)  # the EMA weights are not the raw ones: the check can fail
+    # the released directory (its weights are the EMA copy) and the run directory predict the same
+    released = run.predict(str(karate_ckpt).replace("checkpoints/last.ckpt", "released"), ["nodes:all"], topk=10)
+    assert [r["top"][0][0] for r in released] == [r["top"][0][0] for r in rows]
+    assert all(abs(a["top"][0][1] - b["top"][0][1]) < 1e-5 for a, b in zip(released, rows))
+
+
+def test_nodes_of_a_split_are_its_mask_nodes(karate_ckpt):
+    data = gd.karate_club()
+    expected = _node_reference(karate_ckpt, data["x"], data["edge_index"])
+    for split in ("train", "val", "test"):
+        nodes = data[f"{split}_mask"].nonzero().view(-1).tolist()
+        rows = run.predict(karate_ckpt, [f"nodes:{split}"], topk=2)
+        _check_rows(rows, expected[nodes], [f"node {i}" for i in nodes], data["y"][nodes].tolist(), topk=2)
+    rows = run.predict(karate_ckpt, ["nodes:33, 0,5", "nodes:5"], topk=1)
+    _check_rows(rows, expected[[33, 0, 5, 5]], ["node 33", "node 0", "node 5", "node 5"],
+                data["y"][[33, 0, 5, 5]].tolist(), topk=1)
+
+
+def test_a_saved_graph_predicts_as_the_runs_graph(karate_ckpt, tmp_path):
+    """input=<file.pt>: one PyG Data (or a dict of x, edge_index) gives every node's prediction, as the same graph
+    of the run does; labels when the file has them."""
+    data = gd.karate_club()
+    of_the_run = run.predict(karate_ckpt, ["nodes:all"], topk=4)
+    torch.save(Data(x=data["x"], edge_index=data["edge_index"], y=data["y"]), tmp_path / "karate.pt")
+    torch.save({"x": data["x"], "edge_index": data["edge_index"]}, tmp_path / "plain.pt")
+    from_data = run.predict(karate_ckpt, [str(tmp_path / "karate.pt")], topk=4)
+    from_dict = run.predict(karate_ckpt, [str(tmp_path / "plain.pt")], topk=4)
+    expected = _node_reference(karate_ckpt, data["x"], data["edge_index"])
+    _check_rows(from_data, expected, [f"karate.pt node {i}" for i in range(34)], data["y"].tolist())
+    _check_rows(from_dict, expected, [f"plain.pt node {i}" for i in range(34)])
+    assert [r["top"] for r in from_dict] == [r["top"] for r in of_the_run]
+
+
+def test_features_are_row_normalised_when_the_run_did(sbm_normalized_ckpt, tmp_path):
+    """data.normalize_features: the run's graph and a saved graph with the raw features both go through
+    PyG's NormalizeFeatures, as in training; the raw features would give other probabilities."""
+    raw = gd.load_node_dataset("sbm", block_sizes=[12, 12, 12])
+    normalized = gd.normalize_feature_rows(raw["x"])
+    expected = _node_reference(sbm_normalized_ckpt, normalized, raw["edge_index"])
+    unnormalized = _node_reference(sbm_normalized_ckpt, raw["x"], raw["edge_index"])
+    assert not torch.allclose(expected, unnormalized, atol=1e-3)
+    inputs = [f"node {i}" for i in range(36)]
+    _check_rows(run.predict(sbm_normalized_ckpt, ["nodes:all"], topk=3), expected, inputs, raw["y"].tolist())
+    torch.save(Data(x=raw["x"], edge_index=raw["edge_index"]), tmp_path / "raw.pt")
+    _check_rows(run.predict(sbm_normalized_ckpt, [str(tmp_path / "raw.pt")], topk=3), expected,
+                [f"raw.pt node {i}" for i in range(36)])
+
+
+# ------------------------------------------------------------------------------------------- graph classification
+def _graph_reference(ckpt: str, graphs: list[dict]) -> torch.Tensor:
+    model = _reference_model(ckpt)
+    with torch.no_grad():
+        return torch.cat([model(g["x"], g["edge_index"]).softmax(-1) for g in graphs])  # one graph at a time
+
+
+def test_graphs_of_the_runs_data(synthetic_ckpt):
+    graphs = gd.synthetic_graph_classification(20, seed=0)  # split 70 / 15 / 15: 14 train, 3 val, 3 test
+    expected = _graph_reference(synthetic_ckpt, graphs)
+    labels = [g["y"] for g in graphs]
+    _check_rows(run.predict(synthetic_ckpt, ["graphs:test"], topk=2), expected[17:],
+                ["graph 17", "graph 18", "graph 19"], labels[17:], topk=2)
+    _check_rows(run.predict(synthetic_ckpt, ["graphs:all"]), expected, [f"graph {i}" for i in range(20)], labels)
+    _check_rows(run.predict(synthetic_ckpt, ["graphs:3,15"]), expected[[3, 15]], ["graph 3", "graph 15"],
+                [labels[3], labels[15]])
+
+
+def test_graph_file_without_x_gets_the_runs_capped_one_hot_degrees(degree_ckpt, tmp_path):
+    """Graphs without x and without labels: one prediction each, with one-hot degree features capped at the
+    run's data.max_degree=3 (the star's centre has degree 6), as the training graphs got them."""
+    new = [_star(6), _path(4), _graph_without_x(3, [])]
+    torch.save(new, tmp_path / "new.pt")
+    rows = run.predict(degree_ckpt, [str(tmp_path / "new.pt")])
+    features = []
+    for g in new:
+        degree = torch.bincount(g.edge_index[0], minlength=g.num_nodes).clamp(max=3)
+        features.append({"x": torch.nn.functional.one_hot(degree, 4).float(), "edge_index": g.edge_index})
+    _check_rows(rows, _graph_reference(degree_ckpt, features), ["new.pt[0]", "new.pt[1]", "new.pt[2]"])
+    # labels, when the graphs have them, are shown beside the prediction
+    torch.save([_star(2, y=0), _path(5, y=1)], tmp_path / "labelled.pt")
+    assert [row["label"] for row in run.predict(degree_ckpt, [str(tmp_path / "labelled.pt")])] == ["0", "1"]
+
+
+def test_graph_file_with_x_and_the_synthetic_runs_refusal_of_graphs_without(synthetic_ckpt, tmp_path):
+    graphs = gd.synthetic_graph_classification(4, seed=5)
+    torch.save([Data(x=g["x"], edge_index=g["edge_index"]) for g in graphs], tmp_path / "mine.pt")
+    _check_rows(run.predict(synthetic_ckpt, [str(tmp_path / "mine.pt")]), _graph_reference(synthetic_ckpt, graphs),
+                [f"mine.pt[{i}]" for i in range(4)])
+    torch.save([_path(4)], tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match=r"bare\.pt: the graphs have no node features x, and the model was trained "
+                                         r"on the synthetic set's features .* give each graph x \[num_nodes, 8\]"):
+        run.predict(synthetic_ckpt, [str(tmp_path / "bare.pt")])
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("spec, error, message", [
+    ("nodes:tset", ValueError, r"^input=nodes:tset: unknown split 'tset'; use nodes:all, nodes:train, nodes:val, "
+                               r"nodes:test or nodes:<i,j,\.\.\.> \(node indices\)$"),
+    ("nodes:-2", ValueError, r"^input=nodes:-2: node index -2 is negative; give node indices 0\.\.33"),
+    ("nodes:3,34", ValueError, r"^input=nodes:3,34: node index 34 is out of range: the run's data has 34 nodes "
+                               r"\(0\.\.33\)$"),
+    ("nodes:1.5", ValueError, r"^input=nodes:1\.5: '1\.5' is not a node index \(give integers 0\.\.33"),
+    ("nodes:", ValueError, r"^input=nodes:: '' is not a node index"),
+    ("graphs:test", ValueError, r"^input=graphs:test: .* holds gatv2_node, a node-classification model; it predicts "
+                                r"input=nodes:all\|train\|val\|test"),
+    ("digits:0", ValueError, r"^zoo predict classifies images; .* holds gatv2_node, a graph \(node-classification\) "
+                             r"model, and input=digits:0 is an image input: give it input=nodes:all"),
+    ("photo.png", ValueError, r"input=photo\.png is an image input"),
+    ("missing.pt", FileNotFoundError, r"^input missing\.pt does not exist \(a node-classification model takes"),
+])
+def test_bad_node_inputs_are_named(karate_ckpt, spec, error, message):
+    with pytest.raises(error, match=message):
+        run.predict(karate_ckpt, [spec])
+
+
+def test_bad_files_are_named(karate_ckpt, degree_ckpt, tmp_path):
+    data = gd.karate_club()
+
+    def saved(name, obj):
+        torch.save(obj, tmp_path / name)
+        return str(tmp_path / name)
+
+    cases = [
+        (karate_ckpt, saved("tensor.pt", torch.zeros(3)), r"tensor\.pt is a Tensor, not a torch_geometric Data"),
+        (karate_ckpt, saved("list.pt", [Data(x=data["x"], edge_index=data["edge_index"])] * 2),
+         r"list\.pt holds a list of 2 items; a node-classification model predicts the nodes of one graph"),
+        (karate_ckpt, saved("narrow.pt", Data(x=data["x"][:, :5], edge_index=data["edge_index"])),
+         r"narrow\.pt: x has 5 features per node but the model reads 34 .* give x \[num_nodes, 34\]"),
+        (karate_ckpt, saved("nox.pt", {"edge_index": data["edge_index"]}),
+         r"nox\.pt: a node-classification model reads node features x \[num_nodes, num_features\], got none"),
+        (karate_ckpt, saved("far.pt", Data(x=data["x"], edge_index=torch.tensor([[0, 40], [1, 2]]))),
+         r"^input=.*far\.pt: edge_index source index 40 is out of range for 34 source nodes$"),
+        (karate_ckpt, saved("negative.pt", Data(x=data["x"], edge_index=torch.tensor([[0, -1], [1, 2]]))),
+         r"^input=.*negative\.pt: edge_index contains negative node indices"),
+        (degree_ckpt, saved("strings.pt", ["a", "b"]), r"strings\.pt \[0\] is a str, not a torch_geometric Data"),
+        (degree_ckpt, saved("empty.pt", []), r"empty\.pt holds an empty list"),
+        (degree_ckpt, saved("wide.pt", [Data(x=torch.ones(3, 7), edge_index=torch.tensor([[0], [1]]))]),
+         r"wide\.pt \[0\]: x has 7 features per node but the model reads 4"),
+        (degree_ckpt, saved("outside.pt", [_graph_without_x(3, [(0, 5)])]),
+         r"outside\.pt \[0\]: edge_index holds node 5 but the graph has 3 nodes"),
+        (degree_ckpt, saved("mixed.pt", [Data(x=torch.ones(2, 4), edge_index=torch.tensor([[0], [1]])), _path(3)]),
+         r"mixed\.pt: 1 of 2 graphs have node features x and the others none"),
+    ]
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    cases.append((karate_ckpt, str(tmp_path / "junk.pt"), r"^cannot read input=.*junk\.pt as a torch\.save file"))
+    torch.save(CustomData(x=data["x"], edge_index=data["edge_index"]), tmp_path / "custom.pt")
+    cases.append((karate_ckpt, str(tmp_path / "custom.pt"),
+                  r"custom\.pt holds test_graph_predict\.CustomData beside tensors and PyG Data, which "
+                  r"torch\.load\(weights_only=True\) does not build"))
+    for ckpt, path, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run.predict(ckpt, [path])
+
+
+def test_graph_inputs_to_an_image_model_and_dictlookup_models_are_refused(tmp_path):
+    import zoo
+    from zoo.tasks.graph.predict import predict_graph
+
+    torch.save(Data(x=torch.ones(2, 3), edge_index=torch.tensor([[0], [1]])), tmp_path / "g.pt")
+    for spec in ("nodes:all", "graphs:0", str(tmp_path / "g.pt")):
+        with pytest.raises(ValueError, match=rf"^input={spec} is a graph input, but checkpoints/vit_digits holds "
+                                             r"vit_digits, an image model: give it image files"):
+            run.predict("checkpoints/vit_digits", [spec])
+    model = zoo.create_model("gatv2_dictlookup_debug")
+    with pytest.raises(ValueError, match=r"^zoo predict does not predict gatv2_dictlookup_debug \(dictlookup data; "
+                                         r"zoo eval ckpt=run scores it on its test split\); it predicts node models "
+                                         r"\(.*gatv2_node.*\): input=nodes:all"):
+        predict_graph(model, {"model_kind": "dictlookup"}, ["nodes:all"], topk=5, ckpt="run",
+                      make_datamodule=lambda: None)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def test_cli_prints_a_table_and_json(karate_ckpt, capsys):
+    assert cli.main(["predict", f"ckpt={karate_ckpt}", "input=nodes:0,5", "topk=2"]) == 0
+    out = capsys.readouterr().out
+    assert "top-2 predictions" in out and "node 0" in out and "node 5" in out and "label" in out
+    assert cli.main(["predict", f"ckpt={karate_ckpt}", "input=nodes:test", "json=true"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    expected = run.predict(karate_ckpt, ["nodes:test"])
+    assert rows == [{**row, "top": [list(pair) for pair in row["top"]]} for row in expected]
+    assert cli.main(["predict", f"ckpt={karate_ckpt}", "input=nodes:99"]) == 1
+    err = capsys.readouterr().err
+    assert "zoo predict: error: input=nodes:99: node index 99 is out of range" in err and "Traceback" not in err
+    assert cli.main(["predict", "--help"]) == 0
+    assert "input=nodes:all|train|val|test|<i,j,...>" in capsys.readouterr().out
