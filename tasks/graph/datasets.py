@@ -510,11 +510,19 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
     return _pack(f"ogb:{name}", x, _undirected(edges), y, *masks)
 
 
+# NodeDataModule's mini-batch keys: they change how the training loader batches the graph, not the graph, so
+# load_node_dataset ignores them (``zoo viz graph ckpt=`` passes every recorded data option on)
+_TRAINING_LOADER_KEYS = ("batch_size", "num_neighbors")
+
+
 def load_node_dataset(name: str, root: Optional[str] = None, seed: int = 0, normalize_features: bool = False,
                       **kwargs) -> dict:
     """Dispatch on ``name`` (see the module docstring); ``normalize_features``: the rows of x summing to 1
     (:func:`normalize_feature_rows`, PyG's NormalizeFeatures). Here rather than in the data module alone, so that
-    ``zoo viz graph ckpt=`` (which passes the recorded data options on) feeds a model the features it trained on."""
+    ``zoo viz graph ckpt=`` (which passes the recorded data options on) feeds a model the features it trained on.
+    ``batch_size`` / ``num_neighbors`` (NodeDataModule's training batches) are accepted and ignored."""
+    for key in _TRAINING_LOADER_KEYS:  # how the training loader batches the graph (NodeDataModule), not the graph
+        kwargs.pop(key, None)
     data = _load_node_dataset(name, root, seed, **kwargs)
     if normalize_features:
         data["x"] = normalize_feature_rows(data["x"])
@@ -883,12 +891,66 @@ _LOADER_OPTIONS = {
 }
 
 
-class NodeDataModule(_Base):
-    """One graph, full batch: every loader yields the same single batch dict (masks select the split)."""
+class _SampledTrainingNodes(torch.utils.data.Dataset):
+    """The training nodes of one graph as a dataset of seed ids, whose ``collate`` turns a batch of seeds into their
+    sampled subgraph (:class:`zoo.tasks.graph.sampling.NeighborSampler`): the batch dict x [n, F], y [n],
+    edge_index [2, e] (local numbers), edge_attr [e, D] when the graph has edge features, n_id [n] / e_id [e] (global
+    ids), and batch_size (the seed count; the seeds are the first batch_size rows).
+
+    The draw is seeded by (data seed, epoch, the batch's seed ids). The seed ids are those of one batch index of one
+    epoch (EpochShuffleSampler: a permutation of (seed, epoch), split by process), so the sampling, like the order,
+    depends on (seed, epoch, batch index) only, whatever the worker that collates the batch or the batches before
+    it: a run resumed in the middle of an epoch samples what the uninterrupted run samples. ``epoch`` is set by
+    EpochShuffleSampler.set_epoch."""
+
+    def __init__(self, data: dict, sampler, num_neighbors: list, seed: int):
+        self.nodes = data["train_mask"].nonzero().view(-1)
+        self.features = {key: data[key] for key in ("x", "y")}
+        self.edge_attr = data.get("edge_attr")
+        self.sampler, self.num_neighbors, self.seed, self.epoch = sampler, num_neighbors, int(seed), 0
+
+    def __len__(self) -> int:
+        return self.nodes.numel()
+
+    def __getitem__(self, index: int) -> int:
+        return int(self.nodes[index])
+
+    def _generator(self, seeds: Tensor) -> torch.Generator:
+        import hashlib
+
+        digest = hashlib.blake2b(np.array([self.seed, self.epoch], dtype=np.int64).tobytes(), digest_size=8)
+        digest.update(seeds.numpy().astype(np.int64).tobytes())
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+
+    def collate(self, seed_ids: list) -> dict:
+        seeds = torch.tensor(seed_ids, dtype=torch.long)
+        sub = self.sampler.sample(seeds, self.num_neighbors, self._generator(seeds))
+        batch = {key: value[sub.n_id] for key, value in self.features.items()}
+        batch.update(edge_index=sub.edge_index, n_id=sub.n_id, e_id=sub.e_id, batch_size=sub.batch_size)
+        if self.edge_attr is not None:
+            batch["edge_attr"] = self.edge_attr[sub.e_id]
+        return batch
+
+
+class NodeDataModule(ResumableTrainingOrder, _Base):
+    """One graph. Full batch by default (``batch_size=None``): every loader yields the same single batch dict (masks
+    select the split).
+
+    Mini-batches of sampled neighbourhoods (``batch_size`` seeds per batch, ``num_neighbors`` in-neighbours per node
+    and hop, -1 = all), PyG's NeighborLoader semantics (torch_geometric/loader/neighbor_loader.py) with the zoo's own
+    sampler (:mod:`zoo.tasks.graph.sampling`; PyG's needs pyg-lib or torch-sparse): the training loader goes through
+    the training nodes in an order of (seed, epoch) (:class:`zoo.train.order.EpochShuffleSampler`, restored mid-epoch
+    on resume as for graph classification), each batch the seeds' sampled subgraph (:class:`_SampledTrainingNodes`).
+    Under DDP that sampler (a DistributedSampler, which Lightning does not wrap again) gives each process its own share
+    of the seeds, padded as PyTorch's DistributedSampler pads (a few seeds repeated) so that every process runs the
+    same number of steps. Validation, test and predict stay full-graph: exact outputs for every node (PyG's
+    examples/reddit.py evaluates with all neighbours too, layer-wise); the CSR of the graph is built once, at the
+    first training loader, and kept."""
 
     def __init__(self, name: str = "karate", root: Optional[str] = None, seed: int = 0,
                  num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "node",
-                 num_workers: int = 0, normalize_features: bool = False, **kwargs):
+                 num_workers: int = 0, normalize_features: bool = False, batch_size: Optional[int] = None,
+                 num_neighbors: Optional[list] = None, **kwargs):
         super().__init__()
         if model_kind != "node":
             raise ValueError(f"node-classification data need model_kind='node', got {model_kind!r}")
@@ -903,12 +965,17 @@ class NodeDataModule(_Base):
         if unknown and kind in _LOADER_OPTIONS:  # an unknown dataset name is reported by setup()
             raise ValueError(
                 f"unknown key data.{unknown[0]} for the {name!r} dataset (its keys: name, root, seed, num_features, "
-                f"num_classes, model_kind, num_workers, normalize_features{''.join(', ' + o for o in options)})"
+                f"num_classes, model_kind, num_workers, normalize_features, batch_size, num_neighbors"
+                f"{''.join(', ' + o for o in options)})"
             )
         if kind == "sbm":  # named here, before the generator's own RuntimeError deep inside torch.bernoulli
             _check_sbm_arguments("data.", **kwargs)
-        # num_workers (set by debug=fast for every data config) is accepted and unused: one full-batch graph,
-        # already in memory, needs no loader workers
+        self.batch_size, self.num_neighbors = _check_node_batches(batch_size, num_neighbors)
+        # num_workers (set by debug=fast for every data config): the sampled training batches' loader workers; unused
+        # by the full batch (one graph, already in memory)
+        if self.batch_size is not None and (not is_int(num_workers) or num_workers < 0):
+            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        self.num_workers = num_workers
         self.model_kind = model_kind
         # absolute, ~ expanded: the root recorded with released weights (describe()) must still name the folder
         # when `zoo viz graph ckpt=...` runs from another directory
@@ -916,6 +983,7 @@ class NodeDataModule(_Base):
         self.name, self.root, self.seed, self.kwargs = name, root, seed, kwargs
         self.expected = {"num_features": num_features, "num_classes": num_classes}
         self.data: Optional[dict] = None
+        self._neighbor_sampler = None
 
     def describe(self) -> dict:
         """Data facts stored with released weights (``metadata.data``): the dataset and its absolute root, which
@@ -945,14 +1013,37 @@ class NodeDataModule(_Base):
         self.setup()
         return self.data["num_classes"]
 
+    def state_dict(self) -> dict:
+        """The training order's position (ResumableTrainingOrder) with sampled batches; nothing for the full batch,
+        whose checkpoints stay as they were."""
+        return super().state_dict() if self.batch_size is not None else {}
+
     def _loader(self):
         """Under DDP Lightning's DistributedSampler pads this one-item dataset: every process gets the whole graph
         (the masks, not the sampler, split it), so the metrics are equal on all processes."""
         batch = {k: v for k, v in self.data.items() if isinstance(v, torch.Tensor)}
         return torch.utils.data.DataLoader([batch], batch_size=None)
 
+    def _sampled_training_nodes(self) -> _SampledTrainingNodes:
+        from zoo.tasks.graph.sampling import NeighborSampler
+
+        self.setup()
+        if int(self.data["train_mask"].sum()) == 0:
+            raise ValueError(f"dataset {self.name!r} has no training node (train_mask is empty): nothing to sample "
+                             f"batches from; use data.batch_size=null")
+        if self._neighbor_sampler is None:  # the CSR of the in-edges: sorted once per graph
+            self._neighbor_sampler = NeighborSampler(self.data["edge_index"], self.data["x"].size(0))
+        return _SampledTrainingNodes(self.data, self._neighbor_sampler, self.num_neighbors, self.seed)
+
     def train_dataloader(self):
-        return self._loader()
+        """The whole graph (full batch), or batches of ``batch_size`` training nodes with their sampled
+        neighbourhoods (see the class docstring)."""
+        if self.batch_size is None:
+            return self._loader()
+        dataset = self._sampled_training_nodes()
+        sampler = self.training_sampler(dataset, self.batch_size)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                           collate_fn=dataset.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return self._loader()
@@ -963,6 +1054,25 @@ class NodeDataModule(_Base):
     def predict_dataloader(self):
         """The whole graph: ``trainer.predict`` gives every node's class probabilities (select with the masks)."""
         return self._loader()
+
+
+def _check_node_batches(batch_size, num_neighbors) -> tuple[Optional[int], Optional[list]]:
+    """data.batch_size and data.num_neighbors go together: seeds per training batch and neighbours per hop."""
+    from zoo.tasks.graph.sampling import check_num_neighbors
+
+    if batch_size is None:
+        if num_neighbors is not None:
+            raise ValueError("data.num_neighbors samples the neighbourhoods of mini-batches: set data.batch_size=<seed "
+                             "nodes per batch> too, or data.num_neighbors=null for full-batch training")
+        return None, None
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"data.batch_size must be a positive integer (seed nodes per training batch) or null (full "
+                         f"batch), got {batch_size!r}")
+    if num_neighbors is None:
+        raise ValueError(f"data.batch_size={batch_size} needs data.num_neighbors, one entry per hop (-1 = all "
+                         f"neighbours), e.g. data.num_neighbors=[10,10]; or data.batch_size=null for full-batch "
+                         f"training")
+    return int(batch_size), check_num_neighbors(num_neighbors, "data.num_neighbors")
 
 
 def evaluation_sampler(dataset, what: str, fix: str, unit: str = "graph"):

@@ -6,6 +6,9 @@ optimise with plain Adam and a constant learning rate, as the GAT and GATv2 pape
 * :class:`NodeClassificationModule` -- full-batch, transductive: one graph per step, the loss on the
   ``train_mask`` nodes, accuracy on ``val_mask`` / ``test_mask`` (Velickovic et al.'s protocol).
   Batch: {"x" [N, F], "edge_index" [2, E], "y" [N], "train_mask", "val_mask", "test_mask" [N] bool}.
+  With ``data.batch_size`` the training batches are sampled subgraphs instead ({"x" [n, F], "edge_index", "y" [n],
+  "n_id", "e_id", "batch_size"}, zoo.tasks.graph.sampling): the loss over their ``batch_size`` seed nodes, the
+  first rows, as PyG's NeighborLoader examples; validation and test stay full-graph.
 * :class:`GraphTargetsModule` -- mini-batches of small graphs, cross-entropy either on target nodes
   (DictionaryLookup: {"x", "edge_index", "target_index" [Q], "y" [Q], "num_graphs"}) or on whole graphs
   (graph classification: {"x", "edge_index", "batch" [N], "num_graphs", "y" [G]}).
@@ -136,11 +139,24 @@ class NodeClassificationModule(_GraphModule):
     def training_step(self, batch, batch_idx):
         logits = self(batch)
         self._check_num_classes(logits)
+        if "batch_size" in batch:
+            return self._sampled_training_step(logits, batch)
         mask = batch["train_mask"]
         loss = F.cross_entropy(logits[mask], batch["y"][mask])
         self.log("train/loss", loss, prog_bar=True, batch_size=1)
         # the accuracy of this training-mode forward (with dropout): not the fit, see train/acc1 in _eval
         self.log("train/acc1_dropout", self._acc(logits.detach(), batch, "train_mask"), batch_size=1)
+        return loss
+
+    def _sampled_training_step(self, logits, batch):
+        """A sampled subgraph (NodeDataModule with data.batch_size): the loss over its seed nodes, the first
+        ``batch_size`` rows (the other nodes are there as their neighbourhood, as with PyG's NeighborLoader), logged
+        with that batch size so that the epoch means weigh every seed alike."""
+        seeds = int(batch["batch_size"])
+        logits, targets = logits[:seeds], batch["y"][:seeds]
+        loss = F.cross_entropy(logits, targets)
+        self.log("train/loss", loss, prog_bar=True, batch_size=seeds)
+        self.log("train/acc1_dropout", (logits.detach().argmax(-1) == targets).float().mean(), batch_size=seeds)
         return loss
 
     def _eval(self, batch, splits):

@@ -1,0 +1,303 @@
+"""Mini-batch node classification: the zoo's neighbour sampler (zoo.tasks.graph.sampling, PyG's NeighborLoader
+semantics) and NodeDataModule's data.batch_size / data.num_neighbors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import zoo
+from zoo.tasks.graph import datasets as gd
+from zoo.tasks.graph.sampling import NeighborSampler
+
+
+def _random_graph(num_nodes=60, num_edges=240, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    edge_index = torch.randint(0, num_nodes, (2, num_edges), generator=g)
+    edge_index = torch.unique(edge_index[:, edge_index[0] != edge_index[1]], dim=1)  # simple directed graph
+    return edge_index[:, torch.randperm(edge_index.size(1), generator=g)]  # not sorted by destination
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_all_neighbours_give_the_seeds_their_full_graph_logits(num_layers):
+    """num_neighbors=[-1] * L keeps every in-edge of every node within L - 1 hops: an L-layer GATv2 gives the seeds
+    exactly their full-graph logits (the reference), while one hop fewer does not."""
+    num_nodes = 80
+    edge_index = _random_graph(num_nodes, 160, seed=1)  # sparse: a seed's L-hop neighbourhood is not the graph
+    x = torch.randn(num_nodes, 6, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = zoo.create_model("gatv2_node_debug", in_channels=6, num_classes=3, num_layers=num_layers).eval()
+    sampler = NeighborSampler(edge_index, num_nodes)
+    seeds = torch.tensor([7, 3, 41, 19])
+    with torch.no_grad():
+        full = model(x, edge_index)[seeds]
+        sub = sampler.sample(seeds, [-1] * num_layers)
+        assert sub.batch_size == 4 and torch.equal(sub.n_id[:4], seeds)
+        assert sub.n_id.numel() < num_nodes
+        sampled = model(x[sub.n_id], sub.edge_index)[: sub.batch_size]
+        torch.testing.assert_close(sampled, full, atol=1e-5, rtol=0)
+        short = sampler.sample(seeds, [-1] * (num_layers - 1))
+        assert not torch.allclose(model(x[short.n_id], short.edge_index)[:4], full, atol=1e-5)
+
+
+def test_sampled_neighbours_are_distinct_true_in_neighbours_at_most_k():
+    edge_index = _random_graph(50, 400, seed=3)  # in-degrees from about 2 to 15: both sides of k
+    sampler = NeighborSampler(edge_index, 50)
+    degree = torch.bincount(edge_index[1], minlength=50)
+    true_edges = set(map(tuple, edge_index.t().tolist()))
+    seeds = torch.tensor([5, 0, 17])
+    num_neighbors = [4, 3, -1]
+    sub = sampler.sample(seeds, num_neighbors, torch.Generator().manual_seed(0))
+    n_id = sub.n_id.tolist()
+    assert n_id[:3] == [5, 0, 17] and len(set(n_id)) == len(n_id)  # seeds first, every node once
+    assert sum(sub.num_sampled_nodes) == len(n_id) and sum(sub.num_sampled_edges) == sub.edge_index.size(1)
+    # e_id points at the full graph's edges, and the relabelled edges are those edges
+    assert torch.equal(sub.n_id[sub.edge_index], edge_index[:, sub.e_id])
+    assert len(set(sub.e_id.tolist())) == sub.e_id.numel()
+    src, dst = sub.n_id[sub.edge_index].tolist()
+    assert all((s, d) in true_edges for s, d in zip(src, dst))
+    # hop by hop: the nodes first reached at the previous hop each get min(degree, k) distinct in-neighbours
+    first_node, first_edge, subsampled, complete = 0, 0, 0, 0
+    for hop, k in enumerate(num_neighbors):
+        frontier = n_id[first_node:first_node + sub.num_sampled_nodes[hop]]
+        hop_edges = range(first_edge, first_edge + sub.num_sampled_edges[hop])
+        by_node = {v: [src[e] for e in hop_edges if dst[e] == v] for v in frontier}
+        assert {dst[e] for e in hop_edges} <= set(frontier)
+        for v, sources in by_node.items():
+            want = int(degree[v]) if k == -1 else min(int(degree[v]), k)
+            assert len(sources) == len(set(sources)) == want, (hop, v)
+            if k != -1:
+                subsampled, complete = subsampled + int(degree[v] > k), complete + int(degree[v] <= k)
+        new = n_id[first_node + sub.num_sampled_nodes[hop]:][: sub.num_sampled_nodes[hop + 1]]
+        assert set(new) == {src[e] for e in hop_edges} - set(n_id[:first_node + sub.num_sampled_nodes[hop]])
+        first_node += sub.num_sampled_nodes[hop]
+        first_edge += sub.num_sampled_edges[hop]
+    assert subsampled > 0 and complete > 0  # both cases met: degree > k (k drawn), degree <= k (all taken)
+
+
+def test_each_neighbour_is_drawn_with_frequency_k_over_degree():
+    """4000 nodes each with the same 10 in-neighbours (sources 0..9, in that CSR order), k=3: each source is drawn
+    for ~30% of them (binomial sd 0.7%); a biased sampler ("the first k": 100% / 0%) is far outside 30 +- 4%. The
+    pairs are uniform too (each of the 45 pairs ~ 1/15 of the nodes)."""
+    num_targets, degree, k = 4000, 10, 3
+    targets = torch.arange(degree, degree + num_targets)
+    edge_index = torch.stack([torch.arange(degree).repeat(num_targets), targets.repeat_interleave(degree)])
+    sub = NeighborSampler(edge_index).sample(targets, [k], torch.Generator().manual_seed(0))
+    src, dst = sub.n_id[sub.edge_index]
+    assert src.numel() == num_targets * k
+    frequency = torch.bincount(src, minlength=degree).float() / num_targets
+    assert torch.all((frequency - k / degree).abs() < 0.04), frequency
+    chosen = torch.zeros(num_targets, degree, dtype=torch.bool)
+    chosen[dst - degree, src] = True
+    pairs = (chosen.float().t() @ chosen.float()) / num_targets  # P(i and j both drawn) = 3 * 2 / (10 * 9)
+    off_diagonal = pairs[~torch.eye(degree, dtype=torch.bool)]
+    assert torch.all((off_diagonal - 1 / 15).abs() < 0.03), pairs
+
+
+def _sbm_module(**overrides):
+    options = dict(name="sbm", batch_size=4, num_neighbors=[3, 2], seed=0)
+    options.update(overrides)
+    module = gd.NodeDataModule(**options)
+    module.setup()
+    return module
+
+
+def _epoch_batches(module, epoch):
+    loader = module.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def _same(a, b):
+    return all(torch.equal(x["n_id"], y["n_id"]) and torch.equal(x["edge_index"], y["edge_index"]) for x, y in zip(a, b))
+
+
+def test_training_batches_are_sampled_subgraphs_of_the_training_nodes():
+    module = _sbm_module()
+    data = module.data
+    batches = _epoch_batches(module, 0)
+    train_nodes = data["train_mask"].nonzero().view(-1)
+    seeds = torch.cat([b["n_id"][: b["batch_size"]] for b in batches])
+    assert sorted(seeds.tolist()) == train_nodes.tolist()  # every training node once per epoch
+    assert [b["batch_size"] for b in batches] == [4, 4, 4, 3]  # 15 training nodes
+    for b in batches:
+        assert torch.equal(b["x"], data["x"][b["n_id"]]) and torch.equal(b["y"], data["y"][b["n_id"]])
+        assert torch.equal(b["n_id"][b["edge_index"]], data["edge_index"][:, b["e_id"]])
+        assert "edge_attr" not in b
+    # edge features follow the sampled edges
+    module = _sbm_module()
+    module.data["edge_attr"] = torch.randn(module.data["edge_index"].size(1), 2)
+    batch = next(iter(module.train_dataloader()))
+    assert torch.equal(batch["edge_attr"], module.data["edge_attr"][batch["e_id"]])
+    # validation, test and predict stay the whole graph
+    for loader in (module.val_dataloader(), module.test_dataloader(), module.predict_dataloader()):
+        (whole,) = list(loader)
+        assert torch.equal(whole["x"], module.data["x"]) and "batch_size" not in whole
+
+
+def test_batches_depend_on_seed_and_epoch_only():
+    first, again = _epoch_batches(_sbm_module(), 0), _epoch_batches(_sbm_module(), 0)
+    assert _same(first, again)
+    assert not _same(first, _epoch_batches(_sbm_module(), 1))  # another epoch: another order and other samples
+    assert not _same(first, _epoch_batches(_sbm_module(seed=1), 0))
+    # the draw is seeded by (seed, epoch, the batch's seeds): the same seeds in another epoch are sampled anew
+    dataset = _sbm_module().train_dataloader().dataset
+    seeds = first[0]["n_id"][:4].tolist()
+    assert torch.equal(dataset.collate(seeds)["n_id"], first[0]["n_id"])
+    dataset.epoch = 1
+    assert not torch.equal(dataset.collate(seeds)["n_id"], first[0]["n_id"])
+
+
+def test_the_loss_of_a_sampled_batch_is_over_its_seeds_only():
+    """The first batch_size rows are the seeds; the other sampled nodes (here labelled otherwise) only feed them."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    from zoo.tasks.graph.lit import NodeClassificationModule
+
+    torch.manual_seed(0)
+    model = zoo.create_model("gatv2_node_debug", in_channels=4, num_classes=3, dropout=0.0)
+    module = NodeClassificationModule(model)
+    edge_index = torch.tensor([[2, 3, 4, 2], [0, 1, 0, 3]])
+    batch = {"x": torch.randn(5, 4), "edge_index": edge_index, "y": torch.tensor([0, 1, 2, 2, 2]), "batch_size": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = module.training_step(batch, 0)
+    logits = model(batch["x"], edge_index)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:2], batch["y"][:2]))
+    assert not torch.allclose(loss, F.cross_entropy(logits, batch["y"]))
+
+
+class RecordSeeds(pl.Callback):
+    """The seed ids and sampled nodes of every training batch of a run (class-level: Hydra builds the instance)."""
+
+    batches: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        RecordSeeds.batches.append((batch["n_id"][: batch["batch_size"]].tolist(), batch["n_id"].tolist()))
+
+
+def _train(tmp_path, name, *overrides):
+    from zoo.cli import main
+
+    RecordSeeds.batches = []
+    run_dir = tmp_path / name
+    code = main(["train", "num_threads=1", "logger=none", "callbacks=minimal", "export=false", "test=false",
+                 "trainer.num_sanity_val_steps=0", "+trainer.enable_progress_bar=false",
+                 "trainer.enable_model_summary=false", "model.name=gatv2_node_debug", f"run_dir={run_dir}",
+                 "+callbacks.record._target_=test_graph_sampling.RecordSeeds", *overrides])
+    assert code == 0
+    return json.loads((run_dir / "metrics.json").read_text()), list(RecordSeeds.batches)
+
+
+def test_karate_trains_on_sampled_batches(tmp_path):
+    pytest.importorskip("hydra")
+    metrics, batches = _train(tmp_path, "karate", "experiment=graph_karate", "data.batch_size=8",
+                              "data.num_neighbors=[5,5]", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1")
+    assert metrics["global_step"] == 3 and len(batches) == 3  # 4 training nodes: one batch per epoch
+    assert all(sorted(seeds) == [0, 4, 8, 24] for seeds, _ in batches)  # KarateClub's training nodes
+    for key in ("train/loss", "train/acc1_dropout", "val/acc1", "train/acc1"):
+        assert key in metrics["metrics"], key
+    assert torch.isfinite(torch.tensor(metrics["metrics"]["train/loss"]))
+
+
+def test_a_run_resumed_mid_epoch_sees_the_uninterrupted_batches(tmp_path):
+    """15 training nodes in batches of 4: 4 steps an epoch. A run stopped at step 6 (inside epoch 1) and resumed
+    sees the same seeds and samples as one run of 2 epochs, and ends with the same weights."""
+    pytest.importorskip("hydra")
+    common = ["experiment=graph_sbm", "data.batch_size=4", "data.num_neighbors=[3,2]",
+              "trainer.check_val_every_n_epoch=1", "trainer.max_epochs=2"]
+    _, full = _train(tmp_path, "full", *common)
+    _, first = _train(tmp_path, "half", *common, "+trainer.max_steps=6")
+    _, rest = _train(tmp_path, "half", *common, f"ckpt_path={tmp_path / 'half' / 'checkpoints' / 'last.ckpt'}")
+    assert len(full) == 8 and len(first) == 6 and len(rest) == 2
+    assert first + rest == full
+    assert full[:4] != full[4:]  # epoch 1 is another order than epoch 0
+    weights = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for run in ("full", "half")]
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"num_neighbors": [5]}, r"^data\.num_neighbors samples the neighbourhoods of mini-batches: set data\.batch_size"),
+    ({"batch_size": 8}, r"^data\.batch_size=8 needs data\.num_neighbors, one entry per hop"),
+    ({"batch_size": 0, "num_neighbors": [5]}, r"^data\.batch_size must be a positive integer .*got 0$"),
+    ({"batch_size": True, "num_neighbors": [5]}, r"^data\.batch_size must be a positive integer .*got True$"),
+    ({"batch_size": 8, "num_neighbors": []}, r"^data\.num_neighbors must be a non-empty list of integers .*got \[\]$"),
+    ({"batch_size": 8, "num_neighbors": [5, 0]}, r"^data\.num_neighbors must be a non-empty list .*got \[5, 0\]$"),
+    ({"batch_size": 8, "num_neighbors": [-2]}, r"^data\.num_neighbors must be .*got \[-2\]$"),
+    ({"batch_size": 8, "num_neighbors": [2.5]}, r"^data\.num_neighbors must be .*got \[2\.5\]$"),
+    ({"batch_size": 8, "num_neighbors": 5}, r"^data\.num_neighbors must be a list of integers, one per hop .*got 5$"),
+    ({"batch_size": 8, "num_neighbors": "5,5"}, r"^data\.num_neighbors must be a list of integers"),
+    ({"batch_size": 8, "num_neighbors": [5], "num_workers": -1}, r"^data\.num_workers must be an integer >= 0"),
+    ({"batch_sise": 8}, r"^unknown key data\.batch_sise for the 'karate' dataset \(its keys: .*batch_size, "
+                        r"num_neighbors"),
+])
+def test_bad_batch_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        gd.NodeDataModule(name="karate", **options)
+
+
+def test_the_hydra_list_is_accepted_and_full_batch_stays_the_default():
+    from omegaconf import OmegaConf
+
+    module = gd.NodeDataModule(name="karate", batch_size=8, num_neighbors=OmegaConf.create([5, -1]))
+    assert module.num_neighbors == [5, -1]
+    module = gd.NodeDataModule(name="karate")
+    module.setup()
+    (whole,) = list(module.train_dataloader())
+    assert whole["x"].size(0) == 34 and "batch_size" not in whole
+    assert module.state_dict() == {}
+    # zoo viz graph passes the recorded data options on: the loader keys do not reach the graph's loader
+    assert gd.load_node_dataset("sbm", batch_size=8, num_neighbors=[5])["x"].size(0) == 180
+
+
+needs_gloo = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend (2 CPU processes)",
+)
+
+
+class RecordSeedsToFile(pl.Callback):
+    """Each training batch's seed ids on this process, to ``$ZOO_TEST_RECORD/rank<r>.json`` (DDP subprocess)."""
+
+    def __init__(self):
+        self.batches: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch["n_id"][: batch["batch_size"]].tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        Path(os.environ["ZOO_TEST_RECORD"], f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_ddp_processes_share_out_the_seeds(tmp_path):
+    """Under DDP (2 gloo processes) the training nodes are split between the processes: 15 nodes, 8 each (one
+    repeated by DistributedSampler's padding, so both run the same number of steps)."""
+    record = tmp_path / "record"
+    record.mkdir()
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", ZOO_TEST_RECORD=str(record),
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    env.pop("ZOO_RUN_DIR", None)
+    command = [sys.executable, "-m", "zoo.cli", "train", "experiment=graph_sbm", "model.name=gatv2_node_debug",
+               "data.batch_size=4", "data.num_neighbors=[3,2]", "trainer.max_epochs=1", "num_threads=1",
+               "logger=none", "callbacks=minimal", "export=false", "test=false", "trainer.num_sanity_val_steps=0",
+               "trainer=ddp_cpu", "trainer.devices=2", f"run_dir={tmp_path / 'ddp'}",
+               "+callbacks.record._target_=test_graph_sampling.RecordSeedsToFile"]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [sum(json.loads((record / f"rank{r}.json").read_text()), []) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 8
+    assert len(set(ranks[0]) & set(ranks[1])) <= 1  # the padding's one repeated seed at most
+    assert len(set(ranks[0]) | set(ranks[1])) == 15  # every training node
