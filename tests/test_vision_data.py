@@ -479,7 +479,8 @@ def test_model_crop_and_interpolation_evaluate_as_timm(tmp_path, shape):
 
 
 # --------------------------------------------------------------------------------------------------
-# timm train.py's augmentations: auto_augment, color_jitter, reprob / remode / recount, scale / ratio
+# timm train.py's augmentations: auto_augment, color_jitter (+ color_jitter_prob), grayscale_prob,
+# gaussian_blur_prob, reprob / remode / recount, scale / ratio, vflip, train_interpolation
 # --------------------------------------------------------------------------------------------------
 def _augmented_folder(tmp_path, **options):
     """A 2-class image folder of 19x23 images, every image a training image, trained at 16 px with ``options``."""
@@ -521,6 +522,8 @@ def test_default_augmentation_trains_on_the_same_tensors_as_before_the_timm_opti
     config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "image_folder.yaml")
     spelled_out = {name: config[name] for name in vdata._TIMM_AUGMENT_OPTIONS}
     assert spelled_out["auto_augment"] is None and spelled_out["reprob"] == 0 and spelled_out["color_jitter"] is None
+    assert (spelled_out["vflip"], spelled_out["train_interpolation"], spelled_out["color_jitter_prob"],
+            spelled_out["grayscale_prob"], spelled_out["gaussian_blur_prob"]) == (0, "bilinear", None, 0, 0)
     for options in ({}, spelled_out):
         dm = _augmented_folder(tmp_path, augment=augment, in_chans=in_chans, **options)
         assert _training_levels_digest(dm) == _DEFAULT_TRAINING_DIGESTS[augment, in_chans], options
@@ -533,37 +536,75 @@ _TIMM_OPTION_CASES = [
     dict(augment="crop", auto_augment="3a", color_jitter=0.4, reprob=0.5, remode="const"),
     dict(augment="standard", color_jitter=0.4, in_chans=1, scale=(0.2, 0.6)),
     dict(augment="crop", auto_augment="original", in_chans=1, reprob=1.0),
+    dict(augment="standard", vflip=0.5, train_interpolation="bicubic", color_jitter=[0.4, 0.3, 0.2, 0.1],
+         color_jitter_prob=0.8),
+    dict(augment="standard", train_interpolation="random", auto_augment="rand-m9-mstd0.5-inc1", grayscale_prob=0.5,
+         gaussian_blur_prob=0.5, vflip=1.0, reprob=0.5),
+    dict(augment="crop", vflip=0.5, train_interpolation="nearest", color_jitter=(0.4, 0.4, 0.4), grayscale_prob=0.3),
+    dict(augment="standard", in_chans=1, train_interpolation="nearest", gaussian_blur_prob=1.0, vflip=0.3),
+    dict(augment="crop", in_chans=1, train_interpolation="random", auto_augment="3a", color_jitter=[0.3, 0.3, 0.3, 0.2],
+         gaussian_blur_prob=0.3),
 ]
+
+
+def _timm_crop(options, in_chans, timm_crop):
+    """The zoo's crop as timm's ops would make it: the image tensor resized bilinearly by torchvision (the default);
+    with another train_interpolation, the PIL image resized with that filter: timm's own
+    RandomResizedCropAndInterpolation (its box drawn by torchvision's get_params, from torch's RNG, as the zoo
+    draws it), or for augment=crop (not a timm mode) torchvision's Resize with the filter timm's random.choice over
+    timm's _RANDOM_INTERPOLATION picks. A PIL image out."""
+    import random
+
+    from timm.data.transforms import _RANDOM_INTERPOLATION, str_to_interp_mode
+    from torchvision import transforms as T1
+    from torchvision.transforms import v2 as T
+
+    channels = T.Grayscale(1) if in_chans == 1 else T.RGB()
+    interpolation = options.get("train_interpolation", "bilinear")
+    padded_crop = [T.RandomCrop(16, padding=2)] if options["augment"] == "crop" else []
+    if interpolation == "bilinear" and options["augment"] == "standard":
+        crop = [T.ToImage(), channels, T.RandomResizedCrop(16, scale=options.get("scale", (0.35, 1.0)),
+                                                           ratio=options.get("ratio", (3 / 4, 4 / 3)), antialias=True)]
+    elif interpolation == "bilinear":
+        crop = [T.ToImage(), channels, T.Resize(16, antialias=True), *padded_crop]
+    elif options["augment"] == "standard":
+        timm_crop.get_params = T1.RandomResizedCrop.get_params
+        crop = [channels, timm_crop, T.ToImage()]
+    else:
+        def resize(image):
+            mode = random.choice(_RANDOM_INTERPOLATION) if interpolation == "random" else str_to_interp_mode(interpolation)
+            return T1.Resize(16, interpolation=mode)(image)
+        crop = [channels, resize, T.ToImage(), *padded_crop]
+    return T.Compose([*crop, T.ToPILImage()])
 
 
 @pytest.mark.parametrize("options", _TIMM_OPTION_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_timm_augmentations_are_timms_ops_under_the_same_seed(tmp_path, options):
     """Each training image equals timm's ops applied in timm's order under the same per-sample RNG state: the zoo's
-    crop and flip (torchvision on the tensor, unchanged), then the secondary stage (AA / colour jitter on the PIL
-    image) and final stage (normalise, RandomErasing) of timm.data.create_transform(is_training=True,
-    separate=True, same options). The whole create_transform cannot match: its crop resizes the PIL image and
-    draws from Python's RNG where the zoo's draws from torch's, so every later draw would differ. ToTensor and
-    ToDtype round 1/255 differently (one float ulp): equal to 1e-6."""
+    crop (torchvision on the tensor, unchanged; with another train_interpolation timm's crop op, :func:`_timm_crop`),
+    then the flips of the primary stage (hflip, vflip), the secondary stage (AA / colour jitter / grayscale / blur
+    on the PIL image) and the final stage (normalise, RandomErasing) of timm.data.create_transform(is_training=True,
+    separate=True, same options). The whole create_transform cannot match: its crop draws its box from Python's
+    RNG where the zoo's draws from torch's, so every later draw would differ. ToTensor and ToDtype round 1/255
+    differently (one float ulp): equal to 1e-6."""
     import timm.data
-    from torchvision.transforms import v2 as T
 
     dm = _augmented_folder(tmp_path, **options)
     in_chans, ta = dm.in_chans, dm.timm_augment
     mean, std = (0.5,) * in_chans, (0.25,) * in_chans
-    _, secondary, final = timm.data.create_transform(
-        16, is_training=True, separate=True, scale=options.get("scale"), ratio=options.get("ratio"), hflip=0.0,
-        color_jitter=options.get("color_jitter"), auto_augment=options.get("auto_augment"), interpolation="bilinear",
+    primary, secondary, final = timm.data.create_transform(
+        16, is_training=True, separate=True, scale=options.get("scale", (0.35, 1.0)),
+        ratio=options.get("ratio", (3 / 4, 4 / 3)), hflip=0.5, vflip=options.get("vflip", 0.0),
+        color_jitter=options.get("color_jitter"), color_jitter_prob=options.get("color_jitter_prob"),
+        grayscale_prob=options.get("grayscale_prob", 0.0), gaussian_blur_prob=options.get("gaussian_blur_prob", 0.0),
+        auto_augment=options.get("auto_augment"), interpolation=options.get("train_interpolation", "bilinear"),
         mean=mean, std=std, re_prob=options.get("reprob", 0.0), re_mode=options.get("remode", "pixel"),
         re_count=options.get("recount", 1))
-    channels = T.Grayscale(1) if in_chans == 1 else T.RGB()
-    if options["augment"] == "standard":
-        crop = [T.RandomResizedCrop(16, scale=options.get("scale", (0.35, 1.0)), ratio=options.get("ratio", (3 / 4, 4 / 3)),
-                                    antialias=True)]
-    else:
-        crop = [T.Resize(16, antialias=True), T.RandomCrop(16, padding=2)]
-    crop_and_flip = T.Compose([T.ToImage(), channels, *crop, T.RandomHorizontalFlip(0.5)])
+    timm_crop, *timm_flips = primary.transforms
+    assert len(timm_flips) == 1 + (options.get("vflip", 0) > 0)
+    crop = _timm_crop(options, in_chans, timm_crop)
     plain = _augmented_folder(tmp_path, augment=options["augment"], in_chans=in_chans,
-                              scale=ta.scale, ratio=ta.ratio)  # the same crops, no timm ops
+                              scale=ta.scale, ratio=ta.ratio)  # the same crop boxes, no timm ops
     compared = changed = 0
     for epoch in range(4):
         dm.train_set.epoch = plain.train_set.epoch = epoch
@@ -572,7 +613,10 @@ def test_timm_augmentations_are_timms_ops_under_the_same_seed(tmp_path, options)
             image = dm.train_set.base[index][0]
             with vdata._sample_rng(dm.seed, epoch, index):
                 try:
-                    theirs = final(secondary(T.ToPILImage()(crop_and_flip(image))))
+                    flipped = crop(image)
+                    for flip in timm_flips:
+                        flipped = flip(flipped)
+                    theirs = final(secondary(flipped))
                 except ValueError as error:  # timm's posterize at 0 bits, which this Pillow refuses
                     assert "bits must be between" in str(error)
                     continue
@@ -582,14 +626,20 @@ def test_timm_augmentations_are_timms_ops_under_the_same_seed(tmp_path, options)
     assert compared >= 20 and changed >= compared // 2, (compared, changed)
 
 
-def test_timm_augmentations_are_seeded_per_sample(tmp_path):
+@pytest.mark.parametrize("options", [
+    dict(augment="standard", auto_augment="rand-m9-mstd0.5-inc1", reprob=0.5),
+    dict(augment="standard", train_interpolation="random", vflip=0.5, color_jitter=[0.4, 0.4, 0.4, 0.1],
+         color_jitter_prob=0.5, grayscale_prob=0.3, gaussian_blur_prob=0.5),
+], ids=["aa-reprob", "timm-1.0-options"])
+def test_timm_augmentations_are_seeded_per_sample(tmp_path, options):
     """timm's AA and random erasing draw from Python's random and NumPy (RandAugment's op choice), which the
     per-sample seeding left alone: a resumed run (or a DataLoader worker) augmented differently. The same
     (seed, epoch, index) now gives the same tensor whatever the global RNGs hold, another epoch another tensor,
-    and the global RNGs are left as they were."""
+    and the global RNGs are left as they were; so too for the vertical flip, colour jitter's RandomApply, the
+    grayscale and blur (torch's RNG) and train_interpolation=random's pick (Python's)."""
     import random
 
-    dm = _augmented_folder(tmp_path, augment="standard", auto_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
+    dm = _augmented_folder(tmp_path, **options)
     dm.train_set.epoch = 3
     first = [dm.train_set[i][0] for i in range(len(dm.train_set))]
     for noise in range(3):
@@ -603,6 +653,50 @@ def test_timm_augmentations_are_seeded_per_sample(tmp_path):
         assert torch.equal(torch.random.get_rng_state(), state[2])
     dm.train_set.epoch = 4
     assert all(not torch.equal(a, dm.train_set[i][0]) for i, a in enumerate(first))
+
+
+@pytest.mark.parametrize("augment", ["crop", "standard"])
+def test_vflip_flips_vertically(tmp_path, augment):
+    """data.vflip is timm's --vflip: the vertical flip's probability, drawn after the horizontal flip. With the
+    same per-sample seed, vflip=1 gives the upside-down image of vflip=0's sample (every earlier draw is the same),
+    not the mirror image; the default 0 adds no flip and no draw."""
+    samples = {}
+    for vflip in (0.0, 1.0):
+        dm = _augmented_folder(tmp_path, augment=augment, vflip=vflip)
+        samples[vflip] = torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))])
+    unflipped = samples[0.0]
+    assert not torch.equal(unflipped, unflipped.flip(-2)) and not torch.equal(unflipped.flip(-1), unflipped.flip(-2))
+    torch.testing.assert_close(samples[1.0], unflipped.flip(-2), rtol=0, atol=0)
+
+
+def test_train_interpolation_resamples_the_crop_with_that_filter(tmp_path):
+    """train_interpolation changes only the crop's filter, not its box (drawn from torch's RNG as by default):
+    bilinear (the default) resizes the tensor, the others the PIL image with Pillow's filter as timm does (torch's
+    bicubic and nearest kernels differ from Pillow's); random picks bilinear or bicubic per image, both occur."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    by_mode = {mode: _augmented_folder(tmp_path, augment="standard", hflip=0.0, train_interpolation=mode)
+               for mode in ("bicubic", "nearest", "random")}
+    crop = T.RandomResizedCrop(16, scale=(0.35, 1.0))
+    picks = set()
+    for index in range(len(by_mode["random"].train_set)):
+        image = by_mode["random"].train_set.base[index][0]
+        with vdata._sample_rng(7, 0, index):
+            box = crop.make_params([T.ToImage()(image)])
+        want = {}
+        for mode in ("bilinear", "bicubic", "nearest"):
+            resized = T.functional.resized_crop(image, box["top"], box["left"], box["height"], box["width"], [16, 16],
+                                                interpolation=InterpolationMode(mode))
+            want[mode] = (T.functional.pil_to_tensor(resized).float() / 255 - 0.5) / 0.25
+        for mode in ("bicubic", "nearest"):
+            ours = by_mode[mode].train_set[index][0].as_subclass(torch.Tensor)
+            torch.testing.assert_close(ours, want[mode], rtol=0, atol=1e-6)
+        ours = by_mode["random"].train_set[index][0].as_subclass(torch.Tensor)
+        picked = [mode for mode in ("bilinear", "bicubic") if torch.allclose(ours, want[mode], rtol=0, atol=1e-6)]
+        assert picked, index
+        picks.update(picked)
+    assert picks == {"bilinear", "bicubic"}
 
 
 def test_posterize_at_zero_bits_is_the_black_image_timm_expects():
@@ -646,8 +740,33 @@ def test_timm_augment_options_are_checked_and_named(tmp_path):
         (dict(remode="noise"), r"remode must be one of pixel, rand, const .*got 'noise'"),
         (dict(recount=0), r"recount must be an integer >= 1, got 0"),
         (dict(recount=1.5), r"recount must be an integer >= 1, got 1.5"),
-        (dict(color_jitter=-0.1), r"color_jitter must be null or a number >= 0"),
-        (dict(color_jitter="strong"), r"color_jitter must be null or a number >= 0"),
+        (dict(color_jitter=-0.1), r"color_jitter must be null, a number >= 0"),
+        (dict(color_jitter="strong"), r"color_jitter must be null, a number >= 0"),
+        (dict(color_jitter=[0.4, 0.4]), r"color_jitter must be null, a number >= 0 .* or a list \[brightness, "
+                                        r"contrast, saturation\] or \[..., hue\].*got \[0.4, 0.4\]"),
+        (dict(color_jitter=[0.4] * 5), r"color_jitter must be null, a number >= 0 .*got \[0.4, 0.4, 0.4, 0.4, 0.4\]"),
+        (dict(color_jitter=[0.4, -0.1, 0.4]), r"color_jitter must be .*numbers >= 0 with hue <= 0.5"),
+        (dict(color_jitter=[0.4, 0.4, 0.4, 0.6]), r"color_jitter must be .*with hue <= 0.5 .*got \[0.4, 0.4, 0.4, 0.6\]"),
+        (dict(color_jitter=[0.4, 0.4, 0.4, -0.1]), r"color_jitter must be .*with hue <= 0.5"),
+        (dict(color_jitter=[0.4, float("nan"), 0.4]), r"color_jitter must be null, a number >= 0"),
+        (dict(color_jitter=0.4, color_jitter_prob=1.5), r"color_jitter_prob must be a probability in \[0, 1\], got 1.5"),
+        (dict(color_jitter_prob=0.5), r"color_jitter_prob=0.5 is the probability of the colour jitter, but "
+                                      r"color_jitter is null"),
+        (dict(grayscale_prob=2), r"grayscale_prob must be a probability in \[0, 1\], got 2"),
+        (dict(grayscale_prob=0.2, in_chans=1), r"grayscale_prob=0.2 turns colour images gray, but in_chans=1"),
+        (dict(gaussian_blur_prob=-0.5), r"gaussian_blur_prob must be a probability in \[0, 1\], got -0.5"),
+        (dict(gaussian_blur_prob=0.5), r"gaussian_blur_prob needs img_size >= 12 .*got img_size=8"),
+        (dict(vflip=1.5), r"vflip must be a probability in \[0, 1\], got 1.5"),
+        (dict(vflip=-0.1), r"vflip must be a probability in \[0, 1\], got -0.1"),
+        (dict(vflip="yes"), r"vflip must be a probability in \[0, 1\]"),
+        (dict(train_interpolation="lanczos"), r"train_interpolation must be one of bilinear, bicubic, nearest, random "
+                                              r"\(.*--train-interpolation\), got 'lanczos'"),
+        (dict(train_interpolation=None), r"train_interpolation must be one of"),
+        (dict(augment="none", vflip=0.5), r"vflip augment the training images, but augment=none"),
+        (dict(augment="none", train_interpolation="bicubic"), r"train_interpolation augment the training images, but "
+                                                             r"augment=none"),
+        (dict(augment="none", grayscale_prob=0.1, gaussian_blur_prob=0.1),
+         r"grayscale_prob and gaussian_blur_prob augment the training images, but augment=none"),
         (dict(scale=[0.0, 1.0]), r"scale must be a pair \[lo, hi\] of numbers in \(0, 1\] with lo <= hi"),
         (dict(scale=[0.8, 0.2]), r"scale must be a pair \[lo, hi\]"),
         (dict(scale=[0.5, 1.5]), r"scale must be a pair \[lo, hi\]"),
@@ -667,7 +786,9 @@ def test_timm_augment_options_are_checked_and_named(tmp_path):
         assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=r"reprob must be a probability"):  # before CIFAR looks for its files
         vdata.CIFARDataModule(str(tmp_path), reprob=2)
-    for kwargs in (dict(reprob=0.25), dict(auto_augment="rand-m9-mstd0.5-inc1"), dict(color_jitter=0.4, ratio=[1, 1])):
+    for kwargs in (dict(reprob=0.25), dict(auto_augment="rand-m9-mstd0.5-inc1"), dict(color_jitter=0.4, ratio=[1, 1]),
+                   dict(vflip=0.5), dict(color_jitter_prob=0.5, grayscale_prob=0.2, gaussian_blur_prob=0.1),
+                   dict(train_interpolation="bilinear")):
         with pytest.raises(ValueError, match=rf"DigitsDataModule: {', '.join(kwargs)} \(timm's augmentations of PIL "
                                              rf"images.*augment=shift or affine"):
             vdata.DigitsDataModule(augment="shift", **kwargs)

@@ -71,10 +71,13 @@ class _sample_rng:
     """Context: the global RNGs seeded from ``(seed, epoch, index)``, restored afterwards, so that a sample's
     augmentation depends on nothing else (a resumed run draws exactly what the interrupted one drew).
 
-    All three global RNGs the training transforms draw from: torch (torchvision's crops, flips and ColorJitter,
-    the noise of timm's random erasing), Python's ``random`` (timm's RandAugment / AutoAugment magnitudes and
-    probabilities, the random-erasing boxes) and NumPy's (timm's RandAugment op choice, AugMix's weights). Torch
-    gets the same seed as before the other two were added, so the default augmentations draw what they drew."""
+    All three global RNGs the training transforms draw from: torch (torchvision's crops, horizontal and vertical
+    flips, ColorJitter and the RandomApply around it (``color_jitter_prob``), RandomGrayscale, GaussianBlur's sigma
+    and its RandomApply, the noise of timm's random erasing), Python's ``random`` (timm's RandAugment / AutoAugment
+    magnitudes, probabilities and, with ``train_interpolation=random``, resampling filters, the random-erasing
+    boxes, the crop's bilinear-or-bicubic pick of :class:`_RandomInterpolation`) and NumPy's (timm's RandAugment
+    op choice, AugMix's weights). Torch gets the same seed as before the other two were added, so the default
+    augmentations draw what they drew."""
 
     def __init__(self, seed: int, epoch: int, index: int):
         self.seed = hash((seed, epoch, index)) % (2**63 - 1)
@@ -254,7 +257,11 @@ def _check_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> 
 _DEFAULT_CROP_SCALE = (0.35, 1.0)  # the "standard" crop's area range: milder than timm's 0.08 for small data sets
 _DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)  # its aspect-ratio range: timm's and torchvision's default
 _ERASING_MODES = ("pixel", "rand", "const")
-_TIMM_AUGMENT_OPTIONS = ("auto_augment", "color_jitter", "reprob", "remode", "recount", "scale", "ratio")
+# timm's --train-interpolation: "random" picks bilinear or bicubic per image (timm/data/transforms.py)
+_TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
+_MIN_BLUR_SIZE = 12  # timm's GaussianBlur(kernel_size=23) reflect-pads by 11 pixels, which needs 12 per side
+_TIMM_AUGMENT_OPTIONS = ("auto_augment", "color_jitter", "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob",
+                         "reprob", "remode", "recount", "scale", "ratio", "vflip", "train_interpolation")
 
 
 def _number_pair(value, name: str, low: float, high: float, low_inclusive: bool, meaning: str) -> tuple[float, float]:
@@ -269,6 +276,29 @@ def _number_pair(value, name: str, low: float, high: float, low_inclusive: bool,
         interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
         raise ValueError(f"{name} must be a pair [lo, hi] of numbers in {interval} with lo <= hi ({meaning}), got {value!r}")
     return float(pair[0]), float(pair[1])
+
+
+def _color_jitter(value) -> Optional[float | tuple[float, ...]]:
+    """null, one number >= 0 (brightness, contrast and saturation alike: timm's --color-jitter) or a list of 3 or 4
+    (brightness, contrast, saturation[, hue]), as ``timm.data.create_transform`` takes it (a tuple: timm tests
+    ``isinstance(color_jitter, (list, tuple))``, which a Hydra ListConfig fails). torchvision's ColorJitter bounds
+    the hue jitter to [0, 0.5] (half the hue circle either way)."""
+    def number(v) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
+    if value is None:
+        return None
+    if number(value):
+        return float(value)
+    try:
+        factors = tuple(value) if not isinstance(value, (str, bytes)) else ()
+    except TypeError:
+        factors = ()
+    if len(factors) not in (3, 4) or not all(number(v) for v in factors) or (len(factors) == 4 and factors[3] > 0.5):
+        raise ValueError(f"color_jitter must be null, a number >= 0 (brightness, contrast and saturation, timm's "
+                         f"--color-jitter) or a list [brightness, contrast, saturation] or [..., hue] of numbers >= 0 "
+                         f"with hue <= 0.5 (timm's create_transform), got {value!r}")
+    return tuple(float(v) for v in factors)
 
 
 def _posterize_any_bits(image, bits_to_keep: int, **_):
@@ -298,38 +328,56 @@ class _TimmAugment:
 
     * ``auto_augment``: timm's ``--aa`` policy string: RandAugment ("rand-m9-mstd0.5-inc1"), AugMix
       ("augmix-m5-w4-d2"), AutoAugment ("original", "v0", "3a", ...); null for none.
-    * ``color_jitter``: ``--color-jitter``, the ColorJitter strength of brightness, contrast and saturation; null
-      for none. timm leaves it out under an AA policy (except "3a" ones): refused with one here, not ignored.
+    * ``color_jitter``: ``--color-jitter``, the ColorJitter strength of brightness, contrast and saturation, or a
+      list [brightness, contrast, saturation(, hue)] as create_transform takes; null for none. timm leaves it out
+      under an AA policy (except "3a" ones): refused with one here, not ignored. ``color_jitter_prob``
+      (``--color-jitter-prob``): jitter only this fraction of the images (null: every image).
+    * ``grayscale_prob`` / ``gaussian_blur_prob``: ``--grayscale-prob`` / ``--gaussian-blur-prob``, the SimCLR-style
+      RandomGrayscale and RandomApply(GaussianBlur(kernel_size=23), sigma 0.1-2) after the colour jitter.
+    * ``vflip``: ``--vflip``, the vertical flip's probability, after the horizontal one (the zoo's ``hflip``).
+    * ``train_interpolation``: ``--train-interpolation``, the training crop's resampling and AA's: bilinear (the
+      zoo's default; timm's is random), bicubic, nearest, or random (bilinear or bicubic per image, and per AA
+      op, from Python's RNG as timm draws it). Bilinear resizes the image tensor, as every zoo run trained; the
+      others resize the PIL image with Pillow's filters, as timm's RandomResizedCropAndInterpolation does.
     * ``reprob`` / ``remode`` / ``recount``: ``--reprob`` / ``--remode`` / ``--recount``, random erasing (Zhong et
       al. 2017) of the normalised image: its probability, fill ("pixel": per-pixel normal noise, "rand": one
       normal colour per box, "const": zeros) and the most boxes per image.
     * ``scale`` / ``ratio``: ``--scale`` / ``--ratio``, the area fraction and aspect-ratio ranges of augment
       "standard"'s random resized crop ([0.35, 1] and [3/4, 4/3] by default).
 
-    timm builds them (``timm.data.create_transform(is_training=True, separate=True)``: the AA and colour jitter
-    of its secondary stage on the PIL image, the RandomErasing of its final stage on the normalised tensor), so
-    their semantics and order are timm's, with AA's fill colour from the normalisation mean as timm's. By design,
-    the crop and flip stay the zoo's (torchvision on the image tensor, drawn from torch's RNG: the default training
-    tensors are unchanged; timm crops the PIL image with Python's RNG), and AA's rotations, shears and translations
-    resample bilinearly, as the crop does (timm's train.py picks bilinear or bicubic at random per op by default).
+    timm builds them (``timm.data.create_transform(is_training=True, separate=True)``: the AA, colour jitter,
+    grayscale and blur of its secondary stage on the PIL image, the RandomErasing of its final stage on the
+    normalised tensor), so their semantics and order are timm's (transforms_imagenet_train,
+    timm/data/transforms_factory.py; train.py's argument help), with AA's fill colour from the normalisation mean
+    as timm's. By design, the crop and flips stay the zoo's (torchvision, crop boxes and flips drawn from torch's
+    RNG: the default training tensors are unchanged; timm draws its crop box from Python's RNG), and AA's
+    rotations, shears and translations resample with ``train_interpolation``, as the crop does (bilinear unless
+    set; timm's train.py defaults to random).
     Posterize's 0-bit level gives a black image, as timm's policies were designed with (:func:`_posterize_any_bits`).
     """
 
     def __init__(self, augment: str, img_size: int, in_chans: int, auto_augment: Optional[str] = None,
-                 color_jitter: Optional[float] = None, reprob: float = 0.0, remode: str = "pixel", recount: int = 1,
-                 scale: Sequence[float] = _DEFAULT_CROP_SCALE, ratio: Sequence[float] = _DEFAULT_CROP_RATIO):
+                 color_jitter: Optional[float | Sequence[float]] = None, reprob: float = 0.0, remode: str = "pixel",
+                 recount: int = 1, scale: Sequence[float] = _DEFAULT_CROP_SCALE,
+                 ratio: Sequence[float] = _DEFAULT_CROP_RATIO, vflip: float = 0.0,
+                 color_jitter_prob: Optional[float] = None, grayscale_prob: float = 0.0,
+                 gaussian_blur_prob: float = 0.0, train_interpolation: str = "bilinear"):
         if auto_augment is not None and (not isinstance(auto_augment, str) or not auto_augment):
             raise ValueError(f"auto_augment must be null or a timm policy string (e.g. rand-m9-mstd0.5-inc1, "
                              f"augmix-m5-w4-d2, original, v0, 3a: timm's --aa), got {auto_augment!r}")
-        if color_jitter is not None and (isinstance(color_jitter, bool) or not isinstance(color_jitter, (int, float))
-                                         or not math.isfinite(color_jitter) or color_jitter < 0):
-            raise ValueError(f"color_jitter must be null or a number >= 0 (the brightness, contrast and saturation "
-                             f"jitter, timm's --color-jitter), got {color_jitter!r}")
         if remode not in _ERASING_MODES:
             raise ValueError(f"remode must be one of {', '.join(_ERASING_MODES)} (random erasing's fill, timm's "
                              f"--remode), got {remode!r}")
-        self.auto_augment, self.remode = auto_augment, remode
-        self.color_jitter = None if color_jitter is None else float(color_jitter)
+        if train_interpolation not in _TRAIN_INTERPOLATIONS:
+            raise ValueError(f"train_interpolation must be one of {', '.join(_TRAIN_INTERPOLATIONS)} (the training "
+                             f"crop's resampling, timm's --train-interpolation), got {train_interpolation!r}")
+        self.auto_augment, self.remode, self.train_interpolation = auto_augment, remode, train_interpolation
+        self.color_jitter = _color_jitter(color_jitter)
+        self.color_jitter_prob = None if color_jitter_prob is None else _probability(color_jitter_prob,
+                                                                                       "color_jitter_prob")
+        self.grayscale_prob = _probability(grayscale_prob, "grayscale_prob")
+        self.gaussian_blur_prob = _probability(gaussian_blur_prob, "gaussian_blur_prob")
+        self.vflip = _probability(vflip, "vflip")
         self.reprob, self.recount = _probability(reprob, "reprob"), _integer(recount, "recount", 1)
         self.scale = _number_pair(scale, "scale", 0.0, 1.0, False, "the crop's area fraction, timm's --scale")
         self.ratio = _number_pair(ratio, "ratio", 0.0, math.inf, False, "the crop's aspect ratio, timm's --ratio")
@@ -337,10 +385,22 @@ class _TimmAugment:
             raise ValueError(f"scale and ratio set the random resized crop of augment=standard, but augment={augment!r} "
                              f"has none; use augment=standard or leave them at their defaults")
         given = [name for name, off in (("auto_augment", auto_augment is None), ("color_jitter", color_jitter is None),
-                                        ("reprob", self.reprob == 0)) if not off]
+                                        ("grayscale_prob", self.grayscale_prob == 0),
+                                        ("gaussian_blur_prob", self.gaussian_blur_prob == 0), ("reprob", self.reprob == 0),
+                                        ("vflip", self.vflip == 0), ("train_interpolation",
+                                                                     train_interpolation == "bilinear")) if not off]
         if given and augment == "none":
             raise ValueError(f"{' and '.join(given)} augment the training images, but augment=none trains on them "
                              f"unaugmented; use augment=standard or crop, or leave {' and '.join(given)} unset")
+        if color_jitter_prob is not None and color_jitter is None:
+            raise ValueError(f"color_jitter_prob={color_jitter_prob} is the probability of the colour jitter, but "
+                             f"color_jitter is null; set color_jitter (e.g. 0.4) or leave color_jitter_prob null")
+        if self.grayscale_prob > 0 and in_chans == 1:
+            raise ValueError(f"grayscale_prob={grayscale_prob} turns colour images gray, but in_chans=1 trains on gray "
+                             f"images already; leave grayscale_prob at 0 or use in_chans=3")
+        if self.gaussian_blur_prob > 0 and img_size < _MIN_BLUR_SIZE:
+            raise ValueError(f"gaussian_blur_prob needs img_size >= {_MIN_BLUR_SIZE} (timm's blur kernel is 23 pixels "
+                             f"wide, reflect-padded by 11), got img_size={img_size}; leave it at 0 or train larger")
         if auto_augment is not None and color_jitter is not None and "3a" not in auto_augment:
             raise ValueError(f"color_jitter is not applied with auto_augment={auto_augment!r}: timm turns colour jitter "
                              f"off under an AA policy other than 3a; leave color_jitter null or use a 3a policy")
@@ -362,16 +422,20 @@ class _TimmAugment:
                              f"rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0 or 3a (timm's --aa), or null") from None
 
     def stages(self, img_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[Optional[Callable], Optional[Callable]]:
-        """(AA and colour jitter of a PIL image, random erasing of the normalised tensor): timm's, each None when off."""
-        if self.auto_augment is None and self.color_jitter is None and self.reprob == 0:
+        """(AA, colour jitter, grayscale and blur of a PIL image, random erasing of the normalised tensor): timm's,
+        each None when off."""
+        if (self.auto_augment, self.color_jitter, self.grayscale_prob, self.gaussian_blur_prob, self.reprob) == (
+                None, None, 0, 0, 0):
             return None, None
         import timm.data
         from timm.data.random_erasing import RandomErasing
 
         _, secondary, final = timm.data.create_transform(
             img_size, is_training=True, separate=True, scale=self.scale, ratio=self.ratio, hflip=0.0,
-            color_jitter=self.color_jitter, auto_augment=self.auto_augment, interpolation="bilinear",
-            mean=tuple(mean), std=tuple(std), re_prob=self.reprob, re_mode=self.remode, re_count=self.recount)
+            color_jitter=self.color_jitter, color_jitter_prob=self.color_jitter_prob,
+            grayscale_prob=self.grayscale_prob, gaussian_blur_prob=self.gaussian_blur_prob,
+            auto_augment=self.auto_augment, interpolation=self.train_interpolation, mean=tuple(mean), std=tuple(std),
+            re_prob=self.reprob, re_mode=self.remode, re_count=self.recount)
         for step in secondary.transforms:
             _with_any_posterize_bits(step)
         erasing = [step for step in final.transforms if isinstance(step, RandomErasing)]
@@ -583,19 +647,25 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
 class _PictureDataModule(VisionDataModule):
     """Image folders and CIFAR (PIL images): ``augment`` "none", "standard" (random resized crop of ``scale`` of
     the area, ``ratio`` aspect, + flip) or "crop" (pad, random crop, flip); ``hflip`` the flip's probability (0.5;
-    0 turns it off); and timm train.py's ``auto_augment``, ``color_jitter``, ``reprob`` / ``remode`` /
-    ``recount`` (:class:`_TimmAugment`; all off by default). Every random op is seeded per sample."""
+    0 turns it off); and timm train.py's ``vflip``, ``train_interpolation``, ``auto_augment``, ``color_jitter`` /
+    ``color_jitter_prob``, ``grayscale_prob``, ``gaussian_blur_prob``, ``reprob`` / ``remode`` / ``recount``
+    (:class:`_TimmAugment`; all off by default). Every random op is seeded per sample."""
 
     def __init__(self, *args, hflip: float = 0.5, auto_augment: Optional[str] = None,
-                 color_jitter: Optional[float] = None, reprob: float = 0.0, remode: str = "pixel", recount: int = 1,
-                 scale: Sequence[float] = _DEFAULT_CROP_SCALE, ratio: Sequence[float] = _DEFAULT_CROP_RATIO, **kwargs):
+                 color_jitter: Optional[float | Sequence[float]] = None, reprob: float = 0.0, remode: str = "pixel",
+                 recount: int = 1, scale: Sequence[float] = _DEFAULT_CROP_SCALE,
+                 ratio: Sequence[float] = _DEFAULT_CROP_RATIO, vflip: float = 0.0,
+                 color_jitter_prob: Optional[float] = None, grayscale_prob: float = 0.0, gaussian_blur_prob: float = 0.0,
+                 train_interpolation: str = "bilinear", **kwargs):
         super().__init__(*args, **kwargs)
         self.hflip = _probability(hflip, "hflip")
         if self.augment not in ("none", "standard", "crop"):
             raise ValueError(f"{type(self).__name__}: augment must be 'none', 'standard' or 'crop', got {self.augment!r}")
         self.timm_augment = _TimmAugment(self.augment, self.img_size, self.in_chans, auto_augment=auto_augment,
                                          color_jitter=color_jitter, reprob=reprob, remode=remode, recount=recount,
-                                         scale=scale, ratio=ratio)
+                                         scale=scale, ratio=ratio, vflip=vflip, color_jitter_prob=color_jitter_prob,
+                                         grayscale_prob=grayscale_prob, gaussian_blur_prob=gaussian_blur_prob,
+                                         train_interpolation=train_interpolation)
 
     def _train_transform(self) -> Callable:
         """The training split's transform (after adopt_model_stats: timm's AA fills with the normalisation mean)."""
@@ -677,14 +747,35 @@ class DigitsDataModule(VisionDataModule):
         self.test_set = TensorImageDataset(images[split["test"]], labels[split["test"]], self.mean, self.std)
 
 
+class _RandomInterpolation:
+    """timm's ``train_interpolation="random"``: each image resized by one of ``resize(mode)`` for bilinear and
+    bicubic, picked by Python's ``random.choice`` in timm's order (``_RANDOM_INTERPOLATION`` and
+    ``RandomResizedCropAndInterpolation.__call__``, timm/data/transforms.py), so the pick is timm's and is seeded
+    per sample by :class:`_sample_rng`; the crop box still comes from torch's RNG, unchanged by the pick."""
+
+    def __init__(self, resize: Callable[[Any], Callable]):
+        from torchvision.transforms import InterpolationMode
+
+        self.resizes = [resize(mode) for mode in (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)]
+
+    def __call__(self, image):
+        return random.choice(self.resizes)(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({' or '.join(map(repr, self.resizes))})"
+
+
 def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augment: str, hflip: float = 0.5,
                      crop_pct: float = 1.0, interpolation: str = "bilinear", crop_mode: str = "center",
                      timm_augment: Optional[_TimmAugment] = None) -> Callable:
     """torchvision v2 pipeline; ``hflip`` is the probability of the training augmentations' horizontal flip
     (timm's ``--hflip``; 0 for data whose mirror image is another class, e.g. digits or text).
 
-    Training with ``timm_augment``: its crop ``scale`` / ``ratio``, and after the crop and flip timm's AA and colour
-    jitter (on the PIL image, as timm applies them) and, after normalisation, timm's random erasing.
+    Training with ``timm_augment``: its crop ``scale`` / ``ratio`` and ``train_interpolation``, its ``vflip`` after
+    the horizontal flip (timm's order), then timm's AA, colour jitter, grayscale and blur (on the PIL image, as timm
+    applies them) and, after normalisation, timm's random erasing. The crop resizes the image tensor bilinearly
+    (every zoo run's default); another ``train_interpolation`` resizes the PIL image with Pillow's filter, as timm's
+    RandomResizedCropAndInterpolation (torch's bicubic kernel differs from Pillow's), from the same crop box.
 
     Evaluation (``train=False``, or augment "none"): resize to ``floor(img_size / crop_pct)`` with
     ``interpolation`` and crop the centre ``img_size`` square, as timm's ``transforms_imagenet_eval``
@@ -696,16 +787,29 @@ def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augme
     from torchvision.transforms import v2 as T
 
     channels = T.Grayscale(1) if in_chans == 1 else T.RGB()
-    flip = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+    vflip = timm_augment.vflip if timm_augment else 0.0
+    flips = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+    if vflip > 0:  # after the horizontal flip, as timm's primary stage
+        flips.append(T.RandomVerticalFlip(vflip))
     crop_scale, crop_ratio = (timm_augment.scale, timm_augment.ratio) if timm_augment else (_DEFAULT_CROP_SCALE,
                                                                                           _DEFAULT_CROP_RATIO)
+    train_interpolation = timm_augment.train_interpolation if timm_augment else "bilinear"
     colour, erasing = timm_augment.stages(img_size, mean, std) if train and timm_augment else (None, None)
-    if train and augment == "standard":
-        steps: list[Any] = [T.ToImage(), channels, T.RandomResizedCrop(img_size, scale=crop_scale, ratio=crop_ratio,
-                                                                       antialias=True), *flip]
-    elif train and augment == "crop":  # CIFAR style: pad 4 (at 32 px) and random crop, flip
-        steps = [T.ToImage(), channels, T.Resize(img_size, antialias=True),
-                 T.RandomCrop(img_size, padding=max(1, img_size // 8)), *flip]
+    if train and augment in ("standard", "crop"):
+        def resize(mode: InterpolationMode) -> Callable:
+            """standard: the random resized crop; crop (CIFAR style): the resize before padding 4 (at 32 px)."""
+            if augment == "standard":
+                return T.RandomResizedCrop(img_size, scale=crop_scale, ratio=crop_ratio, interpolation=mode,
+                                           antialias=True)
+            return T.Resize(img_size, interpolation=mode, antialias=True)
+
+        padded_crop = [T.RandomCrop(img_size, padding=max(1, img_size // 8))] if augment == "crop" else []
+        if train_interpolation == "bilinear":  # the image tensor, as every zoo run trained
+            steps: list[Any] = [T.ToImage(), channels, resize(InterpolationMode.BILINEAR), *padded_crop, *flips]
+        else:  # the PIL image with Pillow's filter, as timm
+            chosen = (_RandomInterpolation(resize) if train_interpolation == "random"
+                      else resize(InterpolationMode(train_interpolation)))
+            steps = [channels, chosen, T.ToImage(), *padded_crop, *flips]
     elif (crop_pct, interpolation, crop_mode) == (1.0, "bilinear", "center"):
         steps = [T.ToImage(), channels, T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
     else:
@@ -743,8 +847,8 @@ class ImageFolderDataModule(_PictureDataModule):
     ``augment``: "none", "standard" (random resized crop of 35-100% of the area + flip) or "crop" (pad, random
     crop, flip); ``hflip`` the flip's probability (0.5; 0 turns it off). "standard" is milder than timm's training
     default (crop scale 0.08-1.0 plus ColorJitter(0.4)): it is tuned for the small datasets this zoo trains from
-    scratch; timm's are options: ``scale=[0.08, 1] color_jitter=0.4``, and ``auto_augment``, ``reprob``, ...
-    (:class:`_TimmAugment`).
+    scratch; timm's are options: ``scale=[0.08, 1] color_jitter=0.4``, and ``auto_augment``, ``reprob``,
+    ``vflip``, ``train_interpolation``, ... (:class:`_TimmAugment`).
 
     Images are the files whose suffix (any case) is in ``IMAGE_EXTENSIONS``, the list ``zoo predict`` reads.
 
