@@ -52,6 +52,8 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from zoo.registry import UnknownModelError
+
 __all__ = [
     "WEIGHTS_NAME",
     "CONFIG_NAME",
@@ -82,6 +84,11 @@ log = logging.getLogger("zoo.hub")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model (names the file and the keys)."""
+
+
+class _UnknownSavedModel(CheckpointError, UnknownModelError):
+    """A config.json naming a model that is not registered: a CheckpointError (it names the file), and still the
+    registry's UnknownModelError (a KeyError), which callers caught before it named the file."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1092,5 +1099,10 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
             f"{where} has no {CONFIG_NAME}; from_pretrained needs the directory written by zoo.save_pretrained "
             f"(for a bare weights file use zoo.create_model(<name>, pretrained='{path}'))"
         )
-    entry = get_model_entry(config["model_name"])
+    try:
+        entry = get_model_entry(config["model_name"])
+    except UnknownModelError as error:  # the registry's message names the model, not the file that asked for it
+        where = path if path.is_dir() else path.parent
+        raise _UnknownSavedModel(f"{where / CONFIG_NAME}: its model_name is not a model of this zoo: {error}; "
+                                 f"load {where} with the zoo version that wrote it, or correct model_name") from None
     return load_pretrained_into(entry, str(path), overrides)

@@ -9,6 +9,7 @@ Used by the vision data modules (zoo.tasks.vision.data) and the graph ones (zoo.
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Any, Optional
 
 import torch
@@ -40,41 +41,74 @@ class EpochShuffleSampler(DistributedSampler):
         if hasattr(self.dataset, "epoch"):
             self.dataset.epoch = int(epoch)
 
-    def skip_once(self, epoch: int, num_samples: int, pending: Optional[list] = None) -> None:
+    def skip_once(self, epoch: int, num_samples: int, pending: Optional[list] = None,
+                  seed: Optional[int] = None) -> None:
         """The next pass over ``epoch`` starts after its first ``num_samples`` indices (a run resumed in the middle
         of that epoch: the batches it trained on are not seen twice). ``len()`` stays the epoch's full length, the
         count Lightning's progress tracking expects; other epochs are unaffected.
 
-        ``pending`` (a one-item list ``[(epoch, num_samples)]``) lets several samplers share one skip: the first
-        pass over ``epoch`` by any of them empties it (Lightning may build the training loader again before the
-        resumed epoch starts, ``trainer.reload_dataloaders_every_n_epochs``)."""
-        self._skip = pending if pending is not None else [(int(epoch), int(num_samples))]
+        ``seed``: the seed that epoch's order was drawn with, when it differs from this sampler's (the resumed run
+        was given another ``seed=``): that pass is drawn with it, so the indices after ``num_samples`` are exactly
+        the ones not trained on yet; later epochs use the sampler's own seed.
+
+        ``pending`` (a one-item list ``[(epoch, num_samples)]`` or ``[(epoch, num_samples, seed)]``) lets several
+        samplers share one skip: the first pass over ``epoch`` by any of them empties it (Lightning may build the
+        training loader again before the resumed epoch starts, ``trainer.reload_dataloaders_every_n_epochs``)."""
+        self._skip = pending if pending is not None else [(int(epoch), int(num_samples), seed)]
 
     def __iter__(self):
-        indices = super().__iter__()
         pending = getattr(self, "_skip", None)
+        skip, seed = 0, None
         if pending and pending[0][0] == self.epoch:
-            skip = pending.pop()[1]
-            indices = itertools.islice(indices, skip, None)
-        return iter(indices)
+            entry = pending.pop()
+            skip, seed = entry[1], (entry[2] if len(entry) > 2 else None)
+        own_seed = self.seed
+        if seed is not None:
+            self.seed = int(seed)  # DistributedSampler draws with self.seed + self.epoch
+        try:
+            indices = super().__iter__()
+        finally:
+            self.seed = own_seed
+        return iter(itertools.islice(indices, skip, None))
 
 
 class ResumableTrainingOrder:
     """Mixin of the data modules that shuffle their training split with :class:`EpochShuffleSampler`: the training
     sampler of a resumed run starts where the uninterrupted run would be.
 
-    The position goes into every checkpoint (the data module's ``state_dict``: the epoch the run continues in and
-    the batches of it already trained on) and comes back before Lightning builds the training loader (it restores
-    the data module before ``configure_optimizers``, whose schedule length makes Lightning build the loader and its
-    first iterator, before the training loops are restored and before ``set_epoch``). Without it:
+    The position goes into every checkpoint (the data module's ``state_dict``: the epoch the run continues in, the
+    batches and the samples of it already trained on, and the seed its order was drawn with) and comes back before
+    Lightning builds the training loader (it restores the data module before ``configure_optimizers``, whose
+    schedule length makes Lightning build the loader and its first iterator, before the training loops are restored
+    and before ``set_epoch``). Without it:
 
     * with DataLoader worker processes, the first epoch of a resumed run replayed epoch 0's order and augmentation
       (the workers fetched indices and copied the dataset, ``dataset.epoch`` included, at epoch 0);
     * a run resumed from a checkpoint written in the middle of an epoch (``trainer.max_steps`` ending training
       there, :class:`zoo.train.checkpoint.LastCheckpoint`) replayed that epoch from its first batch.
+
+    Resumed in the middle of an epoch with other settings, the rest of that epoch is exactly its samples not trained
+    on yet, nothing twice and nothing left out:
+
+    * another ``data.batch_size``: the samples done are skipped (not the batches done times the new size, which
+      trained 288 samples twice in an audit, 2026-12-06) and the new size batches the rest. A size larger than the
+      one the epoch's first part was trained with is refused (:meth:`check_batch_size_fits`): Lightning counts the
+      epoch in batches and would end it before its last samples;
+    * another ``seed=``: the rest of the epoch keeps the order its first part was drawn in (the stored seed), and
+      the new seed orders the epochs after it (a note says so). Refusing would lose nothing either, but makes a
+      resume that can be made exactly fail.
+
+    Checkpoints from before the samples and the seed were stored resume as they did: the batches done times the
+    batch size are skipped, in the order of the current seed.
     """
 
     _resume_at: tuple[int, int] = (0, 0)  # (epoch, batches of it already trained on)
+    _resume_samples: Optional[int] = None  # samples of that epoch already trained on (None: not stored)
+    _resume_seed: Optional[int] = None  # the seed that epoch's order was drawn with (None: not stored)
+    # where this fit started in its first epoch: (epoch, samples done, batches done, seed of its order); a
+    # checkpoint written later in that epoch counts its samples from there
+    _started_at: Optional[tuple[int, int, int, int]] = None
+    _training_batch_size: Optional[int] = None  # the batch size of the training loader last built
 
     def state_dict(self) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
@@ -85,28 +119,63 @@ class ResumableTrainingOrder:
         # saved at an epoch's end, that epoch counts as processed (the run continues with the next one); saved
         # within an epoch (ready > processed), the run continues it after the batches it has processed
         within = epochs.ready > epochs.processed
-        done = fit_loop.epoch_loop.batch_progress.current.processed if within else 0
-        return {"training_order": {"epoch": int(epochs.processed), "batches_done": int(done)}}
+        epoch, done = int(epochs.processed), int(fit_loop.epoch_loop.batch_progress.current.processed if within else 0)
+        order: dict[str, Any] = {"epoch": epoch, "batches_done": done}
+        if self._training_batch_size is not None:
+            started = self._started_at
+            if started is not None and started[0] == epoch and within:  # the batches since the resume: this size
+                samples, seed = started[1] + (done - started[2]) * self._training_batch_size, started[3]
+            else:
+                samples, seed = done * self._training_batch_size, int(self.seed)
+            order.update(samples_done=int(samples), seed=int(seed))
+        return {"training_order": order}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         order = (state or {}).get("training_order")
         self._pending_skip = None
         if order:
             self._resume_at = (int(order["epoch"]), int(order["batches_done"]))
+            self._resume_samples = int(order["samples_done"]) if order.get("samples_done") is not None else None
+            self._resume_seed = int(order["seed"]) if order.get("seed") is not None else None
 
     def training_sampler(self, dataset: Dataset, batch_size: int) -> EpochShuffleSampler:
         """The training split's sampler, at the restored position (epoch 0 for a new run). The restored epoch is
         used once: a later loader (another fit, or a reload) gets its epoch from Lightning's ``set_epoch``. The
-        skip of the batches already trained on stays with every sampler built until one of them starts that
+        skip of the samples already trained on stays with every sampler built until one of them starts that
         epoch: with ``trainer.reload_dataloaders_every_n_epochs`` Lightning builds the loader again before the
         resumed epoch starts (the first one only served the schedule's length)."""
         epoch, done = self._resume_at
-        self._resume_at = (0, 0)
-        if done:
-            self._pending_skip = [(epoch, done * int(batch_size))]
+        samples = self._resume_samples if self._resume_samples is not None else done * int(batch_size)
+        seed = self._resume_seed if self._resume_seed is not None else int(self.seed)
+        self._resume_at, self._resume_samples, self._resume_seed = (0, 0), None, None
+        self._training_batch_size = int(batch_size)
+        if done or samples:
+            self.check_batch_size_fits(epoch, done, samples, int(batch_size))
+            if seed != int(self.seed):
+                print(f"zoo train: note: resumed in the middle of epoch {epoch}, whose order was drawn with "
+                      f"seed={seed}: the rest of that epoch keeps it, and seed={self.seed} orders the epochs after "
+                      f"it", file=sys.stderr)
+            self._pending_skip = [(epoch, samples, seed)]
+            self._started_at = (epoch, samples, done, seed)
         sampler = EpochShuffleSampler(dataset, self.seed)
         sampler.set_epoch(epoch)
         pending = getattr(self, "_pending_skip", None)
         if pending:
-            sampler.skip_once(*pending[0], pending=pending)
+            sampler.skip_once(pending[0][0], pending[0][1], pending=pending)  # the seed travels in pending
         return sampler
+
+    @staticmethod
+    def check_batch_size_fits(epoch: int, batches_done: int, samples_done: int, batch_size: int) -> None:
+        """Lightning ends an epoch when its batch count reaches the loader's length (``len(dataset) / batch_size``
+        batches), counting the batches restored from the checkpoint: the rest of the epoch fits when the batches done
+        are no more than the new batch size makes of the samples done (always so for the same or a smaller size).
+        A larger size would end the epoch early, its last samples never trained on: refused (zoo train checks it
+        before the run's files are rewritten, :func:`zoo.train.run._check_resumed_order_fits`)."""
+        if batches_done <= samples_done // batch_size:
+            return
+        largest = samples_done // batches_done
+        raise ValueError(f"data.batch_size={batch_size} cannot take over in the middle of epoch {epoch}: the "
+                         f"checkpoint stopped after {batches_done} batches ({samples_done} samples), and Lightning, "
+                         f"counting the epoch in batches, would end it before its last samples; resume with "
+                         f"data.batch_size<={largest} (a larger size can take over from a checkpoint at an epoch's "
+                         f"end)")

@@ -24,6 +24,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -577,13 +578,23 @@ def _keep_previous_metrics(loggers) -> None:
 
 
 def _tidy_for_resume(run_dir: Path) -> None:
-    """Before a resumed run: delete the temporary files of checkpoint writes that a kill interrupted
-    (``checkpoints/.<name>.<random>.tmp``, zoo.train.checkpoint's atomic writes; one process writes a run_dir, and a
-    new run is refused there, so none is in progress), and silence Lightning's warnings that the run's folders are
+    """Before a resumed run: delete the temporary files of checkpoint and release writes that a kill interrupted
+    (``checkpoints/.<name>.<random>.tmp``, zoo.train.checkpoint's atomic writes; ``released/.<name>.<random>.tmp``
+    and ``.released.<random>.tmp/``, zoo.hub.save_pretrained's; one process writes a run_dir, and a new run is
+    refused there, so none is in progress), and silence Lightning's warnings that the run's folders are
     not empty and its 'previous log files will be deleted': resuming writes there by design, and the earlier
     metrics.csv was kept as metrics.<n>.csv."""
     for stale in (run_dir / "checkpoints").glob(".*.tmp"):
         stale.unlink(missing_ok=True)
+    # zoo.hub.save_pretrained's staged files in released/ (.model.safetensors.<random>.tmp, ...) and the staging
+    # folder of a first release (.released.<random>.tmp beside it)
+    for stale in (run_dir / "released").glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    for stale in run_dir.glob(".released.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     for message in (r"Checkpoint directory .* exists and is not empty",
                     r"Experiment logs directory .* exists and is not empty"):
         warnings.filterwarnings("ignore", message=message)
@@ -684,14 +695,24 @@ def _validates(cfg) -> bool:
 
 def _check_not_a_finished_run(run_dir: Path, cfg) -> None:
     """A new run into a run_dir that holds one would overwrite its checkpoints, config.yaml and released/ (Lightning
-    only warns): refused, unless the run resumes (ckpt_path=). DDP workers (rank > 0) skip the check: rank 0 has
-    made it, and by the time they start, their own run may have written checkpoints."""
-    if cfg.get("ckpt_path") or os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+    only warns): refused, unless the run resumes from a checkpoint of that run_dir (ckpt_path= inside it, both paths
+    resolved). A checkpoint of another run continues into a new or empty run_dir (a fine-tune, or a run continued
+    elsewhere); into one holding a run it overwrote that run with no message (audit 2026-12-06: a graph run resumed
+    into a vit_digits run's folder). DDP workers (rank > 0) skip the check: rank 0 has made it, and by the time they
+    start, their own run may have written checkpoints."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return
     last = _last_checkpoint(run_dir)
-    if last.is_file():
+    if not last.is_file():
+        return
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
         raise ValueError(f"run_dir={run_dir} already holds a run ({last}): resume it with ckpt_path={last}, or give "
                          f"another run_dir (delete that folder to start it over)")
+    if not Path(str(ckpt)).expanduser().resolve().is_relative_to(Path(run_dir).expanduser().resolve()):
+        raise ValueError(f"run_dir={run_dir} already holds a run ({last}), and ckpt_path={ckpt} is a checkpoint of "
+                         f"another run: continuing it there would overwrite that run; give another run_dir to "
+                         f"continue it in, or ckpt_path={last} to resume the run in run_dir")
 
 
 def _train(cfg, run_dir: Path) -> dict[str, Any]:
@@ -716,6 +737,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     resumed_at_step = None
     if resume is not None:
         _check_resume_fits(resume, module, cfg)
+        _check_resumed_order_fits(resume[1], datamodule)
         resumed_at_step = resume[1].get("global_step")
         del resume  # Lightning reads the file again in fit(): do not hold two copies
     validated = _validation_step_callback()
@@ -749,8 +771,9 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         result["last_ckpt"] = str(last)
     if trainer.is_global_zero:
         finished = resumed_at_step is not None and int(trainer.global_step) == int(resumed_at_step)
-        missing = finished and (not (run_dir / "metrics.json").is_file()
-                                or (cfg.get("export", True) and not (run_dir / "released").is_dir()))
+        missing = finished and (not _metrics_are_current(run_dir / "metrics.json", int(trainer.global_step))
+                                or (cfg.get("export", True) and released_from is not None
+                                    and not _release_is_current(run_dir / "released", released_from)))
         if finished and not missing:
             # the checkpoint already stood at max_epochs / max_steps: released/ and metrics.json stay the ones of the
             # run that trained them (their card's training time would read as this call's few seconds)
@@ -765,8 +788,8 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
             # interrupted after its last training step (during the final validation or test): the resume has
             # nothing to train, but the run never wrote its outputs; they are written now
             print(f"zoo train: the resumed run's training was already complete (step {resumed_at_step}); writing "
-                  f"the released/ and metrics.json it had not written (their training time counts this call only)",
-                  file=sys.stderr)
+                  f"the released/ and metrics.json it had not written, or whose writing was interrupted (their "
+                  f"training time counts this call only)", file=sys.stderr)
         if cfg.get("export", True) and int(trainer.global_step) == 0:
             # trainer.max_epochs=0 / limit_train_batches=0: released/ would hold untrained (or unchanged) weights
             # under a model card of this run; zoo eval scores a checkpoint without training
@@ -782,6 +805,54 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         for note in notes:
             print(note, file=sys.stderr)
     return result
+
+
+def _check_resumed_order_fits(ckpt: dict, datamodule) -> None:
+    """The data module's refusal of the training order it would resume at (zoo.train.order.ResumableTrainingOrder:
+    a larger data.batch_size in the middle of an epoch), made before the run's config.yaml is rewritten rather
+    than when Lightning builds the training loader."""
+    from zoo.train.order import ResumableTrainingOrder
+
+    order = (ckpt.get(type(datamodule).__qualname__) or {}).get("training_order") or {}
+    batch_size = getattr(datamodule, "batch_size", None)
+    if (isinstance(datamodule, ResumableTrainingOrder) and isinstance(batch_size, int)
+            and order.get("samples_done") is not None):
+        datamodule.check_batch_size_fits(int(order["epoch"]), int(order["batches_done"]), int(order["samples_done"]),
+                                         batch_size)
+
+
+def _metrics_are_current(path: Path, global_step: int) -> bool:
+    """Whether ``metrics.json`` is the one of the run as it now stands (written last, after released/: a run
+    killed before it keeps the file of the run it extended, at that run's step)."""
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["global_step"]) == global_step
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+
+
+def _release_is_current(directory: Path, released_from: dict) -> bool:
+    """Whether ``released/`` holds the weights this run releases, whole: it passes from_pretrained's checks of an
+    interrupted save (zoo.hub: no config.json beside the parked old one; config.json and the weights from two
+    saves) and its model card records these weights (metadata "weights": final or best, with the step). A kill
+    during the final release of an extended run left the previous release (another step) or a half-swapped one,
+    which a rerun of the resume kept as it was (audit 2026-12-06). A release that records no weights (written
+    before that record) is taken as current, as it was."""
+    from zoo.hub import CheckpointError, _check_not_interrupted, _check_same_save, read_config
+
+    weights = directory / "model.safetensors"
+    try:
+        _check_not_interrupted(directory)
+        config = read_config(directory)
+        if config is None or not weights.is_file():
+            return False
+        _check_same_save(config, weights)
+    except CheckpointError:
+        return False
+    recorded = (config.get("metadata") or {}).get("weights")
+    if not isinstance(recorded, Mapping):
+        return True
+    return (recorded.get("ckpt"), recorded.get("global_step")) == (released_from.get("ckpt"),
+                                                                   released_from.get("global_step"))
 
 
 # top-level keys naming the weights the test after training and the release use (configs/train.yaml)

@@ -1,0 +1,267 @@
+"""Resuming never loses or overwrites what a run wrote (audit "nothing is ever lost", 2026-12-06).
+
+* a release interrupted at the end of an extended run is written again by the same resume command;
+* a checkpoint of another run cannot be continued into a run_dir that holds a run;
+* a mid-epoch resume with another data.batch_size / seed= trains exactly the epoch's samples not trained yet;
+* a release whose config.json names an unknown model says which file.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from zoo import hub
+from zoo.train import order, run
+
+from conftest import FAST_RUN
+
+
+def _vit(tmp_path, name, *extra):
+    """A tiny vit_digits run (debug=fast: 2 training batches an epoch), released (export=true), not tested."""
+    return run.compose([*FAST_RUN, f"run_dir={tmp_path / name}", "test=false", "export=true", *extra])
+
+
+def _karate(tmp_path, name, *extra):
+    return run.compose(["experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1", "test=false",
+                        "export=false", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                        f"run_dir={tmp_path / name}", *extra])
+
+
+def _released_step(directory: Path) -> int:
+    return json.loads((directory / "config.json").read_text())["metadata"]["weights"]["global_step"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. a release interrupted at the end of an extended run
+# --------------------------------------------------------------------------------------------------
+class _Killed(Exception):
+    """Stands for the kill: raised halfway through the release write."""
+
+
+def _die_in_safetensors_write(monkeypatch):
+    import safetensors.torch
+
+    def partial_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise _Killed(filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", partial_write)
+
+
+def _die_in_the_swap(monkeypatch):
+    """zoo.hub's os, with a replace that dies when the new config.json is renamed into place (after the weights)."""
+    import os
+
+    class DyingOs:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def replace(self, source, target):
+            if str(target).endswith("/config.json") and ".config.json." in str(source):
+                raise _Killed(source)
+            return os.replace(source, target)
+
+    monkeypatch.setattr(hub, "os", DyingOs())
+
+
+@pytest.mark.parametrize("kill", [_die_in_safetensors_write, _die_in_the_swap], ids=["in_safetensors", "in_swap"])
+def test_rerunning_a_resume_killed_in_its_release_writes_the_release(tmp_path, monkeypatch, capsys, kill):
+    """Killed in the final release of a resumed (extended) run, the same resume command then kept the previous
+    release (the step before the extension) or a half-swapped one that from_pretrained refuses, saying "trained no
+    further step ... kept as they were". It writes them now, and clears the kill's leftover staged files."""
+    first = run.train(_vit(tmp_path, "r"))
+    assert first["global_step"] == 2 and _released_step(tmp_path / "r" / "released") == 2
+    resume = _vit(tmp_path, "r", "trainer.max_epochs=2", f"ckpt_path={first['last_ckpt']}")
+    with monkeypatch.context() as patch:
+        kill(patch)
+        with pytest.raises(_Killed):
+            run.train(copy.deepcopy(resume))
+    released = tmp_path / "r" / "released"
+    assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    # what a SIGKILL leaves besides (an exception removes its own staged file): save_pretrained's staged files
+    (released / ".model.safetensors.k1ll3d.tmp").write_bytes(b"partial")
+    (tmp_path / "r" / ".released.k1ll3d.tmp").mkdir()
+    capsys.readouterr()
+    again = run.train(copy.deepcopy(resume))
+    assert "trained no further step" not in capsys.readouterr().err
+    assert again["released"] == str(released) and _released_step(released) == 4
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["global_step"] == 4
+    zoo.from_pretrained(released)
+    assert sorted(p.name for p in released.iterdir()) == ["config.json", "model.safetensors"]
+    assert not list((tmp_path / "r").glob(".released.*.tmp"))
+    # rerun once more: the release is current now, kept as it is
+    before = (released / "model.safetensors").read_bytes()
+    run.train(copy.deepcopy(resume))
+    assert "trained no further step" in capsys.readouterr().err
+    assert (released / "model.safetensors").read_bytes() == before
+
+
+def test_rerunning_a_resume_killed_before_its_metrics_json_writes_it(tmp_path, capsys):
+    """metrics.json is written after released/: killed between them, the run kept the metrics.json of the run it
+    extended (its step, its metrics), and the rerun kept it too since the file existed."""
+    first = run.train(_vit(tmp_path, "m"))
+    stale = (tmp_path / "m" / "metrics.json").read_text()
+    resume = _vit(tmp_path, "m", "trainer.max_epochs=2", f"ckpt_path={first['last_ckpt']}")
+    run.train(copy.deepcopy(resume))
+    (tmp_path / "m" / "metrics.json").write_text(stale)  # the kill came before the new one replaced it
+    capsys.readouterr()
+    run.train(copy.deepcopy(resume))
+    assert "trained no further step" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["global_step"] == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. a checkpoint of another run, continued into a run_dir holding a run
+# --------------------------------------------------------------------------------------------------
+def test_a_checkpoint_of_another_run_does_not_overwrite_a_run_dir(tmp_path):
+    """ckpt_path= skipped the "already holds a run" check whatever run it came from: a graph run continued into a
+    vit_digits run's folder overwrote its checkpoints, config.yaml, released/ and metrics.json with no message."""
+    graph = run.train(_karate(tmp_path, "graph", "trainer.max_epochs=1"))
+    vit = run.train(_vit(tmp_path, "vit"))
+    kept = {p: p.read_bytes() for p in (tmp_path / "vit").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"run_dir=.*vit already holds a run \(.*vit/checkpoints/last\.ckpt\), and "
+                                         r"ckpt_path=.*graph/checkpoints/last\.ckpt is a checkpoint of another run"):
+        run.train(_karate(tmp_path, "vit", "trainer.max_epochs=2", f"ckpt_path={graph['last_ckpt']}"))
+    assert {p: p.read_bytes() for p in (tmp_path / "vit").rglob("*") if p.is_file()} == kept
+    # into a new run_dir it continues, and a run's own checkpoint resumes it (also named through a symlink)
+    assert run.train(_karate(tmp_path, "fresh", "trainer.max_epochs=2", f"ckpt_path={graph['last_ckpt']}"))[
+        "epoch"] >= 1
+    (tmp_path / "link").symlink_to(tmp_path / "vit")
+    resumed = run.train(_vit(tmp_path, "vit", "trainer.max_epochs=2",
+                             f"ckpt_path={tmp_path / 'link' / 'checkpoints' / 'last.ckpt'}"))
+    assert resumed["global_step"] == 2 * vit["global_step"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. a mid-epoch resume with another batch size or seed
+# --------------------------------------------------------------------------------------------------
+# one epoch of digits' training split, cut by trainer.max_steps after 5 batches of 64
+_EPOCH = ["trainer.limit_train_batches=1.0", "trainer.limit_val_batches=0", "export=false"]
+_CUT = 5
+
+
+@pytest.fixture
+def sampler_passes(monkeypatch):
+    """Every pass over the training sampler: (epoch, its indices), as the DataLoader received them."""
+    passes = []
+    iterate = order.EpochShuffleSampler.__iter__
+
+    def logged(self):
+        indices = list(iterate(self))
+        passes.append((int(self.epoch), indices))
+        return iter(indices)
+
+    monkeypatch.setattr(order.EpochShuffleSampler, "__iter__", logged)
+    return passes
+
+
+@pytest.fixture
+def cut_run(tmp_path, sampler_passes):
+    """A run stopped in its first epoch after 5 batches of 64; (its run_dir, the epoch's full order, the samples
+    trained). The trusted reference: the uninterrupted epoch is the sampler's whole first pass."""
+    result = run.train(_vit(tmp_path, "cut", *_EPOCH, f"+trainer.max_steps={_CUT}"))
+    assert result["global_step"] == _CUT
+    full = _last_pass(sampler_passes, 0)
+    assert len(full) > 10 * 64
+    sampler_passes.clear()
+    return tmp_path / "cut", full, full[:_CUT * 64]
+
+
+def _last_pass(passes, epoch):
+    """The indices of the last pass over ``epoch`` (Lightning may start a fresh run's first iterator twice)."""
+    return [indices for e, indices in passes if e == epoch][-1]
+
+
+def _resume_copy(tmp_path, cut_dir, name, *extra):
+    shutil.copytree(cut_dir, tmp_path / name)
+    last = tmp_path / name / "checkpoints" / "last.ckpt"
+    return run.train(_vit(tmp_path, name, *_EPOCH, "+trainer.max_steps=1000", f"ckpt_path={last}", *extra))
+
+
+def test_a_mid_epoch_resume_with_another_batch_size_trains_each_sample_once(tmp_path, cut_run, sampler_passes):
+    """Resumed with data.batch_size=32, the rest of the epoch skipped 5 batches of 32 of it: 160 samples trained
+    twice, and as many never. The checkpoint records the samples done; the rest of the epoch is exactly the others,
+    in batches of 32."""
+    cut_dir, full, trained = cut_run
+    resumed = _resume_copy(tmp_path, cut_dir, "bs32", "data.batch_size=32")
+    rest = _last_pass(sampler_passes, 0)
+    assert Counter(trained + rest) == Counter(full)  # no sample twice, none left out
+    assert resumed["global_step"] == _CUT + math.ceil((len(full) - len(trained)) / 32)
+    # a checkpoint written mid-epoch after the change counts both sizes: cut again, resumed, still exact
+    sampler_passes.clear()
+    shutil.copytree(cut_dir, tmp_path / "twice")
+    last = tmp_path / "twice" / "checkpoints" / "last.ckpt"
+    run.train(_vit(tmp_path, "twice", *_EPOCH, f"+trainer.max_steps={_CUT + 4}", f"ckpt_path={last}",
+                   "data.batch_size=32"))
+    state = torch.load(last, weights_only=True)["DigitsDataModule"]["training_order"]
+    assert state["samples_done"] == _CUT * 64 + 4 * 32 and state["batches_done"] == _CUT + 4
+    run.train(_vit(tmp_path, "twice", *_EPOCH, "+trainer.max_steps=1000", f"ckpt_path={last}", "data.batch_size=16"))
+    second, third = [indices for _, indices in sampler_passes]
+    assert Counter(trained + second[:4 * 32] + third) == Counter(full)
+
+
+def test_a_mid_epoch_resume_with_a_larger_batch_size_is_refused(tmp_path, cut_run):
+    """Lightning ends an epoch when its batch count reaches the loader's length, counting the 5 batches restored:
+    with batches of 128 it would end the epoch before its last samples."""
+    cut_dir, _, _ = cut_run
+    with pytest.raises(ValueError, match=r"data\.batch_size=128 cannot take over in the middle of epoch 0: the "
+                                         r"checkpoint stopped after 5 batches \(320 samples\).*resume with "
+                                         r"data\.batch_size<=64"):
+        _resume_copy(tmp_path, cut_dir, "bs128", "data.batch_size=128")
+    # refused before the run's files are rewritten
+    assert (tmp_path / "bs128" / "config.yaml").read_text() == (cut_dir / "config.yaml").read_text()
+
+
+def test_a_mid_epoch_resume_with_another_seed_finishes_the_epoch_in_its_order(tmp_path, cut_run, sampler_passes,
+                                                                              capsys):
+    """seed= drew the rest of the epoch in another permutation (samples trained twice, others never); the rest of
+    the epoch keeps its order, the new seed orders the next one, and a note says so."""
+    cut_dir, full, trained = cut_run
+    capsys.readouterr()
+    _resume_copy(tmp_path, cut_dir, "seed7", "seed=7", "trainer.max_epochs=2")
+    rest, following = _last_pass(sampler_passes, 0), _last_pass(sampler_passes, 1)
+    assert Counter(trained + rest) == Counter(full)
+    assert ("resumed in the middle of epoch 0, whose order was drawn with seed=0: the rest of that epoch keeps it, "
+            "and seed=7 orders the epochs after it") in capsys.readouterr().err
+    reference = order.EpochShuffleSampler(range(len(full)), seed=7)
+    reference.set_epoch(1)
+    assert following == list(iter(reference))
+
+
+def test_an_old_mid_epoch_checkpoint_resumes_as_before(tmp_path, cut_run, sampler_passes):
+    """A checkpoint from before samples_done / seed were stored skips its batches done at the current batch size,
+    in the current seed's order, as it did."""
+    cut_dir, full, trained = cut_run
+    last = cut_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    state = ckpt["DigitsDataModule"]["training_order"]
+    assert state == {"epoch": 0, "batches_done": _CUT, "samples_done": _CUT * 64, "seed": 0}
+    ckpt["DigitsDataModule"]["training_order"] = {"epoch": 0, "batches_done": _CUT}
+    torch.save(ckpt, last)
+    _resume_copy(tmp_path, cut_dir, "old", "data.batch_size=32")
+    rest = _last_pass(sampler_passes, 0)
+    assert rest == full[_CUT * 32:]  # today's skip: 5 batches of the new size
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. a release naming an unknown model
+# --------------------------------------------------------------------------------------------------
+def test_a_release_naming_an_unknown_model_names_its_config(tmp_path):
+    """The registry's "unknown model 'vit_nope'. Did you mean ..." did not say which file named it."""
+    model = zoo.create_model("vit_digits", embed_dim=16, depth=1, num_heads=2)
+    zoo.save_pretrained(model, tmp_path / "rel")
+    config = json.loads((tmp_path / "rel" / "config.json").read_text())
+    (tmp_path / "rel" / "config.json").write_text(json.dumps({**config, "model_name": "vit_nope"}))
+    with pytest.raises(hub.CheckpointError, match=rf"{tmp_path / 'rel' / 'config.json'}: its model_name is not a "
+                                                  r"model of this zoo: unknown model 'vit_nope'\.") as info:
+        zoo.from_pretrained(tmp_path / "rel")
+    assert isinstance(info.value, KeyError)  # still the registry's UnknownModelError for callers catching it
+    assert "\n" not in str(info.value)
