@@ -7,6 +7,7 @@ state dict (the EMA copy where the run kept one), run on the data as the data lo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,6 +234,9 @@ def test_graph_file_with_x_and_the_synthetic_runs_refusal_of_graphs_without(synt
                                r"\(0\.\.33\)$"),
     ("nodes:1.5", ValueError, r"^input=nodes:1\.5: '1\.5' is not a node index \(give integers 0\.\.33"),
     ("nodes:", ValueError, r"^input=nodes:: '' is not a node index"),
+    # int() reads "1_0" as 10 and "+3" as 3: only plain decimal digits are indices
+    ("nodes:1_0", ValueError, r"^input=nodes:1_0: '1_0' is not a node index \(give integers 0\.\.33"),
+    ("nodes:+3", ValueError, r"^input=nodes:\+3: '\+3' is not a node index"),
     ("graphs:test", ValueError, r"^input=graphs:test: .* holds gatv2_node, a node-classification model; it predicts "
                                 r"input=nodes:all\|train\|val\|test"),
     ("digits:0", ValueError, r"^zoo predict classifies images; .* holds gatv2_node, a graph \(node-classification\) "
@@ -315,3 +319,175 @@ def test_cli_prints_a_table_and_json(karate_ckpt, capsys):
     assert "zoo predict: error: input=nodes:99: node index 99 is out of range" in err and "Traceback" not in err
     assert cli.main(["predict", "--help"]) == 0
     assert "input=nodes:all|train|val|test|<i,j,...>" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- review of 2bc2cd5 (gpfix)
+def _labelled_graphs_with_x(count: int = 12) -> list[Data]:
+    """Graphs with their own node features x (3 one-hot node types, as MUTAG's atom types): class 1's nodes all
+    have type 2, class 0's the types 0, 1, 2 in turn; the shapes (stars, paths) do not tell the classes apart."""
+    graphs = []
+    for i in range(count):
+        graph = _star(2 + i % 3, y=i % 2) if i % 4 < 2 else _path(3 + i % 3, y=i % 2)
+        types = torch.full((graph.num_nodes,), 2) if i % 2 else torch.arange(graph.num_nodes) % 3
+        graph.x = torch.nn.functional.one_hot(types, 3).float()
+        graphs.append(graph)
+    return graphs
+
+
+@pytest.fixture(scope="module")
+def node_type_ckpt(tmp_path_factory) -> str:
+    """Graph classification on graphs with node features x [N, 3] (data.path), max_degree left null."""
+    folder = tmp_path_factory.mktemp("node_types")
+    torch.save(_labelled_graphs_with_x(), folder / "graphs.pt")
+    return _train(folder / "run", "experiment=graph_synthetic", "data=graph_tu", "data.root=null",
+                  f"data.path={folder / 'graphs.pt'}", "data.num_features=3", "data.num_classes=2",
+                  "trainer.max_epochs=1", "+model.hidden_channels=4", "model.heads=2", "data.batch_size=4")
+
+
+def _without_record(ckpt: str, folder: Path, **stored_data) -> str:
+    """A copy of ``ckpt`` as a run from before the data module's record: no data_info; ``stored_data``: data.*
+    values of its stored config replaced (a path as it was typed)."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"].pop("data_info", None)
+    checkpoint["hyper_parameters"]["zoo_config"]["data"].update(stored_data)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, folder / "older.ckpt")
+    return str(folder / "older.ckpt")
+
+
+def test_the_run_records_which_node_features_it_trained_on(node_type_ckpt, degree_ckpt):
+    """GraphClassificationDataModule.describe() goes with the weights (.ckpt data_info, the release's
+    metadata.data): the graphs' own x, or one-hot degrees with the cap used."""
+    for ckpt, expected in ((node_type_ckpt, {"node_features": "x", "num_features": 3}),
+                           (degree_ckpt, {"node_features": "one_hot_degree", "max_degree": 3, "num_features": 4})):
+        info = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["data_info"]
+        assert {key: info.get(key) for key in expected} == expected
+        assert "max_degree" in info or expected["node_features"] == "x"
+        released = Path(ckpt).parent.parent / "released" / "config.json"
+        assert json.loads(released.read_text())["metadata"]["data"]["node_features"] == expected["node_features"]
+
+
+def test_graphs_without_x_are_refused_when_the_run_trained_on_node_features(node_type_ckpt, tmp_path):
+    """The docs' MUTAG example: molecules saved without x got one-hot degrees (as wide as the 3 node types, since
+    max_degree was null) and other classes, silently; the same graphs with x predict as the reference."""
+    graphs = _labelled_graphs_with_x()
+    torch.save(graphs, tmp_path / "with_x.pt")
+    expected = _graph_reference(node_type_ckpt, [{"x": g.x, "edge_index": g.edge_index} for g in graphs])
+    _check_rows(run.predict(node_type_ckpt, [str(tmp_path / "with_x.pt")]), expected,
+                [f"with_x.pt[{i}]" for i in range(12)], [g.y.item() for g in graphs])
+    torch.save([Data(edge_index=g.edge_index, num_nodes=g.num_nodes) for g in graphs], tmp_path / "bare.pt")
+    message = (r"^input=.*bare\.pt: the graphs have no node features x, but the run's graphs had node features x "
+               r"\[num_nodes, 3\] \(.*graphs\.pt\), which the model was trained on: give each graph x "
+               r"\[num_nodes, 3\]")
+    with pytest.raises(ValueError, match=message):
+        run.predict(node_type_ckpt, [str(tmp_path / "bare.pt")])
+    # the release says the same
+    with pytest.raises(ValueError, match=message):
+        run.predict(str(Path(node_type_ckpt).parent.parent / "released"), [str(tmp_path / "bare.pt")])
+    # a run from before the record: its data, rebuilt, tells
+    with pytest.raises(ValueError, match=message):
+        run.predict(_without_record(node_type_ckpt, tmp_path / "older"), [str(tmp_path / "bare.pt")])
+
+
+def test_an_older_degree_run_without_the_record_rebuilds_its_data_to_find_the_cap(degree_ckpt, tmp_path):
+    new = [_star(6), _path(4)]
+    torch.save(new, tmp_path / "new.pt")
+    with_record = run.predict(degree_ckpt, [str(tmp_path / "new.pt")])
+    older = _without_record(degree_ckpt, tmp_path / "older")
+    assert run.predict(older, [str(tmp_path / "new.pt")]) == with_record
+    # ... and when that data is gone, it says what it cannot know, in one line
+    moved = _without_record(degree_ckpt, tmp_path / "moved", path=str(tmp_path / "gone.pt"))
+    with pytest.raises(ValueError, match=r"^input=.*new\.pt: the graphs have no node features x, and .*older\.ckpt "
+                                         r"does not record whether its run trained on one-hot degrees or on the "
+                                         r"graphs' own x \(an older run\), nor could its data be read to find out "
+                                         r"\(FileNotFoundError: data\.path=.*gone\.pt: no such file"):
+        run.predict(moved, [str(tmp_path / "new.pt")])
+
+
+def test_a_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
+    """data.path=graphs.pt typed in the training folder: predict from another folder holding another graphs.pt
+    read that file silently; the stored path is now absolute."""
+    trained_in, elsewhere = tmp_path / "trained_in", tmp_path / "elsewhere"
+    trained_in.mkdir()
+    elsewhere.mkdir()
+    graphs = [_star(2 + i % 4, y=0) if i % 2 else _path(3 + i % 5, y=1) for i in range(12)]
+    torch.save(graphs, trained_in / "graphs.pt")
+    torch.save([_path(3, y=1)] * 4 + [_star(5, y=0)] * 4, elsewhere / "graphs.pt")  # same name, other graphs
+    monkeypatch.chdir(trained_in)
+    ckpt = _train(tmp_path / "run", "experiment=graph_synthetic", "data=graph_tu", "data.root=null",
+                  "data.path=graphs.pt", "data.max_degree=3", "data.num_features=4", "data.num_classes=2",
+                  "trainer.max_epochs=1", "+model.hidden_channels=4", "model.heads=2", "data.batch_size=4")
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["zoo_config"]["data"]
+    assert stored["path"] == str(trained_in / "graphs.pt")
+    here = run.predict(ckpt, ["graphs:all"])
+    monkeypatch.chdir(elsewhere)
+    assert run.predict(ckpt, ["graphs:all"]) == here
+    assert len(here) == 12
+
+
+def test_an_older_run_with_a_relative_data_path_is_refused(degree_ckpt, tmp_path, monkeypatch):
+    """A run from before data.path was stored absolute, predicted from a folder holding a graphs.pt: which
+    graphs.pt the run read is unknown, so graphs:... is refused in one line (a file of graphs still predicts)."""
+    older = _without_record(degree_ckpt, tmp_path / "older", path="graphs.pt")
+    torch.save([_path(3, y=1)] * 4 + [_star(5, y=0)] * 4, tmp_path / "graphs.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^.*older\.ckpt: the run's config stores data\.path=graphs\.pt, relative "
+                                         r"to the folder the run was trained in .* give the graphs as "
+                                         r"input=<file\.pt>, or evaluate with zoo eval ckpt=.*older\.ckpt "
+                                         r"data\.path=<absolute path>$"):
+        run.predict(older, ["graphs:0"])
+    torch.save([Data(x=torch.ones(3, 4), edge_index=torch.tensor([[0], [1]]))], tmp_path / "mine.pt")
+    assert len(run.predict(older, [str(tmp_path / "mine.pt")])) == 1
+    # graphs without x need to know what the run trained on, which its data, unread, cannot tell
+    torch.save([_graph_without_x(3, [(0, 1)])], tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match=r"^input=.*bare\.pt: .* nor could its data be read to find out \(ValueError: "
+                                         r".*older\.ckpt: the run's config stores data\.path=graphs\.pt, relative"):
+        run.predict(older, [str(tmp_path / "bare.pt")])
+
+
+@pytest.mark.parametrize("edge_attr, shape", [(torch.rand(5), r"\(5,\)"), (torch.rand(4), r"\(4,\)"),
+                                               (torch.rand(3, 2), r"\(3, 2\)")])
+def test_edge_attr_of_a_node_file_needs_one_row_per_edge(karate_ckpt, tmp_path, edge_attr, shape):
+    """5 values for 2 edges crashed in view() (a 27-line traceback); 4 values were cut into 2 rows of 2."""
+    data = gd.karate_club()
+    torch.save(Data(x=data["x"], edge_index=torch.tensor([[0, 1], [1, 2]]), edge_attr=edge_attr), tmp_path / "ea.pt")
+    with pytest.raises(ValueError, match=rf"^input=.*ea\.pt: edge_attr must be \[num_edges, edge_dim\] with one row "
+                                         rf"per edge_index column \(2\), got shape {shape}$"):
+        run.predict(karate_ckpt, [str(tmp_path / "ea.pt")])
+
+
+def test_a_node_file_without_nodes_is_refused(karate_ckpt, tmp_path):
+    torch.save(Data(x=torch.zeros(0, 34), edge_index=torch.zeros(2, 0, dtype=torch.long)), tmp_path / "none.pt")
+    with pytest.raises(ValueError, match=r"^input=.*none\.pt: the graph has no nodes \(x is \[0, 34\]\)"):
+        run.predict(karate_ckpt, [str(tmp_path / "none.pt")])
+
+
+def test_a_graph_model_saved_without_a_zoo_train_record_is_named(tmp_path):
+    """zoo.save_pretrained of a graph model: it was asked for an image model's pretrained_cfg."""
+    import zoo
+
+    zoo.save_pretrained(zoo.create_model("gatv2_node_debug"), tmp_path / "own")
+    torch.save(Data(x=torch.ones(2, 3), edge_index=torch.tensor([[0], [1]])), tmp_path / "g.pt")
+    with pytest.raises(ValueError, match=r"^.*own: gatv2_node_debug is a graph model saved without a zoo train "
+                                         r"record .* give the \.ckpt or released directory that zoo train wrote"):
+        run.predict(tmp_path / "own", [str(tmp_path / "g.pt")])
+
+
+def test_one_input_may_be_given_alone(karate_ckpt, tmp_path):
+    """run.predict(ckpt, "nodes:0") took the string for the inputs "n", "o", "d", ..."""
+    assert run.predict(karate_ckpt, "nodes:0,5") == run.predict(karate_ckpt, ["nodes:0,5"])
+    data = gd.karate_club()
+    torch.save(Data(x=data["x"], edge_index=data["edge_index"]), tmp_path / "karate.pt")
+    assert run.predict(karate_ckpt, tmp_path / "karate.pt") == run.predict(karate_ckpt, [str(tmp_path / "karate.pt")])
+    assert run.predict("checkpoints/vit_digits", "digits:3") == run.predict("checkpoints/vit_digits", ["digits:3"])
+
+
+def test_digits_rows_carry_their_label(capsys):
+    """PREDICT_HELP promised "label" where the data has one; digits:N has one (scikit-learn's target)."""
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    rows = run.predict("checkpoints/vit_digits", ["digits:3", "digits:100"], topk=1)
+    assert [row["label"] for row in rows] == [str(target[3]), str(target[100])]
+    assert cli.main(["predict", "--help"]) == 0
+    assert "digits:N for a model of the ten digits" in " ".join(capsys.readouterr().out.split())

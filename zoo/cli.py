@@ -88,7 +88,8 @@ Prints the metrics as JSON.
 PREDICT_HELP = """usage: zoo predict ckpt=<.ckpt | released dir | run dir> input=<INPUT> [input=...] [topk=5] [json=true]
 
 Prints the top-k classes with probabilities for each input (json=true: a JSON list of {"input", "top",
-"label" where the data has one}); topk beyond the class count gives every class.
+"label"}: the true class where the data has one, i.e. graph inputs with labels and digits:N for a model of
+the ten digits; image files have none); topk beyond the class count gives every class.
 
 Image models: input=<image file | folder of images | digits:N>. Files are converted to the model's channels,
 resized to its image size and normalised as in training. digits:N is image N of scikit-learn's digits.
@@ -105,7 +106,8 @@ Graph models (zoo train experiment=graph_*), with the run's data rebuilt from th
   graph classification  input=graphs:all|train|val|test|<i,j,...>   graphs of the run's data (graph i is the
                         i-th of graphs:all: the train, val, then test graphs)
                         input=graphs.pt   one prediction per graph of a torch.save'd list of Data (labels not
-                        needed; graphs without x get one-hot degrees up to the run's data.max_degree)
+                        needed; graphs without x get one-hot degrees capped as the run's were when the run
+                        trained on one-hot degrees, and are refused when it trained on node features x)
 Files are read with torch.load(weights_only=True): nothing in them runs. DictionaryLookup models are scored
 by zoo eval.
 """

@@ -821,8 +821,10 @@ def load_graph_classification(name: str = "synthetic", root: Optional[str] = Non
     edge_index, y), "num_features", "num_classes"}: a TU data set under ``root`` (``name``), a torch.save'd list
     of Data (``path``) or an InMemoryDataset class (``dataset_class``). Without a split of the data's own, a
     stratified one (:func:`stratified_graph_split`, seeded). Graphs without ``x`` get one-hot degree features
-    (:func:`one_hot_degree`) over 0..``max_degree`` (default: the largest degree in the data, at most 1000). The
-    class count is the largest label + 1 (PyG's ``InMemoryDataset.num_classes``)."""
+    (:func:`one_hot_degree`) over 0..``max_degree`` (default: the largest degree in the data, at most 1000); the
+    degree cap used is returned as ``"degree_features"`` (None when the graphs had their own x), which the weights
+    record (GraphClassificationDataModule.describe). The class count is the largest label + 1 (PyG's
+    ``InMemoryDataset.num_classes``)."""
     source = _graph_source(name, root, path, dataset_class)
     if source == "tu":
         raw, where = tu_dataset(name, root, use_node_attr), f"TU {name}"
@@ -875,7 +877,7 @@ def load_graph_classification(name: str = "synthetic", root: Optional[str] = Non
     for g in every:
         del g["num_nodes"]
     return {"train": splits["train"], "val": splits["val"], "test": splits["test"], "num_features": num_features,
-            "num_classes": max(g["y"] for g in every) + 1}
+            "num_classes": max(g["y"] for g in every) + 1, "degree_features": None if with_x else max_degree}
 
 
 _Base = L.LightningDataModule if L is not None else object
@@ -1150,6 +1152,25 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
         self.expected = {"num_features": num_features, "num_classes": num_classes}
         self.splits: Optional[dict] = None
         self._sizes = {"num_features": 8, "num_classes": 3} if self.source == "synthetic" else None
+        # the node features the model reads: the graphs' own x, or one-hot degrees capped at this (set by setup)
+        self._degree_features: Optional[int] = None
+
+    def describe(self) -> dict:
+        """Data facts stored with the weights (the .ckpt's ``data_info``, a release's ``metadata.data``), which
+        ``zoo predict`` reads (tasks/graph/predict.py): the source with its absolute root / path, and the node
+        features the model was trained on: ``"node_features": "x"`` (the graphs' own, e.g. MUTAG's atom types) or
+        ``"one_hot_degree"`` with the ``max_degree`` used (a null data.max_degree resolves from the data). A graph
+        given to predict without x gets one-hot degrees only when training did: fed to a model trained on real
+        features they silently gave other classes. The user's data is read here (setup) when it was not yet."""
+        if self.source != "synthetic":
+            self.setup()
+        facts = {"name": self.name, "source": self.source,
+                 **{key: self.options[key] for key in ("root", "path", "dataset_class")},
+                 "num_features": self.num_features, "num_classes": self.num_classes,
+                 "node_features": "x" if self._degree_features is None else "one_hot_degree"}
+        if self._degree_features is not None:
+            facts["max_degree"] = self._degree_features
+        return facts
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits is not None:
@@ -1167,6 +1188,7 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
                 raise ValueError(f"graph data set {self.name if self.source == 'tu' else self._where()} has "
                                  f"{key}={sizes[key]} but the config says {want} (set data.{key}={sizes[key]})")
         self._sizes = sizes
+        self._degree_features = data["degree_features"]
         self.splits = {split: data[split] for split in _SPLITS}
 
     def _where(self) -> str:

@@ -13,8 +13,11 @@ config tells which kind of data it was trained on, ``data.model_kind``):
   ``graphs:all | graphs:train | graphs:val | graphs:test | graphs:<i,j>`` predicts graphs of the run's data
   (graph ``i`` is the i-th of ``graphs:all``, which lists the train, val and test graphs in this order);
   ``<file.pt>`` holding a list of ``Data`` (labels not needed) gives one prediction per graph, read by the
-  training loader's own functions (``zoo.tasks.graph.datasets``: ``_as_graph``'s checks, ``one_hot_degree``
-  features capped at the run's ``data.max_degree`` for graphs without ``x``, one edge-feature width).
+  training loader's own functions (``zoo.tasks.graph.datasets``: ``_as_graph``'s checks, one edge-feature width).
+  Graphs without ``x`` get ``one_hot_degree`` features capped at the run's degree cap only when the run trained on
+  one-hot degrees (recorded with the weights, GraphClassificationDataModule.describe; an older record is found
+  by rebuilding the run's data): a run trained on the graphs' own x refuses them, where they silently got degrees
+  and other classes.
 * DictionaryLookup models are refused in one line: their inputs are the benchmark's generated graphs, scored by
   ``zoo eval``.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -53,12 +57,15 @@ def is_graph_input(spec: str) -> bool:
 
 
 def predict_graph(model: torch.nn.Module, data_cfg: dict, inputs: Sequence[str], *, topk: int, ckpt: str,
-                  make_datamodule: Callable[[], Any], batch_size: int = 64) -> list[dict[str, Any]]:
+                  make_datamodule: Callable[[], Any], batch_size: int = 64,
+                  data_info: Optional[dict] = None) -> list[dict[str, Any]]:
     """Top-``topk`` classes for each node or graph that ``inputs`` name (see the module docstring).
 
     ``data_cfg``: the run's data config, resolved (plain values); ``make_datamodule``: builds the run's data
     module from it (``zoo.train.run`` instantiates it as ``zoo eval`` does), called only for ``nodes:`` /
-    ``graphs:`` inputs; ``ckpt``: the checkpoint as given, for the messages."""
+    ``graphs:`` inputs and, for an older run, to find out which node features it trained on; ``data_info``: what
+    the data module recorded with the weights (its ``describe()``); ``ckpt``: the checkpoint as given, for the
+    messages."""
     name = getattr(model, "zoo_model_name", type(model).__name__)
     kind = str(data_cfg.get("model_kind") or name.removesuffix("_debug").rsplit("_", 1)[-1])
     if kind not in GRAPH_INPUTS:
@@ -67,21 +74,26 @@ def predict_graph(model: torch.nn.Module, data_cfg: dict, inputs: Sequence[str],
                          f"test split); it predicts {supported}")
     if not inputs:
         raise ValueError(f"no inputs given (input={GRAPH_INPUTS[kind]})")
-    datamodule = None
+    built: list = []
+
+    def datamodule():  # the run's data, built and read once, when an input needs it
+        if not built:
+            built.append(make_datamodule())
+            built[0].setup()
+        return built[0]
+
     rows: list[dict[str, Any]] = []
     for spec in inputs:
         spec = str(spec)
         _check_graph_spec(spec, kind, name, ckpt)
         if spec.startswith(f"{_PREFIX[kind]}:"):
-            if datamodule is None:
-                datamodule = make_datamodule()
-                datamodule.setup()
-            items = _run_nodes(datamodule, spec) if kind == "node" else _run_graphs(datamodule, spec)
+            items = _run_nodes(datamodule(), spec) if kind == "node" else _run_graphs(datamodule(), spec)
         else:
             raw = _load_graph_file(spec)
             width = _input_width(model, data_cfg)
             items = (_file_nodes(raw, spec, width, data_cfg) if kind == "node"
-                     else _file_graphs(raw, spec, width, data_cfg))
+                     else _file_graphs(raw, spec, width, data_cfg,
+                                       lambda: _trained_node_features(data_info, datamodule, ckpt, spec, width)))
         rows += _predict_items(model, kind, items, spec, topk, batch_size)
     return rows
 
@@ -126,11 +138,10 @@ def _selection(spec: str, count: int, masks: dict[str, Tensor], unit: str) -> li
                          f"{prefix}:test or {prefix}:<i,j,...> ({unit} indices)")
     indices = []
     for token in tokens:
-        try:
-            index = int(token)
-        except ValueError:
+        if not re.fullmatch(r"-?[0-9]+", token):  # int() also reads "1_0" (as 10), "+3" and non-ASCII digits
             raise ValueError(f"input={spec}: {token!r} is not a {unit} index (give integers 0..{count - 1}, comma "
-                             f"separated, or a split: {', '.join(SPLITS)})") from None
+                             f"separated, or a split: {', '.join(SPLITS)})")
+        index = int(token)
         if index < 0:
             raise ValueError(f"input={spec}: {unit} index {index} is negative; give {unit} indices 0..{count - 1} "
                              f"(the run's data has {count} {unit}s)")
@@ -213,6 +224,11 @@ def _input_width(model, data_cfg: dict) -> Optional[int]:
     return int(width) if isinstance(width, int) else None
 
 
+def _data_name(data_cfg: dict) -> str:
+    """The run's data as its config names it: the saved file, the class, or the TU set's name."""
+    return str(data_cfg.get("path") or data_cfg.get("dataset_class") or data_cfg.get("name"))
+
+
 def _check_width(x: Tensor, width: Optional[int], where: str, data_cfg: dict) -> None:
     if width is not None and x.size(1) != width:
         raise ValueError(f"{where}: x has {x.size(1)} features per node but the model reads {width} (the run's data "
@@ -238,6 +254,9 @@ def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
             or edge_index.is_floating_point():
         raise ValueError(f"input={spec}: edge_index must be an integer tensor of shape [2, num_edges], got "
                          f"{getattr(edge_index, 'shape', type(edge_index).__name__)}")
+    if x.size(0) == 0:
+        raise ValueError(f"input={spec}: the graph has no nodes (x is [0, {x.size(1)}]): save a graph with its nodes' "
+                         f"features x [num_nodes, num_features]")
     x = x.float()
     _check_width(x, width, f"input={spec}", data_cfg)
     if data_cfg.get("normalize_features"):  # as NodeDataModule fed the run's graph (load_node_dataset)
@@ -247,14 +266,46 @@ def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
     if isinstance(y, Tensor) and y.numel() == n and not y.is_floating_point():
         labels = [int(v) for v in y.view(-1)]
     name = os.path.basename(spec)
-    edges = edge_attr.float().view(edge_index.size(1), -1) if isinstance(edge_attr, Tensor) else None
+    edges = _per_edge_features(edge_attr, edge_index, f"input={spec}") if isinstance(edge_attr, Tensor) else None
     return {"graphs": [{"x": x, "edge_index": edge_index.long(), "edge_attr": edges}],
             "rows": [(0, i, f"{name} node {i}", labels[i]) for i in range(n)]}
 
 
-def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
-    """The graphs of ``raw`` (a list of Data, or one) as the training loader reads them (_as_graph), one-hot degree
-    features for graphs without x (capped at the run's data.max_degree: the width the model reads)."""
+def _per_edge_features(edge_attr: Tensor, edge_index: Tensor, where: str) -> Tensor:
+    """edge_attr as [num_edges, edge_dim], one row per edge_index column (1-D: one feature per edge): the rule of
+    the training loader's ``_as_graph``. Another row count crashed in view(), or, when the values divided evenly,
+    was silently cut into other rows."""
+    num_edges = edge_index.size(1)
+    rows = edge_attr.view(-1, 1) if edge_attr.dim() == 1 else edge_attr
+    if rows.dim() != 2 or rows.size(0) != num_edges:
+        raise ValueError(f"{where}: edge_attr must be [num_edges, edge_dim] with one row per edge_index column "
+                         f"({num_edges}), got shape {tuple(edge_attr.shape)}")
+    return rows.float()
+
+
+def _trained_node_features(data_info: Optional[dict], datamodule: Callable[[], Any], ckpt: str, spec: str,
+                           width: Optional[int]) -> dict:
+    """What the run's graphs had as node features: GraphClassificationDataModule.describe()'s record
+    ({"node_features": "x"} or {"node_features": "one_hot_degree", "max_degree": cap}), from the weights, else
+    (a run from before that record) from the run's data module, rebuilt and read."""
+    if data_info and data_info.get("node_features"):
+        return data_info
+    try:
+        facts = datamodule().describe()
+    except Exception as error:  # the run's data moved, or cannot be read here
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"input={spec}: the graphs have no node features x, and {ckpt} does not record whether its "
+                         f"run trained on one-hot degrees or on the graphs' own x (an older run), nor could its data "
+                         f"be read to find out ({type(error).__name__}: {first}): give each graph x [num_nodes, "
+                         f"{width}]") from None
+    return facts
+
+
+def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict,
+                 trained_features: Callable[[], dict]) -> dict:
+    """The graphs of ``raw`` (a list of Data, or one) as the training loader reads them (_as_graph); graphs without
+    x get one-hot degree features capped as the run's were, when the run trained on one-hot degrees
+    (``trained_features()``: what the run recorded), and are refused when it trained on the graphs' own x."""
     from zoo.tasks.graph.datasets import _as_graph, _check_edge_features, _graph_source, one_hot_degree
 
     name = os.path.basename(spec)
@@ -282,8 +333,13 @@ def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
             raise ValueError(f"input={spec}: the graphs have no node features x, and the model was trained on the "
                              f"synthetic set's features (degree, clustering, noise): give each graph x [num_nodes, "
                              f"{width}]")
-        max_degree = data_cfg.get("max_degree")
-        max_degree = width - 1 if max_degree is None else int(max_degree)  # training's one_hot_degree width
+        trained = trained_features()
+        if trained.get("node_features") != "one_hot_degree":
+            raise ValueError(f"input={spec}: the graphs have no node features x, but the run's graphs had node "
+                             f"features x [num_nodes, {width}] ({_data_name(data_cfg)}), which the model was trained "
+                             f"on: give each graph x [num_nodes, {width}] (one-hot degrees stand in for x only in a "
+                             f"run trained on them)")
+        max_degree = int(trained["max_degree"])  # training's one_hot_degree cap
         for g in graphs:
             g["x"] = one_hot_degree(g, max_degree)
     for i, g in enumerate(graphs):

@@ -425,16 +425,28 @@ def _named_by_group(cfg, message: str) -> Optional[str]:
     return f"{groups[0]}.{message}" if len(groups) == 1 else None
 
 
+# the data keys that name files or folders (data.root: a data set's folder; data.path: graph classification's
+# torch.save'd list of Data)
+_DATA_PATH_KEYS = ("root", "path")
+
+
+def _is_local_path(value) -> bool:
+    """A path value on this machine (not empty, not null, not a URL such as s3://...)."""
+    return isinstance(value, str) and bool(value) and "://" not in value
+
+
 def _absolute_data_root(cfg) -> None:
-    """data.root as an absolute path (``~`` expanded): the config is recorded with the run's checkpoints and
-    released weights, and a relative root there named another folder for zoo eval / zoo viz run elsewhere."""
+    """data.root and data.path as absolute paths (``~`` expanded): the config is recorded with the run's checkpoints
+    and released weights, and a relative path there named another file or folder for zoo eval / zoo predict /
+    zoo viz run elsewhere (data.path=graphs.pt silently read another folder's graphs.pt)."""
     from omegaconf import OmegaConf
 
     data = cfg.get("data")
-    if OmegaConf.is_dict(data) and "root" in data and not OmegaConf.is_missing(data, "root"):
-        root = data.get("root")
-        if isinstance(root, str) and root and "://" not in root:
-            data.root = os.path.abspath(os.path.expanduser(root))
+    if not OmegaConf.is_dict(data):
+        return
+    for key in _DATA_PATH_KEYS:
+        if key in data and not OmegaConf.is_missing(data, key) and _is_local_path(data.get(key)):
+            data[key] = os.path.abspath(os.path.expanduser(data.get(key)))
 
 
 def _build(cfg, model: Optional[torch.nn.Module] = None):
@@ -1481,6 +1493,12 @@ def _released_without_run(ckpt: str | os.PathLike):
     if config is None or meta.get("zoo_config"):
         return None
     model = zoo.from_pretrained(path).eval()
+    task = _model_task(model)
+    if task not in (None, "vision"):  # an image model's pretrained_cfg is no question to ask of it
+        raise ValueError(f"{path}: {model.zoo_model_name} is a {task} model saved without a zoo train record (no "
+                         f"metadata.zoo_config in config.json), and its inputs are rebuilt from the run's data config "
+                         f"that zoo train records: give the .ckpt or released directory that zoo train wrote, or run "
+                         f"the model in Python (zoo.from_pretrained)")
     data_config = getattr(model, "pretrained_cfg", None)
     if not isinstance(data_config, dict) or len(data_config.get("input_size") or ()) != 3:
         raise ValueError(f"{path}: neither a zoo train record (metadata.zoo_config) nor an image model's "
@@ -1586,20 +1604,45 @@ def _require_image_classifier(model, ckpt, inputs: Sequence[str] = ()) -> None:
                          f"or digits:<index> (graph inputs go to graph models, e.g. a zoo train experiment=graph_* run)")
 
 
-def _predict_graph(model, cfg, ckpt, inputs: Sequence[str], topk: int, batch_size: int) -> list[dict[str, Any]]:
+def _predict_graph(model, cfg, info: dict, ckpt, inputs: Sequence[str], topk: int,
+                   batch_size: int) -> list[dict[str, Any]]:
     """zoo predict of a graph model (zoo.tasks.graph.predict): its run's data is rebuilt from the stored config as
-    zoo eval builds it."""
+    zoo eval builds it. A run from before data.path / data.root were stored absolute (_absolute_data_root) takes
+    the absolute path its data module recorded (``info``), else is refused when its data is needed: relative to
+    this directory it named another file (or none)."""
     from zoo.tasks.graph.predict import predict_graph
 
     if cfg is None or not cfg.get("data"):
         raise ValueError(f"{ckpt}: a graph model without its zoo train record (the run's data config): predict "
                          f"with a .ckpt or released directory written by zoo train")
+    relative = []
+    for key in _DATA_PATH_KEYS:
+        stored = cfg.data.get(key)
+        if not _is_local_path(stored) or os.path.isabs(os.path.expanduser(stored)):
+            continue
+        recorded = (info or {}).get(key)
+        if _is_local_path(recorded) and os.path.isabs(recorded):
+            cfg.data[key] = recorded
+        else:
+            relative.append(f"data.{key}={stored}")
+
+    def make_datamodule():
+        if relative:
+            raise ValueError(f"{ckpt}: the run's config stores {relative[0]}, relative to the folder the run was "
+                             f"trained in (a run from before data paths were stored absolute), which zoo predict "
+                             f"does not know: give the graphs as input=<file.pt>, or evaluate with zoo eval "
+                             f"ckpt={ckpt} {relative[0].split('=', 1)[0]}=<absolute path>")
+        return _call_target(cfg.data, where="data")
+
     return predict_graph(model, _to_container(cfg.data), list(map(str, inputs)), topk=topk, ckpt=str(ckpt),
-                         batch_size=batch_size, make_datamodule=lambda: _call_target(cfg.data, where="data"))
+                         batch_size=batch_size, make_datamodule=make_datamodule, data_info=info)
 
 
-def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
-    """Top-``topk`` classes: [{"input", "top": [(class, prob)]}, plus "label" where the data has one].
+def predict(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike, topk: int = 5,
+            batch_size: int = 64) -> list[dict[str, Any]]:
+    """Top-``topk`` classes: [{"input", "top": [(class, prob)]}, plus "label" where the data has one: graph data with
+    classes, and ``digits:N`` for a model of the ten digits (image files have none)]. ``inputs``: a list, or one
+    input (a str or path).
 
     Image models: image files / folders / ``digits:<index>``. Graph models (zoo.tasks.graph.predict): nodes of the
     run's graph (``nodes:all|train|val|test|<i,j>``) or of a saved graph (a ``.pt`` file) for node classifiers,
@@ -1608,9 +1651,12 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch
 
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    if isinstance(inputs, (str, os.PathLike)):  # one input: a str is a sequence too, of one-letter "inputs"
+        inputs = [inputs]
+    inputs = [str(spec) for spec in inputs]
     model, info, cfg = _inference_model(ckpt)
     if _model_task(model) == "graph":
-        return _predict_graph(model, cfg, ckpt, inputs, topk, batch_size)
+        return _predict_graph(model, cfg, info, ckpt, inputs, topk, batch_size)
     _require_image_classifier(model, ckpt, inputs)
     if getattr(model, "num_classes", None) == 0:
         raise ValueError(f"{ckpt}: {getattr(model, 'zoo_model_name', type(model).__name__)} has no classifier "
@@ -1637,6 +1683,11 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch
         else load_image_file(source, img_size, in_chans, mean, std, transform=transform, **_eval_crop(info))
         for label, source in items
     ]
+    # digits:N rows show the digit drawn as their label when the model's classes are the ten digits (a model of
+    # other classes has no such class to compare with)
+    digit_names = [str(i) for i in range(10)]
+    digits_model = names == digit_names or (not names and getattr(model, "num_classes", None) == 10)
+    digit_classes = _digit_classes() if digits_model and any(source == "digits" for _, source in items) else None
     results = []
     with torch.no_grad():
         for start in range(0, len(tensors), batch_size):
@@ -1644,7 +1695,17 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str], topk: int = 5, batch
             probs = model(batch).float().softmax(-1)
             values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
             for offset, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
-                label = items[start + offset][0]
+                label, source = items[start + offset]
                 top = [(names[i] if i < len(names) else str(i), float(v)) for v, i in zip(vals, idxs)]
-                results.append({"input": label, "top": top})
+                row = {"input": label, "top": top}
+                if source == "digits" and digit_classes is not None:  # the data's label, as graph rows show theirs
+                    row["label"] = str(int(digit_classes[int(label.split(":", 1)[1])]))
+                results.append(row)
     return results
+
+
+def _digit_classes():
+    """The class of each image of scikit-learn's digits (the digit drawn), which digits:N rows show as "label"."""
+    from sklearn.datasets import load_digits
+
+    return load_digits().target
