@@ -493,15 +493,20 @@ def _augmented_folder(tmp_path, **options):
     return dm
 
 
-def _training_levels_digest(dm, epochs=3) -> str:
-    """sha256 of the 8-bit levels of every training image, epochs 0..epochs-1 (mean 0.5, std 0.25 undone)."""
-    import hashlib
-
+def _training_images(dm, epochs=3) -> torch.Tensor:
+    """Every training image of epochs 0..epochs-1, in 8-bit levels (mean 0.5, std 0.25 undone)."""
     images = []
     for epoch in range(epochs):
         dm.train_set.epoch = epoch
-        images.append(torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))]))
-    levels = torch.round((torch.stack(images) * 0.25 + 0.5) * 255).to(torch.uint8)
+        images.append(torch.stack([dm.train_set[i][0].as_subclass(torch.Tensor) for i in range(len(dm.train_set))]))
+    return (torch.stack(images) * 0.25 + 0.5) * 255
+
+
+def _training_levels_digest(dm, epochs=3) -> str:
+    """sha256 of the 8-bit levels of every training image, epochs 0..epochs-1 (:func:`_training_images`)."""
+    import hashlib
+
+    levels = torch.round(_training_images(dm, epochs)).to(torch.uint8)
     return hashlib.sha256(levels.numpy().tobytes()).hexdigest()[:16]
 
 
@@ -552,7 +557,8 @@ def _timm_crop(options, in_chans, timm_crop):
     with another train_interpolation, the PIL image resized with that filter: timm's own
     RandomResizedCropAndInterpolation (its box drawn by torchvision's get_params, from torch's RNG, as the zoo
     draws it), or for augment=crop (not a timm mode) torchvision's Resize with the filter timm's random.choice over
-    timm's _RANDOM_INTERPOLATION picks. A PIL image out."""
+    timm's _RANDOM_INTERPOLATION picks. The channels are converted on the tensor before either (timm converts none;
+    the zoo's conversion is the tensor's on every path). A PIL image out."""
     import random
 
     from timm.data.transforms import _RANDOM_INTERPOLATION, str_to_interp_mode
@@ -569,12 +575,12 @@ def _timm_crop(options, in_chans, timm_crop):
         crop = [T.ToImage(), channels, T.Resize(16, antialias=True), *padded_crop]
     elif options["augment"] == "standard":
         timm_crop.get_params = T1.RandomResizedCrop.get_params
-        crop = [channels, timm_crop, T.ToImage()]
+        crop = [T.ToImage(), channels, T.ToPILImage(), timm_crop, T.ToImage()]
     else:
         def resize(image):
             mode = random.choice(_RANDOM_INTERPOLATION) if interpolation == "random" else str_to_interp_mode(interpolation)
             return T1.Resize(16, interpolation=mode)(image)
-        crop = [channels, resize, T.ToImage(), *padded_crop]
+        crop = [T.ToImage(), channels, T.ToPILImage(), resize, T.ToImage(), *padded_crop]
     return T.Compose([*crop, T.ToPILImage()])
 
 
@@ -697,6 +703,52 @@ def test_train_interpolation_resamples_the_crop_with_that_filter(tmp_path):
         assert picked, index
         picks.update(picked)
     assert picks == {"bilinear", "bicubic"}
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_train_interpolation_converts_channels_as_the_default_without_a_resize(tmp_path, in_chans):
+    """A train_interpolation other than bilinear resizes the PIL image, and converted it to gray there with Pillow's
+    convert("L"), which rounds where the default path's tensor conversion (and every evaluation's) truncates: with
+    augment=crop at the images' own size, where nothing is resampled, 47% of the gray pixels came out one level
+    brighter than bilinear's (review of c315f3c). The channels are now the tensor's conversion on every path, so
+    with no resampling bicubic, nearest and random give exactly the default path's tensors (pinned by
+    :func:`test_default_augmentation_trains_on_the_same_tensors_as_before_the_timm_options`), epoch by epoch; so
+    does a bicubic evaluation at crop_pct 1.0 (zoo predict's reader)."""
+    own_size = 19  # the shorter side of _augmented_folder's 19x23 images: the crop's resize keeps them as they are
+    default = _training_images(_augmented_folder(tmp_path, augment="crop", img_size=own_size, in_chans=in_chans))
+    for mode in ("bicubic", "nearest", "random"):
+        dm = _augmented_folder(tmp_path, augment="crop", img_size=own_size, in_chans=in_chans, train_interpolation=mode)
+        torch.testing.assert_close(_training_images(dm), default, rtol=0, atol=0,
+                                   msg=lambda message: f"train_interpolation={mode}: {message}")
+    path = dm.train_set.base.samples[0][0]
+    stats = (0.5,) * in_chans, (0.25,) * in_chans
+    torch.testing.assert_close(vdata.load_image_file(path, own_size, in_chans, *stats, interpolation="bicubic"),
+                               vdata.load_image_file(path, own_size, in_chans, *stats), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("augment", ["standard", "crop"])
+def test_random_interpolation_picking_bilinear_is_within_a_level_of_the_default_for_gray_images(tmp_path, augment):
+    """With a resize, train_interpolation=random's bilinear pick (Pillow's filter on the PIL image) differs from the
+    default bilinear path (torch's on the tensor) by rounding only: at most one 8-bit level and no bias, for gray
+    images as for colour ones. Gray images converted by Pillow (rounding) were two levels off and half a level
+    brighter on average (review of c315f3c)."""
+    import random
+
+    for in_chans in (1, 3):
+        default = _training_images(_augmented_folder(tmp_path, augment=augment, in_chans=in_chans))
+        random_pick = _training_images(_augmented_folder(tmp_path, augment=augment, in_chans=in_chans,
+                                                         train_interpolation="random"))
+        differences = []
+        for epoch in range(default.shape[0]):
+            for index in range(default.shape[1]):
+                with vdata._sample_rng(7, epoch, index):  # the pick: timm's random.choice([bilinear, bicubic])
+                    bilinear_picked = random.choice([True, False])
+                if bilinear_picked:
+                    differences.append(random_pick[epoch, index] - default[epoch, index])
+        differences = torch.stack(differences)
+        assert len(differences) >= 5 and differences.shape[1] == in_chans
+        assert float(differences.abs().max()) <= 1 + 1e-3, (in_chans, float(differences.abs().max()))
+        assert abs(float(differences.mean())) < 0.1, (in_chans, float(differences.mean()))
 
 
 def test_posterize_at_zero_bits_is_the_black_image_timm_expects():

@@ -782,11 +782,18 @@ def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augme
     (timm/data/transforms_factory.py; ``crop_mode`` "center" resizes the shorter side, "squash" both). The
     default (1.0, bilinear) resizes the image tensor, what every zoo checkpoint was evaluated with; any other
     setting resizes the PIL image, as timm does, since torch's bicubic kernel differs from Pillow's (by up to 16
-    8-bit levels on a strongly shrunk image), so that the pipeline equals ``timm.data.create_transform``."""
+    8-bit levels on a strongly shrunk image), so that the pipeline equals ``timm.data.create_transform``.
+
+    Channels (``in_chans``) are converted on the 8-bit image tensor on every path, the PIL ones included (tensor,
+    channels, back to a PIL image: lossless): torchvision's tensor ``rgb_to_grayscale`` truncates where Pillow's
+    ``convert("L")`` rounds, so converting the PIL image made about half the gray pixels one level brighter on
+    exactly the paths that resize the PIL image, a train_interpolation other than bilinear even without any
+    resampling, and a gray evaluation other than the default. (timm converts no channels: this step is the zoo's.)"""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
 
     channels = T.Grayscale(1) if in_chans == 1 else T.RGB()
+    channels_of_pil = [T.ToImage(), channels, T.ToPILImage()]  # the tensor's conversion, for the PIL resizes
     vflip = timm_augment.vflip if timm_augment else 0.0
     flips = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
     if vflip > 0:  # after the horizontal flip, as timm's primary stage
@@ -809,14 +816,14 @@ def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augme
         else:  # the PIL image with Pillow's filter, as timm
             chosen = (_RandomInterpolation(resize) if train_interpolation == "random"
                       else resize(InterpolationMode(train_interpolation)))
-            steps = [channels, chosen, T.ToImage(), *padded_crop, *flips]
+            steps = [*channels_of_pil, chosen, T.ToImage(), *padded_crop, *flips]
     elif (crop_pct, interpolation, crop_mode) == (1.0, "bilinear", "center"):
         steps = [T.ToImage(), channels, T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
     else:
         scale = math.floor(img_size / crop_pct)
         mode = InterpolationMode(interpolation)
         resize = T.Resize((scale, scale) if crop_mode == "squash" else scale, interpolation=mode, antialias=True)
-        steps = [channels, resize, T.CenterCrop(img_size), T.ToImage()]
+        steps = [*channels_of_pil, resize, T.CenterCrop(img_size), T.ToImage()]
     if colour is not None:  # 8-bit tensor <-> PIL image: lossless
         steps += [T.ToPILImage(), colour, T.ToImage()]
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
