@@ -226,6 +226,113 @@ def test_a_run_resumed_mid_epoch_sees_the_uninterrupted_batches(tmp_path):
         assert torch.equal(value, weights[1][key]), key
 
 
+class RecordSteps(pl.Callback):
+    """(epoch, seed count, loss, training-mode accuracy over the seeds) of every training step: the reference of
+    the epoch means. The accuracy is the model's before the step, as the step's own forward (dropout 0: the same)."""
+
+    steps: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        seeds = int(batch["batch_size"])
+        with torch.no_grad():
+            logits = pl_module(batch)[:seeds]
+        self._correct = (logits.argmax(-1) == batch["y"][:seeds]).float().mean().item()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        RecordSteps.steps.append((trainer.current_epoch, int(batch["batch_size"]), float(outputs["loss"]),
+                                  self._correct))
+
+
+def test_train_metrics_are_the_seed_weighted_epoch_means(tmp_path):
+    """train/loss and train/acc1_dropout were logged per step (Lightning's defaults): metrics.json held the last
+    batch's values (a 3-seed remainder: 12.65 for an epoch mean of 6.46 in the audit). They are the means over the
+    last epoch's seeds, each batch weighing its seed count."""
+    pytest.importorskip("hydra")
+    RecordSteps.steps = []
+    metrics, _ = _train(tmp_path, "means", "experiment=graph_sbm", "data.batch_size=4", "data.num_neighbors=[3,2]",
+                        "+model.dropout=0.0", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1",
+                        "+callbacks.steps._target_=test_graph_sampling.RecordSteps")
+    last = [step for step in RecordSteps.steps if step[0] == 1]
+    assert [seeds for _, seeds, _, _ in last] == [4, 4, 4, 3]
+    total = sum(seeds for _, seeds, _, _ in last)
+    loss = sum(seeds * value for _, seeds, value, _ in last) / total
+    accuracy = sum(seeds * value for _, seeds, _, value in last) / total
+    assert metrics["metrics"]["train/loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["metrics"]["train/acc1_dropout"] == pytest.approx(accuracy, rel=1e-5)
+    assert loss != pytest.approx(last[-1][2], rel=1e-3)  # the last batch's loss is not the mean here
+
+
+def _sampled_sbm(tmp_path, name, *overrides):
+    from zoo.train import run
+
+    return run.compose(["experiment=graph_sbm", "data.batch_size=4", "data.num_neighbors=[3,2]",
+                        "trainer.check_val_every_n_epoch=1", "trainer.max_epochs=2", "num_threads=1", "logger=none",
+                        "callbacks=minimal", "export=false", "test=false", "trainer.num_sanity_val_steps=0",
+                        "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                        "model.name=gatv2_node_debug", f"run_dir={tmp_path / name}", *overrides])
+
+
+def test_a_mid_epoch_resume_with_another_data_set_is_refused(tmp_path):
+    """For a generated graph data.seed also regenerates the graph and its split: resumed mid-epoch with
+    data.seed=5, the stored order and samples done were applied to another list of training nodes (the epoch
+    trained some twice, some never) under a note naming seed=. Any data key but the loader ones is refused there,
+    before the run's files are rewritten; the loader keys may change."""
+    pytest.importorskip("hydra")
+    from zoo.train import run
+
+    run.train(_sampled_sbm(tmp_path, "cut", "+trainer.max_steps=6"))  # inside epoch 1 (4 steps an epoch)
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    config = (tmp_path / "cut" / "config.yaml").read_text()
+    for change, stored in (("data.seed=5", "data.seed=0"), ("+data.normalize_features=true",
+                                                               "no data.normalize_features")):
+        with pytest.raises(ValueError, match=rf"^cannot resume in the middle of epoch 1 with "
+                                             rf"{change.lstrip('+').replace('true', 'True')}: the checkpoint's run "
+                                             rf"used {stored}, .*resume from a checkpoint written at an epoch's end, "
+                                             rf"or keep {stored} \(only data\.batch_size, data\.num_neighbors, "
+                                             rf"data\.num_workers may change mid-epoch\)$"):
+            run.train(_sampled_sbm(tmp_path, "cut", change, f"ckpt_path={last}"))
+        assert (tmp_path / "cut" / "config.yaml").read_text() == config
+    resumed = run.train(_sampled_sbm(tmp_path, "cut", "data.batch_size=2", "data.num_neighbors=[2,2]",
+                                     "+data.num_workers=0", f"ckpt_path={last}"))
+    assert resumed["global_step"] == 6 + 4  # the epoch's 15 - 8 seeds left, in batches of 2
+
+
+def test_the_order_seed_note_names_data_seed(capsys):
+    """The order of node batches is drawn with data.seed, not the run's seed= the note named."""
+    module = _sbm_module(seed=0)
+    module.load_state_dict({"training_order": {"epoch": 1, "batches_done": 2, "samples_done": 8, "seed": 3}})
+    module.train_dataloader()
+    assert ("resumed in the middle of epoch 1, whose order was drawn with data.seed=3: the rest of that epoch keeps "
+            "it, and data.seed=0 orders the epochs after it") in capsys.readouterr().err
+
+
+def test_a_bool_mask_means_its_nodes_and_float_ids_are_refused():
+    """A bool mask was read as the ids 0 and 1 ([True, False] -> [1, 0]) and float ids truncated; a float
+    edge_index was truncated too. A mask means its nonzero() nodes (PyG's NeighborLoader input_nodes=mask);
+    floats are refused in one line."""
+    edge_index = _random_graph(20, 60, seed=4)
+    sampler = NeighborSampler(edge_index, 20)
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[[3, 11, 7]] = True
+    generator = torch.Generator().manual_seed(0)
+    by_mask = sampler.sample(mask, [2, 2], generator.manual_seed(0))
+    by_ids = sampler.sample(torch.tensor([3, 7, 11]), [2, 2], generator.manual_seed(0))
+    assert by_mask.batch_size == 3 and torch.equal(by_mask.n_id, by_ids.n_id)
+    assert torch.equal(by_mask.edge_index, by_ids.edge_index)
+    assert sampler.sample(mask.tolist(), [2], generator).n_id[:3].tolist() == [3, 7, 11]
+    with pytest.raises(ValueError, match=r"^seed_nodes as a bool mask must have one entry per node \(20\), got 2;"):
+        sampler.sample([True, False], [2])
+    for seeds in ([1.7, 2.0], torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"^seed_nodes must be integer node ids or a bool mask over the nodes, "
+                                             r"got torch\.float(32|64) values; convert whole-number ids with "
+                                             r"\.long\(\)$"):
+            sampler.sample(seeds, [2])
+    with pytest.raises(ValueError, match=r"^edge_index must hold integer node ids \(torch\.long, as PyG's\), got "
+                                         r"torch\.float32; convert it"):
+        NeighborSampler(edge_index.float() + 0.7, 20)
+    assert sampler.sample([], [2]).n_id.numel() == 0  # no seed: an empty batch, as before
+
+
 @pytest.mark.parametrize("options, message", [
     ({"num_neighbors": [5]}, r"^data\.num_neighbors samples the neighbourhoods of mini-batches: set data\.batch_size"),
     ({"batch_size": 8}, r"^data\.batch_size=8 needs data\.num_neighbors, one entry per hop"),
@@ -267,13 +374,14 @@ needs_gloo = pytest.mark.skipif(
 
 
 class RecordSeedsToFile(pl.Callback):
-    """Each training batch's seed ids on this process, to ``$ZOO_TEST_RECORD/rank<r>.json`` (DDP subprocess)."""
+    """Each training batch's seed ids and loss on this process, to ``$ZOO_TEST_RECORD/rank<r>.json`` (DDP
+    subprocess)."""
 
     def __init__(self):
         self.batches: list = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(batch["n_id"][: batch["batch_size"]].tolist())
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append((batch["n_id"][: batch["batch_size"]].tolist(), float(outputs["loss"])))
 
     def on_train_end(self, trainer, pl_module):
         Path(os.environ["ZOO_TEST_RECORD"], f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
@@ -283,7 +391,8 @@ class RecordSeedsToFile(pl.Callback):
 @pytest.mark.slow
 def test_ddp_processes_share_out_the_seeds(tmp_path):
     """Under DDP (2 gloo processes) the training nodes are split between the processes: 15 nodes, 8 each (one
-    repeated by DistributedSampler's padding, so both run the same number of steps)."""
+    repeated by DistributedSampler's padding, so both run the same number of steps). train/loss is the mean over
+    the seeds of both processes (it was rank 0's last batch's)."""
     record = tmp_path / "record"
     record.mkdir()
     tests_dir = str(Path(__file__).resolve().parent)
@@ -297,7 +406,12 @@ def test_ddp_processes_share_out_the_seeds(tmp_path):
                "+callbacks.record._target_=test_graph_sampling.RecordSeedsToFile"]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [sum(json.loads((record / f"rank{r}.json").read_text()), []) for r in (0, 1)]
+    steps = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [sum((seeds for seeds, _ in rank), []) for rank in steps]
     assert len(ranks[0]) == len(ranks[1]) == 8
     assert len(set(ranks[0]) & set(ranks[1])) <= 1  # the padding's one repeated seed at most
     assert len(set(ranks[0]) | set(ranks[1])) == 15  # every training node
+    both = steps[0] + steps[1]
+    mean = sum(len(seeds) * loss for seeds, loss in both) / sum(len(seeds) for seeds, _ in both)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["metrics"]
+    assert metrics["train/loss"] == pytest.approx(mean, rel=1e-5)

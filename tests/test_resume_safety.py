@@ -2,7 +2,8 @@
 
 * a release interrupted at the end of an extended run is written again by the same resume command;
 * a checkpoint of another run cannot be continued into a run_dir that holds a run;
-* a mid-epoch resume with another data.batch_size / seed= trains exactly the epoch's samples not trained yet;
+* a mid-epoch resume with another data.batch_size / seed= trains exactly the epoch's samples not trained yet, from
+  an older checkpoint too (its stored config's batch size and seed);
 * a release whose config.json names an unknown model says which file.
 """
 from __future__ import annotations
@@ -236,19 +237,46 @@ def test_a_mid_epoch_resume_with_another_seed_finishes_the_epoch_in_its_order(tm
     assert following == list(iter(reference))
 
 
-def test_an_old_mid_epoch_checkpoint_resumes_as_before(tmp_path, cut_run, sampler_passes):
-    """A checkpoint from before samples_done / seed were stored skips its batches done at the current batch size,
-    in the current seed's order, as it did."""
-    cut_dir, full, trained = cut_run
-    last = cut_dir / "checkpoints" / "last.ckpt"
+def _as_an_old_checkpoint(last: Path, *dropped_data_keys: str) -> None:
+    """``last`` as a checkpoint from before samples_done / seed were stored: its training order holds the epoch and
+    the batches done only (and its stored zoo_config's data section lacks ``dropped_data_keys``)."""
     ckpt = torch.load(last, weights_only=False)
     state = ckpt["DigitsDataModule"]["training_order"]
     assert state == {"epoch": 0, "batches_done": _CUT, "samples_done": _CUT * 64, "seed": 0}
     ckpt["DigitsDataModule"]["training_order"] = {"epoch": 0, "batches_done": _CUT}
+    for key in dropped_data_keys:
+        del ckpt["hyper_parameters"]["zoo_config"]["data"][key]
     torch.save(ckpt, last)
-    _resume_copy(tmp_path, cut_dir, "old", "data.batch_size=32")
+
+
+def test_an_old_mid_epoch_checkpoint_skips_the_samples_its_run_trained(tmp_path, cut_run, sampler_passes):
+    """A checkpoint from before samples_done / seed were stored, resumed with data.batch_size=32, skipped 5 batches
+    of 32 (160 samples trained twice, as many never) in the current seed's order. Its stored zoo_config holds the
+    batch size and seed its epoch was trained with: the rest of the epoch is exactly the samples not trained yet."""
+    cut_dir, full, trained = cut_run
+    _as_an_old_checkpoint(cut_dir / "checkpoints" / "last.ckpt")
+    resumed = _resume_copy(tmp_path, cut_dir, "old", "data.batch_size=32", "seed=7")
     rest = _last_pass(sampler_passes, 0)
-    assert rest == full[_CUT * 32:]  # today's skip: 5 batches of the new size
+    assert Counter(trained + rest) == Counter(full)  # no sample twice, none left out
+    assert resumed["global_step"] == _CUT + math.ceil((len(full) - len(trained)) / 32)
+    # a larger size is refused there as for a new checkpoint
+    with pytest.raises(ValueError, match=r"data\.batch_size=128 cannot take over in the middle of epoch 0: the "
+                                         r"checkpoint stopped after 5 batches \(320 samples\)"):
+        _resume_copy(tmp_path, cut_dir, "old128", "data.batch_size=128")
+
+
+def test_an_old_checkpoint_whose_config_has_no_batch_size_resumes_as_before_with_a_note(tmp_path, cut_run,
+                                                                                       sampler_passes, capsys):
+    """Without the batch size in the stored config either, the batches done times the current size are skipped,
+    as before, and a note says so."""
+    cut_dir, full, _ = cut_run
+    _as_an_old_checkpoint(cut_dir / "checkpoints" / "last.ckpt", "batch_size")
+    capsys.readouterr()
+    _resume_copy(tmp_path, cut_dir, "old", "data.batch_size=32")
+    assert _last_pass(sampler_passes, 0) == full[_CUT * 32:]
+    assert ("note: the checkpoint records neither the samples of epoch 0 it trained on nor its data.batch_size: the "
+            "rest of the epoch skips 5 batches of the current size; resume with the data.batch_size it was trained "
+            "with to train each sample once") in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------

@@ -947,7 +947,15 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
     of the seeds, padded as PyTorch's DistributedSampler pads (a few seeds repeated) so that every process runs the
     same number of steps. Validation, test and predict stay full-graph: exact outputs for every node (PyG's
     examples/reddit.py evaluates with all neighbours too, layer-wise); the CSR of the graph is built once, at the
-    first training loader, and kept."""
+    first training loader, and kept.
+
+    Resumed in the middle of an epoch, only the loader keys may change (``data.batch_size``, as for images;
+    ``data.num_neighbors``, ``data.num_workers``): the others make another data set (for generated graphs, sbm and
+    networkx, ``data.seed`` regenerates the graph and its split), refused by zoo train
+    (:meth:`ResumableTrainingOrder.check_same_data`). ``data.seed`` is also this module's order seed."""
+
+    order_seed_key = "data.seed"
+    mid_epoch_changeable_keys = ("batch_size", "num_neighbors", "num_workers")
 
     def __init__(self, name: str = "karate", root: Optional[str] = None, seed: int = 0,
                  num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "node",
@@ -1111,6 +1119,11 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
     graphs (:func:`load_graph_classification`): a TU data set in ``root`` (``name=MUTAG``), a torch.save'd list of
     PyG Data (``path``) or an InMemoryDataset class (``dataset_class``). Every split must be non-empty; the batches
     are the same dicts (collate_graphs) whatever the source."""
+
+    # data.seed orders the training graphs (and generates the synthetic set and the stratified split): a run resumed
+    # in the middle of an epoch names that key, and refuses a change of the graphs themselves there (ResumableTrainingOrder)
+    order_seed_key = "data.seed"
+    mid_epoch_changeable_keys = ("batch_size", "num_workers")
 
     def __init__(self, num_graphs: Optional[int] = None, batch_size: int = 32, seed: int = 0,
                  num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "graph",

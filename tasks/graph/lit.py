@@ -16,16 +16,18 @@ optimise with plain Adam and a constant learning rate, as the GAT and GATv2 pape
 Metrics: ``train/loss``, ``train/acc1``, ``val/acc1``, ``test/acc1`` (top-1 accuracy, the name the default
 checkpoint callback monitors); DictionaryLookup adds ``val/graph_acc`` / ``test/graph_acc`` (the fraction of graphs
 whose every query is right). Mini-batch runs log ``train/loss`` and ``train/acc1`` as the means over the epoch's
-targets (torchmetrics ``MeanMetric``), as the vision module does. Full-batch node classification logs ``train/acc1``
-as the accuracy on the ``train_mask`` nodes of the model in eval mode (no dropout), computed in the validation step's
-forward over the whole graph, as PyG's examples/gat.py ``test()`` reports it: the figure of the training-mode forward
-(feature and attention dropout 0.6 in the GAT recipe) understated the fit (0.75 where the eval-mode model had 1.0),
-and is kept as ``train/acc1_dropout``. ``train/acc1`` is therefore logged on validation epochs only
-(``trainer.check_val_every_n_epoch``).
+targets (torchmetrics ``MeanMetric``), as the vision module does; sampled node batches (``data.batch_size``) log
+``train/loss`` and ``train/acc1_dropout`` as the means over the epoch's seed nodes the same way. Full-batch node
+classification logs ``train/acc1`` as the accuracy on the ``train_mask`` nodes of the model in eval mode (no
+dropout), computed in the validation step's forward over the whole graph, as PyG's examples/gat.py ``test()``
+reports it: the figure of the training-mode forward (feature and attention dropout 0.6 in the GAT recipe)
+understated the fit (0.75 where the eval-mode model had 1.0), and is kept as ``train/acc1_dropout``. ``train/acc1``
+is therefore logged on validation epochs only (``trainer.check_val_every_n_epoch``).
 Under DDP (``trainer=ddp_cpu``, ``trainer=ddp``) they are the whole split's, as in one process: the graph
 mini-batch metrics are torchmetrics ``MeanMetric`` sums reduced over the processes at the epoch's end, each graph
 scored on one process (``zoo.tasks.graph.datasets.evaluation_sampler``); node classification gives every process
-the whole graph, so its metrics are equal on all processes.
+the whole graph, so its evaluation metrics are equal on all processes (its sampled training batches are shared out,
+their means reduced as the graph mini-batches').
 ``stop_at_acc`` stops training once val/acc1 reaches it (the DictionaryLookup paper stops at 100%); the
 sanity-check validation Lightning runs before training does not count. ``trainer.max_epochs=-1`` is refused
 unless ``stop_at_acc``, ``trainer.max_steps``, ``trainer.max_time`` or an EarlyStopping callback ends the run
@@ -104,6 +106,23 @@ class _GraphModule(ZooModule):
                              "${data.num_classes}")
 
     @staticmethod
+    def _mean_metrics(names) -> nn.ModuleDict:
+        """One torchmetrics ``MeanMetric`` per ``{stage}_{name}`` in ``names``: the epoch metrics as sums over the
+        targets (nodes, graphs, queries) of every process, as the vision module's (zoo.tasks.vision.module): under
+        DDP a logged per-process mean was rank 0's alone (sync_dist=True would average per-process means, wrong
+        when the processes hold different counts). States are not persistent: checkpoints are unchanged.
+        nan_strategy=nan: a diverged model's NaN loss shows instead of being dropped."""
+        return nn.ModuleDict({name: MeanMetric(nan_strategy=float("nan")) for name in names})
+
+    def _log_mean(self, stage: str, name: str, values: torch.Tensor, weight: float = 1.0, batch_size: int = 1,
+                  prog_bar: bool = False) -> None:
+        """Add ``values`` (each with ``weight``) to the epoch mean ``{stage}/{name}`` and log it (on_epoch: the
+        mean over the epoch's targets of all processes, reduced at its end, not the last step's value)."""
+        metric = self.metrics[f"{stage}_{name}"]
+        metric.update(values, weight)
+        self.log(f"{stage}/{name}", metric, prog_bar=prog_bar, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    @staticmethod
     def _edge_features(batch) -> dict:
         """``edge_attr=`` for the model when the batch holds edge features (a model built with edge_dim)."""
         return {"edge_attr": batch["edge_attr"]} if batch.get("edge_attr") is not None else {}
@@ -125,6 +144,8 @@ class NodeClassificationModule(_GraphModule):
                  stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
                  torch_compile: bool | str | None = None):
         super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile)
+        # the epoch means of sampled training batches (_sampled_training_step); the full batch is one step an epoch
+        self.metrics = self._mean_metrics(("train_loss", "train_acc1_dropout"))
 
     def forward(self, batch, model: Optional[nn.Module] = None):
         return (model or self.model)(batch["x"], batch["edge_index"], **self._edge_features(batch))
@@ -150,13 +171,15 @@ class NodeClassificationModule(_GraphModule):
 
     def _sampled_training_step(self, logits, batch):
         """A sampled subgraph (NodeDataModule with data.batch_size): the loss over its seed nodes, the first
-        ``batch_size`` rows (the other nodes are there as their neighbourhood, as with PyG's NeighborLoader), logged
-        with that batch size so that the epoch means weigh every seed alike."""
+        ``batch_size`` rows (the other nodes are there as their neighbourhood, as with PyG's NeighborLoader).
+        ``train/loss`` and ``train/acc1_dropout`` are the epoch means over the seeds of all processes, every seed
+        weighing alike (logged per step with Lightning's defaults, metrics.json held the last batch's values, a
+        3-seed remainder batch, rank 0's alone under DDP)."""
         seeds = int(batch["batch_size"])
         logits, targets = logits[:seeds], batch["y"][:seeds]
         loss = F.cross_entropy(logits, targets)
-        self.log("train/loss", loss, prog_bar=True, batch_size=seeds)
-        self.log("train/acc1_dropout", (logits.detach().argmax(-1) == targets).float().mean(), batch_size=seeds)
+        self._log_mean("train", "loss", loss.detach(), weight=seeds, batch_size=seeds, prog_bar=True)
+        self._log_mean("train", "acc1_dropout", (logits.detach().argmax(-1) == targets).float(), batch_size=seeds)
         return loss
 
     def _eval(self, batch, splits):
@@ -183,15 +206,11 @@ class GraphTargetsModule(_GraphModule):
                  stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
                  torch_compile: bool | str | None = None):
         super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile)
-        # The epoch metrics as sums over the targets (graphs, queries) of every process, as the vision module's
-        # (zoo.tasks.vision.module): under DDP a logged per-process mean was rank 0's alone (sync_dist=True would
-        # average per-process means, wrong when the processes hold different counts). States are not persistent:
-        # checkpoints are unchanged. nan_strategy=nan: a diverged model's NaN loss shows instead of being dropped.
-        self.metrics = nn.ModuleDict({
-            f"{stage}_{name}": MeanMetric(nan_strategy=float("nan"))
+        self.metrics = self._mean_metrics(
+            f"{stage}_{name}"
             for stage, names in (("train", ("loss", "acc1")), ("val", _EVAL_METRICS), ("test", _EVAL_METRICS))
             for name in names
-        })
+        )
 
     def forward(self, batch, model: Optional[nn.Module] = None):
         model = model or self.model
@@ -199,13 +218,6 @@ class GraphTargetsModule(_GraphModule):
             return model(batch["x"], batch["edge_index"], batch["target_index"])
         return model(batch["x"], batch["edge_index"], batch["batch"], batch["num_graphs"],
                      **self._edge_features(batch))
-
-    def _log_mean(self, stage: str, name: str, values: torch.Tensor, weight: float = 1.0, batch_size: int = 1,
-                  prog_bar: bool = False) -> None:
-        """Add ``values`` (each with ``weight``) to the epoch mean ``{stage}/{name}`` and log it."""
-        metric = self.metrics[f"{stage}_{name}"]
-        metric.update(values, weight)
-        self.log(f"{stage}/{name}", metric, prog_bar=prog_bar, on_step=False, on_epoch=True, batch_size=batch_size)
 
     def _step(self, batch, stage):
         logits = self(batch, self.model if stage == "train" else self.eval_model)

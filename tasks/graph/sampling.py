@@ -74,6 +74,9 @@ class NeighborSampler:
         if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
             raise ValueError(f"edge_index must be a [2, E] integer tensor, got "
                              f"{tuple(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index)}")
+        if not _is_integer_dtype(edge_index.dtype):  # .long() truncated 1.7 to 1: an edge nobody wrote
+            raise ValueError(f"edge_index must hold integer node ids (torch.long, as PyG's), got {edge_index.dtype}; "
+                             f"convert it with edge_index.long() if its values are whole numbers")
         edge_index = edge_index.long()
         largest = int(edge_index.max()) + 1 if edge_index.numel() else 0
         num_nodes = largest if num_nodes is None else int(num_nodes)
@@ -96,10 +99,12 @@ class NeighborSampler:
 
     def sample(self, seed_nodes: Tensor, num_neighbors: Sequence[int],
                generator: Optional[torch.Generator] = None) -> SampledSubgraph:
-        """The sampled subgraph around ``seed_nodes`` (distinct global ids): ``num_neighbors[h]`` in-neighbours per
-        node expanded at hop h (-1: all); ``generator`` makes the draw reproducible."""
+        """The sampled subgraph around ``seed_nodes``: distinct global ids, or a bool mask over the N nodes, which
+        means its nonzero() nodes in increasing order (PyG's NeighborLoader ``input_nodes=mask``);
+        ``num_neighbors[h]`` in-neighbours per node expanded at hop h (-1: all); ``generator`` makes the draw
+        reproducible."""
         num_neighbors = check_num_neighbors(num_neighbors)
-        seeds = torch.as_tensor(seed_nodes).long().view(-1)
+        seeds = self._seed_ids(seed_nodes)
         if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= self.num_nodes):
             raise ValueError(f"seed_nodes must be node ids in [0, {self.num_nodes}), got ids from {int(seeds.min())} "
                              f"to {int(seeds.max())}")
@@ -134,6 +139,20 @@ class NeighborSampler:
         return SampledSubgraph(n_id, edge_index, torch.cat(edges), seeds.numel(), num_sampled_nodes,
                                num_sampled_edges)
 
+    def _seed_ids(self, seed_nodes) -> Tensor:
+        """``seed_nodes`` as a 1-D long tensor of ids. A bool mask was read as ids 0 and 1 ([True, False] -> [1, 0])
+        and float ids were truncated: the mask is turned into its nodes, float ids refused."""
+        seeds = torch.as_tensor(seed_nodes).view(-1)
+        if seeds.dtype == torch.bool:
+            if seeds.numel() != self.num_nodes:
+                raise ValueError(f"seed_nodes as a bool mask must have one entry per node ({self.num_nodes}), got "
+                                 f"{seeds.numel()}; pass the seed ids instead")
+            return seeds.nonzero().view(-1)
+        if seeds.numel() and not _is_integer_dtype(seeds.dtype):
+            raise ValueError(f"seed_nodes must be integer node ids or a bool mask over the nodes, got {seeds.dtype} "
+                             f"values; convert whole-number ids with .long()")
+        return seeds.long()
+
     def _draw(self, frontier: Tensor, k: int, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
         """(CSR positions of the sampled in-edges, the frontier row each belongs to), grouped by frontier node in
         frontier order: all in-edges where the degree is <= k (or k = -1), else k distinct ones uniformly."""
@@ -154,6 +173,11 @@ class NeighborSampler:
                 pick = subsampled[owner]
                 positions[pick] = start[owner[pick]] + chosen[row_of[owner[pick]], within[pick]]
         return positions, owner
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Integer tensors (not bool, float or complex): what ids may be given as."""
+    return dtype != torch.bool and not dtype.is_floating_point and not dtype.is_complex
 
 
 def _floyd_choices(degree: Tensor, k: int, generator: Optional[torch.Generator]) -> Tensor:

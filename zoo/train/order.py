@@ -94,13 +94,30 @@ class ResumableTrainingOrder:
       trained 288 samples twice in an audit, 2026-12-06) and the new size batches the rest. A size larger than the
       one the epoch's first part was trained with is refused (:meth:`check_batch_size_fits`): Lightning counts the
       epoch in batches and would end it before its last samples;
-    * another ``seed=``: the rest of the epoch keeps the order its first part was drawn in (the stored seed), and
-      the new seed orders the epochs after it (a note says so). Refusing would lose nothing either, but makes a
-      resume that can be made exactly fail.
+    * another order seed (``seed=`` for images, ``data.seed`` for graphs: :attr:`order_seed_key`): the rest of the
+      epoch keeps the order its first part was drawn in (the stored seed), and the new seed orders the epochs after
+      it (a note says so). Refusing would lose nothing either, but makes a resume that can be made exactly fail;
+    * another data set: a data module that names the keys which may change mid-epoch
+      (:attr:`mid_epoch_changeable_keys`) refuses a change of any other data key there (:meth:`check_same_data`):
+      for generated graphs ``data.seed`` also regenerates the graph and its split, and the stored position counted
+      another list of training nodes.
 
-    Checkpoints from before the samples and the seed were stored resume as they did: the batches done times the
-    batch size are skipped, in the order of the current seed.
+    Checkpoints from before the samples and the seed were stored skip the batches done times the batch size and
+    order seed of the checkpoint's own run, read from its stored ``zoo_config`` (:meth:`restore_old_order`, called
+    by zoo train; the current ones skipped 160 samples too few with a halved batch size, audit 2026-12-06); where
+    that config does not hold them, the current ones, and a note says so.
     """
+
+    # the config key of the seed the training order is drawn with, as notes name it: the run's seed= for images
+    # (their data.seed is ${seed}); data modules with their own data.seed say so
+    order_seed_key: str = "seed"
+    # the data keys that may change in the middle of an epoch; any other data key changed there is refused
+    # (check_same_data). None: not checked
+    mid_epoch_changeable_keys: Optional[tuple[str, ...]] = None
+    # from the stored zoo_config of a checkpoint without samples_done / seed (restore_old_order): the batch size and
+    # the order seed its epoch was trained with
+    _old_batch_size: Optional[int] = None
+    _old_seed: Optional[int] = None
 
     _resume_at: tuple[int, int] = (0, 0)  # (epoch, batches of it already trained on)
     _resume_samples: Optional[int] = None  # samples of that epoch already trained on (None: not stored)
@@ -137,6 +154,52 @@ class ResumableTrainingOrder:
             self._resume_at = (int(order["epoch"]), int(order["batches_done"]))
             self._resume_samples = int(order["samples_done"]) if order.get("samples_done") is not None else None
             self._resume_seed = int(order["seed"]) if order.get("seed") is not None else None
+            if self._resume_samples is None and self._old_batch_size is not None:  # an older checkpoint
+                self._resume_samples = self._resume_at[1] * self._old_batch_size
+            if self._resume_seed is None and self._old_seed is not None:
+                self._resume_seed = self._old_seed
+
+    def restore_old_order(self, order: dict[str, Any], stored_config: Optional[dict]) -> Optional[int]:
+        """A checkpoint from before ``samples_done`` and ``seed`` were stored (its ``training_order`` holds the epoch
+        and the batches done only): the batch size and the order seed its epoch was trained with, from its stored
+        ``zoo_config``, so that the resumed epoch skips exactly the samples done, in their order. Returns those
+        samples (None where the config holds no batch size: a note says the current one is used)."""
+        stored_config = stored_config if isinstance(stored_config, dict) else {}
+        data = stored_config.get("data") if isinstance(stored_config.get("data"), dict) else {}
+        batch_size = data.get("batch_size")
+        seed = _lookup(stored_config, self.order_seed_key)
+        self._old_batch_size = int(batch_size) if _is_count(batch_size) and batch_size > 0 else None
+        self._old_seed = int(seed) if _is_count(seed) else None
+        epoch, done = int(order["epoch"]), int(order["batches_done"])
+        if self._old_batch_size is None and done:
+            print(f"zoo train: note: the checkpoint records neither the samples of epoch {epoch} it trained on nor "
+                  f"its data.batch_size: the rest of the epoch skips {done} batches of the current size; resume "
+                  f"with the data.batch_size it was trained with to train each sample once", file=sys.stderr)
+        return None if self._old_batch_size is None else done * self._old_batch_size
+
+    def check_same_data(self, epoch: int, stored: Optional[dict], current: Optional[dict]) -> None:
+        """A resume in the middle of ``epoch`` whose data config (``current``) differs from the checkpoint's
+        (``stored``) in a key other than :attr:`mid_epoch_changeable_keys`: refused, naming the key. The stored
+        position (the epoch's order and the samples done) counts the checkpoint's data set; with another one the
+        rest of the epoch would train other examples, twice or never."""
+        if self.mid_epoch_changeable_keys is None or not isinstance(stored, dict) or not isinstance(current, dict):
+            return
+        # a key on one side only counts as the data module's default there: a key added to the data config since the
+        # checkpoint's run, at its default, reproduces what that run did (older runs resume as they were), while
+        # +data.normalize_features=true changes the data set
+        import inspect
+
+        defaults = {name: parameter.default for name, parameter in inspect.signature(type(self).__init__).parameters.items()
+                    if parameter.default is not inspect.Parameter.empty}
+        unset = object()
+        for key in sorted((set(stored) | set(current)) - set(self.mid_epoch_changeable_keys)):
+            if stored.get(key, defaults.get(key, unset)) != current.get(key, defaults.get(key, unset)):
+                raise ValueError(
+                    f"cannot resume in the middle of epoch {epoch} with {_setting(current, key)}: the checkpoint's "
+                    f"run used {_setting(stored, key)}, which makes another data set or order than the one its "
+                    f"position in the epoch counts; resume from a checkpoint written at an epoch's end, or keep "
+                    f"{_setting(stored, key)} (only data.{', data.'.join(self.mid_epoch_changeable_keys)} may "
+                    f"change mid-epoch)")
 
     def training_sampler(self, dataset: Dataset, batch_size: int) -> EpochShuffleSampler:
         """The training split's sampler, at the restored position (epoch 0 for a new run). The restored epoch is
@@ -152,8 +215,9 @@ class ResumableTrainingOrder:
         if done or samples:
             self.check_batch_size_fits(epoch, done, samples, int(batch_size))
             if seed != int(self.seed):
+                key = self.order_seed_key
                 print(f"zoo train: note: resumed in the middle of epoch {epoch}, whose order was drawn with "
-                      f"seed={seed}: the rest of that epoch keeps it, and seed={self.seed} orders the epochs after "
+                      f"{key}={seed}: the rest of that epoch keeps it, and {key}={self.seed} orders the epochs after "
                       f"it", file=sys.stderr)
             self._pending_skip = [(epoch, samples, seed)]
             self._started_at = (epoch, samples, done, seed)
@@ -179,3 +243,22 @@ class ResumableTrainingOrder:
                          f"counting the epoch in batches, would end it before its last samples; resume with "
                          f"data.batch_size<={largest} (a larger size can take over from a checkpoint at an epoch's "
                          f"end)")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _lookup(config: dict, dotted: str):
+    """``config["data"]["seed"]`` for ``"data.seed"``; None where a level is missing."""
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _setting(data: dict, key: str) -> str:
+    """``data.key=value`` as an override would write it (``null`` for None), or ``no data.key``."""
+    if key not in data:
+        return f"no data.{key}"
+    value = data[key]
+    return f"data.{key}={'null' if value is None else value}"

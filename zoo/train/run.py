@@ -749,7 +749,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     resumed_at_step = None
     if resume is not None:
         _check_resume_fits(resume, module, cfg)
-        _check_resumed_order_fits(resume[1], datamodule)
+        _check_resumed_order_fits(resume[1], datamodule, cfg)
         resumed_at_step = resume[1].get("global_step")
         del resume  # Lightning reads the file again in fit(): do not hold two copies
     validated = _validation_step_callback()
@@ -819,18 +819,25 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _check_resumed_order_fits(ckpt: dict, datamodule) -> None:
-    """The data module's refusal of the training order it would resume at (zoo.train.order.ResumableTrainingOrder:
-    a larger data.batch_size in the middle of an epoch), made before the run's config.yaml is rewritten rather
-    than when Lightning builds the training loader."""
+def _check_resumed_order_fits(ckpt: dict, datamodule, cfg) -> None:
+    """The data module's checks of the training order it would resume at in the middle of an epoch
+    (zoo.train.order.ResumableTrainingOrder: another data set, or a larger data.batch_size), made before the run's
+    config.yaml is rewritten rather than when Lightning builds the training loader. A checkpoint from before the
+    samples done were stored gets them from its stored zoo_config's data.batch_size (restore_old_order)."""
     from zoo.train.order import ResumableTrainingOrder
 
     order = (ckpt.get(type(datamodule).__qualname__) or {}).get("training_order") or {}
+    if not isinstance(datamodule, ResumableTrainingOrder) or not int(order.get("batches_done") or 0):
+        return  # a new epoch: nothing of it trained yet
+    stored = (ckpt.get("hyper_parameters") or {}).get("zoo_config")
+    epoch, done, samples = int(order["epoch"]), int(order["batches_done"]), order.get("samples_done")
+    datamodule.check_same_data(epoch, stored.get("data") if isinstance(stored, dict) else None,
+                               _to_container(cfg.get("data")) if cfg.get("data") is not None else None)
+    if samples is None:
+        samples = datamodule.restore_old_order(order, stored)
     batch_size = getattr(datamodule, "batch_size", None)
-    if (isinstance(datamodule, ResumableTrainingOrder) and isinstance(batch_size, int)
-            and order.get("samples_done") is not None):
-        datamodule.check_batch_size_fits(int(order["epoch"]), int(order["batches_done"]), int(order["samples_done"]),
-                                         batch_size)
+    if isinstance(batch_size, int) and samples is not None:
+        datamodule.check_batch_size_fits(epoch, done, int(samples), batch_size)
 
 
 def _metrics_are_current(path: Path, global_step: int) -> bool:
