@@ -49,6 +49,7 @@ commands:
 """
 
 TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg [job|all] [--resolve]]
+   or: zoo train -m|--multirun [sweep_dir=DIR] [experiment=NAME] KEY=A,B [KEY=range(0,3)] [GROUP=X,Y] ...
 
 Train with Hydra configs from the installed package zoo.configs (groups: task, model, data, trainer,
 logger, callbacks, experiment, debug). Overrides are Hydra's: `group=option` picks a config file,
@@ -69,6 +70,17 @@ or best, <run_dir>/checkpoints/best.ckpt, as Lightning's trainer.test(ckpt_path=
 test_weights / released_weights and released/config.json's metadata.weights say which).
 Outputs: <run_dir>/{config.yaml, checkpoints/{best,last}.ckpt, csv/, tensorboard/, released/, metrics.json}.
 --cfg (or Hydra's --cfg job, -c all) prints the composed config and exits; with --resolve, interpolations resolved.
+
+Sweeps (-m / --multirun, as Hydra's basic sweeper): one job per combination of the swept values (a,b,c;
+range(start,stop[,step]); choice(a,b); glob(pattern) over a group's options; a group: model=vit_debug,maxvit_debug),
+the last override varying fastest. The jobs run one after another in this process, each a zoo train into
+<sweep_dir>/<job number> (sweep_dir default outputs/<name>/multirun/<date>_<time>); <sweep_dir>/sweep.json records
+each job's overrides, status, metrics and seconds, and a table ends the sweep. A failed job does not stop the
+others (exit status 1 if any failed). Rerunning the same command with the same sweep_dir keeps the finished jobs
+and resumes an interrupted one from its last.ckpt. --cfg prints each job's config. Not with -m: run_dir= and
+ckpt_path= (each job has its own), interval() (for optimizing sweepers), multi-process DDP (its ranks re-run the
+command line: the whole sweep).
+e.g. zoo train -m experiment=graph_karate task.lr=1e-3,3e-3 seed=range(0,3) sweep_dir=outputs/lr_sweep  # 6 jobs
 """
 
 EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir | run dir> [split=test|val] [data=GROUP] [data.KEY=VALUE ...]
@@ -162,22 +174,47 @@ def _cmd_train(argv: list[str]) -> int:
         print(TRAIN_HELP + _config_options())
         return 0
     print_cfg, resolve, overrides = _print_config_flags(argv)
+    if any(token in ("-m", "--multirun") for token in overrides):
+        return _sweep(overrides, print_cfg, resolve)
     cfg = run.compose(overrides)
     if print_cfg:
-        from omegaconf import OmegaConf
-        from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
-
-        try:
-            print(OmegaConf.to_yaml(cfg, resolve=resolve))
-        except (MissingMandatoryValue, InterpolationToMissingValueError) as error:  # a ${...} of a required (???) key
-            key = str(error).splitlines()[0].rsplit(": ", 1)[-1]
-            raise ValueError(f"--resolve: {key} is required (???) and other keys read it: set {key}=..., or print "
-                             f"the config without --resolve") from None
+        _print_config(cfg, resolve)
         return 0
     result = run.train(cfg)
     if result.get("global_zero", True):  # in DDP only global rank 0 prints the summary
         _print_summary(result)
     return 0
+
+
+def _print_config(cfg, resolve: bool) -> None:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+    try:
+        print(OmegaConf.to_yaml(cfg, resolve=resolve))
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as error:  # a ${...} of a required (???) key
+        key = str(error).splitlines()[0].rsplit(": ", 1)[-1]
+        raise ValueError(f"--resolve: {key} is required (???) and other keys read it: set {key}=..., or print "
+                         f"the config without --resolve") from None
+
+
+def _sweep(argv: list[str], print_cfg: bool, resolve: bool) -> int:
+    """``zoo train -m``: the jobs of a Hydra sweep (zoo.train.sweep), run one after another; exit 1 if any failed.
+    With --cfg, each job's config is printed (headed by its number and overrides) and nothing runs."""
+    from zoo.train import run, sweep
+
+    overrides, sweep_dir = sweep.split_sweep_arguments(argv)
+    if print_cfg:
+        root, jobs = sweep.plan(overrides, sweep_dir)
+        for job in jobs:
+            print(f"# job {job.number}: {' '.join(job.overrides)} (run_dir={job.run_dir})")
+            if job.error is not None:
+                raise ValueError(f"job {job.number} ({' '.join(job.overrides)}): {job.error}")
+            _print_config(run.compose(job.run_overrides()), resolve)
+        return 0
+    root, records = sweep.run(overrides, sweep_dir)
+    sweep.print_table(root, records)
+    return 1 if any(record["status"] != "ok" for record in records) else 0
 
 
 def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str]]:

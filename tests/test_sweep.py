@@ -1,0 +1,195 @@
+"""zoo train -m / --multirun (zoo.train.sweep): Hydra's BasicSweeper's expansion, one zoo train per job in its own
+run directory, sweep.json, failed jobs, and a rerun that keeps finished jobs and resumes an interrupted one."""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+import yaml
+
+from zoo import cli
+from zoo.train import run, sweep
+
+# a tiny graph_karate run (as tests/test_train.py's _karate): last.ckpt every epoch, no logger, no test, no release
+KARATE = ["experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1", "test=false", "export=false",
+          "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.max_epochs=2"]
+
+
+def _hydra_jobs(overrides):
+    """The jobs Hydra's own BasicSweeper makes of ``overrides`` (its parser with zoo.configs' config loader for
+    glob(), then BasicSweeper.split_arguments): the reference."""
+    from hydra import initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=run.CONFIG_MODULE, version_base="1.3"):
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        return BasicSweeper.split_arguments(parser.parse_overrides(list(overrides)), None)[0]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["task.lr=1e-3,3e-3", "seed=range(0,3)"],
+    ["experiment=graph_karate", "model=gat,gatv2", "seed=choice(1,2)", "trainer.max_epochs=2"],
+    ["model=glob(vit_*)", "+model.depth=1,2", "seed=0", "seed=5,6"],  # glob over a group; a key given twice
+    ["data.batch_size=range(8,32,8)", "name=a,b"],
+])
+def test_expansion_is_hydras_basic_sweeper(overrides):
+    jobs = sweep.expand(overrides)
+    assert jobs == _hydra_jobs(overrides)
+    assert len(jobs) > 1
+
+
+def _records(sweep_dir):
+    return json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+
+
+def test_jobs_run_in_their_own_dirs_with_their_configs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # Rich's table on one line per job
+    sweep_dir = tmp_path / "lr, seed"  # a comma: each job's run_dir= is quoted for Hydra's grammar
+    sweep_args = [*KARATE, "task.lr=1e-3,3e-3", "seed=0,1"]
+    code = cli.main(["train", "-m", *sweep_args, f"sweep_dir={sweep_dir}"])
+    assert code == 0
+    hydra_jobs = _hydra_jobs(sweep_args)  # Hydra's spelling of each override (1e-3 -> 0.001, false -> False)
+    expected = [("0.001", 0), ("0.001", 1), ("0.003", 0), ("0.003", 1)]  # Hydra's order: the last key fastest
+    records = _records(sweep_dir)
+    assert [r["job"] for r in records] == [0, 1, 2, 3]
+    for record, (lr, seed), hydra_job in zip(records, expected, hydra_jobs):
+        job_dir = sweep_dir / str(record["job"])
+        assert record["run_dir"] == str(job_dir)
+        assert record["overrides"] == hydra_job and hydra_job[-2:] == [f"task.lr={lr}", f"seed={seed}"]
+        assert record["status"] == "ok" and record["error"] is None and record["seconds"] > 0
+        config = yaml.safe_load((job_dir / "config.yaml").read_text())
+        assert (config["task"]["lr"], config["seed"], config["run_dir"]) == (float(lr), seed, str(job_dir))
+        finished = json.loads((job_dir / "metrics.json").read_text())
+        assert record["metrics"] == finished["metrics"] and "train/loss" in record["metrics"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if "task.lr=" in line]
+    # the table shows the swept overrides (all of them are in sweep.json)
+    assert len(rows) == 4 and rows[3].split("│")[2].strip() == "task.lr=0.003 seed=1", rows
+    assert rows[3].split("│")[-2].strip() == "ok" and "experiment=" not in rows[3], rows
+
+
+def test_a_failed_job_does_not_stop_the_others(tmp_path, capsys, monkeypatch):
+    """seed=abc composes (seed is a plain key) and fails in training (zoo train: "seed must be an integer"); a key
+    that one option of a group sweep lacks (graph_dictlookup has no data.num_neighbors) fails that job's
+    composition only. Hydra would stop at the first failure; the other jobs run, and the exit status is 1."""
+    monkeypatch.setenv("COLUMNS", "400")
+    sweep_dir = tmp_path / "sweep"
+    code = cli.main(["train", "-m", *KARATE, "seed=abc,0", f"sweep_dir={sweep_dir}"])
+    assert code == 1
+    failed, ok = _records(sweep_dir)
+    assert failed["status"] == "failed" and failed["error"] == "ValueError: seed must be an integer, got 'abc'"
+    assert ok["status"] == "ok" and (sweep_dir / "1" / "metrics.json").is_file()
+    captured = capsys.readouterr()
+    assert "zoo train -m: job 0 failed: ValueError: seed must be an integer, got 'abc'" in captured.err
+    assert "failed: ValueError: seed must be an integer" in captured.out  # the table's status column
+
+    groups = tmp_path / "groups"
+    code = cli.main(["train", "-m", *KARATE[1:], "experiment=graph_karate,graph_dictlookup",
+                     "data.num_neighbors=null", f"sweep_dir={groups}"])
+    assert code == 1
+    ok, failed = _records(groups)
+    assert ok["status"] == "ok" and (groups / "0" / "metrics.json").is_file()
+    assert failed["status"] == "failed" and "data.num_neighbors" in failed["error"]
+    assert not (groups / "1").exists()
+
+
+def test_rerun_keeps_finished_jobs_and_resumes_the_interrupted_one(tmp_path, monkeypatch, capsys):
+    """A sweep killed in its second job (Ctrl-C in epoch 1, as test_train's test_ctrl_c_says_how_to_resume) continues
+    when rerun: job 0 is kept as it was, job 1 resumes from its last.ckpt, job 2 runs."""
+    import lightning.pytorch as pl
+
+    sweep_dir = tmp_path / "sweep"
+    argv = ["train", "-m", *KARATE, "trainer.max_epochs=3", "seed=0,1,2", f"sweep_dir={sweep_dir}"]
+    started = []
+
+    class CtrlCInSecondJob(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if len(started) == 2 and trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    real_group, real_train = run._instantiate_group, run.train
+    monkeypatch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
+        [CtrlCInSecondJob()] if node is not None and "last" in str(node) else []))
+    monkeypatch.setattr(run, "train", lambda cfg: started.append(cfg.get("ckpt_path")) or real_train(cfg))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT while it shuts down
+    assert [r["status"] for r in _records(sweep_dir)] == ["ok", "interrupted", "pending"]
+    assert (f"zoo train -m: sweep interrupted in job 1; rerun the same command with sweep_dir={sweep_dir} to "
+            f"continue it") in capsys.readouterr().err
+    first_metrics = (sweep_dir / "0" / "metrics.json").read_bytes()
+    last = sweep_dir / "1" / "checkpoints" / "last.ckpt"
+    assert last.is_file() and not (sweep_dir / "1" / "metrics.json").exists()
+
+    monkeypatch.setattr(run, "_instantiate_group", real_group)
+    started.clear()
+    assert cli.main(argv) == 0
+    assert started == [str(last), None]  # job 0 not run again; job 1 resumed from its last.ckpt; job 2 new
+    records = _records(sweep_dir)
+    assert [r["status"] for r in records] == ["ok", "ok", "ok"]
+    assert records[0]["skipped"] and records[1]["resumed_from"] == str(last)
+    assert (sweep_dir / "0" / "metrics.json").read_bytes() == first_metrics
+    assert torch.load(last, weights_only=True)["epoch"] == 2  # trained on to trainer.max_epochs=3
+
+
+def test_another_sweep_in_the_same_dir_is_refused(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir).mkdir()
+    (sweep_dir / "sweep.json").write_text(json.dumps({"jobs": [{"overrides": ["seed=7"]}]}))
+    with pytest.raises(ValueError, match=r"holds another sweep \(1 jobs, the first seed=7\): give another sweep_dir"):
+        sweep.plan([*KARATE, "seed=0,1"], str(sweep_dir))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="non-empty folder without sweep.json"):
+        sweep.plan([*KARATE, "seed=0,1"], str(tmp_path / "busy"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["seed=0,1", "run_dir=out"], "run_dir=out: with -m each job has its own run_dir"),
+    (["seed=0,1", "ckpt_path=x.ckpt"], "ckpt_path=x.ckpt: with -m each job resumes from its own checkpoint"),
+    (["task.lr=interval(0.001,0.1)"], "task.lr=interval(0.001,0.1): interval() is a continuous range for "
+                                      "optimizing sweepers"),
+    (["seed=range(0,0)"], "the sweep has no jobs: seed=range(0,0) gives no values"),
+    (["model=glob(nothing_*)"], "the sweep has no jobs: model=glob(nothing_*) gives no values"),
+    (["seed=0,1", "trainer=ddp_cpu"], "job 0 runs on several processes (trainer.devices=2), which a sweep cannot: "
+                                      "Lightning's DDP starts the other ranks by re-running the command line"),
+])
+def test_bad_sweeps_are_refused_in_one_line(tmp_path, capsys, argv, message):
+    code = cli.main(["train", "-m", *KARATE, *argv, f"sweep_dir={tmp_path / 'sweep'}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    first = err.splitlines()[0]
+    assert first.startswith("zoo train: error: ") and message in first, err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_cfg_prints_each_jobs_config(tmp_path, capsys):
+    assert cli.main(["train", "--multirun", *KARATE, "seed=3,4", f"sweep_dir={tmp_path / 's'}", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    first_job = " ".join(_hydra_jobs([*KARATE, "seed=3,4"])[0])
+    assert f"# job 0: {first_job} (run_dir={tmp_path / 's' / '0'})" in out and first_job.endswith(" seed=3")
+    assert "\nseed: 3\n" in out and "\nseed: 4\n" in out and f"run_dir: {tmp_path / 's' / '1'}" in out
+    assert not (tmp_path / "s").exists()
+
+
+def test_help_documents_multirun(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "or: zoo train -m|--multirun" in out and "sweep.json" in out
+
+
+def test_default_sweep_dir_is_beside_zoo_trains_run_dirs(tmp_path, monkeypatch):
+    """No sweep_dir=: outputs/<name>/multirun/<date>_<time> (zoo train's own runs go to outputs/<name>/<date>_<time>),
+    each job in <sweep_dir>/<job number>."""
+    monkeypatch.chdir(tmp_path)
+    root, jobs = sweep.plan([*KARATE, "seed=0,1"])
+    assert root.parent == tmp_path / "outputs" / "graph_karate" / "multirun"
+    assert len(root.name) == len("2026-12-06_22-48-42") and root.name[10] == "_"
+    assert [job.run_dir for job in jobs] == [root / "0", root / "1"] and not root.exists()

@@ -1,0 +1,355 @@
+"""``zoo train -m`` / ``--multirun``: Hydra sweeps, one ``zoo train`` per combination, run one after another.
+
+Users of Hydra-configured trainers (lightning-hydra-template, NeMo) sweep with ``python train.py -m task.lr=1e-3,3e-3
+seed=0,1``. ``zoo train`` composes with Hydra's compose API instead of ``@hydra.main``, so Hydra's app runner (and its
+sweeper and launcher) never runs; this module does their part:
+
+* :func:`expand` -- the jobs of a sweep, exactly as Hydra's ``BasicSweeper`` makes them: the overrides parsed by
+  Hydra's own ``hydra.core.override_parser.overrides_parser.OverridesParser`` (commas, ``range()``, ``choice()``,
+  ``glob()`` over a group's options, group sweeps such as ``model=vit_debug,maxvit_debug``) and combined by
+  ``hydra._internal.core_plugins.basic_sweeper.BasicSweeper.split_arguments`` (the cartesian product, the last
+  override varying fastest; a key given twice keeps the position of its first and the values of its last).
+  ``interval()`` is refused: it is a range for optimizing sweepers (Optuna, Nevergrad), which BasicSweeper refuses too.
+* :func:`plan` -- the sweep's directory (``sweep_dir=DIR``, default ``outputs/<name>/multirun/<date>_<time>`` in the
+  style of zoo train's ``outputs/<name>/<date>_<time>``; Hydra's is ``multirun/<date>/<time>``) and each job's
+  config composed up front (as Hydra's ``validate_batch_is_legal`` does before launching) with
+  ``run_dir=<sweep_dir>/<job number>`` (Hydra's ``${hydra.sweep.dir}/${hydra.job.num}``).
+* :func:`run` -- each job through :func:`zoo.train.run.compose` and :func:`zoo.train.run.train`, the path of a plain
+  ``zoo train``, in this process. ``<sweep_dir>/sweep.json`` (rewritten atomically after each job) lists every job:
+  number, overrides, run_dir, status (pending, ok, failed with its one-line error, interrupted), metrics, seconds.
+
+Deliberate differences from Hydra:
+
+* A job whose config does not compose (a key that one option of a group sweep lacks) fails alone; Hydra's
+  ``validate_batch_is_legal`` refuses the whole sweep before any job runs. A job that fails in training does not
+  stop the others either, as in Hydra 1.3 (its ``run_job`` keeps the exception in the JobReturn and
+  ``BasicSweeper.sweep`` raises the first one after the batch, by default every job, has run). Each failure is
+  recorded in sweep.json and the table with its one-line error, and ``zoo train -m`` exits 1 when any job failed.
+  Ctrl-C stops the whole sweep (the job is recorded as interrupted).
+* Rerunning the same command with the same ``sweep_dir=`` continues the sweep (Hydra reruns every job): a job whose
+  run directory holds ``metrics.json`` (written when a zoo train run ends) is kept as it is, and a job with only
+  ``checkpoints/last.ckpt`` resumes from it with zoo train's own resume (``ckpt_path=<its run_dir>/checkpoints/
+  last.ckpt``). A sweep_dir whose sweep.json lists other jobs is refused, as is a non-empty folder without one.
+* Multi-process DDP inside a sweep is refused (:func:`check_single_process`): Lightning's DDP launcher
+  (``_SubprocessScriptLauncher``) starts the other ranks by re-running the command line, which here is the whole
+  sweep. Tried with trainer=ddp_cpu seed=0,1: rank 1 started the sweep over from job 0 and ran it beside rank 0,
+  both writing sweep.json and printing the table; it kept in step only because no job failed or was skipped on one
+  rank alone (either would leave the other rank waiting in a collective). Sweep single-process jobs, or run one
+  ``zoo train trainer=ddp_cpu ...`` per combination.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["Job", "split_sweep_arguments", "expand", "check_single_process", "plan", "run", "print_table",
+           "SWEEP_FILE"]
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass
+class Job:
+    """One combination of a sweep: its number (Hydra's ``hydra.job.num``), its overrides and its run directory;
+    ``error`` is the one-line composition error of a job whose config does not compose."""
+
+    number: int
+    overrides: list[str]
+    run_dir: Path
+    error: Optional[str] = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def run_overrides(self) -> list[str]:
+        """The overrides that compose this job as it runs: its own, and its run directory."""
+        return [*self.overrides, _path_override("run_dir", self.run_dir)]
+
+
+def split_sweep_arguments(argv: Sequence[str]) -> tuple[list[str], Optional[str]]:
+    """(the Hydra overrides, ``sweep_dir``) from ``zoo train -m`` arguments (``-m`` / ``--multirun`` dropped);
+    ``run_dir=`` and ``ckpt_path=`` are refused: each job has its own run directory and resumes itself."""
+    overrides, sweep_dir = [], None
+    for token in argv:
+        key, sep, value = token.partition("=")
+        name = key.lstrip("+~")
+        if sep and name == "sweep_dir":
+            if not value.strip():
+                raise ValueError("sweep_dir= is empty: give the folder the sweep's jobs go to (sweep_dir=DIR)")
+            sweep_dir = os.path.expanduser(value)
+        elif name == "run_dir":
+            raise ValueError(f"{token}: with -m each job has its own run_dir (<sweep_dir>/<job number>); give the "
+                             f"sweep's folder as sweep_dir=DIR instead")
+        elif name == "ckpt_path":
+            raise ValueError(f"{token}: with -m each job resumes from its own checkpoint when the sweep is rerun "
+                             f"with the same sweep_dir; to start every job from trained weights use "
+                             f"model.pretrained=...")
+        elif token in ("-m", "--multirun"):
+            continue
+        else:
+            overrides.append(token)
+    return overrides, sweep_dir
+
+
+def _config_loader():
+    """Hydra's config loader for zoo.configs (glob() sweeps list a group's options through it)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from zoo.train import run as run_module
+
+    GlobalHydra.instance().clear()
+    initialize_config_module(config_module=run_module.CONFIG_MODULE, version_base="1.3")
+    return GlobalHydra.instance().config_loader()
+
+
+def expand(overrides: Sequence[str]) -> list[list[str]]:
+    """The jobs of a sweep (each a list of overrides), as Hydra's BasicSweeper makes them: parsed by
+    ``OverridesParser.parse_overrides`` and combined by ``BasicSweeper.split_arguments`` (hydra-core 1.3,
+    hydra/_internal/core_plugins/basic_sweeper.py), in its order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+
+    from zoo.train import run as run_module
+
+    overrides = [run_module._expand_home(item) for item in overrides]
+    try:
+        parser = OverridesParser.create(config_loader=_config_loader())
+        parsed = []
+        for item in overrides:
+            try:
+                parsed += parser.parse_overrides([item])
+            except HydraException as error:
+                first = str(error).strip().splitlines()[0]
+                raise ValueError(f"override {item!r} is not a Hydra override: {first}") from None
+        for item in parsed:
+            if item.value_type == ValueType.INTERVAL_SWEEP:
+                raise ValueError(f"{item.input_line}: interval() is a continuous range for optimizing sweepers "
+                                 f"(Optuna, Nevergrad), which zoo train -m does not run (nor does Hydra's basic "
+                                 f"sweeper); list values (a,b,c), range(start,stop,step) or choice(a,b) instead")
+        try:
+            jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+        except HydraException as error:  # a glob() over a key that is not a config group, ...
+            raise ValueError(f"sweep {list(overrides)}: {str(error).strip().splitlines()[0]}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    if not jobs:
+        empty = [item.input_line for item in parsed
+                 if item.is_sweep_override() and not list(item.sweep_string_iterator())]
+        raise ValueError(f"the sweep has no jobs: {', '.join(empty) or 'a sweep'} gives no values: give "
+                         f"each swept key at least one")
+    return [list(job) for job in jobs]
+
+
+def _default_sweep_dir(name: str) -> Path:
+    """``outputs/<name>/multirun/<date>_<time>``, beside zoo train's ``outputs/<name>/<date>_<time>``."""
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Path("outputs") / name / "multirun" / stamp
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _error_line(error: BaseException) -> str:
+    """A failed job's error as sweep.json and the table show it: the exception's type and first line."""
+    return f"{type(error).__name__}: {_one_line(error)}"
+
+
+def _device_count(devices) -> Optional[int]:
+    """How many devices ``trainer.devices`` asks for (None: all of them, -1 / "auto" / "-1")."""
+    if isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([part for part in text.split(",") if part.strip()])
+    try:
+        count = int(text)
+    except ValueError:
+        return None
+    return None if count == -1 else count
+
+
+def check_single_process(cfg, job: int) -> None:
+    """Refuse a job that Lightning would run as several processes. DDP / FSDP / DeepSpeed's default launcher
+    (``_SubprocessScriptLauncher``) starts the other ranks by re-running the command line, here the whole sweep, so
+    every rank would start the sweep over from its first job; ``ddp_spawn`` pickles the trainer's callbacks, and
+    zoo train's are local classes ("Can't pickle local object '_interrupt_callback.<locals>.InterruptNote'", the same
+    in a plain zoo train); ``ddp_fork`` is Lightning's for notebooks, untested here."""
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator") or "auto").lower()
+    devices = _device_count(trainer.get("devices", "auto"))
+    num_nodes = int(trainer.get("num_nodes") or 1)
+    if devices is None and accelerator == "cpu":
+        devices = 1  # Lightning's "auto" on the CPU accelerator is one process
+    if num_nodes <= 1 and devices == 1:
+        return
+    asked = f"trainer.devices={trainer.get('devices')}" + (f", trainer.num_nodes={num_nodes}" if num_nodes > 1 else "")
+    raise ValueError(f"job {job} runs on several processes ({asked}), which a sweep cannot: Lightning's DDP starts "
+                     f"the other ranks by re-running the command line, here the whole sweep, so each rank would "
+                     f"start the sweep over; sweep single-process jobs (trainer.devices=1), or run one zoo train per "
+                     f"combination for DDP")
+
+
+def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Path, list[Job]]:
+    """(sweep_dir, the jobs) for a sweep's overrides: every job composed (a composition error is kept as the job's
+    error: that job fails, the others run), multi-process jobs refused, and the sweep_dir checked to be this sweep's
+    (or new, or empty)."""
+    from zoo.train import run as run_module
+
+    combinations = expand(overrides)
+    composed = []
+    for number, job_overrides in enumerate(combinations):
+        try:
+            cfg = run_module.compose(job_overrides)  # run_dir is added when the job runs (sweep_dir may be default)
+        except Exception as error:  # noqa: BLE001 -- recorded as this job's failure, the others still run
+            composed.append((None, _error_line(error)))
+            continue
+        check_single_process(cfg, number)
+        composed.append((cfg, None))
+    if sweep_dir is None:
+        names = [str(cfg.get("name") or "run") for cfg, _ in composed if cfg is not None]
+        sweep_dir = _default_sweep_dir(names[0] if names else "run")
+    root = Path(sweep_dir).expanduser().absolute()
+    for path in (root, *root.parents):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"sweep_dir={root}: {path} is an existing file, not a directory (give a directory)")
+    jobs = [Job(number, job_overrides, root / str(number), error)
+            for number, (job_overrides, (_, error)) in enumerate(zip(combinations, composed))]
+    _check_same_sweep(root, jobs)
+    return root, jobs
+
+
+def _check_same_sweep(root: Path, jobs: Sequence[Job]) -> None:
+    """A sweep continues in its own sweep_dir only: one whose sweep.json lists other jobs, or a non-empty folder
+    without sweep.json, is refused (its numbered run directories would be taken for this sweep's jobs)."""
+    record = root / SWEEP_FILE
+    if record.is_file():
+        try:
+            listed = [job["overrides"] for job in json.loads(record.read_text(encoding="utf-8"))["jobs"]]
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"sweep_dir={root}: its {SWEEP_FILE} is unreadable ({_one_line(error)}): give another "
+                             f"sweep_dir") from None
+        if listed != [job.overrides for job in jobs]:
+            raise ValueError(f"sweep_dir={root} holds another sweep ({len(listed)} jobs, the first "
+                             f"{' '.join(listed[0]) if listed else 'none'}): give another sweep_dir, or that sweep's "
+                             f"own overrides to continue it")
+    elif root.is_dir() and any(root.iterdir()):
+        raise ValueError(f"sweep_dir={root} is a non-empty folder without {SWEEP_FILE}: give a new or empty folder")
+
+
+def _write_record(root: Path, overrides: Sequence[str], jobs: Sequence[Job]) -> None:
+    from zoo.hub import atomic_write
+
+    text = json.dumps({"sweep_dir": str(root), "overrides": list(overrides),
+                       "jobs": [job.record for job in jobs]}, indent=2) + "\n"
+    atomic_write(root / SWEEP_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _path_override(key: str, path: Path) -> str:
+    """``key='<path>'``: a path quoted for Hydra's override grammar, where a comma in an unquoted value makes a sweep
+    and brackets a list (a quote in the path escaped with a backslash, as the grammar reads it)."""
+    escaped = str(path).replace("'", "\\'")
+    return f"{key}='{escaped}'"
+
+
+def _finished_metrics(run_dir: Path) -> Optional[dict]:
+    """The metrics.json of a run that ended (zoo train writes it last), else None."""
+    try:
+        finished = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return finished if isinstance(finished, dict) and isinstance(finished.get("metrics"), dict) else None
+
+
+def _run_job(job: Job) -> None:
+    """Run (or skip, or resume) one job, filling ``job.record``; Ctrl-C (KeyboardInterrupt, or Lightning's SystemExit
+    after it) marks it interrupted and stops the sweep."""
+    from zoo.train import run as run_module
+
+    job.record.update(status="pending", error=None)
+    if job.error is not None:
+        job.record.update(status="failed", error=job.error, metrics={}, seconds=0.0)
+        print(f"zoo train -m: job {job.number} failed: {job.error}", file=sys.stderr, flush=True)
+        return
+    finished = _finished_metrics(job.run_dir)
+    if finished is not None:
+        job.record.update(status="ok", metrics=finished["metrics"], seconds=finished.get("seconds"), skipped=True)
+        return
+    last = job.run_dir / "checkpoints" / "last.ckpt"
+    resume = [_path_override("ckpt_path", last)] if last.is_file() else []
+    job.record["resumed_from"] = str(last) if last.is_file() else None
+    start = time.perf_counter()
+    try:
+        result = run_module.train(run_module.compose([*job.run_overrides(), *resume]))
+    except (KeyboardInterrupt, SystemExit):
+        job.record.update(status="interrupted", seconds=round(time.perf_counter() - start, 3))
+        raise
+    except Exception as error:  # noqa: BLE001 -- a failed job does not stop the sweep (module docstring)
+        job.record.update(status="failed", error=_error_line(error), metrics={},
+                          seconds=round(time.perf_counter() - start, 3))
+        print(f"zoo train -m: job {job.number} failed: {job.record['error']}", file=sys.stderr, flush=True)
+        return
+    job.record.update(status="ok", metrics=result.get("metrics", {}), seconds=round(time.perf_counter() - start, 3))
+
+
+def run(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Path, list[dict[str, Any]]]:
+    """Run a sweep (module docstring); returns (sweep_dir, each job's record as written to sweep.json)."""
+    root, jobs = plan(overrides, sweep_dir)
+    for job in jobs:
+        job.record = {"job": job.number, "overrides": job.overrides, "run_dir": str(job.run_dir),
+                      "status": "pending", "error": None, "metrics": {}, "seconds": None}
+    root.mkdir(parents=True, exist_ok=True)
+    _write_record(root, overrides, jobs)
+    print(f"zoo train -m: {len(jobs)} job(s) in {root}", file=sys.stderr, flush=True)
+    for job in jobs:
+        print(f"zoo train -m: job {job.number}: {' '.join(job.overrides)}", file=sys.stderr, flush=True)
+        try:
+            _run_job(job)
+        except (KeyboardInterrupt, SystemExit):
+            print(f"zoo train -m: sweep interrupted in job {job.number}; rerun the same command with "
+                  f"sweep_dir={root} to continue it (finished jobs are kept, job {job.number} resumes)",
+                  file=sys.stderr, flush=True)
+            raise
+        finally:
+            _write_record(root, overrides, jobs)
+    return root, [job.record for job in jobs]
+
+
+# metrics shown in the table first, when a run has them (the rest of metrics.json is in sweep.json)
+_KEY_METRICS = ("val/acc1", "val/loss", "test/acc1", "test/loss", "train/loss")
+
+
+def print_table(root: Path, records: Sequence[dict[str, Any]]) -> None:
+    """The sweep as a Rich table: job, the overrides swept, key metrics, status (the error of a failed job)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    found = {key for record in records for key in record.get("metrics") or {}}
+    shown = [key for key in _KEY_METRICS if key in found] or sorted(found)[:4]
+    # the overrides that differ between jobs (the swept ones; sweep.json has them all): split_arguments gives every
+    # job the same keys in the same order
+    varying = [i for i, values in enumerate(zip(*(record["overrides"] for record in records))) if len(set(values)) > 1]
+    table = Table(title=f"zoo train -m: {root}")
+    table.add_column("job", justify="right")
+    table.add_column("overrides")
+    for key in shown:
+        table.add_column(key, justify="right")
+    table.add_column("status")
+    for record in records:
+        metrics = record.get("metrics") or {}
+        cells = [f"{metrics[key]:.4f}" if isinstance(metrics.get(key), (int, float)) else "" for key in shown]
+        status = record["status"] + (" (done before)" if record.get("skipped") else "")
+        if record.get("error"):
+            status += f": {record['error']}"
+        shown_overrides = [record["overrides"][i] for i in varying] if varying else record["overrides"]
+        table.add_row(str(record["job"]), " ".join(shown_overrides), *cells, status)
+    Console().print(table)
