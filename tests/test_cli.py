@@ -478,9 +478,9 @@ def test_overrides_that_need_hydras_app_runner_say_what_to_do_instead():
     Hydra's ~key deletion was refused."""
     with pytest.raises(ValueError, match=r"hydra\.\* settings have no effect.*run_dir="):
         run.compose(["experiment=vit_digits", "hydra.run.dir=/tmp/somewhere"])
-    with pytest.raises(ValueError, match="does not sweep: run one zoo train per value"):
+    with pytest.raises(ValueError, match=r"composes one config; a sweep is zoo train -m"):
         run.compose(["--multirun", "experiment=vit_digits"])
-    with pytest.raises(ValueError, match=r"seed=1,2 is a sweep .* run one zoo train per value; a list is key=\[a,b\]"):
+    with pytest.raises(ValueError, match=r"seed=1,2 is a sweep .* add -m \(zoo train -m \.\.\.\) to run one job per value; a list is key=\[a,b\]"):
         run.compose(["experiment=vit_digits", "seed=1,2"])
     cfg = run.compose(["experiment=vit_digits", "~task.mixup_alpha"])  # Hydra's deletion
     assert "mixup_alpha" not in cfg.task and "lr" in cfg.task
@@ -785,9 +785,9 @@ def test_hydra_flags_zoo_train_cannot_honour_are_one_line(capsys):
 
 @pytest.mark.parametrize("sweep", ["trainer.max_epochs=range(1,3)", "seed=choice(1,2)", "task.lr=interval(0.1,1)",
                                    "experiment=glob(vit*)"])
-def test_hydra_sweep_functions_say_to_run_one_train_per_value(sweep):
+def test_hydra_sweep_functions_say_to_add_multirun(sweep):
     """Hydra's "Sweep parameters ... requires --multirun" (a flag zoo train refuses) said what to do no better."""
-    with pytest.raises(ValueError, match=rf"^{re.escape(sweep)} is a sweep .*run one zoo train per value"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(sweep)} is a sweep .*add -m \(zoo train -m \.\.\.\) to run one job per value"):
         run.compose(["experiment=vit_digits", sweep])
 
 

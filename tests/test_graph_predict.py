@@ -344,11 +344,13 @@ def node_type_ckpt(tmp_path_factory) -> str:
                   "trainer.max_epochs=1", "+model.hidden_channels=4", "model.heads=2", "data.batch_size=4")
 
 
-def _without_record(ckpt: str, folder: Path, **stored_data) -> str:
-    """A copy of ``ckpt`` as a run from before the data module's record: no data_info; ``stored_data``: data.*
-    values of its stored config replaced (a path as it was typed)."""
+def _without_record(ckpt: str, folder: Path, *, keep_record: bool = False, **stored_data) -> str:
+    """A copy of ``ckpt`` as a run from before the data module's record: no data_info (``keep_record``: kept, as a
+    run that recorded it but stored a relative path); ``stored_data``: data.* values of its stored config replaced
+    (a path as it was typed)."""
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    checkpoint["hyper_parameters"].pop("data_info", None)
+    if not keep_record:
+        checkpoint["hyper_parameters"].pop("data_info", None)
     checkpoint["hyper_parameters"]["zoo_config"]["data"].update(stored_data)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, folder / "older.ckpt")
@@ -395,13 +397,19 @@ def test_an_older_degree_run_without_the_record_rebuilds_its_data_to_find_the_ca
     with_record = run.predict(degree_ckpt, [str(tmp_path / "new.pt")])
     older = _without_record(degree_ckpt, tmp_path / "older")
     assert run.predict(older, [str(tmp_path / "new.pt")]) == with_record
-    # ... and when that data is gone, it says what it cannot know, in one line
+    # when that data is gone, the stored data.max_degree=3 names the cap (4 one-hot columns: the model's width), as
+    # the zoo before the record used it; it was refused
     moved = _without_record(degree_ckpt, tmp_path / "moved", path=str(tmp_path / "gone.pt"))
+    assert run.predict(moved, [str(tmp_path / "new.pt")]) == with_record
+    # ... without it, it says what it cannot know and what to give, in one line
+    unknown = _without_record(degree_ckpt, tmp_path / "unknown", path=str(tmp_path / "gone.pt"), max_degree=None)
     with pytest.raises(ValueError, match=r"^input=.*new\.pt: the graphs have no node features x, and .*older\.ckpt "
                                          r"does not record whether its run trained on one-hot degrees or on the "
                                          r"graphs' own x \(an older run\), nor could its data be read to find out "
-                                         r"\(FileNotFoundError: data\.path=.*gone\.pt: no such file"):
-        run.predict(moved, [str(tmp_path / "new.pt")])
+                                         r"\(FileNotFoundError: data\.path=.*gone\.pt: no such file.*\): give each "
+                                         r"graph x \[num_nodes, 4\]: .* the degrees capped at 3 "
+                                         r"\(zoo\.tasks\.graph\.datasets\.one_hot_degree\)$"):
+        run.predict(unknown, [str(tmp_path / "new.pt")])
 
 
 def test_a_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
@@ -438,11 +446,39 @@ def test_an_older_run_with_a_relative_data_path_is_refused(degree_ckpt, tmp_path
         run.predict(older, ["graphs:0"])
     torch.save([Data(x=torch.ones(3, 4), edge_index=torch.tensor([[0], [1]]))], tmp_path / "mine.pt")
     assert len(run.predict(older, [str(tmp_path / "mine.pt")])) == 1
-    # graphs without x need to know what the run trained on, which its data, unread, cannot tell
-    torch.save([_graph_without_x(3, [(0, 1)])], tmp_path / "bare.pt")
-    with pytest.raises(ValueError, match=r"^input=.*bare\.pt: .* nor could its data be read to find out \(ValueError: "
-                                         r".*older\.ckpt: the run's config stores data\.path=graphs\.pt, relative"):
-        run.predict(older, [str(tmp_path / "bare.pt")])
+    # graphs without x: the stored data.max_degree=3 names the cap (they were refused, "give the graphs as
+    # input=<file.pt>" for that very file); the reference is the run with its record
+    torch.save([_graph_without_x(3, [(0, 1)]), _star(5)], tmp_path / "bare.pt")
+    assert run.predict(older, [str(tmp_path / "bare.pt")]) == run.predict(degree_ckpt, [str(tmp_path / "bare.pt")])
+    # without it, the refusal says why the data is unread and what to give, not to give the file given
+    unknown = _without_record(degree_ckpt, tmp_path / "unknown", path="graphs.pt", max_degree=None)
+    with pytest.raises(ValueError, match=r"^input=bare\.pt: .* nor could its data be read to find out \(.*older\.ckpt: "
+                                         r"the run's config stores data\.path=graphs\.pt, relative to the folder the "
+                                         r"run was trained in .* which zoo predict does not know\): give each graph x "
+                                         r"\[num_nodes, 4\]") as refused:
+        run.predict(unknown, ["bare.pt"])
+    assert "input=<file.pt>" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_zoo_eval_of_an_older_run_with_a_relative_data_path(degree_ckpt, tmp_path, monkeypatch):
+    """zoo eval of a run from before data.path was stored absolute read the current folder's graphs.pt (other
+    graphs, other metrics) silently. It takes the absolute path the data module recorded with the weights; without
+    that record it is refused unless data.path is given. The reference: zoo eval of the run as trained."""
+    reference = run.evaluate(degree_ckpt)
+    trained_on = torch.load(degree_ckpt, weights_only=True)["hyper_parameters"]["zoo_config"]["data"]["path"]
+    other = [_star(2 + i % 4, y=1) if i % 2 else _path(3 + i % 5, y=0) for i in range(12)]  # the labels swapped
+    torch.save(other, tmp_path / "graphs.pt")  # same name, other graphs
+    monkeypatch.chdir(tmp_path)
+    recorded = _without_record(degree_ckpt, tmp_path / "recorded", keep_record=True, path="graphs.pt")
+    assert run.evaluate(recorded) == reference
+    older = _without_record(degree_ckpt, tmp_path / "older", path="graphs.pt")
+    with pytest.raises(ValueError, match=r"^.*older\.ckpt: the run's config stores data\.path=graphs\.pt, relative "
+                                         r"to the folder the run was trained in \(.*\), which zoo eval does not know: "
+                                         r"give its absolute path, zoo eval ckpt=.*older\.ckpt "
+                                         r"data\.path=<absolute path>$"):
+        run.evaluate(older)
+    assert run.evaluate(older, [f"data.path={trained_on}"]) == reference
+    assert run.evaluate(older, ["data.path=graphs.pt"]) != reference  # given now: this folder's file, as asked
 
 
 @pytest.mark.parametrize("edge_attr, shape", [(torch.rand(5), r"\(5,\)"), (torch.rand(4), r"\(4,\)"),

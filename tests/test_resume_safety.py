@@ -105,18 +105,62 @@ def test_rerunning_a_resume_killed_in_its_release_writes_the_release(tmp_path, m
     assert (released / "model.safetensors").read_bytes() == before
 
 
+def _val_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith("val/")}
+
+
+def _evaluated(metrics: dict) -> dict:
+    """The metrics measured on the final weights (val/*, test/*): train/* are the training's, which a resume that
+    trains no step cannot measure again."""
+    return {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
+
+
 def test_rerunning_a_resume_killed_before_its_metrics_json_writes_it(tmp_path, capsys):
     """metrics.json is written after released/: killed between them, the run kept the metrics.json of the run it
-    extended (its step, its metrics), and the rerun kept it too since the file existed."""
+    extended (its step, its metrics), and the rerun kept it too since the file existed. The rerun writes it with the
+    val/* of the final weights and the run's training time (it wrote {} and 0.0 s: the resume trained no step and
+    skipped validation), and keeps the release, which is current (it was rewritten the same way)."""
     first = run.train(_vit(tmp_path, "m"))
     stale = (tmp_path / "m" / "metrics.json").read_text()
     resume = _vit(tmp_path, "m", "trainer.max_epochs=2", f"ckpt_path={first['last_ckpt']}")
     run.train(copy.deepcopy(resume))
+    reference = json.loads((tmp_path / "m" / "metrics.json").read_text())  # as the uninterrupted resume wrote it
+    released = {p.name: p.read_bytes() for p in (tmp_path / "m" / "released").iterdir()}
+    card_seconds = json.loads(released["config.json"])["metadata"]["train_seconds"]
+    assert _val_metrics(reference["metrics"])
     (tmp_path / "m" / "metrics.json").write_text(stale)  # the kill came before the new one replaced it
     capsys.readouterr()
     run.train(copy.deepcopy(resume))
     assert "trained no further step" not in capsys.readouterr().err
-    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["global_step"] == 4
+    written = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert written["global_step"] == 4
+    assert _val_metrics(written["metrics"]) == pytest.approx(_val_metrics(reference["metrics"]))
+    assert written["seconds"] == card_seconds == pytest.approx(reference["seconds"], abs=0.05)
+    assert written["released"] == str(tmp_path / "m" / "released")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m" / "released").iterdir()} == released
+
+
+@pytest.mark.parametrize("test", ["false", "true"])
+def test_rerunning_a_resume_whose_release_is_stale_writes_it_with_its_metrics(tmp_path, capsys, test):
+    """A finished run whose release is stale (its card names another step: a kill during an extension's release)
+    is released again by the resume: the card had metrics {} (test=true: test/* only) and train_seconds 0.0, as
+    the resume trained no step and skipped validation. The trusted reference: the card the run wrote itself."""
+    first = run.train(_vit(tmp_path, "s", f"test={test}"))
+    card_path = tmp_path / "s" / "released" / "config.json"
+    reference = json.loads(card_path.read_text())["metadata"]
+    assert _val_metrics(reference["metrics"]) and ("test/loss" in reference["metrics"]) == (test == "true")
+    stale = json.loads(card_path.read_text())
+    stale["metadata"]["weights"]["global_step"] = 1
+    card_path.write_text(json.dumps(stale))
+    run.train(_vit(tmp_path, "s", f"test={test}", f"ckpt_path={first['last_ckpt']}"))
+    err = capsys.readouterr().err
+    card = json.loads(card_path.read_text())["metadata"]
+    assert card["weights"]["global_step"] == first["global_step"]
+    assert card["metrics"] == pytest.approx(_evaluated(reference["metrics"]))
+    assert card["train_seconds"] == reference["train_seconds"]
+    written = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert _evaluated(written["metrics"]) == pytest.approx(_evaluated(first["metrics"]))
+    assert "writing the released/ it had not written" in err  # metrics.json was current
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,6 +183,53 @@ def test_a_checkpoint_of_another_run_does_not_overwrite_a_run_dir(tmp_path):
     resumed = run.train(_vit(tmp_path, "vit", "trainer.max_epochs=2",
                              f"ckpt_path={tmp_path / 'link' / 'checkpoints' / 'last.ckpt'}"))
     assert resumed["global_step"] == 2 * vit["global_step"]
+
+
+def test_a_run_whose_checkpoints_folder_links_to_another_disk_resumes(tmp_path, monkeypatch):
+    """checkpoints/ moved to another disk and symlinked back (to keep big checkpoints off $HOME): its last.ckpt,
+    resolved, lay outside run_dir, and the run's own resume was refused as "a checkpoint of another run" with the
+    advice to give the very ckpt_path given."""
+    first = run.train(_vit(tmp_path, "c"))
+    shutil.move(str(tmp_path / "c" / "checkpoints"), str(tmp_path / "scratch"))
+    (tmp_path / "c" / "checkpoints").symlink_to(tmp_path / "scratch")
+    resumed = run.train(_vit(tmp_path, "c", "trainer.max_epochs=2",
+                             f"ckpt_path={tmp_path / 'c' / 'checkpoints' / 'last.ckpt'}"))
+    assert resumed["global_step"] == 2 * first["global_step"]
+    monkeypatch.chdir(tmp_path)  # relative paths, and Lightning's shortcut
+    again = run.train(run.compose([*FAST_RUN, "run_dir=c", "test=false", "export=true", "trainer.max_epochs=3",
+                                   "ckpt_path=last"]))
+    assert again["global_step"] == 3 * first["global_step"]
+    assert run.train(run.compose([*FAST_RUN, "test=false", "export=true", "trainer.max_epochs=4",
+                                  "ckpt_path=c/checkpoints/last.ckpt"]))["global_step"] == 4 * first["global_step"]
+
+
+@pytest.mark.parametrize("into", ["another_runs_checkpoint", "a_new_run"])
+def test_a_finished_run_whose_checkpoints_were_deleted_is_not_overwritten(tmp_path, into):
+    """A finished run keeps released/ and metrics.json when its checkpoints/ is deleted to save disk; only
+    checkpoints/last.ckpt counted as "holds a run", so another run's checkpoint, or a new run, replaced its release
+    and metrics with no message. A folder with only an empty checkpoints/ and a config.yaml (a run killed before
+    its first checkpoint) still takes a new run."""
+    run.train(_vit(tmp_path, "a", "seed=1"))
+    shutil.rmtree(tmp_path / "a" / "checkpoints")
+    kept = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    if into == "a_new_run":
+        extra, refusal = ["seed=3"], (r"run_dir=.*a already holds a run \(.*a/released/config\.json\): its "
+                                      r"checkpoints/ holds no last\.ckpt to resume it: give another run_dir")
+    else:
+        other = run.train(_vit(tmp_path, "b", "seed=2", "trainer.max_epochs=1"))["last_ckpt"]
+        extra, refusal = [f"ckpt_path={other}", "trainer.max_epochs=2"], (
+            r"run_dir=.*a already holds a run \(.*a/released/config\.json\), and ckpt_path=.*b/checkpoints/"
+            r"last\.ckpt is a checkpoint of another run: .*give another run_dir to continue it in$")
+    with pytest.raises(ValueError, match=refusal):
+        run.train(_vit(tmp_path, "a", *extra))
+    (tmp_path / "a" / "released" / "config.json").unlink()  # metrics.json alone says so too
+    with pytest.raises(ValueError, match=r"already holds a run \(.*a/metrics\.json\)"):
+        run.train(_vit(tmp_path, "a", *extra))
+    assert {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()} == {
+        p: b for p, b in kept.items() if p.name != "config.json" or p.parent.name != "released"}
+    (tmp_path / "killed" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "killed" / "config.yaml").write_text("seed: 0\n")
+    assert run.train(_vit(tmp_path, "killed", *extra))["global_step"] > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +326,53 @@ def test_a_mid_epoch_resume_with_another_seed_finishes_the_epoch_in_its_order(tm
     reference = order.EpochShuffleSampler(range(len(full)), seed=7)
     reference.set_epoch(1)
     assert following == list(iter(reference))
+
+
+def _graphs(tmp_path, name, *extra):
+    """Graph classification (GraphClassificationDataModule, the synthetic set: 40 graphs, batches of 4)."""
+    return run.compose(["experiment=graph_synthetic", "data.num_graphs=40", "data.batch_size=4", "callbacks=minimal",
+                        "logger=none", "num_threads=1", "test=false", "export=false", "trainer.max_epochs=1",
+                        "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+                        "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                        "+model.hidden_channels=4", "model.heads=2", f"run_dir={tmp_path / name}", *extra])
+
+
+def test_a_mid_epoch_resume_of_graph_classification_keeps_its_data_set(tmp_path, sampler_passes):
+    """GraphClassificationDataModule names data.seed as its order seed and only data.batch_size / num_workers as
+    changeable mid-epoch (a13a7a4): data.seed and data.num_graphs generate another set of graphs, which the stored
+    position does not count, and are refused naming the key before the run's files are rewritten; a smaller
+    batch size trains the epoch's other graphs, each once. The reference: the sampler's uninterrupted first pass."""
+    cut = run.train(_graphs(tmp_path, "cut", "+trainer.max_steps=3"))
+    assert cut["global_step"] == 3
+    full = _last_pass(sampler_passes, 0)
+    trained = full[:3 * 4]
+    assert len(full) > len(trained)
+    sampler_passes.clear()
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    config = (tmp_path / "cut" / "config.yaml").read_text()
+    for change, stored in (("data.seed=5", "data.seed=0"), ("data.num_graphs=48", "data.num_graphs=40")):
+        with pytest.raises(ValueError, match=rf"^cannot resume in the middle of epoch 0 with {change}: the "
+                                             rf"checkpoint's run used {stored}, .* \(only data\.batch_size, "
+                                             rf"data\.num_workers may change mid-epoch\)$"):
+            run.train(_graphs(tmp_path, "cut", change, "+trainer.max_steps=1000", f"ckpt_path={last}"))
+        assert (tmp_path / "cut" / "config.yaml").read_text() == config
+    resumed = run.train(_graphs(tmp_path, "cut", "data.batch_size=2", "+trainer.max_steps=1000",
+                                f"ckpt_path={last}"))
+    rest = _last_pass(sampler_passes, 0)
+    assert Counter(trained + rest) == Counter(full)
+    assert resumed["global_step"] == 3 + math.ceil((len(full) - len(trained)) / 2)
+
+
+def test_the_order_note_of_graph_classification_names_data_seed(capsys):
+    """Its training order is drawn with data.seed, not the run's seed= (ResumableTrainingOrder.order_seed_key)."""
+    from zoo.tasks.graph.datasets import GraphClassificationDataModule
+
+    module = GraphClassificationDataModule(num_graphs=40, batch_size=4, seed=0)
+    module.load_state_dict({"training_order": {"epoch": 0, "batches_done": 2, "samples_done": 8, "seed": 3}})
+    module.setup()
+    module.train_dataloader()
+    assert ("resumed in the middle of epoch 0, whose order was drawn with data.seed=3: the rest of that epoch keeps "
+            "it, and data.seed=0 orders the epochs after it") in capsys.readouterr().err
 
 
 def _as_an_old_checkpoint(last: Path, *dropped_data_keys: str) -> None:

@@ -193,3 +193,12 @@ def test_default_sweep_dir_is_beside_zoo_trains_run_dirs(tmp_path, monkeypatch):
     assert root.parent == tmp_path / "outputs" / "graph_karate" / "multirun"
     assert len(root.name) == len("2026-12-06_22-48-42") and root.name[10] == "_"
     assert [job.run_dir for job in jobs] == [root / "0", root / "1"] and not root.exists()
+
+
+def test_the_table_is_not_cut_when_piped(tmp_path, capsys):
+    """Piped or redirected, Rich's 80 columns cut the swept overrides and metric names to "model=v…"."""
+    records = [{"job": i, "overrides": [f"model={name}", "experiment=vit_digits"], "status": "ok",
+                "metrics": {key: 0.5 for key in sweep._KEY_METRICS}} for i, name in enumerate(("vit_debug", "maxvit_debug"))]
+    sweep.print_table(tmp_path, records)
+    out = capsys.readouterr().out
+    assert "model=maxvit_debug" in out and all(key in out for key in sweep._KEY_METRICS), out

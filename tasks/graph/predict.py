@@ -16,8 +16,8 @@ config tells which kind of data it was trained on, ``data.model_kind``):
   training loader's own functions (``zoo.tasks.graph.datasets``: ``_as_graph``'s checks, one edge-feature width).
   Graphs without ``x`` get ``one_hot_degree`` features capped at the run's degree cap only when the run trained on
   one-hot degrees (recorded with the weights, GraphClassificationDataModule.describe; an older record is found
-  by rebuilding the run's data): a run trained on the graphs' own x refuses them, where they silently got degrees
-  and other classes.
+  by rebuilding the run's data, or, when it cannot be read, from a stored data.max_degree that fits the model's
+  width): a run trained on the graphs' own x refuses them, where they silently got degrees and other classes.
 * DictionaryLookup models are refused in one line: their inputs are the benchmark's generated graphs, scored by
   ``zoo eval``.
 
@@ -92,8 +92,8 @@ def predict_graph(model: torch.nn.Module, data_cfg: dict, inputs: Sequence[str],
             raw = _load_graph_file(spec)
             width = _input_width(model, data_cfg)
             items = (_file_nodes(raw, spec, width, data_cfg) if kind == "node"
-                     else _file_graphs(raw, spec, width, data_cfg,
-                                       lambda: _trained_node_features(data_info, datamodule, ckpt, spec, width)))
+                     else _file_graphs(raw, spec, width, data_cfg, lambda: _trained_node_features(
+                         data_info, datamodule, ckpt, spec, width, data_cfg)))
         rows += _predict_items(model, kind, items, spec, topk, batch_size)
     return rows
 
@@ -283,22 +283,39 @@ def _per_edge_features(edge_attr: Tensor, edge_index: Tensor, where: str) -> Ten
     return rows.float()
 
 
+class _RunDataUnreadable(ValueError):
+    """The run's data cannot be rebuilt here (``make_datamodule``'s refusal): ``problem`` says why, ``advice`` what
+    to do for a ``graphs:`` / ``nodes:`` input. An input file needs the data only to learn its node features
+    (_trained_node_features), where that advice ("give the graphs as input=<file.pt>") would be circular."""
+
+    def __init__(self, problem: str, advice: str):
+        super().__init__(f"{problem}: {advice}")
+        self.problem = problem
+
+
 def _trained_node_features(data_info: Optional[dict], datamodule: Callable[[], Any], ckpt: str, spec: str,
-                           width: Optional[int]) -> dict:
+                           width: Optional[int], data_cfg: dict) -> dict:
     """What the run's graphs had as node features: GraphClassificationDataModule.describe()'s record
     ({"node_features": "x"} or {"node_features": "one_hot_degree", "max_degree": cap}), from the weights, else
-    (a run from before that record) from the run's data module, rebuilt and read."""
+    (a run from before that record) from the run's data module, rebuilt and read. When that data cannot be read
+    (moved, or stored as a relative path), a data.max_degree of the stored config that fits the model's input
+    width (max_degree + 1 one-hot columns) names the cap: set only for one-hot degrees, it is what the zoo before
+    the record used for graphs without x."""
     if data_info and data_info.get("node_features"):
         return data_info
     try:
-        facts = datamodule().describe()
+        return datamodule().describe()
     except Exception as error:  # the run's data moved, or cannot be read here
-        first = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"input={spec}: the graphs have no node features x, and {ckpt} does not record whether its "
-                         f"run trained on one-hot degrees or on the graphs' own x (an older run), nor could its data "
-                         f"be read to find out ({type(error).__name__}: {first}): give each graph x [num_nodes, "
-                         f"{width}]") from None
-    return facts
+        reason = (error.problem if isinstance(error, _RunDataUnreadable)
+                  else f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+    cap = data_cfg.get("max_degree")
+    if isinstance(cap, int) and not isinstance(cap, bool) and width is not None and cap + 1 == width:
+        return {"node_features": "one_hot_degree", "max_degree": cap}
+    raise ValueError(f"input={spec}: the graphs have no node features x, and {ckpt} does not record whether its run "
+                     f"trained on one-hot degrees or on the graphs' own x (an older run), nor could its data be read "
+                     f"to find out ({reason}): give each graph x [num_nodes, {width}]: its own node features as the "
+                     f"run's graphs had them, or, for a run trained on one-hot degrees, the degrees capped at "
+                     f"{width - 1 if width else 'max_degree'} (zoo.tasks.graph.datasets.one_hot_degree)") from None
 
 
 def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict,

@@ -80,7 +80,7 @@ def _check_override(item: str) -> None:
     ``~key`` (delete), as Hydra's override grammar; the forms that need Hydra's app runner, which ``zoo train`` does not
     use, are refused with what to do instead (they were silently ignored or refused as "not key=value")."""
     if item in ("-m", "--multirun"):
-        raise ValueError(f"{item}: zoo train runs one config, it does not sweep: run one zoo train per value")
+        raise ValueError(f"{item}: run.compose composes one config; a sweep is zoo train -m ... (zoo.train.sweep)")
     if "=" not in item and not item.startswith("~"):
         raise ValueError(f"override {item!r} is not of the form key=value (or group=option, +key=value, ~key)")
     key = item.split("=", 1)[0].lstrip("+~")
@@ -110,7 +110,7 @@ def _hydra_message(text: str, overrides: Sequence[str]) -> str:
     if key:
         return (f"unknown config key {key.group(1)!r} (from the overrides {list(overrides)}): check its spelling in "
                 f"`zoo train ... --cfg`; +{key.group(1)}=... would add it as a new key")
-    one_run = "and zoo train runs one config: run one zoo train per value"
+    one_run = "and zoo train without -m runs one config: add -m (zoo train -m ...) to run one job per value"
     sweep = re.search(r"Ambiguous value for argument '([^']+)'", text)
     if sweep:
         return (f"{sweep.group(1)} is a sweep (a value with commas), {one_run}; a list is key=[a,b], a string with "
@@ -449,6 +449,35 @@ def _absolute_data_root(cfg) -> None:
             data[key] = os.path.abspath(os.path.expanduser(data.get(key)))
 
 
+def _pin_stored_data_paths(cfg, info: Optional[dict]) -> list[str]:
+    """A run from before data.path / data.root were stored absolute (_absolute_data_root) recorded a relative one,
+    which read from here named another file (zoo eval silently scored another folder's graphs.pt) or none. Each is
+    replaced by the absolute path the run's data module recorded with the weights (``info``: its describe(), the
+    .ckpt's data_info or a release's metadata.data) where there is one; the others are returned as
+    ``data.<key>=<stored value>`` for zoo eval and zoo predict to refuse when they read the data."""
+    data = cfg.get("data") if cfg is not None else None
+    if not data:
+        return []
+    unknown = []
+    for key in _DATA_PATH_KEYS:
+        stored = data.get(key)
+        if not _is_local_path(stored) or os.path.isabs(os.path.expanduser(stored)):
+            continue
+        recorded = (info or {}).get(key)
+        if _is_local_path(recorded) and os.path.isabs(recorded):
+            data[key] = recorded
+        else:
+            unknown.append(f"data.{key}={stored}")
+    return unknown
+
+
+def _relative_data_path_problem(ckpt, stored: str, command: str) -> str:
+    """The first half of the refusal of an unknown relative data path (_pin_stored_data_paths); the caller adds what
+    to do."""
+    return (f"{ckpt}: the run's config stores {stored}, relative to the folder the run was trained in (a run from "
+            f"before data paths were stored absolute), which {command} does not know")
+
+
 def _build(cfg, model: Optional[torch.nn.Module] = None):
     check_required(cfg)
     _absolute_data_root(cfg)
@@ -705,26 +734,62 @@ def _validates(cfg) -> bool:
     return limit is None or float(limit) > 0
 
 
+# what a run leaves in its run_dir that says the folder holds one: the checkpoint that resumes it, and, when its
+# checkpoints/ was deleted to save disk (the release and metrics kept), its release's card and its metrics.json. A
+# folder with only csv/, an empty checkpoints/ or a lone config.yaml (a run killed before its first checkpoint)
+# holds nothing to lose.
+def _run_record(run_dir: Path) -> Optional[Path]:
+    """The file that shows ``run_dir`` holds a run (see above); None when it holds none."""
+    for record in (_last_checkpoint(run_dir), run_dir / "released" / "config.json", run_dir / "metrics.json"):
+        if record.is_file():
+            return record
+    return None
+
+
+def _is_own_checkpoint(ckpt, run_dir: Path) -> bool:
+    """Whether ``ckpt`` is a checkpoint of the run in ``run_dir``: its absolute path lies inside run_dir (as given,
+    ``..`` folded), or it is that run's last.ckpt / best.ckpt (the same file), or it lies in run_dir's checkpoints/
+    wherever that resolves to (a checkpoints/ symlinked to another disk; resolved, the path left run_dir and the
+    run's own checkpoint was taken for another run's), or resolved it lies inside run_dir resolved (a run_dir
+    named through a symlink)."""
+    path, run_dir = Path(os.path.abspath(Path(str(ckpt)).expanduser())), Path(os.path.abspath(run_dir))
+    if path.is_relative_to(run_dir):
+        return True
+    own = run_dir / "checkpoints"
+    for name in _CKPT_SHORTCUTS:
+        try:
+            if os.path.samefile(path, own / f"{name}.ckpt"):
+                return True
+        except OSError:  # one of them does not exist
+            pass
+    return path.resolve().parent == own.resolve() or path.resolve().is_relative_to(run_dir.resolve())
+
+
 def _check_not_a_finished_run(run_dir: Path, cfg) -> None:
     """A new run into a run_dir that holds one would overwrite its checkpoints, config.yaml and released/ (Lightning
-    only warns): refused, unless the run resumes from a checkpoint of that run_dir (ckpt_path= inside it, both paths
-    resolved). A checkpoint of another run continues into a new or empty run_dir (a fine-tune, or a run continued
-    elsewhere); into one holding a run it overwrote that run with no message (audit 2026-12-06: a graph run resumed
-    into a vit_digits run's folder). DDP workers (rank > 0) skip the check: rank 0 has made it, and by the time they
-    start, their own run may have written checkpoints."""
+    only warns): refused, unless the run resumes from a checkpoint of that run_dir (_is_own_checkpoint). A
+    checkpoint of another run continues into a new or empty run_dir (a fine-tune, or a run continued elsewhere);
+    into one holding a run it overwrote that run with no message (audit 2026-12-06: a graph run resumed into a
+    vit_digits run's folder), as did any run into a finished run's folder whose checkpoints/ had been deleted
+    (_run_record). DDP workers (rank > 0) skip the check: rank 0 has made it, and by the time they start, their own
+    run may have written checkpoints."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return
-    last = _last_checkpoint(run_dir)
-    if not last.is_file():
+    record = _run_record(run_dir)
+    if record is None:
         return
+    last = _last_checkpoint(run_dir)
     ckpt = cfg.get("ckpt_path")
+    resume = (f"resume it with ckpt_path={last}, or give another run_dir" if last.is_file()
+              else "its checkpoints/ holds no last.ckpt to resume it: give another run_dir")
     if not ckpt:
-        raise ValueError(f"run_dir={run_dir} already holds a run ({last}): resume it with ckpt_path={last}, or give "
-                         f"another run_dir (delete that folder to start it over)")
-    if not Path(str(ckpt)).expanduser().resolve().is_relative_to(Path(run_dir).expanduser().resolve()):
-        raise ValueError(f"run_dir={run_dir} already holds a run ({last}), and ckpt_path={ckpt} is a checkpoint of "
+        raise ValueError(f"run_dir={run_dir} already holds a run ({record}): {resume} (delete that folder to start it "
+                         f"over)")
+    if not _is_own_checkpoint(ckpt, run_dir):
+        to_resume = f", or ckpt_path={last} to resume the run in run_dir" if last.is_file() else ""
+        raise ValueError(f"run_dir={run_dir} already holds a run ({record}), and ckpt_path={ckpt} is a checkpoint of "
                          f"another run: continuing it there would overwrite that run; give another run_dir to "
-                         f"continue it in, or ckpt_path={last} to resume the run in run_dir")
+                         f"continue it in{to_resume}")
 
 
 def _train(cfg, run_dir: Path) -> dict[str, Any]:
@@ -766,11 +831,15 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
     seconds = time.perf_counter() - start
     metrics = _float_metrics(trainer.callback_metrics)
-    if (_validates(cfg) and trainer.global_step > 0 and validated.step != int(trainer.global_step)
-            and (resumed_at_step is None or int(trainer.global_step) != int(resumed_at_step))):
+    finished = resumed_at_step is not None and int(trainer.global_step) == int(resumed_at_step)
+    stale = _stale_outputs(trainer, cfg, run_dir) if finished else set()
+    if (_validates(cfg) and trainer.global_step > 0
+            and (bool(stale) if finished else validated.step != int(trainer.global_step))):
         # the last epochs trained without validation (trainer.check_val_every_n_epoch not dividing max_epochs, or
         # max_steps ending between validations): the val/* of metrics.json and released/ would be those of
-        # earlier weights; validated once more, they are the final weights'
+        # earlier weights; validated once more, they are the final weights'. A resume that trained no step but
+        # writes outputs a kill left stale validates too: it has no val/* of its own (audit 2026-12-06: the
+        # rewritten card and metrics.json had none)
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update(_float_metrics(results[0] if results else {}))
     tested, released_from, release_metrics, notes = _test_and_pick_release(trainer, module, datamodule, cfg, metrics)
@@ -782,11 +851,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     if last.is_file():
         result["last_ckpt"] = str(last)
     if trainer.is_global_zero:
-        finished = resumed_at_step is not None and int(trainer.global_step) == int(resumed_at_step)
-        missing = finished and (not _metrics_are_current(run_dir / "metrics.json", int(trainer.global_step))
-                                or (cfg.get("export", True) and released_from is not None
-                                    and not _release_is_current(run_dir / "released", released_from)))
-        if finished and not missing:
+        if finished and not stale:
             # the checkpoint already stood at max_epochs / max_steps: released/ and metrics.json stay the ones of the
             # run that trained them (their card's training time would read as this call's few seconds)
             print(f"zoo train: the resumed run trained no further step: its checkpoint is at step {resumed_at_step}, "
@@ -796,17 +861,24 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
             for note in notes:
                 print(note, file=sys.stderr)
             return result
-        if missing:
-            # interrupted after its last training step (during the final validation or test): the resume has
-            # nothing to train, but the run never wrote its outputs; they are written now
+        if finished:
+            # interrupted after its last training step (during the final validation, test or the writing of its
+            # outputs): the resume has nothing to train, but the run never wrote them whole; they are written now,
+            # with the training time the run recorded (this call trained nothing)
+            stored_seconds = _stored_train_seconds(run_dir)
+            if stored_seconds is not None:
+                seconds = result["seconds"] = stored_seconds
             print(f"zoo train: the resumed run's training was already complete (step {resumed_at_step}); writing "
-                  f"the released/ and metrics.json it had not written, or whose writing was interrupted (their "
-                  f"training time counts this call only)", file=sys.stderr)
+                  f"the {' and '.join(sorted(stale))} it had not written, or whose writing was interrupted",
+                  file=sys.stderr)
         if cfg.get("export", True) and int(trainer.global_step) == 0:
             # trainer.max_epochs=0 / limit_train_batches=0: released/ would hold untrained (or unchanged) weights
             # under a model card of this run; zoo eval scores a checkpoint without training
             print(f"zoo train: no training step ran (trainer.max_epochs={cfg.trainer.get('max_epochs')}), so "
                   f"released/ is not written", file=sys.stderr)
+        elif cfg.get("export", True) and released_from is not None and finished and "released/" not in stale:
+            # only metrics.json was stale: the release is whole and current, kept as it is (with its card)
+            result["released"], result["released_weights"] = str(run_dir / "released"), released_from
         elif cfg.get("export", True) and released_from is not None:
             released = export_released(module, datamodule, cfg, run_dir / "released", release_metrics, seconds,
                                        released_from=released_from)
@@ -838,6 +910,36 @@ def _check_resumed_order_fits(ckpt: dict, datamodule, cfg) -> None:
     batch_size = getattr(datamodule, "batch_size", None)
     if isinstance(batch_size, int) and samples is not None:
         datamodule.check_batch_size_fits(epoch, done, int(samples), batch_size)
+
+
+def _stale_outputs(trainer, cfg, run_dir: Path) -> set[str]:
+    """For a resume that trained no step: which of the run's outputs a kill left stale ("metrics.json", "released/"),
+    read on every process (the validation they call for runs on all of them). The release is checked against the
+    weights ``export_ckpt`` names (final, or best.ckpt), as _test_and_pick_release picks them."""
+    stale = set() if _metrics_are_current(run_dir / "metrics.json", int(trainer.global_step)) else {"metrics.json"}
+    choice = _weights_choice(cfg, "export_ckpt")
+    releases = ({"ckpt": "final", "global_step": int(trainer.global_step)} if choice == "final"
+                else _best_weights(trainer) if choice == "best" else None)
+    if releases is not None and not _release_is_current(run_dir / "released", releases):
+        stale.add("released/")
+    return stale
+
+
+def _stored_train_seconds(run_dir: Path) -> Optional[float]:
+    """The training time the run recorded before a kill: its model card's train_seconds, else metrics.json's
+    seconds (written after released/); None when neither file has it."""
+    from zoo.hub import read_config
+
+    try:
+        seconds = ((read_config(run_dir / "released") or {}).get("metadata") or {}).get("train_seconds")
+    except Exception:  # a half-written release: metrics.json's record
+        seconds = None
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        try:
+            seconds = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("seconds")
+        except (OSError, ValueError, AttributeError):
+            seconds = None
+    return float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
 
 
 def _metrics_are_current(path: Path, global_step: int) -> bool:
@@ -1280,8 +1382,11 @@ def _shipped_source(path: Path) -> Optional[Path]:
     return None
 
 
-def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
-    """(cfg, model, LightningModule state_dict or None, preprocessing info) from a .ckpt or a released directory."""
+def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, command: Optional[str] = None):
+    """(cfg, model, LightningModule state_dict or None, preprocessing info) from a .ckpt or a released directory.
+    A relative data.path / data.root stored by an older run is replaced by the absolute one its data module recorded
+    (_pin_stored_data_paths); ``command`` (zoo eval, which reads the data) refuses one that cannot be, unless
+    ``overrides`` give that key or another data group."""
     import zoo
     from omegaconf import OmegaConf
 
@@ -1327,6 +1432,13 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = ()):
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
+    given = {item.split("=", 1)[0] for item in overrides}
+    unknown = [stored for stored in _pin_stored_data_paths(cfg, info)
+               if "data" not in given and stored.split("=", 1)[0] not in given]
+    if command is not None and unknown:
+        key = unknown[0].split("=", 1)[0]
+        raise ValueError(f"{_relative_data_path_problem(ckpt, unknown[0], command)}: give its absolute path, "
+                         f"{command} ckpt={ckpt} {key}=<absolute path>")
     groups = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == "data"]
     overrides = [item for item in overrides if item.split("=", 1)[0] != "data"]
     if groups:
@@ -1415,7 +1527,7 @@ def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: s
     if split not in ("test", "val"):  # before the model and data are built
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     ckpt = resolve_ckpt_argument(ckpt)
-    cfg, model, state, info = _inference_source(ckpt, overrides)
+    cfg, model, state, info = _inference_source(ckpt, overrides, command="zoo eval")
     module, datamodule = build(cfg, model=model)
     trained, found = info.get("class_names"), getattr(datamodule, "class_names", None)
     if trained and found and list(map(str, trained)) != list(map(str, found)):
@@ -1617,28 +1729,18 @@ def _predict_graph(model, cfg, info: dict, ckpt, inputs: Sequence[str], topk: in
     zoo eval builds it. A run from before data.path / data.root were stored absolute (_absolute_data_root) takes
     the absolute path its data module recorded (``info``), else is refused when its data is needed: relative to
     this directory it named another file (or none)."""
-    from zoo.tasks.graph.predict import predict_graph
+    from zoo.tasks.graph.predict import _RunDataUnreadable, predict_graph
 
     if cfg is None or not cfg.get("data"):
         raise ValueError(f"{ckpt}: a graph model without its zoo train record (the run's data config): predict "
                          f"with a .ckpt or released directory written by zoo train")
-    relative = []
-    for key in _DATA_PATH_KEYS:
-        stored = cfg.data.get(key)
-        if not _is_local_path(stored) or os.path.isabs(os.path.expanduser(stored)):
-            continue
-        recorded = (info or {}).get(key)
-        if _is_local_path(recorded) and os.path.isabs(recorded):
-            cfg.data[key] = recorded
-        else:
-            relative.append(f"data.{key}={stored}")
+    relative = _pin_stored_data_paths(cfg, info)
 
     def make_datamodule():
         if relative:
-            raise ValueError(f"{ckpt}: the run's config stores {relative[0]}, relative to the folder the run was "
-                             f"trained in (a run from before data paths were stored absolute), which zoo predict "
-                             f"does not know: give the graphs as input=<file.pt>, or evaluate with zoo eval "
-                             f"ckpt={ckpt} {relative[0].split('=', 1)[0]}=<absolute path>")
+            raise _RunDataUnreadable(_relative_data_path_problem(ckpt, relative[0], "zoo predict"),
+                                     f"give the graphs as input=<file.pt>, or evaluate with zoo eval ckpt={ckpt} "
+                                     f"{relative[0].split('=', 1)[0]}=<absolute path>")
         return _call_target(cfg.data, where="data")
 
     return predict_graph(model, _to_container(cfg.data), list(map(str, inputs)), topk=topk, ckpt=str(ckpt),

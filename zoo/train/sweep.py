@@ -352,4 +352,8 @@ def print_table(root: Path, records: Sequence[dict[str, Any]]) -> None:
             status += f": {record['error']}"
         shown_overrides = [record["overrides"][i] for i in varying] if varying else record["overrides"]
         table.add_row(str(record["job"]), " ".join(shown_overrides), *cells, status)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: Rich's 80 columns cut the overrides and metric names to "…"
+        console = Console(width=max(80, 12 * (len(shown) + 2) + max(
+            (len(" ".join(record["overrides"])) for record in records), default=0)))
+    console.print(table)
