@@ -136,6 +136,9 @@ def test_rerunning_a_resume_killed_before_its_metrics_json_writes_it(tmp_path, c
     assert written["global_step"] == 4
     assert _val_metrics(written["metrics"]) == pytest.approx(_val_metrics(reference["metrics"]))
     assert written["seconds"] == card_seconds == pytest.approx(reference["seconds"], abs=0.05)
+    # the train/* of the run, recorded at this step by its card (the rewritten file had val/* only)
+    train = {k: v for k, v in reference["metrics"].items() if k.startswith("train/")}
+    assert train and {k: v for k, v in written["metrics"].items() if k.startswith("train/")} == pytest.approx(train)
     assert written["released"] == str(tmp_path / "m" / "released")
     assert {p.name: p.read_bytes() for p in (tmp_path / "m" / "released").iterdir()} == released
 
@@ -156,11 +159,35 @@ def test_rerunning_a_resume_whose_release_is_stale_writes_it_with_its_metrics(tm
     err = capsys.readouterr().err
     card = json.loads(card_path.read_text())["metadata"]
     assert card["weights"]["global_step"] == first["global_step"]
-    assert card["metrics"] == pytest.approx(_evaluated(reference["metrics"]))
+    # train/* too: metrics.json records them at this step (the card had val/* and test/* only)
+    assert card["metrics"] == pytest.approx(reference["metrics"])
     assert card["train_seconds"] == reference["train_seconds"]
     written = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert _evaluated(written["metrics"]) == pytest.approx(_evaluated(first["metrics"]))
     assert "writing the released/ it had not written" in err  # metrics.json was current
+
+
+def test_rerunning_a_resume_whose_outputs_are_all_of_the_previous_segment_records_no_stale_time(tmp_path, capsys):
+    """Killed after the last step of an extension (step 4) but before its outputs, the run_dir holds the step-2
+    run's release and metrics.json; the rerun recorded their training time (the step-2 part's) as the step-4 run's,
+    and its train/*. No file records step 4's: this call's time, no train/*, and a note saying so."""
+    first = run.train(_vit(tmp_path, "p"))
+    previous = {name: (tmp_path / "p" / name).read_bytes() for name in ("metrics.json", "released/config.json",
+                                                                         "released/model.safetensors")}
+    resume = _vit(tmp_path, "p", "trainer.max_epochs=2", f"ckpt_path={first['last_ckpt']}")
+    run.train(copy.deepcopy(resume))
+    for name, content in previous.items():  # the kill came before the extension wrote its outputs
+        (tmp_path / "p" / name).write_bytes(content)
+    capsys.readouterr()
+    again = run.train(copy.deepcopy(resume))
+    err = capsys.readouterr().err
+    assert ("note: neither metrics.json nor released/ records the run's training time at step 4 (they are of "
+            "another step); the rewritten outputs record this call's") in err
+    written = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    card = json.loads((tmp_path / "p" / "released" / "config.json").read_text())["metadata"]
+    assert written["global_step"] == 4 and card["weights"]["global_step"] == 4
+    assert written["seconds"] == again["seconds"] and card["train_seconds"] == round(again["seconds"], 1)
+    assert not [k for k in written["metrics"] if k.startswith("train/")] and _val_metrics(written["metrics"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,6 +442,158 @@ def test_an_old_checkpoint_whose_config_has_no_batch_size_resumes_as_before_with
     assert ("note: the checkpoint records neither the samples of epoch 0 it trained on nor its data.batch_size: the "
             "rest of the epoch skips 5 batches of the current size; resume with the data.batch_size it was trained "
             "with to train each sample once") in capsys.readouterr().err
+
+
+def test_a_mid_epoch_resume_with_another_image_split_is_refused(tmp_path, cut_run, sampler_passes):
+    """data.split_seed / data.val_fraction draw another train / val split: the rest of the epoch trained 191 images
+    twice and 227 never, and 36 trained images moved into validation (audit 2026-12-06), accepted silently. They
+    are refused naming the key before the run's files are rewritten (VisionDataModule.mid_epoch_fixed_keys); an
+    augmentation option does not change which images train and is accepted, each image trained once."""
+    cut_dir, full, trained = cut_run
+    for change, stored in (("data.split_seed=5", "data.split_seed=0"), ("data.val_fraction=0.3",
+                                                                      "data.val_fraction=0.1")):
+        with pytest.raises(ValueError, match=rf"^cannot resume in the middle of epoch 0 with {change}: the "
+                                             rf"checkpoint's run used {stored}, .* \(data\._target_, data\.root, "
+                                             rf"data\.variant, data\.val_fraction, data\.split_seed define the "
+                                             rf"training set\)$"):
+            _resume_copy(tmp_path, cut_dir, change.replace("=", "_").replace(".", "_"), change)
+        assert ((tmp_path / change.replace("=", "_").replace(".", "_") / "config.yaml").read_text()
+                == (cut_dir / "config.yaml").read_text())
+    _resume_copy(tmp_path, cut_dir, "shift", "data.augment=shift")
+    assert Counter(trained + _last_pass(sampler_passes, 0)) == Counter(full)
+
+
+def _dictlookup(**options):
+    from zoo.tasks.graph.dictlookup import DictionaryLookupDataModule
+
+    module = DictionaryLookupDataModule(**{"k": 6, "max_examples": 400, "batch_size": 32, "seed": 11, **options})
+    module.setup()
+    return module
+
+
+def test_an_old_mid_epoch_dictlookup_checkpoint_resumes_in_its_data_seed_order(capsys):
+    """DictionaryLookup draws its order with data.seed (11, configs/data/graph_dictlookup.yaml), not the run's seed=:
+    an older checkpoint (no samples_done / seed) of a seed=3 run resumed in seed=3's order (68 examples twice, 68
+    never) and the note named seed=. The reference: the uninterrupted epoch's order, data.seed=11's."""
+    module = _dictlookup()
+    stored = {"seed": 3, "data": {"k": 6, "max_examples": 400, "batch_size": 32, "seed": 11}}
+    assert module.restore_old_order({"epoch": 0, "batches_done": 3}, stored) == 3 * 32
+    module.load_state_dict({"training_order": {"epoch": 0, "batches_done": 3}})
+    rest = list(iter(module.train_dataloader().sampler))
+    full = list(iter(order.EpochShuffleSampler(range(len(module.train_perms)), seed=11)))
+    assert Counter(full[:3 * 32] + rest) == Counter(full) and rest == full[3 * 32:]
+    assert "note" not in capsys.readouterr().err  # the order seed did not change
+
+
+def test_a_mid_epoch_dictlookup_resume_refuses_another_data_seed():
+    """data.seed=12 draws other permutations and another split: refused, naming data.seed (mid_epoch_changeable_keys
+    was None: accepted); data.batch_size and data.num_workers only batch and load."""
+    module = _dictlookup()
+    stored = {"k": 6, "max_examples": 400, "batch_size": 32, "seed": 11, "num_workers": 0}
+    with pytest.raises(ValueError, match=r"^cannot resume in the middle of epoch 0 with data\.seed=12: the "
+                                         r"checkpoint's run used data\.seed=11, .* \(only data\.batch_size, "
+                                         r"data\.num_workers may change mid-epoch\)$"):
+        module.check_same_data(0, stored, {**stored, "seed": 12})
+    module.check_same_data(0, stored, {**stored, "batch_size": 16, "num_workers": 2})
+
+
+def test_a_new_data_seed_is_accepted_mid_epoch_where_the_graph_does_not_depend_on_it(tmp_path, sampler_passes,
+                                                                                    capsys):
+    """karate's split is its own (Planetoid's and OGB's too): data.seed only orders its training nodes, and a
+    mid-epoch resume with data.seed=1 finishes the epoch in its stored order with the note (it was refused). sbm
+    and networkx graphs, which data.seed draws, are still refused (NodeDataModule.data_depends_on_order_seed)."""
+    from zoo.tasks.graph.datasets import NodeDataModule
+
+    sampled = ["data.batch_size=2", "data.num_neighbors=[5,5]", "trainer.max_epochs=1",
+               "trainer.check_val_every_n_epoch=1"]
+    run.train(_karate(tmp_path, "cut", *sampled, "+trainer.max_steps=1"))
+    full = _last_pass(sampler_passes, 0)
+    sampler_passes.clear()
+    capsys.readouterr()
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    run.train(_karate(tmp_path, "cut", *sampled, "data.seed=1", f"ckpt_path={last}"))
+    assert Counter(full[:2] + _last_pass(sampler_passes, 0)) == Counter(full)
+    assert ("resumed in the middle of epoch 0, whose order was drawn with data.seed=0: the rest of that epoch keeps "
+            "it, and data.seed=1 orders the epochs after it") in capsys.readouterr().err
+    for name in ("sbm", "networkx:florentine_families"):
+        stored = {"name": name, "seed": 0, "batch_size": 2}
+        with pytest.raises(ValueError, match=r"with data\.seed=1: the checkpoint's run used data\.seed=0"):
+            NodeDataModule(name=name, batch_size=2, num_neighbors=[5, 5]).check_same_data(0, stored,
+                                                                                          {**stored, "seed": 1})
+
+
+def test_a_new_data_seed_mid_epoch_is_refused_only_where_it_draws_the_graph_split(tmp_path):
+    """Graph classification: data.seed draws the stratified split of graphs without their own (a list in data.path,
+    TU data sets): refused; a dict of train / val / test lists keeps its split: accepted (it was refused)."""
+    from torch_geometric.data import Data
+
+    from zoo.tasks.graph.datasets import GraphClassificationDataModule
+
+    graphs = [Data(x=torch.ones(3, 2), edge_index=torch.tensor([[0, 1], [1, 2]]), y=torch.tensor([i % 2]))
+              for i in range(12)]
+    torch.save(graphs, tmp_path / "list.pt")
+    torch.save({"train": graphs[:8], "val": graphs[8:10], "test": graphs[10:]}, tmp_path / "split.pt")
+    for name, refused in (("list.pt", True), ("split.pt", False)):
+        path = str(tmp_path / name)
+        stored = {"path": path, "seed": 0, "batch_size": 2}
+        module = GraphClassificationDataModule(path=path, batch_size=2)
+        if refused:
+            with pytest.raises(ValueError, match=r"with data\.seed=1: the checkpoint's run used data\.seed=0"):
+                module.check_same_data(0, stored, {**stored, "seed": 1})
+        else:
+            module.check_same_data(0, stored, {**stored, "seed": 1})
+
+
+def test_an_older_run_with_a_relative_data_path_resumes_mid_epoch_with_the_same_command(tmp_path, monkeypatch):
+    """A run from before data paths were stored absolute recorded data.path=graphs.pt; the current config holds it
+    absolute (_absolute_data_root), and the same command was refused mid-epoch ("keep data.path=graphs.pt"). Paths
+    compare as the files they name: the stored one read from here, or the absolute one its data module recorded."""
+    from zoo.tasks.graph.datasets import GraphClassificationDataModule
+
+    monkeypatch.chdir(tmp_path)
+    data = {"_target_": "zoo.tasks.graph.datasets.GraphClassificationDataModule", "name": "synthetic", "root": None,
+            "path": "graphs.pt", "seed": 0, "batch_size": 8}
+    current = {**data, "path": str(tmp_path / "graphs.pt")}
+    module = GraphClassificationDataModule(path=current["path"], batch_size=8)
+
+    def ckpt(stored_path, data_info=None):
+        return {"GraphClassificationDataModule": {"training_order": {"epoch": 0, "batches_done": 2,
+                                                                     "samples_done": 16, "seed": 0}},
+                "hyper_parameters": {"zoo_config": {"data": {**data, "path": stored_path}},
+                                     **({"data_info": data_info} if data_info else {})}}
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"data": current})
+    run._check_resumed_order_fits(ckpt("graphs.pt"), module, cfg)
+    run._check_resumed_order_fits(ckpt("graphs.pt", {"path": str(tmp_path / "graphs.pt")}), module, cfg)
+    # another file: refused, from the stored path or from the one the run recorded
+    for refused in (ckpt("other.pt"), ckpt("graphs.pt", {"path": str(tmp_path / "elsewhere" / "graphs.pt")})):
+        with pytest.raises(ValueError, match=r"cannot resume in the middle of epoch 0 with data\.path="):
+            run._check_resumed_order_fits(refused, module, cfg)
+
+
+def test_image_data_modules_record_their_absolute_root(tmp_path, monkeypatch):
+    """describe() (the .ckpt's data_info, a release's metadata.data) records an image folder's absolute root, which
+    zoo eval of a run whose config stored a relative data.root reads (_pin_stored_data_paths), as for graph data."""
+    import numpy as np
+    from PIL import Image
+
+    from zoo.tasks.vision.data import ImageFolderDataModule
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / "imgs" / split / label).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / split / label / "0.png")
+    monkeypatch.chdir(tmp_path)
+    module = ImageFolderDataModule(root="imgs", img_size=8, in_chans=1)
+    module.setup()
+    info = module.describe()
+    assert info["root"] == str(tmp_path / "imgs")
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"data": {"root": "imgs"}})
+    assert run._pin_stored_data_paths(cfg, info) == [] and cfg.data.root == str(tmp_path / "imgs")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -877,7 +877,8 @@ def load_graph_classification(name: str = "synthetic", root: Optional[str] = Non
     for g in every:
         del g["num_nodes"]
     return {"train": splits["train"], "val": splits["val"], "test": splits["test"], "num_features": num_features,
-            "num_classes": max(g["y"] for g in every) + 1, "degree_features": None if with_x else max_degree}
+            "num_classes": max(g["y"] for g in every) + 1, "degree_features": None if with_x else max_degree,
+            "seeded_split": not isinstance(raw, dict)}
 
 
 _Base = L.LightningDataModule if L is not None else object
@@ -952,7 +953,9 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
     Resumed in the middle of an epoch, only the loader keys may change (``data.batch_size``, as for images;
     ``data.num_neighbors``, ``data.num_workers``): the others make another data set (for generated graphs, sbm and
     networkx, ``data.seed`` regenerates the graph and its split), refused by zoo train
-    (:meth:`ResumableTrainingOrder.check_same_data`). ``data.seed`` is also this module's order seed."""
+    (:meth:`ResumableTrainingOrder.check_same_data`). ``data.seed`` is also this module's order seed: for karate,
+    Planetoid and OGB, whose split is their own, a change of it only orders the epochs after the current one (a note
+    says so, :meth:`data_depends_on_order_seed`)."""
 
     order_seed_key = "data.seed"
     mid_epoch_changeable_keys = ("batch_size", "num_neighbors", "num_workers")
@@ -994,6 +997,12 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
         self.expected = {"num_features": num_features, "num_classes": num_classes}
         self.data: Optional[dict] = None
         self._neighbor_sampler = None
+
+    def data_depends_on_order_seed(self) -> bool:
+        """data.seed generates sbm and draws the random split of sbm and networkx graphs (random_split_masks);
+        karate, Planetoid and OGB come with their own split and take only the training order from it
+        (_load_node_dataset)."""
+        return self.name == "sbm" or self.name.startswith("networkx:")
 
     def describe(self) -> dict:
         """Data facts stored with released weights (``metadata.data``): the dataset and its absolute root, which
@@ -1121,7 +1130,8 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
     are the same dicts (collate_graphs) whatever the source."""
 
     # data.seed orders the training graphs (and generates the synthetic set and the stratified split): a run resumed
-    # in the middle of an epoch names that key, and refuses a change of the graphs themselves there (ResumableTrainingOrder)
+    # in the middle of an epoch names that key, and refuses a change of the graphs themselves there, of data.seed too
+    # where it draws them (data_depends_on_order_seed; ResumableTrainingOrder)
     order_seed_key = "data.seed"
     mid_epoch_changeable_keys = ("batch_size", "num_workers")
 
@@ -1202,7 +1212,17 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
                                  f"{key}={sizes[key]} but the config says {want} (set data.{key}={sizes[key]})")
         self._sizes = sizes
         self._degree_features = data["degree_features"]
+        self._seeded_split = data["seeded_split"]
         self.splits = {split: data[split] for split in _SPLITS}
+
+    def data_depends_on_order_seed(self) -> bool:
+        """data.seed generates the synthetic graphs and draws the stratified split of graphs without a split of their
+        own (TU data sets, a plain list in data.path); a data set with its own split only takes its order from it
+        (ResumableTrainingOrder.check_same_data). The user's data is read here when it was not yet (describe)."""
+        if self.source == "synthetic":
+            return True
+        self.setup()
+        return self._seeded_split
 
     def _where(self) -> str:
         return self.options["path"] or self.options["dataset_class"]

@@ -133,6 +133,11 @@ class DictionaryLookupDataModule(ResumableTrainingOrder, _Base):
     validation is the test split, as the paper reports the best test accuracy)."""
 
     model_kind = "dictlookup"  # the registry suffix of the models that read these batches
+    # data.seed (fixed in configs/data/graph_dictlookup.yaml) draws the training order, the permutations and their
+    # split: a mid-epoch resume names that key, reads it from an older checkpoint's stored config, and refuses a
+    # change of it or of the data set's other keys (ResumableTrainingOrder); the others only batch and load
+    order_seed_key = "data.seed"
+    mid_epoch_changeable_keys = ("batch_size", "num_workers")
 
     def __init__(self, k: int = 10, batch_size: int = 1024, train_fraction: float = 0.8,
                  max_examples: int = 32000, seed: int = 11, num_workers: int = 0,

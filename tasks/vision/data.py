@@ -481,6 +481,12 @@ def loader_workers(num_workers: Union[int, str]) -> int:
 class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
     """Shared loaders; subclasses set ``self.train_set``/``val_set``/``test_set`` in ``setup``."""
 
+    # the data keys that define which images train: a mid-epoch resume refuses a change of them (another train / val
+    # split trained images twice, others never, and moved trained images into validation: audit 2026-12-06); the
+    # augmentation options, img_size (the same images resized), batch_size and num_workers may change there
+    # (ResumableTrainingOrder.check_same_data)
+    mid_epoch_fixed_keys = ("_target_", "root", "variant", "val_fraction", "split_seed")
+
     num_classes: int = 0
     class_names: list[str] = []
     default_img_size: int = 32
@@ -594,7 +600,9 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """Preprocessing facts stored with released weights and in the .ckpt (zoo predict, zoo eval and zoo viz use
-        them): size, channels, normalisation and the evaluation resize/crop (``eval_preprocessing``, resolved)."""
+        them): size, channels, normalisation and the evaluation resize/crop (``eval_preprocessing``, resolved), and
+        for image folders and CIFAR the absolute root (zoo eval of a run whose config stored a relative data.root
+        reads it, as for graph data: zoo.train.run._pin_stored_data_paths)."""
         self._require_stats()
         return {
             "img_size": self.img_size,
@@ -604,6 +612,7 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
             "class_names": list(self.class_names),
             "num_classes": self.num_classes,
             **self.eval_preprocessing(),
+            **({"root": os.path.abspath(self.root)} if getattr(self, "root", None) is not None else {}),
         }
 
     def eval_preprocessing(self) -> dict[str, Any]:

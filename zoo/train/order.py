@@ -9,6 +9,7 @@ Used by the vision data modules (zoo.tasks.vision.data) and the graph ones (zoo.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from typing import Any, Optional
 
@@ -97,10 +98,17 @@ class ResumableTrainingOrder:
     * another order seed (``seed=`` for images, ``data.seed`` for graphs: :attr:`order_seed_key`): the rest of the
       epoch keeps the order its first part was drawn in (the stored seed), and the new seed orders the epochs after
       it (a note says so). Refusing would lose nothing either, but makes a resume that can be made exactly fail;
-    * another data set: a data module that names the keys which may change mid-epoch
-      (:attr:`mid_epoch_changeable_keys`) refuses a change of any other data key there (:meth:`check_same_data`):
-      for generated graphs ``data.seed`` also regenerates the graph and its split, and the stored position counted
-      another list of training nodes.
+    * another data set: refused naming the key (:meth:`check_same_data`), the stored position counted another list
+      of training examples. A data module says which data keys count, in one of two ways: the keys that may change
+      mid-epoch (:attr:`mid_epoch_changeable_keys`, an allow-list: any other data key changed there is refused; the
+      graph modules, whose keys mostly make the data) or the keys that define the training set
+      (:attr:`mid_epoch_fixed_keys`, a deny-list: only those are refused; the vision modules, whose many
+      augmentation options change the tensors of the same images, not which images train). ``data.root`` /
+      ``data.path`` compare as the files they name, a relative one read from the current folder as the resumed run
+      reads it (runs from before data paths were stored absolute). Where the order seed is a data key
+      (``data.seed``), its change is accepted with the note above when the data set does not depend on it
+      (:meth:`data_depends_on_order_seed`: karate, Planetoid, OGB, graphs with their own split) and refused where
+      it does (generated graphs, whose graph and split it draws, and the stratified split of graphs without one).
 
     Checkpoints from before the samples and the seed were stored skip the batches done times the batch size and
     order seed of the checkpoint's own run, read from its stored ``zoo_config`` (:meth:`restore_old_order`, called
@@ -112,8 +120,11 @@ class ResumableTrainingOrder:
     # (their data.seed is ${seed}); data modules with their own data.seed say so
     order_seed_key: str = "seed"
     # the data keys that may change in the middle of an epoch; any other data key changed there is refused
-    # (check_same_data). None: not checked
+    # (check_same_data). None: mid_epoch_fixed_keys decides
     mid_epoch_changeable_keys: Optional[tuple[str, ...]] = None
+    # or the other way round: the data keys that define the training set, refused when changed mid-epoch (the
+    # others may change). Both None: not checked
+    mid_epoch_fixed_keys: Optional[tuple[str, ...]] = None
     # from the stored zoo_config of a checkpoint without samples_done / seed (restore_old_order): the batch size and
     # the order seed its epoch was trained with
     _old_batch_size: Optional[int] = None
@@ -177,12 +188,27 @@ class ResumableTrainingOrder:
                   f"with the data.batch_size it was trained with to train each sample once", file=sys.stderr)
         return None if self._old_batch_size is None else done * self._old_batch_size
 
+    def data_depends_on_order_seed(self) -> bool:
+        """Whether the data set (its examples or its split) is drawn with the order seed, when that seed is a data key
+        (``data.seed``): a mid-epoch change of it is then refused (:meth:`check_same_data`), otherwise accepted with
+        the note that the rest of the epoch keeps its stored order. True unless a data module knows better."""
+        return True
+
     def check_same_data(self, epoch: int, stored: Optional[dict], current: Optional[dict]) -> None:
         """A resume in the middle of ``epoch`` whose data config (``current``) differs from the checkpoint's
-        (``stored``) in a key other than :attr:`mid_epoch_changeable_keys`: refused, naming the key. The stored
-        position (the epoch's order and the samples done) counts the checkpoint's data set; with another one the
-        rest of the epoch would train other examples, twice or never."""
-        if self.mid_epoch_changeable_keys is None or not isinstance(stored, dict) or not isinstance(current, dict):
+        (``stored``) in a key that defines the data set (not in :attr:`mid_epoch_changeable_keys`, or in
+        :attr:`mid_epoch_fixed_keys`): refused, naming the key. The stored position (the epoch's order and the
+        samples done) counts the checkpoint's data set; with another one the rest of the epoch would train other
+        examples, twice or never."""
+        if not isinstance(stored, dict) or not isinstance(current, dict):
+            return
+        if self.mid_epoch_changeable_keys is not None:
+            checked = (set(stored) | set(current)) - set(self.mid_epoch_changeable_keys)
+            allowed = f"only data.{', data.'.join(self.mid_epoch_changeable_keys)} may change mid-epoch"
+        elif self.mid_epoch_fixed_keys is not None:
+            checked = set(self.mid_epoch_fixed_keys)
+            allowed = f"data.{', data.'.join(self.mid_epoch_fixed_keys)} define the training set"
+        else:
             return
         # a key on one side only counts as the data module's default there: a key added to the data config since the
         # checkpoint's run, at its default, reproduces what that run did (older runs resume as they were), while
@@ -192,14 +218,18 @@ class ResumableTrainingOrder:
         defaults = {name: parameter.default for name, parameter in inspect.signature(type(self).__init__).parameters.items()
                     if parameter.default is not inspect.Parameter.empty}
         unset = object()
-        for key in sorted((set(stored) | set(current)) - set(self.mid_epoch_changeable_keys)):
-            if stored.get(key, defaults.get(key, unset)) != current.get(key, defaults.get(key, unset)):
+        seed_key = self.order_seed_key[len("data."):] if self.order_seed_key.startswith("data.") else None
+        for key in sorted(checked):
+            before, now = stored.get(key, defaults.get(key, unset)), current.get(key, defaults.get(key, unset))
+            if key in _DATA_PATH_KEYS:
+                before, now = _as_read(before), _as_read(now)
+            if before != now and not (key == seed_key and not self.data_depends_on_order_seed()):
+                # (a new order seed that draws no data only orders the epochs after this one: training_sampler's note)
                 raise ValueError(
                     f"cannot resume in the middle of epoch {epoch} with {_setting(current, key)}: the checkpoint's "
                     f"run used {_setting(stored, key)}, which makes another data set or order than the one its "
                     f"position in the epoch counts; resume from a checkpoint written at an epoch's end, or keep "
-                    f"{_setting(stored, key)} (only data.{', data.'.join(self.mid_epoch_changeable_keys)} may "
-                    f"change mid-epoch)")
+                    f"{_setting(stored, key)} ({allowed})")
 
     def training_sampler(self, dataset: Dataset, batch_size: int) -> EpochShuffleSampler:
         """The training split's sampler, at the restored position (epoch 0 for a new run). The restored epoch is
@@ -243,6 +273,19 @@ class ResumableTrainingOrder:
                          f"counting the epoch in batches, would end it before its last samples; resume with "
                          f"data.batch_size<={largest} (a larger size can take over from a checkpoint at an epoch's "
                          f"end)")
+
+
+# the data keys that name files or folders (data.root: a data set's folder; data.path: graph classification's
+# torch.save'd list of Data); zoo.train.run stores them absolute since 2026-12-06
+_DATA_PATH_KEYS = ("root", "path")
+
+
+def _as_read(value):
+    """A data path as the file it names: a relative one (a run's config from before data paths were stored absolute)
+    read from the current folder, as a resumed run given it reads it, ``~`` expanded; other values as they are."""
+    if isinstance(value, str) and value and "://" not in value:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
 
 
 def _is_count(value) -> bool:

@@ -35,6 +35,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from zoo.layers import usable_cpus
+# the data keys that name files or folders (data.root: a data set's folder; data.path: graph classification's
+# torch.save'd list of Data)
+from zoo.train.order import _DATA_PATH_KEYS
 
 __all__ = ["compose", "build", "train", "evaluate", "predict", "load_for_inference", "CONFIG_MODULE"]
 
@@ -424,10 +427,6 @@ def _named_by_group(cfg, message: str) -> Optional[str]:
               if OmegaConf.is_dict(cfg.get(group)) and first in cfg[group] and not first.startswith("_")]
     return f"{groups[0]}.{message}" if len(groups) == 1 else None
 
-
-# the data keys that name files or folders (data.root: a data set's folder; data.path: graph classification's
-# torch.save'd list of Data)
-_DATA_PATH_KEYS = ("root", "path")
 
 
 def _is_local_path(value) -> bool:
@@ -833,6 +832,10 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     metrics = _float_metrics(trainer.callback_metrics)
     finished = resumed_at_step is not None and int(trainer.global_step) == int(resumed_at_step)
     stale = _stale_outputs(trainer, cfg, run_dir) if finished else set()
+    # outputs rewritten by a resume that trained nothing: the training time and train/* recorded at this step (this
+    # call has none of its own)
+    stored_seconds, stored_train = _stored_train_record(run_dir, int(trainer.global_step)) if stale else (None, {})
+    metrics.update({key: value for key, value in stored_train.items() if key not in metrics})
     if (_validates(cfg) and trainer.global_step > 0
             and (bool(stale) if finished else validated.step != int(trainer.global_step))):
         # the last epochs trained without validation (trainer.check_val_every_n_epoch not dividing max_epochs, or
@@ -864,10 +867,13 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         if finished:
             # interrupted after its last training step (during the final validation, test or the writing of its
             # outputs): the resume has nothing to train, but the run never wrote them whole; they are written now,
-            # with the training time the run recorded (this call trained nothing)
-            stored_seconds = _stored_train_seconds(run_dir)
+            # with the training time the run recorded at this step (this call trained nothing)
             if stored_seconds is not None:
                 seconds = result["seconds"] = stored_seconds
+            else:
+                print(f"zoo train: note: neither metrics.json nor released/ records the run's training time at step "
+                      f"{resumed_at_step} (they are of another step); the rewritten outputs record this call's "
+                      f"{seconds:.1f} s and no train/* metrics", file=sys.stderr)
             print(f"zoo train: the resumed run's training was already complete (step {resumed_at_step}); writing "
                   f"the {' and '.join(sorted(stale))} it had not written, or whose writing was interrupted",
                   file=sys.stderr)
@@ -903,7 +909,10 @@ def _check_resumed_order_fits(ckpt: dict, datamodule, cfg) -> None:
         return  # a new epoch: nothing of it trained yet
     stored = (ckpt.get("hyper_parameters") or {}).get("zoo_config")
     epoch, done, samples = int(order["epoch"]), int(order["batches_done"]), order.get("samples_done")
-    datamodule.check_same_data(epoch, stored.get("data") if isinstance(stored, dict) else None,
+    stored_data = dict(stored["data"]) if isinstance(stored, dict) and isinstance(stored.get("data"), dict) else None
+    if stored_data is not None:  # a relative data.path / data.root of an older run: the file its data module read
+        _pin_stored_data_paths({"data": stored_data}, (ckpt.get("hyper_parameters") or {}).get("data_info"))
+    datamodule.check_same_data(epoch, stored_data,
                                _to_container(cfg.get("data")) if cfg.get("data") is not None else None)
     if samples is None:
         samples = datamodule.restore_old_order(order, stored)
@@ -925,21 +934,34 @@ def _stale_outputs(trainer, cfg, run_dir: Path) -> set[str]:
     return stale
 
 
-def _stored_train_seconds(run_dir: Path) -> Optional[float]:
-    """The training time the run recorded before a kill: its model card's train_seconds, else metrics.json's
-    seconds (written after released/); None when neither file has it."""
+def _stored_train_record(run_dir: Path, global_step: int) -> tuple[Optional[float], dict[str, float]]:
+    """The training time and the train/* metrics the run recorded at ``global_step`` (the step it resumed at and
+    trained no further) before a kill: from metrics.json when it records that step, else from the model card when it
+    releases the final weights of that step ((None, {}) where neither does). A file of another step is not the run's
+    record: a kill after the last step of an extended run leaves the previous segment's metrics.json and release,
+    whose time (5.7 s for a step-84 run, that of its step-63 part: audit 2026-12-06) and train/* are that segment's.
+    Without a record the rewritten outputs carry this call's time and val/* and test/* only (zoo train notes it)."""
     from zoo.hub import read_config
 
+    records = []
     try:
-        seconds = ((read_config(run_dir / "released") or {}).get("metadata") or {}).get("train_seconds")
-    except Exception:  # a half-written release: metrics.json's record
-        seconds = None
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
-        try:
-            seconds = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("seconds")
-        except (OSError, ValueError, AttributeError):
-            seconds = None
-    return float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
+        record = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if isinstance(record, dict) and record.get("global_step") == global_step:
+            records.append((record.get("seconds"), record.get("metrics")))
+    except (OSError, ValueError):
+        pass
+    try:
+        card = (read_config(run_dir / "released") or {}).get("metadata") or {}
+    except Exception:  # a half-written release
+        card = {}
+    if card.get("weights") == {"ckpt": "final", "global_step": global_step}:
+        records.append((card.get("train_seconds"), card.get("metrics")))
+    for seconds, metrics in records:
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            train = {key: float(value) for key, value in (metrics if isinstance(metrics, dict) else {}).items()
+                     if key.startswith("train/") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+            return float(seconds), train
+    return None, {}
 
 
 def _metrics_are_current(path: Path, global_step: int) -> bool:
