@@ -202,3 +202,128 @@ def test_the_table_is_not_cut_when_piped(tmp_path, capsys):
     sweep.print_table(tmp_path, records)
     out = capsys.readouterr().out
     assert "model=maxvit_debug" in out and all(key in out for key in sweep._KEY_METRICS), out
+
+
+def test_a_rerun_keeps_the_stored_job_order_and_times(tmp_path):
+    """shuffle() orders the jobs anew on each expansion (Hydra does not seed it), so rerunning the same command was
+    refused as "holds another sweep": the same set of jobs now takes sweep.json's order (each job number keeps its
+    overrides and run directory); another set is still refused. A kept job keeps its recorded seconds (the job's
+    wall time; metrics.json's "seconds" is the fit's alone)."""
+    sweep_dir = tmp_path / "sweep"
+    args = [*KARATE, "seed=shuffle(0,1,2,3,4,5)"]
+    _, planned = sweep.plan(args, str(sweep_dir))
+    stored = sorted((job.overrides for job in planned), key=lambda overrides: overrides[-1], reverse=True)
+    assert [overrides[-1] for overrides in stored] == [f"seed={seed}" for seed in (5, 4, 3, 2, 1, 0)]
+    records = []
+    for number, overrides in enumerate(stored):  # a finished sweep, run in the order seed=5, 4, ..., 0
+        (sweep_dir / str(number)).mkdir(parents=True)
+        finished = {"metrics": {"val/acc1": number / 10}, "seconds": 1.5}
+        (sweep_dir / str(number) / "metrics.json").write_text(json.dumps(finished))
+        records.append({"job": number, "overrides": overrides, "run_dir": str(sweep_dir / str(number)),
+                        "status": "ok", "error": None, "metrics": finished["metrics"], "seconds": 9.0})
+    (sweep_dir / "sweep.json").write_text(json.dumps({"sweep_dir": str(sweep_dir), "overrides": args,
+                                                      "jobs": records}))
+    _, again = sweep.plan(args, str(sweep_dir))
+    assert [(job.number, job.overrides, job.run_dir) for job in again] == [
+        (number, overrides, sweep_dir / str(number)) for number, overrides in enumerate(stored)]
+    root, result = sweep.run(args, str(sweep_dir))
+    assert [record["overrides"] for record in result] == stored and _records(sweep_dir) == result
+    for record in result:
+        assert record["status"] == "ok" and record["skipped"] and record["seconds"] == 9.0
+        assert record["metrics"] == {"val/acc1": record["job"] / 10}
+    with pytest.raises(ValueError, match=r"holds another sweep \(6 jobs, the first .* seed=5\)"):
+        sweep.plan([*KARATE, "seed=shuffle(0,1,2,3,4,6)"], str(sweep_dir))
+
+
+def test_each_job_starts_from_the_process_settings(tmp_path, monkeypatch):
+    """The jobs run in one process: a job's num_threads=1 (experiment=vit_digits sets it) made every later job run
+    on one thread, with other weights than the same job run alone; its seed_everything left PL_GLOBAL_SEED set.
+    Each job now starts from the process's own settings, and the sweep leaves them as they were."""
+    seen = []
+    real_train = run.train
+    monkeypatch.setattr(run, "train", lambda cfg: seen.append(torch.get_num_threads()) or real_train(cfg))
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    default = torch.get_num_threads()
+    torch.set_num_threads(2)  # the process's count, other than job 0's num_threads=1
+    try:
+        code = cli.main(["train", "-m", *KARATE, "trainer.max_epochs=1", "num_threads=1,null",
+                         f"sweep_dir={tmp_path / 'sweep'}"])
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default)
+    threads = [[item for item in record["overrides"] if item.startswith("num_threads=")]
+               for record in _records(tmp_path / "sweep")]
+    assert code == 0 and threads == [["num_threads=1"], ["num_threads=null"]]
+    assert seen == [2, 2] and after == 2
+    assert "PL_GLOBAL_SEED" not in __import__("os").environ
+
+
+def test_sigterm_stops_the_sweep_with_exit_status_143(tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's, kill's) makes Lightning raise SIGTERMException, a SystemExit without a code: the
+    sweep stopped and the process exited 0, as if it had ended. It now exits 143 (128 + SIGTERM), says how to
+    continue, and job 0 is recorded as interrupted."""
+    import os
+
+    import lightning.pytorch as pl
+
+    class TermInFirstEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: SIGTERMException at the next step
+
+    real_group = run._instantiate_group
+    monkeypatch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
+        [TermInFirstEpoch()] if node is not None and "last" in str(node) else []))
+    sweep_dir = tmp_path / "sweep"
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        code = cli.main(["train", "-m", *KARATE, "trainer.max_epochs=3", "seed=0,1", f"sweep_dir={sweep_dir}"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert code == 143
+    assert [r["status"] for r in _records(sweep_dir)] == ["interrupted", "pending"]
+    assert (f"zoo train -m: sweep terminated (SIGTERM) in job 0; rerun the same command with sweep_dir={sweep_dir} "
+            f"to continue it") in capsys.readouterr().err
+
+
+def test_home_is_expanded_in_every_swept_value(tmp_path, monkeypatch):
+    """key=~/a,~/b: zoo train's ~ expansion (a single path) expanded the first value only, which Hydra's grammar
+    then refused, quoting the rewritten text. Each element is expanded; errors quote the override as written."""
+    import re
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    jobs = sweep.expand(["data.path=~/a,~/b", "+extra=choice(~/c,~)", "+quoted='~/d'"])
+    assert jobs == _hydra_jobs([f"data.path={tmp_path}/a,{tmp_path}/b", f"+extra=choice({tmp_path}/c,{tmp_path})",
+                                "+quoted='~/d'"])
+    assert jobs[0][0] == f"data.path={tmp_path}/a" and len(jobs) == 4
+    with pytest.raises(ValueError, match=re.escape("override 'data.path=~/a,b)' is not a Hydra override")):
+        sweep.expand(["data.path=~/a,b)"])
+
+
+def test_a_sweep_dir_with_an_interpolation_is_refused(tmp_path, capsys, monkeypatch):
+    """sweep_dir=outputs/${name}: Hydra resolved ${name} in each job's run_dir= override while sweep.json stayed in
+    the literal folder, so a rerun failed every job; it is refused before any job runs."""
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", "-m", *KARATE, "seed=0,1", "sweep_dir=sd_${name}"])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert code == 1 and first.startswith("zoo train: error: sweep_dir=sd_${name}: sweep_dir is a folder, not "
+                                          "resolved as a config value"), first
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["hydra.sweep.dir=/tmp/x"], "hydra.sweep.dir=/tmp/x: zoo train -m does not run Hydra's app runner; give the "
+                                 "sweep's folder as sweep_dir=/tmp/x"),
+    (["hydra.sweep.subdir=job"], "hydra.sweep.subdir=job: each job's folder is <sweep_dir>/<job number>"),
+    (["+hydra.sweeper.params.seed=0,1"], "+hydra.sweeper.params.seed=0,1: Hydra sweeper settings (sweeps set in a "
+                                         "config, other sweepers) are not supported"),
+    (["hydra.job.chdir=true"], "hydra.job.chdir=true: zoo train composes its config without Hydra's app runner"),
+])
+def test_hydra_settings_are_refused_before_any_job(tmp_path, capsys, argv, message):
+    """hydra.sweep.dir= (lightning-hydra-template's spelling) was not refused up front: every job failed, with advice
+    pointing at run_dir=, itself refused with -m."""
+    code = cli.main(["train", "-m", *KARATE, "seed=0,1", *argv, f"sweep_dir={tmp_path / 'sweep'}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.splitlines()[0].startswith("zoo train: error: ") and message in err.splitlines()[0], err
+    assert not (tmp_path / "sweep").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 __all__ = ["main", "VIZ_COMMANDS"]
@@ -76,10 +77,11 @@ range(start,stop[,step]); choice(a,b); glob(pattern) over a group's options; a g
 the last override varying fastest. The jobs run one after another in this process, each a zoo train into
 <sweep_dir>/<job number> (sweep_dir default outputs/<name>/multirun/<date>_<time>); <sweep_dir>/sweep.json records
 each job's overrides, status, metrics and seconds, and a table ends the sweep. A failed job does not stop the
-others (exit status 1 if any failed). Rerunning the same command with the same sweep_dir keeps the finished jobs
-and resumes an interrupted one from its last.ckpt. --cfg prints each job's config. Not with -m: run_dir= and
-ckpt_path= (each job has its own), interval() (for optimizing sweepers), multi-process DDP (its ranks re-run the
-command line: the whole sweep).
+others (exit status 1 if any failed; 143 when stopped by SIGTERM). Rerunning the same command with the same
+sweep_dir keeps the finished jobs and resumes an interrupted one from its last.ckpt (in the stored job order, so
+shuffle() sweeps continue too). --cfg prints each job's config. Not with -m: run_dir= and ckpt_path= (each job has
+its own), hydra.* (hydra.sweep.dir is sweep_dir=), ${...} in sweep_dir, interval() (for optimizing sweepers),
+multi-process DDP (its ranks re-run the command line: the whole sweep).
 e.g. zoo train -m experiment=graph_karate task.lr=1e-3,3e-3 seed=range(0,3) sweep_dir=outputs/lr_sweep  # 6 jobs
 """
 
@@ -180,7 +182,17 @@ def _cmd_train(argv: list[str]) -> int:
     if print_cfg:
         _print_config(cfg, resolve)
         return 0
-    result = run.train(cfg)
+    try:
+        result = run.train(cfg)
+    except SystemExit as stop:
+        if not _terminated(stop):
+            raise
+        run_dir = Path(str(cfg.get("run_dir")))  # set by run.train before it trains
+        last = run._last_checkpoint(run_dir)
+        where = (f"resume from its last checkpoint with ckpt_path={last}" if last.is_file()
+                 else "no checkpoint had been written yet")
+        print(f"zoo train: terminated (SIGTERM) during the run in {run_dir}; {where}", file=sys.stderr, flush=True)
+        return _SIGTERM_EXIT
     if result.get("global_zero", True):  # in DDP only global rank 0 prints the summary
         _print_summary(result)
     return 0
@@ -212,9 +224,27 @@ def _sweep(argv: list[str], print_cfg: bool, resolve: bool) -> int:
                 raise ValueError(f"job {job.number} ({' '.join(job.overrides)}): {job.error}")
             _print_config(run.compose(job.run_overrides()), resolve)
         return 0
-    root, records = sweep.run(overrides, sweep_dir)
+    try:
+        root, records = sweep.run(overrides, sweep_dir)
+    except SystemExit as stop:
+        if not _terminated(stop):
+            raise
+        return _SIGTERM_EXIT  # sweep.run has said where the sweep stopped and how to continue it
     sweep.print_table(root, records)
     return 1 if any(record["status"] != "ok" for record in records) else 0
+
+
+#: the exit status of a run stopped by SIGTERM, as a shell reports a process killed by it (128 + 15)
+_SIGTERM_EXIT = 143
+
+
+def _terminated(stop: SystemExit) -> bool:
+    """Whether zoo train stopped on SIGTERM (a cluster's scheduler, ``kill``, ``docker stop``): Lightning catches it
+    and raises SIGTERMException, a SystemExit without a code, after which the process exited 0 as if the run had
+    ended; a scheduler would take the run for done. It now exits 143, as a process killed by SIGTERM does."""
+    from zoo.train import sweep
+
+    return sweep._is_sigterm(stop)
 
 
 def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str]]:

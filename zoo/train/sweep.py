@@ -29,7 +29,11 @@ Deliberate differences from Hydra:
 * Rerunning the same command with the same ``sweep_dir=`` continues the sweep (Hydra reruns every job): a job whose
   run directory holds ``metrics.json`` (written when a zoo train run ends) is kept as it is, and a job with only
   ``checkpoints/last.ckpt`` resumes from it with zoo train's own resume (``ckpt_path=<its run_dir>/checkpoints/
-  last.ckpt``). A sweep_dir whose sweep.json lists other jobs is refused, as is a non-empty folder without one.
+  last.ckpt``). The jobs keep the numbers sweep.json gave them (``shuffle()`` orders them anew on each expansion);
+  a sweep_dir whose sweep.json lists another set of jobs is refused, as is a non-empty folder without one.
+* Each job starts from the process's own settings (:func:`_process_state_restored`): Hydra's basic launcher runs
+  its jobs in one process too, but zoo train changes process-wide settings (``num_threads=``).
+* SIGTERM stops the whole sweep as Ctrl-C does (the job is recorded as interrupted); zoo train -m then exits 143.
 * Multi-process DDP inside a sweep is refused (:func:`check_single_process`): Lightning's DDP launcher
   (``_SubprocessScriptLauncher``) starts the other ranks by re-running the command line, which here is the whole
   sweep. Tried with trainer=ddp_cpu seed=0,1: rank 1 started the sweep over from job 0 and ran it beside rank 0,
@@ -39,14 +43,17 @@ Deliberate differences from Hydra:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 __all__ = ["Job", "split_sweep_arguments", "expand", "check_single_process", "plan", "run", "print_table",
            "SWEEP_FILE"]
@@ -64,6 +71,7 @@ class Job:
     run_dir: Path
     error: Optional[str] = None
     record: dict[str, Any] = field(default_factory=dict)
+    previous: dict[str, Any] = field(default_factory=dict)  # its record in the sweep.json of an earlier run
 
     def run_overrides(self) -> list[str]:
         """The overrides that compose this job as it runs: its own, and its run directory."""
@@ -72,7 +80,10 @@ class Job:
 
 def split_sweep_arguments(argv: Sequence[str]) -> tuple[list[str], Optional[str]]:
     """(the Hydra overrides, ``sweep_dir``) from ``zoo train -m`` arguments (``-m`` / ``--multirun`` dropped);
-    ``run_dir=`` and ``ckpt_path=`` are refused: each job has its own run directory and resumes itself."""
+    ``run_dir=`` and ``ckpt_path=`` are refused: each job has its own run directory and resumes itself. Refused
+    too, before any job runs: a ``sweep_dir`` with ``${...}`` (each job's quoted ``run_dir=`` override would resolve
+    it, sweep.json would stay in the literal folder, and a rerun would find neither), and ``hydra.*`` settings
+    (:func:`_hydra_setting`)."""
     overrides, sweep_dir = [], None
     for token in argv:
         key, sep, value = token.partition("=")
@@ -80,7 +91,13 @@ def split_sweep_arguments(argv: Sequence[str]) -> tuple[list[str], Optional[str]
         if sep and name == "sweep_dir":
             if not value.strip():
                 raise ValueError("sweep_dir= is empty: give the folder the sweep's jobs go to (sweep_dir=DIR)")
+            if "${" in value:
+                raise ValueError(f"{token}: sweep_dir is a folder, not resolved as a config value (${{...}} would "
+                                 f"be resolved in the jobs' run_dir but not for sweep.json); give the folder "
+                                 f"literally, e.g. sweep_dir=outputs/<name>/my_sweep")
             sweep_dir = os.path.expanduser(value)
+        elif name == "hydra" or name.startswith("hydra."):
+            raise ValueError(_hydra_setting(token, name, value))
         elif name == "run_dir":
             raise ValueError(f"{token}: with -m each job has its own run_dir (<sweep_dir>/<job number>); give the "
                              f"sweep's folder as sweep_dir=DIR instead")
@@ -95,6 +112,23 @@ def split_sweep_arguments(argv: Sequence[str]) -> tuple[list[str], Optional[str]
     return overrides, sweep_dir
 
 
+def _hydra_setting(token: str, name: str, value: str) -> str:
+    """Why a ``hydra.*`` override is refused with -m, and what to give instead. ``zoo train`` composes its config
+    without Hydra's app runner, so Hydra's own settings never reach a sweeper: ``hydra.sweep.dir`` (the
+    lightning-hydra-template spelling of the sweep's folder) is ``sweep_dir=``; ``hydra.sweep.subdir`` is fixed to the
+    job number (Hydra's default ``${hydra.job.num}``); ``hydra.sweeper.params`` (sweeps set in a config file) is not
+    supported."""
+    if name == "hydra.sweep.dir":
+        return f"{token}: zoo train -m does not run Hydra's app runner; give the sweep's folder as sweep_dir={value}"
+    if name == "hydra.sweep.subdir":
+        return f"{token}: each job's folder is <sweep_dir>/<job number> (Hydra's default subdir); drop {name}"
+    if name.startswith("hydra.sweeper"):
+        return (f"{token}: Hydra sweeper settings (sweeps set in a config, other sweepers) are not supported; give "
+                f"the swept values on the command line (KEY=A,B), see docs/training.md section 4b")
+    return (f"{token}: zoo train composes its config without Hydra's app runner, so hydra.* settings have no effect; "
+            f"the sweep's folder is sweep_dir=DIR")
+
+
 def _config_loader():
     """Hydra's config loader for zoo.configs (glob() sweeps list a group's options through it)."""
     from hydra import initialize_config_module
@@ -107,41 +141,55 @@ def _config_loader():
     return GlobalHydra.instance().config_loader()
 
 
+# a ``~`` that starts an element of an override's value (``key=~/a,~/b``, ``key=choice(~/a,~/b)``) and is the whole
+# element or followed by ``/``; a quoted ``'~/a'`` is a string Hydra's grammar takes as it is, and is left alone
+_HOME_ELEMENT = re.compile(r"(?<![^=,(\[\s])~(?=/|,|\)|\]|\s|$)")
+
+
+def _expand_home_elements(item: str) -> str:
+    """``key=~/a,~/b`` with ``~`` expanded in every element: zoo.train.run._expand_home expands a value that starts with
+    ``~`` (a single path: ``key=~/a,~/b`` became ``key=/home/me/a,~/b``, which Hydra's grammar refuses)."""
+    key, sep, value = item.partition("=")
+    if not sep or key.startswith("~") or "~" not in value:
+        return item
+    return f"{key}={_HOME_ELEMENT.sub(lambda _: os.path.expanduser('~'), value)}"
+
+
 def expand(overrides: Sequence[str]) -> list[list[str]]:
     """The jobs of a sweep (each a list of overrides), as Hydra's BasicSweeper makes them: parsed by
     ``OverridesParser.parse_overrides`` and combined by ``BasicSweeper.split_arguments`` (hydra-core 1.3,
-    hydra/_internal/core_plugins/basic_sweeper.py), in its order."""
+    hydra/_internal/core_plugins/basic_sweeper.py), in its order. Errors quote the override as the user wrote it
+    (before ``~`` was expanded)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
     from hydra.errors import HydraException
 
-    from zoo.train import run as run_module
-
-    overrides = [run_module._expand_home(item) for item in overrides]
+    written = list(overrides)
     try:
         parser = OverridesParser.create(config_loader=_config_loader())
-        parsed = []
-        for item in overrides:
+        parsed, given = [], []
+        for item in written:
             try:
-                parsed += parser.parse_overrides([item])
+                parsed += parser.parse_overrides([_expand_home_elements(item)])
             except HydraException as error:
                 first = str(error).strip().splitlines()[0]
                 raise ValueError(f"override {item!r} is not a Hydra override: {first}") from None
-        for item in parsed:
+            given.append(item)
+        for item, text in zip(parsed, given):
             if item.value_type == ValueType.INTERVAL_SWEEP:
-                raise ValueError(f"{item.input_line}: interval() is a continuous range for optimizing sweepers "
+                raise ValueError(f"{text}: interval() is a continuous range for optimizing sweepers "
                                  f"(Optuna, Nevergrad), which zoo train -m does not run (nor does Hydra's basic "
                                  f"sweeper); list values (a,b,c), range(start,stop,step) or choice(a,b) instead")
         try:
             jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
         except HydraException as error:  # a glob() over a key that is not a config group, ...
-            raise ValueError(f"sweep {list(overrides)}: {str(error).strip().splitlines()[0]}") from None
+            raise ValueError(f"sweep {written}: {str(error).strip().splitlines()[0]}") from None
     finally:
         GlobalHydra.instance().clear()
     if not jobs:
-        empty = [item.input_line for item in parsed
+        empty = [text for item, text in zip(parsed, given)
                  if item.is_sweep_override() and not list(item.sweep_string_iterator())]
         raise ValueError(f"the sweep has no jobs: {', '.join(empty) or 'a sweep'} gives no values: give "
                          f"each swept key at least one")
@@ -202,7 +250,9 @@ def check_single_process(cfg, job: int) -> None:
 def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Path, list[Job]]:
     """(sweep_dir, the jobs) for a sweep's overrides: every job composed (a composition error is kept as the job's
     error: that job fails, the others run), multi-process jobs refused, and the sweep_dir checked to be this sweep's
-    (or new, or empty)."""
+    (or new, or empty). In a sweep_dir of an earlier run of this sweep, the jobs take the numbers (and the order)
+    that sweep.json gives them: ``shuffle()`` orders the jobs anew on each expansion (Hydra seeds it from nothing),
+    and a job's number is its run directory."""
     from zoo.train import run as run_module
 
     combinations = expand(overrides)
@@ -222,28 +272,43 @@ def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Pat
     for path in (root, *root.parents):
         if path.exists() and not path.is_dir():
             raise ValueError(f"sweep_dir={root}: {path} is an existing file, not a directory (give a directory)")
-    jobs = [Job(number, job_overrides, root / str(number), error)
-            for number, (job_overrides, (_, error)) in enumerate(zip(combinations, composed))]
-    _check_same_sweep(root, jobs)
-    return root, jobs
+    stored = _stored_jobs(root, combinations)
+    order = _stored_order(combinations, stored) if stored else range(len(combinations))
+    return root, [Job(number, combinations[index], root / str(number), composed[index][1],
+                      previous=stored[number] if stored else {})
+                  for number, index in enumerate(order)]
 
 
-def _check_same_sweep(root: Path, jobs: Sequence[Job]) -> None:
-    """A sweep continues in its own sweep_dir only: one whose sweep.json lists other jobs, or a non-empty folder
-    without sweep.json, is refused (its numbered run directories would be taken for this sweep's jobs)."""
+def _stored_jobs(root: Path, combinations: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+    """The job records of the sweep.json in ``root`` ([] for a new or empty folder). A sweep continues in its own
+    sweep_dir only: one whose sweep.json lists another set of jobs, or a non-empty folder without sweep.json, is
+    refused (its numbered run directories would be taken for this sweep's jobs)."""
     record = root / SWEEP_FILE
-    if record.is_file():
-        try:
-            listed = [job["overrides"] for job in json.loads(record.read_text(encoding="utf-8"))["jobs"]]
-        except (OSError, ValueError, TypeError, KeyError) as error:
-            raise ValueError(f"sweep_dir={root}: its {SWEEP_FILE} is unreadable ({_one_line(error)}): give another "
-                             f"sweep_dir") from None
-        if listed != [job.overrides for job in jobs]:
-            raise ValueError(f"sweep_dir={root} holds another sweep ({len(listed)} jobs, the first "
-                             f"{' '.join(listed[0]) if listed else 'none'}): give another sweep_dir, or that sweep's "
-                             f"own overrides to continue it")
-    elif root.is_dir() and any(root.iterdir()):
-        raise ValueError(f"sweep_dir={root} is a non-empty folder without {SWEEP_FILE}: give a new or empty folder")
+    if not record.is_file():
+        if root.is_dir() and any(root.iterdir()):
+            raise ValueError(f"sweep_dir={root} is a non-empty folder without {SWEEP_FILE}: give a new or empty "
+                             f"folder")
+        return []
+    try:
+        stored = json.loads(record.read_text(encoding="utf-8"))["jobs"]
+        listed = [list(job["overrides"]) for job in stored]
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"sweep_dir={root}: its {SWEEP_FILE} is unreadable ({_one_line(error)}): give another "
+                         f"sweep_dir") from None
+    if sorted(listed) != sorted(list(job) for job in combinations):
+        raise ValueError(f"sweep_dir={root} holds another sweep ({len(listed)} jobs, the first "
+                         f"{' '.join(listed[0]) if listed else 'none'}): give another sweep_dir, or that sweep's "
+                         f"own overrides to continue it")
+    return stored
+
+
+def _stored_order(combinations: Sequence[Sequence[str]], stored: Sequence[dict[str, Any]]) -> list[int]:
+    """For each job of sweep.json, in its order, the index of the same overrides in ``combinations`` (the same set,
+    checked by _stored_jobs; a combination listed twice is matched once per listing)."""
+    unused: dict[tuple[str, ...], list[int]] = {}
+    for index, job in enumerate(combinations):
+        unused.setdefault(tuple(job), []).append(index)
+    return [unused[tuple(job["overrides"])].pop(0) for job in stored]
 
 
 def _write_record(root: Path, overrides: Sequence[str], jobs: Sequence[Job]) -> None:
@@ -282,14 +347,18 @@ def _run_job(job: Job) -> None:
         return
     finished = _finished_metrics(job.run_dir)
     if finished is not None:
-        job.record.update(status="ok", metrics=finished["metrics"], seconds=finished.get("seconds"), skipped=True)
+        # a job kept from an earlier run keeps its recorded wall time (metrics.json's "seconds" is the fit's alone)
+        seconds = job.previous.get("seconds") if job.previous.get("status") == "ok" else None
+        job.record.update(status="ok", metrics=finished["metrics"], skipped=True,
+                          seconds=finished.get("seconds") if seconds is None else seconds)
         return
     last = job.run_dir / "checkpoints" / "last.ckpt"
     resume = [_path_override("ckpt_path", last)] if last.is_file() else []
     job.record["resumed_from"] = str(last) if last.is_file() else None
     start = time.perf_counter()
     try:
-        result = run_module.train(run_module.compose([*job.run_overrides(), *resume]))
+        with _process_state_restored():
+            result = run_module.train(run_module.compose([*job.run_overrides(), *resume]))
     except (KeyboardInterrupt, SystemExit):
         job.record.update(status="interrupted", seconds=round(time.perf_counter() - start, 3))
         raise
@@ -299,6 +368,44 @@ def _run_job(job: Job) -> None:
         print(f"zoo train -m: job {job.number} failed: {job.record['error']}", file=sys.stderr, flush=True)
         return
     job.record.update(status="ok", metrics=result.get("metrics", {}), seconds=round(time.perf_counter() - start, 3))
+
+
+@contextlib.contextmanager
+def _process_state_restored() -> Iterator[None]:
+    """Run a job with the process-wide settings that zoo train changes restored after it, as each job of Hydra's
+    basic launcher would start from the process's own: the jobs run in this process, and a job's ``num_threads=1``
+    (experiment=vit_digits sets it) made every later job run on one thread, with other weights than the same job
+    run alone. zoo.train.run sets ``torch.set_num_threads`` (num_threads=), the seeds and PL_GLOBAL_SEED /
+    PL_SEED_WORKERS (``seed_everything``; each job seeds again, the random states are restored anyway) and warnings
+    filters (a resumed job's); Lightning's Trainer sets ``torch.use_deterministic_algorithms``, cuDNN's flags and
+    CUBLAS_WORKSPACE_CONFIG for ``trainer.deterministic`` / ``trainer.benchmark``. The interop thread count is not
+    set by zoo train (torch allows setting it once per process)."""
+    import random
+
+    import numpy
+    import torch
+
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    matmul_precision = torch.get_float32_matmul_precision()
+    environment = dict(os.environ)
+    random_states = (random.getstate(), numpy.random.get_state(), torch.random.get_rng_state())
+    try:
+        with warnings.catch_warnings():  # the filters, restored as they were
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        torch.set_float32_matmul_precision(matmul_precision)
+        for key in set(os.environ) - set(environment):
+            del os.environ[key]
+        os.environ.update({key: value for key, value in environment.items() if os.environ.get(key) != value})
+        random.setstate(random_states[0])
+        numpy.random.set_state(random_states[1])
+        torch.random.set_rng_state(random_states[2])
 
 
 def run(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Path, list[dict[str, Any]]]:
@@ -314,14 +421,23 @@ def run(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Path
         print(f"zoo train -m: job {job.number}: {' '.join(job.overrides)}", file=sys.stderr, flush=True)
         try:
             _run_job(job)
-        except (KeyboardInterrupt, SystemExit):
-            print(f"zoo train -m: sweep interrupted in job {job.number}; rerun the same command with "
+        except (KeyboardInterrupt, SystemExit) as stop:
+            how = "terminated (SIGTERM)" if _is_sigterm(stop) else "interrupted"
+            print(f"zoo train -m: sweep {how} in job {job.number}; rerun the same command with "
                   f"sweep_dir={root} to continue it (finished jobs are kept, job {job.number} resumes)",
                   file=sys.stderr, flush=True)
             raise
         finally:
             _write_record(root, overrides, jobs)
     return root, [job.record for job in jobs]
+
+
+def _is_sigterm(stop: BaseException) -> bool:
+    """Whether ``stop`` ended a run on SIGTERM: Lightning's handler makes the loops raise ``SIGTERMException``, a
+    SystemExit without a code (so the interpreter would exit 0, as if the run had ended well)."""
+    lightning_errors = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    sigterm = getattr(lightning_errors, "SIGTERMException", None)
+    return isinstance(stop, SystemExit) and (stop.code is None or (sigterm is not None and isinstance(stop, sigterm)))
 
 
 # metrics shown in the table first, when a run has them (the rest of metrics.json is in sweep.json)
