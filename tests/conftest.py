@@ -47,3 +47,27 @@ FAST_RUN = ["experiment=vit_digits", "debug=fast", "num_threads=1", *TINY_VIT]
 def tiny_vit_overrides() -> list[str]:
     """Overrides for a fast vit_digits run: experiment + debug=fast + a one-block width-16 ViT."""
     return list(FAST_RUN)
+
+
+@pytest.fixture
+def sigterm_in_first_epoch(monkeypatch):
+    """Runs built by zoo train get a callback that sends this process SIGTERM at the end of epoch 0 (a scheduler's or
+    kill's signal: Lightning's handler raises SIGTERMException at the next step); the SIGTERM handler is restored
+    after the test."""
+    import signal
+
+    import lightning.pytorch as pl
+
+    from zoo.train import run
+
+    class TermInFirstEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    real_group = run._instantiate_group
+    monkeypatch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
+        [TermInFirstEpoch()] if node is not None and "last" in str(node) else []))
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)

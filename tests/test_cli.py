@@ -935,29 +935,13 @@ def test_eval_and_predict_take_a_run_directory(best_weights_run, tmp_path, capsy
     assert err.count("\n") == 2
 
 
-def test_sigterm_exits_143_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+def test_sigterm_exits_143_and_says_how_to_resume(tmp_path, capsys, sigterm_in_first_epoch):
     """SIGTERM (a scheduler's, kill's) makes Lightning raise SIGTERMException, a SystemExit without a code: zoo train
     stopped and exited 0, as if the run had ended. It now exits 143 (128 + SIGTERM, as a process killed by it) and
     names the ckpt_path= that resumes the run."""
-    import signal
-
-    import lightning.pytorch as pl
-
-    class TermInFirstEpoch(pl.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 0:
-                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: SIGTERMException at the next step
-
-    real_group = run._instantiate_group
-    monkeypatch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
-        [TermInFirstEpoch()] if node is not None and "last" in str(node) else []))
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        code = cli.main(["train", "experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1",
-                         "test=false", "export=false", "+trainer.enable_progress_bar=false", "trainer.max_epochs=3",
-                         f"run_dir={tmp_path / 'run'}"])
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    code = cli.main(["train", "experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1",
+                     "test=false", "export=false", "+trainer.enable_progress_bar=false", "trainer.max_epochs=3",
+                     f"run_dir={tmp_path / 'run'}"])
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert code == 143 and last.is_file() and not (tmp_path / "run" / "metrics.json").exists()
     assert (f"zoo train: terminated (SIGTERM) during the run in {tmp_path / 'run'}; resume from its last checkpoint "
