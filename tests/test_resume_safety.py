@@ -610,3 +610,33 @@ def test_a_release_naming_an_unknown_model_names_its_config(tmp_path):
         zoo.from_pretrained(tmp_path / "rel")
     assert isinstance(info.value, KeyError)  # still the registry's UnknownModelError for callers catching it
     assert "\n" not in str(info.value)
+
+
+def test_a_mid_epoch_checkpoint_from_before_split_seed_resumes(tmp_path, cut_run, sampler_passes, capsys):
+    """A vision checkpoint from before data.split_seed (its data.seed drew the split): zoo train continues it with
+    data.split_seed = its data.seed, and the mid-epoch data check compared that with "no data.split_seed", refusing
+    the resume (and "keep no data.split_seed" would have drawn another split). The stored config is read the same
+    way: the resume is accepted and the rest of the epoch is exactly the samples not trained yet."""
+    cut_dir, full, trained = cut_run
+    _as_an_old_checkpoint(cut_dir / "checkpoints" / "last.ckpt", "split_seed")
+    _resume_copy(tmp_path, cut_dir, "older", "data.batch_size=64")
+    assert Counter(trained + _last_pass(sampler_passes, 0)) == Counter(full)
+
+
+def test_the_data_check_reads_defaults_from_the_base_constructor_and_follows_links(tmp_path):
+    """DigitsDataModule(*args, **kwargs) passes split_seed on to VisionDataModule: its default was not seen, so a key
+    absent on one side compared as unset. A data.root given through a symbolic link names the same files."""
+    from zoo.tasks.vision.data import DigitsDataModule, ImageFolderDataModule
+
+    assert order._constructor_defaults(DigitsDataModule)["split_seed"] == 0
+    module = DigitsDataModule()
+    module.check_same_data(0, {"seed": 0}, {"seed": 0, "split_seed": 0})  # the default on one side: the same split
+    with pytest.raises(ValueError, match=r"data\.split_seed=3"):
+        module.check_same_data(0, {"seed": 0}, {"seed": 0, "split_seed": 3})
+    real = tmp_path / "imgs"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    folder = ImageFolderDataModule.__new__(ImageFolderDataModule)
+    folder.check_same_data(0, {"root": str(real)}, {"root": str(tmp_path / "link")})
+    with pytest.raises(ValueError, match=r"data\.root="):
+        folder.check_same_data(0, {"root": str(real)}, {"root": str(tmp_path)})

@@ -311,3 +311,24 @@ def test_hydra_settings_are_refused_before_any_job(tmp_path, capsys, argv, messa
     assert code == 1
     assert err.splitlines()[0].startswith("zoo train: error: ") and message in err.splitlines()[0], err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_variables_a_library_sets_at_import_stay_for_later_jobs(tmp_path, monkeypatch, capsys):
+    """The restore deleted every variable a job added: scikit-learn's import-time KMP_* settings, set once when job 0
+    first imported it, were gone for every later job. Only what zoo train and Lightning set is restored."""
+    import os
+
+    monkeypatch.delenv("ZOO_TEST_IMPORT_TIME", raising=False)
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # an earlier run.train in this process set it
+    seen = []
+    real_train = run.train
+
+    def train(cfg):
+        os.environ.setdefault("ZOO_TEST_IMPORT_TIME", "1")  # as a module imported for the first time would
+        seen.append(os.environ.get("PL_GLOBAL_SEED"))
+        return real_train(cfg)
+
+    monkeypatch.setattr(run, "train", train)
+    assert cli.main(["train", "-m", *KARATE, "seed=0,1", f"sweep_dir={tmp_path / 'sweep'}"]) == 0
+    assert os.environ.get("ZOO_TEST_IMPORT_TIME") == "1"
+    assert "PL_GLOBAL_SEED" not in os.environ and seen == [None, None]

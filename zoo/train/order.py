@@ -213,10 +213,7 @@ class ResumableTrainingOrder:
         # a key on one side only counts as the data module's default there: a key added to the data config since the
         # checkpoint's run, at its default, reproduces what that run did (older runs resume as they were), while
         # +data.normalize_features=true changes the data set
-        import inspect
-
-        defaults = {name: parameter.default for name, parameter in inspect.signature(type(self).__init__).parameters.items()
-                    if parameter.default is not inspect.Parameter.empty}
+        defaults = _constructor_defaults(type(self))
         unset = object()
         seed_key = self.order_seed_key[len("data."):] if self.order_seed_key.startswith("data.") else None
         for key in sorted(checked):
@@ -282,10 +279,29 @@ _DATA_PATH_KEYS = ("root", "path")
 
 def _as_read(value):
     """A data path as the file it names: a relative one (a run's config from before data paths were stored absolute)
-    read from the current folder, as a resumed run given it reads it, ``~`` expanded; other values as they are."""
+    read from the current folder, as a resumed run given it reads it, ``~`` expanded, symbolic links followed (a
+    link to the run's folder names the same files); other values as they are."""
     if isinstance(value, str) and value and "://" not in value:
-        return os.path.abspath(os.path.expanduser(value))
+        return os.path.realpath(os.path.expanduser(value))
     return value
+
+
+def _constructor_defaults(cls) -> dict[str, Any]:
+    """The keyword defaults of ``cls``'s constructor and of its bases' (a data module's ``__init__(*args, **kwargs)``
+    passes split_seed / val_fraction on to its base, whose signature holds their defaults); the subclass's win."""
+    import inspect
+
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        defaults.update({p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty})
+    return defaults
 
 
 def _is_count(value) -> bool:

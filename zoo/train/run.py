@@ -912,6 +912,8 @@ def _check_resumed_order_fits(ckpt: dict, datamodule, cfg) -> None:
     stored_data = dict(stored["data"]) if isinstance(stored, dict) and isinstance(stored.get("data"), dict) else None
     if stored_data is not None:  # a relative data.path / data.root of an older run: the file its data module read
         _pin_stored_data_paths({"data": stored_data}, (ckpt.get("hyper_parameters") or {}).get("data_info"))
+    if _older_vision_data(stored_data):  # its data.seed drew the split: what _continue_an_older_run continues with
+        stored_data["split_seed"] = stored_data["seed"]
     datamodule.check_same_data(epoch, stored_data,
                                _to_container(cfg.get("data")) if cfg.get("data") is not None else None)
     if samples is None:

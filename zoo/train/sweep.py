@@ -370,6 +370,11 @@ def _run_job(job: Job) -> None:
     job.record.update(status="ok", metrics=result.get("metrics", {}), seconds=round(time.perf_counter() - start, 3))
 
 
+# environment variables a job sets: Lightning's seed_everything (PL_GLOBAL_SEED, PL_SEED_WORKERS) and deterministic
+# mode (CUBLAS_WORKSPACE_CONFIG), zoo train's run directory (zoo.train.run.RUN_DIR_ENV)
+_JOB_ENVIRONMENT = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG", "ZOO_RUN_DIR")
+
+
 @contextlib.contextmanager
 def _process_state_restored() -> Iterator[None]:
     """Run a job with the process-wide settings that zoo train changes restored after it, as each job of Hydra's
@@ -400,9 +405,13 @@ def _process_state_restored() -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
         torch.set_float32_matmul_precision(matmul_precision)
-        for key in set(os.environ) - set(environment):
-            del os.environ[key]
-        os.environ.update({key: value for key, value in environment.items() if os.environ.get(key) != value})
+        # the variables zoo train and Lightning set or change, as they were (variables a library sets once when it is
+        # first imported during a job -- scikit-learn's KMP_* -- stay: the next job does not import it again)
+        for key in _JOB_ENVIRONMENT:
+            if key in environment:
+                os.environ[key] = environment[key]
+            else:
+                os.environ.pop(key, None)
         random.setstate(random_states[0])
         numpy.random.set_state(random_states[1])
         torch.random.set_rng_state(random_states[2])
