@@ -293,7 +293,7 @@ def test_a_mid_epoch_resume_with_another_data_set_is_refused(tmp_path):
             run.train(_sampled_sbm(tmp_path, "cut", change, f"ckpt_path={last}"))
         assert (tmp_path / "cut" / "config.yaml").read_text() == config
     resumed = run.train(_sampled_sbm(tmp_path, "cut", "data.batch_size=2", "data.num_neighbors=[2,2]",
-                                     "+data.num_workers=0", f"ckpt_path={last}"))
+                                     "data.num_workers=0", f"ckpt_path={last}"))
     assert resumed["global_step"] == 6 + 4  # the epoch's 15 - 8 seeds left, in batches of 2
 
 
