@@ -762,12 +762,20 @@ def _as_graph(data, where: str) -> dict:
              "edge_index": edge_index.long(), "y": int(label)}
     edge_attr = get("edge_attr")
     if isinstance(edge_attr, Tensor):  # edge features (the classifiers' edge_dim), one row per edge
-        edge_attr = edge_attr.view(-1, 1) if edge_attr.dim() == 1 else edge_attr
-        if edge_attr.dim() != 2 or edge_attr.size(0) != edge_index.size(1):
-            raise ValueError(f"{where}: edge_attr must be [num_edges, edge_dim] with one row per edge_index column "
-                             f"({edge_index.size(1)}), got shape {tuple(edge_attr.shape)}")
-        graph["edge_attr"] = edge_attr.float()
+        graph["edge_attr"] = _per_edge_features(edge_attr, edge_index, where)
     return graph
+
+
+def _per_edge_features(edge_attr: Tensor, edge_index: Tensor, where: str) -> Tensor:
+    """edge_attr as float [num_edges, edge_dim], one row per edge_index column (1-D: one feature per edge); any
+    other shape refused, naming ``where`` (zoo predict's node files too: there another row count crashed in view(),
+    or, when the values divided evenly, was silently cut into other rows)."""
+    num_edges = edge_index.size(1)
+    rows = edge_attr.view(-1, 1) if edge_attr.dim() == 1 else edge_attr
+    if rows.dim() != 2 or rows.size(0) != num_edges:
+        raise ValueError(f"{where}: edge_attr must be [num_edges, edge_dim] with one row per edge_index column "
+                         f"({num_edges}), got shape {tuple(edge_attr.shape)}")
+    return rows.float()
 
 
 def one_hot_degree(graph: dict, max_degree: int) -> Tensor:

@@ -239,7 +239,7 @@ def _check_width(x: Tensor, width: Optional[int], where: str, data_cfg: dict) ->
 def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
     """Every node of the one graph in ``raw``, x preprocessed as the run's (normalize_feature_rows when
     data.normalize_features)."""
-    from zoo.tasks.graph.datasets import normalize_feature_rows
+    from zoo.tasks.graph.datasets import normalize_feature_rows, _per_edge_features
 
     if isinstance(raw, (list, tuple)):
         raise ValueError(f"input={spec} holds a list of {len(raw)} items; a node-classification model predicts the "
@@ -269,18 +269,6 @@ def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
     edges = _per_edge_features(edge_attr, edge_index, f"input={spec}") if isinstance(edge_attr, Tensor) else None
     return {"graphs": [{"x": x, "edge_index": edge_index.long(), "edge_attr": edges}],
             "rows": [(0, i, f"{name} node {i}", labels[i]) for i in range(n)]}
-
-
-def _per_edge_features(edge_attr: Tensor, edge_index: Tensor, where: str) -> Tensor:
-    """edge_attr as [num_edges, edge_dim], one row per edge_index column (1-D: one feature per edge): the rule of
-    the training loader's ``_as_graph``. Another row count crashed in view(), or, when the values divided evenly,
-    was silently cut into other rows."""
-    num_edges = edge_index.size(1)
-    rows = edge_attr.view(-1, 1) if edge_attr.dim() == 1 else edge_attr
-    if rows.dim() != 2 or rows.size(0) != num_edges:
-        raise ValueError(f"{where}: edge_attr must be [num_edges, edge_dim] with one row per edge_index column "
-                         f"({num_edges}), got shape {tuple(edge_attr.shape)}")
-    return rows.float()
 
 
 class _RunDataUnreadable(ValueError):

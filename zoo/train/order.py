@@ -277,11 +277,16 @@ class ResumableTrainingOrder:
 _DATA_PATH_KEYS = ("root", "path")
 
 
+def _is_local_path(value) -> bool:
+    """A path value on this machine (not empty, not null, not a URL such as s3://...)."""
+    return isinstance(value, str) and bool(value) and "://" not in value
+
+
 def _as_read(value):
     """A data path as the file it names: a relative one (a run's config from before data paths were stored absolute)
     read from the current folder, as a resumed run given it reads it, ``~`` expanded, symbolic links followed (a
     link to the run's folder names the same files); other values as they are."""
-    if isinstance(value, str) and value and "://" not in value:
+    if _is_local_path(value):
         return os.path.realpath(os.path.expanduser(value))
     return value
 

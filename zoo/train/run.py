@@ -36,8 +36,8 @@ import torch
 
 from zoo.layers import usable_cpus
 # the data keys that name files or folders (data.root: a data set's folder; data.path: graph classification's
-# torch.save'd list of Data)
-from zoo.train.order import _DATA_PATH_KEYS
+# torch.save'd list of Data), and which of their values are paths on this machine
+from zoo.train.order import _DATA_PATH_KEYS, _is_local_path
 
 __all__ = ["compose", "build", "train", "evaluate", "predict", "load_for_inference", "CONFIG_MODULE"]
 
@@ -426,12 +426,6 @@ def _named_by_group(cfg, message: str) -> Optional[str]:
     groups = [group for group in ("task", "data", "model")
               if OmegaConf.is_dict(cfg.get(group)) and first in cfg[group] and not first.startswith("_")]
     return f"{groups[0]}.{message}" if len(groups) == 1 else None
-
-
-
-def _is_local_path(value) -> bool:
-    """A path value on this machine (not empty, not null, not a URL such as s3://...)."""
-    return isinstance(value, str) and bool(value) and "://" not in value
 
 
 def _absolute_data_root(cfg) -> None:
