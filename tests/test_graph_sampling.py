@@ -289,11 +289,12 @@ def test_a_mid_epoch_resume_with_another_data_set_is_refused(tmp_path):
                                              rf"{change.lstrip('+').replace('true', 'True')}: the checkpoint's run "
                                              rf"used {stored}, .*resume from a checkpoint written at an epoch's end, "
                                              rf"or keep {stored} \(only data\.batch_size, data\.num_neighbors, "
-                                             rf"data\.num_workers may change mid-epoch\)$"):
+                                             rf"data\.num_workers, data\.inference_batch_size may change "
+                                             rf"mid-epoch\)$"):
             run.train(_sampled_sbm(tmp_path, "cut", change, f"ckpt_path={last}"))
         assert (tmp_path / "cut" / "config.yaml").read_text() == config
     resumed = run.train(_sampled_sbm(tmp_path, "cut", "data.batch_size=2", "data.num_neighbors=[2,2]",
-                                     "data.num_workers=0", f"ckpt_path={last}"))
+                                     "data.num_workers=0", "data.inference_batch_size=4", f"ckpt_path={last}"))
     assert resumed["global_step"] == 6 + 4  # the epoch's 15 - 8 seeds left, in batches of 2
 
 
@@ -415,3 +416,112 @@ def test_ddp_processes_share_out_the_seeds(tmp_path):
     mean = sum(len(seeds) * loss for seeds, loss in both) / sum(len(seeds) for seeds, _ in both)
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["metrics"]
     assert metrics["train/loss"] == pytest.approx(mean, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ layer-wise inference
+def _awkward_graph(num_nodes=50):
+    """Random edges plus what full-graph code handles specially: a self loop, a duplicate edge, isolated nodes."""
+    edge_index = _random_graph(num_nodes - 3, 200, seed=3)  # the last 3 nodes have no edge at all
+    extra = torch.tensor([[5, 9, 9], [5, 2, 2]])  # a self loop 5 -> 5 and a doubled edge 9 -> 2
+    return torch.cat([edge_index, extra], dim=1)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("gatv2_node", {}),
+    ("gat_node", {}),
+    ("gatv2_node", {"edge_dim": 3, "num_layers": 3, "residual": True}),
+    ("gat_node", {"edge_dim": 2}),
+    ("gatv2_node", {"add_self_loops": False, "share_weights": True}),
+])
+@pytest.mark.parametrize("chunk", [1, 7, 49, 50, 64])
+def test_layerwise_inference_equals_the_full_graph_forward(name, options, chunk):
+    """GATNodeClassifier.inference (chunks of nodes, each with all its in-edges, layer by layer) against the
+    eval-mode full-graph forward (the reference), on a graph with a self loop, a duplicate and isolated nodes."""
+    num_nodes = 50
+    edge_index = _awkward_graph(num_nodes)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(num_nodes, 5, generator=g)
+    edge_attr = torch.randn(edge_index.size(1), options["edge_dim"], generator=g) if "edge_dim" in options else None
+    torch.manual_seed(0)
+    model = zoo.create_model(name, in_channels=5, num_classes=4, hidden_channels=4, heads=2, **options).eval()
+    with torch.no_grad():
+        reference = model(x, edge_index, edge_attr=edge_attr)
+    out = model.inference(x, edge_index, edge_attr=edge_attr, batch_size=chunk)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert not out.requires_grad
+    again = model.inference(x, edge_index, edge_attr=edge_attr, batch_size=chunk,
+                            sampler=NeighborSampler(edge_index, num_nodes))
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+
+
+def test_layerwise_inference_refuses_what_would_not_be_the_forward():
+    edge_index = _awkward_graph()
+    x = torch.randn(50, 5)
+    model = zoo.create_model("gatv2_node_debug", in_channels=5, num_classes=3)
+    with pytest.raises(RuntimeError, match=r"runs the eval-mode model layer by layer: call model\.eval\(\) first"):
+        model.inference(x, edge_index)
+    model.eval()
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError, match=r"^inference: batch_size must be a positive integer \(nodes per chunk\)"):
+            model.inference(x, edge_index, batch_size=bad)
+    with pytest.raises(ValueError, match=r"^inference: sampler must be a NeighborSampler of this graph \(50 nodes\), "
+                                         r"got 60 nodes"):
+        model.inference(x, edge_index, sampler=NeighborSampler(_random_graph(), 60))
+    with pytest.raises(ValueError, match=r"^inference: the sampler was built from \d+ edges but edge_index has \d+: build it from this"):
+        model.inference(x, edge_index, sampler=NeighborSampler(_random_graph(50, 240, seed=5)[:, :240], 50))
+    with pytest.raises(ValueError, match=r"built with edge_dim=None|built without edge features"):
+        model.inference(x, edge_index, edge_attr=torch.randn(edge_index.size(1), 2))
+    empty = model.inference(torch.zeros(0, 5), torch.zeros(2, 0, dtype=torch.long))
+    assert empty.shape == (0, 3)
+
+
+def test_inference_batch_size_gives_the_full_graph_metrics_and_predictions(tmp_path, capsys, monkeypatch):
+    """A run with data.inference_batch_size (validation, test and zoo predict layer by layer) logs the metrics and
+    predicts the probabilities of the same run without it (one full-graph forward each)."""
+    pytest.importorskip("hydra")
+    from zoo.cli import main
+    from zoo.tasks.graph.gat import GATNodeClassifier
+
+    chunks = []
+    layerwise = GATNodeClassifier.inference
+
+    def counted(self, *args, **kwargs):
+        chunks.append(kwargs["batch_size"])
+        return layerwise(self, *args, **kwargs)
+
+    monkeypatch.setattr(GATNodeClassifier, "inference", counted)
+    runs = {}
+    for name, extra in (("full", []), ("layerwise", ["data.inference_batch_size=7"])):
+        assert main(["train", "num_threads=1", "logger=none", "callbacks=minimal", "export=false",
+                     "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                     "experiment=graph_sbm", "model.name=gatv2_node_debug", "trainer.max_epochs=3",
+                     "trainer.check_val_every_n_epoch=1", "+task.ema_decay=0.5", f"run_dir={tmp_path / name}",
+                     *extra]) == 0
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]
+        # layer-wise: the 3 validation epochs, the sanity check, the final validation and the test
+        assert chunks == ([] if name == "full" else [7] * len(chunks)) and (name == "full" or len(chunks) >= 5)
+    for key in ("val/acc1", "train/acc1", "test/acc1"):
+        assert runs["layerwise"][key] == pytest.approx(runs["full"][key], abs=1e-6), key
+    predicted = {}
+    for name in runs:
+        capsys.readouterr()
+        calls_before = len(chunks)
+        assert main(["predict", f"ckpt={tmp_path / name}", "input=nodes:all", "topk=3", "json=true"]) == 0
+        predicted[name] = json.loads(capsys.readouterr().out)
+        assert len(chunks) == calls_before + (name == "layerwise")
+    assert len(predicted["full"]) == 180
+    for full, layerwise in zip(predicted["full"], predicted["layerwise"]):
+        assert [c for c, _ in full["top"]] == [c for c, _ in layerwise["top"]]
+        assert [p for _, p in layerwise["top"]] == pytest.approx([p for _, p in full["top"]], abs=1e-6)
+
+
+def test_bad_inference_batch_size_is_named():
+    for bad in (0, -1, 1.5, "x", True):
+        with pytest.raises(ValueError, match=r"^data\.inference_batch_size must be a positive integer \(nodes per "
+                                             r"chunk of layer-wise inference\) or null"):
+            gd.NodeDataModule(name="karate", inference_batch_size=bad)
+    module = gd.NodeDataModule(name="karate", inference_batch_size=5)
+    module.setup()
+    batch = next(iter(module.val_dataloader()))
+    assert batch["inference_batch_size"] == 5 and isinstance(batch["neighbor_sampler"], NeighborSampler)
+    assert "inference_batch_size" not in next(iter(module.train_dataloader()))  # training stays a full batch

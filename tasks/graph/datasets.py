@@ -512,7 +512,7 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
 
 # NodeDataModule's mini-batch keys: they change how the training loader batches the graph, not the graph, so
 # load_node_dataset ignores them (``zoo viz graph ckpt=`` passes every recorded data option on)
-_TRAINING_LOADER_KEYS = ("batch_size", "num_neighbors")
+_TRAINING_LOADER_KEYS = ("batch_size", "num_neighbors", "inference_batch_size")
 
 
 def load_node_dataset(name: str, root: Optional[str] = None, seed: int = 0, normalize_features: bool = False,
@@ -520,7 +520,8 @@ def load_node_dataset(name: str, root: Optional[str] = None, seed: int = 0, norm
     """Dispatch on ``name`` (see the module docstring); ``normalize_features``: the rows of x summing to 1
     (:func:`normalize_feature_rows`, PyG's NormalizeFeatures). Here rather than in the data module alone, so that
     ``zoo viz graph ckpt=`` (which passes the recorded data options on) feeds a model the features it trained on.
-    ``batch_size`` / ``num_neighbors`` (NodeDataModule's training batches) are accepted and ignored."""
+    ``batch_size`` / ``num_neighbors`` / ``inference_batch_size`` (how NodeDataModule batches the graph) are accepted
+    and ignored."""
     for key in _TRAINING_LOADER_KEYS:  # how the training loader batches the graph (NodeDataModule), not the graph
         kwargs.pop(key, None)
     data = _load_node_dataset(name, root, seed, **kwargs)
@@ -954,9 +955,10 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
     on resume as for graph classification), each batch the seeds' sampled subgraph (:class:`_SampledTrainingNodes`).
     Under DDP that sampler (a DistributedSampler, which Lightning does not wrap again) gives each process its own share
     of the seeds, padded as PyTorch's DistributedSampler pads (a few seeds repeated) so that every process runs the
-    same number of steps. Validation, test and predict stay full-graph: exact outputs for every node (PyG's
-    examples/reddit.py evaluates with all neighbours too, layer-wise); the CSR of the graph is built once, at the
-    first training loader, and kept.
+    same number of steps. Validation, test and predict give exact outputs for every node: one full-graph forward, or
+    with ``inference_batch_size`` the model's layer-wise ``inference`` in chunks of that many nodes (PyG's
+    examples/reddit.py evaluates with all neighbours, layer-wise, the same way): the same logits without every edge
+    of the graph in memory at once. The CSR of the graph is built once, at the first loader that needs it, and kept.
 
     Resumed in the middle of an epoch, only the loader keys may change (``data.batch_size``, as for images;
     ``data.num_neighbors``, ``data.num_workers``): the others make another data set (for generated graphs, sbm and
@@ -966,12 +968,12 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
     says so, :meth:`data_depends_on_order_seed`)."""
 
     order_seed_key = "data.seed"
-    mid_epoch_changeable_keys = ("batch_size", "num_neighbors", "num_workers")
+    mid_epoch_changeable_keys = ("batch_size", "num_neighbors", "num_workers", "inference_batch_size")
 
     def __init__(self, name: str = "karate", root: Optional[str] = None, seed: int = 0,
                  num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "node",
                  num_workers: int = 0, normalize_features: bool = False, batch_size: Optional[int] = None,
-                 num_neighbors: Optional[list] = None, **kwargs):
+                 num_neighbors: Optional[list] = None, inference_batch_size: Optional[int] = None, **kwargs):
         super().__init__()
         if model_kind != "node":
             raise ValueError(f"node-classification data need model_kind='node', got {model_kind!r}")
@@ -986,12 +988,17 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
         if unknown and kind in _LOADER_OPTIONS:  # an unknown dataset name is reported by setup()
             raise ValueError(
                 f"unknown key data.{unknown[0]} for the {name!r} dataset (its keys: name, root, seed, num_features, "
-                f"num_classes, model_kind, num_workers, normalize_features, batch_size, num_neighbors"
+                f"num_classes, model_kind, num_workers, normalize_features, batch_size, num_neighbors, "
+                f"inference_batch_size"
                 f"{''.join(', ' + o for o in options)})"
             )
         if kind == "sbm":  # named here, before the generator's own RuntimeError deep inside torch.bernoulli
             _check_sbm_arguments("data.", **kwargs)
         self.batch_size, self.num_neighbors = _check_node_batches(batch_size, num_neighbors)
+        if inference_batch_size is not None and (not is_int(inference_batch_size) or inference_batch_size < 1):
+            raise ValueError(f"data.inference_batch_size must be a positive integer (nodes per chunk of layer-wise "
+                             f"inference) or null (one full-graph forward), got {inference_batch_size!r}")
+        self.inference_batch_size = None if inference_batch_size is None else int(inference_batch_size)
         # num_workers (set by debug=fast for every data config): the sampled training batches' loader workers; unused
         # by the full batch (one graph, already in memory)
         if self.batch_size is not None and (not is_int(num_workers) or num_workers < 0):
@@ -1045,22 +1052,32 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
         whose checkpoints stay as they were."""
         return super().state_dict() if self.batch_size is not None else {}
 
-    def _loader(self):
+    def _loader(self, evaluation: bool = False):
         """Under DDP Lightning's DistributedSampler pads this one-item dataset: every process gets the whole graph
-        (the masks, not the sampler, split it), so the metrics are equal on all processes."""
+        (the masks, not the sampler, split it), so the metrics are equal on all processes. Evaluation batches with
+        ``inference_batch_size`` also carry it and the graph's NeighborSampler (NodeClassificationModule then runs
+        the model's layer-wise ``inference``)."""
         batch = {k: v for k, v in self.data.items() if isinstance(v, torch.Tensor)}
+        if evaluation and self.inference_batch_size is not None:
+            batch.update(inference_batch_size=self.inference_batch_size, neighbor_sampler=self._sampler())
         return torch.utils.data.DataLoader([batch], batch_size=None)
 
-    def _sampled_training_nodes(self) -> _SampledTrainingNodes:
+    def _sampler(self):
+        """The graph's NeighborSampler (the CSR of its in-edges), sorted once and shared by the sampled training
+        batches and layer-wise inference."""
         from zoo.tasks.graph.sampling import NeighborSampler
 
+        self.setup()
+        if self._neighbor_sampler is None:
+            self._neighbor_sampler = NeighborSampler(self.data["edge_index"], self.data["x"].size(0))
+        return self._neighbor_sampler
+
+    def _sampled_training_nodes(self) -> _SampledTrainingNodes:
         self.setup()
         if int(self.data["train_mask"].sum()) == 0:
             raise ValueError(f"dataset {self.name!r} has no training node (train_mask is empty): nothing to sample "
                              f"batches from; use data.batch_size=null")
-        if self._neighbor_sampler is None:  # the CSR of the in-edges: sorted once per graph
-            self._neighbor_sampler = NeighborSampler(self.data["edge_index"], self.data["x"].size(0))
-        return _SampledTrainingNodes(self.data, self._neighbor_sampler, self.num_neighbors, self.seed)
+        return _SampledTrainingNodes(self.data, self._sampler(), self.num_neighbors, self.seed)
 
     def train_dataloader(self):
         """The whole graph (full batch), or batches of ``batch_size`` training nodes with their sampled
@@ -1073,14 +1090,14 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
                                            collate_fn=dataset.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
-        return self._loader()
+        return self._loader(evaluation=True)
 
     def test_dataloader(self):
-        return self._loader()
+        return self._loader(evaluation=True)
 
     def predict_dataloader(self):
         """The whole graph: ``trainer.predict`` gives every node's class probabilities (select with the masks)."""
-        return self._loader()
+        return self._loader(evaluation=True)
 
 
 def _check_node_batches(batch_size, num_neighbors) -> tuple[Optional[int], Optional[list]]:

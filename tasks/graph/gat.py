@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import check_ints, in_torch_export, is_tracing
+from zoo.layers import check_ints, in_torch_export, is_int, is_tracing
 from zoo.registry import register_model
 
 __all__ = ["make_conv", "GATNodeClassifier", "GATGraphClassifier", "DictionaryLookupNet", "global_mean_pool"]
@@ -159,6 +159,59 @@ class GATNodeClassifier(nn.Module):
             if i < len(self.convs) - 1:
                 x = F.elu(x)
         return (x, attn) if return_attention_weights else x
+
+    @torch.no_grad()
+    def inference(self, x_NF: Tensor, edge_index: Tensor, *, edge_attr: Optional[Tensor] = None,
+                  batch_size: int = 4096, sampler=None) -> Tensor:
+        """Layer-wise inference for graphs too large for one full-graph :meth:`forward`: logits [N, K], equal to the
+        eval-mode ``forward`` (up to float rounding), without its memory.
+
+        PyG's pattern for large graphs (examples/reddit.py and ogbn_products_sage.py, ``SAGE.inference`` over a
+        ``NeighborLoader(num_neighbors=[-1])``): each layer runs over every node before the next starts, in chunks of
+        ``batch_size`` consecutive nodes; a chunk's layer input is its nodes and their in-neighbours with all their
+        in-edges (:meth:`zoo.tasks.graph.sampling.NeighborSampler.sample` with ``[-1]``, the chunk's nodes first), so
+        each node aggregates exactly what the full graph gives it. The peak memory is that of one chunk's
+        neighbourhood and two [N, width] layer outputs instead of every edge of the graph at once.
+
+        ``sampler``: a NeighborSampler of this ``edge_index`` (its in-edge CSR, O(E log E) to build), to reuse across
+        calls; built here when not given. Runs without autograd, in eval mode only (dropout between the layers
+        would make it another model than ``forward``'s): call ``model.eval()`` first."""
+        from zoo.tasks.graph.sampling import NeighborSampler
+
+        if self.training:
+            raise RuntimeError("GATNodeClassifier.inference runs the eval-mode model layer by layer: call "
+                               "model.eval() first")
+        if not is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"inference: batch_size must be a positive integer (nodes per chunk), got {batch_size!r}")
+        if not isinstance(x_NF, Tensor) or x_NF.dim() != 2:
+            raise ValueError(f"inference: x must be a [num_nodes, num_features] tensor, got "
+                             f"{tuple(x_NF.shape) if isinstance(x_NF, Tensor) else type(x_NF).__name__}")
+        _check_edge_attr(self.edge_dim, edge_attr)
+        num_nodes = x_NF.size(0)
+        if sampler is None:
+            sampler = NeighborSampler(edge_index.cpu(), num_nodes)
+        elif not isinstance(sampler, NeighborSampler) or sampler.num_nodes != num_nodes:
+            raise ValueError(f"inference: sampler must be a NeighborSampler of this graph ({num_nodes} nodes), got "
+                             f"{getattr(sampler, 'num_nodes', type(sampler).__name__)} nodes")
+        elif sampler.edge_ids.numel() != edge_index.size(-1):
+            raise ValueError(f"inference: the sampler was built from {sampler.edge_ids.numel()} edges but edge_index "
+                             f"has {edge_index.size(-1)}: build it from this edge_index")
+        if num_nodes == 0:  # nothing to chunk: the forward's own empty-graph result
+            return self.forward(x_NF, edge_index, edge_attr=edge_attr)
+        device = x_NF.device
+        chunks = [torch.arange(start, min(start + batch_size, num_nodes)) for start in range(0, num_nodes, batch_size)]
+        x = x_NF
+        for i, conv in enumerate(self.convs):
+            out = None
+            for nodes in chunks:
+                sub = sampler.sample(nodes, [-1])
+                extra = () if edge_attr is None else (edge_attr[sub.e_id.to(edge_attr.device)],)
+                y = conv(x[sub.n_id.to(device)], sub.edge_index.to(device), *extra)[:nodes.numel()]
+                if out is None:
+                    out = y.new_empty(num_nodes, y.size(-1))
+                out[nodes.to(device)] = y
+            x = F.elu(out) if i < len(self.convs) - 1 else out
+        return x
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ optimise with plain Adam and a constant learning rate, as the GAT and GATv2 pape
   Batch: {"x" [N, F], "edge_index" [2, E], "y" [N], "train_mask", "val_mask", "test_mask" [N] bool}.
   With ``data.batch_size`` the training batches are sampled subgraphs instead ({"x" [n, F], "edge_index", "y" [n],
   "n_id", "e_id", "batch_size"}, zoo.tasks.graph.sampling): the loss over their ``batch_size`` seed nodes, the
-  first rows, as PyG's NeighborLoader examples; validation and test stay full-graph.
+  first rows, as PyG's NeighborLoader examples; validation and test run on the whole graph (exact), in one forward
+  or, with ``data.inference_batch_size``, layer by layer in chunks of nodes (the model's ``inference``).
 * :class:`GraphTargetsModule` -- mini-batches of small graphs, cross-entropy either on target nodes
   (DictionaryLookup: {"x", "edge_index", "target_index" [Q], "y" [Q], "num_graphs"}) or on whole graphs
   (graph classification: {"x", "edge_index", "batch" [N], "num_graphs", "y" [G]}).
@@ -148,7 +149,15 @@ class NodeClassificationModule(_GraphModule):
         self.metrics = self._mean_metrics(("train_loss", "train_acc1_dropout"))
 
     def forward(self, batch, model: Optional[nn.Module] = None):
-        return (model or self.model)(batch["x"], batch["edge_index"], **self._edge_features(batch))
+        model = model or self.model
+        if "inference_batch_size" in batch and not model.training:  # evaluation batches of data.inference_batch_size
+            if not callable(getattr(model, "inference", None)):
+                raise ValueError(f"data.inference_batch_size runs the model layer by layer, which "
+                                 f"{type(model).__name__} does not offer (GATNodeClassifier.inference does): set "
+                                 f"data.inference_batch_size=null")
+            return model.inference(batch["x"], batch["edge_index"], batch_size=batch["inference_batch_size"],
+                                   sampler=batch["neighbor_sampler"], **self._edge_features(batch))
+        return model(batch["x"], batch["edge_index"], **self._edge_features(batch))
 
     @staticmethod
     def _acc(logits, batch, mask_name):

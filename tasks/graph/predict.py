@@ -94,7 +94,7 @@ def predict_graph(model: torch.nn.Module, data_cfg: dict, inputs: Sequence[str],
             items = (_file_nodes(raw, spec, width, data_cfg) if kind == "node"
                      else _file_graphs(raw, spec, width, data_cfg, lambda: _trained_node_features(
                          data_info, datamodule, ckpt, spec, width, data_cfg)))
-        rows += _predict_items(model, kind, items, spec, topk, batch_size)
+        rows += _predict_items(model, kind, items, spec, topk, batch_size, data_cfg.get("inference_batch_size"))
     return rows
 
 
@@ -158,8 +158,9 @@ def _run_nodes(datamodule, spec: str) -> dict:
     n = data["x"].size(0)
     masks = {"all": torch.ones(n, dtype=torch.bool), **{s: data[f"{s}_mask"] for s in SPLITS[1:]}}
     chosen = _selection(spec, n, masks, "node")
+    sampler = datamodule._sampler() if getattr(datamodule, "inference_batch_size", None) else None
     return {"graphs": [{key: data.get(key) for key in ("x", "edge_index", "edge_attr")}],
-            "rows": [(0, i, f"node {i}", int(data["y"][i])) for i in chosen]}
+            "rows": [(0, i, f"node {i}", int(data["y"][i])) for i in chosen], "sampler": sampler}
 
 
 def _run_graphs(datamodule, spec: str) -> dict:
@@ -353,14 +354,20 @@ def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict,
 
 
 # ------------------------------------------------------------------------------------------------- forward
-def _predict_items(model, kind: str, items: dict, spec: str, topk: int, batch_size: int) -> list[dict[str, Any]]:
+def _predict_items(model, kind: str, items: dict, spec: str, topk: int, batch_size: int,
+                   inference_batch_size: Optional[int] = None) -> list[dict[str, Any]]:
     """Rows for ``items`` ({"graphs", "rows": (graph, node or None, input label, class label or None)}): node
-    models run on the whole graph (a node's prediction depends on its neighbours), graph models in batches of
-    ``batch_size`` graphs (collate_graphs, as training batched them)."""
+    models run on the whole graph (a node's prediction depends on its neighbours) -- layer by layer in chunks of
+    ``inference_batch_size`` nodes when the run set data.inference_batch_size, as its validation did -- graph models
+    in batches of ``batch_size`` graphs (collate_graphs, as training batched them)."""
     if kind == "node":
         graph = items["graphs"][0]
         extra = {"edge_attr": graph["edge_attr"]} if graph.get("edge_attr") is not None else {}
-        probs = _forward(lambda: model(graph["x"], graph["edge_index"], **extra), spec)
+        if inference_batch_size:
+            probs = _forward(lambda: model.inference(graph["x"], graph["edge_index"], batch_size=inference_batch_size,
+                                                     sampler=items.get("sampler"), **extra), spec)
+        else:
+            probs = _forward(lambda: model(graph["x"], graph["edge_index"], **extra), spec)
         chosen = probs[[node for _, node, _, _ in items["rows"]]]
     else:
         from zoo.tasks.graph.datasets import collate_graphs
