@@ -104,3 +104,25 @@ def test_dense_warmup_sampling_loop():
     assert sum(kind == "Radial" for _, _, kind, _ in used) == 3  # steps 2-4, layer 1
     assert schedule.sparse_fraction(2) == 3 / 12
     assert isinstance(schedule.mask(0, 1, radial), Full)
+
+
+def test_rope_grid_error_says_how_to_leave_trailing_text_tokens_unrotated():
+    """Radial's layout puts text tokens after the video; a (frames, rows, cols) grid size covers only the video, and
+    the error says what to pass instead. Following it: the text rows come back unchanged and the video rows are
+    rotated exactly as with the grid size alone."""
+    import pytest
+
+    from zoo.attention import RotaryEmbedding
+    from zoo.attention.rope import grid_positions
+
+    frames, rows, cols, text = 2, 3, 4, 5
+    rope = RotaryEmbedding(12, mode="3d")
+    x = torch.randn(1, 2, frames * rows * cols + text, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"grid 2x3x4 has 24 cells but there are 29 tokens\. .*for tokens after it "
+                                         r"\(the text tokens of Radial\(\.\.\., text_tokens=\.\.\.\)\) pass positions "
+                                         r"as a \(29, 3\) tensor of \(frame, row, col\) positions with zero rows"):
+        rope(x, (frames, rows, cols))
+    positions = torch.cat((grid_positions(frames, rows, cols), torch.zeros(text, 3)))
+    out = rope(x, positions)
+    torch.testing.assert_close(out[:, :, -text:], x[:, :, -text:], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :, :-text], rope(x[:, :, :-text], (frames, rows, cols)), rtol=0, atol=1e-12)

@@ -162,8 +162,13 @@ class RotaryEmbedding(nn.Module):
         if len(sizes) != axes:
             raise ValueError(f"{self.mode} RoPE: a grid size has {axes} numbers, got {tuple(positions)}")
         if math.prod(sizes) != num_tokens:
-            raise ValueError(f"{self.mode} RoPE: grid {'x'.join(map(str, sizes))} has {math.prod(sizes)} cells but "
-                             f"there are {num_tokens} tokens")
+            axes_names = "(frame, row, col)" if self.mode == "3d" else "(row, col)"
+            raise ValueError(
+                f"{self.mode} RoPE: grid {'x'.join(map(str, sizes))} has {math.prod(sizes)} cells but there are "
+                f"{num_tokens} tokens. Tokens before the grid (a class token) stay unrotated with num_prefix_tokens; "
+                f"for tokens after it (the text tokens of Radial(..., text_tokens=...)) pass positions as a "
+                f"({num_tokens}, {axes}) tensor of {axes_names} positions with zero rows for them (a rotation by "
+                f"angle 0 is the identity)")
         return sizes
 
     def _check_positions(self, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
