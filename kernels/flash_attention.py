@@ -1058,8 +1058,12 @@ def _check_inputs(q, k, v, score, scale) -> None:
         raise ValueError(f"flash_attention: head dims up to {MAX_HEAD_DIM} are supported, got D={d}, Dv={dv}")
     if score not in ("softmax", "sigmoid"):
         raise ValueError(f"flash_attention: score must be 'softmax' or 'sigmoid', got {score!r}")
-    if scale is not None and not (_is_real(scale) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"flash_attention: scale must be a positive finite number, got {scale!r}")
+    # any finite real scale, as attend() and SDPA take it: the row maxima are taken over the scaled scores, so 0
+    # (uniform weights) and negative scales need nothing special; the backward multiplies dq, dk by it
+    if scale is not None and not _is_real(scale):
+        raise TypeError(f"flash_attention: scale must be a real number, got {type(scale).__name__} {scale!r}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"flash_attention: scale must be a finite number, got {scale!r}")
 
 
 def _is_real(value) -> bool:
@@ -1212,7 +1216,8 @@ def flash_attention(
         bias: float tensor broadcastable to (B, H, Nq, Nk) or a zoo.attention.AttentionBias. An
             :class:`~zoo.attention.ALiBi` is computed inside the kernel from its slopes (O(N) memory, no bias
             tensor, no gradient: its slopes are fixed); other bias objects are materialised.
-        scale: default 1/sqrt(D).
+        scale: default 1/sqrt(D); any finite real number (0: uniform weights over the allowed keys; negative values
+            as SDPA computes them).
         score: "softmax" or "sigmoid" (sigmoid(scale * q.k + bias - log Nk), no normalisation).
         return_lse: also return the row log-sum-exp (B, H, Nq) fp32 in natural log (softmax only; -inf for
             rows with no allowed key; differentiable). With dropout it is that of the scores before dropout.

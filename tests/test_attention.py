@@ -127,10 +127,13 @@ CPU_BACKENDS = [None] + [name for name in za.list_backends() if name != "triton"
 @pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b or "auto")
 @pytest.mark.parametrize("mask_name", ["none", "causal", "window"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("scale", [0.6, 0.05])
+@pytest.mark.parametrize("scale", [0.6, 0.05, 0.0, -0.7])
 def test_explicit_scale_is_used_by_every_backend(backend, mask_name, with_bias, scale):
     """scale= replaces the default 1/sqrt(D) (here 1/4) on every path: a large and a small scale, both far from it,
-    so a backend that fell back to the default, or applied the scale twice, misses the float64 reference."""
+    so a backend that fell back to the default, or applied the scale twice, misses the float64 reference. Zero
+    (uniform weights over the allowed keys) and a negative scale too, as SDPA computes them (attend() refused
+    both: "scale must be a positive finite number"). SDPA's CPU flash kernel returns NaN for is_causal=True at such
+    a scale (torch 2.11): the causal rows here check that attend() hands SDPA the dense mask instead."""
     q, k, v = make_qkv(2, 2, 1, 40, 40, 16, seed=3)  # Nq == Nk: Causal takes SDPA's is_causal kernel
     mask = {"none": None, "causal": Causal(), "window": Window(6, 2)}[mask_name]
     bias = torch.randn(1, 2, 40, 40, generator=torch.Generator().manual_seed(4)) if with_bias else None
@@ -475,7 +478,15 @@ def test_reference_dropout_is_unbiased_and_weights_are_pre_dropout(score):
         (lambda: (torch.randn(1, 2, 8, 16).half(), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), "share a dtype"),
         (lambda: (torch.ones(1, 2, 8, 16, dtype=torch.long),) * 3, "floating-point"),
         (lambda: (torch.full((1, 2, 8, 16), float("nan")), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), "NaN"),
-        (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 0)), r"empty input .*v \(1, 2, 8, 0\)"),
+        (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 0)),
+         r"at least one head and head dims of at least 1 .*v \(1, 2, 8, 0\)"),
+        (lambda: (torch.randn(1, 2, 8, 0), torch.randn(1, 2, 8, 0), torch.randn(1, 2, 8, 4)), "head dims of at least 1"),
+        (lambda: (torch.randn(1, 0, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), "at least one head"),
+        # the other checks still apply to empty tensors
+        (lambda: (torch.randn(0, 2, 8, 16), torch.randn(0, 2, 8, 8), torch.randn(0, 2, 8, 16)), "head dim"),
+        (lambda: (torch.randn(1, 2, 0, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)), "batch sizes differ"),
+        (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 0, 16).half(), torch.randn(1, 2, 0, 16)), "share a dtype"),
+        (lambda: (torch.randn(1, 3, 8, 16), torch.randn(1, 2, 0, 16), torch.randn(1, 2, 0, 16)), "multiple of key/value"),
     ],
 )
 def test_bad_tensors_raise_clear_errors(make, pattern):
@@ -724,10 +735,108 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
 
     q = torch.randn(1, 1, 3, 4)
     torch.testing.assert_close(attend(q, q, q, scale=np.float32(0.5)), attend(q, q, q, scale=0.5))
-    for kwargs, message in ((dict(scale=True), "scale must be a positive finite number, got True"),
-                            (dict(dropout_p=False), "dropout_p must be in \\[0, 1\\), got False")):
-        with pytest.raises(ValueError, match=message):
-            attend(q, q, q, **kwargs)
+    with pytest.raises(TypeError, match="scale must be a real number \\(or a 0-d tensor\\), got bool True"):
+        attend(q, q, q, scale=True)
+    with pytest.raises(ValueError, match="dropout_p must be in \\[0, 1\\), got False"):
+        attend(q, q, q, dropout_p=False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b or "auto")
+def test_zero_d_tensor_scale_is_read_as_sdpa_reads_it(backend):
+    """scale=torch.tensor(0.5) (a temperature kept as a buffer): the result of scale=0.5 and of SDPA given the same
+    tensor, on every backend. attend() refused it with "scale must be a positive finite number, got
+    tensor(0.5000)", a range error for an in-range value."""
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 8, seed=11)
+    scale = torch.tensor(0.5)
+    want = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    torch.testing.assert_close(attend(q, k, v, scale=scale, backend=backend), want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, scale=scale, backend=backend), attend(q, k, v, scale=0.5, backend=backend))
+    torch.testing.assert_close(attend(q, k, v, scale=torch.tensor(-1, dtype=torch.int64), backend=backend),
+                               attend(q, k, v, scale=-1.0, backend=backend))
+
+
+def test_bad_scales_are_named():
+    """Refused with what is wrong: NaN / inf (finite numbers only), non-numbers and tensors that are not 0-d real
+    ones (a type error, not a range error), a tensor that requires grad (attend() reads its value: no gradient
+    would reach a learned temperature; SDPA drops it silently) and a tensor under torch.compile (float() of it
+    is data-dependent there)."""
+    q = torch.randn(1, 1, 3, 4)
+    for scale in (float("nan"), float("inf"), -float("inf"), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match="attend: scale must be a finite number, got"):
+            attend(q, q, q, scale=scale)
+    for scale, message in (("0.5", "got str '0.5'"), (torch.tensor([0.5]), "shape \\(1,\\)"),
+                           (torch.tensor(True), "torch.bool tensor"), (torch.tensor(1j), "torch.complex64 tensor")):
+        with pytest.raises(TypeError, match=f"attend: scale must be a real number.*{message}"):
+            attend(q, q, q, scale=scale)
+    learned = torch.nn.Parameter(torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"scale is a tensor that requires grad.*attend\(q \* scale, k, v, scale=1.0\)"):
+        attend(q, q, q, scale=learned)
+    with torch.no_grad():  # no gradient is asked for: read as a number
+        torch.testing.assert_close(attend(q, q, q, scale=learned), attend(q, q, q, scale=0.5))
+    compiled = torch.compile(lambda x, s: attend(x, x, x, scale=s), backend="eager")
+    with pytest.raises(TypeError, match="under torch.compile / torch.export / jit tracing pass a Python float"):
+        compiled(q, torch.tensor(0.5))
+
+
+# ---- empty inputs (B = 0, Nq = 0, Nk = 0), as SDPA computes them ------------------------------------------
+EMPTY_SHAPES = {  # (q shape, k / v shape without the last dim)
+    "batch0": ((0, 4, 5, 8), (0, 2, 6)),
+    "nq0": ((2, 4, 0, 8), (2, 2, 6)),
+    "nk0": ((2, 4, 5, 8), (2, 2, 0)),
+    "all0": ((0, 4, 0, 8), (0, 2, 0)),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b or "auto")
+@pytest.mark.parametrize("case", list(EMPTY_SHAPES))
+@pytest.mark.parametrize("mask_name", ["none", "causal", "window", "segments"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_empty_inputs_give_sdpas_result_and_gradients(backend, case, mask_name, with_bias):
+    """A batch of 0, no queries or no keys: the output and the gradients of q, k, v (GQA: 4 query heads over 2)
+    are SDPA's -- empty, or zeros (B, H, Nq, Dv) when Nk = 0, the zoo's result for a row whose keys are all masked
+    -- on every backend, with a mask and a bias that requires grad (its gradient comes back in its own shape).
+    attend() refused all of them ("attend: empty input")."""
+    q_shape, kv_shape = EMPTY_SHAPES[case]
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(q_shape, generator=g).requires_grad_(True)
+    k = torch.randn(*kv_shape, 8, generator=g).requires_grad_(True)
+    v = torch.randn(*kv_shape, 3, generator=g).requires_grad_(True)
+    batch, _, nq, _ = q_shape
+    nk = kv_shape[2]
+    ids = torch.zeros(max(batch, 1), nq, dtype=torch.long), torch.zeros(max(batch, 1), nk, dtype=torch.long)
+    mask = {"none": None, "causal": Causal(), "window": Window(2, 0), "segments": Segments(*ids)}[mask_name]
+    bias = torch.randn(1, 4, nq, nk, generator=g).requires_grad_(True) if with_bias else None
+    out = attend(q, k, v, mask, bias, backend=backend)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert out.shape == want.shape == (batch, 4, nq, 3) and out.dtype == want.dtype
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    leaves = (q, k, v) + ((bias,) if with_bias else ())
+    grads = torch.autograd.grad(out.sum(), leaves)
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    for got, peer in zip(grads, want_grads):
+        torch.testing.assert_close(got, peer, rtol=0, atol=0)
+    if with_bias:
+        assert grads[3].shape == bias.shape and not grads[3].any()
+
+
+def test_empty_inputs_return_weights_and_named_backends():
+    """return_weights gives (B, H, Nq, Nk) weights (empty) beside the output; a backend named for the call still
+    refuses what it cannot run, with its reason; a mask or bias of the wrong length is still named."""
+    q, k, v = make_qkv(2, 4, 2, 5, 0, 8)
+    out, weights = attend(q, k, v, Causal(), return_weights=True)
+    assert out.shape == (2, 4, 5, 8) and not out.any() and weights.shape == (2, 4, 5, 0)
+    out, weights = attend(q[:0], k[:0], v[:0], return_weights=True)
+    assert out.shape == (0, 4, 5, 8) and weights.shape == (0, 4, 5, 0)
+    with pytest.raises(ValueError, match="backend 'sdpa' cannot run this call: return_weights=True"):
+        attend(q, k, v, return_weights=True, backend="sdpa")
+    with pytest.raises(ValueError, match="blocksparse' cannot run this call: dropout_p > 0"):
+        attend(q, k, v, dropout_p=0.1, backend="blocksparse")
+    with pytest.raises(ValueError, match=r"Segments ids have lengths \(q=5, kv=3\) but attention has Nq=5, Nk=0"):
+        attend(q, k, v, Segments(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attend(q, k, v, bias=torch.zeros(1, 4, 5, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast dtype, as SDPA
+        assert attend(q, k, v).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -241,6 +241,36 @@ def test_benchmarks_refuse_to_time_two_sides_that_disagree(monkeypatch):
     assert bench._is_cuda("cuda:0") and bench._is_cuda(torch.device("cuda", 1)) and not bench._is_cuda("cpu")
 
 
+def test_quick_is_a_smoke_run_of_every_code_path(monkeypatch, capsys):
+    """--quick: one core size (the smallest), N = 1024 and the 25% fraction for the sparse and tiles parts with
+    every mask kind, 3 repeats -- every code path once, about 12 s of wall time on 2 cores (docs/bench_attention.md),
+    where it kept N = 256..1024, 2048-token sparse cases at all four fractions and took 4.5 minutes. With --gpu it
+    keeps its own reduction (one frame count and head dim, the 25% point). The help text says the same."""
+    seen = {}
+
+    def record(part):
+        def run(args):
+            seen[part] = args
+            return f"### {part}"
+        return run
+
+    for part in ("core", "sparse", "tiles", "gpu"):
+        monkeypatch.setattr(bench, f"bench_{part}", record(part))
+    assert bench.main(["--quick", "--parts", "core,sparse,tiles", "--masks", "window,radial,random,chunk,varlen"]) == 0
+    args = seen["core"]
+    assert (args.core_sizes, args.sparse_n, args.fractions, args.repeats, args.min_time) == ([256], 1024, [0.25], 3, 0.01)
+    assert args.masks == ["window", "radial", "random", "chunk", "varlen"]
+    assert bench.main(["--quick", "--parts", "sparse", "--fractions", "0.5,0.1", "--sparse-n", "512"]) == 0
+    assert (seen["sparse"].fractions, seen["sparse"].sparse_n) == ([0.5], 512)  # the first fraction asked for
+    bench.main(["--gpu", "--quick"])
+    if "gpu" in seen:  # (exit 2 before the part without CUDA)
+        assert seen["gpu"].gpu_head_dims == [64] and seen["gpu"].fractions == [0.25]
+    capsys.readouterr()
+    help_text = " ".join(bench.build_parser().format_help().split())
+    assert "one core size, the smallest; N = 1024 and one fraction, 25%, for the sparse and tiles parts" in help_text
+    assert "12 s on this project's 2-core CPU" in help_text
+
+
 def test_bench_arguments_are_named(capsys):
     """Tracebacks before: 'NoneType' object is not subscriptable (--sparse-n 100 with radial), a '-100%' row
     (--fractions -1), and torch's CUDA error for zoo bench vision --device cuda without a GPU."""

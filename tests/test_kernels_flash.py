@@ -635,6 +635,42 @@ def test_attend_uses_the_explicit_scale_in_the_kernel():
                                            msg=lambda m: f"scale={scale} mask={mask!r} bias={b is not None}: {m}")
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.7])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_zero_and_negative_scales_forward_and_gradients(scale, score):
+    """scale=0 (uniform weights over the allowed keys) and a negative scale, as SDPA computes them: the kernel's
+    forward and its q, k, v and bias gradients against float64 (the row maxima are taken over the scaled scores,
+    and the backward multiplies dq and dk by the scale), with a causal mask whose first rows see one key and a
+    bias; then through attend(backend="triton"). The kernel refused both ("scale must be a positive finite
+    number"), and so did attend() for every backend."""
+    q, k, v, bias = _inputs(1, 2, 1, 20, 33, 16, bias_shape=(1, 2, 20, 33), seed=31)
+    _check(q, k, v, Causal(), bias, score=score, scale=scale)
+    want = _naive_float64(*(t.double() for t in (q, k, v)), Window(4, 4), bias.double(), score=score, scale=scale)
+    got = attend(q, k, v, Window(4, 4), bias, scale=scale, score=score, backend="triton")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_computes_empty_inputs_without_launching_the_kernel():
+    """attend(backend="triton") over a batch of 0, no queries or no keys: SDPA's result (empty, or zeros when
+    Nk = 0) and its gradients, computed by attend() itself (a launch grid of 0 programs, or tiles over 0 keys,
+    are not the kernel's to handle: flash_attention() still refuses empty tensors by name)."""
+    import torch.nn.functional as F
+
+    for q_shape, k_shape in (((0, 2, 5, 16), (0, 1, 7, 16)), ((1, 2, 0, 16), (1, 1, 7, 16)),
+                             ((1, 2, 5, 16), (1, 1, 0, 16))):
+        q = torch.randn(q_shape, device=DEVICE, requires_grad=True)
+        k = torch.randn(k_shape, device=DEVICE, requires_grad=True)
+        v = torch.randn(k_shape, device=DEVICE, requires_grad=True)
+        out = attend(q, k, v, Causal(), backend="triton")
+        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        assert out.shape == want.shape
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        for got, peer in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+            torch.testing.assert_close(got, peer, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="flash_attention: empty input"):
+        flash_attention(q, k, v)
+
+
 def test_transformer_xl_layer_trains_through_the_kernel():
     """MultiHeadAttention(rel_pos="xl") (the Conformer layer): its query-dependent bias is a strided view
     (row stride Nq + Nk - 2) that needs its gradient; the kernel reads it in place and returns that gradient,
@@ -733,8 +769,10 @@ def test_bad_input_errors():
 
     want = flash_attention(q, k, v, scale=0.25, block_m=16)
     torch.testing.assert_close(flash_attention(q, k, v, scale=np.float32(0.25), block_m=np.int64(16)), want)
-    with pytest.raises(ValueError, match="scale must be a positive finite number, got True"):
+    with pytest.raises(TypeError, match="flash_attention: scale must be a real number, got bool True"):
         flash_attention(q, k, v, scale=True)
+    with pytest.raises(ValueError, match="flash_attention: scale must be a finite number, got nan"):
+        flash_attention(q, k, v, scale=float("nan"))
     with pytest.raises(ValueError, match="power of two"):
         flash_attention(q, k, v, block_m=True)
     if not HAS_CUDA:  # the interpreter computes bf16 wrongly: refused by the public function too, not only by attend

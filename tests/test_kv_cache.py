@@ -94,6 +94,29 @@ def test_rolling_cache_is_exact_for_a_sliding_window(backend, steps):
             KVCache(max_length=bad)
 
 
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("rel_pos", [None, "xl"])
+def test_a_call_with_no_new_tokens_returns_nothing_and_leaves_the_stream_as_it_was(backend, rel_pos):
+    """A decode step with no new tokens (an empty (B, 0, C) input: a batch whose requests all finished this step)
+    returns (B, 0, C) and appends nothing: the steps around it still give the whole sequence's outputs, RoPE
+    positions and Transformer-XL distances unchanged. (MultiHeadAttention refused it: "x has no tokens".) An empty
+    first call, on an empty cache, too."""
+    torch.manual_seed(0)
+    positions = dict(rel_pos="xl") if rel_pos else dict(rope="1d")
+    mha = MultiHeadAttention(32, num_heads=4, qkv_bias=True, **positions).eval()
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend(backend):
+        full = mha(x, mask=Causal())
+        cache, outs = KVCache(), []
+        assert mha(x[:, :0], cache=cache).shape == (2, 0, 32) and len(cache) == 0
+        outs.append(mha(x[:, :4], mask=Causal(), cache=cache))
+        empty = mha(x[:, 4:4], mask=Causal(), cache=cache)
+        assert empty.shape == (2, 0, 32) and len(cache) == 4 and cache.position == 4
+        outs.append(mha(x[:, 4:5], cache=cache))
+        outs.append(mha(x[:, 5:6], cache=cache))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, **TOL)
+
+
 def test_cache_grows_by_doubling_and_keeps_every_key():
     cache = KVCache()
     keys = [torch.randn(1, 2, 1, 4) for _ in range(40)]

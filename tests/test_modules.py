@@ -541,13 +541,53 @@ def test_nonfinite_input_or_weights_are_named_by_the_module():
         cross(x, context)
 
 
-def test_empty_batches_are_named_by_the_module():
-    from zoo.attention import AgentAttention
+@pytest.mark.parametrize("shape", [(0, 5, 48), (3, 0, 48), (0, 0, 48)], ids=["batch0", "tokens0", "both0"])
+def test_empty_batch_and_sequence_as_torch_multihead_attention(shape):
+    """A batch of 0 rows or of 0 tokens (no proposals for a RoI head, a DDP rank's empty shard, a decode call with
+    no new tokens) gives nn.MultiheadAttention's output and input gradient, in training mode too; so does a cross
+    attention over an empty context (nn.MultiheadAttention: the projection of zeros, its output bias). The module
+    refused both ("x has no batch rows", "has no tokens")."""
+    torch.manual_seed(4)
+    peer = _randomise(nn.MultiheadAttention(48, 6, batch_first=True))
+    m = MultiHeadAttention(48, 6, qkv_bias=True)
+    m.load_state_dict({"qkv.weight": peer.in_proj_weight, "qkv.bias": peer.in_proj_bias,
+                       "proj.weight": peer.out_proj.weight, "proj.bias": peer.out_proj.bias})
+    x = torch.randn(shape, requires_grad=True)
+    x_peer = x.detach().clone().requires_grad_(True)
+    out, (want, _) = m(x), peer(x_peer, x_peer, x_peer, need_weights=False)
+    assert out.shape == want.shape == shape
+    out.sum().backward()
+    want.sum().backward()
+    assert x.grad.shape == x_peer.grad.shape == shape
+    assert m.qkv.weight.grad.shape == m.qkv.weight.shape  # the parameters get (zero) gradients, as the peer's
+    # RoPE, Transformer-XL positions and a fixed sigmoid length over no token
+    for kwargs in (dict(rope="1d", num_prefix_tokens=1), dict(rel_pos="xl"), dict(score="sigmoid", sigmoid_length=8)):
+        assert MultiHeadAttention(48, 6, **kwargs)(torch.randn(shape), mask=Causal()).shape == shape
 
-    with pytest.raises(ValueError, match=r"MultiHeadAttention: x has no batch rows \(shape \(0, 5, 16\)\)"):
-        MultiHeadAttention(16, 4)(torch.randn(0, 5, 16))
-    with pytest.raises(ValueError, match="AgentAttention: input has no batch rows"):
-        AgentAttention(16, 4, agent_num=4, window=3)(torch.randn(0, 10, 16))
+    torch.manual_seed(5)
+    cross_peer = _randomise(nn.MultiheadAttention(32, 4, kdim=20, vdim=20, batch_first=True)).eval()
+    cross = MultiHeadAttention(32, 4, kv_dim=20, qkv_bias=True).eval()
+    bias_q, bias_k, bias_v = cross_peer.in_proj_bias.chunk(3)
+    cross.load_state_dict({
+        "q.weight": cross_peer.q_proj_weight, "q.bias": bias_q,
+        "kv.weight": torch.cat([cross_peer.k_proj_weight, cross_peer.v_proj_weight]),
+        "kv.bias": torch.cat([bias_k, bias_v]),
+        "proj.weight": cross_peer.out_proj.weight, "proj.bias": cross_peer.out_proj.bias,
+    })
+    x, ctx = torch.randn(shape[0], 7, 32), torch.randn(shape[0], shape[1], 20)
+    torch.testing.assert_close(cross(x, ctx), cross_peer(x, ctx, ctx, need_weights=False)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_pool_latent_over_an_empty_batch_or_no_tokens():
+    """AttentionPoolLatent over (0, N, C) gives (0, C); over (B, 0, C) each latent sees no token (attend()'s
+    zeros), so the output is the projection bias through the residual MLP, as for a row whose tokens are all
+    masked."""
+    from zoo.attention import AttentionPoolLatent
+
+    pool = AttentionPoolLatent(16, 4).eval()
+    assert pool(torch.randn(0, 5, 16)).shape == (0, 16)
+    masked = pool(torch.randn(2, 5, 16), mask=torch.zeros(2, 1, 1, 5, dtype=torch.bool))
+    torch.testing.assert_close(pool(torch.randn(2, 0, 16)), masked)
 
 
 def test_attention_pool_latent_matches_timm():

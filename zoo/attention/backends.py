@@ -5,10 +5,11 @@ Each backend is a pair of functions with the same arguments::
     forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights) -> out | (out, weights)
     supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights) -> None | "reason it cannot"
 
-``q`` (B, H, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv) are validated by ``attend``;
-``mask`` is always a :class:`~zoo.attention.masks.Mask` (``Full()`` when none was given); ``bias`` is
-None or a 4-D float tensor broadcastable to (B, H, Nq, Nk); ``scale`` a float; ``score`` "softmax" or
-"sigmoid".
+``q`` (B, H, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv) are validated by ``attend`` and never empty
+(``attend`` computes a batch of 0, Nq = 0 or Nk = 0 itself; ``supports`` still decides whether a backend named
+for such a call may run it); ``mask`` is always a :class:`~zoo.attention.masks.Mask` (``Full()`` when none was
+given); ``bias`` is None or a 4-D float tensor broadcastable to (B, H, Nq, Nk); ``scale`` any finite float (0 and
+negative values included); ``score`` "softmax" or "sigmoid".
 
 Which backend runs: the ``backend=`` argument of ``attend`` > the innermost ``use_backend(...)``
 context > the ``ZOO_ATTN_BACKEND`` environment variable > automatic (the highest-priority backend
@@ -255,7 +256,7 @@ def _sdpa_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
         return f"score={score!r} (SDPA computes softmax attention only)"
     if return_weights:
         return "return_weights=True (SDPA does not return the attention probabilities)"
-    if not mask.is_full and not _sdpa_causal(mask, q.shape[2], k.shape[2]):
+    if not mask.is_full and not sdpa_causal_ok(mask, q.shape[2], k.shape[2], scale):
         dims = (mask.batch_size, mask.num_heads, q.shape[2], k.shape[2])
         # symbolic sizes (torch.export with a dynamic batch): not compared, since the comparison would become a
         # guard bounding the batch (a padded MaxViT's B x windows batch: "Expected op to be '==', got <=")
@@ -287,6 +288,14 @@ def _sdpa_causal(mask: Mask, q_len: int, k_len: int) -> bool:
     if q_len == k_len:  # jit.trace's sizes are 0-d tensors: the branch makes a bool of them too
         return True
     return False
+
+
+def sdpa_causal_ok(mask: Mask, q_len: int, k_len: int, scale: float) -> bool:
+    """True when SDPA's is_causal computes ``mask`` at this scale: a Causal mask with Nq == Nk (_sdpa_causal) and a
+    positive scale. SDPA's CPU flash kernel (torch 2.11) returns NaN rows with is_causal=True and a scale of 0 or
+    below, where its math kernel and a boolean causal mask are right (it scales the scores after writing -inf at
+    the masked pairs: 0 * -inf is NaN, and a negative scale makes them +inf); such calls take the dense mask."""
+    return scale > 0 and _sdpa_causal(mask, q_len, k_len)
 
 
 def sdpa_plain(q, k, v, scale: float, dropout_p: float, is_causal: bool = False) -> torch.Tensor:
@@ -343,7 +352,7 @@ def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
         return sdpa_plain(q, k, v, scale, dropout_p)
     gqa = int(q.shape[1]) != int(k.shape[1])
     q_len, k_len = python_size(q.shape[2]), python_size(k.shape[2])  # symbolic under export with a dynamic N
-    if mask.is_full or _sdpa_causal(mask, q_len, k_len):
+    if mask.is_full or sdpa_causal_ok(mask, q_len, k_len, scale):
         is_causal = not mask.is_full
         if bias is not None and is_causal:
             # SDPA refuses is_causal with an explicit mask: fold the causal mask into the bias.

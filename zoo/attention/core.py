@@ -36,7 +36,8 @@ from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.masks import Mask, as_mask
 from zoo.layers import (
-    autocast_dtype, autocast_off, check_finite_input, check_flag, exp_flushed_, is_tracing, python_size, surely_finite,
+    autocast_dtype, autocast_off, check_finite_input, check_flag, exp_flushed_, in_torch_func, is_tracing, python_size,
+    surely_finite,
 )
 
 __all__ = ["attend", "attention_reference", "SCORES"]
@@ -48,7 +49,10 @@ CHUNK_ELEMENTS = int(os.environ.get("ZOO_ATTN_CHUNK_ELEMENTS", 1 << 23))
 
 
 
-def _validate(q, k, v, score, dropout_p, scale) -> None:
+def _validate(q, k, v, score, dropout_p, scale, allow_empty: bool = False) -> None:
+    """attend()'s argument checks (shared with zoo.attention.sparse.block_sparse_attention). ``allow_empty``:
+    accept a batch of 0, Nq = 0 or Nk = 0 (attend() computes those itself, see _empty_attention); heads and head
+    dims must be at least 1 either way."""
     if not (
         isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
         and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
@@ -79,17 +83,42 @@ def _validate(q, k, v, score, dropout_p, scale) -> None:
         )
     if d != dk:
         raise ValueError(f"attend: q head dim {d} != k head dim {dk}")
-    if min(q.shape) == 0 or min(k.shape) == 0 or v.shape[-1] == 0:
+    if h == 0 or d == 0 or v.shape[-1] == 0:  # (hk == 0 is refused above)
+        raise ValueError(f"attend: q, k, v need at least one head and head dims of at least 1 (a batch of 0, Nq = 0 "
+                         f"or Nk = 0 is accepted), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not allow_empty and (b == 0 or q.shape[2] == 0 or nk == 0):
         raise ValueError(f"attend: empty input (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})")
     if score not in SCORES:
         raise ValueError(f"attend: score must be one of {SCORES}, got {score!r}")
     if isinstance(dropout_p, bool) or not (isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"attend: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if scale is not None:
+        _check_scale(scale)
+
+
+def _check_scale(scale) -> None:
+    """``scale``: any finite real number -- zero (uniform weights over the allowed keys) and negative values
+    included, as SDPA computes them -- or a 0-d real tensor, which attend() reads with float() as SDPA does."""
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0 or scale.dtype == torch.bool or scale.is_complex():
+            raise TypeError(f"attend: scale must be a real number or a 0-d real tensor, got a {scale.dtype} tensor "
+                            f"of shape {tuple(scale.shape)}")
+        if is_tracing() and not in_torch_func():
+            # float() of a traced tensor is data-dependent: a graph break under torch.compile, an error under export
+            raise TypeError("attend: scale is a tensor; under torch.compile / torch.export / jit tracing pass a Python "
+                            "float (float(scale) outside the traced code)")
+        if scale.requires_grad and torch.is_grad_enabled():
+            # SDPA reads the value and drops the gradient silently; a learned temperature would never learn
+            raise ValueError("attend: scale is a tensor that requires grad, but attend() takes its value only (no "
+                             "gradient would reach it): scale q instead (attend(q * scale, k, v, scale=1.0)), or "
+                             "pass scale.detach()")
+        scale = float(scale)
     # numpy floats are numbers too; True is not. Comparisons rather than math.isfinite, which Dynamo cannot
     # trace on the symbolic float a module's scale becomes under torch.compile(dynamic=True); NaN fails both.
-    if scale is not None and (isinstance(scale, bool) or not (
-            isinstance(scale, numbers.Real) and 0 < scale < math.inf)):
-        raise ValueError(f"attend: scale must be a positive finite number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"attend: scale must be a real number (or a 0-d tensor), got {type(scale).__name__} {scale!r}")
+    if not -math.inf < scale < math.inf:
+        raise ValueError(f"attend: scale must be a finite number, got {scale!r}")
 
 
 def _check_finite(**inputs) -> None:
@@ -115,11 +144,16 @@ def attend(
     """Attention of q over (k, v), restricted by ``mask`` and shifted by ``bias``.
 
     Args:
-        q: (B, H, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv). H must be a multiple of Hkv.
+        q: (B, H, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv). H must be a multiple of Hkv. B, Nq and Nk may be
+            0, as in SDPA: the output is then empty, or zeros (B, H, Nq, Dv) when Nk = 0 (no key to attend to), with
+            zero or empty gradients; H, Hkv, D and Dv must be at least 1.
         mask: a mask object (Full, Causal, Window, ChunkWindow, Segments, Dense, BlockSparse, Radial, and their
             ``&``/``|`` combinations), a bool tensor (True = may attend) or None.
         bias: additive float tensor broadcastable to (B, H, Nq, Nk), or an AttentionBias object.
-        scale: score scale, default 1/sqrt(D).
+        scale: score scale, default 1/sqrt(D): any finite real number (0 gives uniform weights over the allowed
+            keys; negative values are computed too, as SDPA does), or a 0-d tensor, read with float() as SDPA reads
+            it (so no gradient reaches it: one that requires grad is refused; under torch.compile / export pass a
+            Python float).
         score: "softmax" or "sigmoid" (see module docstring).
         dropout_p: dropout on the attention probabilities (pass 0.0 in evaluation).
         return_weights: also return the probabilities (B, H, Nq, Nk) (pre-dropout; reference backend).
@@ -131,14 +165,14 @@ def attend(
     Returns:
         (B, H, Nq, Dv) output, or (output, weights) when ``return_weights``.
     """
-    _validate(q, k, v, score, dropout_p, scale)
+    _validate(q, k, v, score, dropout_p, scale, True)  # (positional: tests wrap _validate)
     if return_weights is not False and return_weights is not True:  # "no" would be truthy
         return_weights = check_flag(return_weights, "attend: return_weights")
     _, _, q_len, head_dim = q.shape
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-    causal = _backends._sdpa_causal(mask, q_len, k.shape[2])  # SDPA's own causal kernel
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)  # float(): a 0-d tensor too
+    causal = _backends.sdpa_causal_ok(mask, q_len, k.shape[2], scale)  # SDPA's own causal kernel
     plain = (
-        backend is None and not return_weights and score == "softmax"
+        backend is None and not return_weights and score == "softmax" and not _is_empty(q, k)
         and (mask is None or (causal and bias is None)) and _backends.sdpa_runs_plain_calls(q.device.type)
     )
     if plain and bias is None:  # the plain calls most models make: straight to SDPA
@@ -205,7 +239,8 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
     requested = _backends.requested_backend(backend)
     if return_weights and requested is None:
         requested = "torch"
-    if isinstance(bias, ALiBi) and bias.num_heads == heads:
+    empty = _is_empty(q, k)
+    if isinstance(bias, ALiBi) and bias.num_heads == heads and not empty:
         # The Triton kernel computes ALiBi from its slopes (O(N) memory): choose the backend against a
         # zero-stride stand-in of the bias and hand the kernel the object; any other backend gets the tensor.
         stand_in = q.new_zeros(()).expand(1, heads, q_len, k_len)
@@ -229,7 +264,38 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
         if bias_t.device != q.device:
             raise ValueError(f"attend: bias is on {bias_t.device} but q is on {q.device}")
     args = (q, k, v, mask, bias_t, scale, score, float(dropout_p), bool(return_weights))
+    if empty:
+        if requested is not None:  # a backend named for the call still refuses what it cannot run (its reason)
+            _backends.select_backend(args, requested)
+        return _empty_attention(q, k, v, bias_t, bool(return_weights))
     return _backends.select_backend(args, requested).forward(*args)
+
+
+def _is_empty(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """A batch of 0, no queries or no keys (attend() validated that heads and head dims are not 0)."""
+    return q.shape[0] == 0 or q.shape[2] == 0 or k.shape[2] == 0
+
+
+def _empty_attention(q, k, v, bias: Optional[torch.Tensor], return_weights: bool):
+    """attend() with nothing to attend: B = 0 or Nq = 0 (an empty output), or Nk = 0 (zeros (B, H, Nq, Dv): a row
+    with no key is a row whose keys are all masked). SDPA returns the same (torch.nn.functional.
+    scaled_dot_product_attention, torch 2.11, on CPU), and so does a softmax or sigmoid sum over no key. Computed
+    here for every backend, none of which sees an empty tensor (the kernels' launch grids and the block maps
+    need a length of at least 1).
+
+    The scores (B, H, Nq, Nk) have no element in all three cases; the output is formed from them by the reference
+    backend's products (q k^T, plus the bias, times v), so that autograd gives q, k, v and a bias that requires
+    grad their gradients in their own shapes (zeros or empty), as SDPA's backward does. Weights: the empty scores."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
+    groups = heads // kv_heads
+    q_g = q.reshape(batch, kv_heads, groups * q_len, head_dim)
+    scores_BHQK = torch.matmul(q_g, k.transpose(-1, -2)).reshape(batch, heads, q_len, k_len)  # no element
+    if bias is not None:
+        scores_BHQK = scores_BHQK + bias.to(scores_BHQK.dtype)  # broadcasts: bias dims are 1 or the call's
+    out = torch.matmul(scores_BHQK.reshape(batch, kv_heads, groups * q_len, k_len), v)
+    out_BHQV = out.reshape(batch, heads, q_len, v_dim)
+    return (out_BHQV, scores_BHQK) if return_weights else out_BHQV
 
 
 # --------------------------------------------------------------------------------------------------

@@ -360,9 +360,8 @@ class MultiHeadAttention(nn.Module):
         if t.dim() != 3 or t.shape[-1] != width:
             letter = "M" if name == "context" else "N"
             raise ValueError(f"MultiHeadAttention: {name} must have shape (B, {letter}, {width}), got {tuple(t.shape)}")
-        if t.shape[1] == 0 or t.shape[0] == 0:
-            raise ValueError(f"MultiHeadAttention: {name} has no {'tokens' if t.shape[0] else 'batch rows'} "
-                             f"(shape {tuple(t.shape)})")
+        # (B, N, C) with B = 0 or N = 0 is accepted, as nn.MultiheadAttention and timm's Attention accept it:
+        # attend() returns the empty output (no queries), or zeros (no keys: an empty context or sequence)
         if not t.is_floating_point():
             raise TypeError(f"MultiHeadAttention: {name} must be a floating-point tensor, got {t.dtype}")
         layer = (self.kv if name == "context" else self.q) if self.is_cross else self.qkv
@@ -583,7 +582,7 @@ class MultiHeadAttention(nn.Module):
         """forward() without the cache's rollback on failure."""
         x_BNC = x
         self._check_input("x", x_BNC, self.dim)
-        if self.rope is not None and not self.is_cross and x_BNC.shape[1] < self.num_prefix_tokens:
+        if self.rope is not None and not self.is_cross and 0 < x_BNC.shape[1] < self.num_prefix_tokens:
             # RoPE rotates the tokens after the prefix: with fewer tokens than the prefix it rotated none, silently
             # (a cross attention's queries may be fewer: one latent query against a context with a class token)
             raise ValueError(f"MultiHeadAttention: {x_BNC.shape[1]} tokens are fewer than num_prefix_tokens="
@@ -646,14 +645,14 @@ class MultiHeadAttention(nn.Module):
             mask, bias = self._first_query_rows(mask, bias, n_q, n_k, q_BHND)
         else:
             bias = self._combined_bias(bias, n_q, n_k, q_BHND)
-        if self.rel_pos is not None:
+        if self.rel_pos is not None and n_q > 0 and n_k > 0:  # (nothing to score: attend() returns the empty output)
             # queries q + u, and the (b) + (d) terms as a bias: the new tokens are the last n_q of the n_k keys
             # (a KV cache's first), or the first n_q with num_queries
             q_BHND, xl_bias = self.rel_pos(q_BHND, n_k, self.scale, q_offset=0 if num_queries is not None else None)
             if bias is not None:  # attend()'s checks before the sum (a bool tensor would add as 0/1)
                 bias = resolve_bias(bias, n_q, n_k, device=q_BHND.device, dtype=q_BHND.dtype)
             bias = xl_bias if bias is None else xl_bias + bias
-        if self.sigmoid_length is not None and n_k != self.sigmoid_length:
+        if self.sigmoid_length is not None and n_k != self.sigmoid_length and n_k > 0:
             # attend() subtracts log(Nk); the fixed -log(n) is log(Nk / n) more
             shift = torch.full((1, 1, 1, 1), math.log(n_k / self.sigmoid_length), device=q_BHND.device, dtype=q_BHND.dtype)
             bias = shift if bias is None else resolve_bias(bias, n_q, n_k, device=q_BHND.device, dtype=q_BHND.dtype) + shift

@@ -661,7 +661,11 @@ def _floats(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo bench attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default=None, help="comma list of core,sparse,tiles,gpu (default: all that apply)")
-    p.add_argument("--quick", action="store_true", help="small sizes and 3 repeats (a smoke run of a minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run of every code path, not a measurement (one core size, the smallest; N = 1024 "
+                        "and one fraction, 25%%, for the sparse and tiles parts; 3 repeats): 12 s on this project's "
+                        "2-core CPU (docs/bench_attention.md). With --gpu: one frame count and head dim, the 25%% "
+                        "point")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--min-time", type=float, default=0.05,
@@ -694,13 +698,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
+        # A smoke run: every part's code path once (core: dense and causal at one size; sparse and tiles: every
+        # --masks kind at one kept fraction), at small sizes, not a measurement (docs/bench_attention.md)
         args.repeats = min(args.repeats, 3)
-        args.core_sizes = [n for n in args.core_sizes if n <= 1024]
-        args.sparse_n = min(args.sparse_n, 2048)
         args.gpu_frames = args.gpu_frames[:1]
         if args.gpu:  # one head dim and the 25% point: every target still checked, a third of the compiles
             args.gpu_head_dims = args.gpu_head_dims[:1]
             args.fractions = [f for f in args.fractions if abs(f - 0.25) < 1e-9] or [0.25]
+        else:  # the 25% point when asked for (the default fractions include it), else the first fraction given
+            args.fractions = [f for f in args.fractions if abs(f - 0.25) < 1e-9] or args.fractions[:1]
+            args.min_time = min(args.min_time, 0.01)
+            args.core_sizes = [min(args.core_sizes)] if args.core_sizes else args.core_sizes
+            args.sparse_n = min(args.sparse_n, 1024)
     if args.repeats < 1 or args.warmup < 0 or args.min_time < 0:
         raise SystemExit("--repeats must be >= 1, --warmup >= 0 and --min-time >= 0")
     if min(args.batch, args.heads, args.head_dim, args.gpu_tokens, args.gpu_radial_block) < 1 \
