@@ -257,9 +257,14 @@ def test_filter_handles_ddp_prefix_layer_scale_names_and_linear_patch_embed():
     x = _images(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), peer(x), atol=ATOL, rtol=0)
-    other_patch = V.VisionTransformer(**SMALL, img_size=32, patch_size=4)
-    with pytest.raises(ValueError, match="patch size"):
-        other_patch.load_timm_state_dict(peer.state_dict())
+    # another patch size: the kernel is resampled (FlexiViT) and the position grid follows, as timm's filter does
+    from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter
+
+    other_patch = V.VisionTransformer(**SMALL, img_size=32, patch_size=4, init_values=0.5)
+    other_patch.load_timm_state_dict(peer.state_dict())
+    want = timm_filter(peer.state_dict(), other_patch)
+    for key in ("patch_embed.proj.weight", "pos_embed"):
+        torch.testing.assert_close(other_patch.state_dict()[key], want[key], atol=1e-6, rtol=1e-6)
 
 
 def test_class_token_last_block_shortcut_is_exact():

@@ -370,6 +370,8 @@ def _tagged_entry(entry: ModelEntry, tag_cfg: dict[str, Any]) -> tuple[ModelEntr
     and ``img_size`` too when the tag has a fixed input size."""
     default_cfg = dict(entry.default_cfg)
     default_cfg.update({k: tag_cfg[k] for k in _TAG_CFG_KEYS if tag_cfg.get(k) is not None})
+    if isinstance(tag_cfg.get("tag"), str):  # which of timm's pretrained configurations the model was built for
+        default_cfg["tag"] = tag_cfg["tag"]
     args: dict[str, Any] = {}
     if isinstance(tag_cfg.get("num_classes"), int) and tag_cfg["num_classes"] >= 0:
         args["num_classes"] = tag_cfg["num_classes"]
@@ -453,7 +455,14 @@ def _construct(entry: ModelEntry, overrides: dict[str, Any]) -> nn.Module:
     model.zoo_model_args = dict(overrides)  # type: ignore[attr-defined]
     if "input_size" in entry.default_cfg:
         # Image models carry timm's data config as timm's own do, so timm.data.resolve_model_data_config /
-        # create_transform build the right preprocessing for them (size, mean/std, interpolation, crop).
-        model.pretrained_cfg = image_data_config(entry.default_cfg, overrides)  # type: ignore[attr-defined]
+        # create_transform build the right preprocessing for them (size, mean/std, interpolation, crop). It names
+        # the architecture as timm's does (timm/models/_builder.py: pretrained_cfg["architecture"]), which timm's
+        # save_for_hf / push_to_hub write as config.json's "architecture" (timm/models/_hub.py save_config_for_hf).
+        model.pretrained_cfg = {"architecture": entry.name,  # type: ignore[attr-defined]
+                                **image_data_config(entry.default_cfg, overrides)}
         model.default_cfg = model.pretrained_cfg  # timm's older name for the same dict  # type: ignore[attr-defined]
+        # timm's record of the constructor arguments (timm/models/_input.py get_model_args reads model._model_args),
+        # which save_for_hf writes as config.json's "model_args": the same dict as zoo_model_args, so the changes
+        # note_model_args records (reset_classifier, set_input_size) reach timm's export too.
+        model._model_args = model.zoo_model_args  # type: ignore[attr-defined]
     return model

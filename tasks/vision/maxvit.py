@@ -396,6 +396,8 @@ class PartitionAttention(nn.Module):
 
     def _partition_attn(self, x_BHWC: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x_BHWC.shape
+        if b == 0:  # an empty batch: attention keeps (B, H, W, C), so its result is this (timm's MaxViT fails there)
+            return x_BHWC
         hp, wp = self.padded_size(h, w)
         key_valid = None
         if (hp, wp) != (h, w):
@@ -754,11 +756,9 @@ class MaxVit(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_image(self, x) -> None:
-        b, c, h, w = check_image_batch(x, "MaxViT", self.in_chans, self.stem.conv1.weight)
+        _, _, h, w = check_image_batch(x, "MaxViT", self.in_chans, self.stem.conv1.weight)
         if h < STEM_STRIDE or w < STEM_STRIDE:
             raise ValueError(f"image {h}x{w} is smaller than the stem stride {STEM_STRIDE}")
-        if b == 0:
-            raise ValueError("MaxViT input batch is empty")
         check_finite_input(x, "MaxViT input image")
 
     def forward_features(self, x_BCHW: torch.Tensor) -> torch.Tensor:

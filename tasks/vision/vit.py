@@ -16,6 +16,7 @@ patch tokens, P prefix tokens (class + register), N = P + L tokens, K classes.
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Any, Optional, Sequence, Union
@@ -34,6 +35,8 @@ from zoo.layers import (
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "VisionTransformer",
@@ -247,7 +250,8 @@ class TokenFeaturesMixin:
         prefix = self.num_prefix_tokens
         maps = [y[:, prefix:] for y in outs]
         if output_fmt == "NCHW":
-            maps = [y.reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
+            # (the width named, not -1: an empty batch has no elements to infer it from; timm's reshape fails there)
+            maps = [y.reshape(y.shape[0], gh, gw, y.shape[-1]).permute(0, 3, 1, 2).contiguous() for y in maps]
         if return_prefix_tokens and prefix:
             maps = list(zip(maps, [y[:, :prefix] for y in outs]))
         if intermediates_only:
@@ -499,7 +503,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_image(self, x) -> None:
-        b, c, h, w = check_image_batch(x, "ViT", self.in_chans, self.patch_embed.proj.weight)
+        _, _, h, w = check_image_batch(x, "ViT", self.in_chans, self.patch_embed.proj.weight)
         ph, pw = self.patch_embed.patch_size
         padded = self.dynamic_img_size and self.patch_embed.dynamic_img_pad  # any size: zero-padded to whole patches
         if (h < ph or w < pw) and not padded:
@@ -517,8 +521,6 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
                 f"image {h}x{w} does not match the model's img_size {eh}x{ew}; resize it, build the model with "
                 f"img_size=({h}, {w}) (weights are resampled on load) or with dynamic_img_size=True"
             )
-        if b == 0:
-            raise ValueError("ViT input batch is empty")
         check_finite_input(x, "ViT input image")
 
     def _pos_embed(self, x_BLC: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -560,6 +562,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         return self._tokens(x_BCHW)[0]
 
     def _run_blocks(self, x_BNC: torch.Tensor, blocks, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        if x_BNC.shape[0] == 0:  # an empty batch: the blocks keep (B, N, C), so their result is this, as in timm
+            return x_BNC
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in blocks:
                 x_BNC = checkpoint(block, x_BNC, use_reentrant=False)
@@ -596,6 +600,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         if pool_type == "map":
             if self.attn_pool is None:
                 raise ValueError("pool_type='map' needs the attention-pooling head (global_pool='map' at construction)")
+            if x_BNC.shape[0] == 0:  # an empty batch: (0, C), the pooled width being the tokens' (as timm's)
+                return x_BNC[:, 0]
             return self.attn_pool(x_BNC[:, self.num_prefix_tokens :])
         patches_BLC = x_BNC[:, self.num_prefix_tokens :]
         if pool_type == "avg":
@@ -628,8 +634,8 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
                 and takes_num_queries(self.blocks[-1])):
             x_BNC = self._run_blocks(self._embed(x_BCHW), self.blocks[:-1])
             head_tokens = 1 if self.dist_token is None else 2  # the class token (and DeiT's distillation token)
-            x_B1C = self.norm(self.blocks[-1](x_BNC, num_queries=head_tokens))
-            return self.forward_head(x_B1C)
+            x_BQC = x_BNC[:, :head_tokens] if x_BNC.shape[0] == 0 else self.blocks[-1](x_BNC, num_queries=head_tokens)
+            return self.forward_head(self.norm(x_BQC))
         return self.forward_head(self.forward_features(x_BCHW))
 
     # ------------------------------------------------------------------ weights
@@ -729,6 +735,17 @@ def _from_dinov2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return renamed
 
 
+def _resample_patch_kernel(kernel_OIhw: torch.Tensor, new_size: tuple[int, int], interpolation: str,
+                           antialias: bool) -> torch.Tensor:
+    """A (C_out, C, h, w) patch-embedding kernel resampled to ``new_size`` with timm's
+    ``timm.layers.resample_patch_embed`` (FlexiViT), as timm's ViT checkpoint filter calls it."""
+    from timm.layers import resample_patch_embed
+
+    log.info("patch_embed.proj.weight: resampled the checkpoint's %s patch kernel to the model's %s (FlexiViT, "
+             "timm.layers.resample_patch_embed)", tuple(kernel_OIhw.shape[-2:]), tuple(new_size))
+    return resample_patch_embed(kernel_OIhw, list(new_size), interpolation=interpolation, antialias=antialias)
+
+
 def checkpoint_filter_fn(
     state_dict: dict[str, Any],
     model: VisionTransformer,
@@ -742,7 +759,11 @@ def checkpoint_filter_fn(
     linear patch embedding (2-D weight) reshaped to a conv kernel; the position embedding resampled to
     the model's grid when the checkpoint was trained at another image size (bicubic, anti-aliased, as
     timm); DeiT III layer-scale names (``gamma_1`` -> ``ls1.gamma``); the unused ``pre_logits`` layer.
-    A checkpoint with another patch size raises (resampling patch kernels is not supported). DINOv2 checkpoints
+    A checkpoint with another patch size (a model built with ``patch_size=8`` from 16-px weights) has its patch
+    kernel resampled FlexiViT-style by timm's own ``timm.layers.resample_patch_embed`` (Beyer et al., "FlexiViT:
+    One Model for All Patch Sizes", CVPR 2023: the pseudo-inverse of resizing, so a patch resized with the kernel
+    gives the old token), and its position embedding resampled to the new grid, as timm's
+    ``vision_transformer.checkpoint_filter_fn`` does. DINOv2 checkpoints
     in the original layout (facebookresearch/dinov2 ``*_pretrain.pth``: ``mask_token``, ``register_tokens``, a
     position row for the class token) are converted as timm's ``_convert_dinov2`` does (see _from_dinov2).
 
@@ -766,10 +787,7 @@ def checkpoint_filter_fn(
             if value.dim() < 4:
                 value = value.reshape(value.shape[0], -1, kh, kw)
             if tuple(value.shape[-2:]) != (kh, kw):
-                raise ValueError(
-                    f"checkpoint patch size {tuple(value.shape[-2:])} differs from the model's {(kh, kw)}; "
-                    f"build the model with patch_size={tuple(value.shape[-2:])}"
-                )
+                value = _resample_patch_kernel(value, (kh, kw), interpolation, antialias)
         elif key == "pos_embed" and model.pos_embed is not None and (
                 value.shape != model.pos_embed.shape or saved_model is not None
                 and tuple(saved_model.patch_embed.grid_size) != tuple(model.patch_embed.grid_size)):

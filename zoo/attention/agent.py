@@ -152,6 +152,34 @@ def agent_biases(
     return b1.contiguous(), b2.contiguous()
 
 
+def _rank4_format_for_5d_tables(fn):
+    """``fn`` (what ``nn.Module.to`` / ``.cuda()`` / ``.half()`` apply to each tensor) made to work on the 5-D
+    row/column bias tables under a 4-D memory format.
+
+    ``model.to(memory_format=torch.channels_last)`` -- what timm's train.py ``--channels-last`` runs -- gives the
+    format to every 4-D and 5-D tensor (torch/nn/modules/module.py ``Module.to``), and ``channels_last`` refuses
+    rank 5: the official ``ah_bias`` / ``aw_bias`` / ``ha_bias`` / ``wa_bias`` (1, H, ., ., .) would make the call
+    fail, where it works on every timm model (they have no 5-D tensors). A 5-D tensor that ``fn`` refuses is
+    converted through its 4-D view (the leading size-1 axis merged into the heads), so it gets the device and
+    dtype asked for, and comes back 5-D and contiguous (a valid layout for the broadcasts that read it); the 4-D
+    tensors (``an_bias``, ``na_bias``, the depthwise conv) take the format as on any model. Any other failure
+    is raised as it was."""
+
+    def apply(tensor):
+        try:
+            return fn(tensor)
+        except RuntimeError as error:
+            if tensor.dim() != 5:
+                raise
+            refused = error
+        try:
+            return fn(tensor.flatten(0, 1)).reshape(tensor.shape).contiguous()
+        except RuntimeError:
+            raise refused from None
+
+    return apply
+
+
 class AgentAttention(nn.Module):
     """Agent attention over P prefix tokens followed by a Gh x Gw grid of patch tokens.
 
@@ -244,7 +272,7 @@ class AgentAttention(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): drop cached biases
         self._bias_cache = {}
         self._pool_cache = {}
-        return super()._apply(fn, *args, **kwargs)
+        return super()._apply(_rank4_format_for_5d_tables(fn), *args, **kwargs)
 
     def __getstate__(self):
         # pickle / torch.save(model) / copy.deepcopy (EMA, export): without the per-size bias and pooling tables,
