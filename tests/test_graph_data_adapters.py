@@ -185,6 +185,121 @@ def test_planetoid_reads_the_folder_pyg_names_after_the_name_given(tmp_path):
         gd.load_node_dataset("planetoid:Cora", root=str(tmp_path / "empty"))
 
 
+def _processed_files(folder) -> dict:
+    """Every file of folder/processed with its bytes and modification time: what a PyG user's cache is."""
+    processed = folder / "processed"
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(processed.iterdir())}
+
+
+def _plain_reference(root):
+    """PyG's Planetoid without any pre_transform, on its own copy of the bag-of-words raw files."""
+    from torch_geometric.datasets import Planetoid
+
+    _write_planetoid(root, binary=True)
+    return Planetoid(str(root), "Cora")[0]
+
+
+@pytest.mark.parametrize("pre_transform", ["Compose", "Constant"])
+def test_planetoid_cache_a_pyg_user_rebuilt_with_a_pre_transform_is_not_read(tmp_path, pre_transform):
+    """After a zoo run had recorded the raw files, a PyG user rebuilt processed/ with a pre_transform
+    (force_reload=True, as PyG's warning advises): the adapter read that cache as the raw data (row-normalised
+    features, added self loops), silently. Its record now holds data.pt too, and PyG's own pre_transform.pt /
+    pre_filter.pt are checked: the raw files are parsed without the cache, which stays the user's."""
+    import torch_geometric.transforms as T
+    from torch_geometric.datasets import Planetoid
+
+    reference = _plain_reference(tmp_path / "pyg")
+    _write_planetoid(tmp_path / "shared", binary=True)
+    root = str(tmp_path / "shared")
+    _assert_same_graph(gd.planetoid("Cora", root), reference)  # the zoo's own cache, recorded
+    assert (tmp_path / "shared" / "Cora" / "processed" / gd._RAW_RECORD).is_file()
+    transform = {"Compose": T.Compose([T.NormalizeFeatures(), T.AddSelfLoops()]),  # the audit's case
+                 "Constant": T.Constant(1.0)}[pre_transform]  # one more feature column
+    theirs = Planetoid(root, "Cora", pre_transform=transform, force_reload=True)[0]
+    assert (theirs.x.shape != reference.x.shape or not torch.allclose(theirs.x, reference.x)
+            or theirs.edge_index.shape != reference.edge_index.shape)  # what the zoo used to read: another graph
+    cache = _processed_files(tmp_path / "shared" / "Cora")
+    with pytest.warns(UserWarning, match=rf"^Planetoid Cora: .*processed holds a cache PyG built with pre_transform="
+                                         rf"{pre_transform}\(.*leaving it as it is and reading the raw files without a "
+                                         r"cache$"):
+        ours = gd.planetoid("Cora", root)
+    _assert_same_graph(ours, reference)
+    assert _processed_files(tmp_path / "shared" / "Cora") == cache
+    again = Planetoid(root, "Cora", pre_transform=transform)[0]  # the user's next PyG load: their cache, unchanged
+    torch.testing.assert_close(again.x, theirs.x)
+    assert torch.equal(again.edge_index, theirs.edge_index)
+
+
+def test_planetoid_cache_pyg_built_with_a_pre_transform_is_left_to_its_user(tmp_path):
+    """A cache a PyG user built with a pre_transform, without the zoo's record: the adapter deleted it and had PyG
+    rebuild it without the transform, so the user's unchanged script then got unnormalised features (and only a
+    UserWarning). The cache is now left as it is, and the raw files are parsed without one."""
+    import warnings
+
+    import torch_geometric.transforms as T
+    from torch_geometric.datasets import Planetoid
+
+    reference = _plain_reference(tmp_path / "pyg")
+    _write_planetoid(tmp_path / "shared", binary=True)
+    root = str(tmp_path / "shared")
+    theirs = Planetoid(root, "Cora", pre_transform=T.NormalizeFeatures())[0]
+    cache = _processed_files(tmp_path / "shared" / "Cora")
+    with pytest.warns(UserWarning, match=r"built with pre_transform=NormalizeFeatures\(.*\); leaving it as it is"):
+        ours = gd.load_node_dataset("planetoid:Cora", root=root)
+    _assert_same_graph(ours, reference)
+    assert _processed_files(tmp_path / "shared" / "Cora") == cache  # not removed, not rewritten, no record added
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # PyG warns when the cache's pre_transform differs from the one passed
+        again = Planetoid(root, "Cora", pre_transform=T.NormalizeFeatures())[0]
+    assert not [w for w in caught if "pre_transform" in str(w.message)]
+    torch.testing.assert_close(again.x, theirs.x)
+    assert not torch.allclose(theirs.x, reference.x)  # the check can fail: the user's cache is not the raw data
+
+
+def test_planetoid_cache_replaced_under_an_unchanged_record_is_rebuilt(tmp_path):
+    """A plain data.pt (PyG's records say no pre_transform) copied in from another build after the adapter recorded
+    the raw files was read, since only the raw files were compared. The record holds the data.pt it vouches for."""
+    from torch_geometric.datasets import Planetoid
+
+    reference = _plain_reference(tmp_path / "pyg")
+    _write_planetoid(tmp_path / "shared", binary=True)
+    root = str(tmp_path / "shared")
+    _assert_same_graph(gd.planetoid("Cora", root), reference)
+    _write_planetoid(tmp_path / "other", binary=True, seed=1)
+    other = Planetoid(str(tmp_path / "other"), "Cora")[0]
+    assert not torch.equal(other.x, reference.x)
+    processed = tmp_path / "shared" / "Cora" / "processed"
+    (processed / "data.pt").write_bytes((tmp_path / "other" / "Cora" / "processed" / "data.pt").read_bytes())
+    _assert_same_graph(gd.planetoid("Cora", root), reference)  # rebuilt from the raw files
+    _assert_same_graph(gd.planetoid("Cora", root), reference)  # and reused
+    assert _processed_files(tmp_path / "shared" / "Cora")["data.pt"][0] != \
+        (tmp_path / "other" / "Cora" / "processed" / "data.pt").read_bytes()
+
+
+@pytest.mark.parametrize("record", ["pre_filter.pt", "pre_transform.pt"])
+def test_planetoid_cache_without_proof_of_a_plain_build_is_neither_read_nor_removed(tmp_path, record):
+    """PyG's Dataset records a pre_filter as it does a pre_transform (Planetoid itself takes none, other Dataset
+    code writing the same folder may); a data.pt without those records cannot be told plain either."""
+    reference = _plain_reference(tmp_path / "pyg")
+    _write_planetoid(tmp_path / "shared", binary=True)
+    root = str(tmp_path / "shared")
+    gd.planetoid("Cora", root)
+    processed = tmp_path / "shared" / "Cora" / "processed"
+    _write_planetoid(tmp_path / "other", binary=True, seed=1)  # a data.pt of other data: read, it would show
+    gd.planetoid("Cora", str(tmp_path / "other"))
+    (processed / "data.pt").write_bytes((tmp_path / "other" / "Cora" / "processed" / "data.pt").read_bytes())
+    if record == "pre_filter.pt":
+        torch.save("<function <lambda>>", processed / record)  # PyG's repr of a lambda pre_filter
+        message = r"built with pre_filter=<function <lambda>>; leaving it"
+    else:
+        (processed / record).unlink()
+        message = r"built without pre_transform\.pt \(PyG's record of its pre_transform\); leaving it"
+    cache = _processed_files(tmp_path / "shared" / "Cora")
+    with pytest.warns(UserWarning, match=message):
+        _assert_same_graph(gd.planetoid("Cora", root), reference)
+    assert _processed_files(tmp_path / "shared" / "Cora") == cache
+
+
 # -------------------------------------------------------------------------------------------------- OGB
 def test_ogb_datasets_of_other_layouts_are_named_as_unsupported(tmp_path):
     """ogbn-proteins (multi-label, no node-feat.csv.gz), ogbn-papers100M (binary npz) and ogbn-mag (heterogeneous)

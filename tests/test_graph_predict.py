@@ -527,3 +527,94 @@ def test_digits_rows_carry_their_label(capsys):
     assert [row["label"] for row in rows] == [str(target[3]), str(target[100])]
     assert cli.main(["predict", "--help"]) == 0
     assert "digits:N for a model of the ten digits" in " ".join(capsys.readouterr().out.split())
+
+
+# ------------------------------------------------------------------------------------------ review of audit6 (PyG)
+def test_a_node_file_with_bad_labels_or_num_nodes_is_refused(karate_ckpt, tmp_path):
+    """A y of another length was dropped without a word, a label outside the model's 4 classes was shown as a label,
+    and num_nodes disagreeing with x passed (PyG's Data.validate flags it). Each is refused, naming the input."""
+    data = gd.karate_club()
+    x, edge_index = data["x"], data["edge_index"]
+    cases = {
+        "short.pt": (Data(x=x, edge_index=edge_index, y=torch.tensor([0, 1])),
+                     r"short\.pt: y has shape \(2,\) but x has 34 nodes: give y \[34\], one class index per node"),
+        "wide_y.pt": (Data(x=x, edge_index=edge_index, y=data["y"].view(17, 2)),
+                      r"wide_y\.pt: y has shape \(17, 2\) but x has 34 nodes"),
+        "class7.pt": (Data(x=x, edge_index=edge_index, y=torch.cat([data["y"][:4], torch.tensor([7]), data["y"][5:]])),
+                      r"class7\.pt: y holds label 7 \(node 4\), but the model has 4 classes \(0\.\.3\)"),
+        "minus2.pt": (Data(x=x, edge_index=edge_index, y=torch.full((34,), -2)),
+                      r"minus2\.pt: y holds label -2 \(node 0\), but the model has 4 classes"),
+        "half.pt": (Data(x=x, edge_index=edge_index, y=torch.full((34,), 1.5)),
+                    r"half\.pt: y holds 1\.5, which is not a class index"),
+        "listy.pt": ({"x": x, "edge_index": edge_index, "y": [0] * 34}, r"listy\.pt: y is a list; give y as a tensor"),
+        "numnodes.pt": (Data(x=x, edge_index=edge_index, num_nodes=40),
+                        r"numnodes\.pt: num_nodes=40 but x has 34 rows \(one per node\)"),
+    }
+    for name, (graph, message) in cases.items():
+        torch.save(graph, tmp_path / name)
+        with pytest.raises(ValueError, match=rf"^input=.*{message}"):
+            run.predict(karate_ckpt, [str(tmp_path / name)])
+    # y [N, 1], float class indices and -1 / NaN for unlabelled nodes are read; the predictions are the model's
+    labels = data["y"].clone()
+    labels[[2, 9]] = -1
+    as_float = labels.float()
+    as_float[2] = float("nan")
+    expected = _node_reference(karate_ckpt, x, edge_index)
+    shown = [None if i in (2, 9) else int(v) for i, v in enumerate(labels)]
+    for name, y in (("column.pt", labels.view(34, 1)), ("floats.pt", as_float)):
+        torch.save(Data(x=x, edge_index=edge_index, y=y, num_nodes=34), tmp_path / name)
+        rows = run.predict(karate_ckpt, [str(tmp_path / name)], topk=4)
+        _check_rows([{k: v for k, v in row.items() if k != "label"} for row in rows], expected,
+                    [f"{name} node {i}" for i in range(34)])
+        assert [row.get("label") for row in rows] == [None if v is None else str(v) for v in shown]
+
+
+def test_a_graph_file_label_outside_the_models_classes_is_refused(degree_ckpt, tmp_path):
+    torch.save([_star(2, y=0), _path(5, y=5)], tmp_path / "labelled.pt")
+    with pytest.raises(ValueError, match=r"^input=.*labelled\.pt \[1\]: y holds label 5, but the model has 2 classes "
+                                         r"\(0\.\.1\)"):
+        run.predict(degree_ckpt, [str(tmp_path / "labelled.pt")])
+
+
+def test_width_error_names_the_data_path_the_run_trained_on(degree_ckpt, tmp_path):
+    """A data.path run was named by the unused default data.name of configs/data/graph_tu.yaml (MUTAG)."""
+    import re
+
+    graphs = Path(degree_ckpt).parents[2] / "graphs.pt"
+    torch.save([Data(x=torch.ones(3, 5), edge_index=torch.tensor([[0], [1]]))], tmp_path / "five.pt")
+    with pytest.raises(ValueError, match=r"five\.pt \[0\]: x has 5 features per node but the model reads 4 \(the "
+                                         rf"run's data {re.escape(str(graphs))} has data\.num_features=4\)"):
+        run.predict(degree_ckpt, [str(tmp_path / "five.pt")])
+
+
+def test_viz_graph_reads_ckpt_as_eval_and_predict_do(karate_ckpt, tmp_path, monkeypatch, capsys):
+    """`zoo viz graph ckpt=` refused the run directory and the .ckpt that zoo eval / zoo predict take, with a Python
+    create_model hint. All three forms now draw the same attention: that of the run's (EMA) model, rebuilt here
+    from the .ckpt; what none of them accepts is refused with zoo predict's own message."""
+    from zoo.tasks.graph import viz
+
+    drawn = []
+    monkeypatch.setattr(viz, "draw_neighbourhood", lambda edge_index, alpha, node, out, **kwargs: drawn.append(
+        (edge_index, alpha, node, kwargs["title"])) or out)
+    run_dir = Path(karate_ckpt).parents[1]
+    for ckpt in (run_dir, karate_ckpt, run_dir / "released"):
+        assert cli.main(["viz", "graph", f"ckpt={ckpt}", "node=3", f"out={tmp_path / 'a.png'}"]) == 0
+    assert f"ckpt={run_dir} is a zoo train run: using {run_dir / 'released'}" in capsys.readouterr().err
+    data = gd.karate_club()
+    with torch.no_grad():
+        _, attention = _reference_model(karate_ckpt)(data["x"], data["edge_index"], return_attention_weights=True)
+    assert len(drawn) == 3
+    for edge_index, alpha, node, title in drawn:
+        assert node == 3 and title == drawn[0][3] and title.startswith("karate: node 3, layer 0")
+        assert torch.equal(edge_index, attention[0][0])
+        torch.testing.assert_close(alpha, attention[0][1], rtol=1e-5, atol=1e-6)
+    raw = _reference_model(karate_ckpt, weights="raw")(data["x"], data["edge_index"], return_attention_weights=True)
+    assert not torch.allclose(raw[1][0][1], attention[0][1], atol=1e-4)  # the EMA weights are drawn: it can fail
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "config.yaml").write_text("seed: 0\n")
+    for bad in (run_dir / "checkpoints", tmp_path / "missing.ckpt", tmp_path / "empty_run"):
+        with pytest.raises((ValueError, FileNotFoundError)) as from_predict:
+            run.predict(str(bad), ["nodes:0"])
+        with pytest.raises(type(from_predict.value)) as from_viz:
+            viz.main([f"ckpt={bad}", f"out={tmp_path / 'b.png'}"])
+        assert str(from_viz.value) == str(from_predict.value) and "create_model" not in str(from_viz.value)

@@ -644,23 +644,30 @@ def test_planetoid_rebuilds_its_cache_when_the_raw_files_change(tmp_path):
     assert torch.equal(gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))["y"], d["y"])  # cache reused
 
 
-def test_planetoid_cache_in_a_read_only_folder_is_used_as_it_is(tmp_path, monkeypatch):
+def test_planetoid_cache_in_a_read_only_folder_is_left_but_not_read(tmp_path, monkeypatch):
     """A shared, read-only data folder holds a cache without the adapter's record (built before it existed):
-    the adapter used to delete it, and failed with 'Read-only file system' (review 2026-12-06)."""
+    the adapter used to delete it, and failed with 'Read-only file system' (review 2026-12-06); then it read that
+    cache as it was, although nothing said it was built from the raw files there now. It is left as it is and the
+    raw files are parsed without a cache."""
     import os
 
-    _, first = _write_planetoid_raw(tmp_path, seed=0)
+    _write_planetoid_raw(tmp_path, seed=0)
     gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
-    (tmp_path / "Cora" / "processed" / gd._RAW_RECORD).unlink()  # as an older version left it
+    processed = tmp_path / "Cora" / "processed"
+    (processed / gd._RAW_RECORD).unlink()  # as an older version left it
+    _, second = _write_planetoid_raw(tmp_path, seed=1, num_classes=4)  # raw files replaced since
+    cache = {p.name: p.read_bytes() for p in processed.iterdir()}
 
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(os, "remove", read_only)
     monkeypatch.setattr(os, "replace", read_only)
-    with pytest.warns(UserWarning, match="cannot check or rebuild the cache .* using it as it is"):
+    with pytest.warns(UserWarning, match=r"cannot check or rebuild the cache .*\(Read-only file system\).*leaving it "
+                                         r"as it is and reading the raw files without a cache"):
         d = gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
-    assert torch.equal(d["y"], torch.from_numpy(first))
+    assert torch.equal(d["y"], torch.from_numpy(second)) and d["num_classes"] == 4
+    assert {p.name: p.read_bytes() for p in processed.iterdir()} == cache
 
 
 def _write_ogb(tmp_path, folder="ogbn_toy", labels=("0", "1", "0", "1"), edges=((0, 1), (1, 2), (2, 3), (3, 0)),

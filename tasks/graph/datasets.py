@@ -18,9 +18,13 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
                     is absent (PyG's ``Planetoid(root, "cora")`` keeps ``root/cora/``).
                     A missing file raises FileNotFoundError naming every missing path (no download).
                     PyG caches the parsed graph in ``root/<Name>/processed/`` and reuses it whatever the
-                    raw files hold now; the adapter records the raw files' sizes and modification times
-                    next to that cache and has PyG rebuild it when they differ. Where ``processed/``
-                    cannot be written (a read-only folder), the raw files are parsed without a cache.
+                    raw files hold now and whatever ``pre_transform`` / ``pre_filter`` built it. The
+                    adapter records the raw files' sizes and modification times, and those of the
+                    ``data.pt`` PyG built from them, next to that cache, and has PyG rebuild a plain cache
+                    (PyG's ``pre_transform.pt`` and ``pre_filter.pt`` hold ``'None'``) when they differ.
+                    A cache PyG built with a pre_transform or pre_filter (a PyG user's, in a shared data
+                    folder) is left as it is and the raw files are parsed without a cache, with a warning;
+                    so are they where ``processed/`` cannot be written (a read-only folder).
                     The features are the raw bag-of-words rows; ``data.normalize_features`` (true in
                     configs/data/graph_planetoid.yaml, so in experiment=graph_cora) row-normalises them as
                     PyG's examples/gat.py (``T.NormalizeFeatures()``) and the GAT paper's preprocess_features do.
@@ -234,34 +238,91 @@ def networkx_graph(name: str, seed: int = 0) -> dict:
 PLANETOID = {"cora": "Cora", "citeseer": "CiteSeer", "pubmed": "PubMed"}
 # what PyG's Planetoid writes into <root>/<Name>/processed/ (the only files the adapter ever removes)
 _PLANETOID_CACHE_FILES = ("data.pt", "pre_transform.pt", "pre_filter.pt")
-_RAW_RECORD = "zoo_raw_files.json"  # next to them: the raw files (size, mtime) the cache was built from
+# next to them: the raw files (size, mtime) the zoo had PyG build the cache from, and the data.pt it got
+_RAW_RECORD = "zoo_raw_files.json"
+# PyG's record of how it built a cache: Dataset._process (torch_geometric/data/dataset.py) saves the repr of the
+# pre_transform / pre_filter argument into these files, the string 'None' when none was given, and compares them
+# with the arguments of a later Planetoid(...) call
+_PYG_PREPROCESSING_RECORDS = {"pre_transform.pt": "pre_transform", "pre_filter.pt": "pre_filter"}
 
 
 def _raw_files_record(paths: list[str]) -> dict:
     return {os.path.basename(p): [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths}
 
 
-def _planetoid_cache_is_fresh(processed: str, record: dict) -> bool:
-    """PyG's Planetoid reuses processed/data.pt whenever it exists, so raw files replaced after a first run
-    (another release, a fixed file) were ignored. When the raw files differ from those the cache was built
-    from, or that is unknown (a cache without the record), remove PyG's cache files so that it rebuilds them;
-    True when the cache matches the raw files."""
+def _file_stamp(path: str) -> Optional[list[int]]:
+    """[size, mtime_ns] of a file, None when there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return [found.st_size, found.st_mtime_ns]
+
+
+def _cache_record(processed: str, raw_record: dict) -> dict:
+    """What the adapter writes into zoo_raw_files.json after PyG built processed/data.pt from these raw files:
+    a data.pt rebuilt since (by PyG with another pre_transform, force_reload=True) no longer matches it."""
+    return {"raw": raw_record, "data.pt": _file_stamp(os.path.join(processed, "data.pt"))}
+
+
+def _pyg_preprocessing(processed: str) -> Optional[str]:
+    """How PyG built the cache in ``processed/`` when that is not the plain build the adapter reads ("with
+    pre_transform=NormalizeFeatures()", ...), None for a plain build (both records 'None') or no cache at all. A
+    data.pt without PyG's records, or a record that cannot be read, is reported too: nothing proves it plain."""
+    has_data = os.path.isfile(os.path.join(processed, "data.pt"))
+    found = []
+    for record, argument in _PYG_PREPROCESSING_RECORDS.items():
+        path = os.path.join(processed, record)
+        if not os.path.isfile(path):
+            if has_data:
+                found.append(f"without {record} (PyG's record of its {argument})")
+            continue
+        try:
+            used = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            found.append(f"with an unreadable {record} ({type(error).__name__})")
+            continue
+        if used != "None":
+            shown = " ".join(str(used).split())  # Compose's repr spans lines
+            found.append(f"with {argument}={shown[:120]}{'...' if len(shown) > 120 else ''}")
+    return ", ".join(found) or None
+
+
+def _planetoid_cache_state(processed: str, raw_record: dict, proper: str) -> str:
+    """Whether PyG's Planetoid may read ``processed/``: PyG reuses processed/data.pt whatever the raw files hold
+    now and whatever pre_transform / pre_filter built it, so the adapter decides first.
+
+    * ``"fresh"``: the cache is a plain build (PyG's records say no pre_transform / pre_filter) of the current raw
+      files, as zoo_raw_files.json recorded them together with the data.pt that build wrote; PyG reads it.
+    * ``"build"``: there is no cache, or a plain build the record does not vouch for (the raw files changed since,
+      or a cache from before the record or rebuilt since): PyG's cache files are removed and PyG builds them again,
+      as PyG itself would without a pre_transform.
+    * ``"bypass"``: a cache PyG built with a pre_transform or pre_filter (a PyG user's, in a shared data folder),
+      or one that cannot be proved plain or removed (a read-only folder): it is left as it is, and the raw files
+      are parsed without a cache (said in one warning)."""
+    built_with = _pyg_preprocessing(processed)
+    if built_with is not None:
+        warnings.warn(f"Planetoid {proper}: {processed} holds a cache PyG built {built_with}; leaving it as it is "
+                      f"and reading the raw files without a cache", stacklevel=3)
+        return "bypass"
     try:
         with open(os.path.join(processed, _RAW_RECORD), encoding="utf-8") as f:
-            if json.load(f) == record:
-                return True
+            recorded = json.load(f)
     except (OSError, ValueError):
-        pass
-    stale = [os.path.join(processed, name) for name in _PLANETOID_CACHE_FILES
-             if os.path.isfile(os.path.join(processed, name))]
+        recorded = None
+    if recorded == _cache_record(processed, raw_record) and recorded["data.pt"] is not None:
+        return "fresh"
     try:
-        for path in stale:
-            os.remove(path)
-    except OSError as error:  # a read-only or shared data folder: keep using the cache it holds
-        warnings.warn(f"Planetoid: cannot check or rebuild the cache in {processed} ({error.strerror}); using it as "
-                      f"it is. If the raw files changed since it was built, delete that folder.", stacklevel=3)
-        return True
-    return False
+        for name in _PLANETOID_CACHE_FILES:
+            path = os.path.join(processed, name)
+            if os.path.isfile(path):
+                os.remove(path)
+    except OSError as error:  # a read-only or shared data folder
+        warnings.warn(f"Planetoid {proper}: cannot check or rebuild the cache in {processed} ({error.strerror}): "
+                      f"nothing records that it was built from the current raw files; leaving it as it is and "
+                      f"reading the raw files without a cache", stacklevel=3)
+        return "bypass"
+    return "build"
 
 
 def _write_raw_record(processed: str, record: dict) -> None:
@@ -344,26 +405,29 @@ def planetoid(name: str, root: str) -> dict:
             + ". Get them from https://github.com/kimiyoung/planetoid (data/) and place them there."
         )
     from torch_geometric.datasets import Planetoid
+    from torch_geometric.io import read_planetoid_data
 
     processed = os.path.join(folder, "processed")
     record = _raw_files_record(needed)
-    fresh = _planetoid_cache_is_fresh(processed, record)
+    state = _planetoid_cache_state(processed, record, proper)
     try:
         try:
-            d = Planetoid(root, os.path.basename(folder))[0]
+            # "bypass": PyG's own parser (what Planetoid.process calls before any pre_transform) writes nothing
+            d = (read_planetoid_data(raw, key) if state == "bypass"
+                 else Planetoid(root, os.path.basename(folder))[0])
         except OSError as error:
             if not _is_permission_error(error):
                 raise
             d = _read_planetoid_without_cache(raw, key, proper, processed, error)
-            fresh = True  # nothing was cached: no record to write
+            state = "bypass"  # nothing was cached: no record to write
     except PermissionError:  # an unreadable raw file, named by _read_planetoid_without_cache
         raise
     except Exception as error:  # PyG unpickles the raw files: a truncated or foreign file fails deep inside
         raise ValueError(f"Planetoid {proper}: cannot read the raw files under {raw} (corrupt or not the "
                          f"Planetoid release?): {type(error).__name__}: {str(error)[:200]}") from None
-    if not fresh and _raw_files_record(needed) == record:  # unchanged while PyG read them: the cache matches
+    if state == "build" and _raw_files_record(needed) == record:  # unchanged while PyG read them: the cache matches
         try:
-            _write_raw_record(processed, record)
+            _write_raw_record(processed, _cache_record(processed, record))
         except OSError:  # read-only: the next run checks again
             pass
     return _pack(f"planetoid:{proper}", d.x, d.edge_index, d.y, d.train_mask, d.val_mask, d.test_mask)

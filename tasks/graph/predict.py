@@ -8,7 +8,9 @@ config tells which kind of data it was trained on, ``data.model_kind``):
   rebuilt from the stored data config as ``zoo eval`` rebuilds it (the masks select the split);
   ``<file.pt>`` predicts every node of another graph, saved with ``torch.save`` as one PyG ``Data`` (or a dict
   with ``x``, ``edge_index`` and optionally ``edge_attr`` / ``y``), its features preprocessed as training did
-  (``data.normalize_features``: PyG's ``NormalizeFeatures`` row normalisation).
+  (``data.normalize_features``: PyG's ``NormalizeFeatures`` row normalisation). Its ``y``, when given, is one
+  class of the model per node (y [num_nodes]; -1 or NaN: an unlabelled node, as in OGB's label files); another
+  shape or value, or a ``num_nodes`` other than x's row count, is refused.
 * graph classification (GraphClassificationDataModule runs: synthetic, TU, data.path, data.dataset_class):
   ``graphs:all | graphs:train | graphs:val | graphs:test | graphs:<i,j>`` predicts graphs of the run's data
   (graph ``i`` is the i-th of ``graphs:all``, which lists the train, val and test graphs in this order);
@@ -90,10 +92,10 @@ def predict_graph(model: torch.nn.Module, data_cfg: dict, inputs: Sequence[str],
             items = _run_nodes(datamodule(), spec) if kind == "node" else _run_graphs(datamodule(), spec)
         else:
             raw = _load_graph_file(spec)
-            width = _input_width(model, data_cfg)
-            items = (_file_nodes(raw, spec, width, data_cfg) if kind == "node"
+            width, classes = _input_width(model, data_cfg), _class_count(model, data_cfg)
+            items = (_file_nodes(raw, spec, width, data_cfg, classes) if kind == "node"
                      else _file_graphs(raw, spec, width, data_cfg, lambda: _trained_node_features(
-                         data_info, datamodule, ckpt, spec, width, data_cfg)))
+                         data_info, datamodule, ckpt, spec, width, data_cfg), classes))
         rows += _predict_items(model, kind, items, spec, topk, batch_size, data_cfg.get("inference_batch_size"))
     return rows
 
@@ -225,6 +227,60 @@ def _input_width(model, data_cfg: dict) -> Optional[int]:
     return int(width) if isinstance(width, int) else None
 
 
+def _class_count(model, data_cfg: dict) -> Optional[int]:
+    """How many classes the model scores: its num_classes (the GAT classifiers keep it), else data.num_classes."""
+    for count in (getattr(model, "num_classes", None), data_cfg.get("num_classes")):
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            return count
+    return None
+
+
+def _check_label_range(labels: Tensor, classes: Optional[int], where: str, unit: Optional[str] = None,
+                       unlabelled: str = "") -> None:
+    """Labels shown beside a prediction are classes of the model: one outside 0..classes-1 is named (it was shown as
+    if it were one). ``labels``: [count] int64; ``unit``: what the i-th label belongs to ("node": "(node i)" in the
+    message); ``unlabelled``: how an item is left unlabelled, for the advice."""
+    if classes is None or not labels.numel():
+        return
+    outside = ((labels < 0) | (labels >= classes)).nonzero().view(-1)
+    if outside.numel():
+        first = int(outside[0])
+        which = f" ({unit} {first})" if unit else ""
+        raise ValueError(f"{where}: y holds label {int(labels[first])}{which}, but the model has {classes} classes "
+                         f"(0..{classes - 1}): give y as its class indices{unlabelled}, or leave y out")
+
+
+def _node_labels(y, n: int, classes: Optional[int], where: str) -> list[Optional[int]]:
+    """A node file's ``y`` as one label per node (None: no label shown). PyG keeps node labels as y [num_nodes]
+    (y [num_nodes, 1] is read too); -1 or NaN marks an unlabelled node, as in OGB's node-label files (read by
+    zoo.tasks.graph.datasets.ogb_node). Any other shape, a fractional value or a class the model does not have is
+    refused, naming the input: such a y was dropped, or shown as a label, without a word."""
+    if y is None:
+        return [None] * n
+    if not isinstance(y, Tensor):
+        raise ValueError(f"{where}: y is a {type(y).__name__}; give y as a tensor [{n}] of class indices, one per node "
+                         f"(-1 for an unlabelled node), or leave y out")
+    if tuple(y.shape) not in ((n,), (n, 1)):
+        raise ValueError(f"{where}: y has shape {tuple(y.shape)} but x has {n} nodes: give y [{n}], one class index "
+                         f"per node (-1 for an unlabelled node), or leave y out")
+    values = y.view(-1)
+    if y.is_floating_point():
+        unlabelled = torch.isnan(values) | (values == -1)
+        known = values[~unlabelled]
+        fractional = known[~torch.isfinite(known) | (known != known.round())]
+        if fractional.numel():
+            raise ValueError(f"{where}: y holds {fractional[0].item():g}, which is not a class index: give y as "
+                             f"integer class indices, one per node (-1 or NaN for an unlabelled node), or leave y out")
+        values = torch.where(unlabelled, torch.full_like(values, -1), values)
+    elif y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"{where}: y is a {y.dtype} tensor; give y as integer class indices [{n}], or leave y out")
+    values = values.long()
+    labelled = values != -1
+    counted = torch.where(labelled, values, torch.zeros_like(values))  # the check sees the unlabelled as class 0
+    _check_label_range(counted, classes, where, "node", unlabelled=" (-1 for an unlabelled node)")
+    return [int(v) if known else None for v, known in zip(values.tolist(), labelled.tolist())]
+
+
 def _data_name(data_cfg: dict) -> str:
     """The run's data as its config names it: the saved file, the class, or the TU set's name."""
     return str(data_cfg.get("path") or data_cfg.get("dataset_class") or data_cfg.get("name"))
@@ -233,13 +289,13 @@ def _data_name(data_cfg: dict) -> str:
 def _check_width(x: Tensor, width: Optional[int], where: str, data_cfg: dict) -> None:
     if width is not None and x.size(1) != width:
         raise ValueError(f"{where}: x has {x.size(1)} features per node but the model reads {width} (the run's data "
-                         f"{data_cfg.get('name') or data_cfg.get('path')} has data.num_features={width}): give x "
-                         f"[num_nodes, {width}]")
+                         f"{_data_name(data_cfg)} has data.num_features={width}): give x [num_nodes, {width}]")
 
 
-def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
+def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict, classes: Optional[int] = None) -> dict:
     """Every node of the one graph in ``raw``, x preprocessed as the run's (normalize_feature_rows when
-    data.normalize_features)."""
+    data.normalize_features); its labels (y) checked against the model's ``classes`` (_node_labels), and a
+    ``num_nodes`` that disagrees with x's rows refused (PyG's Data.validate flags it too)."""
     from zoo.tasks.graph.datasets import normalize_feature_rows, _per_edge_features
 
     if isinstance(raw, (list, tuple)):
@@ -258,14 +314,17 @@ def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict) -> dict:
     if x.size(0) == 0:
         raise ValueError(f"input={spec}: the graph has no nodes (x is [0, {x.size(1)}]): save a graph with its nodes' "
                          f"features x [num_nodes, num_features]")
+    num_nodes = graph.get("num_nodes")
+    if num_nodes is not None and (not isinstance(num_nodes, (int, Tensor)) or isinstance(num_nodes, bool)
+                                  or int(num_nodes) != x.size(0)):
+        raise ValueError(f"input={spec}: num_nodes={num_nodes} but x has {x.size(0)} rows (one per node): give x a "
+                         f"row for every node, or save the graph without num_nodes")
     x = x.float()
     _check_width(x, width, f"input={spec}", data_cfg)
     if data_cfg.get("normalize_features"):  # as NodeDataModule fed the run's graph (load_node_dataset)
         x = normalize_feature_rows(x)
     n = x.size(0)
-    labels = [None] * n
-    if isinstance(y, Tensor) and y.numel() == n and not y.is_floating_point():
-        labels = [int(v) for v in y.view(-1)]
+    labels = _node_labels(y, n, classes, f"input={spec}")
     name = os.path.basename(spec)
     edges = _per_edge_features(edge_attr, edge_index, f"input={spec}") if isinstance(edge_attr, Tensor) else None
     return {"graphs": [{"x": x, "edge_index": edge_index.long(), "edge_attr": edges}],
@@ -308,10 +367,11 @@ def _trained_node_features(data_info: Optional[dict], datamodule: Callable[[], A
 
 
 def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict,
-                 trained_features: Callable[[], dict]) -> dict:
+                 trained_features: Callable[[], dict], classes: Optional[int] = None) -> dict:
     """The graphs of ``raw`` (a list of Data, or one) as the training loader reads them (_as_graph); graphs without
     x get one-hot degree features capped as the run's were, when the run trained on one-hot degrees
-    (``trained_features()``: what the run recorded), and are refused when it trained on the graphs' own x."""
+    (``trained_features()``: what the run recorded), and are refused when it trained on the graphs' own x. A label
+    outside the model's ``classes`` is refused."""
     from zoo.tasks.graph.datasets import _as_graph, _check_edge_features, _graph_source, one_hot_degree
 
     name = os.path.basename(spec)
@@ -325,6 +385,8 @@ def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict,
         label = graph.get("y")
         graph["y"] = 0 if label is None else label  # labels are not needed to predict: a placeholder for the checks
         graph = _as_graph(graph, where)
+        if label is not None:
+            _check_label_range(torch.tensor([graph["y"]]), classes, where)
         labels.append(None if label is None else graph["y"])
         graphs.append(graph)
     _check_edge_features(graphs, f"input={spec}")

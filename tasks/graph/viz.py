@@ -5,16 +5,18 @@ The weights come from the layers' ``return_attention_weights`` (PyG protocol: (e
 self loops that were added, alpha [E', H])); the picture shows the incoming edges j -> i of the chosen
 node i (its self loop as a ring), their alpha as width and label, plus the 2-hop context in grey.
 
-    zoo viz graph [data=karate] [node=0] [layer=0] [model=gatv2_node] [heads=<the model's>] [ckpt=<dir from
-                  zoo.save_pretrained>] [epochs=100] [seed=0] [root=<folder, for data=planetoid:<Name> | ogb:<name>>] [out=graph_attention.png]
+    zoo viz graph [data=karate] [node=0] [layer=0] [model=gatv2_node] [heads=<the model's>] [ckpt=<.ckpt | released
+                  dir | run dir>] [epochs=100] [seed=0] [root=<folder, for data=planetoid:<Name> | ogb:<name>>] [out=graph_attention.png]
     zoo viz graph data=dictlookup [k=10] [example=0] [node=0] [model=gatv2_dictlookup|gat_dictlookup]
-                  [heads=1] [ckpt=<dir>] [epochs=5] [seed=11] [out=...]
+                  [heads=1] [ckpt=<.ckpt | released dir | run dir>] [epochs=5] [seed=11] [out=...]
 
 Node data: without ``ckpt`` the model is trained full-batch for ``epochs`` steps first (Adam 5e-3, the GAT
-recipe) so the picture shows learned attention. With ``ckpt`` (a ``released/`` folder of ``zoo train``) and no
-``data=``, the data it was trained on is used (``metadata.zoo_config.data`` of its config.json: name, root,
-seed, k; its root as the absolute path the data module recorded, ``metadata.data.root``); without that record the
-default is karate. ``root=`` expands ``~``.
+recipe) so the picture shows learned attention. ``ckpt`` is read as ``zoo eval`` / ``zoo predict`` read it: a
+``.ckpt`` of ``zoo train`` (its EMA weights where the run kept them), a ``released/`` folder (or any directory of
+``zoo.save_pretrained``), or a ``zoo train`` run directory (its released/, else checkpoints/best.ckpt, else
+last.ckpt). With ``ckpt`` and no ``data=``, the data it was trained on is used (the run's recorded data config:
+name, root, seed, k; its root as the absolute path the data module recorded, ``metadata.data.root``); without
+that record the default is karate. ``root=`` expands ``~``.
 
 ``data=dictlookup``: the DictionaryLookup benchmark (zoo.tasks.graph.dictlookup). The picture is query ``node``
 (0..k-1) of test example ``example`` (a permutation from the unseen-combination test split) attending to the k
@@ -249,12 +251,34 @@ def _trained_root(model, trained: dict) -> str:
     return root
 
 
+def _load_checkpoint(ckpt: str):
+    """``ckpt=`` read as ``zoo eval`` and ``zoo predict`` read it (zoo.train.run: resolve_ckpt_argument, then
+    _resolve_source): a zoo train run directory as its released/ (else checkpoints/best.ckpt, else last.ckpt, said
+    on stderr), a shipped card by name, a ``.ckpt`` of zoo train (its EMA weights when the run kept them, as
+    _inference_model loads them for zoo predict), a directory of zoo.save_pretrained (with or without a zoo train
+    record: without one the data defaults to karate). Anything else is refused with their messages. A ``.ckpt``'s
+    training record (its stored run config and the data module's description) is put on the model as a
+    release's config.json puts it (zoo.hub.remember_loaded_metadata), so the picture is drawn on the same data."""
+    import zoo
+    from omegaconf import OmegaConf
+
+    from zoo.hub import read_config, remember_loaded_metadata
+    from zoo.train.run import _inference_model, _resolve_source, resolve_ckpt_argument
+
+    path = _resolve_source(resolve_ckpt_argument(ckpt))
+    if path.suffix != ".ckpt" and path.is_dir() and read_config(path) is not None:
+        return zoo.from_pretrained(path)
+    model, info, cfg = _inference_model(path)  # a .ckpt; anything else fails there, as in zoo eval / zoo predict
+    remember_loaded_metadata(model, {"zoo_config": OmegaConf.to_container(cfg, resolve=True), "data": dict(info)})
+    return model
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import zoo
     from zoo.tasks.graph.datasets import load_node_dataset
 
     opts = _parse(sys.argv[1:] if argv is None else argv)
-    model = zoo.from_pretrained(opts["ckpt"]) if opts["ckpt"] else None
+    model = _load_checkpoint(opts["ckpt"]) if opts["ckpt"] else None
     if model is not None:
         _adopt_trained_data(opts, model)
     if opts["seed"] is None and opts["data"] == "dictlookup":
