@@ -794,3 +794,24 @@ def test_agent_attention_arguments_and_nan_message():
     for grad in (True, False):
         with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="AgentAttention: input contains NaN"):
             module(x)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_agent_attention_passes_an_empty_batch_as_multi_head_attention_does(prefix):
+    """A batch of 0 gives (0, N, C) (and (0, num_queries, C)), as zoo MultiHeadAttention and torch's
+    nn.MultiheadAttention give, in train and eval mode, with empty input gradients and zero weight gradients."""
+    from zoo.attention import MultiHeadAttention
+
+    torch.manual_seed(0)
+    agent = AgentAttention(32, 4, qkv_bias=True, agent_num=9, window=4, num_prefix_tokens=prefix)
+    x = torch.randn(0, prefix + 16, 32, requires_grad=True)
+    reference = MultiHeadAttention(32, 4)(x)
+    for training in (True, False):
+        agent.train(training)
+        out = agent(x)
+        assert out.shape == reference.shape == (0, prefix + 16, 32)
+        out.sum().backward()
+        assert x.grad.shape == x.shape and float(agent.qkv.weight.grad.abs().sum()) == 0.0
+        if prefix:
+            with torch.no_grad():
+                assert agent(x, num_queries=1).shape == (0, 1, 32)

@@ -381,8 +381,6 @@ class AgentAttention(nn.Module):
             raise TypeError(f"AgentAttention: input must be a (B, N, {self.dim}) tensor, got {type(x_BNC).__name__}")
         if x_BNC.dim() != 3 or x_BNC.shape[-1] != self.dim:
             raise ValueError(f"AgentAttention: input must have shape (B, N, {self.dim}), got {tuple(x_BNC.shape)}")
-        if x_BNC.shape[0] == 0:
-            raise ValueError(f"AgentAttention: input has no batch rows (shape {tuple(x_BNC.shape)})")
         if not x_BNC.is_floating_point():
             raise TypeError(f"AgentAttention: input must be a floating-point tensor, got {x_BNC.dtype}")
         check_like_weights(x_BNC, self.qkv.weight, "AgentAttention: input")
