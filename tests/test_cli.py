@@ -262,7 +262,7 @@ def test_eval_refuses_unknown_keys_and_model_overrides(karate_run, capsys):
     ckpt = f"ckpt={karate_run / 'checkpoints' / 'last.ckpt'}"
     assert cli.main(["eval", ckpt, "data.nam=sbm"]) == 1
     err = capsys.readouterr().err
-    assert "unknown key data.nam (data keys: batch_size, model_kind, name, num_classes, num_features, num_neighbors, num_workers, root, seed)" in err
+    assert "unknown key data.nam (data keys: batch_size, inference_batch_size, model_kind, name, num_classes, num_features, num_neighbors, num_workers, root, seed)" in err
     assert cli.main(["eval", ckpt, "model.heads=2"]) == 1
     assert "model.* cannot be overridden in eval (the model comes from the checkpoint)" in capsys.readouterr().err
     assert cli.main(["eval", ckpt, "dat.root=x"]) == 1
@@ -293,6 +293,52 @@ def test_bad_train_options_are_one_line(tmp_path, capsys):
         assert cli.main([*base, *extra]) == 1
         err = capsys.readouterr().err
         assert "zoo train: error: " in err and message in err and "Traceback" not in err
+
+
+def test_early_stopping_on_a_metric_the_run_does_not_log_is_one_line(tmp_path, capsys):
+    """EarlyStopping monitoring a metric the task never logs (graph_node logs no val/loss): Lightning raises a plain
+    RuntimeError at the first validation, which ended zoo train in a 40-line traceback, where the same mistake in the
+    checkpoint callback's monitor is one line (audit 2026-12-06). Now one line naming the config key and the logged
+    metrics; a RuntimeError with the same text raised elsewhere is not taken for it."""
+    overrides = ["train", "experiment=graph_karate", "debug=fast", "logger=none", f"run_dir={tmp_path / 'run'}",
+                 "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+                 "+callbacks.early_stopping.monitor=val/loss"]
+    assert cli.main(overrides) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 2, err  # the error line and the ZOO_DEBUG hint
+    assert err.startswith("zoo train: error: callbacks.early_stopping.monitor='val/loss' is not a metric this run "
+                          "logs"), err
+    assert "val/acc1" in err.split("logged at step 1: ")[1]
+    with pytest.raises(ValueError, match=r"^callbacks\.early_stopping\.monitor='val/loss' is not a metric"):
+        run.train(run.compose([*overrides[1:-2], f"run_dir={tmp_path / 'api'}",
+                               "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+                               "+callbacks.early_stopping.monitor=val/loss"]))
+
+    def elsewhere():
+        raise RuntimeError("Early stopping conditioned on metric `val/loss` which is not available. Pass in ...")
+
+    with pytest.raises(RuntimeError) as raised:
+        elsewhere()
+    assert run._early_stopping_monitor_error(raised.value, run.compose(overrides[1:]), None) is None
+
+
+def test_train_help_sweep_examples_are_valid_shell():
+    """The sweep example of `zoo train --help` was a bash syntax error as printed (`seed=range(0,3)` unquoted, as the
+    usage line's `[KEY=range(0,3)]`; README and docs/training.md quote it). Every override that calls a sweep
+    function is quoted, and the example lines parse in bash."""
+    import shutil
+    import subprocess
+
+    calls = [token.strip("[]().,;") for token in cli.TRAIN_HELP.split() if re.search(r"=\w+\(", token)]
+    assert len(calls) >= 2 and all(call.startswith("'") and call.endswith("'") for call in calls), calls
+    examples = [line.split("e.g. ", 1)[-1].split("  #")[0] for line in cli.TRAIN_HELP.splitlines()
+                if "zoo train -m " in line and "usage" not in line]
+    assert examples
+    if shutil.which("bash") is None:
+        pytest.skip("no bash to parse the examples")
+    for example in examples:
+        checked = subprocess.run(["bash", "-n", "-c", example], capture_output=True, text=True)
+        assert checked.returncode == 0, (example, checked.stderr)
 
 
 def test_option_values_are_checked_and_named(monkeypatch, capsys):
@@ -877,6 +923,8 @@ def test_best_weights_that_cannot_exist_are_refused_before_training(tmp_path):
     directory stays empty), naming why and the other choice."""
     for overrides, problem in (
             (["test_ckpt=best", "~callbacks.best_checkpoint"], "the callbacks keep no best checkpoint"),
+            (["test_ckpt=best", "callbacks.best_checkpoint.save_top_k=0"],
+             "callbacks.best_checkpoint.save_top_k=0 keeps no checkpoint"),
             (["export_ckpt=best", "trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 runs no validation"),
             (["test_ckpt=best", "export_ckpt=best", "trainer.check_val_every_n_epoch=3"],
              "trainer.check_val_every_n_epoch=3 > trainer.max_epochs=1")):

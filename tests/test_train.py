@@ -303,6 +303,57 @@ def test_resume_after_max_steps_stopped_mid_epoch_is_exact(tmp_path, capsys):
     assert "the resumed run trained no further step: its checkpoint is at step 8" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stop", ["timer_inside_an_accumulation", "early_stopping_inside_the_epoch"])
+def test_resume_after_a_stop_inside_an_epoch_is_exact(tmp_path, monkeypatch, stop):
+    """trainer.should_stop set inside an epoch ends it early: Lightning's Timer (+trainer.max_time) at a batch's end,
+    EarlyStopping at a validation inside the epoch (val_check_interval). last.ckpt, written at that epoch's end,
+    recorded the epoch as completed: resumed with the same config, the run skipped the epoch's remaining batches,
+    or said it was finished when the epoch was its last (audit 2026-12-06). Both stops are simulated at a fixed
+    batch (the Timer's wall clock is not reproducible); the resumed run must end where the uninterrupted one does,
+    with the same weights, optimizer state and logging step. With gradient accumulation the Timer stops between
+    two optimizer steps: the batch that only accumulated is trained again after the resume."""
+    import lightning.pytorch as pl
+
+    options = ["trainer.max_epochs=2", "data.batch_size=16", "data.augment=none", "task.ema_decay=0.9",
+               "model.drop_path_rate=0.1"]
+    if stop == "timer_inside_an_accumulation":  # 3 optimizer steps of 2 batches an epoch; stop after epoch 1's 3rd batch
+        options += ["trainer.limit_train_batches=6", "trainer.accumulate_grad_batches=2"]
+        at_step, last_step = 4, 6
+    else:  # 4 batches an epoch, validated every 2; stopped by the validation after epoch 1's 2nd batch
+        options += ["trainer.limit_train_batches=4", "+trainer.val_check_interval=2", "trainer.limit_val_batches=2"]
+        at_step, last_step = 6, 8
+
+    class StopInsideTheEpoch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if stop.startswith("timer") and trainer.current_epoch == 1 and batch_idx == 2:
+                trainer.should_stop = True
+
+        def on_validation_end(self, trainer, pl_module):
+            if stop.startswith("early") and not trainer.sanity_checking and trainer.global_step == at_step:
+                trainer.should_stop = True
+
+    straight = run.train(_cfg(tmp_path, "straight", *options))
+    real_group = run._instantiate_group
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
+            [StopInsideTheEpoch()] if node is not None and "last_checkpoint" in node else []))
+        part = run.train(_cfg(tmp_path, "part", *options))
+    assert part["global_step"] == at_step
+    stopped = torch.load(part["last_ckpt"], weights_only=True)
+    assert stopped["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 1  # epoch 1 not done
+    resumed = run.train(_cfg(tmp_path, "part", *options, f"ckpt_path={part['last_ckpt']}"))
+    assert resumed["global_step"] == straight["global_step"] == last_step
+    a = torch.load(straight["last_ckpt"], weights_only=True)
+    b = torch.load(resumed["last_ckpt"], weights_only=True)
+    assert any(k.startswith("model_ema.") for k in a["state_dict"])
+    for key in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
+    assert b["loops"]["fit_loop"]["epoch_loop.state_dict"] == a["loops"]["fit_loop"]["epoch_loop.state_dict"]
+
+
 def test_last_checkpoint_holds_the_best_score_of_its_own_epoch(tmp_path):
     """best.ckpt is written when validation ends, before last.ckpt of the same epoch: last.ckpt's copy of the
     best-checkpoint callback then knows that epoch's score. Both were written at the epoch's end, last first, so a
@@ -923,6 +974,109 @@ def test_moved_run_keeps_its_best_checkpoint_and_a_finished_run_writes_missing_o
     result = run.train(_karate(tmp_path, "a", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1",
                                "export=true", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"))
     assert (tmp_path / "a" / "metrics.json").is_file() and result["released"] is not None
+
+
+def test_save_top_k_keeps_the_k_best_and_best_ckpt_holds_the_best_as_lightning_counts_them(tmp_path, monkeypatch):
+    """callbacks.best_checkpoint.save_top_k=3 on a run whose val/acc1 is not monotone (karate over 40 epochs: 0.53,
+    0.07, 0.33, 0.40 at epochs 9, 19, 29, 39). Every kept validation was written to the one best.ckpt, which then
+    held the latest of the three (epoch 39), and test_ckpt=best, export_ckpt=best and metrics.json used it as the
+    best (audit 2026-12-06). Compared with Lightning's own ModelCheckpoint(save_top_k=3) in the same run: the same
+    validations kept, each in its own file, best.ckpt the weights of Lightning's best_model_path, and the test and
+    the release of those weights. The run is stopped after epoch 34 and resumed, so the k-th best that epoch 39
+    replaces is found from the restored bookkeeping (Lightning's is restored from the same last.ckpt)."""
+    import re
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class LightningTopK(ModelCheckpoint):  # Lightning's callback as it is, under a state key of its own
+        @property
+        def state_key(self) -> str:
+            return "LightningTopK"
+
+    class StopAfterEpoch34(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 34:
+                trainer.should_stop = True
+
+    peer_dir, stop = tmp_path / "lightning", [True]
+    real_group = run._instantiate_group
+
+    def with_peer(node):
+        callbacks = real_group(node)
+        if node is not None and "best_checkpoint" in node:
+            callbacks += [LightningTopK(dirpath=peer_dir, monitor="val/acc1", mode="max", save_top_k=3)]
+            callbacks += [StopAfterEpoch34()] if stop[0] else []
+        return callbacks
+
+    monkeypatch.setattr(run, "_instantiate_group", with_peer)
+    top3 = ["trainer.max_epochs=40", "callbacks.best_checkpoint.save_top_k=3"]
+    part = run.train(_karate(tmp_path, "top3", *top3))
+    assert part["epoch"] == 35
+    stop[0] = False
+    result = run.train(_karate(tmp_path, "top3", *top3, "test=true", "export=true", "test_ckpt=best",
+                               "export_ckpt=best", f"ckpt_path={part['last_ckpt']}"))
+    assert result["global_step"] == 40
+    checkpoints = tmp_path / "top3" / "checkpoints"
+    # the two callbacks' bookkeeping at the end of training (the test of best.ckpt restores the callbacks' states
+    # of that checkpoint, Lightning 2.6's trainer.test(ckpt_path=...))
+    states = torch.load(checkpoints / "last.ckpt", weights_only=True)["callbacks"]
+    peer = LightningTopK(dirpath=peer_dir, monitor="val/acc1", mode="max", save_top_k=3)
+    peer.load_state_dict(states[peer.state_key])
+    ours = run._best_checkpoint_callback(real_group(_karate(tmp_path, "top3", *top3).callbacks))
+    ours.load_state_dict(states[ours.state_key])
+
+    def epoch_and_step(path) -> tuple[int, int]:
+        return tuple(int(n) for n in re.fullmatch(r".*epoch=?(\d+)-step=?(\d+)\.ckpt", str(path)).groups())
+
+    lightning_kept = {epoch_and_step(path): float(score) for path, score in peer.best_k_models.items()}
+    assert len(lightning_kept) == 3 and epoch_and_step(peer.best_model_path) != max(lightning_kept)  # best not latest
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == sorted(
+        ["best.ckpt", "last.ckpt"] + [f"best-epoch{e}-step{s}.ckpt" for e, s in lightning_kept])
+    assert sorted(p.name for p in peer_dir.glob("*.ckpt")) == sorted(f"epoch={e}-step={s}.ckpt" for e, s in lightning_kept)
+    assert {epoch_and_step(path): float(score) for path, score in ours.best_k_models.items()} == lightning_kept
+    assert epoch_and_step(ours.best_model_path) == epoch_and_step(peer.best_model_path)
+    best = torch.load(checkpoints / "best.ckpt", weights_only=True)
+    lightning_best = torch.load(peer.best_model_path, weights_only=True)
+    assert best["global_step"] == lightning_best["global_step"]
+    for key, value in lightning_best["state_dict"].items():
+        assert torch.equal(best["state_dict"][key], value), key
+    record = json.loads((tmp_path / "top3" / "metrics.json").read_text())
+    for weights in (record["test_weights"], record["released_weights"]):
+        assert weights["global_step"] == epoch_and_step(peer.best_model_path)[1]
+        assert weights["score"] == pytest.approx(float(peer.best_model_score), abs=0)
+
+
+def test_best_checkpoint_file_names_and_a_resume_with_another_save_top_k(tmp_path):
+    """BestCheckpoint's names: with save_top_k=1 the one file best.ckpt, as before; with k != 1 (-1: all) each kept
+    validation's own file, named without '=' (Hydra takes ckpt_path=.../best-epoch3-step7.ckpt unquoted), and
+    best.ckpt the best's copy. Resumed with save_top_k=1 from a run that kept 3, the one kept file is best.ckpt
+    with the best score; comparing with the kept 3rd best, the next validation overwrote best.ckpt with a worse
+    one."""
+    from zoo.train.checkpoint import BestCheckpoint
+
+    def callback(k):
+        return BestCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val/acc1", mode="max", save_top_k=k,
+                              auto_insert_metric_name=False, enable_version_counter=False)
+
+    metrics = {"epoch": torch.tensor(3), "step": torch.tensor(7)}
+    assert callback(1).format_checkpoint_name(dict(metrics)) == str(tmp_path / "best.ckpt")
+    for k in (3, -1):
+        assert callback(k).format_checkpoint_name(dict(metrics)) == str(tmp_path / "best-epoch3-step7.ckpt")
+        assert callback(k).best_copy_path == str(tmp_path / "best.ckpt")
+    kept = {str(tmp_path / f"best-epoch{e}-step{e + 1}.ckpt"): torch.tensor(score)
+            for e, score in ((9, 0.5), (29, 0.3), (39, 0.4))}
+    state = {"dirpath": str(tmp_path), "best_model_path": str(tmp_path / "best-epoch9-step10.ckpt"),
+             "best_model_score": torch.tensor(0.5), "kth_best_model_path": str(tmp_path / "best-epoch29-step30.ckpt"),
+             "kth_value": torch.tensor(0.3), "best_k_models": kept, "last_model_path": ""}
+    one = callback(1)
+    one.load_state_dict(state)
+    assert one.best_k_models == {str(tmp_path / "best.ckpt"): torch.tensor(0.5)}
+    assert one.best_model_path == one.kth_best_model_path == str(tmp_path / "best.ckpt")
+    assert float(one.kth_value) == 0.5
+    three = callback(3)
+    three.load_state_dict(state)
+    assert three.best_k_models == kept and three.best_model_path == state["best_model_path"]
 
 
 def test_validate_then_fit_the_same_module():

@@ -50,7 +50,7 @@ commands:
 """
 
 TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg [job|all] [--resolve]]
-   or: zoo train -m|--multirun [sweep_dir=DIR] [experiment=NAME] KEY=A,B [KEY=range(0,3)] [GROUP=X,Y] ...
+   or: zoo train -m|--multirun [sweep_dir=DIR] [experiment=NAME] KEY=A,B ['KEY=range(0,3)'] [GROUP=X,Y] ...
 
 Train with Hydra configs from the installed package zoo.configs (groups: task, model, data, trainer,
 logger, callbacks, experiment, debug). Overrides are Hydra's: `group=option` picks a config file,
@@ -74,15 +74,16 @@ Outputs: <run_dir>/{config.yaml, checkpoints/{best,last}.ckpt, csv/, tensorboard
 
 Sweeps (-m / --multirun, as Hydra's basic sweeper): one job per combination of the swept values (a,b,c;
 range(start,stop[,step]); choice(a,b); glob(pattern) over a group's options; a group: model=vit_debug,maxvit_debug),
-the last override varying fastest. The jobs run one after another in this process, each a zoo train into
-<sweep_dir>/<job number> (sweep_dir default outputs/<name>/multirun/<date>_<time>); <sweep_dir>/sweep.json records
-each job's overrides, status, metrics and seconds, and a table ends the sweep. A failed job does not stop the
-others (exit status 1 if any failed; 143 when stopped by SIGTERM). Rerunning the same command with the same
-sweep_dir keeps the finished jobs and resumes an interrupted one from its last.ckpt (in the stored job order, so
-shuffle() sweeps continue too). --cfg prints each job's config. Not with -m: run_dir= and ckpt_path= (each job has
-its own), hydra.* (hydra.sweep.dir is sweep_dir=), ${...} in sweep_dir, interval() (for optimizing sweepers),
-multi-process DDP (its ranks re-run the command line: the whole sweep).
-e.g. zoo train -m experiment=graph_karate task.lr=1e-3,3e-3 seed=range(0,3) sweep_dir=outputs/lr_sweep  # 6 jobs
+the last override varying fastest; quote the functions for the shell ('seed=range(0,3)'). The jobs run one after
+another in this process, each a zoo train into <sweep_dir>/<job number> (sweep_dir default
+outputs/<name>/multirun/<date>_<time>); <sweep_dir>/sweep.json records each job's overrides, status, metrics and
+seconds, and a table ends the sweep. A failed job does not stop the others (exit status 1 if any failed; 143 when
+stopped by SIGTERM). Rerunning the same command with the same sweep_dir keeps the finished jobs and resumes an
+interrupted one from its last.ckpt (in the stored job order, so shuffle() sweeps continue too). --cfg prints each
+job's config. Not with -m: run_dir= and ckpt_path= (each job has its own), hydra.* (hydra.sweep.dir is sweep_dir=),
+${...} in sweep_dir, interval() (for optimizing sweepers), multi-process DDP (its ranks re-run the command line: the
+whole sweep).
+e.g. zoo train -m experiment=graph_karate task.lr=1e-3,3e-3 'seed=range(0,3)' sweep_dir=outputs/lr_sweep  # 6 jobs
 """
 
 EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir | run dir> [split=test|val] [data=GROUP] [data.KEY=VALUE ...]

@@ -11,26 +11,28 @@ covers every ModelCheckpoint file and ``trainer.save_checkpoint``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "BestCheckpoint", "LastCheckpoint", "atomic_torch_save"]
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through ``<dir>/.<name>.<random>.tmp`` + fsync + ``os.replace``."""
+def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """``write(handle)`` into ``<dir>/.<name>.<random>.tmp``, fsync, then ``os.replace`` onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         mask = os.umask(0)
@@ -43,6 +45,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through ``<dir>/.<name>.<random>.tmp`` + fsync + ``os.replace``."""
+    _write_atomically(path, lambda handle: torch.save(obj, handle))
+
+
+def _atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """A byte copy of ``source`` at ``target``, written as :func:`atomic_torch_save` writes."""
+    def write(handle: BinaryIO) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle, 1 << 20)
+
+    _write_atomically(target, write)
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO whose ``save_checkpoint`` never leaves a partial file at the target path."""
 
@@ -51,7 +71,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(
                 f"{type(self).__name__}.save_checkpoint does not take storage_options ({storage_options!r})"
             )
-        if "://" in str(path) and not str(path).startswith("file://"):
+        if not _is_local(path):
             return super().save_checkpoint(checkpoint, path)  # remote file systems: no local rename
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
@@ -68,6 +88,58 @@ def _zero_current(progress) -> None:
             _zero_current(value)
 
 
+def _unfinished_epoch(trainer) -> bool:
+    """Whether the epoch now ending left batches untrained: ``trainer.should_stop`` ended it early (Lightning's Timer
+    at ``trainer.max_time``, EarlyStopping validating inside the epoch, a module's own stop) rather than its last
+    batch."""
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    return not batches.is_last_batch and batches.current.ready < trainer.num_training_batches
+
+
+@contextlib.contextmanager
+def _progress_after_last_step(trainer):
+    """The fit loop's progress, while a checkpoint is written at the end of an epoch that stopped early, as Lightning
+    records it after the epoch's last optimizer step within a running epoch (where its own ModelCheckpoint saves at
+    ``on_validation_end``): the epoch not processed, the batches done counted to that step. Batches after it only
+    accumulated gradients (``trainer.accumulate_grad_batches``) that no step used, so they are not counted: the
+    resumed run trains them again. Restored afterwards. Lightning 2.6 then restores the run in that epoch
+    (lightning/pytorch/loops/fit_loop.py ``update_restart_stage``: RESTARTED_MID_EPOCH) after its last batch done
+    (loops/training_epoch_loop.py: RESTARTED_ON_LAST)."""
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    epochs, batches = fit_loop.epoch_progress, epoch_loop.batch_progress
+    unstepped = batches.current.ready % max(1, int(trainer.accumulate_grad_batches))
+    stepped_before = epoch_loop._batches_that_stepped
+    saved = [(tracker, dict(vars(tracker))) for tracker in (epochs.current, epochs.total, batches.current,
+                                                            batches.total)]
+    try:
+        for tracker in (epochs.current, epochs.total):
+            tracker.processed -= 1
+        for tracker in (batches.current, batches.total):
+            for name in ("ready", "started", "processed", "completed"):
+                setattr(tracker, name, getattr(tracker, name) - unstepped)
+        if _validates_there_on_restart(trainer):
+            # restored at a batch that validates, Lightning skips that validation (it ran before the save) and only
+            # then counts the batch's step for the loggers, as its own on_validation_end checkpoints were written
+            # before the count: saved after it, the step would be counted twice
+            epoch_loop._batches_that_stepped -= 1
+        yield
+    finally:
+        for tracker, values in saved:
+            vars(tracker).update(values)
+        epoch_loop._batches_that_stepped = stepped_before
+
+
+def _validates_there_on_restart(trainer) -> bool:
+    """Whether Lightning's training epoch loop, restored at the current batch, takes it for a batch that validates
+    (``_TrainingEpochLoop._should_check_val_fx``, asked without the stop request that ended the epoch)."""
+    stop, trainer.should_stop = trainer.should_stop, False
+    try:
+        return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    finally:
+        trainer.should_stop = stop
+
+
 class LastCheckpoint(ModelCheckpoint):
     """The run's resumable checkpoint: a ModelCheckpoint (no monitor, one file) written at the end of every training
     epoch, and also at the step where ``trainer.max_steps`` ends training inside an epoch.
@@ -76,14 +148,25 @@ class LastCheckpoint(ModelCheckpoint):
     ``max_steps`` it skipped the rest of the epoch's batches, or, at the last epoch, trained no further step at all.
     Saved at the step, Lightning restores the run in the middle of the epoch, and the data modules' training
     samplers (``zoo.train.order.ResumableTrainingOrder.training_sampler``) skip the batches already trained on: the
-    resumed run
-    continues as the uninterrupted one would have. The epoch's-end save of that same step is then skipped (the
-    checkpoint is the same training state)."""
+    resumed run continues as the uninterrupted one would have. The epoch's-end save of that same step is then skipped
+    (the checkpoint is the same training state).
+
+    An epoch ended early by ``trainer.should_stop`` (Lightning's Timer at ``trainer.max_time``, EarlyStopping when it
+    validates inside the epoch, ``val_check_interval`` < 1) is saved at its end as a checkpoint within that epoch,
+    after its last optimizer step (:func:`_progress_after_last_step`): it was recorded as completed, and a resumed run
+    skipped its remaining batches, or said the run was finished when it was the last epoch."""
 
     @property
     def state_key(self) -> str:
         # ModelCheckpoint's own key: checkpoints written before this class existed resume with their state
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._should_skip_saving_checkpoint(trainer) or not _unfinished_epoch(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+            return
+        with _progress_after_last_step(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> dict[str, Any]:
         """Every checkpoint of the run written at an epoch's end records that epoch as completed, and the epoch
@@ -94,7 +177,7 @@ class LastCheckpoint(ModelCheckpoint):
         sampler's epoch one ahead of the loop's. The resumed run then trained the next epoch on the order of the
         one after it. If ``max_epochs`` also ended the run, it trained fewer steps, or none, and reported the run
         finished. Counted as completed, every run resumes at the next epoch's first batch, as an epoch-bounded
-        run does."""
+        run does. (An epoch stopped early is saved as one not yet processed: :meth:`on_train_epoch_end`.)"""
         state = super().on_save_checkpoint(trainer, pl_module, checkpoint)
         fit = checkpoint.get("loops", {}).get("fit_loop", {})
         epochs = fit.get("epoch_progress")
@@ -121,8 +204,19 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """The run's best validated checkpoint (``best.ckpt``): a ModelCheckpoint that keeps comparing with the best
-    score after a resume from a run directory that was moved or copied.
+    """The run's best validated checkpoint (``best.ckpt``): a ModelCheckpoint whose fixed-name file always holds the
+    best validated weights, also with ``save_top_k`` other than 1, and that keeps comparing with the best score after
+    a resume from a run directory that was moved or copied.
+
+    ``save_top_k`` (Lightning's meaning: the k best validations kept, -1 all of them, 0 none): with 1 the one file is
+    ``<filename>.ckpt`` (configs/callbacks: ``best.ckpt``). With another k, every kept validation has its own file,
+    ``<filename>-epoch<E>-step<S>.ckpt`` (Lightning's default names carry the epoch and step too, written there as
+    ``epoch=E-step=S``, which Hydra's override syntax does not take unquoted), and ``<filename>.ckpt`` is a copy of
+    the best of them, written atomically when a validation beats the others: ``best_model_path`` names the best
+    of the k files, as in Lightning. With one fixed name for all k, each kept validation had overwritten the single
+    file, which then held the latest of the k, not the best (audit 2026-12-06: ``save_top_k=3`` on karate released
+    epoch 39 at val/acc1 0.40 where epoch 9 had 0.53). A ``filename`` with ``{...}`` fields names each file itself,
+    as Lightning does, and no copy is written.
 
     Lightning's ModelCheckpoint restores ``best_model_score`` only when the checkpoint's ``dirpath`` equals the
     callback's; a run resumed at another path (a moved or copied ``run_dir``) started from no score, so its first
@@ -130,13 +224,58 @@ class BestCheckpoint(ModelCheckpoint):
     only a warning. Here the score and the kept paths are restored either way, the paths moved to this ``dirpath``
     (same file names)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        fixed = self.filename if self.filename and "{" not in self.filename else None
+        # the file that holds the best validated weights under a name that stays (None: Lightning's own names)
+        self.best_copy_name: Optional[str] = fixed
+        if fixed is not None and self.save_top_k != 1:
+            fields = "{epoch}-{step}" if self.auto_insert_metric_name else "epoch{epoch}-step{step}"
+            self.filename = f"{fixed}{self.CHECKPOINT_JOIN_CHAR}{fields}"
+
     @property
     def state_key(self) -> str:
         # ModelCheckpoint's key: checkpoints written before this class (configs/callbacks used ModelCheckpoint) and
         # after it resume each other's best score
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
+    @property
+    def best_copy_path(self) -> Optional[str]:
+        """``<dirpath>/<filename>.ckpt``, the file holding the best validated weights; None without a fixed name."""
+        if self.best_copy_name is None or self.dirpath is None:
+            return None
+        return os.path.join(self.dirpath, self.best_copy_name + self.FILE_EXTENSION)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        copy = self.best_copy_path
+        if copy is None or filepath == copy or filepath != self.best_model_path:
+            return
+        if trainer.is_global_zero:  # a new best of the k: its copy under the fixed name
+            if _is_local(filepath) and _is_local(copy):
+                _atomic_copy(str(filepath).removeprefix("file://"), str(copy).removeprefix("file://"))
+            else:
+                self._fs.copy(filepath, copy)
+        trainer.strategy.barrier("BestCheckpoint.best_copy")
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        # a run resumed with another save_top_k may list the fixed-name file among its k: it stays, the best's copy
+        if filepath != self.best_copy_path:
+            super()._remove_checkpoint(trainer, filepath)
+
     def load_state_dict(self, state_dict: dict) -> None:
+        self._load_kept_paths(state_dict)
+        copy = self.best_copy_path
+        if (self.save_top_k == 1 and copy is not None and any(path != copy for path in self.best_k_models)
+                and self.best_model_score is not None):
+            # a run kept with another save_top_k resumed with 1: the one kept file is the best's copy, as in a run
+            # that always had 1 (its k files stay on disk; comparing with the k-th best, the next validation would
+            # have overwritten the best's copy with a worse one)
+            self.best_k_models = {copy: self.best_model_score}
+            self.best_model_path = self.kth_best_model_path = copy
+            self.kth_value = self.best_model_score
+
+    def _load_kept_paths(self, state_dict: dict) -> None:
         old_dir = state_dict.get("dirpath", self.dirpath)
 
         def moved(path):

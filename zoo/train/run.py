@@ -24,9 +24,11 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -821,7 +823,13 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomically(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
+    except RuntimeError as error:
+        message = _early_stopping_monitor_error(error, cfg, trainer)
+        if message is None:
+            raise
+        raise ValueError(message) from error
     seconds = time.perf_counter() - start
     metrics = _float_metrics(trainer.callback_metrics)
     finished = resumed_at_step is not None and int(trainer.global_step) == int(resumed_at_step)
@@ -851,10 +859,14 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         if finished and not stale:
             # the checkpoint already stood at max_epochs / max_steps: released/ and metrics.json stay the ones of the
             # run that trained them (their card's training time would read as this call's few seconds)
+            # (or trainer.max_time: Lightning's Timer counts the time trained before the resume and stops at once)
+            max_time = cfg.trainer.get("max_time")
+            timer = (f", trainer.max_time={max_time}, which counts the time trained before the resume too"
+                     if max_time is not None else "")
             print(f"zoo train: the resumed run trained no further step: its checkpoint is at step {resumed_at_step}, "
                   f"epoch {int(trainer.current_epoch)}, already the end of this run (trainer.max_epochs="
-                  f"{cfg.trainer.get('max_epochs')}, trainer.max_steps={cfg.trainer.get('max_steps', -1)}); raise one "
-                  f"of them to train on; released/ and metrics.json are kept as they were", file=sys.stderr)
+                  f"{cfg.trainer.get('max_epochs')}, trainer.max_steps={cfg.trainer.get('max_steps', -1)}{timer}); "
+                  f"raise one of them to train on; released/ and metrics.json are kept as they were", file=sys.stderr)
             for note in notes:
                 print(note, file=sys.stderr)
             return result
@@ -889,6 +901,36 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         for note in notes:
             print(note, file=sys.stderr)
     return result
+
+
+# Lightning's EarlyStopping (callbacks/early_stopping.py, _validate_condition_metric) with strict=True, when its
+# monitor is not among the logged metrics: a plain RuntimeError, where ModelCheckpoint's same mistake is a
+# MisconfigurationException
+_EARLY_STOPPING_MISSING = re.compile(r"Early stopping conditioned on metric `(?P<monitor>.*)` which is not available\.")
+
+
+def _early_stopping_monitor_error(error: BaseException, cfg, trainer) -> Optional[str]:
+    """The one-line message for Lightning's EarlyStopping error about a monitor the run does not log (at the first
+    validation, or the first epoch end where it checks), naming the config key that set it and the metrics logged;
+    None for every other error. It was a 40-line traceback, where the same mistake in the checkpoint callback's
+    monitor is one line (audit 2026-12-06). Recognised by its type, its message and the Lightning function that
+    raises it, not as any RuntimeError."""
+    if type(error) is not RuntimeError:
+        return None
+    match = _EARLY_STOPPING_MISSING.match(str(error))
+    frames = traceback.extract_tb(error.__traceback__)
+    raised_by = frames[-1] if frames else None
+    if (match is None or raised_by is None or raised_by.name != "_validate_condition_metric"
+            or Path(raised_by.filename).name != "early_stopping.py"):
+        return None
+    monitor = match.group("monitor")
+    callbacks = cfg.get("callbacks") or {}
+    key = next((f"callbacks.{name}.monitor" for name, node in callbacks.items()
+                if node is not None and "EarlyStopping" in str(node.get("_target_", ""))
+                and node.get("monitor") == monitor), "EarlyStopping's monitor")
+    logged = ", ".join(sorted(str(name) for name in trainer.callback_metrics)) or "none yet"
+    return (f"{key}={monitor!r} is not a metric this run logs, so early stopping has nothing to compare (logged at "
+            f"step {int(trainer.global_step)}: {logged}); monitor one of them")
 
 
 def _check_resumed_order_fits(ckpt: dict, datamodule, cfg) -> None:
@@ -1030,9 +1072,12 @@ def _check_best_checkpoint_can_exist(cfg, callbacks) -> None:
     problem = None
     trainer = cfg.trainer
     every, epochs = trainer.get("check_val_every_n_epoch", 1), trainer.get("max_epochs")
-    if _best_checkpoint_callback(callbacks) is None:
+    best_callback = _best_checkpoint_callback(callbacks)
+    if best_callback is None:
         problem = ("the callbacks keep no best checkpoint (a ModelCheckpoint with a monitor: keep "
                    "callbacks.best_checkpoint)")
+    elif best_callback.save_top_k == 0:
+        problem = "callbacks.best_checkpoint.save_top_k=0 keeps no checkpoint (1 keeps the best, k the k best)"
     elif not _validates(cfg):
         problem = "trainer.limit_val_batches=0 runs no validation, so no best checkpoint is written"
     elif (isinstance(every, int) and isinstance(epochs, int) and not isinstance(epochs, bool) and 0 <= epochs < every
