@@ -839,6 +839,27 @@ def test_empty_inputs_return_weights_and_named_backends():
         assert attend(q, k, v).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_empty_inputs_return_weights_in_the_dtype_of_any_other_call(dtype, autocast):
+    """return_weights: the weights of an empty call (B = 0, Nq = 0, Nk = 0) have the dtype of a non-empty call's
+    -- fp32 for fp16 / bf16 inputs (and under autocast), which the reference backend computes them in -- and the
+    output SDPA's dtype. The empty path returned them in the input dtype (fp16 weights where every other batch
+    has fp32 ones)."""
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    g = torch.Generator().manual_seed(3)
+    with context:
+        q, k, v = (torch.randn(2, 4, 5, 8, generator=g).to(dtype) for _ in range(3))
+        _, want = attend(q, k, v, return_weights=True)
+        for q_shape, kv_shape in EMPTY_SHAPES.values():
+            q, k, v = torch.randn(q_shape).to(dtype), torch.randn(*kv_shape, 8).to(dtype), torch.randn(*kv_shape, 8).to(dtype)
+            out, weights = attend(q, k, v, return_weights=True)
+            assert weights.dtype == want.dtype, (q_shape, kv_shape)
+            assert weights.shape == (q_shape[0], 4, q_shape[2], kv_shape[2])
+            assert out.dtype == F.scaled_dot_product_attention(q, k, v, enable_gqa=True).dtype
+    assert want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # (autocast leaves fp64 alone)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
 def test_reference_backend_keeps_half_precision_scores_in_fp32(dtype, autocast):

@@ -154,6 +154,32 @@ def test_cross_attention_projects_the_context_once():
     assert len(cache) == 3
 
 
+def test_an_empty_cross_attention_context_is_cached_like_any_other():
+    """An empty context (B, 0, kv_dim), which MultiHeadAttention accepts as nn.MultiheadAttention does, is stored
+    by the first call with a cache; the decode steps after it reuse it (the module decided from len(cache), which
+    is 0 for it, and refused them with "pass context"). Every step gives nn.MultiheadAttention's result for the
+    empty context (zero attention, then the output projection), and the context is projected once."""
+    torch.manual_seed(0)
+    cross = MultiHeadAttention(32, num_heads=4, kv_dim=24, qkv_bias=True).eval()
+    peer = torch.nn.MultiheadAttention(32, 4, kdim=24, vdim=24, batch_first=True).eval()
+    with torch.no_grad():
+        peer.q_proj_weight.copy_(cross.q.weight)
+        peer.k_proj_weight.copy_(cross.kv.weight[:32])
+        peer.v_proj_weight.copy_(cross.kv.weight[32:])
+        peer.in_proj_bias.copy_(torch.cat([cross.q.bias, cross.kv.bias]))
+        peer.out_proj.load_state_dict(cross.proj.state_dict())
+    context, x = torch.randn(2, 0, 24), torch.randn(2, 4, 32)
+    cache, calls = KVCache(), []
+    handle = cross.kv.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        steps = [cross(x[:, :2], context=context, cache=cache), cross(x[:, 2:3], cache=cache),
+                 cross(x[:, 3:], context=context, cache=cache)]
+        want = peer(x, context, context, need_weights=False)[0]
+    handle.remove()
+    torch.testing.assert_close(torch.cat(steps, dim=1), want, **TOL)
+    assert len(calls) == 1 and len(cache) == 0 and cache.context is context
+
+
 def test_reorder_selects_beams():
     mha = _decoder()
     x = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(2))

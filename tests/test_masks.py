@@ -539,14 +539,76 @@ def test_length_constructors_ids_and_errors():
         Segments.from_lengths([2, -1])
     with pytest.raises(ValueError, match="lengths holds 5, longer than max_len=4"):
         Segments.from_lengths([5, 1], max_len=4)
-    with pytest.raises(ValueError, match="every lengths is 0; give max_len"):
+    with pytest.raises(ValueError, match=r"every lengths is 0; give max_len \(max_len=0 for sequences of no token\)"):
         Segments.from_lengths([0, 0])
-    with pytest.raises(ValueError, match="max_len must be a positive int"):
+    with pytest.raises(ValueError, match=r"lengths is empty \(a batch of 0\); give max_len"):
+        Segments.from_lengths([])
+    with pytest.raises(ValueError, match="max_len must be an int >= 0, got 2.0"):
         Segments.from_lengths([1], max_len=2.0)
+    with pytest.raises(ValueError, match="max_len must be an int >= 0, got -1"):
+        Segments.from_lengths([], max_len=-1)
+    with pytest.raises(ValueError, match="kv_max_len must be an int >= 0"):
+        Segments.from_lengths([1], kv_max_len=True)
     with pytest.raises(ValueError, match="2 lengths but 1 kv_lengths"):
         Segments.from_lengths([1, 2], kv_lengths=[3])
     with pytest.raises(TypeError, match="kv_lengths must be a list of ints"):
         Segments.from_lengths([1, 2], kv_lengths=3)
+
+
+def _check_against_sdpa(q, k, v, mask, keep, backend):
+    """attend() with ``mask`` gives SDPA's result with the boolean mask ``keep``: shape and values."""
+    from zoo.attention import attend
+
+    out = attend(q, k, v, mask=mask, backend=backend)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "sdpa", "blocksparse"])
+def test_from_lengths_describes_empty_batches_and_sequences(backend):
+    """attend() takes a batch of 0 and Nq = Nk = 0, and nn.MultiheadAttention a (0, T) or (B, 0) key padding mask;
+    Segments.from_lengths refused the same shapes ("lengths must be a non-empty 1-D sequence", "max_len must be
+    a positive int"). Its masks now give SDPA's results with the equivalent boolean masks (an empty output; zeros
+    for no keys)."""
+    g = torch.Generator().manual_seed(8)
+    # a batch of 0: ids (0, T), the padded length from max_len (kv_max_len for a context padded otherwise)
+    q, k, v = torch.randn(3, 0, 2, 5, 8, generator=g)
+    mask = Segments.from_lengths(torch.zeros(0, dtype=torch.long), max_len=5)
+    assert mask.q_ids.shape == (0, 5)
+    _check_against_sdpa(q, k, v, mask, torch.zeros(0, 1, 1, 5, dtype=torch.bool), backend)
+    mask = Segments.from_lengths([], max_len=5, kv_lengths=[], kv_max_len=3)
+    _check_against_sdpa(q, k[:, :, :3], v[:, :, :3], mask, torch.zeros(0, 1, 1, 3, dtype=torch.bool), backend)
+    # sequences of no token (max_len=0), and queries over a context of no token (zeros, as SDPA)
+    q, k, v = torch.randn(3, 2, 2, 0, 8, generator=g)
+    mask = Segments.from_lengths([0, 0], max_len=0)
+    assert mask.q_ids.shape == (2, 0)
+    _check_against_sdpa(q, k, v, mask, torch.zeros(2, 1, 1, 0, dtype=torch.bool), backend)
+    q = torch.randn(2, 2, 4, 8, generator=g)
+    _check_against_sdpa(q, k, v, Segments.from_lengths([3, 4], kv_lengths=[0, 0], kv_max_len=0),
+                        torch.zeros(2, 1, 1, 0, dtype=torch.bool), backend)
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "sdpa", "blocksparse"])
+def test_block_sparse_maps_of_no_token(backend):
+    """BlockSparse wanted one tile row or column for Nq = 0 or Nk = 0, refusing the ceil(0 / block) = 0 tiles of
+    a map built from the lengths. Both are accepted now, with SDPA's results (an empty output; zeros for no
+    keys); any other tile count is still refused, naming the count needed."""
+    from zoo.attention import attend
+
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 2, 6, 8, generator=g)
+    for tiles in ((2, 0), (2, 1)):  # Nq = 6, Nk = 0
+        k, v = torch.randn(2, 1, 2, 0, 8, generator=g)
+        _check_against_sdpa(q, k, v, BlockSparse(torch.ones(tiles, dtype=torch.bool), 4),
+                            torch.zeros(6, 0, dtype=torch.bool), backend)
+    for tiles, k_len in (((0, 2), 8), ((1, 2), 8), ((0, 0), 0), ((1, 0), 0)):  # Nq = 0
+        k, v = torch.randn(2, 1, 2, k_len, 8, generator=g)
+        _check_against_sdpa(q[:, :, :0], k, v, BlockSparse(torch.ones(tiles, dtype=torch.bool), 4),
+                            torch.zeros(0, k_len, dtype=torch.bool), backend)
+    with pytest.raises(ValueError, match=r"BlockSparse map has \(1, 1\) tiles but Nq=6, Nk=0 with blocks \(4, 4\) "
+                                         r"need \(2, 0\)"):
+        attend(q, k, v, mask=BlockSparse(torch.ones(1, 1, dtype=torch.bool), 4), backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])

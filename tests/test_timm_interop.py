@@ -1,6 +1,6 @@
 """timm's tools on the zoo's vision models, each against timm itself: timm's Hub exporter (save_for_hf), timm's
 train.py --channels-last conversion, timm's ViT checkpoint filter across patch sizes (FlexiViT), and empty
-batches (the shapes timm's models return for them)."""
+batches (the shapes timm's models return for them, and the zero gradients and AdamW step of timm's)."""
 from __future__ import annotations
 
 import json
@@ -216,3 +216,92 @@ def test_maxvit_and_agent_deit_empty_batch(name, kwargs, size):
         features = torch.zeros(0, ours.num_features, size // 32, size // 32)
         with torch.no_grad():
             assert _shapes(ours.forward_head(features)) == _shapes(peer.forward_head(features))
+
+
+def _empty_batch_step(model, images, lr: float = 0.1, weight_decay: float = 0.5, loss_scale: float = 1.0):
+    """One AdamW step (a fresh optimizer, as timm's train.py builds it) on ``images`` with a summed cross entropy
+    (times ``loss_scale``); returns {name: gradient or None} of the step."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer.zero_grad(set_to_none=True)
+    labels = torch.zeros(images.shape[0], dtype=torch.long)
+    loss = torch.nn.functional.cross_entropy(model(images), labels, reduction="sum")
+    (loss * loss_scale).backward()
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    return grads
+
+
+def _assert_zero_grads_like(got: dict, want: dict) -> None:
+    """The same parameters have a gradient in ``got`` and ``want``, and every one of them is zero."""
+    missing = sorted(n for n in want if want[n] is not None and got[n] is None)
+    extra = sorted(n for n in want if want[n] is None and got[n] is not None)
+    assert not missing and not extra, f"gradient missing for {missing[:4]}, unexpected for {extra[:4]}"
+    nonzero = [n for n, g in got.items() if g is not None and (g.shape != want[n].shape or g.any())]
+    assert not nonzero, f"not a zero gradient of the parameter's shape: {nonzero[:4]}"
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(global_pool="map"),
+    dict(class_token=False, reg_tokens=2, global_pool="avg"),
+])
+def test_vit_empty_batch_gives_timms_zero_gradients_and_adamw_step(kwargs):
+    """timm's ViT runs its blocks (and the attention-pool head) on an empty batch, so backward gives every
+    parameter a zero gradient: DDP's reducer sees them all, and AdamW decays them all. The zoo's ViT returned early
+    (the blocks, the last block of forward's class-token path and the "map" head skipped): their gradient was None,
+    DDP failed with "Expected to have finished reduction in the prior iteration", and AdamW skipped them (its
+    weights drifted from timm's). Same state dict: the same parameters get zero gradients as in timm, and one AdamW
+    step gives timm's weights exactly."""
+    import timm
+
+    args = dict(img_size=32, depth=2, num_classes=5, **kwargs)
+    torch.manual_seed(0)
+    peer = timm.create_model("vit_tiny_patch16_224", **args)
+    ours = zoo.create_model("vit_tiny_patch16_224", **args)
+    ours.load_state_dict(peer.state_dict())
+    empty = torch.randn(0, 3, 32, 32)
+    want = _empty_batch_step(peer, empty)
+    assert all(g is not None for g in want.values())  # (timm: every parameter)
+    _assert_zero_grads_like(_empty_batch_step(ours, empty), want)
+    ours_state = ours.state_dict()
+    for name, value in peer.state_dict().items():
+        torch.testing.assert_close(ours_state[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_maxvit_empty_batch_gives_zero_gradients_where_timm_gives_gradients():
+    """MaxViT's partition attention returned its input on an empty batch, so its parameters (qkv, proj, the
+    relative-position MLP) got no gradient. They now get zero gradients: the parameters timm's MaxViT gives a
+    gradient, and one AdamW step gives the weights of timm's zero-gradient step for the same state dict. (timm's
+    MaxViT itself fails on an empty batch, a reshape with -1, and its graph does not depend on the batch size: its
+    zero-gradient step is taken on 0 x its loss on a batch of one.)"""
+    import timm
+
+    torch.manual_seed(0)
+    args = dict(img_size=64, num_classes=5)
+    peer = timm.create_model("maxvit_rmlp_pico_rw_256", **args)
+    ours = zoo.create_model("maxvit_rmlp_pico_rw_256", **args)
+    ours.load_state_dict(peer.state_dict())
+    want = _empty_batch_step(peer, torch.randn(1, 3, 64, 64), loss_scale=0.0)
+    assert all(g is not None for g in want.values())
+    _assert_zero_grads_like(_empty_batch_step(ours, torch.randn(0, 3, 64, 64)), want)
+    ours_params = dict(ours.named_parameters())
+    for name, value in peer.named_parameters():
+        torch.testing.assert_close(ours_params[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_agent_deit_empty_batch_gives_every_parameter_a_zero_gradient():
+    """Agent-DeiT returned early from its blocks on an empty batch (44 of 52 parameters without a gradient). Now
+    every parameter gets a zero gradient through forward_head(forward_features(x)), and forward(), whose last
+    block computes the class token alone (its depthwise conv, which acts on patch tokens only, gets no gradient
+    at any batch size), leaves the parameters a batch of one leaves."""
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_deit_tiny", img_size=48, depth=2, num_classes=5)
+    empty = torch.randn(0, 3, 48, 48)
+    shortcut = _empty_batch_step(model, empty, lr=0.0, weight_decay=0.0)  # forward(): the class-token shortcut
+    model.class_token_last_block = False
+    every = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    _assert_zero_grads_like(_empty_batch_step(model, empty, lr=0.0, weight_decay=0.0), every)
+    model.class_token_last_block = True
+    one = _empty_batch_step(model, torch.randn(1, 3, 48, 48), lr=0.0, weight_decay=0.0)
+    _assert_zero_grads_like(shortcut, one)

@@ -336,8 +336,6 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         return self.pos_drop(x_BNC + self._grid_pos_embed(grid)), grid
 
     def _run_blocks(self, x_BNC: torch.Tensor, blocks, grid: tuple[int, int]) -> torch.Tensor:
-        if x_BNC.shape[0] == 0:  # an empty batch: the blocks keep (B, N, C), so their result is this (timm's ViT
-            return x_BNC         # returns empty tensors there too)
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in blocks:
                 x_BNC = checkpoint(block, x_BNC, grid, use_reentrant=False)
@@ -390,7 +388,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
                 and not hooked_within(self.blocks[-1], self.norm) and takes_num_queries(self.blocks[-1])):
             x_BNC, grid = self._embed(x_BCHW)
             x_BNC = self._run_blocks(x_BNC, self.blocks[:-1], grid)
-            x_B1C = x_BNC[:, :1] if x_BNC.shape[0] == 0 else self.blocks[-1](x_BNC, grid, num_queries=1)
+            x_B1C = self.blocks[-1](x_BNC, grid, num_queries=1)
             return self.forward_head(self.norm(x_B1C))
         return self.forward_head(self.forward_features(x_BCHW))
 

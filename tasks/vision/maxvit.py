@@ -396,8 +396,6 @@ class PartitionAttention(nn.Module):
 
     def _partition_attn(self, x_BHWC: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x_BHWC.shape
-        if b == 0:  # an empty batch: attention keeps (B, H, W, C), so its result is this (timm's MaxViT fails there)
-            return x_BHWC
         hp, wp = self.padded_size(h, w)
         key_valid = None
         if (hp, wp) != (h, w):

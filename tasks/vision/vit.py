@@ -562,8 +562,6 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         return self._tokens(x_BCHW)[0]
 
     def _run_blocks(self, x_BNC: torch.Tensor, blocks, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        if x_BNC.shape[0] == 0:  # an empty batch: the blocks keep (B, N, C), so their result is this, as in timm
-            return x_BNC
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in blocks:
                 x_BNC = checkpoint(block, x_BNC, use_reentrant=False)
@@ -600,8 +598,6 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         if pool_type == "map":
             if self.attn_pool is None:
                 raise ValueError("pool_type='map' needs the attention-pooling head (global_pool='map' at construction)")
-            if x_BNC.shape[0] == 0:  # an empty batch: (0, C), the pooled width being the tokens' (as timm's)
-                return x_BNC[:, 0]
             return self.attn_pool(x_BNC[:, self.num_prefix_tokens :])
         patches_BLC = x_BNC[:, self.num_prefix_tokens :]
         if pool_type == "avg":
@@ -634,7 +630,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
                 and takes_num_queries(self.blocks[-1])):
             x_BNC = self._run_blocks(self._embed(x_BCHW), self.blocks[:-1])
             head_tokens = 1 if self.dist_token is None else 2  # the class token (and DeiT's distillation token)
-            x_BQC = x_BNC[:, :head_tokens] if x_BNC.shape[0] == 0 else self.blocks[-1](x_BNC, num_queries=head_tokens)
+            x_BQC = self.blocks[-1](x_BNC, num_queries=head_tokens)
             return self.forward_head(self.norm(x_BQC))
         return self.forward_head(self.forward_features(x_BCHW))
 

@@ -285,7 +285,9 @@ def _empty_attention(q, k, v, bias: Optional[torch.Tensor], return_weights: bool
 
     The scores (B, H, Nq, Nk) have no element in all three cases; the output is formed from them by the reference
     backend's products (q k^T, plus the bias, times v), so that autograd gives q, k, v and a bias that requires
-    grad their gradients in their own shapes (zeros or empty), as SDPA's backward does. Weights: the empty scores."""
+    grad their gradients in their own shapes (zeros or empty), as SDPA's backward does. Weights: the empty scores,
+    in the dtype the reference backend gives its weights (fp32 for fp16 / bf16 inputs, _score_dtype), so an
+    empty batch's weights have the dtype of every other batch's."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
     groups = heads // kv_heads
@@ -295,7 +297,7 @@ def _empty_attention(q, k, v, bias: Optional[torch.Tensor], return_weights: bool
         scores_BHQK = scores_BHQK + bias.to(scores_BHQK.dtype)  # broadcasts: bias dims are 1 or the call's
     out = torch.matmul(scores_BHQK.reshape(batch, kv_heads, groups * q_len, k_len), v)
     out_BHQV = out.reshape(batch, heads, q_len, v_dim)
-    return (out_BHQV, scores_BHQK) if return_weights else out_BHQV
+    return (out_BHQV, scores_BHQK.to(_score_dtype(q.dtype))) if return_weights else out_BHQV
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,6 +311,12 @@ def _grouped(t: Optional[torch.Tensor], kv_heads: int, groups: int) -> Optional[
     if hx == 1:
         return t.reshape(bx, 1, 1, r, n)
     return t.reshape(bx, kv_heads, groups, r, n)
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference backend computes scores and returns weights in: fp32 for fp16 / bf16 inputs (see
+    _rows), the input dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _rows(
@@ -327,7 +335,7 @@ def _rows(
     kv_heads, k_len = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     q_g = q_rows.reshape(batch, kv_heads, groups * rows, head_dim)
-    compute_dtype = torch.float32 if q_g.dtype in (torch.float16, torch.bfloat16) else q_g.dtype
+    compute_dtype = _score_dtype(q_g.dtype)
     if compute_dtype != q_g.dtype:
         # fp16 / bf16 inputs: the scores in fp32, as SDPA's kernels and the other backends keep them. A product
         # in the input dtype rounds each score to it (bf16: 0.25 at |s| = 32) before the softmax: outputs 20x

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from zoo.layers import is_int, is_tracing, positive_int, to_pair
+from zoo.layers import check_ints, is_int, is_tracing, positive_int, to_pair
 
 __all__ = [
     "EMPTY",
@@ -505,7 +505,9 @@ class Segments(Mask):
         torchaudio, ESPnet and NeMo, which pass the lengths beside the (B, T, ...) batch).
 
         ``lengths``: B ints >= 0 (a list or an integer tensor); ``max_len``: the padded length T (default
-        ``max(lengths)``). For cross attention over a context padded differently, ``kv_lengths`` and
+        ``max(lengths)``). Empty batches are described too, as nn.MultiheadAttention takes a (0, T) or (B, 0)
+        ``key_padding_mask``: no lengths (B = 0) with ``max_len`` given, and ``max_len=0`` (every length 0) for
+        sequences of no token. For cross attention over a context padded differently, ``kv_lengths`` and
         ``kv_max_len`` describe the keys (default: the queries'). Padded keys are never attended; a padded
         query attends to nothing and its output row is zero (nn.MultiheadAttention's ``key_padding_mask``
         gives such rows an average over the valid keys instead; both are discarded downstream).
@@ -550,7 +552,7 @@ class Segments(Mask):
         return SegmentWindow(self, left=left, right=right)
 
     @staticmethod
-    def _int_vector(values, name: str, method: str) -> torch.Tensor:
+    def _int_vector(values, name: str, method: str, allow_empty: bool = False) -> torch.Tensor:
         if isinstance(values, torch.Tensor):
             vector = values.detach()
         elif type(values).__module__ == "numpy" and hasattr(values, "dtype"):  # a numpy array of lengths
@@ -561,21 +563,29 @@ class Segments(Mask):
             raise TypeError(f"Segments.{method}: {name} must be a list of ints or an integer tensor / array, got {values!r}")
         if vector.dtype.is_floating_point or vector.dtype == torch.bool or vector.is_complex():
             raise TypeError(f"Segments.{method}: {name} must hold integers, got {vector.dtype}")
-        if vector.dim() != 1 or vector.numel() == 0:
-            raise ValueError(f"Segments.{method}: {name} must be a non-empty 1-D sequence, got shape {tuple(vector.shape)}")
+        if vector.dim() != 1 or (vector.numel() == 0 and not allow_empty):
+            kind = "a 1-D sequence" if allow_empty else "a non-empty 1-D sequence"
+            raise ValueError(f"Segments.{method}: {name} must be {kind}, got shape {tuple(vector.shape)}")
         return vector.long()
 
     @classmethod
     def _padding_ids(cls, lengths, max_len, name: str, max_name: str) -> torch.Tensor:
-        lengths_B = cls._int_vector(lengths, name, "from_lengths")
+        # B = 0 (an empty batch) is accepted: ids (0, T), with T from max_len
+        lengths_B = cls._int_vector(lengths, name, "from_lengths", allow_empty=True)
         if bool((lengths_B < 0).any()):
             raise ValueError(f"Segments.from_lengths: {name} must be >= 0, got {lengths_B.tolist()}")
-        longest = int(lengths_B.max())
+        longest = int(lengths_B.max()) if lengths_B.numel() else 0
         if max_len is None:
+            if lengths_B.numel() == 0:
+                raise ValueError(f"Segments.from_lengths: {name} is empty (a batch of 0); give {max_name}, the padded "
+                                 f"length of the batch")
             if longest == 0:
-                raise ValueError(f"Segments.from_lengths: every {name} is 0; give {max_name}")
+                raise ValueError(f"Segments.from_lengths: every {name} is 0; give {max_name} "
+                                 f"({max_name}=0 for sequences of no token)")
             max_len = longest
-        max_len = positive_int(max_len, max_name)  # numpy / 0-d tensor ints, as the lengths themselves may be
+        if is_int(max_len):  # numpy / 0-d tensor ints, as the lengths themselves may be
+            max_len = int(max_len)
+        check_ints(0, **{max_name: max_len})  # 0: sequences of no token, (B, 0)
         if longest > max_len:
             raise ValueError(f"Segments.from_lengths: {name} holds {longest}, longer than {max_name}={max_len}")
         positions = torch.arange(max_len, device=lengths_B.device)
@@ -866,11 +876,14 @@ class BlockSparse(Mask):
         return self.block_mask.shape[1]
 
     def check_shape(self, q_len, k_len, batch=None, heads=None):
-        need = (_num_blocks(q_len, self.block_q), _num_blocks(k_len, self.block_k))
-        if tuple(self.block_mask.shape[-2:]) != need:
+        # ceil(N / block) tiles: 0 for no token (attend() accepts Nq = 0 and Nk = 0); one tile is accepted there
+        # too, the 1-tile minimum of the other masks' block maps (_num_blocks)
+        need = (math.ceil(q_len / self.block_q), math.ceil(k_len / self.block_k))
+        tiles = tuple(self.block_mask.shape[-2:])
+        if not all(got == want or (want == 0 and got == 1) for got, want in zip(tiles, need)):
             raise ValueError(
-                f"BlockSparse map has {tuple(self.block_mask.shape[-2:])} tiles but Nq={q_len}, Nk={k_len} with "
-                f"blocks ({self.block_q}, {self.block_k}) need {need}"
+                f"BlockSparse map has {tiles} tiles but Nq={q_len}, Nk={k_len} with blocks "
+                f"({self.block_q}, {self.block_k}) need {need}"
             )
         if batch is not None and self.batch_size not in (1, batch):
             raise ValueError(f"BlockSparse map batch dim {self.batch_size} does not broadcast to batch {batch}")

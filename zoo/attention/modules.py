@@ -596,8 +596,10 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("MultiHeadAttention: cross attention with RoPE and a KV cache needs "
                                  "positions=(query positions, context positions) at every call: the cache "
                                  "continues positions for self attention only (each query would be rotated at 0)")
+        # whether the cache holds a context, not its length: an empty context (B, 0, kv_dim) is stored with 0 keys
         cached_context = (
-            cache is not None and self.is_cross and len(cache) > 0 and (context is None or context is cache.context)
+            cache is not None and self.is_cross and cache.context is not None
+            and (context is None or context is cache.context)
         )
         if cached_context:
             context = cache.context
