@@ -464,11 +464,29 @@ def test_layerwise_inference_refuses_what_would_not_be_the_forward():
     for bad in (0, -3, 2.5, True, "64"):
         with pytest.raises(ValueError, match=r"^inference: batch_size must be a positive integer \(nodes per chunk\)"):
             model.inference(x, edge_index, batch_size=bad)
-    with pytest.raises(ValueError, match=r"^inference: sampler must be a NeighborSampler of this graph \(50 nodes\), "
-                                         r"got 60 nodes"):
+    with pytest.raises(ValueError, match=r"^inference: the sampler was built from a graph of 60 nodes and \d+ edges, "
+                                         r"but x has 50 nodes and edge_index \d+ edges: build it from this"):
         model.inference(x, edge_index, sampler=NeighborSampler(_random_graph(), 60))
-    with pytest.raises(ValueError, match=r"^inference: the sampler was built from \d+ edges but edge_index has \d+: build it from this"):
-        model.inference(x, edge_index, sampler=NeighborSampler(_random_graph(50, 240, seed=5)[:, :240], 50))
+    # same node and edge counts, other edges: it gave the other graph's logits (differences up to 2)
+    other = torch.stack([edge_index[0].flip(0), edge_index[1]])
+    with pytest.raises(ValueError, match=r"^inference: the sampler was built from another edge_index than the one "
+                                         r"given \(same sizes, other edges\)"):
+        model.inference(x, edge_index, sampler=NeighborSampler(other, 50))
+    for wrong in ({}, "sampler", [1]):
+        with pytest.raises(TypeError, match=r"^inference: sampler must be a zoo\.tasks\.graph\.sampling\."
+                                            r"NeighborSampler of this graph, got (dict|str|list)$"):
+            model.inference(x, edge_index, sampler=wrong)
+    with pytest.raises(TypeError, match=r"^inference: edge_index must be a torch\.Tensor \[2, E\], got list"):
+        model.inference(x, edge_index.tolist())
+    adj_t = torch.sparse_coo_tensor(edge_index.flip(0), torch.ones(edge_index.size(1)), (50, 50))
+    with pytest.raises(ValueError, match=r"^inference takes edge_index \[2, E\] \(source row first\), not a sparse "
+                                         r"adjacency"):
+        model.inference(x, adj_t)
+    with_edges = zoo.create_model("gatv2_node_debug", in_channels=5, num_classes=3, edge_dim=2).eval()
+    for rows in (edge_index.size(1) + 5, edge_index.size(1) - 5):  # the forward's refusal (it gathered or crashed)
+        with pytest.raises(ValueError, match=rf"^edge_attr has {rows} rows but edge_index has {edge_index.size(1)} "
+                                             rf"edges$"):
+            with_edges.inference(x, edge_index, edge_attr=torch.randn(rows, 2))
     with pytest.raises(ValueError, match=r"built with edge_dim=None|built without edge features"):
         model.inference(x, edge_index, edge_attr=torch.randn(edge_index.size(1), 2))
     empty = model.inference(torch.zeros(0, 5), torch.zeros(2, 0, dtype=torch.long))
@@ -525,3 +543,68 @@ def test_bad_inference_batch_size_is_named():
     batch = next(iter(module.val_dataloader()))
     assert batch["inference_batch_size"] == 5 and isinstance(batch["neighbor_sampler"], NeighborSampler)
     assert "inference_batch_size" not in next(iter(module.train_dataloader()))  # training stays a full batch
+
+
+def test_a_layerwise_evaluation_batch_keeps_its_graph_off_the_accelerator():
+    """Lightning moves a batch to the model's device before validation_step: for layer-wise batches the graph (x,
+    edge_index) stays on the CPU, as PyG's BasicGNN.inference keeps x_all on its embedding_device, and only the labels
+    and masks move (the meta device stands in for an accelerator); other batches move whole."""
+    data = gd.NodeDataModule(name="karate", inference_batch_size=5)
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    moved = data.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["x"].device.type == "cpu" and moved["edge_index"].device.type == "cpu"
+    assert moved["y"].device.type == "meta" and moved["val_mask"].device.type == "meta"
+    assert moved["neighbor_sampler"] is batch["neighbor_sampler"] and moved["inference_batch_size"] == 5
+    plain = gd.NodeDataModule(name="karate")
+    plain.setup()
+    whole = plain.transfer_batch_to_device(next(iter(plain.val_dataloader())), torch.device("meta"), 0)
+    assert whole["x"].device.type == "meta"
+
+
+def test_inference_batch_size_with_a_model_without_zoo_layerwise_inference_is_named():
+    """PyG's models have an inference(loader, ...) of another signature: the module names the problem instead of
+    failing inside it with a TypeError."""
+    from torch_geometric.nn.models import GAT
+
+    from zoo.tasks.graph.lit import NodeClassificationModule
+
+    module = NodeClassificationModule(GAT(34, 8, num_layers=2, out_channels=4)).eval()
+    data = gd.NodeDataModule(name="karate", inference_batch_size=8)
+    data.setup()
+    with pytest.raises(ValueError, match=r"^data\.inference_batch_size runs the model layer by layer, which GAT does "
+                                         r"not offer here \(GATNodeClassifier\.inference does\): set "
+                                         r"data\.inference_batch_size=null$"):
+        module(next(iter(data.val_dataloader())))
+
+
+def test_zoo_eval_of_a_run_from_before_inference_batch_size_may_set_it(tmp_path, monkeypatch):
+    """A run whose stored data config predates data.inference_batch_size (as every large-graph run trained before it):
+    zoo eval data.inference_batch_size=N evaluates it layer by layer, with the metrics of its full-graph evaluation
+    (it was refused as an unknown key, and + was refused too)."""
+    pytest.importorskip("hydra")
+    from zoo.cli import main
+    from zoo.tasks.graph.gat import GATNodeClassifier
+    from zoo.train import run
+
+    assert main(["train", "num_threads=1", "logger=none", "callbacks=minimal", "export=false", "test=false",
+                 "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "experiment=graph_sbm",
+                 "model.name=gatv2_node_debug", "trainer.max_epochs=2", f"run_dir={tmp_path / 'run'}"]) == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    data_cfg = checkpoint["hyper_parameters"]["zoo_config"]["data"]
+    del data_cfg["inference_batch_size"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    chunks = []
+    layerwise = GATNodeClassifier.inference
+
+    def counted(self, *args, **kwargs):
+        chunks.append(kwargs["batch_size"])
+        return layerwise(self, *args, **kwargs)
+
+    monkeypatch.setattr(GATNodeClassifier, "inference", counted)
+    full = run.evaluate(tmp_path / "old.ckpt")
+    assert chunks == []
+    chunked = run.evaluate(tmp_path / "old.ckpt", ["data.inference_batch_size=4"])
+    assert chunks == [4] and chunked["test/acc1"] == pytest.approx(full["test/acc1"], abs=1e-6)
+    with pytest.raises(ValueError, match=r"^unknown key data\.inference_batch_sise"):
+        run.evaluate(tmp_path / "old.ckpt", ["data.inference_batch_sise=4"])

@@ -1126,6 +1126,21 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
             batch.update(inference_batch_size=self.inference_batch_size, neighbor_sampler=self._sampler())
         return torch.utils.data.DataLoader([batch], batch_size=None)
 
+    # the graph of a layer-wise evaluation batch: left where it is (the CPU), as PyG's BasicGNN.inference keeps x_all
+    # on its embedding_device; each chunk goes to the model's device in GATNodeClassifier.inference
+    _LAYERWISE_HOST_KEYS = ("x", "edge_index", "edge_attr")
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """Lightning's transfer, except that a layer-wise evaluation batch (``inference_batch_size``) keeps its graph
+        -- x, edge_index, edge_attr -- where it is: only one chunk's neighbourhood at a time needs to be on an
+        accelerator, so a graph larger than its memory is evaluated there (its labels and masks move as usual)."""
+        if isinstance(batch, dict) and "inference_batch_size" in batch:
+            host = {key: batch[key] for key in self._LAYERWISE_HOST_KEYS if key in batch}
+            moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in host}, device,
+                                                     dataloader_idx)
+            return {**moved, **host}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def _sampler(self):
         """The graph's NeighborSampler (the CSR of its in-edges), sorted once and shared by the sampled training
         batches and layer-wise inference."""

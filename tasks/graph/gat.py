@@ -162,20 +162,28 @@ class GATNodeClassifier(nn.Module):
 
     @torch.no_grad()
     def inference(self, x_NF: Tensor, edge_index: Tensor, *, edge_attr: Optional[Tensor] = None,
-                  batch_size: int = 4096, sampler=None) -> Tensor:
+                  batch_size: int = 4096, sampler=None, device=None) -> Tensor:
         """Layer-wise inference for graphs too large for one full-graph :meth:`forward`: logits [N, K], equal to the
-        eval-mode ``forward`` (up to float rounding), without its memory.
+        eval-mode ``forward`` (up to float rounding), on ``x``'s device.
 
-        PyG's pattern for large graphs (examples/reddit.py and ogbn_products_sage.py, ``SAGE.inference`` over a
-        ``NeighborLoader(num_neighbors=[-1])``): each layer runs over every node before the next starts, in chunks of
-        ``batch_size`` consecutive nodes; a chunk's layer input is its nodes and their in-neighbours with all their
-        in-edges (:meth:`zoo.tasks.graph.sampling.NeighborSampler.sample` with ``[-1]``, the chunk's nodes first), so
-        each node aggregates exactly what the full graph gives it. The peak memory is that of one chunk's
-        neighbourhood and two [N, width] layer outputs instead of every edge of the graph at once.
+        PyG's pattern for large graphs (examples/reddit.py ``SAGE.inference``; ``BasicGNN.inference`` in
+        torch_geometric/nn/models/basic_gnn.py, over a ``NeighborLoader(num_neighbors=[-1])``): each layer runs over
+        every node before the next starts, in chunks of ``batch_size`` consecutive nodes. A chunk's layer input is its
+        nodes and their in-neighbours with all their in-edges (:meth:`zoo.tasks.graph.sampling.NeighborSampler.sample`
+        with ``[-1]``, the chunk's nodes first), and the layer is called bipartite -- sources the neighbourhood,
+        destinations the chunk -- so each node aggregates exactly what the full graph gives it (its self loop
+        included) and no output is computed for the neighbours.
+
+        Memory: the per-edge working memory of one chunk instead of the whole graph's. ``x``, ``edge_index``,
+        ``edge_attr`` and the [N, width] layer outputs stay where ``x`` is (PyG's ``embedding_device``; keep them on
+        the CPU for a graph that does not fit an accelerator); each chunk's rows go to ``device`` (default: the
+        model's), run there and come back. It pays off when a chunk's neighbourhood is much smaller than the graph;
+        the time is higher than one forward's (each chunk projects its whole neighbourhood; docs/graph.md).
 
         ``sampler``: a NeighborSampler of this ``edge_index`` (its in-edge CSR, O(E log E) to build), to reuse across
-        calls; built here when not given. Runs without autograd, in eval mode only (dropout between the layers
-        would make it another model than ``forward``'s): call ``model.eval()`` first."""
+        calls; built here when not given, and checked against ``edge_index`` (O(E)) when given. Runs without
+        autograd, in eval mode only (dropout between the layers would make it another model than ``forward``'s):
+        call ``model.eval()`` first."""
         from zoo.tasks.graph.sampling import NeighborSampler
 
         if self.training:
@@ -186,32 +194,59 @@ class GATNodeClassifier(nn.Module):
         if not isinstance(x_NF, Tensor) or x_NF.dim() != 2:
             raise ValueError(f"inference: x must be a [num_nodes, num_features] tensor, got "
                              f"{tuple(x_NF.shape) if isinstance(x_NF, Tensor) else type(x_NF).__name__}")
+        if not isinstance(edge_index, Tensor):
+            raise TypeError(f"inference: edge_index must be a torch.Tensor [2, E], got {type(edge_index).__name__}")
+        if edge_index.layout != torch.strided:
+            raise ValueError(f"inference takes edge_index [2, E] (source row first), not a sparse adjacency "
+                             f"({edge_index.layout}): pass its edges, e.g. adj_t.to_sparse_coo().indices().flip(0) "
+                             f"for a [dst, src] adj_t")
         _check_edge_attr(self.edge_dim, edge_attr)
-        num_nodes = x_NF.size(0)
+        num_nodes, num_edges = x_NF.size(0), edge_index.size(-1)
+        if edge_attr is not None and edge_attr.size(0) != num_edges:
+            raise ValueError(f"edge_attr has {edge_attr.size(0)} rows but edge_index has {num_edges} edges")
         if sampler is None:
             sampler = NeighborSampler(edge_index.cpu(), num_nodes)
-        elif not isinstance(sampler, NeighborSampler) or sampler.num_nodes != num_nodes:
-            raise ValueError(f"inference: sampler must be a NeighborSampler of this graph ({num_nodes} nodes), got "
-                             f"{getattr(sampler, 'num_nodes', type(sampler).__name__)} nodes")
-        elif sampler.edge_ids.numel() != edge_index.size(-1):
-            raise ValueError(f"inference: the sampler was built from {sampler.edge_ids.numel()} edges but edge_index "
-                             f"has {edge_index.size(-1)}: build it from this edge_index")
+        else:
+            _check_sampler_of(sampler, edge_index, num_nodes)
         if num_nodes == 0:  # nothing to chunk: the forward's own empty-graph result
             return self.forward(x_NF, edge_index, edge_attr=edge_attr)
-        device = x_NF.device
+        if device is None:
+            device = next(self.parameters()).device
+        home = x_NF.device  # where x, the layer outputs and the result stay
         chunks = [torch.arange(start, min(start + batch_size, num_nodes)) for start in range(0, num_nodes, batch_size)]
         x = x_NF
         for i, conv in enumerate(self.convs):
             out = None
             for nodes in chunks:
                 sub = sampler.sample(nodes, [-1])
-                extra = () if edge_attr is None else (edge_attr[sub.e_id.to(edge_attr.device)],)
-                y = conv(x[sub.n_id.to(device)], sub.edge_index.to(device), *extra)[:nodes.numel()]
+                x_sub = x[sub.n_id.to(home)].to(device)
+                extra = () if edge_attr is None else (edge_attr[sub.e_id.to(edge_attr.device)].to(device),)
+                # bipartite: sources the neighbourhood, destinations the chunk (its first rows)
+                y = conv((x_sub, x_sub[:nodes.numel()]), sub.edge_index.to(device), *extra)
                 if out is None:
-                    out = y.new_empty(num_nodes, y.size(-1))
-                out[nodes.to(device)] = y
+                    out = torch.empty(num_nodes, y.size(-1), dtype=y.dtype, device=home)
+                out[nodes.to(home)] = y.to(home)
             x = F.elu(out) if i < len(self.convs) - 1 else out
         return x
+
+
+def _check_sampler_of(sampler, edge_index: Tensor, num_nodes: int) -> None:
+    """``sampler`` must be a NeighborSampler built from exactly this ``edge_index`` (its CSR's sources and
+    destinations gathered from it, O(E)): one of another graph with the same sizes gave another graph's logits."""
+    from zoo.tasks.graph.sampling import NeighborSampler
+
+    if not isinstance(sampler, NeighborSampler):
+        raise TypeError(f"inference: sampler must be a zoo.tasks.graph.sampling.NeighborSampler of this graph, got "
+                        f"{type(sampler).__name__}")
+    if sampler.num_nodes != num_nodes or sampler.edge_ids.numel() != edge_index.size(-1):
+        raise ValueError(f"inference: the sampler was built from a graph of {sampler.num_nodes} nodes and "
+                         f"{sampler.edge_ids.numel()} edges, but x has {num_nodes} nodes and edge_index "
+                         f"{edge_index.size(-1)} edges: build it from this edge_index")
+    edges = edge_index.cpu().long()[:, sampler.edge_ids]
+    destinations = torch.repeat_interleave(torch.arange(num_nodes), sampler.in_degree)
+    if not (torch.equal(edges[0], sampler.sources) and torch.equal(edges[1], destinations)):
+        raise ValueError("inference: the sampler was built from another edge_index than the one given (same sizes, "
+                         "other edges): build it from this edge_index")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -151,12 +151,16 @@ class NodeClassificationModule(_GraphModule):
     def forward(self, batch, model: Optional[nn.Module] = None):
         model = model or self.model
         if "inference_batch_size" in batch and not model.training:  # evaluation batches of data.inference_batch_size
-            if not callable(getattr(model, "inference", None)):
+            from zoo.tasks.graph.gat import GATNodeClassifier
+
+            inner = getattr(model, "_orig_mod", model)  # under task.torch_compile: the module compiled
+            if not isinstance(inner, GATNodeClassifier):  # PyG's BasicGNN.inference(loader) is another method
                 raise ValueError(f"data.inference_batch_size runs the model layer by layer, which "
-                                 f"{type(model).__name__} does not offer (GATNodeClassifier.inference does): set "
+                                 f"{type(inner).__name__} does not offer here (GATNodeClassifier.inference does): set "
                                  f"data.inference_batch_size=null")
-            return model.inference(batch["x"], batch["edge_index"], batch_size=batch["inference_batch_size"],
-                                   sampler=batch["neighbor_sampler"], **self._edge_features(batch))
+            logits = inner.inference(batch["x"], batch["edge_index"], batch_size=batch["inference_batch_size"],
+                                     sampler=batch["neighbor_sampler"], **self._edge_features(batch))
+            return logits.to(batch["y"].device)  # the graph stayed on its device (NodeDataModule.transfer_batch_to_device)
         return model(batch["x"], batch["edge_index"], **self._edge_features(batch))
 
     @staticmethod

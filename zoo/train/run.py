@@ -1508,11 +1508,36 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *,
         cfg.data = _other_data(cfg, groups[-1])
     if overrides:
         plain = _plain(cfg)
+        newer = _newer_data_keys(plain.get("data") or {})
         for item in overrides:
-            _check_eval_override(plain, item.split("=", 1)[0])
+            key = item.split("=", 1)[0]
+            if key.startswith("data.") and key[len("data."):] in newer:
+                continue  # a data option added after this run was trained (data.inference_batch_size): it may be set
+            _check_eval_override(plain, key)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     cfg.model.pretrained = False
     return cfg, model, state, info
+
+
+def _newer_data_keys(stored_data: dict) -> set[str]:
+    """Keys that the shipped data configs of the run's data module (the same ``_target_``) define but the run's
+    stored data config lacks: options added after the run was trained (``data.inference_batch_size``,
+    ``data.num_workers``), which ``zoo eval`` may set on it with ``data.KEY=VALUE`` (its plain form, as for a current
+    run) instead of refusing them as unknown."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    target = stored_data.get("_target_")
+    if not target:
+        return set()
+    keys: set[str] = set()
+    for path in (resources.files("zoo.configs") / "data").iterdir():
+        if path.name.endswith(".yaml"):
+            config = OmegaConf.load(str(path))
+            if config.get("_target_") == target:
+                keys.update(str(k) for k in config.keys())
+    return {key for key in keys if key not in stored_data and not key.startswith("_")}
 
 
 def _preview(names: Sequence, shown: int = 6) -> str:
