@@ -379,13 +379,17 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """Images (B, in_chans, Hi, Wi) -> logits (B, K).
 
-        With class-token pooling the last block computes only the class token (the agents, keys and values
-        still come from every token), as ``forward_head(forward_features(x))`` would give; attention capture,
-        forward hooks on the last block or the final norm (or global ones) and ``class_token_last_block = False``
-        run the full last block.
+        With class-token pooling and no gradient recorded (inference) the last block computes only the class
+        token (the agents, keys and values still come from every token), as ``forward_head(forward_features(x))``
+        would give; attention capture, forward hooks on the last block or the final norm (or global ones) and
+        ``class_token_last_block = False`` run the full last block. With autograd the full last block runs: the
+        shortcut skips its depthwise conv, whose parameters then took no part in the loss, and DDP (without
+        find_unused_parameters, Lightning's default) stopped at the second step (their true gradient is zero, which
+        the full block gives them).
         """
-        if (self.global_pool == "token" and self.class_token_last_block and not _capture.is_capturing()
-                and not hooked_within(self.blocks[-1], self.norm) and takes_num_queries(self.blocks[-1])):
+        if (self.global_pool == "token" and self.class_token_last_block and not torch.is_grad_enabled()
+                and not _capture.is_capturing() and not hooked_within(self.blocks[-1], self.norm)
+                and takes_num_queries(self.blocks[-1])):
             x_BNC, grid = self._embed(x_BCHW)
             x_BNC = self._run_blocks(x_BNC, self.blocks[:-1], grid)
             x_B1C = self.blocks[-1](x_BNC, grid, num_queries=1)
