@@ -393,3 +393,33 @@ def test_an_output_that_cannot_be_written_is_refused_before_exporting(tmp_path, 
     with pytest.raises(ValueError, match=r"out='/proc/x.png': cannot write in /proc"):
         png_path("/proc/x.png")
     assert png_path(str(tmp_path / "new" / "a.png")).parent.is_dir()
+
+
+def test_bare_weights_files_as_the_hub_reads_them_and_their_errors(tmp_path, capsys):
+    """model=<name> ckpt=<file>: the weights files create_model(pretrained=...) reads (.pt and timm's .pth.tar were
+    refused with the usage line); a missing file is named (it said "not both", the form the user had typed); a bare
+    file without model= names the CLI form (it pointed to a Python call); a half-typed img_size is refused (16x
+    exported a square model)."""
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug").eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "model_best.pth.tar")  # timm train.py
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    import onnxruntime as ort
+
+    for name in ("w.pt", "model_best.pth.tar"):
+        out = tmp_path / f"{name}.onnx"
+        assert main(["model=vit_debug", f"ckpt={tmp_path / name}", f"out={out}"]) == 0, capsys.readouterr().err
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], expected, atol=1e-5, rtol=1e-5)
+    capsys.readouterr()
+    assert main(["model=vit_debug", f"ckpt={tmp_path / 'missing.safetensors'}", f"out={tmp_path / 'm.onnx'}"]) == 1
+    assert f"ckpt={tmp_path / 'missing.safetensors'}: no such weights file" in capsys.readouterr().err
+    assert main([f"ckpt={tmp_path / 'w.pt'}", f"out={tmp_path / 'n.onnx'}"]) == 1
+    assert (f"ckpt={tmp_path / 'w.pt'} is a bare weights file, without the config that names its model: give the "
+            f"model too, zoo export model=<name> ckpt={tmp_path / 'w.pt'}") in capsys.readouterr().err
+    for size in ("16x", "x16", "16,,16"):
+        assert main(["model=vit_debug", f"img_size={size}", "check=false", f"out={tmp_path / 's.onnx'}"]) == 1
+        assert f"img_size must be an int or HxW, got '{size}'" in capsys.readouterr().err

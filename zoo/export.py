@@ -104,7 +104,9 @@ def _size_pair(value: Union[int, Sequence[int], str, None], name: str = "img_siz
     if isinstance(value, str):
         parts = value.lower().replace("x", ",").split(",")
         try:
-            value = [int(p) for p in parts if p.strip()]
+            if not all(p.strip() for p in parts):  # "16x", "x16", "16,,16": a side lost, not a square
+                raise ValueError
+            value = [int(p) for p in parts]
         except ValueError:
             raise ValueError(f"{name} must be an int or HxW, got {value!r}") from None
         if len(value) == 1:
@@ -176,6 +178,15 @@ def _resolve_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwa
     return net
 
 
+# the weights files zoo.hub.load_state_dict_file reads without a config (timm's model_best.pth.tar included); a
+# .ckpt is a zoo train checkpoint, read with its config
+_BARE_WEIGHTS = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
+
+
+def _is_bare_weights(ckpt) -> bool:
+    return str(ckpt).lower().endswith(_BARE_WEIGHTS)
+
+
 def _load_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwargs: dict[str, Any]) -> nn.Module:
     if isinstance(model, nn.Module):
         if ckpt is not None or create_kwargs:
@@ -190,11 +201,16 @@ def _load_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwargs
             ckpt = str(resolve_ckpt_argument(ckpt))
         path = Path(str(ckpt)).expanduser()
         if model is not None:
-            if isinstance(model, str) and path.is_file() and path.suffix != ".ckpt":
-                # a bare weights file (.safetensors / .pth) for a registered name, as create_model(pretrained=...)
+            if isinstance(model, str) and _is_bare_weights(path):
+                if not path.is_file():  # a typo in the path read as "not both", the form the user had typed
+                    raise ValueError(f"ckpt={ckpt}: no such weights file")
+                # a bare weights file for a registered name, as create_model(pretrained=...)
                 return zoo.create_model(model, pretrained=str(path), **create_kwargs)
             raise ValueError("pass model=<name> or ckpt=<dir>, not both (model= goes with a bare weights file: "
-                             "model=<name> ckpt=<file.safetensors>)")
+                             f"model=<name> ckpt=<file{'|file'.join(_BARE_WEIGHTS)}>)")
+        if _is_bare_weights(path) and path.is_file():  # from_pretrained's hint was a Python call
+            raise ValueError(f"ckpt={ckpt} is a bare weights file, without the config that names its model: give the "
+                             f"model too, zoo export model=<name> ckpt={ckpt}")
         if path.suffix == ".ckpt":  # a zoo train checkpoint, as zoo eval and zoo predict read it (EMA weights)
             if create_kwargs:
                 raise ValueError(f"constructor arguments {sorted(create_kwargs)} do not apply to a training checkpoint "
@@ -494,7 +510,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         options[key] = value
     model, ckpt = options.pop("model", None), options.pop("ckpt", None)
-    bare_weights = model is not None and ckpt is not None and Path(ckpt).suffix in (".safetensors", ".pth", ".bin")
+    bare_weights = model is not None and ckpt is not None and _is_bare_weights(ckpt)
     if (model is None) == (ckpt is None) and not bare_weights:
         print("zoo export: give model=<name>, ckpt=<released dir | .ckpt>, or both for a bare weights file "
               "(model=<name> ckpt=<file.safetensors>)", file=sys.stderr)

@@ -146,7 +146,7 @@ def _measure(args, sizes: list[int], batches: list[int], rows: list) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m zoo.bench.vision_agent",
+        prog="zoo bench vision_agent",
         description="zoo agent_deit_tiny vs timm vit_tiny_patch16_224 vs the official-style forward: inference "
                     "img/s measured interleaved in one process, and the ratios.",
     )

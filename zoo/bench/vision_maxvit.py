@@ -60,7 +60,7 @@ CASES = _cases()
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Padded (odd size) vs unpadded (multiple of the partition) forward of one zoo MaxViT, interleaved."""
-    parser = argparse.ArgumentParser(prog="python -m zoo.bench.vision_maxvit", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="zoo bench vision_maxvit", description=main.__doc__)
     parser.add_argument("--model", default="maxvit_tiny_tf_224")
     parser.add_argument("--size", type=int, default=224, help="multiple-of-32 size (no padding)")
     parser.add_argument("--odd", type=int, default=200, help="size whose stage maps are padded (default 200)")
