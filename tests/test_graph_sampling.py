@@ -493,11 +493,8 @@ def test_layerwise_inference_refuses_what_would_not_be_the_forward():
     assert empty.shape == (0, 3)
 
 
-def test_inference_batch_size_gives_the_full_graph_metrics_and_predictions(tmp_path, capsys, monkeypatch):
-    """A run with data.inference_batch_size (validation, test and zoo predict layer by layer) logs the metrics and
-    predicts the probabilities of the same run without it (one full-graph forward each)."""
-    pytest.importorskip("hydra")
-    from zoo.cli import main
+def _count_layerwise_calls(monkeypatch) -> list:
+    """GATNodeClassifier.inference wrapped to record each call's batch_size: whether the layer-wise path ran."""
     from zoo.tasks.graph.gat import GATNodeClassifier
 
     chunks = []
@@ -508,6 +505,16 @@ def test_inference_batch_size_gives_the_full_graph_metrics_and_predictions(tmp_p
         return layerwise(self, *args, **kwargs)
 
     monkeypatch.setattr(GATNodeClassifier, "inference", counted)
+    return chunks
+
+
+def test_inference_batch_size_gives_the_full_graph_metrics_and_predictions(tmp_path, capsys, monkeypatch):
+    """A run with data.inference_batch_size (validation, test and zoo predict layer by layer) logs the metrics and
+    predicts the probabilities of the same run without it (one full-graph forward each)."""
+    pytest.importorskip("hydra")
+    from zoo.cli import main
+
+    chunks = _count_layerwise_calls(monkeypatch)
     runs = {}
     for name, extra in (("full", []), ("layerwise", ["data.inference_batch_size=7"])):
         assert main(["train", "num_threads=1", "logger=none", "callbacks=minimal", "export=false",
@@ -584,7 +591,6 @@ def test_zoo_eval_of_a_run_from_before_inference_batch_size_may_set_it(tmp_path,
     (it was refused as an unknown key, and + was refused too)."""
     pytest.importorskip("hydra")
     from zoo.cli import main
-    from zoo.tasks.graph.gat import GATNodeClassifier
     from zoo.train import run
 
     assert main(["train", "num_threads=1", "logger=none", "callbacks=minimal", "export=false", "test=false",
@@ -594,14 +600,7 @@ def test_zoo_eval_of_a_run_from_before_inference_batch_size_may_set_it(tmp_path,
     data_cfg = checkpoint["hyper_parameters"]["zoo_config"]["data"]
     del data_cfg["inference_batch_size"]
     torch.save(checkpoint, tmp_path / "old.ckpt")
-    chunks = []
-    layerwise = GATNodeClassifier.inference
-
-    def counted(self, *args, **kwargs):
-        chunks.append(kwargs["batch_size"])
-        return layerwise(self, *args, **kwargs)
-
-    monkeypatch.setattr(GATNodeClassifier, "inference", counted)
+    chunks = _count_layerwise_calls(monkeypatch)
     full = run.evaluate(tmp_path / "old.ckpt")
     assert chunks == []
     chunked = run.evaluate(tmp_path / "old.ckpt", ["data.inference_batch_size=4"])
