@@ -640,3 +640,61 @@ def test_the_data_check_reads_defaults_from_the_base_constructor_and_follows_lin
     folder.check_same_data(0, {"root": str(real)}, {"root": str(tmp_path / "link")})
     with pytest.raises(ValueError, match=r"data\.root="):
         folder.check_same_data(0, {"root": str(real)}, {"root": str(tmp_path)})
+
+
+def _kept(run_dir: Path) -> dict[str, tuple[int, float]]:
+    """The top-k record of a run's last.ckpt: kept file name -> (its own global_step, recorded score)."""
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    record = next(value for key, value in state.items() if "'monitor': 'val/acc1'" in key)
+    return {Path(path).name: (torch.load(path, weights_only=True)["global_step"], float(score))
+            for path, score in record["best_k_models"].items()}
+
+
+def test_a_resume_with_a_smaller_save_top_k_keeps_the_k_best(tmp_path):
+    """Karate with mode=min validates at epochs 9, 19, 29, 39 (val/acc1 0.53, 0.07, 0.33, 0.40), kept with k=3, then
+    resumed with k=2 to epoch 60: Lightning deletes only when its record holds exactly k, so the kept set grew (4
+    files); now the k best of everything validated stay, in files, and best.ckpt is the best's copy."""
+    pytest.importorskip("hydra")
+    common = ["callbacks.best_checkpoint.mode=min"]
+    run.train(_karate(tmp_path, "k", *common, "trainer.max_epochs=40", "callbacks.best_checkpoint.save_top_k=3"))
+    assert len(_kept(tmp_path / "k")) == 3
+    run.train(_karate(tmp_path, "k", *common, "trainer.max_epochs=60", "callbacks.best_checkpoint.save_top_k=2",
+                      f"ckpt_path={tmp_path / 'k' / 'checkpoints' / 'last.ckpt'}"))
+    kept = _kept(tmp_path / "k")
+    files = sorted(p.name for p in (tmp_path / "k" / "checkpoints").glob("best-*.ckpt"))
+    assert sorted(kept) == files and len(files) == 2, (files, kept)
+    assert all(name == f"best-epoch{step - 1}-step{step}.ckpt" for name, (step, _) in kept.items())
+    best_name = min(kept, key=lambda name: kept[name][1])
+    best_step = torch.load(tmp_path / "k" / "checkpoints" / "best.ckpt", weights_only=True)["global_step"]
+    assert best_step == kept[best_name][0]
+
+
+def test_a_resume_with_save_top_k_above_one_keeps_the_best_ckpt_validation_in_its_own_file(tmp_path):
+    """A save_top_k=1 run keeps its best validation only as best.ckpt; resumed with k=-1 (every validation kept), the
+    next new best's copy overwrote best.ckpt, so that validation's weights were gone though kept, and the record paired
+    best.ckpt with its score. Now it gets its own file (from its own epoch and step) and best.ckpt stays the copy."""
+    pytest.importorskip("hydra")
+    common = ["callbacks.best_checkpoint.mode=min"]
+    run.train(_karate(tmp_path, "k", *common, "trainer.max_epochs=15"))
+    first = torch.load(tmp_path / "k" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert first["global_step"] == 10
+    run.train(_karate(tmp_path, "k", *common, "trainer.max_epochs=40", "callbacks.best_checkpoint.save_top_k=-1",
+                      f"ckpt_path={tmp_path / 'k' / 'checkpoints' / 'last.ckpt'}"))
+    kept = _kept(tmp_path / "k")
+    assert sorted(step for step, _ in kept.values()) == [10, 20, 30, 40]
+    assert "best.ckpt" not in kept
+    adopted = torch.load(tmp_path / "k" / "checkpoints" / "best-epoch9-step10.ckpt", weights_only=True)
+    for key, value in first["state_dict"].items():
+        assert torch.equal(adopted["state_dict"][key], value), key
+    best_name = min(kept, key=lambda name: kept[name][1])
+    best_step = torch.load(tmp_path / "k" / "checkpoints" / "best.ckpt", weights_only=True)["global_step"]
+    assert best_step == kept[best_name][0]
+
+
+def test_a_non_integer_save_top_k_is_refused_before_training(tmp_path):
+    """Lightning takes save_top_k=2.5 and fails at the fourth validation with `zoo train: error: ''`."""
+    pytest.importorskip("hydra")
+    for bad in ("2.5", "-2", "true"):
+        with pytest.raises(ValueError, match=r"^callbacks\.best_checkpoint\.save_top_k must be an integer >= -1"):
+            run.train(_karate(tmp_path, f"bad{bad}", f"callbacks.best_checkpoint.save_top_k={bad}"))
+        assert not (tmp_path / f"bad{bad}" / "checkpoints").exists()

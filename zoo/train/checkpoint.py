@@ -225,7 +225,14 @@ class BestCheckpoint(ModelCheckpoint):
     (same file names)."""
 
     def __init__(self, *args, **kwargs) -> None:
+        top_k = kwargs.get("save_top_k", 1)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+            # Lightning takes 2.5 and fails at a later validation with a bare KeyError ('')
+            raise ValueError(f"callbacks.best_checkpoint.save_top_k must be an integer >= -1 (k best validations "
+                             f"kept; -1 all, 0 none), got {top_k!r}")
         super().__init__(*args, **kwargs)
+        self._trimmed: list[str] = []  # kept files a resume with a smaller save_top_k drops (removed at fit start)
+        self._adopt_copy = False  # a resume with save_top_k != 1 of a run that kept only best.ckpt
         fixed = self.filename if self.filename and "{" not in self.filename else None
         # the file that holds the best validated weights under a name that stays (None: Lightning's own names)
         self.best_copy_name: Optional[str] = fixed
@@ -274,6 +281,51 @@ class BestCheckpoint(ModelCheckpoint):
             self.best_k_models = {copy: self.best_model_score}
             self.best_model_path = self.kth_best_model_path = copy
             self.kth_value = self.best_model_score
+            return
+        if copy is not None and self.save_top_k != 1 and copy in self.best_k_models:
+            # a run that kept only best.ckpt resumed with k != 1: that entry is a kept validation under the name of
+            # the best's copy, which the next new best overwrote (its weights lost although kept, the record pairing
+            # best.ckpt with a score its weights no longer had): it gets its own file at fit start (_adopt_best_copy)
+            self._adopt_copy = True
+        if self.save_top_k > 0 and len(self.best_k_models) > self.save_top_k:
+            # resumed with a smaller k: Lightning deletes only when the record holds exactly k, so the kept set
+            # never shrank (3 -> 2 kept 4 files, -1 -> 2 kept all): keep the k best, the others' files go at fit start
+            descending = self.mode == "max"
+            ranked = sorted(self.best_k_models, key=lambda path: float(self.best_k_models[path]), reverse=descending)
+            kept, self._trimmed = ranked[:self.save_top_k], ranked[self.save_top_k:]
+            self.best_k_models = {path: self.best_k_models[path] for path in kept}
+            self.kth_best_model_path = kept[-1]
+            self.kth_value = self.best_k_models[kept[-1]]
+            self.best_model_path, self.best_model_score = kept[0], self.best_k_models[kept[0]]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """What a resume with another ``save_top_k`` leaves to do with the trainer at hand (load_state_dict has none):
+        the kept-as-best.ckpt validation gets its own file, and the files beyond the new k are removed."""
+        super().on_train_start(trainer, pl_module)
+        if self._adopt_copy:
+            self._adopt_best_copy(trainer)
+            self._adopt_copy = False
+        for path in self._trimmed:
+            if path != self.best_copy_path and self._fs.exists(path):
+                self._remove_checkpoint(trainer, path)
+        self._trimmed = []
+
+    def _adopt_best_copy(self, trainer) -> None:
+        """best.ckpt's validation, kept by a save_top_k=1 run, copied to the name this k gives it (from its own epoch
+        and step) and recorded there; best.ckpt stays the copy of the best."""
+        copy = self.best_copy_path
+        if not (_is_local(copy) and os.path.isfile(copy)):
+            return
+        stored = torch.load(copy, map_location="cpu", weights_only=True, mmap=True)
+        target = self.format_checkpoint_name({"epoch": int(stored["epoch"]), "step": int(stored["global_step"])})
+        if trainer.is_global_zero and not os.path.exists(target):
+            _atomic_copy(copy, target)
+        trainer.strategy.barrier("BestCheckpoint.adopt_best_copy")
+        score = self.best_k_models.pop(copy)
+        self.best_k_models[target] = score
+        for name in ("best_model_path", "kth_best_model_path"):
+            if getattr(self, name) == copy:
+                setattr(self, name, target)
 
     def _load_kept_paths(self, state_dict: dict) -> None:
         old_dir = state_dict.get("dirpath", self.dirpath)
