@@ -476,6 +476,13 @@ def test_layerwise_inference_refuses_what_would_not_be_the_forward():
         with pytest.raises(TypeError, match=r"^inference: sampler must be a zoo\.tasks\.graph\.sampling\."
                                             r"NeighborSampler of this graph, got (dict|str|list)$"):
             model.inference(x, edge_index, sampler=wrong)
+    sampler = NeighborSampler(edge_index, 50)  # with a sampler the edge_index went unchecked
+    with pytest.raises(TypeError, match=r"^edge_index must be an integer \(int64\) tensor, got dtype torch\.float32$"):
+        model.inference(x, edge_index.float(), sampler=sampler)
+    with pytest.raises(ValueError, match=r"^edge_index must have shape \[2, E\], got \(3, \d+\)$"):
+        model.inference(x, torch.cat([edge_index, edge_index[:1]]), sampler=sampler)
+    with pytest.raises(ValueError, match=r"^x has 4 features, the layer expects 5$"):  # not "x[0] (source features)"
+        model.inference(x[:, :4], edge_index, sampler=sampler)
     with pytest.raises(TypeError, match=r"^inference: edge_index must be a torch\.Tensor \[2, E\], got list"):
         model.inference(x, edge_index.tolist())
     adj_t = torch.sparse_coo_tensor(edge_index.flip(0), torch.ones(edge_index.size(1)), (50, 50))
@@ -483,6 +490,8 @@ def test_layerwise_inference_refuses_what_would_not_be_the_forward():
                                          r"adjacency"):
         model.inference(x, adj_t)
     with_edges = zoo.create_model("gatv2_node_debug", in_channels=5, num_classes=3, edge_dim=2).eval()
+    with pytest.raises(TypeError, match=r"^edge_attr must be a floating-point tensor, got list$"):
+        with_edges.inference(x, edge_index, edge_attr=[[0.0, 1.0]] * edge_index.size(1))
     for rows in (edge_index.size(1) + 5, edge_index.size(1) - 5):  # the forward's refusal (it gathered or crashed)
         with pytest.raises(ValueError, match=rf"^edge_attr has {rows} rows but edge_index has {edge_index.size(1)} "
                                              rf"edges$"):
@@ -583,6 +592,35 @@ def test_inference_batch_size_with_a_model_without_zoo_layerwise_inference_is_na
                                          r"not offer here \(GATNodeClassifier\.inference does\): set "
                                          r"data\.inference_batch_size=null$"):
         module(next(iter(data.val_dataloader())))
+
+
+def test_a_model_of_the_users_with_the_layerwise_protocol_is_evaluated_layer_by_layer():
+    """Only models without the zoo's inference(x, edge_index, batch_size=, sampler=) are refused (PyG's BasicGNN has
+    another inference); a user's model offering it runs it."""
+    from zoo.tasks.graph.lit import NodeClassificationModule
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = zoo.create_model("gatv2_node_debug", in_channels=34, num_classes=4)
+            self.calls = 0
+
+        def forward(self, x, edge_index, edge_attr=None):
+            return self.inner(x, edge_index, edge_attr=edge_attr)
+
+        def inference(self, x, edge_index, *, batch_size, sampler=None, edge_attr=None):
+            self.calls += 1
+            return self.inner.inference(x, edge_index, batch_size=batch_size, sampler=sampler, edge_attr=edge_attr)
+
+    model = Wrapped()
+    module = NodeClassificationModule(model).eval()
+    data = gd.NodeDataModule(name="karate", inference_batch_size=8)
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        logits = module(batch)
+        torch.testing.assert_close(logits, model(batch["x"], batch["edge_index"]), atol=1e-5, rtol=1e-5)
+    assert model.calls == 1
 
 
 def test_zoo_eval_of_a_run_from_before_inference_batch_size_may_set_it(tmp_path, monkeypatch):

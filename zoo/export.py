@@ -184,7 +184,7 @@ _BARE_WEIGHTS = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
 
 
 def _is_bare_weights(ckpt) -> bool:
-    return str(ckpt).lower().endswith(_BARE_WEIGHTS)
+    return str(ckpt).endswith(_BARE_WEIGHTS)  # as written, as zoo.hub.load_state_dict_file reads them
 
 
 def _load_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwargs: dict[str, Any]) -> nn.Module:

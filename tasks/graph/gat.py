@@ -200,10 +200,25 @@ class GATNodeClassifier(nn.Module):
             raise ValueError(f"inference takes edge_index [2, E] (source row first), not a sparse adjacency "
                              f"({edge_index.layout}): pass its edges, e.g. adj_t.to_sparse_coo().indices().flip(0) "
                              f"for a [dst, src] adj_t")
+        # the forward's checks, here rather than in a chunk's layer call (a given sampler is read instead of
+        # edge_index, so a float or [3, E] edge_index passed; a chunk's sizes were named)
+        if edge_index.dim() != 2 or edge_index.size(0) != 2:
+            raise ValueError(f"edge_index must have shape [2, E], got {tuple(edge_index.shape)}")
+        if edge_index.dtype == torch.bool or edge_index.is_floating_point() or edge_index.is_complex():
+            raise TypeError(f"edge_index must be an integer (int64) tensor, got dtype {edge_index.dtype}")
         _check_edge_attr(self.edge_dim, edge_attr)
         num_nodes, num_edges = x_NF.size(0), edge_index.size(-1)
-        if edge_attr is not None and edge_attr.size(0) != num_edges:
-            raise ValueError(f"edge_attr has {edge_attr.size(0)} rows but edge_index has {num_edges} edges")
+        if edge_attr is not None:
+            if not isinstance(edge_attr, Tensor) or not edge_attr.is_floating_point():
+                raise TypeError(f"edge_attr must be a floating-point tensor, got "
+                                f"{edge_attr.dtype if isinstance(edge_attr, Tensor) else type(edge_attr).__name__}")
+            if edge_attr.dim() not in (1, 2):
+                raise ValueError(f"edge_attr must be [E] or [E, D], got shape {tuple(edge_attr.shape)}")
+            if edge_attr.size(0) != num_edges:
+                raise ValueError(f"edge_attr has {edge_attr.size(0)} rows but edge_index has {num_edges} edges")
+        width = getattr(self.convs[0], "in_channels", None)
+        if isinstance(width, int) and width > 0 and x_NF.size(1) != width:
+            raise ValueError(f"x has {x_NF.size(1)} features, the layer expects {width}")
         if sampler is None:
             sampler = NeighborSampler(edge_index.cpu(), num_nodes)
         else:

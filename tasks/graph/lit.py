@@ -140,6 +140,21 @@ class _GraphModule(ZooModule):
             self.trainer.should_stop = True
 
 
+def _takes_layerwise_arguments(model: nn.Module) -> bool:
+    """Whether ``model.inference`` is GATNodeClassifier.inference's protocol (x, edge_index, batch_size=, sampler=):
+    a model of the user's may offer it too."""
+    import inspect
+
+    method = getattr(model, "inference", None)
+    if not callable(method):
+        return False
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return "batch_size" in parameters and "sampler" in parameters
+
+
 class NodeClassificationModule(_GraphModule):
     def __init__(self, model: nn.Module, lr: float = 5e-3, weight_decay: float = 5e-4,
                  stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
@@ -154,7 +169,8 @@ class NodeClassificationModule(_GraphModule):
             from zoo.tasks.graph.gat import GATNodeClassifier
 
             inner = getattr(model, "_orig_mod", model)  # under task.torch_compile: the module compiled
-            if not isinstance(inner, GATNodeClassifier):  # PyG's BasicGNN.inference(loader) is another method
+            if not (isinstance(inner, GATNodeClassifier) or _takes_layerwise_arguments(inner)):
+                # PyG's BasicGNN.inference(loader, ...) is another method (it failed with a TypeError inside it)
                 raise ValueError(f"data.inference_batch_size runs the model layer by layer, which "
                                  f"{type(inner).__name__} does not offer here (GATNodeClassifier.inference does): set "
                                  f"data.inference_batch_size=null")
