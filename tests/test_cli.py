@@ -994,3 +994,39 @@ def test_sigterm_exits_143_and_says_how_to_resume(tmp_path, capsys, sigterm_in_f
     assert code == 143 and last.is_file() and not (tmp_path / "run" / "metrics.json").exists()
     assert (f"zoo train: terminated (SIGTERM) during the run in {tmp_path / 'run'}; resume from its last checkpoint "
             f"with ckpt_path={last}") in capsys.readouterr().err.splitlines()
+
+
+def test_urls_are_named_as_urls_not_as_missing_files(tmp_path, capsys, monkeypatch):
+    """input=, ckpt=, image=, model.pretrained= and ckpt_path= given a URL said "input https:/example.com/cat.png
+    does not exist" (Path collapsed the "//"); each now says the zoo downloads nothing and what to do instead, and a
+    Hugging Face model page names its hf-hub: form and the local cache."""
+    from zoo import cli
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("ZOO_DEBUG", raising=False)
+    page = "https://huggingface.co/timm/vit_tiny_patch16_224.augreg_in21k"
+    cases = [
+        (["predict", "ckpt=checkpoints/vit_digits", "input=https://example.com/cat.png"],
+         "zoo predict: error: input=https://example.com/cat.png is a URL, and the zoo reads local files only (nothing "
+         "is downloaded): download the image yourself and pass its path, input=<local path>"),
+        (["predict", f"ckpt={page}", "input=digits:1"],
+         f"zoo predict: error: ckpt={page} is a Hugging Face Hub address, and the zoo never downloads: give the "
+         f"repository as ckpt=hf-hub:timm/vit_tiny_patch16_224.augreg_in21k, which reads the local Hugging Face cache; "
+         f"it is not in your cache ({tmp_path / 'hub'})"),
+        (["eval", "ckpt=http://example.org/run/last.ckpt"], "zoo eval: error: ckpt=http://example.org/run/last.ckpt is a URL"),
+        (["viz", "rollout", "ckpt=checkpoints/vit_digits", "image=http://x.org/a.png", f"out={tmp_path / 'r.png'}"],
+         "zoo viz rollout: error: image=http://x.org/a.png is a URL, and the zoo reads local files only"),
+        (["train", "model=zoo", "model.name=vit_tiny_patch16_224", f"model.pretrained={page}/resolve/main/model.safetensors",
+          f"run_dir={tmp_path / 'run'}"],
+         f"zoo train: error: model.pretrained={page}/resolve/main/model.safetensors is a Hugging Face Hub address, and "
+         f"the zoo never downloads: give the repository as model.pretrained=hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"),
+        (["train", "experiment=vit_digits", "ckpt_path=https://x.org/last.ckpt", f"run_dir={tmp_path / 'run2'}"],
+         "zoo train: error: ckpt_path=https://x.org/last.ckpt is a URL, and the zoo reads local files only (nothing is "
+         "downloaded): download the .ckpt yourself and pass its path, ckpt_path=<local path>"),
+    ]
+    for argv, start in cases:
+        assert cli.main(argv) in (1, 2), argv  # zoo viz adds its usage (exit status 2)
+        err = capsys.readouterr().err
+        assert err.startswith(start), (argv, err)
+        assert "https:/e" not in err and "http:/x" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r.png").exists()

@@ -1086,3 +1086,37 @@ def test_weights_with_a_save_id_beside_a_config_without_one_are_refused(tmp_path
     assert json.loads((mixed / "config.json").read_text()).get("save_id") is None
     with pytest.raises(hub.CheckpointError, match="records no save id, so they come from two different saves"):
         zoo.create_model("vit_digits", pretrained=str(mixed))
+
+
+def test_urls_are_refused_with_what_to_do_instead(tmp_path, monkeypatch):
+    """A URL given as pretrained= was reported as a missing local file with its "//" collapsed by Path
+    ("pretrained checkpoint https:/huggingface.co/... does not exist"). It is now named as the URL it is: nothing is
+    downloaded; a Hugging Face model page gives its hf-hub:<repo> form and whether the local cache holds it (the
+    cached repository then loads under that form); any other URL says to download the file and pass its path."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    repo = "timm/vit_tiny_patch16_224.augreg_in21k"
+    for url in (f"https://huggingface.co/{repo}", f"https://huggingface.co/{repo}/tree/main",
+                f"https://huggingface.co/{repo}/resolve/main/model.safetensors", f"http://hf.co/{repo}"):
+        with pytest.raises(ValueError) as info:
+            zoo.create_model("vit_tiny_patch16_224", pretrained=url)
+        message = str(info.value)
+        assert message.startswith(f"pretrained={url} is a Hugging Face Hub address, and the zoo never downloads: give "
+                                  f"the repository as pretrained=hf-hub:{repo}, which reads the local Hugging Face cache; "
+                                  f"it is not in your cache ({tmp_path})"), message
+        assert f"huggingface-cli download {repo}" in message and "https:/h" not in message
+    with pytest.raises(ValueError, match=r"^pretrained=https://example\.org/w\.safetensors is a URL, and the zoo reads "
+                                         r"local files only \(nothing is downloaded\): download the checkpoint yourself "
+                                         r"and pass its path, pretrained=<local path>$"):
+        zoo.from_pretrained("https://example.org/w.safetensors")
+    with pytest.raises(ValueError, match=r"^pretrained=https://huggingface\.co/datasets/a/b is a URL"):
+        zoo.from_pretrained("https://huggingface.co/datasets/a/b")  # a data set, not a model repository
+    import shutil
+
+    folder = tmp_path / "models--me--vit_digits"  # once cached, the message says so and hf-hub: loads it
+    shutil.copytree(zoo.hub.shipped_checkpoint("vit_digits"), folder / "snapshots" / "abc")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("abc")
+    with pytest.raises(ValueError, match=r"give the repository as pretrained=hf-hub:me/vit_digits, which reads the "
+                                         r"local Hugging Face cache; it is in your cache"):
+        zoo.from_pretrained("https://huggingface.co/me/vit_digits")
+    assert zoo.from_pretrained("hf-hub:me/vit_digits").num_classes == 10

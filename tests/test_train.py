@@ -588,6 +588,79 @@ def test_gradient_clipping(tmp_path):
     assert len(norms) == 2 and all(n <= 0.001 * (1 + 1e-4) for n in norms), norms
 
 
+def test_adaptive_gradient_clipping_is_timms_agc(tmp_path):
+    """trainer.gradient_clip_algorithm=agc (timm's --clip-mode agc, its NFNet recipes) was refused by Lightning, which
+    knows norm and value only. The gradients the optimizer steps with now equal timm.utils.adaptive_clip_grad's on
+    the same gradients and weights, with trainer.gradient_clip_val as the clip factor and the classifier left out
+    as timm's train.py leaves it (timm.models.model_parameters(model, exclude_head=True)); Lightning clips nothing
+    itself; AGC without a factor, or an unknown algorithm, is one line."""
+    import copy
+
+    from timm.models import model_parameters
+    from timm.utils import adaptive_clip_grad
+
+    cfg = _cfg(tmp_path, "agc", "trainer.gradient_clip_val=0.002", "trainer.gradient_clip_algorithm=AGC",
+               "trainer.limit_train_batches=2")
+    module, datamodule, trainer = _build(cfg)
+    assert module.adaptive_clip_factor == 0.002 and trainer.gradient_clip_val is None
+    seen = []
+
+    class Record(__import__("lightning").pytorch.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # Lightning clips right after this hook
+            seen.append({"model": copy.deepcopy(pl_module.model),
+                         "grads": [None if p.grad is None else p.grad.clone() for p in pl_module.model.parameters()]})
+
+        def on_train_start(self, trainer, pl_module):
+            def after_step(optimizer, args, kwargs):  # the gradients the step used (its closure ran inside step)
+                seen[-1]["clipped"] = [None if p.grad is None else p.grad.clone() for p in pl_module.model.parameters()]
+            trainer.optimizers[0].register_step_post_hook(after_step)
+
+    trainer = run._trainer(cfg, callbacks=[Record()], loggers=[])
+    trainer.fit(module, datamodule=datamodule)
+    assert len(seen) == 2
+    changed = 0
+    for step in seen:
+        reference = step["model"]
+        for parameter, grad in zip(reference.parameters(), step["grads"]):
+            parameter.grad = None if grad is None else grad.clone()
+        adaptive_clip_grad(model_parameters(reference, exclude_head=True), clip_factor=0.002)
+        for (name, parameter), ours, before in zip(reference.named_parameters(), step["clipped"], step["grads"]):
+            torch.testing.assert_close(ours, parameter.grad, rtol=0, atol=0, msg=name)
+            changed += not torch.equal(ours, before)
+        head = {name for name, _ in reference.named_parameters()} - {
+            name for name, p in reference.named_parameters() if any(p is q for q in model_parameters(reference, True))}
+        assert head == set(zoo.hub.head_keys(reference)) == {"head.weight", "head.bias"}
+    assert changed >= 4, changed  # clipping happened
+    for bad, message in (([], r"agc .* needs its clip factor as trainer\.gradient_clip_val .*got None"),
+                         (["trainer.gradient_clip_val=0"], r"needs its clip factor .*got 0"),
+                         (["trainer.gradient_clip_val=1", "trainer.gradient_clip_algorithm=clip"],
+                          r"trainer\.gradient_clip_algorithm must be norm, value \(Lightning's\) or agc")):
+        algorithm = [] if any("algorithm" in b for b in bad) else ["trainer.gradient_clip_algorithm=agc"]
+        with pytest.raises(ValueError, match=message):
+            run.train(_cfg(tmp_path, "bad_agc", *algorithm, *bad))
+
+
+def test_adaptive_gradient_clipping_resumes_exactly(tmp_path):
+    """A run with trainer.gradient_clip_algorithm=agc stopped by trainer.max_steps and resumed ends with the
+    uninterrupted run's weights; the config records the option (zoo eval of the run rebuilds its Trainer without
+    it)."""
+    options = ["trainer.max_epochs=2", "trainer.limit_train_batches=2", "data.batch_size=16",
+               "trainer.gradient_clip_algorithm=agc", "trainer.gradient_clip_val=0.005"]
+    straight = run.train(_cfg(tmp_path, "straight", *options))
+    unclipped = run.train(_cfg(tmp_path, "unclipped", *options[:3]))
+    part = run.train(_cfg(tmp_path, "part", *options, "+trainer.max_steps=3"))
+    resumed = run.train(_cfg(tmp_path, "part", *options, "+trainer.max_steps=4", f"ckpt_path={part['last_ckpt']}"))
+    assert resumed["global_step"] == straight["global_step"] == 4
+    a = torch.load(straight["last_ckpt"], weights_only=True)
+    b = torch.load(resumed["last_ckpt"], weights_only=True)
+    c = torch.load(unclipped["last_ckpt"], weights_only=True)
+    assert b["hyper_parameters"]["zoo_config"]["trainer"]["gradient_clip_algorithm"] == "agc"
+    for key in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(a["state_dict"][key], c["state_dict"][key]) for key in a["state_dict"])
+    assert run.evaluate(straight["last_ckpt"], split="val")["val/acc1"] >= 0
+
+
 def test_bf16_autocast_on_cpu(tmp_path):
     cfg = _cfg(tmp_path, "bf16", "trainer.precision=bf16-mixed")
     module, datamodule, trainer = _build(cfg)
@@ -692,7 +765,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     # image, which the synced metrics counted (x/160); every image is now scored once, as in one process
     command = [sys.executable, "-m", "zoo.cli", "train", *FAST_RUN, "trainer=ddp_cpu", "trainer.devices=2",
                "trainer.limit_train_batches=4", "data.batch_size=8", f"run_dir={tmp_path / 'ddp'}",
-               "data.val_fraction=0.11", "trainer.limit_val_batches=null", "trainer.limit_test_batches=null"]
+               "data.val_fraction=0.11", "trainer.limit_val_batches=null", "trainer.limit_test_batches=null",
+               "trainer.gradient_clip_algorithm=agc", "trainer.gradient_clip_val=0.01"]  # timm's AGC under DDP too
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())

@@ -150,7 +150,7 @@ def test_image_folder_datamodule(tmp_path):
         vdata.ImageFolderDataModule(str(tmp_path), num_classes=4)
     _write_images(tmp_path, "val", ["cat", "dog"], 2)
     bad = vdata.ImageFolderDataModule(str(tmp_path), img_size=8)
-    with pytest.raises(ValueError, match="lacks some classes"):
+    with pytest.raises(ValueError, match=r"val lacks classes \['eel'\] of .*train; give every split all class folders"):
         bad.setup()
 
 
@@ -853,3 +853,181 @@ def test_digits_refuse_timms_scale_range_by_name():
     with pytest.raises(ValueError, match=r"scale=\[lo, hi\] \(timm's augmentations"):
         vdata.DigitsDataModule(batch_size=8, scale=[0.08, 1.0])
     assert vdata.DigitsDataModule(batch_size=8, augment="affine", scale=0.2).scale == 0.2
+
+
+def _write_pnm(path, magic: str, maxval: int, values) -> None:
+    """A binary PGM (P5) / PPM (P6) with the given maxval, written byte by byte (Pillow saves only maxval 255 and
+    65535): big-endian 16-bit samples above maxval 255, as the Netpbm format has them."""
+    values = np.asarray(values)
+    height, width = values.shape[:2]
+    samples = values.astype(">u2" if maxval > 255 else np.uint8).tobytes()
+    Path(path).write_bytes(f"{magic}\n{width} {height}\n{maxval}\n".encode() + samples)
+
+
+def test_integer_images_have_one_scale_per_format_not_per_content(tmp_path):
+    """A 16-bit PGM (Pillow: mode I) had its scale guessed from its largest pixel: with every value <= 255 it read
+    as 8-bit, so 255 came out white and 256 almost black, 257 times brighter than the same image as a 16-bit PNG or
+    TIFF. Every value of every deeper integer file now reads as round(v * 255 / maxval) (float64 reference; Pillow
+    rescales 12-bit PGMs to 16 bits first, which may move a value by one level), whatever else the file holds;
+    8-bit PGMs of a smaller maxval (Pillow: L, rescaled by Pillow) are unchanged."""
+    cases = {  # name: (magic, maxval, values)
+        "dark16.pgm": ("P5", 65535, [[0, 200, 255, 256]]),
+        "darker16.pgm": ("P5", 65535, [[0, 200, 255, 100]]),  # every value <= 255: read as 8-bit, 255 white
+        "light16.pgm": ("P5", 65535, [[0, 200, 65535, 40000]]),
+        "dark12.pgm": ("P5", 4095, [[0, 16, 200, 255]]),
+        "light12.pgm": ("P5", 4095, [[0, 16, 4095, 2048]]),
+        "nine.pgm": ("P5", 511, [[0, 16, 511, 256]]),
+        "four.pgm": ("P5", 15, [[0, 7, 15, 1]]),
+    }
+    for name, (magic, maxval, values) in cases.items():
+        _write_pnm(tmp_path / name, magic, maxval, values)
+        want = np.rint(np.asarray(values, dtype=np.float64) * 255 / maxval)
+        got = np.asarray(vdata.read_image(tmp_path / name), dtype=np.float64)
+        assert np.abs(got - want).max() <= (1 if maxval not in (255, 65535) else 0), (name, got, want)
+    dark = np.full((4, 4), 200, dtype=np.uint16)
+    Image.fromarray(dark).save(tmp_path / "dark.png")  # I;16
+    Image.fromarray(dark).save(tmp_path / "dark.tif")  # I;16
+    Image.fromarray(dark).save(tmp_path / "dark.pgm")  # maxval 65535: Pillow mode I
+    assert Image.open(tmp_path / "dark.pgm").mode == "I"
+    levels = {name: np.asarray(vdata.read_image(tmp_path / name)) for name in ("dark.png", "dark.tif", "dark.pgm")}
+    assert all(np.array_equal(image, np.ones((4, 4), np.uint8)) for image in levels.values()), levels  # 200/257 -> 1
+
+
+def _gray_folder(root, images):
+    """An image folder of 8-bit gray PNGs (mode L) in train/ and test/, classes a and b, and the files' levels."""
+    for split in ("train", "test"):
+        for cls, picture in zip("ab", images):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture, "L").save(root / split / cls / "x.png")
+
+
+def test_gray_images_keep_their_levels_on_every_path(tmp_path):
+    """A gray file (L) was read as RGB and converted back with torchvision's truncating rgb_to_grayscale, whose
+    weights sum to 0.9999: every level v > 0 became v - 1 in training, evaluation, zoo predict and zoo viz
+    (load_image_file). A gray image now keeps its exact levels everywhere (the LA and 16-bit versions of the same
+    image too); a colour image is converted as before, equal to torchvision's Grayscale on every path."""
+    from torchvision.transforms import v2 as T
+
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    colour = np.random.default_rng(5).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    _gray_folder(tmp_path / "gray", [ramp, ramp[::-1].copy()])
+    Image.fromarray(ramp, "L").convert("LA").save(tmp_path / "ramp_la.png")
+    Image.fromarray(ramp.astype(np.uint16) * 257).save(tmp_path / "ramp16.png")
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    stats = (0.0,), (1.0,)
+
+    def levels(x):
+        return torch.round(x.as_subclass(torch.Tensor) * 255)
+
+    want = torch.from_numpy(ramp).float()[None]
+    for name in ("gray/test/a/x.png", "ramp_la.png", "ramp16.png"):
+        torch.testing.assert_close(levels(vdata.load_image_file(tmp_path / name, 16, 1, *stats)), want, rtol=0, atol=0)
+        torch.testing.assert_close(levels(vdata.load_image_file(tmp_path / name, 16, 1, *stats, interpolation="bicubic")),
+                                   want, rtol=0, atol=0)
+    colour_want = T.Grayscale(1)(T.ToImage()(Image.fromarray(colour))).as_subclass(torch.Tensor).float()
+    torch.testing.assert_close(levels(vdata.load_image_file(tmp_path / "colour.png", 16, 1, *stats)), colour_want,
+                               rtol=0, atol=0)
+    for train_interpolation in ("bilinear", "nearest"):
+        dm = vdata.ImageFolderDataModule(str(tmp_path / "gray"), img_size=16, in_chans=1, mean=0.0, std=1.0,
+                                         val_fraction=0.0, num_classes=2, augment="crop", hflip=0.0,
+                                         train_interpolation=train_interpolation)
+        dm.setup()
+        files = {0: torch.from_numpy(ramp).float(), 1: torch.from_numpy(ramp[::-1].copy()).float()}
+        for index in range(len(dm.test_set)):  # evaluation: the file itself
+            image, label = dm.test_set[index]
+            torch.testing.assert_close(levels(image)[0], files[label], rtol=0, atol=0)
+        for epoch in range(3):  # training: a shift of the file (pad 2, random crop), never a darker copy
+            dm.train_set.epoch = epoch
+            for index in range(len(dm.train_set)):
+                image, label = dm.train_set[index]
+                padded = F.pad(files[label], (2, 2, 2, 2))
+                shifts = [(dy, dx) for dy in range(5) for dx in range(5)
+                          if torch.equal(padded[dy:dy + 16, dx:dx + 16], levels(image)[0])]
+                assert shifts, (train_interpolation, epoch, index)
+
+
+def test_gray_png_prediction_equals_timms_transform_of_the_shipped_vit_digits(tmp_path):
+    """docs/training.md section 5: timm's create_transform of the released model's pretrained_cfg, on the file
+    opened as L, gives the class and probability zoo predict prints. On the digits written as 8-bit gray PNGs the
+    zoo's input was one level darker (every nonzero pixel) and the probabilities up to 0.067 apart."""
+    import timm.data
+    from sklearn.datasets import load_digits
+
+    import zoo
+    from zoo.train import run
+
+    digits = load_digits()
+    test_index = vdata.digits_splits()["test"][:24]
+    paths = []
+    for index in test_index:
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(np.rint(digits.images[index] / 16 * 255).astype(np.uint8), "L").save(paths[-1])
+    model = zoo.create_model("vit_digits", pretrained=True).eval()
+    config = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**config)
+    timm_inputs = torch.stack([transform(Image.open(path).convert("L")) for path in paths])
+    zoo_inputs = torch.stack([vdata.load_image_file(path, 8, 1, config["mean"], config["std"]) for path in paths])
+    torch.testing.assert_close(zoo_inputs, timm_inputs, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        timm_probs = model(timm_inputs).softmax(-1)
+    rows = run.predict(zoo.hub.shipped_checkpoint("vit_digits"), [str(path) for path in paths], topk=1)
+    for row, probs in zip(rows, timm_probs):
+        name, probability = row["top"][0]
+        assert int(name) == int(probs.argmax()) and probability == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def test_image_folder_names_the_classes_a_split_lacks_and_hidden_folders(tmp_path):
+    """"val/ or test/ lacks some classes of train/" named none, leaving a 100-class folder to be diffed by hand; the
+    classes are now named, and a hidden folder among them (Jupyter's .ipynb_checkpoints, which torchvision's
+    ImageFolder and timm count as a class) is pointed out."""
+    _write_images(tmp_path / "lack", "train", ["cat", "dog", "eel"], 2)
+    _write_images(tmp_path / "lack", "test", ["dog"], 1)
+    with pytest.raises(ValueError, match=r"test lacks classes \['cat', 'eel'\] of .*lack/train; give every split all") as info:
+        vdata.ImageFolderDataModule(str(tmp_path / "lack"), img_size=8, num_classes=3).setup()
+    assert "hidden" not in str(info.value)
+    _write_images(tmp_path / "jupyter", "train", ["cat", "dog", ".ipynb_checkpoints"], 1)
+    _write_images(tmp_path / "jupyter", "test", ["cat", "dog"], 1)
+    dm = vdata.ImageFolderDataModule(str(tmp_path / "jupyter"), img_size=8)
+    assert dm.class_names == [".ipynb_checkpoints", "cat", "dog"]  # as torchvision's find_classes counts them
+    with pytest.raises(ValueError, match=r"test lacks classes \['.ipynb_checkpoints'\] .*\.ipynb_checkpoints is a "
+                                         r"hidden folder .*count as a class too: delete it from .*jupyter/train"):
+        dm.setup()
+    _write_images(tmp_path / "extra", "train", ["cat", "dog"], 1)
+    _write_images(tmp_path / "extra", "test", ["cat", "dog", ".ipynb_checkpoints"], 1)
+    with pytest.raises(ValueError, match=r"extra/test has classes \['.ipynb_checkpoints'\] that .*extra/train lacks; "
+                                         r".*hidden folder.*delete it from .*extra/test"):
+        vdata.ImageFolderDataModule(str(tmp_path / "extra"), img_size=8).setup()
+
+
+@pytest.mark.parametrize("variant", [10, 100])
+def test_cifar_checksum_failure_names_the_files_and_a_root_one_level_too_deep(tmp_path, monkeypatch, variant):
+    """A CIFAR root failing torchvision's MD5 check quoted torchvision's "You can use download=True to download it"
+    (no such zoo option; nothing is downloaded) and named no file: each failing file is now named
+    (torchvision.datasets.utils.check_integrity per file). data.root pointing at the extracted folder itself says
+    to give the folder above it."""
+    import hashlib
+
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    folder = _write_cifar(tmp_path, variant)
+    every = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+             "batches.meta"] if variant == 10 else ["train", "test", "meta"]
+    with pytest.raises(FileNotFoundError) as info:
+        vdata.CIFARDataModule(str(tmp_path), variant=variant)
+    message = str(info.value)
+    assert f"{', '.join(every)} fail torchvision's MD5 check" in message and "download=True" not in message
+    assert "re-extract" in message and "\n" not in message
+    cls = CIFAR10 if variant == 10 else CIFAR100
+
+    def md5(name):
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    damaged = every[1]  # every file but this one carries its official checksum
+    monkeypatch.setattr(cls, "train_list", [[name, md5(name) if name != damaged else md5s] for name, md5s in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[name, md5(name) if name != damaged else md5s] for name, md5s in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
+    with pytest.raises(FileNotFoundError, match=rf"is incomplete or corrupt: {damaged} fails torchvision's MD5 check"):
+        vdata.CIFARDataModule(str(tmp_path), variant=variant)
+    with pytest.raises(FileNotFoundError, match=rf"is the extracted {folder.name} folder itself; give the folder above "
+                                                rf"it, data.root={tmp_path}, which holds {folder.name}/"):
+        vdata.CIFARDataModule(str(folder), variant=variant)

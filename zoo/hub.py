@@ -860,6 +860,45 @@ def _looks_like_repo_id(text: str) -> bool:
     return bool(owner and repo) and set(owner + repo) <= allowed and not owner.startswith(".")
 
 
+_HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
+_HUB_NON_MODEL_SECTIONS = ("datasets", "spaces", "docs", "models", "api", "collections", "papers", "blog")
+
+
+def _hub_model_repo_of_url(url: str) -> Optional[str]:
+    """``owner/name`` of a Hugging Face model URL (``https://huggingface.co/timm/<name>``, also with ``/tree/main``,
+    ``/blob/main/<file>`` or ``/resolve/main/<file>`` after it); None for any other URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    segments = [segment for segment in parts.path.split("/") if segment]
+    if (parts.hostname or "").lower() not in _HUB_HOSTS or len(segments) < 2 or segments[0] in _HUB_NON_MODEL_SECTIONS:
+        return None
+    repo_id = "/".join(segments[:2])
+    return repo_id if _looks_like_repo_id(repo_id) else None
+
+
+def refuse_url(value: Any, option: str, what: str = "the file", model: bool = False) -> None:
+    """A one-line ValueError when ``value`` (given as ``option``=, e.g. ``input``, ``image``, ``ckpt``,
+    ``model.pretrained``) is an http(s) URL: the zoo reads local files only and downloads nothing, so a URL was
+    reported as a missing local file, with its "//" collapsed by Path ("https:/..."). The message says what to do:
+    download ``what`` and pass its path; for a Hugging Face model page (``model``: weights are expected), the
+    ``hf-hub:<owner>/<name>`` form, which reads the local Hugging Face cache as timm's ``hf-hub:`` names do, and
+    whether that cache holds it."""
+    if not isinstance(value, str) or not value.strip().lower().startswith(("http://", "https://")):
+        return
+    url = value.strip()
+    repo_id = _hub_model_repo_of_url(url) if model else None
+    if repo_id is None:
+        raise ValueError(f"{option}={url} is a URL, and the zoo reads local files only (nothing is downloaded): "
+                         f"download {what} yourself and pass its path, {option}=<local path>")
+    cached = _cache_folder(repo_id).is_dir()
+    where = (f"it is in your cache ({_cache_folder(repo_id)})" if cached else
+             f"it is not in your cache ({hf_cache_dir()}): on a machine with network run `huggingface-cli download "
+             f"{repo_id}` and copy the cache folder here, or download the repository's files and pass their directory")
+    raise ValueError(f"{option}={url} is a Hugging Face Hub address, and the zoo never downloads: give the repository "
+                     f"as {option}=hf-hub:{repo_id}, which reads the local Hugging Face cache; {where}")
+
+
 def _resolve_pretrained(name: str, pretrained: Any) -> Path:
     if pretrained is True:
         path = shipped_checkpoint(name)
@@ -879,6 +918,7 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path:
     if isinstance(pretrained, (str, os.PathLike)):
         if not str(pretrained).strip():  # Path("") is the current directory
             raise ValueError(f"pretrained must be False, True or a checkpoint path, got {pretrained!r}")
+        refuse_url(pretrained, "pretrained", "the checkpoint", model=True)
         path = Path(pretrained).expanduser()
         if not path.exists():
             if isinstance(pretrained, str) and _looks_like_repo_id(pretrained):

@@ -774,6 +774,34 @@ class _RandomInterpolation:
         return f"{type(self).__name__}({' or '.join(map(repr, self.resizes))})"
 
 
+class _OneChannel:
+    """``in_chans=1``: an 8-bit image tensor (3 channels, as the loaders read every file, or 1) to one channel, the
+    zoo's conversion on every path (training, evaluation, zoo predict, zoo viz; before any PIL resize). A gray image
+    (R = G = B at every pixel: every L, LA, 16-bit, ... file, which the loaders read as RGB) keeps its levels; a
+    colour image gets torchvision's ``rgb_to_grayscale`` (0.2989 R + 0.587 G + 0.114 B truncated to an integer),
+    what every zoo run trained on, unchanged. torchvision's weights sum to 0.9999, and the truncation took a gray
+    level v to v - 1 for every v > 0, so gray files read one level darker than themselves, and than timm's
+    transform of the file opened as ``L`` (Pillow's weights sum to 1: PIL/Convert.c). The choice is per image, not
+    per pixel, so that the gray pixels of a colour image stay as every zoo run trained them."""
+
+    def __call__(self, image_CHW: torch.Tensor) -> torch.Tensor:
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as TF
+
+        if image_CHW.shape[-3] == 1:
+            return image_CHW
+        plain = image_CHW.as_subclass(torch.Tensor)
+        red, green, blue = plain.unbind(-3)
+        if torch.equal(red, green) and torch.equal(green, blue):
+            converted_1HW = red.unsqueeze(-3).clone()
+        else:
+            converted_1HW = TF.rgb_to_grayscale(plain, num_output_channels=1)
+        return tv_tensors.Image(converted_1HW) if isinstance(image_CHW, tv_tensors.Image) else converted_1HW
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augment: str, hflip: float = 0.5,
                      crop_pct: float = 1.0, interpolation: str = "bilinear", crop_mode: str = "center",
                      timm_augment: Optional[_TimmAugment] = None) -> Callable:
@@ -797,11 +825,12 @@ def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augme
     channels, back to a PIL image: lossless): torchvision's tensor ``rgb_to_grayscale`` truncates where Pillow's
     ``convert("L")`` rounds, so converting the PIL image made about half the gray pixels one level brighter on
     exactly the paths that resize the PIL image, a train_interpolation other than bilinear even without any
-    resampling, and a gray evaluation other than the default. (timm converts no channels: this step is the zoo's.)"""
+    resampling, and a gray evaluation other than the default. A gray image keeps its levels
+    (:class:`_OneChannel`). (timm converts no channels: this step is the zoo's.)"""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
 
-    channels = T.Grayscale(1) if in_chans == 1 else T.RGB()
+    channels = _OneChannel() if in_chans == 1 else T.RGB()
     channels_of_pil = [T.ToImage(), channels, T.ToPILImage()]  # the tensor's conversion, for the PIL resizes
     vflip = timm_augment.vflip if timm_augment else 0.0
     flips = [T.RandomHorizontalFlip(hflip)] if hflip > 0 else []
@@ -907,9 +936,16 @@ class ImageFolderDataModule(_PictureDataModule):
                                     f"or remove the folder from every split") from error
         if dataset.classes != self.class_names:
             extra = sorted(set(dataset.classes) - set(self.class_names))
-            raise ValueError(f"ImageFolder data: {directory} has classes {extra} that {self._class_dir} lacks" if extra
-                             else f"ImageFolder data: {directory} lacks some classes of {self._class_dir}; give every "
-                                  f"split all class folders")
+            missing = sorted(set(self.class_names) - set(dataset.classes))
+            where, names = (directory, extra) if extra else (self._class_dir, missing)
+            hidden = [name for name in names if name.startswith(".")]
+            hint = (f"; {', '.join(hidden)} {'is a hidden folder' if len(hidden) == 1 else 'are hidden folders'} "
+                    f"(Jupyter leaves .ipynb_checkpoints behind), which torchvision's ImageFolder and timm count as a "
+                    f"class too: delete {'it' if len(hidden) == 1 else 'them'} from {where}" if hidden else "")
+            raise ValueError(f"ImageFolder data: {directory} has classes {extra} that {self._class_dir} lacks{hint}"
+                             if extra else
+                             f"ImageFolder data: {directory} lacks classes {missing} of {self._class_dir}; give every "
+                             f"split all class folders{hint}")
         return dataset
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -972,6 +1008,11 @@ class CIFARDataModule(_PictureDataModule):
         self.root = Path(os.path.expanduser(str(root)))
         folder, files, url = _CIFAR_FILES[self.variant]
         missing = [name for name in files if not (self.root / folder / name).is_file()]
+        if missing and ((self.root / files[0]).is_file() or self.root.name == folder):  # the extracted folder itself
+            raise FileNotFoundError(
+                f"CIFAR-{self.variant}: root (data.root) {self.root} is the extracted {folder} folder itself; give the "
+                f"folder above it, data.root={self.root.parent}, which holds {folder}/ (as torchvision's "
+                f"{'CIFAR10' if self.variant == 10 else 'CIFAR100'}(root) expects)")
         if missing:
             raise FileNotFoundError(
                 f"CIFAR-{self.variant} not found: {self.root / folder} lacks {', '.join(missing)}. Nothing is downloaded: "
@@ -988,12 +1029,26 @@ class CIFARDataModule(_PictureDataModule):
         cls = CIFAR10 if self.variant == 10 else CIFAR100
         try:
             dataset = cls(str(self.root), train=False, download=False)
-        except RuntimeError as error:  # torchvision's md5 check failed
-            raise FileNotFoundError(
-                f"CIFAR-{self.variant} under {self.root / folder} is incomplete or corrupt ({error}); re-extract "
-                f"{_CIFAR_FILES[self.variant][2].rsplit('/', 1)[-1]} into {self.root}"
-            ) from None
+        except RuntimeError as error:  # torchvision's md5 check failed; its message advises download=True
+            raise FileNotFoundError(self._corrupt_message(cls, folder, error)) from None
         return list(dataset.classes)
+
+    def _corrupt_message(self, cls, folder: str, error: Exception) -> str:
+        """Which files of the extracted archive fail torchvision's MD5 check (``check_integrity`` per file, the
+        check torchvision's CIFAR10 / CIFAR100 run on them all at once, naming none), and what to do: re-extract
+        the archive. torchvision's own text ("You can use download=True") names an option the zoo does not have."""
+        from torchvision.datasets.utils import check_integrity
+
+        expected = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+        failing = [name for name, md5 in expected if not check_integrity(str(self.root / folder / name), md5)]
+        archive = _CIFAR_FILES[self.variant][2].rsplit("/", 1)[-1]
+        if failing:
+            problem = (f"{', '.join(failing)} {'fails' if len(failing) == 1 else 'fail'} torchvision's MD5 check (not "
+                       f"the files of the official {archive}, or damaged)")
+        else:  # another failure of torchvision's reader
+            problem = f"torchvision cannot read it ({str(error).split(' You can use download=True')[0]})"
+        return (f"CIFAR-{self.variant} under {self.root / folder} is incomplete or corrupt: {problem}. Nothing is "
+                f"downloaded: re-extract {archive} into {self.root} (tar xzf {archive} -C {self.root})")
 
     def setup(self, stage: Optional[str] = None) -> None:
         self._require_stats()
@@ -1017,9 +1072,16 @@ class CIFARDataModule(_PictureDataModule):
 # --------------------------------------------------------------------------------------------------
 def read_image(path: str | os.PathLike):
     """An image file as an 8-bit PIL image (RGB, RGBA, L, P, ... as stored), for the image folders and ``zoo
-    predict``. 16-bit and 32-bit integer images (PNG's I;16, Pillow's I) are scaled to 8 bits (x / 257 for 16-bit
-    values) and float images (F) from [0, 1]: Pillow's own convert() clips every value above 255, so a 16-bit
-    digit read as almost pure white. An unreadable file is a ValueError naming it."""
+    predict``. Integer images of more than 8 bits are scaled to 8 bits with one scale for every file, x / 257 (the
+    16-bit range 0..65535 to 0..255), and float images (F) from [0, 1]: Pillow's own convert() clips every value
+    above 255, so a 16-bit digit read as almost pure white. An unreadable file is a ValueError naming it.
+
+    Pillow already brings each format's bit depth to these ranges (PIL/PngImagePlugin.py, TiffImagePlugin.py,
+    PpmImagePlugin.py): 16-bit PNG and TIFF open as I;16 (as I in some Pillow versions), a PGM whose maxval exceeds 255
+    (12-bit, 16-bit) as I rescaled to 0..65535, a PGM of maxval <= 255 as L rescaled to 0..255, and a colour PPM of
+    any maxval as 8-bit RGB. 32-bit integer files (TIFF) are read as 16-bit values too (above 65535: white). The
+    scale used to be guessed from the image's largest pixel, so a dark 16-bit PGM (every value <= 255) read as an
+    8-bit one, 257 times too bright, and a darker file of a folder could come out brighter than a lighter one."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -1040,8 +1102,8 @@ def read_image(path: str | os.PathLike):
         values = np.asarray(picture, dtype=np.float64)
         if picture.mode == "F":
             top = 1.0 if values.size == 0 or values.max() <= 1.0 else 255.0
-        else:  # I;16*: 16-bit; I (32-bit ints): 16-bit values when any exceeds 8 bits, else 8-bit ones
-            top = 65535.0 if picture.mode.startswith("I;16") or (values.size and values.max() > 255) else 255.0
+        else:  # I;16*, I: 16-bit values, whatever the image holds (see the docstring)
+            top = 65535.0
         picture = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
     return picture
 
@@ -1060,7 +1122,7 @@ def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean:
         raise ValueError(f"load_image_file needs resolved values: crop_pct {crop_pct!r}, interpolation {interpolation!r}, "
                          f"crop_mode {crop_mode!r} (center or squash)")
     # RGB first, as ImageFolder's loader reads training images (torchvision's pil_loader): alpha (RGBA, LA) and
-    # palette images work, and a grayscale file gets the training pipeline's values (L -> RGB -> Grayscale
-    # differs from L by one level for some pixels)
+    # palette images work, and every file gets the training pipeline's channel conversion (_OneChannel: a gray
+    # file keeps its levels, a colour one is converted as in training)
     return _image_transform(img_size, in_chans, mean, std, False, "none", crop_pct=_crop_pct(crop_pct),
                             interpolation=_interpolation(interpolation), crop_mode=crop_mode)(picture.convert("RGB"))

@@ -265,8 +265,10 @@ def load_image(spec: str, model: nn.Module, transform: Optional[Callable] = None
     if not spec.startswith("digits:"):
         # a file: read and preprocessed as zoo predict and the evaluation split do (read_image: 16-bit and float
         # images scaled, palette/alpha handled; resize of the short side and centre crop, not a stretch)
+        from zoo.hub import refuse_url
         from zoo.tasks.vision.data import load_image_file
 
+        refuse_url(spec, "image", "the image")  # Path() collapsed its "//": reported as a missing file
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"image file {path} does not exist")

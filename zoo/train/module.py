@@ -21,6 +21,9 @@ The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and
 * optional ``torch.compile`` of the model (``torch_compile``: a backend name, or True for inductor; timm's
   ``--torchcompile``). The model is compiled in place (``nn.Module.compile``), so its state-dict keys, the
   checkpoints and the released weights are the same as without; the EMA copy stays eager;
+* gradient clipping: Lightning's (``trainer.gradient_clip_val`` with ``gradient_clip_algorithm`` norm or value), or
+  timm's adaptive gradient clipping (``adaptive_clip_factor``, which zoo train sets from
+  ``trainer.gradient_clip_algorithm=agc``: :meth:`ZooModule.configure_gradient_clipping`);
 * Lightning's own entry points: ``Module.load_from_checkpoint(path)`` rebuilds the model from the ``model_name``
   / ``model_args`` in the checkpoint (``model=`` still overrides), and ``lr`` is a live attribute, so Lightning's
   learning-rate finder (``Tuner(trainer).lr_find(module)``, which sets ``module.lr`` and ``hparams.lr``) sets the
@@ -72,6 +75,10 @@ def _real(name: str, value, minimum: Optional[float] = None) -> float:
 
 
 class ZooModule(pl.LightningModule):
+    # timm's adaptive gradient clipping factor (--clip-mode agc --clip-grad F), None for Lightning's clipping; not a
+    # constructor argument: zoo train sets it from trainer.gradient_clip_algorithm=agc and trainer.gradient_clip_val
+    adaptive_clip_factor: Optional[float] = None
+
     def __init__(
         self,
         model: nn.Module,
@@ -275,6 +282,29 @@ class ZooModule(pl.LightningModule):
             self.model_ema.update(self.model)
 
     # -------------------------------------------------------------- optimisation
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping (trainer.gradient_clip_val, gradient_clip_algorithm norm or value), or, with
+        ``adaptive_clip_factor`` F set, adaptive gradient clipping (Brock et al. 2021, "High-Performance Large-Scale
+        Image Recognition Without Normalization", NFNets): ``timm.utils.adaptive_clip_grad(parameters, F)``, each
+        output unit's gradient scaled down to at most F times its weights' norm, as timm's train.py runs it for
+        ``--clip-mode agc --clip-grad F``, where the classifier is left unclipped (``model_parameters(model,
+        exclude_head=True)``, as the paper leaves the final linear layer): here the classifier's keys
+        (:func:`zoo.hub.head_keys`), not timm's last two parameters. Lightning calls this after the gradients are
+        complete (accumulated, all-reduced under DDP, unscaled under fp16 AMP) and before the optimizer step."""
+        if self.adaptive_clip_factor is None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        from timm.utils import adaptive_clip_grad
+
+        adaptive_clip_grad(self.adaptive_clip_parameters(), clip_factor=self.adaptive_clip_factor)
+
+    def adaptive_clip_parameters(self) -> list[nn.Parameter]:
+        """The parameters adaptive gradient clipping clips: the trainable ones outside the classifier."""
+        from zoo.hub import head_keys
+
+        head = set(head_keys(self.model))
+        return [p for name, p in self.model.named_parameters() if p.requires_grad and name not in head]
+
     def _optimizer_steps_per_epoch(self, total: int) -> float:
         """Optimizer steps in one epoch, for converting warmup_epochs: the training batches over the gradient
         accumulation. (total / max_epochs was wrong when trainer.max_steps ends the run first: a 1-epoch warm-up

@@ -408,12 +408,38 @@ def _resolve_run_dir(cfg) -> Path:
 def build(cfg, model: Optional[torch.nn.Module] = None):
     """(LightningModule, DataModule) for ``cfg``; ``model`` replaces ``cfg.model`` when given."""
     try:
-        return _build(cfg, model)
+        module, datamodule = _build(cfg, model)
     except (ValueError, TypeError) as error:
         named = _named_by_group(cfg, str(error))
         if named is None:
             raise
         raise type(error)(named) from error
+    _set_adaptive_clipping(module, cfg)
+    return module, datamodule
+
+
+def _adaptive_clip_factor(trainer_cfg) -> Optional[float]:
+    """trainer.gradient_clip_val when trainer.gradient_clip_algorithm is agc (any case: Lightning lowercases norm and
+    value), else None."""
+    algorithm = trainer_cfg.get("gradient_clip_algorithm") if trainer_cfg is not None else None
+    if not isinstance(algorithm, str) or algorithm.lower() != "agc":
+        return None
+    return trainer_cfg.get("gradient_clip_val")
+
+
+def _set_adaptive_clipping(module, cfg) -> None:
+    """trainer.gradient_clip_algorithm=agc (timm's --clip-mode agc): the module clips adaptively with
+    trainer.gradient_clip_val as the clip factor (ZooModule.configure_gradient_clipping); _trainer keeps both out of
+    Lightning's Trainer, which knows only norm and value."""
+    factor = _adaptive_clip_factor(cfg.get("trainer"))
+    if factor is None:
+        return
+    from zoo.train.module import ZooModule
+
+    if not isinstance(module, ZooModule):
+        raise ValueError(f"trainer.gradient_clip_algorithm=agc is applied by the zoo's task modules, and "
+                         f"{type(module).__name__} is not one: use gradient_clip_algorithm=norm or value")
+    module.adaptive_clip_factor = float(factor)
 
 
 def _named_by_group(cfg, message: str) -> Optional[str]:
@@ -474,8 +500,14 @@ def _relative_data_path_problem(ckpt, stored: str, command: str) -> str:
 
 
 def _build(cfg, model: Optional[torch.nn.Module] = None):
+    from omegaconf import OmegaConf
+
+    from zoo.hub import refuse_url
+
     check_required(cfg)
     _absolute_data_root(cfg)
+    if model is None and OmegaConf.is_dict(cfg.get("model")):  # named as zoo train's option, not create_model's
+        refuse_url(cfg.model.get("pretrained"), "model.pretrained", "the checkpoint", model=True)
     task = cfg.task
     if "_target_" not in task and task.get("module"):
         built = importlib.import_module(str(task.module)).build(cfg)
@@ -513,6 +545,9 @@ def _trainer(cfg, *, callbacks: Optional[list] = None, loggers: Optional[list] =
             kwargs[key] = _to_container(value) if OmegaConf.is_config(value) else value
     kwargs.update(extra)
     _check_trainer_options(kwargs)
+    if _adaptive_clip_factor(kwargs) is not None:  # applied by the module (_set_adaptive_clipping), not Lightning
+        kwargs.pop("gradient_clip_algorithm")
+        kwargs.pop("gradient_clip_val")
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     if callbacks is not None:
         kwargs["callbacks"] = callbacks
@@ -578,6 +613,15 @@ def _check_trainer_options(kwargs: dict) -> None:
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < math.inf):
         # Lightning skips clipping at <= 0: a negative value switched it off without a word
         raise ValueError(f"trainer.gradient_clip_val must be a number >= 0 (0 or null: no clipping), got {clip!r}")
+    algorithm = kwargs.get("gradient_clip_algorithm")
+    if isinstance(algorithm, str) and algorithm.lower() == "agc" and not clip:
+        # timm's train.py and Lightning clip nothing without a value; an agc asked for and silently off is refused
+        raise ValueError(f"trainer.gradient_clip_algorithm=agc (adaptive gradient clipping, timm's --clip-mode agc) "
+                         f"needs its clip factor as trainer.gradient_clip_val (e.g. 0.01, timm's NFNet recipes; "
+                         f"timm's --clip-grad), got {clip!r}")
+    if algorithm is not None and not (isinstance(algorithm, str) and algorithm.lower() in ("norm", "value", "agc")):
+        raise ValueError(f"trainer.gradient_clip_algorithm must be norm, value (Lightning's) or agc (adaptive gradient "
+                         f"clipping, timm's --clip-mode agc), got {algorithm!r}")
     accelerator = kwargs.get("accelerator")
     if isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(f"trainer.accelerator={accelerator} needs a CUDA GPU and none is available here "
@@ -1161,6 +1205,9 @@ def _resume_checkpoint(ckpt_path) -> Optional[tuple[Path, dict]]:
     """(path, checkpoint) for ``ckpt_path=`` (None when not resuming), read with evaluate()'s checks."""
     if not ckpt_path:
         return None
+    from zoo.hub import refuse_url
+
+    refuse_url(ckpt_path, "ckpt_path", "the .ckpt")
     path = Path(str(ckpt_path)).expanduser()
     if path.is_dir():
         if (path / "model.safetensors").is_file():  # a released/ folder: weights to start from, not a run to resume
@@ -1420,7 +1467,11 @@ def _run_directory_source(ckpt):
 def resolve_ckpt_argument(ckpt):
     """``ckpt=`` as every command reads it before loading: a zoo train run directory as its released/ (else best.ckpt,
     else last.ckpt), a shipped card named as README names it (``checkpoints/vit_digits``) or by its card or model
-    name when no such path exists here; anything else unchanged (the loaders then name what is wrong with it)."""
+    name when no such path exists here; anything else unchanged (the loaders then name what is wrong with it).
+    An http(s) URL is refused, saying what to do instead (zoo.hub.refuse_url): it was reported as a missing file."""
+    from zoo.hub import refuse_url
+
+    refuse_url(ckpt, "ckpt", "the checkpoint (a released directory, .safetensors or .ckpt)", model=True)
     ckpt = _run_directory_source(ckpt)
     path = Path(str(ckpt)).expanduser()
     if str(ckpt).strip() and not path.exists():
@@ -1731,6 +1782,9 @@ def _collect_inputs(spec: str) -> list[tuple[str, Any]]:
         return [(spec, "digits")]
     if not spec.strip():  # Path("") is the current directory: every image under it, silently
         raise ValueError("input= is empty: give an image file, a folder of images, or digits:<index>")
+    from zoo.hub import refuse_url
+
+    refuse_url(spec, "input", "the image")
     path = Path(spec).expanduser()
     if path.is_dir():
         files = _image_files(path, IMAGE_EXTENSIONS)
