@@ -643,5 +643,10 @@ def test_zoo_eval_of_a_run_from_before_inference_batch_size_may_set_it(tmp_path,
     assert chunks == []
     chunked = run.evaluate(tmp_path / "old.ckpt", ["data.inference_batch_size=4"])
     assert chunks == [4] and chunked["test/acc1"] == pytest.approx(full["test/acc1"], abs=1e-6)
-    with pytest.raises(ValueError, match=r"^unknown key data\.inference_batch_sise"):
+    with pytest.raises(ValueError, match=r"^unknown key data\.inference_batch_sise .*; added since this run was "
+                                         r"trained, also: .*inference_batch_size"):
         run.evaluate(tmp_path / "old.ckpt", ["data.inference_batch_sise=4"])
+    # a key of a sibling data config that changes the data scored (Planetoid's normalize_features on an sbm run):
+    # accepted by the first version of this rule, and test/acc1 moved; only loader keys are added
+    with pytest.raises(ValueError, match=r"^unknown key data\.normalize_features"):
+        run.evaluate(tmp_path / "old.ckpt", ["data.normalize_features=true"])

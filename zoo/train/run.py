@@ -1564,23 +1564,36 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *,
             key = item.split("=", 1)[0]
             if key.startswith("data.") and key[len("data."):] in newer:
                 continue  # a data option added after this run was trained (data.inference_batch_size): it may be set
-            _check_eval_override(plain, key)
+            try:
+                _check_eval_override(plain, key)
+            except ValueError as error:
+                if newer and key.startswith("data.") and str(error).startswith("unknown key"):
+                    raise ValueError(f"{error}; added since this run was trained, also: "
+                                     f"{', '.join(sorted(newer))}") from None
+                raise
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     cfg.model.pretrained = False
     return cfg, model, state, info
 
 
 def _newer_data_keys(stored_data: dict) -> set[str]:
-    """Keys that the shipped data configs of the run's data module (the same ``_target_``) define but the run's
-    stored data config lacks: options added after the run was trained (``data.inference_batch_size``,
-    ``data.num_workers``), which ``zoo eval`` may set on it with ``data.KEY=VALUE`` (its plain form, as for a current
-    run) instead of refusing them as unknown."""
+    """Loader options of the run's data module that its stored data config lacks: options added after the run was
+    trained (``data.inference_batch_size``, ``data.num_workers``), which ``zoo eval`` may set on it with
+    ``data.KEY=VALUE`` (its plain form, as for a current run) instead of refusing them as unknown. Only the keys the
+    module declares changeable in the middle of an epoch (``mid_epoch_changeable_keys``: how the data is batched, not
+    which data) and its shipped configs define: another key a sibling config has (``data.normalize_features`` of
+    another node data set) would change the data the run is scored on, and stays refused."""
     from importlib import resources
 
+    from hydra.utils import get_class
     from omegaconf import OmegaConf
 
     target = stored_data.get("_target_")
     if not target:
+        return set()
+    try:
+        loader_keys = set(getattr(get_class(str(target)), "mid_epoch_changeable_keys", ()))
+    except Exception:  # a data module that cannot be imported here: nothing is added
         return set()
     keys: set[str] = set()
     for path in (resources.files("zoo.configs") / "data").iterdir():
@@ -1588,7 +1601,7 @@ def _newer_data_keys(stored_data: dict) -> set[str]:
             config = OmegaConf.load(str(path))
             if config.get("_target_") == target:
                 keys.update(str(k) for k in config.keys())
-    return {key for key in keys if key not in stored_data and not key.startswith("_")}
+    return {key for key in keys & loader_keys if key not in stored_data}
 
 
 def _preview(names: Sequence, shown: int = 6) -> str:
