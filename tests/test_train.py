@@ -273,6 +273,20 @@ def test_resume_is_exact(tmp_path):
         run.train(_cfg(tmp_path, "resumed", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
 
 
+
+def _same_weights_ema_and_optimizer(straight_ckpt, resumed_ckpt):
+    """Both last.ckpt files loaded, after checking that the resumed run's weights (EMA included) and optimizer state
+    equal the uninterrupted run's exactly."""
+    a = torch.load(straight_ckpt, weights_only=True)
+    b = torch.load(resumed_ckpt, weights_only=True)
+    assert any(k.startswith("model_ema.") for k in a["state_dict"])
+    for key in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
+    return a, b
+
 def test_resume_after_max_steps_stopped_mid_epoch_is_exact(tmp_path, capsys):
     """A run ended by trainer.max_steps inside an epoch, resumed with a larger max_steps, ends where the
     uninterrupted run does. last.ckpt used to be written only at the epoch's end, which recorded the cut epoch as
@@ -288,14 +302,7 @@ def test_resume_after_max_steps_stopped_mid_epoch_is_exact(tmp_path, capsys):
         "completed"] < 4
     resumed = run.train(_cfg(tmp_path, "part", *options, "+trainer.max_steps=8", f"ckpt_path={part['last_ckpt']}"))
     assert resumed["global_step"] == straight["global_step"] == 8
-    a = torch.load(straight["last_ckpt"], weights_only=True)
-    b = torch.load(resumed["last_ckpt"], weights_only=True)
-    assert any(k.startswith("model_ema.") for k in a["state_dict"])
-    for key in a["state_dict"]:
-        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        for key in sa:
-            torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
+    a, b = _same_weights_ema_and_optimizer(straight["last_ckpt"], resumed["last_ckpt"])
     # resumed again with the same max_steps: nothing to train, said so, and released/ / metrics.json are left alone
     capsys.readouterr()
     again = run.train(_cfg(tmp_path, "part", *options, "+trainer.max_steps=8", f"ckpt_path={resumed['last_ckpt']}"))
@@ -343,14 +350,7 @@ def test_resume_after_a_stop_inside_an_epoch_is_exact(tmp_path, monkeypatch, sto
     assert stopped["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 1  # epoch 1 not done
     resumed = run.train(_cfg(tmp_path, "part", *options, f"ckpt_path={part['last_ckpt']}"))
     assert resumed["global_step"] == straight["global_step"] == last_step
-    a = torch.load(straight["last_ckpt"], weights_only=True)
-    b = torch.load(resumed["last_ckpt"], weights_only=True)
-    assert any(k.startswith("model_ema.") for k in a["state_dict"])
-    for key in a["state_dict"]:
-        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        for key in sa:
-            torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
+    a, b = _same_weights_ema_and_optimizer(straight["last_ckpt"], resumed["last_ckpt"])
     assert b["loops"]["fit_loop"]["epoch_loop.state_dict"] == a["loops"]["fit_loop"]["epoch_loop.state_dict"]
 
 
