@@ -322,6 +322,23 @@ def test_early_stopping_on_a_metric_the_run_does_not_log_is_one_line(tmp_path, c
     assert run._early_stopping_monitor_error(raised.value, run.compose(overrides[1:]), None) is None
 
 
+def test_checkpoint_monitor_not_logged_and_a_callback_without_target_are_one_line(tmp_path, capsys):
+    """A checkpoint monitor the run does not log gave Lightning's own line (no config key; epoch and step listed as
+    metrics); an added callback entry without _target_ (+callbacks.early_stopping.monitor=val/loss alone, as the
+    docs spelled it) was skipped without a word, so the run trained without early stopping."""
+    common = ["train", "experiment=graph_karate", "debug=fast", "logger=none"]
+    assert cli.main([*common, f"run_dir={tmp_path / 'a'}", "callbacks.best_checkpoint.monitor=val/acc"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("zoo train: error: callbacks.best_checkpoint.monitor='val/acc' is not a metric this run "
+                          "logs, so the best checkpoint has nothing to compare (logged at step 1: "), err
+    assert "val/acc1" in err and "'epoch'" not in err and ", epoch" not in err and ", step" not in err
+    assert cli.main([*common, f"run_dir={tmp_path / 'b'}", "+callbacks.early_stopping.monitor=val/loss"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "zoo train: error: callbacks.early_stopping has no _target_, so nothing would be built from it: give the "
+        "class too, e.g. +callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping")
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
 def test_train_help_sweep_examples_are_valid_shell():
     """The sweep example of `zoo train --help` was a bash syntax error as printed (`seed=range(0,3)` unquoted, as the
     usage line's `[KEY=range(0,3)]`; README and docs/training.md quote it). Every override that calls a sweep

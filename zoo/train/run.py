@@ -680,10 +680,22 @@ def _tidy_for_resume(run_dir: Path) -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def _instantiate_group(node) -> list:
+def _instantiate_group(node, group: str = "callbacks") -> list:
+    """The objects of a callbacks / logger group. An entry without ``_target_`` (``+callbacks.early_stopping.monitor=
+    val/loss`` alone, or a misspelt entry name) was skipped without a word, so the run trained without the callback
+    the user had asked for: refused, naming the entry and what to add."""
     if node is None:
         return []
-    return [_call_target(item) for item in node.values() if item is not None and "_target_" in item]
+    objects = []
+    for name, item in node.items():
+        if item is None:  # an entry switched off (callbacks.progress=null)
+            continue
+        if not hasattr(item, "keys") or "_target_" not in item:
+            raise ValueError(f"{group}.{name} has no _target_, so nothing would be built from it: give the class too, "
+                             f"e.g. +{group}.{name}._target_=lightning.pytorch.callbacks.EarlyStopping "
+                             f"(or {group}.{name}=null to switch an entry off)")
+        objects.append(_call_target(item))
+    return objects
 
 
 def _float_metrics(metrics: dict) -> dict[str, float]:
@@ -859,7 +871,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     validated = _validation_step_callback()
     callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir), validated]
     _check_best_checkpoint_can_exist(cfg, callbacks)
-    trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
+    trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger"), "logger"))
     if trainer.is_global_zero:
         _keep_previous_metrics(trainer.loggers)
         if cfg.get("ckpt_path"):
@@ -869,8 +881,8 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
-    except RuntimeError as error:
-        message = _early_stopping_monitor_error(error, cfg, trainer)
+    except Exception as error:  # the two monitor errors below get one line; every other error is raised as it was
+        message = _early_stopping_monitor_error(error, cfg, trainer) or _checkpoint_monitor_error(error, cfg, trainer)
         if message is None:
             raise
         raise ValueError(message) from error
@@ -975,6 +987,28 @@ def _early_stopping_monitor_error(error: BaseException, cfg, trainer) -> Optiona
     logged = ", ".join(sorted(str(name) for name in trainer.callback_metrics)) or "none yet"
     return (f"{key}={monitor!r} is not a metric this run logs, so early stopping has nothing to compare (logged at "
             f"step {int(trainer.global_step)}: {logged}); monitor one of them")
+
+
+_CHECKPOINT_MISSING = re.compile(r"`ModelCheckpoint\(monitor='(?P<monitor>.*)'\)` could not find the monitored key")
+
+
+def _checkpoint_monitor_error(error: BaseException, cfg, trainer) -> Optional[str]:
+    """The same one line for a checkpoint callback's monitor the run does not log: Lightning's own message named
+    neither the config key nor only the logged metrics (it listed ``epoch`` and ``step`` among them). None for every
+    other error (recognised by Lightning's exception type and message)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    match = _CHECKPOINT_MISSING.match(str(error)) if isinstance(error, MisconfigurationException) else None
+    if match is None:
+        return None
+    monitor = match.group("monitor")
+    callbacks = cfg.get("callbacks") or {}
+    key = next((f"callbacks.{name}.monitor" for name, node in callbacks.items()
+                if node is not None and "Checkpoint" in str(node.get("_target_", ""))
+                and node.get("monitor") == monitor), "the checkpoint callback's monitor")
+    logged = ", ".join(sorted(str(name) for name in trainer.callback_metrics if name not in ("epoch", "step")))
+    return (f"{key}={monitor!r} is not a metric this run logs, so the best checkpoint has nothing to compare "
+            f"(logged at step {int(trainer.global_step)}: {logged or 'none yet'}); monitor one of them")
 
 
 def _check_resumed_order_fits(ckpt: dict, datamodule, cfg) -> None:
