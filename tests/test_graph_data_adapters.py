@@ -690,3 +690,210 @@ def test_tu_labels_and_graphs_must_agree_and_mixed_edge_features_are_refused_at_
     torch.save(graphs, tmp_path / "mixed.pt")
     with pytest.raises(ValueError, match="9 of 10 graphs have edge features edge_attr"):
         gd.load_graph_classification(path=str(tmp_path / "mixed.pt"))
+
+
+# ------------------------------------------------------------------------- review of audit6 (Planetoid cache, OGB)
+def _cache_only(monkeypatch) -> list:
+    """PyG's parser refused, and the folder read-only to the adapter: the graph can then come only from the data.pt
+    in processed/, read by PyG's Planetoid. Each removal or record write the adapter tries fails as on a read-only
+    file system and is listed in the list returned."""
+    import torch_geometric.datasets.planetoid as pyg_planetoid
+    import torch_geometric.io
+
+    def parsed(*args, **kwargs):
+        raise AssertionError("the raw files were parsed where the cache was to be read")
+
+    tried = []
+
+    def read_only(*args, **kwargs):
+        tried.append(args)
+        raise OSError(30, "Read-only file system")
+
+    for module in (torch_geometric.io, pyg_planetoid):
+        monkeypatch.setattr(module, "read_planetoid_data", parsed)
+    monkeypatch.setattr(os, "remove", read_only)
+    monkeypatch.setattr(gd, "_write_raw_record", read_only)
+    return tried
+
+
+def _touch_later(folder):
+    """Every raw file modified 1 s after its current time, whatever the clock's resolution."""
+    for path in (folder / "raw").iterdir():
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+
+def test_planetoid_plain_cache_a_pyg_user_built_is_read_and_never_written(tmp_path, monkeypatch):
+    """A PyG user's plain Planetoid(root, "Cora") cache (pre_transform / pre_filter None, no zoo record) was removed,
+    rebuilt and given zoo_raw_files.json. The zoo now reads it as PyG does while its data.pt is newer than every raw
+    file, and writes nothing into that folder: names, bytes and modification times stay as the user's build left
+    them."""
+    import warnings
+
+    from torch_geometric.datasets import Planetoid
+
+    reference = _plain_reference(tmp_path / "pyg")
+    _write_planetoid(tmp_path / "shared", binary=True)
+    root = str(tmp_path / "shared")
+    Planetoid(root, "Cora")  # the user's own build
+    cache = _processed_files(tmp_path / "shared" / "Cora")
+    with monkeypatch.context() as patched, warnings.catch_warnings():
+        tried = _cache_only(patched)
+        warnings.simplefilter("error")  # a current plain cache is read without a word
+        for _ in range(2):
+            _assert_same_graph(gd.load_node_dataset("planetoid:Cora", root=root), reference)
+    assert tried == []  # not even tried: the folder is the user's
+    assert _processed_files(tmp_path / "shared" / "Cora") == cache
+    assert sorted(cache) == ["data.pt", "pre_filter.pt", "pre_transform.pt"]
+
+
+def test_planetoid_stale_plain_cache_a_pyg_user_built_is_bypassed_and_left(tmp_path):
+    """The user's plain cache, older than raw files replaced since: PyG would read the old graph. The raw files are
+    parsed without a cache, with a warning that names the newer raw files and the remedy; the cache stays the
+    user's (not removed, not rebuilt, no record added)."""
+    from torch_geometric.datasets import Planetoid
+
+    _write_planetoid(tmp_path / "shared", binary=True)
+    root = str(tmp_path / "shared")
+    old = Planetoid(root, "Cora")[0]
+    _write_planetoid(tmp_path / "shared", binary=True, seed=1)  # other raw files, written after the user's build
+    _touch_later(tmp_path / "shared" / "Cora")
+    _write_planetoid(tmp_path / "pyg", binary=True, seed=1)
+    reference = Planetoid(str(tmp_path / "pyg"), "Cora")[0]  # PyG's build of the current raw files
+    assert not torch.equal(old.x, reference.x)  # reading the cache would show: the check can fail
+    cache = _processed_files(tmp_path / "shared" / "Cora")
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=r"^Planetoid Cora: .*processed holds a cache built without the zoo \(no "
+                                             r"zoo_raw_files\.json\) before the raw file\(s\) ind\.cora\.allx, "
+                                             r".* and 5 more last changed; leaving it as it is and reading the raw "
+                                             r"files without a cache .*Planetoid\(root, 'Cora', force_reload=True\), "
+                                             r"or remove .*processed to have the zoo build its own cache$"):
+            _assert_same_graph(gd.load_node_dataset("planetoid:Cora", root=root), reference)
+    assert _processed_files(tmp_path / "shared" / "Cora") == cache
+    # a user's cache PyG cannot load (here: not a torch file) is not the zoo's to remove either
+    data_pt = tmp_path / "shared" / "Cora" / "processed" / "data.pt"
+    data_pt.write_bytes(b"not a torch file")
+    newest = max(p.stat().st_mtime_ns for p in (tmp_path / "shared" / "Cora" / "raw").iterdir())
+    os.utime(data_pt, ns=(newest + 10**9, newest + 10**9))  # newer than the raw files: PyG's to load
+    cache = _processed_files(tmp_path / "shared" / "Cora")
+    with pytest.warns(UserWarning, match=r"PyG cannot load the cache in .*processed \(.*\); leaving it as it is"):
+        _assert_same_graph(gd.load_node_dataset("planetoid:Cora", root=root), reference)
+    assert _processed_files(tmp_path / "shared" / "Cora") == cache
+
+
+def _older_zoo_record(processed) -> None:
+    """zoo_raw_files.json as the zoo wrote it before 2026-12-07 (commit 81fee73): {raw file: [size, mtime_ns]}."""
+    import json
+
+    record = processed / gd._RAW_RECORD
+    stamp = record.stat().st_mtime_ns
+    record.write_text(json.dumps(json.loads(record.read_text())["raw"]))
+    os.utime(record, ns=(stamp, stamp))
+
+
+def test_planetoid_cache_with_an_older_zoo_record_is_read_in_a_read_only_folder(tmp_path, monkeypatch):
+    """A read-only folder whose cache an older zoo built and recorded (raw files only): the current record form
+    never matched it, so each run parsed the raw files again, warning that nothing recorded the build. That record
+    still matching the raw files, with PyG's records saying plain and data.pt not newer than the record, vouches
+    for the cache: it is read, without a warning and without writing; where the folder can be written, the record
+    is rewritten in the current form, and data.pt is not rebuilt."""
+    import json
+    import warnings
+
+    reference = _plain_reference(tmp_path / "pyg")
+    _write_planetoid(tmp_path / "shared", binary=True)
+    root = str(tmp_path / "shared")
+    processed = tmp_path / "shared" / "Cora" / "processed"
+    gd.load_node_dataset("planetoid:Cora", root=root)
+    _older_zoo_record(processed)
+    cache = _processed_files(tmp_path / "shared" / "Cora")
+    with monkeypatch.context() as read_only, warnings.catch_warnings():
+        _cache_only(read_only)
+        warnings.simplefilter("error")
+        _assert_same_graph(gd.load_node_dataset("planetoid:Cora", root=root), reference)
+    assert _processed_files(tmp_path / "shared" / "Cora") == cache
+    # writable: adopted without a rebuild, the record brought to the current form (raw files and data.pt)
+    _assert_same_graph(gd.load_node_dataset("planetoid:Cora", root=root), reference)
+    after = _processed_files(tmp_path / "shared" / "Cora")
+    assert {name: after[name] for name in gd._PLANETOID_CACHE_FILES} == \
+        {name: cache[name] for name in gd._PLANETOID_CACHE_FILES}
+    assert set(json.loads((processed / gd._RAW_RECORD).read_text())) == {"raw", "data.pt"}
+    with monkeypatch.context() as read_only:
+        tried = _cache_only(read_only)
+        _assert_same_graph(gd.load_node_dataset("planetoid:Cora", root=root), reference)  # "fresh" from now on
+    assert tried == []
+
+
+def test_planetoid_zoo_cache_that_cannot_be_rebuilt_says_what_is_on_disk(tmp_path, monkeypatch):
+    """The zoo's own cache in a read-only folder, its record (older form) no longer matching the raw files: the
+    warning said that no record existed. It now says what the record shows and how to have the cache rebuilt, and
+    the current raw files are read."""
+    from torch_geometric.datasets import Planetoid
+
+    _write_planetoid(tmp_path / "shared", binary=True)
+    root = str(tmp_path / "shared")
+    processed = tmp_path / "shared" / "Cora" / "processed"
+    gd.load_node_dataset("planetoid:Cora", root=root)
+    _older_zoo_record(processed)
+    _write_planetoid(tmp_path / "shared", binary=True, seed=1)
+    _touch_later(tmp_path / "shared" / "Cora")
+    _write_planetoid(tmp_path / "pyg", binary=True, seed=1)
+    reference = Planetoid(str(tmp_path / "pyg"), "Cora")[0]
+    cache = _processed_files(tmp_path / "shared" / "Cora")
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "remove", read_only)
+    monkeypatch.setattr(gd, "_write_raw_record", read_only)
+    with pytest.warns(UserWarning, match=r"^Planetoid Cora: cannot rebuild the zoo's cache in .*processed \(Read-only "
+                                         r"file system\): the raw files changed since zoo_raw_files\.json recorded the "
+                                         r"build \(in an older zoo version's form\); leaving it as it is and reading "
+                                         r"the raw files without a cache \(each run parses them again\): run the zoo "
+                                         r"once where .*processed can be written, or remove .*processed, to have the "
+                                         r"cache rebuilt$"):
+        _assert_same_graph(gd.load_node_dataset("planetoid:Cora", root=root), reference)
+    assert _processed_files(tmp_path / "shared" / "Cora") == cache
+
+
+@pytest.mark.parametrize("unlabelled", ["nan", "-1"])
+def test_ogb_keeps_which_nodes_are_unlabelled_out_of_the_training_batch(tmp_path, unlabelled):
+    """OGB's NaN / -1 labels became class 0 in y, and which nodes they were was lost (zoo predict then showed label
+    0 for them). The data keeps labelled_mask; the training batch stays as it was (the split masks exclude those
+    nodes)."""
+    _write_ogb(tmp_path / "ogbn_toy", labels=("0", unlabelled, "1", "1"))  # train 0, 1; valid 2; test 3
+    with pytest.warns(UserWarning, match="1 of its 2 nodes have no label"):
+        data = gd.ogb_node("ogbn-toy", str(tmp_path))
+    assert data["labelled_mask"].tolist() == [True, False, True, True]
+    assert data["y"].tolist() == [0, 0, 1, 1] and data["train_mask"].tolist() == [True, False, False, False]
+    module = gd.NodeDataModule("ogb:ogbn-toy", root=str(tmp_path))
+    with pytest.warns(UserWarning):
+        module.setup()
+    batch = next(iter(module.train_dataloader()))
+    assert sorted(batch) == ["edge_index", "test_mask", "train_mask", "val_mask", "x", "y"]
+
+
+def test_loading_saved_graphs_keeps_pygs_own_safe_globals(tmp_path):
+    """torch.serialization.safe_globals removes, on exit, every class it was given: loading a data.path list (or a
+    zoo predict file) dropped PyG's own registration of Data, after which PyG loaded a Planetoid cache's data.pt
+    warning "Weights only load failed" and with weights_only=False, for the rest of the process."""
+    import warnings
+
+    from torch_geometric.data import Data
+    from torch_geometric.datasets import Planetoid
+
+    from zoo.tasks.graph.predict import _load_graph_file
+
+    registered = torch.serialization.get_safe_globals()
+    assert Data in registered  # PyG's, at import
+    try:
+        torch.save(_data_list(), tmp_path / "graphs.pt")
+        assert len(gd.load_saved_graphs(str(tmp_path / "graphs.pt"))) == len(_data_list())
+        assert len(_load_graph_file(str(tmp_path / "graphs.pt"))) == len(_data_list())
+        assert set(torch.serialization.get_safe_globals()) == set(registered)  # in whatever order
+        reference = _pyg_planetoid(tmp_path / "pyg")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # PyG's own load of its cache, weights_only=True, without a word
+            again = Planetoid(str(tmp_path / "pyg"), "Cora")[0]
+        assert torch.equal(again.x, reference.x)
+    finally:  # the other tests get PyG's registrations back, whatever happened here
+        torch.serialization.add_safe_globals(registered)

@@ -532,7 +532,8 @@ def test_digits_rows_carry_their_label(capsys):
 # ------------------------------------------------------------------------------------------ review of audit6 (PyG)
 def test_a_node_file_with_bad_labels_or_num_nodes_is_refused(karate_ckpt, tmp_path):
     """A y of another length was dropped without a word, a label outside the model's 4 classes was shown as a label,
-    and num_nodes disagreeing with x passed (PyG's Data.validate flags it). Each is refused, naming the input."""
+    and num_nodes disagreeing with x passed (PyG's Data.validate does not flag it either: the check is the zoo's).
+    Each is refused, naming the input."""
     data = gd.karate_club()
     x, edge_index = data["x"], data["edge_index"]
     cases = {
@@ -583,7 +584,7 @@ def test_width_error_names_the_data_path_the_run_trained_on(degree_ckpt, tmp_pat
     graphs = Path(degree_ckpt).parents[2] / "graphs.pt"
     torch.save([Data(x=torch.ones(3, 5), edge_index=torch.tensor([[0], [1]]))], tmp_path / "five.pt")
     with pytest.raises(ValueError, match=r"five\.pt \[0\]: x has 5 features per node but the model reads 4 \(the "
-                                         rf"run's data {re.escape(str(graphs))} has data\.num_features=4\)"):
+                                         rf"run trained on {re.escape(str(graphs))}, data\.num_features=4\)"):
         run.predict(degree_ckpt, [str(tmp_path / "five.pt")])
 
 
@@ -618,3 +619,115 @@ def test_viz_graph_reads_ckpt_as_eval_and_predict_do(karate_ckpt, tmp_path, monk
         with pytest.raises(type(from_predict.value)) as from_viz:
             viz.main([f"ckpt={bad}", f"out={tmp_path / 'b.png'}"])
         assert str(from_viz.value) == str(from_predict.value) and "create_model" not in str(from_viz.value)
+
+
+# ------------------------------------------------------------------------------------ review of audit6 (PyG, 3rd)
+def _write_ogb_toy(root: Path, labels: list[str]) -> None:
+    """A 6-node, 2-feature OGB node dataset in the raw CSV layout (labels as written: "nan" and "-1" unlabelled)."""
+    import gzip
+
+    def write(path: Path, lines: list[str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path, "wt") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+    folder = root / "ogbn_toy"
+    write(folder / "raw" / "edge.csv.gz", ["0,1", "1,2", "2,3", "3,4", "4,5", "5,0", "0,3"])
+    write(folder / "raw" / "node-feat.csv.gz", [f"{i % 3}.0,{(i * 7) % 5}.0" for i in range(6)])
+    write(folder / "raw" / "node-label.csv.gz", labels)
+    for split, nodes in (("train", [0, 1, 3]), ("valid", [2]), ("test", [4, 5])):
+        write(folder / "split" / "random" / f"{split}.csv.gz", [str(i) for i in nodes])
+
+
+def test_an_ogb_runs_unlabelled_nodes_show_no_label(tmp_path):
+    """OGB's NaN / -1 labels were read as class 0, so `input=nodes:...` showed label 0 for nodes that have none,
+    where a node file with the same y showed no label. They now show none; the others their class, and every
+    prediction is the model's (rebuilt here) on the graph the adapter reads."""
+    _write_ogb_toy(tmp_path / "data", ["0", "nan", "1", "-1", "0", "1"])
+    with pytest.warns(UserWarning, match="have no label"):
+        ckpt = _train(tmp_path / "run", "experiment=graph_cora", "data=graph_ogb", "data.name=ogb:ogbn-toy",
+                      f"data.root={tmp_path / 'data'}", "data.num_features=2", "data.num_classes=2",
+                      "model.heads=1", "+model.hidden_channels=4", "trainer.max_epochs=1", "test=false",
+                      "trainer.num_sanity_val_steps=0")
+    with pytest.warns(UserWarning, match="have no label"):
+        data = gd.ogb_node("ogbn-toy", str(tmp_path / "data"))
+        rows = run.predict(ckpt, ["nodes:all"], topk=2)
+    expected = _node_reference(ckpt, data["x"], data["edge_index"])
+    _check_rows([{k: v for k, v in row.items() if k != "label"} for row in rows], expected,
+                [f"node {i}" for i in range(6)])
+    assert [row.get("label") for row in rows] == ["0", None, "1", None, "0", "1"]
+    with pytest.warns(UserWarning, match="have no label"):
+        assert [row.get("label") for row in run.predict(ckpt, ["nodes:3,1,2"], topk=1)] == [None, None, "1"]
+
+
+def test_width_error_names_the_synthetic_graphs(synthetic_ckpt, tmp_path):
+    """An experiment=graph_synthetic run names no file, class or data set in its data config: the message said
+    "the run's data None"."""
+    torch.save([Data(x=torch.ones(4, 10), edge_index=torch.tensor([[0, 1], [1, 2]]))], tmp_path / "ten.pt")
+    with pytest.raises(ValueError, match=r"^input=.*ten\.pt \[0\]: x has 10 features per node but the model reads 8 "
+                                         r"\(the run trained on the zoo's synthetic graphs \(data\.num_graphs=20\), "
+                                         r"data\.num_features=8\): give x \[num_nodes, 8\]$"):
+        run.predict(synthetic_ckpt, [str(tmp_path / "ten.pt")])
+
+
+def test_num_nodes_is_checked_in_node_and_graph_files(karate_ckpt, synthetic_ckpt, tmp_path):
+    """A num_nodes of several elements failed with torch's own "only one element tensors can be converted" (no
+    input named), a float one was refused as differing from x's equal row count, and graph files were not checked at
+    all. PyG's Data.validate accepts a num_nodes other than x's row count (torch_geometric 2.8.1), so the check is
+    the zoo's: each is refused naming the input (and the graph), and a one-element integer tensor is read."""
+    data = gd.karate_club()
+    x, edge_index = data["x"], data["edge_index"]
+    assert Data(x=x, edge_index=edge_index, num_nodes=35).validate(raise_on_error=True)  # PyG does not flag it
+    graph = gd.synthetic_graph_classification(4, seed=5)[0]
+    rows = graph["x"].size(0)
+    cases = {
+        (karate_ckpt, "vector.pt"): ({"x": x, "edge_index": edge_index, "num_nodes": torch.tensor([34, 34])},
+                                     r"vector\.pt: num_nodes is a tensor of shape \(2,\); it must be one integer"),
+        (karate_ckpt, "float.pt"): (Data(x=x, edge_index=edge_index, num_nodes=34.0),
+                                    r"float\.pt: num_nodes=34\.0 \(float\) is not a node count"),
+        (synthetic_ckpt, "graph_rows.pt"): ([Data(x=graph["x"], edge_index=graph["edge_index"]),
+                                             Data(x=graph["x"], edge_index=graph["edge_index"], num_nodes=rows + 4)],
+                                            rf"graph_rows\.pt \[1\]: num_nodes={rows + 4} but x has {rows} rows"),
+        (synthetic_ckpt, "graph_vector.pt"): ([{"x": graph["x"], "edge_index": graph["edge_index"],
+                                                "num_nodes": torch.tensor([rows, rows])}],
+                                              r"graph_vector\.pt \[0\]: num_nodes is a tensor of shape \(2,\)"),
+    }
+    for (ckpt, name), (saved, message) in cases.items():
+        torch.save(saved, tmp_path / name)
+        with pytest.raises(ValueError, match=rf"^input=.*{message}"):
+            run.predict(ckpt, [str(tmp_path / name)])
+    torch.save({"x": x, "edge_index": edge_index, "num_nodes": torch.tensor(34)}, tmp_path / "scalar.pt")
+    _check_rows(run.predict(karate_ckpt, [str(tmp_path / "scalar.pt")]), _node_reference(karate_ckpt, x, edge_index),
+                [f"scalar.pt node {i}" for i in range(34)])
+    torch.save([Data(x=graph["x"], edge_index=graph["edge_index"], num_nodes=torch.tensor(rows))],
+               tmp_path / "graph_scalar.pt")
+    _check_rows(run.predict(synthetic_ckpt, [str(tmp_path / "graph_scalar.pt")]),
+                _graph_reference(synthetic_ckpt, [graph]), ["graph_scalar.pt[0]"])
+
+
+def test_graph_file_labels_minus_one_or_nan_are_unlabelled(degree_ckpt, tmp_path):
+    """Node files read -1 / NaN as an unlabelled node (OGB's convention) while graph files refused them; a graph so
+    labelled now shows no label, as a graph without y. Other values are refused saying how to mark a graph
+    unlabelled."""
+    graphs = [_star(2, y=0), _path(5), _path(4), _star(3), _path(3)]
+    graphs[1].y = torch.tensor([-1])
+    graphs[2].y = torch.tensor([float("nan")])
+    graphs[3].y = torch.tensor([1.0])
+    torch.save(graphs, tmp_path / "mixed.pt")
+    rows = run.predict(degree_ckpt, [str(tmp_path / "mixed.pt")])
+    assert [row.get("label") for row in rows] == ["0", None, None, "1", None]
+    features = []
+    for g in graphs:
+        degree = torch.bincount(g.edge_index[0], minlength=g.num_nodes).clamp(max=3)
+        features.append({"x": torch.nn.functional.one_hot(degree, 4).float(), "edge_index": g.edge_index})
+    _check_rows([{k: v for k, v in row.items() if k != "label"} for row in rows],
+                _graph_reference(degree_ckpt, features), [f"mixed.pt[{i}]" for i in range(5)])
+    for bad, shown in ((torch.tensor([-2]), r"tensor\(\[-2\]\)"), (torch.tensor([0.5]), r"tensor\(\[0\.5000\]\)"),
+                       (torch.tensor([0, 1]), r"tensor\(\[0, 1\]\)")):
+        graph = _path(3)
+        graph.y = bad
+        torch.save([graph], tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=rf"^input=.*bad\.pt \[0\]: y must be one class index >= 0 per graph "
+                                             rf"\(graph classification\), got {shown}: give the graph's class, -1 or "
+                                             r"NaN for an unlabelled graph, or leave y out$"):
+            run.predict(degree_ckpt, [str(tmp_path / "bad.pt")])

@@ -648,7 +648,8 @@ def test_planetoid_cache_in_a_read_only_folder_is_left_but_not_read(tmp_path, mo
     """A shared, read-only data folder holds a cache without the adapter's record (built before it existed):
     the adapter used to delete it, and failed with 'Read-only file system' (review 2026-12-06); then it read that
     cache as it was, although nothing said it was built from the raw files there now. It is left as it is and the
-    raw files are parsed without a cache."""
+    raw files are parsed without a cache. Without the zoo's record the cache is not the zoo's: nothing is even
+    tried there, and the warning says that it is older than the raw files and how to have it used."""
     import os
 
     _write_planetoid_raw(tmp_path, seed=0)
@@ -658,16 +659,20 @@ def test_planetoid_cache_in_a_read_only_folder_is_left_but_not_read(tmp_path, mo
     _, second = _write_planetoid_raw(tmp_path, seed=1, num_classes=4)  # raw files replaced since
     cache = {p.name: p.read_bytes() for p in processed.iterdir()}
 
+    tried = []
+
     def read_only(*args, **kwargs):
+        tried.append(args)
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(os, "remove", read_only)
     monkeypatch.setattr(os, "replace", read_only)
-    with pytest.warns(UserWarning, match=r"cannot check or rebuild the cache .*\(Read-only file system\).*leaving it "
-                                         r"as it is and reading the raw files without a cache"):
+    with pytest.warns(UserWarning, match=r"holds a cache built without the zoo \(no zoo_raw_files\.json\) before the "
+                                         r"raw file\(s\) .* last changed; leaving it as it is and reading the raw "
+                                         r"files without a cache"):
         d = gd.load_node_dataset("planetoid:Cora", root=str(tmp_path))
     assert torch.equal(d["y"], torch.from_numpy(second)) and d["num_classes"] == 4
-    assert {p.name: p.read_bytes() for p in processed.iterdir()} == cache
+    assert {p.name: p.read_bytes() for p in processed.iterdir()} == cache and tried == []
 
 
 def _write_ogb(tmp_path, folder="ogbn_toy", labels=("0", "1", "0", "1"), edges=((0, 1), (1, 2), (2, 3), (3, 0)),

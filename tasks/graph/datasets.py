@@ -19,12 +19,14 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
                     A missing file raises FileNotFoundError naming every missing path (no download).
                     PyG caches the parsed graph in ``root/<Name>/processed/`` and reuses it whatever the
                     raw files hold now and whatever ``pre_transform`` / ``pre_filter`` built it. The
-                    adapter records the raw files' sizes and modification times, and those of the
-                    ``data.pt`` PyG built from them, next to that cache, and has PyG rebuild a plain cache
-                    (PyG's ``pre_transform.pt`` and ``pre_filter.pt`` hold ``'None'``) when they differ.
-                    A cache PyG built with a pre_transform or pre_filter (a PyG user's, in a shared data
-                    folder) is left as it is and the raw files are parsed without a cache, with a warning;
-                    so are they where ``processed/`` cannot be written (a read-only folder).
+                    adapter writes only into a cache it built itself, recorded in ``zoo_raw_files.json``
+                    there (the raw files' sizes and modification times, and those of the ``data.pt`` PyG
+                    built from them), and has PyG rebuild that cache when they differ. A plain cache
+                    (PyG's ``pre_transform.pt`` and ``pre_filter.pt`` hold ``'None'``) without that record,
+                    a PyG user's ``Planetoid(root, name)``, is read when its data.pt is newer than every raw
+                    file, and nothing is written into it. Any other cache (built with a pre_transform or
+                    pre_filter, a user's older than a raw file, the zoo's own where ``processed/`` cannot be
+                    written) is left as it is and the raw files are parsed without a cache, with a warning.
                     The features are the raw bag-of-words rows; ``data.normalize_features`` (true in
                     configs/data/graph_planetoid.yaml, so in experiment=graph_cora) row-normalises them as
                     PyG's examples/gat.py (``T.NormalizeFeatures()``) and the GAT paper's preprocess_features do.
@@ -39,6 +41,8 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
                     (which keeps ogbn-arxiv's citation edges directed), the edges are made undirected
                     (each edge in both directions, duplicates merged) and self loops are dropped, as GAT
                     models are trained on these graphs; an empty edge.csv.gz is an edgeless graph.
+                    The dict also holds ``labelled_mask`` [N] bool (False: a NaN / -1 label, where y holds
+                    0), which no split mask includes.
                     Read: ogbn-arxiv, ogbn-products and other single-label node data in that layout.
                     Refused by name (and by layout): ogbn-proteins (multi-label, no node features),
                     ogbn-papers100M (binary npz files), ogbn-mag (heterogeneous).
@@ -290,46 +294,91 @@ def _pyg_preprocessing(processed: str) -> Optional[str]:
 
 def _planetoid_cache_state(processed: str, raw_record: dict, proper: str) -> str:
     """Whether PyG's Planetoid may read ``processed/``: PyG reuses processed/data.pt whatever the raw files hold
-    now and whatever pre_transform / pre_filter built it, so the adapter decides first.
+    now and whatever pre_transform / pre_filter built it, so the adapter decides first. It writes, and removes, only
+    in a cache it built itself: one holding its record, zoo_raw_files.json.
 
-    * ``"fresh"``: the cache is a plain build (PyG's records say no pre_transform / pre_filter) of the current raw
-      files, as zoo_raw_files.json recorded them together with the data.pt that build wrote; PyG reads it.
-    * ``"build"``: there is no cache, or a plain build the record does not vouch for (the raw files changed since,
-      or a cache from before the record or rebuilt since): PyG's cache files are removed and PyG builds them again,
-      as PyG itself would without a pre_transform.
-    * ``"bypass"``: a cache PyG built with a pre_transform or pre_filter (a PyG user's, in a shared data folder),
-      or one that cannot be proved plain or removed (a read-only folder): it is left as it is, and the raw files
-      are parsed without a cache (said in one warning)."""
+    * ``"fresh"``: the zoo's cache, a plain build (PyG's records say no pre_transform / pre_filter) of the current
+      raw files, as zoo_raw_files.json recorded them together with the data.pt that build wrote; PyG reads it.
+    * ``"adopt"``: the zoo's cache with the record of an older zoo version (the raw files alone, {file: [size,
+      mtime_ns]}), which the raw files still match, a plain build whose data.pt is not newer than that record (the
+      older version wrote it after PyG's build): PyG reads it, and the record is rewritten in the current form.
+    * ``"read"``: a plain cache the zoo did not build (no record: a PyG user's ``Planetoid(root, name)``, or a zoo
+      from before the record) whose data.pt is newer than every raw file, PyG's own notion of a build of those
+      files (PyG keeps such a cache): PyG reads it, and nothing is written into that folder.
+    * ``"build"``: no cache (no data.pt), or the zoo's own cache that its record does not vouch for (the raw files
+      changed since, or data.pt was rebuilt or replaced): PyG's cache files are removed and PyG builds them again,
+      as PyG itself would without a pre_transform; the record is then written.
+    * ``"bypass"``: a cache PyG built with a pre_transform or pre_filter (a PyG user's, in a shared data folder), a
+      plain cache the zoo did not build that is older than a raw file, or the zoo's own cache that cannot be removed
+      for a rebuild (a read-only folder): it is left as it is, and the raw files are parsed without a cache (one
+      warning says what is on disk and what would have the cache used)."""
     built_with = _pyg_preprocessing(processed)
     if built_with is not None:
         warnings.warn(f"Planetoid {proper}: {processed} holds a cache PyG built {built_with}; leaving it as it is "
                       f"and reading the raw files without a cache", stacklevel=3)
         return "bypass"
+    data_stamp = _file_stamp(os.path.join(processed, "data.pt"))
+    if data_stamp is None:  # no cache: PyG builds one, the zoo's from then on
+        return "build"
+    record_path = os.path.join(processed, _RAW_RECORD)
+    record_stamp = _file_stamp(record_path)
+    if record_stamp is None:  # not the zoo's cache: read when current, never written
+        newer = sorted(name for name, (_, mtime_ns) in raw_record.items() if mtime_ns >= data_stamp[1])
+        if not newer:
+            return "read"
+        folder = os.path.basename(os.path.dirname(processed))
+        shown = ", ".join(newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
+        warnings.warn(f"Planetoid {proper}: {processed} holds a cache built without the zoo (no {_RAW_RECORD}) "
+                      f"before the raw file(s) {shown} last changed; leaving it as it is and reading the "
+                      f"raw files without a cache (each run parses them again): rebuild it with PyG's "
+                      f"Planetoid(root, {folder!r}, force_reload=True), or remove {processed} to have the zoo "
+                      f"build its own cache", stacklevel=3)
+        return "bypass"
     try:
-        with open(os.path.join(processed, _RAW_RECORD), encoding="utf-8") as f:
+        with open(record_path, encoding="utf-8") as f:
             recorded = json.load(f)
     except (OSError, ValueError):
         recorded = None
-    if recorded == _cache_record(processed, raw_record) and recorded["data.pt"] is not None:
+    if recorded == _cache_record(processed, raw_record):
         return "fresh"
+    older_format = isinstance(recorded, dict) and "raw" not in recorded
+    if older_format and recorded == raw_record and data_stamp[1] <= record_stamp[1]:
+        return "adopt"
+    if recorded is None or not isinstance(recorded, dict):
+        on_disk = f"its record {_RAW_RECORD} cannot be read"
+    elif (recorded if older_format else recorded.get("raw")) != raw_record:
+        on_disk = (f"the raw files changed since {_RAW_RECORD} recorded the build"
+                   + (" (in an older zoo version's form)" if older_format else ""))
+    else:
+        on_disk = f"data.pt was rebuilt or replaced since {_RAW_RECORD} recorded the build"
     try:
         for name in _PLANETOID_CACHE_FILES:
             path = os.path.join(processed, name)
             if os.path.isfile(path):
                 os.remove(path)
     except OSError as error:  # a read-only or shared data folder
-        warnings.warn(f"Planetoid {proper}: cannot check or rebuild the cache in {processed} ({error.strerror}): "
-                      f"nothing records that it was built from the current raw files; leaving it as it is and "
-                      f"reading the raw files without a cache", stacklevel=3)
+        warnings.warn(f"Planetoid {proper}: cannot rebuild the zoo's cache in {processed} ({error.strerror}): "
+                      f"{on_disk}; leaving it as it is and reading the raw files without a cache (each run parses "
+                      f"them again): run the zoo once where {processed} can be written, or remove {processed}, to "
+                      f"have the cache rebuilt", stacklevel=3)
         return "bypass"
     return "build"
 
 
 def _write_raw_record(processed: str, record: dict) -> None:
+    """zoo_raw_files.json written whole (a temporary file renamed over it); the temporary file is not left behind
+    when the rename fails."""
     tmp = os.path.join(processed, f".{_RAW_RECORD}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f)
-    os.replace(tmp, os.path.join(processed, _RAW_RECORD))
+    try:
+        os.replace(tmp, os.path.join(processed, _RAW_RECORD))
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 _PLANETOID_SUFFIXES = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
@@ -420,12 +469,22 @@ def planetoid(name: str, root: str) -> dict:
                 raise
             d = _read_planetoid_without_cache(raw, key, proper, processed, error)
             state = "bypass"  # nothing was cached: no record to write
+        except Exception as error:
+            if state != "read":
+                raise
+            # a cache the zoo did not build that PyG cannot load (another PyG version's format, a broken file): it
+            # is not the zoo's to remove, and the raw files are what it should hold
+            warnings.warn(f"Planetoid {proper}: PyG cannot load the cache in {processed} ({type(error).__name__}: "
+                          f"{(str(error).strip().splitlines() or [''])[0][:160]}); leaving it as it is and reading "
+                          f"the raw files without a cache", stacklevel=2)
+            d = read_planetoid_data(raw, key)
     except PermissionError:  # an unreadable raw file, named by _read_planetoid_without_cache
         raise
     except Exception as error:  # PyG unpickles the raw files: a truncated or foreign file fails deep inside
         raise ValueError(f"Planetoid {proper}: cannot read the raw files under {raw} (corrupt or not the "
                          f"Planetoid release?): {type(error).__name__}: {str(error)[:200]}") from None
-    if state == "build" and _raw_files_record(needed) == record:  # unchanged while PyG read them: the cache matches
+    # the zoo's cache, built or adopted: recorded when the raw files did not change while PyG read them
+    if state in ("build", "adopt") and _raw_files_record(needed) == record:
         try:
             _write_raw_record(processed, _cache_record(processed, record))
         except OSError:  # read-only: the next run checks again
@@ -571,7 +630,12 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
         if not mask.any():  # an empty validation / test split gave metrics of nothing (NaN, or a skipped step)
             raise ValueError(f"{p} lists no labelled {what} node (empty, or only nodes whose label in {needed[2]} "
                              f"is NaN / -1): put the {what} node indices there, one per line")
-    return _pack(f"ogb:{name}", x, _undirected(edges), y, *masks)
+    data = _pack(f"ogb:{name}", x, _undirected(edges), y, *masks)
+    # y holds 0 for an unlabelled node (the split masks leave those out, so training never reads it); which nodes
+    # those are stays here, so that ``zoo predict input=nodes:...`` shows them without a label, as a node file
+    # with y = -1 / NaN (tasks/graph/predict.py)
+    data["labelled_mask"] = labelled
+    return data
 
 
 # NodeDataModule's mini-batch keys: they change how the training loader batches the graph, not the graph, so
@@ -745,6 +809,16 @@ def _pyg_data_globals() -> list:
     return [Data, DataEdgeAttr, DataTensorAttr, GlobalStorage]
 
 
+def _allowing_pyg_data():
+    """``torch.serialization.safe_globals`` for those of :func:`_pyg_data_globals` not allowed already. On exit
+    that context manager removes every class it was given (torch/_weights_only_unpickler.py, _safe_globals): given
+    ``Data``, it dropped PyG's own registration of it (torch_geometric/data/__init__.py), after which PyG's loaders
+    (torch_geometric/io/fs.py, torch_load: a Planetoid cache's data.pt) warned and loaded with weights_only=False
+    for the rest of the process."""
+    allowed = torch.serialization.get_safe_globals()
+    return torch.serialization.safe_globals([cls for cls in _pyg_data_globals() if cls not in allowed])
+
+
 def load_saved_graphs(path: str, trust_pickle: bool = False):
     """What ``torch.save`` wrote to ``path``: a list of PyG ``Data`` graphs, or a dict of such lists under
     "train", "val" and "test" (the data's own split). Loaded with ``weights_only=True`` (PyG's Data classes
@@ -760,7 +834,7 @@ def load_saved_graphs(path: str, trust_pickle: bool = False):
     import pickle
 
     try:
-        with torch.serialization.safe_globals(_pyg_data_globals()):
+        with _allowing_pyg_data():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         try:
@@ -1121,7 +1195,8 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
         (the masks, not the sampler, split it), so the metrics are equal on all processes. Evaluation batches with
         ``inference_batch_size`` also carry it and the graph's NeighborSampler (NodeClassificationModule then runs
         the model's layer-wise ``inference``)."""
-        batch = {k: v for k, v in self.data.items() if isinstance(v, torch.Tensor)}
+        # labelled_mask (OGB): read by zoo predict only; the split masks already leave unlabelled nodes out
+        batch = {k: v for k, v in self.data.items() if isinstance(v, torch.Tensor) and k != "labelled_mask"}
         if evaluation and self.inference_batch_size is not None:
             batch.update(inference_batch_size=self.inference_batch_size, neighbor_sampler=self._sampler())
         return torch.utils.data.DataLoader([batch], batch_size=None)

@@ -14,8 +14,9 @@ config tells which kind of data it was trained on, ``data.model_kind``):
 * graph classification (GraphClassificationDataModule runs: synthetic, TU, data.path, data.dataset_class):
   ``graphs:all | graphs:train | graphs:val | graphs:test | graphs:<i,j>`` predicts graphs of the run's data
   (graph ``i`` is the i-th of ``graphs:all``, which lists the train, val and test graphs in this order);
-  ``<file.pt>`` holding a list of ``Data`` (labels not needed) gives one prediction per graph, read by the
-  training loader's own functions (``zoo.tasks.graph.datasets``: ``_as_graph``'s checks, one edge-feature width).
+  ``<file.pt>`` holding a list of ``Data`` (labels not needed; y -1 or NaN: an unlabelled graph, as for nodes)
+  gives one prediction per graph, read by the training loader's own functions (``zoo.tasks.graph.datasets``:
+  ``_as_graph``'s checks, one edge-feature width); a ``num_nodes`` other than x's row count is refused.
   Graphs without ``x`` get ``one_hot_degree`` features capped at the run's degree cap only when the run trained on
   one-hot degrees (recorded with the weights, GraphClassificationDataModule.describe; an older record is found
   by rebuilding the run's data, or, when it cannot be read, from a stored data.max_degree that fits the model's
@@ -31,6 +32,7 @@ data has one.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -155,14 +157,18 @@ def _selection(spec: str, count: int, masks: dict[str, Tensor], unit: str) -> li
 
 
 def _run_nodes(datamodule, spec: str) -> dict:
-    """The nodes of the run's graph that ``spec`` names (NodeDataModule's graph: features as trained on)."""
+    """The nodes of the run's graph that ``spec`` names (NodeDataModule's graph: features as trained on). A node
+    the data marks unlabelled (OGB's NaN / -1 labels: ``labelled_mask``, zoo.tasks.graph.datasets.ogb_node) has no
+    label in its row, as in a node file: its y is a placeholder 0 that no split reads."""
     data = datamodule.data
     n = data["x"].size(0)
     masks = {"all": torch.ones(n, dtype=torch.bool), **{s: data[f"{s}_mask"] for s in SPLITS[1:]}}
     chosen = _selection(spec, n, masks, "node")
     sampler = datamodule._sampler() if getattr(datamodule, "inference_batch_size", None) else None
+    labelled = data.get("labelled_mask")
+    labels = [int(data["y"][i]) if labelled is None or bool(labelled[i]) else None for i in chosen]
     return {"graphs": [{key: data.get(key) for key in ("x", "edge_index", "edge_attr")}],
-            "rows": [(0, i, f"node {i}", int(data["y"][i])) for i in chosen], "sampler": sampler}
+            "rows": [(0, i, f"node {i}", label) for i, label in zip(chosen, labels)], "sampler": sampler}
 
 
 def _run_graphs(datamodule, spec: str) -> dict:
@@ -182,11 +188,11 @@ def _run_graphs(datamodule, spec: str) -> dict:
 # ------------------------------------------------------------------------------------------------- files
 def _load_graph_file(spec: str):
     """``torch.load(weights_only=True)`` with PyG's Data classes allowed, as data.path lists are read."""
-    from zoo.tasks.graph.datasets import _pyg_data_globals
+    from zoo.tasks.graph.datasets import _allowing_pyg_data, _pyg_data_globals
 
     path = os.path.expanduser(spec)
     try:
-        with torch.serialization.safe_globals(_pyg_data_globals()):
+        with _allowing_pyg_data():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in _pyg_data_globals()}
@@ -282,20 +288,49 @@ def _node_labels(y, n: int, classes: Optional[int], where: str) -> list[Optional
 
 
 def _data_name(data_cfg: dict) -> str:
-    """The run's data as its config names it: the saved file, the class, or the TU set's name."""
-    return str(data_cfg.get("path") or data_cfg.get("dataset_class") or data_cfg.get("name"))
+    """The run's data as its config names it: the saved file, the class, the node data set's or TU set's name, or
+    the zoo's synthetic graphs (experiment=graph_synthetic: its config names no file, class or data set, as
+    GraphClassificationDataModule's default name is "synthetic")."""
+    named = data_cfg.get("path") or data_cfg.get("dataset_class") or data_cfg.get("name")
+    if data_cfg.get("model_kind") == "graph" and named in (None, "", "synthetic") and not data_cfg.get("root"):
+        count = data_cfg.get("num_graphs")
+        return "the zoo's synthetic graphs" + (f" (data.num_graphs={count})" if count is not None else "")
+    return str(named) if named else "its data config"
 
 
 def _check_width(x: Tensor, width: Optional[int], where: str, data_cfg: dict) -> None:
     if width is not None and x.size(1) != width:
-        raise ValueError(f"{where}: x has {x.size(1)} features per node but the model reads {width} (the run's data "
-                         f"{_data_name(data_cfg)} has data.num_features={width}): give x [num_nodes, {width}]")
+        raise ValueError(f"{where}: x has {x.size(1)} features per node but the model reads {width} (the run trained "
+                         f"on {_data_name(data_cfg)}, data.num_features={width}): give x [num_nodes, {width}]")
+
+
+def _check_num_nodes(graph: dict, where: str, rows: Optional[int]) -> None:
+    """A ``num_nodes`` stored with a graph must be its node count: one integer >= 0, equal to x's row count
+    (``rows``) when the graph has x. PyG's Data.validate (torch_geometric 2.8.1) does not compare the two, and a
+    Batch built from such graphs gets a batch vector of num_nodes entries for x's rows; the zoo refuses it, naming
+    the input."""
+    num_nodes = graph.get("num_nodes")
+    if num_nodes is None:
+        return
+    if isinstance(num_nodes, Tensor):
+        if num_nodes.numel() != 1:
+            raise ValueError(f"{where}: num_nodes is a tensor of shape {tuple(num_nodes.shape)}; it must be one "
+                             f"integer, the graph's node count (or save the graph without num_nodes)")
+        value = num_nodes.item()
+    else:
+        value = num_nodes
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: num_nodes={value!r} ({type(value).__name__}) is not a node count: give an "
+                         f"integer >= 0, or save the graph without num_nodes")
+    if rows is not None and value != rows:
+        raise ValueError(f"{where}: num_nodes={value} but x has {rows} rows (one per node): give x a row for every "
+                         f"node, or save the graph without num_nodes")
 
 
 def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict, classes: Optional[int] = None) -> dict:
     """Every node of the one graph in ``raw``, x preprocessed as the run's (normalize_feature_rows when
     data.normalize_features); its labels (y) checked against the model's ``classes`` (_node_labels), and a
-    ``num_nodes`` that disagrees with x's rows refused (PyG's Data.validate flags it too)."""
+    ``num_nodes`` that is not x's row count refused (_check_num_nodes)."""
     from zoo.tasks.graph.datasets import normalize_feature_rows, _per_edge_features
 
     if isinstance(raw, (list, tuple)):
@@ -314,11 +349,7 @@ def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict, classes: O
     if x.size(0) == 0:
         raise ValueError(f"input={spec}: the graph has no nodes (x is [0, {x.size(1)}]): save a graph with its nodes' "
                          f"features x [num_nodes, num_features]")
-    num_nodes = graph.get("num_nodes")
-    if num_nodes is not None and (not isinstance(num_nodes, (int, Tensor)) or isinstance(num_nodes, bool)
-                                  or int(num_nodes) != x.size(0)):
-        raise ValueError(f"input={spec}: num_nodes={num_nodes} but x has {x.size(0)} rows (one per node): give x a "
-                         f"row for every node, or save the graph without num_nodes")
+    _check_num_nodes(graph, f"input={spec}", x.size(0))
     x = x.float()
     _check_width(x, width, f"input={spec}", data_cfg)
     if data_cfg.get("normalize_features"):  # as NodeDataModule fed the run's graph (load_node_dataset)
@@ -366,12 +397,31 @@ def _trained_node_features(data_info: Optional[dict], datamodule: Callable[[], A
                      f"{width - 1 if width else 'max_degree'} (zoo.tasks.graph.datasets.one_hot_degree)") from None
 
 
+def _graph_label(y, where: str) -> Optional[int]:
+    """A graph file's ``y`` as its class, None when it has none: y left out, or -1 / NaN (unlabelled, as for the
+    nodes of a node file). Anything but one integral value >= 0 is refused, naming the input."""
+    if y is None:
+        return None
+    value = y.view(-1) if isinstance(y, Tensor) else torch.tensor([y]) if isinstance(y, (int, float)) else None
+    if value is not None and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+        number = float(value)
+        if math.isnan(number) or number == -1:
+            return None
+        if number >= 0 and number == round(number) and math.isfinite(number):
+            return int(number)
+    shown = y if not isinstance(y, Tensor) or y.numel() < 5 else f"a tensor of shape {tuple(y.shape)}"
+    raise ValueError(f"{where}: y must be one class index >= 0 per graph (graph classification), got {shown}: give "
+                     f"the graph's class, -1 or NaN for an unlabelled graph, or leave y out")
+
+
 def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict,
                  trained_features: Callable[[], dict], classes: Optional[int] = None) -> dict:
     """The graphs of ``raw`` (a list of Data, or one) as the training loader reads them (_as_graph); graphs without
     x get one-hot degree features capped as the run's were, when the run trained on one-hot degrees
     (``trained_features()``: what the run recorded), and are refused when it trained on the graphs' own x. A label
-    outside the model's ``classes`` is refused."""
+    outside the model's ``classes`` is refused; -1 or NaN marks an unlabelled graph, as it marks an unlabelled node
+    in a node file (OGB's convention), and so does a graph without y: its row shows no label. A ``num_nodes`` that
+    is not the graph's node count is refused (_check_num_nodes)."""
     from zoo.tasks.graph.datasets import _as_graph, _check_edge_features, _graph_source, one_hot_degree
 
     name = os.path.basename(spec)
@@ -382,7 +432,9 @@ def _file_graphs(raw, spec: str, width: Optional[int], data_cfg: dict,
     for i, item in enumerate(items):
         where = f"input={spec} [{i}]" if isinstance(raw, (list, tuple)) else f"input={spec}"
         graph = dict(_as_mapping(item, where))
-        label = graph.get("y")
+        x = graph.get("x")
+        _check_num_nodes(graph, where, x.size(0) if isinstance(x, Tensor) and x.dim() == 2 else None)
+        label = _graph_label(graph.get("y"), where)
         graph["y"] = 0 if label is None else label  # labels are not needed to predict: a placeholder for the checks
         graph = _as_graph(graph, where)
         if label is not None:
