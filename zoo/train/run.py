@@ -979,14 +979,20 @@ def _early_stopping_monitor_error(error: BaseException, cfg, trainer) -> Optiona
     if (match is None or raised_by is None or raised_by.name != "_validate_condition_metric"
             or Path(raised_by.filename).name != "early_stopping.py"):
         return None
-    monitor = match.group("monitor")
+    return _unlogged_monitor(cfg, trainer, match.group("monitor"), "EarlyStopping", "EarlyStopping's monitor",
+                             "early stopping")
+
+
+def _unlogged_monitor(cfg, trainer, monitor: str, target_part: str, unnamed: str, what: str) -> str:
+    """One line for a callback ``monitor`` the run does not log: the config key that set it (the callbacks entry
+    whose ``_target_`` contains ``target_part`` and monitors it; ``unnamed`` otherwise) and the metrics logged."""
     callbacks = cfg.get("callbacks") or {}
     key = next((f"callbacks.{name}.monitor" for name, node in callbacks.items()
-                if node is not None and "EarlyStopping" in str(node.get("_target_", ""))
-                and node.get("monitor") == monitor), "EarlyStopping's monitor")
-    logged = ", ".join(sorted(str(name) for name in trainer.callback_metrics)) or "none yet"
-    return (f"{key}={monitor!r} is not a metric this run logs, so early stopping has nothing to compare (logged at "
-            f"step {int(trainer.global_step)}: {logged}); monitor one of them")
+                if node is not None and target_part in str(node.get("_target_", ""))
+                and node.get("monitor") == monitor), unnamed)
+    logged = ", ".join(sorted(str(name) for name in trainer.callback_metrics if name not in ("epoch", "step")))
+    return (f"{key}={monitor!r} is not a metric this run logs, so {what} has nothing to compare (logged at step "
+            f"{int(trainer.global_step)}: {logged or 'none yet'}); monitor one of them")
 
 
 _CHECKPOINT_MISSING = re.compile(r"`ModelCheckpoint\(monitor='(?P<monitor>.*)'\)` could not find the monitored key")
@@ -1001,14 +1007,8 @@ def _checkpoint_monitor_error(error: BaseException, cfg, trainer) -> Optional[st
     match = _CHECKPOINT_MISSING.match(str(error)) if isinstance(error, MisconfigurationException) else None
     if match is None:
         return None
-    monitor = match.group("monitor")
-    callbacks = cfg.get("callbacks") or {}
-    key = next((f"callbacks.{name}.monitor" for name, node in callbacks.items()
-                if node is not None and "Checkpoint" in str(node.get("_target_", ""))
-                and node.get("monitor") == monitor), "the checkpoint callback's monitor")
-    logged = ", ".join(sorted(str(name) for name in trainer.callback_metrics if name not in ("epoch", "step")))
-    return (f"{key}={monitor!r} is not a metric this run logs, so the best checkpoint has nothing to compare "
-            f"(logged at step {int(trainer.global_step)}: {logged or 'none yet'}); monitor one of them")
+    return _unlogged_monitor(cfg, trainer, match.group("monitor"), "Checkpoint", "the checkpoint callback's monitor",
+                             "the best checkpoint")
 
 
 def _check_resumed_order_fits(ckpt: dict, datamodule, cfg) -> None:
