@@ -680,19 +680,21 @@ def _tidy_for_resume(run_dir: Path) -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def _instantiate_group(node, group: str = "callbacks") -> list:
+def _instantiate_group(node) -> list:
     """The objects of a callbacks / logger group. An entry without ``_target_`` (``+callbacks.early_stopping.monitor=
     val/loss`` alone, or a misspelt entry name) was skipped without a word, so the run trained without the callback
     the user had asked for: refused, naming the entry and what to add."""
     if node is None:
         return []
+    group = node._key() if hasattr(node, "_key") else "callbacks"  # an OmegaConf node knows its key: callbacks | logger
     objects = []
     for name, item in node.items():
         if item is None:  # an entry switched off (callbacks.progress=null)
             continue
         if not hasattr(item, "keys") or "_target_" not in item:
+            example = "loggers.CSVLogger" if group == "logger" else "callbacks.EarlyStopping"
             raise ValueError(f"{group}.{name} has no _target_, so nothing would be built from it: give the class too, "
-                             f"e.g. +{group}.{name}._target_=lightning.pytorch.callbacks.EarlyStopping "
+                             f"e.g. +{group}.{name}._target_=lightning.pytorch.{example} "
                              f"(or {group}.{name}=null to switch an entry off)")
         objects.append(_call_target(item))
     return objects
@@ -871,7 +873,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     validated = _validation_step_callback()
     callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir), validated]
     _check_best_checkpoint_can_exist(cfg, callbacks)
-    trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger"), "logger"))
+    trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
     if trainer.is_global_zero:
         _keep_previous_metrics(trainer.loggers)
         if cfg.get("ckpt_path"):
