@@ -1120,3 +1120,19 @@ def test_urls_are_refused_with_what_to_do_instead(tmp_path, monkeypatch):
                                          r"local Hugging Face cache; it is in your cache"):
         zoo.from_pretrained("https://huggingface.co/me/vit_digits")
     assert zoo.from_pretrained("hf-hub:me/vit_digits").num_classes == 10
+
+
+def test_other_url_schemes_are_named_and_local_paths_are_not():
+    """s3://, gs:// and file:// read as missing local files with their "//" collapsed ("file:/tmp/x does not exist");
+    file:// names the path to give instead. Local paths with ':' or '//' and hf-hub: ids are not URLs."""
+    for url, message in (("s3://bucket/w.safetensors", r"^pretrained=s3://bucket/w\.safetensors is a s3:// address, and "
+                                                       r"the zoo reads local files only"),
+                         ("gs://b/x.pth", r"^pretrained=gs://b/x\.pth is a gs:// address"),
+                         ("file:///tmp/w.safetensors", r"^pretrained=file:///tmp/w\.safetensors is a file:// URL: give "
+                                                       r"the local path itself, pretrained=/tmp/w\.safetensors$")):
+        with pytest.raises(ValueError, match=message):
+            hub.refuse_url(url, "pretrained")
+        with pytest.raises(ValueError, match=message):
+            zoo.create_model("vit_debug", pretrained=url)
+    for local in ("./a//b.safetensors", "C:/weights/w.pth", "hf-hub:timm/vit_tiny_patch16_224", "dir:with:colons"):
+        hub.refuse_url(local, "pretrained")  # not a URL: the loaders name what is wrong with it

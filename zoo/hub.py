@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -877,6 +878,10 @@ def _hub_model_repo_of_url(url: str) -> Optional[str]:
     return repo_id if _looks_like_repo_id(repo_id) else None
 
 
+# a URL's scheme (http://, s3://, file://, ...); hf-hub:<repo> has no "//" and Windows drives one letter only
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
 def refuse_url(value: Any, option: str, what: str = "the file", model: bool = False) -> None:
     """A one-line ValueError when ``value`` (given as ``option``=, e.g. ``input``, ``image``, ``ckpt``,
     ``model.pretrained``) is an http(s) URL: the zoo reads local files only and downloads nothing, so a URL was
@@ -884,9 +889,15 @@ def refuse_url(value: Any, option: str, what: str = "the file", model: bool = Fa
     download ``what`` and pass its path; for a Hugging Face model page (``model``: weights are expected), the
     ``hf-hub:<owner>/<name>`` form, which reads the local Hugging Face cache as timm's ``hf-hub:`` names do, and
     whether that cache holds it."""
-    if not isinstance(value, str) or not value.strip().lower().startswith(("http://", "https://")):
+    if not isinstance(value, str) or _URL_SCHEME.match(value.strip()) is None:
         return
     url = value.strip()
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "file":  # a local file written as a URL: Path() read file:///tmp/x as the relative "file:/tmp/x"
+        raise ValueError(f"{option}={url} is a file:// URL: give the local path itself, {option}={url[len('file://'):]}")
+    if scheme not in ("http", "https"):  # s3://, gs://, ...: remote storage, which the zoo does not read either
+        raise ValueError(f"{option}={url} is a {scheme}:// address, and the zoo reads local files only (nothing is "
+                         f"downloaded): copy {what} to this machine and pass its path, {option}=<local path>")
     repo_id = _hub_model_repo_of_url(url) if model else None
     if repo_id is None:
         raise ValueError(f"{option}={url} is a URL, and the zoo reads local files only (nothing is downloaded): "
