@@ -872,6 +872,31 @@ def test_ogb_keeps_which_nodes_are_unlabelled_out_of_the_training_batch(tmp_path
     assert sorted(batch) == ["edge_index", "test_mask", "train_mask", "val_mask", "x", "y"]
 
 
+def test_viz_graph_draws_unlabelled_ogb_nodes_white_not_as_class_0(tmp_path, monkeypatch):
+    """zoo viz graph coloured an OGB node with a NaN / -1 label as class 0 (y holds 0 there), so a picture showed it
+    as labelled. It is drawn white; the labelled nodes keep their class colours."""
+    import matplotlib
+
+    from zoo.tasks.graph import viz
+
+    _write_ogb(tmp_path / "ogbn_toy", labels=("0", "-1", "1", "1"))
+    drawn = {}
+    networkx = pytest.importorskip("networkx")
+    real_draw_nodes = networkx.draw_networkx_nodes
+
+    def record_nodes(G, pos, **kwargs):
+        drawn.update(zip(G.nodes(), kwargs["node_color"]))
+        return real_draw_nodes(G, pos, **kwargs)
+
+    monkeypatch.setattr(networkx, "draw_networkx_nodes", record_nodes)
+    with pytest.warns(UserWarning, match="no label"):
+        assert viz.main(["data=ogb:ogbn-toy", f"root={tmp_path}", "node=0", "epochs=0", "heads=1",
+                         f"out={tmp_path / 'att.png'}"]) == 0
+    assert sorted(drawn) == [0, 1, 2, 3]  # node 0, its in-neighbours 1 and 3, and 2 of their context edges
+    tab10 = matplotlib.colormaps["tab10"]
+    assert drawn[1] == "white" and drawn[0] == tab10(0) and drawn[2] == drawn[3] == tab10(1)
+
+
 def test_loading_saved_graphs_keeps_pygs_own_safe_globals(tmp_path):
     """torch.serialization.safe_globals removes, on exit, every class it was given: loading a data.path list (or a
     zoo predict file) dropped PyG's own registration of Data, after which PyG loaded a Planetoid cache's data.pt

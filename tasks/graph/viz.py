@@ -51,7 +51,8 @@ def draw_neighbourhood(edge_index: torch.Tensor, alpha: torch.Tensor, node: int,
                        names: Optional[dict] = None) -> str:
     """Write a PNG: one panel per head, edge width ~ attention of ``node`` to each in-neighbour.
 
-    ``labels``: a class per node (node colours); ``names``: node -> text drawn on it (default: the node id).
+    ``labels``: a class per node (node colours; a negative label, an unlabelled node, is drawn white);
+    ``names``: node -> text drawn on it (default: the node id).
     """
     import networkx as nx
 
@@ -74,7 +75,7 @@ def draw_neighbourhood(edge_index: torch.Tensor, alpha: torch.Tensor, node: int,
     colours = None
     if labels is not None:
         cmap = plt.get_cmap("tab10")
-        colours = [cmap(int(labels[v]) % 10) for v in G.nodes()]
+        colours = [cmap(int(labels[v]) % 10) if int(labels[v]) >= 0 else "white" for v in G.nodes()]
     for h in range(heads):
         ax = axes[0, h]
         nx.draw_networkx_edges(G, pos, ax=ax, edge_color="#cccccc", width=0.6, arrows=False)
@@ -325,7 +326,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     edge_index, alpha = attn[layer]
     acc = (logits.argmax(-1) == data["y"])[data["test_mask"]].float().mean().item()
     title = f"{data['name']}: node {node}, layer {layer} (test acc {acc:.2f})"
-    path = draw_neighbourhood(edge_index, alpha, node, opts["out"], labels=data["y"], title=title)
+    labels = data["y"]
+    if "labelled_mask" in data:  # OGB: y holds 0 for an unlabelled node; drawn as class 0 it would look labelled
+        labels = labels.masked_fill(~data["labelled_mask"], -1)
+    path = draw_neighbourhood(edge_index, alpha, node, opts["out"], labels=labels, title=title)
     print(f"wrote {path}")
     return 0
 
