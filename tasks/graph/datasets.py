@@ -555,12 +555,26 @@ def _split_schemes(split_root: str) -> list[str]:
                   if not e.startswith(".") and os.path.isdir(os.path.join(split_root, e)))
 
 
-def _ogb_labels(path: str, values: Tensor) -> tuple[Tensor, Tensor]:
-    """(labels as int64, labelled mask) of node-label.csv.gz: integers >= 0, NaN or -1 for an unlabelled node.
-    A fractional or other negative value (a regression target, a wrong column) is refused, not truncated."""
+def _unlabelled_and_not_integral(values: Tensor) -> tuple[Tensor, Tensor]:
+    """The one rule for class labels read from files (OGB's node-label.csv.gz, zoo predict's node and graph files):
+    NaN or -1 marks an unlabelled item. Returns (unlabelled mask, the labelled values that are not integers:
+    infinite or fractional, in order); what else counts as bad (other negatives, classes the model lacks) is the
+    caller's to say."""
+    values = values.view(-1)
+    if not values.is_floating_point():  # integer labels: only -1 can be unlabelled, nothing is fractional
+        return values == -1, values[:0]
     unlabelled = torch.isnan(values) | (values == -1)
     known = values[~unlabelled]
-    bad = known[~torch.isfinite(known) | (known != known.round()) | (known < 0)]
+    return unlabelled, known[~torch.isfinite(known) | (known != known.round())]
+
+
+def _ogb_labels(path: str, values: Tensor) -> tuple[Tensor, Tensor]:
+    """(labels as int64, labelled mask) of node-label.csv.gz: integers >= 0, NaN or -1 for an unlabelled node
+    (_unlabelled_and_not_integral). A fractional or other negative value (a regression target, a wrong column) is
+    refused, not truncated."""
+    unlabelled, fractional = _unlabelled_and_not_integral(values)
+    known = values[~unlabelled]
+    bad = fractional if fractional.numel() else known[known < 0]
     if bad.numel():
         raise ValueError(f"{path}: label {bad[0].item():g} is not a class index (labels are integers >= 0; "
                          "NaN or -1 marks an unlabelled node)")

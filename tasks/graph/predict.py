@@ -32,7 +32,6 @@ data has one.
 """
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import re
@@ -269,11 +268,11 @@ def _node_labels(y, n: int, classes: Optional[int], where: str) -> list[Optional
     if tuple(y.shape) not in ((n,), (n, 1)):
         raise ValueError(f"{where}: y has shape {tuple(y.shape)} but x has {n} nodes: give y [{n}], one class index "
                          f"per node (-1 for an unlabelled node), or leave y out")
+    from zoo.tasks.graph.datasets import _unlabelled_and_not_integral
+
     values = y.view(-1)
     if y.is_floating_point():
-        unlabelled = torch.isnan(values) | (values == -1)
-        known = values[~unlabelled]
-        fractional = known[~torch.isfinite(known) | (known != known.round())]
+        unlabelled, fractional = _unlabelled_and_not_integral(values)
         if fractional.numel():
             raise ValueError(f"{where}: y holds {fractional[0].item():g}, which is not a class index: give y as "
                              f"integer class indices, one per node (-1 or NaN for an unlabelled node), or leave y out")
@@ -400,15 +399,17 @@ def _trained_node_features(data_info: Optional[dict], datamodule: Callable[[], A
 def _graph_label(y, where: str) -> Optional[int]:
     """A graph file's ``y`` as its class, None when it has none: y left out, or -1 / NaN (unlabelled, as for the
     nodes of a node file). Anything but one integral value >= 0 is refused, naming the input."""
+    from zoo.tasks.graph.datasets import _unlabelled_and_not_integral
+
     if y is None:
         return None
     value = y.view(-1) if isinstance(y, Tensor) else torch.tensor([y]) if isinstance(y, (int, float)) else None
     if value is not None and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
-        number = float(value)
-        if math.isnan(number) or number == -1:
+        unlabelled, not_integral = _unlabelled_and_not_integral(value)  # the rule of node labels (OGB's)
+        if bool(unlabelled):
             return None
-        if number >= 0 and number == round(number) and math.isfinite(number):
-            return int(number)
+        if not not_integral.numel() and value.item() >= 0:
+            return int(value.item())
     shown = y if not isinstance(y, Tensor) or y.numel() < 5 else f"a tensor of shape {tuple(y.shape)}"
     raise ValueError(f"{where}: y must be one class index >= 0 per graph (graph classification), got {shown}: give "
                      f"the graph's class, -1 or NaN for an unlabelled graph, or leave y out")
