@@ -282,6 +282,25 @@ def test_other_sizes_match_reference_with_resized_tables(size):
         assert torch.allclose(ours(x), expected, atol=1e-5, rtol=0)  # second call: cached biases
 
 
+def test_float64_model_resizes_its_position_embedding_in_float64():
+    """resize_pos_embed ran F.interpolate in float32 for a float64 model too: its logits at another size were
+    ~1e-8 off the float64 reference (a gradcheck-level comparison sees that). fp32 stays fp32."""
+    torch.manual_seed(3)
+    ref, ours = _pair_models(**SMALL)
+    ref, ours = ref.double(), ours.double()
+    x = torch.randn(2, 3, 68, 36, dtype=torch.float64)  # grid 17 x 9 from 8 x 8
+    grid = (17, 9)
+    grid_pos = ref.pos_embed[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    grid_pos = F.interpolate(grid_pos, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    resized = agent_deit.resize_pos_embed(ref.pos_embed, grid, (8, 8))
+    assert resized.dtype == torch.float64 and torch.equal(resized[:, 1:], grid_pos)
+    with torch.no_grad():
+        expected = ref(x, grid=grid, pos_embed=torch.cat([ref.pos_embed[:, :1], grid_pos], dim=1))
+        assert (ours(x) - expected).abs().max() < 1e-12
+    half = agent_deit.resize_pos_embed(ref.pos_embed.half(), grid, (8, 8))
+    assert half.dtype == torch.float16
+
+
 def test_unpadded_odd_size_150x100():
     torch.manual_seed(4)
     model = zoo.create_model("agent_deit_debug").eval()
@@ -541,6 +560,10 @@ def test_bad_inputs_raise_clear_errors():
         zoo.create_model("agent_deit_debug", agent_num=[16, 16, 15, 16])
     with pytest.raises(ValueError, match="num_classes"):
         model.reset_classifier(-1)
+    for agent_layer in (-5, -100, True, 3):  # -5 was every block, as -1 (depth 2 here)
+        with pytest.raises(ValueError, match=r"^agent_layer must be an int in \[1, depth=2\], or -1 / 0 for every "
+                                             rf"block, got {agent_layer!r}$"):
+            zoo.create_model("agent_deit_debug", agent_layer=agent_layer)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -219,3 +219,22 @@ def test_indices_out_of_network_order_are_refused():
         assert [m.shape[1] for m in backbone(torch.randn(1, 3, 64, 64))] == backbone.feature_info.channels()
     with pytest.raises(IndexError, match="tap 9 is out of range"):
         backbone.feature_info.channels(9)
+
+
+@pytest.mark.parametrize("name", ["vit_debug", "agent_deit_debug", "maxvit_debug"])
+def test_backbone_flags_refuse_strings(name):
+    """forward_intermediates and prune_intermediate_layers took any truthy object for True: prune_head="no" (a
+    config value) dropped the trained head, stop_early="no" stopped early. Like forward_head(pre_logits=) they
+    take True / False (or 0 / 1) and name the flag otherwise; the model is left as it was."""
+    model = zoo.create_model(name).eval()
+    image = torch.randn(1, model.in_chans, *model.pretrained_cfg["input_size"][1:])
+    flags = ["norm", "stop_early", "intermediates_only"] + (["return_prefix_tokens"] if "maxvit" not in name else [])
+    for flag in flags:
+        with pytest.raises(TypeError, match=rf"^forward_intermediates: {flag} must be True or False, got 'no'$"):
+            model.forward_intermediates(image, indices=1, **{flag: "no"})
+    assert len(model.forward_intermediates(image, indices=1, stop_early=1, intermediates_only=np.bool_(True))) == 1
+    classes = model.num_classes
+    for flag in ("prune_norm", "prune_head"):
+        with pytest.raises(TypeError, match=rf"^prune_intermediate_layers: {flag} must be True or False, got 'no'$"):
+            model.prune_intermediate_layers(indices=1, **{flag: "no"})
+        assert model.num_classes == classes and model(image).shape == (1, classes)

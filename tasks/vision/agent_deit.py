@@ -76,7 +76,9 @@ def resize_pos_embed(pos_embed_1NC: torch.Tensor, new_grid: Sequence[int], old_g
         return pos_embed_1NC
     dim = pos_embed_1NC.shape[-1]
     grid_1CGG = pos_embed_1NC[:, num_prefix_tokens:].reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
-    grid_1CGG = F.interpolate(grid_1CGG.float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
+    # in fp32 as timm.layers.resample_abs_pos_embed runs it (fp16 / bf16 weights too); a float64 model in float64
+    work_dtype = torch.float64 if pos_embed_1NC.dtype == torch.float64 else torch.float32
+    grid_1CGG = F.interpolate(grid_1CGG.to(work_dtype), size=(new_h, new_w), mode="bilinear", align_corners=False)
     grid_1LC = grid_1CGG.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed_1NC.dtype)
     return torch.cat((pos_embed_1NC[:, :num_prefix_tokens], grid_1LC), dim=1)
 
@@ -187,8 +189,10 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         agents = [agent_num] * 4 if isinstance(agent_num, int) else list(agent_num)
         if len(agents) != 4 or not all(isinstance(a, int) and a > 0 and math.isqrt(a) ** 2 == a for a in agents):
             raise ValueError(f"agent_num must be a square number or a list of 4 of them, got {agent_num!r}")
-        if not isinstance(agent_layer, int) or agent_layer > depth:
-            raise ValueError(f"agent_layer must be an int <= depth ({depth}), got {agent_layer!r}")
+        if not isinstance(agent_layer, int) or isinstance(agent_layer, bool) or not -1 <= agent_layer <= depth:
+            # (-4 is not "all but the last 4": only -1 and 0 mean every block, as in the official code)
+            raise ValueError(f"agent_layer must be an int in [1, depth={depth}], or -1 / 0 for every block, "
+                             f"got {agent_layer!r}")
         check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
         check_mlp_ratio(mlp_ratio, embed_dim)
         size = to_pair(img_size, "img_size")
@@ -355,7 +359,7 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
                                   prune_head: bool = True) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the final norm / the head), timm's method.
         Returns the absolute indices kept; save_pretrained records the pruned shape."""
-        take, last = self._keep_blocks(indices, prune_norm)
+        take, last = self._keep_blocks(indices, prune_norm, prune_head)
         self.agent_layer = min(self.agent_layer, last + 1)
         if prune_head:
             self.reset_classifier(0)

@@ -697,6 +697,8 @@ class MaxVit(nn.Module):
         head's norm / pre-logits go too (they are sized for the last stage); a pruned head also drops the pooling
         (global_pool='': forward returns the last map, as timm's). Returns the absolute indices
         kept; save_pretrained records the pruned shape. At least one stage is kept."""
+        prune_norm = check_flag(prune_norm, "prune_intermediate_layers: prune_norm")
+        prune_head = check_flag(prune_head, "prune_intermediate_layers: prune_head")  # "no" dropped the head
         take, last = feature_take_indices(len(self.stages) + 1, indices)
         if last == 0:
             raise ValueError("prune_intermediate_layers keeps at least one stage (index >= 1); for the stem alone "
@@ -796,6 +798,9 @@ class MaxVit(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        norm = check_flag(norm, "forward_intermediates: norm")
+        stop_early = check_flag(stop_early, "forward_intermediates: stop_early")
+        intermediates_only = check_flag(intermediates_only, "forward_intermediates: intermediates_only")
         take, last = feature_take_indices(len(self.stages) + 1, indices)
         self._check_image(x_BCHW)
         outs = []

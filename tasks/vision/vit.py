@@ -239,6 +239,10 @@ class TokenFeaturesMixin:
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        return_prefix_tokens = check_flag(return_prefix_tokens, "forward_intermediates: return_prefix_tokens")
+        norm = check_flag(norm, "forward_intermediates: norm")
+        stop_early = check_flag(stop_early, "forward_intermediates: stop_early")
+        intermediates_only = check_flag(intermediates_only, "forward_intermediates: intermediates_only")
         take, last = feature_take_indices(len(self.blocks), indices)
         x_BNC, (gh, gw) = self._tokens(x_BCHW)
         blocks = self.blocks[: last + 1] if stop_early else self.blocks
@@ -283,9 +287,12 @@ class TokenFeaturesMixin:
         ph, pw = patch_size
         return [dict(module=f"blocks.{i}", num_chs=dim, reduction=ph if ph == pw else (ph, pw)) for i in range(depth)]
 
-    def _keep_blocks(self, indices, prune_norm: bool) -> tuple[list[int], int]:
+    def _keep_blocks(self, indices, prune_norm: bool, prune_head: bool) -> tuple[list[int], int]:
         """The shared part of ``prune_intermediate_layers``: blocks (and feature_info) after the last of
-        ``indices`` dropped, the final norm too with ``prune_norm``; returns (taken indices, last)."""
+        ``indices`` dropped, the final norm too with ``prune_norm``; returns (taken indices, last). Both flags
+        are checked first (a truthy string such as "no" dropped the trained head)."""
+        prune_norm = check_flag(prune_norm, "prune_intermediate_layers: prune_norm")
+        check_flag(prune_head, "prune_intermediate_layers: prune_head")
         take, last = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: last + 1]
         self.feature_info = self.feature_info[: last + 1]
@@ -581,7 +588,7 @@ class VisionTransformer(TokenFeaturesMixin, nn.Module):
         """Drop the blocks after the last of ``indices`` (and the final norm / the head), timm's method.
         Returns the absolute indices kept for :meth:`forward_intermediates`. save_pretrained records the
         pruned shape (zoo.registry.note_model_args)."""
-        take, last = self._keep_blocks(indices, prune_norm)
+        take, last = self._keep_blocks(indices, prune_norm, prune_head)
         if prune_head:
             self.fc_norm = nn.Identity()
             self.reset_classifier(0, "")
