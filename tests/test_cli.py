@@ -1013,6 +1013,59 @@ def test_sigterm_exits_143_and_says_how_to_resume(tmp_path, capsys, sigterm_in_f
             f"with ckpt_path={last}") in capsys.readouterr().err.splitlines()
 
 
+def test_sigterm_line_is_printed_by_global_rank_zero_only(tmp_path, capsys, sigterm_in_first_epoch, monkeypatch):
+    """Under DDP every process gets the SIGTERM and each printed the "terminated ... resume with" line (N lines for
+    trainer.devices=N, audit 2026-12-07); as the Ctrl-C note and the summary, only global rank 0 prints it. The other
+    ranks still exit 143."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from zoo.train import run as run_module
+
+    real_train = run_module.train
+
+    def as_rank_one(cfg):
+        try:
+            return real_train(cfg)
+        finally:  # what Lightning's DDP set-up does in a process of global rank 1
+            monkeypatch.setattr(rank_zero_only, "rank", 1)
+
+    monkeypatch.setattr(run_module, "train", as_rank_one)
+    code = cli.main(["train", "experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1",
+                     "test=false", "export=false", "+trainer.enable_progress_bar=false", "trainer.max_epochs=3",
+                     f"run_dir={tmp_path / 'run'}"])
+    assert code == 143 and "terminated (SIGTERM)" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["ddp_fork", "ddp_spawn", "ddp_notebook"])
+def test_multiprocessing_launchers_are_refused_before_the_run_starts(tmp_path, strategy):
+    """ddp_fork trained in child processes, after which this process read global_step 0: "no training step ran",
+    no released/, the CSV log started afresh, exit 0; ddp_spawn failed pickling zoo train's callbacks (audit
+    2026-12-07). Refused in one line naming trainer=ddp_cpu, before any file of the run is written."""
+    cfg = run.compose(["experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1",
+                       "trainer.accelerator=cpu", "trainer.devices=2", f"+trainer.strategy={strategy}",
+                       f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=rf"^trainer\.strategy={strategy} trains in 2 processes started by "
+                                         r"multiprocessing \((fork|spawn)\), which zoo train does not support .*use "
+                                         r"trainer=ddp_cpu \(CPU\) or trainer=ddp \(GPUs\)"):
+        run.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_full_batch_node_classification_is_refused_under_ddp(tmp_path):
+    """Every process got the whole graph and ran the same full-graph step: twice the compute, and with dropout
+    another result than one process (karate after 20 epochs: test accuracy 0.60 vs 0.20, audit 2026-12-07). Refused
+    before any process starts; sampled mini-batches, which DDP splits, are not."""
+    common = ["experiment=graph_karate", "callbacks=minimal", "logger=none", "num_threads=1", "trainer=ddp_cpu"]
+    with pytest.raises(ValueError, match=r"^full-batch node classification \(data\.batch_size=null\) does not "
+                                         r"split across 2 processes: .*trainer\.devices=1.*data\.batch_size="):
+        run.train(run.compose([*common, f"run_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run").exists()
+    from zoo.tasks.graph.datasets import NodeDataModule
+
+    NodeDataModule("karate", batch_size=4, num_neighbors=[2]).check_processes(2)  # sampled: no error
+    NodeDataModule("karate").check_processes(1)
+
+
 def test_urls_are_named_as_urls_not_as_missing_files(tmp_path, capsys, monkeypatch):
     """input=, ckpt=, image=, model.pretrained= and ckpt_path= given a URL said "input https:/example.com/cat.png
     does not exist" (Path collapsed the "//"); each now says the zoo downloads nothing and what to do instead, and a

@@ -407,7 +407,7 @@ def _as_an_old_checkpoint(last: Path, *dropped_data_keys: str) -> None:
     the batches done only (and its stored zoo_config's data section lacks ``dropped_data_keys``)."""
     ckpt = torch.load(last, weights_only=False)
     state = ckpt["DigitsDataModule"]["training_order"]
-    assert state == {"epoch": 0, "batches_done": _CUT, "samples_done": _CUT * 64, "seed": 0}
+    assert state == {"epoch": 0, "batches_done": _CUT, "samples_done": _CUT * 64, "seed": 0, "world_size": 1}
     ckpt["DigitsDataModule"]["training_order"] = {"epoch": 0, "batches_done": _CUT}
     for key in dropped_data_keys:
         del ckpt["hyper_parameters"]["zoo_config"]["data"][key]
@@ -698,3 +698,38 @@ def test_a_non_integer_save_top_k_is_refused_before_training(tmp_path):
         with pytest.raises(ValueError, match=r"^callbacks\.best_checkpoint\.save_top_k must be an integer >= -1"):
             run.train(_karate(tmp_path, f"bad{bad}", f"callbacks.best_checkpoint.save_top_k={bad}"))
         assert not (tmp_path / f"bad{bad}" / "checkpoints").exists()
+
+
+def _with_world_size(last: Path, world_size: int) -> None:
+    """The checkpoint as a run of ``world_size`` processes would have written it (DDP itself is not needed to
+    check the refusal, which comes before any process starts)."""
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["DigitsDataModule"]["training_order"]["world_size"] = world_size
+    torch.save(ckpt, last)
+
+
+def test_a_mid_epoch_resume_with_another_process_count_is_refused(tmp_path, cut_run, capsys):
+    """samples_done counts one process's share of the epoch: a run of 2 processes cut mid-epoch and resumed in one
+    trained 320 samples twice, 1 -> 2 never trained 205 (audit 2026-12-07). Another process count is refused in the
+    middle of an epoch, before the run's files are rewritten; at an epoch's end it resumes with a note that the
+    schedule is recomputed (an epoch has another number of steps)."""
+    cut_dir, _, _ = cut_run
+    state = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=True)["DigitsDataModule"]
+    assert state["training_order"]["world_size"] == 1  # recorded by every checkpoint
+    shutil.copytree(cut_dir, tmp_path / "two")
+    _with_world_size(tmp_path / "two" / "checkpoints" / "last.ckpt", 2)
+    with pytest.raises(ValueError, match=r"^cannot resume in the middle of epoch 0 with 1 process: the checkpoint's "
+                                         r"run trained it with 2, each counting the samples of its own share of the "
+                                         r"epoch; resume with 2 \(trainer\.devices x trainer\.num_nodes\), or from a "
+                                         r"checkpoint written at an epoch's end$"):
+        run.train(_vit(tmp_path, "two", *_EPOCH, "+trainer.max_steps=1000",
+                       f"ckpt_path={tmp_path / 'two' / 'checkpoints' / 'last.ckpt'}"))
+    assert (tmp_path / "two" / "config.yaml").read_text() == (cut_dir / "config.yaml").read_text()
+    # at an epoch's end: resumed, with the note
+    ended = run.train(_vit(tmp_path, "ended", *_EPOCH, "trainer.max_epochs=1"))
+    _with_world_size(Path(ended["last_ckpt"]), 2)
+    capsys.readouterr()
+    run.train(_vit(tmp_path, "ended", *_EPOCH, "trainer.max_epochs=2", f"ckpt_path={ended['last_ckpt']}"))
+    assert ("zoo train: resuming with 1 process (the run used 2): an epoch has another number of steps, so the "
+            "learning-rate schedule is recomputed for this run and from the restored step follows the new one"
+            in capsys.readouterr().err.splitlines())

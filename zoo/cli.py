@@ -192,7 +192,11 @@ def _cmd_train(argv: list[str]) -> int:
         last = run._last_checkpoint(run_dir)
         where = (f"resume from its last checkpoint with ckpt_path={last}" if last.is_file()
                  else "no checkpoint had been written yet")
-        print(f"zoo train: terminated (SIGTERM) during the run in {run_dir}; {where}", file=sys.stderr, flush=True)
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) == 0:  # under DDP every process gets the signal: one line, not one each
+            print(f"zoo train: terminated (SIGTERM) during the run in {run_dir}; {where}", file=sys.stderr,
+                  flush=True)
         return _SIGTERM_EXIT
     if result.get("global_zero", True):  # in DDP only global rank 0 prints the summary
         _print_summary(result)

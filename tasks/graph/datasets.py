@@ -1165,6 +1165,17 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
         self.data: Optional[dict] = None
         self._neighbor_sampler = None
 
+    def check_processes(self, world_size: int) -> None:
+        """Full-batch training (``batch_size=None``) under DDP: every process would get the whole graph and run the
+        same full-graph step, twice the compute for no speed-up, and with dropout a result other than one process's
+        (the gradient averaged over each process's dropout mask; audit 2026-12-07). Refused by zoo train before
+        the run's files are written; sampled mini-batches split the training seeds across the processes."""
+        if self.batch_size is None and world_size > 1:
+            raise ValueError(f"full-batch node classification (data.batch_size=null) does not split across "
+                             f"{world_size} processes: each would run the same whole-graph step; train on one "
+                             f"device (trainer.devices=1), or sample mini-batches (data.batch_size=<seeds per batch> "
+                             f"data.num_neighbors=[...]), which DDP splits")
+
     def data_depends_on_order_seed(self) -> bool:
         """data.seed generates sbm and draws the random split of sbm and networkx graphs (random_split_masks);
         karate, Planetoid and OGB come with their own split and take only the training order from it

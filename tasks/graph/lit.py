@@ -28,7 +28,8 @@ Under DDP (``trainer=ddp_cpu``, ``trainer=ddp``) they are the whole split's, as 
 mini-batch metrics are torchmetrics ``MeanMetric`` sums reduced over the processes at the epoch's end, each graph
 scored on one process (``zoo.tasks.graph.datasets.evaluation_sampler``); node classification gives every process
 the whole graph, so its evaluation metrics are equal on all processes (its sampled training batches are shared out,
-their means reduced as the graph mini-batches').
+their means reduced as the graph mini-batches'; full-batch training is refused on several processes, each would run
+the same step: NodeDataModule.check_processes).
 ``stop_at_acc`` stops training once val/acc1 reaches it (the DictionaryLookup paper stops at 100%); the
 sanity-check validation Lightning runs before training does not count. ``trainer.max_epochs=-1`` is refused
 unless ``stop_at_acc``, ``trainer.max_steps``, ``trainer.max_time`` or an EarlyStopping callback ends the run

@@ -148,7 +148,9 @@ class ResumableTrainingOrder:
         # within an epoch (ready > processed), the run continues it after the batches it has processed
         within = epochs.ready > epochs.processed
         epoch, done = int(epochs.processed), int(fit_loop.epoch_loop.batch_progress.current.processed if within else 0)
-        order: dict[str, Any] = {"epoch": epoch, "batches_done": done}
+        # world_size: the processes sharing the epoch; samples_done counts one process's share (zoo.train.run.
+        # _check_resumed_processes refuses another count mid-epoch)
+        order: dict[str, Any] = {"epoch": epoch, "batches_done": done, "world_size": int(trainer.world_size)}
         if self._training_batch_size is not None:
             started = self._started_at
             if started is not None and started[0] == epoch and within:  # the batches since the resume: this size

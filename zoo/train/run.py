@@ -781,6 +781,48 @@ def _validation_step_callback():
     return ValidationStep()
 
 
+def _check_launcher(trainer, cfg) -> None:
+    """Multi-process training runs with Lightning's script launcher (strategy=ddp: trainer=ddp_cpu / trainer=ddp), whose
+    process 0 is this one and trains as a rank. The multiprocessing launchers (ddp_spawn, ddp_fork, ddp_notebook;
+    Lightning picks ddp_fork itself for devices > 1 in a notebook) train in child processes: this process keeps
+    global_step 0 after fit, and zoo train then reported "no training step ran", wrote no released/ and started
+    the CSV log afresh (ddp_fork, audit 2026-12-07), or failed pickling its callbacks (ddp_spawn). Refused before
+    the run's files are touched."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _MultiProcessingLauncher):
+        chosen = cfg.trainer.get("strategy") or "auto"
+        raise ValueError(f"trainer.strategy={chosen} trains in {trainer.world_size} processes started by "
+                         f"multiprocessing ({launcher._start_method}), which zoo train does not support (it reads "
+                         f"the run's progress in this process); use trainer=ddp_cpu (CPU) or trainer=ddp (GPUs), "
+                         f"whose strategy=ddp launches the processes as scripts, from a shell; in a notebook, train "
+                         f"on one device (trainer.devices=1)")
+
+
+def _check_resumed_processes(order: Optional[dict], world_size: int) -> None:
+    """A resume with another number of processes (trainer.devices x trainer.num_nodes): the checkpoint's position in
+    an epoch counts the samples each process trained, in its share of the epoch's order, and the shares change with
+    the process count (2 -> 1 trained 320 samples twice, 1 -> 2 never trained 205, audit 2026-12-07): refused in
+    the middle of an epoch. At an epoch's end it is exact; an epoch then has another number of steps, so the
+    learning-rate schedule is recomputed, and a note says so. Checkpoints from before the count was stored are
+    not checked."""
+    if not isinstance(order, dict) or order.get("world_size") is None:
+        return
+    before = int(order["world_size"])
+    if before == world_size:
+        return
+    processes = f"{world_size} process{'es' if world_size != 1 else ''}"
+    if int(order.get("batches_done") or 0):
+        raise ValueError(f"cannot resume in the middle of epoch {int(order['epoch'])} with {processes}: the "
+                         f"checkpoint's run trained it with {before}, each counting the samples of its own share of "
+                         f"the epoch; resume with {before} (trainer.devices x trainer.num_nodes), or from a checkpoint "
+                         f"written at an epoch's end")
+    print(f"zoo train: resuming with {processes} (the run used {before}): an epoch has another number of "
+          f"steps, so the learning-rate schedule is recomputed for this run and from the restored step follows the "
+          f"new one", file=sys.stderr)
+
+
 def _validates(cfg) -> bool:
     """Whether the run has validation batches (``trainer.limit_val_batches`` not 0)."""
     limit = cfg.trainer.get("limit_val_batches", 1.0)
@@ -864,16 +906,21 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(threads)
     pl.seed_everything(seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
-    resumed_at_step = None
+    resumed_at_step, resumed_order = None, None
     if resume is not None:
         _check_resume_fits(resume, module, cfg)
         _check_resumed_order_fits(resume[1], datamodule, cfg)
         resumed_at_step = resume[1].get("global_step")
+        resumed_order = (resume[1].get(type(datamodule).__qualname__) or {}).get("training_order")
         del resume  # Lightning reads the file again in fit(): do not hold two copies
     validated = _validation_step_callback()
     callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir), validated]
     _check_best_checkpoint_can_exist(cfg, callbacks)
     trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
+    _check_launcher(trainer, cfg)
+    if callable(getattr(datamodule, "check_processes", None)):  # e.g. full-batch node data: one process only
+        datamodule.check_processes(int(trainer.world_size))
+    _check_resumed_processes(resumed_order, int(trainer.world_size))
     if trainer.is_global_zero:
         _keep_previous_metrics(trainer.loggers)
         if cfg.get("ckpt_path"):
