@@ -800,7 +800,7 @@ def _check_launcher(trainer, cfg) -> None:
                          f"on one device (trainer.devices=1)")
 
 
-def _check_resumed_processes(order: Optional[dict], world_size: int) -> None:
+def _check_resumed_processes(order: Optional[dict], world_size: int, global_zero: bool = True) -> None:
     """A resume with another number of processes (trainer.devices x trainer.num_nodes): the checkpoint's position in
     an epoch counts the samples each process trained, in its share of the epoch's order, and the shares change with
     the process count (2 -> 1 trained 320 samples twice, 1 -> 2 never trained 205, audit 2026-12-07): refused in
@@ -818,9 +818,10 @@ def _check_resumed_processes(order: Optional[dict], world_size: int) -> None:
                          f"checkpoint's run trained it with {before}, each counting the samples of its own share of "
                          f"the epoch; resume with {before} (trainer.devices x trainer.num_nodes), or from a checkpoint "
                          f"written at an epoch's end")
-    print(f"zoo train: resuming with {processes} (the run used {before}): an epoch has another number of "
-          f"steps, so the learning-rate schedule is recomputed for this run and from the restored step follows the "
-          f"new one", file=sys.stderr)
+    if global_zero:  # (every process of a DDP run gets here)
+        print(f"zoo train: resuming with {processes} (the run used {before}): an epoch has another number of "
+              f"steps, so the learning-rate schedule is recomputed for this run and from the restored step follows "
+              f"the new one", file=sys.stderr)
 
 
 def _validates(cfg) -> bool:
@@ -920,7 +921,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
     _check_launcher(trainer, cfg)
     if callable(getattr(datamodule, "check_processes", None)):  # e.g. full-batch node data: one process only
         datamodule.check_processes(int(trainer.world_size))
-    _check_resumed_processes(resumed_order, int(trainer.world_size))
+    _check_resumed_processes(resumed_order, int(trainer.world_size), bool(trainer.is_global_zero))
     if trainer.is_global_zero:
         _keep_previous_metrics(trainer.loggers)
         if cfg.get("ckpt_path"):
