@@ -44,7 +44,8 @@ Caveats:
 * fp32 / fp16 (and bf16 on GPU) inputs; math in fp32; dxs is accumulated with fp32 atomics, so its
   summation order (and the last bits) vary between runs on a GPU.
 * Under TRITON_INTERPRET=1 (CPU tensors, CI) bf16 is refused (the interpreter computes it wrongly),
-  and one autotune config is used. Out-of-bounds reads are silent in the interpreter: the launcher
+  and one autotune config is used (on a GPU too with ZOO_TRITON_SINGLE_CONFIG=1). Launches run under
+  ``torch.cuda.device`` of the inputs (kernels/_compile.py, ``on_device_of``). Out-of-bounds reads are silent in the interpreter: the launcher
   checks every index bound first.
 * C <= 256 and edge_dim <= 64 (an unrolled loop).
 * The backward computes every score twice (its two passes) and reads xs twice: the price of the
@@ -65,18 +66,24 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo.kernels._compile import on_device_of, single_config_requested
 from zoo.layers import refuse_double_backward
 
 __all__ = ["gatv2_edge_softmax", "gatv2_edge_softmax_ref", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# One autotune config: under the interpreter (it cannot benchmark), and on a GPU with ZOO_TRITON_SINGLE_CONFIG=1
+# (correctness runs: tests/run_gpu_kernels.sh). Read at import, when the autotuners are built.
+SINGLE_CONFIG = INTERPRET or single_config_requested()
 
 
 # ----------------------------------------------------------------------------------------------------
 # Autotune configs
 # ----------------------------------------------------------------------------------------------------
-def _configs() -> list:
-    if INTERPRET:
+def _configs(single: Optional[bool] = None) -> list:
+    """The autotune configs of both kernels: the tuned list, or its one (BLOCK_N 4, BLOCK_E 16, 4 warps) config when
+    ``single`` (default :data:`SINGLE_CONFIG`)."""
+    if SINGLE_CONFIG if single is None else single:
         return [triton.Config({"BLOCK_N": 4, "BLOCK_E": 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_E": be}, num_warps=w, num_stages=1)
@@ -339,13 +346,14 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
         dummy = att
         kscale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
         if Nd:
-            _gatv2_fwd_kernel[_grid(Nd, H)](
-                xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
-                csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
-                out, row_max, log_sum, s, Nd, float(slope), float(kscale), _tune_bucket(Nd, csr.num_edges),
-                H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
-                HAS_EDGE=ea is not None, HAS_KEEP=keep is not None, STORE_S=bool(need_weights),
-            )
+            with on_device_of(xs):  # Triton launches on the current device: make it the tensors'
+                _gatv2_fwd_kernel[_grid(Nd, H)](
+                    xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
+                    csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
+                    out, row_max, log_sum, s, Nd, float(slope), float(kscale), _tune_bucket(Nd, csr.num_edges),
+                    H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
+                    HAS_EDGE=ea is not None, HAS_KEEP=keep is not None, STORE_S=bool(need_weights),
+                )
         ctx.save_for_backward(xs, xd, att, ea, we, keep_i8, row_max)
         ctx.csr, ctx.slope, ctx.kscale = csr, float(slope), float(kscale)
         if not need_weights:
@@ -373,14 +381,15 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
         dea = torch.zeros(H, csr.num_edges, max(D, 1), dtype=torch.float32, device=xs.device) if D else dwe
         dummy = att
         if Nd:
-            _gatv2_bwd_kernel[_grid(Nd, H)](
-                xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
-                csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
-                g, row_max, dxs, dxd, datt, dwe, dea,
-                Nd, csr.num_edges, ctx.slope, ctx.kscale, _tune_bucket(Nd, csr.num_edges),
-                H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
-                HAS_EDGE=ea is not None, HAS_KEEP=keep_i8 is not None,
-            )
+            with on_device_of(xs):
+                _gatv2_bwd_kernel[_grid(Nd, H)](
+                    xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
+                    csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
+                    g, row_max, dxs, dxd, datt, dwe, dea,
+                    Nd, csr.num_edges, ctx.slope, ctx.kscale, _tune_bucket(Nd, csr.num_edges),
+                    H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
+                    HAS_EDGE=ea is not None, HAS_KEEP=keep_i8 is not None,
+                )
         return (
             dxs.to(xs.dtype), dxd.to(xd.dtype), datt.to(att.dtype),
             None if ea is None else dea.sum(0).to(ea.dtype),

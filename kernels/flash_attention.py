@@ -41,7 +41,9 @@ Caveats:
   ``return_weights`` is not implemented: :func:`triton_supports` says so and ``attend`` falls back.
 * Row offsets inside one (batch, head) slice are 32-bit: Nq * stride(-2) and Nk * stride(-2) of the inputs, of
   the output (Nq x Dv) and of the fp32 dBias buffer must stay below 2**31 (checked by triton_supports and the
-  launchers). Segment ids must fit in int32. More than 65,535 (batch, head) pairs (CUDA's grid axis-1 limit)
+  launchers; an incoming gradient with longer rows is copied). The offsets into the tile lists and the BLK slot's
+  tile map are 64-bit (_tile_list_offsets, _blk_offsets), like those of the batch / head, the DENSE slot and the
+  LSE rows. Segment ids must fit in int32. More than 65,535 (batch, head) pairs (CUDA's grid axis-1 limit)
   are launched in chunks.
 * A bias of torch.finfo(float32).min (or .max) is a finite score (clamped to -FLT_MAX / FLT_MAX after the log2(e)
   scaling, see _scaled_bias), as in SDPA; the backward recomputes P from the row max and log2 normaliser kept apart, exact
@@ -51,8 +53,11 @@ Caveats:
   results merged with :func:`merge_attention_states` train like one attention call.
 * When a bias gradient is needed and the bias is broadcast over batch/heads, the dQ pass has
   (B*H)/(Bb*Hb) times fewer programs (each loops over the pairs sharing its bias slice).
-* Under ``TRITON_INTERPRET=1`` (CPU tensors) bf16 is computed wrongly by the interpreter, so it is
-  refused there; one autotune config is used.
+* Under ``TRITON_INTERPRET=1`` bf16 is computed wrongly by the interpreter, so it is refused there, for CPU and
+  CUDA tensors alike (the interpreter runs both on the host); one autotune config is used (and on a GPU too with
+  ``ZOO_TRITON_SINGLE_CONFIG=1``).
+* Launches run under ``torch.cuda.device(q.device)`` (kernels/_compile.py, :func:`on_device_of`): Triton launches on
+  the current device, which need not be the tensors'.
 
 GPUs tested: none yet. Verified under the Triton 3.6 interpreter on CPU, and compiled offline for sm_80, 86,
 90 and 120 with Triton's bundled ptxas (:func:`compile_check`, ``python -m zoo.kernels.flash_attention``),
@@ -77,6 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo.kernels._compile import on_device_of, single_config_requested
 from zoo.kernels.block_index import MaskProgram, ids_fit_int32, kernel_tile_lists, lower_mask, needs_dense_fallback
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import resolve_bias
@@ -109,7 +115,7 @@ _TORCH_FUNC_REASON = ("inside a torch.func transform (grad, vmap, ...) the kerne
 # The interpreter is chosen when the module is imported (triton.jit reads TRITON_INTERPRET then).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ZOO_TRITON_SINGLE_CONFIG=1: one autotune config per pass on a GPU too (correctness runs compile ~4x less).
-SINGLE_CONFIG = INTERPRET or os.environ.get("ZOO_TRITON_SINGLE_CONFIG", "0") == "1"
+SINGLE_CONFIG = INTERPRET or single_config_requested()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +215,26 @@ def _load_tile(ptrs, offs_r, n_r, offs_c, n_c, CHECK_R: tl.constexpr, CHECK_C: t
 
 
 @triton.jit
+def _tile_list_offsets(b, h, row, cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w):
+    """(offset of the two counts, offset of the kept column tiles) of row tile ``row`` of (batch b, head h) in the
+    tile lists (block_index.TileLists), in 64 bits: ``row`` is an int32 program id and ``idx_w`` the lists' width
+    (all column tiles for Causal / Full), whose product passes 2**31 from about 3M tokens with 64 x 64 tiles (741k
+    with 16 x 16)."""
+    row64 = row.to(tl.int64)
+    cnt_off = b.to(tl.int64) * cnt_sb + h.to(tl.int64) * cnt_sh + row64 * 2
+    idx_off = b.to(tl.int64) * idx_sb + h.to(tl.int64) * idx_sh + row64 * idx_w
+    return cnt_off, idx_off
+
+
+@triton.jit
+def _blk_offsets(rows, cols, blk_bq, blk_bk, bl_sm, bl_sn):
+    """In-slice offsets of block_mask[i // bq, j // bk] for the BLK slot, in 64 bits like the DENSE slot's: a
+    BlockSparse / Radial map of 2**31 entries or more (46,341 x 46,341 tiles, e.g. 741k tokens at block 16) wrapped
+    in int32."""
+    return (rows // blk_bq).to(tl.int64) * bl_sm + (cols // blk_bk).to(tl.int64) * bl_sn
+
+
+@triton.jit
 def _segment_positions(rows, cols, b, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk):
     """kpos[j] - qpos[i] for SegmentWindow: the positions follow the ids in the same buffers (SegQ[b, Nq + i],
     SegK[b, Nk + j]; see block_index.MaskProgram)."""
@@ -255,7 +281,8 @@ def _mask_term(
         )
         ok = ok & (dn != 0)
     if (BITS & 16) != 0:  # BLK: look up the source tile map
-        bl = tl.load(BlkM + b * bl_sb + h * bl_sh + (rows // blk_bq) * bl_sm + (cols // blk_bk) * bl_sn, mask=inb, other=0)
+        bl = tl.load(BlkM + b * bl_sb + h * bl_sh + _blk_offsets(rows, cols, blk_bq, blk_bk, bl_sm, bl_sn),
+                     mask=inb, other=0)
         ok = ok & (bl != 0)
     return ok
 
@@ -421,8 +448,9 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    cnt_ptr = TileCnt + b * cnt_sb + h * cnt_sh + pid_m * 2
-    idx_ptr = TileIdx + b * idx_sb + h * idx_sh + pid_m * idx_w
+    cnt_off, idx_off = _tile_list_offsets(b, h, pid_m, cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w)
+    cnt_ptr = TileCnt + cnt_off
+    idx_ptr = TileIdx + idx_off
     n_partial = tl.load(cnt_ptr)
     n_full = tl.load(cnt_ptr + 1)
     for t in range(0, n_partial):
@@ -600,8 +628,9 @@ def _attn_bwd_dkdv(
         Lse_bh = Lse + (b * H + h) * Nq
         LogNorm_bh = LogNorm + (b * H + h) * Nq
         Delta_bh = Delta + (b * H + h) * Nq
-        cnt_ptr = TileCnt + b * cnt_sb + h * cnt_sh + pid_n * 2
-        idx_ptr = TileIdx + b * idx_sb + h * idx_sh + pid_n * idx_w
+        cnt_off, idx_off = _tile_list_offsets(b, h, pid_n, cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w)
+        cnt_ptr = TileCnt + cnt_off
+        idx_ptr = TileIdx + idx_off
         n_partial = tl.load(cnt_ptr)
         n_full = tl.load(cnt_ptr + 1)
         for t in range(0, n_partial):
@@ -730,8 +759,9 @@ def _attn_bwd_dq(
             do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, Nq, offs_dv, DV,
                             True, CHECK_DV)
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            cnt_ptr = TileCnt + b * cnt_sb + h * cnt_sh + pid_m * 2
-            idx_ptr = TileIdx + b * idx_sb + h * idx_sh + pid_m * idx_w
+            cnt_off, idx_off = _tile_list_offsets(b, h, pid_m, cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w)
+            cnt_ptr = TileCnt + cnt_off
+            idx_ptr = TileIdx + idx_off
             n_partial = tl.load(cnt_ptr)
             n_full = tl.load(cnt_ptr + 1)
             for t in range(0, n_partial):
@@ -916,7 +946,12 @@ def _backward(q, k, v, bias, out, lse, log_norm, d_out, plan: _Plan, bias_grad: 
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     groups = heads // kv_heads
-    d_out = d_out.contiguous() if d_out.stride(-1) != 1 else d_out
+    # A gradient that arrives through the usual head merge, out.transpose(1, 2).reshape(B, N, H * Dv), has rows
+    # H * Dv apart, which can pass the kernels' 32-bit in-slice offsets where the output's rows of Dv did not: it is
+    # copied to the output's layout (checked by _run before the forward) rather than refused after a forward that
+    # succeeded.
+    if d_out.stride(-1) != 1 or d_out.shape[-2] * max(d_out.stride(-2), 1) > _MAX_OFFSET:
+        d_out = d_out.clone(memory_format=torch.contiguous_format)
     _check_tensor("grad_out", d_out)  # the output and dBias buffers' offsets were checked by _run, before the forward
     block_m, block_n = plan.bwd_tiles
     q_lists = kernel_tile_lists(plan.mask, q_len, k_len, block_m, block_n, q.device)
@@ -1004,7 +1039,8 @@ def _backward(q, k, v, bias, out, lse, log_norm, d_out, plan: _Plan, bias_grad: 
 class _FlashAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, plan: _Plan):
-        out, lse, log_norm = _forward(q, k, v, bias, plan)
+        with on_device_of(q):  # Triton launches on the current device: make it q's
+            out, lse, log_norm = _forward(q, k, v, bias, plan)
         ctx.save_for_backward(q, k, v, bias, out, lse, log_norm)
         ctx.plan = plan
         # Unused outputs get None gradients (no zero-filled LSE gradient when only out is used).
@@ -1021,7 +1057,8 @@ class _FlashAttentionFn(torch.autograd.Function):
         if d_out is None:  # only the LSE was used
             d_out = torch.zeros_like(out)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(q, k, v, bias, out, lse, log_norm, d_out, ctx.plan, bias_grad, d_lse)
+        with on_device_of(q):
+            dq, dk, dv, dbias = _backward(q, k, v, bias, out, lse, log_norm, d_out, ctx.plan, bias_grad, d_lse)
         return dq, dk, dv, dbias, None
 
 
@@ -1077,6 +1114,25 @@ def _check_block(name: str, value: Optional[int]) -> None:
         raise ValueError(f"flash_attention: {name} must be a power of two >= 16, got {value!r}")
 
 
+def _plan_tiles(block_d: int, block_dv: int, dtype: torch.dtype, smem: Optional[int], block_m: Optional[int],
+                block_n: Optional[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(forward tiles, backward tiles) of a call. Without an override both come from :func:`_tiles`. An override
+    (``block_m`` / ``block_n``, the other side taken from the forward's tiles) sets the forward tiles; the backward
+    passes take the same tiles when their shared-memory bound (:func:`_bwd_smem`, smallest config) fits ``smem``,
+    and otherwise their own fitted tiles (:func:`_tiles`), so that an override the forward can run does not make
+    every backward config fail with OutOfResources after the forward succeeded (fp32 D = 128 at 128 x 64 tiles
+    needs 256 KB in the dK/dV pass on an H100's 227 KB). ``smem`` None (the interpreter): no limit."""
+    fwd = _tiles(block_d, block_dv, dtype, smem, backward=False)
+    bwd = _tiles(block_d, block_dv, dtype, smem, backward=True)
+    if block_m is None and block_n is None:
+        return fwd, bwd
+    fwd = (block_m or fwd[0], block_n or fwd[1])
+    row_bytes = max(block_d, block_dv) * (4 if dtype == torch.float32 else 2)
+    if smem is None or _bwd_smem(fwd, row_bytes) <= smem:
+        bwd = fwd
+    return fwd, bwd
+
+
 def _make_plan(q, k, v, mask: Mask, scale: float, score: str, block_m=None, block_n=None, dropout_p: float = 0.0,
                seed: int = 0, alibi: Optional[torch.Tensor] = None) -> _Plan:
     q_len, k_len = q.shape[2], k.shape[2]
@@ -1084,10 +1140,7 @@ def _make_plan(q, k, v, mask: Mask, scale: float, score: str, block_m=None, bloc
     smem = None
     if q.device.type == "cuda" and not INTERPRET:
         smem = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
-    fwd = _tiles(block_d, block_dv, q.dtype, smem, backward=False)
-    bwd = _tiles(block_d, block_dv, q.dtype, smem, backward=True)
-    if block_m is not None or block_n is not None:
-        fwd = bwd = (block_m or fwd[0], block_n or fwd[1])
+    fwd, bwd = _plan_tiles(block_d, block_dv, q.dtype, smem, block_m, block_n)
     allow_tf32 = q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     dot_prec = "tf32" if (q.dtype != torch.float32 or allow_tf32) else "ieee"
     program = lower_mask(mask, q_len, k_len, q.device)
@@ -1118,7 +1171,8 @@ def dropout_scale(batch: int, heads: int, q_len: int, k_len: int, dropout_p: flo
     for tests: ``flash_attention_ref(..., dropout_scale=...)`` then reproduces a call with that seed."""
     out = torch.empty(batch, heads, q_len, k_len, dtype=torch.float32, device=device)
     grid = (batch * heads, triton.cdiv(q_len, 32), triton.cdiv(k_len, 32))
-    _dropout_scale_kernel[grid](out, float(dropout_p), int(seed), heads, q_len, k_len, BLOCK_M=32, BLOCK_N=32)
+    with on_device_of(out):
+        _dropout_scale_kernel[grid](out, float(dropout_p), int(seed), heads, q_len, k_len, BLOCK_M=32, BLOCK_N=32)
     return out
 
 
@@ -1181,9 +1235,9 @@ def _run(q, k, v, mask, bias, scale, score, block_m=None, block_n=None, dropout_
         raise ValueError(f"flash_attention: {span}" + (
             "; a bias broadcast over the query rows can be passed un-expanded, shape (..., 1, Nk), which keeps a "
             "buffer of cdiv(Nq, 16) rows" if bias is not None and bias.requires_grad else ""))
-    if INTERPRET and q.device.type != "cuda" and torch.bfloat16 in (q.dtype, getattr(bias, "dtype", None)):
-        raise TypeError("flash_attention: bfloat16 is computed wrongly by the Triton interpreter (q or bias); use "
-                        "float16/float32 on CPU")
+    if INTERPRET and torch.bfloat16 in (q.dtype, getattr(bias, "dtype", None)):  # CUDA tensors included
+        raise TypeError("flash_attention: bfloat16 is computed wrongly by the Triton interpreter (q or bias; "
+                        "TRITON_INTERPRET=1 is set); use float16/float32")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
     seed = _draw_seed() if dropout_p > 0.0 else 0
     block_m, block_n = (None if b is None else int(b) for b in (block_m, block_n))  # numpy ints: kernel constants
@@ -1224,7 +1278,9 @@ def flash_attention(
         dropout_p: attention dropout, as SDPA's: each weight that multiplies V is zeroed with probability p and
             the others scaled by 1 / (1 - p). The draw (Philox, keyed from torch's default generator) is
             recomputed in the backward pass, never stored; :func:`dropout_scale` materialises it for tests.
-        block_m, block_n: override the query/key tile sizes (powers of two >= 16; for tests and tuning).
+        block_m, block_n: override the forward's query/key tile sizes (powers of two >= 16; for tests and tuning).
+            The backward passes use the same tiles where their shared-memory bound (_bwd_smem) fits the device, and
+            their own fitted tiles otherwise (see _plan_tiles).
 
     Returns:
         out (B, H, Nq, Dv) in the input dtype, or (out, lse).
@@ -1267,14 +1323,13 @@ def triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights
         # The autograd.Function has no torch.func rules (setup_context, vmap): torch's own error would only say
         # "must override the setup_context staticmethod".
         return _TORCH_FUNC_REASON
-    if q.device.type != "cuda":
-        if not INTERPRET:
-            return (
-                "the Triton kernel needs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 was set before "
-                "zoo.kernels.flash_attention was imported)"
-            )
-        if q.dtype == torch.bfloat16:
-            return "bfloat16 is computed wrongly by the Triton interpreter (use float16/float32 on CPU)"
+    if q.device.type != "cuda" and not INTERPRET:
+        return (
+            "the Triton kernel needs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 was set before "
+            "zoo.kernels.flash_attention was imported)"
+        )
+    if INTERPRET and q.dtype == torch.bfloat16:  # CUDA tensors too: the interpreter runs them on the host
+        return "bfloat16 is computed wrongly by the Triton interpreter (TRITON_INTERPRET=1; use float16/float32)"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16, bfloat16, float32)"
     if isinstance(bias, ALiBi):
@@ -1283,8 +1338,8 @@ def triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights
         bias = None  # computed in the kernel: nothing to check
     if bias is not None and bias.dtype not in _DTYPES:
         return f"bias dtype {bias.dtype}"
-    if bias is not None and bias.dtype == torch.bfloat16 and q.device.type != "cuda":
-        return "bfloat16 bias under the Triton interpreter"
+    if bias is not None and bias.dtype == torch.bfloat16 and INTERPRET:
+        return "bfloat16 bias under the Triton interpreter (TRITON_INTERPRET=1)"
     reason = _check_dropout(dropout_p, q, k)
     if reason is not None:
         return reason

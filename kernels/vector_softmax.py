@@ -32,7 +32,8 @@ gradcheck); the online softmax follows FlashAttention-2 (Dao 2023), per channel 
 ``vector_softmax_sum_ref`` below is the fp32 PyTorch reference.
 
 Caveats: fp32 / fp16 (and bf16 on GPU) inputs, fp32 math; under TRITON_INTERPRET=1 (CPU tensors, CI) bf16
-is refused and one autotune config is used. GPUs tested: none (this project's CI has none); verified under
+is refused and one autotune config is used (on a GPU too with ZOO_TRITON_SINGLE_CONFIG=1). Launches run under
+``torch.cuda.device`` of the inputs (kernels/_compile.py, ``on_device_of``). GPUs tested: none (this project's CI has none); verified under
 the Triton interpreter against the reference (tests/test_vector_kernel.py).
 
 Letters: E edges, N destination nodes, C channels.
@@ -40,6 +41,7 @@ Letters: E edges, N destination nodes, C channels.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -47,17 +49,24 @@ import triton.language as tl
 
 # from the GATv2 CSR kernel: the autotune key (powers of two of the destination count and mean in-degree) and
 # the per-node edge range
+from zoo.kernels._compile import on_device_of, single_config_requested
 from zoo.kernels.edge_softmax import _node_edges, _tune_bucket
 
 __all__ = ["vector_softmax_sum", "vector_softmax_sum_ref", "vector_softmax_sum_backward",
            "vector_softmax_sum_backward_ref", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# One autotune config: under the interpreter (it cannot benchmark), and on a GPU with ZOO_TRITON_SINGLE_CONFIG=1
+# (correctness runs: tests/run_gpu_kernels.sh). Read at import, when the autotuners are built.
+SINGLE_CONFIG = INTERPRET or single_config_requested()
 
 
-def _configs() -> list:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 4, "BLOCK_E": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1)]
+def _configs(single: Optional[bool] = None) -> list:
+    """The forward kernel's autotune configs: the tuned list, or one config when ``single`` (default
+    :data:`SINGLE_CONFIG`): 16-channel blocks under the interpreter, the list's (4, 16, 32, 4 warps) on a GPU."""
+    if SINGLE_CONFIG if single is None else single:
+        block_c = 16 if INTERPRET else 32
+        return [triton.Config({"BLOCK_N": 4, "BLOCK_E": 16, "BLOCK_C": block_c}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_E": be, "BLOCK_C": bc}, num_warps=w, num_stages=1)
         for bn in (1, 4)
@@ -108,9 +117,12 @@ def _vector_softmax_sum_fwd_kernel(
         tl.store(logsum_ptr + row, tl.where(empty, 0.0, tl.log(safe_l)), mask=mask_c & valid)
 
 
-def _bwd_configs() -> list:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_E": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1)]
+def _bwd_configs(single: Optional[bool] = None) -> list:
+    """The backward kernel's autotune configs: the tuned list, or one config when ``single`` (default
+    :data:`SINGLE_CONFIG`): 16 x 16 tiles under the interpreter, the list's first (32, 32, 4 warps) on a GPU."""
+    if SINGLE_CONFIG if single is None else single:
+        tile = 16 if INTERPRET else 32
+        return [triton.Config({"BLOCK_E": tile, "BLOCK_C": tile}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_E": be, "BLOCK_C": bc}, num_warps=w, num_stages=1)
         for be in (32, 64, 128)
@@ -182,8 +194,9 @@ def vector_softmax_sum(scores_EC: torch.Tensor, values_EC: torch.Tensor, rowptr:
     if num_dst and channels:
         rowptr = rowptr.to(torch.int64).contiguous()
         grid = lambda meta: (triton.cdiv(num_dst, meta["BLOCK_N"]), triton.cdiv(channels, meta["BLOCK_C"]))  # noqa: E731
-        _vector_softmax_sum_fwd_kernel[grid](scores_EC, values_EC, rowptr, out, row_max, log_sum, num_dst, channels,
-                                             _tune_bucket(num_dst, num_edges))
+        with on_device_of(scores_EC):  # Triton launches on the current device: make it the tensors'
+            _vector_softmax_sum_fwd_kernel[grid](scores_EC, values_EC, rowptr, out, row_max, log_sum, num_dst,
+                                                 channels, _tune_bucket(num_dst, num_edges))
     return out, row_max, log_sum
 
 
@@ -234,12 +247,13 @@ def vector_softmax_sum_backward(scores_EC: torch.Tensor, values_EC: torch.Tensor
         def grid(meta):
             return triton.cdiv(num_edges, meta["BLOCK_E"]), triton.cdiv(channels, meta["BLOCK_C"])
 
-        _vector_softmax_sum_bwd_kernel[grid](
-            scores_EC.contiguous(), values_EC.contiguous(), index_E.contiguous(), max_NC.contiguous(),
-            log_sum_NC.contiguous(), out_NC.contiguous(), grad_out_NC.contiguous(),
-            grad_scores if grad_scores is not None else dummy, grad_values if grad_values is not None else dummy,
-            num_edges, channels, NEED_SCORES=need_scores, NEED_VALUES=need_values,
-        )
+        with on_device_of(scores_EC):
+            _vector_softmax_sum_bwd_kernel[grid](
+                scores_EC.contiguous(), values_EC.contiguous(), index_E.contiguous(), max_NC.contiguous(),
+                log_sum_NC.contiguous(), out_NC.contiguous(), grad_out_NC.contiguous(),
+                grad_scores if grad_scores is not None else dummy, grad_values if grad_values is not None else dummy,
+                num_edges, channels, NEED_SCORES=need_scores, NEED_VALUES=need_values,
+            )
     return grad_scores, grad_values
 
 

@@ -12,8 +12,9 @@
 #      FULL=1 (it wants the autotuned kernels, and step 1 already times them).
 #   3. FULL=1: every test of tests/test_kernels_flash.py and tests/test_radial.py on compiled kernels.
 #   4. GRAPH=1 (default): the graph kernels' tests compiled (GATv2 edge softmax, vector attention's aggregation:
-#      tests/test_graph_kernel.py, tests/test_vector_kernel.py; small graphs), then `zoo bench graph --device cuda`
-#      at 100k and 1M edges (GATv2 vs PyG, time and memory).
+#      tests/test_graph_kernel.py, tests/test_vector_kernel.py; small graphs), with one autotune config per kernel
+#      (ZOO_TRITON_SINGLE_CONFIG=1, as in step 2), then `zoo bench graph --device cuda` at 100k and 1M edges
+#      (GATv2 vs PyG, time and memory; autotuned).
 # Compile time dominates (Triton autotuning, torch.compile of FlexAttention per mask): untimed so far, meant
 # to fit one 15-minute GPU session with the defaults. Paste the printed tables, with the GPU model, into
 # docs/bench_attention.md and docs/benchmarks.md.
@@ -68,7 +69,8 @@ if [ "$FULL" = "1" ]; then
 fi
 if [ "$GRAPH" = "1" ]; then
     echo "== 4. graph kernels (GATv2 edge softmax, vector attention) compiled; GATv2 vs PyG on the GPU (issue 6: >= 3x)"
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_graph_kernel.py tests/test_vector_kernel.py || status=1
+    ZOO_TRITON_SINGLE_CONFIG=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_graph_kernel.py \
+        tests/test_vector_kernel.py || status=1
     "$PY" -m zoo.bench.graph --device cuda --sizes 100000:10000,1000000:100000 --channels 8,64 --repeats 5 || status=1
 fi
 echo "== done (status $status)"

@@ -29,10 +29,13 @@ def run_script(tmp_path: Path, fail_on: str = "", gpu: bool = True, **switches: 
     bin_dir.mkdir(exist_ok=True)
     gpu_lines = 'echo "name, driver_version, memory.total"; echo "Stub GPU, 0, 0 MiB"\n'
     _stub(bin_dir / "nvidia-smi", gpu_lines if gpu else "exit 9\n")
-    # Every interpreter call is logged; the one whose arguments contain FAIL_ON fails.
+    # Every interpreter call is logged (and, in a second log, the ZOO_TRITON_SINGLE_CONFIG it saw); the one whose
+    # arguments contain FAIL_ON fails.
     _stub(bin_dir / "stub-python", f'echo "$*" >> {log}\n'
+          f'echo "${{ZOO_TRITON_SINGLE_CONFIG:-unset}} $*" >> {log.with_name("single_config.log")}\n'
           'if [ -n "${FAIL_ON:-}" ] && [[ "$*" == *"$FAIL_ON"* ]]; then exit 1; fi\nexit 0\n')
-    env = {k: v for k, v in os.environ.items() if k not in ("QUICK", "FULL", "GRAPH", "ZOO_SHADOW")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("QUICK", "FULL", "GRAPH", "ZOO_SHADOW", "ZOO_TRITON_SINGLE_CONFIG")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", PY=str(bin_dir / "stub-python"),
                FAIL_ON=fail_on, TMPDIR=str(tmp_path))
     env.update(switches)
@@ -53,6 +56,21 @@ def test_default_run_reaches_every_default_step(tmp_path):
     assert steps[3].startswith("-m zoo.bench.graph --device cuda")
     assert len(steps) == 4
     assert "== done (status 0)" in output
+
+
+def test_kernel_tests_run_with_one_autotune_config_and_the_benchmarks_autotuned(tmp_path):
+    """ZOO_TRITON_SINGLE_CONFIG=1 bounds the compile time of the correctness steps: the gpu-marked attention tests
+    (step 2) and the graph kernels' tests (step 4: 18 GATv2 configs, 16 + 12 vector-attention configs otherwise);
+    the benchmarks (steps 1 and 4) keep the autotuned kernels."""
+    code, _, output = run_script(tmp_path)
+    assert code == 0, output
+    seen = dict(line.split(" ", 1)[::-1] for line in (tmp_path / "single_config.log").read_text().splitlines()
+                if not line.split(" ", 1)[1].startswith("-c "))
+    graph_tests = "-m pytest -q -p no:cacheprovider tests/test_graph_kernel.py tests/test_vector_kernel.py"
+    assert seen[graph_tests] == "1"
+    assert next(v for k, v in seen.items() if "-m gpu tests/test_kernels_flash.py" in k) == "1"
+    assert next(v for k, v in seen.items() if k.startswith("-m zoo.bench.graph")) == "unset"
+    assert next(v for k, v in seen.items() if k.startswith("-m zoo.bench.attention")) == "unset"
 
 
 def test_switches_select_the_steps(tmp_path):

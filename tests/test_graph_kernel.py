@@ -305,6 +305,65 @@ def test_compiles_for_sm80_and_sm90_without_gpu():
     run_compiled(code)
 
 
+def test_single_config_variable_gives_one_autotune_config_on_a_gpu_too():
+    """ZOO_TRITON_SINGLE_CONFIG=1 (tests/run_gpu_kernels.sh's correctness steps) bounds the compile time of both
+    GATv2 kernels to one config, as it does for flash attention's passes; unset, they tune over all 18. The
+    module is imported without TRITON_INTERPRET (where it always has one config), in a subprocess: its autotuners
+    are built at import."""
+    code = (
+        "import importlib, os\n"
+        "os.environ.pop('ZOO_TRITON_SINGLE_CONFIG', None)\n"
+        "from zoo.kernels import edge_softmax as ek\n"
+        "kernels = lambda m: (m._gatv2_fwd_kernel, m._gatv2_bwd_kernel)\n"
+        "tuned = [[c.all_kwargs() for c in k.configs] for k in kernels(ek)]\n"
+        "os.environ['ZOO_TRITON_SINGLE_CONFIG'] = '1'\n"
+        "single = [[c.all_kwargs() for c in k.configs] for k in kernels(importlib.reload(ek))]\n"
+        "assert [len(c) for c in tuned] == [18, 18] and [len(c) for c in single] == [1, 1], (tuned, single)\n"
+        "assert all(s[0] in t for s, t in zip(single, tuned)), single  # one of the configs compile_check compiles\n"
+    )
+    run_compiled(code)
+
+
+@in_process
+def test_launches_run_under_the_guard_of_the_tensors_device(monkeypatch):
+    """The forward and backward launches run inside on_device_of (torch.cuda.device of the inputs on CUDA): Triton
+    launches on the current device, so a layer moved to cuda:1 ran on cuda:0. The guard is replaced by a recorder
+    and each launch checks that it is inside it."""
+    entered, inside, launches = [], [], []
+
+    class Guard:
+        def __init__(self, tensor):
+            entered.append(tensor.device)
+
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+            return False
+
+    class CheckedKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches.append(bool(inside))
+                return launch(*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(ek, "on_device_of", Guard, raising=False)
+    for name in ("_gatv2_fwd_kernel", "_gatv2_bwd_kernel"):
+        monkeypatch.setattr(ek, name, CheckedKernel(getattr(ek, name)))
+    csr, xs, xd, att, _, _, _ = _problem(9, 7, 60, 2, 8, 0, torch.float32, seed=5)
+    out, _ = ek.gatv2_edge_softmax(xs, xd, att, csr)
+    out.sum().backward()
+    assert launches == [True, True], f"launches outside the device guard: {launches}"
+    assert entered == [xs.device, xs.device]
+
+
 @pytest.mark.skipif(not _LATE, reason="the tests above ran in this process")
 def test_kernel_tests_in_a_fresh_process():
     run_in_fresh_process(__file__)

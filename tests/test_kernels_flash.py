@@ -25,6 +25,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from attention_reference import naive_attention  # noqa: E402  (tests/attention_reference.py)
 from triton_interpreter import run_compiled  # noqa: E402  (tests/triton_interpreter.py)
@@ -813,6 +814,190 @@ def test_offsets_of_the_allocated_buffers_are_checked(monkeypatch):
     reason = triton_supports(q, k, v, Full(), per_key, 0.25, "softmax", 0.0, False)
     assert "bias gradient buffer" in reason and "32-bit" in reason
     assert triton_supports(q, k, v, Full(), per_key.detach(), 0.25, "softmax", 0.0, False) is None  # no gradient
+
+
+# The kernels' offset helpers, called by the probe kernel below (None where a version of the module lacks them).
+_tile_list_offsets = getattr(fa, "_tile_list_offsets", None)
+_blk_offsets = getattr(fa, "_blk_offsets", None)
+
+
+@triton.jit
+def _offsets_probe(Out, b, h, row, cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w, row0, col0, blk_bq, blk_bk, bl_sm, bl_sn,
+                   BLOCK: tl.constexpr):
+    """Out[0], Out[1]: the tile-list offsets of row tile ``row`` (an int32 argument, as the kernels' program ids);
+    Out[2:]: the BLK slot's offsets of the tile rows row0.. x cols col0.. (int32 vectors, as the kernels' offs_m)."""
+    cnt_off, idx_off = _tile_list_offsets(b, h, row, cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w)
+    tl.store(Out, idx_off.to(tl.int64))
+    tl.store(Out + 1, cnt_off.to(tl.int64))
+    r = tl.arange(0, BLOCK)
+    blk = _blk_offsets((row0 + r)[:, None], (col0 + r)[None, :], blk_bq, blk_bk, bl_sm, bl_sn)
+    tl.store(Out + 2 + r[:, None] * BLOCK + r[None, :], blk.to(tl.int64))
+
+
+def test_tile_list_and_block_map_offsets_are_64_bit():
+    """The tile-list offset row x width and the BLK slot's (i // bq) x map row stride were int32 products that
+    wrapped past 2**31 (Causal at 3M tokens with 64 x 64 tiles: row 46,874 of lists 46,875 wide; a 46,341 x 46,341
+    BlockSparse map at 741k tokens, block 16), reading tiles at negative offsets. The kernels' own offset helpers,
+    run at those sizes with arguments of the kernels' kinds (no tensor of that size is needed), give the exact
+    offsets."""
+    rows_of_tiles = width = -(-3_000_000 // 64)  # 46,875
+    tokens, block = 741_456, 16
+    map_side = tokens // block  # 46,341 tiles: the map has 2,147,488,281 entries
+    probe_block = 16
+    out = torch.zeros(2 + probe_block * probe_block, dtype=torch.int64, device=DEVICE)
+    b, h, cnt_sb, cnt_sh, idx_sb, idx_sh = 2, 3, 10, 5, 7, 11  # small batch / head terms beside the large row term
+    row0 = col0 = tokens - probe_block
+    _offsets_probe[(1,)](out, b, h, rows_of_tiles - 1, cnt_sb, cnt_sh, idx_sb, idx_sh, width, row0, col0,
+                         block, block, map_side, 1, BLOCK=probe_block)
+    want_idx = b * idx_sb + h * idx_sh + (rows_of_tiles - 1) * width
+    assert want_idx > 2**31 and out[0].item() == want_idx
+    assert out[1].item() == b * cnt_sb + h * cnt_sh + (rows_of_tiles - 1) * 2
+    r = torch.arange(probe_block)
+    rows, cols = (row0 + r)[:, None], (col0 + r)[None, :]
+    want_blk = (rows // block) * map_side + (cols // block)
+    assert want_blk.max().item() > 2**31
+    assert torch.equal(out[2:].view(probe_block, probe_block).cpu(), want_blk)
+
+
+def test_grad_out_with_rows_past_32_bit_offsets_is_copied_not_refused(monkeypatch):
+    """The usual head merge, out.transpose(1, 2).reshape(B, N, H * Dv), hands the backward a gradient whose rows are
+    H * Dv apart. Past the kernels' 32-bit in-slice offsets the forward was accepted (q, k, v and the output rows of
+    Dv fit) and backward() raised; the gradient is copied instead and the gradients equal the float64 reference.
+    _MAX_OFFSET is lowered (as the grid tests lower _MAX_GRID_PAIRS) so that the boundary sits at a tiny size: the
+    real one is N * H * Dv > 2**31 - 1, e.g. H = 40, Dv = 128, N > 419,430."""
+    monkeypatch.setattr(fa, "_MAX_OFFSET", 1000)
+    batch, heads, n, d = 1, 2, 40, 16  # q, k, v and output rows: 40 x 16 = 640; grad_out rows: 40 x 32 = 1280
+    q, k, v, _ = _inputs(batch, heads, heads, n, n, d, seed=43)
+    assert triton_supports(q, k, v, Causal(), None, 0.25, "softmax", 0.0, False) is None
+    w = torch.randn(batch, n, heads * d, generator=torch.Generator().manual_seed(44)).to(DEVICE)
+
+    def merged_loss_grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves, Causal())
+        merged = out.transpose(1, 2).reshape(batch, n, heads * d)
+        return torch.autograd.grad((merged * w.to(dtype)).sum(), leaves)
+
+    got = merged_loss_grads(flash_attention, torch.float32)
+    want = merged_loss_grads(flash_attention_ref, torch.float64)
+    for name, a, b_ in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b_, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _fake_cuda(*shape, dtype, device="cuda:0"):
+    """A tensor that reports a CUDA device, shape, strides and dtype without a GPU or memory (torch's FakeTensor):
+    enough for the host-side checks and plans, which never read data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def test_tile_override_keeps_the_backward_within_the_devices_shared_memory(monkeypatch):
+    """block_m / block_n set the forward's tiles; the backward took them unchanged, and fp32 D = 128 at 128 x 64
+    (a forward tile that fits an H100) needs 256 KB in the dK/dV pass, over its 227 KB: the forward ran and every
+    backward config then failed. The backward keeps an override that its shared-memory bound (_bwd_smem) fits, and
+    takes its own fitted tiles otherwise. Planned for an H100's shared memory (no GPU needed)."""
+    from types import SimpleNamespace
+
+    smem = fa._SMEM_LIMIT[90]
+    monkeypatch.setattr(fa, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(shared_memory_per_block_optin=smem))
+    q = k = v = _fake_cuda(1, 2, 256, 128, dtype=torch.float32)
+    plan = fa._make_plan(q, k, v, Full(), 0.1, "softmax", block_m=128, block_n=64)
+    assert plan.fwd_tiles == (128, 64)
+    assert fa._bwd_smem((128, 64), 128 * 4) > smem  # the override itself does not fit the backward
+    assert fa._bwd_smem(plan.bwd_tiles, 128 * 4) <= smem
+    assert plan.bwd_tiles == fa._tiles(128, 128, torch.float32, smem, backward=True)
+    plan = fa._make_plan(q, k, v, Full(), 0.1, "softmax", block_m=32, block_n=32)
+    assert plan.fwd_tiles == plan.bwd_tiles == (32, 32)  # an override that fits is kept in both passes
+    half = _fake_cuda(1, 2, 256, 64, dtype=torch.float16)
+    plan = fa._make_plan(half, half, half, Full(), 0.1, "softmax", block_m=128)
+    assert plan.fwd_tiles == plan.bwd_tiles == (128, 64)
+
+
+def test_bf16_is_refused_under_the_interpreter_for_cuda_tensors_too(monkeypatch):
+    """The interpreter computes bf16 wrongly whatever the tensors' device (it runs CUDA tensors on the host too), and
+    the graph kernels refused it whenever TRITON_INTERPRET=1 was set; flash attention refused it for CPU tensors only,
+    so a debugging run with TRITON_INTERPRET=1 on a GPU machine computed bf16 attention wrongly without a word."""
+    monkeypatch.setattr(fa, "INTERPRET", True)  # as imported with TRITON_INTERPRET=1 (on a GPU machine too)
+    q = k = v = _fake_cuda(1, 2, 16, 16, dtype=torch.bfloat16)
+    args = (Full(), None, 0.25, "softmax", 0.0, False)
+    assert "bfloat16" in (triton_supports(q, k, v, *args) or "")
+    half = _fake_cuda(1, 2, 16, 16, dtype=torch.float16)
+    bias = _fake_cuda(1, 2, 16, 16, dtype=torch.bfloat16)
+    assert "bfloat16 bias" in (triton_supports(half, half, half, Full(), bias, 0.25, "softmax", 0.0, False) or "")
+    with pytest.raises(TypeError, match="bfloat16 is computed wrongly by the Triton interpreter"):
+        flash_attention(q, k, v)
+    with pytest.raises(TypeError, match="bfloat16 is computed wrongly by the Triton interpreter"):
+        flash_attention(half, half, half, bias=bias)
+
+
+def test_on_device_of_enters_the_tensors_cuda_device(monkeypatch):
+    """The launch guard is torch.cuda.device(t.device) for a CUDA tensor (Triton launches on the current device,
+    not the tensors'), and nothing for a CPU one. torch.cuda.device is replaced by a recorder: no GPU needed."""
+    from zoo.kernels._compile import on_device_of
+
+    entered = []
+
+    class RecordingDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    with on_device_of(_fake_cuda(2, 3, dtype=torch.float16, device="cuda:1")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with on_device_of(torch.zeros(2)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_every_launch_runs_under_the_guard_of_the_tensors_device(monkeypatch):
+    """The forward's and both backward launches (and dropout_scale's) run inside on_device_of, entered with the
+    inputs (their device): a model moved to cuda:1 ran its kernels on the current device, cuda:0. The guard is
+    replaced by a recorder and every launch checks that it is inside it."""
+    entered, inside, launches = [], [], []
+
+    class Guard:
+        def __init__(self, tensor):
+            entered.append(tensor.device)
+
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+            return False
+
+    real_launch = fa._launch_over_pairs
+
+    def checked_launch(kernel, *args, **meta):
+        launches.append(bool(inside))
+        return real_launch(kernel, *args, **meta)
+
+    monkeypatch.setattr(fa, "on_device_of", Guard, raising=False)
+    monkeypatch.setattr(fa, "_launch_over_pairs", checked_launch)
+    q, k, v, _ = _inputs(1, 2, 1, 20, 24, 16, seed=45)
+    q.requires_grad_(True)
+    flash_attention(q, k.requires_grad_(True), v.requires_grad_(True), Causal()).sum().backward()
+    assert launches and all(launches), f"launches outside the device guard: {launches}"
+    assert len(launches) == 4 and entered == [q.device, q.device]  # forward; preprocess, dK/dV, dQ in backward
+
+    class DropoutKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(bool(inside))
+
+    monkeypatch.setattr(fa, "_dropout_scale_kernel", DropoutKernel())
+    launches.clear()
+    fa.dropout_scale(1, 2, 8, 8, 0.1, 0, device=DEVICE)
+    assert launches == [True] and entered[-1] == torch.device(DEVICE)
 
 
 def test_torch_func_transforms_are_refused_with_a_reason():

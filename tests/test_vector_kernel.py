@@ -329,6 +329,65 @@ def test_compiles_for_sm80_and_sm90_without_gpu():
     run_compiled(code)
 
 
+def test_single_config_variable_gives_one_autotune_config_on_a_gpu_too():
+    """ZOO_TRITON_SINGLE_CONFIG=1 (tests/run_gpu_kernels.sh's correctness steps) bounds the compile time of the
+    forward and backward kernels to one config each, one of the tuned list's; unset, they tune over 16 and 12. The
+    module is imported without TRITON_INTERPRET (where it always has one config), in a subprocess: its autotuners
+    are built at import."""
+    code = (
+        "import importlib, os\n"
+        "os.environ.pop('ZOO_TRITON_SINGLE_CONFIG', None)\n"
+        "from zoo.kernels import vector_softmax as vk\n"
+        "kernels = lambda m: (m._vector_softmax_sum_fwd_kernel, m._vector_softmax_sum_bwd_kernel)\n"
+        "tuned = [[c.all_kwargs() for c in k.configs] for k in kernels(vk)]\n"
+        "os.environ['ZOO_TRITON_SINGLE_CONFIG'] = '1'\n"
+        "single = [[c.all_kwargs() for c in k.configs] for k in kernels(importlib.reload(vk))]\n"
+        "assert [len(c) for c in tuned] == [16, 12] and [len(c) for c in single] == [1, 1], (tuned, single)\n"
+        "assert all(s[0] in t for s, t in zip(single, tuned)), single  # one of the configs compile_check compiles\n"
+    )
+    run_compiled(code)
+
+
+@in_process
+def test_launches_run_under_the_guard_of_the_tensors_device(monkeypatch):
+    """The forward and backward launches run inside on_device_of (torch.cuda.device of the inputs on CUDA): Triton
+    launches on the current device, so a layer moved to cuda:1 ran on cuda:0. The guard is replaced by a recorder
+    and each launch checks that it is inside it."""
+    entered, inside, launches = [], [], []
+
+    class Guard:
+        def __init__(self, tensor):
+            entered.append(tensor.device)
+
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+            return False
+
+    class CheckedKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches.append(bool(inside))
+                return launch(*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(vk, "on_device_of", Guard, raising=False)
+    for name in ("_vector_softmax_sum_fwd_kernel", "_vector_softmax_sum_bwd_kernel"):
+        monkeypatch.setattr(vk, name, CheckedKernel(getattr(vk, name)))
+    scores, values, index, rowptr = _graph([3, 0, 5], 8, torch.float32)
+    out, row_max, log_sum = vk.vector_softmax_sum(scores, values, rowptr)
+    vk.vector_softmax_sum_backward(scores, values, index, row_max, log_sum, out, torch.ones_like(out))
+    assert launches == [True, True], f"launches outside the device guard: {launches}"
+    assert entered == [scores.device, scores.device]
+
+
 @pytest.mark.skipif(not _LATE, reason="the tests above ran in this process")
 def test_vector_kernel_tests_in_a_fresh_process():
     run_in_fresh_process(__file__)
