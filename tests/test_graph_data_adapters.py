@@ -922,3 +922,116 @@ def test_loading_saved_graphs_keeps_pygs_own_safe_globals(tmp_path):
         assert torch.equal(again.x, reference.x)
     finally:  # the other tests get PyG's registrations back, whatever happened here
         torch.serialization.add_safe_globals(registered)
+
+
+# ------------------------------------------------------------------------- review of audit7 (graph tasks, CLI user)
+def _append(path, text):
+    path.write_text(path.read_text() + text)
+
+
+def _drop_last_rows(path, count):
+    path.write_text("\n".join(path.read_text().splitlines()[:-count]) + "\n")
+
+
+@pytest.mark.parametrize("change, file, rows, nodes, pyg_fails", [
+    # the audit's case: 2 more nodes in the last graph, no node-label rows for them (read silently, 2 nodes lost)
+    ("indicator_longer", "TOY_node_labels.txt", 28, 30, True),
+    ("labels_shorter", "TOY_node_labels.txt", 26, 28, True),
+    ("labels_longer", "TOY_node_labels.txt", 30, 28, False),  # PyG ignores the extra rows; refused here too
+    ("attributes_shorter", "TOY_node_attributes.txt", 27, 28, True),  # PyG's torch.cat of the two fails
+])
+def test_tu_node_files_of_another_length_than_the_graph_indicator_are_named(tmp_path, monkeypatch, change, file,
+                                                                            rows, nodes, pyg_fails):
+    """One row per node: a node_labels / node_attributes file shorter or longer than graph_indicator.txt gave the
+    last graph fewer x rows than its nodes without a word (PyG's TUDataset fails there), or had rows ignored. The
+    file is named with both counts; PyG's own TUDataset on the same files is the reference for the failing cases."""
+    for folder in ("ours", "pyg"):
+        _write_tu(tmp_path / folder, node_attributes=change == "attributes_shorter")
+        raw = tmp_path / folder / "TOY" / "raw"
+        if change == "indicator_longer":
+            _append(raw / "TOY_graph_indicator.txt", "8\n8\n")
+        elif change == "labels_shorter":
+            _drop_last_rows(raw / "TOY_node_labels.txt", 2)
+        elif change == "labels_longer":
+            _append(raw / "TOY_node_labels.txt", "1\n2\n")
+        else:
+            _drop_last_rows(raw / "TOY_node_attributes.txt", 1)
+    if pyg_fails:  # when the dataset is built, or when a graph is sliced out of it
+        with pytest.raises(RuntimeError):
+            reference = _pyg_tu(tmp_path / "pyg", monkeypatch=monkeypatch, use_node_attr=True)
+            [reference[i] for i in range(len(reference))]
+    message = rf"^TU TOY: {file} has {rows} rows but TOY_graph_indicator\.txt lists {nodes} nodes \(one row per node"
+    for use_node_attr in (False, True):
+        with pytest.raises(ValueError, match=message):
+            gd.tu_dataset("TOY", str(tmp_path / "ours"), use_node_attr=use_node_attr)
+    with pytest.raises(ValueError, match=message):
+        gd.GraphClassificationDataModule(name="TOY", root=str(tmp_path / "ours")).setup()
+
+
+def test_ogb_split_scheme_that_is_not_there_names_the_schemes_that_are(tmp_path):
+    """data.split=<scheme> without that folder was "3 file(s) missing (downloads are disabled) ... Unpack the
+    dataset zip", when the fix is another data.split; split/ holding the csv files directly got the same message
+    with a placeholder path. A folder whose raw files are missing keeps the missing-files message."""
+    folder = _write_ogb(tmp_path / "ok" / "ogbn_toy", schemes=(("time", ([0, 1], [2], [3])),
+                                                                ("random", ([0, 1], [2], [3]))))
+    with pytest.raises(FileNotFoundError) as error:
+        gd.ogb_node("ogbn-toy", str(tmp_path / "ok"), split="sales")
+    message = str(error.value)
+    assert message.startswith(f"OGB ogbn-toy: data.split=sales: no folder {folder / 'split' / 'sales'}; the split "
+                              f"schemes under {folder / 'split'} are: random, time (data.split=random")
+    assert "missing" not in message and "download" not in message.lower()
+    assert gd.ogb_node("ogbn-toy", str(tmp_path / "ok"), split="time")["train_mask"].tolist() == [True, True,
+                                                                                               False, False]
+    flat = _write_ogb(tmp_path / "flat" / "ogbn_toy", schemes=())
+    for split in ("train", "valid", "test"):
+        _write_gz(flat / "split" / f"{split}.csv.gz", ["0"])
+    for split in (None, "time"):
+        with pytest.raises(FileNotFoundError, match=rf"^OGB ogbn-toy: {flat / 'split'} holds test\.csv\.gz, "
+                                                    r"train\.csv\.gz, valid\.csv\.gz directly, without a split-scheme "
+                                                    r"folder: .* move them into a folder named for the scheme"):
+            gd.ogb_node("ogbn-toy", str(tmp_path / "flat"), split=split)
+    (folder / "raw" / "edge.csv.gz").unlink()  # an incomplete unzip: the files are named, as before
+    with pytest.raises(FileNotFoundError, match=r"^OGB ogbn-toy: 4 file\(s\) missing \(downloads are disabled\)"):
+        gd.ogb_node("ogbn-toy", str(tmp_path / "ok"), split="sales")
+
+
+@pytest.mark.parametrize("edge_index, message", [
+    (torch.tensor([[0.0, 1.0], [1.0, 0.0]]), r"edge_index must hold integer node indices, got dtype torch\.float32: "
+                                             r"save it as torch\.long"),
+    (torch.tensor([[True, False], [False, True]]), r"edge_index must hold integer node indices, got dtype torch\.bool"),
+    (torch.tensor([[0, 1, 2]]), r"edge_index must be of shape \[2, num_edges\] \(row 0 sources, row 1 targets\), got "
+                                r"shape \(1, 3\)$"),
+    (torch.tensor([[0.0, 1.0, 2.0]]), r"edge_index must be of shape \[2, num_edges\] .* got shape \(1, 3\), dtype "
+                                      r"torch\.float32 \(it must be an integer dtype"),
+    ([[0, 1], [1, 0]], r"edge_index must be an integer tensor of shape \[2, num_edges\], got a list$"),
+])
+def test_a_saved_graphs_edge_index_is_named_by_what_is_wrong(tmp_path, edge_index, message):
+    """A float edge_index [2, E] was reported as "must be an integer tensor of shape [2, num_edges], got
+    torch.Size([2, 2])": the shape printed was right, the dtype never named. The dtype is named when it is wrong, the
+    shape only when it is."""
+    from torch_geometric.data import Data
+
+    graphs = [Data(x=torch.ones(2, 3), edge_index=torch.tensor([[0, 1], [1, 0]]), y=torch.tensor([i % 2]))
+              for i in range(4)]
+    graphs[2] = Data(x=torch.ones(2, 3), edge_index=edge_index, y=torch.tensor([0]))
+    torch.save(graphs, tmp_path / "graphs.pt")
+    with pytest.raises(ValueError, match=rf"^data\.path=.*graphs\.pt \[2\]: {message}"):
+        gd.load_graph_classification(path=str(tmp_path / "graphs.pt"))
+
+
+def test_node_data_of_another_width_than_the_evaluated_model_says_the_checkpoint_fixes_it():
+    """zoo eval ckpt=<karate run> data.name=sbm said "set data.num_features=16", which cannot work: the checkpoint's
+    model reads 34 features. In Lightning's evaluation stages (zoo eval's trainer.test / validate) the sizes are the
+    trained model's; in fit (zoo train) they are settings, and the message is the one it was."""
+    module = gd.NodeDataModule("sbm", num_features=34, num_classes=3)
+    for stage in ("test", "validate", "predict"):
+        with pytest.raises(ValueError, match=r"^dataset 'sbm' has 16 node features \(num_features=16\), but the model "
+                                             r"being evaluated reads 34: it was trained with data\.num_features=34, "
+                                             r"which the checkpoint fixes; evaluate it on data with 34 node features"):
+            module.setup(stage)
+    for stage in ("fit", None):
+        with pytest.raises(ValueError, match=r"^dataset 'sbm' has num_features=16 but the config says 34 \(set "
+                                             r"data\.num_features=16\)$"):
+            module.setup(stage)
+    with pytest.raises(ValueError, match=r"has 3 classes \(num_classes=3\), but the model being evaluated scores 4"):
+        gd.NodeDataModule("sbm", num_features=16, num_classes=4).setup("test")

@@ -731,3 +731,48 @@ def test_graph_file_labels_minus_one_or_nan_are_unlabelled(degree_ckpt, tmp_path
                                              rf"\(graph classification\), got {shown}: give the graph's class, -1 or "
                                              r"NaN for an unlabelled graph, or leave y out$"):
             run.predict(degree_ckpt, [str(tmp_path / "bad.pt")])
+
+
+# ------------------------------------------------------------------------- review of audit7 (graph tasks, CLI user)
+def test_a_node_files_float_edge_index_is_named_by_its_dtype(karate_ckpt, tmp_path):
+    """A float edge_index [2, E] was refused as "must be an integer tensor of shape [2, num_edges], got
+    torch.Size([2, 2])": that shape is right; the dtype is what is wrong, and is named now."""
+    x = torch.eye(34)[:6]
+    torch.save(Data(x=x, edge_index=torch.tensor([[0.0, 1.0], [1.0, 0.0]])), tmp_path / "float_edges.pt")
+    with pytest.raises(ValueError, match=r"^input=.*float_edges\.pt: edge_index must hold integer node indices, got "
+                                         r"dtype torch\.float32: save it as torch\.long \(edge_index\.long\(\)\)$"):
+        run.predict(karate_ckpt, [str(tmp_path / "float_edges.pt")])
+    torch.save(Data(x=x, edge_index=torch.tensor([[0, 1, 2]])), tmp_path / "one_row.pt")
+    with pytest.raises(ValueError, match=r"one_row\.pt: edge_index must be of shape \[2, num_edges\] .*got shape "
+                                         r"\(1, 3\)$"):
+        run.predict(karate_ckpt, [str(tmp_path / "one_row.pt")])
+
+
+def test_zoo_eval_on_data_of_another_width_says_the_checkpoint_fixes_it(karate_ckpt, capsys):
+    """zoo eval ckpt=<karate run> data.name=sbm answered "set data.num_features=16", advice that cannot work (the
+    checkpoint's model reads 34 features): it now says so, as zoo viz graph and zoo predict do."""
+    with pytest.raises(ValueError, match=r"^dataset 'sbm' has 16 node features \(num_features=16\), but the model "
+                                         r"being evaluated reads 34: it was trained with data\.num_features=34"):
+        run.evaluate(karate_ckpt, ["data.name=sbm"])
+    assert cli.main(["eval", f"ckpt={karate_ckpt}", "data.name=sbm"]) == 1
+    err = capsys.readouterr().err
+    assert "but the model being evaluated reads 34" in err and "set data.num_features" not in err
+
+
+def test_viz_graph_refuses_model_heads_and_epochs_with_a_checkpoint(karate_ckpt, tmp_path, monkeypatch):
+    """zoo viz graph ckpt=<8-head GATv2 run> model=gat_node heads=3 epochs=7 drew the checkpoint's 8 GATv2 heads and
+    ignored the three options without a word: they choose and train the model drawn, which ckpt= fixes."""
+    from zoo.tasks.graph import viz
+
+    drawn = []
+    monkeypatch.setattr(viz, "draw_neighbourhood", lambda *args, **kwargs: drawn.append(args) or args[3])
+    out = f"out={tmp_path / 'a.png'}"
+    with pytest.raises(SystemExit, match=rf"^zoo viz graph: model=gat_node heads=3 epochs=7 apply only without ckpt= "
+                                         rf"\(they choose and train the model drawn\); ckpt={karate_ckpt} fixes the "
+                                         r"model: leave model, heads and epochs out, or drop ckpt= to train one$"):
+        cli.main(["viz", "graph", f"ckpt={karate_ckpt}", "model=gat_node", "heads=3", "epochs=7", out])
+    for option in ("model=gatv2_node", "heads=8", "epochs=0"):
+        with pytest.raises(SystemExit, match=rf"^zoo viz graph: {option} applies only without ckpt="):
+            viz.main([f"ckpt={karate_ckpt}", option, out])
+    assert not drawn
+    assert viz.main([f"ckpt={karate_ckpt}", out]) == 0 and len(drawn) == 1  # without them, the checkpoint is drawn

@@ -364,6 +364,9 @@ def test_dictlookup_table_command_writes_a_marked_block(tmp_path):
     assert main(["--table", "4", "--max-epochs", "1", "--runs", "gatv2:1", "--threads", "1", "--out", str(doc)]) == 0
     text = doc.read_text()
     assert "old" not in text and text.startswith("# title") and text.rstrip().endswith("tail")
+    # the command line as typed, --runs too (it was recorded as `... --table 4 --max-epochs 1`, another command)
+    assert (f"`python -m zoo.tasks.graph.train --table 4 --max-epochs 1 --runs gatv2:1 --threads 1 --out {doc}` ran, "
+            "one after the other:") in text
     assert "zoo train experiment=graph_dictlookup model=gatv2 model.heads=1 data.k=4 trainer.max_epochs=1" in text
     row = [line for line in text.splitlines() if line.startswith("| 4 | gatv2 | 1 |")]
     assert len(row) == 1
@@ -421,7 +424,8 @@ def test_viz_graph_names_the_model_kind_and_bad_numbers(tmp_path):
         (["data=dictlookup", "k=abc"], "k must be an integer >= 2, got 'abc'"),
     ):
         with pytest.raises(SystemExit, match=message):
-            main([*argv, "epochs=0" if not any(a.startswith("epochs=") for a in argv) else "layer=0", out])
+            # epochs=0 keeps the runs without ckpt= short; with ckpt= it is refused (the checkpoint fixes the model)
+            main([*argv, "epochs=0" if not any(a.startswith(("epochs=", "ckpt=")) for a in argv) else "layer=0", out])
 
 
 def test_bench_graph_smoke(capsys):
@@ -963,6 +967,9 @@ def test_graph_model_kind_check_leaves_user_named_models_alone():
     ("seed", "foo", r"^data\.seed must be an integer .*got 'foo'$"),
     ("k", 1, r"^data\.k must be an integer >= 2 .*got 1$"),
     ("batch_size", 0, r"^data\.batch_size must be a positive integer, got 0$"),
+    # unseen_combinations_split's own message, without the data. prefix the other keys have (audit7)
+    ("train_fraction", 1.0, r"^data\.train_fraction must be a number in \(0, 1\) .*got 1\.0$"),
+    ("train_fraction", "0.5", r"^data\.train_fraction must be a number in \(0, 1\) .*got '0\.5'$"),
 ])
 def test_dictionary_lookup_arguments_are_named(key, value, message):
     """data.max_examples=0 was torch.stack's "expects a non-empty TensorList", data.seed=foo manual_seed's
@@ -1119,3 +1126,62 @@ def test_dictlookup_model_exports_strict_with_symbolic_sizes():
     program = torch.export.export(model, args(b0), dynamic_shapes=shapes, strict=True).module()
     with torch.no_grad():
         torch.testing.assert_close(program(*args(b1)), model(*args(b1)), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- review of audit7 (graph tasks, CLI user)
+@pytest.mark.parametrize("argv, message", [
+    (["--table", "4", "--max-epochs", "1", "--threads", "1", "--runs", "gat:3"],
+     "dim=128 must be divisible by heads=3"),
+    (["--table", "1", "--max-epochs", "1", "--threads", "1", "--runs", "gat:1"],
+     r"data\.k must be an integer >= 2 \(the dictionary size\), got 1"),
+    (["--table", "4", "--max-epochs", "1", "--threads", "1", "--runs", "foo:1"], "unknown model=foo"),
+    (["--threads", "1", "experiment=graph_dictlookup", "data.train_fraction=1.0"],
+     r"data\.train_fraction must be a number in \(0, 1\)"),
+])
+def test_the_table_command_ends_bad_settings_in_one_line_as_zoo_train(argv, message, capsys, monkeypatch):
+    """python -m zoo.tasks.graph.train --table ... ended bad settings in a traceback, where zoo train prints one line
+    and the ZOO_DEBUG hint; it uses zoo.cli's handling of user errors now (ZOO_DEBUG=1 gives the traceback)."""
+    pytest.importorskip("hydra")
+    import re
+
+    from zoo.tasks.graph.train import main
+
+    monkeypatch.delenv("ZOO_DEBUG", raising=False)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"python -m zoo\.tasks\.graph\.train: error: [^\n]*{message}[^\n]*\n"
+                        r"\(set ZOO_DEBUG=1 for the traceback\)\n", err), err
+    monkeypatch.setenv("ZOO_DEBUG", "1")
+    with pytest.raises(ValueError, match=message):
+        main(argv)
+
+
+def test_a_dictlookup_checkpoint_on_another_k_names_the_k_it_was_trained_with(tmp_path, one_thread, capsys):
+    """zoo eval ckpt=<k=4 run> data.k=5 said "DictionaryLookup(k=5) has num_features=5, the config says 4", without
+    a word that the model is a k=4 model (data.num_features cannot change that). zoo train's message for the same
+    sizes is the one it was; zoo viz graph data=dictlookup refuses epochs= with the checkpoint."""
+    pytest.importorskip("hydra")
+    from zoo import cli
+    from zoo.tasks.graph.dictlookup import DictionaryLookupDataModule
+    from zoo.tasks.graph.viz import main as viz
+    from zoo.train import run
+
+    run.train(run.compose(["experiment=graph_dictlookup", "data.k=4", "trainer.max_epochs=1", "callbacks=minimal",
+                           "logger=none", "num_threads=1", "+trainer.enable_progress_bar=false",
+                           f"run_dir={tmp_path / 'run'}"]))
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    evaluated = (r"^DictionaryLookup\(k=5\) has num_features=5, the config says 4: the model is one of k=4 \(a "
+                 r"checkpoint of a k=4 run is evaluated with data\.k=4; a new run needs data\.k alone\)$")
+    with pytest.raises(ValueError, match=evaluated):
+        run.evaluate(ckpt, ["data.k=5"])
+    assert 0.0 <= run.evaluate(ckpt)["test/acc1"] <= 1.0  # its own k: evaluated
+    with pytest.raises(ValueError, match=evaluated):  # refused when built, before a run's files are written
+        DictionaryLookupDataModule(k=5, num_features=4, num_classes=4)
+    with pytest.raises(ValueError, match=r"^DictionaryLookup\(k=5\) has num_classes=5, the config says 4$"):
+        DictionaryLookupDataModule(k=5, num_features=5, num_classes=4)  # sizes no model has: refused when built
+    with pytest.raises(SystemExit, match=rf"^zoo viz graph: epochs=2 applies only without ckpt= .*ckpt={ckpt} fixes "
+                                         r"the model: leave epochs out"):
+        viz(["data=dictlookup", f"ckpt={ckpt}", "epochs=2", f"out={tmp_path / 'a.png'}"])
+    assert viz([f"ckpt={ckpt}", "node=1", f"out={tmp_path / 'a.png'}"]) == 0  # drawn on its own data, k=4
+    assert cli.main(["eval", f"ckpt={ckpt}", "data.k=5"]) == 1
+    assert "the model is one of k=4" in capsys.readouterr().err

@@ -35,7 +35,8 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
                     ``root/<ogbn_name>/split/<scheme>/{train,valid,test}.csv.gz`` (ogb is not required).
                     The folder may also keep the name OGB's zip extracts to (``arxiv/`` for
                     ogbn-arxiv; OGB's own loader renames it to ``ogbn_arxiv/``). Without ``split`` the
-                    first split scheme (sorted, hidden entries skipped) is used. Labels are integers >= 0;
+                    first split scheme (sorted, hidden entries skipped) is used; a ``split`` naming no folder
+                    there is refused with the schemes that are. Labels are integers >= 0;
                     NaN or -1 marks an unlabelled node, left out of every split (with a warning
                     naming the split file); a split with no labelled node is refused. Unlike OGB's own loader
                     (which keeps ogbn-arxiv's citation edges directed), the edges are made undirected
@@ -58,7 +59,8 @@ float, edge_index [2, e] long, y int):
 * a TU data set (``data.name=MUTAG data.root=...``) -- the raw text files of PyG's TUDataset,
                     ``root/<name>/raw/<name>_{A,graph_indicator,graph_labels}.txt`` (+ node labels / attributes),
                     parsed by PyG's read_tu_data; nothing downloaded or cached. A missing file raises
-                    FileNotFoundError naming every missing path and where to get the zip.
+                    FileNotFoundError naming every missing path and where to get the zip; node label /
+                    attribute files of another row count than graph_indicator's nodes are refused by name.
 * ``data.path=graphs.pt`` -- a torch.save'd list of PyG Data (or a dict of lists under train / val / test),
                     loaded with weights_only=True (PyG's Data classes allowed); other pickles only with
                     ``data.trust_pickle=true``.
@@ -555,6 +557,27 @@ def _split_schemes(split_root: str) -> list[str]:
                   if not e.startswith(".") and os.path.isdir(os.path.join(split_root, e)))
 
 
+def _missing_split_scheme(split_root: str, split: Optional[str]) -> Optional[str]:
+    """Why ``split/<scheme>/`` is absent when ``split/`` itself exists, naming what it holds instead: the scheme
+    folders there (``data.split`` names another, e.g. ogbn-arxiv's ``time``), or the split files directly, without
+    the scheme folder of OGB's layout (split/<scheme>/{train,valid,test}.csv.gz). None when there is nothing to say
+    (the scheme folder exists, or split/ is missing too: an incomplete unzip, reported with the missing files)."""
+    if not os.path.isdir(split_root) or (split is not None and os.path.isdir(os.path.join(split_root, split))):
+        return None
+    schemes = _split_schemes(split_root)
+    if schemes:  # split is not None here: without data.split the first scheme is taken
+        listed = ", ".join(schemes)
+        return (f"data.split={split}: no folder {os.path.join(split_root, split)}; the split schemes under "
+                f"{split_root} are: {listed} (data.split={schemes[0]}, or data.split=null for the first)")
+    loose = sorted(e for e in os.listdir(split_root) if e.endswith(".csv.gz"))
+    if loose:
+        return (f"{split_root} holds {', '.join(loose)} directly, without a split-scheme folder: OGB's layout is "
+                f"split/<scheme>/{{train,valid,test}}.csv.gz: move them into a folder named for the scheme "
+                f"({os.path.join(split_root, '<scheme>')}/; ogbn-arxiv's is time), then data.split=<scheme> or "
+                "data.split=null reads them")
+    return None
+
+
 def _unlabelled_and_not_integral(values: Tensor) -> tuple[Tensor, Tensor]:
     """The one rule for class labels read from files (OGB's node-label.csv.gz, zoo predict's node and graph files):
     NaN or -1 marks an unlabelled item. Returns (unlabelled mask, the labelled values that are not integers:
@@ -599,6 +622,9 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
     needed = [os.path.join(folder, "raw", f) for f in ("edge.csv.gz", "node-feat.csv.gz", "node-label.csv.gz")]
     needed += [os.path.join(split_dir, f"{s}.csv.gz") for s in ("train", "valid", "test")]
     missing = [p for p in needed if not os.path.isfile(p)]
+    scheme_problem = _missing_split_scheme(split_root, split)
+    if scheme_problem is not None and not any(p in missing for p in needed[:3]):  # the raw files are all there
+        raise FileNotFoundError(f"OGB {name}: {scheme_problem}")
     if missing:
         zip_note = "" if unzipped is None else (
             f" (it extracts to {unzipped}/, which is read as is; OGB's own loader renames it to "
@@ -650,6 +676,22 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
     # with y = -1 / NaN (tasks/graph/predict.py)
     data["labelled_mask"] = labelled
     return data
+
+
+# Lightning's stages that run a model already trained (trainer.validate / test / predict: zoo eval, zoo predict); the
+# data modules' setup(stage) gets one of these, or "fit" (zoo train)
+_EVALUATION_STAGES = ("validate", "test", "predict")
+
+
+def _trained_model_mismatch(data: str, key: str, found: int, want: int) -> str:
+    """The message for data of another size than the model being evaluated (``zoo eval ckpt=... data.name=sbm``):
+    its data.num_features / data.num_classes were fixed when it was trained, so setting them (zoo train's advice)
+    cannot help. Worded as ``zoo viz graph`` and ``zoo predict`` word a checkpoint fed data of another width."""
+    what = {"num_features": "node features", "num_classes": "classes"}.get(key, key)
+    verb = "reads" if key == "num_features" else "scores"
+    return (f"{data} has {found} {what} ({key}={found}), but the model being evaluated {verb} {want}: it was trained "
+            f"with data.{key}={want}, which the checkpoint fixes; evaluate it on data with {want} {what} (leave the "
+            f"data overrides out for the data it was trained on)")
 
 
 # NodeDataModule's mini-batch keys: they change how the training loader batches the graph, not the graph, so
@@ -782,8 +824,13 @@ def tu_dataset(name: str, root: str, use_node_attr: bool = False) -> list[dict]:
     try:
         data, slices, sizes = read_tu_data(raw, name)
     except Exception as error:  # a truncated or foreign file fails deep inside PyG's parser
+        _check_tu_node_rows(raw, name)  # node_labels and node_attributes of different lengths fail in its torch.cat
         raise ValueError(f"TU {name}: cannot read the raw files under {raw} (corrupt, or not TU's comma-separated "
                          f"text?): {type(error).__name__}: {str(error)[:200]}") from None
+    if data.x is not None and data.x.size(0) != int(slices["x"][-1]):
+        _check_tu_node_rows(raw, name)  # names the file; slicing x per graph would silently cut (or drop) rows
+        raise ValueError(f"TU {name}: the node files under {raw} give {data.x.size(0)} feature rows but "
+                         f"{name}_graph_indicator.txt lists {int(slices['x'][-1])} nodes (one row per node)")
     x = data.x
     if x is not None and not use_node_attr:  # TUDataset(use_node_attr=False): the node labels only
         x = x[:, sizes["num_node_attributes"]:]
@@ -810,6 +857,32 @@ def tu_dataset(name: str, root: str, use_node_attr: bool = False) -> list[dict]:
                        "edge_index": data.edge_index[:, edge_slice[i]:edge_slice[i + 1]].long(),
                        "y": int(data.y[i])})
     return graphs
+
+
+def _check_tu_node_rows(raw: str, name: str) -> None:
+    """One row per node: ``<name>_node_labels.txt`` and ``<name>_node_attributes.txt`` must have as many rows as
+    ``<name>_graph_indicator.txt`` (TU's format, https://chrsmrrs.github.io/datasets/docs/format/). PyG's
+    read_tu_data does not compare them: a shorter file gave the last graph fewer x rows than its nodes, read without
+    a word (PyG's TUDataset fails later, when that graph is sliced: "start (48) + length (5) exceeds dimension
+    size (51)"), and a longer one had its extra rows ignored. A file of another length is named with both counts.
+    The rows are counted as PyG's read_txt_array reads them (lines ending in a newline)."""
+    from torch_geometric.io import read_txt_array
+
+    def rows(part: str) -> int:
+        values = read_txt_array(os.path.join(raw, f"{name}_{part}.txt"), sep=",")
+        return int(values.size(0)) if values.dim() else 1  # one row of one value squeezes to a 0-d tensor
+
+    try:
+        num_nodes = rows("graph_indicator")
+        counts = {part: rows(part) for part in ("node_labels", "node_attributes")
+                  if os.path.isfile(os.path.join(raw, f"{name}_{part}.txt"))}
+    except (OSError, ValueError, RuntimeError):  # a file that does not parse: the caller's message says so
+        return
+    for part, count in counts.items():
+        if count != num_nodes:
+            raise ValueError(f"TU {name}: {name}_{part}.txt has {count} rows but {name}_graph_indicator.txt lists "
+                             f"{num_nodes} nodes (one row per node, in the same order): the files under {raw} do "
+                             "not belong together (a truncated or edited file?)")
 
 
 def _pyg_data_globals() -> list:
@@ -890,15 +963,30 @@ def dataset_class_graphs(class_path: str, root: Optional[str] = None):
     return cls(*args)
 
 
+def _check_edge_index(edge_index, where: str) -> None:
+    """``edge_index`` must be an integer tensor [2, num_edges] (PyG's layout: sources, then targets). What is wrong
+    is named: the dtype of a float, bool or complex tensor (a float [2, E] was reported as a wrong shape, printing
+    the right one), the shape only when it is not [2, num_edges], the type of anything that is not a tensor."""
+    if not isinstance(edge_index, Tensor):
+        got = "none" if edge_index is None else f"a {type(edge_index).__name__}"
+        raise ValueError(f"{where}: edge_index must be an integer tensor of shape [2, num_edges], got {got}")
+    integer = not (edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool)
+    shaped = edge_index.dim() == 2 and edge_index.size(0) == 2
+    if shaped and not integer:
+        raise ValueError(f"{where}: edge_index must hold integer node indices, got dtype {edge_index.dtype}: save "
+                         "it as torch.long (edge_index.long())")
+    if not shaped:
+        dtype = "" if integer else f", dtype {edge_index.dtype} (it must be an integer dtype, e.g. torch.long)"
+        raise ValueError(f"{where}: edge_index must be of shape [2, num_edges] (row 0 sources, row 1 targets), got "
+                         f"shape {tuple(edge_index.shape)}{dtype}")
+
+
 def _as_graph(data, where: str) -> dict:
     """A PyG ``Data`` (or a dict with the same keys) as the dict collate_graphs batches; one integer class per
     graph, edge indices inside the graph's nodes."""
     get = data.get if isinstance(data, dict) else (lambda key: getattr(data, key, None))
     edge_index, x, y = get("edge_index"), get("x"), get("y")
-    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2 \
-            or edge_index.is_floating_point():
-        raise ValueError(f"{where}: edge_index must be an integer tensor of shape [2, num_edges], got "
-                         f"{getattr(edge_index, 'shape', type(edge_index).__name__)}")
+    _check_edge_index(edge_index, where)
     num_nodes = x.size(0) if isinstance(x, Tensor) else get("num_nodes")
     if num_nodes is None:
         num_nodes = int(edge_index.max()) + 1 if edge_index.numel() else 0
@@ -1194,6 +1282,8 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
             actual = {"num_features": data["x"].size(1), "num_classes": data["num_classes"]}
             for key, want in self.expected.items():
                 if want is not None and int(want) != actual[key]:
+                    if stage in _EVALUATION_STAGES:  # zoo eval: the sizes are the trained model's, not settings
+                        raise ValueError(_trained_model_mismatch(f"dataset {self.name!r}", key, actual[key], want))
                     raise ValueError(
                         f"dataset {self.name!r} has {key}={actual[key]} but the config says {want} "
                         f"(set data.{key}={actual[key]})"

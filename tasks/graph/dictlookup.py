@@ -114,11 +114,16 @@ def _collate_list(items) -> dict:
 _Base = L.LightningDataModule if L is not None else object
 
 
-def _check_arguments(k, max_examples, seed, batch_size) -> None:
-    """The data.* integers, named before torch sees them: data.max_examples=0 failed in torch.stack ("stack expects
-    a non-empty TensorList"), data.seed=foo in manual_seed ("expected a long")."""
+def _check_arguments(k, max_examples, seed, batch_size, train_fraction=0.8) -> None:
+    """The data.* settings, named before torch sees them: data.max_examples=0 failed in torch.stack ("stack expects
+    a non-empty TensorList"), data.seed=foo in manual_seed ("expected a long"), data.train_fraction=1.0 in
+    unseen_combinations_split without its data. prefix."""
     if not is_int(k) or k < 2:
         raise ValueError(f"data.k must be an integer >= 2 (the dictionary size), got {k!r}")
+    if (isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float))
+            or not 0.0 < train_fraction < 1.0):
+        raise ValueError(f"data.train_fraction must be a number in (0, 1) (about the share of the permutations "
+                         f"that go to training; the paper uses 0.8), got {train_fraction!r}")
     if not is_int(max_examples) or max_examples < 1:
         raise ValueError(f"data.max_examples must be a positive integer (the cap on generated permutations; the "
                          f"paper uses 32000), got {max_examples!r}")
@@ -144,10 +149,17 @@ class DictionaryLookupDataModule(ResumableTrainingOrder, _Base):
                  num_features: Optional[int] = None, num_classes: Optional[int] = None,
                  model_kind: str = "dictlookup"):
         super().__init__()
-        _check_arguments(k, max_examples, seed, batch_size)
-        for name, value in (("num_features", num_features), ("num_classes", num_classes)):
-            if value is not None and int(value) != k:
-                raise ValueError(f"DictionaryLookup(k={k}) has {name}={k}, the config says {value}")
+        _check_arguments(k, max_examples, seed, batch_size, train_fraction)
+        sizes = {name: int(value) for name, value in (("num_features", num_features), ("num_classes", num_classes))
+                 if value is not None}
+        for name, value in sizes.items():
+            if value != k:
+                # sizes that agree with each other but not with k are a model of another k: zoo eval's data.k=5 on a
+                # k=10 checkpoint (which data.* cannot resize), or zoo train's data.num_features=7 data.num_classes=7
+                other = (f": the model is one of k={value} (a checkpoint of a k={value} run is evaluated with "
+                         f"data.k={value}; a new run needs data.k alone)"
+                         if len(set(sizes.values())) == 1 and len(sizes) == 2 else "")
+                raise ValueError(f"DictionaryLookup(k={k}) has {name}={k}, the config says {value}{other}")
         if model_kind != "dictlookup":
             raise ValueError(f"DictionaryLookup batches need model_kind='dictlookup', got {model_kind!r}")
         self.num_features = k

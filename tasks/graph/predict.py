@@ -330,7 +330,7 @@ def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict, classes: O
     """Every node of the one graph in ``raw``, x preprocessed as the run's (normalize_feature_rows when
     data.normalize_features); its labels (y) checked against the model's ``classes`` (_node_labels), and a
     ``num_nodes`` that is not x's row count refused (_check_num_nodes)."""
-    from zoo.tasks.graph.datasets import normalize_feature_rows, _per_edge_features
+    from zoo.tasks.graph.datasets import _check_edge_index, normalize_feature_rows, _per_edge_features
 
     if isinstance(raw, (list, tuple)):
         raise ValueError(f"input={spec} holds a list of {len(raw)} items; a node-classification model predicts the "
@@ -341,10 +341,7 @@ def _file_nodes(raw, spec: str, width: Optional[int], data_cfg: dict, classes: O
         got = "none" if x is None else f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"input={spec}: a node-classification model reads node features x [num_nodes, "
                          f"num_features], got {got}")
-    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2 \
-            or edge_index.is_floating_point():
-        raise ValueError(f"input={spec}: edge_index must be an integer tensor of shape [2, num_edges], got "
-                         f"{getattr(edge_index, 'shape', type(edge_index).__name__)}")
+    _check_edge_index(edge_index, f"input={spec}")  # names the dtype or the shape, whichever is wrong
     if x.size(0) == 0:
         raise ValueError(f"input={spec}: the graph has no nodes (x is [0, {x.size(1)}]): save a graph with its nodes' "
                          f"features x [num_nodes, num_features]")

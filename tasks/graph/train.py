@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 from typing import Optional, Sequence
@@ -81,9 +82,22 @@ def _load() -> str:
         return "load average unknown"
 
 
-def dictlookup_table(k: int, max_epochs: Optional[int] = None, runs=TABLE_RUNS, verbose: bool = False) -> str:
+def _table_command(k: int, max_epochs: Optional[int], runs) -> str:
+    """The table command that trains these runs (the block's record when no command line is given)."""
+    command = f"python -m zoo.tasks.graph.train --table {k}"
+    if max_epochs is not None:
+        command += f" --max-epochs {max_epochs}"
+    if tuple(runs) != TABLE_RUNS:
+        command += " --runs " + ",".join(f"{conv}:{heads}" for conv, heads in runs)
+    return command
+
+
+def dictlookup_table(k: int, max_epochs: Optional[int] = None, runs=TABLE_RUNS, verbose: bool = False,
+                     command: Optional[str] = None) -> str:
     """Train each (conv, heads) of ``runs`` on DictionaryLookup(k) with ``zoo train`` and return a
-    markdown block: the commands, the machine, the load, and the table."""
+    markdown block: the command that ran (``command``: the command line as typed, which :func:`main` passes;
+    else the table command for these arguments), the ``zoo train`` commands, the machine, the load, and the
+    table."""
     from zoo.bench.timing import machine_description
 
     commands, rows = [], []
@@ -100,8 +114,7 @@ def dictlookup_table(k: int, max_epochs: Optional[int] = None, runs=TABLE_RUNS, 
         rows.append(f"| {k} | {conv} | {heads} | {r['train_acc']:.3f} | {r['test_acc']:.3f} | {graph_acc} | "
                     f"{r['epochs']} | {r['seconds']:.0f} | {os.getloadavg()[0]:.1f} |")
         print(rows[-1], flush=True)
-    lines = [f"`python -m zoo.tasks.graph.train --table {k}"
-             + ("" if max_epochs is None else f" --max-epochs {max_epochs}") + "` ran, one after the other:", ""]
+    lines = [f"`{command or _table_command(k, max_epochs, runs)}` ran, one after the other:", ""]
     lines += [f"    {c}" for c in commands]
     lines += ["", f"date: {start:%Y-%m-%d %H:%M} UTC; machine: {machine_description()}; torch threads "
               f"{torch.get_num_threads()}; {_load()} at the end.", ""]
@@ -120,8 +133,26 @@ def write_table(path: str, block: str) -> None:
         f.write(text)
 
 
+_PROG = "python -m zoo.tasks.graph.train"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zoo.tasks.graph.train", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    """The command line (see the module docstring). Bad settings end as ``zoo train``'s do: one line naming the
+    problem and the ZOO_DEBUG hint (zoo.cli's own handling of user errors), not a traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except Exception as error:
+        from zoo.cli import _is_user_error, _one_line
+
+        if not _is_user_error(error) or getattr(sys, "_zoo_debug", False) or os.environ.get("ZOO_DEBUG"):
+            raise
+        print(f"{_PROG}: error: {_one_line(error)}\n(set ZOO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--table", type=int, default=None, metavar="K", help="DictionaryLookup table for size K")
     parser.add_argument("--out", default=None, help="write the table into this markdown file (marked block)")
     parser.add_argument("--max-epochs", type=int, default=None)
@@ -136,8 +167,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             try:
                 runs = tuple((r.split(":")[0], int(r.split(":")[1])) for r in args.runs.split(","))
             except (IndexError, ValueError):
-                raise SystemExit(f"--runs must look like gatv2:1,gat:8, got {args.runs!r}") from None
-        block = dictlookup_table(args.table, args.max_epochs, runs)
+                raise SystemExit(f"{_PROG}: error: --runs must look like gatv2:1,gat:8, got {args.runs!r}") from None
+        block = dictlookup_table(args.table, args.max_epochs, runs, command=" ".join([_PROG, *map(shlex.quote, argv)]))
         print(block)
         if args.out:
             write_table(args.out, block)

@@ -5,10 +5,14 @@ The weights come from the layers' ``return_attention_weights`` (PyG protocol: (e
 self loops that were added, alpha [E', H])); the picture shows the incoming edges j -> i of the chosen
 node i (its self loop as a ring), their alpha as width and label, plus the 2-hop context in grey.
 
-    zoo viz graph [data=karate] [node=0] [layer=0] [model=gatv2_node] [heads=<the model's>] [ckpt=<.ckpt | released
-                  dir | run dir>] [epochs=100] [seed=0] [root=<folder, for data=planetoid:<Name> | ogb:<name>>] [out=graph_attention.png]
-    zoo viz graph data=dictlookup [k=10] [example=0] [node=0] [model=gatv2_dictlookup|gat_dictlookup]
-                  [heads=1] [ckpt=<.ckpt | released dir | run dir>] [epochs=5] [seed=11] [out=...]
+    zoo viz graph [data=karate] [node=0] [layer=0] [seed=0] [root=<folder, for data=planetoid:<Name> | ogb:<name>>]
+                  [out=graph_attention.png] (ckpt=<.ckpt | released dir | run dir> | [model=gatv2_node]
+                  [heads=<the model's>] [epochs=100])
+    zoo viz graph data=dictlookup [k=10] [example=0] [node=0] [seed=11] [out=...]
+                  (ckpt=<.ckpt | released dir | run dir> | [model=gatv2_dictlookup|gat_dictlookup] [heads=1] [epochs=5])
+
+``model``, ``heads`` and ``epochs`` choose and train the model drawn, so they apply only without ``ckpt``: the
+checkpoint fixes the model, and giving them with it is refused.
 
 Node data: without ``ckpt`` the model is trained full-batch for ``epochs`` steps first (Adam 5e-3, the GAT
 recipe) so the picture shows learned attention. ``ckpt`` is read as ``zoo eval`` / ``zoo predict`` read it: a
@@ -194,6 +198,23 @@ def _parse(argv: Sequence[str]) -> dict:
     return opts
 
 
+# the options that choose and train the model drawn without ckpt= (a checkpoint brings its own model)
+_TRAINING_OPTIONS = ("model", "heads", "epochs")
+
+
+def _refuse_training_options_with_ckpt(opts: dict) -> None:
+    """``model=`` / ``heads=`` / ``epochs=`` with ``ckpt=``: the checkpoint's model was drawn and they did nothing,
+    without a word (a ckpt of 8 GATv2 heads drawn with 8 panels for ``model=gat_node heads=3``); refused in one line."""
+    keys = [key for key in _TRAINING_OPTIONS if opts[key] is not None]
+    if not opts["ckpt"] or not keys:
+        return
+    given = " ".join(f"{key}={opts[key]}" for key in keys)
+    named = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + f" and {keys[-1]}"
+    apply, choose = ("applies", "it chooses and trains") if len(keys) == 1 else ("apply", "they choose and train")
+    raise SystemExit(f"zoo viz graph: {given} {apply} only without ckpt= ({choose} the model drawn); "
+                     f"ckpt={opts['ckpt']} fixes the model: leave {named} out, or drop ckpt= to train one")
+
+
 def _trained_data(model) -> Optional[dict]:
     """The data config a checkpoint was trained with (``zoo train`` records metadata.zoo_config.data)."""
     metadata = getattr(model, "zoo_pretrained_metadata", None) or {}
@@ -279,6 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from zoo.tasks.graph.datasets import load_node_dataset
 
     opts = _parse(sys.argv[1:] if argv is None else argv)
+    _refuse_training_options_with_ckpt(opts)
     model = _load_checkpoint(opts["ckpt"]) if opts["ckpt"] else None
     if model is not None:
         _adopt_trained_data(opts, model)
