@@ -776,3 +776,17 @@ def test_viz_graph_refuses_model_heads_and_epochs_with_a_checkpoint(karate_ckpt,
             viz.main([f"ckpt={karate_ckpt}", option, out])
     assert not drawn
     assert viz.main([f"ckpt={karate_ckpt}", out]) == 0 and len(drawn) == 1  # without them, the checkpoint is drawn
+
+
+def test_a_uint8_label_of_255_is_a_class_not_the_unlabelled_minus_one():
+    """The shared NaN / -1 rule compared a uint8 label with -1, which torch wraps to 255: a graph file's uint8 y of
+    255 read as unlabelled while a node file's read as class 255 (review, 2026-12-07). Compared as int64, both are
+    the class; -1 of a signed type and NaN stay unlabelled. OGB's refusal names the first bad label in file order."""
+    from zoo.tasks.graph import datasets
+    from zoo.tasks.graph.predict import _graph_label, _node_labels
+
+    assert _graph_label(torch.tensor([255], dtype=torch.uint8), "g") == 255
+    assert _node_labels(torch.tensor([255, 1], dtype=torch.uint8), 2, None, "n") == [255, 1]
+    assert _graph_label(torch.tensor(-1), "g") is None and _graph_label(torch.tensor(float("nan")), "g") is None
+    with pytest.raises(ValueError, match=r"label -3 is not a class index"):
+        datasets._ogb_labels("labels.csv.gz", torch.tensor([0.0, -3.0, 2.5, float("nan")]))

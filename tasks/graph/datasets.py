@@ -580,24 +580,23 @@ def _missing_split_scheme(split_root: str, split: Optional[str]) -> Optional[str
 
 def _unlabelled_and_not_integral(values: Tensor) -> tuple[Tensor, Tensor]:
     """The one rule for class labels read from files (OGB's node-label.csv.gz, zoo predict's node and graph files):
-    NaN or -1 marks an unlabelled item. Returns (unlabelled mask, the labelled values that are not integers:
-    infinite or fractional, in order); what else counts as bad (other negatives, classes the model lacks) is the
-    caller's to say."""
+    NaN or -1 marks an unlabelled item. Returns two masks over ``values`` (flattened): unlabelled, and labelled but
+    not an integer (infinite or fractional); what else counts as bad (other negatives, classes the model lacks) is
+    the caller's to say."""
     values = values.view(-1)
     if not values.is_floating_point():  # integer labels: only -1 can be unlabelled, nothing is fractional
-        return values == -1, values[:0]
+        # compared as int64: a uint8 255 is a class (uint8 == -1 wraps -1 to 255)
+        return values.long() == -1, torch.zeros_like(values, dtype=torch.bool)
     unlabelled = torch.isnan(values) | (values == -1)
-    known = values[~unlabelled]
-    return unlabelled, known[~torch.isfinite(known) | (known != known.round())]
+    return unlabelled, ~unlabelled & (~torch.isfinite(values) | (values != values.round()))
 
 
 def _ogb_labels(path: str, values: Tensor) -> tuple[Tensor, Tensor]:
     """(labels as int64, labelled mask) of node-label.csv.gz: integers >= 0, NaN or -1 for an unlabelled node
     (_unlabelled_and_not_integral). A fractional or other negative value (a regression target, a wrong column) is
     refused, not truncated."""
-    unlabelled, fractional = _unlabelled_and_not_integral(values)
-    known = values[~unlabelled]
-    bad = fractional if fractional.numel() else known[known < 0]
+    unlabelled, not_integral = _unlabelled_and_not_integral(values)
+    bad = values[not_integral | (~unlabelled & (values < 0))]  # the first in file order
     if bad.numel():
         raise ValueError(f"{path}: label {bad[0].item():g} is not a class index (labels are integers >= 0; "
                          "NaN or -1 marks an unlabelled node)")

@@ -272,7 +272,8 @@ def _node_labels(y, n: int, classes: Optional[int], where: str) -> list[Optional
 
     values = y.view(-1)
     if y.is_floating_point():
-        unlabelled, fractional = _unlabelled_and_not_integral(values)
+        unlabelled, not_integral = _unlabelled_and_not_integral(values)
+        fractional = values[not_integral]
         if fractional.numel():
             raise ValueError(f"{where}: y holds {fractional[0].item():g}, which is not a class index: give y as "
                              f"integer class indices, one per node (-1 or NaN for an unlabelled node), or leave y out")
@@ -405,7 +406,7 @@ def _graph_label(y, where: str) -> Optional[int]:
         unlabelled, not_integral = _unlabelled_and_not_integral(value)  # the rule of node labels (OGB's)
         if bool(unlabelled):
             return None
-        if not not_integral.numel() and value.item() >= 0:
+        if not bool(not_integral) and value.item() >= 0:
             return int(value.item())
     shown = y if not isinstance(y, Tensor) or y.numel() < 5 else f"a tensor of shape {tuple(y.shape)}"
     raise ValueError(f"{where}: y must be one class index >= 0 per graph (graph classification), got {shown}: give "
