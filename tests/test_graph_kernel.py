@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # tests/triton_interpreter.py
-from triton_interpreter import in_process_mark, prepare, run_compiled, run_in_fresh_process
+from triton_interpreter import LaunchGuardRecorder, in_process_mark, prepare, run_compiled, run_in_fresh_process
 
 _LATE = prepare()  # TRITON_INTERPRET=1 without a GPU, before the kernel module is imported
 
@@ -329,39 +329,15 @@ def test_launches_run_under_the_guard_of_the_tensors_device(monkeypatch):
     """The forward and backward launches run inside on_device_of (torch.cuda.device of the inputs on CUDA): Triton
     launches on the current device, so a layer moved to cuda:1 ran on cuda:0. The guard is replaced by a recorder
     and each launch checks that it is inside it."""
-    entered, inside, launches = [], [], []
-
-    class Guard:
-        def __init__(self, tensor):
-            entered.append(tensor.device)
-
-        def __enter__(self):
-            inside.append(True)
-
-        def __exit__(self, *exc):
-            inside.pop()
-            return False
-
-    class CheckedKernel:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                launches.append(bool(inside))
-                return launch(*args, **kwargs)
-            return run
-
-    monkeypatch.setattr(ek, "on_device_of", Guard, raising=False)
+    guard = LaunchGuardRecorder()
+    monkeypatch.setattr(ek, "on_device_of", guard, raising=False)
     for name in ("_gatv2_fwd_kernel", "_gatv2_bwd_kernel"):
-        monkeypatch.setattr(ek, name, CheckedKernel(getattr(ek, name)))
+        monkeypatch.setattr(ek, name, guard.checked(getattr(ek, name)))
     csr, xs, xd, att, _, _, _ = _problem(9, 7, 60, 2, 8, 0, torch.float32, seed=5)
     out, _ = ek.gatv2_edge_softmax(xs, xd, att, csr)
     out.sum().backward()
-    assert launches == [True, True], f"launches outside the device guard: {launches}"
-    assert entered == [xs.device, xs.device]
+    assert guard.launches == [True, True], f"launches outside the device guard: {guard.launches}"
+    assert guard.entered == [xs.device, xs.device]
 
 
 @pytest.mark.skipif(not _LATE, reason="the tests above ran in this process")

@@ -28,7 +28,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from attention_reference import naive_attention  # noqa: E402  (tests/attention_reference.py)
-from triton_interpreter import run_compiled  # noqa: E402  (tests/triton_interpreter.py)
+from triton_interpreter import LaunchGuardRecorder, run_compiled  # noqa: E402  (tests/triton_interpreter.py)
 from zoo.attention import (  # noqa: E402
     BlockSparse,
     Causal,
@@ -963,41 +963,30 @@ def test_every_launch_runs_under_the_guard_of_the_tensors_device(monkeypatch):
     """The forward's and both backward launches (and dropout_scale's) run inside on_device_of, entered with the
     inputs (their device): a model moved to cuda:1 ran its kernels on the current device, cuda:0. The guard is
     replaced by a recorder and every launch checks that it is inside it."""
-    entered, inside, launches = [], [], []
-
-    class Guard:
-        def __init__(self, tensor):
-            entered.append(tensor.device)
-
-        def __enter__(self):
-            inside.append(True)
-
-        def __exit__(self, *exc):
-            inside.pop()
-            return False
-
+    guard = LaunchGuardRecorder()
     real_launch = fa._launch_over_pairs
 
     def checked_launch(kernel, *args, **meta):
-        launches.append(bool(inside))
+        guard.note_launch()
         return real_launch(kernel, *args, **meta)
 
-    monkeypatch.setattr(fa, "on_device_of", Guard, raising=False)
+    monkeypatch.setattr(fa, "on_device_of", guard, raising=False)
     monkeypatch.setattr(fa, "_launch_over_pairs", checked_launch)
     q, k, v, _ = _inputs(1, 2, 1, 20, 24, 16, seed=45)
     q.requires_grad_(True)
     flash_attention(q, k.requires_grad_(True), v.requires_grad_(True), Causal()).sum().backward()
-    assert launches and all(launches), f"launches outside the device guard: {launches}"
-    assert len(launches) == 4 and entered == [q.device, q.device]  # forward; preprocess, dK/dV, dQ in backward
+    assert guard.launches and all(guard.launches), f"launches outside the device guard: {guard.launches}"
+    # forward; preprocess, dK/dV, dQ in backward
+    assert len(guard.launches) == 4 and guard.entered == [q.device, q.device]
 
     class DropoutKernel:
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(bool(inside))
+            return lambda *args, **kwargs: guard.note_launch()
 
     monkeypatch.setattr(fa, "_dropout_scale_kernel", DropoutKernel())
-    launches.clear()
+    guard.launches.clear()
     fa.dropout_scale(1, 2, 8, 8, 0.1, 0, device=DEVICE)
-    assert launches == [True] and entered[-1] == torch.device(DEVICE)
+    assert guard.launches == [True] and guard.entered[-1] == torch.device(DEVICE)
 
 
 def test_torch_func_transforms_are_refused_with_a_reason():

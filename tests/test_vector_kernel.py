@@ -12,7 +12,7 @@ import pytest
 import torch
 
 # tests/triton_interpreter.py
-from triton_interpreter import in_process_mark, prepare, run_compiled, run_in_fresh_process
+from triton_interpreter import LaunchGuardRecorder, in_process_mark, prepare, run_compiled, run_in_fresh_process
 
 _LATE = prepare()  # TRITON_INTERPRET=1 without a GPU, before the kernel module is imported
 
@@ -353,39 +353,15 @@ def test_launches_run_under_the_guard_of_the_tensors_device(monkeypatch):
     """The forward and backward launches run inside on_device_of (torch.cuda.device of the inputs on CUDA): Triton
     launches on the current device, so a layer moved to cuda:1 ran on cuda:0. The guard is replaced by a recorder
     and each launch checks that it is inside it."""
-    entered, inside, launches = [], [], []
-
-    class Guard:
-        def __init__(self, tensor):
-            entered.append(tensor.device)
-
-        def __enter__(self):
-            inside.append(True)
-
-        def __exit__(self, *exc):
-            inside.pop()
-            return False
-
-    class CheckedKernel:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                launches.append(bool(inside))
-                return launch(*args, **kwargs)
-            return run
-
-    monkeypatch.setattr(vk, "on_device_of", Guard, raising=False)
+    guard = LaunchGuardRecorder()
+    monkeypatch.setattr(vk, "on_device_of", guard, raising=False)
     for name in ("_vector_softmax_sum_fwd_kernel", "_vector_softmax_sum_bwd_kernel"):
-        monkeypatch.setattr(vk, name, CheckedKernel(getattr(vk, name)))
+        monkeypatch.setattr(vk, name, guard.checked(getattr(vk, name)))
     scores, values, index, rowptr = _graph([3, 0, 5], 8, torch.float32)
     out, row_max, log_sum = vk.vector_softmax_sum(scores, values, rowptr)
     vk.vector_softmax_sum_backward(scores, values, index, row_max, log_sum, out, torch.ones_like(out))
-    assert launches == [True, True], f"launches outside the device guard: {launches}"
-    assert entered == [scores.device, scores.device]
+    assert guard.launches == [True, True], f"launches outside the device guard: {guard.launches}"
+    assert guard.entered == [scores.device, scores.device]
 
 
 @pytest.mark.skipif(not _LATE, reason="the tests above ran in this process")

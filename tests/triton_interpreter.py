@@ -54,3 +54,42 @@ def run_compiled(code: str, timeout: int = 600) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+class LaunchGuardRecorder:
+    """Stands in for ``zoo.kernels._compile.on_device_of`` (monkeypatched into a kernel module): records the devices
+    the guard is entered with (``entered``) and, for each launch of a kernel wrapped by :meth:`checked` (or noted
+    with :meth:`note_launch`), whether it ran inside the guard (``launches``)."""
+
+    def __init__(self):
+        self.entered: list = []
+        self.launches: list[bool] = []
+        self._depth = 0
+
+    def __call__(self, tensor):  # on_device_of(tensor)
+        self.entered.append(tensor.device)
+        return self
+
+    def __enter__(self):
+        self._depth += 1
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        return False
+
+    def note_launch(self) -> None:
+        self.launches.append(self._depth > 0)
+
+    def checked(self, kernel):
+        """``kernel`` (a Triton kernel, launched as ``kernel[grid](...)``) noting each launch."""
+        recorder = self
+
+        class Checked:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    recorder.note_launch()
+                    return launch(*args, **kwargs)
+                return run
+        return Checked()
