@@ -1100,3 +1100,62 @@ def test_urls_are_named_as_urls_not_as_missing_files(tmp_path, capsys, monkeypat
         assert err.startswith(start), (argv, err)
         assert "https:/e" not in err and "http:/x" not in err and "Traceback" not in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "r.png").exists()
+
+
+@pytest.mark.parametrize("overrides, group", [
+    (["~task"], "task"), (["~model"], "model"), (["~data"], "data"),
+    (["experiment=graph_karate", "~model"], "model"),  # the experiment's model.heads was left as the whole node
+])
+def test_deleting_a_required_group_says_which_option_to_give(tmp_path, capsys, overrides, group):
+    """~task and ~model crashed with omegaconf's "Missing key task" traceback; ~model after an experiment said
+    "config node has no _target_: ['heads']"; ~data surfaced train.yaml's ${debug}_${data} defaults interpolation."""
+    code = cli.main(["train", *overrides, "trainer.max_epochs=1", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and err[0].startswith(f"zoo train: error: {group} is required: give {group}=<option>"), err
+    assert "${" not in err[0] and f"{group} options: " in err[0]
+
+
+def test_deleting_debug_or_data_composes_without_them():
+    """~debug composes as no debug option at all (it failed resolving train.yaml's ${debug}_${data}), as in Hydra;
+    ~data composes without data (training then says data is required)."""
+    from omegaconf import OmegaConf
+
+    for experiment in ("vit_digits", "graph_karate"):
+        plain = OmegaConf.to_container(run.compose([f"experiment={experiment}"]))
+        for overrides in (["~debug"], ["debug=overfit", "~debug"], ["debug=fast", "~debug"]):
+            assert OmegaConf.to_container(run.compose([f"experiment={experiment}", *overrides])) == plain, overrides
+    assert "data" not in run.compose(["~data"]) and "data" not in run.compose(["debug=overfit", "~data"])
+
+
+def test_a_hydra_resolver_is_named_with_what_to_use(tmp_path, capsys):
+    """${hydra:runtime.output_dir} (lightning-hydra-template's paths) failed with "HydraConfig was not set"."""
+    assert cli.main(["train", "experiment=graph_karate", "+tag=${hydra:runtime.output_dir}", "--cfg", "job",
+                     "--resolve"]) == 1
+    err = capsys.readouterr().err.splitlines()[0]
+    assert err.startswith("zoo train: error: tag: ${hydra:runtime.output_dir}: ") and "no hydra node" in err, err
+    assert "${run_dir}" in err
+    with pytest.raises(ValueError, match=r"^paths\.out: \$\{hydra:job\.num\}: .*no hydra node"):
+        run.train(run.compose(["experiment=graph_karate", "+paths.out=${hydra:job.num}",
+                               f"run_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweep_dir_without_multirun_says_it_is_for_sweeps(capsys):
+    """sweep_dir= without -m got "unknown config key ... +sweep_dir=... would add it", an unused key."""
+    assert cli.main(["train", "experiment=graph_karate", "sweep_dir=x", "debug=fast"]) == 1
+    err = capsys.readouterr().err.splitlines()[0]
+    assert "sweep_dir= is the folder of a sweep's jobs and applies to zoo train -m only" in err and "run_dir=" in err
+    assert "+sweep_dir" not in err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data=graph_tu"], "model vit_digits reads data.img_size, which data MUTAG does not have: graph models"),
+    (["experiment=graph_karate", "+extra=${no.such.key}"], "--resolve: extra does not resolve: "),
+    (["~data"], "data is required: give data=<option>"),
+])
+def test_resolve_names_what_failed(capsys, overrides, message):
+    """--cfg job --resolve with graph data and the vision model said only "Interpolation key 'data.img_size' not
+    found"; training said which model and data were paired."""
+    assert cli.main(["train", *overrides, "--cfg", "job", "--resolve"]) == 1
+    err = capsys.readouterr().err.splitlines()[0]
+    assert err.startswith("zoo train: error: ") and message in err, err

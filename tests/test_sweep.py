@@ -114,16 +114,21 @@ def test_rerun_keeps_finished_jobs_and_resumes_the_interrupted_one(tmp_path, mon
     real_group, real_train = run._instantiate_group, run.train
     monkeypatch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
         [CtrlCInSecondJob()] if node is not None and "last" in str(node) else []))
-    monkeypatch.setattr(run, "train", lambda cfg: started.append(cfg.get("ckpt_path")) or real_train(cfg))
+    monkeypatch.setattr(run, "train", lambda cfg, **kw: started.append(cfg.get("ckpt_path")) or real_train(cfg, **kw))
     handler = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(SystemExit):
-            cli.main(argv)
+        code = cli.main(argv)
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT while it shuts down
+    # 130, as an interrupted process (it exited 1, the status of "a job failed"); the sweep's advice only (the job's
+    # own "resume ... with ckpt_path=" named an override that -m refuses)
+    assert code == 130
     assert [r["status"] for r in _records(sweep_dir)] == ["ok", "interrupted", "pending"]
+    err = capsys.readouterr().err
     assert (f"zoo train -m: sweep interrupted in job 1; rerun the same command with sweep_dir={sweep_dir} to "
-            f"continue it") in capsys.readouterr().err
+            f"continue it (finished jobs are kept, job 1 resumes from {sweep_dir / '1' / 'checkpoints' / 'last.ckpt'})"
+            ) in err
+    assert "ckpt_path=" not in err, err
     first_metrics = (sweep_dir / "0" / "metrics.json").read_bytes()
     last = sweep_dir / "1" / "checkpoints" / "last.ckpt"
     assert last.is_file() and not (sweep_dir / "1" / "metrics.json").exists()
@@ -241,7 +246,7 @@ def test_each_job_starts_from_the_process_settings(tmp_path, monkeypatch):
     Each job now starts from the process's own settings, and the sweep leaves them as they were."""
     seen = []
     real_train = run.train
-    monkeypatch.setattr(run, "train", lambda cfg: seen.append(torch.get_num_threads()) or real_train(cfg))
+    monkeypatch.setattr(run, "train", lambda cfg, **kw: seen.append(torch.get_num_threads()) or real_train(cfg, **kw))
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     default = torch.get_num_threads()
     torch.set_num_threads(2)  # the process's count, other than job 0's num_threads=1
@@ -323,12 +328,50 @@ def test_variables_a_library_sets_at_import_stay_for_later_jobs(tmp_path, monkey
     seen = []
     real_train = run.train
 
-    def train(cfg):
+    def train(cfg, **kwargs):
         os.environ.setdefault("ZOO_TEST_IMPORT_TIME", "1")  # as a module imported for the first time would
         seen.append(os.environ.get("PL_GLOBAL_SEED"))
-        return real_train(cfg)
+        return real_train(cfg, **kwargs)
 
     monkeypatch.setattr(run, "train", train)
     assert cli.main(["train", "-m", *KARATE, "seed=0,1", f"sweep_dir={tmp_path / 'sweep'}"]) == 0
     assert os.environ.get("ZOO_TEST_IMPORT_TIME") == "1"
     assert "PL_GLOBAL_SEED" not in os.environ and seen == [None, None]
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    """A job's RuntimeError (not a user error: a plain zoo train shows its traceback) left only its one-line error,
+    even with ZOO_DEBUG=1. Its traceback is kept in <run_dir>/error.txt, named in the failure line and sweep.json,
+    and printed under ZOO_DEBUG=1; a user error (ValueError) keeps its one line only."""
+    monkeypatch.delenv("ZOO_DEBUG", raising=False)
+    bad_callback = ["+callbacks.bad._target_=torch.zeros", "+callbacks.bad.size=[-1]"]
+    sweep_dir = tmp_path / "sweep"
+    assert cli.main(["train", "-m", *KARATE, *bad_callback, "seed=0,1", f"sweep_dir={sweep_dir}"]) == 1
+    err = capsys.readouterr().err
+    saved = sweep_dir / "0" / "error.txt"
+    assert (f"zoo train -m: job 0 failed: RuntimeError: zeros: Dimension size must be non-negative. (traceback in "
+            f"{saved})") in err and "Traceback (most recent call last)" not in err
+    text = saved.read_text()
+    assert "Traceback (most recent call last)" in text and "_call_target" in text and "RuntimeError: zeros" in text
+    assert _records(sweep_dir)[1]["traceback"] == str(sweep_dir / "1" / "error.txt")
+
+    monkeypatch.setenv("ZOO_DEBUG", "1")
+    assert cli.main(["train", "-m", *KARATE, *bad_callback, "seed=2", f"sweep_dir={tmp_path / 'debug'}"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+    monkeypatch.delenv("ZOO_DEBUG")
+    assert cli.main(["train", "-m", *KARATE, "seed=abc,def", f"sweep_dir={tmp_path / 'user'}"]) == 1
+    assert "job 0 failed: ValueError: seed must be an integer" in capsys.readouterr().err
+    assert not (tmp_path / "user" / "0" / "error.txt").exists() and "traceback" not in _records(tmp_path / "user")[0]
+
+
+def test_cfg_prints_every_job_and_the_errors_in_place(tmp_path, capsys):
+    """--cfg job with -m stopped at the first job that did not compose: the jobs after it were never shown."""
+    code = cli.main(["train", "-m", *KARATE, "model=gatv3,gat", f"sweep_dir={tmp_path / 's'}", "--cfg", "job"])
+    captured = capsys.readouterr()
+    assert code == 1
+    out = captured.out
+    assert "# job 0: error: ValueError: unknown model=gatv3: did you mean gatv2" in out
+    assert out.index("# job 0: error:") < out.index("# job 1: ") and "name: gat_${data.model_kind}" in out
+    assert "1 of 2 job(s) do not compose (job 0)" in captured.err
+    assert not (tmp_path / "s").exists()

@@ -50,6 +50,7 @@ commands:
 """
 
 TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg [job|all] [--resolve]]
+                 [--config-dir DIR]
    or: zoo train -m|--multirun [sweep_dir=DIR] [experiment=NAME] KEY=A,B ['KEY=range(0,3)'] [GROUP=X,Y] ...
 
 Train with Hydra configs from the installed package zoo.configs (groups: task, model, data, trainer,
@@ -71,6 +72,10 @@ or best, <run_dir>/checkpoints/best.ckpt, as Lightning's trainer.test(ckpt_path=
 test_weights / released_weights and released/config.json's metadata.weights say which).
 Outputs: <run_dir>/{config.yaml, checkpoints/{best,last}.ckpt, csv/, tensorboard/, released/, metrics.json}.
 --cfg (or Hydra's --cfg job, -c all) prints the composed config and exits; with --resolve, interpolations resolved.
+Your own configs: --config-dir DIR (or --config-dir=DIR, -cd DIR, hydra.searchpath=[file://DIR]) adds a folder
+searched after zoo.configs, as Hydra does: DIR/experiment/mine.yaml, DIR/model/mine.yaml, ... are then
+experiment=mine, model=mine (the packaged options keep their names). Hydra's --config-name and --info are not
+supported; ${hydra:...} interpolations have no hydra node to read (use ${run_dir}).
 
 Sweeps (-m / --multirun, as Hydra's basic sweeper): one job per combination of the swept values (a,b,c;
 range(start,stop[,step]); choice(a,b); glob(pattern) over a group's options; a group: model=vit_debug,maxvit_debug),
@@ -78,9 +83,10 @@ the last override varying fastest; quote the functions for the shell ('seed=rang
 another in this process, each a zoo train into <sweep_dir>/<job number> (sweep_dir default
 outputs/<name>/multirun/<date>_<time>); <sweep_dir>/sweep.json records each job's overrides, status, metrics and
 seconds, and a table ends the sweep. A failed job does not stop the others (exit status 1 if any failed; 143 when
-stopped by SIGTERM). Rerunning the same command with the same sweep_dir keeps the finished jobs and resumes an
+stopped by SIGTERM, 130 by Ctrl-C); a job's error that is not a user error keeps its traceback in
+<sweep_dir>/<job>/error.txt (printed too with ZOO_DEBUG=1). Rerunning the same command with the same sweep_dir keeps the finished jobs and resumes an
 interrupted one from its last.ckpt (in the stored job order, so shuffle() sweeps continue too). --cfg prints each
-job's config. Not with -m: run_dir= and ckpt_path= (each job has its own), hydra.* (hydra.sweep.dir is sweep_dir=),
+job's config (a job that does not compose: its error, in place; exit status 1). Not with -m: run_dir= and ckpt_path= (each job has its own), hydra.* (hydra.sweep.dir is sweep_dir=),
 ${...} in sweep_dir, interval() (for optimizing sweepers), multi-process DDP (its ranks re-run the command line: the
 whole sweep).
 e.g. zoo train -m experiment=graph_karate task.lr=1e-3,3e-3 'seed=range(0,3)' sweep_dir=outputs/lr_sweep  # 6 jobs
@@ -176,10 +182,10 @@ def _cmd_train(argv: list[str]) -> int:
     if _wants_help(argv):
         print(TRAIN_HELP + _config_options())
         return 0
-    print_cfg, resolve, overrides = _print_config_flags(argv)
+    print_cfg, resolve, config_dirs, overrides = _print_config_flags(argv)
     if any(token in ("-m", "--multirun") for token in overrides):
-        return _sweep(overrides, print_cfg, resolve)
-    cfg = run.compose(overrides)
+        return _sweep(overrides, print_cfg, resolve, config_dirs)
+    cfg = run.compose(overrides, config_dirs=config_dirs)
     if print_cfg:
         _print_config(cfg, resolve)
         return 0
@@ -204,43 +210,84 @@ def _cmd_train(argv: list[str]) -> int:
 
 
 def _print_config(cfg, resolve: bool) -> None:
+    """Print the composed config (``--cfg``); with ``resolve``, the checks training makes of what the interpolations
+    read come first (a model reading a key the data lacks, ``${hydra:...}``), and another interpolation that fails
+    is named by its key."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+    from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError, MissingMandatoryValue
 
+    from zoo.train import run
+
+    if resolve:
+        run.check_no_hydra_resolver(cfg)
     try:
-        print(OmegaConf.to_yaml(cfg, resolve=resolve))
+        if resolve:
+            run._check_model_fits_data(cfg)  # "model X reads data.Y, which data Z does not have", as training says
+        text = OmegaConf.to_yaml(cfg, resolve=resolve)
     except (MissingMandatoryValue, InterpolationToMissingValueError) as error:  # a ${...} of a required (???) key
         key = str(error).splitlines()[0].rsplit(": ", 1)[-1]
         raise ValueError(f"--resolve: {key} is required (???) and other keys read it: set {key}=..., or print "
                          f"the config without --resolve") from None
+    except InterpolationResolutionError as error:
+        run.check_groups_present(cfg)  # a deleted group (~data) named as such
+        key = getattr(error, "full_key", None) or "?"
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"--resolve: {key} does not resolve: {first}; print the config without --resolve to see "
+                         f"what it reads") from None
+    print(text)
 
 
-def _sweep(argv: list[str], print_cfg: bool, resolve: bool) -> int:
-    """``zoo train -m``: the jobs of a Hydra sweep (zoo.train.sweep), run one after another; exit 1 if any failed.
-    With --cfg, each job's config is printed (headed by its number and overrides) and nothing runs."""
+def _sweep(argv: list[str], print_cfg: bool, resolve: bool, config_dirs: Sequence[str] = ()) -> int:
+    """``zoo train -m``: the jobs of a Hydra sweep (zoo.train.sweep), run one after another; exit 1 if any failed,
+    143 when stopped by SIGTERM, 130 when interrupted (Ctrl-C). With --cfg, each job's config is printed (headed by
+    its number and overrides) and nothing runs; a job whose config does not compose shows its error in its place,
+    and the exit status is then 1."""
     from zoo.train import run, sweep
 
     overrides, sweep_dir = sweep.split_sweep_arguments(argv)
     if print_cfg:
-        root, jobs = sweep.plan(overrides, sweep_dir)
+        root, jobs = sweep.plan(overrides, sweep_dir, config_dirs)
+        broken = []
         for job in jobs:
-            print(f"# job {job.number}: {' '.join(job.overrides)} (run_dir={job.run_dir})")
-            if job.error is not None:
-                raise ValueError(f"job {job.number} ({' '.join(job.overrides)}): {job.error}")
-            _print_config(run.compose(job.run_overrides()), resolve)
+            print(f"# job {job.number}: {' '.join(job.overrides)} (run_dir={job.run_dir})", flush=True)
+            error = job.error
+            if error is None:
+                try:
+                    _print_config(run.compose(job.run_overrides(), config_dirs=config_dirs), resolve)
+                except Exception as problem:  # noqa: BLE001 -- shown in place; the other jobs are still printed
+                    if not _is_user_error(problem) or _debugging():
+                        raise
+                    error = _one_line(problem)
+            if error is not None:
+                broken.append(job.number)
+                print(f"# job {job.number}: error: {error}\n", flush=True)
+        if broken:
+            print(f"zoo train -m: {len(broken)} of {len(jobs)} job(s) do not compose (job "
+                  f"{', '.join(map(str, broken))}); their errors are printed in place above", file=sys.stderr)
+            return 1
         return 0
     try:
-        root, records = sweep.run(overrides, sweep_dir)
-    except SystemExit as stop:
-        if not _terminated(stop):
-            raise
-        return _SIGTERM_EXIT  # sweep.run has said where the sweep stopped and how to continue it
+        root, records = sweep.run(overrides, sweep_dir, config_dirs)
+    except KeyboardInterrupt:  # Ctrl-C between Lightning's fits (composing, the checks before a job trains)
+        return _INTERRUPT_EXIT  # sweep.run has said where the sweep stopped and how to continue it
+    except SystemExit as stop:  # Lightning turns Ctrl-C into sys.exit(1), and SIGTERM into SIGTERMException
+        return _SIGTERM_EXIT if _terminated(stop) else _INTERRUPT_EXIT
     sweep.print_table(root, records)
     return 1 if any(record["status"] != "ok" for record in records) else 0
 
 
 #: the exit status of a run stopped by SIGTERM, as a shell reports a process killed by it (128 + 15)
 _SIGTERM_EXIT = 143
+#: the exit status of a sweep stopped by Ctrl-C (SIGINT: 128 + 2, as a shell reports an interrupted process), apart
+#: from 1 (a job failed), so that a script can tell "rerun to continue" from "a job failed"
+_INTERRUPT_EXIT = 130
+
+
+def _debugging() -> bool:
+    """ZOO_DEBUG=1 (or zoo's test hook): errors are raised with their traceback instead of printed in one line."""
+    import os
+
+    return bool(getattr(sys, "_zoo_debug", False) or os.environ.get("ZOO_DEBUG"))
 
 
 def _terminated(stop: SystemExit) -> bool:
@@ -252,17 +299,43 @@ def _terminated(stop: SystemExit) -> bool:
     return sweep._is_sigterm(stop)
 
 
-def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str]]:
-    """(print the config?, resolved?, the overrides) from ``zoo train`` arguments, with Hydra's spellings of its
-    flags (hydra/_internal/utils.py get_args_parser): ``--cfg job|all``, ``--cfg=job``, ``-c job``, and ``--resolve``
-    (interpolations resolved in the printed config). ``--cfg`` alone prints too. The zoo config is the job's config:
-    ``--cfg hydra`` (Hydra's own node) is refused in one line."""
-    print_cfg, resolve, overrides = False, False, []
+# Hydra's command-line flags (hydra/_internal/utils.py get_args_parser) that zoo train does not take, and why
+_UNSUPPORTED_FLAGS = {
+    "--config-name": "zoo train's primary config is always zoo.configs' train.yaml: put your own configs in a "
+                     "folder given with --config-dir DIR (DIR/experiment/<name>.yaml, DIR/model/<name>.yaml, ...) "
+                     "and pick them with experiment=<name>, model=<name>",
+    "--config-path": "zoo train's configs come from the installed package zoo.configs: add a folder of your own "
+                     "configs with --config-dir DIR",
+    "--info": "Hydra's --info is not supported; zoo train --help lists the config groups and their options, and "
+              "zoo train ... --cfg job prints the composed config",
+    "--package": "Hydra's --package applies to --cfg's printed node, which is always the whole config here",
+    "--hydra-help": "zoo train --help describes zoo train",
+    "--shell-completion": "shell completion is not supported",
+    "--experimental-rerun": "rerun a run with its own overrides, or resume it with ckpt_path=<run_dir>/checkpoints/"
+                            "last.ckpt",
+    "--run": "zoo train runs one config by default (-m runs a sweep)",
+}
+_SHORT_FLAGS = {"-cn": "--config-name", "-cp": "--config-path", "-i": "--info", "-p": "--package",
+                "-sc": "--shell-completion", "-r": "--run", "-cd": "--config-dir", "-c": "--cfg"}
+_SUPPORTED_FLAGS = ("--cfg job|all [--resolve], --config-dir DIR (-cd DIR), -m/--multirun; overrides are "
+                    "key=value, group=option, +key=value, ~key (zoo train --help)")
+
+
+def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str], list[str]]:
+    """(print the config?, resolved?, the user's config folders, the overrides) from ``zoo train`` arguments, with
+    Hydra's spellings of its flags (hydra/_internal/utils.py get_args_parser): ``--cfg job|all``, ``--cfg=job``,
+    ``-c job``, ``--resolve`` (interpolations resolved in the printed config), and ``--config-dir DIR`` /
+    ``--config-dir=DIR`` / ``-cd DIR`` (a folder of the user's own configs, searched after zoo.configs as Hydra
+    searches it; given several times, each is added). ``--cfg`` alone prints too. The zoo config is the job's
+    config: ``--cfg hydra`` (Hydra's own node) is refused in one line, as are Hydra's flags zoo train does not take
+    (--config-name, --info, ...), naming what it supports."""
+    print_cfg, resolve, config_dirs, overrides = False, False, [], []
     tokens = list(argv)
     while tokens:
         token = tokens.pop(0)
         flag, has_value, value = token.partition("=")
-        if flag in ("--cfg", "-c"):
+        long_flag = _SHORT_FLAGS.get(flag, flag)
+        if long_flag == "--cfg":
             print_cfg = True
             if not has_value and tokens and tokens[0] in ("job", "hydra", "all"):
                 value, has_value = tokens.pop(0), True
@@ -272,11 +345,23 @@ def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str]]:
                 raise ValueError(f"{flag} {value}: {what}; {flag} job (or all) prints the composed config")
         elif token == "--resolve":
             resolve = True
+        elif long_flag == "--config-dir":
+            if not has_value:
+                if not tokens or not tokens[0] or tokens[0].startswith("-"):
+                    raise ValueError(f"{flag} needs a folder: {flag} DIR (the folder of your own configs)")
+                value = tokens.pop(0)
+            if not value:
+                raise ValueError(f"{flag}= is empty: give the folder of your own configs ({flag} DIR)")
+            config_dirs.append(value)
+        elif long_flag in _UNSUPPORTED_FLAGS:
+            raise ValueError(f"{token}: {_UNSUPPORTED_FLAGS[long_flag]}; zoo train supports {_SUPPORTED_FLAGS}")
+        elif token.startswith("-") and token not in ("-m", "--multirun"):
+            raise ValueError(f"{token} is not a zoo train flag; zoo train supports {_SUPPORTED_FLAGS}")
         else:
             overrides.append(token)
     if resolve and not print_cfg:
         raise ValueError("--resolve resolves the config that --cfg prints: add --cfg job (training always resolves it)")
-    return print_cfg, resolve, overrides
+    return print_cfg, resolve, config_dirs, overrides
 
 
 def _print_summary(result: dict) -> None:
@@ -597,7 +682,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except BrokenPipeError:
         raise
     except Exception as error:  # user errors: one clear line
-        if not _is_user_error(error) or getattr(sys, "_zoo_debug", False) or __import__("os").environ.get("ZOO_DEBUG"):
+        if not _is_user_error(error) or _debugging():
             raise
         print(f"zoo {command}: error: {_one_line(error)}\n(set ZOO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

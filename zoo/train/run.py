@@ -1,7 +1,8 @@
 """What ``zoo train`` / ``zoo eval`` / ``zoo predict`` do, as functions (the CLI only parses arguments).
 
 Configs come from the installed package ``zoo.configs`` through Hydra's compose API
-(``initialize_config_module("zoo.configs")``), so they work from a wheel as well as from the source tree.
+(``initialize_config_module("zoo.configs")``'s search path), so they work from a wheel as well as from the source
+tree; the user's own folders join the search path with ``--config-dir`` / ``hydra.searchpath`` (:func:`compose`).
 
 * :func:`compose` -- the composed, validated config for a list of Hydra overrides.
 * :func:`build` -- (LightningModule, LightningDataModule) from a config: ``data`` and ``model`` are
@@ -50,10 +51,15 @@ RUN_DIR_ENV = "ZOO_RUN_DIR"  # lets DDP worker processes (re-launched with the s
 # --------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------
-def compose(overrides: Sequence[str] = (), config_name: str = "train"):
-    """Compose ``zoo.configs/<config_name>.yaml`` with Hydra ``overrides`` (``key=value``, ``group=option``)."""
+def compose(overrides: Sequence[str] = (), config_name: str = "train", config_dirs: Sequence[str] = ()):
+    """Compose ``zoo.configs/<config_name>.yaml`` with Hydra ``overrides`` (``key=value``, ``group=option``).
+
+    ``config_dirs``: the user's own config folders (``zoo train --config-dir DIR``), searched after zoo.configs for
+    group options, as Hydra's ``--config-dir`` adds its folder (hydra/_internal/utils.py ``run_hydra``: prepended
+    before the ``schema`` entry, so after the primary config's own source). ``hydra.searchpath=[...]`` in the
+    overrides adds folders too, handled by Hydra's config loader itself (``ConfigLoaderImpl
+    ._process_config_searchpath``, appended after them); a missing folder of either is named here."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -61,14 +67,47 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train"):
     overrides = [_expand_home(item) for item in overrides]
     for item in overrides:
         _check_override(item)
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+        initialize_hydra(config_dirs)
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except HydraException as error:
         raise ValueError(_hydra_message(str(error), overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
     OmegaConf.set_struct(cfg, False)
     return cfg
+
+
+def check_config_dirs(config_dirs: Sequence[str]) -> list[str]:
+    """The absolute paths of ``--config-dir`` folders; a missing one is named (Hydra: "Additional config directory
+    '...' not found")."""
+    folders = []
+    for folder in config_dirs:
+        path = os.path.abspath(os.path.expanduser(str(folder)))
+        if not os.path.isdir(path):
+            raise ValueError(f"--config-dir {folder}: {path} is not a folder (give the folder that holds your "
+                             f"experiment/, model/, data/, ... configs)")
+        folders.append(path)
+    return folders
+
+
+def initialize_hydra(config_dirs: Sequence[str] = ()) -> None:
+    """Hydra's global state for composing zoo.configs (as ``initialize_config_module(CONFIG_MODULE)``), with the
+    user's ``config_dirs`` in its search path where Hydra's ``--config-dir`` puts its folder (see :func:`compose`).
+    The caller clears it (``GlobalHydra.instance().clear()``)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.version import setbase
+
+    folders = check_config_dirs(config_dirs)
+    GlobalHydra.instance().clear()
+    setbase("1.3")
+    search_path = create_automatic_config_search_path(None, f"{CONFIG_MODULE}.app", None)
+    for folder in folders:
+        search_path.prepend(provider="command-line", path=f"file://{folder}", anchor=SearchPathQuery(provider="schema"))
+    Hydra.create_main_hydra2(task_name="app", config_search_path=search_path)
 
 
 def _expand_home(item: str) -> str:
@@ -88,10 +127,39 @@ def _check_override(item: str) -> None:
         raise ValueError(f"{item}: run.compose composes one config; a sweep is zoo train -m ... (zoo.train.sweep)")
     if "=" not in item and not item.startswith("~"):
         raise ValueError(f"override {item!r} is not of the form key=value (or group=option, +key=value, ~key)")
-    key = item.split("=", 1)[0].lstrip("+~")
-    if key == "hydra" or key.startswith("hydra."):
+    written, _, value = item.partition("=")
+    key = written.lstrip("+~")
+    if written == "hydra.searchpath":
+        _check_searchpath(item, value)
+    elif key == "hydra" or key.startswith("hydra."):
         raise ValueError(f"override {item!r}: zoo train composes its config without Hydra's app runner, so hydra.* "
-                         f"settings have no effect; the run's directory is run_dir=... (hydra.run.dir's role)")
+                         f"settings have no effect (except hydra.searchpath=[...], as --config-dir DIR, which add "
+                         f"your config folders); the run's directory is run_dir=... (hydra.run.dir's role)")
+    elif key == "sweep_dir":
+        raise ValueError(f"{item}: sweep_dir= is the folder of a sweep's jobs and applies to zoo train -m only; "
+                         f"run_dir=DIR names the folder of one run")
+
+
+def _check_searchpath(item: str, value: str) -> None:
+    """``hydra.searchpath=[...]``: each folder given as a path (``file://`` or none) must exist; Hydra itself only
+    warns ("provider=..., path=... is not available") and then reports the option as unknown."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        entries = OverridesParser.create().parse_override(item).value()
+    except HydraException as error:
+        raise ValueError(f"override {item!r} is not a Hydra override: {str(error).strip().splitlines()[0]}") from None
+    if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+        raise ValueError(f"{item}: hydra.searchpath is a list of folders: hydra.searchpath=[file:///abs/dir,...] "
+                         f"(or zoo train --config-dir DIR)")
+    for entry in entries:
+        scheme, sep, path = entry.partition("://")
+        if not sep:
+            scheme, path = "file", entry
+        if scheme == "file" and not os.path.isdir(path):
+            raise ValueError(f"{item}: {entry} is not a folder ({os.path.abspath(path)} does not exist); give the "
+                             f"folder that holds your experiment/, model/, ... configs")
 
 
 def _hydra_message(text: str, overrides: Sequence[str]) -> str:
@@ -175,6 +243,8 @@ def _missing_hint(plain: dict, key: str) -> str:
 
 def check_required(cfg) -> None:
     """Raise one line naming each missing mandatory (``???``) key and what to put there."""
+    check_groups_present(cfg)
+    check_no_hydra_resolver(cfg)
     _infer_folder_classes(cfg)
     plain = _plain(cfg)
     missing = _missing_keys(plain)
@@ -184,6 +254,59 @@ def check_required(cfg) -> None:
     _check_graph_model_kind(cfg)
     _check_model_channels(plain)
     _check_task_fits_data(cfg)
+
+
+# the config groups a run cannot do without, and the key that makes a node of each buildable (a task config may instead
+# name a ``module`` whose build(cfg) builds the run: the graph tasks)
+_REQUIRED_GROUPS = {"task": ("_target_", "module"), "model": ("_target_",), "data": ("_target_",)}
+
+
+def _group_options(group: str) -> list[str]:
+    """The options of a config group in the installed zoo.configs (what ``group=option`` can name)."""
+    from importlib import resources
+
+    folder = resources.files(CONFIG_MODULE) / group
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")) if folder.is_dir() else []
+
+
+def check_groups_present(cfg) -> None:
+    """task, model and data are each required: deleted (``~model``) the run failed reading them ("Missing key
+    task", a traceback); deleted after an experiment that sets one of their keys, the node held only that key
+    ("config node has no _target_: ['heads']"). One line naming the group option to give."""
+    from omegaconf import OmegaConf
+
+    for group, buildable in _REQUIRED_GROUPS.items():
+        node = cfg.get(group)
+        if OmegaConf.is_dict(node) and any(node.get(key) for key in buildable):
+            continue
+        left = (f" (the config's {group} holds only {', '.join(map(str, node))}, set by another config, and no "
+                f"{buildable[0]})" if OmegaConf.is_dict(node) and len(node) else "")
+        raise ValueError(f"{group} is required: give {group}=<option>{left}; {group} options: "
+                         f"{', '.join(_group_options(group))}")
+
+
+# zoo train composes with Hydra's compose API, which sets no HydraConfig: OmegaConf's "hydra" resolver then fails with
+# "HydraConfig was not set" (lightning-hydra-template's paths.output_dir is ${hydra:runtime.output_dir})
+_HYDRA_RESOLVER = re.compile(r"\$\{\s*hydra\s*:")
+
+
+def check_no_hydra_resolver(cfg) -> None:
+    """A ``${hydra:...}`` interpolation, named with what to use instead: zoo train runs without Hydra's app runner,
+    so its config has no hydra node for the resolver to read."""
+    def found(node, prefix: str = ""):
+        if isinstance(node, dict):
+            return next((hit for key, value in node.items() for hit in [found(value, f"{prefix}{key}.")] if hit), None)
+        if isinstance(node, list):
+            return next((hit for i, value in enumerate(node) for hit in [found(value, f"{prefix}{i}.")] if hit), None)
+        return (prefix[:-1], node) if isinstance(node, str) and _HYDRA_RESOLVER.search(node) else None
+
+    hit = found(_plain(cfg))
+    if hit is not None:
+        key, value = hit
+        raise ValueError(f"{key}: {value}: zoo train composes its config without Hydra's app runner, so there is no "
+                         f"hydra node for ${{hydra:...}} to read; use ${{run_dir}} for the run's folder "
+                         f"(${{hydra:runtime.output_dir}}; in a zoo train -m sweep each job's run_dir is "
+                         f"<sweep_dir>/<job number>) and ${{name}} for the run's name")
 
 
 # The task config (configs/task/<option>.yaml) that trains on each data module, and each option's task class: a task
@@ -247,6 +370,8 @@ def _check_model_fits_data(cfg) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import InterpolationKeyError
 
+    if not OmegaConf.is_dict(cfg.get("model")) or not OmegaConf.is_dict(cfg.get("data")):
+        return  # a missing group is check_groups_present's to name
     try:
         OmegaConf.to_container(cfg.model, resolve=True)
     except InterpolationKeyError as error:
@@ -707,14 +832,17 @@ def _float_metrics(metrics: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 # train / evaluate / predict
 # --------------------------------------------------------------------------------------------------
-def train(cfg) -> dict[str, Any]:
-    """Fit, test and export as configured; returns {"run_dir", "metrics", "last_ckpt", "released", "seconds", ...}."""
+def train(cfg, *, resume_advice: bool = True) -> dict[str, Any]:
+    """Fit, test and export as configured; returns {"run_dir", "metrics", "last_ckpt", "released", "seconds", ...}.
+    ``resume_advice``: on Ctrl-C, say how to resume the run (``ckpt_path=``); a job of ``zoo train -m`` gives the
+    sweep's own advice instead (zoo.train.sweep: rerun with the same sweep_dir; -m refuses ckpt_path=)."""
+    check_no_hydra_resolver(cfg)  # before run_dir, which may be the one that reads it
     _resolve_ckpt_shortcut(cfg)
     run_dir = _resolve_run_dir(cfg)
     previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers are re-launched with the same argv: same run_dir
     try:
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, resume_advice)
     finally:
         if previous is None:
             os.environ.pop(RUN_DIR_ENV, None)
@@ -754,14 +882,15 @@ def _interrupt_note(run_dir: Path, epoch: int) -> str:
     return f"zoo train: interrupted in epoch {epoch} of the run in {run_dir}; {where}"
 
 
-def _interrupt_callback(run_dir: Path):
+def _interrupt_callback(run_dir: Path, resume_advice: bool = True):
     """A Lightning callback that, on Ctrl-C (Lightning shuts down gracefully and exits 1 with only its own line),
-    says where the run is and how to resume it (built here: lightning is imported only when training)."""
+    says where the run is and how to resume it (built here: lightning is imported only when training); without
+    ``resume_advice`` (a sweep's job) it says nothing: the sweep says how to continue."""
     import lightning.pytorch as pl
 
     class InterruptNote(pl.Callback):
         def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-            if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            if resume_advice and isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
                 print(_interrupt_note(Path(run_dir), int(trainer.current_epoch)), file=sys.stderr, flush=True)
 
     return InterruptNote()
@@ -888,7 +1017,7 @@ def _check_not_a_finished_run(run_dir: Path, cfg) -> None:
                          f"continue it in{to_resume}")
 
 
-def _train(cfg, run_dir: Path) -> dict[str, Any]:
+def _train(cfg, run_dir: Path, resume_advice: bool = True) -> dict[str, Any]:
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
 
@@ -915,7 +1044,7 @@ def _train(cfg, run_dir: Path) -> dict[str, Any]:
         resumed_order = (resume[1].get(type(datamodule).__qualname__) or {}).get("training_order")
         del resume  # Lightning reads the file again in fit(): do not hold two copies
     validated = _validation_step_callback()
-    callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir), validated]
+    callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir, resume_advice), validated]
     _check_best_checkpoint_can_exist(cfg, callbacks)
     trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
     _check_launcher(trainer, cfg)

@@ -25,7 +25,11 @@ Deliberate differences from Hydra:
   stop the others either, as in Hydra 1.3 (its ``run_job`` keeps the exception in the JobReturn and
   ``BasicSweeper.sweep`` raises the first one after the batch, by default every job, has run). Each failure is
   recorded in sweep.json and the table with its one-line error, and ``zoo train -m`` exits 1 when any job failed.
-  Ctrl-C stops the whole sweep (the job is recorded as interrupted).
+  An error that is not a user error (zoo.cli._is_user_error: a plain zoo train shows its traceback) keeps its
+  traceback in ``<run_dir>/error.txt``, named in the failure line and in sweep.json, and printed too under
+  ZOO_DEBUG=1 (Hydra prints it after the batch). Ctrl-C stops the whole sweep (the job is recorded as interrupted;
+  zoo train -m exits 130, as an interrupted process, and the job's own "resume with ckpt_path=" note, an override
+  -m refuses, gives way to the sweep's "rerun with the same sweep_dir").
 * Rerunning the same command with the same ``sweep_dir=`` continues the sweep (Hydra reruns every job): a job whose
   run directory holds ``metrics.json`` (written when a zoo train run ends) is kept as it is, and a job with only
   ``checkpoints/last.ckpt`` resumes from it with zoo train's own resume (``ckpt_path=<its run_dir>/checkpoints/
@@ -70,6 +74,8 @@ class Job:
     overrides: list[str]
     run_dir: Path
     error: Optional[str] = None
+    error_traceback: Optional[str] = None  # the traceback of a composition error that is not a user error
+    config_dirs: tuple[str, ...] = ()  # zoo train --config-dir folders
     record: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] = field(default_factory=dict)  # its record in the sweep.json of an earlier run
 
@@ -83,7 +89,7 @@ def split_sweep_arguments(argv: Sequence[str]) -> tuple[list[str], Optional[str]
     ``run_dir=`` and ``ckpt_path=`` are refused: each job has its own run directory and resumes itself. Refused
     too, before any job runs: a ``sweep_dir`` with ``${...}`` (each job's quoted ``run_dir=`` override would resolve
     it, sweep.json would stay in the literal folder, and a rerun would find neither), and ``hydra.*`` settings
-    (:func:`_hydra_setting`)."""
+    (:func:`_hydra_setting`) other than ``hydra.searchpath=[...]`` (the user's config folders, kept for every job)."""
     overrides, sweep_dir = [], None
     for token in argv:
         key, sep, value = token.partition("=")
@@ -96,6 +102,8 @@ def split_sweep_arguments(argv: Sequence[str]) -> tuple[list[str], Optional[str]
                                  f"be resolved in the jobs' run_dir but not for sweep.json); give the folder "
                                  f"literally, e.g. sweep_dir=outputs/<name>/my_sweep")
             sweep_dir = os.path.expanduser(value)
+        elif key == "hydra.searchpath" and sep:  # the user's config folders: each job composes with them
+            overrides.append(token)
         elif name == "hydra" or name.startswith("hydra."):
             raise ValueError(_hydra_setting(token, name, value))
         elif name == "run_dir":
@@ -112,7 +120,7 @@ def split_sweep_arguments(argv: Sequence[str]) -> tuple[list[str], Optional[str]
     return overrides, sweep_dir
 
 
-def _hydra_setting(token: str, name: str, value: str) -> str:
+def _hydra_setting(token: str, name: str, value: str) -> str:  # (hydra.searchpath=[...] is let through)
     """Why a ``hydra.*`` override is refused with -m, and what to give instead. ``zoo train`` composes its config
     without Hydra's app runner, so Hydra's own settings never reach a sweeper: ``hydra.sweep.dir`` (the
     lightning-hydra-template spelling of the sweep's folder) is ``sweep_dir=``; ``hydra.sweep.subdir`` is fixed to the
@@ -125,19 +133,19 @@ def _hydra_setting(token: str, name: str, value: str) -> str:
     if name.startswith("hydra.sweeper"):
         return (f"{token}: Hydra sweeper settings (sweeps set in a config, other sweepers) are not supported; give "
                 f"the swept values on the command line (KEY=A,B), see docs/training.md section 4b")
-    return (f"{token}: zoo train composes its config without Hydra's app runner, so hydra.* settings have no effect; "
-            f"the sweep's folder is sweep_dir=DIR")
+    return (f"{token}: zoo train composes its config without Hydra's app runner, so hydra.* settings have no effect "
+            f"(except hydra.searchpath=[...], as --config-dir DIR, which add your config folders); the sweep's folder "
+            f"is sweep_dir=DIR")
 
 
-def _config_loader():
-    """Hydra's config loader for zoo.configs (glob() sweeps list a group's options through it)."""
-    from hydra import initialize_config_module
+def _config_loader(config_dirs: Sequence[str] = ()):
+    """Hydra's config loader for zoo.configs and the ``--config-dir`` folders (glob() sweeps list a group's options
+    through it)."""
     from hydra.core.global_hydra import GlobalHydra
 
     from zoo.train import run as run_module
 
-    GlobalHydra.instance().clear()
-    initialize_config_module(config_module=run_module.CONFIG_MODULE, version_base="1.3")
+    run_module.initialize_hydra(config_dirs)
     return GlobalHydra.instance().config_loader()
 
 
@@ -155,7 +163,7 @@ def _expand_home_elements(item: str) -> str:
     return f"{key}={_HOME_ELEMENT.sub(lambda _: os.path.expanduser('~'), value)}"
 
 
-def expand(overrides: Sequence[str]) -> list[list[str]]:
+def expand(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> list[list[str]]:
     """The jobs of a sweep (each a list of overrides), as Hydra's BasicSweeper makes them: parsed by
     ``OverridesParser.parse_overrides`` and combined by ``BasicSweeper.split_arguments`` (hydra-core 1.3,
     hydra/_internal/core_plugins/basic_sweeper.py), in its order. Errors quote the override as the user wrote it
@@ -168,7 +176,7 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
 
     written = list(overrides)
     try:
-        parser = OverridesParser.create(config_loader=_config_loader())
+        parser = OverridesParser.create(config_loader=_config_loader(config_dirs))
         parsed, given = [], []
         for item in written:
             try:
@@ -247,7 +255,8 @@ def check_single_process(cfg, job: int) -> None:
                      f"combination for DDP")
 
 
-def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Path, list[Job]]:
+def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None,
+         config_dirs: Sequence[str] = ()) -> tuple[Path, list[Job]]:
     """(sweep_dir, the jobs) for a sweep's overrides: every job composed (a composition error is kept as the job's
     error: that job fails, the others run), multi-process jobs refused, and the sweep_dir checked to be this sweep's
     (or new, or empty). In a sweep_dir of an earlier run of this sweep, the jobs take the numbers (and the order)
@@ -255,18 +264,19 @@ def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Pat
     and a job's number is its run directory."""
     from zoo.train import run as run_module
 
-    combinations = expand(overrides)
+    combinations = expand(overrides, config_dirs)
     composed = []
     for number, job_overrides in enumerate(combinations):
         try:
-            cfg = run_module.compose(job_overrides)  # run_dir is added when the job runs (sweep_dir may be default)
+            # run_dir is added when the job runs (sweep_dir may be default)
+            cfg = run_module.compose(job_overrides, config_dirs=config_dirs)
         except Exception as error:  # noqa: BLE001 -- recorded as this job's failure, the others still run
-            composed.append((None, _error_line(error)))
+            composed.append((None, _error_line(error), _internal_traceback(error)))
             continue
         check_single_process(cfg, number)
-        composed.append((cfg, None))
+        composed.append((cfg, None, None))
     if sweep_dir is None:
-        names = [str(cfg.get("name") or "run") for cfg, _ in composed if cfg is not None]
+        names = [str(cfg.get("name") or "run") for cfg, _, _ in composed if cfg is not None]
         sweep_dir = _default_sweep_dir(names[0] if names else "run")
     root = Path(sweep_dir).expanduser().absolute()
     for path in (root, *root.parents):
@@ -274,8 +284,8 @@ def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Pat
             raise ValueError(f"sweep_dir={root}: {path} is an existing file, not a directory (give a directory)")
     stored = _stored_jobs(root, combinations)
     order = _stored_order(combinations, stored) if stored else range(len(combinations))
-    return root, [Job(number, combinations[index], root / str(number), composed[index][1],
-                      previous=stored[number] if stored else {})
+    return root, [Job(number, combinations[index], root / str(number), composed[index][1], composed[index][2],
+                      config_dirs=tuple(config_dirs), previous=stored[number] if stored else {})
                   for number, index in enumerate(order)]
 
 
@@ -335,15 +345,52 @@ def _finished_metrics(run_dir: Path) -> Optional[dict]:
     return finished if isinstance(finished, dict) and isinstance(finished.get("metrics"), dict) else None
 
 
+#: the file in a failed job's run directory that keeps the traceback of an error that is not a user error
+ERROR_FILE = "error.txt"
+
+
+def _internal_traceback(error: BaseException) -> Optional[str]:
+    """The traceback of ``error`` (raised in the ``except`` that calls this) when zoo train would show it: an error
+    that is not a user error (zoo.cli._is_user_error, which a plain zoo train prints with its traceback), or any error
+    under ZOO_DEBUG=1; None otherwise."""
+    import traceback
+
+    from zoo.cli import _is_user_error
+
+    if _is_user_error(error) and not os.environ.get("ZOO_DEBUG"):
+        return None
+    return traceback.format_exc()
+
+
+def _report_failure(job: Job, error_line: str, trace: Optional[str]) -> None:
+    """Record a failed job and say so on stderr; a traceback (see _internal_traceback) is kept in
+    ``<run_dir>/error.txt``, named in the line, and printed too under ZOO_DEBUG=1 (as zoo train raises it then)."""
+    where = ""
+    if trace is not None:
+        path = job.run_dir / ERROR_FILE
+        try:
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"zoo train -m: job {job.number}: {' '.join(job.overrides)}\n{trace}", encoding="utf-8")
+            job.record["traceback"] = str(path)
+            where = f" (traceback in {path})"
+        except OSError as problem:  # the traceback still goes to stderr below
+            where = f" (its traceback could not be written to {path}: {problem})"
+        if os.environ.get("ZOO_DEBUG"):
+            print(trace, file=sys.stderr, end="", flush=True)
+    print(f"zoo train -m: job {job.number} failed: {error_line}{where}", file=sys.stderr, flush=True)
+
+
 def _run_job(job: Job) -> None:
     """Run (or skip, or resume) one job, filling ``job.record``; Ctrl-C (KeyboardInterrupt, or Lightning's SystemExit
     after it) marks it interrupted and stops the sweep."""
     from zoo.train import run as run_module
 
     job.record.update(status="pending", error=None)
+    job.record.pop("traceback", None)
+    (job.run_dir / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's: this run's failure writes its own
     if job.error is not None:
         job.record.update(status="failed", error=job.error, metrics={}, seconds=0.0)
-        print(f"zoo train -m: job {job.number} failed: {job.error}", file=sys.stderr, flush=True)
+        _report_failure(job, job.error, job.error_traceback)
         return
     finished = _finished_metrics(job.run_dir)
     if finished is not None:
@@ -358,14 +405,15 @@ def _run_job(job: Job) -> None:
     start = time.perf_counter()
     try:
         with _process_state_restored():
-            result = run_module.train(run_module.compose([*job.run_overrides(), *resume]))
+            cfg = run_module.compose([*job.run_overrides(), *resume], config_dirs=job.config_dirs)
+            result = run_module.train(cfg, resume_advice=False)  # the sweep says how to continue (run)
     except (KeyboardInterrupt, SystemExit):
         job.record.update(status="interrupted", seconds=round(time.perf_counter() - start, 3))
         raise
     except Exception as error:  # noqa: BLE001 -- a failed job does not stop the sweep (module docstring)
         job.record.update(status="failed", error=_error_line(error), metrics={},
                           seconds=round(time.perf_counter() - start, 3))
-        print(f"zoo train -m: job {job.number} failed: {job.record['error']}", file=sys.stderr, flush=True)
+        _report_failure(job, job.record["error"], _internal_traceback(error))
         return
     job.record.update(status="ok", metrics=result.get("metrics", {}), seconds=round(time.perf_counter() - start, 3))
 
@@ -417,9 +465,10 @@ def _process_state_restored() -> Iterator[None]:
         torch.random.set_rng_state(random_states[2])
 
 
-def run(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Path, list[dict[str, Any]]]:
+def run(overrides: Sequence[str], sweep_dir: Optional[str] = None,
+        config_dirs: Sequence[str] = ()) -> tuple[Path, list[dict[str, Any]]]:
     """Run a sweep (module docstring); returns (sweep_dir, each job's record as written to sweep.json)."""
-    root, jobs = plan(overrides, sweep_dir)
+    root, jobs = plan(overrides, sweep_dir, config_dirs)
     for job in jobs:
         job.record = {"job": job.number, "overrides": job.overrides, "run_dir": str(job.run_dir),
                       "status": "pending", "error": None, "metrics": {}, "seconds": None}
@@ -432,8 +481,11 @@ def run(overrides: Sequence[str], sweep_dir: Optional[str] = None) -> tuple[Path
             _run_job(job)
         except (KeyboardInterrupt, SystemExit) as stop:
             how = "terminated (SIGTERM)" if _is_sigterm(stop) else "interrupted"
+            last = job.run_dir / "checkpoints" / "last.ckpt"
+            resumes = (f"job {job.number} resumes from {last}" if last.is_file()
+                       else f"job {job.number} starts over: it had written no checkpoint yet")
             print(f"zoo train -m: sweep {how} in job {job.number}; rerun the same command with "
-                  f"sweep_dir={root} to continue it (finished jobs are kept, job {job.number} resumes)",
+                  f"sweep_dir={root} to continue it (finished jobs are kept, {resumes})",
                   file=sys.stderr, flush=True)
             raise
         finally:
