@@ -262,7 +262,7 @@ def test_eval_refuses_unknown_keys_and_model_overrides(karate_run, capsys):
     ckpt = f"ckpt={karate_run / 'checkpoints' / 'last.ckpt'}"
     assert cli.main(["eval", ckpt, "data.nam=sbm"]) == 1
     err = capsys.readouterr().err
-    assert "unknown key data.nam (data keys: batch_size, inference_batch_size, model_kind, name, num_classes, num_features, num_neighbors, num_workers, root, seed)" in err
+    assert "unknown key data.nam (data keys: batch_size, inference_batch_size, model_kind, name, num_classes, num_features, num_neighbors, num_workers, replace, root, seed)" in err
     assert cli.main(["eval", ckpt, "model.heads=2"]) == 1
     assert "model.* cannot be overridden in eval (the model comes from the checkpoint)" in capsys.readouterr().err
     assert cli.main(["eval", ckpt, "dat.root=x"]) == 1

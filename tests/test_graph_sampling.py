@@ -100,6 +100,51 @@ def test_each_neighbour_is_drawn_with_frequency_k_over_degree():
     assert torch.all((off_diagonal - 1 / 15).abs() < 0.03), pairs
 
 
+def test_replace_draws_k_in_edges_uniformly_with_replacement_as_pyg_lib():
+    """PyG's NeighborLoader(replace=True) (pyg-lib neighbor_kernel.cpp, NeighborSampler::_sample, case 2): k in-edges
+    drawn independently and uniformly for every node with any, k even where the degree is smaller, so an edge may
+    come twice (the subgraph and e_id then hold it twice); -1 still takes every in-edge once; a node without
+    in-edges gets none. 3000 targets with the same 4 in-edges, k=6: each edge ~1.5 times per target (sd ~0.02 of
+    the mean over 3000); without replacement the same targets get their 4 edges once."""
+    num_targets, degree, k = 3000, 4, 6
+    targets = torch.arange(degree, degree + num_targets)
+    edge_index = torch.stack([torch.arange(degree).repeat(num_targets), targets.repeat_interleave(degree)])
+    sampler = NeighborSampler(edge_index, num_nodes=degree + num_targets + 1)  # the last node has no in-edges
+    sub = sampler.sample(targets, [k], torch.Generator().manual_seed(0), replace=True)
+    assert sub.edge_index.size(1) == sub.e_id.numel() == num_targets * k
+    src, dst = sub.n_id[sub.edge_index]
+    assert torch.equal(torch.stack([src, dst]), edge_index[:, sub.e_id])  # every sampled edge a true in-edge
+    per_target = torch.bincount(dst - degree, minlength=num_targets)
+    assert bool((per_target == k).all())
+    frequency = torch.bincount(src, minlength=degree).float() / (num_targets * k)
+    assert torch.all((frequency - 1 / degree).abs() < 0.01), frequency
+    repeated = torch.unique(sub.e_id).numel() < sub.e_id.numel()
+    assert repeated  # with 6 draws of 4 edges, every target repeats one
+    without = sampler.sample(targets, [k], torch.Generator().manual_seed(0))
+    assert without.e_id.numel() == num_targets * degree and torch.unique(without.e_id).numel() == without.e_id.numel()
+    everything = sampler.sample(targets[:5], [-1], torch.Generator().manual_seed(0), replace=True)
+    assert torch.equal(everything.e_id.sort().values, without.e_id[: 5 * degree].sort().values)
+    alone = sampler.sample(torch.tensor([degree + num_targets]), [k], replace=True)
+    assert alone.edge_index.size(1) == 0 and alone.n_id.tolist() == [degree + num_targets]
+    with pytest.raises(TypeError, match=r"^replace must be True or False, got 'yes'$"):
+        sampler.sample(targets[:2], [k], replace="yes")
+
+
+def test_data_replace_trains_sampled_batches_with_replacement(tmp_path):
+    """data.replace=true reaches the training loader's sampler (the same batch draws repeated edges) and is refused
+    for full-batch training and as a string."""
+    module = _sbm_module(num_neighbors=[12, 12], replace=True)
+    batch = next(iter(module.train_dataloader()))
+    assert torch.unique(batch["e_id"]).numel() < batch["e_id"].numel()
+    plain = next(iter(_sbm_module(num_neighbors=[12, 12]).train_dataloader()))
+    assert torch.unique(plain["e_id"]).numel() == plain["e_id"].numel()
+    with pytest.raises(ValueError, match=r"^data\.replace=true draws the sampled neighbourhoods with replacement: it "
+                                         r"needs sampled mini-batches"):
+        gd.NodeDataModule(name="karate", replace=True)
+    with pytest.raises(TypeError, match=r"^data\.replace must be True or False, got 'yes'$"):
+        gd.NodeDataModule(name="karate", batch_size=4, num_neighbors=[3], replace="yes")
+
+
 def _sbm_module(**overrides):
     options = dict(name="sbm", batch_size=4, num_neighbors=[3, 2], seed=0)
     options.update(overrides)
@@ -289,8 +334,8 @@ def test_a_mid_epoch_resume_with_another_data_set_is_refused(tmp_path):
                                              rf"{change.lstrip('+').replace('true', 'True')}: the checkpoint's run "
                                              rf"used {stored}, .*resume from a checkpoint written at an epoch's end, "
                                              rf"or keep {stored} \(only data\.batch_size, data\.num_neighbors, "
-                                             rf"data\.num_workers, data\.inference_batch_size may change "
-                                             rf"mid-epoch\)$"):
+                                             rf"data\.replace, data\.num_workers, data\.inference_batch_size may "
+                                             rf"change mid-epoch\)$"):
             run.train(_sampled_sbm(tmp_path, "cut", change, f"ckpt_path={last}"))
         assert (tmp_path / "cut" / "config.yaml").read_text() == config
     resumed = run.train(_sampled_sbm(tmp_path, "cut", "data.batch_size=2", "data.num_neighbors=[2,2]",

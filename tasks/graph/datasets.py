@@ -83,7 +83,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from zoo.layers import is_int
+from zoo.layers import check_flag, is_int
 from zoo.train.order import ResumableTrainingOrder
 
 try:
@@ -695,7 +695,7 @@ def _trained_model_mismatch(data: str, key: str, found: int, want: int) -> str:
 
 # NodeDataModule's mini-batch keys: they change how the training loader batches the graph, not the graph, so
 # load_node_dataset ignores them (``zoo viz graph ckpt=`` passes every recorded data option on)
-_TRAINING_LOADER_KEYS = ("batch_size", "num_neighbors", "inference_batch_size")
+_TRAINING_LOADER_KEYS = ("batch_size", "num_neighbors", "replace", "inference_batch_size")
 
 
 def load_node_dataset(name: str, root: Optional[str] = None, seed: int = 0, normalize_features: bool = False,
@@ -703,8 +703,8 @@ def load_node_dataset(name: str, root: Optional[str] = None, seed: int = 0, norm
     """Dispatch on ``name`` (see the module docstring); ``normalize_features``: the rows of x summing to 1
     (:func:`normalize_feature_rows`, PyG's NormalizeFeatures). Here rather than in the data module alone, so that
     ``zoo viz graph ckpt=`` (which passes the recorded data options on) feeds a model the features it trained on.
-    ``batch_size`` / ``num_neighbors`` / ``inference_batch_size`` (how NodeDataModule batches the graph) are accepted
-    and ignored."""
+    ``batch_size`` / ``num_neighbors`` / ``replace`` / ``inference_batch_size`` (how NodeDataModule batches the graph)
+    are accepted and ignored."""
     for key in _TRAINING_LOADER_KEYS:  # how the training loader batches the graph (NodeDataModule), not the graph
         kwargs.pop(key, None)
     data = _load_node_dataset(name, root, seed, **kwargs)
@@ -1154,11 +1154,12 @@ class _SampledTrainingNodes(torch.utils.data.Dataset):
     it: a run resumed in the middle of an epoch samples what the uninterrupted run samples. ``epoch`` is set by
     EpochShuffleSampler.set_epoch."""
 
-    def __init__(self, data: dict, sampler, num_neighbors: list, seed: int):
+    def __init__(self, data: dict, sampler, num_neighbors: list, seed: int, replace: bool = False):
         self.nodes = data["train_mask"].nonzero().view(-1)
         self.features = {key: data[key] for key in ("x", "y")}
         self.edge_attr = data.get("edge_attr")
         self.sampler, self.num_neighbors, self.seed, self.epoch = sampler, num_neighbors, int(seed), 0
+        self.replace = replace
 
     def __len__(self) -> int:
         return self.nodes.numel()
@@ -1175,7 +1176,7 @@ class _SampledTrainingNodes(torch.utils.data.Dataset):
 
     def collate(self, seed_ids: list) -> dict:
         seeds = torch.tensor(seed_ids, dtype=torch.long)
-        sub = self.sampler.sample(seeds, self.num_neighbors, self._generator(seeds))
+        sub = self.sampler.sample(seeds, self.num_neighbors, self._generator(seeds), replace=self.replace)
         batch = {key: value[sub.n_id] for key, value in self.features.items()}
         batch.update(edge_index=sub.edge_index, n_id=sub.n_id, e_id=sub.e_id, batch_size=sub.batch_size)
         if self.edge_attr is not None:
@@ -1188,10 +1189,11 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
     select the split).
 
     Mini-batches of sampled neighbourhoods (``batch_size`` seeds per batch, ``num_neighbors`` in-neighbours per node
-    and hop, -1 = all), PyG's NeighborLoader semantics (torch_geometric/loader/neighbor_loader.py) with the zoo's own
-    sampler (:mod:`zoo.tasks.graph.sampling`; PyG's needs pyg-lib or torch-sparse): the training loader goes through
-    the training nodes in an order of (seed, epoch) (:class:`zoo.train.order.EpochShuffleSampler`, restored mid-epoch
-    on resume as for graph classification), each batch the seeds' sampled subgraph (:class:`_SampledTrainingNodes`).
+    and hop, -1 = all; ``replace``: drawn with replacement), PyG's NeighborLoader semantics
+    (torch_geometric/loader/neighbor_loader.py) with the zoo's own sampler (:mod:`zoo.tasks.graph.sampling`; PyG's
+    needs pyg-lib or torch-sparse): the training loader goes through the training nodes in an order of (seed, epoch)
+    (:class:`zoo.train.order.EpochShuffleSampler`, restored mid-epoch on resume as for graph classification), each
+    batch the seeds' sampled subgraph (:class:`_SampledTrainingNodes`).
     Under DDP that sampler (a DistributedSampler, which Lightning does not wrap again) gives each process its own share
     of the seeds, padded as PyTorch's DistributedSampler pads (a few seeds repeated) so that every process runs the
     same number of steps. Validation, test and predict give exact outputs for every node: one full-graph forward, or
@@ -1200,19 +1202,20 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
     of the graph in memory at once. The CSR of the graph is built once, at the first loader that needs it, and kept.
 
     Resumed in the middle of an epoch, only the loader keys may change (``data.batch_size``, as for images;
-    ``data.num_neighbors``, ``data.num_workers``): the others make another data set (for generated graphs, sbm and
+    ``data.num_neighbors``, ``data.replace``, ``data.num_workers``): the others make another data set (for generated graphs, sbm and
     networkx, ``data.seed`` regenerates the graph and its split), refused by zoo train
     (:meth:`ResumableTrainingOrder.check_same_data`). ``data.seed`` is also this module's order seed: for karate,
     Planetoid and OGB, whose split is their own, a change of it only orders the epochs after the current one (a note
     says so, :meth:`data_depends_on_order_seed`)."""
 
     order_seed_key = "data.seed"
-    mid_epoch_changeable_keys = ("batch_size", "num_neighbors", "num_workers", "inference_batch_size")
+    mid_epoch_changeable_keys = ("batch_size", "num_neighbors", "replace", "num_workers", "inference_batch_size")
 
     def __init__(self, name: str = "karate", root: Optional[str] = None, seed: int = 0,
                  num_features: Optional[int] = None, num_classes: Optional[int] = None, model_kind: str = "node",
                  num_workers: int = 0, normalize_features: bool = False, batch_size: Optional[int] = None,
-                 num_neighbors: Optional[list] = None, inference_batch_size: Optional[int] = None, **kwargs):
+                 num_neighbors: Optional[list] = None, inference_batch_size: Optional[int] = None,
+                 replace: bool = False, **kwargs):
         super().__init__()
         if model_kind != "node":
             raise ValueError(f"node-classification data need model_kind='node', got {model_kind!r}")
@@ -1227,13 +1230,19 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
         if unknown and kind in _LOADER_OPTIONS:  # an unknown dataset name is reported by setup()
             raise ValueError(
                 f"unknown key data.{unknown[0]} for the {name!r} dataset (its keys: name, root, seed, num_features, "
-                f"num_classes, model_kind, num_workers, normalize_features, batch_size, num_neighbors, "
+                f"num_classes, model_kind, num_workers, normalize_features, batch_size, num_neighbors, replace, "
                 f"inference_batch_size"
                 f"{''.join(', ' + o for o in options)})"
             )
         if kind == "sbm":  # named here, before the generator's own RuntimeError deep inside torch.bernoulli
             _check_sbm_arguments("data.", **kwargs)
         self.batch_size, self.num_neighbors = _check_node_batches(batch_size, num_neighbors)
+        # data.replace: neighbours drawn with replacement (PyG's NeighborLoader replace=True, zoo.tasks.graph.sampling)
+        self.replace = check_flag(replace, "data.replace")
+        if self.replace and self.batch_size is None:
+            raise ValueError("data.replace=true draws the sampled neighbourhoods with replacement: it needs sampled "
+                             "mini-batches (data.batch_size=<seeds per batch> data.num_neighbors=[...]), or leave "
+                             "it false for full-batch training")
         if inference_batch_size is not None and (not is_int(inference_batch_size) or inference_batch_size < 1):
             raise ValueError(f"data.inference_batch_size must be a positive integer (nodes per chunk of layer-wise "
                              f"inference) or null (one full-graph forward), got {inference_batch_size!r}")
@@ -1345,7 +1354,7 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
         if int(self.data["train_mask"].sum()) == 0:
             raise ValueError(f"dataset {self.name!r} has no training node (train_mask is empty): nothing to sample "
                              f"batches from; use data.batch_size=null")
-        return _SampledTrainingNodes(self.data, self._sampler(), self.num_neighbors, self.seed)
+        return _SampledTrainingNodes(self.data, self._sampler(), self.num_neighbors, self.seed, self.replace)
 
     def train_dataloader(self):
         """The whole graph (full batch), or batches of ``batch_size`` training nodes with their sampled

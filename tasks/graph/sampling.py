@@ -4,13 +4,18 @@ PyG trains large graphs (ogbn-products: 2.4M nodes, 124M directed edges) on mini
 sampled k-hop neighbourhoods with ``torch_geometric.loader.NeighborLoader``. Its sampler needs pyg-lib or torch-sparse
 (``torch_geometric/sampler/neighbor_sampler.py``, ``NeighborSampler._sample``: "'NeighborSampler' requires either
 'pyg-lib' or 'torch-sparse'"), neither of which installs from PyPI wheels, so the zoo has its own with the semantics
-of PyG's default homogeneous setting (``subgraph_type='directional'``, ``replace=False``, ``disjoint=False``):
+of PyG's default homogeneous setting (``subgraph_type='directional'``, ``disjoint=False``; ``replace=False`` by default,
+``replace=True`` as below):
 
 * the graph is kept as a CSR of *incoming* edges (PyG's CSC, ``to_csc``): for node i, the sources j of its edges
   j -> i, the message-passing direction;
 * hop h expands the nodes first reached at hop h - 1 (the seeds at hop 1): for each, ``num_neighbors[h]`` distinct
   in-neighbours drawn uniformly without replacement, all of them when its in-degree is at most that many (``-1``:
-  all of them whatever the degree);
+  all of them whatever the degree); with ``replace=True``, ``num_neighbors[h]`` in-edges drawn uniformly *with*
+  replacement for every node with at least one, whatever its degree (an edge may be drawn twice: the sampled
+  subgraph then holds it twice, and ``e_id`` names it twice), as pyg-lib's sampler does
+  (``pyg_lib/csrc/sampler/cpu/neighbor_kernel.cpp``, ``NeighborSampler::_sample``, case 2; ``-1`` still takes
+  every in-edge once);
 * a node reached twice (by two frontier nodes, or already sampled) is kept once; the nodes are numbered in the order
   they are first reached, the seeds first and in their given order (PyG's ``n_id``, ``batch_size`` seeds);
 * the sampled edges are relabelled to those local numbers and keep their direction, source -> destination, the
@@ -32,7 +37,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from zoo.layers import is_int
+from zoo.layers import check_flag, is_int
 
 __all__ = ["NeighborSampler", "SampledSubgraph", "check_num_neighbors"]
 
@@ -98,12 +103,13 @@ class NeighborSampler:
         return self.rowptr[1:] - self.rowptr[:-1]
 
     def sample(self, seed_nodes: Tensor, num_neighbors: Sequence[int],
-               generator: Optional[torch.Generator] = None) -> SampledSubgraph:
+               generator: Optional[torch.Generator] = None, replace: bool = False) -> SampledSubgraph:
         """The sampled subgraph around ``seed_nodes``: distinct global ids, or a bool mask over the N nodes, which
         means its nonzero() nodes in increasing order (PyG's NeighborLoader ``input_nodes=mask``);
         ``num_neighbors[h]`` in-neighbours per node expanded at hop h (-1: all); ``generator`` makes the draw
-        reproducible."""
+        reproducible; ``replace``: draw with replacement (PyG's ``replace=True``, see the module docstring)."""
         num_neighbors = check_num_neighbors(num_neighbors)
+        replace = check_flag(replace, "replace")
         seeds = self._seed_ids(seed_nodes)
         if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= self.num_nodes):
             raise ValueError(f"seed_nodes must be node ids in [0, {self.num_nodes}), got ids from {int(seeds.min())} "
@@ -118,7 +124,8 @@ class NeighborSampler:
             count = seeds.numel()
             frontier, frontier_local = seeds, torch.arange(seeds.numel())
             for k in num_neighbors:
-                positions, owner = self._draw(frontier, k, generator)
+                positions, owner = (self._draw_with_replacement(frontier, k, generator) if replace and k >= 0
+                                    else self._draw(frontier, k, generator))
                 source = self.sources[positions]
                 new = source[local[source] < 0]
                 new = _first_occurrences(new)  # each new node once, in the order it is first reached
@@ -173,6 +180,20 @@ class NeighborSampler:
                 pick = subsampled[owner]
                 positions[pick] = start[owner[pick]] + chosen[row_of[owner[pick]], within[pick]]
         return positions, owner
+
+
+    def _draw_with_replacement(self, frontier: Tensor, k: int,
+                               generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+        """As :meth:`_draw`, with replacement: k in-edges drawn independently and uniformly for each frontier node
+        that has any (so k even where the degree is smaller), none for a node without in-edges."""
+        start = self.rowptr[frontier]
+        degree = self.rowptr[frontier + 1] - start
+        taken = torch.where(degree > 0, k, 0)
+        owner = torch.repeat_interleave(torch.arange(frontier.numel()), taken)
+        degree_of = degree[owner]
+        # float64: exact enough for any degree below 2**50 (as _floyd_choices)
+        offsets = (torch.rand(owner.numel(), generator=generator, dtype=torch.float64) * degree_of).long()
+        return start[owner] + offsets.minimum(degree_of - 1), owner
 
 
 def _is_integer_dtype(dtype: torch.dtype) -> bool:
