@@ -1049,6 +1049,10 @@ def test_multiprocessing_launchers_are_refused_before_the_run_starts(tmp_path, s
                                          r"trainer=ddp_cpu \(CPU\) or trainer=ddp \(GPUs\)"):
         run.train(cfg)
     assert not (tmp_path / "run").exists()
+    one = run.compose(["experiment=graph_karate", "callbacks=minimal", "logger=none", "trainer.accelerator=cpu",
+                       "trainer.devices=1", f"+trainer.strategy={strategy}", f"run_dir={tmp_path / 'one'}"])
+    with pytest.raises(ValueError, match=rf"^trainer\.strategy={strategy} trains in 1 process started by "):
+        run.train(one)
 
 
 def test_full_batch_node_classification_is_refused_under_ddp(tmp_path):

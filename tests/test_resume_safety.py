@@ -718,10 +718,12 @@ def test_a_mid_epoch_resume_with_another_process_count_is_refused(tmp_path, cut_
     assert state["training_order"]["world_size"] == 1  # recorded by every checkpoint
     shutil.copytree(cut_dir, tmp_path / "two")
     _with_world_size(tmp_path / "two" / "checkpoints" / "last.ckpt", 2)
-    with pytest.raises(ValueError, match=r"^cannot resume in the middle of epoch 0 with 1 process: the checkpoint's "
-                                         r"run trained it with 2, each counting the samples of its own share of the "
-                                         r"epoch; resume with 2 \(trainer\.devices x trainer\.num_nodes\), or from a "
-                                         r"checkpoint written at an epoch's end$"):
+    with pytest.raises(ValueError, match=r"^cannot resume in the middle of epoch 0 \(after 5 of its batches\) with 1 "
+                                         r"process: the checkpoint's run trained it with 2, each counting the samples "
+                                         r"of its own share of the epoch; resume with 2 \(trainer\.devices x "
+                                         r"trainer\.num_nodes\), or from a checkpoint written at an epoch's end \(the "
+                                         r"run's checkpoints/last\.ckpt .*best\.ckpt among them, counts as inside its "
+                                         r"epoch\)$"):
         run.train(_vit(tmp_path, "two", *_EPOCH, "+trainer.max_steps=1000",
                        f"ckpt_path={tmp_path / 'two' / 'checkpoints' / 'last.ckpt'}"))
     assert (tmp_path / "two" / "config.yaml").read_text() == (cut_dir / "config.yaml").read_text()

@@ -922,7 +922,8 @@ def _check_launcher(trainer, cfg) -> None:
     launcher = getattr(trainer.strategy, "launcher", None)
     if isinstance(launcher, _MultiProcessingLauncher):
         chosen = cfg.trainer.get("strategy") or "auto"
-        raise ValueError(f"trainer.strategy={chosen} trains in {trainer.world_size} processes started by "
+        count = int(trainer.world_size)
+        raise ValueError(f"trainer.strategy={chosen} trains in {count} process{'es' if count != 1 else ''} started by "
                          f"multiprocessing ({launcher._start_method}), which zoo train does not support (it reads "
                          f"the run's progress in this process); use trainer=ddp_cpu (CPU) or trainer=ddp (GPUs), "
                          f"whose strategy=ddp launches the processes as scripts, from a shell; in a notebook, train "
@@ -943,10 +944,14 @@ def _check_resumed_processes(order: Optional[dict], world_size: int, global_zero
         return
     processes = f"{world_size} process{'es' if world_size != 1 else ''}"
     if int(order.get("batches_done") or 0):
-        raise ValueError(f"cannot resume in the middle of epoch {int(order['epoch'])} with {processes}: the "
-                         f"checkpoint's run trained it with {before}, each counting the samples of its own share of "
-                         f"the epoch; resume with {before} (trainer.devices x trainer.num_nodes), or from a checkpoint "
-                         f"written at an epoch's end")
+        # (a checkpoint written when validation ends, best.ckpt among them, counts as inside its epoch: Lightning
+        # has not closed the epoch then; last.ckpt is written when a training epoch ends)
+        raise ValueError(f"cannot resume in the middle of epoch {int(order['epoch'])} (after "
+                         f"{int(order['batches_done'])} of its batches) with {processes}: the checkpoint's run trained "
+                         f"it with {before}, each counting the samples of its own share of the epoch; resume with "
+                         f"{before} (trainer.devices x trainer.num_nodes), or from a checkpoint written at an epoch's "
+                         f"end (the run's checkpoints/last.ckpt when it stopped between epochs; a checkpoint written "
+                         f"when validation ended, best.ckpt among them, counts as inside its epoch)")
     if global_zero:  # (every process of a DDP run gets here)
         print(f"zoo train: resuming with {processes} (the run used {before}): an epoch has another number of "
               f"steps, so the learning-rate schedule is recomputed for this run and from the restored step follows "
