@@ -100,3 +100,32 @@ def test_hydra_flags_zoo_train_does_not_take_are_refused_in_one_line(capsys, fla
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(f"zoo train: error: {flag}") and "zoo train supports --cfg job|all" in err[0], err
     assert "--config-dir DIR" in err[0] and "Lexer" not in err[0]
+
+
+def test_glob_lists_the_options_of_a_hydra_searchpath_folder_too(user_configs):
+    """glob() in a sweep saw the --config-dir folders only: with hydra.searchpath=[file://DIR] the same sweep had no
+    jobs (review, 2026-12-07)."""
+    searchpath = f"hydra.searchpath=[file://{user_configs}]"
+    (job,) = sweep.expand([searchpath, "model=glob(my_*)"])  # (Hydra writes the searchpath back with ":" escaped)
+    assert job[-1] == "model=my_gat" and job[0].startswith("hydra.searchpath=")
+    assert sweep.expand(["model=glob(my_*)"], config_dirs=[str(user_configs)]) == [["model=my_gat"]]
+
+
+def test_compose_gives_the_callers_own_hydra_state_back(tmp_path):
+    """run.compose inside a user's own Hydra session (initialize_config_dir, @hydra.main) cleared it: the user's next
+    hydra.compose failed, and version_base was left at 1.3 (review, 2026-12-07). The caller's GlobalHydra and version
+    base are restored; with none, none is left behind."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.version import VersionBase
+
+    (tmp_path / "mine.yaml").write_text("greeting: hello\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.2"):
+        base = VersionBase.instance().getbase()
+        assert run.compose(["experiment=graph_karate"]).model.heads >= 1
+        assert compose("mine").greeting == "hello"  # the user's session still composes
+        assert VersionBase.instance().getbase() == base
+        sweep.expand(["seed=0,1"])
+        assert compose("mine").greeting == "hello"
+    run.compose(["experiment=graph_karate"])
+    assert not GlobalHydra.instance().is_initialized()

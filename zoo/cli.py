@@ -84,11 +84,12 @@ another in this process, each a zoo train into <sweep_dir>/<job number> (sweep_d
 outputs/<name>/multirun/<date>_<time>); <sweep_dir>/sweep.json records each job's overrides, status, metrics and
 seconds, and a table ends the sweep. A failed job does not stop the others (exit status 1 if any failed; 143 when
 stopped by SIGTERM, 130 by Ctrl-C); a job's error that is not a user error keeps its traceback in
-<sweep_dir>/<job>/error.txt (printed too with ZOO_DEBUG=1). Rerunning the same command with the same sweep_dir keeps the finished jobs and resumes an
-interrupted one from its last.ckpt (in the stored job order, so shuffle() sweeps continue too). --cfg prints each
-job's config (a job that does not compose: its error, in place; exit status 1). Not with -m: run_dir= and ckpt_path= (each job has its own), hydra.* (hydra.sweep.dir is sweep_dir=),
-${...} in sweep_dir, interval() (for optimizing sweepers), multi-process DDP (its ranks re-run the command line: the
-whole sweep).
+<sweep_dir>/<job>/error.txt (printed too with ZOO_DEBUG=1). Rerunning the same command with the same sweep_dir
+keeps the finished jobs and resumes an interrupted one from its last.ckpt (in the stored job order, so shuffle()
+sweeps continue too). --cfg prints each job's config (a job that does not compose: its error, in place; exit
+status 1). Not with -m: run_dir= and ckpt_path= (each job has its own), hydra.* other than hydra.searchpath
+(hydra.sweep.dir is sweep_dir=), ${...} in sweep_dir, interval() (for optimizing sweepers), multi-process DDP (its
+ranks re-run the command line: the whole sweep).
 e.g. zoo train -m experiment=graph_karate task.lr=1e-3,3e-3 'seed=range(0,3)' sweep_dir=outputs/lr_sweep  # 6 jobs
 """
 

@@ -20,6 +20,7 @@ tree; the user's own folders join the search path with ``--config-dir`` / ``hydr
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib
 import json
@@ -60,7 +61,6 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", config_di
     overrides adds folders too, handled by Hydra's config loader itself (``ConfigLoaderImpl
     ._process_config_searchpath``, appended after them); a missing folder of either is named here."""
     from hydra import compose as hydra_compose
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
@@ -68,14 +68,56 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", config_di
     for item in overrides:
         _check_override(item)
     try:
-        initialize_hydra(config_dirs)
-        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+        with hydra_session(config_dirs):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except HydraException as error:
         raise ValueError(_hydra_message(str(error), overrides)) from None
-    finally:
-        GlobalHydra.instance().clear()
     OmegaConf.set_struct(cfg, False)
     return cfg
+
+
+@contextlib.contextmanager
+def hydra_session(config_dirs: Sequence[str] = ()):
+    """Hydra's global state for composing zoo.configs (:func:`initialize_hydra`) for the duration of the block, and
+    the caller's own state back afterwards (its initialised GlobalHydra and version_base), as Hydra's ``initialize``
+    context managers restore theirs: a library user composing inside an ``initialize_config_dir`` block or a
+    ``@hydra.main`` app found its own ``hydra.compose`` failing after ``run.compose`` (review, 2026-12-07)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.version import VersionBase
+
+    own_hydra = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    own_base = VersionBase.instance().getbase()
+    try:
+        initialize_hydra(config_dirs)
+        yield GlobalHydra.instance()
+    finally:
+        GlobalHydra.instance().clear()
+        if own_hydra is not None:
+            GlobalHydra.instance().initialize(own_hydra)
+        VersionBase.instance().version_base = own_base  # (setbase refuses Hydra's own "unspecified" marker)
+
+
+def searchpath_folders(overrides: Sequence[str]) -> list[str]:
+    """The existing local folders a ``hydra.searchpath=[...]`` override adds (``file://`` entries and plain paths;
+    ``pkg://`` entries are not folders), for what lists a group's options outside Hydra's loader (a sweep's glob());
+    a malformed override or a missing folder is left to :func:`compose`'s check, which names it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    folders = []
+    for item in overrides:
+        if item.partition("=")[0] != "hydra.searchpath":
+            continue
+        try:
+            entries = OverridesParser.create().parse_override(item).value()
+        except HydraException:
+            continue
+        for entry in entries if isinstance(entries, list) else []:
+            scheme, sep, path = str(entry).partition("://")
+            folder = path if sep else str(entry)
+            if (not sep or scheme == "file") and os.path.isdir(folder):
+                folders.append(folder)
+    return folders
 
 
 def check_config_dirs(config_dirs: Sequence[str]) -> list[str]:
@@ -94,7 +136,7 @@ def check_config_dirs(config_dirs: Sequence[str]) -> list[str]:
 def initialize_hydra(config_dirs: Sequence[str] = ()) -> None:
     """Hydra's global state for composing zoo.configs (as ``initialize_config_module(CONFIG_MODULE)``), with the
     user's ``config_dirs`` in its search path where Hydra's ``--config-dir`` puts its folder (see :func:`compose`).
-    The caller clears it (``GlobalHydra.instance().clear()``)."""
+    Use it through :func:`hydra_session`, which gives the caller's own Hydra state back."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_automatic_config_search_path
     from hydra.core.config_search_path import SearchPathQuery

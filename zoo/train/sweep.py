@@ -138,17 +138,6 @@ def _hydra_setting(token: str, name: str, value: str) -> str:  # (hydra.searchpa
             f"is sweep_dir=DIR")
 
 
-def _config_loader(config_dirs: Sequence[str] = ()):
-    """Hydra's config loader for zoo.configs and the ``--config-dir`` folders (glob() sweeps list a group's options
-    through it)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from zoo.train import run as run_module
-
-    run_module.initialize_hydra(config_dirs)
-    return GlobalHydra.instance().config_loader()
-
-
 # a ``~`` that starts an element of an override's value (``key=~/a,~/b``, ``key=choice(~/a,~/b)``) and is the whole
 # element or followed by ``/``; a quoted ``'~/a'`` is a string Hydra's grammar takes as it is, and is left alone
 _HOME_ELEMENT = re.compile(r"(?<![^=,(\[\s])~(?=/|,|\)|\]|\s|$)")
@@ -169,14 +158,18 @@ def expand(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> list[li
     hydra/_internal/core_plugins/basic_sweeper.py), in its order. Errors quote the override as the user wrote it
     (before ``~`` was expanded)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
     from hydra.errors import HydraException
 
+    from zoo.train import run as run_module
+
     written = list(overrides)
-    try:
-        parser = OverridesParser.create(config_loader=_config_loader(config_dirs))
+    # glob() lists a group's options through Hydra's loader: zoo.configs, the --config-dir folders and those of a
+    # hydra.searchpath override (which Hydra's loader reads only when it composes)
+    folders = [*config_dirs, *run_module.searchpath_folders(written)]
+    with run_module.hydra_session(folders) as global_hydra:
+        parser = OverridesParser.create(config_loader=global_hydra.config_loader())
         parsed, given = [], []
         for item in written:
             try:
@@ -194,8 +187,6 @@ def expand(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> list[li
             jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
         except HydraException as error:  # a glob() over a key that is not a config group, ...
             raise ValueError(f"sweep {written}: {str(error).strip().splitlines()[0]}") from None
-    finally:
-        GlobalHydra.instance().clear()
     if not jobs:
         empty = [text for item, text in zip(parsed, given)
                  if item.is_sweep_override() and not list(item.sweep_string_iterator())]
