@@ -157,6 +157,37 @@ def test_exact_slopes_of_a_half_precision_alibi_are_kept_per_device():
     assert alibi._exact_slopes_cache == {}
 
 
+@pytest.mark.parametrize("module_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("edit", ["in_place", "assign"])
+def test_edited_slopes_are_used_in_every_dtype(module_dtype, edit):
+    """An edit of the slopes buffer was used for an fp32 bias only: a float64 bias, and every bias of a float64,
+    fp16 or bf16 module, came from a private copy of the constructor's slopes (audit 2026-12-07). Now the buffer's
+    values are used in every dtype; the heads left alone keep their exact float64 slopes (6 heads: not exact in
+    fp32). Reference: the float64 formula with the edited slopes."""
+    heads, q_len, k_len = 6, 4, 9
+    alibi = ALiBi(heads).to(module_dtype)
+    alibi.materialize(q_len, k_len, dtype=torch.float64)  # caches the per-device copies
+    edited = alibi.slopes.clone()
+    edited[[0, 3]] *= 2
+    edited[5] = 0.3
+    if edit == "in_place":
+        alibi.slopes.copy_(edited)
+    else:
+        alibi.slopes = edited
+    slopes = alibi_slopes(heads)
+    slopes[[0, 3, 5]] = edited[[0, 3, 5]].double()
+    distance = (torch.arange(q_len)[:, None] + k_len - q_len - torch.arange(k_len)[None, :]).abs()
+    want = -slopes[None, :, None, None] * distance.double()
+    torch.testing.assert_close(alibi.materialize(q_len, k_len, dtype=torch.float64), want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(alibi.materialize(q_len, k_len, dtype=torch.float32), want.float())
+    default = alibi.materialize(q_len, k_len)  # the module's dtype; fp32 for fp16 / bf16 (see materialize)
+    assert default.dtype == (torch.float64 if module_dtype == torch.float64 else torch.float32)
+    if default.dtype == torch.float64:
+        torch.testing.assert_close(default, want, rtol=1e-15, atol=0)
+    else:
+        torch.testing.assert_close(default, want.float())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_half_and_double_alibi_layers_compile_as_one_graph(dtype):
     """The per-device slope cache was read through the module's __dict__ inside traced code: a bf16 or float64

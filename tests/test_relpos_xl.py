@@ -343,7 +343,7 @@ def test_kept_table_follows_autocast_and_wrong_dtype_is_named():
     q = torch.randn(1, 4, 6, 8)
     with torch.no_grad():
         _, fresh = rel(q, 6, 8 ** -0.5)
-        rel._table = None
+        rel._tables = {}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, under = rel(q, 6, 8 ** -0.5)
         _, after = rel(q, 6, 8 ** -0.5)

@@ -1,8 +1,11 @@
 """Caches derived from weights (Agent attention's resized bias tables, Agent-DeiT's resized position embedding,
-Transformer-XL's projected table, RoPE's cos/sin) never serve stale values or inference tensors.
+Transformer-XL's projected tables, RoPE's cos/sin) never serve stale values or inference tensors, serve threads
+that share a model, and stay out of copies and pickles.
 
 Each case is compared with a freshly built model holding the same weights (or the grad-mode path, which never
-uses a cache); every case here failed before zoo.layers.weights_stamp keyed the caches (audit 2026-12-06).
+uses a cache, or a single-thread run); the first cases failed before zoo.layers.weights_stamp keyed the caches
+(audit 2026-12-06), the Transformer-XL thread, autocast and copy cases and the RoPE frequency edits before the
+fixes of the audit of 2026-12-07.
 """
 from __future__ import annotations
 
@@ -284,6 +287,210 @@ def test_weights_replaced_through_data_never_hit_a_stale_entry():
         with torch.no_grad():
             _, cached = module(q, 5, 0.25)
             fresh = copy.deepcopy(module)
-            fresh._table = None
+            fresh._tables = {}  # (deepcopy leaves the tables behind already)
             _, expected = fresh(q, 5, 0.25)
         torch.testing.assert_close(cached, expected, rtol=0, atol=0)
+
+
+def _preempted_xl_layer():
+    """A rel_pos="xl" MultiHeadAttention whose TransformerXLRelPos lets other threads run at every read of its kept
+    tables (``time.sleep(0)`` releases the GIL), as _PreemptedDict does for dict-based caches: a race between a
+    thread's check and its read back shows in a few rounds instead of a few times in thousands of calls."""
+    from zoo.attention.relpos_xl import TransformerXLRelPos
+
+    class PreemptedReads(TransformerXLRelPos):
+        def __getattribute__(self, name):
+            if name.startswith("_table"):
+                time.sleep(0)
+            return super().__getattribute__(name)
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 2, rel_pos="xl").eval()
+    return layer, PreemptedReads
+
+
+def test_transformer_xl_table_serves_threads():
+    """Threads sharing a rel_pos="xl" layer, half of the calls under autocast (audit 2026-12-07): the single kept
+    table was tested, stored and read back in separate steps, so another thread's smaller table or its bf16 one
+    could be sliced instead ("rel_shift: the last dim must be ...", "expected m1 and m2 to have the same dtype", or
+    values of the wrong precision). Each round starts with no table (.float() drops them, as .to(device) does) and
+    lengths that make it grow; every result equals the single-thread one."""
+    import sys
+    import threading
+
+    layer, preempted = _preempted_xl_layer()
+    lengths = (5, 20, 40, 70, 130, 9, 33)
+    inputs = [torch.randn(1, n, 32) for n in lengths]
+    with torch.no_grad():
+        want = [layer(x) for x in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want_bf16 = [layer(x) for x in inputs]
+    layer.rel_pos.__class__ = preempted
+    failures, served = [], []
+
+    def worker(tid, start):
+        start.wait()
+        try:
+            for it in range(8):
+                index, bf16 = (it * 3 + tid) % len(inputs), (it + tid) % 2 == 1
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    served.append((index, bf16, layer(inputs[index])))
+        except BaseException as error:  # noqa: B036 -- reported by the main thread
+            failures.append(f"thread {tid}: {type(error).__name__}: {error}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(6):
+            layer.float()  # no table: the threads build and grow them
+            start = threading.Barrier(4)
+            threads = [threading.Thread(target=worker, args=(tid, start)) for tid in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[:3]
+    assert len(served) == 6 * 4 * 8
+    for index, bf16, out in served:
+        if bf16:
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out, want_bf16[index])
+        else:
+            torch.testing.assert_close(out, want[index], rtol=0, atol=1e-5)
+    assert len(layer.rel_pos._tables) == 2  # one table per autocast mode
+
+
+def test_transformer_xl_keeps_a_table_per_autocast_mode():
+    """A model served both with and without torch.autocast rebuilt its one kept table at every switch (19 of 20
+    calls alternating fp32 / bf16 autocast, audit 2026-12-07). Each mode keeps its own now; the outputs equal the
+    grad-mode path (no table) and the first calls."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 2, rel_pos="xl").eval()
+    x = torch.randn(1, 40, 32)
+    projected = []
+    project = layer.rel_pos._project
+    layer.rel_pos._project = lambda sinusoids: projected.append(len(sinusoids)) or project(sinusoids)
+    with torch.no_grad():
+        first = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first_bf16 = layer(x)
+        assert len(projected) == 2
+        for step in range(6):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=step % 2 == 1):
+                out = layer(x)
+            assert torch.equal(out, first_bf16 if step % 2 else first), step
+    assert len(projected) == 2, f"{len(projected) - 2} tables rebuilt in 6 alternating calls"
+    torch.testing.assert_close(first, layer(x), rtol=0, atol=1e-6)  # grad mode: projected per call
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 rounds the per-call rows' product otherwise
+        torch.testing.assert_close(first_bf16, layer(x), rtol=0.02, atol=2e-3)
+
+
+@pytest.mark.parametrize("kwargs,n", [({"rel_pos": "xl"}, 400), ({"rope": "1d"}, 400), ({"rope": "2d"}, 400)])
+def test_saving_or_copying_xl_and_rope_layers_leaves_their_tables_behind(kwargs, n):
+    """torch.save(module) / copy.deepcopy / pickle of a rel_pos="xl" or RoPE layer carried its kept tables (XL: a
+    C = 256 layer saved 7x larger after one 4000-token call, with a copy of linear_pos.weight the copy could never
+    use), as Agent-DeiT once did. The copies rebuild them on their first call and give the same outputs."""
+    import copy
+    import io
+    import pickle
+
+    def saved_bytes(module):
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        return buffer.getvalue()
+
+    def kept(module):
+        return module.rel_pos._tables if module.rel_pos is not None else module.rope._cache
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(64, 4, **kwargs).eval()
+    x = torch.randn(1, n, 64)
+    fresh = len(saved_bytes(layer))
+    with torch.no_grad():
+        want = layer(x)
+    saved = saved_bytes(layer)
+    assert len(saved) == fresh, f"{len(saved)} bytes after one {n}-token call, {fresh} fresh"
+    assert kept(layer)  # the original keeps its own
+    copies = (torch.load(io.BytesIO(saved), weights_only=False), copy.deepcopy(layer),
+              pickle.loads(pickle.dumps(layer)))
+    for twin in copies:
+        assert not kept(twin)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), want, rtol=0, atol=0)
+        assert kept(twin)
+
+
+def _rope_layer(mode, theta=None):
+    torch.manual_seed(0)
+    return MultiHeadAttention(32, 2, rope=mode, rope_theta=theta).eval()
+
+
+@pytest.mark.parametrize("mode", ["1d", "2d", "3d"])
+@pytest.mark.parametrize("edit", ["theta", "assign_freqs", "freqs_in_place"])
+def test_rope_frequency_edits_take_effect(mode, edit):
+    """Position interpolation and NTK-style base scaling change a built model's rotary frequencies. The cos/sin
+    kept for default positions ignored the change, in no_grad and grad mode alike, and rope.theta was read only in
+    __init__ (audit 2026-12-07). Each way of editing now gives what a fresh module built with the new base
+    gives."""
+    from zoo.attention.rope import rope_frequencies
+
+    layer = _rope_layer(mode)
+    x = torch.randn(1, 24, 32)
+    positions = (2, 3, 4) if mode == "3d" else (4, 6) if mode == "2d" else None
+    rope = layer.rope
+    new_theta = rope.theta * 8
+    twin = _rope_layer(mode, theta=new_theta)
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        before = layer(x, positions=positions)  # fills the cos/sin cache
+    if edit == "theta":
+        rope.theta = new_theta
+    elif edit == "assign_freqs":
+        rope.freqs = rope_frequencies(rope.head_dim, mode, new_theta, rope.axes_dims)
+    else:
+        rope.freqs.copy_(rope_frequencies(rope.head_dim, mode, new_theta, rope.axes_dims))
+    with torch.no_grad():
+        after, want = layer(x, positions=positions), twin(x, positions=positions)
+    assert not torch.allclose(before, want, atol=1e-3)
+    torch.testing.assert_close(after, want, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x, positions=positions), twin(x, positions=positions), rtol=0, atol=0)
+
+
+def test_rope_frequencies_are_checked_when_assigned():
+    rope = _rope_layer("2d").rope
+    with pytest.raises(ValueError, match=r"freqs must be a floating-point tensor of shape \(4,\) for 2d RoPE"):
+        rope.freqs = torch.ones(8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="freqs contain NaN or Inf"):
+        rope.freqs = torch.full((4,), float("inf"))
+    with pytest.raises(ValueError, match="theta must be a finite number > 1, got 0.5"):
+        rope.theta = 0.5
+    rope.freqs = torch.ones(4)  # fp32 accepted, kept in fp64
+    assert rope.freqs.dtype == torch.float64 and rope.theta == 100.0
+
+
+def test_layers_pickled_before_the_cache_changes_still_load():
+    """RoPE modules pickled before theta and freqs became properties kept them as plain attributes, and
+    TransformerXLRelPos layers kept one table as _table: both layouts still load and compute."""
+    from zoo.attention.relpos_xl import TransformerXLRelPos
+
+    rope = _rope_layer("1d").rope
+    state = rope.__getstate__()
+    state["theta"], state["freqs"] = state.pop("_theta"), state.pop("_freqs")  # the old layout
+    old_rope = type(rope).__new__(type(rope))
+    old_rope.__setstate__(state)
+    assert old_rope.theta == rope.theta
+    q = torch.randn(1, 2, 7, 16)
+    torch.testing.assert_close(old_rope(q), rope(q), rtol=0, atol=0)
+
+    xl = TransformerXLRelPos(16, 2).eval()
+    state = xl.__getstate__()
+    del state["_tables"]
+    state["_table"] = None  # the old layout
+    old_xl = TransformerXLRelPos.__new__(TransformerXLRelPos)
+    old_xl.__setstate__(state)
+    q = torch.randn(1, 2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(old_xl(q, 5, 0.5), xl(q, 5, 0.5), rtol=0, atol=0)
+    assert old_xl._tables and not hasattr(old_xl, "_table")

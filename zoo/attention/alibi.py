@@ -19,7 +19,10 @@ adds ``m_h * j`` instead, which differs from this by a constant per row and so g
 ``MultiHeadAttention(..., rel_pos_bias=ALiBi(H))`` on every backend. The Triton kernel computes it from the
 slopes inside its tiles (O(N) memory, as FlashAttention's ``alibi_slopes``; ``attend()`` hands it the object
 when it selects that backend); the other backends get it materialised as a (1, H, Nq, Nk) tensor per call.
-The slopes are a non-persistent buffer: state dicts do not change, and they get no gradient.
+The slopes are a non-persistent buffer: state dicts do not change, and they get no gradient. The buffer is the
+truth in every dtype: edited in place (``alibi.slopes.mul_(2)``) or reassigned, its values are used. A float64
+bias, and a bias of a bf16 / fp16 module, computes a head whose entry still holds the constructor's slope (as
+the buffer rounds it) from that slope's float64 value, so rounding the buffer costs no precision.
 
 Over a KV cache the distance of a key is its index among the cached keys, the same for every batch row: pad a
 batch of prompts of different lengths on the left (padding first), not on the right, or the shorter rows' new
@@ -72,14 +75,16 @@ class ALiBi(AttentionBias):
                 raise ValueError(f"ALiBi: slopes must be finite, got {values.tolist()}")
         self.num_heads = num_heads
         self.register_buffer("slopes", values.float(), persistent=False)
-        self._slopes_fp64 = values  # a float64 bias is computed from these (fp32 slopes are off by ~1e-8 relative)
+        # a float64 bias takes the heads the buffer still holds from these (fp32 slopes are off by ~1e-8 relative)
+        self._slopes_fp64 = values
         self._exact_slopes_cache: dict = {}
 
     def materialize(self, q_len: int, k_len: int, *, device=None, dtype=None) -> torch.Tensor:
         device = self.slopes.device if device is None else device
         exact = dtype == torch.float64 or self.slopes.dtype == torch.float64
         # .bfloat16() / .half() on the module rounds the buffer (bf16: 3 significant digits); the bias is still
-        # computed from the exact slopes, in fp32 at least (the caller's dtype only rounds the result)
+        # computed from the exact slopes of the heads not edited since, in fp32 at least (the caller's dtype only
+        # rounds the result)
         rounded = self.slopes.dtype not in (torch.float32, torch.float64)
         compute = torch.float64 if exact else torch.float32
         if exact or rounded:
@@ -93,17 +98,24 @@ class ALiBi(AttentionBias):
         return bias[None].to(dtype or compute)
 
     def _exact_slopes(self, device, dtype: torch.dtype) -> torch.Tensor:
-        """The float64 slopes in ``dtype`` on ``device``, kept per (device, dtype): they live on the CPU (a plain
-        attribute, so .bfloat16() cannot round them), and a bf16 / fp16 module on CUDA copied them to the device
-        at every call. Not cached while traced (no module state written under torch.compile)."""
+        """The slopes in ``dtype`` on ``device``: per head, the float64 slope of the constructor while the buffer
+        still holds it (as rounded to fp32 and then to the buffer's dtype, the way the constructor and .half() /
+        .bfloat16() / .double() made it), else the buffer's own value (an edit, in place or by assignment).
+        Branch-free (no device sync, traceable). The float64 slopes and their unedited buffer values are kept per
+        (device, dtype): they live on the CPU (a plain attribute, so .bfloat16() cannot round them), and a bf16 /
+        fp16 module on CUDA copied them to the device at every call. Not cached while traced (no module state
+        written under torch.compile)."""
+        buffer = self.slopes.to(device)
         if is_tracing():  # first: Dynamo cannot trace the dict lookup on __dict__ (a graph break, fullgraph fails)
-            return self._slopes_fp64.to(device, dtype)
-        key = (str(device), dtype)
-        cached = self._exact_slopes_cache.get(key)
-        if cached is None:
-            cached = self._slopes_fp64.to(device, dtype)
-            self._exact_slopes_cache = {**self._exact_slopes_cache, key: cached}
-        return cached
+            exact, unedited = self._slopes_fp64.to(device, dtype), self._slopes_fp64.float().to(device, buffer.dtype)
+        else:
+            key = (str(device), dtype)
+            cached = self._exact_slopes_cache.get(key)
+            if cached is None:
+                cached = (self._slopes_fp64.to(device, dtype), self._slopes_fp64.float().to(device, buffer.dtype))
+                self._exact_slopes_cache = {**self._exact_slopes_cache, key: cached}
+            exact, unedited = cached
+        return torch.where(buffer == unedited, exact, buffer.to(dtype))
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): the per-device copies go with the old device
         self._exact_slopes_cache = {}

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.attention.masks import cache_put
 from zoo.attention.rope import rope_frequencies
 from zoo.layers import autocast_dtype, check_like_weights, is_tracing, weights_kept_alive, weights_stamp
 
@@ -100,7 +101,9 @@ class TransformerXLRelPos(nn.Module):
 
     ``forward(q_BHND, n_k, scale)`` returns (q + u, bias): the queries to attend with and the (B, H, Nq, Nk)
     additive bias scale * ((q + v) . p_(i-j)). Without gradients, the projected sinusoids are kept for the
-    distances seen so far and sliced per call (a decoder step needs the one row of distances it has not seen).
+    distances seen so far and sliced per call (a decoder step needs the one row of distances it has not seen):
+    one table per (device, dtype, autocast dtype), so fp32 calls and calls under ``torch.autocast`` keep their
+    own, safe when threads share the layer, and left out of ``copy.deepcopy`` / pickle / ``torch.save(module)``.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None):
@@ -123,8 +126,9 @@ class TransformerXLRelPos(nn.Module):
         self.linear_pos = nn.Linear(dim, num_heads * head_dim, bias=False)
         self.pos_bias_u = nn.Parameter(torch.empty(num_heads, head_dim))
         self.pos_bias_v = nn.Parameter(torch.empty(num_heads, head_dim))
-        # without gradients: (key, reach, projected (H, 2 reach + 1, D), the weight it was built from)
-        self._table: Optional[tuple] = None
+        # without gradients, per (device, dtype, autocast dtype): (weights_stamp, reach, projected (H, 2 reach + 1,
+        # D), the weight it was built from); see positions()
+        self._tables: dict = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -132,14 +136,29 @@ class TransformerXLRelPos(nn.Module):
         nn.init.xavier_uniform_(self.pos_bias_u)
         nn.init.xavier_uniform_(self.pos_bias_v)
         self.linear_pos.reset_parameters()
-        self._table = None
+        self._tables = {}
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
-    def _apply(self, fn, *args, **kwargs):  # .to() / .half(): drop the kept table
-        self._table = None
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half(): drop the kept tables
+        self._tables = {}
         return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # pickle / torch.save(module) / copy.deepcopy (EMA, export): without the kept tables, rebuilt on the next
+        # call (one 4000-token call made a C = 256 layer's file 7x larger, with a second copy of linear_pos.weight
+        # that the copy could never use), as AgentAttention and CachedGraphLayer drop their caches
+        state = dict(super().__getstate__())
+        state["_tables"] = {}
+        return state
+
+    def __setstate__(self, state):
+        # layers pickled before the tables were kept per slot hold a single one as _table
+        state = dict(state)
+        state.pop("_table", None)
+        state.setdefault("_tables", {})
+        super().__setstate__(state)
 
     def _project(self, sinusoids_LC: torch.Tensor) -> torch.Tensor:
         length = sinusoids_LC.shape[0]
@@ -155,19 +174,26 @@ class TransformerXLRelPos(nn.Module):
         if torch.is_grad_enabled() or is_tracing() or torch.onnx.is_in_onnx_export():
             sinusoids = relative_sinusoids(n_q, n_k, self.dim, q_offset=q_offset, device=like.device, dtype=like.dtype)
             return self._project(sinusoids)
-        # Without gradients: one projected table over distances [-reach, reach], grown by doubling. The key
-        # holds the weight's weights_stamp, so an optimizer step or load_state_dict rebuilds it, and the autocast
-        # dtype the projection runs under (a table built under autocast is in its dtype, whatever q's).
-        key = (weights_stamp(weight, self.linear_pos.bias), like.device, like.dtype, autocast_dtype(like.device.type))
+        # Without gradients: one projected table over distances [-reach, reach], grown by doubling, per slot
+        # (device, dtype, autocast dtype the projection runs under: a table built under autocast is in its dtype,
+        # whatever q's), so a model served both with and without autocast keeps both. The entry holds the
+        # weight's weights_stamp (an optimizer step or load_state_dict rebuilds it) and keeps the weight alive.
+        # Threads may share the layer: the entry is read once into locals (another thread may store a smaller
+        # table or another slot's meanwhile) and stored with cache_put (bounded, under masks._CACHE_LOCK).
+        stamp = weights_stamp(weight, self.linear_pos.bias)
+        slot = (like.device, like.dtype, autocast_dtype(like.device.type))
         reach = max(abs(top), abs(top - length + 1))
-        if self._table is None or self._table[0] != key or self._table[1] < reach:
-            new_reach = max(reach, 2 * self._table[1] if self._table is not None and self._table[0] == key else 16)
+        entry = self._tables.get(slot)
+        if entry is None or entry[0] != stamp or entry[1] < reach:
+            new_reach = max(reach, 2 * entry[1] if entry is not None and entry[0] == stamp else 16)
             with torch.no_grad():
                 sinusoids = relative_sinusoids(1, 2 * new_reach + 1, self.dim, q_offset=new_reach,
                                                device=like.device, dtype=like.dtype)
-                self._table = (key, new_reach, self._project(sinusoids),
-                               weights_kept_alive(weight, self.linear_pos.bias))
-        reach_kept, table_HRD = self._table[1], self._table[2]
+                entry = (stamp, new_reach, self._project(sinusoids), weights_kept_alive(weight, self.linear_pos.bias))
+            kept = self._tables.get(slot)  # a larger table another thread stored meanwhile stays
+            if kept is None or kept[0] != stamp or kept[1] < new_reach:
+                cache_put(self._tables, slot, entry, limit=4)
+        _, reach_kept, table_HRD, _ = entry
         start = reach_kept - top  # row of distance `top` (rows run from +reach down to -reach)
         return table_HRD[:, start:start + length]
 

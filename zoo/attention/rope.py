@@ -91,6 +91,14 @@ class RotaryEmbedding(nn.Module):
         num_prefix_tokens: leading tokens left unrotated (class / register tokens).
         axes_dims: "3d" only: the channels given to (frame, row, col), even numbers summing to D (default
             :func:`default_axes_dims`, Wan's split; HunyuanVideo uses (16, 56, 56) for D = 128).
+
+    ``freqs`` (the fp64 angular frequencies, see :func:`rope_frequencies`) and ``theta`` may be changed on a built
+    module, as position interpolation and NTK-style base scaling do: assigning ``theta`` recomputes ``freqs``;
+    ``freqs`` may be assigned (``rope.freqs = rope.freqs / 4``) or edited in place (``rope.freqs.mul_(0.25)``).
+    The cos/sin kept for default and grid positions are keyed on the frequencies (their identity, storage and
+    version counter), so the next call uses the new ones. An edit through ``.data`` bumps no version counter and
+    is not seen, as for weights (zoo.layers.weights_stamp). After ``freqs`` is assigned, ``theta`` still shows the
+    base it was last computed from.
     """
 
     def __init__(self, head_dim: int, mode: str = "1d", theta: Optional[float] = None, num_prefix_tokens: int = 0,
@@ -112,19 +120,54 @@ class RotaryEmbedding(nn.Module):
             if len(axes_dims) != 3 or any(d <= 0 or d % 2 for d in axes_dims) or sum(axes_dims) != head_dim:
                 raise ValueError(f"RotaryEmbedding: axes_dims must be three positive even numbers summing to "
                                  f"head_dim={head_dim}, got {axes_dims}")
-        theta = DEFAULT_THETA[mode] if theta is None else float(theta)
-        if not (math.isfinite(theta) and theta > 1.0):
-            raise ValueError(f"RotaryEmbedding: theta must be a finite number > 1, got {theta}")
         if num_prefix_tokens < 0:
             raise ValueError(f"RotaryEmbedding: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
         self.head_dim = head_dim
         self.mode = mode
-        self.theta = theta
         self.num_prefix_tokens = int(num_prefix_tokens)
-        # fp64 frequencies kept as a plain attribute (not a buffer: .half()/.to(dtype) must not round them).
         self.axes_dims = axes_dims
-        self.freqs = rope_frequencies(head_dim, mode, theta, axes_dims)
         self._cache: dict = {}
+        self.theta = DEFAULT_THETA[mode] if theta is None else theta  # checked; computes self.freqs
+
+    @property
+    def theta(self) -> float:
+        """The frequency base; assigning it recomputes ``freqs`` (checked as in ``__init__``)."""
+        return self._theta
+
+    @theta.setter
+    def theta(self, value) -> None:
+        try:
+            theta = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"RotaryEmbedding: theta must be a finite number > 1, got {value!r}") from None
+        if not (math.isfinite(theta) and theta > 1.0):
+            raise ValueError(f"RotaryEmbedding: theta must be a finite number > 1, got {theta}")
+        self._theta = theta
+        self.freqs = rope_frequencies(self.head_dim, self.mode, theta, self.axes_dims)
+
+    @property
+    def freqs(self) -> torch.Tensor:
+        """fp64 angular frequencies: (D/2,) for "1d" and "3d", (D/4,) for "2d". A plain attribute, not a buffer:
+        .half() / .to(dtype) must not round them. Assignable (checked, converted to fp64) and editable in place."""
+        return self._freqs
+
+    @freqs.setter
+    def freqs(self, value: torch.Tensor) -> None:
+        count = self.head_dim // 4 if self.mode == "2d" else self.head_dim // 2
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or tuple(value.shape) != (count,):
+            got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"RotaryEmbedding: freqs must be a floating-point tensor of shape ({count},) for "
+                             f"{self.mode} RoPE with head_dim={self.head_dim}, got {got}")
+        if not is_tracing() and not bool(torch.isfinite(value).all()):
+            raise ValueError("RotaryEmbedding: freqs contain NaN or Inf")
+        self._freqs = value.detach().to(torch.float64)  # no copy when already fp64: later in-place edits are seen
+
+    @staticmethod
+    def _freqs_stamp(freqs: torch.Tensor) -> tuple:
+        """What the kept cos/sin are keyed on: the frequencies' identity, storage and version counter (no counter
+        for an inference tensor, as in zoo.layers.weights_stamp); an entry keeps them alive, so neither the id nor
+        the address can be reused while it exists."""
+        return id(freqs), freqs.data_ptr(), None if freqs.is_inference() else freqs._version
 
     def extra_repr(self) -> str:
         axes = f", axes_dims={self.axes_dims}" if self.axes_dims else ""
@@ -211,11 +254,14 @@ class RotaryEmbedding(nn.Module):
         # Not while traced: torch.export's symbolic N cannot key a dict, and a cache write is module state that
         # Dynamo would guard on (a recompile per length)
         if not isinstance(positions, torch.Tensor) and not is_tracing():
-            # an entry built under inference mode holds inference tensors, which autograd cannot save later
+            # an entry built under inference mode holds inference tensors, which autograd cannot save later; an
+            # entry made from other frequencies (theta or freqs changed since) is rebuilt in its slot
             key = (num_tokens, sizes, str(device), compute_dtype, torch.is_inference_mode_enabled())
-            hit = self._cache.get(key)
-            if hit is not None:
-                return hit
+            freqs = self._freqs  # stamped and kept together, whatever another thread assigns meanwhile
+            stamp = self._freqs_stamp(freqs)
+            hit = self._cache.get(key)  # one read: other threads may store or clear meanwhile
+            if hit is not None and hit[0] == stamp:
+                return hit[1], hit[2]
         if positions is None:
             pos = self.default_positions(num_tokens, device)
         elif sizes is not None:
@@ -225,12 +271,12 @@ class RotaryEmbedding(nn.Module):
         ang = self.angles(pos)  # fp64: large positions keep their precision
         if ang.dim() == 3:  # per-sample positions (B, N, P) -> (B, 1, N, P)
             ang = ang.unsqueeze(1)
-        out = (ang.cos().to(compute_dtype), ang.sin().to(compute_dtype))
+        cos, sin = ang.cos().to(compute_dtype), ang.sin().to(compute_dtype)
         if key is not None:
             if len(self._cache) > 16:
                 self._cache.clear()
-            self._cache[key] = out
-        return out
+            self._cache[key] = (stamp, cos, sin, freqs)  # the frequencies kept alive: the stamp stays unique
+        return cos, sin
 
     # ------------------------------------------------------------------ apply
     def forward(self, x_BHND: torch.Tensor, positions: Positions = None) -> torch.Tensor:
@@ -259,3 +305,18 @@ class RotaryEmbedding(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cos/sin cache
         self._cache = {}
         return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # pickle / torch.save(module) / copy.deepcopy: without the kept cos/sin (rebuilt on the next call; one
+        # 4000-token call doubled a MultiHeadAttention(256, 4, rope="1d") file), as AgentAttention drops its caches
+        state = dict(super().__getstate__())
+        state["_cache"] = {}
+        return state
+
+    def __setstate__(self, state):
+        # modules pickled before theta and freqs became checked properties hold them as plain attributes
+        state = dict(state)
+        for name in ("theta", "freqs"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        super().__setstate__(state)
