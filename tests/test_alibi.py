@@ -138,7 +138,7 @@ def test_exact_slopes_of_a_half_precision_alibi_are_kept_per_device():
     them to the device. They are kept per (device, dtype), and dropped when the module moves."""
     alibi = ALiBi(4).bfloat16()
     first = alibi.materialize(5, 7, dtype=torch.float32)
-    assert list(alibi._exact_slopes_cache) == [("cpu", torch.float32)]
+    assert list(alibi._exact_slopes_cache) == [("cpu", torch.float32, torch.bfloat16)]
     copies = []
     original = torch.Tensor.to
 
@@ -186,6 +186,40 @@ def test_edited_slopes_are_used_in_every_dtype(module_dtype, edit):
         torch.testing.assert_close(default, want, rtol=1e-15, atol=0)
     else:
         torch.testing.assert_close(default, want.float())
+
+
+@pytest.mark.parametrize("through", [torch.bfloat16, torch.float16])
+def test_a_round_trip_through_half_precision_keeps_the_exact_slopes(through):
+    """.bfloat16() / .half() and back to fp32 or float64 left the rounded slopes in the buffer, which the edit check
+    then took for an edit: the float64 bias came from rounded slopes (relative error 1e-4 with 12 heads; review,
+    2026-12-07). A buffer holding the bf16 / fp16 rounding of a head's slope counts as unedited."""
+    heads, q_len, k_len = 12, 3, 7
+    distance = (torch.arange(q_len)[:, None] + k_len - q_len - torch.arange(k_len)[None, :]).abs().double()
+    want = -alibi_slopes(heads)[None, :, None, None] * distance
+    for back in (torch.float32, torch.float64):
+        alibi = ALiBi(heads).to(through).to(back)
+        torch.testing.assert_close(alibi.materialize(q_len, k_len, dtype=torch.float64), want, rtol=1e-15, atol=0)
+
+
+def test_a_module_pickled_with_the_earlier_cache_form_loads():
+    """An ALiBi module pickled by the previous version after a bf16 / fp64 forward held its per-device slope copies
+    as one tensor per entry; loaded here, 4 heads raised "too many values to unpack" and 2 heads gave head 1 the
+    slope of head 0 (review, 2026-12-07). The copies are dropped on save and on load."""
+    import io
+    import pickle
+
+    alibi = ALiBi(4)
+    alibi._exact_slopes_cache = {("cpu", torch.float64): alibi_slopes(4)}  # the earlier form
+    loaded = pickle.loads(pickle.dumps(alibi))
+    assert loaded._exact_slopes_cache == {}
+    distance = (torch.arange(2)[:, None] + 3 - torch.arange(5)[None, :]).abs().double()
+    torch.testing.assert_close(loaded.materialize(2, 5, dtype=torch.float64),
+                               -alibi_slopes(4)[None, :, None, None] * distance, rtol=1e-15, atol=0)
+    alibi.materialize(2, 5, dtype=torch.float64)
+    buffer = io.BytesIO()
+    torch.save(alibi, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False)._exact_slopes_cache == {}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

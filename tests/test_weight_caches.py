@@ -458,6 +458,22 @@ def test_rope_frequency_edits_take_effect(mode, edit):
     torch.testing.assert_close(layer(x, positions=positions), twin(x, positions=positions), rtol=0, atol=0)
 
 
+def test_rope_built_under_inference_mode_sees_in_place_frequency_edits():
+    """A RotaryEmbedding built under torch.inference_mode held inference-tensor frequencies, which have no version
+    counter: an in-place edit left the old cos/sin in use (review, 2026-12-07)."""
+    from zoo.attention.rope import rope_frequencies
+
+    with torch.inference_mode():
+        layer = _rope_layer("1d")
+        x = torch.randn(1, 24, 32)
+        layer(x)  # fills the cos/sin cache
+        rope = layer.rope
+        rope.freqs.copy_(rope_frequencies(rope.head_dim, "1d", rope.theta * 8, rope.axes_dims))
+        twin = _rope_layer("1d", theta=rope.theta * 8)
+        twin.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(layer(x), twin(x), rtol=0, atol=0)
+
+
 def test_rope_frequencies_are_checked_when_assigned():
     rope = _rope_layer("2d").rope
     with pytest.raises(ValueError, match=r"freqs must be a floating-point tensor of shape \(4,\) for 2d RoPE"):

@@ -100,26 +100,43 @@ class ALiBi(AttentionBias):
     def _exact_slopes(self, device, dtype: torch.dtype) -> torch.Tensor:
         """The slopes in ``dtype`` on ``device``: per head, the float64 slope of the constructor while the buffer
         still holds it (as rounded to fp32 and then to the buffer's dtype, the way the constructor and .half() /
-        .bfloat16() / .double() made it), else the buffer's own value (an edit, in place or by assignment).
+        .bfloat16() / .double() made it, or by way of bf16 / fp16: ``.half().float()`` leaves the fp16 rounding in
+        an fp32 buffer), else the buffer's own value (an edit, in place or by assignment).
         Branch-free (no device sync, traceable). The float64 slopes and their unedited buffer values are kept per
         (device, dtype): they live on the CPU (a plain attribute, so .bfloat16() cannot round them), and a bf16 /
         fp16 module on CUDA copied them to the device at every call. Not cached while traced (no module state
         written under torch.compile)."""
         buffer = self.slopes.to(device)
         if is_tracing():  # first: Dynamo cannot trace the dict lookup on __dict__ (a graph break, fullgraph fails)
-            exact, unedited = self._slopes_fp64.to(device, dtype), self._slopes_fp64.float().to(device, buffer.dtype)
+            exact, unedited = self._slopes_fp64.to(device, dtype), self._unedited_values(device, buffer.dtype)
         else:
-            key = (str(device), dtype)
+            key = (str(device), dtype, buffer.dtype)
             cached = self._exact_slopes_cache.get(key)
             if cached is None:
-                cached = (self._slopes_fp64.to(device, dtype), self._slopes_fp64.float().to(device, buffer.dtype))
+                cached = (self._slopes_fp64.to(device, dtype), self._unedited_values(device, buffer.dtype))
                 self._exact_slopes_cache = {**self._exact_slopes_cache, key: cached}
             exact, unedited = cached
-        return torch.where(buffer == unedited, exact, buffer.to(dtype))
+        return torch.where((buffer == unedited).any(0), exact, buffer.to(dtype))
+
+    def _unedited_values(self, device, buffer_dtype: torch.dtype) -> torch.Tensor:
+        """(3, H): what the buffer holds for a head nobody edited, in ``buffer_dtype``: the fp32 slope, or its bf16 /
+        fp16 rounding (the module went through .bfloat16() / .half(), and maybe back)."""
+        fp32 = self._slopes_fp64.float()
+        return torch.stack([fp32, fp32.bfloat16().float(), fp32.half().float()]).to(device, buffer_dtype)
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): the per-device copies go with the old device
         self._exact_slopes_cache = {}
         return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # pickle / torch.save(module) / copy.deepcopy: without the per-device copies (rebuilt on the next call)
+        state = dict(super().__getstate__())
+        state["_exact_slopes_cache"] = {}
+        return state
+
+    def __setstate__(self, state):
+        # a module pickled by an earlier version kept its copies in another form (one tensor per entry): dropped
+        super().__setstate__({**state, "_exact_slopes_cache": {}})
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"

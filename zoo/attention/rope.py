@@ -98,7 +98,9 @@ class RotaryEmbedding(nn.Module):
     The cos/sin kept for default and grid positions are keyed on the frequencies (their identity, storage and
     version counter), so the next call uses the new ones. An edit through ``.data`` bumps no version counter and
     is not seen, as for weights (zoo.layers.weights_stamp). After ``freqs`` is assigned, ``theta`` still shows the
-    base it was last computed from.
+    base it was last computed from. ``freqs`` is a plain tensor, not a buffer or parameter: an edit is not in the
+    state dict (a checkpoint restores the constructor's frequencies; rebuild the module with the new ``theta``, or
+    edit it again after loading), and an ``nn.Parameter`` cannot be assigned to it.
     """
 
     def __init__(self, head_dim: int, mode: str = "1d", theta: Optional[float] = None, num_prefix_tokens: int = 0,
@@ -160,7 +162,11 @@ class RotaryEmbedding(nn.Module):
                              f"{self.mode} RoPE with head_dim={self.head_dim}, got {got}")
         if not is_tracing() and not bool(torch.isfinite(value).all()):
             raise ValueError("RotaryEmbedding: freqs contain NaN or Inf")
-        self._freqs = value.detach().to(torch.float64)  # no copy when already fp64: later in-place edits are seen
+        value = value.detach().to(torch.float64)  # no copy when already fp64: later in-place edits are seen
+        if value.is_inference():  # (built under torch.inference_mode): a normal tensor, whose version counter
+            with torch.inference_mode(False):  # counts in-place edits for the cache's stamp
+                value = value.clone()
+        self._freqs = value
 
     @staticmethod
     def _freqs_stamp(freqs: torch.Tensor) -> tuple:
