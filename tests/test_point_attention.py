@@ -162,8 +162,10 @@ def test_radius_graph_flow_loops_and_the_neighbour_cap():
     assert torch.equal(radius_graph(pos, r, max_num_neighbors=6, flow="target_to_source"), ei.flip(0))
     looped = radius_graph(pos, r, loop=True, max_num_neighbors=100)
     assert int((looped[0] == looped[1]).sum()) == 80
-    with pytest.raises(ValueError, match="r must be a positive"):
-        radius_graph(pos, 0.0)
+    # r = 0: no neighbours (distances are < r strictly), as torch_cluster returns; a negative r is refused
+    assert radius_graph(pos, 0.0).shape == (2, 0) and radius_graph(pos, 0.0, loop=True).shape == (2, 0)
+    with pytest.raises(ValueError, match="r must be a finite number >= 0"):
+        radius_graph(pos, -0.1)
     with pytest.raises(ValueError, match="max_num_neighbors"):
         radius_graph(pos, 0.5, max_num_neighbors=0)
 
@@ -283,7 +285,7 @@ def test_geometry_radius_and_ratio_take_numpy_and_tensor_reals():
             radius_graph(pos, bad)
         with pytest.raises(TypeError, match=f"ratio must be a real number.*{what}"):
             fps(pos, ratio=bad)
-    with pytest.raises(ValueError, match="r must be a positive finite number, got -0.5"):
+    with pytest.raises(ValueError, match="r must be a finite number >= 0, got -0.5"):
         radius(pos, pos, np.float32(-0.5))
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\], got 1.5"):
         fps(pos, ratio=torch.tensor(1.5))
@@ -847,3 +849,17 @@ def test_a_graph_without_edges_gives_every_network_a_zero_gradient_as_pyg():
         assert (p_peer.grad is None) == (p_ours.grad is None), name
         if p_peer.grad is not None:
             torch.testing.assert_close(p_ours.grad, p_peer.grad, msg=name)
+
+
+def test_a_batch_vector_for_one_side_only_is_refused():
+    """knn / radius with batch_x but no batch_y (or the reverse) matched every query against example 0 only, without
+    a word; torch_cluster asserts that both or neither are given (review, 2026-12-07)."""
+    x, y = torch.randn(10, 3), torch.randn(6, 3)
+    batch_x, batch_y = torch.tensor([0] * 5 + [1] * 5), torch.tensor([0] * 3 + [1] * 3)
+    for call in (lambda **b: knn(x, y, 2, **b), lambda **b: radius(x, y, 1.0, **b)):
+        with pytest.raises(ValueError, match=r"^batch_x is given but batch_y is not: give both batch vectors"):
+            call(batch_x=batch_x)
+        with pytest.raises(ValueError, match=r"^batch_y is given but batch_x is not: give both batch vectors"):
+            call(batch_y=batch_y)
+        call(batch_x=batch_x, batch_y=batch_y)
+        call()

@@ -329,3 +329,37 @@ def test_block_map_built_under_export_does_not_reach_eager_calls():
     built = layer.mask._blocks
     torch.export.export(layer, (q,))
     assert layer.mask._blocks is built
+
+
+def test_a_used_mask_pickles_and_a_model_holding_it_saves(tmp_path):
+    """A Radial (Segments, BlockSparse) mask used once kept block maps whose version records hold weak references:
+    pickle, copy.deepcopy and torch.save(model) of a model keeping the mask failed ("cannot pickle
+    'weakref.ReferenceType' object"; review, 2026-12-07). The derived maps are left behind and rebuilt on use."""
+    import copy
+    import pickle
+
+    from zoo.attention import BlockSparse, Segments
+
+    radial = Radial(num_frames=3, tokens_per_frame=100)
+    segments = Segments(torch.tensor([0] * 150 + [1] * 150))
+    sparse = BlockSparse(torch.rand(3, 3, generator=torch.Generator().manual_seed(0)) > 0.3, 100)
+    q = torch.randn(1, 2, 300, 8)
+    for mask in (radial, segments, sparse):
+        before = attend(q, q, q, mask=mask)  # 300 tokens: the block-sparse path, which fills the mask's caches
+        for again in (pickle.loads(pickle.dumps(mask)), copy.deepcopy(mask)):
+            assert torch.equal(again.dense(300, 300), mask.dense(300, 300))
+            torch.testing.assert_close(attend(q, q, q, mask=again), before, rtol=0, atol=0)
+    model = torch.nn.Module()
+    model.mask = radial
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded.mask.block_map(300, 300, 64).states, radial.block_map(300, 300, 64).states)
+
+
+def test_a_decay_factor_past_float32s_range_keeps_the_whole_band():
+    """decay_factor >= ~3.4e38 passed the "positive finite" check, then raised OverflowError converting the
+    float32 window (inf) to an int (review, 2026-12-07). As in the published generator (its float32 window is inf),
+    the whole band is kept: the same map as any decay that reaches tokens_per_frame."""
+    for decay in (3.5e38, 1e39, 1e300):
+        assert radial_pair_rule(4, 300, decay, 128) == radial_pair_rule(4, 300, 1e6, 128)
+        assert torch.equal(radial_block_mask(6, 300, decay_factor=decay), radial_block_mask(6, 300, decay_factor=1e6))

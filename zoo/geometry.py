@@ -136,6 +136,10 @@ def _paired_examples(x, y, batch_x, batch_y, num_workers: int = 1, batch_size: O
         raise ValueError(f"x and y must have the same number of coordinates, got {x.size(1)} and {y.size(1)}")
     if x.device != y.device:
         raise ValueError(f"x and y must be on one device, got {x.device} and {y.device}")
+    if (batch_x is None) != (batch_y is None):  # one side alone was read as example 0 for the other (torch_cluster asserts)
+        given, missing = ("batch_x", "batch_y") if batch_y is None else ("batch_y", "batch_x")
+        raise ValueError(f"{given} is given but {missing} is not: give both batch vectors (the example of each point "
+                         f"and of each query), or neither for one example")
     ptr_x, bx = _segments("batch_x", batch_x, x.size(0), x.device)
     ptr_y, by = _segments("batch_y", batch_y, y.size(0), y.device)
     if batch_size is not None and positive_int(batch_size, "batch_size") < max(bx, by):
@@ -404,8 +408,8 @@ def radius(x: Tensor, y: Tensor, r: float, batch_x: Optional[Tensor] = None, bat
     Searches in 1-3 dimensions over many points use a uniform grid of cells of side r (exact: a point nearer than
     r is in one of the 3^D cells around the query); the rest is brute force in chunks."""
     r = _real(r, "r")
-    if not math.isfinite(r) or r <= 0:
-        raise ValueError(f"r must be a positive finite number, got {r!r}")
+    if not math.isfinite(r) or r < 0:  # r = 0: no neighbours (distances are < r strictly), as torch_cluster gives
+        raise ValueError(f"r must be a finite number >= 0, got {r!r}")
     max_num_neighbors = positive_int(max_num_neighbors, "max_num_neighbors")
     x, y, examples = _paired_examples(x, y, batch_x, batch_y, num_workers, batch_size)
     rows, cols = [], []

@@ -146,6 +146,16 @@ class Mask:
     def __init__(self) -> None:
         self._block_cache: dict = {}
 
+    def __getstate__(self):
+        # pickle / torch.save(model) / copy.deepcopy: without the block maps derived from the mask (rebuilt on use);
+        # their version records hold weak references, which cannot be pickled (a model keeping a Radial mask it had
+        # used failed to save)
+        state = dict(self.__dict__)
+        for key in ("_block_cache", "_positions"):
+            if key in state:
+                state[key] = {}
+        return state
+
     # ---- public API -------------------------------------------------------------------------
     def dense(self, q_len: int, k_len: int, device=None, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """bool (Bm, Hm, R, Nk) for query rows ``rows`` (default all): True where attention is allowed."""

@@ -164,7 +164,10 @@ def radial_pair_rule(dist: int, tokens_per_frame: int, decay_factor: float = 1.0
         window = float(tokens_per_frame)
     else:
         window = max(decay_length * decay_factor, float(block_size))
-    return kept, min(int(math.floor(float(np.float32(window)))), tokens_per_frame)
+    # the published generator compares in float32; a window past float32's range (decay_factor ~3.4e38 and up) is inf
+    # there, the whole band, which the min() gives without converting inf to an int
+    window32 = float(np.float32(window)) if window < float(np.finfo(np.float32).max) else math.inf
+    return kept, tokens_per_frame if window32 >= tokens_per_frame else int(math.floor(window32))
 
 
 def radial_token_mask(
