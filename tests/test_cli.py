@@ -57,6 +57,23 @@ def test_bad_overrides_are_clear(capsys):
         run.compose(["experiment=vit_digits", "task.lrr=1"])
 
 
+def test_first_mistakes_of_a_timm_user_name_the_fix(capsys, tmp_path):
+    """model=vit_tiny_patch16_224 (a registered name given as a config option) listed the model configs with an
+    empty hint; an image folder under experiment=vit_digits said "augment must be ... got 'shift'", a value the user
+    never typed (the digits experiment's). Both now say what to give (audit 2026-12-07)."""
+    from zoo.tasks.vision.data import ImageFolderDataModule
+
+    assert cli.main(["train", "model=vit_tiny_patch16_224"]) == 1
+    assert ("unknown model=vit_tiny_patch16_224: vit_tiny_patch16_224 is a registered model: give model=zoo "
+            "model.name=vit_tiny_patch16_224") in capsys.readouterr().err
+    assert cli.main(["train", "model=vit_tiny_patch16_22"]) == 1  # not a registered name: the options only
+    assert "registered model" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^ImageFolderDataModule: data\.augment must be 'none', 'standard' or "
+                                         r"'crop', got 'shift' \(set by the experiment for the digits: give "
+                                         r"data\.augment=crop or standard with this data\)$"):
+        ImageFolderDataModule(root=str(tmp_path), augment="shift")
+
+
 def test_help_texts(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out

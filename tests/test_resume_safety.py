@@ -735,3 +735,30 @@ def test_a_mid_epoch_resume_with_another_process_count_is_refused(tmp_path, cut_
     assert ("zoo train: resuming with 1 process (the run used 2): an epoch has another number of steps, so the "
             "learning-rate schedule is recomputed for this run and from the restored step follows the new one"
             in capsys.readouterr().err.splitlines())
+
+
+def test_a_run_dir_in_use_by_another_zoo_train_is_refused(tmp_path):
+    """Two zoo train runs started together into one run_dir both wrote it: one died in Lightning's CSV logger ("dict
+    contains fields not in fieldnames"), the other finished with a truncated csv/metrics.csv (audit 2026-12-07). The
+    first claims the folder (.zoo_train.lock: pid and host); a second one, while that process runs, is refused before
+    it touches a file; a claim whose process is gone is taken over; the claim is removed when the run ends."""
+    import socket
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / ".zoo_train.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{other.pid} {socket.gethostname()}\n")
+        with pytest.raises(ValueError, match=rf"^run_dir={run_dir} is in use by another zoo train \(process "
+                                             rf"{other.pid} on .*remove {lock}$"):
+            run.train(_karate(tmp_path, "run", "trainer.max_epochs=1"))
+        assert sorted(p.name for p in run_dir.iterdir()) == [".zoo_train.lock"]  # nothing of the run written
+    finally:
+        other.kill()
+        other.wait()
+    # its process is gone: the claim is taken over, and removed at the end of the run
+    result = run.train(_karate(tmp_path, "run", "trainer.max_epochs=1"))
+    assert result["global_step"] >= 1 and not lock.exists()

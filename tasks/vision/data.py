@@ -669,7 +669,12 @@ class _PictureDataModule(VisionDataModule):
         super().__init__(*args, **kwargs)
         self.hflip = _probability(hflip, "hflip")
         if self.augment not in ("none", "standard", "crop"):
-            raise ValueError(f"{type(self).__name__}: augment must be 'none', 'standard' or 'crop', got {self.augment!r}")
+            # (the digits experiments set augment=shift, which an image folder or CIFAR does not take)
+            raise ValueError(f"{type(self).__name__}: data.augment must be 'none', 'standard' or 'crop', got "
+                             f"{self.augment!r} (set by the experiment for the digits: give data.augment=crop or "
+                             f"standard with this data)" if self.augment in ("shift", "affine") else
+                             f"{type(self).__name__}: data.augment must be 'none', 'standard' or 'crop', got "
+                             f"{self.augment!r}")
         self.timm_augment = _TimmAugment(self.augment, self.img_size, self.in_chans, auto_augment=auto_augment,
                                          color_jitter=color_jitter, reprob=reprob, remode=remode, recount=recount,
                                          scale=scale, ratio=ratio, vflip=vflip, color_jitter_prob=color_jitter_prob,

@@ -218,7 +218,17 @@ def _hydra_message(text: str, overrides: Sequence[str]) -> str:
         choices = [line.strip() for line in options.group(2).splitlines() if line.strip()]
         close = difflib.get_close_matches(wrong, choices, n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
-        return f"unknown {group}={wrong}: {hint}({group} options: {', '.join(choices)})"
+        registered = ""
+        if group == "model" and "zoo" in choices:  # a registry name given as a config option (a timm user's habit)
+            try:
+                import zoo
+
+                if zoo.is_model(wrong):
+                    registered = (f"{wrong} is a registered model: give model=zoo model.name={wrong} (with the "
+                                  f"input size and classes of your data: model.img_size=..., model.num_classes=...); ")
+            except Exception:  # noqa: BLE001 -- only a hint
+                pass
+        return f"unknown {group}={wrong}: {registered}{hint}({group} options: {', '.join(choices)})"
     key = re.search(r"Could not override '([^']+)'", text)
     if key and key.group(1).startswith("trainer.") and key.group(1)[len("trainer."):] in _TRAINER_GROUP_KEYS:
         return _trainer_group_key_message(key.group(1)[len("trainer."):])
@@ -886,10 +896,67 @@ def train(cfg, *, resume_advice: bool = True) -> dict[str, Any]:
     try:
         return _train(cfg, run_dir, resume_advice)
     finally:
+        _release_run_dir(run_dir)
         if previous is None:
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
+
+
+# a zoo train run going on in a run_dir: "<pid> <host>", created with O_EXCL by the process that writes the run's
+# files (global rank 0) and removed when its train() returns or raises
+_RUN_LOCK = ".zoo_train.lock"
+
+
+def _claim_run_dir(run_dir: Path) -> None:
+    """Two zoo train runs started together into one run_dir (the same run_dir=, or the default one, named to the
+    second) both wrote it: one failed inside Lightning's CSV logger ("dict contains fields not in fieldnames") and
+    the other finished with the first one's truncated csv/metrics.csv (audit 2026-12-07). The first claims the
+    folder; the second is refused in one line. A claim left by a process that no longer runs on this host (killed
+    with SIGKILL) is taken over; one from another host is refused (it cannot be checked from here)."""
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock, me = run_dir / _RUN_LOCK, f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock.read_text(errors="replace").split() if lock.is_file() else []
+            pid, host = (int(holder[0]) if holder and holder[0].isdigit() else None), " ".join(holder[1:])
+            if pid is not None and host == socket.gethostname() and not _process_alive(pid):
+                lock.unlink(missing_ok=True)  # a claim whose process is gone: taken over
+                continue
+            raise ValueError(f"run_dir={run_dir} is in use by another zoo train (process {pid} on {host or '?'}, "
+                             f"{lock.name}): wait for it to end, or give another run_dir= (the default one is named to "
+                             f"the second, so runs started together need their own); if no run is going on there, "
+                             f"remove {lock}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        return
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _release_run_dir(run_dir: Path) -> None:
+    """Remove this process's claim of ``run_dir`` (another process's claim is left alone)."""
+    import socket
+
+    lock = Path(run_dir) / _RUN_LOCK
+    try:
+        if lock.read_text(errors="replace").split()[:1] == [str(os.getpid())] and \
+                " ".join(lock.read_text(errors="replace").split()[1:]) == socket.gethostname():
+            lock.unlink(missing_ok=True)
+    except (OSError, IndexError):
+        pass
 
 
 # Lightning's ckpt_path shortcuts (Trainer.fit(ckpt_path="last" | "best")) and the file of a zoo train run that
@@ -1099,6 +1166,7 @@ def _train(cfg, run_dir: Path, resume_advice: bool = True) -> dict[str, Any]:
         datamodule.check_processes(int(trainer.world_size))
     _check_resumed_processes(resumed_order, int(trainer.world_size), bool(trainer.is_global_zero))
     if trainer.is_global_zero:
+        _claim_run_dir(run_dir)  # before any of the run's files is touched
         _keep_previous_metrics(trainer.loggers)
         if cfg.get("ckpt_path"):
             _tidy_for_resume(run_dir)
