@@ -1136,3 +1136,99 @@ def test_other_url_schemes_are_named_and_local_paths_are_not():
             zoo.create_model("vit_debug", pretrained=url)
     for local in ("./a//b.safetensors", "C:/weights/w.pth", "hf-hub:timm/vit_tiny_patch16_224", "dir:with:colons"):
         hub.refuse_url(local, "pretrained")  # not a URL: the loaders name what is wrong with it
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpoints_path_of_a_shipped_card_loads_from_any_working_directory(tmp_path, monkeypatch):
+    # README / `zoo train --help` write model.pretrained=checkpoints/<card>, relative to the source tree; elsewhere
+    # it must name the packaged card (as the CLI's ckpt= does), not a Hub repository "checkpoints/<card>"
+    monkeypatch.setenv("ZOO_CHECKPOINTS", str(tmp_path / "shipped"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    model = _tiny_vit()
+    zoo.save_pretrained(model, tmp_path / "shipped" / "vit_digits")
+    monkeypatch.chdir(tmp_path / "shipped")  # a working directory without checkpoints/
+    assert _same_weights(zoo.create_model("vit_digits", pretrained="checkpoints/vit_digits"), model)
+    assert _same_weights(zoo.from_pretrained("checkpoints/vit_digits"), model)
+    # a card that is not shipped is still looked for as a Hub repository
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        zoo.create_model("vit_digits", pretrained="checkpoints/no_such_card")
+
+
+def test_from_pretrained_takes_a_shipped_name_as_create_model_pretrained_true_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_CHECKPOINTS", str(tmp_path / "shipped"))
+    monkeypatch.chdir(tmp_path)
+    model = _tiny_vit()
+    zoo.save_pretrained(model, tmp_path / "shipped" / "vit_digits")
+    debug = zoo.create_model("vit_debug", **TINY)
+    zoo.save_pretrained(debug, tmp_path / "shipped" / "debug_experiment")  # a card named after its experiment
+    assert _same_weights(zoo.from_pretrained("vit_digits"), zoo.create_model("vit_digits", pretrained=True))
+    assert _same_weights(zoo.from_pretrained("vit_digits"), model)
+    assert _same_weights(zoo.from_pretrained("vit_debug"), debug)
+    assert _same_weights(zoo.from_pretrained("debug_experiment"), debug)
+    with pytest.raises(FileNotFoundError, match="pretrained checkpoint no_such_model does not exist"):
+        zoo.from_pretrained("no_such_model")
+
+
+def _suggested_call(message: str) -> str:
+    import re
+
+    found = re.search(r"zoo\.create_model\(.*?\)(?=, or )", message)
+    assert found, message
+    return found.group(0)
+
+
+def test_from_pretrained_reads_a_run_directory_and_gives_a_working_call_for_a_ckpt(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", num_classes=3, **TINY)  # constructor arguments the call must carry
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: test\n")  # what zoo train writes first
+    with pytest.raises(hub.CheckpointError, match="neither released/ nor .*it has written no weights yet"):
+        zoo.from_pretrained(run)
+    # a Lightning checkpoint as zoo train's module writes it (zoo/train/module.py): weights under model.
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model_name": "vit_debug", "model_args": dict(model.zoo_model_args),
+                                 "zoo_config": {}}}
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    for given in (run, run / "checkpoints" / "last.ckpt", "run", "run/checkpoints/last.ckpt"):
+        with pytest.raises(hub.CheckpointError) as refused:
+            zoo.from_pretrained(given)
+        call = _suggested_call(str(refused.value))
+        assert "'vit_debug'" in call and "last.ckpt" in call
+        assert _same_weights(eval(call, {"zoo": zoo}), model), call  # the suggested call works
+    # a finished run: its released/ is what from_pretrained reads
+    zoo.save_pretrained(model, run / "released")
+    for given in (run, "run"):
+        assert _same_weights(zoo.from_pretrained(given), model)
+    # a .ckpt whose hyper-parameters cannot be read still gets a call, with a placeholder for the name
+    torch.save({"state_dict": ckpt["state_dict"]}, tmp_path / "bare.ckpt")
+    with pytest.raises(hub.CheckpointError, match=r"zoo\.create_model\(<model name>, pretrained='bare\.ckpt'\)"):
+        zoo.from_pretrained("bare.ckpt")
+    with pytest.raises(hub.CheckpointError) as refused:
+        zoo.from_pretrained("bare.ckpt")
+    call = _suggested_call(str(refused.value)).replace("<model name>", "'vit_debug'")
+    call = call.replace("pretrained='bare.ckpt'", "pretrained='bare.ckpt', num_classes=3, **TINY")
+    assert _same_weights(eval(call, {"zoo": zoo, "TINY": TINY}), model), call
+
+
+def test_from_pretrained_suggests_create_model_only_for_a_directory_holding_weights(tmp_path):
+    model = _tiny_vit()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(hub.CheckpointError, match="holds no weights file"):
+        zoo.from_pretrained(bare)  # the suggested create_model(pretrained=<this directory>) would fail
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare / hub.WEIGHTS_NAME))
+    with pytest.raises(hub.CheckpointError) as refused:
+        zoo.from_pretrained(bare)
+    import re
+
+    call = re.search(r"zoo\.create_model\(<name>, pretrained='[^']*'\)", str(refused.value)).group(0)
+    call = call.replace("<name>", "'vit_digits'").replace(")", ", **TINY)")
+    assert _same_weights(eval(call, {"zoo": zoo, "TINY": TINY}), model), call

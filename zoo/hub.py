@@ -809,6 +809,19 @@ def shipped_checkpoint(name: str) -> Path | None:
     return None
 
 
+def _shipped_checkpoint_named_by_path(path: str | os.PathLike) -> Path | None:
+    """The shipped checkpoint that a path of the form ``checkpoints/<dir>`` names, as README and ``zoo train
+    --help`` write it; None for any other path. The path is relative to the source tree, so from another working
+    directory or an installed wheel it does not exist and was taken for a Hub repository id ("checkpoints" as
+    owner). The rule is the one zoo/train/run.py ``_shipped_source`` applies to the CLI's ``ckpt=``. Callers
+    ask only after the path was found missing here: an existing ``checkpoints/<dir>`` is the user's own."""
+    parts = Path(path).parts
+    if len(parts) != 2 or parts[0] != "checkpoints":
+        return None
+    candidate = shipped_checkpoints_dir() / parts[1]
+    return candidate if candidate.is_dir() else None
+
+
 def hf_cache_dir() -> Path:
     """The local Hugging Face Hub cache, found as huggingface_hub finds it: ``$HF_HUB_CACHE`` (or its older name
     ``$HUGGINGFACE_HUB_CACHE``), else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
@@ -932,6 +945,9 @@ def _resolve_pretrained(name: str, pretrained: Any) -> Path:
         refuse_url(pretrained, "pretrained", "the checkpoint", model=True)
         path = Path(pretrained).expanduser()
         if not path.exists():
+            shipped = _shipped_checkpoint_named_by_path(path)
+            if shipped is not None:
+                return shipped
             if isinstance(pretrained, str) and _looks_like_repo_id(pretrained):
                 return _hub_repo(pretrained)
             raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
@@ -1132,7 +1148,12 @@ def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, sour
 def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     """Rebuild a model written by :func:`save_pretrained` (a directory, or its ``model.safetensors``), or by
     timm for the Hugging Face Hub: its directory, its cache folder, or its repository id in the local cache
-    (``"timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"``; nothing is downloaded).
+    (``"timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"``; nothing is downloaded). Like the CLI's ``ckpt=``
+    (zoo/train/run.py ``resolve_ckpt_argument``) it also takes a shipped checkpoint, by its card or model name
+    (``"vit_digits"``, as ``create_model(name, pretrained=True)`` finds it) or as README writes it
+    (``"checkpoints/vit_digits"``, from any working directory), and a ``zoo train`` run directory, read from its
+    ``released/``. A training checkpoint (``.ckpt``, or a run without ``released/``) is refused with the
+    ``zoo.create_model`` call that loads it.
 
     ``overrides`` change constructor arguments, e.g. ``num_classes=5`` for fine-tuning (new head).
     The model is returned in training mode, like :func:`zoo.create_model`; call ``.eval()`` for inference.
@@ -1141,14 +1162,20 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
 
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise TypeError(f"from_pretrained: path must be a directory or .safetensors path, got {path!r}")
-    path = _resolve_pretrained("", path)
+    path = _from_pretrained_source(path)
     config = read_config(path)
     if config is None:
         where = path if path.is_dir() else path.parent
         _check_not_interrupted(where)
+        if path.suffix == ".ckpt":
+            raise CheckpointError(f"{path} is a training checkpoint, which from_pretrained does not read: "
+                                  f"{_ckpt_loading_call(path)}")
+        weights = _weights_file(path)
+        bare = (f"for a bare weights file use zoo.create_model(<name>, pretrained='{weights}')" if weights.is_file()
+                else f"and it holds no weights file ({weights} does not exist)")
         raise CheckpointError(
             f"{where} has no {CONFIG_NAME}; from_pretrained needs the directory written by zoo.save_pretrained "
-            f"(for a bare weights file use zoo.create_model(<name>, pretrained='{path}'))"
+            f"({bare})"
         )
     try:
         entry = get_model_entry(config["model_name"])
@@ -1157,3 +1184,50 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         raise _UnknownSavedModel(f"{where / CONFIG_NAME}: its model_name is not a model of this zoo: {error}; "
                                  f"load {where} with the zoo version that wrote it, or correct model_name") from None
     return load_pretrained_into(entry, str(path), overrides)
+
+
+# the training checkpoints a zoo train run directory holds, in the order zoo/train/run.py _RUN_DIRECTORY_SOURCES
+# offers them after released/
+_RUN_CHECKPOINTS = ("checkpoints/best.ckpt", "checkpoints/last.ckpt")
+
+
+def _from_pretrained_source(path: str | os.PathLike) -> Path:
+    """What :func:`from_pretrained` reads for ``path``: a zoo train run directory (config.yaml and no config.json
+    of its own) as its ``released/``; a missing single-component path that names a shipped checkpoint (its card or
+    model name) as that checkpoint; anything else as ``create_model(pretrained=path)`` resolves it. A run without
+    ``released/`` is refused with the call that loads its training checkpoint."""
+    given = Path(path).expanduser()
+    if given.is_dir() and not (given / CONFIG_NAME).is_file() and (given / "config.yaml").is_file():
+        released = given / "released"
+        if (released / CONFIG_NAME).is_file():
+            return released
+        for name in _RUN_CHECKPOINTS:
+            if (given / name).is_file():
+                raise CheckpointError(f"{given} is a zoo train run without released/ (the run has not finished): "
+                                      f"{_ckpt_loading_call(given / name)}")
+        raise CheckpointError(f"{given} is a zoo train run directory with neither released/ nor "
+                              f"{' nor '.join(_RUN_CHECKPOINTS)}: it has written no weights yet")
+    if not given.exists() and len(given.parts) == 1 and given.suffix == "":
+        shipped = shipped_checkpoint(given.name)
+        if shipped is not None:
+            return shipped
+    return _resolve_pretrained("", path)
+
+
+def _ckpt_loading_call(ckpt: Path) -> str:
+    """The advice for a zoo train ``.ckpt``: the ``zoo.create_model`` call that loads its weights, with the model
+    name and constructor arguments the training module stored in the checkpoint's hyper-parameters
+    (zoo/train/module.py); a placeholder name when they cannot be read."""
+    name, model_args = "<model name>", {}
+    try:  # mmap: only the small hyper-parameter record is read from disk, not the weights
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        hyper_parameters = checkpoint.get("hyper_parameters") or {}
+        if isinstance(hyper_parameters.get("model_name"), str):
+            name = hyper_parameters["model_name"]
+            model_args = dict(hyper_parameters.get("model_args") or {})
+    except Exception:  # unreadable or not a zoo train checkpoint: the placeholder stays
+        pass
+    arguments = "".join(f", {key}={value!r}" for key, value in model_args.items())
+    shown_name = repr(name) if name != "<model name>" else name
+    return (f"load its weights with zoo.create_model({shown_name}, pretrained={str(ckpt)!r}{arguments}), "
+            f"or run `zoo train` to the end, which writes released/")

@@ -1813,12 +1813,11 @@ def _shipped_source(path: Path) -> Optional[Path]:
     """A checkpoint this project ships, named as README names it (``checkpoints/vit_digits``: relative to the source
     tree, so outside it -- an installed wheel, another working directory -- the path did not exist and was taken
     for a Hub repository id) or by its model or card name (``vit_digits``); None otherwise."""
-    from zoo.hub import shipped_checkpoint, shipped_checkpoints_dir
+    from zoo.hub import _shipped_checkpoint_named_by_path, shipped_checkpoint
 
     parts = path.parts
     if len(parts) == 2 and parts[0] == "checkpoints":
-        candidate = shipped_checkpoints_dir() / parts[1]
-        return candidate if candidate.is_dir() else None
+        return _shipped_checkpoint_named_by_path(path)  # the rule model.pretrained= follows too (zoo.hub)
     if len(parts) == 1 and path.suffix == "":
         return shipped_checkpoint(parts[0])
     return None
