@@ -9,7 +9,8 @@ import pytest
 import torch
 
 # tests/triton_interpreter.py
-from triton_interpreter import LaunchGuardRecorder, in_process_mark, prepare, run_compiled, run_in_fresh_process
+from triton_interpreter import (LaunchGuardRecorder, check_single_config_variable, in_process_mark, prepare, run_compiled,
+                                run_in_fresh_process)
 
 _LATE = prepare()  # TRITON_INTERPRET=1 without a GPU, before the kernel module is imported
 
@@ -310,18 +311,7 @@ def test_single_config_variable_gives_one_autotune_config_on_a_gpu_too():
     GATv2 kernels to one config, as it does for flash attention's passes; unset, they tune over all 18. The
     module is imported without TRITON_INTERPRET (where it always has one config), in a subprocess: its autotuners
     are built at import."""
-    code = (
-        "import importlib, os\n"
-        "os.environ.pop('ZOO_TRITON_SINGLE_CONFIG', None)\n"
-        "from zoo.kernels import edge_softmax as ek\n"
-        "kernels = lambda m: (m._gatv2_fwd_kernel, m._gatv2_bwd_kernel)\n"
-        "tuned = [[c.all_kwargs() for c in k.configs] for k in kernels(ek)]\n"
-        "os.environ['ZOO_TRITON_SINGLE_CONFIG'] = '1'\n"
-        "single = [[c.all_kwargs() for c in k.configs] for k in kernels(importlib.reload(ek))]\n"
-        "assert [len(c) for c in tuned] == [18, 18] and [len(c) for c in single] == [1, 1], (tuned, single)\n"
-        "assert all(s[0] in t for s, t in zip(single, tuned)), single  # one of the configs compile_check compiles\n"
-    )
-    run_compiled(code)
+    check_single_config_variable("edge_softmax", ("_gatv2_fwd_kernel", "_gatv2_bwd_kernel"), [18, 18])
 
 
 @in_process

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 # tests/triton_interpreter.py
-from triton_interpreter import LaunchGuardRecorder, in_process_mark, prepare, run_compiled, run_in_fresh_process
+from triton_interpreter import (LaunchGuardRecorder, check_single_config_variable, in_process_mark, prepare, run_compiled,
+                                run_in_fresh_process)
 
 _LATE = prepare()  # TRITON_INTERPRET=1 without a GPU, before the kernel module is imported
 
@@ -334,18 +335,7 @@ def test_single_config_variable_gives_one_autotune_config_on_a_gpu_too():
     forward and backward kernels to one config each, one of the tuned list's; unset, they tune over 16 and 12. The
     module is imported without TRITON_INTERPRET (where it always has one config), in a subprocess: its autotuners
     are built at import."""
-    code = (
-        "import importlib, os\n"
-        "os.environ.pop('ZOO_TRITON_SINGLE_CONFIG', None)\n"
-        "from zoo.kernels import vector_softmax as vk\n"
-        "kernels = lambda m: (m._vector_softmax_sum_fwd_kernel, m._vector_softmax_sum_bwd_kernel)\n"
-        "tuned = [[c.all_kwargs() for c in k.configs] for k in kernels(vk)]\n"
-        "os.environ['ZOO_TRITON_SINGLE_CONFIG'] = '1'\n"
-        "single = [[c.all_kwargs() for c in k.configs] for k in kernels(importlib.reload(vk))]\n"
-        "assert [len(c) for c in tuned] == [16, 12] and [len(c) for c in single] == [1, 1], (tuned, single)\n"
-        "assert all(s[0] in t for s, t in zip(single, tuned)), single  # one of the configs compile_check compiles\n"
-    )
-    run_compiled(code)
+    check_single_config_variable("vector_softmax", ("_vector_softmax_sum_fwd_kernel", "_vector_softmax_sum_bwd_kernel"), [16, 12])
 
 
 @in_process

@@ -9,6 +9,8 @@ fixes of the audit of 2026-12-07.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 
 import pytest
@@ -137,6 +139,24 @@ def test_alternating_inference_mode_and_no_grad_reuses_both_entries():
 
 
 
+@contextlib.contextmanager
+def _fast_thread_switches():
+    """Python's thread switch interval at 1 us for the block (threads interleave inside the caches' code)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _run_threads(threads) -> None:
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 class _PreemptedDict(dict):
     """A dict that lets other threads run inside each of its operations (``time.sleep(0)`` releases the GIL), as a
     busy server's scheduler may at any bytecode: the races of a cache show in a few calls instead of once in tens of
@@ -167,7 +187,6 @@ def test_shared_caches_serve_threads():
     iteration" when another thread evicted at the same time. Many sizes (more than the caches hold), caches that
     switch threads inside every operation and a tiny switch interval: no exception, every result equal to the
     single-thread one."""
-    import sys
     import threading
 
     from zoo.attention import Window
@@ -195,16 +214,8 @@ def test_shared_caches_serve_threads():
         except BaseException as error:  # noqa: B036 -- reported by the main thread
             failures.append(f"thread {tid}: {type(error).__name__}: {error}")
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=worker, args=(tid,)) for tid in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    with _fast_thread_switches():
+        _run_threads([threading.Thread(target=worker, args=(tid,)) for tid in range(4)])
     assert not failures, failures[:3]
     for g, n, b1, b2, pool, states in served:  # checked here: the threads spend their time in the caches
         assert torch.equal(b1, want_biases[g][0]) and torch.equal(b2, want_biases[g][1]), g
@@ -315,7 +326,6 @@ def test_transformer_xl_table_serves_threads():
     could be sliced instead ("rel_shift: the last dim must be ...", "expected m1 and m2 to have the same dtype", or
     values of the wrong precision). Each round starts with no table (.float() drops them, as .to(device) does) and
     lengths that make it grow; every result equals the single-thread one."""
-    import sys
     import threading
 
     layer, preempted = _preempted_xl_layer()
@@ -338,19 +348,11 @@ def test_transformer_xl_table_serves_threads():
         except BaseException as error:  # noqa: B036 -- reported by the main thread
             failures.append(f"thread {tid}: {type(error).__name__}: {error}")
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with _fast_thread_switches():
         for _ in range(6):
             layer.float()  # no table: the threads build and grow them
             start = threading.Barrier(4)
-            threads = [threading.Thread(target=worker, args=(tid, start)) for tid in range(4)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+            _run_threads([threading.Thread(target=worker, args=(tid, start)) for tid in range(4)])
     assert not failures, failures[:3]
     assert len(served) == 6 * 4 * 8
     for index, bf16, out in served:

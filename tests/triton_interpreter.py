@@ -93,3 +93,21 @@ class LaunchGuardRecorder:
                     return launch(*args, **kwargs)
                 return run
         return Checked()
+
+
+def check_single_config_variable(module: str, kernels: tuple[str, ...], tuned_counts: list[int]) -> None:
+    """``ZOO_TRITON_SINGLE_CONFIG=1`` gives each of ``kernels`` (autotuned kernels of ``zoo.kernels.<module>``) one
+    config, one of its tuned list (``tuned_counts`` configs when unset). Checked in a subprocess importing the module
+    without TRITON_INTERPRET (where it always has one config): its autotuners are built at import."""
+    code = (
+        "import importlib, os\n"
+        "os.environ.pop('ZOO_TRITON_SINGLE_CONFIG', None)\n"
+        f"from zoo.kernels import {module} as m\n"
+        f"kernels = lambda m: [getattr(m, name) for name in {list(kernels)!r}]\n"
+        "tuned = [[c.all_kwargs() for c in k.configs] for k in kernels(m)]\n"
+        "os.environ['ZOO_TRITON_SINGLE_CONFIG'] = '1'\n"
+        "single = [[c.all_kwargs() for c in k.configs] for k in kernels(importlib.reload(m))]\n"
+        f"assert [len(c) for c in tuned] == {tuned_counts!r} and all(len(c) == 1 for c in single), (tuned, single)\n"
+        "assert all(s[0] in t for s, t in zip(single, tuned)), single  # one of the configs compile_check compiles\n"
+    )
+    run_compiled(code)
