@@ -740,25 +740,41 @@ def test_a_mid_epoch_resume_with_another_process_count_is_refused(tmp_path, cut_
 def test_a_run_dir_in_use_by_another_zoo_train_is_refused(tmp_path):
     """Two zoo train runs started together into one run_dir both wrote it: one died in Lightning's CSV logger ("dict
     contains fields not in fieldnames"), the other finished with a truncated csv/metrics.csv (audit 2026-12-07). The
-    first claims the folder (.zoo_train.lock: pid and host); a second one, while that process runs, is refused before
-    it touches a file; a claim whose process is gone is taken over; the claim is removed when the run ends."""
-    import socket
+    first holds an flock on run_dir/.zoo_train.lock; a second one, while that process holds it, is refused before it
+    touches a file. The lock goes with its process however it ends: a file left by a killed run (the same pid again,
+    another host's, or empty) does not block a resume, as a pid-file scheme did (review, 2026-12-07)."""
     import subprocess
     import sys
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     lock = run_dir / ".zoo_train.lock"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'process 12345 on elsewhere')\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
-        lock.write_text(f"{other.pid} {socket.gethostname()}\n")
-        with pytest.raises(ValueError, match=rf"^run_dir={run_dir} is in use by another zoo train \(process "
-                                             rf"{other.pid} on .*remove {lock}$"):
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"^run_dir={run_dir} is in use by another zoo train \(process 12345 on "
+                                             rf"elsewhere, which holds {lock}\): wait for it to end, or give another "
+                                             r"run_dir="):
             run.train(_karate(tmp_path, "run", "trainer.max_epochs=1"))
         assert sorted(p.name for p in run_dir.iterdir()) == [".zoo_train.lock"]  # nothing of the run written
     finally:
-        other.kill()
-        other.wait()
-    # its process is gone: the claim is taken over, and removed at the end of the run
+        holder.kill()
+        holder.wait()
+    # its process is gone (the file still names it): the run goes on, and gives the lock up when it ends
+    assert lock.read_text().startswith("process 12345")
     result = run.train(_karate(tmp_path, "run", "trainer.max_epochs=1"))
-    assert result["global_step"] >= 1 and not lock.exists()
+    assert result["global_step"] >= 1 and lock.read_text() == ""
+    import fcntl
+    import os
+
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    finally:
+        os.close(fd)

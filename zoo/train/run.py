@@ -903,60 +903,54 @@ def train(cfg, *, resume_advice: bool = True) -> dict[str, Any]:
             os.environ[RUN_DIR_ENV] = previous
 
 
-# a zoo train run going on in a run_dir: "<pid> <host>", created with O_EXCL by the process that writes the run's
-# files (global rank 0) and removed when its train() returns or raises
+# a zoo train run going on in a run_dir holds an OS lock (flock) on this file, which names it ("process <pid> on
+# <host>"); the lock goes with the process, however it ends, and the (emptied) file stays
 _RUN_LOCK = ".zoo_train.lock"
+_HELD_RUN_LOCKS: dict[str, int] = {}  # run_dir -> the locked file descriptor of this process
 
 
 def _claim_run_dir(run_dir: Path) -> None:
     """Two zoo train runs started together into one run_dir (the same run_dir=, or the default one, named to the
     second) both wrote it: one failed inside Lightning's CSV logger ("dict contains fields not in fieldnames") and
-    the other finished with the first one's truncated csv/metrics.csv (audit 2026-12-07). The first claims the
-    folder; the second is refused in one line. A claim left by a process that no longer runs on this host (killed
-    with SIGKILL) is taken over; one from another host is refused (it cannot be checked from here)."""
+    the other finished with the first one's truncated csv/metrics.csv (audit 2026-12-07). The first takes an
+    exclusive flock on ``run_dir/.zoo_train.lock``; a second one, while the first runs, is refused in one line. The
+    kernel releases the lock when its process ends, killed or not, so a resume after a crash, an OOM kill or a
+    requeue on another host finds it free (a pid-file scheme refused those, review 2026-12-07). Without fcntl
+    (Windows) nothing is claimed."""
+    try:
+        import fcntl
+    except ImportError:
+        return
     import socket
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock, me = run_dir / _RUN_LOCK, f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = lock.read_text(errors="replace").split() if lock.is_file() else []
-            pid, host = (int(holder[0]) if holder and holder[0].isdigit() else None), " ".join(holder[1:])
-            if pid is not None and host == socket.gethostname() and not _process_alive(pid):
-                lock.unlink(missing_ok=True)  # a claim whose process is gone: taken over
-                continue
-            raise ValueError(f"run_dir={run_dir} is in use by another zoo train (process {pid} on {host or '?'}, "
-                             f"{lock.name}): wait for it to end, or give another run_dir= (the default one is named to "
-                             f"the second, so runs started together need their own); if no run is going on there, "
-                             f"remove {lock}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
-        return
-
-
-def _process_alive(pid: int) -> bool:
+    lock = run_dir / _RUN_LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = lock.read_text(errors="replace").strip() if lock.is_file() else ""
+        os.close(fd)
+        raise ValueError(f"run_dir={run_dir} is in use by another zoo train ({holder or 'a process'}, which holds "
+                         f"{lock}): wait for it to end, or give another run_dir= (the default one is named to the "
+                         f"second, so runs started together need their own)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    _HELD_RUN_LOCKS[str(run_dir)] = fd
 
 
 def _release_run_dir(run_dir: Path) -> None:
-    """Remove this process's claim of ``run_dir`` (another process's claim is left alone)."""
-    import socket
-
-    lock = Path(run_dir) / _RUN_LOCK
+    """Give up this process's claim of ``run_dir`` (the file is emptied and left: removing it could let a process
+    that opened it meanwhile lock a file nobody else sees)."""
+    fd = _HELD_RUN_LOCKS.pop(str(run_dir), None)
+    if fd is None:
+        return
     try:
-        if lock.read_text(errors="replace").split()[:1] == [str(os.getpid())] and \
-                " ".join(lock.read_text(errors="replace").split()[1:]) == socket.gethostname():
-            lock.unlink(missing_ok=True)
-    except (OSError, IndexError):
+        os.ftruncate(fd, 0)
+    except OSError:
         pass
+    finally:
+        os.close(fd)  # releases the flock
 
 
 # Lightning's ckpt_path shortcuts (Trainer.fit(ckpt_path="last" | "best")) and the file of a zoo train run that
