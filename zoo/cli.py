@@ -166,12 +166,11 @@ def _config_options(groups: Sequence[str] = ("experiment", "model", "data", "tas
                                              "debug")) -> str:
     """The options of the main config groups, read from the installed zoo.configs package (what `group=option`
     can name)."""
-    from importlib import resources
+    from zoo.train.run import _group_options
 
     lines = ["", "Options (zoo.configs):"]
     for group in groups:
-        folder = resources.files("zoo.configs") / group
-        names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")) if folder.is_dir() else []
+        names = _group_options(group)
         if names:
             lines.append(f"  {group}: {', '.join(names)}")
     return "\n".join(lines)

@@ -143,9 +143,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _main(argv)
     except Exception as error:
-        from zoo.cli import _is_user_error, _one_line
+        from zoo.cli import _debugging, _is_user_error, _one_line
 
-        if not _is_user_error(error) or getattr(sys, "_zoo_debug", False) or os.environ.get("ZOO_DEBUG"):
+        if not _is_user_error(error) or _debugging():
             raise
         print(f"{_PROG}: error: {_one_line(error)}\n(set ZOO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

@@ -101,22 +101,15 @@ def searchpath_folders(overrides: Sequence[str]) -> list[str]:
     """The existing local folders a ``hydra.searchpath=[...]`` override adds (``file://`` entries and plain paths;
     ``pkg://`` entries are not folders), for what lists a group's options outside Hydra's loader (a sweep's glob());
     a malformed override or a missing folder is left to :func:`compose`'s check, which names it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     folders = []
     for item in overrides:
         if item.partition("=")[0] != "hydra.searchpath":
             continue
         try:
-            entries = OverridesParser.create().parse_override(item).value()
-        except HydraException:
+            entries = _searchpath_entries(item)
+        except ValueError:
             continue
-        for entry in entries if isinstance(entries, list) else []:
-            scheme, sep, path = str(entry).partition("://")
-            folder = path if sep else str(entry)
-            if (not sep or scheme == "file") and os.path.isdir(folder):
-                folders.append(folder)
+        folders += [path for _, path in entries if path is not None and os.path.isdir(path)]
     return folders
 
 
@@ -169,10 +162,10 @@ def _check_override(item: str) -> None:
         raise ValueError(f"{item}: run.compose composes one config; a sweep is zoo train -m ... (zoo.train.sweep)")
     if "=" not in item and not item.startswith("~"):
         raise ValueError(f"override {item!r} is not of the form key=value (or group=option, +key=value, ~key)")
-    written, _, value = item.partition("=")
+    written = item.partition("=")[0]
     key = written.lstrip("+~")
     if written == "hydra.searchpath":
-        _check_searchpath(item, value)
+        _check_searchpath(item)
     elif key == "hydra" or key.startswith("hydra."):
         raise ValueError(f"override {item!r}: zoo train composes its config without Hydra's app runner, so hydra.* "
                          f"settings have no effect (except hydra.searchpath=[...], as --config-dir DIR, which add "
@@ -182,9 +175,10 @@ def _check_override(item: str) -> None:
                          f"run_dir=DIR names the folder of one run")
 
 
-def _check_searchpath(item: str, value: str) -> None:
-    """``hydra.searchpath=[...]``: each folder given as a path (``file://`` or none) must exist; Hydra itself only
-    warns ("provider=..., path=... is not available") and then reports the option as unknown."""
+def _searchpath_entries(item: str) -> list[tuple[str, Optional[str]]]:
+    """The entries of a ``hydra.searchpath=[...]`` override, each with its local folder (``file://`` or no scheme;
+    None for another scheme, ``pkg://``); a malformed override or a value that is not a list of strings is a
+    ValueError naming it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -195,11 +189,18 @@ def _check_searchpath(item: str, value: str) -> None:
     if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
         raise ValueError(f"{item}: hydra.searchpath is a list of folders: hydra.searchpath=[file:///abs/dir,...] "
                          f"(or zoo train --config-dir DIR)")
+    located = []
     for entry in entries:
         scheme, sep, path = entry.partition("://")
-        if not sep:
-            scheme, path = "file", entry
-        if scheme == "file" and not os.path.isdir(path):
+        located.append((entry, (path if sep else entry) if not sep or scheme == "file" else None))
+    return located
+
+
+def _check_searchpath(item: str) -> None:
+    """``hydra.searchpath=[...]``: each folder given as a path (``file://`` or none) must exist; Hydra itself only
+    warns ("provider=..., path=... is not available") and then reports the option as unknown."""
+    for entry, path in _searchpath_entries(item):
+        if path is not None and not os.path.isdir(path):
             raise ValueError(f"{item}: {entry} is not a folder ({os.path.abspath(path)} does not exist); give the "
                              f"folder that holds your experiment/, model/, ... configs")
 
@@ -1025,12 +1026,15 @@ def _check_launcher(trainer, cfg) -> None:
     launcher = getattr(trainer.strategy, "launcher", None)
     if isinstance(launcher, _MultiProcessingLauncher):
         chosen = cfg.trainer.get("strategy") or "auto"
-        count = int(trainer.world_size)
-        raise ValueError(f"trainer.strategy={chosen} trains in {count} process{'es' if count != 1 else ''} started by "
+        raise ValueError(f"trainer.strategy={chosen} trains in {_processes(int(trainer.world_size))} started by "
                          f"multiprocessing ({launcher._start_method}), which zoo train does not support (it reads "
                          f"the run's progress in this process); use trainer=ddp_cpu (CPU) or trainer=ddp (GPUs), "
                          f"whose strategy=ddp launches the processes as scripts, from a shell; in a notebook, train "
                          f"on one device (trainer.devices=1)")
+
+
+def _processes(count: int) -> str:
+    return f"{count} process{'es' if count != 1 else ''}"
 
 
 def _check_resumed_processes(order: Optional[dict], world_size: int, global_zero: bool = True) -> None:
@@ -1045,7 +1049,7 @@ def _check_resumed_processes(order: Optional[dict], world_size: int, global_zero
     before = int(order["world_size"])
     if before == world_size:
         return
-    processes = f"{world_size} process{'es' if world_size != 1 else ''}"
+    processes = _processes(world_size)
     if int(order.get("batches_done") or 0):
         # (a checkpoint written when validation ends, best.ckpt among them, counts as inside its epoch: Lightning
         # has not closed the epoch then; last.ckpt is written when a training epoch ends)
@@ -1942,8 +1946,8 @@ def _other_data(cfg, group: str):
 
     from omegaconf import OmegaConf
 
-    folder = resources.files("zoo.configs") / "data"
-    options = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    folder = resources.files(CONFIG_MODULE) / "data"
+    options = _group_options("data")
     if group not in options:
         raise ValueError(f"data={group}: no such data config (options: {', '.join(options)})")
     other = OmegaConf.load(str(folder / f"{group}.yaml"))
