@@ -813,13 +813,25 @@ def _shipped_checkpoint_named_by_path(path: str | os.PathLike) -> Path | None:
     """The shipped checkpoint that a path of the form ``checkpoints/<dir>`` names, as README and ``zoo train
     --help`` write it; None for any other path. The path is relative to the source tree, so from another working
     directory or an installed wheel it does not exist and was taken for a Hub repository id ("checkpoints" as
-    owner). The rule is the one zoo/train/run.py ``_shipped_source`` applies to the CLI's ``ckpt=``. Callers
+    owner). The CLI's ``ckpt=`` follows the same rule (:func:`_shipped_source`). Callers
     ask only after the path was found missing here: an existing ``checkpoints/<dir>`` is the user's own."""
     parts = Path(path).parts
     if len(parts) != 2 or parts[0] != "checkpoints":
         return None
     candidate = shipped_checkpoints_dir() / parts[1]
     return candidate if candidate.is_dir() else None
+
+
+def _shipped_source(path: Path) -> Path | None:
+    """A checkpoint this project ships, named as README names it (``checkpoints/vit_digits``:
+    :func:`_shipped_checkpoint_named_by_path`) or by its model or card name (``vit_digits``); None otherwise. Read
+    by the CLI's ``ckpt=`` (zoo/train/run.py) and :func:`from_pretrained` for a path that does not exist here."""
+    parts = path.parts
+    if len(parts) == 2:
+        return _shipped_checkpoint_named_by_path(path)
+    if len(parts) == 1 and path.suffix == "":
+        return shipped_checkpoint(parts[0])
+    return None
 
 
 def hf_cache_dir() -> Path:
@@ -1186,9 +1198,17 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     return load_pretrained_into(entry, str(path), overrides)
 
 
-# the training checkpoints a zoo train run directory holds, in the order zoo/train/run.py _RUN_DIRECTORY_SOURCES
-# offers them after released/
-_RUN_CHECKPOINTS = ("checkpoints/best.ckpt", "checkpoints/last.ckpt")
+# what a zoo train run directory offers to zoo eval / zoo predict (zoo/train/run.py _run_directory_source) and to
+# from_pretrained, in the order they take it: the release (the weights zoo train evaluated and exported), else the
+# best validated checkpoint, else the resumable last one
+_RUN_DIRECTORY_SOURCES = ("released", "checkpoints/best.ckpt", "checkpoints/last.ckpt")
+_RUN_CHECKPOINTS = _RUN_DIRECTORY_SOURCES[1:]
+
+
+def _is_run_directory(path: Path) -> bool:
+    """A directory zoo train wrote: its config.yaml (written first) and no config.json of its own (a
+    save_pretrained directory). A source tree, whose checkpoints/ holds the shipped cards, has no config.yaml."""
+    return path.is_dir() and not (path / CONFIG_NAME).is_file() and (path / "config.yaml").is_file()
 
 
 def _from_pretrained_source(path: str | os.PathLike) -> Path:
@@ -1197,7 +1217,7 @@ def _from_pretrained_source(path: str | os.PathLike) -> Path:
     model name) as that checkpoint; anything else as ``create_model(pretrained=path)`` resolves it. A run without
     ``released/`` is refused with the call that loads its training checkpoint."""
     given = Path(path).expanduser()
-    if given.is_dir() and not (given / CONFIG_NAME).is_file() and (given / "config.yaml").is_file():
+    if _is_run_directory(given):
         released = given / "released"
         if (released / CONFIG_NAME).is_file():
             return released
@@ -1207,11 +1227,8 @@ def _from_pretrained_source(path: str | os.PathLike) -> Path:
                                       f"{_ckpt_loading_call(given / name)}")
         raise CheckpointError(f"{given} is a zoo train run directory with neither released/ nor "
                               f"{' nor '.join(_RUN_CHECKPOINTS)}: it has written no weights yet")
-    if not given.exists() and len(given.parts) == 1 and given.suffix == "":
-        shipped = shipped_checkpoint(given.name)
-        if shipped is not None:
-            return shipped
-    return _resolve_pretrained("", path)
+    shipped = _shipped_source(given) if not given.exists() else None
+    return shipped if shipped is not None else _resolve_pretrained("", path)
 
 
 def _ckpt_loading_call(ckpt: Path) -> str:

@@ -1762,24 +1762,17 @@ def _resolve_source(ckpt: str | os.PathLike) -> Path:
     return path if path.suffix == ".ckpt" else _resolve_pretrained("", str(ckpt))
 
 
-# what a zoo train run directory offers to zoo eval / zoo predict, in the order they take it: the release (the
-# weights zoo train evaluated and exported), else the best validated checkpoint, else the resumable last one
-_RUN_DIRECTORY_SOURCES = ("released", "checkpoints/best.ckpt", "checkpoints/last.ckpt")
-
-
 def _run_directory_source(ckpt):
     """``ckpt=<run_dir>`` (a directory zoo train wrote: config.yaml, checkpoints/, released/, and no config.json of
     its own) as the first of its released/, checkpoints/best.ckpt, checkpoints/last.ckpt that exists, said on stderr;
     any other ``ckpt`` unchanged. It was refused as "expected a .ckpt or a directory written by
     zoo.save_pretrained", although the run's directory is what zoo train prints."""
+    from zoo.hub import _RUN_DIRECTORY_SOURCES, _is_run_directory
+
     if not str(ckpt).strip():  # Path("") is the working directory: the empty value is named by the callers
         return ckpt
     path = Path(str(ckpt)).expanduser()
-    if not path.is_dir() or (path / "config.json").is_file():
-        return ckpt
-    # what zoo train writes first: config.yaml (a source tree, whose checkpoints/ holds the shipped cards, is not a
-    # run: ckpt= of the working directory there was taken for one)
-    if not (path / "config.yaml").is_file():
+    if not _is_run_directory(path):  # (a source tree, whose checkpoints/ holds the shipped cards, is not a run)
         return ckpt
     for name in _RUN_DIRECTORY_SOURCES:
         source = path / name
@@ -1795,7 +1788,7 @@ def resolve_ckpt_argument(ckpt):
     else last.ckpt), a shipped card named as README names it (``checkpoints/vit_digits``) or by its card or model
     name when no such path exists here; anything else unchanged (the loaders then name what is wrong with it).
     An http(s) URL is refused, saying what to do instead (zoo.hub.refuse_url): it was reported as a missing file."""
-    from zoo.hub import refuse_url
+    from zoo.hub import _shipped_source, refuse_url
 
     refuse_url(ckpt, "ckpt", "the checkpoint (a released directory, .safetensors or .ckpt)", model=True)
     ckpt = _run_directory_source(ckpt)
@@ -1805,20 +1798,6 @@ def resolve_ckpt_argument(ckpt):
         if shipped is not None:
             return shipped
     return ckpt
-
-
-def _shipped_source(path: Path) -> Optional[Path]:
-    """A checkpoint this project ships, named as README names it (``checkpoints/vit_digits``: relative to the source
-    tree, so outside it -- an installed wheel, another working directory -- the path did not exist and was taken
-    for a Hub repository id) or by its model or card name (``vit_digits``); None otherwise."""
-    from zoo.hub import _shipped_checkpoint_named_by_path, shipped_checkpoint
-
-    parts = path.parts
-    if len(parts) == 2 and parts[0] == "checkpoints":
-        return _shipped_checkpoint_named_by_path(path)  # the rule model.pretrained= follows too (zoo.hub)
-    if len(parts) == 1 and path.suffix == "":
-        return shipped_checkpoint(parts[0])
-    return None
 
 
 def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, command: Optional[str] = None):
