@@ -1019,6 +1019,28 @@ def test_a_saved_graphs_edge_index_is_named_by_what_is_wrong(tmp_path, edge_inde
         gd.load_graph_classification(path=str(tmp_path / "graphs.pt"))
 
 
+def test_graph_data_of_another_width_than_the_evaluated_model_says_the_checkpoint_fixes_it(tmp_path):
+    """zoo eval ckpt=<graph-classification run> data.path=<graphs of another width> said "set data.num_features=4":
+    the module read the graphs in describe(), which zoo eval calls before Lightning's setup("test"), and checked them
+    there as settings. The sizes are now checked in setup(stage), on every call, with the evaluation wording in
+    Lightning's evaluation stages and the training one in fit."""
+    torch.save(_data_list(), tmp_path / "graphs.pt")
+    module = gd.GraphClassificationDataModule(path=str(tmp_path / "graphs.pt"), num_features=8, num_classes=2)
+    assert module.describe()["num_features"] == 4  # reads, does not judge
+    for stage in ("test", "validate", "predict"):
+        with pytest.raises(ValueError, match=r"^graph data set .*graphs\.pt has 4 node features \(num_features=4\), "
+                                             r"but the model being evaluated reads 8: it was trained with "
+                                             r"data\.num_features=8, which the checkpoint fixes"):
+            module.setup(stage)
+    for stage in ("fit", None):
+        with pytest.raises(ValueError, match=r"^graph data set .*graphs\.pt has num_features=4 but the config says 8 "
+                                             r"\(set data\.num_features=4\)$"):
+            module.setup(stage)
+    with pytest.raises(ValueError, match=r"has 2 classes \(num_classes=2\), but the model being evaluated scores 3"):
+        gd.GraphClassificationDataModule(path=str(tmp_path / "graphs.pt"), num_features=4, num_classes=3).setup("test")
+    gd.GraphClassificationDataModule(path=str(tmp_path / "graphs.pt"), num_features=4, num_classes=2).setup("test")
+
+
 def test_node_data_of_another_width_than_the_evaluated_model_says_the_checkpoint_fixes_it():
     """zoo eval ckpt=<karate run> data.name=sbm said "set data.num_features=16", which cannot work: the checkpoint's
     model reads 34 features. In Lightning's evaluation stages (zoo eval's trainer.test / validate) the sizes are the

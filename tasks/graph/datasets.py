@@ -1486,9 +1486,9 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
         features the model was trained on: ``"node_features": "x"`` (the graphs' own, e.g. MUTAG's atom types) or
         ``"one_hot_degree"`` with the ``max_degree`` used (a null data.max_degree resolves from the data). A graph
         given to predict without x gets one-hot degrees only when training did: fed to a model trained on real
-        features they silently gave other classes. The user's data is read here (setup) when it was not yet."""
+        features they silently gave other classes. The user's data is read here (_load) when it was not yet."""
         if self.source != "synthetic":
-            self.setup()
+            self._load()
         facts = {"name": self.name, "source": self.source,
                  **{key: self.options[key] for key in ("root", "path", "dataset_class")},
                  "num_features": self.num_features, "num_classes": self.num_classes,
@@ -1498,6 +1498,19 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
         return facts
 
     def setup(self, stage: Optional[str] = None) -> None:
+        """Read the graphs (once), then check them against the sizes the model was built with, on every call: the
+        first read may come from :meth:`describe` (zoo train / zoo eval build the module before Lightning's setup),
+        and only Lightning's call knows whether the sizes are settings (fit) or the trained model's (test)."""
+        self._load()
+        for key, want in self.expected.items():  # the model was sized by the config
+            if want is not None and int(want) != self._sizes[key]:
+                where = f"graph data set {self.name if self.source == 'tu' else self._where()}"
+                if stage in _EVALUATION_STAGES:  # zoo eval: the sizes are the trained model's, not settings
+                    raise ValueError(_trained_model_mismatch(where, key, self._sizes[key], want))
+                raise ValueError(f"{where} has {key}={self._sizes[key]} but the config says {want} "
+                                 f"(set data.{key}={self._sizes[key]})")
+
+    def _load(self) -> None:
         if self.splits is not None:
             return
         if self.source == "synthetic":
@@ -1507,12 +1520,7 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
             self.splits = {"train": graphs[:a], "val": graphs[a:b], "test": graphs[b:]}
             return
         data = load_graph_classification(**self.options)
-        sizes = {key: data[key] for key in ("num_features", "num_classes")}
-        for key, want in self.expected.items():  # the model was sized by the config
-            if want is not None and int(want) != sizes[key]:
-                raise ValueError(f"graph data set {self.name if self.source == 'tu' else self._where()} has "
-                                 f"{key}={sizes[key]} but the config says {want} (set data.{key}={sizes[key]})")
-        self._sizes = sizes
+        self._sizes = {key: data[key] for key in ("num_features", "num_classes")}
         self._degree_features = data["degree_features"]
         self._seeded_split = data["seeded_split"]
         self.splits = {split: data[split] for split in _SPLITS}
@@ -1523,7 +1531,7 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
         (ResumableTrainingOrder.check_same_data). The user's data is read here when it was not yet (describe)."""
         if self.source == "synthetic":
             return True
-        self.setup()
+        self._load()
         return self._seeded_split
 
     def _where(self) -> str:
@@ -1532,13 +1540,13 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
     @property
     def num_features(self) -> int:
         if self._sizes is None:
-            self.setup()
+            self._load()
         return self._sizes["num_features"]
 
     @property
     def num_classes(self) -> int:
         if self._sizes is None:
-            self.setup()
+            self._load()
         return self._sizes["num_classes"]
 
     def _loader(self, split, shuffle):
