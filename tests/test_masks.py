@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from zoo.attention import (
-    EMPTY, FULL, PARTIAL, BlockSparse, Causal, ChunkWindow, Dense, Full, SegmentWindow, Segments, Window,
+    EMPTY, FULL, PARTIAL, BlockSparse, Causal, ChunkWindow, Dense, Full, KeyPadding, SegmentChunkWindow, SegmentWindow,
+    Segments, Window,
 )
 from zoo.attention.masks import _states_from_dense
 
@@ -726,3 +727,255 @@ def test_materialised_band_masks_export_to_onnx_with_torchscript(mask):
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"q": q.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-6, rtol=1e-5)
+
+
+# ---- per-utterance chunked streaming over packed sequences (Segments.chunk / SegmentChunkWindow) ----------------
+
+def _each_sequence_alone(q, k, v, cu_q, cu_k, make_mask):
+    """float64 reference: each packed sequence run alone, its (Lq, Lk) bool mask from ``make_mask(Lq, Lk)`` (the
+    sequence's own indices, starting at 0); a query that sees no key gets a zero row, as attend() defines."""
+    out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=torch.float64)
+    for (q0, q1), (k0, k1) in zip(zip(cu_q[:-1], cu_q[1:]), zip(cu_k[:-1], cu_k[1:])):
+        if q1 == q0 or k1 == k0:
+            continue
+        allowed = make_mask(q1 - q0, k1 - k0)
+        scores = q[..., q0:q1, :].double() @ k[..., k0:k1, :].double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)
+        out[..., q0:q1, :] = probs @ v[..., k0:k1, :].double()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+@pytest.mark.parametrize("chunk,left,right", [(4, 1, 0), (3, None, 0), (5, 0, 1), (4, 2, None)])
+def test_segment_chunk_window_is_each_utterance_alone(backend, chunk, left, right):
+    """segments.chunk(c, left, right) over packed utterances (self attention, and cross attention with other key
+    lengths per sequence, bottom-right aligned per sequence) equals each utterance run alone under
+    ChunkWindow(c, left, right), in float64 on every CPU backend; ChunkWindow & segments counts chunks from the
+    packed row instead and differs (utterances that do not start on a multiple of c)."""
+    from zoo.attention import attend
+
+    g = torch.Generator().manual_seed(11)
+    cu = [0, 5, 12, 12, 31, 50]
+    x = torch.randn(3, 1, 2, 50, 8, generator=g, dtype=torch.float64)
+    segments = Segments.from_cu_seqlens(cu)
+    alone = lambda lq, lk: ChunkWindow(chunk, left, right).dense(lq, lk)[0, 0]  # noqa: E731
+    want = _each_sequence_alone(*x, cu, cu, alone)
+    out = attend(*x, mask=segments.chunk(chunk, left=left, right=right), backend=backend)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+    packed_rows = attend(*x, mask=ChunkWindow(chunk, left, right) & segments, backend=backend)
+    assert (packed_rows - want).abs().max() > 1e-3
+    # cross attention: Lq != Lk per sequence (a cache per utterance), an empty query sequence
+    cu_q, cu_k = [0, 3, 3, 17, 20], [0, 9, 13, 26, 41]
+    q = torch.randn(1, 2, 20, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 41, 8, generator=g, dtype=torch.float64)
+    out = attend(q, k, v, mask=Segments.from_cu_seqlens(cu_q, cu_k).chunk(chunk, left, right), backend=backend)
+    torch.testing.assert_close(out, _each_sequence_alone(q, k, v, cu_q, cu_k, alone), atol=1e-12, rtol=1e-10)
+
+
+def test_segment_chunk_window_in_a_module_is_each_utterance_alone():
+    """The audit's case: MultiHeadAttention(rel_pos="xl") over two packed utterances of 5 and 7 frames under
+    segments.chunk(4, left=1) gives each utterance's output alone under ChunkWindow(4, left=1) (the packed
+    ChunkWindow(4, left=1) & segments was 0.35 off on the second utterance's first rows)."""
+    from zoo.attention import MultiHeadAttention
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rel_pos="xl").double().eval()
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+    packed = layer(x, mask=Segments.from_cu_seqlens([0, 5, 12]).chunk(4, left=1))
+    alone = torch.cat([layer(x[:, :5], mask=ChunkWindow(4, left=1)), layer(x[:, 5:], mask=ChunkWindow(4, left=1))], 1)
+    torch.testing.assert_close(packed, alone, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("chunk,left", [(4, -1), (4, 0), (4, 2), (7, 1), (8, 3), (1, 2)])
+def test_segment_chunk_window_is_wenets_mask_per_utterance(chunk, left):
+    """The dense mask over packed utterances is block diagonal, each block WeNet's subsequent_chunk_mask of that
+    utterance (re-derived above), nothing across utterances."""
+    lengths = [5, 13, 1, 9]
+    cu = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    dense = Segments.from_cu_seqlens(cu).chunk(chunk, left=None if left < 0 else left).dense(cu[-1], cu[-1])[0, 0]
+    want = torch.block_diag(*[_wenet_subsequent_chunk_mask(n, chunk, left) for n in lengths])
+    assert torch.equal(dense, want)
+
+
+@pytest.mark.parametrize("tiles", [(4, 4), (5, 7), (16, 3), (1, 1), (64, 64)])
+def test_segment_chunk_window_block_map_agrees_with_dense(tiles):
+    """The block map is never wrong against dense() (EMPTY only where the dense tile is empty, FULL only where it
+    is full) on odd lengths and tile sizes, packed, cross-packed, padded and unsorted ids; exact where the ids say
+    nothing (one sequence: ChunkWindow's map); it skips tiles Segments alone keeps; no Nq x Nk is built."""
+    cu, cu_k = [0, 5, 12, 12, 31, 53], [0, 9, 9, 20, 44, 61]
+    ids = torch.tensor([[0, 0, 1, 1, 1, 0, -1, 2, 2], [2, 2, 2, 2, -1, -1, -1, 0, 0]])
+    cases = [(Segments.from_cu_seqlens(cu), 53, 53), (Segments.from_cu_seqlens(cu, cu_k), 53, 61),
+             (Segments(ids), 9, 9), (Segments.from_lengths([7, 3]), 7, 7)]
+    for segments, nq, nk in cases:
+        for chunk, left, right in [(4, 1, 0), (3, None, 0), (5, 0, 2), (2, -1, 2)]:
+            mask = segments.chunk(chunk, left, right)
+            got = mask.block_map(nq, nk, *tiles).states
+            want = exact_states(mask, nq, nk, *tiles)
+            assert got.shape == want.shape
+            wrong = ((got == EMPTY) & (want != EMPTY)) | ((got == FULL) & (want != FULL))
+            assert not wrong.any(), (mask, tiles)
+    one = Segments.from_cu_seqlens([0, 37]).chunk(5, 1, 0)
+    assert torch.equal(one.block_map(37, 37, *tiles).states, ChunkWindow(5, 1, 0).block_map(37, 37, *tiles).states)
+    packed = Segments.from_cu_seqlens([0, 100, 300]).chunk(16, left=1)
+    assert int((packed.block_map(300, 300, 8).states == EMPTY).sum()) > int(
+        (Segments.from_cu_seqlens([0, 100, 300]).block_map(300, 300, 8).states == EMPTY).sum())
+
+
+def test_segment_chunk_window_block_map_never_builds_the_dense_matrix(monkeypatch):
+    n = 1 << 16
+    mask = Segments(torch.arange(n) // 1000).chunk(100, left=2)
+    monkeypatch.setattr(SegmentChunkWindow, "_dense_rows", lambda *a, **k: pytest.fail("dense form was built"))
+    monkeypatch.setattr(Segments, "_dense_rows", lambda *a, **k: pytest.fail("dense form was built"))
+    assert mask.block_map(n, n, 128, 128).states.shape == (1, 1, 512, 512)
+
+
+def test_segment_chunk_window_errors_and_settings():
+    segments = Segments.from_cu_seqlens([0, 5, 12])
+    mask = segments.chunk(4, left=1)
+    assert isinstance(mask, SegmentChunkWindow) and (mask.chunk_size, mask.left, mask.right) == (4, 1, 0)
+    assert repr(mask).startswith("SegmentChunkWindow(Segments(") and "chunk_size=4, left=1, right=0" in repr(mask)
+    with pytest.raises(ValueError, match="SegmentChunkWindow chunk_size"):
+        segments.chunk(0)
+    with pytest.raises(ValueError, match=r"SegmentChunkWindow\(left=-2, right=1\) allows no chunk at all"):
+        segments.chunk(4, -2, 1)
+    with pytest.raises(TypeError, match="SegmentChunkWindow: segments must be a Segments mask, got Causal"):
+        SegmentChunkWindow(Causal(), 4)
+    with pytest.raises(ValueError, match="Segments ids have lengths"):
+        mask.dense(11, 12)
+    # a reassigned setting reaches the cached block map
+    long = Segments.from_cu_seqlens([0, 10, 40])
+    mask = long.chunk(4, left=1)
+    before = mask.block_map(40, 40, 4).states.clone()
+    mask.left = None
+    assert not torch.equal(mask.block_map(40, 40, 4).states, before)
+    assert torch.equal(mask.block_map(40, 40, 4).states, long.chunk(4).block_map(40, 40, 4).states)
+
+
+# ---- key padding for any number of queries (KeyPadding) --------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [None, "torch", "sdpa", "blocksparse"])
+@pytest.mark.parametrize("n_q", [1, 3, 10, 23])
+def test_key_padding_is_sdpas_key_padding_mask(backend, n_q):
+    """KeyPadding(lengths) hides the keys at positions >= lengths[b] from every query, whatever Nq (1: attention
+    pooling; != Nk: cross attention, a query block): SDPA's result with the (B, 1, 1, Nk) boolean mask, in float64,
+    on every CPU backend; a row whose keys are all padding (length 0) is zero, as attend() defines."""
+    from zoo.attention import attend
+
+    g = torch.Generator().manual_seed(12)
+    lengths = torch.tensor([10, 6, 0, 1])
+    q = torch.randn(4, 2, n_q, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 4, 2, 10, 8, generator=g, dtype=torch.float64)
+    out = attend(q, k, v, mask=KeyPadding(lengths), backend=backend)
+    keep = (torch.arange(10)[None] < lengths[:, None])[:, None, None, :]
+    valid = lengths > 0
+    want = torch.nn.functional.scaled_dot_product_attention(q[valid], k[valid], v[valid], attn_mask=keep[valid])
+    torch.testing.assert_close(out[valid], want, atol=1e-12, rtol=1e-10)
+    assert not out[~valid].any()
+    # max_len pads beyond the longest length (every row padded)
+    k2, v2 = torch.randn(2, 4, 2, 13, 8, generator=g, dtype=torch.float64)
+    keep = (torch.arange(13)[None] < lengths[:, None])[:, None, None, :]
+    out = attend(q[valid], k2[valid], v2[valid], mask=KeyPadding(lengths[valid], max_len=13), backend=backend)
+    want = torch.nn.functional.scaled_dot_product_attention(q[valid], k2[valid], v2[valid], attn_mask=keep[valid])
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+
+
+def test_key_padding_is_nn_multihead_attentions_key_padding_mask():
+    """nn.MultiheadAttention's own computation (its projections, key_padding_mask True = padding) equals attend()
+    with KeyPadding on the same projected q, k, v, for one query and for Nq != Nk."""
+    from zoo.attention import attend
+
+    torch.manual_seed(13)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64).eval()
+    lengths = [9, 4, 1]
+    pad_BN = torch.arange(9)[None] >= torch.tensor(lengths)[:, None]
+    for n_q in (1, 5):
+        query = torch.randn(3, n_q, 16, dtype=torch.float64)
+        memory = torch.randn(3, 9, 16, dtype=torch.float64)
+        want, _ = mha(query, memory, memory, key_padding_mask=pad_BN, need_weights=False)
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+        heads = lambda t: t.unflatten(-1, (2, 8)).transpose(1, 2)  # noqa: E731  (B, N, C) -> (B, H, N, D)
+        q = heads(torch.nn.functional.linear(query, w_q, b_q))
+        k = heads(torch.nn.functional.linear(memory, w_k, b_k))
+        v = heads(torch.nn.functional.linear(memory, w_v, b_v))
+        out = attend(q, k, v, mask=KeyPadding(lengths)).transpose(1, 2).flatten(2)
+        torch.testing.assert_close(mha.out_proj(out), want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
+def test_key_padding_in_attention_pooling_and_cross_attention(backend):
+    """AttentionPoolLatent (one latent query over N tokens) and MultiHeadAttention's cross attention to a padded
+    context take KeyPadding(lengths): each row equals that row run on its unpadded tokens. Segments.from_lengths,
+    which pads the queries too, is refused there with a message that names KeyPadding."""
+    from zoo.attention import AttentionPoolLatent, MultiHeadAttention, use_backend
+
+    torch.manual_seed(14)
+    lengths = [10, 6]
+    pool = AttentionPoolLatent(32, 4).double().eval()
+    layer = MultiHeadAttention(32, 4, kv_dim=32).double().eval()
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    queries = torch.randn(2, 3, 32, dtype=torch.float64)
+    with use_backend(backend):
+        pooled = pool(x, mask=KeyPadding(lengths))
+        crossed = layer(queries, context=x, mask=KeyPadding(lengths))
+        for b, n in enumerate(lengths):
+            torch.testing.assert_close(pooled[b], pool(x[b : b + 1, :n])[0], atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(crossed[b], layer(queries[b : b + 1], context=x[b : b + 1, :n])[0],
+                                       atol=1e-12, rtol=1e-10)
+        with pytest.raises(ValueError, match=r"Nq=1, Nk=10; to hide padded keys .* use KeyPadding\(lengths, "
+                                             r"max_len=10\)"):
+            pool(x, mask=Segments.from_lengths(lengths))
+
+
+@pytest.mark.parametrize("tiles", [(4, 4), (5, 7), (16, 3), (1, 1), (64, 64)])
+@pytest.mark.parametrize("n_q,n_k", [(1, 10), (7, 23), (33, 20)])
+def test_key_padding_block_map_equals_dense(tiles, n_q, n_k):
+    """The block map equals the one reduced from dense() exactly (key tiles EMPTY past a row's length, FULL
+    before it, PARTIAL across it) on odd lengths and tile sizes, without building Nq x Nk."""
+    mask = KeyPadding([n_k, 0, n_k // 2, 3], max_len=n_k)
+    got = mask.block_map(n_q, n_k, *tiles).states
+    want = exact_states(mask, n_q, n_k, *tiles)
+    assert got.shape == want.shape == (4, 1) + want.shape[-2:]
+    assert torch.equal(got, want)
+    rows = mask.dense(n_q, n_k)
+    assert rows.shape == (4, 1, n_q, n_k) and (n_q == 1 or rows.stride(2) == 0)
+
+
+def test_key_padding_block_map_never_builds_the_dense_matrix(monkeypatch):
+    n = 1 << 16
+    mask = KeyPadding([n, 1000, 0])
+    monkeypatch.setattr(KeyPadding, "_dense_rows", lambda *a, **k: pytest.fail("dense form was built"))
+    states = mask.block_map(n, n, 128, 128).states
+    assert states.shape == (3, 1, 512, 512) and int((states[1] == PARTIAL).sum()) == 512
+
+
+def test_key_padding_errors():
+    from zoo.attention import attend
+
+    q = torch.randn(2, 1, 3, 4)
+    k = torch.randn(2, 1, 8, 4)
+    with pytest.raises(ValueError, match=r"KeyPadding was built for 6 keys \(max_len\) but attention has Nk=8: "
+                                         r"give KeyPadding\(lengths, max_len=8\)"):
+        attend(q, k, k, mask=KeyPadding([6, 2]))
+    with pytest.raises(ValueError, match="KeyPadding has 3 lengths but attention has batch 2"):
+        attend(q, k, k, mask=KeyPadding([6, 2, 8]))
+    with pytest.raises(ValueError, match="KeyPadding: lengths must be >= 0"):
+        KeyPadding([3, -1])
+    with pytest.raises(ValueError, match="KeyPadding: lengths holds 9, longer than max_len=8"):
+        KeyPadding([9, 1], max_len=8)
+    with pytest.raises(TypeError, match="KeyPadding: lengths must hold integers"):
+        KeyPadding(torch.tensor([1.0, 2.0]))
+    assert repr(KeyPadding([6, 2])) == "KeyPadding(batch=2, max_len=6)"
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "sdpa", "blocksparse"])
+def test_key_padding_describes_empty_batches_and_sequences(backend):
+    """As nn.MultiheadAttention's (0, T) and (B, 0) key_padding_mask: a batch of 0 (max_len given) and keys of no
+    token give SDPA's results with the same boolean mask (an empty output; zeros for no keys)."""
+    g = torch.Generator().manual_seed(15)
+    q, k, v = torch.randn(3, 0, 2, 5, 8, generator=g)
+    _check_against_sdpa(q[:, :, :1], k, v, KeyPadding([], max_len=5), torch.zeros(0, 1, 1, 5, dtype=torch.bool),
+                        backend)
+    q = torch.randn(2, 2, 3, 8, generator=g)
+    k, v = torch.randn(2, 2, 2, 0, 8, generator=g)
+    _check_against_sdpa(q, k, v, KeyPadding([0, 0], max_len=0), torch.zeros(2, 1, 1, 0, dtype=torch.bool), backend)

@@ -9,7 +9,8 @@ A mask says WHICH (query, key) pairs may attend. Every mask answers two question
 * ``block_map(q_len, k_len, block_q, block_k)`` -- a :class:`BlockMap`: for every (query tile,
   key tile) whether it is EMPTY (skip), FULL (no element-wise masking needed) or PARTIAL. This is what
   the block-sparse kernels iterate over (like FlexAttention's BlockMask). For structured masks
-  (Full, Causal, Window, ChunkWindow, Segments, BlockSparse and their combinations) it is computed from tile
+  (Full, Causal, Window, ChunkWindow, Segments, SegmentWindow, SegmentChunkWindow, KeyPadding, BlockSparse
+  and their combinations) it is computed from tile
   coordinates and never materialises Nq x Nk. Results are cached per (shape, tiles, device).
 
 Masks combine with ``&`` (both allow) and ``|`` (either allows).
@@ -46,7 +47,9 @@ __all__ = [
     "ChunkWindow",
     "Segments",
     "SegmentWindow",
+    "SegmentChunkWindow",
     "Dense",
+    "KeyPadding",
     "BlockSparse",
     "MaskMod",
     "And",
@@ -520,7 +523,9 @@ class Segments(Mask):
         sequences of no token. For cross attention over a context padded differently, ``kv_lengths`` and
         ``kv_max_len`` describe the keys (default: the queries'). Padded keys are never attended; a padded
         query attends to nothing and its output row is zero (nn.MultiheadAttention's ``key_padding_mask``
-        gives such rows an average over the valid keys instead; both are discarded downstream).
+        gives such rows an average over the valid keys instead; both are discarded downstream). The ids describe
+        Nq = Nk = ``max_len``: to hide padded keys from any number of queries (attention pooling's one query, a
+        decode step), use :class:`KeyPadding`.
         """
         q_ids = cls._padding_ids(lengths, max_len, "lengths", "max_len")
         kv_ids = None if kv_lengths is None and kv_max_len is None else cls._padding_ids(
@@ -561,8 +566,15 @@ class Segments(Mask):
         (``left`` / ``right`` None = unbounded, as its -1; see :class:`SegmentWindow`)."""
         return SegmentWindow(self, left=left, right=right)
 
+    def chunk(self, chunk_size: int, left: Optional[int] = None, right: Optional[int] = 0) -> "SegmentChunkWindow":
+        """:class:`ChunkWindow` inside each segment, chunks counted from each segment's first token: chunked
+        streaming attention over utterances packed back to back (see :class:`SegmentChunkWindow`).
+        ``ChunkWindow(c, left=L) & segments`` instead counts chunks from the packed row's start."""
+        return SegmentChunkWindow(self, chunk_size, left=left, right=right)
+
     @staticmethod
-    def _int_vector(values, name: str, method: str, allow_empty: bool = False) -> torch.Tensor:
+    def _int_vector(values, name: str, where: str, allow_empty: bool = False) -> torch.Tensor:
+        """``values`` as a 1-D int64 tensor; ``where`` (``"Segments.from_lengths"``) names the caller in errors."""
         if isinstance(values, torch.Tensor):
             vector = values.detach()
         elif type(values).__module__ == "numpy" and hasattr(values, "dtype"):  # a numpy array of lengths
@@ -570,40 +582,41 @@ class Segments(Mask):
         elif isinstance(values, (list, tuple)) and all(is_int(v) for v in values):
             vector = torch.tensor([int(v) for v in values], dtype=torch.long)
         else:
-            raise TypeError(f"Segments.{method}: {name} must be a list of ints or an integer tensor / array, got {values!r}")
+            raise TypeError(f"{where}: {name} must be a list of ints or an integer tensor / array, got {values!r}")
         if vector.dtype.is_floating_point or vector.dtype == torch.bool or vector.is_complex():
-            raise TypeError(f"Segments.{method}: {name} must hold integers, got {vector.dtype}")
+            raise TypeError(f"{where}: {name} must hold integers, got {vector.dtype}")
         if vector.dim() != 1 or (vector.numel() == 0 and not allow_empty):
             kind = "a 1-D sequence" if allow_empty else "a non-empty 1-D sequence"
-            raise ValueError(f"Segments.{method}: {name} must be {kind}, got shape {tuple(vector.shape)}")
+            raise ValueError(f"{where}: {name} must be {kind}, got shape {tuple(vector.shape)}")
         return vector.long()
 
     @classmethod
-    def _padding_ids(cls, lengths, max_len, name: str, max_name: str) -> torch.Tensor:
+    def _padding_ids(cls, lengths, max_len, name: str, max_name: str,
+                     where: str = "Segments.from_lengths") -> torch.Tensor:
         # B = 0 (an empty batch) is accepted: ids (0, T), with T from max_len
-        lengths_B = cls._int_vector(lengths, name, "from_lengths", allow_empty=True)
+        lengths_B = cls._int_vector(lengths, name, where, allow_empty=True)
         if bool((lengths_B < 0).any()):
-            raise ValueError(f"Segments.from_lengths: {name} must be >= 0, got {lengths_B.tolist()}")
+            raise ValueError(f"{where}: {name} must be >= 0, got {lengths_B.tolist()}")
         longest = int(lengths_B.max()) if lengths_B.numel() else 0
         if max_len is None:
             if lengths_B.numel() == 0:
-                raise ValueError(f"Segments.from_lengths: {name} is empty (a batch of 0); give {max_name}, the padded "
+                raise ValueError(f"{where}: {name} is empty (a batch of 0); give {max_name}, the padded "
                                  f"length of the batch")
             if longest == 0:
-                raise ValueError(f"Segments.from_lengths: every {name} is 0; give {max_name} "
+                raise ValueError(f"{where}: every {name} is 0; give {max_name} "
                                  f"({max_name}=0 for sequences of no token)")
             max_len = longest
         if is_int(max_len):  # numpy / 0-d tensor ints, as the lengths themselves may be
             max_len = int(max_len)
         check_ints(0, **{max_name: max_len})  # 0: sequences of no token, (B, 0)
         if longest > max_len:
-            raise ValueError(f"Segments.from_lengths: {name} holds {longest}, longer than {max_name}={max_len}")
+            raise ValueError(f"{where}: {name} holds {longest}, longer than {max_name}={max_len}")
         positions = torch.arange(max_len, device=lengths_B.device)
         return torch.where(positions[None] < lengths_B[:, None], 0, -1)
 
     @classmethod
     def _packed_ids(cls, cu_seqlens, name: str) -> torch.Tensor:
-        cu_S1 = cls._int_vector(cu_seqlens, name, "from_cu_seqlens")
+        cu_S1 = cls._int_vector(cu_seqlens, name, "Segments.from_cu_seqlens")
         if cu_S1.numel() < 2 or int(cu_S1[0]) != 0 or bool((cu_S1[1:] < cu_S1[:-1]).any()) or int(cu_S1[-1]) < 1:
             raise ValueError(f"Segments.from_cu_seqlens: {name} must start at 0, never decrease and end at the "
                              f"packed length (> 0), got {cu_S1.tolist()}")
@@ -631,9 +644,14 @@ class Segments(Mask):
 
     def check_shape(self, q_len, k_len, batch=None, heads=None):
         if self.q_ids.shape[1] != q_len or self.kv_ids.shape[1] != k_len:
+            hint = ""
+            if self.kv_ids.shape[1] == k_len:  # the keys fit: padding meant for the keys only (pooling, a decode step)
+                hint = ("; to hide padded keys from any number of queries (attention pooling, a decode step over a "
+                        "cache), as nn.MultiheadAttention's key_padding_mask does, use "
+                        f"KeyPadding(lengths, max_len={k_len}): keys at positions >= lengths[b] hidden, any Nq")
             raise ValueError(
                 f"Segments ids have lengths (q={self.q_ids.shape[1]}, kv={self.kv_ids.shape[1]}) but attention "
-                f"has Nq={q_len}, Nk={k_len}"
+                f"has Nq={q_len}, Nk={k_len}{hint}"
             )
         if batch is not None and self.batch_size not in (1, batch):
             raise ValueError(f"Segments ids have batch {self.batch_size} but attention has batch {batch}")
@@ -675,34 +693,25 @@ class Segments(Mask):
         return f"Segments(batch={self.batch_size}, q_len={self.q_ids.shape[1]}, kv_len={self.kv_ids.shape[1]})"
 
 
-class SegmentWindow(Mask):
-    """A :class:`Window` inside every segment, with positions counted per segment: causal or sliding-window
-    attention over sequences packed back to back, as ``flash_attn_varlen_func(causal=True, window_size=...)``
-    computes it (Dao, FlashAttention-2, flash_attn_interface.py).
+class _PerSegmentBand(Mask):
+    """Shared part of :class:`SegmentWindow` and :class:`SegmentChunkWindow`: a band ``lo <= key unit - query unit
+    <= hi`` inside every segment of ``segments``, where the units (:meth:`_band_positions`) are counted per segment
+    from the tokens' ranks (:meth:`positions`). Subclasses set ``self.segments`` and implement ``_offsets`` and
+    ``_band_positions``."""
 
-    A token's position is its rank among the tokens of its segment (so the segments need not be contiguous);
-    a segment with Lq queries and Lk keys aligns its queries bottom-right, query rank r sitting at key rank
-    r + Lk - Lq, as FlashAttention aligns each sequence (with Lq == Lk the usual diagonal). That query sees the
-    keys of its segment at ranks p - left .. p + right. ``Causal() & segments`` instead aligns the packed rows as
-    a whole, which is the same only when every segment has as many queries as keys (self attention, no cache).
-    Padding (negative ids) behaves as in :class:`Segments`. Built by ``segments.causal()`` /
-    ``segments.window(left, right)``.
-
-    Every backend computes it; the block map skips the tiles that the ids or the windows rule out, so the
-    CPU sparse path and the Triton kernel visit only the others. The Triton kernel evaluates its partial tiles
-    from the ids and the per-token positions (:meth:`positions`, read beside the ids): O(N) memory, as for
-    Segments.
-    """
-
-    def __init__(self, segments: Segments, left: Optional[int] = None, right: Optional[int] = 0) -> None:
+    def __init__(self, segments: "Segments", mask_name: str) -> None:
         super().__init__()
         if not isinstance(segments, Segments):
-            raise TypeError(f"SegmentWindow: segments must be a Segments mask, got {type(segments).__name__}")
-        _check_band("SegmentWindow", "key", left, right)
+            raise TypeError(f"{mask_name}: segments must be a Segments mask, got {type(segments).__name__}")
         self.segments = segments
-        self.left = None if left is None else int(left)
-        self.right = None if right is None else int(right)
         self._positions: dict = {}
+
+    def _offsets(self) -> tuple[float, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _band_positions(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query units, key units), (B, Nq) and (B, Nk) int64, that the band compares."""
+        return self.positions(device)
 
     @property
     def batch_size(self) -> int:
@@ -760,20 +769,15 @@ class SegmentWindow(Mask):
         shift = self._count_of(q_ids, k_sorted) - self._count_of(q_ids, q_sorted)
         return q_rank + shift, k_rank
 
-    def _offsets(self) -> tuple[float, float]:
-        lo = -math.inf if self.left is None else -self.left
-        hi = math.inf if self.right is None else self.right
-        return lo, hi
-
     def _dense_rows(self, q_len, k_len, start, stop, device):
         same = self.segments._dense_rows(q_len, k_len, start, stop, device)  # (B, 1, R, Nk)
-        q_pos, k_pos = self.positions(device)
+        q_pos, k_pos = self._band_positions(device)
         rel = k_pos[:, None, :] - q_pos[:, start:stop, None]  # (B, R, Nk)
         return same & _band_rows(rel, *self._offsets())[0, 0][:, None]
 
     def _block_states(self, q_len, k_len, block_q, block_k, device):
         states = self.segments._block_states(q_len, k_len, block_q, block_k, device)  # (B, 1, QB, KB)
-        q_pos, k_pos = self.positions(device)
+        q_pos, k_pos = self._band_positions(device)
         q_min, q_max = _tile_extremes(q_pos, block_q)
         k_min, k_max = _tile_extremes(k_pos, block_k)
         rel_min = (k_min[:, None, :] - q_max[:, :, None]).double()[:, None]  # (B, 1, QB, KB)
@@ -787,8 +791,87 @@ class SegmentWindow(Mask):
         states[full_by_ids & ~((rel_min >= lo) & (rel_max <= hi)) & (states == FULL)] = PARTIAL
         return states
 
+
+class SegmentWindow(_PerSegmentBand):
+    """A :class:`Window` inside every segment, with positions counted per segment: causal or sliding-window
+    attention over sequences packed back to back, as ``flash_attn_varlen_func(causal=True, window_size=...)``
+    computes it (Dao, FlashAttention-2, flash_attn_interface.py).
+
+    A token's position is its rank among the tokens of its segment (so the segments need not be contiguous);
+    a segment with Lq queries and Lk keys aligns its queries bottom-right, query rank r sitting at key rank
+    r + Lk - Lq, as FlashAttention aligns each sequence (with Lq == Lk the usual diagonal). That query sees the
+    keys of its segment at ranks p - left .. p + right. ``Causal() & segments`` instead aligns the packed rows as
+    a whole, which is the same only when every segment has as many queries as keys (self attention, no cache).
+    Padding (negative ids) behaves as in :class:`Segments`. Built by ``segments.causal()`` /
+    ``segments.window(left, right)``.
+
+    Every backend computes it; the block map skips the tiles that the ids or the windows rule out, so the
+    CPU sparse path and the Triton kernel visit only the others. The Triton kernel evaluates its partial tiles
+    from the ids and the per-token positions (:meth:`positions`, read beside the ids): O(N) memory, as for
+    Segments.
+    """
+
+    def __init__(self, segments: Segments, left: Optional[int] = None, right: Optional[int] = 0) -> None:
+        super().__init__(segments, "SegmentWindow")
+        _check_band("SegmentWindow", "key", left, right)
+        self.left = None if left is None else int(left)
+        self.right = None if right is None else int(right)
+
+    def _offsets(self) -> tuple[float, float]:
+        lo = -math.inf if self.left is None else -self.left
+        hi = math.inf if self.right is None else self.right
+        return lo, hi
+
     def __repr__(self) -> str:
         return f"SegmentWindow({self.segments!r}, left={self.left}, right={self.right})"
+
+
+class SegmentChunkWindow(_PerSegmentBand):
+    """A :class:`ChunkWindow` inside every segment, with chunks counted from each segment's first token: chunked
+    streaming attention (WeNet's ``subsequent_chunk_mask(size, chunk_size, num_left_chunks)``, NeMo's
+    ``att_context_style="chunked_limited"``) over utterances packed back to back, each masked as if it ran alone
+    (WeNet and NeMo build the mask per padded utterance, whose frames start at index 0). Built by
+    ``segments.chunk(chunk_size, left, right)``.
+
+    A token's position is its rank among the tokens of its segment, as in :class:`SegmentWindow`; a segment with
+    Lq queries and Lk keys aligns its queries bottom-right (query rank r at key rank p = r + Lk - Lq, as
+    ChunkWindow aligns a whole row), so that query belongs to chunk ``floor(p / chunk_size)`` of its segment and
+    sees the keys of its segment in chunks ``a - left`` .. ``a + right`` (``None`` = unbounded). With one segment
+    covering the row it is ``ChunkWindow(chunk_size, left, right)``. ``ChunkWindow(c, left=L) & segments`` instead
+    counts chunks from the packed row's start, so a sequence that does not start on a multiple of c gets other
+    chunk boundaries than when run alone. Padding (negative ids) behaves as in :class:`Segments`.
+
+    Every backend computes it. Its block map comes from the ids and the per-tile extremes of the chunk numbers
+    (exact for contiguous segments, whose chunk numbers step by at most one; conservative otherwise) and never
+    materialises Nq x Nk; the CPU block-sparse path evaluates the rows of its PARTIAL tiles. The Triton kernel has
+    no slot for it and reads it as one materialised dense mask (exact, O(B * Nq * Nk) memory; see
+    kernels/block_index.py).
+    """
+
+    def __init__(self, segments: Segments, chunk_size: int, left: Optional[int] = None,
+                 right: Optional[int] = 0) -> None:
+        super().__init__(segments, "SegmentChunkWindow")
+        self.chunk_size = positive_int(chunk_size, "SegmentChunkWindow chunk_size")
+        _check_band("SegmentChunkWindow", "chunk", left, right)
+        self.left = None if left is None else int(left)
+        self.right = None if right is None else int(right)
+
+    def _offsets(self) -> tuple[float, float]:
+        """Allowed range of ``key chunk - query chunk`` inside a segment, inclusive, +-inf when unbounded."""
+        lo = -math.inf if self.left is None else -self.left
+        hi = math.inf if self.right is None else self.right
+        return lo, hi
+
+    def _band_positions(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query chunks, key chunks) inside each segment: the :meth:`positions` floored to chunk numbers (a query
+        at a negative aligned position, Lq > Lk, is in a negative chunk, as in ChunkWindow)."""
+        q_pos, k_pos = self.positions(device)
+        return (torch.div(q_pos, self.chunk_size, rounding_mode="floor"),
+                torch.div(k_pos, self.chunk_size, rounding_mode="floor"))
+
+    def __repr__(self) -> str:
+        return (f"SegmentChunkWindow({self.segments!r}, chunk_size={self.chunk_size}, left={self.left}, "
+                f"right={self.right})")
 
 
 def _tile_extremes(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -853,6 +936,49 @@ class Dense(Mask):
 
     def __repr__(self) -> str:
         return f"Dense(shape={tuple(self.mask.shape)})"
+
+
+class KeyPadding(Dense):
+    """Key padding from lengths: in batch row b the keys at positions >= ``lengths[b]`` are hidden from every
+    query, whatever the number of queries -- ``nn.MultiheadAttention``'s ``key_padding_mask`` (True = padding)
+    for a right-padded batch, given as lengths (the layout of torchaudio, ESPnet and NeMo). For attention pooling
+    (``AttentionPoolLatent``: a few learned queries over N tokens), cross attention to a padded context, or a
+    query block over keys that end in padding. ``max_len`` is the padded key length Nk (default
+    ``max(lengths)``); ``lengths`` are B ints >= 0 (a list or an integer tensor), as for
+    :meth:`Segments.from_lengths`, which instead pads the queries too and needs Nq = Nk.
+
+    A query whose keys are all padding (``lengths[b] == 0``) attends to nothing: its output row is zero, as
+    attend() defines for a row with no allowed key (nn.MultiheadAttention returns NaN there). The mask is the
+    (B, 1, 1, Nk) bool ``Dense`` mask that broadcasts over heads and queries, so every backend reads it in O(B * Nk)
+    memory (the Triton kernel through its dense slot with a zero query stride); its block map comes from the
+    lengths (a key tile is EMPTY past the length, FULL before it, PARTIAL across it), never from Nq x Nk.
+    """
+
+    def __init__(self, lengths, max_len: Optional[int] = None) -> None:
+        ids_BT = Segments._padding_ids(lengths, max_len, "lengths", "max_len", where="KeyPadding")
+        super().__init__((ids_BT >= 0)[:, None, None, :])
+
+    def check_shape(self, q_len, k_len, batch=None, heads=None):
+        if self.mask.shape[-1] != k_len:
+            raise ValueError(f"KeyPadding was built for {self.mask.shape[-1]} keys (max_len) but attention has "
+                             f"Nk={k_len}: give KeyPadding(lengths, max_len={k_len})")
+        if batch is not None and self.mask.shape[0] not in (1, batch):
+            raise ValueError(f"KeyPadding has {self.mask.shape[0]} lengths but attention has batch {batch}")
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        # From the (B, Nk) key row, tile by key tile (exact for any key pattern, also after an in-place edit)
+        keys_BN = self.mask[:, 0, 0, :].to(device)
+        kb = _num_blocks(k_len, block_k)
+        pad = kb * block_k - k_len
+        any_BK = torch.nn.functional.pad(keys_BN, (0, pad), value=False).reshape(-1, kb, block_k).any(-1)
+        all_BK = torch.nn.functional.pad(keys_BN, (0, pad), value=True).reshape(-1, kb, block_k).all(-1)
+        states_BK = torch.full(any_BK.shape, PARTIAL, dtype=torch.int8, device=device)
+        states_BK[~any_BK] = EMPTY  # the whole tile is padding
+        states_BK[all_BK] = FULL  # no padding in the tile
+        return states_BK[:, None, None, :].expand(-1, 1, _num_blocks(q_len, block_q), -1)
+
+    def __repr__(self) -> str:
+        return f"KeyPadding(batch={self.mask.shape[0]}, max_len={self.mask.shape[-1]})"
 
 
 class BlockSparse(Mask):
