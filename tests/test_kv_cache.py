@@ -204,7 +204,7 @@ def test_cache_misuse_raises_clear_errors():
             mha(torch.randn(2, 1, 32), cache=cache, num_queries=1)
         with pytest.raises(TypeError, match="KVCache"):
             mha(torch.randn(2, 1, 32), cache={})
-        with pytest.raises(ValueError, match="1D RoPE"):
+        with pytest.raises(ValueError, match="2d RoPE with a KV cache needs positions= for the new tokens"):
             MultiHeadAttention(32, num_heads=4, rope="2d")(torch.randn(1, 4, 32), cache=KVCache())
     # with autograd, appending in place made backward fail on a modified saved tensor (raw RuntimeError)
     with pytest.raises(RuntimeError, match="a KVCache is for inference; decode under torch.no_grad"):
@@ -613,3 +613,144 @@ def test_torch_compile_of_a_kv_cache_decoder_still_decodes_the_whole_sequence():
             steps = torch.cat([step(x[:, t:t + 1], cache, mask) for t in range(6)], 1)
             torch.testing.assert_close(steps, whole, **TOL)
             assert cache.position == 6
+
+
+def _look_ahead_masks():
+    pad = Segments(torch.zeros(1, 4, dtype=torch.long))  # the first call: 4 queries, 4 keys
+    return [
+        ChunkWindow(4, left=1, right=1), ChunkWindow(4, left=None, right=None), Window(8, 2), Window(8, None),
+        Window(None, None), ChunkWindow(4, left=1, right=1) & pad, Causal() | Window(2, 1), pad.window(None, 1),
+        Window(0, 2) & ChunkWindow(4, left=0, right=1),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_look_ahead_masks())),
+                         ids=[repr(m).replace(" ", "") for m in _look_ahead_masks()])
+def test_masks_that_look_ahead_are_refused_over_a_cache(index):
+    """A mask with right context (a NeMo att_context_size [L, R] with R > 0) lets each query see keys that a
+    stream has not fed yet: streamed chunk by chunk through a cache it was 0.40 to 0.45 off the whole pass,
+    silently (the last chunk's look-ahead was cut off). Refused now, naming the part that looks ahead and what to
+    do; ``&`` with a part whose right is 0 does not look ahead (test_masks_whose_right_context_is_bounded_...)."""
+    mask = _look_ahead_masks()[index]
+    ahead = {0: r"ChunkWindow\(chunk_size=4, left=1, right=1\) looks ahead \(right=1: 1 chunk\(s\) of 4 tokens\)",
+             1: r"ChunkWindow\(chunk_size=4, left=None, right=None\) looks ahead \(right=None: without limit\)",
+             2: r"Window\(left=8, right=2\) looks ahead \(right=2 tokens\)",
+             3: r"Window\(left=8, right=None\) looks ahead \(right=None: without limit\)",
+             4: r"Window\(left=None, right=None\) looks ahead \(right=None: without limit\)",
+             5: r"ChunkWindow\(chunk_size=4, left=1, right=1\) looks ahead",
+             6: r"Window\(left=2, right=1\) looks ahead \(right=1 tokens\)",
+             7: r"SegmentWindow\(.*left=None, right=1\) looks ahead",
+             8: r"Window\(left=0, right=2\) looks ahead"}[index]
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rel_pos="xl").double().eval()
+    x = torch.randn(1, 4, 32, dtype=torch.float64)
+    cache = KVCache()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=ahead + r".*with a KV cache the future keys have not been fed.*"
+                                                     r"needs right=0.*feed the look-ahead frames and delay the "
+                                                     r"outputs.*without a cache the mask works"):
+            layer(x, mask=mask, cache=cache)
+        assert len(cache) == 0  # nothing appended
+        layer(x, mask=mask)  # without a cache the mask works
+
+
+def test_per_segment_masks_a_stream_cannot_follow_are_refused_over_a_cache():
+    """segments.chunk(...) counts chunks from each packed segment's start and segments.window(...) positions per
+    segment: a KV cache stream (fed by packed index, a rolling cache dropping keys by packed index) cannot follow
+    them, and nothing checked it. Refused, naming the per-row form that streams; segments.causal() over an
+    unbounded cache is still accepted (look-back checked by the cache holding everything)."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4).double().eval()
+    x = torch.randn(1, 4, 32, dtype=torch.float64)
+    segments = Segments(torch.tensor([[0, 0, 1, 1]]))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"SegmentChunkWindow\(.*chunk_size=2, left=1, right=0\) counts chunks per "
+                                             r"packed segment, which a KV cache stream does not follow: stream one "
+                                             r"sequence per batch row with ChunkWindow\(2, left=1\) & "
+                                             r"Segments\.from_lengths\(lengths\)"):
+            layer(x, mask=segments.chunk(2, left=1), cache=KVCache())
+        with pytest.raises(ValueError, match=r"SegmentWindow\(.*\) counts positions per packed segment, but "
+                                             r"KVCache\(max_length=8\) drops keys by their index in the row"):
+            layer(x, mask=segments.causal(), cache=KVCache(max_length=8))
+        cache = KVCache()
+        torch.testing.assert_close(layer(x, mask=segments.causal(), cache=cache), layer(x, mask=segments.causal()),
+                                   rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask", [Window(8, 2) & Causal(), ChunkWindow(4, left=1, right=1) & Window(3, 0),
+                                  Window(0, 2) & ChunkWindow(4, left=1), ChunkWindow(4, left=1, right=0)], ids=repr)
+def test_masks_whose_right_context_is_bounded_by_the_chunk_or_a_causal_part_stream_exactly(mask):
+    """What the look-ahead check must still accept: a part with right=0 bounds the intersection (it sees no key a
+    call has not fed), and so does a ChunkWindow with right=0 fed whole chunks (its queries see ahead only
+    inside their own chunk, which the same call feeds). Streamed 4 tokens per call they equal the whole pass."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rel_pos="xl").double().eval()
+    x = torch.randn(1, 16, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(_stream(layer, x, mask, KVCache(), 4), layer(x, mask=mask), rtol=0, atol=1e-12)
+
+
+def test_3d_rope_decodes_video_frame_by_frame_with_explicit_positions():
+    """Autoregressive video: 3D RoPE (Wan's (frame, row, col) split) over a frame-causal ChunkWindow(tokens per
+    frame), decoded one frame per call with the frame's slice of the whole pass's grid positions, equals the
+    whole pass (the cache used to refuse any RoPE but 1D). Without positions nothing says where a new token sits
+    in the grid: refused, saying to pass them. Cross attention with 2D RoPE gives its positions at every call."""
+    from zoo.attention.rope import grid_positions
+
+    torch.manual_seed(0)
+    frames, rows, cols = 4, 2, 3
+    per_frame = rows * cols
+    layer = MultiHeadAttention(32, 2, num_kv_heads=1, qk_norm=True, rope="3d").double().eval()
+    x = torch.randn(2, frames * per_frame, 32, dtype=torch.float64)
+    pos = grid_positions(frames, rows, cols)
+    mask = ChunkWindow(per_frame)
+    cache = KVCache()
+    with torch.no_grad():
+        whole = layer(x, mask=mask, positions=pos)
+        frame = slice(0, per_frame)
+        streamed = [layer(x[:, frame], mask=mask, cache=cache, positions=pos[frame])]
+        with pytest.raises(ValueError, match=r"3d RoPE with a KV cache needs positions= for the new tokens at every "
+                                             r"call, a \(n, 3\) tensor of their \(frame, row, col\) positions"):
+            layer(x[:, per_frame:2 * per_frame], mask=mask, cache=cache)
+        for f in range(1, frames):
+            frame = slice(f * per_frame, (f + 1) * per_frame)
+            streamed.append(layer(x[:, frame], mask=mask, cache=cache, positions=pos[frame]))
+        # cross attention (queries and context on 2D grids): positions are required at every call anyway
+        cross = MultiHeadAttention(32, 2, kv_dim=16, rope="2d").double().eval()
+        context = torch.randn(2, 6, 16, dtype=torch.float64)
+        q_pos, k_pos = grid_positions(2, 2).double() + 0.5, grid_positions(2, 3)
+        cross_cache = KVCache()
+        cross_steps = [cross(x[:, :4], context, cache=cross_cache, positions=(q_pos, k_pos)),
+                       cross(x[:, 4:8], cache=cross_cache, positions=(q_pos, k_pos))]
+        cross_alone = [cross(x[:, :4], context, positions=(q_pos, k_pos)), cross(x[:, 4:8], context,
+                                                                                positions=(q_pos, k_pos))]
+    assert cache.position == frames * per_frame
+    torch.testing.assert_close(torch.cat(streamed, 1), whole, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.cat(cross_steps, 1), torch.cat(cross_alone, 1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("rope", ["1d", "2d"])
+def test_rope_with_prefix_tokens_decodes_with_a_cache(rope):
+    """RoPE leaves the first num_prefix_tokens (class / register tokens) unrotated. With a cache they are the
+    stream's first tokens: the first call must hold them all, later calls rotate every token. 1D positions
+    continue by themselves (a rotated token's position counts the rotated tokens before it, as in the whole
+    pass); 2D ones are given for each call's rotated tokens. Both equal the whole causal pass."""
+    from zoo.attention.rope import grid_positions
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rope=rope, num_prefix_tokens=2).double().eval()
+    x = torch.randn(2, 2 + 12, 32, dtype=torch.float64)
+    pos = grid_positions(3, 4) if rope == "2d" else torch.arange(12)
+    steps = [3, 1, 4, 1, 5]  # the first call: both prefix tokens and one rotated token
+    cache, outs, t = KVCache(), [], 0
+    with torch.no_grad():
+        whole = layer(x, mask=Causal(), positions=pos)
+        with pytest.raises(ValueError, match=r"1 tokens are fewer than num_prefix_tokens=2 .*with a KV cache, the "
+                                             r"first call of a stream must hold all of them"):
+            layer(x[:, :1], cache=KVCache())
+        for n in steps:
+            rotated = slice(max(t, 2) - 2, t + n - 2)
+            outs.append(layer(x[:, t:t + n], mask=Causal(), cache=cache,
+                              positions=pos[rotated] if rope == "2d" else None))
+            t += n
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)

@@ -18,9 +18,10 @@ MultiHeadAttention is the multi-head attention of Vaswani et al., "Attention Is 
   score term, see zoo/attention/relpos_xl.py;
 * sigmoid attention (Ramapuram et al., ICLR 2025) through ``score="sigmoid"``;
 * incremental (autoregressive) decoding with a :class:`KVCache` per layer: self attention appends each
-  step's keys/values (after qk-norm and RoPE, whose positions continue from the cache length) and attends
-  over all of them; cross attention projects the context once. A decoder then costs O(new tokens x cached
-  tokens) per step instead of re-running the whole prefix (speech and text decoders, autoregressive video).
+  step's keys/values (after qk-norm and RoPE: 1D positions continue from the cache length, 2D / 3D ones are
+  given for each step's tokens) and attends over all of them; cross attention projects the context once. A
+  decoder then costs O(new tokens x cached tokens) per step instead of re-running the whole prefix (speech and
+  text decoders, autoregressive video).
 
 Letters: B batch, N query tokens, M context (key) tokens, C model dim, H query heads, Hkv key/value heads,
 D head dim.
@@ -38,9 +39,11 @@ import torch.nn.functional as F
 from zoo.attention import capture as _capture
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.core import attend
-from zoo.attention.masks import And, ChunkWindow, Mask, Or, SegmentWindow, Segments, Window, as_mask
+from zoo.attention.masks import (
+    And, ChunkWindow, Mask, Or, SegmentChunkWindow, SegmentWindow, Segments, Window, as_mask,
+)
 from zoo.attention.relpos_xl import TransformerXLRelPos
-from zoo.attention.rope import RotaryEmbedding
+from zoo.attention.rope import RotaryEmbedding, apply_rotary
 from zoo.layers import (
     activate_fresh, check_finite_input, check_flag, check_ints, check_like_weights, check_rates, is_exporting, is_int,
     is_tracing, surely_finite,
@@ -67,7 +70,8 @@ class KVCache:
     token seen (``position``), not only the kept ones. MultiHeadAttention refuses a mask that looks back
     further than the bound (``Causal()``, ``ChunkWindow(c)`` included) or a ChunkWindow whose chunk size does
     not divide it; ``mask=None`` (one token per call) is the sliding window of the bound. Self attention only:
-    a cross-attention cache keeps the whole context.
+    a cross-attention cache keeps the whole context. A mask that looks ahead (``right`` above 0 or None) is
+    refused with any cache: the keys it would see have not been fed yet.
 
     ``reorder(index)`` picks batch rows (beam search: the surviving beams); ``reset()`` empties the cache.
     For inference (``torch.no_grad()`` / ``inference_mode``): appending writes into the storage in place, so
@@ -401,7 +405,7 @@ class MultiHeadAttention(nn.Module):
             v_BHMD = v_BMC.reshape(batch, n_tok, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return self.q_norm(q_BHND), self.k_norm(k_BHMD), v_BHMD
 
-    def _check_cache(self, cache, x_BNC: torch.Tensor, num_queries) -> None:
+    def _check_cache(self, cache, x_BNC: torch.Tensor, num_queries, positions) -> None:
         if not isinstance(cache, KVCache):
             raise TypeError(f"MultiHeadAttention: cache must be a zoo.attention.KVCache, got {type(cache).__name__}")
         if is_exporting():
@@ -431,17 +435,81 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: a KV cache with rel_pos_bias={type(self.rel_pos_bias).__name__} is "
                              "not supported (its tables are built for whole sequences; ALiBi, whose bias depends "
                              "on distances alone, is)")
-        if self.rope is not None and (self.rope.mode != "1d" or self.num_prefix_tokens):
-            raise ValueError("MultiHeadAttention: a KV cache supports 1D RoPE without prefix tokens only")
+        if self.rope is not None and self.rope.mode != "1d" and not self.is_cross and positions is None:
+            # 1D positions continue from cache.position; a 2D / 3D position (row, col) or (frame, row, col) cannot
+            # be inferred from a token count (the whole pass needs them given too)
+            axes = "(frame, row, col)" if self.rope.mode == "3d" else "(row, col)"
+            raise ValueError(f"MultiHeadAttention: {self.rope.mode} RoPE with a KV cache needs positions= for the new "
+                             f"tokens at every call, a (n, {len(axes.split(','))}) tensor of their {axes} positions "
+                             f"(e.g. grid_positions(...)[start:stop] of the whole pass's grid): only 1D RoPE continues "
+                             f"its positions from cache.position")
         if len(cache) and cache.keys.shape[0] != x_BNC.shape[0]:
             raise ValueError(f"MultiHeadAttention: the cache holds batch {cache.keys.shape[0]} but x has batch "
                              f"{x_BNC.shape[0]} (KVCache.reorder selects beams)")
+
+    def _rotate_after(self, x_BHND: torch.Tensor, positions, prefix: int) -> torch.Tensor:
+        """RoPE on the tokens of ``x_BHND`` after its first ``prefix`` (a KV cache call: ``num_prefix_tokens``
+        in the call that starts the stream, 0 later, whereas RotaryEmbedding skips its own count in every call)."""
+        if prefix == self.rope.num_prefix_tokens:
+            return self.rope(x_BHND, positions)
+        per_sample = 2 if self.rope.mode == "1d" else 3  # (B, n) or (B, n, P)
+        if isinstance(positions, torch.Tensor) and positions.dim() == per_sample \
+                and positions.shape[0] not in (1, x_BHND.shape[0]):
+            raise ValueError(f"RoPE: per-sample positions {tuple(positions.shape)} are for batch {positions.shape[0]} "
+                             f"but x has batch {x_BHND.shape[0]}")
+        num_tokens = x_BHND.shape[2] - prefix
+        if num_tokens <= 0:
+            return x_BHND
+        compute_dtype = torch.float64 if x_BHND.dtype == torch.float64 else torch.float32
+        cos, sin = self.rope.cos_sin(num_tokens, positions, device=x_BHND.device, dtype=compute_dtype)
+        if prefix == 0:
+            return apply_rotary(x_BHND, cos, sin)
+        return torch.cat((x_BHND[:, :, :prefix], apply_rotary(x_BHND[:, :, prefix:], cos, sin)), dim=2)
 
     @staticmethod
     def _check_stream(cache: KVCache, mask) -> None:
         """The conditions under which a self-attention KV cache gives the whole pass's result for a windowed
         mask (KVCache's docstring); otherwise the output would be silently wrong. Every Window / ChunkWindow
-        inside an ``&`` / ``|`` combination (e.g. ``mask & Segments(...)`` for padding) is checked as a bare one."""
+        inside an ``&`` / ``|`` combination (e.g. ``mask & Segments(...)`` for padding) is checked as a bare one.
+
+        A mask that looks ahead (a Window, ChunkWindow or SegmentWindow with ``right`` above 0 or None) is refused:
+        a call's queries would see future keys that the whole pass has and the stream has not fed yet (its last
+        chunk's look-ahead was simply cut off: 0.40 to 0.45 off the whole pass). ``right=0`` is exact: a
+        ChunkWindow's queries see only their own chunk ahead, which the same call feeds (whole chunks per call,
+        checked below). ``a & b`` looks ahead only if both parts do; ``a | b`` if either does. Per-segment masks
+        (``segments.chunk``, and ``segments.window`` over a rolling cache) are refused first: a stream feeds and
+        drops keys by their index in the row, not per packed segment."""
+        for part in _mask_parts(mask):
+            # positions counted per segment (packed sequences): a stream would have to feed whole chunks of every
+            # segment per call, and a rolling cache drops keys by packed index, not by segment
+            if isinstance(part, SegmentChunkWindow):
+                raise ValueError(f"MultiHeadAttention: {part!r} counts chunks per packed segment, which a KV cache "
+                                 f"stream does not follow: stream one sequence per batch row with "
+                                 f"ChunkWindow({part.chunk_size}, left={part.left}) & Segments.from_lengths(lengths)")
+            if isinstance(part, SegmentWindow) and cache.max_length is not None:
+                raise ValueError(f"MultiHeadAttention: {part!r} counts positions per packed segment, but "
+                                 f"KVCache(max_length={cache.max_length}) drops keys by their index in the row: use "
+                                 f"KVCache() without max_length, or one sequence per batch row with a Window / "
+                                 f"ChunkWindow & Segments.from_lengths(lengths)")
+        ahead = _look_ahead_leaf(mask)
+        if ahead is not None and ahead is not _SAYS_NOTHING:
+            if ahead.right is None:
+                reach = "right=None: without limit"
+            elif isinstance(ahead, ChunkWindow):
+                reach = f"right={ahead.right}: {ahead.right} chunk(s) of {ahead.chunk_size} tokens"
+            else:
+                reach = f"right={ahead.right} tokens"
+            if isinstance(ahead, ChunkWindow):
+                zero_right = f"ChunkWindow({ahead.chunk_size}, left={ahead.left}, right=0)"
+            elif isinstance(ahead, Window):
+                zero_right = f"Window({ahead.left}, 0)"
+            else:
+                zero_right = f"segments.window({ahead.left}, 0)"
+            raise ValueError(
+                f"MultiHeadAttention: {ahead!r} looks ahead ({reach}), but with a KV cache the future keys have not "
+                f"been fed when a call's queries attend, so the output would differ from the whole pass. A cache "
+                f"needs right=0 (e.g. {zero_right}); for a streaming encoder with look-ahead, feed the look-ahead "
+                f"frames and delay the outputs that need them; without a cache the mask works over the whole sequence")
         leaves = _window_leaves(mask)
         if not leaves:
             return
@@ -556,12 +624,17 @@ class MultiHeadAttention(nn.Module):
                 ``rel_pos_bias`` when both are present.
             positions: RoPE positions of the non-prefix tokens (see zoo/attention/rope.py); in cross
                 attention the same positions apply to queries and keys unless a pair (q_pos, k_pos) is given.
-                With a self-attention ``cache`` they default to ``cache.position``, ``cache.position + 1``, ...
-                (every token the stream has seen, the ones a rolling cache dropped included).
+                With a self-attention ``cache`` they are the new tokens' positions: 1D ones default to
+                ``cache.position``, ``cache.position + 1``, ... (every token the stream has seen, the ones a rolling
+                cache dropped included, less the prefix tokens); 2D / 3D RoPE needs them at every call (e.g. the
+                call's slice of the whole pass's ``grid_positions(frames, rows, cols)``). Prefix tokens are the
+                stream's first tokens: the first call holds them all, the positions cover the rotated ones.
             cache: a :class:`KVCache` for incremental decoding. Self attention attends over the cached tokens
                 and these (pass ``mask=Causal()`` when a call adds several tokens: it is bottom-right aligned,
                 so each new token sees the cache and the new tokens up to itself); cross attention projects
-                ``context`` once and may then be called with ``context=None``.
+                ``context`` once and may then be called with ``context=None``. A mask that looks ahead (a Window,
+                ChunkWindow or SegmentWindow with ``right`` > 0 or None, unless ``&`` with a part whose right is
+                0) is refused: the keys it would see have not been fed yet.
 
         Returns:
             (B, N, dim).
@@ -582,13 +655,17 @@ class MultiHeadAttention(nn.Module):
         """forward() without the cache's rollback on failure."""
         x_BNC = x
         self._check_input("x", x_BNC, self.dim)
-        if self.rope is not None and not self.is_cross and 0 < x_BNC.shape[1] < self.num_prefix_tokens:
+        stream_started = isinstance(cache, KVCache) and not self.is_cross and cache.position > 0
+        if self.rope is not None and not self.is_cross and 0 < x_BNC.shape[1] < self.num_prefix_tokens \
+                and not stream_started:
             # RoPE rotates the tokens after the prefix: with fewer tokens than the prefix it rotated none, silently
-            # (a cross attention's queries may be fewer: one latent query against a context with a class token)
+            # (a cross attention's queries may be fewer: one latent query against a context with a class token).
+            # With a KV cache the prefix is the stream's first tokens: its first call holds all of them.
             raise ValueError(f"MultiHeadAttention: {x_BNC.shape[1]} tokens are fewer than num_prefix_tokens="
-                             f"{self.num_prefix_tokens} (the leading tokens RoPE leaves unrotated)")
+                             f"{self.num_prefix_tokens} (the leading tokens RoPE leaves unrotated; with a KV cache, "
+                             f"the first call of a stream must hold all of them)")
         if cache is not None:
-            self._check_cache(cache, x_BNC, num_queries)
+            self._check_cache(cache, x_BNC, num_queries, positions)
             if not self.is_cross:
                 self._check_stream(cache, mask)
                 self._check_padding_side(mask, bias, cache)
@@ -626,9 +703,16 @@ class MultiHeadAttention(nn.Module):
         if cached_context:  # the keys and values of the context are in the cache
             k_BHMD, v_BHMD = cache.keys, cache.values
         batch, n_q = x_BNC.shape[0], q_BHND.shape[2]
-        if self.rope is not None:
-            if cache is not None and not self.is_cross and positions is None:  # positions continue the stream
-                positions = torch.arange(cache.position, cache.position + n_q, device=x_BNC.device)
+        if self.rope is not None and cache is not None and not self.is_cross:
+            # the prefix tokens RoPE leaves unrotated are the stream's first tokens: the first call holds them all
+            # (checked above), later calls none
+            prefix = max(0, self.num_prefix_tokens - cache.position)
+            if positions is None:  # 1D (2D / 3D need positions, checked): the rotated tokens' count continues
+                start = cache.position + prefix - self.num_prefix_tokens
+                positions = torch.arange(start, start + max(0, n_q - prefix), device=x_BNC.device)
+            q_BHND = self._rotate_after(q_BHND, positions, prefix)
+            k_BHMD = self._rotate_after(k_BHMD, positions, prefix)
+        elif self.rope is not None:
             q_pos, k_pos = positions, positions
             if self.is_cross and isinstance(positions, tuple) and len(positions) == 2 and not is_int(positions[0]):
                 q_pos, k_pos = positions
@@ -692,6 +776,27 @@ def _window_leaves(mask) -> list:
     """The Window / ChunkWindow parts of ``mask`` (the others, e.g. Segments or a bool tensor, say nothing about
     how far back a query looks)."""
     return [part for part in _mask_parts(mask) if isinstance(part, (Window, ChunkWindow))]
+
+
+_SAYS_NOTHING = object()  # a mask part that does not say how far ahead a query looks (Segments, a bool tensor)
+
+
+def _look_ahead_leaf(mask):
+    """The Window / ChunkWindow / SegmentWindow part of ``mask`` that lets a call's queries see keys a KV cache
+    stream has not fed yet (``right`` above 0 or None), None when ``mask`` sees nothing ahead of that, or
+    _SAYS_NOTHING when no part bounds it either way. ``a & b`` looks ahead only when both parts do (a part with
+    right=0 bounds the intersection; a part that says nothing leaves it to the other); ``a | b`` when either does."""
+    if isinstance(mask, (And, Or)):
+        a, b = _look_ahead_leaf(mask.a), _look_ahead_leaf(mask.b)
+        if isinstance(mask, And) and (a is None or b is None):
+            return None
+        for part in (a, b):
+            if part is not None and part is not _SAYS_NOTHING:
+                return part
+        return None if a is None or b is None else _SAYS_NOTHING
+    if isinstance(mask, (Window, ChunkWindow, SegmentWindow)):
+        return None if mask.right is not None and mask.right <= 0 else mask
+    return _SAYS_NOTHING
 
 
 def _segment_kv_ids(mask) -> list:
