@@ -16,6 +16,7 @@ further from float64 than twice PyTorch's own fp32 error", not a fixed 1e-4.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 
@@ -78,6 +79,59 @@ def test_onnxruntime_parity_every_vision_model(name):
     result = export_onnx(name, None, batch_size=2, atol=1e-4, **_small_kwargs(name))  # raises past the bound
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-3
     assert result.onnx_bytes and result.input_shape[0] == 2
+
+
+@pytest.mark.parametrize("name", ["vit_debug", "maxvit_debug"])
+def test_half_models_export_as_float16_graphs(name):
+    """A model.half() was refused with "convert the input", which export_onnx builds itself: it is now exported as a
+    float16 graph (input and output float16, as torch.onnx.export writes it) and checked against the float32 model,
+    onnxruntime's error at most twice PyTorch's own float16 error. bfloat16 / float64 weights are refused up front,
+    naming the fix."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name).eval()
+    reference = copy.deepcopy(model)
+    result = export_onnx(model.half(), None, batch_size=2)
+    proto = onnx.load_from_string(result.onnx_bytes)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {p.key: p.value for p in proto.metadata_props}["dtype"] == "float16"
+    assert next(model.parameters()).dtype == torch.float16 and not model.training  # the caller's model unchanged
+    images = torch.randn(3, *result.input_shape[1:], generator=torch.Generator().manual_seed(1))
+    session = ort.InferenceSession(result.onnx_bytes, providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"images": images.half().numpy()})
+    assert got.dtype == np.float16
+    with torch.no_grad():
+        want = reference(images)
+        own_error = (model(images.half()).float() - want).abs().max().item()
+    assert (torch.from_numpy(got.astype(np.float32)) - want).abs().max().item() <= 2 * own_error + 1e-4
+    for dtype in (torch.bfloat16, torch.float64):
+        with pytest.raises(ValueError, match=rf"has {str(dtype)[6:]} weights: export_onnx writes float32 or float16 "
+                                             r"graphs .* call model\.float\(\) or model\.half\(\) first"):
+            export_onnx(copy.deepcopy(reference).to(dtype), None)
+    # dtype= converts a copy: a float32 model exported as float16, and back
+    converted = export_onnx(reference, None, dtype="float16", check=False)
+    assert onnx.load_from_string(converted.onnx_bytes).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert next(reference.parameters()).dtype == torch.float32
+    back = export_onnx(model, None, dtype="float32", check=False)
+    assert onnx.load_from_string(back.onnx_bytes).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    with pytest.raises(ValueError, match=r"dtype must be one of \['float16', 'float32'\]"):
+        export_onnx(reference, None, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("name", ["vit_debug", "agent_deit_debug", "maxvit_debug"])
+def test_headless_export_declares_the_feature_width(name):
+    """With num_classes=0 the TorchScript exporter declared a ViT's pooled output as (batch, "Gatherlogits_dim_1"):
+    engine builders that read the signature took the feature axis as dynamic. Every non-batch axis is declared
+    with its size, as the dynamo exporter and MaxViT already did."""
+    import onnx
+
+    result = export_onnx(name, None, num_classes=0)
+    (output,) = onnx.load_from_string(result.onnx_bytes).graph.output
+    dims = [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim]
+    assert dims == ["batch", zoo.create_model(name, num_classes=0).num_features]
 
 
 def _float64_logits(model, images):

@@ -1,7 +1,7 @@
 """ONNX export of zoo vision models, checked against onnxruntime.
 
     zoo export model=<registered name> out=model.onnx [img_size=224|HxW] [batch=1] [opset=17 (18 with exporter=dynamo)]
-               [exporter=torchscript|dynamo] [check=true] [atol=1e-4] [num_classes=K]
+               [exporter=torchscript|dynamo] [check=true] [atol=1e-4] [dtype=float32|float16] [num_classes=K]
     zoo export ckpt=<dir written by zoo.save_pretrained | zoo train's .ckpt> out=model.onnx [...]
     zoo export model=<registered name> ckpt=<bare weights: .safetensors / .pth> out=model.onnx [...]
 
@@ -9,9 +9,12 @@
     result = export_onnx("agent_deit_tiny", "agent.onnx")        # or a model instance
     result.max_abs_diff                                            # onnxruntime vs PyTorch on a fresh input
 
-The graph takes ``images`` (batch, C, H, W) float32 with a dynamic batch dimension and returns ``logits``
-(batch, K) (or the pooled features when the model has no head). The image size is fixed at export time
-(the model's native size unless ``img_size`` is given; models that accept any size are exported at that one).
+The graph takes ``images`` (batch, C, H, W) with a dynamic batch dimension and returns ``logits`` (batch, K) (or the
+pooled features (batch, C) when the model has no head), both in the model's dtype: float32, or float16 for a
+``model.half()`` (checked against the float32 model: onnxruntime's error at most twice PyTorch's own float16 error
+plus ``atol``; bfloat16 and float64 are refused, as onnxruntime's CPU provider runs neither through these graphs;
+``dtype="float16"`` exports a half copy of a float32 model). The image size is fixed at export time (the model's
+native size unless ``img_size`` is given; models that accept any size are exported at that one).
 With ``model=<name>`` the model is built at ``img_size``; with ``ckpt=`` the checkpoint is exported as saved, run
 at ``img_size``, when its family takes that size (MaxViT, Agent-DeiT, dynamic-size ViTs), else built at that
 size with its position embedding resampled (fixed-size ViTs), as timm's ``create_model(img_size=...)`` does.
@@ -231,7 +234,8 @@ def _load_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwargs
 def check_onnx(
     onnx_model: Union[str, Path, bytes], model: nn.Module, example: torch.Tensor, *, return_scale: bool = False
 ):
-    """Largest |onnxruntime(example) - model(example)| (model in eval mode, fp32).
+    """Largest |onnxruntime(example) - model(example)| (model in eval mode; onnxruntime fed the example in its own
+    dtype, float32 or float16, the model in its weights' dtype).
 
     With ``return_scale`` also returns max |model(example)|, the output's magnitude (export_onnx allows
     ``atol * max(1, scale)``: fp32 rounding grows with the logits of large randomly initialised models).
@@ -241,9 +245,13 @@ def check_onnx(
 
     source = str(onnx_model) if isinstance(onnx_model, Path) else onnx_model
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: example.detach().cpu().float().numpy()})
-    with torch.no_grad():
-        expected = model(example).float().cpu().numpy()
+    feed = example.detach().cpu()
+    feed = feed if feed.dtype == torch.float16 else feed.float()
+    (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: feed.numpy()})
+    param = next(model.parameters(), None)
+    with torch.no_grad():  # the model in its own dtype (a float32 reference for a float16 graph)
+        expected = model(example if param is None else example.to(param.dtype)).float().cpu().numpy()
+    got = got.astype(np.float32)
     if got.shape != expected.shape:
         raise ExportCheckError(f"onnxruntime output shape {got.shape} != PyTorch output shape {expected.shape}")
     diff = float(np.max(np.abs(got - expected))) if expected.size else 0.0
@@ -274,6 +282,7 @@ def export_onnx(
     check: bool = True,
     atol: float = 1e-4,
     seed: int = 0,
+    dtype: Optional[str] = None,
     **create_kwargs: Any,
 ) -> ExportResult:
     """Export a vision model to ONNX (dynamic batch) and check it with onnxruntime.
@@ -291,6 +300,8 @@ def export_onnx(
         check: run onnxruntime on a fresh input (the traced batch + 1, so the dynamic batch is exercised) and
             compare with PyTorch.
         atol: allowed difference for the check, relative to max(1, largest |output|).
+        dtype: "float32" or "float16" to export a converted copy (the model is left as it is); default the
+            model's own (float32 or float16: see the module docstring).
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -311,6 +322,8 @@ def export_onnx(
         raise ValueError(f"atol must be a positive finite number, got {atol!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    if dtype is not None and dtype not in _EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_EXPORT_DTYPES)} (or None: the model's own), got {dtype!r}")
     if out is not None and Path(out).suffix.lower() != ".onnx":
         raise ValueError(f"output file must end in .onnx, got {str(out)!r}")
     if out is not None and Path(out).is_dir():
@@ -341,11 +354,14 @@ def export_onnx(
     in_chans, (height, width) = _input_geometry(net, img_size)
     _check_protobuf_size(net, name)
     net = _fixed_size_copy(net, (height, width))
+    if dtype is not None and _export_dtype(net, name, check=False) != _EXPORT_DTYPES[dtype]:
+        net = copy.deepcopy(net).to(_EXPORT_DTYPES[dtype])
     gen = torch.Generator().manual_seed(seed)
     param = next(net.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = _export_dtype(net, name)
     traced_batch = 2 if exporter == "dynamo" and batch_size == 1 else batch_size  # see batch_size above
-    example = torch.randn(traced_batch, in_chans, height, width, generator=gen).to(device)
+    example = torch.randn(traced_batch, in_chans, height, width, generator=gen).to(device, dtype)
 
     was_training = net.training
     net.eval()
@@ -355,7 +371,9 @@ def export_onnx(
                 net(example)
             except (ValueError, TypeError) as error:
                 raise ValueError(f"{name} cannot run on a {tuple(example.shape)} input: {error}") from error
+            out_shape = tuple(net(example).shape)
             proto = _export_proto(net, example, exporter, opset)
+        _declare_static_output_dims(proto, out_shape)
         cfg = _default_cfg(net)
         _add_metadata(proto, {
             "zoo_model_name": str(name),
@@ -364,21 +382,31 @@ def export_onnx(
             "mean": json.dumps(list(cfg.get("mean", ()))),
             "std": json.dumps(list(cfg.get("std", ()))),
             "exporter": exporter,
+            "dtype": str(dtype).replace("torch.", ""),
         })
         data = proto.SerializeToString()
         path = None if out is None else Path(out)
         diff = None
         if check:  # before anything is written: a failing export never replaces a good file at `out`
             probe = torch.randn(traced_batch + 1, in_chans, height, width, generator=gen).to(device)
-            diff, scale = check_onnx(data, net, probe, return_scale=True)
-            allowed = atol * max(1.0, scale)
+            if dtype == torch.float16:  # against the float32 model, allowing twice PyTorch's own float16 error
+                reference = copy.deepcopy(net).float()
+                diff, scale = check_onnx(data, reference, probe.half(), return_scale=True)
+                with torch.no_grad():
+                    own_error = float((net(probe.half()).float() - reference(probe)).abs().max())
+                allowed = 2 * own_error + atol * max(1.0, scale)
+                bound = f"2 x PyTorch's float16 error {own_error:.3g} + atol {atol} x max(1, max |logit| = {scale:.3g})"
+            else:
+                diff, scale = check_onnx(data, net, probe, return_scale=True)
+                allowed = atol * max(1.0, scale)
+                bound = f"atol {atol} x max(1, max |logit| = {scale:.3g})"
             if not diff <= allowed:
                 rejected = None if path is None else path.with_name(path.stem + ".rejected" + path.suffix)
                 if rejected is not None:
                     atomic_write(rejected, lambda tmp: Path(tmp).write_bytes(data))
                 raise ExportCheckError(
-                    f"{name}: onnxruntime output differs from PyTorch by {diff:.3g} (> atol {atol} x max(1, "
-                    f"max |logit| = {scale:.3g})); nothing was written to {path}"
+                    f"{name}: onnxruntime output differs from PyTorch by {diff:.3g} (> {bound}); nothing was "
+                    f"written to {path}"
                     + (f"; the rejected model is {rejected}, for inspection" if rejected else "")
                 )
         if path is not None:
@@ -387,6 +415,38 @@ def export_onnx(
         net.train(was_training)
     return ExportResult(path, str(name), tuple(example.shape), exporter, opset, diff,
                         None if path is not None else data)
+
+
+_EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _export_dtype(net: nn.Module, name: str, check: bool = True) -> Optional[torch.dtype]:
+    """The dtype of the exported graph: the model's floating weights', float32 or float16 (else refused, or None
+    with ``check=False``)."""
+    dtypes = {t.dtype for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()}
+    if not dtypes or dtypes == {torch.float32}:
+        return torch.float32
+    if dtypes == {torch.float16}:
+        return torch.float16
+    if not check:
+        return None
+    found = "/".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+    raise ValueError(f"{name} has {found} weights: export_onnx writes float32 or float16 graphs (onnxruntime's CPU "
+                     f"provider runs no bfloat16 / float64 convolution here); call model.float() or model.half() "
+                     f"first, or give dtype=\"float32\" / \"float16\"")
+
+
+def _declare_static_output_dims(proto, out_shape: tuple) -> None:
+    """Write the known sizes of the output's non-batch axes into the graph's declared output shape. The TorchScript
+    exporter leaves some symbolic (a headless ViT's pooled features came out as (batch, "Gatherlogits_dim_1")), which
+    engine builders and converters that read the signature without running shape inference take as dynamic."""
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if output.name != OUTPUT_NAME or len(dims) != len(out_shape):
+            continue
+        for axis in range(1, len(out_shape)):  # axis 0 is the dynamic batch
+            if dims[axis].dim_param or not dims[axis].dim_value:
+                dims[axis].dim_value = int(out_shape[axis])  # assigning the value clears dim_param (a oneof)
 
 
 # protobuf's hard limit for one message (2 GiB), less room for the graph itself
@@ -488,7 +548,7 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-_EXPORT_KEYS = ("model", "ckpt", "out", "img_size", "batch", "opset", "exporter", "check", "atol")
+_EXPORT_KEYS = ("model", "ckpt", "out", "img_size", "batch", "opset", "exporter", "check", "atol", "dtype")
 _FLAGS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
@@ -498,8 +558,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or any(a in ("-h", "--help", "help") for a in argv):
         stream = sys.stdout if argv else sys.stderr  # no arguments is a usage error (exit 2), as zoo viz / bench
         print(_HELP, file=stream)
-        print("\nkeys: model, ckpt, out, img_size, batch, opset, exporter, check, atol; any other key=value is a "
-              "constructor argument of the model (e.g. num_classes=10)", file=stream)
+        print("\nkeys: model, ckpt, out, img_size, batch, opset, exporter, check, atol, dtype (float32 | float16); "
+              "any other key=value is a constructor argument of the model (e.g. num_classes=10)", file=stream)
         return 0 if argv else 2
     options: dict[str, Any] = {}
     for arg in argv:
@@ -532,8 +592,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     kwargs[name] = kind(text)
                 except ValueError:
                     raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if "exporter" in options:
-            kwargs["exporter"] = options.pop("exporter")
+        for key in ("exporter", "dtype"):
+            if key in options:
+                kwargs[key] = options.pop(key)
         if "check" in options:
             text = options.pop("check")
             if text.lower() not in _FLAGS:  # bool("no") is True
