@@ -395,6 +395,19 @@ def test_explicit_backend_that_cannot_run_says_why():
         attend(q, k, v, backend="nope")
 
 
+def test_use_backend_refuses_an_unknown_name_on_entering_the_block():
+    """use_backend("tirton") fails where it is written, naming the known backends, as attend(backend=...) does --
+    not at the first attend() inside the block, nor never when the block makes no call (mutation audit 2026-12-07,
+    B7). The refused name is not left on the context stack."""
+    stack_before = list(zb._CONTEXT_STATE.stack)
+    with pytest.raises(ValueError, match=r"unknown attention backend 'tirton'; available: .*torch"):
+        with use_backend("tirton"):
+            pass
+    assert zb._CONTEXT_STATE.stack == stack_before
+    with use_backend("torch"), use_backend(None):  # None: automatic choice, no name to check
+        assert zb.requested_backend(None) is None
+
+
 def test_capture_records_weights_only_inside_context():
     q, k, v = make_qkv(1, 2, 2, 4, 4, 8)
     from zoo.attention.capture import is_capturing, record
@@ -464,6 +477,42 @@ def test_reference_dropout_is_unbiased_and_weights_are_pre_dropout(score):
     torch.testing.assert_close(dropped_weights, weights, rtol=0, atol=0)  # the probabilities, not the dropped ones
     if score == "softmax":
         torch.testing.assert_close(dropped_weights.sum(-1), torch.ones(1, 2, 8))
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_reference_dropout_holds_in_query_chunks_with_gradients(score, monkeypatch):
+    """Dropout is not lost when the "torch" backend splits a call into query chunks while gradients are wanted
+    (B * H * Nq * Nk > CHUNK_ELEMENTS in training: sigmoid scores, backend="torch", torch.func with a bias).
+    Checkpointed chunks run without dropout, so such chunks must not be checkpointed: with that guard removed,
+    the chunked output equalled the undropped one exactly (mutation audit 2026-12-07, C6).
+
+    Same problem and statistics as test_reference_dropout_is_unbiased_and_weights_are_pre_dropout (each of the 64
+    output elements of the mean of 4096 draws within 5 sigma of the undropped output), here in 3 query chunks
+    with q, k, v and bias requiring grad; every chunk must have dropped. The backward must use the forward's draw:
+    for one draw the output is linear in v, so <grad_out, out> equals <dL/dv, v>."""
+    p, draws = 0.5, 4096
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 4, dtype=torch.float64, seed=5)
+    bias = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    clean, weights = attend(q, k, v, Causal(), bias, score=score, backend="torch", return_weights=True)
+    monkeypatch.setattr(zcore, "CHUNK_ELEMENTS", draws * 2 * 8 * 3)  # 3 query rows per chunk
+    chunks = zcore._row_chunks(8, 8, draws, 2)
+    assert chunks == [(0, 3), (3, 6), (6, 8)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    batch = [t.expand(draws, -1, -1, -1) for t in leaves]
+    torch.manual_seed(0)
+    dropped = attend(*batch[:3], Causal(), batch[3], score=score, dropout_p=p, backend="torch")
+    for start, stop in chunks:
+        rows = slice(start, stop)
+        assert not torch.allclose(dropped[:, :, rows], clean[:, :, rows].expand(draws, -1, -1, -1)), (start, stop)
+    mean = dropped.detach().mean(0, keepdim=True)
+    terms = weights[..., None] * v[:, :, None]  # (1, H, Nq, Nk, Dv): w_j v_j per output
+    sigma = (p / (1 - p) * terms.pow(2).sum(-2) / draws).sqrt()
+    deviation = (mean - clean).abs()
+    assert (deviation <= 5 * sigma + 1e-6).all(), f"mean of {draws} draws is {float((deviation / sigma).max()):.1f} sigma off"
+    grad_out = torch.randn(dropped.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    dropped.backward(grad_out)
+    torch.testing.assert_close((leaves[2].grad * v).sum(), (grad_out * dropped.detach()).sum())
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -739,6 +788,9 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
         attend(q, q, q, scale=True)
     with pytest.raises(ValueError, match="dropout_p must be in \\[0, 1\\), got False"):
         attend(q, q, q, dropout_p=False)
+    for rate in (1.0, -0.1, float("nan")):  # 1.0 would drop every weight (zeros), silently
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got"):
+            attend(q, q, q, dropout_p=rate)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b or "auto")

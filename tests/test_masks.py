@@ -86,6 +86,40 @@ def test_block_map_is_cached_per_shape():
     assert mask.block_map(100, 100, 16) is not mask.block_map(100, 100, 32)
 
 
+def test_one_mask_object_gives_block_maps_at_every_tile_size_in_turn():
+    """A mask's block maps are cached per mask object, and one object is asked at several tile sizes: the Triton
+    kernel at its forward and its backward tiles (and autotune configs that differ in BLOCK_N only), mask_viz or
+    the bench after an attend(). Each map must be the one of its own (block_q, block_k): a cache key without
+    block_k served the (16, 16) map for (16, 32), with 7 key tiles instead of 4 (mutation audit 2026-12-07, M8).
+    Reference: the dense mask reduced per tile (_states_from_dense), and a fresh mask object (empty cache) for the
+    conservative maps (BlockSparse at a foreign tile size, & and |)."""
+    nq, nk = 97, 130
+    fresh_masks = structured_masks(nq, nk)
+    for index, mask in enumerate(structured_masks(nq, nk)):
+        for bq, bk in [(16, 16), (16, 32), (32, 16), (8, 24), (16, 16), (32, 16)]:
+            bmap = mask.block_map(nq, nk, bq, bk)
+            assert (bmap.block_q, bmap.block_k) == (bq, bk), mask
+            want_exact = exact_states(mask, nq, nk, bq, bk)
+            assert bmap.states.shape[-2:] == (math.ceil(nq / bq), math.ceil(nk / bk)), (mask, bq, bk)
+            wrong = ((bmap.states == EMPTY) & (want_exact != EMPTY)) | ((bmap.states == FULL) & (want_exact != FULL))
+            assert not wrong.any(), (mask, bq, bk)
+            uncached = fresh_masks[index]._build_block_map(nq, nk, bq, bk, None).states
+            assert torch.equal(bmap.states, uncached), (mask, bq, bk)
+
+
+def test_segments_ids_and_kv_ids_of_different_batches_are_refused():
+    """Segments(ids of batch 2, kv_ids of batch 3) describes no attention problem: it is refused when built, with
+    both batches named, instead of an opaque broadcast RuntimeError inside attend() later (mutation audit
+    2026-12-07, M15). A batch of 1 on either side broadcasts, as for the attention's own batch."""
+    ids, kv_ids = torch.zeros(2, 5, dtype=torch.long), torch.zeros(3, 7, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"Segments: ids batch 2 and kv_ids batch 3 differ"):
+        Segments(ids, kv_ids)
+    with pytest.raises(ValueError, match=r"Segments: ids batch 3 and kv_ids batch 2 differ"):
+        Segments(kv_ids, ids)
+    for q_ids, k_ids, batch in [(ids[:1], kv_ids, 3), (ids, kv_ids[:1], 2), (ids[0], kv_ids, 3), (ids, kv_ids[0], 2)]:
+        assert Segments(q_ids, k_ids).dense(5, 7).shape[0] == batch
+
+
 def test_block_map_transposed_and_kept_fraction():
     bmap = Causal().block_map(64, 64, 16, 16)
     t = bmap.transposed()

@@ -371,6 +371,49 @@ def test_attend_automatic_matches_reference():
         torch.testing.assert_close(attend(q, k, v, mask), ref.detach(), rtol=1e-10, atol=1e-10)
 
 
+def _each_call_against_the_reference(mask, calls):
+    """Run ``calls`` [(q, k, v, bias)] in turn on the one ``mask`` object through the block-sparse backend, each
+    against the float64 reference backend ("torch"): the plan cached on the mask by one call must not be served to
+    a later call of another shape."""
+    for index, (q, k, v, bias) in enumerate(calls):
+        got = attend(q, k, v, mask, bias, backend="blocksparse")
+        want = attend(q, k, v, mask, bias, backend="torch")
+        err = float((got - want).abs().max())
+        assert err <= 1e-10, f"call {index} (kv heads {k.shape[1]}, bias {None if bias is None else tuple(bias.shape)}): " \
+                             f"max error {err:.3g}"
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared-mask", "per-head-mask"])
+def test_one_mask_object_serves_calls_with_different_kv_head_counts(per_head):
+    """One mask object (a module-level Window, one mask passed to every layer) used by grouped-query attention
+    and by full multi-head attention at the same lengths: the cached plan holds the key/value head slices, so it
+    depends on Hkv. With Hkv left out of the plan key, the Hkv = 4 call after an Hkv = 2 call read 2 of the 4
+    key/value heads, silently (max error 3.5 on random data; mutation audit 2026-12-07, S10). A per-head Dense
+    mask covers the plan's one-head-at-a-time branch (head j reads key/value head j // (H / Hkv))."""
+    g = torch.Generator().manual_seed(3)
+    n, heads = 150, 4
+    mask = Dense(torch.rand(1, heads, n, n, generator=g) < 0.3) if per_head else Window(40, 0)
+    q = torch.randn(1, heads, n, 16, generator=g, dtype=torch.float64)
+    kv = {hkv: (torch.randn(1, hkv, n, 16, generator=g, dtype=torch.float64),
+                torch.randn(1, hkv, n, 16, generator=g, dtype=torch.float64)) for hkv in (1, 2, 4)}
+    _each_call_against_the_reference(mask, [(q, *kv[hkv], None) for hkv in (2, 4, 1, 2, 4)])
+
+
+def test_one_mask_object_serves_calls_with_different_bias_shapes():
+    """A padded batch (Segments of batch 2) used with and without a bias, and with biases of other shapes (a
+    relative-position bias shared over the batch, one per sample and head): the cached plan's bias slices and
+    batched groups depend on the bias shape. With the bias shape left out of the plan key, the biased call after an
+    unbiased one failed with a broadcast RuntimeError (mutation audit 2026-12-07, S13)."""
+    g = torch.Generator().manual_seed(4)
+    n, heads = 150, 2
+    mask = Segments.from_lengths([150, 90])
+    q, k, v = (torch.randn(2, heads, n, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    biases = {shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+              for shape in [(2, 1, n, n), (1, 1, n, n), (2, heads, n, n), (1, heads, 1, n)]}
+    order = [None, (2, 1, n, n), (1, 1, n, n), (2, heads, n, n), None, (1, heads, 1, n), (2, 1, n, n)]
+    _each_call_against_the_reference(mask, [(q, k, v, None if shape is None else biases[shape]) for shape in order])
+
+
 def test_bad_arguments():
     q = torch.randn(1, 2, 10, 8)
     with pytest.raises(ValueError, match="block_size"):
