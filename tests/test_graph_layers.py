@@ -1321,3 +1321,146 @@ def test_jit_trace_of_the_graph_layers_is_refused_or_works_and_dynamo_onnx_runs_
     names = [i.name for i in session.get_inputs()]
     out = session.run(None, {names[0]: x2.numpy(), names[1]: edge_index2.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), layer(x2, edge_index2), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ gaps found by a mutation audit
+_LAYERS = {"GATv2Conv": (GATv2Conv, "GATv2Conv"), "GATConv": (GATConv, "GATConv")}
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+def test_one_edge_index_with_other_target_counts_matches_pyg(name):
+    """The same bipartite layer called on the same edge_index tensor with 4, then 7, then 5 target rows: each call
+    is PyG's (shape, values, attention, gradients). The cached graph is keyed on the target count; a key without it
+    reused the first call's graph and gave [4, H*C] for 7 targets, silently. GATConv also with (x_src, None) and
+    size=(Ns, Nd)."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), (5, 3), 4, heads=2)
+    ei = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 0, 1, 2]])
+    x_src = torch.randn(7, 5)
+    for num_dst in (4, 7, 5):
+        _assert_same(ours, peer, [x_src, torch.randn(num_dst, 3)], ei)
+        assert ours((x_src, torch.randn(num_dst, 3)), ei).shape == (num_dst, 8)
+    if name == "GATConv":
+        ours, peer = _pair(GATConv, pyg_nn.GATConv, 5, 4, heads=2, add_self_loops=False)
+        for num_dst in (4, 7):
+            _assert_same(ours, peer, [x_src, None], ei, size=(7, num_dst))
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+def test_switching_add_self_loops_after_a_call_matches_pyg(name):
+    """PyG reads layer.add_self_loops on every forward: switching it off (and on again) after a call on the same
+    edge_index tensor changes the graph, as in PyG (output, returned edge_index, attention, gradients); the cached
+    graph must not keep the first call's loops."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), 4, 3, heads=2)
+    x, ei = torch.randn(6, 4), torch.tensor([[0, 1, 2, 3, 5], [1, 2, 3, 4, 1]])
+    for loops in (True, False, True):
+        ours.add_self_loops = peer.add_self_loops = loops
+        _assert_same(ours, peer, [x], ei)
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+def test_training_dropout_keeps_one_minus_p_of_the_attention(name):
+    """Attention dropout p=0.3 in training mode (torch.nn.functional.dropout semantics, as PyG's layers apply it):
+    a share p of the returned coefficients is 0, the rest are scaled by 1 / (1 - p), so a node's attention sums to 1
+    on average. PyG's layer with the same weights gives the same statistics. An inverted keep-mask (rand < p) drops
+    0.7 of them and the sums average 0.43; at p=0.5 it could not be told apart."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), 4, 3, heads=2, dropout=0.3)
+    ours.train()
+    peer.train()
+    num_nodes = 1000
+    ei = torch.randint(0, num_nodes, (2, 4000), generator=torch.Generator().manual_seed(5))
+    x = torch.randn(num_nodes, 4)
+    torch.manual_seed(0)
+    for layer in (ours, peer):
+        with torch.no_grad():
+            _, (ei_out, alpha) = layer(x, ei, return_attention_weights=True)
+        dropped = float((alpha == 0).float().mean())
+        assert abs(dropped - 0.3) < 0.03, f"{type(layer).__module__}: {dropped:.3f} of the attention dropped, not 0.3"
+        sums = torch.zeros(num_nodes, 2).index_add_(0, ei_out[1], alpha)
+        assert abs(float(sums.mean()) - 1.0) < 0.05, f"mean attention per node {float(sums.mean()):.3f}, not 1"
+        kept = alpha[alpha > 0]
+        assert float(kept.min()) > 0 and float(kept.max()) <= 1 / 0.7 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+def test_eval_mode_attention_dropout_is_off_on_the_hook_path_as_in_pyg(name):
+    """dropout=0.5 in eval mode with a message forward hook (the path of explainers and hooks, PyG's propagate):
+    no attention dropout, so the output and attention are PyG's eval-mode ones and the fused path's (hook removed),
+    on every call."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), 4, 3, heads=2, dropout=0.5)
+    ours.eval()
+    peer.eval()
+    x, ei = torch.randn(6, 4), torch.tensor([[0, 1, 2, 3, 5, 0], [1, 2, 3, 4, 1, 1]])
+    fused, (_, fused_alpha) = ours(x, ei, return_attention_weights=True)
+    want, (_, want_alpha) = peer(x, ei, return_attention_weights=True)
+    handle = ours.register_message_forward_hook(lambda module, inputs, out: None)
+    try:
+        for _ in range(3):
+            out, (_, alpha) = ours(x, ei, return_attention_weights=True)
+            for got, ref in ((out, want), (out, fused), (alpha, want_alpha), (alpha, fused_alpha)):
+                torch.testing.assert_close(got, ref, **TOL)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+def test_frozen_layer_gives_pyg_s_input_gradients(name):
+    """All weights frozen (saliency / attribution on edge features, or edge features from an upstream network into
+    a frozen layer): the gradient of edge_attr alone, then of x and edge_attr together, equals PyG's. The fused
+    backward decides per input whether to compute it; taking edge_attr's flag from another input returned None."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), 4, 3, heads=2, edge_dim=2)
+    ours.requires_grad_(False)
+    peer.requires_grad_(False)
+    x, ei = torch.randn(6, 4), torch.tensor([[0, 1, 2, 3, 5, 4], [1, 2, 3, 4, 1, 1]])
+    edge_attr = torch.randn(6, 2)
+    for x_needs_grad in (False, True):
+        grads = []
+        for layer in (ours, peer):
+            xx, ea = x.clone().requires_grad_(x_needs_grad), edge_attr.clone().requires_grad_(True)
+            layer(xx, ei, ea).pow(2).sum().backward()
+            grads.append((ea.grad, xx.grad))
+        (ea_grad, x_grad), (want_ea_grad, want_x_grad) = grads
+        assert ea_grad is not None, "edge_attr.grad is None with a frozen layer"
+        torch.testing.assert_close(ea_grad, want_ea_grad, **TOL)
+        assert (x_grad is None) == (want_x_grad is None)
+        if x_needs_grad:
+            torch.testing.assert_close(x_grad, want_x_grad, **TOL)
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+@pytest.mark.parametrize("loops", [False, True])
+def test_uncoalesced_coo_adjacency_with_duplicates_is_its_coalesced_matrix(name, loops):
+    """A sparse COO adj_t with a repeated (dst, src) entry, not coalesced: the entries are one matrix entry (one
+    attention weight), so output and attention equal PyG's on adj.coalesce() (PyG refuses uncoalesced input). Read
+    as multi-edges, the repeated edge took two softmax shares of its node."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), 4, 3, heads=2, add_self_loops=loops)
+    x = torch.randn(6, 4)
+    dst_src = torch.tensor([[1, 2, 1, 3, 1, 1], [0, 1, 0, 2, 5, 0]])  # (1, 0) three times, node 1 has another edge
+    adj_t = torch.sparse_coo_tensor(dst_src, torch.ones(6), (6, 6))
+    assert not adj_t.is_coalesced()
+    out, (adj, alpha) = ours(x, adj_t, return_attention_weights=True)
+    want, (want_adj, want_alpha) = peer(x, adj_t.coalesce(), return_attention_weights=True)
+    torch.testing.assert_close(out, want, **TOL)
+    torch.testing.assert_close(adj.to_dense(), want_adj.to_dense(), **TOL)
+    assert alpha.shape == want_alpha.shape
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+@pytest.mark.parametrize("loops", [False, True])
+def test_edge_attr_with_more_rows_than_edges_is_refused(name, loops):
+    """edge_attr with 2 rows more than edge_index has edges: a ValueError naming both counts, as for too few rows
+    (PyG raises an IndexError; accepted, the extra rows shifted which features the loops' "mean" and the CSR order
+    picked)."""
+    cls, _ = _LAYERS[name]
+    conv = cls(4, 3, heads=2, edge_dim=2, add_self_loops=loops)
+    x, ei = torch.randn(6, 4), torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="edge_attr has 6 rows but edge_index has 4 edges"):
+        conv(x, ei, torch.randn(6, 2))
+    with pytest.raises(ValueError, match="edge_attr has 3 rows but edge_index has 4 edges"):
+        conv(x, ei, torch.randn(3, 2))
+    assert conv(x, ei, torch.randn(4, 2)).shape == (6, 6)
