@@ -3,6 +3,7 @@
 the Hydra configs end to end, `zoo viz graph` and `zoo bench graph` smoke runs."""
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -887,6 +888,42 @@ def test_node_train_acc1_is_the_eval_mode_accuracy_of_the_training_nodes(tmp_pat
     mask = data["train_mask"]
     expected = (logits[mask].argmax(-1) == data["y"][mask]).float().mean().item()
     assert metrics["train/acc1"] == pytest.approx(expected)
+
+
+def test_node_evaluation_reports_the_ema_weights(one_thread):
+    """With task.ema_decay, node classification's val/acc1 and train/acc1 are those of the EMA copy (the weights the
+    best checkpoint is chosen for and the release holds), not the raw model's: here the raw model is trained by hand
+    while the EMA copy keeps its initial weights, so the two accuracies differ."""
+    pytest.importorskip("hydra")
+    import lightning as L
+
+    from zoo.train import run
+
+    module, datamodule = run.build(run.compose(["experiment=graph_sbm", "+task.ema_decay=0.9"]))
+    assert module.model_ema is not None
+    datamodule.setup()
+    data = datamodule.data
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(module.model.parameters(), lr=5e-3)
+    for _ in range(30):
+        loss = F.cross_entropy(module.model(data["x"], data["edge_index"])[data["train_mask"]],
+                               data["y"][data["train_mask"]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def accuracies(model):
+        with torch.no_grad():
+            predicted = model.eval()(data["x"], data["edge_index"]).argmax(-1)
+        return {split: (predicted == data["y"])[data[f"{split}_mask"]].float().mean().item() for split in ("val", "train")}
+
+    ema_acc = accuracies(copy.deepcopy(module.model_ema.module))
+    raw_acc = accuracies(copy.deepcopy(module.model))
+    assert ema_acc["val"] != raw_acc["val"], (ema_acc, raw_acc)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(module, datamodule, verbose=False)[0]
+    assert metrics["val/acc1"] == pytest.approx(ema_acc["val"])
+    assert metrics["train/acc1"] == pytest.approx(ema_acc["train"])
 
 
 def test_graph_minibatch_train_loss_is_the_epoch_mean():

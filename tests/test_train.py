@@ -918,13 +918,15 @@ def test_cutmix_box_is_timms_rand_bbox():
                 np.random.randint = real
 
 
-def test_ema_moves_once_per_optimizer_step(tmp_path):
-    """With accumulate_grad_batches=2 the EMA was updated on every batch: 24 updates for 12 optimizer steps."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ema_moves_once_per_optimizer_step(tmp_path, accumulate):
+    """With accumulate_grad_batches=2 the EMA was updated on every batch: 24 updates for 12 optimizer steps. Without
+    accumulation every step counts, each epoch's first (batch_idx 0) included."""
     result = run.train(run.compose(["experiment=vit_digits", "debug=fast", "num_threads=1", "test=false", "export=false",
-                                    "task.ema_decay=0.99", "trainer.accumulate_grad_batches=2", "trainer.max_epochs=2",
-                                    "trainer.limit_train_batches=4", f"run_dir={tmp_path / 'ema'}"]))
+                                    "task.ema_decay=0.99", f"trainer.accumulate_grad_batches={accumulate}",
+                                    "trainer.max_epochs=2", "trainer.limit_train_batches=4", f"run_dir={tmp_path / 'ema'}"]))
     state = torch.load(result["last_ckpt"], map_location="cpu", weights_only=False)["state_dict"]
-    assert result["global_step"] == 4 and int(state["model_ema.num_updates"]) == 4
+    assert result["global_step"] == 8 // accumulate and int(state["model_ema.num_updates"]) == result["global_step"]
 
 
 def test_debug_overfit_fits_its_batches(tmp_path):
@@ -953,25 +955,35 @@ def test_resume_mid_epoch_with_reloaded_dataloaders_is_exact(tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("cut", ["max_steps_at_epoch_end", "stopped_after_an_epoch"])
+@pytest.mark.parametrize("cut", ["max_steps_at_epoch_end", "max_steps_at_epoch_end_of_a_longer_run",
+                                 "stopped_after_an_epoch"])
 def test_resume_from_an_epoch_end_under_max_steps_is_exact(tmp_path, cut):
     """Training bounded by trainer.max_steps, resumed from a checkpoint written at an epoch's end: Lightning
     restored the epoch as not completed, set the sampler's epoch one ahead, and the resumed run trained the next
     epoch on the order of the one after it (weights 2e-3 off). When max_epochs also bounded the run, it trained no
     step and reported the run finished. (The learning-rate schedule is all warm-up here, so a cut run's
-    schedule equals the longer run's.)"""
+    schedule equals the longer run's.) The longer run's case also draws mixup and drop-path from the per-batch seed,
+    which hashes the epoch: without LastCheckpoint's completed-epoch count (audit 2026-12-07, C3) Lightning restored
+    the run "on the epoch's end", skipped the next epoch's start hooks and trained it as epoch 0 (its order, set
+    from the processed count, was right, so runs without randomness matched)."""
     options = ["trainer.limit_train_batches=4", "data.batch_size=16", "data.augment=none", "task.warmup_epochs=5"]
+    if cut == "max_steps_at_epoch_end_of_a_longer_run":
+        options += ["task.mixup_alpha=0.4", "model.drop_path_rate=0.1"]
     straight = run.train(_cfg(tmp_path, "straight", *options, "trainer.max_epochs=2", "+trainer.max_steps=8"))
     if cut == "max_steps_at_epoch_end":  # max_steps ends the first run exactly at epoch 0's last batch
         first, then = ["trainer.max_epochs=2", "+trainer.max_steps=4"], ["trainer.max_epochs=2", "+trainer.max_steps=8"]
+    elif cut == "max_steps_at_epoch_end_of_a_longer_run":  # the same, max_epochs ending neither run (audit C3)
+        first, then = ["trainer.max_epochs=3", "+trainer.max_steps=4"], ["trainer.max_epochs=3", "+trainer.max_steps=8"]
     else:  # a run stopped after epoch 0's checkpoint (max_epochs=1 stands for a killed job), resumed unbounded
         first, then = ["trainer.max_epochs=1", "+trainer.max_steps=8"], ["trainer.max_epochs=-1", "+trainer.max_steps=8"]
     part = run.train(_cfg(tmp_path, "part", *options, *first))
     assert part["global_step"] == 4
     resumed = run.train(_cfg(tmp_path, "part", *options, *then, f"ckpt_path={part['last_ckpt']}"))
     assert resumed["global_step"] == straight["global_step"] == 8
-    a = torch.load(straight["last_ckpt"], weights_only=True)["state_dict"]
-    b = torch.load(resumed["last_ckpt"], weights_only=True)["state_dict"]
+    a = torch.load(straight["last_ckpt"], weights_only=True)
+    b = torch.load(resumed["last_ckpt"], weights_only=True)
+    assert b["epoch"] == a["epoch"] == 1
+    a, b = a["state_dict"], b["state_dict"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
@@ -1669,3 +1681,142 @@ def test_resume_of_a_lion_run_compares_the_betas_it_used(tmp_path):
     other = run.compose([*FAST_RUN, "task.optimizer=lion", "task.betas=[0.8,0.99]"])
     with pytest.raises(ValueError, match="cannot resume .* with task.betas=\\[0.8, 0.99\\]"):
         run._check_resume_fits((tmp_path / "l.ckpt", ckpt), run.build(other)[0], other)
+
+
+# --------------------------------------------------------------------------------------------------
+# Behaviour a mutation audit found unpinned (audit 2026-12-07, /tmp/audit8/report_m4.md)
+# --------------------------------------------------------------------------------------------------
+def test_ema_copies_buffers_as_timm_model_ema_v3():
+    """Buffers (BatchNorm running statistics and batch count) are copied into the EMA, not averaged: timm's
+    ModelEmaV3 with ``exclude_buffers=True`` (its default averages floating-point buffers too, timm 1.0
+    timm/utils/model_ema.py). vit_debug (test_ema_matches_timm_model_ema_v3) has no buffers, so an EMA that left
+    them at their initial values (mean 0, var 1) passed."""
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ours, theirs = ModelEma(model, decay=0.9, warmup=False), ModelEmaV3(model, decay=0.9, use_warmup=False, exclude_buffers=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        (model(torch.randn(2, 3, 8, 8) * 3 + 1).square().mean()).backward()
+        opt.step()
+        opt.zero_grad()
+        ours.update(model)
+        theirs.update(model)
+    ours_state, theirs_state = ours.module.state_dict(), theirs.module.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= ours_state.keys()
+    for name in theirs_state:
+        torch.testing.assert_close(ours_state[name], theirs_state[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert int(ours_state["1.num_batches_tracked"]) == 3
+    torch.testing.assert_close(ours_state["1.running_mean"], model.state_dict()["1.running_mean"], rtol=0, atol=0)
+
+
+def test_layer_decay_fallback_grouping_matches_timm():
+    """A model without ``group_matcher`` is grouped by its ``blocks.i`` prefixes (zoo.train.optim.layer_ids); for a
+    ViT that equals timm's grouping, the classifier and final norm at the full lr (scale decay^0). Both cases of
+    test_layer_decay_groups_match_timm go through group_matcher, so the fallback ran in no test."""
+    import timm
+    from timm.optim import param_groups_layer_decay
+
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+    ours = zoo.create_model("vit_debug", **kwargs)
+    ours.group_matcher = None  # hidden on the instance: layer_ids takes its fallback path
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    theirs = param_groups_layer_decay(peer, weight_decay=0.05, no_weight_decay_list=peer.no_weight_decay(), layer_decay=0.7)
+    name_of = {id(p): n for n, p in peer.named_parameters()}
+    expected = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in theirs for p in g["params"]}
+    got = {n: (g["lr_scale"], g["weight_decay"]) for g in param_groups(ours, 0.05, layer_decay=0.7) for n in g["param_names"]}
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name][0] == pytest.approx(expected[name][0]), name
+        assert got[name][1] == expected[name][1], name
+    assert got["head.weight"][0] == 1.0 and got["blocks.0.attn.qkv.weight"][0] == pytest.approx(0.7 ** 3)
+
+
+def test_layer_decay_fallback_puts_a_layer_between_blocks_with_the_previous_block():
+    """The fallback grouping, by hand: parameters before the first block are layer 0, ``blocks.i`` is layer i + 1,
+    a parameter between two blocks (a downsample) joins the block before it, and the classifier (``head.``) is
+    layer L + 1 (full lr); something after the last block that is not the classifier is layer L."""
+    from zoo.train.optim import layer_ids
+
+    lin = lambda: torch.nn.Linear(2, 2)  # noqa: E731
+    model = torch.nn.Module()
+    model.stem = lin()
+    model.blocks = torch.nn.ModuleList([lin()])
+    model.mid = lin()
+    model.later = torch.nn.Module()
+    model.later.blocks = torch.nn.ModuleList([lin()])
+    model.norm = lin()
+    model.head = lin()
+    ids, num_layers = layer_ids(model)
+    assert num_layers == 2
+    assert {name.rsplit(".", 1)[0]: layer for name, layer in ids.items()} == {
+        "stem": 0, "blocks.0": 1, "mid": 1, "later.blocks.0": 2, "norm": 2, "head": 3}
+    scales = {n: g["lr_scale"] for g in param_groups(model, 0.0, layer_decay=0.5) for n in g["param_names"]}
+    assert scales["mid.weight"] == 0.25 and scales["head.weight"] == 1.0 and scales["stem.weight"] == 0.125
+
+
+def test_module_call_in_eval_mode_uses_the_ema_weights():
+    """``module.eval(); module(x)`` gives the EMA copy's logits, as validation, predict and the release do, and
+    the raw model's in training mode."""
+    module = ImageClassifier(_tiny_vit(), ema_decay=0.9)
+    with torch.no_grad():
+        for param in module.model.parameters():
+            param.add_(0.5)  # the raw weights move away from the EMA copy (taken at construction)
+    x = torch.randn(2, 3, 16, 16)
+    module.eval()
+    with torch.no_grad():
+        out = module(x)
+        ema_out = copy.deepcopy(module.model_ema.module).eval()(x)
+        raw_out = module.model(x)
+    torch.testing.assert_close(out, ema_out, rtol=0, atol=0)
+    assert not torch.allclose(out, raw_out, atol=1e-3)
+
+
+def test_per_batch_reseed_differs_between_epochs(monkeypatch):
+    """The per-batch seed hashes (seed, epoch, batch index, rank): batch i of each epoch draws other dropout masks,
+    mixup/cutmix decisions and drop-path draws; the same (epoch, batch) draws the same."""
+    epoch = [0]
+    monkeypatch.setattr(ImageClassifier, "current_epoch", property(lambda self: epoch[0]))
+    module = ImageClassifier(_tiny_vit(), seed=3)
+
+    def draws(at_epoch):
+        epoch[0] = at_epoch
+        out = []
+        for batch_idx in range(3):
+            module.on_train_batch_start(None, batch_idx)
+            out.append(torch.rand(()).item())
+        return out
+
+    first = draws(0)
+    assert draws(0) == first
+    second = draws(1)
+    assert all(a != b for a, b in zip(first, second)), (first, second)
+
+
+def test_train_lr_logs_the_head_groups_rate_under_layer_decay(tmp_path):
+    """``train/lr`` is the last parameter group's rate (the classifier's, the full lr under layer decay), not the
+    embeddings' lr * decay^(L+1)."""
+    cfg = _cfg(tmp_path, "lr", "task.layer_decay=0.5", "task.lr=0.01", "task.scheduler=constant",
+               "task.warmup_epochs=0", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+               "trainer.limit_val_batches=0")
+    module, datamodule, trainer = _build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert sorted({round(g["lr"], 6) for g in trainer.optimizers[0].param_groups}) == [0.0025, 0.005, 0.01]
+    assert float(trainer.callback_metrics["train/lr"]) == pytest.approx(0.01)
+
+
+def test_channels_last_reaches_the_models_input():
+    """With channels_last the images reach the model channels-last too (the weights alone were checked)."""
+    module = ImageClassifier(_tiny_vit(), channels_last=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert module.prepare_input(x).is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    module.model.patch_embed.proj.register_forward_pre_hook(
+        lambda layer, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        module(x)
+    assert seen == [True]
+    assert not ImageClassifier(_tiny_vit(), channels_last=False).prepare_input(x).is_contiguous(
+        memory_format=torch.channels_last)

@@ -3,7 +3,9 @@
 ``ema = decay_t * ema + (1 - decay_t) * weights`` after every optimiser step. With ``warmup`` the decay
 follows TensorFlow's ``tf.train.ExponentialMovingAverage(num_updates=t)``:
 ``decay_t = min(decay, (1 + t) / (10 + t))``, so early averages are not dominated by the random
-initialisation; without it ``decay_t = decay`` (equal to timm ``ModelEmaV3(use_warmup=False)``, tested). Buffers (e.g. BatchNorm statistics) are copied, not averaged.
+initialisation; without it ``decay_t = decay`` (equal to timm ``ModelEmaV3(use_warmup=False, exclude_buffers=True)``,
+tested with BatchNorm buffers). Buffers (e.g. BatchNorm statistics) are copied, not averaged (timm's default,
+``exclude_buffers=False``, also averages floating-point buffers).
 The copy is a submodule of the LightningModule, so it is saved in and resumed from ``.ckpt`` files.
 
 Low-precision weights (``trainer.precision=bf16-true`` / ``16-true`` cast the copy with the model): the update
