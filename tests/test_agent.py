@@ -846,3 +846,100 @@ def test_agent_attention_passes_an_empty_batch_as_multi_head_attention_does(pref
         if prefix:
             with torch.no_grad():
                 assert agent(x, num_queries=1).shape == (0, 1, 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and bookkeeping paths (mutation audit m3: D1, D3, D6, D7, R4)
+# --------------------------------------------------------------------------------------------------
+# The official block -> stage map for depth 12 (agent_deit.py picks agent_num[stage] for block i from its pair
+# i // 2: pairs 0, 1 -> stages 0, 1; pairs 2, 3, 4 -> stage 2; pair 5 -> stage 3), written out block by block.
+OFFICIAL_STAGE_OF_BLOCK = [0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3]
+
+
+def test_per_stage_agent_num_goes_to_the_official_blocks():
+    """A list of 4 agent counts reaches the blocks of the official rule: the reference with those counts per
+    block loads strictly and gives the same logits."""
+    torch.manual_seed(4)
+    agent_num = [1, 4, 9, 16]
+    cfg = dict(img_size=32, patch_size=4, in_chans=3, num_classes=5, embed_dim=24, depth=12, num_heads=3)
+    ref = OfficialAgentDeiT(**cfg, agent_num=16)
+    for block, stage in zip(ref.blocks, OFFICIAL_STAGE_OF_BLOCK):
+        block.attn = RefAgentAttention(24, 3, agent_num[stage], 8)  # same slot: state-dict order unchanged
+    _randomize(ref)
+    ours = agent_deit.AgentVisionTransformer(**cfg, agent_num=agent_num).eval()
+    assert [block.attn.agent_num for block in ours.blocks] == [1, 1, 4, 4, 9, 9, 9, 9, 9, 9, 16, 16]
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_agent_layer_zero_means_every_block_as_officially():
+    """agent_layer=0 is documented (and official) as "every block", like the default -1."""
+    torch.manual_seed(5)
+    cfg = dict(SMALL, agent_layer=0)
+    ref, ours = _pair_models(**cfg)  # strict load of the official-semantics model with agent_layer=0
+    assert ours.agent_layer == 3
+    assert all(isinstance(block, agent_deit.AgentBlock) for block in ours.blocks)
+    every = agent_deit.AgentVisionTransformer(**dict(cfg, agent_layer=-1, agent_num=[16] * 4))
+    assert ours.state_dict().keys() == every.state_dict().keys()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)
+
+
+def test_global_pool_avg_leaves_out_the_class_token_as_timm():
+    """global_pool="avg" is the mean of the patch tokens only (timm's global_pool_nlc with one prefix token),
+    in forward_head and in forward (the class-token shortcut does not engage), also after reset_classifier."""
+    from timm.layers import global_pool_nlc
+
+    torch.manual_seed(6)
+    model = zoo.create_model("agent_deit_debug", global_pool="avg").eval()
+    _randomize(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        pooled = model.forward_head(tokens, pre_logits=True)
+        expected = global_pool_nlc(tokens, "avg", num_prefix_tokens=1)
+        torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(x), model.head(expected), rtol=0, atol=1e-5)
+        token_model = zoo.create_model("agent_deit_debug").eval()
+        token_model.load_state_dict(model.state_dict())
+        token_model.reset_classifier(3, global_pool="avg")
+        token_model.eval()
+        torch.testing.assert_close(token_model(x), token_model.head(expected), rtol=0, atol=1e-5)
+
+
+def test_pruned_model_saves_and_loads_with_its_agent_blocks(tmp_path):
+    """prune_intermediate_layers keeps the agent blocks it keeps (agent_layer = last + 1): save_pretrained /
+    from_pretrained rebuild them, the state dict loads strictly and the intermediates are the unpruned model's."""
+    torch.manual_seed(7)
+    model = zoo.create_model("agent_deit_debug", depth=4).eval()
+    _randomize(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        unpruned = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+    assert model.prune_intermediate_layers(indices=[1, 2]) == [1, 2]
+    assert model.agent_layer == 3 and len(model.blocks) == 3
+    zoo.save_pretrained(model, tmp_path / "pruned")
+    loaded = zoo.from_pretrained(tmp_path / "pruned").eval()
+    assert loaded.agent_layer == 3
+    assert all(isinstance(block, agent_deit.AgentBlock) for block in loaded.blocks)
+    loaded.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        for model_ in (model, loaded):
+            for got, want in zip(model_.forward_intermediates(x, indices=[1, 2], intermediates_only=True), unpruned):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_set_input_size_keeps_frozen_parameters_frozen():
+    """A frozen model (linear probing) stays frozen through set_input_size: the resized position embedding and
+    row/column bias tables keep requires_grad=False, as the trainable ones keep True."""
+    model = zoo.create_model("agent_deit_debug")
+    model.requires_grad_(False)
+    model.set_input_size((48, 40))
+    assert model.blocks[0].attn.window == 12
+    assert not [name for name, p in model.named_parameters() if p.requires_grad]
+    trainable = zoo.create_model("agent_deit_debug")
+    trainable.set_input_size((48, 40))
+    assert all(p.requires_grad for p in trainable.parameters())

@@ -649,3 +649,48 @@ def test_same_pad_is_tensorflow_same_in_integer_arithmetic():
             for stride in (1, 2, 3, 4):
                 total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
                 assert _same_pad(size, kernel, stride) == (total // 2, total - total // 2), (size, kernel, stride)
+
+
+@pytest.mark.parametrize("src, dst", [(64, (64, 128)), (128, (128, 64))])
+def test_checkpoint_into_a_non_square_window_matches_timm_filter(src, dst):
+    """Weights trained at a square size loaded at a size whose window is not square (2 x 4 from 2 x 2; 4 x 2
+    from 4 x 4): the tables are resized to rows x columns as timm's checkpoint_filter_fn does. A transposed target
+    window, resized a second time on load, raised no error; its tables differed from timm's, and where a table
+    shrinks along one axis (the second case) so did the logits."""
+    from timm.layers import resize_rel_pos_bias_table
+
+    torch.manual_seed(0)
+    peer = _peer("maxvit_debug", src)
+    source = peer.state_dict()
+    peer_ns = _timm_debug(dst).eval()
+    peer_ns.load_state_dict(timm_maxxvit.checkpoint_filter_fn(source, peer_ns), strict=True)
+    ours = zoo.create_model("maxvit_debug", img_size=dst).eval()
+    window = (dst[0] // 32, dst[1] // 32)
+    assert ours.window_size == window
+    adapted = ours.adapt_state_dict(source)
+    tables = [key for key in adapted if key.endswith("relative_position_bias_table")]
+    assert len(tables) == 8
+    for key in tables:
+        expected = resize_rel_pos_bias_table(source[key], new_window_size=window,
+                                             new_bias_shape=(source[key].shape[0], 2 * window[0] - 1, 2 * window[1] - 1))
+        torch.testing.assert_close(adapted[key], expected, msg=key)
+        torch.testing.assert_close(adapted[key], peer_ns.state_dict()[key], msg=key)
+    ours.load_timm_state_dict(source)
+    for key, value in peer_ns.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+    x = torch.randn(2, 3, *dst)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer_ns(x), rtol=0, atol=1e-4)
+
+
+def test_set_input_size_keeps_a_frozen_model_frozen():
+    """model.requires_grad_(False) (a frozen feature extractor) survives set_input_size: the resized relative-
+    position tables stay frozen; a trainable model's stay trainable."""
+    frozen = zoo.create_model("maxvit_debug", img_size=64)
+    frozen.requires_grad_(False)
+    frozen.set_input_size(img_size=(64, 128))
+    assert frozen.window_size == (2, 4)
+    assert not [name for name, p in frozen.named_parameters() if p.requires_grad]
+    trainable = zoo.create_model("maxvit_debug", img_size=64)
+    trainable.set_input_size(img_size=(64, 128))
+    assert all(p.requires_grad for p in trainable.parameters())

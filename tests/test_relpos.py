@@ -100,6 +100,19 @@ def test_set_window_size_and_state_dict_from_other_window():
     assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
 
 
+def test_set_window_size_keeps_a_frozen_table_frozen():
+    """A frozen table (requires_grad=False: frozen backbone, linear probing) stays frozen when the window changes,
+    and a trainable one stays trainable (the resized table is a new Parameter)."""
+    frozen = RelPosBiasTf((4, 2), 2)
+    frozen.relative_position_bias_table.requires_grad_(False)
+    trainable = RelPosBiasTf((4, 2), 2)
+    for bias in (frozen, trainable):
+        bias.set_window_size(6)
+        assert bias.relative_position_bias_table.shape == (2, 11, 11)
+    assert not frozen.relative_position_bias_table.requires_grad
+    assert trainable.relative_position_bias_table.requires_grad
+
+
 def test_wrong_length_raises():
     bias = RelPosBiasTf((2, 2), 2)
     with pytest.raises(ValueError, match="2x2 window"):
