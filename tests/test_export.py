@@ -111,8 +111,19 @@ def test_half_models_export_as_float16_graphs(name):
         with pytest.raises(ValueError, match=rf"has {str(dtype)[6:]} weights: export_onnx writes float32 or float16 "
                                              r"graphs .* call model\.float\(\) or model\.half\(\) first"):
             export_onnx(copy.deepcopy(reference).to(dtype), None)
-    # dtype= converts a copy: a float32 model exported as float16, and back
-    converted = export_onnx(reference, None, dtype="float16", check=False)
+    # dtype= converts a copy: a float32 model exported as float16 (checked against that float32 model, not its
+    # float16 rounding), and back; a float16/float32 mix is refused naming what is wrong with it
+    reference.train()
+    converted = export_onnx(reference, None, dtype="float16")
+    assert reference.training  # the caller's model, its mode included, unchanged
+    session = ort.InferenceSession(converted.onnx_bytes, providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"images": images.half().numpy()})
+    assert (torch.from_numpy(got.astype(np.float32)) - want).abs().max().item() <= 2 * own_error + 1e-4
+    mixed = copy.deepcopy(reference).half()
+    mixed.head.float()
+    with pytest.raises(ValueError, match=r"has float16/float32 weights: export_onnx writes float32 or float16 graphs "
+                                         r"\(a graph has one float dtype\)"):
+        export_onnx(mixed, None)
     assert onnx.load_from_string(converted.onnx_bytes).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert next(reference.parameters()).dtype == torch.float32
     back = export_onnx(model, None, dtype="float32", check=False)

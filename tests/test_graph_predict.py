@@ -588,6 +588,24 @@ def test_width_error_names_the_data_path_the_run_trained_on(degree_ckpt, tmp_pat
         run.predict(degree_ckpt, [str(tmp_path / "five.pt")])
 
 
+def test_predict_on_run_data_that_changed_width_says_the_checkpoint_fixes_it(tmp_path):
+    """zoo predict input=graphs:test reads the run's recorded data.path; a file rewritten since with graphs of another
+    width got zoo train's "set data.num_features=5", which predict cannot take: the data module is now set up for
+    Lightning's predict stage, whose message says that the checkpoint fixes the width."""
+    graphs = [Data(x=torch.randn(3 + i % 2, 4), edge_index=torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]),
+                   y=torch.tensor([i % 2])) for i in range(12)]
+    torch.save(graphs, tmp_path / "graphs.pt")
+    ckpt = _train(tmp_path / "run", "experiment=graph_synthetic", "data=graph_tu", "data.root=null",
+                  f"data.path={tmp_path / 'graphs.pt'}", "data.num_features=4", "data.num_classes=2",
+                  "trainer.max_epochs=1", "+model.hidden_channels=4", "model.heads=2", "data.batch_size=4")
+    torch.save([Data(x=torch.randn(g.num_nodes, 5), edge_index=g.edge_index, y=g.y) for g in graphs],
+               tmp_path / "graphs.pt")
+    with pytest.raises(ValueError, match=r"graphs\.pt has 5 node features \(num_features=5\), but the model being "
+                                         r"evaluated reads 4: it was trained with data\.num_features=4, which the "
+                                         r"checkpoint fixes"):
+        run.predict(ckpt, ["graphs:test"])
+
+
 def test_viz_graph_reads_ckpt_as_eval_and_predict_do(karate_ckpt, tmp_path, monkeypatch, capsys):
     """`zoo viz graph ckpt=` refused the run directory and the .ckpt that zoo eval / zoo predict take, with a Python
     create_model hint. All three forms now draw the same attention: that of the run's (EMA) model, rebuilt here

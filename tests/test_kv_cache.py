@@ -654,27 +654,39 @@ def test_masks_that_look_ahead_are_refused_over_a_cache(index):
         layer(x, mask=mask)  # without a cache the mask works
 
 
-def test_per_segment_masks_a_stream_cannot_follow_are_refused_over_a_cache():
-    """segments.chunk(...) counts chunks from each packed segment's start and segments.window(...) positions per
-    segment: a KV cache stream (fed by packed index, a rolling cache dropping keys by packed index) cannot follow
-    them, and nothing checked it. Refused, naming the per-row form that streams; segments.causal() over an
-    unbounded cache is still accepted (look-back checked by the cache holding everything)."""
+def test_per_segment_masks_over_a_cache_are_checked_as_their_windows():
+    """segments.chunk(...) counts chunks from each packed segment's start: a KV cache stream would have to feed whole
+    chunks of every segment per call, which nothing checked; refused, naming the per-row form that streams.
+    segments.window(w, 0) over a rolling cache is checked as Window(w, 0) is (a first version of this check
+    refused it outright, although sequences packed back to back keep their latest keys together and the stream
+    is exact): w within the bound streams exactly, token by token across a sequence boundary; a w beyond the bound
+    and segments.causal() (unbounded) are refused."""
     torch.manual_seed(0)
     layer = MultiHeadAttention(32, 4).double().eval()
-    x = torch.randn(1, 4, 32, dtype=torch.float64)
-    segments = Segments(torch.tensor([[0, 0, 1, 1]]))
+    ids = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1]])
+    x = torch.randn(1, ids.shape[1], 32, dtype=torch.float64)
     with torch.no_grad():
         with pytest.raises(ValueError, match=r"SegmentChunkWindow\(.*chunk_size=2, left=1, right=0\) counts chunks per "
                                              r"packed segment, which a KV cache stream does not follow: stream one "
                                              r"sequence per batch row with ChunkWindow\(2, left=1\) & "
                                              r"Segments\.from_lengths\(lengths\)"):
-            layer(x, mask=segments.chunk(2, left=1), cache=KVCache())
-        with pytest.raises(ValueError, match=r"SegmentWindow\(.*\) counts positions per packed segment, but "
-                                             r"KVCache\(max_length=8\) drops keys by their index in the row"):
-            layer(x, mask=segments.causal(), cache=KVCache(max_length=8))
-        cache = KVCache()
-        torch.testing.assert_close(layer(x, mask=segments.causal(), cache=cache), layer(x, mask=segments.causal()),
-                                   rtol=0, atol=1e-12)
+            layer(x[:, :4], mask=Segments(ids[:, :4]).chunk(2, left=1), cache=KVCache())
+        whole = layer(x, mask=Segments(ids).window(3, 0))
+        cache, outs = KVCache(max_length=4), []
+        for t in range(ids.shape[1]):
+            kept = len(cache) + 1  # the keys this call attends: the kept ones and the new token
+            step_mask = Segments(ids[:, t:t + 1], ids[:, t + 1 - kept:t + 1]).window(3, 0)
+            outs.append(layer(x[:, t:t + 1], mask=step_mask, cache=cache))
+        torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)
+        first = Segments(ids[:, :1])
+        with pytest.raises(ValueError, match=r"SegmentWindow\(.*left=8, right=0\) looks back 8 tokens but the KVCache "
+                                             r"keeps max_length=4: use KVCache\(max_length=8\) or more"):
+            layer(x[:, :1], mask=first.window(8, 0), cache=KVCache(max_length=4))
+        with pytest.raises(ValueError, match=r"SegmentWindow\(.*left=None, right=0\) looks back without limit but the "
+                                             r"KVCache keeps only max_length=4 .*\(segments\.window\(4, 0\)"):
+            layer(x[:, :1], mask=first.causal(), cache=KVCache(max_length=4))
+        torch.testing.assert_close(layer(x, mask=Segments(ids).causal(), cache=KVCache()),
+                                   layer(x, mask=Segments(ids).causal()), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mask", [Window(8, 2) & Causal(), ChunkWindow(4, left=1, right=1) & Window(3, 0),

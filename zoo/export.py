@@ -354,7 +354,10 @@ def export_onnx(
     in_chans, (height, width) = _input_geometry(net, img_size)
     _check_protobuf_size(net, name)
     net = _fixed_size_copy(net, (height, width))
+    float32_reference = None  # the float32 model a float16 graph is checked against
     if dtype is not None and _export_dtype(net, name, check=False) != _EXPORT_DTYPES[dtype]:
+        if dtype == "float16" and _export_dtype(net, name, check=False) == torch.float32:
+            float32_reference = copy.deepcopy(net)  # the user's weights, not their float16 rounding
         net = copy.deepcopy(net).to(_EXPORT_DTYPES[dtype])
     gen = torch.Generator().manual_seed(seed)
     param = next(net.parameters(), None)
@@ -390,7 +393,8 @@ def export_onnx(
         if check:  # before anything is written: a failing export never replaces a good file at `out`
             probe = torch.randn(traced_batch + 1, in_chans, height, width, generator=gen).to(device)
             if dtype == torch.float16:  # against the float32 model, allowing twice PyTorch's own float16 error
-                reference = copy.deepcopy(net).float()
+                reference = float32_reference if float32_reference is not None else copy.deepcopy(net).float()
+                reference.eval()
                 diff, scale = check_onnx(data, reference, probe.half(), return_scale=True)
                 with torch.no_grad():
                     own_error = float((net(probe.half()).float() - reference(probe)).abs().max())
@@ -431,9 +435,12 @@ def _export_dtype(net: nn.Module, name: str, check: bool = True) -> Optional[tor
     if not check:
         return None
     found = "/".join(sorted(str(d).replace("torch.", "") for d in dtypes))
-    raise ValueError(f"{name} has {found} weights: export_onnx writes float32 or float16 graphs (onnxruntime's CPU "
-                     f"provider runs no bfloat16 / float64 convolution here); call model.float() or model.half() "
-                     f"first, or give dtype=\"float32\" / \"float16\"")
+    if dtypes <= set(_EXPORT_DTYPES.values()):
+        why = "a graph has one float dtype"
+    else:
+        why = "onnxruntime's CPU provider runs no bfloat16 / float64 convolution here"
+    raise ValueError(f"{name} has {found} weights: export_onnx writes float32 or float16 graphs ({why}); call "
+                     f"model.float() or model.half() first, or give dtype=\"float32\" / \"float16\"")
 
 
 def _declare_static_output_dims(proto, out_shape: tuple) -> None:

@@ -82,7 +82,7 @@ def predict_graph(model: torch.nn.Module, data_cfg: dict, inputs: Sequence[str],
     def datamodule():  # the run's data, built and read once, when an input needs it
         if not built:
             built.append(make_datamodule())
-            built[0].setup()
+            built[0].setup("predict")  # the sizes are the trained model's: a mismatch says so (not zoo train's advice)
         return built[0]
 
     rows: list[dict[str, Any]] = []

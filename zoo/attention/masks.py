@@ -524,8 +524,8 @@ class Segments(Mask):
         ``kv_max_len`` describe the keys (default: the queries'). Padded keys are never attended; a padded
         query attends to nothing and its output row is zero (nn.MultiheadAttention's ``key_padding_mask``
         gives such rows an average over the valid keys instead; both are discarded downstream). The ids describe
-        Nq = Nk = ``max_len``: to hide padded keys from any number of queries (attention pooling's one query, a
-        decode step), use :class:`KeyPadding`.
+        Nq = Nk = ``max_len``: to hide padded keys from any number of queries (attention pooling's one query,
+        cross attention to a padded context), use :class:`KeyPadding`.
         """
         q_ids = cls._padding_ids(lengths, max_len, "lengths", "max_len")
         kv_ids = None if kv_lengths is None and kv_max_len is None else cls._padding_ids(
@@ -645,9 +645,9 @@ class Segments(Mask):
     def check_shape(self, q_len, k_len, batch=None, heads=None):
         if self.q_ids.shape[1] != q_len or self.kv_ids.shape[1] != k_len:
             hint = ""
-            if self.kv_ids.shape[1] == k_len:  # the keys fit: padding meant for the keys only (pooling, a decode step)
-                hint = ("; to hide padded keys from any number of queries (attention pooling, a decode step over a "
-                        "cache), as nn.MultiheadAttention's key_padding_mask does, use "
+            if self.kv_ids.shape[1] == k_len:  # the keys fit: padding meant for the keys only (pooling)
+                hint = ("; to hide padded keys from any number of queries (attention pooling, cross attention to a "
+                        "padded context), as nn.MultiheadAttention's key_padding_mask does, use "
                         f"KeyPadding(lengths, max_len={k_len}): keys at positions >= lengths[b] hidden, any Nq")
             raise ValueError(
                 f"Segments ids have lengths (q={self.q_ids.shape[1]}, kv={self.kv_ids.shape[1]}) but attention "
@@ -842,10 +842,10 @@ class SegmentChunkWindow(_PerSegmentBand):
     chunk boundaries than when run alone. Padding (negative ids) behaves as in :class:`Segments`.
 
     Every backend computes it. Its block map comes from the ids and the per-tile extremes of the chunk numbers
-    (exact for contiguous segments, whose chunk numbers step by at most one; conservative otherwise) and never
-    materialises Nq x Nk; the CPU block-sparse path evaluates the rows of its PARTIAL tiles. The Triton kernel has
-    no slot for it and reads it as one materialised dense mask (exact, O(B * Nq * Nk) memory; see
-    kernels/block_index.py).
+    (never wrong; a tile that crosses a segment boundary may stay PARTIAL although empty, as for SegmentWindow)
+    and never materialises Nq x Nk; the CPU block-sparse path evaluates the rows of its PARTIAL tiles. The Triton
+    kernel evaluates its partial tiles from the ids and the per-token chunk numbers read beside them (the window
+    slot's POS flag, as SegmentWindow's positions): O(N) memory (kernels/block_index.py).
     """
 
     def __init__(self, segments: Segments, chunk_size: int, left: Optional[int] = None,

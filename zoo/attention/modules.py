@@ -476,21 +476,16 @@ class MultiHeadAttention(nn.Module):
         a call's queries would see future keys that the whole pass has and the stream has not fed yet (its last
         chunk's look-ahead was simply cut off: 0.40 to 0.45 off the whole pass). ``right=0`` is exact: a
         ChunkWindow's queries see only their own chunk ahead, which the same call feeds (whole chunks per call,
-        checked below). ``a & b`` looks ahead only if both parts do; ``a | b`` if either does. Per-segment masks
-        (``segments.chunk``, and ``segments.window`` over a rolling cache) are refused first: a stream feeds and
-        drops keys by their index in the row, not per packed segment."""
+        checked below). ``a & b`` looks ahead only if both parts do; ``a | b`` if either does. ``segments.chunk``
+        is refused first: a stream would have to feed whole chunks of every packed segment per call.
+        ``segments.window(left, 0)`` is checked against a rolling cache as ``Window(left, 0)`` is (sequences packed
+        back to back keep their latest keys together; ``segments.causal()`` looks back without limit)."""
         for part in _mask_parts(mask):
-            # positions counted per segment (packed sequences): a stream would have to feed whole chunks of every
-            # segment per call, and a rolling cache drops keys by packed index, not by segment
+            # chunks counted per packed segment: a stream would have to feed whole chunks of every segment per call
             if isinstance(part, SegmentChunkWindow):
                 raise ValueError(f"MultiHeadAttention: {part!r} counts chunks per packed segment, which a KV cache "
                                  f"stream does not follow: stream one sequence per batch row with "
                                  f"ChunkWindow({part.chunk_size}, left={part.left}) & Segments.from_lengths(lengths)")
-            if isinstance(part, SegmentWindow) and cache.max_length is not None:
-                raise ValueError(f"MultiHeadAttention: {part!r} counts positions per packed segment, but "
-                                 f"KVCache(max_length={cache.max_length}) drops keys by their index in the row: use "
-                                 f"KVCache() without max_length, or one sequence per batch row with a Window / "
-                                 f"ChunkWindow & Segments.from_lengths(lengths)")
         ahead = _look_ahead_leaf(mask)
         if ahead is not None and ahead is not _SAYS_NOTHING:
             if ahead.right is None:
@@ -523,13 +518,15 @@ class MultiHeadAttention(nn.Module):
                                "back to its segment's start")
                 elif isinstance(leaf, Window):
                     bounded = f"Window({cache.max_length}, 0), the sliding window this cache holds"
+                elif isinstance(leaf, SegmentWindow):
+                    bounded = f"segments.window({cache.max_length}, 0), the sliding window this cache holds"
                 else:
                     bounded = f"ChunkWindow({leaf.chunk_size}, left=L) with KVCache(max_length=L * {leaf.chunk_size})"
                 raise ValueError(f"MultiHeadAttention: {leaf!r} looks back without limit but the KVCache keeps only "
                                  f"max_length={cache.max_length} tokens, so the output would differ from the whole "
                                  f"pass: give the mask a bounded left ({bounded}) or use KVCache() without max_length")
             if history is not None and history > cache.max_length:
-                if isinstance(leaf, Window):
+                if isinstance(leaf, (Window, SegmentWindow)):
                     raise ValueError(f"MultiHeadAttention: {leaf!r} looks back {leaf.left} tokens but the KVCache "
                                      f"keeps max_length={cache.max_length}: use KVCache(max_length={leaf.left}) or more")
                 raise ValueError(f"MultiHeadAttention: {leaf!r} looks back {leaf.left} chunks ({history} tokens) but "
@@ -773,9 +770,9 @@ def _mask_parts(mask) -> list:
 
 
 def _window_leaves(mask) -> list:
-    """The Window / ChunkWindow parts of ``mask`` (the others, e.g. Segments or a bool tensor, say nothing about
-    how far back a query looks)."""
-    return [part for part in _mask_parts(mask) if isinstance(part, (Window, ChunkWindow))]
+    """The Window / ChunkWindow / SegmentWindow parts of ``mask`` (the others, e.g. Segments or a bool tensor, say
+    nothing about how far back a query looks)."""
+    return [part for part in _mask_parts(mask) if isinstance(part, (Window, ChunkWindow, SegmentWindow))]
 
 
 _SAYS_NOTHING = object()  # a mask part that does not say how far ahead a query looks (Segments, a bool tensor)
@@ -822,7 +819,7 @@ def _needed_history(mask) -> tuple:
             return math.inf, mask
         pick = min if isinstance(mask, And) else max
         return pick(parts, key=lambda p: p[0])
-    if isinstance(mask, Window):
+    if isinstance(mask, (Window, SegmentWindow)):  # SegmentWindow: left counts its segment's tokens
         return (math.inf if mask.left is None else mask.left), mask
     if isinstance(mask, ChunkWindow):
         return (math.inf if mask.left is None else mask.left * mask.chunk_size), mask
