@@ -26,7 +26,8 @@ kernels (kernels/flash_attention.py) run, and both are cached per mask object:
              or, with the CHUNK0/1 flag, lo <= j // c - (i + s) // c <= hi        four ints
              (ChunkWindow, in chunks of c tokens; s >= 0 folds in the alignment)
              or, with the POS0/1 flag, lo <= kpos[b, j] - qpos[b, i] <= hi        positions after the
-             (SegmentWindow: positions inside the segments)                       ids (SEG buffers)
+             (SegmentWindow: positions inside the segments;                       ids (SEG buffers)
+             SegmentChunkWindow: chunk numbers inside them)
    SEG       q_ids[b, i] == kv_ids[b, j] and q_ids[b, i] >= 0 (Segments)          two id vectors
    DENSE     mask[b, h, i, j] (Dense)                                             the bool tensor
    BLK       block_mask[b, h, i // bq, j // bk] (BlockSparse, Radial)             the tile map
@@ -64,6 +65,7 @@ from zoo.attention.masks import (
     Full,
     Mask,
     Or,
+    SegmentChunkWindow,
     SegmentWindow,
     Segments,
     Window,
@@ -308,7 +310,7 @@ def _primitive(mask: Mask):
     """Map a mask to a slot primitive, or None when it is not one the kernel knows."""
     if isinstance(mask, ChunkWindow) and mask.chunk_size == 1:
         return Window(mask.left, mask.right)
-    if isinstance(mask, (Window, ChunkWindow, Segments, SegmentWindow, Dense, BlockSparse)):
+    if isinstance(mask, (Window, ChunkWindow, Segments, SegmentWindow, SegmentChunkWindow, Dense, BlockSparse)):
         return mask
     # Radial (zoo.attention.radial) is a BlockSparse map at its own block size.
     if type(mask).__name__ == "Radial" and hasattr(mask, "block_mask") and hasattr(mask, "block_size"):
@@ -357,7 +359,11 @@ def _window_band(w, q_len: int, k_len: int) -> tuple[tuple[int, int], tuple[int,
     return (c, s), _clamped(lo - extra, hi - extra), reach
 
 
-_POS_UNIT = (1, 0, "pos")  # the band unit of SegmentWindow: positions inside segments, not indices
+def _pos_unit(m) -> tuple:
+    """The band unit of a per-segment mask: positions inside the segments (SegmentWindow, (1, 0, "pos")) or chunk
+    numbers inside them (SegmentChunkWindow, (c, 0, "pos")). The kernel's POS flag compares the values stored after
+    the ids (kpos[j] - qpos[i], whatever c): one kind of value per program."""
+    return (m.chunk_size if isinstance(m, SegmentChunkWindow) else 1, 0, "pos")
 
 
 def _simplify_term(term: list[Mask], q_len: int, k_len: int):
@@ -374,16 +380,20 @@ def _simplify_term(term: list[Mask], q_len: int, k_len: int):
             unit, (a, b), reach = _window_band(m, q_len, k_len)
             lo, hi, _ = bands.get(unit, (-_UNBOUNDED, _UNBOUNDED, reach))
             bands[unit] = (max(lo, a), min(hi, b), reach)
-        elif isinstance(m, (Segments, SegmentWindow)):
-            seg = m.segments if isinstance(m, SegmentWindow) else m
+        elif isinstance(m, (Segments, SegmentWindow, SegmentChunkWindow)):
+            per_segment = isinstance(m, (SegmentWindow, SegmentChunkWindow))
+            seg = m.segments if per_segment else m
             if "seg" in out and out["seg"] is not seg:
                 raise _Fallback("two different Segments masks in one AND-term")
             out["seg"] = seg
-            if isinstance(m, SegmentWindow):  # a band over positions inside the segments: unit ("pos", 1, 0)
+            if per_segment:  # a band over positions (or chunk numbers) inside the segments
+                unit = _pos_unit(m)
+                if "pos" in out and _pos_unit(out["pos"]) != unit:
+                    raise _Fallback("positions and chunk numbers inside segments in one AND-term")
                 out["pos"] = m
                 a, b = _clamped(*m._offsets())
-                lo, hi, _ = bands.get(_POS_UNIT, (-_UNBOUNDED, _UNBOUNDED, (-_UNBOUNDED, _UNBOUNDED)))
-                bands[_POS_UNIT] = (max(lo, a), min(hi, b), (-_UNBOUNDED, _UNBOUNDED))
+                lo, hi, _ = bands.get(unit, (-_UNBOUNDED, _UNBOUNDED, (-_UNBOUNDED, _UNBOUNDED)))
+                bands[unit] = (max(lo, a), min(hi, b), (-_UNBOUNDED, _UNBOUNDED))
         elif isinstance(m, Dense):
             out["dense"] = out.get("dense", ()) + (m,)
         elif isinstance(m, BlockSparse):
@@ -436,8 +446,10 @@ def _plan(mask: Mask, q_len: int, k_len: int):
                 windows.append(band)
             slot = windows.index(band)
             bits |= SLOT_WIN0 if slot == 0 else SLOT_WIN1
-            if len(band) == 5:  # positions inside segments (SegmentWindow)
+            if len(band) == 5:  # positions / chunk numbers inside segments (SegmentWindow / SegmentChunkWindow)
                 bits |= SLOT_POS0 if slot == 0 else SLOT_POS1
+                if positions is not None and _pos_unit(positions) != _pos_unit(t["pos"]):
+                    raise _Fallback("positions and chunk numbers inside segments in one program")
                 positions = t["pos"]
             elif band[2] > 1:  # chunk size
                 bits |= SLOT_CHUNK0 if slot == 0 else SLOT_CHUNK1
@@ -462,8 +474,8 @@ def _build_program(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
     prog = MaskProgram(terms=bits)
     for i, w in enumerate(windows):
         prog.windows[i] = w[:4]
-    if positions is not None:  # ids then positions in one buffer per side: (Bs, 2 Nq) and (Bs, 2 Nk)
-        q_pos, k_pos = positions.positions(device)
+    if positions is not None:  # ids then positions (or chunk numbers) in one buffer per side: (Bs, 2 Nq), (Bs, 2 Nk)
+        q_pos, k_pos = positions._band_positions(device)
         batch = q_pos.shape[0]
         prog.seg = (torch.cat([_ids(seg.q_ids, device).expand(batch, -1), _ids(q_pos, device)], 1).contiguous(),
                     torch.cat([_ids(seg.kv_ids, device).expand(batch, -1), _ids(k_pos, device)], 1).contiguous())

@@ -153,6 +153,14 @@ def _masks(q_len: int, k_len: int):
         "segments&segments.window": (seg & seg.window(2, 2), True),
         "segment_windows_in_two_terms": (seg.window(1, 0) | seg.window(None, 4), True),
         "segments.causal()&other_segments": (seg.causal() & Segments(ids_q.flip(-1), ids_k), False),
+        # SegmentChunkWindow: a band over chunk numbers inside the segments (the POS flag over its chunk numbers)
+        "segments.chunk()": (seg.chunk(4, left=1), True),
+        "segments.chunk()&causal": (seg.chunk(3, None, 1) & Causal(), True),
+        "segments.chunk()|window": (seg.chunk(5, 0, 0) | Window(2, 2), True),
+        "segment_chunks_in_two_terms": (seg.chunk(4, 1, 0) | seg.chunk(4, None, 2), True),
+        "segments.chunk()&segments.window": (seg.chunk(4, 1) & seg.window(3, 0), False),
+        "segments.chunk()|segments.causal()": (seg.chunk(4, 1) | seg.causal(), False),
+        "segment_chunks_of_two_sizes": (seg.chunk(4, 1) & seg.chunk(3, 1), False),
     }
 
 

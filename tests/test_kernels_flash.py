@@ -35,6 +35,7 @@ from zoo.attention import (  # noqa: E402
     ChunkWindow,
     Dense,
     Full,
+    KeyPadding,
     MaskMod,
     Segments,
     Window,
@@ -250,6 +251,7 @@ def _mask_cases():
     key_padding = torch.arange(nk)[None, None, None] < torch.tensor([nk, 77])[:, None, None, None]  # (2, 1, 1, nk)
     return {
         "dense-key-padding-broadcast": lambda: Dense(key_padding),  # one key row for every query (stride 0)
+        "keypadding-from-lengths": lambda: KeyPadding([nk, 77]),  # the same, from lengths
         "window-empty-rows": lambda: Window(-3, 5),
         "segments-varlen-cross": lambda: Segments(ids_q, ids_k),
         "segments-unsorted": lambda: Segments(_random_ids(nq, 3, 1, 6, sort=False), _random_ids(nk, 3, 1, 7, sort=False)),
@@ -263,6 +265,9 @@ def _mask_cases():
         "segments-unsorted.window(4,1)": lambda: Segments(_random_ids(nq, 3, 1, 6, sort=False),
                                                           _random_ids(nk, 3, 1, 7, sort=False)).window(4, 1),
         "segments.window(9,None)&causal|window": lambda: (Segments(ids_q, ids_k).window(9, None) & Causal()) | Window(2, 2),
+        # chunks counted per packed sequence (streaming speech on varlen batches): chunk numbers inside the
+        # segments read beside the ids, as SegmentWindow's positions
+        "segments.chunk(8,left=1)": lambda: Segments(ids_q, ids_k).chunk(8, left=1),
         "causal&window": lambda: Causal() & Window(16, None),
         "window|blocksparse": lambda: Window(3, 3) | BlockSparse(blk20, 32),
         "(window|segments)&causal": lambda: (Window(8, 0) | Segments(ids_q, ids_k)) & Causal(),
