@@ -256,3 +256,65 @@ def test_structured_masks_never_materialise(monkeypatch):
         lists = kernel_tile_lists(mask, n, n, 128, 64, "cpu")
         kernel_tile_lists(mask, n, n, 128, 64, "cpu", transposed=True)
         assert lists.index.shape[-2:] == (-(-n // 128), -(-n // 64))
+
+
+@pytest.mark.parametrize("q_len,k_len", [(40, 64), (64, 40)], ids=["q-ragged", "k-ragged"])
+def test_transposed_lists_demote_the_ragged_edge_of_each_side(q_len, k_len):
+    """Ragged on one side only (the dK/dV pass's rows are key tiles): the transposed lists demote the last key
+    tile row when Nk is ragged and the last query tile column when Nq is, never the other way round. With the flags
+    swapped, a FULL tile past Nq skips its bounds checks and the dK/dV pass reads rows past the sequence."""
+    mask = Full()
+    states = mask.block_map(q_len, k_len, 32, 32).states
+    bwd = kernel_tile_lists(mask, q_len, k_len, 32, 32, "cpu", transposed=True)
+    fwd = kernel_tile_lists(mask, q_len, k_len, 32, 32, "cpu")
+    ragged_q, ragged_k = q_len % 32 != 0, k_len % 32 != 0
+    assert ragged_q != ragged_k
+    assert _lists_as_dict(bwd) == _brute_lists(states.transpose(-1, -2), ragged_k, ragged_q)
+    assert _lists_as_dict(fwd) == _brute_lists(states, ragged_q, ragged_k)
+
+
+def test_one_mask_object_at_growing_key_lengths():
+    """KV-cache decoding reuses one mask object while the key length grows: the cached tile lists and program
+    are per (q_len, k_len), so each length gets its own (bottom-right aligned bands move with Nk - Nq)."""
+    for mask in (Causal(), Window(3, 0)):
+        for q_len, k_len in ((8, 16), (8, 40), (8, 16), (20, 40), (8, 40)):
+            prog = lower_mask(mask, q_len, k_len, "cpu")
+            got, want = prog.evaluate(q_len, k_len), mask.dense(q_len, k_len)
+            assert torch.equal(got.expand_as(want), want), (mask, q_len, k_len)
+            states = mask.block_map(q_len, k_len, 16, 16).states
+            for transposed in (False, True):
+                lists = kernel_tile_lists(mask, q_len, k_len, 16, 16, "cpu", transposed=transposed)
+                ragged = (q_len % 16 != 0, k_len % 16 != 0)
+                want_lists = (_brute_lists(states.transpose(-1, -2), ragged[1], ragged[0]) if transposed
+                              else _brute_lists(states, *ragged))
+                assert _lists_as_dict(lists) == want_lists, (mask, q_len, k_len, transposed)
+        assert lower_mask(mask, 8, 16, "cpu").windows != lower_mask(mask, 8, 40, "cpu").windows
+
+
+def _edge_masks(q_len: int, k_len: int):
+    """Bands at the limits of j - i (Nq - 1 below the diagonal, Nk - 1 above it): ``right = Nq - 2`` forbids only
+    the corner pair (0, Nk - 1), ``left = Nk - 2`` only (Nq - 1, 0) (bottom-right aligned: shift Nk - Nq); and chunk
+    windows of chunk size 1 (a plain window, left and right asymmetric) and 2 (the smallest real chunk)."""
+    out = {}
+    for d in (3, 2, 1):
+        out[f"right=Nq-{d}"] = Window(None, q_len - d)
+        out[f"left=Nk-{d}"] = Window(k_len - d, None)
+        out[f"left=Nk-{d},right=Nq-{d}"] = Window(k_len - d, q_len - d)
+    out["chunk1(3,0)"] = ChunkWindow(1, 3, 0)
+    out["chunk1(0,2)"] = ChunkWindow(1, 0, 2)
+    out["chunk2(1,0)"] = ChunkWindow(2, 1, 0)
+    out["chunk2(0,1)"] = ChunkWindow(2, 0, 1)
+    return out
+
+
+@pytest.mark.parametrize("q_len,k_len", [(20, 20), (20, 27), (27, 20)])
+def test_program_matches_dense_at_the_edges(q_len, k_len):
+    """Hand-computable boundary cases of the lowering: a band that forbids one corner pair keeps its bounds, a
+    chunk window of chunk size 2 keeps its CHUNK flag, one of chunk size 1 keeps left and right."""
+    for name, mask in _edge_masks(q_len, k_len).items():
+        got = lower_mask(mask, q_len, k_len, "cpu").evaluate(q_len, k_len)
+        want = mask.dense(q_len, k_len)
+        assert torch.equal(got.expand_as(want), want), name
+    corner = lower_mask(Window(None, q_len - 2), q_len, k_len, "cpu")
+    assert corner.terms == (SLOT_WIN0,)  # not "forbids nothing"
+    assert lower_mask(ChunkWindow(2, 1, 0), q_len, k_len, "cpu").terms == (SLOT_WIN0 | SLOT_CHUNK0,)

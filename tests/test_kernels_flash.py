@@ -161,6 +161,10 @@ SHAPES = [
     pytest.param(1, 2, 1, 130, 97, 96, 96, lambda: Window(20, 5), id="nq130-nk97-d96-window"),
     pytest.param(1, 1, 1, 257, 130, 16, 16, lambda: Full(), id="nq257-nk130-d16"),
     pytest.param(1, 2, 1, 130, 257, 40, 24, lambda: Causal(), id="nq130-nk257-d40-dv24-causal"),
+    # ragged on one side only at the interpreter's 32 x 32 tiles: the dK/dV pass's transposed lists must demote
+    # the last query tile (not the last key tile) when only Nq is ragged, and the reverse
+    pytest.param(1, 2, 1, 40, 64, 16, 16, lambda: Full(), id="nq40-nk64-d16-q-ragged"),
+    pytest.param(1, 2, 1, 64, 40, 16, 16, lambda: Full(), id="nq64-nk40-d16-k-ragged"),
 ]
 
 
@@ -1277,3 +1281,140 @@ def test_review_of_the_launcher_changes_extreme_biases_merge_late_refusal_and_gr
     monkeypatch.setattr(fa, "_dropout_scale_kernel", Spy())
     fa.dropout_scale(20000, 4, 49, 49, 0.1, 0, device="meta")
     assert grids == [(80000, 2, 2)]  # pairs on axis 0 (2**31 - 1); the 32 x 32 tiles on axes 1 and 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: cache keys, LSE gradients of empty rows, gradient layouts, input checks, precision, autotune keys
+# ------------------------------------------------------------------------------------------------
+def test_one_mask_object_reused_at_growing_key_lengths():
+    """KV-cache decoding and chunked prefill call the kernel with one mask object while Nk grows: the cached tile
+    lists and predicate program are per (Nq, Nk), so each call equals the float64 reference at its own lengths
+    (Causal / Window bands are bottom-right aligned and move with Nk - Nq)."""
+    for mask in (Causal(), Window(3, 0)):
+        for k_len in (16, 40, 16):
+            q, k, v, _ = _inputs(1, 1, 1, 8, k_len, 16, seed=50 + k_len)
+            want = flash_attention_ref(q.double(), k.double(), v.double(), mask)
+            torch.testing.assert_close(flash_attention(q, k, v, mask).double(), want, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{mask} at Nk={k_len}: {m}")
+
+
+def test_nan_lse_gradient_of_empty_rows_is_dropped():
+    """Partial results merged by torch.logaddexp on their LSEs (ring / context-parallel attention): for a row that
+    sees no key in either part, logaddexp(-inf, -inf)'s backward sends NaN as that row's LSE gradient. The row's
+    probabilities are all zero, so the true gradient through it is zero: q, k, v gradients stay finite and equal
+    the float64 reference, whose LSE term covers only the rows that see a key."""
+    mask = Window(-3, 5)  # keys 3..5 after the query (bottom-right aligned): the last 3 rows see nothing
+    q, k, v, _ = _inputs(1, 1, 1, 20, 20, 16, seed=51)
+    g = torch.Generator().manual_seed(52)
+    g_out, g_lse = torch.randn(1, 1, 20, 16, generator=g).to(DEVICE), torch.randn(1, 1, 20, generator=g).to(DEVICE)
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = flash_attention(*leaves, mask, return_lse=True)
+    empty = torch.isneginf(lse.detach())
+    assert empty.any() and not empty.all()
+    merged = torch.logaddexp(lse, torch.full_like(lse, -math.inf))  # the other part saw nothing either
+    loss = (out * g_out).sum() + (torch.where(empty, 0.0, merged) * g_lse).sum()
+    got = torch.autograd.grad(loss, leaves)
+
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    out64, lse64 = flash_attention_ref(*leaves64, mask, return_lse=True)
+    seen = ~empty
+    loss64 = (out64 * g_out.double()).sum() + (lse64[seen] * g_lse.double()[seen]).sum()
+    want = torch.autograd.grad(loss64, leaves64)
+    for name, a, b_ in zip(("dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(a.double(), b_, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_grad_out_with_a_non_unit_last_stride_is_copied():
+    """The output used through a transpose (out.transpose(-1, -2) @ w, einsum layouts) gets a gradient whose last
+    stride is not 1: the backward copies it instead of refusing it, and the gradients equal the float64 reference."""
+    q, k, v, _ = _inputs(1, 2, 1, 24, 24, 16, seed=53)
+    w = torch.randn(1, 2, 16, 24, generator=torch.Generator().manual_seed(54)).to(DEVICE)
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves, Causal())
+        return torch.autograd.grad((out.transpose(-1, -2) * w.to(dtype)).sum(), leaves)
+
+    for name, a, b_ in zip(("dq", "dk", "dv"), grads(flash_attention, torch.float32),
+                           grads(flash_attention_ref, torch.float64)):
+        torch.testing.assert_close(a.double(), b_, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_k_and_v_with_different_head_counts_are_refused():
+    """k and v must have the same number of heads (the kernel reads v at k's head index): a mismatch is refused by
+    name, not run past the end of v."""
+    q, k, _, _ = _inputs(1, 4, 2, 8, 8, 16)
+    v = k[:, :1].clone()  # 1 head, k has 2
+    with pytest.raises(ValueError, match=r"k \(1, 2, 8, 16\) and v \(1, 1, 8, 16\) must agree on heads"):
+        flash_attention(q, k, v)
+
+
+def test_row_broadcast_bias_gradient_buffer_is_checked_at_16_row_tiles(monkeypatch):
+    """A bias broadcast over rows that needs its gradient gets an fp32 buffer of one row of Nk per query tile, and
+    query tiles can be as small as 16 rows: the 32-bit offset check counts cdiv(Nq, 16) rows. At Nq = 2**20 that is
+    65,536 rows, so Nk = 32,769 overflows (2,147,549,184 > 2**31 - 1) and Nk = 32,767 fits. Meta tensors."""
+    monkeypatch.setattr(fa, "INTERPRET", True)  # meta tensors reach the shape checks on a GPU machine too
+    q_len = 2**20
+    q = torch.empty(1, 1, q_len, 16, device="meta")
+    for k_len, refused in ((32_769, True), (32_767, False)):
+        k = torch.empty(1, 1, k_len, 16, device="meta")
+        per_key = torch.empty(k_len, device="meta", requires_grad=True).expand(1, 1, 1, k_len)
+        reason = triton_supports(q, k, k, Full(), per_key, 0.25, "softmax", 0.0, False)
+        if refused:
+            assert reason is not None and "bias gradient buffer (65536 rows" in reason, reason
+        else:
+            assert reason is None, reason
+        assert triton_supports(q, k, k, Full(), per_key.detach(), 0.25, "softmax", 0.0, False) is None
+
+
+def test_fp32_dots_ask_for_ieee_precision_and_launches_key_on_both_lengths(monkeypatch):
+    """fp32 inputs are computed at fp32 precision (input_precision "ieee") unless torch's TF32 matmul flag is set
+    for CUDA; half precision takes "tf32" (ignored for 16-bit inputs). Every tl.dot in the kernels takes the plan's
+    DOT_PREC and every launch passes it. The interpreter ignores input_precision, so this is checked on the host.
+    Each autotuned launch keys on both lengths (a growing KV cache re-tunes when Nk changes bucket)."""
+    import inspect
+    import re
+
+    source = inspect.getsource(fa)
+    dots = re.findall(r"tl\.dot\(([^\n]*)", source)
+    assert dots and all("input_precision=DOT_PREC" in call for call in dots), dots
+
+    q = torch.zeros(1, 1, 8, 16, device=DEVICE)
+    assert fa._make_plan(q, q, q, Full(), 0.25, "softmax").dot_prec == ("tf32" if HAS_CUDA and
+                                                                      torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    monkeypatch.setattr(fa, "INTERPRET", True)  # no device query for the fake CUDA tensors below
+    fp32, fp16 = _fake_cuda(1, 1, 8, 16, dtype=torch.float32), _fake_cuda(1, 1, 8, 16, dtype=torch.float16)
+    user_flag = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module: set and restored
+    try:
+        for allow_tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            plan32 = fa._make_plan(fp32, fp32, fp32, Full(), 0.25, "softmax")
+            assert plan32.dot_prec == ("tf32" if allow_tf32 else "ieee")
+            assert fa._make_plan(fp16, fp16, fp16, Full(), 0.25, "softmax").dot_prec == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = user_flag
+    monkeypatch.undo()
+
+    launches, buckets = [], []
+    launch, bucket = fa._launch_over_pairs, fa._tune_bucket
+
+    def spy_launch(kernel, *args, **meta):
+        launches.append((getattr(kernel, "__name__", None) or getattr(kernel.fn, "__name__", "?"),
+                         meta.get("DOT_PREC", "n/a")))
+        return launch(kernel, *args, **meta)
+
+    def spy_bucket(q_len, k_len, lists):
+        buckets.append((q_len, k_len))
+        return bucket(q_len, k_len, lists)
+
+    monkeypatch.setattr(fa, "_launch_over_pairs", spy_launch)
+    monkeypatch.setattr(fa, "_tune_bucket", spy_bucket)
+    q, k, v, _ = _inputs(1, 1, 1, 8, 40, 16, seed=55)
+    q.requires_grad_(True)
+    flash_attention(q, k, v, Causal()).sum().backward()
+    dot_launches = [prec for _, prec in launches if prec != "n/a"]
+    assert len(dot_launches) == 3 and set(dot_launches) == {"tf32" if HAS_CUDA and
+                                                             torch.backends.cuda.matmul.allow_tf32 else "ieee"}, launches
+    assert buckets == [(8, 40)] * 3
