@@ -436,6 +436,62 @@ def test_mha_with_rope_and_prefix_tokens_matches_reference():
         m(torch.randn(1, 1 + 6, 64, dtype=torch.float64))
 
 
+_ROPE_LAYOUTS = [("1d", None), ("2d", (4, 5)), ("3d", (2, 2, 5))]  # 20 tokens each
+
+
+def _rope_positions(mode, grid):
+    """The positions a layout's default (1d) or grid size (2d, 3d) stands for, as a float64 reference takes them."""
+    if mode == "1d":
+        return torch.arange(20)
+    axes = [torch.arange(n) for n in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(grid))
+
+
+@pytest.mark.parametrize("mode,grid", _ROPE_LAYOUTS, ids=[m for m, _ in _ROPE_LAYOUTS])
+def test_rope_float64_after_float32_keeps_float64_precision(mode, grid):
+    """The cos/sin kept for default and grid positions are keyed on the compute dtype: a float64 call after a
+    float32 one with the same tokens builds float64 ones (reusing the float32 ones gave errors of ~1e-7, which
+    breaks float64 reference checks and gradcheck)."""
+    rope = RotaryEmbedding(16, mode)
+    x = torch.randn(2, 3, 20, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rope(x.float(), grid)  # fills the float32 entry first
+    want = rope_reference(x, _rope_positions(mode, grid), mode, rope.theta, rope.axes_dims)
+    torch.testing.assert_close(rope(x, grid), want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mode,grid", _ROPE_LAYOUTS, ids=[m for m, _ in _ROPE_LAYOUTS])
+def test_rope_in_half_precision_rotates_in_float32(dtype, mode, grid):
+    """As apply_rotary's docstring says, half-precision inputs are rotated with float32 cos/sin in float32 and
+    rounded once: the float32 rotation (itself pinned by the float64 references above) cast to the half dtype,
+    bit for bit (half-precision cos/sin and products round several times)."""
+    rope = RotaryEmbedding(16, mode)
+    x = torch.randn(2, 3, 20, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = rope(x, grid)
+    assert got.dtype == dtype
+    assert torch.equal(got, rope(x.float(), grid).to(dtype))
+
+
+def test_rope_per_sample_positions_of_another_batch_are_refused():
+    """Per-sample positions (B', N[, axes]) must have B' = 1 (shared by every sample) or x's batch; positions of
+    batch 3 with x of batch 1 were not silently broadcast to a batch-3 output."""
+    x1 = torch.randn(1, 2, 6, 16)
+    cases = [(RotaryEmbedding(16), torch.arange(6.0).expand(3, 6)),
+             (RotaryEmbedding(16, "2d"), _rope_positions("2d", (2, 3)).float().expand(3, 6, 2)),
+             (RotaryEmbedding(16, "3d"), _rope_positions("3d", (1, 2, 3)).float().expand(3, 6, 3))]
+    for rope, positions in cases:
+        with pytest.raises(ValueError, match=r"per-sample positions \(3, 6.*\) are for batch 3 but x has batch 1"):
+            rope(x1, positions)
+        with pytest.raises(ValueError, match="per-sample positions"):
+            rope(torch.randn(2, 2, 6, 16), positions)
+        # batch 1 is shared by every sample; the batch of x is one set per sample
+        x2 = torch.randn(2, 2, 6, 16, dtype=torch.float64)
+        torch.testing.assert_close(rope(x2, positions[:1]), rope(x2, positions[0]), rtol=0, atol=0)
+        torch.testing.assert_close(rope(x1.double(), positions[:1]), rope(x1.double(), positions[0]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="per-sample positions"):
+        MultiHeadAttention(32, 2, rope="1d")(torch.randn(1, 6, 32), positions=torch.arange(6.0).expand(3, 6))
+
+
 # --------------------------------------------------------------------------------------------------
 # Mlp and bad inputs
 # --------------------------------------------------------------------------------------------------

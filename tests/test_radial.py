@@ -138,7 +138,10 @@ def quantise_token_mask(token_mask, frames, tokens, block):
 @pytest.mark.parametrize(
     "frames, tokens, decay, sink, block",
     [(5, 100, 1.0, False, 32), (6, 37, 0.5, True, 16), (4, 300, 0.2, True, 64), (9, 130, 0.95, False, 128),
-     (12, 50, 0.3, True, 8), (7, 64, 1.7, False, 48), (3, 1, 1.0, True, 4)],
+     (12, 50, 0.3, True, 8), (7, 64, 1.7, False, 48), (3, 1, 1.0, True, 4),
+     # edges of the quantisation (mutation audit m7): blocks with exactly 60% dense columns (kept only above 60%),
+     # and blocks whose padded column just past the frame's end must not count
+     (10, 131, 1.0, False, 16), (10, 137, 1.0, True, 16)],
 )
 def test_block_map_matches_quantised_token_mask(frames, tokens, decay, sink, block):
     token_mask = radial_token_mask(frames, tokens, decay, sink, block)
@@ -363,3 +366,113 @@ def test_a_decay_factor_past_float32s_range_keeps_the_whole_band():
     for decay in (3.5e38, 1e39, 1e300):
         assert radial_pair_rule(4, 300, decay, 128) == radial_pair_rule(4, 300, 1e6, 128)
         assert torch.equal(radial_block_mask(6, 300, decay_factor=decay), radial_block_mask(6, 300, decay_factor=1e6))
+
+
+# --------------------------------------------------------------------------------------------------
+# Mutation audit m7: the settings cache, density(), check_shape and the one-third edge of the warning
+# --------------------------------------------------------------------------------------------------
+def test_pair_blocks_need_strictly_more_than_60_percent_dense_columns():
+    """One frame pair by hand (_pair_blocks): 8 tokens at block 8, band 0 (the diagonal only), column offset 3.
+    Column c holds key p' = c - 3, seen by the one row p = p' of the block: every nonzero column has density 1/8,
+    not dense, so nothing is kept; with band 2, columns 3..7 (p' = 0..4) hold 3, 4, 5, 5, 5 rows of the 8-row
+    block (rows p'-2..p'+2 inside 0..7), and 3 rows are more than a third (8/3 = 2.67): all 5 dense -> kept."""
+    from zoo.attention.radial import _pair_blocks
+
+    assert not _pair_blocks(8, 8, 0, 3, 0).any()
+    assert _pair_blocks(8, 8, 0, 3, 2)[0, 0]
+    # block 15, band 1, offset 0, 5 tokens: columns 0..4 hold 2, 3, 3, 3, 2 rows; dense iff 3 * rows > 15, i.e.
+    # rows >= 6: none, so nothing kept. Block 9: dense iff rows >= 4: none. Block 6: dense iff rows >= 3: columns
+    # 1, 2, 3 -> 3 of 5 nonzero columns dense = exactly 60%, which the published rule does not keep.
+    assert not _pair_blocks(5, 6, 0, 0, 1).any()
+    # 4 of 5 (80%) is kept: band 2 gives 3, 4, 5, 4, 3 rows, all >= 3
+    assert _pair_blocks(5, 6, 0, 0, 2)[0, 0]
+    # the padded column past the frame's end holds no key of this pair: 6 tokens at block 7, band 1, columns 0..5
+    # hold 2, 3, 3, 3, 3, 2 rows, dense iff rows >= 3: 4 of 6 (67%) -> kept; column 6 (p' = 6, the next frame's
+    # first token) counted with its 1 row would make it 4 of 7 (57%) -> dropped
+    assert _pair_blocks(6, 7, 0, 0, 1)[0, 0]
+
+
+@pytest.mark.parametrize("setting, value", [("num_frames", 6), ("tokens_per_frame", 150), ("decay_factor", 4.0),
+                                            ("decay_factor", 0.25), ("frame0_sink", True), ("block_size", 32),
+                                            ("text_tokens", 5)])
+def test_a_changed_setting_rebuilds_the_map(setting, value):
+    """Radial builds its map once and again when a setting is reassigned: each of its settings is in the key, so
+    a user sweeping decay_factor (or any other) on one mask object gets the new map, not the first one."""
+    args = dict(num_frames=8, tokens_per_frame=200, decay_factor=1.0, frame0_sink=False, block_size=16,
+                text_tokens=0)
+    r = Radial(**args)
+    before = r.block_mask.clone()
+    setattr(r, setting, value)
+    args[setting] = value
+    published = radial_block_mask(args["num_frames"], args["tokens_per_frame"], args["decay_factor"],
+                                  args["frame0_sink"], args["block_size"], text_tokens=args["text_tokens"])
+    assert before.shape != published.shape or not torch.equal(before, published)  # the change is visible
+    assert torch.equal(r.block_mask, published)
+    if setting == "decay_factor":  # and attention uses it
+        n = r.seq_len
+        q = torch.randn(1, 1, n, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        dense = published.repeat_interleave(16, 0).repeat_interleave(16, 1)[:n, :n]
+        torch.testing.assert_close(attend(q, q, q, r), attend(q, q, q, Dense(dense)), rtol=1e-12, atol=1e-12)
+
+
+def test_density_counts_the_video_blocks_only():
+    """density() is the video x video share (S // block)^2, the paper's figure, without the text tokens' and a
+    trailing partial block's fully-on rows and columns. By hand:
+
+    * 4 frames x 32 tokens, block 16, 5 text tokens: T = 32 (P = 64): only dist 0 is kept (dist 1: L = 32, split
+      4), each frame on 2 x 2 whole blocks of the 8 x 8 video map: 16 / 64.
+    * 3 frames x 40 tokens, block 16 (S = 120: 7 video blocks, block 7 a trailing partial one): again only
+      dist 0; frame 0 (tokens 0..39) keeps blocks 0..2 x 0..2 (block 2 holds 8 of its rows: density 1/2 > 1/3),
+      frame 1 (40..79, offset 8) blocks 2..4 x 2..4, frame 2 (80..119) blocks 5..7 x 5..7: 9 + 8 + 4 = 21 of 49."""
+    with_text = Radial(4, 32, 1.0, False, block_size=16, text_tokens=5)
+    assert with_text.block_mask.shape == (9, 9)
+    assert with_text.density() == pytest.approx(16 / 64, abs=1e-6)
+    trailing = Radial(3, 40, 1.0, False, block_size=16)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    for first in (0, 2, 5):
+        expected[first:first + 3, first:first + 3] = True
+    expected[7, :] = expected[:, 7] = True
+    assert torch.equal(trailing.block_mask, expected)
+    assert trailing.density() == pytest.approx(21 / 49, abs=1e-6)  # a float32 mean
+
+
+def test_check_shape_refuses_a_wrong_query_or_key_length():
+    """Radial is self-attention over its own tokens: a right Nq with a wrong Nk (or the reverse) is refused, also
+    through attend(), where Nk = 120 of 128 still fits the 8 tiles of 16 that BlockSparse checks."""
+    r = Radial(4, 32, block_size=16)
+    n = r.seq_len
+    r.check_shape(n, n)
+    for q_len, k_len in ((n, n - 8), (n - 8, n), (n + 1, n + 1)):
+        with pytest.raises(ValueError, match=rf"self-attention over .* Nq={q_len}, Nk={k_len}"):
+            r.check_shape(q_len, k_len)
+    q = torch.randn(1, 1, n, 8)
+    k = torch.randn(1, 1, n - 8, 8)
+    for backend in ("torch", "blocksparse"):
+        with use_backend(backend), pytest.raises(ValueError, match=rf"self-attention .* Nq={n}, Nk={n - 8}"):
+            attend(q, k, k, r)
+
+
+@pytest.mark.parametrize("frames, expected_empty", [(3, [0]), (6, [0, 1])])
+def test_a_frame_on_exactly_a_third_of_a_block_row_warns(frames, expected_empty):
+    """16-token frames at block 48 cover exactly one third of a block row each: a column density of 1/3 is not
+    above 1/3, so no tile is kept in those rows (3 x 16: the 1 x 1 map is [[False]]) and the warning names them."""
+    with pytest.warns(RuntimeWarning, match=rf"{frames} frames x 16 tokens at block_size=48 leave "
+                                            rf"{len(expected_empty)} of {frames * 16 // 48} block rows"):
+        mask = Radial(frames, 16, block_size=48)
+    assert (~mask.block_mask.any(1)).nonzero().flatten().tolist() == expected_empty
+
+
+def test_empty_row_closed_form_matches_the_map():
+    """The rows the warning names (_empty_block_rows, a closed form) are the map's rows without a kept block, over
+    small layouts that put frame edges at every fraction of a block."""
+    from zoo.attention.radial import _empty_block_rows
+
+    for frames in (1, 2, 3, 6, 8):
+        for tokens in (4, 8, 12, 16, 24, 32, 40):
+            for block in (8, 12, 16, 24, 48):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    published = radial_block_mask(frames, tokens, 1.0, frames % 2 == 0, block)
+                want = (~published.any(1)).nonzero().flatten().numpy()
+                got = _empty_block_rows(frames, tokens, block, 0)
+                assert np.array_equal(got, want), (frames, tokens, block, got, want)

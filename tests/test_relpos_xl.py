@@ -239,6 +239,24 @@ def test_num_queries_are_the_first_tokens():
                                atol=2e-5, rtol=2e-5)
 
 
+
+def test_num_queries_on_a_fresh_layer_without_gradients_reaches_the_farthest_key():
+    """num_queries=k puts the queries first (q_offset 0), so the farthest distance is the negative end, -(Nk - 1):
+    a fresh layer's kept table (built without gradients, from the positive end only) was too short past ~17 keys,
+    and rel_shift refused the slice. Against the full pass and the float64 paper score."""
+    mha = _xl().eval()
+    x = torch.randn(2, 40, DIM, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first = mha(x, num_queries=3)  # before any call grows the table
+        torch.testing.assert_close(first, mha(x)[:, :3], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(first.double(), _reference_f64(mha, x, q_offset=0, n_q=3), atol=2e-5, rtol=2e-5)
+    # the layer itself: queries at 10.. over 100 keys, the kept table against the one built with gradients
+    layer = TransformerXLRelPos(DIM, HEADS)
+    q = torch.randn(1, HEADS, 4, DIM // HEADS)
+    with torch.no_grad():
+        kept = layer(q, 100, 0.5, q_offset=10)[1]
+    torch.testing.assert_close(kept, layer(q, 100, 0.5, q_offset=10)[1].detach(), atol=1e-5, rtol=1e-5)
+
 def test_kept_table_follows_the_weights():
     """Without gradients the projected sinusoids are kept; growing lengths, an in-place weight change and
     load_state_dict give the same outputs as computing them afresh."""

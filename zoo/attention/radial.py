@@ -8,7 +8,7 @@ functions ``get_diagonal_split_mask``, ``get_window_width``, ``shrinkMaskStrict`
 reproduces the published block map bit for bit (checked against the published generator outside this
 repository -- no test here runs it -- by a second engineer on 8,000 grid and 158,988 frame-pair cases, and on
 165 cases by a third audit; docs/radial.md lists them; in the tests, test_block_map_matches_quantised_token_mask
-checks 7 cases against an independent quantisation of the token rule), but computes it
+checks 9 cases against an independent quantisation of the token rule), but computes it
 in closed form: the published code builds
 a tokens_per_frame x tokens_per_frame boolean matrix for every one of the num_frames**2 frame pairs
 (minutes for 128 frames of 3600 tokens); here a frame pair's block pattern is a function of its
