@@ -863,3 +863,102 @@ def test_a_batch_vector_for_one_side_only_is_refused():
             call(batch_y=batch_y)
         call(batch_x=batch_x, batch_y=batch_y)
         call()
+
+
+# ------------------------------------------------------------------------- geometry edge cases (audit m8, 2026-12-07)
+def _others_by_distance(d_NN: torch.Tensor, i: int) -> list[int]:
+    """Every point but i, nearest first, ties to the lower index (the rule of knn and torch_cluster)."""
+    order = torch.argsort(d_NN[i], stable=True).tolist()
+    return [j for j in order if j != i]
+
+
+def test_graphs_without_loops_keep_at_most_the_cap_for_every_centre():
+    """loop=False asks the search for one neighbour more and drops the point itself; a centre whose self was not
+    among the hits (many nearer or duplicate points with lower indices) must still keep only k / max_num_neighbors
+    others. Reference: brute force over torch.cdist in float64, every centre."""
+    pos = _points(80, seed=9)
+    r, cap = 0.9, 6
+    d = torch.cdist(pos.double(), pos.double())
+    ei = radius_graph(pos, r, max_num_neighbors=cap)
+    crowded = 0
+    for i in range(80):
+        within = [j for j in range(80) if j != i and d[i, j] < r]
+        crowded += sum(j < i for j in within) >= cap + 1  # the point itself is not among the search's hits
+        assert ei[0][ei[1] == i].tolist() == within[:cap], i
+    assert crowded > 0  # the cap binds where it can go wrong
+    k = 5
+    ei = knn_graph(pos, k)
+    for i in range(80):
+        assert ei[0][ei[1] == i].tolist() == _others_by_distance(d, i)[:k], i
+    # duplicates: all six points at one place, each keeps exactly 2 others (the lowest indices but itself)
+    same = torch.zeros(6, 2)
+    for edges in (knn_graph(same, 2), radius_graph(same, 0.5, max_num_neighbors=2)):
+        assert torch.bincount(edges[1], minlength=6).tolist() == [2] * 6
+        assert not bool((edges[0] == edges[1]).any())
+        for i in range(6):
+            assert edges[0][edges[1] == i].tolist() == [j for j in range(6) if j != i][:2], i
+
+
+def test_fps_ties_go_to_the_lowest_index():
+    """Lattices tie exactly; fps picks the lowest index among equally far points, as the float64 reference loop
+    (np.argmax) and torch_cluster's kernels do. Hand-worked: from corner 0 of the unit square the far corner 3
+    (squared distance 2), then corners 1 and 2 tie at 1 -> 1, then 2, then the centre."""
+    square = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    assert fps(square, ratio=1.0, random_start=False).tolist() == [0, 3, 1, 2, 4]
+    lattice_a = torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(5.0), indexing="ij"), -1).view(-1, 2)
+    lattice_b = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).view(-1, 2)
+    got = fps(torch.cat([lattice_a, lattice_b]), _batch(30, 16), ratio=0.5, random_start=False)
+    expected = _fps_reference(lattice_a.double().numpy(), 15) + [30 + i for i in _fps_reference(lattice_b.double().numpy(), 8)]
+    assert got.tolist() == expected
+
+
+def test_radius_grid_keeps_pairs_just_below_r_at_cell_edges(monkeypatch):
+    """The grid's cells are a hair wider than r so that a point nearer than r is at most one cell away; cells a
+    hair narrower put such a point two cells away, where it was silently dropped. Queries swept across cell edges
+    (the grid starts at the point 0.0), each with partners at r * (1 - 1e-8) on both sides. Reference: the
+    float64 loop and the brute-force path."""
+    import zoo.geometry as geometry
+
+    r = 1.0
+    # just below cell edges 2r, 3r, 5r; every partner stays >= 0, so that the grid's lower corner is 0.0
+    queries = torch.cat([k * r - torch.arange(100, dtype=torch.float64) * 1e-7 for k in (2, 3, 5)])
+    partners = torch.cat([queries + r * (1 - 1e-8), queries - r * (1 - 1e-8)])
+    x = torch.cat([torch.tensor([0.0, 10.0], dtype=torch.float64), partners]).view(-1, 1)
+    y = queries.view(-1, 1)
+    assert float(x.min()) == 0.0
+    monkeypatch.setattr(geometry, "_GRID_MIN_PAIRS", 0)
+    got = radius(x, y, r, max_num_neighbors=len(x))
+    n = len(queries)
+    for q in range(n):  # each query finds both of its partners
+        hits = set(got[1][got[0] == q].tolist())
+        assert {2 + q, 2 + n + q} <= hits, q
+    assert torch.equal(got, _radius_reference(x, y, r, len(x)))
+    monkeypatch.setattr(geometry, "_GRID_MIN_PAIRS", 1 << 62)
+    assert torch.equal(got, radius(x, y, r, max_num_neighbors=len(x)))
+
+
+def test_batch_size_below_the_query_examples_is_refused():
+    """batch_size must cover the examples of both batch vectors (torch_cluster sizes its pointers with it); a
+    batch_x of one example and a batch_y of three with batch_size=1 or 2 ran as if it were right."""
+    x, y = _points(4), _points(6, seed=1)
+    batch_x, batch_y = torch.zeros(4, dtype=torch.long), _batch(2, 2, 2)
+    for call in (lambda **kw: knn(x, y, 1, batch_x, batch_y, **kw), lambda **kw: radius(x, y, 10.0, batch_x, batch_y, **kw)):
+        for size in (1, 2):
+            with pytest.raises(ValueError, match="batch_size=%d but the batch vectors hold 3 examples" % size):
+                call(batch_size=size)
+        assert torch.equal(call(batch_size=3), call())
+
+
+def test_fps_random_start_reaches_every_point_of_each_example():
+    """random_start=True starts at a uniformly drawn point of each example (torch_cluster: randint(deg)), the last
+    one included. Over 400 seeded draws: every index appears as an example's first pick, none far too rarely."""
+    pos, batch = _points(6), _batch(2, 4)  # ratio 0.25: one pick per example, its start
+    firsts = []
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for _ in range(400):
+            firsts.append(fps(pos, batch, ratio=0.25).tolist())
+    starts_a = torch.bincount(torch.tensor([f[0] for f in firsts]), minlength=6)
+    starts_b = torch.bincount(torch.tensor([f[1] for f in firsts]), minlength=6)
+    assert starts_a[2:].sum() == 0 and starts_b[:2].sum() == 0  # each start stays in its own example
+    assert int(starts_a[:2].min()) > 400 / 2 / 2 and int(starts_b[2:].min()) > 400 / 4 / 2, (starts_a, starts_b)

@@ -371,3 +371,13 @@ def test_reference_gives_zero_for_all_minus_inf_channels_as_the_kernel():
     assert ref_out[0, 0] == 0 and out[0, 0] == 0
     assert torch.isnan(ref_out[0, 2]) and torch.isnan(out[0, 2])
     torch.testing.assert_close(ref_out[:, 1], out[:, 1])
+
+
+def test_rowptr_that_does_not_end_at_E_is_refused():
+    """vector_softmax_sum is public: a rowptr ending before E silently dropped the trailing edges, one ending
+    after E let the kernel read past scores and values (an illegal access on a GPU). Refused before any launch
+    (audit m8, 2026-12-07)."""
+    scores = torch.randn(5, 3, device=DEVICE)
+    for bad in ([0, 2, 4], [0, 2, 6]):  # E = 5; the short one first, it cannot read out of bounds
+        with pytest.raises(ValueError, match="rise from 0 to E = 5"):
+            vk.vector_softmax_sum(scores, scores, torch.tensor(bad, device=DEVICE))
