@@ -488,3 +488,62 @@ def test_bare_weights_files_as_the_hub_reads_them_and_their_errors(tmp_path, cap
     for size in ("16x", "x16", "16,,16"):
         assert main(["model=vit_debug", f"img_size={size}", "check=false", f"out={tmp_path / 's.onnx'}"]) == 1
         assert f"img_size must be an int or HxW, got '{size}'" in capsys.readouterr().err
+
+
+def test_the_check_rejects_a_graph_wrong_by_ten_atol_or_nan_and_the_model_keeps_its_modes(tmp_path, monkeypatch):
+    """One real torchscript export (its graph then reused), checked four ways: the documented default opset 17;
+    a graph off by 10 x the bound (atol x max(1, max |logit|)) is rejected, one off by 0.1 x passes; a NaN
+    difference is rejected, not written; and the caller's training modes, a frozen submodule's included, are
+    as they were after every call, also the raising ones."""
+    import onnx
+    import torch.nn as nn
+
+    import zoo.export as export
+
+    model = zoo.create_model("vit_debug", depth=1).train()
+    model.patch_embed.eval()  # a frozen stem while fine-tuning
+    modes = [module.training for module in model.modules()]
+    real_exporter, exported = export._run_exporter, []
+
+    def exporter_once(net, example, exporter, opset):  # a fresh copy of the first graph for every later call
+        if not exported:
+            exported.append(real_exporter(net, example, exporter, opset))
+        return copy.deepcopy(exported[0])
+
+    monkeypatch.setattr(export, "_run_exporter", exporter_once)
+    result = export_onnx(model, None)
+    assert result.opset == 17  # the documented default of the TorchScript exporter
+    assert {o.domain: o.version for o in onnx.load_from_string(result.onnx_bytes).opset_import}[""] == 17
+    assert result.max_abs_diff <= 1e-5
+    assert [module.training for module in model.modules()] == modes
+
+    real_check, atol = export.check_onnx, 1e-4
+
+    class Shifted(nn.Module):  # the PyTorch reference moved by `shift`: the graph then looks wrong by that much
+        def __init__(self, net, shift):
+            super().__init__()
+            self.net, self.shift = net, shift
+
+        def forward(self, x):
+            return self.net(x) + self.shift
+
+    def check_shifted_by(factor):
+        def check(data, reference, probe, return_scale=False):
+            _, scale = real_check(data, reference, probe, return_scale=True)
+            return real_check(data, Shifted(reference, factor * atol * max(1.0, scale)), probe, return_scale=True)
+        return check
+
+    monkeypatch.setattr(export, "check_onnx", check_shifted_by(0.1))
+    assert export_onnx(model, None, atol=atol).max_abs_diff > 0.05 * atol  # within the bound: accepted
+    monkeypatch.setattr(export, "check_onnx", check_shifted_by(10.0))
+    with pytest.raises(ExportCheckError, match="onnxruntime output differs from PyTorch by"):
+        export_onnx(model, None, atol=atol)
+    assert [module.training for module in model.modules()] == modes
+
+    monkeypatch.setattr(export, "check_onnx", lambda *args, **kwargs: (float("nan"), 1.0))
+    out = tmp_path / "nan.onnx"
+    with pytest.raises(ExportCheckError, match=r"differs from PyTorch by nan .*nothing was written"):
+        export_onnx(model, out)
+    assert not out.exists() and (tmp_path / "nan.rejected.onnx").is_file()
+    assert [module.training for module in model.modules()] == modes
+    assert len(exported) == 1

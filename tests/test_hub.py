@@ -1232,3 +1232,121 @@ def test_from_pretrained_suggests_create_model_only_for_a_directory_holding_weig
     call = re.search(r"zoo\.create_model\(<name>, pretrained='[^']*'\)", str(refused.value)).group(0)
     call = call.replace("<name>", "'vit_digits'").replace(")", ", **TINY)")
     assert _same_weights(eval(call, {"zoo": zoo, "TINY": TINY}), model), call
+
+
+def test_a_headed_checkpoint_loads_as_a_headless_backbone_and_the_reverse(tmp_path, caplog):
+    """num_classes=0 on a checkpoint with a trained head gives the backbone (timm's idiom for a feature extractor:
+    its load_pretrained drops the classifier tensors when the class count differs); a checkpoint without a head
+    loaded with num_classes=5 gets a new head on the checkpoint's backbone. Checked against timm on a timm export."""
+    import timm
+
+    torch.manual_seed(0)
+    headed = zoo.create_model("vit_debug", num_classes=5).eval()
+    zoo.save_pretrained(headed, tmp_path / "headed")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want_B_C = headed.forward_head(headed.forward_features(images), pre_logits=True)
+    saved = headed.state_dict()
+    loads = {"create_model": lambda: zoo.create_model("vit_debug", pretrained=str(tmp_path / "headed"), num_classes=0),
+             "from_pretrained": lambda: zoo.from_pretrained(tmp_path / "headed", num_classes=0)}
+    for how, load in loads.items():
+        with caplog.at_level(logging.INFO):
+            backbone = load().eval()
+        assert backbone.num_classes == 0, how
+        own = backbone.state_dict()
+        assert sorted(own) == sorted(k for k in saved if not k.startswith("head.")), how
+        for key, tensor in own.items():
+            assert torch.equal(tensor, saved[key]), (how, key)
+        with torch.no_grad():
+            torch.testing.assert_close(backbone(images), want_B_C, atol=1e-5, rtol=1e-5, msg=how)
+
+    # the reverse: no head in the checkpoint, a 5-class head asked for
+    zoo.save_pretrained(backbone, tmp_path / "headless")
+    torch.manual_seed(1)
+    rehead = zoo.from_pretrained(tmp_path / "headless", num_classes=5).eval()
+    assert rehead.num_classes == 5 and tuple(rehead.head.weight.shape)[0] == 5
+    for key, tensor in backbone.state_dict().items():
+        assert torch.equal(rehead.state_dict()[key], tensor), key
+    with torch.no_grad():
+        torch.testing.assert_close(rehead.forward_head(rehead.forward_features(images), pre_logits=True), want_B_C,
+                                   atol=1e-5, rtol=1e-5)
+        assert rehead(images).shape == (2, 5)
+
+    # timm's behaviour on its own export: the same backbone features either way
+    peer = _timm_export(tmp_path / "timm", "vit_tiny_patch16_224", num_classes=5, img_size=32, depth=1)
+    file = str(tmp_path / "timm" / "model.safetensors")
+    timm_backbone = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=32, depth=1,
+                                      pretrained_cfg_overlay=dict(file=file)).eval()
+    zoo_backbone = zoo.from_pretrained(tmp_path / "timm", num_classes=0).eval()
+    with torch.no_grad():
+        want = peer.forward_head(peer.forward_features(images), pre_logits=True)
+        torch.testing.assert_close(timm_backbone(images), want, atol=1e-6, rtol=1e-6)  # the reference agrees
+        torch.testing.assert_close(zoo_backbone(images), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_folder_with_two_snapshots_loads_the_one_refs_main_names(tmp_path, monkeypatch):
+    """A Hugging Face cache folder of a repository that was updated holds several snapshots; refs/main names the
+    current one, as huggingface_hub resolves it (try_to_load_from_cache, no download)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = tmp_path / "hub" / "models--someone--tiny"
+    models = {}
+    old, new = "0" * 40, "f" * 40  # commit hashes, as huggingface_hub names snapshots
+    for revision, classes in ((old, 3), (new, 4)):  # told apart by their weights and heads
+        torch.manual_seed(classes)
+        models[revision] = zoo.create_model("vit_debug", num_classes=classes, depth=1).eval()
+        zoo.save_pretrained(models[revision], folder / "snapshots" / revision)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(new)
+    reference = huggingface_hub.try_to_load_from_cache("someone/tiny", "config.json", cache_dir=str(tmp_path / "hub"))
+    assert reference is not None and os.path.dirname(reference) == str(folder / "snapshots" / new)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = models[new](images)
+        for given in (folder, "hf-hub:someone/tiny", "someone/tiny"):
+            torch.testing.assert_close(zoo.from_pretrained(given).eval()(images), want, atol=0, rtol=0, msg=str(given))
+
+
+def test_timm_config_num_classes_is_read_in_timms_order(tmp_path):
+    """A timm config.json whose top-level num_classes disagrees with pretrained_cfg's (hand-edited): timm's
+    _parse_model_cfg lets the top level win; so does the zoo."""
+    from timm.models._hub import load_model_config_from_path
+
+    _timm_export(tmp_path, "vit_tiny_patch16_224", num_classes=5, img_size=32, depth=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_classes"] = 5
+    config["pretrained_cfg"]["num_classes"] = 1000
+    config["model_args"].pop("num_classes", None)  # as older exports (model_args would decide otherwise)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    timm_cfg, _, _ = load_model_config_from_path(tmp_path)
+    assert timm_cfg["num_classes"] == 5
+    assert zoo.from_pretrained(tmp_path).num_classes == 5
+
+
+def test_a_wrapper_prefix_is_stripped_only_when_every_key_has_it(tmp_path):
+    """DDP's module. / Lightning's model. are wrapper prefixes only when on every key; a key without the prefix is
+    never cut (timm's clean_state_dict leaves such keys as they are)."""
+    from timm.models._helpers import clean_state_dict
+
+    tensor = torch.zeros(2)
+    for keys in (["model.x", "head.weight"], ["module.blocks.0.w", "head.weight"]):
+        torch.save({k: tensor for k in keys}, tmp_path / "w.pth")
+        loaded = hub.load_state_dict_file(tmp_path / "w.pth")
+        assert sorted(loaded) == sorted(keys)
+        assert "head.weight" in clean_state_dict({k: tensor for k in keys})  # timm keeps it too
+    torch.save({"module.a": tensor, "module.b": tensor}, tmp_path / "w.pth")
+    assert sorted(hub.load_state_dict_file(tmp_path / "w.pth")) == sorted(clean_state_dict({"module.a": 0, "module.b": 0}))
+
+
+def test_a_run_record_without_crop_settings_evaluates_uncropped():
+    """A zoo train record from before data.crop_pct existed comes from a run that evaluated without a crop (a
+    bilinear resize to the input size): crop_pct 1.0, as timm's resolve_data_config then passes on."""
+    from timm.data import resolve_data_config
+
+    model = zoo.create_model("vit_debug")
+    hub.apply_training_preprocessing(model, {"mean": [0.1, 0.2, 0.3], "std": [1.0, 2.0, 3.0]})
+    cfg = model.pretrained_cfg
+    assert (cfg["crop_pct"], cfg["crop_mode"], cfg["interpolation"]) == (1.0, "center", "bilinear")
+    assert cfg["mean"] == (0.1, 0.2, 0.3) and cfg["std"] == (1.0, 2.0, 3.0)
+    timm_cfg = resolve_data_config({}, model=model)
+    assert timm_cfg["crop_pct"] == 1.0 and timm_cfg["interpolation"] == "bilinear"

@@ -287,6 +287,9 @@ def export_onnx(
 ) -> ExportResult:
     """Export a vision model to ONNX (dynamic batch) and check it with onnxruntime.
 
+    The model is exported and checked in eval mode; afterwards, also when the export raises, every submodule is
+    back in the train/eval mode it had (a submodule frozen in eval mode while training stays so).
+
     Args:
         model: an nn.Module, a registered model name (built with ``create_kwargs``), or None with ``ckpt``.
         out: output ``.onnx`` path (parent folders are created); None keeps the bytes in the result.
@@ -366,7 +369,7 @@ def export_onnx(
     traced_batch = 2 if exporter == "dynamo" and batch_size == 1 else batch_size  # see batch_size above
     example = torch.randn(traced_batch, in_chans, height, width, generator=gen).to(device, dtype)
 
-    was_training = net.training
+    modes = _training_modes(net)
     net.eval()
     try:
         with torch.no_grad():
@@ -416,7 +419,7 @@ def export_onnx(
         if path is not None:
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     finally:
-        net.train(was_training)
+        _restore_training_modes(modes)
     return ExportResult(path, str(name), tuple(example.shape), exporter, opset, diff,
                         None if path is not None else data)
 
@@ -475,7 +478,7 @@ def _runs_at(net: nn.Module, size: tuple[int, int]) -> bool:
     param = next(net.parameters(), None)
     probe = torch.zeros(1, in_chans, *size, device=param.device if param is not None else "cpu",
                         dtype=param.dtype if param is not None else torch.float32)
-    was_training = net.training
+    modes = _training_modes(net)
     try:
         with torch.no_grad():
             net.eval()(probe)
@@ -483,7 +486,18 @@ def _runs_at(net: nn.Module, size: tuple[int, int]) -> bool:
     except (ValueError, TypeError):
         return False
     finally:
-        net.train(was_training)
+        _restore_training_modes(modes)
+
+
+def _training_modes(net: nn.Module) -> dict[nn.Module, bool]:
+    """The train/eval flag of every submodule: ``net.train(flag)`` after an export would unfreeze a submodule the
+    caller had put in eval mode (a frozen stem or BatchNorm while fine-tuning)."""
+    return {module: module.training for module in net.modules()}
+
+
+def _restore_training_modes(modes: dict[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
 
 
 def _fixed_size_copy(net: nn.Module, size: tuple[int, int]) -> nn.Module:
