@@ -27,17 +27,26 @@ from conftest import FAST_RUN
 # --------------------------------------------------------------------------------------------------
 # Optimiser pieces
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ours_name,peer_name,kwargs", [
-    ("vit_debug", "vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)),
+_VIT_DEBUG_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+
+
+@pytest.mark.parametrize("ours_name,peer_name,kwargs,fallback", [
+    ("vit_debug", "vit_tiny_patch16_224", _VIT_DEBUG_KWARGS, False),
     # timm groups MaxViT by stage through its group_matcher; every block was its own layer here (stem 0.75^12
     # against timm's 0.75^5; audit 2026-12-06)
-    ("maxvit_rmlp_pico_rw_256", "maxvit_rmlp_pico_rw_256", dict(img_size=64, num_classes=10)),
-])
-def test_layer_decay_groups_match_timm(ours_name, peer_name, kwargs):
+    ("maxvit_rmlp_pico_rw_256", "maxvit_rmlp_pico_rw_256", dict(img_size=64, num_classes=10), False),
+    # A model without ``group_matcher`` is grouped by its ``blocks.i`` prefixes (zoo.train.optim.layer_ids); for a
+    # ViT that equals timm's grouping, the classifier and final norm at the full lr (scale decay^0). The two cases
+    # above go through group_matcher, so the fallback ran in no test (mutation audit 2026-12-07).
+    ("vit_debug", "vit_tiny_patch16_224", _VIT_DEBUG_KWARGS, True),
+], ids=["vit", "maxvit", "vit-without-group_matcher"])
+def test_layer_decay_groups_match_timm(ours_name, peer_name, kwargs, fallback):
     import timm
     from timm.optim import param_groups_layer_decay
 
     ours = zoo.create_model(ours_name, **kwargs)
+    if fallback:
+        ours.group_matcher = None  # hidden on the instance: layer_ids takes its fallback path
     peer = timm.create_model(peer_name, pretrained=False, **kwargs)
     assert sorted(n for n, _ in ours.named_parameters()) == sorted(n for n, _ in peer.named_parameters())
     theirs = param_groups_layer_decay(peer, weight_decay=0.05, no_weight_decay_list=peer.no_weight_decay(), layer_decay=0.7)
@@ -48,6 +57,8 @@ def test_layer_decay_groups_match_timm(ours_name, peer_name, kwargs):
     for name in expected:
         assert got[name][0] == pytest.approx(expected[name][0]), name
         assert got[name][1] == expected[name][1], name
+    if fallback:
+        assert got["head.weight"][0] == 1.0 and got["blocks.0.attn.qkv.weight"][0] == pytest.approx(0.7 ** 3)
 
 
 def test_param_groups_without_layer_decay():
@@ -1710,28 +1721,6 @@ def test_ema_copies_buffers_as_timm_model_ema_v3():
         torch.testing.assert_close(ours_state[name], theirs_state[name], rtol=1e-6, atol=1e-7, msg=name)
     assert int(ours_state["1.num_batches_tracked"]) == 3
     torch.testing.assert_close(ours_state["1.running_mean"], model.state_dict()["1.running_mean"], rtol=0, atol=0)
-
-
-def test_layer_decay_fallback_grouping_matches_timm():
-    """A model without ``group_matcher`` is grouped by its ``blocks.i`` prefixes (zoo.train.optim.layer_ids); for a
-    ViT that equals timm's grouping, the classifier and final norm at the full lr (scale decay^0). Both cases of
-    test_layer_decay_groups_match_timm go through group_matcher, so the fallback ran in no test."""
-    import timm
-    from timm.optim import param_groups_layer_decay
-
-    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
-    ours = zoo.create_model("vit_debug", **kwargs)
-    ours.group_matcher = None  # hidden on the instance: layer_ids takes its fallback path
-    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
-    theirs = param_groups_layer_decay(peer, weight_decay=0.05, no_weight_decay_list=peer.no_weight_decay(), layer_decay=0.7)
-    name_of = {id(p): n for n, p in peer.named_parameters()}
-    expected = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in theirs for p in g["params"]}
-    got = {n: (g["lr_scale"], g["weight_decay"]) for g in param_groups(ours, 0.05, layer_decay=0.7) for n in g["param_names"]}
-    assert got.keys() == expected.keys()
-    for name in expected:
-        assert got[name][0] == pytest.approx(expected[name][0]), name
-        assert got[name][1] == expected[name][1], name
-    assert got["head.weight"][0] == 1.0 and got["blocks.0.attn.qkv.weight"][0] == pytest.approx(0.7 ** 3)
 
 
 def test_layer_decay_fallback_puts_a_layer_between_blocks_with_the_previous_block():

@@ -696,18 +696,25 @@ class Segments(Mask):
 class _PerSegmentBand(Mask):
     """Shared part of :class:`SegmentWindow` and :class:`SegmentChunkWindow`: a band ``lo <= key unit - query unit
     <= hi`` inside every segment of ``segments``, where the units (:meth:`_band_positions`) are counted per segment
-    from the tokens' ranks (:meth:`positions`). Subclasses set ``self.segments`` and implement ``_offsets`` and
-    ``_band_positions``."""
+    from the tokens' ranks (:meth:`positions`); ``left`` / ``right`` bound the band in those units (``unit``:
+    "key" or "chunk", for messages; None = unbounded). Subclasses may count other units (``_band_positions``)."""
 
-    def __init__(self, segments: "Segments", mask_name: str) -> None:
+    def __init__(self, segments: "Segments", mask_name: str, unit: str, left: Optional[int],
+                 right: Optional[int]) -> None:
         super().__init__()
         if not isinstance(segments, Segments):
             raise TypeError(f"{mask_name}: segments must be a Segments mask, got {type(segments).__name__}")
+        _check_band(mask_name, unit, left, right)
         self.segments = segments
+        self.left = None if left is None else int(left)
+        self.right = None if right is None else int(right)
         self._positions: dict = {}
 
-    def _offsets(self) -> tuple[float, float]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _offsets(self) -> tuple[float, float]:
+        """Allowed range of ``key unit - query unit`` inside a segment, inclusive, +-inf when unbounded."""
+        lo = -math.inf if self.left is None else -self.left
+        hi = math.inf if self.right is None else self.right
+        return lo, hi
 
     def _band_positions(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(query units, key units), (B, Nq) and (B, Nk) int64, that the band compares."""
@@ -812,15 +819,7 @@ class SegmentWindow(_PerSegmentBand):
     """
 
     def __init__(self, segments: Segments, left: Optional[int] = None, right: Optional[int] = 0) -> None:
-        super().__init__(segments, "SegmentWindow")
-        _check_band("SegmentWindow", "key", left, right)
-        self.left = None if left is None else int(left)
-        self.right = None if right is None else int(right)
-
-    def _offsets(self) -> tuple[float, float]:
-        lo = -math.inf if self.left is None else -self.left
-        hi = math.inf if self.right is None else self.right
-        return lo, hi
+        super().__init__(segments, "SegmentWindow", "key", left, right)
 
     def __repr__(self) -> str:
         return f"SegmentWindow({self.segments!r}, left={self.left}, right={self.right})"
@@ -850,17 +849,8 @@ class SegmentChunkWindow(_PerSegmentBand):
 
     def __init__(self, segments: Segments, chunk_size: int, left: Optional[int] = None,
                  right: Optional[int] = 0) -> None:
-        super().__init__(segments, "SegmentChunkWindow")
         self.chunk_size = positive_int(chunk_size, "SegmentChunkWindow chunk_size")
-        _check_band("SegmentChunkWindow", "chunk", left, right)
-        self.left = None if left is None else int(left)
-        self.right = None if right is None else int(right)
-
-    def _offsets(self) -> tuple[float, float]:
-        """Allowed range of ``key chunk - query chunk`` inside a segment, inclusive, +-inf when unbounded."""
-        lo = -math.inf if self.left is None else -self.left
-        hi = math.inf if self.right is None else self.right
-        return lo, hi
+        super().__init__(segments, "SegmentChunkWindow", "chunk", left, right)
 
     def _band_positions(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(query chunks, key chunks) inside each segment: the :meth:`positions` floored to chunk numbers (a query
