@@ -149,3 +149,98 @@ def test_backbone_grad_checkpointing(name, module, size, monkeypatch):
         torch.testing.assert_close(grad, plain_grads[key], msg=key)
     with pytest.raises(TypeError, match="set_grad_checkpointing: enable must be True or False"):
         backbone.set_grad_checkpointing("yes")
+
+
+def test_feature_info_dicts_and_negative_taps_match_timm():
+    """FeatureInfo.get_dicts() lists the returned taps (out_indices), and a tap index may count from the end, as in
+    timm's FeatureInfo (necks call get_dicts() and channels(-1) for the deepest map)."""
+    kwargs = dict(img_size=48, features_only=True, out_indices=(0, 2))
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    ours = zoo.create_model("vit_tiny_patch16_224", **kwargs)
+    keys = ["module", "num_chs", "reduction"]
+    assert ours.feature_info.get_dicts(keys=keys) == peer.feature_info.get_dicts(keys=keys)
+    assert [d["module"] for d in ours.feature_info.get_dicts()] == ["blocks.0", "blocks.2"]
+    assert len(ours.feature_info) == len(peer.feature_info) == 12
+    for idx in (-1, -12, 5, [0, -1]):
+        for accessor in ("channels", "reduction", "module_name"):
+            assert getattr(ours.feature_info, accessor)(idx) == getattr(peer.feature_info, accessor)(idx), idx
+    with pytest.raises(IndexError, match="out of range"):
+        ours.feature_info[-13]
+
+
+def test_backbone_with_norm_gives_timms_normed_intermediates():
+    """FeatureExtractor(model, norm=True) keeps the final norm and applies it to every map, as timm's
+    forward_intermediates(norm=True) on the same weights; without norm the maps are the raw block outputs."""
+    torch.manual_seed(3)
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3).eval()
+    model = zoo.create_model("vit_tiny_patch16_224", img_size=32, depth=3)
+    model.load_state_dict(peer.state_dict())
+    backbone = zoo.features.FeatureExtractor(model, (0, 2), norm=True).eval()
+    assert "model.norm.weight" in backbone.state_dict()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = peer.forward_intermediates(x, indices=[0, 2], norm=True, intermediates_only=True)
+        raw = peer.forward_intermediates(x, indices=[0, 2], norm=False, intermediates_only=True)
+        got = backbone(x)
+    assert len(got) == 2
+    for a, b, c in zip(got, want, raw):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_list_models_filters_by_task_and_family():
+    """task= and family= keep the names whose registry entry says so (zoo list --family maxvit)."""
+    maxvit = zoo.list_models(family="maxvit")
+    assert "maxvit_debug" in maxvit and "vit_debug" not in maxvit
+    assert all(zoo.get_model_entry(n).family == "maxvit" for n in maxvit)
+    assert set(maxvit) == {n for n in zoo.list_models() if zoo.get_model_entry(n).family == "maxvit"}
+    graph = zoo.list_models(task="graph")
+    assert "gatv2_node_debug" in graph and not any(n.startswith(("vit", "maxvit")) for n in graph)
+    assert zoo.list_models("maxvit*", task="graph") == [] and zoo.list_models(task="vision", family="gat") == []
+
+
+def test_list_models_excludes_the_tags_of_an_excluded_name_as_timm():
+    """With include_tags an untagged exclude filter drops the name's tagged forms too (timm's filter expansion):
+    exclude_filters="vit_tiny_patch16_224" left vit_tiny_patch16_224.augreg_in21k listed."""
+    kept = zoo.list_models("vit_tiny*", include_tags=True, exclude_filters="vit_tiny_patch16_224")
+    registered = set(zoo.list_models("vit_tiny*"))
+    want = [n for n in timm.list_models("vit_tiny*", include_tags=True, exclude_filters="vit_tiny_patch16_224")
+            if n.split(".")[0] in registered]
+    assert kept == sorted(want) and not any(n.startswith("vit_tiny_patch16_224.") for n in kept)
+    assert any(n.startswith("vit_tiny_patch16_384.") for n in kept)
+
+
+def test_register_model_refuses_a_name_taken_by_another_module(monkeypatch):
+    """A second constructor under a registered name from another module is an error (it would shadow the first
+    silently); the entry stays the original's."""
+    from zoo import registry
+
+    zoo.list_models()  # the families are registered
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    original = registry.get_model_entry("vit_debug")
+
+    def vit_debug(**kwargs):
+        raise AssertionError("never built")
+
+    vit_debug.__module__ = "someone.elses.models"
+    with pytest.raises(ValueError, match="'vit_debug' is already registered by zoo.tasks.vision.vit"):
+        registry.register_model(vit_debug, task="vision")
+    assert registry.get_model_entry("vit_debug") is original
+
+
+def test_data_config_of_other_channel_counts_and_fixed_size_tags():
+    """pretrained_cfg's mean / std follow in_chans (one channel: the mean of the three values, hand-computed; more:
+    repeated), and a timm tag with a fixed non-square input size builds img_size [H, W]."""
+    from zoo.registry import _tagged_entry
+
+    gray = zoo.create_model("vit_debug", in_chans=1).pretrained_cfg
+    assert gray["input_size"][0] == 1
+    assert gray["mean"] == pytest.approx(((0.485 + 0.456 + 0.406) / 3,))
+    assert gray["std"] == pytest.approx(((0.229 + 0.224 + 0.225) / 3,))
+    four = zoo.create_model("vit_debug", in_chans=4).pretrained_cfg
+    assert four["mean"] == pytest.approx((0.485, 0.456, 0.406, 0.485))
+    entry = zoo.get_model_entry("vit_debug")
+    _, args = _tagged_entry(entry, {"input_size": (3, 32, 48), "fixed_input_size": True, "num_classes": 0})
+    assert args == {"num_classes": 0, "in_chans": 3, "img_size": [32, 48]}
+    _, args = _tagged_entry(entry, {"input_size": (3, 40, 40), "fixed_input_size": False, "num_classes": 10})
+    assert args == {"num_classes": 10, "in_chans": 3}

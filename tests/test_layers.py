@@ -295,3 +295,83 @@ def test_rate_and_ratio_checks_take_numpy_floats_and_name_infinities():
     for bad in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match="mlp_ratio must be a number > 0"):
             check_mlp_ratio(bad, 16)
+
+
+def test_layer_scale_starts_at_init_values_as_timm():
+    """LayerScale's gamma starts at init_values (timm's LayerScale(dim, init_values)); the state-dict test above loads
+    our gamma into timm's, so a constructor that ignored init_values went unseen."""
+    for init in (0.1, 1.0, 1e-6):
+        ours, theirs = LayerScale(4, init), TimmLayerScale(4, init)
+        torch.testing.assert_close(ours.gamma.detach(), theirs.gamma.detach())
+        x = torch.randn(2, 3, 4)
+        torch.testing.assert_close(ours(x), x * init)
+
+
+def test_check_rates_refuses_one_and_booleans():
+    """A rate is a number in [0, 1): 1.0 (drop everything) and True (a flag passed as drop_rate) are refused with
+    the rate's name; 0 and 0.999 pass."""
+    from zoo.layers import check_rates
+
+    check_rates(drop_rate=0.0, attn_drop_rate=0, drop_path_rate=0.999)
+    for bad in (1.0, 1, True, False, -0.1, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match=r"drop_rate must be a number in \[0, 1\)"):
+            check_rates(drop_rate=bad)
+
+
+def test_check_image_batch_refuses_other_ranks_and_float64_under_autocast():
+    """The input check: only a 4-D batch (a 5-D video batch got an unpacking error inside the model), and under
+    torch.autocast only the dtypes autocast casts (it never casts float64: a float64 batch for a float32 model
+    reached torch's dtype mismatch inside the first layer)."""
+    from zoo.layers import check_image_batch, check_like_weights
+
+    weight = torch.zeros(8, 3, 2, 2)
+    assert check_image_batch(torch.zeros(2, 3, 5, 6), "ViT", 3, weight) == (2, 3, 5, 6)
+    for shape in ((3, 5, 6), (2, 3, 5, 6, 1)):
+        with pytest.raises(ValueError, match="ViT input must be a 4-D image batch"):
+            check_image_batch(torch.zeros(shape), "ViT", 3, weight)
+    with pytest.raises(ValueError, match="ViT expects 3 input channels, got 4"):
+        check_image_batch(torch.zeros(2, 4, 5, 6), "ViT", 3, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check_like_weights(torch.zeros(2, 3), weight, "x")  # float32 and bfloat16: autocast casts them
+        check_like_weights(torch.zeros(2, 3, dtype=torch.bfloat16), weight, "x")
+        with pytest.raises(TypeError, match="x is torch.float64 but the module's weights are torch.float32"):
+            check_like_weights(torch.zeros(2, 3, dtype=torch.float64), weight, "x")
+
+
+def test_new_linear_head_initialises_as_documented():
+    """reset_classifier's head: trunc-normal weights of std init_std and a zero bias (timm's ViT head init); with
+    init_std=None nn.Linear's default (uniform in +-1/sqrt(fan_in), bias too); nn.Identity for 0 classes. On the
+    device and dtype of ``like``, in the given mode."""
+    from zoo.layers import new_linear_head
+
+    torch.manual_seed(0)
+    like = torch.zeros(1, dtype=torch.float64)
+    head = new_linear_head(256, 400, like, training=False)
+    assert isinstance(head, nn.Linear) and head.weight.dtype == torch.float64 and not head.training
+    assert torch.count_nonzero(head.bias) == 0
+    weight = head.weight.detach()
+    assert 0.019 < float(weight.std()) < 0.021 and abs(float(weight.mean())) < 1e-3
+    default = new_linear_head(256, 400, like, training=True, init_std=None).requires_grad_(False)
+    bound = 1 / math.sqrt(256)
+    assert default.training and float(default.bias.abs().max()) <= bound and torch.count_nonzero(default.bias) > 0
+    assert 0.9 * bound < float(default.weight.abs().max()) <= bound  # uniform, not std 0.02
+    assert isinstance(new_linear_head(256, 0, like, training=False), nn.Identity)
+
+
+def test_feature_take_indices_follows_timms_rule_and_refuses_repeats():
+    """feature_take_indices as timm's (None = all, n = the last n, negatives from the end); a repeated or
+    out-of-order index is an error here (timm silently returns the maps in network order)."""
+    from timm.models._features import feature_take_indices as timm_take
+
+    from zoo.layers import feature_take_indices
+
+    for indices in (None, 1, 4, (0, 2), (1, -1), [-4, -3], torch.tensor([0, 3])):
+        take, last = feature_take_indices(4, indices)
+        want, want_last = timm_take(4, indices)
+        assert (take, last) == (list(want), want_last), indices
+    for bad in ((1, 1), (2, 0), (-1, 3)):
+        with pytest.raises(ValueError, match="network order"):
+            feature_take_indices(4, bad)
+    for bad in (0, 5, (4,), (-5,)):
+        with pytest.raises(ValueError, match="out of range"):
+            feature_take_indices(4, bad)
