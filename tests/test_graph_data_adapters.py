@@ -1057,3 +1057,75 @@ def test_node_data_of_another_width_than_the_evaluated_model_says_the_checkpoint
             module.setup(stage)
     with pytest.raises(ValueError, match=r"has 3 classes \(num_classes=3\), but the model being evaluated scores 4"):
         gd.NodeDataModule("sbm", num_features=16, num_classes=4).setup("test")
+
+
+# ------------------------------------------------------------------------------ audit 2026-12-07 (mutation gaps)
+def test_random_split_gives_every_class_a_training_node_and_leaves_a_test_split_hand_computed():
+    """random_split_masks (sbm, networkx graphs): num_train_per_class per class capped at half the class but at least
+    one, validation capped at half of the rest, so the test split is never empty. Hand-computed on 9 nodes: class 0
+    (8 nodes) trains 3, class 1 (1 node) trains its only node; num_val=100 of the 5 others -> 2, test 3."""
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1])
+    train, val, test = gd.random_split_masks(y, num_train_per_class=3, num_val=100, seed=0)
+    assert (train.int() + val.int() + test.int()).tolist() == [1] * 9
+    assert int(train[y == 0].sum()) == 3 and bool(train[8])
+    assert int(val.sum()) == 2 and int(test.sum()) == 3
+    again = gd.random_split_masks(y, num_train_per_class=3, num_val=100, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip((train, val, test), again))
+
+
+def test_ogb_node_index_equal_to_the_node_count_is_refused(tmp_path):
+    """Node ids are 0 .. n - 1: an edge or a split entry naming node n (one past the last row of node-feat.csv.gz)
+    is refused, naming the file (an edge to it was kept, a graph with an edge to a node without features)."""
+    folder = _write_ogb(tmp_path / "ogbn_toy")
+    _write_gz(folder / "raw" / "edge.csv.gz", ["0,1", "1,2", "2,4"])
+    with pytest.raises(ValueError, match=r"edge\.csv\.gz: node index 4 is out of range for the 4 nodes"):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+    folder = _write_ogb(tmp_path / "ogbn_toy", schemes=(("random", ([0, 1], [2], [3, 4])),))
+    _write_gz(folder / "raw" / "edge.csv.gz", ["0,1", "1,2", "2,3"])
+    with pytest.raises(ValueError, match=r"test\.csv\.gz: node index 4 is out of range for the 4 nodes"):
+        gd.load_node_dataset("ogb:ogbn-toy", root=str(tmp_path))
+
+
+def test_saved_graphs_with_a_negative_label_or_edge_features_of_two_widths_are_refused_at_load(tmp_path):
+    """Checked when the data are read, not at the first batch (possibly after an epoch of training): a graph
+    labelled -1 (no class: cross-entropy would fail or ignore it) and edge_attr 2 wide in some graphs, 3 in others
+    (one model has one edge_dim)."""
+    graphs = _data_list()
+    graphs[4].y = torch.tensor([-1])
+    torch.save(graphs, tmp_path / "negative.pt")
+    with pytest.raises(ValueError, match=r"negative\.pt \[4\]: y must be one class index >= 0 per graph"):
+        gd.load_graph_classification(path=str(tmp_path / "negative.pt"))
+    graphs = _data_list()
+    for i, g in enumerate(graphs):
+        g.edge_attr = torch.randn(g.edge_index.size(1), 3 if i == 7 else 2)
+    torch.save(graphs, tmp_path / "widths.pt")
+    with pytest.raises(ValueError, match=r"10 of 10 graphs have edge features edge_attr, of widths \[2, 3\]"):
+        gd.load_graph_classification(path=str(tmp_path / "widths.pt"))
+
+
+def test_the_class_count_is_the_largest_label_plus_one_when_a_class_has_no_graph(tmp_path):
+    """Labels 0 and 2 (class 1 has no graph here): 3 classes, as PyG's InMemoryDataset.num_classes counts them, so that
+    a graph of class 2 is a valid target of the model's 3 outputs (2 classes, the number of labels seen, was not)."""
+    from torch_geometric.data import InMemoryDataset
+
+    graphs = _data_list()
+    for g in graphs:
+        g.y = g.y * 2
+    torch.save(graphs, tmp_path / "gap.pt")
+    data = gd.load_graph_classification(path=str(tmp_path / "gap.pt"))
+    reference = InMemoryDataset()
+    reference.data, reference.slices = reference.collate(graphs)
+    assert data["num_classes"] == reference.num_classes == 3
+
+
+def test_one_hot_degrees_of_a_directed_graph_count_outgoing_edges_as_pyg():
+    """PyG's T.OneHotDegree (in_degree=False) counts each node's edges in edge_index[0]: on a directed graph (out-degrees
+    3, 1, 0, 0; in-degrees 0, 1, 2, 1) the features are PyG's; a degree above max_degree counts as max_degree."""
+    from torch_geometric.data import Data
+    from torch_geometric.transforms import OneHotDegree
+
+    edge_index = torch.tensor([[0, 0, 0, 1], [1, 2, 3, 2]])
+    graph = {"edge_index": edge_index, "num_nodes": 4}
+    reference = OneHotDegree(3)(Data(edge_index=edge_index, num_nodes=4)).x
+    assert torch.equal(gd.one_hot_degree(graph, 3), reference)
+    assert gd.one_hot_degree(graph, 2).argmax(1).tolist() == [2, 1, 0, 0]

@@ -695,3 +695,32 @@ def test_zoo_eval_of_a_run_from_before_inference_batch_size_may_set_it(tmp_path,
     # accepted by the first version of this rule, and test/acc1 moved; only loader keys are added
     with pytest.raises(ValueError, match=r"^unknown key data\.normalize_features"):
         run.evaluate(tmp_path / "old.ckpt", ["data.normalize_features=true"])
+
+
+def test_nodes_are_numbered_in_the_order_they_are_first_reached_hand_computed():
+    """PyG's NeighborLoader numbering (n_id): the seeds, then each hop's new nodes in the order their in-edges are
+    met (frontier order, then each node's in-edges in edge_index order), a node reached twice kept once. Hand-computed
+    on a 6-node graph where that order is not the sorted one (audit 2026-12-07: torch.unique's sorted order passed)."""
+    # edges (column = edge id): 5->0, 2->0, 4->5, 1->2, 3->5, 4->2
+    edge_index = torch.tensor([[5, 2, 4, 1, 3, 4], [0, 0, 5, 2, 5, 2]])
+    sub = NeighborSampler(edge_index, 6).sample(torch.tensor([0]), [-1, -1])
+    # hop 1: the in-edges of 0 are edges 0 (5->0) and 1 (2->0): 5 then 2; hop 2: in-edges of 5 (edges 2, 4: 4, 3),
+    # then of 2 (edges 3, 5: 1, 4 again) -> new 4, 3, 1
+    assert sub.n_id.tolist() == [0, 5, 2, 4, 3, 1]
+    assert sub.edge_index.tolist() == [[1, 2, 3, 4, 5, 3], [0, 0, 1, 1, 2, 2]]
+    assert sub.e_id.tolist() == [0, 1, 2, 4, 3, 5]
+    assert sub.batch_size == 1 and sub.num_sampled_nodes == [1, 2, 3] and sub.num_sampled_edges == [2, 4]
+    # every sampled edge is the edge of the full graph that e_id names, in global ids
+    assert torch.equal(sub.n_id[sub.edge_index], edge_index[:, sub.e_id])
+
+
+def test_repeated_seeds_and_edge_ids_outside_num_nodes_are_refused():
+    """A seed given twice would be one row of the batch counted as two seeds (batch_size), and an edge to node
+    num_nodes a CSR one row short: both refused with what is wrong (audit 2026-12-07: removing either check passed)."""
+    sampler = NeighborSampler(torch.tensor([[0, 1, 2], [1, 2, 0]]), 3)
+    with pytest.raises(ValueError, match="seed_nodes must be distinct"):
+        sampler.sample(torch.tensor([2, 0, 2]), [2])
+    with pytest.raises(ValueError, match=r"outside \[0, 3\): ids from 0 to 3"):
+        NeighborSampler(torch.tensor([[0, 3], [1, 0]]), num_nodes=3)
+    with pytest.raises(ValueError, match=r"outside \[0, 3\): ids from -1 to 1"):
+        NeighborSampler(torch.tensor([[0, -1], [1, 0]]), num_nodes=3)
