@@ -1031,3 +1031,188 @@ def test_cifar_checksum_failure_names_the_files_and_a_root_one_level_too_deep(tm
     with pytest.raises(FileNotFoundError, match=rf"is the extracted {folder.name} folder itself; give the folder above "
                                                 rf"it, data.root={tmp_path}, which holds {folder.name}/"):
         vdata.CIFARDataModule(str(folder), variant=variant)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mutation-audit gaps (audit 8, vision data): each test pins behaviour no earlier test did
+# --------------------------------------------------------------------------------------------------
+def test_digits_val_fraction_zero_trains_on_all_and_validates_on_the_test_split():
+    """val_fraction=0 trains on all 1437 non-test images and validates on the fixed 360 test images (module
+    docstring), never on training images (which would pick best.ckpt by training accuracy)."""
+    dm = vdata.DigitsDataModule(val_fraction=0.0, mean=(0.0,), std=(1.0,))
+    dm.setup()
+    assert len(dm.train_set) == 1797 - 360 and len(dm.val_set) == 360
+    torch.testing.assert_close(dm.val_set.images, dm.test_set.images, rtol=0, atol=0)
+    assert torch.equal(dm.val_set.labels, dm.test_set.labels)
+    digits = load_digits()
+    test_index = vdata.digits_splits(0.0)["test"]
+    torch.testing.assert_close(dm.val_set.images[:, 0], torch.tensor(digits.images[test_index], dtype=torch.float32) / 16,
+                               rtol=0, atol=0)
+
+
+def _warp_with(dataset, draws):
+    """``dataset._warp`` of image 5 with its four uniform draws fixed (rotation, zoom, dx, dy in [0, 1))."""
+    original = torch.rand
+    torch.rand = lambda *args, **kwargs: torch.tensor(draws)
+    try:
+        return dataset._warp(dataset.images[5], 0)
+    finally:
+        torch.rand = original
+
+
+def test_affine_augmentation_is_torchvisions_rotation_zoom_and_translation():
+    """Each part of augment=affine alone equals torchvision's affine (bilinear, zeros outside) of the same amount:
+    a rotation (not a shear or mirror), a zoom by 1 + scale * u, a translation by shift * u pixels (scaled with
+    img_size as the shift augmentation is)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    dm = vdata.DigitsDataModule(augment="affine", img_size=16, shift=1, rotate=30.0, scale=0.3, mean=(0.0,), std=(1.0,))
+    dm.setup()
+    ds, image = dm.train_set, dm.train_set.images[5]
+    assert ds.shift == 2  # one 8x8 pixel is two pixels at 16 px
+    cases = [  # (draws, torchvision's angle (counter-clockwise), translate, scale)
+        ([1.0, 0.5, 0.5, 0.5], -30.0, [0.0, 0.0], 1.0),
+        ([0.25, 0.5, 0.5, 0.5], 15.0, [0.0, 0.0], 1.0),
+        ([0.5, 1.0, 0.5, 0.5], 0.0, [0.0, 0.0], 1.3),
+        ([0.5, 0.0, 0.5, 0.5], 0.0, [0.0, 0.0], 0.7),
+        ([0.5, 0.5, 1.0, 0.5], 0.0, [2.0, 0.0], 1.0),
+        ([0.5, 0.5, 0.5, 0.25], 0.0, [0.0, -1.0], 1.0),
+    ]
+    for draws, angle, translate, scale in cases:
+        want = TF.affine(image, angle=angle, translate=translate, scale=scale, shear=[0.0, 0.0],
+                         interpolation=InterpolationMode.BILINEAR)
+        torch.testing.assert_close(_warp_with(ds, draws), want, rtol=0, atol=1e-5)
+
+
+def test_shift_augmentation_reaches_every_offset_scaled_with_img_size():
+    """augment=shift moves by every offset in [-s, s]^2 (s = shift * img_size // 8), both directions, each axis
+    drawn on its own."""
+    for img_size, shift in ((8, 1), (16, 1)):
+        dm = vdata.DigitsDataModule(augment="shift", shift=shift, img_size=img_size, mean=(0.0,), std=(1.0,))
+        dm.setup()
+        s = shift * img_size // 8
+        seen = set()
+        for index in range(250):
+            base = dm.train_set.images[index, 0]
+            padded = F.pad(base, (s, s, s, s))
+            moved = dm.train_set[index][0][0]
+            offsets = [(dy - s, dx - s) for dy in range(2 * s + 1) for dx in range(2 * s + 1)
+                       if torch.equal(padded[dy:dy + img_size, dx:dx + img_size], moved)]
+            assert offsets, f"image {index} at {img_size} px is not a shift by at most {s}"
+            seen.update(offsets)
+        assert {(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)} <= seen, (img_size, sorted(seen))
+
+
+def test_digits_refuse_an_evaluation_transform_they_do_not_apply():
+    """The digits resize bilinearly and never crop: another interpolation or crop_pct would be recorded in
+    describe() (and released weights) without being applied, so it is refused."""
+    for kwargs in ({"interpolation": "bicubic"}, {"crop_pct": 0.875}):
+        with pytest.raises(ValueError, match="uncropped with a bilinear resize"):
+            vdata.DigitsDataModule(**kwargs)
+
+
+@pytest.mark.parametrize("variant", [10, 100])
+def test_cifar_defaults_splits_and_val_fraction_zero(tmp_path, monkeypatch, variant):
+    """CIFAR: the published per-variant channel statistics by default; split_seed (not seed) draws the validation
+    images; val_fraction=0 trains on all training images and validates on the official test set."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    _write_cifar(tmp_path, variant, per_class=4)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    stats = {10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+             100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}[variant]
+    fraction = 0.2 if variant == 10 else 0.25
+
+    def module(**kwargs):
+        dm = vdata.CIFARDataModule(str(tmp_path), variant=variant, num_workers=0, **kwargs)
+        dm.setup()
+        return dm
+
+    dm = module(val_fraction=fraction, seed=0, split_seed=0)
+    assert (dm.mean, dm.std) == stats
+    n_train = len(dm.train_set.base)
+    assert len(dm.train_set) + len(dm.val_set) == n_train
+    assert module(val_fraction=fraction, seed=7, split_seed=0).val_set.indices == dm.val_set.indices
+    assert module(val_fraction=fraction, seed=0, split_seed=5).val_set.indices != dm.val_set.indices
+    every = module(val_fraction=0.0)
+    assert len(every.train_set) == n_train and every.val_set.base is every.test_set.base
+    assert len(every.val_set) == len(every.test_set) == variant
+    torch.testing.assert_close(every.val_set[0][0], every.test_set[0][0], rtol=0, atol=0)
+
+
+def test_a_float_image_with_white_pixels_reads_as_zero_to_one(tmp_path):
+    """An F (32-bit float) image with values in [0, 1] reads as rint(255 v), its white (exactly 1.0) included."""
+    values = np.array([[0.0, 0.25, 0.5], [0.75, 1.0, 1.0]], dtype=np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "white.tif")
+    got = np.asarray(vdata.read_image(tmp_path / "white.tif"))
+    np.testing.assert_array_equal(got, np.rint(values * 255).astype(np.uint8))
+
+
+def test_one_channel_conversion_of_a_colour_image_with_equal_red_and_green(tmp_path):
+    """A colour image whose red and green agree but blue differs is colour: torchvision's rgb_to_grayscale, not
+    its red channel, on the prediction path as in training."""
+    from torchvision.transforms.v2 import functional as TF
+
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[..., 0] = rgb[..., 1] = 100
+    rgb[..., 2] = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    Image.fromarray(rgb).save(tmp_path / "bluish.png")
+    want = TF.rgb_to_grayscale(torch.from_numpy(rgb).permute(2, 0, 1), num_output_channels=1).float()
+    got = vdata.load_image_file(tmp_path / "bluish.png", 8, 1, (0.0,), (1.0,))
+    torch.testing.assert_close(torch.round(got * 255), want, rtol=0, atol=0)
+
+
+def test_load_image_file_hands_a_one_channel_transform_a_gray_image(tmp_path):
+    """With a timm evaluation transform (zoo predict of a model released without a zoo record) and in_chans=1 the
+    transform gets the image as L, giving 1 channel, as timm's transform of the file opened as L."""
+    import timm.data
+
+    gray = np.arange(100, dtype=np.uint8).reshape(10, 10) * 2
+    Image.fromarray(gray, mode="L").save(tmp_path / "gray.png")
+    transform = timm.data.create_transform(8, interpolation="bilinear", crop_pct=1.0, mean=(0.5,), std=(0.5,))
+    got = vdata.load_image_file(tmp_path / "gray.png", 8, 1, (0.5,), (0.5,), transform=transform)
+    assert got.shape == (1, 8, 8)
+    torch.testing.assert_close(got, transform(Image.open(tmp_path / "gray.png").convert("L")), rtol=0, atol=0)
+
+
+def test_evaluation_only_root_validates_on_val_and_tests_on_test(tmp_path):
+    """A root with val/ and test/ but no train/ (zoo eval) keeps them apart: val_set reads val/, test_set test/."""
+    _write_images(tmp_path, "val", ["cat", "dog"], 2, size=(8, 8))
+    rng = np.random.default_rng(1)
+    for name in ("cat", "dog"):
+        (tmp_path / "test" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "test" / name / f"{i}.png")
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, num_classes=2)
+    dm.setup("validate")
+    assert len(dm.val_set) == 4 and len(dm.test_set) == 6
+    assert Path(dm.val_set.base.root).name == "val" and Path(dm.test_set.base.root).name == "test"
+
+
+def test_eval_batch_size_defaults_to_the_larger_of_batch_size_and_256():
+    assert vdata.DigitsDataModule(batch_size=32).eval_batch_size == 256
+    assert vdata.DigitsDataModule(batch_size=512).eval_batch_size == 512
+    assert vdata.DigitsDataModule(batch_size=32, eval_batch_size=8).eval_batch_size == 8
+
+
+def test_model_squash_crop_mode_evaluates_as_timm(tmp_path):
+    """crop_pct=model also takes the model's crop_mode: a pretrained_cfg with crop_mode squash resizes both sides
+    (non-square images are not centre-cropped), as timm's evaluation transform of that config."""
+    import timm.data
+
+    class Model(torch.nn.Module):
+        pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 0.8, "crop_mode": "squash", "interpolation": "bicubic",
+                          "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+    _write_images(tmp_path, "train", ["cat", "dog"], 2, size=(13, 29))
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=16, mean="model", std="model", crop_pct="model",
+                                     interpolation="model", val_fraction=0.5, num_classes=2)
+    dm.adopt_model_stats(Model())
+    assert dm.eval_preprocessing() == {"crop_pct": 0.8, "crop_mode": "squash", "interpolation": "bicubic"}
+    dm.setup()
+    timm_eval = timm.data.create_transform(**timm.data.resolve_model_data_config(Model()), is_training=False)
+    for index in range(len(dm.val_set)):
+        path = dm.val_set.base.samples[dm.val_set.indices[index]][0]
+        theirs = timm_eval(Image.open(path).convert("RGB"))
+        assert float(((dm.val_set[index][0] - theirs) * 0.25).abs().max()) <= 1 / 255 + 1e-6
