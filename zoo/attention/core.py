@@ -147,8 +147,9 @@ def attend(
         q: (B, H, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv). H must be a multiple of Hkv. B, Nq and Nk may be
             0, as in SDPA: the output is then empty, or zeros (B, H, Nq, Dv) when Nk = 0 (no key to attend to), with
             zero or empty gradients; H, Hkv, D and Dv must be at least 1.
-        mask: a mask object (Full, Causal, Window, ChunkWindow, Segments, Dense, BlockSparse, Radial, and their
-            ``&``/``|`` combinations), a bool tensor (True = may attend) or None.
+        mask: a mask object (Full, Causal, Window, ChunkWindow, Segments, SegmentWindow, SegmentChunkWindow,
+            KeyPadding, Dense, BlockSparse, Radial, MaskMod, and their ``&``/``|`` combinations), a bool tensor
+            (True = may attend) or None.
         bias: additive float tensor broadcastable to (B, H, Nq, Nk), or an AttentionBias object.
         scale: score scale, default 1/sqrt(D): any finite real number (0 gives uniform weights over the allowed
             keys; negative values are computed too, as SDPA does), or a 0-d tensor, read with float() as SDPA reads
