@@ -526,6 +526,21 @@ def exp_flushed_(s: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.threshold_(s.clamp_(min=EXP_FLOOR).exp_(), _FLUSH_BELOW, 0.0)
 
 
+class CachesDroppedWhenCopied:
+    """Mixin for an nn.Module that keeps caches derived from its parameters or inputs: pickling, ``torch.save``
+    of the module and ``copy.deepcopy`` (EMA copies, export) leave them out, and they are rebuilt on the next call.
+    ``_copied_without`` maps each cache attribute to a factory of its empty value (``dict``, or ``lambda: None``).
+    Put it before ``nn.Module`` (or the module base) in the class's bases."""
+
+    _copied_without: dict = {}
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for name, empty in self._copied_without.items():
+            state[name] = empty()
+        return state
+
+
 class DropPath(nn.Module):
     """Stochastic depth: in training, drop a residual branch per sample with probability ``drop_prob`` and
     rescale the kept samples by 1 / (1 - drop_prob); identity in evaluation."""

@@ -42,9 +42,9 @@ from zoo.attention.agent import AgentAttention, tracing_or_exporting
 from zoo.attention.masks import cache_put
 from zoo.attention.modules import Mlp
 from zoo.layers import (
-    DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints, check_mlp_ratio, check_rates,
-    check_reset_classifier, hooked_within, new_linear_head, takes_num_queries, to_pair, weights_kept_alive,
-    weights_stamp,
+    CachesDroppedWhenCopied, DropPath, IntOrPair, check_features, check_flag, check_image_batch, check_ints,
+    check_mlp_ratio, check_rates, check_reset_classifier, hooked_within, new_linear_head, takes_num_queries, to_pair,
+    weights_kept_alive, weights_stamp,
 )
 from zoo.hub import unwrap_state_dict
 from zoo.registry import DIGITS_PREPROCESSING, note_model_args, register_model
@@ -134,7 +134,7 @@ class _PlainBlock(Block):
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
-class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
+class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Module):
     """Agent-DeiT image classifier (official parameter names; any input size).
 
     Args:
@@ -253,12 +253,9 @@ class AgentVisionTransformer(TokenFeaturesMixin, nn.Module):
         self._pos_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def __getstate__(self):
-        # pickle / torch.save(model) / copy.deepcopy (EMA, export): without the resized position tables (rebuilt
-        # on the next call), as AgentAttention and zoo.attention.graph.CachedGraphLayer drop theirs
-        state = dict(super().__getstate__())
-        state["_pos_cache"] = {}
-        return state
+    # pickle / torch.save(model) / copy.deepcopy (EMA, export): without the resized position tables (rebuilt on
+    # the next call)
+    _copied_without = {"_pos_cache": dict}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

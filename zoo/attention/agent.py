@@ -63,7 +63,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.core import attend
 from zoo.attention.masks import cache_put
 from zoo.layers import (
-    check_finite_input, check_like_weights, check_rates, is_tracing, surely_finite, to_pair, weights_kept_alive,
+    CachesDroppedWhenCopied, check_finite_input, check_like_weights, check_rates, is_tracing, surely_finite, to_pair, weights_kept_alive,
     weights_stamp,
 )
 
@@ -180,7 +180,7 @@ def _rank4_format_for_5d_tables(fn):
     return apply
 
 
-class AgentAttention(nn.Module):
+class AgentAttention(CachesDroppedWhenCopied, nn.Module):
     """Agent attention over P prefix tokens followed by a Gh x Gw grid of patch tokens.
 
     Args:
@@ -274,12 +274,9 @@ class AgentAttention(nn.Module):
         self._pool_cache = {}
         return super()._apply(_rank4_format_for_5d_tables(fn), *args, **kwargs)
 
-    def __getstate__(self):
-        # pickle / torch.save(model) / copy.deepcopy (EMA, export): without the per-size bias and pooling tables,
-        # rebuilt on the next call (an Agent-DeiT-tiny that had served 8 image sizes saved at 65 MB instead of 23 MB)
-        state = dict(super().__getstate__())
-        state["_bias_cache"], state["_pool_cache"] = {}, {}
-        return state
+    # pickle / torch.save(model) / copy.deepcopy (EMA, export): without the per-size bias and pooling tables,
+    # rebuilt on the next call (an Agent-DeiT-tiny that had served 8 image sizes saved at 65 MB instead of 23 MB)
+    _copied_without = {"_bias_cache": dict, "_pool_cache": dict}
 
     def set_window(self, window: int) -> None:
         """Rebuild the row/column bias tables (ah/aw/ha/wa) for another ``window``, resampled along their axis

@@ -37,7 +37,7 @@ import math
 import torch
 
 from zoo.attention.bias import AttentionBias
-from zoo.layers import check_positive_int, is_tracing
+from zoo.layers import CachesDroppedWhenCopied, check_positive_int, is_tracing
 
 __all__ = ["ALiBi", "alibi_slopes"]
 
@@ -55,7 +55,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return slopes
 
 
-class ALiBi(AttentionBias):
+class ALiBi(CachesDroppedWhenCopied, AttentionBias):
     """ALiBi bias for ``num_heads`` heads: ``materialize(Nq, Nk)`` -> (1, H, Nq, Nk) with entries
     ``-slope[h] * |i + Nk - Nq - j|``. ``slopes``: custom per-head slopes (H,) instead of the paper's."""
 
@@ -128,11 +128,8 @@ class ALiBi(AttentionBias):
         self._exact_slopes_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def __getstate__(self):
-        # pickle / torch.save(module) / copy.deepcopy: without the per-device copies (rebuilt on the next call)
-        state = dict(super().__getstate__())
-        state["_exact_slopes_cache"] = {}
-        return state
+    # pickle / torch.save(module) / copy.deepcopy: without the per-device copies (rebuilt on the next call)
+    _copied_without = {"_exact_slopes_cache": dict}
 
     def __setstate__(self, state):
         # a module pickled by an earlier version kept its copies in another form (one tensor per entry): dropped

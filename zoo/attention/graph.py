@@ -63,7 +63,10 @@ from zoo.attention.segment import (
     segment_softmax,
     segment_softmax_aggregate,
 )
-from zoo.layers import call_outside_graph, check_flag, check_like_weights, in_torch_export, in_torch_func, is_tracing
+from zoo.layers import (
+    CachesDroppedWhenCopied, call_outside_graph, check_flag, check_like_weights, in_torch_export, in_torch_func,
+    is_tracing,
+)
 
 __all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure", "CachedGraphLayer"]
 
@@ -415,7 +418,7 @@ def _edge_index_fingerprint(edge_index: Tensor) -> tuple:
     return tuple(key) + (tuple(torch.cat(values).tolist()) if values else ())
 
 
-class CachedGraphLayer(MessagePassing):
+class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
     """A PyG message-passing layer whose graph structure (validated edge_index, PyG's self loops when
     ``self.add_self_loops``, destination-sorted CSR) is built once per edge_index and cached on the module
     (keyed on the tensor object, its version counter and a content fingerprint: an edge_index edited without a
@@ -427,12 +430,9 @@ class CachedGraphLayer(MessagePassing):
         self._graph_cache = None
         self._reverse_flow = _message_passing_flow(layer or type(self).__name__, message_passing_kwargs or {})
 
-    def __getstate__(self):
-        # pickle / torch.save(layer) / copy.deepcopy: without the cached graph of the last edge_index (it is rebuilt
-        # on the next call; a 500k-edge graph made a 30 KB layer a 33 MB file, with the training graph inside)
-        state = dict(super().__getstate__())
-        state["_graph_cache"] = None
-        return state
+    # pickle / torch.save(layer) / copy.deepcopy: without the cached graph of the last edge_index (it is rebuilt
+    # on the next call; a 500k-edge graph made a 30 KB layer a 33 MB file, with the training graph inside)
+    _copied_without = {"_graph_cache": lambda: None}
 
     # whether the unfused path computes the attention through PyG's ``edge_updater`` (GATConv / GATv2Conv, as
     # PyG's): its edge-update hooks then fire there, so registering one sends the layer down that path

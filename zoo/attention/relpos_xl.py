@@ -41,7 +41,9 @@ import torch.nn.functional as F
 
 from zoo.attention.masks import cache_put
 from zoo.attention.rope import rope_frequencies
-from zoo.layers import autocast_dtype, check_like_weights, is_tracing, weights_kept_alive, weights_stamp
+from zoo.layers import (
+    CachesDroppedWhenCopied, autocast_dtype, check_like_weights, is_tracing, weights_kept_alive, weights_stamp,
+)
 
 __all__ = ["TransformerXLRelPos", "relative_sinusoids", "rel_shift"]
 
@@ -88,7 +90,7 @@ def rel_shift(scores_BHQL: torch.Tensor, n_k: int) -> torch.Tensor:
     return padded[..., n_q:].reshape(*lead, n_q, length)[..., :n_k]
 
 
-class TransformerXLRelPos(nn.Module):
+class TransformerXLRelPos(CachesDroppedWhenCopied, nn.Module):
     """The (b) + (d) terms of Transformer-XL attention, for one attention layer.
 
     Args:
@@ -145,13 +147,10 @@ class TransformerXLRelPos(nn.Module):
         self._tables = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def __getstate__(self):
-        # pickle / torch.save(module) / copy.deepcopy (EMA, export): without the kept tables, rebuilt on the next
-        # call (one 4000-token call made a C = 256 layer's file 7x larger, with a second copy of linear_pos.weight
-        # that the copy could never use), as AgentAttention and CachedGraphLayer drop their caches
-        state = dict(super().__getstate__())
-        state["_tables"] = {}
-        return state
+    # pickle / torch.save(module) / copy.deepcopy (EMA, export): without the kept tables, rebuilt on the next call
+    # (one 4000-token call made a C = 256 layer's file 7x larger, with a second copy of linear_pos.weight that the
+    # copy could never use)
+    _copied_without = {"_tables": dict}
 
     def __setstate__(self, state):
         # layers pickled before the tables were kept per slot hold a single one as _table

@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from zoo.layers import is_int, is_tracing
+from zoo.layers import CachesDroppedWhenCopied, is_int, is_tracing
 
 __all__ = ["RotaryEmbedding", "apply_rotary", "rope_frequencies", "grid_positions", "default_axes_dims", "DEFAULT_THETA"]
 
@@ -81,7 +81,7 @@ def apply_rotary(x_BHND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return out.flatten(-2).to(x_BHND.dtype)
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(CachesDroppedWhenCopied, nn.Module):
     """Rotary position embedding applied to q and k of shape (B, H, N, D).
 
     Args:
@@ -312,12 +312,9 @@ class RotaryEmbedding(nn.Module):
         self._cache = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def __getstate__(self):
-        # pickle / torch.save(module) / copy.deepcopy: without the kept cos/sin (rebuilt on the next call; one
-        # 4000-token call doubled a MultiHeadAttention(256, 4, rope="1d") file), as AgentAttention drops its caches
-        state = dict(super().__getstate__())
-        state["_cache"] = {}
-        return state
+    # pickle / torch.save(module) / copy.deepcopy: without the kept cos/sin (rebuilt on the next call; one
+    # 4000-token call doubled a MultiHeadAttention(256, 4, rope="1d") file)
+    _copied_without = {"_cache": dict}
 
     def __setstate__(self, state):
         # modules pickled before theta and freqs became checked properties hold them as plain attributes
