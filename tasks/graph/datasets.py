@@ -682,6 +682,17 @@ def ogb_node(name: str, root: str, split: Optional[str] = None) -> dict:
 _EVALUATION_STAGES = ("validate", "test", "predict")
 
 
+def _check_sizes(data: str, expected: dict, found: dict, stage: Optional[str]) -> None:
+    """Refuse data whose num_features / num_classes (``found``) differ from the sizes the model was built with
+    (``expected``, None = not given): in Lightning's evaluation stages with :func:`_trained_model_mismatch`'s
+    wording, in fit (zoo train) naming the value to set."""
+    for key, want in expected.items():
+        if want is not None and int(want) != found[key]:
+            if stage in _EVALUATION_STAGES:  # zoo eval: the sizes are the trained model's, not settings
+                raise ValueError(_trained_model_mismatch(data, key, found[key], want))
+            raise ValueError(f"{data} has {key}={found[key]} but the config says {want} (set data.{key}={found[key]})")
+
+
 def _trained_model_mismatch(data: str, key: str, found: int, want: int) -> str:
     """The message for data of another size than the model being evaluated (``zoo eval ckpt=... data.name=sbm``):
     its data.num_features / data.num_classes were fixed when it was trained, so setting them (zoo train's advice)
@@ -1288,14 +1299,7 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
             data = load_node_dataset(self.name, self.root, seed=self.seed,
                                      normalize_features=self.normalize_features, **self.kwargs)
             actual = {"num_features": data["x"].size(1), "num_classes": data["num_classes"]}
-            for key, want in self.expected.items():
-                if want is not None and int(want) != actual[key]:
-                    if stage in _EVALUATION_STAGES:  # zoo eval: the sizes are the trained model's, not settings
-                        raise ValueError(_trained_model_mismatch(f"dataset {self.name!r}", key, actual[key], want))
-                    raise ValueError(
-                        f"dataset {self.name!r} has {key}={actual[key]} but the config says {want} "
-                        f"(set data.{key}={actual[key]})"
-                    )
+            _check_sizes(f"dataset {self.name!r}", self.expected, actual, stage)
             self.data = data
 
     @property
@@ -1502,13 +1506,8 @@ class GraphClassificationDataModule(ResumableTrainingOrder, _Base):
         first read may come from :meth:`describe` (zoo train / zoo eval build the module before Lightning's setup),
         and only Lightning's call knows whether the sizes are settings (fit) or the trained model's (test)."""
         self._load()
-        for key, want in self.expected.items():  # the model was sized by the config
-            if want is not None and int(want) != self._sizes[key]:
-                where = f"graph data set {self.name if self.source == 'tu' else self._where()}"
-                if stage in _EVALUATION_STAGES:  # zoo eval: the sizes are the trained model's, not settings
-                    raise ValueError(_trained_model_mismatch(where, key, self._sizes[key], want))
-                raise ValueError(f"{where} has {key}={self._sizes[key]} but the config says {want} "
-                                 f"(set data.{key}={self._sizes[key]})")
+        where = f"graph data set {self.name if self.source == 'tu' else self._where()}"
+        _check_sizes(where, self.expected, self._sizes, stage)
 
     def _load(self) -> None:
         if self.splits is not None:
