@@ -43,7 +43,7 @@ from zoo.attention.masks import (
     And, ChunkWindow, Mask, Or, SegmentChunkWindow, SegmentWindow, Segments, Window, as_mask,
 )
 from zoo.attention.relpos_xl import TransformerXLRelPos
-from zoo.attention.rope import RotaryEmbedding, apply_rotary
+from zoo.attention.rope import RotaryEmbedding
 from zoo.layers import (
     activate_fresh, check_finite_input, check_flag, check_ints, check_like_weights, check_rates, is_exporting, is_int,
     is_tracing, surely_finite,
@@ -447,25 +447,6 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: the cache holds batch {cache.keys.shape[0]} but x has batch "
                              f"{x_BNC.shape[0]} (KVCache.reorder selects beams)")
 
-    def _rotate_after(self, x_BHND: torch.Tensor, positions, prefix: int) -> torch.Tensor:
-        """RoPE on the tokens of ``x_BHND`` after its first ``prefix`` (a KV cache call: ``num_prefix_tokens``
-        in the call that starts the stream, 0 later, whereas RotaryEmbedding skips its own count in every call)."""
-        if prefix == self.rope.num_prefix_tokens:
-            return self.rope(x_BHND, positions)
-        per_sample = 2 if self.rope.mode == "1d" else 3  # (B, n) or (B, n, P)
-        if isinstance(positions, torch.Tensor) and positions.dim() == per_sample \
-                and positions.shape[0] not in (1, x_BHND.shape[0]):
-            raise ValueError(f"RoPE: per-sample positions {tuple(positions.shape)} are for batch {positions.shape[0]} "
-                             f"but x has batch {x_BHND.shape[0]}")
-        num_tokens = x_BHND.shape[2] - prefix
-        if num_tokens <= 0:
-            return x_BHND
-        compute_dtype = torch.float64 if x_BHND.dtype == torch.float64 else torch.float32
-        cos, sin = self.rope.cos_sin(num_tokens, positions, device=x_BHND.device, dtype=compute_dtype)
-        if prefix == 0:
-            return apply_rotary(x_BHND, cos, sin)
-        return torch.cat((x_BHND[:, :, :prefix], apply_rotary(x_BHND[:, :, prefix:], cos, sin)), dim=2)
-
     @staticmethod
     def _check_stream(cache: KVCache, mask) -> None:
         """The conditions under which a self-attention KV cache gives the whole pass's result for a windowed
@@ -707,8 +688,8 @@ class MultiHeadAttention(nn.Module):
             if positions is None:  # 1D (2D / 3D need positions, checked): the rotated tokens' count continues
                 start = cache.position + prefix - self.num_prefix_tokens
                 positions = torch.arange(start, start + max(0, n_q - prefix), device=x_BNC.device)
-            q_BHND = self._rotate_after(q_BHND, positions, prefix)
-            k_BHMD = self._rotate_after(k_BHMD, positions, prefix)
+            q_BHND = self.rope(q_BHND, positions, num_prefix_tokens=prefix)
+            k_BHMD = self.rope(k_BHMD, positions, num_prefix_tokens=prefix)
         elif self.rope is not None:
             q_pos, k_pos = positions, positions
             if self.is_cross and isinstance(positions, tuple) and len(positions) == 2 and not is_int(positions[0]):

@@ -285,8 +285,11 @@ class RotaryEmbedding(CachesDroppedWhenCopied, nn.Module):
         return cos, sin
 
     # ------------------------------------------------------------------ apply
-    def forward(self, x_BHND: torch.Tensor, positions: Positions = None) -> torch.Tensor:
-        """Rotate the non-prefix tokens of ``x`` (B, H, N, D); the prefix tokens pass through unchanged."""
+    def forward(self, x_BHND: torch.Tensor, positions: Positions = None,
+                num_prefix_tokens: Optional[int] = None) -> torch.Tensor:
+        """Rotate the non-prefix tokens of ``x`` (B, H, N, D); the prefix tokens pass through unchanged.
+        ``num_prefix_tokens`` overrides the module's count for this call (a KV cache step: the prefix tokens are
+        the stream's first ones, so later calls hold none)."""
         if x_BHND.dim() != 4 or x_BHND.shape[-1] != self.head_dim:
             raise ValueError(f"RoPE expects (B, H, N, {self.head_dim}), got {tuple(x_BHND.shape)}")
         if not x_BHND.is_floating_point():
@@ -297,7 +300,7 @@ class RotaryEmbedding(CachesDroppedWhenCopied, nn.Module):
                 and positions.shape[0] not in (1, x_BHND.shape[0]):
             raise ValueError(f"RoPE: per-sample positions {tuple(positions.shape)} are for batch {positions.shape[0]} "
                              f"but x has batch {x_BHND.shape[0]}")
-        npt = self.num_prefix_tokens
+        npt = self.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
         num_tokens = x_BHND.shape[2] - npt
         if num_tokens <= 0:  # prefix tokens only (e.g. one latent query of a cross attention): nothing to rotate
             return x_BHND
