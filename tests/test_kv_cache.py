@@ -624,6 +624,22 @@ def _look_ahead_masks():
     ]
 
 
+
+def test_rope_prefix_count_of_one_call():
+    """RotaryEmbedding(x, positions, num_prefix_tokens=n) leaves the first n tokens of this call unrotated (what a
+    KV-cache step after the prefix uses, n = 0): equal to a module built with that count; not an int >= 0 refused."""
+    from zoo.attention import RotaryEmbedding
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    with_prefix, without = RotaryEmbedding(8, num_prefix_tokens=2), RotaryEmbedding(8)
+    torch.testing.assert_close(with_prefix(x, num_prefix_tokens=0), without(x), rtol=0, atol=0)
+    torch.testing.assert_close(without(x, num_prefix_tokens=2), with_prefix(x), rtol=0, atol=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"num_prefix_tokens must be an int >= 0, got {bad!r}"):
+            without(x, num_prefix_tokens=bad)
+
+
 @pytest.mark.parametrize("index", range(len(_look_ahead_masks())),
                          ids=[repr(m).replace(" ", "") for m in _look_ahead_masks()])
 def test_masks_that_look_ahead_are_refused_over_a_cache(index):

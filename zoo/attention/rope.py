@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from zoo.layers import CachesDroppedWhenCopied, is_int, is_tracing
+from zoo.layers import CachesDroppedWhenCopied, check_ints, is_int, is_tracing
 
 __all__ = ["RotaryEmbedding", "apply_rotary", "rope_frequencies", "grid_positions", "default_axes_dims", "DEFAULT_THETA"]
 
@@ -300,6 +300,8 @@ class RotaryEmbedding(CachesDroppedWhenCopied, nn.Module):
                 and positions.shape[0] not in (1, x_BHND.shape[0]):
             raise ValueError(f"RoPE: per-sample positions {tuple(positions.shape)} are for batch {positions.shape[0]} "
                              f"but x has batch {x_BHND.shape[0]}")
+        if num_prefix_tokens is not None:
+            check_ints(0, num_prefix_tokens=num_prefix_tokens)
         npt = self.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
         num_tokens = x_BHND.shape[2] - npt
         if num_tokens <= 0:  # prefix tokens only (e.g. one latent query of a cross attention): nothing to rotate
