@@ -624,7 +624,6 @@ def _look_ahead_masks():
     ]
 
 
-
 def test_rope_prefix_count_of_one_call():
     """RotaryEmbedding(x, positions, num_prefix_tokens=n) leaves the first n tokens of this call unrotated (what a
     KV-cache step after the prefix uses, n = 0): equal to a module built with that count; not an int >= 0 refused."""
