@@ -1061,9 +1061,9 @@ def _warp_with(dataset, draws):
 
 
 def test_affine_augmentation_is_torchvisions_rotation_zoom_and_translation():
-    """Each part of augment=affine alone equals torchvision's affine (bilinear, zeros outside) of the same amount:
-    a rotation (not a shear or mirror), a zoom by 1 + scale * u, a translation by shift * u pixels (scaled with
-    img_size as the shift augmentation is)."""
+    """Each part of augment=affine, alone and together, equals torchvision's affine (bilinear, zeros outside) of
+    the same amount: a rotation (not a shear or mirror), a zoom by 1 + scale * u, a translation by shift * u pixels
+    (scaled with img_size as the shift augmentation is; not rotated or zoomed with the content)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
@@ -1078,6 +1078,9 @@ def test_affine_augmentation_is_torchvisions_rotation_zoom_and_translation():
         ([0.5, 0.0, 0.5, 0.5], 0.0, [0.0, 0.0], 0.7),
         ([0.5, 0.5, 1.0, 0.5], 0.0, [2.0, 0.0], 1.0),
         ([0.5, 0.5, 0.5, 0.25], 0.0, [0.0, -1.0], 1.0),
+        # all three at once: the translation is not rotated or zoomed with the content (as torchvision's)
+        ([1.0, 1.0, 1.0, 0.25], -30.0, [2.0, -1.0], 1.3),
+        ([0.25, 0.0, 0.0, 1.0], 15.0, [-2.0, 2.0], 0.7),
     ]
     for draws, angle, translate, scale in cases:
         want = TF.affine(image, angle=angle, translate=translate, scale=scale, shear=[0.0, 0.0],

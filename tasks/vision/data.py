@@ -122,7 +122,11 @@ class TensorImageDataset(Dataset):
         zoom = 1.0 + self.scale * float(u[1])
         dx, dy = self.shift * float(u[2]), self.shift * float(u[3])
         cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom  # theta maps output -> input coordinates
-        theta = torch.tensor([[cos, -sin, -2 * dx / width], [sin, cos, -2 * dy / height]], dtype=image_CHW.dtype)
+        # input = A (output - t) with t the shift in normalised coordinates, so the content moves by exactly
+        # (dx, dy) pixels whatever the rotation and zoom (theta's last column is -A t, not -t)
+        tx, ty = 2 * dx / width, 2 * dy / height
+        theta = torch.tensor([[cos, -sin, -(cos * tx - sin * ty)], [sin, cos, -(sin * tx + cos * ty)]],
+                             dtype=image_CHW.dtype)
         grid = F.affine_grid(theta[None], [1, *image_CHW.shape], align_corners=False)
         return F.grid_sample(image_CHW[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
 
