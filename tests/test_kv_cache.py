@@ -190,7 +190,13 @@ def test_reorder_selects_beams():
         cache.reorder(beams)
         step = mha(x[beams, 4:6], mask=Causal(), cache=cache)
         want = mha(x[beams], mask=Causal())[:, 4:6]
+        # negative rows count from the end, as tensor indexing reads them (index_select raised a bare IndexError)
+        cache = KVCache()
+        mha(x[:, :4], mask=Causal(), cache=cache)
+        cache.reorder(torch.tensor([-1, 2, -3]))
+        from_the_end = mha(x[beams, 4:6], mask=Causal(), cache=cache)
     torch.testing.assert_close(step, want, **TOL)
+    torch.testing.assert_close(from_the_end, want, **TOL)
 
 
 def test_cache_misuse_raises_clear_errors():
@@ -781,3 +787,82 @@ def test_rope_with_prefix_tokens_decodes_with_a_cache(rope):
                               positions=pos[rotated] if rope == "2d" else None))
             t += n
     torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["window", "segment window"])
+def test_a_window_one_token_longer_than_a_rolling_cache_is_refused(kind):
+    """The bound of the history check (audit 2026-12-07, mutation testing): a window that looks back exactly
+    max_length tokens streams exactly (the whole pass is the reference), one token more must be refused, as the
+    rolling cache no longer holds the oldest key that window's queries see (silently 0.17 off otherwise)."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4).double().eval()
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+
+    def mask(left, t=0, n=12):  # one segment: the kept keys are the last 4 (at most) and the call's n
+        if kind == "window":
+            return Window(left, 0)
+        q_ids, kv_ids = torch.zeros(1, n, dtype=torch.long), torch.zeros(1, min(t, 4) + n, dtype=torch.long)
+        return Segments(q_ids, kv_ids).window(left, 0)
+
+    with torch.no_grad():
+        whole = layer(x, mask=mask(4))
+        cache = KVCache(max_length=4)
+        outs = [layer(x[:, t:t + 1], mask=mask(4, t, 1), cache=cache) for t in range(12)]
+        torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match=r"looks back 5 tokens but the KVCache keeps max_length=4"):
+            layer(x[:, :1], mask=mask(5, 0, 1), cache=KVCache(max_length=4))
+
+
+def test_a_cross_attention_cache_follows_beams_that_shrink_the_batch():
+    """KVCache.reorder must reorder the stored context with the keys: a beam search that keeps fewer rows than
+    it started with then decodes on from the cache alone (context=None) and equals the uncached module on the
+    selected rows (audit 2026-12-07: without the context reordered the step failed on a batch mismatch)."""
+    torch.manual_seed(0)
+    cross = MultiHeadAttention(32, num_heads=4, kv_dim=24).double().eval()
+    context = torch.randn(3, 7, 24, dtype=torch.float64)
+    x = torch.randn(3, 4, 32, dtype=torch.float64)
+    beams = torch.tensor([2, 0])
+    with torch.no_grad():
+        cache = KVCache()
+        cross(x[:, :2], context=context, cache=cache)
+        cache.reorder(beams)
+        assert cache.context.shape[0] == 2
+        torch.testing.assert_close(cache.context, context[beams], rtol=0, atol=0)
+        step = cross(x[beams, 2:], cache=cache)
+        want = cross(x[beams], context=context[beams])[:, 2:]
+    torch.testing.assert_close(step, want, rtol=0, atol=1e-12)
+
+
+def test_a_rolling_cache_moves_its_keys_once_per_max_length_tokens():
+    """The rolling storage holds twice the bound plus a call, so decoding token by token moves the kept keys at
+    most once every max_length tokens, not at every step (a storage of max_length slots reallocated at each token
+    past the bound: O(max_length) copies per token); the kept keys stay the stream's last ones."""
+    w = 32  # above the 16 slots every storage has at least
+    cache = KVCache(max_length=w)
+    keys = [torch.randn(1, 2, 1, 4) for _ in range(200)]
+    storages, last = 0, None
+    for t, k in enumerate(keys):
+        got_k, got_v = cache.append(k, -k)
+        if cache._k is not last:
+            storages, last = storages + 1, cache._k
+        torch.testing.assert_close(got_k, torch.cat(keys[max(0, t - w):t + 1], dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(got_v, -got_k, rtol=0, atol=0)
+    assert storages <= 200 // w + 1, f"{storages} storages for 200 tokens with max_length={w}"
+    assert cache.position == 200 and len(cache) == w
+
+
+def test_a_first_call_with_padding_inside_the_batch_is_exact_with_alibi():
+    """A first call is exact whatever its padding layout (every distance is within the call), so the left-padding
+    check of ALiBi over a KV cache starts once keys are cached: valid keys after a gap of padding in the first
+    call are accepted and equal the uncached call."""
+    from zoo.attention import ALiBi
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rel_pos_bias=ALiBi(4)).double().eval()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    ids = torch.tensor([[0, 0, -1, 0, 0], [0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        want = layer(x, mask=Causal() & Segments(ids))
+        got = layer(x, mask=Causal() & Segments(ids), cache=KVCache())
+    valid = ids >= 0
+    torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-12)

@@ -743,3 +743,20 @@ def test_rope_refuses_fewer_tokens_than_its_prefix():
     x = torch.randn(1, 6, 8)
     with pytest.raises(ValueError, match=r"context must have shape \(B, M, 6\)"):
         MultiHeadAttention(8, 2, kv_dim=6)(x, torch.randn(1, 3, 5))
+
+
+def test_captured_weights_are_detached_from_the_graph():
+    """capture_attention records the probabilities detached (its docstring): captured under autograd in training,
+    a record neither keeps the graph alive nor needs .detach() before .numpy() (audit 2026-12-07), while the
+    module's output still has its gradient."""
+    torch.manual_seed(3)
+    m = _randomise(MultiHeadAttention(32, 4, qkv_bias=True)).train()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    with capture_attention() as maps:
+        out = m(x)
+    assert out.requires_grad
+    assert len(maps) == 1 and not maps[0].weights.requires_grad and maps[0].weights.grad_fn is None
+    ref_weights = []
+    mha_reference(m, x.detach(), weights_out=ref_weights)
+    torch.testing.assert_close(maps[0].weights.double(), ref_weights[0], atol=1e-5, rtol=1e-5)
+    maps[0].weights.numpy()

@@ -172,3 +172,14 @@ def test_float64_tables_resize_in_float64_and_bools_are_not_head_counts():
                  lambda: RelPosMlp(3, 2, hidden_dim=True)):
         with pytest.raises(ValueError, match="must be a positive int, got True"):
             make()
+
+
+@pytest.mark.parametrize("cls", [RelPosBiasTf, RelPosMlp])
+@pytest.mark.parametrize("q_len,k_len", [(4, 5), (5, 4), (1, 4)])
+def test_one_length_off_the_window_is_enough_to_raise(cls, q_len, k_len):
+    """A window bias is built for N = Wh * Ww queries and keys: materialize() refuses a call where either length
+    differs (not only both), instead of returning an (N, N) bias for another problem size."""
+    bias = cls((2, 2), 2)
+    with pytest.raises(ValueError, match="2x2 window"):
+        bias.materialize(q_len, k_len)
+    assert bias.materialize(4, 4).shape == (1, 2, 4, 4)

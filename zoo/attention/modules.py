@@ -188,6 +188,8 @@ class KVCache:
         batch = None if self._k is None else self._k.shape[0]
         if batch is not None and index.numel() and not (-batch <= int(index.min()) and int(index.max()) < batch):
             raise ValueError(f"KVCache.reorder: index {index.tolist()} is out of range for the cached batch of {batch}")
+        if batch is not None:
+            index = torch.where(index < 0, index + batch, index)  # -1: the last row, as tensor indexing reads it
         if self._k is not None:
             self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
         if self.context is not None:
