@@ -1180,3 +1180,39 @@ def test_resolve_names_what_failed(capsys, overrides, message):
     assert cli.main(["train", *overrides, "--cfg", "job", "--resolve"]) == 1
     err = capsys.readouterr().err.splitlines()[0]
     assert err.startswith("zoo train: error: ") and message in err, err
+
+
+def test_key_values_split_at_the_first_equals_sign():
+    """Lightning names checkpoints epoch=E-step=S.ckpt: ckpt=<that file> is the key ckpt with the whole path as its
+    value, and a data override's value may hold '=' too (mutation audit m12: split at the last '=', the key became
+    'ckpt=.../epoch=3-step' and zoo eval said ckpt= was missing)."""
+    values, rest = cli._key_values(["ckpt=runs/a/checkpoints/epoch=3-step=40.ckpt", "data.root=/data/x=1", "split=val"],
+                                   ("ckpt", "split", "data"), "eval", passthrough_dotted=True)
+    assert values == {"ckpt": ["runs/a/checkpoints/epoch=3-step=40.ckpt"], "split": ["val"]}
+    assert rest == ["data.root=/data/x=1"]
+    values, _ = cli._key_values(["ckpt=best-epoch=0-step=5.ckpt", "input=digits:0", "topk=3"],
+                                ("ckpt", "input", "topk", "json"), "predict")
+    assert values == {"ckpt": ["best-epoch=0-step=5.ckpt"], "input": ["digits:0"], "topk": ["3"]}
+
+
+def test_run_summary_prints_every_value_below_a_thousandth_in_scientific_notation(capsys):
+    """4 decimals show a value below 1e-3 as 0.0000 / 0.0003: a fine-tuning lr of 3e-5 read as zero (mutation audit
+    m12: the threshold moved to 1e-5 and no test saw it). Expected strings are Python's own formatting."""
+    cli._print_summary({"run_dir": "r", "metrics": {"train/lr": 3e-5, "val/lr": 2.5e-4, "val/acc1": 0.001,
+                                                    "val/loss": -0.5}, "seconds": 2.0})
+    out = capsys.readouterr().out
+    assert f"{3e-5:.3e}" == "3.000e-05" and "3.000e-05" in out and "2.500e-04" in out
+    assert "0.0010" in out and "-0.5000" in out and "0.0000" not in out
+
+
+def test_best_weights_with_validation_at_the_last_epoch_are_accepted():
+    """trainer.check_val_every_n_epoch equal to trainer.max_epochs validates once, at the last epoch: best.ckpt is
+    written, so test_ckpt=best / export_ckpt=best are accepted; only a validation interval longer than the run is
+    refused (mutation audit m12: '<=' refused the equal case, e.g. the default 1 and 1)."""
+    for epochs, every in ((1, 1), (2, 2), (3, 2)):
+        cfg = run.compose([*FAST_RUN, "test_ckpt=best", "export_ckpt=best", f"trainer.max_epochs={epochs}",
+                           f"trainer.check_val_every_n_epoch={every}"])
+        run._check_best_checkpoint_can_exist(cfg, run._instantiate_group(cfg.callbacks))
+    cfg = run.compose([*FAST_RUN, "test_ckpt=best", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=3"])
+    with pytest.raises(ValueError, match=r"trainer\.check_val_every_n_epoch=3 > trainer\.max_epochs=2"):
+        run._check_best_checkpoint_can_exist(cfg, run._instantiate_group(cfg.callbacks))

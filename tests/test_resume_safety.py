@@ -778,3 +778,76 @@ def test_a_run_dir_in_use_by_another_zoo_train_is_refused(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
     finally:
         os.close(fd)
+
+
+def test_a_kept_checkpoint_named_by_its_real_path_in_a_linked_checkpoints_folder_is_the_runs_own(tmp_path):
+    """checkpoints/ symlinked to another disk: a kept checkpoint there other than last.ckpt / best.ckpt (save_top_k
+    > 1: best-epoch0-step5.ckpt), named by its real path, is the run's own, and resuming from it into the run_dir is
+    not refused as "a checkpoint of another run"; another run's checkpoint still is (mutation audit m12)."""
+    scratch, run_dir = tmp_path / "scratch", tmp_path / "run"
+    scratch.mkdir()
+    run_dir.mkdir()
+    (run_dir / "checkpoints").symlink_to(scratch)
+    for name in ("last.ckpt", "best-epoch0-step5.ckpt"):
+        (scratch / name).write_bytes(b"x")
+    kept = scratch / "best-epoch0-step5.ckpt"
+    assert run._is_own_checkpoint(kept, run_dir)
+    run._check_not_a_finished_run(run_dir, {"ckpt_path": str(kept)})
+    other = tmp_path / "other" / "checkpoints" / "last.ckpt"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"x")
+    assert not run._is_own_checkpoint(other, run_dir)
+    with pytest.raises(ValueError, match="is a checkpoint of another run"):
+        run._check_not_a_finished_run(run_dir, {"ckpt_path": str(other)})
+
+
+def test_another_process_count_is_refused_after_a_single_batch_of_the_epoch(capsys):
+    """One batch done in the epoch is already a share of its samples per process: refused like five (mutation audit
+    m12: a threshold of more than one batch let it through); none done resumes with the schedule note."""
+    with pytest.raises(ValueError, match=r"^cannot resume in the middle of epoch 3 \(after 1 of its batches\) with 1 "
+                                         r"process: the checkpoint's run trained it with 2"):
+        run._check_resumed_processes({"epoch": 3, "batches_done": 1, "world_size": 2}, 1)
+    run._check_resumed_processes({"epoch": 3, "batches_done": 0, "world_size": 2}, 1)
+    assert "zoo train: resuming with 1 process (the run used 2)" in capsys.readouterr().err
+    run._check_resumed_processes({"epoch": 3, "batches_done": 1, "world_size": 2}, 2)  # the same count: nothing
+
+
+def test_a_resume_with_another_weight_decay_is_refused(tmp_path):
+    """Lightning restores the optimizer's param groups, weight_decay among them, so a resume given another
+    task.weight_decay would train on with the old one: refused naming both values, as task.lr is (mutation audit m12:
+    weight_decay dropped from the compared keys went unnoticed)."""
+    stored_cfg = run.compose(FAST_RUN)
+    stored = {"hyper_parameters": {"zoo_config": run._to_container(stored_cfg)},
+              "state_dict": run.build(stored_cfg)[0].state_dict()}
+    old = stored_cfg.task.weight_decay
+    current = run.compose([*FAST_RUN, f"task.weight_decay={old * 2}"])
+    with pytest.raises(ValueError, match=rf"cannot resume from .* with task\.weight_decay={old * 2}: the run used "
+                                         rf"task\.weight_decay={old}"):
+        run._check_resume_fits((tmp_path / "a.ckpt", stored), run.build(current)[0], current)
+    same = run.compose(FAST_RUN)
+    run._check_resume_fits((tmp_path / "a.ckpt", stored), run.build(same)[0], same)
+
+
+def test_atomic_checkpoints_get_the_permissions_a_plain_torch_save_gives(tmp_path):
+    """mkstemp makes its file 0600: a checkpoint written through it stayed unreadable to the group (a shared project
+    folder) unless chmod-ed to what the umask gives. The reference is torch.save straight to a path (mutation audit
+    m12)."""
+    import os
+    import stat
+
+    from zoo.train.checkpoint import AtomicCheckpointIO, atomic_torch_save
+
+    previous = os.umask(0o022)
+    try:
+        for umask in (0o022, 0o002, 0o077):
+            os.umask(umask)
+            torch.save({"a": 1}, tmp_path / f"plain_{umask:o}.ckpt")
+            atomic_torch_save({"a": 1}, tmp_path / f"atomic_{umask:o}.ckpt")
+            AtomicCheckpointIO().save_checkpoint({"a": 1}, tmp_path / f"io_{umask:o}.ckpt")
+            modes = {name: stat.S_IMODE(os.stat(tmp_path / f"{name}_{umask:o}.ckpt").st_mode)
+                     for name in ("plain", "atomic", "io")}
+            assert modes["plain"] == 0o666 & ~umask
+            assert modes == {name: modes["plain"] for name in modes}, (oct(umask), modes)
+    finally:
+        os.umask(previous)
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -375,3 +375,38 @@ def test_cfg_prints_every_job_and_the_errors_in_place(tmp_path, capsys):
     assert out.index("# job 0: error:") < out.index("# job 1: ") and "name: gat_${data.model_kind}" in out
     assert "1 of 2 job(s) do not compose (job 0)" in captured.err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_multi_node_job_is_refused_even_on_one_device(tmp_path, capsys):
+    """trainer.num_nodes=2 with trainer.devices=1 is two processes (one per node), each re-running the command line,
+    as trainer.devices=2 is: refused before any job runs, naming both settings (mutation audit m12: a check of the
+    device count alone let it through)."""
+    code = cli.main(["train", "-m", *KARATE, "++trainer.num_nodes=2", "seed=0,1", f"sweep_dir={tmp_path / 'sweep'}"])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert code == 1
+    assert first.startswith("zoo train: error: job 0 runs on several processes (trainer.devices=1, "
+                            "trainer.num_nodes=2), which a sweep cannot"), first
+    assert not (tmp_path / "sweep").exists()
+    sweep.check_single_process(run.compose([*KARATE, "++trainer.num_nodes=1"]), 0)  # one node, one device: a job
+
+
+def test_a_rerun_that_finishes_a_failed_job_removes_its_old_traceback(tmp_path, monkeypatch):
+    """A job that failed with an internal error keeps its traceback in <run_dir>/error.txt; rerun with the same
+    sweep_dir and finished, its folder no longer holds that file (it would read as the job's failure), and its record
+    names no traceback (mutation audit m12)."""
+    monkeypatch.delenv("ZOO_DEBUG", raising=False)
+    sweep_dir = tmp_path / "sweep"
+    args = [*KARATE, "seed=0"]
+
+    def broken(cfg, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(run, "train", broken)
+    _, records = sweep.run(args, str(sweep_dir))
+    saved = sweep_dir / "0" / sweep.ERROR_FILE
+    assert records[0]["status"] == "failed" and records[0]["traceback"] == str(saved) and saved.is_file()
+    monkeypatch.setattr(run, "train", lambda cfg, **kwargs: {"metrics": {"val/acc1": 0.5}})
+    _, records = sweep.run(args, str(sweep_dir))
+    assert records[0]["status"] == "ok" and records[0]["metrics"] == {"val/acc1": 0.5}
+    assert "traceback" not in records[0] and not saved.exists()
+    assert "traceback" not in _records(sweep_dir)[0]
