@@ -808,3 +808,29 @@ def test_a_uint8_label_of_255_is_a_class_not_the_unlabelled_minus_one():
     assert _graph_label(torch.tensor(-1), "g") is None and _graph_label(torch.tensor(float("nan")), "g") is None
     with pytest.raises(ValueError, match=r"label -3 is not a class index"):
         datasets._ogb_labels("labels.csv.gz", torch.tensor([0.0, -3.0, 2.5, float("nan")]))
+
+
+# ------------------------------------------------------------------------------- mutation audit of the graph tasks
+def test_a_label_equal_to_the_class_count_is_outside_the_models_classes(degree_ckpt, karate_ckpt, tmp_path):
+    """The largest class of a K-class model is K-1: a label K (one past the end) is refused as 7 is, in graph files
+    (2 classes) and node files (karate: 4 classes), not shown beside a prediction as if it were a class."""
+    torch.save([_star(2, y=0), _path(5, y=2)], tmp_path / "graphs.pt")
+    with pytest.raises(ValueError, match=r"graphs\.pt \[1\]: y holds label 2, but the model has 2 classes \(0\.\.1\)"):
+        run.predict(degree_ckpt, [str(tmp_path / "graphs.pt")])
+    data = gd.karate_club()
+    y = data["y"].clone()
+    y[5] = 4
+    torch.save(Data(x=data["x"], edge_index=data["edge_index"], y=y), tmp_path / "nodes.pt")
+    with pytest.raises(ValueError, match=r"nodes\.pt: y holds label 4 \(node 5\), but the model has 4 classes"):
+        run.predict(karate_ckpt, [str(tmp_path / "nodes.pt")])
+
+
+def test_a_graph_file_of_more_graphs_than_one_batch_predicts_every_graph(synthetic_ckpt, tmp_path):
+    """Graphs are predicted in batches of 64: a file of 150 graphs (two full batches and a remainder) gives 150
+    rows, each the probabilities of its own graph run alone."""
+    graphs = gd.synthetic_graph_classification(150, seed=7)
+    torch.save([Data(x=g["x"], edge_index=g["edge_index"], y=torch.tensor([int(g["y"])])) for g in graphs],
+               tmp_path / "many.pt")
+    _check_rows(run.predict(synthetic_ckpt, [str(tmp_path / "many.pt")], topk=3),
+                _graph_reference(synthetic_ckpt, graphs), [f"many.pt[{i}]" for i in range(150)],
+                [int(g["y"]) for g in graphs], topk=3)

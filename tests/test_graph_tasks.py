@@ -1222,3 +1222,199 @@ def test_a_dictlookup_checkpoint_on_another_k_names_the_k_it_was_trained_with(tm
     assert viz([f"ckpt={ckpt}", "node=1", f"out={tmp_path / 'a.png'}"]) == 0  # drawn on its own data, k=4
     assert cli.main(["eval", f"ckpt={ckpt}", "data.k=5"]) == 1
     assert "the model is one of k=4" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ mutation audit of the graph tasks
+@pytest.mark.parametrize("conv, heads", [("gatv2", 1), ("gatv2", 2), ("gat", 1)])
+def test_dictionary_lookup_net_is_the_official_model_on_pyg_layers(conv, heads):
+    """DictionaryLookupNet against the official GraphModel (tech-srl/how_attentive_are_gats,
+    dictionary_lookup/models/graph_model.py: one layer, no residual, activation or layer norm; its dropout quirk
+    left out as the class docstring says) rebuilt here on PyG's layers with the model's weights: key and value
+    embeddings summed, ReLU, GATv2Conv(share_weights=True, bias=False, add_self_loops=False) or
+    GATConv(add_self_loops=True), a bias-free linear head on the query nodes. Every weight is redrawn first, so
+    no zero-initialised term (a bias) hides."""
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.nn import GATConv, GATv2Conv
+
+    k, dim = 4, 16
+    torch.manual_seed(0)
+    model = zoo.create_model(f"{conv}_dictlookup", num_classes=k, dim=dim, heads=heads).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    if conv == "gatv2":
+        layer = GATv2Conv(dim, dim // heads, heads=heads, bias=False, share_weights=True, add_self_loops=False)
+    else:
+        layer = GATConv(dim, dim // heads, heads=heads, add_self_loops=True)
+    layer.load_state_dict(model.conv.state_dict())
+    assert {name for name, _ in model.named_parameters() if not name.startswith("conv.")} == {
+        "key_embed.weight", "value_embed.weight", "head.weight"}
+    b = collate(generate_permutations(k)[:5])
+    x = b["x"]
+    with torch.no_grad():
+        h = F.relu(F.embedding(x[:, 0], model.key_embed.weight) + F.embedding(x[:, 1], model.value_embed.weight))
+        expected = layer.eval()(h, b["edge_index"])[b["target_index"]] @ model.head.weight.t()
+        got = model(x, b["edge_index"], b["target_index"])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dictionary_lookup_generates_every_permutation_up_to_max_examples():
+    """k! <= max_examples gives all k! permutations, lexicographic, as the official get_combinations (random ones
+    only when k! exceeds the cap): the boundary k! == max_examples included."""
+    for k in (4, 5):
+        count = len(list(itertools.permutations(range(k))))
+        perms = generate_permutations(k, max_examples=count)
+        assert perms.tolist() == [list(p) for p in itertools.permutations(range(k))]
+    assert generate_permutations(5, max_examples=119).shape == (119, 5)
+
+
+def test_dictionary_lookup_validates_and_tests_on_the_unseen_combination_split():
+    """val/acc1 (the stop_at_acc and best-checkpoint figure) and test/acc1 score the unseen-combination split, the
+    paper's test set, and predict reads it too: every one of those graphs holds a (key, value) pair that no
+    training graph has, and the training loader gives the training graphs."""
+    from zoo.tasks.graph.dictlookup import DictionaryLookupDataModule
+
+    k = 4
+    dm = DictionaryLookupDataModule(k=k, batch_size=7)
+    dm.setup()
+
+    def perms_of(loader):
+        return sorted(tuple(p) for b in loader for p in b["y"].view(-1, k).tolist())
+
+    train = perms_of(dm.train_dataloader())
+    assert train == sorted(tuple(p) for p in dm.train_perms.tolist())
+    seen = {(i, v) for p in train for i, v in enumerate(p)}
+    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        held_out = perms_of(loader)
+        assert held_out == sorted(tuple(p) for p in dm.test_perms.tolist())
+        assert held_out and all(any((i, v) not in seen for i, v in enumerate(p)) for p in held_out)
+    assert len(train) + len(dm.test_perms) == 24
+
+
+class _LookupOracle(torch.nn.Module):
+    """Reads each query's answer off its graph's key-value nodes (DictionaryLookup batches: per graph k queries, then
+    k key-value nodes), and gets it wrong where ``miss(key, answer)``; ``zero`` puts a parameter in the graph so that
+    the loss has something to step."""
+
+    def __init__(self, k: int, miss=lambda key, answer: torch.zeros_like(key, dtype=torch.bool)):
+        super().__init__()
+        self.k, self.miss, self.num_classes = k, miss, k
+        self.zero = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, edge_index, target_index):
+        k = self.k
+        graph, key = target_index // (2 * k), target_index % (2 * k)
+        answer = x[graph * 2 * k + k + key, 1]
+        predicted = torch.where(self.miss(key, answer), (answer + 1) % k, answer)
+        return F.one_hot(predicted, k).float() * 10 + self.zero
+
+
+def test_dictlookup_graph_acc_is_the_share_of_graphs_with_every_query_right():
+    """val/graph_acc groups the query results per graph (the batch's queries are graph after graph): a model that is
+    wrong exactly on the fixed points of the permutation (perm[key] == key) gets a graph right iff its permutation is
+    a derangement; val/acc1 is the share of non-fixed points. Both computed here from the permutations."""
+    import lightning as L
+
+    from zoo.tasks.graph.dictlookup import DictionaryLookupDataModule
+    from zoo.tasks.graph.lit import GraphTargetsModule
+
+    k = 5
+    dm = DictionaryLookupDataModule(k=k, batch_size=7)  # batches of 7 graphs, the last one shorter
+    dm.setup()
+    module = GraphTargetsModule(_LookupOracle(k, miss=lambda key, answer: key == answer))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    metrics = trainer.validate(module, dm, verbose=False)[0]
+    moved = dm.test_perms != torch.arange(k)
+    assert 0 < moved.all(1).float().mean() < 1  # some graphs right, some wrong
+    assert metrics["val/graph_acc"] == pytest.approx(moved.all(1).float().mean().item())
+    assert metrics["val/acc1"] == pytest.approx(moved.float().mean().item())
+
+
+def test_stop_at_acc_stops_when_val_acc1_reaches_it_exactly():
+    """task.stop_at_acc=1.0 (the paper trains DictionaryLookup until 100%) stops at the first validation whose
+    val/acc1 equals it: a model that is always right stops after one epoch of max_epochs=4."""
+    import lightning as L
+
+    from zoo.tasks.graph.dictlookup import DictionaryLookupDataModule
+    from zoo.tasks.graph.lit import GraphTargetsModule
+
+    dm = DictionaryLookupDataModule(k=4, batch_size=8)
+    module = GraphTargetsModule(_LookupOracle(4), stop_at_acc=1.0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, dm)
+    assert float(trainer.callback_metrics["val/acc1"]) == 1.0
+    assert trainer.current_epoch == 1, trainer.current_epoch
+
+
+def test_trainer_predict_gives_the_ema_weights_probabilities():
+    """With ema_decay, trainer.predict gives the EMA copy's probabilities (the weights validation scores and the
+    release holds), as the module docstring says: here the raw weights are moved away from the EMA copy's."""
+    import lightning as L
+
+    from zoo.tasks.graph.dictlookup import DictionaryLookupDataModule
+    from zoo.tasks.graph.lit import GraphTargetsModule, NodeClassificationModule
+
+    def predict(module, datamodule):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        return trainer.predict(module, datamodule=datamodule)
+
+    torch.manual_seed(0)
+    node_data = gd.NodeDataModule("karate")
+    node_data.setup()
+    module = NodeClassificationModule(zoo.create_model("gatv2_node_debug"), ema_decay=0.9)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(torch.randn_like(p))
+    ema = copy.deepcopy(module.model_ema.module).eval()
+    data = node_data.data
+    with torch.no_grad():
+        expected = ema(data["x"], data["edge_index"]).softmax(-1)
+        raw = copy.deepcopy(module.model).eval()(data["x"], data["edge_index"]).softmax(-1)
+    assert not torch.allclose(expected, raw, atol=1e-3)
+    (probs,) = predict(module, node_data)
+    torch.testing.assert_close(probs, expected)
+
+    lookup = DictionaryLookupDataModule(k=4, batch_size=50)
+    module = GraphTargetsModule(zoo.create_model("gatv2_dictlookup_debug"), ema_decay=0.9)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(torch.randn_like(p))
+    ema = copy.deepcopy(module.model_ema.module).eval()
+    (probs,) = predict(module, lookup)
+    b = next(iter(lookup.predict_dataloader()))
+    with torch.no_grad():
+        expected = ema(b["x"], b["edge_index"], b["target_index"]).softmax(-1)
+    torch.testing.assert_close(probs, expected)
+
+
+@pytest.mark.parametrize("name", ["gatv2_graph_debug", "gat_graph"])
+def test_graph_classifier_is_pyg_residual_layers_mean_pool_norm_and_head(name):
+    """GATGraphClassifier as its docstring describes it, rebuilt on PyG's layers with the model's weights (redrawn
+    first, so that zero-initialised terms count): attention layers with concatenated heads, a residual projection
+    (residual=True) and ELU, PyG's global_mean_pool, LayerNorm, a linear head."""
+    pytest.importorskip("torch_geometric")
+    from torch_geometric.data import Batch, Data
+    from torch_geometric.nn import GATConv, GATv2Conv, global_mean_pool
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name, in_channels=8, num_classes=3, hidden_channels=4, heads=2, num_layers=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.5)
+    layer = GATv2Conv if name.startswith("gatv2") else GATConv
+    layers = [layer(8, 4, heads=2, residual=True), layer(8, 4, heads=2, residual=True)]
+    for ours, theirs in zip(model.convs, layers):
+        theirs.load_state_dict(ours.state_dict())
+        theirs.eval()
+    graphs = [Data(x=torch.randn(n, 8), edge_index=torch.randint(0, n, (2, 2 * n))) for n in (4, 7, 5)]
+    b = Batch.from_data_list(graphs)
+    with torch.no_grad():
+        h = b.x
+        for conv in layers:
+            h = F.elu(conv(h, b.edge_index))
+        expected = F.linear(F.layer_norm(global_mean_pool(h, b.batch), (8,), model.norm.weight, model.norm.bias),
+                            model.head.weight, model.head.bias)
+        torch.testing.assert_close(model(b.x, b.edge_index, b.batch, 3), expected, atol=1e-5, rtol=1e-5)
