@@ -92,3 +92,40 @@ def test_pictures_too_large_to_draw_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="tokens=on draws all 10000 x 10000 token pairs"):
         draw_mask(Causal(), 10_000, 10_000, 64, str(tmp_path / "m.png"), tokens="on")
     assert not (tmp_path / "m.png").exists()
+
+
+# ------------------------------------------------------------------ mutation audit of the pictures (2026-12-07)
+def test_documented_defaults(tmp_path, capsys):
+    """The defaults the usage states: window left=128 right=0 (causal sliding window), chunk left=none right=0
+    (block-causal), radial's block its own block size 128; checked against the masks built by hand."""
+    from zoo.attention.radial import Radial
+
+    for argv, mask, n, block in ((["mask=window", "n=300", "block=32"], Window(128, 0), 300, 32),
+                                 (["mask=chunk", "n=200", "block=16"], ChunkWindow(64, None, 0), 200, 16),
+                                 (["mask=radial", "frames=2", "tokens_per_frame=96"], Radial(2, 96, 1.0, False, block_size=128), 192, 128)):
+        assert mask_main(argv + [f"out={tmp_path / 'd.png'}"]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (summary["q_len"], summary["block"]) == (n, block), argv
+        assert summary["allowed_fraction"] == pytest.approx(float(mask.dense(n, n).float().mean()), abs=1e-6), argv
+        states = _states_from_dense(mask.dense(n, n), block, block)[0, 0]
+        assert summary["full"] == int((states == FULL).sum()) and summary["partial"] == int((states == PARTIAL).sum())
+
+
+def test_tile_limit_counts_partial_tiles(tmp_path):
+    """A length one token past whole tiles has one more tile row and column: 262145 tokens at block=64 are
+    4097 x 4097 tiles, over the limit of 4096 x 4096, refused before any work."""
+    from zoo.mask_viz import draw_mask
+
+    with pytest.raises(ValueError, match=r"is 16,785,409 tiles, more than a picture can show"):
+        draw_mask(Causal(), 262_145, 262_145, 64, str(tmp_path / "m.png"))
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_token_panel_up_to_4096_tokens(tmp_path, capsys, monkeypatch):
+    """tokens=auto draws the token-level panel when n <= 4096 (the usage's bound), not above."""
+    import zoo.mask_viz as mask_viz
+
+    monkeypatch.setattr(mask_viz, "save_figure", lambda fig, path, **kw: mask_viz.pyplot().close(fig) or path)
+    for n, panel in ((4096, True), (4097, False)):
+        summary = mask_viz.draw_mask(Causal(), n, n, 256, str(tmp_path / "t.png"))
+        assert ("allowed_fraction" in summary) == panel, n

@@ -419,3 +419,224 @@ def test_capture_docstring_names_what_it_does_not_record():
     assert isinstance(model.attn_pool, AttentionPoolLatent)
     doc = " ".join(capture_attention.__doc__.split())
     assert "Not recorded: :class:`zoo.attention.AttentionPoolLatent`" in doc
+
+
+# ------------------------------------------------------------------ mutation audit of the pictures (2026-12-07)
+def _hand_rollout(probs, fuse=lambda p: p.mean(axis=1)):
+    """The rollout of per-layer attention probabilities (numpy fp64): rownorm(fuse(W_l) + I), multiplied in order."""
+    n = probs[0].shape[-1]
+    result = np.broadcast_to(np.eye(n), probs[0].shape[:1] + (n, n))
+    for p in probs:
+        a = fuse(p) + np.eye(n)
+        result = (a / a.sum(-1, keepdims=True)) @ result
+    return result
+
+
+def test_rollout_head_fusions_reach_the_picture():
+    """head_fusion=max / min as zoo viz rollout passes it to compute_rollout, against the hand rollout (fp64) of the
+    recomputed attention probabilities: the fused maps differ from the mean's, so a fusion dropped on the way (the
+    mean drawn) or one fusion computed as another fails."""
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", depth=2).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(20.0)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    probs = _hand_attention_probs(model, x)
+    mean_map = _hand_rollout(probs)[:, 0, 1:].reshape(1, 4, 4)
+    for fusion, fuse in (("max", lambda p: p.max(axis=1)), ("min", lambda p: p.min(axis=1))):
+        want = _hand_rollout(probs, fuse)
+        _, maps = viz.compute_rollout(model, x, head_fusion=fusion)
+        np.testing.assert_allclose(maps.numpy(), want[:, 0, 1:].reshape(1, 4, 4), rtol=1e-5, atol=1e-7)
+        assert np.abs(maps.numpy() - mean_map).max() > 1e-3, fusion  # the test can tell the fusions apart
+        with zoo.attention.capture_attention() as records, torch.no_grad():
+            model(x)
+        np.testing.assert_allclose(viz.attention_rollout([r.weights for r in records], head_fusion=fusion).numpy(),
+                                   want, rtol=1e-5, atol=1e-7)
+
+
+def test_rollout_without_class_token_averages_the_patch_rows_only():
+    """No class token but register tokens: the map is the mean of the patch tokens' rows (the registers' rows left
+    out, as the docstring says), hand-computed."""
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", depth=2, class_token=False, reg_tokens=2, global_pool="avg").eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(20.0)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    _, maps = viz.compute_rollout(model, x)
+    rollout = _hand_rollout(_hand_attention_probs(model, x))
+    want = rollout[:, 2:, 2:].mean(axis=1).reshape(1, 4, 4)
+    np.testing.assert_allclose(maps.numpy(), want, rtol=1e-5, atol=1e-7)
+    assert np.abs(rollout[:, :, 2:].mean(axis=1).reshape(1, 4, 4) - want).max() > 1e-4  # registers' rows matter
+
+
+@pytest.mark.parametrize("size, pad, grid", [((32, 48), False, (4, 6)), ((32, 48), True, (4, 6)),
+                                             ((36, 44), True, (5, 6))])
+def test_rollout_grid_of_non_square_and_padded_images(size, pad, grid):
+    """A dynamic-size ViT on a 32x48 image has a 4x6 patch grid (rows from the height), also when it pads to whole
+    patches and the image already is whole patches; 36x44 padded is 5x6. Values: the hand rollout's class row."""
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", depth=2, dynamic_img_size=True, dynamic_img_pad=pad).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(20.0)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(4))
+    _, maps = viz.compute_rollout(model, x)
+    assert maps.shape == (1, *grid)
+    want = _hand_rollout(_hand_attention_probs(model, x))[:, 0, 1:].reshape(1, *grid)
+    np.testing.assert_allclose(maps.numpy(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_display_image_is_the_file_as_read(tmp_path):
+    """The image drawn under the heat map is the model input un-normalised: a uniform grey file of value 0.8 is
+    drawn as 0.8 (vit_digits normalises with mean 0.5, std 0.5, so the input is 0.6)."""
+    from PIL import Image
+
+    model = zoo.create_model("vit_digits")
+    Image.fromarray(np.full((24, 24), 204, dtype=np.uint8)).save(tmp_path / "grey.png")
+    x, display, label = viz.load_image(str(tmp_path / "grey.png"), model)
+    assert label is None and display.shape == (8, 8, 1)
+    np.testing.assert_allclose(x.numpy(), np.full((1, 1, 8, 8), (0.8 - 0.5) / 0.5), atol=1e-6)
+    np.testing.assert_allclose(display, np.full((8, 8, 1), 0.8), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["block", "grid"])
+def test_maxvit_map_is_laid_out_as_the_model_partitions(kind):
+    """partition_attention_map against the model's own partition() of an index map (what the forward attends over):
+    a non-square padded 7x10 map, 3x2 partitions, each query, one head and the head mean. Every map value must be
+    weights[query's partition, head, query's slot, key slot] at that key's position."""
+    from zoo.tasks.vision.maxvit import partition
+    from zoo.tasks.vision.viz_maxvit import partition_attention_map
+
+    (h, w), size = (7, 10), (3, 2)
+    hp, wp = 9, 10
+    parts = partition(torch.arange(hp * wp).reshape(1, hp, wp, 1), size, kind)[..., 0]  # (nP, P) token positions
+    weights = torch.rand(parts.shape[0], 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    for qy in range(h):
+        for qx in range(w):
+            part, slot = [int(v[0]) for v in torch.nonzero(parts == qy * wp + qx, as_tuple=True)]
+            for head in (None, 1):
+                row = weights[part, :, slot].mean(0) if head is None else weights[part, head, slot]
+                want = torch.zeros(hp, wp)
+                for key, pos in enumerate(parts[part].tolist()):
+                    want[pos // wp, pos % wp] = row[key]
+                got = partition_attention_map(weights, kind, size, (h, w), (qy, qx), head)
+                torch.testing.assert_close(got, want[:h, :w], rtol=0, atol=0, msg=f"{kind} query {(qy, qx)} head {head}")
+
+
+def test_maxvit_rows_are_titled_with_their_stage(tmp_path, monkeypatch):
+    """Row r of the MaxViT picture is stage r + 1 (stages counted from 1, as the model card's table does) with its map
+    size, and each map names its partition."""
+    import matplotlib.axes
+
+    from zoo.tasks.vision.viz_maxvit import save_maxvit_png
+
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, *a, **kw: titles.append(t) or real(self, t, *a, **kw))
+    rng = np.random.default_rng(0)
+    maps = [{"stage": s, "hw": (8 >> s, 8 >> s), "query": (1, 1), "block": rng.random((8 >> s, 8 >> s)),
+             "grid": rng.random((8 >> s, 8 >> s)), "block_size": (2, 2), "grid_size": (4 >> s, 4 >> s)} for s in range(2)]
+    save_maxvit_png(str(tmp_path / "m.png"), np.full((16, 16, 1), 0.5), maps, (4, 4), "t")
+    assert titles == ["stage 1: 8x8 map", "block attention (2x2)", "grid attention (4x4)",
+                      "stage 2: 4x4 map", "block attention (2x2)", "grid attention (2x2)"]
+
+
+def test_agent_maps_mean_over_heads_and_tiles_in_the_agents_grid(tmp_path, monkeypatch):
+    """agent_maps without head= is the mean of the per-head maps (head=h is checked against a recomputation in
+    test_agent.py), and agent i's tile is drawn in row i // side, column i % side of the mosaic (the agent pooled from
+    region (i // side, i % side))."""
+    import matplotlib.axes
+
+    import zoo.tasks.vision.agent_deit  # noqa: F401  registers the Agent-DeiT names
+    from zoo.tasks.vision.viz_agent import agent_maps, save_agent_png
+
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_deit_debug").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    _, mean_maps, _ = agent_maps(model, x, layer=0)
+    per_head = torch.stack([agent_maps(model, x, layer=0, head=h)[1] for h in range(2)])
+    torch.testing.assert_close(mean_maps, per_head.mean(0), rtol=1e-6, atol=1e-7)
+    assert (per_head[0] - per_head[1]).abs().max() > 1e-3
+
+    placed = []
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda self, X, *a, **kw: placed.append((np.asarray(X), self))
+                        or real(self, X, *a, **kw))
+    agents = np.arange(16, dtype=np.float64)[:, None, None] * np.ones((16, 2, 2))  # agent i's tile holds i
+    save_agent_png(str(tmp_path / "a.png"), np.full((8, 8, 3), 0.5), agents, "t", patch_size=(4, 4))
+    tiles = [(image, ax) for image, ax in placed if image.shape == (2, 2)]
+    assert len(tiles) == 16
+    for image, ax in tiles:
+        i = int(image[0, 0])
+        spec = ax.get_subplotspec()
+        assert (spec.rowspan.start, spec.colspan.start) == (i // 4, i % 4), f"agent {i}"
+
+
+def test_graph_picture_draws_every_head_and_the_layer_asked_for(tmp_path, monkeypatch):
+    """draw_neighbourhood: panel h labels each in-edge with head h's attention (hand-made alpha of 2 heads) and
+    titles the self loop's; zoo viz graph layer=1 draws the second layer's return_attention_weights, not the first."""
+    import matplotlib.axes
+    import networkx as nx
+
+    from zoo.tasks.graph import viz as graph_viz
+
+    labels, titles = [], []
+    real_labels, real_title = nx.draw_networkx_edge_labels, matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(nx, "draw_networkx_edge_labels", lambda G, pos, **kw: labels.append(kw["edge_labels"])
+                        or real_labels(G, pos, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, *a, **kw: titles.append(t) or real_title(self, t, *a, **kw))
+    edge_index = torch.tensor([[1, 2, 0, 3], [0, 0, 0, 1]])
+    alpha = torch.tensor([[0.2, 0.6], [0.5, 0.1], [0.3, 0.3], [1.0, 1.0]])
+    graph_viz.draw_neighbourhood(edge_index, alpha, 0, str(tmp_path / "g.png"))
+    assert labels == [{(1, 0): "0.20", (2, 0): "0.50"}, {(1, 0): "0.60", (2, 0): "0.10"}]
+    assert titles == ["head 0  (self 0.30)", "head 1  (self 0.30)"]
+    monkeypatch.undo()
+
+    drawn, built = [], []
+    real_create = zoo.create_model
+    monkeypatch.setattr(zoo, "create_model", lambda *a, **kw: built.append(real_create(*a, **kw)) or built[-1])
+    monkeypatch.setattr(graph_viz, "draw_neighbourhood", lambda edge_index, alpha, node, out, **kw: drawn.append(
+        (edge_index, alpha, kw["title"])) or out)
+    assert graph_viz.main(["data=karate", "node=5", "layer=1", "epochs=0", "heads=3", f"out={tmp_path / 'k.png'}"]) == 0
+    from zoo.tasks.graph import datasets
+
+    data = datasets.load_node_dataset("karate", None, seed=0)
+    with torch.no_grad():
+        _, attention = built[-1].eval()(data["x"], data["edge_index"], return_attention_weights=True)
+    [(edge_index, alpha, title)] = drawn
+    assert title.startswith("karate: node 5, layer 1")
+    assert torch.equal(edge_index, attention[1][0]) and alpha.shape == attention[1][1].shape == (edge_index.shape[1], 1)
+    torch.testing.assert_close(alpha, attention[1][1], rtol=0, atol=0)
+
+
+def test_overlay_of_a_non_square_grid(tmp_path, monkeypatch):
+    """A 2x3 grid of 4 px patches on a 10x14 image: the grid is upsampled to 8x12 pixels (rows from the grid's rows),
+    the rest NaN; the values, bilinear with half-pixel centres, by hand along each axis."""
+    from zoo.plotting import patch_heat_on_image
+
+    heat = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    out = patch_heat_on_image(heat, (4, 4), (10, 14))
+    assert out.shape == (10, 14)
+    assert not np.isnan(out[:8, :12]).any() and np.isnan(out[8:]).all() and np.isnan(out[:, 12:]).all()
+    source = np.clip((np.arange(12) + 0.5) / 4 - 0.5, 0, 2)  # pixel x samples column (x + 0.5) / 4 - 0.5
+    for row in range(8):
+        np.testing.assert_allclose(out[row, :12], np.clip(source - 1.0, 0, 1), atol=1e-12)
+
+
+def test_pictures_leave_an_eval_model_in_eval_mode_and_read_dashed_keys():
+    """evaluation_mode restores eval as well as train; --head-fusion=max reads as head_fusion=max."""
+    from zoo.plotting import evaluation_mode, parse_key_values
+
+    model = zoo.create_model("vit_debug").eval()
+    viz.compute_rollout(model, torch.randn(1, 3, 32, 32))
+    assert not model.training
+    with pytest.raises(RuntimeError):
+        with evaluation_mode(model.train()):
+            raise RuntimeError("drawing failed")
+    assert model.training
+    assert parse_key_values(["--head-fusion=max", "out=a.png"], ("head_fusion", "out")) == {"head_fusion": "max", "out": "a.png"}
