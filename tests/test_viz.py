@@ -640,3 +640,57 @@ def test_pictures_leave_an_eval_model_in_eval_mode_and_read_dashed_keys():
             raise RuntimeError("drawing failed")
     assert model.training
     assert parse_key_values(["--head-fusion=max", "out=a.png"], ("head_fusion", "out")) == {"head_fusion": "max", "out": "a.png"}
+
+
+def _discarded(fused_BNN, ratio):
+    """jacobgil/vit-explain's filter on one layer's fused weights (numpy, every image): the int(N*N*ratio) smallest
+    entries of each image's map set to 0, entry (0, 0) kept."""
+    out = fused_BNN.copy()
+    b, n, _ = out.shape
+    for i in range(b):
+        flat = out[i].reshape(-1)
+        drop = np.argsort(flat, kind="stable")[:int(n * n * ratio)]
+        flat[drop[drop != 0]] = 0.0
+    return out
+
+
+def test_rollout_discard_ratio_is_vit_explains_filter_on_every_image(tmp_path, capsys):
+    """discard_ratio against the hand rollout (fp64) with jacobgil/vit-explain's filter applied to each image of a
+    batch of two; 0 is the paper's rollout; zoo viz rollout passes discard_ratio= through and refuses a ratio
+    outside [0, 1) before loading anything."""
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", depth=2).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(5.0)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    probs = _hand_attention_probs(model, x)
+    for ratio in (0.5, 0.9):
+        want = _hand_rollout(probs, lambda p: _discarded(p.mean(axis=1), ratio))
+        _, maps = viz.compute_rollout(model, x, discard_ratio=ratio)
+        np.testing.assert_allclose(maps.numpy(), want[:, 0, 1:].reshape(2, 4, 4), rtol=1e-5, atol=1e-9)
+        plain = _hand_rollout(probs)[:, 0, 1:].reshape(2, 4, 4)
+        assert np.abs(maps.numpy() - plain).max() > 1e-3  # the filter changes both images' maps
+        assert np.abs(maps.numpy()[1] - plain[1]).max() > 1e-3
+    _, maps0 = viz.compute_rollout(model, x, discard_ratio=0.0)
+    np.testing.assert_allclose(maps0.numpy(), _hand_rollout(probs)[:, 0, 1:].reshape(2, 4, 4), rtol=1e-5, atol=1e-9)
+
+    ckpt = tmp_path / "last.ckpt"
+    _lightning_style_ckpt(zoo.create_model("vit_digits", depth=2), ckpt)
+    assert viz.rollout_main([f"ckpt={ckpt}", "discard_ratio=0.9", f"out={tmp_path / 'a.png'}"]) == 0
+    assert (tmp_path / "a.png").stat().st_size > 5000
+    titles, draw = [], viz.save_rollout_png
+    with pytest.MonkeyPatch.context() as patch:  # the picture's title names settings other than the paper's
+        patch.setattr(viz, "save_rollout_png", lambda out, display, heat, title, patch_size: (
+            titles.append(title), draw(out, display, heat, title, patch_size))[1])
+        for extra in ([], ["discard_ratio=0.9"], ["head_fusion=min", "discard_ratio=0.5"]):
+            assert viz.rollout_main([f"ckpt={ckpt}", *extra, f"out={tmp_path / 'b.png'}"]) == 0
+    assert "rollout with" not in titles[0]
+    assert titles[1].endswith("; rollout with discard_ratio=0.9")
+    assert titles[2].endswith("; rollout with head_fusion=min, discard_ratio=0.5")
+    capsys.readouterr()
+    for bad in ("1", "-0.1", "most", "nan"):
+        assert viz.rollout_main([f"ckpt={tmp_path / 'missing.ckpt'}", f"discard_ratio={bad}"]) == 2
+        assert "discard_ratio must be a number in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"discard_ratio must be a number in \[0, 1\).*got True"):
+        viz.attention_rollout([torch.from_numpy(p) for p in probs], discard_ratio=True)

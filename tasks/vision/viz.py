@@ -5,13 +5,14 @@ arXiv:2005.00928). Per layer l the head-averaged attention W_l (N x N) is mixed 
 account for the residual connection and renormalised, A_l = rownorm(W_l + I) (= 0.5 W_l + 0.5 I, rows of W
 sum to 1); the rollout of L layers is the product A_L ... A_2 A_1. The class token's row of the rollout,
 restricted to the patch tokens and reshaped to the patch grid, is the picture (for models without a class
-token, the mean of the patch tokens' rows).
+token, the mean of the patch tokens' rows). ``discard_ratio`` (jacobgil/vit-explain, vit_rollout.py) first zeroes
+that fraction of each layer's smallest fused weights, which sharpens the picture.
 
 The attention weights come from :func:`zoo.attention.capture_attention` (one record per
 MultiHeadAttention call, in call order), so any model built from zoo attention modules works.
 
     zoo viz rollout ckpt=<dir|model.safetensors|run.ckpt> [image=<file>|digits:<index>] [out=rollout.png]
-                    [model=<registered name>] [head_fusion=mean|max|min] [device=cpu]
+                    [model=<registered name>] [head_fusion=mean|max|min] [discard_ratio=0.9] [device=cpu]
 
 Letters: B batch, H heads, N tokens, P prefix tokens, Gh/Gw patch grid.
 """
@@ -57,19 +58,40 @@ HEAD_FUSIONS = ("mean", "max", "min")
 # --------------------------------------------------------------------------------------------------
 # Rollout
 # --------------------------------------------------------------------------------------------------
-def attention_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean", add_residual: bool = True) -> torch.Tensor:
+def _checked_discard_ratio(value) -> float:
+    """``value`` (a number, or its text from the command line) as a float in [0, 1), else a ValueError."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < 1:
+        raise ValueError(f"discard_ratio must be a number in [0, 1) (the fraction of each layer's weights zeroed), "
+                         f"got {value!r}")
+    return float(number)
+
+
+def attention_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean", add_residual: bool = True,
+                      discard_ratio: float = 0.0) -> torch.Tensor:
     """Roll attention out through the layers.
 
     Args:
         attentions: per layer, in forward order, attention probabilities (B, H, N, N).
         head_fusion: how heads are combined: "mean" (the paper), "max" or "min".
         add_residual: add the identity and renormalise rows (the paper's residual correction).
+        discard_ratio: in [0, 1): per layer and image, the fused weights among the int(N * N * ratio) smallest
+            are set to 0 before the residual and the renormalisation, except entry (0, 0) (the class token's
+            attention to itself), as jacobgil/vit-explain's vit_rollout.py does; 0 (default) keeps every weight.
+            Unlike that code, every image of the batch is filtered (it zeroes image 0's entries only) and rows
+            are renormalised over the keys.
 
     Returns:
         (B, N, N) float64: row i is how much each input token flows into output token i.
     """
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    discard_ratio = _checked_discard_ratio(discard_ratio)
     if not attentions:
         raise ValueError("no attention maps to roll out (was the model built from zoo attention modules?)")
     first = attentions[0]
@@ -88,6 +110,13 @@ def attention_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "me
             a = w.amax(dim=1)
         else:
             a = w.amin(dim=1)
+        discard = int(n * n * discard_ratio)
+        if discard:
+            flat_BM = a.reshape(batch, n * n).clone()
+            smallest_BK = flat_BM.topk(discard, dim=-1, largest=False).indices
+            flat_BM.scatter_(-1, smallest_BK, 0.0)
+            flat_BM[:, 0] = a[:, 0, 0]  # the class token's attention to itself is kept
+            a = flat_BM.view(batch, n, n)
         if add_residual:
             a = a + eye
         a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -105,7 +134,7 @@ def rollout_map(rollout_BNN: torch.Tensor, num_prefix_tokens: int, grid: tuple[i
 
 
 @torch.no_grad()
-def compute_rollout(model: nn.Module, images_BCHW: torch.Tensor, head_fusion: str = "mean"):
+def compute_rollout(model: nn.Module, images_BCHW: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0):
     """Run ``model`` on images, capture its attention and return (logits (B, K), rollout maps (B, Gh, Gw)).
 
     The model runs in eval mode (what it predicts); its train/eval mode is restored afterwards."""
@@ -118,7 +147,7 @@ def compute_rollout(model: nn.Module, images_BCHW: torch.Tensor, head_fusion: st
         logits = model(images_BCHW)
     if not records:
         raise ValueError(f"{type(model).__name__} recorded no attention maps; it must use zoo.attention modules")
-    rollout = attention_rollout([r.weights for r in records], head_fusion=head_fusion)
+    rollout = attention_rollout([r.weights for r in records], head_fusion=head_fusion, discard_ratio=discard_ratio)
     (ph, pw), height, width = embed.patch_size, images_BCHW.shape[-2], images_BCHW.shape[-1]
     if getattr(embed, "dynamic_img_pad", False):  # padded to whole patches: the grid rounds up
         grid = (-(-height // ph), -(-width // pw))
@@ -354,20 +383,24 @@ def save_rollout_png(
 # CLI
 # --------------------------------------------------------------------------------------------------
 USAGE = """usage: zoo viz rollout ckpt=<dir|model.safetensors|run.ckpt> [image=digits:0|<file>] [out=rollout.png]
-                       [model=<registered name>] [head_fusion=mean|max|min] [device=cpu]
+                       [model=<registered name>] [head_fusion=mean|max|min] [discard_ratio=0.9] [device=cpu]
 
 Writes a PNG with the input image, the attention-rollout heat map (Abnar & Zuidema 2020) and their
 overlay, titled with the predicted class. ckpt: a directory or .safetensors written by zoo.save_pretrained,
 or a Lightning .ckpt from `zoo train` (model= names the model if the checkpoint does not).
-image: a picture file, or digits:<index> for an image of scikit-learn's bundled digits (default digits:0)."""
+image: a picture file, or digits:<index> for an image of scikit-learn's bundled digits (default digits:0).
+discard_ratio: zero that fraction of each layer's smallest head-fused weights first (jacobgil/vit-explain;
+default 0, the paper's rollout)."""
 
-_KEYS = ("ckpt", "image", "out", "model", "head_fusion", "device")
+_KEYS = ("ckpt", "image", "out", "model", "head_fusion", "discard_ratio", "device")
 
 
 def _parse(argv: Sequence[str]) -> dict[str, str]:
     args = parse_key_values(argv, _KEYS)
     if "ckpt" not in args:
         raise ValueError("ckpt=<checkpoint> is required")
+    if "discard_ratio" in args:
+        args["discard_ratio"] = _checked_discard_ratio(args["discard_ratio"])  # before the model is loaded
     return args
 
 
@@ -383,8 +416,12 @@ def _draw_rollout(argv: list[str]) -> dict:
     device = device_arg(args)
     model.to(device)
     x, display, label = load_image(args.get("image", "digits:0"), model, transform)
-    logits, maps = compute_rollout(model, x.to(device), args.get("head_fusion", "mean"))
+    logits, maps = compute_rollout(model, x.to(device), args.get("head_fusion", "mean"), args.get("discard_ratio", 0.0))
     title, pred, prob = prediction_title(logits, label)
+    settings = [f"{key}={args[key]}" for key, default in (("head_fusion", "mean"), ("discard_ratio", 0.0))
+                if args.get(key, default) != default]
+    if settings:  # a picture drawn with other settings than the paper's says so
+        title = f"{title}; rollout with {', '.join(settings)}"
     path = save_rollout_png(str(out), display, maps[0].cpu().numpy(), title, model.patch_embed.patch_size)
     return prediction_summary(path, pred, prob, label)
 
