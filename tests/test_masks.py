@@ -1013,3 +1013,191 @@ def test_key_padding_describes_empty_batches_and_sequences(backend):
     q = torch.randn(2, 2, 3, 8, generator=g)
     k, v = torch.randn(2, 2, 2, 0, 8, generator=g)
     _check_against_sdpa(q, k, v, KeyPadding([0, 0], max_len=0), torch.zeros(2, 1, 1, 0, dtype=torch.bool), backend)
+
+
+# ---- second mutation audit of the newest masks: hand-built references for the per-segment bands and the kernel's
+# lowering of chunk windows, per-segment bands and tile lists (kernels/block_index.py) -------------------------------
+
+def _per_segment_band_loop(q_ids, kv_ids, left, right, chunk=None):
+    """bool (Nq, Nk) of a SegmentWindow (``chunk`` None) or SegmentChunkWindow over one row of ids, from the
+    definitions, pair by pair: query i of segment s (s >= 0) has rank r among the queries of s; with Lq queries and
+    Lk keys in s it sits at p = r + Lk - Lq (flash_attn_varlen_func's bottom-right alignment per sequence) and sees
+    the keys of s with rank k in p - left .. p + right, or in chunks floor(p / c) - left .. floor(p / c) + right
+    (None: unbounded)."""
+    q_ids, kv_ids = [int(x) for x in q_ids], [int(x) for x in kv_ids]
+    out = torch.zeros(len(q_ids), len(kv_ids), dtype=torch.bool)
+    for i, s in enumerate(q_ids):
+        if s < 0:
+            continue
+        p = q_ids[:i].count(s) + kv_ids.count(s) - q_ids.count(s)
+        for j, t in enumerate(kv_ids):
+            if t != s:
+                continue
+            a, b = p, kv_ids[:j].count(s)
+            if chunk is not None:
+                a, b = a // chunk, b // chunk  # Python's // floors: negative positions are in negative chunks
+            out[i, j] = (left is None or b >= a - left) and (right is None or b <= a + right)
+    return out
+
+
+@pytest.mark.parametrize("make", ["causal", "window", "chunk"])
+def test_per_segment_bands_with_query_ids_of_batch_one_and_key_ids_per_row(make):
+    """Segments(q_ids (1, Nq), kv_ids (B, Nk)): one packing of the queries shared by every batch row, keys packed
+    per row (cross attention to per-row contexts). The per-segment masks broadcast the query ids over the key ids'
+    batch, as Segments does: dense() equals the pair-by-pair definition in each row (it raised when the positions
+    were computed for the query ids' batch), the block map is never wrong, and attend() equals a float64
+    reference with that mask on every CPU backend."""
+    from zoo.attention import attend
+
+    q_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1]])
+    kv_ids = torch.tensor([[0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, -1], [0, 0, 0, 0, 0, 1, 2, 2, -1, -1, -1, -1]])
+    segments = Segments(q_ids, kv_ids)
+    mask, (left, right, chunk) = {"causal": (segments.causal(), (None, 0, None)),
+                                  "window": (segments.window(1, 1), (1, 1, None)),
+                                  "chunk": (segments.chunk(2, left=1), (1, 0, 2))}[make]
+    want = torch.stack([_per_segment_band_loop(q_ids[0], row, left, right, chunk) for row in kv_ids])[:, None]
+    dense = mask.dense(10, 12)
+    assert dense.shape == (2, 1, 10, 12) and torch.equal(dense, want)
+    for tiles in [(2, 3), (4, 4), (3, 5)]:
+        got, exact = mask.block_map(10, 12, *tiles).states, _states_from_dense(want, *tiles)
+        assert not (((got == EMPTY) & (exact != EMPTY)) | ((got == FULL) & (exact != FULL))).any(), tiles
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(2, 2, 10, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 2, 12, 8, generator=g, dtype=torch.float64)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~want, -math.inf)
+    ref = torch.softmax(scores, -1).nan_to_num(0.0) @ v
+    for backend in ("torch", "sdpa", "blocksparse"):
+        torch.testing.assert_close(attend(q, k, v, mask=mask, backend=backend), ref, atol=1e-12, rtol=1e-10)
+
+
+def test_segment_window_defaults_are_flash_attentions():
+    """The defaults: ``segments.window(left)`` leaves the right side unbounded (flash_attn_varlen_func's window_size
+    default -1 on either side), ``segments.window()`` is Segments itself, and a SegmentWindow built directly with
+    only its segments is ``segments.causal()`` (right=0), against the pair-by-pair definition."""
+    ids = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
+    segments = Segments(ids)
+    assert torch.equal(segments.window(2).dense(12, 12)[0, 0], _per_segment_band_loop(ids, ids, 2, None))
+    assert torch.equal(segments.window().dense(12, 12), segments.dense(12, 12))
+    assert torch.equal(SegmentWindow(segments).dense(12, 12)[0, 0], _per_segment_band_loop(ids, ids, None, 0))
+    assert (SegmentWindow(segments).left, SegmentWindow(segments).right) == (None, 0)
+
+
+def test_from_cu_seqlens_errors_name_the_offending_argument():
+    """A bad kv_cu_seqlens is named as such (not as the queries' cu_seqlens, which were fine)."""
+    with pytest.raises(ValueError, match=r"from_cu_seqlens: kv_cu_seqlens must start at 0.*got \[1, 3\]"):
+        Segments.from_cu_seqlens([0, 3], [1, 3])
+    with pytest.raises(ValueError, match=r"from_cu_seqlens: kv_cu_seqlens must start at 0.*got \[0, 4, 2\]"):
+        Segments.from_cu_seqlens([0, 1, 3], [0, 4, 2])
+    with pytest.raises(ValueError, match=r"from_cu_seqlens: cu_seqlens must start at 0.*got \[0, 4, 2\]"):
+        Segments.from_cu_seqlens([0, 4, 2], [0, 1, 3])
+
+
+def _chunk_window_definition(chunk, left, right, q_len, k_len):
+    """bool (Nq, Nk) of ChunkWindow from its docstring, pair by pair: query i sits at p = i + Nk - Nq, in chunk
+    floor(p / c) (Python's //), and sees the keys j with j // c in that chunk - left .. + right."""
+    out = torch.zeros(q_len, k_len, dtype=torch.bool)
+    for i in range(q_len):
+        a = (i + k_len - q_len) // chunk
+        for j in range(k_len):
+            out[i, j] = (left is None or j // chunk >= a - left) and (right is None or j // chunk <= a + right)
+    return out
+
+
+def _kernel_window_predicate(prog, q_len, k_len):
+    """The kernel's element-wise test of a program of window slots (kernels/flash_attention.py, _mask_term), with its
+    C integer division, which truncates toward zero: ``j // c - (i + s) // c`` is a floor difference only for
+    ``i + s >= 0``."""
+    from zoo.kernels.block_index import SLOT_CHUNK0, SLOT_CHUNK1, SLOT_WIN0, SLOT_WIN1
+
+    i, j = torch.arange(q_len)[:, None], torch.arange(k_len)[None, :]
+    out = torch.zeros(q_len, k_len, dtype=torch.bool)
+    for bits in prog.terms:
+        assert bits & ~(SLOT_WIN0 | SLOT_WIN1 | SLOT_CHUNK0 | SLOT_CHUNK1) == 0, prog.description
+        ok = torch.ones(q_len, k_len, dtype=torch.bool)
+        for slot, chunked, (lo, hi, c, s) in ((SLOT_WIN0, SLOT_CHUNK0, prog.windows[0]),
+                                              (SLOT_WIN1, SLOT_CHUNK1, prog.windows[1])):
+            if bits & slot:
+                if bits & chunked:
+                    assert s >= 0, prog.windows  # else the truncating division is not a floor
+                    rel = (torch.div(j, c, rounding_mode="trunc") - torch.div(i + s, c, rounding_mode="trunc"))
+                else:
+                    rel = j - i
+                ok = ok & (rel >= lo) & (rel <= hi)
+        out = out | ok
+    return out
+
+
+@pytest.mark.parametrize("q_len,k_len", [(20, 20), (16, 20), (20, 16), (23, 17), (17, 23)])
+def test_lowered_chunk_windows_equal_the_definition_at_every_band_edge(q_len, k_len):
+    """The kernel's form of ChunkWindow (kernels/block_index.py): every left / right bound from "allows one chunk
+    difference" to "allows every difference that occurs", one side unbounded or both bounded, chunk sizes 2 to 5,
+    more or fewer queries than keys (queries at negative positions, an alignment shift that is no multiple of c),
+    evaluated as the kernel does (C division) against the pair-by-pair definition. A band that forbids one corner
+    chunk pair was taken for one that forbids nothing (everything allowed), and a negative alignment offset made the
+    kernel's division truncate where it must floor."""
+    from zoo.kernels.block_index import lower_mask
+
+    for chunk in (2, 3, 4, 5):
+        reach = (q_len + k_len) // chunk + 2
+        bounds = [None] + list(range(-1, reach + 1))
+        for left in bounds:
+            for right in bounds:
+                if left is not None and right is not None and (left + right < 0 or max(left, right) > 3):
+                    continue  # both bounded: the small bands are enough, the edges are covered one side at a time
+                mask = ChunkWindow(chunk, left, right)
+                prog = lower_mask(mask, q_len, k_len, "cpu")
+                want = _chunk_window_definition(chunk, left, right, q_len, k_len)
+                got = _kernel_window_predicate(prog, q_len, k_len)
+                assert torch.equal(got, want), (mask, q_len, k_len, prog.description, prog.windows)
+
+
+def test_two_per_segment_bands_in_one_term_intersect_in_the_lowering():
+    """``segments.window(3, None) & segments.causal()`` (a per-sequence sliding window written as two masks), two
+    chunk bands of one chunk size, on packed and cross-packed sequences: the kernel's program keeps one band, the
+    intersection (each band alone was kept, the other dropped), exact in the kernel and equal to the pair-by-pair
+    definition of both bands together."""
+    from zoo.kernels.block_index import SLOT_POS0, SLOT_SEG, SLOT_WIN0, lower_mask
+
+    cases = [(Segments.from_cu_seqlens([0, 9, 23, 30]), 30, 30),
+             (Segments.from_cu_seqlens([0, 4, 15, 21], [0, 9, 20, 30]), 21, 30)]
+    for segments, q_len, k_len in cases:
+        q_ids, kv_ids = segments.q_ids[0], segments.kv_ids[0]
+        for a, b, bands in [
+            (segments.window(3, None), segments.causal(), [(3, None, None), (None, 0, None)]),
+            (segments.causal(), segments.window(3, None), [(None, 0, None), (3, None, None)]),
+            (segments.window(2, 5), segments.window(None, 1), [(2, 5, None), (None, 1, None)]),
+            (segments.chunk(4, 2, None), segments.chunk(4, None, 0), [(2, None, 4), (None, 0, 4)]),
+        ]:
+            mask = a & b
+            want = _per_segment_band_loop(q_ids, kv_ids, *bands[0]) & _per_segment_band_loop(q_ids, kv_ids, *bands[1])
+            assert torch.equal(mask.dense(q_len, k_len)[0, 0], want), mask
+            prog = lower_mask(mask, q_len, k_len, "cpu")
+            assert prog.exact_in_kernel and prog.terms == (SLOT_WIN0 | SLOT_SEG | SLOT_POS0,), prog.description
+            assert torch.equal(prog.evaluate(q_len, k_len)[0, 0], want), mask
+
+
+@pytest.mark.parametrize("q_len,k_len,block_m,block_n", [(40, 96, 32, 64), (40, 96, 64, 32), (96, 40, 64, 32),
+                                                         (96, 40, 32, 64), (50, 70, 16, 32)])
+def test_kernel_tile_lists_demote_ragged_edges_with_unequal_tile_sizes(q_len, k_len, block_m, block_n):
+    """The kernels' FULL loop has no bounds checks, so a FULL tile cut by the end of the queries or of the keys must
+    be listed as PARTIAL, in the forward lists (rows: query tiles of block_m) and in the transposed ones (rows: key
+    tiles of block_n), with tiles of unequal sizes (the raggedness of the keys is Nk modulo block_n, not block_m):
+    against the tile states and the tiles' extents, tile by tile."""
+    from zoo.kernels.block_index import kernel_tile_lists
+
+    for mask in (Full(), Causal(), KeyPadding([k_len, k_len // 3], max_len=k_len)):
+        states = mask.block_map(q_len, k_len, block_m, block_n).states
+        fwd = kernel_tile_lists(mask, q_len, k_len, block_m, block_n, "cpu")
+        bwd = kernel_tile_lists(mask, q_len, k_len, block_m, block_n, "cpu", transposed=True)
+        for b in range(states.shape[0]):
+            for a in range(states.shape[2]):
+                for c in range(states.shape[3]):
+                    s = int(states[b, 0, a, c])
+                    cut = (a + 1) * block_m > q_len or (c + 1) * block_n > k_len
+                    kind = "full" if s == FULL and not cut else ("partial" if s != EMPTY else "empty")
+                    for lists, row, col in ((fwd, a, c), (bwd, c, a)):
+                        n_p, n_f = (int(x) for x in lists.counts[b, 0, row])
+                        index = lists.index[b, 0, row].tolist()
+                        listed = ("partial" if col in index[:n_p] else "full" if col in index[n_p: n_p + n_f]
+                                  else "empty")
+                        assert listed == kind, (mask, b, a, c, lists is bwd)
