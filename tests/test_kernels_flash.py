@@ -306,6 +306,42 @@ def test_chunkwindow_more_queries_than_keys():
     _check(q, k, v, mask, bias)
 
 
+def _slot_one_and_third_term_cases():
+    """Kernel paths MASK_CASES does not reach: a chunk band and a per-segment position band in window slot 1 (a
+    term ANDing Causal with them), and a third OR-term. Small: 40 queries, 56 keys (Nq != Nk, so the chunk band's
+    shift is not the causal band's)."""
+    ids_q = torch.tensor([[-1] * 3 + [0] * 17 + [1] * 20])
+    ids_k = torch.tensor([[0] * 26 + [1] * 22 + [-1] * 8])
+    blk = torch.rand(1, 2, 3, 4, generator=torch.Generator().manual_seed(41)) < 0.3
+    blk[..., 0, 3] = True  # a kept tile that the two other terms leave empty
+    return {
+        "causal&chunkwindow|segments|blocksparse": (
+            lambda: (Causal() & ChunkWindow(8, 1, 0)) | Segments(ids_q, ids_k) | BlockSparse(blk, 16),
+            (1 | 2 | 64, 4, 16)),  # WIN0 | WIN1 | CHUNK1, SEG, BLK
+        "causal&segments.window": (lambda: Causal() & Segments(ids_q, ids_k).window(3, None),
+                                   (1 | 2 | 4 | 256,)),  # WIN0 | WIN1 | SEG | POS1
+    }
+
+
+SLOT_ONE_CASES = _slot_one_and_third_term_cases()
+
+
+@pytest.mark.parametrize("name", list(SLOT_ONE_CASES))
+def test_second_window_slot_and_third_term_in_the_kernel(name):
+    """The in-kernel predicate with a chunk band (CHUNK1) or positions inside segments (POS1) in the second window
+    slot, and with three OR-terms (the kernel's maximum): forward and every gradient against the float64 reference
+    on the mask's dense pattern (_check). The program must be the one named, evaluated in the kernel (no dense
+    fallback)."""
+    from zoo.kernels.block_index import lower_mask
+
+    make, terms = SLOT_ONE_CASES[name]
+    mask = make()
+    program = lower_mask(mask, 40, 56, "cpu")
+    assert program.terms == terms and program.exact_in_kernel
+    q, k, v, _ = _inputs(1, 2, 1, 40, 56, 16, seed=42)
+    _check(q, k, v, mask, None)
+
+
 def test_alibi_computed_in_the_kernel(monkeypatch):
     """ALiBi is computed inside the kernel from its slopes (no (H, Nq, Nk) bias tensor is ever built): forward
     and gradients equal the float64 reference with the materialised bias, with Nq < Nk and Nq > Nk (bottom-right
@@ -394,6 +430,18 @@ def test_dropout_draw_statistics_and_reproducibility():
     assert torch.equal(flash_attention(q, k, v, Causal(), dropout_p=p), first)
     assert not torch.equal(flash_attention(q, k, v, Causal(), dropout_p=p), first)
     assert torch.equal(flash_attention(q, k, v, Causal(), dropout_p=0.0), flash_attention(q, k, v, Causal()))
+
+
+def test_dropout_draws_of_every_batch_and_head_differ():
+    """Every (batch, head) pair has its own Philox stream (offset ((b * 2**16 + h) << 32) + i * Nk + j): no two of
+    the 3 x 3 pairs share a draw, (batch 0, head 1) and (batch 1, head 0) included. An offset from b + h would give
+    those the same dropout pattern (correlated dropout across the batch), which the reference comparisons cannot
+    see since the reference takes the kernel's own draw."""
+    draw = fa.dropout_scale(3, 3, 8, 16, 0.5, seed=77, device=DEVICE).reshape(9, -1)
+    assert ((draw == 0).double().mean() - 0.5).abs() < 0.1
+    for i in range(9):
+        for j in range(i + 1, 9):
+            assert not torch.equal(draw[i], draw[j]), (divmod(i, 3), divmod(j, 3))
 
 
 def test_radial_mask():
@@ -1041,6 +1089,29 @@ def test_non_contiguous_layout():
     k = torch.randn(2, 45, 2, 16, generator=g).to(DEVICE).transpose(1, 2)
     v = torch.randn(2, 45, 2, 16, generator=g).to(DEVICE).transpose(1, 2)
     _check(q, k, v, Causal(), None)
+
+
+def test_padded_head_dims_read_nothing_past_d():
+    """The kernels pad D = 40 and Dv = 24 to 64 and 32 inside: q, k, v and the output gradient given as views whose
+    rows continue, past D (Dv), into NaN-filled storage must not read it (0 * NaN is NaN in a dot product). Output
+    and every gradient are finite and equal those from contiguous copies of the same values."""
+    g = torch.Generator().manual_seed(43)
+
+    def view(*shape, width):
+        store = torch.full((*shape[:-1], width), float("nan"), device=DEVICE)
+        store[..., : shape[-1]] = torch.randn(*shape, generator=g).to(DEVICE)
+        return store[..., : shape[-1]]
+
+    q, k, v, d_out = view(1, 2, 33, 40, width=64), view(1, 1, 45, 40, width=64), view(1, 1, 45, 24, width=32), \
+        view(1, 2, 33, 24, width=32)
+    results = []
+    for tensors in ((q, k, v, d_out), tuple(t.contiguous() for t in (q, k, v, d_out))):
+        leaves = [t.detach().requires_grad_(True) for t in tensors[:3]]  # views keep their strides
+        out = flash_attention(*leaves, Window(20, 3))
+        results.append([out] + list(torch.autograd.grad(out, leaves, tensors[3])))
+    for name, got, want in zip(["out", "dq", "dk", "dv"], *results):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_autotune_key_buckets_lengths_and_list_widths():
