@@ -79,6 +79,18 @@ def test_vit_feature_info_group_matcher_and_layer_decay_match_timm(vit_pair):
     assert _layer_decay_scales(ours) == _layer_decay_scales(peer)  # timm's layer-wise decay reads group_matcher
 
 
+def test_vit_feature_info_reduction_of_a_non_square_patch_is_the_map_stride():
+    """With an (8, 4) patch the maps are H/8 x W/4: feature_info's reduction names both strides (timm's scalar
+    max(patch) would give a neck one stride for both axes), and the maps times it give the image size back."""
+    model = zoo.create_model("vit_debug", patch_size=(8, 4), img_size=(32, 48)).eval()
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.randn(1, 3, 32, 48), indices=1, intermediates_only=True)
+    assert maps[0].shape[-2:] == (4, 12)
+    assert [info["reduction"] for info in model.feature_info] == [(8, 4)] * len(model.blocks)
+    rh, rw = model.feature_info[-1]["reduction"]
+    assert (maps[0].shape[-2] * rh, maps[0].shape[-1] * rw) == (32, 48)
+
+
 def test_vit_prune_intermediate_layers_matches_timm_and_saves(tmp_path):
     torch.manual_seed(1)
     peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=4, global_pool="avg").eval()

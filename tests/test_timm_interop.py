@@ -69,6 +69,65 @@ def test_timm_save_for_hf_follows_changes_after_construction(tmp_path):
     assert zoo.from_pretrained(tmp_path / "zoo").pretrained_cfg == untagged
 
 
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+def test_vit_pooling_reset_after_construction_saves_and_loads_back(tmp_path, pool):
+    """reset_classifier(K, pool) keeps the final norm where it was built (after the blocks, timm's reset does the
+    same); the saved directory must say so, or the constructor derives fc_norm from the new pooling and rebuilds
+    the norm after the pooling (other keys, other logits). The reloaded model equals the reset one and timm's
+    model reset the same way."""
+    import timm
+
+    torch.manual_seed(0)
+    peer = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
+    model = zoo.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
+    model.load_state_dict(peer.state_dict())
+    model.reset_classifier(3, pool)
+    peer.reset_classifier(3, pool)
+    model.head.load_state_dict(peer.head.state_dict())
+    zoo.save_pretrained(model, tmp_path)
+    loaded = zoo.from_pretrained(tmp_path).eval()
+    assert set(loaded.state_dict()) == set(model.state_dict()) == set(peer.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+        torch.testing.assert_close(model(x), peer(x), atol=1e-5, rtol=0)
+
+
+def test_agent_deit_resized_position_table_follows_new_weights():
+    """In eval mode the position table resized to another grid is cached; loading other weights (or editing
+    pos_embed under no_grad) must not serve the old table: the logits equal those of a fresh model holding the
+    new weights."""
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_deit_debug").eval()
+    other = zoo.create_model("agent_deit_debug").eval()
+    x = torch.randn(2, 3, 48, 40)  # not the native 32 x 32: the resized table is cached
+    with torch.no_grad():
+        model(x)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(x), other(x), atol=0, rtol=0)
+        model.pos_embed.mul_(0.5)
+        other.pos_embed.mul_(0.5)
+        fresh = zoo.create_model("agent_deit_debug").eval()
+        fresh.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(x), fresh(x), atol=0, rtol=0)
+
+
+def test_agent_deit_set_input_size_to_a_wide_grid_equals_loading_at_that_size(tmp_path):
+    """timm's set_input_size on Agent-DeiT with a wider-than-tall size (40 x 48: a 10 x 12 grid): the row/column
+    bias tables take the longer side, as a model built at that size and loaded from the checkpoint has them."""
+    torch.manual_seed(0)
+    model = zoo.create_model("agent_deit_debug").eval()
+    zoo.save_pretrained(model, tmp_path)
+    model.set_input_size((40, 48))
+    reference = zoo.create_model("agent_deit_debug", pretrained=str(tmp_path), img_size=(40, 48)).eval()
+    assert model.blocks[0].attn.window == reference.blocks[0].attn.window == 12
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
 def test_agent_deit_takes_channels_last_as_timm_models_do():
     """model.to(memory_format=torch.channels_last) -- timm's train.py --channels-last -- raised torch's "required
     rank 4 tensor to use channels_last format" on Agent-DeiT's 5-D row/column bias tables. Now the 4-D tensors take

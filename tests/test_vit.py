@@ -62,6 +62,8 @@ OPTIONS = {
     "rect_img_patch": dict(img_size=(32, 48), patch_size=(8, 4), in_chans=1),
     "gap_fc_norm": dict(img_size=32, patch_size=8, global_pool="avg"),
     "max_pool": dict(img_size=32, patch_size=8, global_pool="max", fc_norm=False),
+    "avgmax_pool_default_fc_norm": dict(img_size=32, patch_size=8, global_pool="avgmax"),
+    "avgmax_pool_no_norm": dict(img_size=32, patch_size=8, global_pool="avgmax", fc_norm=False),  # LayerNorm hides a scale
     "reg_tokens": dict(img_size=32, patch_size=8, reg_tokens=3),
     "no_embed_class_regs": dict(img_size=32, patch_size=8, no_embed_class=True, reg_tokens=2),
     "no_class_token": dict(img_size=32, patch_size=8, class_token=False, global_pool="avg"),
@@ -121,6 +123,19 @@ def test_dynamic_img_pad_matches_timm(global_pool):
         assert got[0].shape[-2:] == (-(-h // 8), -(-w // 8))
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_dynamic_img_pad_with_a_non_square_patch_matches_timm():
+    """A (4, 8) patch pads the rows to a multiple of 4 and the columns to a multiple of 8, as timm's PatchEmbed:
+    logits and the patch grid equal timm's at sizes neither side divides."""
+    kwargs = dict(SMALL, img_size=32, patch_size=(4, 8), dynamic_img_size=True, dynamic_img_pad=True)
+    ours, peer = _pair(kwargs)
+    for h, w in ((30, 21), (13, 42)):
+        x = _images(2, 3, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+            grid = ours.forward_intermediates(x, indices=1, intermediates_only=True)[0].shape[-2:]
+        assert grid == (-(-h // 4), -(-w // 8))
 
 
 def test_dynamic_img_pad_at_a_fixed_size_the_patch_does_not_divide():
@@ -243,6 +258,39 @@ def test_pos_embed_resampled_on_load_like_timm():
         torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kwargs", [dict(no_embed_class=True, init_values=0.1),
+                                    dict(no_embed_class=True, reg_tokens=2),
+                                    dict(reg_tokens=2)])
+def test_set_input_size_resamples_as_timm(kwargs):
+    """set_input_size on DeiT III / DINOv2-register layouts (position rows for the patches only) and with prefix
+    rows: the same resampled table and logits as timm's set_input_size."""
+    ours, peer = _pair(dict(SMALL, img_size=32, patch_size=8, **kwargs))
+    ours.set_input_size(48)
+    peer.set_input_size((48, 48))
+    torch.testing.assert_close(ours.pos_embed, peer.pos_embed, atol=1e-6, rtol=0)
+    x = _images(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(no_embed_class=True, init_values=0.1), dict(no_embed_class=True, reg_tokens=4)])
+def test_patch_only_pos_embed_resampled_on_load_like_timm(kwargs):
+    """A DeiT III / DINOv2-register checkpoint (position rows for the patches only) trained at 32 px loads into
+    models built for 48 and 16 px with timm's filter's table and timm's logits."""
+    torch.manual_seed(0)
+    source = TimmViT(**SMALL, img_size=32, patch_size=8, **kwargs)
+    for size in (48, 16):
+        peer = TimmViT(**SMALL, img_size=size, patch_size=8, **kwargs).eval()
+        want = timm_filter(source.state_dict(), peer)
+        peer.load_state_dict(want, strict=True)
+        ours = V.VisionTransformer(**SMALL, img_size=size, patch_size=8, **kwargs).eval()
+        ours.load_timm_state_dict(source.state_dict(), strict=True)
+        torch.testing.assert_close(ours.pos_embed, want["pos_embed"], atol=1e-6, rtol=0)
+        x = _images(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), peer(x), atol=ATOL, rtol=0)
+
+
 def test_filter_handles_ddp_prefix_layer_scale_names_and_linear_patch_embed():
     ours, peer = _pair(dict(SMALL, img_size=32, patch_size=8, init_values=0.5))
     sd = {}
@@ -288,6 +336,30 @@ def test_class_token_last_block_shortcut_is_exact():
     tokens = torch.randn(2, 19, 48)
     block = model.blocks[-1].eval()
     torch.testing.assert_close(block(tokens, num_queries=3), block(tokens)[:, :3], atol=1e-6, rtol=1e-5)
+
+
+def test_init_and_weight_decay_exclusions_follow_timm():
+    """timm's ViT init (class and register tokens N(0, 1e-6), position table trunc-normal 0.02, linear biases
+    zero) and no_weight_decay list: with timm.optim's AdamW groups the register tokens get no weight decay."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs = dict(SMALL, img_size=32, patch_size=8, reg_tokens=4)
+    torch.manual_seed(0)
+    ours = V.VisionTransformer(**kwargs)
+    peer = TimmViT(**kwargs)
+    for model in (ours, peer):
+        assert 0 < model.cls_token.std() < 1e-5 and 0 < model.reg_token.std() < 1e-5
+        assert 0.015 < model.pos_embed.std() < 0.025
+    assert ours.no_weight_decay() == peer.no_weight_decay()
+
+    def decay_by_name(model):
+        names = {id(q): n for n, q in model.named_parameters()}
+        opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+        return {names[id(q)]: g["weight_decay"] for g in opt.param_groups for q in g["params"]}
+
+    decay = decay_by_name(ours)
+    assert decay == decay_by_name(peer)
+    assert decay["reg_token"] == decay["cls_token"] == decay["pos_embed"] == 0.0
 
 
 def test_training_features_drop_path_checkpointing_and_classifier_api():
