@@ -1809,3 +1809,37 @@ def test_channels_last_reaches_the_models_input():
     assert seen == [True]
     assert not ImageClassifier(_tiny_vit(), channels_last=False).prepare_input(x).is_contiguous(
         memory_format=torch.channels_last)
+
+
+def test_classifier_losses_and_probabilities_are_the_plain_definitions():
+    """Against F.cross_entropy / softmax computed by hand on one fixed batch (mutation audit 2026-12-07):
+    mix_prob=0 leaves every batch unmixed, so the training loss is the smoothed cross-entropy of the clean images;
+    validation loss has no label smoothing (timm's validate: plain cross-entropy, comparable across recipes);
+    predict gives each image's probabilities over the classes."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    model = zoo.create_model("vit_debug", num_classes=7)
+    with torch.no_grad():  # confident logits: near-uniform ones score alike with and without label smoothing
+        model.head.weight.normal_(std=3.0)
+    module = ImageClassifier(model, label_smoothing=0.3, mixup_alpha=0.4, cutmix_alpha=1.0, mix_prob=0.0).train()
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="self.log"):  # no trainer attached yet: Lightning only warns
+        loss = module.training_step((x, y), 0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.3)  # the same dropout draws
+    torch.testing.assert_close(loss.detach(), want)
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=6)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    metrics = trainer.validate(module, loader, verbose=False)[0]
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert metrics["val/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    (probs,) = trainer.predict(module, loader)
+    torch.testing.assert_close(probs, logits.softmax(-1))
