@@ -331,3 +331,347 @@ def test_bench_attention_gpu_refuses_fp32_on_cuda():
 
     with pytest.raises(SystemExit, match="--gpu-dtype fp32: .* flash kernel, which runs fp16 and bf16 only"):
         cli.main(["bench", "attention", "--gpu", "--gpu-dtype", "fp32"])
+
+
+# ------------------------------------------------------------------ mutation audit 2026-12-07 (zoo bench numbers)
+# Every benchmark's figures come from interleaved_samples; replacing it with fixed per-round samples lets the
+# printed medians, paired ratios and throughputs be checked against statistics.median by hand. The rounds are
+# chosen so that the paired ratio (median of per-round ratios: 4, 1.5, 1.5 -> 1.5) differs from the ratio of
+# the medians (4 / 2 = 2), from its inverse (0.67) and from a mean (zoo mean 2.33 ms, median 2 ms).
+ZOO_MS, PEER_MS = [1.0, 2.0, 4.0], [4.0, 3.0, 6.0]
+
+
+def _fake_samples(ms_of, seen=None, unit=1e-3):
+    """A stand-in for interleaved_samples: ``ms_of(name)`` gives each function's per-round times (in ms, or in
+    ``unit`` seconds)."""
+    def fake(fns, **kwargs):
+        if seen is not None:
+            seen.append({"fns": dict(fns), **kwargs})
+        return {name: [ms * unit for ms in ms_of(name)] for name in fns}
+
+    return fake
+
+
+def _cells(text: str, start: str) -> list[str]:
+    rows = [line for line in text.splitlines() if line.startswith(start)]
+    assert len(rows) == 1, (start, text)
+    return [c.strip() for c in rows[0].strip().strip("|").split("|")]
+
+
+@pytest.fixture
+def keep_threads():
+    """The commands below run with --threads 1 (set_threads): the process's thread count is restored after."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+class _Shifted(torch.nn.Module):
+    """A peer that computes something else (its output + 1): the benchmark must refuse to time it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return self.inner(*args) + 1.0
+
+
+def test_timing_helpers_against_hand_computed_cases(monkeypatch):
+    """medians are statistics.median (not the mean), the warm-up calls are not timed, set_threads() means all
+    cores, memory_cells prints peak (net) and peer/ours, and output_and_grad_errors compares outputs and input
+    gradients of the two layers it is given."""
+    import os
+
+    from zoo.bench import timing
+
+    assert timing.medians({"a": [1.0, 2.0, 100.0], "b": [3.0, 1.0]}) == {"a": 2.0, "b": 2.0}
+    clock, calls = [0.0], []
+
+    def compiling():  # 1 s on the first call (a compilation), 1 ms afterwards
+        clock[0] += 1.0 if not calls else 1e-3
+        calls.append(1)
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    for warmup in (1, 2):
+        calls.clear()
+        samples = timing.interleaved_samples({"f": compiling}, repeats=2, warmup=warmup)
+        assert len(calls) == warmup + 2 and samples["f"] == pytest.approx([1e-3, 1e-3]), (warmup, samples)
+    monkeypatch.undo()
+
+    before = torch.get_num_threads()
+    try:
+        assert timing.set_threads() == (os.cpu_count() or 1) == torch.get_num_threads()
+        assert timing.set_threads(0) == (os.cpu_count() or 1)
+        assert timing.set_threads(1) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+    assert timing.memory_cells({"none": 100.0, "zoo": 150.0, "pyg": 600.0}) == ("150 (50)", "600 (500)", "4.0x (10.0x)")
+    nan = float("nan")
+    assert timing.memory_cells({"none": 100.0, "zoo": 150.0, "pyg": nan}) == ("150 (50)", "-", "-")
+
+    torch.manual_seed(0)
+    ours = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3, requires_grad=True)
+    assert timing.output_and_grad_errors(x, ours, _Shifted(ours)) == pytest.approx((1.0, 0.0))
+
+    class DoubleGrad(torch.nn.Module):  # the same output, twice the input gradient
+        def forward(self, x):
+            return ours(2 * x - x.detach())
+
+    out_err, grad_err = timing.output_and_grad_errors(x, ours, DoubleGrad())
+    assert out_err == 0.0 and grad_err == pytest.approx(0.5)  # max |g - 2g| / max |2g|
+
+
+def test_peak_memory_probe_reports_the_high_water_mark():
+    """peak_rss_mb_subprocess reports the child's peak, not its resident memory at the end: 256 MiB written and
+    freed again still count."""
+    from zoo.bench.timing import peak_rss_mb_subprocess
+
+    baseline = peak_rss_mb_subprocess("pass")
+    peak = peak_rss_mb_subprocess("block = b'\\x01' * (256 << 20)\ndel block")
+    assert peak - baseline > 200, (baseline, peak)
+
+
+def test_attention_tables_print_medians_and_paired_ratios_of_the_right_sides(monkeypatch):
+    """core: attend / SDPA (lower is better); sparse: SDPA / zoo (the speed-up); both the median over rounds of the
+    per-round ratio, beside the median times; the fwd+bwd columns time a backward through q, k, v and the fwd
+    columns do not."""
+    import statistics
+
+    peer_over_zoo = statistics.median(p / z for z, p in zip(ZOO_MS, PEER_MS))  # 1.5
+    zoo_over_peer = statistics.median(z / p for z, p in zip(ZOO_MS, PEER_MS))  # 0.67
+    seen = []
+    monkeypatch.setattr(bench, "interleaved_samples",
+                        _fake_samples(lambda name: ZOO_MS if name.startswith("ours") else PEER_MS, seen))
+    grads = []
+    real_inputs = bench._inputs
+
+    def inputs(*args, **kwargs):
+        q, k, v, go = real_inputs(*args, **kwargs)
+        for t in (q, k, v):
+            t.register_hook(lambda grad: grads.append(1))
+        return q, k, v, go
+
+    monkeypatch.setattr(bench, "_inputs", inputs)
+    common = ["--repeats", "3", "--warmup", "0", "--min-time", "0", "--heads", "2", "--head-dim", "8"]
+    core = bench.bench_core(bench.build_parser().parse_args(["--core-sizes", "32", *common]))
+    for name in ("dense", "causal"):
+        cells = _cells(core, f"| 32 | {name} |")
+        assert cells[2:8] == ["2.00", "4.00", f"{zoo_over_peer:.2f}", "2.00", "4.00", f"{zoo_over_peer:.2f}"], cells
+    sparse = bench.bench_sparse(bench.build_parser().parse_args(
+        ["--sparse-n", "256", "--fractions", "0.5", "--masks", "window", *common]))
+    cells = _cells(sparse, "| window |")
+    assert cells[5:] == ["2.00", "4.00", f"{peer_over_zoo:.2f}x", "2.00", "4.00", f"{peer_over_zoo:.2f}x"], cells
+    assert len(seen) == 3
+    for call in seen:
+        for name, fn in call["fns"].items():
+            before = len(grads)
+            fn()
+            assert (len(grads) - before == 3) == name.endswith("_fb"), name  # dq, dk, dv only with backward
+
+
+def test_attention_parts_refuse_to_time_a_zoo_side_that_differs(monkeypatch):
+    """The sparse part compares the zoo output with SDPA's on the dense mask, and the core part compares outputs
+    and all three gradients (an attend() whose output is right but whose dv is doubled is refused too)."""
+    real_attend = bench.attend
+    common = ["--repeats", "1", "--warmup", "0", "--min-time", "0", "--heads", "2", "--head-dim", "8"]
+    monkeypatch.setattr(bench, "attend", lambda q, k, v, mask=None: real_attend(q, k, v, mask) + 0.01)
+    with pytest.raises(RuntimeError, match="window: block-sparse output differs from SDPA"):
+        bench.bench_sparse(bench.build_parser().parse_args(
+            ["--sparse-n", "256", "--fractions", "0.5", "--masks", "window", *common]))
+    monkeypatch.setattr(bench, "attend", lambda q, k, v, mask=None: real_attend(q, k, 2 * v - v.detach(), mask))
+    with pytest.raises(RuntimeError, match="core N=32 dense: the two sides disagree"):
+        bench.bench_core(bench.build_parser().parse_args(["--core-sizes", "32", *common]))
+
+
+def test_tiles_table_and_full_window_by_hand():
+    """The tiles table at N = 256 against hand counts: causal visits the diagonal tiles (partial) and those below
+    (full); 8 equal segments of 32 tokens only the diagonal ones. And the 100% window is full attention."""
+    args = bench.build_parser().parse_args(["--sparse-n", "256", "--fractions", "0.5", "--masks", "window"])
+    text = bench.bench_tiles(args)
+    assert _cells(text, "| causal |")[2:] == ["3/4 (75.0%; 1 full, 2 partial)", "10/16 (62.5%; 6 full, 4 partial)"]
+    assert _cells(text, "| segments (8 equal) |")[2:] == ["2/4 (50.0%; 0 full, 2 partial)",
+                                                          "4/16 (25.0%; 0 full, 4 partial)"]
+    assert bool(bench.window_for_fraction(512, 1.0).dense(512, 512).all())
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the dry run is for CPU-only machines; the GPU runs the real thing")
+def test_gpu_part_flops_ratios_and_verdicts_by_hand(monkeypatch):
+    """The GPU table's TF/s against hand-counted allowed pairs (4 D FLOPs per pair and head: q.k and p.v; backward
+    counted as 2.5x forward, so fwd+bwd is 3.5x), its peer/zoo ratios and PASS lines, and the sweep's kept
+    fraction, under fixed times (the dry run's own code path, the Triton interpreter)."""
+    from zoo.kernels import flash_attention as fa
+
+    if not fa.INTERPRET:
+        pytest.skip("kernel module imported without TRITON_INTERPRET=1")
+    seconds = {"zoo-triton": 1e-11, "SDPA-flash": 2e-11, "SDPA (dense mask)": 2e-11, "FlexAttention": 4e-11,
+               "zoo sparse": 1e-11, "zoo dense": 4e-11, "Flex sparse": 2e-11}
+    monkeypatch.setattr(bench, "interleaved_medians", lambda fns, **kwargs: {name: seconds[name] for name in fns})
+    args = bench.build_parser().parse_args([
+        "--gpu", "--gpu-device", "cpu", "--gpu-frames", "2", "--gpu-tokens", "48", "--gpu-head-dims", "16",
+        "--gpu-dtype", "fp32", "--gpu-radial-block", "16", "--gpu-eager-flex", "--gpu-strict",
+        "--repeats", "1", "--warmup", "0", "--fractions", "0.25,0.5", "--heads", "2",
+    ])
+    text = bench.bench_gpu(args)
+    n, flops_per_pair = 96, 4 * 1 * 2 * 16  # B = 1, H = 2, D = 16
+    window_pairs = n * n - 2 * sum(n - d for d in range(49, n))  # |i - j| <= 48
+    for name, pairs in (("dense", n * n), ("causal", n * (n + 1) // 2), ("window", window_pairs),
+                        ("segments", 2 * 48 * 48)):
+        for mode, factor in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            cells = _cells(text, f"| {name} | 96 | 16 | {mode} |")
+            assert cells[4].endswith(f", {pairs * flops_per_pair * factor / 1e-11 / 1e12:.1f} TF/s"), (name, mode, cells)
+            assert cells[7:9] == ["2.00x", "4.00x"], cells  # SDPA / zoo, Flex / zoo
+    assert "- PASS: dense fwd N=96 D=16: zoo >= 0.9x SDPA-flash speed (2.00x)" in text
+    assert "- PASS: dense fwd N=96 D=16: zoo >= FlexAttention speed (4.00x)" in text
+    assert "- PASS: radial fwd+bwd N=96 D=16: zoo faster than FlexAttention (4.00x)" in text
+    assert "- PASS: 25% kept tiles N=96 D=16: fwd+bwd >= 3x faster than dense (4.00x)" in text
+    for fraction in (0.25, 0.5):  # the kept column is the tiles the map keeps (21 of 36 at 50%), not the target
+        keep = bench.random_block_map(n, fraction, tile=16).block_mask[0, 0]
+        assert keep.shape == (6, 6)
+        sweep = _cells(text, f"| {fraction:.0%} |")
+        assert sweep[1] == f"{keep.float().mean().item():.1%}" and sweep[4:7] == ["0.000", "4.00x", "2.00x"], sweep
+
+
+def test_graph_and_points_speed_ups_gates_and_peer_guard(monkeypatch, capsys, keep_threads):
+    """zoo bench graph / points: speed-up = median over rounds of PyG / zoo time beside the median times; a peer
+    that differs stops the run; --skip-peer-above E still runs PyG at E edges; --compile never times the first
+    (compiling) call; the PyG memory estimate counts the self loops (E + N edges)."""
+    import statistics
+
+    from zoo.bench import graph, points
+
+    speedup = statistics.median(p / z for z, p in zip(ZOO_MS, PEER_MS))
+    seen = []
+    fake = _fake_samples(lambda name: ZOO_MS if name == "zoo" else PEER_MS, seen, unit=1.0)  # tables in seconds
+    monkeypatch.setattr(graph, "interleaved_samples", fake)
+    monkeypatch.setattr(points, "interleaved_samples", fake)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # the warm-up logic only
+    base = ["--sizes", "300:60", "--channels", "4", "--heads", "2", "--repeats", "3", "--warmup", "0", "--no-memory",
+            "--threads", "1"]
+    assert graph.main([*base, "--skip-peer-above", "300", "--compile", "eager"]) == 0
+    cells = _cells(capsys.readouterr().out, "| 300 |")
+    assert cells[4:7] == ["2.000", "4.000", f"{speedup:.2f}x"], cells
+    assert seen[-1]["warmup"] == 1
+    assert graph.peer_bytes_estimate(1_000_000, 100_000, 8, 64) == 26 * 1_100_000 * 8 * 64
+
+    real_graph_case, real_points_case = graph.make_case, points.make_case
+
+    def shifted_graph_case(*args, **kwargs):
+        x, ei, ours, peer = real_graph_case(*args, **kwargs)
+        return x, ei, ours, _Shifted(peer)
+
+    monkeypatch.setattr(graph, "make_case", shifted_graph_case)
+    with pytest.raises(RuntimeError, match="zoo bench graph E=300 C=4: the two sides disagree"):
+        graph.main(base)
+
+    assert points.main(["--sizes", "300", "--channels", "8", "--k", "4", "--repeats", "3", "--warmup", "0",
+                        "--no-memory"]) == 0
+    cells = _cells(capsys.readouterr().out, "| 300 |")
+    assert cells[5:8] == ["2.000", "4.000", f"{speedup:.2f}x"], cells
+
+    def shifted_points_case(*args, **kwargs):
+        x, pos, ei, ours, peer = real_points_case(*args, **kwargs)
+        return x, pos, ei, ours, _Shifted(peer)
+
+    monkeypatch.setattr(points, "make_case", shifted_points_case)
+    with pytest.raises(RuntimeError, match="zoo bench points N=300 C=8: the two sides disagree"):
+        points.main(["--sizes", "300", "--channels", "8", "--k", "4", "--repeats", "1", "--warmup", "0", "--no-memory"])
+    capsys.readouterr()
+
+
+def test_relpos_ratios_and_inference_without_autograd(monkeypatch, capsys, keep_threads):
+    """zoo bench relpos: ratios are ESPnet-form / zoo per round (median), and the infer columns run under no_grad
+    while the train columns record the graph."""
+    import statistics
+
+    from zoo.bench import relpos
+
+    grad_modes = []
+
+    def fake(fns, **kwargs):
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, inputs, output: grad_modes.append((name, torch.is_grad_enabled())))
+        try:
+            for name, fn in fns.items():
+                fn()
+        finally:
+            handle.remove()
+        return _fake_samples(lambda name: ZOO_MS if name.startswith("zoo") else PEER_MS)(fns)
+
+    monkeypatch.setattr(relpos, "interleaved_samples", fake)
+    assert relpos.main(["--cases", "2x9", "--dim", "24", "--heads", "3", "--repeats", "3", "--warmup", "0",
+                        "--threads", "1"]) == 0
+    cells = _cells(capsys.readouterr().out, "| 2 | 9 |")
+    ratio = f"{statistics.median(p / z for z, p in zip(ZOO_MS, PEER_MS)):.2f}x"
+    assert cells[2:8] == ["2.0", "4.0", ratio, "2.0", "4.0", ratio], cells
+    assert {name for name, _ in grad_modes} == {"zoo_train", "peer_train", "zoo_infer", "peer_infer"}
+    assert all(enabled == name.endswith("train") for name, enabled in grad_modes), grad_modes
+
+
+def test_vision_benchmarks_report_throughput_and_ratios_of_the_right_sides(monkeypatch, capsys, keep_threads):
+    """zoo bench vision: throughput = batch / median time, zoo/peer throughput ratio = median of peer / zoo time
+    per round, step ratio = median of zoo / peer time; the training step includes the optimizer's step; --compile
+    warms up at least once. vision_agent: the same throughput ratios, and a reference that differs is refused.
+    vision_maxvit: ms per Mpx per image and the per-pixel cost against the unpadded size."""
+    import statistics
+
+    from zoo.bench import vision, vision_agent, vision_maxvit
+
+    peer_over_zoo = statistics.median(p / z for z, p in zip(ZOO_MS, PEER_MS))
+    zoo_over_peer = statistics.median(z / p for z, p in zip(ZOO_MS, PEER_MS))
+
+    class Tiny(torch.nn.Module):
+        num_classes = 5
+
+        def __init__(self, size):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * size * size, 5)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    fake = _fake_samples(lambda name: ZOO_MS if name == "zoo" else PEER_MS)
+    monkeypatch.setattr(vision, "interleaved_samples", fake)
+    monkeypatch.setattr(vision, "interleaved_samples_with_faults", lambda fns, **kwargs: (fake(fns), {n: None for n in fns}))
+    case = vision.BenchCase("tiny", Tiny, Tiny, img_size=4)
+    row = vision.run_case(case, batch=2, img_size=None, repeats=3, warmup=0, train=True, infer=True)
+    assert row["infer_zoo"] == pytest.approx(2 / 2e-3) and row["infer_peer"] == pytest.approx(2 / 4e-3)
+    assert row["infer_ratio"] == pytest.approx(peer_over_zoo) and row["train_ratio"] == pytest.approx(zoo_over_peer)
+    assert row["train_zoo"] == pytest.approx(2e-3) and row["train_peer"] == pytest.approx(4e-3)
+
+    model = Tiny(2)
+    before = [p.detach().clone() for p in model.parameters()]
+    vision._train_fn(model, torch.randn(3, 3, 2, 2), 5)()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # AdamW stepped
+
+    warmups = []
+    monkeypatch.setattr(vision, "run_case", lambda case, **kwargs: warmups.append(kwargs["warmup"]) or
+                        {"case": case.name, "peer": case.peer_name, "batch": 1, "img_size": 32})
+    assert vision.main(["--models", "vit_tiny_patch16_224", "--no-attention", "--compile", "eager", "--warmup", "0",
+                        "--threads", "1"]) == 0
+    assert warmups == [1]
+
+    monkeypatch.setattr(vision_agent, "interleaved_samples_with_faults", lambda fns, **kwargs: (
+        _fake_samples(lambda name: {"zoo": ZOO_MS, "timm": PEER_MS, "ref": [2 * t for t in ZOO_MS]}[name])(fns),
+        {name: None for name in fns}))
+    monkeypatch.setattr(vision_agent, "build_models", lambda size: (torch.nn.Flatten(),) * 3)
+    assert vision_agent.main(["--sizes", "32", "--batches", "2", "--repeats", "3", "--warmup", "0", "--min-time", "0",
+                              "--threads", "1", "--markdown"]) == 0
+    cells = _cells(capsys.readouterr().out, "| 32 | 2 |")
+    assert cells[2:7] == ["1000.0", "500.0", "500.0", f"{peer_over_zoo:.2f}", "2.00"], cells
+    monkeypatch.setattr(vision_agent, "build_models",
+                        lambda size: (torch.nn.Flatten(), torch.nn.Flatten(), _Shifted(torch.nn.Flatten())))
+    with pytest.raises(RuntimeError, match="zoo and official-style logits differ by 1"):
+        vision_agent.main(["--sizes", "32", "--batches", "1", "--repeats", "1", "--threads", "1"])
+
+    unpadded, padded = [1.0, 2.0, 4.0], [1.0, 1.0, 2.0]  # ms per round at 64 px and 32 px
+    monkeypatch.setattr(vision_maxvit, "interleaved_samples",
+                        _fake_samples(lambda name: unpadded if name == "64x64" else padded))
+    assert vision_maxvit.main(["--model", "maxvit_debug", "--size", "64", "--odd", "32", "--batch", "2",
+                               "--repeats", "3", "--warmup", "0", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    per_pixel = statistics.median(p / u for u, p in zip(unpadded, padded)) * (64 * 64) / (32 * 32)  # 2.0
+    assert _cells(out, "| 64x64 |")[1:] == ["2.0", "1000.0", f"{1e9 * 2e-3 / (64 * 64) / 2:.1f}", "1.000"]
+    assert _cells(out, "| 32x32 |")[1:] == ["1.0", "2000.0", f"{1e9 * 1e-3 / (32 * 32) / 2:.1f}", f"{per_pixel:.3f}"]
