@@ -45,6 +45,32 @@ def test_gpu_part_dry_run_on_cpu(capsys):
     assert len(verdicts) == 4, verdicts  # 2 dense, 1 radial, 1 sweep (memory needs CUDA)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the dry run is for CPU-only machines; the GPU runs the real thing")
+def test_gpu_part_refuses_a_kernel_whose_gradients_differ(monkeypatch):
+    """The GPU table and sweep check the zoo kernel's q/k/v gradients against SDPA's before timing (a forward-only
+    check published a forward+backward figure for any backward): a triton attend() whose output is right but whose
+    dv is doubled becomes an error row in each table (or raises with --gpu-strict), and gives no verdict."""
+    from zoo.kernels import flash_attention as fa
+
+    if not fa.INTERPRET:
+        pytest.skip("kernel module imported without TRITON_INTERPRET=1")
+    real_attend = bench.attend
+
+    def doubled_dv(q, k, v, mask=None, **kwargs):
+        return real_attend(q, k, 2 * v - v.detach(), mask, **kwargs)
+
+    monkeypatch.setattr(bench, "attend", doubled_dv)
+    argv = ["--gpu", "--gpu-device", "cpu", "--gpu-frames", "2", "--gpu-tokens", "48", "--gpu-head-dims", "16",
+            "--gpu-dtype", "fp32", "--gpu-radial-block", "16", "--gpu-eager-flex", "--repeats", "1", "--warmup", "0",
+            "--fractions", "0.5", "--heads", "2"]
+    with pytest.raises(RuntimeError, match=r"^dense N=96 D=16: zoo's q/k/v gradients differ from SDPA-flash's by 0.\d+ of the "
+                                           r"largest gradient \(tolerance 0.001\)"):
+        bench.bench_gpu(bench.build_parser().parse_args([*argv, "--gpu-strict"]))
+    text = bench.bench_gpu(bench.build_parser().parse_args(argv))
+    assert "sweep 50%: RuntimeError: sweep 50%: zoo's q/k/v gradients differ from SDPA (dense mask)'s" in text
+    assert not [line for line in text.splitlines() if line.startswith(("- PASS", "- FAIL"))]
+
+
 def test_gpu_flag_without_cuda_says_so(capsys):
     if HAS_CUDA:
         pytest.skip("CUDA present")
@@ -473,15 +499,21 @@ def test_attention_tables_print_medians_and_paired_ratios_of_the_right_sides(mon
 
 
 def test_attention_parts_refuse_to_time_a_zoo_side_that_differs(monkeypatch):
-    """The sparse part compares the zoo output with SDPA's on the dense mask, and the core part compares outputs
-    and all three gradients (an attend() whose output is right but whose dv is doubled is refused too)."""
+    """The sparse and core parts compare outputs and all three gradients with SDPA's (the sparse one with the dense
+    mask) before timing: an attend() whose output is off is refused, and so is one whose output is right but whose
+    dv is doubled (the sparse table publishes a forward+backward speed-up; until 2026-12-07 its gate compared the
+    forward outputs only)."""
     real_attend = bench.attend
     common = ["--repeats", "1", "--warmup", "0", "--min-time", "0", "--heads", "2", "--head-dim", "8"]
+    sparse_args = bench.build_parser().parse_args(["--sparse-n", "256", "--fractions", "0.5", "--masks", "window",
+                                                   *common])
     monkeypatch.setattr(bench, "attend", lambda q, k, v, mask=None: real_attend(q, k, v, mask) + 0.01)
-    with pytest.raises(RuntimeError, match="window: block-sparse output differs from SDPA"):
-        bench.bench_sparse(bench.build_parser().parse_args(
-            ["--sparse-n", "256", "--fractions", "0.5", "--masks", "window", *common]))
+    with pytest.raises(RuntimeError, match=r"sparse window 50%: the two sides disagree \(output error"):
+        bench.bench_sparse(sparse_args)
     monkeypatch.setattr(bench, "attend", lambda q, k, v, mask=None: real_attend(q, k, 2 * v - v.detach(), mask))
+    with pytest.raises(RuntimeError, match=r"sparse window 50%: the two sides disagree \(output error \S+ <= 0.0001, "
+                                           r"gradient error 1 > 0.0001\)"):
+        bench.bench_sparse(sparse_args)
     with pytest.raises(RuntimeError, match="core N=32 dense: the two sides disagree"):
         bench.bench_core(bench.build_parser().parse_args(["--core-sizes", "32", *common]))
 

@@ -228,18 +228,24 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Parts
 # --------------------------------------------------------------------------------------------------
+def _outputs_and_grads(fn, q, k, v, go) -> tuple[torch.Tensor, tuple]:
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = fn(qq, kk, vv)
+    return out.detach(), torch.autograd.grad(out, (qq, kk, vv), go)
+
+
+def _grad_error(grads_ours, grads_ref) -> float:
+    """Largest dq / dk / dv difference, relative to the largest reference gradient (fp32). Not per gradient: where
+    a query sees one key (a window of 0), dq and dk are exactly 0 and both sides return rounding noise of 1e-7."""
+    scale = max(float(g.float().abs().max()) for g in grads_ref)
+    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(grads_ours, grads_ref)) / max(scale, 1e-12)
+
+
 def _check_same(what: str, ours, peer, q, k, v, go) -> None:
     """Outputs and q/k/v gradients of the two sides agree before anything is timed (fp32: 1e-4 relative)."""
-    results = []
-    for fn in (ours, peer):
-        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = fn(qq, kk, vv)
-        grads = torch.autograd.grad(out, (qq, kk, vv), go)
-        results.append((out.detach(), grads))
-    (o1, g1), (o2, g2) = results
+    (o1, g1), (o2, g2) = (_outputs_and_grads(fn, q, k, v, go) for fn in (ours, peer))
     out_err = ((o1 - o2).abs().max() / o2.abs().max().clamp_min(1e-12)).item()
-    grad_err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(g1, g2))
-    require_agreement(f"zoo bench attention {what}", out_err, grad_err, 1e-4, 1e-4)
+    require_agreement(f"zoo bench attention {what}", out_err, _grad_error(g1, g2), 1e-4, 1e-4)
 
 
 def bench_core(args) -> str:
@@ -327,10 +333,9 @@ def bench_sparse(args) -> str:
             def peer(q_, k_, v_, a=allowed):
                 return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=a)
 
-            with torch.no_grad():  # both compute the same thing (no empty rows in these masks)
-                err = float((ours(q, k, v) - peer(q, k, v)).abs().max())
-            if not err < 1e-3:
-                raise RuntimeError(f"{kind}: block-sparse output differs from SDPA by {err}")
+            # both compute the same thing (no empty rows in these masks), outputs and q/k/v gradients: the table
+            # publishes a forward+backward speed-up, so a wrong sparse backward must stop it too
+            _check_same(f"sparse {kind} {fraction:.0%}", ours, peer, q, k, v, go)
             samples = interleaved_samples(
                 {
                     "ours_f": _forward(ours, q, k, v),
@@ -431,22 +436,36 @@ def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def _agree(what: str, reference: torch.Tensor, flex_out: torch.Tensor, zoo_err: float, peer: str) -> None:
-    """The zoo kernel and FlexAttention both match the SDPA reference before a case is timed (1e-3 of the
-    output's scale in fp32, 2e-2 in fp16 / bf16); else the case becomes an error row and gives no verdict."""
-    scale = float(reference.abs().max().clamp_min(1e-6))
-    tol = (2e-2 if flex_out.dtype in (torch.float16, torch.bfloat16) else 1e-3) * scale
+def _agree(what: str, reference: torch.Tensor, flex_out: torch.Tensor, zoo_err: float, peer: str,
+           zoo_grad_err: float = 0.0) -> None:
+    """The zoo kernel and FlexAttention both match the SDPA reference before a case is timed, and so do the zoo
+    kernel's q/k/v gradients (``zoo_grad_err``, relative to the largest reference gradient; FlexAttention's
+    backward is the peer's own affair). Tolerances: outputs 1e-3 of their scale in fp32 and 2e-2 in fp16 / bf16, gradients 1e-3 and
+    5e-2 (two half-precision kernels' gradients differ by more than their outputs; a wrong gradient is off by the
+    gradients' own scale). Otherwise the case becomes an error row and gives no verdict."""
+    half = flex_out.dtype in (torch.float16, torch.bfloat16)
+    rel_tol, grad_tol = (2e-2, 5e-2) if half else (1e-3, 1e-3)
+    tol = rel_tol * float(reference.abs().max().clamp_min(1e-6))
     flex_err = float((flex_out.float() - reference).abs().max())
     if not (zoo_err <= tol and flex_err <= tol):
         raise RuntimeError(f"{what}: outputs differ from {peer} (zoo {zoo_err:.2g}, FlexAttention {flex_err:.2g}, "
                            f"tolerance {tol:.2g}); not timed")
+    if not zoo_grad_err <= grad_tol:  # (NaN fails too)
+        raise RuntimeError(f"{what}: zoo's q/k/v gradients differ from {peer}'s by {zoo_grad_err:.2g} of the largest "
+                           f"gradient (tolerance {grad_tol:.2g}); not timed")
+
+
+def _kernel_grad_error(ours, reference, q, k, v, go) -> float:
+    """:func:`_grad_error` of ``ours`` against ``reference`` on the same inputs."""
+    return _grad_error(_outputs_and_grads(ours, q, k, v, go)[1], _outputs_and_grads(reference, q, k, v, go)[1])
 
 
 def bench_gpu(args) -> str:
     """zoo-triton vs SDPA vs FlexAttention on CUDA (issue 5), with the issue's targets checked.
 
     Sections: (1) per mask (dense, causal, sliding window, Segments varlen packing, Radial) at each video
-    length and head dim: time and TF/s of the three, the max |zoo - SDPA| of the forward output; (2) a
+    length and head dim: time and TF/s of the three, the max |zoo - SDPA| of the forward output (the zoo kernel's
+    gradients checked against SDPA's too, :func:`_agree`); (2) a
     block-sparse sweep (random 128x128 block maps at the kept fractions) against zoo's own dense time and
     FlexAttention with the same block mask; (3) peak memory of a zoo forward+backward (O(N) check);
     (4) PASS/FAIL against the H100 targets. ``args.gpu_device="cpu"`` runs the same code under the Triton
@@ -540,7 +559,9 @@ def bench_gpu(args) -> str:
                     with torch.no_grad():
                         reference = sdpa(q, k, v).float()
                         err = float((fns["zoo-triton"](q, k, v).float() - reference).abs().max())
-                        _agree(f"{name} N={n} D={d}", reference, fns["FlexAttention"](q, k, v), err, sdpa_name)
+                        flex_out = fns["FlexAttention"](q, k, v)
+                    _agree(f"{name} N={n} D={d}", reference, flex_out, err, sdpa_name,
+                           _kernel_grad_error(fns["zoo-triton"], sdpa, q, k, v, go))
                     t = timed_pair(fns, q, k, v, go)
                 except Exception as error:  # one failing case must not hide the other figures
                     if getattr(args, "gpu_strict", False):
@@ -584,11 +605,17 @@ def bench_gpu(args) -> str:
                 "zoo sparse": lambda q_, k_, v_, m=blocks: attend(q_, k_, v_, m, backend="triton"),
                 "Flex sparse": lambda q_, k_, v_, m=bm: flex(q_, k_, v_, block_mask=m),
             }
+            allowed = blocks.dense(n, n, device)
+
+            def masked_sdpa(q_, k_, v_, a=allowed):
+                return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=a)
+
             with torch.no_grad():  # the sparse pattern computed three ways: the zoo kernel, Flex, dense SDPA
-                allowed = blocks.dense(n, n, device)
-                reference = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).float()
+                reference = masked_sdpa(q, k, v).float()
                 err = float((fns["zoo sparse"](q, k, v).float() - reference).abs().max())
-                _agree(f"sweep {fraction:.0%}", reference, fns["Flex sparse"](q, k, v), err, "SDPA (dense mask)")
+                flex_out = fns["Flex sparse"](q, k, v)
+            _agree(f"sweep {fraction:.0%}", reference, flex_out, err, "SDPA (dense mask)",
+                   _kernel_grad_error(fns["zoo sparse"], masked_sdpa, q, k, v, go))
             t = timed_pair(fns, q, k, v, go)
         except Exception as error:
             if getattr(args, "gpu_strict", False):

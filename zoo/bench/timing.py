@@ -221,8 +221,11 @@ def require_agreement(what: str, out_err: float, grad_err: float, out_tol: float
     (the graph and points tables used to print one beside errors of 5.9 and 7.4). ``out_err`` absolute (outputs
     of order one), ``grad_err`` relative, as :func:`output_and_grad_errors` gives them."""
     if not (out_err <= out_tol and grad_err <= grad_tol):  # (NaN fails too)
-        raise RuntimeError(f"{what}: the two sides disagree (output error {out_err:.3g} > {out_tol:g} or gradient "
-                           f"error {grad_err:.3g} > {grad_tol:g}); nothing was timed")
+        # each error beside its tolerance, the one(s) over it said so (the message read "output error 5.5e-08 >
+        # 0.0001 or gradient error 1 > 0.0001" when only the gradients disagreed)
+        parts = [f"{name} error {err:.3g} {'<=' if err <= tol else '>'} {tol:g}"
+                 for name, err, tol in (("output", out_err, out_tol), ("gradient", grad_err, grad_tol))]
+        raise RuntimeError(f"{what}: the two sides disagree ({', '.join(parts)}); nothing was timed")
 
 
 def compile_backend_arg(value: str) -> str:
