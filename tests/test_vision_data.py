@@ -1088,6 +1088,29 @@ def test_affine_augmentation_is_torchvisions_rotation_zoom_and_translation():
         torch.testing.assert_close(_warp_with(ds, draws), want, rtol=0, atol=1e-5)
 
 
+def test_affine_warp_of_a_non_square_image_is_torchvisions():
+    """The warp rotates the pixels, not the [-1, 1] coordinates of each axis (which would shear a 16 x 32 image by up
+    to 0.9 against torchvision), alone and with zoom and translation."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    image = torch.rand(1, 1, 16, 32, generator=torch.Generator().manual_seed(0))
+    ds = vdata.TensorImageDataset(image, torch.zeros(1, dtype=torch.long), (0.0,), (1.0,), shift=3, affine=True,
+                                  rotate=30.0, scale=0.3)
+    for draws, angle, translate, scale in (([1.0, 0.5, 0.5, 0.5], -30.0, [0.0, 0.0], 1.0),
+                                           ([1.0, 1.0, 1.0, 0.25], -30.0, [3.0, -1.5], 1.3),
+                                           ([0.25, 0.0, 0.0, 1.0], 15.0, [-3.0, 3.0], 0.7)):
+        want = TF.affine(image[0], angle=angle, translate=translate, scale=scale, shear=[0.0, 0.0],
+                         interpolation=InterpolationMode.BILINEAR)
+        original = torch.rand
+        torch.rand = lambda *args, **kwargs: torch.tensor(draws)
+        try:
+            got = ds._warp(image[0], 0)
+        finally:
+            torch.rand = original
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_shift_augmentation_reaches_every_offset_scaled_with_img_size():
     """augment=shift moves by every offset in [-s, s]^2 (s = shift * img_size // 8), both directions, each axis
     drawn on its own."""

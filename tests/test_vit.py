@@ -350,6 +350,8 @@ def test_init_and_weight_decay_exclusions_follow_timm():
     for model in (ours, peer):
         assert 0 < model.cls_token.std() < 1e-5 and 0 < model.reg_token.std() < 1e-5
         assert 0.015 < model.pos_embed.std() < 0.025
+        linear_biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+        assert len(linear_biases) == 2 * 4 + 1 and all(not b.any() for b in linear_biases)  # qkv, proj, fc1, fc2; head
     assert ours.no_weight_decay() == peer.no_weight_decay()
 
     def decay_by_name(model):

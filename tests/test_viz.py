@@ -694,3 +694,11 @@ def test_rollout_discard_ratio_is_vit_explains_filter_on_every_image(tmp_path, c
         assert "discard_ratio must be a number in [0, 1)" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"discard_ratio must be a number in \[0, 1\).*got True"):
         viz.attention_rollout([torch.from_numpy(p) for p in probs], discard_ratio=True)
+    # NumPy scalars and one-element tensors are numbers too (a ratio read from an array or a config tensor)
+    want = viz.attention_rollout([torch.from_numpy(p) for p in probs], discard_ratio=0.5)
+    for ratio in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), np.int64(0)):
+        got = viz.attention_rollout([torch.from_numpy(p) for p in probs], discard_ratio=ratio)
+        if float(ratio) == 0.5:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="discard_ratio must be a number"):
+        viz.attention_rollout([torch.from_numpy(p) for p in probs], discard_ratio=torch.tensor([0.5, 0.5]))

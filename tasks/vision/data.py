@@ -122,10 +122,13 @@ class TensorImageDataset(Dataset):
         zoom = 1.0 + self.scale * float(u[1])
         dx, dy = self.shift * float(u[2]), self.shift * float(u[3])
         cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom  # theta maps output -> input coordinates
-        # input = A (output - t) with t the shift in normalised coordinates, so the content moves by exactly
-        # (dx, dy) pixels whatever the rotation and zoom (theta's last column is -A t, not -t)
+        # theta acts on coordinates normalised to [-1, 1] per axis, n = D p with D = diag(2 / W, 2 / H): a rotation
+        # of the pixels is D R D^-1 there (R itself would shear a non-square image). input = A (output - t) with t
+        # the shift in normalised coordinates, so the content moves by exactly (dx, dy) pixels whatever the rotation
+        # and zoom (theta's last column is -A t, not -t)
+        a00, a01, a10, a11 = cos, -sin * height / width, sin * width / height, cos
         tx, ty = 2 * dx / width, 2 * dy / height
-        theta = torch.tensor([[cos, -sin, -(cos * tx - sin * ty)], [sin, cos, -(sin * tx + cos * ty)]],
+        theta = torch.tensor([[a00, a01, -(a00 * tx + a01 * ty)], [a10, a11, -(a10 * tx + a11 * ty)]],
                              dtype=image_CHW.dtype)
         grid = F.affine_grid(theta[None], [1, *image_CHW.shape], align_corners=False)
         return F.grid_sample(image_CHW[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]

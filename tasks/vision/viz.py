@@ -12,13 +12,14 @@ The attention weights come from :func:`zoo.attention.capture_attention` (one rec
 MultiHeadAttention call, in call order), so any model built from zoo attention modules works.
 
     zoo viz rollout ckpt=<dir|model.safetensors|run.ckpt> [image=<file>|digits:<index>] [out=rollout.png]
-                    [model=<registered name>] [head_fusion=mean|max|min] [discard_ratio=0.9] [device=cpu]
+                    [model=<registered name>] [head_fusion=mean|max|min] [discard_ratio=0] [device=cpu]
 
 Letters: B batch, H heads, N tokens, P prefix tokens, Gh/Gw patch grid.
 """
 from __future__ import annotations
 
 import importlib
+import numbers
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -59,14 +60,17 @@ HEAD_FUSIONS = ("mean", "max", "min")
 # Rollout
 # --------------------------------------------------------------------------------------------------
 def _checked_discard_ratio(value) -> float:
-    """``value`` (a number, or its text from the command line) as a float in [0, 1), else a ValueError."""
+    """``value`` (a real number: Python, NumPy or a one-element tensor, or its text from the command line) as a
+    float in [0, 1), else a ValueError."""
     number = value
     if isinstance(value, str):
         try:
             number = float(value)
         except ValueError:
             number = None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < 1:
+    elif isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        number = value.item()
+    if isinstance(number, (bool, np.bool_)) or not isinstance(number, numbers.Real) or not 0 <= number < 1:
         raise ValueError(f"discard_ratio must be a number in [0, 1) (the fraction of each layer's weights zeroed), "
                          f"got {value!r}")
     return float(number)
@@ -82,9 +86,11 @@ def attention_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "me
         add_residual: add the identity and renormalise rows (the paper's residual correction).
         discard_ratio: in [0, 1): per layer and image, the fused weights among the int(N * N * ratio) smallest
             are set to 0 before the residual and the renormalisation, except entry (0, 0) (the class token's
-            attention to itself), as jacobgil/vit-explain's vit_rollout.py does; 0 (default) keeps every weight.
-            Unlike that code, every image of the batch is filtered (it zeroes image 0's entries only) and rows
-            are renormalised over the keys.
+            attention to itself; the first token's in a model without one), as jacobgil/vit-explain's
+            vit_rollout.py does; 0 (default) keeps every weight. Weights tied at the cut-off are dropped in
+            ``topk``'s order (arbitrary, as there): a map of exactly uniform attention gives no meaningful
+            picture with a ratio. Unlike that code, every image of the batch is filtered (it zeroes image 0's
+            entries only) and rows are renormalised over the keys.
 
     Returns:
         (B, N, N) float64: row i is how much each input token flows into output token i.
@@ -383,14 +389,14 @@ def save_rollout_png(
 # CLI
 # --------------------------------------------------------------------------------------------------
 USAGE = """usage: zoo viz rollout ckpt=<dir|model.safetensors|run.ckpt> [image=digits:0|<file>] [out=rollout.png]
-                       [model=<registered name>] [head_fusion=mean|max|min] [discard_ratio=0.9] [device=cpu]
+                       [model=<registered name>] [head_fusion=mean|max|min] [discard_ratio=0] [device=cpu]
 
 Writes a PNG with the input image, the attention-rollout heat map (Abnar & Zuidema 2020) and their
 overlay, titled with the predicted class. ckpt: a directory or .safetensors written by zoo.save_pretrained,
 or a Lightning .ckpt from `zoo train` (model= names the model if the checkpoint does not).
 image: a picture file, or digits:<index> for an image of scikit-learn's bundled digits (default digits:0).
-discard_ratio: zero that fraction of each layer's smallest head-fused weights first (jacobgil/vit-explain;
-default 0, the paper's rollout)."""
+discard_ratio: in [0, 1), zero that fraction of each layer's smallest head-fused weights first
+(jacobgil/vit-explain, which suggests 0.9; default 0, the paper's rollout)."""
 
 _KEYS = ("ckpt", "image", "out", "model", "head_fusion", "discard_ratio", "device")
 
