@@ -14,6 +14,16 @@ import zoo.tasks.vision.vit  # noqa: F401  registers the ViT names
 from zoo.tasks.vision import viz
 
 
+def _peaked_vit_debug(sharpen: float = 20.0, **kwargs):
+    """vit_debug in eval mode with its qkv weights scaled by ``sharpen``: peaked attention, so that maps computed
+    differently (another fusion, row or grid) differ visibly."""
+    model = zoo.create_model("vit_debug", **kwargs).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(sharpen)
+    return model
+
+
 def _hand_attention_probs(model, x):
     """Per block, softmax(q k^T / sqrt(d)) computed from the block's qkv weights on its norm1 input (numpy, fp64)."""
     inputs = []
@@ -40,10 +50,7 @@ def _hand_attention_probs(model, x):
 
 def test_rollout_matches_hand_computation_on_two_layer_model():
     torch.manual_seed(0)
-    model = zoo.create_model("vit_debug", depth=2, reg_tokens=1).eval()
-    with torch.no_grad():  # sharper attention than the tiny init gives, so the test has something to see
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(20.0)
+    model = _peaked_vit_debug(depth=2, reg_tokens=1)  # sharper attention than the tiny init gives
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     logits, maps = viz.compute_rollout(model, x)
     probs = _hand_attention_probs(model, x)
@@ -437,10 +444,7 @@ def test_rollout_head_fusions_reach_the_picture():
     recomputed attention probabilities: the fused maps differ from the mean's, so a fusion dropped on the way (the
     mean drawn) or one fusion computed as another fails."""
     torch.manual_seed(0)
-    model = zoo.create_model("vit_debug", depth=2).eval()
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(20.0)
+    model = _peaked_vit_debug(depth=2)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     probs = _hand_attention_probs(model, x)
     mean_map = _hand_rollout(probs)[:, 0, 1:].reshape(1, 4, 4)
@@ -459,10 +463,7 @@ def test_rollout_without_class_token_averages_the_patch_rows_only():
     """No class token but register tokens: the map is the mean of the patch tokens' rows (the registers' rows left
     out, as the docstring says), hand-computed."""
     torch.manual_seed(0)
-    model = zoo.create_model("vit_debug", depth=2, class_token=False, reg_tokens=2, global_pool="avg").eval()
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(20.0)
+    model = _peaked_vit_debug(depth=2, class_token=False, reg_tokens=2, global_pool="avg")
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     _, maps = viz.compute_rollout(model, x)
     rollout = _hand_rollout(_hand_attention_probs(model, x))
@@ -477,10 +478,7 @@ def test_rollout_grid_of_non_square_and_padded_images(size, pad, grid):
     """A dynamic-size ViT on a 32x48 image has a 4x6 patch grid (rows from the height), also when it pads to whole
     patches and the image already is whole patches; 36x44 padded is 5x6. Values: the hand rollout's class row."""
     torch.manual_seed(0)
-    model = zoo.create_model("vit_debug", depth=2, dynamic_img_size=True, dynamic_img_pad=pad).eval()
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(20.0)
+    model = _peaked_vit_debug(depth=2, dynamic_img_size=True, dynamic_img_pad=pad)
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(4))
     _, maps = viz.compute_rollout(model, x)
     assert maps.shape == (1, *grid)
@@ -659,10 +657,7 @@ def test_rollout_discard_ratio_is_vit_explains_filter_on_every_image(tmp_path, c
     batch of two; 0 is the paper's rollout; zoo viz rollout passes discard_ratio= through and refuses a ratio
     outside [0, 1) before loading anything."""
     torch.manual_seed(0)
-    model = zoo.create_model("vit_debug", depth=2).eval()
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(5.0)
+    model = _peaked_vit_debug(depth=2, sharpen=5.0)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     probs = _hand_attention_probs(model, x)
     for ratio in (0.5, 0.9):
