@@ -1036,3 +1036,128 @@ def test_causal_cross_attention_exports_with_separate_symbolic_lengths():
     program = torch.export.export(_Attend(Causal()), make_qkv(1, 4, 2, 10, 10, 8), dynamic_shapes=({2: n},) * 3)
     q, k, v = make_qkv(1, 4, 2, 13, 13, 8)
     torch.testing.assert_close(program.module()(q, k, v), attend(q, k, v, Causal()), atol=1e-6, rtol=0)
+
+
+# ---- second mutation audit of attend() and the backend choice (rarely combined options) ---------------------
+@pytest.mark.parametrize("path", ["plain", "causal", "biased", "masked"])
+def test_dropout_reaches_sdpa_on_every_path(path):
+    """dropout_p is applied on each way attend() reaches SDPA: the plain call, the square causal call, the biased
+    plain call and the "sdpa" backend with a dense mask (GQA, 4 query heads over 2). Each equals
+    F.scaled_dot_product_attention with the same dropout_p, seed and explicit mask / bias, and differs from the
+    dropout-free output. (Passing 0.0 on any of these paths left every test passing.)"""
+    q, k, v = make_qkv(2, 4, 2, 12, 12, 8)
+    mask, bias, attn_mask, causal, backend = None, None, None, False, None
+    if path == "causal":
+        mask, causal = Causal(), True
+    elif path == "biased":
+        bias = attn_mask = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(3))
+    elif path == "masked":
+        mask, backend = Window(3, 1), "sdpa"
+        attn_mask = mask.dense(12, 12)
+    torch.manual_seed(7)
+    got = attend(q, k, v, mask, bias, dropout_p=0.5, backend=backend)
+    torch.manual_seed(7)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.5, is_causal=causal,
+                                          enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    undropped = attend(q, k, v, mask, bias, backend=backend)
+    assert (got - undropped).abs().max() > 0.1
+
+
+def test_reference_returns_every_chunks_weights(monkeypatch):
+    """return_weights with the queries in several chunks (GQA, a causal mask with Nq < Nk, a per-head bias that
+    broadcasts over the batch): the (B, H, Nq, Nk) weights are the float64 softmax of every row, not of the first
+    chunk's rows only, and the output is the float64 reference's."""
+    b, h, hkv, nq, nk, d = 2, 4, 2, 21, 30, 8
+    q, k, v = make_qkv(b, h, hkv, nq, nk, d, dtype=torch.float64)
+    bias = torch.randn(1, h, nq, nk, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(zcore, "CHUNK_ELEMENTS", b * h * nk * 4)  # 4 rows per chunk -> 6 chunks
+    out, weights = attend(q, k, v, Causal(), bias, return_weights=True)
+    allowed = Causal().dense(nq, nk)
+    scores = q @ k.repeat_interleave(h // hkv, dim=1).transpose(-1, -2) * d**-0.5 + bias
+    want_weights = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1)
+    assert weights.shape == (b, h, nq, nk)
+    torch.testing.assert_close(weights, want_weights)
+    torch.testing.assert_close(out, naive_attention(q, k, v, allowed, bias, d**-0.5, "softmax"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("how", ["torch", "weights"])
+def test_reference_adds_an_fp32_bias_to_half_inputs_unrounded(dtype, how):
+    """A float32 bias with fp16 / bf16 q, k, v on the reference backend (named, or chosen by return_weights) is added
+    to the fp32 scores as it is: a bias of 1000 + b keeps b (rounded to the input dtype first, 1000 + b lost b to
+    fp16's steps of 0.5 and bf16's of 8: weights off by up to 0.2). Against the float64 reference."""
+    q, k, v = make_qkv(1, 2, 2, 6, 10, 8, dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    bias = 1000.0 + torch.randn(1, 2, 6, 10, generator=g)  # float32; a constant per row leaves softmax unchanged
+    if how == "torch":
+        out = attend(q, k, v, Causal(), bias, backend="torch")
+    else:
+        out, weights = attend(q, k, v, Causal(), bias, return_weights=True)
+        assert weights.dtype == torch.float32
+    want = naive_attention(q, k, v, Causal().dense(6, 10), bias.double(), 8**-0.5, "softmax")
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "sdpa"], ids=lambda b: b or "auto")
+def test_an_all_minus_inf_bias_row_under_autocast_is_a_zero_row(backend):
+    """Under bf16 autocast, a float32 bias whose row is all -inf (a query that may attend nothing, said with the
+    bias) gives a zero row, as without autocast, on every backend; the other rows are the float64 reference's.
+    (The "sdpa" backend shifts a wider bias by its row maximum before rounding: -inf - (-inf) made that row NaN.)"""
+    q, k, v = make_qkv(1, 4, 2, 5, 7, 8)
+    bias = torch.randn(2, 1, 5, 7, generator=torch.Generator().manual_seed(6))  # over the heads, per batch
+    bias[1, 0, 2] = -math.inf
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), None, bias,
+                     backend=backend)
+    assert torch.isfinite(out).all()
+    assert out[1, :, 2].abs().max() == 0
+    want = naive_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                           torch.ones(1, 1, 5, 7, dtype=torch.bool), bias, 8**-0.5, "softmax")
+    want[1, :, 2] = 0  # (a softmax of -inf only: the zoo's row without a key)
+    torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "sdpa", "blocksparse"], ids=lambda b: b or "auto")
+@pytest.mark.parametrize("mask", [None, "causal"])
+def test_a_bias_over_key_value_heads_is_named_under_gqa(backend, mask):
+    """With grouped-query attention the bias has H (query) heads or 1: a bias over the Hkv key/value heads is named
+    with attend()'s message on every backend, not left to a reshape or broadcast error deep inside one."""
+    q, k, v = make_qkv(2, 4, 2, 5, 6, 8)
+    with pytest.raises(ValueError, match=r"attend: bias of shape \(1, 2, 5, 6\) does not broadcast to \(2, 4, 5, 6\)"):
+        attend(q, k, v, Causal() if mask else None, torch.zeros(1, 2, 5, 6), backend=backend)
+
+
+def test_head_dim_mismatch_names_q_and_k():
+    with pytest.raises(ValueError, match=r"attend: q head dim 8 != k head dim 6"):
+        attend(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 6), torch.randn(1, 2, 4, 8))
+
+
+def test_backend_argument_beats_the_context_and_auto_means_automatic(monkeypatch):
+    """The precedence the module promises: argument > use_backend() context > ZOO_ATTN_BACKEND > automatic; an
+    argument or environment of "auto" asks for the automatic choice (inside a context too), not a backend named
+    "auto". Checked with a spy backend and calls that take the general path (a window mask)."""
+    q, k, v = make_qkv(1, 2, 2, 6, 6, 8)
+    calls = []
+
+    def spy_forward(*args):
+        calls.append(1)
+        return zcore.attention_reference(*args)
+
+    zb.register_backend("spy", spy_forward, lambda *a: None, priority=-5)
+    try:
+        want = attend(q, k, v, Window(2, 0), backend="torch")
+        with use_backend("spy"):
+            attend(q, k, v, Window(2, 0))
+            assert len(calls) == 1
+            torch.testing.assert_close(attend(q, k, v, Window(2, 0), backend="torch"), want)  # argument beats context
+            torch.testing.assert_close(attend(q, k, v, Window(2, 0), backend="auto"), want, atol=1e-6, rtol=1e-5)
+        assert len(calls) == 1
+        monkeypatch.setenv(zb.ENV_VAR, "auto")
+        torch.testing.assert_close(attend(q, k, v, Window(2, 0)), want, atol=1e-6, rtol=1e-5)
+        monkeypatch.setenv(zb.ENV_VAR, " auto ")
+        torch.testing.assert_close(attend(q, k, v, Window(2, 0)), want, atol=1e-6, rtol=1e-5)
+        assert len(calls) == 1
+    finally:
+        zb._BACKENDS.pop("spy")
