@@ -87,6 +87,7 @@ GATV2_ARGS = [
     dict(heads=2, edge_dim=3, fill_value=0.5),
     dict(heads=2, edge_dim=3, fill_value=torch.tensor([1.0, -1.0, 0.5])),
     dict(heads=2, edge_dim=3, add_self_loops=False, share_weights=True),
+    dict(heads=2, edge_dim=3, fill_value=None),  # PyG's add_self_loops: None fills the loops with ones
 ]
 
 
@@ -159,6 +160,8 @@ GAT_ARGS = [
     dict(heads=2, edge_dim=3),
     dict(heads=2, edge_dim=3, fill_value="max"),
     dict(heads=2, edge_dim=3, fill_value=0.5, residual=True),
+    dict(heads=2, negative_slope=0.05),
+    dict(heads=2, edge_dim=3, negative_slope=0.05, concat=False),
 ]
 
 
@@ -539,6 +542,11 @@ def test_csr_cache_sees_edits_without_a_version_bump():
     [
         (lambda x, ei: (x, ei.clone().index_fill_(1, torch.tensor([0]), 12)), ValueError, "out of range"),
         (lambda x, ei: (x, ei.clone().index_fill_(1, torch.tensor([0]), -1)), ValueError, "negative"),
+        # one past the last node, in one row only: each row is checked against its own node count
+        (lambda x, ei: (x, torch.cat([ei, torch.tensor([[0], [12]])], 1)), ValueError,
+         "destination index 12 is out of range for 12 destination nodes"),
+        (lambda x, ei: (x, torch.cat([ei, torch.tensor([[12], [0]])], 1)), ValueError,
+         "source index 12 is out of range for 12 source nodes"),
         (lambda x, ei: (x, ei.float()), TypeError, "integer"),
         (lambda x, ei: (x, ei[0]), ValueError, r"\[2, E\]"),
         (lambda x, ei: (x.clone().index_fill_(0, torch.tensor([3]), float("nan")), ei), ValueError, "NaN"),
@@ -1464,3 +1472,156 @@ def test_edge_attr_with_more_rows_than_edges_is_refused(name, loops):
     with pytest.raises(ValueError, match="edge_attr has 3 rows but edge_index has 4 edges"):
         conv(x, ei, torch.randn(3, 2))
     assert conv(x, ei, torch.randn(4, 2)).shape == (6, 6)
+
+
+@pytest.mark.parametrize("n_src,n_dst", [(7, 4), (4, 7)])
+@pytest.mark.parametrize("edge_dim", [None, 2])
+def test_gatv2_shared_weights_with_bipartite_input_match_pyg(n_src, n_dst, edge_dim):
+    """share_weights=True with (x_src, x_dst): PyG's lin_r is lin_l applied to the target features, not the source
+    projection reused (which only a single x allows). fill_value=0.5: PyG's "mean" fails when Nd > Ns."""
+    ours, peer = _pair(GATv2Conv, pyg_nn.GATv2Conv, 5, 4, heads=2, share_weights=True, edge_dim=edge_dim,
+                       fill_value=0.5)
+    g = torch.Generator().manual_seed(4)
+    ei = torch.stack([torch.randint(0, n_src, (16,), generator=g), torch.randint(0, n_dst, (16,), generator=g)])
+    ea = None if edge_dim is None else torch.randn(16, edge_dim, generator=g)
+    _assert_same(ours, peer, [torch.randn(n_src, 5, generator=g), torch.randn(n_dst, 5, generator=g)], ei, ea)
+
+
+def _hand_loop_features(edge_attr, dst, num_loops, fill):
+    """The self loops' features as torch_geometric.utils.add_self_loops defines them, one node at a time."""
+    rows = []
+    for i in range(num_loops):
+        mine = edge_attr[dst == i]
+        if not len(mine):
+            rows.append(torch.zeros(edge_attr.size(1)))
+        else:
+            rows.append({"mean": mine.mean(0), "add": mine.sum(0), "max": mine.amax(0), "min": mine.amin(0),
+                         "mul": mine.prod(0)}[fill])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+@pytest.mark.parametrize("n_src,n_dst", [(7, 4), (4, 7)])
+@pytest.mark.parametrize("fill", ["mean", "add", "max", "min", "mul"])
+def test_bipartite_self_loop_features_are_reduced_over_each_target(name, n_src, n_dst, fill):
+    """Bipartite input with edge features and self loops (loops for nodes i < min(Ns, Nd), PyG issue 9635): each
+    loop's features reduce the features of the edges into target i. Reference: PyG's layer without self loops on
+    the graph with those loops written out by hand (PyG's own add_self_loops raises an IndexError when Nd > Ns)."""
+    cls, peer_name = _LAYERS[name]
+    torch.manual_seed(0)
+    peer = getattr(pyg_nn, peer_name)((5, 3), 4, heads=2, edge_dim=3, add_self_loops=False)
+    ours = cls((5, 3), 4, heads=2, edge_dim=3, fill_value=fill)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(6)
+    ei = torch.stack([torch.randint(0, n_src, (24,), generator=g), torch.randint(0, n_dst, (24,), generator=g)])
+    ei[:, :2] = torch.tensor([[1, 3], [1, 3]])  # loops in the input: removed, then one per node added
+    ea = torch.randn(24, 3, generator=g)
+    keep = ei[0] != ei[1]
+    num_loops = min(n_src, n_dst)
+    loops = torch.arange(num_loops).expand(2, -1)
+    ei_ref = torch.cat([ei[:, keep], loops], 1)
+    ea_ref = torch.cat([ea[keep], _hand_loop_features(ea[keep], ei[1][keep], num_loops, fill)])
+    x = [torch.randn(n_src, 5, generator=g), torch.randn(n_dst, 3, generator=g)]
+    o1, e1, a1, _ = _run(ours, x, ei, ea)
+    o2, e2, a2, _ = _run(peer, x, ei_ref, ea_ref)
+    assert torch.equal(e1, e2)
+    torch.testing.assert_close(o1, o2, **TOL)
+    torch.testing.assert_close(a1, a2, **TOL)
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+@pytest.mark.parametrize("loops", [False, True])
+def test_bipartite_sparse_adjacency_attention_matches_pyg(name, loops):
+    """A bipartite adj_t [Nd, Ns] (Ns != Nd both ways) as CSR, CSC or COO: the output and the returned attention
+    (a sparse [Nd, Ns, H] tensor of the input's layout) are PyG's on the [2, E] edges of the same matrix (PyG's
+    own sparse path refuses CSC, and with self loops fails on a bipartite adjacency), its attention scattered
+    into the dense [Nd, Ns, H] matrix."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), (5, 3), 4, heads=2, add_self_loops=loops)
+    for n_src, n_dst in ((6, 4), (4, 7)):  # with 7 targets, the last two have no edges (isolated)
+        g = torch.Generator().manual_seed(n_src)
+        ei = torch.stack([torch.randint(0, n_src, (14,), generator=g), torch.randint(0, 5, (14,), generator=g)])
+        ei[1] %= n_dst
+        adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.ones(14), (n_dst, n_src)).coalesce()
+        x = (torch.randn(n_src, 5, generator=g), torch.randn(n_dst, 3, generator=g))
+        want, (want_ei, want_alpha) = peer(x, adj_t.indices().flip(0), return_attention_weights=True)
+        want_adj = torch.zeros(n_dst, n_src, 2).index_put_((want_ei[1], want_ei[0]), want_alpha)
+        for layout, sparse in (("coo", adj_t), ("csr", adj_t.to_sparse_csr()), ("csc", adj_t.to_sparse_csc())):
+            out, (adj, alpha) = ours(x, sparse, return_attention_weights=True)
+            msg = f"{layout} Ns={n_src} Nd={n_dst}"
+            assert adj.layout == sparse.layout and tuple(adj.shape) == (n_dst, n_src, 2), msg
+            torch.testing.assert_close(out, want, **TOL, msg=msg)
+            torch.testing.assert_close(adj.to_dense(), want_adj, **TOL, msg=msg)
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+@pytest.mark.parametrize("where", [0, 3, 6])
+def test_a_single_self_loop_anywhere_is_replaced_as_in_pyg(name, where):
+    """One self loop in the input, first, in the middle or as the last edge: removed and re-added once, as PyG's
+    remove_self_loops / add_self_loops do (output, returned edge_index, attention, gradients)."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), 4, 3, heads=2, edge_dim=2)
+    ei = torch.tensor([[0, 1, 2, 3, 4, 5, 0], [1, 2, 3, 4, 0, 1, 2]])
+    ei[:, where] = torch.tensor([2, 2])
+    _assert_same(ours, peer, [torch.randn(6, 4)], ei, torch.randn(7, 2))
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+def test_one_added_self_loop_gets_its_edge_features_as_in_pyg(name):
+    """min(Ns, Nd) = 1 (a single target node, or a one-node graph): the one added loop gets its fill_value
+    features like any other count of loops."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), (4, 3), 3, heads=2, edge_dim=2)
+    ei = torch.tensor([[0, 1, 2, 3, 0], [0, 0, 0, 0, 0]])
+    _assert_same(ours, peer, [torch.randn(4, 4), torch.randn(1, 3)], ei, torch.randn(5, 2))
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), 4, 3, heads=2, edge_dim=2, fill_value="add")
+    _assert_same(ours, peer, [torch.randn(1, 4)], torch.zeros(2, 2, dtype=torch.long), torch.randn(2, 2))
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+def test_hook_path_honours_negative_slope_as_pyg(name):
+    """With a message hook registered the layers run PyG's unfused edge_update / propagate: a non-default
+    negative_slope (and edge features) gives PyG's outputs, attention and gradients there too."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), 6, 5, heads=2, edge_dim=3, negative_slope=0.01)
+    seen = []
+    for module in (ours, peer):
+        module.register_message_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    ei = _graph()
+    _assert_same(ours, peer, [torch.randn(12, 6)], ei, torch.randn(ei.size(1), 3))
+    assert len(seen) == 2 and seen[0] == seen[1]  # both ran propagate
+
+
+def test_cached_graph_sees_a_swap_of_edges_a_fingerprint_chunk_apart():
+    """The cache's content fingerprint weights each position (summed in chunks of 65536 positions): two edges
+    65536 places apart that swap places without a version bump (through numpy) are a new graph, as for any swap."""
+    from zoo.attention import graph as graph_module
+
+    chunk = graph_module._FINGERPRINT_CHUNK
+    conv = GATConv(3, 2, heads=1, add_self_loops=False)
+    fresh = GATConv(3, 2, heads=1, add_self_loops=False)
+    fresh.load_state_dict(conv.state_dict())
+    x = torch.randn(8, 3)
+    array = (torch.arange(2 * (chunk + 16)).view(2, -1) % 8).numpy().copy()
+    array[:, 5], array[:, chunk + 5] = (1, 2), (3, 4)
+    ei = torch.from_numpy(array)
+    conv(x, ei)
+    array[:, [5, chunk + 5]] = array[:, [chunk + 5, 5]]  # values and weights kept, positions a chunk apart
+    out, (_, alpha) = conv(x, ei, return_attention_weights=True)
+    want, (_, want_alpha) = fresh(x, ei.clone(), return_attention_weights=True)
+    torch.testing.assert_close(out, want, **TOL)
+    torch.testing.assert_close(alpha, want_alpha, **TOL)
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv"])
+def test_uncoalesced_bipartite_coo_without_duplicates_takes_edge_attr(name):
+    """An uncoalesced COO adj_t [Nd, Ns] with Ns > Nd and no duplicate entries (here (0, 3) and (1, 1), which a
+    key sized by Nd would merge): its edge features in storage order are accepted and give PyG's result on the
+    [2, E] edges, not the "duplicate entries" refusal."""
+    cls, peer_name = _LAYERS[name]
+    ours, peer = _pair(cls, getattr(pyg_nn, peer_name), (4, 3), 3, heads=2, edge_dim=2, add_self_loops=False)
+    ei = torch.tensor([[3, 1, 4, 0, 2], [0, 1, 1, 0, 1]])
+    x, edge_attr = (torch.randn(5, 4), torch.randn(2, 3)), torch.randn(5, 2)
+    adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.arange(5), (2, 5))
+    assert not adj_t.is_coalesced()
+    torch.testing.assert_close(ours(x, adj_t, edge_attr[adj_t._values()]), peer(x, ei, edge_attr), **TOL)
