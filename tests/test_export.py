@@ -547,3 +547,49 @@ def test_the_check_rejects_a_graph_wrong_by_ten_atol_or_nan_and_the_model_keeps_
     assert not out.exists() and (tmp_path / "nan.rejected.onnx").is_file()
     assert [module.training for module in model.modules()] == modes
     assert len(exported) == 1
+
+
+def test_the_check_bound_grows_with_the_logits_and_onnxruntime_stays_at_fp32_rounding():
+    """The check allows atol x max(1, max |logit|): float32 rounding grows with the logits, so a model whose logits are
+    ~1e4 (a head scaled up) differs from onnxruntime by more than a bare atol of 1e-4 and must still be accepted.
+    onnxruntime's distance to a float64 PyTorch reference stays within twice PyTorch fp32's own (a wrong graph would
+    not)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", depth=1).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(1e4)
+        model.head.bias.mul_(1e4)
+    result = export_onnx(model, None, atol=1e-4)  # raises past the bound
+    images = torch.randn(3, *result.input_shape[1:], generator=torch.Generator().manual_seed(1))
+    (got,) = ort.InferenceSession(result.onnx_bytes, providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"images": images.numpy()})
+    reference = _float64_logits(model, images)
+    with torch.no_grad():
+        torch_error = (model(images).double() - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    ort_error = (torch.from_numpy(got).double() - reference).abs().max().item()
+    assert scale > 1e3 and result.max_abs_diff > 1e-4  # the case the scaled bound is for
+    assert ort_error <= 2 * torch_error + 1e-4 * max(1.0, scale), (ort_error, torch_error, scale)
+
+
+def test_a_float16_export_is_checked_against_the_float32_weights(monkeypatch):
+    """dtype="float16" on a float32 model: the onnxruntime check's reference is the user's float32 model (its weights
+    bit for bit), not a float32 copy of their float16 rounding, so the check measures the error the user gets."""
+    import zoo.export as export
+
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", depth=1).eval()
+    with torch.no_grad():  # weights that float16 cannot hold exactly
+        for param in model.parameters():
+            param.add_(1e-4 * torch.rand_like(param))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    references, real_check = [], export.check_onnx
+    monkeypatch.setattr(export, "check_onnx", lambda data, reference, probe, **k: references.append(reference) or
+                        real_check(data, reference, probe, **k))
+    export_onnx(model, None, dtype="float16")
+    (reference,) = references
+    state = reference.state_dict()
+    assert all(state[k].dtype == torch.float32 and torch.equal(state[k], v) for k, v in original.items())
+    assert any(not torch.equal(v, v.half().float()) for v in original.values())  # the rounding would show

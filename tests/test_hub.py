@@ -1350,3 +1350,37 @@ def test_a_run_record_without_crop_settings_evaluates_uncropped():
     assert cfg["mean"] == (0.1, 0.2, 0.3) and cfg["std"] == (1.0, 2.0, 3.0)
     timm_cfg = resolve_data_config({}, model=model)
     assert timm_cfg["crop_pct"] == 1.0 and timm_cfg["interpolation"] == "bilinear"
+
+
+def test_a_zoo_train_ckpt_read_as_weights_is_its_ema_copy(tmp_path):
+    """A zoo train .ckpt read as bare weights (create_model(pretrained=<.ckpt>), load_state_dict_file) gives the EMA
+    average (``model_ema.module.*``), what the run evaluates and releases, else the raw ``model.*``; other entries
+    of the LightningModule (loss modules) are left out. Hand-built checkpoints, so that the two copies differ."""
+    raw, ema, loss = torch.zeros(2, 3), torch.ones(2, 3), torch.full((1,), 7.0)
+    torch.save({"state_dict": {"model.w": raw, "model_ema.module.w": ema, "criterion.weight": loss}, "epoch": 1},
+               tmp_path / "with_ema.ckpt")
+    torch.save({"state_dict": {"model.w": raw, "criterion.weight": loss}}, tmp_path / "no_ema.ckpt")
+    with_ema = hub.load_state_dict_file(tmp_path / "with_ema.ckpt")
+    assert list(with_ema) == ["w"] and torch.equal(with_ema["w"], ema)
+    no_ema = hub.load_state_dict_file(tmp_path / "no_ema.ckpt")
+    assert list(no_ema) == ["w"] and torch.equal(no_ema["w"], raw)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_timm_config_sets_img_size_only_for_a_fixed_input_size_as_timm_does(tmp_path, fixed):
+    """timm builds a model from its config.json with img_size = pretrained_cfg.input_size[1:] only when
+    pretrained_cfg.fixed_input_size is true (timm/models/_builder.py _update_default_model_kwargs); in_chans
+    always. The zoo's reading of the same file passes the same constructor arguments (timm is the reference)."""
+    from timm.models._builder import _update_default_model_kwargs
+
+    pretrained_cfg = {"input_size": [3, 48, 40], "fixed_input_size": fixed, "num_classes": 10,
+                      "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architecture": "vit_tiny_patch16_224", "num_classes": 10, "pretrained_cfg": pretrained_cfg}))
+    expected: dict = {}
+    _update_default_model_kwargs(dict(pretrained_cfg), expected, None)
+    args = hub.read_config(tmp_path)["model_args"]
+    assert ("img_size" in args) == ("img_size" in expected) == fixed
+    if fixed:
+        assert list(args["img_size"]) == list(expected["img_size"]) == [48, 40]
+    assert args["in_chans"] == expected["in_chans"] == 3
