@@ -56,15 +56,15 @@ def _calibrate_bn(model: torch.nn.Module, img_size: int, seed: int = 0) -> None:
     model.eval()
 
 
-def _timm_debug(img_size: int, num_classes: int = 10):
-    """timm's MaxxVit with maxvit_debug's configuration (timm has no such name)."""
+def _timm_debug(img_size: int, num_classes: int = 10, **kwargs):
+    """timm's MaxxVit with maxvit_debug's configuration (timm has no such name); ``kwargs`` to MaxxVit."""
     tf = timm_maxxvit._tf_cfg()
     cfg = timm_maxxvit.MaxxVitCfg(
         embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), block_type=("M",) * 4, stem_width=(8, 16),
         stem_bias=True, head_hidden_size=64, conv_cfg=tf["conv_cfg"],
         transformer_cfg=dataclasses.replace(tf["transformer_cfg"], dim_head=8),
     )
-    return timm_maxxvit.MaxxVit(cfg, img_size=img_size, num_classes=num_classes)
+    return timm_maxxvit.MaxxVit(cfg, img_size=img_size, num_classes=num_classes, **kwargs)
 
 
 def _timm_debug_pool(global_pool: str, hidden: bool, num_classes: int = 10):
@@ -694,3 +694,185 @@ def test_set_input_size_keeps_a_frozen_model_frozen():
     trainable = zoo.create_model("maxvit_debug", img_size=64)
     trainable.set_input_size(img_size=(64, 128))
     assert all(p.requires_grad for p in trainable.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# Second-pass audit: rw final norm in forward_intermediates, drop_path in training, TF "same" padding at odd
+# sizes, head width after reset_classifier, NHWC intermediates, gradient checkpointing of every stage
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [dict(indices=[-2, -1], norm=True), dict(indices=2),
+                                    dict(indices=[1, -3], stop_early=True), dict(indices=[-1], norm=True,
+                                                                                    stop_early=True)])
+def test_rw_forward_intermediates_norm_and_negative_indices_match_timm(kwargs):
+    """maxvit_debug (TF) has no final norm (it is in the head), so norm=True there pins nothing: the rmlp models
+    have a LayerNorm2d after the last stage, which norm=True applies to the last map and which the returned final
+    features always carry unless stages were cut (timm's MaxxVit.forward_intermediates on the same weights)."""
+    torch.manual_seed(0)
+    peer = _peer("maxvit_rmlp_pico_rw_256", 64)
+    ours = zoo.create_model("maxvit_rmlp_pico_rw_256", img_size=64).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    with torch.no_grad():  # a final norm far from the identity, so that leaving it out shows
+        ours.norm.weight.uniform_(0.5, 2.0), ours.norm.bias.normal_()
+        peer.norm.load_state_dict(ours.norm.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = ours.forward_intermediates(x, **kwargs)
+        peer_final, peer_maps = peer.forward_intermediates(x, **kwargs)
+        only = ours.forward_intermediates(x, intermediates_only=True, **kwargs)
+    assert len(maps) == len(peer_maps) == len(only)
+    for a, b, c in zip(maps, peer_maps, only):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, peer_final, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, img_size", [("maxvit_debug", 64), ("maxvit_rmlp_pico_rw_256", 64)])
+def test_drop_path_in_training_matches_timm(name, img_size):
+    """Stochastic depth as timm's: the per-block rates (linspace over all blocks), DropPath on the MBConv's
+    residual branch only (not on its shortcut) and on both branches of the block and grid attentions. Both draw
+    one Bernoulli per sample in the same order, so in training mode, from the same seed, the logits and the
+    gradients agree; and every DropPath has timm's rate."""
+    torch.manual_seed(0)
+    peer = (_timm_debug(img_size, drop_path_rate=0.5) if name == "maxvit_debug"
+            else timm.create_model(name, pretrained=False, img_size=img_size, drop_path_rate=0.5))
+    ours = zoo.create_model(name, img_size=img_size, drop_path_rate=0.5)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    rates = {k: m.drop_prob for k, m in ours.named_modules() if type(m).__name__ == "DropPath"}
+    peer_rates = {k: m.drop_prob for k, m in peer.named_modules() if type(m).__name__ == "DropPath"}
+    assert rates.keys() == peer_rates.keys() and len(rates) > 10  # the first block's rate is 0: no DropPath
+    for key in rates:
+        assert rates[key] == pytest.approx(peer_rates[key]), key
+    ours.train(), peer.train()
+    x = torch.randn(8, 3, img_size, img_size)
+    torch.manual_seed(123)
+    got = ours(x)
+    torch.manual_seed(123)
+    expected = peer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # the masks drew something: a different seed gives different logits
+    torch.manual_seed(124)
+    assert not torch.allclose(ours(x), got, atol=1e-3)
+
+
+@pytest.mark.parametrize("hw", [(93, 94), (94, 95)])
+def test_tf_same_padding_at_odd_sizes_matches_timm(hw):
+    """TF "same" padding where it is asymmetric: an odd image into the stride-2 stem conv (pad 1/1) beside an even
+    side (pad 0/1), and an odd 47-pixel map into the stride-2 MBConv (depthwise conv and the shortcut's 2x2
+    average pool, zero-padded at the bottom/right only). timm's MaxxVit built at 96 px (window = grid = 3) runs
+    these inputs too: its convs and pool pad dynamically, and every stage map (24, 12, 6, 3) is a window multiple,
+    so nothing here is the zoo's own partition padding."""
+    torch.manual_seed(0)
+    peer = _peer("maxvit_debug", 96)
+    ours = zoo.create_model("maxvit_debug", img_size=96).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        maps = ours.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        peer_maps = peer.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        assert [tuple(m.shape[-2:]) for m in maps] == [(47, -(-hw[1] // 2)), (24, 24)]
+        for a, b in zip(maps, peer_maps):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x), peer(x), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("hidden", [True, False])
+def test_reset_classifier_pool_updates_head_width_as_timm(hidden):
+    """reset_classifier(K, global_pool=...) on both head types: head_hidden_size, the width of forward_head's
+    pre-logits and of the new classifier's input follow the new pooling (catavgmax doubles the rw head's width),
+    as timm's MaxxVit.reset_classifier."""
+    torch.manual_seed(0)
+    peer = _timm_debug_pool("avg", hidden).eval()
+    ours = zoo.create_model("maxvit_debug", **({} if hidden else {"head_hidden_size": None})).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    for pool in (("max", "", "avgmax") if hidden else ("catavgmax", "avg", "catavgmax", "")):
+        peer.reset_classifier(4, global_pool=pool)
+        ours.reset_classifier(4, global_pool=pool)
+        assert (ours.head_hidden_size, ours.global_pool) == (peer.head_hidden_size, peer.global_pool), pool
+        with torch.no_grad():
+            pre = ours.forward_head(ours.forward_features(x), pre_logits=True)
+            torch.testing.assert_close(pre, peer.forward_head(peer.forward_features(x), pre_logits=True),
+                                       rtol=1e-4, atol=1e-4)
+        assert pre.shape[1] == ours.head_hidden_size
+        assert ours.get_classifier().weight.shape[1] == ours.head_hidden_size
+
+
+def test_forward_intermediates_nhwc_on_a_non_square_image():
+    """output_fmt="NHWC" is the NCHW map with channels moved last (timm has only NCHW), checked on a 64x96 image,
+    where a transposed map would have the wrong shape and a 2x3 stage map can't hide a swap."""
+    torch.manual_seed(0)
+    model = zoo.create_model("maxvit_rmlp_pico_rw_256", img_size=64).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        nchw = model.forward_intermediates(x, indices=[0, -1], norm=True, intermediates_only=True)
+        final, nhwc = model.forward_intermediates(x, indices=[0, -1], norm=True, output_fmt="NHWC")
+    assert [m.shape for m in nhwc] == [(1, 32, 48, 32), (1, 2, 3, 256)]
+    for a, b in zip(nhwc, nchw):
+        torch.testing.assert_close(a, b.permute(0, 2, 3, 1), rtol=0, atol=0)
+    torch.testing.assert_close(final, nchw[-1], rtol=0, atol=0)  # the final features stay NCHW
+
+
+def test_grad_checkpointing_recomputes_every_block(monkeypatch):
+    """set_grad_checkpointing(True) checkpoints every block of every stage (timm sets it on all stages), and
+    off again, none; counted through the module's checkpoint function."""
+    calls = []
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn)
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(mv, "checkpoint", counting)
+    model = zoo.create_model("maxvit_debug", depths=(1, 2, 1, 1)).train()
+    x = torch.randn(2, 3, 64, 64)
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    assert len(calls) == len(blocks) == 5 and [id(c) for c in calls] == [id(b) for b in blocks]
+    calls.clear()
+    model.set_grad_checkpointing(False)
+    model(x).sum().backward()
+    assert calls == []
+
+
+def test_rmlp_bias_after_set_input_size_matches_timm():
+    """The rmlp models' MLP relative-position bias at a changed window (set_input_size: new offset tables, the
+    same MLP), also with a window different from the grid, against timm's MaxxVit.set_input_size on the same
+    weights; the TF tables are covered by test_set_input_size_sequence_derives_again_as_timm."""
+    torch.manual_seed(0)
+    peer = _peer("maxvit_rmlp_pico_rw_256", 64)
+    ours = zoo.create_model("maxvit_rmlp_pico_rw_256", img_size=64).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    for kwargs in (dict(img_size=128), dict(img_size=128, window_size=2), dict(img_size=96, grid_size=1)):
+        peer.set_input_size(**kwargs)
+        ours.set_input_size(**kwargs)
+        assert _partition_sizes(ours) == _partition_sizes(peer), kwargs
+        x = torch.randn(1, 3, ours.img_size[0], ours.img_size[1])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), peer(x), rtol=0, atol=1e-4, msg=str(kwargs))
+
+
+def test_stride2_shortcut_pool_at_odd_sizes_hand_computed():
+    """The MBConv shortcut's 2x2 average pool at odd sizes, per output pixel by hand (timm has no rw reference
+    there: its pool floors and the branches fail to add): the rw pool (ceil_mode) averages only the in-image
+    pixels of the partial last window; the TF pool ("same") pads zeros at the bottom/right that count in the
+    average (timm AvgPool2dSame)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    rw, tf = mv.Downsample2d(3, 3, padding=""), mv.Downsample2d(3, 3, padding="same")
+    got_rw, got_tf = rw(x), tf(x)
+    assert got_rw.shape == got_tf.shape == (2, 3, 3, 4)
+    for i in range(3):
+        for j in range(4):
+            window = x[..., 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+            torch.testing.assert_close(got_rw[..., i, j], window.mean((-2, -1)))
+            torch.testing.assert_close(got_tf[..., i, j], window.sum((-2, -1)) / 4)
+
+
+def test_checkpoint_filter_refuses_a_table_with_other_heads():
+    """A relative-position table with another head count cannot be resized into this model: the filter names the
+    key and both shapes instead of resizing it and leaving load_state_dict a bare size mismatch."""
+    model = zoo.create_model("maxvit_debug", img_size=128)  # window 4: tables (heads, 7, 7)
+    key = "stages.1.blocks.0.attn_block.attn.rel_pos.relative_position_bias_table"
+    assert model.state_dict()[key].shape == (4, 7, 7)
+    with pytest.raises(ValueError, match=r"attn_block\.attn\.rel_pos.*\(3, 3, 3\) cannot be resized to \(4, 7, 7\)"):
+        mv.checkpoint_filter_fn({key: torch.zeros(3, 3, 3)}, model)
