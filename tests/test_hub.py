@@ -1384,3 +1384,26 @@ def test_a_timm_config_sets_img_size_only_for_a_fixed_input_size_as_timm_does(tm
     if fixed:
         assert list(args["img_size"]) == list(expected["img_size"]) == [48, 40]
     assert args["in_chans"] == expected["in_chans"] == 3
+
+
+def test_a_checkpoint_saved_under_a_deprecated_name_loads_as_its_new_model(tmp_path, monkeypatch, caplog):
+    """config.json written under a name since renamed (DEPRECATED_MODEL_NAMES old -> new) is the new model's own
+    checkpoint: no "loading them into" warning, and the repair of a head reset before saving (config.json's
+    num_classes over the recorded arguments) runs as for the current name (review of the hub audit, 2026-12-07:
+    the comparison used the raw old name, so that checkpoint failed with a classifier shape error)."""
+    from zoo import registry
+
+    monkeypatch.setitem(registry.DEPRECATED_MODEL_NAMES, "vit_debug_old", "vit_debug")
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", num_classes=3)
+    zoo.save_pretrained(model, tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    config["model_name"] = "vit_debug_old"
+    config["model_args"].pop("num_classes", None)  # saved by a zoo that did not record the reset head
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="zoo"), pytest.warns(FutureWarning, match="'vit_debug_old' is deprecated"):
+        loaded = zoo.from_pretrained(tmp_path / "c")
+    assert loaded.num_classes == 3 and "loading them into" not in caplog.text
+    assert "a head reset before it was saved" in caplog.text
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

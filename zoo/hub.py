@@ -990,7 +990,9 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
                 f"checkpoint: build {config['model_name']!r} (zoo.from_pretrained('{path}')) or pick a "
                 f"{entry.family!r} checkpoint for {entry.name!r}"
             )
-        if config["model_name"] != entry.name:
+        # a checkpoint saved under a name since renamed (zoo.registry.DEPRECATED_MODEL_NAMES) is that model's own
+        saved_name = _current_model_name(config["model_name"])
+        if saved_name != entry.name:
             log.warning(
                 "%s holds %r weights; loading them into %r (constructor arguments from the checkpoint are kept)",
                 path, config["model_name"], entry.name,
@@ -1000,7 +1002,8 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
     model = _construct(entry, args)
     saved_classes = None if config is None else config.get("num_classes")
     if (
-        isinstance(saved_classes, int) and "num_classes" not in overrides and config["model_name"] == entry.name
+        isinstance(saved_classes, int) and "num_classes" not in overrides
+        and _current_model_name(config["model_name"]) == entry.name
         and isinstance(getattr(model, "num_classes", None), int) and model.num_classes != saved_classes
     ):
         # config.json's num_classes is the saved model's own; its constructor arguments can disagree only when
@@ -1076,6 +1079,13 @@ def _statistics_per_channel(cfg: dict, channels: Optional[int], in_chans_given: 
                                   f"{channels} input channels")
         cfg[key] = image_data_config({"input_size": (len(values), 1, 1), key: tuple(values)},
                                      {"in_chans": channels})[key]
+
+
+def _current_model_name(name: str) -> str:
+    """``name`` as registered today: a deprecated name (zoo.registry.DEPRECATED_MODEL_NAMES) gives its new one."""
+    from zoo.registry import DEPRECATED_MODEL_NAMES
+
+    return DEPRECATED_MODEL_NAMES.get(name, name)
 
 
 def _family_of(name: str) -> Optional[str]:
