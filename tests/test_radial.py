@@ -476,3 +476,51 @@ def test_empty_row_closed_form_matches_the_map():
                 want = (~published.any(1)).nonzero().flatten().numpy()
                 got = _empty_block_rows(frames, tokens, block, 0)
                 assert np.array_equal(got, want), (frames, tokens, block, got, want)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mutation audit m25: a trailing partial block with text tokens, the warning's suggested block size,
+# the density of a map with no whole video block
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frames, tokens, text, block", [(2, 125, 10, 128), (3, 50, 20, 32), (5, 37, 40, 16)])
+def test_a_partial_block_with_text_tokens_keeps_every_spilled_block(frames, tokens, text, block):
+    """S not a multiple of the block and text tokens that push the sequence past one more block boundary than
+    the text alone covers (125 + 10 tokens past 256 at block 128): the map needs ceil((S + text) / block) blocks,
+    not S // block + ceil(text / block) (attend() then refused the mask). Reference: the literal quantisation of
+    the token rule for the video, then every block row and column from S // block on fully on."""
+    s = frames * tokens
+    total = math.ceil((s + text) / block)
+    assert total > s // block + math.ceil(text / block)  # the case the count by parts gets wrong
+    expected = torch.ones(total, total, dtype=torch.bool)
+    video = quantise_token_mask(radial_token_mask(frames, tokens, 1.0, False, block), frames, tokens, block)
+    expected[: s // block, : s // block] = video[: s // block, : s // block]
+    assert torch.equal(radial_block_mask(frames, tokens, 1.0, False, block, text_tokens=text), expected)
+    r = Radial(frames, tokens, 1.0, False, block_size=block, text_tokens=text)
+    n = r.seq_len
+    q = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dense = expected.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :n]
+    torch.testing.assert_close(attend(q, q, q, r), attend(q, q, q, Dense(dense)), rtol=1e-12, atol=1e-12)
+
+
+def test_the_warning_suggests_the_largest_block_size_without_empty_rows():
+    """16 frames x 8 tokens at block 128, by hand: a block row of b tokens holds b / 8 whole frames of 8 tokens, and
+    a frame's tile is kept only if 8 > b / 3, so every row is empty at b = 128, 64 and 32 (8 <= b / 3) and none at
+    16 (8 > 16 / 3): the suggestion is 16, three halvings down (one halving suggested 64, still empty)."""
+    with pytest.warns(RuntimeWarning, match="with no key") as record:
+        radial_block_mask(16, 8)
+    assert "block_size=16 has no empty row" in str(record[0].message)
+    for block in (32, 64):
+        with pytest.warns(RuntimeWarning, match="with no key"):
+            assert not radial_block_mask(16, 8, block_size=block).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert radial_block_mask(16, 8, block_size=16).any(1).all()
+
+
+def test_density_of_a_video_shorter_than_a_block_is_one():
+    """2 frames x 16 tokens at block 128: S = 32 < 128, no whole video block; the map is one fully-on block (the
+    trailing partial block), every token sees every key, and density() reports 1.0 (not 0.0: nothing is sparse)."""
+    r = Radial(2, 16)
+    assert torch.equal(r.block_mask, torch.ones(1, 1, dtype=torch.bool))
+    assert r.dense(32, 32).all()
+    assert r.density() == 1.0

@@ -126,3 +126,67 @@ def test_rope_grid_error_says_how_to_leave_trailing_text_tokens_unrotated():
     out = rope(x, positions)
     torch.testing.assert_close(out[:, :, -text:], x[:, :, -text:], rtol=0, atol=0)
     torch.testing.assert_close(out[:, :, :-text], rope(x[:, :, :-text], (frames, rows, cols)), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mutation audit m25: RoPE against a float64 rotation written from the definition
+# --------------------------------------------------------------------------------------------------
+def _rope_reference(x, positions, axes_dims, theta):
+    """float64 RoPE from the definition: for each axis a of width d (channels in consecutive slices), adjacent
+    channel pair i of the slice is rotated by position[a] * theta ** (-2i / d)."""
+    x, positions = x.double(), positions.double()
+    out, start = x.clone(), 0
+    for axis, width in enumerate(axes_dims):
+        for i in range(width // 2):
+            angle = positions[:, axis] * theta ** (-2 * i / width)
+            c, s = torch.cos(angle), torch.sin(angle)
+            a, b = x[..., start + 2 * i], x[..., start + 2 * i + 1]
+            out[..., start + 2 * i] = a * c - b * s
+            out[..., start + 2 * i + 1] = a * s + b * c
+        start += width
+    return out
+
+
+def test_rope_takes_large_integer_and_float64_positions_at_full_precision():
+    """Positions are turned into angles in float64: int64 positions past 2**24 (odd ones are not float32 numbers)
+    and float64 fractional positions (position interpolation) rotated as if rounded to float32 before -- a whole
+    radian off at position 2**24 + 1 for the frequency-1 pair."""
+    from zoo.attention import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    rope = RotaryEmbedding(8)
+    x = torch.randn(1, 2, 3, 8, generator=g, dtype=torch.float64)
+    for positions in (torch.tensor([2**24 + 1, 2**24 + 3, 5], dtype=torch.int64),
+                      torch.tensor([0.1, 1e7 + 0.3, 12345.678], dtype=torch.float64)):
+        expected = _rope_reference(x, positions[:, None], (8,), 10000.0)
+        torch.testing.assert_close(rope(x, positions), expected, rtol=0, atol=1e-6)
+
+
+def test_rope_3d_in_bfloat16_rotates_in_float32():
+    """Half-precision q/k are rotated in float32 and rounded once: each bf16 output is within half a bf16 step of
+    the float64 rotation of the same inputs (relative 2**-8), which a rotation computed in bf16 (cos/sin and the
+    products rounded) misses by several steps. 3D with uneven axes (6, 10, 16) and a 2 x 3 x 4 grid."""
+    from zoo.attention import RotaryEmbedding
+    from zoo.attention.rope import grid_positions
+
+    rope = RotaryEmbedding(32, mode="3d", axes_dims=(6, 10, 16))
+    x = torch.randn(2, 2, 24, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    out = rope(x, (2, 3, 4))
+    assert out.dtype == torch.bfloat16
+    expected = _rope_reference(x, grid_positions(2, 3, 4), (6, 10, 16), 10000.0)
+    error = (out.double() - expected).abs()
+    assert bool((error <= 2.0**-8 * expected.abs() + 1e-30).all()), float((error / expected.abs()).max())
+
+
+def test_rope_3d_with_prefix_tokens_only_and_odd_axes():
+    """A call holding only prefix tokens (nothing to rotate) returns x unchanged, also for 3D RoPE, which has no
+    default positions; odd axes_dims are refused naming axes_dims (not a freqs shape the user never passed)."""
+    import pytest
+
+    from zoo.attention import RotaryEmbedding
+
+    rope = RotaryEmbedding(12, mode="3d", num_prefix_tokens=2)
+    x = torch.randn(1, 2, 2, 12)
+    assert torch.equal(rope(x), x)
+    with pytest.raises(ValueError, match="axes_dims must be three positive even numbers"):
+        RotaryEmbedding(64, mode="3d", axes_dims=(15, 25, 24))
