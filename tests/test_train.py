@@ -1843,3 +1843,125 @@ def test_classifier_losses_and_probabilities_are_the_plain_definitions():
     assert metrics["val/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
     (probs,) = trainer.predict(module, loader)
     torch.testing.assert_close(probs, logits.softmax(-1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Behaviour a second mutation audit of zoo/train found unpinned (audit 2026-12-07, /tmp/audit9/report_m24.md)
+# --------------------------------------------------------------------------------------------------
+def test_ema_in_training_follows_each_optimizer_step_with_the_warm_up_decay():
+    """The module's EMA after N optimizer steps equals timm's ModelEmaV3 update (``apply_update_no_buffers_``)
+    applied after every step to the weights that step produced, with the documented warm-up decay
+    ``min(decay, (1 + t) / (10 + t))`` at update t = 0, 1, ... (hand formula: 0.1, 2/11, 0.25, 4/13). An EMA that
+    moved before the optimizer step (averaging the previous step's weights) or counted its warm-up from 1 kept the
+    update count test_ema_moves_once_per_optimizer_step pins, and passed every test."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from timm.utils import ModelEmaV3
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = ImageClassifier(_tiny_vit(), num_classes=3, lr=3e-3, warmup_epochs=0, ema_decay=0.95)
+    reference = ModelEmaV3(module.model, decay=0.95, use_warmup=False, exclude_buffers=True)  # the starting weights
+    start = copy.deepcopy(module.model.state_dict())
+    after_step = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # after that batch's step
+            after_step.append(copy.deepcopy(pl_module.model))
+
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    trainer = pl.Trainer(max_steps=4, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0, callbacks=[Record()])
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(images, labels), batch_size=2))
+    assert len(after_step) == 4 and int(module.model_ema.num_updates) == 4
+    with torch.no_grad():  # timm's update() does this around it
+        for t, weights in enumerate(after_step):
+            reference.apply_update_no_buffers_(weights, min(0.95, (1 + t) / (10 + t)))
+    ours, theirs = module.model_ema.module.state_dict(), reference.module.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.allclose(ours["head.weight"], start["head.weight"], atol=1e-4)  # it did move
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_algorithm_is_torchs_clip_grad(tmp_path, algorithm):
+    """trainer.gradient_clip_algorithm=value clips every gradient element to [-v, v] (torch.nn.utils.clip_grad_value_,
+    timm's --clip-mode value) and norm scales all gradients to a total 2-norm <= v (clip_grad_norm_): the gradients
+    the optimizer steps with equal torch's on the same gradients. Only the default (norm) was tested, so a module that
+    clipped by norm whatever the trainer asked for passed every test."""
+    from lightning.pytorch.callbacks import Callback
+
+    cfg = _cfg(tmp_path, f"clip_{algorithm}", "trainer.gradient_clip_val=0.001",
+               f"trainer.gradient_clip_algorithm={algorithm}", "trainer.limit_train_batches=2")
+    module, datamodule, _ = _build(cfg)
+    seen = []
+
+    class Record(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # Lightning clips right after this hook
+            seen.append({"grads": [p.grad.clone() for p in pl_module.model.parameters() if p.grad is not None]})
+
+        def on_train_start(self, trainer, pl_module):
+            def after_step(optimizer, args, kwargs):  # the gradients the step used
+                seen[-1]["clipped"] = [p.grad.clone() for p in pl_module.model.parameters() if p.grad is not None]
+            trainer.optimizers[0].register_step_post_hook(after_step)
+
+    trainer = run._trainer(cfg, callbacks=[Record()], loggers=[])
+    trainer.fit(module, datamodule=datamodule)
+    assert len(seen) == 2
+    clip = {"norm": torch.nn.utils.clip_grad_norm_, "value": torch.nn.utils.clip_grad_value_}[algorithm]
+    for step in seen:
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in step["grads"]]
+        for param, grad in zip(params, step["grads"]):
+            param.grad = grad.clone()
+        clip(params, 0.001)
+        assert max(float(g.abs().max()) for g in step["grads"]) > 0.001  # there was something to clip
+        for param, ours in zip(params, step["clipped"]):
+            torch.testing.assert_close(ours, param.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_layer_decay_one_is_accepted_and_keeps_every_group_at_the_full_lr():
+    """layer_decay's documented range is (0, 1]: 1.0 (timm's --layer-decay 1.0, every layer at the full lr, as
+    timm.optim.param_groups_layer_decay gives) is a valid setting; just above it is refused."""
+    from timm.optim import param_groups_layer_decay
+
+    module = ImageClassifier(_tiny_vit(), num_classes=3, layer_decay=1.0)
+    assert {g["lr_scale"] for g in param_groups(module.model, 0.05, layer_decay=1.0)} == {1.0}
+    assert {g["lr_scale"] for g in param_groups_layer_decay(module.model, 0.05, layer_decay=1.0)} == {1.0}
+    with pytest.raises(ValueError, match="layer_decay must be in"):
+        ImageClassifier(_tiny_vit(), num_classes=3, layer_decay=1.0001)
+
+
+def test_a_resume_with_a_longer_schedule_moves_every_parameter_group_to_the_new_curve(tmp_path):
+    """Under layer decay each parameter group has its own base lr; after a resume with a longer schedule every group,
+    not only the classifier's (the last, which test_a_resume_with_a_longer_schedule_trains_its_first_step_on_the_new_
+    curve reads), trains its first step at base * the new curve's factor, and the scheduler's get_last_lr() (what
+    Lightning's LearningRateMonitor and a user's callback read) says the same rates."""
+    from lightning.pytorch.callbacks import Callback
+
+    from zoo.train.optim import lr_schedule
+
+    class Rates(Callback):
+        def __init__(self):
+            self.factors, self.reported = [], []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            groups = trainer.optimizers[0].param_groups
+            self.factors.append([g["lr"] / g["initial_lr"] for g in groups])
+            self.reported.append(trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [g["lr"] for g in groups])
+
+    common = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=0", "task.warmup_epochs=1",
+              "task.min_lr_ratio=0.01", "task.layer_decay=0.5"]
+    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, "trainer.max_epochs=2"))
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    rates = Rates()
+    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, "trainer.max_epochs=3"), callbacks=[rates])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    assert len({round(g["initial_lr"], 9) for g in trainer.optimizers[0].param_groups}) == 3  # 0.5^2, 0.5, 1
+    factor = lr_schedule("cosine", 12, 4, 0.01)
+    assert len(rates.factors) == 4
+    for step, factors in zip(range(8, 12), rates.factors):
+        assert factors == pytest.approx([factor(step)] * len(factors)), step
+    assert all(rates.reported)
