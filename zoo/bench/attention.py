@@ -440,9 +440,9 @@ def _agree(what: str, reference: torch.Tensor, flex_out: torch.Tensor, zoo_err: 
            zoo_grad_err: float = 0.0) -> None:
     """The zoo kernel and FlexAttention both match the SDPA reference before a case is timed, and so do the zoo
     kernel's q/k/v gradients (``zoo_grad_err``, relative to the largest reference gradient; FlexAttention's
-    backward is the peer's own affair). Tolerances: outputs 1e-3 of their scale in fp32 and 2e-2 in fp16 / bf16, gradients 1e-3 and
-    5e-2 (two half-precision kernels' gradients differ by more than their outputs; a wrong gradient is off by the
-    gradients' own scale). Otherwise the case becomes an error row and gives no verdict."""
+    backward is the peer's own affair). Tolerances: outputs 1e-3 of their scale in fp32 and 2e-2 in fp16 / bf16,
+    gradients 1e-3 and 5e-2 (two half-precision kernels' gradients differ by more than their outputs; a wrong
+    gradient is off by the gradients' own scale). Otherwise the case becomes an error row and gives no verdict."""
     half = flex_out.dtype in (torch.float16, torch.bfloat16)
     rel_tol, grad_tol = (2e-2, 5e-2) if half else (1e-3, 1e-3)
     tol = rel_tol * float(reference.abs().max().clamp_min(1e-6))
@@ -455,9 +455,12 @@ def _agree(what: str, reference: torch.Tensor, flex_out: torch.Tensor, zoo_err: 
                            f"gradient (tolerance {grad_tol:.2g}); not timed")
 
 
-def _kernel_grad_error(ours, reference, q, k, v, go) -> float:
-    """:func:`_grad_error` of ``ours`` against ``reference`` on the same inputs."""
-    return _grad_error(_outputs_and_grads(ours, q, k, v, go)[1], _outputs_and_grads(reference, q, k, v, go)[1])
+def _errors_against(ours, reference, q, k, v, go) -> tuple[torch.Tensor, float, float]:
+    """One forward + backward of each: (the reference output in fp32, max |ours - reference| of the outputs,
+    :func:`_grad_error` of the gradients)."""
+    (out, grads), (ref_out, ref_grads) = (_outputs_and_grads(fn, q, k, v, go) for fn in (ours, reference))
+    ref_out = ref_out.float()
+    return ref_out, float((out.float() - ref_out).abs().max()), _grad_error(grads, ref_grads)
 
 
 def bench_gpu(args) -> str:
@@ -556,12 +559,10 @@ def bench_gpu(args) -> str:
                         sdpa_name: sdpa,
                         "FlexAttention": lambda q_, k_, v_, bm=block_mask: flex(q_, k_, v_, block_mask=bm),
                     }
+                    reference, err, grad_err = _errors_against(fns["zoo-triton"], sdpa, q, k, v, go)
                     with torch.no_grad():
-                        reference = sdpa(q, k, v).float()
-                        err = float((fns["zoo-triton"](q, k, v).float() - reference).abs().max())
                         flex_out = fns["FlexAttention"](q, k, v)
-                    _agree(f"{name} N={n} D={d}", reference, flex_out, err, sdpa_name,
-                           _kernel_grad_error(fns["zoo-triton"], sdpa, q, k, v, go))
+                    _agree(f"{name} N={n} D={d}", reference, flex_out, err, sdpa_name, grad_err)
                     t = timed_pair(fns, q, k, v, go)
                 except Exception as error:  # one failing case must not hide the other figures
                     if getattr(args, "gpu_strict", False):
@@ -610,12 +611,11 @@ def bench_gpu(args) -> str:
             def masked_sdpa(q_, k_, v_, a=allowed):
                 return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=a)
 
-            with torch.no_grad():  # the sparse pattern computed three ways: the zoo kernel, Flex, dense SDPA
-                reference = masked_sdpa(q, k, v).float()
-                err = float((fns["zoo sparse"](q, k, v).float() - reference).abs().max())
+            # the sparse pattern computed three ways: the zoo kernel, Flex, dense SDPA
+            reference, err, grad_err = _errors_against(fns["zoo sparse"], masked_sdpa, q, k, v, go)
+            with torch.no_grad():
                 flex_out = fns["Flex sparse"](q, k, v)
-            _agree(f"sweep {fraction:.0%}", reference, flex_out, err, "SDPA (dense mask)",
-                   _kernel_grad_error(fns["zoo sparse"], masked_sdpa, q, k, v, go))
+            _agree(f"sweep {fraction:.0%}", reference, flex_out, err, "SDPA (dense mask)", grad_err)
             t = timed_pair(fns, q, k, v, go)
         except Exception as error:
             if getattr(args, "gpu_strict", False):
