@@ -982,6 +982,8 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
     if config is None:
         _check_not_interrupted(path if path.is_dir() else path.parent)
     args: dict[str, Any] = dict(defaults or {})
+    # a checkpoint saved under a name since renamed (zoo.registry.DEPRECATED_MODEL_NAMES) is that model's own
+    saved_name = None if config is None else _current_model_name(config["model_name"])
     if config is not None:
         saved_family = _family_of(config["model_name"])
         if saved_family is not None and saved_family != entry.family:
@@ -990,8 +992,6 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
                 f"checkpoint: build {config['model_name']!r} (zoo.from_pretrained('{path}')) or pick a "
                 f"{entry.family!r} checkpoint for {entry.name!r}"
             )
-        # a checkpoint saved under a name since renamed (zoo.registry.DEPRECATED_MODEL_NAMES) is that model's own
-        saved_name = _current_model_name(config["model_name"])
         if saved_name != entry.name:
             log.warning(
                 "%s holds %r weights; loading them into %r (constructor arguments from the checkpoint are kept)",
@@ -1002,8 +1002,7 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
     model = _construct(entry, args)
     saved_classes = None if config is None else config.get("num_classes")
     if (
-        isinstance(saved_classes, int) and "num_classes" not in overrides
-        and _current_model_name(config["model_name"]) == entry.name
+        isinstance(saved_classes, int) and "num_classes" not in overrides and saved_name == entry.name
         and isinstance(getattr(model, "num_classes", None), int) and model.num_classes != saved_classes
     ):
         # config.json's num_classes is the saved model's own; its constructor arguments can disagree only when
