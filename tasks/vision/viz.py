@@ -19,7 +19,6 @@ Letters: B batch, H heads, N tokens, P prefix tokens, Gh/Gw patch grid.
 from __future__ import annotations
 
 import importlib
-import numbers
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -29,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.attention import capture_attention
+from zoo.layers import check_rates
 from zoo.plotting import (
     device_arg,
     evaluation_mode,
@@ -67,12 +67,10 @@ def _checked_discard_ratio(value) -> float:
         try:
             number = float(value)
         except ValueError:
-            number = None
+            pass  # refused below as the text it is
     elif isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         number = value.item()
-    if isinstance(number, (bool, np.bool_)) or not isinstance(number, numbers.Real) or not 0 <= number < 1:
-        raise ValueError(f"discard_ratio must be a number in [0, 1) (the fraction of each layer's weights zeroed), "
-                         f"got {value!r}")
+    check_rates(discard_ratio=number)
     return float(number)
 
 
