@@ -1631,33 +1631,47 @@ def test_resume_compares_the_optimizer_settings_the_optimizer_reads(tmp_path):
             run._check_resume_fits((tmp_path / "s.ckpt", ckpt), run.build(current)[0], current)
 
 
+def _steps_of_a_longer_resume(tmp_path, overrides, epochs_before, epochs_after):
+    """Train 4 batches per epoch (warm-up 1 epoch, min_lr_ratio 0.01, plus ``overrides``) for ``epochs_before``
+    epochs, then resume the same run with trainer.max_epochs=``epochs_after``. Per step of the resumed run:
+    (every param group's lr, their initial_lr, the module's lr, whether the scheduler's get_last_lr() reports the
+    groups' rates); and the resumed trainer."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Rates(Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            groups = trainer.optimizers[0].param_groups
+            rates = [g["lr"] for g in groups]
+            self.steps.append((rates, [g["initial_lr"] for g in groups], module.lr,
+                               trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == rates))
+
+    common = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=0", "task.warmup_epochs=1",
+              "task.min_lr_ratio=0.01", *overrides]
+    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, f"trainer.max_epochs={epochs_before}"))
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    recorder = Rates()
+    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, f"trainer.max_epochs={epochs_after}"),
+                                         callbacks=[recorder])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    return recorder.steps, trainer
+
+
 @pytest.mark.parametrize("scheduler", ["cosine", "linear"])
 def test_a_resume_with_a_longer_schedule_trains_its_first_step_on_the_new_curve(tmp_path, scheduler):
     """Lightning restores the param groups' lr (what the old schedule set for the next step) and LambdaLR recomputes
     it only at its next step: a run resumed with trainer.max_epochs 2 -> 4 trained its first step at 0.01 x lr (the
     end of the old cosine) where the new curve gives 0.75 x lr, although the note says the new schedule applies."""
-    from lightning.pytorch.callbacks import Callback
-
     from zoo.train.optim import lr_schedule
 
-    class Rates(Callback):
-        def __init__(self):
-            self.factors = []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.factors.append(trainer.optimizers[0].param_groups[-1]["lr"] / module.lr)
-
-    common = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=0", "task.warmup_epochs=1",
-              "task.min_lr_ratio=0.01", f"task.scheduler={scheduler}"]
-    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, "trainer.max_epochs=2"))
-    trainer.fit(module, datamodule=datamodule)
-    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
-    rates = Rates()
-    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, "trainer.max_epochs=4"), callbacks=[rates])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    steps, _ = _steps_of_a_longer_resume(tmp_path, [f"task.scheduler={scheduler}"], 2, 4)
     factor = lr_schedule(scheduler, 16, 4, 0.01, 4, 0.5)
-    assert rates.factors == pytest.approx([factor(step) for step in range(8, 16)])
+    assert [rates[-1] / module_lr for rates, _, module_lr, _ in steps] == pytest.approx(
+        [factor(step) for step in range(8, 16)])
 
 
 def test_the_default_betas_leave_each_optimizer_its_own():
@@ -1937,31 +1951,13 @@ def test_a_resume_with_a_longer_schedule_moves_every_parameter_group_to_the_new_
     not only the classifier's (the last, which test_a_resume_with_a_longer_schedule_trains_its_first_step_on_the_new_
     curve reads), trains its first step at base * the new curve's factor, and the scheduler's get_last_lr() (what
     Lightning's LearningRateMonitor and a user's callback read) says the same rates."""
-    from lightning.pytorch.callbacks import Callback
-
     from zoo.train.optim import lr_schedule
 
-    class Rates(Callback):
-        def __init__(self):
-            self.factors, self.reported = [], []
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            groups = trainer.optimizers[0].param_groups
-            self.factors.append([g["lr"] / g["initial_lr"] for g in groups])
-            self.reported.append(trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [g["lr"] for g in groups])
-
-    common = ["trainer.limit_train_batches=4", "trainer.limit_val_batches=0", "task.warmup_epochs=1",
-              "task.min_lr_ratio=0.01", "task.layer_decay=0.5"]
-    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, "trainer.max_epochs=2"))
-    trainer.fit(module, datamodule=datamodule)
-    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
-    rates = Rates()
-    module, datamodule, trainer = _build(_cfg(tmp_path, "a", *common, "trainer.max_epochs=3"), callbacks=[rates])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    steps, trainer = _steps_of_a_longer_resume(tmp_path, ["task.layer_decay=0.5"], 2, 3)
     assert len({round(g["initial_lr"], 9) for g in trainer.optimizers[0].param_groups}) == 3  # 0.5^2, 0.5, 1
     factor = lr_schedule("cosine", 12, 4, 0.01)
-    assert len(rates.factors) == 4
-    for step, factors in zip(range(8, 12), rates.factors):
+    assert len(steps) == 4
+    for step, (rates, initial, _, _) in zip(range(8, 12), steps):
+        factors = [lr / base for lr, base in zip(rates, initial)]
         assert factors == pytest.approx([factor(step)] * len(factors)), step
-    assert all(rates.reported)
+    assert all(reported for *_, reported in steps)
