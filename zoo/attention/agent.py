@@ -63,8 +63,8 @@ from zoo.attention import capture as _capture
 from zoo.attention.core import attend
 from zoo.attention.masks import cache_put
 from zoo.layers import (
-    CachesDroppedWhenCopied, check_finite_input, check_like_weights, check_rates, is_tracing, surely_finite, to_pair, weights_kept_alive,
-    weights_stamp,
+    CachesDroppedWhenCopied, check_finite_input, check_like_weights, check_rates, is_tracing, surely_finite, to_pair,
+    weights_kept_alive, weights_stamp,
 )
 
 __all__ = ["AgentAttention", "agent_biases", "adaptive_pool_matrix"]
