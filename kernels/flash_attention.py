@@ -86,6 +86,7 @@ from zoo.kernels._compile import on_device_of, single_config_requested
 from zoo.kernels.block_index import MaskProgram, ids_fit_int32, kernel_tile_lists, lower_mask, needs_dense_fallback
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import resolve_bias
+from zoo.attention.core import merge_attention_states  # re-exported: merges this kernel's (out, lse) pairs
 from zoo.attention.masks import And, Mask, Or, SegmentWindow, Segments, as_mask
 from zoo.layers import in_torch_func, refuse_double_backward
 
@@ -1295,27 +1296,6 @@ def flash_attention(
     return out
 
 
-def merge_attention_states(out_a, lse_a, out_b, lse_b):
-    """Merge softmax attention over two disjoint key sets from their outputs and natural-log LSEs.
-
-    out (B, H, N, Dv), lse (B, H, N). Returns (out, lse) of attention over the union (as FlashInfer's
-    merge_state / xFormers' merge_attentions). Rows empty in both stay zero with LSE -inf.
-
-    The weights are exp(lse_x - m) / (exp(lse_a - m) + exp(lse_b - m)) with m the larger LSE, so they sum to one
-    even where the LSEs saturate (rows whose every key is biased by torch.finfo(float32).min have an LSE near
-    -2.4e38, where lse + log(2) rounds to lse: weights taken as exp(lse_x - logaddexp(...)) were 1 and 1, and the
-    merged row the sum of the halves). Such rows merge with equal weights, not in proportion to the key counts.
-    """
-    m = torch.maximum(lse_a, lse_b)
-    safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(lse_a - safe), torch.exp(lse_b - safe)
-    total = wa + wb
-    lse = torch.where(total > 0, safe + torch.log(total), m)
-    denom = torch.where(total > 0, total, torch.ones_like(total))
-    out = out_a.float() * (wa / denom)[..., None] + out_b.float() * (wb / denom)[..., None]
-    return out.to(out_a.dtype), lse
-
-
 # ------------------------------------------------------------------------------------------------
 # Backend hooks for zoo.attention (registered as "triton" in zoo/attention/backends.py)
 # ------------------------------------------------------------------------------------------------
@@ -1387,13 +1367,16 @@ def _segment_ids_fit_int32(mask: Mask) -> bool:
     return fits
 
 
-def triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
-    """The "triton" backend's forward (arguments as validated by zoo.attention.attend)."""
+def triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights, return_lse=False):
+    """The "triton" backend's forward (arguments as validated by zoo.attention.attend); with ``return_lse``
+    (softmax only) also the row LSE (B, H, Nq), fp32, natural log, differentiable."""
     reason = triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+    if reason is None and return_lse and score != "softmax":
+        reason = "return_lse is defined for score='softmax' only"
     if reason is not None:
         raise ValueError(f"triton backend cannot run this call: {reason}")
-    out, _ = _run(q, k, v, mask, bias, scale, score, dropout_p=dropout_p)
-    return out
+    out, lse = _run(q, k, v, mask, bias, scale, score, dropout_p=dropout_p)
+    return (out, lse * LN2) if return_lse else out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from zoo.attention import (  # noqa: E402
     as_mask,
     attend,
 )
+from zoo.attention import backends as zb  # noqa: E402
 from zoo.kernels import flash_attention as fa  # noqa: E402
 from zoo.kernels.flash_attention import (  # noqa: E402
     flash_attention,
@@ -605,6 +606,26 @@ def test_lse_gradient():
     want_q = q.double().requires_grad_(True)
     flash_attention_ref(want_q, k.double(), v.double(), Causal(), return_lse=True)[1].sum().backward()
     torch.testing.assert_close(q_leaf.grad.double(), want_q.grad, rtol=1e-4, atol=2e-5)
+
+
+def test_attend_returns_the_kernels_lse():
+    """attend(..., backend="triton", return_lse=True) gives the kernel's LSE (natural log, fp32) and its gradient,
+    as the reference backend gives them; the kernel is also the automatic choice for such a call on CUDA."""
+    q, k, v, bias = _inputs(1, 4, 2, 33, 70, 16, bias_shape=(1, 4, 1, 70), seed=27)
+    mask = Window(12, 3)
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, bias)]
+        out, lse = attend(*leaves[:3], mask, leaves[3], return_lse=True, backend=backend)
+        assert lse.shape == (1, 4, 33) and lse.dtype == dtype
+        g_lse = torch.linspace(-1, 1, 33, device=DEVICE, dtype=dtype)
+        results.append([out, lse] + list(torch.autograd.grad(out.sum() + (lse * g_lse).sum(), leaves)))
+    for name, got, want in zip(["out", "lse", "dq", "dk", "dv", "dbias"], *results):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=2e-5, msg=name)
+    if HAS_CUDA:
+        assert zb.select_backend((q, k, v, as_mask(mask), bias, 0.25, "softmax", 0.0, False), None, True).name == "triton"
+    with pytest.raises(ValueError, match="score='softmax' only"):
+        fa.triton_attention(q, k, v, as_mask(None), None, 0.25, "sigmoid", 0.0, False, return_lse=True)
 
 
 def test_merged_partial_attention_trains():

@@ -31,7 +31,7 @@ from zoo.attention.masks import (
 )
 from zoo.attention.bias import AttentionBias
 from zoo.attention.backends import list_backends, register_backend, use_backend
-from zoo.attention.core import attend, attention_reference
+from zoo.attention.core import attend, attention_reference, merge_attention_states
 from zoo.attention.capture import AttentionRecord, capture_attention
 
 _LAZY = {
@@ -89,6 +89,7 @@ def __dir__():  # the lazy names too (tab completion, dir(zoo.attention))
 __all__ = [
     "attend",
     "attention_reference",
+    "merge_attention_states",
     "Mask",
     "Full",
     "Causal",

@@ -5,6 +5,14 @@ Each backend is a pair of functions with the same arguments::
     forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights) -> out | (out, weights)
     supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights) -> None | "reason it cannot"
 
+A backend registered with ``returns_lse=True`` can also give the row log-sum-exp: attend(..., return_lse=True)
+calls it as ``forward(q, k, v, mask, bias, scale, score, dropout_p, False, return_lse=True)`` (softmax only), and it
+returns ``(out, lse)`` with lse (B, H, Nq) = log sum_j exp(scale * q.k_j + bias_j) over the allowed keys, natural
+log, in fp32 for fp16 / bf16 inputs and in the input dtype otherwise, -inf for a row with no allowed key, and
+differentiable (its gradient is the softmax weights, so outputs merged with
+:func:`~zoo.attention.merge_attention_states` train like one call). Backends without it are passed by for such
+calls, and a backend named for one is refused with that reason.
+
 ``q`` (B, H, Nq, D), ``k`` (B, Hkv, Nk, D), ``v`` (B, Hkv, Nk, Dv) are validated by ``attend`` and never empty
 (``attend`` computes a batch of 0, Nq = 0 or Nk = 0 itself; ``supports`` still decides whether a backend named
 for such a call may run it); ``mask`` is always a :class:`~zoo.attention.masks.Mask` (``Full()`` when none was
@@ -64,6 +72,8 @@ class Backend:
     #: and Causal with Nq == Nk -- (its ``auto_supports`` refuses them): then the plain call (see
     #: :func:`sdpa_runs_plain_calls`) passes it by without asking.
     sparse_only: bool = False
+    #: True when ``forward`` also takes ``return_lse=True`` and then returns (out, lse) (see the module docstring).
+    returns_lse: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -89,13 +99,15 @@ def register_backend(
     description: str = "",
     auto_supports: Optional[Callable] = None,
     sparse_only: bool = False,
+    returns_lse: bool = False,
 ) -> Backend:
     """Register (or replace) a backend. Higher ``priority`` is tried first by automatic selection.
 
     ``supports`` decides whether the backend can run a call at all (an explicit request is refused with
     its reason); ``auto_supports``, when given, decides whether automatic selection should pick it (for
     example only when a sparse mask skips enough tiles to beat the dense path). ``sparse_only`` promises
-    that automatic selection never picks it for a Full mask or a square Causal mask.
+    that automatic selection never picks it for a Full mask or a square Causal mask. ``returns_lse`` says that
+    ``forward`` accepts ``return_lse=True`` (the row log-sum-exp; see the module docstring).
     """
     # checked here: a bad entry would otherwise break every later attend() call, far from this one
     if not isinstance(name, str) or not name:
@@ -110,8 +122,12 @@ def register_backend(
     if isinstance(auto_devices, str) or not all(isinstance(d, str) for d in auto_devices):
         raise TypeError(f"register_backend({name!r}): auto_devices must be a collection of device types such as "
                         f"('cpu', 'cuda'), got {auto_devices!r}")
+    for flag, value in (("sparse_only", sparse_only), ("returns_lse", returns_lse)):
+        if not isinstance(value, bool):
+            raise TypeError(f"register_backend({name!r}): {flag} must be True or False, got {value!r}")
     backend = Backend(
-        name, forward, supports, priority, frozenset(auto_devices), description, auto_supports, sparse_only
+        name, forward, supports, priority, frozenset(auto_devices), description, auto_supports, sparse_only,
+        returns_lse,
     )
     _BACKENDS[name] = backend
     return backend
@@ -178,17 +194,21 @@ def requested_backend(argument: Optional[str]) -> Optional[str]:
     return env if env and env != "auto" else None
 
 
-def select_backend(args: tuple, requested: Optional[str]) -> Backend:
-    """The backend that will run ``args`` = (q, k, v, mask, bias, scale, score, dropout_p, return_weights)."""
+def select_backend(args: tuple, requested: Optional[str], return_lse: bool = False) -> Backend:
+    """The backend that will run ``args`` = (q, k, v, mask, bias, scale, score, dropout_p, return_weights), one that
+    also gives the row log-sum-exp when ``return_lse``."""
     if requested is not None:
         backend = get_backend(requested)
         reason = backend.supports(*args)
+        if reason is None and return_lse and not backend.returns_lse:
+            able = ", ".join(b.name for b in _by_priority() if b.returns_lse)
+            reason = f"return_lse=True (it does not give the row log-sum-exp; backends that do: {able})"
         if reason is not None:
             raise ValueError(f"attention backend {requested!r} cannot run this call: {reason}")
         return backend
     device_type = args[0].device.type
     for backend in _by_priority():
-        if device_type not in backend.auto_devices:
+        if device_type not in backend.auto_devices or (return_lse and not backend.returns_lse):
             continue
         check = backend.auto_supports or backend.supports
         if check(*args) is None:
@@ -419,13 +439,14 @@ def _triton_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_w
     return _triton_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
 
 
-def _triton_call(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
-    return _triton_module().triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+def _triton_call(q, k, v, mask, bias, scale, score, dropout_p, return_weights, return_lse):
+    return _triton_module().triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights,
+                                             return_lse=return_lse)
 
 
-def _triton_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+def _triton_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights, return_lse=False):
     # an explicit request under torch.compile: the kernel runs between the compiled graphs
-    return call_outside_graph(_triton_call, q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+    return call_outside_graph(_triton_call, q, k, v, mask, bias, scale, score, dropout_p, return_weights, return_lse)
 
 
 register_backend(
@@ -436,6 +457,7 @@ register_backend(
     auto_devices=("cuda",),
     description="block-sparse FlashAttention-2 Triton kernel (forward + backward)",
     auto_supports=_triton_auto_supports,
+    returns_lse=True,
 )
 
 

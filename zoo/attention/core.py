@@ -1,7 +1,7 @@
 """``attend()``: the one attention call every model in the zoo makes, and its reference backend.
 
     out = attend(q, k, v, mask=None, bias=None, *, scale=None, score="softmax", dropout_p=0.0,
-                 return_weights=False, backend=None)
+                 return_weights=False, return_lse=False, backend=None)
 
 Letters: B batch, H query heads, Hkv key/value heads (H % Hkv == 0, grouped-query attention), G = H // Hkv
 query heads per key/value head, Nq/Nk query/key lengths, D head dim of q and k, Dv head dim of v,
@@ -19,6 +19,12 @@ The reference backend ("torch") works on any device with autograd. It processes 
 of R rows so that the working set is O(B * H * R * Nk) rather than O(B * H * Nq * Nk); when gradients
 are needed each chunk is recomputed in backward (activation checkpointing), so training memory is
 bounded the same way.
+
+Log-sum-exp (``return_lse=True``, softmax): lse_i = log sum_j exp(scale * q_i.k_j + bias_ij) over the allowed j,
+the softmax's normaliser, as FlashAttention's ``softmax_lse`` and FlexAttention's ``return_lse`` give it. Two
+attend() calls over disjoint key sets merge into the attention over their union with
+:func:`merge_attention_states` (chunked prefill over a KV cache, ring / context-parallel attention), gradients
+included, since the LSE is differentiable.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from zoo.layers import (
     surely_finite,
 )
 
-__all__ = ["attend", "attention_reference", "SCORES"]
+__all__ = ["attend", "attention_reference", "merge_attention_states", "SCORES"]
 
 SCORES = ("softmax", "sigmoid")
 
@@ -138,6 +144,7 @@ def attend(
     score: str = "softmax",
     dropout_p: float = 0.0,
     return_weights: bool = False,
+    return_lse: bool = False,
     backend: Optional[str] = None,
     check_finite: bool = True,
 ):
@@ -158,22 +165,30 @@ def attend(
         score: "softmax" or "sigmoid" (see module docstring).
         dropout_p: dropout on the attention probabilities (pass 0.0 in evaluation).
         return_weights: also return the probabilities (B, H, Nq, Nk) (pre-dropout; reference backend).
+        return_lse: also return the row log-sum-exp (B, H, Nq): log sum_j exp(scale * q.k_j + bias_j) over the
+            allowed keys, natural log, fp32 for fp16 / bf16 inputs (the input dtype otherwise), -inf for a row with
+            no allowed key, differentiable; with dropout, that of the scores before dropout. Softmax only, and not
+            together with ``return_weights`` (the weights are exp(scores - lse)). Served by the backends that
+            give it ("torch", "blocksparse", "triton"; not "sdpa": such a call leaves SDPA for the reference backend
+            on CPU). Merge two calls over disjoint keys with :func:`merge_attention_states`.
         backend: force a backend by name ("torch", "sdpa", "triton", ...); see zoo.attention.backends.
         check_finite: on CPU, raise naming q, k or v when one holds NaN/Inf (one dot product q . out per call).
             Modules that check their own input once per forward (and call attend() several times on tensors
             derived from it) may pass False; the default keeps the check.
 
     Returns:
-        (B, H, Nq, Dv) output, or (output, weights) when ``return_weights``.
+        (B, H, Nq, Dv) output, (output, weights) when ``return_weights``, (output, lse) when ``return_lse``.
     """
     _validate(q, k, v, score, dropout_p, scale, True)  # (positional: tests wrap _validate)
     if return_weights is not False and return_weights is not True:  # "no" would be truthy
         return_weights = check_flag(return_weights, "attend: return_weights")
+    if return_lse is not False:
+        return_lse = _check_return_lse(return_lse, return_weights, score)
     _, _, q_len, head_dim = q.shape
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)  # float(): a 0-d tensor too
     causal = _backends.sdpa_causal_ok(mask, q_len, k.shape[2], scale)  # SDPA's own causal kernel
     plain = (
-        backend is None and not return_weights and score == "softmax" and not _is_empty(q, k)
+        backend is None and not return_weights and not return_lse and score == "softmax" and not _is_empty(q, k)
         and (mask is None or (causal and bias is None)) and _backends.sdpa_runs_plain_calls(q.device.type)
     )
     if plain and bias is None:  # the plain calls most models make: straight to SDPA
@@ -185,7 +200,7 @@ def attend(
         # each row by its maximum first, so attend() gives the same answer whether a backend is named or not
         result = _backends.sdpa_biased(q, k, v, bias, scale, float(dropout_p))
     else:
-        result = _dispatch(q, k, v, mask, bias, scale, score, dropout_p, return_weights, backend)
+        result = _dispatch(q, k, v, mask, bias, scale, score, dropout_p, return_weights, backend, return_lse)
     if check_finite and q.is_cpu and not is_tracing():  # on CUDA: a device sync
         # NaN/Inf inputs: a non-finite v reaches the output, so the output answers for it; a NaN query may
         # not (SDPA's CPU kernel can return a finite row for it), and a -inf key is a key nobody attends to,
@@ -194,7 +209,7 @@ def attend(
         # value at a key nobody may attend reaches the output of the dense backends (0 * NaN) but not of the
         # block-sparse ones, which skip its tile: v is reduced too, so that every backend and length raises.
         # A NaN or +Inf bias makes its rows NaN, so it is looked at only then.
-        out_finite = surely_finite(q, result[0] if return_weights else result)
+        out_finite = surely_finite(q, result[0] if return_weights or return_lse else result)
         if not (out_finite and surely_finite(k, k) and (mask is None or surely_finite(v, v))):
             _check_finite(q=q, k=k, v=v)
         if not out_finite and isinstance(bias, torch.Tensor) and bias.is_floating_point() and bias.numel():
@@ -205,6 +220,50 @@ def attend(
     return result
 
 
+def _check_return_lse(return_lse, return_weights: bool, score: str) -> bool:
+    """attend()'s return_lse: a flag, for softmax scores, not with return_weights."""
+    return_lse = check_flag(return_lse, "attend: return_lse")
+    if return_lse and score != "softmax":
+        raise ValueError(f"attend: return_lse=True is defined for score='softmax' only (score={score!r} has no "
+                         f"normaliser)")
+    if return_lse and return_weights:
+        raise ValueError("attend: return_weights=True and return_lse=True together: ask for one (the log-sum-exp of "
+                         "a row is log(sum(exp(scores))); the weights are exp(scores - lse))")
+    return return_lse
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Softmax attention over the union of two disjoint key sets, from each set's output and natural-log LSE
+    (``attend(..., return_lse=True)``): out (B, H, N, Dv), lse (B, H, N) -> (out, lse) of the union, as FlashInfer's
+    ``merge_state`` and xFormers' ``merge_attentions`` compute it. Differentiable: merged calls train like one call.
+    Rows empty in both stay zero with LSE -inf.
+
+    The weights are exp(lse_x - m) / (exp(lse_a - m) + exp(lse_b - m)) with m the larger LSE, so they sum to one
+    even where the LSEs saturate (rows whose every key is biased by torch.finfo(float32).min have an LSE near
+    -2.4e38, where lse + log(2) rounds to lse: weights taken as exp(lse_x - logaddexp(...)) were 1 and 1, and the
+    merged row the sum of the halves). Such rows merge with equal weights, not in proportion to the key counts.
+    The output is formed in fp32 (float64 for float64 inputs) and returned in out_a's dtype.
+    """
+    for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"merge_attention_states: {name} must be a floating-point tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if out_a.shape != out_b.shape or out_a.dim() < 1 or lse_a.shape != out_a.shape[:-1] \
+            or lse_b.shape != lse_a.shape:
+        raise ValueError(f"merge_attention_states: out_a {tuple(out_a.shape)} and out_b {tuple(out_b.shape)} must "
+                         f"have one shape (..., Dv) and lse_a {tuple(lse_a.shape)}, lse_b {tuple(lse_b.shape)} that "
+                         f"shape without its last dim")
+    m = torch.maximum(lse_a, lse_b)
+    safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - safe), torch.exp(lse_b - safe)
+    total = wa + wb
+    lse = torch.where(total > 0, safe + torch.log(torch.where(total > 0, total, torch.ones_like(total))), m)
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    work = torch.float64 if out_a.dtype == torch.float64 else torch.float32
+    out = out_a.to(work) * (wa / denom)[..., None].to(work) + out_b.to(work) * (wb / denom)[..., None].to(work)
+    return out.to(out_a.dtype), lse
+
+
 def _autocast_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype torch.autocast gives attention on q's device (None when it is off there, or for float64, which
     autocast leaves alone)."""
@@ -213,7 +272,7 @@ def _autocast_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
     return autocast_dtype(q.device.type)
 
 
-def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weights, backend):
+def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weights, backend, return_lse=False):
     """attend()'s general path: mask and bias checked against the shapes, then the selected backend.
 
     Under torch.autocast every backend sees what SDPA sees there: q, k, v in the autocast dtype (whatever
@@ -225,7 +284,7 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
     if cast is not None:
         with autocast_off(q.device.type):
             return _dispatch(q.to(cast), k.to(cast), v.to(cast), mask, bias, scale, score, dropout_p,
-                             return_weights, backend)
+                             return_weights, backend, return_lse)
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     if mask is None:  # Full fits every shape
@@ -246,9 +305,10 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
         # zero-stride stand-in of the bias and hand the kernel the object; any other backend gets the tensor.
         stand_in = q.new_zeros(()).expand(1, heads, q_len, k_len)
         chosen = _backends.select_backend((q, k, v, mask, stand_in, scale, score, float(dropout_p),
-                                           bool(return_weights)), requested)
+                                           bool(return_weights)), requested, return_lse)
         if chosen.name == "triton":
-            return chosen.forward(q, k, v, mask, bias, scale, score, float(dropout_p), bool(return_weights))
+            return _run_backend(chosen, (q, k, v, mask, bias, scale, score, float(dropout_p), bool(return_weights)),
+                                return_lse)
     bias_t = None
     if bias is not None:
         # ALiBi with fp16 / bf16 q: materialised in fp32, as FlashAttention's alibi_slopes and the Triton kernel
@@ -267,9 +327,17 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
     args = (q, k, v, mask, bias_t, scale, score, float(dropout_p), bool(return_weights))
     if empty:
         if requested is not None:  # a backend named for the call still refuses what it cannot run (its reason)
-            _backends.select_backend(args, requested)
-        return _empty_attention(q, k, v, bias_t, bool(return_weights))
-    return _backends.select_backend(args, requested).forward(*args)
+            _backends.select_backend(args, requested, return_lse)
+        return _empty_attention(q, k, v, bias_t, bool(return_weights), return_lse)
+    return _run_backend(_backends.select_backend(args, requested, return_lse), args, return_lse)
+
+
+def _run_backend(backend, args: tuple, return_lse: bool):
+    """The chosen backend's forward; with ``return_lse`` it is asked for (out, lse) (backends registered with
+    returns_lse; a forward without that keyword is never called with it)."""
+    if return_lse:
+        return backend.forward(*args, return_lse=True)
+    return backend.forward(*args)
 
 
 def _is_empty(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -277,7 +345,7 @@ def _is_empty(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.shape[0] == 0 or q.shape[2] == 0 or k.shape[2] == 0
 
 
-def _empty_attention(q, k, v, bias: Optional[torch.Tensor], return_weights: bool):
+def _empty_attention(q, k, v, bias: Optional[torch.Tensor], return_weights: bool, return_lse: bool = False):
     """attend() with nothing to attend: B = 0 or Nq = 0 (an empty output), or Nk = 0 (zeros (B, H, Nq, Dv): a row
     with no key is a row whose keys are all masked). SDPA returns the same (torch.nn.functional.
     scaled_dot_product_attention, torch 2.11, on CPU), and so does a softmax or sigmoid sum over no key. Computed
@@ -288,7 +356,8 @@ def _empty_attention(q, k, v, bias: Optional[torch.Tensor], return_weights: bool
     backend's products (q k^T, plus the bias, times v), so that autograd gives q, k, v and a bias that requires
     grad their gradients in their own shapes (zeros or empty), as SDPA's backward does. Weights: the empty scores,
     in the dtype the reference backend gives its weights (fp32 for fp16 / bf16 inputs, _score_dtype), so an
-    empty batch's weights have the dtype of every other batch's."""
+    empty batch's weights have the dtype of every other batch's. LSE: the log-sum-exp of those scores over the
+    keys, (B, H, Nq) in the same dtype: -inf for each row when Nk = 0 (the sum over no key is 0)."""
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[3]
     groups = heads // kv_heads
@@ -298,6 +367,8 @@ def _empty_attention(q, k, v, bias: Optional[torch.Tensor], return_weights: bool
         scores_BHQK = scores_BHQK + bias.to(scores_BHQK.dtype)  # broadcasts: bias dims are 1 or the call's
     out = torch.matmul(scores_BHQK.reshape(batch, kv_heads, groups * q_len, k_len), v)
     out_BHQV = out.reshape(batch, heads, q_len, v_dim)
+    if return_lse:
+        return out_BHQV, torch.logsumexp(scores_BHQK.to(_score_dtype(q.dtype)), dim=-1)
     return (out_BHQV, scores_BHQK.to(_score_dtype(q.dtype))) if return_weights else out_BHQV
 
 
@@ -330,8 +401,10 @@ def _rows(
     score: str,
     dropout_p: float,
     want_weights: bool,
+    want_lse: bool = False,
 ):
-    """Attention for a chunk of query rows. q_rows (B, H, R, D) -> out (B, H, R, Dv) [, p (B, H, R, Nk)]."""
+    """Attention for a chunk of query rows. q_rows (B, H, R, D) -> out (B, H, R, Dv) [, p (B, H, R, Nk)]
+    [, lse (B, H, R) (softmax)]."""
     batch, heads, rows, head_dim = q_rows.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -361,7 +434,11 @@ def _rows(
         # (zoo.layers.EXP_FLOOR). With autograd: plain exp (an out-of-place flush cost ~10% there).
         e = torch.exp(e) if torch.is_grad_enabled() and e.requires_grad or is_tracing() else exp_flushed_(e)
         denom = e.sum(dim=-1, keepdim=True)
-        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+        has_key = denom > 0
+        p = e / torch.where(has_key, denom, torch.ones_like(denom))
+        if want_lse:  # (the shift is detached: d lse / d s is p all the same)
+            lse = torch.where(has_key, row_max + torch.log(torch.where(has_key, denom, torch.ones_like(denom))),
+                              float("-inf")).reshape(batch, heads, rows)
     else:
         p = torch.sigmoid(s - _log_length(k_len, s))
         if allowed is not None:
@@ -377,7 +454,7 @@ def _rows(
     out = out.view(batch, heads, rows, v.shape[-1])
     if want_weights:
         return out, weights.reshape(batch, heads, rows, k_len)
-    return out
+    return (out, lse) if want_lse else out
 
 
 def _log_length(k_len, like: torch.Tensor):
@@ -401,8 +478,9 @@ def _row_chunks(q_len, k_len, batch: int, heads: int) -> list:
     return [(start, min(q_len, start + chunk)) for start in range(0, q_len, chunk)]
 
 
-def attention_reference(q, k, v, mask: Mask, bias, scale, score, dropout_p, return_weights):
-    """The "torch" backend: exact attention in query chunks (autograd; bounded memory)."""
+def attention_reference(q, k, v, mask: Mask, bias, scale, score, dropout_p, return_weights, return_lse=False):
+    """The "torch" backend: exact attention in query chunks (autograd; bounded memory); (out, weights) with
+    ``return_weights``, (out, lse) with ``return_lse`` (softmax)."""
     batch, heads, q_len, _ = q.shape
     # python_size: under ONNX/jit tracing the sizes are traced 0-d tensors and masks need Python ints; a symbolic
     # size (torch.export with a dynamic length) stays symbolic.
@@ -421,7 +499,7 @@ def attention_reference(q, k, v, mask: Mask, bias, scale, score, dropout_p, retu
     # Checkpoint chunks only when there are several (one chunk: plain autograd is cheaper).
     whole = len(chunks) == 1  # all rows at once: nothing sliced, no symbolic length compared
     use_checkpoint = needs_grad and not whole and not return_weights and dropout_p == 0.0
-    outs, weights = [], []
+    outs, extras = [], []  # extras: each chunk's weights or LSE
     for start, stop in chunks:
         allowed = None if mask.is_full else mask.dense(q_len, k_len, q.device, rows=None if whole else (start, stop))
         bias_rows = None
@@ -431,17 +509,17 @@ def attention_reference(q, k, v, mask: Mask, bias, scale, score, dropout_p, retu
         q_rows = q if whole else q[:, :, start:stop]
         if use_checkpoint:
             out = checkpoint(
-                _rows, q_rows, k, v, bias_rows, allowed, scale, score, 0.0, False, use_reentrant=False
+                _rows, q_rows, k, v, bias_rows, allowed, scale, score, 0.0, False, return_lse, use_reentrant=False
             )
         else:
-            out = _rows(q_rows, k, v, bias_rows, allowed, scale, score, dropout_p, return_weights)
-        if return_weights:
-            out, w = out
-            weights.append(w)
+            out = _rows(q_rows, k, v, bias_rows, allowed, scale, score, dropout_p, return_weights, return_lse)
+        if return_weights or return_lse:
+            out, extra = out
+            extras.append(extra)
         outs.append(out)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    if return_weights:
-        return out, (weights[0] if len(weights) == 1 else torch.cat(weights, dim=2))
+    if return_weights or return_lse:
+        return out, (extras[0] if len(extras) == 1 else torch.cat(extras, dim=2))
     return out
 
 
@@ -455,4 +533,5 @@ _backends.register_backend(
     _torch_supports,
     priority=0,
     description="reference: query-chunked PyTorch, any mask/bias/score, autograd, bounded memory",
+    returns_lse=True,
 )

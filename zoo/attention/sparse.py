@@ -606,11 +606,15 @@ def _forward_tiles(p: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
         out[:, :, tile.r0 : tile.r1] = o.view(b, hkv * g, r, -1)
 
 
-def _backward_tiles(p: _Problem, out, d_out, lse, dq, dk, dv, dbias) -> None:
-    """Accumulate the gradients of one map slice into dq, dk, dv (views) and dbias (full shape or None)."""
+def _backward_tiles(p: _Problem, out, d_out, lse, dq, dk, dv, dbias, d_lse=None) -> None:
+    """Accumulate the gradients of one map slice into dq, dk, dv (views) and dbias (full shape or None).
+    ``d_lse`` (B', H', Nq): the gradient of the returned LSE, whose derivative in the scores is P, so it folds
+    into delta: dS = P * (dP - delta + d_lse)."""
     b, hkv, g = p.batch, p.kv_heads, p.groups
     if p.score == "softmax":
         delta = (d_out * out).sum(-1)  # (B', H', Nq): rowsum(dO * O)
+        if d_lse is not None:
+            delta = delta - d_lse
     if _batched(p):
         q_aug, do_aug = _append_column(p.q, -lse), _append_column(d_out, -delta)
         k_aug, v_aug = _append_column(p.k, 1.0), _append_column(p.v, 1.0)
@@ -663,7 +667,7 @@ def _accumulate_bias_grad(dbias: torch.Tensor, ds: torch.Tensor, tile: _Tile, sl
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, plan, scale, score, needs_grad):
+    def forward(ctx, q, k, v, bias, plan, scale, score, needs_grad, want_lse=False):
         batch, heads, q_len, _ = q.shape
         k_len = k.shape[2]
         q_scaled = q * scale
@@ -679,18 +683,20 @@ class _BlockSparseAttention(torch.autograd.Function):
         if needs_grad:
             ctx.save_for_backward(q_scaled, k, v, bias, out, lse)
             ctx.plan, ctx.scale, ctx.score, ctx.k_len, ctx.bound = plan, scale, score, k_len, bound
+        if want_lse:  # rows without keys hold +inf here (the backward's exp(s - lse) is then 0); -inf outside
+            return out, lse.masked_fill(lse == math.inf, -math.inf)
         return out
 
     @staticmethod
-    def backward(ctx, d_out):
+    def backward(ctx, d_out, d_lse=None):
         refuse_double_backward("attend's block-sparse path", "run that attention with backend='torch' "
                                "(zoo.attention.use_backend('torch')), whose gradients are differentiable")
         # a backward called inside torch.autocast would lower the fp32 tile products, as in the forward
         with autocast_off(d_out.device.type):
-            return _BlockSparseAttention._backward(ctx, d_out)
+            return _BlockSparseAttention._backward(ctx, d_out, d_lse)
 
     @staticmethod
-    def _backward(ctx, d_out):
+    def _backward(ctx, d_out, d_lse):
         q_scaled, k, v, bias, out, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
         q_len, k_len = q_scaled.shape[2], ctx.k_len
@@ -706,18 +712,19 @@ class _BlockSparseAttention(torch.autograd.Function):
             _backward_tiles(
                 problem, out[sl.b, sl.h], d_out[sl.b, sl.h], lse[sl.b, sl.h],
                 dq[sl.b, sl.h], dk[sl.b, sl.kv], dv[sl.b, sl.kv], dbias,
+                None if d_lse is None else d_lse[sl.b, sl.h],
             )
         if dbias is not None:
             dbias = dbias.to(bias.dtype)
         if dk.shape[2] != k_len:
             dk, dv = dk[:, :, :k_len].contiguous(), dv[:, :, :k_len].contiguous()
-        return dq, dk, dv, dbias, None, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
 # Public function and backend registration
 # --------------------------------------------------------------------------------------------------
-def _run(q, k, v, mask: Mask, bias, scale: float, score: str, block_size=None) -> torch.Tensor:
+def _run(q, k, v, mask: Mask, bias, scale: float, score: str, block_size=None, return_lse: bool = False):
     batch, heads, q_len, _ = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if block_size is None:
@@ -732,8 +739,10 @@ def _run(q, k, v, mask: Mask, bias, scale: float, score: str, block_size=None) -
     needs_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
     )
-    out = _BlockSparseAttention.apply(q, k, v, bias, plan, scale, score, needs_grad)
-    return out.to(dtype)
+    if return_lse:  # (the LSE stays in the compute dtype: fp32 for fp16 / bf16 inputs)
+        out, lse = _BlockSparseAttention.apply(q, k, v, bias, plan, scale, score, needs_grad, True)
+        return out.to(dtype), lse
+    return _BlockSparseAttention.apply(q, k, v, bias, plan, scale, score, needs_grad).to(dtype)
 
 
 def block_sparse_attention(
@@ -805,13 +814,13 @@ def _auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
     return None
 
 
-def _backend_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
-    return _run(q, k, v, mask, bias, scale, score)
+def _backend_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights, return_lse=False):
+    return _run(q, k, v, mask, bias, scale, score, return_lse=return_lse)
 
 
 NAME = "blocksparse"
 _DESCRIPTION = "CPU block-sparse: per query tile, gather the kept key/value tiles (custom autograd, O(N) memory)"
 _backends.register_backend(
     NAME, _backend_forward, _supports, priority=20, auto_devices=("cpu",),
-    auto_supports=_auto_supports, sparse_only=True, description=_DESCRIPTION,
+    auto_supports=_auto_supports, sparse_only=True, description=_DESCRIPTION, returns_lse=True,
 )
