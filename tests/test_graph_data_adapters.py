@@ -1129,3 +1129,26 @@ def test_one_hot_degrees_of_a_directed_graph_count_outgoing_edges_as_pyg():
     reference = OneHotDegree(3)(Data(edge_index=edge_index, num_nodes=4)).x
     assert torch.equal(gd.one_hot_degree(graph, 3), reference)
     assert gd.one_hot_degree(graph, 2).argmax(1).tolist() == [2, 1, 0, 0]
+
+
+def test_tu_graph_labels_for_graphs_without_nodes_at_the_end_are_named(tmp_path):
+    """graph_labels.txt listing more graphs than graph_indicator.txt gives nodes to (the last graph has no node:
+    hand-made files, 3 labels, nodes for graphs 1 and 2 only) is refused with both counts named, not an IndexError
+    from slicing the missing graph (audit 2026-12-07: a check of `>` instead of `!=` passed every test); the other
+    direction is test_tu_labels_and_graphs_must_agree_and_mixed_edge_features_are_refused_at_load."""
+    raw = tmp_path / "GAP" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "GAP_A.txt").write_text("1, 2\n2, 1\n3, 4\n4, 3\n")
+    (raw / "GAP_graph_indicator.txt").write_text("1\n1\n2\n2\n")
+    (raw / "GAP_graph_labels.txt").write_text("0\n1\n0\n")
+    (raw / "GAP_node_labels.txt").write_text("0\n1\n0\n1\n")
+    with pytest.raises(ValueError, match=r"^TU GAP: 3 graph labels in GAP_graph_labels\.txt but nodes for 2 graphs "
+                                         r"in GAP_graph_indicator\.txt"):
+        gd.tu_dataset("GAP", str(tmp_path))
+    (raw / "GAP_node_labels.txt").unlink()  # without node features the node counts come from graph_indicator
+    with pytest.raises(ValueError, match=r"3 graph labels in GAP_graph_labels\.txt but nodes for 2 graphs"):
+        gd.tu_dataset("GAP", str(tmp_path))
+    (raw / "GAP_graph_labels.txt").write_text("0\n1\n")  # agreeing files: read as hand-computed
+    graphs = gd.tu_dataset("GAP", str(tmp_path))
+    assert [(g["num_nodes"], g["edge_index"].tolist(), g["y"]) for g in graphs] == [
+        (2, [[0, 1], [1, 0]], 0), (2, [[0, 1], [1, 0]], 1)]

@@ -724,3 +724,41 @@ def test_repeated_seeds_and_edge_ids_outside_num_nodes_are_refused():
         NeighborSampler(torch.tensor([[0, 3], [1, 0]]), num_nodes=3)
     with pytest.raises(ValueError, match=r"outside \[0, 3\): ids from -1 to 1"):
         NeighborSampler(torch.tensor([[0, -1], [1, 0]]), num_nodes=3)
+
+
+def test_a_seed_id_equal_to_num_nodes_is_named_and_the_sampler_stays_usable():
+    """Seed ids are checked against [0, num_nodes) at both ends: the id num_nodes itself (one past the last node, the
+    off-by-one of a 1-based id list) is named, not an IndexError from inside the lookup table, and the refused call
+    leaves the sampler's table as it was (audit 2026-12-07: `> num_nodes` instead of `>= num_nodes` passed)."""
+    edge_index = torch.tensor([[1, 2, 3, 4], [0, 0, 1, 2]])
+    sampler = NeighborSampler(edge_index, 5)
+    with pytest.raises(ValueError, match=r"seed_nodes must be node ids in \[0, 5\), got ids from 4 to 5"):
+        sampler.sample(torch.tensor([4, 5]), [-1])
+    with pytest.raises(ValueError, match=r"seed_nodes must be node ids in \[0, 5\), got ids from -1 to 0"):
+        sampler.sample(torch.tensor([-1, 0]), [-1])
+    sub = sampler.sample(torch.tensor([0]), [-1, -1])  # hand-computed: 0 <- 1, 2; 1 <- 3; 2 <- 4
+    assert sub.n_id.tolist() == [0, 1, 2, 3, 4] and sub.e_id.tolist() == [0, 1, 2, 3]
+
+
+def test_the_batches_of_an_epoch_draw_their_neighbours_independently():
+    """The draw of a batch is seeded by (seed, epoch, the batch's seed ids): two batches of one epoch whose
+    neighbourhoods have the same shape (here every node has in-degree 6, k = 2) draw different neighbours, not one
+    random stream replayed for every batch (audit 2026-12-07: leaving the seed ids out of the generator's seed
+    passed every test). Hand-built circulant graph: node i's in-neighbours are i+1, ..., i+6 (mod 16)."""
+    n = 16
+    sources = torch.tensor([(i + d) % n for i in range(n) for d in range(1, 7)])
+    destinations = torch.arange(n).repeat_interleave(6)
+    data = {"x": torch.randn(n, 3), "y": torch.zeros(n, dtype=torch.long),
+            "train_mask": torch.ones(n, dtype=torch.bool), "edge_index": torch.stack([sources, destinations])}
+    dataset = gd._SampledTrainingNodes(data, NeighborSampler(data["edge_index"], n), [2], seed=0)
+
+    def offsets(seeds):  # for each seed, the in-neighbours drawn, as distances i -> source (1..6)
+        batch = dataset.collate(seeds)
+        source, destination = batch["n_id"][batch["edge_index"]]
+        assert torch.equal(destination, torch.tensor(seeds).repeat_interleave(2))  # 2 in-edges per seed, in order
+        return ((source - destination) % n).tolist()
+
+    first, second = offsets([0, 1, 2, 3, 4, 5, 6, 7]), offsets([8, 9, 10, 11, 12, 13, 14, 15])
+    assert all(1 <= d <= 6 for d in first + second)
+    assert first != second
+    assert offsets([0, 1, 2, 3, 4, 5, 6, 7]) == first  # the same seeds (and epoch): the same draw
