@@ -105,6 +105,7 @@ MAX_HEAD_DIM = 256
 DENSE_FALLBACK_LIMIT = 1 << 28
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_FLT_MAX = torch.finfo(torch.float32).max
 _MAX_OFFSET = 2**31 - 1
 # Most (batch, head) pairs on grid axis 1 in one launch: CUDA's gridDim.y limit. More are launched in chunks
 # (_launch_over_pairs); a module constant so that tests can lower it.
@@ -1292,7 +1293,7 @@ def flash_attention(
         raise ValueError("flash_attention: return_lse is defined for score='softmax' only")
     out, lse = _run(q, k, v, mask, bias, scale, score, block_m, block_n, dropout_p)
     if return_lse:
-        return out, lse * LN2
+        return out, _natural_lse(lse)
     return out
 
 
@@ -1367,6 +1368,18 @@ def _segment_ids_fit_int32(mask: Mask) -> bool:
     return fits
 
 
+def _natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernel's base-2 row LSE (B, H, Nq) in natural log. A row whose every allowed score sits at the clamp (each
+    key biased by torch.finfo(float32).min, or .max) has lse2 = -FLT_MAX (or FLT_MAX), whose natural value
+    FLT_MAX ln 2 (2.36e38) is 1e38 away from the definition's -FLT_MAX (+FLT_MAX), what the reference backends return
+    there: such rows are moved to it by a detached shift, so that every backend gives them one LSE (and
+    merge_attention_states one weight) and the gradient is unchanged."""
+    lse = lse2 * LN2
+    saturated = torch.isfinite(lse2) & (lse2.abs() >= _FLT_MAX)
+    shift = torch.where(saturated, torch.sign(lse2) * _FLT_MAX - lse, torch.zeros_like(lse))
+    return lse + shift.detach()
+
+
 def triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weights, return_lse=False):
     """The "triton" backend's forward (arguments as validated by zoo.attention.attend); with ``return_lse``
     (softmax only) also the row LSE (B, H, Nq), fp32, natural log, differentiable."""
@@ -1376,7 +1389,7 @@ def triton_attention(q, k, v, mask, bias, scale, score, dropout_p, return_weight
     if reason is not None:
         raise ValueError(f"triton backend cannot run this call: {reason}")
     out, lse = _run(q, k, v, mask, bias, scale, score, dropout_p=dropout_p)
-    return (out, lse * LN2) if return_lse else out
+    return (out, _natural_lse(lse)) if return_lse else out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -129,8 +129,8 @@ def test_merge_keeps_rows_empty_in_both_halves_and_saturated_lses():
     assert lse[0, 0, 1] == 0.5 and lse[0, 0, 2] == 2.0
     (grad,) = torch.autograd.grad(out.sum() + lse.sum(), lse_a)
     assert torch.isfinite(grad).all()  # no 0 * inf from the empty row's log(0)
-    # every key of both halves at finfo.min: the LSEs saturate; weights still sum to one
-    low = torch.full((1, 1, 1), torch.finfo(torch.float32).min * math.log(2))
+    # every key of both halves at finfo.min: the LSEs saturate (lse + log 2 == lse); weights still sum to one
+    low = torch.full((1, 1, 1), torch.finfo(torch.float32).min)
     merged, _ = merge_attention_states(out_a[..., :1, :], low, out_b[..., :1, :], low)
     torch.testing.assert_close(merged, (out_a[..., :1, :] + out_b[..., :1, :]) / 2)
 
@@ -143,6 +143,17 @@ def test_merge_refuses_mismatched_shapes():
         merge_attention_states(out, lse[..., :2], out, lse)
     with pytest.raises(TypeError, match="lse_b"):
         merge_attention_states(out, lse, out, torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+def test_merge_broadcasts_an_lse_shared_over_the_batch():
+    g = torch.Generator().manual_seed(8)
+    out_a, out_b = torch.randn(3, 2, 4, 8, generator=g), torch.randn(3, 2, 4, 8, generator=g)
+    lse_a, lse_b = torch.randn(1, 2, 4, generator=g), torch.randn(1, 2, 4, generator=g)
+    out, lse = merge_attention_states(out_a, lse_a, out_b, lse_b)
+    for i in range(3):
+        want_out, want_lse = merge_attention_states(out_a[i:i + 1], lse_a, out_b[i:i + 1], lse_b)
+        torch.testing.assert_close(out[i:i + 1], want_out)
+        torch.testing.assert_close(lse, want_lse)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -266,3 +277,54 @@ def test_chunked_prefill_over_a_cache_as_docs_core_shows(backend):
     torch.testing.assert_close(lse, reference_lse(q, k, Causal().dense(24, 74, "cpu"), None, 8 ** -0.5))
     for got, ref in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(want.sum(), whole)):
         torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "blocksparse"])
+def test_a_non_finite_lse_gradient_on_a_row_without_keys_stays_there(backend):
+    """A hand-written merge by logaddexp sends a NaN gradient into the LSE of a row with no allowed key (-inf);
+    that row has no weight on any key, so the gradients of q, k, v stay those of the reference (the block-sparse
+    backward once folded the NaN into every key's gradient)."""
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 16, seed=9)
+    allowed = torch.ones(20, 20, dtype=torch.bool)
+    allowed[3] = False
+    other = torch.full((1, 2, 20), -math.inf)
+    other[:, :, 5:] = 0.3
+    grads = []
+    for name in (backend, "torch"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = attend(*leaves, Dense(allowed), return_lse=True, backend=name)
+        total = torch.logaddexp(lse, other.double())
+        loss = torch.where(torch.isfinite(total), total, 0.0).sum() + out.sum()
+        grads.append(torch.autograd.grad(loss, leaves))
+    for got, want in zip(*grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_block_sparse_batched_groups_give_the_lse_and_its_gradient(monkeypatch):
+    """N = 640 with a Window and no bias: the block-sparse backend batches the interior query tiles (one shared
+    element-wise pattern) in _forward_group / _backward_group, whose LSE and its gradient fold are checked here."""
+    from zoo.attention import sparse as zsparse
+
+    calls = {"forward": 0, "backward": 0}
+    for name, key in (("_forward_group", "forward"), ("_backward_group", "backward")):
+        original = getattr(zsparse, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(zsparse, name, counted)
+    q, k, v = make_qkv(1, 2, 1, 640, 640, 16, seed=10)
+    mask = Window(64, 0)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attend(*leaves, mask, return_lse=True, backend="blocksparse")
+    w_lse = _weights(lse.shape, 11)
+    grads = torch.autograd.grad(out.sum() + (lse * w_lse).sum(), leaves)
+    assert calls["forward"] > 0 and calls["backward"] > 0
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    want_lse = reference_lse(ref[0], ref[1], mask.dense(640, 640, "cpu"), None, 0.25)
+    want_out = naive_attention(*ref, mask.dense(640, 640, "cpu"), None, 0.25, "softmax")
+    torch.testing.assert_close(lse, want_lse, atol=1e-10, rtol=1e-10)
+    for got, want in zip(grads, torch.autograd.grad(want_out.sum() + (want_lse * w_lse).sum(), ref)):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)

@@ -622,6 +622,17 @@ def test_attend_returns_the_kernels_lse():
         results.append([out, lse] + list(torch.autograd.grad(out.sum() + (lse * g_lse).sum(), leaves)))
     for name, got, want in zip(["out", "lse", "dq", "dk", "dv", "dbias"], *results):
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=2e-5, msg=name)
+    # a row whose every key is biased by finfo.min: the definition's LSE (-FLT_MAX), as the reference backend's
+    low = torch.zeros(1, 1, 33, 70, device=DEVICE)
+    low[..., 4, :] = torch.finfo(torch.float32).min
+    got = [attend(q, k, v, None, low, return_lse=True, backend=name)[1] for name in ("triton", "torch")]
+    assert got[0][0, 0, 4] == -torch.finfo(torch.float32).max
+    torch.testing.assert_close(got[0], got[1], rtol=1e-5, atol=1e-5)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k)]  # (the LSE does not depend on v)
+    lse_grads = [torch.autograd.grad(attend(*leaves, v, None, low, return_lse=True, backend=name)[1].sum(), leaves)
+                 for name in ("triton", "torch")]
+    for got_grad, want_grad in zip(*lse_grads):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=2e-5)
     if HAS_CUDA:
         assert zb.select_backend((q, k, v, as_mask(mask), bias, 0.25, "softmax", 0.0, False), None, True).name == "triton"
     with pytest.raises(ValueError, match="score='softmax' only"):

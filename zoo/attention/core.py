@@ -169,8 +169,8 @@ def attend(
             allowed keys, natural log, fp32 for fp16 / bf16 inputs (the input dtype otherwise), -inf for a row with
             no allowed key, differentiable; with dropout, that of the scores before dropout. Softmax only, and not
             together with ``return_weights`` (the weights are exp(scores - lse)). Served by the backends that
-            give it ("torch", "blocksparse", "triton"; not "sdpa": such a call leaves SDPA for the reference backend
-            on CPU). Merge two calls over disjoint keys with :func:`merge_attention_states`.
+            give it ("torch", "blocksparse", "triton"; not "sdpa": such a call leaves SDPA for the reference or
+            block-sparse backend on CPU). Merge two calls over disjoint keys with :func:`merge_attention_states`.
         backend: force a backend by name ("torch", "sdpa", "triton", ...); see zoo.attention.backends.
         check_finite: on CPU, raise naming q, k or v when one holds NaN/Inf (one dot product q . out per call).
             Modules that check their own input once per forward (and call attend() several times on tensors
@@ -239,20 +239,22 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     Rows empty in both stay zero with LSE -inf.
 
     The weights are exp(lse_x - m) / (exp(lse_a - m) + exp(lse_b - m)) with m the larger LSE, so they sum to one
-    even where the LSEs saturate (rows whose every key is biased by torch.finfo(float32).min have an LSE near
-    -2.4e38, where lse + log(2) rounds to lse: weights taken as exp(lse_x - logaddexp(...)) were 1 and 1, and the
-    merged row the sum of the halves). Such rows merge with equal weights, not in proportion to the key counts.
-    The output is formed in fp32 (float64 for float64 inputs) and returned in out_a's dtype.
+    even where the LSEs saturate (rows whose every key is biased by torch.finfo(float32).min have an LSE of
+    about -3.4e38, where lse + log(2) rounds to lse: weights taken as exp(lse_x - logaddexp(...)) were 1 and 1, and
+    the merged row the sum of the halves). Such rows merge with equal weights, not in proportion to the key counts.
+    The output is formed in fp32 (float64 for float64 inputs) and returned in out_a's dtype. Shapes broadcast:
+    out_a, out_b and the LSEs with a trailing unit dim (an LSE shared over the batch, say).
     """
     for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"merge_attention_states: {name} must be a floating-point tensor, got "
                             f"{getattr(t, 'dtype', type(t).__name__)}")
-    if out_a.shape != out_b.shape or out_a.dim() < 1 or lse_a.shape != out_a.shape[:-1] \
-            or lse_b.shape != lse_a.shape:
-        raise ValueError(f"merge_attention_states: out_a {tuple(out_a.shape)} and out_b {tuple(out_b.shape)} must "
-                         f"have one shape (..., Dv) and lse_a {tuple(lse_a.shape)}, lse_b {tuple(lse_b.shape)} that "
-                         f"shape without its last dim")
+    try:
+        torch.broadcast_shapes(out_a.shape, out_b.shape, lse_a.shape + (1,), lse_b.shape + (1,))
+    except RuntimeError:
+        raise ValueError(f"merge_attention_states: out_a {tuple(out_a.shape)}, out_b {tuple(out_b.shape)} (..., Dv) "
+                         f"and lse_a {tuple(lse_a.shape)}, lse_b {tuple(lse_b.shape)} (...) do not broadcast "
+                         f"together") from None
     m = torch.maximum(lse_a, lse_b)
     safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     wa, wb = torch.exp(lse_a - safe), torch.exp(lse_b - safe)

@@ -613,8 +613,8 @@ def _backward_tiles(p: _Problem, out, d_out, lse, dq, dk, dv, dbias, d_lse=None)
     b, hkv, g = p.batch, p.kv_heads, p.groups
     if p.score == "softmax":
         delta = (d_out * out).sum(-1)  # (B', H', Nq): rowsum(dO * O)
-        if d_lse is not None:
-            delta = delta - d_lse
+        if d_lse is not None:  # rows without keys (lse +inf here): P = 0, and a NaN / inf d_lse must not reach dS
+            delta = delta - torch.where(lse == math.inf, torch.zeros_like(d_lse), d_lse)
     if _batched(p):
         q_aug, do_aug = _append_column(p.q, -lse), _append_column(d_out, -delta)
         k_aug, v_aug = _append_column(p.k, 1.0), _append_column(p.v, 1.0)
