@@ -1242,3 +1242,204 @@ def test_model_squash_crop_mode_evaluates_as_timm(tmp_path):
         path = dm.val_set.base.samples[dm.val_set.indices[index]][0]
         theirs = timm_eval(Image.open(path).convert("RGB"))
         assert float(((dm.val_set[index][0] - theirs) * 0.25).abs().max()) <= 1 / 255 + 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# Mutation-audit gaps (audit 10, vision data, second pass): edge cases no earlier test pinned
+# --------------------------------------------------------------------------------------------------
+def test_one_channel_conversion_of_a_colour_image_with_equal_red_and_blue(tmp_path):
+    """A colour image is gray only when R = G = B at every pixel: one whose red and blue planes agree (greens,
+    magentas) is still converted by torchvision's Grayscale, not kept at its red level."""
+    from torchvision.transforms import v2 as T
+
+    rng = np.random.default_rng(11)
+    red_blue = rng.integers(0, 256, (10, 10), dtype=np.uint8)
+    colour = np.stack([red_blue, rng.integers(0, 256, (10, 10), dtype=np.uint8), red_blue], axis=-1)
+    Image.fromarray(colour).save(tmp_path / "rb.png")
+    want = T.Grayscale(1)(T.ToImage()(Image.fromarray(colour))).as_subclass(torch.Tensor).float()
+    got = torch.round(vdata.load_image_file(tmp_path / "rb.png", 10, 1, (0.0,), (1.0,)) * 255)
+    assert got.shape == (1, 10, 10)  # the image's own size: no resampling
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_big_endian_sixteen_bit_tiff_reads_as_its_eight_bit_original(tmp_path):
+    """A big-endian 16-bit TIFF opens as Pillow mode I;16B (not I;16): it is scaled by 1/257 like every 16-bit
+    file (hand-computed: v * 257 reads as v), not clipped by Pillow's convert() to almost pure white."""
+    eight = np.random.default_rng(2).integers(0, 256, (6, 7), dtype=np.uint8)
+    Image.fromarray((eight.astype(np.uint16) * 257).astype(">u2")).save(tmp_path / "be16.tif")
+    assert Image.open(tmp_path / "be16.tif").mode == "I;16B"
+    np.testing.assert_array_equal(np.asarray(vdata.read_image(tmp_path / "be16.tif")), eight)
+
+
+def test_thirty_two_bit_values_above_sixteen_bits_read_as_white(tmp_path):
+    """32-bit integer files are read as 16-bit values, and anything above 65535 is white (255), never wrapped
+    around modulo 256 (hand-computed levels)."""
+    values = np.array([[0, 2570, 65535, 65536, 70000, 2**31 - 1]], dtype=np.int32)
+    Image.fromarray(values).save(tmp_path / "i32.tif")
+    assert Image.open(tmp_path / "i32.tif").mode == "I"
+    np.testing.assert_array_equal(np.asarray(vdata.read_image(tmp_path / "i32.tif")), [[0, 10, 255, 255, 255, 255]])
+
+
+def test_default_evaluation_of_a_non_square_image_equals_timms_bilinear_transform(tmp_path):
+    """The default evaluation (crop_pct 1.0, bilinear) of a strongly shrunk non-square image is timm's
+    create_transform with those settings (shorter side to img_size, antialiased, centre crop) within one 8-bit
+    level, in the data module and in load_image_file (zoo predict)."""
+    import timm.data
+
+    _write_images(tmp_path, "train", ["cat", "dog"], 2, size=(48, 80))
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=16, mean=0.0, std=1.0, val_fraction=0.5, num_classes=2)
+    dm.setup()
+    timm_eval = timm.data.create_transform(input_size=(3, 16, 16), crop_pct=1.0, interpolation="bilinear",
+                                           mean=(0.0,) * 3, std=(1.0,) * 3)
+    for index in range(len(dm.val_set)):
+        path = dm.val_set.base.samples[dm.val_set.indices[index]][0]
+        theirs = timm_eval(Image.open(path).convert("RGB"))
+        for ours in (dm.val_set[index][0], vdata.load_image_file(path, 16, 3, (0.0,), (1.0,))):
+            assert ours.shape == (3, 16, 16)
+            assert float((ours - theirs).abs().max()) <= 1 / 255 + 1e-6
+
+
+def test_squash_crop_mode_at_full_crop_with_bilinear_is_timms_squash(tmp_path):
+    """A model's crop_mode squash at crop_pct 1.0 with data.interpolation=bilinear given explicitly resizes both
+    sides of a non-square image (timm's squash transform of that config), not the shorter side plus a centre crop."""
+    import timm.data
+
+    class Model(torch.nn.Module):
+        pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bicubic",
+                          "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+    _write_images(tmp_path, "train", ["cat", "dog"], 2, size=(13, 29))
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=16, mean="model", std="model", crop_pct="model",
+                                     interpolation="bilinear", val_fraction=0.5, num_classes=2)
+    dm.adopt_model_stats(Model())
+    assert dm.eval_preprocessing() == {"crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear"}
+    dm.setup()
+    timm_eval = timm.data.create_transform(input_size=(3, 16, 16), crop_pct=1.0, crop_mode="squash",
+                                           interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+    for index in range(len(dm.val_set)):
+        path = dm.val_set.base.samples[dm.val_set.indices[index]][0]
+        theirs = timm_eval(Image.open(path).convert("RGB"))
+        assert float(((dm.val_set[index][0] - theirs) * 0.25).abs().max()) <= 1 / 255 + 1e-6
+
+
+def test_image_folder_class_order_is_torchvisions_case_sensitive_order(tmp_path):
+    """Class indices are torchvision's ImageFolder's (and timm's): the folder names sorted case-sensitively, so
+    upper-case names come first; a checkpoint trained elsewhere on the same folder keeps its label ids."""
+    from torchvision.datasets import ImageFolder
+
+    _write_images(tmp_path, "train", ["b", "Cat", "a", "Dog"], 1)
+    _write_images(tmp_path, "test", ["b", "Cat", "a", "Dog"], 1)
+    reference = ImageFolder(str(tmp_path / "train"))
+    assert reference.classes == ["Cat", "Dog", "a", "b"]
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, val_fraction=0.0, num_classes=4)
+    assert dm.class_names == reference.classes
+    dm.setup()
+    assert sorted(dm.train_set[i][1] for i in range(len(dm.train_set))) == [0, 1, 2, 3]
+    assert [label for _, label in dm.train_set.base.samples] == reference.targets
+
+
+def test_image_folder_holds_out_as_many_validation_images_as_sklearn(tmp_path):
+    """val_fraction of a small folder holds out ceil(fraction * N) images, as sklearn's train_test_split counts
+    them (0.3 of 6 images: 2, one per class), rather than refusing a split sklearn makes."""
+    from sklearn.model_selection import train_test_split
+
+    _write_images(tmp_path, "train", ["cat", "dog"], 3)
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, val_fraction=0.3, num_classes=2)
+    dm.setup()
+    labels = [0, 0, 0, 1, 1, 1]
+    _, held = train_test_split(np.arange(6), test_size=0.3, stratify=labels, random_state=0)
+    assert len(dm.val_set) == len(held) == 2 and len(dm.train_set) == 4
+    assert sorted(dm.val_set[i][1] for i in range(2)) == [0, 1]
+
+
+def test_drop_last_keeps_a_training_set_smaller_than_one_batch(tmp_path):
+    """drop_last=True drops the last incomplete batch, but a training set smaller than one batch still trains
+    (one short batch, not an empty epoch); at batch_size 4 the 6 images give one batch of 4 (hand-counted)."""
+    _write_images(tmp_path, "train", ["cat", "dog"], 3)
+    _write_images(tmp_path, "test", ["cat", "dog"], 1)
+    counts = {}
+    for batch_size in (8, 4):
+        dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, val_fraction=0.0, num_classes=2,
+                                         batch_size=batch_size, drop_last=True)
+        dm.setup()
+        counts[batch_size] = [len(y) for _, y in dm.train_dataloader()]
+    assert counts == {8: [6], 4: [4]}
+
+
+def test_digit_shift_augmentation_still_shifts_below_eight_pixels():
+    """The digits' shift (in 8x8 pixels) scales with img_size // 8 but never below one pixel: img_size=4 still
+    shifts by up to `shift` pixels (it used to be able to become 0, silently no augmentation)."""
+    dm = vdata.DigitsDataModule(img_size=4, augment="shift", shift=1, batch_size=16)
+    dm.setup()
+    assert dm.train_set.shift == 1
+    plain = (dm.train_set.images[:40] - 0.5) / 0.5
+    augmented = torch.stack([dm.train_set[i][0] for i in range(40)])
+    assert not torch.equal(augmented, plain)
+
+
+def test_cifar_root_named_as_the_extracted_folder_says_to_give_the_folder_above(tmp_path):
+    """data.root pointing at an (incomplete) cifar-10-batches-py / cifar-100-python folder itself is named as such,
+    even when that folder lacks the first file the check looks for."""
+    for variant, name in ((10, "cifar-10-batches-py"), (100, "cifar-100-python")):
+        folder = tmp_path / name
+        folder.mkdir()
+        with pytest.raises(FileNotFoundError, match=rf"is the extracted {name} folder itself; give the folder above it"):
+            vdata.CIFARDataModule(str(folder), variant=variant)
+
+
+def test_a_root_with_only_val_is_an_evaluation_set(tmp_path):
+    """A root holding only val/ serves zoo eval (the ImageFolder docstring), as one with only test/ does: its classes
+    come from val/, and val/ stands in for test/."""
+    _write_images(tmp_path, "val", ["cat", "dog"], 2)
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, num_classes=2)
+    assert dm.class_names == ["cat", "dog"]
+    dm.setup("test")
+    assert len(dm.val_set) == len(dm.test_set) == 4
+    with pytest.raises(FileNotFoundError, match=r"train/<class_name>/<image file>"):
+        dm.setup("fit")
+
+
+def test_a_model_crop_mode_other_than_center_or_squash_is_refused_by_name(tmp_path):
+    """timm also has crop_mode "border" (pad to the crop): a model asking for it is refused by name rather than
+    evaluated with a centre crop, which would differ from timm's transform of that config unseen."""
+    class Model(torch.nn.Module):
+        pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 0.9, "crop_mode": "border", "interpolation": "bicubic",
+                          "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+    _write_images(tmp_path, "train", ["cat", "dog"], 2)
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=16, crop_pct="model", num_classes=2)
+    with pytest.raises(ValueError, match=r"the model's crop_mode 'border' is not supported \(center, squash\)"):
+        dm.adopt_model_stats(Model())
+
+
+def test_crop_augmentation_still_translates_below_eight_pixels(tmp_path):
+    """augment=crop pads by img_size // 8, but by at least one pixel: at img_size 4 the training images are still
+    shifted copies of the (resized) image, some of them moved, not the unaugmented image every time."""
+    _write_images(tmp_path, "train", ["cat", "dog"], 3, size=(4, 4))
+    _write_images(tmp_path, "test", ["cat", "dog"], 1, size=(4, 4))
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=4, mean=0.0, std=1.0, augment="crop", hflip=0.0,
+                                     val_fraction=0.0, num_classes=2)
+    dm.setup()
+    from torchvision.transforms import v2 as T
+
+    moved = 0
+    for epoch in range(3):
+        dm.train_set.epoch = epoch
+        for index in range(len(dm.train_set)):
+            path = dm.train_set.base.samples[index][0]
+            plain = T.ToDtype(torch.float32, scale=True)(T.ToImage()(Image.open(path).convert("RGB")))
+            moved += not torch.equal(dm.train_set[index][0].as_subclass(torch.Tensor), plain.as_subclass(torch.Tensor))
+    assert moved > 0
+
+
+def test_a_model_interpolation_the_zoo_cannot_record_is_refused_by_name(tmp_path):
+    """interpolation=model with a pretrained_cfg asking for another filter (nearest) is refused by name at adoption,
+    instead of evaluating and recording an interpolation that zoo predict's load_image_file then refuses."""
+    class Model(torch.nn.Module):
+        pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 0.9, "interpolation": "nearest",
+                          "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+    _write_images(tmp_path, "train", ["cat", "dog"], 2)
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=16, interpolation="model", num_classes=2)
+    with pytest.raises(ValueError, match=r"the model's interpolation 'nearest' is not supported \(bilinear, bicubic\)"):
+        dm.adopt_model_stats(Model())
