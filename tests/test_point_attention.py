@@ -204,6 +204,16 @@ def test_fps_counts_as_torch_cluster_rounds():
         assert expected == want and fps(_points(n), ratio=ratio, random_start=False).numel() == want, (n, ratio)
 
 
+
+def test_fps_counts_round_in_the_points_dtype():
+    """torch_cluster multiplies the float32 counts by ratio as a 0-dim tensor of the points' dtype: half points
+    take 0.07 as fp16 (0.0700073...), so 100 points give ceil(7.0007) = 8 samples, float32 / bfloat16 give 7
+    (audit m28: a count from the Python float gave 7 for half points too)."""
+    for dtype, want in ((torch.float16, 8), (torch.bfloat16, 7), (torch.float32, 7), (torch.float64, 7)):
+        expected = int((torch.tensor([100.0]) * torch.tensor(0.07, dtype=dtype)).ceil())
+        assert expected == want
+        assert fps(_points(100).to(dtype), ratio=0.07, random_start=False).numel() == want, dtype
+
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 1.0])
 def test_fps_matches_the_reference_per_example(ratio):
     pos, batch = _points(90, seed=4), _batch(40, 7, 43)
@@ -368,6 +378,34 @@ def test_without_recompute_matches_pyg(monkeypatch):
     pos, x = _points(30, seed=17), torch.randn(30, 6)
     _assert_same(ours, peer, x, pos, knn_graph(pos, 4))
 
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "checkpointed training"])
+def test_single_destinations_without_edges_between_blocks_get_zero_rows_as_pyg(monkeypatch, grad):
+    """Blocks skip destinations without edges: one such destination first, one between two blocks and one
+    last must each still get its zero row, in order (audit m28: an off-by-one in the gap or tail test dropped
+    exactly one such row, shifting the rows after it or returning N - 1 rows). Blocks of at most 2 edges and
+    3 edges per neighbourhood: each neighbourhood is a block of its own, which leaves the next destination
+    without edges outside every block (a lighter neighbourhood's block would take it in)."""
+    monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 2 * 8)
+    n = 12
+    g = torch.Generator().manual_seed(23)
+    dst = torch.tensor([i for i in range(n) if i not in (0, 5, 11)]).repeat_interleave(3)
+    src = (dst + torch.randint(1, n, (dst.numel(),), generator=g)) % n  # no self loops: 3 edges each
+    edge_index = torch.stack([src, dst])
+    assert vector.PointTransformerConv(6, 8, add_self_loops=False)._graph(edge_index, n, n).csr.blocks(2) == [
+        (i, i + 1, 3 * j, 3 * j + 3) for j, i in enumerate(i for i in range(n) if i not in (0, 5, 11))]
+    pos, x = _points(n, seed=24), torch.randn(n, 6, generator=g)
+    ours, peer = _pair(6, 8, add_self_loops=False)
+    if grad:
+        ours.recompute = True
+        _assert_same(ours, peer, x, pos, edge_index)
+    else:
+        with torch.no_grad():
+            got, want = ours(x, pos, edge_index), peer(x, pos, edge_index)
+        assert got.shape == want.shape == (n, 8)
+        assert not want[[0, 5, 11]].any()
+        torch.testing.assert_close(got, want, **TOL)
 
 def test_sparse_adjacency_input_equals_edge_index():
     ours, _ = _pair(6, 8)
@@ -590,6 +628,21 @@ def test_point_transformer_repr_empty_graph_and_bad_inputs():
         PointTransformerConv(6, 8, add_self_loops="no")
     assert PointTransformerConv(6, 8, recompute=np.bool_(True)).recompute is True
 
+
+
+def test_positions_with_more_rows_than_the_features_are_refused():
+    """pos with rows beyond the features' (the positions of another batch, say) is refused as a short pos is,
+    for either side of a bipartite input, not used silently for the rows the edges reach (audit m28; PyG's
+    layer fails on it too)."""
+    conv = PointTransformerConv(6, 8)
+    pos, x = _points(6), torch.randn(5, 6)
+    ei = knn_graph(pos[:5], 2)
+    with pytest.raises(ValueError, match=r"pos \(source\) has 6 rows but the features have 5"):
+        conv(x, pos, ei)
+    with pytest.raises((ValueError, IndexError)):  # PyG: its self loop for the sixth point indexes past x
+        pyg_nn.PointTransformerConv(6, 8)(x, pos, ei)
+    with pytest.raises(ValueError, match=r"pos \(target\) has 6 rows but the features have 4"):
+        conv((x, x[:4]), (pos[:5], pos), ei[:, ei[1] < 4])
 
 def test_point_transformer_positions_and_user_networks_are_checked():
     """Mismatches that surfaced as torch errors naming neither argument: pos with other than 3 coordinates and the

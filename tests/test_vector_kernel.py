@@ -381,3 +381,14 @@ def test_rowptr_that_does_not_end_at_E_is_refused():
     for bad in ([0, 2, 4], [0, 2, 6]):  # E = 5; the short one first, it cannot read out of bounds
         with pytest.raises(ValueError, match="rise from 0 to E = 5"):
             vk.vector_softmax_sum(scores, scores, torch.tensor(bad, device=DEVICE))
+
+
+def test_values_of_another_dtype_than_the_scores_are_refused():
+    """The kernel writes out in the scores' dtype and reads values as theirs: a mixed pair is refused by name,
+    not summed silently (audit m28)."""
+    scores = torch.randn(5, 3, device=DEVICE)
+    rowptr = torch.tensor([0, 2, 5], device=DEVICE)
+    with pytest.raises(ValueError, match="must match scores"):
+        vk.vector_softmax_sum(scores, scores.half(), rowptr)
+    with pytest.raises(ValueError, match="must match scores"):
+        vk.vector_softmax_sum(scores.half(), scores, rowptr)
