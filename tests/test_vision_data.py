@@ -1227,17 +1227,32 @@ def test_model_squash_crop_mode_evaluates_as_timm(tmp_path):
     (non-square images are not centre-cropped), as timm's evaluation transform of that config."""
     import timm.data
 
-    class Model(torch.nn.Module):
-        pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 0.8, "crop_mode": "squash", "interpolation": "bicubic",
-                          "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    model = _squash_model(crop_pct=0.8)
+    dm = _squash_datamodule(tmp_path, model, interpolation="model")
+    assert dm.eval_preprocessing() == {"crop_pct": 0.8, "crop_mode": "squash", "interpolation": "bicubic"}
+    _assert_val_set_is(dm, timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False))
 
+
+def _squash_model(crop_pct: float) -> torch.nn.Module:
+    """A model whose pretrained_cfg asks for timm's squash crop mode (bicubic, mean 0.5, std 0.25) at 16 px."""
+    model = torch.nn.Module()
+    model.pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": crop_pct, "crop_mode": "squash",
+                            "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    return model
+
+
+def _squash_datamodule(tmp_path, model, interpolation: str):
+    """An ImageFolder of non-square 13 x 29 images, half held out, preprocessed as ``model`` asks; set up."""
     _write_images(tmp_path, "train", ["cat", "dog"], 2, size=(13, 29))
     dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=16, mean="model", std="model", crop_pct="model",
-                                     interpolation="model", val_fraction=0.5, num_classes=2)
-    dm.adopt_model_stats(Model())
-    assert dm.eval_preprocessing() == {"crop_pct": 0.8, "crop_mode": "squash", "interpolation": "bicubic"}
+                                     interpolation=interpolation, val_fraction=0.5, num_classes=2)
+    dm.adopt_model_stats(model)
+    return dm
+
+
+def _assert_val_set_is(dm, timm_eval) -> None:
+    """Every held-out image equals timm's evaluation transform of its file within one 8-bit level (std 0.25)."""
     dm.setup()
-    timm_eval = timm.data.create_transform(**timm.data.resolve_model_data_config(Model()), is_training=False)
     for index in range(len(dm.val_set)):
         path = dm.val_set.base.samples[dm.val_set.indices[index]][0]
         theirs = timm_eval(Image.open(path).convert("RGB"))
@@ -1304,22 +1319,10 @@ def test_squash_crop_mode_at_full_crop_with_bilinear_is_timms_squash(tmp_path):
     sides of a non-square image (timm's squash transform of that config), not the shorter side plus a centre crop."""
     import timm.data
 
-    class Model(torch.nn.Module):
-        pretrained_cfg = {"input_size": (3, 16, 16), "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bicubic",
-                          "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-
-    _write_images(tmp_path, "train", ["cat", "dog"], 2, size=(13, 29))
-    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=16, mean="model", std="model", crop_pct="model",
-                                     interpolation="bilinear", val_fraction=0.5, num_classes=2)
-    dm.adopt_model_stats(Model())
+    dm = _squash_datamodule(tmp_path, _squash_model(crop_pct=1.0), interpolation="bilinear")
     assert dm.eval_preprocessing() == {"crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear"}
-    dm.setup()
-    timm_eval = timm.data.create_transform(input_size=(3, 16, 16), crop_pct=1.0, crop_mode="squash",
-                                           interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
-    for index in range(len(dm.val_set)):
-        path = dm.val_set.base.samples[dm.val_set.indices[index]][0]
-        theirs = timm_eval(Image.open(path).convert("RGB"))
-        assert float(((dm.val_set[index][0] - theirs) * 0.25).abs().max()) <= 1 / 255 + 1e-6
+    _assert_val_set_is(dm, timm.data.create_transform(input_size=(3, 16, 16), crop_pct=1.0, crop_mode="squash",
+                                                      interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3))
 
 
 def test_image_folder_class_order_is_torchvisions_case_sensitive_order(tmp_path):
