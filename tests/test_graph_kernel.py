@@ -212,6 +212,70 @@ def test_segment_softmax_aggregate_checks_dtypes_and_names_itself():
     assert leaf.grad is not None
 
 
+
+def test_segment_index_equal_to_num_segments_is_refused_by_name():
+    """An index value equal to num_segments (one past the last segment: a node count off by one) is a ValueError
+    naming the function and the range, for segment_softmax and segment_softmax_weighted_sum alike, as larger
+    values are (it reached torch's scatter ops, which raised their own unnamed index error); the last valid value,
+    num_segments - 1, is taken and matches PyG's softmax."""
+    from torch_geometric.utils import softmax as pyg_softmax
+
+    from zoo.attention.segment import segment_softmax, segment_softmax_weighted_sum
+
+    scores = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    one_past = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"segment_softmax: index values must lie in \[0, 3\), got 0\.\.3"):
+        segment_softmax(scores, one_past, 3)
+    with pytest.raises(ValueError, match=r"segment_softmax_weighted_sum: index values must lie in \[0, 3\), got "):
+        segment_softmax_weighted_sum(scores, scores, one_past, 3)
+    last = torch.tensor([0, 2, 2, 1])
+    torch.testing.assert_close(segment_softmax(scores, last, 3), pyg_softmax(scores, last, num_nodes=3))
+
+
+def test_segment_softmax_aggregate_weights_keep_the_scores_dtype():
+    """As PyG's softmax then message v_j * alpha: with fp16 scores and fp32 values the returned weights are fp16
+    (the scores' dtype) and the output fp32 (the promotion), and both match the reference on the same inputs; a
+    destination without edges gets zeros."""
+    from torch_geometric.utils import softmax as pyg_softmax
+
+    from zoo.attention.segment import segment_softmax_aggregate, segment_softmax_aggregate_ref
+
+    g = torch.Generator().manual_seed(0)
+    csr = build_csr(torch.tensor([[0, 1, 2, 3, 1], [0, 0, 2, 2, 2]]), 4, 4)  # nodes 1 and 3 have no edges
+    scores, values = torch.randn(5, 2, generator=g).half(), torch.randn(4, 2, 3, generator=g)
+    out, alpha = segment_softmax_aggregate(scores, values, csr, need_weights=True)
+    assert alpha.dtype == torch.float16 and out.dtype == torch.float32
+    torch.testing.assert_close(alpha, pyg_softmax(scores.float(), csr.row, num_nodes=4).half())
+    want, _ = segment_softmax_aggregate_ref(scores.float(), values, csr)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    assert (out[1] == 0).all() and (out[3] == 0).all()
+
+
+def test_weighted_sum_second_order_gradients_with_an_all_minus_inf_channel():
+    """backward(create_graph=True) of segment_softmax_weighted_sum (forces from energies) recomputes the forward in
+    plain ops: a segment whose scores in one channel are all -inf (output 0 there) and an empty segment give the
+    first-order backward's gradients (zeros in that channel), not NaN, and a second-order gradient through them is
+    finite."""
+    from zoo.attention.segment import segment_softmax_weighted_sum
+
+    g = torch.Generator().manual_seed(0)
+    index = torch.tensor([0, 0, 0, 2, 2])  # segment 1 is empty
+    scores = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    scores[:3, 1] = -torch.inf  # segment 0, channel 1: nothing to attend to
+    values = torch.randn(5, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    scores.requires_grad_(True)
+    weight = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    first = torch.autograd.grad((segment_softmax_weighted_sum(scores, values, index, 3) * weight).sum(),
+                                (scores, values))
+    second = torch.autograd.grad((segment_softmax_weighted_sum(scores, values, index, 3) * weight).sum(),
+                                 (scores, values), create_graph=True)
+    for a, b in zip(first, second):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert (second[0][:3, 1] == 0).all() and (second[1][:3, 1] == 0).all()
+    (hv,) = torch.autograd.grad(second[0].pow(2).sum(), values)
+    assert torch.isfinite(hv).all()
+
 @in_process
 def test_kernel_is_used_by_the_layer_and_checks_inputs():
     from zoo.attention import GATv2Conv
@@ -245,6 +309,30 @@ def test_kernel_is_used_by_the_layer_and_checks_inputs():
             z = torch.zeros(10, 2, 4, dtype=torch.bfloat16)
             ek.gatv2_edge_softmax(z, z, torch.zeros(2, 4, dtype=torch.bfloat16), csr)
 
+
+
+@in_process
+def test_launcher_refuses_a_csr_source_index_one_past_the_source_rows():
+    """gatv2_edge_softmax called directly with a CSR built for more source nodes than x_src has rows: a source
+    index equal to x_src's row count (one past its last row) is a ValueError, since the interpreter reads past the
+    end silently (a GPU may fault); the largest valid index is taken, with the reference's values. An attention
+    vector of another dtype than x_src is a TypeError naming att; a rowptr that does not start at 0 is refused."""
+    g = torch.Generator().manual_seed(0)
+    xs, xd, att = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((3, 1, 4), (2, 1, 4), (1, 4)))
+    one_past = build_csr(torch.tensor([[0, 3, 1], [0, 0, 1]]), 4, 2).to(DEVICE)
+    with pytest.raises(ValueError, match="a CSR source index is out of range"):
+        ek.gatv2_edge_softmax(xs, xd, att, one_past)
+    last = build_csr(torch.tensor([[0, 2, 1], [0, 0, 1]]), 3, 2).to(DEVICE)
+    out, _ = ek.gatv2_edge_softmax(xs, xd, att, last)
+    torch.testing.assert_close(out, ek.gatv2_edge_softmax_ref(xs, xd, att, last)[0], atol=1e-6, rtol=1e-5)
+    with pytest.raises(TypeError, match="att is torch.float16"):
+        ek.gatv2_edge_softmax(xs, xd, att.half(), last)
+    # a hand-made CSR whose rowptr does not start at 0 (the kernel reads each node's edges from rowptr alone)
+    from zoo.attention.segment import CSR
+
+    shifted = CSR(torch.tensor([1, 2, 3]), last.col, last.row, last.perm, 3, 2).to(DEVICE)
+    with pytest.raises(ValueError, match="CSR rowptr does not span the edges"):
+        ek.gatv2_edge_softmax(xs, xd, att, shifted)
 
 @in_process
 @pytest.mark.parametrize("sizes", [(0, 0), (4, 0), (0, 3)], ids=["no nodes", "no destination", "no source"])

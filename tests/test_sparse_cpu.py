@@ -139,6 +139,18 @@ def test_default_tiles_and_radial():
     check(mask, 1, 2, 2, 240, 240, 16)  # tiles of 3 chunks (72)
 
 
+
+def test_rectangular_block_sparse_mask_uses_its_own_key_tile():
+    """A BlockSparse of (64, 128) blocks runs on (64, 128) tiles, where its block map is exact (FULL / EMPTY
+    only): the key tile is the mask's block_k, not its block_q. Values and gradients against float64."""
+    keep = torch.rand(5, 3, generator=torch.Generator().manual_seed(7)) < 0.5
+    keep[:, 0] = True
+    mask = BlockSparse(keep, (64, 128))
+    assert zs.choose_tiles(mask, 300, 330) == (64, 128)
+    assert set(mask.block_map(300, 330, 64, 128).states.unique().tolist()) <= {EMPTY, FULL}
+    assert zs.choose_tiles(BlockSparse(keep, (16, 32)), 300, 330) == (64, 64)  # small blocks: multiples of them
+    check(mask, 1, 2, 1, 300, 330, 16)
+
 def test_fully_masked_rows_give_zero_output_and_gradients():
     nq, nk = 70, 50
     allowed = torch.rand(nq, nk, generator=torch.Generator().manual_seed(0)) < 0.4
@@ -222,6 +234,55 @@ def test_peaked_scores_exact_and_every_exp_argument_above_the_floor(spread, monk
     assert (len(unmasked) == 0) if spread == 1.0 else (len(unmasked) > 0)
 
 
+
+def test_backward_flushes_when_only_the_forward_is_provably_shift_free(monkeypatch):
+    """Scores bounded by 45 (|scale q.k| <= 45, n = 64 keys): the forward may exponentiate without a shift
+    (45 + log 64 <= SAFE_EXP_RANGE), but the backward's exp(q.k - lse) reaches -90 - log(count) here, below
+    EXP_FLOOR: the backward must flush (it needs 2 * bound + log Nk <= SAFE_EXP_RANGE to skip that). Rows
+    q = +-a u against keys +-a u give scores of exactly +-45. Values and gradients match the float64 reference."""
+    n, d, block = 64, 16, 16
+    a = math.sqrt(45.0 * math.sqrt(d))  # scale * a * a = 45
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    x = (signs[:, None] * a * u)[None, None].expand(1, 2, n, d)
+    keep = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 0, 1], [1, 0, 0, 1]], dtype=torch.bool)
+    mask = BlockSparse(keep, block)
+    assert zs.score_bound(x / math.sqrt(d), x) <= 45.0 + 1e-9
+    check(mask, 1, 2, 2, n, n, d, block_size=block, tol=1e-9, seed=1)  # random inputs: same paths, float64
+    seen = []
+    real_exp_ = torch.Tensor.exp_
+
+    def recording_exp_(self):
+        values = self[~torch.isnan(self)]
+        seen.append(float(values.min()) if values.numel() else 0.0)
+        return real_exp_(self)
+
+    q, k = x.float().clone().requires_grad_(True), x.float().clone().requires_grad_(True)
+    v = torch.randn(1, 2, n, d, generator=g).requires_grad_(True)
+    grad_out = torch.randn(1, 2, n, d, generator=g)
+    monkeypatch.setattr(torch.Tensor, "exp_", recording_exp_)
+    out = block_sparse_attention(q, k, v, mask, block_size=block)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    monkeypatch.undo()
+    assert seen and min(seen) >= EXP_FLOOR, min(seen)
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = naive_attention(qd, kd, vd, mask.dense(n, n), None, d**-0.5, "softmax")
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), grad_out.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3, msg=lambda m: f"d{name}: {m}")
+
+
+def test_per_head_mask_with_a_per_head_bias_of_two_heads():
+    """A block map that varies over heads runs one pass per head: a bias with one slice per head must be cut to
+    that head (H = 2, with and without grouped-query K/V), values and gradients against the float64 reference."""
+    nq, nk = 40, 56
+    mask = _random_blocks(nq, nk, 8, 0.4, seed=6, lead=(1, 2))
+    for hkv in (2, 1):
+        check(mask, 1, 2, hkv, nq, nk, 16, bias_shape=(1, 2, nq, nk), block_size=8)
+        check(mask, 2, 2, hkv, nq, nk, 16, bias_shape=(2, 2, 1, nk), block_size=8, score="sigmoid")
+
 def test_float32_float16_and_non_contiguous_inputs():
     g = torch.Generator().manual_seed(0)
     b, h, n, d = 2, 4, 150, 32
@@ -236,6 +297,28 @@ def test_float32_float16_and_non_contiguous_inputs():
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.double(), ref, rtol=5e-3, atol=5e-3)
 
+
+
+def test_fp16_bias_gradient_is_accumulated_in_fp32():
+    """An fp16 bias broadcast over batch, heads and rows (1, 1, 1, Nk) collects its gradient from every query tile
+    of every (batch, head): the tiles' contributions are summed in fp32 and rounded to fp16 once, so the gradient
+    is within fp16 rounding of the float64 reference on the same (fp16) inputs (summed in fp16 tile by tile it
+    was 3% off)."""
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = 2, 4, 256, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=g).half() for _ in range(3))
+    bias = torch.randn(1, 1, 1, n, generator=g).half().requires_grad_(True)
+    grad_out = torch.randn(b, h, n, d, generator=g).half()
+    mask = Window(40, 40)
+    out = block_sparse_attention(q, k, v, mask, bias, block_size=16)
+    (got,) = torch.autograd.grad(out, bias, grad_out)
+    assert got.dtype == torch.float16
+    bias64 = bias.detach().double().requires_grad_(True)
+    ref = naive_attention(q.double(), k.double(), v.double(), mask.dense(n, n), bias64, d**-0.5, "softmax")
+    (want,) = torch.autograd.grad(ref, bias64, grad_out.double())
+    rounding = (want.half().double() - want).abs()
+    err = (got.double() - want).abs()
+    assert bool((err <= 2 * rounding + 1e-4 * float(want.abs().max())).all()), float((err - 2 * rounding).max())
 
 def test_tiles_visited_are_the_kept_tiles():
     n, block = 300, 32
@@ -353,6 +436,34 @@ def test_automatic_choice_on_cpu():
         with pytest.raises(ValueError, match="dropout"):
             _chosen(small, small, small, Full(), dropout_p=0.1)
 
+
+
+def test_one_mask_object_serves_calls_with_different_tile_sizes():
+    """Plans are cached per mask object and problem size; the tile size is part of the key: the same mask run at
+    block_size 16, then 32, then (16, 32) plans tiles of the size asked for each time (a plan cached at one tile
+    size and read at another ignored block_size from the second call on), and matches the float64 reference."""
+    nq, nk = 97, 130
+    mask = Window(5, 2)  # no native tile size
+    for block in (16, 32, (16, 32)):
+        block_q, block_k = (block, block) if isinstance(block, int) else block
+        plan = zs._plan(mask, None, 1, 2, 2, nq, nk, block_q, block_k, "cpu")
+        assert plan[0].block_q == block_q and plan[0].block_k == block_k, block
+        assert [(t.r0, t.r1) for t in plan[0].tiles][:2] == [(0, block_q), (block_q, 2 * block_q)], block
+        check(mask, 1, 2, 2, nq, nk, 16, block_size=block)
+
+
+def test_automatic_choice_takes_a_non_square_causal_mask():
+    """Only the square Causal is left to SDPA's causal kernel: a Causal mask with Nq != Nk whose kept-tile
+    fraction is low (1024 queries on 512 keys: 0.31) is a sparse problem like any other, and runs here, with the
+    torch backend's values."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 1024, 32, generator=g)
+    k, v = torch.randn(1, 2, 512, 32, generator=g), torch.randn(1, 2, 512, 32, generator=g)
+    assert Causal().block_map(1024, 512, 128, 128, "cpu").kept_fraction() < zs.AUTO_MAX_KEPT
+    assert _chosen(q, k, v, Causal()) == "blocksparse"
+    assert _chosen(q, q, q, Causal()) == "sdpa"
+    torch.testing.assert_close(attend(q, k, v, Causal()), attend(q, k, v, Causal(), backend="torch"),
+                               rtol=1e-5, atol=1e-6)
 
 def test_attend_automatic_matches_reference():
     g = torch.Generator().manual_seed(0)
