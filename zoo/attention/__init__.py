@@ -51,6 +51,7 @@ _LAZY = {
     "AgentAttention": "zoo.attention.agent",
     "GATv2Conv": "zoo.attention.graph",
     "GATConv": "zoo.attention.graph",
+    "TransformerConv": "zoo.attention.graph",
     "PointTransformerConv": "zoo.attention.vector",
     "ALiBi": "zoo.attention.alibi",
     "alibi_slopes": "zoo.attention.alibi",

@@ -68,7 +68,7 @@ from zoo.layers import (
     is_tracing,
 )
 
-__all__ = ["GATv2Conv", "GATConv", "GraphStructure", "graph_structure", "CachedGraphLayer"]
+__all__ = ["GATv2Conv", "GATConv", "TransformerConv", "GraphStructure", "graph_structure", "CachedGraphLayer"]
 
 _FILL_REDUCE = ("add", "sum", "mean", "min", "max", "mul")
 
@@ -250,6 +250,21 @@ def _glorot_(t: Tensor) -> None:
 def _init_linear_(lin: nn.Linear) -> None:
     """PyG's Linear(weight_initializer='glorot') initialisation: glorot weight, bias U(+-1/sqrt(in))."""
     _glorot_(lin.weight)
+    _init_bias_(lin)
+
+
+def _init_linear_kaiming_(lin: nn.Linear) -> None:
+    """PyG's Linear with its default initialisers (TransformerConv's): kaiming_uniform(fan=in, a=sqrt(5)), i.e. the
+    weight U(+-1/sqrt(in)), then the bias U(+-1/sqrt(in)) (torch_geometric/nn/dense/linear.py, reset_weight_ /
+    reset_bias_)."""
+    fan_in = lin.weight.shape[1]
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        lin.weight.uniform_(-bound, bound)
+    _init_bias_(lin)
+
+
+def _init_bias_(lin: nn.Linear) -> None:
     if lin.bias is not None:
         fan_in = lin.weight.shape[1]  # not in_features: a lazy linear sized by a state dict keeps 0 there
         bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -276,25 +291,30 @@ class _LazyLinear(nn.LazyLinear):
                 self.bias.materialize((self.out_features,))
             self.reset_parameters()
 
+    #: the initialisation once sized (glorot for the GAT layers; kaiming for TransformerConv, set by _linear)
+    init_ = staticmethod(_init_linear_)
+
     def reset_parameters(self) -> None:
         if not self.has_uninitialized_params() and self.weight.numel():  # not the (0, 0) stand-in of __init__
-            _init_linear_(self)
+            self.init_(self)
 
 
 def _is_lazy(module) -> bool:
     return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
 
 
-def _linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
+def _linear(in_features: int, out_features: int, bias: bool, init=_init_linear_) -> nn.Module:
     """nn.Linear with PyG's Linear(weight_initializer='glorot') keys and initialisation (lazy for -1).
 
     Built without nn.Linear's own (kaiming) initialisation, whose random draws PyG's Linear does not make: the
     layers then consume the random stream exactly as PyG's do, so ``torch.manual_seed(s)`` before building ours
     or PyG's gives the same weights (tests/test_graph_layers.py)."""
     if in_features == -1:
-        return _LazyLinear(out_features, bias=bias)
+        lazy = _LazyLinear(out_features, bias=bias)
+        lazy.init_ = init
+        return lazy
     lin = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, device=torch.get_default_device())
-    _init_linear_(lin)
+    init(lin)
     return lin
 
 
@@ -1034,3 +1054,151 @@ class GATConv(_GraphAttentionBase):
             alpha = alpha + (edge_EHC * self.att_edge).sum(dim=-1)
         alpha = F.leaky_relu(alpha, self.negative_slope)
         return self._edge_softmax(alpha, index, dim_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Graph transformer (dot-product attention over edges)
+# ----------------------------------------------------------------------------------------------------
+class TransformerConv(_GraphAttentionBase):
+    """The graph transformer layer of Shi et al., "Masked Label Prediction: Unified Message Passing Model for
+    Semi-Supervised Classification" (IJCAI 2021, arXiv:2009.03509), PyG-compatible
+    (torch_geometric.nn.TransformerConv, torch_geometric 2.8.1 transformer_conv.py, argument for argument):
+
+        x'_i = W_1 x_i + sum_{j -> i} alpha_ij (W_2 x_j (+ W_6 e_ij)),
+        alpha_ij = softmax_j((W_3 x_i) . (W_4 x_j (+ W_6 e_ij)) / sqrt(C))    per head,
+
+    multi-head dot-product attention restricted to each node's incoming edges (no self loops are added).
+
+    Args (as PyG): in_channels (int, a (source, target) pair, -1 lazy), out_channels, heads=1, concat=True (False:
+    heads averaged), beta=False (gated skip: x'_i = b_i W_1 x_i + (1 - b_i) m_i with b_i = sigmoid(w_5 . [W_1 x_i,
+    m_i, W_1 x_i - m_i]); only with root_weight), dropout=0.0 (on the attention coefficients), edge_dim=None (edge
+    features added to the keys and the values after lin_edge), bias=True, root_weight=True (False: no W_1 x_i term
+    and no beta), and PyG's MessagePassing keywords aggr="add" and flow. State-dict keys and shapes are PyG's
+    (lin_key, lin_query, lin_value, lin_edge, lin_skip, lin_beta), so a PyG state dict loads strict and gives the
+    same outputs, attention weights and gradients; the initialisation draws as PyG's (kaiming-uniform Linear).
+
+    forward(x | (x_src, x_dst), edge_index [2, E] or sparse adj_t [Nd, Ns], edge_attr=None,
+    return_attention_weights=None) -> out [Nd, H*C] (concat) or [Nd, C]; with return_attention_weights a bool (True
+    or False, as PyG's ``isinstance(return_attention_weights, bool)``): (out, (edge_index, alpha [E, H])), alpha
+    before dropout and differentiable, as PyG's, in the order of edge_index (for a sparse adjacency, PyG returns the
+    adjacency itself with alpha in its (dst, src) row-major order; so does this layer).
+
+    The computation: the scores q_i . k_j are taken per edge in destination order; without edge features (and when
+    the weights are not asked for) the softmax and the weighted sum of the values are fused
+    (:func:`~zoo.attention.segment.segment_softmax_aggregate`: no [E, H, C] message is stored for backward, only
+    the gathered queries and keys of the scores). With edge features, weights asked for, or under PyG's explainers,
+    hooks, torch.func and torch.export, the layer runs PyG's ``propagate`` with PyG's message.
+    """
+
+    def __init__(
+        self,
+        in_channels: Union[int, tuple],
+        out_channels: int,
+        heads: int = 1,
+        concat: bool = True,
+        beta: bool = False,
+        dropout: float = 0.0,
+        edge_dim: Optional[int] = None,
+        bias: bool = True,
+        root_weight: bool = True,
+        **kwargs,
+    ):
+        super().__init__(aggr="add", message_passing_kwargs=kwargs)
+        self._init_common(in_channels, out_channels, heads, concat, 0.2, dropout, False, edge_dim, None, False)
+        del self.negative_slope, self.fill_value, self.residual  # (GAT's settings, not this layer's)
+        self.fill_value = None  # no self loops: their features are never made
+        self.root_weight = check_flag(root_weight, "root_weight")
+        self.beta = check_flag(beta, "beta") and self.root_weight
+        bias = check_flag(bias, "bias")
+        HC = heads * out_channels
+        src_size, dst_size = self._given_sizes
+        init = _init_linear_kaiming_
+        # construction order and draws as PyG's (each Linear draws when built, then reset_parameters draws again)
+        self.lin_key = _linear(src_size, HC, bias, init)
+        self.lin_query = _linear(dst_size, HC, bias, init)
+        self.lin_value = _linear(src_size, HC, bias, init)
+        self.lin_edge = _linear(edge_dim, HC, False, init) if edge_dim is not None else None
+        skip = HC if self.concat else out_channels
+        self.lin_skip = _linear(dst_size, skip, bias, init)  # built (and in the state dict) even without root_weight
+        self.lin_beta = _linear(3 * skip, 1, False, init) if self.beta else None
+        self.reset_parameters()
+
+    propagate_type = {"query": Tensor, "key": Tensor, "value": Tensor, "edge_attr": OptTensor}
+    res = None  # (no residual projection: _materialize's first entry)
+
+    def _src_linear(self):
+        return self.lin_key
+
+    def _dst_linear(self):
+        return self.lin_query
+
+    def _materialize(self, x_src: Tensor, x_dst: Optional[Tensor]) -> None:
+        """Lazy projections sized from the first input in PyG's forward order (query, key, value; the skip
+        projection later), so a seeded lazy layer draws PyG's weights."""
+        for lin, x in ((self.lin_query, x_dst), (self.lin_key, x_src), (self.lin_value, x_src),
+                       (self.lin_skip, x_dst)):
+            if _is_lazy(lin):
+                lin(x[:0])
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # MessagePassing's (aggregation modules, explain state)
+        for lin in (self.lin_key, self.lin_query, self.lin_value, self.lin_edge, self.lin_skip, self.lin_beta):
+            if lin is not None and not _is_lazy(lin):
+                _init_linear_kaiming_(lin)
+
+    def forward(self, x, edge_index, edge_attr: Optional[Tensor] = None, return_attention_weights=None):
+        self._refuse_jit_trace()
+        H, C = self.heads, self.out_channels
+        x_src, x_dst, single = self._split_x(x, allow_none_dst=False)
+        if single:
+            x_dst = x_src
+        self._materialize(x_src, x_dst)
+        q_NHC = self.lin_query(x_dst).view(x_dst.size(0), H, C)
+        k_NHC = self.lin_key(x_src).view(x_src.size(0), H, C)
+        v_NHC = self.lin_value(x_src).view(x_src.size(0), H, C)
+        graph = self._graph(edge_index, x_src.size(0), x_dst.size(0))
+        if edge_attr is not None and self.lin_edge is None:
+            raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
+        if edge_attr is None and self.lin_edge is not None:  # (PyG's message asserts it)
+            raise ValueError(f"the layer was built with edge_dim={self.edge_dim}: pass edge_attr")
+        need = isinstance(return_attention_weights, bool)  # PyG's test: True and False both ask for them
+        alpha = None
+        if need or edge_attr is not None or self._runs_propagate():
+            ea = self._edge_features(graph, edge_attr, csr_order=False)
+            out_NHC = self.propagate(graph.edge_index, query=q_NHC, key=k_NHC, value=v_NHC, edge_attr=ea)
+            alpha, self._alpha = self._alpha, None
+        else:
+            csr = graph.csr.to(q_NHC.device)
+            s_EH = (q_NHC.index_select(0, csr.row) * k_NHC.index_select(0, csr.col)).sum(-1) / math.sqrt(C)
+            out_NHC, _ = segment_softmax_aggregate(s_EH, v_NHC, csr, keep=self._keep_mask(graph, q_NHC.device),
+                                                   dropout=self.dropout)
+        out = out_NHC.reshape(out_NHC.size(0), H * C) if self.concat else out_NHC.mean(dim=1)
+        if self.root_weight:
+            x_r = self.lin_skip(x_dst)
+            if self.lin_beta is not None:
+                gate = self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
+                out = gate * x_r + (1 - gate) * out
+            else:
+                out = out + x_r
+        if need:
+            if graph.sparse_layout is not None:
+                return out, (edge_index, alpha)
+            return out, (graph.edge_index.flip(0) if self._reverse_flow else graph.edge_index.clone(), alpha)
+        return out
+
+    _alpha: Optional[Tensor] = None
+
+    def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor, edge_attr: Optional[Tensor], index: Tensor,
+                ptr: Optional[Tensor], size_i: Optional[int]) -> Tensor:
+        """PyG's TransformerConv.message: scores (q_i . (k_j + W_6 e_ij)) / sqrt(C), softmax per destination (kept
+        in ``_alpha`` before dropout, as PyG's), attention dropout, messages alpha * (v_j + W_6 e_ij) [E, H, C]."""
+        if self.lin_edge is not None and edge_attr is not None:
+            edge_attr = self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
+            key_j = key_j + edge_attr
+        scores_EH = (query_i * key_j).sum(dim=-1) / math.sqrt(self.out_channels)
+        num_dst = size_i if size_i is not None else (int(index.max()) + 1 if index.numel() else 0)
+        alpha = segment_softmax(scores_EH, index, num_dst)
+        self._alpha = alpha
+        alpha = F.dropout(alpha, p=self.dropout, training=self.training)
+        out = value_j if edge_attr is None else value_j + edge_attr
+        return out * alpha.view(-1, self.heads, 1)

@@ -1,0 +1,275 @@
+"""zoo.attention.TransformerConv against PyTorch Geometric's TransformerConv (the trusted peer): strict state-dict
+loading both ways, seeded initialisation, outputs, attention weights and gradients within 1e-5 in fp32 across the
+constructor arguments (heads, concat, beta, root_weight, edge_dim, bias, bipartite, lazy, flow), PyG's edge cases
+(isolated nodes, multi-edges, self loops, no edges, sparse adjacency), the fused path against PyG's propagate (the
+explainer path), dropout against a hand-applied keep mask, and clear errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pyg_nn = pytest.importorskip("torch_geometric.nn")
+
+from zoo.attention import TransformerConv  # noqa: E402
+from zoo.attention import graph as zgraph  # noqa: E402
+from zoo.attention.segment import build_csr, segment_softmax  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _graph(num_src=12, num_dst=12, num_edges=40, seed=0):
+    """Random edges with self loops, multi-edges and (the last two destinations) isolated nodes."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, num_src, (num_edges,), generator=g)
+    dst = torch.randint(0, num_dst - 2, (num_edges,), generator=g)
+    ei = torch.stack([src, dst])
+    ei[:, :2] = torch.tensor([[1, 1], [1, 1]])  # a repeated self loop (kept: no loops are removed or added)
+    ei[:, 2:5] = torch.tensor([[4, 4, 4], [5, 5, 5]])  # multi-edges
+    return ei
+
+
+def _pair(*args, **kwargs):
+    torch.manual_seed(0)
+    peer = pyg_nn.TransformerConv(*args, **kwargs)
+    ours = TransformerConv(*args, **kwargs)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    return ours, peer
+
+
+def _run(module, inputs, ei, edge_attr=None, weights=True):
+    """Forward (with the attention weights when ``weights``) and the gradients of a fixed projection of the output
+    (plus, with weights, of the attention) with respect to the inputs, edge_attr and every parameter."""
+    xs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ea = None if edge_attr is None else edge_attr.detach().clone().requires_grad_(True)
+    x = xs[0] if len(xs) == 1 else tuple(xs)
+    result = module(x, ei, ea, return_attention_weights=True) if weights else module(x, ei, ea)
+    out, (ei_out, alpha) = result if weights else (result, (None, None))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    loss = (out * w).sum()
+    if weights:
+        loss = loss + (alpha * torch.linspace(-1, 1, alpha.numel()).view(alpha.shape)).sum()
+    leaves = xs + ([] if ea is None else [ea]) + [p for _, p in sorted(module.named_parameters())]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return out, ei_out, alpha, grads
+
+
+def _assert_same(ours, peer, inputs, ei, edge_attr=None, weights=True):
+    o1, e1, a1, g1 = _run(ours, inputs, ei, edge_attr, weights)
+    o2, e2, a2, g2 = _run(peer, inputs, ei, edge_attr, weights)
+    torch.testing.assert_close(o1, o2, **TOL)
+    if weights:
+        if e1.layout != torch.strided:
+            assert e1 is e2 or torch.equal(e1.to_dense(), e2.to_dense())
+        else:
+            assert torch.equal(e1, e2)
+        torch.testing.assert_close(a1, a2, **TOL)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL)
+
+
+ARGS = [
+    dict(heads=1),
+    dict(heads=3),
+    dict(heads=2, concat=False),
+    dict(heads=2, beta=True),
+    dict(heads=2, beta=True, concat=False),
+    dict(heads=2, root_weight=False, beta=True),  # beta needs root_weight: off, as PyG's
+    dict(heads=2, bias=False),
+    dict(heads=2, edge_dim=3),
+    dict(heads=2, edge_dim=3, concat=False, beta=True),
+    dict(heads=2, edge_dim=1, bias=False, root_weight=False),
+]
+
+
+@pytest.mark.parametrize("kwargs", ARGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+@pytest.mark.parametrize("weights", [True, False], ids=["with_weights", "fused"])
+def test_matches_pyg(kwargs, weights):
+    ours, peer = _pair(8, 5, **kwargs)
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(2))
+    ei = _graph()
+    ea = None
+    if kwargs.get("edge_dim"):
+        ea = torch.randn(ei.size(1), kwargs["edge_dim"], generator=torch.Generator().manual_seed(3))
+    _assert_same(ours, peer, [x], ei, ea, weights)
+    if kwargs.get("edge_dim") == 1:  # ours also takes it 1-D, as the GAT layers (PyG's TransformerConv does not)
+        torch.testing.assert_close(ours(x, ei, ea.view(-1)), ours(x, ei, ea))
+
+
+@pytest.mark.parametrize("n_src,n_dst", [(12, 7), (7, 12)])
+@pytest.mark.parametrize("kwargs", [dict(heads=2), dict(heads=2, edge_dim=2, beta=True)])
+def test_bipartite_matches_pyg(n_src, n_dst, kwargs):
+    ours, peer = _pair((8, 6), 4, **kwargs)
+    g = torch.Generator().manual_seed(4)
+    xs, xd = torch.randn(n_src, 8, generator=g), torch.randn(n_dst, 6, generator=g)
+    ei = _graph(n_src, n_dst, 30, seed=5)
+    ea = torch.randn(30, 2, generator=g) if kwargs.get("edge_dim") else None
+    for weights in (True, False):
+        _assert_same(ours, peer, [xs, xd], ei, ea, weights)
+
+
+def test_edge_cases_match_pyg():
+    ours, peer = _pair(6, 4, heads=2, beta=True)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(6))
+    for ei in (torch.empty(2, 0, dtype=torch.long),  # no edges: the skip term only
+               torch.tensor([[0, 0, 0], [1, 1, 1]]),  # one node with a triple edge, the others isolated
+               torch.tensor([[2], [2]])):  # a lone self loop
+        for weights in (True, False):
+            _assert_same(ours, peer, [x], ei, None, weights)
+
+
+def test_flow_target_to_source_matches_pyg():
+    ours, peer = _pair(8, 3, heads=2, flow="target_to_source")
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(7))
+    for weights in (True, False):
+        _assert_same(ours, peer, [x], _graph(), None, weights)
+
+
+@pytest.mark.parametrize("layout", [torch.sparse_csr, torch.sparse_coo])
+def test_sparse_adjacency_matches_pyg(layout):
+    """adj_t [Nd, Ns] as PyG takes it: the outputs of the [2, E] edge_index, and with the weights requested the
+    adjacency itself back with alpha in its (dst, src) row-major order, as PyG returns them."""
+    ours, peer = _pair(8, 3, heads=2)
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(8))
+    ei = torch.unique(_graph(), dim=1)  # no multi-edges: one matrix entry each
+    adj = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1)), (12, 12)).coalesce()
+    adj = adj.to_sparse_csr() if layout == torch.sparse_csr else adj
+    for weights in (True, False):
+        _assert_same(ours, peer, [x], adj, None, weights)
+    torch.testing.assert_close(ours(x, adj), ours(x, ei), **TOL)
+
+
+def test_seeded_construction_draws_pygs_weights():
+    for args, kwargs in (((8, 5), dict(heads=2, edge_dim=3, beta=True)), (((8, 6), 4), dict(concat=False))):
+        torch.manual_seed(11)
+        peer = pyg_nn.TransformerConv(*args, **kwargs)
+        torch.manual_seed(11)
+        ours = TransformerConv(*args, **kwargs)
+        theirs = peer.state_dict()
+        assert list(ours.state_dict()) == list(theirs)
+        for key, value in ours.state_dict().items():
+            assert torch.equal(value, theirs[key]), key
+
+
+def test_lazy_in_channels_size_from_the_first_input_as_pyg():
+    torch.manual_seed(12)
+    peer = pyg_nn.TransformerConv(-1, 4, heads=2)
+    torch.manual_seed(12)
+    ours = TransformerConv(-1, 4, heads=2)
+    x = torch.randn(12, 7, generator=torch.Generator().manual_seed(13))
+    ei = _graph()
+    torch.manual_seed(14)
+    want = peer(x, ei)
+    torch.manual_seed(14)
+    torch.testing.assert_close(ours(x, ei), want, **TOL)
+    assert ours.lin_key.weight.shape == (8, 7)
+    # and a lazy layer loads a sized state dict
+    fresh = TransformerConv(-1, 4, heads=2)
+    fresh.load_state_dict(peer.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x, ei), want, **TOL)
+
+
+def test_state_dict_loads_into_pyg_and_repr():
+    torch.manual_seed(15)
+    ours = TransformerConv(8, 5, heads=2, edge_dim=3, beta=True)
+    peer = pyg_nn.TransformerConv(8, 5, heads=2, edge_dim=3, beta=True)
+    peer.load_state_dict(ours.state_dict(), strict=True)
+    assert repr(ours) == repr(peer) == "TransformerConv(8, 5, heads=2)"
+    x, ei = torch.randn(12, 8), _graph()
+    ea = torch.randn(ei.size(1), 3)
+    torch.testing.assert_close(ours(x, ei, ea), peer(x, ei, ea), **TOL)
+
+
+def test_fused_path_equals_pygs_propagate_and_explainer_hooks_take_it():
+    """A message forward hook (PyG's AttentionExplainer registers one) sends the layer through propagate, where
+    the hook sees PyG's [E, H, C] messages; outputs and gradients equal the fused path's."""
+    layer = TransformerConv(8, 5, heads=2)
+    x, ei = torch.randn(12, 8, generator=torch.Generator().manual_seed(16)), _graph()
+    fused = _run(layer, [x], ei, weights=False)
+    seen = []
+    handle = layer.register_message_forward_hook(lambda module, inputs, out: seen.append(out.shape))
+    try:
+        hooked = _run(layer, [x], ei, weights=False)
+    finally:
+        handle.remove()
+    assert seen == [(ei.size(1), 2, 5)]
+    torch.testing.assert_close(hooked[0], fused[0], atol=1e-6, rtol=1e-6)
+    for a, b in zip(hooked[3], fused[3]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_training_dropout_on_the_fused_path_is_a_keep_mask_on_alpha(monkeypatch):
+    """In training the fused path drops attention coefficients with a [E, H] keep mask and rescales by 1 / (1 - p),
+    as F.dropout on PyG's alpha: checked against the float64 formula with the same mask."""
+    layer = TransformerConv(8, 5, heads=2, dropout=0.4).double().train()
+    x, ei = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(17)), _graph()
+    keep = torch.rand(ei.size(1), 2, generator=torch.Generator().manual_seed(18)) >= 0.4
+    monkeypatch.setattr(zgraph.TransformerConv, "_keep_mask", lambda self, graph, device: keep)
+    out = layer(x, ei)
+    csr = build_csr(ei, 12, 12)
+    q = layer.lin_query(x).view(12, 2, 5)
+    k = layer.lin_key(x).view(12, 2, 5)
+    v = layer.lin_value(x).view(12, 2, 5)
+    scores = (q[csr.row] * k[csr.col]).sum(-1) / math.sqrt(5)
+    alpha = segment_softmax(scores, csr.row, 12) * keep / 0.6
+    msg = torch.zeros(12, 2, 5, dtype=torch.float64).index_add_(0, csr.row, alpha[..., None] * v[csr.col])
+    torch.testing.assert_close(out, msg.reshape(12, 10) + layer.lin_skip(x))
+    layer.eval()
+    assert torch.equal(layer(x, ei), layer(x, ei))  # no dropout in evaluation
+
+
+def test_torch_export_runs_pygs_path():
+    layer = TransformerConv(8, 5, heads=2, edge_dim=3).eval()
+    x, ei = torch.randn(12, 8), _graph()
+    ea = torch.randn(ei.size(1), 3)
+    program = torch.export.export(layer, (x, ei, ea))
+    torch.testing.assert_close(program.module()(x, ei, ea), layer(x, ei, ea), **TOL)
+
+
+def test_bad_inputs_raise_clear_errors():
+    layer = TransformerConv(8, 5, heads=2)
+    x, ei = torch.randn(12, 8), _graph()
+    with pytest.raises(ValueError, match="edge_dim=None"):
+        layer(x, ei, torch.randn(ei.size(1), 3))
+    with pytest.raises(ValueError, match="edge_dim=3: pass edge_attr"):
+        TransformerConv(8, 5, edge_dim=3)(x, ei)
+    with pytest.raises(ValueError, match="edge_attr has 3 rows but edge_index has 40 edges"):
+        TransformerConv(8, 5, edge_dim=3)(x, ei, torch.randn(3, 3))
+    with pytest.raises(ValueError, match="x has 7 features, the layer expects 8"):
+        layer(torch.randn(12, 7), ei)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer(torch.full((12, 8), math.nan), ei)
+    with pytest.raises(ValueError, match="edge_index"):
+        layer(x, ei + 20)
+    with pytest.raises(TypeError, match="beta"):
+        TransformerConv(8, 5, beta="yes")
+    with pytest.raises(ValueError, match="heads"):
+        TransformerConv(8, 5, heads=0)
+    with pytest.raises(TypeError, match="unsupported MessagePassing arguments"):
+        TransformerConv(8, 5, aggr="mean")
+
+
+@pytest.mark.parametrize("edge_dim", [None, 3])
+def test_explain_edge_masks_match_pyg(edge_dim):
+    """PyG's explain mode (set_masks, as GNNExplainer uses it) multiplies each message by its edge mask; the layer
+    then leaves its fused path for propagate, and outputs and the mask's gradient equal PyG's layer with the same
+    weights."""
+    from torch_geometric.explain.algorithm.utils import clear_masks, set_masks
+
+    ours, peer = _pair(8, 5, heads=2, edge_dim=edge_dim, beta=True)
+    x, ei = torch.randn(12, 8, generator=torch.Generator().manual_seed(19)), _graph()
+    ea = None if edge_dim is None else torch.randn(ei.size(1), 3, generator=torch.Generator().manual_seed(20))
+    results = []
+    for layer in (ours, peer):
+        mask = torch.nn.Parameter(torch.randn(ei.size(1), generator=torch.Generator().manual_seed(21)))
+        set_masks(layer, mask, ei, apply_sigmoid=True)
+        out = layer(x, ei, ea)
+        results.append((out, torch.autograd.grad(out.square().sum(), mask)[0]))
+        clear_masks(layer)
+    torch.testing.assert_close(results[0][0], results[1][0], **TOL)
+    torch.testing.assert_close(results[0][1], results[1][1], **TOL)
+    torch.testing.assert_close(ours(x, ei, ea), peer(x, ei, ea), **TOL)  # masks cleared: the plain layer again
