@@ -943,3 +943,80 @@ def test_set_input_size_keeps_frozen_parameters_frozen():
     trainable = zoo.create_model("agent_deit_debug")
     trainable.set_input_size((48, 40))
     assert all(p.requires_grad for p in trainable.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# The module on its own vs the float64 reference: gradients to the bias tables, cache modes, dropout
+# --------------------------------------------------------------------------------------------------
+def _module_pair(window=5, agent_num=9):
+    """Reference and zoo AgentAttention in float64 with the same random weights (bias tables of std 0.5)."""
+    torch.manual_seed(21)
+    ref = RefAgentAttention(12, 3, agent_num, window).double()
+    _randomize(ref, seed=21)
+    ours = AgentAttention(12, 3, qkv_bias=True, agent_num=agent_num, window=window).double()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("mode,frozen", [("eval", ()), ("train", ("an_bias", "ca_bias"))])
+def test_module_gradients_reach_every_trainable_bias_table(mode, frozen):
+    """Every trainable parameter gets the reference's gradient (float64, batch 2, a 2 x 5 grid: non-square, fewer
+    rows than the 3 x 3 agents, tables resized from window 5) in eval mode with autograd on (fine-tuning with
+    frozen norm/dropout statistics, torch.func) and with some bias tables frozen (partial fine-tuning): the
+    cached, no-grad tables would leave the other tables without a gradient."""
+    ref, ours = _module_pair()
+    for model in (ref, ours):
+        getattr(model, mode)()
+        for name in frozen:
+            getattr(model, name).requires_grad_(False)
+    grid = (2, 5)
+    x = torch.randn(2, 1 + 10, 12, dtype=torch.float64)
+    weight = torch.randn(2, 11, 12, dtype=torch.float64)
+    ref_params = dict(ref.named_parameters())
+    for _ in range(2):  # the second call meets whatever the first one left in the caches
+        ref.zero_grad()
+        ours.zero_grad()
+        expected = ref(x, grid=grid)
+        out = ours(x, grid=grid)
+        assert (out - expected).abs().max() < 1e-12
+        (expected * weight).sum().backward()
+        (out * weight).sum().backward()
+        for name, p in ours.named_parameters():
+            if name in frozen:
+                assert p.grad is None, name
+            else:
+                assert p.grad is not None, name
+                assert (p.grad - ref_params[name].grad).abs().max() < 1e-10, name
+
+
+def test_tables_built_under_inference_mode_are_not_reused_with_autograd():
+    """Lightning validates under torch.inference_mode(): tables built there are inference tensors, which autograd
+    cannot save for backward. A later grad-mode call of the frozen module (input gradients: saliency maps,
+    adversarial examples) must not be served them; its input gradient is the reference's."""
+    ref, ours = _module_pair()
+    ref.eval()
+    ours.eval().requires_grad_(False)
+    grid = (2, 5)
+    x = torch.randn(2, 11, 12, dtype=torch.float64)
+    with torch.inference_mode():
+        ours(x, grid=grid)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(x_ours, grid=grid).square().sum().backward()
+    ref(x_ref, grid=grid).square().sum().backward()
+    assert (x_ours.grad - x_ref.grad).abs().max() < 1e-10
+
+
+def test_attention_dropout_applies_in_training_mode_under_no_grad():
+    """As nn.Dropout: training mode drops whether or not autograd records (MC-dropout sampling runs under no_grad);
+    the inference fast path (no dropout) is for p = 0 only."""
+    attn = AgentAttention(16, 2, agent_num=4, window=4, attn_drop=0.5).train()
+    _randomize(attn)
+    x = torch.randn(2, 17, 16)
+    torch.manual_seed(0)
+    recorded = attn(x).detach()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        sampled = attn(x)
+        deterministic = attn.eval()(x)
+    torch.testing.assert_close(sampled, recorded, atol=1e-6, rtol=0)
+    assert (sampled - deterministic).abs().max() > 1e-2
