@@ -127,6 +127,30 @@ def test_flow_target_to_source_matches_pyg():
     x = torch.randn(12, 8, generator=torch.Generator().manual_seed(7))
     for weights in (True, False):
         _assert_same(ours, peer, [x], _graph(), None, weights)
+    # two node sets: PyG's TransformerConv sizes the output by the targets (edge_index rows (target, source))
+    ours, peer = _pair((8, 6), 3, heads=2, flow="target_to_source", beta=True)
+    g = torch.Generator().manual_seed(22)
+    xs, xd = torch.randn(10, 8, generator=g), torch.randn(7, 6, generator=g)
+    ei = _graph(10, 7, 30, seed=23).flip(0)
+    for weights in (True, False):
+        _assert_same(ours, peer, [xs, xd], ei, None, weights)
+
+
+def test_csc_adjacency_returns_alpha_in_its_storage_order():
+    """PyG refuses a CSC adj_t; ours takes it and returns it with alpha in its storage (column-major) order, the
+    order of its values and of its edge_attr rows."""
+    layer = TransformerConv(8, 3, heads=2)
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(27))
+    ei = torch.unique(_graph(), dim=1)
+    coo = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1)), (12, 12)).coalesce()
+    csc = coo.to_sparse_csc()
+    _, (returned, alpha) = layer(x, csc, return_attention_weights=True)
+    assert returned is csc
+    _, (dense_ei, dense_alpha) = layer(x, ei, return_attention_weights=True)
+    by_edge = {(int(s), int(d)): a for s, d, a in zip(dense_ei[0], dense_ei[1], dense_alpha)}
+    cols = torch.repeat_interleave(torch.arange(12), csc.ccol_indices().diff())  # source of each stored entry
+    for k, (dst, src) in enumerate(zip(csc.row_indices().tolist(), cols.tolist())):
+        torch.testing.assert_close(alpha[k], by_edge[(src, dst)])
 
 
 @pytest.mark.parametrize("layout", [torch.sparse_csr, torch.sparse_coo])
@@ -171,6 +195,26 @@ def test_lazy_in_channels_size_from_the_first_input_as_pyg():
     fresh = TransformerConv(-1, 4, heads=2)
     fresh.load_state_dict(peer.state_dict(), strict=True)
     torch.testing.assert_close(fresh(x, ei), want, **TOL)
+
+
+def test_seeded_lazy_models_draw_pygs_weights_and_unsized_state_dicts_load_both_ways():
+    """Two lazy layers in a row, the first without root_weight (PyG's forward never sizes its lin_skip, so neither
+    does ours: an extra draw would shift the second layer's weights); an unsized layer's state dict (weights lazy,
+    biases already [out], as PyG's Linear) loads into PyG's unsized layer and back."""
+    def model(cls):
+        return torch.nn.ModuleList([cls(-1, 4, heads=2, root_weight=False), cls(-1, 3, heads=1)])
+
+    x, ei = torch.randn(12, 7, generator=torch.Generator().manual_seed(24)), _graph()
+    outs = []
+    for cls in (TransformerConv, pyg_nn.TransformerConv):
+        torch.manual_seed(25)
+        layers = model(cls)
+        torch.manual_seed(26)
+        outs.append(layers[1](layers[0](x, ei), ei))
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    for src_cls, dst_cls in ((TransformerConv, pyg_nn.TransformerConv), (pyg_nn.TransformerConv, TransformerConv)):
+        unsized, target = src_cls(-1, 4, heads=2), dst_cls(-1, 4, heads=2)
+        target.load_state_dict(unsized.state_dict(), strict=True)
 
 
 def test_state_dict_loads_into_pyg_and_repr():

@@ -274,7 +274,14 @@ def _init_bias_(lin: nn.Linear) -> None:
 
 class _LazyLinear(nn.LazyLinear):
     """PyG's ``in_channels=-1``: an nn.LazyLinear whose size comes from the first input (or from a loaded state
-    dict), initialised as PyG's Linear once known; it then becomes a plain nn.Linear."""
+    dict), initialised as PyG's Linear once known; it then becomes a plain nn.Linear. As PyG's Linear, it is lazy in
+    its weight alone: the bias is an (uninitialised-memory) [out] Parameter from the start, so a state dict saved
+    before the first forward loads into PyG's layer, and PyG's into this one."""
+
+    def __init__(self, out_features: int, bias: bool = True) -> None:
+        super().__init__(out_features, bias=bias)
+        if bias:  # no random draw: PyG's reset_bias_ skips a bias whose in_channels is still unknown
+            self.bias = nn.Parameter(torch.empty(out_features))
 
     def initialize_parameters(self, input) -> None:
         """nn.LazyLinear's, materialising only what is still uninitialised: a PyG lazy layer saved before its first
@@ -450,6 +457,10 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
         self._graph_cache = None
         self._reverse_flow = _message_passing_flow(layer or type(self).__name__, message_passing_kwargs or {})
 
+    # whether PyG's layer sizes a flow="target_to_source" output by its targets (TransformerConv, whose queries,
+    # keys and values are separate tensors) rather than by x[0] (the GAT layers: refused with two node sets)
+    _reverse_flow_sized_by_targets = False
+
     # pickle / torch.save(layer) / copy.deepcopy: without the cached graph of the last edge_index (it is rebuilt
     # on the next call; a 500k-edge graph made a 30 KB layer a 33 MB file, with the training graph inside)
     _copied_without = {"_graph_cache": lambda: None}
@@ -521,7 +532,7 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
             raise ValueError(  # as PyG's MessagePassing
                 f"{type(self).__name__}: flow='target_to_source' is invalid for a sparse adjacency; pass the "
                 "transposed sparse tensor (adj_t.t()) to a layer with the default flow instead")
-        if self._reverse_flow and num_src != num_dst:
+        if self._reverse_flow and num_src != num_dst and not self._reverse_flow_sized_by_targets:
             # PyG gathers sources from x[0] by edge_index[1] and targets from x[1] by edge_index[0] there, but sizes
             # its output by x[0]: rows past the target count hold the bias alone. Not reproduced.
             raise ValueError(
@@ -1081,7 +1092,9 @@ class TransformerConv(_GraphAttentionBase):
     return_attention_weights=None) -> out [Nd, H*C] (concat) or [Nd, C]; with return_attention_weights a bool (True
     or False, as PyG's ``isinstance(return_attention_weights, bool)``): (out, (edge_index, alpha [E, H])), alpha
     before dropout and differentiable, as PyG's, in the order of edge_index (for a sparse adjacency, PyG returns the
-    adjacency itself with alpha in its (dst, src) row-major order; so does this layer).
+    adjacency itself with alpha in its (dst, src) row-major order; so does this layer, with alpha in the adjacency's
+    storage order: row-major for CSR and coalesced COO, column-major for CSC, which PyG refuses).
+    ``flow="target_to_source"`` with two node sets is PyG's: the output is sized by the targets.
 
     The computation: the scores q_i . k_j are taken per edge in destination order; without edge features (and when
     the weights are not asked for) the softmax and the weighted sum of the values are fused
@@ -1124,7 +1137,7 @@ class TransformerConv(_GraphAttentionBase):
         self.reset_parameters()
 
     propagate_type = {"query": Tensor, "key": Tensor, "value": Tensor, "edge_attr": OptTensor}
-    res = None  # (no residual projection: _materialize's first entry)
+    _reverse_flow_sized_by_targets = True
 
     def _src_linear(self):
         return self.lin_key
@@ -1134,9 +1147,10 @@ class TransformerConv(_GraphAttentionBase):
 
     def _materialize(self, x_src: Tensor, x_dst: Optional[Tensor]) -> None:
         """Lazy projections sized from the first input in PyG's forward order (query, key, value; the skip
-        projection later), so a seeded lazy layer draws PyG's weights."""
-        for lin, x in ((self.lin_query, x_dst), (self.lin_key, x_src), (self.lin_value, x_src),
-                       (self.lin_skip, x_dst)):
+        projection later, and only with root_weight: PyG's forward never calls it otherwise), so a seeded lazy layer
+        draws PyG's weights."""
+        skip = ((self.lin_skip, x_dst),) if self.root_weight else ()
+        for lin, x in ((self.lin_query, x_dst), (self.lin_key, x_src), (self.lin_value, x_src)) + skip:
             if _is_lazy(lin):
                 lin(x[:0])
 
@@ -1181,7 +1195,9 @@ class TransformerConv(_GraphAttentionBase):
             else:
                 out = out + x_r
         if need:
-            if graph.sparse_layout is not None:
+            if graph.sparse_layout is not None:  # the adjacency itself, as PyG's, and alpha in its storage order
+                if graph.storage_order is not None:  # (CSC, a transposed COO: not PyG's (dst, src) row-major)
+                    alpha = alpha.new_empty(alpha.shape).index_copy_(0, graph.storage_order, alpha)
                 return out, (edge_index, alpha)
             return out, (graph.edge_index.flip(0) if self._reverse_flow else graph.edge_index.clone(), alpha)
         return out
