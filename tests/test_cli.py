@@ -475,7 +475,7 @@ def test_model_and_data_of_different_domains_are_named(tmp_path, capsys):
                           (["experiment=graph_karate", "model=vit_debug"], "model vit_debug reads data.img_size, which data karate")):
         assert cli.main(["train", *args, "debug=fast", f"run_dir={tmp_path / 'run'}"]) == 1
         err = capsys.readouterr().err
-        assert message in err and "graph models (model=gat|gatv2) need graph data" in err
+        assert message in err and "graph models (model=gat|gatv2|transformer) need graph data" in err
 
 
 def test_worker_errors_and_file_errors_are_one_line(tmp_path, capsys, monkeypatch):

@@ -6,8 +6,9 @@ layer with 1 head (Cora) or 8 averaged heads (PubMed)); Brody, Alon, Yahav, "How
 Attention Networks?" (ICLR 2022, arXiv:2105.14491) -- GATv2 and the DictionaryLookup benchmark
 (official code: tech-srl/how_attentive_are_gats, dictionary_lookup/models/graph_model.py).
 
-The attention layers are zoo.attention.GATv2Conv / GATConv (PyG-compatible, fused edge softmax); a
-model picks one with ``conv="gatv2" | "gat"``.
+The attention layers are zoo.attention.GATv2Conv / GATConv (PyG-compatible, fused edge softmax) or
+zoo.attention.TransformerConv (PyG's graph transformer: dot-product attention over the edges, Shi et al., "Masked
+Label Prediction", IJCAI 2021); a model picks one with ``conv="gatv2" | "gat" | "transformer"``.
 
 Letters: N nodes, E edges, F input features, C hidden channels per head, H heads, K classes,
 G graphs in a batch, k the DictionaryLookup size.
@@ -26,7 +27,7 @@ from zoo.registry import register_model
 
 __all__ = ["make_conv", "GATNodeClassifier", "GATGraphClassifier", "DictionaryLookupNet", "global_mean_pool"]
 
-CONVS = ("gatv2", "gat")
+CONVS = ("gatv2", "gat", "transformer")
 
 
 def _check_index(name: str, index, size: Optional[int], what: str = "") -> None:
@@ -45,16 +46,23 @@ def _check_index(name: str, index, size: Optional[int], what: str = "") -> None:
 
 
 def make_conv(conv: str, in_channels, out_channels: int, **kwargs) -> nn.Module:
-    """A GATv2Conv or GATConv; GATConv ignores GATv2-only arguments (share_weights)."""
+    """A GATv2Conv, GATConv or TransformerConv. GATConv ignores GATv2-only arguments (share_weights);
+    TransformerConv ignores the GAT-only ones (share_weights, add_self_loops, residual: its ``root_weight`` skip term,
+    on unless ``root_weight=False`` is given, carries a node's own features instead of a self loop or a residual
+    projection)."""
     # imported when a layer is built: zoo.attention.graph imports torch_geometric (its MessagePassing base),
     # which registering these models (every create_model / list_models call) must not pay for
-    from zoo.attention.graph import GATConv, GATv2Conv
+    from zoo.attention.graph import GATConv, GATv2Conv, TransformerConv
 
     if conv == "gatv2":
         return GATv2Conv(in_channels, out_channels, **kwargs)
     if conv == "gat":
         kwargs.pop("share_weights", None)
         return GATConv(in_channels, out_channels, **kwargs)
+    if conv == "transformer":
+        for gat_only in ("share_weights", "add_self_loops", "residual"):
+            kwargs.pop(gat_only, None)
+        return TransformerConv(in_channels, out_channels, **kwargs)
     raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
 
 
@@ -100,7 +108,8 @@ def _check_edge_attr(edge_dim: Optional[int], edge_attr: Optional[Tensor]) -> No
 # Node classification (transductive, full batch)
 # ----------------------------------------------------------------------------------------------------
 class GATNodeClassifier(nn.Module):
-    """Velickovic et al.'s transductive GAT (or GATv2): ``num_layers`` attention layers, hidden ones
+    """Velickovic et al.'s transductive GAT (or GATv2, or graph transformer layers): ``num_layers`` attention
+    layers, hidden ones
     with ``heads`` concatenated heads and ELU, the last with ``out_heads`` averaged heads -> K logits.
     Dropout ``dropout`` on the inputs of every layer and on the attention coefficients.
     ``edge_dim``: the number of edge features; every layer then takes ``edge_attr`` [E, edge_dim] (its
@@ -365,6 +374,8 @@ class DictionaryLookupNet(nn.Module):
                                   add_self_loops=False)
         elif conv == "gat":
             self.conv = make_conv(conv, dim, dim // heads, heads=heads, add_self_loops=True)
+        elif conv == "transformer":  # as GATv2's: no bias, the query node's output from its key-value nodes alone
+            self.conv = make_conv(conv, dim, dim // heads, heads=heads, bias=False, root_weight=False)
         else:
             raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
         self.head = nn.Linear(dim, k, bias=False)
@@ -387,10 +398,11 @@ class DictionaryLookupNet(nn.Module):
 # Registered constructors
 # ----------------------------------------------------------------------------------------------------
 def _fixed_conv(name: str, conv: str, kwargs: dict) -> None:
-    """The registered names fix the layer type: a conv= argument is refused with the name to use instead."""
+    """The registered names fix the layer type: a conv= argument is refused with the names to use instead."""
     if "conv" in kwargs:
-        other = name.replace(conv, "gat" if conv == "gatv2" else "gatv2", 1).removesuffix("_debug")
-        raise TypeError(f"{name} always uses conv={conv!r} (got conv={kwargs['conv']!r}); for the other layer use {other}")
+        others = " or ".join(name.replace(conv, other, 1).removesuffix("_debug") for other in CONVS if other != conv)
+        raise TypeError(f"{name} always uses conv={conv!r} (got conv={kwargs['conv']!r}); for another layer use "
+                        f"{others}")
 
 
 def _node(conv: str, **kwargs) -> GATNodeClassifier:
@@ -475,3 +487,29 @@ def gatv2_dictlookup_debug(**kwargs) -> DictionaryLookupNet:
     kwargs.setdefault("num_classes", 4)
     kwargs.setdefault("dim", 16)
     return DictionaryLookupNet(conv="gatv2", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"in_channels": 34, "num_classes": 4})
+def transformer_node(**kwargs) -> GATNodeClassifier:
+    """Graph transformer node classifier: the GAT recipe's layers (8 heads x 8, ELU, dropout 0.6) as
+    TransformerConv layers (dot-product attention over the edges, root-weight skip instead of self loops)."""
+    _fixed_conv("transformer_node", "transformer", kwargs)
+    return _node("transformer", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"in_channels": 8, "num_classes": 3})
+def transformer_graph(**kwargs) -> GATGraphClassifier:
+    """Graph transformer graph classifier (3 TransformerConv layers, 4 heads x 32, mean pooling)."""
+    _fixed_conv("transformer_graph", "transformer", kwargs)
+    kwargs.setdefault("in_channels", 8)
+    kwargs.setdefault("num_classes", 3)
+    return GATGraphClassifier(conv="transformer", **kwargs)
+
+
+@register_model(task="graph", family="gat", default_cfg={"num_classes": 10})
+def transformer_dictlookup(**kwargs) -> DictionaryLookupNet:
+    """DictionaryLookup model with one TransformerConv layer (dim 128, 1 head): dot-product attention is dynamic,
+    so, like GATv2's and unlike GAT's, it can express the lookup."""
+    _fixed_conv("transformer_dictlookup", "transformer", kwargs)
+    kwargs.setdefault("num_classes", 10)
+    return DictionaryLookupNet(conv="transformer", **kwargs)

@@ -156,7 +156,7 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--table", type=int, default=None, metavar="K", help="DictionaryLookup table for size K")
     parser.add_argument("--out", default=None, help="write the table into this markdown file (marked block)")
     parser.add_argument("--max-epochs", type=int, default=None)
-    parser.add_argument("--runs", default=None, help="with --table: conv:heads list (default gatv2:1,gat:1,gat:8)")
+    parser.add_argument("--runs", default=None, help="with --table: conv:heads list, conv one of gatv2, gat, transformer (default gatv2:1,gat:1,gat:8)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     parser.add_argument("overrides", nargs="*", help="experiment=... group=choice a.b=value")
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ node i (its self loop as a ring), their alpha as width and label, plus the 2-hop
                   [out=graph_attention.png] (ckpt=<.ckpt | released dir | run dir> | [model=gatv2_node]
                   [heads=<the model's>] [epochs=100])
     zoo viz graph data=dictlookup [k=10] [example=0] [node=0] [seed=11] [out=...]
-                  (ckpt=<.ckpt | released dir | run dir> | [model=gatv2_dictlookup|gat_dictlookup] [heads=1] [epochs=5])
+                  (ckpt=<.ckpt | released dir | run dir> | [model=gatv2_dictlookup|gat_dictlookup|transformer_dictlookup] [heads=1] [epochs=5])
 
 ``model``, ``heads`` and ``epochs`` choose and train the model drawn, so they apply only without ``ckpt``: the
 checkpoint fixes the model, and giving them with it is refused.
@@ -111,8 +111,8 @@ def draw_neighbourhood(edge_index: torch.Tensor, alpha: torch.Tensor, node: int,
 
 # what each data kind needs, for the wrong-model messages
 _NEEDS = {
-    "node": "a node-classification model (*_node: gatv2_node, gat_node)",
-    "dictlookup": "a DictionaryLookup model (*_dictlookup: gatv2_dictlookup, gat_dictlookup)",
+    "node": "a node-classification model (*_node: gatv2_node, gat_node, transformer_node)",
+    "dictlookup": "a DictionaryLookup model (*_dictlookup: gatv2_dictlookup, gat_dictlookup, transformer_dictlookup)",
 }
 _KIND_WORDS = {
     "node": "a node-classification model (use node data, e.g. data=karate)",

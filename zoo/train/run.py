@@ -434,8 +434,8 @@ def _check_model_fits_data(cfg) -> None:
         model = str((_plain(cfg).get("model") or {}).get("name", "?")).split("_${")[0]  # gatv2_${data.model_kind}
         data = cfg.data.get("name") or str(cfg.data.get("_target_", "?")).rsplit(".", 1)[-1]
         raise ValueError(
-            f"model {model} reads {key}, which data {data} does not have: graph models (model=gat|gatv2) need "
-            f"graph data (data=graph_*, or experiment=graph_*), vision models image data (data=digits, "
+            f"model {model} reads {key}, which data {data} does not have: graph models (model=gat|gatv2|transformer) "
+            f"need graph data (data=graph_*, or experiment=graph_*), vision models image data (data=digits, "
             f"image_folder, cifar10, ...)"
         ) from None
 
@@ -466,8 +466,8 @@ def _check_graph_model_kind(cfg) -> None:
     matching = [m for m in zoo.list_models("*", task="graph") if _graph_model_kind(m) == wanted]
     data_name = data.get("name") or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
     raise ValueError(f"model {name} reads {kind} batches but data {data_name} gives "
-                     f"{wanted} batches: use model.name=<one of {', '.join(matching)}> (or model=gat|gatv2, "
-                     f"which picks <conv>_{wanted})")
+                     f"{wanted} batches: use model.name=<one of {', '.join(matching)}> (or "
+                     f"model=gat|gatv2|transformer, which picks <conv>_{wanted})")
 
 
 def _check_model_channels(plain: dict) -> None:
