@@ -244,3 +244,34 @@ def test_data_config_of_other_channel_counts_and_fixed_size_tags():
     assert args == {"num_classes": 0, "in_chans": 3, "img_size": [32, 48]}
     _, args = _tagged_entry(entry, {"input_size": (3, 40, 40), "fixed_input_size": False, "num_classes": 10})
     assert args == {"num_classes": 10, "in_chans": 3}
+
+
+def test_feature_info_get_dicts_of_one_tap_is_its_dict_as_timm():
+    """get_dicts(idx=i) for one tap is that tap's dict (timm's FeatureInfo.get_dicts), a list for a list of taps;
+    compared with timm's features_only ViT."""
+    kwargs = dict(img_size=48, features_only=True, out_indices=(0, 2))
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    ours = zoo.create_model("vit_tiny_patch16_224", **kwargs)
+    keys = ["module", "num_chs", "reduction"]
+    for idx in (0, 5, -1):
+        got = ours.feature_info.get_dicts(keys=keys, idx=idx)
+        assert isinstance(got, dict) and got == peer.feature_info.get_dicts(keys=keys, idx=idx), idx
+        assert ours.feature_info.get_dicts(idx=idx)["module"] == peer.feature_info.get_dicts(idx=idx)["module"]
+    assert ours.feature_info.get_dicts(keys=keys, idx=[1, -2]) == peer.feature_info.get_dicts(keys=keys, idx=[1, -2])
+
+
+def test_deprecated_names_are_models_with_or_without_a_tag(monkeypatch):
+    """A name in DEPRECATED_MODEL_NAMES is a model (is_model), tagged as timm spells it too, and resolves to its new
+    entry with a FutureWarning; create_model passes keyword arguments on to the new model."""
+    from zoo import registry
+
+    monkeypatch.setitem(registry.DEPRECATED_MODEL_NAMES, "vit_debug_old", "vit_debug")
+    assert zoo.is_model("vit_debug_old") and zoo.is_model("vit_debug_old.some_tag")
+    assert not zoo.is_model("vit_debug_older")
+    new = zoo.get_model_entry("vit_debug")
+    for name in ("vit_debug_old", "vit_debug_old.some_tag"):
+        with pytest.warns(FutureWarning, match="'vit_debug_old' is deprecated; use 'vit_debug'"):
+            assert zoo.get_model_entry(name) is new
+    with pytest.warns(FutureWarning, match="deprecated"):
+        model = zoo.create_model("vit_debug_old", num_classes=3)
+    assert model.zoo_model_name == "vit_debug" and model.num_classes == 3 and model.zoo_model_args == {"num_classes": 3}

@@ -375,3 +375,72 @@ def test_feature_take_indices_follows_timms_rule_and_refuses_repeats():
     for bad in (0, 5, (4,), (-5,)):
         with pytest.raises(ValueError, match="out of range"):
             feature_take_indices(4, bad)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 8), (64, 8), (6, 3, 4, 4), (64,)])
+def test_drop_path_drops_whole_samples_at_any_rank_and_batch_one_as_timm(shape):
+    """DropPath draws one keep/drop per sample (dim 0) and rescales by 1 / (1 - p), for every input rank (a 2-D
+    (B, C) input and a 4-D conv map as well as (B, N, C)) and for a batch of one; checked against timm's DropPath
+    with the same random draws over several seeds, and per sample: each row is either all zero or x / 0.7."""
+    x = torch.randn(shape)
+    ours, theirs = DropPath(0.3), TimmDropPath(0.3)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out_ours = ours(x)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(out_ours, theirs(x))
+        for row_out, row_x in zip(out_ours, x):
+            assert torch.equal(row_out, torch.zeros_like(row_x)) or torch.allclose(row_out * 0.7, row_x), seed
+    assert ours.train()(x) is not x and DropPath(0.0).train()(x) is x and ours.eval()(x) is x  # p = 0: timm's identity
+
+
+def test_drop_path_refuses_rates_outside_zero_to_one():
+    """A negative rate is an error naming drop_path (timm's bernoulli_ raises only for the rate's keep > 1, deep inside
+    the first training step); 0 and 0.999 are rates."""
+    DropPath(0.0), DropPath(0.999)
+    for bad in (-0.1, -1.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="drop_path rate must be in"):
+            DropPath(bad)
+
+
+def test_layer_scale_leaves_its_input_unchanged_in_every_grad_mode():
+    """LayerScale computes x * gamma into a new tensor, as timm's LayerScale (inplace=False, its default): under
+    torch.no_grad / inference_mode too the caller's tensor is not scaled in place."""
+    ours, theirs = LayerScale(8, 0.5), TimmLayerScale(8, 0.5)
+    for context in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with context():
+            x = torch.randn(2, 3, 8)
+            before = x.clone()
+            out = ours(x)
+            torch.testing.assert_close(out, theirs(before))
+            assert torch.equal(x, before), context.__name__
+
+
+def test_to_pair_takes_numpy_ints_as_python_ints_and_refuses_tensors():
+    """numpy integers count as ints (img_size read from a numpy config) and come back as Python ints; 0-d tensors, in
+    a pair too, are refused like other non-ints."""
+    import numpy as np
+
+    for value, want in [(np.int64(7), (7, 7)), ((np.int32(3), np.int64(5)), (3, 5)), ([4, np.uint8(6)], (4, 6))]:
+        got = to_pair(value, "img_size")
+        assert got == want and all(type(v) is int for v in got), value
+    for bad in (torch.tensor(3), (torch.tensor(3), 4), (np.int64(0), 2), np.float32(3.0)):
+        with pytest.raises(ValueError, match="img_size must be a positive int or a pair"):
+            to_pair(bad, "img_size")
+    with pytest.raises(TypeError, match="flag must be True or False"):
+        check_flag(torch.tensor(1), "flag")  # a 0-d int tensor is not one of the ints 0 / 1 here
+
+
+def test_feature_take_indices_names_an_empty_selection_and_reset_classifier_checks_pools():
+    """An empty index sequence is an error naming the argument (not max()'s "empty sequence"); reset_classifier's
+    global_pool must be one of the family's pools, "" included only where the family lists it (Agent-DeiT does not)."""
+    from zoo.layers import check_reset_classifier, feature_take_indices
+
+    for empty in ((), [], torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="out_indices: an empty sequence selects no feature"):
+            feature_take_indices(4, empty, name="out_indices")
+    check_reset_classifier(3, "", ("", "token"))
+    check_reset_classifier(0, None, ("token", "avg"))
+    for bad in ("", "max", "Token"):
+        with pytest.raises(ValueError, match=r"global_pool must be one of \('token', 'avg'\)"):
+            check_reset_classifier(3, bad, ("token", "avg"))
