@@ -234,3 +234,60 @@ def test_half_and_double_alibi_layers_compile_as_one_graph(dtype):
         for n in (7, 13):
             x = torch.randn(2, n, 32, dtype=dtype)
             torch.testing.assert_close(compiled(x, mask=Causal()), layer(x, mask=Causal()))
+
+
+def test_a_round_trip_through_fp16_keeps_the_exact_slopes_where_fp16_and_bf16_round_apart():
+    """With 12 heads the fp16 and bf16 roundings of every slope coincide, so a check of the fp16 rounding alone went
+    untested: with 24 heads 8 slopes round differently in fp16 and bf16. .half().float() / .half().double() must
+    still give the float64 slopes of the official recursion (not the fp16-rounded ones, ~1e-4 relative off)."""
+    heads, q_len, k_len = 24, 2, 5
+    fp32 = alibi_slopes(heads).float()
+    assert bool((fp32.half().float() != fp32.bfloat16().float()).any())  # the case this test is about
+    distance = (torch.arange(q_len)[:, None] + k_len - q_len - torch.arange(k_len)[None, :]).abs().double()
+    want = -torch.tensor(_official_slopes(heads), dtype=torch.float64)[None, :, None, None] * distance
+    for back in (torch.float32, torch.float64):
+        alibi = ALiBi(heads).half().to(back)
+        torch.testing.assert_close(alibi.materialize(q_len, k_len, dtype=torch.float64), want, rtol=1e-15, atol=0)
+
+
+def test_capture_of_an_alibi_layer_records_its_biased_weights_and_ends_cleanly():
+    """capture_attention around a MultiHeadAttention with ALiBi: the record holds the float64 softmax of
+    q k^T / sqrt(D) - slope * distance under the causal mask (re-derived here), detached; an explicit record name
+    wins over the captured model's qualified name; extra maps are detached; an exception inside the block ends the
+    capture (nothing recorded or slowed down afterwards); captures closed out of order each stop recording."""
+    import torch.nn as nn
+
+    from zoo.attention import capture_attention
+    from zoo.attention.capture import is_capturing, record
+
+    torch.manual_seed(0)
+    heads, n, dim = 4, 6, 32
+    mha = MultiHeadAttention(dim, num_heads=heads, rel_pos_bias=ALiBi(heads))
+    model = nn.Sequential(mha)
+    x = torch.randn(2, n, dim)
+    with capture_attention(model) as maps:
+        mha(x, mask=Causal())
+        record(mha, torch.ones(1, 1, 1, 1), name="custom", agent=torch.ones(2, requires_grad=True) * 2)
+    assert [r.name for r in maps] == ["0", "custom"]
+    assert not maps[0].weights.requires_grad and not maps[1].extra["agent"].requires_grad
+    q, k, _ = (t.double() for t in mha.project(x))
+    d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs().double()
+    slopes = torch.tensor(_official_slopes(heads), dtype=torch.float64)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(dim // heads) - slopes[:, None, None] * d
+    scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf)
+    torch.testing.assert_close(maps[0].weights.double(), scores.softmax(-1), rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_attention(mha) as stale:
+            mha(x)
+            raise RuntimeError("boom")
+    assert not is_capturing()
+    mha(x)
+    assert len(stale) == 1
+
+    outer_cm, inner_cm = capture_attention(), capture_attention()
+    outer, inner = outer_cm.__enter__(), inner_cm.__enter__()
+    outer_cm.__exit__(None, None, None)  # closed first: the inner capture goes on alone
+    mha(x)
+    inner_cm.__exit__(None, None, None)
+    assert (len(outer), len(inner), is_capturing()) == (0, 1, False)

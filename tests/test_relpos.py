@@ -183,3 +183,40 @@ def test_one_length_off_the_window_is_enough_to_raise(cls, q_len, k_len):
     with pytest.raises(ValueError, match="2x2 window"):
         bias.materialize(q_len, k_len)
     assert bias.materialize(4, 4).shape == (1, 2, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "cls,src,dst",
+    [(RelPosBiasTf, (3, 3), (2, 4)), (RelPosBiasTf, (3, 3), (4, 2)), (RelPosBiasTf, (2, 4), (4, 2)),
+     (RelPosMlp, (2, 2), (2, 3)), (RelPosMlp, (3, 2), (3, 4))],
+)
+def test_set_window_size_to_a_non_square_window_equals_timm_built_for_it(cls, src, dst):
+    """set_window_size() to a window that is not square (or that changes only its width) gives the bias of timm's
+    module built for the new window, loaded with the same weights (the TF table resized by timm's
+    resize_rel_pos_bias_table). Square windows, and width-preserving changes, hid a transposed index and a width
+    change that kept the old offset tables."""
+    torch.manual_seed(0)
+    ours = cls(src, 2, hidden_dim=8).eval() if cls is RelPosMlp else cls(src, 2)
+    if cls is RelPosBiasTf:
+        with torch.no_grad():
+            ours.relative_position_bias_table.normal_()
+        sd = {"relative_position_bias_table": timm_rel.resize_rel_pos_bias_table(
+            ours.relative_position_bias_table.detach(), new_window_size=dst,
+            new_bias_shape=(2, 2 * dst[0] - 1, 2 * dst[1] - 1))}
+        peer = timm_rel.RelPosBiasTf(dst, 2)
+    else:
+        sd = {k: v.clone() for k, v in ours.state_dict().items()}
+        peer = timm_rel.RelPosMlp(dst, 2, hidden_dim=8).eval()
+    peer.load_state_dict(sd, strict=True)
+    ours.set_window_size(dst)
+    assert ours.window_size == dst
+    n = dst[0] * dst[1]
+    torch.testing.assert_close(ours.materialize(n, n)[0], peer.get_bias().reshape(2, n, n), rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_table_has_timm_init():
+    """A new RelPosBiasTf table is N(0, 0.02^2), as timm's RelPosBiasTf (nn.init.normal_(..., std=.02)) and the
+    official MaxViT code: a model trained from scratch starts from the same biases."""
+    torch.manual_seed(0)
+    table = RelPosBiasTf((16, 16), 8).relative_position_bias_table.detach()  # 7688 draws: std within ~2%
+    assert abs(float(table.std()) - 0.02) < 0.002 and abs(float(table.mean())) < 0.002

@@ -370,3 +370,49 @@ def test_kept_table_follows_autocast_and_wrong_dtype_is_named():
     with pytest.raises(TypeError, match="TransformerXLRelPos: q is torch.bfloat16 but the TransformerXLRelPos's "
                                         "weights are torch.float32"):
         TransformerXLRelPos(32, 4)(q.bfloat16(), 6, 8 ** -0.5)
+
+
+@pytest.mark.parametrize("q_offset", [-6, -2, 0, 5])
+def test_kept_table_serves_queries_before_and_after_the_keys(q_offset):
+    """forward(..., q_offset) without gradients reads the kept projected table; the rows it slices must be the
+    distances q_offset + i - j also when the largest distance is negative (queries placed before all keys).
+    Reference: the bias written from the definition in float64, scale * (q_i + v) . W_pos s(q_offset + i - j),
+    s from _sinusoid_f64; the same call with gradients enabled (no table) must agree too."""
+    torch.manual_seed(0)
+    layer = TransformerXLRelPos(16, 2).double()
+    with torch.no_grad():
+        layer.pos_bias_v.normal_()
+    n_q, n_k, scale = 3, 4, 0.37
+    q = torch.randn(2, 2, n_q, 8, dtype=torch.float64)
+    w_pos, vb = layer.linear_pos.weight.detach(), layer.pos_bias_v.detach()
+    want = torch.empty(2, 2, n_q, n_k, dtype=torch.float64)
+    for i in range(n_q):
+        for j in range(n_k):
+            p = (w_pos @ _sinusoid_f64(q_offset + i - j, 16)).view(2, 8)
+            want[:, :, i, j] = scale * ((q[:, :, i] + vb) * p).sum(-1)
+    with torch.no_grad():
+        _, kept = layer(q, n_k, scale, q_offset=q_offset)
+    _, fresh = layer(q, n_k, scale, q_offset=q_offset)
+    torch.testing.assert_close(kept, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fresh.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_rel_shift_refuses_a_distance_axis_of_the_wrong_length():
+    """rel_shift reads scores against exactly Nq + Nk - 1 distances: a longer or shorter last dim (scores from a
+    table sliced for another Nk) is an error, not a strided view of the wrong entries."""
+    for length in (5, 7):
+        with pytest.raises(ValueError, match=r"Nq \+ Nk - 1 = 6, got " + str(length)):
+            rel_shift(torch.zeros(1, 2, 3, length), 4)
+    assert rel_shift(torch.zeros(1, 2, 3, 6), 4).shape == (1, 2, 3, 4)
+
+
+def test_pos_bias_u_and_v_start_as_espnet_xavier_uniform():
+    """ESPnet's RelPositionMultiHeadedAttention initialises pos_bias_u and pos_bias_v with
+    torch.nn.init.xavier_uniform_: uniform on [-a, a], a = sqrt(6 / (H + D)), so standard deviation a / sqrt(3)."""
+    torch.manual_seed(0)
+    layer = TransformerXLRelPos(256, 4)  # (4, 64): 256 draws each
+    bound = math.sqrt(6.0 / (4 + 64))
+    for param in (layer.pos_bias_u, layer.pos_bias_v):
+        values = param.detach()
+        assert float(values.abs().max()) <= bound
+        assert abs(float(values.std()) - bound / math.sqrt(3.0)) < 0.15 * bound / math.sqrt(3.0)
