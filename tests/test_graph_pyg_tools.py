@@ -107,10 +107,10 @@ def test_message_hooks_see_pyg_messages(conv_zoo, conv_pyg):
     torch.testing.assert_close(seen["ours"][1], seen["peer"][1], **TOL)  # messages [E', H, C]
 
 
-def _explain_both(conv_zoo, conv_pyg, algorithm, **masks):
+def _explain_both(conv_zoo, conv_pyg, algorithm, net_kwargs=None, **masks):
     """The same explainer on a two-layer node classifier of zoo layers and of PyG layers with the same
     weights, explaining node 6 (seeded identically before each call)."""
-    ours, peer = _nets(conv_zoo, conv_pyg)
+    ours, peer = _nets(conv_zoo, conv_pyg, **(net_kwargs or {}))
     x, ei = _graph()
     explanations = []
     for model in (ours, peer):
@@ -135,6 +135,18 @@ def test_gnnexplainer_matches_pyg(conv_zoo, conv_pyg):
 @pytest.mark.parametrize("conv_zoo, conv_pyg", PAIRS, ids=IDS)
 def test_attention_explainer_matches_pyg(conv_zoo, conv_pyg):
     (a, b), _ = _explain_both(conv_zoo, conv_pyg, AttentionExplainer, edge_mask_type="object")
+    assert a.edge_mask.abs().sum() > 0
+    torch.testing.assert_close(a.edge_mask, b.edge_mask, **TOL)
+
+
+@pytest.mark.parametrize("conv_zoo, conv_pyg", PAIRS, ids=IDS)
+def test_attention_explainer_with_the_reverse_flow_matches_pyg(conv_zoo, conv_pyg):
+    """flow="target_to_source": the layer reports it as PyG's does (``layer.flow``), which the explainers read for
+    a node's k-hop neighbourhood; the edge masks are PyG's (with "source_to_target" reported instead, the mask fell
+    on the edges into node 6, which carry nothing to it under that flow)."""
+    (a, b), _ = _explain_both(conv_zoo, conv_pyg, AttentionExplainer, dict(flow="target_to_source"),
+                              edge_mask_type="object")
+    assert conv_zoo(6, 4, flow="target_to_source").flow == "target_to_source"
     assert a.edge_mask.abs().sum() > 0
     torch.testing.assert_close(a.edge_mask, b.edge_mask, **TOL)
 

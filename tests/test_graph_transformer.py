@@ -317,3 +317,21 @@ def test_explain_edge_masks_match_pyg(edge_dim):
     torch.testing.assert_close(results[0][0], results[1][0], **TOL)
     torch.testing.assert_close(results[0][1], results[1][1], **TOL)
     torch.testing.assert_close(ours(x, ei, ea), peer(x, ei, ea), **TOL)  # masks cleared: the plain layer again
+
+
+def test_attention_explainer_with_the_reverse_flow_matches_pyg():
+    """layer.flow reads the caller's flow, as PyG's layer (AttentionExplainer takes a node's neighbourhood by it);
+    the edge masks equal PyG's for flow="target_to_source"."""
+    from torch_geometric.explain import AttentionExplainer, Explainer
+
+    ours, peer = _pair(8, 4, heads=2, flow="target_to_source")
+    assert ours.flow == peer.flow == "target_to_source"
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(28))
+    ei = _graph()
+    masks = []
+    for layer in (ours, peer):
+        explainer = Explainer(layer, algorithm=AttentionExplainer(), explanation_type="model", edge_mask_type="object",
+                              model_config=dict(mode="regression", task_level="node", return_type="raw"))
+        masks.append(explainer(x, ei, index=2).edge_mask)
+    assert masks[0].abs().sum() > 0
+    torch.testing.assert_close(masks[0], masks[1], **TOL)

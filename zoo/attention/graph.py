@@ -43,6 +43,7 @@ memory, edge_index values unchecked (as in PyG) and a [2, E] edge_index only (no
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -456,6 +457,20 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
         super().__init__(aggr=aggr, node_dim=node_dim)
         self._graph_cache = None
         self._reverse_flow = _message_passing_flow(layer or type(self).__name__, message_passing_kwargs or {})
+        # The caller's flow, as PyG's layer reports it: PyG's tools read ``module.flow`` (the explainers' k-hop
+        # subgraph of a node-level explanation). The layer flips the edge index itself (_flowing), so its own
+        # propagate / edge_updater calls run with the default flow (_default_flow_inside).
+        self.flow = "target_to_source" if self._reverse_flow else "source_to_target"
+
+    @contextlib.contextmanager
+    def _default_flow_inside(self):
+        """``self.flow`` is "source_to_target" inside the block: PyG's propagate / edge_updater read it to pick
+        x_i / x_j, and the edge index they get is already flipped to (source, destination) rows."""
+        flow, self.flow = self.flow, "source_to_target"
+        try:
+            yield
+        finally:
+            self.flow = flow
 
     # whether PyG's layer sizes a flow="target_to_source" output by its targets (TransformerConv, whose queries,
     # keys and values are separate tensors) rather than by x[0] (the GAT layers: refused with two node sets)
@@ -727,8 +742,9 @@ class _GraphAttentionBase(CachedGraphLayer):
         dropout; PyG's edge-update hooks fire around it), then ``propagate(edge_index, x=x, alpha=alpha,
         size=size)`` (message, explain mask, sum) -> (out [Nd, H, C], alpha [E', H]) in ``graph.edge_index`` order.
         ``size`` None (as PyG's calls give when x holds the target features) or (Ns, Nd)."""
-        alpha = self.edge_updater(graph.edge_index, size=size, **edge_kwargs)
-        out_NHC = self.propagate(graph.edge_index, x=x, alpha=alpha, size=size)
+        with self._default_flow_inside():
+            alpha = self.edge_updater(graph.edge_index, size=size, **edge_kwargs)
+            out_NHC = self.propagate(graph.edge_index, x=x, alpha=alpha, size=size)
         return out_NHC, alpha
 
     def _edge_softmax(self, scores_EH: Tensor, index: Tensor, dim_size: Optional[int]) -> Tensor:
@@ -1179,7 +1195,8 @@ class TransformerConv(_GraphAttentionBase):
         alpha = None
         if need or edge_attr is not None or self._runs_propagate():
             ea = self._edge_features(graph, edge_attr, csr_order=False)
-            out_NHC = self.propagate(graph.edge_index, query=q_NHC, key=k_NHC, value=v_NHC, edge_attr=ea)
+            with self._default_flow_inside():
+                out_NHC = self.propagate(graph.edge_index, query=q_NHC, key=k_NHC, value=v_NHC, edge_attr=ea)
             alpha, self._alpha = self._alpha, None
         else:
             csr = graph.csr.to(q_NHC.device)

@@ -268,8 +268,9 @@ class PointTransformerConv(CachedGraphLayer):
         graph = self._graph(edge_index, x_src.size(0), x_dst.size(0))
         if self._runs_propagate():
             # PyG's propagate: the explain mask and the hooks see PyG's messages; torch.func transforms run it too
-            return self.propagate(graph.edge_index, x=(v_NC, None), pos=(pos_src, pos_dst),
-                                  alpha=(a_src_NC, a_dst_NC), size=(x_src.size(0), x_dst.size(0)))
+            with self._default_flow_inside():
+                return self.propagate(graph.edge_index, x=(v_NC, None), pos=(pos_src, pos_dst),
+                                      alpha=(a_src_NC, a_dst_NC), size=(x_src.size(0), x_dst.size(0)))
         return self._blockwise(graph, v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
 
     def _scores_and_values(self, rel_pos: Tensor, a_dst: Tensor, a_src: Tensor, v_src: Tensor):
