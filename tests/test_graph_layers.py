@@ -1625,3 +1625,24 @@ def test_uncoalesced_bipartite_coo_without_duplicates_takes_edge_attr(name):
     adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.arange(5), (2, 5))
     assert not adj_t.is_coalesced()
     torch.testing.assert_close(ours(x, adj_t, edge_attr[adj_t._values()]), peer(x, ei, edge_attr), **TOL)
+
+
+@pytest.mark.parametrize("name", ["gatv2", "gat", "gatv2-edge"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seeded_training_dropout_drops_the_edges_pygs_layer_drops(name, dtype):
+    """In training with attention dropout, the fused path's keep mask is drawn as PyG's F.dropout draws it (in
+    PyG's edge order, loops included), so a seeded forward + backward equals PyG's layer exactly on CPU."""
+    zoo_cls, pyg_cls = (GATConv, pyg_nn.GATConv) if name == "gat" else (GATv2Conv, pyg_nn.GATv2Conv)
+    kwargs = dict(edge_dim=3) if name.endswith("edge") else {}
+    ours, peer = _pair(zoo_cls, pyg_cls, 8, 4, heads=2, dropout=0.5, **kwargs)
+    x, ei = torch.randn(12, 8, dtype=dtype), _graph()
+    ea = torch.randn(ei.size(1), 3, dtype=dtype) if kwargs else None
+    results = []
+    for layer in (ours.to(dtype).train(), peer.to(dtype).train()):
+        leaf = x.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        out = layer(leaf, ei, ea)
+        results.append((out, torch.autograd.grad(out.square().sum(), leaf)[0]))
+    assert not torch.equal(results[0][0], ours.eval()(x, ei, ea))  # dropout did drop something
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-6)

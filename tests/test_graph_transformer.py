@@ -252,7 +252,7 @@ def test_training_dropout_on_the_fused_path_is_a_keep_mask_on_alpha(monkeypatch)
     layer = TransformerConv(8, 5, heads=2, dropout=0.4).double().train()
     x, ei = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(17)), _graph()
     keep = torch.rand(ei.size(1), 2, generator=torch.Generator().manual_seed(18)) >= 0.4
-    monkeypatch.setattr(zgraph.TransformerConv, "_keep_mask", lambda self, graph, device: keep)
+    monkeypatch.setattr(zgraph.TransformerConv, "_keep_mask", lambda self, graph, device, dtype: keep)
     out = layer(x, ei)
     csr = build_csr(ei, 12, 12)
     q = layer.lin_query(x).view(12, 2, 5)
@@ -335,3 +335,18 @@ def test_attention_explainer_with_the_reverse_flow_matches_pyg():
         masks.append(explainer(x, ei, index=2).edge_mask)
     assert masks[0].abs().sum() > 0
     torch.testing.assert_close(masks[0], masks[1], **TOL)
+
+
+def test_seeded_training_dropout_drops_the_edges_pygs_layer_drops():
+    """The fused path's keep mask is drawn as PyG's F.dropout draws it, in edge order: a seeded training forward
+    equals PyG's, and the propagate path's (weights requested) too."""
+    ours, peer = _pair(8, 4, heads=2, dropout=0.5)
+    ours.train(), peer.train()
+    x, ei = torch.randn(12, 8, generator=torch.Generator().manual_seed(29)), _graph()
+    outs = []
+    for call in (lambda: ours(x, ei), lambda: peer(x, ei), lambda: ours(x, ei, return_attention_weights=True)[0]):
+        torch.manual_seed(4)
+        outs.append(call())
+    assert not torch.equal(outs[0], ours.eval()(x, ei))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outs[2], outs[1], atol=1e-6, rtol=1e-6)

@@ -715,10 +715,15 @@ class _GraphAttentionBase(CachedGraphLayer):
             edge_attr = torch.cat([edge_attr, loops], dim=0)
         return edge_attr[graph.csr.perm] if csr_order else edge_attr
 
-    def _keep_mask(self, graph: GraphStructure, device) -> Optional[Tensor]:
+    def _keep_mask(self, graph: GraphStructure, device, dtype: torch.dtype) -> Optional[Tensor]:
+        """The attention-dropout keep mask [E', H] in CSR order, or None (evaluation, no dropout, no edges). Drawn as
+        PyG's ``F.dropout(alpha)`` draws it (torch's dropout is ``bernoulli_(1 - p)`` on a tensor of alpha's shape
+        and dtype), in PyG's edge order, then put in CSR order: a seeded training run on CPU drops the edges PyG's
+        layer drops (tests/test_graph_layers.py); CUDA's fused dropout kernel draws otherwise."""
         if not (self.training and self.dropout > 0.0) or graph.csr.num_edges == 0:
             return None
-        return torch.rand(graph.csr.num_edges, self.heads, device=device) >= self.dropout
+        keep = torch.empty(graph.csr.num_edges, self.heads, device=device, dtype=dtype).bernoulli_(1.0 - self.dropout)
+        return keep.bool()[graph.csr.perm.to(device)]
 
     def _finish(self, out_NHC: Tensor, res: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         # the row count, not -1: a graph without (destination) nodes gives [0, H*C] as in PyG
@@ -901,7 +906,8 @@ class GATv2Conv(_GraphAttentionBase):
             we = self.lin_edge.weight if ea is not None else None
             out_NHC, alpha_csr = gatv2_attention(
                 xs_NHC, xd_NHC, self.att[0], csr, dst_projection=dst_projection, edge_attr=ea, edge_weight=we,
-                negative_slope=self.negative_slope, keep=self._keep_mask(graph, xs_NHC.device),
+                negative_slope=self.negative_slope,
+                keep=self._keep_mask(graph, xs_NHC.device, torch.promote_types(xs_NHC.dtype, self.att.dtype)),
                 dropout=self.dropout, need_weights=need,
             )
             alpha = self._input_order(graph, alpha_csr) if need else None
@@ -1059,7 +1065,7 @@ class GATConv(_GraphAttentionBase):
                 s_EH = s_EH + ea @ w_HD.t()
             s_EH = F.leaky_relu(s_EH, self.negative_slope)
             out_NHC, alpha_csr = segment_softmax_aggregate(
-                s_EH, xs_NHC, csr, keep=self._keep_mask(graph, xs_NHC.device), dropout=self.dropout,
+                s_EH, xs_NHC, csr, keep=self._keep_mask(graph, xs_NHC.device, s_EH.dtype), dropout=self.dropout,
                 need_weights=need,
             )
             alpha = self._input_order(graph, alpha_csr) if need else None
@@ -1201,8 +1207,8 @@ class TransformerConv(_GraphAttentionBase):
         else:
             csr = graph.csr.to(q_NHC.device)
             s_EH = (q_NHC.index_select(0, csr.row) * k_NHC.index_select(0, csr.col)).sum(-1) / math.sqrt(C)
-            out_NHC, _ = segment_softmax_aggregate(s_EH, v_NHC, csr, keep=self._keep_mask(graph, q_NHC.device),
-                                                   dropout=self.dropout)
+            out_NHC, _ = segment_softmax_aggregate(s_EH, v_NHC, csr, dropout=self.dropout,
+                                                   keep=self._keep_mask(graph, q_NHC.device, s_EH.dtype))
         out = out_NHC.reshape(out_NHC.size(0), H * C) if self.concat else out_NHC.mean(dim=1)
         if self.root_weight:
             x_r = self.lin_skip(x_dst)
