@@ -350,3 +350,22 @@ def test_seeded_training_dropout_drops_the_edges_pygs_layer_drops():
     assert not torch.equal(outs[0], ours.eval()(x, ei))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(outs[2], outs[1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(beta=True), dict(root_weight=False)])
+def test_lazy_edge_dim_sizes_lin_edge_from_the_first_edge_attr_as_pyg(kwargs):
+    """edge_dim=-1: lin_edge sized from the first edge_attr, at the point of PyG's forward where its message sizes
+    it (after query, key and value, before the skip projection), so seeded lazy layers draw PyG's weights; a sized
+    PyG state dict loads into a lazy layer."""
+    x, ei = torch.randn(12, 8, generator=torch.Generator().manual_seed(30)), _graph()
+    ea = torch.randn(ei.size(1), 3, generator=torch.Generator().manual_seed(31))
+    outs = []
+    for cls in (TransformerConv, pyg_nn.TransformerConv):
+        torch.manual_seed(32)
+        layer = cls(-1, 4, heads=2, edge_dim=-1, **kwargs)
+        outs.append(layer(x, ei, ea))
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    assert layer.lin_edge.weight.shape == (8, 3)
+    ours = TransformerConv(-1, 4, heads=2, edge_dim=-1, **kwargs)  # (PyG's lin_skip stays unsized without root_weight)
+    ours.load_state_dict(layer.state_dict(), strict=True)
+    torch.testing.assert_close(ours(x, ei, ea), outs[1], **TOL)

@@ -472,6 +472,9 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
         finally:
             self.flow = flow
 
+    # whether edge_dim=-1 (lin_edge sized from the first edge_attr) is taken (TransformerConv, as PyG's)
+    _lazy_edge_dim_ok = False
+
     # whether PyG's layer sizes a flow="target_to_source" output by its targets (TransformerConv, whose queries,
     # keys and values are separate tensors) rather than by x[0] (the GAT layers: refused with two node sets)
     _reverse_flow_sized_by_targets = False
@@ -598,7 +601,7 @@ class _GraphAttentionBase(CachedGraphLayer):
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if edge_dim is not None:
-            _check_channels("edge_dim", edge_dim)
+            _check_channels("edge_dim", edge_dim, lazy_ok=self._lazy_edge_dim_ok)
         _check_fill_value(fill_value, edge_dim)
         negative_slope = _check_negative_slope(negative_slope)
         self.in_channels = in_channels
@@ -699,7 +702,7 @@ class _GraphAttentionBase(CachedGraphLayer):
             )
         if edge_attr.numel() and not is_tracing() and not bool(torch.isfinite(edge_attr.detach()).all()):
             raise ValueError("edge_attr contains NaN or Inf values")
-        if self.edge_dim is not None and edge_attr.size(1) != self.edge_dim:
+        if self.edge_dim not in (None, -1) and edge_attr.size(1) != self.edge_dim:
             raise ValueError(f"edge_attr has {edge_attr.size(1)} features, edge_dim is {self.edge_dim}")
         self._like_weights(edge_attr, self.lin_edge, "edge_attr")
         if graph.storage_order is not None:  # CSC, a transposed COO, unsorted CSR columns: rows in storage order
@@ -1105,7 +1108,7 @@ class TransformerConv(_GraphAttentionBase):
     Args (as PyG): in_channels (int, a (source, target) pair, -1 lazy), out_channels, heads=1, concat=True (False:
     heads averaged), beta=False (gated skip: x'_i = b_i W_1 x_i + (1 - b_i) m_i with b_i = sigmoid(w_5 . [W_1 x_i,
     m_i, W_1 x_i - m_i]); only with root_weight), dropout=0.0 (on the attention coefficients), edge_dim=None (edge
-    features added to the keys and the values after lin_edge), bias=True, root_weight=True (False: no W_1 x_i term
+    features added to the keys and the values after lin_edge; -1: sized from the first edge_attr), bias=True, root_weight=True (False: no W_1 x_i term
     and no beta), and PyG's MessagePassing keywords aggr="add" and flow. State-dict keys and shapes are PyG's
     (lin_key, lin_query, lin_value, lin_edge, lin_skip, lin_beta), so a PyG state dict loads strict and gives the
     same outputs, attention weights and gradients; the initialisation draws as PyG's (kaiming-uniform Linear).
@@ -1160,6 +1163,7 @@ class TransformerConv(_GraphAttentionBase):
 
     propagate_type = {"query": Tensor, "key": Tensor, "value": Tensor, "edge_attr": OptTensor}
     _reverse_flow_sized_by_targets = True
+    _lazy_edge_dim_ok = True
 
     def _src_linear(self):
         return self.lin_key
@@ -1167,12 +1171,14 @@ class TransformerConv(_GraphAttentionBase):
     def _dst_linear(self):
         return self.lin_query
 
-    def _materialize(self, x_src: Tensor, x_dst: Optional[Tensor]) -> None:
-        """Lazy projections sized from the first input in PyG's forward order (query, key, value; the skip
-        projection later, and only with root_weight: PyG's forward never calls it otherwise), so a seeded lazy layer
-        draws PyG's weights."""
+    def _materialize(self, x_src: Tensor, x_dst: Optional[Tensor], edge_attr: Optional[Tensor] = None) -> None:
+        """Lazy projections sized from the first input in PyG's forward order (query, key, value, then the edge
+        projection of ``edge_dim=-1``, which PyG's message sizes, then the skip projection, only with root_weight:
+        PyG's forward never calls it otherwise), so a seeded lazy layer draws PyG's weights."""
+        sized_by_edges = isinstance(edge_attr, Tensor) and edge_attr.is_floating_point() and edge_attr.dim() in (1, 2)
+        edge = ((self.lin_edge, edge_attr.reshape(edge_attr.size(0), -1)),) if sized_by_edges else ()
         skip = ((self.lin_skip, x_dst),) if self.root_weight else ()
-        for lin, x in ((self.lin_query, x_dst), (self.lin_key, x_src), (self.lin_value, x_src)) + skip:
+        for lin, x in ((self.lin_query, x_dst), (self.lin_key, x_src), (self.lin_value, x_src)) + edge + skip:
             if _is_lazy(lin):
                 lin(x[:0])
 
@@ -1188,15 +1194,15 @@ class TransformerConv(_GraphAttentionBase):
         x_src, x_dst, single = self._split_x(x, allow_none_dst=False)
         if single:
             x_dst = x_src
-        self._materialize(x_src, x_dst)
-        q_NHC = self.lin_query(x_dst).view(x_dst.size(0), H, C)
-        k_NHC = self.lin_key(x_src).view(x_src.size(0), H, C)
-        v_NHC = self.lin_value(x_src).view(x_src.size(0), H, C)
-        graph = self._graph(edge_index, x_src.size(0), x_dst.size(0))
         if edge_attr is not None and self.lin_edge is None:
             raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
         if edge_attr is None and self.lin_edge is not None:  # (PyG's message asserts it)
             raise ValueError(f"the layer was built with edge_dim={self.edge_dim}: pass edge_attr")
+        self._materialize(x_src, x_dst, edge_attr)
+        q_NHC = self.lin_query(x_dst).view(x_dst.size(0), H, C)
+        k_NHC = self.lin_key(x_src).view(x_src.size(0), H, C)
+        v_NHC = self.lin_value(x_src).view(x_src.size(0), H, C)
+        graph = self._graph(edge_index, x_src.size(0), x_dst.size(0))
         need = isinstance(return_attention_weights, bool)  # PyG's test: True and False both ask for them
         alpha = None
         if need or edge_attr is not None or self._runs_propagate():
