@@ -374,8 +374,9 @@ class DictionaryLookupNet(nn.Module):
                                   add_self_loops=False)
         elif conv == "gat":
             self.conv = make_conv(conv, dim, dim // heads, heads=heads, add_self_loops=True)
-        elif conv == "transformer":  # as GATv2's: no bias, the query node's output from its key-value nodes alone
-            self.conv = make_conv(conv, dim, dim // heads, heads=heads, bias=False, root_weight=False)
+        elif conv == "transformer":  # no bias, as GATv2's; the root-weight skip kept (without it, lin_skip, which
+            # PyG's layer builds whatever root_weight is, would be a parameter without a gradient)
+            self.conv = make_conv(conv, dim, dim // heads, heads=heads, bias=False)
         else:
             raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
         self.head = nn.Linear(dim, k, bias=False)
