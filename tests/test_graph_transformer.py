@@ -369,3 +369,35 @@ def test_lazy_edge_dim_sizes_lin_edge_from_the_first_edge_attr_as_pyg(kwargs):
     ours = TransformerConv(-1, 4, heads=2, edge_dim=-1, **kwargs)  # (PyG's lin_skip stays unsized without root_weight)
     ours.load_state_dict(layer.state_dict(), strict=True)
     torch.testing.assert_close(ours(x, ei, ea), outs[1], **TOL)
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_edge_dot_matches_autograd_and_keeps_no_edge_by_channel_tensor(chunk):
+    """zoo.attention.segment.edge_dot: q[row] . k[col] per edge and head, its gradients those of autograd's
+    gathers (float64, chunks of a few edges included); the layer's fused path keeps nothing of E*H*C elements for
+    backward, where PyG's TransformerConv keeps several (probed with saved-tensor hooks)."""
+    from zoo.attention.segment import edge_dot
+
+    g = torch.Generator().manual_seed(33)
+    q = torch.randn(9, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(7, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    row, col = torch.randint(0, 9, (50,), generator=g), torch.randint(0, 7, (50,), generator=g)
+    got = edge_dot(q, k, row, col, chunk_elements=chunk)
+    want = (q[row] * k[col]).sum(-1)
+    torch.testing.assert_close(got, want)
+    w = torch.randn(50, 3, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k)), torch.autograd.grad((want * w).sum(), (q, k))):
+        torch.testing.assert_close(a, b)
+    N, E, H, C = 20, 400, 2, 8
+    ei = torch.randint(0, N, (2, E), generator=g)
+    x = torch.randn(N, 6, generator=g, requires_grad=True)
+    ours, peer = _pair(6, C, heads=H, dropout=0.3)
+    largest = {}
+    for name, layer in (("zoo", ours.train()), ("pyg", peer.train())):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, sizes=sizes: sizes.append(t.numel()) or t, lambda t: t):
+            out = layer(x, ei)
+        out.sum().backward()
+        largest[name] = max(sizes)
+    assert largest["zoo"] <= max(N * H * C, E * H, N * 6), largest
+    assert largest["pyg"] >= E * H * C, largest

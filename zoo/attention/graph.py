@@ -60,6 +60,7 @@ from zoo.attention.segment import (
     CSR,
     build_csr,
     check_edge_index,
+    edge_dot,
     gatv2_attention,
     segment_softmax,
     segment_softmax_aggregate,
@@ -1123,8 +1124,9 @@ class TransformerConv(_GraphAttentionBase):
 
     The computation: the scores q_i . k_j are taken per edge in destination order; without edge features (and when
     the weights are not asked for) the softmax and the weighted sum of the values are fused
-    (:func:`~zoo.attention.segment.segment_softmax_aggregate`: no [E, H, C] message is stored for backward, only
-    the gathered queries and keys of the scores). With edge features, weights asked for, or under PyG's explainers,
+    (:func:`~zoo.attention.segment.segment_softmax_aggregate`: no [E, H, C] message is stored for backward), and so
+    are the scores (:func:`~zoo.attention.segment.edge_dot`: chunks of edges, recomputed in backward): memory
+    O(N H C + E H) where PyG's layer keeps several [E, H, C] tensors. With edge features, weights asked for, or under PyG's explainers,
     hooks, torch.func and torch.export, the layer runs PyG's ``propagate`` with PyG's message.
     """
 
@@ -1212,7 +1214,7 @@ class TransformerConv(_GraphAttentionBase):
             alpha, self._alpha = self._alpha, None
         else:
             csr = graph.csr.to(q_NHC.device)
-            s_EH = (q_NHC.index_select(0, csr.row) * k_NHC.index_select(0, csr.col)).sum(-1) / math.sqrt(C)
+            s_EH = edge_dot(q_NHC, k_NHC, csr.row, csr.col) / math.sqrt(C)  # no [E, H, C] kept for backward
             out_NHC, _ = segment_softmax_aggregate(s_EH, v_NHC, csr, dropout=self.dropout,
                                                    keep=self._keep_mask(graph, q_NHC.device, s_EH.dtype))
         out = out_NHC.reshape(out_NHC.size(0), H * C) if self.concat else out_NHC.mean(dim=1)

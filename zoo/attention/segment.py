@@ -65,6 +65,7 @@ __all__ = [
     "segment_softmax_aggregate_ref",
     "gatv2_attention",
     "gatv2_attention_ref",
+    "edge_dot",
     "CHUNK_ELEMENTS",
 ]
 
@@ -536,6 +537,58 @@ def _check_keep(keep: Optional[Tensor], num_edges: int, heads: int, dropout: flo
         )
     if not 0.0 < dropout < 1.0:
         raise ValueError(f"a dropout keep-mask needs 0 < dropout < 1, got {dropout}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-edge dot products (dot-product graph attention's scores)
+# ----------------------------------------------------------------------------------------------------
+class _EdgeDot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_NHC, k_NHC, row, col, chunk):
+        E, H = row.numel(), q_NHC.size(1)
+        s_EH = q_NHC.new_empty(E, H, dtype=torch.promote_types(q_NHC.dtype, k_NHC.dtype))
+        step = max(1, chunk // max(1, H * q_NHC.size(2)))
+        for e0 in range(0, E, step):
+            e1 = min(E, e0 + step)
+            torch.sum(q_NHC.index_select(0, row[e0:e1]) * k_NHC.index_select(0, col[e0:e1]), dim=-1, out=s_EH[e0:e1])
+        ctx.save_for_backward(q_NHC, k_NHC, row, col)
+        ctx.step = step
+        return s_EH
+
+    @staticmethod
+    def backward(ctx, g_EH):
+        refuse_double_backward("edge_dot (TransformerConv's fused scores)",
+                               "run the layer under a message hook (PyG's propagate path, plain autograd)")
+        q_NHC, k_NHC, row, col = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dq = torch.zeros_like(q_NHC) if need_q else None
+        dk = torch.zeros_like(k_NHC) if need_k else None
+        for e0 in range(0, row.numel(), ctx.step):
+            e1 = min(row.numel(), e0 + ctx.step)
+            g = g_EH[e0:e1, :, None]
+            r, c = row[e0:e1], col[e0:e1]
+            if need_q:
+                dq.index_add_(0, r, (g * k_NHC.index_select(0, c)).to(dq.dtype))
+            if need_k:
+                dk.index_add_(0, c, (g * q_NHC.index_select(0, r)).to(dk.dtype))
+        return dq, dk, None, None, None
+
+
+def edge_dot(q_NHC: Tensor, k_NHC: Tensor, row: Tensor, col: Tensor, *, chunk_elements: Optional[int] = None) -> Tensor:
+    """``s[e, h] = q[row[e], h] . k[col[e], h]`` for every edge e: [E, H], differentiable in q and k, computed in
+    chunks of edges and recomputed in backward, so no [E, H, C] gather is kept (autograd's ``(q[row] * k[col]).sum(-1)``
+    keeps two). q_NHC [Nd, H, C], k_NHC [Ns, H, C], row / col [E] int64 destination / source of each edge."""
+    for name, t in (("q_NHC", q_NHC), ("k_NHC", k_NHC)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
+            raise ValueError(f"edge_dot: {name} must be a 3-D floating-point tensor [N, H, C], got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if q_NHC.shape[1:] != k_NHC.shape[1:]:
+        raise ValueError(f"edge_dot: q_NHC {tuple(q_NHC.shape)} and k_NHC {tuple(k_NHC.shape)} must agree on heads "
+                         f"and channels")
+    if row.shape != col.shape or row.dim() != 1:
+        raise ValueError(f"edge_dot: row and col must be 1-D of one length, got {tuple(row.shape)}, {tuple(col.shape)}")
+    args = (q_NHC, k_NHC, row, col, int(chunk_elements or CHUNK_ELEMENTS))
+    return call_outside_graph(_EdgeDot.apply, *args)
 
 
 # ----------------------------------------------------------------------------------------------------
