@@ -441,11 +441,12 @@ def test_viz_graph_names_the_model_kind_and_bad_numbers(tmp_path):
             main([*argv, "epochs=0" if not any(a.startswith(("epochs=", "ckpt=")) for a in argv) else "layer=0", out])
 
 
-def test_bench_graph_smoke(capsys):
+@pytest.mark.parametrize("layer", ["gatv2", "transformer"])
+def test_bench_graph_smoke(capsys, layer):
     from zoo.bench.graph import main
 
-    assert main(["--sizes", "300:60", "--channels", "4", "--heads", "2", "--repeats", "1", "--warmup", "0",
-                 "--no-memory"]) == 0
+    assert main(["--layer", layer, "--sizes", "300:60", "--channels", "4", "--heads", "2", "--repeats", "1",
+                 "--warmup", "0", "--no-memory"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = [c.strip() for c in [line for line in lines if line.startswith("| edges |")][0].strip("|").split("|")]
@@ -453,6 +454,7 @@ def test_bench_graph_smoke(capsys):
     cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
     assert float(cells["max out err"]) < 1e-4 and float(cells["max rel grad err"]) < 1e-4  # same as PyG
     assert float(cells["zoo fwd+bwd (s)"]) > 0 and float(cells["PyG fwd+bwd (s)"]) > 0
+    assert f"layer {layer};" in out
 
 
 def test_bench_graph_plot(tmp_path, capsys):
@@ -555,7 +557,8 @@ def test_bench_graph_cuda_memory_worker_resets_the_peak_after_a_warm_up_step(mon
         monkeypatch.setattr(torch.cuda, name, lambda name=name: events.append(name))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: events.append("max_memory_allocated") or 0)
     code = bench_graph._WORKER_CODE.format(threads=torch.get_num_threads(), nodes=4, edges=2, heads=1, channels=2,
-                                           in_channels=3, device="cuda", which="zoo", compile=None)
+                                           in_channels=3, device="cuda", which="zoo", compile=None,
+                                           layer="gatv2")
     exec(code, {})
     assert events == ["forward", "backward", "weight grad was None", "synchronize", "reset_peak_memory_stats",
                       "forward", "backward", "weight grad was None", "synchronize", "max_memory_allocated"], events

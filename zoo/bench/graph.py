@@ -1,6 +1,7 @@
-"""``zoo bench graph``: the zoo's GATv2Conv (fused edge softmax) vs PyG's GATv2Conv, forward + backward.
+"""``zoo bench graph``: the zoo's GATv2Conv (fused edge softmax) vs PyG's GATv2Conv, forward + backward (or, with
+``--layer transformer``, TransformerConv vs PyG's TransformerConv).
 
-    zoo bench graph [--sizes 10000:1000,100000:10000,1000000:100000,2000000:200000] [--heads 8]
+    zoo bench graph [--layer gatv2|transformer] [--sizes 10000:1000,100000:10000,1000000:100000,2000000:200000] [--heads 8]
                     [--channels 8,64] [--in-channels C] [--threads 2] [--repeats 5] [--warmup 1]
                     [--device cpu|cuda] [--no-memory] [--memory-only] [--skip-peer-above E]
                     [--peer-max-gb GB] [--compile inductor]
@@ -56,7 +57,7 @@ _WORKER_CODE = """
 import torch
 torch.set_num_threads({threads})
 from zoo.bench.graph import make_case
-x, ei, ours, peer = make_case({nodes}, {edges}, {heads}, {channels}, {in_channels}, device={device!r})
+x, ei, ours, peer = make_case({nodes}, {edges}, {heads}, {channels}, {in_channels}, device={device!r}, layer={layer!r})
 layer = {{"zoo": ours, "pyg": peer, "none": None}}[{which!r}]
 if layer is not None and {compile!r}:
     layer = torch.compile(layer, backend={compile!r}, dynamic=False)
@@ -77,11 +78,13 @@ if cuda:
 """
 
 BYTES_PER_PEER_ELEMENT = 26  # PyG GATv2Conv fwd+bwd peak / (E' H C), fp32 CPU: 13.2 GB / (1.1M * 8 * 64)
+LAYERS = ("gatv2", "transformer")
 
 
-def peer_bytes_estimate(edges: int, nodes: int, heads: int, channels: int) -> float:
-    """Rough peak bytes of PyG's GATv2Conv forward + backward (dominated by its [E', H, C] tensors)."""
-    return BYTES_PER_PEER_ELEMENT * (edges + nodes) * heads * channels
+def peer_bytes_estimate(edges: int, nodes: int, heads: int, channels: int, layer: str = "gatv2") -> float:
+    """Rough peak bytes of PyG's layer forward + backward (dominated by its [E', H, C] tensors; E' = E + N with
+    GATv2's self loops, E for TransformerConv, which adds none: the same bytes per element is taken for both)."""
+    return BYTES_PER_PEER_ELEMENT * (edges + (nodes if layer == "gatv2" else 0)) * heads * channels
 
 
 def _available_gb(device: str) -> float:
@@ -98,19 +101,24 @@ def _available_gb(device: str) -> float:
     return float("inf")
 
 
-def make_case(nodes: int, edges: int, heads: int, channels: int, in_channels: int, device: str = "cpu", seed: int = 0):
+def make_case(nodes: int, edges: int, heads: int, channels: int, in_channels: int, device: str = "cpu", seed: int = 0,
+              layer: str = "gatv2"):
     """Random graph (uniform sources and destinations), features x [N, in_channels] needing grad, and the
-    two layers with identical weights: (x, edge_index, zoo GATv2Conv, PyG GATv2Conv)."""
-    from torch_geometric.nn import GATv2Conv as PygGATv2Conv
+    two layers with identical weights: (x, edge_index, zoo layer, PyG layer); ``layer`` "gatv2" (GATv2Conv) or
+    "transformer" (TransformerConv)."""
+    import torch_geometric.nn as pyg_nn
 
-    from zoo.attention.graph import GATv2Conv
+    from zoo.attention import graph as zoo_graph
 
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    name = {"gatv2": "GATv2Conv", "transformer": "TransformerConv"}[layer]
     g = torch.Generator().manual_seed(seed)
     edge_index = torch.randint(0, nodes, (2, edges), generator=g).to(device)
     x = torch.randn(nodes, in_channels, generator=g).to(device).requires_grad_(True)
     torch.manual_seed(seed)
-    peer = PygGATv2Conv(in_channels, channels, heads=heads).to(device)
-    ours = GATv2Conv(in_channels, channels, heads=heads).to(device)
+    peer = getattr(pyg_nn, name)(in_channels, channels, heads=heads).to(device)
+    ours = getattr(zoo_graph, name)(in_channels, channels, heads=heads).to(device)
     ours.load_state_dict(peer.state_dict(), strict=True)
     return x, edge_index, ours, peer
 
@@ -126,17 +134,19 @@ def _step(layer, x, edge_index):
 
 
 def _memory(nodes, edges, heads, channels, in_channels, threads, device, run_peer: bool,
-            backend: Optional[str] = None) -> dict:
+            backend: Optional[str] = None, layer: str = "gatv2") -> dict:
     res = {"none": float("nan"), "zoo": float("nan"), "pyg": float("nan")}
     for which in ("none", "zoo", "pyg") if run_peer else ("none", "zoo"):
         code = _WORKER_CODE.format(threads=threads, nodes=nodes, edges=edges, heads=heads, channels=channels,
-                                   in_channels=in_channels, device=device, which=which, compile=backend)
+                                   in_channels=in_channels, device=device, which=which, compile=backend, layer=layer)
         res[which] = peak_rss_mb_subprocess(code)
     return res
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo bench graph", description=__doc__.split("\n")[0])
+    p.add_argument("--layer", default="gatv2", choices=LAYERS,
+                   help="gatv2: GATv2Conv (default); transformer: TransformerConv (dot-product attention over the edges)")
     p.add_argument("--sizes", default="10000:1000,100000:10000,1000000:100000,2000000:200000",
                    help="comma list of EDGES:NODES")
     p.add_argument("--heads", type=positive_int, default=8)
@@ -223,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"--device {args.device} needs a CUDA GPU and none is available here (use --device cpu)")
     threads = set_threads(args.threads)
     peer_max_gb = args.peer_max_gb if args.peer_max_gb is not None else 0.85 * _available_gb(args.device)
-    details = (f"device {args.device}; PyG run where its estimated peak <= {peer_max_gb:.1f} GB; "
+    details = (f"layer {args.layer}; device {args.device}; PyG run where its estimated peak <= {peer_max_gb:.1f} GB; "
                f"{'both layers under torch.compile backend ' + args.compile if args.compile else 'eager'}")
     print("## zoo bench graph\n\n" + run_header("graph", argv, threads, details))
     mem_unit = "GPU MB" if args.device.startswith("cuda") else "MB"
@@ -234,13 +244,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     for edges, nodes in sizes:
         for c in channels:
             cin = args.in_channels if args.in_channels is not None else c
-            need_gb = peer_bytes_estimate(edges, nodes, args.heads, c) / 2**30
+            need_gb = peer_bytes_estimate(edges, nodes, args.heads, c, args.layer) / 2**30
             peer_ok = (args.skip_peer_above is None or edges <= args.skip_peer_above) and need_gb <= peer_max_gb
             if not peer_ok:
                 skipped.append(f"E={edges}, C={c} (PyG estimated {need_gb:.1f} GB)")
             t_zoo = t_pyg = speedup = out_err = grad_err = float("nan")
             if not args.memory_only:
-                x, ei, ours, peer = make_case(nodes, edges, args.heads, c, cin, device=args.device)
+                x, ei, ours, peer = make_case(nodes, edges, args.heads, c, cin, device=args.device, layer=args.layer)
                 if args.compile:  # static graphs per case, as in the vision benchmark
                     ours, peer = (torch.compile(m, backend=args.compile, dynamic=False) for m in (ours, peer))
                 fns = {"zoo": _step(ours, x, ei)}
@@ -258,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     torch.cuda.empty_cache()
             mem = {"none": float("nan"), "zoo": float("nan"), "pyg": float("nan")}
             if not args.no_memory:
-                mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device, peer_ok, args.compile)
+                mem = _memory(nodes, edges, args.heads, c, cin, threads, args.device, peer_ok, args.compile, args.layer)
             zoo_mb, pyg_mb, ratio = memory_cells(mem, net_label=" net")
             plotted.append((edges, c, t_zoo, t_pyg, mem["zoo"] - mem["none"], mem["pyg"] - mem["none"]))
             def cell(value: float, spec: str, missing: str = "-") -> str:  # not run / not measured: no "nan"
@@ -275,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if skipped:
         print("PyG not run (would not fit): " + "; ".join(skipped) + ".")
     if args.plot:
-        title = (f"GATv2Conv forward+backward, zoo vs PyG: H={args.heads}, random graphs, {args.device}, {threads} "
+        title = (f"{'GATv2Conv' if args.layer == 'gatv2' else 'TransformerConv'} forward+backward, zoo vs PyG: H={args.heads}, random graphs, {args.device}, {threads} "
                  f"threads\n{machine_description()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         print(f"plot: {plot_graph(plotted, args.plot, title)}")
     print(run_footer())
