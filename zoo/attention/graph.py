@@ -1109,10 +1109,11 @@ class TransformerConv(_GraphAttentionBase):
     Args (as PyG): in_channels (int, a (source, target) pair, -1 lazy), out_channels, heads=1, concat=True (False:
     heads averaged), beta=False (gated skip: x'_i = b_i W_1 x_i + (1 - b_i) m_i with b_i = sigmoid(w_5 . [W_1 x_i,
     m_i, W_1 x_i - m_i]); only with root_weight), dropout=0.0 (on the attention coefficients), edge_dim=None (edge
-    features added to the keys and the values after lin_edge; -1: sized from the first edge_attr), bias=True, root_weight=True (False: no W_1 x_i term
-    and no beta), and PyG's MessagePassing keywords aggr="add" and flow. State-dict keys and shapes are PyG's
-    (lin_key, lin_query, lin_value, lin_edge, lin_skip, lin_beta), so a PyG state dict loads strict and gives the
-    same outputs, attention weights and gradients; the initialisation draws as PyG's (kaiming-uniform Linear).
+    features added to the keys and the values after lin_edge; -1: sized from the first edge_attr), bias=True,
+    root_weight=True (False: no W_1 x_i term and no beta), and PyG's MessagePassing keywords aggr="add" and flow.
+    State-dict keys and shapes are PyG's (lin_key, lin_query, lin_value, lin_edge, lin_skip, lin_beta), so a PyG
+    state dict loads strict and gives the same outputs, attention weights and gradients; the initialisation draws
+    as PyG's (kaiming-uniform Linear).
 
     forward(x | (x_src, x_dst), edge_index [2, E] or sparse adj_t [Nd, Ns], edge_attr=None,
     return_attention_weights=None) -> out [Nd, H*C] (concat) or [Nd, C]; with return_attention_weights a bool (True
@@ -1126,8 +1127,9 @@ class TransformerConv(_GraphAttentionBase):
     the weights are not asked for) the softmax and the weighted sum of the values are fused
     (:func:`~zoo.attention.segment.segment_softmax_aggregate`: no [E, H, C] message is stored for backward), and so
     are the scores (:func:`~zoo.attention.segment.edge_dot`: chunks of edges, recomputed in backward): memory
-    O(N H C + E H) where PyG's layer keeps several [E, H, C] tensors. With edge features, weights asked for, or under PyG's explainers,
-    hooks, torch.func and torch.export, the layer runs PyG's ``propagate`` with PyG's message.
+    O(N H C + E H) where PyG's layer keeps several [E, H, C] tensors. With edge features, weights asked for, or
+    under PyG's explainers, hooks, torch.func and torch.export, the layer runs PyG's ``propagate`` with PyG's
+    message.
     """
 
     def __init__(
