@@ -300,3 +300,21 @@ def test_torch_func_transforms_match_pyg(name):
     _assert_nested_close(results[0], results[1])
     loop = torch.stack([ours(*args(xx)) for xx in batch])  # the fused path, one sample at a time
     torch.testing.assert_close(results[0][1], loop, **TOL)
+
+
+@pytest.mark.parametrize("conv_zoo, conv_pyg", PAIRS, ids=IDS)
+def test_assigning_flow_switches_the_layer_as_pygs(conv_zoo, conv_pyg):
+    """``layer.flow = "target_to_source"`` after construction: PyG's layer computes the reverse flow from then on,
+    and so does ours (its cached graph is rebuilt); an invalid value is refused by name."""
+    torch.manual_seed(0)
+    peer, ours = conv_pyg(6, 4, heads=2), None
+    ours = conv_zoo(6, 4, heads=2)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x, ei = _graph()
+    torch.testing.assert_close(ours(x, ei), peer(x, ei), **TOL)  # (the default flow's graph is now cached)
+    for layer in (ours, peer):
+        layer.flow = "target_to_source"
+    assert ours.flow == "target_to_source"
+    torch.testing.assert_close(ours(x, ei), peer(x, ei), **TOL)
+    with pytest.raises(ValueError, match="flow must be 'source_to_target' or 'target_to_source', got 'up'"):
+        ours.flow = "up"

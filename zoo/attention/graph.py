@@ -458,20 +458,31 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
         super().__init__(aggr=aggr, node_dim=node_dim)
         self._graph_cache = None
         self._reverse_flow = _message_passing_flow(layer or type(self).__name__, message_passing_kwargs or {})
-        # The caller's flow, as PyG's layer reports it: PyG's tools read ``module.flow`` (the explainers' k-hop
-        # subgraph of a node-level explanation). The layer flips the edge index itself (_flowing), so its own
-        # propagate / edge_updater calls run with the default flow (_default_flow_inside).
-        self.flow = "target_to_source" if self._reverse_flow else "source_to_target"
+
+    # ``flow`` is the caller's, as PyG's layer reports it: PyG's tools read ``module.flow`` (the explainers' k-hop
+    # subgraph of a node-level explanation), and assigning it switches the layer, as it switches PyG's. The layer
+    # flips the edge index itself (_flowing), so its own propagate / edge_updater calls run with the default flow:
+    # inside them (and in the hooks they fire) ``flow`` reads "source_to_target" (_default_flow_inside).
+    @property
+    def flow(self) -> str:
+        if self.__dict__.get("_flow_inside") is not None:
+            return self.__dict__["_flow_inside"]
+        return "target_to_source" if self.__dict__.get("_reverse_flow") else "source_to_target"
+
+    @flow.setter
+    def flow(self, value: str) -> None:  # (MessagePassing.__init__ assigns it too, before _reverse_flow is set)
+        self._reverse_flow = _message_passing_flow(type(self).__name__, {"flow": value})
+        self._graph_cache = None  # built from the flipped or unflipped edge index
 
     @contextlib.contextmanager
     def _default_flow_inside(self):
-        """``self.flow`` is "source_to_target" inside the block: PyG's propagate / edge_updater read it to pick
+        """``self.flow`` reads "source_to_target" inside the block: PyG's propagate / edge_updater read it to pick
         x_i / x_j, and the edge index they get is already flipped to (source, destination) rows."""
-        flow, self.flow = self.flow, "source_to_target"
+        self._flow_inside = "source_to_target"
         try:
             yield
         finally:
-            self.flow = flow
+            self._flow_inside = None
 
     # whether edge_dim=-1 (lin_edge sized from the first edge_attr) is taken (TransformerConv, as PyG's)
     _lazy_edge_dim_ok = False
@@ -723,7 +734,9 @@ class _GraphAttentionBase(CachedGraphLayer):
         """The attention-dropout keep mask [E', H] in CSR order, or None (evaluation, no dropout, no edges). Drawn as
         PyG's ``F.dropout(alpha)`` draws it (torch's dropout is ``bernoulli_(1 - p)`` on a tensor of alpha's shape
         and dtype), in PyG's edge order, then put in CSR order: a seeded training run on CPU drops the edges PyG's
-        layer drops (tests/test_graph_layers.py); CUDA's fused dropout kernel draws otherwise."""
+        layer drops (tests/test_graph_layers.py); CUDA's fused dropout kernel draws otherwise. Not for a sparse adj_t
+        with added self loops: PyG coalesces the loops into the adjacency's row-major order, where they are appended
+        here, so other edges are dropped (the distribution is the same)."""
         if not (self.training and self.dropout > 0.0) or graph.csr.num_edges == 0:
             return None
         keep = torch.empty(graph.csr.num_edges, self.heads, device=device, dtype=dtype).bernoulli_(1.0 - self.dropout)

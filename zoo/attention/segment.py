@@ -561,8 +561,9 @@ class _EdgeDot(torch.autograd.Function):
                                "run the layer under a message hook (PyG's propagate path, plain autograd)")
         q_NHC, k_NHC, row, col = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dq = torch.zeros_like(q_NHC) if need_q else None
-        dk = torch.zeros_like(k_NHC) if need_k else None
+        # summed in fp32 for half inputs: a half buffer rounded every chunk's partial sums (3x autograd's error)
+        dq = torch.zeros(q_NHC.shape, dtype=_compute_dtype(q_NHC.dtype), device=q_NHC.device) if need_q else None
+        dk = torch.zeros(k_NHC.shape, dtype=_compute_dtype(k_NHC.dtype), device=k_NHC.device) if need_k else None
         for e0 in range(0, row.numel(), ctx.step):
             e1 = min(row.numel(), e0 + ctx.step)
             g = g_EH[e0:e1, :, None]
@@ -571,7 +572,8 @@ class _EdgeDot(torch.autograd.Function):
                 dq.index_add_(0, r, (g * k_NHC.index_select(0, c)).to(dq.dtype))
             if need_k:
                 dk.index_add_(0, c, (g * q_NHC.index_select(0, r)).to(dk.dtype))
-        return dq, dk, None, None, None
+        return (None if dq is None else dq.to(q_NHC.dtype)), (None if dk is None else dk.to(k_NHC.dtype)), \
+            None, None, None
 
 
 def edge_dot(q_NHC: Tensor, k_NHC: Tensor, row: Tensor, col: Tensor, *, chunk_elements: Optional[int] = None) -> Tensor:
