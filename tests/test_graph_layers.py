@@ -1646,3 +1646,26 @@ def test_seeded_training_dropout_drops_the_edges_pygs_layer_drops(name, dtype):
     assert not torch.equal(results[0][0], ours.eval()(x, ei, ea))  # dropout did drop something
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("zoo_cls, pyg_cls", [(GATv2Conv, pyg_nn.GATv2Conv), (GATConv, pyg_nn.GATConv)],
+                         ids=["gatv2", "gat"])
+@pytest.mark.parametrize("in_channels", [8, -1])
+@pytest.mark.parametrize("kwargs", [dict(), dict(residual=True), dict(fill_value=torch.tensor([1.0, 2.0, 3.0]))],
+                         ids=["default", "residual", "fill-tensor"])
+def test_lazy_edge_dim_sizes_lin_edge_as_pyg(zoo_cls, pyg_cls, in_channels, kwargs):
+    """edge_dim=-1 (PyG's Linear(-1, ...) edge projection): lin_edge sized from the first edge_attr where PyG's
+    edge_update first calls it, so seeded lazy layers draw PyG's weights and give its outputs; a tensor fill_value of
+    any width is taken; PyG's sized state dict loads into a fresh lazy layer."""
+    x, ei = torch.randn(12, 8, generator=torch.Generator().manual_seed(40)), _graph()
+    ea = torch.randn(ei.size(1), 3, generator=torch.Generator().manual_seed(41))
+    outs = []
+    for cls in (zoo_cls, pyg_cls):
+        torch.manual_seed(42)
+        layer = cls(in_channels, 4, heads=2, edge_dim=-1, **kwargs)
+        outs.append(layer(x, ei, ea))
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    assert layer.lin_edge.weight.shape == (8, 3)
+    fresh = zoo_cls(in_channels, 4, heads=2, edge_dim=-1, **kwargs)
+    fresh.load_state_dict(layer.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x, ei, ea), outs[1], **TOL)

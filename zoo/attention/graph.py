@@ -225,7 +225,7 @@ def _check_fill_value(fill_value, edge_dim: Optional[int]) -> None:
         if len(shape) > 2 or (len(shape) == 2 and shape[0] != 1):
             raise ValueError(f"fill_value must be a number or a tensor of edge_dim values, got shape {shape}")
         width = shape[-1] if shape else 1
-        if edge_dim is not None and width not in (1, edge_dim):
+        if edge_dim not in (None, -1) and width not in (1, edge_dim):
             raise ValueError(f"fill_value has {width} values but edge_dim is {edge_dim} (give {edge_dim} values, "
                              "or one for every feature)")
         return
@@ -484,7 +484,7 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
         finally:
             self._flow_inside = None
 
-    # whether edge_dim=-1 (lin_edge sized from the first edge_attr) is taken (TransformerConv, as PyG's)
+    # whether edge_dim=-1 (lin_edge sized from the first edge_attr, as PyG's Linear(-1, ...)) is taken
     _lazy_edge_dim_ok = False
 
     # whether PyG's layer sizes a flow="target_to_source" output by its targets (TransformerConv, whose queries,
@@ -581,6 +581,17 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
 
 class _GraphAttentionBase(CachedGraphLayer):
     """Input parsing, edge features and the return protocol common to both attention layers."""
+
+    _lazy_edge_dim_ok = True
+
+    def _materialize_edge(self, edge_attr) -> None:
+        """``edge_dim=-1``: size the lazy edge projection from the first edge_attr ([E] or [E, D]), at the point of
+        PyG's forward where its edge_update (or message) first calls it, so a seeded lazy layer draws PyG's weights.
+        Anything else about edge_attr is checked later (_edge_features)."""
+        lin = getattr(self, "lin_edge", None)
+        if lin is not None and _is_lazy(lin) and isinstance(edge_attr, Tensor) and edge_attr.is_floating_point() \
+                and edge_attr.dim() in (1, 2):
+            lin(edge_attr.reshape(edge_attr.size(0), -1)[:0])
 
     def _refuse_jit_trace(self) -> None:
         """torch.jit.trace and the TorchScript ONNX exporter (torch.onnx.export(dynamo=False)) cannot record the fused
@@ -826,8 +837,8 @@ class GATv2Conv(_GraphAttentionBase):
 
     Args (as PyG): in_channels (int or (source, target) pair), out_channels, heads=1, concat=True,
     negative_slope=0.2, dropout=0.0 (on the attention coefficients), add_self_loops=True,
-    edge_dim=None, fill_value="mean" (self-loop edge features: a number, a tensor, or "add", "mean",
-    "min", "max", "mul"), bias=True, share_weights=False (lin_r is lin_l), residual=False.
+    edge_dim=None (-1: sized from the first edge_attr), fill_value="mean" (self-loop edge features: a number, a
+    tensor, or "add", "mean", "min", "max", "mul"), bias=True, share_weights=False (lin_r is lin_l), residual=False.
 
     forward(x | (x_src, x_dst), edge_index [2, E] or sparse adj_t [Nd, Ns], edge_attr=None,
     return_attention_weights=None) -> out [Nd, H*C] (concat) or [Nd, C], or with
@@ -910,6 +921,7 @@ class GATv2Conv(_GraphAttentionBase):
         graph = self._graph(edge_index, xs_NHC.size(0), x_dst.size(0))
         if edge_attr is not None and self.lin_edge is None:
             raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
+        self._materialize_edge(edge_attr)
         need = bool(return_attention_weights)  # as PyG's `if return_attention_weights:` (False/0: the tensor)
         if self._runs_propagate():  # PyG's explainers / hooks, torch.func: its edge_updater and propagate
             ea = self._edge_features(graph, edge_attr, csr_order=False)
@@ -1062,6 +1074,7 @@ class GATConv(_GraphAttentionBase):
         a_dst = None if xd_NHC is None else (xd_NHC * self.att_dst).sum(-1)  # [Nd, H]
         if edge_attr is not None and self.lin_edge is None:  # PyG's GATConv ignores it; GATv2Conv raises too
             raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
+        self._materialize_edge(edge_attr)
         need = bool(return_attention_weights)  # as PyG's `if return_attention_weights:`
         if self._runs_propagate():  # PyG's explainers / hooks, torch.func: its edge_updater and propagate
             ea = self._edge_features(graph, edge_attr, csr_order=False)
@@ -1180,7 +1193,6 @@ class TransformerConv(_GraphAttentionBase):
 
     propagate_type = {"query": Tensor, "key": Tensor, "value": Tensor, "edge_attr": OptTensor}
     _reverse_flow_sized_by_targets = True
-    _lazy_edge_dim_ok = True
 
     def _src_linear(self):
         return self.lin_key
