@@ -423,3 +423,40 @@ def test_edge_dot_half_gradients_are_summed_in_fp32(dtype):
         grad = torch.autograd.grad((fn(q, k) * w.to(dtype)).sum(), q)[0]
         errors[name] = float((grad.double() - want).abs().max() / want.abs().max())
     assert errors["edge_dot"] <= 0.5 * errors["autograd"], errors
+
+
+@pytest.mark.parametrize("flag", [None, False, True, 0, 1], ids=repr)
+def test_return_attention_weights_is_tested_as_a_bool_as_pygs(flag):
+    """PyG's TransformerConv returns (out, (edge_index, alpha)) when ``isinstance(return_attention_weights, bool)``:
+    False asks for the weights as True does (unlike GATConv's truth test), while None, 0 and 1 return the tensor."""
+    ours, peer = _pair(8, 4, heads=2)
+    x, ei = torch.randn(12, 8, generator=torch.Generator().manual_seed(40)), _graph()
+    got, want = ours(x, ei, return_attention_weights=flag), peer(x, ei, return_attention_weights=flag)
+    assert isinstance(want, tuple) == isinstance(flag, bool)  # the peer's protocol, as pinned here
+    assert type(got) is type(want)
+    if isinstance(want, tuple):
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        assert torch.equal(got[1][0], want[1][0])
+        torch.testing.assert_close(got[1][1], want[1][1], **TOL)
+    else:
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("name", ["GATConv", "GATv2Conv"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gat_lazy_edge_dim_sizes_lin_edge_from_a_one_dimensional_edge_attr_as_pyg(name, training):
+    """GATConv / GATv2Conv with edge_dim=-1 and a 1-D edge_attr [E]: lin_edge is sized [H*C, 1] from it at the point
+    of PyG's forward where PyG's sizes it (before the dropout draws), so a seeded layer draws PyG's weights and, in a
+    seeded training run with attention dropout, drops PyG's edges."""
+    x, ei = torch.randn(12, 8, generator=torch.Generator().manual_seed(41)), _graph()
+    ea = torch.randn(ei.size(1), generator=torch.Generator().manual_seed(42))
+    results = []
+    for cls in (getattr(zgraph, name), getattr(pyg_nn, name)):
+        torch.manual_seed(43)
+        layer = cls(8, 4, heads=2, edge_dim=-1, dropout=0.5).train(training)
+        torch.manual_seed(44)
+        results.append((layer(x, ei, ea), layer.lin_edge.weight))
+    (out, w), (want_out, want_w) = results
+    assert tuple(want_w.shape) == (8, 1)
+    torch.testing.assert_close(w, want_w, atol=0, rtol=0)
+    torch.testing.assert_close(out, want_out, **TOL)
