@@ -1669,3 +1669,25 @@ def test_lazy_edge_dim_sizes_lin_edge_as_pyg(zoo_cls, pyg_cls, in_channels, kwar
     fresh = zoo_cls(in_channels, 4, heads=2, edge_dim=-1, **kwargs)
     fresh.load_state_dict(layer.state_dict(), strict=True)
     torch.testing.assert_close(fresh(x, ei, ea), outs[1], **TOL)
+
+
+@pytest.mark.parametrize("zoo_cls, pyg_cls", [(GATv2Conv, pyg_nn.GATv2Conv), (GATConv, pyg_nn.GATConv)],
+                         ids=["gatv2", "gat"])
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_seeded_training_dropout_with_a_sparse_adjacency_and_self_loops_drops_pygs_edges(zoo_cls, pyg_cls, layout):
+    """With a sparse adj_t PyG coalesces the added self loops into the adjacency's (dst, src) row-major order (they
+    are appended here) and draws its dropout in that order: both of the layer's paths (fused, and propagate with the
+    weights requested) draw in PyG's order too, so a seeded training forward equals PyG's."""
+    ei = torch.unique(_graph(), dim=1)  # one matrix entry per edge
+    adj = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1)), (12, 12)).coalesce()
+    adj = adj.to_sparse_csr() if layout == "csr" else adj
+    ours, peer = _pair(zoo_cls, pyg_cls, 8, 4, heads=2, dropout=0.5)
+    ours.train(), peer.train()
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(43))
+    outs = []
+    for call in (lambda: peer(x, adj), lambda: ours(x, adj), lambda: ours(x, adj, return_attention_weights=True)[0]):
+        torch.manual_seed(44)
+        outs.append(call())
+    assert not torch.equal(outs[1], ours.eval()(x, adj))  # dropout dropped something
+    torch.testing.assert_close(outs[1], outs[0], **TOL)
+    torch.testing.assert_close(outs[2], outs[0], **TOL)

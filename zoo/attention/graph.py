@@ -99,6 +99,16 @@ class GraphStructure:
     storage_order: Optional[Tensor] = None
     sparse_coalesced: bool = True  # False for a COO adjacency with duplicate entries (merged here)
 
+    def pyg_edge_order(self) -> Optional[Tensor]:
+        """Where PyG's layer holds each edge, when that differs from ``edge_index``'s order: for a sparse adjacency
+        with added self loops, PyG coalesces the loops into its (dst, src) row-major order, where they are appended
+        here. Returns o with PyG's j-th edge at ``edge_index[:, o[j]]``, or None when the orders agree. (What draws
+        per edge in PyG's order, the attention dropout, uses it.)"""
+        if self.sparse_layout is None or not self.num_loops:
+            return None
+        src, dst = self.edge_index[0], self.edge_index[1]
+        return torch.argsort(dst * max(1, self.num_src) + src, stable=True)
+
 
 def _sparse_to_edge_index(adj: Tensor, coo_without_duplicates: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """``adj_t[dst, src]`` (CSR, CSC or COO) -> ([2, E] (src, dst) sorted by (dst, src), the permutation from the
@@ -745,12 +755,14 @@ class _GraphAttentionBase(CachedGraphLayer):
         """The attention-dropout keep mask [E', H] in CSR order, or None (evaluation, no dropout, no edges). Drawn as
         PyG's ``F.dropout(alpha)`` draws it (torch's dropout is ``bernoulli_(1 - p)`` on a tensor of alpha's shape
         and dtype), in PyG's edge order, then put in CSR order: a seeded training run on CPU drops the edges PyG's
-        layer drops (tests/test_graph_layers.py); CUDA's fused dropout kernel draws otherwise. Not for a sparse adj_t
-        with added self loops: PyG coalesces the loops into the adjacency's row-major order, where they are appended
-        here, so other edges are dropped (the distribution is the same)."""
+        layer drops (tests/test_graph_layers.py); CUDA's fused dropout kernel draws otherwise. For a sparse adj_t with
+        added self loops PyG's order is not edge_index's (GraphStructure.pyg_edge_order): the draw follows PyG's."""
         if not (self.training and self.dropout > 0.0) or graph.csr.num_edges == 0:
             return None
         keep = torch.empty(graph.csr.num_edges, self.heads, device=device, dtype=dtype).bernoulli_(1.0 - self.dropout)
+        order = graph.pyg_edge_order()
+        if order is not None:  # drawn in PyG's order: edge order[j] gets PyG's j-th draw
+            keep = torch.empty_like(keep).index_copy_(0, order.to(device), keep)
         return keep.bool()[graph.csr.perm.to(device)]
 
     def _finish(self, out_NHC: Tensor, res: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -775,9 +787,13 @@ class _GraphAttentionBase(CachedGraphLayer):
         dropout; PyG's edge-update hooks fire around it), then ``propagate(edge_index, x=x, alpha=alpha,
         size=size)`` (message, explain mask, sum) -> (out [Nd, H, C], alpha [E', H]) in ``graph.edge_index`` order.
         ``size`` None (as PyG's calls give when x holds the target features) or (Ns, Nd)."""
-        with self._default_flow_inside():
-            alpha = self.edge_updater(graph.edge_index, size=size, **edge_kwargs)
-            out_NHC = self.propagate(graph.edge_index, x=x, alpha=alpha, size=size)
+        self._dropout_order = graph.pyg_edge_order() if self.training and self.dropout > 0.0 else None
+        try:
+            with self._default_flow_inside():
+                alpha = self.edge_updater(graph.edge_index, size=size, **edge_kwargs)
+                out_NHC = self.propagate(graph.edge_index, x=x, alpha=alpha, size=size)
+        finally:
+            self._dropout_order = None
         return out_NHC, alpha
 
     def _edge_softmax(self, scores_EH: Tensor, index: Tensor, dim_size: Optional[int]) -> Tensor:
@@ -785,6 +801,10 @@ class _GraphAttentionBase(CachedGraphLayer):
         (torch_geometric.utils.softmax(scores, index, ptr, dim_size)), then attention dropout."""
         num_dst = dim_size if dim_size is not None else (int(index.max()) + 1 if index.numel() else 0)
         alpha = segment_softmax(scores_EH, index, num_dst)
+        order = getattr(self, "_dropout_order", None)
+        if order is not None and order.numel() == alpha.size(0):  # PyG's edge order for the draw (pyg_edge_order)
+            dropped = F.dropout(alpha[order], p=self.dropout, training=self.training)
+            return torch.empty_like(dropped).index_copy(0, order, dropped)
         return F.dropout(alpha, p=self.dropout, training=self.training)
 
     @staticmethod
