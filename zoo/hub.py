@@ -975,7 +975,7 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
     the checkpoint's recorded constructor arguments, then ``overrides``; weights load strictly except a
     classifier whose class count the caller changed (re-initialised, with a message).
     """
-    from zoo.registry import _construct
+    from zoo.registry import _construct, current_model_name
 
     path = _resolve_pretrained(entry.name, pretrained)
     config = read_config(path)
@@ -983,7 +983,7 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
         _check_not_interrupted(path if path.is_dir() else path.parent)
     args: dict[str, Any] = dict(defaults or {})
     # a checkpoint saved under a name since renamed (zoo.registry.DEPRECATED_MODEL_NAMES) is that model's own
-    saved_name = None if config is None else _current_model_name(config["model_name"])
+    saved_name = None if config is None else current_model_name(config["model_name"])
     if config is not None:
         saved_family = _family_of(config["model_name"])
         if saved_family is not None and saved_family != entry.family:
@@ -1078,13 +1078,6 @@ def _statistics_per_channel(cfg: dict, channels: Optional[int], in_chans_given: 
                                   f"{channels} input channels")
         cfg[key] = image_data_config({"input_size": (len(values), 1, 1), key: tuple(values)},
                                      {"in_chans": channels})[key]
-
-
-def _current_model_name(name: str) -> str:
-    """``name`` as registered today: a deprecated name (zoo.registry.DEPRECATED_MODEL_NAMES) gives its new one."""
-    from zoo.registry import DEPRECATED_MODEL_NAMES
-
-    return DEPRECATED_MODEL_NAMES.get(name, name)
 
 
 def _family_of(name: str) -> Optional[str]:

@@ -238,6 +238,12 @@ def is_model(name: str) -> bool:
     return base in _REGISTRY or base in DEPRECATED_MODEL_NAMES
 
 
+def current_model_name(name: str) -> str:
+    """``name`` as registered today: a deprecated name (DEPRECATED_MODEL_NAMES) gives its new one, silently (for
+    names read back from saved files; get_model_entry warns a caller who typed one)."""
+    return DEPRECATED_MODEL_NAMES.get(name, name)
+
+
 def get_model_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; an unknown name raises with the closest registered names."""
     _import_model_modules()
@@ -245,10 +251,10 @@ def get_model_entry(name: str) -> ModelEntry:
         raise TypeError(f"model name must be a str, got {type(name).__name__} {name!r}")
     if "." in name and name not in _REGISTRY:  # timm's tagged name: its architecture (is_model agrees)
         name = split_model_tag(name)[0]
-    if name in DEPRECATED_MODEL_NAMES:
+    new = current_model_name(name)
+    if new != name:
         import warnings
 
-        new = DEPRECATED_MODEL_NAMES[name]
         warnings.warn(f"model name {name!r} is deprecated; use {new!r}", FutureWarning, stacklevel=3)
         name = new
     if not isinstance(name, str) or name not in _REGISTRY:

@@ -259,8 +259,8 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     wa, wb = torch.exp(lse_a - safe), torch.exp(lse_b - safe)
     total = wa + wb
-    lse = torch.where(total > 0, safe + torch.log(torch.where(total > 0, total, torch.ones_like(total))), m)
-    denom = torch.where(total > 0, total, torch.ones_like(total))
+    denom = torch.where(total > 0, total, torch.ones_like(total))  # (no log(0) in the graph: a finite gradient)
+    lse = torch.where(total > 0, safe + torch.log(denom), m)
     work = torch.float64 if out_a.dtype == torch.float64 else torch.float32
     out = out_a.to(work) * (wa / denom)[..., None].to(work) + out_b.to(work) * (wb / denom)[..., None].to(work)
     return out.to(out_a.dtype), lse
@@ -437,10 +437,10 @@ def _rows(
         e = torch.exp(e) if torch.is_grad_enabled() and e.requires_grad or is_tracing() else exp_flushed_(e)
         denom = e.sum(dim=-1, keepdim=True)
         has_key = denom > 0
-        p = e / torch.where(has_key, denom, torch.ones_like(denom))
+        safe_denom = torch.where(has_key, denom, torch.ones_like(denom))
+        p = e / safe_denom
         if want_lse:  # (the shift is detached: d lse / d s is p all the same)
-            lse = torch.where(has_key, row_max + torch.log(torch.where(has_key, denom, torch.ones_like(denom))),
-                              float("-inf")).reshape(batch, heads, rows)
+            lse = torch.where(has_key, row_max + torch.log(safe_denom), float("-inf")).reshape(batch, heads, rows)
     else:
         p = torch.sigmoid(s - _log_length(k_len, s))
         if allowed is not None:
