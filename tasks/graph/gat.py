@@ -412,6 +412,12 @@ def _node(conv: str, **kwargs) -> GATNodeClassifier:
     return GATNodeClassifier(conv=conv, **kwargs)
 
 
+def _graph_classifier(conv: str, **kwargs) -> GATGraphClassifier:
+    kwargs.setdefault("in_channels", 8)
+    kwargs.setdefault("num_classes", 3)
+    return GATGraphClassifier(conv=conv, **kwargs)
+
+
 @register_model(task="graph", family="gat", default_cfg={"in_channels": 34, "num_classes": 4})
 def gatv2_node(**kwargs) -> GATNodeClassifier:
     """GATv2 node classifier, the GAT paper's transductive recipe (8 heads x 8, ELU, dropout 0.6)."""
@@ -439,30 +445,24 @@ def gatv2_node_debug(**kwargs) -> GATNodeClassifier:
 def gatv2_graph(**kwargs) -> GATGraphClassifier:
     """GATv2 graph classifier (3 layers, 4 heads x 32, mean pooling)."""
     _fixed_conv("gatv2_graph", "gatv2", kwargs)
-    kwargs.setdefault("in_channels", 8)
-    kwargs.setdefault("num_classes", 3)
-    return GATGraphClassifier(conv="gatv2", **kwargs)
+    return _graph_classifier("gatv2", **kwargs)
 
 
 @register_model(task="graph", family="gat", default_cfg={"in_channels": 8, "num_classes": 3})
 def gat_graph(**kwargs) -> GATGraphClassifier:
     """GAT graph classifier (3 layers, 4 heads x 32, mean pooling)."""
     _fixed_conv("gat_graph", "gat", kwargs)
-    kwargs.setdefault("in_channels", 8)
-    kwargs.setdefault("num_classes", 3)
-    return GATGraphClassifier(conv="gat", **kwargs)
+    return _graph_classifier("gat", **kwargs)
 
 
 @register_model(task="graph", family="gat", default_cfg={"in_channels": 8, "num_classes": 3})
 def gatv2_graph_debug(**kwargs) -> GATGraphClassifier:
     """Tiny GATv2 graph classifier for tests."""
     _fixed_conv("gatv2_graph_debug", "gatv2", kwargs)
-    kwargs.setdefault("in_channels", 8)
-    kwargs.setdefault("num_classes", 3)
     kwargs.setdefault("hidden_channels", 4)
     kwargs.setdefault("heads", 2)
     kwargs.setdefault("num_layers", 2)
-    return GATGraphClassifier(conv="gatv2", **kwargs)
+    return _graph_classifier("gatv2", **kwargs)
 
 
 @register_model(task="graph", family="gat", default_cfg={"num_classes": 10})
@@ -502,9 +502,7 @@ def transformer_node(**kwargs) -> GATNodeClassifier:
 def transformer_graph(**kwargs) -> GATGraphClassifier:
     """Graph transformer graph classifier (3 TransformerConv layers, 4 heads x 32, mean pooling)."""
     _fixed_conv("transformer_graph", "transformer", kwargs)
-    kwargs.setdefault("in_channels", 8)
-    kwargs.setdefault("num_classes", 3)
-    return GATGraphClassifier(conv="transformer", **kwargs)
+    return _graph_classifier("transformer", **kwargs)
 
 
 @register_model(task="graph", family="gat", default_cfg={"num_classes": 10})

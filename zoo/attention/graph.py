@@ -494,9 +494,6 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
         finally:
             self._flow_inside = None
 
-    # whether edge_dim=-1 (lin_edge sized from the first edge_attr, as PyG's Linear(-1, ...)) is taken
-    _lazy_edge_dim_ok = False
-
     # whether PyG's layer sizes a flow="target_to_source" output by its targets (TransformerConv, whose queries,
     # keys and values are separate tensors) rather than by x[0] (the GAT layers: refused with two node sets)
     _reverse_flow_sized_by_targets = False
@@ -592,8 +589,6 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
 class _GraphAttentionBase(CachedGraphLayer):
     """Input parsing, edge features and the return protocol common to both attention layers."""
 
-    _lazy_edge_dim_ok = True
-
     def _materialize_edge(self, edge_attr) -> None:
         """``edge_dim=-1``: size the lazy edge projection from the first edge_attr ([E] or [E, D]), at the point of
         PyG's forward where its edge_update (or message) first calls it, so a seeded lazy layer draws PyG's weights.
@@ -634,7 +629,7 @@ class _GraphAttentionBase(CachedGraphLayer):
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if edge_dim is not None:
-            _check_channels("edge_dim", edge_dim, lazy_ok=self._lazy_edge_dim_ok)
+            _check_channels("edge_dim", edge_dim, lazy_ok=True)  # -1: lin_edge sized by _materialize_edge
         _check_fill_value(fill_value, edge_dim)
         negative_slope = _check_negative_slope(negative_slope)
         self.in_channels = in_channels
@@ -799,13 +794,25 @@ class _GraphAttentionBase(CachedGraphLayer):
     def _edge_softmax(self, scores_EH: Tensor, index: Tensor, dim_size: Optional[int]) -> Tensor:
         """The end of PyG's ``edge_update``: softmax over each destination's edges
         (torch_geometric.utils.softmax(scores, index, ptr, dim_size)), then attention dropout."""
-        num_dst = dim_size if dim_size is not None else (int(index.max()) + 1 if index.numel() else 0)
-        alpha = segment_softmax(scores_EH, index, num_dst)
+        alpha = self._destination_softmax(scores_EH, index, dim_size)
         order = getattr(self, "_dropout_order", None)
         if order is not None and order.numel() == alpha.size(0):  # PyG's edge order for the draw (pyg_edge_order)
             dropped = F.dropout(alpha[order], p=self.dropout, training=self.training)
             return torch.empty_like(dropped).index_copy(0, order, dropped)
         return F.dropout(alpha, p=self.dropout, training=self.training)
+
+    @staticmethod
+    def _destination_softmax(scores_EH: Tensor, index: Tensor, dim_size: Optional[int]) -> Tensor:
+        """Softmax of [E, H] scores over each destination's edges (``index``), as torch_geometric.utils.softmax
+        with PyG's ``dim_size`` (None: one past the largest index)."""
+        num_dst = dim_size if dim_size is not None else (int(index.max()) + 1 if index.numel() else 0)
+        return segment_softmax(scores_EH, index, num_dst)
+
+    def _returned_edge_index(self, graph: GraphStructure) -> Tensor:
+        """The [2, E'] edge index returned with the attention weights: a copy, as PyG builds one per call (the cached
+        graph keeps using its own: an edit of the returned tensor changed the next call's output), in the caller's
+        row order (flipped back for flow="target_to_source")."""
+        return graph.edge_index.flip(0) if self._reverse_flow else graph.edge_index.clone()
 
     @staticmethod
     def _input_order(graph: GraphStructure, alpha_csr: Tensor) -> Tensor:
@@ -817,9 +824,7 @@ class _GraphAttentionBase(CachedGraphLayer):
     def _attention_result(self, graph: GraphStructure, alpha: Tensor):
         """alpha [E', H] in ``graph.edge_index`` order -> PyG's (edge_index, alpha) or (sparse adj, alpha)."""
         if graph.sparse_layout is None:
-            # a copy, as PyG builds one per call: the cached graph keeps using its own (an edit of the returned
-            # tensor changed the next call's output); in the caller's row order (flow="target_to_source")
-            return (graph.edge_index.flip(0) if self._reverse_flow else graph.edge_index.clone()), alpha
+            return self._returned_edge_index(graph), alpha
         # sparse adjacency adj[dst, src, h]: entries sorted by (dst, src) (by (src, dst) for CSC)
         src, dst = graph.edge_index[0], graph.edge_index[1]
         n_dst, n_src = graph.sparse_size
@@ -1193,8 +1198,7 @@ class TransformerConv(_GraphAttentionBase):
     ):
         super().__init__(aggr="add", message_passing_kwargs=kwargs)
         self._init_common(in_channels, out_channels, heads, concat, 0.2, dropout, False, edge_dim, None, False)
-        del self.negative_slope, self.fill_value, self.residual  # (GAT's settings, not this layer's)
-        self.fill_value = None  # no self loops: their features are never made
+        del self.negative_slope, self.residual  # (GAT's settings, not this layer's; fill_value stays None: no loops)
         self.root_weight = check_flag(root_weight, "root_weight")
         self.beta = check_flag(beta, "beta") and self.root_weight
         bias = check_flag(bias, "bias")
@@ -1224,12 +1228,12 @@ class TransformerConv(_GraphAttentionBase):
         """Lazy projections sized from the first input in PyG's forward order (query, key, value, then the edge
         projection of ``edge_dim=-1``, which PyG's message sizes, then the skip projection, only with root_weight:
         PyG's forward never calls it otherwise), so a seeded lazy layer draws PyG's weights."""
-        sized_by_edges = isinstance(edge_attr, Tensor) and edge_attr.is_floating_point() and edge_attr.dim() in (1, 2)
-        edge = ((self.lin_edge, edge_attr.reshape(edge_attr.size(0), -1)),) if sized_by_edges else ()
-        skip = ((self.lin_skip, x_dst),) if self.root_weight else ()
-        for lin, x in ((self.lin_query, x_dst), (self.lin_key, x_src), (self.lin_value, x_src)) + edge + skip:
+        for lin, x in ((self.lin_query, x_dst), (self.lin_key, x_src), (self.lin_value, x_src)):
             if _is_lazy(lin):
                 lin(x[:0])
+        self._materialize_edge(edge_attr)
+        if self.root_weight and _is_lazy(self.lin_skip):
+            self.lin_skip(x_dst[:0])
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # MessagePassing's (aggregation modules, explain state)
@@ -1277,7 +1281,7 @@ class TransformerConv(_GraphAttentionBase):
                 if graph.storage_order is not None:  # (CSC, a transposed COO: not PyG's (dst, src) row-major)
                     alpha = alpha.new_empty(alpha.shape).index_copy_(0, graph.storage_order, alpha)
                 return out, (edge_index, alpha)
-            return out, (graph.edge_index.flip(0) if self._reverse_flow else graph.edge_index.clone(), alpha)
+            return out, (self._returned_edge_index(graph), alpha)
         return out
 
     _alpha: Optional[Tensor] = None
@@ -1290,8 +1294,7 @@ class TransformerConv(_GraphAttentionBase):
             edge_attr = self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
             key_j = key_j + edge_attr
         scores_EH = (query_i * key_j).sum(dim=-1) / math.sqrt(self.out_channels)
-        num_dst = size_i if size_i is not None else (int(index.max()) + 1 if index.numel() else 0)
-        alpha = segment_softmax(scores_EH, index, num_dst)
+        alpha = self._destination_softmax(scores_EH, index, size_i)
         self._alpha = alpha
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
         out = value_j if edge_attr is None else value_j + edge_attr
