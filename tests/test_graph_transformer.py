@@ -460,3 +460,19 @@ def test_gat_lazy_edge_dim_sizes_lin_edge_from_a_one_dimensional_edge_attr_as_py
     assert tuple(want_w.shape) == (8, 1)
     torch.testing.assert_close(w, want_w, atol=0, rtol=0)
     torch.testing.assert_close(out, want_out, **TOL)
+
+
+def test_edge_dot_names_bad_indices():
+    from zoo.attention.segment import edge_dot
+
+    q, k = torch.randn(4, 2, 3), torch.randn(5, 2, 3)
+    with pytest.raises(ValueError, match=r"edge_dot: row holds 4, out of range for 4 nodes \(valid: 0..3\)"):
+        edge_dot(q, k, torch.tensor([0, 4]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="edge_dot: col holds -1"):
+        edge_dot(q, k, torch.tensor([0, 1]), torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="edge_dot: col must be a 1-D int64 / int32 tensor, got torch.float32"):
+        edge_dot(q, k, torch.tensor([0, 1]), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="one length"):
+        edge_dot(q, k, torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="must agree on heads and channels"):
+        edge_dot(q, torch.randn(5, 2, 4), torch.tensor([0]), torch.tensor([0]))

@@ -576,10 +576,13 @@ class _EdgeDot(torch.autograd.Function):
             None, None, None
 
 
-def edge_dot(q_NHC: Tensor, k_NHC: Tensor, row: Tensor, col: Tensor, *, chunk_elements: Optional[int] = None) -> Tensor:
+def edge_dot(q_NHC: Tensor, k_NHC: Tensor, row: Tensor, col: Tensor, *, chunk_elements: Optional[int] = None,
+             validate: bool = True) -> Tensor:
     """``s[e, h] = q[row[e], h] . k[col[e], h]`` for every edge e: [E, H], differentiable in q and k, computed in
     chunks of edges and recomputed in backward, so no [E, H, C] gather is kept (autograd's ``(q[row] * k[col]).sum(-1)``
-    keeps two). q_NHC [Nd, H, C], k_NHC [Ns, H, C], row / col [E] int64 destination / source of each edge."""
+    keeps two). q_NHC [Nd, H, C], k_NHC [Ns, H, C], row / col [E] int64 destination / source of each edge.
+    ``validate=False`` skips the range check of row / col (one read of each, a host sync): for a CSR whose
+    indices were checked when it was built."""
     for name, t in (("q_NHC", q_NHC), ("k_NHC", k_NHC)):
         if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
             raise ValueError(f"edge_dot: {name} must be a 3-D floating-point tensor [N, H, C], got "
@@ -587,7 +590,16 @@ def edge_dot(q_NHC: Tensor, k_NHC: Tensor, row: Tensor, col: Tensor, *, chunk_el
     if q_NHC.shape[1:] != k_NHC.shape[1:]:
         raise ValueError(f"edge_dot: q_NHC {tuple(q_NHC.shape)} and k_NHC {tuple(k_NHC.shape)} must agree on heads "
                          f"and channels")
-    if row.shape != col.shape or row.dim() != 1:
+    for name, idx, size in (("row", row, q_NHC.size(0)), ("col", col, k_NHC.size(0))):
+        if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 1:
+            raise ValueError(f"edge_dot: {name} must be a 1-D int64 / int32 tensor, got "
+                             f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+        if validate and idx.numel() and not is_tracing():
+            low, high = (int(t) for t in idx.aminmax())
+            if low < 0 or high >= size:
+                raise ValueError(f"edge_dot: {name} holds {low if low < 0 else high}, out of range for {size} nodes "
+                                 f"(valid: 0..{size - 1})")
+    if row.shape != col.shape:
         raise ValueError(f"edge_dot: row and col must be 1-D of one length, got {tuple(row.shape)}, {tuple(col.shape)}")
     args = (q_NHC, k_NHC, row, col, int(chunk_elements or CHUNK_ELEMENTS))
     return call_outside_graph(_EdgeDot.apply, *args)
