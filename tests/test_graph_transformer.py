@@ -293,8 +293,8 @@ def test_bad_inputs_raise_clear_errors():
         TransformerConv(8, 5, beta="yes")
     with pytest.raises(ValueError, match="heads"):
         TransformerConv(8, 5, heads=0)
-    with pytest.raises(TypeError, match="unsupported MessagePassing arguments"):
-        TransformerConv(8, 5, aggr="mean")
+    with pytest.raises(ValueError, match="decomposed_layers=2 is not supported"):
+        TransformerConv(8, 5, decomposed_layers=2)
 
 
 @pytest.mark.parametrize("edge_dim", [None, 3])

@@ -27,8 +27,8 @@ Letters: N nodes (Ns source, Nd destination), E edges, H heads, C channels per h
 as PyG's lazy initialisation does. Not supported (raise a clear error): torch_sparse ``SparseTensor`` input
 (pyg-lib/torch_sparse are not installed; use a torch sparse tensor), static graphs (3-D x).
 
-Both layers are ``torch_geometric.nn.MessagePassing`` subclasses (sum aggregation, node dimension 0, as
-PyG's), so PyG's tools that look for message-passing layers find them: ``to_hetero`` (one copy per edge
+Both layers are ``torch_geometric.nn.MessagePassing`` subclasses (sum aggregation by default, node dimension 0, as
+PyG's; another ``aggr`` runs PyG's ``propagate`` with ``self.aggr_module``, as PyG's layers do), so PyG's tools that look for message-passing layers find them: ``to_hetero`` (one copy per edge
 type, summed per destination type), ``HeteroConv``, and the explainers (``GNNExplainer``/``PGExplainer``
 edge masks through ``explain_message``, ``AttentionExplainer`` through a message forward hook). The fused
 path never calls ``propagate``; while PyG's explain mode is on, a propagate/message/aggregate/edge-update hook
@@ -413,8 +413,9 @@ def _weighted_sums(rows: Tensor) -> Tensor:
 def _message_passing_flow(layer: str, kwargs: dict) -> bool:
     """PyG's MessagePassing keywords that these layers accept (``**kwargs`` of PyG's constructors): ``aggr`` as the
     default sum ("add" / "sum"), and ``flow``: "source_to_target" (default) or "target_to_source" (messages go
-    from edge_index[1] to edge_index[0]; returns True then). Anything else is refused by name: the attention
-    layers aggregate by the attention-weighted sum, fused."""
+    from edge_index[1] to edge_index[0]; returns True then). Anything else is refused by name: the layer
+    aggregates by the attention-weighted sum, fused (PointTransformerConv; the attention layers of this file take
+    PyG's other aggregations too: _attention_message_passing_kwargs)."""
     flow = kwargs.get("flow", "source_to_target")
     if flow not in ("source_to_target", "target_to_source"):
         raise ValueError(f"{layer}: flow must be 'source_to_target' or 'target_to_source', got {flow!r}")
@@ -424,6 +425,46 @@ def _message_passing_flow(layer: str, kwargs: dict) -> bool:
         raise TypeError(f"{layer}: unsupported MessagePassing arguments ({listed}): the aggregation is the "
                         f"attention-weighted sum (PyG's default aggr='add'); flow= is accepted")
     return flow == "target_to_source"
+
+
+# the sums that the fused attention paths compute (PyG's "add" is its SumAggregation, as is "sum")
+_FUSED_AGGREGATIONS = ("add", "sum")
+
+
+def _attention_message_passing_kwargs(layer: str, kwargs: dict, default_aggr: str) -> tuple:
+    """PyG's MessagePassing keywords for the attention layers (``**kwargs`` of PyG's GATConv / GATv2Conv /
+    TransformerConv, which call ``MessagePassing.__init__(node_dim=0, **kwargs)``; torch_geometric 2.8.1
+    nn/conv/message_passing.py) -> (aggr, aggr_kwargs, flow). Accepted as PyG takes them: ``aggr`` (a name, a list of
+    names, or an ``torch_geometric.nn.aggr.Aggregation`` instance; "add" / "sum" run fused, the others PyG's
+    ``propagate`` with ``self.aggr_module``), ``aggr_kwargs`` (for PyG's ``aggr_resolver``, e.g. ``mode`` of a list),
+    ``flow`` and ``decomposed_layers=1``. Refused by name, with the reason: ``aggr=None`` and ``decomposed_layers``
+    other than 1 (PyG's layers build with them but fail in forward), ``node_dim`` (PyG's layers fix it; passing it is
+    a TypeError there too) and any other keyword (not a MessagePassing argument)."""
+    known = {"aggr", "aggr_kwargs", "flow", "decomposed_layers", "node_dim"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{layer}: unexpected keyword arguments {unknown}: PyG's layer passes its **kwargs to "
+                        f"MessagePassing, which takes aggr, aggr_kwargs, flow and decomposed_layers")
+    if "node_dim" in kwargs:
+        raise TypeError(f"{layer}: node_dim={kwargs['node_dim']!r} is not accepted: the layer's messages are "
+                        f"[E, heads, out_channels] along dimension 0 (PyG's layer fixes node_dim=0 and raises "
+                        f"TypeError for it too)")
+    decomposed = kwargs.get("decomposed_layers", 1)
+    if isinstance(decomposed, bool) or not isinstance(decomposed, int) or decomposed != 1:
+        raise ValueError(f"{layer}: decomposed_layers={decomposed!r} is not supported (only 1): PyG's decomposed "
+                         f"propagate splits the x_j arguments along their last dimension, which these attention "
+                         f"layers cannot be split by (PyG's GAT layers fail on their (x_src, x_dst) pair, its "
+                         f"TransformerConv splits keys and values but not the queries)")
+    aggr = kwargs.get("aggr", default_aggr)
+    if aggr is None:
+        raise ValueError(f"{layer}: aggr=None is not supported: the messages need an aggregation (PyG's layer builds "
+                         f"with aggr=None and then fails in forward calling its missing aggr_module)")
+    aggr_kwargs = kwargs.get("aggr_kwargs")
+    if aggr_kwargs is not None and not isinstance(aggr_kwargs, dict):
+        raise TypeError(f"{layer}: aggr_kwargs must be a dict of the aggregation's arguments, got "
+                        f"{type(aggr_kwargs).__name__}")
+    _message_passing_flow(layer, {"flow": kwargs.get("flow", "source_to_target")})  # checks the value
+    return aggr, aggr_kwargs, kwargs.get("flow", "source_to_target")
 
 
 def _edge_index_fingerprint(edge_index: Tensor) -> tuple:
@@ -464,8 +505,9 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
     version bump, through numpy or ``.data``, is rebuilt and validated again), and that knows when PyG's
     explainers or hooks need its ``propagate`` instead of a fused path. Subclasses set ``add_self_loops``."""
 
-    def __init__(self, aggr: str, node_dim: int, layer: str = "", message_passing_kwargs: Optional[dict] = None):
-        super().__init__(aggr=aggr, node_dim=node_dim)
+    def __init__(self, aggr, node_dim: int, layer: str = "", message_passing_kwargs: Optional[dict] = None,
+                 aggr_kwargs: Optional[dict] = None):
+        super().__init__(aggr=aggr, aggr_kwargs=aggr_kwargs, node_dim=node_dim)
         self._graph_cache = None
         self._reverse_flow = _message_passing_flow(layer or type(self).__name__, message_passing_kwargs or {})
 
@@ -610,9 +652,36 @@ class _GraphAttentionBase(CachedGraphLayer):
             )
 
     def __init__(self, aggr: str, message_passing_kwargs: Optional[dict] = None):
-        # as PyG's layers: messages [E, H, C] summed over incoming edges along dimension 0 (GATConv names
-        # the sum "add", GATv2Conv "sum")
-        super().__init__(aggr=aggr, node_dim=0, message_passing_kwargs=message_passing_kwargs)
+        # as PyG's layers: messages [E, H, C] aggregated over incoming edges along dimension 0, by default summed
+        # (GATConv and TransformerConv name the sum "add", GATv2Conv "sum"); the caller's aggr / aggr_kwargs build
+        # PyG's aggr_module (its parameters are state-dict entries under "aggr_module.", as PyG's)
+        layer = type(self).__name__
+        aggr, aggr_kwargs, flow = _attention_message_passing_kwargs(layer, message_passing_kwargs or {}, aggr)
+        super().__init__(aggr=aggr, node_dim=0, layer=layer, message_passing_kwargs={"flow": flow},
+                         aggr_kwargs=aggr_kwargs)
+        # the fused paths compute the attention-weighted sum; any other aggregation runs PyG's propagate
+        self._sums_messages = isinstance(aggr, str) and aggr in _FUSED_AGGREGATIONS
+
+    def _runs_propagate(self) -> bool:
+        """PyG's ``propagate`` also for every aggregation but the sum (``aggr="mean"``, ``"max"``, a list, an
+        Aggregation module): PyG's MessagePassing.aggregate hands the [E, H, C] messages to ``self.aggr_module``."""
+        return not self._sums_messages or super()._runs_propagate()
+
+    def _drops_all_attention(self) -> bool:
+        """``dropout=1.0`` in training: PyG's ``F.dropout(alpha, p=1.0, training=True)`` zeroes every attention
+        weight (torch multiplies by zero and draws nothing); in evaluation it does nothing."""
+        return self.training and self.dropout >= 1.0
+
+    def _fused_dropout(self) -> float:
+        """The dropout rate the fused functions apply with the keep mask (``_keep_mask``): none for ``dropout=1.0``,
+        whose all-zero weights the caller applies (``_zero_attention``)."""
+        return 0.0 if self.dropout >= 1.0 else self.dropout
+
+    @staticmethod
+    def _zero_attention(*tensors: Optional[Tensor]):
+        """The fused results with every attention weight dropped (``dropout=1.0`` in training): multiplied by zero,
+        as torch's dropout with p=1, so the gradients are PyG's zeros rather than missing."""
+        return tuple(None if t is None else t * 0.0 for t in tensors)
 
     def _init_common(self, in_channels, out_channels, heads, concat, negative_slope, dropout,
                      add_self_loops, edge_dim, fill_value, residual):
@@ -626,8 +695,8 @@ class _GraphAttentionBase(CachedGraphLayer):
             _check_channels("in_channels", in_channels, lazy_ok=True)
         _check_channels("out_channels", out_channels)
         _check_channels("heads", heads)
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not 0.0 <= float(dropout) <= 1.0:  # as torch's F.dropout (p=1.0 zeroes every weight in training)
+            raise ValueError(f"dropout must be in [0, 1], got {dropout!r}")
         if edge_dim is not None:
             _check_channels("edge_dim", edge_dim, lazy_ok=True)  # -1: lin_edge sized by _materialize_edge
         _check_fill_value(fill_value, edge_dim)
@@ -752,21 +821,48 @@ class _GraphAttentionBase(CachedGraphLayer):
         and dtype), in PyG's edge order, then put in CSR order: a seeded training run on CPU drops the edges PyG's
         layer drops (tests/test_graph_layers.py); CUDA's fused dropout kernel draws otherwise. For a sparse adj_t with
         added self loops PyG's order is not edge_index's (GraphStructure.pyg_edge_order): the draw follows PyG's."""
-        if not (self.training and self.dropout > 0.0) or graph.csr.num_edges == 0:
-            return None
+        if not (self.training and 0.0 < self.dropout < 1.0) or graph.csr.num_edges == 0:
+            return None  # (dropout=1.0 draws nothing, as torch's: _zero_attention)
         keep = torch.empty(graph.csr.num_edges, self.heads, device=device, dtype=dtype).bernoulli_(1.0 - self.dropout)
         order = graph.pyg_edge_order()
         if order is not None:  # drawn in PyG's order: edge order[j] gets PyG's j-th draw
             keep = torch.empty_like(keep).index_copy_(0, order.to(device), keep)
         return keep.bool()[graph.csr.perm.to(device)]
 
-    def _finish(self, out_NHC: Tensor, res: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    def _merge_heads(self, out_NHC: Tensor) -> Tensor:
+        """[N, H, C'] -> [N, H*C] (concat) or the mean over heads, as PyG's forward: ``out.view(-1, H*C)`` /
+        ``out.mean(dim=1)``. C' is C but for an aggregation that widens the messages (a list of aggregations with
+        mode="cat": k*C); PyG's view then gives k*N rows of H*C, and so does this layer."""
+        H, C = self.heads, self.out_channels
+        if not self.concat:
+            return out_NHC.mean(dim=1)
         # the row count, not -1: a graph without (destination) nodes gives [0, H*C] as in PyG
-        out = out_NHC.reshape(out_NHC.size(0), self.heads * self.out_channels) if self.concat else out_NHC.mean(dim=1)
+        rows = out_NHC.size(0) if out_NHC.size(-1) == C else -1
+        return out_NHC.reshape(rows, H * C)
+
+    def _add_to_output(self, out: Tensor, term: Tensor, what: str) -> Tensor:
+        """out + term, as PyG's forward adds the residual / skip / bias; where a widened aggregation (see
+        ``_merge_heads``) makes the shapes disagree, PyG's layer fails with a broadcasting error: a clear one here."""
+        if self._sums_messages:  # the sum keeps each head's channels: PyG's shapes (and no checks to trace)
+            return out + term
+        try:
+            fits = torch.broadcast_shapes(out.shape, term.shape) == out.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{type(self).__name__}: aggr={self.aggr!r} gives an output of shape {tuple(out.shape)} to which "
+                f"{what} of shape {tuple(term.shape)} cannot be added (PyG's layer fails there too): a list of "
+                f"aggregations with mode='cat' widens each head's channels; use another mode (aggr_kwargs="
+                f"dict(mode='sum'), ...) or, as PyG, concat=True without the residual / skip term")
+        return out + term
+
+    def _finish(self, out_NHC: Tensor, res: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        out = self._merge_heads(out_NHC)
         if res is not None:
-            out = out + res
+            out = self._add_to_output(out, res, "the residual projection")
         if bias is not None:
-            out = out + bias
+            out = self._add_to_output(out, bias, "the bias")
         return out
 
     # PyG's message passing: the path of explainers, hooks and torch.func (CachedGraphLayer._runs_propagate)
@@ -873,6 +969,9 @@ class GATv2Conv(_GraphAttentionBase):
     gives an empty [0, H*C] (or [0, C]) result, as PyG's. x (and edge_attr) must have the dtype of the layer's
     weights (any dtype under torch.autocast); edge_attr with edge_dim=None is an error (as PyG's GATv2Conv).
     Under torch.autocast out and alpha are fp32, as PyG's (its fp32 attention vector promotes the half features).
+    PyG's MessagePassing keywords: aggr (default "sum", fused; "mean", "max", a list with aggr_kwargs, an Aggregation
+    module run PyG's propagate with ``self.aggr_module``, as PyG's layer), aggr_kwargs, flow, decomposed_layers=1
+    (_attention_message_passing_kwargs); dropout=1.0 zeroes every attention weight in training, as PyG's.
     fill_value and negative_slope must be finite, and a tensor fill_value must hold edge_dim values (or one):
     checked in the constructor.
     """
@@ -962,8 +1061,10 @@ class GATv2Conv(_GraphAttentionBase):
                 xs_NHC, xd_NHC, self.att[0], csr, dst_projection=dst_projection, edge_attr=ea, edge_weight=we,
                 negative_slope=self.negative_slope,
                 keep=self._keep_mask(graph, xs_NHC.device, torch.promote_types(xs_NHC.dtype, self.att.dtype)),
-                dropout=self.dropout, need_weights=need,
+                dropout=self._fused_dropout(), need_weights=need,
             )
+            if self._drops_all_attention():
+                out_NHC, alpha_csr = self._zero_attention(out_NHC, alpha_csr)
             alpha = self._input_order(graph, alpha_csr) if need else None
         out = self._finish(out_NHC, res, self.bias)
         if need:
@@ -991,7 +1092,8 @@ class GATConv(_GraphAttentionBase):
 
     Args as PyG's GATConv: in_channels (int -> one ``lin``; pair -> ``lin_src``/``lin_dst``),
     out_channels, heads=1, concat=True, negative_slope=0.2, dropout=0.0, add_self_loops=True,
-    edge_dim=None, fill_value="mean", bias=True, residual=False.
+    edge_dim=None, fill_value="mean", bias=True, residual=False, and PyG's MessagePassing keywords as
+    :class:`GATv2Conv` (aggr default "add").
     forward(x | (x_src, x_dst or None), edge_index, edge_attr=None, size=None,
     return_attention_weights=None): as :class:`GATv2Conv`; ``size`` = (Ns, Nd) as in PyG. edge_attr with a
     layer built with edge_dim=None raises "edge_attr was given but the layer was built with edge_dim=None" (PyG's
@@ -1120,9 +1222,11 @@ class GATConv(_GraphAttentionBase):
                 s_EH = s_EH + ea @ w_HD.t()
             s_EH = F.leaky_relu(s_EH, self.negative_slope)
             out_NHC, alpha_csr = segment_softmax_aggregate(
-                s_EH, xs_NHC, csr, keep=self._keep_mask(graph, xs_NHC.device, s_EH.dtype), dropout=self.dropout,
-                need_weights=need,
+                s_EH, xs_NHC, csr, keep=self._keep_mask(graph, xs_NHC.device, s_EH.dtype),
+                dropout=self._fused_dropout(), need_weights=need,
             )
+            if self._drops_all_attention():
+                out_NHC, alpha_csr = self._zero_attention(out_NHC, alpha_csr)
             alpha = self._input_order(graph, alpha_csr) if need else None
         out = self._finish(out_NHC, res, self.bias)
         if need:
@@ -1161,7 +1265,10 @@ class TransformerConv(_GraphAttentionBase):
     heads averaged), beta=False (gated skip: x'_i = b_i W_1 x_i + (1 - b_i) m_i with b_i = sigmoid(w_5 . [W_1 x_i,
     m_i, W_1 x_i - m_i]); only with root_weight), dropout=0.0 (on the attention coefficients), edge_dim=None (edge
     features added to the keys and the values after lin_edge; -1: sized from the first edge_attr), bias=True,
-    root_weight=True (False: no W_1 x_i term and no beta), and PyG's MessagePassing keywords aggr="add" and flow.
+    root_weight=True (False: no W_1 x_i term and no beta), and PyG's MessagePassing keywords aggr (default "add", fused;
+    any other aggregation of PyG's, a list with aggr_kwargs, or an Aggregation module runs PyG's propagate with
+    ``self.aggr_module``), aggr_kwargs, flow and decomposed_layers=1. dropout=1.0 zeroes every attention weight in
+    training, as PyG's.
     State-dict keys and shapes are PyG's (lin_key, lin_query, lin_value, lin_edge, lin_skip, lin_beta), so a PyG
     state dict loads strict and gives the same outputs, attention weights and gradients; the initialisation draws
     as PyG's (kaiming-uniform Linear).
@@ -1267,16 +1374,19 @@ class TransformerConv(_GraphAttentionBase):
             csr = graph.csr.to(q_NHC.device)
             # no [E, H, C] kept for backward; the CSR's indices were checked when the graph was built
             s_EH = edge_dot(q_NHC, k_NHC, csr.row, csr.col, validate=False) / math.sqrt(C)
-            out_NHC, _ = segment_softmax_aggregate(s_EH, v_NHC, csr, dropout=self.dropout,
+            out_NHC, _ = segment_softmax_aggregate(s_EH, v_NHC, csr, dropout=self._fused_dropout(),
                                                    keep=self._keep_mask(graph, q_NHC.device, s_EH.dtype))
-        out = out_NHC.reshape(out_NHC.size(0), H * C) if self.concat else out_NHC.mean(dim=1)
+            if self._drops_all_attention():
+                (out_NHC,) = self._zero_attention(out_NHC)
+        out = self._merge_heads(out_NHC)
         if self.root_weight:
             x_r = self.lin_skip(x_dst)
             if self.lin_beta is not None:
+                self._add_to_output(out, x_r, "the skip projection lin_skip(x)")  # (shapes as PyG's cat needs)
                 gate = self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
                 out = gate * x_r + (1 - gate) * out
             else:
-                out = out + x_r
+                out = self._add_to_output(out, x_r, "the skip projection lin_skip(x)")
         if need:
             if graph.sparse_layout is not None:  # the adjacency itself, as PyG's, and alpha in its storage order
                 if graph.storage_order is not None:  # (CSC, a transposed COO: not PyG's (dst, src) row-major)
