@@ -121,7 +121,9 @@ def test_sigmoid_score_forward():
 # Every backend registered on this machine, and automatic selection (None: attend()'s plain-call shortcuts to SDPA,
 # with and without a bias, and the general dispatch). "triton" runs on CPU only under the interpreter, whose set-up
 # lives in tests/test_kernels_flash.py: test_attend_uses_the_explicit_scale_in_the_kernel covers it there.
-CPU_BACKENDS = [None] + [name for name in za.list_backends() if name != "triton"]
+# every general backend on CPU; "edges" serves Edges masks only (tests/test_edges_mask.py runs it against the same
+# references: values, gradients, scales, empty inputs)
+CPU_BACKENDS = [None] + [name for name in za.list_backends() if name not in ("triton", "edges")]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b or "auto")

@@ -34,6 +34,7 @@ from zoo.attention import (  # noqa: E402
     Causal,
     ChunkWindow,
     Dense,
+    Edges,
     Full,
     KeyPadding,
     MaskMod,
@@ -254,6 +255,7 @@ def _mask_cases():
     blk20[..., 0, 0] = True
     blk50 = torch.rand(1, 2, -(-nq // 16), -(-nk // 16), generator=g) < 0.5
     key_padding = torch.arange(nk)[None, None, None] < torch.tensor([nk, 77])[:, None, None, None]  # (2, 1, 1, nk)
+    edges = torch.stack([torch.randint(0, nk, (900,), generator=g), torch.randint(0, nq, (900,), generator=g)])
     return {
         "dense-key-padding-broadcast": lambda: Dense(key_padding),  # one key row for every query (stride 0)
         "keypadding-from-lengths": lambda: KeyPadding([nk, 77]),  # the same, from lengths
@@ -284,6 +286,9 @@ def _mask_cases():
         "chunkwindow-diag|window": lambda: ChunkWindow(10, 0, 0) | Window(2, 2),
         # A FlexAttention-style predicate: read from one materialised dense mask in the kernel.
         "maskmod-per-head&causal": lambda: MaskMod(_every_other_key_per_head, num_heads=2) & Causal(),
+        # Graph edges (kNN neighbourhoods, sparse graph transformers): absolute indices, bipartite here; the
+        # kernel reads them through the dense slot
+        "edges-bipartite": lambda: Edges(edges),
     }
 
 

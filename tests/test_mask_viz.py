@@ -21,6 +21,8 @@ CASES = {
     "chunk": (["mask=chunk", "chunk=48", "left=2", "n=500"], ChunkWindow(48, 2, 0), 500, 64),
     "segments": (["mask=segments", "lengths=100,60,200", "block=32"],
                  Segments(torch.repeat_interleave(torch.arange(3), torch.tensor([100, 60, 200]))), 360, 32),
+    # a point cloud's kNN attention in Z-order: the same mask as Edges.knn of the seeded sphere, re-derived here
+    "knn": (["mask=knn", "n=300", "k=8", "block=32"], None, 300, 32),
     "radial": (["mask=radial", "frames=6", "tokens_per_frame=64", "sink=true", "block=32", "text=5"],
                Radial(6, 64, 1.0, True, block_size=32, text_tokens=5), 389, 32),
 }
@@ -35,6 +37,13 @@ def test_counts_match_the_token_level_mask(name, tmp_path, capsys):
     from PIL import Image
 
     argv, mask, n, block = CASES[name]
+    if name == "knn":
+        from zoo.attention import Edges
+        from zoo.geometry import morton_order
+
+        points = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        points = points / points.norm(dim=1, keepdim=True)
+        mask = Edges.knn(points[morton_order(points)], 8)
     out = tmp_path / f"{name}.png"
     assert mask_main(argv + [f"out={out}"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -73,6 +82,9 @@ def test_cli_and_errors(tmp_path, capsys):
         ("mask=segments", "lengths=3,4", "n=9"): "segment lengths sum to 7",
         ("mask=radial", "n=100"): "leave n out",
         ("mask=radial", "sink=maybe"): "sink='maybe'",
+        ("mask=knn", "order=hilbert"): "order='hilbert': expected morton or random",
+        ("mask=knn", "k=0"): "k=0: must be >= 1",
+        ("mask=window", "k=3"): "mask=window does not take k",
         ("tokens=sometimes",): "tokens='sometimes'",
         (f"out={tmp_path / 'a.jpg'}",): "PNG",
     }

@@ -42,7 +42,7 @@ commands:
   predict   top-5 classes: zoo predict ckpt=DIR/released input=image.png|folder|digits:0 (graph models:
             input=nodes:test|graphs:test|graph.pt)
   list      registered models: zoo list 'vit_*'
-  bench     benchmarks: zoo bench attention|vision|vision_agent|vision_maxvit|graph|points|relpos [args]
+  bench     benchmarks: zoo bench attention|vision|vision_agent|vision_maxvit|graph|points|knn|relpos [args]
   viz       attention pictures: zoo viz rollout|maxvit|agent|graph|mask [key=value ...]
   export    export models (ONNX): zoo export [args]
 

@@ -13,6 +13,8 @@ torch_cluster's signatures and conventions (torch_cluster 1.6, ``torch_cluster/k
 * :func:`radius` / :func:`radius_graph` -- the points nearer than ``r`` (strictly), at most
   ``max_num_neighbors`` per query, the first in index order (the rule of torch_cluster's CUDA / Triton
   kernels, ``torch_cluster/radius.py``).
+* :func:`morton_order` -- the permutation that sorts points along the Z-order curve (serialisation for tiled
+  attention over neighbourhoods).
 * :func:`fps` -- farthest point sampling: per example, ``ceil(ratio * n)`` indices, each the point farthest
   (squared Euclidean) from those already taken, ties to the lowest index; the first is index 0 of the
   example, or a random one with ``random_start=True``.
@@ -37,7 +39,7 @@ from torch import Tensor
 
 from zoo.layers import positive_int
 
-__all__ = ["knn", "knn_graph", "radius", "radius_graph", "fps"]
+__all__ = ["knn", "knn_graph", "radius", "radius_graph", "fps", "morton_order"]
 
 _MAX_CHUNK_ELEMENTS = 1 << 25  # distances per query chunk (128 MB in float32)
 _GRID_MIN_PAIRS = 1 << 24  # query x point pairs from which a low-dimensional Euclidean search uses the grid
@@ -536,3 +538,47 @@ def fps(src: Tensor, batch: Optional[Tensor] = None, ratio: float = 0.5, random_
         chosen[:, step] = last
     out = [chosen[b, : picks[b]] + ptr[b] for b in range(size) if counts[b] > 0]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=src.device)
+
+
+def morton_order(pos: Tensor, batch: Optional[Tensor] = None, bits: Optional[int] = None) -> Tensor:
+    """The permutation [N] that sorts points along the Z-order (Morton) curve, examples kept in order.
+
+    Serialising a cloud this way puts points that are near in space near in index (Point Transformer V3's "z"
+    serialisation, Wu et al., CVPR 2024; Morton, 1966), which is what tile-based attention needs: with
+    ``pos = pos[order]``, the kNN graph of the cloud (:class:`zoo.attention.Edges`) has its edges near the diagonal,
+    so most (query tile, key tile) pairs hold no edge and the block-sparse backends skip them (a random order
+    touches nearly every tile; ``zoo viz mask mask=knn`` draws both).
+
+    Each example's points are scaled into one cube (the largest side of its bounding box, so cells stay cubic)
+    and quantised to ``bits`` bits per axis (default ``min(16, 62 // D)``; a code holds D * bits <= 62 bits);
+    the code interleaves the axes' bits, axis 0 the least significant at each level. Ties (points in one cell)
+    keep their input order. ``batch``: torch_cluster's sorted example id per point; the result lists example 0's
+    points first, then example 1's, ... so ``batch[order]`` is ``batch``."""
+    pos = _check_points("pos", pos)
+    n, dims = pos.shape
+    if dims > 62:
+        raise ValueError(f"morton_order: pos has {dims} dimensions; a Morton code interleaves at most 62")
+    if bits is None:
+        bits = min(16, 62 // dims)
+    bits = positive_int(bits, "bits")
+    if bits * dims > 62:
+        raise ValueError(f"morton_order: bits={bits} x {dims} dimensions = {bits * dims} > 62 bits of an int64 code")
+    ptr, size = _segments("batch", batch, n, pos.device)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=pos.device)
+    example = torch.repeat_interleave(torch.arange(size, device=pos.device), ptr[1:] - ptr[:-1])
+    work = pos.double()
+    low = torch.full((size, dims), math.inf, dtype=torch.float64, device=pos.device)
+    high = torch.full((size, dims), -math.inf, dtype=torch.float64, device=pos.device)
+    index = example[:, None].expand(n, dims)
+    low = low.scatter_reduce(0, index, work, "amin")
+    high = high.scatter_reduce(0, index, work, "amax")
+    side = (high - low).amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)  # one cube per example
+    levels = (1 << bits) - 1
+    cell = ((work - low[example]) / side[example, None] * levels).round().long().clamp_(0, levels)  # [N, D]
+    code = torch.zeros(n, dtype=torch.long, device=pos.device)
+    for level in range(bits):
+        for axis in range(dims):
+            code |= ((cell[:, axis] >> level) & 1) << (level * dims + axis)
+    order = torch.argsort(code, stable=True)
+    return order[torch.argsort(example[order], stable=True)]  # examples back in order, curve order inside each

@@ -1,11 +1,14 @@
 """Attention-mask pictures (``zoo viz mask``): the block map of a mask -- the tiles the block-sparse kernels
 visit -- and, at small sizes, its token-level form.
 
-    zoo viz mask [mask=causal|window|chunk|segments|radial] [n=1024] [block=64] [tokens=auto|on|off]
+    zoo viz mask [mask=causal|window|chunk|segments|knn|radial] [n=1024] [block=64] [tokens=auto|on|off]
                  [out=mask.png]
         window    left=<int|none> right=<int|none>        default left=128 right=0
         chunk     chunk=<int> left=<int|none> right=<int>  default chunk=64 left=none right=0 (block-causal)
         segments  lengths=<int,int,...>                    packed sequences; n is their sum
+        knn       k=<int> order=morton|random              default 16, morton: each of n points on a sphere
+                                                           (seeded) attends to its k nearest (Edges.knn), the
+                                                           points in Z-order (zoo.geometry.morton_order) or not
         radial    frames=<int> tokens_per_frame=<int> decay=<float> sink=<true|false> text=<int>
                   defaults 8, 256, 1.0, false, 0; n is frames * tokens_per_frame + text, block the Radial block
 
@@ -29,8 +32,8 @@ from zoo.plotting import parse_key_values, png_path, pyplot, run_viz_command, sa
 __all__ = ["build_mask", "draw_mask", "mask_main"]
 
 USAGE = (__doc__ or "").split("\n\n")[1]
-KEYS = ("mask", "n", "block", "tokens", "out", "left", "right", "chunk", "lengths", "frames", "tokens_per_frame",
-        "decay", "sink", "text")
+KEYS = ("mask", "n", "block", "tokens", "out", "left", "right", "chunk", "lengths", "k", "order", "frames",
+        "tokens_per_frame", "decay", "sink", "text")
 #: Above this many tokens the token-level panel is left out unless tokens=on.
 MAX_TILES = 4096 * 4096  # tiles of the block-map panel, and token pairs of tokens=on (8192 x 8192): more than
 TOKEN_CELLS_MAX = 8192 * 8192  # any figure resolves, and about 100 MB to draw rather than tens of gigabytes
@@ -40,6 +43,7 @@ _KIND_KEYS = {
     "window": ("left", "right"),
     "chunk": ("chunk", "left", "right"),
     "segments": ("lengths",),
+    "knn": ("k", "order"),
     "radial": ("frames", "tokens_per_frame", "decay", "sink", "text"),
 }
 
@@ -89,6 +93,8 @@ def build_mask(args: dict) -> tuple[Mask, int, int]:
             raise ValueError(f"n={n} but the segment lengths sum to {sum(lengths)}; leave n out")
         ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
         return Segments(ids), sum(lengths), block
+    if kind == "knn":
+        return _knn_mask(n, _int(args, "k", 16, minimum=1), args.get("order", "morton")), n, block
     from zoo.attention.radial import Radial
 
     if "n" in args:
@@ -104,6 +110,21 @@ def build_mask(args: dict) -> tuple[Mask, int, int]:
                   sink in ("true", "1"), block_size=_int(args, "block", 128, minimum=1),
                   text_tokens=_int(args, "text", 0, minimum=0))
     return mask, mask.seq_len, mask.block_size
+
+
+def _knn_mask(n: int, k: int, order: str) -> Mask:
+    """Each of ``n`` points spread on the unit sphere (seed 0) attends to its ``k`` nearest, the points in
+    Z-order or in random order: the tiles a point cloud's neighbourhood attention visits either way."""
+    from zoo.attention.masks import Edges
+    from zoo.geometry import morton_order
+
+    if order not in ("morton", "random"):
+        raise ValueError(f"order={order!r}: expected morton or random")
+    points = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    points = points / points.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if order == "morton":
+        points = points[morton_order(points)]
+    return Edges.knn(points, k)
 
 
 def draw_mask(mask: Mask, q_len: int, k_len: int, block: int, out: str, tokens: str = "auto",
@@ -163,7 +184,11 @@ def draw_mask(mask: Mask, q_len: int, k_len: int, block: int, out: str, tokens: 
 def _draw(argv: list[str]) -> dict:
     args = parse_key_values(argv, KEYS)
     mask, n, block = build_mask(args)
-    return draw_mask(mask, n, n, block, args.get("out", "mask.png"), args.get("tokens", "auto"))
+    title = None
+    if args.get("mask") == "knn":
+        title = (f"{mask!r}: each of {n} points on a sphere attends to its k = {args.get('k', 16)} nearest, "
+                 f"points in {args.get('order', 'morton')} order, Nq = Nk = {n}")
+    return draw_mask(mask, n, n, block, args.get("out", "mask.png"), args.get("tokens", "auto"), title=title)
 
 
 def mask_main(argv: Optional[Sequence[str]] = None) -> int:

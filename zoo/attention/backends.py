@@ -235,7 +235,7 @@ def sdpa_runs_plain_calls(device_type: str) -> bool:
     return False
 
 
-_OPTIONAL = ["zoo.attention.sparse"]
+_OPTIONAL = ["zoo.attention.sparse", "zoo.attention.edge_backend"]
 _optional_loaded = False
 
 

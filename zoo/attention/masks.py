@@ -9,8 +9,8 @@ A mask says WHICH (query, key) pairs may attend. Every mask answers two question
 * ``block_map(q_len, k_len, block_q, block_k)`` -- a :class:`BlockMap`: for every (query tile,
   key tile) whether it is EMPTY (skip), FULL (no element-wise masking needed) or PARTIAL. This is what
   the block-sparse kernels iterate over (like FlexAttention's BlockMask). For structured masks
-  (Full, Causal, Window, ChunkWindow, Segments, SegmentWindow, SegmentChunkWindow, KeyPadding, BlockSparse
-  and their combinations) it is computed from tile
+  (Full, Causal, Window, ChunkWindow, Segments, SegmentWindow, SegmentChunkWindow, KeyPadding, BlockSparse,
+  Edges and their combinations) it is computed from tile
   coordinates and never materialises Nq x Nk. Results are cached per (shape, tiles, device).
 
 Masks combine with ``&`` (both allow) and ``|`` (either allows).
@@ -51,6 +51,7 @@ __all__ = [
     "Dense",
     "KeyPadding",
     "BlockSparse",
+    "Edges",
     "MaskMod",
     "And",
     "Or",
@@ -1047,6 +1048,175 @@ class BlockSparse(Mask):
 
     def __repr__(self) -> str:
         return f"BlockSparse(tiles={tuple(self.block_mask.shape)}, block=({self.block_q}, {self.block_k}))"
+
+
+class Edges(Mask):
+    """Graph attention as a mask: query i may attend to key j exactly where the edge j -> i is in ``edge_index``.
+
+    ``edge_index``: an integer tensor (2, E) in PyG's layout and flow "source_to_target" -- row 0 the source (a key
+    index), row 1 the target (a query index) -- one graph for every batch row; or (B, 2, E), a graph per batch row,
+    E columns each, where a column of two -1 entries is padding (rows with fewer edges share one tensor). Indices
+    are absolute: with Nq != Nk (bipartite, or queries over a context) the sources index the keys and the targets
+    the queries, with no bottom-right alignment. For dot-product attention over each point's k nearest neighbours
+    (:meth:`knn`, or ``Edges(zoo.geometry.knn_graph(pos, k, loop=True))``), a graph transformer's sparse pattern
+    (graph edges, expander or virtual-node edges), or any adjacency list too large to write as Nq x Nk.
+
+    What it computes: the softmax over each query's incoming edges, as ``torch_geometric.utils.softmax(alpha,
+    edge_index[1])`` followed by a sum of the messages -- the attention of PyG's TransformerConv without its
+    projections (tests/test_edges_mask.py compares against PyG's softmax and scatter in float64). A mask holds no
+    multiplicity: an edge listed twice is one allowed pair here, where PyG's softmax counts it twice. A query
+    with no incoming edge attends to nothing: its output row is zero (PyG aggregates no message to zero). Self
+    loops are edges like any other: ``knn_graph(..., loop=True)``, or ``Edges(edge_index) | Window(0, 0)`` (the
+    diagonal) to add them.
+
+    Cost: the block map comes from the edges in O(E) (a tile is EMPTY without an edge, FULL when every one of its
+    cells is an edge, PARTIAL otherwise), the dense rows of a query chunk in O(E + rows x Nk), never Nq x Nk at
+    once on the chunked reference path. The attention itself is what the backend does with the map: points
+    ordered so that neighbours have nearby indices (sorted along a space-filling curve, or as :meth:`knn` keeps
+    them: clouds usually come that way) leave most tiles EMPTY, which the block-sparse backends skip; a graph in
+    random node order visits nearly every tile. Where each query has few edges and the order is random, the
+    O(E) message-passing layer (:class:`zoo.attention.TransformerConv`) is the faster route.
+
+    The indices are checked once per version of ``edge_index`` (one host sync): negative entries outside padding
+    columns when built, and sources >= Nk or targets >= Nq when a call gives the lengths.
+    """
+
+    def __init__(self, edge_index: torch.Tensor) -> None:
+        super().__init__()
+        if not isinstance(edge_index, torch.Tensor):
+            raise TypeError(f"Edges: edge_index must be an integer tensor (2, E) or (B, 2, E), got "
+                            f"{type(edge_index).__name__}")
+        if edge_index.dtype.is_floating_point or edge_index.dtype == torch.bool or edge_index.is_complex():
+            raise TypeError(f"Edges: edge_index must hold integers (node indices), got {edge_index.dtype}")
+        if edge_index.dim() not in (2, 3) or edge_index.shape[-2] != 2:
+            raise ValueError(f"Edges: edge_index must have shape (2, E) (row 0 source = key, row 1 target = query) "
+                             f"or (B, 2, E), got {tuple(edge_index.shape)}")
+        self.edge_index = edge_index
+        self._edge_cache: dict = {}
+        self._bounds()  # bad indices named now, not at the first call
+
+    @classmethod
+    def knn(cls, pos: torch.Tensor, k: int, *, loop: bool = True, cosine: bool = False) -> "Edges":
+        """Each point attends to its ``k`` nearest points (squared Euclidean, or cosine distance): ``pos`` (N, D)
+        for one cloud, or (B, N, D) for a batch of clouds of N points each (a graph per batch row).
+
+        ``loop=True`` (the default here, unlike ``knn_graph``) counts the point itself among its k neighbours, as
+        Point Transformer's neighbourhoods do; ``loop=False`` gives k other points. Built with
+        :func:`zoo.geometry.knn_graph` (exact; ties to the lower index); a cloud of fewer than k points (k + 1
+        without loops) attends to all of them."""
+        from zoo.geometry import knn_graph
+
+        if not isinstance(pos, torch.Tensor) or pos.dim() not in (2, 3) or not pos.is_floating_point():
+            raise ValueError(f"Edges.knn: pos must be a floating-point (N, D) or (B, N, D) tensor, got "
+                             f"{tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__}")
+        if pos.dim() == 2:
+            return cls(knn_graph(pos, k, loop=loop, cosine=cosine))
+        batch, n = pos.shape[:2]
+        if batch == 0 or n == 0:
+            raise ValueError(f"Edges.knn: pos has no point, shape {tuple(pos.shape)}")
+        example_P = torch.arange(batch, device=pos.device).repeat_interleave(n)
+        ei_2E = knn_graph(pos.reshape(batch * n, -1), k, batch=example_P, loop=loop, cosine=cosine)
+        # knn_graph lists the edges grouped by centre, in order (hence by cloud), and every cloud has n points,
+        # hence min(k, n) (loop) or min(k, n - 1) edges per point: the same count per cloud
+        ei_B2E = (ei_2E - example_P[ei_2E[1]] * n).reshape(2, batch, -1).transpose(0, 1)
+        return cls(ei_B2E.contiguous())
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_edge_cache"] = {}  # derived, with weak references in its version record
+        return state
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.edge_index,)
+
+    @property
+    def batch_size(self) -> int:
+        return self.edge_index.shape[0] if self.edge_index.dim() == 3 else 1
+
+    @property
+    def num_edges(self) -> int:
+        """E, the columns of ``edge_index`` (padding columns included)."""
+        return self.edge_index.shape[-1]
+
+    def _columns(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch row, source, target, valid) per column, each flattened over the batch: int64 on ``device``."""
+        ei = self.edge_index.to(device).long()
+        if ei.dim() == 2:
+            ei = ei[None]
+        batch, _, num = ei.shape
+        row_BE = torch.arange(batch, device=device)[:, None].expand(batch, num)
+        src, dst = ei[:, 0], ei[:, 1]
+        valid = (src >= 0) & (dst >= 0)
+        return row_BE.reshape(-1), src.reshape(-1), dst.reshape(-1), valid.reshape(-1)
+
+    def _bounds(self) -> tuple[int, int]:
+        """(largest source + 1, largest target + 1), checked and cached per version of ``edge_index``."""
+        if is_tracing():
+            return 0, 0
+        cache = self.versioned_cache(self.__dict__.setdefault("_edge_cache", {}))
+        hit = cache.get("bounds")
+        if hit is not None:
+            return hit
+        ei = self.edge_index
+        padding = (ei == -1).all(dim=-2, keepdim=True) if ei.dim() == 3 else torch.zeros_like(ei[:1], dtype=torch.bool)
+        bad = (ei < 0) & ~padding
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            column = where[-1]
+            at = f"edge_index[{where[0]}, :, {column}]" if ei.dim() == 3 else f"edge_index[:, {column}]"
+            value = (ei[where[0], :, column] if ei.dim() == 3 else ei[:, column]).tolist()
+            raise ValueError(f"Edges: {at} = {value} has a negative node index (only a column of two -1 entries is "
+                             f"padding, in the batched (B, 2, E) form)")
+        if ei.numel() == 0:
+            bounds = (0, 0)
+        else:
+            bounds = (int(ei.select(-2, 0).max()) + 1, int(ei.select(-2, 1).max()) + 1)
+        cache_put(cache, "bounds", bounds)
+        return bounds
+
+    def check_shape(self, q_len, k_len, batch=None, heads=None):
+        keys, queries = self._bounds()
+        for row, what, reach, length in ((0, "source (key)", keys, k_len), (1, "target (query)", queries, q_len)):
+            if reach > length:
+                raise ValueError(
+                    f"Edges: edge_index row {row} holds {what} index {reach - 1} but attention has "
+                    f"{'Nk' if row == 0 else 'Nq'}={length} (row 0 of edge_index indexes the keys, row 1 the queries)"
+                )
+        if batch is not None and self.batch_size not in (1, batch):
+            raise ValueError(f"Edges: edge_index holds {self.batch_size} graphs (B, 2, E) but attention has batch "
+                             f"{batch}")
+
+    def _dense_rows(self, q_len, k_len, start, stop, device):
+        row_E, src_E, dst_E, valid_E = self._columns(device)
+        rows = stop - start
+        # Edges outside the rows (and padding) are written to one spare row and column, cut off after: a fixed
+        # shape, no data-dependent selection (traceable)
+        keep_E = valid_E & (dst_E >= start) & (dst_E < stop)
+        r = torch.where(keep_E, dst_E - start, rows)
+        c = torch.where(keep_E, src_E, k_len)
+        dense = torch.zeros(self.batch_size, rows + 1, k_len + 1, dtype=torch.bool, device=device)
+        dense = dense.index_put((row_E, r, c), torch.ones((), dtype=torch.bool, device=device))
+        return dense[:, None, :rows, :k_len]
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        row_E, src_E, dst_E, valid_E = self._columns(device)
+        row_E, src_E, dst_E = row_E[valid_E], src_E[valid_E], dst_E[valid_E]
+        # distinct (row, target, source) cells: a repeated edge must not count twice towards FULL
+        cell = torch.unique((row_E * q_len + dst_E) * k_len + src_E)
+        row_E, dst_E, src_E = cell // (q_len * k_len), (cell // k_len) % q_len, cell % k_len
+        qb, kb = _num_blocks(q_len, block_q), _num_blocks(k_len, block_k)
+        tile_E = (row_E * qb + dst_E // block_q) * kb + src_E // block_k
+        count = torch.bincount(tile_E, minlength=self.batch_size * qb * kb).reshape(self.batch_size, qb, kb)
+        q_first, q_last = _tile_bounds(q_len, block_q, device)
+        k_first, k_last = _tile_bounds(k_len, block_k, device)
+        area = (q_last - q_first + 1)[:, None] * (k_last - k_first + 1)[None, :]
+        states = torch.full(count.shape, PARTIAL, dtype=torch.int8, device=device)
+        states[count == 0] = EMPTY
+        states[count == area] = FULL
+        return states[:, None]
+
+    def __repr__(self) -> str:
+        return f"Edges(batch={self.batch_size}, edges={self.num_edges})"
 
 
 class MaskMod(Mask):

@@ -1,0 +1,132 @@
+"""The "edges" attention backend: ``attend(q, k, v, mask=Edges(edge_index))`` in O(E) work and memory.
+
+A kNN neighbourhood or a graph allows a few keys per query. The tile-based backends pay for every (query tile, key
+tile) that holds one edge, and in a cloud whose order does not follow space (or any graph in random node order)
+that is nearly every tile. This backend computes the scores on the edges only -- the message-passing form of
+PyG's TransformerConv between its projections: per edge s = scale * q_i . k_j
+(:func:`zoo.attention.segment.edge_dot`, chunked, recomputed in backward), the softmax over each query's
+incoming edges and the weighted sum of the values (:func:`zoo.attention.segment.segment_softmax_aggregate`,
+fused per block of queries, with its Triton edge-softmax kernel on CUDA). No (Nq, Nk) tensor and no [E, H, D]
+message is kept.
+
+Semantics are the mask's, as on every backend: a repeated edge is one allowed pair (edges are made distinct when
+the graph is built, once per mask version), a query without an edge gets a zero row, batch rows with their own
+graphs ((B, 2, E) edge_index) run as one disjoint graph, a graph shared by the batch runs once with the batch
+folded into the heads. GQA key / value heads are repeated to the query heads.
+
+Automatic selection (``auto_supports``): an Edges mask whose distinct edges are at most
+``AUTO_MAX_ALLOWED_FRACTION`` of the Nq x Nk pairs, on problems of at least ``AUTO_MIN_CELLS`` pairs. Forward +
+backward on this project's 2-core CPU (H = 4, D = 32, points on a sphere, 2026-12-07, /tmp script; the table of
+``zoo bench knn`` is in docs/points.md), time of this path / SDPA with the dense mask, by the share of pairs
+allowed: 0.10% (16384 points, k = 16) 0.05; 0.20-0.39% 0.13-0.17; 0.78% 0.35; 1.17% 0.43-0.59; 1.56% 0.70 (1024
+points, k = 16) and 1.24 (4096, k = 64, random order); 3.1% (512, k = 16) 2.2; 6.25% 2.8-3.8. Explicit requests
+(``backend="edges"``) run any Edges call the path supports.
+Not supported (the call goes to another backend, or an explicit request is refused naming it): a bias,
+``score="sigmoid"``, ``return_weights``, ``return_lse``, torch.func transforms, and tracing / export.
+"""
+from __future__ import annotations
+
+import torch
+
+from zoo.attention import backends as _backends
+from zoo.attention.masks import Edges, cache_put
+from zoo.attention.segment import CSR, build_csr, edge_dot, segment_softmax_aggregate
+from zoo.layers import in_torch_func, is_tracing
+
+__all__ = ["NAME", "AUTO_MAX_ALLOWED_FRACTION", "AUTO_MIN_CELLS", "edge_graph"]
+
+NAME = "edges"
+#: Automatic selection takes the edge path when the mask allows at most this share of the Nq x Nk pairs ...
+AUTO_MAX_ALLOWED_FRACTION = 0.0125
+#: ... on problems of at least this many (query, key) cells per batch row and head (smaller ones: one SDPA call).
+AUTO_MIN_CELLS = 256 * 256
+
+
+def edge_graph(mask: Edges, q_len: int, k_len: int, device) -> CSR:
+    """The distinct edges of ``mask`` as a destination-sorted :class:`~zoo.attention.segment.CSR`: over Nq query
+    and Nk key nodes for a graph shared by the batch, over B * Nq and B * Nk nodes (batch row b's nodes offset by
+    b * N) for a graph per batch row. Cached on the mask per version of its edge_index, lengths and device."""
+    mask.check_shape(q_len, k_len)
+    cache = mask.versioned_cache(mask.__dict__.setdefault("_edge_cache", {}))
+    key = ("csr", q_len, k_len, str(device))
+    csr = cache.get(key)
+    if csr is None:
+        row_E, src_E, dst_E, valid_E = mask._columns(device)
+        row_E, src_E, dst_E = row_E[valid_E], src_E[valid_E], dst_E[valid_E]
+        num_src, num_dst = mask.batch_size * k_len, mask.batch_size * q_len
+        # one code per (batch row, query, key) cell: unique() drops repeated edges and sorts by destination
+        cell = torch.unique((row_E * q_len + dst_E) * num_src + row_E * k_len + src_E)
+        csr = build_csr(torch.stack([cell % num_src, cell // num_src]), num_src, num_dst, validate=False)
+        cache_put(cache, key, csr)
+    return csr
+
+
+def _heads_last(t_BHND: torch.Tensor, shared: bool) -> torch.Tensor:
+    """(B, H, N, D) -> (N, B * H, D) for a shared graph (the batch folded into the heads), (B * N, H, D) else."""
+    batch, heads, n, d = t_BHND.shape
+    if shared:
+        return t_BHND.permute(2, 0, 1, 3).reshape(n, batch * heads, d)
+    return t_BHND.transpose(1, 2).reshape(batch * n, heads, d)
+
+
+def _edges_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights, return_lse=False):
+    batch, heads, q_len, _ = q.shape
+    k_len, v_dim = k.shape[2], v.shape[-1]
+    if k.shape[1] != heads:  # GQA / MQA: each key / value head serves heads // Hkv query heads
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    shared = mask.batch_size == 1
+    csr = edge_graph(mask, q_len, k_len, q.device)
+    q_NHD, k_NHD, v_NHD = (_heads_last(t, shared) for t in (q, k, v))
+    scores_EH = edge_dot(q_NHD, k_NHD, csr.row, csr.col, validate=False) * scale
+    keep_EH = None
+    if dropout_p > 0.0:
+        keep_EH = torch.rand(scores_EH.shape, device=scores_EH.device) >= dropout_p
+    out_NHD, _ = segment_softmax_aggregate(scores_EH, v_NHD, csr, keep=keep_EH, dropout=dropout_p)
+    out_NHD = out_NHD.to(torch.promote_types(q.dtype, v.dtype))
+    if shared:  # (Nq, B * H, Dv) -> (B, H, Nq, Dv)
+        return out_NHD.reshape(q_len, batch, heads, v_dim).permute(1, 2, 0, 3)
+    return out_NHD.reshape(batch, q_len, heads, v_dim).transpose(1, 2)
+
+
+def _edges_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    """Hard limits only: what the edge path cannot compute."""
+    if not isinstance(mask, Edges):
+        return "the mask is not an Edges mask (the edge path computes scores on a graph's edges only)"
+    if bias is not None:
+        return "a bias (the edge path scores the edges with q . k only; there is no (Nq, Nk) bias to read)"
+    if score != "softmax":
+        return f"score={score!r} (the edge path computes the softmax over each query's edges)"
+    if return_weights:
+        return "return_weights=True (the edge path forms no (Nq, Nk) weights)"
+    if in_torch_func():
+        return "a torch.func transform (the edge path's autograd Functions have no functorch rules)"
+    if is_tracing():
+        return "tracing / export (the edge path loops over blocks of queries in Python)"
+    if q.shape[0] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
+        return "an empty batch or sequence"
+    return None
+
+
+def _edges_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
+    """Hard limits plus: only when the graph allows few of the pairs (see the module docstring)."""
+    if not isinstance(mask, Edges):  # first: every other call pays for one isinstance
+        return "the mask is not an Edges mask"
+    reason = _edges_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights)
+    if reason is not None:
+        return reason
+    q_len, k_len = q.shape[2], k.shape[2]
+    cells = q_len * k_len
+    if cells < AUTO_MIN_CELLS:
+        return f"Nq*Nk = {cells} < {AUTO_MIN_CELLS} (one SDPA call with the dense mask is faster)"
+    allowed = edge_graph(mask, q_len, k_len, q.device).num_edges / (mask.batch_size * cells)
+    if allowed > AUTO_MAX_ALLOWED_FRACTION:
+        return f"the edges allow {allowed:.3f} of the pairs > {AUTO_MAX_ALLOWED_FRACTION} (a dense or tiled path is faster)"
+    return None
+
+
+_DESCRIPTION = "graph edges: scores on the edges of an Edges mask only, fused segment softmax (O(E) work and memory)"
+_backends.register_backend(
+    NAME, _edges_forward, _edges_supports, priority=110, auto_devices=("cpu", "cuda"),
+    auto_supports=_edges_auto_supports, sparse_only=True, description=_DESCRIPTION,
+)
