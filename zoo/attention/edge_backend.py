@@ -6,8 +6,8 @@ that is nearly every tile. This backend computes the scores on the edges only --
 PyG's TransformerConv between its projections: per edge s = scale * q_i . k_j
 (:func:`zoo.attention.segment.edge_dot`, chunked, recomputed in backward), the softmax over each query's
 incoming edges and the weighted sum of the values (:func:`zoo.attention.segment.segment_softmax_aggregate`,
-fused per block of queries, with its Triton edge-softmax kernel on CUDA). No (Nq, Nk) tensor and no [E, H, D]
-message is kept.
+fused per block of queries in PyTorch; the Triton edge-softmax kernel of kernels/edge_softmax.py computes GATv2's
+scores and does not serve it). No (Nq, Nk) tensor and no [E, H, D] message is kept.
 
 Semantics are the mask's, as on every backend: a repeated edge is one allowed pair (edges are made distinct when
 the graph is built, once per mask version), a query without an edge gets a zero row, batch rows with their own
@@ -20,7 +20,8 @@ backward on this project's 2-core CPU (H = 4, D = 32, points on a sphere, 2026-1
 ``zoo bench knn`` is in docs/points.md), time of this path / SDPA with the dense mask, by the share of pairs
 allowed: 0.10% (16384 points, k = 16) 0.05; 0.20-0.39% 0.13-0.17; 0.78% 0.35; 1.17% 0.43-0.59; 1.56% 0.70 (1024
 points, k = 16) and 1.24 (4096, k = 64, random order); 3.1% (512, k = 16) 2.2; 6.25% 2.8-3.8. Explicit requests
-(``backend="edges"``) run any Edges call the path supports.
+(``backend="edges"``) run any Edges call the path supports, on CUDA too; automatic selection is for CPU tensors
+only until the path has been timed on a GPU against the flash kernel (none was lent to this project so far).
 Not supported (the call goes to another backend, or an explicit request is refused naming it): a bias,
 ``score="sigmoid"``, ``return_weights``, ``return_lse``, torch.func transforms, and tracing / export.
 """
@@ -127,6 +128,6 @@ def _edges_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_we
 
 _DESCRIPTION = "graph edges: scores on the edges of an Edges mask only, fused segment softmax (O(E) work and memory)"
 _backends.register_backend(
-    NAME, _edges_forward, _edges_supports, priority=110, auto_devices=("cpu", "cuda"),
+    NAME, _edges_forward, _edges_supports, priority=110, auto_devices=("cpu",),
     auto_supports=_edges_auto_supports, sparse_only=True, description=_DESCRIPTION,
 )
