@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from zoo.attention import BlockSparse, Causal, ChunkWindow, Mask, Segments, Window, attend, use_backend
 from zoo.attention.radial import Radial, _empty_block_rows
 from zoo.bench.timing import (
+    add_timing_arguments,
     interleaved_medians, interleaved_samples, medians, paired_ratio, require_agreement, run_footer, run_header,
     set_threads,
 )
@@ -693,12 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and one fraction, 25%%, for the sparse and tiles parts; 3 repeats): 12 s on this project's "
                         "2-core CPU (docs/bench_attention.md). With --gpu: one frame count and head dim, the 25%% "
                         "point")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    add_timing_arguments(p)
     p.add_argument("--min-time", type=float, default=0.05,
                    help="core part: seconds per timing sample (calls repeated and averaged); a single call of a "
                         "sub-millisecond op is dominated by which op ran before it")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)

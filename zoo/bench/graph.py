@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 
 from zoo.bench.timing import (
+    add_timing_arguments,
     compile_backend_arg, interleaved_samples, machine_description, medians, memory_cells, output_and_grad_errors,
     paired_ratio, peak_rss_mb_subprocess, positive_int, require_agreement, run_footer, run_header, set_threads,
 )
@@ -152,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=positive_int, default=8)
     p.add_argument("--channels", default="8,64", help="comma list of channels per head C")
     p.add_argument("--in-channels", type=positive_int, default=None, help="input features (default: C)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    add_timing_arguments(p, what="layer")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")

@@ -29,7 +29,9 @@ from typing import Optional
 
 import torch
 
-from zoo.bench.timing import interleaved_samples, medians, paired_ratio, run_footer, run_header, set_threads
+from zoo.bench.timing import (
+    add_timing_arguments, interleaved_samples, medians, paired_ratio, run_footer, run_header, set_threads,
+)
 
 __all__ = ["main", "build_parser", "make_case"]
 
@@ -114,9 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--order", default="morton,random", help=f"comma list of point orders: {', '.join(ORDERS)}")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    add_timing_arguments(p)
     return p
 
 

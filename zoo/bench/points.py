@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from zoo.bench.timing import (
+    add_timing_arguments,
     interleaved_samples, medians, memory_cells, output_and_grad_errors, paired_ratio, peak_rss_mb_subprocess,
     require_agreement, run_footer, run_header, set_threads,
 )
@@ -99,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="10000,50000,200000", help="comma list of point counts N")
     p.add_argument("--k", type=int, default=16, help="neighbours per point")
     p.add_argument("--channels", default="32,64", help="comma list of channels C")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    add_timing_arguments(p, what="layer")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--recompute", choices=("auto", "true", "false"), default="auto",
                    help="the zoo layer's recompute (default auto, the layer's default)")

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from zoo.bench.timing import (
+    add_timing_arguments,
     interleaved_samples, load_test_reference, medians, paired_ratio, run_footer, run_header, set_threads,
 )
 
@@ -51,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default="8x200,4x800", help="comma list of BATCHxFRAMES")
     p.add_argument("--dim", type=int, default=256, help="model width C (even, divisible by --heads)")
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
+    add_timing_arguments(p, repeats=7, warmup=2, what="layer")
     p.add_argument("--markdown", action="store_true",
                    help="accepted for old command lines: the run header (command, date, load, machine) is always "
                         "printed now, as by every zoo bench command")

@@ -55,6 +55,15 @@ def set_threads(num_threads: int | None = None) -> int:
     return n
 
 
+def add_timing_arguments(parser, repeats: int = 5, warmup: int = 1, what: str = "contender") -> None:
+    """The options every ``zoo bench`` command takes: ``--threads`` (torch threads, :func:`set_threads`),
+    ``--repeats`` (timed rounds, interleaved) and ``--warmup`` (untimed calls of each first)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help=f"timed runs of each {what}, interleaved (default {repeats})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed warm-up runs of each (default {warmup})")
+
+
 def _sync(device: str | None) -> None:
     if device is not None and device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.bench.timing import (
+    add_timing_arguments,
     compile_backend_arg, format_faults, interleaved_samples, interleaved_samples_with_faults, medians,
     paired_ratio, run_footer, run_header, set_threads,
 )
@@ -267,9 +268,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     parser.add_argument("--img-size", type=int, default=None, help="image size (default: each case's own)")
     parser.add_argument("--device", default="cpu", help="device to run on (default cpu; e.g. cuda)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each model, interleaved (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs of each (default 1)")
+    add_timing_arguments(parser, what="model")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     parser.add_argument("--no-infer", action="store_true", help="skip the inference timing")
     parser.add_argument("--attention-sizes", type=_sizes, default=[256, 512, 1024, 2048, 4096],

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from zoo.bench.timing import (
+    add_timing_arguments,
     compile_backend_arg, format_faults, interleaved_samples_with_faults, load_test_reference, medians,
     paired_ratio, run_footer, run_header, set_threads,
 )
@@ -152,11 +153,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("--sizes", default="224,448", help="image sizes, multiples of 16 (default 224,448)")
     parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each model, interleaved (default 7)")
+    add_timing_arguments(parser, repeats=7, warmup=2, what="model")
     parser.add_argument("--min-time", type=float, default=0.2,
                         help="seconds per timing sample: forwards repeated and averaged (default 0.2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs of each (default 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--compile", default=None, metavar="BACKEND", type=compile_backend_arg,
                         help="torch.compile all three models with this backend (e.g. inductor) before timing")
     parser.add_argument("--freeze", action="store_true",

@@ -23,7 +23,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from zoo.bench.timing import interleaved_samples, medians, paired_ratio, run_footer, run_header, set_threads
+from zoo.bench.timing import (
+    add_timing_arguments, interleaved_samples, medians, paired_ratio, run_footer, run_header, set_threads,
+)
 
 __all__ = ["CASES", "main"]
 
@@ -65,9 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="multiple-of-32 size (no padding)")
     parser.add_argument("--odd", type=int, default=200, help="size whose stage maps are padded (default 200)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    add_timing_arguments(parser, repeats=7, warmup=2, what="model")
     args = parser.parse_args(argv)
     if min(args.size, args.odd, args.batch, args.repeats) < 1 or args.warmup < 0 or (args.threads or 1) < 1:
         parser.error("need --size, --odd, --batch, --repeats, --threads >= 1 and --warmup >= 0")
