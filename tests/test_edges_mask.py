@@ -15,7 +15,7 @@ import pickle
 import pytest
 import torch
 
-from zoo.attention import Edges, MultiHeadAttention, Segments, Window, attend
+from zoo.attention import Edges, MultiHeadAttention, Segments, Window, attend, use_backend
 from zoo.attention import backends as zb
 from zoo.attention.masks import EMPTY, FULL, _states_from_dense
 from zoo.geometry import knn_graph
@@ -367,3 +367,51 @@ def test_edge_backend_on_cuda_equals_pyg():
     torch.testing.assert_close(out.double().cpu(), want, atol=1e-5, rtol=1e-4)
     for got, expected in zip(grads, want_grads):
         torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_edge_backend_half_precision_error_as_the_other_backends(dtype):
+    """Half inputs with large scores (D = 64, |q.k| ~ 50): the edge path computes its scores and softmax in fp32
+    as the other backends do; it rounded them to the input dtype, twice (7x their error against float64 in bf16)."""
+    g = torch.Generator().manual_seed(13)
+    edge_index = _random_graph(64, 64, 400, seed=13).unique(dim=1)
+    q, k = (torch.randn(1, 2, 64, 64, generator=g) * 3 for _ in range(2))
+    v = torch.randn(1, 2, 64, 64, generator=g)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    want = _pyg_attention(q[0].double(), k[0].double(), v[0].double(), edge_index, 0.125)[None]
+    errors = {b: (attend(q, k, v, mask=Edges(edge_index), scale=0.125, backend=b).double() - want).abs().max().item()
+              for b in ("torch", "edges")}
+    assert errors["edges"] <= 1.5 * errors["torch"] + 1e-3, errors
+
+
+def test_automatic_selection_builds_no_graph_when_the_columns_decide(monkeypatch):
+    """Selection reads the column count first (an upper bound of the distinct edges): under inference_mode, where
+    the mask's derived data is rebuilt at every call, the graph is built once per call (by the forward), not twice."""
+    from zoo.attention import edge_backend
+
+    calls = []
+    build = edge_backend.build_csr
+    monkeypatch.setattr(edge_backend, "build_csr", lambda *a, **kw: calls.append(1) or build(*a, **kw))
+    with torch.inference_mode():
+        pos = torch.rand(1024, 3, generator=torch.Generator().manual_seed(3))
+        mask = Edges.knn(pos, 8)
+        q = torch.randn(1, 2, 1024, 16)
+        out = attend(q, q, q, mask=mask)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, attend(q, q, q, mask=mask, backend="torch"))
+
+
+def test_multihead_attention_num_queries_keeps_an_edges_mask():
+    """MultiHeadAttention(num_queries=n): the first n rows of an Edges mask stay an Edges mask (first_queries), so
+    the edge backend serves them; equal to the first rows of the whole pass."""
+    torch.manual_seed(1)
+    mha = MultiHeadAttention(32, num_heads=4).eval()
+    x = torch.randn(2, 300, 32)
+    mask = Edges.knn(torch.rand(300, 3), 12)
+    with torch.no_grad():
+        whole = mha(x, mask=mask)
+        with use_backend("edges"):  # refused before: the rows had become a dense bool mask
+            first = mha(x, mask=mask, num_queries=50)
+    torch.testing.assert_close(first, whole[:, :50])
+    rows = mask.first_queries(50)
+    assert isinstance(rows, Edges) and torch.equal(rows.dense(50, 300), mask.dense(300, 300, rows=(0, 50)))

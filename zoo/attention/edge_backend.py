@@ -79,6 +79,9 @@ def _edges_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights,
     shared = mask.batch_size == 1
     csr = edge_graph(mask, q_len, k_len, q.device)
     q_NHD, k_NHD, v_NHD = (_heads_last(t, shared) for t in (q, k, v))
+    if q_NHD.dtype in (torch.float16, torch.bfloat16):  # scores and softmax in fp32, as the other backends
+        q_NHD, k_NHD = q_NHD.float(), k_NHD.float()  # (edge_dot returns its inputs' dtype: bf16 scores were
+        # rounded twice, 7x the other backends' error at |scores| ~ 50)
     scores_EH = edge_dot(q_NHD, k_NHD, csr.row, csr.col, validate=False) * scale
     keep_EH = None
     if dropout_p > 0.0:
@@ -120,6 +123,10 @@ def _edges_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_we
     cells = q_len * k_len
     if cells < AUTO_MIN_CELLS:
         return f"Nq*Nk = {cells} < {AUTO_MIN_CELLS} (one SDPA call with the dense mask is faster)"
+    if mask.num_edges / cells <= AUTO_MAX_ALLOWED_FRACTION:  # columns (padding included) bound the distinct edges
+        return None
+    # more columns than the threshold: count the distinct edges (the graph the forward then reuses, while the mask's
+    # version holds: an edge_index made under inference_mode has none and is rebuilt)
     allowed = edge_graph(mask, q_len, k_len, q.device).num_edges / (mask.batch_size * cells)
     if allowed > AUTO_MAX_ALLOWED_FRACTION:
         return f"the edges allow {allowed:.3f} of the pairs > {AUTO_MAX_ALLOWED_FRACTION} (a dense or tiled path is faster)"

@@ -1071,7 +1071,9 @@ class Edges(Mask):
 
     Cost: the block map comes from the edges in O(E) (a tile is EMPTY without an edge, FULL when every one of its
     cells is an edge, PARTIAL otherwise), the dense rows of a query chunk in O(E + rows x Nk), never Nq x Nk at
-    once on the chunked reference path. The attention itself is what the backend does with the map: points
+    once on the chunked reference and block-sparse paths. SDPA and the Triton kernel read the whole dense mask
+    (the kernel through its dense slot, up to its DENSE_FALLBACK_LIMIT cells); the "edges" backend
+    (zoo/attention/edge_backend.py) reads the edges alone. The attention itself is what the backend does with the map: points
     ordered so that neighbours have nearby indices (sorted along a space-filling curve, or as :meth:`knn` keeps
     them: clouds usually come that way) leave most tiles EMPTY, which the block-sparse backends skip; a graph in
     random node order visits nearly every tile. Where each query has few edges and the order is random, the
@@ -1125,6 +1127,14 @@ class Edges(Mask):
         state = super().__getstate__()
         state["_edge_cache"] = {}  # derived, with weak references in its version record
         return state
+
+    def first_queries(self, num_queries: int) -> "Edges":
+        """The edges into queries 0 .. num_queries - 1 only, as a (B, 2, E) Edges mask whose other columns are
+        padding: the rows of the pattern for the first queries over the same keys (``MultiHeadAttention``'s
+        ``num_queries``, e.g. a class token's row), still an Edges mask that the edge backend serves."""
+        ei = self.edge_index if self.edge_index.dim() == 3 else self.edge_index[None]
+        outside = (ei[:, 1:2] >= num_queries).expand_as(ei)
+        return Edges(ei.masked_fill(outside, -1))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.edge_index,)

@@ -40,7 +40,7 @@ from zoo.attention import capture as _capture
 from zoo.attention.bias import AttentionBias, resolve_bias
 from zoo.attention.core import attend
 from zoo.attention.masks import (
-    And, ChunkWindow, Mask, Or, SegmentChunkWindow, SegmentWindow, Segments, Window, as_mask,
+    And, ChunkWindow, Edges, Mask, Or, SegmentChunkWindow, SegmentWindow, Segments, Window, as_mask,
 )
 from zoo.attention.relpos_xl import TransformerXLRelPos
 from zoo.attention.rope import RotaryEmbedding
@@ -570,7 +570,9 @@ class MultiHeadAttention(nn.Module):
         def for_queries(t) -> bool:
             return isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2] in (1, n_q) and n_q != n_tok
 
-        if mask is not None and not for_queries(mask):
+        if isinstance(mask, Edges):  # its first rows stay an Edges mask (the O(E) edge backend serves them)
+            mask = mask.first_queries(n_q)
+        elif mask is not None and not for_queries(mask):
             mask = as_mask(mask)
             mask = None if mask.is_full else mask.dense(n_tok, n_tok, like.device, rows=(0, n_q))
         biases = [b for b in (self.rel_pos_bias, bias) if b is not None]
