@@ -142,9 +142,18 @@ def test_dropout_one_drops_every_weight_in_training_as_pyg(name, aggr, weights):
             out = ours(x, ei)
             torch.manual_seed(7)
             torch.testing.assert_close(out, peer(x, ei), **TOL)
-            xs = x.clone().requires_grad_(True)
-            ours(xs, ei).sum().backward()
-            ours.zero_grad()
+            # gradients as PyG's: zeros (not None) for the weights behind the dropped attention
+            for layer in (ours, peer):
+                layer.zero_grad(set_to_none=True)
+                torch.manual_seed(7)
+                layer(x.clone().requires_grad_(True), ei).sum().backward()
+            ours_grads, peer_grads = dict(ours.named_parameters()), dict(peer.named_parameters())
+            for key, param in peer_grads.items():
+                theirs, mine = param.grad, ours_grads[key].grad
+                assert (theirs is None) == (mine is None), key
+                if theirs is not None:
+                    torch.testing.assert_close(mine, theirs, **TOL, msg=key)
+            ours.zero_grad(), peer.zero_grad()
         after = torch.rand(3)
         torch.manual_seed(7)
         peer(x, ei)
@@ -180,7 +189,78 @@ def test_unsupported_message_passing_keywords_are_refused_by_name(name):
     assert cls(5, 4, decomposed_layers=1, aggr="mean").decomposed_layers == 1
     # a widened output ("cat") that PyG's layer cannot finish either: a clear error instead of a broadcast failure
     ours = cls(5, 4, heads=2, aggr=["mean", "max"], concat=False)
-    with pytest.raises(ValueError, match=rf"{name}: aggr=\['mean', 'max'\] gives an output of shape \(12, 8\)"):
+    with pytest.raises(ValueError, match=rf"{name}: with aggr=\['mean', 'max'\] the aggregated output has shape "
+                                         rf"\(12, 8\) and .* shape \((12, )?4,?\): they do not combine"):
         ours(torch.randn(12, 5), _graph())
+    for value in (1.0, True):  # PyG's setter compares with ==
+        assert cls(5, 4, decomposed_layers=value).decomposed_layers == 1
     with pytest.raises(RuntimeError):
         getattr(pyg_nn, name)(5, 4, heads=2, aggr=["mean", "max"], concat=False)(torch.randn(12, 5), _graph())
+
+
+@pytest.mark.parametrize("layout", ["csr", "coo"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_seeded_dropout_under_mean_on_a_sparse_adjacency_with_self_loops(name, layout):
+    """0 < dropout < 1 under aggr="mean" (PyG's propagate path) on a sparse adj_t, where the GAT layers add self
+    loops and PyG draws the dropout in its own edge order: seeded training equals PyG's, outputs and gradients."""
+    if name == "TransformerConv" and layout == "csr":
+        pytest.skip("PyG's TransformerConv refuses no layout here; one sparse case suffices (coo)")
+    ours, peer = _layers(name, 5, 4, heads=2, aggr="mean", dropout=0.4)
+    ours.train(), peer.train()
+    ei = _graph(num_nodes=10, num_edges=30, seed=5)
+    adj = torch.sparse_coo_tensor(ei.flip(0), torch.ones(ei.size(1)), (10, 10)).coalesce()
+    adj_t = adj.to_sparse_csr() if layout == "csr" else adj
+    x = torch.randn(10, 5)
+    results = []
+    for layer in (ours, peer):
+        torch.manual_seed(11)
+        xs = x.clone().requires_grad_(True)
+        out = layer(xs, adj_t)
+        out.square().sum().backward()
+        results.append((out, xs.grad, {k: p.grad for k, p in layer.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], **TOL)
+    torch.testing.assert_close(results[0][1], results[1][1], **TOL)
+    for key, grad in results[1][2].items():
+        torch.testing.assert_close(results[0][2][key], grad, **TOL, msg=key)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_list_aggregation_modes_reset_and_swapped_modules_as_pyg(name):
+    """aggr_kwargs reach PyG's aggregation (mode="sum" and "proj" of a list, not its default "cat"); seeded layers
+    with a "proj" list draw PyG's weights (the aggregation module reset first, as PyG's reset_parameters);
+    reset_parameters() resets a learnable aggregation; an aggr_module swapped in after construction is used."""
+    x, ei = torch.randn(12, 5), _graph()
+    ours, peer = _layers(name, 5, 4, heads=2, aggr=["mean", "max"], aggr_kwargs=dict(mode="sum"))
+    _assert_same(name, ours, peer, [x], ei)
+    proj = dict(heads=2, aggr=["mean", "max"], aggr_kwargs=dict(mode="proj", mode_kwargs=dict(in_channels=4,
+                                                                                             out_channels=4)))
+    torch.manual_seed(0)
+    theirs = getattr(pyg_nn, name)(5, 4, **proj)
+    torch.manual_seed(0)
+    mine = LAYERS[name](5, 4, **proj)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(mine.state_dict()[key], value, msg=key)
+    learn = LAYERS[name](5, 4, aggr=pyg_aggr.PowerMeanAggregation(learn=True))
+    with torch.no_grad():
+        learn.aggr_module.p.fill_(3.0)
+    learn.reset_parameters()
+    assert learn.aggr_module.p.item() == 1.0
+    ours, peer = _layers(name, 5, 4, heads=2)
+    ours.aggr_module, peer.aggr_module = pyg_aggr.MeanAggregation(), pyg_aggr.MeanAggregation()
+    torch.testing.assert_close(ours(x, ei), peer(x, ei), **TOL)
+    ours.decomposed_layers = 2  # set after construction: PyG's propagate splits the inputs, and fails as PyG's
+    ours.aggr_module = pyg_aggr.SumAggregation()
+    assert ours._runs_propagate()
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_outputs_that_broadcast_with_the_bias_are_added_as_pyg(name):
+    """A "proj" list with out_channels=1 under concat=False: PyG's ``out + bias`` broadcasts (10, 1) with (4,) to
+    (10, 4); the layers do the same (they refused it, saying PyG failed)."""
+    proj = dict(heads=2, concat=False, aggr=["mean", "max"],
+                aggr_kwargs=dict(mode="proj", mode_kwargs=dict(in_channels=4, out_channels=1)))
+    if name == "TransformerConv":
+        proj.update(root_weight=False)
+    ours, peer = _layers(name, 5, 4, **proj)
+    x, ei = torch.randn(10, 5), _graph(num_nodes=10, num_edges=30, seed=5)
+    torch.testing.assert_close(ours(x, ei), peer(x, ei), **TOL)

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch_geometric.nn.aggr import SumAggregation
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.typing import OptPairTensor, OptTensor, PairTensor
 
@@ -427,8 +428,14 @@ def _message_passing_flow(layer: str, kwargs: dict) -> bool:
     return flow == "target_to_source"
 
 
-# the sums that the fused attention paths compute (PyG's "add" is its SumAggregation, as is "sum")
-_FUSED_AGGREGATIONS = ("add", "sum")
+def _equals_one(value) -> bool:
+    """``value == 1`` as PyG's ``decomposed_layers`` setter reads it (a string or an array is not one)."""
+    if isinstance(value, str):
+        return False
+    try:
+        return bool(value == 1)
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _attention_message_passing_kwargs(layer: str, kwargs: dict, default_aggr: str) -> tuple:
@@ -450,11 +457,12 @@ def _attention_message_passing_kwargs(layer: str, kwargs: dict, default_aggr: st
                         f"[E, heads, out_channels] along dimension 0 (PyG's layer fixes node_dim=0 and raises "
                         f"TypeError for it too)")
     decomposed = kwargs.get("decomposed_layers", 1)
-    if isinstance(decomposed, bool) or not isinstance(decomposed, int) or decomposed != 1:
+    if not _equals_one(decomposed):  # 1, 1.0, True, numpy's 1: PyG's setter compares with ==
         raise ValueError(f"{layer}: decomposed_layers={decomposed!r} is not supported (only 1): PyG's decomposed "
                          f"propagate splits the x_j arguments along their last dimension, which these attention "
-                         f"layers cannot be split by (PyG's GAT layers fail on their (x_src, x_dst) pair, its "
-                         f"TransformerConv splits keys and values but not the queries)")
+                         f"layers cannot be split by (PyG's GAT layers fail on their (x_src, x_dst) pair; its "
+                         f"TransformerConv splits keys and values but not the queries, a meaningless result where "
+                         f"it runs)")
     aggr = kwargs.get("aggr", default_aggr)
     if aggr is None:
         raise ValueError(f"{layer}: aggr=None is not supported: the messages need an aggregation (PyG's layer builds "
@@ -659,13 +667,19 @@ class _GraphAttentionBase(CachedGraphLayer):
         aggr, aggr_kwargs, flow = _attention_message_passing_kwargs(layer, message_passing_kwargs or {}, aggr)
         super().__init__(aggr=aggr, node_dim=0, layer=layer, message_passing_kwargs={"flow": flow},
                          aggr_kwargs=aggr_kwargs)
-        # the fused paths compute the attention-weighted sum; any other aggregation runs PyG's propagate
-        self._sums_messages = isinstance(aggr, str) and aggr in _FUSED_AGGREGATIONS
+
+    @property
+    def _sums_messages(self) -> bool:
+        """Whether the aggregation is the sum the fused paths compute: read at each call from ``self.aggr_module``
+        (PyG's layers aggregate with whatever it holds then: a module swapped in after construction counts)."""
+        return type(self.aggr_module) is SumAggregation
 
     def _runs_propagate(self) -> bool:
         """PyG's ``propagate`` also for every aggregation but the sum (``aggr="mean"``, ``"max"``, a list, an
-        Aggregation module): PyG's MessagePassing.aggregate hands the [E, H, C] messages to ``self.aggr_module``."""
-        return not self._sums_messages or super()._runs_propagate()
+        Aggregation module): PyG's MessagePassing.aggregate hands the [E, H, C] messages to ``self.aggr_module``;
+        and with ``decomposed_layers`` set to another value than 1 after construction (PyG's propagate then
+        splits the layer's inputs, and fails as PyG's layer does)."""
+        return not self._sums_messages or self.decomposed_layers != 1 or super()._runs_propagate()
 
     def _drops_all_attention(self) -> bool:
         """``dropout=1.0`` in training: PyG's ``F.dropout(alpha, p=1.0, training=True)`` zeroes every attention
@@ -841,21 +855,24 @@ class _GraphAttentionBase(CachedGraphLayer):
         return out_NHC.reshape(rows, H * C)
 
     def _add_to_output(self, out: Tensor, term: Tensor, what: str) -> Tensor:
-        """out + term, as PyG's forward adds the residual / skip / bias; where a widened aggregation (see
-        ``_merge_heads``) makes the shapes disagree, PyG's layer fails with a broadcasting error: a clear one here."""
-        if self._sums_messages:  # the sum keeps each head's channels: PyG's shapes (and no checks to trace)
+        """out + term, as PyG's forward adds the residual / skip / bias (broadcasting as PyG's ``+`` does); where
+        an aggregation that changes the channel count (a list with mode "cat" or "proj") leaves shapes that do not
+        broadcast, PyG's layer fails with torch's error: a ValueError naming the terms here."""
+        if self._sums_messages:  # the sum keeps each head's channels: PyG's shapes
             return out + term
+        return self._as_pyg_would(lambda: out + term, out, term, what)
+
+    def _as_pyg_would(self, combine, out: Tensor, term: Tensor, what: str):
+        """``combine()``, its shape error (PyG's layer raises the same one) turned into a ValueError that names the
+        aggregation's output and ``what`` it is combined with."""
         try:
-            fits = torch.broadcast_shapes(out.shape, term.shape) == out.shape
-        except RuntimeError:
-            fits = False
-        if not fits:
+            return combine()
+        except RuntimeError as error:
             raise ValueError(
-                f"{type(self).__name__}: aggr={self.aggr!r} gives an output of shape {tuple(out.shape)} to which "
-                f"{what} of shape {tuple(term.shape)} cannot be added (PyG's layer fails there too): a list of "
-                f"aggregations with mode='cat' widens each head's channels; use another mode (aggr_kwargs="
-                f"dict(mode='sum'), ...) or, as PyG, concat=True without the residual / skip term")
-        return out + term
+                f"{type(self).__name__}: with aggr={self.aggr!r} the aggregated output has shape {tuple(out.shape)} "
+                f"and {what} shape {tuple(term.shape)}: they do not combine ({error}); PyG's layer fails on them "
+                f"too. An aggregation that changes the channel count (a list with mode 'cat' or 'proj') needs an "
+                f"output that fits the layer's terms (e.g. aggr_kwargs=dict(mode='sum'))") from None
 
     def _finish(self, out_NHC: Tensor, res: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         out = self._merge_heads(out_NHC)
@@ -1020,6 +1037,7 @@ class GATv2Conv(_GraphAttentionBase):
         return self.lin_r
 
     def reset_parameters(self) -> None:
+        super().reset_parameters()  # MessagePassing's (the aggregation module: a learnable one is reset), as PyG's
         for lin in (self.lin_l, self.lin_r, self.lin_edge, self.res):
             if lin is not None and not _is_lazy(lin):  # a lazy one is initialised when sized
                 _init_linear_(lin)
@@ -1153,6 +1171,7 @@ class GATConv(_GraphAttentionBase):
         return self.lin if self.lin is not None else self.lin_dst
 
     def reset_parameters(self) -> None:
+        super().reset_parameters()  # MessagePassing's (the aggregation module: a learnable one is reset), as PyG's
         for lin in (self.lin, self.lin_src, self.lin_dst, self.lin_edge, self.res):
             if lin is not None and not _is_lazy(lin):  # a lazy one is initialised when sized
                 _glorot_(lin.weight)
@@ -1382,8 +1401,9 @@ class TransformerConv(_GraphAttentionBase):
         if self.root_weight:
             x_r = self.lin_skip(x_dst)
             if self.lin_beta is not None:
-                self._add_to_output(out, x_r, "the skip projection lin_skip(x)")  # (shapes as PyG's cat needs)
-                gate = self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
+                gate = self._as_pyg_would(
+                    lambda: self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid(), out, x_r,
+                    "the skip projection lin_skip(x)")
                 out = gate * x_r + (1 - gate) * out
             else:
                 out = self._add_to_output(out, x_r, "the skip projection lin_skip(x)")
