@@ -94,7 +94,7 @@ def test_a_missing_folder_is_named(tmp_path, capsys, spelling):
     assert err[0].startswith("zoo train: error: ") and str(missing) in err[0] and "is not a folder" in err[0], err
 
 
-@pytest.mark.parametrize("flag", ["--config-name=mine", "-cn", "--info", "--config-path=conf"])
+@pytest.mark.parametrize("flag", ["--info", "--config-path=conf"])  # (--config-name: test_config_name.py)
 def test_hydra_flags_zoo_train_does_not_take_are_refused_in_one_line(capsys, flag):
     assert cli.main(["train", "experiment=graph_karate", flag, "--cfg", "job"]) == 1
     err = capsys.readouterr().err.splitlines()

@@ -50,7 +50,7 @@ commands:
 """
 
 TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg [job|all] [--resolve]]
-                 [--config-dir DIR]
+                 [--config-dir DIR] [--config-name NAME]
    or: zoo train -m|--multirun [sweep_dir=DIR] [experiment=NAME] KEY=A,B ['KEY=range(0,3)'] [GROUP=X,Y] ...
 
 Train with Hydra configs from the installed package zoo.configs (groups: task, model, data, trainer,
@@ -74,8 +74,19 @@ Outputs: <run_dir>/{config.yaml, checkpoints/{best,last}.ckpt, csv/, tensorboard
 --cfg (or Hydra's --cfg job, -c all) prints the composed config and exits; with --resolve, interpolations resolved.
 Your own configs: --config-dir DIR (or --config-dir=DIR, -cd DIR, hydra.searchpath=[file://DIR]) adds a folder
 searched after zoo.configs, as Hydra does: DIR/experiment/mine.yaml, DIR/model/mine.yaml, ... are then
-experiment=mine, model=mine (the packaged options keep their names). Hydra's --config-name and --info are not
-supported; ${hydra:...} interpolations have no hydra node to read (use ${run_dir}).
+experiment=mine, model=mine (the packaged options keep their names). ${hydra:...} interpolations have no hydra
+node to read (use ${run_dir}).
+A primary config of your own: --config-name NAME (or --config-name=NAME, -cn NAME; NAME.yaml accepted) composes
+NAME.yaml of a --config-dir folder in place of train.yaml, as Hydra does. It extends the packaged train.yaml, Hydra's
+"extending configs" pattern: its defaults list starts with train and ends with _self_ (defaults: [train, _self_]),
+with its group choices between them, and its own values follow:
+    # myconf/my_run.yaml                           zoo train --config-dir myconf --config-name my_run task.lr=1e-3
+    defaults: [train, {override /model: vit_debug}, _self_]
+    seed: 7
+It works with --cfg and -m (every job composed from it; sweep.json records it); the run's checkpoints record it, and
+a resume (ckpt_path=) is composed from the same one (-cn NAME again: a resume without it is refused); zoo eval and
+zoo predict read the run's stored config. Hydra's --config-path (-cp) would replace zoo.configs itself: refused (use
+--config-dir DIR); --info is not supported.
 
 Sweeps (-m / --multirun, as Hydra's basic sweeper): one job per combination of the swept values (a,b,c;
 range(start,stop[,step]); choice(a,b); glob(pattern) over a group's options; a group: model=vit_debug,maxvit_debug),
@@ -182,22 +193,25 @@ def _cmd_train(argv: list[str]) -> int:
     if _wants_help(argv):
         print(TRAIN_HELP + _config_options())
         return 0
-    print_cfg, resolve, config_dirs, overrides = _print_config_flags(argv)
+    print_cfg, resolve, config_dirs, config_name, overrides = _print_config_flags(argv)
+    config_name = run.primary_config_name(config_name)
     if any(token in ("-m", "--multirun") for token in overrides):
-        return _sweep(overrides, print_cfg, resolve, config_dirs)
-    cfg = run.compose(overrides, config_dirs=config_dirs)
+        return _sweep(overrides, print_cfg, resolve, config_dirs, config_name)
+    cfg = run.compose(overrides, config_name=config_name, config_dirs=config_dirs)
     if print_cfg:
         _print_config(cfg, resolve)
         return 0
     try:
-        result = run.train(cfg)
+        # the primary config is passed only when it is the user's (run.train records it in the checkpoints)
+        source = {} if config_name == "train" else {"config_name": config_name, "config_dirs": config_dirs}
+        result = run.train(cfg, **source)
     except SystemExit as stop:
         if not _terminated(stop):
             raise
         run_dir = Path(str(cfg.get("run_dir")))  # set by run.train before it trains
         last = run._last_checkpoint(run_dir)
-        where = (f"resume from its last checkpoint with ckpt_path={last}" if last.is_file()
-                 else "no checkpoint had been written yet")
+        where = (f"resume from its last checkpoint with {run.primary_config_flags(config_name, config_dirs)}"
+                 f"ckpt_path={last}" if last.is_file() else "no checkpoint had been written yet")
         from lightning.pytorch.utilities import rank_zero_only
 
         if getattr(rank_zero_only, "rank", 0) == 0:  # under DDP every process gets the signal: one line, not one each
@@ -237,7 +251,8 @@ def _print_config(cfg, resolve: bool) -> None:
     print(text)
 
 
-def _sweep(argv: list[str], print_cfg: bool, resolve: bool, config_dirs: Sequence[str] = ()) -> int:
+def _sweep(argv: list[str], print_cfg: bool, resolve: bool, config_dirs: Sequence[str] = (),
+           config_name: str = "train") -> int:
     """``zoo train -m``: the jobs of a Hydra sweep (zoo.train.sweep), run one after another; exit 1 if any failed,
     143 when stopped by SIGTERM, 130 when interrupted (Ctrl-C). With --cfg, each job's config is printed (headed by
     its number and overrides) and nothing runs; a job whose config does not compose shows its error in its place,
@@ -246,14 +261,15 @@ def _sweep(argv: list[str], print_cfg: bool, resolve: bool, config_dirs: Sequenc
 
     overrides, sweep_dir = sweep.split_sweep_arguments(argv)
     if print_cfg:
-        root, jobs = sweep.plan(overrides, sweep_dir, config_dirs)
+        root, jobs = sweep.plan(overrides, sweep_dir, config_dirs, config_name=config_name)
         broken = []
         for job in jobs:
             print(f"# job {job.number}: {' '.join(job.overrides)} (run_dir={job.run_dir})", flush=True)
             error = job.error
             if error is None:
                 try:
-                    _print_config(run.compose(job.run_overrides(), config_dirs=config_dirs), resolve)
+                    _print_config(run.compose(job.run_overrides(), config_name=config_name, config_dirs=config_dirs),
+                                  resolve)
                 except Exception as problem:  # noqa: BLE001 -- shown in place; the other jobs are still printed
                     if not _is_user_error(problem) or _debugging():
                         raise
@@ -267,7 +283,7 @@ def _sweep(argv: list[str], print_cfg: bool, resolve: bool, config_dirs: Sequenc
             return 1
         return 0
     try:
-        root, records = sweep.run(overrides, sweep_dir, config_dirs)
+        root, records = sweep.run(overrides, sweep_dir, config_dirs, config_name=config_name)
     except KeyboardInterrupt:  # Ctrl-C between Lightning's fits (composing, the checks before a job trains)
         return _INTERRUPT_EXIT  # sweep.run has said where the sweep stopped and how to continue it
     except SystemExit as stop:  # Lightning turns Ctrl-C into sys.exit(1), and SIGTERM into SIGTERMException
@@ -301,11 +317,15 @@ def _terminated(stop: SystemExit) -> bool:
 
 # Hydra's command-line flags (hydra/_internal/utils.py get_args_parser) that zoo train does not take, and why
 _UNSUPPORTED_FLAGS = {
-    "--config-name": "zoo train's primary config is always zoo.configs' train.yaml: put your own configs in a "
-                     "folder given with --config-dir DIR (DIR/experiment/<name>.yaml, DIR/model/<name>.yaml, ...) "
-                     "and pick them with experiment=<name>, model=<name>",
-    "--config-path": "zoo train's configs come from the installed package zoo.configs: add a folder of your own "
-                     "configs with --config-dir DIR",
+    # Hydra: "Overrides the config_path specified in hydra.main() ... absolute or relative to the Python file
+    # declaring @hydra.main()": it replaces the application's own config folder (the "main" entry of the search
+    # path), which for zoo train is the installed zoo.configs, where train.yaml and every packaged option live; taken
+    # as Hydra takes it, no packaged config would be found; taken as --config-dir, it would mean something else than
+    # in Hydra. So it is refused, naming the two flags that do what a Hydra user wants from it.
+    "--config-path": "Hydra's --config-path replaces the application's config folder, which for zoo train is the "
+                     "installed zoo.configs (train.yaml and every packaged option); keep it and add your folder with "
+                     "--config-dir DIR, and pick a primary config of yours there with --config-name NAME (its "
+                     "defaults list starting with - train and - _self_)",
     "--info": "Hydra's --info is not supported; zoo train --help lists the config groups and their options, and "
               "zoo train ... --cfg job prints the composed config",
     "--package": "Hydra's --package applies to --cfg's printed node, which is always the whole config here",
@@ -317,19 +337,21 @@ _UNSUPPORTED_FLAGS = {
 }
 _SHORT_FLAGS = {"-cn": "--config-name", "-cp": "--config-path", "-i": "--info", "-p": "--package",
                 "-sc": "--shell-completion", "-r": "--run", "-cd": "--config-dir", "-c": "--cfg"}
-_SUPPORTED_FLAGS = ("--cfg job|all [--resolve], --config-dir DIR (-cd DIR), -m/--multirun; overrides are "
-                    "key=value, group=option, +key=value, ~key (zoo train --help)")
+_SUPPORTED_FLAGS = ("--cfg job|all [--resolve], --config-dir DIR (-cd DIR), --config-name NAME (-cn NAME), "
+                    "-m/--multirun; overrides are key=value, group=option, +key=value, ~key (zoo train --help)")
 
 
-def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str], list[str]]:
-    """(print the config?, resolved?, the user's config folders, the overrides) from ``zoo train`` arguments, with
-    Hydra's spellings of its flags (hydra/_internal/utils.py get_args_parser): ``--cfg job|all``, ``--cfg=job``,
-    ``-c job``, ``--resolve`` (interpolations resolved in the printed config), and ``--config-dir DIR`` /
-    ``--config-dir=DIR`` / ``-cd DIR`` (a folder of the user's own configs, searched after zoo.configs as Hydra
-    searches it; given several times, each is added). ``--cfg`` alone prints too. The zoo config is the job's
-    config: ``--cfg hydra`` (Hydra's own node) is refused in one line, as are Hydra's flags zoo train does not take
-    (--config-name, --info, ...), naming what it supports."""
-    print_cfg, resolve, config_dirs, overrides = False, False, [], []
+def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str], Optional[str], list[str]]:
+    """(print the config?, resolved?, the user's config folders, the primary config's name or None, the overrides)
+    from ``zoo train`` arguments, with Hydra's spellings of its flags (hydra/_internal/utils.py get_args_parser):
+    ``--cfg job|all``, ``--cfg=job``, ``-c job``, ``--resolve`` (interpolations resolved in the printed config),
+    ``--config-dir DIR`` / ``--config-dir=DIR`` / ``-cd DIR`` (a folder of the user's own configs, searched after
+    zoo.configs as Hydra searches it; given several times, each is added) and ``--config-name NAME`` /
+    ``--config-name=NAME`` / ``-cn NAME`` (the primary config, NAME.yaml on that search path, in place of
+    train.yaml; given twice it is refused, where Hydra's argparse keeps the last silently). ``--cfg`` alone prints
+    too. The zoo config is the job's config: ``--cfg hydra`` (Hydra's own node) is refused in one line, as are
+    Hydra's flags zoo train does not take (--config-path, --info, ...), naming what it supports."""
+    print_cfg, resolve, config_dirs, config_name, overrides = False, False, [], None, []
     tokens = list(argv)
     while tokens:
         token = tokens.pop(0)
@@ -353,6 +375,19 @@ def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str], lis
             if not value:
                 raise ValueError(f"{flag}= is empty: give the folder of your own configs ({flag} DIR)")
             config_dirs.append(value)
+        elif long_flag == "--config-name":
+            if not has_value:
+                if not tokens or not tokens[0] or tokens[0].startswith("-"):
+                    raise ValueError(f"{flag} needs a name: {flag} NAME (your primary config, NAME.yaml in a "
+                                     f"--config-dir folder)")
+                value = tokens.pop(0)
+            if not value:
+                raise ValueError(f"{flag}= is empty: give the name of your primary config ({flag} NAME)")
+            name = value
+            if config_name is not None:
+                raise ValueError(f"the primary config is named twice (--config-name {config_name}, then {flag} "
+                                 f"{name}): give --config-name (-cn) once")
+            config_name = name
         elif long_flag in _UNSUPPORTED_FLAGS:
             raise ValueError(f"{token}: {_UNSUPPORTED_FLAGS[long_flag]}; zoo train supports {_SUPPORTED_FLAGS}")
         elif token.startswith("-") and token not in ("-m", "--multirun"):
@@ -361,7 +396,7 @@ def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str], lis
             overrides.append(token)
     if resolve and not print_cfg:
         raise ValueError("--resolve resolves the config that --cfg prints: add --cfg job (training always resolves it)")
-    return print_cfg, resolve, config_dirs, overrides
+    return print_cfg, resolve, config_dirs, config_name, overrides
 
 
 def _print_summary(result: dict) -> None:

@@ -61,19 +61,104 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", config_di
     overrides adds folders too, handled by Hydra's config loader itself (``ConfigLoaderImpl
     ._process_config_searchpath``, appended after them); a missing folder of either is named here."""
     from hydra import compose as hydra_compose
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf import OmegaConf
 
     overrides = [_expand_home(item) for item in overrides]
     for item in overrides:
         _check_override(item)
+    name = primary_config_name(config_name)
     try:
         with hydra_session(config_dirs):
-            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+            cfg = hydra_compose(config_name=name, overrides=overrides)
+    except MissingConfigException as error:
+        if getattr(error, "missing_cfg_file", None) in (name, config_name):  # the primary config itself
+            raise ValueError(_unknown_primary_config(config_name, config_dirs, overrides)) from None
+        raise ValueError(_hydra_message(str(error), overrides)) from None
     except HydraException as error:
         raise ValueError(_hydra_message(str(error), overrides)) from None
     OmegaConf.set_struct(cfg, False)
+    if name != "train":
+        _check_extends_train(cfg, name, config_dirs, overrides)
     return cfg
+
+
+def primary_config_name(config_name: Optional[str]) -> str:
+    """The primary config's name as zoo train records it: ``train`` (zoo.configs' train.yaml) when none is given
+    (``--config-name``), and without the ``.yaml`` suffix Hydra accepts (and drops) on a name."""
+    name = "train" if config_name is None else str(config_name)
+    return name[: -len(".yaml")] if name.endswith(".yaml") and len(name) > len(".yaml") else name
+
+
+def primary_config_flags(config_name: Optional[str], config_dirs: Sequence[str] = ()) -> str:
+    """The ``zoo train`` flags that compose from ``config_name`` again (``--config-dir DIR ... --config-name NAME ``,
+    with a trailing space), for advice such as "resume with ... ckpt_path=..."; empty for train.yaml."""
+    import shlex
+
+    name = primary_config_name(config_name)
+    if name == "train":
+        return ""
+    return "".join(f"--config-dir {shlex.quote(str(folder))} " for folder in config_dirs) + \
+        f"--config-name {shlex.quote(name)} "
+
+
+def _primary_config_folders(config_dirs: Sequence[str], overrides: Sequence[str]) -> list[tuple[str, Path]]:
+    """The folders Hydra looks for a primary config in, in its search-path order, each with how it was given:
+    zoo.configs, then the --config-dir folders (not those of a ``hydra.searchpath=[...]`` override: see
+    :func:`_unknown_primary_config`)."""
+    from importlib import resources
+
+    folders = [(CONFIG_MODULE, Path(str(resources.files(CONFIG_MODULE))))]
+    folders += [(f"--config-dir {folder}", Path(path))
+                for folder, path in zip(config_dirs, check_config_dirs(config_dirs))]
+    return folders
+
+
+def _unknown_primary_config(config_name: str, config_dirs: Sequence[str], overrides: Sequence[str]) -> str:
+    """``--config-name NAME`` found nowhere: where Hydra looked and the .yaml files there (what NAME can be)."""
+    import difflib
+
+    name = primary_config_name(config_name)
+    looked, found = [], []
+    for given, folder in _primary_config_folders(config_dirs, overrides):
+        files = (sorted(p.name for p in folder.iterdir() if p.suffix == ".yaml" and p.is_file())
+                 if folder.is_dir() else [])
+        found += [file[: -len(".yaml")] for file in files]
+        looked.append(f"{given} ({folder}): {', '.join(files) if files else 'no .yaml files'}")
+    close = difflib.get_close_matches(name, found, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    folder_hint = "" if config_dirs else "; give the folder that holds it with --config-dir DIR"
+    # Hydra's compose finds group options in the folders of a hydra.searchpath override, but not the primary config
+    # ("Cannot find primary config", with that folder listed in its search path)
+    beside = [folder for folder in searchpath_folders(overrides) if (Path(folder) / f"{name}.yaml").is_file()]
+    if beside:
+        folder_hint = (f"; {Path(beside[0]) / (name + '.yaml')} is in a hydra.searchpath folder, where Hydra looks for "
+                       f"group options but not for the primary config: give that folder with --config-dir "
+                       f"{beside[0]}")
+    return (f"--config-name {config_name}: no primary config {name}.yaml on the search path; {hint}looked in "
+            f"{'; '.join(looked)}{folder_hint}")
+
+
+def _check_extends_train(cfg, name: str, config_dirs: Sequence[str], overrides: Sequence[str]) -> None:
+    """A primary config of the user's (``--config-name NAME``) that does not extend zoo.configs' train.yaml composes
+    without the task, model and data groups (and train.yaml's top-level keys) that zoo train needs: one line saying
+    how to extend it, Hydra's "extending configs" pattern (defaults: [train, _self_])."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    missing = [group for group in _REQUIRED_GROUPS if group not in cfg]
+    if not missing:
+        return
+    own = [key for key in OmegaConf.load(str(resources.files(CONFIG_MODULE) / "train.yaml")) if key != "defaults"]
+    if all(key in cfg for key in own):  # it extends train.yaml and a group was deleted (~model): check_required's
+        return
+    where = next((str(folder / f"{name}.yaml") for _, folder in _primary_config_folders(config_dirs, overrides)
+                  if (folder / f"{name}.yaml").is_file()), f"{name}.yaml")
+    raise ValueError(f"--config-name {name} ({where}) composes a config without {', '.join(missing)}: zoo train's "
+                     f"primary config extends the packaged train.yaml; start its defaults list with - train and "
+                     f"- _self_ (defaults: [train, _self_]), then its own choices (- override /model: vit_debug) "
+                     f"and keys")
 
 
 @contextlib.contextmanager
@@ -885,17 +970,22 @@ def _float_metrics(metrics: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 # train / evaluate / predict
 # --------------------------------------------------------------------------------------------------
-def train(cfg, *, resume_advice: bool = True) -> dict[str, Any]:
+def train(cfg, *, resume_advice: bool = True, config_name: str = "train",
+          config_dirs: Sequence[str] = ()) -> dict[str, Any]:
     """Fit, test and export as configured; returns {"run_dir", "metrics", "last_ckpt", "released", "seconds", ...}.
     ``resume_advice``: on Ctrl-C, say how to resume the run (``ckpt_path=``); a job of ``zoo train -m`` gives the
-    sweep's own advice instead (zoo.train.sweep: rerun with the same sweep_dir; -m refuses ckpt_path=)."""
+    sweep's own advice instead (zoo.train.sweep: rerun with the same sweep_dir; -m refuses ckpt_path=).
+    ``config_name`` / ``config_dirs``: the primary config ``cfg`` was composed from (``zoo train --config-name``),
+    recorded in the checkpoints (hyper-parameters ``zoo_config_name``, ``zoo_config_dirs``; none for train.yaml) so
+    that a resume composed from another primary config -- train.yaml, the --config-name forgotten -- is refused
+    instead of continuing the run with other values."""
     check_no_hydra_resolver(cfg)  # before run_dir, which may be the one that reads it
     _resolve_ckpt_shortcut(cfg)
     run_dir = _resolve_run_dir(cfg)
     previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers are re-launched with the same argv: same run_dir
     try:
-        return _train(cfg, run_dir, resume_advice)
+        return _train(cfg, run_dir, resume_advice, primary_config_name(config_name), tuple(config_dirs))
     finally:
         _release_run_dir(run_dir)
         if previous is None:
@@ -979,14 +1069,14 @@ def _last_checkpoint(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
-def _interrupt_note(run_dir: Path, epoch: int) -> str:
+def _interrupt_note(run_dir: Path, epoch: int, flags: str = "") -> str:
     last = _last_checkpoint(run_dir)
-    where = (f"resume from its last checkpoint with ckpt_path={last}" if last.is_file()
+    where = (f"resume from its last checkpoint with {flags}ckpt_path={last}" if last.is_file()
              else "no checkpoint had been written yet")
     return f"zoo train: interrupted in epoch {epoch} of the run in {run_dir}; {where}"
 
 
-def _interrupt_callback(run_dir: Path, resume_advice: bool = True):
+def _interrupt_callback(run_dir: Path, resume_advice: bool = True, flags: str = ""):
     """A Lightning callback that, on Ctrl-C (Lightning shuts down gracefully and exits 1 with only its own line),
     says where the run is and how to resume it (built here: lightning is imported only when training); without
     ``resume_advice`` (a sweep's job) it says nothing: the sweep says how to continue."""
@@ -995,7 +1085,7 @@ def _interrupt_callback(run_dir: Path, resume_advice: bool = True):
     class InterruptNote(pl.Callback):
         def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
             if resume_advice and isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-                print(_interrupt_note(Path(run_dir), int(trainer.current_epoch)), file=sys.stderr, flush=True)
+                print(_interrupt_note(Path(run_dir), int(trainer.current_epoch), flags), file=sys.stderr, flush=True)
 
     return InterruptNote()
 
@@ -1129,7 +1219,25 @@ def _check_not_a_finished_run(run_dir: Path, cfg) -> None:
                          f"continue it in{to_resume}")
 
 
-def _train(cfg, run_dir: Path, resume_advice: bool = True) -> dict[str, Any]:
+def _check_resumed_primary_config(resume: tuple[Path, dict], config_name: str, config_dirs: Sequence[str]) -> None:
+    """A run composed from the user's primary config (``--config-name``) is resumed from the same one: resumed with
+    another (train.yaml, the flag forgotten), the run would continue with that config's values."""
+    path, ckpt = resume
+    hp = ckpt.get("hyper_parameters") or {}
+    stored = primary_config_name(hp.get("zoo_config_name"))
+    if stored == config_name:
+        return
+    stored_dirs = [str(folder) for folder in hp.get("zoo_config_dirs") or ()]
+    described = {stored: f"--config-name {stored}" if stored != "train" else "train.yaml (no --config-name)",
+                 config_name: f"--config-name {config_name}" if config_name != "train" else
+                 "train.yaml (no --config-name)"}
+    raise ValueError(f"cannot resume from {path}: its run was composed from the primary config "
+                     f"{described[stored]}, this one from {described[config_name]}; resume with the run's own: zoo "
+                     f"train {primary_config_flags(stored, stored_dirs)}ckpt_path={path} ...")
+
+
+def _train(cfg, run_dir: Path, resume_advice: bool = True, config_name: str = "train",
+           config_dirs: Sequence[str] = ()) -> dict[str, Any]:
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
 
@@ -1142,12 +1250,16 @@ def _train(cfg, run_dir: Path, resume_advice: bool = True) -> dict[str, Any]:
         _weights_choice(cfg, key)
     resume = _resume_checkpoint(cfg.get("ckpt_path"))
     if resume is not None:
+        _check_resumed_primary_config(resume, config_name, config_dirs)
         _continue_an_older_run(cfg, (resume[1].get("hyper_parameters") or {}).get("zoo_config"))
     _check_not_a_finished_run(run_dir, cfg)
     if threads:
         torch.set_num_threads(threads)
     pl.seed_everything(seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
+    if config_name != "train" and hasattr(module, "hparams"):  # (see train): stored in every checkpoint
+        module.hparams["zoo_config_name"] = config_name
+        module.hparams["zoo_config_dirs"] = check_config_dirs(config_dirs)
     resumed_at_step, resumed_order = None, None
     if resume is not None:
         _check_resume_fits(resume, module, cfg)
@@ -1156,7 +1268,8 @@ def _train(cfg, run_dir: Path, resume_advice: bool = True) -> dict[str, Any]:
         resumed_order = (resume[1].get(type(datamodule).__qualname__) or {}).get("training_order")
         del resume  # Lightning reads the file again in fit(): do not hold two copies
     validated = _validation_step_callback()
-    callbacks = _instantiate_group(cfg.get("callbacks")) + [_interrupt_callback(run_dir, resume_advice), validated]
+    callbacks = _instantiate_group(cfg.get("callbacks")) + [
+        _interrupt_callback(run_dir, resume_advice, primary_config_flags(config_name, config_dirs)), validated]
     _check_best_checkpoint_can_exist(cfg, callbacks)
     trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
     _check_launcher(trainer, cfg)

@@ -76,6 +76,7 @@ class Job:
     error: Optional[str] = None
     error_traceback: Optional[str] = None  # the traceback of a composition error that is not a user error
     config_dirs: tuple[str, ...] = ()  # zoo train --config-dir folders
+    config_name: str = "train"  # the primary config (zoo train --config-name), recorded in sweep.json
     record: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] = field(default_factory=dict)  # its record in the sweep.json of an earlier run
 
@@ -247,7 +248,7 @@ def check_single_process(cfg, job: int) -> None:
 
 
 def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None,
-         config_dirs: Sequence[str] = ()) -> tuple[Path, list[Job]]:
+         config_dirs: Sequence[str] = (), *, config_name: str = "train") -> tuple[Path, list[Job]]:
     """(sweep_dir, the jobs) for a sweep's overrides: every job composed (a composition error is kept as the job's
     error: that job fails, the others run), multi-process jobs refused, and the sweep_dir checked to be this sweep's
     (or new, or empty). In a sweep_dir of an earlier run of this sweep, the jobs take the numbers (and the order)
@@ -255,12 +256,13 @@ def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None,
     and a job's number is its run directory."""
     from zoo.train import run as run_module
 
+    config_name = run_module.primary_config_name(config_name)
     combinations = expand(overrides, config_dirs)
     composed = []
     for number, job_overrides in enumerate(combinations):
         try:
             # run_dir is added when the job runs (sweep_dir may be default)
-            cfg = run_module.compose(job_overrides, config_dirs=config_dirs)
+            cfg = run_module.compose(job_overrides, config_name=config_name, config_dirs=config_dirs)
         except Exception as error:  # noqa: BLE001 -- recorded as this job's failure, the others still run
             composed.append((None, _error_line(error), _internal_traceback(error)))
             continue
@@ -273,14 +275,15 @@ def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None,
     for path in (root, *root.parents):
         if path.exists() and not path.is_dir():
             raise ValueError(f"sweep_dir={root}: {path} is an existing file, not a directory (give a directory)")
-    stored = _stored_jobs(root, combinations)
+    stored = _stored_jobs(root, combinations, config_name)
     order = _stored_order(combinations, stored) if stored else range(len(combinations))
     return root, [Job(number, combinations[index], root / str(number), composed[index][1], composed[index][2],
-                      config_dirs=tuple(config_dirs), previous=stored[number] if stored else {})
+                      config_dirs=tuple(config_dirs), config_name=config_name,
+                      previous=stored[number] if stored else {})
                   for number, index in enumerate(order)]
 
 
-def _stored_jobs(root: Path, combinations: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+def _stored_jobs(root: Path, combinations: Sequence[Sequence[str]], config_name: str = "train") -> list[dict[str, Any]]:
     """The job records of the sweep.json in ``root`` ([] for a new or empty folder). A sweep continues in its own
     sweep_dir only: one whose sweep.json lists another set of jobs, or a non-empty folder without sweep.json, is
     refused (its numbered run directories would be taken for this sweep's jobs)."""
@@ -291,8 +294,10 @@ def _stored_jobs(root: Path, combinations: Sequence[Sequence[str]]) -> list[dict
                              f"folder")
         return []
     try:
-        stored = json.loads(record.read_text(encoding="utf-8"))["jobs"]
+        written = json.loads(record.read_text(encoding="utf-8"))
+        stored = written["jobs"]
         listed = [list(job["overrides"]) for job in stored]
+        stored_name = str(written.get("config_name") or "train")  # (a sweep.json from before config_name: train)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ValueError(f"sweep_dir={root}: its {SWEEP_FILE} is unreadable ({_one_line(error)}): give another "
                          f"sweep_dir") from None
@@ -300,6 +305,13 @@ def _stored_jobs(root: Path, combinations: Sequence[Sequence[str]]) -> list[dict
         raise ValueError(f"sweep_dir={root} holds another sweep ({len(listed)} jobs, the first "
                          f"{' '.join(listed[0]) if listed else 'none'}): give another sweep_dir, or that sweep's "
                          f"own overrides to continue it")
+    if stored_name != config_name:  # the same overrides on another primary config are another sweep
+        def named(which: str) -> str:
+            return f"--config-name {which}" if which != "train" else "train.yaml (no --config-name)"
+
+        raise ValueError(f"sweep_dir={root} holds a sweep composed from the primary config {named(stored_name)}, "
+                         f"and this one is composed from {named(config_name)}: give another sweep_dir, or that "
+                         f"sweep's own --config-name (and --config-dir) to continue it")
     return stored
 
 
@@ -315,7 +327,8 @@ def _stored_order(combinations: Sequence[Sequence[str]], stored: Sequence[dict[s
 def _write_record(root: Path, overrides: Sequence[str], jobs: Sequence[Job]) -> None:
     from zoo.hub import atomic_write
 
-    text = json.dumps({"sweep_dir": str(root), "overrides": list(overrides),
+    config_name = jobs[0].config_name if jobs else "train"  # (every job's: the sweep's primary config)
+    text = json.dumps({"sweep_dir": str(root), "config_name": config_name, "overrides": list(overrides),
                        "jobs": [job.record for job in jobs]}, indent=2) + "\n"
     atomic_write(root / SWEEP_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -396,8 +409,12 @@ def _run_job(job: Job) -> None:
     start = time.perf_counter()
     try:
         with _process_state_restored():
-            cfg = run_module.compose([*job.run_overrides(), *resume], config_dirs=job.config_dirs)
-            result = run_module.train(cfg, resume_advice=False)  # the sweep says how to continue (run)
+            cfg = run_module.compose([*job.run_overrides(), *resume], config_name=job.config_name,
+                                     config_dirs=job.config_dirs)
+            # the user's primary config, recorded in the job's checkpoints (as zoo.cli._cmd_train passes it)
+            source = {} if job.config_name == "train" else {"config_name": job.config_name,
+                                                             "config_dirs": job.config_dirs}
+            result = run_module.train(cfg, resume_advice=False, **source)  # the sweep says how to continue (run)
     except (KeyboardInterrupt, SystemExit):
         job.record.update(status="interrupted", seconds=round(time.perf_counter() - start, 3))
         raise
@@ -457,9 +474,11 @@ def _process_state_restored() -> Iterator[None]:
 
 
 def run(overrides: Sequence[str], sweep_dir: Optional[str] = None,
-        config_dirs: Sequence[str] = ()) -> tuple[Path, list[dict[str, Any]]]:
-    """Run a sweep (module docstring); returns (sweep_dir, each job's record as written to sweep.json)."""
-    root, jobs = plan(overrides, sweep_dir, config_dirs)
+        config_dirs: Sequence[str] = (), *, config_name: str = "train") -> tuple[Path, list[dict[str, Any]]]:
+    """Run a sweep (module docstring); returns (sweep_dir, each job's record as written to sweep.json). Every job is
+    composed from the primary config ``config_name`` (zoo train --config-name), which sweep.json records: a rerun
+    with the same sweep_dir continues the sweep only from the same one."""
+    root, jobs = plan(overrides, sweep_dir, config_dirs, config_name=config_name)
     for job in jobs:
         job.record = {"job": job.number, "overrides": job.overrides, "run_dir": str(job.run_dir),
                       "status": "pending", "error": None, "metrics": {}, "seconds": None}

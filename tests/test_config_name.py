@@ -1,0 +1,187 @@
+"""zoo train with a primary config of the user's own: ``--config-dir DIR --config-name NAME`` (Hydra's spellings
+``--config-name=NAME``, ``-cn NAME``, a ``.yaml`` suffix), where DIR/NAME.yaml extends the packaged train.yaml
+(Hydra's "extending configs": ``defaults: [train, _self_]``) with a group choice and values of its own. Checked
+through ``--cfg job``, a tiny training run whose stored config holds the user's values, its resume, zoo eval and
+zoo predict of it, a sweep of two jobs (sweep.json records the primary config; a rerun reuses it), and the one-line
+errors: an unknown name, a config that does not extend train.yaml, a name given twice, ``--config-path``."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from zoo import cli
+
+MY_RUN = """defaults:
+  - train
+  - override /model: vit_debug
+  - _self_
+
+name: my_run
+seed: 7
+"""
+BARE = "seed: 3\n"  # composes, but does not extend train.yaml
+# a few batches of one epoch, no logger, one thread; no test / release: the quickest run that writes last.ckpt
+QUICK = ["debug=fast", "logger=none", "num_threads=1", "test=false", "export=false"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The user's config folder: my_run.yaml (extends train: model vit_debug, seed 7, name my_run) and bare.yaml."""
+    path = tmp_path_factory.mktemp("myconf")
+    (path / "my_run.yaml").write_text(MY_RUN)
+    (path / "bare.yaml").write_text(BARE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    """A run trained from my_run with a command-line value on top (task.lr=1e-3)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "my_run"
+    assert cli.main(["train", "--config-dir", str(folder), "--config-name", "my_run", "task.lr=1e-3", *QUICK,
+                     f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def _printed(capsys) -> dict:
+    return OmegaConf.to_container(OmegaConf.create(capsys.readouterr().out))
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.splitlines()
+    assert err and err[0].startswith("zoo train: error: "), err
+    return err[0]
+
+
+def test_cfg_job_prints_the_users_primary_config_over_train(folder, capsys):
+    assert cli.main(["train", "--config-dir", str(folder), "--config-name", "my_run", "task.lr=1e-3", "--cfg",
+                     "job"]) == 0
+    cfg = _printed(capsys)
+    assert cfg["model"]["name"] == "vit_debug" and cfg["seed"] == 7 and cfg["name"] == "my_run"
+    assert cfg["task"]["lr"] == 1e-3  # the command line over the primary config
+    assert cli.main(["train", "--cfg", "job"]) == 0  # train.yaml alone: the packaged choices
+    default = _printed(capsys)
+    assert default["model"]["name"] != "vit_debug" and default["seed"] == 42
+    # everything else as train.yaml composes it
+    assert {k: v for k, v in cfg.items() if k not in ("model", "seed", "name", "task")} == \
+        {k: v for k, v in default.items() if k not in ("model", "seed", "name", "task")}
+
+
+@pytest.mark.parametrize("spelling", [["--config-name=my_run"], ["-cn", "my_run"], ["-cn", "my_run.yaml"],
+                                      ["--config-name", "my_run.yaml"]])
+def test_hydras_spellings_of_config_name(folder, capsys, spelling):
+    assert cli.main(["train", "-cd", str(folder), "--config-name", "my_run", "--cfg", "job"]) == 0
+    expected = _printed(capsys)
+    assert cli.main(["train", *spelling, f"--config-dir={folder}", "--cfg", "job"]) == 0, spelling
+    assert _printed(capsys) == expected
+
+
+def test_a_run_stores_the_users_values(trained, folder):
+    saved = OmegaConf.load(trained / "config.yaml")
+    assert saved.model.name == "vit_debug" and saved.seed == 7 and saved.name == "my_run" and saved.task.lr == 1e-3
+    hp = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert hp["zoo_config"]["model"]["name"] == "vit_debug" and hp["zoo_config"]["seed"] == 7
+    assert hp["zoo_config_name"] == "my_run" and hp["zoo_config_dirs"] == [str(folder)]
+
+
+def test_resume_composes_from_the_same_primary_config(trained, folder, tmp_path, capsys):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    # without --config-name the resume would compose train.yaml (another model, seed): refused, saying how
+    assert cli.main(["train", *QUICK, f"run_dir={run_dir}", f"ckpt_path={last}"]) == 1
+    err = _error(capsys)
+    assert "composed from the primary config --config-name my_run" in err and "train.yaml" in err, err
+    assert f"--config-dir {folder} --config-name my_run ckpt_path=" in err, err
+    step = json.loads((run_dir / "metrics.json").read_text())["global_step"]
+    assert cli.main(["train", "-cd", str(folder), "-cn", "my_run", "task.lr=1e-3", *QUICK, "trainer.max_epochs=2",
+                     f"run_dir={run_dir}", f"ckpt_path={last}"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epoch"] == 2 and metrics["global_step"] > step
+    assert OmegaConf.load(run_dir / "config.yaml").model.name == "vit_debug"
+
+
+def test_eval_and_predict_of_the_run(trained, capsys):
+    capsys.readouterr()
+    assert cli.main(["eval", f"ckpt={trained}", "trainer.limit_test_batches=2"]) == 0
+    out = capsys.readouterr().out
+    assert "test/acc1" in json.loads(out[out.index("{"):])
+    assert cli.main(["predict", f"ckpt={trained / 'checkpoints' / 'last.ckpt'}", "input=digits:0", "topk=2",
+                     "json=true"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["input"] == "digits:0" and len(row["top"]) == 2
+
+
+def test_a_sweep_composes_each_job_from_it(folder, tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    argv = ["train", "-m", "-cd", str(folder), "-cn", "my_run", "task.lr=1e-3", *QUICK, "seed=1,2",
+            f"sweep_dir={sweep_dir}"]
+    assert cli.main([*argv, "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("name: vit_debug") == 2 and "seed: 1" in out and "seed: 2" in out and "name: my_run" in out
+    assert cli.main(argv) == 0
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    assert record["config_name"] == "my_run" and [job["status"] for job in record["jobs"]] == ["ok", "ok"]
+    for number, seed in ((0, 1), (1, 2)):
+        saved = OmegaConf.load(sweep_dir / str(number) / "config.yaml")
+        assert saved.model.name == "vit_debug" and saved.seed == seed and saved.task.lr == 1e-3
+    # a rerun resumes an unfinished job from its last.ckpt, composed from the same primary config
+    (sweep_dir / "1" / "metrics.json").unlink()
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    jobs = json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+    assert jobs[0].get("skipped") and jobs[1]["resumed_from"].endswith("last.ckpt") and jobs[1]["status"] == "ok"
+    # the same overrides from train.yaml are another sweep: refused in its sweep_dir
+    capsys.readouterr()
+    assert cli.main([item for item in argv if item not in ("-cn", "my_run")]) == 1
+    err = _error(capsys)
+    assert "holds a sweep composed from the primary config --config-name my_run" in err, err
+
+
+def test_an_unknown_name_lists_where_it_looked(folder, capsys):
+    assert cli.main(["train", "-cd", str(folder), "-cn", "my_rnu", "--cfg", "job"]) == 1
+    err = _error(capsys)
+    assert "--config-name my_rnu: no primary config my_rnu.yaml" in err and "did you mean my_run?" in err, err
+    assert "train.yaml" in err and str(folder) in err and "bare.yaml, my_run.yaml" in err, err
+    assert cli.main(["train", "-cn", "my_run", "--cfg", "job"]) == 1  # the folder not given
+    assert "give the folder that holds it with --config-dir DIR" in _error(capsys)
+    # Hydra looks for the primary config in the --config-dir folders, not in hydra.searchpath's
+    assert cli.main(["train", f"hydra.searchpath=[file://{folder}]", "-cn", "my_run", "--cfg", "job"]) == 1
+    assert f"give that folder with --config-dir {folder}" in _error(capsys)
+
+
+def test_a_config_that_does_not_extend_train_is_named(folder, capsys):
+    assert cli.main(["train", "-cd", str(folder), "-cn", "bare", "--cfg", "job"]) == 1
+    err = _error(capsys)
+    assert f"--config-name bare ({folder / 'bare.yaml'}) composes a config without task, model, data" in err, err
+    assert "start its defaults list with - train and - _self_" in err, err
+
+
+@pytest.mark.parametrize("names", [["-cn", "my_run", "--config-name=my_run"], ["-cn", "my_run", "-cn", "bare"]])
+def test_a_name_given_twice_is_refused(folder, capsys, names):
+    assert cli.main(["train", "-cd", str(folder), *names, "--cfg", "job"]) == 1
+    assert "the primary config is named twice" in _error(capsys)
+
+
+@pytest.mark.parametrize("argv", [["-cn"], ["--config-name="], ["-cn", "--cfg", "job"]])
+def test_a_missing_name_is_refused(capsys, argv):
+    assert cli.main(["train", *argv]) == 1
+    err = _error(capsys)
+    assert "give the name of your primary config" in err or "needs a name" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--config-path=conf", "-cp"])
+def test_config_path_says_what_to_give_instead(capsys, flag):
+    assert cli.main(["train", flag, "--cfg", "job"]) == 1
+    err = _error(capsys)
+    assert "replaces the application's config folder" in err and "--config-dir DIR" in err, err
+    assert "--config-name NAME" in err and "zoo train supports" in err, err
+
+
+def test_help_documents_config_name(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--config-name NAME" in out and "defaults: [train, _self_]" in out and "--config-path" in out
