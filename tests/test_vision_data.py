@@ -1446,3 +1446,27 @@ def test_a_model_interpolation_the_zoo_cannot_record_is_refused_by_name(tmp_path
     dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=16, interpolation="model", num_classes=2)
     with pytest.raises(ValueError, match=r"the model's interpolation 'nearest' is not supported \(bilinear, bicubic\)"):
         dm.adopt_model_stats(Model())
+
+
+def test_macos_appledouble_files_are_not_images(tmp_path):
+    """``._0.png`` (the metadata Finder writes beside each file on non-Mac disks and into zip archives) was counted
+    as an image, as torchvision's ImageFolder counts it, and training failed when an epoch reached it; training,
+    zoo eval and zoo predict now leave such files out, and a class folder holding only them is named as empty."""
+    from zoo.train import run
+
+    _write_images(tmp_path, "train", ["cat", "dog"], 3)
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    dm = vdata.ImageFolderDataModule(str(tmp_path), img_size=8, val_fraction=0.34, num_classes=2)
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 6
+    assert all(not Path(path).name.startswith("._") for path, _ in dm.train_set.base.samples)
+    assert [p.name for p in run._image_files(tmp_path / "train" / "cat", vdata.IMAGE_EXTENSIONS)] == \
+        ["0.png", "1.png", "2.png"]
+    assert vdata.is_image_file_name("x/._a.PNG") is False and vdata.is_image_file_name("x/a._b.png") is True
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "dog").mkdir(parents=True)
+    (tmp_path / "val" / "cat" / "0.png").write_bytes((tmp_path / "train" / "cat" / "0.png").read_bytes())
+    (tmp_path / "val" / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    with pytest.raises(FileNotFoundError, match=r"val/dog holds no image"):
+        vdata.ImageFolderDataModule(str(tmp_path), img_size=8, num_classes=2).setup()

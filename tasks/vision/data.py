@@ -57,6 +57,7 @@ __all__ = [
     "CIFARDataModule",
     "load_image_file",
     "IMAGE_EXTENSIONS",
+    "is_image_file_name",
 ]
 
 DIGITS_TEST_SEED = 0
@@ -882,8 +883,13 @@ def _image_transform(img_size: int, in_chans: int, mean, std, train: bool, augme
     return T.Compose(steps)
 
 
-def _is_image_file(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
+def is_image_file_name(name: str) -> bool:
+    """Whether a file name is an image this zoo reads: its suffix (any case) in ``IMAGE_EXTENSIONS``, and not a
+    macOS AppleDouble file (``._photo.png``: the resource-fork metadata Finder writes beside each file on non-Mac
+    disks and into zip archives; not an image). torchvision's ImageFolder counts those and fails when an epoch reaches
+    one; training, zoo eval and zoo predict leave them out."""
+    base = os.path.basename(name)
+    return base.lower().endswith(IMAGE_EXTENSIONS) and not base.startswith("._")
 
 
 def _folder_image(path: str):
@@ -907,7 +913,8 @@ class ImageFolderDataModule(_PictureDataModule):
     scratch; timm's are options: ``scale=[0.08, 1] color_jitter=0.4``, and ``auto_augment``, ``reprob``,
     ``vflip``, ``train_interpolation``, ... (:class:`_TimmAugment`).
 
-    Images are the files whose suffix (any case) is in ``IMAGE_EXTENSIONS``, the list ``zoo predict`` reads.
+    Images are the files whose suffix (any case) is in ``IMAGE_EXTENSIONS``, the list ``zoo predict`` reads (macOS
+    AppleDouble ``._*`` files left out: :func:`is_image_file_name`).
 
     Evaluation resizes to ``img_size / crop_pct`` with ``interpolation`` and keeps the centre (defaults 1.0 and
     bilinear: the whole image); ``crop_pct="model"`` / ``interpolation="model"`` take the model's pretrained_cfg
@@ -939,10 +946,10 @@ class ImageFolderDataModule(_PictureDataModule):
         if not directory.is_dir():
             return None
         try:  # IMAGE_EXTENSIONS: the files zoo predict reads (torchvision's default list has no .gif)
-            dataset = ImageFolder(str(directory), loader=_folder_image, is_valid_file=_is_image_file)
+            dataset = ImageFolder(str(directory), loader=_folder_image, is_valid_file=is_image_file_name)
         except FileNotFoundError as error:  # torchvision names the class but not the split it looked in
             empty = [name for name in self.class_names if (directory / name).is_dir()
-                     and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (directory / name).rglob("*"))]
+                     and not any(is_image_file_name(p.name) for p in (directory / name).rglob("*"))]
             raise FileNotFoundError(f"ImageFolder data: {directory}/{empty[0] if empty else '<class>'} holds no image "
                                     f"({', '.join(IMAGE_EXTENSIONS)}); put at least one image in every class folder "
                                     f"or remove the folder from every split") from error

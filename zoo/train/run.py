@@ -2229,7 +2229,7 @@ def _collect_inputs(spec: str) -> list[tuple[str, Any]]:
 def _image_files(folder: Path, extensions) -> list[Path]:
     """The image files under ``folder``, as torchvision's ImageFolder (zoo eval data=image_folder, training) finds
     them: os.walk following symlinked folders (each real folder once, so a symlink loop ends), regular files with an
-    image extension only (a folder named x.png is not one), sorted. rglob did not follow linked folders, so their
+    image extension only (a folder named x.png is not one; nor a macOS AppleDouble ``._x.png``), sorted. rglob did not follow linked folders, so their
     images were silently left out."""
     files, seen = [], set()
     for root, dirs, names in os.walk(folder, followlinks=True):
@@ -2240,7 +2240,8 @@ def _image_files(folder: Path, extensions) -> list[Path]:
         seen.add(real)
         dirs.sort()
         files += [Path(root) / name for name in names
-                  if Path(name).suffix.lower() in extensions and os.path.isfile(os.path.join(root, name))]
+                  if Path(name).suffix.lower() in extensions and not name.startswith("._")  # (is_image_file_name)
+                  and os.path.isfile(os.path.join(root, name))]
     return sorted(files)
 
 
