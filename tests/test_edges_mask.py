@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -415,3 +416,128 @@ def test_multihead_attention_num_queries_keeps_an_edges_mask():
     torch.testing.assert_close(first, whole[:, :50])
     rows = mask.first_queries(50)
     assert isinstance(rows, Edges) and torch.equal(rows.dense(50, 300), mask.dense(300, 300, rows=(0, 50)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Gaps found by a mutation audit (2026-12-07): bounds at the last index, cosine kNN, the graph cache's key,
+# selection over batched graphs, morton_order's default bits, refusals under transforms, the bench's check
+# ------------------------------------------------------------------------------------------------
+def test_indices_checked_at_the_last_position_and_named_by_column():
+    """A source equal to Nk (a target equal to Nq) is out of range by one: named, not silently dropped (the dense
+    rows write such an edge to their spare column); the last valid index is accepted. Bool indices are refused."""
+    from zoo.attention.edge_backend import edge_graph
+
+    q, k = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="row 0 holds source \\(key\\) index 4 but attention has Nk=4"):
+        attend(q, k, k, mask=Edges(torch.tensor([[4], [0]])))
+    with pytest.raises(ValueError, match="row 1 holds target \\(query\\) index 3 but attention has Nq=3"):
+        attend(q, k, k, mask=Edges(torch.tensor([[0], [3]])))
+    with pytest.raises(ValueError, match="index 4 but attention has Nk=4"):  # the public graph builder checks too
+        edge_graph(Edges(torch.tensor([[4], [0]])), 4, 4, "cpu")
+    last = Edges(torch.tensor([[3], [2]]))  # query 2 sees key 3 only: its row is v[3], the others zero
+    out = attend(q, k, k, mask=last, backend="edges")
+    torch.testing.assert_close(out[0, 0], torch.stack([torch.zeros(8), torch.zeros(8), k[0, 0, 3]]))
+    with pytest.raises(ValueError, match="edge_index\\[1, :, 1\\] = \\[-1, 2\\] has a negative node index"):
+        Edges(torch.tensor([[[0, 0], [1, 1]], [[0, -1], [2, 2]]]))  # batch row 1, column 1
+    with pytest.raises(TypeError, match="must hold integers"):
+        Edges(torch.tensor([[True, False], [False, True]]))
+
+
+@pytest.mark.parametrize("loop", [True, False])
+def test_knn_cosine_equals_top_k_cosine_similarity(loop):
+    """Edges.knn(..., cosine=True), one cloud and a batch of clouds: the k most cosine-similar points, by hand
+    (normalised dot products, top-k); centred clouds, where it differs from the Euclidean neighbourhood."""
+    pos = torch.rand(2, 30, 4, generator=torch.Generator().manual_seed(6)) - 0.5
+    unit = pos / pos.norm(dim=-1, keepdim=True)
+    similarity = unit @ unit.transpose(1, 2)
+    if not loop:
+        similarity = similarity - 10 * torch.eye(30)
+    want = torch.zeros(2, 30, 30, dtype=torch.bool).scatter_(2, similarity.topk(5, dim=2).indices, True)
+    batched = Edges.knn(pos, 5, loop=loop, cosine=True).dense(30, 30)[:, 0]
+    assert torch.equal(batched, want)
+    assert torch.equal(Edges.knn(pos[1], 5, loop=loop, cosine=True).dense(30, 30)[0, 0], want[1])
+    assert not torch.equal(Edges.knn(pos, 5, loop=loop).dense(30, 30)[:, 0], want)  # the case tells them apart
+
+
+def test_edge_graph_of_batched_graphs_rebuilt_for_another_key_length():
+    """Per-batch-row graphs offset batch row b's keys by b * Nk: the same mask over 30 and then 40 keys must not
+    reuse the first graph (its cache key holds Nk), on the edge path as on the reference."""
+    graphs = torch.stack([_random_graph(30, 20, 60, seed=s).unique(dim=1)[:, :50] for s in (20, 21)])
+    mask = Edges(graphs)
+    g = torch.Generator().manual_seed(22)
+    for nk in (30, 40, 30):
+        q, k, v = torch.randn(2, 2, 20, 8, generator=g), torch.randn(2, 2, nk, 8, generator=g), torch.randn(
+            2, 2, nk, 8, generator=g)
+        torch.testing.assert_close(attend(q, k, v, mask=mask, backend="edges"),
+                                   attend(q, k, v, mask=mask.dense(20, nk), backend="torch"), msg=f"Nk={nk}")
+
+
+def test_automatic_selection_per_batch_row_share_and_min_cells():
+    """Selection compares the distinct edges per batch row with AUTO_MAX_ALLOWED_FRACTION: four graphs of 1% of
+    512 x 512 pairs each, every edge listed twice (2% in columns, so they are counted), take the edge path; and
+    problems of exactly AUTO_MIN_CELLS pairs (256 x 256) do, one query fewer does not."""
+    from zoo.attention import edge_backend
+
+    graphs = [_random_graph(512, 512, 2650, seed=30 + b).unique(dim=1)[:, :2600] for b in range(4)]
+    twice = Edges(torch.stack([torch.cat([ei, ei], dim=1) for ei in graphs]))
+    assert twice.num_edges / 512 ** 2 > edge_backend.AUTO_MAX_ALLOWED_FRACTION >= 2600 / 512 ** 2
+    q = torch.randn(4, 1, 512, 8)
+    assert zb.select_backend((q, q, q, twice, None, 0.25, "softmax", 0.0, False), None).name == "edges"
+    assert edge_backend.AUTO_MIN_CELLS == 256 * 256
+    knn = Edges.knn(torch.rand(256, 3, generator=torch.Generator().manual_seed(31)), 3)  # 1.2% of the pairs
+    q = torch.randn(1, 1, 256, 8)
+    assert zb.select_backend((q, q, q, knn, None, 0.25, "softmax", 0.0, False), None).name == "edges"
+    fewer = knn.first_queries(255)
+    assert zb.select_backend((q[:, :, :255], q, q, fewer, None, 0.25, "softmax", 0.0, False), None).name != "edges"
+
+
+def test_morton_order_default_bits_in_four_dimensions():
+    """The default quantisation is min(16, 62 // D) bits per axis: 15 in four dimensions (16 would need a
+    64-bit code); the order equals hand-interleaved codes at 15 bits."""
+    from zoo.geometry import morton_order
+
+    pos = torch.rand(60, 4, generator=torch.Generator().manual_seed(7))
+    low, side = pos.double().amin(0), (pos.double().amax(0) - pos.double().amin(0)).max()
+    cells = ((pos.double() - low) / side * (2 ** 15 - 1)).round().long().tolist()
+    codes = [_morton_code_by_hand(c, 15) for c in cells]
+    assert morton_order(pos).tolist() == sorted(range(60), key=lambda i: (codes[i], i))
+
+
+def test_edge_backend_refuses_transforms_and_tracing_by_name():
+    """Explicit backend="edges" under torch.func and torch.jit.trace: refused, naming the transform or the trace
+    (the automatic selection then takes another backend)."""
+    q, k, v = torch.randn(3, 1, 2, 6, 8).unbind(0)
+    mask = Edges(torch.tensor([[0, 1], [1, 2]]))
+    with pytest.raises(ValueError, match="cannot run this call: a torch.func transform"):
+        torch.func.grad(lambda q: attend(q, k, v, mask=mask, backend="edges").sum())(q)
+    with pytest.raises(ValueError, match="cannot run this call: tracing / export"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings (Python values, its deprecation)
+        torch.jit.trace(lambda q: attend(q, k, v, mask=mask, backend="edges"), (q,))
+
+
+def test_bench_knn_refuses_when_pyg_disagrees(monkeypatch):
+    """The bench compares the zoo with both peers before timing: a PyG result off by 0.1% stops it."""
+    from zoo.bench import knn
+
+    exact = knn._message_passing
+    monkeypatch.setattr(knn, "_message_passing", lambda *args: exact(*args) * 1.001)
+    with pytest.raises(SystemExit, match="the contenders disagree"):
+        knn.main(["--sizes", "200", "--k", "4", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "0",
+                  "--order", "morton"])
+
+
+def test_knn_defaults_and_empty_clouds_named():
+    """`zoo viz mask mask=knn` defaults to k = 16 neighbours of the seeded sphere in Z-order, as documented; a batch
+    of clouds without points (or no cloud) is named, not a reshape error."""
+    from zoo.geometry import morton_order
+    from zoo.mask_viz import build_mask
+
+    mask, n, block = build_mask({"mask": "knn", "n": "100"})
+    assert (n, block) == (100, 64)
+    points = torch.randn(100, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    points = points / points.norm(dim=1, keepdim=True)
+    want = _adjacency(knn_graph(points[morton_order(points)], 16, loop=True), 100, 100)
+    assert torch.equal(mask.dense(100, 100), want) and bool(want.sum(-1).eq(16).all())
+    for shape in ((2, 0, 3), (0, 5, 3)):
+        with pytest.raises(ValueError, match="Edges.knn: pos has no point"):
+            Edges.knn(torch.rand(shape), 3)
