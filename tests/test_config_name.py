@@ -102,6 +102,15 @@ def test_resume_composes_from_the_same_primary_config(trained, folder, tmp_path,
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["global_step"] > step
     assert OmegaConf.load(run_dir / "config.yaml").model.name == "vit_debug"
+    assert "note" not in capsys.readouterr().err  # the run's own folder: nothing to say
+    # the same name from another folder is another file: the resume goes on with its values, and says so
+    other = tmp_path / "otherconf"
+    other.mkdir()
+    (other / "my_run.yaml").write_text(MY_RUN.replace("seed: 7", "seed: 99"))
+    assert cli.main(["train", "-cd", str(other), "-cn", "my_run", "task.lr=1e-3", *QUICK, "trainer.max_epochs=3",
+                     f"run_dir={run_dir}", f"ckpt_path={last}"]) == 0
+    err = capsys.readouterr().err
+    assert f"composed --config-name my_run from --config-dir {folder}, with --config-dir {other}" in err, err
 
 
 def test_eval_and_predict_of_the_run(trained, capsys):
@@ -185,3 +194,34 @@ def test_help_documents_config_name(capsys):
     assert cli.main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config-name NAME" in out and "defaults: [train, _self_]" in out and "--config-path" in out
+
+
+def test_errors_inside_the_users_file_name_the_file_and_packages_are_explained(folder, tmp_path, capsys):
+    """Hydra's errors do not say whether the command line or the primary config caused them: an error in the
+    user's file is named with the file (it read "unknown config key 'extra' (from the overrides [])", advising
+    +extra=...); a config in a subfolder, or under a # @package line, composes under that package: the message says
+    to add # @package _global_ (and /train in a subfolder), where it said to start the defaults with - train, which
+    those files did; an unknown sub/name lists that subfolder's files."""
+    conf = tmp_path / "conf"
+    (conf / "sub").mkdir(parents=True)
+    (conf / "bad_group.yaml").write_text("defaults: [train, {override /extra: x}, _self_]\n")
+    (conf / "pkg.yaml").write_text("# @package foo\ndefaults: [train, _self_]\nname: pkg\n")
+    (conf / "sub" / "relative.yaml").write_text("defaults: [train, _self_]\n")
+    (conf / "sub" / "nested.yaml").write_text("defaults: [/train, _self_]\n")
+    (conf / "sub" / "good.yaml").write_text("# @package _global_\ndefaults: [/train, _self_]\nname: good\n")
+    cases = {
+        "bad_group": f"--config-name bad_group ({conf / 'bad_group.yaml'}): In 'bad_group': Could not override "
+                     f"'extra'. No match in the defaults list.",
+        "sub/relative": "Could not load 'sub/train'.; in a subfolder the packaged config is /train",
+        "sub/nested": "is composed under the package 'sub', so its task, model, data sit under sub: instead of at "
+                      "the top: make its first line # @package _global_",
+        "pkg": "is composed under the package 'foo'",
+        "sub/nestd": "did you mean sub/nested? looked in",
+    }
+    for name, message in cases.items():
+        assert cli.main(["train", "-cd", str(conf), "-cn", name, "--cfg", "job"]) == 1, name
+        assert message in _error(capsys), name
+    assert cli.main(["train", "-cd", str(conf), "-cn", "sub/good", "--cfg", "job"]) == 0
+    assert _printed(capsys)["name"] == "good"
+    assert cli.main(["train", "-cd", str(conf), "-cn", "sub/good", "model=nope", "--cfg", "job"]) == 1
+    assert _error(capsys).startswith("zoo train: error: unknown model=nope")  # the command line's error, as before

@@ -85,8 +85,9 @@ with its group choices between them, and its own values follow:
     seed: 7
 It works with --cfg and -m (every job composed from it; sweep.json records it); the run's checkpoints record it, and
 a resume (ckpt_path=) is composed from the same one (-cn NAME again: a resume without it is refused); zoo eval and
-zoo predict read the run's stored config. Hydra's --config-path (-cp) would replace zoo.configs itself: refused (use
---config-dir DIR); --info is not supported.
+zoo predict read the run's stored config. In a subfolder (-cn sub/name) Hydra composes the file under the package
+sub: start it with # @package _global_ and defaults: [/train, _self_]. Hydra's --config-path (-cp) would replace
+zoo.configs itself: refused (use --config-dir DIR); --info is not supported.
 
 Sweeps (-m / --multirun, as Hydra's basic sweeper): one job per combination of the swept values (a,b,c;
 range(start,stop[,step]); choice(a,b); glob(pattern) over a group's options; a group: model=vit_debug,maxvit_debug),

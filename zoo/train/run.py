@@ -74,13 +74,45 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", config_di
     except MissingConfigException as error:
         if getattr(error, "missing_cfg_file", None) in (name, config_name):  # the primary config itself
             raise ValueError(_unknown_primary_config(config_name, config_dirs, overrides)) from None
-        raise ValueError(_hydra_message(str(error), overrides)) from None
+        raise ValueError(_composition_error(str(error), name, config_dirs, overrides)) from None
     except HydraException as error:
-        raise ValueError(_hydra_message(str(error), overrides)) from None
+        raise ValueError(_composition_error(str(error), name, config_dirs, overrides)) from None
     OmegaConf.set_struct(cfg, False)
     if name != "train":
         _check_extends_train(cfg, name, config_dirs, overrides)
     return cfg
+
+
+def _composition_error(text: str, name: str, config_dirs: Sequence[str], overrides: Sequence[str]) -> str:
+    """Hydra's composition error in one line, blamed on what caused it: the command line's overrides
+    (:func:`_hydra_message`), or, for a primary config of the user's (``--config-name``) when train.yaml composes
+    with the same overrides, that file -- named with Hydra's own sentence (an ``override /group`` its defaults list
+    has no group for, a relative ``train`` in a subfolder). Hydra's errors do not say which."""
+    from hydra import compose as hydra_compose
+    from hydra.errors import HydraException
+
+    if name != "train":
+        try:
+            with hydra_session(config_dirs):
+                hydra_compose(config_name="train", overrides=list(overrides))
+        except HydraException:
+            pass  # the overrides fail with train.yaml too: they are the cause
+        else:
+            where = _primary_config_path(name, config_dirs)
+            first = text.strip().splitlines()[0] if text.strip() else text
+            hint = ""
+            if "/" in name:
+                hint = ("; in a subfolder the packaged config is /train (defaults: [/train, _self_]) and the file "
+                        "starts with # @package _global_ (a primary config in sub/ is composed under sub: "
+                        "otherwise)")
+            return f"--config-name {name} ({where}): {first}{hint}"
+    return _hydra_message(text, overrides)
+
+
+def _primary_config_path(name: str, config_dirs: Sequence[str]) -> str:
+    """Where the user's primary config ``name`` was found (its path), or ``NAME.yaml``."""
+    return next((str(folder / f"{name}.yaml") for _, folder in _primary_config_folders(config_dirs, ())
+                 if (folder / f"{name}.yaml").is_file()), f"{name}.yaml")
 
 
 def primary_config_name(config_name: Optional[str]) -> str:
@@ -120,9 +152,11 @@ def _unknown_primary_config(config_name: str, config_dirs: Sequence[str], overri
 
     name = primary_config_name(config_name)
     looked, found = [], []
+    sub = Path(name).parent  # -cn sub/name: the files of that subfolder, named as -cn takes them
     for given, folder in _primary_config_folders(config_dirs, overrides):
-        files = (sorted(p.name for p in folder.iterdir() if p.suffix == ".yaml" and p.is_file())
-                 if folder.is_dir() else [])
+        where = folder / sub
+        files = (sorted((sub / p.name).as_posix() for p in where.iterdir() if p.suffix == ".yaml" and p.is_file())
+                 if where.is_dir() else [])
         found += [file[: -len(".yaml")] for file in files]
         looked.append(f"{given} ({folder}): {', '.join(files) if files else 'no .yaml files'}")
     close = difflib.get_close_matches(name, found, n=3, cutoff=0.6)
@@ -153,8 +187,15 @@ def _check_extends_train(cfg, name: str, config_dirs: Sequence[str], overrides: 
     own = [key for key in OmegaConf.load(str(resources.files(CONFIG_MODULE) / "train.yaml")) if key != "defaults"]
     if all(key in cfg for key in own):  # it extends train.yaml and a group was deleted (~model): check_required's
         return
-    where = next((str(folder / f"{name}.yaml") for _, folder in _primary_config_folders(config_dirs, overrides)
-                  if (folder / f"{name}.yaml").is_file()), f"{name}.yaml")
+    where = _primary_config_path(name, config_dirs)
+    nested = [key for key, value in cfg.items() if OmegaConf.is_dict(value) and all(g in value for g in missing)]
+    if nested:  # composed under a package: a subfolder's name (sub/name -> sub:) or a "# @package foo" line
+        raise ValueError(f"--config-name {name} ({where}) is composed under the package {nested[0]!r}, so its "
+                         f"{', '.join(missing)} sit under {nested[0]}: instead of at the top: make its first line "
+                         f"# @package _global_ (Hydra puts a primary config in a subfolder under that folder's name, "
+                         f"and a # @package line's config under its package)"
+                         + ("; in a subfolder the packaged config is /train (defaults: [/train, _self_])"
+                            if "/" in name else ""))
     raise ValueError(f"--config-name {name} ({where}) composes a config without {', '.join(missing)}: zoo train's "
                      f"primary config extends the packaged train.yaml; start its defaults list with - train and "
                      f"- _self_ (defaults: [train, _self_]), then its own choices (- override /model: vit_debug) "
@@ -978,7 +1019,8 @@ def train(cfg, *, resume_advice: bool = True, config_name: str = "train",
     ``config_name`` / ``config_dirs``: the primary config ``cfg`` was composed from (``zoo train --config-name``),
     recorded in the checkpoints (hyper-parameters ``zoo_config_name``, ``zoo_config_dirs``; none for train.yaml) so
     that a resume composed from another primary config -- train.yaml, the --config-name forgotten -- is refused
-    instead of continuing the run with other values."""
+    instead of continuing the run with other values (the same name from other folders: a note,
+    :func:`_check_resumed_primary_config`)."""
     check_no_hydra_resolver(cfg)  # before run_dir, which may be the one that reads it
     _resolve_ckpt_shortcut(cfg)
     run_dir = _resolve_run_dir(cfg)
@@ -1220,14 +1262,21 @@ def _check_not_a_finished_run(run_dir: Path, cfg) -> None:
 
 
 def _check_resumed_primary_config(resume: tuple[Path, dict], config_name: str, config_dirs: Sequence[str]) -> None:
-    """A run composed from the user's primary config (``--config-name``) is resumed from the same one: resumed with
-    another (train.yaml, the flag forgotten), the run would continue with that config's values."""
+    """A run composed from the user's primary config (``--config-name``) is resumed with the same name: resumed with
+    another (train.yaml, the flag forgotten), the run would continue with that config's values. The same name from
+    other ``--config-dir`` folders (another file, perhaps other values) is accepted with a note naming both."""
     path, ckpt = resume
     hp = ckpt.get("hyper_parameters") or {}
     stored = primary_config_name(hp.get("zoo_config_name"))
-    if stored == config_name:
-        return
     stored_dirs = [str(folder) for folder in hp.get("zoo_config_dirs") or ()]
+    if stored == config_name:
+        given = check_config_dirs(config_dirs) if config_name != "train" else []
+        if config_name != "train" and given != stored_dirs:  # the same name from other folders: another file
+            print(f"zoo train: note: resuming {path}, whose run composed --config-name {config_name} from "
+                  f"--config-dir {' '.join(stored_dirs) or '(none)'}, with --config-dir {' '.join(given) or '(none)'}: "
+                  f"the run continues with the values of the {config_name}.yaml found now (its config.yaml and the "
+                  f"checkpoints record them)", file=sys.stderr, flush=True)
+        return
     described = {stored: f"--config-name {stored}" if stored != "train" else "train.yaml (no --config-name)",
                  config_name: f"--config-name {config_name}" if config_name != "train" else
                  "train.yaml (no --config-name)"}
