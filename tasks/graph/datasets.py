@@ -856,10 +856,15 @@ def tu_dataset(name: str, root: str, use_node_attr: bool = False) -> list[dict]:
     num_graphs = int(data.y.numel())
     if len(edge_slice) < num_graphs + 1:
         edge_slice = torch.cat([edge_slice, edge_slice[-1:].expand(num_graphs + 1 - len(edge_slice))])
-    if len(node_slice) != num_graphs + 1:  # fewer: a graph without nodes; more: graphs without a label
-        raise ValueError(f"TU {name}: {num_graphs} graph labels in {name}_graph_labels.txt but nodes for "
-                         f"{len(node_slice) - 1} graphs in {name}_graph_indicator.txt (one label per graph, and every "
-                         "graph needs at least one node)")
+    if len(node_slice) != num_graphs + 1:  # fewer: the last graphs have no node; more: graphs without a label
+        found = len(node_slice) - 1
+        which = f"graph {num_graphs} has" if found + 1 == num_graphs else f"graphs {found + 1}..{num_graphs} have"
+        why = (f"{which} a label but no node (graphs numbered from 1) in "
+               f"{name}_graph_indicator.txt, whose highest graph id is {found}: a truncated file, or graphs without "
+               f"nodes at the end (PyG's TUDataset cannot read those either)" if found < num_graphs else
+               f"{name}_graph_indicator.txt names graphs up to {found}: one label per graph")
+        raise ValueError(f"TU {name}: {num_graphs} graph labels in {name}_graph_labels.txt but nodes for {found} "
+                         f"graphs in {name}_graph_indicator.txt; {why}")
     graphs = []
     for i in range(num_graphs):
         graphs.append({"x": None if x is None else x[node_slice[i]:node_slice[i + 1]].float(),
