@@ -861,7 +861,7 @@ def tu_dataset(name: str, root: str, use_node_attr: bool = False) -> list[dict]:
         which = f"graph {num_graphs} has" if found + 1 == num_graphs else f"graphs {found + 1}..{num_graphs} have"
         why = (f"{which} a label but no node (graphs numbered from 1) in "
                f"{name}_graph_indicator.txt, whose highest graph id is {found}: a truncated file, or graphs without "
-               f"nodes at the end (PyG's TUDataset cannot read those either)" if found < num_graphs else
+               "nodes at the end" if found < num_graphs else
                f"{name}_graph_indicator.txt names graphs up to {found}: one label per graph")
         raise ValueError(f"TU {name}: {num_graphs} graph labels in {name}_graph_labels.txt but nodes for {found} "
                          f"graphs in {name}_graph_indicator.txt; {why}")
