@@ -134,6 +134,10 @@ def test_a_sweep_composes_each_job_from_it(folder, tmp_path, capsys):
     assert cli.main(argv) == 0
     record = json.loads((sweep_dir / "sweep.json").read_text())
     assert record["config_name"] == "my_run" and [job["status"] for job in record["jobs"]] == ["ok", "ok"]
+    # each job's checkpoints record the primary config, as zoo train's do: resumed by hand without -cn, refused
+    hp = torch.load(sweep_dir / "0" / "checkpoints" / "last.ckpt", map_location="cpu",
+                    weights_only=False)["hyper_parameters"]
+    assert hp["zoo_config_name"] == "my_run" and hp["zoo_config_dirs"] == [str(folder)]
     for number, seed in ((0, 1), (1, 2)):
         saved = OmegaConf.load(sweep_dir / str(number) / "config.yaml")
         assert saved.model.name == "vit_debug" and saved.seed == seed and saved.task.lr == 1e-3
@@ -225,3 +229,157 @@ def test_errors_inside_the_users_file_name_the_file_and_packages_are_explained(f
     assert _printed(capsys)["name"] == "good"
     assert cli.main(["train", "-cd", str(conf), "-cn", "sub/good", "model=nope", "--cfg", "job"]) == 1
     assert _error(capsys).startswith("zoo train: error: unknown model=nope")  # the command line's error, as before
+
+
+# ---- mutation audit (2026-12-07): behaviour the tests above did not pin --------------------------------------------
+def test_primary_config_name_and_flags_by_hand():
+    """The name recorded (checkpoints, sweep.json) drops the .yaml suffix Hydra accepts on -cn; the advice flags
+    name every --config-dir, in order (Hydra searches them in that order), quoted for a shell; none for train.yaml."""
+    from zoo.train import run
+
+    assert run.primary_config_name(None) == "train" and run.primary_config_name("my_run.yaml") == "my_run"
+    assert run.primary_config_name("sub/x.yaml") == "sub/x" and run.primary_config_name(".yaml") == ".yaml"
+    assert run.primary_config_flags("my_run.yaml", ["my conf", "/b"]) == \
+        "--config-dir 'my conf' --config-dir /b --config-name my_run "
+    assert run.primary_config_flags(None, ["/b"]) == "" and run.primary_config_flags("train.yaml") == ""
+
+
+def test_a_sweep_plan_records_the_name_without_yaml(folder, tmp_path):
+    """sweep.plan / sweep.run called as a library with -cn's spelling my_run.yaml: the jobs (and so sweep.json and
+    the checkpoints) carry my_run, the name a rerun with -cn my_run compares against."""
+    from zoo.train import sweep
+
+    _, jobs = sweep.plan(["seed=1,2"], str(tmp_path / "sw"), [str(folder)], config_name="my_run.yaml")
+    assert [job.config_name for job in jobs] == ["my_run", "my_run"] and all(job.error is None for job in jobs)
+
+
+def test_a_train_yaml_run_is_not_resumed_with_a_config_name(tmp_path):
+    """The other direction of test_resume_composes_from_the_same_primary_config: a checkpoint without
+    zoo_config_name (a run of train.yaml) resumed with --config-name my_run would go on with my_run's values."""
+    from zoo.train import run
+
+    ckpt = tmp_path / "last.ckpt"
+    with pytest.raises(ValueError) as error:
+        run._check_resumed_primary_config((ckpt, {"hyper_parameters": {"lr": 1.0}}), "my_run", ["/x"])
+    assert str(error.value) == (f"cannot resume from {ckpt}: its run was composed from the primary config train.yaml "
+                                f"(no --config-name), this one from --config-name my_run; resume with the run's own: "
+                                f"zoo train ckpt_path={ckpt} ...")
+    run._check_resumed_primary_config((ckpt, {"hyper_parameters": {}}), "train", [])  # train.yaml both: accepted
+
+
+def test_unknown_name_with_yaml_suffix_and_searchpath_without_it(folder, tmp_path, capsys):
+    """-cn my_rnu.yaml is the same unknown name as -cn my_rnu (listing where it looked, not blaming a file); a
+    hydra.searchpath folder that does not hold the file is not named as holding it."""
+    assert cli.main(["train", "-cd", str(folder), "-cn", "my_rnu.yaml", "--cfg", "job"]) == 1
+    err = _error(capsys)
+    assert "no primary config my_rnu.yaml" in err and "did you mean my_run?" in err, err
+    from zoo.train import run  # the library's compose, given the name as spelled (zoo train strips .yaml first)
+
+    with pytest.raises(ValueError, match=r"^--config-name my_rnu\.yaml: no primary config my_rnu\.yaml on the search "
+                                         r"path; did you mean my_run\?"):
+        run.compose([], config_name="my_rnu.yaml", config_dirs=[str(folder)])
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert cli.main(["train", f"hydra.searchpath=[file://{other}]", "-cn", "my_run", "--cfg", "job"]) == 1
+    err = _error(capsys)
+    assert "hydra.searchpath folder" not in err and err.endswith("give the folder that holds it with --config-dir DIR")
+
+
+def test_two_config_dirs_holding_the_name_the_first_is_used_and_named(tmp_path, capsys):
+    """Hydra searches the --config-dir folders in the order given: the first one's file composes (its seed), and an
+    error in that file names that path, not the second folder's file of the same name."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for number, path in ((1, first), (2, second)):
+        path.mkdir()
+        (path / "good.yaml").write_text(f"defaults: [train, _self_]\nseed: {number}\n")
+        (path / "bare.yaml").write_text(f"seed: {number}\n")
+    assert cli.main(["train", "-cd", str(first), "-cd", str(second), "-cn", "good", "--cfg", "job"]) == 0
+    assert _printed(capsys)["seed"] == 1
+    assert cli.main(["train", "-cd", str(first), "-cd", str(second), "-cn", "bare", "--cfg", "job"]) == 1
+    assert f"--config-name bare ({first / 'bare.yaml'}) composes a config without" in _error(capsys)
+
+
+def test_the_subfolder_hint_only_for_a_subfolders_config(tmp_path, capsys):
+    """A top-level config under a # @package line is told about # @package _global_ only (the /train advice is for
+    a subfolder's config, which gets it)."""
+    conf = tmp_path / "conf"
+    (conf / "sub").mkdir(parents=True)
+    (conf / "pkg.yaml").write_text("# @package foo\ndefaults: [train, _self_]\n")
+    (conf / "sub" / "nested.yaml").write_text("defaults: [/train, _self_]\n")
+    assert cli.main(["train", "-cd", str(conf), "-cn", "pkg", "--cfg", "job"]) == 1
+    err = _error(capsys)
+    assert "composed under the package 'foo'" in err and "subfolder the packaged config" not in err, err
+    assert cli.main(["train", "-cd", str(conf), "-cn", "sub/nested", "--cfg", "job"]) == 1
+    assert _error(capsys).endswith("; in a subfolder the packaged config is /train (defaults: [/train, _self_])")
+
+
+def test_stop_advice_and_a_relative_config_dir(folder, tmp_path, monkeypatch, capsys, sigterm_in_first_epoch):
+    """A run from -cd myconf (relative) records the folder's absolute path, so a resume with the same -cd myconf is
+    the same file (no note); SIGTERM and Ctrl-C say to resume with the run's -cd/-cn (without them it is refused)."""
+    import signal
+
+    import lightning.pytorch as pl
+
+    from zoo.train import run
+
+    monkeypatch.chdir(folder.parent)
+    run_dir = tmp_path / "stopped"
+    argv = ["train", "-cd", folder.name, "-cn", "my_run", *QUICK, "trainer.max_epochs=3", f"run_dir={run_dir}"]
+    assert cli.main(argv) == 143  # SIGTERM at the end of epoch 0 (conftest)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert (f"resume from its last checkpoint with --config-dir {folder.name} --config-name my_run ckpt_path={last}"
+            in capsys.readouterr().err)
+    hp = torch.load(last, map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert hp["zoo_config_dirs"] == [str(folder)]
+
+    class CtrlC(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    real = run._instantiate_group
+    monkeypatch.setattr(run, "_instantiate_group", lambda node: real(node) + ([CtrlC()] if node is not None and
+                                                                              "last" in str(node) else []))
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            cli.main([*argv, f"ckpt_path={last}"])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    err = capsys.readouterr().err
+    assert "note" not in err, err  # the same relative folder: the same file
+    assert (f"interrupted in epoch 1 of the run in {run_dir}; resume from its last checkpoint with --config-dir "
+            f"{folder.name} --config-name my_run ckpt_path={last}") in err, err
+
+
+def test_the_documented_examples_compose_as_hydra_composes_them(tmp_path, capsys):
+    """The my_run.yaml of docs/training.md section 1 and of zoo train --help, composed by zoo train (--cfg job) and
+    by Hydra itself (a config folder holding it, zoo.configs on hydra.searchpath, as an @hydra.main app would):
+    the same config, the example's values over train.yaml's (a defaults order with _self_ first would lose seed 7)."""
+    import re
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "training.md").read_text(encoding="utf-8")
+    docs_yaml = re.search(r"### Your own primary config.*?```yaml\n(.*?)```", doc, re.S).group(1)
+    assert cli.main(["train", "--help"]) == 0
+    help_lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(help_lines) if line.strip().startswith("# myconf/my_run.yaml"))
+    example = []
+    for line in help_lines[start + 1:]:
+        if not line.startswith("    "):
+            break
+        example.append(line[4:])
+    for where, text in (("docs", docs_yaml), ("help", "\n".join(example) + "\n")):
+        conf = tmp_path / where
+        conf.mkdir()
+        (conf / "my_run.yaml").write_text(text)
+        assert cli.main(["train", "-cd", str(conf), "-cn", "my_run", "task.lr=1e-3", "--cfg", "job"]) == 0, where
+        ours = _printed(capsys)
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            theirs = hydra_compose("my_run", overrides=["hydra.searchpath=[pkg://zoo.configs]", "task.lr=1e-3"])
+        assert ours == OmegaConf.to_container(theirs), where
+        assert ours["model"]["name"] == "vit_debug" and ours["seed"] == 7 and ours["task"]["lr"] == 1e-3, where
