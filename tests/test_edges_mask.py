@@ -541,3 +541,15 @@ def test_knn_defaults_and_empty_clouds_named():
     for shape in ((2, 0, 3), (0, 5, 3)):
         with pytest.raises(ValueError, match="Edges.knn: pos has no point"):
             Edges.knn(torch.rand(shape), 3)
+
+
+def test_automatic_selection_on_cuda_only_beyond_the_dense_mask_limits():
+    """On CUDA (not yet timed there) the edge path is chosen automatically only where the dense mask would pass 2^28
+    cells, the limit of the Triton kernel's dense slot and of SDPA (both then refuse, leaving the chunked reference):
+    the decision, checked without a GPU."""
+    from zoo.attention import backends, edge_backend
+
+    assert backends.SDPA_DENSE_MASK_LIMIT == 1 << 28  # (kernels/flash_attention.py's DENSE_FALLBACK_LIMIT too)
+    assert "cuda" in backends.get_backend("edges").auto_devices
+    assert "taken automatically only above" in edge_backend._off_cpu_reason(16384 * 16384)  # exactly the limit
+    assert edge_backend._off_cpu_reason(16384 * 16385) is None

@@ -20,8 +20,10 @@ backward on this project's 2-core CPU (H = 4, D = 32, points on a sphere, 2026-1
 ``zoo bench knn`` is in docs/points.md), time of this path / SDPA with the dense mask, by the share of pairs
 allowed: 0.10% (16384 points, k = 16) 0.05; 0.20-0.39% 0.13-0.17; 0.78% 0.35; 1.17% 0.43-0.59; 1.56% 0.70 (1024
 points, k = 16) and 1.24 (4096, k = 64, random order); 3.1% (512, k = 16) 2.2; 6.25% 2.8-3.8. Explicit requests
-(``backend="edges"``) run any Edges call the path supports, on CUDA too; automatic selection is for CPU tensors
-only until the path has been timed on a GPU against the flash kernel (none was lent to this project so far).
+(``backend="edges"``) run any Edges call the path supports, on CUDA too. On CUDA automatic selection takes it only
+where the dense mask would pass 2^28 cells (Bm * Nq * Nk), the limit of both the Triton kernel's dense slot and
+SDPA's dense mask, beyond which the call would go to the chunked reference: the path has not been timed on a GPU
+against the flash kernel (none was lent to this project so far).
 Not supported (the call goes to another backend, or an explicit request is refused naming it): a bias,
 ``score="sigmoid"``, ``return_weights``, ``return_lse``, torch.func transforms, and tracing / export.
 """
@@ -121,6 +123,8 @@ def _edges_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_we
         return reason
     q_len, k_len = q.shape[2], k.shape[2]
     cells = q_len * k_len
+    if q.device.type != "cpu":
+        return _off_cpu_reason(mask.batch_size * cells)
     if cells < AUTO_MIN_CELLS:
         return f"Nq*Nk = {cells} < {AUTO_MIN_CELLS} (one SDPA call with the dense mask is faster)"
     if mask.num_edges / cells <= AUTO_MAX_ALLOWED_FRACTION:  # columns (padding included) bound the distinct edges
@@ -133,8 +137,19 @@ def _edges_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_we
     return None
 
 
+def _off_cpu_reason(dense_cells: int):
+    """Automatic selection on CUDA (not yet timed there against the flash kernel): the edge path only where the
+    dense mask, of ``dense_cells`` = Bm * Nq * Nk cells, is too large for both the Triton kernel's dense slot and SDPA
+    (their limits, 2^28 cells each), whose refusal would leave the call to the chunked reference, O(Nq Nk) work."""
+    if dense_cells <= _backends.SDPA_DENSE_MASK_LIMIT:
+        return (f"on CUDA the edge path is taken automatically only above {_backends.SDPA_DENSE_MASK_LIMIT} dense-mask "
+                f"cells (here {dense_cells}): it has not been timed against the flash kernel on a GPU; ask for it "
+                f"with backend='edges'")
+    return None
+
+
 _DESCRIPTION = "graph edges: scores on the edges of an Edges mask only, fused segment softmax (O(E) work and memory)"
 _backends.register_backend(
-    NAME, _edges_forward, _edges_supports, priority=110, auto_devices=("cpu",),
+    NAME, _edges_forward, _edges_supports, priority=110, auto_devices=("cpu", "cuda"),
     auto_supports=_edges_auto_supports, sparse_only=True, description=_DESCRIPTION,
 )
