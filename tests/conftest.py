@@ -71,3 +71,26 @@ def sigterm_in_first_epoch(monkeypatch):
     handler = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, handler)
+
+
+@pytest.fixture
+def ctrl_c_in_second_epoch(monkeypatch):
+    """Runs built by zoo train get a callback that raises KeyboardInterrupt (Ctrl-C) at the end of epoch 1; the SIGINT
+    handler, which Lightning ignores while it shuts down, is restored after the test."""
+    import signal
+
+    import lightning.pytorch as pl
+
+    from zoo.train import run
+
+    class CtrlC(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    real_group = run._instantiate_group
+    monkeypatch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
+        [CtrlC()] if node is not None and "last" in str(node) else []))
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
