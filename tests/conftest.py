@@ -49,6 +49,28 @@ def tiny_vit_overrides() -> list[str]:
     return list(FAST_RUN)
 
 
+def _stop_runs_at_epoch_end(monkeypatch, epoch: int, stop, signum):
+    """Runs built by zoo train get a callback that calls ``stop()`` at the end of ``epoch`` (added to the callbacks
+    group that holds the "last" checkpoint); the handler of ``signum`` is restored after the test."""
+    import signal
+
+    import lightning.pytorch as pl
+
+    from zoo.train import run
+
+    class StopAtEpochEnd(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == epoch:
+                stop()
+
+    real_group = run._instantiate_group
+    monkeypatch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
+        [StopAtEpochEnd()] if node is not None and "last" in str(node) else []))
+    handler = signal.getsignal(signum)
+    yield
+    signal.signal(signum, handler)
+
+
 @pytest.fixture
 def sigterm_in_first_epoch(monkeypatch):
     """Runs built by zoo train get a callback that sends this process SIGTERM at the end of epoch 0 (a scheduler's or
@@ -56,21 +78,7 @@ def sigterm_in_first_epoch(monkeypatch):
     after the test."""
     import signal
 
-    import lightning.pytorch as pl
-
-    from zoo.train import run
-
-    class TermInFirstEpoch(pl.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 0:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    real_group = run._instantiate_group
-    monkeypatch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
-        [TermInFirstEpoch()] if node is not None and "last" in str(node) else []))
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
+    yield from _stop_runs_at_epoch_end(monkeypatch, 0, lambda: os.kill(os.getpid(), signal.SIGTERM), signal.SIGTERM)
 
 
 @pytest.fixture
@@ -79,18 +87,7 @@ def ctrl_c_in_second_epoch(monkeypatch):
     handler, which Lightning ignores while it shuts down, is restored after the test."""
     import signal
 
-    import lightning.pytorch as pl
+    def interrupt():
+        raise KeyboardInterrupt
 
-    from zoo.train import run
-
-    class CtrlC(pl.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 1:
-                raise KeyboardInterrupt
-
-    real_group = run._instantiate_group
-    monkeypatch.setattr(run, "_instantiate_group", lambda node: real_group(node) + (
-        [CtrlC()] if node is not None and "last" in str(node) else []))
-    handler = signal.getsignal(signal.SIGINT)
-    yield
-    signal.signal(signal.SIGINT, handler)
+    yield from _stop_runs_at_epoch_end(monkeypatch, 1, interrupt, signal.SIGINT)
