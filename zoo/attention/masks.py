@@ -1067,7 +1067,7 @@ class Edges(Mask):
     multiplicity: an edge listed twice is one allowed pair here, where PyG's softmax counts it twice. A query
     with no incoming edge attends to nothing: its output row is zero (PyG aggregates no message to zero). Self
     loops are edges like any other: ``knn_graph(..., loop=True)``, or ``Edges(edge_index) | Window(0, 0)`` (the
-    diagonal) to add them.
+    diagonal) to add them; the combination is no longer an Edges mask, which the "edges" backend needs.
 
     Cost: the block map comes from the edges in O(E) (a tile is EMPTY without an edge, FULL when every one of its
     cells is an edge, PARTIAL otherwise), the dense rows of a query chunk in O(E + rows x Nk), never Nq x Nk at
