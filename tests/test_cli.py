@@ -1040,9 +1040,9 @@ def test_sigterm_line_is_printed_by_global_rank_zero_only(tmp_path, capsys, sigt
 
     real_train = run_module.train
 
-    def as_rank_one(cfg):
+    def as_rank_one(cfg, **options):
         try:
-            return real_train(cfg)
+            return real_train(cfg, **options)
         finally:  # what Lightning's DDP set-up does in a process of global rank 1
             monkeypatch.setattr(rank_zero_only, "rank", 1)
 

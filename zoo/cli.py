@@ -203,16 +203,12 @@ def _cmd_train(argv: list[str]) -> int:
         _print_config(cfg, resolve)
         return 0
     try:
-        # the primary config is passed only when it is the user's (run.train records it in the checkpoints)
-        source = {} if config_name == "train" else {"config_name": config_name, "config_dirs": config_dirs}
-        result = run.train(cfg, **source)
+        result = run.train(cfg, config_name=config_name, config_dirs=config_dirs)
     except SystemExit as stop:
         if not _terminated(stop):
             raise
         run_dir = Path(str(cfg.get("run_dir")))  # set by run.train before it trains
-        last = run._last_checkpoint(run_dir)
-        where = (f"resume from its last checkpoint with {run.primary_config_flags(config_name, config_dirs)}"
-                 f"ckpt_path={last}" if last.is_file() else "no checkpoint had been written yet")
+        where = run.resume_hint(run_dir, run.primary_config_flags(config_name, config_dirs))
         from lightning.pytorch.utilities import rank_zero_only
 
         if getattr(rank_zero_only, "rank", 0) == 0:  # under DDP every process gets the signal: one line, not one each

@@ -79,7 +79,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", config_di
         raise ValueError(_composition_error(str(error), name, config_dirs, overrides)) from None
     OmegaConf.set_struct(cfg, False)
     if name != "train":
-        _check_extends_train(cfg, name, config_dirs, overrides)
+        _check_extends_train(cfg, name, config_dirs)
     return cfg
 
 
@@ -111,7 +111,7 @@ def _composition_error(text: str, name: str, config_dirs: Sequence[str], overrid
 
 def _primary_config_path(name: str, config_dirs: Sequence[str]) -> str:
     """Where the user's primary config ``name`` was found (its path), or ``NAME.yaml``."""
-    return next((str(folder / f"{name}.yaml") for _, folder in _primary_config_folders(config_dirs, ())
+    return next((str(folder / f"{name}.yaml") for _, folder in _primary_config_folders(config_dirs)
                  if (folder / f"{name}.yaml").is_file()), f"{name}.yaml")
 
 
@@ -134,7 +134,7 @@ def primary_config_flags(config_name: Optional[str], config_dirs: Sequence[str] 
         f"--config-name {shlex.quote(name)} "
 
 
-def _primary_config_folders(config_dirs: Sequence[str], overrides: Sequence[str]) -> list[tuple[str, Path]]:
+def _primary_config_folders(config_dirs: Sequence[str]) -> list[tuple[str, Path]]:
     """The folders Hydra looks for a primary config in, in its search-path order, each with how it was given:
     zoo.configs, then the --config-dir folders (not those of a ``hydra.searchpath=[...]`` override: see
     :func:`_unknown_primary_config`)."""
@@ -153,7 +153,7 @@ def _unknown_primary_config(config_name: str, config_dirs: Sequence[str], overri
     name = primary_config_name(config_name)
     looked, found = [], []
     sub = Path(name).parent  # -cn sub/name: the files of that subfolder, named as -cn takes them
-    for given, folder in _primary_config_folders(config_dirs, overrides):
+    for given, folder in _primary_config_folders(config_dirs):
         where = folder / sub
         files = (sorted((sub / p.name).as_posix() for p in where.iterdir() if p.suffix == ".yaml" and p.is_file())
                  if where.is_dir() else [])
@@ -173,7 +173,7 @@ def _unknown_primary_config(config_name: str, config_dirs: Sequence[str], overri
             f"{'; '.join(looked)}{folder_hint}")
 
 
-def _check_extends_train(cfg, name: str, config_dirs: Sequence[str], overrides: Sequence[str]) -> None:
+def _check_extends_train(cfg, name: str, config_dirs: Sequence[str]) -> None:
     """A primary config of the user's (``--config-name NAME``) that does not extend zoo.configs' train.yaml composes
     without the task, model and data groups (and train.yaml's top-level keys) that zoo train needs: one line saying
     how to extend it, Hydra's "extending configs" pattern (defaults: [train, _self_])."""
@@ -1111,11 +1111,17 @@ def _last_checkpoint(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
-def _interrupt_note(run_dir: Path, epoch: int, flags: str = "") -> str:
+def resume_hint(run_dir: Path, flags: str = "") -> str:
+    """How to resume the run in ``run_dir`` after a stop (Ctrl-C, SIGTERM): the ``ckpt_path=`` of its last
+    checkpoint, after ``flags`` (the primary config's, :func:`primary_config_flags`), or that none was written."""
     last = _last_checkpoint(run_dir)
-    where = (f"resume from its last checkpoint with {flags}ckpt_path={last}" if last.is_file()
-             else "no checkpoint had been written yet")
-    return f"zoo train: interrupted in epoch {epoch} of the run in {run_dir}; {where}"
+    if last.is_file():
+        return f"resume from its last checkpoint with {flags}ckpt_path={last}"
+    return "no checkpoint had been written yet"
+
+
+def _interrupt_note(run_dir: Path, epoch: int, flags: str = "") -> str:
+    return f"zoo train: interrupted in epoch {epoch} of the run in {run_dir}; {resume_hint(run_dir, flags)}"
 
 
 def _interrupt_callback(run_dir: Path, resume_advice: bool = True, flags: str = ""):
