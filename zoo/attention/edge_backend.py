@@ -54,12 +54,10 @@ def edge_graph(mask: Edges, q_len: int, k_len: int, device) -> CSR:
     key = ("csr", q_len, k_len, str(device))
     csr = cache.get(key)
     if csr is None:
-        row_E, src_E, dst_E, valid_E = mask._columns(device)
-        row_E, src_E, dst_E = row_E[valid_E], src_E[valid_E], dst_E[valid_E]
-        num_src, num_dst = mask.batch_size * k_len, mask.batch_size * q_len
-        # one code per (batch row, query, key) cell: unique() drops repeated edges and sorts by destination
-        cell = torch.unique((row_E * q_len + dst_E) * num_src + row_E * k_len + src_E)
-        csr = build_csr(torch.stack([cell % num_src, cell // num_src]), num_src, num_dst, validate=False)
+        row_E, dst_E, src_E = mask.distinct_edges(q_len, k_len, device)  # sorted by batch row, then target
+        # batch row b's nodes offset by b * N: one disjoint graph (a shared graph has the single row 0)
+        edge_index = torch.stack([row_E * k_len + src_E, row_E * q_len + dst_E])
+        csr = build_csr(edge_index, mask.batch_size * k_len, mask.batch_size * q_len, validate=False)
         cache_put(cache, key, csr)
     return csr
 

@@ -1208,12 +1208,17 @@ class Edges(Mask):
         dense = dense.index_put((row_E, r, c), torch.ones((), dtype=torch.bool, device=device))
         return dense[:, None, :rows, :k_len]
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def distinct_edges(self, q_len: int, k_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch row, target, source) of every distinct edge, padding left out, sorted by batch row, then target,
+        then source (int64 on ``device``): a mask allows a pair once, however often ``edge_index`` lists it."""
         row_E, src_E, dst_E, valid_E = self._columns(device)
         row_E, src_E, dst_E = row_E[valid_E], src_E[valid_E], dst_E[valid_E]
-        # distinct (row, target, source) cells: a repeated edge must not count twice towards FULL
         cell = torch.unique((row_E * q_len + dst_E) * k_len + src_E)
-        row_E, dst_E, src_E = cell // (q_len * k_len), (cell // k_len) % q_len, cell % k_len
+        return cell // (q_len * k_len), (cell // k_len) % q_len, cell % k_len
+
+    def _block_states(self, q_len, k_len, block_q, block_k, device):
+        # distinct cells: a repeated edge must not count twice towards FULL
+        row_E, dst_E, src_E = self.distinct_edges(q_len, k_len, device)
         qb, kb = _num_blocks(q_len, block_q), _num_blocks(k_len, block_k)
         tile_E = (row_E * qb + dst_E // block_q) * kb + src_E // block_k
         count = torch.bincount(tile_E, minlength=self.batch_size * qb * kb).reshape(self.batch_size, qb, kb)
