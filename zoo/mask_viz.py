@@ -34,6 +34,7 @@ __all__ = ["build_mask", "draw_mask", "mask_main"]
 USAGE = (__doc__ or "").split("\n\n")[1]
 KEYS = ("mask", "n", "block", "tokens", "out", "left", "right", "chunk", "lengths", "k", "order", "frames",
         "tokens_per_frame", "decay", "sink", "text")
+_KNN_K, _KNN_ORDER = 16, "morton"  # mask=knn's defaults (the picture's title names them too)
 #: Above this many tokens the token-level panel is left out unless tokens=on.
 MAX_TILES = 4096 * 4096  # tiles of the block-map panel, and token pairs of tokens=on (8192 x 8192): more than
 TOKEN_CELLS_MAX = 8192 * 8192  # any figure resolves, and about 100 MB to draw rather than tens of gigabytes
@@ -94,7 +95,7 @@ def build_mask(args: dict) -> tuple[Mask, int, int]:
         ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
         return Segments(ids), sum(lengths), block
     if kind == "knn":
-        return _knn_mask(n, _int(args, "k", 16, minimum=1), args.get("order", "morton")), n, block
+        return _knn_mask(n, _int(args, "k", _KNN_K, minimum=1), args.get("order", _KNN_ORDER)), n, block
     from zoo.attention.radial import Radial
 
     if "n" in args:
@@ -186,8 +187,8 @@ def _draw(argv: list[str]) -> dict:
     mask, n, block = build_mask(args)
     title = None
     if args.get("mask") == "knn":
-        title = (f"{mask!r}: each of {n} points on a sphere attends to its k = {args.get('k', 16)} nearest, "
-                 f"points in {args.get('order', 'morton')} order, Nq = Nk = {n}")
+        title = (f"{mask!r}: each of {n} points on a sphere attends to its k = {args.get('k', _KNN_K)} nearest, "
+                 f"points in {args.get('order', _KNN_ORDER)} order, Nq = Nk = {n}")
     return draw_mask(mask, n, n, block, args.get("out", "mask.png"), args.get("tokens", "auto"), title=title)
 
 
