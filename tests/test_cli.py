@@ -1216,3 +1216,43 @@ def test_best_weights_with_validation_at_the_last_epoch_are_accepted():
     cfg = run.compose([*FAST_RUN, "test_ckpt=best", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=3"])
     with pytest.raises(ValueError, match=r"trainer\.check_val_every_n_epoch=3 > trainer\.max_epochs=2"):
         run._check_best_checkpoint_can_exist(cfg, run._instantiate_group(cfg.callbacks))
+
+
+def test_eval_on_a_data_config_of_the_users(tmp_path, capsys):
+    """zoo eval data=GROUP --config-dir DIR reads DIR/data/GROUP.yaml (it read zoo.configs only, so a data config
+    of the user's, which zoo train --config-dir composes, was 'no such data config'): the user's copy of
+    image_folder.yaml with its root written in scores what data=image_folder data.root=... scores."""
+    ckpt = str(ROOT / "checkpoints" / "vit_digits")
+    folder = _digits_test_folder(tmp_path / "pngs")
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=image_folder", f"data.root={folder}", "data.num_workers=0"]) == 0
+    expected = json.loads(capsys.readouterr().out)["test/acc1"]
+    mine = tmp_path / "my_configs"
+    (mine / "data").mkdir(parents=True)
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.load(str(importlib.resources.files("zoo.configs") / "data" / "image_folder.yaml"))
+    own.root, own.num_workers = str(folder), 0
+    OmegaConf.save(own, mine / "data" / "my_pngs.yaml")
+    for flags in (["--config-dir", str(mine)], [f"--config-dir={mine}"], ["-cd", str(mine)]):
+        assert cli.main(["eval", f"ckpt={ckpt}", "data=my_pngs", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["test/acc1"] == expected
+    # data.* overrides still apply on top of the user's file
+    assert cli.main(["eval", f"ckpt={ckpt}", "-cd", str(mine), "data=my_pngs", f"data.root={tmp_path / 'none'}"]) == 1
+    assert str(tmp_path / "none") in capsys.readouterr().err
+    # unknown names: the shipped options, then the user's; without --config-dir, how to give one
+    assert cli.main(["eval", f"ckpt={ckpt}", "-cd", str(mine), "data=my_png"]) == 1
+    err = capsys.readouterr().err
+    assert "data=my_png: no such data config (options: cifar10, cifar100, digits," in err
+    assert "; in the --config-dir folders: my_pngs)" in err
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=my_pngs"]) == 1
+    assert "a data config of your own: add --config-dir DIR, the folder holding data/<name>.yaml" in capsys.readouterr().err
+    # a defaults list is Hydra composition, which zoo eval does not run; flags without their use or value
+    (mine / "data" / "derived.yaml").write_text("defaults:\n  - image_folder\n  - _self_\nroot: /x\n")
+    assert cli.main(["eval", f"ckpt={ckpt}", "-cd", str(mine), "data=derived"]) == 1
+    assert "derived.yaml has a defaults list, which zoo eval does not expand" in capsys.readouterr().err
+    assert cli.main(["eval", f"ckpt={ckpt}", "-cd", str(mine)]) == 1
+    assert "--config-dir is where data=GROUP looks for your own data config" in capsys.readouterr().err
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=my_pngs", "--config-dir"]) == 1
+    assert "--config-dir needs a folder" in capsys.readouterr().err
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=my_pngs", "-cd", str(tmp_path / "absent")]) == 1
+    assert "is not a folder" in capsys.readouterr().err

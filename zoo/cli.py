@@ -105,7 +105,7 @@ ranks re-run the command line: the whole sweep).
 e.g. zoo train -m experiment=graph_karate task.lr=1e-3,3e-3 'seed=range(0,3)' sweep_dir=outputs/lr_sweep  # 6 jobs
 """
 
-EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir | run dir> [split=test|val] [data=GROUP] [data.KEY=VALUE ...]
+EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir | run dir> [split=test|val] [data=GROUP [--config-dir DIR]] [data.KEY=VALUE ...]
 
 Evaluates a checkpoint written by `zoo train` (a .ckpt, or the released/ directory; a run directory means its
 released/, else checkpoints/best.ckpt, else checkpoints/last.ckpt, named on stderr) on the data it was
@@ -113,6 +113,8 @@ trained with (the config stored in the checkpoint; data.* overrides change it, e
 data=GROUP evaluates on another data config of the model's domain, with the run's input size, channels,
 normalisation and class count:
   zoo eval ckpt=checkpoints/vit_digits data=image_folder data.root=DIR    # DIR/test/<class>/*.png (else val/)
+A data config of your own: --config-dir DIR (-cd DIR, repeatable) with data=GROUP reads DIR/data/GROUP.yaml
+(zoo.configs' options come first, as zoo train --config-dir finds them).
 A warning names the classes when the data's class names differ from training's. trainer.* settings of the run
 apply (trainer.accelerator, trainer.precision; trainer.limit_test_batches=N for a quick look); it evaluates every
 batch on one device unless told otherwise (trainer.devices / strategy are refused).
@@ -414,18 +416,43 @@ def _print_summary(result: dict) -> None:
         print(f"released weights: {result['released']}")
 
 
+def _config_dir_flags(argv: Sequence[str], command: str) -> tuple[list[str], list[str]]:
+    """(the ``--config-dir`` folders, the other arguments) of a command that takes no other flag (zoo eval), with
+    Hydra's spellings ``--config-dir DIR``, ``--config-dir=DIR`` and ``-cd DIR``."""
+    folders, rest, tokens = [], [], list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        flag, has_value, value = token.partition("=")
+        if _SHORT_FLAGS.get(flag, flag) != "--config-dir":
+            rest.append(token)
+            continue
+        if not has_value:
+            if not tokens or not tokens[0] or tokens[0].startswith("-"):
+                raise ValueError(f"zoo {command}: {flag} needs a folder: {flag} DIR (the folder of your own configs)")
+            value = tokens.pop(0)
+        if not value:
+            raise ValueError(f"zoo {command}: {flag}= is empty: give the folder of your own configs ({flag} DIR)")
+        folders.append(value)
+    return folders, rest
+
+
 def _cmd_eval(argv: list[str]) -> int:
     from zoo.train import run
 
     if _wants_help(argv):
         print(EVAL_HELP)
         return 0
+    config_dirs, argv = _config_dir_flags(argv, "eval")
     values, overrides = _key_values(argv, ("ckpt", "split", "data"), "eval", passthrough_dotted=True)
     if "ckpt" not in values:
         raise SystemExit("zoo eval: ckpt=<.ckpt or released directory> is required")
+    if config_dirs and "data" not in values:
+        raise ValueError("zoo eval: --config-dir is where data=GROUP looks for your own data config "
+                         "(<DIR>/data/GROUP.yaml); give data=GROUP with it")
     if "data" in values:  # another data config of the model's domain, before its data.* overrides
         overrides = [f"data={values['data'][-1]}", *overrides]
-    metrics = run.evaluate(values["ckpt"][-1], overrides, split=values.get("split", ["test"])[-1])
+    metrics = run.evaluate(values["ckpt"][-1], overrides, split=values.get("split", ["test"])[-1],
+                           config_dirs=config_dirs)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 

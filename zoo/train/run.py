@@ -1968,7 +1968,8 @@ def resolve_ckpt_argument(ckpt):
     return ckpt
 
 
-def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, command: Optional[str] = None):
+def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, command: Optional[str] = None,
+                      config_dirs: Sequence[str] = ()):
     """(cfg, model, LightningModule state_dict or None, preprocessing info) from a .ckpt or a released directory.
     A relative data.path / data.root stored by an older run is replaced by the absolute one its data module recorded
     (_pin_stored_data_paths); ``command`` (zoo eval, which reads the data) refuses one that cannot be, unless
@@ -2028,7 +2029,7 @@ def _inference_source(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *,
     groups = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == "data"]
     overrides = [item for item in overrides if item.split("=", 1)[0] != "data"]
     if groups:
-        cfg.data = _other_data(cfg, groups[-1])
+        cfg.data = _other_data(cfg, groups[-1], config_dirs)
     if overrides:
         plain = _plain(cfg)
         newer = _newer_data_keys(plain.get("data") or {})
@@ -2085,19 +2086,35 @@ def _preview(names: Sequence, shown: int = 6) -> str:
 _MODEL_INPUT_KEYS = ("img_size", "in_chans", "mean", "std", "num_features", "num_classes")
 
 
-def _other_data(cfg, group: str):
-    """The data config ``zoo.configs/data/<group>.yaml`` for evaluating the run's model on other data of its
-    domain (``zoo eval ckpt=... data=image_folder data.root=DIR``): the run's input size, channels,
-    normalisation, feature and class counts are kept, since the model was trained on those."""
+def _other_data(cfg, group: str, config_dirs: Sequence[str] = ()):
+    """The data config ``data/<group>.yaml`` for evaluating the run's model on other data of its domain (``zoo eval
+    ckpt=... data=image_folder data.root=DIR``): the run's input size, channels, normalisation, feature and class
+    counts are kept, since the model was trained on those. Looked up as zoo train's composition finds a group
+    option: zoo.configs first, then the ``config_dirs`` folders (``zoo eval --config-dir DIR``) in their order. A
+    data config is one file here: one with a defaults list (which only Hydra's composition would expand) is
+    refused."""
     from importlib import resources
 
     from omegaconf import OmegaConf
 
-    folder = resources.files(CONFIG_MODULE) / "data"
-    options = _group_options("data")
-    if group not in options:
-        raise ValueError(f"data={group}: no such data config (options: {', '.join(options)})")
-    other = OmegaConf.load(str(folder / f"{group}.yaml"))
+    folders = check_config_dirs(config_dirs)
+    if group in _group_options("data"):
+        path = str(resources.files(CONFIG_MODULE) / "data" / f"{group}.yaml")
+    else:
+        found = [os.path.join(folder, "data", f"{group}.yaml") for folder in folders]
+        found = [candidate for candidate in found if os.path.isfile(candidate)]
+        if not found:
+            own = sorted({name[:-5] for folder in folders if os.path.isdir(os.path.join(folder, "data"))
+                          for name in os.listdir(os.path.join(folder, "data")) if name.endswith(".yaml")})
+            where = (f"; in the --config-dir folders: {', '.join(own) or 'none'}" if folders else
+                     "; a data config of your own: add --config-dir DIR, the folder holding data/<name>.yaml")
+            raise ValueError(f"data={group}: no such data config (options: {', '.join(_group_options('data'))}"
+                             f"{where})")
+        path = found[0]
+    other = OmegaConf.load(path)
+    if "defaults" in other:
+        raise ValueError(f"data={group}: {path} has a defaults list, which zoo eval does not expand (it reads one "
+                         f"data file); write the data options out in it, or evaluate with data.* overrides instead")
     stored = cfg.get("data") or {}
     def kind(node) -> str:  # zoo.tasks.<domain>, and for graphs what the model predicts (nodes, graphs, ...)
         domain = str(node.get("_target_", "")).rsplit(".", 2)[0]
@@ -2145,13 +2162,15 @@ def _eval_trainer_settings(overrides: Sequence[str]) -> dict[str, Any]:
     return {"devices": 1, "strategy": "auto", **settings}
 
 
-def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: str = "test") -> dict[str, float]:
+def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: str = "test",
+             config_dirs: Sequence[str] = ()) -> dict[str, float]:
     """Test metrics of a ``.ckpt``, released directory or run directory on its configured data (``data.*``
-    overridable)."""
+    overridable; ``data=<group>`` another data config of the model's domain, from zoo.configs or the
+    ``config_dirs`` folders)."""
     if split not in ("test", "val"):  # before the model and data are built
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     ckpt = resolve_ckpt_argument(ckpt)
-    cfg, model, state, info = _inference_source(ckpt, overrides, command="zoo eval")
+    cfg, model, state, info = _inference_source(ckpt, overrides, command="zoo eval", config_dirs=config_dirs)
     module, datamodule = build(cfg, model=model)
     trained, found = info.get("class_names"), getattr(datamodule, "class_names", None)
     if trained and found and list(map(str, trained)) != list(map(str, found)):
