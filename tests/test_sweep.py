@@ -304,8 +304,9 @@ def test_a_sweep_dir_with_an_interpolation_is_refused(tmp_path, capsys, monkeypa
     (["hydra.sweep.dir=/tmp/x"], "hydra.sweep.dir=/tmp/x: zoo train -m does not run Hydra's app runner; give the "
                                  "sweep's folder as sweep_dir=/tmp/x"),
     (["hydra.sweep.subdir=job"], "hydra.sweep.subdir=job: each job's folder is <sweep_dir>/<job number>"),
-    (["+hydra.sweeper.params.seed=0,1"], "+hydra.sweeper.params.seed=0,1: Hydra sweeper settings (sweeps set in a "
-                                         "config, other sweepers) are not supported"),
+    (["+hydra.sweeper.params.seed=0,1"], "+hydra.sweeper.params.seed=0,1: Hydra sweeper settings (hydra.sweeper.*) "
+                                         "are not taken as command-line overrides; give the swept values on the "
+                                         "command line (KEY=A,B), or in a config file's hydra.sweeper.params"),
     (["hydra.job.chdir=true"], "hydra.job.chdir=true: zoo train composes its config without Hydra's app runner"),
 ])
 def test_hydra_settings_are_refused_before_any_job(tmp_path, capsys, argv, message):

@@ -54,7 +54,7 @@ TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE
    or: zoo train -m|--multirun [sweep_dir=DIR] [experiment=NAME] KEY=A,B ['KEY=range(0,3)'] [GROUP=X,Y] ...
 
 Train with Hydra configs from the installed package zoo.configs (groups: task, model, data, trainer,
-logger, callbacks, experiment, debug). Overrides are Hydra's: `group=option` picks a config file,
+logger, callbacks, experiment, debug, hparams_search: sweeps for -m). Overrides are Hydra's: `group=option` picks a config file,
 `a.b=value` sets a key, `+a.b=value` adds a key (e.g. a model constructor argument).
 
 Examples:
@@ -103,6 +103,12 @@ status 1). Not with -m: run_dir= and ckpt_path= (each job has its own), hydra.* 
 (hydra.sweep.dir is sweep_dir=), ${...} in sweep_dir, interval() (for optimizing sweepers), multi-process DDP (its
 ranks re-run the command line: the whole sweep).
 e.g. zoo train -m experiment=graph_karate task.lr=1e-3,3e-3 'seed=range(0,3)' sweep_dir=outputs/lr_sweep  # 6 jobs
+Sweeps in a config (Hydra's basic sweeper's hydra.sweeper.params, in the primary config, an experiment or an
+hparams_search file starting with # @package _global_): its entries come first and the command line's after them;
+a key in both keeps its place and takes the command line's values. Without -m they are ignored (as in Hydra; a
+note names them). Another sweeper's settings (Optuna's n_trials, sampler, override /hydra/sweeper) are refused.
+e.g. zoo train -m hparams_search=karate_lr                # configs/hparams_search/karate_lr.yaml: task.lr x seed
+e.g. zoo train -m hparams_search=karate_lr seed=7,8       # seed's values replaced, task.lr's kept
 """
 
 EVAL_HELP = """usage: zoo eval ckpt=<.ckpt | released dir | run dir> [split=test|val] [data=GROUP [--config-dir DIR]] [data.KEY=VALUE ...]
@@ -177,7 +183,7 @@ def _key_values(argv: Sequence[str], allowed: Sequence[str], command: str, passt
 
 
 def _config_options(groups: Sequence[str] = ("experiment", "model", "data", "task", "trainer", "logger", "callbacks",
-                                             "debug")) -> str:
+                                             "debug", "hparams_search")) -> str:
     """The options of the main config groups, read from the installed zoo.configs package (what `group=option`
     can name)."""
     from zoo.train.run import _group_options
@@ -201,6 +207,7 @@ def _cmd_train(argv: list[str]) -> int:
     if any(token in ("-m", "--multirun") for token in overrides):
         return _sweep(overrides, print_cfg, resolve, config_dirs, config_name)
     cfg = run.compose(overrides, config_name=config_name, config_dirs=config_dirs)
+    _note_config_sweep(overrides, config_dirs, config_name)
     if print_cfg:
         _print_config(cfg, resolve)
         return 0
@@ -248,6 +255,22 @@ def _print_config(cfg, resolve: bool) -> None:
         raise ValueError(f"--resolve: {key} does not resolve: {first}; print the config without --resolve to see "
                          f"what it reads") from None
     print(text)
+
+
+def _note_config_sweep(overrides: Sequence[str], config_dirs: Sequence[str], config_name: str) -> None:
+    """One line on stderr when the config holds a sweep (``hydra.sweeper.params``) and zoo train runs one config: a
+    ``@hydra.main`` app without ``--multirun`` ignores the sweeper and its params (Hydra runs one job with the
+    config's own values), and so does zoo train; -m runs the sweep. Printed once under DDP (the other ranks re-run
+    the command line with LOCAL_RANK set)."""
+    import os
+
+    from zoo.train import sweep
+
+    keys = sweep.config_sweep_keys(overrides, config_dirs, config_name=config_name)
+    if keys and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"zoo train: note: the config defines a sweep (hydra.sweeper.params: {', '.join(keys)}), which zoo train "
+              f"-m runs; without -m this is one run with the config's own values, as in Hydra", file=sys.stderr,
+              flush=True)
 
 
 def _sweep(argv: list[str], print_cfg: bool, resolve: bool, config_dirs: Sequence[str] = (),

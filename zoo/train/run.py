@@ -74,13 +74,35 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", config_di
     except MissingConfigException as error:
         if getattr(error, "missing_cfg_file", None) in (name, config_name):  # the primary config itself
             raise ValueError(_unknown_primary_config(config_name, config_dirs, overrides)) from None
-        raise ValueError(_composition_error(str(error), name, config_dirs, overrides)) from None
+        raise ValueError(_hydra_sweeper_error(str(error)) or
+                         _composition_error(str(error), name, config_dirs, overrides)) from None
     except HydraException as error:
-        raise ValueError(_composition_error(str(error), name, config_dirs, overrides)) from None
+        raise ValueError(_hydra_sweeper_error(str(error)) or
+                         _composition_error(str(error), name, config_dirs, overrides)) from None
     OmegaConf.set_struct(cfg, False)
     if name != "train":
         _check_extends_train(cfg, name, config_dirs)
     return cfg
+
+
+def _hydra_sweeper_error(text: str) -> Optional[str]:
+    """A config file's setting of another sweeper than Hydra's basic one, refused by Hydra's composition ("Key
+    'n_trials' not in 'BasicSweeperConf'"; "Could not find 'hydra/sweeper/optuna'" for lightning-hydra-template's
+    ``override /hydra/sweeper: optuna``), in one line naming the file and key; None for another error. zoo train -m
+    runs Hydra's basic sweeper (zoo.train.sweep), whose only setting a config gives is ``hydra.sweeper.params``."""
+    file = re.search(r"^In '([^']+)'", text.strip())
+    where = f" (in {file.group(1)}.yaml)" if file else ""
+    key = re.search(r"full_key: (hydra\.sweeper\.\S+)", text)
+    if key and "BasicSweeperConf" in text:
+        return (f"{key.group(1)}{where}: zoo train -m runs Hydra's basic sweeper only, whose settings are "
+                f"hydra.sweeper.params (the values to sweep); drop {key.group(1).split('.')[2]} (an optimizing "
+                f"sweeper's setting: Optuna's, Nevergrad's)")
+    other = re.search(r"Could not find 'hydra/sweeper/([^']+)'", text)
+    if other:
+        return (f"hydra/sweeper: {other.group(1)}: zoo train -m runs Hydra's basic sweeper only (its "
+                f"hydra.sweeper.params: the values to sweep); drop the override /hydra/sweeper: {other.group(1)} "
+                f"and keep the swept values in hydra.sweeper.params")
+    return None
 
 
 def _composition_error(text: str, name: str, config_dirs: Sequence[str], overrides: Sequence[str]) -> str:

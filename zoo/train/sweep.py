@@ -4,6 +4,12 @@ Users of Hydra-configured trainers (lightning-hydra-template, NeMo) sweep with `
 seed=0,1``. ``zoo train`` composes with Hydra's compose API instead of ``@hydra.main``, so Hydra's app runner (and its
 sweeper and launcher) never runs; this module does their part:
 
+* :func:`config_params` -- the sweep set in the config, ``hydra.sweeper.params`` (lightning-hydra-template keeps
+  such sweeps in ``configs/hparams_search/*.yaml``), read as Hydra >= 1.2's ``BasicSweeper.sweep`` reads it
+  (hydra/_internal/core_plugins/basic_sweeper.py): from the config Hydra composes for the sweeper (the command line
+  without its sweep overrides, ``RunMode.MULTIRUN``), each entry written ``f"{key}={value}"`` and put before the
+  command line's overrides; a key given in both keeps the params entry's position and takes the command line's
+  values (``split_arguments`` below).
 * :func:`expand` -- the jobs of a sweep, exactly as Hydra's ``BasicSweeper`` makes them: the overrides parsed by
   Hydra's own ``hydra.core.override_parser.overrides_parser.OverridesParser`` (commas, ``range()``, ``choice()``,
   ``glob()`` over a group's options, group sweeps such as ``model=vit_debug,maxvit_debug``) and combined by
@@ -35,6 +41,12 @@ Deliberate differences from Hydra:
   ``checkpoints/last.ckpt`` resumes from it with zoo train's own resume (``ckpt_path=<its run_dir>/checkpoints/
   last.ckpt``). The jobs keep the numbers sweep.json gave them (``shuffle()`` orders them anew on each expansion);
   a sweep_dir whose sweep.json lists another set of jobs is refused, as is a non-empty folder without one.
+* ``hydra.sweeper`` holds ``params`` only (and BasicSweeper's own ``_target_`` and ``max_batch_size``, which changes
+  nothing here: the jobs run one after another): another sweeper (Optuna's ``n_trials``, ``sampler``; an
+  ``override /hydra/sweeper: optuna``) is refused, naming the key. When the config without the sweep's values does
+  not compose (a key that only a swept group option has), the params are read from the config composed with the
+  command line's group choices only (the defaults list, which alone decides where ``hydra.sweeper`` comes from);
+  Hydra refuses such a sweep.
 * Each job starts from the process's own settings (:func:`_process_state_restored`): Hydra's basic launcher runs
   its jobs in one process too, but zoo train changes process-wide settings (``num_threads=``).
 * SIGTERM stops the whole sweep as Ctrl-C does (the job is recorded as interrupted); zoo train -m then exits 143.
@@ -59,8 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-__all__ = ["Job", "split_sweep_arguments", "expand", "check_single_process", "plan", "run", "print_table",
-           "SWEEP_FILE"]
+__all__ = ["Job", "split_sweep_arguments", "config_params", "config_sweep_keys", "expand", "check_single_process",
+           "plan", "run", "print_table", "SWEEP_FILE"]
 
 SWEEP_FILE = "sweep.json"
 
@@ -77,6 +89,7 @@ class Job:
     error_traceback: Optional[str] = None  # the traceback of a composition error that is not a user error
     config_dirs: tuple[str, ...] = ()  # zoo train --config-dir folders
     config_name: str = "train"  # the primary config (zoo train --config-name), recorded in sweep.json
+    params: tuple[str, ...] = ()  # the config's hydra.sweeper.params entries (config_params), recorded in sweep.json
     record: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] = field(default_factory=dict)  # its record in the sweep.json of an earlier run
 
@@ -125,15 +138,16 @@ def _hydra_setting(token: str, name: str, value: str) -> str:  # (hydra.searchpa
     """Why a ``hydra.*`` override is refused with -m, and what to give instead. ``zoo train`` composes its config
     without Hydra's app runner, so Hydra's own settings never reach a sweeper: ``hydra.sweep.dir`` (the
     lightning-hydra-template spelling of the sweep's folder) is ``sweep_dir=``; ``hydra.sweep.subdir`` is fixed to the
-    job number (Hydra's default ``${hydra.job.num}``); ``hydra.sweeper.params`` (sweeps set in a config file) is not
-    supported."""
+    job number (Hydra's default ``${hydra.job.num}``); ``hydra.sweeper.*`` is not taken as an override: a sweep set in
+    a config is a config file's ``hydra.sweeper.params`` (:func:`config_params`)."""
     if name == "hydra.sweep.dir":
         return f"{token}: zoo train -m does not run Hydra's app runner; give the sweep's folder as sweep_dir={value}"
     if name == "hydra.sweep.subdir":
         return f"{token}: each job's folder is <sweep_dir>/<job number> (Hydra's default subdir); drop {name}"
     if name.startswith("hydra.sweeper"):
-        return (f"{token}: Hydra sweeper settings (sweeps set in a config, other sweepers) are not supported; give "
-                f"the swept values on the command line (KEY=A,B), see docs/training.md section 4b")
+        return (f"{token}: Hydra sweeper settings (hydra.sweeper.*) are not taken as command-line "
+                f"overrides; give the swept values on the command line (KEY=A,B), or in a config file's "
+                f"hydra.sweeper.params (zoo train -m runs Hydra's basic sweeper; docs/training.md section 4b)")
     return (f"{token}: zoo train composes its config without Hydra's app runner, so hydra.* settings have no effect "
             f"(except hydra.searchpath=[...], as --config-dir DIR, which add your config folders); the sweep's folder "
             f"is sweep_dir=DIR")
@@ -151,6 +165,164 @@ def _expand_home_elements(item: str) -> str:
     if not sep or key.startswith("~") or "~" not in value:
         return item
     return f"{key}={_HOME_ELEMENT.sub(lambda _: os.path.expanduser('~'), value)}"
+
+
+def _parse_overrides(parser, written: Sequence[str]) -> list:
+    """Each override parsed by Hydra's ``OverridesParser`` (``~`` expanded in every element); an override that does
+    not parse is named as the user wrote it."""
+    from hydra.errors import HydraException
+
+    parsed = []
+    for item in written:
+        try:
+            parsed += parser.parse_overrides([_expand_home_elements(item)])
+        except HydraException as error:
+            first = str(error).strip().splitlines()[0]
+            raise ValueError(f"override {item!r} is not a Hydra override: {first}") from None
+    return parsed
+
+
+def _interval_refusal(text: str) -> str:
+    return (f"{text}: interval() is a continuous range for optimizing sweepers (Optuna, Nevergrad), which zoo train "
+            f"-m does not run (nor does Hydra's basic sweeper); list values (a,b,c), range(start,stop,step) or "
+            f"choice(a,b) instead")
+
+
+#: Hydra's basic sweeper, the ``_target_`` of ``hydra.sweeper`` unless another sweeper is chosen
+#: (hydra/_internal/core_plugins/basic_sweeper.py ``BasicSweeperConf``)
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def _compose_for_sweeper(loader, name: str, parsed: Sequence, items: Sequence[str], run_mode):
+    """(the config Hydra composes before it sweeps, with its ``hydra`` node; the overrides it was composed with), as
+    ``hydra._internal.hydra.Hydra.multirun`` composes it: ``load_configuration(..., RunMode.MULTIRUN)``, whose
+    defaults list and overrides skip the sweep overrides. When that fails (a key that only a swept group option
+    has: zoo runs such a sweep, each job failing or not alone), the config of the command line's group choices
+    only; None when that fails too."""
+    from hydra.errors import HydraException
+
+    try:
+        return loader.load_configuration(config_name=name, overrides=list(items), run_mode=run_mode,
+                                          from_shell=False), list(items)
+    except HydraException:
+        pass
+    choices = [item for override, item in zip(parsed, items) if not override.is_sweep_override() and (
+        override.key_or_group == "hydra.searchpath" or loader.repository.group_exists(override.key_or_group))]
+    try:
+        return loader.load_configuration(config_name=name, overrides=choices, run_mode=run_mode,
+                                          from_shell=False), choices
+    except HydraException:
+        return None, choices
+
+
+def _setting_file(loader, name: str, items: Sequence[str], run_mode, node_path: str, key: str) -> str:
+    """The config file that sets ``<node_path>.<key>`` for the sweeper (the last one in the defaults list that holds
+    it: each later file overrides the earlier ones), as ``experiment/x.yaml``; "the config" when not found."""
+    from hydra.errors import HydraException
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        defaults = loader.compute_defaults_list(name, list(items), run_mode).defaults
+    except HydraException:
+        return "the config"
+    found = None
+    for default in defaults:
+        if default.config_path is None or default.package not in ("", None):  # only _global_ files hold hydra:
+            continue
+        try:
+            loaded = loader.repository.load_config(default.config_path)
+        except HydraException:
+            continue
+        node = OmegaConf.select(loaded.config, node_path) if loaded is not None and loaded.config else None
+        if isinstance(node, DictConfig) and key in node:
+            found = default.config_path
+    return f"{found}.yaml" if found else "the config"
+
+
+def config_params(overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
+                  config_name: str = "train") -> list[str]:
+    """The sweep set in the config: ``hydra.sweeper.params`` of the config composed from ``config_name`` with the
+    command line's overrides but not its sweeps (Hydra's ``Hydra.multirun``: ``RunMode.MULTIRUN``), each entry
+    ``f"{key}={value}"`` in the config's order, as ``BasicSweeper._parse_config`` writes it (hydra-core 1.3,
+    hydra/_internal/core_plugins/basic_sweeper.py); ``BasicSweeper.sweep`` then puts the command line's overrides
+    after them (:func:`plan`). Refused, naming the file and key: another sweeper's settings (``_target_``, and keys
+    other than BasicSweeper's ``params`` / ``max_batch_size``), an entry that is not a Hydra override, ``interval()``,
+    and keys -m refuses on the command line (``run_dir``, ``ckpt_path``, ``hydra.*``) or takes there only
+    (``sweep_dir``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+
+    from zoo.train import run as run_module
+
+    written = list(overrides)
+    name = run_module.primary_config_name(config_name)
+    folders = [*config_dirs, *run_module.searchpath_folders(written)]
+    with run_module.hydra_session(folders) as global_hydra:
+        loader = global_hydra.config_loader()
+        parser = OverridesParser.create(config_loader=loader)
+        parsed = _parse_overrides(parser, written)
+        items = [_expand_home_elements(item) for item in written]
+        cfg, used = _compose_for_sweeper(loader, name, parsed, items, RunMode.MULTIRUN)
+        if cfg is not None:
+            sweeper = cfg.hydra.sweeper
+
+            def where(node_path: str, key: str) -> str:
+                return _setting_file(loader, name, used, RunMode.MULTIRUN, node_path, key)
+
+            for key in sweeper:
+                if key in ("params", "max_batch_size") or (key == "_target_" and sweeper[key] == BASIC_SWEEPER):
+                    continue
+                shown = f"{key}: {sweeper[key]}" if key == "_target_" else key
+                raise ValueError(f"hydra.sweeper.{shown} (in {where('hydra.sweeper', key)}): zoo train -m runs "
+                                 f"Hydra's basic sweeper only, whose settings are hydra.sweeper.params (the values "
+                                 f"to sweep); drop {key} (an optimizing sweeper's setting: Optuna's, Nevergrad's)")
+            params = sweeper.get("params") or {}
+            entries = [f"{key}={value}" for key, value in params.items()]  # BasicSweeper._parse_config
+            for key, entry in zip(params, entries):
+                def refused(why: str) -> ValueError:
+                    return ValueError(f"hydra.sweeper.params in {where('hydra.sweeper.params', key)}: {why}")
+
+                try:
+                    parsed_entry = parser.parse_override(entry)
+                except HydraException as error:
+                    raise refused(f"{entry} is not a Hydra override: {str(error).strip().splitlines()[0]}") from None
+                if parsed_entry.value_type == ValueType.INTERVAL_SWEEP:
+                    raise refused(_interval_refusal(entry))
+                try:
+                    _, sweep_dir = split_sweep_arguments([entry])
+                except ValueError as error:
+                    raise refused(str(error)) from None
+                if sweep_dir is not None:
+                    raise refused(f"{entry}: the sweep's folder is given on the command line (sweep_dir=DIR)")
+            return entries
+    # the config does not compose even with the command line's group choices alone: zoo train's own error for it
+    non_sweep = [item for override, item in zip(parsed, written) if not override.is_sweep_override()]
+    run_module.compose(non_sweep, config_name=name, config_dirs=config_dirs)
+    raise ValueError(f"the sweep's config does not compose without its swept values ({' '.join(non_sweep)})")
+
+
+def config_sweep_keys(overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
+                      config_name: str = "train") -> list[str]:
+    """The keys of ``hydra.sweeper.params`` in the config of a plain ``zoo train`` (no -m): Hydra without
+    ``--multirun`` composes them (``RunMode.RUN``) and ignores them, as zoo train does (it notes them). [] when the
+    config has none (or does not compose: zoo train says why)."""
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+
+    from zoo.train import run as run_module
+
+    written = list(overrides)
+    folders = [*config_dirs, *run_module.searchpath_folders(written)]
+    try:
+        with run_module.hydra_session(folders) as global_hydra:
+            cfg = global_hydra.config_loader().load_configuration(
+                config_name=run_module.primary_config_name(config_name),
+                overrides=[_expand_home_elements(item) for item in written], run_mode=RunMode.RUN, from_shell=False)
+    except (HydraException, ValueError):
+        return []
+    return [str(key) for key in (cfg.hydra.sweeper.get("params") or {})]
 
 
 def expand(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> list[list[str]]:
@@ -171,19 +343,10 @@ def expand(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> list[li
     folders = [*config_dirs, *run_module.searchpath_folders(written)]
     with run_module.hydra_session(folders) as global_hydra:
         parser = OverridesParser.create(config_loader=global_hydra.config_loader())
-        parsed, given = [], []
-        for item in written:
-            try:
-                parsed += parser.parse_overrides([_expand_home_elements(item)])
-            except HydraException as error:
-                first = str(error).strip().splitlines()[0]
-                raise ValueError(f"override {item!r} is not a Hydra override: {first}") from None
-            given.append(item)
+        parsed, given = _parse_overrides(parser, written), written
         for item, text in zip(parsed, given):
             if item.value_type == ValueType.INTERVAL_SWEEP:
-                raise ValueError(f"{text}: interval() is a continuous range for optimizing sweepers "
-                                 f"(Optuna, Nevergrad), which zoo train -m does not run (nor does Hydra's basic "
-                                 f"sweeper); list values (a,b,c), range(start,stop,step) or choice(a,b) instead")
+                raise ValueError(_interval_refusal(text))
         try:
             jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
         except HydraException as error:  # a glob() over a key that is not a config group, ...
@@ -253,11 +416,14 @@ def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None,
     error: that job fails, the others run), multi-process jobs refused, and the sweep_dir checked to be this sweep's
     (or new, or empty). In a sweep_dir of an earlier run of this sweep, the jobs take the numbers (and the order)
     that sweep.json gives them: ``shuffle()`` orders the jobs anew on each expansion (Hydra seeds it from nothing),
-    and a job's number is its run directory."""
+    and a job's number is its run directory. The config's own sweep (``hydra.sweeper.params``, :func:`config_params`)
+    comes first and the command line's overrides after it, as ``BasicSweeper.sweep`` merges them: a key in both
+    keeps its params position and takes the command line's values."""
     from zoo.train import run as run_module
 
     config_name = run_module.primary_config_name(config_name)
-    combinations = expand(overrides, config_dirs)
+    params = config_params(overrides, config_dirs, config_name=config_name)
+    combinations = expand([*params, *overrides], config_dirs)
     composed = []
     for number, job_overrides in enumerate(combinations):
         try:
@@ -278,7 +444,7 @@ def plan(overrides: Sequence[str], sweep_dir: Optional[str] = None,
     stored = _stored_jobs(root, combinations, config_name)
     order = _stored_order(combinations, stored) if stored else range(len(combinations))
     return root, [Job(number, combinations[index], root / str(number), composed[index][1], composed[index][2],
-                      config_dirs=tuple(config_dirs), config_name=config_name,
+                      config_dirs=tuple(config_dirs), config_name=config_name, params=tuple(params),
                       previous=stored[number] if stored else {})
                   for number, index in enumerate(order)]
 
@@ -304,7 +470,7 @@ def _stored_jobs(root: Path, combinations: Sequence[Sequence[str]], config_name:
     if sorted(listed) != sorted(list(job) for job in combinations):
         raise ValueError(f"sweep_dir={root} holds another sweep ({len(listed)} jobs, the first "
                          f"{' '.join(listed[0]) if listed else 'none'}): give another sweep_dir, or that sweep's "
-                         f"own overrides to continue it")
+                         f"own overrides (and config hydra.sweeper.params) to continue it")
     if stored_name != config_name:  # the same overrides on another primary config are another sweep
         def named(which: str) -> str:
             return f"--config-name {which}" if which != "train" else "train.yaml (no --config-name)"
@@ -328,8 +494,9 @@ def _write_record(root: Path, overrides: Sequence[str], jobs: Sequence[Job]) -> 
     from zoo.hub import atomic_write
 
     config_name = jobs[0].config_name if jobs else "train"  # (every job's: the sweep's primary config)
-    text = json.dumps({"sweep_dir": str(root), "config_name": config_name, "overrides": list(overrides),
-                       "jobs": [job.record for job in jobs]}, indent=2) + "\n"
+    params = list(jobs[0].params) if jobs else []  # (every job's: the config's hydra.sweeper.params)
+    text = json.dumps({"sweep_dir": str(root), "config_name": config_name, "params": params,
+                       "overrides": list(overrides), "jobs": [job.record for job in jobs]}, indent=2) + "\n"
     atomic_write(root / SWEEP_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
