@@ -17,7 +17,7 @@ kernels (kernels/flash_attention.py) run, and both are cached per mask object:
 
 2. **The in-kernel predicate** (:func:`lower_mask`, :class:`MaskProgram`): PARTIAL tiles evaluate the
    mask element-wise inside the kernel. The mask tree is rewritten as an OR of at most three AND-terms
-   (disjunctive normal form) over five predicate *slots*, each computed from indices or small vectors:
+   (disjunctive normal form) over six predicate *slots*, each computed from indices or small vectors:
 
    ========  ===================================================================  ==================
    slot      predicate for query row i, key column j                              reads
@@ -31,19 +31,40 @@ kernels (kernels/flash_attention.py) run, and both are cached per mask object:
    SEG       q_ids[b, i] == kv_ids[b, j] and q_ids[b, i] >= 0 (Segments)          two id vectors
    DENSE     mask[b, h, i, j] (Dense)                                             the bool tensor
    BLK       block_mask[b, h, i // bq, j // bk] (BlockSparse, Radial)             the tile map
+   EDGE      bit (j % 32) of words[t, i % TQ, (j % TK) // 32] with                a tile table and
+             t = table[b, i // TQ, j // TK] >= 0 (Edges: the edge j -> i exists)  the non-empty tiles'
+                                                                                  bits (edge_bitmask)
    ========  ===================================================================  ==================
 
    Windows inside one AND-term are intersected into one band (per chunk size); Dense masks inside one term are AND-ed;
    BlockSparse maps with equal block sizes inside one term are AND-ed. So Causal, Window, Segments,
-   ChunkWindow, Dense, BlockSparse, Radial and combinations such as ``Segments & Causal``, ``Causal & Window``,
-   ``Window | BlockSparse``, ``(Window | Segments) & Causal`` are evaluated exactly in the kernel.
-   What does not fit (more than three terms, more than two distinct windows, two different Segments or
-   Dense masks, a mask class the kernel does not know) falls back to ONE dense boolean mask built with
-   ``mask.dense(Nq, Nk)`` and read through the DENSE slot: still exact, but O(Bm * Hm * Nq * Nk) memory.
-   :attr:`MaskProgram.exact_in_kernel` tells which path a mask took.
+   ChunkWindow, Dense, BlockSparse, Radial, Edges and combinations such as ``Segments & Causal``,
+   ``Causal & Window``, ``Window | BlockSparse``, ``(Window | Segments) & Causal``, ``Edges & Causal``,
+   ``Edges | Window(0, 0)`` (self loops) and ``Edges & Segments`` are evaluated exactly in the kernel.
+   What does not fit (more than three terms, more than two distinct windows, two different Segments,
+   Dense or Edges masks, a mask class the kernel does not know) falls back to ONE dense boolean mask built
+   with ``mask.dense(Nq, Nk)`` and read through the DENSE slot: still exact, but O(Bm * Hm * Nq * Nk)
+   memory. :attr:`MaskProgram.exact_in_kernel` tells which path a mask took.
+
+3. **The EDGE slot** (:func:`edge_bitmask`): an :class:`~zoo.attention.masks.Edges` mask is a tile-compressed
+   bitmask built from its distinct edges (``Edges.distinct_edges``) in O(E) plus the size of its tile table,
+   never Nq x Nk. The cells are cut into fixed bit tiles of TQ x TK = 64 x 64 (:data:`EDGE_TILE_Q`,
+   :data:`EDGE_TILE_K`), independent of the kernels' tiles, so that one lowered program serves the forward
+   and backward passes whatever tiles they run. The table int32 (Bm, R', C') holds -1 for a bit tile without
+   an edge, else the tile's index t into the words int32 (T, TQ, TK // 32): bit (j % 32) of
+   ``words[t, i % TQ, (j % TK) // 32]`` is set iff the edge j -> i exists (bit 31 is the int32 sign bit; the
+   kernels test it with an arithmetic shift and ``& 1``). Memory: 4 Bm R' C' + 512 T bytes with
+   T <= min(E, Bm R' C') (at least one all-zero tile is kept, a valid pointer for masks without edges). 64 x 64
+   gives the table as many entries as the block map at the kernels' usual 64 x 64 tiles (the map and the
+   tile lists already hold that many), and two words per bit-tile row; kNN edges of a cloud in space-filling
+   -curve order touch a few bit tiles per query tile (k = 8 on 4096 Morton-ordered points: T = 751 = E / 44, the
+   program 400 KB against 16 MB for a dense bool mask, tests/test_kernel_edges.py), while the worst case, one edge
+   per bit tile (a random graph), is 512 bytes per edge. A (2, E) edge_index gives Bm = 1
+   (broadcast over the batch), (B, 2, E) gives Bm = B; heads always broadcast.
 
 Letters: B batch, H query heads, Bm/Hm batch/head dims of the mask (1 or B/H), R row tiles, C column
-tiles, W index width (= C), Nq/Nk query/key lengths.
+tiles, W index width (= C), Nq/Nk query/key lengths, E edges, R'/C' bit-tile rows/columns
+(cdiv(Nq, TQ), cdiv(Nk, TK)), T non-empty bit tiles.
 """
 from __future__ import annotations
 
@@ -62,6 +83,7 @@ from zoo.attention.masks import (
     BlockSparse,
     ChunkWindow,
     Dense,
+    Edges,
     Full,
     Mask,
     Or,
@@ -83,11 +105,15 @@ __all__ = [
     "SLOT_SEG",
     "SLOT_DENSE",
     "SLOT_BLK",
+    "SLOT_EDGE",
     "SLOT_CHUNK0",
     "SLOT_CHUNK1",
     "SLOT_POS0",
     "SLOT_POS1",
     "MAX_TERMS",
+    "EDGE_TILE_Q",
+    "EDGE_TILE_K",
+    "edge_bitmask",
 ]
 
 # Predicate slots: bit flags of an AND-term.
@@ -97,6 +123,9 @@ SLOT_CHUNK0, SLOT_CHUNK1 = 32, 64
 # Flags, not slots: WIN0 / WIN1 of this term compare per-segment positions (SegmentWindow): kpos[j] - qpos[i],
 # the positions stored after the ids in the SEG buffers.
 SLOT_POS0, SLOT_POS1 = 128, 256
+# The EDGE slot (Edges): one bit per cell of the non-empty TQ x TK bit tiles (see the module docstring).
+SLOT_EDGE = 512
+EDGE_TILE_Q, EDGE_TILE_K = 64, 64
 MAX_TERMS = 3
 # Index tensors above this many entries are trimmed to the widest row (costs one device sync).
 _TRIM_ENTRIES = 1 << 24
@@ -215,8 +244,9 @@ class MaskProgram:
     (c = 1, s = 0), or with the CHUNK flag of ``j // c - (i + s) // c`` (s >= 0, so that integer
     division by c is floor division, as the kernels compute it). ``seg``:
     (q_ids (Bs, Nq) int32, kv_ids (Bs', Nk) int32). ``dense``: uint8 (Bm, Hm, Nq, Nk) view of the bool
-    mask. ``blk``: (uint8 (Bm, Hm, QBs, KBs) map, block_q, block_k). ``exact_in_kernel``: False when the
-    mask had to be materialised densely (see the module docstring).
+    mask. ``blk``: (uint8 (Bm, Hm, QBs, KBs) map, block_q, block_k). ``edge``: (table int32 (Bm, R', C'),
+    words int32 (T, EDGE_TILE_Q, EDGE_TILE_K // 32)) of an Edges mask (:func:`edge_bitmask`).
+    ``exact_in_kernel``: False when the mask had to be materialised densely (see the module docstring).
     """
 
     terms: tuple
@@ -224,6 +254,7 @@ class MaskProgram:
     seg: Optional[tuple] = None
     dense: Optional[torch.Tensor] = None
     blk: Optional[tuple] = None
+    edge: Optional[tuple] = None
     exact_in_kernel: bool = True
     description: str = ""
 
@@ -270,6 +301,8 @@ class MaskProgram:
             if bits & SLOT_BLK:
                 m, bq, bk = self.blk
                 ok = ok & (m[..., (rows // bq).clamp(max=m.shape[-2] - 1), :][..., (cols // bk).clamp(max=m.shape[-1] - 1)] != 0)
+            if bits & SLOT_EDGE:
+                ok = ok & _edge_bits(self.edge, rows.clamp(max=q_len - 1), cols.clamp(max=k_len - 1))[:, None]
             out = out | ok
         return out
 
@@ -280,9 +313,16 @@ class MaskProgram:
             yield self.dense
         if self.blk is not None:
             yield self.blk[0]
+        if self.edge is not None:
+            yield from self.edge
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors the kernels read for this program (ids, dense mask, tile map, edge bitmask)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def kernel_args(self, dummy: torch.Tensor) -> tuple:
-        """The 24 runtime mask arguments, in the kernels' order (``dummy`` fills unused pointer slots)."""
+        """The 28 runtime mask arguments, in the kernels' order (``dummy`` fills unused pointer slots; the EDGE
+        slot's two pointers get a one-entry int32 stand-in, the type the kernels read through them)."""
         (lo0, hi0, c0, s0), (lo1, hi1, c1, s1) = self.windows
         if self.seg is not None:
             qi, ki = self.seg
@@ -299,7 +339,13 @@ class MaskProgram:
             blk = (m,) + tuple(m.stride(i) if m.shape[i] > 1 else 0 for i in range(4)) + (bq, bk)
         else:
             blk = (dummy, 0, 0, 0, 0, 1, 1)
-        return (lo0, hi0, lo1, hi1, c0, s0, c1, s1) + seg + dense + blk
+        if self.edge is not None:
+            table, words = self.edge
+            edge = (table, words, table.stride(0) if table.shape[0] > 1 else 0, table.stride(1))
+        else:
+            stand_in = torch.full((1,), -1, dtype=torch.int32, device=dummy.device)
+            edge = (stand_in, stand_in, 0, 0)
+        return (lo0, hi0, lo1, hi1, c0, s0, c1, s1) + seg + dense + blk + edge
 
 
 class _Fallback(Exception):
@@ -310,7 +356,7 @@ def _primitive(mask: Mask):
     """Map a mask to a slot primitive, or None when it is not one the kernel knows."""
     if isinstance(mask, ChunkWindow) and mask.chunk_size == 1:
         return Window(mask.left, mask.right)
-    if isinstance(mask, (Window, ChunkWindow, Segments, SegmentWindow, SegmentChunkWindow, Dense, BlockSparse)):
+    if isinstance(mask, (Window, ChunkWindow, Segments, SegmentWindow, SegmentChunkWindow, Dense, BlockSparse, Edges)):
         return mask
     # Radial (zoo.attention.radial) is a BlockSparse map at its own block size.
     if type(mask).__name__ == "Radial" and hasattr(mask, "block_mask") and hasattr(mask, "block_size"):
@@ -371,7 +417,7 @@ def _simplify_term(term: list[Mask], q_len: int, k_len: int):
 
     Keys: "win" a tuple of (lo, hi, c, s) bands, the windows intersected per unit (c, s) (see
     _window_band); "seg" the Segments mask; "dense" a tuple of Dense masks to AND; "blk" a tuple of
-    BlockSparse masks (equal block sizes) to AND.
+    BlockSparse masks (equal block sizes) to AND; "edge" the Edges mask.
     """
     out: dict = {}
     bands: dict = {}  # unit (c, s) -> (lo, hi, reach)
@@ -401,6 +447,10 @@ def _simplify_term(term: list[Mask], q_len: int, k_len: int):
             if prev and (prev[0].block_q, prev[0].block_k) != (m.block_q, m.block_k):
                 raise _Fallback("BlockSparse maps with different block sizes in one AND-term")
             out["blk"] = prev + (m,)
+        elif isinstance(m, Edges):
+            if "edge" in out and out["edge"] is not m:
+                raise _Fallback("two different Edges masks in one AND-term")
+            out["edge"] = m
         else:  # pragma: no cover - _dnf only returns primitives
             raise _Fallback(type(m).__name__)
     kept_bands = []
@@ -425,17 +475,17 @@ def _plan(mask: Mask, q_len: int, k_len: int):
     """Slot assignment of ``mask`` without building any tensor; raises _Fallback when it does not fit.
 
     Returns (term bit sets, windows, Segments or None, Dense tuple or None, BlockSparse tuple or None,
-    a SegmentWindow whose positions the kernel reads or None). Windows are (lo, hi, c, s) or, over positions
-    inside segments, (lo, hi, 1, 0, "pos").
+    a SegmentWindow whose positions the kernel reads or None, Edges or None). Windows are (lo, hi, c, s) or,
+    over positions inside segments, (lo, hi, 1, 0, "pos").
     """
     terms = [_simplify_term(t, q_len, k_len) for t in _dnf(mask)]
     terms = [t for t in terms if t is not None]
     if any(len(t) == 0 for t in terms):
-        return (0,), [], None, None, None, None
+        return (0,), [], None, None, None, None, None
     if len(terms) > MAX_TERMS:
         raise _Fallback(f"{len(terms)} OR-terms (the kernel evaluates at most {MAX_TERMS})")
     windows: list[tuple] = []
-    seg = dense = blk = positions = None
+    seg = dense = blk = positions = edge = None
     bits_per_term = []
     for t in terms:
         bits = 0
@@ -465,12 +515,16 @@ def _plan(mask: Mask, q_len: int, k_len: int):
             if blk is not None and not _same(blk, t["blk"]):
                 raise _Fallback("two different BlockSparse maps")
             blk, bits = t["blk"], bits | SLOT_BLK
+        if "edge" in t:
+            if edge is not None and edge is not t["edge"]:
+                raise _Fallback("two different Edges masks")
+            edge, bits = t["edge"], bits | SLOT_EDGE
         bits_per_term.append(bits)
-    return tuple(bits_per_term), windows, seg, dense, blk, positions
+    return tuple(bits_per_term), windows, seg, dense, blk, positions, edge
 
 
 def _build_program(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
-    bits, windows, seg, dense, blk, positions = _plan(mask, q_len, k_len)
+    bits, windows, seg, dense, blk, positions, edge = _plan(mask, q_len, k_len)
     prog = MaskProgram(terms=bits)
     for i, w in enumerate(windows):
         prog.windows[i] = w[:4]
@@ -491,13 +545,15 @@ def _build_program(mask: Mask, q_len: int, k_len: int, device) -> MaskProgram:
         for m in blk[1:]:
             block_mask = block_mask & m.block_mask.to(device)
         prog.blk = (_as_u8(block_mask), blk[0].block_q, blk[0].block_k)
+    if edge is not None:
+        prog.edge = edge_bitmask(edge, q_len, k_len, device)
     prog.description = " | ".join(_bits_name(b) for b in bits) if bits else "nothing allowed"
     return prog
 
 
 def _bits_name(bits: int) -> str:
     names = [n for n, f in (("WIN0", 1), ("WIN1", 2), ("SEG", 4), ("DENSE", 8), ("BLK", 16), ("CHUNK0", 32),
-                            ("CHUNK1", 64), ("POS0", 128), ("POS1", 256)) if bits & f]
+                            ("CHUNK1", 64), ("POS0", 128), ("POS1", 256), ("EDGE", 512)) if bits & f]
     return "&".join(names) or "TRUE"
 
 
@@ -520,6 +576,57 @@ def _as_u8(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 2:
         t = t[None, None]
     return t.view(torch.uint8)
+
+
+_EDGE_CACHE: "weakref.WeakKeyDictionary[Mask, dict]" = weakref.WeakKeyDictionary()
+
+
+def edge_bitmask(mask: Edges, q_len: int, k_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The EDGE slot's data for an Edges mask: (table int32 (Bm, R', C'), words int32 (T, TQ, TK // 32)), built
+    from the distinct edges in O(E) plus the table's size and cached per (mask, q_len, k_len, device) (emptied
+    when ``edge_index`` is edited in place), so that ``Edges & Causal`` built anew each step reuses it.
+
+    ``table[b, r, c]`` is -1 where bit tile (r, c) of batch row b holds no edge, else its index t into ``words``;
+    bit (j % 32) of ``words[t, i % TQ, (j % TK) // 32]`` is set iff the edge j -> i exists (TQ = EDGE_TILE_Q,
+    TK = EDGE_TILE_K; see the module docstring for the layout, the tile size and the memory). The words are
+    summed from distinct powers of two (distinct edges set distinct bits, so the sum is the bitwise OR) in int64
+    and wrapped to int32 two's complement, so that bit 31 is the sign bit. The lengths are checked against the
+    edges (``Edges.check_shape``) before anything is built.
+    """
+    if not isinstance(mask, Edges):
+        raise TypeError(f"edge_bitmask: expected an Edges mask, got {type(mask).__name__}")
+    mask.check_shape(q_len, k_len)
+    device = torch.device(device)
+    key = (q_len, k_len, str(device))
+    per_mask = mask.versioned_cache(_EDGE_CACHE.setdefault(mask, {}))
+    hit = per_mask.get(key)
+    if hit is not None:
+        return hit
+    row_E, dst_E, src_E = mask.distinct_edges(q_len, k_len, device)
+    rows_t, cols_t = -(-q_len // EDGE_TILE_Q), -(-k_len // EDGE_TILE_K)
+    words_per_row = EDGE_TILE_K // 32
+    tile_E = (row_E * rows_t + dst_E // EDGE_TILE_Q) * cols_t + src_E // EDGE_TILE_K
+    tiles_T, slot_E = torch.unique(tile_E, return_inverse=True)  # sorted: slots in (batch, row, column) order
+    num_tiles = tiles_T.numel()
+    table = torch.full((mask.batch_size * rows_t * cols_t,), -1, dtype=torch.int32, device=device)
+    table[tiles_T] = torch.arange(num_tiles, dtype=torch.int32, device=device)
+    word_E = (slot_E * EDGE_TILE_Q + dst_E % EDGE_TILE_Q) * words_per_row + (src_E % EDGE_TILE_K) // 32
+    words = torch.zeros(max(num_tiles, 1) * EDGE_TILE_Q * words_per_row, dtype=torch.int64, device=device)
+    words.index_add_(0, word_E, torch.ones_like(src_E) << (src_E % 32))
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31: the int32 sign
+    out = (table.view(mask.batch_size, rows_t, cols_t), words.view(-1, EDGE_TILE_Q, words_per_row))
+    cache_put(per_mask, key, out)
+    return out
+
+
+def _edge_bits(edge: tuple, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """bool (Bm, R, C): the EDGE slot for in-range query ``rows`` and key ``cols``, read as the kernels do."""
+    table, words = edge
+    slot = table[:, rows // EDGE_TILE_Q][:, :, cols // EDGE_TILE_K]
+    offset = ((slot.clamp(min=0).long() * EDGE_TILE_Q + (rows % EDGE_TILE_Q)[:, None]) * (EDGE_TILE_K // 32)
+              + ((cols % EDGE_TILE_K) // 32)[None, :])
+    word = words.reshape(-1)[offset]
+    return (slot >= 0) & ((torch.bitwise_right_shift(word, (cols % 32).to(torch.int32)) & 1) != 0)
 
 
 _PROGRAM_CACHE: "weakref.WeakKeyDictionary[Mask, dict]" = weakref.WeakKeyDictionary()

@@ -11,9 +11,10 @@ restricted by a zoo.attention mask, in O(N) memory, for training and inference:
 * Sparsity: each program walks only the tiles that the mask's block map (``Mask.block_map``) keeps,
   from per-tile lists built once per (mask, shape, tile) by kernels/block_index.py. FULL tiles run
   with no masking and no bounds checks; PARTIAL tiles evaluate the mask element-wise in the kernel
-  (Window/Causal/ChunkWindow from indices, Segments from id vectors, BlockSparse/Radial from the tile map, Dense
-  by loading mask tiles; And/Or trees up to three OR-terms; see block_index.py for what is exact
-  in-kernel and the dense fallback).
+  (Window/Causal/ChunkWindow from indices, Segments from id vectors, BlockSparse/Radial from the tile map, Edges
+  (kNN / graph neighbourhoods) from a bitmask over the 64 x 64 bit tiles that hold an edge, built from the edges in
+  O(E) plus a tile table, Dense by loading mask tiles; And/Or trees up to three OR-terms; see block_index.py for
+  what is exact in-kernel and the dense fallback).
 * Additive bias of any shape broadcastable to (B, H, Nq, Nk) is read with stride-0 broadcasting (no
   expanded copy); its gradient is reduced over the broadcast dimensions inside the dQ pass.
 * Outputs: ``out`` and, on request, the row log-sum-exp (natural log, -inf for rows with no allowed
@@ -41,10 +42,10 @@ Caveats:
   ``return_weights`` is not implemented: :func:`triton_supports` says so and ``attend`` falls back.
 * Row offsets inside one (batch, head) slice are 32-bit: Nq * stride(-2) and Nk * stride(-2) of the inputs, of
   the output (Nq x Dv) and of the fp32 dBias buffer must stay below 2**31 (checked by triton_supports and the
-  launchers; an incoming gradient with longer rows is copied). The offsets into the tile lists and the BLK slot's
-  tile map are 64-bit (_tile_list_offsets, _blk_offsets), like those of the batch / head, the DENSE slot and the
-  LSE rows. Segment ids must fit in int32. More than 65,535 (batch, head) pairs (CUDA's grid axis-1 limit)
-  are launched in chunks.
+  launchers; an incoming gradient with longer rows is copied). The offsets into the tile lists, the BLK slot's
+  tile map and the EDGE slot's table and bit words are 64-bit (_tile_list_offsets, _blk_offsets, _edge_bit), like
+  those of the batch / head, the DENSE slot and the LSE rows. Segment ids must fit in int32. More than 65,535
+  (batch, head) pairs (CUDA's grid axis-1 limit) are launched in chunks.
 * A bias of torch.finfo(float32).min (or .max) is a finite score (clamped to -FLT_MAX / FLT_MAX after the log2(e)
   scaling, see _scaled_bias), as in SDPA; the backward recomputes P from the row max and log2 normaliser kept apart, exact
   where max + log2(l) rounds to max.
@@ -83,7 +84,8 @@ import triton
 import triton.language as tl
 
 from zoo.kernels._compile import on_device_of, single_config_requested
-from zoo.kernels.block_index import MaskProgram, ids_fit_int32, kernel_tile_lists, lower_mask, needs_dense_fallback
+from zoo.kernels.block_index import (EDGE_TILE_K, EDGE_TILE_Q, MaskProgram, ids_fit_int32, kernel_tile_lists,
+                                    lower_mask, needs_dense_fallback)
 from zoo.attention.alibi import ALiBi
 from zoo.attention.bias import resolve_bias
 from zoo.attention.core import merge_attention_states  # re-exported: merges this kernel's (out, lse) pairs
@@ -107,6 +109,9 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _FLT_MAX = torch.finfo(torch.float32).max
 _MAX_OFFSET = 2**31 - 1
+# The EDGE slot's bit-tile sizes (kernels/block_index.py), compile-time constants of the kernels.
+_EDGE_TQ = tl.constexpr(EDGE_TILE_Q)
+_EDGE_TK = tl.constexpr(EDGE_TILE_K)
 # Most (batch, head) pairs on grid axis 1 in one launch: CUDA's gridDim.y limit. More are launched in chunks
 # (_launch_over_pairs); a module constant so that tests can lower it.
 _MAX_GRID_PAIRS = 65535
@@ -239,6 +244,17 @@ def _blk_offsets(rows, cols, blk_bq, blk_bk, bl_sm, bl_sn):
 
 
 @triton.jit
+def _edge_bit(rows, cols, inb, b, EdgeT, EdgeW, ed_sb, ed_sm):
+    """The EDGE slot (block_index.edge_bitmask): t = table[b, i // TQ, j // TK] (-1: no edge in that bit tile), then
+    bit (j % 32) of words[t, i % TQ, (j % TK) // 32]. Offsets in 64 bits (the table of a 3M-token cloud passes 2**31
+    entries); the shift is arithmetic, so bit 31 (the int32 sign) reads like any other after ``& 1``."""
+    slot = tl.load(EdgeT + b * ed_sb + (rows // _EDGE_TQ).to(tl.int64) * ed_sm + cols // _EDGE_TK, mask=inb, other=-1)
+    word_off = ((slot.to(tl.int64) * _EDGE_TQ + rows % _EDGE_TQ) * (_EDGE_TK // 32)) + (cols % _EDGE_TK) // 32
+    word = tl.load(EdgeW + word_off, mask=inb & (slot >= 0), other=0)
+    return ((word >> (cols % 32)) & 1) != 0
+
+
+@triton.jit
 def _segment_positions(rows, cols, b, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk):
     """kpos[j] - qpos[i] for SegmentWindow: the positions follow the ids in the same buffers (SegQ[b, Nq + i],
     SegK[b, Nk + j]; see block_index.MaskProgram)."""
@@ -253,7 +269,7 @@ def _mask_term(
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
     SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn,
-    BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm,
     BITS: tl.constexpr,
 ):
     """AND of the predicate slots named by BITS (see block_index.py) over a [BM, BN] tile."""
@@ -288,6 +304,8 @@ def _mask_term(
         bl = tl.load(BlkM + b * bl_sb + h * bl_sh + _blk_offsets(rows, cols, blk_bq, blk_bk, bl_sm, bl_sn),
                      mask=inb, other=0)
         ok = ok & (bl != 0)
+    if (BITS & 512) != 0:  # EDGE: the edge j -> i, one bit of the bit tile that holds (i, j)
+        ok = ok & _edge_bit(rows, cols, inb, b, EdgeT, EdgeW, ed_sb, ed_sm)
     return ok
 
 
@@ -297,7 +315,7 @@ def _tile_mask(
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
     SegQ, SegK, seg_q_sb, seg_k_sb,
     DenseM, dn_sb, dn_sh, dn_sm, dn_sn,
-    BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
 ):
     """bool [BM, BN]: pair (offs_m[i], offs_n[j]) is in range and allowed by the mask (OR of terms)."""
@@ -309,15 +327,17 @@ def _tile_mask(
     else:
         keep = _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1,
                           win_s1, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh, dn_sm, dn_sn,
-                          BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, TERM0)
+                          BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm, TERM0)
         if NUM_TERMS > 1:
             keep = keep | _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0,
                                      win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh,
-                                     dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, TERM1)
+                                     dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                     EdgeT, EdgeW, ed_sb, ed_sm, TERM1)
         if NUM_TERMS > 2:
             keep = keep | _mask_term(rows, cols, inb, b, h, win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0,
                                      win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb, Nq, Nk, DenseM, dn_sb, dn_sh,
-                                     dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, TERM2)
+                                     dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                     EdgeT, EdgeW, ed_sb, ed_sm, TERM2)
     return keep
 
 
@@ -349,7 +369,7 @@ def _scaled_bias(bias, bias_scale):
 def _scores(
     q, k, Bias_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn, qk_scale, bias_scale,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
 ):
@@ -368,7 +388,8 @@ def _scores(
     if MASKED:
         keep = _tile_mask(offs_m, offs_n, b, h, Nq, Nk, win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1,
                           win_s1, SegQ, SegK, seg_q_sb, seg_k_sb, DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb,
-                          bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, TERM0, TERM1, TERM2, NUM_TERMS)
+                          bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                          EdgeT, EdgeW, ed_sb, ed_sm, TERM0, TERM1, TERM2, NUM_TERMS)
     else:
         keep = s  # unused by the callers when not MASKED
     return s, keep
@@ -383,7 +404,7 @@ def _fwd_tile(
     K_bh, V_bh, Bias_bh, stride_kn, stride_vn, stride_bm, stride_bn,
     Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
     CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
@@ -394,6 +415,7 @@ def _fwd_tile(
                       win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                       SegQ, SegK, seg_q_sb, seg_k_sb,
                       DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                      EdgeT, EdgeW, ed_sb, ed_sm,
                       MASKED, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
     if SCORE % 2 == 0:
         # Online softmax in base 2 (s is already multiplied by log2(e)).
@@ -426,7 +448,8 @@ def _attn_fwd(
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, pair_base, tune_bucket,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    EdgeT, EdgeW, ed_sb, ed_sm, pair_base, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -465,6 +488,7 @@ def _attn_fwd(
                                   win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                   SegQ, SegK, seg_q_sb, seg_k_sb,
                                   DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                  EdgeT, EdgeW, ed_sb, ed_sm,
                                   True, SCORE, HAS_BIAS, BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC,
                                   TERM0, TERM1, TERM2, NUM_TERMS)
     for t in range(n_partial, n_partial + n_full):
@@ -475,6 +499,7 @@ def _attn_fwd(
                                   win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                   SegQ, SegK, seg_q_sb, seg_k_sb,
                                   DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                  EdgeT, EdgeW, ed_sb, ed_sm,
                                   False, SCORE, HAS_BIAS, BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC,
                                   TERM0, TERM1, TERM2, NUM_TERMS)
 
@@ -520,7 +545,7 @@ def _probs_and_dscores(
     q, k, v, do, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, offs_m, offs_n, b, h, Nq, Nk, stride_bm, stride_bn,
     qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
 ):
@@ -535,6 +560,7 @@ def _probs_and_dscores(
                       win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                       SegQ, SegK, seg_q_sb, seg_k_sb,
                       DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                      EdgeT, EdgeW, ed_sb, ed_sm,
                       MASKED, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     if SCORE >= 2:
@@ -570,7 +596,7 @@ def _dkdv_tile(
     Q_bh, DO_bh, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, stride_qm, stride_dom, stride_bm, stride_bn,
     Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
     TERM0: tl.constexpr, TERM1: tl.constexpr, TERM2: tl.constexpr, NUM_TERMS: tl.constexpr,
@@ -583,6 +609,7 @@ def _dkdv_tile(
                                win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                SegQ, SegK, seg_q_sb, seg_k_sb,
                                DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                               EdgeT, EdgeW, ed_sb, ed_sm,
                                MASKED, SCORE, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
@@ -599,7 +626,8 @@ def _attn_bwd_dkdv(
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed, sm_scale,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, pair_base, tune_bucket,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    EdgeT, EdgeW, ed_sb, ed_sm, pair_base, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr,
     CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -646,6 +674,7 @@ def _attn_bwd_dkdv(
                                 win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                 SegQ, SegK, seg_q_sb, seg_k_sb,
                                 DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                EdgeT, EdgeW, ed_sb, ed_sm,
                                 True, SCORE, HAS_BIAS, BLOCK_M, CHECK_D, CHECK_DV, DOT_PREC,
                                 TERM0, TERM1, TERM2, NUM_TERMS)
         for t in range(n_partial, n_partial + n_full):
@@ -657,6 +686,7 @@ def _attn_bwd_dkdv(
                                 win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                 SegQ, SegK, seg_q_sb, seg_k_sb,
                                 DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                                EdgeT, EdgeW, ed_sb, ed_sm,
                                 False, SCORE, HAS_BIAS, BLOCK_M, CHECK_D, CHECK_DV, DOT_PREC,
                                 TERM0, TERM1, TERM2, NUM_TERMS)
     dk = dk * sm_scale
@@ -673,7 +703,7 @@ def _dq_tile(
     K_bh, V_bh, Bias_bh, Lse_bh, LogNorm_bh, Delta_bh, DB_bh, stride_kn, stride_vn, stride_bm, stride_bn, stride_dbm,
     Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm,
     MASKED: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr,
     DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DB_ACC: tl.constexpr, BLOCK_N: tl.constexpr,
     CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -687,6 +717,7 @@ def _dq_tile(
                                win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                SegQ, SegK, seg_q_sb, seg_k_sb,
                                DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+                               EdgeT, EdgeW, ed_sb, ed_sm,
                                MASKED, SCORE, HAS_BIAS, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     if HAS_DBIAS:
@@ -727,7 +758,8 @@ def _attn_bwd_dq(
     cnt_sb, cnt_sh, idx_sb, idx_sh, idx_w,
     H, G, Nq, Nk, D, DV, qk_scale, bias_scale, s_shift, drop_p, drop_seed, sm_scale, B_LOOP, H_LOOP, H_OUT,
     win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1, SegQ, SegK, seg_q_sb, seg_k_sb,
-    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk, pair_base, tune_bucket,
+    DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn, blk_bq, blk_bk,
+    EdgeT, EdgeW, ed_sb, ed_sm, pair_base, tune_bucket,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, DB_ROWS: tl.constexpr,
     DB_COLS: tl.constexpr, DB_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,
@@ -777,7 +809,8 @@ def _attn_bwd_dq(
                                        win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                        SegQ, SegK, seg_q_sb, seg_k_sb,
                                        DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn,
-                                       blk_bq, blk_bk, True, SCORE, HAS_BIAS, HAS_DBIAS, DB_ROWS, DB_COLS, DB_ACC,
+                                       blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm,
+                                       True, SCORE, HAS_BIAS, HAS_DBIAS, DB_ROWS, DB_COLS, DB_ACC,
                                        BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
             for t in range(n_partial, n_partial + n_full):
                 n_blk = tl.load(idx_ptr + t)
@@ -788,7 +821,8 @@ def _attn_bwd_dq(
                                        win_lo0, win_hi0, win_lo1, win_hi1, win_c0, win_s0, win_c1, win_s1,
                                        SegQ, SegK, seg_q_sb, seg_k_sb,
                                        DenseM, dn_sb, dn_sh, dn_sm, dn_sn, BlkM, bl_sb, bl_sh, bl_sm, bl_sn,
-                                       blk_bq, blk_bk, False, SCORE, HAS_BIAS, HAS_DBIAS, DB_ROWS, DB_COLS, DB_ACC,
+                                       blk_bq, blk_bk, EdgeT, EdgeW, ed_sb, ed_sm,
+                                       False, SCORE, HAS_BIAS, HAS_DBIAS, DB_ROWS, DB_COLS, DB_ACC,
                                        BLOCK_N, CHECK_D, CHECK_DV, DOT_PREC, TERM0, TERM1, TERM2, NUM_TERMS)
             dq = dq * sm_scale
             tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
@@ -1447,7 +1481,7 @@ def flash_attention_ref(q, k, v, mask=None, bias=None, *, scale=None, score="sof
 _SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 _PTR_ARGS = {"Q", "K", "V", "Out", "DO", "DK", "DVo", "DQ"}
 _F32_PTR_ARGS = {"Bias", "Lse", "LogNorm", "Delta", "DBias"}
-_I32_PTR_ARGS = {"TileCnt", "TileIdx", "SegQ", "SegK"}
+_I32_PTR_ARGS = {"TileCnt", "TileIdx", "SegQ", "SegK", "EdgeT", "EdgeW"}
 _U8_PTR_ARGS = {"DenseM", "BlkM"}
 _FLOAT_ARGS = {"qk_scale", "bias_scale", "s_shift", "sm_scale", "drop_p"}
 
@@ -1466,14 +1500,14 @@ def _compile(kernel, constexprs: dict, dtype: torch.dtype, arch: int, num_warps:
 
 
 def compile_check(arch: int = 90, dtype: torch.dtype = torch.float16, head_dim: int = 64, score: str = "softmax",
-                  bias: int = 1, terms: tuple = (37, 8, 16), all_configs: bool = True,
+                  bias: int = 1, terms: tuple = (37, 8, 16 | 512), all_configs: bool = True,
                   dropout: bool = True) -> dict:
     """Compile every pass (all autotune configs) for sm_<arch> without a GPU.
 
     Returns {pass name: [(num_warps, num_stages, shared bytes), ...]} and raises RuntimeError when no
     config of a pass fits the shared memory of that GPU generation. ``terms`` are the mask terms compiled
-    (default: WIN0&CHUNK0&SEG | DENSE | BLK, the largest predicate: a chunked window, segments, a dense mask
-    tile and a tile-map lookup). ``bias``: 0 / False none, 1 / True a bias tensor, 2 ALiBi computed in the
+    (default: WIN0&CHUNK0&SEG | DENSE | BLK&EDGE, the largest predicate: a chunked window, segments, a dense mask
+    tile, a tile-map lookup and an edge-bitmask lookup). ``bias``: 0 / False none, 1 / True a bias tensor, 2 ALiBi computed in the
     kernel. ``dropout``: the variant with dropout (the Philox draws; the larger program).
     ``all_configs=False`` compiles only the first (smallest) config of each pass. Needs the module imported
     without TRITON_INTERPRET=1.

@@ -287,7 +287,7 @@ def _mask_cases():
         # A FlexAttention-style predicate: read from one materialised dense mask in the kernel.
         "maskmod-per-head&causal": lambda: MaskMod(_every_other_key_per_head, num_heads=2) & Causal(),
         # Graph edges (kNN neighbourhoods, sparse graph transformers): absolute indices, bipartite here; the
-        # kernel reads them through the dense slot
+        # kernel reads them through the EDGE slot (a tile bitmask; tests/test_kernel_edges.py)
         "edges-bipartite": lambda: Edges(edges),
     }
 

@@ -1071,8 +1071,9 @@ class Edges(Mask):
 
     Cost: the block map comes from the edges in O(E) (a tile is EMPTY without an edge, FULL when every one of its
     cells is an edge, PARTIAL otherwise), the dense rows of a query chunk in O(E + rows x Nk), never Nq x Nk at
-    once on the chunked reference and block-sparse paths. SDPA and the Triton kernel read the whole dense mask
-    (the kernel through its dense slot, up to its DENSE_FALLBACK_LIMIT cells); the "edges" backend
+    once on the chunked reference and block-sparse paths. SDPA reads the whole dense mask; the Triton kernel reads a
+    bitmask of the 64 x 64 bit tiles that hold an edge, built from the edges in O(E) plus a tile table
+    (kernels/block_index.py, ``edge_bitmask``: no Nq x Nk tensor); the "edges" backend
     (zoo/attention/edge_backend.py) reads the edges alone. The attention itself is what the backend does with the map: points
     ordered so that neighbours have nearby indices (sorted along a space-filling curve, or as :meth:`knn` keeps
     them: clouds usually come that way) leave most tiles EMPTY, which the block-sparse backends skip; a graph in
