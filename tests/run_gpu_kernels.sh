@@ -12,7 +12,8 @@
 #      FULL=1 (it wants the autotuned kernels, and step 1 already times them).
 #   3. FULL=1: every test of tests/test_kernels_flash.py and tests/test_radial.py on compiled kernels.
 #   4. GRAPH=1 (default): the graph kernels' tests compiled (GATv2 edge softmax, vector attention's aggregation:
-#      tests/test_graph_kernel.py, tests/test_vector_kernel.py; small graphs), with one autotune config per kernel
+#      tests/test_graph_kernel.py, tests/test_vector_kernel.py; attend() over Edges, tests/test_edges_mask.py and the
+#      flash kernel's EDGE slot, tests/test_kernel_edges.py; small graphs), with one autotune config per kernel
 #      (ZOO_TRITON_SINGLE_CONFIG=1, as in step 2), then `zoo bench graph --device cuda` at 100k and 1M edges
 #      (GATv2 vs PyG, time and memory; autotuned).
 # Compile time dominates (Triton autotuning, torch.compile of FlexAttention per mask): untimed so far, meant
@@ -70,7 +71,7 @@ fi
 if [ "$GRAPH" = "1" ]; then
     echo "== 4. graph kernels (GATv2 edge softmax, vector attention, attend() over Edges) compiled; GATv2 vs PyG on the GPU (issue 6: >= 3x)"
     ZOO_TRITON_SINGLE_CONFIG=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_graph_kernel.py \
-        tests/test_vector_kernel.py tests/test_edges_mask.py || status=1
+        tests/test_vector_kernel.py tests/test_edges_mask.py tests/test_kernel_edges.py || status=1
     "$PY" -m zoo.bench.graph --device cuda --sizes 100000:10000,1000000:100000 --channels 8,64 --repeats 5 || status=1
 fi
 echo "== done (status $status)"
