@@ -343,9 +343,21 @@ class MaskProgram:
             table, words = self.edge
             edge = (table, words, table.stride(0) if table.shape[0] > 1 else 0, table.stride(1))
         else:
-            stand_in = torch.full((1,), -1, dtype=torch.int32, device=dummy.device)
+            stand_in = _edge_stand_in(dummy.device)
             edge = (stand_in, stand_in, 0, 0)
         return (lo0, hi0, lo1, hi1, c0, s0, c1, s1) + seg + dense + blk + edge
+
+
+_EDGE_STAND_INS: dict = {}
+
+
+def _edge_stand_in(device) -> torch.Tensor:
+    """The one-entry int32 tensor the EDGE slot's pointers get when the program has no Edges mask (never read), one
+    per device: made once, not at every launch of every masked call."""
+    stand_in = _EDGE_STAND_INS.get(device)
+    if stand_in is None:
+        stand_in = _EDGE_STAND_INS[device] = torch.full((1,), -1, dtype=torch.int32, device=device)
+    return stand_in
 
 
 class _Fallback(Exception):

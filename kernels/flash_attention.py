@@ -1303,8 +1303,8 @@ def flash_attention(
     Args:
         q: (B, H, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv); fp16, bf16 or fp32, CUDA (or CPU under
             TRITON_INTERPRET=1). H % Hkv == 0. D, Dv <= 256.
-        mask: a zoo.attention mask (Full, Causal, Window, ChunkWindow, Segments, Dense, BlockSparse, Radial, & and |
-            combinations), a bool tensor (True = may attend) or None.
+        mask: a zoo.attention mask (Full, Causal, Window, ChunkWindow, Segments, Dense, BlockSparse, Radial, Edges,
+            & and | combinations), a bool tensor (True = may attend) or None.
         bias: float tensor broadcastable to (B, H, Nq, Nk) or a zoo.attention.AttentionBias. An
             :class:`~zoo.attention.ALiBi` is computed inside the kernel from its slopes (O(N) memory, no bias
             tensor, no gradient: its slopes are fixed); other bias objects are materialised.
