@@ -1252,6 +1252,19 @@ def test_eval_on_a_data_config_of_the_users(tmp_path, capsys):
     assert "derived.yaml has a defaults list, which zoo eval does not expand" in capsys.readouterr().err
     assert cli.main(["eval", f"ckpt={ckpt}", "-cd", str(mine)]) == 1
     assert "--config-dir is where data=GROUP looks for your own data config" in capsys.readouterr().err
+    # a package header other than the data node's (zoo train applies it; zoo eval reads the file as the data node),
+    # a file that is no data config
+    (mine / "data" / "global.yaml").write_text("# a comment\n# @package _global_\ndata:\n  root: /x\n")
+    assert cli.main(["eval", f"ckpt={ckpt}", "-cd", str(mine), "data=global"]) == 1
+    assert "global.yaml declares '# @package _global_'; zoo eval reads a data file as the data node" in \
+        capsys.readouterr().err
+    (mine / "data" / "packaged.yaml").write_text("# @package data\n" + (mine / "data" / "my_pngs.yaml").read_text())
+    assert cli.main(["eval", f"ckpt={ckpt}", "-cd", str(mine), "data=packaged"]) == 0
+    assert json.loads(capsys.readouterr().out)["test/acc1"] == expected
+    (mine / "data" / "plain.yaml").write_text("root: /x\nlater: 1  # @package _global_ (not a header)\n")
+    assert cli.main(["eval", f"ckpt={ckpt}", "-cd", str(mine), "data=plain"]) == 1
+    assert "plain.yaml has no _target_ (the data module to build), so it is no data config (keys: root, later)" in \
+        capsys.readouterr().err
     assert cli.main(["eval", f"ckpt={ckpt}", "data=my_pngs", "--config-dir"]) == 1
     assert "--config-dir needs a folder" in capsys.readouterr().err
     assert cli.main(["eval", f"ckpt={ckpt}", "data=my_pngs", "-cd", str(tmp_path / "absent")]) == 1

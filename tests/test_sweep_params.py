@@ -147,15 +147,15 @@ def _refusal(capsys, argv, tmp_path):
     ("hydra:\n  sweeper:\n    params:\n      run_dir: a,b\n",
      "hydra.sweeper.params in hparams_search/bad.yaml: run_dir=a,b: with -m each job has its own run_dir"),
     ("hydra:\n  sweeper:\n    n_trials: 20\n    params:\n      seed: 0,1\n",
-     "hydra.sweeper.n_trials (in hparams_search/bad.yaml): zoo train -m runs Hydra's basic sweeper only, whose "
+     "hydra.sweeper.n_trials (in hparams_search/bad.yaml): zoo train's sweeps (-m) run Hydra's basic sweeper only, whose "
      "settings are hydra.sweeper.params (the values to sweep); drop n_trials"),
     ("hydra:\n  sweeper:\n    sampler:\n      seed: 1\n",
-     "hydra.sweeper.sampler (in hparams_search/bad.yaml): zoo train -m runs Hydra's basic sweeper only"),
+     "hydra.sweeper.sampler (in hparams_search/bad.yaml): zoo train's sweeps (-m) run Hydra's basic sweeper only"),
     ("hydra:\n  sweeper:\n    _target_: hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper\n",
      "hydra.sweeper._target_: hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper (in "
-     "hparams_search/bad.yaml): zoo train -m runs Hydra's basic sweeper only"),
+     "hparams_search/bad.yaml): zoo train's sweeps (-m) run Hydra's basic sweeper only"),
     ("defaults:\n  - override /hydra/sweeper: optuna\n",  # lightning-hydra-template's mnist_optuna.yaml
-     "hydra/sweeper: optuna: zoo train -m runs Hydra's basic sweeper only"),
+     "hydra/sweeper: optuna: zoo train's sweeps (-m) run Hydra's basic sweeper only"),
 ])
 def test_other_sweepers_settings_are_refused_naming_file_and_key(tmp_path, capsys, config_dir, file_text, message):
     _write(config_dir, "hparams_search/bad.yaml", "# @package _global_\n" + file_text)
@@ -195,7 +195,7 @@ def test_a_sweep_in_the_config_runs_and_a_rerun_continues_it(tmp_path, capsys, c
 
 def test_without_params_nothing_changes(tmp_path):
     args = [*KARATE, "seed=0,1", "task.lr=1e-3,3e-3"]
-    assert sweep.config_params(args) == [] and sweep.config_sweep_keys(KARATE) == []
+    assert sweep.config_params(args) == [] and sweep.config_sweep_keys(KARATE) == (False, [])
     _, jobs = sweep.plan(args, str(tmp_path / "sweep"))
     assert [job.overrides for job in jobs] == sweep.expand(args) == _hydra_multirun_jobs(tmp_path, args)
 
@@ -225,3 +225,66 @@ def test_cfg_and_help_show_the_config_sweep(tmp_path, capsys):
     help_text = capsys.readouterr().out
     assert "hydra.sweeper.params" in help_text and "zoo train -m hparams_search=karate_lr" in help_text
     assert "\n  hparams_search: karate_lr" in help_text  # the group's options (zoo.configs)
+
+
+def _hydra_mode(overrides, config_dirs=()):
+    """What Hydra itself decides for a @hydra.main app started without --run / --multirun: ``Hydra.get_mode``
+    (hydra/_internal/utils.py run_hydra, then _run_app: a MULTIRUN mode sweeps)."""
+    with run.hydra_session(config_dirs) as global_hydra:
+        return global_hydra.hydra.get_mode(config_name="train", overrides=list(overrides))
+
+
+def test_hydra_mode_multirun_in_a_config_sweeps_without_m(tmp_path, capsys, config_dir):
+    """lightning-hydra-template's hparams_search files set hydra.mode: MULTIRUN, with which Hydra sweeps although
+    the command line has no --multirun; zoo train did one run with a note saying Hydra would do the same."""
+    from hydra.types import RunMode
+
+    _write(config_dir, "hparams_search/lht.yaml", """\
+        # @package _global_
+        defaults:
+          - override /experiment: graph_karate
+        hydra:
+          mode: MULTIRUN
+          sweeper:
+            params:
+              seed: 0,1
+        """)
+    argv = ["--config-dir", str(config_dir), "hparams_search=lht"]
+    assert _hydra_mode(argv[2:], [str(config_dir)]) == RunMode.MULTIRUN
+    assert _hydra_mode(["hparams_search=karate_lr"]) is None  # no mode set: one run, as zoo train does
+    assert sweep.config_sweep_keys(["hparams_search=lht"], [str(config_dir)]) == (True, ["seed"])
+    sweep_dir = tmp_path / "sweep"
+    assert cli.main(["train", *argv, f"sweep_dir={sweep_dir}", "--cfg", "job"]) == 0
+    captured = capsys.readouterr()
+    assert "the config sets hydra.mode: MULTIRUN, so this is a sweep" in captured.err
+    assert "# job 0: seed=0 hparams_search=lht" in captured.out and "# job 1: seed=1 hparams_search=lht" in captured.out
+    assert _hydra_multirun_jobs(tmp_path, ["hparams_search=lht"], [str(config_dir)]) == [
+        ["seed=0", "hparams_search=lht"], ["seed=1", "hparams_search=lht"]]
+
+
+def test_hydra_sweep_folders_set_in_a_config_are_refused(tmp_path, capsys, config_dir):
+    """hydra.sweep.dir / subdir in a config were dropped without a word (on the command line they are refused)."""
+    for key, value, expected in (("dir", "/tmp/my_sweeps",
+                                  "give the sweep's folder as sweep_dir=DIR on the command line"),
+                                 ("subdir", "lr_${task.lr}", "each job's folder is <sweep_dir>/<job number>")):
+        _write(config_dir, "hparams_search/folders.yaml",
+               f"# @package _global_\nhydra:\n  sweep:\n    {key}: {value}\n  sweeper:\n    params:\n      seed: 0,1\n")
+        first = _refusal(capsys, [*KARATE, "--config-dir", str(config_dir), "hparams_search=folders"], tmp_path)
+        assert f"hydra.sweep.{key}: {value} (in hparams_search/folders.yaml): zoo train -m does not run Hydra's " \
+               f"launcher; {expected}, and drop hydra.sweep.{key} from the config" in first, first
+
+
+def test_a_params_value_that_does_not_resolve_is_named_in_one_line(tmp_path, capsys, config_dir):
+    _write(config_dir, "hparams_search/interp.yaml",
+           "# @package _global_\nhydra:\n  sweeper:\n    params:\n      name: ${hydra:job.name}\n")
+    first = _refusal(capsys, [*KARATE, "--config-dir", str(config_dir), "hparams_search=interp"], tmp_path)
+    assert first.startswith("zoo train: error: hydra.sweeper.params.name (in hparams_search/interp.yaml): "), first
+    assert "the sweep's values are read before any job exists" in first
+
+
+def test_the_note_is_printed_by_the_first_process_only(capsys, monkeypatch):
+    for name in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.setenv(name, "1")
+        assert cli.main(["train", "hparams_search=karate_lr", "--cfg", "job"]) == 0
+        assert "note:" not in capsys.readouterr().err, name
+        monkeypatch.delenv(name)

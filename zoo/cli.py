@@ -105,8 +105,10 @@ ranks re-run the command line: the whole sweep).
 e.g. zoo train -m experiment=graph_karate task.lr=1e-3,3e-3 'seed=range(0,3)' sweep_dir=outputs/lr_sweep  # 6 jobs
 Sweeps in a config (Hydra's basic sweeper's hydra.sweeper.params, in the primary config, an experiment or an
 hparams_search file starting with # @package _global_): its entries come first and the command line's after them;
-a key in both keeps its place and takes the command line's values. Without -m they are ignored (as in Hydra; a
-note names them). Another sweeper's settings (Optuna's n_trials, sampler, override /hydra/sweeper) are refused.
+a key in both (written alike: seed=, not +seed=) keeps its place and takes the command line's values. Without -m
+they are ignored (as in Hydra; a note names them) unless the config sets hydra.mode: MULTIRUN, which sweeps as -m
+does. Another sweeper's settings (Optuna's n_trials, sampler, override /hydra/sweeper) and hydra.sweep.dir/subdir
+(the folder is sweep_dir=) are refused.
 e.g. zoo train -m hparams_search=karate_lr                # configs/hparams_search/karate_lr.yaml: task.lr x seed
 e.g. zoo train -m hparams_search=karate_lr seed=7,8       # seed's values replaced, task.lr's kept
 """
@@ -206,8 +208,15 @@ def _cmd_train(argv: list[str]) -> int:
     config_name = run.primary_config_name(config_name)
     if any(token in ("-m", "--multirun") for token in overrides):
         return _sweep(overrides, print_cfg, resolve, config_dirs, config_name)
+    from zoo.train import sweep
+
+    multirun, sweep_keys = sweep.config_sweep_keys(overrides, config_dirs, config_name=config_name)
+    if multirun:  # Hydra's Hydra.get_mode: a config's hydra.mode: MULTIRUN sweeps without --multirun
+        print("zoo train: note: the config sets hydra.mode: MULTIRUN, so this is a sweep (as Hydra runs it without "
+              "--multirun), the same as zoo train -m", file=sys.stderr, flush=True)
+        return _sweep(overrides, print_cfg, resolve, config_dirs, config_name)
     cfg = run.compose(overrides, config_name=config_name, config_dirs=config_dirs)
-    _note_config_sweep(overrides, config_dirs, config_name)
+    _note_config_sweep(sweep_keys)
     if print_cfg:
         _print_config(cfg, resolve)
         return 0
@@ -257,17 +266,15 @@ def _print_config(cfg, resolve: bool) -> None:
     print(text)
 
 
-def _note_config_sweep(overrides: Sequence[str], config_dirs: Sequence[str], config_name: str) -> None:
+def _note_config_sweep(keys: Sequence[str]) -> None:
     """One line on stderr when the config holds a sweep (``hydra.sweeper.params``) and zoo train runs one config: a
-    ``@hydra.main`` app without ``--multirun`` ignores the sweeper and its params (Hydra runs one job with the
-    config's own values), and so does zoo train; -m runs the sweep. Printed once under DDP (the other ranks re-run
-    the command line with LOCAL_RANK set)."""
+    ``@hydra.main`` app without ``--multirun`` (and without ``hydra.mode: MULTIRUN`` in its config) ignores the
+    sweeper and its params (Hydra runs one job with the config's own values), and so does zoo train; -m runs the
+    sweep. Printed once under DDP: the other ranks re-run the command line with LOCAL_RANK (and, on other nodes,
+    NODE_RANK or, under SLURM, SLURM_PROCID) set."""
     import os
 
-    from zoo.train import sweep
-
-    keys = sweep.config_sweep_keys(overrides, config_dirs, config_name=config_name)
-    if keys and os.environ.get("LOCAL_RANK", "0") == "0":
+    if keys and all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")):
         print(f"zoo train: note: the config defines a sweep (hydra.sweeper.params: {', '.join(keys)}), which zoo train "
               f"-m runs; without -m this is one run with the config's own values, as in Hydra", file=sys.stderr,
               flush=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import importlib
+import itertools
 import json
 import math
 import os
@@ -94,12 +95,12 @@ def _hydra_sweeper_error(text: str) -> Optional[str]:
     where = f" (in {file.group(1)}.yaml)" if file else ""
     key = re.search(r"full_key: (hydra\.sweeper\.\S+)", text)
     if key and "BasicSweeperConf" in text:
-        return (f"{key.group(1)}{where}: zoo train -m runs Hydra's basic sweeper only, whose settings are "
+        return (f"{key.group(1)}{where}: zoo train's sweeps (-m) run Hydra's basic sweeper only, whose settings are "
                 f"hydra.sweeper.params (the values to sweep); drop {key.group(1).split('.')[2]} (an optimizing "
                 f"sweeper's setting: Optuna's, Nevergrad's)")
     other = re.search(r"Could not find 'hydra/sweeper/([^']+)'", text)
     if other:
-        return (f"hydra/sweeper: {other.group(1)}: zoo train -m runs Hydra's basic sweeper only (its "
+        return (f"hydra/sweeper: {other.group(1)}: zoo train's sweeps (-m) run Hydra's basic sweeper only (its "
                 f"hydra.sweeper.params: the values to sweep); drop the override /hydra/sweeper: {other.group(1)} "
                 f"and keep the swept values in hydra.sweeper.params")
     return None
@@ -2133,11 +2134,21 @@ def _other_data(cfg, group: str, config_dirs: Sequence[str] = ()):
             raise ValueError(f"data={group}: no such data config (options: {', '.join(_group_options('data'))}"
                              f"{where})")
         path = found[0]
+    with open(path, encoding="utf-8") as file:  # Hydra reads the header from the comments before the content
+        leading = "".join(itertools.takewhile(lambda line: not line.strip() or line.lstrip().startswith("#"), file))
+    header = re.search(r"^\s*#\s*@package\s+(\S+)", leading, re.MULTILINE)
+    if header and header.group(1) not in ("data", "_group_"):
+        raise ValueError(f"data={group}: {path} declares '# @package {header.group(1)}'; zoo eval reads a data file "
+                         f"as the data node itself (no header, or '# @package data' / '_group_'): write it that way")
     other = OmegaConf.load(path)
     if "defaults" in other:
         raise ValueError(f"data={group}: {path} has a defaults list, which zoo eval does not expand (it reads one "
                          f"data file); write the data options out in it, or evaluate with data.* overrides instead")
     stored = cfg.get("data") or {}
+    if not other.get("_target_"):
+        raise ValueError(f"data={group}: {path} has no _target_ (the data module to build), so it is no data config "
+                         f"(keys: {', '.join(map(str, other.keys())) or 'none'})")
+
     def kind(node) -> str:  # zoo.tasks.<domain>, and for graphs what the model predicts (nodes, graphs, ...)
         domain = str(node.get("_target_", "")).rsplit(".", 2)[0]
         return domain + (f" ({node['model_kind']} model)" if "model_kind" in node else "")

@@ -188,6 +188,10 @@ def _interval_refusal(text: str) -> str:
             f"choice(a,b) instead")
 
 
+#: Hydra's defaults of ``hydra.sweep`` (hydra/conf/__init__.py ``SweepDir``), unresolved: a config that sets
+#: another is refused, as ``hydra.sweep.dir=`` on the command line is (the sweep's folder is ``sweep_dir=``)
+_HYDRA_SWEEP_DEFAULTS = {"dir": "multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}", "subdir": "${hydra.job.num}"}
+
 #: Hydra's basic sweeper, the ``_target_`` of ``hydra.sweeper`` unless another sweeper is chosen
 #: (hydra/_internal/core_plugins/basic_sweeper.py ``BasicSweeperConf``)
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -253,6 +257,8 @@ def config_params(overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
     from hydra.core.override_parser.types import ValueType
     from hydra.errors import HydraException
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from zoo.train import run as run_module
 
@@ -275,11 +281,26 @@ def config_params(overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
                 if key in ("params", "max_batch_size") or (key == "_target_" and sweeper[key] == BASIC_SWEEPER):
                     continue
                 shown = f"{key}: {sweeper[key]}" if key == "_target_" else key
-                raise ValueError(f"hydra.sweeper.{shown} (in {where('hydra.sweeper', key)}): zoo train -m runs "
+                raise ValueError(f"hydra.sweeper.{shown} (in {where('hydra.sweeper', key)}): zoo train's sweeps (-m) run "
                                  f"Hydra's basic sweeper only, whose settings are hydra.sweeper.params (the values "
                                  f"to sweep); drop {key} (an optimizing sweeper's setting: Optuna's, Nevergrad's)")
-            params = sweeper.get("params") or {}
-            entries = [f"{key}={value}" for key, value in params.items()]  # BasicSweeper._parse_config
+            for key, default in _HYDRA_SWEEP_DEFAULTS.items():
+                raw = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get(key)
+                if raw != default:
+                    instead = ("give the sweep's folder as sweep_dir=DIR on the command line" if key == "dir" else
+                               "each job's folder is <sweep_dir>/<job number>")
+                    raise ValueError(f"hydra.sweep.{key}: {raw} (in "
+                                     f"{where('hydra.sweep', key)}): zoo train -m does not run Hydra's launcher; "
+                                     f"{instead}, and drop hydra.sweep.{key} from the config")
+            try:
+                params = sweeper.get("params") or {}
+                entries = [f"{key}={value}" for key, value in params.items()]  # BasicSweeper._parse_config
+            except OmegaConfBaseException as error:
+                key = getattr(error, "full_key", None) or "hydra.sweeper.params"
+                first = str(error).strip().splitlines()[0]
+                raise ValueError(f"{key} (in {where('hydra.sweeper.params', str(key).rsplit('.', 1)[-1])}): {first}"
+                                 f" (the sweep's values are read before any job exists: ${{hydra:...}} has no "
+                                 f"value there)") from None
             for key, entry in zip(params, entries):
                 def refused(why: str) -> ValueError:
                     return ValueError(f"hydra.sweeper.params in {where('hydra.sweeper.params', key)}: {why}")
@@ -304,25 +325,30 @@ def config_params(overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
 
 
 def config_sweep_keys(overrides: Sequence[str], config_dirs: Sequence[str] = (), *,
-                      config_name: str = "train") -> list[str]:
-    """The keys of ``hydra.sweeper.params`` in the config of a plain ``zoo train`` (no -m): Hydra without
-    ``--multirun`` composes them (``RunMode.RUN``) and ignores them, as zoo train does (it notes them). [] when the
-    config has none (or does not compose: zoo train says why)."""
+                      config_name: str = "train") -> tuple[bool, list[str]]:
+    """What the config of a ``zoo train`` without -m says about sweeping, read as Hydra's ``Hydra.get_mode`` reads it
+    (hydra/_internal/hydra.py: the config composed in ``RunMode.MULTIRUN``): (whether it sets ``hydra.mode:
+    MULTIRUN``, which makes a ``@hydra.main`` app sweep without ``--multirun`` -- lightning-hydra-template's
+    hparams_search files set it -- and so zoo train too; the keys of its ``hydra.sweeper.params``, which a run
+    without either ignores, as Hydra does). (False, []) when the config does not compose (zoo train says why)."""
     from hydra.errors import HydraException
     from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
 
     from zoo.train import run as run_module
 
-    written = list(overrides)
+    # sweep_dir= is no config key: zoo train takes it for a sweep (one that hydra.mode: MULTIRUN makes, here)
+    written = [item for item in overrides if item.partition("=")[0].lstrip("+~") != "sweep_dir"]
     folders = [*config_dirs, *run_module.searchpath_folders(written)]
     try:
         with run_module.hydra_session(folders) as global_hydra:
             cfg = global_hydra.config_loader().load_configuration(
                 config_name=run_module.primary_config_name(config_name),
-                overrides=[_expand_home_elements(item) for item in written], run_mode=RunMode.RUN, from_shell=False)
-    except (HydraException, ValueError):
-        return []
-    return [str(key) for key in (cfg.hydra.sweeper.get("params") or {})]
+                overrides=[_expand_home_elements(item) for item in written], run_mode=RunMode.MULTIRUN,
+                from_shell=False)
+        return cfg.hydra.get("mode") == RunMode.MULTIRUN, [str(key) for key in (cfg.hydra.sweeper.get("params") or {})]
+    except (HydraException, OmegaConfBaseException, ValueError):
+        return False, []
 
 
 def expand(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> list[list[str]]:
