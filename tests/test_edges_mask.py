@@ -544,8 +544,8 @@ def test_knn_defaults_and_empty_clouds_named():
 
 
 def test_automatic_selection_on_cuda_only_beyond_the_dense_mask_limits():
-    """On CUDA (not yet timed there) the edge path is chosen automatically only where the dense mask would pass 2^28
-    cells, the limit of the Triton kernel's dense slot and of SDPA (both then refuse, leaving the chunked reference):
+    """On CUDA (not yet timed there) the edge path is chosen automatically only where a dense mask would pass 2^28
+    cells (SDPA's limit; the Triton kernel's EDGE slot takes any size, with work that follows the tiles it visits):
     the decision, checked without a GPU."""
     from zoo.attention import backends, edge_backend
 

@@ -21,11 +21,18 @@ backward on this project's 2-core CPU (H = 4, D = 32, points on a sphere, 2026-1
 allowed: 0.10% (16384 points, k = 16) 0.05; 0.20-0.39% 0.13-0.17; 0.78% 0.35; 1.17% 0.43-0.59; 1.56% 0.70 (1024
 points, k = 16) and 1.24 (4096, k = 64, random order); 3.1% (512, k = 16) 2.2; 6.25% 2.8-3.8. Explicit requests
 (``backend="edges"``) run any Edges call the path supports, on CUDA too. On CUDA automatic selection takes it only
-where the dense mask would pass 2^28 cells (Bm * Nq * Nk), the limit of both the Triton kernel's dense slot and
-SDPA's dense mask, beyond which the call would go to the chunked reference: the path has not been timed on a GPU
-against the flash kernel (none was lent to this project so far).
+where a dense mask would pass 2^28 cells (Bm * Nq * Nk, SDPA's limit). The Triton kernel takes an Edges mask of
+any size (its EDGE slot, kernels/block_index.py), but its work grows with the tiles it visits (all of them for a
+cloud in random order) where this path's is O(E), so beyond that size this path is kept first; below it the kernel
+is. Neither choice has been timed on a GPU (none was lent to this project so far).
 Not supported (the call goes to another backend, or an explicit request is refused naming it): a bias,
-``score="sigmoid"``, ``return_weights``, ``return_lse``, torch.func transforms, and tracing / export.
+``score="sigmoid"``, ``return_weights``, ``return_lse``, torch.func transforms, torch.export and jit tracing.
+
+Under torch.compile the path is three custom operators, one graph node each (``fullgraph=True`` compiles): the edge
+graph (``zoo::edge_graph``: the mask's index checks and distinct edges, rebuilt per call, not cached), the scores
+(``zoo::edge_dot``) and the fused softmax / aggregation (``zoo::segment_softmax_aggregate``; zoo/attention/segment.py).
+Automatic selection there takes it only on the column count (edge_index columns at most AUTO_MAX_ALLOWED_FRACTION of
+the pairs): counting the distinct edges needs their values, which tracing does not read.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ import torch
 from zoo.attention import backends as _backends
 from zoo.attention.masks import Edges, cache_put
 from zoo.attention.segment import CSR, build_csr, edge_dot, segment_softmax_aggregate
-from zoo.layers import in_torch_func, is_tracing
+from zoo.layers import in_torch_export, in_torch_func, is_tracing
 
 __all__ = ["NAME", "AUTO_MAX_ALLOWED_FRACTION", "AUTO_MIN_CELLS", "edge_graph"]
 
@@ -62,6 +69,32 @@ def edge_graph(mask: Edges, q_len: int, k_len: int, device) -> CSR:
     return csr
 
 
+@torch.library.custom_op("zoo::edge_graph", mutates_args=())
+def _edge_graph_op(edge_index: torch.Tensor, q_len: int,
+                   k_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`edge_graph` as a custom operator, for torch.compile: the mask's checks (negative and out-of-range
+    indices, with their eager messages) and its distinct edges sorted into the CSR run eagerly when the compiled graph
+    runs, one opaque node of it (not cached: rebuilt per call). -> (rowptr, col, row, perm); the distinct edge count is
+    data-dependent: a symbolic size of the fake implementation."""
+    csr = edge_graph(Edges(edge_index), q_len, k_len, edge_index.device)
+    return csr.rowptr, csr.col, csr.row, csr.perm
+
+
+@_edge_graph_op.register_fake
+def _(edge_index, q_len, k_len):
+    batch = edge_index.size(0) if edge_index.dim() == 3 else 1
+    num_edges = torch.library.get_ctx().new_dynamic_size()
+    index = dict(dtype=torch.long, device=edge_index.device)
+    return (torch.empty(batch * q_len + 1, **index), torch.empty(num_edges, **index), torch.empty(num_edges, **index),
+            torch.empty(num_edges, **index))
+
+
+def _traced_edge_graph(mask: Edges, q_len: int, k_len: int, device) -> CSR:
+    """The CSR of :func:`edge_graph` while torch.compile traces: from the operator, over the same node counts."""
+    rowptr, col, row, perm = _edge_graph_op(mask.edge_index.to(device), q_len, k_len)
+    return CSR(rowptr, col, row, perm, mask.batch_size * k_len, mask.batch_size * q_len)
+
+
 def _heads_last(t_BHND: torch.Tensor, shared: bool) -> torch.Tensor:
     """(B, H, N, D) -> (N, B * H, D) for a shared graph (the batch folded into the heads), (B * N, H, D) else."""
     batch, heads, n, d = t_BHND.shape
@@ -77,7 +110,8 @@ def _edges_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights,
         k = k.repeat_interleave(heads // k.shape[1], dim=1)
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
     shared = mask.batch_size == 1
-    csr = edge_graph(mask, q_len, k_len, q.device)
+    compiling = torch.compiler.is_compiling()
+    csr = (_traced_edge_graph if compiling else edge_graph)(mask, q_len, k_len, q.device)
     q_NHD, k_NHD, v_NHD = (_heads_last(t, shared) for t in (q, k, v))
     if q_NHD.dtype in (torch.float16, torch.bfloat16):  # scores and softmax in fp32, as the other backends
         q_NHD, k_NHD = q_NHD.float(), k_NHD.float()  # (edge_dot returns its inputs' dtype: bf16 scores were
@@ -105,8 +139,8 @@ def _edges_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights
         return "return_weights=True (the edge path forms no (Nq, Nk) weights)"
     if in_torch_func():
         return "a torch.func transform (the edge path's autograd Functions have no functorch rules)"
-    if is_tracing():
-        return "tracing / export (the edge path loops over blocks of queries in Python)"
+    if is_tracing() and not _compiling():
+        return "tracing / export (the edge path's operators are registered for torch.compile only)"
     if q.shape[0] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
         return "an empty batch or sequence"
     return None
@@ -127,6 +161,9 @@ def _edges_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_we
         return f"Nq*Nk = {cells} < {AUTO_MIN_CELLS} (one SDPA call with the dense mask is faster)"
     if mask.num_edges / cells <= AUTO_MAX_ALLOWED_FRACTION:  # columns (padding included) bound the distinct edges
         return None
+    if _compiling():  # (counting needs the values: not while tracing)
+        return (f"under torch.compile the edge path is taken automatically only when edge_index has at most "
+                f"{AUTO_MAX_ALLOWED_FRACTION} x Nq x Nk columns (its distinct edges are not counted while tracing)")
     # more columns than the threshold: count the distinct edges (the graph the forward then reuses, while the mask's
     # version holds: an edge_index made under inference_mode has none and is rebuilt)
     allowed = edge_graph(mask, q_len, k_len, q.device).num_edges / (mask.batch_size * cells)
@@ -135,10 +172,16 @@ def _edges_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_we
     return None
 
 
+def _compiling() -> bool:
+    """torch.compile traces (not torch.export, nor jit tracing): the edge path runs as custom operators there."""
+    return torch.compiler.is_compiling() and not in_torch_export() and torch._C._get_tracing_state() is None
+
+
 def _off_cpu_reason(dense_cells: int):
-    """Automatic selection on CUDA (not yet timed there against the flash kernel): the edge path only where the
-    dense mask, of ``dense_cells`` = Bm * Nq * Nk cells, is too large for both the Triton kernel's dense slot and SDPA
-    (their limits, 2^28 cells each), whose refusal would leave the call to the chunked reference, O(Nq Nk) work."""
+    """Automatic selection on CUDA (not yet timed there against the flash kernel): the edge path only where a dense
+    mask, of ``dense_cells`` = Bm * Nq * Nk cells, would pass SDPA's limit (2^28 cells). The Triton kernel serves any
+    size through its EDGE slot, but its work follows the tiles it visits (O(Nq Nk) for a cloud in random order),
+    this path's the edges: at that size the O(E) path is preferred, below it the kernel."""
     if dense_cells <= _backends.SDPA_DENSE_MASK_LIMIT:
         return (f"on CUDA the edge path is taken automatically only above {_backends.SDPA_DENSE_MASK_LIMIT} dense-mask "
                 f"cells (here {dense_cells}): it has not been timed against the flash kernel on a GPU; ask for it "

@@ -36,9 +36,13 @@ is registered or a torch.func transform (vmap, grad, jacrev) is active, a layer 
 ``edge_updater`` (PyG's ``edge_update``) and ``propagate`` instead (plain autograd, [E, H, C] messages, the
 masks and hooks applied exactly where PyG applies them), so explanations equal those of PyG's layers.
 
-Under torch.compile the graph structure and the fused attention run eagerly between the compiled graphs (graph
-breaks). torch.export cannot break a graph: there the layers take that unfused path too, with the structure traced
-(PyG's remove/add self loops on a symbolic N and E), so they export as PyG's layers do, with PyG's [E, H, C]
+Under torch.compile the layers compile as one graph (``fullgraph=True``): the graph structure (values checked, self
+loops, CSR sort; ``zoo::graph_structure`` below) and the fused attention (zoo/attention/segment.py) are custom
+operators, opaque nodes that run eagerly inside the compiled graph, so the fused memory-light path is kept; the
+structure is rebuilt per call there (no cache) and the NaN / Inf checks of the features are skipped. A sparse
+adjacency and the Triton kernel still run between compiled graphs (graph breaks). torch.export cannot break a
+graph: there the layers take that unfused path too, with the structure traced (PyG's remove/add self loops on a
+symbolic N and E), so they export as PyG's layers do, with PyG's [E, H, C]
 memory, edge_index values unchecked (as in PyG) and a [2, E] edge_index only (not a sparse adjacency).
 """
 from __future__ import annotations
@@ -190,6 +194,49 @@ def graph_structure(edge_index, num_src: int, num_dst: int, add_self_loops: bool
     csr = None if exporting else build_csr(edge_index, num_src, num_dst, validate=False)
     return GraphStructure(csr, num_input, kept, num_loops, edge_index, num_src, num_dst, layout, size, storage_order,
                           coalesced)
+
+
+@torch.library.custom_op("zoo::graph_structure", mutates_args=())
+def _graph_structure_op(edge_index: Tensor, num_src: int, num_dst: int,
+                        add_self_loops: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`graph_structure` of a [2, E] edge_index as a custom operator, for torch.compile: the values are checked
+    (the eager messages, raised when the compiled graph runs), self loops removed and added, the edges sorted into the
+    CSR, all eagerly at run time, one opaque node of the graph. -> (rowptr [Nd+1], col [E'], row [E'], perm [E'],
+    kept [K] (the input edges kept: every one without ``add_self_loops``), edge_index [2, E'] in PyG's order); E' and
+    K depend on the values (the self loops removed): symbolic sizes of the fake implementation below."""
+    graph = graph_structure(edge_index, num_src, num_dst, add_self_loops)
+    csr = graph.csr
+    kept = graph.kept
+    if kept is None:  # nothing removed (or no loop handling): every input edge, in order
+        kept = torch.arange(graph.num_input_edges, device=edge_index.device)
+    # an output may not alias the input: without loops added, graph.edge_index can be the caller's tensor
+    edge_index_out = graph.edge_index if graph.num_loops else graph.edge_index.clone()
+    edge_index_out = edge_index_out.contiguous()  # as the fake implementation says (inductor checks strides)
+    return csr.rowptr, csr.col, csr.row, csr.perm, kept, edge_index_out
+
+
+@_graph_structure_op.register_fake
+def _(edge_index, num_src, num_dst, add_self_loops):
+    num_input = edge_index.size(1)
+    if add_self_loops:
+        num_kept = torch.library.get_ctx().new_dynamic_size()  # input edges that are not self loops: data-dependent
+        num_edges = num_kept + torch.sym_min(num_src, num_dst)
+    else:
+        num_kept = num_edges = num_input
+    index = dict(dtype=torch.long, device=edge_index.device)
+    return (torch.empty(num_dst + 1, **index), torch.empty(num_edges, **index), torch.empty(num_edges, **index),
+            torch.empty(num_edges, **index), torch.empty(num_kept, **index), torch.empty(2, num_edges, **index))
+
+
+def _compiled_graph_structure(edge_index: Tensor, num_src: int, num_dst: int, add_self_loops: bool) -> GraphStructure:
+    """The graph structure while torch.compile traces a layer: the checks that need no values (type, dtype, shape)
+    here, the rest in the operator :func:`_graph_structure_op`. Not cached: the compiled graph rebuilds it per call
+    (a sort of E edges: cheap next to the attention)."""
+    edge_index = check_edge_index(edge_index, num_src, num_dst)  # (values skipped while compiling: in the operator)
+    rowptr, col, row, perm, kept, edges = _graph_structure_op(edge_index, num_src, num_dst, add_self_loops)
+    num_loops = min(num_src, num_dst) if add_self_loops else 0
+    return GraphStructure(CSR(rowptr, col, row, perm, num_src, num_dst), edge_index.size(1),
+                          kept if add_self_loops else None, num_loops, edges, num_src, num_dst)
 
 
 def _loop_attr(edge_attr: Tensor, dst: Tensor, num_dst: int, num_loops: int, fill_value) -> Tensor:
@@ -582,15 +629,18 @@ class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
 
     def _graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
         # Validating edge_index, dropping and adding self loops and sorting into a CSR are data-dependent (the
-        # edge count after loop removal, Python-side block boundaries): under torch.compile this runs eagerly
-        # (a graph break, as PyG's remove_self_loops causes), as does the fused attention
-        # (zoo/attention/segment.py); the projections and what surrounds the layer compile.
+        # edge count after loop removal, Python-side block boundaries): under torch.compile they are one custom
+        # operator (_graph_structure_op: no graph break; the edge count a symbolic size), as the fused attention
+        # is (zoo/attention/segment.py), and are rebuilt per call. A sparse adjacency still runs eagerly (a break).
         # torch.export has no graph breaks: there the structure is traced (no value checks, no cache: it would
         # hold symbolic tensors) and the layer runs PyG's propagate (_runs_propagate), plain torch ops with a
         # symbolic N and E, as PyG's own layers export. The exported program has PyG's [E, H, C] memory.
         if in_torch_export():
             self._check_graph_input(edge_index, num_src, num_dst)
             return graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
+        if torch.compiler.is_compiling() and isinstance(edge_index, Tensor) and edge_index.layout == torch.strided:
+            self._check_graph_input(edge_index, num_src, num_dst)
+            return _compiled_graph_structure(self._flowing(edge_index), num_src, num_dst, self.add_self_loops)
         return call_outside_graph(self._build_graph, edge_index, num_src, num_dst)
 
     def _build_graph(self, edge_index, num_src: int, num_dst: int) -> GraphStructure:
@@ -835,8 +885,8 @@ class _GraphAttentionBase(CachedGraphLayer):
         and dtype), in PyG's edge order, then put in CSR order: a seeded training run on CPU drops the edges PyG's
         layer drops (tests/test_graph_layers.py); CUDA's fused dropout kernel draws otherwise. For a sparse adj_t with
         added self loops PyG's order is not edge_index's (GraphStructure.pyg_edge_order): the draw follows PyG's."""
-        if not (self.training and 0.0 < self.dropout < 1.0) or graph.csr.num_edges == 0:
-            return None  # (dropout=1.0 draws nothing, as torch's: _zero_attention)
+        if not (self.training and 0.0 < self.dropout < 1.0) or (not is_tracing() and graph.csr.num_edges == 0):
+            return None  # (dropout=1.0 draws nothing, as torch's: _zero_attention; a symbolic E: an empty mask)
         keep = torch.empty(graph.csr.num_edges, self.heads, device=device, dtype=dtype).bernoulli_(1.0 - self.dropout)
         order = graph.pyg_edge_order()
         if order is not None:  # drawn in PyG's order: edge order[j] gets PyG's j-th draw

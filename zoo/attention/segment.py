@@ -38,6 +38,11 @@ results do not depend on thread timing (bitwise the same from run to run at a gi
 with torch.autocast off (it is per thread, so it reached the calling thread alone): half inputs are computed in fp32
 whatever the thread count, as in the Triton kernel.
 
+Under torch.compile the fused functions (edge_dot, segment_softmax_aggregate, gatv2_attention on its PyTorch path)
+are custom operators, ``zoo::...`` with a fake implementation and a backward operator (end of this file): one opaque
+node of the compiled graph each, no graph break, the same blocked code at run time. The Triton GATv2 kernel is not
+an operator yet: under torch.compile it still runs between compiled graphs (zoo.layers.call_outside_graph).
+
 Dropout on the attention coefficients is given as an explicit boolean keep-mask [E, H] (in CSR order),
 so the fused path and the reference can be run with the same mask; the mask is the only [E, H]-sized
 state kept for backward (besides the [Nd, H] log-sum-exp).
@@ -109,7 +114,7 @@ class CSR:
 
     @property
     def num_edges(self) -> int:
-        return int(self.col.numel())
+        return self.col.numel()  # (a symbolic size under torch.compile: not int() there, a data-dependent guard)
 
     @property
     def device(self) -> torch.device:
@@ -170,7 +175,8 @@ def check_edge_index(edge_index, num_src: int, num_dst: int, *, where: str = "ed
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"{where} must have shape [2, E], got {tuple(edge_index.shape)}")
     edge_index = edge_index.long()
-    if edge_index.numel() and not in_torch_export():
+    # (under torch.compile the graph layers check the values inside their graph-structure operator, at run time)
+    if edge_index.numel() and not in_torch_export() and not torch.compiler.is_compiling():
         lo = int(edge_index.min())
         if lo < 0:
             raise ValueError(f"{where} contains negative node indices (min {lo})")
@@ -280,7 +286,7 @@ def segment_softmax(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
     as PyG's softmax does (it computes -inf - (-inf)); :func:`segment_softmax_weighted_sum` and
     :func:`zoo.attention.attend` give 0 there instead (an output row with nothing to attend to)."""
     num_segments = _check_segments("segment_softmax", scores, index, num_segments)
-    if scores.numel() == 0:
+    if not is_tracing() and scores.numel() == 0:  # (under tracing E may be a data-dependent size: no branch on it)
         return scores.clone()
     # int64 for the scatter ops: torch 2.11's CPU scatter_reduce / gather / scatter_add read an int32 index
     # expanded with stride 0 wrongly (silently for 2 <= C < 16 channels, an error from 16 on)
@@ -542,38 +548,52 @@ def _check_keep(keep: Optional[Tensor], num_edges: int, heads: int, dropout: flo
 # ----------------------------------------------------------------------------------------------------
 # Per-edge dot products (dot-product graph attention's scores)
 # ----------------------------------------------------------------------------------------------------
+def _edge_dot_forward(q_NHC, k_NHC, row, col, chunk):
+    """s[e, h] = q[row[e], h] . k[col[e], h] in chunks of edges (no [E, H, C] gather kept) -> [E, H]."""
+    E, H = row.numel(), q_NHC.size(1)
+    s_EH = q_NHC.new_empty(E, H, dtype=torch.promote_types(q_NHC.dtype, k_NHC.dtype))
+    step = _edge_dot_step(q_NHC, chunk)
+    for e0 in range(0, E, step):
+        e1 = min(E, e0 + step)
+        torch.sum(q_NHC.index_select(0, row[e0:e1]) * k_NHC.index_select(0, col[e0:e1]), dim=-1, out=s_EH[e0:e1])
+    return s_EH
+
+
+def _edge_dot_step(q_NHC, chunk) -> int:
+    return max(1, chunk // max(1, q_NHC.size(1) * q_NHC.size(2)))
+
+
+def _edge_dot_backward(g_EH, q_NHC, k_NHC, row, col, chunk, need_q, need_k):
+    """The gradients of :func:`_edge_dot_forward` (d q or None, d k or None), chunk by chunk."""
+    # summed in fp32 for half inputs: a half buffer rounded every chunk's partial sums (3x autograd's error)
+    dq = torch.zeros(q_NHC.shape, dtype=_compute_dtype(q_NHC.dtype), device=q_NHC.device) if need_q else None
+    dk = torch.zeros(k_NHC.shape, dtype=_compute_dtype(k_NHC.dtype), device=k_NHC.device) if need_k else None
+    step = _edge_dot_step(q_NHC, chunk)
+    for e0 in range(0, row.numel(), step):
+        e1 = min(row.numel(), e0 + step)
+        g = g_EH[e0:e1, :, None]
+        r, c = row[e0:e1], col[e0:e1]
+        if need_q:
+            dq.index_add_(0, r, (g * k_NHC.index_select(0, c)).to(dq.dtype))
+        if need_k:
+            dk.index_add_(0, c, (g * q_NHC.index_select(0, r)).to(dk.dtype))
+    return (None if dq is None else dq.to(q_NHC.dtype)), (None if dk is None else dk.to(k_NHC.dtype))
+
+
 class _EdgeDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_NHC, k_NHC, row, col, chunk):
-        E, H = row.numel(), q_NHC.size(1)
-        s_EH = q_NHC.new_empty(E, H, dtype=torch.promote_types(q_NHC.dtype, k_NHC.dtype))
-        step = max(1, chunk // max(1, H * q_NHC.size(2)))
-        for e0 in range(0, E, step):
-            e1 = min(E, e0 + step)
-            torch.sum(q_NHC.index_select(0, row[e0:e1]) * k_NHC.index_select(0, col[e0:e1]), dim=-1, out=s_EH[e0:e1])
         ctx.save_for_backward(q_NHC, k_NHC, row, col)
-        ctx.step = step
-        return s_EH
+        ctx.chunk = chunk
+        return _edge_dot_forward(q_NHC, k_NHC, row, col, chunk)
 
     @staticmethod
     def backward(ctx, g_EH):
         refuse_double_backward("edge_dot (TransformerConv's fused scores)",
                                "run the layer under a message hook (PyG's propagate path, plain autograd)")
         q_NHC, k_NHC, row, col = ctx.saved_tensors
-        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # summed in fp32 for half inputs: a half buffer rounded every chunk's partial sums (3x autograd's error)
-        dq = torch.zeros(q_NHC.shape, dtype=_compute_dtype(q_NHC.dtype), device=q_NHC.device) if need_q else None
-        dk = torch.zeros(k_NHC.shape, dtype=_compute_dtype(k_NHC.dtype), device=k_NHC.device) if need_k else None
-        for e0 in range(0, row.numel(), ctx.step):
-            e1 = min(row.numel(), e0 + ctx.step)
-            g = g_EH[e0:e1, :, None]
-            r, c = row[e0:e1], col[e0:e1]
-            if need_q:
-                dq.index_add_(0, r, (g * k_NHC.index_select(0, c)).to(dq.dtype))
-            if need_k:
-                dk.index_add_(0, c, (g * q_NHC.index_select(0, r)).to(dk.dtype))
-        return (None if dq is None else dq.to(q_NHC.dtype)), (None if dk is None else dk.to(k_NHC.dtype)), \
-            None, None, None
+        dq, dk = _edge_dot_backward(g_EH, q_NHC, k_NHC, row, col, ctx.chunk, *ctx.needs_input_grad[:2])
+        return dq, dk, None, None, None
 
 
 def edge_dot(q_NHC: Tensor, k_NHC: Tensor, row: Tensor, col: Tensor, *, chunk_elements: Optional[int] = None,
@@ -602,38 +622,75 @@ def edge_dot(q_NHC: Tensor, k_NHC: Tensor, row: Tensor, col: Tensor, *, chunk_el
     if row.shape != col.shape:
         raise ValueError(f"edge_dot: row and col must be 1-D of one length, got {tuple(row.shape)}, {tuple(col.shape)}")
     args = (q_NHC, k_NHC, row, col, int(chunk_elements or CHUNK_ELEMENTS))
-    return call_outside_graph(_EdgeDot.apply, *args)
+    if torch.compiler.is_compiling():  # one node of the compiled graph (see "torch.compile" at the end of the file)
+        return _edge_dot_op(*args)
+    return _EdgeDot.apply(*args)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Fused softmax + aggregation from given scores (GAT, point/part attention)
 # ----------------------------------------------------------------------------------------------------
+def _aggregate_forward(s_EH, v_NHC, csr: CSR, keep, dropout, need_weights, chunk):
+    """The forward of the fused softmax-aggregation, block by block -> (out [Nd, H, C], alpha [E, H] or None,
+    row_max [Nd, H], log_sum [Nd, H]): the eager autograd.Function and the custom operator of torch.compile
+    (``zoo::segment_softmax_aggregate``) both run it."""
+    H, C = v_NHC.shape[1], v_NHC.shape[2]
+    # out in the dtype of PyG's messages v_j * alpha_ij, alpha in the scores' (softmax keeps it)
+    out_dtype = _promoted_dtype(s_EH, v_NHC)
+    cdt = _compute_dtype(out_dtype)
+    out = torch.zeros(csr.num_dst, H, C, dtype=cdt, device=v_NHC.device)
+    row_max = torch.full((csr.num_dst, H), float("-inf"), dtype=cdt, device=v_NHC.device)  # (_block_softmax)
+    log_sum = torch.zeros((csr.num_dst, H), dtype=cdt, device=v_NHC.device)
+    alpha_all = s_EH.new_zeros(s_EH.shape, dtype=cdt) if need_weights else None
+    for n0, n1, e0, e1 in csr.blocks(chunk // max(1, H * C)):
+        dl = csr.row[e0:e1] - n0
+        alpha, row_max[n0:n1], log_sum[n0:n1] = _block_softmax(s_EH[e0:e1].to(cdt), dl, n1 - n0)
+        alpha = _apply_keep(alpha, None if keep is None else keep[e0:e1], dropout)
+        if alpha_all is not None:
+            alpha_all[e0:e1] = alpha
+        msg = v_NHC.index_select(0, csr.col[e0:e1]).to(cdt).mul_(alpha[..., None])
+        _add_rows_(out[n0:n1], dl, msg)
+    return out.to(out_dtype), None if alpha_all is None else alpha_all.to(s_EH.dtype), row_max, log_sum
+
+
+def _aggregate_backward(g_NHC, s_EH, v_NHC, row_max, log_sum, keep, csr: CSR, dropout, chunk, need_s, need_v):
+    """The backward of :func:`_aggregate_forward` (softmax and messages recomputed block by block) -> (d s_EH or
+    None, d v_NHC or None), in the inputs' dtypes."""
+    H, C = v_NHC.shape[1], v_NHC.shape[2]
+    cdt = _compute_dtype(_promoted_dtype(s_EH, v_NHC))
+    g_NHC = g_NHC.to(cdt)
+    gs = torch.zeros(s_EH.shape, dtype=cdt, device=s_EH.device) if need_s else None
+    gv = torch.zeros(v_NHC.shape, dtype=cdt, device=v_NHC.device) if need_v else None
+    scale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
+    for n0, n1, e0, e1 in csr.blocks(chunk // max(1, H * C)):
+        dl = csr.row[e0:e1] - n0
+        col = csr.col[e0:e1]
+        row = csr.row[e0:e1]
+        s, top = s_EH[e0:e1].to(cdt), row_max[row]
+        alpha = exp_flushed_((s - top).sub_(log_sum[row]))  # softmax, recomputed
+        kf = None if keep is None else keep[e0:e1].to(cdt) * scale
+        g_cHC = g_NHC.index_select(0, csr.row[e0:e1])
+        if gv is not None:
+            a_eff = alpha if kf is None else alpha * kf
+            _add_rows_(gv, col, g_cHC * a_eff[..., None])
+        if gs is not None:
+            t = (g_cHC * v_NHC.index_select(0, col).to(cdt)).sum(-1)  # dL/d alpha_eff
+            if kf is not None:
+                t = t * kf
+            gs[e0:e1] = _block_softmax_grad(alpha, s == top, t, dl, csr.rowptr[n0:n1 + 1].diff())
+    return None if gs is None else gs.to(s_EH.dtype), None if gv is None else gv.to(v_NHC.dtype)
+
+
 class _SegmentSoftmaxAggregate(torch.autograd.Function):
+    """Eager autograd of the fused softmax-aggregation: saves the inputs and the [Nd, H] statistics only."""
+
     @staticmethod
     def forward(ctx, s_EH, v_NHC, csr: CSR, keep, dropout, need_weights, chunk):
-        H, C = v_NHC.shape[1], v_NHC.shape[2]
-        # out in the dtype of PyG's messages v_j * alpha_ij, alpha in the scores' (softmax keeps it)
-        out_dtype = _promoted_dtype(s_EH, v_NHC)
-        ctx.cdt = cdt = _compute_dtype(out_dtype)
-        out = torch.zeros(csr.num_dst, H, C, dtype=cdt, device=v_NHC.device)
-        row_max = torch.full((csr.num_dst, H), float("-inf"), dtype=cdt, device=v_NHC.device)  # (_block_softmax)
-        log_sum = torch.zeros((csr.num_dst, H), dtype=cdt, device=v_NHC.device)
-        alpha_all = s_EH.new_zeros(s_EH.shape, dtype=cdt) if need_weights else None
-        for n0, n1, e0, e1 in csr.blocks(chunk // max(1, H * C)):
-            dl = csr.row[e0:e1] - n0
-            alpha, row_max[n0:n1], log_sum[n0:n1] = _block_softmax(s_EH[e0:e1].to(cdt), dl, n1 - n0)
-            alpha = _apply_keep(alpha, None if keep is None else keep[e0:e1], dropout)
-            if alpha_all is not None:
-                alpha_all[e0:e1] = alpha
-            msg = v_NHC.index_select(0, csr.col[e0:e1]).to(cdt).mul_(alpha[..., None])
-            _add_rows_(out[n0:n1], dl, msg)
+        out, alpha_all, row_max, log_sum = _aggregate_forward(s_EH, v_NHC, csr, keep, dropout, need_weights, chunk)
         ctx.save_for_backward(s_EH, v_NHC, row_max, log_sum, keep)
         ctx.csr, ctx.dropout, ctx.chunk = csr, dropout, chunk
-        out = out.to(out_dtype)
-        if alpha_all is None:
-            return out, None
-        alpha_all = alpha_all.to(s_EH.dtype)
-        ctx.mark_non_differentiable(alpha_all)
+        if alpha_all is not None:
+            ctx.mark_non_differentiable(alpha_all)
         return out, alpha_all
 
     @staticmethod
@@ -643,35 +700,9 @@ class _SegmentSoftmaxAggregate(torch.autograd.Function):
             "call segment_softmax_aggregate_ref (plain autograd), or for GATConv torch_geometric.nn.GATConv, "
             "which loads this layer's state dict")
         s_EH, v_NHC, row_max, log_sum, keep = ctx.saved_tensors
-        csr, dropout = ctx.csr, ctx.dropout
-        H, C = v_NHC.shape[1], v_NHC.shape[2]
-        cdt = ctx.cdt
-        g_NHC = g_NHC.to(cdt)
-        need_s, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gs = torch.zeros(s_EH.shape, dtype=cdt, device=s_EH.device) if need_s else None
-        gv = torch.zeros(v_NHC.shape, dtype=cdt, device=v_NHC.device) if need_v else None
-        scale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
-        for n0, n1, e0, e1 in csr.blocks(ctx.chunk // max(1, H * C)):
-            dl = csr.row[e0:e1] - n0
-            col = csr.col[e0:e1]
-            row = csr.row[e0:e1]
-            s, top = s_EH[e0:e1].to(cdt), row_max[row]
-            alpha = exp_flushed_((s - top).sub_(log_sum[row]))  # softmax, recomputed
-            kf = None if keep is None else keep[e0:e1].to(cdt) * scale
-            g_cHC = g_NHC.index_select(0, csr.row[e0:e1])
-            if gv is not None:
-                a_eff = alpha if kf is None else alpha * kf
-                _add_rows_(gv, col, g_cHC * a_eff[..., None])
-            if gs is not None:
-                t = (g_cHC * v_NHC.index_select(0, col).to(cdt)).sum(-1)  # dL/d alpha_eff
-                if kf is not None:
-                    t = t * kf
-                gs[e0:e1] = _block_softmax_grad(alpha, s == top, t, dl, csr.rowptr[n0:n1 + 1].diff())
-        return (
-            None if gs is None else gs.to(s_EH.dtype),
-            None if gv is None else gv.to(v_NHC.dtype),
-            None, None, None, None, None,
-        )
+        gs, gv = _aggregate_backward(g_NHC, s_EH, v_NHC, row_max, log_sum, keep, ctx.csr, ctx.dropout, ctx.chunk,
+                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gs, gv, None, None, None, None, None
 
 
 def segment_softmax_aggregate(
@@ -707,11 +738,14 @@ def segment_softmax_aggregate(
             f"values must be [Ns={csr.num_src}, H={s_EH.size(1)}, C], got {tuple(v_NHC.shape)}"
         )
     _check_keep(keep, csr.num_edges, s_EH.size(1), dropout)
-    args = (s_EH, v_NHC, csr, keep, float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS))
-    # Under torch.compile the fused functions run outside the graph (one graph break each), as opaque kernels:
-    # they are Python loops over destination blocks with a custom backward that recomputes instead of storing
-    # [E, H, C]. Compiling the plain gather / softmax / scatter form instead was slower on CPU (docs/graph.md).
-    return call_outside_graph(_SegmentSoftmaxAggregate.apply, *args)
+    dropout, need_weights, chunk = float(dropout), bool(need_weights), int(chunk_elements or CHUNK_ELEMENTS)
+    # Under torch.compile the fused function is a custom operator, one opaque node of the graph (see "torch.compile"
+    # at the end of the file): Python loops over destination blocks with a backward that recomputes instead of
+    # storing [E, H, C]. Compiling the plain gather / softmax / scatter form instead was slower on CPU (docs/graph.md).
+    if torch.compiler.is_compiling():
+        out, alpha, _, _ = _aggregate_op(s_EH, v_NHC, csr.rowptr, csr.col, csr.row, keep, dropout, need_weights, chunk)
+        return out, alpha.detach() if need_weights else None
+    return _SegmentSoftmaxAggregate.apply(s_EH, v_NHC, csr, keep, dropout, need_weights, chunk)
 
 
 def segment_softmax_aggregate_ref(s_EH, v_NHC, csr: CSR, *, keep=None, dropout=0.0):
@@ -822,6 +856,129 @@ def _run_blocks(worker, blocks: list, device, width: int = 1) -> list:
         torch.set_num_threads(threads)
 
 
+def _gatv2_forward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, csr: CSR, slope, keep, dropout,
+                   need_weights, chunk):
+    """The blocked forward of the fused GATv2 attention -> (out [Nd, H, C], alpha [E, H] or None, row_max [Nd, H],
+    log_sum [Nd, H]): the eager autograd.Function and the custom operator of torch.compile
+    (``zoo::gatv2_attention``) both run it."""
+    Nd, H, C = csr.num_dst, xs_NHC.shape[1], xs_NHC.shape[2]
+    out_dtype = _promoted_dtype(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD)  # out and alpha
+    cdt = _compute_dtype(out_dtype)
+    dev = xs_NHC.device
+    w_att = _head_dot_matrix(att_HC.to(cdt))
+    out = torch.zeros(Nd, H, C, dtype=cdt, device=dev)
+    row_max = torch.full((Nd, H), float("-inf"), dtype=cdt, device=dev)  # softmax statistics (_block_softmax)
+    log_sum = torch.zeros((Nd, H), dtype=cdt, device=dev)
+    alpha_all = torch.zeros(csr.num_edges, H, dtype=cdt, device=dev) if need_weights else None
+
+    def worker(blocks):  # writes disjoint rows of out / row_max / log_sum / alpha_all
+        for n0, n1, e0, e1 in blocks:
+            col, dl = csr.col[e0:e1], csr.row[e0:e1] - n0
+            xs_c = xs_NHC.index_select(0, col).to(cdt)
+            xd_b = _block_dst(xd_NHC, x_dst, w_dst, b_dst, n0, n1, H, C, cdt)
+            z = _gatv2_block_z(xs_c, xd_b, ea_ED, we_FD, dl, e0, e1, H, C, cdt)
+            del xd_b
+            s = F.leaky_relu_(z, slope).view(-1, H * C) @ w_att  # [c, H] scores
+            del z
+            alpha, row_max[n0:n1], log_sum[n0:n1] = _block_softmax(s, dl, n1 - n0)
+            alpha = _apply_keep(alpha, None if keep is None else keep[e0:e1], dropout)
+            if alpha_all is not None:
+                alpha_all[e0:e1] = alpha
+            out[n0:n1].index_add_(0, dl, xs_c.mul_(alpha[..., None]))
+
+    _run_blocks(worker, csr.blocks(chunk // max(1, H * C)), dev, H * C)
+    return out.to(out_dtype), None if alpha_all is None else alpha_all.to(out_dtype), row_max, log_sum
+
+
+def _gatv2_backward(g_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max, log_sum, keep,
+                    csr: CSR, slope, dropout, chunk, need_edge_attr):
+    """The backward of :func:`_gatv2_forward` (scores, softmax and messages recomputed block by block) -> the
+    gradients of (xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD), None for an absent input (and
+    for ea_ED without ``need_edge_attr``)."""
+    H, C = xs_NHC.shape[1], xs_NHC.shape[2]
+    cdt = _compute_dtype(_promoted_dtype(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD))
+    dev = xs_NHC.device
+    att = att_HC.to(cdt)
+    w_att = _head_dot_matrix(att)
+    att_neg = att * slope
+    g_NHC = g_NHC.to(cdt)  # may be an expanded view (e.g. from .sum()): index_select reads it as is
+    fused_dst = xd_NHC is None
+    gxd = None if fused_dst else torch.zeros(xd_NHC.shape, dtype=cdt, device=dev)
+    gx_dst = torch.zeros(x_dst.shape, dtype=cdt, device=dev) if fused_dst else None
+    has_edge = ea_ED is not None
+    gea = torch.zeros(ea_ED.shape, dtype=cdt, device=dev) if has_edge and need_edge_attr else None
+    kscale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
+    we_c = we_FD.to(cdt) if has_edge else None
+    w_dst_c = w_dst.to(cdt) if fused_dst else None
+
+    def worker(blocks):
+        # gxd / gx_dst / gea rows are disjoint between groups; gxs (source rows, which every group touches)
+        # and the parameter gradients (att, W_e, w_dst, b_dst) are per-group partials summed afterwards in
+        # group order: the result does not depend on which thread finishes first (one [Ns, H, C] buffer
+        # shared under a lock summed in lock order, and gradients changed from run to run with 2 threads)
+        gxs = torch.zeros(xs_NHC.shape, dtype=cdt, device=dev)
+        gatt_HF = torch.zeros(H, H * C, dtype=cdt, device=dev)  # diagonal blocks are dL/d att
+        gwe = torch.zeros(we_FD.shape, dtype=cdt, device=dev) if has_edge else None
+        gw_dst = torch.zeros(w_dst.shape, dtype=cdt, device=dev) if fused_dst else None
+        gb_dst = torch.zeros(H * C, dtype=cdt, device=dev) if fused_dst and b_dst is not None else None
+        for n0, n1, e0, e1 in blocks:
+            col, row = csr.col[e0:e1], csr.row[e0:e1]
+            dl = row - n0
+            xs_c = xs_NHC.index_select(0, col).to(cdt)
+            g_c = g_NHC.index_select(0, row)
+            t = _rowdot(g_c, xs_c)  # dL/d alpha_eff [c, H]
+            xd_b = _block_dst(xd_NHC, x_dst, w_dst, b_dst, n0, n1, H, C, cdt)
+            z = _gatv2_block_z(xs_c, xd_b, ea_ED, we_FD, dl, e0, e1, H, C, cdt)
+            del xs_c, xd_b
+            pos = z > 0
+            lz_cF = F.leaky_relu_(z, slope).view(-1, H * C)  # in place: z is now LeakyReLU(z)
+            s, top = lz_cF @ w_att, row_max[row]  # [c, H] scores, recomputed, and their node's maximum
+            alpha = exp_flushed_((s - top).sub_(log_sum[row]))  # [c, H] softmax, recomputed
+            kf = None if keep is None else keep[e0:e1].to(cdt) * kscale
+            a_eff = alpha if kf is None else alpha * kf
+            if kf is not None:
+                t = t * kf
+            ds = _block_softmax_grad(alpha, s == top, t, dl, csr.rowptr[n0:n1 + 1].diff())  # dL/ds [c, H]
+            del s, top
+            gatt_HF.addmm_(ds.t(), lz_cF)
+            del lz_cF, z
+            dz = torch.where(pos, att, att_neg).mul_(ds[..., None])  # dL/dz [c, H, C]
+            del pos
+            if fused_dst:  # the block owns destinations n0..n1-1: their gradient is complete here
+                gxd_bF = dz.new_zeros((n1 - n0, H, C)).index_add_(0, dl, dz).view(-1, H * C)
+                gx_dst[n0:n1] = gxd_bF @ w_dst_c
+                gw_dst.addmm_(gxd_bF.t(), x_dst[n0:n1].to(cdt))
+                if gb_dst is not None:
+                    gb_dst += gxd_bF.sum(0)
+                del gxd_bF
+            else:
+                gxd[n0:n1].index_add_(0, dl, dz)
+            if gwe is not None:
+                dz_cF = dz.view(-1, H * C)
+                gwe.addmm_(dz_cF.t(), ea_ED[e0:e1].to(cdt))
+                if gea is not None:
+                    gea[e0:e1] = dz_cF @ we_c
+            dz.addcmul_(g_c, a_eff[..., None])  # + the value path: alpha_eff * g_i
+            del g_c
+            _add_rows_(gxs, col, dz)
+        return gxs, gatt_HF, gwe, gw_dst, gb_dst
+
+    parts = _run_blocks(worker, csr.blocks(chunk // max(1, H * C)), dev, H * C)
+    total = list(parts[0])
+    for part in parts[1:]:
+        for i, value in enumerate(part):
+            if value is not None:
+                total[i] += value
+    gxs, gatt_HF, gwe, gw_dst, gb_dst = total
+    gatt = gatt_HF.view(H, H, C).diagonal(dim1=0, dim2=1).t()
+    cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
+    return (
+        gxs.to(xs_NHC.dtype), cast(gxd, xd_NHC), cast(gx_dst, x_dst), cast(gw_dst, w_dst),
+        cast(gb_dst, b_dst), gatt.to(att_HC.dtype), cast(gea, ea_ED), cast(gwe, we_FD),
+    )
+
+
+
 class _GATv2Attention(torch.autograd.Function):
     """xd is given either as xd_NHC [Nd, H, C], or (xd_NHC None) as the projection x_dst [Nd, Fd],
     w_dst [H*C, Fd], b_dst [H*C] | None, computed per destination block in forward and backward: then the
@@ -831,128 +988,20 @@ class _GATv2Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, csr: CSR, slope, keep, dropout,
                 need_weights, chunk):
-        Nd, H, C = csr.num_dst, xs_NHC.shape[1], xs_NHC.shape[2]
-        out_dtype = _promoted_dtype(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD)  # out and alpha
-        ctx.cdt = cdt = _compute_dtype(out_dtype)
-        dev = xs_NHC.device
-        w_att = _head_dot_matrix(att_HC.to(cdt))
-        out = torch.zeros(Nd, H, C, dtype=cdt, device=dev)
-        row_max = torch.full((Nd, H), float("-inf"), dtype=cdt, device=dev)  # softmax statistics (_block_softmax)
-        log_sum = torch.zeros((Nd, H), dtype=cdt, device=dev)
-        alpha_all = torch.zeros(csr.num_edges, H, dtype=cdt, device=dev) if need_weights else None
-
-        def worker(blocks):  # writes disjoint rows of out / row_max / log_sum / alpha_all
-            for n0, n1, e0, e1 in blocks:
-                col, dl = csr.col[e0:e1], csr.row[e0:e1] - n0
-                xs_c = xs_NHC.index_select(0, col).to(cdt)
-                xd_b = _block_dst(xd_NHC, x_dst, w_dst, b_dst, n0, n1, H, C, cdt)
-                z = _gatv2_block_z(xs_c, xd_b, ea_ED, we_FD, dl, e0, e1, H, C, cdt)
-                del xd_b
-                s = F.leaky_relu_(z, slope).view(-1, H * C) @ w_att  # [c, H] scores
-                del z
-                alpha, row_max[n0:n1], log_sum[n0:n1] = _block_softmax(s, dl, n1 - n0)
-                alpha = _apply_keep(alpha, None if keep is None else keep[e0:e1], dropout)
-                if alpha_all is not None:
-                    alpha_all[e0:e1] = alpha
-                out[n0:n1].index_add_(0, dl, xs_c.mul_(alpha[..., None]))
-
-        _run_blocks(worker, csr.blocks(chunk // max(1, H * C)), dev, H * C)
+        out, alpha_all, row_max, log_sum = _gatv2_forward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD,
+                                                          csr, slope, keep, dropout, need_weights, chunk)
         ctx.save_for_backward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max, log_sum, keep)
         ctx.csr, ctx.slope, ctx.dropout, ctx.chunk = csr, slope, dropout, chunk
-        out = out.to(out_dtype)
-        if alpha_all is None:
-            return out, None
-        alpha_all = alpha_all.to(out_dtype)
-        ctx.mark_non_differentiable(alpha_all)
+        if alpha_all is not None:
+            ctx.mark_non_differentiable(alpha_all)
         return out, alpha_all
 
     @staticmethod
     def backward(ctx, g_NHC, _g_alpha):
         refuse_double_backward("the fused GATv2 attention (GATv2Conv)", "use torch_geometric.nn's layer of the same name, which loads this layer's state dict")
-        xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max, log_sum, keep = ctx.saved_tensors
-        csr, slope, dropout = ctx.csr, ctx.slope, ctx.dropout
-        H, C = xs_NHC.shape[1], xs_NHC.shape[2]
-        cdt = ctx.cdt
-        dev = xs_NHC.device
-        att = att_HC.to(cdt)
-        w_att = _head_dot_matrix(att)
-        att_neg = att * slope
-        g_NHC = g_NHC.to(cdt)  # may be an expanded view (e.g. from .sum()): index_select reads it as is
-        fused_dst = xd_NHC is None
-        gxd = None if fused_dst else torch.zeros(xd_NHC.shape, dtype=cdt, device=dev)
-        gx_dst = torch.zeros(x_dst.shape, dtype=cdt, device=dev) if fused_dst else None
-        has_edge = ea_ED is not None
-        gea = torch.zeros(ea_ED.shape, dtype=cdt, device=dev) if has_edge and ctx.needs_input_grad[6] else None
-        kscale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
-        we_c = we_FD.to(cdt) if has_edge else None
-        w_dst_c = w_dst.to(cdt) if fused_dst else None
-
-        def worker(blocks):
-            # gxd / gx_dst / gea rows are disjoint between groups; gxs (source rows, which every group touches)
-            # and the parameter gradients (att, W_e, w_dst, b_dst) are per-group partials summed afterwards in
-            # group order: the result does not depend on which thread finishes first (one [Ns, H, C] buffer
-            # shared under a lock summed in lock order, and gradients changed from run to run with 2 threads)
-            gxs = torch.zeros(xs_NHC.shape, dtype=cdt, device=dev)
-            gatt_HF = torch.zeros(H, H * C, dtype=cdt, device=dev)  # diagonal blocks are dL/d att
-            gwe = torch.zeros(we_FD.shape, dtype=cdt, device=dev) if has_edge else None
-            gw_dst = torch.zeros(w_dst.shape, dtype=cdt, device=dev) if fused_dst else None
-            gb_dst = torch.zeros(H * C, dtype=cdt, device=dev) if fused_dst and b_dst is not None else None
-            for n0, n1, e0, e1 in blocks:
-                col, row = csr.col[e0:e1], csr.row[e0:e1]
-                dl = row - n0
-                xs_c = xs_NHC.index_select(0, col).to(cdt)
-                g_c = g_NHC.index_select(0, row)
-                t = _rowdot(g_c, xs_c)  # dL/d alpha_eff [c, H]
-                xd_b = _block_dst(xd_NHC, x_dst, w_dst, b_dst, n0, n1, H, C, cdt)
-                z = _gatv2_block_z(xs_c, xd_b, ea_ED, we_FD, dl, e0, e1, H, C, cdt)
-                del xs_c, xd_b
-                pos = z > 0
-                lz_cF = F.leaky_relu_(z, slope).view(-1, H * C)  # in place: z is now LeakyReLU(z)
-                s, top = lz_cF @ w_att, row_max[row]  # [c, H] scores, recomputed, and their node's maximum
-                alpha = exp_flushed_((s - top).sub_(log_sum[row]))  # [c, H] softmax, recomputed
-                kf = None if keep is None else keep[e0:e1].to(cdt) * kscale
-                a_eff = alpha if kf is None else alpha * kf
-                if kf is not None:
-                    t = t * kf
-                ds = _block_softmax_grad(alpha, s == top, t, dl, csr.rowptr[n0:n1 + 1].diff())  # dL/ds [c, H]
-                del s, top
-                gatt_HF.addmm_(ds.t(), lz_cF)
-                del lz_cF, z
-                dz = torch.where(pos, att, att_neg).mul_(ds[..., None])  # dL/dz [c, H, C]
-                del pos
-                if fused_dst:  # the block owns destinations n0..n1-1: their gradient is complete here
-                    gxd_bF = dz.new_zeros((n1 - n0, H, C)).index_add_(0, dl, dz).view(-1, H * C)
-                    gx_dst[n0:n1] = gxd_bF @ w_dst_c
-                    gw_dst.addmm_(gxd_bF.t(), x_dst[n0:n1].to(cdt))
-                    if gb_dst is not None:
-                        gb_dst += gxd_bF.sum(0)
-                    del gxd_bF
-                else:
-                    gxd[n0:n1].index_add_(0, dl, dz)
-                if gwe is not None:
-                    dz_cF = dz.view(-1, H * C)
-                    gwe.addmm_(dz_cF.t(), ea_ED[e0:e1].to(cdt))
-                    if gea is not None:
-                        gea[e0:e1] = dz_cF @ we_c
-                dz.addcmul_(g_c, a_eff[..., None])  # + the value path: alpha_eff * g_i
-                del g_c
-                _add_rows_(gxs, col, dz)
-            return gxs, gatt_HF, gwe, gw_dst, gb_dst
-
-        parts = _run_blocks(worker, csr.blocks(ctx.chunk // max(1, H * C)), dev, H * C)
-        total = list(parts[0])
-        for part in parts[1:]:
-            for i, value in enumerate(part):
-                if value is not None:
-                    total[i] += value
-        gxs, gatt_HF, gwe, gw_dst, gb_dst = total
-        gatt = gatt_HF.view(H, H, C).diagonal(dim1=0, dim2=1).t()
-        cast = lambda g, ref: None if g is None else g.to(ref.dtype)  # noqa: E731
-        return (
-            gxs.to(xs_NHC.dtype), cast(gxd, xd_NHC), cast(gx_dst, x_dst), cast(gw_dst, w_dst),
-            cast(gb_dst, b_dst), gatt.to(att_HC.dtype), cast(gea, ea_ED), cast(gwe, we_FD),
-            None, None, None, None, None, None,
-        )
+        grads = _gatv2_backward(g_NHC, *ctx.saved_tensors, ctx.csr, ctx.slope, ctx.dropout, ctx.chunk,
+                                ctx.needs_input_grad[6])
+        return (*grads, None, None, None, None, None, None)
 
 
 def _check_dst_projection(xs_NHC, xd_NHC, dst_projection):
@@ -1049,9 +1098,18 @@ def gatv2_attention(
     _check_keep(keep, csr.num_edges, xs_NHC.size(1), dropout)
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"gatv2_attention: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if torch.compiler.is_compiling() and not _on_kernel(impl, xs_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC,
+                                                         edge_attr, edge_weight):
+        # one node of the compiled graph (see "torch.compile" at the end of the file)
+        out, alpha, _, _ = _gatv2_op(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight, csr.rowptr,
+                                     csr.col, csr.row, float(negative_slope), keep, float(dropout), bool(need_weights),
+                                     int(chunk_elements or CHUNK_ELEMENTS))
+        return out, alpha.detach() if need_weights else None
     args = (xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep, dropout,
             need_weights, impl, chunk_elements)
-    return call_outside_graph(_gatv2_fused, *args)  # under torch.compile: between the graphs (see above)
+    # the Triton kernel under torch.compile: between the graphs (a graph break; its autograd.Function is not an
+    # operator yet)
+    return call_outside_graph(_gatv2_fused, *args)
 
 
 def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
@@ -1097,3 +1155,198 @@ def gatv2_attention_ref(
     alpha = _apply_keep(alpha, keep, dropout)
     out = xs_NHC.new_zeros(csr.num_dst, H, C).index_add(0, csr.row, xs_NHC[csr.col] * alpha[..., None])
     return out, alpha
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: the fused functions as custom operators
+# ----------------------------------------------------------------------------------------------------
+# Under torch.compile the fused functions above are PyTorch custom operators (torch.library.custom_op, as
+# flash-attn registers its kernels: flash_attn/flash_attn_interface.py): Dynamo records each as one node of the
+# graph, with no break, whose output shapes come from a fake implementation; AOTAutograd differentiates it through
+# register_autograd, whose backward is another custom operator; inductor treats both as opaque calls. At run time
+# they call the same blocked forward and backward as the eager autograd.Functions, so the compiled layer keeps the
+# memory-light path (saved for backward: the inputs, the CSR and the [Nd, H] softmax statistics). Eager calls keep
+# the autograd.Functions (no dispatcher round trip, the CSR's block lists cached on the CSR object).
+# An operator takes the CSR as tensors (rowptr, col, row) and an Optional input as None; it returns tensors only,
+# so an absent output (alpha without need_weights, the gradient of an input that needs none) is an empty tensor, and
+# every output is contiguous, as its fake implementation says (inductor asserts the sizes and strides).
+# Source: torch 2.11 torch/_library/custom_ops.py, torch/library.py (custom_op, register_fake, register_autograd).
+
+def _csr_from(rowptr: Tensor, col: Tensor, row: Tensor, num_src: int) -> CSR:
+    """The CSR the blocked functions read (rowptr, col, row; ``perm`` is not read by them: empty)."""
+    return CSR(rowptr, col, row, col.new_empty(0), int(num_src), rowptr.numel() - 1)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """An operator's output: ``t`` contiguous (the fake implementations promise contiguous outputs, and inductor
+    checks the strides: GATv2's att gradient is a transposed diagonal), or an empty tensor for None."""
+    return like.new_empty(0) if t is None else t.contiguous()
+
+
+def _none_if_empty(t: Tensor, wanted: bool) -> Optional[Tensor]:
+    return t if wanted else None
+
+
+@torch.library.custom_op("zoo::segment_softmax_aggregate", mutates_args=())
+def _aggregate_op(s_EH: Tensor, v_NHC: Tensor, rowptr: Tensor, col: Tensor, row: Tensor, keep: Optional[Tensor],
+                  dropout: float, need_weights: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out [Nd, H, C], alpha [E, H] (empty [0, H] without need_weights), row_max [Nd, H], log_sum [Nd, H])."""
+    csr = _csr_from(rowptr, col, row, v_NHC.size(0))
+    out, alpha, row_max, log_sum = _aggregate_forward(s_EH, v_NHC, csr, keep, dropout, need_weights, chunk)
+    return out, s_EH.new_empty((0, s_EH.size(1))) if alpha is None else alpha, row_max, log_sum
+
+
+@_aggregate_op.register_fake
+def _(s_EH, v_NHC, rowptr, col, row, keep, dropout, need_weights, chunk):
+    num_dst, (H, C) = rowptr.size(0) - 1, v_NHC.shape[1:]
+    out_dtype = _promoted_dtype(s_EH, v_NHC)
+    cdt = _compute_dtype(out_dtype)
+    alpha = s_EH.new_empty(s_EH.shape if need_weights else (0, H))
+    return (v_NHC.new_empty((num_dst, H, C), dtype=out_dtype), alpha, s_EH.new_empty((num_dst, H), dtype=cdt),
+            s_EH.new_empty((num_dst, H), dtype=cdt))
+
+
+@torch.library.custom_op("zoo::segment_softmax_aggregate_backward", mutates_args=())
+def _aggregate_backward_op(g_NHC: Tensor, s_EH: Tensor, v_NHC: Tensor, rowptr: Tensor, col: Tensor, row: Tensor,
+                           row_max: Tensor, log_sum: Tensor, keep: Optional[Tensor], dropout: float, chunk: int,
+                           need_s: bool, need_v: bool) -> tuple[Tensor, Tensor]:
+    csr = _csr_from(rowptr, col, row, v_NHC.size(0))
+    gs, gv = _aggregate_backward(g_NHC, s_EH, v_NHC, row_max, log_sum, keep, csr, dropout, chunk, need_s, need_v)
+    return _or_empty(gs, s_EH), _or_empty(gv, v_NHC)
+
+
+@_aggregate_backward_op.register_fake
+def _(g_NHC, s_EH, v_NHC, rowptr, col, row, row_max, log_sum, keep, dropout, chunk, need_s, need_v):
+    return (s_EH.new_empty(s_EH.shape) if need_s else s_EH.new_empty(0),
+            v_NHC.new_empty(v_NHC.shape) if need_v else v_NHC.new_empty(0))
+
+
+def _aggregate_setup(ctx, inputs, output):
+    s_EH, v_NHC, rowptr, col, row, keep, dropout, _need_weights, chunk = inputs
+    ctx.save_for_backward(s_EH, v_NHC, rowptr, col, row, keep, output[2], output[3])
+    ctx.dropout, ctx.chunk = dropout, chunk
+
+
+def _aggregate_autograd(ctx, g_NHC, _g_alpha, _g_max, _g_log_sum):
+    s_EH, v_NHC, rowptr, col, row, keep, row_max, log_sum = ctx.saved_tensors
+    need_s, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if g_NHC is None:
+        g_NHC = v_NHC.new_zeros((rowptr.size(0) - 1,) + tuple(v_NHC.shape[1:]))
+    gs, gv = _aggregate_backward_op(g_NHC, s_EH, v_NHC, rowptr, col, row, row_max, log_sum, keep, ctx.dropout,
+                                    ctx.chunk, need_s, need_v)
+    return _none_if_empty(gs, need_s), _none_if_empty(gv, need_v), None, None, None, None, None, None, None
+
+
+_aggregate_op.register_autograd(_aggregate_autograd, setup_context=_aggregate_setup)
+
+
+@torch.library.custom_op("zoo::gatv2_attention", mutates_args=())
+def _gatv2_op(xs_NHC: Tensor, xd_NHC: Optional[Tensor], x_dst: Optional[Tensor], w_dst: Optional[Tensor],
+              b_dst: Optional[Tensor], att_HC: Tensor, ea_ED: Optional[Tensor], we_FD: Optional[Tensor],
+              rowptr: Tensor, col: Tensor, row: Tensor, slope: float, keep: Optional[Tensor], dropout: float,
+              need_weights: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out [Nd, H, C], alpha [E, H] (empty [0, H] without need_weights), row_max [Nd, H], log_sum [Nd, H])."""
+    csr = _csr_from(rowptr, col, row, xs_NHC.size(0))
+    out, alpha, row_max, log_sum = _gatv2_forward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, csr,
+                                                  slope, keep, dropout, need_weights, chunk)
+    return out, out.new_empty((0, out.size(1))) if alpha is None else alpha, row_max, log_sum
+
+
+@_gatv2_op.register_fake
+def _(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, rowptr, col, row, slope, keep, dropout,
+      need_weights, chunk):
+    num_dst, (H, C) = rowptr.size(0) - 1, xs_NHC.shape[1:]
+    out_dtype = _promoted_dtype(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD)
+    cdt = _compute_dtype(out_dtype)
+    alpha = xs_NHC.new_empty((col.size(0) if need_weights else 0, H), dtype=out_dtype)
+    return (xs_NHC.new_empty((num_dst, H, C), dtype=out_dtype), alpha,
+            xs_NHC.new_empty((num_dst, H), dtype=cdt), xs_NHC.new_empty((num_dst, H), dtype=cdt))
+
+
+@torch.library.custom_op("zoo::gatv2_attention_backward", mutates_args=())
+def _gatv2_backward_op(g_NHC: Tensor, xs_NHC: Tensor, xd_NHC: Optional[Tensor], x_dst: Optional[Tensor],
+                       w_dst: Optional[Tensor], b_dst: Optional[Tensor], att_HC: Tensor, ea_ED: Optional[Tensor],
+                       we_FD: Optional[Tensor], row_max: Tensor, log_sum: Tensor, keep: Optional[Tensor],
+                       rowptr: Tensor, col: Tensor, row: Tensor, slope: float, dropout: float, chunk: int,
+                       need_edge_attr: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of (xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD); empty for an absent input."""
+    csr = _csr_from(rowptr, col, row, xs_NHC.size(0))
+    grads = _gatv2_backward(g_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max, log_sum, keep,
+                            csr, slope, dropout, chunk, need_edge_attr)
+    return tuple(_or_empty(g, xs_NHC) for g in grads)
+
+
+@_gatv2_backward_op.register_fake
+def _(g_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max, log_sum, keep, rowptr, col, row,
+      slope, dropout, chunk, need_edge_attr):
+    def like(t, present=True):
+        return t.new_empty(t.shape) if t is not None and present else xs_NHC.new_empty(0)
+
+    return (like(xs_NHC), like(xd_NHC), like(x_dst, xd_NHC is None), like(w_dst, xd_NHC is None),
+            like(b_dst, xd_NHC is None), like(att_HC), like(ea_ED, need_edge_attr), like(we_FD))
+
+
+_GATV2_TENSOR_INPUTS = ("xs_NHC", "xd_NHC", "x_dst", "w_dst", "b_dst", "att_HC", "ea_ED", "we_FD")
+
+
+def _gatv2_setup(ctx, inputs, output):
+    (xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, rowptr, col, row, slope, keep, dropout, _need_weights,
+     chunk) = inputs
+    ctx.save_for_backward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, output[2], output[3], keep,
+                          rowptr, col, row)
+    ctx.slope, ctx.dropout, ctx.chunk = slope, dropout, chunk
+    ctx.present = [t is not None for t in inputs[:8]]
+
+
+def _gatv2_autograd(ctx, g_NHC, _g_alpha, _g_max, _g_log_sum):
+    saved = ctx.saved_tensors
+    xs_NHC, rowptr = saved[0], saved[11]
+    if g_NHC is None:
+        g_NHC = xs_NHC.new_zeros((rowptr.size(0) - 1,) + tuple(xs_NHC.shape[1:]))
+    grads = _gatv2_backward_op(g_NHC, *saved, ctx.slope, ctx.dropout, ctx.chunk, ctx.needs_input_grad[6])
+    # an input that was None or needs no gradient gets None (its slot holds an empty tensor or an unused one)
+    grads = [g if present and needed else None
+             for g, present, needed in zip(grads, ctx.present, ctx.needs_input_grad[:8])]
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+_gatv2_op.register_autograd(_gatv2_autograd, setup_context=_gatv2_setup)
+
+
+@torch.library.custom_op("zoo::edge_dot", mutates_args=())
+def _edge_dot_op(q_NHC: Tensor, k_NHC: Tensor, row: Tensor, col: Tensor, chunk: int) -> Tensor:
+    return _edge_dot_forward(q_NHC, k_NHC, row, col, chunk)
+
+
+@_edge_dot_op.register_fake
+def _(q_NHC, k_NHC, row, col, chunk):
+    return q_NHC.new_empty((row.size(0), q_NHC.size(1)), dtype=torch.promote_types(q_NHC.dtype, k_NHC.dtype))
+
+
+@torch.library.custom_op("zoo::edge_dot_backward", mutates_args=())
+def _edge_dot_backward_op(g_EH: Tensor, q_NHC: Tensor, k_NHC: Tensor, row: Tensor, col: Tensor, chunk: int,
+                          need_q: bool, need_k: bool) -> tuple[Tensor, Tensor]:
+    dq, dk = _edge_dot_backward(g_EH, q_NHC, k_NHC, row, col, chunk, need_q, need_k)
+    return _or_empty(dq, q_NHC), _or_empty(dk, k_NHC)
+
+
+@_edge_dot_backward_op.register_fake
+def _(g_EH, q_NHC, k_NHC, row, col, chunk, need_q, need_k):
+    return (q_NHC.new_empty(q_NHC.shape) if need_q else q_NHC.new_empty(0),
+            k_NHC.new_empty(k_NHC.shape) if need_k else k_NHC.new_empty(0))
+
+
+def _edge_dot_setup(ctx, inputs, output):
+    q_NHC, k_NHC, row, col, chunk = inputs
+    ctx.save_for_backward(q_NHC, k_NHC, row, col)
+    ctx.chunk = chunk
+
+
+def _edge_dot_autograd(ctx, g_EH):
+    q_NHC, k_NHC, row, col = ctx.saved_tensors
+    need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dq, dk = _edge_dot_backward_op(g_EH, q_NHC, k_NHC, row, col, ctx.chunk, need_q, need_k)
+    return _none_if_empty(dq, need_q), _none_if_empty(dk, need_k), None, None, None
+
+
+_edge_dot_op.register_autograd(_edge_dot_autograd, setup_context=_edge_dot_setup)
