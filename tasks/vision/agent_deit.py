@@ -20,6 +20,10 @@ Beyond the official code:
   tensors are cached per grid;
 * the last block computes only the class token when the class token is pooled (the head reads nothing
   else); the logits are unchanged (tested), about two thirds of a block is saved;
+* at inference (no autograd, tracing, capture or autocast; no hook on the blocks; no active dropout) the blocks run
+  AgentBlock._forward_inference, decided once per model call: each residual add is folded into the GEMM of the
+  projection before it (``(x + b).addmm_(h, W^T)``), which saves a bias copy, an add and a temporary per residual
+  and the per-module Python (tests/test_agent_speedpath.py checks it against the module-by-module forward);
 * the timm methods forward_features, forward_head(pre_logits=...), reset_classifier,
   set_grad_checkpointing, pretrained_head_keys, and gradient checkpointing per block.
 
@@ -39,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.attention import capture as _capture
 from zoo.attention.agent import AgentAttention, tracing_or_exporting
+from zoo.attention.backends import sdpa_runs_plain_calls
 from zoo.attention.masks import cache_put
 from zoo.attention.modules import Mlp
 from zoo.layers import (
@@ -122,6 +127,66 @@ class AgentBlock(nn.Module):
         x_BQC = x_BNC[:, :num_queries] + self.drop_path(
             self.attn(self.norm1(x_BNC), grid, num_queries=num_queries, check_finite=False))
         return x_BQC + self.drop_path(self.mlp(self.norm2(x_BQC)))
+
+    def _fusable(self) -> bool:
+        """Whether :meth:`_forward_inference` computes exactly what ``forward`` does for this block as it is now:
+        the modules it was built with and nothing more (an exact LayerNorm / Linear / GELU / Conv2d / Dropout /
+        Identity, the zoo ``Mlp`` and ``AgentAttention``), no forward set on an instance, no hook on any of them,
+        and no dropout or stochastic depth that is active. The caller checks the mode (no autograd, tracing,
+        capture, autocast) and the global hooks. Read through ``_modules`` (a plain dict): nn.Module.__getattr__
+        made this check 25 us per block, 1-2% of a 224 px forward."""
+        mods = self._modules
+        attn, mlp, drop_path = mods.get("attn"), mods.get("mlp"), mods.get("drop_path")
+        if type(attn) is not AgentAttention or type(mlp) is not Mlp or len(mods) != 5:
+            return False
+        attn_mods, mlp_mods = attn._modules, mlp._modules
+        if len(attn_mods) != 4 or len(mlp_mods) != 5:
+            return False
+        norm1, norm2 = mods.get("norm1"), mods.get("norm2")
+        qkv, proj, proj_drop, dwc = (attn_mods.get(name) for name in ("qkv", "proj", "proj_drop", "dwc"))
+        fc1, act, drop1, fc2, drop2 = (mlp_mods.get(name) for name in ("fc1", "act", "drop1", "fc2", "drop2"))
+        if not (type(norm1) is nn.LayerNorm and type(norm2) is nn.LayerNorm and type(qkv) is nn.Linear
+                and type(proj) is nn.Linear and type(dwc) is nn.Conv2d and type(fc1) is nn.Linear
+                and type(act) is nn.GELU and type(fc2) is nn.Linear):
+            return False
+        if attn.training and attn.attn_drop:
+            return False
+        for drop in (proj_drop, drop1, drop2):
+            if type(drop) is not nn.Identity and not (type(drop) is nn.Dropout and (not drop.training or drop.p == 0)):
+                return False
+        if not (type(drop_path) is nn.Identity or (
+                type(drop_path) is DropPath and (not drop_path.training or drop_path.drop_prob == 0))):
+            return False
+        for module in (self, norm1, attn, qkv, proj, proj_drop, dwc, drop_path, norm2, mlp, fc1, act, drop1, fc2, drop2):
+            if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                    or module._backward_pre_hooks or "forward" in module.__dict__):
+                return False
+        return True
+
+    def _forward_inference(self, x_BNC: torch.Tensor, grid: tuple[int, int], num_queries: Optional[int] = None,
+                           sdpa_plain: bool = False) -> torch.Tensor:
+        """``forward`` for inference, for a caller that has checked the mode and the block once
+        (AgentVisionTransformer._fusable_blocks): the same operations, with each residual add folded into the GEMM of
+        the layer before it. ``x + (h W^T + b)`` is computed as ``(x + b)`` then ``addmm_(h, W^T)`` into that buffer:
+        the bias is not first copied into a fresh output (what ``addmm`` does for ``F.linear``) and no third tensor is
+        made for the sum; the MLP's residual is accumulated in place into the block's own intermediate tokens. The
+        float results differ from ``forward``'s only by the order of the additions (~1e-7 relative; tested)."""
+        attn, mlp = self.attn, self.mlp
+        dim = x_BNC.shape[-1]
+        hidden_BNC = F.layer_norm(x_BNC, self.norm1.normalized_shape, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        mixed_BQC = attn._mix_inference(hidden_BNC, grid, num_queries, sdpa_plain)
+        residual_BQC = x_BNC if num_queries is None else x_BNC[:, :num_queries]
+        # a fresh contiguous tensor (never the caller's x): x + proj bias
+        x_BQC = (residual_BQC + attn.proj.bias if attn.proj.bias is not None
+                 else residual_BQC.clone(memory_format=torch.contiguous_format))
+        x_BQC.view(-1, dim).addmm_(mixed_BQC.reshape(-1, dim), attn.proj.weight.t())
+        hidden_BQC = F.layer_norm(x_BQC, self.norm2.normalized_shape, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        hidden_BQF = torch.ops.aten.gelu_(F.linear(hidden_BQC, mlp.fc1.weight, mlp.fc1.bias),
+                                          approximate=mlp.act.approximate)
+        if mlp.fc2.bias is not None:
+            x_BQC.add_(mlp.fc2.bias)
+        x_BQC.view(-1, dim).addmm_(hidden_BQF.view(-1, hidden_BQF.shape[-1]), mlp.fc2.weight.t())
+        return x_BQC
 
 
 class _PlainBlock(Block):
@@ -336,10 +401,28 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
         x_BNC = torch.cat((self.cls_token.expand(x_BLC.shape[0], -1, -1), x_BLC), dim=1)
         return self.pos_drop(x_BNC + self._grid_pos_embed(grid)), grid
 
+    def _fusable_blocks(self, blocks, x_BNC: torch.Tensor) -> bool:
+        """Whether ``blocks`` may run through AgentBlock._forward_inference, decided once per model call: no autograd,
+        tracing/export, capture or autocast; every block an AgentBlock as built (AgentBlock._fusable: no active
+        dropout, no module swapped or added, no forward set on an instance, no hook on any of its modules: the fused
+        path does not call them as modules); no global hook."""
+        if torch.is_grad_enabled() or tracing_or_exporting() or _capture.is_capturing():
+            return False
+        if torch.is_autocast_enabled(x_BNC.device.type):
+            return False
+        if hooked_within():  # global hooks; each block checks its own modules' hooks (every module it has)
+            return False
+        return all(type(block) is AgentBlock and block._fusable() for block in blocks)
+
     def _run_blocks(self, x_BNC: torch.Tensor, blocks, grid: tuple[int, int]) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in blocks:
                 x_BNC = checkpoint(block, x_BNC, grid, use_reentrant=False)
+            return x_BNC
+        if self._fusable_blocks(blocks, x_BNC):
+            sdpa_plain = sdpa_runs_plain_calls(x_BNC.device.type)
+            for block in blocks:
+                x_BNC = block._forward_inference(x_BNC, grid, sdpa_plain=sdpa_plain)
             return x_BNC
         for block in blocks:
             x_BNC = block(x_BNC, grid)
@@ -392,6 +475,12 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
                 and not _capture.is_capturing() and not hooked_within(self.blocks[-1], self.norm)
                 and takes_num_queries(self.blocks[-1])):
             x_BNC, grid = self._embed(x_BCHW)
+            if self._fusable_blocks(self.blocks, x_BNC):  # decided once for every block, the last one included
+                sdpa_plain = sdpa_runs_plain_calls(x_BNC.device.type)
+                for block in self.blocks[:-1]:
+                    x_BNC = block._forward_inference(x_BNC, grid, sdpa_plain=sdpa_plain)
+                x_B1C = self.blocks[-1]._forward_inference(x_BNC, grid, num_queries=1, sdpa_plain=sdpa_plain)
+                return self.forward_head(self.norm(x_B1C))
             x_BNC = self._run_blocks(x_BNC, self.blocks[:-1], grid)
             x_B1C = self.blocks[-1](x_BNC, grid, num_queries=1)
             return self.forward_head(self.norm(x_B1C))

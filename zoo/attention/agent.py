@@ -40,7 +40,8 @@ Inference fast path (no_grad/inference_mode, not exporting, not capturing): the 
 per-call NaN sums; the module checks its output once instead (``check_finite``; Agent-DeiT checks its image
 once and turns it off). When attend() would hand both stages straight to SDPA (zoo.attention.backends:
 sdpa_runs_plain_calls, sdpa_biased) the module makes that call itself, decided once per forward; otherwise
-(a backend context, the environment, another backend, autocast dtypes) it calls attend().
+(a backend context, the environment, another backend, autocast dtypes) it calls attend(). That path
+(``_mix_inference``: the output before the projection) is also what Agent-DeiT's fused inference blocks call.
 Measured alternatives that were slower on this CPU and are not used: the pooling-matrix matmul instead of
 adaptive_avg_pool2d (3-5x slower), a contiguous or channels-last copy before the depthwise conv, explicit
 matmul+softmax instead of SDPA, contiguous copies of q/k/v for SDPA (see docs/bench_agent.md).
@@ -354,6 +355,113 @@ class AgentAttention(CachesDroppedWhenCopied, nn.Module):
             )
         return gh, gw
 
+    def _project(self, x_BNC: torch.Tensor, grid: tuple[int, int], tracing: bool):
+        """(q, k, v) (B, N, C) strided views of the fused qkv output, and the agents a (B, n, C).
+
+        Agents: adaptive average pooling of the patch queries on their grid, read through a strided (B, C, Gh, Gw)
+        view of the fused qkv output (faster than the equivalent pooling matmul on CPU). Exporters get the same
+        pooling as one (n, N) @ (N, C) matmul (ONNX has no adaptive pooling for grids that p does not divide)."""
+        batch, n_tok, dim = x_BNC.shape
+        qkv_BN3C = self.qkv(x_BNC).view(batch, n_tok, 3, dim)
+        q_BNC, k_BNC, v_BNC = qkv_BN3C.unbind(2)
+        if tracing:
+            a_BnC = torch.matmul(self.pool_matrix(grid, q_BNC), q_BNC)
+        else:
+            q_BCGG = q_BNC[:, self.num_prefix_tokens:].reshape(batch, grid[0], grid[1], dim).permute(0, 3, 1, 2)
+            a_BCpp = F.adaptive_avg_pool2d(q_BCGG, self.pool_size)
+            a_BnC = a_BCpp.permute(0, 2, 3, 1).reshape(batch, self.agent_num, dim)
+        return q_BNC, k_BNC, v_BNC, a_BnC
+
+    def _stage_inputs(self, x_BNC: torch.Tensor, grid: tuple[int, int], num_queries: Optional[int], tracing: bool):
+        """The two stages' inputs, heads split as views: q (B, H, N or num_queries, D), k, v (B, H, N, D), the agents
+        a (B, H, n, D), the biases B1 (1, H, n, N) and B2 (1, H, N or num_queries, n), and v (B, N, C) for the
+        depthwise conv."""
+        batch, n_tok, _ = x_BNC.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q_BNC, k_BNC, v_BNC, a_BnC = self._project(x_BNC, grid, tracing)
+        a_BHnD = a_BnC.reshape(batch, self.agent_num, heads, head_dim).transpose(1, 2)
+        k_BHND = k_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
+        v_BHND = v_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
+        b1_1HnN, b2_1HNn = self.biases(grid, x_BNC.dtype, tracing)
+        if num_queries is None:
+            q_BHND = q_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
+        else:
+            q_BHND = q_BNC[:, :num_queries].reshape(batch, num_queries, heads, head_dim).transpose(1, 2)
+            b2_1HNn = b2_1HNn[:, :, :num_queries]
+        return q_BHND, k_BHND, v_BHND, a_BHnD, b1_1HnN, b2_1HNn, v_BNC
+
+    def _add_dwc(self, out_BNC: torch.Tensor, v_BNC: torch.Tensor, grid: tuple[int, int], tracing: bool) -> torch.Tensor:
+        """out + the depthwise 3x3 conv of the patch values (prefix rows unchanged); in place without autograd.
+
+        The conv sees V as a channels-last image. The patch rows of V are copied into one contiguous (B, L, C)
+        block first (a few us): oneDNN's depthwise kernel takes a truly channels-last input directly, whereas the
+        strided view out of the fused qkv output (row stride 3C, batch stride N * 3C) sends batches > 1 to a
+        reorder path 8-12x slower (224 px batch 8: 0.92 ms -> 0.12 ms per block; docs/bench_agent.md)."""
+        batch, _, dim = v_BNC.shape
+        prefix, (gh, gw) = self.num_prefix_tokens, grid
+        v_BCGG = v_BNC[:, prefix:].contiguous().view(batch, gh, gw, dim).permute(0, 3, 1, 2)
+        dwc_BLC = self.dwc(v_BCGG).permute(0, 2, 3, 1).reshape(batch, gh * gw, dim)
+        if prefix == 0:
+            return out_BNC + dwc_BLC
+        if tracing or (torch.is_grad_enabled() and (out_BNC.requires_grad or dwc_BLC.requires_grad)):
+            return torch.cat((out_BNC[:, :prefix], out_BNC[:, prefix:] + dwc_BLC), dim=1)
+        # no autograd: in place (not "+=", whose __setitem__ copies the view onto itself)
+        out_BNC[:, prefix:].add_(dwc_BLC)
+        return out_BNC
+
+    def _mix_inference(self, x_BNC: torch.Tensor, grid: tuple[int, int], num_queries: Optional[int] = None,
+                       sdpa_plain: bool = False) -> torch.Tensor:
+        """The attention's output before the projection, (B, N or num_queries, C), on the inference fast path.
+
+        For callers that have checked the input and the mode once (forward's fast path; AgentBlock's inference
+        path, which adds its residual inside the projection's GEMM): no gradient, no tracing or export, no
+        capture, no dropout. ``sdpa_plain``: the caller's ``sdpa_runs_plain_calls(device)``. When attend() would
+        hand both stages straight to SDPA (zoo.attention.backends: sdpa_runs_plain_calls, sdpa_biased) the
+        call is made here, without attend()'s per-call validation of tensors built here (3% of Agent-DeiT-Ti at
+        224 px batch 1, docs/bench_agent.md); otherwise (a backend context, the environment, another backend,
+        autocast dtypes) attend() is called without its per-call NaN check."""
+        batch, _, dim = x_BNC.shape
+        q_BHND, k_BHND, v_BHND, a_BHnD, b1_1HnN, b2_1HNn, v_BNC = self._stage_inputs(x_BNC, grid, num_queries, False)
+        n_out = q_BHND.shape[2]
+        if (sdpa_plain and _backends.sdpa_bias_ready(b1_1HnN, a_BHnD, k_BHND)
+                and _backends.sdpa_bias_ready(b2_1HNn, q_BHND, a_BHnD)):
+            agent_v_BHnD = _backends.sdpa_biased(a_BHnD, k_BHND, v_BHND, b1_1HnN, self.scale, 0.0)
+            out_BHND = _backends.sdpa_biased(q_BHND, a_BHnD, agent_v_BHnD, b2_1HNn, self.scale, 0.0)
+        else:
+            agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, check_finite=False)
+            out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, check_finite=False)
+        # SDPA's CPU kernels write (B, N, H, D): the reshape is a view
+        out_BNC = out_BHND.transpose(1, 2).reshape(batch, n_out, dim)
+        if num_queries is None:
+            out_BNC = self._add_dwc(out_BNC, v_BNC, grid, False)
+        return out_BNC
+
+    def _mix_general(self, x_BNC: torch.Tensor, grid: tuple[int, int], num_queries: Optional[int], tracing: bool,
+                     capturing: bool, dropout_p: float) -> torch.Tensor:
+        """The attention's output before the projection with autograd, tracing/export, capture or dropout: both
+        stages through attend() (weights recorded while capturing)."""
+        batch, _, dim = x_BNC.shape
+        q_BHND, k_BHND, v_BHND, a_BHnD, b1_1HnN, b2_1HNn, v_BNC = self._stage_inputs(x_BNC, grid, num_queries, tracing)
+        n_out = q_BHND.shape[2]
+        if capturing:
+            agent_v_BHnD, agent_w = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale,
+                                           dropout_p=dropout_p, return_weights=True, check_finite=False)
+            out_BHND, broadcast_w = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale,
+                                           dropout_p=dropout_p, return_weights=True, check_finite=False)
+            self._record(agent_w, broadcast_w, self.num_prefix_tokens, grid)
+        else:
+            agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, dropout_p=dropout_p,
+                                  check_finite=False)
+            out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, dropout_p=dropout_p,
+                              check_finite=False)
+        out_BNHD = out_BHND.transpose(1, 2)  # SDPA's CPU kernels write (B, N, H, D): the reshape is a view
+        if tracing:  # exporters may decompose attention into another output layout: never assume a view
+            out_BNHD = out_BNHD.clone(memory_format=torch.contiguous_format)
+        out_BNC = out_BNHD.reshape(batch, n_out, dim)
+        if num_queries is None:
+            out_BNC = self._add_dwc(out_BNC, v_BNC, grid, tracing)
+        return out_BNC
+
     def forward(
         self,
         x: torch.Tensor,
@@ -388,7 +496,6 @@ class AgentAttention(CachesDroppedWhenCopied, nn.Module):
             raise ValueError(
                 f"AgentAttention: num_queries must be an int in [1, {prefix}] (prefix tokens only), got {num_queries!r}"
             )
-        heads, head_dim, n_agent = self.num_heads, self.head_dim, self.agent_num
         tracing = tracing_or_exporting()
         capturing = _capture.is_capturing()
         dropout_p = self.attn_drop if self.training else 0.0
@@ -396,75 +503,10 @@ class AgentAttention(CachesDroppedWhenCopied, nn.Module):
         # without its per-call NaN check (replaced by one check per module call, below, unless
         # check_finite=False).
         fast = not (tracing or capturing or dropout_p or torch.is_grad_enabled())
-
-        qkv_BN3C = self.qkv(x_BNC).view(batch, n_tok, 3, dim)
-        q_BNC, k_BNC, v_BNC = qkv_BN3C.unbind(2)
-        # Agents: adaptive average pooling of the patch queries on their grid, read through a strided
-        # (B, C, Gh, Gw) view of the fused qkv output (no copy; faster than the equivalent pooling matmul on
-        # CPU). Exporters get the same pooling as one (n, N) @ (N, C) matmul (ONNX has no adaptive pooling
-        # for grids that p does not divide).
-        if tracing:
-            a_BnC = torch.matmul(self.pool_matrix((gh, gw), q_BNC), q_BNC)
-        else:
-            q_BCGG = q_BNC[:, prefix:].reshape(batch, gh, gw, dim).permute(0, 3, 1, 2)
-            a_BCpp = F.adaptive_avg_pool2d(q_BCGG, self.pool_size)
-            a_BnC = a_BCpp.permute(0, 2, 3, 1).reshape(batch, n_agent, dim)
-        a_BHnD = a_BnC.reshape(batch, n_agent, heads, head_dim).transpose(1, 2)
-        k_BHND = k_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
-        v_BHND = v_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
-        b1_1HnN, b2_1HNn = self.biases((gh, gw), x_BNC.dtype, tracing)
-
-        n_out = n_tok if num_queries is None else num_queries
-        if num_queries is None:
-            q_BHND = q_BNC.view(batch, n_tok, heads, head_dim).transpose(1, 2)
-        else:
-            q_BHND = q_BNC[:, :num_queries].reshape(batch, num_queries, heads, head_dim).transpose(1, 2)
-            b2_1HNn = b2_1HNn[:, :, :num_queries]
         if fast:
-            if (
-                _backends.sdpa_runs_plain_calls(q_BHND.device.type)
-                and _backends.sdpa_bias_ready(b1_1HnN, a_BHnD, k_BHND)
-                and _backends.sdpa_bias_ready(b2_1HNn, q_BHND, a_BHnD)
-            ):
-                # attend() would send both stages straight to SDPA (the same two checks as its biased plain-call
-                # path). Decided once per forward and made as that same call, without attend()'s per-call
-                # validation of tensors built here: 3% of Agent-DeiT-Ti at 224 px batch 1 (docs/bench_agent.md).
-                agent_v_BHnD = _backends.sdpa_biased(a_BHnD, k_BHND, v_BHND, b1_1HnN, self.scale, 0.0)
-                out_BHND = _backends.sdpa_biased(q_BHND, a_BHnD, agent_v_BHnD, b2_1HNn, self.scale, 0.0)
-            else:  # a backend context, the environment, a higher-priority backend, autocast dtypes
-                agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, check_finite=False)
-                out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, check_finite=False)
-        elif capturing:
-            agent_v_BHnD, agent_w = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale,
-                                           dropout_p=dropout_p, return_weights=True, check_finite=False)
-            out_BHND, broadcast_w = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale,
-                                           dropout_p=dropout_p, return_weights=True, check_finite=False)
-            self._record(agent_w, broadcast_w, prefix, (gh, gw))
+            out_BNC = self._mix_inference(x_BNC, (gh, gw), num_queries, _backends.sdpa_runs_plain_calls(x_BNC.device.type))
         else:
-            agent_v_BHnD = attend(a_BHnD, k_BHND, v_BHND, bias=b1_1HnN, scale=self.scale, dropout_p=dropout_p,
-                                  check_finite=False)
-            out_BHND = attend(q_BHND, a_BHnD, agent_v_BHnD, bias=b2_1HNn, scale=self.scale, dropout_p=dropout_p,
-                              check_finite=False)
-        out_BNHD = out_BHND.transpose(1, 2)  # SDPA's CPU kernels write (B, N, H, D): the reshape is a view
-        if tracing:  # exporters may decompose attention into another output layout: never assume a view
-            out_BNHD = out_BNHD.clone(memory_format=torch.contiguous_format)
-        out_BNC = out_BNHD.reshape(batch, n_out, dim)
-
-        if num_queries is None:
-            # Depthwise 3x3 conv of the patch values as a channels-last image. The patch rows of V are copied
-            # into one contiguous (B, L, C) block first (a few us): oneDNN's depthwise kernel takes a truly
-            # channels-last input directly, whereas the strided view out of the fused qkv output (row stride
-            # 3C, batch stride N * 3C) sends batches > 1 to a reorder path 8-12x slower (224 px batch 8:
-            # 0.92 ms -> 0.12 ms per block; docs/bench_agent.md).
-            v_BCGG = v_BNC[:, prefix:].contiguous().view(batch, gh, gw, dim).permute(0, 3, 1, 2)
-            dwc_BLC = self.dwc(v_BCGG).permute(0, 2, 3, 1).reshape(batch, gh * gw, dim)
-            if prefix == 0:
-                out_BNC = out_BNC + dwc_BLC
-            elif tracing or (torch.is_grad_enabled() and (out_BNC.requires_grad or dwc_BLC.requires_grad)):
-                out_BNC = torch.cat((out_BNC[:, :prefix], out_BNC[:, prefix:] + dwc_BLC), dim=1)
-            else:
-                # no autograd: in place (not "+=", whose __setitem__ copies the view onto itself)
-                out_BNC[:, prefix:].add_(dwc_BLC)
+            out_BNC = self._mix_general(x_BNC, (gh, gw), num_queries, tracing, capturing, dropout_p)
         if check_finite and not tracing and out_BNC.device.type == "cpu":
             # attend()'s NaN/Inf check, once per module instead of per stage, on every path (with autograd the
             # stages' own checks named their internal k): a non-finite input reaches the output (every output
