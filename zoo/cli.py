@@ -397,13 +397,7 @@ def _print_config_flags(argv: Sequence[str]) -> tuple[bool, bool, list[str], Opt
         elif token == "--resolve":
             resolve = True
         elif long_flag == "--config-dir":
-            if not has_value:
-                if not tokens or not tokens[0] or tokens[0].startswith("-"):
-                    raise ValueError(f"{flag} needs a folder: {flag} DIR (the folder of your own configs)")
-                value = tokens.pop(0)
-            if not value:
-                raise ValueError(f"{flag}= is empty: give the folder of your own configs ({flag} DIR)")
-            config_dirs.append(value)
+            config_dirs.append(_flag_folder(flag, has_value, value, tokens))
         elif long_flag == "--config-name":
             if not has_value:
                 if not tokens or not tokens[0] or tokens[0].startswith("-"):
@@ -446,7 +440,7 @@ def _print_summary(result: dict) -> None:
         print(f"released weights: {result['released']}")
 
 
-def _config_dir_flags(argv: Sequence[str], command: str) -> tuple[list[str], list[str]]:
+def _config_dir_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the ``--config-dir`` folders, the other arguments) of a command that takes no other flag (zoo eval), with
     Hydra's spellings ``--config-dir DIR``, ``--config-dir=DIR`` and ``-cd DIR``."""
     folders, rest, tokens = [], [], list(argv)
@@ -456,14 +450,20 @@ def _config_dir_flags(argv: Sequence[str], command: str) -> tuple[list[str], lis
         if _SHORT_FLAGS.get(flag, flag) != "--config-dir":
             rest.append(token)
             continue
-        if not has_value:
-            if not tokens or not tokens[0] or tokens[0].startswith("-"):
-                raise ValueError(f"zoo {command}: {flag} needs a folder: {flag} DIR (the folder of your own configs)")
-            value = tokens.pop(0)
-        if not value:
-            raise ValueError(f"zoo {command}: {flag}= is empty: give the folder of your own configs ({flag} DIR)")
-        folders.append(value)
+        folders.append(_flag_folder(flag, has_value, value, tokens))
     return folders, rest
+
+
+def _flag_folder(flag: str, has_value: bool, value: str, tokens: list[str]) -> str:
+    """The folder of a ``--config-dir`` flag: ``--config-dir=DIR``'s value, else the next token (taken from
+    ``tokens``); a missing or empty one is refused, naming the flag as written."""
+    if not has_value:
+        if not tokens or not tokens[0] or tokens[0].startswith("-"):
+            raise ValueError(f"{flag} needs a folder: {flag} DIR (the folder of your own configs)")
+        value = tokens.pop(0)
+    if not value:
+        raise ValueError(f"{flag}= is empty: give the folder of your own configs ({flag} DIR)")
+    return value
 
 
 def _cmd_eval(argv: list[str]) -> int:
@@ -472,7 +472,7 @@ def _cmd_eval(argv: list[str]) -> int:
     if _wants_help(argv):
         print(EVAL_HELP)
         return 0
-    config_dirs, argv = _config_dir_flags(argv, "eval")
+    config_dirs, argv = _config_dir_flags(argv)
     values, overrides = _key_values(argv, ("ckpt", "split", "data"), "eval", passthrough_dotted=True)
     if "ckpt" not in values:
         raise SystemExit("zoo eval: ckpt=<.ckpt or released directory> is required")
