@@ -288,3 +288,11 @@ def test_the_note_is_printed_by_the_first_process_only(capsys, monkeypatch):
         assert cli.main(["train", "hparams_search=karate_lr", "--cfg", "job"]) == 0
         assert "note:" not in capsys.readouterr().err, name
         monkeypatch.delenv(name)
+
+
+def test_a_refusal_names_a_file_packaged_into_the_sweeper(config_dir):
+    """A '# @package hydra.sweeper' file (Hydra's convention for sweeper configs) holds params: at its top; its
+    refusal said 'in the config' instead of naming it."""
+    _write(config_dir, "sweeps/bad.yaml", "# @package hydra.sweeper\nparams:\n  run_dir: /tmp/a,/tmp/b\n")
+    with pytest.raises(ValueError, match=r"^hydra\.sweeper\.params in sweeps/bad\.yaml: run_dir=/tmp/a,/tmp/b: with -m"):
+        sweep.config_params([*KARATE, "+sweeps=bad"], [str(config_dir)])

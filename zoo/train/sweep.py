@@ -231,13 +231,19 @@ def _setting_file(loader, name: str, items: Sequence[str], run_mode, node_path: 
         return "the config"
     found = None
     for default in defaults:
-        if default.config_path is None or default.package not in ("", None):  # only _global_ files hold hydra:
+        # a file's keys sit under its package: _global_ files ("") hold hydra: at their top, a "# @package
+        # hydra.sweeper" file (Hydra's convention for sweeper configs) holds params: at its top
+        package = default.package or ""
+        if default.config_path is None or (package and package != node_path
+                                           and not node_path.startswith(package + ".")):
             continue
         try:
             loaded = loader.repository.load_config(default.config_path)
         except HydraException:
             continue
-        node = OmegaConf.select(loaded.config, node_path) if loaded is not None and loaded.config else None
+        relative = node_path[len(package):].lstrip(".") if package else node_path
+        config = loaded.config if loaded is not None else None
+        node = (config if not relative else OmegaConf.select(config, relative)) if config else None
         if isinstance(node, DictConfig) and key in node:
             found = default.config_path
     return f"{found}.yaml" if found else "the config"
