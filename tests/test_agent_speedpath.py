@@ -211,3 +211,38 @@ def test_attention_fast_path_equals_general_path_without_prefix():
             expected_cls = attn(x, grid=(4, 5), num_queries=1).detach()
             with torch.no_grad():
                 torch.testing.assert_close(attn(x, grid=(4, 5), num_queries=1), expected_cls, atol=1e-6, rtol=0)
+
+
+class _WrappedWeight(nn.Parameter):
+    """A parameter subclass, standing in for torchao's quantized weights (quantize_ swaps a Linear's weight for a
+    tensor subclass and leaves the module as it is; t() / addmm_ on it raised NotImplementedError)."""
+
+
+def test_tensor_subclass_weights_take_the_module_path(fused_calls):
+    model = _model()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = _module_by_module(model, model, x)
+    fc1 = model.blocks[0].mlp.fc1
+    fc1.weight = _WrappedWeight(fc1.weight.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+    assert fused_calls == []
+
+
+@pytest.mark.parametrize("owner, name", [(AgentAttention, "forward"), (agent_deit.AgentBlock, "forward"),
+                                         (nn.Linear, "forward"), (torch.nn.functional, "linear")])
+def test_a_forward_patched_on_its_class_is_called(owner, name, fused_calls, monkeypatch):
+    """The recipe 'wrap Attention.forward to keep what it computes' recorded nothing under no_grad: the fused path
+    does not call those forwards. A patch on a class (or on F.linear) now sends the model to the module path."""
+    model = _model()
+    original, calls = getattr(owner, name), []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls and fused_calls == []

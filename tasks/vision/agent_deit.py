@@ -161,7 +161,14 @@ class AgentBlock(nn.Module):
             if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                     or module._backward_pre_hooks or "forward" in module.__dict__):
                 return False
-        return True
+        # the tensors the fused path reads itself (layer_norm, addmm_, linear): plain ones only. A tensor subclass
+        # (torchao's quantize_ swaps Linear weights for one, the module unchanged) works through its module's own
+        # forward, not necessarily through t() / addmm_
+        for tensor in (norm1.weight, norm1.bias, norm2.weight, norm2.bias, proj.weight, proj.bias, fc1.weight, fc1.bias,
+                       fc2.weight, fc2.bias):
+            if tensor is not None and type(tensor) not in _PLAIN_TENSOR_TYPES:
+                return False
+        return dwc.padding_mode == "zeros"
 
     def _forward_inference(self, x_BNC: torch.Tensor, grid: tuple[int, int], num_queries: Optional[int] = None,
                            sdpa_plain: bool = False) -> torch.Tensor:
@@ -187,6 +194,17 @@ class AgentBlock(nn.Module):
             x_BQC.add_(mlp.fc2.bias)
         x_BQC.view(-1, dim).addmm_(hidden_BQF.view(-1, hidden_BQF.shape[-1]), mlp.fc2.weight.t())
         return x_BQC
+
+
+# What AgentBlock._forward_inference stands in for without calling it: each as it was when this module was imported.
+# A patch on a class (AgentAttention.forward wrapped to keep attention maps) or on F.linear sends the model back to
+# the module-by-module path, which calls them.
+_FORWARDS_AS_IMPORTED = tuple(
+    (owner, name, getattr(owner, name)) for owner, name in (
+        (AgentBlock, "forward"), (AgentAttention, "forward"), (Mlp, "forward"), (nn.LayerNorm, "forward"),
+        (nn.Linear, "forward"), (nn.GELU, "forward"), (nn.Conv2d, "forward"), (nn.Dropout, "forward"),
+        (F, "linear"), (F, "layer_norm")))
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
 class _PlainBlock(Block):
@@ -412,6 +430,8 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
             return False
         if hooked_within():  # global hooks; each block checks its own modules' hooks (every module it has)
             return False
+        if any(getattr(owner, name) is not original for owner, name, original in _FORWARDS_AS_IMPORTED):
+            return False  # a forward patched on its class (to record attention maps, say) runs on the module path
         return all(type(block) is AgentBlock and block._fusable() for block in blocks)
 
     def _run_blocks(self, x_BNC: torch.Tensor, blocks, grid: tuple[int, int]) -> torch.Tensor:
