@@ -214,7 +214,8 @@ def test_custom_operators_pass_opcheck(name, op, args):
 @pytest.mark.parametrize("cls", [GATv2Conv, GATConv, TransformerConv])
 def test_training_with_attention_dropout_compiles_and_draws_the_eager_mask(cls):
     """Attention dropout in training: the keep mask is drawn inside the compiled graph (a symbolic edge count), with
-    the eager layer's draws under the same seed (aot_eager keeps torch's RNG order)."""
+    the eager layer's draws under the same seed (aot_eager keeps torch's RNG order; inductor draws its own unless
+    torch._inductor.config.fallback_random is set, for PyG's layers too)."""
     torch.manual_seed(0)
     layer = cls(6, 5, heads=2, dropout=0.3).train()
     compiled = torch.compile(layer, backend=BACKEND, fullgraph=True)
@@ -242,3 +243,18 @@ def test_point_transformer_conv_compiles_as_one_graph():
     torch.testing.assert_close(got[0], want[0], **TOL)
     for a, b in zip(got[3], want[3], strict=True):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_edge_index_values_are_checked_by_the_public_functions_under_compile():
+    """check_edge_index skipped its value checks whenever torch.compile traced, for every caller: build_csr and
+    graph_structure compiled then took a source 9 of 4 nodes into the CSR and dropped a destination 6. Only the
+    layers' compiled path skips them (their graph-structure operator checks at run time)."""
+    from zoo.attention.graph import graph_structure
+    from zoo.attention.segment import build_csr
+
+    for fn in (lambda ei: build_csr(ei, 4, 4).col, lambda ei: graph_structure(ei, 4, 4, False).csr.col):
+        compiled = torch.compile(fn, backend=BACKEND)
+        with pytest.raises(ValueError, match="source index 9 is out of range for 4 source nodes"):
+            compiled(torch.tensor([[0, 1, 9], [1, 2, 0]]))
+        with pytest.raises(ValueError, match="destination index 6 is out of range for 4 destination nodes"):
+            compiled(torch.tensor([[0, 1, 2], [1, 2, 6]]))

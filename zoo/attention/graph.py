@@ -232,7 +232,7 @@ def _compiled_graph_structure(edge_index: Tensor, num_src: int, num_dst: int, ad
     """The graph structure while torch.compile traces a layer: the checks that need no values (type, dtype, shape)
     here, the rest in the operator :func:`_graph_structure_op`. Not cached: the compiled graph rebuilds it per call
     (a sort of E edges: cheap next to the attention)."""
-    edge_index = check_edge_index(edge_index, num_src, num_dst)  # (values skipped while compiling: in the operator)
+    edge_index = check_edge_index(edge_index, num_src, num_dst, check_values=False)  # values: in the operator
     rowptr, col, row, perm, kept, edges = _graph_structure_op(edge_index, num_src, num_dst, add_self_loops)
     num_loops = min(num_src, num_dst) if add_self_loops else 0
     return GraphStructure(CSR(rowptr, col, row, perm, num_src, num_dst), edge_index.size(1),

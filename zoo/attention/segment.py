@@ -161,13 +161,15 @@ class CSR:
         return self._dev[key]
 
 
-def check_edge_index(edge_index, num_src: int, num_dst: int, *, where: str = "edge_index") -> Tensor:
+def check_edge_index(edge_index, num_src: int, num_dst: int, *, where: str = "edge_index",
+                     check_values: bool = True) -> Tensor:
     """Validate a [2, E] integer edge index against the node counts; return it as int64.
 
     Raises TypeError/ValueError naming the problem (wrong type/dtype/shape, negative or out-of-range
     indices) instead of an index error deep inside torch. Under torch.export the values are not checked: they are
     symbolic there (reading them is a data-dependent guard that export refuses); PyG's layers do not check them
-    either."""
+    either. ``check_values=False``: the type, dtype and shape only, for a caller that checks the values later
+    (the graph layers while torch.compile traces them: their graph-structure operator checks them at run time)."""
     if not isinstance(edge_index, Tensor):
         raise TypeError(f"{where} must be a torch.Tensor of shape [2, E], got {type(edge_index).__name__}")
     if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
@@ -175,8 +177,7 @@ def check_edge_index(edge_index, num_src: int, num_dst: int, *, where: str = "ed
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"{where} must have shape [2, E], got {tuple(edge_index.shape)}")
     edge_index = edge_index.long()
-    # (under torch.compile the graph layers check the values inside their graph-structure operator, at run time)
-    if edge_index.numel() and not in_torch_export() and not torch.compiler.is_compiling():
+    if check_values and edge_index.numel() and not in_torch_export():
         lo = int(edge_index.min())
         if lo < 0:
             raise ValueError(f"{where} contains negative node indices (min {lo})")
