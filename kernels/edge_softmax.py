@@ -48,6 +48,9 @@ Caveats:
   ``torch.cuda.device`` of the inputs (kernels/_compile.py, ``on_device_of``). Out-of-bounds reads are silent in the interpreter: the launcher
   checks every index bound first.
 * C <= 256 and edge_dim <= 64 (an unrolled loop).
+* The launchers ``_forward`` / ``_backward`` (no autograd) are run by the eager autograd.Function and, under
+  torch.compile, by the custom operators ``zoo::gatv2_edge_softmax`` and its backward (zoo/attention/segment.py), so a
+  compiled layer keeps the kernel inside one graph (``fullgraph=True``).
 * The backward computes every score twice (its two passes) and reads xs twice: the price of the
   saturated-softmax accuracy above (no GPU timing here).
 
@@ -330,72 +333,93 @@ def _grid(Nd, H):
     return lambda meta: (triton.cdiv(max(Nd, 1), meta["BLOCK_N"]), H)
 
 
+def _forward(xs, xd, att, ea, we, csr, slope, keep, dropout, need_weights):
+    """The forward launch on checked inputs (no autograd) -> (out [Nd, H, C] in xs's dtype, alpha [E, H] in xs's
+    dtype or None, row_max [Nd, H] fp32, what :func:`_backward` takes). The eager autograd.Function below and the
+    custom operator ``zoo::gatv2_edge_softmax`` of torch.compile (zoo/attention/segment.py) both run it."""
+    Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
+    D = 0 if ea is None else ea.shape[1]
+    xs, xd, att = xs.contiguous(), xd.contiguous(), att.contiguous()
+    ea = None if ea is None else ea.contiguous()
+    we = None if we is None else we.contiguous()
+    keep_i8 = None if keep is None else keep.to(torch.int8).contiguous()
+    out = torch.empty(Nd, H, C, dtype=xs.dtype, device=xs.device)  # the kernel accumulates in fp32
+    row_max = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
+    log_sum = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
+    s = torch.empty(csr.num_edges, H, dtype=torch.float32, device=xs.device) if need_weights else log_sum
+    dummy = att
+    kscale = _keep_scale(keep, dropout)
+    if Nd:
+        with on_device_of(xs):  # Triton launches on the current device: make it the tensors'
+            _gatv2_fwd_kernel[_grid(Nd, H)](
+                xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
+                csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
+                out, row_max, log_sum, s, Nd, float(slope), float(kscale), _tune_bucket(Nd, csr.num_edges),
+                H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
+                HAS_EDGE=ea is not None, HAS_KEEP=keep is not None, STORE_S=bool(need_weights),
+            )
+    if not need_weights:
+        return out, None, row_max
+    alpha = torch.exp((s - row_max[csr.row]) - log_sum[csr.row])
+    if keep is not None:
+        alpha = alpha * keep.to(alpha.dtype) * kscale
+    return out, alpha.to(xs.dtype), row_max
+
+
+def _backward(g, xs, xd, att, ea, we, keep, row_max, csr, slope, dropout):
+    """The backward launch (no autograd) from the forward's inputs, keep-mask (bool) and row max -> the gradients
+    of (xs, xd, att, ea, we) in their dtypes, None for an absent ea / we. Run by the autograd.Function below and
+    by the custom operator ``zoo::gatv2_edge_softmax_backward`` (zoo/attention/segment.py)."""
+    Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
+    D = 0 if ea is None else ea.shape[1]
+    xs, xd, att = xs.contiguous(), xd.contiguous(), att.contiguous()
+    ea = None if ea is None else ea.contiguous()
+    we = None if we is None else we.contiguous()
+    keep_i8 = None if keep is None else keep.to(torch.int8).contiguous()
+    g = g.contiguous()
+    dxs = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device)
+    dxd = torch.zeros(xd.shape, dtype=torch.float32, device=xs.device)
+    datt = torch.zeros(H, C, dtype=torch.float32, device=xs.device)
+    dwe = torch.zeros(H * C, max(D, 1), dtype=torch.float32, device=xs.device)
+    dea = torch.zeros(H, csr.num_edges, max(D, 1), dtype=torch.float32, device=xs.device) if D else dwe
+    dummy = att
+    if Nd:
+        with on_device_of(xs):
+            _gatv2_bwd_kernel[_grid(Nd, H)](
+                xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
+                csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
+                g, row_max.contiguous(), dxs, dxd, datt, dwe, dea,
+                Nd, csr.num_edges, float(slope), float(_keep_scale(keep, dropout)), _tune_bucket(Nd, csr.num_edges),
+                H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
+                HAS_EDGE=ea is not None, HAS_KEEP=keep_i8 is not None,
+            )
+    return (dxs.to(xs.dtype), dxd.to(xd.dtype), datt.to(att.dtype), None if ea is None else dea.sum(0).to(ea.dtype),
+            None if we is None else dwe.to(we.dtype))
+
+
+def _keep_scale(keep, dropout) -> float:
+    return 1.0 / (1.0 - dropout) if keep is not None else 1.0
+
+
 class _GATv2EdgeSoftmax(torch.autograd.Function):
+    """Eager autograd of the kernel: :func:`_forward`, and :func:`_backward` from the saved inputs and row max."""
+
     @staticmethod
     def forward(ctx, xs, xd, att, ea, we, csr, slope, keep, dropout, need_weights):
-        Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
-        D = 0 if ea is None else ea.shape[1]
-        xs, xd, att = xs.contiguous(), xd.contiguous(), att.contiguous()
-        ea = None if ea is None else ea.contiguous()
-        we = None if we is None else we.contiguous()
-        keep_i8 = None if keep is None else keep.to(torch.int8).contiguous()
-        out = torch.empty(Nd, H, C, dtype=xs.dtype, device=xs.device)  # the kernel accumulates in fp32
-        row_max = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
-        log_sum = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
-        s = torch.empty(csr.num_edges, H, dtype=torch.float32, device=xs.device) if need_weights else log_sum
-        dummy = att
-        kscale = 1.0 / (1.0 - dropout) if keep is not None else 1.0
-        if Nd:
-            with on_device_of(xs):  # Triton launches on the current device: make it the tensors'
-                _gatv2_fwd_kernel[_grid(Nd, H)](
-                    xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
-                    csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
-                    out, row_max, log_sum, s, Nd, float(slope), float(kscale), _tune_bucket(Nd, csr.num_edges),
-                    H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
-                    HAS_EDGE=ea is not None, HAS_KEEP=keep is not None, STORE_S=bool(need_weights),
-                )
-        ctx.save_for_backward(xs, xd, att, ea, we, keep_i8, row_max)
-        ctx.csr, ctx.slope, ctx.kscale = csr, float(slope), float(kscale)
-        if not need_weights:
-            return out, None
-        alpha = torch.exp((s - row_max[csr.row]) - log_sum[csr.row])
-        if keep is not None:
-            alpha = alpha * keep.to(alpha.dtype) * kscale
-        alpha = alpha.to(xs.dtype)
-        ctx.mark_non_differentiable(alpha)
+        out, alpha, row_max = _forward(xs, xd, att, ea, we, csr, slope, keep, dropout, need_weights)
+        ctx.save_for_backward(xs, xd, att, ea, we, keep, row_max)
+        ctx.csr, ctx.slope, ctx.dropout = csr, float(slope), float(dropout)
+        if alpha is not None:
+            ctx.mark_non_differentiable(alpha)
         return out, alpha
 
     @staticmethod
     def backward(ctx, g, _g_alpha):
         refuse_double_backward("the Triton GATv2 kernel", "use torch_geometric.nn.GATv2Conv, which loads this "
                                "layer's state dict")
-        xs, xd, att, ea, we, keep_i8, row_max = ctx.saved_tensors
-        csr = ctx.csr
-        Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
-        D = 0 if ea is None else ea.shape[1]
-        g = g.contiguous()
-        dxs = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device)
-        dxd = torch.zeros(xd.shape, dtype=torch.float32, device=xs.device)
-        datt = torch.zeros(H, C, dtype=torch.float32, device=xs.device)
-        dwe = torch.zeros(H * C, max(D, 1), dtype=torch.float32, device=xs.device)
-        dea = torch.zeros(H, csr.num_edges, max(D, 1), dtype=torch.float32, device=xs.device) if D else dwe
-        dummy = att
-        if Nd:
-            with on_device_of(xs):
-                _gatv2_bwd_kernel[_grid(Nd, H)](
-                    xs, xd, att, ea if ea is not None else dummy, we if we is not None else dummy,
-                    csr.rowptr, csr.col, keep_i8 if keep_i8 is not None else dummy,
-                    g, row_max, dxs, dxd, datt, dwe, dea,
-                    Nd, csr.num_edges, ctx.slope, ctx.kscale, _tune_bucket(Nd, csr.num_edges),
-                    H=H, C=C, D=D, BLOCK_C=max(16, triton.next_power_of_2(C)),
-                    HAS_EDGE=ea is not None, HAS_KEEP=keep_i8 is not None,
-                )
-        return (
-            dxs.to(xs.dtype), dxd.to(xd.dtype), datt.to(att.dtype),
-            None if ea is None else dea.sum(0).to(ea.dtype),
-            None if we is None else dwe.to(we.dtype),
-            None, None, None, None, None,
-        )
+        xs, xd, att, ea, we, keep, row_max = ctx.saved_tensors
+        grads = _backward(g, xs, xd, att, ea, we, keep, row_max, ctx.csr, ctx.slope, ctx.dropout)
+        return (*grads, None, None, None, None, None)
 
 
 def gatv2_edge_softmax(xs_NHC, xd_NHC, att_HC, csr, *, edge_attr=None, edge_weight=None, negative_slope=0.2,

@@ -29,7 +29,9 @@ atomics: every edge's gradient is its own).
 
 Source: the math of segment.py's CPU path (tested against segment_softmax then index_add, in float64 with
 gradcheck); the online softmax follows FlashAttention-2 (Dao 2023), per channel instead of per row.
-``vector_softmax_sum_ref`` below is the fp32 PyTorch reference.
+``vector_softmax_sum_ref`` below is the fp32 PyTorch reference. The two launchers have no autograd: eagerly
+segment.py's autograd.Function calls them, under torch.compile its custom operators ``zoo::vector_softmax_sum``
+and ``zoo::vector_softmax_sum_backward`` (one node of the compiled graph each, no graph break).
 
 Caveats: fp32 / fp16 (and bf16 on GPU) inputs, fp32 math; under TRITON_INTERPRET=1 (CPU tensors, CI) bf16
 is refused and one autotune config is used (on a GPU too with ZOO_TRITON_SINGLE_CONFIG=1). Launches run under

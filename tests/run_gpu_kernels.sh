@@ -71,7 +71,8 @@ fi
 if [ "$GRAPH" = "1" ]; then
     echo "== 4. graph kernels (GATv2 edge softmax, vector attention, attend() over Edges) compiled; GATv2 vs PyG on the GPU (issue 6: >= 3x)"
     ZOO_TRITON_SINGLE_CONFIG=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_graph_kernel.py \
-        tests/test_vector_kernel.py tests/test_edges_mask.py tests/test_kernel_edges.py || status=1
+        tests/test_vector_kernel.py tests/test_edges_mask.py tests/test_kernel_edges.py \
+        tests/test_graph_kernel_fullgraph.py || status=1
     "$PY" -m zoo.bench.graph --device cuda --sizes 100000:10000,1000000:100000 --channels 8,64 --repeats 5 || status=1
 fi
 echo "== done (status $status)"

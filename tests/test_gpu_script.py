@@ -44,6 +44,11 @@ def run_script(tmp_path: Path, fail_on: str = "", gpu: bool = True, **switches: 
     return done.returncode, calls, done.stdout + done.stderr
 
 
+# step 4's kernel tests: the graph kernels, attend() over Edges, the flash kernel's EDGE slot, the kernel paths compiled
+GRAPH_TESTS = ("-m pytest -q -p no:cacheprovider tests/test_graph_kernel.py tests/test_vector_kernel.py "
+               "tests/test_edges_mask.py tests/test_kernel_edges.py tests/test_graph_kernel_fullgraph.py")
+
+
 def test_default_run_reaches_every_default_step(tmp_path):
     code, calls, output = run_script(tmp_path)
     assert code == 0, output
@@ -52,8 +57,7 @@ def test_default_run_reaches_every_default_step(tmp_path):
     assert steps[0] == "-m zoo.bench.attention --gpu --quick"
     assert steps[1].startswith("-m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_flash.py")
     assert "not speed" in steps[1]
-    assert steps[2] == ("-m pytest -q -p no:cacheprovider tests/test_graph_kernel.py tests/test_vector_kernel.py "
-                        "tests/test_edges_mask.py")
+    assert steps[2] == GRAPH_TESTS
     assert steps[3].startswith("-m zoo.bench.graph --device cuda")
     assert len(steps) == 4
     assert "== done (status 0)" in output
@@ -67,9 +71,7 @@ def test_kernel_tests_run_with_one_autotune_config_and_the_benchmarks_autotuned(
     assert code == 0, output
     seen = dict(line.split(" ", 1)[::-1] for line in (tmp_path / "single_config.log").read_text().splitlines()
                 if not line.split(" ", 1)[1].startswith("-c "))
-    graph_tests = ("-m pytest -q -p no:cacheprovider tests/test_graph_kernel.py tests/test_vector_kernel.py "
-                   "tests/test_edges_mask.py")
-    assert seen[graph_tests] == "1"
+    assert seen[GRAPH_TESTS] == "1"
     assert next(v for k, v in seen.items() if "-m gpu tests/test_kernels_flash.py" in k) == "1"
     assert next(v for k, v in seen.items() if k.startswith("-m zoo.bench.graph")) == "unset"
     assert next(v for k, v in seen.items() if k.startswith("-m zoo.bench.attention")) == "unset"

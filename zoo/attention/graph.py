@@ -37,10 +37,11 @@ is registered or a torch.func transform (vmap, grad, jacrev) is active, a layer 
 masks and hooks applied exactly where PyG applies them), so explanations equal those of PyG's layers.
 
 Under torch.compile the layers compile as one graph (``fullgraph=True``): the graph structure (values checked, self
-loops, CSR sort; ``zoo::graph_structure`` below) and the fused attention (zoo/attention/segment.py) are custom
-operators, opaque nodes that run eagerly inside the compiled graph, so the fused memory-light path is kept; the
-structure is rebuilt per call there (no cache) and the NaN / Inf checks of the features are skipped. A sparse
-adjacency and the Triton kernel still run between compiled graphs (graph breaks). torch.export cannot break a
+loops, CSR sort; ``zoo::graph_structure`` below) and the fused attention (zoo/attention/segment.py: the PyTorch
+path, and on CUDA the Triton GATv2 kernel) are custom operators, opaque nodes that run eagerly inside the compiled
+graph, so the fused memory-light path is kept; the structure is rebuilt per call there (no cache) and the NaN / Inf
+checks of the features are skipped. A sparse adjacency still runs between compiled graphs (a graph break).
+torch.export cannot break a
 graph: there the layers take that unfused path too, with the structure traced (PyG's remove/add self loops on a
 symbolic N and E), so they export as PyG's layers do, with PyG's [E, H, C]
 memory, edge_index values unchecked (as in PyG) and a [2, E] edge_index only (not a sparse adjacency).

@@ -38,10 +38,11 @@ results do not depend on thread timing (bitwise the same from run to run at a gi
 with torch.autocast off (it is per thread, so it reached the calling thread alone): half inputs are computed in fp32
 whatever the thread count, as in the Triton kernel.
 
-Under torch.compile the fused functions (edge_dot, segment_softmax_aggregate, gatv2_attention on its PyTorch path)
-are custom operators, ``zoo::...`` with a fake implementation and a backward operator (end of this file): one opaque
-node of the compiled graph each, no graph break, the same blocked code at run time. The Triton GATv2 kernel is not
-an operator yet: under torch.compile it still runs between compiled graphs (zoo.layers.call_outside_graph).
+Under torch.compile the fused functions (edge_dot, segment_softmax_aggregate, gatv2_attention) are custom operators,
+``zoo::...`` with a fake implementation and a backward operator (end of this file): one opaque node of the compiled
+graph each, no graph break, the same blocked code at run time. So are the Triton kernels (CUDA, or impl="triton"):
+GATv2's (``zoo::gatv2_edge_softmax``) and vector attention's aggregation (``zoo::vector_softmax_sum``, the kernel
+path of segment_softmax_weighted_sum), calling the kernels' forward and backward launchers.
 
 Dropout on the attention coefficients is given as an explicit boolean keep-mask [E, H] (in CSR order),
 so the fused path and the reference can be run with the same mask; the mask is the only [E, H]-sized
@@ -58,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.layers import autocast_off, call_outside_graph, exp_flushed_, in_torch_export, is_tracing, refuse_double_backward
+from zoo.layers import autocast_off, exp_flushed_, in_torch_export, is_tracing, refuse_double_backward
 
 __all__ = [
     "CSR",
@@ -444,6 +445,9 @@ def segment_softmax_weighted_sum(scores: Tensor, values: Tensor, index: Tensor, 
     dtype = torch.promote_types(scores_EC.dtype, values_EC.dtype)
     scores_EC, values_EC = scores_EC.to(dtype), values_EC.to(dtype)
     kernel = rowptr is not None and _on_kernel(impl, scores_EC, scores_EC)
+    if kernel and torch.compiler.is_compiling():  # one node of the compiled graph (see "torch.compile" at the end)
+        out_NC, _, _ = _vector_softmax_sum_op(scores_EC, values_EC, index_E, rowptr)
+        return out_NC
     return _SegmentSoftmaxWeightedSum.apply(scores_EC, values_EC, index_E, num_segments, rowptr if kernel else None)
 
 
@@ -1101,16 +1105,15 @@ def gatv2_attention(
         raise ValueError(f"gatv2_attention: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if torch.compiler.is_compiling() and not _on_kernel(impl, xs_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC,
                                                          edge_attr, edge_weight):
-        # one node of the compiled graph (see "torch.compile" at the end of the file)
+        # one node of the compiled graph (see "torch.compile" at the end of the file); the kernel's operator is
+        # called by _gatv2_fused below
         out, alpha, _, _ = _gatv2_op(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight, csr.rowptr,
                                      csr.col, csr.row, float(negative_slope), keep, float(dropout), bool(need_weights),
                                      int(chunk_elements or CHUNK_ELEMENTS))
         return out, alpha.detach() if need_weights else None
     args = (xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep, dropout,
             need_weights, impl, chunk_elements)
-    # the Triton kernel under torch.compile: between the graphs (a graph break; its autograd.Function is not an
-    # operator yet)
-    return call_outside_graph(_gatv2_fused, *args)
+    return _gatv2_fused(*args)  # under torch.compile: the Triton kernel's operator (zoo::gatv2_edge_softmax)
 
 
 def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
@@ -1129,11 +1132,18 @@ def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, ed
         if xd_NHC is None:
             xd_NHC = F.linear(x_dst, w_dst, b_dst).view(x_dst.size(0), *xs_NHC.shape[1:])
         like_xs = lambda t: None if t is None else t.to(xs_NHC.dtype)  # noqa: E731
-        out, alpha = gatv2_edge_softmax(
-            xs_NHC, like_xs(xd_NHC), like_xs(att_HC), csr, edge_attr=like_xs(edge_attr),
-            edge_weight=like_xs(edge_weight), negative_slope=negative_slope, keep=keep, dropout=dropout,
-            need_weights=need_weights,
-        )
+        if torch.compiler.is_compiling():  # one node of the compiled graph (see "torch.compile" at the end)
+            csr = csr.to(xs_NHC.device)
+            out, alpha, _ = _gatv2_kernel_op(xs_NHC, like_xs(xd_NHC), like_xs(att_HC), like_xs(edge_attr),
+                                             like_xs(edge_weight), csr.rowptr, csr.col, csr.row, float(negative_slope),
+                                             keep, float(dropout), bool(need_weights))
+            alpha = alpha.detach() if need_weights else None
+        else:
+            out, alpha = gatv2_edge_softmax(
+                xs_NHC, like_xs(xd_NHC), like_xs(att_HC), csr, edge_attr=like_xs(edge_attr),
+                edge_weight=like_xs(edge_weight), negative_slope=negative_slope, keep=keep, dropout=dropout,
+                need_weights=need_weights,
+            )
         return out.to(out_dtype), None if alpha is None else alpha.to(out_dtype)
     return _GATv2Attention.apply(
         xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight, csr, float(negative_slope), keep,
@@ -1351,3 +1361,124 @@ def _edge_dot_autograd(ctx, g_EH):
 
 
 _edge_dot_op.register_autograd(_edge_dot_autograd, setup_context=_edge_dot_setup)
+
+
+# The Triton kernels (zoo.kernels.edge_softmax, zoo.kernels.vector_softmax) as operators: the forward and backward
+# launchers the eager autograd.Functions run (no autograd of their own), called at run time; the kernel modules are
+# imported there, when the compiled graph first runs. They check their inputs as in eager mode (index bounds, dtypes:
+# the messages raised when the compiled graph runs). CUDA tensors under impl="auto", or impl="triton" (CPU tensors
+# under TRITON_INTERPRET=1): _on_kernel decides, as in eager mode.
+
+@torch.library.custom_op("zoo::gatv2_edge_softmax", mutates_args=())
+def _gatv2_kernel_op(xs_NHC: Tensor, xd_NHC: Tensor, att_HC: Tensor, ea_ED: Optional[Tensor], we_FD: Optional[Tensor],
+                     rowptr: Tensor, col: Tensor, row: Tensor, slope: float, keep: Optional[Tensor], dropout: float,
+                     need_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton GATv2 kernel's forward; every tensor input in xs_NHC's dtype (_gatv2_fused casts them) -> (out
+    [Nd, H, C], alpha [E, H] (empty [0, H] without need_weights), both in xs_NHC's dtype, row_max [Nd, H] fp32)."""
+    from zoo.kernels import edge_softmax as kernel
+
+    csr = _csr_from(rowptr, col, row, xs_NHC.size(0))
+    kernel._check(xs_NHC, xd_NHC, att_HC, csr, ea_ED, we_FD, keep)
+    out, alpha, row_max = kernel._forward(xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, csr, slope, keep, dropout,
+                                          need_weights)
+    return out, out.new_empty((0, out.size(1))) if alpha is None else alpha, row_max
+
+
+@_gatv2_kernel_op.register_fake
+def _(xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, rowptr, col, row, slope, keep, dropout, need_weights):
+    num_dst, (H, C) = rowptr.size(0) - 1, xs_NHC.shape[1:]
+    return (xs_NHC.new_empty((num_dst, H, C)), xs_NHC.new_empty((col.size(0) if need_weights else 0, H)),
+            xs_NHC.new_empty((num_dst, H), dtype=torch.float32))
+
+
+@torch.library.custom_op("zoo::gatv2_edge_softmax_backward", mutates_args=())
+def _gatv2_kernel_backward_op(g_NHC: Tensor, xs_NHC: Tensor, xd_NHC: Tensor, att_HC: Tensor, ea_ED: Optional[Tensor],
+                              we_FD: Optional[Tensor], keep: Optional[Tensor], row_max: Tensor, rowptr: Tensor,
+                              col: Tensor, row: Tensor, slope: float,
+                              dropout: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of (xs_NHC, xd_NHC, att_HC, ea_ED, we_FD) from the kernel's backward; empty for an absent
+    ea_ED / we_FD."""
+    from zoo.kernels import edge_softmax as kernel
+
+    csr = _csr_from(rowptr, col, row, xs_NHC.size(0))
+    grads = kernel._backward(g_NHC, xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, keep, row_max, csr, slope, dropout)
+    return tuple(_or_empty(g, xs_NHC) for g in grads)
+
+
+@_gatv2_kernel_backward_op.register_fake
+def _(g_NHC, xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, keep, row_max, rowptr, col, row, slope, dropout):
+    return tuple(xs_NHC.new_empty(0) if t is None else t.new_empty(t.shape)
+                 for t in (xs_NHC, xd_NHC, att_HC, ea_ED, we_FD))
+
+
+def _gatv2_kernel_setup(ctx, inputs, output):
+    xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, rowptr, col, row, slope, keep, dropout, _need_weights = inputs
+    ctx.save_for_backward(xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, keep, output[2], rowptr, col, row)
+    ctx.slope, ctx.dropout = slope, dropout
+    ctx.present = [t is not None for t in inputs[:5]]
+
+
+def _gatv2_kernel_autograd(ctx, g_NHC, _g_alpha, _g_max):
+    saved = ctx.saved_tensors
+    xs_NHC, rowptr = saved[0], saved[7]
+    if g_NHC is None:
+        g_NHC = xs_NHC.new_zeros((rowptr.size(0) - 1,) + tuple(xs_NHC.shape[1:]))
+    grads = _gatv2_kernel_backward_op(g_NHC, *saved, ctx.slope, ctx.dropout)
+    grads = [g if present and needed else None
+             for g, present, needed in zip(grads, ctx.present, ctx.needs_input_grad[:5])]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_gatv2_kernel_op.register_autograd(_gatv2_kernel_autograd, setup_context=_gatv2_kernel_setup)
+
+
+@torch.library.custom_op("zoo::vector_softmax_sum", mutates_args=())
+def _vector_softmax_sum_op(scores_EC: Tensor, values_EC: Tensor, index_E: Tensor,
+                           rowptr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton vector-attention aggregation's forward (edges in CSR order; ``index_E`` is read by the backward
+    only) -> (out [N, C] in the scores' dtype, row max [N, C] fp32, log-sum [N, C] fp32)."""
+    from zoo.kernels.vector_softmax import vector_softmax_sum
+
+    return vector_softmax_sum(scores_EC, values_EC, rowptr)
+
+
+@_vector_softmax_sum_op.register_fake
+def _(scores_EC, values_EC, index_E, rowptr):
+    shape = (rowptr.size(0) - 1, scores_EC.size(1))
+    return (scores_EC.new_empty(shape), scores_EC.new_empty(shape, dtype=torch.float32),
+            scores_EC.new_empty(shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("zoo::vector_softmax_sum_backward", mutates_args=())
+def _vector_softmax_sum_backward_op(g_NC: Tensor, scores_EC: Tensor, values_EC: Tensor, index_E: Tensor,
+                                    max_NC: Tensor, log_sum_NC: Tensor, out_NC: Tensor, need_scores: bool,
+                                    need_values: bool) -> tuple[Tensor, Tensor]:
+    from zoo.kernels.vector_softmax import vector_softmax_sum_backward
+
+    grad_scores, grad_values = vector_softmax_sum_backward(scores_EC, values_EC, index_E, max_NC, log_sum_NC, out_NC,
+                                                           g_NC, need_scores, need_values)
+    return _or_empty(grad_scores, scores_EC), _or_empty(grad_values, values_EC)
+
+
+@_vector_softmax_sum_backward_op.register_fake
+def _(g_NC, scores_EC, values_EC, index_E, max_NC, log_sum_NC, out_NC, need_scores, need_values):
+    return (scores_EC.new_empty(scores_EC.shape) if need_scores else scores_EC.new_empty(0),
+            values_EC.new_empty(values_EC.shape) if need_values else values_EC.new_empty(0))
+
+
+def _vector_softmax_sum_setup(ctx, inputs, output):
+    scores_EC, values_EC, index_E, _rowptr = inputs
+    ctx.save_for_backward(scores_EC, values_EC, index_E, output[1], output[2], output[0])
+
+
+def _vector_softmax_sum_autograd(ctx, g_NC, _g_max, _g_log_sum):
+    scores_EC, values_EC, index_E, max_NC, log_sum_NC, out_NC = ctx.saved_tensors
+    need_scores, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if g_NC is None:
+        g_NC = torch.zeros_like(out_NC)
+    grad_scores, grad_values = _vector_softmax_sum_backward_op(g_NC, scores_EC, values_EC, index_E, max_NC,
+                                                               log_sum_NC, out_NC, need_scores, need_values)
+    return _none_if_empty(grad_scores, need_scores), _none_if_empty(grad_values, need_values), None, None
+
+
+_vector_softmax_sum_op.register_autograd(_vector_softmax_sum_autograd, setup_context=_vector_softmax_sum_setup)

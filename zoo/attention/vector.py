@@ -25,8 +25,8 @@ block's forward run again in backward, paid by default only when the kept interm
 [E, C] weights and products, and its backward is one pass. pos_nn / attn_nn with statistics over the edges
 (BatchNorm using batch statistics, PyG's graph-level norms: _normalises_over_rows) see the whole edge set in one
 block, as in PyG, so their statistics are PyG's; so does a layer
-under torch.compile (one block, PyG's memory; the graph structure is built outside the compiled graph as for the
-GAT layers). While PyG's explain mode is on, a message-passing hook is registered, a torch.func transform (vmap,
+under torch.compile (one block, PyG's memory; the graph structure and, on CUDA, the Triton aggregation are custom
+operators of the compiled graph, as for the GAT layers: zoo/attention/segment.py). While PyG's explain mode is on, a message-passing hook is registered, a torch.func transform (vmap,
 grad, jacrev) runs or torch.export traces the layer, it runs PyG's ``propagate`` instead (zoo.attention.graph
 explains; under torch.export with a symbolic number of points and edges, as PyG's layer exports).
 
@@ -47,7 +47,7 @@ from torch_geometric.nn.inits import reset
 
 from zoo.attention.graph import CachedGraphLayer, GraphStructure, _check_channels, _check_features
 from zoo.attention.segment import segment_softmax, segment_softmax_weighted_sum
-from zoo.layers import check_flag, check_like_weights, is_tracing
+from zoo.layers import check_flag, check_like_weights, in_torch_export, is_tracing
 
 __all__ = ["PointTransformerConv"]
 
@@ -120,6 +120,19 @@ _GLIBC = _glibc()
 # free heap bytes tolerated before they are handed back: a few blocks' temporaries, reused without new page
 # faults (trimming after every block makes every block fault its pages in again)
 _FREE_HEAP_BUDGET = 256 << 20
+
+
+def _kernel_rowptr(csr, v_NC: Tensor) -> Optional[Tensor]:
+    """The CSR row pointers that send the aggregation (segment_softmax_weighted_sum) to its Triton kernels, or None
+    for the PyTorch path: CUDA features, eagerly or while torch.compile traces the layer (there the kernels are the
+    custom operators ``zoo::vector_softmax_sum`` and its backward, whose checks read the row pointers when the
+    compiled graph runs: zoo/attention/segment.py). Not under torch.export, jit tracing or a torch.func transform
+    (the layer runs PyG's propagate there; a custom operator has no vmap rule)."""
+    if not v_NC.is_cuda:
+        return None
+    if is_tracing() and not (torch.compiler.is_compiling() and not in_torch_export()):
+        return None
+    return csr.rowptr
 
 
 def _release_free_heap() -> None:
@@ -321,9 +334,7 @@ class PointTransformerConv(CachedGraphLayer):
         # would then page-fault in again (docs/points.md).
         trim = len(blocks) > 1
         tensors = (v_NC, a_src_NC, a_dst_NC, pos_src, pos_dst)
-        # CUDA: the block's CSR row pointers, so the aggregation's forward runs as the Triton kernel (not while
-        # torch.compile traces the layer: its checks read the row pointers on the host)
-        rowptr = csr.rowptr if v_NC.is_cuda and not is_tracing() else None
+        rowptr = _kernel_rowptr(csr, v_NC)
         outs, covered = [], 0
         for n0, n1, e0, e1 in blocks:
             if n0 > covered:  # destinations without edges: zeros
