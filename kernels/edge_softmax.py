@@ -333,16 +333,19 @@ def _grid(Nd, H):
     return lambda meta: (triton.cdiv(max(Nd, 1), meta["BLOCK_N"]), H)
 
 
+def _launch_inputs(xs, xd, att, ea, we, keep):
+    """(edge feature width D, then the tensors as the kernels read them: contiguous, the keep-mask as int8)."""
+    D = 0 if ea is None else ea.shape[1]
+    contiguous = [None if t is None else t.contiguous() for t in (xs, xd, att, ea, we)]
+    return (D, *contiguous, None if keep is None else keep.to(torch.int8).contiguous())
+
+
 def _forward(xs, xd, att, ea, we, csr, slope, keep, dropout, need_weights):
     """The forward launch on checked inputs (no autograd) -> (out [Nd, H, C] in xs's dtype, alpha [E, H] in xs's
     dtype or None, row_max [Nd, H] fp32, what :func:`_backward` takes). The eager autograd.Function below and the
     custom operator ``zoo::gatv2_edge_softmax`` of torch.compile (zoo/attention/segment.py) both run it."""
     Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
-    D = 0 if ea is None else ea.shape[1]
-    xs, xd, att = xs.contiguous(), xd.contiguous(), att.contiguous()
-    ea = None if ea is None else ea.contiguous()
-    we = None if we is None else we.contiguous()
-    keep_i8 = None if keep is None else keep.to(torch.int8).contiguous()
+    D, xs, xd, att, ea, we, keep_i8 = _launch_inputs(xs, xd, att, ea, we, keep)
     out = torch.empty(Nd, H, C, dtype=xs.dtype, device=xs.device)  # the kernel accumulates in fp32
     row_max = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
     log_sum = torch.empty(Nd, H, dtype=torch.float32, device=xs.device)
@@ -371,11 +374,7 @@ def _backward(g, xs, xd, att, ea, we, keep, row_max, csr, slope, dropout):
     of (xs, xd, att, ea, we) in their dtypes, None for an absent ea / we. Run by the autograd.Function below and
     by the custom operator ``zoo::gatv2_edge_softmax_backward`` (zoo/attention/segment.py)."""
     Nd, H, C = csr.num_dst, xs.shape[1], xs.shape[2]
-    D = 0 if ea is None else ea.shape[1]
-    xs, xd, att = xs.contiguous(), xd.contiguous(), att.contiguous()
-    ea = None if ea is None else ea.contiguous()
-    we = None if we is None else we.contiguous()
-    keep_i8 = None if keep is None else keep.to(torch.int8).contiguous()
+    D, xs, xd, att, ea, we, keep_i8 = _launch_inputs(xs, xd, att, ea, we, keep)
     g = g.contiguous()
     dxs = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device)
     dxd = torch.zeros(xd.shape, dtype=torch.float32, device=xs.device)
