@@ -1194,6 +1194,17 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t.contiguous()
 
 
+def _weights_or_empty(alpha: Optional[Tensor], like: Tensor) -> Tensor:
+    """An operator's attention-weights output: ``alpha`` [E, H], or an empty [0, H] without need_weights."""
+    return like.new_empty((0, like.size(1))) if alpha is None else alpha
+
+
+def _output_grad(g_NHC: Optional[Tensor], like_NHC: Tensor, rowptr: Tensor) -> Tensor:
+    """The gradient of an operator's [Nd, H, C] output as its backward operator takes it: zeros where autograd gives
+    None (only the attention weights were used)."""
+    return like_NHC.new_zeros((rowptr.size(0) - 1,) + tuple(like_NHC.shape[1:])) if g_NHC is None else g_NHC
+
+
 def _none_if_empty(t: Tensor, wanted: bool) -> Optional[Tensor]:
     return t if wanted else None
 
@@ -1204,7 +1215,7 @@ def _aggregate_op(s_EH: Tensor, v_NHC: Tensor, rowptr: Tensor, col: Tensor, row:
     """-> (out [Nd, H, C], alpha [E, H] (empty [0, H] without need_weights), row_max [Nd, H], log_sum [Nd, H])."""
     csr = _csr_from(rowptr, col, row, v_NHC.size(0))
     out, alpha, row_max, log_sum = _aggregate_forward(s_EH, v_NHC, csr, keep, dropout, need_weights, chunk)
-    return out, s_EH.new_empty((0, s_EH.size(1))) if alpha is None else alpha, row_max, log_sum
+    return out, _weights_or_empty(alpha, s_EH), row_max, log_sum
 
 
 @_aggregate_op.register_fake
@@ -1241,8 +1252,7 @@ def _aggregate_setup(ctx, inputs, output):
 def _aggregate_autograd(ctx, g_NHC, _g_alpha, _g_max, _g_log_sum):
     s_EH, v_NHC, rowptr, col, row, keep, row_max, log_sum = ctx.saved_tensors
     need_s, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if g_NHC is None:
-        g_NHC = v_NHC.new_zeros((rowptr.size(0) - 1,) + tuple(v_NHC.shape[1:]))
+    g_NHC = _output_grad(g_NHC, v_NHC, rowptr)
     gs, gv = _aggregate_backward_op(g_NHC, s_EH, v_NHC, rowptr, col, row, row_max, log_sum, keep, ctx.dropout,
                                     ctx.chunk, need_s, need_v)
     return _none_if_empty(gs, need_s), _none_if_empty(gv, need_v), None, None, None, None, None, None, None
@@ -1260,7 +1270,7 @@ def _gatv2_op(xs_NHC: Tensor, xd_NHC: Optional[Tensor], x_dst: Optional[Tensor],
     csr = _csr_from(rowptr, col, row, xs_NHC.size(0))
     out, alpha, row_max, log_sum = _gatv2_forward(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, csr,
                                                   slope, keep, dropout, need_weights, chunk)
-    return out, out.new_empty((0, out.size(1))) if alpha is None else alpha, row_max, log_sum
+    return out, _weights_or_empty(alpha, out), row_max, log_sum
 
 
 @_gatv2_op.register_fake
@@ -1297,9 +1307,6 @@ def _(g_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, row_max,
             like(b_dst, xd_NHC is None), like(att_HC), like(ea_ED, need_edge_attr), like(we_FD))
 
 
-_GATV2_TENSOR_INPUTS = ("xs_NHC", "xd_NHC", "x_dst", "w_dst", "b_dst", "att_HC", "ea_ED", "we_FD")
-
-
 def _gatv2_setup(ctx, inputs, output):
     (xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, ea_ED, we_FD, rowptr, col, row, slope, keep, dropout, _need_weights,
      chunk) = inputs
@@ -1312,8 +1319,7 @@ def _gatv2_setup(ctx, inputs, output):
 def _gatv2_autograd(ctx, g_NHC, _g_alpha, _g_max, _g_log_sum):
     saved = ctx.saved_tensors
     xs_NHC, rowptr = saved[0], saved[11]
-    if g_NHC is None:
-        g_NHC = xs_NHC.new_zeros((rowptr.size(0) - 1,) + tuple(xs_NHC.shape[1:]))
+    g_NHC = _output_grad(g_NHC, xs_NHC, rowptr)
     grads = _gatv2_backward_op(g_NHC, *saved, ctx.slope, ctx.dropout, ctx.chunk, ctx.needs_input_grad[6])
     # an input that was None or needs no gradient gets None (its slot holds an empty tensor or an unused one)
     grads = [g if present and needed else None
@@ -1381,7 +1387,7 @@ def _gatv2_kernel_op(xs_NHC: Tensor, xd_NHC: Tensor, att_HC: Tensor, ea_ED: Opti
     kernel._check(xs_NHC, xd_NHC, att_HC, csr, ea_ED, we_FD, keep)
     out, alpha, row_max = kernel._forward(xs_NHC, xd_NHC, att_HC, ea_ED, we_FD, csr, slope, keep, dropout,
                                           need_weights)
-    return out, out.new_empty((0, out.size(1))) if alpha is None else alpha, row_max
+    return out, _weights_or_empty(alpha, out), row_max
 
 
 @_gatv2_kernel_op.register_fake
@@ -1421,8 +1427,7 @@ def _gatv2_kernel_setup(ctx, inputs, output):
 def _gatv2_kernel_autograd(ctx, g_NHC, _g_alpha, _g_max):
     saved = ctx.saved_tensors
     xs_NHC, rowptr = saved[0], saved[7]
-    if g_NHC is None:
-        g_NHC = xs_NHC.new_zeros((rowptr.size(0) - 1,) + tuple(xs_NHC.shape[1:]))
+    g_NHC = _output_grad(g_NHC, xs_NHC, rowptr)
     grads = _gatv2_kernel_backward_op(g_NHC, *saved, ctx.slope, ctx.dropout)
     grads = [g if present and needed else None
              for g, present, needed in zip(grads, ctx.present, ctx.needs_input_grad[:5])]
