@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "is_exporting", "in_torch_export", "call_outside_graph", "activate_fresh",
+    "IntOrPair", "check_positive_int", "positive_int", "to_pair", "DropPath", "LayerScale", "is_tracing", "is_exporting", "in_torch_export", "in_torch_compile", "call_outside_graph", "activate_fresh",
     "check_finite_input", "surely_finite", "check_reset_classifier", "new_linear_head", "feature_take_indices",
     "ACTIVATIONS", "QuickGELU", "create_act", "weights_stamp", "weights_kept_alive", "refuse_double_backward", "usable_cpus",
     "autocast_off", "autocast_dtype",
@@ -262,6 +262,12 @@ def in_torch_export() -> bool:
     pytorch/pytorch#176347, fixed by #176499)."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
+def in_torch_compile() -> bool:
+    """True while torch.compile traces (Dynamo) -- not torch.export, jit tracing or the TorchScript ONNX exporter: the
+    code whose custom operators (zoo/attention/segment.py, graph.py, edge_backend.py) stand for eager functions."""
+    return torch.compiler.is_compiling() and not in_torch_export() and torch._C._get_tracing_state() is None
 
 
 def is_exporting() -> bool:

@@ -41,7 +41,7 @@ import torch
 from zoo.attention import backends as _backends
 from zoo.attention.masks import Edges, cache_put
 from zoo.attention.segment import CSR, build_csr, edge_dot, segment_softmax_aggregate
-from zoo.layers import in_torch_export, in_torch_func, is_tracing
+from zoo.layers import in_torch_compile, in_torch_func, is_tracing
 
 __all__ = ["NAME", "AUTO_MAX_ALLOWED_FRACTION", "AUTO_MIN_CELLS", "edge_graph"]
 
@@ -139,7 +139,7 @@ def _edges_supports(q, k, v, mask, bias, scale, score, dropout_p, return_weights
         return "return_weights=True (the edge path forms no (Nq, Nk) weights)"
     if in_torch_func():
         return "a torch.func transform (the edge path's autograd Functions have no functorch rules)"
-    if is_tracing() and not _compiling():
+    if is_tracing() and not in_torch_compile():
         return "tracing / export (the edge path's operators are registered for torch.compile only)"
     if q.shape[0] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
         return "an empty batch or sequence"
@@ -161,7 +161,7 @@ def _edges_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_we
         return f"Nq*Nk = {cells} < {AUTO_MIN_CELLS} (one SDPA call with the dense mask is faster)"
     if mask.num_edges / cells <= AUTO_MAX_ALLOWED_FRACTION:  # columns (padding included) bound the distinct edges
         return None
-    if _compiling():  # (counting needs the values: not while tracing)
+    if in_torch_compile():  # (counting needs the values: not while tracing)
         return (f"under torch.compile the edge path is taken automatically only when edge_index has at most "
                 f"{AUTO_MAX_ALLOWED_FRACTION} x Nq x Nk columns (its distinct edges are not counted while tracing)")
     # more columns than the threshold: count the distinct edges (the graph the forward then reuses, while the mask's
@@ -170,11 +170,6 @@ def _edges_auto_supports(q, k, v, mask, bias, scale, score, dropout_p, return_we
     if allowed > AUTO_MAX_ALLOWED_FRACTION:
         return f"the edges allow {allowed:.3f} of the pairs > {AUTO_MAX_ALLOWED_FRACTION} (a dense or tiled path is faster)"
     return None
-
-
-def _compiling() -> bool:
-    """torch.compile traces (not torch.export, nor jit tracing): the edge path runs as custom operators there."""
-    return torch.compiler.is_compiling() and not in_torch_export() and torch._C._get_tracing_state() is None
 
 
 def _off_cpu_reason(dense_cells: int):

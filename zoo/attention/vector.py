@@ -47,7 +47,7 @@ from torch_geometric.nn.inits import reset
 
 from zoo.attention.graph import CachedGraphLayer, GraphStructure, _check_channels, _check_features
 from zoo.attention.segment import segment_softmax, segment_softmax_weighted_sum
-from zoo.layers import check_flag, check_like_weights, in_torch_export, is_tracing
+from zoo.layers import check_flag, check_like_weights, in_torch_compile, is_tracing
 
 __all__ = ["PointTransformerConv"]
 
@@ -130,7 +130,7 @@ def _kernel_rowptr(csr, v_NC: Tensor) -> Optional[Tensor]:
     (the layer runs PyG's propagate there; a custom operator has no vmap rule)."""
     if not v_NC.is_cuda:
         return None
-    if is_tracing() and not (torch.compiler.is_compiling() and not in_torch_export()):
+    if is_tracing() and not in_torch_compile():
         return None
     return csr.rowptr
 
