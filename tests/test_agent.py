@@ -1020,3 +1020,46 @@ def test_attention_dropout_applies_in_training_mode_under_no_grad():
         deterministic = attn.eval()(x)
     torch.testing.assert_close(sampled, recorded, atol=1e-6, rtol=0)
     assert (sampled - deterministic).abs().max() > 1e-2
+
+
+def test_drop_rate_is_timms_head_dropout_and_the_official_placement_has_its_own_names():
+    """timm's drop_rate (train.py --drop) is the dropout before the classifier, as on the zoo's ViT; the official
+    code's drop_rate (position embedding, attention projections, MLPs) is pos_drop_rate + proj_drop_rate."""
+    def rates(model):
+        return {name: module.p for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Dropout) and module.p > 0}
+
+    assert rates(zoo.create_model("agent_deit_debug", drop_rate=0.1)) == {"head_drop": 0.1}
+    vit = zoo.create_model("vit_tiny_patch16_224", img_size=32, drop_rate=0.1)
+    assert rates(vit) == {"head_drop": 0.1}
+    official = rates(zoo.create_model("agent_deit_debug", pos_drop_rate=0.1, proj_drop_rate=0.2))
+    depth = len(zoo.create_model("agent_deit_debug").blocks)
+    expected = {"pos_drop": 0.1}
+    for i in range(depth):
+        expected.update({f"blocks.{i}.attn.proj_drop": 0.2, f"blocks.{i}.mlp.drop1": 0.2, f"blocks.{i}.mlp.drop2": 0.2})
+    assert official == expected
+    with pytest.raises(ValueError, match="proj_drop_rate must be a number in"):
+        zoo.create_model("agent_deit_debug", proj_drop_rate=1.5)
+
+
+def test_no_pooling_returns_every_token_as_timms_vit():
+    """global_pool="" (timm's ViT): forward gives per-token logits, or the tokens themselves without a head, and
+    prune_intermediate_layers leaves that (timm's reset_classifier(0, '')); dynamic_img_size=True is accepted."""
+    torch.manual_seed(3)
+    model = zoo.create_model("agent_deit_debug", global_pool="").eval()
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        torch.testing.assert_close(model(x), model.head(tokens), rtol=0, atol=1e-6)
+        assert model.forward_head(tokens, pre_logits=True).shape == tokens.shape
+    pruned = zoo.create_model("agent_deit_debug").eval()
+    pruned.prune_intermediate_layers(1)
+    assert pruned.global_pool == "" and pruned.num_classes == 0
+    with torch.no_grad():
+        out = pruned(x)
+        torch.testing.assert_close(out, pruned.forward_features(x), rtol=0, atol=0)
+    patch = pruned.patch_embed.patch_size[0]
+    assert out.shape[:2] == (2, 1 + -(-32 // patch) * -(-40 // patch))  # class token + the patch grid
+    zoo.create_model("agent_deit_debug", dynamic_img_size=True)
+    with pytest.raises(ValueError, match="always takes any image size"):
+        zoo.create_model("agent_deit_debug", dynamic_img_size=False)

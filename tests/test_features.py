@@ -275,3 +275,35 @@ def test_deprecated_names_are_models_with_or_without_a_tag(monkeypatch):
     with pytest.warns(FutureWarning, match="deprecated"):
         model = zoo.create_model("vit_debug_old", num_classes=3)
     assert model.zoo_model_name == "vit_debug" and model.num_classes == 3 and model.zoo_model_args == {"num_classes": 3}
+
+
+def test_feature_info_slices_and_numbers_its_taps_as_timm():
+    """timm-written necks slice ``feature_info`` and read each tap's ``index`` (timm's FeatureInfo)."""
+    peer = timm.create_model("maxvit_rmlp_pico_rw_256", pretrained=False, img_size=64, features_only=True,
+                             out_indices=(1, 3)).feature_info
+    ours = zoo.create_model("maxvit_rmlp_pico_rw_256", img_size=64, features_only=True, out_indices=(1, 3)).feature_info
+    assert [entry["module"] for entry in ours[0:2]] == [entry["module"] for entry in peer[0:2]]
+    assert ours[1] == peer[1]  # num_chs, reduction, module and index
+    assert [entry["index"] for entry in ours[:]] == list(range(len(ours)))
+    with pytest.raises(TypeError, match="int or a slice"):
+        ours["stem"]
+
+
+def test_backbone_options_of_timm_are_refused_with_the_zoo_route():
+    """timm's feature_cls (and a getter's norm) have no create_model spelling here: the message names
+    zoo.features.FeatureExtractor(..., norm=True), which gives timm's FeatureGetterNet(norm=True) maps."""
+    for extra in ({"feature_cls": "getter"}, {"norm": True}):
+        with pytest.raises(TypeError, match=r"FeatureExtractor\(zoo.create_model\('vit_tiny_patch16_224'"):
+            zoo.create_model("vit_tiny_patch16_224", img_size=32, features_only=True, **extra)
+    torch.manual_seed(2)
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()
+    ours = zoo.create_model("vit_tiny_patch16_224", img_size=32).eval()
+    ours.load_state_dict(peer.state_dict())
+    from timm.models._features import FeatureGetterNet
+
+    peer_net = FeatureGetterNet(peer, out_indices=(1, 3), norm=True).eval()
+    ours_net = zoo.features.FeatureExtractor(ours, out_indices=(1, 3), norm=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(ours_net(x), peer_net(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

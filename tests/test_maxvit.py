@@ -876,3 +876,49 @@ def test_checkpoint_filter_refuses_a_table_with_other_heads():
     assert model.state_dict()[key].shape == (4, 7, 7)
     with pytest.raises(ValueError, match=r"attn_block\.attn\.rel_pos.*\(3, 3, 3\) cannot be resized to \(4, 7, 7\)"):
         mv.checkpoint_filter_fn({key: torch.zeros(3, 3, 3)}, model)
+
+
+@pytest.mark.parametrize("timm_kwargs", [
+    dict(transformer_attn_drop=0.1, transformer_proj_drop=0.2),
+    dict(transformer_rel_pos_type="mlp", transformer_rel_pos_dim=64),
+    dict(conv_act_layer="silu", conv_attn_ratio=0.125, transformer_act_layer="gelu", transformer_head_first=True),
+    dict(transformer_window_size=2, transformer_grid_size=1),
+])
+def test_timm_block_keywords_build_timms_model(timm_kwargs):
+    """timm's conv_* / transformer_* keywords (what save_for_hf records in model_args) build the model timm builds:
+    the same state dict loads strict, the same logits, the same dropout rates where timm has Dropout modules (the
+    zoo's attention dropout is attend()'s dropout_p, not a module)."""
+    torch.manual_seed(0)
+    peer = timm.create_model("maxvit_tiny_tf_224", pretrained=False, img_size=64, **timm_kwargs).eval()
+    ours = zoo.create_model("maxvit_tiny_tf_224", img_size=64, **timm_kwargs).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), rtol=1e-4, atol=1e-4)
+
+    def rates(model, skip=()):  # (timm's relative-position MLP names its one dropout drop1, the zoo's drop)
+        return sorted((name.replace("rel_pos.mlp.drop1", "rel_pos.mlp.drop"), module.p)
+                      for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Dropout) and module.p > 0 and not name.endswith(skip))
+
+    assert rates(ours) == rates(peer, skip=("attn.attn_drop",))
+    if "transformer_attn_drop" in timm_kwargs:
+        block = ours.stages[0].blocks[0].attn_block.attn
+        assert block.attn_drop == timm_kwargs["transformer_attn_drop"]
+
+
+def test_a_lone_timm_grid_size_is_ignored_as_timm_ignores_it():
+    """timm replaces both partition sizes by img_size // partition_ratio when no window size is given, so a timm
+    export recording transformer_grid_size alone is read that way (with a warning); the zoo's grid_size= is kept."""
+    torch.manual_seed(0)
+    peer = timm.create_model("maxvit_tiny_tf_224", pretrained=False, img_size=64, transformer_grid_size=4).eval()
+    with pytest.warns(UserWarning, match="transformer_grid_size=4 without a window size is ignored"):
+        ours = zoo.create_model("maxvit_tiny_tf_224", img_size=64, transformer_grid_size=4).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), rtol=1e-4, atol=1e-4)
+    own = zoo.create_model("maxvit_tiny_tf_224", img_size=64, grid_size=4)
+    assert tuple(own.stages[0].blocks[0].attn_grid.partition_size) == (4, 4)
+    with pytest.raises(TypeError, match="grid_size given twice"):
+        zoo.create_model("maxvit_tiny_tf_224", img_size=64, grid_size=4, transformer_grid_size=4)

@@ -11,6 +11,7 @@ Default ``out_indices`` as timm's: the last 3 blocks for the token transformers,
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -27,6 +28,8 @@ class FeatureInfo:
 
     def __init__(self, feature_info: Sequence[dict], out_indices: Sequence[int]):
         self.info = [dict(entry) for entry in feature_info]
+        for index, entry in enumerate(self.info):
+            entry.setdefault("index", index)  # timm's FeatureInfo numbers its taps too
         self.out_indices = tuple(out_indices)
 
     def get(self, key: str, idx: Optional[Union[int, Sequence[int]]] = None):
@@ -52,7 +55,12 @@ class FeatureInfo:
     def module_name(self, idx=None):
         return self.get("module", idx)
 
-    def __getitem__(self, item: int) -> dict:
+    def __getitem__(self, item: Union[int, slice]):
+        """Tap ``item``'s dict; a slice gives a list of them (timm's FeatureInfo, whose necks slice it)."""
+        if isinstance(item, slice):
+            return self.info[item]
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise TypeError(f"FeatureInfo: taps are indexed by an int or a slice, got {type(item).__name__}")
         if not -len(self.info) <= item < len(self.info):
             raise IndexError(f"FeatureInfo: tap {item} is out of range: the model has {len(self.info)} taps "
                              f"(0 to {len(self.info) - 1}); out_indices {self.out_indices} are the ones returned")

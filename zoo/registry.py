@@ -309,6 +309,13 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
         entry, tag_args = _tagged_entry(entry, tagged_cfg)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects feature maps: pass features_only=True with it")
+    backbone_args = sorted(set(overrides) & {"feature_cls", "feature_cfg", "norm"})
+    if features_only and backbone_args:
+        raise TypeError(
+            f"{name}: create_model(features_only=True) takes out_indices only, not {', '.join(backbone_args)}: the zoo "
+            f"has one backbone class (timm's feature_cls 'getter' / 'hook' / 'fx' choose among several). For the "
+            f"final norm on the maps (timm's FeatureGetterNet norm=True) build it yourself: "
+            f"zoo.features.FeatureExtractor(zoo.create_model({name!r}, ...), out_indices, norm=True)")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     try:

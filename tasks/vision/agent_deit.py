@@ -59,7 +59,7 @@ __all__ = ["AgentBlock", "AgentVisionTransformer", "resize_pos_embed", "checkpoi
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-GLOBAL_POOLS = ("token", "avg")
+GLOBAL_POOLS = ("token", "avg", "")  # "": no pooling, every token (timm's ViT)
 # Official stage rule: block i uses agent_num[STAGE_OF_PAIR[i // 2]].
 STAGE_OF_PAIR = {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
 
@@ -236,9 +236,15 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
             agent_num[{0:0,1:1,2:2,3:2,4:2,5:3}[i // 2]], the official rule); an int means all stages.
         agent_layer: blocks [0, agent_layer) use agent attention, the rest ordinary attention;
             -1 (or 0) means every block (the official convention).
-        global_pool: "token" (class token, official) or "avg" (mean of the patch tokens after the final norm).
-        drop_rate, attn_drop_rate, drop_path_rate: dropout after position embedding / in MLPs and
-            projections (official ``drop_rate``), on attention probabilities, stochastic depth max.
+        global_pool: "token" (class token, official), "avg" (mean of the patch tokens after the final norm) or
+            "" (no pooling: forward returns every token, (B, N, K) or (B, N, C) without a head, as timm's ViT).
+        drop_rate: dropout on the pooled features before the classifier (timm's ``drop_rate``, train.py's
+            ``--drop``). pos_drop_rate: after the position embedding; proj_drop_rate: after each attention
+            projection and in the MLPs. The official code's single ``drop_rate`` is pos_drop_rate =
+            proj_drop_rate = that rate (with no head dropout), as timm's ViT split it.
+        attn_drop_rate, drop_path_rate: dropout on attention probabilities, stochastic depth max.
+        dynamic_img_size: accepted for timm's ViT-backbone code, True only: Agent-DeiT always takes any image
+            size (the position embedding and agent biases are resampled to the actual grid).
         final_norm: LayerNorm after the blocks (official: yes; False after ``prune_intermediate_layers``
             removed it).
     """
@@ -258,9 +264,12 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
         agent_layer: int = -1,
         global_pool: str = "token",
         drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         final_norm: bool = True,
+        dynamic_img_size: bool = True,
     ):
         super().__init__()
         check_ints(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
@@ -276,7 +285,11 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
             # (-4 is not "all but the last 4": only -1 and 0 mean every block, as in the official code)
             raise ValueError(f"agent_layer must be an int in [1, depth={depth}], or -1 / 0 for every block, "
                              f"got {agent_layer!r}")
-        check_rates(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        check_rates(drop_rate=drop_rate, pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate,
+                    attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        if dynamic_img_size is not True:
+            raise ValueError(f"dynamic_img_size: Agent-DeiT always takes any image size (position embedding and "
+                             f"agent biases follow the actual patch grid); only True is accepted, got {dynamic_img_size!r}")
         check_mlp_ratio(mlp_ratio, embed_dim)
         size = to_pair(img_size, "img_size")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -295,7 +308,7 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
         grid = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
-        self.pos_drop = nn.Dropout(drop_rate)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         # The official window is img_size // patch_size (square images); for a non-square native size the
         # row/column tables get the longer side (they are resized to the actual grid in any case).
@@ -303,16 +316,16 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
         blocks = []
         for i in range(depth):
             if i < agent_layer:
-                blocks.append(AgentBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop=drop_rate,
+                blocks.append(AgentBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop=proj_drop_rate,
                                          attn_drop=attn_drop_rate, drop_path=rates[i],
                                          agent_num=agents[STAGE_OF_PAIR[min(i // 2, 5)]], window=window))
             else:
                 blocks.append(_PlainBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                                          proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i]))
+                                          proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i]))
         self.blocks = nn.Sequential(*blocks)
         self.feature_info = self.block_feature_info(depth, embed_dim, self.patch_embed.patch_size)
         self.norm = norm_layer(embed_dim) if final_norm else nn.Identity()
-        self.head_drop = nn.Dropout(0.0)
+        self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._pos_cache: dict = {}
         self.init_weights()
@@ -461,8 +474,8 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
         Returns the absolute indices kept; save_pretrained records the pruned shape."""
         take, last = self._keep_blocks(indices, prune_norm, prune_head)
         self.agent_layer = min(self.agent_layer, last + 1)
-        if prune_head:
-            self.reset_classifier(0)
+        if prune_head:  # timm: no head and no pooling, forward returns every token
+            self.reset_classifier(0, "")
         note_model_args(self, depth=last + 1, agent_layer=self.agent_layer,
                         final_norm=not isinstance(self.norm, nn.Identity))
         return take
@@ -471,17 +484,20 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type == "token":
             return x_BNC[:, 0]
+        if pool_type == "":
+            return x_BNC
         return x_BNC[:, self.num_prefix_tokens:].mean(dim=1)
 
     def forward_head(self, x_BNC: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, N, C) -> logits (B, K), or pooled features (B, C) with ``pre_logits``."""
+        """Tokens (B, N, C) -> logits (B, K), or pooled features (B, C) with ``pre_logits`` (with
+        ``global_pool=""``: per token, (B, N, K) or (B, N, C))."""
         check_features(x_BNC, "(B, N, C)", self.embed_dim, -1, "Agent-DeiT forward_head")
         pre_logits = check_flag(pre_logits, "forward_head: pre_logits")
         x_BC = self.head_drop(self.pool(x_BNC))
         return x_BC if pre_logits else self.head(x_BC)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        """Images (B, in_chans, Hi, Wi) -> logits (B, K).
+        """Images (B, in_chans, Hi, Wi) -> logits (B, K) (every token, (B, N, K), with ``global_pool=""``).
 
         With class-token pooling and no gradient recorded (inference) the last block computes only the class
         token (the agents, keys and values still come from every token), as ``forward_head(forward_features(x))``

@@ -39,6 +39,7 @@ D head dim.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict, abc
 from functools import partial
 from typing import Any, Optional, Sequence, Union
@@ -908,11 +909,17 @@ _RW_LAYOUTS = {
 }
 
 
-# timm's MaxxVit takes its transformer config's fields as transformer_<field> keywords (maxxvit.py _overlay_kwargs),
-# and save_for_hf records set_input_size's partition sizes that way: the zoo's names for them.
+# timm's MaxxVit takes its block configs' fields as conv_<field> / transformer_<field> keywords (maxxvit.py
+# _overlay_kwargs), and save_for_hf records them (set_input_size's partition sizes, dropout) in config.json's
+# model_args: the zoo's names for the fields that have one. (The zoo's own conv_norm_eps, conv_expand_output,
+# conv_output_bias and transformer_norm_eps are spelled as timm's.)
 _TIMM_KWARGS = {"transformer_window_size": "window_size", "transformer_grid_size": "grid_size",
                 "transformer_partition_ratio": "partition_ratio", "transformer_dim_head": "dim_head",
-                "transformer_init_values": "init_values"}
+                "transformer_init_values": "init_values", "transformer_attn_drop": "attn_drop_rate",
+                "transformer_proj_drop": "proj_drop_rate", "transformer_rel_pos_type": "rel_pos_type",
+                "transformer_rel_pos_dim": "rel_pos_dim", "transformer_head_first": "head_first",
+                "transformer_act_layer": "transformer_act", "conv_act_layer": "conv_act", "conv_padding": "padding",
+                "conv_attn_ratio": "conv_se_ratio"}
 
 
 def _create(model_args: dict[str, Any], overrides: dict[str, Any]) -> MaxVit:
@@ -920,8 +927,17 @@ def _create(model_args: dict[str, Any], overrides: dict[str, Any]) -> MaxVit:
     for key, value in overrides.items():
         name = _TIMM_KWARGS.get(key, key)
         if name in renamed:
-            raise TypeError(f"MaxVit: {name} given twice (as {name!r} and as timm's transformer_{name})")
+            raise TypeError(f"MaxVit: {name} given twice (as {name!r} and as timm's {key})")
         renamed[name] = value
+    if ("transformer_grid_size" in overrides and "transformer_window_size" not in overrides
+            and renamed.get("window_size", model_args.get("window_size")) is None):
+        # timm's cfg_window_size replaces both partition sizes by img_size // partition_ratio when the window size
+        # is None, so a lone transformer_grid_size changes nothing there: a timm export that records one is read
+        # as timm reads it (the zoo's own grid_size= sets the grid alone)
+        warnings.warn(f"MaxVit: transformer_grid_size={overrides['transformer_grid_size']!r} without a window size "
+                      f"is ignored, as timm ignores it (both partitions are img_size // partition_ratio); pass "
+                      f"transformer_window_size too, or the zoo's grid_size=", stacklevel=3)
+        del renamed["grid_size"]
     return MaxVit(**{**model_args, **renamed})
 
 
