@@ -1269,3 +1269,37 @@ def test_eval_on_a_data_config_of_the_users(tmp_path, capsys):
     assert "--config-dir needs a folder" in capsys.readouterr().err
     assert cli.main(["eval", f"ckpt={ckpt}", "data=my_pngs", "-cd", str(tmp_path / "absent")]) == 1
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_model_zoo_vit_on_data_of_another_size_names_the_override():
+    """A fixed-size ViT on another data.img_size failed in its first training step with the Python API's wording
+    ("build the model with img_size=(64, 64)"); it is refused before anything is built with the command-line
+    spelling. Families that take any size (MaxViT, Agent-DeiT) and dynamic_img_size pass."""
+    base = ["model=zoo", "data=image_folder", "data.root=/nonexistent", "data.num_classes=2", "data.img_size=64"]
+    cfg = run.compose(base + ["model.name=vit_tiny_patch16_224"])
+    with pytest.raises(ValueError, match=r"model vit_tiny_patch16_224 is built for 224x224 images and data "
+                                         r"ImageFolderDataModule gives 64x64: add \+model.img_size=64"):
+        run.check_required(cfg)
+    for extra in (["model.name=vit_tiny_patch16_224", "+model.img_size=64"],
+                  ["model.name=vit_tiny_patch16_224", "+model.dynamic_img_size=true"],
+                  ["model.name=maxvit_tiny_tf_224"]):
+        run.check_required(run.compose(base + extra))
+
+
+def test_released_model_records_the_image_size_it_was_trained_at(tmp_path):
+    """A model that takes any size, trained at data.img_size 64 on a name built for 224: the released
+    pretrained_cfg says 64 (timm's resolve_model_data_config / create_transform then resize to what training
+    evaluated at), from config.json and from a .ckpt's data record alike; an img_size override keeps its own."""
+    import timm.data
+
+    from zoo import hub
+
+    model = zoo.create_model("maxvit_debug", img_size=64)
+    zoo.save_pretrained(model, tmp_path / "rel", metadata={"data": {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}})
+    loaded = zoo.from_pretrained(tmp_path / "rel")
+    assert loaded.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert timm.data.resolve_model_data_config(loaded)["input_size"] == (3, 32, 32)
+    resized = zoo.create_model("maxvit_debug", pretrained=str(tmp_path / "rel"), img_size=48)
+    assert resized.pretrained_cfg["input_size"] == (3, 48, 48)
+    rebuilt = hub.apply_training_preprocessing(zoo.create_model("maxvit_debug"), {"img_size": 40})
+    assert rebuilt.pretrained_cfg["input_size"] == (3, 40, 40)

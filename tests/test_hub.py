@@ -1407,3 +1407,18 @@ def test_a_checkpoint_saved_under_a_deprecated_name_loads_as_its_new_model(tmp_p
     assert "a head reset before it was saved" in caplog.text
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_mistyped_local_path_is_reported_as_one(tmp_path, monkeypatch):
+    """"checkpoints/vit_digitz" (its folder exists here) used to be reported as a Hub repository missing from the
+    cache, with `huggingface-cli download checkpoints/vit_digitz` as advice; it names the close local entries, and
+    hf-hub: still means the Hub."""
+    (tmp_path / "checkpoints" / "vit_digits").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "maxvit_digits").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/vit_digitz: no such file or directory \(checkpoints "
+                                                r"exists: did you mean checkpoints/vit_digits"):
+        zoo.from_pretrained("checkpoints/vit_digitz")
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download checkpoints/vit_digitz"):
+        zoo.from_pretrained("hf-hub:checkpoints/vit_digitz")

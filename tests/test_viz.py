@@ -697,3 +697,28 @@ def test_rollout_discard_ratio_is_vit_explains_filter_on_every_image(tmp_path, c
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="discard_ratio must be a number"):
         viz.attention_rollout([torch.from_numpy(p) for p in probs], discard_ratio=torch.tensor([0.5, 0.5]))
+
+
+def test_pictures_name_the_models_classes_and_show_digit_labels_only_to_digit_models(tmp_path, capsys):
+    """A model fine-tuned to other classes (even / odd) drawn on digits:3: the picture names the predicted class and
+    shows no "true class 3" (a class it does not have), as zoo predict decides; a digits model keeps the label."""
+    from zoo.tasks.vision import viz_agent, viz_maxvit
+
+    torch.manual_seed(0)
+    cases = [("vit_digits", viz.rollout_main, {"depth": 2}), ("agent_deit_digits", viz_agent.agent_main, {}),
+             ("maxvit_digits", viz_maxvit.maxvit_main, {})]
+    for name, main, args in cases:
+        for names in (["even", "odd"], [str(i) for i in range(10)]):
+            model = zoo.create_model(name, num_classes=len(names), **args).eval()
+            released = tmp_path / f"{name}_{len(names)}"
+            zoo.save_pretrained(model, released, metadata={"data": {"class_names": names}})
+            out = tmp_path / f"{name}_{len(names)}.png"
+            assert main([f"ckpt={released}", "image=digits:3", f"out={out}"]) == 0
+            summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            if len(names) == 2:
+                assert "label" not in summary, (name, summary)
+                assert summary["class_name"] == names[summary["predicted"]], (name, summary)
+            else:
+                assert summary["label"] == 3 and "class_name" not in summary, (name, summary)
+    title, pred, _ = zoo.plotting.prediction_title(torch.tensor([[0.0, 2.0]]), None, ["even", "odd"])
+    assert pred == 1 and title.startswith("predicted odd (class 1, p=0.88)")

@@ -41,6 +41,7 @@ pickled objects) and unwraps the usual containers (``{"state_dict": ...}``, ``{"
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -871,6 +872,16 @@ def _hub_repo(repo_id: str) -> Path:
     download is ever tried, so a repository missing from the cache is an error saying how to bring it."""
     given, repo_id = repo_id, repo_id.removeprefix("hf-hub:")
     folder = _cache_folder(repo_id)
+    local_parent = Path(given).expanduser().parent
+    if not folder.is_dir() and not given.startswith("hf-hub:") and local_parent.is_dir():
+        # "checkpoints/vit_digitz": a mistyped local path (its folder exists here) more likely than a Hub id
+        entries = sorted(entry.name for entry in local_parent.iterdir())
+        close = difflib.get_close_matches(Path(given).name, entries, n=3)
+        hint = f"did you mean {', '.join(str(local_parent / name) for name in close)}?" if close else (
+            f"it holds {', '.join(entries[:8])}{', ...' if len(entries) > 8 else ''}" if entries else "it is empty")
+        raise FileNotFoundError(
+            f"{given}: no such file or directory ({local_parent} exists: {hint}); as a Hub repository id it is not in "
+            f"the local Hugging Face cache either (hf-hub:{repo_id} to mean the Hub)")
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{given}: no such file or directory, and as a Hub repository it is not in the local Hugging Face cache "
@@ -1029,6 +1040,8 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
         for key in ("mean", "std"):
             if isinstance(data.get(key), (list, tuple)) and data[key]:
                 cfg[key] = tuple(float(v) for v in data[key])
+        if "img_size" not in overrides:
+            _trained_input_size(cfg, data)
         timm_cfg = ((config or {}).get("metadata") or {}).get("pretrained_cfg")
         if isinstance(timm_cfg, dict):  # a timm config.json: its test-time preprocessing too (the input size and
             own = {k: cfg[k] for k in ("input_size", "num_classes") if k in cfg}  # class count: the model's as built)
@@ -1054,12 +1067,24 @@ def apply_training_preprocessing(model: nn.Module, data_info: Optional[Mapping[s
         values = data_info.get(key)
         if isinstance(values, (list, tuple)) and values and (channels is None or len(values) == channels):
             cfg[key] = tuple(float(v) for v in values)
+    _trained_input_size(cfg, data_info)
     # the evaluation resize and crop of the run: recorded since data.crop_pct / data.interpolation exist; a record
     # without them comes from a run that always evaluated with the default (no crop, bilinear), not the registry's
     cfg["crop_pct"] = float(data_info.get("crop_pct", 1.0))
     cfg["crop_mode"] = str(data_info.get("crop_mode", "center"))
     cfg["interpolation"] = str(data_info.get("interpolation", "bilinear"))
     return model
+
+
+def _trained_input_size(cfg: dict, data_info: Mapping[str, Any]) -> None:
+    """The image size a ``zoo train`` run trained and evaluated at (its data record's ``img_size``) as the model's
+    ``pretrained_cfg["input_size"]``: a model that takes any size (MaxViT, Agent-DeiT, ViT with dynamic_img_size)
+    trained at 64 px on a name built for 224 came back saying 224, and timm's transform from
+    ``resolve_model_data_config`` then resized the images to a size the model never saw."""
+    size, built = data_info.get("img_size"), cfg.get("input_size")
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0 and isinstance(built, (tuple, list)) \
+            and len(built) == 3:
+        cfg["input_size"] = (built[0], size, size)
 
 
 def _statistics_per_channel(cfg: dict, channels: Optional[int], in_chans_given: bool, path) -> None:

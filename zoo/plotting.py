@@ -138,20 +138,36 @@ def patch_heat_on_image(heat_GhGw: np.ndarray, patch_size: Optional[Sequence[int
     return out
 
 
-def prediction_title(logits_1K: torch.Tensor, label: Optional[int] = None) -> tuple[str, int, float]:
-    """("predicted class 3 (p=0.97), true class 3", 3, 0.97) from one image's logits (1, K) or (K,)."""
+def prediction_title(logits_1K: torch.Tensor, label: Optional[int] = None,
+                     class_names: Optional[Sequence[str]] = None) -> tuple[str, int, float]:
+    """("predicted class 3 (p=0.97), true class 3", 3, 0.97) from one image's logits (1, K) or (K,); with the
+    model's ``class_names`` the class is named ("predicted odd (class 1, p=0.52)"), as zoo predict names it."""
     probs = logits_1K.detach().float().reshape(-1, logits_1K.shape[-1])[0].softmax(dim=-1)
     pred = int(probs.argmax())
     prob = float(probs[pred])
-    title = f"predicted class {pred} (p={prob:.2f})"
+    name = _class_name(pred, class_names)
+    title = f"predicted class {pred} (p={prob:.2f})" if name is None else f"predicted {name} (class {pred}, p={prob:.2f})"
     if label is not None:
         title += f", true class {label}"
     return title, pred, prob
 
 
-def prediction_summary(path: Path, pred: int, prob: float, label: Optional[int], **extra: Any) -> dict:
-    """The JSON line a viz command prints: out, predicted, probability, any ``extra`` keys, then label."""
-    summary = {"out": str(path), "predicted": pred, "probability": round(prob, 4), **extra}
+def _class_name(index: int, class_names: Optional[Sequence[str]]) -> Optional[str]:
+    """Class ``index``'s name when the model has names other than its indices, else None."""
+    if not class_names or index >= len(class_names) or str(class_names[index]) == str(index):
+        return None
+    return str(class_names[index])
+
+
+def prediction_summary(path: Path, pred: int, prob: float, label: Optional[int], class_names: Optional[Sequence[str]] = None,
+                       **extra: Any) -> dict:
+    """The JSON line a viz command prints: out, predicted (and its class name, when the model has names),
+    probability, any ``extra`` keys, then label."""
+    summary: dict = {"out": str(path), "predicted": pred}
+    name = _class_name(pred, class_names)
+    if name is not None:
+        summary["class_name"] = name
+    summary.update({"probability": round(prob, 4), **extra})
     if label is not None:
         summary["label"] = label
     return summary

@@ -213,7 +213,10 @@ def _load_lightning_ckpt(path: Path, model_name: Optional[str]) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(f"{path}: weights do not fit {name} {args}: {error}") from error
-    return apply_training_preprocessing(model, (ckpt.get("hyper_parameters") or {}).get("data_info"))
+    data_info = (ckpt.get("hyper_parameters") or {}).get("data_info")
+    model = apply_training_preprocessing(model, data_info)
+    model.zoo_class_names = list((data_info or {}).get("class_names") or [])  # type: ignore[attr-defined]
+    return model
 
 
 def load_model(ckpt: str, model_name: Optional[str] = None) -> nn.Module:
@@ -252,8 +255,23 @@ def load_model_and_transform(ckpt: str, model_name: Optional[str] = None) -> tup
         released = _released_without_run(ckpt)
         if released is not None:
             model, info = released
+            model.zoo_class_names = list(info.get("class_names") or [])  # as zoo predict names them
             return model, released_eval_transform(info["data_config"])  # the transform zoo predict builds
     return load_model(ckpt, model_name), None
+
+
+def image_classes(model: nn.Module, label: Optional[int]) -> tuple[Optional[int], list[str]]:
+    """(the label to show, the model's class names) for a picture's title and summary, as zoo predict decides them:
+    a digits:N image's label only for a model whose classes are the ten digits (a model of other classes has no
+    such class to compare with), and the class names the run recorded (a .ckpt's data record, a released folder's
+    config.json, timm's ImageNet names for its exports)."""
+    names = getattr(model, "zoo_class_names", None)
+    if names is None:
+        metadata = getattr(model, "zoo_pretrained_metadata", None) or {}
+        names = (metadata.get("data") or {}).get("class_names") if isinstance(metadata.get("data"), dict) else None
+    names = [str(name) for name in (names or [])]
+    digits_model = names == [str(i) for i in range(10)] or (not names and getattr(model, "num_classes", None) == 10)
+    return (label if digits_model else None), names
 
 
 def _model_cfg(model: nn.Module) -> dict:
@@ -420,14 +438,15 @@ def _draw_rollout(argv: list[str]) -> dict:
     device = device_arg(args)
     model.to(device)
     x, display, label = load_image(args.get("image", "digits:0"), model, transform)
+    label, names = image_classes(model, label)
     logits, maps = compute_rollout(model, x.to(device), args.get("head_fusion", "mean"), args.get("discard_ratio", 0.0))
-    title, pred, prob = prediction_title(logits, label)
+    title, pred, prob = prediction_title(logits, label, names)
     settings = [f"{key}={args[key]}" for key, default in (("head_fusion", "mean"), ("discard_ratio", 0.0))
                 if args.get(key, default) != default]
     if settings:  # a picture drawn with other settings than the paper's says so
         title = f"{title}; rollout with {', '.join(settings)}"
     path = save_rollout_png(str(out), display, maps[0].cpu().numpy(), title, model.patch_embed.patch_size)
-    return prediction_summary(path, pred, prob, label)
+    return prediction_summary(path, pred, prob, label, names)
 
 
 if __name__ == "__main__":

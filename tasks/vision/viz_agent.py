@@ -156,7 +156,7 @@ def agent_main(argv: Optional[Sequence[str]] = None) -> int:
 def _draw_agent(argv: list[str]) -> dict:
     import zoo
     import zoo.tasks.vision.agent_deit  # noqa: F401  registers the Agent-DeiT names
-    from zoo.tasks.vision.viz import load_image, load_model_and_transform
+    from zoo.tasks.vision.viz import image_classes, load_image, load_model_and_transform
 
     args = _parse(argv)
     out = png_path(args.get("out", "agent_attention.png"))  # a bad out= before the work
@@ -169,12 +169,13 @@ def _draw_agent(argv: list[str]) -> dict:
     device = device_arg(args)
     model.to(device)
     x, display, label = load_image(args.get("image", "digits:0"), model, transform)
+    label, names = image_classes(model, label)
     logits, maps, grid = agent_maps(model, x.to(device), int_arg(args, "layer", -1), int_arg(args, "head", None))
-    title, pred, prob = prediction_title(logits, label)
+    title, pred, prob = prediction_title(logits, label, names)
     if untrained:
         title += " -- untrained weights"
     path = save_agent_png(str(out), display, maps[0].cpu().numpy(), title, model.patch_embed.patch_size)
-    return prediction_summary(path, pred, prob, label, grid=list(grid))
+    return prediction_summary(path, pred, prob, label, names, grid=list(grid))
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ def maxvit_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _draw_maxvit(argv: list[str]) -> dict:
-    from zoo.tasks.vision.viz import load_image
+    from zoo.tasks.vision.viz import image_classes, load_image
 
     args = _parse(argv)
     out = png_path(args.get("out", "maxvit_attention.png"))  # a bad out= before the work
@@ -229,6 +229,7 @@ def _draw_maxvit(argv: list[str]) -> dict:
     model, transform = _load(args)
     model.to(device)
     x, display, label = load_image(args.get("image", "digits:0"), model, transform)
+    label, names = image_classes(model, label)
     query = None
     if "query" in args:
         try:
@@ -242,9 +243,9 @@ def _draw_maxvit(argv: list[str]) -> dict:
     logits, maps = maxvit_attention_maps(model, x.to(device), query, block, head)
     img_h, img_w = model.img_size
     query = (img_h // 2, img_w // 2) if query is None else query
-    title, pred, prob = prediction_title(logits, label)
+    title, pred, prob = prediction_title(logits, label, names)
     path = save_maxvit_png(str(out), display, maps, query, title)
-    return prediction_summary(path, pred, prob, label)
+    return prediction_summary(path, pred, prob, label, names)
 
 
 if __name__ == "__main__":

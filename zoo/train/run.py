@@ -620,14 +620,15 @@ def _check_graph_model_kind(cfg) -> None:
 
 
 def _check_model_channels(plain: dict) -> None:
-    """model=zoo model.name=<image model> builds the name's own input channels (3 for most): on 1-channel data
-    (the digits) the run failed in its first step ("ViT expects 3 input channels, got 1"). Said before anything
-    is built, with the override to add. (A model loaded from a checkpoint keeps the checkpoint's channels.)
+    """model=zoo model.name=<image model> builds the name's own input channels (3 for most) and, for ViT, image
+    size: on 1-channel data (the digits) the run failed in its first step ("ViT expects 3 input channels, got 1"),
+    and so did a ViT on another data.img_size. Said before anything is built, with the override to add. (A model
+    loaded from a checkpoint keeps the checkpoint's channels.)
     ``plain``: the config unresolved (``_plain``): a graph model's name reads data keys image data lacks."""
     import zoo
 
     model, data = plain.get("model"), plain.get("data")
-    if not isinstance(model, dict) or not isinstance(data, dict) or "in_chans" in model or "in_chans" not in data:
+    if not isinstance(model, dict) or not isinstance(data, dict):
         return
     name, pretrained = model.get("name"), model.get("pretrained")
     if not str(model.get("_target_", "")).endswith("create_model") or pretrained not in (False, None):
@@ -636,12 +637,21 @@ def _check_model_channels(plain: dict) -> None:
     if entry is None or entry.task != "vision":
         return
     built = (entry.default_cfg.get("input_size") or (None,))[0]
-    wanted = data.get("in_chans")
+    wanted = None if "in_chans" in model else data.get("in_chans")
+    data_name = data.get("name") or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
     if isinstance(wanted, int) and built is not None and wanted != built:
-        data_name = data.get("name") or str(data.get("_target_", "?")).rsplit(".", 1)[-1]
         raise ValueError(f"model {name} is built for {built} input channels and data {data_name} has {wanted}: add "
                          f"+model.in_chans={wanted} (and +model.img_size={data.get('img_size')} for the data's image "
                          f"size)")
+    # ViT's position embedding has the size it was built for (timm's fixed-size ViT): another data.img_size failed in
+    # the first training step with the Python API's wording; MaxViT and Agent-DeiT take any size (docs/timm.md)
+    built_size = tuple((entry.default_cfg.get("input_size") or (None, None, None))[1:])
+    size = data.get("img_size")
+    if (entry.family == "vit" and "img_size" not in model and not model.get("dynamic_img_size")
+            and isinstance(size, int) and None not in built_size and built_size != (size, size)):
+        raise ValueError(f"model {name} is built for {built_size[0]}x{built_size[1]} images and data {data_name} gives "
+                         f"{size}x{size}: add +model.img_size={size} (the position embedding is built for that grid) "
+                         f"or +model.dynamic_img_size=true (resampled at run time)")
 
 
 def _to_container(node) -> Any:
