@@ -1303,3 +1303,28 @@ def test_released_model_records_the_image_size_it_was_trained_at(tmp_path):
     assert resized.pretrained_cfg["input_size"] == (3, 48, 48)
     rebuilt = hub.apply_training_preprocessing(zoo.create_model("maxvit_debug"), {"img_size": 40})
     assert rebuilt.pretrained_cfg["input_size"] == (3, 40, 40)
+
+
+def test_eval_on_folders_of_some_of_the_models_classes(tmp_path, capsys):
+    """A test set holding a few of the model's classes (folders 3 and 7 of the ten digits) was refused for its
+    class count ("data.num_classes=10 but ImageFolderDataModule found 2 classes"); its folders are matched to the
+    model's classes by name and scored against the model's own indices: the accuracy is what zoo predict's top-1
+    answers on the same files give."""
+    ckpt = str(ROOT / "checkpoints" / "vit_digits")
+    folder = _digits_test_folder(tmp_path / "pngs")
+    for child in (folder / "test").iterdir():
+        if child.name not in ("3", "7"):
+            for file in child.iterdir():
+                file.unlink()
+            child.rmdir()
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=image_folder", f"data.root={folder}", "data.num_workers=0"]) == 0
+    captured = capsys.readouterr()
+    assert "the class folders [3, 7] are 2 of the model's 10 classes" in captured.err
+    rows = run.predict(ckpt, [str(folder / "test" / "3"), str(folder / "test" / "7")], topk=1)
+    expected = np.mean([row["top"][0][0] == Path(row["input"]).parent.name for row in rows])
+    assert len(rows) > 50 and abs(json.loads(captured.out)["test/acc1"] - expected) < 1e-6
+    # folders that are not among the classes keep the plain rule
+    (folder / "test" / "cat").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "test" / "cat" / "0.png")
+    assert cli.main(["eval", f"ckpt={ckpt}", "data=image_folder", f"data.root={folder}"]) == 1
+    assert "data.num_classes=10 but ImageFolderDataModule found 3 classes" in capsys.readouterr().err

@@ -921,19 +921,32 @@ class ImageFolderDataModule(_PictureDataModule):
     values, as timm's train.py and validate.py evaluate (``adopt_model_stats``).
     """
 
-    def __init__(self, root: str, *args, **kwargs):
+    def __init__(self, root: str, *args, classes: Optional[Sequence[str]] = None, **kwargs):
+        """``classes``: the class names the targets index, for an evaluation set (zoo eval passes the model's
+        trained classes when the folders are some of them): each folder is matched to its class by name, so a test
+        set of a few classes' images is scored against the model's own class indices. None: the sorted class
+        folders, as torchvision's ImageFolder numbers them."""
         super().__init__(*args, **kwargs)
         self.root = Path(os.path.expanduser(str(root)))
         # the class folders come from train/; a root holding only test/ (or val/) serves evaluation (zoo eval)
         self._class_dir = next((self.root / split for split in ("train", "test", "val") if (self.root / split).is_dir()), None)
         if self._class_dir is None:
             raise FileNotFoundError(self._no_train_message())
-        classes = sorted(p.name for p in self._class_dir.iterdir() if p.is_dir())
-        if not classes:
+        folders = sorted(p.name for p in self._class_dir.iterdir() if p.is_dir())
+        if not folders:
             raise FileNotFoundError(f"ImageFolder data: {self._class_dir} has no class sub-folders (expected "
                                     f"{self._class_dir}/<class_name>/<image>)")
-        self.class_names = classes
-        self.num_classes = len(classes)
+        self._named_classes = classes is not None
+        if classes is not None:
+            classes = [str(name) for name in classes]
+            if len(set(classes)) != len(classes) or not classes:
+                raise ValueError(f"ImageFolder data: classes must be distinct names, got {classes}")
+            unknown = sorted(set(folders) - set(classes))
+            if unknown:
+                raise ValueError(f"ImageFolder data: {self._class_dir} has folders {unknown} that are not among the "
+                                 f"classes {classes[:10]}{' ...' if len(classes) > 10 else ''}")
+        self.class_names = folders if classes is None else classes
+        self.num_classes = len(self.class_names)
         self._check_num_classes()
 
     def _no_train_message(self) -> str:
@@ -953,6 +966,16 @@ class ImageFolderDataModule(_PictureDataModule):
             raise FileNotFoundError(f"ImageFolder data: {directory}/{empty[0] if empty else '<class>'} holds no image "
                                     f"({', '.join(IMAGE_EXTENSIONS)}); put at least one image in every class folder "
                                     f"or remove the folder from every split") from error
+        if self._named_classes:  # folders matched to the given classes by name (a subset of them is fine)
+            extra = sorted(set(dataset.classes) - set(self.class_names))
+            if extra:
+                raise ValueError(f"ImageFolder data: {directory} has folders {extra} that are not among the classes")
+            index = {name: self.class_names.index(name) for name in dataset.classes}
+            dataset.samples = [(path, index[dataset.classes[target]]) for path, target in dataset.samples]
+            dataset.imgs = dataset.samples
+            dataset.targets = [target for _, target in dataset.samples]
+            dataset.classes, dataset.class_to_idx = list(self.class_names), {n: i for i, n in enumerate(self.class_names)}
+            return dataset
         if dataset.classes != self.class_names:
             extra = sorted(set(dataset.classes) - set(self.class_names))
             missing = sorted(set(self.class_names) - set(dataset.classes))

@@ -2214,6 +2214,7 @@ def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: s
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     ckpt = resolve_ckpt_argument(ckpt)
     cfg, model, state, info = _inference_source(ckpt, overrides, command="zoo eval", config_dirs=config_dirs)
+    _match_folders_to_trained_classes(cfg, info.get("class_names"))
     module, datamodule = build(cfg, model=model)
     trained, found = info.get("class_names"), getattr(datamodule, "class_names", None)
     if trained and found and list(map(str, trained)) != list(map(str, found)):
@@ -2234,6 +2235,28 @@ def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: s
     else:
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     return _float_metrics(results[0] if results else {})
+
+
+def _match_folders_to_trained_classes(cfg, trained: Optional[Sequence[str]]) -> None:
+    """zoo eval on class folders that are some of the model's trained classes (a test set of a few classes'
+    photos): the folders are matched to the model's classes by name (``data.classes``), instead of being refused for
+    their count. Folders that are all the classes, or not all among them, keep the plain rule (count and order)."""
+    from omegaconf import open_dict
+
+    data = cfg.get("data")
+    if not trained or data is None or not str(data.get("_target_", "")).endswith("ImageFolderDataModule") \
+            or data.get("classes") is not None:
+        return
+    root = Path(os.path.expanduser(str(data.get("root"))))
+    folder = next((root / split for split in ("train", "test", "val") if (root / split).is_dir()), None)
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder is not None else []
+    trained = [str(name) for name in trained]
+    if found and set(found) < set(trained):
+        print(f"zoo eval: the class folders {_preview(found)} are {len(found)} of the model's {len(trained)} classes: "
+              f"scored as those classes (matched by name)", file=sys.stderr)
+        with open_dict(data):
+            data.classes = trained
+            data.num_classes = len(trained)
 
 
 def load_for_inference(ckpt: str | os.PathLike):
