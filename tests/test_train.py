@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 import zoo
@@ -59,6 +60,47 @@ def test_layer_decay_groups_match_timm(ours_name, peer_name, kwargs, fallback):
         assert got[name][1] == expected[name][1], name
     if fallback:
         assert got["head.weight"][0] == 1.0 and got["blocks.0.attn.qkv.weight"][0] == pytest.approx(0.7 ** 3)
+
+
+class _PlainCnn(nn.Module):  # no blocks.<i> names, a classifier called fc (timm's get_classifier)
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 2)
+
+    def get_classifier(self):
+        return self.fc
+
+
+class _StackedWithFc(nn.Module):  # blocks.<i>, then a final norm and a classifier called fc
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(3, 4)
+        self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 2)
+
+    def get_classifier(self):
+        return self.fc
+
+
+def test_layer_decay_fallback_keeps_the_classifier_and_unnumbered_models_at_the_full_lr():
+    """A model with no blocks to number trained every parameter at decay x lr, classifier included: timm keeps the
+    full lr and warns (compared with timm's param_groups_layer_decay on the same model). A classifier not called
+    head (timm's get_classifier()) was decayed with the last block: it keeps the full lr, the blocks decay by depth."""
+    from timm.optim import param_groups_layer_decay
+
+    plain = _PlainCnn()
+    theirs = param_groups_layer_decay(plain, weight_decay=0.05, no_weight_decay_list=(), layer_decay=0.7)
+    name_of = {id(p): n for n, p in plain.named_parameters()}
+    expected = {name_of[id(p)]: g["lr_scale"] for g in theirs for p in g["params"]}
+    with pytest.warns(UserWarning, match="layer-wise lr decay has no effect on _PlainCnn"):
+        got = {n: g["lr_scale"] for g in param_groups(plain, 0.05, layer_decay=0.7) for n in g["param_names"]}
+    assert got == pytest.approx(expected) and set(expected.values()) == {1.0}
+    got = {n: g["lr_scale"] for g in param_groups(_StackedWithFc(), 0.05, layer_decay=0.7) for n in g["param_names"]}
+    assert got == pytest.approx({"stem.weight": 0.7 ** 3, "stem.bias": 0.7 ** 3, "blocks.0.weight": 0.7 ** 2,
+                                 "blocks.0.bias": 0.7 ** 2, "blocks.1.weight": 0.7, "blocks.1.bias": 0.7,
+                                 "norm.weight": 0.7, "norm.bias": 0.7, "fc.weight": 1.0, "fc.bias": 1.0})
 
 
 def test_param_groups_without_layer_decay():

@@ -13,7 +13,8 @@ Layer-wise lr decay (BEiT, Bao et al. ICLR 2022, sec. 3.3; timm ``param_groups_l
 zoo vision family) is grouped by it, as timm does (timm.models.group_parameters): MaxViT by stage, ViT by
 block. Otherwise layer 0 is everything before the first block (patch embedding, class token, position
 embedding), layers 1..L the blocks in order; parameters after the last block belong to it (final norm)
-except the classifier (``zoo.hub.head_keys``), layer ``L + 1``, which keeps the full lr. The ``group_matcher``
+except the classifier (timm's ``get_classifier()``, ``zoo.hub.head_keys``), layer ``L + 1``, which keeps the full
+lr; a model with no block found keeps the full lr everywhere, with a warning (timm's rule). The ``group_matcher``
 path reproduces timm's scales (tested for ViT and MaxViT). The fallback reproduces them for block-stacked models
 (ViT: equal); for a staged model without a group_matcher it counts every block of every stage as a layer,
 where timm's MaxViT matcher counts stages.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -66,12 +68,28 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
         else:
             pending_after.append(name)
     num_layers = len(blocks)
+    if not seen_block:  # timm's rule: one layer, the full lr everywhere, and a warning (not decay^1 on everything)
+        warnings.warn(f"layer-wise lr decay has no effect on {type(model).__name__}: it has no group_matcher() and no "
+                      f"blocks.<i> / stages.<i> / layers.<i> parameters to number, so every parameter keeps the full "
+                      f"lr (as timm's param_groups_layer_decay does)", stacklevel=3)
+        return {name: 1 for name in ids}, 0
+    heads = _classifier_prefixes(model)
+    for name in pending_after:
+        ids[name] = num_layers + 1 if any(name.startswith(prefix + ".") for prefix in heads) else num_layers
+    return ids, num_layers
+
+
+def _classifier_prefixes(model: nn.Module) -> set[str]:
+    """Module names of the classifier, which keeps the full lr: timm's ``get_classifier()`` module when the model
+    has one (a classifier called ``fc`` or ``classifier``), and the modules of ``zoo.hub.head_keys``."""
     from zoo.hub import head_keys
 
-    heads = {key.rsplit(".", 1)[0] for key in head_keys(model)}
-    for name in pending_after:
-        ids[name] = num_layers + 1 if name.rsplit(".", 1)[0] in heads or not seen_block else num_layers
-    return ids, num_layers
+    prefixes = {key.rsplit(".", 1)[0] for key in head_keys(model)}
+    get_classifier = getattr(model, "get_classifier", None)
+    classifier = get_classifier() if callable(get_classifier) else None
+    if isinstance(classifier, nn.Module):
+        prefixes |= {name for name, module in model.named_modules() if module is classifier and name}
+    return prefixes
 
 
 def param_groups(
