@@ -47,7 +47,8 @@ Caveats:
   and one autotune config is used (on a GPU too with ZOO_TRITON_SINGLE_CONFIG=1). Launches run under
   ``torch.cuda.device`` of the inputs (kernels/_compile.py, ``on_device_of``). Out-of-bounds reads are silent in the interpreter: the launcher
   checks every index bound first.
-* C <= 256 and edge_dim <= 64 (an unrolled loop).
+* C <= 256 and edge_dim <= 64 (an unrolled loop): ``MAX_CHANNELS``, ``MAX_EDGE_DIM``. The launcher refuses more;
+  under ``impl="auto"`` zoo/attention/segment.py sends a larger layer to its PyTorch path instead.
 * The launchers ``_forward`` / ``_backward`` (no autograd) are run by the eager autograd.Function and, under
   torch.compile, by the custom operators ``zoo::gatv2_edge_softmax`` and its backward (zoo/attention/segment.py), so a
   compiled layer keeps the kernel inside one graph (``fullgraph=True``).
@@ -75,6 +76,10 @@ from zoo.layers import refuse_double_backward
 __all__ = ["gatv2_edge_softmax", "gatv2_edge_softmax_ref", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The kernel's limits (module docstring, Caveats): channels per head and edge-feature width. _check refuses more;
+# zoo/attention/segment.py reads them to send a larger layer to the PyTorch path under impl="auto".
+MAX_CHANNELS = 256
+MAX_EDGE_DIM = 64
 # One autotune config: under the interpreter (it cannot benchmark), and on a GPU with ZOO_TRITON_SINGLE_CONFIG=1
 # (correctness runs: tests/run_gpu_kernels.sh). Read at import, when the autotuners are built.
 SINGLE_CONFIG = INTERPRET or single_config_requested()
@@ -313,10 +318,10 @@ def _check(xs, xd, att, csr, edge_attr, edge_weight, keep):
         if t is not None and (t.dtype != xs.dtype or t.device != dev):
             raise TypeError(f"gatv2_edge_softmax: {name} is {t.dtype} on {t.device}, x_src is {xs.dtype} on {dev}")
     H, C = xs.shape[1], xs.shape[2]
-    if C > 256:
-        raise ValueError(f"gatv2_edge_softmax: C={C} channels per head > 256 are not supported")
-    if edge_attr is not None and edge_attr.size(1) > 64:
-        raise ValueError(f"gatv2_edge_softmax: edge_dim={edge_attr.size(1)} > 64 is not supported")
+    if C > MAX_CHANNELS:
+        raise ValueError(f"gatv2_edge_softmax: C={C} channels per head > {MAX_CHANNELS} are not supported")
+    if edge_attr is not None and edge_attr.size(1) > MAX_EDGE_DIM:
+        raise ValueError(f"gatv2_edge_softmax: edge_dim={edge_attr.size(1)} > {MAX_EDGE_DIM} is not supported")
     if csr.num_edges >= 2**31 or csr.num_dst * H >= 2**31:
         raise ValueError("gatv2_edge_softmax: E and Nd*H must stay below 2**31")
     if keep is not None and keep.device != dev:

@@ -241,6 +241,13 @@ def vector_softmax_sum_backward(scores_EC: torch.Tensor, values_EC: torch.Tensor
     if max_NC.dtype != torch.float32 or log_sum_NC.dtype != torch.float32:
         raise TypeError(f"vector_softmax_sum_backward: max and log_sum must be float32 (as the forward returns "
                         f"them), got {max_NC.dtype} and {log_sum_NC.dtype}")
+    # The kernel gathers the per-node rows at index_E, and the interpreter does not fault on out-of-bounds reads (a
+    # GPU reads whatever lies there): check the bounds here, as the forward checks rowptr.
+    if num_edges:
+        low, high = (int(v) for v in index_E.aminmax())
+        if low < 0 or high >= num_dst:
+            raise ValueError(f"vector_softmax_sum_backward: index values must lie in [0, {num_dst}), got "
+                             f"{low}..{high}")
     grad_scores = torch.empty_like(scores_EC, memory_format=torch.contiguous_format) if need_scores else None
     grad_values = torch.empty_like(values_EC, memory_format=torch.contiguous_format) if need_values else None
     if num_edges and channels and (need_scores or need_values):

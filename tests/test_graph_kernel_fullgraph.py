@@ -7,8 +7,10 @@ attention kernel (zoo.kernels.vector_softmax). While compiling, both are custom 
 graph; eager calls keep the kernels' autograd.Functions. Checked here: the compiled layer (backend ``aot_eager``, as
 tests/test_graph_fullgraph.py) gives the eager kernel path's outputs, attention weights and gradients, and the kernels
 really ran; ``torch.library.opcheck`` on the four operators; and, without a GPU, that CUDA tensors under
-``impl="auto"`` take the operators while compiling (fake CUDA tensors). GATConv and TransformerConv have no Triton
-kernel (their fused aggregation is the PyTorch ``zoo::segment_softmax_aggregate``: tests/test_graph_fullgraph.py).
+``impl="auto"`` take the operators while compiling (fake CUDA tensors), GATv2's only within the kernel's limits; the
+vector operator's index / rowptr checks when the graph runs; second derivatives under Dynamo's backend="eager".
+GATConv and TransformerConv have no Triton kernel (their fused aggregation is the PyTorch
+``zoo::segment_softmax_aggregate``: tests/test_graph_fullgraph.py).
 """
 from __future__ import annotations
 
@@ -283,6 +285,153 @@ def test_cuda_tensors_take_the_kernel_operators_while_compiling(monkeypatch):
         assert vector._kernel_rowptr(csr, scores) is csr.rowptr
         assert vector._kernel_rowptr(csr, scores.cpu()) is None
     assert calls == ["_gatv2_kernel_op", "_gatv2_op", "_vector_softmax_sum_op"], calls
+
+
+@in_process
+def test_compiled_weighted_sum_on_the_kernel_checks_index_against_rowptr():
+    """The kernel path reads the segments from rowptr in forward and from index in backward: eagerly
+    segment_softmax_weighted_sum checks one against the other; compiled (the checks skipped while Dynamo traces) its
+    operator zoo::vector_softmax_sum makes the same checks when the graph runs, with eager's messages. Before, an
+    out-of-range index read out of bounds in the backward kernel and a mismatched one gave the gradient of another
+    output than the one returned, silently. The backward launcher refuses an out-of-range index itself too."""
+    rowptr = torch.tensor([0, 2, 4], device=DEVICE)
+    scores, values = torch.randn(4, 3, device=DEVICE), torch.randn(4, 3, device=DEVICE)
+
+    def weighted_sum(s, v, index):
+        return segment.segment_softmax_weighted_sum(s, v, index, 2, rowptr=rowptr, impl="triton")
+
+    compiled = torch.compile(weighted_sum, backend=BACKEND, fullgraph=True)
+    good = torch.tensor([0, 0, 1, 1], device=DEVICE)
+    _assert_same([compiled(scores, values, good)], [weighted_sum(scores, values, good)], torch.float32)
+    for index, message in [([0, 0, 1, 7], r"index values must lie in \[0, 2\), got 0\.\.7"),
+                           ([0, 0, -1, 1], r"index values must lie in \[0, 2\), got -1\.\.1"),
+                           ([0, 1, 0, 1], r"index does not match rowptr .* index\[1\] = 1 but rowptr puts entry 1 "
+                                          r"in segment 0")]:
+        index = torch.tensor(index, device=DEVICE)
+        raised = []
+        for fn in (weighted_sum, compiled):
+            s = scores.clone().requires_grad_(True)
+            with pytest.raises(ValueError, match="segment_softmax_weighted_sum: " + message) as error:
+                fn(s, values, index).sum().backward()
+            raised.append(str(error.value))
+        assert raised[0] == raised[1]
+    with torch.no_grad():
+        out_NC, max_NC, log_sum_NC = vk.vector_softmax_sum(scores, values, rowptr)
+    with pytest.raises(ValueError, match=r"vector_softmax_sum_backward: index values must lie in \[0, 2\), got 0\.\.2"):
+        vk.vector_softmax_sum_backward(scores, values, torch.tensor([0, 0, 1, 2], device=DEVICE), max_NC, log_sum_NC,
+                                       out_NC, torch.ones_like(out_NC))
+
+
+@in_process
+def test_cuda_gatv2_beyond_the_kernel_limits_runs_the_pytorch_path(monkeypatch):
+    """Without a GPU (fake CUDA tensors): under impl="auto" GATv2 takes the Triton kernel only within its limits
+    (ek.MAX_CHANNELS channels per head, ek.MAX_EDGE_DIM edge features) and the PyTorch path beyond them, while
+    compiling (the operators zoo::gatv2_edge_softmax / zoo::gatv2_attention) and eagerly (the kernel's
+    gatv2_edge_softmax / the autograd.Function _GATv2Attention) alike: a CUDA GATv2Conv(..., 512) raised the kernel's
+    ValueError, where PyG's layer computes it. An explicit impl="triton" asks for the kernel and keeps that error,
+    eagerly and when the compiled graph runs (real tensors under the interpreter; raised before any launch)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zoo.attention.segment import CSR, build_csr
+
+    explicit = []  # the real-tensor calls with impl="triton", run after the routes' patches are undone
+    real_csr = build_csr(_edges(9, 7, 20).cpu(), 9, 7).to(DEVICE)
+    for channels, edge_dim, message in [(ek.MAX_CHANNELS + 1, None, rf"C={ek.MAX_CHANNELS + 1} channels per head > "),
+                                        (4, ek.MAX_EDGE_DIM + 1, rf"edge_dim={ek.MAX_EDGE_DIM + 1} > ")]:
+        xs, xd, att = (torch.randn(*shape, device=DEVICE) for shape in ((9, 1, channels), (7, 1, channels),
+                                                                         (1, channels)))
+        edges = {} if edge_dim is None else dict(edge_attr=torch.randn(20, edge_dim, device=DEVICE),
+                                                 edge_weight=torch.randn(channels, edge_dim, device=DEVICE))
+        explicit.append(((xs, xd, att), edges, message))
+
+    calls = []
+    for name in ("_gatv2_kernel_op", "_gatv2_op"):
+        original = getattr(segment, name)
+        monkeypatch.setattr(segment, name, lambda *a, _name=name, _op=original: calls.append(_name) or _op(*a))
+
+    def recorder(name):  # the eager routes, stopped before they read the (fake) graph's values
+        return lambda xs_NHC, *a, **k: calls.append(name) or (xs_NHC.new_empty((7,) + xs_NHC.shape[1:]), None)
+
+    monkeypatch.setattr(ek, "gatv2_edge_softmax", recorder("kernel"))
+    monkeypatch.setattr(segment._GATv2Attention, "apply", recorder("torch"))
+    compiling = [False]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling[0])
+    cases = [(ek.MAX_CHANNELS, None, "kernel"), (ek.MAX_CHANNELS + 1, None, "torch"),
+             (8, ek.MAX_EDGE_DIM, "kernel"), (8, ek.MAX_EDGE_DIM + 1, "torch")]
+    with FakeTensorMode():
+        cuda = dict(device="cuda")
+        csr = CSR(torch.empty(8, dtype=torch.long, **cuda), torch.empty(20, dtype=torch.long, **cuda),
+                  torch.empty(20, dtype=torch.long, **cuda), torch.empty(20, dtype=torch.long, **cuda), 9, 7)
+        for mode in (True, False):  # compiling, then eager
+            compiling[0] = mode
+            for channels, edge_dim, _ in cases:
+                xs, xd, att = (torch.empty(*shape, **cuda) for shape in ((9, 1, channels), (7, 1, channels),
+                                                                          (1, channels)))
+                edges = {} if edge_dim is None else dict(edge_attr=torch.empty(20, edge_dim, **cuda),
+                                                         edge_weight=torch.empty(channels, edge_dim, **cuda))
+                out, _ = segment.gatv2_attention(xs, xd, att, csr, **edges)
+                assert out.shape == (7, 1, channels) and out.is_cuda
+    routes = {"kernel": "_gatv2_kernel_op", "torch": "_gatv2_op"}
+    assert calls == [routes[want] for *_, want in cases] + [want for *_, want in cases], calls
+    monkeypatch.undo()
+    for tensors, edges, message in explicit:
+        def attention(xs, xd, att, edges=edges):
+            return segment.gatv2_attention(xs, xd, att, real_csr, impl="triton", **edges)[0]
+
+        for fn in (attention, torch.compile(attention, backend=BACKEND, fullgraph=True)):
+            with pytest.raises(ValueError, match="gatv2_edge_softmax: " + message):
+                fn(*tensors)
+
+
+@in_process
+@pytest.mark.parametrize("impl,what", [("triton", "the Triton GATv2 kernel"),
+                                       ("torch", r"the fused GATv2 attention \(GATv2Conv\)")], ids=["triton", "torch"])
+def test_compiled_gatv2_refuses_second_derivatives_with_the_eager_message(monkeypatch, impl, what):
+    """backward(create_graph=True), then a backward through the gradient, under Dynamo's backend="eager" (the
+    operators' autograd run as they are): the eager layer's message naming PyG's layer, not torch's "no autograd
+    formula was registered" for the backward operator (AOTAutograd's backends refuse double backward themselves)."""
+    original = zg.gatv2_attention
+    monkeypatch.setattr(zg, "gatv2_attention", lambda *a, **k: original(*a, **{**k, "impl": impl}))
+    torch.manual_seed(0)
+    layer = GATv2Conv(6, 4, heads=2).to(DEVICE)
+    x, ei = torch.randn(10, 6, device=DEVICE), _edges(10, 10, 30)
+    raised = []
+    for fn in (layer, torch.compile(layer, backend="eager", fullgraph=True)):
+        leaf = x.clone().requires_grad_(True)
+        with pytest.raises(RuntimeError, match=what + " has no second derivatives .*torch_geometric") as error:
+            grad, = torch.autograd.grad(fn(leaf, ei).pow(2).sum(), leaf, create_graph=True)
+            grad.sum().backward()
+        raised.append(str(error.value))
+    assert raised[0] == raised[1]
+
+
+@in_process
+def test_compiled_weighted_sum_on_the_kernel_has_second_derivatives(monkeypatch):
+    """segment_softmax_weighted_sum on the kernel, compiled with Dynamo's backend="eager": backward(create_graph=True)
+    gives differentiable gradients, as eagerly (_differentiable_backward; forces from energies through
+    PointTransformerConv): the second-order gradients equal the eager kernel path's, which tests/test_vector_kernel.py
+    and the layer tests check against autograd. The forward ran the kernel."""
+    degrees = torch.tensor([3, 0, 5, 2])
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), degrees.cumsum(0)]).to(DEVICE)
+    index = torch.repeat_interleave(torch.arange(len(degrees)), degrees).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    scores, values = (torch.randn(int(degrees.sum()), 4, generator=g).to(DEVICE) for _ in range(2))
+
+    def weighted_sum(s, v):
+        return segment.segment_softmax_weighted_sum(s, v, index, len(degrees), rowptr=rowptr, impl="triton")
+
+    def second_order(fn):
+        s, v = scores.clone().requires_grad_(True), values.clone().requires_grad_(True)
+        grad_s, = torch.autograd.grad(fn(s, v).pow(2).sum(), s, create_graph=True)
+        grad_s.pow(2).sum().backward()
+        return [grad_s.detach(), s.grad, v.grad]
+
+    forward = _counting(monkeypatch, vk, "vector_softmax_sum")
+    got = second_order(torch.compile(weighted_sum, backend="eager", fullgraph=True))
+    assert forward, "the compiled function did not run the Triton kernel"
+    want = second_order(weighted_sum)
+    assert all(t is not None and t.abs().sum() > 0 for t in want)
+    _assert_same(got, want, torch.float32)
 
 
 @pytest.mark.skipif(not _LATE, reason="the tests above ran in this process")

@@ -235,12 +235,18 @@ def _check_segments(fn: str, scores, index, num_segments) -> int:
         raise ValueError(f"{fn}: {scores.size(0)} scores but index has shape {tuple(index.shape)} (expected [E])")
     if index.device != scores.device:
         raise ValueError(f"{fn}: index is on {index.device} but scores are on {scores.device}")
-    if index.numel() and not is_tracing():
-        low, high = index.aminmax()
-        low, high = int(low), int(high)
+    if not is_tracing():
+        _check_index_values(fn, index, num_segments)
+    return num_segments
+
+
+def _check_index_values(fn: str, index: Tensor, num_segments: int) -> None:
+    """The value check of :func:`_check_segments`: every entry of ``index`` in [0, num_segments) (one min/max pass, a
+    host read). Also run by the kernel operator ``zoo::vector_softmax_sum`` when the compiled graph runs."""
+    if index.numel():
+        low, high = (int(v) for v in index.aminmax())
         if low < 0 or high >= num_segments:
             raise ValueError(f"{fn}: index values must lie in [0, {num_segments}), got {low}..{high}")
-    return num_segments
 
 
 def _check_rowptr(fn: str, rowptr, index: Tensor, num_segments: int) -> None:
@@ -257,8 +263,14 @@ def _check_rowptr(fn: str, rowptr, index: Tensor, num_segments: int) -> None:
                          f"num_segments + 1 = {num_segments + 1}")
     if rowptr.device != index.device:
         raise ValueError(f"{fn}: rowptr is on {rowptr.device} but index is on {index.device}")
-    if is_tracing():
-        return
+    if not is_tracing():
+        _check_rowptr_values(fn, rowptr, index, num_segments)
+
+
+def _check_rowptr_values(fn: str, rowptr: Tensor, index: Tensor, num_segments: int) -> None:
+    """The value checks of :func:`_check_rowptr` (one pass over the entries, host reads), on a 1-D integer rowptr of
+    num_segments + 1 entries on index's device. Also run by the kernel operator ``zoo::vector_softmax_sum`` when the
+    compiled graph runs (while Dynamo traces, the values are unknown)."""
     num_edges = index.numel()
     steps = rowptr.diff()
     first, last, low = (int(v) for v in torch.stack([rowptr[0], rowptr[-1], steps.min() if num_segments else
@@ -420,7 +432,8 @@ def segment_softmax_weighted_sum(scores: Tensor, values: Tensor, index: Tensor, 
     under TRITON_INTERPRET=1, ``"torch"`` never; float64 runs the PyTorch path under every impl (the kernels take
     fp32 / fp16 / bf16). Since the kernels read the segments from rowptr alone, rowptr
     is checked against index (rowptr[0] = 0, rowptr[-1] = E, non-decreasing, index what rowptr implies: one pass
-    over the entries; skipped under tracing). (The arguments are named as segment_softmax's: scores, index.)"""
+    over the entries; under torch.compile on the kernel path, by its operator when the compiled graph runs, with the
+    same messages; skipped under other tracing). (The arguments are named as segment_softmax's: scores, index.)"""
     fn = "segment_softmax_weighted_sum"
     scores_EC, values_EC, index_E = scores, values, index
     for name, t in (("scores", scores_EC), ("values", values_EC)):
@@ -1094,17 +1107,17 @@ def gatv2_attention(
     returned without gradient. Both come in the promoted dtype of the inputs, as PyG's unfused formula gives them
     (fp32 under torch.autocast, where ``att`` stays an fp32 parameter; bf16 for a bf16 layer); the CPU path
     computes in fp32 for half inputs, with autocast off inside. ``impl``: "auto" (the Triton kernel on CUDA
-    tensors, the chunked PyTorch path otherwise), "torch" or "triton" (also on CPU tensors under
-    TRITON_INTERPRET=1); inputs with float64 run the PyTorch path under every impl (the kernel takes fp32 / fp16 /
-    bf16).
+    tensors within its limits, C <= 256 channels per head and D <= 64 edge features; the chunked PyTorch path
+    otherwise), "torch" or "triton" (also on CPU tensors under TRITON_INTERPRET=1; beyond the limits a ValueError);
+    inputs with float64 run the PyTorch path under every impl (the kernel takes fp32 / fp16 / bf16).
     """
     x_dst, w_dst, b_dst = _check_dst_projection(xs_NHC, xd_NHC, dst_projection)
     _check_gatv2_inputs(xs_NHC, xd_NHC, x_dst, att_HC, csr, edge_attr, edge_weight)
     _check_keep(keep, csr.num_edges, xs_NHC.size(1), dropout)
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"gatv2_attention: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    if torch.compiler.is_compiling() and not _on_kernel(impl, xs_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC,
-                                                         edge_attr, edge_weight):
+    if torch.compiler.is_compiling() and not _gatv2_on_kernel(impl, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC,
+                                                               edge_attr, edge_weight):
         # one node of the compiled graph (see "torch.compile" at the end of the file); the kernel's operator is
         # called by _gatv2_fused below
         out, alpha, _, _ = _gatv2_op(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight, csr.rowptr,
@@ -1116,16 +1129,30 @@ def gatv2_attention(
     return _gatv2_fused(*args)  # under torch.compile: the Triton kernel's operator (zoo::gatv2_edge_softmax)
 
 
+def _gatv2_on_kernel(impl, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight) -> bool:
+    """Whether GATv2 runs the Triton kernel: :func:`_on_kernel`, and under ``impl="auto"`` only within the kernel's
+    limits (zoo.kernels.edge_softmax: ``MAX_CHANNELS`` = 256 channels per head, ``MAX_EDGE_DIM`` = 64 edge features).
+    A larger CUDA layer (a single-head GATv2Conv(..., 512), say) runs the PyTorch path, eagerly and compiled alike, as
+    PyG's layer computes it; it raised the kernel's ValueError. An explicit ``impl="triton"`` keeps that error."""
+    if not _on_kernel(impl, xs_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight):
+        return False
+    if impl == "triton":
+        return True
+    from zoo.kernels import edge_softmax as kernel
+
+    return xs_NHC.size(2) <= kernel.MAX_CHANNELS and (edge_attr is None or edge_attr.size(1) <= kernel.MAX_EDGE_DIM)
+
+
 def _gatv2_fused(xs_NHC, xd_NHC, att_HC, csr, x_dst, w_dst, b_dst, edge_attr, edge_weight, negative_slope, keep,
                  dropout, need_weights, impl, chunk_elements):
-    """The Triton kernel (CUDA, or impl="triton"; fp32 / fp16 / bf16 inputs only, see _on_kernel) or the blocked
-    CPU function, on checked inputs.
+    """The Triton kernel (CUDA, or impl="triton"; fp32 / fp16 / bf16 inputs only, within the kernel's limits under
+    impl="auto": see _gatv2_on_kernel) or the blocked CPU function, on checked inputs.
 
     The kernel reads every input in the source features' dtype: under torch.autocast those are half (from
     ``lin_l(x)``) next to the fp32 parameters ``att`` and ``lin_edge.weight`` (and fp32 edge features), which are
     cast to it here (their gradients flow back through the casts in fp32), as autocast itself casts the inputs of
     a matmul. Out and alpha come back in the promoted dtype, as from the CPU function and PyG."""
-    if _on_kernel(impl, xs_NHC, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight):
+    if _gatv2_on_kernel(impl, xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight):
         from zoo.kernels.edge_softmax import gatv2_edge_softmax
 
         out_dtype = _promoted_dtype(xs_NHC, xd_NHC, x_dst, w_dst, b_dst, att_HC, edge_attr, edge_weight)
@@ -1371,9 +1398,11 @@ _edge_dot_op.register_autograd(_edge_dot_autograd, setup_context=_edge_dot_setup
 
 # The Triton kernels (zoo.kernels.edge_softmax, zoo.kernels.vector_softmax) as operators: the forward and backward
 # launchers the eager autograd.Functions run (no autograd of their own), called at run time; the kernel modules are
-# imported there, when the compiled graph first runs. They check their inputs as in eager mode (index bounds, dtypes:
-# the messages raised when the compiled graph runs). CUDA tensors under impl="auto", or impl="triton" (CPU tensors
-# under TRITON_INTERPRET=1): _on_kernel decides, as in eager mode.
+# imported there, when the compiled graph first runs. They check their inputs as in eager mode, with its messages,
+# when the compiled graph runs: the GATv2 operator with the launcher's checks (dtypes, limits, CSR bounds), the vector
+# operator with segment_softmax_weighted_sum's value checks (index in range and matching rowptr), which Dynamo's
+# tracing skips. CUDA tensors under impl="auto", or impl="triton" (CPU tensors under TRITON_INTERPRET=1):
+# _on_kernel / _gatv2_on_kernel decide, as in eager mode.
 
 @torch.library.custom_op("zoo::gatv2_edge_softmax", mutates_args=())
 def _gatv2_kernel_op(xs_NHC: Tensor, xd_NHC: Tensor, att_HC: Tensor, ea_ED: Optional[Tensor], we_FD: Optional[Tensor],
@@ -1440,10 +1469,17 @@ _gatv2_kernel_op.register_autograd(_gatv2_kernel_autograd, setup_context=_gatv2_
 @torch.library.custom_op("zoo::vector_softmax_sum", mutates_args=())
 def _vector_softmax_sum_op(scores_EC: Tensor, values_EC: Tensor, index_E: Tensor,
                            rowptr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton vector-attention aggregation's forward (edges in CSR order; ``index_E`` is read by the backward
-    only) -> (out [N, C] in the scores' dtype, row max [N, C] fp32, log-sum [N, C] fp32)."""
+    """The Triton vector-attention aggregation's forward (edges in CSR order) -> (out [N, C] in the scores' dtype,
+    row max [N, C] fp32, log-sum [N, C] fp32). The forward kernel reads the segments from ``rowptr``, the backward
+    from ``index_E``: first the value checks segment_softmax_weighted_sum makes eagerly (skipped while Dynamo traces,
+    where the values are unknown), with its messages -- index in [0, N), rowptr from 0 to E, non-decreasing, and
+    index what rowptr implies. Without them an out-of-range index read out of bounds in the backward kernel, and a
+    mismatched one gave the gradient of another output than the one returned, both silently."""
     from zoo.kernels.vector_softmax import vector_softmax_sum
 
+    fn, num_segments = "segment_softmax_weighted_sum", rowptr.numel() - 1
+    _check_index_values(fn, index_E, num_segments)
+    _check_rowptr_values(fn, rowptr, index_E, num_segments)
     return vector_softmax_sum(scores_EC, values_EC, rowptr)
 
 
@@ -1472,8 +1508,9 @@ def _(g_NC, scores_EC, values_EC, index_E, max_NC, log_sum_NC, out_NC, need_scor
 
 
 def _vector_softmax_sum_setup(ctx, inputs, output):
-    scores_EC, values_EC, index_E, _rowptr = inputs
+    scores_EC, values_EC, index_E, rowptr = inputs
     ctx.save_for_backward(scores_EC, values_EC, index_E, output[1], output[2], output[0])
+    ctx.num_segments = rowptr.size(0) - 1
 
 
 def _vector_softmax_sum_autograd(ctx, g_NC, _g_max, _g_log_sum):
@@ -1481,9 +1518,49 @@ def _vector_softmax_sum_autograd(ctx, g_NC, _g_max, _g_log_sum):
     need_scores, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if g_NC is None:
         g_NC = torch.zeros_like(out_NC)
+    if torch.is_grad_enabled():
+        # backward(create_graph=True), which reaches here with Dynamo's backend="eager" (AOTAutograd's backends refuse
+        # double backward themselves): differentiable gradients, as _SegmentSoftmaxWeightedSum gives them eagerly.
+        # AOTAutograd traces this backward with grad mode off, so compiled graphs keep the kernel's backward.
+        grad_scores, grad_values = _differentiable_backward(ctx, scores_EC, values_EC, index_E, g_NC)[:2]
+        return grad_scores, grad_values, None, None
     grad_scores, grad_values = _vector_softmax_sum_backward_op(g_NC, scores_EC, values_EC, index_E, max_NC,
                                                                log_sum_NC, out_NC, need_scores, need_values)
     return _none_if_empty(grad_scores, need_scores), _none_if_empty(grad_values, need_values), None, None
 
 
 _vector_softmax_sum_op.register_autograd(_vector_softmax_sum_autograd, setup_context=_vector_softmax_sum_setup)
+
+
+# Second derivatives. Eagerly, backward(create_graph=True) through a fused function raises refuse_double_backward's
+# message naming what to use instead (or, for segment_softmax_weighted_sum, differentiates: _differentiable_backward,
+# which the vector operator's autograd above calls too). Compiled with AOTAutograd (aot_eager, inductor) torch refuses
+# double backward of the whole graph itself; with Dynamo's backend="eager" the operators' autograd runs as it is, and
+# differentiating a backward operator without an autograd rule raised torch's "no autograd formula was registered ...
+# use register_autograd", a message for this project's developers. Each backward operator's rule raises the eager
+# message instead, when the second derivative is taken.
+
+def _register_no_second_derivatives(backward_op, what: str, instead: str) -> None:
+    def refuse(ctx, *grads):
+        # refuse_double_backward raises under grad mode, which is how eager's backward sees create_graph=True; this
+        # rule runs in the second backward, with grad mode whatever that call set: raise in every case
+        with torch.enable_grad():
+            refuse_double_backward(what, instead)
+
+    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
+
+
+_register_no_second_derivatives(_gatv2_kernel_backward_op, "the Triton GATv2 kernel",
+                                "use torch_geometric.nn.GATv2Conv, which loads this layer's state dict")
+_register_no_second_derivatives(_gatv2_backward_op, "the fused GATv2 attention (GATv2Conv)",
+                                "use torch_geometric.nn's layer of the same name, which loads this layer's state dict")
+_register_no_second_derivatives(
+    _aggregate_backward_op,
+    "segment_softmax_aggregate (the fused softmax-aggregation of GATConv and the point/part attention)",
+    "call segment_softmax_aggregate_ref (plain autograd), or for GATConv torch_geometric.nn.GATConv, which loads this "
+    "layer's state dict")
+_register_no_second_derivatives(_edge_dot_backward_op, "edge_dot (TransformerConv's fused scores)",
+                                "run the layer under a message hook (PyG's propagate path, plain autograd)")
+_register_no_second_derivatives(
+    _vector_softmax_sum_backward_op, "the Triton vector-attention backward operator (zoo::vector_softmax_sum_backward)",
+    "segment_softmax_weighted_sum differentiates its gradients itself (backward with create_graph=True)")
