@@ -1153,3 +1153,104 @@ def test_tu_graph_labels_for_graphs_without_nodes_at_the_end_are_named(tmp_path)
     graphs = gd.tu_dataset("GAP", str(tmp_path))
     assert [(g["num_nodes"], g["edge_index"].tolist(), g["y"]) for g in graphs] == [
         (2, [[0, 1], [1, 0]], 0), (2, [[0, 1], [1, 0]], 1)]
+
+
+# ---------------------------------------------------------------- review rev4 (findings 2-4)
+@pytest.mark.parametrize("split, sizes", [("public", {}), ("full", {}),
+                                          ("random", {"num_train_per_class": 7, "num_val": 40, "num_test": 90}),
+                                          ("random", {"num_train_per_class": 169, "num_val": 20, "num_test": 1000})])
+def test_planetoid_splits_are_pyg_planetoids(tmp_path, split, sizes):
+    """data.split=public | full | random (with num_train_per_class / num_val / num_test) gives PyG's
+    Planetoid(split=...) masks on the same raw files; the random one is PyG's after torch.manual_seed(data.seed)
+    (the second case: classes smaller than num_train_per_class, fewer nodes left than num_val + num_test)."""
+    from torch_geometric.datasets import Planetoid
+
+    _write_planetoid(tmp_path / "ours")
+    _write_planetoid(tmp_path / "pyg")
+    torch.manual_seed(3)
+    reference = Planetoid(str(tmp_path / "pyg"), "Cora", split=split, **sizes)[0]
+    torch.manual_seed(11)
+    caller_stream = torch.get_rng_state()
+    module = gd.NodeDataModule("planetoid:Cora", root=str(tmp_path / "ours"), seed=3, split=split, **sizes)
+    module.setup()
+    assert torch.equal(torch.get_rng_state(), caller_stream)  # the split's draws leave the caller's stream alone
+    _assert_same_graph(module.data, reference)
+    assert module.data_depends_on_order_seed() == (split == "random")
+    if split == "random":
+        other = gd.load_node_dataset("planetoid:Cora", str(tmp_path / "ours"), seed=4, split=split, **sizes)
+        assert any(not torch.equal(other[mask], module.data[mask]) for mask in ("train_mask", "val_mask", "test_mask"))
+    again = gd.load_node_dataset("planetoid:Cora", str(tmp_path / "ours"), seed=3, split=split, **sizes)
+    _assert_same_graph(again, reference)  # from the cache the first read built
+
+
+def test_planetoid_split_options_are_checked_where_they_are_given(tmp_path):
+    """Refused by the data module's constructor, naming the key: geom-gcn (another raw folder, ten masks per node),
+    an unknown split, sizes that are not counts."""
+    with pytest.raises(ValueError, match=r"^data\.split='geom-gcn' is not supported here: .*<root>/<Name>/geom-gcn/raw/ "
+                                         r"\(ind\.<name>\.\* and the ten <name>_split_0\.6_0\.2_<0\.\.9>\.npz"):
+        gd.NodeDataModule("planetoid:Cora", root=str(tmp_path), split="geom-gcn")
+    with pytest.raises(ValueError, match=r"^data\.split must be one of public, full, random .*got 'Full'"):
+        gd.NodeDataModule("planetoid:Cora", root=str(tmp_path), split="Full")
+    with pytest.raises(ValueError, match=r"^data\.num_val must be an integer >= 0 .*got -1"):
+        gd.NodeDataModule("planetoid:Cora", root=str(tmp_path), split="random", num_val=-1)
+    with pytest.raises(ValueError, match=r"^data\.num_train_per_class must be an integer >= 1 .*got 0"):
+        gd.NodeDataModule("planetoid:Cora", root=str(tmp_path), split="random", num_train_per_class=0)
+    with pytest.raises(ValueError, match=r"^split must be one of"):
+        gd.planetoid("Cora", str(tmp_path), split="geom_gcn")
+
+
+class NamedToyGraphs(ToyGraphs):
+    """A user's dataset class taking a name and a split, as PyG's GNNBenchmarkDataset(root, name, split)."""
+
+    built: list = []
+
+    def __init__(self, root=None, name="toy", split="train"):
+        type(self).built.append((name, split))
+        super().__init__(root)
+
+
+def test_dataset_class_gets_data_name_when_it_takes_one(tmp_path, monkeypatch):
+    """data.dataset_class=torch_geometric.datasets.TUDataset data.name=TOY reads what TUDataset(root, "TOY") reads
+    (the name was not passed: "missing 1 required positional argument: 'name'"); a class whose name has no
+    default is refused without data.name, one with a default keeps it, and a split-taking class gets both."""
+    from torch_geometric.datasets import TUDataset
+
+    _write_tu(tmp_path / "ours")
+    _write_tu(tmp_path / "pyg")
+    reference = _pyg_tu(tmp_path / "pyg", monkeypatch=monkeypatch)
+    graphs = gd.dataset_class_graphs("torch_geometric.datasets.TUDataset", str(tmp_path / "ours"), name="TOY")
+    assert isinstance(graphs, TUDataset) and len(graphs) == len(reference) == 8
+    for ours, expected in zip(graphs, reference):
+        assert torch.equal(ours.x, expected.x) and torch.equal(ours.edge_index, expected.edge_index)
+        assert torch.equal(ours.y, expected.y)
+    module = gd.GraphClassificationDataModule(name="TOY", root=str(tmp_path / "ours"), num_features=3, num_classes=2,
+                                              dataset_class="torch_geometric.datasets.TUDataset", batch_size=2)
+    module.setup()
+    assert sum(len(module.splits[s]) for s in ("train", "val", "test")) == 8
+    for name in (None, "", "synthetic"):
+        with pytest.raises(ValueError, match=r"^data\.dataset_class=torch_geometric\.datasets\.TUDataset needs a data "
+                                             r"set name \(TUDataset\(root, name, \.\.\.\)\): set data\.name="):
+            gd.dataset_class_graphs("torch_geometric.datasets.TUDataset", str(tmp_path / "ours"), name=name)
+    monkeypatch.setattr(NamedToyGraphs, "built", [])
+    splits = gd.dataset_class_graphs(f"{__name__}.NamedToyGraphs", name="ZINC-ish")
+    assert sorted(splits) == ["test", "train", "val"]
+    assert NamedToyGraphs.built == [("ZINC-ish", "train"), ("ZINC-ish", "val"), ("ZINC-ish", "test")]
+    NamedToyGraphs.built.clear()
+    gd.dataset_class_graphs(f"{__name__}.NamedToyGraphs", name="synthetic")
+    assert [name for name, _ in NamedToyGraphs.built] == ["toy"] * 3  # no data.name: the class's default
+
+
+def test_stochastic_block_model_leaves_the_callers_random_stream_alone():
+    """It reseeded the global generator (PyG's stochastic_blockmodel_graph draws from it): after it, every caller
+    drew the same numbers whatever its seed. The graph is PyG's generator's under torch.manual_seed(seed)."""
+    from torch_geometric.utils import stochastic_blockmodel_graph
+
+    for seed in (0, 5):
+        torch.manual_seed(123)
+        expected_draws = torch.rand(3)
+        torch.manual_seed(123)
+        data = gd.stochastic_block_model(seed=seed)
+        assert torch.equal(torch.rand(3), expected_draws)
+        torch.manual_seed(seed)
+        probs = torch.full((3, 3), 0.01).fill_diagonal_(0.1)
+        assert torch.equal(data["edge_index"], stochastic_blockmodel_graph(torch.tensor([60, 60, 60]), probs))

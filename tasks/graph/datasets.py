@@ -12,8 +12,11 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
 * ``networkx:<name>`` -- networkx's bundled graphs: karate_club (labels: "club"), les_miserables,
                     florentine_families, davis_southern_women (labels: greedy-modularity communities,
                     derived, stated as such). Features: one-hot node ids.
-* ``planetoid:<Cora|CiteSeer|PubMed>`` -- the Planetoid splits (Yang et al. 2016) read by PyG's Planetoid
-                    from ``root/<Name>/raw/ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index}``;
+* ``planetoid:<Cora|CiteSeer|PubMed>`` -- the Planetoid data (Yang et al. 2016) read by PyG's Planetoid
+                    from ``root/<Name>/raw/ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index}``, with PyG's
+                    ``split``: "public" (default), "full" or "random" (``num_train_per_class``, ``num_val``,
+                    ``num_test``, drawn with data.seed; :func:`planetoid_split_masks`); "geom-gcn" (ten splits
+                    from other files) is refused;
                     ``root/<name as given>/`` or ``root/<name lower-cased>/`` is read when ``root/<Name>/``
                     is absent (PyG's ``Planetoid(root, "cora")`` keeps ``root/cora/``).
                     A missing file raises FileNotFoundError naming every missing path (no download).
@@ -64,8 +67,10 @@ float, edge_index [2, e] long, y int):
 * ``data.path=graphs.pt`` -- a torch.save'd list of PyG Data (or a dict of lists under train / val / test),
                     loaded with weights_only=True (PyG's Data classes allowed); other pickles only with
                     ``data.trust_pickle=true``.
-* ``data.dataset_class=pkg.module.Class`` -- a PyG InMemoryDataset class, built as Class(root) (per split
-                    when it takes ``split``, as PyG's ZINC).
+* ``data.dataset_class=pkg.module.Class`` -- a PyG InMemoryDataset class, built as Class(root), with
+                    ``name=`` data.name when it takes a ``name`` (PyG's TUDataset, MoleculeNet, GNNBenchmarkDataset;
+                    refused without data.name where ``name`` has no default), per split when it takes ``split``
+                    (as PyG's ZINC, GNNBenchmarkDataset).
                     Without a split of the data's own: a stratified 70 / 15 / 15 one (per class, seeded). Graphs
                     without x: PyG's OneHotDegree features (degrees capped at data.max_degree). Classes: max(y) + 1.
 """
@@ -97,6 +102,7 @@ __all__ = [
     "stochastic_block_model",
     "networkx_graph",
     "planetoid",
+    "planetoid_split_masks",
     "ogb_node",
     "random_split_masks",
     "normalize_feature_rows",
@@ -196,11 +202,15 @@ def stochastic_block_model(block_sizes=(60, 60, 60), p_in: float = 0.1, p_out: f
 
     _check_sbm_arguments("", block_sizes, p_in, p_out, num_channels, feature_noise)
 
-    torch.manual_seed(seed)  # stochastic_blockmodel_graph draws from the global generator
     k = len(block_sizes)
     probs = torch.full((k, k), float(p_out))
     probs.fill_diagonal_(float(p_in))
-    edge_index = stochastic_blockmodel_graph(torch.tensor(block_sizes), probs, directed=False)
+    # stochastic_blockmodel_graph draws from the global generator: seeded inside a fork of the CPU generator, so
+    # the caller's random stream is left as it was (reseeded here, a caller's model initialisation and dropout
+    # drew seed-0-derived numbers whatever seed it had set) and the graph is the same as with a plain reseed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        edge_index = stochastic_blockmodel_graph(torch.tensor(block_sizes), probs, directed=False)
     y = torch.arange(k).repeat_interleave(torch.tensor(block_sizes))
     g = torch.Generator().manual_seed(seed + 1)
     means = torch.randn(k, num_channels, generator=g)
@@ -433,9 +443,66 @@ def _read_planetoid_without_cache(raw: str, key: str, proper: str, processed: st
         raise
 
 
-def planetoid(name: str, root: str) -> dict:
-    """Planetoid (Cora, CiteSeer, PubMed) with the public split, from ``root`` (no download; ``~`` expanded,
-    as PyG's Dataset does)."""
+PLANETOID_SPLITS = ("public", "full", "random")
+
+
+def _check_planetoid_split(prefix: str = "", split: str = "public", num_train_per_class: int = 20,
+                           num_val: int = 500, num_test: int = 1000) -> None:
+    """The split options of :func:`planetoid`, named (``prefix``: "data." from the data module)."""
+    if split == "geom-gcn":
+        raise ValueError(
+            f"{prefix}split='geom-gcn' is not supported here: PyG's Planetoid reads it from another folder, "
+            "<root>/<Name>/geom-gcn/raw/ (ind.<name>.* and the ten <name>_split_0.6_0.2_<0..9>.npz files of "
+            "Pei et al., ICLR 2020), as ten masks per node ([N, 10]) where a run trains on one split; use "
+            f"{prefix}split=public, full or random")
+    if split not in PLANETOID_SPLITS:
+        raise ValueError(f"{prefix}split must be one of {', '.join(PLANETOID_SPLITS)} (PyG Planetoid's splits; "
+                         f"geom-gcn is not supported), got {split!r}")
+    for key, value, least in (("num_train_per_class", num_train_per_class, 1), ("num_val", num_val, 0),
+                              ("num_test", num_test, 0)):
+        if not is_int(value) or value < least:
+            raise ValueError(f"{prefix}{key} must be an integer >= {least} (the random split's sizes), got {value!r}")
+
+
+def planetoid_split_masks(y: Tensor, train: Tensor, val: Tensor, test: Tensor, split: str = "public",
+                          num_train_per_class: int = 20, num_val: int = 500, num_test: int = 1000,
+                          seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The train / val / test masks of PyG's ``Planetoid(split=...)`` (torch_geometric/datasets/planetoid.py) from
+    the public ones (``train``, ``val``, ``test``, as the raw files give them):
+
+    * ``"public"`` -- the public split (Yang et al., ICML 2016): returned as they are;
+    * ``"full"`` -- every node outside the public validation and test sets trains (the setup of FastGCN, Chen et
+      al., ICLR 2018);
+    * ``"random"`` -- ``num_train_per_class`` random nodes of each class (all of a smaller class), then
+      ``num_val`` and ``num_test`` random nodes of the others (fewer when fewer remain); the other nodes are in
+      no split. PyG draws from the global generator; here a generator seeded with ``seed``, whose draws are those
+      of PyG's after ``torch.manual_seed(seed)``, so a run's split follows its data.seed and the caller's random
+      stream is untouched.
+    New tensors; the inputs are left as they are."""
+    _check_planetoid_split("", split, num_train_per_class, num_val, num_test)
+    if split == "public":
+        return train.clone(), val.clone(), test.clone()
+    if split == "full":
+        return ~(val | test), val.clone(), test.clone()
+    generator = torch.Generator().manual_seed(int(seed))
+    train = torch.zeros_like(train)
+    for label in range(int(y.max()) + 1):
+        members = (y == label).nonzero().view(-1)
+        train[members[torch.randperm(members.numel(), generator=generator)[:num_train_per_class]]] = True
+    others = (~train).nonzero().view(-1)
+    others = others[torch.randperm(others.numel(), generator=generator)]
+    val, test = torch.zeros_like(train), torch.zeros_like(train)
+    val[others[:num_val]] = True
+    test[others[num_val:num_val + num_test]] = True
+    return train, val, test
+
+
+def planetoid(name: str, root: str, split: str = "public", num_train_per_class: int = 20, num_val: int = 500,
+              num_test: int = 1000, seed: int = 0) -> dict:
+    """Planetoid (Cora, CiteSeer, PubMed) from ``root`` (no download; ``~`` expanded, as PyG's Dataset does), with
+    PyG's ``split`` "public" (default), "full" or "random" (:func:`planetoid_split_masks`, ``seed`` drawing the
+    random one). The cache in ``<Name>/processed/`` is the public split's whatever ``split``, as PyG's."""
+    _check_planetoid_split("", split, num_train_per_class, num_val, num_test)
     key = name.lower()
     if key not in PLANETOID:
         raise ValueError(f"unknown Planetoid dataset {name!r}; choose one of {sorted(PLANETOID.values())}")
@@ -491,7 +558,9 @@ def planetoid(name: str, root: str) -> dict:
             _write_raw_record(processed, _cache_record(processed, record))
         except OSError:  # read-only: the next run checks again
             pass
-    return _pack(f"planetoid:{proper}", d.x, d.edge_index, d.y, d.train_mask, d.val_mask, d.test_mask)
+    masks = planetoid_split_masks(d.y, d.train_mask, d.val_mask, d.test_mask, split, num_train_per_class, num_val,
+                                  num_test, seed)
+    return _pack(f"planetoid:{proper}", d.x, d.edge_index, d.y, *masks)
 
 
 def _read_csv_gz(path: str, dtype) -> np.ndarray:
@@ -732,7 +801,7 @@ def _load_node_dataset(name: str, root: Optional[str], seed: int, **kwargs) -> d
     if name.startswith("networkx:"):
         return networkx_graph(name.split(":", 1)[1], seed=seed)
     if name.startswith("planetoid:"):
-        return planetoid(name.split(":", 1)[1], root)
+        return planetoid(name.split(":", 1)[1], root, seed=seed, **kwargs)
     if name.startswith("ogb:"):
         return ogb_node(name.split(":", 1)[1], root, **kwargs)
     raise ValueError(
@@ -960,22 +1029,33 @@ def _import_class(class_path: str):
                          "InMemoryDataset class as <package>.<module>.<Class>") from None
 
 
-def dataset_class_graphs(class_path: str, root: Optional[str] = None):
+def dataset_class_graphs(class_path: str, root: Optional[str] = None, name: Optional[str] = None):
     """A PyG ``InMemoryDataset`` (or any sequence of ``Data``) class of the user's, built as ``Class(root)`` (or
-    ``Class()`` without data.root). A class with a ``split`` argument (PyG's ZINC, GNNBenchmarkDataset) is built
-    once per split, ``Class(root, split="train" / "val" / "test")``, and its own split kept. The class reads
-    what its root holds; PyG datasets download only when their raw files are missing there."""
+    ``Class()`` without data.root). A class with a ``name`` parameter (PyG's TUDataset, MoleculeNet,
+    GNNBenchmarkDataset: ``Class(root, name, ...)``) gets ``name=`` data.name; one whose ``name`` has no default
+    is refused without a data.name (``None``, empty, or "synthetic", the synthetic set's). A class with a
+    ``split`` argument (PyG's ZINC, GNNBenchmarkDataset) is built once per split, ``Class(root, split="train" /
+    "val" / "test")``, and its own split kept. The class reads what its root holds; PyG datasets download only
+    when their raw files are missing there."""
     import inspect
 
     cls = _import_class(class_path)
     args = (os.path.expanduser(os.fspath(root)),) if root else ()
     try:
-        takes_split = "split" in inspect.signature(cls).parameters
+        parameters = inspect.signature(cls).parameters
     except (TypeError, ValueError):
-        takes_split = False
-    if takes_split:
-        return {split: cls(*args, split=split) for split in _SPLITS}
-    return cls(*args)
+        parameters = {}
+    kwargs = {}
+    if "name" in parameters:
+        given = name is not None and str(name) not in ("", "synthetic")
+        if given:
+            kwargs["name"] = str(name)
+        elif parameters["name"].default is inspect.Parameter.empty:
+            raise ValueError(f"data.dataset_class={class_path} needs a data set name ({cls.__name__}(root, name, "
+                             f"...)): set data.name=<its name> (e.g. data.name=MUTAG for PyG's TUDataset)")
+    if "split" in parameters:
+        return {split: cls(*args, split=split, **kwargs) for split in _SPLITS}
+    return cls(*args, **kwargs)
 
 
 def _check_edge_index(edge_index, where: str) -> None:
@@ -1095,7 +1175,7 @@ def load_graph_classification(name: str = "synthetic", root: Optional[str] = Non
     elif source == "file":
         raw, where = load_saved_graphs(path, trust_pickle), f"data.path={path}"
     elif source == "class":
-        raw, where = dataset_class_graphs(dataset_class, root), f"data.dataset_class={dataset_class}"
+        raw, where = dataset_class_graphs(dataset_class, root, name), f"data.dataset_class={dataset_class}"
     else:
         raise ValueError("load_graph_classification reads the user's graphs; the synthetic set is "
                          "synthetic_graph_classification()")
@@ -1153,7 +1233,7 @@ _LOADER_OPTIONS = {
     "karate": (),
     "sbm": ("block_sizes", "p_in", "p_out", "num_channels", "feature_noise"),
     "networkx": (),
-    "planetoid": (),
+    "planetoid": ("split", "num_train_per_class", "num_val", "num_test"),
     "ogb": ("split",),
 }
 
@@ -1252,6 +1332,8 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
             )
         if kind == "sbm":  # named here, before the generator's own RuntimeError deep inside torch.bernoulli
             _check_sbm_arguments("data.", **kwargs)
+        if kind == "planetoid":
+            _check_planetoid_split("data.", **kwargs)
         self.batch_size, self.num_neighbors = _check_node_batches(batch_size, num_neighbors)
         # data.replace: neighbours drawn with replacement (PyG's NeighborLoader replace=True, zoo.tasks.graph.sampling)
         self.replace = check_flag(replace, "data.replace")
@@ -1289,9 +1371,11 @@ class NodeDataModule(ResumableTrainingOrder, _Base):
                              f"data.num_neighbors=[...]), which DDP splits")
 
     def data_depends_on_order_seed(self) -> bool:
-        """data.seed generates sbm and draws the random split of sbm and networkx graphs (random_split_masks);
-        karate, Planetoid and OGB come with their own split and take only the training order from it
-        (_load_node_dataset)."""
+        """data.seed generates sbm and draws the random split of sbm and networkx graphs (random_split_masks) and
+        Planetoid's data.split=random (planetoid_split_masks); karate, OGB and Planetoid's public and full splits
+        are the data's own and take only the training order from it (_load_node_dataset)."""
+        if self.name.startswith("planetoid:"):
+            return self.kwargs.get("split", "public") == "random"
         return self.name == "sbm" or self.name.startswith("networkx:")
 
     def describe(self) -> dict:

@@ -18,7 +18,9 @@ Metrics: ``train/loss``, ``train/acc1``, ``val/acc1``, ``test/acc1`` (top-1 accu
 checkpoint callback monitors); DictionaryLookup adds ``val/graph_acc`` / ``test/graph_acc`` (the fraction of graphs
 whose every query is right). Mini-batch runs log ``train/loss`` and ``train/acc1`` as the means over the epoch's
 targets (torchmetrics ``MeanMetric``), as the vision module does; sampled node batches (``data.batch_size``) log
-``train/loss`` and ``train/acc1_dropout`` as the means over the epoch's seed nodes the same way. Full-batch node
+``train/loss`` and ``train/acc1_dropout`` as the means over the epoch's seed nodes the same way; a run resumed in the
+middle of an epoch starts them from the checkpoint's states of that epoch (:class:`zoo.train.epoch_metrics
+.ResumableEpochMetrics`: they covered only the batches after the resume). Full-batch node
 classification logs ``train/acc1`` as the accuracy on the ``train_mask`` nodes of the model in eval mode (no
 dropout), computed in the validation step's forward over the whole graph, as PyG's examples/gat.py ``test()``
 reports it: the figure of the training-mode forward (feature and attention dropout 0.6 in the GAT recipe)
@@ -52,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
+from zoo.train.epoch_metrics import ResumableEpochMetrics
 from zoo.train.module import ZooModule
 
 __all__ = ["NodeClassificationModule", "GraphTargetsModule"]
@@ -60,7 +63,7 @@ __all__ = ["NodeClassificationModule", "GraphTargetsModule"]
 _EVAL_METRICS = ("loss", "acc1", "graph_acc")
 
 
-class _GraphModule(ZooModule):
+class _GraphModule(ResumableEpochMetrics, ZooModule):
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, stop_at_acc: Optional[float], seed: int,
                  ema_decay: float = 0.0, torch_compile: bool | str | None = None):
         super().__init__(model, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, torch_compile=torch_compile,
@@ -112,7 +115,9 @@ class _GraphModule(ZooModule):
         """One torchmetrics ``MeanMetric`` per ``{stage}_{name}`` in ``names``: the epoch metrics as sums over the
         targets (nodes, graphs, queries) of every process, as the vision module's (zoo.tasks.vision.module): under
         DDP a logged per-process mean was rank 0's alone (sync_dist=True would average per-process means, wrong
-        when the processes hold different counts). States are not persistent: checkpoints are unchanged.
+        when the processes hold different counts). States are not persistent: the model's state_dict is unchanged;
+        the training ones are kept under a checkpoint key of their own for a resume in the middle of an epoch
+        (zoo.train.epoch_metrics.ResumableEpochMetrics).
         nan_strategy=nan: a diverged model's NaN loss shows instead of being dropped."""
         return nn.ModuleDict({name: MeanMetric(nan_strategy=float("nan")) for name in names})
 

@@ -12,7 +12,9 @@ recipe pieces users expect, each a constructor argument (and a key of ``configs/
 * EMA of the weights (evaluation/export use the average), layer-wise lr decay for fine-tuning,
   channels-last; gradient clipping and bf16 autocast are Trainer options (``trainer.gradient_clip_val``,
   ``trainer.precision=bf16-mixed``, which autocasts on CPU too);
-* top-1 / top-5 accuracy (torchmetrics), logged as ``{train,val,test}/{loss,acc1,acc5}``.
+* top-1 / top-5 accuracy (torchmetrics), logged as ``{train,val,test}/{loss,acc1,acc5}``; the epoch's training
+  means of a run resumed in the middle of that epoch start from the checkpoint's metric states
+  (:class:`zoo.train.epoch_metrics.ResumableEpochMetrics`), not from zero.
 
 Fine-tuning: ``zoo train experiment=... model.pretrained=<released dir>`` loads the weights through
 ``zoo.create_model``; a different class count re-initialises the head with a logged message.
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from zoo.train.epoch_metrics import ResumableEpochMetrics
 from zoo.train.module import ZooModule, _real
 
 __all__ = ["ImageClassifier", "mix_batch", "soft_targets"]
@@ -93,7 +96,7 @@ def mix_batch(
     return x_BCHW, targets_BK, lam, kind
 
 
-class ImageClassifier(ZooModule):
+class ImageClassifier(ResumableEpochMetrics, ZooModule):
     """LightningModule for image classification; see the module docstring for the options."""
 
     def __init__(
