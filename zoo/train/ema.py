@@ -3,9 +3,11 @@
 ``ema = decay_t * ema + (1 - decay_t) * weights`` after every optimiser step. With ``warmup`` the decay
 follows TensorFlow's ``tf.train.ExponentialMovingAverage(num_updates=t)``:
 ``decay_t = min(decay, (1 + t) / (10 + t))``, so early averages are not dominated by the random
-initialisation; without it ``decay_t = decay`` (equal to timm ``ModelEmaV3(use_warmup=False, exclude_buffers=True)``,
-tested with BatchNorm buffers). Buffers (e.g. BatchNorm statistics) are copied, not averaged (timm's default,
-``exclude_buffers=False``, also averages floating-point buffers).
+initialisation; without it ``decay_t = decay``, timm's ``ModelEmaV3(decay)`` as timm's train.py builds it for
+``--model-ema`` (no ``--model-ema-warmup``; timm's own warm-up is another curve, ``1 - (1 + t) ** -2/3``).
+``buffers``: ``"copy"`` (the default) copies the buffers (BatchNorm running statistics) from the model, timm's
+``ModelEmaV3(exclude_buffers=True)``; ``"average"`` averages the floating-point buffers like the weights and copies
+the others (``num_batches_tracked``), timm's default ``exclude_buffers=False``. Both tested against timm step by step.
 The copy is a submodule of the LightningModule, so it is saved in and resumed from ``.ckpt`` files.
 
 Low-precision weights (``trainer.precision=bf16-true`` / ``16-true`` cast the copy with the model): the update
@@ -31,16 +33,23 @@ from zoo.layers import check_flag
 __all__ = ["ModelEma"]
 
 
+BUFFER_MODES = ("copy", "average")
+
+
 class ModelEma(nn.Module):
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, buffers: str = "copy"):
         super().__init__()
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
+        if buffers not in BUFFER_MODES:
+            raise ValueError(f"EMA buffers must be copy (BatchNorm statistics taken from the model) or average "
+                             f"(floating-point buffers averaged like the weights, timm ModelEmaV3's default), got {buffers!r}")
         self.module = copy.deepcopy(model)
         for param in self.module.parameters():
             param.requires_grad_(False)
         self.decay = float(decay)
         self.warmup = check_flag(warmup, "EMA warmup")
+        self.buffers_mode = buffers
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def current_decay(self) -> float:
@@ -50,21 +59,29 @@ class ModelEma(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = dict(self.module.named_parameters())
         generators: dict[torch.device, torch.Generator] = {}
+        ema_params = dict(self.module.named_parameters())
         for name, param in model.named_parameters():
-            ema = ema_params[name]
-            if ema.dtype in (torch.bfloat16, torch.float16):
-                if ema.device not in generators:
-                    generators[ema.device] = torch.Generator(ema.device).manual_seed(int(self.num_updates))
-                averaged = ema.float().lerp_(param.detach().float(), 1.0 - decay)
-                _stochastic_round_into_(ema, averaged, generators[ema.device])
-            else:
-                ema.lerp_(param.detach().to(ema.dtype), 1.0 - decay)
+            self._average_into_(ema_params[name], param.detach(), 1.0 - decay, generators)
         ema_buffers = dict(self.module.named_buffers())
         for name, buffer in model.named_buffers():
-            ema_buffers[name].copy_(buffer)
+            if self.buffers_mode == "average" and ema_buffers[name].is_floating_point():
+                self._average_into_(ema_buffers[name], buffer, 1.0 - decay, generators)
+            else:
+                ema_buffers[name].copy_(buffer)
         self.num_updates += 1
+
+    def _average_into_(self, ema: torch.Tensor, value: torch.Tensor, weight: float,
+                       generators: dict[torch.device, torch.Generator]) -> None:
+        """``ema <- ema + weight * (value - ema)``; a bf16 / fp16 ``ema`` is computed in fp32 and rounded
+        stochastically (module docstring), from one generator per device seeded with the update count."""
+        if ema.dtype in (torch.bfloat16, torch.float16):
+            if ema.device not in generators:
+                generators[ema.device] = torch.Generator(ema.device).manual_seed(int(self.num_updates))
+            averaged = ema.float().lerp_(value.float(), weight)
+            _stochastic_round_into_(ema, averaged, generators[ema.device])
+        else:
+            ema.lerp_(value.to(ema.dtype), weight)
 
     def evaluator(self) -> nn.Module:
         """The averaged model, switched to eval mode (dropout off, BatchNorm on its running statistics)."""

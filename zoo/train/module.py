@@ -8,11 +8,14 @@ The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and
   (``model_name``, ``model_args``) so a ``.ckpt`` can rebuild it without Hydra;
 * an optimizer by timm name (``optimizer``: AdamW by default, or sgd, lamb, lion, ... as timm's ``--opt``,
   built by ``timm.optim.create_optimizer_v2``) with no weight decay on norms/biases/position tables and optional
-  layer-wise lr decay, and a per-step linear warm-up then cosine (default), linear, constant or step decay
+  layer-wise lr decay (``layer_decay``, with timm's ``layer_decay_min_scale`` / ``layer_decay_no_opt_scale``), and a
+  per-step linear warm-up then cosine (default), linear, constant or step decay
   (``scheduler``, timm's ``--sched``; :mod:`zoo.train.optim`);
 * optional gradient checkpointing (``grad_checkpointing``: the model's ``set_grad_checkpointing(True)``, timm's
   ``--grad-checkpointing``), which recomputes each block's activations in backward to save memory;
-* an optional EMA copy of the weights (:mod:`zoo.train.ema`) used for evaluation and export;
+* an optional EMA copy of the weights (:mod:`zoo.train.ema`) used for evaluation and export: ``ema_decay``, with
+  ``ema_warmup`` (the TF-style warm-up, on by default; off is timm's ``--model-ema`` without ``--model-ema-warmup``)
+  and ``ema_buffers`` (``copy`` the BatchNorm statistics, or ``average`` them as timm's ``ModelEmaV3`` does);
 * reseeding of the global RNGs before every training batch from ``(seed, epoch, batch index, rank)``:
   with the data modules' epoch-seeded sampler and per-sample augmentation seeds, a run resumed from a
   checkpoint replays exactly what the uninterrupted run would have done (dropout, mixup, augmentation
@@ -22,8 +25,10 @@ The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and
   ``--torchcompile``). The model is compiled in place (``nn.Module.compile``), so its state-dict keys, the
   checkpoints and the released weights are the same as without; the EMA copy stays eager;
 * gradient clipping: Lightning's (``trainer.gradient_clip_val`` with ``gradient_clip_algorithm`` norm or value), or
-  timm's adaptive gradient clipping (``adaptive_clip_factor``, which zoo train sets from
-  ``trainer.gradient_clip_algorithm=agc``: :meth:`ZooModule.configure_gradient_clipping`);
+  timm's adaptive gradient clipping: the constructor argument ``adaptive_clip_factor`` (saved in the
+  hyper-parameters; zoo train sets it from ``trainer.gradient_clip_algorithm=agc`` and ``trainer.gradient_clip_val``):
+  :meth:`ZooModule.configure_gradient_clipping`. The two are exclusive: a Trainer with ``gradient_clip_val`` and a
+  module with ``adaptive_clip_factor`` is refused when fitting starts;
 * Lightning's own entry points: ``Module.load_from_checkpoint(path)`` rebuilds the model from the ``model_name``
   / ``model_args`` in the checkpoint (``model=`` still overrides), and ``lr`` is a live attribute, so Lightning's
   learning-rate finder (``Tuner(trainer).lr_find(module)``, which sets ``module.lr`` and ``hparams.lr``) sets the
@@ -41,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from zoo.layers import check_flag
-from zoo.train.ema import ModelEma
+from zoo.train.ema import BUFFER_MODES, ModelEma
 from zoo.train.optim import (check_optimizer, check_scheduler, create_optimizer, lr_schedule, optimizer_betas,
                              param_groups)
 
@@ -74,11 +79,18 @@ def _real(name: str, value, minimum: Optional[float] = None) -> float:
     return float(value)
 
 
-class ZooModule(pl.LightningModule):
-    # timm's adaptive gradient clipping factor (--clip-mode agc --clip-grad F), None for Lightning's clipping; not a
-    # constructor argument: zoo train sets it from trainer.gradient_clip_algorithm=agc and trainer.gradient_clip_val
-    adaptive_clip_factor: Optional[float] = None
+def _clip_factor(value) -> Optional[float]:
+    """``adaptive_clip_factor``: None (off) or a positive finite number."""
+    if value is None:
+        return None
+    if _real("adaptive_clip_factor", value) <= 0:
+        raise ValueError(f"adaptive_clip_factor (adaptive gradient clipping; in zoo train trainer.gradient_clip_val with "
+                         f"trainer.gradient_clip_algorithm=agc) needs its clip factor positive (timm's --clip-grad, e.g. "
+                         f"0.01) or None, got {value!r}")
+    return float(value)
 
+
+class ZooModule(pl.LightningModule):
     def __init__(
         self,
         model: nn.Module,
@@ -99,6 +111,11 @@ class ZooModule(pl.LightningModule):
         decay_epochs: float = 90.0,
         decay_rate: float = 0.1,
         grad_checkpointing: bool = False,
+        ema_warmup: bool = True,
+        ema_buffers: str = "copy",
+        adaptive_clip_factor: Optional[float] = None,
+        layer_decay_min_scale: float = 0.0,
+        layer_decay_no_opt_scale: Optional[float] = None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -121,6 +138,21 @@ class ZooModule(pl.LightningModule):
             raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay!r}")
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
+        ema_warmup = check_flag(ema_warmup, "ema_warmup")
+        adaptive_clip_factor = _clip_factor(adaptive_clip_factor)
+        if ema_buffers not in BUFFER_MODES:
+            raise ValueError(f"ema_buffers must be copy (the EMA takes the model's BatchNorm statistics) or average "
+                             f"(floating-point buffers averaged like the weights, timm ModelEmaV3's default), got {ema_buffers!r}")
+        if not 0.0 <= _real("layer_decay_min_scale", layer_decay_min_scale) <= 1.0:
+            raise ValueError(f"layer_decay_min_scale must be in [0, 1] (the smallest layer-decay lr scale, timm's "
+                             f"--layer-decay-min-scale), got {layer_decay_min_scale!r}")
+        if layer_decay_no_opt_scale is not None and not 0.0 <= _real("layer_decay_no_opt_scale",
+                                                                     layer_decay_no_opt_scale) <= 1.0:
+            raise ValueError(f"layer_decay_no_opt_scale must be in [0, 1] or None (layers whose lr scale is below it are "
+                             f"frozen, timm's --layer-decay-no-opt-scale), got {layer_decay_no_opt_scale!r}")
+        if layer_decay is None and (layer_decay_min_scale or layer_decay_no_opt_scale):
+            raise ValueError("layer_decay_min_scale / layer_decay_no_opt_scale act on layer-wise lr decay, which is off "
+                             "(layer_decay=None): set layer_decay too, or leave them at 0 / None")
         optimizer = check_optimizer(optimizer)
         optimizer_betas(optimizer, betas)  # as many as the optimizer takes
         if not 0.0 <= _real("momentum", momentum) < 1.0:
@@ -145,7 +177,16 @@ class ZooModule(pl.LightningModule):
             self.model = self.model._apply(
                 lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
         backend = compile_backend(torch_compile)
-        self.model_ema = ModelEma(self.model, float(ema_decay)) if ema_decay > 0 else None
+        if layer_decay is not None and layer_decay_no_opt_scale:
+            # timm's create_optimizer_v2 freezes those parameters (requires_grad=False) when it builds the groups; here
+            # at construction, before Lightning wraps the model (DDP registers only the trainable parameters)
+            param_groups(self.model, float(weight_decay), float(layer_decay), min_scale=float(layer_decay_min_scale),
+                         no_opt_scale=float(layer_decay_no_opt_scale))
+            if not any(p.requires_grad for p in self.model.parameters()):
+                raise ValueError(f"layer_decay_no_opt_scale={layer_decay_no_opt_scale} freezes every parameter (the "
+                                 f"largest lr scale is 1): lower it")
+        self.model_ema = (ModelEma(self.model, float(ema_decay), warmup=ema_warmup, buffers=ema_buffers)
+                          if ema_decay > 0 else None)
         if backend is not None:  # after the EMA copy, which stays eager (it only runs evaluation)
             self.model.compile(backend=backend)
         self._opt_cfg = dict(
@@ -153,9 +194,25 @@ class ZooModule(pl.LightningModule):
             warmup_epochs=float(warmup_epochs), min_lr_ratio=float(min_lr_ratio),
             layer_decay=None if layer_decay is None else float(layer_decay), optimizer=optimizer,
             momentum=float(momentum), scheduler=scheduler, decay_epochs=float(decay_epochs),
-            decay_rate=float(decay_rate),
+            decay_rate=float(decay_rate), layer_decay_min_scale=float(layer_decay_min_scale),
+            layer_decay_no_opt_scale=None if layer_decay_no_opt_scale is None else float(layer_decay_no_opt_scale),
         )
         self.seed = int(seed)
+        self._adaptive_clip_factor = adaptive_clip_factor
+
+    @property
+    def adaptive_clip_factor(self) -> Optional[float]:
+        """timm's adaptive gradient clipping factor (``--clip-mode agc --clip-grad F``), None for Lightning's
+        clipping. A constructor argument; zoo train sets it from ``trainer.gradient_clip_algorithm=agc`` and
+        ``trainer.gradient_clip_val`` after building the module, so the setter also records it in the
+        hyper-parameters of a module that saves it (the task modules whose constructor takes it)."""
+        return self._adaptive_clip_factor
+
+    @adaptive_clip_factor.setter
+    def adaptive_clip_factor(self, value: Optional[float]) -> None:
+        self._adaptive_clip_factor = _clip_factor(value)
+        if "adaptive_clip_factor" in self.hparams:
+            self.hparams["adaptive_clip_factor"] = self._adaptive_clip_factor
 
     @property
     def lr(self) -> float:
@@ -257,7 +314,20 @@ class ZooModule(pl.LightningModule):
                 scheduler._last_lr = lrs
 
     def on_fit_start(self) -> None:
+        self._check_one_gradient_clipping()
         self._renew_inference_metric_states()
+
+    def _check_one_gradient_clipping(self) -> None:
+        """Adaptive gradient clipping and a Trainer's ``gradient_clip_val`` are refused together: only one clipping
+        runs (:meth:`configure_gradient_clipping`), and the norm / value clipping asked of the Trainer was skipped
+        without a word."""
+        clip_val = getattr(self._trainer, "gradient_clip_val", None) if self._trainer is not None else None
+        if self.adaptive_clip_factor is not None and clip_val is not None:
+            algorithm = getattr(self._trainer, "gradient_clip_algorithm", None) or "norm"
+            raise ValueError(
+                f"{type(self).__name__} has adaptive_clip_factor={self.adaptive_clip_factor} (adaptive gradient "
+                f"clipping) and the Trainer has gradient_clip_val={clip_val} ({algorithm} clipping): only one gradient "
+                "clipping runs, so pick one (Trainer(gradient_clip_val=None), or adaptive_clip_factor=None)")
 
     def on_validation_start(self) -> None:
         self._renew_inference_metric_states()
@@ -294,6 +364,7 @@ class ZooModule(pl.LightningModule):
         if self.adaptive_clip_factor is None:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
+        self._check_one_gradient_clipping()
         from timm.utils import adaptive_clip_grad
 
         adaptive_clip_grad(self.adaptive_clip_parameters(), clip_factor=self.adaptive_clip_factor)
@@ -321,7 +392,8 @@ class ZooModule(pl.LightningModule):
 
     def configure_optimizers(self):
         cfg = self._opt_cfg  # cfg["lr"] is self.lr
-        groups = param_groups(self.model, cfg["weight_decay"], cfg["layer_decay"])
+        groups = param_groups(self.model, cfg["weight_decay"], cfg["layer_decay"], min_scale=cfg["layer_decay_min_scale"],
+                              no_opt_scale=cfg["layer_decay_no_opt_scale"])
         for group in groups:
             group["lr"] = cfg["lr"] * group["lr_scale"]
             group.pop("param_names")

@@ -18,6 +18,11 @@ lr; a model with no block found keeps the full lr everywhere, with a warning (ti
 path reproduces timm's scales (tested for ViT and MaxViT). The fallback reproduces them for block-stacked models
 (ViT: equal); for a staged model without a group_matcher it counts every block of every stage as a layer,
 where timm's MaxViT matcher counts stages.
+
+As timm's ``create_optimizer_v2(layer_decay_min_scale=, layer_decay_no_opt_scale=)`` (train.py
+``--layer-decay-min-scale``, ``--layer-decay-no-opt-scale``; timm/optim/_param_groups.py): the scales are clamped
+from below at ``min_scale``, and the parameters whose (clamped) scale is below ``no_opt_scale`` are frozen
+(``requires_grad_(False)``) and left out of the groups.
 """
 from __future__ import annotations
 
@@ -97,9 +102,15 @@ def param_groups(
     weight_decay: float,
     layer_decay: Optional[float] = None,
     no_weight_decay: Iterable[str] = (),
+    min_scale: float = 0.0,
+    no_opt_scale: Optional[float] = None,
 ) -> list[dict]:
     """AdamW groups: no decay for 1-D tensors (norms, biases) and ``no_weight_decay`` names (the model's
-    ``no_weight_decay()`` too); with ``layer_decay`` each group carries ``lr_scale``."""
+    ``no_weight_decay()`` too); with ``layer_decay`` each group carries ``lr_scale``, at least ``min_scale``, and a
+    parameter whose scale is below ``no_opt_scale`` is frozen (``requires_grad`` False) and left out, as timm's
+    ``param_groups_layer_decay(min_scale=, no_opt_scale=)``. Both need ``layer_decay``."""
+    if layer_decay is None and (min_scale or no_opt_scale):
+        raise ValueError("min_scale / no_opt_scale act on layer-wise lr decay: give layer_decay too")
     skip = set(no_weight_decay)
     if hasattr(model, "no_weight_decay"):
         skip |= set(model.no_weight_decay())
@@ -110,9 +121,12 @@ def param_groups(
             continue
         decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
         layer = ids.get(name, num_layers + 1)
+        scale = 1.0 if layer_decay is None else max(float(min_scale), float(layer_decay) ** (num_layers + 1 - layer))
+        if no_opt_scale and scale < no_opt_scale:
+            param.requires_grad_(False)
+            continue
         key = (layer, decay)
         if key not in groups:
-            scale = 1.0 if layer_decay is None else float(layer_decay) ** (num_layers + 1 - layer)
             groups[key] = {"params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(name)

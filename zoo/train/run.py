@@ -1787,7 +1787,7 @@ def _config_differences(saved, current, prefix: str) -> list[tuple[str, Any, Any
 # class), its param groups (lr, weight decay, betas, momentum, layer-wise scales) and the scheduler's base learning
 # rates come back from the checkpoint
 _RESTORED_TASK_KEYS = tuple(("task", key) for key in ("lr", "weight_decay", "betas", "layer_decay", "optimizer",
-                                                      "momentum"))
+                                                      "momentum", "layer_decay_min_scale", "layer_decay_no_opt_scale"))
 
 
 # values the warm-up + decay schedule is computed from at the start of each fit (it is not stored)
@@ -1797,7 +1797,8 @@ _SCHEDULE_KEYS = (("trainer", "max_epochs"), ("trainer", "max_steps"), ("trainer
 
 # task.* keys of the warm-up schedule's tasks added after runs were saved: the value such a run trained with
 # (AdamW + cosine), compared in its place on resume, so that resuming an older run is not refused for them
-_TASK_KEYS_ADDED = {"optimizer": "adamw", "momentum": 0.9, "scheduler": "cosine", "decay_epochs": 90, "decay_rate": 0.1}
+_TASK_KEYS_ADDED = {"optimizer": "adamw", "momentum": 0.9, "scheduler": "cosine", "decay_epochs": 90, "decay_rate": 0.1,
+                    "layer_decay_min_scale": 0.0, "layer_decay_no_opt_scale": None}
 
 
 def _as_the_optimizer_reads(config: dict) -> dict:
