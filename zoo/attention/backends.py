@@ -21,8 +21,19 @@ negative values included); ``score`` "softmax" or "sigmoid".
 
 Which backend runs: the ``backend=`` argument of ``attend`` > the innermost ``use_backend(...)``
 context > the ``ZOO_ATTN_BACKEND`` environment variable > automatic (the highest-priority backend
-whose ``supports`` returns None and whose ``auto_devices`` include the tensors' device). A backend
+whose ``supports`` returns None and whose ``auto_devices`` include the tensors' device type). ``"auto"`` names
+automatic choice in all three places (``use_backend("auto")`` is ``use_backend(None)``). A backend
 named explicitly that cannot run the call raises with its reason instead of silently falling back.
+One exception to the precedence: a call with ``return_weights=True`` that names no backend in its argument runs
+on the reference ("torch", which returns the probabilities) whatever a context or the environment pins, so that
+``capture_attention`` and the modules' weight requests work under ``use_backend("sdpa")`` or
+``ZOO_ATTN_BACKEND=blocksparse``; ``attend(..., return_weights=True, backend=name)`` still asks ``name``.
+
+Devices: automatic selection considers a backend on the device types it lists (``auto_devices``; None: every
+type). The reference runs on any device; "sdpa" is chosen automatically on the device types for which torch has
+SDPA kernels (:data:`SDPA_DEVICE_TYPES`: cpu, cuda, mps, xpu, meta -- torch's native_functions.yaml dispatches
+``_fused_sdp_choice`` to CPU, CUDA, XPU and Meta kernels and MPS has ``_scaled_dot_product_attention_math_for_mps``);
+any other device type (hpu, privateuse1 backends) gets the reference unless a backend is named.
 
 Built in: "torch" (the reference, see core.py), "sdpa" (torch.nn.functional.scaled_dot_product_attention)
 and "triton" (zoo.kernels.flash_attention, CUDA; CPU tensors only when named explicitly and
@@ -63,7 +74,8 @@ class Backend:
     forward: Callable
     supports: Callable
     priority: int = 0
-    auto_devices: frozenset = field(default_factory=lambda: frozenset({"cpu", "cuda"}))
+    #: Device types on which automatic selection considers this backend; None: every device type.
+    auto_devices: Optional[frozenset] = field(default_factory=lambda: frozenset({"cpu", "cuda"}))
     description: str = ""
     #: Extra check used only by automatic selection ("is it worth it here?"), on top of ``supports``
     #: ("can it run this at all?"). None: automatic selection uses ``supports`` alone.
@@ -74,6 +86,10 @@ class Backend:
     sparse_only: bool = False
     #: True when ``forward`` also takes ``return_lse=True`` and then returns (out, lse) (see the module docstring).
     returns_lse: bool = False
+
+    def auto_runs_on(self, device_type: str) -> bool:
+        """True when automatic selection considers this backend for tensors of ``device_type``."""
+        return self.auto_devices is None or device_type in self.auto_devices
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -107,7 +123,9 @@ def register_backend(
     its reason); ``auto_supports``, when given, decides whether automatic selection should pick it (for
     example only when a sparse mask skips enough tiles to beat the dense path). ``sparse_only`` promises
     that automatic selection never picks it for a Full mask or a square Causal mask. ``returns_lse`` says that
-    ``forward`` accepts ``return_lse=True`` (the row log-sum-exp; see the module docstring).
+    ``forward`` accepts ``return_lse=True`` (the row log-sum-exp; see the module docstring). ``auto_devices``: the
+    device types on which automatic selection considers it, or None for every device type (a backend named by
+    ``attend(..., backend=)``, ``use_backend`` or the environment runs on any device its ``supports`` accepts).
     """
     # checked here: a bad entry would otherwise break every later attend() call, far from this one
     if not isinstance(name, str) or not name:
@@ -119,14 +137,16 @@ def register_backend(
         raise TypeError(f"register_backend({name!r}): auto_supports must be callable or None, got {type(auto_supports).__name__}")
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise TypeError(f"register_backend({name!r}): priority must be an int, got {priority!r}")
-    if isinstance(auto_devices, str) or not all(isinstance(d, str) for d in auto_devices):
+    if auto_devices is not None and (
+            isinstance(auto_devices, str) or not all(isinstance(d, str) for d in auto_devices)):
         raise TypeError(f"register_backend({name!r}): auto_devices must be a collection of device types such as "
-                        f"('cpu', 'cuda'), got {auto_devices!r}")
+                        f"('cpu', 'cuda'), or None for every device type, got {auto_devices!r}")
     for flag, value in (("sparse_only", sparse_only), ("returns_lse", returns_lse)):
         if not isinstance(value, bool):
             raise TypeError(f"register_backend({name!r}): {flag} must be True or False, got {value!r}")
     backend = Backend(
-        name, forward, supports, priority, frozenset(auto_devices), description, auto_supports, sparse_only,
+        name, forward, supports, priority, None if auto_devices is None else frozenset(auto_devices), description,
+        auto_supports, sparse_only,
         returns_lse,
     )
     _BACKENDS[name] = backend
@@ -157,23 +177,30 @@ def _by_priority() -> list[Backend]:
 
 def list_backends() -> list[str]:
     """Names of the registered attention backends, highest priority first (the order in which attend()'s
-    automatic selection asks them): e.g. ["triton", "blocksparse", "sdpa", "torch"]. Any of them can be pinned
-    with ``attend(..., backend=name)``, ``use_backend(name)`` or the ZOO_ATTN_BACKEND environment variable."""
+    automatic selection asks them): e.g. ["edges", "triton", "blocksparse", "sdpa", "torch"]. Any of them can be
+    pinned with ``attend(..., backend=name)``, ``use_backend(name)`` or the ZOO_ATTN_BACKEND environment variable
+    ("auto" in any of the three: automatic choice)."""
     _load_optional_backends()
     return [backend.name for backend in _by_priority()]
 
 
+def _valid_names() -> str:
+    return f"{', '.join(list_backends())} (or 'auto' for automatic choice)"
+
+
 def get_backend(name: str) -> Backend:
     _load_optional_backends()
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(list_backends())}")
+    if not isinstance(name, str) or name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {_valid_names()}")
     return _BACKENDS[name]
 
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Run the ``attend`` calls inside the block on backend ``name`` (None restores automatic choice)."""
-    if name is not None:
+    """Run the ``attend`` calls inside the block on backend ``name``; None or "auto" restores automatic choice
+    (inside an outer pinned block too). Calls with ``return_weights=True`` and no ``backend=`` argument still run
+    on the reference (see the module docstring)."""
+    if name is not None and name != "auto":
         get_backend(name)  # fail early on a typo
     stack = _CONTEXT_STATE.stack
     stack.append(name or "auto")
@@ -191,7 +218,14 @@ def requested_backend(argument: Optional[str]) -> Optional[str]:
     if stack:
         return None if stack[-1] == "auto" else stack[-1]
     env = os.environ.get(ENV_VAR, "").strip()
-    return env if env and env != "auto" else None
+    if not env or env == "auto":
+        return None
+    if env not in _BACKENDS:
+        _load_optional_backends()
+        if env not in _BACKENDS:  # named here: a call that named no backend cannot tell where the name came from
+            raise ValueError(f"{ENV_VAR}={env!r} (environment variable): unknown attention backend; valid values: "
+                             f"{_valid_names()}, or unset")
+    return env
 
 
 def select_backend(args: tuple, requested: Optional[str], return_lse: bool = False) -> Backend:
@@ -208,12 +242,15 @@ def select_backend(args: tuple, requested: Optional[str], return_lse: bool = Fal
         return backend
     device_type = args[0].device.type
     for backend in _by_priority():
-        if device_type not in backend.auto_devices or (return_lse and not backend.returns_lse):
+        if not backend.auto_runs_on(device_type) or (return_lse and not backend.returns_lse):
             continue
         check = backend.auto_supports or backend.supports
         if check(*args) is None:
             return backend
-    raise RuntimeError("no attention backend supports this call (the 'torch' reference should)")  # pragma: no cover
+    # the "torch" reference takes every call on every device type unless it was replaced
+    raise RuntimeError(f"no attention backend supports this call on device type {device_type!r} (automatic "
+                       f"selection considers a backend only on the device types in its auto_devices; the "
+                       f"'torch' reference has None: every type)")
 
 
 def sdpa_runs_plain_calls(device_type: str) -> bool:
@@ -230,7 +267,7 @@ def sdpa_runs_plain_calls(device_type: str) -> bool:
     if _CONTEXT_STATE.stack or os.environ.get(ENV_VAR, "auto").strip() not in ("", "auto"):
         return False
     for backend in _by_priority():
-        if device_type in backend.auto_devices and not backend.sparse_only:
+        if backend.auto_runs_on(device_type) and not backend.sparse_only:
             return backend.forward is _sdpa_forward
     return False
 
@@ -387,7 +424,8 @@ def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     has_key = allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Nq, 1)
     # Under torch.compile / export the check would be a data-dependent branch: take the safe path, which
     # gives the same result when no row is empty.
-    empty_rows = is_tracing() or not bool(has_key.all())
+    # On the meta device there are no values to look at (shapes only): the safe path too.
+    empty_rows = is_tracing() or q.device.type == "meta" or not bool(has_key.all())
     if empty_rows:
         # Rows with no allowed key: let them see everything (no NaN in forward or backward), zero them after.
         allowed = allowed | ~has_key
@@ -403,11 +441,16 @@ def _sdpa_forward(q, k, v, mask, bias, scale, score, dropout_p, return_weights):
     return out
 
 
+#: Device types on which automatic selection considers "sdpa": those with SDPA kernels in torch (see the module
+#: docstring). On others the reference runs unless "sdpa" is named.
+SDPA_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "meta")
+
 register_backend(
     "sdpa",
     _sdpa_forward,
     _sdpa_supports,
     priority=10,
+    auto_devices=SDPA_DEVICE_TYPES,
     description="torch scaled_dot_product_attention (flash / memory-efficient / math kernels)",
 )
 

@@ -5,8 +5,10 @@
     maps[0].name, maps[0].weights   # (B, H, Nq, Nk) per MultiHeadAttention call, in call order
                                     # (AttentionPoolLatent, global_pool="map", is not recorded)
 
-While a capture is active, attention modules call ``attend(..., return_weights=True)`` (the reference
-backend, which returns the probabilities) and :func:`record` the weights, detached. Nothing is recorded
+While a capture is active, attention modules call ``attend(..., return_weights=True)`` and :func:`record` the
+weights, detached. Such a call runs on the reference backend, which returns the probabilities, also inside a
+``use_backend(...)`` block or under ``ZOO_ATTN_BACKEND`` (a pin serves the calls that need no weights; see
+zoo.attention.backends). Nothing is recorded
 and nothing is slowed down outside the context manager.
 """
 from __future__ import annotations

@@ -15,7 +15,8 @@ Scores:
   "Theory, Analysis, and Best Practices for Sigmoid Self-Attention" (ICLR 2025). Add ``log(Nk)`` to
   ``bias`` for a plain sigmoid.
 
-The reference backend ("torch") works on any device with autograd. It processes the queries in chunks
+The reference backend ("torch") works on any device with autograd, and automatic selection falls back to it on
+device types no faster backend lists (zoo.attention.backends: ``auto_devices``). It processes the queries in chunks
 of R rows so that the working set is O(B * H * R * Nk) rather than O(B * H * Nq * Nk); when gradients
 are needed each chunk is recomputed in backward (activation checkpointing), so training memory is
 bounded the same way.
@@ -299,7 +300,10 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
         if mask.num_heads not in (1, heads):
             raise ValueError(f"attend: mask head dim {mask.num_heads} does not broadcast to {heads} heads")
     requested = _backends.requested_backend(backend)
-    if return_weights and requested is None:
+    if return_weights and (backend is None or backend == "auto"):
+        # the weights come from the reference whatever a use_backend(...) context or ZOO_ATTN_BACKEND pins (those pin
+        # the fast path; capture_attention and the modules' weight requests must keep working under them); only an
+        # explicit backend= argument is asked for them (see zoo.attention.backends' module docstring)
         requested = "torch"
     empty = _is_empty(q, k)
     if isinstance(bias, ALiBi) and bias.num_heads == heads and not empty:
@@ -534,6 +538,7 @@ _backends.register_backend(
     attention_reference,
     _torch_supports,
     priority=0,
+    auto_devices=None,  # every device type: the fallback of automatic selection
     description="reference: query-chunked PyTorch, any mask/bias/score, autograd, bounded memory",
     returns_lse=True,
 )

@@ -351,6 +351,45 @@ def _check_band(mask_name: str, unit: str, left, right) -> None:
         raise ValueError(f"{mask_name}(left={left}, right={right}) allows no {unit} at all")
 
 
+class _CheckedSettings:
+    """Mixin for masks whose scalar settings may be reassigned after construction (``window.left = 8``, as
+    docs/core.md invites): an assignment to a name in ``_SETTINGS`` runs the constructor's own checks
+    (:meth:`_checked_settings`) on the mask's settings with the new value, so a mask never holds a setting that
+    its constructor refuses. (Unchecked, ``window.left = -5`` zeroed every row silently, ``chunk.chunk_size = 0``
+    raised a bare ZeroDivisionError inside a backend, and ``chunk_size = 2.5`` was computed by some backends and
+    refused by others.) A valid change moves :meth:`Mask.version`, so cached block maps are rebuilt.
+
+    Placed before :class:`Mask` in the bases (the frozen dataclass Mask cannot define ``__setattr__`` itself)."""
+
+    #: The settings checked on assignment; the constructor sets them through :meth:`_init_settings`.
+    _SETTINGS: tuple[str, ...] = ()
+
+    def _checked_settings(self, settings: dict) -> dict:  # pragma: no cover - every user overrides it
+        """``settings`` (a value for every name of ``_SETTINGS``) checked and normalised as the constructor does;
+        raises TypeError / ValueError naming the problem."""
+        raise NotImplementedError
+
+    def _init_settings(self, **settings) -> None:
+        """The constructor's assignment of every setting at once (checked together: bounds depend on each other)."""
+        for name, value in self._checked_settings(settings).items():
+            object.__setattr__(self, name, value)  # (not __dict__.update: torch.compile cannot trace that)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._SETTINGS:
+            proposed = {setting: self.__dict__[setting] for setting in self._SETTINGS}
+            proposed[name] = value
+            value = self._checked_settings(proposed)[name]
+        super().__setattr__(name, value)
+
+
+def _checked_band(mask_name: str, unit: str, settings: dict) -> dict:
+    """``settings`` with ``left`` / ``right`` checked by :func:`_check_band` and made Python ints (numpy ints too:
+    they become kernel arguments)."""
+    left, right = settings["left"], settings["right"]
+    _check_band(mask_name, unit, left, right)
+    return {**settings, "left": None if left is None else int(left), "right": None if right is None else int(right)}
+
+
 def _band_rows(rel: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """bool (1, 1, R, Nk): ``lo <= rel <= hi`` for the (R, Nk) position differences ``rel`` (+-inf: unbounded)."""
     # Out of place: the TorchScript ONNX exporter (torch.onnx.export(dynamo=False)) has no aten::__iand_, so an
@@ -391,19 +430,23 @@ class Full(Mask):
         return torch.full((1, 1, qb, kb), FULL, dtype=torch.int8, device=device)
 
 
-class Window(Mask):
+class Window(_CheckedSettings, Mask):
     """Band mask: query i (at key position p = i + Nk - Nq) sees keys j with p - left <= j <= p + right.
 
     ``left`` / ``right`` of ``None`` mean unbounded. ``Window(None, 0)`` is causal; ``Window(w, 0)`` is
     causal sliding-window attention (Mistral-style with window w + 1 keys); ``Window(r, r)`` is a
-    symmetric local window. Computed from indices in every backend.
+    symmetric local window. Computed from indices in every backend. ``left`` and ``right`` may be reassigned;
+    an assignment is checked as the constructor checks them.
     """
+
+    _SETTINGS = ("left", "right")
 
     def __init__(self, left: Optional[int] = None, right: Optional[int] = None) -> None:
         super().__init__()
-        _check_band("Window", "key", left, right)
-        self.left = None if left is None else int(left)  # numpy ints become Python ints (kernel arguments)
-        self.right = None if right is None else int(right)
+        self._init_settings(left=left, right=right)
+
+    def _checked_settings(self, settings: dict) -> dict:
+        return _checked_band("Window", "key", settings)
 
     def offsets(self, q_len: int, k_len: int) -> tuple[float, float]:
         """Allowed range of ``j - i`` as (lo, hi), bounds inclusive, +-inf when unbounded."""
@@ -425,16 +468,23 @@ class Window(Mask):
 
 
 class Causal(Window):
-    """Causal mask, bottom-right aligned when Nq != Nk (see module docstring)."""
+    """Causal mask, bottom-right aligned when Nq != Nk (see module docstring). Its bounds are fixed (the backends
+    hand a square Causal to SDPA's ``is_causal``): reassigning ``left`` / ``right`` is refused; use ``Window``."""
 
     def __init__(self) -> None:
         super().__init__(left=None, right=0)
+
+    def _checked_settings(self, settings: dict) -> dict:
+        if settings["left"] is not None or settings["right"] != 0:
+            raise AttributeError(f"Causal() has fixed bounds left=None, right=0 (got left={settings['left']!r}, "
+                                 f"right={settings['right']!r}): use Window(left, right) for another band")
+        return settings
 
     def __repr__(self) -> str:
         return "Causal()"
 
 
-class ChunkWindow(Mask):
+class ChunkWindow(_CheckedSettings, Mask):
     """Window over chunks: tokens form consecutive chunks of ``chunk_size``; a query in chunk ``a`` sees
     every key in chunks ``a - left`` .. ``a + right`` (``None`` = unbounded).
 
@@ -456,16 +506,19 @@ class ChunkWindow(Mask):
     negative positions (Nq > Nk) belong to negative chunks. ``ChunkWindow(1, l, r)`` equals
     ``Window(l, r)``. Like Window it is computed from indices in every backend: its block map comes from
     tile coordinates and is exact (chunk numbers are monotone, so every chunk pair between a tile's
-    first and last is present), and the Triton kernel evaluates it in its window slots.
+    first and last is present), and the Triton kernel evaluates it in its window slots. ``chunk_size``,
+    ``left`` and ``right`` may be reassigned; an assignment is checked as the constructor checks them.
     """
+
+    _SETTINGS = ("chunk_size", "left", "right")
 
     def __init__(self, chunk_size: int, left: Optional[int] = None, right: Optional[int] = 0) -> None:
         super().__init__()
-        chunk_size = positive_int(chunk_size, "ChunkWindow chunk_size")
-        _check_band("ChunkWindow", "chunk", left, right)
-        self.chunk_size = chunk_size
-        self.left = None if left is None else int(left)
-        self.right = None if right is None else int(right)
+        self._init_settings(chunk_size=chunk_size, left=left, right=right)
+
+    def _checked_settings(self, settings: dict) -> dict:
+        chunk_size = positive_int(settings["chunk_size"], "ChunkWindow chunk_size")
+        return {**_checked_band("ChunkWindow", "chunk", settings), "chunk_size": chunk_size}
 
     def chunk_bounds(self) -> tuple[float, float]:
         """Allowed range of ``key chunk - query chunk`` as (lo, hi), inclusive, +-inf when unbounded."""
@@ -694,22 +747,28 @@ class Segments(Mask):
         return f"Segments(batch={self.batch_size}, q_len={self.q_ids.shape[1]}, kv_len={self.kv_ids.shape[1]})"
 
 
-class _PerSegmentBand(Mask):
+class _PerSegmentBand(_CheckedSettings, Mask):
     """Shared part of :class:`SegmentWindow` and :class:`SegmentChunkWindow`: a band ``lo <= key unit - query unit
     <= hi`` inside every segment of ``segments``, where the units (:meth:`_band_positions`) are counted per segment
     from the tokens' ranks (:meth:`positions`); ``left`` / ``right`` bound the band in those units (``unit``:
-    "key" or "chunk", for messages; None = unbounded). Subclasses may count other units (``_band_positions``)."""
+    "key" or "chunk", for messages; None = unbounded). Subclasses may count other units (``_band_positions``).
+    ``segments``, ``left`` and ``right`` (and a subclass's ``_SETTINGS``) may be reassigned; an assignment is
+    checked as the constructor checks them."""
+
+    _SETTINGS = ("segments", "left", "right")
 
     def __init__(self, segments: "Segments", mask_name: str, unit: str, left: Optional[int],
-                 right: Optional[int]) -> None:
+                 right: Optional[int], **more_settings) -> None:
         super().__init__()
-        if not isinstance(segments, Segments):
-            raise TypeError(f"{mask_name}: segments must be a Segments mask, got {type(segments).__name__}")
-        _check_band(mask_name, unit, left, right)
-        self.segments = segments
-        self.left = None if left is None else int(left)
-        self.right = None if right is None else int(right)
+        self._mask_name, self._unit = mask_name, unit
+        self._init_settings(segments=segments, left=left, right=right, **more_settings)
         self._positions: dict = {}
+
+    def _checked_settings(self, settings: dict) -> dict:
+        segments = settings["segments"]
+        if not isinstance(segments, Segments):
+            raise TypeError(f"{self._mask_name}: segments must be a Segments mask, got {type(segments).__name__}")
+        return _checked_band(self._mask_name, self._unit, settings)
 
     def _offsets(self) -> tuple[float, float]:
         """Allowed range of ``key unit - query unit`` inside a segment, inclusive, +-inf when unbounded."""
@@ -848,10 +907,15 @@ class SegmentChunkWindow(_PerSegmentBand):
     slot's POS flag, as SegmentWindow's positions): O(N) memory (kernels/block_index.py).
     """
 
+    _SETTINGS = ("segments", "chunk_size", "left", "right")
+
     def __init__(self, segments: Segments, chunk_size: int, left: Optional[int] = None,
                  right: Optional[int] = 0) -> None:
-        self.chunk_size = positive_int(chunk_size, "SegmentChunkWindow chunk_size")
-        super().__init__(segments, "SegmentChunkWindow", "chunk", left, right)
+        super().__init__(segments, "SegmentChunkWindow", "chunk", left, right, chunk_size=chunk_size)
+
+    def _checked_settings(self, settings: dict) -> dict:
+        checked = super()._checked_settings(settings)
+        return {**checked, "chunk_size": positive_int(settings["chunk_size"], "SegmentChunkWindow chunk_size")}
 
     def _band_positions(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(query chunks, key chunks) inside each segment: the :meth:`positions` floored to chunk numbers (a query
@@ -972,24 +1036,33 @@ class KeyPadding(Dense):
         return f"KeyPadding(batch={self.mask.shape[0]}, max_len={self.mask.shape[-1]})"
 
 
-class BlockSparse(Mask):
+class BlockSparse(_CheckedSettings, Mask):
     """Tile-level mask: ``block_mask`` bool (QB, KB) or (B|1, H|1, QB, KB); a kept tile is fully on.
 
     ``block_size`` is an int or (block_q, block_k). Its block map at the same tile size is the map
     itself (kept tiles FULL); at another tile size it is derived from 2-D prefix sums over the map,
-    never from the token-level mask.
+    never from the token-level mask. ``block_mask``, ``block_q`` and ``block_k`` may be reassigned; an assignment
+    is checked as the constructor checks them (a 2-D map is stored as (1, 1, QB, KB)).
     """
+
+    _SETTINGS = ("block_mask", "block_q", "block_k")
 
     def __init__(self, block_mask: torch.Tensor, block_size) -> None:
         super().__init__()
+        block_q, block_k = to_pair(block_size, "BlockSparse block_size")
+        self._init_settings(block_mask=block_mask, block_q=block_q, block_k=block_k)
+
+    def _checked_settings(self, settings: dict) -> dict:
+        block_mask = settings["block_mask"]
         if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
             raise TypeError(f"BlockSparse block_mask must be a bool tensor, got {getattr(block_mask, 'dtype', type(block_mask))}")
         if block_mask.dim() == 2:
             block_mask = block_mask[None, None]
         if block_mask.dim() != 4:
             raise ValueError(f"BlockSparse block_mask must be (QB, KB) or (B, H, QB, KB), got {tuple(block_mask.shape)}")
-        self.block_mask = block_mask
-        self.block_q, self.block_k = to_pair(block_size, "BlockSparse block_size")
+        block_q = positive_int(settings["block_q"], "BlockSparse block_q")
+        block_k = positive_int(settings["block_k"], "BlockSparse block_k")
+        return {"block_mask": block_mask, "block_q": block_q, "block_k": block_k}
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.block_mask,)

@@ -79,7 +79,10 @@ def _native_tiles(mask: Mask) -> Optional[tuple[int, int]]:
     if isinstance(mask, BlockSparse):
         return mask.block_q, mask.block_k
     if isinstance(mask, Radial):
-        return mask.block_size, mask.block_size
+        # the published map's own tile, built (or rebuilt after a setting was reassigned) by Radial, which checks
+        # its settings first: a bad ``radial.block_size = 0`` gets Radial's message here, not a ZeroDivisionError
+        published = mask._block_sparse()
+        return published.block_q, published.block_k
     if isinstance(mask, ChunkWindow) and mask.chunk_size <= 2 * DEFAULT_TILE:
         return mask.chunk_size, mask.chunk_size
     if isinstance(mask, (And, Or)):
