@@ -593,3 +593,73 @@ def test_a_float16_export_is_checked_against_the_float32_weights(monkeypatch):
     state = reference.state_dict()
     assert all(state[k].dtype == torch.float32 and torch.equal(state[k], v) for k, v in original.items())
     assert any(not torch.equal(v, v.half().float()) for v in original.values())  # the rounding would show
+
+
+@pytest.mark.parametrize("name,options,trained", [("maxvit_debug", dict(), 40), ("agent_deit_debug", dict(), 48),
+                                                  ("vit_debug", dict(dynamic_img_size=True), 48)])
+def test_a_release_trained_at_another_size_exports_at_that_size(tmp_path, name, options, trained):
+    """zoo train records data.img_size in a release's metadata, and from_pretrained makes it the model's
+    pretrained_cfg input_size (the size timm's data pipeline and zoo predict resize to); zoo export ckpt=<release>
+    pinned the graph to the constructor's size instead, and wrote that size into the ONNX metadata (review rev6,
+    finding 2)."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = zoo.create_model(name, **options).eval()
+    built = model.pretrained_cfg["input_size"][1]
+    assert built != trained
+    zoo.save_pretrained(model, tmp_path / "release", metadata={"data": {"img_size": trained, "in_chans": 3}})
+    result = export_onnx(None, None, ckpt=str(tmp_path / "release"))
+    assert result.input_shape[2:] == (trained, trained) and result.max_abs_diff <= 1e-5
+    proto = onnx.load_from_string(result.onnx_bytes)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(metadata["input_size"]) == [3, trained, trained]
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[2:]] == [trained, trained]
+    x = torch.randn(2, 3, trained, trained)  # the graph is the saved network run at the trained size
+    got = ort.InferenceSession(result.onnx_bytes, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5, rtol=1e-5)
+    # an explicit img_size still wins
+    assert export_onnx(None, None, ckpt=str(tmp_path / "release"), img_size=built, check=False).input_shape[2:] == (built, built)
+
+
+def test_a_fixed_size_vit_padded_to_whole_patches_exports_with_the_default_exporter(tmp_path):
+    """A fixed-size ViT with dynamic_img_pad at a size the patch does not divide resamples its position embedding
+    on every call (anti-aliased bicubic, which the TorchScript exporter cannot write): the default exporter failed
+    (review rev6, finding 3). The export copy has the table resampled once; the graph matches the model as built,
+    and its metadata records the model's own constructor arguments."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", img_size=(35, 41), dynamic_img_pad=True).eval()
+    with torch.no_grad():
+        model.pos_embed.normal_(0, 1.0)  # far from its init, so a table not resampled as the model does would differ
+    result = export_onnx(model, tmp_path / "pad.onnx")
+    assert result.input_shape[2:] == (35, 41) and result.max_abs_diff <= 1e-5
+    x = torch.randn(3, 3, 35, 41)
+    got = ort.InferenceSession(str(tmp_path / "pad.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5, rtol=1e-5)
+    args = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "pad.onnx")).metadata_props}["zoo_model_args"])
+    assert args == {"img_size": [35, 41], "dynamic_img_pad": True}
+    assert model.patch_embed.img_size == (35, 41) and not model.dynamic_img_size  # the model is not changed
+    # and from a release, through the CLI
+    zoo.save_pretrained(model, tmp_path / "release")
+    assert main([f"ckpt={tmp_path / 'release'}", f"out={tmp_path / 'release.onnx'}"]) == 0
+
+
+def test_a_releases_own_weights_file_exports_as_its_directory(tmp_path, capsys):
+    """ckpt=<release>/model.safetensors with config.json beside it was refused as "a bare weights file, without the
+    config that names its model"; from_pretrained reads that form (review rev6, finding 6). A weights file under
+    another name beside a config.json is still a bare file."""
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug", num_classes=3).eval()
+    release = zoo.save_pretrained(model, tmp_path / "release")
+    result = export_onnx(None, None, ckpt=str(release / "model.safetensors"))
+    assert result.model_name == "vit_debug" and result.max_abs_diff <= 1e-5
+    assert main([f"ckpt={release / 'model.safetensors'}", f"out={tmp_path / 'a.onnx'}"]) == 0
+    torch.save(model.state_dict(), release / "other.pt")
+    with pytest.raises(ValueError, match="is a bare weights file, without the config"):
+        export_onnx(None, None, ckpt=str(release / "other.pt"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -936,6 +937,37 @@ def test_a_timm_training_checkpoint_loads_its_ema_weights(tmp_path):
     assert torch.equal(hub.unwrap_state_dict({"state_dict": raw, "state_dict_ema": ema})["head.weight"], ema["head.weight"])
 
 
+def test_a_checkpoint_written_by_timms_checkpoint_saver_loads(tmp_path):
+    """timm's train.py writes its checkpoints with timm.utils.CheckpointSaver, which stores the run's arguments as
+    an argparse.Namespace ('args'): torch.load(weights_only=True) refused the file as corrupt. timm's loader
+    allows that one class (timm/models/_helpers.py _torch_load), and so does the zoo's (review rev6, finding 1)."""
+    import argparse
+
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    model = _tiny_vit()
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)  # the EMA copy now differs from the raw weights
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(model="vit_digits", lr=0.1), model_ema=ema,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), decreasing=False, max_history=1)
+    saver.save_checkpoint(3, metric=0.9)
+    expected = ema.module.state_dict()
+    assert not torch.equal(expected["head.weight"], model.state_dict()["head.weight"])
+    for name in ("model_best.pth.tar", "checkpoint-3.pth.tar"):
+        loaded = zoo.create_model("vit_digits", pretrained=str(tmp_path / name), **TINY).state_dict()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected), name
+    # the allowance is scoped to the load: other pickled objects are still refused, and torch's default is untouched
+    torch.save({"state_dict": model.state_dict(), "args": logging.getLogger("x")}, tmp_path / "other.pth")
+    with pytest.raises(hub.CheckpointError, match="could not be read with torch.load"):
+        hub.load_state_dict_file(tmp_path / "other.pth")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "model_best.pth.tar", weights_only=True)
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("vit_tiny_patch16_224", dict(img_size=32, depth=1)),
     ("maxvit_rmlp_pico_rw_256", dict(img_size=64)),
@@ -1422,3 +1454,134 @@ def test_a_mistyped_local_path_is_reported_as_one(tmp_path, monkeypatch):
         zoo.from_pretrained("checkpoints/vit_digitz")
     with pytest.raises(FileNotFoundError, match="huggingface-cli download checkpoints/vit_digitz"):
         zoo.from_pretrained("hf-hub:checkpoints/vit_digitz")
+
+
+def test_from_pretrained_takes_device_and_dtype_as_create_model_does(tmp_path):
+    """from_pretrained(dtype=...) / (device=...) reached the constructor and were refused as unknown arguments of
+    VisionTransformer (review rev6, finding 4)."""
+    torch.manual_seed(0)
+    saved = zoo.save_pretrained(zoo.create_model("vit_debug", num_classes=3), tmp_path / "ckpt")
+    reference = zoo.create_model("vit_debug", pretrained=str(saved), num_classes=3)
+    half = zoo.from_pretrained(saved, dtype=torch.float16, device="cpu")
+    assert {p.dtype for p in half.parameters()} == {torch.float16} and half.pos_embed.device.type == "cpu"
+    assert torch.equal(half.pos_embed, reference.pos_embed.half())
+    assert "dtype" not in half.zoo_model_args and "device" not in half.zoo_model_args
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        zoo.from_pretrained(saved, dtype=torch.int8)
+    with pytest.raises(ValueError, match="device='meta' builds a model without storage"):
+        zoo.from_pretrained(saved, device="meta")
+
+
+def test_loading_inside_a_meta_device_block_is_refused_as_device_meta_is(tmp_path):
+    """Under `with torch.device("meta")` from_pretrained / create_model(pretrained=...) returned a model without its
+    weights (torch's load_state_dict into meta tensors is a no-op); device="meta" was refused. Saving a meta model
+    failed with safetensors' "Cannot copy out of meta tensor" (review rev6, finding 5)."""
+    saved = zoo.save_pretrained(zoo.create_model("vit_debug"), tmp_path / "ckpt")
+    advice = "builds a model without storage, so pretrained weights cannot be loaded into it: build it on meta"
+    with torch.device("meta"):
+        with pytest.raises(ValueError, match=advice):
+            zoo.from_pretrained(saved)
+        with pytest.raises(ValueError, match=advice):
+            zoo.create_model("vit_debug", pretrained=str(saved))
+        empty = zoo.create_model("vit_debug")  # without weights to load, a meta model is what was asked for
+    assert empty.pos_embed.is_meta
+    with pytest.raises(ValueError, match=r"save_pretrained: vit_debug has weights on the meta device.*cls_token, "
+                                         r"pos_embed.*to_empty"):
+        zoo.save_pretrained(empty, tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()
+
+
+def test_a_null_model_args_in_config_json_names_the_file(tmp_path):
+    """"model_args": null passed read_config and failed later with a bare "'NoneType' object is not iterable"
+    (review rev6, finding 7). A null metadata is read as none, as it always was."""
+    saved = zoo.save_pretrained(zoo.create_model("vit_debug"), tmp_path / "ckpt")
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "metadata": None}))
+    assert zoo.from_pretrained(saved).zoo_model_name == "vit_debug"
+    (saved / "config.json").write_text(json.dumps({**config, "model_args": None}))
+    with pytest.raises(hub.CheckpointError, match=r"ckpt/config.json: 'model_args' must be an object \({}"
+                                                  r" for none\), got null"):
+        zoo.from_pretrained(saved)
+
+
+def test_an_interrupted_resave_names_the_rename_that_restores_a_whole_checkpoint(tmp_path, monkeypatch):
+    """The interrupted re-save message said only "save the model again", also when the files left hold a whole
+    checkpoint (review rev6, finding 8): the parked config.json beside the weights not yet replaced, or, after a
+    kill once the weights were swapped, the new config.json still staged under its temporary name."""
+    import pathlib
+
+    old_model, new_model = _tiny_vit(num_classes=3), _tiny_vit(num_classes=3, depth=1)
+    target = zoo.save_pretrained(old_model, tmp_path / "ckpt")
+    x = _digits_batch()
+
+    def interrupted_save(crash_at: int, keep_staged: bool = False) -> None:
+        real_replace, calls = os.replace, []
+
+        def crash(src, dst):
+            calls.append(dst)
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", crash)
+        if keep_staged:  # a kill runs no clean-up: the staged files stay
+            monkeypatch.setattr(pathlib.Path, "unlink", lambda self, missing_ok=False: None)
+        with pytest.raises(KeyboardInterrupt):
+            zoo.save_pretrained(new_model, target)
+        monkeypatch.undo()
+
+    def restore(error) -> None:
+        command = re.search(r"`mv (\S+) (\S+)`", str(error.value))
+        assert command is not None, error.value
+        assert command.group(2) == str(target / "config.json")
+        os.replace(command.group(1), command.group(2))
+        for leftover in target.glob(".*"):  # what the user removes after restoring
+            leftover.unlink()
+
+    # stopped before the weights moved: the parked config.json and the weights are the old checkpoint
+    interrupted_save(crash_at=2)
+    with pytest.raises(hub.CheckpointError, match=r"\.config\.json\.replaced and model\.safetensors are one save") as error:
+        zoo.from_pretrained(target)
+    restore(error)
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.from_pretrained(target).eval()(x), old_model.eval()(x))
+    # killed after the weights moved: the staged new config.json and the weights are the new checkpoint
+    interrupted_save(crash_at=3, keep_staged=True)
+    with pytest.raises(hub.CheckpointError, match=r"\.config\.json\.\w+\.tmp and model\.safetensors are one save") as error:
+        zoo.from_pretrained(target)
+    restore(error)
+    with torch.no_grad():
+        torch.testing.assert_close(zoo.from_pretrained(target).eval()(x), new_model.eval()(x))
+    # interrupted after the weights moved, its staged config.json removed: nothing matches, save again
+    interrupted_save(crash_at=3)
+    with pytest.raises(hub.CheckpointError, match="no config.json left there matches model.safetensors's save id, so "
+                                                  "save the model again") as error:
+        zoo.from_pretrained(target)
+    assert "mv " not in str(error.value)
+
+
+def test_tensors_sharing_memory_in_any_way_are_saved_as_copies(tmp_path):
+    """save_pretrained copied only exact aliases (same storage, offset and shape); a persistent buffer that is an
+    overlapping view of a parameter reached safetensors' "Some tensors share memory" error (review rev6, finding 9).
+    Tied weights, overlapping views and disjoint views of one flat buffer all round-trip now."""
+    torch.manual_seed(0)
+    model = zoo.create_model("vit_debug")
+    model.register_buffer("pe_view", model.pos_embed.data[:, 1:], persistent=True)  # overlaps pos_embed
+    model.register_buffer("pe_tied", model.pos_embed.data, persistent=True)  # an exact alias
+    saved = zoo.save_pretrained(model, tmp_path / "views")
+    from safetensors.torch import load_file
+
+    stored = load_file(str(saved / "model.safetensors"))
+    for key in ("pos_embed", "pe_view", "pe_tied"):
+        assert torch.equal(stored[key], getattr(model, key)), key
+    state = model.state_dict()
+    del state["pe_view"], state["pe_tied"]
+    flat = torch.cat([v.reshape(-1) for v in state.values()])  # an EMA kept as views of one flat buffer
+    views, offset = {}, 0
+    for key, value in state.items():
+        views[key] = flat[offset:offset + value.numel()].view(value.shape)
+        offset += value.numel()
+    plain = zoo.create_model("vit_debug")
+    zoo.save_pretrained(plain, tmp_path / "flat", state_dict=views)
+    loaded = zoo.from_pretrained(tmp_path / "flat").state_dict()
+    assert all(torch.equal(loaded[k], views[k]) for k in views)

@@ -2,7 +2,7 @@
 
     zoo export model=<registered name> out=model.onnx [img_size=224|HxW] [batch=1] [opset=17 (18 with exporter=dynamo)]
                [exporter=torchscript|dynamo] [check=true] [atol=1e-4] [dtype=float32|float16] [num_classes=K]
-    zoo export ckpt=<dir written by zoo.save_pretrained | zoo train's .ckpt> out=model.onnx [...]
+    zoo export ckpt=<save_pretrained dir, or its model.safetensors | zoo train's .ckpt> out=model.onnx [...]
     zoo export model=<registered name> ckpt=<bare weights: .safetensors / .pth> out=model.onnx [...]
 
     from zoo.export import export_onnx
@@ -13,8 +13,10 @@ The graph takes ``images`` (batch, C, H, W) with a dynamic batch dimension and r
 pooled features (batch, C) when the model has no head), both in the model's dtype: float32, or float16 for a
 ``model.half()`` (checked against the float32 model: onnxruntime's error at most twice PyTorch's own float16 error
 plus ``atol``; bfloat16 and float64 are refused, as onnxruntime's CPU provider runs neither through these graphs;
-``dtype="float16"`` exports a half copy of a float32 model). The image size is fixed at export time (the model's
-native size unless ``img_size`` is given; models that accept any size are exported at that one).
+``dtype="float16"`` exports a half copy of a float32 model). The image size is fixed at export time: ``img_size``
+when given, else the size in the model's ``pretrained_cfg`` (the size its checkpoint was trained at: a ``zoo train``
+release of a model that takes any size records its data.img_size there) when the model runs at it, else its
+native size; the ONNX metadata's ``input_size`` records the size exported.
 With ``model=<name>`` the model is built at ``img_size``; with ``ckpt=`` the checkpoint is exported as saved, run
 at ``img_size``, when its family takes that size (MaxViT, Agent-DeiT, dynamic-size ViTs), else built at that
 size with its position embedding resampled (fixed-size ViTs), as timm's ``create_model(img_size=...)`` does.
@@ -31,7 +33,9 @@ Model name, input size and mean/std are written to the ONNX metadata, from the m
 
 A ViT built with ``dynamic_img_size`` and exported at another size than its own is exported from a copy set
 to that size (``set_input_size``: the position embedding resampled once, as the model would on every call):
-ONNX has no anti-aliased bicubic resize, and the table is a constant of the fixed-size graph anyway.
+ONNX has no anti-aliased bicubic resize, and the table is a constant of the fixed-size graph anyway. So is a
+fixed-size ViT with ``dynamic_img_pad`` at a size the patch does not divide (its padded grid is larger than its
+table's): the copy's table is resampled once to the padded grid.
 
 Single-file ONNX protobufs are limited to 2 GB: models above about 500M fp32 parameters (CLIP's huge, giant and
 gigantic towers, SigLIP's giantopt) are refused with a message instead of failing inside the exporter.
@@ -133,7 +137,10 @@ def _default_cfg(model: nn.Module) -> dict[str, Any]:
 
 
 def _input_geometry(model: nn.Module, img_size) -> tuple[int, tuple[int, int]]:
-    """(in_chans, (H, W)) to export at: argument > the model's patch embedding > default_cfg."""
+    """(in_chans, (H, W)) to export at: argument > the model's ``pretrained_cfg["input_size"]`` (the size its
+    checkpoint was trained and evaluated at: zoo.hub ``_trained_input_size`` records a ``zoo train`` run's
+    data.img_size there, which need not be the constructor's size for models that take any size) when the model
+    runs at it > the model's patch embedding / img_size > the registry's default_cfg."""
     from zoo.features import FeatureExtractor
 
     if isinstance(model, FeatureExtractor):
@@ -145,6 +152,8 @@ def _input_geometry(model: nn.Module, img_size) -> tuple[int, tuple[int, int]]:
     if in_chans is None and "input_size" in cfg:
         in_chans = int(cfg["input_size"][0])
     size = _size_pair(img_size)
+    if size is None:
+        size = _trained_size(model)
     if size is None:
         embed = getattr(model, "patch_embed", None)
         if embed is not None and getattr(embed, "img_size", None) is not None:
@@ -159,6 +168,28 @@ def _input_geometry(model: nn.Module, img_size) -> tuple[int, tuple[int, int]]:
         raise ValueError(f"cannot tell the (C, H, W) input of {type(model).__name__}: {' and '.join(missing)} (zoo "
                          f"export takes (batch, C, H, W) images)")
     return int(in_chans), size
+
+
+def _trained_size(model: nn.Module) -> Optional[tuple[int, int]]:
+    """The (H, W) of the model's own ``pretrained_cfg["input_size"]`` when it differs from the size it was built at
+    and the model runs at it (MaxViT, Agent-DeiT, a dynamic-size ViT trained at data.img_size); None otherwise (the
+    built size is then used: for a fixed-size ViT both are the same)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    input_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not (isinstance(input_size, (tuple, list)) and len(input_size) == 3):
+        return None
+    size = (int(input_size[1]), int(input_size[2]))
+    embed = getattr(model, "patch_embed", None)
+    built = getattr(embed, "img_size", None) if embed is not None else getattr(model, "img_size", None)
+    if built is not None and _size_pair(tuple(built) if isinstance(built, (tuple, list)) else built) == size:
+        return None
+    if not _runs_at(model, size):
+        log.warning("export: %s's pretrained_cfg says input_size %s, which it does not take; exporting at its built "
+                    "size", getattr(model, "zoo_model_name", type(model).__name__), tuple(input_size))
+        return None
+    log.info("export: %s at %dx%d, the size its checkpoint was trained at (pretrained_cfg input_size; the "
+             "constructor's is %s)", getattr(model, "zoo_model_name", type(model).__name__), *size, built)
+    return size
 
 
 def _refuse_other_tasks(name: str, task: Optional[str]) -> None:
@@ -190,6 +221,14 @@ def _is_bare_weights(ckpt) -> bool:
     return str(ckpt).endswith(_BARE_WEIGHTS)  # as written, as zoo.hub.load_state_dict_file reads them
 
 
+def _beside_its_config(path: Path) -> bool:
+    """Whether ``path`` is the weights file of a checkpoint directory (``model.safetensors``, or timm's
+    ``pytorch_model.bin``) with its config.json beside it: ``zoo.from_pretrained`` reads it as the directory."""
+    from zoo.hub import CONFIG_NAME, WEIGHTS_NAME
+
+    return path.name in (WEIGHTS_NAME, "pytorch_model.bin") and (path.parent / CONFIG_NAME).is_file()
+
+
 def _load_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwargs: dict[str, Any]) -> nn.Module:
     if isinstance(model, nn.Module):
         if ckpt is not None or create_kwargs:
@@ -211,6 +250,8 @@ def _load_model(model: Union[nn.Module, str], ckpt: Optional[str], create_kwargs
                 return zoo.create_model(model, pretrained=str(path), **create_kwargs)
             raise ValueError("pass model=<name> or ckpt=<dir>, not both (model= goes with a bare weights file: "
                              f"model=<name> ckpt=<file{'|file'.join(_BARE_WEIGHTS)}>)")
+        if _is_bare_weights(path) and path.is_file() and _beside_its_config(path):
+            return zoo.from_pretrained(path, **create_kwargs)  # a release's own weights file, as from_pretrained
         if _is_bare_weights(path) and path.is_file():  # from_pretrained's hint was a Python call
             raise ValueError(f"ckpt={ckpt} is a bare weights file, without the config that names its model: give the "
                              f"model too, zoo export model=<name> ckpt={ckpt}")
@@ -293,8 +334,10 @@ def export_onnx(
     Args:
         model: an nn.Module, a registered model name (built with ``create_kwargs``), or None with ``ckpt``.
         out: output ``.onnx`` path (parent folders are created); None keeps the bytes in the result.
-        ckpt: a checkpoint directory/file written by :func:`zoo.save_pretrained` (instead of ``model``).
-        img_size: H or (H, W) to export at; default the model's native size.
+        ckpt: a checkpoint directory written by :func:`zoo.save_pretrained` or its model.safetensors (instead of
+            ``model``), a zoo train ``.ckpt``, or with ``model`` a bare weights file.
+        img_size: H or (H, W) to export at; default the size in the model's ``pretrained_cfg`` (its checkpoint's
+            trained size) when the model runs at it, else its native size.
         batch_size: batch of the traced example (the graph's batch dimension is dynamic); exporter="dynamo"
             traces 2 when given 1 (torch.export specialises a size-1 dimension to a constant).
         opset: ONNX opset; default 17 for the TorchScript exporter (14 and newer), 18 for dynamo (18 and newer:
@@ -356,6 +399,7 @@ def export_onnx(
     name = getattr(net, "zoo_model_name", None) or (model if isinstance(model, str) else type(net).__name__)
     in_chans, (height, width) = _input_geometry(net, img_size)
     _check_protobuf_size(net, name)
+    model_args = dict(getattr(net, "zoo_model_args", {}) or {})  # the model's own, not its export copy's
     net = _fixed_size_copy(net, (height, width))
     float32_reference = None  # the float32 model a float16 graph is checked against
     if dtype is not None and _export_dtype(net, name, check=False) != _EXPORT_DTYPES[dtype]:
@@ -383,7 +427,7 @@ def export_onnx(
         cfg = _default_cfg(net)
         _add_metadata(proto, {
             "zoo_model_name": str(name),
-            "zoo_model_args": json.dumps(getattr(net, "zoo_model_args", {}), default=str),
+            "zoo_model_args": json.dumps(model_args, default=str),
             "input_size": json.dumps([in_chans, height, width]),
             "mean": json.dumps(list(cfg.get("mean", ()))),
             "std": json.dumps(list(cfg.get("std", ()))),
@@ -501,16 +545,29 @@ def _restore_training_modes(modes: dict[nn.Module, bool]) -> None:
 
 
 def _fixed_size_copy(net: nn.Module, size: tuple[int, int]) -> nn.Module:
-    """A dynamic-size ViT exported at another size: a copy whose native size is that one (its position
-    embedding resampled once, outside the graph), else the model itself."""
+    """A copy of a ViT whose graph would resample its position embedding on every call, set so that it does not
+    (the table resampled once, outside the graph, by the model's own ``set_input_size``: the same function the
+    forward calls, so the outputs are the same), else the model itself. ONNX has no anti-aliased bicubic resize,
+    and the table is a constant of a fixed-size graph anyway. Two cases:
+
+    * a ``dynamic_img_size`` ViT exported at another size than its own: the copy's native size is that one;
+    * a fixed-size ViT with ``dynamic_img_pad`` whose size the patch does not divide (tasks/vision/vit.py: its
+      padded grid is one row / column larger than its position embedding's, resampled on every call): the copy's
+      native size is the padded one, and it takes the unpadded images as a dynamic-size model padding them does.
+    """
     embed = getattr(net, "patch_embed", None)
-    if not (getattr(net, "dynamic_img_size", False) and hasattr(net, "set_input_size") and embed is not None):
+    if embed is None or not hasattr(net, "set_input_size") or not hasattr(net, "dynamic_img_size"):
         return net
-    if getattr(embed, "dynamic_img_pad", False):  # the graph sees the padded grid
+    padded = bool(getattr(embed, "dynamic_img_pad", False))
+    if not net.dynamic_img_size and not padded:
+        return net
+    if padded:  # the graph sees the padded grid
         size = tuple(-(-s // p) * p for s, p in zip(size, embed.patch_size))
     if tuple(embed.img_size) == tuple(size):
         return net
     fixed = copy.deepcopy(net)
+    if not fixed.dynamic_img_size:  # a fixed size the patch does not divide: the copy pads it to whole patches
+        fixed.dynamic_img_size = True
     fixed.set_input_size(size)
     return fixed
 

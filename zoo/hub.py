@@ -36,7 +36,7 @@ Hugging Face cache folder (``models--timm--<name>``) resolves to the snapshot ``
 
 User conversions from other code bases: :func:`load_state_dict_file` also reads ``.pth``/``.pt``/``.bin``/
 ``.ckpt`` with ``torch.load(weights_only=True)`` (tensors and plain containers only, never arbitrary
-pickled objects) and unwraps the usual containers (``{"state_dict": ...}``, ``{"model": ...}``, DDP's
+pickled objects; the ``argparse.Namespace`` timm's train.py stores is allowed, as timm's loader does) and unwraps the usual containers (``{"state_dict": ...}``, ``{"model": ...}``, DDP's
 ``module.`` prefix; from a ``zoo train`` ``.ckpt`` the EMA weights when present, else ``model.*``).
 """
 from __future__ import annotations
@@ -226,18 +226,25 @@ def save_pretrained(
     if metadata is None:
         metadata = _loaded_metadata(model)
     state = dict(model.state_dict() if state_dict is None else state_dict)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"state_dict[{key!r}] is a {type(tensor).__name__}, not a tensor")
+    on_meta = [key for key, tensor in state.items() if tensor.is_meta]
+    if on_meta:
+        raise ValueError(f"save_pretrained: {name} has weights on the meta device, which hold no values "
+                         f"({_summarise(on_meta, 6)}): a model built on meta (device='meta' or a torch.device('meta') "
+                         f"block) needs model.to_empty(device=...) and its weights loaded before it can be saved")
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, tensor in state.items():
         tensor = tensor.detach().cpu()
-        # safetensors refuses tensors sharing storage: store each shared tensor as its own copy
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else None
-        if ident is not None and ident in seen:
+        # safetensors refuses tensors that share memory (tied weights, views of one buffer, overlapping or not):
+        # every tensor after the first one on a storage is stored as its own copy
+        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if storage is not None and storage in storages:
             tensor = tensor.clone()
-        elif ident is not None:
-            seen[ident] = key
+        elif storage is not None:
+            storages.add(storage)
         tensors[key] = tensor.contiguous()
     from zoo import __version__
 
@@ -470,6 +477,20 @@ def _strip_wrapper_prefixes(state: dict, prefixes=("module.", "_orig_mod.")) -> 
     return state
 
 
+def _torch_load(path: Path, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, also allowing ``argparse.Namespace``: timm's train.py
+    stores its arguments as one in every checkpoint (timm/utils/checkpoint_saver.py ``save_state['args']``), and
+    timm's own loader allows it the same way (timm/models/_helpers.py ``_torch_load``: ``weights_only=True`` inside
+    ``torch.serialization.safe_globals([argparse.Namespace])``). The allowance is scoped to this load; nothing else
+    is unpickled, and weights_only is never turned off."""
+    import argparse
+    import contextlib
+
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    with safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext():
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` (or ``.pth``/``.pt``/``.bin``/``.ckpt`` with weights_only)."""
     path = Path(path)
@@ -488,11 +509,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from None
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt") or path.name.endswith(".pth.tar"):  # timm: model_best.pth.tar
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path)
         except Exception as error:
             raise CheckpointError(
-                f"{path} could not be read with torch.load(weights_only=True) (corrupt, or it pickles objects "
-                f"other than tensors, which this loader never executes): {type(error).__name__}: {error}"
+                f"{path} could not be read with torch.load(weights_only=True): it is truncated or corrupt, or it "
+                f"pickles objects other than tensors, plain containers and argparse.Namespace, which this loader "
+                f"never executes ({type(error).__name__}: {error})"
             ) from None
         return _unwrap_state_dict(obj, path)
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (use .safetensors, .pth, .pth.tar, .pt, .bin or .ckpt)")
@@ -514,8 +536,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
         raise CheckpointError(f"{config_path} has no 'model_name'; was it written by zoo.save_pretrained (or by "
                               f"timm, whose config.json names the model under 'architecture')?")
     for key in ("model_args", "metadata"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise CheckpointError(f"{config_path}: {key!r} must be an object, got {config[key]!r}")
+        if key in config and not isinstance(config[key], dict) and not (key == "metadata" and config[key] is None):
+            found = "null" if config[key] is None else repr(config[key])
+            raise CheckpointError(f"{config_path}: {key!r} must be an object ({{}} for none), got {found}")
     data = (config.get("metadata") or {}).get("data")
     if data is not None and not isinstance(data, dict):
         raise CheckpointError(f"{config_path}: 'metadata.data' must be an object, got {data!r}")
@@ -620,27 +643,57 @@ def _hf_snapshot(path: Path) -> Path:
 
 def _check_not_interrupted(directory: Path) -> None:
     """A directory whose save_pretrained stopped while swapping its files has no config.json but the parked old
-    one: say so, rather than load its weights alone or report a missing file."""
-    if (directory / PARKED_CONFIG).exists():
-        raise CheckpointError(
-            f"{directory}: a save_pretrained into this directory was interrupted while swapping its files (the "
-            f"previous {CONFIG_NAME} is kept as {PARKED_CONFIG}); save the model again"
-        )
+    one: say so, rather than load its weights alone or report a missing file. When a config.json left there (the
+    parked old one, or the new one still staged under a temporary name after a kill) carries the save id of the
+    weights in place, that pair is a whole checkpoint, and the message names the ``mv`` that restores it."""
+    import shlex
+
+    if not (directory / PARKED_CONFIG).exists():
+        return
+    weights_id = _weights_save_id(directory / WEIGHTS_NAME)
+    candidates = [directory / PARKED_CONFIG, *sorted(directory.glob(f".{CONFIG_NAME}.*.tmp"))]
+    match = next((c for c in candidates if weights_id is not None and _config_save_id(c) == weights_id), None)
+    if match is not None:
+        recover = (f"{match.name} and {WEIGHTS_NAME} are one save (save id {weights_id}): restore that checkpoint "
+                   f"with `mv {shlex.quote(str(match))} {shlex.quote(str(directory / CONFIG_NAME))}`, or save the "
+                   f"model again")
+    else:
+        recover = (f"no {CONFIG_NAME} left there matches {WEIGHTS_NAME}'s save id, so save the model again (the "
+                   f"previous config is kept as {PARKED_CONFIG})")
+    raise CheckpointError(
+        f"{directory}: a save_pretrained into this directory was interrupted while swapping its files; {recover}"
+    )
+
+
+def _weights_save_id(weights_path: Path) -> Optional[str]:
+    """The save id in a safetensors file's header (``zoo_save_id``); None if absent or unreadable."""
+    if weights_path.suffix != ".safetensors" or not weights_path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            return (handle.metadata() or {}).get(SAVE_ID)
+    except Exception:  # unreadable: load_state_dict_file names the problem
+        return None
+
+
+def _config_save_id(config_path: Path) -> Optional[str]:
+    """config.json's ``save_id`` (None if the file is unreadable or has none)."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("save_id") if isinstance(config, dict) else None
 
 
 def _check_same_save(config: Optional[dict], weights_path: Path) -> None:
     """Refuse a config.json and weights written by two different save_pretrained calls (a re-save interrupted
     between its renames): the model would be built and labelled by one and weighted by the other."""
     expected = (config or {}).get("save_id")
-    if config is None or weights_path.suffix != ".safetensors" or not weights_path.is_file():
+    if config is None:
         return
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            found = (handle.metadata() or {}).get(SAVE_ID)
-    except Exception:  # unreadable: load_state_dict_file names the problem
-        return
+    found = _weights_save_id(weights_path)
     if found is not None and not expected:  # a config.json from before save ids, or written by hand
         raise CheckpointError(
             f"{weights_path.parent}: {weights_path.name} was written by save_pretrained (save id {found}) but "
@@ -1011,6 +1064,7 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
         args.update(config.get("model_args", {}))
     args.update(overrides)
     model = _construct(entry, args)
+    _refuse_meta_model(model)
     saved_classes = None if config is None else config.get("num_classes")
     if (
         isinstance(saved_classes, int) and "num_classes" not in overrides and saved_name == entry.name
@@ -1051,6 +1105,19 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
     if config is not None:  # what the checkpoint says about itself, kept when the model is saved again
         remember_loaded_metadata(model, config.get("metadata"))
     return model
+
+
+# what create_model(device="meta", pretrained=...) says (zoo/registry.py); a torch.device("meta") block is the same
+_META_ADVICE = ("builds a model without storage, so pretrained weights cannot be loaded into it: build it on meta, "
+                "call model.to_empty(device=...), timm.models._manipulate.reinit_non_persistent_buffers(model) "
+                "(buffers no state dict holds) and then load the weights")
+
+
+def _refuse_meta_model(model: nn.Module) -> None:
+    """Refuse to load weights into a model built on the meta device (inside ``with torch.device("meta")``):
+    load_state_dict into meta tensors is a no-op, and the model came back without its weights, silently."""
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError(f"device='meta' (here a torch.device('meta') block) {_META_ADVICE}")
 
 
 def apply_training_preprocessing(model: nn.Module, data_info: Optional[Mapping[str, Any]]) -> nn.Module:
@@ -1184,7 +1251,8 @@ def _family_filter(entry, state: dict[str, torch.Tensor], model: nn.Module, sour
         raise CheckpointError(f"{source}: cannot adapt the checkpoint to {entry.name}: {error}") from None
 
 
-def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+def from_pretrained(path: str | os.PathLike, *, device: Any = None, dtype: Optional[torch.dtype] = None,
+                    **overrides: Any) -> nn.Module:
     """Rebuild a model written by :func:`save_pretrained` (a directory, or its ``model.safetensors``), or by
     timm for the Hugging Face Hub: its directory, its cache folder, or its repository id in the local cache
     (``"timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"``; nothing is downloaded). Like the CLI's ``ckpt=``
@@ -1194,10 +1262,12 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     ``released/``. A training checkpoint (``.ckpt``, or a run without ``released/``) is refused with the
     ``zoo.create_model`` call that loads it.
 
-    ``overrides`` change constructor arguments, e.g. ``num_classes=5`` for fine-tuning (new head).
+    ``overrides`` change constructor arguments, e.g. ``num_classes=5`` for fine-tuning (new head). ``device`` and
+    ``dtype`` are :func:`zoo.create_model`'s (timm's): the model built on that device, the weights loaded onto it,
+    then cast to that floating dtype; ``device="meta"`` is refused (no storage to load into).
     The model is returned in training mode, like :func:`zoo.create_model`; call ``.eval()`` for inference.
     """
-    from zoo.registry import get_model_entry
+    from zoo.registry import create_model, get_model_entry
 
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise TypeError(f"from_pretrained: path must be a directory or .safetensors path, got {path!r}")
@@ -1222,7 +1292,7 @@ def from_pretrained(path: str | os.PathLike, **overrides: Any) -> nn.Module:
         where = path if path.is_dir() else path.parent
         raise _UnknownSavedModel(f"{where / CONFIG_NAME}: its model_name is not a model of this zoo: {error}; "
                                  f"load {where} with the zoo version that wrote it, or correct model_name") from None
-    return load_pretrained_into(entry, str(path), overrides)
+    return create_model(entry.name, pretrained=str(path), device=device, dtype=dtype, **overrides)
 
 
 # what a zoo train run directory offers to zoo eval / zoo predict (zoo/train/run.py _run_directory_source) and to
@@ -1264,7 +1334,7 @@ def _ckpt_loading_call(ckpt: Path) -> str:
     (zoo/train/module.py); a placeholder name when they cannot be read."""
     name, model_args = "<model name>", {}
     try:  # mmap: only the small hyper-parameter record is read from disk, not the weights
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = _torch_load(ckpt, mmap=True)
         hyper_parameters = checkpoint.get("hyper_parameters") or {}
         if isinstance(hyper_parameters.get("model_name"), str):
             name = hyper_parameters["model_name"]
