@@ -54,7 +54,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from zoo.registry import UnknownModelError
+from zoo.registry import META_DEVICE_ADVICE, UnknownModelError
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -1108,16 +1108,11 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
 
 
 # what create_model(device="meta", pretrained=...) says (zoo/registry.py); a torch.device("meta") block is the same
-_META_ADVICE = ("builds a model without storage, so pretrained weights cannot be loaded into it: build it on meta, "
-                "call model.to_empty(device=...), timm.models._manipulate.reinit_non_persistent_buffers(model) "
-                "(buffers no state dict holds) and then load the weights")
-
-
 def _refuse_meta_model(model: nn.Module) -> None:
     """Refuse to load weights into a model built on the meta device (inside ``with torch.device("meta")``):
     load_state_dict into meta tensors is a no-op, and the model came back without its weights, silently."""
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        raise ValueError(f"device='meta' (here a torch.device('meta') block) {_META_ADVICE}")
+        raise ValueError(f"device='meta' (here a torch.device('meta') block) {META_DEVICE_ADVICE}")
 
 
 def apply_training_preprocessing(model: nn.Module, data_info: Optional[Mapping[str, Any]]) -> nn.Module:

@@ -266,6 +266,12 @@ def get_model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+# why weights cannot be loaded into a model on the meta device, and what to do (create_model, zoo.hub's loaders)
+META_DEVICE_ADVICE = ("builds a model without storage, so pretrained weights cannot be loaded into it: build it on meta, "
+                      "call model.to_empty(device=...), timm.models._manipulate.reinit_non_persistent_buffers(model) "
+                      "(buffers no state dict holds) and then load the weights")
+
+
 def create_model(name: str, pretrained: bool | str = False, *, features_only: bool = False,
                  out_indices: Any = None, device: Any = None, dtype: Optional[torch.dtype] = None,
                  **overrides: Any) -> nn.Module:
@@ -324,11 +330,7 @@ def create_model(name: str, pretrained: bool | str = False, *, features_only: bo
         raise ValueError(f"device must be a torch device or its name (e.g. 'cuda', 'meta'), got {device!r}") from error
     loading = not (pretrained is False or pretrained is None)
     if loading and build_device is not None and build_device.type == "meta":
-        raise ValueError(
-            "device='meta' builds a model without storage, so pretrained weights cannot be loaded into it: build "
-            "it on meta, call model.to_empty(device=...), timm.models._manipulate.reinit_non_persistent_buffers("
-            "model) (buffers no state dict holds) and then load the weights"
-        )
+        raise ValueError(f"device='meta' {META_DEVICE_ADVICE}")
     with build_device if build_device is not None else contextlib.nullcontext():
         if not loading:
             model = _construct(entry, {**tag_args, **overrides})
