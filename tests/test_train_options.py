@@ -420,3 +420,19 @@ def test_a_resume_with_other_layer_decay_scales_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"cannot resume from .* with task.layer_decay_no_opt_scale=0.2"):
         run.train(run.compose([*options, f"run_dir={tmp_path / 'part'}", "task.layer_decay_no_opt_scale=0.2",
                                f"ckpt_path={part['last_ckpt']}"]))
+
+
+def test_graph_modules_take_the_ema_and_clipping_options():
+    """The graph task modules take ZooModule's EMA and adaptive-clipping options as the vision module does (saved in
+    hparams, so a .ckpt records them); they refused them as unknown arguments."""
+    from zoo.tasks.graph.lit import GraphTargetsModule, NodeClassificationModule
+
+    for cls in (NodeClassificationModule, GraphTargetsModule):
+        module = cls(nn.Linear(4, 3), ema_decay=0.9, ema_warmup=False, ema_buffers="average", adaptive_clip_factor=0.02)
+        assert module.model_ema.warmup is False and module.adaptive_clip_factor == 0.02
+        assert (module.hparams["ema_warmup"], module.hparams["ema_buffers"], module.hparams["adaptive_clip_factor"]) \
+            == (False, "average", 0.02)
+        default = cls(nn.Linear(4, 3), ema_decay=0.9)
+        assert default.model_ema.warmup is True and default.adaptive_clip_factor is None
+        with pytest.raises(ValueError, match="ema_buffers must be copy"):
+            cls(nn.Linear(4, 3), ema_decay=0.9, ema_buffers="mean")

@@ -65,9 +65,10 @@ _EVAL_METRICS = ("loss", "acc1", "graph_acc")
 
 class _GraphModule(ResumableEpochMetrics, ZooModule):
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, stop_at_acc: Optional[float], seed: int,
-                 ema_decay: float = 0.0, torch_compile: bool | str | None = None):
+                 ema_decay: float = 0.0, torch_compile: bool | str | None = None, **training_options):
+        # training_options: ZooModule's ema_warmup, ema_buffers, adaptive_clip_factor (as the vision module takes)
         super().__init__(model, lr=lr, weight_decay=weight_decay, ema_decay=ema_decay, torch_compile=torch_compile,
-                         seed=seed)
+                         seed=seed, **training_options)
         self.weight_decay = float(weight_decay)  # self.lr is the base module's (Lightning's lr finder sets it)
         if stop_at_acc is not None and (isinstance(stop_at_acc, bool) or not isinstance(stop_at_acc, (int, float))
                                         or not 0.0 < stop_at_acc <= 1.0):
@@ -164,8 +165,10 @@ def _takes_layerwise_arguments(model: nn.Module) -> bool:
 class NodeClassificationModule(_GraphModule):
     def __init__(self, model: nn.Module, lr: float = 5e-3, weight_decay: float = 5e-4,
                  stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
-                 torch_compile: bool | str | None = None):
-        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile)
+                 torch_compile: bool | str | None = None, *, ema_warmup: bool = True, ema_buffers: str = "copy",
+                 adaptive_clip_factor: Optional[float] = None):
+        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile, ema_warmup=ema_warmup,
+                         ema_buffers=ema_buffers, adaptive_clip_factor=adaptive_clip_factor)
         # the epoch means of sampled training batches (_sampled_training_step); the full batch is one step an epoch
         self.metrics = self._mean_metrics(("train_loss", "train_acc1_dropout"))
 
@@ -239,8 +242,10 @@ class NodeClassificationModule(_GraphModule):
 class GraphTargetsModule(_GraphModule):
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
-                 torch_compile: bool | str | None = None):
-        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile)
+                 torch_compile: bool | str | None = None, *, ema_warmup: bool = True, ema_buffers: str = "copy",
+                 adaptive_clip_factor: Optional[float] = None):
+        super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile, ema_warmup=ema_warmup,
+                         ema_buffers=ema_buffers, adaptive_clip_factor=adaptive_clip_factor)
         self.metrics = self._mean_metrics(
             f"{stage}_{name}"
             for stage, names in (("train", ("loss", "acc1")), ("val", _EVAL_METRICS), ("test", _EVAL_METRICS))
