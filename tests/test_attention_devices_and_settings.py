@@ -247,11 +247,14 @@ def test_causal_bounds_are_fixed():
 
 @pytest.mark.parametrize("backend", ["torch", "sdpa", "blocksparse"])
 def test_radial_setting_reassigned_gets_radials_message_on_every_backend(backend):
+    """Radial's settings are checked on assignment (tests/test_radial.py), so a refused one never reaches a
+    backend; the mask as it was still runs on each."""
     q = torch.randn(1, 1, 16, 4)
     radial = Radial(2, 8, block_size=4)
-    radial.block_size = 0
     with pytest.raises(ValueError, match="Radial: block_size must be an int >= 1, got 0"):
-        attend(q, q, q, radial, backend=backend)
+        radial.block_size = 0
+    assert radial.block_size == 4
+    torch.testing.assert_close(attend(q, q, q, radial, backend=backend), attend(q, q, q, radial, backend="torch"))
 
 
 # ---- 3. a pinned backend and weight requests ----------------------------------------------------------------

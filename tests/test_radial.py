@@ -524,3 +524,18 @@ def test_density_of_a_video_shorter_than_a_block_is_one():
     assert torch.equal(r.block_mask, torch.ones(1, 1, dtype=torch.bool))
     assert r.dense(32, 32).all()
     assert r.density() == 1.0
+
+
+def test_reassigned_settings_are_checked_and_rebuild_the_map():
+    """Radial's settings reassigned after construction are checked as the constructor checks them (a refused value
+    leaves the mask as it was), and a valid change gives the map of a Radial built with it."""
+    mask = Radial(4, 64, block_size=32)
+    before = mask.block_mask.clone()
+    for name, value, error in (("num_frames", 0, ValueError), ("block_size", 0, ValueError),
+                               ("decay_factor", float("nan"), ValueError), ("frame0_sink", 2, TypeError),
+                               ("text_tokens", -1, ValueError)):
+        with pytest.raises(error, match=f"Radial: {name}"):
+            setattr(mask, name, value)
+    assert torch.equal(mask.block_mask, before)
+    mask.num_frames, mask.frame0_sink = 8, True
+    torch.testing.assert_close(mask.block_mask, Radial(8, 64, block_size=32, frame0_sink=True).block_mask)

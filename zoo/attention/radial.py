@@ -62,7 +62,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from zoo.attention.masks import BlockSparse, Full, Mask
+from zoo.attention.masks import BlockSparse, Full, Mask, _CheckedSettings
 from zoo.layers import check_flag, is_tracing
 
 __all__ = ["Radial", "radial_block_mask", "radial_token_mask", "radial_pair_rule", "DenseWarmup"]
@@ -289,13 +289,16 @@ def _published_block_map(num_frames: int, tpf: int, decay_factor: float, frame0_
     return torch.from_numpy(out_NB)
 
 
-class Radial(Mask):
+class Radial(_CheckedSettings, Mask):
     """Radial attention mask over ``num_frames * tokens_per_frame`` video tokens (+ ``text_tokens``).
 
     Self-attention only (Nq = Nk = S + text_tokens). The block map at ``block_size`` is the published map
     (:func:`radial_block_mask`), computed lazily once and cached; every kept tile is FULL. See the module
-    docstring for the rule and the semantics.
+    docstring for the rule and the semantics. The settings may be reassigned (``radial.num_frames = 32``): an
+    assignment is checked as the constructor checks it, and the map is rebuilt at its next use.
     """
+
+    _SETTINGS = ("num_frames", "tokens_per_frame", "decay_factor", "frame0_sink", "block_size", "text_tokens")
 
     def __init__(
         self,
@@ -307,10 +310,8 @@ class Radial(Mask):
         text_tokens: int = 0,
     ) -> None:
         super().__init__()
-        (self.num_frames, self.tokens_per_frame, self.decay_factor, self.block_size, self.text_tokens) = _check_args(
-            num_frames, tokens_per_frame, decay_factor, block_size, text_tokens
-        )
-        self.frame0_sink = check_flag(frame0_sink, "Radial: frame0_sink")
+        self._init_settings(num_frames=num_frames, tokens_per_frame=tokens_per_frame, decay_factor=decay_factor,
+                            frame0_sink=frame0_sink, block_size=block_size, text_tokens=text_tokens)
         # Layouts whose published map leaves query tokens with no key are flagged here, not at the first attend()
         # (cheap: the map itself is built lazily); settings changed later are checked when the map is rebuilt.
         _warn_empty_rows(self.num_frames, self.tokens_per_frame, self.block_size, self.text_tokens, stacklevel=2)
@@ -341,6 +342,14 @@ class Radial(Mask):
         """The published block map once built (``block_mask`` is a view of it): an in-place edit of it reaches every
         backend."""
         return () if self._blocks is None else self._blocks.tensors()
+
+    def _checked_settings(self, settings: dict) -> dict:
+        frames, tpf, decay, block, text = _check_args(settings["num_frames"], settings["tokens_per_frame"],
+                                                      settings["decay_factor"], settings["block_size"],
+                                                      settings["text_tokens"])
+        return {"num_frames": frames, "tokens_per_frame": tpf, "decay_factor": decay,
+                "frame0_sink": check_flag(settings["frame0_sink"], "Radial: frame0_sink"), "block_size": block,
+                "text_tokens": text}
 
     def _settings(self) -> tuple:
         return (self.num_frames, self.tokens_per_frame, self.decay_factor, self.frame0_sink, self.block_size,
