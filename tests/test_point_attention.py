@@ -1015,3 +1015,28 @@ def test_fps_random_start_reaches_every_point_of_each_example():
     starts_b = torch.bincount(torch.tensor([f[1] for f in firsts]), minlength=6)
     assert starts_a[2:].sum() == 0 and starts_b[:2].sum() == 0  # each start stays in its own example
     assert int(starts_a[:2].min()) > 400 / 2 / 2 and int(starts_b[2:].min()) > 400 / 4 / 2, (starts_a, starts_b)
+
+
+def test_graph_errors_name_the_users_arguments():
+    """knn_graph / radius_graph search x against itself through knn / radius, whose errors said batch_x (and
+    "the batch vectors") for the user's ``batch``; Edges.knn's bad pos was reported as x (review rev8, finding 4)."""
+    from zoo.attention import Edges
+
+    pos = _points(6)
+    for graph in (lambda **kw: knn_graph(pos, 2, **kw), lambda **kw: radius_graph(pos, 0.5, **kw)):
+        with pytest.raises(ValueError, match=r"^batch must hold non-negative example ids in sorted order"):
+            graph(batch=torch.tensor([1, 0, 0, 0, 0, 0]))
+        with pytest.raises(ValueError, match=r"^batch must be an integer tensor of shape \[6\]"):
+            graph(batch=torch.zeros(5, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"^batch_size=1 but batch holds 2 examples"):
+            graph(batch=_batch(3, 3), batch_size=1)
+    with pytest.raises(ValueError, match=r"^x contains NaN or Inf"):
+        knn_graph(torch.full((4, 3), float("inf")), 2)
+    for shape in ((4, 3), (2, 4, 3)):
+        with pytest.raises(ValueError, match=r"^Edges.knn: pos contains NaN or Inf values"):
+            Edges.knn(torch.full(shape, float("nan")), 2)
+    # the paired searches keep torch_cluster's names
+    with pytest.raises(ValueError, match=r"^batch_x must hold non-negative example ids"):
+        knn(pos, pos, 2, torch.tensor([1, 0, 0, 0, 0, 0]), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^batch_y must be an integer tensor of shape \[6\]"):
+        radius(pos, pos, 0.5, torch.zeros(6, dtype=torch.long), torch.zeros(5, dtype=torch.long))

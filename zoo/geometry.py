@@ -23,7 +23,8 @@ Examples are given as torch_cluster's ``batch`` vector (example id per point, so
 (squared Euclidean, or cosine distance with ``cosine=True``; ties between equal distances go to the lower
 index). Large Euclidean searches in 1-3 dimensions (at least 2**24 query x point pairs in an example) go
 through a uniform grid: each query reads the 3^D cells around its own; kNN keeps the answer when the grid
-proves it (:func:`_grid_knn`), radius searches use cells of side r, which always hold the answer. The few kNN
+proves it (:func:`_grid_knn`), radius searches use cells of side r, which always hold the answer (only when
+those cells hold at most half of the pairs: a radius near the cloud's extent is brute force). The few kNN
 queries the grid cannot settle, and all other searches, are brute force in
 query chunks of at most ``chunk`` x n_x (and at most 2**25) distances, O(n_y n_x) time and bounded memory
 (torch_cluster's CUDA kernels are brute force too; its CPU path uses a KD-tree).
@@ -43,6 +44,7 @@ __all__ = ["knn", "knn_graph", "radius", "radius_graph", "fps", "morton_order"]
 
 _MAX_CHUNK_ELEMENTS = 1 << 25  # distances per query chunk (128 MB in float32)
 _GRID_MIN_PAIRS = 1 << 24  # query x point pairs from which a low-dimensional Euclidean search uses the grid
+_GRID_MAX_READ = 0.5  # radius: the grid when its candidates are at most this fraction of brute force's pairs
 
 
 def _check_points(name: str, points) -> Tensor:
@@ -126,14 +128,21 @@ def _neighbour_graph(centre: Tensor, neighbour: Tensor, loop: bool, cap: int, fl
     return torch.stack([centre, neighbour])
 
 
-def _paired_examples(x, y, batch_x, batch_y, num_workers: int = 1, batch_size: Optional[int] = None):
+def _paired_examples(x, y, batch_x, batch_y, num_workers: int = 1, batch_size: Optional[int] = None,
+                     graph_names: Optional[tuple[str, str]] = None):
     """Checked (x, y) and the (x0, x1, y0, y1) row ranges of each example that has points and queries.
 
     ``num_workers`` and ``batch_size`` are torch_cluster's arguments: the first is checked and unused (the
     searches run on torch's threads), the second, the number of examples, must cover both batch vectors. An
-    example with queries and no points (also the last ones) gives no neighbours, as in torch_cluster."""
+    example with queries and no points (also the last ones) gives no neighbours, as in torch_cluster.
+    ``graph_names``: given by the graph functions, which search ``x`` against itself: the user's names of the
+    points and of their batch vector (("x", "batch") for knn_graph), so that an error names the argument the
+    user gave, not ``batch_x``."""
     positive_int(num_workers, "num_workers")
-    x, y = _check_points("x", x), _check_points("y", y)
+    self_search = graph_names is not None
+    points_name, batch_name = graph_names if self_search else ("x", "batch_x")
+    x = _check_points(points_name, x)
+    y = x if self_search else _check_points("y", y)
     if x.size(1) != y.size(1):
         raise ValueError(f"x and y must have the same number of coordinates, got {x.size(1)} and {y.size(1)}")
     if x.device != y.device:
@@ -142,10 +151,11 @@ def _paired_examples(x, y, batch_x, batch_y, num_workers: int = 1, batch_size: O
         given, missing = ("batch_x", "batch_y") if batch_y is None else ("batch_y", "batch_x")
         raise ValueError(f"{given} is given but {missing} is not: give both batch vectors (the example of each point "
                          f"and of each query), or neither for one example")
-    ptr_x, bx = _segments("batch_x", batch_x, x.size(0), x.device)
-    ptr_y, by = _segments("batch_y", batch_y, y.size(0), y.device)
+    ptr_x, bx = _segments(batch_name, batch_x, x.size(0), x.device)
+    ptr_y, by = (ptr_x, bx) if self_search else _segments("batch_y", batch_y, y.size(0), y.device)
     if batch_size is not None and positive_int(batch_size, "batch_size") < max(bx, by):
-        raise ValueError(f"batch_size={batch_size} but the batch vectors hold {max(bx, by)} examples")
+        holds = f"{batch_name} holds" if self_search else "the batch vectors hold"
+        raise ValueError(f"batch_size={batch_size} but {holds} {max(bx, by)} examples")
     ptr_x, ptr_y = ptr_x.tolist(), ptr_y.tolist()
     ptr_x += [ptr_x[-1]] * max(0, by - bx)  # examples after batch_x's last: no points there
     examples = [(ptr_x[b], ptr_x[b + 1], ptr_y[b], ptr_y[b + 1]) for b in range(by)
@@ -211,6 +221,24 @@ class _UniformGrid:
         n = self.x.size(0)
         return torch.where(slot < count[..., None], self.by_cell[pos], n).view(start.size(0), -1)
 
+    def packed_candidates(self, start: Tensor, count: Tensor) -> Tensor:
+        """[q, max total] point indices of the blocks, each row the points of its non-empty cells one after the
+        other (CSR style), padded with len(x) only up to the chunk's longest row: a row reads as many candidates
+        as its cells hold, where :meth:`candidates` pads every one of the 3^D cells (those outside the grid
+        too) to the fullest."""
+        total = count.sum(1)
+        width = max(int(total.max()), 1)
+        counts = count.reshape(-1)  # (query, cell) runs, row-major: the order of the candidates
+        m = int(total.sum())
+        flat = torch.arange(m, device=start.device)
+        run = torch.repeat_interleave(torch.arange(counts.numel(), device=start.device), counts, output_size=m)
+        point = self.by_cell[start.reshape(-1)[run] + flat - (torch.cumsum(counts, 0) - counts)[run]]
+        row = run // count.size(1)
+        column = flat - (torch.cumsum(total, 0) - total)[row]
+        cand = torch.full((start.size(0), width), self.x.size(0), dtype=torch.long, device=start.device)
+        cand[row, column] = point
+        return cand
+
     def sq_distances(self, y: Tensor, cand: Tensor) -> Tensor:
         """Squared distances [q, m] from each query to its candidates (inf for padding)."""
         n = self.x.size(0)
@@ -237,8 +265,14 @@ def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None, batch_y:
     for examples that have fewer, as in torch_cluster). The final ranking uses float64 distances, so float32
     rounding decides neither the order nor ties.
     """
+    return _knn(x, y, k, batch_x, batch_y, cosine, num_workers, batch_size, chunk)
+
+
+def _knn(x, y, k, batch_x, batch_y, cosine: bool, num_workers, batch_size, chunk: int,
+         graph_names: Optional[tuple[str, str]] = None) -> Tensor:
+    """:func:`knn`, with the argument names its errors use (``graph_names``: see :func:`_paired_examples`)."""
     k = positive_int(k, "k")
-    x, y, examples = _paired_examples(x, y, batch_x, batch_y, num_workers, batch_size)
+    x, y, examples = _paired_examples(x, y, batch_x, batch_y, num_workers, batch_size, graph_names)
     rows, cols = [], []
     work = torch.float64 if x.dtype == torch.float64 or cosine else torch.float32
     for x0, x1, y0, y1 in examples:
@@ -338,37 +372,69 @@ def _nearest(y: Tensor, x: Tensor, k: int, cosine: bool, y_exact: Tensor, x_exac
 
     Candidates come from distances in the working dtype (float32 for float32 points: the fast pass); the
     ``k + margin`` best are then ranked by exact float64 distances, so the order and the tie rule do not
-    depend on float32 rounding. Rows where the margin cannot hold every candidate within float32 rounding
-    of the k-th distance (many exact ties) are ranked over all points."""
+    depend on float32 rounding. Rows where the margin cannot hold every candidate within rounding of the k-th
+    distance go through the same pass in float64 (neighbours closer than float32 resolves), and those still
+    short (many exact ties) are settled on exact distances to every point: a selection of the k-th (O(n) per
+    row), not a sort."""
     d = _distances(y, x, cosine)
     n = d.size(1)
     m = min(n, k + 8 + k // 4)
     if m == n:
         cand = torch.arange(n, device=d.device).expand(d.size(0), n)
-    else:
-        cand_vals, cand = torch.topk(d, m, dim=1, largest=False, sorted=True)
-        # candidates within the expansion's rounding of the k-th: it grows with |y|^2 + |x|^2 (4 eps of it
-        # bounds |y|^2 + |x|^2 - 2 y.x's error), plus a relative allowance in float32
-        scale = 2.0 if cosine else (y * y).sum(1, keepdim=True) + (x * x).sum(1).max()
-        tol = 4 * torch.finfo(d.dtype).eps * scale
-        if d.dtype == torch.float32:
-            tol = tol + 1e-5 * cand_vals[:, k - 1 : k].abs() + 1e-6
-        short = (d <= cand_vals[:, k - 1 : k] + tol).sum(1) >= m
-        if bool(short.any()):  # ties beyond the margin: rank those rows over every point
-            cand = cand.clone()
-            rows = short.nonzero().view(-1)
-            if cosine:
-                exact = _distances(y_exact[rows].double(), x_exact.double(), cosine)
-            else:  # differences (_sq_distances, as every exact distance here), not the expansion, which
-                # cancels for points far from the origin
-                every = torch.arange(n, device=d.device).expand(rows.numel(), n)
-                exact = _sq_distances(x_exact.double().t().contiguous(), y_exact[rows].double(), every)
-            full = torch.sort(exact, dim=1, stable=True).indices[:, :m]
-            cand[rows] = full
-    # exact ranking of the candidates: sort by index, then stably by exact distance
+        return _rank_candidates(cand, y_exact, x_exact, k, cosine)
+    cand_vals, cand = torch.topk(d, m, dim=1, largest=False, sorted=True)
+    # candidates within the pass's rounding of the k-th. Every term is relative, so the cost does not depend on
+    # the coordinates' units: the expansion |y|^2 + |x|^2 - 2 y.x errs by a few (D + 2) eps of |y|^2 + |x|^2
+    # (the sums of squares and the dot product), rounding the centred coordinates to float32 moves a squared
+    # distance by at most 2 eps (|y| + |x|)^2 / 2 <= 2 eps (|y|^2 + |x|^2), and both the k-th and a candidate
+    # err; 1e-5 of the k-th covers what these bounds miss (blocked BLAS sums). ``tiny`` only matters where
+    # squares underflow (coordinates below 1e-19 in float32), where errors are absolute.
+    finfo = torch.finfo(d.dtype)
+    scale = 2.0 if cosine else (y * y).sum(1, keepdim=True) + (x * x).sum(1).max()
+    tol = 2 * (y.size(1) + 4) * finfo.eps * scale + 1e-5 * cand_vals[:, k - 1 : k].abs() + 64 * finfo.tiny
+    short = (d <= cand_vals[:, k - 1 : k] + tol).sum(1) >= m
+    order = _rank_candidates(cand, y_exact, x_exact, k, cosine)
+    if bool(short.any()):
+        rows = short.nonzero().view(-1)
+        if d.dtype == torch.float32:  # neighbours nearer than float32 resolves (dense lines, 1-D): the same pass
+            # in float64 on the exact coordinates (centred as knn centres them), which leaves only exact ties short
+            x64, y64 = x_exact.double(), y_exact[rows].double()
+            if not cosine:
+                centre = x64.mean(0)
+                x64, y64 = x64 - centre, y64 - centre
+            order[rows] = _nearest(y64, x64, k, cosine, y_exact[rows], x_exact)
+        else:  # ties beyond the margin: exact distances to every point
+            order[rows] = _nearest_exact(y_exact[rows], x_exact, k, cosine)
+    return order
+
+
+def _rank_candidates(cand: Tensor, y_exact: Tensor, x_exact: Tensor, k: int, cosine: bool) -> Tensor:
+    """The k best of each row's candidates by (exact float64 distance, index): sorted by index, then stably by
+    distance."""
     cand = torch.sort(cand, dim=1).values
     exact = _pair_distances(y_exact.double(), x_exact.double(), cand, cosine)
     return cand.gather(1, torch.sort(exact, dim=1, stable=True).indices[:, :k])
+
+
+def _nearest_exact(y: Tensor, x: Tensor, k: int, cosine: bool) -> Tensor:
+    """[ny, k]: the k nearest points by (exact float64 distance, index) over every point of x. The k-th distance
+    is selected (kthvalue, O(n)); only the points at most that far (k, more with ties) are ranked."""
+    n = x.size(0)
+    every = torch.arange(n, device=x.device).expand(y.size(0), n)
+    if cosine:
+        exact = _distances(y.double(), x.double(), cosine)
+    else:  # differences (_sq_distances, as every exact distance here), not the expansion, which cancels for
+        # points far from the origin
+        exact = _sq_distances(x.double().t().contiguous(), y.double(), every)
+    kth = torch.kthvalue(exact, k, dim=1, keepdim=True).values
+    # cosine: the matrix product's rounding of the k-th (the ranking below uses _pair_distances, as other rows)
+    within = exact <= (kth + 8 * torch.finfo(torch.float64).eps if cosine else kth)
+    width = int(within.sum(1).max())
+    # the points within the k-th distance in index order (padded with n), then stably by exact distance
+    cand = torch.topk(torch.where(within, every, n), width, dim=1, largest=False, sorted=True).values
+    cand_d = _pair_distances(y.double(), x.double(), cand.clamp_max(n - 1), cosine)
+    cand_d.masked_fill_(cand == n, float("inf"))
+    return cand.gather(1, torch.sort(cand_d, dim=1, stable=True).indices[:, :k])
 
 
 def _pair_distances(y: Tensor, x: Tensor, cand: Tensor, cosine: bool) -> Tensor:
@@ -392,8 +458,8 @@ def knn_graph(x: Tensor, k: int, batch: Optional[Tensor] = None, loop: bool = Fa
     """
     _check_flow(flow)
     k = positive_int(k, "k")
-    centre, neighbour = knn(x, x, k if loop else k + 1, batch, batch, cosine=cosine, num_workers=num_workers,
-                            batch_size=batch_size, chunk=chunk)
+    centre, neighbour = _knn(x, x, k if loop else k + 1, batch, batch, cosine, num_workers, batch_size, chunk,
+                             graph_names=("x", "batch"))
     return _neighbour_graph(centre, neighbour, loop, k, flow)
 
 
@@ -409,11 +475,17 @@ def radius(x: Tensor, y: Tensor, r: float, batch_x: Optional[Tensor] = None, bat
     ascending x index within a query. ``r``: a real number (numpy's too) or a 0-dim tensor. Distances in float64.
     Searches in 1-3 dimensions over many points use a uniform grid of cells of side r (exact: a point nearer than
     r is in one of the 3^D cells around the query); the rest is brute force in chunks."""
+    return _radius(x, y, r, batch_x, batch_y, max_num_neighbors, num_workers, batch_size, chunk)
+
+
+def _radius(x, y, r, batch_x, batch_y, max_num_neighbors, num_workers, batch_size, chunk: int,
+            graph_names: Optional[tuple[str, str]] = None) -> Tensor:
+    """:func:`radius`, with the argument names its errors use (``graph_names``: see :func:`_paired_examples`)."""
     r = _real(r, "r")
     if not math.isfinite(r) or r < 0:  # r = 0: no neighbours (distances are < r strictly), as torch_cluster gives
         raise ValueError(f"r must be a finite number >= 0, got {r!r}")
     max_num_neighbors = positive_int(max_num_neighbors, "max_num_neighbors")
-    x, y, examples = _paired_examples(x, y, batch_x, batch_y, num_workers, batch_size)
+    x, y, examples = _paired_examples(x, y, batch_x, batch_y, num_workers, batch_size, graph_names)
     rows, cols = [], []
     for x0, x1, y0, y1 in examples:
         q, p = _example_radius(x[x0:x1].double(), y[y0:y1].double(), float(r), max_num_neighbors, chunk)
@@ -445,13 +517,16 @@ def _example_radius(x: Tensor, y: Tensor, r: float, limit: int, chunk: int) -> t
         grid = _UniformGrid(x, side)
         cq = grid.coords(y)
         start, count = grid.block(cq)
-        blocks = grid.offsets.size(0)
-        width = count.max(1).values
+        total = count.sum(1)  # candidates per query: the points of its 3^D cells
+        # the grid only where it reads well under brute force's nx per query: with r near the cloud's extent
+        # (a few cells per axis) the cells around a query hold most points, and brute force is faster
+        use_grid = float(total.double().sum()) <= _GRID_MAX_READ * nx * ny
+    if use_grid:
         queries = torch.argsort(grid.cell_id(cq), stable=True)
         # candidates outside the bounding box are handled too: their cells are clamped to the grid's edge,
         # and a point nearer than r to such a query is still within one cell of the clamped cell
-        for rows in _query_chunks(queries, width * blocks, _MAX_CHUNK_ELEMENTS // 8):
-            cand = grid.candidates(start[rows], count[rows])
+        for rows in _query_chunks(queries, total, _MAX_CHUNK_ELEMENTS // 8):
+            cand = grid.packed_candidates(start[rows], count[rows])
             q, p = _first_hits(cand, grid.sq_distances(y[rows], cand), r * r, limit)
             out_q.append(rows[q])
             out_p.append(p)
@@ -481,8 +556,8 @@ def radius_graph(x: Tensor, r: float, batch: Optional[Tensor] = None, loop: bool
     drops the point, which keeps one too many when the point is not among the first)."""
     _check_flow(flow)
     max_num_neighbors = positive_int(max_num_neighbors, "max_num_neighbors")
-    centre, neighbour = radius(x, x, r, batch, batch, max_num_neighbors + (0 if loop else 1), num_workers,
-                               batch_size, chunk=chunk)
+    centre, neighbour = _radius(x, x, r, batch, batch, max_num_neighbors + (0 if loop else 1), num_workers,
+                                batch_size, chunk, graph_names=("x", "batch"))
     return _neighbour_graph(centre, neighbour, loop, max_num_neighbors, flow)
 
 
@@ -510,34 +585,59 @@ def fps(src: Tensor, batch: Optional[Tensor] = None, ratio: float = 0.5, random_
     # points 100 * 0.07 is 7 there, and 8 in Python's doubles)
     degrees = torch.tensor(counts, dtype=torch.float32)
     picks = (degrees * torch.tensor(float(ratio), dtype=src.dtype)).ceil().long().tolist()
-    n_max, steps = max(counts), max(picks)
-    # examples side by side, padded: [B, n_max, D]; padded slots never win (distance -1)
-    pos = src.new_zeros(size, n_max, src.size(1), dtype=torch.float64)
-    valid = torch.zeros(size, n_max, dtype=torch.bool, device=src.device)
-    for b, n in enumerate(counts):
-        pos[b, :n] = src[ptr[b] : ptr[b] + n].double()
-        valid[b, :n] = True
     if random_start:
         first = torch.stack([torch.randint(max(n, 1), (), device=src.device) for n in counts])
     else:
         first = torch.zeros(size, dtype=torch.long, device=src.device)
+    # examples of similar size together (sizes within a factor of 2), so a small example is neither padded to
+    # the largest one nor run for its pick count (torch_cluster's fps_cpu.cpp loops over the examples)
+    groups: dict[int, list[int]] = {}
+    for b in range(size):
+        if counts[b] > 0:
+            groups.setdefault(counts[b].bit_length(), []).append(b)
+    chosen: dict[int, Tensor] = {}
+    starts = ptr.tolist()
+    for members in groups.values():
+        members.sort(key=lambda b: -picks[b])  # most picks first: the examples still picking are a prefix
+        picked = _fps_examples(src, [starts[b] for b in members], [counts[b] for b in members],
+                               [picks[b] for b in members], first[members])
+        for row, b in enumerate(members):
+            chosen[b] = picked[row, : picks[b]] + starts[b]
+    out = [chosen[b] for b in range(size) if counts[b] > 0]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=src.device)
+
+
+def _fps_examples(src: Tensor, starts: list[int], counts: list[int], picks: list[int], first: Tensor) -> Tensor:
+    """Farthest point sampling of several examples side by side -> [B, max(picks)] local indices (row b valid up
+    to picks[b]). ``picks`` is in decreasing order: at each step only the leading examples that still pick are
+    updated (views of the padded tensors, no copies). Float64 distances, ties to the lowest index."""
+    size, n_max, steps = len(counts), max(counts), max(picks[0], 1)
+    # examples side by side, padded: [B, n_max, D]; padded slots never win (distance -1)
+    pos = src.new_zeros(size, n_max, src.size(1), dtype=torch.float64)
+    valid = torch.zeros(size, n_max, dtype=torch.bool, device=src.device)
+    for b, (start, n) in enumerate(zip(starts, counts)):
+        pos[b, :n] = src[start : start + n].double()
+        valid[b, :n] = True
     rows = torch.arange(size, device=src.device)
-    chosen = torch.empty(size, max(steps, 1), dtype=torch.long, device=src.device)
+    chosen = torch.empty(size, steps, dtype=torch.long, device=src.device)
     chosen[:, 0] = first
     dist = torch.full((size, n_max), float("inf"), dtype=torch.float64, device=src.device)
     dist[~valid] = -1.0
     last = first
     columns = pos.permute(2, 0, 1).contiguous()  # [D, B, n_max]: one coordinate at a time, in place
+    active = size
     for step in range(1, steps):
-        picked = columns[:, rows, last]  # [D, B]
-        d = (columns[0] - picked[0, :, None]).square_()
+        while picks[active - 1] <= step:  # examples done (picks[0] = steps > step keeps one)
+            active -= 1
+        columns_a, dist_a = columns[:, :active], dist[:active]
+        picked = columns_a[:, rows[:active], last[:active]]  # [D, active]
+        d = (columns_a[0] - picked[0, :, None]).square_()
         for j in range(1, columns.size(0)):
-            d.add_((columns[j] - picked[j, :, None]).square_())
-        torch.minimum(dist, d, out=dist)  # padded slots stay at -1
-        last = dist.argmax(dim=1)  # first maximum: ties to the lowest index
-        chosen[:, step] = last
-    out = [chosen[b, : picks[b]] + ptr[b] for b in range(size) if counts[b] > 0]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=src.device)
+            d.add_((columns_a[j] - picked[j, :, None]).square_())
+        torch.minimum(dist_a, d, out=dist_a)  # padded slots stay at -1
+        last = dist_a.argmax(dim=1)  # first maximum: ties to the lowest index
+        chosen[:active, step] = last
+    return chosen
 
 
 def morton_order(pos: Tensor, batch: Optional[Tensor] = None, bits: Optional[int] = None) -> Tensor:

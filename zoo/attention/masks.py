@@ -1185,6 +1185,8 @@ class Edges(Mask):
         if not isinstance(pos, torch.Tensor) or pos.dim() not in (2, 3) or not pos.is_floating_point():
             raise ValueError(f"Edges.knn: pos must be a floating-point (N, D) or (B, N, D) tensor, got "
                              f"{tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__}")
+        if pos.numel() and not bool(torch.isfinite(pos).all()):  # named here: knn_graph would call it x
+            raise ValueError("Edges.knn: pos contains NaN or Inf values")
         if pos.dim() == 2:
             return cls(knn_graph(pos, k, loop=loop, cosine=cosine))
         batch, n = pos.shape[:2]
