@@ -6,12 +6,13 @@ The work is counted through the module's own helpers (monkeypatched wrappers), n
 and timings are noisy. The reviewer's timings are in docs/points.md."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import zoo.geometry as geometry
 from zoo.geometry import fps, knn_graph, radius, radius_graph
+
+from test_point_attention import _fps_reference  # the float64 textbook loop (tests/ is on sys.path, as for the other shared helpers)
 
 
 def _generator(seed):
@@ -108,13 +109,6 @@ def test_packed_candidates_are_the_points_of_the_surrounding_cells(dims):
 
 
 # ---------------------------------------------------------------------------------------- fps (finding 2)
-def _fps_reference(points: np.ndarray, count: int, start: int = 0) -> list[int]:
-    """The textbook loop in float64: pick the point farthest from the picked set, ties to the lowest index."""
-    picked, dist = [start], np.full(len(points), np.inf)
-    for _ in range(count - 1):
-        dist = np.minimum(dist, ((points - points[picked[-1]]) ** 2).sum(1))
-        picked.append(int(np.argmax(dist)))
-    return picked
 
 
 @pytest.mark.parametrize("ratio", [0.07, 0.5, 1.0])
