@@ -1585,3 +1585,15 @@ def test_tensors_sharing_memory_in_any_way_are_saved_as_copies(tmp_path):
     zoo.save_pretrained(plain, tmp_path / "flat", state_dict=views)
     loaded = zoo.from_pretrained(tmp_path / "flat").state_dict()
     assert all(torch.equal(loaded[k], views[k]) for k in views)
+
+
+def test_a_checkpoint_of_another_channel_count_names_the_in_chans_to_use():
+    """The 1-channel digits checkpoint loaded into a model built for 3 channels: only RGB kernels convert (timm's
+    adapt_input_conv), so the refusal says which in_chans the checkpoint takes (it listed the shapes only)."""
+    with pytest.raises(hub.CheckpointError, match=r"the input convolution patch_embed.proj.weight takes 1 channel\(s\) "
+                                              r"in the checkpoint and 3 in the model: build the model with in_chans=1"):
+        zoo.create_model("vit_digits", pretrained=True, in_chans=3)
+    rgb = zoo.create_model("vit_debug")
+    with pytest.raises(hub.CheckpointError) as refused:  # another kernel size: no channel hint
+        hub.load_weights(zoo.create_model("vit_debug", patch_size=4, img_size=32), rgb.state_dict())
+    assert "input convolution" not in str(refused.value)

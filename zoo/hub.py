@@ -794,6 +794,7 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
         if other_mismatch:
             shapes = [f"{k} checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in other_mismatch]
             lines.append(f"  shape mismatches ({len(shapes)}): {_summarise(shapes, 6)}")
+            lines += _input_channel_hint(model, state, own, other_mismatch)
         raise CheckpointError("\n".join(lines))
     changed = head_mismatch + head_missing + head_unexpected
     if changed and not new_head:
@@ -1196,6 +1197,23 @@ def _saved_geometry(entry, saved_args: dict[str, Any], saved_name: Optional[str]
             return _construct(entry, dict(saved_args))
     except Exception:  # noqa: BLE001 - an old or odd config: the filter works without it
         return None
+
+
+def _input_channel_hint(model: nn.Module, state: dict, own: dict, mismatched: list[str]) -> list[str]:
+    """A line saying which channel count the checkpoint's input convolution takes, when only that differs (a
+    1-channel digits checkpoint loaded into a model built for 3): only RGB kernels convert (adapt_input_conv,
+    timm's rule), so the fix is the checkpoint's count."""
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    for name in [first_conv] if isinstance(first_conv, str) else list(first_conv or ()):
+        key = f"{name}.weight"
+        if key not in mismatched or state[key].dim() != 4:
+            continue
+        saved, built = tuple(state[key].shape), tuple(own[key].shape)
+        if saved[:1] + saved[2:] == built[:1] + built[2:]:
+            return [f"  the input convolution {key} takes {saved[1]} channel(s) in the checkpoint and {built[1]} in "
+                    f"the model: build the model with in_chans={saved[1]} (zoo train: data.in_chans={saved[1]}); only "
+                    f"3-channel (RGB) weights convert to another count, as in timm"]
+    return []
 
 
 def adapt_input_conv(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
