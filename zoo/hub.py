@@ -1199,13 +1199,18 @@ def _saved_geometry(entry, saved_args: dict[str, Any], saved_name: Optional[str]
         return None
 
 
+def _first_conv_weight_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the input convolution's weight: ``<name>.weight`` for each name in the model's
+    ``pretrained_cfg["first_conv"]`` (a name or a list of them, timm's convention)."""
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    return [f"{name}.weight" for name in ([first_conv] if isinstance(first_conv, str) else list(first_conv or ()))]
+
+
 def _input_channel_hint(model: nn.Module, state: dict, own: dict, mismatched: list[str]) -> list[str]:
     """A line saying which channel count the checkpoint's input convolution takes, when only that differs (a
     1-channel digits checkpoint loaded into a model built for 3): only RGB kernels convert (adapt_input_conv,
     timm's rule), so the fix is the checkpoint's count."""
-    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    for name in [first_conv] if isinstance(first_conv, str) else list(first_conv or ()):
-        key = f"{name}.weight"
+    for key in _first_conv_weight_keys(model):
         if key not in mismatched or state[key].dim() != 4:
             continue
         saved, built = tuple(state[key].shape), tuple(own[key].shape)
@@ -1222,9 +1227,7 @@ def adapt_input_conv(model: nn.Module, state: dict[str, torch.Tensor], source: s
     ``pretrained_cfg["first_conv"]`` keeps its 3-channel kernel summed over the channels for 1 input channel
     (a grey image as R = G = B gives the RGB model's output), or repeated over the channels and scaled by
     3 / in_chans for any other count. Logged; other channel counts are left to the shape check."""
-    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    for name in [first_conv] if isinstance(first_conv, str) else list(first_conv or ()):
-        key = f"{name}.weight"
+    for key in _first_conv_weight_keys(model):
         weight, want = state.get(key), model.state_dict().get(key)
         if weight is None or want is None or weight.dim() != 4 or weight.shape[1] == want.shape[1]:
             continue
