@@ -695,6 +695,14 @@ class _PictureDataModule(VisionDataModule):
                                 timm_augment=self.timm_augment)
 
 
+def image_folder_classes(root: Path) -> tuple[Optional[Path], list[str]]:
+    """(the folder whose sub-folders name the classes, those names sorted as torchvision's ImageFolder numbers
+    them) for an image-folder ``root``: ``root/train``, else ``root/test``, else ``root/val`` (a root with only an
+    evaluation split serves zoo eval); (None, []) when there is none of them."""
+    folder = next((root / split for split in ("train", "test", "val") if (root / split).is_dir()), None)
+    return folder, (sorted(entry.name for entry in folder.iterdir() if entry.is_dir()) if folder is not None else [])
+
+
 def image_folder_layout_message(root, problem: Optional[str] = None) -> str:
     """What to put where for ``data=image_folder`` under ``root`` (``problem`` defaults to its missing train/)."""
     root = Path(root)
@@ -929,10 +937,9 @@ class ImageFolderDataModule(_PictureDataModule):
         super().__init__(*args, **kwargs)
         self.root = Path(os.path.expanduser(str(root)))
         # the class folders come from train/; a root holding only test/ (or val/) serves evaluation (zoo eval)
-        self._class_dir = next((self.root / split for split in ("train", "test", "val") if (self.root / split).is_dir()), None)
+        self._class_dir, folders = image_folder_classes(self.root)
         if self._class_dir is None:
             raise FileNotFoundError(self._no_train_message())
-        folders = sorted(p.name for p in self._class_dir.iterdir() if p.is_dir())
         if not folders:
             raise FileNotFoundError(f"ImageFolder data: {self._class_dir} has no class sub-folders (expected "
                                     f"{self._class_dir}/<class_name>/<image>)")

@@ -549,20 +549,17 @@ def _infer_folder_classes(cfg) -> None:
         return
     if not OmegaConf.is_missing(data, "num_classes") or OmegaConf.is_missing(data, "root") or not data.get("root"):
         return
-    from zoo.tasks.vision.data import image_folder_layout_message
+    from zoo.tasks.vision.data import image_folder_classes, image_folder_layout_message
 
     root = Path(os.path.expanduser(str(data.root)))
-    for split in ("train", "test", "val"):
-        folder = root / split
-        if folder.is_dir():
-            classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())  # as ImageFolder counts
-            if not classes:
-                raise FileNotFoundError(image_folder_layout_message(root, f"{folder} has no class folders"))
-            data.num_classes = len(classes)
-            print(f"zoo: data.num_classes={len(classes)} (the class folders under {folder})", file=sys.stderr)
-            return
-    problem = f"{root} does not exist" if not root.exists() else f"{root} has no train/, val/ or test/ folder"
-    raise FileNotFoundError(image_folder_layout_message(root, problem))
+    folder, classes = image_folder_classes(root)  # as ImageFolder counts them
+    if folder is None:
+        problem = f"{root} does not exist" if not root.exists() else f"{root} has no train/, val/ or test/ folder"
+        raise FileNotFoundError(image_folder_layout_message(root, problem))
+    if not classes:
+        raise FileNotFoundError(image_folder_layout_message(root, f"{folder} has no class folders"))
+    data.num_classes = len(classes)
+    print(f"zoo: data.num_classes={len(classes)} (the class folders under {folder})", file=sys.stderr)
 
 
 def _check_model_fits_data(cfg) -> None:
@@ -2244,13 +2241,13 @@ def _match_folders_to_trained_classes(cfg, trained: Optional[Sequence[str]]) -> 
     their count. Folders that are all the classes, or not all among them, keep the plain rule (count and order)."""
     from omegaconf import open_dict
 
+    from zoo.tasks.vision.data import image_folder_classes
+
     data = cfg.get("data")
     if not trained or data is None or not str(data.get("_target_", "")).endswith("ImageFolderDataModule") \
             or data.get("classes") is not None:
         return
-    root = Path(os.path.expanduser(str(data.get("root"))))
-    folder = next((root / split for split in ("train", "test", "val") if (root / split).is_dir()), None)
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder is not None else []
+    _, found = image_folder_classes(Path(os.path.expanduser(str(data.get("root")))))
     trained = [str(name) for name in trained]
     if found and set(found) < set(trained):
         print(f"zoo eval: the class folders {_preview(found)} are {len(found)} of the model's {len(trained)} classes: "
