@@ -178,6 +178,44 @@ def test_minus_inf_bias_rows_are_zero_like_the_reference():
     assert (ours[:, :, 5] == 0).all()
 
 
+def test_rows_whose_keys_all_sit_at_a_huge_negative_bias_get_exact_gradients():
+    """Every allowed key of a row at -1e9 (``masked_fill(~m, -1e9)``) or ``finfo.min`` (Hugging Face's additive
+    mask): the row attends uniformly, as in the reference, and its gradients are the reference's too. The
+    backward used to recompute P as exp(s - LSE) with LSE = max + log l rounded back to max in float32, giving
+    each of the l tied keys P = 1 instead of 1 / l (dq 2x off, dv worse); the forward now keeps the row maximum
+    and the log normaliser apart (sparse._forward_tiles). Tile path (a bias) and batched groups (no bias: scores
+    of 1e8 that tie, every key the same vector), float32 against the float64 torch backend."""
+    n, block = 96, 16
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for _ in range(3))
+    bias = torch.randn(1, 1, n, n, generator=g)
+    bias[..., 5, :] = torch.finfo(torch.float32).min
+    bias[..., 40, :] = -1e9
+    q[..., 40, :] = 0.0  # its scores tie in float64 too (there, -1e9 + s keeps the differences of s)
+    keep = torch.rand(n // block, n // block, generator=g) < 0.5
+    keep[:, 0] = True
+    tied_k = (1e4 * torch.randn(1, 1, 1, 8, generator=g)).expand(1, 2, n, 8).contiguous()
+    # (in the tied case dq and dk are float32 rounding noise times 1e4 around zero: out and dv are compared)
+    cases = [(Window(4, 4), q, k, bias, ("out", "dq", "dk", "dv", "dbias")),
+             (Causal(), q, k, bias, ("out", "dq", "dk", "dv", "dbias")),
+             (BlockSparse(keep, block), 1e4 * q, tied_k, None, ("out", "dv"))]
+    assert zs._plan(cases[2][0], None, 1, 2, 2, n, n, block, block, "cpu")[0].groups  # the batched path
+    for mask, q_case, k_case, bias_case, compared in cases:
+        inputs = [t.clone().requires_grad_(True) for t in (q_case, k_case, v)]
+        inputs += [] if bias_case is None else [bias_case.clone().requires_grad_(True)]
+        grad_out = torch.randn(1, 2, n, 8, generator=g)
+        ours = block_sparse_attention(*inputs[:3], mask, *inputs[3:], block_size=block)
+        ours_grads = torch.autograd.grad(ours, inputs, grad_out)
+        reference_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+        reference = attend(*reference_inputs[:3], mask, *reference_inputs[3:], backend="torch")
+        reference_grads = torch.autograd.grad(reference, reference_inputs, grad_out.double())
+        for name, got, want in zip(["out", "dq", "dk", "dv", "dbias"], [ours, *ours_grads],
+                                   [reference, *reference_grads]):
+            err = float((got.double() - want).abs().max())
+            assert name not in compared or err <= 1e-5 * max(1.0, float(want.abs().max())), (
+                f"{mask}: {name} max error {err:.3g}")
+
+
 @pytest.mark.parametrize("spread", [1.0, 6.0])
 def test_peaked_scores_exact_and_every_exp_argument_above_the_floor(spread, monkeypatch):
     """Trained models put many scores far below their row's maximum: exp() of arguments under -87.3 (and of

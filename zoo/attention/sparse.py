@@ -419,7 +419,7 @@ class _Problem:
     Every score is in [-bound, bound] and lse <= bound + log(Nk). With bound + log(Nk) <= SAFE_EXP_RANGE the
     forward exponentiates the scores directly (no row-maximum pass, no shift: exp(s) neither overflows, nor
     leaves the vector path, nor sums past float32's range) and lse = log(sum); with 2 * bound + log(Nk) <=
-    SAFE_EXP_RANGE the backward's exp(q.k - lse) needs no flush either. Otherwise the groups shift and flush
+    SAFE_EXP_RANGE the backward's exp(q.k - shift) needs no flush either (shift: the LSE, or the row maximum). Otherwise the groups shift and flush
     (:func:`_exp_flushed_`) like the other tiles.
     """
 
@@ -525,16 +525,21 @@ def _group_probabilities(p: _Problem, group: _Group, q_g, k_g, slot: str, *, shi
     return s, row_max
 
 
-def _forward_group(p: _Problem, group: _Group, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Softmax without bias for a batch of query tiles (no row is empty: see _shared_spans)."""
+def _forward_group(p: _Problem, group: _Group, out: torch.Tensor, shift: torch.Tensor,
+                   log_norm: torch.Tensor) -> None:
+    """Softmax without bias for a batch of query tiles (no row is empty: see _shared_spans); the row terms as
+    :func:`_forward_tiles` writes them."""
     q_g, k_g = _gather_rows(p.q, p, group), _gather_keys(p.k, p, group, "keys")
-    shift = not p.shift_free
-    s, row_max = _group_probabilities(p, group, q_g, k_g, "scores", shift=shift, clamp=shift)
+    shifted = not p.shift_free
+    s, row_max = _group_probabilities(p, group, q_g, k_g, "scores", shift=shifted, clamp=shifted)
     denom = s.sum(-1, keepdim=True)
     o = torch.matmul(s, _gather_keys(p.v, p, group, "keys")).div_(denom)  # K tiles are dead: reuse the slot
     _put_rows(out, o, p, group)
-    row_lse = denom.log_() if row_max is None else row_max.add_(denom.log_())
-    _put_rows(lse.unsqueeze(-1), row_lse, p, group)
+    if row_max is None:
+        _put_rows(shift.unsqueeze(-1), denom.log_(), p, group)
+    else:
+        _put_rows(shift.unsqueeze(-1), row_max, p, group)
+        _put_rows(log_norm.unsqueeze(-1), denom.log_(), p, group)
 
 
 def _add_key_tiles(target: torch.Tensor, src: torch.Tensor, p: _Problem, group: _Group) -> None:
@@ -561,17 +566,18 @@ def _append_column(t: torch.Tensor, column) -> torch.Tensor:
 def _backward_group(p: _Problem, group: _Group, q_aug, do_aug, k_aug, v_aug, dq, dk, dv) -> None:
     """Gradients of :func:`_forward_group`'s tiles: dq written, dk/dv accumulated over the key tiles.
 
-    The row terms ride in the GEMMs as one extra column: q_aug = [q, -lse] against k_aug = [k, 1] gives
-    q.k - lse, and do_aug = [dO, -delta] against v_aug = [v, 1] gives dP - delta, so neither needs a pass of
-    its own over the scores (an inner dimension of 65 instead of 64 costs nothing measurable; a separate
-    subtraction costs ~20% of the product, a baddbmm onto the broadcast term ~30%)."""
+    The row terms ride in the GEMMs as one extra column: q_aug = [q, -shift] against k_aug = [k, 1] gives
+    q.k - shift, and do_aug = [dO, -delta] / l against v_aug = [v, 1] gives (dP - delta) / l, so neither needs a
+    pass of its own over the scores (an inner dimension of 65 instead of 64 costs nothing measurable; a separate
+    subtraction costs ~20% of the product, a baddbmm onto the broadcast term ~30%). P = exp(q.k - shift) / l
+    (see :func:`_backward_tiles`): the 1 / l rides in do_aug's rows."""
     d, d_v = q_aug.shape[-1] - 1, do_aug.shape[-1] - 1
     q_a, do_a = _gather_rows(q_aug, p, group), _gather_rows(do_aug, p, group)
     k_a, v_a = _gather_keys(k_aug, p, group, "keys"), _gather_keys(v_aug, p, group, "values")
-    # exp(q.k - lse)
+    # exp(q.k - shift): P times l
     prob, _ = _group_probabilities(p, group, q_a, k_a, "scores", shift=False, clamp=p.clamp_backward)
     _add_key_tiles(dv, _matmul(p, "key_grads", prob.transpose(-1, -2), do_a[..., :d_v]), p, group)
-    ds = _matmul(p, "score_grads", do_a, v_a.transpose(-1, -2))  # dP - delta (padded columns: P = 0 below)
+    ds = _matmul(p, "score_grads", do_a, v_a.transpose(-1, -2))  # (dP - delta) / l (padded columns: P = 0 below)
     ds.mul_(prob)  # dS = P * (dP - delta)
     _put_rows(dq, torch.matmul(ds, k_a[..., :d]).mul_(p.scale), p, group)
     _add_key_tiles(dk, _matmul(p, "key_grads", ds.transpose(-1, -2), q_a[..., :d]), p, group)  # q is pre-scaled
@@ -581,12 +587,18 @@ def _batched(p: _Problem) -> bool:
     return p.sl.groups is not None and p.bias is None and p.score == "softmax"
 
 
-def _forward_tiles(p: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Fill out (B', H', Nq, Dv) and lse (B', H', Nq) of one map slice (views into the full tensors)."""
+def _forward_tiles(p: _Problem, out: torch.Tensor, shift: torch.Tensor, log_norm: torch.Tensor) -> None:
+    """Fill out (B', H', Nq, Dv) and the softmax's row terms (B', H', Nq) of one map slice (views into the full
+    tensors): the row's LSE is ``shift + log_norm``, kept apart for the backward's P = exp(s - shift) / l with
+    l = exp(log_norm) >= 1 -- ``shift`` the row maximum and ``log_norm`` the log of the normaliser, or, where the
+    scores are bounded and not shifted (see :class:`_Problem`), the whole LSE and 0. Recomputing P as exp(s - LSE)
+    gave every tied key of a row 1 instead of 1 / l where max + log l rounds to the max (every allowed key at a
+    bias of -1e9 or ``finfo.min``: the gradients of such rows were wrong, by 2x and more), as the Triton kernel
+    keeps its log normaliser apart (docs/kernels.md). Rows without keys: shift +inf (P = 0), log_norm 0."""
     b, hkv, g = p.batch, p.kv_heads, p.groups
     if _batched(p):
         for group in p.sl.groups:
-            _forward_group(p, group, out, lse)
+            _forward_group(p, group, out, shift, log_norm)
     for tile in p.sl.rest if _batched(p) else p.sl.tiles:
         r = tile.r1 - tile.r0
         kt, vt = _columns(p.k, tile, p.sl.block_k), _columns(p.v, tile, p.sl.block_k)
@@ -594,7 +606,7 @@ def _forward_tiles(p: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
         if p.score == "softmax" and p.shift_free and not tile.spans:  # FULL tiles only: every row has keys
             denom = s.exp_().sum(-1, keepdim=True)  # |s| <= bound: no shift needed (see _Problem)
             o = torch.matmul(s, vt).div_(denom)
-            lse[:, :, tile.r0 : tile.r1] = denom.log_().view(b, hkv * g, r)
+            shift[:, :, tile.r0 : tile.r1] = denom.log_().view(b, hkv * g, r)
         elif p.score == "softmax":
             row_max = s.amax(-1, keepdim=True)
             row_max.masked_fill_(row_max == float("-inf"), 0.0)
@@ -602,24 +614,32 @@ def _forward_tiles(p: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
             denom = s.sum(-1, keepdim=True)
             o = torch.matmul(s, vt)
             o.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
-            tile_lse = torch.where(denom > 0, row_max + torch.log(denom), torch.full_like(denom, float("inf")))
-            lse[:, :, tile.r0 : tile.r1] = tile_lse.view(b, hkv * g, r)
+            has_keys = denom > 0
+            tile_shift = torch.where(has_keys, row_max, torch.full_like(denom, float("inf")))
+            shift[:, :, tile.r0 : tile.r1] = tile_shift.view(b, hkv * g, r)
+            log_norm[:, :, tile.r0 : tile.r1] = torch.log(torch.where(has_keys, denom, 1.0)).view(b, hkv * g, r)
         else:
             o = torch.matmul(s, vt)
         out[:, :, tile.r0 : tile.r1] = o.view(b, hkv * g, r, -1)
 
 
-def _backward_tiles(p: _Problem, out, d_out, lse, dq, dk, dv, dbias, d_lse=None) -> None:
+def _backward_tiles(p: _Problem, out, d_out, shift, log_norm, dq, dk, dv, dbias, d_lse=None) -> None:
     """Accumulate the gradients of one map slice into dq, dk, dv (views) and dbias (full shape or None).
+    ``shift``, ``log_norm``: the forward's row terms (see :func:`_forward_tiles`), P = exp(s - shift) / l.
+    The 1 / l scales the rows of dO and delta, O(Nq x Dv), instead of every probability: dV = E^T (dO / l) and
+    dS = E * ((dO / l) . v - delta / l) for E = exp(s - shift) = l P.
     ``d_lse`` (B', H', Nq): the gradient of the returned LSE, whose derivative in the scores is P, so it folds
     into delta: dS = P * (dP - delta + d_lse)."""
     b, hkv, g = p.batch, p.kv_heads, p.groups
     if p.score == "softmax":
         delta = (d_out * out).sum(-1)  # (B', H', Nq): rowsum(dO * O)
-        if d_lse is not None:  # rows without keys (lse +inf here): P = 0, and a NaN / inf d_lse must not reach dS
-            delta = delta - torch.where(lse == math.inf, torch.zeros_like(d_lse), d_lse)
+        if d_lse is not None:  # rows without keys (shift +inf): P = 0, and a NaN / inf d_lse must not reach dS
+            delta = delta - torch.where(shift == math.inf, torch.zeros_like(d_lse), d_lse)
+        inv_norm = torch.exp(-log_norm)  # 1 / l, in (0, 1]
+        d_out = d_out * inv_norm[..., None]
+        delta = delta * inv_norm
     if _batched(p):
-        q_aug, do_aug = _append_column(p.q, -lse), _append_column(d_out, -delta)
+        q_aug, do_aug = _append_column(p.q, -shift), _append_column(d_out, -delta)
         k_aug, v_aug = _append_column(p.k, 1.0), _append_column(p.v, 1.0)
         for group in p.sl.groups:
             _backward_group(p, group, q_aug, do_aug, k_aug, v_aug, dq, dk, dv)
@@ -630,7 +650,7 @@ def _backward_tiles(p: _Problem, out, d_out, lse, dq, dk, dv, dbias, d_lse=None)
         prob = p.scores(tile, kt)  # softmax: scores, turned into probabilities below
         do_t = d_out[:, :, tile.r0 : tile.r1].reshape(b, hkv, g * r, -1)
         if p.score == "softmax":
-            prob.sub_(lse[:, :, tile.r0 : tile.r1].reshape(b, hkv, g * r, 1))
+            prob.sub_(shift[:, :, tile.r0 : tile.r1].reshape(b, hkv, g * r, 1))  # E = l P
             if p.clamp_backward or tile.spans:
                 _exp_flushed_(prob)
             else:
@@ -677,17 +697,18 @@ class _BlockSparseAttention(torch.autograd.Function):
         if plan:  # whole key tiles can be gathered from zero-padded keys and values
             k, v = _pad_keys(k, plan[0].block_k), _pad_keys(v, plan[0].block_k)
         out = q.new_zeros(batch, heads, q_len, v.shape[-1])
-        lse = q.new_full((batch, heads, q_len), float("inf"))
+        shift = q.new_full((batch, heads, q_len), float("inf"))  # the LSE is shift + log_norm: see _forward_tiles
+        log_norm = q.new_zeros(batch, heads, q_len)
         workspace = _Workspace(q_scaled)
         bound = score_bound(q_scaled, k) if bias is None and score == "softmax" else math.inf
         for sl in plan:
             problem = _Problem(q_scaled, k, v, bias, sl, q_len, k_len, scale, score, workspace, bound)
-            _forward_tiles(problem, out[sl.b, sl.h], lse[sl.b, sl.h])
+            _forward_tiles(problem, out[sl.b, sl.h], shift[sl.b, sl.h], log_norm[sl.b, sl.h])
         if needs_grad:
-            ctx.save_for_backward(q_scaled, k, v, bias, out, lse)
+            ctx.save_for_backward(q_scaled, k, v, bias, out, shift, log_norm)
             ctx.plan, ctx.scale, ctx.score, ctx.k_len, ctx.bound = plan, scale, score, k_len, bound
-        if want_lse:  # rows without keys hold +inf here (the backward's exp(s - lse) is then 0); -inf outside
-            return out, lse.masked_fill(lse == math.inf, -math.inf)
+        if want_lse:  # rows without keys: shift +inf here (the backward's exp(s - shift) is then 0); -inf outside
+            return out, (shift + log_norm).masked_fill(shift == math.inf, -math.inf)
         return out
 
     @staticmethod
@@ -700,7 +721,7 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_out, d_lse):
-        q_scaled, k, v, bias, out, lse = ctx.saved_tensors
+        q_scaled, k, v, bias, out, shift, log_norm = ctx.saved_tensors
         d_out = d_out.contiguous()
         q_len, k_len = q_scaled.shape[2], ctx.k_len
         dq = torch.zeros_like(q_scaled)
@@ -713,7 +734,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         for sl in ctx.plan:
             problem = _Problem(q_scaled, k, v, bias, sl, q_len, k_len, ctx.scale, ctx.score, workspace, ctx.bound)
             _backward_tiles(
-                problem, out[sl.b, sl.h], d_out[sl.b, sl.h], lse[sl.b, sl.h],
+                problem, out[sl.b, sl.h], d_out[sl.b, sl.h], shift[sl.b, sl.h], log_norm[sl.b, sl.h],
                 dq[sl.b, sl.h], dk[sl.b, sl.kv], dv[sl.b, sl.kv], dbias,
                 None if d_lse is None else d_lse[sl.b, sl.h],
             )
