@@ -16,6 +16,8 @@ from zoo.attention import (
     BlockSparse,
     Causal,
     ChunkWindow,
+    Dense,
+    Edges,
     MultiHeadAttention,
     Segments,
     Window,
@@ -149,6 +151,15 @@ def _allowed(kind: str, settings: dict) -> torch.Tensor:
     if kind == "block_sparse":
         tiles = settings["block_mask"].reshape(settings["block_mask"].shape[-2:])
         return tiles[i // settings["block_q"]][:, i // settings["block_k"]]
+    if kind == "dense":
+        return settings["mask"].reshape(N, N)
+    if kind == "segments":
+        q_ids, kv_ids = settings["q_ids"].reshape(N), settings["kv_ids"].reshape(N)
+        return (q_ids[:, None] == kv_ids[None, :]) & (q_ids[:, None] >= 0) & (kv_ids[None, :] >= 0)
+    if kind == "edges":
+        allowed = torch.zeros(N, N, dtype=torch.bool)
+        allowed[settings["edge_index"][1], settings["edge_index"][0]] = True  # query = target, key = source
+        return allowed
     raise AssertionError(kind)
 
 
@@ -163,9 +174,19 @@ def _make(kind: str, settings: dict):
         return Segments(torch.arange(N) // 5).chunk(settings["chunk_size"], settings["left"], settings["right"])
     if kind == "block_sparse":
         return BlockSparse(settings["block_mask"], (settings["block_q"], settings["block_k"]))
+    if kind == "dense":
+        return Dense(settings["mask"])
+    if kind == "segments":
+        return Segments(settings["q_ids"], settings["kv_ids"])
+    if kind == "edges":
+        return Edges(settings["edge_index"])
     raise AssertionError(kind)
 
 
+_KEY_MINUS_QUERY = torch.arange(N)[None, :] - torch.arange(N)[:, None]
+_BAND = (_KEY_MINUS_QUERY >= -2) & (_KEY_MINUS_QUERY <= 0)  # a causal band of 3 keys: its transpose differs
+_SEGMENT_IDS = torch.tensor([0, 0, 0, 1, 1, -1, 2, 2, 2, 2, 3, 3, 4, 4, 4, -1])
+_EDGES = torch.tensor([[0, 1, 2, 3, 5, 7, 8, 9, 11, 15, 15], [1, 1, 4, 0, 5, 6, 2, 12, 13, 14, 3]])
 _TILES = torch.tensor([[1, 0, 0, 1], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
 # kind, constructor settings, a valid reassignment, invalid reassignments (value, error type, message)
 SETTINGS_CASES = [
@@ -194,6 +215,20 @@ SETTINGS_CASES = [
         ("block_k", 2.5, ValueError, "BlockSparse block_k must be a positive int, got 2.5"),
         ("block_mask", _TILES.float(), TypeError, "BlockSparse block_mask must be a bool tensor"),
         ("block_mask", _TILES[0], ValueError, r"must be \(QB, KB\) or \(B, H, QB, KB\)"),
+    ]),
+    # tensor settings: checked as their constructors check them (they used to be taken as given)
+    ("dense", dict(mask=_BAND), ("mask", _BAND.T.contiguous()), [
+        ("mask", _BAND.float(), TypeError, "Dense mask must be a torch.bool tensor"),
+        ("mask", _BAND[0], ValueError, r"Dense mask must have 2 to 4 dims \(..., Nq, Nk\), got shape \(16,\)"),
+    ]),
+    ("segments", dict(q_ids=_SEGMENT_IDS, kv_ids=_SEGMENT_IDS), ("kv_ids", _SEGMENT_IDS.flip(0)), [
+        ("kv_ids", _SEGMENT_IDS.float(), TypeError, "Segments kv_ids must be an integer tensor, got torch.float32"),
+        ("q_ids", _SEGMENT_IDS[None, None], ValueError, r"Segments ids must have shape \(N,\) or \(B, N\)"),
+    ]),
+    ("edges", dict(edge_index=_EDGES), ("edge_index", _EDGES.flip(0)), [
+        ("edge_index", _EDGES.float(), TypeError, "Edges: edge_index must hold integers"),
+        ("edge_index", _EDGES[:1], ValueError, r"Edges: edge_index must have shape \(2, E\)"),
+        ("edge_index", _EDGES - 1, ValueError, r"Edges: edge_index\[:, 0\] = \[-1, 0\] has a negative node index"),
     ]),
 ]
 
@@ -233,6 +268,16 @@ def test_reassigned_settings_are_normalised_as_in_the_constructor():
     blocks = BlockSparse(_TILES, 4)
     blocks.block_mask = _TILES[:2, :2]
     assert blocks.block_mask.shape == (1, 1, 2, 2)
+    dense = Dense(_BAND)
+    dense.mask = _BAND[:3]
+    assert dense.mask.shape == (1, 1, 3, N)
+    segments = Segments(_SEGMENT_IDS.expand(2, -1))
+    segments.kv_ids = [1] * N  # a list, as the constructor takes it
+    assert segments.kv_ids.dtype == torch.long and segments.kv_ids.shape == (1, N)
+    with pytest.raises(ValueError, match="Segments: ids batch 2 and kv_ids batch 3 differ"):
+        segments.kv_ids = _SEGMENT_IDS.expand(3, -1)
+    segments.kv_ids = None  # the keys' ids are the queries' again, as in Segments(ids)
+    assert segments.kv_ids is segments.q_ids
 
 
 def test_causal_bounds_are_fixed():

@@ -685,7 +685,7 @@ def test_a_mask_tensor_replaced_by_one_at_the_freed_address_is_seen():
         recorded = id(mask.mask)
         attend(q, k, v, mask, backend="blocksparse")  # block map and plan of the narrow band
         mask.block_map(256, 256, 64)
-        mask.mask = None  # the recorded tensor is freed ...
+        del mask.mask  # the recorded tensor is freed ...
         mask.mask = wide.clone()  # ... and its successor (version 0) usually takes its address
         reused += id(mask.mask) == recorded
         assert torch.equal(mask.block_map(256, 256, 64).states, Dense(wide).block_map(256, 256, 64).states)

@@ -376,7 +376,8 @@ class _CheckedSettings:
 
     def __setattr__(self, name: str, value) -> None:
         if name in self._SETTINGS:
-            proposed = {setting: self.__dict__[setting] for setting in self._SETTINGS}
+            # (.get: a setting deleted with ``del mask.mask`` is being set again)
+            proposed = {setting: self.__dict__.get(setting) for setting in self._SETTINGS}
             proposed[name] = value
             value = self._checked_settings(proposed)[name]
         super().__setattr__(name, value)
@@ -545,7 +546,7 @@ class ChunkWindow(_CheckedSettings, Mask):
         return f"ChunkWindow(chunk_size={self.chunk_size}, left={self.left}, right={self.right})"
 
 
-class Segments(Mask):
+class Segments(_CheckedSettings, Mask):
     """Tokens attend only inside their own segment (packed variable-length batches, 3D part attention).
 
     ``ids``: int tensor (N,) or (B, N) of segment ids for the queries; ``kv_ids`` the same for the keys
@@ -556,14 +557,20 @@ class Segments(Mask):
     :meth:`from_cu_seqlens` those of sequences packed as FlashAttention's varlen API packs them.
     """
 
+    _SETTINGS = ("q_ids", "kv_ids")
+
     def __init__(self, ids: torch.Tensor, kv_ids: Optional[torch.Tensor] = None) -> None:
         super().__init__()
-        self.q_ids = self._check_ids(ids, "ids")
-        self.kv_ids = self.q_ids if kv_ids is None else self._check_ids(kv_ids, "kv_ids")
-        if self.q_ids.shape[0] != self.kv_ids.shape[0] and 1 not in (self.q_ids.shape[0], self.kv_ids.shape[0]):
-            raise ValueError(
-                f"Segments: ids batch {self.q_ids.shape[0]} and kv_ids batch {self.kv_ids.shape[0]} differ"
-            )
+        self._init_settings(q_ids=ids, kv_ids=kv_ids)
+
+    def _checked_settings(self, settings: dict) -> dict:
+        """The ids checked as the constructor checks them, also when reassigned (``segments.kv_ids = ...``;
+        ``kv_ids = None``: the keys' ids are the queries')."""
+        q_ids = self._check_ids(settings["q_ids"], "ids")
+        kv_ids = q_ids if settings["kv_ids"] is None else self._check_ids(settings["kv_ids"], "kv_ids")
+        if q_ids.shape[0] != kv_ids.shape[0] and 1 not in (q_ids.shape[0], kv_ids.shape[0]):
+            raise ValueError(f"Segments: ids batch {q_ids.shape[0]} and kv_ids batch {kv_ids.shape[0]} differ")
+        return {"q_ids": q_ids, "kv_ids": kv_ids}
 
     @classmethod
     def from_lengths(cls, lengths, max_len: Optional[int] = None, *, kv_lengths=None,
@@ -939,13 +946,20 @@ def _tile_extremes(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     return padded_hi.amin(-1), padded_lo.amax(-1)
 
 
-class Dense(Mask):
+class Dense(_CheckedSettings, Mask):
     """An explicit bool mask of shape (B|1, H|1, Nq|1, Nk); True = may attend. Batch, head and query dims of 1
     broadcast, as SDPA's attn_mask does: a (B, 1, 1, Nk) key-padding mask serves any number of queries. The key
-    dim must be Nk (SDPA would also broadcast a key dim of 1, a per-query all-or-nothing mask: expand it)."""
+    dim must be Nk (SDPA would also broadcast a key dim of 1, a per-query all-or-nothing mask: expand it).
+    ``dense.mask = other`` is checked as the constructor checks ``mask``."""
+
+    _SETTINGS = ("mask",)
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
+        self._init_settings(mask=mask)
+
+    def _checked_settings(self, settings: dict) -> dict:
+        mask = settings["mask"]
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(
                 "Dense mask must be a torch.bool tensor (True = may attend); "
@@ -955,7 +969,7 @@ class Dense(Mask):
             raise ValueError(f"Dense mask must have 2 to 4 dims (..., Nq, Nk), got shape {tuple(mask.shape)}")
         while mask.dim() < 4:
             mask = mask[None]
-        self.mask = mask
+        return {"mask": mask}
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.mask,)
@@ -1123,7 +1137,7 @@ class BlockSparse(_CheckedSettings, Mask):
         return f"BlockSparse(tiles={tuple(self.block_mask.shape)}, block=({self.block_q}, {self.block_k}))"
 
 
-class Edges(Mask):
+class Edges(_CheckedSettings, Mask):
     """Graph attention as a mask: query i may attend to key j exactly where the edge j -> i is in ``edge_index``.
 
     ``edge_index``: an integer tensor (2, E) in PyG's layout and flow "source_to_target" -- row 0 the source (a key
@@ -1157,8 +1171,16 @@ class Edges(Mask):
     columns when built, and sources >= Nk or targets >= Nq when a call gives the lengths.
     """
 
+    _SETTINGS = ("edge_index",)
+
     def __init__(self, edge_index: torch.Tensor) -> None:
         super().__init__()
+        self._init_settings(edge_index=edge_index)
+        self._edge_cache: dict = {}
+        self._bounds()  # bad indices named now, not at the first call
+
+    def _checked_settings(self, settings: dict) -> dict:
+        edge_index = settings["edge_index"]
         if not isinstance(edge_index, torch.Tensor):
             raise TypeError(f"Edges: edge_index must be an integer tensor (2, E) or (B, 2, E), got "
                             f"{type(edge_index).__name__}")
@@ -1167,9 +1189,21 @@ class Edges(Mask):
         if edge_index.dim() not in (2, 3) or edge_index.shape[-2] != 2:
             raise ValueError(f"Edges: edge_index must have shape (2, E) (row 0 source = key, row 1 target = query) "
                              f"or (B, 2, E), got {tuple(edge_index.shape)}")
-        self.edge_index = edge_index
-        self._edge_cache: dict = {}
-        self._bounds()  # bad indices named now, not at the first call
+        return {"edge_index": edge_index}
+
+    def __setattr__(self, name: str, value) -> None:
+        if name != "edge_index" or "edge_index" not in self.__dict__:
+            super().__setattr__(name, value)
+            return
+        # ``edges.edge_index = other``: its indices are checked now, as the constructor checks them, and a
+        # refused graph leaves the mask as it was
+        previous = self.__dict__["edge_index"]
+        super().__setattr__(name, value)
+        try:
+            self._bounds()
+        except ValueError:
+            object.__setattr__(self, name, previous)
+            raise
 
     @classmethod
     def knn(cls, pos: torch.Tensor, k: int, *, loop: bool = True, cosine: bool = False) -> "Edges":
