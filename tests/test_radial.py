@@ -234,6 +234,20 @@ def test_dense_warmup_schedule():
         s.is_dense(10, 0)
     with pytest.raises(ValueError, match="dense_last_steps"):
         DenseWarmup(num_steps=10, dense_last_steps=-1)
+    # numpy ints are ints (step indices from np.arange); bools are not; type and range errors say which
+    assert s.is_dense(np.int64(1), np.int32(4)) and not s.is_dense(np.int64(3), 4)
+    assert DenseWarmup(num_steps=np.int64(10), dense_first_steps=np.int32(2)) == DenseWarmup(10, 2)
+    with pytest.raises(ValueError, match=r"DenseWarmup: step must be an int, got True \(bool\)"):
+        s.is_dense(True)
+    with pytest.raises(ValueError, match=r"DenseWarmup: step must be in \[0, 10\), got 10"):
+        s.is_dense(np.int64(10))
+    with pytest.raises(ValueError, match="DenseWarmup: layer must be an int, got 1.0"):
+        s.is_dense(1, 1.0)
+    with pytest.raises(ValueError, match="DenseWarmup: num_steps must be >= 1, got 0"):
+        DenseWarmup(num_steps=0)
+    with pytest.raises(ValueError, match=r"dense_first_steps=20 is more than num_steps=10"):
+        DenseWarmup(num_steps=10, dense_first_steps=20)
+    assert DenseWarmup(num_steps=10, dense_first_steps=6, dense_last_steps=4).sparse_fraction(2) == 0.0  # baseline
 
 
 def test_token_mask_takes_text_tokens_as_the_block_map_does():

@@ -398,9 +398,21 @@ class Radial(_CheckedSettings, Mask):
         )
 
 
+def _check_schedule_int(name: str, value, minimum: int, below: Optional[int] = None) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (Python or numpy; not a bool) in [minimum, below)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"DenseWarmup: {name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum or (below is not None and value >= below):
+        bounds = f">= {minimum}" if below is None else f"in [{minimum}, {below})"
+        raise ValueError(f"DenseWarmup: {name} must be {bounds}, got {value}")
+
+
 @dataclass(frozen=True)
 class DenseWarmup:
     """When to run dense attention during diffusion sampling, sparse otherwise.
+
+    (Counts may be numpy ints; ``dense_first_steps`` / ``dense_last_steps`` above ``num_steps`` are refused as
+    settings meant for another sampler length; dense steps covering every step are a dense baseline, allowed.)
 
     Dense for denoising steps ``step < dense_first_steps`` and ``step >= num_steps - dense_last_steps``,
     and for transformer layers ``layer < dense_first_layers``; sparse elsewhere. The published Radial
@@ -419,16 +431,18 @@ class DenseWarmup:
     def __post_init__(self) -> None:
         for name in ("num_steps", "dense_first_steps", "dense_last_steps", "dense_first_layers"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"DenseWarmup: {name} must be an int >= 0, got {value!r}")
-        if self.num_steps < 1:
-            raise ValueError(f"DenseWarmup: num_steps must be >= 1, got {self.num_steps}")
+            _check_schedule_int(name, value, minimum=1 if name == "num_steps" else 0)
+            object.__setattr__(self, name, int(value))  # numpy ints (schedules built with numpy) as Python ints
+        for name in ("dense_first_steps", "dense_last_steps"):
+            if getattr(self, name) > self.num_steps:  # a setting meant for another sampler length
+                raise ValueError(f"DenseWarmup: {name}={getattr(self, name)} is more than num_steps="
+                                 f"{self.num_steps} (the sampler's denoising steps)")
 
     def is_dense(self, step: int, layer: int = 0) -> bool:
-        if not (isinstance(step, int) and 0 <= step < self.num_steps):
-            raise ValueError(f"DenseWarmup: step must be an int in [0, {self.num_steps}), got {step!r}")
-        if not (isinstance(layer, int) and layer >= 0):
-            raise ValueError(f"DenseWarmup: layer must be an int >= 0, got {layer!r}")
+        """Whether the call at denoising ``step`` (0 .. num_steps - 1) and transformer ``layer`` runs dense."""
+        _check_schedule_int("step", step, minimum=0, below=self.num_steps)
+        _check_schedule_int("layer", layer, minimum=0)
+        step, layer = int(step), int(layer)
         return (
             step < self.dense_first_steps
             or step >= self.num_steps - self.dense_last_steps
