@@ -111,3 +111,24 @@ def test_the_states_are_kept_beside_the_state_dict_and_old_checkpoints_still_res
     assert old["global_step"] == new["global_step"] > 2
     assert old["metrics"]["train/acc1"] != pytest.approx(new["metrics"]["train/acc1"]) or \
         old["metrics"]["train/loss"] != pytest.approx(new["metrics"]["train/loss"])
+
+
+def test_the_training_time_of_a_resumed_run_counts_the_calls_before(tmp_path):
+    """The training time a resumed run records (result, metrics.json, the released card's train_seconds) includes
+    the time of the calls it resumed from, kept in every checkpoint (review 2026-12-07: a 2 + 2 epoch run recorded
+    its last call's seconds alone). The checkpoint's record is set to 1000 s, so the check is exact in time."""
+    import json
+
+    cut = run.train(_vit(tmp_path, "cut", "trainer.max_epochs=1", "+trainer.max_steps=2"))
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    recorded = checkpoint["callbacks"]["zoo_training_clock"]["seconds"]
+    assert 0 < recorded <= cut["seconds"]
+    checkpoint["callbacks"]["zoo_training_clock"]["seconds"] = 1000.0
+    torch.save(checkpoint, last)
+    resumed = run.train(_vit(tmp_path, "cut", "trainer.max_epochs=1", f"ckpt_path={last}", "export=true"))
+    assert resumed["global_step"] == 4
+    assert 1000.0 < resumed["seconds"] < 1000.0 + 10 * cut["seconds"] + 60
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["seconds"] == resumed["seconds"]
+    card = json.loads((tmp_path / "cut" / "released" / "config.json").read_text())
+    assert card["metadata"]["train_seconds"] == round(resumed["seconds"], 1)

@@ -170,7 +170,8 @@ def test_rerunning_a_resume_whose_release_is_stale_writes_it_with_its_metrics(tm
 def test_rerunning_a_resume_whose_outputs_are_all_of_the_previous_segment_records_no_stale_time(tmp_path, capsys):
     """Killed after the last step of an extension (step 4) but before its outputs, the run_dir holds the step-2
     run's release and metrics.json; the rerun recorded their training time (the step-2 part's) as the step-4 run's,
-    and its train/*. No file records step 4's: this call's time, no train/*, and a note saying so."""
+    and its train/*. No file records step 4's: the training time the step-4 checkpoint keeps (both calls'), no
+    train/*, and a note saying so."""
     first = run.train(_vit(tmp_path, "p"))
     previous = {name: (tmp_path / "p" / name).read_bytes() for name in ("metrics.json", "released/config.json",
                                                                          "released/model.safetensors")}
@@ -182,11 +183,12 @@ def test_rerunning_a_resume_whose_outputs_are_all_of_the_previous_segment_record
     again = run.train(copy.deepcopy(resume))
     err = capsys.readouterr().err
     assert ("note: neither metrics.json nor released/ records the run's training time at step 4 (they are of "
-            "another step); the rewritten outputs record this call's") in err
+            "another step); the rewritten outputs record the training time kept in the checkpoint") in err
     written = json.loads((tmp_path / "p" / "metrics.json").read_text())
     card = json.loads((tmp_path / "p" / "released" / "config.json").read_text())["metadata"]
     assert written["global_step"] == 4 and card["weights"]["global_step"] == 4
     assert written["seconds"] == again["seconds"] and card["train_seconds"] == round(again["seconds"], 1)
+    assert again["seconds"] > first["seconds"]  # the first call's time is part of the step-4 run's
     assert not [k for k in written["metrics"] if k.startswith("train/")] and _val_metrics(written["metrics"])
 
 

@@ -1182,6 +1182,40 @@ def _validation_step_callback():
     return ValidationStep()
 
 
+def _training_clock_callback():
+    """A Lightning callback that keeps the run's training time across resumes: ``seconds()`` is the time of this
+    fit so far plus the time recorded in the checkpoint it resumed from (saved with every checkpoint, under
+    ``state_key``). metrics.json, the released card's ``train_seconds`` and a sweep's table used to record the
+    last call's time alone (a 2 + 2 epoch resumed run read as its last 2 epochs). The time a killed call spent
+    after its last checkpoint is not counted: the resume trains that part again."""
+    import lightning.pytorch as pl
+
+    class TrainingClock(pl.Callback):
+        def __init__(self) -> None:
+            self.before = 0.0  # seconds trained by the calls before this one
+            self.restored = False  # whether the resumed checkpoint had the record (not one written before it was kept)
+            self.started: Optional[float] = None
+
+        @property
+        def state_key(self) -> str:
+            return "zoo_training_clock"
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            self.started = time.perf_counter()
+
+        def seconds(self) -> float:
+            return self.before + (0.0 if self.started is None else time.perf_counter() - self.started)
+
+        def state_dict(self) -> dict[str, float]:
+            return {"seconds": self.seconds()}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            self.before = float(state_dict.get("seconds", 0.0))
+            self.restored = "seconds" in state_dict
+
+    return TrainingClock()
+
+
 def _check_launcher(trainer, cfg) -> None:
     """Multi-process training runs with Lightning's script launcher (strategy=ddp: trainer=ddp_cpu / trainer=ddp), whose
     process 0 is this one and trains as a rank. The multiprocessing launchers (ddp_spawn, ddp_fork, ddp_notebook;
@@ -1352,9 +1386,9 @@ def _train(cfg, run_dir: Path, resume_advice: bool = True, config_name: str = "t
         resumed_at_step = resume[1].get("global_step")
         resumed_order = (resume[1].get(type(datamodule).__qualname__) or {}).get("training_order")
         del resume  # Lightning reads the file again in fit(): do not hold two copies
-    validated = _validation_step_callback()
+    validated, clock = _validation_step_callback(), _training_clock_callback()
     callbacks = _instantiate_group(cfg.get("callbacks")) + [
-        _interrupt_callback(run_dir, resume_advice, primary_config_flags(config_name, config_dirs)), validated]
+        _interrupt_callback(run_dir, resume_advice, primary_config_flags(config_name, config_dirs)), validated, clock]
     _check_best_checkpoint_can_exist(cfg, callbacks)
     trainer = _trainer(cfg, callbacks=callbacks, loggers=_instantiate_group(cfg.get("logger")))
     _check_launcher(trainer, cfg)
@@ -1368,7 +1402,6 @@ def _train(cfg, run_dir: Path, resume_advice: bool = True, config_name: str = "t
             _tidy_for_resume(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomically(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") or None)
     except Exception as error:  # the two monitor errors below get one line; every other error is raised as it was
@@ -1376,7 +1409,7 @@ def _train(cfg, run_dir: Path, resume_advice: bool = True, config_name: str = "t
         if message is None:
             raise
         raise ValueError(message) from error
-    seconds = time.perf_counter() - start
+    seconds = clock.seconds()  # with the time of the calls this run resumed from
     metrics = _float_metrics(trainer.callback_metrics)
     finished = resumed_at_step is not None and int(trainer.global_step) == int(resumed_at_step)
     stale = _stale_outputs(trainer, cfg, run_dir) if finished else set()
@@ -1424,8 +1457,10 @@ def _train(cfg, run_dir: Path, resume_advice: bool = True, config_name: str = "t
                 seconds = result["seconds"] = stored_seconds
             else:
                 print(f"zoo train: note: neither metrics.json nor released/ records the run's training time at step "
-                      f"{resumed_at_step} (they are of another step); the rewritten outputs record this call's "
-                      f"{seconds:.1f} s and no train/* metrics", file=sys.stderr)
+                      f"{resumed_at_step} (they are of another step); the rewritten outputs record "
+                      + (f"the training time kept in the checkpoint, {seconds:.1f} s," if clock.restored else
+                         f"this call's {seconds:.1f} s (the checkpoint keeps no training time)")
+                      + " and no train/* metrics", file=sys.stderr)
             print(f"zoo train: the resumed run's training was already complete (step {resumed_at_step}); writing "
                   f"the {' and '.join(sorted(stale))} it had not written, or whose writing was interrupted",
                   file=sys.stderr)
