@@ -1773,6 +1773,25 @@ def test_resume_of_a_lion_run_compares_the_betas_it_used(tmp_path):
         run._check_resume_fits((tmp_path / "l.ckpt", ckpt), run.build(other)[0], other)
 
 
+
+def test_resume_messages_print_the_settings_the_run_had(tmp_path, capsys):
+    """Review 2026-12-07: refusing adamw -> sgd said the run used task.momentum=None (its config holds 0.9, which
+    AdamW does not take), and resuming without +trainer.max_steps said trainer.max_steps=None. Now: "(not used by
+    adamw)" and "(not set)"; a setting absent on one side and null on the other is still no change."""
+    cfg = run.compose([*FAST_RUN, "+trainer.max_steps=7"])
+    module, _ = run.build(cfg)
+    ckpt = {"hyper_parameters": {"zoo_config": run._to_container(cfg)}, "state_dict": module.state_dict()}
+    sgd = run.compose([*FAST_RUN, "task.optimizer=sgd", "+trainer.max_steps=7"])
+    with pytest.raises(ValueError, match=r"with task\.optimizer=sgd, task\.momentum=0\.9: the run used "
+                                         r"task\.optimizer=adamw, task\.momentum=\(not used by adamw\),"):
+        run._check_resume_fits((tmp_path / "a.ckpt", ckpt), run.build(sgd)[0], sgd)
+    longer = run.compose([*FAST_RUN])
+    run._check_resume_fits((tmp_path / "a.ckpt", ckpt), run.build(longer)[0], longer)
+    assert ("resuming with trainer.max_steps=(not set) (the run used trainer.max_steps=7)"
+            in capsys.readouterr().err)
+    stored = {"task": {"layer_decay_no_opt_scale": None}}
+    assert run._changed_settings(stored, {"task": {}}, [("task", "layer_decay_no_opt_scale")]) == ("", "")
+
 # --------------------------------------------------------------------------------------------------
 # Behaviour a mutation audit found unpinned (audit 2026-12-07, /tmp/audit8/report_m4.md)
 # --------------------------------------------------------------------------------------------------

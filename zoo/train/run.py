@@ -1833,10 +1833,26 @@ _TASK_KEYS_ADDED = {"optimizer": "adamw", "momentum": 0.9, "scheduler": "cosine"
                     "layer_decay_min_scale": 0.0, "layer_decay_no_opt_scale": None}
 
 
-def _as_the_optimizer_reads(config: dict) -> dict:
+class _NotUsedBy:
+    """A task.momentum / task.betas the optimizer does not take, as a resume message prints it ("(not used by
+    adamw)"; the run's config may well hold 0.9, which the message used to print as None); equal to any other
+    such value, so switching between two optimizers that ignore it is no change of it."""
+
+    def __init__(self, optimizer: str) -> None:
+        self.optimizer = optimizer
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _NotUsedBy)
+
+    def __str__(self) -> str:
+        return f"(not used by {self.optimizer})"
+
+
+def _as_the_optimizer_reads(config: dict, stored: bool = False) -> dict:
     """``config`` with task.optimizer as timm reads it (lower case) and task.momentum / task.betas left out when that
     optimizer does not take them, so that a resume is refused only for a change the optimizer would see (AdamW vs
-    adamw, or another momentum for AdamW, were refused)."""
+    adamw, or another momentum for AdamW, were refused); in the run's ``stored`` config they are kept as
+    :class:`_NotUsedBy`, which a message prints as such."""
     task = dict(config.get("task") or {})
     name = task.get("optimizer")
     if not isinstance(name, str):
@@ -1848,11 +1864,12 @@ def _as_the_optimizer_reads(config: dict) -> dict:
         info = get_optimizer_info(task["optimizer"].split("_")[-1])
     except Exception:  # an unknown name: the module refuses it when it is built
         return {**config, "task": task}
-    if not info.has_momentum:
-        task.pop("momentum", None)
-    if not info.has_betas:
-        task.pop("betas", None)
-    elif task.get("betas") is not None:
+    for key, used in (("momentum", info.has_momentum), ("betas", info.has_betas)):
+        if not used:
+            task[key] = _NotUsedBy(task["optimizer"])
+            if not stored:
+                del task[key]
+    if info.has_betas and task.get("betas") is not None:
         from zoo.train.optim import DEFAULT_BETAS, own_betas
 
         if tuple(float(b) for b in task["betas"]) == DEFAULT_BETAS:  # the default pair means the optimizer's own
@@ -1862,10 +1879,24 @@ def _as_the_optimizer_reads(config: dict) -> dict:
     return {**config, "task": task}
 
 
+class _NotSet:
+    """A setting absent from a config (``+trainer.max_steps`` left out), printed as such, not as None (equal to
+    None, as absent and null settings compared before)."""
+
+    def __eq__(self, other) -> bool:
+        return other is None or isinstance(other, _NotSet)
+
+    def __str__(self) -> str:
+        return "(not set)"
+
+
+_NOT_SET = _NotSet()
+
+
 def _changed_settings(stored: dict, current: dict, keys, only_given: bool = False) -> tuple[str, str]:
     """("g.k=new, ...", "g.k=old, ...") for the (group, key) settings whose value differs between the run's
     stored config and this one ("", "" when none does); ``only_given``: keys the current config has."""
-    changed = [(f"{group}.{key}", (stored.get(group) or {}).get(key), (current.get(group) or {}).get(key))
+    changed = [(f"{group}.{key}", (stored.get(group) or {}).get(key, _NOT_SET), (current.get(group) or {}).get(key, _NOT_SET))
                for group, key in keys if not only_given or key in (current.get(group) or {})]
     changed = [item for item in changed if item[1] != item[2]]
     return ", ".join(f"{k}={new}" for k, _, new in changed), ", ".join(f"{k}={old}" for k, old, _ in changed)
@@ -1912,7 +1943,7 @@ def _check_resume_fits(resume: tuple[Path, dict], module, cfg) -> None:
     stored, current = (ckpt.get("hyper_parameters") or {}).get("zoo_config"), _to_container(cfg)
     if isinstance(stored, dict) and "warmup_epochs" in (stored.get("task") or {}):  # the warm-up schedule's tasks
         stored = {**stored, "task": {**_TASK_KEYS_ADDED, **stored["task"]}}  # a run saved before those keys
-        stored, current = _as_the_optimizer_reads(stored), _as_the_optimizer_reads(current)
+        stored, current = _as_the_optimizer_reads(stored, stored=True), _as_the_optimizer_reads(current)
     if isinstance(stored, dict):  # Lightning restores the optimizer and the schedule over these: refuse a change
         now, before = _changed_settings(stored, current, _RESTORED_TASK_KEYS, only_given=True)
         if now:
