@@ -291,3 +291,20 @@ def test_capture_of_an_alibi_layer_records_its_biased_weights_and_ends_cleanly()
     mha(x)
     inner_cm.__exit__(None, None, None)
     assert (len(outer), len(inner), is_capturing()) == (0, 1, False)
+
+
+def test_a_forward_bias_with_another_head_count_is_refused():
+    """MultiHeadAttention refused rel_pos_bias=ALiBi(1) on 4 heads, but accepted forward(bias=ALiBi(1)): its
+    (1, 1, Nq, Nk) bias broadcast one slope (1/256) to every head, silently (review C, finding 6). The forward bias
+    gets the constructor's check; ALiBi(4) as the forward bias equals it as rel_pos_bias."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4).double().eval()
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"bias ALiBi has 1 heads but this module has num_heads=4; build it with 4 "
+                                         r"heads"):
+        layer(x, bias=ALiBi(1))
+    with_table = MultiHeadAttention(32, 4, rel_pos_bias=ALiBi(4)).double().eval()
+    with_table.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, mask=Causal(), bias=ALiBi(4)), with_table(x, mask=Causal()), rtol=0,
+                                   atol=0)

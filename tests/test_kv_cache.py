@@ -4,6 +4,8 @@ tests/test_modules.py checks against the float64 reference), for GQA, qk-norm an
 that serves the calls; cross attention projects its context once; beams reorder; misuse gives clear errors."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -866,3 +868,147 @@ def test_a_first_call_with_padding_inside_the_batch_is_exact_with_alibi():
         got = layer(x, mask=Causal() & Segments(ids), cache=KVCache())
     valid = ids >= 0
     torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-12)
+
+
+def test_rope_default_positions_over_a_right_padded_batch_are_refused_and_per_row_positions_are_exact():
+    """1D RoPE continues its default positions from cache.position for every row: after a right-padded prompt
+    (Segments.from_lengths) the shorter row's new token was rotated as if its padding were tokens, 0.01 off its
+    unpadded pass, silently (review C, finding 1), while ALiBi and rel_pos='xl' refused the same call. It is refused
+    too, naming both fixes; per-row positions=(B, n) (lengths + step) and left padding equal each row alone."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, rope="1d").double().eval()
+    lengths, width, steps = [5, 3], 5, 3
+    rows = [torch.randn(1, n + steps, 32, dtype=torch.float64) for n in lengths]
+    step_ids = torch.zeros(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        alone = torch.cat([layer(r, mask=Causal())[:, n:] for r, n in zip(rows, lengths)])
+        right = Segments.from_lengths(lengths, width)
+        prompt = torch.zeros(2, width, 32, dtype=torch.float64)
+        for b, (r, n) in enumerate(zip(rows, lengths)):
+            prompt[b, :n] = r[0, :n]
+        cache = KVCache()
+        layer(prompt, mask=Causal() & right, cache=cache)  # the right-padded prompt itself is exact
+        ids, outs = right.kv_ids, []
+        for t in range(steps):
+            ids = torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)], 1)
+            step = torch.stack([r[0, n + t] for r, n in zip(rows, lengths)])[:, None]
+            if t == 0:
+                with pytest.raises(ValueError, match=r"1D RoPE's default positions .* must be left-padded .* pad on "
+                                                     r"the left, or pass per-row positions=\(B, n\)"):
+                    layer(step, mask=Segments(step_ids, ids), cache=cache)
+                assert len(cache) == width  # the refused step appended nothing
+            per_row = (torch.tensor(lengths) + t)[:, None]
+            outs.append(layer(step, mask=Segments(step_ids, ids), cache=cache, positions=per_row))
+        torch.testing.assert_close(torch.cat(outs, 1), alone, rtol=0, atol=1e-12)
+        ids = torch.tensor([[0] * width, [-1] * (width - lengths[1]) + [0] * lengths[1]])  # left padding
+        prompt = torch.stack([torch.cat([torch.zeros(width - n, 32, dtype=torch.float64), r[0, :n]])
+                              for r, n in zip(rows, lengths)])
+        cache, outs = KVCache(), []
+        layer(prompt, mask=Causal() & Segments(ids), cache=cache)
+        for t in range(steps):
+            ids = torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)], 1)
+            step = torch.stack([r[0, n + t] for r, n in zip(rows, lengths)])[:, None]
+            outs.append(layer(step, mask=Segments(step_ids, ids), cache=cache))
+    torch.testing.assert_close(torch.cat(outs, 1), alone, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [[3, 2], [1, 1, 1, 1, 1], [2, 3]], ids=["prefix and one", "token by token",
+                                                                          "prefix and more"])
+def test_cross_attention_with_rope_prefix_queries_decodes_as_the_whole_pass(steps):
+    """Cross attention with RoPE and num_prefix_tokens left the first query of every cached call unrotated, so a
+    query stream decoded over a cache was 0.19 off the whole pass and the right positions were refused (review C,
+    finding 2). With a cache the prefix queries are the stream's first ones (KVCache.query_position counts them), as
+    for self attention: each call gives the positions of its rotated queries and equals the whole pass. A failed
+    call leaves the count as it was; a cache pickled before the count existed loads with 0."""
+    import pickle
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, kv_dim=16, rope="1d", num_prefix_tokens=1).double().eval()
+    x, context = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+    q_pos, k_pos = torch.arange(4), torch.arange(6) + 0.5  # 4 rotated queries, 6 rotated context tokens
+    with torch.no_grad():
+        whole = layer(x, context, positions=(q_pos, k_pos))
+        cache, outs, t = KVCache(), [], 0
+        for n in steps:
+            rotated = slice(max(t, 1) - 1, t + n - 1)
+            if t > 0:
+                with pytest.raises(ValueError, match=r"1d RoPE positions must have shape"):
+                    layer(x[:, t:t + n], positions=(q_pos[rotated][:-1], k_pos), cache=cache)
+                with pytest.raises(ValueError, match=r"contains NaN"):  # raised after the count: rolled back
+                    layer(x[:, t:t + n] * float("nan"), positions=(q_pos[rotated], k_pos), cache=cache)
+                assert cache.query_position == t  # the failed calls counted nothing
+            outs.append(layer(x[:, t:t + n], context if t == 0 else None, positions=(q_pos[rotated], k_pos),
+                              cache=cache))
+            t += n
+    assert cache.query_position == 5
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)
+    state = dict(cache.__dict__)
+    del state["query_position"]
+    old = KVCache.__new__(KVCache)
+    old.__setstate__(state)
+    assert old.query_position == 0 and pickle.loads(pickle.dumps(cache)).query_position == 5
+
+
+def test_cross_attention_over_a_cache_refuses_masks_aligned_by_query_index():
+    """Masks bottom-right aligned to a call's queries (Causal, Window, ChunkWindow, segments.window) cannot be
+    served by a cross-attention cache: nothing says where a call's queries sit among the whole query sequence, and
+    a lone query saw the whole context under Causal() (0.46 off the whole pass; Window(1, 0): 1.07; review C,
+    finding 3). They are refused at every call, inside & / | too; the call's rows of the whole pass's mask, as the
+    error suggests, decode exactly, and so does a mask that ignores query positions (KeyPadding)."""
+    from zoo.attention import KeyPadding
+
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(32, 4, kv_dim=12).double().eval()
+    x, context = torch.randn(3, 4, 32, dtype=torch.float64), torch.randn(3, 6, 12, dtype=torch.float64)
+    segments = Segments(torch.zeros(1, dtype=torch.long), torch.zeros(6, dtype=torch.long))
+    refused = [Causal(), Window(1, 0), ChunkWindow(2), Causal() & KeyPadding([6, 5, 4]),
+               Window(0, 0) | KeyPadding([6, 5, 4]), segments.window(2, 0)]
+    with torch.no_grad():
+        for mask in refused:
+            cache = KVCache()
+            with pytest.raises(ValueError, match=r"places each query by its index, bottom-right aligned to the "
+                                                 r"call's queries, but a cross-attention KV cache .*\(mask\.dense\(N, "
+                                                 r"M, rows=\(start, stop\)\)"):
+                layer(x[:, :1], context, mask=mask, cache=cache)
+            assert cache.context is None and cache.query_position == 0
+        for mask in (Causal(), Window(1, 0), KeyPadding([6, 5, 4])):
+            whole = layer(x, context, mask=mask)
+            cache = KVCache()
+            steps = [layer(x[:, t:t + 1], context if t == 0 else None, cache=cache,
+                           mask=mask if isinstance(mask, KeyPadding) else mask.dense(4, 6, rows=(t, t + 1)))
+                     for t in range(4)]
+            torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("rope", ["2d", "3d"])
+def test_a_grid_size_is_refused_after_a_streams_first_rotated_tokens(rope):
+    """A grid size numbers a call's tokens from the grid's origin: fed row by row (2D) or frame by frame (3D) with
+    positions=(1, cols) / (1, rows, cols) every call after the first was rotated as row / frame 0 again, 0.07 off
+    the whole pass, silently (review C, finding 4). Refused once the stream has rotated tokens, naming the tensor
+    form; a first call (after the prefix tokens alone, too) may use one, and the sliced grid_positions equal the
+    whole pass."""
+    from zoo.attention.rope import grid_positions
+
+    torch.manual_seed(0)
+    grid = (3, 4) if rope == "2d" else (3, 2, 2)
+    per_call = math.prod(grid[1:])
+    layer = MultiHeadAttention(16, 2, rope=rope, num_prefix_tokens=1).double().eval()
+    x = torch.randn(1, 1 + math.prod(grid), 16, dtype=torch.float64)
+    pos = grid_positions(*grid)
+    with torch.no_grad():
+        whole = layer(x, mask=Causal(), positions=grid)
+        cache = KVCache()
+        outs = [layer(x[:, :1], cache=cache), layer(x[:, 1:1 + per_call], mask=Causal(), cache=cache,
+                                                    positions=(1, *grid[1:]))]
+        for r in range(1, grid[0]):
+            tokens = slice(1 + r * per_call, 1 + (r + 1) * per_call)
+            with pytest.raises(ValueError, match=rf"positions=\(1, {', '.join(map(str, grid[1:]))}\) is a grid size, "
+                                                 rf"which numbers the call's tokens from the grid's origin, but the KV "
+                                                 rf"cache stream has already fed {r * per_call} rotated tokens"):
+                layer(x[:, tokens], mask=Causal(), cache=cache, positions=(1, *grid[1:]))
+            outs.append(layer(x[:, tokens], mask=Causal(), cache=cache,
+                              positions=pos[r * per_call:(r + 1) * per_call]))
+        torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)
+        cache = KVCache()  # the prefix token alone first: the whole grid may then follow as a grid size
+        outs = [layer(x[:, :1], cache=cache), layer(x[:, 1:], mask=Causal(), cache=cache, positions=grid)]
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)

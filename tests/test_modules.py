@@ -760,3 +760,41 @@ def test_captured_weights_are_detached_from_the_graph():
     mha_reference(m, x.detach(), weights_out=ref_weights)
     torch.testing.assert_close(maps[0].weights.double(), ref_weights[0], atol=1e-5, rtol=1e-5)
     maps[0].weights.numpy()
+
+
+def test_rope_refuses_positions_for_a_call_that_rotates_no_token():
+    """A call whose tokens are all prefix tokens rotates none; positions of any length were accepted and ignored
+    there, while one rotated token refused a length mismatch (review C, finding 5), which hid a cached call taken
+    for the stream's prefix. Positions for no token (or None) pass; others are refused naming num_prefix_tokens.
+    In cross attention one positions for both sides belongs to the context when no query is rotated (a class
+    query): the keys are then rotated as with the explicit pair (no query positions, the context's)."""
+    from zoo.attention import KVCache
+    from zoo.attention.rope import grid_positions
+
+    rope = RotaryEmbedding(8, num_prefix_tokens=2)
+    prefix_only = torch.randn(1, 2, 2, 8)
+    with pytest.raises(ValueError, match=r"RoPE: positions of shape \(7,\) given, but this call rotates no token: "
+                                         r"its 2 tokens are all among the num_prefix_tokens=2 leading tokens"):
+        rope(prefix_only, torch.arange(7))
+    for empty in (None, torch.arange(0), torch.zeros(1, 0)):
+        assert torch.equal(rope(prefix_only, empty), prefix_only)
+    rope_2d = RotaryEmbedding(8, "2d", num_prefix_tokens=1)
+    with pytest.raises(ValueError, match=r"the grid size \(2, 2\) given, but this call rotates no token"):
+        rope_2d(prefix_only[:, :, :1], (2, 2))
+    assert torch.equal(rope_2d(prefix_only[:, :, :1], grid_positions(2, 2)[:0]), prefix_only[:, :, :1])
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    layer = MultiHeadAttention(16, 2, rope="1d", num_prefix_tokens=2).double().eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"positions of shape \(7,\) given, but this call rotates "
+                                                         r"no token"):
+        layer(x[:, :2], positions=torch.arange(7), mask=Causal(), cache=KVCache())
+    cross = MultiHeadAttention(16, 2, kv_dim=8, rope="1d", num_prefix_tokens=1).double().eval()
+    context = torch.randn(1, 4, 8, dtype=torch.float64)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"positions of shape \(9,\) given, but this call rotates no token: its "
+                                             r"1 tokens"):
+            cross(x[:, :1], context, positions=(torch.arange(9), torch.arange(3)))
+        shared = cross(x[:, :1], context, positions=torch.arange(3) + 2)
+        pair = cross(x[:, :1], context, positions=(torch.arange(0), torch.arange(3) + 2))
+        unrotated_keys = cross(x[:, :1], context, positions=(torch.arange(0), torch.arange(3)))
+    torch.testing.assert_close(shared, pair, rtol=0, atol=0)
+    assert not torch.allclose(shared, unrotated_keys)  # the shared positions did rotate the context

@@ -28,6 +28,10 @@ Over a KV cache the distance of a key is its index among the cached keys, the sa
 batch of prompts of different lengths on the left (padding first), not on the right, or the shorter rows' new
 tokens are scored as if the padding were tokens (MultiHeadAttention refuses a right-padded ``Segments`` mask).
 
+Its head count must be the attention's: MultiHeadAttention refuses another as ``rel_pos_bias=`` or ``bias=``.
+``attend()`` checks only that the (1, H, Nq, Nk) bias broadcasts, so there ``ALiBi(1)`` gives every head its one
+slope: build it with the query heads.
+
 Letters: H heads, Nq / Nk query / key lengths.
 """
 from __future__ import annotations

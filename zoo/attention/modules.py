@@ -73,6 +73,12 @@ class KVCache:
     a cross-attention cache keeps the whole context. A mask that looks ahead (``right`` above 0 or None) is
     refused with any cache: the keys it would see have not been fed yet.
 
+    Cross attention counts the queries of its calls (``query_position``): they are one stream, as a decoder's
+    tokens are, so RoPE leaves the stream's first ``num_prefix_tokens`` queries unrotated, not the first ones of
+    every call. Masks that place a query by its index within the call (``Causal()``, ``Window``, ``ChunkWindow``,
+    ``segments.window`` / ``chunk``) are refused there: nothing tells the layer where a call's queries sit in the
+    whole query sequence; pass the call's rows of the whole pass's mask as a bool tensor instead.
+
     ``reorder(index)`` picks batch rows (beam search: the surviving beams); ``reset()`` empties the cache.
     For inference (``torch.no_grad()`` / ``inference_mode``): appending writes into the storage in place, so
     gradients do not flow through cached keys (train decoders on whole sequences with ``mask=Causal()``). A cache
@@ -92,6 +98,9 @@ class KVCache:
         self.length = 0
         self.dropped = 0  # tokens dropped from the front: the cached token t is stream position dropped + t
         self.context = None  # cross attention: the context tensor whose projection is stored
+        # cross attention: queries seen so far (the stream position of the next query; RoPE leaves the stream's
+        # first num_prefix_tokens queries unrotated, not the first ones of every call)
+        self.query_position = 0
         self._owner = None  # weakref to the layer that uses this cache (bound on its first call)
 
     def __getstate__(self) -> dict:
@@ -101,6 +110,10 @@ class KVCache:
         state = dict(self.__dict__)
         state["_owner"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        # a cache pickled before query_position existed: its cross-attention queries were not counted
+        self.__dict__.update({"query_position": 0, **state})
 
     def __len__(self) -> int:
         return self.length
@@ -171,10 +184,12 @@ class KVCache:
     def _snapshot(self) -> tuple:
         """What :meth:`_restore` needs to undo the appends (or store) of a call that then failed: references
         only. An append writes past the live tokens (or into new storage), so the live ones stay intact."""
-        return self._k, self._v, self._start, self.length, self.dropped, self.context, self._owner
+        return (self._k, self._v, self._start, self.length, self.dropped, self.context, self.query_position,
+                self._owner)
 
     def _restore(self, state: tuple) -> None:
-        self._k, self._v, self._start, self.length, self.dropped, self.context, self._owner = state
+        (self._k, self._v, self._start, self.length, self.dropped, self.context, self.query_position,
+         self._owner) = state
 
     def store(self, k_BHMD: torch.Tensor, v_BHMD: torch.Tensor, context: torch.Tensor) -> None:
         """Cross attention: keep the projected context (replacing what was there)."""
@@ -239,7 +254,8 @@ class MultiHeadAttention(nn.Module):
         proj_bias: bias in the output projection.
         num_prefix_tokens: leading tokens (class/register tokens) that RoPE leaves unrotated. In cross attention
             the context's first ``num_prefix_tokens`` tokens are left unrotated too (one rotary module serves both
-            sides), so context positions cover the others.
+            sides), so context positions cover the others. With a :class:`KVCache` they are the stream's first
+            tokens (self attention) or queries (cross attention): the first call holds them, later calls none.
     """
 
     def __init__(
@@ -437,7 +453,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: a KV cache with rel_pos_bias={type(self.rel_pos_bias).__name__} is "
                              "not supported (its tables are built for whole sequences; ALiBi, whose bias depends "
                              "on distances alone, is)")
-        if self.rope is not None and self.rope.mode != "1d" and not self.is_cross and positions is None:
+        rotates = x_BNC.shape[1] > self.num_prefix_tokens - cache.position  # (a call of prefix tokens alone: none)
+        if self.rope is not None and self.rope.mode != "1d" and not self.is_cross and positions is None and rotates:
             # 1D positions continue from cache.position; a 2D / 3D position (row, col) or (frame, row, col) cannot
             # be inferred from a token count (the whole pass needs them given too)
             axes = "(frame, row, col)" if self.rope.mode == "3d" else "(row, col)"
@@ -445,6 +462,17 @@ class MultiHeadAttention(nn.Module):
                              f"tokens at every call, a (n, {len(axes.split(','))}) tensor of their {axes} positions "
                              f"(e.g. grid_positions(...)[start:stop] of the whole pass's grid): only 1D RoPE continues "
                              f"its positions from cache.position")
+        rotated_before = cache.position - self.num_prefix_tokens  # rotated tokens the stream has fed already
+        if self.rope is not None and self.rope.mode != "1d" and not self.is_cross \
+                and isinstance(positions, (tuple, list)) and rotated_before > 0:
+            # a grid size is the grid from its origin: a later call's tokens were rotated as the grid's first row
+            # (or frame) again, 0.07 off the whole pass; only a stream's first rotated tokens may start there
+            axes = "(frame, row, col)" if self.rope.mode == "3d" else "(row, col)"
+            raise ValueError(f"MultiHeadAttention: positions={tuple(positions)!r} is a grid size, which numbers the "
+                             f"call's tokens from the grid's origin, but the KV cache stream has already fed "
+                             f"{rotated_before} rotated tokens: pass a (n, {len(axes.split(','))}) tensor of the new "
+                             f"tokens' {axes} positions (e.g. grid_positions(...)[start:stop] of the whole pass's "
+                             f"grid)")
         if len(cache) and cache.keys.shape[0] != x_BNC.shape[0]:
             raise ValueError(f"MultiHeadAttention: the cache holds batch {cache.keys.shape[0]} but x has batch "
                              f"{x_BNC.shape[0]} (KVCache.reorder selects beams)")
@@ -528,19 +556,23 @@ class MultiHeadAttention(nn.Module):
                                  f"key, but KVCache(max_length={cache.max_length}) is not a multiple of {chunk}, so "
                                  f"the kept keys would start inside a chunk: use KVCache(max_length={fit})")
 
-    def _check_padding_side(self, mask, bias, cache: KVCache) -> None:
+    def _check_padding_side(self, mask, bias, cache: KVCache, positions) -> None:
         """ALiBi (any distance-only bias) and rel_pos='xl' over a KV cache take a key's distance from its index
         among the cached keys, the same for every batch row: exact when each row's padding comes first (left
         padding), wrong for a right-padded batch (Segments.from_lengths' layout), whose new tokens sit after the
-        padding of the shorter rows. A valid key after a gap of padded keys (negative ids) that follows a valid one,
-        in a Segments part of ``mask``, is refused: the first call that would score the padding as distance (a
-        right-padded prompt itself, or a streaming encoder's padded last chunk, is exact). Masks given as bool
-        tensors are not inspected, nor anything under tracing. Ids on CPU only (on CUDA the answer would be a device
-        sync per layer and decode step), and only once keys are cached (a first call is exact whatever its layout):
-        on CPU it added about 60 us per decode step to a
-        32-wide 4-row toy layer (255 -> 323 us)."""
+        padding of the shorter rows. 1D RoPE without ``positions`` does the same (its default positions continue
+        from ``cache.position`` for every row: a right-padded row's new token was rotated as if its padding were
+        tokens, 0.01 off its unpadded pass, silently); with per-row ``positions=(B, n)`` (e.g. ``lengths + step``)
+        each row counts its own tokens and either padding side is exact, so those calls are not checked.
+        A valid key after a gap of padded keys (negative ids) that follows a valid one, in a Segments part of
+        ``mask``, is refused: the first call that would score the padding as distance (a right-padded prompt
+        itself, or a streaming encoder's padded last chunk, is exact). Masks given as bool tensors are not
+        inspected, nor anything under tracing. Ids on CPU only (on CUDA the answer would be a device sync per layer
+        and decode step), and only once keys are cached (a first call is exact whatever its layout): on CPU it
+        added about 60 us per decode step to a 32-wide 4-row toy layer (255 -> 323 us)."""
         distance_biases = [b for b in (self.rel_pos_bias, bias) if isinstance(b, AttentionBias) and b.distance_only]
-        if (self.rel_pos is None and not distance_biases) or is_tracing() or len(cache) == 0:
+        default_rope = self.rope is not None and self.rope.mode == "1d" and positions is None
+        if (self.rel_pos is None and not distance_biases and not default_rope) or is_tracing() or len(cache) == 0:
             return
         for kv_ids in _segment_kv_ids(mask):
             if not kv_ids.is_cpu:
@@ -548,10 +580,17 @@ class MultiHeadAttention(nn.Module):
             valid = (kv_ids >= 0).reshape(-1, kv_ids.shape[-1]).to(torch.uint8)
             gap = (1 - valid) * valid.cummax(-1).values  # a padded key after a valid one
             if bool((valid * gap.cummax(-1).values).any()):  # ... followed by a valid one
-                scheme = "rel_pos='xl'" if self.rel_pos is not None else type(distance_biases[0]).__name__
+                if self.rel_pos is not None:
+                    scheme, fix = "rel_pos='xl'", "pad on the left"
+                elif distance_biases:
+                    scheme, fix = type(distance_biases[0]).__name__, "pad on the left"
+                else:  # only the RoPE default positions count the padding: per-row positions fix it
+                    scheme = "1D RoPE's default positions (continued from cache.position for every row)"
+                    fix = ("pad on the left, or pass per-row positions=(B, n) of the new tokens (e.g. "
+                           "(lengths + step)[:, None] for one token per row and step)")
                 raise ValueError(f"MultiHeadAttention: with {scheme} and a KV cache, a batch must be left-padded "
                                  f"(padding before each row's tokens), but valid keys follow a row's padding: the "
-                                 f"distances to them would count the padding; pad on the left")
+                                 f"distances to them would count the padding; {fix}")
 
     def _combined_bias(self, bias, n_q: int, n_k: int, like: torch.Tensor):
         if self.rel_pos_bias is None:
@@ -603,20 +642,30 @@ class MultiHeadAttention(nn.Module):
             context: (B, M, kv_dim) keys/values for cross attention; required iff ``kv_dim`` was given.
             mask: a zoo.attention mask or bool tensor (True = may attend), see attend().
             bias: additive score bias (tensor broadcastable to (B, H, N, M) or AttentionBias), added to
-                ``rel_pos_bias`` when both are present.
+                ``rel_pos_bias`` when both are present. An AttentionBias with a ``num_heads`` (ALiBi) must have
+                this module's, as ``rel_pos_bias`` must.
             positions: RoPE positions of the non-prefix tokens (see zoo/attention/rope.py); in cross
-                attention the same positions apply to queries and keys unless a pair (q_pos, k_pos) is given.
+                attention the same positions apply to queries and keys unless a pair (q_pos, k_pos) is given
+                (with no query to rotate, e.g. one class query, a single positions is the context's). A call that
+                rotates no token takes positions for no token or None; others are refused.
                 With a self-attention ``cache`` they are the new tokens' positions: 1D ones default to
                 ``cache.position``, ``cache.position + 1``, ... (every token the stream has seen, the ones a rolling
-                cache dropped included, less the prefix tokens); 2D / 3D RoPE needs them at every call (e.g. the
-                call's slice of the whole pass's ``grid_positions(frames, rows, cols)``). Prefix tokens are the
-                stream's first tokens: the first call holds them all, the positions cover the rotated ones.
+                cache dropped included, less the prefix tokens), the same for every batch row, so a right-padded
+                batch is refused once valid keys would follow a row's padding (as for ALiBi): pad on the left or
+                pass per-row (B, n) positions; 2D / 3D RoPE needs them at every call as a tensor (e.g. the call's
+                slice of the whole pass's ``grid_positions(frames, rows, cols)``; a grid size numbers the tokens
+                from the origin, so only a stream's first rotated tokens may take one). Prefix tokens are the
+                stream's first tokens: the first call holds them all, the positions cover the rotated ones. With a
+                cross-attention ``cache`` the query positions are those of the call's rotated queries, the
+                queries being counted over the calls (the first call holds the prefix queries).
             cache: a :class:`KVCache` for incremental decoding. Self attention attends over the cached tokens
                 and these (pass ``mask=Causal()`` when a call adds several tokens: it is bottom-right aligned,
                 so each new token sees the cache and the new tokens up to itself); cross attention projects
                 ``context`` once and may then be called with ``context=None``. A mask that looks ahead (a Window,
                 ChunkWindow or SegmentWindow with ``right`` > 0 or None, unless ``&`` with a part whose right is
-                0) is refused: the keys it would see have not been fed yet.
+                0) is refused: the keys it would see have not been fed yet. Cross attention refuses any Window /
+                ChunkWindow / SegmentWindow part (``Causal()`` included): aligned to each call's queries, it
+                differs from the whole pass; give the call's rows, ``mask.dense(N, M, rows=(start, stop))``.
 
         Returns:
             (B, N, dim).
@@ -646,12 +695,19 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: {x_BNC.shape[1]} tokens are fewer than num_prefix_tokens="
                              f"{self.num_prefix_tokens} (the leading tokens RoPE leaves unrotated; with a KV cache, "
                              f"the first call of a stream must hold all of them)")
+        bias_heads = getattr(bias, "num_heads", None) if isinstance(bias, AttentionBias) else None
+        if bias_heads is not None and is_int(bias_heads) and bias_heads != self.num_heads:
+            # as for rel_pos_bias: a (1, 1, Nq, Nk) bias broadcasts, so ALiBi(1) gave every head the slope 1/256
+            raise ValueError(f"MultiHeadAttention: bias {type(bias).__name__} has {bias_heads} heads but this module "
+                             f"has num_heads={self.num_heads}; build it with {self.num_heads} heads")
         if cache is not None:
             self._check_cache(cache, x_BNC, num_queries, positions)
             if not self.is_cross:
                 self._check_stream(cache, mask)
-                self._check_padding_side(mask, bias, cache)
-            elif self.rope is not None and positions is None:
+                self._check_padding_side(mask, bias, cache, positions)
+            else:
+                _check_cross_stream_mask(mask)
+            if self.is_cross and self.rope is not None and positions is None:
                 raise ValueError("MultiHeadAttention: cross attention with RoPE and a KV cache needs "
                                  "positions=(query positions, context positions) at every call: the cache "
                                  "continues positions for self attention only (each query would be rotated at 0)")
@@ -689,16 +745,27 @@ class MultiHeadAttention(nn.Module):
             # the prefix tokens RoPE leaves unrotated are the stream's first tokens: the first call holds them all
             # (checked above), later calls none
             prefix = max(0, self.num_prefix_tokens - cache.position)
-            if positions is None:  # 1D (2D / 3D need positions, checked): the rotated tokens' count continues
+            if positions is None and self.rope.mode == "1d":  # the rotated tokens' count continues (2D / 3D need
+                # positions, checked, unless the call holds prefix tokens alone)
                 start = cache.position + prefix - self.num_prefix_tokens
                 positions = torch.arange(start, start + max(0, n_q - prefix), device=x_BNC.device)
             q_BHND = self.rope(q_BHND, positions, num_prefix_tokens=prefix)
             k_BHMD = self.rope(k_BHMD, positions, num_prefix_tokens=prefix)
         elif self.rope is not None:
-            q_pos, k_pos = positions, positions
+            q_pos, k_pos, shared = positions, positions, True
             if self.is_cross and isinstance(positions, tuple) and len(positions) == 2 and not is_int(positions[0]):
-                q_pos, k_pos = positions
-            q_BHND = self.rope(q_BHND, q_pos)
+                (q_pos, k_pos), shared = positions, False
+            # with a cache the queries form one stream over the calls (a decoder's tokens), as a self-attention
+            # cache's tokens do: the unrotated prefix queries are the stream's first ones, later calls hold none
+            # (every call re-treating its first queries as prefix was 0.19 off the whole pass)
+            q_prefix = self.num_prefix_tokens
+            if cache is not None:
+                q_prefix = max(0, q_prefix - cache.query_position)
+            if shared and self.is_cross and n_q <= q_prefix:
+                # one positions for both sides, and no query to rotate (a class / latent query): they are the
+                # context's (an explicit pair's query positions are checked against the rotated queries: none)
+                q_pos = None
+            q_BHND = self.rope(q_BHND, q_pos, num_prefix_tokens=q_prefix)
             if not cached_context:
                 k_BHMD = self.rope(k_BHMD, k_pos)
         elif positions is not None:
@@ -708,6 +775,8 @@ class MultiHeadAttention(nn.Module):
                 cache.store(k_BHMD, v_BHMD, context)
             else:
                 k_BHMD, v_BHMD = cache.append(k_BHMD, v_BHMD)
+        if cache is not None and self.is_cross:
+            cache.query_position += n_q  # (rolled back with the rest of the cache if this call fails)
         n_k = k_BHMD.shape[2]
         if num_queries is not None and num_queries < n_k:
             mask, bias = self._first_query_rows(mask, bias, n_q, n_k, q_BHND)
@@ -752,6 +821,23 @@ def _mask_parts(mask) -> list:
     if isinstance(mask, (And, Or)):
         return _mask_parts(mask.a) + _mask_parts(mask.b)
     return [mask]
+
+
+def _check_cross_stream_mask(mask) -> None:
+    """Cross attention over a KV cache: refuse a mask that places a call's queries by their index (Window, Causal,
+    ChunkWindow, SegmentWindow, SegmentChunkWindow: bottom-right aligned to the call's Nq queries). Nothing tells
+    the layer where a call's queries sit among the whole query sequence (a self-attention cache's length does), so
+    a lone query saw the whole context under Causal() (0.46 off the whole pass decoded token by token; Window(1, 0):
+    1.07). Masks that do not depend on the query index (Segments, KeyPadding, a bool tensor) are the caller's per
+    call and pass."""
+    for part in _mask_parts(mask):
+        if isinstance(part, (Window, ChunkWindow, SegmentWindow, SegmentChunkWindow)):
+            raise ValueError(
+                f"MultiHeadAttention: {part!r} places each query by its index, bottom-right aligned to the call's "
+                f"queries, but a cross-attention KV cache does not know where a call's queries sit among the whole "
+                f"query sequence, so the output would differ from the whole pass: pass the call's rows of the "
+                f"whole pass's mask as a bool tensor (mask.dense(N, M, rows=(start, stop)) for queries start..stop "
+                f"of N), or a mask that ignores query positions (Segments, KeyPadding), or call without a cache")
 
 
 def _window_leaves(mask) -> list:

@@ -26,7 +26,8 @@ Positions: 1D positions are (N,) or (B, N) numbers; 2D positions are (N, 2) or (
 or (B, N, 3) numbers in (frame, row, col) order, or a grid size ``(frames, rows, cols)`` meaning the
 frame-major, row-major token layout (the layout of zoo.attention.Radial). By default 1D uses 0..N-1 and 2D a
 square grid; 3D needs positions or a grid size. The first ``num_prefix_tokens`` tokens (class / register tokens) are not
-rotated, as in RoPE-ViT.
+rotated, as in RoPE-ViT; a call whose tokens are all prefix tokens rotates none: it takes positions=None or positions
+for 0 tokens and refuses others (they would be ignored).
 """
 from __future__ import annotations
 
@@ -238,6 +239,22 @@ class RotaryEmbedding(CachesDroppedWhenCopied, nn.Module):
             raise ValueError("RoPE positions contain NaN or Inf")
         return positions
 
+    def _check_no_rotated_positions(self, positions, num_tokens: int, num_prefix_tokens: int) -> None:
+        """Positions given for a call that rotates no token (all of its ``num_tokens`` are among the
+        ``num_prefix_tokens`` leading ones): only positions for 0 tokens fit. Anything else was ignored silently,
+        hiding a call whose tokens were meant to be rotated (a KV-cache step taken for the stream's prefix)."""
+        if isinstance(positions, torch.Tensor):
+            token_axis = -1 if self.mode == "1d" else -2
+            if positions.dim() >= 1 and positions.dim() + token_axis >= 0 and positions.shape[token_axis] == 0:
+                self._check_positions(positions, 0)  # the shape of positions for no token (and the dtype)
+                return
+            given = f"positions of shape {tuple(positions.shape)}"
+        else:
+            given = f"the grid size {tuple(positions) if isinstance(positions, (tuple, list)) else positions!r}"
+        raise ValueError(f"RoPE: {given} given, but this call rotates no token: its {num_tokens} tokens are all "
+                         f"among the num_prefix_tokens={num_prefix_tokens} leading tokens left unrotated. Pass "
+                         f"positions=None (or positions for 0 tokens), or feed the tokens to rotate")
+
     def angles(self, positions: torch.Tensor) -> torch.Tensor:
         """Rotation angles (..., N, D/2) in fp64 for positions (..., N) [1d] or (..., N, 2) [2d]."""
         freqs = self.freqs.to(device=positions.device)
@@ -289,7 +306,8 @@ class RotaryEmbedding(CachesDroppedWhenCopied, nn.Module):
                 num_prefix_tokens: Optional[int] = None) -> torch.Tensor:
         """Rotate the non-prefix tokens of ``x`` (B, H, N, D); the prefix tokens pass through unchanged.
         ``num_prefix_tokens`` overrides the module's count for this call (a KV cache step: the prefix tokens are
-        the stream's first ones, so later calls hold none)."""
+        the stream's first ones, so later calls hold none). With no token to rotate, ``positions`` must be None or
+        for 0 tokens."""
         if x_BHND.dim() != 4 or x_BHND.shape[-1] != self.head_dim:
             raise ValueError(f"RoPE expects (B, H, N, {self.head_dim}), got {tuple(x_BHND.shape)}")
         if not x_BHND.is_floating_point():
@@ -305,6 +323,8 @@ class RotaryEmbedding(CachesDroppedWhenCopied, nn.Module):
         npt = self.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
         num_tokens = x_BHND.shape[2] - npt
         if num_tokens <= 0:  # prefix tokens only (e.g. one latent query of a cross attention): nothing to rotate
+            if positions is not None:
+                self._check_no_rotated_positions(positions, x_BHND.shape[2], npt)
             return x_BHND
         compute_dtype = torch.float64 if x_BHND.dtype == torch.float64 else torch.float32
         cos, sin = self.cos_sin(num_tokens, positions, device=x_BHND.device, dtype=compute_dtype)
