@@ -303,6 +303,12 @@ def test_a_forward_bias_with_another_head_count_is_refused():
     with pytest.raises(ValueError, match=r"bias ALiBi has 1 heads but this module has num_heads=4; build it with 4 "
                                          r"heads"):
         layer(x, bias=ALiBi(1))
+    q = torch.randn(2, 4, 6, 8, dtype=torch.float64)  # attend() itself refuses it too, naming the explicit route
+    with pytest.raises(ValueError, match=r"attend: bias ALiBi has 1 heads but q has 4: build it with 4 heads .* "
+                                         r"pass its tensor, bias.materialize\(6, 6\)"):
+        attend(q, q, q, bias=ALiBi(1))
+    shared = ALiBi(1).materialize(6, 6, dtype=torch.float64)
+    torch.testing.assert_close(attend(q, q, q, bias=shared), attend(q, q, q, bias=shared.expand(1, 4, 6, 6)))
     with_table = MultiHeadAttention(32, 4, rel_pos_bias=ALiBi(4)).double().eval()
     with_table.load_state_dict(layer.state_dict())
     with torch.no_grad():

@@ -28,9 +28,9 @@ Over a KV cache the distance of a key is its index among the cached keys, the sa
 batch of prompts of different lengths on the left (padding first), not on the right, or the shorter rows' new
 tokens are scored as if the padding were tokens (MultiHeadAttention refuses a right-padded ``Segments`` mask).
 
-Its head count must be the attention's: MultiHeadAttention refuses another as ``rel_pos_bias=`` or ``bias=``.
-``attend()`` checks only that the (1, H, Nq, Nk) bias broadcasts, so there ``ALiBi(1)`` gives every head its one
-slope: build it with the query heads.
+Its head count must be the attention's: MultiHeadAttention refuses another as ``rel_pos_bias=`` or ``bias=``, and
+``attend()`` refuses it too (a (1, 1, Nq, Nk) ``ALiBi(1)`` would broadcast its one slope to every head; pass
+``materialize(Nq, Nk)``'s tensor for that).
 
 Letters: H heads, Nq / Nk query / key lengths.
 """

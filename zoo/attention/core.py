@@ -305,6 +305,12 @@ def _dispatch(q, k, v, mask, bias, scale: float, score, dropout_p, return_weight
         # the fast path; capture_attention and the modules' weight requests must keep working under them); only an
         # explicit backend= argument is asked for them (see zoo.attention.backends' module docstring)
         requested = "torch"
+    bias_heads = getattr(bias, "num_heads", None) if isinstance(bias, AttentionBias) else None
+    if isinstance(bias_heads, int) and bias_heads != heads:
+        # its (1, h, Nq, Nk) tensor would broadcast for h = 1: ALiBi(1) gave every head the slope 1/256, silently
+        raise ValueError(f"attend: bias {type(bias).__name__} has {bias_heads} heads but q has {heads}: build it with "
+                         f"{heads} heads (its per-head slopes / tables); for one bias shared by every head, pass its "
+                         f"tensor, bias.materialize({q_len}, {k_len})")
     empty = _is_empty(q, k)
     if isinstance(bias, ALiBi) and bias.num_heads == heads and not empty:
         # The Triton kernel computes ALiBi from its slopes (O(N) memory): choose the backend against a
