@@ -164,7 +164,7 @@ def test_ema_matches_timm_model_ema_v3():
         opt.step()
         opt.zero_grad()
         ours.update(model)
-        theirs.update(model)
+        theirs.update(model, step=step + 1)  # as timm's train.py: the first update copies the weights
         assert warm.current_decay() == pytest.approx(min(0.99, (1 + step) / (10 + step)))
         warm.update(model)
     for (name, a), (_, b) in zip(ours.module.state_dict().items(), theirs.module.state_dict().items()):
@@ -254,8 +254,10 @@ def test_module_rejects_bad_options():
     from zoo.train.ema import ModelEma
     from zoo.tasks.vision.data import DigitsDataModule
 
-    with pytest.raises(TypeError, match="EMA warmup must be True or False"):
+    with pytest.raises(ValueError, match="EMA warmup must be true .*, false .* or 'timm' .*got 'no'"):
         ModelEma(model, 0.9, warmup="no")
+    with pytest.raises(ValueError, match="EMA warmup must be true .*got 1"):
+        ModelEma(model, 0.9, warmup=1)
     with pytest.raises(TypeError, match="drop_last must be True or False"):
         DigitsDataModule(drop_last="maybe")
 
@@ -1806,12 +1808,12 @@ def test_ema_copies_buffers_as_timm_model_ema_v3():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     ours, theirs = ModelEma(model, decay=0.9, warmup=False), ModelEmaV3(model, decay=0.9, use_warmup=False, exclude_buffers=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
+    for num_updates in range(1, 4):
         (model(torch.randn(2, 3, 8, 8) * 3 + 1).square().mean()).backward()
         opt.step()
         opt.zero_grad()
         ours.update(model)
-        theirs.update(model)
+        theirs.update(model, step=num_updates)  # as timm's train.py updates it
     ours_state, theirs_state = ours.module.state_dict(), theirs.module.state_dict()
     assert ours_state.keys() == theirs_state.keys()
     assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= ours_state.keys()

@@ -48,28 +48,35 @@ def _fit(module, images, labels, max_epochs=1, callbacks=(), batch_size=4, **tra
 # --------------------------------------------------------------------------------------------------
 # EMA: task.ema_warmup, task.ema_buffers
 # --------------------------------------------------------------------------------------------------
-def test_ema_without_warmup_averaging_buffers_is_timms_model_ema_v3():
-    """ModelEma(warmup=False, buffers="average") equals timm's ModelEmaV3(decay=D) (timm train.py --model-ema: no
-    warm-up, floating-point buffers averaged, num_batches_tracked copied) after every step, BatchNorm statistics
-    included; the default "copy" does not (it takes the model's statistics)."""
+@pytest.mark.parametrize("warmup", [False, "timm"])
+def test_ema_without_warmup_averaging_buffers_is_timms_model_ema_v3(warmup):
+    """ModelEma(warmup=False, buffers="average") equals timm's ModelEmaV3(decay=D) as timm's train.py updates it
+    for --model-ema (``update(model, step=num_updates)``: the first update copies the weights, then decay D;
+    floating-point buffers averaged, num_batches_tracked copied) after every step, BatchNorm statistics included;
+    warmup="timm" equals ModelEmaV3(decay=D, use_warmup=True), train.py's --model-ema-warmup (decay
+    min(D, 1 - (1 + t) ** -2/3)). The default buffers="copy" does not (it takes the model's statistics)."""
     from timm.utils import ModelEmaV3
 
     torch.manual_seed(0)
     model = _ConvBn()
-    ours, theirs = ModelEma(model, 0.8, warmup=False, buffers="average"), ModelEmaV3(model, decay=0.8)
-    copied = ModelEma(model, 0.8, warmup=False)
+    ours, theirs = (ModelEma(model, 0.8, warmup=warmup, buffers="average"),
+                    ModelEmaV3(model, decay=0.8, use_warmup=warmup == "timm"))
+    copied = ModelEma(model, 0.8, warmup=warmup)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(4):
+    for num_updates in range(1, 9):
         model(torch.randn(4, 1, 6, 6) * 2 + 1).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-        for ema in (ours, theirs, copied):
+        assert ours.current_decay() == theirs.get_decay(num_updates)
+        for ema in (ours, copied):
             ema.update(model)
+        theirs.update(model, step=num_updates)
         ours_state, theirs_state = ours.module.state_dict(), theirs.module.state_dict()
         assert ours_state.keys() == theirs_state.keys()
         for name in theirs_state:
             torch.testing.assert_close(ours_state[name], theirs_state[name], rtol=1e-6, atol=1e-7, msg=name)
-    assert int(ours_state["norm.num_batches_tracked"]) == 4
+    assert int(ours_state["norm.num_batches_tracked"]) == 8
+    assert (ours.current_decay() < 0.8) == (warmup == "timm")  # 1 - 9 ** (-2/3) = 0.77 after 8 updates
     assert not torch.allclose(ours_state["norm.running_mean"], model.norm.running_mean)
     torch.testing.assert_close(copied.module.norm.running_mean, model.norm.running_mean, rtol=0, atol=0)
 
@@ -83,7 +90,7 @@ def test_task_ema_options_reach_the_module_and_train_as_timm():
     torch.manual_seed(0)
     module = ImageClassifier(_ConvBn(), lr=1e-2, warmup_epochs=0, ema_decay=0.9, ema_warmup=False,
                              ema_buffers="average")
-    reference = ModelEmaV3(module.model, decay=0.9)
+    reference = ModelEmaV3(module.model, decay=0.9)  # updated as timm's train.py does (step=num_updates)
     after_step = []
 
     class Record(Callback):
@@ -94,8 +101,8 @@ def test_task_ema_options_reach_the_module_and_train_as_timm():
     images, labels = torch.randn(12, 1, 6, 6, generator=generator) + 1, torch.randint(0, 3, (12,), generator=generator)
     _fit(module, images, labels, callbacks=[Record()])
     assert len(after_step) == 3
-    for weights in after_step:
-        reference.update(weights)
+    for num_updates, weights in enumerate(after_step, start=1):
+        reference.update(weights, step=num_updates)
     ours, theirs = module.model_ema.module.state_dict(), reference.module.state_dict()
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-7, msg=name)
@@ -108,7 +115,7 @@ def test_ema_and_mix_options_are_checked():
     model = _ConvBn()
     for options, message in (
         (dict(ema_decay=0.9, ema_buffers="mean"), "ema_buffers must be copy .* or average .*got 'mean'"),
-        (dict(ema_warmup="no"), "ema_warmup must be True or False"),
+        (dict(ema_warmup="no"), "ema_warmup must be true .*, false .* or 'timm'"),
         (dict(mix_switch_prob=1.5), r"mix_switch_prob must be in \[0, 1\]"),
         (dict(mix_mode="element"), "mix_mode must be one of batch, pair, elem .*got 'element'"),
         (dict(cutmix_minmax=[0.8, 0.2]), r"cutmix_minmax must be \[min, max\] with 0 <= min < max <= 1"),

@@ -165,7 +165,7 @@ def _takes_layerwise_arguments(model: nn.Module) -> bool:
 class NodeClassificationModule(_GraphModule):
     def __init__(self, model: nn.Module, lr: float = 5e-3, weight_decay: float = 5e-4,
                  stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
-                 torch_compile: bool | str | None = None, *, ema_warmup: bool = True, ema_buffers: str = "copy",
+                 torch_compile: bool | str | None = None, *, ema_warmup: bool | str = True, ema_buffers: str = "copy",
                  adaptive_clip_factor: Optional[float] = None):
         super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile, ema_warmup=ema_warmup,
                          ema_buffers=ema_buffers, adaptive_clip_factor=adaptive_clip_factor)
@@ -242,7 +242,7 @@ class NodeClassificationModule(_GraphModule):
 class GraphTargetsModule(_GraphModule):
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  stop_at_acc: Optional[float] = None, seed: int = 0, ema_decay: float = 0.0,
-                 torch_compile: bool | str | None = None, *, ema_warmup: bool = True, ema_buffers: str = "copy",
+                 torch_compile: bool | str | None = None, *, ema_warmup: bool | str = True, ema_buffers: str = "copy",
                  adaptive_clip_factor: Optional[float] = None):
         super().__init__(model, lr, weight_decay, stop_at_acc, seed, ema_decay, torch_compile, ema_warmup=ema_warmup,
                          ema_buffers=ema_buffers, adaptive_clip_factor=adaptive_clip_factor)

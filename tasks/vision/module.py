@@ -241,7 +241,7 @@ class ImageClassifier(ResumableEpochMetrics, ZooModule):
         mix_mode: str = "batch",
         cutmix_minmax: Optional[Sequence[float]] = None,
         mixup_off_epoch: int = 0,
-        ema_warmup: bool = True,
+        ema_warmup: bool | str = True,
         ema_buffers: str = "copy",
         adaptive_clip_factor: Optional[float] = None,
         layer_decay_min_scale: float = 0.0,

@@ -1,10 +1,16 @@
 """Exponential moving average of model weights (Polyak averaging; the update of timm's ``ModelEmaV3``).
 
-``ema = decay_t * ema + (1 - decay_t) * weights`` after every optimiser step. With ``warmup`` the decay
-follows TensorFlow's ``tf.train.ExponentialMovingAverage(num_updates=t)``:
-``decay_t = min(decay, (1 + t) / (10 + t))``, so early averages are not dominated by the random
-initialisation; without it ``decay_t = decay``, timm's ``ModelEmaV3(decay)`` as timm's train.py builds it for
-``--model-ema`` (no ``--model-ema-warmup``; timm's own warm-up is another curve, ``1 - (1 + t) ** -2/3``).
+``ema = decay_t * ema + (1 - decay_t) * weights`` after every optimiser step (t = 0, 1, ... counts the updates
+before this one). ``warmup`` picks the decay's curve, so that early averages are not dominated by the random
+initialisation:
+
+* ``True`` (the default): TensorFlow's ``tf.train.ExponentialMovingAverage(num_updates=t)``,
+  ``decay_t = min(decay, (1 + t) / (10 + t))``;
+* ``"timm"``: timm's ``--model-ema-warmup``, ``ModelEmaV3(decay, use_warmup=True)`` as timm's train.py updates it
+  (``update(model, step=num_updates)``, timm/utils/model_ema.py ``get_decay``): the first update copies the weights
+  (``decay_0 = 0``), then ``decay_t = min(decay, 1 - (1 + t) ** (-2/3))``;
+* ``False``: timm's ``--model-ema`` without warm-up, ``ModelEmaV3(decay)`` as train.py updates it: the first update
+  copies the weights, then ``decay_t = decay``.
 ``buffers``: ``"copy"`` (the default) copies the buffers (BatchNorm running statistics) from the model, timm's
 ``ModelEmaV3(exclude_buffers=True)``; ``"average"`` averages the floating-point buffers like the weights and copies
 the others (``num_batches_tracked``), timm's default ``exclude_buffers=False``. Both tested against timm step by step.
@@ -28,16 +34,26 @@ import copy
 import torch
 import torch.nn as nn
 
-from zoo.layers import check_flag
 
 __all__ = ["ModelEma"]
 
 
 BUFFER_MODES = ("copy", "average")
+#: The warm-up curves of ``ModelEma(warmup=...)`` (module docstring); bools by identity (1 and 0 are not flags).
+WARMUP_MODES = (True, False, "timm")
+
+
+def check_warmup(warmup, name: str = "EMA warmup"):
+    """``warmup`` if it is one of :data:`WARMUP_MODES`, else ValueError naming ``name`` and the choices."""
+    if not (warmup is True or warmup is False or (isinstance(warmup, str) and warmup in WARMUP_MODES)):
+        raise ValueError(f"{name} must be true (TF-style warm-up, min(decay, (1 + t) / (10 + t))), false (no warm-up: "
+                         f"timm's --model-ema) or 'timm' (timm's --model-ema-warmup, 1 - (1 + t) ** -2/3), got "
+                         f"{warmup!r}")
+    return warmup
 
 
 class ModelEma(nn.Module):
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True, buffers: str = "copy"):
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool | str = True, buffers: str = "copy"):
         super().__init__()
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
@@ -48,13 +64,17 @@ class ModelEma(nn.Module):
         for param in self.module.parameters():
             param.requires_grad_(False)
         self.decay = float(decay)
-        self.warmup = check_flag(warmup, "EMA warmup")
+        self.warmup = check_warmup(warmup)
         self.buffers_mode = buffers
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def current_decay(self) -> float:
         t = int(self.num_updates)
-        return min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
+        if self.warmup is True:
+            return min(self.decay, (1 + t) / (10 + t))
+        if t == 0:  # timm's train.py: update(model, step=1) -> get_decay's step 0 -> decay 0 (a copy)
+            return 0.0
+        return min(self.decay, 1.0 - (1.0 + t) ** (-2.0 / 3.0)) if self.warmup == "timm" else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -14,7 +14,8 @@ The task modules (``zoo.tasks.<domain>.module``) subclass :class:`ZooModule` and
 * optional gradient checkpointing (``grad_checkpointing``: the model's ``set_grad_checkpointing(True)``, timm's
   ``--grad-checkpointing``), which recomputes each block's activations in backward to save memory;
 * an optional EMA copy of the weights (:mod:`zoo.train.ema`) used for evaluation and export: ``ema_decay``, with
-  ``ema_warmup`` (the TF-style warm-up, on by default; off is timm's ``--model-ema`` without ``--model-ema-warmup``)
+  ``ema_warmup`` (the TF-style warm-up, on by default; ``"timm"`` is timm's ``--model-ema-warmup`` curve, off timm's
+  ``--model-ema`` without it)
   and ``ema_buffers`` (``copy`` the BatchNorm statistics, or ``average`` them as timm's ``ModelEmaV3`` does);
 * reseeding of the global RNGs before every training batch from ``(seed, epoch, batch index, rank)``:
   with the data modules' epoch-seeded sampler and per-sample augmentation seeds, a run resumed from a
@@ -46,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from zoo.layers import check_flag
-from zoo.train.ema import BUFFER_MODES, ModelEma
+from zoo.train.ema import BUFFER_MODES, ModelEma, check_warmup
 from zoo.train.optim import (check_optimizer, check_scheduler, create_optimizer, lr_schedule, optimizer_betas,
                              param_groups)
 
@@ -111,7 +112,7 @@ class ZooModule(pl.LightningModule):
         decay_epochs: float = 90.0,
         decay_rate: float = 0.1,
         grad_checkpointing: bool = False,
-        ema_warmup: bool = True,
+        ema_warmup: bool | str = True,
         ema_buffers: str = "copy",
         adaptive_clip_factor: Optional[float] = None,
         layer_decay_min_scale: float = 0.0,
@@ -138,7 +139,7 @@ class ZooModule(pl.LightningModule):
             raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay!r}")
         if not 0.0 <= float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay!r}")
-        ema_warmup = check_flag(ema_warmup, "ema_warmup")
+        ema_warmup = check_warmup(ema_warmup, "ema_warmup")
         adaptive_clip_factor = _clip_factor(adaptive_clip_factor)
         if ema_buffers not in BUFFER_MODES:
             raise ValueError(f"ema_buffers must be copy (the EMA takes the model's BatchNorm statistics) or average "
