@@ -542,6 +542,45 @@ def test_checkpoint_of_another_family_is_refused(tmp_path):
         zoo.create_model("vit_debug", pretrained=str(tmp_path / "agent"))
 
 
+def test_a_checkpoint_of_another_architecture_of_the_family_names_both_models(tmp_path, caplog):
+    """agent_deit_digits weights built as agent_deit_tiny (the CLI's ckpt=agent_digits model=agent_deit_tiny): only
+    the arguments config.json records (img_size 8, in_chans 1, 10 classes) carry over, the rest is agent_deit_tiny's
+    (16-px patches), and the build failed with "img_size (8, 8) is smaller than patch_size (16, 16)", blaming the
+    size (review B finding 3). Now a CheckpointError names both models and the fix, for a failed build and for
+    weights that do not load; the warning no longer says every constructor argument is kept. A model's own
+    checkpoint keeps its plain errors, and a checkpoint of another name that fits still loads, its normalisation
+    adapted to the model's channel count."""
+    torch.manual_seed(0)
+    # recorded as checkpoints/agent_digits records them (zoo train passes the data's size, channels and classes)
+    zoo.save_pretrained(zoo.create_model("agent_deit_digits", num_classes=10, img_size=8, in_chans=1),
+                        tmp_path / "digits")
+    fix = "build 'agent_deit_digits' .*or pass model=agent_deit_digits on the command line"
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        with pytest.raises(hub.CheckpointError, match=r"holds 'agent_deit_digits' weights, which do not fit "
+                           r"'agent_deit_tiny': img_size \(8, 8\) is smaller than patch_size \(16, 16\)\. .*"
+                           r"records \(num_classes=10, img_size=8, in_chans=1\).*" + fix) as failed:
+            zoo.create_model("agent_deit_tiny", pretrained=str(tmp_path / "digits"))
+    assert isinstance(failed.value.__cause__, ValueError)
+    assert "constructor arguments from the checkpoint are kept" not in caplog.text
+    assert "the defaults of 'agent_deit_tiny' for the others (those of 'agent_deit_digits' are not carried over)" \
+        in caplog.text
+    with pytest.raises(hub.CheckpointError, match=r"do not fit 'agent_deit_tiny': .*ah_bias.*" + fix):
+        zoo.create_model("agent_deit_tiny", pretrained=str(tmp_path / "digits"), img_size=32)
+    with pytest.raises(ValueError, match="smaller than patch_size") as own:
+        zoo.create_model("agent_deit_digits", pretrained=str(tmp_path / "digits"), img_size=1)
+    assert not isinstance(own.value, hub.CheckpointError)
+    # another name whose architecture holds the weights: maxvit_debug's into maxvit_digits (window 2 -> 4 tables
+    # resized, RGB stem summed to one channel)
+    debug = zoo.create_model("maxvit_debug")
+    zoo.save_pretrained(debug, tmp_path / "maxvit")
+    digits = zoo.create_model("maxvit_digits", pretrained=str(tmp_path / "maxvit"))
+    assert digits.window_size == (4, 4)
+    torch.testing.assert_close(digits.stem.conv1.weight, debug.stem.conv1.weight.sum(1, keepdim=True))
+    # its normalisation follows the adapted stem, as for an in_chans override (it was refused as an inconsistent
+    # config.json: 3 values for a 1-channel model)
+    assert digits.pretrained_cfg["mean"] == (pytest.approx(sum(debug.pretrained_cfg["mean"]) / 3),)
+
+
 def test_weight_converters_name_what_does_not_fit():
     """timm / official checkpoints that do not fit give the key and both shapes (were AttributeError,
     'shape [32, -1, 8, 8] is invalid', 'Input and output sizes should be greater than 0', IndexError)."""

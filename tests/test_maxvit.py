@@ -922,3 +922,140 @@ def test_a_lone_timm_grid_size_is_ignored_as_timm_ignores_it():
     assert tuple(own.stages[0].blocks[0].attn_grid.partition_size) == (4, 4)
     with pytest.raises(TypeError, match="grid_size given twice"):
         zoo.create_model("maxvit_tiny_tf_224", img_size=64, grid_size=4, transformer_grid_size=4)
+
+
+# --------------------------------------------------------------------------------------------------
+# timm 1.0.31's keyword arguments: set_input_size(partition_ratio=), reset_classifier(reset_other=)
+# --------------------------------------------------------------------------------------------------
+def test_set_input_size_partition_ratio_as_timm(tmp_path):
+    """set_input_size(partition_ratio=r) as timm 1.0.31's MaxxVit.set_input_size: the ratio stays for later calls,
+    derives the window and grid not given (a given one wins), and the partition sizes, resized tables and logits
+    follow timm's model through the same calls (review B finding 1: it was a TypeError). The ratio is recorded,
+    so the saved model loads with it and derives as this one does."""
+    torch.manual_seed(0)
+    peer = _peer("maxvit_debug", 64)
+    ours = zoo.create_model("maxvit_debug", img_size=64).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    # sizes where timm's forward runs (every stage's map a multiple of the partition sizes)
+    calls = [dict(img_size=128, partition_ratio=64), dict(img_size=192), dict(img_size=128, grid_size=1),
+             dict(img_size=128, partition_ratio=32, window_size=1)]
+    expected = [((2, 2), (2, 2)), ((3, 3), (3, 3)), ((2, 2), (1, 1)), ((1, 1), (4, 4))]
+    for kwargs, sizes in zip(calls, expected):
+        peer.set_input_size(**kwargs)
+        ours.set_input_size(**kwargs)
+        assert _partition_sizes(ours) == _partition_sizes(peer) == [sizes] * 4, kwargs
+        assert ours.partition_ratio == peer.partition_ratio, kwargs
+        for (key, a), b in zip(ours.state_dict().items(), peer.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=key)
+        x = torch.randn(1, 3, *ours.img_size)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), peer(x), rtol=0, atol=1e-4, msg=str(kwargs))
+    # the reviewer's call: a ratio whose partitions outgrow the last stage's map; timm's forward then fails on
+    # the 2x2 map, the zoo pads. Same partition sizes and tables as timm, and the logits of the model built so.
+    peer.set_input_size(img_size=64, partition_ratio=16)
+    ours.set_input_size(img_size=64, partition_ratio=16)
+    assert _partition_sizes(ours) == _partition_sizes(peer) == [((4, 4), (4, 4))] * 4
+    for (key, a), b in zip(ours.state_dict().items(), peer.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=key)
+    built = zoo.create_model("maxvit_debug", img_size=64, partition_ratio=16).eval()
+    built.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), built(x), rtol=0, atol=0)
+    # config.json round trip: the loaded model is this one, and derives with its ratio on a later call
+    zoo.save_pretrained(ours, tmp_path / "ratio")
+    loaded = zoo.create_model("maxvit_debug", pretrained=str(tmp_path / "ratio")).eval()
+    assert loaded.partition_ratio == 16 and _partition_sizes(loaded) == _partition_sizes(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ours(x), rtol=0, atol=0)
+    for model in (ours, loaded, peer):
+        model.set_input_size(img_size=96)
+    assert _partition_sizes(loaded) == _partition_sizes(ours) == _partition_sizes(peer) == [((6, 6), (6, 6))] * 4
+
+
+def test_set_input_size_partition_ratio_replaces_fixed_partitions_and_checks_it(tmp_path):
+    """maxvit_digits is built with window/grid 4 (kept by set_input_size): an explicit partition_ratio derives them
+    from the ratio instead, now and on later calls, and so does the model saved and loaded; timm's own name for the
+    ratio in the recorded arguments gives way (both would be "given twice"). Bad ratios are refused before
+    anything changes."""
+    digits = zoo.create_model("maxvit_digits")
+    digits.set_input_size(img_size=64, partition_ratio=8)
+    assert (digits.window_size, digits.grid_size) == ((8, 8), (8, 8))
+    zoo.save_pretrained(digits, tmp_path / "digits")
+    loaded = zoo.create_model("maxvit_digits", pretrained=str(tmp_path / "digits"))
+    for model in (digits, loaded):
+        assert _partition_sizes(model) == [((8, 8), (8, 8))] * 4
+        model.set_input_size(img_size=(32, 48))
+        assert (model.window_size, model.grid_size) == ((4, 6), (4, 6))
+    timm_named = zoo.create_model("maxvit_debug", transformer_partition_ratio=64)
+    assert timm_named.window_size == (1, 1)
+    timm_named.set_input_size(partition_ratio=16)
+    zoo.save_pretrained(timm_named, tmp_path / "timm_named")
+    loaded = zoo.create_model("maxvit_debug", pretrained=str(tmp_path / "timm_named"))
+    assert loaded.partition_ratio == 16 and _partition_sizes(loaded) == [((4, 4), (4, 4))] * 4
+    model = zoo.create_model("maxvit_debug")
+    for bad in (0, -2, 2.0, True, "16"):
+        with pytest.raises(ValueError, match="partition_ratio must be a positive int"):
+            model.set_input_size(img_size=128, partition_ratio=bad)
+    with pytest.raises(ValueError, match="window_size must be a positive int"):
+        model.set_input_size(img_size=128, window_size=0, partition_ratio=16)
+    assert (model.img_size, model.partition_ratio, model.window_size) == ((64, 64), 32, (2, 2))
+
+
+def _timm_debug_head(hidden_size, global_pool: str = "avg"):
+    """timm's MaxxVit with maxvit_debug's configuration and a head_hidden_size other than the last stage's width
+    (40, so that a head that kept its pre-logits MLP has another width), or none (the rw head)."""
+    tf = timm_maxxvit._tf_cfg()
+    cfg = timm_maxxvit.MaxxVitCfg(
+        embed_dim=(16, 32, 48, 64), depths=(1, 1, 1, 1), block_type=("M",) * 4, stem_width=(8, 16),
+        stem_bias=True, head_hidden_size=hidden_size, conv_cfg=tf["conv_cfg"],
+        transformer_cfg=dataclasses.replace(tf["transformer_cfg"], dim_head=8),
+    )
+    peer = timm_maxxvit.MaxxVit(cfg, img_size=64, num_classes=10, global_pool=global_pool)
+    _calibrate_bn(peer, 64)
+    return peer
+
+
+@pytest.mark.parametrize("hidden_size", [40, None])
+def test_reset_classifier_reset_other_as_timm(hidden_size, tmp_path):
+    """reset_classifier(K, pool, reset_other=True) as timm's MaxxVit.reset_classifier: the TF head's norm and tanh
+    pre-logits go (NormMlpClassifierHead.reset), the rw head has none to drop (ClassifierHead.reset: a no-op);
+    same state-dict keys, features, head width and logits as timm on the same weights (review B finding 2: it was
+    a TypeError). The reset head is recorded: the saved model loads with it."""
+    torch.manual_seed(0)
+    peer = _timm_debug_head(hidden_size).eval()
+    ours = zoo.create_model("maxvit_debug", head_hidden_size=hidden_size).eval()
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    peer.reset_classifier(0, reset_other=True)
+    ours.reset_classifier(0, reset_other=True)
+    assert list(ours.state_dict()) == list(peer.state_dict())
+    assert (ours.num_classes, ours.head_hidden_size, ours.global_pool) == \
+        (peer.num_classes, peer.head_hidden_size, peer.global_pool) == (0, 64, "avg")
+    with torch.no_grad():
+        features = ours(x)
+        assert features.shape == (2, 64)
+        torch.testing.assert_close(features, peer(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(features, ours.forward_features(x).mean((2, 3)), rtol=0, atol=0)
+    # a new classifier with another pooling (per position on the TF head; timm's rw head fails on "")
+    pool, shape = ("", (2, 5, 2, 2)) if hidden_size else ("max", (2, 5))
+    for model in (ours, peer):
+        model.reset_classifier(5, global_pool=pool, reset_other=True)
+    ours.head.fc.load_state_dict(peer.head.fc.state_dict())
+    assert dict((k, v.shape) for k, v in ours.state_dict().items()) == \
+        dict((k, v.shape) for k, v in peer.state_dict().items())
+    with torch.no_grad():
+        logits = ours(x)
+        assert logits.shape == shape
+        torch.testing.assert_close(logits, peer(x), rtol=0, atol=1e-4)
+    zoo.save_pretrained(ours, tmp_path / "reset")
+    loaded = zoo.create_model("maxvit_debug", pretrained=str(tmp_path / "reset")).eval()
+    assert list(loaded.state_dict()) == list(ours.state_dict())
+    assert isinstance(loaded.norm, type(ours.norm)) and isinstance(loaded.head.pre_logits, torch.nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), logits, rtol=0, atol=0)
+    # without the normalised head, catavgmax is allowed (timm asserts on it only on NormMlpClassifierHead)
+    ours.reset_classifier(3, global_pool="catavgmax")
+    assert ours.head_hidden_size == 128 and ours(x).shape == (2, 3)
+    with pytest.raises(TypeError, match="reset_other must be True or False"):
+        ours.reset_classifier(3, reset_other="yes")

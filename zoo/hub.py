@@ -41,6 +41,7 @@ pickled objects; the ``argparse.Namespace`` timm's train.py stores is allowed, a
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -1059,12 +1060,14 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
             )
         if saved_name != entry.name:
             log.warning(
-                "%s holds %r weights; loading them into %r (constructor arguments from the checkpoint are kept)",
-                path, config["model_name"], entry.name,
+                "%s holds %r weights; loading them into %r, built with the constructor arguments config.json records "
+                "(%s) and the defaults of %r for the others (those of %r are not carried over)",
+                path, config["model_name"], entry.name, _recorded_args(config), entry.name, config["model_name"],
             )
         args.update(config.get("model_args", {}))
     args.update(overrides)
-    model = _construct(entry, args)
+    with _failure_names_the_saved_model(path, config, saved_name, entry):
+        model = _construct(entry, args)
     _refuse_meta_model(model)
     saved_classes = None if config is None else config.get("num_classes")
     if (
@@ -1083,10 +1086,11 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
     state = load_state_dict_file(weights_path)
     # the saved model's constructor arguments matter only when overrides change the model
     saved_args = (config or {}).get("model_args") if overrides else None
-    state = _family_filter(entry, state, model, weights_path, saved_args if isinstance(saved_args, dict) else None,
-                           saved_name=(config or {}).get("model_name"))
-    state = adapt_input_conv(model, state, source=str(weights_path))
-    load_weights(model, state, source=str(weights_path), new_head="num_classes" in overrides)
+    with _failure_names_the_saved_model(path, config, saved_name, entry):
+        state = _family_filter(entry, state, model, weights_path, saved_args if isinstance(saved_args, dict) else None,
+                               saved_name=(config or {}).get("model_name"))
+        state = adapt_input_conv(model, state, source=str(weights_path))
+        load_weights(model, state, source=str(weights_path), new_head="num_classes" in overrides)
     data = ((config or {}).get("metadata") or {}).get("data")
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and isinstance(data, dict):
@@ -1102,10 +1106,40 @@ def load_pretrained_into(entry, pretrained: Any, overrides: Mapping[str, Any],
             own = {k: cfg[k] for k in ("input_size", "num_classes") if k in cfg}  # class count: the model's as built)
             cfg.update(timm_cfg)
             cfg.update(own)
-        _statistics_per_channel(cfg, channels, "in_chans" in overrides, path)
+        # another in_chans than the checkpoint's: asked for, or the default of another model name (its stem adapted)
+        _statistics_per_channel(cfg, channels, "in_chans" in overrides or saved_name != entry.name, path)
     if config is not None:  # what the checkpoint says about itself, kept when the model is saved again
         remember_loaded_metadata(model, config.get("metadata"))
     return model
+
+
+def _recorded_args(config: Mapping[str, Any]) -> str:
+    """config.json's recorded constructor arguments as ``name=value, ...`` ("none" when it records none)."""
+    recorded = config.get("model_args") or {}
+    return ", ".join(f"{key}={value!r}" for key, value in recorded.items()) or "none"
+
+
+@contextlib.contextmanager
+def _failure_names_the_saved_model(path: Path, config: Optional[Mapping[str, Any]], saved_name: Optional[str], entry):
+    """Building or loading a checkpoint of model A into model B of the same family (``create_model(B,
+    pretrained=<A's directory>)``, the CLI's ``ckpt=<A> model=B``) keeps only the arguments A's config.json records,
+    those that differ from A's defaults; B's defaults fill the rest. Where A and B are different architectures
+    (agent_deit_digits' 2-px patches, agent_deit_tiny's 16) that fails on some mixed argument ("img_size (8, 8) is
+    smaller than patch_size (16, 16)") or on the weights' shapes: re-raised as a CheckpointError that names both
+    models and the fix. Nothing changes when the checkpoint is the requested model's own."""
+    if config is None or saved_name is None or saved_name == entry.name:
+        yield
+        return
+    try:
+        yield
+    except (ValueError, TypeError, RuntimeError, KeyError) as error:
+        raise CheckpointError(
+            f"{path} holds {config['model_name']!r} weights, which do not fit {entry.name!r}: {error}. Only the "
+            f"constructor arguments its config.json records ({_recorded_args(config)}) carry over and the defaults "
+            f"of {entry.name!r} fill in the others, so another architecture of the {entry.family!r} family does not "
+            f"build or load from it: build {saved_name!r} (zoo.create_model({saved_name!r}, pretrained='{path}'), "
+            f"zoo.from_pretrained('{path}')), or pass model={saved_name} on the command line"
+        ) from error
 
 
 # what create_model(device="meta", pretrained=...) says (zoo/registry.py); a torch.device("meta") block is the same

@@ -536,7 +536,8 @@ class MaxVit(nn.Module):
 
     Constructor arguments are flat and JSON-serialisable (config.json of zoo.save_pretrained).
     ``window_size``/``grid_size`` default to ``img_size // partition_ratio`` (timm); any input size runs.
-    ``final_norm=False`` leaves out the norm after the last stage (what ``prune_intermediate_layers`` records).
+    ``final_norm=False`` leaves out the norm after the last stage (what ``prune_intermediate_layers`` and
+    ``reset_classifier(reset_other=True)`` on the TF models record).
     ``init_values``: layer scale (``ls1`` / ``ls2``) on the attention and MLP branches of the partition blocks, as
     timm's ``TransformerCfg.init_values`` (maxvit_rmlp_small_rw_*); None: none.
     """
@@ -678,10 +679,18 @@ class MaxVit(nn.Module):
         """State-dict keys of the classifier (re-initialised when a checkpoint's class count differs)."""
         return ["head.fc.weight", "head.fc.bias"]
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the final linear with a fresh ``num_classes``-way one (0: none); the pre-logits stay.
-        save_pretrained then writes the new class count and pooling (zoo.registry.note_model_args)."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """Replace the final linear with a fresh ``num_classes``-way one (0: none); the pre-logits stay, unless
+        ``reset_other``: then the TF models' head norm and tanh pre-logits MLP go too (timm's
+        ``MaxxVit.reset_classifier`` -> ``NormMlpClassifierHead.reset(reset_other=True)``, timm/layers/classifier.py),
+        so ``forward_head(pre_logits=True)`` gives the pooled last-stage map itself; on the rw models' plain head
+        it changes nothing (timm's ``ClassifierHead.reset``). Without the normalised head ``global_pool`` may then
+        be "catavgmax" (timm asserts on it before the reset). save_pretrained then writes the new class count,
+        pooling and head (zoo.registry.note_model_args)."""
         check_reset_classifier(num_classes, global_pool, GLOBAL_POOLS)
+        reset_other = check_flag(reset_other, "reset_classifier: reset_other")
+        if reset_other:
+            self._drop_head_norm_and_pre_logits(self.global_pool if global_pool is None else global_pool)
         if global_pool is not None:
             self.head.set_pool(global_pool)
             self.global_pool = global_pool
@@ -690,6 +699,15 @@ class MaxVit(nn.Module):
         self.num_classes = num_classes
         self.head.fc = self.head.new_fc(num_classes, next(self.parameters()))
         note_model_args(self, num_classes=num_classes)
+
+    def _drop_head_norm_and_pre_logits(self, pool: str) -> None:
+        """The head without its norm and pre-logits MLP (timm's ``NormMlpClassifierHead.reset(reset_other=True)``):
+        pooling, dropout and no classifier (the caller sets ``head.fc``); recorded so that a saved model rebuilds
+        it (no head_hidden_size, and no final norm where the model had none: the TF models normalise in the head)."""
+        self.head = ClassifierHead(self.num_features, 0, None, 1e-6, pool, self.head.drop.p).train(self.training)
+        self.num_classes, self.head_hidden_size, self.global_pool = 0, self.head.num_features, pool
+        note_model_args(self, num_classes=0, head_hidden_size=None, global_pool=pool,
+                        final_norm=not isinstance(self.norm, nn.Identity))
 
     def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
@@ -714,30 +732,41 @@ class MaxVit(nn.Module):
             note_model_args(self, embed_dim=[f["num_chs"] for f in self.feature_info[1:]],
                             depths=[len(stage.blocks) for stage in self.stages])
         if prune_head or cut:  # timm's reset_classifier(0, '', reset_other=True): no pooling, nothing learned
-            drop = self.head.drop.p
-            self.head = ClassifierHead(self.num_features, 0, None, 1e-6, "", drop).train(self.training)
-            self.num_classes, self.head_hidden_size, self.global_pool = 0, self.head.num_features, ""
-            note_model_args(self, num_classes=0, head_hidden_size=None, global_pool="")
+            self._drop_head_norm_and_pre_logits("")
         note_model_args(self, final_norm=not isinstance(self.norm, nn.Identity))
         return take
 
     def set_input_size(self, img_size: Optional[IntOrPair] = None, window_size: Optional[IntOrPair] = None,
-                       grid_size: Optional[IntOrPair] = None) -> None:
+                       grid_size: Optional[IntOrPair] = None, partition_ratio: Optional[int] = None) -> None:
         """Change the native size and the partition sizes; TF tables are resized to the new window, MLP biases
         re-indexed. The result equals building, or loading the checkpoint, at that size.
 
         A window or grid size not given is ``img_size // partition_ratio``, as timm's
         ``MaxxVit.set_input_size`` derives it on every call, except one the model was built with explicitly
         (maxvit_digits), which is kept. A size given to one call applies to that call only: a later call
-        without it derives again (timm), as a model built at the later size would."""
-        if img_size is not None:
-            self.img_size = to_pair(img_size, "img_size")
+        without it derives again (timm), as a model built at the later size would.
+
+        ``partition_ratio`` (timm 1.0.31's argument) replaces the model's ratio for this and later calls and
+        derives the window and grid sizes not given to the call, also on a model built with fixed ones (they give
+        way to the new ratio; a window or grid given to the same call still wins, as in timm). Unlike timm's, the
+        forward runs when a stage's map is not a multiple of the derived size (padding)."""
+        if partition_ratio is not None:
+            check_ints(partition_ratio=partition_ratio)
+        new_img_size = to_pair(img_size, "img_size") if img_size is not None else self.img_size
+        window_size = to_pair(window_size, "window_size") if window_size is not None else None
+        grid_size = to_pair(grid_size, "grid_size") if grid_size is not None else None
+        self.img_size = new_img_size  # every argument checked before the model changes
+        if partition_ratio is not None:
+            self.partition_ratio = partition_ratio
+            self._fixed_partition = (None, None)
+            args = getattr(self, "zoo_model_args", None)
+            if isinstance(args, dict):  # timm's name for it (a timm export's model_args) gives way to the zoo's
+                args.pop("transformer_partition_ratio", None)
+            note_model_args(self, partition_ratio=partition_ratio)
         derived = tuple(max(1, s // self.partition_ratio) for s in self.img_size)
         fixed_window, fixed_grid = getattr(self, "_fixed_partition", (None, None))
-        window = (to_pair(window_size, "window_size") if window_size is not None
-                  else fixed_window if fixed_window is not None else derived)
-        grid = (to_pair(grid_size, "grid_size") if grid_size is not None
-                else fixed_grid if fixed_grid is not None else derived)
+        window = window_size if window_size is not None else fixed_window if fixed_window is not None else derived
+        grid = grid_size if grid_size is not None else fixed_grid if fixed_grid is not None else derived
         self.window_size, self.grid_size = window, grid
         for stage in self.stages:
             for block in stage.blocks:
