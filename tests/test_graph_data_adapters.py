@@ -1183,13 +1183,69 @@ def test_planetoid_splits_are_pyg_planetoids(tmp_path, split, sizes):
     _assert_same_graph(again, reference)  # from the cache the first read built
 
 
+def _write_geom_gcn_splits(folder, num_nodes: int, seed: int = 0) -> None:
+    """The ten split files of Geom-GCN (graphdml-uiuc-jlu/geom-gcn, splits/cora_split_0.6_0.2_<i>.npz: 0/1 masks
+    train_mask / val_mask / test_mask of the nodes) in folder/geom-gcn/raw, random 60/20/20 partitions."""
+    import numpy as np
+
+    raw = folder / "geom-gcn" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(10):
+        part = rng.choice(3, size=num_nodes, p=[0.6, 0.2, 0.2])
+        np.savez(raw / f"cora_split_0.6_0.2_{i}.npz", train_mask=(part == 0).astype(np.uint8),
+                 val_mask=(part == 1).astype(np.uint8), test_mask=(part == 2).astype(np.uint8))
+
+
+@pytest.mark.parametrize("graph_files", ["geom-gcn/raw", "raw"])
+def test_planetoid_geom_gcn_split_is_pyg_planetoids_column(tmp_path, graph_files):
+    """data.split=geom-gcn with data.geom_gcn_split=i gives column i of the [N, 10] masks PyG's
+    Planetoid(split="geom-gcn") reads from the same files (the graph's ind.* files in geom-gcn/raw as PyG keeps
+    them, or in raw/, the public release's folder); a missing split file names where to put it."""
+    import shutil
+
+    from torch_geometric.datasets import Planetoid
+
+    _write_planetoid(tmp_path / "pyg")
+    num_nodes = 540
+    _write_geom_gcn_splits(tmp_path / "pyg" / "Cora", num_nodes)
+    shutil.copytree(tmp_path / "pyg" / "Cora" / "raw", tmp_path / "pyg" / "Cora" / "geom-gcn" / "raw",
+                    dirs_exist_ok=True)
+    ours = tmp_path / "ours" / "Cora"
+    shutil.copytree(tmp_path / "pyg" / "Cora" / "geom-gcn", ours / "geom-gcn")
+    if graph_files == "raw":
+        shutil.copytree(tmp_path / "pyg" / "Cora" / "raw", ours / "raw")
+        for path in (ours / "geom-gcn" / "raw").glob("ind.*"):
+            path.unlink()
+    reference = Planetoid(str(tmp_path / "pyg"), "Cora", split="geom-gcn")[0]
+    assert reference.train_mask.shape == (num_nodes, 10)
+    for index in (0, 7):
+        module = gd.NodeDataModule("planetoid:Cora", root=str(tmp_path / "ours"), split="geom-gcn",
+                                   geom_gcn_split=index)
+        module.setup()
+        data = module.data
+        torch.testing.assert_close(data["x"], reference.x)
+        assert torch.equal(data["edge_index"], reference.edge_index) and torch.equal(data["y"], reference.y)
+        for mask in ("train_mask", "val_mask", "test_mask"):
+            assert data[mask].dtype == torch.bool
+            assert torch.equal(data[mask], getattr(reference, mask)[:, index].bool()), (index, mask)
+    assert not (ours / "processed").exists() and not (ours / "geom-gcn" / "processed").exists()
+    (ours / "geom-gcn" / "raw" / "cora_split_0.6_0.2_3.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"split=geom-gcn: missing \(downloads are disabled\): .*"
+                                                r"cora_split_0\.6_0\.2_3\.npz\. The split files come from "
+                                                r"https://github\.com/graphdml-uiuc-jlu/geom-gcn"):
+        gd.planetoid("Cora", str(tmp_path / "ours"), split="geom-gcn", geom_gcn_split=3)
+
+
 def test_planetoid_split_options_are_checked_where_they_are_given(tmp_path):
-    """Refused by the data module's constructor, naming the key: geom-gcn (another raw folder, ten masks per node),
-    an unknown split, sizes that are not counts."""
-    with pytest.raises(ValueError, match=r"^data\.split='geom-gcn' is not supported here: .*<root>/<Name>/geom-gcn/raw/ "
-                                         r"\(ind\.<name>\.\* and the ten <name>_split_0\.6_0\.2_<0\.\.9>\.npz"):
-        gd.NodeDataModule("planetoid:Cora", root=str(tmp_path), split="geom-gcn")
-    with pytest.raises(ValueError, match=r"^data\.split must be one of public, full, random .*got 'Full'"):
+    """Refused by the data module's constructor, naming the key: an unknown split, sizes that are not counts, a
+    geom-gcn split index out of the ten."""
+    with pytest.raises(ValueError, match=r"^data\.geom_gcn_split must be an integer in \[0, 10\) .*got 10"):
+        gd.NodeDataModule("planetoid:Cora", root=str(tmp_path), split="geom-gcn", geom_gcn_split=10)
+    with pytest.raises(ValueError, match="planetoid_split_masks: the geom-gcn masks are not drawn from the public"):
+        gd.planetoid_split_masks(torch.zeros(4, dtype=torch.long), *(torch.zeros(4, dtype=torch.bool),) * 3,
+                                 split="geom-gcn")
+    with pytest.raises(ValueError, match=r"^data\.split must be one of public, full, random, geom-gcn .*got 'Full'"):
         gd.NodeDataModule("planetoid:Cora", root=str(tmp_path), split="Full")
     with pytest.raises(ValueError, match=r"^data\.num_val must be an integer >= 0 .*got -1"):
         gd.NodeDataModule("planetoid:Cora", root=str(tmp_path), split="random", num_val=-1)

@@ -15,8 +15,9 @@ edge_index [2, E] long, y [N] long, train_mask / val_mask / test_mask [N] bool, 
 * ``planetoid:<Cora|CiteSeer|PubMed>`` -- the Planetoid data (Yang et al. 2016) read by PyG's Planetoid
                     from ``root/<Name>/raw/ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index}``, with PyG's
                     ``split``: "public" (default), "full" or "random" (``num_train_per_class``, ``num_val``,
-                    ``num_test``, drawn with data.seed; :func:`planetoid_split_masks`); "geom-gcn" (ten splits
-                    from other files) is refused;
+                    ``num_test``, drawn with data.seed; :func:`planetoid_split_masks`) or "geom-gcn" (the
+                    60/20/20 splits of Pei et al., ICLR 2020, one of ten: ``geom_gcn_split``, read from
+                    ``root/<Name>/geom-gcn/raw/<name>_split_0.6_0.2_<i>.npz`` as PyG's Planetoid does);
                     ``root/<name as given>/`` or ``root/<name lower-cased>/`` is read when ``root/<Name>/``
                     is absent (PyG's ``Planetoid(root, "cora")`` keeps ``root/cora/``).
                     A missing file raises FileNotFoundError naming every missing path (no download).
@@ -443,21 +444,19 @@ def _read_planetoid_without_cache(raw: str, key: str, proper: str, processed: st
         raise
 
 
-PLANETOID_SPLITS = ("public", "full", "random")
+PLANETOID_SPLITS = ("public", "full", "random", "geom-gcn")
+GEOM_GCN_SPLITS = 10  # the npz files of Pei et al. (graphdml-uiuc-jlu/geom-gcn, splits/), one per split
 
 
 def _check_planetoid_split(prefix: str = "", split: str = "public", num_train_per_class: int = 20,
-                           num_val: int = 500, num_test: int = 1000) -> None:
+                           num_val: int = 500, num_test: int = 1000, geom_gcn_split: int = 0) -> None:
     """The split options of :func:`planetoid`, named (``prefix``: "data." from the data module)."""
-    if split == "geom-gcn":
-        raise ValueError(
-            f"{prefix}split='geom-gcn' is not supported here: PyG's Planetoid reads it from another folder, "
-            "<root>/<Name>/geom-gcn/raw/ (ind.<name>.* and the ten <name>_split_0.6_0.2_<0..9>.npz files of "
-            "Pei et al., ICLR 2020), as ten masks per node ([N, 10]) where a run trains on one split; use "
-            f"{prefix}split=public, full or random")
     if split not in PLANETOID_SPLITS:
-        raise ValueError(f"{prefix}split must be one of {', '.join(PLANETOID_SPLITS)} (PyG Planetoid's splits; "
-                         f"geom-gcn is not supported), got {split!r}")
+        raise ValueError(f"{prefix}split must be one of {', '.join(PLANETOID_SPLITS)} (PyG Planetoid's splits), got "
+                         f"{split!r}")
+    if not is_int(geom_gcn_split) or not 0 <= geom_gcn_split < GEOM_GCN_SPLITS:
+        raise ValueError(f"{prefix}geom_gcn_split must be an integer in [0, {GEOM_GCN_SPLITS}) (which of the ten "
+                         f"geom-gcn splits a run trains on), got {geom_gcn_split!r}")
     for key, value, least in (("num_train_per_class", num_train_per_class, 1), ("num_val", num_val, 0),
                               ("num_test", num_test, 0)):
         if not is_int(value) or value < least:
@@ -480,6 +479,9 @@ def planetoid_split_masks(y: Tensor, train: Tensor, val: Tensor, test: Tensor, s
       stream is untouched.
     New tensors; the inputs are left as they are."""
     _check_planetoid_split("", split, num_train_per_class, num_val, num_test)
+    if split == "geom-gcn":
+        raise ValueError("planetoid_split_masks: the geom-gcn masks are not drawn from the public ones; they are read "
+                         "from their split files: planetoid(name, root, split='geom-gcn', geom_gcn_split=i)")
     if split == "public":
         return train.clone(), val.clone(), test.clone()
     if split == "full":
@@ -498,17 +500,20 @@ def planetoid_split_masks(y: Tensor, train: Tensor, val: Tensor, test: Tensor, s
 
 
 def planetoid(name: str, root: str, split: str = "public", num_train_per_class: int = 20, num_val: int = 500,
-              num_test: int = 1000, seed: int = 0) -> dict:
+              num_test: int = 1000, seed: int = 0, geom_gcn_split: int = 0) -> dict:
     """Planetoid (Cora, CiteSeer, PubMed) from ``root`` (no download; ``~`` expanded, as PyG's Dataset does), with
     PyG's ``split`` "public" (default), "full" or "random" (:func:`planetoid_split_masks`, ``seed`` drawing the
-    random one). The cache in ``<Name>/processed/`` is the public split's whatever ``split``, as PyG's."""
-    _check_planetoid_split("", split, num_train_per_class, num_val, num_test)
+    random one), or "geom-gcn" (:func:`_planetoid_geom_gcn`: split ``geom_gcn_split`` of the ten). The cache in
+    ``<Name>/processed/`` is the public split's whatever ``split``, as PyG's."""
+    _check_planetoid_split("", split, num_train_per_class, num_val, num_test, geom_gcn_split)
     key = name.lower()
     if key not in PLANETOID:
         raise ValueError(f"unknown Planetoid dataset {name!r}; choose one of {sorted(PLANETOID.values())}")
     if not root:
         raise ValueError("planetoid needs data.root: a folder holding <Name>/raw/ind.<name>.*")
     root = os.path.expanduser(os.fspath(root))
+    if split == "geom-gcn":
+        return _planetoid_geom_gcn(root, name, int(geom_gcn_split))
     proper = PLANETOID[key]
     folder, candidates = _planetoid_folder(root, name)
     raw = os.path.join(folder, "raw")
@@ -561,6 +566,55 @@ def planetoid(name: str, root: str, split: str = "public", num_train_per_class: 
     masks = planetoid_split_masks(d.y, d.train_mask, d.val_mask, d.test_mask, split, num_train_per_class, num_val,
                                   num_test, seed)
     return _pack(f"planetoid:{proper}", d.x, d.edge_index, d.y, *masks)
+
+
+def _planetoid_geom_gcn(root: str, name: str, index: int) -> dict:
+    """Planetoid with split ``index`` of the ten 60/20/20 splits of Geom-GCN (Pei et al., ICLR 2020), as PyG's
+    ``Planetoid(root, name, split="geom-gcn")`` reads them (torch_geometric/datasets/planetoid.py: raw files in
+    ``<Name>/geom-gcn/raw/``, the graph by ``read_planetoid_data``, the masks from
+    ``<name>_split_0.6_0.2_<i>.npz``; PyG stacks the ten into [N, 10] masks, a run here takes column ``index``).
+    The ind.<name>.* files are read from ``geom-gcn/raw/`` or, when absent there, from ``raw/`` (the same files).
+    Parsed without a cache (no processed/ folder is written)."""
+    from torch_geometric.io import read_planetoid_data
+
+    key, proper = name.lower(), PLANETOID[name.lower()]
+    split_file = f"{key}_split_0.6_0.2_{index}.npz"
+    candidates = list(dict.fromkeys(os.path.join(root, folder) for folder in (proper, name, key)))
+
+    def graph_dir(folder: str) -> Optional[str]:
+        for raw in (os.path.join(folder, "geom-gcn", "raw"), os.path.join(folder, "raw")):
+            if all(os.path.isfile(os.path.join(raw, f"ind.{key}.{s}")) for s in _PLANETOID_SUFFIXES):
+                return raw
+        return None
+
+    found = [c for c in candidates if os.path.isfile(os.path.join(c, "geom-gcn", "raw", split_file))
+             and graph_dir(c) is not None]
+    if not found:
+        folder = next((c for c in candidates if os.path.isdir(c)), candidates[0])
+        geom_raw = os.path.join(folder, "geom-gcn", "raw")
+        missing = [os.path.join(geom_raw, split_file)] if not os.path.isfile(os.path.join(geom_raw, split_file)) else []
+        if graph_dir(folder) is None:
+            missing += [os.path.join(geom_raw, f"ind.{key}.{s}") for s in _PLANETOID_SUFFIXES]
+        raise FileNotFoundError(
+            f"Planetoid {proper} split=geom-gcn: missing (downloads are disabled): {', '.join(missing)}. The split "
+            f"files come from https://github.com/graphdml-uiuc-jlu/geom-gcn (splits/{key}_split_0.6_0.2_<0..9>.npz), "
+            f"the ind.{key}.* files from https://github.com/kimiyoung/planetoid (data/; {os.path.join(folder, 'raw')} "
+            f"is read too); PyG's Planetoid(split='geom-gcn') keeps them all in {geom_raw}")
+    folder = found[0]
+    split_path = os.path.join(folder, "geom-gcn", "raw", split_file)
+    try:
+        d = read_planetoid_data(graph_dir(folder), key)
+        with np.load(split_path) as splits:
+            masks = [torch.from_numpy(np.asarray(splits[f"{part}_mask"])) for part in ("train", "val", "test")]
+    except Exception as error:  # a truncated or foreign file fails deep inside pickle / numpy
+        raise ValueError(f"Planetoid {proper} split=geom-gcn: cannot read {graph_dir(folder)} / {split_path}: "
+                         f"{type(error).__name__}: {str(error)[:200]}") from None
+    n = d.y.numel()
+    for part, mask in zip(("train", "val", "test"), masks):
+        if mask.shape != (n,):
+            raise ValueError(f"Planetoid {proper} split=geom-gcn: {split_path} holds a {part}_mask of shape "
+                             f"{tuple(mask.shape)} for a graph of {n} nodes (a split file of another dataset?)")
+    return _pack(f"planetoid:{proper}", d.x, d.edge_index, d.y, *(mask.bool() for mask in masks))
 
 
 def _read_csv_gz(path: str, dtype) -> np.ndarray:
@@ -1233,7 +1287,7 @@ _LOADER_OPTIONS = {
     "karate": (),
     "sbm": ("block_sizes", "p_in", "p_out", "num_channels", "feature_noise"),
     "networkx": (),
-    "planetoid": ("split", "num_train_per_class", "num_val", "num_test"),
+    "planetoid": ("split", "num_train_per_class", "num_val", "num_test", "geom_gcn_split"),
     "ogb": ("split",),
 }
 
