@@ -511,7 +511,11 @@ def test_bench_graph_memory_probe_and_peer_guard(capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[7].split()[0]) > 50 and cells[8] == "not run" and cells[9] == "-"  # zoo measured, PyG skipped
     assert cells[5] == "not run" and "nan" not in row
-    assert "PyG not run (would not fit): E=200, C=2" in out
+    assert "PyG not run: E=200, C=2 (would not fit: PyG estimated 0.0 GB)" in out
+    # skipped because asked: said so, not "would not fit" (review 2026-12-07)
+    assert main(["--sizes", "200:40", "--channels", "2", "--heads", "1", "--threads", "1", "--memory-only",
+                 "--skip-peer-above", "0"]) == 0
+    assert "PyG not run: E=200, C=2 (above --skip-peer-above 0)." in capsys.readouterr().out
 
 
 def test_bench_graph_counts_must_be_positive(capsys):
