@@ -1437,3 +1437,50 @@ def test_graph_classifier_is_pyg_residual_layers_mean_pool_norm_and_head(name):
         expected = F.linear(F.layer_norm(global_mean_pool(h, b.batch), (8,), model.norm.weight, model.norm.bias),
                             model.head.weight, model.head.bias)
         torch.testing.assert_close(model(b.x, b.edge_index, b.batch, 3), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("conv", ["gatv2", "gat"])
+@pytest.mark.parametrize("options", [dict(add_self_loops=True), dict(add_self_loops=False),
+                                     dict(add_self_loops=False, residual=True, edge_dim=3),
+                                     dict(share_weights=True)], ids=["loops", "no-loops", "residual-edges", "shared"])
+def test_node_classifier_is_a_pyg_stack_in_train_and_eval(conv, options):
+    """GATNodeClassifier is PyG's examples/gat.py model: per layer F.dropout(x) then the conv (GATv2Conv / GATConv
+    built with the classifier's add_self_loops, residual, edge_dim, share_weights), ELU between layers. Compared
+    with that stack of PyG layers holding the same weights, in float64: eval logits, and train logits under the same
+    seed (input dropout and the layers' attention dropout drawn in the same order). Mutation audit 2026-12-07: the
+    classifier ignoring add_self_loops, or dropping its input dropout, passed every test."""
+    import torch_geometric.nn as pyg_nn
+
+    from zoo.tasks.graph.gat import GATNodeClassifier
+
+    if conv == "gat" and options.get("share_weights"):
+        pytest.skip("GATConv has no share_weights")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64) + 2.0  # no zero feature: dropout shows
+    edge_index = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 2, 4], [1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0]])
+    edge_attr = torch.randn(edge_index.shape[1], 3, generator=g, dtype=torch.float64) if "edge_dim" in options else None
+    ours = GATNodeClassifier(5, 3, hidden_channels=4, heads=2, conv=conv, dropout=0.5, **options).double()
+    peer_class = pyg_nn.GATv2Conv if conv == "gatv2" else pyg_nn.GATConv
+    layer_options = {k: v for k, v in options.items() if k != "share_weights" or conv == "gatv2"}
+    peers = torch.nn.ModuleList([peer_class(5, 4, heads=2, dropout=0.5, **layer_options),
+                                 peer_class(8, 3, heads=1, concat=False, dropout=0.5, **layer_options)]).double()
+    peers.load_state_dict({key.removeprefix("convs."): value for key, value in ours.state_dict().items()})
+    assert all(layer.add_self_loops is options["add_self_loops"] for layer in ours.convs) \
+        if "add_self_loops" in options else True
+
+    def peer_forward(features):
+        for i, layer in enumerate(peers):
+            features = layer(F.dropout(features, 0.5, peers.training), edge_index, edge_attr)
+            features = F.elu(features) if i == 0 else features
+        return features
+
+    for training in (False, True):
+        ours.train(training)
+        peers.train(training)
+        torch.manual_seed(7)
+        got = ours(x, edge_index, edge_attr=edge_attr)
+        torch.manual_seed(7)
+        want = peer_forward(x)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.manual_seed(7)
+    assert not torch.allclose(ours(x, edge_index, edge_attr=edge_attr), ours.eval()(x, edge_index, edge_attr=edge_attr))
