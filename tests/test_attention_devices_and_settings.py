@@ -386,3 +386,18 @@ def test_invalid_environment_backend_names_the_variable(monkeypatch):
     for value in ("auto", " sdpa ", ""):
         monkeypatch.setenv(zb.ENV_VAR, value)
         assert attend(q, k, v).shape == (1, 2, 4, 8)
+
+
+def test_automatic_selection_leaves_traced_calls_to_sdpa(monkeypatch):
+    """Under torch.compile / export the automatic choice skips the Triton kernel (its host-side launcher would
+    split the graph at every attention call), while an explicit request still gets it. Checked on the kernel's
+    capability hook with interpreter tensors (CUDA is where it matters: "triton" is chosen automatically there
+    only; the kernel's own capability answer is stubbed to "supported", whatever this process imported). Mutation
+    audit 2026-12-07: the rule had no test."""
+    q = torch.randn(1, 2, 8, 16)
+    call = (q, q, q, Causal(), None, 0.25, "softmax", 0.0, False)
+    monkeypatch.setattr(zb, "_triton_supports", lambda *args: None)  # the kernel takes the call
+    assert zb._triton_auto_supports(*call) is None
+    monkeypatch.setattr(zb, "is_tracing", lambda: True)
+    assert zb._triton_auto_supports(*call) == "tracing / torch.compile (automatic selection leaves the call to SDPA)"
+    assert zb.get_backend("triton").supports is not zb._triton_auto_supports  # an explicit request is not refused
