@@ -46,7 +46,7 @@ Caveats:
 * Under TRITON_INTERPRET=1 (CPU tensors, CI) bf16 is refused (the interpreter computes it wrongly),
   and one autotune config is used (on a GPU too with ZOO_TRITON_SINGLE_CONFIG=1). Launches run under
   ``torch.cuda.device`` of the inputs (kernels/_compile.py, ``on_device_of``). Out-of-bounds reads are silent in the interpreter: the launcher
-  checks every index bound first.
+  checks every input's shape and every index bound first.
 * C <= 256 and edge_dim <= 64 (an unrolled loop): ``MAX_CHANNELS``, ``MAX_EDGE_DIM``. The launcher refuses more;
   under ``impl="auto"`` zoo/attention/segment.py sends a larger layer to its PyTorch path instead.
 * The launchers ``_forward`` / ``_backward`` (no autograd) are run by the eager autograd.Function and, under
@@ -303,7 +303,17 @@ def _gatv2_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def _check(xs, xd, att, csr, edge_attr, edge_weight, keep):
+def _check(xs, xd, att, csr, edge_attr, edge_weight, keep, dropout: Optional[float] = None):
+    """Every input against the graph and x_src's [Ns, H, C], before any launch: the kernels index the tensors by the
+    CSR and by H, C, D alone, and an out-of-bounds read is silent under the interpreter (garbage or an illegal
+    address on a GPU). The same shapes as :func:`zoo.attention.segment.gatv2_attention` checks, named for this
+    entry point. ``dropout`` (the public function's; None from the compiled operator, whose caller checked it): a
+    keep-mask needs 0 < dropout < 1."""
+    for name, t in (("x_src", xs), ("x_dst", xd), ("att", att)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"gatv2_edge_softmax: {name} must be a tensor, got {type(t).__name__}")
+    if xs.dim() != 3:
+        raise ValueError(f"gatv2_edge_softmax: x_src must be [Ns, H, C], got {tuple(xs.shape)}")
     dev = xs.device
     if dev.type != "cuda" and not INTERPRET:
         raise RuntimeError(
@@ -318,20 +328,47 @@ def _check(xs, xd, att, csr, edge_attr, edge_weight, keep):
         if t is not None and (t.dtype != xs.dtype or t.device != dev):
             raise TypeError(f"gatv2_edge_softmax: {name} is {t.dtype} on {t.device}, x_src is {xs.dtype} on {dev}")
     H, C = xs.shape[1], xs.shape[2]
+    E, Nd = csr.num_edges, csr.num_dst
+    if tuple(xd.shape) != (Nd, H, C):
+        raise ValueError(f"gatv2_edge_softmax: x_dst must be [Nd={Nd}, H={H}, C={C}] (the graph's destination "
+                         f"nodes, x_src's heads and channels), got {tuple(xd.shape)}")
+    if tuple(att.shape) != (H, C):
+        raise ValueError(f"gatv2_edge_softmax: att must be [H={H}, C={C}], got {tuple(att.shape)}")
+    if (edge_attr is None) != (edge_weight is None):
+        raise ValueError("gatv2_edge_softmax: edge_attr and edge_weight go together (both or neither)")
+    if edge_attr is not None:
+        if edge_attr.dim() != 2 or edge_attr.size(0) != E:
+            raise ValueError(f"gatv2_edge_softmax: edge_attr must be [E={E}, D] in CSR order, got "
+                             f"{tuple(edge_attr.shape)}")
+        if tuple(edge_weight.shape) != (H * C, edge_attr.size(1)):
+            raise ValueError(f"gatv2_edge_softmax: edge_weight must be [H*C={H * C}, D={edge_attr.size(1)}], got "
+                             f"{tuple(edge_weight.shape)}")
     if C > MAX_CHANNELS:
         raise ValueError(f"gatv2_edge_softmax: C={C} channels per head > {MAX_CHANNELS} are not supported")
     if edge_attr is not None and edge_attr.size(1) > MAX_EDGE_DIM:
         raise ValueError(f"gatv2_edge_softmax: edge_dim={edge_attr.size(1)} > {MAX_EDGE_DIM} is not supported")
-    if csr.num_edges >= 2**31 or csr.num_dst * H >= 2**31:
+    if E >= 2**31 or Nd * H >= 2**31:
         raise ValueError("gatv2_edge_softmax: E and Nd*H must stay below 2**31")
-    if keep is not None and keep.device != dev:
-        raise ValueError("gatv2_edge_softmax: keep-mask on another device")
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (E, H):
+            got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise ValueError(f"gatv2_edge_softmax: keep (the dropout keep-mask) must be a bool tensor of shape "
+                             f"(E={E}, H={H}) in CSR order, got {got}")
+        if keep.device != dev:
+            raise ValueError(f"gatv2_edge_softmax: keep is on {keep.device}, x_src on {dev}")
+        if dropout is not None and not 0.0 < dropout < 1.0:
+            raise ValueError(f"gatv2_edge_softmax: a dropout keep-mask needs 0 < dropout < 1, got {dropout}")
     # The interpreter does not fault on out-of-bounds reads: check the graph's index bounds here.
-    if csr.num_edges:
+    if csr.rowptr.dim() != 1 or csr.rowptr.numel() != Nd + 1:
+        raise ValueError(f"gatv2_edge_softmax: CSR rowptr must be [Nd + 1 = {Nd + 1}], got {tuple(csr.rowptr.shape)}")
+    if E:
         if int(csr.col.min()) < 0 or int(csr.col.max()) >= xs.size(0):
             raise ValueError("gatv2_edge_softmax: a CSR source index is out of range")
-        if int(csr.rowptr[-1]) != csr.num_edges or int(csr.rowptr[0]) != 0:
+        if int(csr.rowptr[-1]) != E or int(csr.rowptr[0]) != 0:
             raise ValueError("gatv2_edge_softmax: CSR rowptr does not span the edges")
+        if Nd > 1 and not bool((csr.rowptr[1:] >= csr.rowptr[:-1]).all()):
+            raise ValueError("gatv2_edge_softmax: CSR rowptr is not non-decreasing (a node's edges would lie past "
+                             "the edge list)")
 
 
 def _grid(Nd, H):
@@ -429,9 +466,13 @@ class _GATv2EdgeSoftmax(torch.autograd.Function):
 def gatv2_edge_softmax(xs_NHC, xd_NHC, att_HC, csr, *, edge_attr=None, edge_weight=None, negative_slope=0.2,
                        keep: Optional[torch.Tensor] = None, dropout: float = 0.0, need_weights: bool = False):
     """Fused GATv2 attention (see the module docstring); arguments and return as
-    :func:`zoo.attention.segment.gatv2_attention`: (out [Nd, H, C], alpha [E, H] in CSR order or None)."""
+    :func:`zoo.attention.segment.gatv2_attention`: (out [Nd, H, C], alpha [E, H] in CSR order or None). Every input
+    is checked against the graph and x_src's [Ns, H, C] before any launch (:func:`_check`): a wrong shape, dtype or
+    device is a ValueError / TypeError naming the argument, not a read past the end of a tensor."""
+    if not isinstance(xs_NHC, torch.Tensor):
+        raise TypeError(f"gatv2_edge_softmax: x_src must be a tensor, got {type(xs_NHC).__name__}")
     csr = csr.to(xs_NHC.device)
-    _check(xs_NHC, xd_NHC, att_HC, csr, edge_attr, edge_weight, keep)
+    _check(xs_NHC, xd_NHC, att_HC, csr, edge_attr, edge_weight, keep, float(dropout))
     return _GATv2EdgeSoftmax.apply(xs_NHC, xd_NHC, att_HC, edge_attr, edge_weight, csr, negative_slope, keep,
                                    float(dropout), bool(need_weights))
 

@@ -244,6 +244,44 @@ def test_in_place_edit_rebuilds_block_maps_and_bounds():
         mask.dense(48, 64)
 
 
+@pytest.mark.parametrize("edit", ["numpy", ".data"])
+@pytest.mark.parametrize("selection", ["explicit", "automatic"])
+def test_edge_backend_sees_an_edit_that_bypasses_the_version_counter(edit, selection):
+    """An edge_index edited through a numpy array sharing its memory, or through ``.data``, keeps its version: the
+    "edges" backend served the graph it had cached (max |diff| 2.5 against the torch backend on the same mask;
+    review G, finding 2). Its cache is now keyed on a content fingerprint too, as the graph layers': the same mask
+    gives the torch backend's float64 result on the edited graph, under explicit and automatic selection (which
+    counts the distinct edges through the same cache), and an index written out of range is named again."""
+    g = torch.Generator().manual_seed(4)
+    nq, nk, num_edges = (30, 40, 100) if selection == "explicit" else (400, 400, 1500)
+    backend = "edges" if selection == "explicit" else None
+
+    def random_graph():
+        return torch.stack([torch.randint(0, nk, (num_edges,), generator=g),
+                            torch.randint(0, nq, (num_edges,), generator=g)])
+
+    buffer = random_graph()
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (nq, nk, nk))
+    mask = Edges(buffer)
+    chosen = zb.select_backend((q, k, v, mask, None, 8 ** -0.5, "softmax", 0.0, False), backend).name
+    assert chosen == "edges"
+    before = attend(q, k, v, mask=mask, backend=backend)  # builds and caches the graph
+    edited = random_graph()
+    version = buffer._version
+    if edit == "numpy":
+        buffer.numpy()[:] = edited.numpy()
+    else:
+        buffer.data[:] = edited
+    assert buffer._version == version  # the edit went past the version counter
+    after = attend(q, k, v, mask=mask, backend=backend)
+    want = attend(q, k, v, mask=Edges(edited), backend="torch")
+    torch.testing.assert_close(after, want, atol=1e-12, rtol=1e-12)
+    assert (before - want).abs().max() > 0.1  # the edit changes the result: a stale graph would fail above
+    (buffer.numpy() if edit == "numpy" else buffer.data)[0, 0] = nk + 5  # a source out of range
+    with pytest.raises(ValueError, match=f"row 0 holds source \\(key\\) index {nk + 5} but attention has Nk={nk}"):
+        attend(q, k, v, mask=mask, backend=backend)
+
+
 def test_pickle_and_deepcopy_after_use():
     mask = Edges(CASES["one-graph-29x37"][0])
     mask.block_map(29, 37, 16, 16)

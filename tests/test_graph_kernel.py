@@ -334,6 +334,59 @@ def test_launcher_refuses_a_csr_source_index_one_past_the_source_rows():
     with pytest.raises(ValueError, match="CSR rowptr does not span the edges"):
         ek.gatv2_edge_softmax(xs, xd, att, shifted)
 
+
+def _bad_shape_cases(H, C, E, D):
+    """(name, arguments replaced in a good call, the expected message) of gatv2_edge_softmax: each wrong shape the
+    kernels would read past the end of (review G, finding 1), and the ones that failed with an opaque error."""
+    g = torch.Generator().manual_seed(2)
+    rand = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    return [
+        ("x_src 2-D", dict(xs=rand(6, H * C)), r"x_src must be \[Ns, H, C\], got \(6, 8\)"),
+        ("x_dst rows", dict(xd=rand(2, H, C)), r"x_dst must be \[Nd=5, H=2, C=4\] .*got \(2, 2, 4\)"),
+        ("x_dst channels", dict(xd=rand(5, H, 3)), r"x_dst must be \[Nd=5, H=2, C=4\] .*got \(5, 2, 3\)"),
+        ("att channels", dict(att=rand(H, 2)), r"att must be \[H=2, C=4\], got \(2, 2\)"),
+        ("edge_attr rows", dict(ea=rand(2, D)), r"edge_attr must be \[E=7, D\] in CSR order, got \(2, 3\)"),
+        ("edge_attr 1-D", dict(ea=rand(E)), r"edge_attr must be \[E=7, D\] in CSR order, got \(7,\)"),
+        ("edge_weight rows", dict(we=rand(2, D)), r"edge_weight must be \[H\*C=8, D=3\], got \(2, 3\)"),
+        ("edge_attr alone", dict(we=None), "edge_attr and edge_weight go together"),
+        ("keep shape", dict(keep=torch.ones(2, 1, dtype=torch.bool, device=DEVICE)),
+         r"keep \(the dropout keep-mask\) must be a bool tensor of shape \(E=7, H=2\) in CSR order, got torch.bool "
+         r"\(2, 1\)"),
+        ("keep dtype", dict(keep=torch.ones(E, H, dtype=torch.int8, device=DEVICE)),
+         r"must be a bool tensor .* got torch.int8 \(7, 2\)"),
+        ("keep without a dropout rate", dict(dropout=0.0), r"a dropout keep-mask needs 0 < dropout < 1, got 0.0"),
+    ]
+
+
+@in_process
+@pytest.mark.parametrize("case", [c[0] for c in _bad_shape_cases(2, 4, 7, 3)])
+def test_launcher_refuses_each_wrong_shape_by_name(case):
+    """The public launcher checks every input's shape against the graph and x_src's [Ns, H, C] before a launch: a
+    short x_dst, att, edge_attr, edge_weight or keep-mask gave a finite output read from past the tensors' ends
+    under the interpreter (garbage or an illegal address on a GPU); now a ValueError naming the argument. The good
+    call beside them matches the fp32 reference, so the checks refuse nothing valid."""
+    H, C, E, D = 2, 4, 7, 3
+    g = torch.Generator().manual_seed(1)
+    ei = torch.stack([torch.randint(0, 6, (E,), generator=g), torch.randint(0, 5, (E,), generator=g)])
+    csr = build_csr(ei, 6, 5).to(DEVICE)
+    rand = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    good = dict(xs=rand(6, H, C), xd=rand(5, H, C), att=rand(H, C), ea=rand(E, D), we=rand(H * C, D),
+                keep=(torch.rand(E, H, generator=g) >= 0.3).to(DEVICE), dropout=0.3)
+
+    def call(a):
+        return ek.gatv2_edge_softmax(a["xs"], a["xd"], a["att"], csr, edge_attr=a["ea"], edge_weight=a["we"],
+                                     keep=a["keep"], dropout=a["dropout"], need_weights=True)
+
+    out, alpha = call(good)
+    ref_out, ref_alpha = ek.gatv2_edge_softmax_ref(good["xs"], good["xd"], good["att"], csr, edge_attr=good["ea"],
+                                                   edge_weight=good["we"], keep=good["keep"], dropout=0.3)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alpha, ref_alpha, atol=1e-5, rtol=1e-5)
+    name, replaced, message = next(c for c in _bad_shape_cases(H, C, E, D) if c[0] == case)
+    with pytest.raises(ValueError, match=message):
+        call({**good, **replaced})
+
+
 @in_process
 @pytest.mark.parametrize("sizes", [(0, 0), (4, 0), (0, 3)], ids=["no nodes", "no destination", "no source"])
 def test_layer_on_the_kernel_with_empty_node_sets_matches_pyg(monkeypatch, sizes):

@@ -1690,3 +1690,54 @@ def test_seeded_training_dropout_with_a_sparse_adjacency_and_self_loops_drops_py
     assert not torch.equal(outs[1], ours.eval()(x, adj))  # dropout dropped something
     torch.testing.assert_close(outs[1], outs[0], **TOL)
     torch.testing.assert_close(outs[2], outs[0], **TOL)
+
+
+@pytest.mark.parametrize("name", ["GATv2Conv", "GATConv", "TransformerConv"])
+@pytest.mark.parametrize("rate", [-0.5, 2.0, float("nan")], ids=["negative", "above one", "nan"])
+def test_dropout_assigned_out_of_range_is_refused_where_used_as_pyg(name, rate):
+    """``layer.dropout = p`` after construction with p outside [0, 1]: PyG's layer raises "dropout probability has
+    to be between 0 and 1" from F.dropout at every forward, training or not; ours clamped it silently (p < 0 no
+    dropout, p > 1 every attention weight dropped; review G, finding 4). Now both raise, on the fused path and on
+    the propagate path (the weights requested), and a valid rate assigned later still gives PyG's result."""
+    import zoo.attention as za
+
+    ours, peer = _pair(getattr(za, name), getattr(pyg_nn, name), 8, 4, heads=2)
+    x, ei = torch.randn(12, 8, generator=torch.Generator().manual_seed(45)), _graph()
+    for training in (True, False):
+        for layer in (peer, ours):
+            layer.train(training)
+            layer.dropout = rate
+            # (torch's F.dropout lets NaN past its range test, then its kernel raises a RuntimeError saying the same)
+            error = RuntimeError if layer is peer and math.isnan(rate) else ValueError
+            with pytest.raises(error, match="dropout probability has to be between 0 and 1"):
+                layer(x, ei)
+            with pytest.raises(error, match="dropout probability has to be between 0 and 1"):
+                layer(x, ei, return_attention_weights=True)
+    for layer in (peer, ours):
+        layer.dropout = 0.4
+    for training in (True, False):
+        outs = []
+        for layer in (peer, ours):
+            layer.train(training)
+            torch.manual_seed(46)
+            outs.append(layer(x, ei))
+        torch.testing.assert_close(outs[1], outs[0], **TOL)
+
+
+def test_seeded_float64_transformer_conv_draws_pygs_weights_bit_for_bit():
+    """PyG's default Linear initialisation bounds its weights by sqrt(6 / ((1 + a**2) * fan)), a = sqrt(5), which
+    differs from 1 / sqrt(fan) in the last bit for fan 4 (0.49999999999999994): a lazy layer sized in float64 kept
+    the difference. With the same seeds our lazy TransformerConv now draws PyG's float64 weights exactly."""
+    import zoo.attention as za
+
+    x, ei = torch.randn(12, 4, dtype=torch.float64), _graph()
+    states = []
+    for make in (pyg_nn.TransformerConv, za.TransformerConv):
+        torch.manual_seed(0)
+        layer = make(-1, 3, heads=2).double()
+        torch.manual_seed(1)
+        layer(x, ei)
+        states.append(layer.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[1][key], states[0][key]), key

@@ -370,6 +370,34 @@ def test_point_transformer_bipartite_and_lazy_match_pyg(loops):
     _assert_same(lazy_ours, lazy_peer, x, pos, ei)
 
 
+@pytest.mark.parametrize("in_channels", [-1, (-1, -1), (-1, 3), 5], ids=["lazy", "lazy pair", "lazy source", "sized"])
+def test_seeded_point_transformer_draws_pygs_weights(in_channels):
+    """With the same torch.manual_seed before construction and before the first forward, our layer draws PyG's
+    weights without a state dict, also when lazy: PyG's forward calls lin_src, lin_dst, then lin, which is the order
+    the lazy projections materialise in. Ours called lin first, so its three matrices were PyG's in another order
+    (review G, finding 3). float64 state dicts equal exactly, outputs to rounding."""
+    single = not isinstance(in_channels, tuple)
+    g = torch.Generator().manual_seed(14)
+    x_src = torch.randn(18, 5, generator=g, dtype=torch.float64)
+    x_dst = x_src if single else torch.randn(9, 3, generator=g, dtype=torch.float64)
+    pos_src = _points(18, seed=15).double()
+    pos_dst = pos_src if single else _points(9, seed=16).double()
+    edge_index = knn(pos_src, pos_dst, 4).flip(0)  # source = neighbour in pos_src, destination = query
+    x, pos = (x_src, pos_src) if single else ((x_src, x_dst), (pos_src, pos_dst))
+    layers, outs = [], []
+    for cls in (PointTransformerConv, pyg_nn.PointTransformerConv):
+        torch.manual_seed(0)
+        layer = cls(in_channels, 6).double()
+        torch.manual_seed(3)
+        outs.append(layer(x, pos, edge_index))
+        layers.append(layer)
+    ours, peer = (layer.state_dict() for layer in layers)
+    assert list(ours) == list(peer)
+    for key in peer:
+        assert torch.equal(ours[key], peer[key]), key
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
 def test_without_recompute_matches_pyg(monkeypatch):
     monkeypatch.setattr(vector, "_BLOCK_ELEMENTS", 40)
     ours, peer = _pair(6, 8, nets={"attn_nn": _mlp(8)})

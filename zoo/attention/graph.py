@@ -62,6 +62,7 @@ from torch_geometric.nn.aggr import SumAggregation
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.typing import OptPairTensor, OptTensor, PairTensor
 
+from zoo.attention import edge_backend as _edge_backend
 from zoo.attention.segment import (
     CSR,
     build_csr,
@@ -317,9 +318,12 @@ def _init_linear_(lin: nn.Linear) -> None:
 def _init_linear_kaiming_(lin: nn.Linear) -> None:
     """PyG's Linear with its default initialisers (TransformerConv's): kaiming_uniform(fan=in, a=sqrt(5)), i.e. the
     weight U(+-1/sqrt(in)), then the bias U(+-1/sqrt(in)) (torch_geometric/nn/dense/linear.py, reset_weight_ /
-    reset_bias_)."""
+    reset_bias_). The bound is computed as PyG's torch_geometric.nn.inits.kaiming_uniform computes it,
+    sqrt(6 / ((1 + a**2) * fan)): 1 / sqrt(fan) differs from it in the last bit for some fans (4, 6, 16, ...), which
+    a float64 layer's weights keep."""
     fan_in = lin.weight.shape[1]
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    a = math.sqrt(5)
+    bound = math.sqrt(6 / ((1 + a**2) * fan_in)) if fan_in > 0 else 0.0
     with torch.no_grad():
         lin.weight.uniform_(-bound, bound)
     _init_bias_(lin)
@@ -413,50 +417,12 @@ def _check_features(name: str, x, channels: int) -> Tensor:
     return x
 
 
-_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-# Odd int64 position weights 1, 3, 5, ... per device, shared by every layer. Bounded: they once grew to the largest
-# edge count ever fingerprinted and stayed (64 MiB of CPU or GPU memory after a 4M-edge graph was long gone); longer
-# rows are summed chunk by chunk (_weighted_sums). 1 << 16 (512 KiB): at 1M edges on the 2-core CPU, 1.45 ms for both
-# rows against 1.18 ms with weights as long as the rows, 3.8 ms building them per call, 2.0 ms in chunks of 1 << 18
-# (the chunk is read twice and stays in L2 here; measured by hand, one thread, median of 30).
-_FINGERPRINT_CHUNK = 1 << 16
-_FINGERPRINT_WEIGHTS: dict = {}
-
-
-def _fingerprint_weights(device: torch.device) -> Tensor:
-    weights = _FINGERPRINT_WEIGHTS.get(device)
-    if weights is None:
-        weights = torch.arange(_FINGERPRINT_CHUNK, device=device).mul_(2).add_(1)
-        _FINGERPRINT_WEIGHTS[device] = weights
-    return weights
-
-
-def _weighted_sums(rows: Tensor) -> Tensor:
-    """int64 [R]: per row of int64 ``rows`` [R, L], the sum of ``row[j] * (2j + 1)`` wrapping mod 2**64, taken in
-    chunks of ``_FINGERPRINT_CHUNK`` positions: the weights of the chunk at ``start`` are the first chunk's plus
-    ``2 * start``, so its share is ``dot(chunk, weights) + 2 * start * chunk.sum()`` (the same value as one long
-    dot, for every chunk size)."""
-    length = rows.size(1)
-    width = min(length, _FINGERPRINT_CHUNK)
-    weights = _fingerprint_weights(rows.device)[:width]
-    if rows.device.type == "cpu":  # dot: one pass, no [R, L] product
-        sums = []
-        for row in rows:
-            total = torch.dot(row[:width], weights)
-            for start in range(width, length, width):
-                chunk = row[start : start + width]
-                total += torch.dot(chunk, weights[: chunk.numel()]) + chunk.sum() * (2 * start)
-            sums.append(total)
-        return torch.stack(sums)
-    # CUDA's dot has no int64: the whole chunks as one [R, K, width] view (a few kernels for any length), then the tail
-    whole = length // width * width
-    chunks = rows[:, :whole].reshape(rows.size(0), -1, width)
-    offsets = torch.arange(chunks.size(1), device=rows.device).mul_(2 * width)
-    sums = ((chunks * weights).sum(dim=2) + chunks.sum(dim=2) * offsets).sum(dim=1)
-    if whole < length:
-        tail = rows[:, whole:]
-        sums += (tail * weights[: tail.size(1)]).sum(dim=1) + tail.sum(dim=1) * (2 * whole)
-    return sums
+# The graph cache's content fingerprint (CachedGraphLayer._build_graph) is shared with the "edges" attend backend and
+# lives in its module (zoo/attention/edge_backend.py), which ``import zoo.attention`` loads without torch_geometric;
+# its names stay readable here (the same function, chunk size and weight table).
+_edge_index_fingerprint = _edge_backend._edge_index_fingerprint
+_FINGERPRINT_CHUNK = _edge_backend._FINGERPRINT_CHUNK
+_FINGERPRINT_WEIGHTS = _edge_backend._FINGERPRINT_WEIGHTS
 
 
 def _message_passing_flow(layer: str, kwargs: dict) -> bool:
@@ -521,37 +487,6 @@ def _attention_message_passing_kwargs(layer: str, kwargs: dict, default_aggr: st
                         f"{type(aggr_kwargs).__name__}")
     _message_passing_flow(layer, {"flow": kwargs.get("flow", "source_to_target")})  # checks the value
     return aggr, aggr_kwargs, kwargs.get("flow", "source_to_target")
-
-
-def _edge_index_fingerprint(edge_index: Tensor) -> tuple:
-    """A cheap content key of an edge index (or of a sparse adjacency's index tensors), for the graph cache: per
-    row of indices the int64 sum weighted by odd position weights 1, 3, 5, ... (wrapping; an odd weight is
-    invertible mod 2**64, so changing any one entry always changes the sum, and so does swapping two different
-    entries) and the row's min and max (so a value pushed out of range always changes the key). Two reads of the
-    indices (a dot product per row, one aminmax), one host sync: at 1M edges on the project's 2-core CPU 3 ms with
-    one thread, 12 ms (median) with two on the loaded machine, against 0.5-0.7 s for a GATv2Conv(16, 16, heads=4)
-    forward there (measured by hand, 2026-12-05). Edits that keep every weighted sum and range can be
-    missed; an in-place op through torch bumps the version counter, which the cache checks as well."""
-    if edge_index.layout == torch.sparse_csr:
-        parts = (edge_index.crow_indices(), edge_index.col_indices())
-    elif edge_index.layout == torch.sparse_csc:
-        parts = (edge_index.ccol_indices(), edge_index.row_indices())
-    elif edge_index.layout == torch.sparse_coo:
-        parts = (edge_index._indices(),)
-    else:
-        parts = (edge_index,)
-    key, values = [], []
-    for t in parts:
-        key.append((t.dtype, tuple(t.shape)))
-        if t.dtype not in _INTEGER_DTYPES or t.numel() == 0 or t.dim() == 0:
-            continue  # rebuilt (and refused) on the dtype / shape alone
-        rows = t.reshape(-1, t.size(-1))
-        if rows.dtype != torch.long:
-            rows = rows.long()
-        sums = _weighted_sums(rows)
-        low, high = rows.aminmax(dim=1)
-        values += [sums, low, high]
-    return tuple(key) + (tuple(torch.cat(values).tolist()) if values else ())
 
 
 class CachedGraphLayer(CachesDroppedWhenCopied, MessagePassing):
@@ -732,15 +667,32 @@ class _GraphAttentionBase(CachedGraphLayer):
         splits the layer's inputs, and fails as PyG's layer does)."""
         return not self._sums_messages or self.decomposed_layers != 1 or super()._runs_propagate()
 
+    def _dropout_rate(self) -> float:
+        """``self.dropout`` checked where it is used, as PyG's layers check it: their ``F.dropout(alpha, p=...)``
+        raises "dropout probability has to be between 0 and 1" at every forward, in training and evaluation alike.
+        The constructor checks the argument; this catches a value assigned later (a dropout schedule, copied
+        hyperparameters), which was clamped silently (p < 0 no dropout, p > 1 every weight dropped). NaN is refused
+        with the same ValueError (torch's F.dropout raises a RuntimeError saying the same for it)."""
+        p = self.dropout
+        try:
+            rate = float(p)
+        except (TypeError, ValueError):
+            raise TypeError(f"{type(self).__name__}: dropout must be a number in [0, 1], got {p!r}") from None
+        if not 0.0 <= rate <= 1.0:  # (NaN too)
+            raise ValueError(f"{type(self).__name__}: dropout probability has to be between 0 and 1, but got {p!r} "
+                             f"(layer.dropout, as torch's F.dropout in PyG's layer)")
+        return rate
+
     def _drops_all_attention(self) -> bool:
         """``dropout=1.0`` in training: PyG's ``F.dropout(alpha, p=1.0, training=True)`` zeroes every attention
         weight (torch multiplies by zero and draws nothing); in evaluation it does nothing."""
-        return self.training and self.dropout >= 1.0
+        return self.training and self._dropout_rate() >= 1.0
 
     def _fused_dropout(self) -> float:
         """The dropout rate the fused functions apply with the keep mask (``_keep_mask``): none for ``dropout=1.0``,
         whose all-zero weights the caller applies (``_zero_attention``)."""
-        return 0.0 if self.dropout >= 1.0 else self.dropout
+        rate = self._dropout_rate()
+        return 0.0 if rate >= 1.0 else rate
 
     @staticmethod
     def _zero_attention(*tensors: Optional[Tensor]):
@@ -886,9 +838,10 @@ class _GraphAttentionBase(CachedGraphLayer):
         and dtype), in PyG's edge order, then put in CSR order: a seeded training run on CPU drops the edges PyG's
         layer drops (tests/test_graph_layers.py); CUDA's fused dropout kernel draws otherwise. For a sparse adj_t with
         added self loops PyG's order is not edge_index's (GraphStructure.pyg_edge_order): the draw follows PyG's."""
-        if not (self.training and 0.0 < self.dropout < 1.0) or (not is_tracing() and graph.csr.num_edges == 0):
+        rate = self._dropout_rate()  # checked in evaluation too, as PyG's F.dropout checks it
+        if not (self.training and 0.0 < rate < 1.0) or (not is_tracing() and graph.csr.num_edges == 0):
             return None  # (dropout=1.0 draws nothing, as torch's: _zero_attention; a symbolic E: an empty mask)
-        keep = torch.empty(graph.csr.num_edges, self.heads, device=device, dtype=dtype).bernoulli_(1.0 - self.dropout)
+        keep = torch.empty(graph.csr.num_edges, self.heads, device=device, dtype=dtype).bernoulli_(1.0 - rate)
         order = graph.pyg_edge_order()
         if order is not None:  # drawn in PyG's order: edge order[j] gets PyG's j-th draw
             keep = torch.empty_like(keep).index_copy_(0, order.to(device), keep)
@@ -961,9 +914,9 @@ class _GraphAttentionBase(CachedGraphLayer):
         alpha = self._destination_softmax(scores_EH, index, dim_size)
         order = getattr(self, "_dropout_order", None)
         if order is not None and order.numel() == alpha.size(0):  # PyG's edge order for the draw (pyg_edge_order)
-            dropped = F.dropout(alpha[order], p=self.dropout, training=self.training)
+            dropped = F.dropout(alpha[order], p=self._dropout_rate(), training=self.training)
             return torch.empty_like(dropped).index_copy(0, order, dropped)
-        return F.dropout(alpha, p=self.dropout, training=self.training)
+        return F.dropout(alpha, p=self._dropout_rate(), training=self.training)
 
     @staticmethod
     def _destination_softmax(scores_EH: Tensor, index: Tensor, dim_size: Optional[int]) -> Tensor:
@@ -1478,6 +1431,6 @@ class TransformerConv(_GraphAttentionBase):
         scores_EH = (query_i * key_j).sum(dim=-1) / math.sqrt(self.out_channels)
         alpha = self._destination_softmax(scores_EH, index, size_i)
         self._alpha = alpha
-        alpha = F.dropout(alpha, p=self.dropout, training=self.training)
+        alpha = F.dropout(alpha, p=self._dropout_rate(), training=self.training)
         out = value_j if edge_attr is None else value_j + edge_attr
         return out * alpha.view(-1, self.heads, 1)

@@ -1169,6 +1169,14 @@ class Edges(_CheckedSettings, Mask):
 
     The indices are checked once per version of ``edge_index`` (one host sync): negative entries outside padding
     columns when built, and sources >= Nk or targets >= Nq when a call gives the lengths.
+
+    Caching and edits: derived data (block maps, the Triton kernel's bitmask) is cached per version of
+    ``edge_index`` (:meth:`Mask.version`); an in-place torch op bumps it. An edit that bypasses the version counter
+    (through a numpy array sharing the memory, or ``.data``) is not seen by the block-sparse and Triton backends:
+    build a new mask after such an edit. The torch and SDPA backends read the edges at every call, and the "edges"
+    backend (zoo/attention/edge_backend.py, ``edge_graph``) also keys its graph on a content fingerprint of
+    ``edge_index`` (as the graph layers' cache does; 3-8 ms per million edges on one thread of the project's loaded
+    2-core CPU), so those three see the edit; the "edges" backend then checks the edited indices again.
     """
 
     _SETTINGS = ("edge_index",)

@@ -45,7 +45,15 @@ from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn import norm as pyg_norm
 from torch_geometric.nn.inits import reset
 
-from zoo.attention.graph import CachedGraphLayer, GraphStructure, _check_channels, _check_features
+from zoo.attention.graph import (
+    CachedGraphLayer,
+    GraphStructure,
+    _check_channels,
+    _check_features,
+    _init_linear_kaiming_,
+    _is_lazy,
+)
+from zoo.attention.graph import _linear as _graph_linear
 from zoo.attention.segment import segment_softmax, segment_softmax_weighted_sum
 from zoo.layers import check_flag, check_like_weights, in_torch_compile, is_tracing
 
@@ -62,8 +70,11 @@ _KEPT_PER_EDGE_CHANNEL = 12
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
-    """torch_geometric.nn.Linear's keys and default initialisation (torch's); lazy for -1."""
-    return nn.LazyLinear(out_features, bias=bias) if in_features == -1 else nn.Linear(in_features, out_features, bias)
+    """torch_geometric.nn.Linear's keys and default initialisation, kaiming_uniform(fan=in, a=sqrt(5)) with PyG's
+    bound (zoo/attention/graph.py ``_init_linear_kaiming_``); lazy for -1, initialised so when sized, as PyG's
+    (graph.py ``_LazyLinear``). torch's nn.Linear draws the same numbers from a bound that differs from PyG's in the
+    last bit for some fans, which float64 weights keep."""
+    return _graph_linear(in_features, out_features, bias, init=_init_linear_kaiming_)
 
 
 def _has_batch_statistics(module: Optional[Callable]) -> bool:
@@ -212,9 +223,9 @@ class PointTransformerConv(CachedGraphLayer):
         super().reset_parameters()
         reset(self.pos_nn)  # PyG's: each submodule's reset_parameters (pos_nn / attn_nn may be any module)
         reset(self.attn_nn)
-        for lin in (self.lin, self.lin_src, self.lin_dst):
-            if not isinstance(lin, nn.LazyLinear) or not lin.has_uninitialized_params():
-                lin.reset_parameters()
+        for lin in (self.lin, self.lin_src, self.lin_dst):  # PyG's Linear.reset_parameters; a lazy one when sized
+            if not _is_lazy(lin):
+                _init_linear_kaiming_(lin)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.in_channels}, {self.out_channels})"
@@ -275,9 +286,11 @@ class PointTransformerConv(CachedGraphLayer):
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x, pos, edge_index) -> Tensor:
         x_src, x_dst, pos_src, pos_dst = self._inputs(x, pos)
-        v_NC = self.lin(x_src)
+        # PyG's order (point_transformer_conv.py, forward): lin_src, lin_dst, then lin, so lazy (-1) projections
+        # materialise in that order and a seeded lazy layer draws PyG's weights
         a_src_NC = self.lin_src(x_src)
         a_dst_NC = self.lin_dst(x_dst)
+        v_NC = self.lin(x_src)
         graph = self._graph(edge_index, x_src.size(0), x_dst.size(0))
         if self._runs_propagate():
             # PyG's propagate: the explain mask and the hooks see PyG's messages; torch.func transforms run it too
