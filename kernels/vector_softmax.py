@@ -177,6 +177,9 @@ def vector_softmax_sum(scores_EC: torch.Tensor, values_EC: torch.Tensor, rowptr:
         raise TypeError(f"vector_softmax_sum: dtype {scores_EC.dtype} is not supported (fp32, fp16, bf16)")
     if scores_EC.dtype == torch.bfloat16 and INTERPRET:
         raise TypeError("vector_softmax_sum: bf16 is computed wrongly by the Triton interpreter; use fp32/fp16")
+    if scores_EC.dim() != 2:
+        raise ValueError(f"vector_softmax_sum: scores must be [E, C] (a score per edge and channel), got shape "
+                         f"{tuple(scores_EC.shape)}")
     if values_EC.shape != scores_EC.shape or values_EC.dtype != scores_EC.dtype or values_EC.device != dev:
         raise ValueError(f"vector_softmax_sum: values {tuple(values_EC.shape)} {values_EC.dtype} on "
                          f"{values_EC.device} must match scores {tuple(scores_EC.shape)} {scores_EC.dtype} on {dev}")

@@ -298,6 +298,9 @@ def test_bad_inputs_name_the_problem():
         vk.vector_softmax_sum(scores, scores, torch.tensor([0, 3, 2, 5], device=DEVICE))
     with pytest.raises(ValueError, match="must match scores"):
         vk.vector_softmax_sum(scores, scores[:, :2], rowptr)
+    for wrong in (scores[:, 0], scores[:, :, None]):  # (an unpacking error before)
+        with pytest.raises(ValueError, match=r"scores must be \[E, C\] .*got shape"):
+            vk.vector_softmax_sum(wrong, wrong, rowptr)
     with pytest.raises(ValueError, match="needs rowptr"):
         segment_softmax_weighted_sum(scores, scores, index, 2, impl="triton")
     with pytest.raises(ValueError, match="num_segments \\+ 1 = 3"):
