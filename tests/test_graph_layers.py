@@ -183,6 +183,29 @@ def test_gat_bipartite_and_size_match_pyg():
     _assert_same(ours, peer, [torch.randn(7, 5), None], ei, size=(7, 5))
 
 
+def test_gat_wrong_size_is_refused_naming_it_as_pyg_refuses_it():
+    """A size= that disagrees with the inputs is refused, as PyG's GATConv refuses it (its message: "Encountered
+    tensor with size ..."), here naming the entry; unrefused (mutation audit 2026-12-07), a bipartite call with
+    size=(5, 2) and 3 destination rows returned 2 rows, a wrong source count was ignored, (5, 5, 99) accepted."""
+    g = torch.Generator().manual_seed(0)
+    x_src, x_dst = torch.randn(5, 6, generator=g), torch.randn(3, 4, generator=g)
+    ei = torch.tensor([[0, 1, 4], [0, 1, 1]])
+    bipartite, peer = _pair(GATConv, pyg_nn.GATConv, (6, 4), 5, heads=2, add_self_loops=False)
+    for size in ((5, 2), (5, 4)):
+        with pytest.raises(ValueError, match=rf"size\[1\]={size[1]} but x_dst has 3 rows"):
+            bipartite((x_src, x_dst), ei, size=size)
+        with pytest.raises(ValueError):  # PyG refuses it too
+            peer((x_src, x_dst), ei, size=size)
+    plain = GATConv(6, 5, heads=2)
+    for size in ((7, None), (4, 5)):
+        with pytest.raises(ValueError, match=rf"size\[0\]={size[0]} but x_src has 5 rows"):
+            plain(x_src, ei, size=size)
+    for size in ((5,), (5, 5, 99), (5, None, None)):
+        with pytest.raises(ValueError, match=r"size must be \(num_src, num_dst\), got"):
+            plain(x_src, ei, size=size)
+    assert bipartite((x_src, x_dst), ei, size=(5, 3)).shape == (3, 10)  # the right size is taken
+
+
 def test_repr_and_state_dict_keys():
     assert repr(GATv2Conv(8, 32, heads=2)) == "GATv2Conv(8, 32, heads=2)"
     assert repr(GATConv((8, 4), 16)) == "GATConv((8, 4), 16, heads=1)"
