@@ -292,8 +292,9 @@ def test_float64_model_resizes_its_position_embedding_in_float64():
     grid = (17, 9)
     grid_pos = ref.pos_embed[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
     grid_pos = F.interpolate(grid_pos, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-    resized = agent_deit.resize_pos_embed(ref.pos_embed, grid, (8, 8))
+    resized = agent_deit.resize_pos_embed(ref.pos_embed, grid, (8, 8), **agent_deit.RUN_TIME_RESIZE)  # the forward's
     assert resized.dtype == torch.float64 and torch.equal(resized[:, 1:], grid_pos)
+    assert agent_deit.resize_pos_embed(ref.pos_embed, grid, (8, 8)).dtype == torch.float64  # bicubic (loading) too
     with torch.no_grad():
         expected = ref(x, grid=grid, pos_embed=torch.cat([ref.pos_embed[:, :1], grid_pos], dim=1))
         assert (ours(x) - expected).abs().max() < 1e-12
@@ -316,14 +317,20 @@ def test_unpadded_odd_size_150x100():
 
 
 def test_on_the_fly_resize_equals_converted_checkpoint():
+    """A checkpoint converted to 48 px gives the same agent tables as the forward of the 32-px model at 48 px; the
+    position embedding differs by design (bicubic at loading as the official fine-tuning and timm, bilinear on the
+    fly as the official resize_pos_embed helper): with the run-time one put back, the logits agree."""
     torch.manual_seed(5)
     small = zoo.create_model("agent_deit_debug").eval()
     _randomize(small)
     big = zoo.create_model("agent_deit_debug", img_size=48).eval()
     big.load_official_state_dict({"model": small.state_dict()})
     assert big.blocks[0].attn.ah_bias.shape[3] == 12
+    bicubic = agent_deit.resize_pos_embed(small.pos_embed.detach(), (12, 12), (8, 8), interpolation="bicubic")
+    torch.testing.assert_close(big.pos_embed.detach(), bicubic, rtol=0, atol=0)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
+        big.pos_embed.copy_(agent_deit.resize_pos_embed(small.pos_embed, (12, 12), (8, 8), **agent_deit.RUN_TIME_RESIZE))
         assert torch.allclose(small(x), big(x), atol=1e-5)
 
 

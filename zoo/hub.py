@@ -36,8 +36,12 @@ Hugging Face cache folder (``models--timm--<name>``) resolves to the snapshot ``
 
 User conversions from other code bases: :func:`load_state_dict_file` also reads ``.pth``/``.pt``/``.bin``/
 ``.ckpt`` with ``torch.load(weights_only=True)`` (tensors and plain containers only, never arbitrary
-pickled objects; the ``argparse.Namespace`` timm's train.py stores is allowed, as timm's loader does) and unwraps the usual containers (``{"state_dict": ...}``, ``{"model": ...}``, DDP's
-``module.`` prefix; from a ``zoo train`` ``.ckpt`` the EMA weights when present, else ``model.*``).
+pickled objects; the ``argparse.Namespace`` timm's train.py stores is allowed, as timm's loader does, and the yacs
+``CfgNode`` of official Agent-Attention / Swin checkpoints is read as an inert OrderedDict) and unwraps the usual
+containers (``{"state_dict": ...}``, ``{"model": ...}``, DDP's ``module.`` prefix; timm train.py's EMA copy beside
+``'state_dict'``, but ``'model'`` beside an EMA copy, as the official code evaluates; ``ema=`` chooses; from a
+``zoo train`` ``.ckpt`` the EMA weights when present, else ``model.*``). docs/timm.md, "Checkpoints of other
+training code", gives the route for other files.
 """
 from __future__ import annotations
 
@@ -428,26 +432,62 @@ def _with_data_config(model: nn.Module, metadata: dict[str, Any]) -> dict[str, A
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The tensor dict inside the usual checkpoint containers. A timm train.py checkpoint holds the raw and the
-    EMA weights: the EMA ones ('state_dict_ema') are taken, as timm's load_checkpoint does (use_ema=True), and
-    the log says so. DeiT-style checkpoints ({'model', 'model_ema'}, the official Agent-Attention layout) give
-    'model', the entry those repositories evaluate; 'model_ema' alone is read too."""
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+_EMA_ENTRIES = ("state_dict_ema", "model_ema")
+_RAW_ENTRIES = ("state_dict", "model", "model_state", "model_state_dict", "module", "net")
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _checkpoint_entry(obj: Mapping, ema: Optional[bool], where: Any, holds=_is_tensor_dict) -> Optional[str]:
+    """The top-level entry of a training checkpoint that holds the weights to load (None: not found).
+
+    ``ema=None``: the EMA copy of a timm train.py checkpoint ({'state_dict', 'state_dict_ema'}), as timm's
+    load_checkpoint (use_ema=True) takes it; 'model' when it is there, whatever EMA copy sits beside it: the official
+    Agent-Attention / Swin / DeiT code saves {'model', 'state_dict_ema'} or {'model', 'model_ema'} (Agent-Attention
+    utils_ema.py save_checkpoint_ema_new, DeiT main.py) and evaluates 'model' (utils.py load_checkpoint:
+    ``model.load_state_dict(checkpoint['model'])``); an EMA copy alone is read too. ``ema=True``: the EMA copy,
+    ``ema=False``: the raw weights, each an error when the file has none. Which one was taken is logged when the
+    file has both (a warning where the other one is the official evaluation's)."""
+    ema_keys = [key for key in _EMA_ENTRIES if holds(obj.get(key))]
+    raw_keys = [key for key in _RAW_ENTRIES if holds(obj.get(key))]
+    if ema is None:
+        timm_layout = "state_dict" in raw_keys and "state_dict_ema" in ema_keys and "model" not in raw_keys
+        chosen = (ema_keys if timm_layout else raw_keys + ema_keys or [None])[0]
+    else:
+        wanted = ema_keys if ema else raw_keys
+        if not wanted:
+            kind = f"an EMA copy ({' / '.join(_EMA_ENTRIES)})" if ema else f"raw weights ({' / '.join(_RAW_ENTRIES)})"
+            raise CheckpointError(f"{where}: ema={ema} asks for {kind}, which the checkpoint does not hold; its "
+                                  f"top-level entries: {sorted(map(str, obj))[:10]}")
+        chosen = wanted[0]
+    if chosen is not None and ema_keys and raw_keys:
+        other = raw_keys[0] if chosen in _EMA_ENTRIES else ema_keys[0]
+        if chosen in _EMA_ENTRIES:
+            log.info("%s: loading the EMA weights ('%s'), as timm does; the raw weights ('%s'): ema=False",
+                     where, chosen, other)
+        else:
+            log.warning("%s: loading '%s', the weights the official code evaluates; the file also holds the EMA copy "
+                        "'%s' (ema=True loads it: zoo.hub.load_state_dict_file(path, ema=True); Agent-DeiT: "
+                        "model.load_official_state_dict(checkpoint, use_ema=True))", where, chosen, other)
+    return chosen
+
+
+def _unwrap_state_dict(obj: Any, path: Path, ema: Optional[bool] = None) -> dict[str, torch.Tensor]:
+    """The tensor dict inside the usual checkpoint containers (:func:`_checkpoint_entry` picks the entry of a
+    training checkpoint: timm's EMA copy beside 'state_dict', 'model' where the official code saved one; ``ema``
+    forces the choice); a Lightning ``.ckpt``'s model weights; wrapper prefixes stripped."""
+    if isinstance(obj, Mapping) and ema is None and _is_tensor_dict(obj):
         state = dict(obj)
     else:
-        for key in ("state_dict_ema", "state_dict", "model", "model_ema", "model_state", "model_state_dict", "module", "net"):
-            inner = obj.get(key) if isinstance(obj, Mapping) else None
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                state = dict(inner)
-                if key in ("state_dict_ema", "model_ema"):
-                    log.info("%s: loading the EMA weights ('%s'), as timm does", path, key)
-                break
-        else:
+        key = _checkpoint_entry(obj, ema, path) if isinstance(obj, Mapping) else None
+        if key is None:
             raise CheckpointError(
                 f"{path}: no state dict found (expected a dict of tensors, or one under 'state_dict'/'model'); "
                 f"top-level entries: {sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__}"
             )
+        state = dict(obj[key])
     if path.suffix == ".ckpt":
         weights = lightning_model_weights(state)
         if weights is not None:
@@ -478,22 +518,71 @@ def _strip_wrapper_prefixes(state: dict, prefixes=("module.", "_orig_mod.")) -> 
     return state
 
 
+class _InertConfig:
+    """What a pickled training-config object (``yacs.config.CfgNode``) becomes when a checkpoint is read: a plain
+    ``collections.OrderedDict`` of its entries, its attributes in the OrderedDict's ``__dict__``. Nothing of the
+    config's class is imported or run: the class is only a name in the file, mapped here through
+    ``torch.serialization.safe_globals([(_InertConfig, name)])``, and torch's weights-only unpickler fills the
+    OrderedDict (it allows SETITEMS / BUILD on that type only, not on a dict subclass)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        import collections
+
+        return collections.OrderedDict()
+
+
+# Config classes that training scripts pickle beside the weights and that are read as inert OrderedDicts (see
+# _InertConfig): yacs's CfgNode, a dict subclass holding plain values, stored as 'config' by every checkpoint of
+# the official Agent-Attention / Swin Transformer main.py (utils.py save_checkpoint).
+_INERT_CONFIG_GLOBALS = ("yacs.config.CfgNode",)
+
+
+def _unsafe_globals(path: Path) -> Optional[list[str]]:
+    """The globals of a torch.save file that weights-only loading does not allow (None if that cannot be read)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - a corrupt or legacy file: the caller reports the load's own error
+        return None
+
+
 def _torch_load(path: Path, **kwargs: Any) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, also allowing ``argparse.Namespace``: timm's train.py
     stores its arguments as one in every checkpoint (timm/utils/checkpoint_saver.py ``save_state['args']``), and
     timm's own loader allows it the same way (timm/models/_helpers.py ``_torch_load``: ``weights_only=True`` inside
-    ``torch.serialization.safe_globals([argparse.Namespace])``). The allowance is scoped to this load; nothing else
-    is unpickled, and weights_only is never turned off."""
+    ``torch.serialization.safe_globals([argparse.Namespace])``). A file whose only other pickled class is a config
+    named in ``_INERT_CONFIG_GLOBALS`` (the official Agent-Attention / Swin checkpoints' yacs CfgNode) is read again
+    with that name mapped to an inert OrderedDict (:class:`_InertConfig`). The allowances are scoped to this load;
+    nothing else is unpickled, and weights_only is never turned off."""
     import argparse
-    import contextlib
+    import pickle
 
-    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    with safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext():
-        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    allowed: list[Any] = [argparse.Namespace]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError:
+        unsafe = _unsafe_globals(path)
+        if not unsafe or not set(unsafe) <= set(_INERT_CONFIG_GLOBALS):
+            raise
+    with torch.serialization.safe_globals(allowed + [(_InertConfig, name) for name in unsafe]):
+        obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    log.info("%s: read its pickled %s as plain dicts (never imported)", path, ", ".join(sorted(set(unsafe))))
+    return obj
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` (or ``.pth``/``.pt``/``.bin``/``.ckpt`` with weights_only)."""
+_UNTRUSTED_FILE_ROUTE = (
+    "if you trust the file, read it with torch.load(path, weights_only=False) and load the weights yourself "
+    "(model.load_state_dict(zoo.hub.unwrap_state_dict(checkpoint)); Agent-DeiT: "
+    "model.load_official_state_dict(checkpoint)), or save them once as .safetensors: see docs/timm.md, "
+    "'Checkpoints of other training code'"
+)
+
+
+def load_state_dict_file(path: str | os.PathLike, *, ema: Optional[bool] = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` (or ``.pth``/``.pt``/``.bin``/``.ckpt`` with weights_only).
+
+    ``ema``: which entry of a training checkpoint that holds raw and EMA weights (None: timm train.py's EMA copy,
+    the official Agent-Attention / DeiT 'model'; True: the EMA copy; False: the raw weights)."""
     path = Path(path)
     if path.is_dir():
         if (path / WEIGHTS_NAME).is_dir():
@@ -512,12 +601,19 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             obj = _torch_load(path)
         except Exception as error:
+            unsafe = _unsafe_globals(path)
+            if unsafe:  # a readable file that pickles classes: name them and the route for a trusted file
+                raise CheckpointError(
+                    f"{path} could not be read with torch.load(weights_only=True): it pickles {', '.join(unsafe)}, "
+                    f"which this loader never imports or runs (it reads tensors, plain containers, "
+                    f"argparse.Namespace and the yacs CfgNode of official training checkpoints); {_UNTRUSTED_FILE_ROUTE}"
+                ) from None
             raise CheckpointError(
                 f"{path} could not be read with torch.load(weights_only=True): it is truncated or corrupt, or it "
                 f"pickles objects other than tensors, plain containers and argparse.Namespace, which this loader "
-                f"never executes ({type(error).__name__}: {error})"
+                f"never executes ({type(error).__name__}: {error}); {_UNTRUSTED_FILE_ROUTE}"
             ) from None
-        return _unwrap_state_dict(obj, path)
+        return _unwrap_state_dict(obj, path, ema)
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (use .safetensors, .pth, .pth.tar, .pt, .bin or .ckpt)")
 
 
@@ -716,16 +812,18 @@ def _weights_file(path: Path) -> Path:
     return path / WEIGHTS_NAME if path.is_dir() else path
 
 
-def unwrap_state_dict(state_dict) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(state_dict, *, ema: Optional[bool] = None) -> dict[str, torch.Tensor]:
     """A checkpoint's weights as a flat dict: the ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers of
     training scripts and a DDP ``module.`` prefix removed; every value checked to be a tensor (named by key).
+    Of raw and EMA weights, :func:`load_state_dict_file`'s rule picks (``ema``: the same choice).
     The weight converters of the model families (``checkpoint_filter_fn``) start here."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    for wrapper in ("state_dict_ema", "model", "state_dict", "model_ema"):  # timm train.py's EMA first, as timm
-        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
-            state_dict = state_dict[wrapper]
-            break
+    has_entry = lambda value: isinstance(value, Mapping)  # noqa: E731 - a mis-typed entry is named below
+    if ema is not None or any(has_entry(state_dict.get(key)) for key in _EMA_ENTRIES + ("model", "state_dict")):
+        key = _checkpoint_entry(state_dict, ema, "checkpoint", holds=has_entry)
+        if key is not None:
+            state_dict = state_dict[key]
     if state_dict and all(isinstance(k, str) and k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     for key, value in state_dict.items():

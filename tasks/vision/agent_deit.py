@@ -15,7 +15,9 @@ Beyond the official code:
 
 * any image size, square or not, at inference and training: the image is zero-padded on the right and
   bottom to a multiple of the patch size, the position embedding is resized to the actual patch grid
-  (bilinear, align_corners=False, as the official ``resize_pos_embed``), and every agent block resizes its
+  (bilinear, align_corners=False, as the official ``resize_pos_embed`` helper of agent_deit.py; a checkpoint
+  loaded at another size, or ``set_input_size``, resamples it once, bicubically, as the official high-resolution
+  fine-tuning ``utils.load_pretrained`` does), and every agent block resizes its
   biases to that grid and pools its agents from it (see zoo/attention/agent.py); in eval mode the resized
   tensors are cached per grid;
 * the last block computes only the class token when the class token is pooled (the head reads nothing
@@ -32,6 +34,7 @@ N = 1 + L tokens (class token first), K classes.
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Any, Optional, Sequence, Union
@@ -57,19 +60,32 @@ from zoo.tasks.vision.vit import Block, PatchEmbed, TokenFeaturesMixin
 
 __all__ = ["AgentBlock", "AgentVisionTransformer", "resize_pos_embed", "checkpoint_filter_fn"]
 
+log = logging.getLogger(__name__)
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 GLOBAL_POOLS = ("token", "avg", "")  # "": no pooling, every token (timm's ViT)
 # Official stage rule: block i uses agent_num[STAGE_OF_PAIR[i // 2]].
 STAGE_OF_PAIR = {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
+# The position embedding resized on the fly to an input's grid: bilinear, as the official ``resize_pos_embed`` helper
+# (loading at another size and set_input_size resample bicubically, resize_pos_embed's default)
+RUN_TIME_RESIZE = {"interpolation": "bilinear", "antialias": False}
+# Width and heads of the official variants (agent_deit.py agent_deit_tiny / small / base), named in loading errors
+OFFICIAL_VARIANTS = {(192, 3): "agent_deit_tiny", (384, 6): "agent_deit_small", (768, 12): "agent_deit_base"}
 
 
 def resize_pos_embed(pos_embed_1NC: torch.Tensor, new_grid: Sequence[int], old_grid: Sequence[int],
-                     num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Resize a (1, P + Gh*Gw, C) position embedding to another grid: bilinear, align_corners=False.
+                     num_prefix_tokens: int = 1, interpolation: str = "bicubic", antialias: bool = False) -> torch.Tensor:
+    """Resize a (1, P + Gh*Gw, C) position embedding to another grid (non-square too); the P prefix rows are kept.
 
-    The same operation as the official ``resize_pos_embed`` (F.interpolate(mode='bilinear')), for
-    non-square grids too; the P prefix rows are kept.
+    The default is the resampling of a checkpoint loaded at another size: bicubic, align_corners=False, no
+    antialiasing, as the official high-resolution fine-tuning (Agent-Attention agent_transformer/utils.py
+    ``load_pretrained``: ``F.interpolate(mode='bicubic')``) and timm's ``timm.layers.resample_abs_pos_embed`` with
+    ``antialias=False`` (the same values, tested). timm's own default, ``antialias=True``, is another function even
+    when upsampling (PyTorch's antialiased bicubic kernel uses a = -0.5, the plain one a = -0.75): pass
+    ``antialias=True`` for it. The forward at another image size uses ``interpolation="bilinear"`` (RUN_TIME_RESIZE),
+    the official ``resize_pos_embed`` helper of agent_deit.py. Unlike timm's function, a float64 embedding is
+    resampled in float64 (fp16 / bf16 / fp32 in fp32, as timm).
     """
     (new_h, new_w), (old_h, old_w) = (int(new_grid[0]), int(new_grid[1])), (int(old_grid[0]), int(old_grid[1]))
     if pos_embed_1NC.shape[1] != num_prefix_tokens + old_h * old_w:
@@ -83,7 +99,8 @@ def resize_pos_embed(pos_embed_1NC: torch.Tensor, new_grid: Sequence[int], old_g
     grid_1CGG = pos_embed_1NC[:, num_prefix_tokens:].reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
     # in fp32 as timm.layers.resample_abs_pos_embed runs it (fp16 / bf16 weights too); a float64 model in float64
     work_dtype = torch.float64 if pos_embed_1NC.dtype == torch.float64 else torch.float32
-    grid_1CGG = F.interpolate(grid_1CGG.to(work_dtype), size=(new_h, new_w), mode="bilinear", align_corners=False)
+    grid_1CGG = F.interpolate(grid_1CGG.to(work_dtype), size=(new_h, new_w), mode=interpolation,
+                              align_corners=False, antialias=antialias)
     grid_1LC = grid_1CGG.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed_1NC.dtype)
     return torch.cat((pos_embed_1NC[:, :num_prefix_tokens], grid_1LC), dim=1)
 
@@ -383,8 +400,8 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
 
     def set_input_size(self, img_size: IntOrPair) -> None:
         """Change the native image size (timm's method): the position embedding is resampled to the new grid
-        and the agent blocks' row/column bias tables to the new window, as loading a checkpoint at that size
-        does (checkpoint_filter_fn). Other sizes still run at any time; save_pretrained records the new one."""
+        (bicubic, resize_pos_embed) and the agent blocks' row/column bias tables to the new window, as loading a
+        checkpoint at that size does (checkpoint_filter_fn). Other sizes still run at any time; save_pretrained records the new one."""
         old_grid, new_grid = self.patch_embed.set_img_size(img_size)
         size = self.patch_embed.img_size
         if new_grid != old_grid:
@@ -412,14 +429,14 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
         if grid == native:
             return self.pos_embed
         if (torch.is_grad_enabled() and self.pos_embed.requires_grad) or tracing_or_exporting():
-            return resize_pos_embed(self.pos_embed, grid, native)
+            return resize_pos_embed(self.pos_embed, grid, native, **RUN_TIME_RESIZE)
         key = weights_stamp(self.pos_embed)
         slot = (grid, torch.is_inference_mode_enabled())  # inference mode has its own entry (no thrashing)
         hit = self._pos_cache.get(slot)
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            resized = resize_pos_embed(self.pos_embed, grid, native)
+            resized = resize_pos_embed(self.pos_embed, grid, native, **RUN_TIME_RESIZE)
         # the entry keeps pos_embed alive (its id cannot be reused); cache_put: bounded and safe across threads
         cache_put(self._pos_cache, slot, (key, resized, weights_kept_alive(self.pos_embed)), limit=8)
         return resized
@@ -523,32 +540,102 @@ class AgentVisionTransformer(CachesDroppedWhenCopied, TokenFeaturesMixin, nn.Mod
         return self.forward_head(self.forward_features(x_BCHW))
 
     # ------------------------------------------------------------------ weights
-    def load_official_state_dict(self, state_dict: dict[str, Any], strict: bool = True):
-        """Load an official Agent-DeiT checkpoint (``{"model": ...}`` or a bare state dict)."""
-        return self.load_state_dict(checkpoint_filter_fn(state_dict, self), strict=strict)
+    def load_official_state_dict(self, state_dict: dict[str, Any], strict: bool = True, use_ema: bool = False):
+        """Load an official Agent-DeiT checkpoint (``{"model": ...}`` or a bare state dict), adapted by
+        :func:`checkpoint_filter_fn`: the ``"model"`` entry, the one the official evaluation loads (utils.py
+        ``load_checkpoint``), also when the file holds an EMA copy (main_ema.py's ``"state_dict_ema"``), which
+        ``use_ema=True`` loads instead. ``strict=False`` skips agent bias tables built for another head or agent
+        count with a warning, as the official ``load_pretrained`` does. Read the file with
+        ``zoo.hub.load_state_dict_file`` (no arbitrary unpickling) or ``torch.load`` on a trusted file."""
+        use_ema = check_flag(use_ema, "load_official_state_dict: use_ema")
+        state = checkpoint_filter_fn(unwrap_state_dict(state_dict, ema=True if use_ema else None), self,
+                                     strict=check_flag(strict, "load_official_state_dict: strict"))
+        return self.load_state_dict(state, strict=strict)
 
 
 # --------------------------------------------------------------------------------------------------
 # Weight converter
 # --------------------------------------------------------------------------------------------------
+_TABLE_AXIS = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}  # the axis that has the window's length
+_AGENT_TABLES = ("an_bias", "na_bias", "ac_bias", "ca_bias", *_TABLE_AXIS)
+
+
+def _agent_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """What a state dict says about the Agent-DeiT it came from: width, depth, and heads and agents of each agent
+    block (read from ``blocks.<i>.attn.an_bias``, (heads, agents, 7, 7))."""
+    width = next((state[k].shape[-1] for k in ("cls_token", "pos_embed") if k in state), None)
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    agents = [tuple(state[f"blocks.{i}.attn.an_bias"].shape[:2]) for i in range(depth)
+              if getattr(state.get(f"blocks.{i}.attn.an_bias"), "ndim", 0) == 4]
+    return {"width": width, "depth": depth, "agents": agents}
+
+
+def _variant_of(layout: dict[str, Any]) -> Optional[str]:
+    """The official variant with this width and these heads (agent_deit_tiny / small / base), if any."""
+    heads = {h for h, _ in layout["agents"]}
+    return OFFICIAL_VARIANTS.get((layout["width"], heads.pop())) if len(heads) == 1 else None
+
+
+def _describe_layout(layout: dict[str, Any]) -> str:
+    heads = sorted({h for h, _ in layout["agents"]})
+    counts = [n for _, n in layout["agents"]]
+    agents = f"{counts[0]} agents each" if len(set(counts)) == 1 else f"agents per block {counts}"
+    name = _variant_of(layout)
+    return (f"width {layout['width']}, {'/'.join(map(str, heads))} heads, {layout['depth']} blocks, {len(counts)} "
+            f"with agent attention, {agents}" + (f" (the width and heads of {name})" if name else ""))
+
+
+def _layout_hint(saved: dict[str, Any], own: dict[str, Any]) -> str:
+    """How to build the model the checkpoint fits: its variant, or the agent_num / agent_layer it was trained with."""
+    if saved["width"] != own["width"] or saved["depth"] != own["depth"] or \
+            {h for h, _ in saved["agents"]} != {h for h, _ in own["agents"]}:
+        name = _variant_of(saved)
+        return (f"Build {name} for it (zoo.create_model({name!r}, pretrained=...))" if name
+                else "Build the model with the checkpoint's embed_dim, num_heads and depth")
+    per_stage: dict[int, int] = {}
+    for i, (_, count) in enumerate(saved["agents"]):
+        per_stage.setdefault(STAGE_OF_PAIR[min(i // 2, 5)], count)
+    stages = [per_stage.get(s, per_stage[max(per_stage)]) for s in range(4)]
+    hint = f"Build the model with agent_num={stages}"
+    if len(saved["agents"]) != len(own["agents"]):
+        hint += f", agent_layer={len(saved['agents'])}"
+    return hint + " for it"
+
+
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransformer,
-                         saved_model: Optional[AgentVisionTransformer] = None) -> dict[str, torch.Tensor]:
+                         saved_model: Optional[AgentVisionTransformer] = None, *, strict: bool = True) -> dict[str, torch.Tensor]:
     """Adapt an official Agent-DeiT checkpoint to ``model``.
 
-    Handles the ``{"model": ...}`` wrapper of the official release (and ``state_dict``/``module.``
-    wrappers), a position embedding trained at another image size (resized bilinearly as the official
-    ``checkpoint_filter_fn``) and row/column bias tables (ah/aw/ha/wa) built for another ``window``
-    (resized along their axis with linear interpolation). ``an_bias``/``na_bias`` never change shape.
+    Handles the ``{"model": ...}`` wrapper of the official release (and ``state_dict``/``module.`` wrappers; of
+    ``"model"`` and an EMA copy, ``"model"``, as the official evaluation), a position embedding trained at another
+    image size (resampled bicubically, :func:`resize_pos_embed`, as the official high-resolution fine-tuning
+    ``utils.load_pretrained``; logged, a warning when the model was not built at a size asked for: its
+    input size is then not the checkpoint's) and row/column bias tables (ah/aw/ha/wa) built for another ``window``
+    (resized along their axis with linear interpolation, as ``load_pretrained``). ``an_bias``/``na_bias`` never
+    change shape. A checkpoint of another variant or agent count (heads, agents, width, depth differ) is a
+    ValueError naming both layouts and the model it fits; with ``strict=False`` its agent bias tables that do not
+    fit are skipped with a warning, as ``load_pretrained`` skips them ("Error in loading {k}, passing").
     ``saved_model``: the checkpoint's own model (zoo.from_pretrained builds it on the meta device); its patch
     grid is the position embedding's layout (without it the old grid is taken to be square, as officially).
     """
     state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
+    saved_layout, own_layout = _agent_layout(state_dict), _agent_layout(own)
+    if saved_layout["agents"] and strict and (saved_layout["width"], saved_layout["depth"], saved_layout["agents"]) != (
+            own_layout["width"], own_layout["depth"], own_layout["agents"]):
+        name = getattr(model, "zoo_model_name", type(model).__name__)
+        raise ValueError(
+            f"the checkpoint is another Agent-DeiT variant or agent count than the model: checkpoint "
+            f"{_describe_layout(saved_layout)}; model {name}: {_describe_layout(own_layout)}. "
+            f"{_layout_hint(saved_layout, own_layout)}, or load with model.load_official_state_dict(checkpoint, "
+            f"strict=False), which skips the agent bias tables that do not fit, as the official load_pretrained"
+        )
     saved_grid = None if saved_model is None else tuple(saved_model.patch_embed.grid_size)
-    table_axis = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}  # the axis that has the window's length
     out: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
     for key, value in state_dict.items():
         target = own.get(key)
+        table = key.rsplit(".", 1)[-1]
         if key == "pos_embed" and target is not None and (
                 value.shape != target.shape or saved_grid not in (None, tuple(model.patch_embed.grid_size))):
             if value.dim() != 3 or value.shape[0] != 1 or value.shape[1] < 2:
@@ -562,17 +649,45 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: AgentVisionTransform
             elif old_grid[0] * old_grid[1] != value.shape[1] - 1:
                 raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not a class token plus its "
                                  f"{old_grid[0]} x {old_grid[1]} patch grid")
+            _log_resize(model, old_grid, asked=saved_model is not None)
             value = resize_pos_embed(value, model.patch_embed.grid_size, old_grid)
-        elif target is not None and value.shape != target.shape and key.rsplit(".", 1)[-1] in table_axis:
-            axis = table_axis[key.rsplit(".", 1)[-1]]
-            if value.dim() != target.dim() or any(a != b for i, (a, b) in enumerate(zip(value.shape, target.shape))
-                                                   if i != axis):
-                raise ValueError(f"{key}: checkpoint table {tuple(value.shape)} cannot be resized to {tuple(target.shape)}")
+        elif target is not None and value.shape != target.shape and table in _AGENT_TABLES:
+            axis = _TABLE_AXIS.get(table)
+            if axis is None or value.dim() != target.dim() or any(
+                    a != b for i, (a, b) in enumerate(zip(value.shape, target.shape)) if i != axis):
+                if not strict:
+                    skipped.append(f"{key} {tuple(value.shape)} vs {tuple(target.shape)}")
+                    continue
+                raise ValueError(f"{key}: checkpoint table {tuple(value.shape)} cannot be resized to "
+                                 f"{tuple(target.shape)}: only its window axis ({axis}) may differ")
             from zoo.attention.agent import _resize_1d
 
             value = _resize_1d(value, target.shape[axis], axis)
         out[key] = value
+    if skipped:
+        log.warning("skipped %d agent bias table(s) that do not fit the model (other heads or agent count), as the "
+                    "official load_pretrained does; they keep the model's initialisation: %s%s", len(skipped),
+                    "; ".join(skipped[:4]), f"; ... ({len(skipped)} in all)" if len(skipped) > 4 else "")
     return out
+
+
+def _log_resize(model: AgentVisionTransformer, old_grid: Sequence[int], asked: bool) -> None:
+    """Say that a checkpoint's position embedding was resampled: a warning when the model's size was not asked for
+    (a 448-px checkpoint read into agent_deit_tiny's default 224 becomes a 224-px model, and timm's data pipeline
+    feeds it 224-px images), information when it was (fine-tuning at a new resolution)."""
+    new_grid = tuple(model.patch_embed.grid_size)
+    patch_h, patch_w = model.patch_embed.patch_size
+    old_px, new_px = (old_grid[0] * patch_h, old_grid[1] * patch_w), (new_grid[0] * patch_h, new_grid[1] * patch_w)
+    size = lambda px: str(px[0]) if px[0] == px[1] else f"{px[0]} x {px[1]}"  # noqa: E731
+    asked = asked or "img_size" in (getattr(model, "zoo_model_args", None) or {})
+    message = (f"checkpoint position embedding resampled from its {old_grid[0]} x {old_grid[1]} patch grid "
+               f"({size(old_px)} px) to the model's {new_grid[0]} x {new_grid[1]} ({size(new_px)} px), bicubic")
+    if asked:
+        log.info("%s", message)
+    else:
+        log.warning("%s: the model was built at its default size, not the checkpoint's; to run it at the size it was "
+                    "trained at, build it with img_size=%s", message,
+                    old_px[0] if old_px[0] == old_px[1] else f"({old_px[0]}, {old_px[1]})")
 
 
 # --------------------------------------------------------------------------------------------------
