@@ -8,27 +8,32 @@ node i (its self loop as a ring), their alpha as width and label, plus the 2-hop
     zoo viz graph [data=karate] [node=0] [layer=0] [seed=0] [root=<folder, for data=planetoid:<Name> | ogb:<name>>]
                   [out=graph_attention.png] (ckpt=<.ckpt | released dir | run dir> | [model=gatv2_node]
                   [heads=<the model's>] [epochs=100])
-    zoo viz graph data=dictlookup [k=10] [example=0] [node=0] [seed=11] [out=...]
-                  (ckpt=<.ckpt | released dir | run dir> | [model=gatv2_dictlookup|gat_dictlookup|transformer_dictlookup] [heads=1] [epochs=5])
+    zoo viz graph data=dictlookup [k=10] [example=0] [node=0] [out=...]
+                  (ckpt=<.ckpt | released dir | run dir> |
+                   [model=gatv2_dictlookup|gat_dictlookup|transformer_dictlookup] [heads=1] [epochs=5] [seed=11])
 
-``model``, ``heads`` and ``epochs`` choose and train the model drawn, so they apply only without ``ckpt``: the
-checkpoint fixes the model, and giving them with it is refused.
+``model``, ``heads`` and ``epochs`` (and ``seed`` of data=dictlookup) choose and train the model drawn, so they apply
+only without ``ckpt``: the checkpoint fixes the model, and giving them with it is refused.
 
 Node data: without ``ckpt`` the model is trained full-batch for ``epochs`` steps first (Adam 5e-3, the GAT
 recipe) so the picture shows learned attention. ``ckpt`` is read as ``zoo eval`` / ``zoo predict`` read it: a
 ``.ckpt`` of ``zoo train`` (its EMA weights where the run kept them), a ``released/`` folder (or any directory of
 ``zoo.save_pretrained``), or a ``zoo train`` run directory (its released/, else checkpoints/best.ckpt, else
-last.ckpt). With ``ckpt`` and no ``data=``, the data it was trained on is used (the run's recorded data config:
-name, root, seed, k; its root as the absolute path the data module recorded, ``metadata.data.root``); without
-that record the default is karate. ``root=`` expands ``~``.
+last.ckpt). With ``ckpt``, the data it was trained on is used (the run's recorded data config: name, root, seed,
+loader options, k and the DictionaryLookup split; its root as the absolute path the data module recorded,
+``metadata.data.root``), with or without ``data=`` naming that data: the keys you leave unset take the recorded
+values, and a ``seed=`` (the graph and split seed of node data) or ``k=`` that contradicts the record is refused.
+``data=`` naming other data is drawn on that data (a model of another width or kind is refused). Without a record
+the default is karate. ``root=`` expands ``~``.
 
 ``data=dictlookup``: the DictionaryLookup benchmark (zoo.tasks.graph.dictlookup). The picture is query ``node``
 (0..k-1) of test example ``example`` (a permutation from the unseen-combination test split) attending to the k
 key-value nodes, labelled key:value, with the one holding its key in green. Without ``ckpt`` the model is
 trained for ``epochs`` passes over the training split first (each epoch a new permutation of it, so every
 training graph once; Adam 1e-3, gradient clipping 1.0, batches of 1024, seed 11, as ``zoo train
-experiment=graph_dictlookup``): GATv2 then puts its attention on the matching key, while GAT's static attention
-cannot (Brody et al., ICLR 2022). Letters: N nodes, E edges, H heads.
+experiment=graph_dictlookup``; ``seed=`` seeds that training, so with ``ckpt`` it is refused: the checkpoint's
+recorded split is drawn, its recorded data.seed included): GATv2 then puts its attention on the matching key,
+while GAT's static attention cannot (Brody et al., ICLR 2022). Letters: N nodes, E edges, H heads.
 """
 from __future__ import annotations
 
@@ -234,23 +239,48 @@ def _trained_data_name(trained: Optional[dict]) -> Optional[str]:
 
 
 def _adopt_trained_data(opts: dict, model) -> None:
-    """Without ``data=``, draw on the data the checkpoint was trained on (a Cora model fed karate's 34
-    features failed with "x has 34 features, the layer expects 1433"); given options win."""
+    """Draw on the data the checkpoint was trained on (a Cora model fed karate's 34 features failed with "x has 34
+    features, the layer expects 1433"): without ``data=``, its recorded data; with ``data=`` naming that data, the
+    recorded values of every key left unset (``data=dictlookup`` drew the default split, seed 11 and fraction 0.8,
+    whose "test" graphs were training graphs of a seed-3 run; ``data=sbm`` drew the seed-0 graph for a seed-5 run).
+    A given ``k=`` or ``seed=`` that contradicts the record is refused; ``data=`` naming other data adopts nothing
+    (the model's kind and width checks name the mismatch)."""
     trained = _trained_data(model)
     name = _trained_data_name(trained)
-    if opts["data"] is not None or name is None:
+    if name is None or opts["data"] not in (None, name):
         return
     opts["data"] = name
     if name == "dictlookup":  # its split: generate_permutations / unseen_combinations_split arguments
-        if opts["k"] is None and isinstance(trained.get("k"), int):
-            opts["k"] = trained["k"]
+        recorded_k = trained.get("k")
+        if isinstance(recorded_k, int) and not isinstance(recorded_k, bool):
+            if opts["k"] is not None and opts["k"] != recorded_k:
+                raise SystemExit(f"zoo viz graph: k={opts['k']} contradicts the checkpoint, a model trained on "
+                                 f"data.k={recorded_k}: leave k= out (its k is recorded) or pass k={recorded_k}")
+            opts["k"] = recorded_k
         opts["data_options"] = {key: trained[key] for key in ("max_examples", "train_fraction", "seed") if key in trained}
         return
-    if opts["seed"] is None and isinstance(trained.get("seed"), int) and not isinstance(trained.get("seed"), bool):
-        opts["seed"] = trained["seed"]  # the split seed of networkx / sbm data
+    recorded_seed = trained.get("seed")
+    if isinstance(recorded_seed, int) and not isinstance(recorded_seed, bool):
+        if opts["seed"] is not None and opts["seed"] != recorded_seed:
+            raise SystemExit(f"zoo viz graph: seed={opts['seed']} contradicts the checkpoint, trained on data={name} "
+                             f"with data.seed={recorded_seed} (the seed draws the graph and its split): leave seed= "
+                             f"out to draw on that data")
+        opts["seed"] = recorded_seed  # the graph / split seed of networkx / sbm / planetoid data
     if opts["root"] is None and trained.get("root"):
         opts["root"] = _trained_root(model, trained)
     opts["data_options"] = {key: value for key, value in trained.items() if key not in _NODE_MODULE_KEYS}
+
+
+def _refuse_seed_with_dictlookup_ckpt(opts: dict) -> None:
+    """``seed=`` seeds the training of ``data=dictlookup`` without ``ckpt=``; with it nothing is trained and the split
+    is the checkpoint's (its recorded data.seed, else the data module's default), so the seed did nothing, without a
+    word: refused in one line, as ``model=`` / ``heads=`` / ``epochs=`` are."""
+    if not opts["ckpt"] or opts["data"] != "dictlookup" or opts["seed"] is None:
+        return
+    recorded = opts["data_options"].get("seed")
+    split = f"its recorded data.seed={recorded}" if recorded is not None else "the default data.seed"
+    raise SystemExit(f"zoo viz graph: seed={opts['seed']} applies to data=dictlookup only without ckpt= (it seeds "
+                     f"the training); ckpt={opts['ckpt']} fixes the model and the split ({split}): leave seed out")
 
 
 def _recorded_root(model, trained: dict) -> Optional[str]:
@@ -304,6 +334,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = _load_checkpoint(opts["ckpt"]) if opts["ckpt"] else None
     if model is not None:
         _adopt_trained_data(opts, model)
+        _refuse_seed_with_dictlookup_ckpt(opts)
+        if opts["data"] == "dictlookup" and opts["k"] is None and isinstance(getattr(model, "k", None), int):
+            opts["k"] = model.k  # a checkpoint without a data record (zoo.save_pretrained): its model's k
     if opts["seed"] is None and opts["data"] == "dictlookup":
         opts["seed"] = _DICTLOOKUP_SEED
     for key, default in _DEFAULTS.items():
@@ -399,7 +432,8 @@ def _dictlookup(opts: dict, model=None) -> int:
     if model is not None:
         _require_kind(_instance_kind(model), "dictlookup", f"ckpt={opts['ckpt']}", "dictlookup")
         if getattr(model, "k", None) != k:
-            raise SystemExit(f"zoo viz graph: the checkpoint is a k={getattr(model, 'k', '?')} model; pass k=")
+            raise SystemExit(f"zoo viz graph: the checkpoint is a k={getattr(model, 'k', '?')} model; k={k} does not "
+                             "fit it: leave k= out")
     else:
         extra = {} if opts["heads"] is None else {"heads": opts["heads"]}
         model = zoo.create_model(opts["model"], num_classes=k, **extra)
