@@ -39,6 +39,17 @@ def _restore_torch_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny runs: one intra-op thread (on a shared 2-core CI machine, OpenMP barriers of tiny ops cost more than the
+    ops); the worker's count comes back afterwards. Modules of tiny runs only use it for every test
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY_VIT = ["+model.embed_dim=16", "+model.depth=1", "+model.num_heads=2", "+model.mlp_ratio=2.0"]
 FAST_RUN = ["experiment=vit_digits", "debug=fast", "num_threads=1", *TINY_VIT]
 

@@ -25,12 +25,7 @@ COMMON = ["callbacks=minimal", "logger=none", "num_threads=1", "trainer.enable_m
           "+trainer.enable_progress_bar=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def _train(run_dir, *overrides) -> str:

@@ -48,14 +48,6 @@ def test_dictionary_lookup_generation_follows_the_paper():
     assert b["target_index"].tolist() == [g * 2 * k + i for g in range(3) for i in range(k)]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny full-batch runs: one intra-op thread (on a shared 2-core CI machine, OpenMP barriers of
-    tiny ops cost more than the ops)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _train_lookup(name, heads, k=5, steps=300, seed=0):

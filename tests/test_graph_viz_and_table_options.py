@@ -9,19 +9,10 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 pytest.importorskip("hydra")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny runs: one intra-op thread (on a shared 2-core CI machine, OpenMP barriers of tiny ops cost more than
-    the ops)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _spy_drawings(monkeypatch):

@@ -476,6 +476,18 @@ def test_a_failed_call_leaves_the_cache_as_it_was():
             torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)
 
 
+def _right_padded_batch(layer, rows, lengths, width):
+    """(each row's outputs after its prompt, decoded alone under Causal(); the right-padded Segments of the
+    prompts; the (B, width, C) prompt batch, row b's first lengths[b] tokens then zeros) for ``rows``, one
+    (1, n + steps, C) sequence per batch row."""
+    alone = torch.cat([layer(r, mask=Causal())[:, n:] for r, n in zip(rows, lengths)])
+    right = Segments.from_lengths(lengths, width)
+    prompt = torch.zeros(len(rows), width, rows[0].shape[-1], dtype=rows[0].dtype)
+    for b, (r, n) in enumerate(zip(rows, lengths)):
+        prompt[b, :n] = r[0, :n]
+    return alone, right, prompt
+
+
 @pytest.mark.parametrize("scheme", ["alibi", "xl"])
 def test_padded_batches_decode_left_padded_and_refuse_right_padding(scheme):
     """ALiBi and rel_pos='xl' count a key's distance over the cached keys alike for every row: a right-padded
@@ -490,11 +502,7 @@ def test_padded_batches_decode_left_padded_and_refuse_right_padding(scheme):
     lengths, width, steps = [6, 3], 6, 3
     rows = [torch.randn(1, n + steps, 32, dtype=torch.float64) for n in lengths]
     with torch.no_grad():
-        alone = torch.cat([layer(r, mask=Causal())[:, n:] for r, n in zip(rows, lengths)])
-        right = Segments.from_lengths(lengths, width)
-        prompt = torch.zeros(2, width, 32, dtype=torch.float64)
-        for b, (r, n) in enumerate(zip(rows, lengths)):
-            prompt[b, :n] = r[0, :n]
+        alone, right, prompt = _right_padded_batch(layer, rows, lengths, width)
         right_cache = KVCache()
         prefill = layer(prompt, mask=Causal() & right, cache=right_cache)
         for b, (r, n) in enumerate(zip(rows, lengths)):  # the prompt's valid rows are exact
@@ -881,11 +889,7 @@ def test_rope_default_positions_over_a_right_padded_batch_are_refused_and_per_ro
     rows = [torch.randn(1, n + steps, 32, dtype=torch.float64) for n in lengths]
     step_ids = torch.zeros(2, 1, dtype=torch.long)
     with torch.no_grad():
-        alone = torch.cat([layer(r, mask=Causal())[:, n:] for r, n in zip(rows, lengths)])
-        right = Segments.from_lengths(lengths, width)
-        prompt = torch.zeros(2, width, 32, dtype=torch.float64)
-        for b, (r, n) in enumerate(zip(rows, lengths)):
-            prompt[b, :n] = r[0, :n]
+        alone, right, prompt = _right_padded_batch(layer, rows, lengths, width)
         cache = KVCache()
         layer(prompt, mask=Causal() & right, cache=cache)  # the right-padded prompt itself is exact
         ids, outs = right.kv_ids, []
