@@ -345,7 +345,7 @@ def test_sixteen_bit_and_float_images_read_as_their_eight_bit_originals(tmp_path
     """A 16-bit PNG (Pillow mode I;16) was read through Pillow's convert(), which clips every value above 255:
     the digit became almost pure white and zoo predict answered 8 for a 1, silently, in train / eval / predict /
     viz alike. 16-bit and 32-bit integer images are scaled to 8 bits (x / 257) and float images from [0, 1];
-    a corrupt file in an image folder is a ValueError naming it (it was a PIL traceback)."""
+    a corrupt file in an image folder is named in a warning (it was a PIL traceback), and skipped."""
     eight = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
     Image.fromarray(eight).save(tmp_path / "d8.png")
     Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "d16.png")
@@ -369,7 +369,7 @@ def test_sixteen_bit_and_float_images_read_as_their_eight_bit_originals(tmp_path
     module = vdata.ImageFolderDataModule(root=str(tmp_path / "root"), img_size=8, in_chans=1, num_classes=2,
                                          batch_size=2, num_workers=0)
     module.setup("test")
-    with pytest.raises(ValueError, match=r"bad\.png is not a readable image"):
+    with pytest.warns(UserWarning, match=r"bad\.png is not a readable image"):  # skipped, as timm skips it
         [module.test_set[i] for i in range(len(module.test_set))]
 
 
@@ -1470,3 +1470,60 @@ def test_macos_appledouble_files_are_not_images(tmp_path):
     (tmp_path / "val" / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
     with pytest.raises(FileNotFoundError, match=r"val/dog holds no image"):
         vdata.ImageFolderDataModule(str(tmp_path), img_size=8, num_classes=2).setup()
+
+
+def test_unreadable_images_are_replaced_by_the_next_one_deterministically(tmp_path):
+    """One corrupt file stopped training when the shuffled order reached it (hours into an epoch, no checkpoint).
+    As timm's ImageDataset (timm/data/dataset.py), it is skipped with a warning naming it and the next sample takes
+    its place; the replacement depends on the index alone (a resumed run trains on what the interrupted one did),
+    and MAX_UNREADABLE_IN_A_ROW bad files in a row stop with the last error."""
+    _write_images(tmp_path, "train", ["cat", "dog"], 4)
+    (tmp_path / "train" / "cat" / "1_corrupt.png").write_bytes(b"garbage")  # sorted between 1.png and 2.png
+    dm = vdata.ImageFolderDataModule(str(tmp_path), batch_size=2, img_size=8, in_chans=1, mean=(0.5,), std=(0.5,),
+                                     augment="standard", val_fraction=0.0, num_classes=2, hflip=0.5)
+    (tmp_path / "test").symlink_to(tmp_path / "train", target_is_directory=True)
+    dm.setup("fit")
+    paths = [Path(p).name for p, _ in dm.train_set.base.samples]
+    bad = paths.index("1_corrupt.png")
+    with pytest.warns(UserWarning, match=rf"skipped an unreadable image \(sample {bad}\).*1_corrupt\.png is not a "):
+        image, label = dm.train_set[bad]
+    replacement, replacement_label = dm.train_set[bad + 1]  # the next file, augmented as its own index is
+    torch.testing.assert_close(image, replacement)
+    assert label == replacement_label == 0
+    with pytest.warns(UserWarning):
+        again = dm.train_set[bad]
+    torch.testing.assert_close(again[0], image)  # the same draw every time: deterministic
+    # a whole epoch through the loader: every sample, the bad one replaced
+    with pytest.warns(UserWarning, match="1_corrupt.png"):
+        batches = list(dm.train_dataloader())
+    assert sum(len(b[1]) for b in batches) == len(dm.train_set) == 9
+    # too many bad files in a row: an error naming the last
+    for i in range(vdata.MAX_UNREADABLE_IN_A_ROW):
+        (tmp_path / "train" / "dog" / f"z{i:02d}.png").write_bytes(b"garbage")
+    dm = vdata.ImageFolderDataModule(str(tmp_path), batch_size=2, img_size=8, in_chans=1, mean=(0.5,), std=(0.5,),
+                                     val_fraction=0.0, num_classes=2)
+    dm.setup("fit")
+    first = [Path(p).name for p, _ in dm.train_set.base.samples].index("z00.png")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"10 unreadable images in a row from sample "
+                                                                    rf"{first} on \(the last: .*z09\.png"):
+        dm.train_set[first]
+
+
+def test_image_size_and_channels_are_checked_by_name_as_the_model_checks_them(tmp_path):
+    """img_size 16.7 was rounded down, 0 meant the default, -4 failed at the first image with a resize error, a
+    pair was a bare int() TypeError and in_chans=True was one channel: each is refused in one line naming it."""
+    _write_images(tmp_path, "train", ["cat", "dog"], 2)
+    for kwargs, message in [({"img_size": 16.7}, "img_size must be an integer >= 1, got 16.7"),
+                            ({"img_size": 0}, "img_size must be an integer >= 1, got 0"),
+                            ({"img_size": -4}, "img_size must be an integer >= 1, got -4"),
+                            ({"img_size": True}, "img_size must be an integer >= 1, got True"),
+                            ({"img_size": [16, 16]}, r"img_size must be an integer >= 1, got \[16, 16\]"),
+                            ({"in_chans": True}, "in_chans must be an integer >= 1, got True"),
+                            ({"in_chans": 0}, "in_chans must be an integer >= 1, got 0"),
+                            ({"in_chans": 2}, "in_chans must be 1 or 3, got 2")]:
+        with pytest.raises(ValueError, match=message):
+            vdata.ImageFolderDataModule(str(tmp_path), mean=(0.5,), std=(0.5,), **kwargs)
+        with pytest.raises(ValueError, match=message):
+            vdata.DigitsDataModule(**kwargs)
+    assert vdata.ImageFolderDataModule(str(tmp_path), mean=(0.5,), std=(0.5,), img_size=np.int64(12)).img_size == 12
+    assert vdata.DigitsDataModule(img_size=None, in_chans=None).img_size == 8

@@ -119,24 +119,30 @@ Evaluates a checkpoint written by `zoo train` (a .ckpt, or the released/ directo
 released/, else checkpoints/best.ckpt, else checkpoints/last.ckpt, named on stderr) on the data it was
 trained with (the config stored in the checkpoint; data.* overrides change it, e.g. data.root=...).
 data=GROUP evaluates on another data config of the model's domain, with the run's input size, channels,
-normalisation and class count:
+normalisation, class count and evaluation resize/crop (data.crop_pct, data.interpolation: given, they win):
   zoo eval ckpt=checkpoints/vit_digits data=image_folder data.root=DIR    # DIR/test/<class>/*.png (else val/)
 A data config of your own: --config-dir DIR (-cd DIR, repeatable) with data=GROUP reads DIR/data/GROUP.yaml
 (zoo.configs' options come first, as zoo train --config-dir finds them).
-A warning names the classes when the data's class names differ from training's. trainer.* settings of the run
+Class folders that are the model's classes (all, in any order, or some) are matched to them by name; a
+warning names the classes when the data's class names differ from training's. trainer.* settings of the run
 apply (trainer.accelerator, trainer.precision; trainer.limit_test_batches=N for a quick look); it evaluates every
 batch on one device unless told otherwise (trainer.devices / strategy are refused).
 Prints the metrics as JSON.
 """
 
 PREDICT_HELP = """usage: zoo predict ckpt=<.ckpt | released dir | run dir> input=<INPUT> [input=...] [topk=5] [json=true]
+                  [batch_size=64] [device=cpu|cuda]
 
 Prints the top-k classes with probabilities for each input (json=true: a JSON list of {"input", "top",
 "label"}: the true class where the data has one, i.e. graph inputs with labels and digits:N for a model of
 the ten digits; image files have none); topk beyond the class count gives every class.
 
 Image models: input=<image file | folder of images | digits:N>. Files are converted to the model's channels,
-resized to its image size and normalised as in training. digits:N is image N of scikit-learn's digits.
+resized and cropped as the run evaluated (its crop_pct, interpolation) and normalised as in training; digits:N
+is image N of scikit-learn's digits, preprocessed as that digit saved as an 8-bit image file would be (the
+digits' own upsampling for a run evaluated without a crop). Inputs are read batch_size at a time (a folder of
+any size is streamed) and classified on device= (cpu; cuda or cuda:<index> for a GPU). A file that cannot be
+read is skipped with a line naming it; the others are reported (an error only when none can be read).
 A released directory without a zoo train record (zoo.save_pretrained from your own pipeline, or timm's
 Hugging Face Hub files, e.g. ~/.cache/huggingface/hub/models--timm--<name>) is preprocessed with timm's
 evaluation transform of the model's pretrained_cfg (resize, center crop, normalise); a timm ImageNet head
@@ -493,7 +499,7 @@ def _cmd_predict(argv: list[str]) -> int:
     if _wants_help(argv):
         print(PREDICT_HELP)
         return 0
-    values, _ = _key_values(argv, ("ckpt", "input", "topk", "json"), "predict")
+    values, _ = _key_values(argv, ("ckpt", "input", "topk", "json", "batch_size", "device"), "predict")
     if "ckpt" not in values or "input" not in values:
         raise SystemExit("zoo predict: ckpt=<checkpoint> and input=<image|folder|digits:N> (graph models: "
                          "input=<nodes:S|graphs:S|graph.pt>) are required")
@@ -504,7 +510,12 @@ def _cmd_predict(argv: list[str]) -> int:
     as_json = values.get("json", ["false"])[-1].lower()
     if as_json not in ("1", "true", "yes", "0", "false", "no"):
         raise SystemExit(f"zoo predict: json must be true or false, got {values['json'][-1]!r}")
-    results = run.predict(values["ckpt"][-1], values["input"], topk=topk)
+    try:
+        batch_size = int(values.get("batch_size", ["64"])[-1])
+    except ValueError:
+        raise SystemExit(f"zoo predict: batch_size must be an integer, got {values['batch_size'][-1]!r}") from None
+    results = run.predict(values["ckpt"][-1], values["input"], topk=topk, batch_size=batch_size,
+                          device=values.get("device", ["cpu"])[-1])
     if as_json in ("1", "true", "yes"):
         print(json.dumps(results, indent=2))
         return 0

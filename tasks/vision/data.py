@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -150,8 +151,20 @@ class TensorImageDataset(Dataset):
         return (image_CHW - self.mean) / self.std, self.labels[index]
 
 
+# consecutive unreadable images a dataset replaces before it stops (timm/data/dataset.py's _ERROR_RETRY: 10)
+MAX_UNREADABLE_IN_A_ROW = 10
+
+
 class _TransformedSubset(Dataset):
-    """A (subset of a) torchvision dataset with a transform seeded per sample by (seed, epoch, index)."""
+    """A (subset of a) torchvision dataset with a transform seeded per sample by (seed, epoch, index).
+
+    An image file that cannot be read (corrupt, truncated, deleted since the folder was listed) is replaced by the
+    next sample of the subset, with a warning naming the file, as timm's ``ImageDataset.__getitem__`` does
+    (timm/data/dataset.py: it retries ``index + 1`` and stops after ``_ERROR_RETRY`` consecutive failures), instead
+    of stopping the run when the shuffled order reaches the file. The replacement is a function of the index alone
+    (the next readable one, augmented as that index is), so the training order stays deterministic and a resumed
+    run trains on exactly what the interrupted one did. Evaluation counts the replacing image in the bad one's
+    place, as timm's validate.py does. ``MAX_UNREADABLE_IN_A_ROW`` bad files in a row stop with the last error."""
 
     def __init__(self, base: Dataset, indices: Optional[Sequence[int]], transform: Callable, seed: int = 0):
         self.base, self.indices, self.transform = base, None if indices is None else list(indices), transform
@@ -160,9 +173,23 @@ class _TransformedSubset(Dataset):
     def __len__(self) -> int:
         return len(self.base) if self.indices is None else len(self.indices)
 
+    def _read(self, index: int):
+        """(image, label, the index read): ``index``'s sample, else the next readable one (module docstring)."""
+        for attempt in range(min(MAX_UNREADABLE_IN_A_ROW, len(self))):
+            position = (index + attempt) % len(self)
+            try:
+                image, label = self.base[position if self.indices is None else self.indices[position]]
+                return image, label, position
+            except (ValueError, OSError) as error:  # read_image names the file (a ValueError, FileNotFoundError)
+                problem = error
+                warnings.warn(f"skipped an unreadable image (sample {position}), training and evaluation take the "
+                              f"next one in its place: {error}", stacklevel=2)
+        raise ValueError(f"{min(MAX_UNREADABLE_IN_A_ROW, len(self))} unreadable images in a row from sample {index} "
+                         f"on (the last: {problem}); check the image files") from None
+
     def __getitem__(self, index: int):
-        image, label = self.base[index if self.indices is None else self.indices[index]]
-        with _sample_rng(self.seed, self.epoch, index):
+        image, label, position = self._read(index)
+        with _sample_rng(self.seed, self.epoch, position):
             return self.transform(image), int(label)
 
 
@@ -529,8 +556,9 @@ class VisionDataModule(ResumableTrainingOrder, pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or max(batch_size, 256)
         self.num_workers = loader_workers(num_workers)
-        self.img_size = int(img_size or self.default_img_size)
-        self.in_chans = int(in_chans or self.default_in_chans)
+        # as the models check theirs: 16.7 was rounded down, 0 meant the default and -4 failed at the first image
+        self.img_size = self.default_img_size if img_size is None else _integer(img_size, "img_size", 1)
+        self.in_chans = self.default_in_chans if in_chans is None else _integer(in_chans, "in_chans", 1)
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
         self._stats_from_model = mean == "model" or std == "model"
@@ -1163,7 +1191,15 @@ def load_image_file(path: str | os.PathLike, img_size: int, in_chans: int, mean:
     """One image file -> normalised (C, H, W) tensor, preprocessed like the evaluation split (``crop_pct``,
     ``interpolation``, ``crop_mode``: the run's, as ``eval_preprocessing`` records them) or by ``transform``
     (e.g. timm's evaluation transform, given the image in RGB, or L for one channel)."""
-    picture = read_image(path)
+    return _picture_tensor(read_image(path), img_size, in_chans, mean, std, transform, crop_pct, interpolation,
+                           crop_mode)
+
+
+def _picture_tensor(picture, img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
+                    transform: Optional[Callable] = None, crop_pct: float = 1.0, interpolation: str = "bilinear",
+                    crop_mode: str = "center") -> torch.Tensor:
+    """A PIL image (as :func:`read_image` gives) -> normalised (C, H, W) tensor: :func:`load_image_file`'s
+    preprocessing, for a picture that is no file (zoo predict's ``digits:N`` of a run evaluated with a crop)."""
     if transform is not None:
         return transform(picture.convert("L" if in_chans == 1 else "RGB"))
     mean, std = _check_stats(mean, std, in_chans)

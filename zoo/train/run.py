@@ -2181,12 +2181,18 @@ def _preview(names: Sequence, shown: int = 6) -> str:
 
 # what the model was trained to take: an evaluation on other data (zoo eval data=<group>) keeps these from the run
 _MODEL_INPUT_KEYS = ("img_size", "in_chans", "mean", "std", "num_features", "num_classes")
+# and how the run evaluated (VisionDataModule.eval_preprocessing): the resize/crop its metrics were taken with, as
+# timm's validate.py evaluates with the model's data config. crop_mode is no config key: a stored "model" resolves it
+# from the checkpoint's model (apply_training_preprocessing, or a release's pretrained_cfg), a number keeps "center"
+_EVAL_TRANSFORM_KEYS = ("crop_pct", "interpolation")
 
 
 def _other_data(cfg, group: str, config_dirs: Sequence[str] = ()):
     """The data config ``data/<group>.yaml`` for evaluating the run's model on other data of its domain (``zoo eval
     ckpt=... data=image_folder data.root=DIR``): the run's input size, channels, normalisation, feature and class
-    counts are kept, since the model was trained on those. Looked up as zoo train's composition finds a group
+    counts are kept, since the model was trained on those, and so is its evaluation resize/crop (crop_pct,
+    interpolation; crop_mode with them), so that the metrics are those of the run's own config on the same files
+    (a data.crop_pct= / data.interpolation= override still wins). Looked up as zoo train's composition finds a group
     option: zoo.configs first, then the ``config_dirs`` folders (``zoo eval --config-dir DIR``) in their order. A
     data config is one file here: one with a defaults list (which only Hydra's composition would expand) is
     refused."""
@@ -2232,6 +2238,9 @@ def _other_data(cfg, group: str, config_dirs: Sequence[str] = ()):
                          f"{kind(stored)} data ({stored.get('_target_')})")
     for key in _MODEL_INPUT_KEYS:
         if key in other.keys() and key in stored:  # (a "???" value is not "in" a DictConfig)
+            other[key] = stored[key]
+    for key in _EVAL_TRANSFORM_KEYS:  # also where the other config leaves them to the module (digits.yaml): every
+        if key in stored:  # data module of the domain that stored them takes them (VisionDataModule)
             other[key] = stored[key]
     return other
 
@@ -2279,7 +2288,10 @@ def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: s
     ckpt = resolve_ckpt_argument(ckpt)
     cfg, model, state, info = _inference_source(ckpt, overrides, command="zoo eval", config_dirs=config_dirs)
     _match_folders_to_trained_classes(cfg, info.get("class_names"))
-    module, datamodule = build(cfg, model=model)
+    try:
+        module, datamodule = build(cfg, model=model)
+    except ValueError as error:
+        raise ValueError(_kept_eval_transform_note(error, cfg, overrides)) from None
     trained, found = info.get("class_names"), getattr(datamodule, "class_names", None)
     if trained and found and list(map(str, trained)) != list(map(str, found)):
         print(f"zoo eval: warning: the model was trained on classes {_preview(trained)}, this data has "
@@ -2301,10 +2313,24 @@ def evaluate(ckpt: str | os.PathLike, overrides: Sequence[str] = (), *, split: s
     return _float_metrics(results[0] if results else {})
 
 
+def _kept_eval_transform_note(error: ValueError, cfg, overrides: Sequence[str]) -> str:
+    """A data module's refusal of the evaluation transform zoo eval data=GROUP carried over from the run (the digits
+    take only an uncropped bilinear resize), with that reason and the override that scores without it."""
+    given = {item.split("=", 1)[0] for item in overrides}
+    if "data" not in given or not any(f"data.{key}" not in given and key in str(error) for key in _EVAL_TRANSFORM_KEYS):
+        return str(error)
+    data = cfg.get("data") or {}
+    kept = ", ".join(f"{key}={data.get(key)}" for key in _EVAL_TRANSFORM_KEYS)
+    return (f"{error} ({kept} is the run's evaluation transform, which data=GROUP keeps; to score with another, give "
+            f"data.crop_pct=1.0 data.interpolation=bilinear)")
+
+
 def _match_folders_to_trained_classes(cfg, trained: Optional[Sequence[str]]) -> None:
-    """zoo eval on class folders that are some of the model's trained classes (a test set of a few classes'
-    photos): the folders are matched to the model's classes by name (``data.classes``), instead of being refused for
-    their count. Folders that are all the classes, or not all among them, keep the plain rule (count and order)."""
+    """zoo eval on class folders that are the model's trained classes, or some of them (a test set of a few
+    classes' photos): the folders are matched to the model's classes by name (``data.classes``), instead of being
+    refused for their count, or scored by their sorted position against a head whose classes are in another order
+    (a run trained with ``data.classes``). Folders in exactly the trained order need no matching; folders not all
+    among the classes keep the plain rule (count and order, with a warning naming both lists)."""
     from omegaconf import open_dict
 
     from zoo.tasks.vision.data import image_folder_classes
@@ -2315,9 +2341,11 @@ def _match_folders_to_trained_classes(cfg, trained: Optional[Sequence[str]]) -> 
         return
     _, found = image_folder_classes(Path(os.path.expanduser(str(data.get("root")))))
     trained = [str(name) for name in trained]
-    if found and set(found) < set(trained):
-        print(f"zoo eval: the class folders {_preview(found)} are {len(found)} of the model's {len(trained)} classes: "
-              f"scored as those classes (matched by name)", file=sys.stderr)
+    if found and found != trained and set(found) <= set(trained):
+        what = (f"are {len(found)} of the model's {len(trained)} classes" if len(found) < len(trained) else
+                f"are the model's classes in another order ({_preview(trained)})")
+        print(f"zoo eval: the class folders {_preview(found)} {what}: scored as those classes (matched by name)",
+              file=sys.stderr)
         with open_dict(data):
             data.classes = trained
             data.num_classes = len(trained)
@@ -2449,10 +2477,13 @@ def _image_files(folder: Path, extensions) -> list[Path]:
     return sorted(files)
 
 
-def _digits_image(spec: str, img_size: int, in_chans: int, mean, std, transform=None) -> torch.Tensor:
+def _digits_image(spec: str, img_size: int, in_chans: int, mean, std, transform=None,
+                  crop: Optional[dict[str, Any]] = None) -> torch.Tensor:
     """The digit ``digits:<index>`` as the model's input: upsampled as the digits experiments train, or, for a model
-    preprocessed by timm's evaluation transform (``transform``), as an 8-bit picture through that transform, as if
-    the digit were an image file (it skipped the transform: another resize, no crop, other statistics)."""
+    preprocessed by timm's evaluation transform (``transform``) or a run that evaluated with another resize/crop
+    than the default (``crop``: ``_eval_crop`` of its record, e.g. an image folder of the digits with crop_pct=0.6
+    bicubic), as an 8-bit picture through that preprocessing, as if the digit were an image file: the digit and
+    the same digit saved as a PNG get the same logits (the tensor path skipped the crop and resized otherwise)."""
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
@@ -2463,11 +2494,14 @@ def _digits_image(spec: str, img_size: int, in_chans: int, mean, std, transform=
         raise ValueError(f"input={spec!r}: expected digits:<index>") from None
     if not 0 <= index < len(images):
         raise ValueError(f"input={spec!r}: index out of range 0..{len(images) - 1}")
-    if transform is not None:
+    crop = dict(crop or _eval_crop({}))
+    if transform is not None or crop != _eval_crop({}):
         from PIL import Image
 
+        from zoo.tasks.vision.data import _picture_tensor
+
         picture = Image.fromarray((images[index] * (255.0 / 16.0)).round().astype("uint8"), mode="L")
-        return transform(picture.convert("L" if in_chans == 1 else "RGB"))
+        return _picture_tensor(picture, img_size, in_chans, mean, std, transform, **crop)
     x = torch.tensor(images[index], dtype=torch.float32)[None, None] / 16.0
     if x.shape[-1] != img_size:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -2475,6 +2509,24 @@ def _digits_image(spec: str, img_size: int, in_chans: int, mean, std, transform=
     mean_t = torch.tensor(mean if len(mean) == in_chans else list(mean) * in_chans, dtype=torch.float32).view(-1, 1, 1)
     std_t = torch.tensor(std if len(std) == in_chans else list(std) * in_chans, dtype=torch.float32).view(-1, 1, 1)
     return (x - mean_t) / std_t
+
+
+def _predict_device(device) -> torch.device:
+    """zoo predict's device=: cpu (the default) or cuda / cuda:<index>, refused in one line where there is none."""
+    try:
+        chosen = torch.device(str(device))
+    except RuntimeError:
+        raise ValueError(f"device must be cpu, cuda or cuda:<index>, got {device!r}") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:<index>, got {device!r}")
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                             f"use device=cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device}: there are {torch.cuda.device_count()} CUDA GPU(s) here "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return chosen
 
 
 def _model_task(model) -> Optional[str]:
@@ -2525,23 +2577,32 @@ def _predict_graph(model, cfg, info: dict, ckpt, inputs: Sequence[str], topk: in
 
 
 def predict(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str | os.PathLike, topk: int = 5,
-            batch_size: int = 64) -> list[dict[str, Any]]:
+            batch_size: int = 64, device: str = "cpu") -> list[dict[str, Any]]:
     """Top-``topk`` classes: [{"input", "top": [(class, prob)]}, plus "label" where the data has one: graph data with
     classes, and ``digits:N`` for a model of the ten digits (image files have none)]. ``inputs``: a list, or one
     input (a str or path).
 
-    Image models: image files / folders / ``digits:<index>``. Graph models (zoo.tasks.graph.predict): nodes of the
+    Image models: image files / folders / ``digits:<index>``, read and preprocessed ``batch_size`` at a time (a
+    folder of any size is streamed, as timm's inference.py streams it through a DataLoader: only one batch of
+    images is held) and classified on ``device`` (cpu, or cuda). A file that cannot be read (corrupt, truncated) is
+    skipped with a line on stderr naming it, as timm's ImageDataset skips it; the other files are reported, and only
+    inputs none of which can be read are an error. Graph models (zoo.tasks.graph.predict): nodes of the
     run's graph (``nodes:all|train|val|test|<i,j>``) or of a saved graph (a ``.pt`` file) for node classifiers,
     graphs (``graphs:...`` or a ``.pt`` list of Data) for graph classifiers."""
-    from zoo.tasks.vision.data import load_image_file
+    from zoo.tasks.vision.data import _picture_tensor, read_image
 
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be a positive integer, got {topk!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = _predict_device(device)
     if isinstance(inputs, (str, os.PathLike)):  # one input: a str is a sequence too, of one-letter "inputs"
         inputs = [inputs]
     inputs = [str(spec) for spec in inputs]
     model, info, cfg = _inference_model(ckpt)
     if _model_task(model) == "graph":
+        if device.type != "cpu":
+            raise ValueError(f"device={device}: zoo predict runs graph models on the cpu (device= is for image models)")
         return _predict_graph(model, cfg, info, ckpt, inputs, topk, batch_size)
     _require_image_classifier(model, ckpt, inputs)
     if getattr(model, "num_classes", None) == 0:
@@ -2555,7 +2616,7 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
     in_chans = int(info.get("in_chans") or getattr(model, "in_chans", 3))
     mean, std = list(info.get("mean") or [0.5]), list(info.get("std") or [0.5])
     names = list(info.get("class_names") or [])
-    items = [item for spec in inputs for item in _collect_inputs(spec)]
+    items = [item for spec in inputs for item in _collect_inputs(spec)]  # names only: nothing is read yet
     if not items:
         raise ValueError("no inputs given (input=<image file | folder | digits:<index>>)")
     transform = None
@@ -2564,29 +2625,49 @@ def predict(ckpt: str | os.PathLike, inputs: Sequence[str | os.PathLike] | str |
         if height != width:
             raise ValueError(f"{ckpt}: zoo predict resizes to square inputs; this model takes {height} x {width}")
         transform = released_eval_transform(info["data_config"])
-    tensors = [
-        _digits_image(label, img_size, in_chans, mean, std, transform) if source == "digits"
-        else load_image_file(source, img_size, in_chans, mean, std, transform=transform, **_eval_crop(info))
-        for label, source in items
-    ]
+    crop = _eval_crop(info)
+
+    def batches():
+        """(the batch's (label, source) items, its input tensor), batch_size inputs read at a time; unreadable
+        files left out with a line naming them."""
+        for start in range(0, len(items), batch_size):
+            kept, tensors = [], []
+            for label, source in items[start : start + batch_size]:
+                if source == "digits":
+                    tensors.append(_digits_image(label, img_size, in_chans, mean, std, transform, crop))
+                else:
+                    try:  # only the reading is forgiven: a preprocessing error is the same for every file
+                        picture = read_image(source)
+                    except (ValueError, OSError) as error:  # read_image's message names the file
+                        print(f"zoo predict: skipped {error}", file=sys.stderr)
+                        skipped.append(str(error))
+                        continue
+                    tensors.append(_picture_tensor(picture, img_size, in_chans, mean, std, transform, **crop))
+                kept.append((label, source))
+            if tensors:
+                yield kept, torch.stack(tensors)
+
     # digits:N rows show the digit drawn as their label when the model's classes are the ten digits (a model of
     # other classes has no such class to compare with)
     digit_names = [str(i) for i in range(10)]
     digits_model = names == digit_names or (not names and getattr(model, "num_classes", None) == 10)
     digit_classes = _digit_classes() if digits_model and any(source == "digits" for _, source in items) else None
-    results = []
+    results: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    model = model.to(device)
     with torch.no_grad():
-        for start in range(0, len(tensors), batch_size):
-            batch = torch.stack(tensors[start : start + batch_size])
-            probs = model(batch).float().softmax(-1)
+        for kept, batch in batches():
+            probs = model(batch.to(device)).float().softmax(-1)
             values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
-            for offset, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
-                label, source = items[start + offset]
+            for (label, source), vals, idxs in zip(kept, values.tolist(), indices.tolist()):
                 top = [(names[i] if i < len(names) else str(i), float(v)) for v, i in zip(vals, idxs)]
                 row = {"input": label, "top": top}
                 if source == "digits" and digit_classes is not None:  # the data's label, as graph rows show theirs
                     row["label"] = str(int(digit_classes[int(label.split(":", 1)[1])]))
                 results.append(row)
+    if not results:
+        raise ValueError(skipped[0] if len(skipped) == 1 else f"none of the {len(skipped)} input images could be "
+                         f"read (the first: {skipped[0]})")
     return results
 
 
