@@ -101,6 +101,21 @@ def test_digits_input_gets_the_runs_crop_as_the_same_digit_saved_as_png(crop_run
     torch.testing.assert_close(plain[0], expected)
 
 
+def test_viz_digits_input_gets_the_runs_crop_as_the_same_digit_saved_as_png(crop_run, tmp_path):
+    """zoo viz's input (tasks/vision/viz.load_image) of digits:N equals its input of the same digit as a PNG for a
+    run evaluated with a crop, as zoo predict's do (the digit was upsampled without the crop there)."""
+    import zoo
+    from zoo.tasks.vision.viz import load_image
+
+    model = zoo.create_model("vit_digits", pretrained=str(crop_run / "released"))
+    _digits_folder(tmp_path, "x", [21])
+    png = next(str(p) for p in (tmp_path / "x").rglob("*.png"))
+    from_png, _, _ = load_image(png, model)
+    from_digit, _, label = load_image("digits:21", model)
+    torch.testing.assert_close(from_digit, from_png, rtol=0, atol=1e-6)
+    assert label is not None
+
+
 def test_eval_matches_folders_that_are_the_models_classes_in_another_order(tmp_path, capsys):
     """A model whose class order is not the sorted folder order (trained with data.classes): folders named exactly
     its classes were scored by position (class i of the data as the model's class i). The shipped ViT with its

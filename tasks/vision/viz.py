@@ -342,10 +342,12 @@ def load_image(spec: str, model: nn.Module, transform: Optional[Callable] = None
     if not 0 <= index < len(digits.images):
         raise ValueError(f"image={spec!r}: index out of range 0..{len(digits.images) - 1}")
     label = int(digits.target[index])
-    if transform is not None:
-        from zoo.train.run import _digits_image
+    from zoo.train.run import _digits_image, _eval_crop
 
-        x = _digits_image(spec, height, chans, cfg["mean"], cfg["std"], transform)[None]
+    crop = _eval_crop(cfg)  # a run evaluated with a crop: the digit as an 8-bit picture through it, as zoo predict
+    reproducible = crop["crop_mode"] in ("center", "squash") and crop["interpolation"] in ("bilinear", "bicubic")
+    if transform is not None or (height == width and reproducible and crop != _eval_crop({})):
+        x = _digits_image(spec, height, chans, cfg["mean"], cfg["std"], transform, crop=crop)[None]
         return x, _display(x, mean, std), label
     pixels = torch.tensor(digits.images[index], dtype=torch.float32)[None, None] / 16.0  # (1, 1, 8, 8)
     if pixels.shape[1] != chans:
