@@ -18,6 +18,7 @@ from zoo.attention import (
     ChunkWindow,
     Dense,
     Edges,
+    KeyPadding,
     MultiHeadAttention,
     Segments,
     Window,
@@ -26,6 +27,7 @@ from zoo.attention import (
     use_backend,
 )
 from zoo.attention import backends as zb
+from zoo.attention.masks import FULL
 from zoo.attention.radial import Radial
 
 from attention_reference import naive_attention  # tests/attention_reference.py (pytest puts tests/ on sys.path)
@@ -257,6 +259,31 @@ def test_reassigned_mask_settings_are_checked_and_reach_every_backend(kind, sett
                                                         "softmax"))  # the change matters
     for backend in backends:
         torch.testing.assert_close(attend(q, k, v, mask, backend=backend).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reassigned_settings_of_masks_inside_a_combination_reach_every_backend():
+    """A setting reassigned on a mask held by an ``&`` / ``|`` combination changes the combination's version, so its
+    block maps and plans are rebuilt (mutation audit 2026-12-07: a version that ignored nested masks served the old
+    window, 2.48 off, and no test saw it); KeyPadding's reassigned mask must stay a (B, 1, 1, Nk) key row."""
+    q, k, v = make_qkv(1, 2, N, 8, seed=3)
+    window = Window(2, 0)
+    ids = torch.arange(N) // 8
+    for combined in (window & Segments(ids), window | Window(0, 0)):
+        for backend in ("torch", "sdpa", "blocksparse", None):
+            attend(q, k, v, combined, backend=backend)  # caches filled
+        before = combined.dense(N, N)[0, 0].clone()
+        window.left = 100
+        allowed = combined.dense(N, N)[0, 0]  # from indices, uncached
+        assert not torch.equal(allowed, before)
+        want = naive_attention(q, k, v, allowed, None, 8 ** -0.5, "softmax")
+        for backend in ("torch", "sdpa", "blocksparse", None):
+            torch.testing.assert_close(attend(q, k, v, combined, backend=backend).double(), want, atol=1e-5, rtol=1e-5)
+        window.left = 2
+    padding = KeyPadding([10, 16])
+    with pytest.raises(ValueError, match=r"KeyPadding.mask must be \(B, 1, 1, Nk\).*got shape \(1, 1, 16, 16\)"):
+        padding.mask = torch.ones(16, 16, dtype=torch.bool).tril()
+    padding.mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)  # another key row fits
+    assert padding.block_map(4, 16, 4).states.eq(FULL).all()
 
 
 def test_reassigned_settings_are_normalised_as_in_the_constructor():

@@ -1119,6 +1119,22 @@ def test_in_place_edit_of_the_mask_reaches_the_kernel():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_reassigned_mask_setting_reaches_the_kernel():
+    """A setting reassigned between calls (window.left = 40) changes the mask's version, so the kernel's cached
+    tile lists and in-kernel program are rebuilt (mutation audit 2026-12-07: without that step the kernel kept the
+    old window, 1.91 off, and the in-place test above did not see it: its stale program still read the same
+    tensor); also inside a combination."""
+    q, k, v, _ = _inputs(1, 2, 2, 64, 64, 16)
+    window = Window(4, 0)
+    ids = torch.arange(64, device=DEVICE) // 32
+    for mask, fresh in ((window, lambda: Window(40, 0)), (window & Segments(ids), lambda: Window(40, 0) & Segments(ids))):
+        window.left = 4
+        flash_attention(q, k, v, mask)
+        window.left = 40
+        torch.testing.assert_close(flash_attention(q, k, v, mask), flash_attention_ref(q, k, v, fresh()),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_non_contiguous_layout():
     """(B, N, H, D) tensors viewed as (B, H, N, D) are read through their strides."""
     g = torch.Generator().manual_seed(21)

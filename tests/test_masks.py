@@ -1201,3 +1201,25 @@ def test_kernel_tile_lists_demote_ragged_edges_with_unequal_tile_sizes(q_len, k_
                         listed = ("partial" if col in index[:n_p] else "full" if col in index[n_p: n_p + n_f]
                                   else "empty")
                         assert listed == kind, (mask, b, a, c, lists is bwd)
+
+
+def test_transposed_block_map_is_the_map_of_the_transposed_problem():
+    """BlockMap.transposed() (for each key tile, the query tiles that see it) swaps the tile sizes and the lengths
+    with the tiles: its dense form is the transposed dense form, also for Nq != Nk and unequal tile sizes (mutation
+    audit 2026-12-07: swapped lengths went unseen)."""
+    for mask, nq, nk, bq, bk in ((Causal(), 10, 40, 8, 16), (Window(3, 1), 37, 21, 4, 8),
+                                 (Segments(torch.arange(40) // 7, torch.arange(26) // 5), 40, 26, 16, 4)):
+        bmap = mask.block_map(nq, nk, bq, bk)
+        flipped = bmap.transposed()
+        assert (flipped.block_q, flipped.block_k, flipped.q_len, flipped.k_len) == (bk, bq, nk, nq)
+        assert torch.equal(flipped.states, bmap.states.mT)
+        assert torch.equal(flipped.to_dense(), bmap.to_dense().mT)
+
+
+def test_block_maps_are_cached_per_device():
+    """The block-map cache is keyed by device too: a map asked for on the CPU after one built on the meta device is
+    a CPU map (mutation audit 2026-12-07: a key without the device served the meta map)."""
+    mask = Window(2, 0)
+    assert mask.block_map(16, 16, 4, device="meta").states.device.type == "meta"
+    cpu = mask.block_map(16, 16, 4, device="cpu")
+    assert cpu.states.device.type == "cpu" and torch.equal(cpu.states, Window(2, 0).block_map(16, 16, 4).states)

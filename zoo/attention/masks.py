@@ -1027,6 +1027,15 @@ class KeyPadding(Dense):
         ids_BT = Segments._padding_ids(lengths, max_len, "lengths", "max_len", where="KeyPadding")
         super().__init__((ids_BT >= 0)[:, None, None, :])
 
+    def _checked_settings(self, settings: dict) -> dict:
+        """A reassigned ``mask`` must stay a key row per batch row, (B, 1, 1, Nk): the block map reads that row
+        (a (1, 1, Nq, Nk) mask assigned here was read as its first query's row, 0.44 off on the block-sparse path)."""
+        settings = super()._checked_settings(settings)
+        if settings["mask"].shape[1:3] != (1, 1):
+            raise ValueError(f"KeyPadding.mask must be (B, 1, 1, Nk), the keys each batch row hides from every "
+                             f"query, got shape {tuple(settings['mask'].shape)}: for another pattern use Dense(mask)")
+        return settings
+
     def check_shape(self, q_len, k_len, batch=None, heads=None):
         if self.mask.shape[-1] != k_len:
             raise ValueError(f"KeyPadding was built for {self.mask.shape[-1]} keys (max_len) but attention has "
