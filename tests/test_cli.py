@@ -383,7 +383,7 @@ def test_option_values_are_checked_and_named(monkeypatch, capsys):
     # refused before the checkpoint is read (it used to load the model and the data first)
     assert cli.main(["eval", "ckpt=unused", "split=train"]) == 1
     assert "split must be 'test' or 'val', got 'train'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown task 'grph' for --task; tasks: .*graph.*vision"):
+    with pytest.raises(SystemExit, match="unknown task 'grph' for --task \\(did you mean 'graph'\\?\\); tasks: .*graph.*vision"):
         cli.main(["list", "--task", "grph"])
     bench = ["bench", "graph", "--channels", "2", "--no-memory", "--repeats", "1"]
     with pytest.raises(SystemExit, match="--sizes items are EDGES:NODES, both integers >= 1, got '10:0'"):
@@ -1328,3 +1328,37 @@ def test_eval_on_folders_of_some_of_the_models_classes(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "test" / "cat" / "0.png")
     assert cli.main(["eval", f"ckpt={ckpt}", "data=image_folder", f"data.root={folder}"]) == 1
     assert "data.num_classes=10 but ImageFolderDataModule found 3 classes" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2_and_suggest_close_names(capsys):
+    """A bad command line exits 2 (argparse's status, as zoo list's and zoo bench's own argparse errors do), a failed
+    run 1, so scripts tell them apart; misspelt commands, benchmarks, viz kinds, keys and --task values name the
+    closest choice, as zoo train's experiment= and zoo list already did (review K of 2026-12-07)."""
+    cases = [
+        (["evl"], "zoo: unknown command 'evl' (did you mean 'eval'?)"),
+        (["bench", "visoin"], "zoo bench: unknown benchmark 'visoin' (did you mean 'vision'?)"),
+        (["viz", "rolout"], "zoo viz: unknown kind 'rolout' (did you mean 'rollout'?)"),
+        (["eval", "ckpt"], "zoo eval: expected key=value, got 'ckpt'"),
+        (["eval"], "zoo eval: ckpt=<.ckpt or released directory> is required"),
+        (["predict", "ckpt=x", "inpt=y"], "zoo predict: unknown argument 'inpt' (did you mean 'input'?)"),
+        (["predict", "ckpt=x", "input=y", "topk=a"], "zoo predict: topk must be an integer, got 'a'"),
+        (["list", "--task", "visoin"], "zoo list: unknown task 'visoin' for --task (did you mean 'vision'?)"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_export_with_a_released_dir_and_another_model_says_the_dir_names_its_model(capsys):
+    """zoo export ckpt=<released dir> model=<other> said "give model=, ckpt=, or both", though both were given; it
+    names the conflict now (review K of 2026-12-07)."""
+    from zoo.export import main as export_main
+
+    released = ROOT / "checkpoints" / "vit_digits"
+    assert export_main([f"ckpt={released}", "model=maxvit_debug", "out=unused.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert f"ckpt={released} names its model itself" in err and "leave model=maxvit_debug out" in err
+    assert export_main(["out=unused.onnx"]) == 2
+    assert "give model=<name>, ckpt=<released dir | .ckpt>, or both" in capsys.readouterr().err

@@ -1431,10 +1431,15 @@ def test_graph_classifier_is_pyg_residual_layers_mean_pool_norm_and_head(name):
         torch.testing.assert_close(model(b.x, b.edge_index, b.batch, 3), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("conv", ["gatv2", "gat"])
-@pytest.mark.parametrize("options", [dict(add_self_loops=True), dict(add_self_loops=False),
-                                     dict(add_self_loops=False, residual=True, edge_dim=3),
-                                     dict(share_weights=True)], ids=["loops", "no-loops", "residual-edges", "shared"])
+_STACK_OPTIONS = {"loops": dict(add_self_loops=True), "no-loops": dict(add_self_loops=False),
+                  "residual-edges": dict(add_self_loops=False, residual=True, edge_dim=3), "shared": dict(share_weights=True)}
+
+
+@pytest.mark.parametrize("conv, options", [(conv, options) for conv in ("gatv2", "gat")
+                                          for name, options in _STACK_OPTIONS.items()
+                                          if not (conv == "gat" and name == "shared")],  # (GATConv: no share_weights)
+                         ids=[f"{conv}-{name}" for conv in ("gatv2", "gat") for name in _STACK_OPTIONS
+                              if not (conv == "gat" and name == "shared")])
 def test_node_classifier_is_a_pyg_stack_in_train_and_eval(conv, options):
     """GATNodeClassifier is PyG's examples/gat.py model: per layer F.dropout(x) then the conv (GATv2Conv / GATConv
     built with the classifier's add_self_loops, residual, edge_dim, share_weights), ELU between layers. Compared
@@ -1445,8 +1450,6 @@ def test_node_classifier_is_a_pyg_stack_in_train_and_eval(conv, options):
 
     from zoo.tasks.graph.gat import GATNodeClassifier
 
-    if conv == "gat" and options.get("share_weights"):
-        pytest.skip("GATConv has no share_weights")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 5, generator=g, dtype=torch.float64) + 2.0  # no zero feature: dropout shows
     edge_index = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 2, 4], [1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0]])

@@ -15,6 +15,7 @@ Every command prints its own help with ``zoo <command> --help``.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import sys
@@ -47,6 +48,7 @@ commands:
   export    export models (ONNX): zoo export [args]
 
 `zoo <command> --help` describes each command; `zoo --version` prints the versions to quote in a bug report.
+Exit status: 0 done, 1 a failed run (one error line on stderr), 2 a usage error (a bad command line).
 """
 
 TRAIN_HELP = """usage: zoo train [experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...] [--cfg [job|all] [--resolve]]
@@ -169,6 +171,22 @@ default input size.
 """
 
 
+class UsageError(SystemExit):
+    """A command-line usage error (an unknown command or key, a missing or malformed argument): exit status 2, as
+    argparse's (and `zoo list`'s / `zoo bench`'s own argparse errors), so scripts tell a bad command line from a
+    failed run (1). The message goes to stderr (:func:`main`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of ``choices`` to a misspelt ``name`` ("" when none is close)."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _wants_help(argv: Sequence[str]) -> bool:
     return any(a in ("-h", "--help", "help") for a in argv)
 
@@ -178,15 +196,15 @@ def _key_values(argv: Sequence[str], allowed: Sequence[str], command: str, passt
     rest: list[str] = []
     for token in argv:
         if "=" not in token:
-            raise SystemExit(f"zoo {command}: expected key=value, got {token!r} (see zoo {command} --help)")
+            raise UsageError(f"zoo {command}: expected key=value, got {token!r} (see zoo {command} --help)")
         key, value = token.split("=", 1)
         if key in allowed:
             values.setdefault(key, []).append(value)
         elif passthrough_dotted and "." in key:
             rest.append(token)
         else:
-            raise SystemExit(f"zoo {command}: unknown argument {key!r}; accepted: {', '.join(allowed)}"
-                             + (", data.*/task.* overrides" if passthrough_dotted else ""))
+            raise UsageError(f"zoo {command}: unknown argument {key!r}{_did_you_mean(key, allowed)}; accepted: "
+                             f"{', '.join(allowed)}" + (", data.*/task.* overrides" if passthrough_dotted else ""))
     return values, rest
 
 
@@ -481,7 +499,7 @@ def _cmd_eval(argv: list[str]) -> int:
     config_dirs, argv = _config_dir_flags(argv)
     values, overrides = _key_values(argv, ("ckpt", "split", "data"), "eval", passthrough_dotted=True)
     if "ckpt" not in values:
-        raise SystemExit("zoo eval: ckpt=<.ckpt or released directory> is required")
+        raise UsageError("zoo eval: ckpt=<.ckpt or released directory> is required")
     if config_dirs and "data" not in values:
         raise ValueError("zoo eval: --config-dir is where data=GROUP looks for your own data config "
                          "(<DIR>/data/GROUP.yaml); give data=GROUP with it")
@@ -501,19 +519,19 @@ def _cmd_predict(argv: list[str]) -> int:
         return 0
     values, _ = _key_values(argv, ("ckpt", "input", "topk", "json", "batch_size", "device"), "predict")
     if "ckpt" not in values or "input" not in values:
-        raise SystemExit("zoo predict: ckpt=<checkpoint> and input=<image|folder|digits:N> (graph models: "
+        raise UsageError("zoo predict: ckpt=<checkpoint> and input=<image|folder|digits:N> (graph models: "
                          "input=<nodes:S|graphs:S|graph.pt>) are required")
     try:
         topk = int(values.get("topk", ["5"])[-1])
     except ValueError:
-        raise SystemExit(f"zoo predict: topk must be an integer, got {values['topk'][-1]!r}") from None
+        raise UsageError(f"zoo predict: topk must be an integer, got {values['topk'][-1]!r}") from None
     as_json = values.get("json", ["false"])[-1].lower()
     if as_json not in ("1", "true", "yes", "0", "false", "no"):
-        raise SystemExit(f"zoo predict: json must be true or false, got {values['json'][-1]!r}")
+        raise UsageError(f"zoo predict: json must be true or false, got {values['json'][-1]!r}")
     try:
         batch_size = int(values.get("batch_size", ["64"])[-1])
     except ValueError:
-        raise SystemExit(f"zoo predict: batch_size must be an integer, got {values['batch_size'][-1]!r}") from None
+        raise UsageError(f"zoo predict: batch_size must be an integer, got {values['batch_size'][-1]!r}") from None
     results = run.predict(values["ckpt"][-1], values["input"], topk=topk, batch_size=batch_size,
                           device=values.get("device", ["cpu"])[-1])
     if as_json in ("1", "true", "yes"):
@@ -554,14 +572,13 @@ def _cmd_list(argv: list[str]) -> int:
     if args.task is not None:
         tasks = sorted({zoo.get_model_entry(name).task for name in zoo.list_models("*")})
         if args.task not in tasks:
-            raise SystemExit(f"zoo list: unknown task {args.task!r} for --task; tasks: {', '.join(tasks)}")
+            raise UsageError(f"zoo list: unknown task {args.task!r} for --task{_did_you_mean(args.task, tasks)}; "
+                             f"tasks: {', '.join(tasks)}")
     names = zoo.list_models(args.patterns or ["*"], task=args.task)
     if args.json:
         print(json.dumps(names))
         return 0
     if not names:
-        import difflib
-
         close = difflib.get_close_matches(args.patterns[0].strip("*"), zoo.list_models("*"), n=5, cutoff=0.5)
         hint = f"; close names: {', '.join(close)}" if close else "; zoo list shows them all"
         print(f"zoo list: no model matches {' '.join(args.patterns)}"
@@ -610,7 +627,8 @@ def _cmd_bench(argv: list[str]) -> int:
         return 0 if argv else 2
     name = argv[0]
     if name not in available:
-        raise SystemExit(f"zoo bench: unknown benchmark {name!r}; available: {', '.join(available)}")
+        raise UsageError(f"zoo bench: unknown benchmark {name!r}{_did_you_mean(name, available)}; available: "
+                         f"{', '.join(available)}")
     return int(_load_entry(f"zoo.bench.{name}:main", f"zoo bench {name}")(argv[1:]) or 0)
 
 
@@ -620,7 +638,8 @@ def _cmd_viz(argv: list[str]) -> int:
         return 0 if argv else 2
     kind = argv[0]
     if kind not in VIZ_COMMANDS:
-        raise SystemExit(f"zoo viz: unknown kind {kind!r}; kinds: {', '.join(VIZ_COMMANDS)}")
+        raise UsageError(f"zoo viz: unknown kind {kind!r}{_did_you_mean(kind, list(VIZ_COMMANDS))}; kinds: "
+                         f"{', '.join(VIZ_COMMANDS)}")
     if kind in VISION_VIZ:
         _require_vision_model(f"zoo viz {kind}", VISION_VIZ[kind], argv[1:], "zoo viz graph draws graph attention")
     return int(_load_entry(VIZ_COMMANDS[kind], f"zoo viz {kind}")(argv[1:]) or 0)
@@ -755,6 +774,9 @@ def version_report() -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _main(argv)
+    except UsageError as error:  # exit status 2 (its code), the message on stderr
+        print(error, file=sys.stderr)
+        raise
     except BrokenPipeError:
         # the reader went away (`zoo list --json | head -c 10`, `zoo --help | true`): stop quietly, as Unix tools do,
         # with the exit status of SIGPIPE; stdout is pointed at /dev/null so that the interpreter's final flush does
@@ -776,7 +798,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print(version_report())
         return 0
     if command not in COMMANDS:
-        raise SystemExit(f"zoo: unknown command {command!r}; commands: {', '.join(COMMANDS)} (zoo --help)")
+        raise UsageError(f"zoo: unknown command {command!r}{_did_you_mean(command, list(COMMANDS))}; commands: "
+                         f"{', '.join(COMMANDS)} (zoo --help)")
     try:
         return COMMANDS[command](rest)
     except BrokenPipeError:

@@ -649,7 +649,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         options[key] = value
     model, ckpt = options.pop("model", None), options.pop("ckpt", None)
     bare_weights = model is not None and ckpt is not None and _is_bare_weights(ckpt)
-    if (model is None) == (ckpt is None) and not bare_weights:
+    if model is not None and ckpt is not None and not bare_weights:
+        print(f"zoo export: ckpt={ckpt} names its model itself (its config.json, or the .ckpt's hyper-parameters): "
+              f"leave model={model} out, or give model= with a bare weights file (model=<name> "
+              f"ckpt=<file.safetensors>)", file=sys.stderr)
+        return 2
+    if model is None and ckpt is None:
         print("zoo export: give model=<name>, ckpt=<released dir | .ckpt>, or both for a bare weights file "
               "(model=<name> ckpt=<file.safetensors>)", file=sys.stderr)
         return 2
