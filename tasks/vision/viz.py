@@ -313,6 +313,12 @@ def load_image(spec: str, model: nn.Module, transform: Optional[Callable] = None
     cfg = _model_cfg(model)
     mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    from zoo.train.run import _digits_image, _eval_crop
+
+    crop = _eval_crop(cfg)  # the model's record, as zoo predict reads a run's (defaults: no crop, bilinear)
+    if height != width or crop["crop_mode"] not in ("center", "squash") or crop["interpolation"] not in (
+            "bilinear", "bicubic"):
+        crop = {}  # what the zoo's file loader does not reproduce (timm's ResizeKeepRatio, ...): no crop, bilinear
     if not spec.startswith("digits:"):
         # a file: read and preprocessed as zoo predict and the evaluation split do (read_image: 16-bit and float
         # images scaled, palette/alpha handled; resize of the short side and centre crop, not a stretch)
@@ -324,12 +330,6 @@ def load_image(spec: str, model: nn.Module, transform: Optional[Callable] = None
         if not path.is_file():
             raise FileNotFoundError(f"image file {path} does not exist")
         size = height if height == width else (height, width)
-        from zoo.train.run import _eval_crop
-
-        crop = _eval_crop(cfg)  # the model's record, as zoo predict reads a run's (defaults: no crop, bilinear)
-        if height != width or crop["crop_mode"] not in ("center", "squash") or crop["interpolation"] not in (
-                "bilinear", "bicubic"):
-            crop = {}  # what the zoo's file loader does not reproduce (timm's ResizeKeepRatio, ...): no crop, bilinear
         x = load_image_file(path, size, chans, cfg["mean"], cfg["std"], transform=transform, **crop)[None]
         return x, _display(x, mean, std), None
     from sklearn.datasets import load_digits
@@ -342,11 +342,7 @@ def load_image(spec: str, model: nn.Module, transform: Optional[Callable] = None
     if not 0 <= index < len(digits.images):
         raise ValueError(f"image={spec!r}: index out of range 0..{len(digits.images) - 1}")
     label = int(digits.target[index])
-    from zoo.train.run import _digits_image, _eval_crop
-
-    crop = _eval_crop(cfg)  # a run evaluated with a crop: the digit as an 8-bit picture through it, as zoo predict
-    reproducible = crop["crop_mode"] in ("center", "squash") and crop["interpolation"] in ("bilinear", "bicubic")
-    if transform is not None or (height == width and reproducible and crop != _eval_crop({})):
+    if transform is not None or (crop and crop != _eval_crop({})):  # through the run's crop, as zoo predict
         x = _digits_image(spec, height, chans, cfg["mean"], cfg["std"], transform, crop=crop)[None]
         return x, _display(x, mean, std), label
     pixels = torch.tensor(digits.images[index], dtype=torch.float32)[None, None] / 16.0  # (1, 1, 8, 8)
