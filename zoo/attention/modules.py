@@ -453,26 +453,25 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: a KV cache with rel_pos_bias={type(self.rel_pos_bias).__name__} is "
                              "not supported (its tables are built for whole sequences; ALiBi, whose bias depends "
                              "on distances alone, is)")
-        rotates = x_BNC.shape[1] > self.num_prefix_tokens - cache.position  # (a call of prefix tokens alone: none)
-        if self.rope is not None and self.rope.mode != "1d" and not self.is_cross and positions is None and rotates:
-            # 1D positions continue from cache.position; a 2D / 3D position (row, col) or (frame, row, col) cannot
-            # be inferred from a token count (the whole pass needs them given too)
+        if self.rope is not None and self.rope.mode != "1d" and not self.is_cross:
             axes = "(frame, row, col)" if self.rope.mode == "3d" else "(row, col)"
-            raise ValueError(f"MultiHeadAttention: {self.rope.mode} RoPE with a KV cache needs positions= for the new "
-                             f"tokens at every call, a (n, {len(axes.split(','))}) tensor of their {axes} positions "
-                             f"(e.g. grid_positions(...)[start:stop] of the whole pass's grid): only 1D RoPE continues "
-                             f"its positions from cache.position")
-        rotated_before = cache.position - self.num_prefix_tokens  # rotated tokens the stream has fed already
-        if self.rope is not None and self.rope.mode != "1d" and not self.is_cross \
-                and isinstance(positions, (tuple, list)) and rotated_before > 0:
-            # a grid size is the grid from its origin: a later call's tokens were rotated as the grid's first row
-            # (or frame) again, 0.07 off the whole pass; only a stream's first rotated tokens may start there
-            axes = "(frame, row, col)" if self.rope.mode == "3d" else "(row, col)"
-            raise ValueError(f"MultiHeadAttention: positions={tuple(positions)!r} is a grid size, which numbers the "
-                             f"call's tokens from the grid's origin, but the KV cache stream has already fed "
-                             f"{rotated_before} rotated tokens: pass a (n, {len(axes.split(','))}) tensor of the new "
-                             f"tokens' {axes} positions (e.g. grid_positions(...)[start:stop] of the whole pass's "
-                             f"grid)")
+            tensor = f"a (n, {len(axes.split(','))}) tensor"
+            example = "(e.g. grid_positions(...)[start:stop] of the whole pass's grid)"
+            rotates = x_BNC.shape[1] > self.num_prefix_tokens - cache.position  # (a call of prefix tokens alone: none)
+            if positions is None and rotates:
+                # 1D positions continue from cache.position; a 2D / 3D position (row, col) or (frame, row, col) cannot
+                # be inferred from a token count (the whole pass needs them given too)
+                raise ValueError(f"MultiHeadAttention: {self.rope.mode} RoPE with a KV cache needs positions= for the "
+                                 f"new tokens at every call, {tensor} of their {axes} positions {example}: only 1D "
+                                 f"RoPE continues its positions from cache.position")
+            rotated_before = cache.position - self.num_prefix_tokens  # rotated tokens the stream has fed already
+            if isinstance(positions, (tuple, list)) and rotated_before > 0:
+                # a grid size is the grid from its origin: a later call's tokens were rotated as the grid's first row
+                # (or frame) again, 0.07 off the whole pass; only a stream's first rotated tokens may start there
+                raise ValueError(f"MultiHeadAttention: positions={tuple(positions)!r} is a grid size, which numbers "
+                                 f"the call's tokens from the grid's origin, but the KV cache stream has already fed "
+                                 f"{rotated_before} rotated tokens: pass {tensor} of the new tokens' {axes} "
+                                 f"positions {example}")
         if len(cache) and cache.keys.shape[0] != x_BNC.shape[0]:
             raise ValueError(f"MultiHeadAttention: the cache holds batch {cache.keys.shape[0]} but x has batch "
                              f"{x_BNC.shape[0]} (KVCache.reorder selects beams)")
