@@ -1617,9 +1617,9 @@ def test_hook_path_honours_negative_slope_as_pyg(name):
 def test_cached_graph_sees_a_swap_of_edges_a_fingerprint_chunk_apart():
     """The cache's content fingerprint weights each position (summed in chunks of 65536 positions): two edges
     65536 places apart that swap places without a version bump (through numpy) are a new graph, as for any swap."""
-    from zoo.attention import graph as graph_module
+    from zoo.attention import edge_backend
 
-    chunk = graph_module._FINGERPRINT_CHUNK
+    chunk = edge_backend._FINGERPRINT_CHUNK  # (the fingerprint the graph layers' cache reads)
     conv = GATConv(3, 2, heads=1, add_self_loops=False)
     fresh = GATConv(3, 2, heads=1, add_self_loops=False)
     fresh.load_state_dict(conv.state_dict())

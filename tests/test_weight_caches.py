@@ -257,7 +257,7 @@ def test_edge_index_fingerprint_weights_stay_bounded():
     device, for the life of the process (64 MiB of CPU or GPU memory after one 4M-edge graph). They are now capped
     and longer rows summed in chunks; the fingerprint is still the wrapping sum of ``index * (2 * position + 1)``
     per row (the reference below), for every chunk size."""
-    from zoo.attention import graph
+    from zoo.attention import edge_backend  # the graph layers' cache fingerprint lives there
 
     edge_index = torch.randint(0, 50_000, (2, 300_001), generator=torch.Generator().manual_seed(0))
     weights = 2 * torch.arange(edge_index.size(1)) + 1
@@ -266,15 +266,15 @@ def test_edge_index_fingerprint_weights_stay_bounded():
     def sums(fingerprint):
         return list(fingerprint[1:3])  # key (dtype, shape), then the per-row sums, mins and maxes
 
-    graph._FINGERPRINT_WEIGHTS.clear()
-    assert sums(graph._edge_index_fingerprint(edge_index)) == want
-    kept = sum(w.numel() * w.element_size() for w in graph._FINGERPRINT_WEIGHTS.values())
+    edge_backend._FINGERPRINT_WEIGHTS.clear()
+    assert sums(edge_backend._edge_index_fingerprint(edge_index)) == want
+    kept = sum(w.numel() * w.element_size() for w in edge_backend._FINGERPRINT_WEIGHTS.values())
     assert 0 < kept <= 1 << 20, f"{kept} bytes of fingerprint weights kept for a 300k-edge graph"
     small = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
-    assert sums(graph._edge_index_fingerprint(small)) == (small * (2 * torch.arange(5) + 1)).sum(1).tolist()
+    assert sums(edge_backend._edge_index_fingerprint(small)) == (small * (2 * torch.arange(5) + 1)).sum(1).tolist()
     huge = torch.full((2, 70_000), 2**62 + 12345)  # the products wrap mod 2**64, in chunks as in one dot
     want_huge = (huge * (2 * torch.arange(70_000) + 1)).sum(1).tolist()
-    assert sums(graph._edge_index_fingerprint(huge)) == want_huge
+    assert sums(edge_backend._edge_index_fingerprint(huge)) == want_huge
 
 
 def test_weights_replaced_through_data_never_hit_a_stale_entry():

@@ -62,7 +62,7 @@ from torch_geometric.nn.aggr import SumAggregation
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.typing import OptPairTensor, OptTensor, PairTensor
 
-from zoo.attention import edge_backend as _edge_backend
+from zoo.attention.edge_backend import _edge_index_fingerprint  # shared with the "edges" attend backend
 from zoo.attention.segment import (
     CSR,
     build_csr,
@@ -415,14 +415,6 @@ def _check_features(name: str, x, channels: int) -> Tensor:
         if not bool(torch.isfinite(x.detach()).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
     return x
-
-
-# The graph cache's content fingerprint (CachedGraphLayer._build_graph) is shared with the "edges" attend backend and
-# lives in its module (zoo/attention/edge_backend.py), which ``import zoo.attention`` loads without torch_geometric;
-# its names stay readable here (the same function, chunk size and weight table).
-_edge_index_fingerprint = _edge_backend._edge_index_fingerprint
-_FINGERPRINT_CHUNK = _edge_backend._FINGERPRINT_CHUNK
-_FINGERPRINT_WEIGHTS = _edge_backend._FINGERPRINT_WEIGHTS
 
 
 def _message_passing_flow(layer: str, kwargs: dict) -> bool:
