@@ -587,8 +587,8 @@ def _planetoid_geom_gcn(root: str, name: str, index: int) -> dict:
                 return raw
         return None
 
-    found = [c for c in candidates if os.path.isfile(os.path.join(c, "geom-gcn", "raw", split_file))
-             and graph_dir(c) is not None]
+    found = [(c, graph) for c in candidates if os.path.isfile(os.path.join(c, "geom-gcn", "raw", split_file))
+             and (graph := graph_dir(c)) is not None]  # (folder, where its ind.* files are)
     if not found:
         folder = next((c for c in candidates if os.path.isdir(c)), candidates[0])
         geom_raw = os.path.join(folder, "geom-gcn", "raw")
@@ -600,14 +600,14 @@ def _planetoid_geom_gcn(root: str, name: str, index: int) -> dict:
             f"files come from https://github.com/graphdml-uiuc-jlu/geom-gcn (splits/{key}_split_0.6_0.2_<0..9>.npz), "
             f"the ind.{key}.* files from https://github.com/kimiyoung/planetoid (data/; {os.path.join(folder, 'raw')} "
             f"is read too); PyG's Planetoid(split='geom-gcn') keeps them all in {geom_raw}")
-    folder = found[0]
+    folder, graph = found[0]
     split_path = os.path.join(folder, "geom-gcn", "raw", split_file)
     try:
-        d = read_planetoid_data(graph_dir(folder), key)
+        d = read_planetoid_data(graph, key)
         with np.load(split_path) as splits:
             masks = [torch.from_numpy(np.asarray(splits[f"{part}_mask"])) for part in ("train", "val", "test")]
     except Exception as error:  # a truncated or foreign file fails deep inside pickle / numpy
-        raise ValueError(f"Planetoid {proper} split=geom-gcn: cannot read {graph_dir(folder)} / {split_path}: "
+        raise ValueError(f"Planetoid {proper} split=geom-gcn: cannot read {graph} / {split_path}: "
                          f"{type(error).__name__}: {str(error)[:200]}") from None
     n = d.y.numel()
     for part, mask in zip(("train", "val", "test"), masks):
